@@ -1,0 +1,5 @@
+"""``python -m ctzoo`` is the ``ctzoo`` command."""
+
+from ctzoo.cli import main
+
+main()

@@ -1,0 +1,38 @@
+"""The ``ctzoo`` command line. One module per command group; this file only assembles them."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import click
+
+from ctzoo import __version__
+from ctzoo.cli.data import data
+from ctzoo.cli.info import convert, info
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ctzoo")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """ctzoo: CT models you can train, trust, export and serve.
+
+    \b
+    Start with:
+      ctzoo info                  what the embedded sample CT holds
+      ctzoo info PATH             the same for your DICOM folder/zip, NIfTI, NRRD or MHA
+      ctzoo convert IN OUT.nii.gz a DICOM series (or any volume) to NIfTI/NRRD/MHA
+      ctzoo data fetch-samples    fetch more real CT with organ labels into the cache
+
+    Run 'ctzoo COMMAND --help' for the options of each command.
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    # Library warnings are collected on each Volume and printed by the commands, once.
+    warnings.simplefilter("ignore", UserWarning)
+
+
+main.add_command(info)
+main.add_command(convert)
+main.add_command(data)

@@ -1,0 +1,182 @@
+"""Real CT that ships with ctzoo, and more that ``ctzoo data fetch-samples`` fetches.
+
+* Embedded: the 20-slice JPEG 2000 CT series from the TotalSegmentator 2.18.0
+  source distribution (Apache-2.0; see ``sample_ct/NOTICE.md``).
+* Fetched: CT volumes with organ labels from the same sdist, downloaded from
+  PyPI by pip, checked against a pinned sha256 and extracted into a cache
+  (``$CTZOO_CACHE``, else ``$XDG_CACHE_HOME/ctzoo``, else ``~/.cache/ctzoo``).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+SDIST_REQUIREMENT = "totalsegmentator==2.18.0"
+SDIST_NAME = "totalsegmentator-2.18.0.tar.gz"
+SDIST_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
+_PREFIX = "totalsegmentator-2.18.0/"
+_REFERENCE = _PREFIX + "tests/reference_files/"
+
+#: What fetch-samples extracts: cache name -> (member of the sdist, what it is).
+FETCHED_SAMPLES: dict[str, tuple[str, str]] = {
+    "example_ct_sm.nii.gz": (_REFERENCE + "example_ct_sm.nii.gz", "CT, 122x101x30 voxels at 3 mm"),
+    "example_seg.nii.gz": (_REFERENCE + "example_seg.nii.gz",
+                           "TotalSegmentator 'total' organ labels for example_ct_sm.nii.gz"),
+    "example_ct.nii.gz": (_REFERENCE + "example_ct.nii.gz", "CT, 122x101x112 voxels at 3 mm"),
+    "example_seg_dicom.nii.gz": (_REFERENCE + "example_seg_dicom.nii.gz",
+                                 "TotalSegmentator 'total' organ labels for the embedded DICOM sample"),
+    "aorta_example_ct.nii.gz": (_REFERENCE + "aorta_report/example_ct.nii.gz", "CT, 233x167x191 voxels at 1.5 mm"),
+    "LICENSE": (_PREFIX + "LICENSE", "Apache-2.0 licence of TotalSegmentator"),
+}
+#: Label names (value -> organ) of the 'total' task, parsed from the sdist into this file.
+LABELS_FILE = "total_labels.json"
+MANIFEST_FILE = "manifest.json"
+
+
+class SampleError(RuntimeError):
+    """Samples that cannot be fetched or found; the message says what to do."""
+
+
+def sample_ct_dicom() -> Path:
+    """Folder of the embedded 20-slice CT DICOM series (512 x 512 x 20, JPEG 2000 lossless)."""
+    return Path(str(resources.files("ctzoo.datasets").joinpath("sample_ct")))
+
+
+def cache_dir() -> Path:
+    """Where fetched data lives: ``$CTZOO_CACHE``, else ``$XDG_CACHE_HOME/ctzoo``, else ``~/.cache/ctzoo``."""
+    if os.environ.get("CTZOO_CACHE"):
+        return Path(os.environ["CTZOO_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ctzoo"
+
+
+def samples_dir(cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / "samples" / "totalsegmentator-2.18.0"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _offline_help(cache: Path) -> str:
+    return (f"If this machine is offline, run on one with PyPI access:\n"
+            f"  pip download --no-deps --no-binary :all: {SDIST_REQUIREMENT} -d DIR\n"
+            f"copy DIR/{SDIST_NAME} here, then:\n"
+            f"  ctzoo data fetch-samples --from-file {SDIST_NAME}\n"
+            f"(or put it at {cache / 'downloads' / SDIST_NAME})")
+
+
+def _download_sdist(cache: Path, timeout: float) -> Path:
+    """pip-download the sdist into the cache (atomically) and return its path."""
+    downloads = cache / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                   "--disable-pip-version-check", SDIST_REQUIREMENT, "-d", tmp]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise SampleError(f"pip download of {SDIST_REQUIREMENT} timed out after {timeout:.0f} s.\n"
+                              + _offline_help(cache)) from exc
+        fetched = Path(tmp) / SDIST_NAME
+        if done.returncode != 0 or not fetched.exists():
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+            raise SampleError(f"pip could not download {SDIST_REQUIREMENT} (exit {done.returncode}):\n{tail}\n"
+                              + _offline_help(cache))
+        target = downloads / SDIST_NAME
+        os.replace(fetched, target)
+    return target
+
+
+def _verified(sdist: Path) -> Path:
+    actual = sha256_of(sdist)
+    if actual != SDIST_SHA256:
+        raise SampleError(f"{sdist}: sha256 {actual} does not match the pinned {SDIST_SHA256}; "
+                          "refusing to use it (damaged download or a different file)")
+    return sdist
+
+
+def _total_labels(source: str) -> dict[str, str]:
+    """The 'total' class map from TotalSegmentator's map_to_binary.py, read as data (never executed)."""
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "class_map" for t in node.targets):
+            class_map = node.value
+            for key, value in zip(class_map.keys, class_map.values):
+                if isinstance(key, ast.Constant) and key.value == "total":
+                    return {str(k): v for k, v in ast.literal_eval(value).items()}
+    raise SampleError("map_to_binary.py in the sdist has no class_map['total']")
+
+
+def _manifest_ok(folder: Path) -> bool:
+    manifest = folder / MANIFEST_FILE
+    if not manifest.exists():
+        return False
+    recorded = json.loads(manifest.read_text())["files"]
+    return all((folder / name).exists() and (folder / name).stat().st_size == info["bytes"]
+               for name, info in recorded.items()) and set(FETCHED_SAMPLES) <= set(recorded)
+
+
+def fetch_samples(cache: Path | None = None, from_file: Path | None = None, force: bool = False,
+                  timeout: float = 600.0) -> Path:
+    """Make sure the fetched samples are in the cache; return their folder.
+
+    Order: an already complete cache (unless ``force``); ``from_file``; a cached sdist; pip download.
+    The sdist's sha256 is always checked; extraction goes to a temporary folder renamed into place.
+    """
+    cache = cache or cache_dir()
+    target = samples_dir(cache)
+    if not force and from_file is None and _manifest_ok(target):
+        return target
+    cached = cache / "downloads" / SDIST_NAME
+    if from_file is not None:
+        sdist = _verified(Path(from_file))
+    elif cached.exists() and sha256_of(cached) == SDIST_SHA256:
+        sdist = cached
+    else:
+        sdist = _verified(_download_sdist(cache, timeout))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".extract-"))
+    try:
+        files = {}
+        with tarfile.open(sdist, "r:gz") as archive:
+            for name, (member, description) in FETCHED_SAMPLES.items():
+                with archive.extractfile(member) as src, open(staging / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                files[name] = {"member": member, "description": description, "bytes": (staging / name).stat().st_size,
+                               "sha256": sha256_of(staging / name)}
+            with archive.extractfile(_PREFIX + "totalsegmentator/map_to_binary.py") as src:
+                labels = _total_labels(src.read().decode("utf-8"))
+        (staging / LABELS_FILE).write_text(json.dumps(labels, indent=1))
+        (staging / MANIFEST_FILE).write_text(json.dumps(
+            {"source": SDIST_REQUIREMENT, "sdist_sha256": SDIST_SHA256, "licence": "Apache-2.0 (see LICENSE)",
+             "files": files}, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def sample_path(name: str, cache: Path | None = None) -> Path:
+    """Path of one fetched sample (a key of :data:`FETCHED_SAMPLES` or the labels file)."""
+    if name not in FETCHED_SAMPLES and name != LABELS_FILE:
+        raise SampleError(f"no sample {name!r}; known: {', '.join([*FETCHED_SAMPLES, LABELS_FILE])}")
+    path = samples_dir(cache) / name
+    if not path.exists():
+        raise SampleError(f"{name} is not fetched yet; run: ctzoo data fetch-samples")
+    return path

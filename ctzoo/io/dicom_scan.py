@@ -1,0 +1,377 @@
+"""Find the DICOM series in a folder (or zip) and choose one by rule.
+
+Scanning reads headers only (pydicom, ``stop_before_pixels``); pixel decoding
+is left to :mod:`ctzoo.io.dicom_series`. Every problem names the file it
+comes from, so a user can find the slice that broke a series.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pydicom
+from pydantic import Field
+from pydicom.errors import InvalidDicomError
+from tqdm.auto import tqdm
+
+from ctzoo.config import StrictConfig
+
+log = logging.getLogger(__name__)
+
+#: SOP classes that are never slices of an image volume, whatever attributes they carry.
+NON_VOLUME_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation",
+    "1.2.840.10008.5.1.4.1.1.481.2": "RT Dose",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set",
+    "1.2.840.10008.5.1.4.1.1.11.1": "Grayscale Softcopy Presentation State",
+    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF",
+}
+#: The geometry an image slice must carry to be placed in a volume.
+REQUIRED_SLICE_TAGS = ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient")
+#: Cosine of the largest angle between two slice normals still taken as "the same orientation".
+SAME_ORIENTATION_COS = float(np.cos(np.deg2rad(0.5)))
+#: Zip archives larger than this once extracted are refused (a zip bomb must not fill the disk).
+MAX_ZIP_EXTRACT_BYTES = 8 * 1024**3
+
+
+class DicomError(ValueError):
+    """A DICOM input ctzoo refuses; the message names the file and the reason."""
+
+
+class DicomWarning(UserWarning):
+    """A DICOM input ctzoo reads, but not as cleanly as it should (missing slices, uneven spacing...)."""
+
+
+class SeriesRules(StrictConfig):
+    """Which series counts as "the CT" when a folder holds several (``configs/series_selection.yaml``)."""
+
+    modalities: list[str] = Field(default_factory=lambda: ["CT"], description="accepted Modality values")
+    orientation: Literal["axial", "any"] = Field("axial", description="'axial': slice normal near the S axis")
+    max_axial_angle_deg: float = Field(30.0, ge=0, le=90, description="largest tilt of the normal from S")
+    min_slices: int = Field(1, ge=1, description="fewer image slices than this rejects a series")
+    slice_thickness_mm: tuple[float, float] | None = Field(None, description="accepted SliceThickness range")
+    exclude_localizers: bool = Field(True, description="refuse scouts/topograms (ImageType LOCALIZER)")
+
+
+@dataclass
+class SliceHeader:
+    """What one DICOM file says about itself, read without its pixels."""
+
+    path: str
+    display_name: str
+    dataset: pydicom.Dataset | None
+    series_key: str
+    not_image_reason: str = ""
+    corrupt_reason: str = ""
+
+    @property
+    def orientation(self) -> np.ndarray:
+        return np.asarray([float(v) for v in self.dataset.ImageOrientationPatient], dtype=float)
+
+    @property
+    def position(self) -> np.ndarray:
+        return np.asarray([float(v) for v in self.dataset.ImagePositionPatient], dtype=float)
+
+    @property
+    def normal(self) -> np.ndarray:
+        orientation = self.orientation
+        return np.cross(orientation[:3], orientation[3:])
+
+    @property
+    def is_localizer(self) -> bool:
+        return any("LOCALIZER" in str(v).upper() for v in self.dataset.get("ImageType", []))
+
+
+@dataclass
+class SeriesInfo:
+    """One series found in a folder: its slices and why it may not be selectable."""
+
+    key: str
+    index: int
+    slices: list[SliceHeader]
+    non_images: list[SliceHeader] = field(default_factory=list)
+
+    @property
+    def first(self) -> pydicom.Dataset:
+        return (self.slices or self.non_images)[0].dataset
+
+    @property
+    def series_instance_uid(self) -> str:
+        return str(self.first.get("SeriesInstanceUID", "") or "")
+
+    @property
+    def modality(self) -> str:
+        return str(self.first.get("Modality", "") or "")
+
+    @property
+    def description(self) -> str:
+        return str(self.first.get("SeriesDescription", "") or "")
+
+    @property
+    def is_localizer(self) -> bool:
+        return any(s.is_localizer for s in self.slices)
+
+    @property
+    def orientation_label(self) -> str:
+        """'axial', 'coronal', 'sagittal' or 'oblique' from the slice normal; 'mixed' if slices disagree."""
+        if not self.slices:
+            return "none"
+        normals = np.array([s.normal for s in self.slices])
+        if np.any(np.abs(normals @ normals[0]) < SAME_ORIENTATION_COS):
+            return "mixed"
+        axis = int(np.argmax(np.abs(normals[0])))
+        if np.abs(normals[0][axis]) < np.cos(np.deg2rad(30.0)):
+            return "oblique"
+        return ("sagittal", "coronal", "axial")[axis]
+
+    def axial_angle_deg(self) -> float:
+        """Angle between the slice normal and the patient's S axis, in degrees."""
+        return float(np.degrees(np.arccos(min(1.0, abs(self.slices[0].normal[2])))))
+
+    def rejection(self, rules: SeriesRules) -> str:
+        """Why ``rules`` refuse this series, or '' if they accept it."""
+        if not self.slices:
+            reasons = sorted({s.not_image_reason for s in self.non_images})
+            return "no image slices (" + "; ".join(reasons) + ")"
+        if self.modality.upper() not in {m.upper() for m in rules.modalities}:
+            return f"modality {self.modality or '(empty)'} is not one of {rules.modalities}"
+        if rules.exclude_localizers and self.is_localizer:
+            return "a localizer/scout (ImageType LOCALIZER)"
+        label = self.orientation_label
+        if label == "mixed":
+            return "slices have mixed orientations"
+        if rules.orientation == "axial" and self.axial_angle_deg() > rules.max_axial_angle_deg:
+            return f"not axial ({label}, normal {self.axial_angle_deg():.0f} deg from S)"
+        if len(self.slices) < rules.min_slices:
+            return f"{len(self.slices)} slices, fewer than {rules.min_slices}"
+        if rules.slice_thickness_mm is not None:
+            low, high = rules.slice_thickness_mm
+            thickness = self.first.get("SliceThickness")
+            if thickness in (None, "") or not low <= float(thickness) <= high:
+                return f"slice thickness {thickness} outside [{low}, {high}] mm"
+        return ""
+
+    def summary(self, rules: SeriesRules | None = None) -> dict:
+        """A JSON-friendly line for ``ctzoo info`` (no patient identifiers)."""
+        first = self.first
+        info = {
+            "index": self.index,
+            "series_instance_uid": self.series_instance_uid,
+            "modality": self.modality,
+            "series_number": first.get("SeriesNumber"),
+            "description": self.description,
+            "slices": len(self.slices),
+            "non_image_objects": len(self.non_images),
+            "orientation": self.orientation_label,
+            "localizer": self.is_localizer,
+            "slice_thickness_mm": float(first.SliceThickness) if first.get("SliceThickness") not in (None, "") else None,
+        }
+        if rules is not None:
+            info["rejected_because"] = self.rejection(rules) or None
+        return info
+
+
+@dataclass
+class ScanResult:
+    """Everything a folder holds: the series, and the files that are not DICOM at all."""
+
+    root: str
+    series: list[SeriesInfo]
+    not_dicom: list[str]
+    corrupt: list[SliceHeader] = field(default_factory=list)
+
+
+def _sop_class(ds: pydicom.Dataset) -> pydicom.uid.UID:
+    meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
+    return pydicom.uid.UID(str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "") or ""))
+
+
+def _image_problem(ds: pydicom.Dataset) -> str:
+    """'' if ``ds`` is a single-frame image slice with geometry, else why it is not."""
+    sop_class = _sop_class(ds)
+    if sop_class in NON_VOLUME_SOP_CLASSES:
+        return f"a {NON_VOLUME_SOP_CLASSES[sop_class]} object, not an image slice"
+    missing = [tag for tag in REQUIRED_SLICE_TAGS if ds.get(tag) in (None, "")]
+    if missing:
+        return f"not an image slice ({sop_class.name or 'unknown SOP class'}): missing " + ", ".join(missing)
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        return f"a multi-frame object ({ds.NumberOfFrames} frames); only single-frame slices are read"
+    return ""
+
+
+def _series_key(ds: pydicom.Dataset) -> str:
+    """SeriesInstanceUID, or, where it is empty (anonymised files), a stable key from what else the series shares."""
+    uid = str(ds.get("SeriesInstanceUID", "") or "")
+    if uid:
+        return uid
+    parts = [str(ds.get(tag, "") or "") for tag in
+             ("StudyInstanceUID", "FrameOfReferenceUID", "SeriesNumber", "SeriesDescription", "Modality",
+              "Rows", "Columns", "SeriesDate", "SeriesTime")]
+    return "no-uid:" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def read_header(path: str, display_name: str | None = None) -> SliceHeader | None:
+    """Read one file's header without pixels; None if it is not DICOM at all.
+
+    A damaged file comes back with ``corrupt_reason`` set. pydicom stops quietly at a truncation,
+    so an *image* SOP class (per the file meta) lacking its geometry is taken as damaged, not as a
+    non-image object.
+    """
+    shown = display_name or path
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        problem = _image_problem(ds)
+        if not problem:
+            # touch the geometry now: a malformed value must fail here, naming this file
+            SliceHeader(path, shown, ds, "").normal  # noqa: B018
+        key = _series_key(ds)
+    except InvalidDicomError:
+        return None
+    except Exception as exc:  # pydicom raises many types on damaged files; all mean the same to a user
+        return SliceHeader(path, shown, None, "", corrupt_reason=f"corrupt DICOM header ({type(exc).__name__}: {exc})")
+    if problem.startswith("not an image slice") and "Image Storage" in _sop_class(ds).name:
+        # the series key of a damaged file is only trusted if its SeriesInstanceUID survived
+        series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+        return SliceHeader(path, shown, ds, series_uid, corrupt_reason=f"corrupt or truncated DICOM file: {problem}")
+    return SliceHeader(path, shown, ds, key, problem)
+
+
+def _dicom_candidates(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or name.upper() == "DICOMDIR":
+                continue
+            yield Path(dirpath) / name
+
+
+def scan_folder(root: str | Path, display_root: str | None = None, progress: bool = True) -> ScanResult:
+    """Read every file's header under ``root`` (recursively) and group the DICOM ones into series.
+
+    Series are numbered from 1 by size (most image slices first) so ``ctzoo info`` and ``--series N`` agree.
+    """
+    root = Path(root)
+    groups: dict[str, SeriesInfo] = {}
+    not_dicom: list[str] = []
+    corrupt: list[SliceHeader] = []
+    files = list(_dicom_candidates(root))
+    for path in tqdm(files, desc="scanning DICOM headers", unit="file", disable=None if progress else True,
+                     leave=False):
+        shown = os.path.join(display_root, os.path.relpath(path, root)) if display_root else str(path)
+        header = read_header(str(path), shown)
+        if header is None:
+            not_dicom.append(shown)
+            continue
+        if header.corrupt_reason:
+            corrupt.append(header)
+            continue
+        series = groups.setdefault(header.series_key, SeriesInfo(header.series_key, 0, []))
+        (series.non_images if header.not_image_reason else series.slices).append(header)
+    ordered = sorted(groups.values(), key=lambda s: (-len(s.slices), s.key))
+    for number, series in enumerate(ordered, start=1):
+        series.index = number
+    return ScanResult(str(display_root or root), ordered, not_dicom, corrupt)
+
+
+@contextmanager
+def dicom_folder(path: str | Path) -> Iterator[tuple[Path, str | None]]:
+    """Yield a folder holding the DICOM files of ``path`` (a folder, or a zip extracted to a temporary folder).
+
+    The second value is the name to show for files (the zip's path), so messages name ``series.zip/IMG001``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        yield path, None
+        return
+    if not zipfile.is_zipfile(path):
+        raise DicomError(f"{path}: neither a folder nor a zip archive of DICOM files")
+    with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory(prefix="ctzoo-zip-") as tmp:
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        total = sum(m.file_size for m in members)
+        if total > MAX_ZIP_EXTRACT_BYTES:
+            raise DicomError(f"{path}: expands to {total / 1024**3:.1f} GiB, over the "
+                             f"{MAX_ZIP_EXTRACT_BYTES / 1024**3:.0f} GiB limit for zipped series")
+        target = Path(tmp).resolve()
+        for member in members:
+            destination = (target / member.filename).resolve()
+            if target not in destination.parents:
+                raise DicomError(f"{path}: member {member.filename!r} would extract outside the archive folder")
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(member) as src, open(destination, "wb") as dst:
+                dst.write(src.read())
+        yield target, str(path)
+
+
+def choose_series(scan: ScanResult, rules: SeriesRules | None = None, series: str | None = None) -> SeriesInfo:
+    """Pick the series to read: the one named by ``series`` (UID or index N), else the best one ``rules`` accept.
+
+    "Best" is the accepted series with the most slices (ties: thinnest slices, then lowest index).
+    """
+    chosen = _choose(scan, rules or SeriesRules(), series)
+    for damaged in scan.corrupt:
+        # a damaged file of unknown series may well be a slice of the chosen one: never read around it
+        if damaged.series_key in ("", chosen.key):
+            raise DicomError(f"{damaged.display_name}: {damaged.corrupt_reason}")
+        warnings.warn(f"{damaged.display_name}: {damaged.corrupt_reason} (another series; ignored)", DicomWarning,
+                      stacklevel=2)
+    return chosen
+
+
+def _choose(scan: ScanResult, rules: SeriesRules, series: str | None) -> SeriesInfo:
+    if not scan.series and scan.corrupt:
+        raise DicomError(f"{scan.corrupt[0].display_name}: {scan.corrupt[0].corrupt_reason}")
+    if not scan.series:
+        raise DicomError(f"{scan.root}: no DICOM files found"
+                         + (f" ({len(scan.not_dicom)} other files)" if scan.not_dicom else ""))
+    if series is not None:
+        wanted = str(series).lstrip("#")
+        for candidate in scan.series:
+            if wanted in (candidate.series_instance_uid, candidate.key, str(candidate.index)):
+                _check_explicit_choice(candidate)
+                return candidate
+        known = ", ".join(f"#{s.index} {s.series_instance_uid or s.key}" for s in scan.series)
+        raise DicomError(f"{scan.root}: no series {series!r}; found {known}")
+    accepted = [s for s in scan.series if not s.rejection(rules)]
+    if not accepted:
+        reasons = "; ".join(f"#{s.index} ({len(s.slices)} slices): {s.rejection(rules)}" for s in scan.series)
+        raise DicomError(f"{scan.root}: no series matches the selection rules: {reasons}")
+
+    def thickness(s: SeriesInfo) -> float:
+        value = s.first.get("SliceThickness")
+        return float(value) if value not in (None, "") else float("inf")
+
+    return min(accepted, key=lambda s: (-len(s.slices), thickness(s), s.index))
+
+
+def _check_explicit_choice(series: SeriesInfo) -> None:
+    """A series named by the user is read even if rules would skip it, except where it cannot be a volume."""
+    if not series.slices:
+        raise DicomError(f"series #{series.index} holds no image slices")
+    localizer = next((s for s in series.slices if s.is_localizer), None)
+    if localizer is not None:
+        raise DicomError(f"{localizer.display_name}: a localizer/scout image (ImageType "
+                         f"{list(localizer.dataset.ImageType)}), not part of a CT volume")
+
+
+def check_same_orientation(slices: Sequence[SliceHeader]) -> None:
+    """Refuse a series whose slices are not parallel, naming the first file that differs."""
+    reference = slices[0].orientation
+    for header in slices[1:]:
+        cosines = header.orientation
+        if min(float(cosines[:3] @ reference[:3]), float(cosines[3:] @ reference[3:])) < SAME_ORIENTATION_COS:
+            raise DicomError(
+                f"{header.display_name}: ImageOrientationPatient {header.orientation.round(4).tolist()} differs "
+                f"from {slices[0].display_name} ({slices[0].orientation.round(4).tolist()}); "
+                "a series with mixed orientations is not one volume"
+            )

@@ -1,0 +1,228 @@
+"""Read one DICOM series into a :class:`~ctzoo.io.volume.Volume` in HU.
+
+How, and why:
+
+* **Order** comes from ``ImagePositionPatient`` projected on the slice normal
+  (row cosine x column cosine), never from file names or InstanceNumber.
+* **Slice spacing** is the median step between those positions;
+  SliceThickness says how thick a slice is, not how far apart slices are.
+* **Pixels** are decoded one file at a time and rescaled with that file's own
+  RescaleSlope/Intercept in float32. (Reading a series in one ITK call takes
+  the pixel type from the first file and truncates slices whose slope differs.)
+  Compressed transfer syntaxes (JPEG 2000, JPEG lossless, JPEG-LS, RLE) go
+  through SimpleITK/GDCM, which decodes them fastest and most broadly, in a
+  thread pool (GDCM releases the GIL). Uncompressed slices need no codec:
+  pydicom hands over their bytes, about 4x faster than a GDCM call per file
+  (``benchmarks/dicom_read.py``).
+* **MONOCHROME1** only says how to *display* the values; HU is still
+  slope x stored + intercept. GDCM inverts MONOCHROME1 pixels, which would
+  corrupt HU, so those slices are decoded by pydicom (+ pylibjpeg) and
+  rescaled with its modality LUT instead.
+* Missing slices and uneven spacing are warned about (:class:`DicomWarning`)
+  and recorded in ``Volume.warnings``; nothing is interpolated. The grid
+  uses the median step, and ``DicomSource.image_positions`` keeps each slice's
+  true position.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from tqdm.auto import tqdm
+
+from ctzoo.io.dicom_scan import (
+    DicomError,
+    DicomWarning,
+    SeriesInfo,
+    SeriesRules,
+    SliceHeader,
+    check_same_orientation,
+    choose_series,
+    dicom_folder,
+    scan_folder,
+)
+from ctzoo.io.dicom_uids import repair_uids
+from ctzoo.io.volume import DicomSource, Volume
+
+log = logging.getLogger(__name__)
+
+#: Relative deviation of a slice step from the median step that counts as uneven spacing.
+SPACING_TOLERANCE = 0.01
+#: A step at least this many median steps long means slices are missing in between.
+MISSING_SLICE_RATIO = 1.5
+#: In-plane drift (mm) between consecutive positions beyond which the series is tilted/sheared.
+TILT_TOLERANCE_MM = 0.05
+
+
+def _warn(messages: list[str], text: str) -> None:
+    messages.append(text)
+    warnings.warn(text, DicomWarning, stacklevel=3)
+
+
+def sort_slices(slices: list[SliceHeader]) -> tuple[list[SliceHeader], np.ndarray]:
+    """Sort slices along their common normal; return them and their positions along it (mm)."""
+    normal = slices[0].normal
+    along = np.array([float(s.position @ normal) for s in slices])
+    order = np.argsort(along, kind="stable")
+    return [slices[i] for i in order], along[order]
+
+
+def _drop_duplicates(slices: list[SliceHeader], along: np.ndarray, messages: list[str]):
+    """Drop exact duplicate files (same SOP Instance UID at one position); refuse two different slices there."""
+    keep = [0]
+    for k in range(1, len(slices)):
+        if abs(along[k] - along[keep[-1]]) > 1e-3:
+            keep.append(k)
+            continue
+        a, b = slices[keep[-1]], slices[k]
+        uid_a, uid_b = str(a.dataset.get("SOPInstanceUID", "")), str(b.dataset.get("SOPInstanceUID", ""))
+        if uid_a and uid_a == uid_b:
+            _warn(messages, f"{b.display_name}: duplicate of {a.display_name} (same SOP Instance UID); ignored")
+            continue
+        raise DicomError(f"{b.display_name} and {a.display_name} are different slices at the same position "
+                         f"({along[k]:.3f} mm along the normal): several acquisitions in one series?")
+    return [slices[k] for k in keep], along[keep]
+
+
+def slice_spacing(slices: list[SliceHeader], along: np.ndarray, messages: list[str]) -> float:
+    """The grid's slice spacing: the median step between positions, with warnings for gaps and unevenness."""
+    if len(slices) < 2:
+        thickness = slices[0].dataset.get("SliceThickness")
+        spacing = float(thickness) if thickness not in (None, "") and float(thickness) > 0 else 1.0
+        _warn(messages, f"{slices[0].display_name}: a single slice; slice spacing taken as {spacing} mm "
+                        "(SliceThickness or 1 mm)")
+        return spacing
+    steps = np.diff(along)
+    median = float(np.median(steps))
+    for k, step in enumerate(steps):
+        if step >= MISSING_SLICE_RATIO * median:
+            missing = int(round(step / median)) - 1
+            _warn(messages, f"about {missing} missing slice(s) between {slices[k].display_name} and "
+                            f"{slices[k + 1].display_name} ({step:.3f} mm apart, usual step {median:.3f} mm); "
+                            "not interpolated")
+    regular = steps[steps < MISSING_SLICE_RATIO * median]
+    if regular.size and np.max(np.abs(regular - median)) > max(SPACING_TOLERANCE * median, 1e-3):
+        _warn(messages, f"uneven slice spacing: steps from {regular.min():.4f} to {regular.max():.4f} mm; "
+                        f"the volume grid uses the median {median:.4f} mm")
+    drift = np.diff(np.array([s.position for s in slices]), axis=0) - np.outer(steps, slices[0].normal)
+    if np.max(np.linalg.norm(drift, axis=1)) > TILT_TOLERANCE_MM:
+        angle = np.degrees(np.arctan2(np.linalg.norm(drift[0]), steps[0]))
+        _warn(messages, f"slice positions drift off the slice normal (gantry tilt about {angle:.1f} deg); "
+                        "the volume is placed as if untilted")
+    return median
+
+
+def _check_same_grid(slices: list[SliceHeader]) -> None:
+    ref = slices[0].dataset
+    for header in slices[1:]:
+        ds = header.dataset
+        for keyword in ("Rows", "Columns"):
+            if int(ds.get(keyword)) != int(ref.get(keyword)):
+                raise DicomError(f"{header.display_name}: {keyword} {ds.get(keyword)} differs from "
+                                 f"{slices[0].display_name} ({ref.get(keyword)})")
+        if not np.allclose([float(v) for v in ds.PixelSpacing], [float(v) for v in ref.PixelSpacing], atol=1e-4):
+            raise DicomError(f"{header.display_name}: PixelSpacing {list(ds.PixelSpacing)} differs from "
+                             f"{slices[0].display_name} ({list(ref.PixelSpacing)})")
+
+
+def decode_slice_hu(header: SliceHeader) -> np.ndarray:
+    """One slice's pixels in HU as float32 (rows, columns); :class:`DicomError` naming the file on failure."""
+    rows, columns = int(header.dataset.Rows), int(header.dataset.Columns)
+    transfer_syntax = pydicom.uid.UID(str(header.dataset.file_meta.get("TransferSyntaxUID", "")))
+    monochrome1 = str(header.dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+    try:
+        if monochrome1 or not transfer_syntax.is_compressed:
+            full = pydicom.dcmread(header.path)
+            pixels = pydicom.pixels.apply_modality_lut(full.pixel_array, full).astype(np.float32)
+        else:
+            pixels = sitk.GetArrayFromImage(sitk.ReadImage(header.path, sitk.sitkFloat32))
+    except Exception as exc:
+        raise DicomError(f"{header.display_name}: cannot decode pixel data "
+                         f"(transfer syntax {transfer_syntax.name or transfer_syntax or '?'}): "
+                         f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}") from exc
+    pixels = np.asarray(pixels, dtype=np.float32)
+    if pixels.size != rows * columns:
+        raise DicomError(f"{header.display_name}: decoded {pixels.shape} pixels, header says {rows}x{columns}")
+    return pixels.reshape(rows, columns)
+
+
+def _source(series: SeriesInfo, slices: list[SliceHeader], display_root: str, messages: list[str]) -> DicomSource:
+    datasets, notes = repair_uids([s.dataset for s in slices], series.key, in_place=True)
+    for note in notes:
+        _warn(messages, f"{display_root}: {note}")
+    first = datasets[0]
+    age_sex = {k: str(first.get(k, "") or "") for k in ("PatientAge", "PatientSex")}
+    number = first.get("SeriesNumber")
+    return DicomSource(
+        study_instance_uid=str(first.StudyInstanceUID),
+        series_instance_uid=str(first.SeriesInstanceUID),
+        sop_class_uid=str(first.get("SOPClassUID", "")),
+        sop_instance_uids=[str(ds.SOPInstanceUID) for ds in datasets],
+        frame_of_reference_uid=str(first.FrameOfReferenceUID),
+        image_positions=[tuple(float(v) for v in ds.ImagePositionPatient) for ds in datasets],
+        files=[s.display_name for s in slices],
+        modality=str(first.get("Modality", "") or ""),
+        body_part_examined=str(first.get("BodyPartExamined", "") or ""),
+        patient_sex=age_sex["PatientSex"],
+        patient_age=age_sex["PatientAge"],
+        series_description=str(first.get("SeriesDescription", "") or ""),
+        series_number=int(number) if number not in (None, "") else None,
+        manufacturer=str(first.get("Manufacturer", "") or ""),
+        transfer_syntax_uid=str(first.file_meta.get("TransferSyntaxUID", "")),
+        photometric_interpretation=str(first.get("PhotometricInterpretation", "")),
+        uids_repaired=bool(notes),
+        headers=datasets,
+    )
+
+
+def volume_from_series(series: SeriesInfo, display_root: str = "", workers: int | None = None,
+                       progress: bool = True) -> Volume:
+    """Decode a scanned series into a Volume (see the module docstring for every rule applied)."""
+    if series.non_images:
+        bad = series.non_images[0]
+        raise DicomError(f"{bad.display_name}: {bad.not_image_reason} (in the series being read)")
+    messages: list[str] = []
+    check_same_orientation(series.slices)
+    _check_same_grid(series.slices)
+    slices, along = sort_slices(series.slices)
+    slices, along = _drop_duplicates(slices, along, messages)
+    z_spacing = slice_spacing(slices, along, messages)
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        planes = list(tqdm(pool.map(decode_slice_hu, slices), total=len(slices), desc="decoding slices",
+                           unit="slice", disable=None if progress else True, leave=False))
+    row_cosine, column_cosine = slices[0].orientation[:3], slices[0].orientation[3:]
+    # PixelSpacing is (row spacing, column spacing) = (y, x): the order DICOM gives it in.
+    row_mm, column_mm = (float(v) for v in slices[0].dataset.PixelSpacing)
+    return Volume(
+        array=np.stack(planes),
+        spacing=(column_mm, row_mm, z_spacing),
+        origin=tuple(slices[0].position),
+        direction=np.column_stack([row_cosine, column_cosine, slices[0].normal]),
+        dicom=_source(series, slices, display_root, messages),
+        warnings=messages,
+    )
+
+
+def read_dicom_series(path: str | Path, series: str | None = None, rules: SeriesRules | None = None,
+                      workers: int | None = None, progress: bool = True) -> Volume:
+    """Read the CT volume in a DICOM folder or zip.
+
+    ``series`` picks one by SeriesInstanceUID or by its index as ``ctzoo info`` lists it; otherwise
+    ``rules`` choose (default: CT, axial, not a localizer, most slices).
+    """
+    with dicom_folder(path) as (folder, display_root):
+        scan = scan_folder(folder, display_root, progress=progress)
+        if display_root is None:
+            scan.root = str(path)
+        chosen = choose_series(scan, rules, series)
+        volume = volume_from_series(chosen, scan.root, workers=workers, progress=progress)
+    volume.source_path = str(path)
+    return volume

@@ -1,0 +1,78 @@
+"""Deterministic DICOM UIDs: repair empty ones in anonymised series, derive result UIDs from sources.
+
+Anonymisers often blank Study/Series/SOP Instance UIDs (the embedded sample
+does). A PACS cannot store such objects and a DICOM SEG cannot reference
+them, so ctzoo fills them in. The new UIDs are *derived*, not random
+(``2.25.<UUID>`` from a name-based UUID, ISO/IEC 9834-8 / DICOM PS3.5 B.2):
+reading the same files twice gives the same UIDs, so results made from them
+are the same objects and a resend does not duplicate anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Sequence
+
+import pydicom
+
+#: Namespace for every UID ctzoo derives (a fixed random UUID; changing it changes every derived UID).
+CTZOO_UID_NAMESPACE = uuid.UUID("6f1c0f5e-3b0e-4c35-9a57-1d1b8f0c2a11")
+
+
+def derived_uid(*parts: object) -> str:
+    """A valid DICOM UID that depends only on ``parts`` (same parts, same UID)."""
+    name = "\x1f".join(str(p) for p in parts)
+    return f"2.25.{uuid.uuid5(CTZOO_UID_NAMESPACE, name).int}"
+
+
+def _value(ds: pydicom.Dataset, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "").strip()
+
+
+def repair_uids(datasets: Sequence[pydicom.Dataset], series_key: str,
+                in_place: bool = False) -> tuple[list[pydicom.Dataset], list[str]]:
+    """Return copies of one series' datasets with empty UIDs filled in, and a line per repair made.
+
+    * SOPInstanceUID: the file meta's MediaStorageSOPInstanceUID if present (it names the same object),
+      else derived from the series key and the slice position and instance number.
+    * SOPClassUID: the file meta's MediaStorageSOPClassUID.
+    * SeriesInstanceUID / StudyInstanceUID: derived from ``series_key`` and what the files share, the same for all.
+    * FrameOfReferenceUID: derived likewise when empty (one frame of reference per series).
+    Present UIDs are never changed. The inputs are copied first unless ``in_place`` (deep copies of
+    headers dominate a series read, so the reader, which owns its datasets, repairs them in place).
+    """
+    repaired = list(datasets) if in_place else [copy.deepcopy(ds) for ds in datasets]
+    notes: list[str] = []
+    if not repaired:
+        return repaired, notes
+    first = repaired[0]
+    shared = (series_key, _value(first, "FrameOfReferenceUID"), _value(first, "StudyDate"),
+              _value(first, "StudyTime"), _value(first, "AccessionNumber"))
+    series_wide = {
+        "StudyInstanceUID": derived_uid("study", *shared),
+        "SeriesInstanceUID": derived_uid("series", *shared),
+        "FrameOfReferenceUID": derived_uid("frame-of-reference", *shared),
+    }
+    counts: dict[tuple[str, str], int] = {}
+
+    def note(keyword: str, how: str) -> None:
+        counts[(keyword, how)] = counts.get((keyword, how), 0) + 1
+
+    for ds in repaired:
+        for keyword, uid in series_wide.items():
+            if not _value(ds, keyword):
+                setattr(ds, keyword, uid)
+                note(keyword, "a derived UID")
+        meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
+        if not _value(ds, "SOPClassUID") and _value(meta, "MediaStorageSOPClassUID"):
+            ds.SOPClassUID = meta.MediaStorageSOPClassUID
+            note("SOPClassUID", "the file meta's MediaStorageSOPClassUID")
+        if not _value(ds, "SOPInstanceUID"):
+            from_meta = _value(meta, "MediaStorageSOPInstanceUID")
+            ds.SOPInstanceUID = from_meta or derived_uid(
+                "instance", series_key, _value(ds, "ImagePositionPatient"), _value(ds, "InstanceNumber"))
+            note("SOPInstanceUID", "the file meta's MediaStorageSOPInstanceUID" if from_meta else "a derived UID")
+    for (keyword, how), count in counts.items():
+        notes.append(f"{keyword} was empty in {count} file(s); filled with {how}")
+    return repaired, notes

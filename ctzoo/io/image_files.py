@@ -1,0 +1,143 @@
+"""NIfTI (nibabel), NRRD/MHA (SimpleITK) and the one entry point that reads any CT input.
+
+Files are written atomically: to a temporary name in the target folder, then
+renamed, so an interrupted write never leaves a half-written volume behind.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from ctzoo.io.dicom_scan import DicomError, SeriesRules, read_header
+from ctzoo.io.dicom_series import read_dicom_series
+from ctzoo.io.orientation import geometry_from_affine, ras_to_lps_affine
+from ctzoo.io.volume import Volume
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_READ_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+#: Single-file ITK formats only: a two-file .mhd/.nhdr cannot be renamed into place atomically.
+ITK_WRITE_SUFFIXES = (".nrrd", ".mha")
+
+
+def file_suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _cast(array: np.ndarray, dtype) -> np.ndarray:
+    return array if dtype is None else array.astype(dtype, copy=False)
+
+
+def read_nifti(path: str | Path, dtype=np.float32) -> Volume:
+    """Read a 3-D NIfTI file (RAS affine) into a Volume (LPS); ``dtype=None`` keeps the stored type (labels)."""
+    image = nib.load(str(path))
+    data = np.asanyarray(image.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{path}: a 3-D volume is needed, the file holds shape {data.shape}")
+    spacing, origin, direction = geometry_from_affine(ras_to_lps_affine(image.affine))
+    volume = Volume(_cast(np.ascontiguousarray(data.transpose(2, 1, 0)), dtype), spacing, origin, direction,
+                    source_path=str(path))
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        volume.warnings.append(f"{path}: the affine is sheared (non-orthogonal axes); geometry kept as stored")
+    return volume
+
+
+def volume_from_sitk(image: sitk.Image, dtype=np.float32, source_path: str = "") -> Volume:
+    """Wrap a 3-D scalar SimpleITK image (already LPS) as a Volume."""
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{source_path or 'image'}: a 3-D scalar volume is needed, got a "
+                         f"{image.GetDimension()}-D image with {image.GetNumberOfComponentsPerPixel()} components")
+    return Volume(_cast(sitk.GetArrayFromImage(image), dtype), image.GetSpacing(), image.GetOrigin(),
+                  np.asarray(image.GetDirection()).reshape(3, 3), source_path=source_path)
+
+
+def volume_to_sitk(volume: Volume) -> sitk.Image:
+    """The Volume as a SimpleITK image with the same LPS geometry."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.array))
+    image.SetSpacing(volume.spacing)
+    image.SetOrigin(volume.origin)
+    image.SetDirection(tuple(volume.direction.ravel()))
+    return image
+
+
+def read_itk_image(path: str | Path, dtype=np.float32) -> Volume:
+    """Read NRRD/MHA/MHD through SimpleITK (which converts any NRRD space to LPS)."""
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: SimpleITK cannot read it: {str(exc).strip().splitlines()[-1]}") from exc
+    return volume_from_sitk(image, dtype, str(path))
+
+
+def _atomic_target(path: Path) -> Path:
+    suffix = file_suffix(path)
+    stem = path.name[: len(path.name) - len(suffix)]
+    return path.with_name(f".{stem}.{uuid.uuid4().hex[:8]}.partial{suffix}")
+
+
+def write_volume(volume: Volume, path: str | Path, dtype=None) -> Path:
+    """Write ``volume`` as NIfTI (.nii/.nii.gz, RAS affine, qform and sform set) or NRRD/MHA (LPS).
+
+    ``dtype`` casts the voxels (e.g. ``np.int16`` for HU, ``np.uint8`` for labels); default keeps them.
+    """
+    path = Path(path)
+    suffix = file_suffix(path)
+    if suffix not in NIFTI_SUFFIXES + ITK_WRITE_SUFFIXES:
+        raise ValueError(f"{path}: cannot write {suffix or 'files without a suffix'}; "
+                         f"use one of {', '.join(NIFTI_SUFFIXES + ITK_WRITE_SUFFIXES)}")
+    array = _cast(volume.array, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _atomic_target(path)
+    try:
+        if suffix in NIFTI_SUFFIXES:
+            affine = volume.affine_ras
+            image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine)
+            image.set_qform(affine, code=1)
+            image.set_sform(affine, code=1)
+            image.header.set_xyzt_units("mm")
+            nib.save(image, str(temporary))
+        else:
+            sitk.WriteImage(volume_to_sitk(volume.with_array(array)), str(temporary), useCompression=True)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def read_volume(path: str | Path, series: str | None = None, rules: SeriesRules | None = None,
+                dtype=np.float32, progress: bool = True) -> Volume:
+    """Read any CT input ctzoo accepts into a Volume.
+
+    * a folder or ``.zip`` of DICOM files: the series chosen by ``series``/``rules``
+      (see :func:`ctzoo.io.dicom_series.read_dicom_series`);
+    * one DICOM file: the series it belongs to, from its folder;
+    * ``.nii``/``.nii.gz`` (nibabel) and ``.nrrd``/``.nhdr``/``.mha``/``.mhd`` (SimpleITK).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    suffix = file_suffix(path)
+    if path.is_dir() or suffix == ".zip":
+        volume = read_dicom_series(path, series=series, rules=rules, progress=progress)
+        volume.array = _cast(volume.array, dtype)
+        return volume
+    if suffix in NIFTI_SUFFIXES:
+        return read_nifti(path, dtype)
+    if suffix in ITK_READ_SUFFIXES:
+        return read_itk_image(path, dtype)
+    header = read_header(str(path))
+    if header is None:
+        raise ValueError(f"{path}: not a format ctzoo reads (DICOM folder/zip, NIfTI, NRRD, MHA/MHD)")
+    if header.not_image_reason:
+        raise DicomError(f"{path}: {header.not_image_reason}")
+    volume = read_dicom_series(path.parent, series=series or header.series_key, rules=rules, progress=progress)
+    volume.array = _cast(volume.array, dtype)
+    return volume

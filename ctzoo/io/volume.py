@@ -1,0 +1,151 @@
+"""The :class:`Volume` type: one CT volume in Hounsfield units with its geometry and DICOM identity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from ctzoo.io.orientation import affine_from_geometry, lps_to_ras_affine, orientation_code
+
+
+@dataclass
+class DicomSource:
+    """What a volume read from DICOM must remember to be referenced by DICOM SEG and SR later.
+
+    Per-slice lists are in the volume's slice order (``Volume.array[k]`` came
+    from ``sop_instance_uids[k]`` / ``files[k]``). ``headers`` keeps each
+    slice's pydicom dataset without pixel data (patient module included), as
+    highdicom wants them for ``source_images``; never log them.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    sop_instance_uids: list[str]
+    frame_of_reference_uid: str
+    image_positions: list[tuple[float, float, float]]
+    files: list[str] = field(default_factory=list)
+    modality: str = ""
+    body_part_examined: str = ""
+    patient_sex: str = ""
+    patient_age: str = ""
+    series_description: str = ""
+    series_number: int | None = None
+    manufacturer: str = ""
+    transfer_syntax_uid: str = ""
+    photometric_interpretation: str = ""
+    uids_repaired: bool = False
+    headers: list[Any] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly identity without patient identifiers (age and sex only) and without headers."""
+        return {
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "sop_class_uid": self.sop_class_uid,
+            "frame_of_reference_uid": self.frame_of_reference_uid,
+            "modality": self.modality,
+            "body_part_examined": self.body_part_examined,
+            "patient_sex": self.patient_sex,
+            "patient_age": self.patient_age,
+            "series_description": self.series_description,
+            "series_number": self.series_number,
+            "manufacturer": self.manufacturer,
+            "transfer_syntax_uid": self.transfer_syntax_uid,
+            "photometric_interpretation": self.photometric_interpretation,
+            "uids_repaired": self.uids_repaired,
+            "slices": len(self.sop_instance_uids),
+        }
+
+
+@dataclass
+class Volume:
+    """A CT volume: voxels in HU plus where they sit in the patient.
+
+    Conventions (the same as SimpleITK, so ITK users need nothing new):
+
+    * ``array`` has shape **(Z, Y, X)** = (slices, rows, columns), float32 HU.
+      ``array[k, j, i]`` is the voxel at ITK index ``(i, j, k)``.
+    * ``spacing``, ``origin`` and the columns of ``direction`` are given in
+      index order **(i, j, k)** = (x, y, z): spacing ``(col mm, row mm, slice mm)``.
+    * Physical space is **LPS** millimetres (DICOM/ITK). ``direction[:, a]`` is
+      the unit vector of index axis ``a``. Use :attr:`affine_ras` for
+      nibabel/MONAI; the conversion lives only in :mod:`ctzoo.io.orientation`.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+    dicom: DicomSource | None = None
+    warnings: list[str] = field(default_factory=list)
+    source_path: str = ""
+
+    def __post_init__(self) -> None:
+        self.array = np.asarray(self.array)
+        if self.array.ndim != 3:
+            raise ValueError(f"Volume.array must be 3-D (Z, Y, X), got shape {self.array.shape}")
+        self.spacing = tuple(float(s) for s in self.spacing)
+        self.origin = tuple(float(o) for o in self.origin)
+        self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ValueError(f"Volume.spacing must be three positive numbers, got {self.spacing}")
+        if self.dicom is not None and len(self.dicom.sop_instance_uids) != self.array.shape[0]:
+            raise ValueError(
+                f"DICOM source lists {len(self.dicom.sop_instance_uids)} slices, array has {self.array.shape[0]}"
+            )
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        """Voxel counts in index order (i, j, k) = (columns, rows, slices)."""
+        z, y, x = self.array.shape
+        return (x, y, z)
+
+    @property
+    def affine_lps(self) -> np.ndarray:
+        """4x4 map from index (i, j, k, 1) to LPS mm."""
+        return affine_from_geometry(self.spacing, self.origin, self.direction)
+
+    @property
+    def affine_ras(self) -> np.ndarray:
+        """4x4 map from index (i, j, k, 1) to RAS mm: what nibabel and MONAI call the affine."""
+        return lps_to_ras_affine(self.affine_lps)
+
+    @property
+    def orientation(self) -> str:
+        """Where the index axes point, e.g. ``'LPS'`` for standard axial CT (see :func:`orientation_code`)."""
+        return orientation_code(self.direction)
+
+    def index_to_lps(self, ijk: np.ndarray) -> np.ndarray:
+        """Map continuous indices of shape (..., 3) in (i, j, k) order to LPS mm."""
+        ijk = np.asarray(ijk, dtype=float)
+        affine = self.affine_lps
+        return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+    def with_array(self, array: np.ndarray) -> Volume:
+        """Same geometry and source, new voxels (e.g. a label map on this grid); shapes must match."""
+        if np.shape(array) != self.array.shape:
+            raise ValueError(f"array shape {np.shape(array)} does not match volume shape {self.array.shape}")
+        return replace(self, array=np.asarray(array), warnings=list(self.warnings))
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary: size, spacing, orientation and HU range. No patient identifiers."""
+        finite = self.array[np.isfinite(self.array)]
+        info: dict[str, Any] = {
+            "size_ijk": list(self.size),
+            "array_shape_zyx": list(self.array.shape),
+            "spacing_mm": [round(s, 6) for s in self.spacing],
+            "origin_lps_mm": [round(o, 4) for o in self.origin],
+            "direction_lps": np.round(self.direction, 6).tolist(),
+            "orientation": self.orientation,
+            "extent_mm": [round(s * n, 3) for s, n in zip(self.spacing, self.size)],
+            "dtype": str(self.array.dtype),
+            "value_range": [float(finite.min()), float(finite.max())] if finite.size else None,
+            "non_finite_voxels": int(self.array.size - finite.size),
+            "warnings": list(self.warnings),
+        }
+        if self.dicom is not None:
+            info["dicom"] = self.dicom.summary()
+        return info

@@ -1,0 +1,1 @@
+"""Scaling tools: LEMON expansion, gradient compression, Baechi placement; empty until those issues land."""

@@ -1,0 +1,1 @@
+"""Training pipelines (MONAI, torch.distributed); empty until the training issues land."""

@@ -1,0 +1,88 @@
+"""The ctzoo command line: info, convert, help everywhere, clear errors."""
+
+import json
+import subprocess
+import sys
+
+import click
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from dicom_factory import SeriesSpec, make_slices, write_series
+
+from ctzoo.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def all_commands(group, prefix=()):
+    for name, command in group.commands.items():
+        yield (*prefix, name)
+        if isinstance(command, click.Group):
+            yield from all_commands(command, (*prefix, name))
+
+
+def test_info_on_embedded_sample():
+    result = run("info")
+    assert result.exit_code == 0, result.output
+    assert "series #1: CT 'CT Body 3.0', 20 slices, axial, thickness 3 mm  <- chosen" in result.output
+    assert "512 x 512 x 20 voxels" in result.output
+    assert "spacing          0.977 x 0.977 x 2.000 mm" in result.output
+    assert "orientation      LPS (i -> left, j -> posterior, k -> superior)" in result.output
+    assert "values           -1024 .. 1839 HU" in result.output
+
+
+def test_info_json_on_two_series_folder(tmp_path):
+    write_series(tmp_path / "a", SeriesSpec(make_slices(5, seed=1), description="five"))
+    write_series(tmp_path / "b", SeriesSpec(make_slices(3, seed=2), description="three"))
+    result = run("info", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert [s["description"] for s in info["series"]] == ["five", "three"]
+    assert info["chosen_series"] == 1
+    assert info["volume"]["size_ijk"] == [5, 6, 5]
+    assert "SECRET" not in result.output  # patient name and ID never printed
+    assert json.loads(run("info", tmp_path, "--json", "--series", "2").output)["volume"]["size_ijk"] == [5, 6, 3]
+
+
+def test_info_reports_unreadable_series_and_fails(tmp_path):
+    write_series(tmp_path, SeriesSpec(make_slices(3), modality="MR"))
+    result = run("info", tmp_path)
+    assert result.exit_code == 1
+    assert "[skipped: modality MR is not one of ['CT']]" in result.output
+    assert "error: " in result.output and "no series matches the selection rules" in result.output
+
+
+def test_convert_dicom_to_nifti(tmp_path):
+    spec = SeriesSpec(make_slices(4))
+    write_series(tmp_path / "dicom", spec)
+    result = run("convert", tmp_path / "dicom", tmp_path / "out" / "ct.nii.gz")
+    assert result.exit_code == 0, result.output
+    assert "int16" in result.output
+    image = nib.load(str(tmp_path / "out" / "ct.nii.gz"))
+    assert image.shape == (5, 6, 4) and image.get_data_dtype() == np.int16
+    np.testing.assert_array_equal(np.asanyarray(image.dataobj)[:, :, 0].T, spec.slices[0].hu)
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run("info", tmp_path / "empty")
+    assert result.exit_code == 1 and "no DICOM files found" in result.output
+    result = run("convert", tmp_path / "empty", tmp_path / "x.png")
+    assert result.exit_code == 1 and "Error:" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [(), *all_commands(main)], ids=lambda c: " ".join(c) or "ctzoo")
+def test_every_command_has_help(command):
+    result = run(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage: " in result.output and len(result.output.splitlines()) > 4
+
+
+def test_installed_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "ctzoo", "--version"], capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("ctzoo, version ")

@@ -1,0 +1,126 @@
+"""NIfTI and NRRD/MHA both ways, the LPS/RAS convention, and atomic writes."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from dicom_factory import SeriesSpec, make_slices, write_series
+
+from ctzoo.io import Volume, read_volume, write_volume
+from ctzoo.io.orientation import LPS_RAS_FLIP, lps_to_ras_affine, orientation_code, ras_to_lps_affine
+
+
+def oblique_nifti(path, dtype=np.int16):
+    """A NIfTI with a rotated, flipped, anisotropic affine and known values."""
+    rng = np.random.default_rng(4)
+    data = rng.integers(-1024, 2000, size=(7, 6, 5)).astype(dtype)
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([-0.8, 1.1, 2.5])
+    affine[:3, 3] = [12.5, -30.25, 101.0]
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, str(path))
+    return data, affine
+
+
+def test_nifti_volume_nifti_roundtrip(tmp_path):
+    data, affine = oblique_nifti(tmp_path / "in.nii.gz")
+    volume = read_volume(tmp_path / "in.nii.gz")
+    assert volume.array.shape == data.shape[::-1]  # (z, y, x)
+    assert volume.array[4, 3, 2] == data[2, 3, 4]
+    np.testing.assert_allclose(volume.affine_ras, affine, atol=1e-5)
+    write_volume(volume, tmp_path / "out.nii.gz", dtype=np.int16)
+    again = nib.load(str(tmp_path / "out.nii.gz"))
+    np.testing.assert_allclose(again.affine, affine, atol=1e-4)
+    np.testing.assert_allclose(again.get_qform(), affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asanyarray(again.dataobj), data)
+    assert again.header.get_xyzt_units()[0] == "mm"
+
+
+def test_dicom_volume_nifti_keeps_geometry_and_values(tmp_path):
+    orientation = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # sagittal with a negative cosine
+    spec = SeriesSpec(make_slices(5, orientation=orientation), orientation=orientation)
+    write_series(tmp_path / "dicom", spec, shuffle_seed=2)
+    volume = read_volume(tmp_path / "dicom", series=spec.series_uid)
+    write_volume(volume, tmp_path / "ct.nii.gz")
+    nifti = nib.load(str(tmp_path / "ct.nii.gz"))
+    np.testing.assert_allclose(nifti.affine, lps_to_ras_affine(volume.affine_lps), atol=1e-4)
+    # every slice's first voxel lands on its DICOM position (RAS = LPS with x, y negated)
+    data = np.asanyarray(nifti.dataobj)
+    normal = np.cross(orientation[:3], orientation[3:])
+    for k, s in enumerate(sorted(spec.slices, key=lambda s: float(np.dot(s.position, normal)))):
+        ras = nifti.affine @ np.array([0, 0, k, 1.0])
+        np.testing.assert_allclose(ras[:3], np.asarray(s.position) * [-1, -1, 1], atol=1e-4)
+        np.testing.assert_allclose(data[:, :, k].T, s.hu, atol=1e-4)
+    back = read_volume(tmp_path / "ct.nii.gz")
+    np.testing.assert_allclose(back.affine_lps, volume.affine_lps, atol=1e-4)
+    np.testing.assert_array_equal(back.array, volume.array)
+
+
+def test_sample_dicom_to_nifti_agrees_with_simpleitk(tmp_path, sample_dir, sample_volume):
+    """Our NIfTI of the real sample equals what SimpleITK's own series reader + NIfTI writer produce."""
+    write_volume(sample_volume, tmp_path / "ours.nii.gz", dtype=np.int16)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(sample_dir)))
+    sitk.WriteImage(reader.Execute(), str(tmp_path / "itk.nii.gz"))
+    ours, theirs = nib.load(str(tmp_path / "ours.nii.gz")), nib.load(str(tmp_path / "itk.nii.gz"))
+    np.testing.assert_allclose(ours.affine, theirs.affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asanyarray(ours.dataobj), np.asanyarray(theirs.dataobj))
+    assert nib.aff2axcodes(ours.affine) == ("L", "P", "S")
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_itk_formats_roundtrip(tmp_path, suffix):
+    _, affine = oblique_nifti(tmp_path / "in.nii.gz")
+    volume = read_volume(tmp_path / "in.nii.gz")
+    write_volume(volume, tmp_path / f"out{suffix}")
+    again = read_volume(tmp_path / f"out{suffix}")
+    np.testing.assert_allclose(again.affine_ras, affine, atol=1e-5)
+    np.testing.assert_array_equal(again.array, volume.array)
+    image = sitk.ReadImage(str(tmp_path / f"out{suffix}"))  # what another ITK tool sees: LPS
+    np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((1, 2, 3)),
+                               (ras_to_lps_affine(affine) @ [1, 2, 3, 1])[:3], atol=1e-4)
+
+
+def test_lps_ras_conversion_is_one_flip():
+    affine = np.arange(16, dtype=float).reshape(4, 4)
+    affine[3] = [0, 0, 0, 1]
+    assert np.array_equal(ras_to_lps_affine(lps_to_ras_affine(affine)), affine)
+    assert np.array_equal(lps_to_ras_affine(np.eye(4)), LPS_RAS_FLIP)
+    assert orientation_code(np.eye(3)) == "LPS"
+    assert orientation_code(np.diag([-1.0, -1.0, 1.0])) == "RAS"
+
+
+def test_write_is_atomic_and_rejects_unknown_suffix(tmp_path, monkeypatch):
+    volume = Volume(np.zeros((2, 3, 4), np.float32), (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="cannot write .png"):
+        write_volume(volume, tmp_path / "x.png")
+    target = tmp_path / "ct.nii.gz"
+    write_volume(volume, target)
+    before = target.read_bytes()
+
+    def interrupted(image, filename):
+        open(filename, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nib, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_volume(volume.with_array(np.ones((2, 3, 4), np.float32)), target)
+    assert target.read_bytes() == before  # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]  # and no partial file is left
+
+
+def test_bad_inputs_have_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_volume(tmp_path / "missing.nii.gz")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="not a format ctzoo reads"):
+        read_volume(tmp_path / "notes.txt")
+    nib.save(nib.Nifti1Image(np.zeros((3, 3, 3, 2), np.float32), np.eye(4)), str(tmp_path / "4d.nii.gz"))
+    with pytest.raises(ValueError, match="a 3-D volume is needed"):
+        read_volume(tmp_path / "4d.nii.gz")
+    with pytest.raises(ValueError, match="must be 3-D"):
+        Volume(np.zeros((3, 3)), (1, 1, 1))
