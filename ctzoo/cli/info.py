@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 import numpy as np
+import pydicom
 
 from ctzoo.config import ConfigError, load_config
 from ctzoo.datasets.samples import sample_ct_dicom
@@ -53,8 +54,9 @@ def format_volume(volume: dict[str, Any]) -> list[str]:
         lines.append(f"  non-finite       {volume['non_finite_voxels']} voxels (NaN/inf)")
     dicom = volume.get("dicom")
     if dicom:
+        syntax = pydicom.uid.UID(dicom["transfer_syntax_uid"])
         lines.append(f"  DICOM            {dicom['modality']} {dicom['manufacturer']} '{dicom['series_description']}', "
-                     f"transfer syntax {dicom['transfer_syntax_uid']}")
+                     f"{syntax.name or syntax}")
         lines.append(f"  series UID       {dicom['series_instance_uid']}"
                      + ("  (derived: the files had none)" if dicom["uids_repaired"] else ""))
         lines.append(f"  frame of ref.    {dicom['frame_of_reference_uid']}")
