@@ -50,3 +50,11 @@ def test_rules_file_changes_the_choice(tmp_path):
     assert result.exit_code == 0, result.output
     assert "series #2: CT 'thick', 4 slices, axial, thickness 5 mm  <- chosen" in result.output
     assert "skipped: slice thickness 1.0 outside [3.0, 6.0] mm" in result.output
+
+
+def test_shipped_deeplesion_config_is_valid():
+    from ctzoo.datasets.deeplesion.dataset import DeepLesionConfig
+
+    cfg = load_config(CONFIGS / "deeplesion_mini.yaml", DeepLesionConfig)
+    assert cfg.num_slices % 2 == 1 and cfg.norm_spacing_mm == 0.8
+    assert cfg.images_root == Path("data/deeplesion-mini/Images_png")

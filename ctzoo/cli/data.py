@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
 
 from ctzoo.datasets import samples
+from ctzoo.datasets.deeplesion import mini
 
 
 @click.group()
@@ -51,3 +53,63 @@ def list_samples(cache_dir: Path | None) -> None:
         click.echo(f"{state}  {name}: {description}")
     if not (folder / samples.MANIFEST_FILE).exists():
         click.echo("run 'ctzoo data fetch-samples' to fetch the missing ones")
+
+
+@data.command("make-deeplesion-mini")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--cases", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Number of series (patient/study/series); patients get 1-2 studies, split 60/20/20 by patient.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed; the same seed writes byte-identical files.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+def make_deeplesion_mini(out: Path, cases: int, seed: int, force: bool) -> None:
+    """Build a miniature DeepLesion in OUT from the real sample CT with synthetic lesions.
+
+    Writes DeepLesion's exact layout (DL_info.csv, Images_png/{patient}_{study}_{series}/{slice}.png as
+    16-bit HU + 32768, 512 x 512) plus masks/ (each lesion's key-slice mask), lesions.json (true type,
+    organ, HU, volume) and NOTICE.md. Uses the TotalSegmentator 2.18.0 samples (fetched into the cache
+    if missing). Built beside OUT and renamed into place when complete.
+    """
+    try:
+        folder = mini.make_deeplesion_mini(out, cases=cases, seed=seed, force=force, progress=True)
+    except (samples.SampleError, FileExistsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    summary = json.loads((folder / "lesions.json").read_text())
+    click.echo(f"{folder}: {len(summary['series'])} series, {len(summary['lesions'])} lesions "
+               f"(DL_info.csv, Images_png/, masks/, lesions.json, NOTICE.md)")
+
+
+@data.command("stats")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--png", "png_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the lesion-size histogram here (default: ROOT/lesion_sizes.png if ROOT is writable).")
+@click.option("--overlays", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also draw up to --limit key slices with their RECIST axes and boxes into this folder.")
+@click.option("--limit", type=click.IntRange(min=1), default=8, show_default=True, help="Key slices to draw.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON instead of a table.")
+def stats(root: Path, png_path: Path | None, overlays: Path | None, limit: int, as_json: bool) -> None:
+    """Count what a DeepLesion folder holds (ROOT with DL_info.csv and Images_png/).
+
+    Prints lesions, key images and patients per official split, lesions by coarse type
+    (DeepLesion types only val/test lesions; train lesions are 'unknown'), the noisy
+    ones, and a long-axis size histogram; writes the histogram as a PNG.
+    """
+    from ctzoo.datasets.deeplesion.info_csv import DLInfoError, read_dl_info
+    from ctzoo.datasets.deeplesion.plots import plot_key_slices, plot_size_histogram
+    from ctzoo.datasets.deeplesion.stats import format_stats, lesion_stats
+
+    try:
+        rows = read_dl_info(root / "DL_info.csv")
+    except (DLInfoError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    summary = lesion_stats(rows)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_stats(summary))
+    target = png_path or (root / "lesion_sizes.png" if os.access(root, os.W_OK) else None)
+    if target is not None and rows:
+        click.echo(f"size histogram: {plot_size_histogram(rows, target)}", err=as_json)
+    if overlays is not None:
+        try:
+            drawn = plot_key_slices(root / "Images_png", rows, overlays, limit)
+        except FileNotFoundError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"{len(drawn)} key slices drawn in {overlays}", err=as_json)

@@ -1,0 +1,70 @@
+"""2.5D input for DeepLesion: the key slice and its neighbours, as 3DCE and MULAN build it.
+
+Neighbours sit ``slice_interval_mm`` apart (3DCE/MULAN: 2 mm). Where that is not
+a whole number of the series' slice intervals, a neighbour is interpolated
+linearly between the two slices around it. A neighbour beyond the slices
+provided (DeepLesion ships about +-30 mm around each key slice, ``Slice_range``)
+falls back to the nearest provided slice, i.e. the edge slice repeats. A series
+with an unknown or zero slice interval repeats the key slice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ctzoo.datasets.deeplesion.info_csv import LesionRow
+from ctzoo.datasets.deeplesion.png_slices import read_png_hu, slice_path
+
+
+def neighbour_offsets(num_slices: int, slice_interval_mm: float, series_interval_mm: float) -> list[float]:
+    """Offsets in (fractional) slice indices of the ``num_slices`` slices centred on the key slice.
+
+    ``num_slices`` is odd (3 for one RGB-like triplet, 9 for MULAN's 3 x 3). Ordered inferior to
+    superior as stored (negative offsets first).
+    """
+    if num_slices < 1 or num_slices % 2 == 0:
+        raise ValueError(f"num_slices must be odd and positive, got {num_slices}")
+    half = num_slices // 2
+    if not math.isfinite(series_interval_mm) or series_interval_mm < 1e-3:
+        return [0.0] * num_slices
+    step = slice_interval_mm / series_interval_mm
+    return [k * step for k in range(-half, half + 1)]
+
+
+def load_context_slices(images_root: str | Path, row: LesionRow, num_slices: int = 3,
+                        slice_interval_mm: float = 2.0,
+                        reader: Callable[[Path], np.ndarray] | None = None) -> np.ndarray:
+    """The key slice of ``row`` with its neighbours, float32 HU of shape (num_slices, rows, columns).
+
+    Slices are read from ``images_root/{series}/{slice:03d}.png``. ``reader`` lets a caller share a
+    cache of decoded slices across lesions of one image.
+    """
+    read = reader or _cached_reader()
+    first, last = row.slice_range
+    planes = []
+    for offset in neighbour_offsets(num_slices, slice_interval_mm, row.spacing_mm_px[2]):
+        position = min(max(row.key_slice_index + offset, first), last)  # beyond the provided range: edge repeats
+        below, weight = int(math.floor(position)), position - math.floor(position)
+        plane = read(slice_path(images_root, row.series_folder, below))
+        if weight > 1e-6:
+            above = read(slice_path(images_root, row.series_folder, below + 1))
+            plane = (1.0 - weight) * plane + weight * above
+        planes.append(plane.astype(np.float32, copy=False))
+    shapes = {p.shape for p in planes}
+    if len(shapes) != 1:
+        raise ValueError(f"{row.series_folder}: slices of different sizes {sorted(shapes)}")
+    return np.stack(planes)
+
+
+def _cached_reader(size: int = 64) -> Callable[[Path], np.ndarray]:
+    @lru_cache(maxsize=size)
+    def read(path: Path) -> np.ndarray:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: DeepLesion slice missing (is the Images_png download complete?)")
+        return read_png_hu(path)
+    return read

@@ -1,0 +1,177 @@
+"""DeepLesion as MONAI datasets: one sample per key slice, with every lesion annotated on it.
+
+Pipeline per sample (:class:`LoadDeepLesiond`), following 3DCE/MULAN:
+
+1. read the key slice and its neighbours (:mod:`.context`), HU = PNG value - 32768;
+2. resample in-plane to ``norm_spacing_mm`` (MULAN: 0.8 mm/px), longer side capped at ``max_size``,
+   with MONAI's ``Resize`` (bilinear; anti-aliased when shrinking);
+3. window ``window_hu`` onto ``output_range`` with MONAI's ``ScaleIntensityRange`` (clipped);
+4. RECIST targets for each lesion (:mod:`.recist`), moved into the resampled pixel frame.
+
+Point coordinates follow pixel centres: a resize by ``s`` maps x to (x + 0.5) s - 0.5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
+from monai.transforms import Compose, Resize, ScaleIntensityRange, Transform
+from pydantic import Field
+
+from ctzoo.config import StrictConfig
+from ctzoo.datasets.deeplesion.context import load_context_slices
+from ctzoo.datasets.deeplesion.info_csv import SPLITS, LesionRow, read_dl_info
+from ctzoo.datasets.deeplesion.recist import DEEPLESION_BOX_PAD, box_from_points, diameters, points_from_measurement
+
+#: Keys of a sample that hold one entry per lesion (what a crop must filter together).
+LESION_KEYS = ("keypoints", "boxes", "diameters_px", "diameters_mm", "lesion_types")
+
+
+class DeepLesionConfig(StrictConfig):
+    """Where DeepLesion is and how to turn it into network input (``configs/deeplesion_*.yaml``)."""
+
+    root: Path = Field(description="folder holding DL_info.csv and Images_png/ (the official download, unzipped)")
+    info_csv: str = "DL_info.csv"
+    images_dir: str = "Images_png"
+    num_slices: int = Field(3, ge=1, description="key slice plus neighbours; odd (3DCE: 3, MULAN: 9)")
+    slice_interval_mm: float = Field(2.0, gt=0, description="distance between neighbours (3DCE/MULAN: 2 mm)")
+    norm_spacing_mm: float | None = Field(0.8, gt=0, description="in-plane mm/px after resampling; null keeps it")
+    max_size: int = Field(512, ge=32, description="cap on the longer image side after resampling")
+    window_hu: tuple[float, float] = (-1024.0, 3071.0)
+    output_range: tuple[float, float] = (0.0, 1.0)
+    drop_noisy: bool = Field(True, description="drop Possibly_noisy lesions (MULAN does, for all splits)")
+    negatives_per_series: int = Field(0, ge=0, description="lesion-free context slices added per series")
+
+    @property
+    def images_root(self) -> Path:
+        return self.root / self.images_dir
+
+
+def _resample_scale(spacing_xy: tuple[float, float], shape_hw: tuple[int, int], cfg: DeepLesionConfig) -> float:
+    scale = 1.0 if cfg.norm_spacing_mm is None else float(np.mean(spacing_xy)) / cfg.norm_spacing_mm
+    return min(scale, cfg.max_size / max(shape_hw))
+
+
+class LoadDeepLesiond(Transform):
+    """Item ``{"context_row": LesionRow, "lesions": [LesionRow, ...], ...}`` -> a network-ready sample.
+
+    Output keys: ``image`` (MetaTensor, (num_slices, H, W) float32, affine = pixel spacing in mm);
+    ``keypoints`` (N, 5, 2) x, y in pixels (see :mod:`.recist` for the order); ``boxes`` (N, 4);
+    ``diameters_px`` / ``diameters_mm`` (N, 2) long, short; ``lesion_types`` (N,) int64;
+    ``spacing_mm`` (2,) x, y after resampling; ``file_name`` and ``split`` as given.
+    """
+
+    def __init__(self, cfg: DeepLesionConfig) -> None:
+        self.cfg = cfg
+        self.window = ScaleIntensityRange(*cfg.window_hu, *cfg.output_range, clip=True)
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        cfg, row = self.cfg, item["context_row"]
+        hu = load_context_slices(cfg.images_root, row, cfg.num_slices, cfg.slice_interval_mm)
+        height, width = hu.shape[1:]
+        scale = _resample_scale(row.spacing_mm_px[:2], (height, width), cfg)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        image = torch.from_numpy(hu)
+        if size != (height, width):
+            image = Resize(size, mode="bilinear", anti_aliasing=scale < 1.0)(image)
+        image = self.window(torch.as_tensor(image, dtype=torch.float32))
+        scale_xy = np.array([size[1] / width, size[0] / height])
+        spacing_xy = np.asarray(row.spacing_mm_px[:2]) / scale_xy
+        lesions = item["lesions"]
+        points = np.array([points_from_measurement(r.measurement_coordinates) for r in lesions]).reshape(-1, 5, 2)
+        points = (points + 0.5) * scale_xy - 0.5
+        pixels, mm = diameters(points, spacing_xy)
+        # MONAI keeps 4x4 affines even for 2-D images; spatial dims are (row, column) = (y, x)
+        affine = torch.diag(torch.tensor([spacing_xy[1], spacing_xy[0], 1.0, 1.0], dtype=torch.float64))
+        return {
+            **{k: v for k, v in item.items() if k not in ("context_row", "lesions")},
+            "image": MetaTensor(image.as_tensor() if isinstance(image, MetaTensor) else image, affine=affine),
+            "keypoints": torch.as_tensor(points, dtype=torch.float32),
+            "boxes": torch.as_tensor(box_from_points(points, DEEPLESION_BOX_PAD * float(scale_xy.mean())),
+                                     dtype=torch.float32).reshape(-1, 4),
+            "diameters_px": torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 2),
+            "diameters_mm": torch.as_tensor(mm, dtype=torch.float32).reshape(-1, 2),
+            "lesion_types": torch.as_tensor([r.coarse_lesion_type for r in lesions], dtype=torch.int64),
+            "spacing_mm": torch.as_tensor(spacing_xy, dtype=torch.float32),
+        }
+
+
+Split = Literal["train", "val", "test", "all"]
+
+
+def key_slice_items(rows: list[LesionRow], split: Split = "all", drop_noisy: bool = True,
+                    negatives_per_series: int = 0) -> list[dict[str, Any]]:
+    """Group lesion rows by key slice (File_name) into dataset items; add lesion-free slices if asked.
+
+    The official patient-level split is Train_Val_Test (1 train, 2 val, 3 test).
+    """
+    wanted = set(SPLITS) if split == "all" else {k for k, name in SPLITS.items() if name == split}
+    by_image: dict[str, list[LesionRow]] = defaultdict(list)
+    for row in rows:
+        if row.train_val_test in wanted and not (drop_noisy and row.possibly_noisy):
+            by_image[row.file_name].append(row)
+    items = [{"file_name": name, "split": lesions[0].split, "context_row": lesions[0], "lesions": lesions}
+             for name, lesions in sorted(by_image.items())]
+    if negatives_per_series:
+        items += negative_items(by_image, negatives_per_series)
+    return items
+
+
+def negative_items(by_image: dict[str, list[LesionRow]], per_series: int) -> list[dict[str, Any]]:
+    """Context slices far from every annotated lesion of their series, as samples with no lesion.
+
+    "Far" is more than half the series' longest lesion diameter plus 10 mm along z from every key slice.
+    DeepLesion's unannotated slices can still hold lesions nobody marked, as its authors warn.
+    """
+    by_series: dict[str, list[LesionRow]] = defaultdict(list)
+    for lesions in by_image.values():
+        by_series[lesions[0].series_folder].extend(lesions)
+    items = []
+    for folder, lesions in sorted(by_series.items()):
+        z_mm = lesions[0].spacing_mm_px[2]
+        reach = max(r.lesion_diameters_px[0] * r.spacing_mm_px[0] for r in lesions) / 2 + 10.0
+        keys = {r.key_slice_index for r in lesions}
+        candidates = sorted({(s, r) for r in lesions for s in range(r.slice_range[0], r.slice_range[1] + 1)
+                             if all(abs(s - k) * z_mm > reach for k in keys)}, key=lambda pair: pair[0])
+        unique = list({s: r for s, r in candidates}.items())
+        for s, r in (unique[int(i)] for i in np.linspace(0, len(unique) - 1, min(per_series, len(unique)))):
+            items.append({"file_name": f"{folder}_{s:03d}.png", "split": r.split,
+                          "context_row": dataclasses.replace(r, key_slice_index=s), "lesions": []})
+    return items
+
+
+def deeplesion_dataset(cfg: DeepLesionConfig, split: Split = "train", transform: Transform | None = None,
+                       cache: bool = False, num_workers: int = 0) -> Dataset:
+    """A MONAI ``Dataset`` (or ``CacheDataset`` when ``cache``: loading and resampling are cached, random
+    ``transform`` steps still run per epoch) over the key slices of ``split``."""
+    items = key_slice_items(read_dl_info(cfg.root / cfg.info_csv), split, cfg.drop_noisy, cfg.negatives_per_series)
+    if not items:
+        raise ValueError(f"{cfg.root / cfg.info_csv}: no key slices in split {split!r}")
+    pipeline = Compose([LoadDeepLesiond(cfg)] + ([transform] if transform else []))
+    if cache:
+        return CacheDataset(items, pipeline, num_workers=num_workers or None, progress=False)
+    return Dataset(items, pipeline)
+
+
+def collate_lesions(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images (they must share a size: pad/crop first); keep per-lesion tensors as lists, like
+    torchvision detection targets, since each image holds a different number of lesions."""
+    out: dict[str, Any] = {"image": torch.stack([torch.as_tensor(s["image"]) for s in batch])}
+    for key in batch[0]:
+        if key != "image":
+            out[key] = [s[key] for s in batch]
+    return out
+
+
+def deeplesion_dataloader(dataset: Dataset, batch_size: int = 8, shuffle: bool = True, num_workers: int = 2,
+                          seed: int = 0) -> DataLoader:
+    """MONAI DataLoader with worker processes (decoding PNGs, not the model, bounds throughput)."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      collate_fn=collate_lesions, generator=generator, persistent_workers=num_workers > 0)
