@@ -256,3 +256,16 @@ def test_seed_makes_pipeline_reproducible():
     b = recist_train_transforms((56, 72), seed=7)(sample(sigma=1.5))
     torch.testing.assert_close(a["image"], b["image"])
     np.testing.assert_array_equal(a["keypoints"].numpy(), b["keypoints"].numpy())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lesion_crop_keeps_a_lesion_and_its_marks(seed):
+    """With lesion_crop_prob=1 a small crop of the slice always holds a lesion, whose points sit on their marks."""
+    pipeline = recist_train_transforms((24, 24), rotate_prob=0.0, zoom_prob=0.0, intensity=False,
+                                       lesion_keys=["lesion_ids"], seed=seed, lesion_crop_prob=1.0)
+    out = pipeline(sample())
+    assert out["image"].shape[-2:] == (24, 24) and len(out["lesion_ids"]) >= 1
+    check_on_marks(out, exact=True)
+    uniform = recist_train_transforms((24, 24), rotate_prob=0.0, zoom_prob=0.0, intensity=False,
+                                      lesion_keys=["lesion_ids"], seed=seed, lesion_crop_prob=0.0)
+    assert uniform(sample())["image"].shape[-2:] == (24, 24)

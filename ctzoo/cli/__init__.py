@@ -9,7 +9,10 @@ import click
 
 from ctzoo import __version__
 from ctzoo.cli.data import data
+from ctzoo.cli.infer import infer
 from ctzoo.cli.info import convert, info
+from ctzoo.cli.train import evaluate, train
+from ctzoo.cli.zoo import zoo
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,3 +39,7 @@ def main(verbose: int) -> None:
 main.add_command(info)
 main.add_command(convert)
 main.add_command(data)
+main.add_command(zoo)
+main.add_command(infer)
+main.add_command(train)
+main.add_command(evaluate)

@@ -14,7 +14,7 @@ from ctzoo.config import ConfigError, load_config
 from ctzoo.datasets.samples import sample_ct_dicom
 from ctzoo.io import DicomError, SeriesRules, read_volume, write_volume
 
-_USER_ERRORS = (DicomError, ConfigError, FileNotFoundError, ValueError)
+USER_ERRORS = (DicomError, ConfigError, FileNotFoundError, ValueError)
 
 series_option = click.option(
     "--series", metavar="UID|N",
@@ -26,7 +26,7 @@ rules_option = click.option(
          "Default: CT, axial, not a localizer, most slices.")
 
 
-def _rules(rules_file: Path | None) -> SeriesRules:
+def load_rules(rules_file: Path | None) -> SeriesRules:
     return load_config(rules_file, SeriesRules) if rules_file else SeriesRules()
 
 
@@ -99,8 +99,8 @@ def info(path: Path | None, series: str | None, rules_file: Path | None, as_json
     from ctzoo.io.describe import describe_path
 
     try:
-        description = describe_path(path or sample_ct_dicom(), series=series, rules=_rules(rules_file))
-    except _USER_ERRORS as exc:
+        description = describe_path(path or sample_ct_dicom(), series=series, rules=load_rules(rules_file))
+    except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(description, indent=2) if as_json else format_description(description))
     if description.get("error"):
@@ -121,13 +121,13 @@ def convert(source: Path, target: Path, series: str | None, rules_file: Path | N
     TARGET is written to a temporary name and renamed, so it is never half-written.
     """
     try:
-        volume = read_volume(source, series=series, rules=_rules(rules_file))
+        volume = read_volume(source, series=series, rules=load_rules(rules_file))
         if dtype is None:
             whole = np.array_equal(volume.array, np.round(volume.array))
             fits = volume.array.size and -32768 <= volume.array.min() and volume.array.max() <= 32767
             dtype = "int16" if whole and fits else "float32"
         written = write_volume(volume, target, dtype=np.dtype(dtype))
-    except _USER_ERRORS as exc:
+    except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     for warning in volume.warnings:
         click.echo(f"warning: {warning}", err=True)

@@ -1,1 +1,42 @@
-"""Zoo models (RECIST-Net, the template segmenter) and their registry; empty until those issues land."""
+"""Zoo models and their registry: ``list_models()``, ``create_model(name, pretrained=True)``, model cards."""
+
+# Each model module registers its models when imported: import it here, so 'import ctzoo.models' (and so
+# 'ctzoo zoo list') sees every zoo model.
+
+from ctzoo.models.registry import (
+    ArchitectureOverrideError,
+    Metric,
+    ModelCard,
+    ModelEntry,
+    TrainingInfo,
+    UnknownModelError,
+    WeightsMismatchError,
+    create_model,
+    list_models,
+    load_card,
+    model_entry,
+    model_version,
+    register_model,
+    save_pretrained,
+    unregister_model,
+)
+
+from ctzoo.models import zoo_recistnet  # noqa: E402,F401  (registers the RECIST-Net models)
+
+__all__ = [
+    "ArchitectureOverrideError",
+    "Metric",
+    "ModelCard",
+    "ModelEntry",
+    "TrainingInfo",
+    "UnknownModelError",
+    "WeightsMismatchError",
+    "create_model",
+    "list_models",
+    "load_card",
+    "model_entry",
+    "model_version",
+    "register_model",
+    "save_pretrained",
+    "unregister_model",
+]

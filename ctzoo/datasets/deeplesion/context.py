@@ -36,6 +36,27 @@ def neighbour_offsets(num_slices: int, slice_interval_mm: float, series_interval
     return [k * step for k in range(-half, half + 1)]
 
 
+def context_planes(get_plane: Callable[[int], np.ndarray], key: float, offsets: list[float], first: int,
+                   last: int) -> np.ndarray:
+    """Stack the planes at ``key + offset`` for each offset: (len(offsets), rows, columns) float32.
+
+    ``get_plane(k)`` returns slice k; positions are clamped to [first, last] (the edge repeats) and a
+    fractional position is linearly interpolated between its two neighbours.
+    """
+    planes = []
+    for offset in offsets:
+        position = min(max(key + offset, first), last)  # beyond the provided range: the edge slice repeats
+        below, weight = int(math.floor(position)), position - math.floor(position)
+        plane = get_plane(below)
+        if weight > 1e-6:
+            plane = (1.0 - weight) * plane + weight * get_plane(below + 1)
+        planes.append(np.asarray(plane, dtype=np.float32))
+    shapes = {p.shape for p in planes}
+    if len(shapes) != 1:
+        raise ValueError(f"slices of different sizes {sorted(shapes)}")
+    return np.stack(planes)
+
+
 def load_context_slices(images_root: str | Path, row: LesionRow, num_slices: int = 3,
                         slice_interval_mm: float = 2.0,
                         reader: Callable[[Path], np.ndarray] | None = None) -> np.ndarray:
@@ -45,20 +66,12 @@ def load_context_slices(images_root: str | Path, row: LesionRow, num_slices: int
     cache of decoded slices across lesions of one image.
     """
     read = reader or _cached_reader()
-    first, last = row.slice_range
-    planes = []
-    for offset in neighbour_offsets(num_slices, slice_interval_mm, row.spacing_mm_px[2]):
-        position = min(max(row.key_slice_index + offset, first), last)  # beyond the provided range: edge repeats
-        below, weight = int(math.floor(position)), position - math.floor(position)
-        plane = read(slice_path(images_root, row.series_folder, below))
-        if weight > 1e-6:
-            above = read(slice_path(images_root, row.series_folder, below + 1))
-            plane = (1.0 - weight) * plane + weight * above
-        planes.append(plane.astype(np.float32, copy=False))
-    shapes = {p.shape for p in planes}
-    if len(shapes) != 1:
-        raise ValueError(f"{row.series_folder}: slices of different sizes {sorted(shapes)}")
-    return np.stack(planes)
+    offsets = neighbour_offsets(num_slices, slice_interval_mm, row.spacing_mm_px[2])
+    try:
+        return context_planes(lambda k: read(slice_path(images_root, row.series_folder, k)),
+                              row.key_slice_index, offsets, *row.slice_range)
+    except ValueError as exc:
+        raise ValueError(f"{row.series_folder}: {exc}") from exc
 
 
 def _cached_reader(size: int = 64) -> Callable[[Path], np.ndarray]:

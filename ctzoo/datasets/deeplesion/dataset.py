@@ -33,18 +33,23 @@ from ctzoo.datasets.deeplesion.recist import DEEPLESION_BOX_PAD, box_from_points
 LESION_KEYS = ("keypoints", "boxes", "diameters_px", "diameters_mm", "lesion_types")
 
 
-class DeepLesionConfig(StrictConfig):
-    """Where DeepLesion is and how to turn it into network input (``configs/deeplesion_*.yaml``)."""
+class SlicePreprocessing(StrictConfig):
+    """How CT slices become network input: the same for DeepLesion training and for volume inference."""
 
-    root: Path = Field(description="folder holding DL_info.csv and Images_png/ (the official download, unzipped)")
-    info_csv: str = "DL_info.csv"
-    images_dir: str = "Images_png"
     num_slices: int = Field(3, ge=1, description="key slice plus neighbours; odd (3DCE: 3, MULAN: 9)")
     slice_interval_mm: float = Field(2.0, gt=0, description="distance between neighbours (3DCE/MULAN: 2 mm)")
     norm_spacing_mm: float | None = Field(0.8, gt=0, description="in-plane mm/px after resampling; null keeps it")
     max_size: int = Field(512, ge=32, description="cap on the longer image side after resampling")
     window_hu: tuple[float, float] = (-1024.0, 3071.0)
     output_range: tuple[float, float] = (0.0, 1.0)
+
+
+class DeepLesionConfig(SlicePreprocessing):
+    """Where DeepLesion is and how to turn it into network input (``configs/deeplesion_*.yaml``)."""
+
+    root: Path = Field(description="folder holding DL_info.csv and Images_png/ (the official download, unzipped)")
+    info_csv: str = "DL_info.csv"
+    images_dir: str = "Images_png"
     drop_noisy: bool = Field(True, description="drop Possibly_noisy lesions (MULAN does, for all splits)")
     negatives_per_series: int = Field(0, ge=0, description="lesion-free context slices added per series")
 
@@ -53,9 +58,23 @@ class DeepLesionConfig(StrictConfig):
         return self.root / self.images_dir
 
 
-def _resample_scale(spacing_xy: tuple[float, float], shape_hw: tuple[int, int], cfg: DeepLesionConfig) -> float:
+def resample_and_window(hu: np.ndarray, spacing_xy, cfg: SlicePreprocessing) -> tuple[torch.Tensor, np.ndarray]:
+    """Steps 2 and 3 above for planes ``hu`` (C, H, W): returns the image (C, H', W') and the (x, y) scale.
+
+    Shared by training (:class:`LoadDeepLesiond`) and volume inference, so both see identical input.
+    """
+    height, width = hu.shape[1:]
     scale = 1.0 if cfg.norm_spacing_mm is None else float(np.mean(spacing_xy)) / cfg.norm_spacing_mm
-    return min(scale, cfg.max_size / max(shape_hw))
+    scale = min(scale, cfg.max_size / max(height, width))
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    image = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))
+    if size != (height, width):
+        image = Resize(size, mode="bilinear", anti_aliasing=scale < 1.0)(image)
+    low, high = cfg.window_hu
+    b_low, b_high = cfg.output_range
+    image = ScaleIntensityRange(low, high, b_low, b_high, clip=True)(torch.as_tensor(image, dtype=torch.float32))
+    image = image.as_tensor() if isinstance(image, MetaTensor) else image
+    return image, np.array([size[1] / width, size[0] / height])
 
 
 class LoadDeepLesiond(Transform):
@@ -64,24 +83,17 @@ class LoadDeepLesiond(Transform):
     Output keys: ``image`` (MetaTensor, (num_slices, H, W) float32, affine = pixel spacing in mm);
     ``keypoints`` (N, 5, 2) x, y in pixels (see :mod:`.recist` for the order); ``boxes`` (N, 4);
     ``diameters_px`` / ``diameters_mm`` (N, 2) long, short; ``lesion_types`` (N,) int64;
-    ``spacing_mm`` (2,) x, y after resampling; ``file_name`` and ``split`` as given.
+    ``spacing_mm`` (2,) x, y after resampling; ``scale`` (resampled per original pixel); ``file_name`` and
+    ``split`` as given.
     """
 
     def __init__(self, cfg: DeepLesionConfig) -> None:
         self.cfg = cfg
-        self.window = ScaleIntensityRange(*cfg.window_hu, *cfg.output_range, clip=True)
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         cfg, row = self.cfg, item["context_row"]
         hu = load_context_slices(cfg.images_root, row, cfg.num_slices, cfg.slice_interval_mm)
-        height, width = hu.shape[1:]
-        scale = _resample_scale(row.spacing_mm_px[:2], (height, width), cfg)
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        image = torch.from_numpy(hu)
-        if size != (height, width):
-            image = Resize(size, mode="bilinear", anti_aliasing=scale < 1.0)(image)
-        image = self.window(torch.as_tensor(image, dtype=torch.float32))
-        scale_xy = np.array([size[1] / width, size[0] / height])
+        image, scale_xy = resample_and_window(hu, row.spacing_mm_px[:2], cfg)
         spacing_xy = np.asarray(row.spacing_mm_px[:2]) / scale_xy
         lesions = item["lesions"]
         points = np.array([points_from_measurement(r.measurement_coordinates) for r in lesions]).reshape(-1, 5, 2)
@@ -91,7 +103,7 @@ class LoadDeepLesiond(Transform):
         affine = torch.diag(torch.tensor([spacing_xy[1], spacing_xy[0], 1.0, 1.0], dtype=torch.float64))
         return {
             **{k: v for k, v in item.items() if k not in ("context_row", "lesions")},
-            "image": MetaTensor(image.as_tensor() if isinstance(image, MetaTensor) else image, affine=affine),
+            "image": MetaTensor(image, affine=affine),
             "keypoints": torch.as_tensor(points, dtype=torch.float32),
             "boxes": torch.as_tensor(box_from_points(points, DEEPLESION_BOX_PAD * float(scale_xy.mean())),
                                      dtype=torch.float32).reshape(-1, 4),
@@ -99,6 +111,7 @@ class LoadDeepLesiond(Transform):
             "diameters_mm": torch.as_tensor(mm, dtype=torch.float32).reshape(-1, 2),
             "lesion_types": torch.as_tensor([r.coarse_lesion_type for r in lesions], dtype=torch.int64),
             "spacing_mm": torch.as_tensor(spacing_xy, dtype=torch.float32),
+            "scale": float(scale_xy.mean()),  # resampled px per original px: DeepLesion's box pad scales with it
         }
 
 

@@ -37,9 +37,10 @@ from monai.transforms import (
     RandRotated,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    RandSpatialCropd,
+    Randomizable,
     RandZoomd,
     ResizeWithPadOrCropd,
+    SpatialCrop,
     SpatialPadd,
     Transform,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "KeypointsToImaged",
     "KeypointsToWorldd",
     "KeypointsVisibled",
+    "RandLesionCropd",
     "invert_keypoints",
     "keypoint_pipeline",
     "recist_eval_transforms",
@@ -162,7 +164,8 @@ class KeypointsToImaged(MapTransform):
 
     In: what :class:`KeypointsToWorldd` left, and the transformed ``image`` MetaTensor (C, H', W').
     Out: ``keypoints`` (M, 5, 2), M <= N lesions whose centre is on the image, in the input's type and
-    dtype; ``boxes`` (M, 4) (end points' box padded by ``box_pad`` source pixels, scaled by the zoom) and
+    dtype; ``boxes`` (M, 4) (end points' box padded by ``box_pad`` original pixels: times the sample's ``scale``,
+    if it has one, and the zoom) and
     ``diameters_px`` (M, 2) recomputed when present; other ``lesion_keys`` (first axis N) cut to the same M.
     """
 
@@ -188,13 +191,50 @@ class KeypointsToImaged(MapTransform):
         points = canonical_order(_world_to_pixels(world, affine).numpy())[keep]
         d[self.keypoints_key] = convert_to_dst_type(points, d[self.keypoints_key])[0]
         if self.boxes_key in d:
-            pad = self.box_pad * _pixel_scale(d[self.keypoints_key + SOURCE_AFFINE_SUFFIX], affine)
+            # box_pad is in original DeepLesion pixels; the loader's "scale" says how many loaded pixels that is
+            zoom = _pixel_scale(d[self.keypoints_key + SOURCE_AFFINE_SUFFIX], affine)
+            pad = self.box_pad * float(d.get("scale", 1.0)) * zoom
             d[self.boxes_key] = convert_to_dst_type(box_from_points(points, pad), d[self.boxes_key])[0]
         if self.diameters_key in d:
             d[self.diameters_key] = convert_to_dst_type(diameters(points)[0], d[self.diameters_key])[0]
         for key in self.lesion_keys:
             if key in d:
                 d[key] = _select(d[key], keep)
+        return d
+
+
+class RandLesionCropd(MapTransform, Randomizable):
+    """Random crop of ``roi_size`` that, with probability ``lesion_prob``, keeps a random lesion inside.
+
+    Use among the spatial transforms of :func:`keypoint_pipeline` (it reads the world points it keeps).
+    A lesion crop centres the ROI on a lesion's centre plus a uniform jitter of up to ``jitter`` of the
+    ROI size, clamped so the ROI stays on the image; otherwise the ROI is uniform, like RandSpatialCropd.
+    Why: small lesions in a uniform crop of a large slice are mostly cut away, starving the heatmaps.
+    The crop itself is MONAI's ``SpatialCrop``, so ``image.affine`` is updated as by any MONAI crop.
+    """
+
+    def __init__(self, image_key: str, keypoints_key: str, roi_size: Sequence[int], lesion_prob: float = 0.7,
+                 jitter: float = 0.35) -> None:
+        MapTransform.__init__(self, [image_key])
+        self.image_key, self.keypoints_key = image_key, keypoints_key
+        self.roi_size, self.lesion_prob, self.jitter = tuple(int(v) for v in roi_size), lesion_prob, jitter
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d[self.image_key]
+        shape = np.asarray(image.shape[-2:])
+        roi = np.asarray(self.roi_size)
+        keep = d[self.keypoints_key + KEEP_SUFFIX]
+        lesion = self.R.rand() < self.lesion_prob and bool(np.any(keep))
+        if lesion:
+            centres = _world_to_pixels(d[self.keypoints_key + WORLD_SUFFIX][:, CENTRE], _image_affine(image))
+            target = xy_to_index(centres[int(self.R.choice(np.flatnonzero(keep)))]).numpy()  # (row, col)
+            target = target + self.R.uniform(-self.jitter, self.jitter, size=2) * roi
+        else:
+            target = self.R.uniform(0, 1, size=2) * np.maximum(shape - roi, 0) + roi / 2
+        low = np.minimum(roi // 2, shape // 2)
+        centre = np.clip(np.round(target), low, np.maximum(shape - (roi - roi // 2), low)).astype(int)
+        d[self.image_key] = SpatialCrop(roi_center=centre.tolist(), roi_size=self.roi_size)(image)
         return d
 
 
@@ -249,12 +289,14 @@ def recist_train_transforms(
     lesion_keys: Sequence[str] = (),
     box_pad: float = DEEPLESION_BOX_PAD,
     seed: int | None = None,
+    lesion_crop_prob: float = 0.7,
 ) -> Compose:
     """Random flip, rotation, zoom, pad + random crop to ``spatial_size``, then (optionally) intensity noise.
 
     In: image (C, H, W), keypoints (N, 5, 2). Out: image MetaTensor (C, *spatial_size), keypoints (M, 5, 2)
     (plus boxes, diameters_px, lesion_keys cut to M). ``scale_range`` is the zoom of the content (> 1
-    enlarges). ``seed`` seeds every random transform through MONAI's ``Compose.set_random_state``.
+    enlarges). The crop keeps a random lesion with probability ``lesion_crop_prob`` (:class:`RandLesionCropd`).
+    ``seed`` seeds every random transform through MONAI's ``Compose.set_random_state``.
     The intensity ranges (scale +-10 %, shift +-0.05, noise sigma 0.01) assume an image normalised to about [0, 1].
     """
     keys = [image_key]
@@ -265,7 +307,7 @@ def recist_train_transforms(
         RandZoomd(keys, prob=zoom_prob, min_zoom=scale_range[0], max_zoom=scale_range[1], keep_size=True,
                   mode="bilinear", padding_mode="constant"),
         SpatialPadd(keys, spatial_size=spatial_size),
-        RandSpatialCropd(keys, roi_size=spatial_size, random_size=False),
+        RandLesionCropd(image_key, keypoints_key, spatial_size, lesion_prob=lesion_crop_prob),
     ]
     noise = [
         RandScaleIntensityd(keys, factors=0.1, prob=0.5),

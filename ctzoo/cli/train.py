@@ -1,0 +1,88 @@
+"""``ctzoo train`` and ``ctzoo eval``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from ctzoo.config import ConfigError
+
+_CONFIG = click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+_DATA_ROOT = click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                          help="Replace data.root of CONFIG (the folder with DL_info.csv and Images_png/).")
+_DEVICE = click.option("--device", default="auto", show_default=True,
+                       help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+
+
+@click.command()
+@_CONFIG
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Run folder: checkpoints (last.pt, best.pt), metrics.csv, tensorboard/, training_curves.png.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt exactly where it stopped.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override optim.epochs.")
+@_DATA_ROOT
+@_DEVICE
+def train(config: Path, out: Path, resume: bool, epochs: int | None, data_root: Path | None, device: str) -> None:
+    """Train the model that CONFIG describes (e.g. configs/recistnet_mini_cpu.yaml).
+
+    \b
+    One GPU or the CPU:   ctzoo train CONFIG --out runs/x
+    Several GPUs (DDP):   torchrun --nproc_per_node 4 -m ctzoo train CONFIG --out runs/x
+    After an interruption: the same command with --resume.
+
+    Every epoch writes OUT/last.pt (and OUT/best.pt at the best validation score), a row of
+    OUT/metrics.csv, TensorBoard scalars and OUT/training_curves.png.
+    """
+    from ctzoo.training.engine import fit
+    from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
+
+    try:
+        cfg = load_train_config(config, data_root)
+    except (ConfigError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if epochs is not None:
+        cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"epochs": epochs})})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    try:
+        summary = fit(RecistNetTask(cfg), cfg.optim, out, resume=resume, device=device,
+                      extra_state={"train_config": json.loads(cfg.model_dump_json())})
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary, from the process that logged
+        click.echo(json.dumps(summary, indent=2))
+
+
+@click.command("eval")
+@_CONFIG
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A checkpoint written by ctzoo train (best.pt / last.pt).")
+@click.option("--model", "model_name", default=None, help="A zoo model name instead of --checkpoint.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Where froc.json, froc.png and detections.json go.")
+@_DATA_ROOT
+@_DEVICE
+def evaluate(config: Path, checkpoint: Path | None, model_name: str | None, split: str, out: Path,
+             data_root: Path | None, device: str) -> None:
+    """Score a detector with DeepLesion's protocol: FROC over the split's key slices.
+
+    Noisy lesions are excluded; all detections are pooled into one FROC curve; a hit is box
+    IoU >= 0.5 (VOC +1 convention); a second hit on a found lesion counts as neither; sensitivity
+    at 0.5, 1, 2, 4, 8, 16 false positives per image and the mean over 0.5-4; for hits, the
+    error of the long and short axis in mm.
+    """
+    from ctzoo.training.evaluate import evaluate_recistnet
+
+    if (checkpoint is None) == (model_name is None):
+        raise click.UsageError("give exactly one of --checkpoint and --model")
+    try:
+        result = evaluate_recistnet(config, out, split, checkpoint=checkpoint, model_name=model_name,
+                                    data_root=data_root, device=device)
+    except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(result.table())
+    click.echo(f"wrote {out / 'froc.json'}, {out / 'froc.png'}, {out / 'detections.json'}")

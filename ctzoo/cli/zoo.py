@@ -1,0 +1,115 @@
+"""``ctzoo zoo``: the registered models, their shipped weights and model cards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+# ctzoo.models is imported inside the commands: it imports torch, which would slow every other command
+
+
+def _parameters(count: int) -> str:
+    return f"{count / 1e6:.1f}M" if count >= 100_000 else f"{count:,}"
+
+
+@click.group()
+def zoo() -> None:
+    """The model zoo: registered models, their weights (shipped in the package) and model cards.
+
+    \b
+      ctzoo zoo list              every registered model, with its version if weights are shipped
+      ctzoo zoo show NAME         the model card of NAME
+
+    Weights load offline in Python: ctzoo.models.create_model(NAME, pretrained=True).
+    """
+
+
+@zoo.command("list", short_help="Registered models, their versions and whether weights are shipped.")
+@click.argument("pattern", default="*")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def list_command(pattern: str, as_json: bool) -> None:
+    """List registered models whose name matches PATTERN (shell-style, e.g. 'recist*'; default all).
+
+    Columns: name, task, parameters and version (from the model card, when weights are shipped) and
+    whether weights are shipped in the package.
+    """
+    from pydantic import ValidationError
+
+    from ctzoo.models import list_models, load_card, model_entry
+
+    rows = []
+    for name in list_models(pattern):
+        entry = model_entry(name)
+        row = {"name": name, "task": entry.task, "parameters": None, "weights": entry.has_weights, "version": None}
+        if entry.has_weights:
+            try:
+                card = load_card(name)
+                row.update(parameters=card.parameters, version=card.version)
+            except ValidationError:  # a broken card is reported, not allowed to hide the other models
+                row["version"] = "invalid card"
+        rows.append(row)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no registered model matches" if pattern != "*" else "no models are registered yet")
+        return
+    table = [("NAME", "TASK", "PARAMETERS", "WEIGHTS", "VERSION")] + [
+        (r["name"], r["task"], "-" if r["parameters"] is None else _parameters(r["parameters"]),
+         "yes" if r["weights"] else "no", r["version"] or "-") for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip())
+
+
+@zoo.command("show", short_help="Print the model card of NAME.")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the card as JSON (card.json) instead of markdown.")
+def show(name: str, as_json: bool) -> None:
+    """Print the model card of NAME (its MODEL_CARD.md), or what is known when no weights are shipped yet."""
+    from pydantic import ValidationError
+
+    from ctzoo.models import UnknownModelError, load_card, model_entry
+
+    try:
+        entry = model_entry(name)
+        card = load_card(name) if entry.has_weights else None
+    except UnknownModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except ValidationError as exc:
+        raise click.ClickException(f"the model card of {name!r} is invalid: {exc}") from exc
+    if card is not None:
+        click.echo(card.model_dump_json(indent=2) if as_json else card.to_markdown())
+        return
+    summary = {"name": entry.name, "task": entry.task, "description": entry.description,
+               "input_spec": entry.input_spec, "default_config": entry.default_config}
+    if as_json:
+        click.echo(json.dumps({**summary, "weights": None}, indent=2))
+        return
+    click.echo(f"{name}: no weights are shipped yet (expected in {entry.weights_dir}).\n")
+    for key, value in summary.items():
+        click.echo(f"{key}: {value if isinstance(value, str) else json.dumps(value)}")
+
+
+@zoo.command("publish")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="The training config of the run.")
+@click.option("--name", required=True, help="Registered zoo name to publish as (ctzoo zoo list).")
+@click.option("--version", "version", required=True, help="Semantic version of these weights, e.g. 0.1.0.")
+@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True,
+              help="Split the card's metrics are measured on.")
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Replace data.root of the config.")
+def publish(run_dir: Path, config: Path, name: str, version: str, split: str, data_root: Path | None) -> None:
+    """Evaluate RUN_DIR/best.pt and publish it as zoo model NAME: weights, config and model card,
+    written into the package's weights folder atomically."""
+    from ctzoo.training.publish import publish_recistnet
+
+    try:
+        folder = publish_recistnet(run_dir, config, name, version, split, data_root)
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"published {name} {version} into {folder}")

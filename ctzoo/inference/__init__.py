@@ -1,0 +1,1 @@
+"""Inference over whole CT volumes: the code path shared by ctzoo infer, the service and the PACS bridge."""

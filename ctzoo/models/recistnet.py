@@ -1,0 +1,390 @@
+"""RECIST-Net: a lesion detector that finds the five RECIST keypoints and groups them (CenterNet ``exdet`` style).
+
+The network predicts, at ``1 / down_ratio`` of the input resolution, five keypoint heatmaps in the order of
+:data:`ctzoo.datasets.deeplesion.recist.POINT_NAMES` (long_a, long_b, short_a, short_b, centre) and a
+sub-pixel offset (dx, dy) for each of them. :func:`group_keypoints` turns those maps into lesions, in pure
+torch with fixed output shapes so that it can be traced or exported with the network later.
+
+Coordinates: points are ``(x, y)`` in input pixels, 0-based pixel centres (see :mod:`.recist`). Heatmap cell
+``(u, v)`` covers input pixels ``[u * R, (u + 1) * R)`` (``R = down_ratio``); its centre is at
+``(u + 0.5) * R - 0.5``, so a point at cell ``u`` with offset ``dx`` is ``x = (u + dx + 0.5) * R - 0.5``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.networks.blocks import Convolution, ResidualUnit
+from monai.networks.nets.resnet import ResNet
+from torch import nn
+
+from ctzoo.datasets.deeplesion.recist import POINT_NAMES
+
+NUM_POINTS = len(POINT_NAMES)  # 5: four end points and the centre
+NUM_ENDPOINTS = 4
+#: CenterNet initialises the heatmap bias to -log((1 - 0.1) / 0.1) so that training starts at p = 0.1
+#: everywhere instead of 0.5: otherwise the many negatives dominate the first steps of the focal loss.
+HEATMAP_PRIOR_BIAS = -2.19
+#: Strides of the four feature levels both backbones produce; the output level is ``down_ratio``.
+LEVEL_STRIDES = (4, 8, 16, 32)
+
+
+def _groups(channels: int) -> int:
+    """GroupNorm groups: 8 where the channels allow it (GroupNorm, not BatchNorm, since CPU batches are tiny)."""
+    return math.gcd(8, channels)
+
+
+def _conv_block(in_channels: int, out_channels: int, strides: int = 1) -> Convolution:
+    return Convolution(2, in_channels, out_channels, strides=strides, kernel_size=3, act="RELU",
+                       norm=("group", {"num_groups": _groups(out_channels)}))
+
+
+class LightEncoder(nn.Module):
+    """A small residual encoder for CPU training: a strided stem, then one MONAI ``ResidualUnit`` per level.
+
+    ``forward(x)``: x (B, C, H, W) -> four features at strides 4, 8, 16, 32 with
+    ``channels = (width, 2 width, 3 width, 4 width)``.
+    """
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__()
+        self.channels = (width, 2 * width, 3 * width, 4 * width)
+        self.stem = _conv_block(in_channels, width, strides=2)
+        stages, previous = [], width
+        for channels in self.channels:
+            stages.append(ResidualUnit(2, previous, channels, strides=2, kernel_size=3, subunits=2, act="RELU",
+                                       norm=("group", {"num_groups": _groups(channels)})))
+            previous = channels
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features, x = [], self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+class ResNet34Encoder(nn.Module):
+    """MONAI's 2-D ResNet-34 (basic blocks 3-4-6-3, 7x7 stride-2 stem, max pool), randomly initialised.
+
+    ``width`` is half the stem width, so ``width=32`` is the standard 64-128-256-512 ResNet-34.
+    ``forward(x)``: x (B, C, H, W) -> the outputs of layer1..layer4, strides 4, 8, 16, 32.
+    """
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__()
+        self.channels = (2 * width, 4 * width, 8 * width, 16 * width)
+        self.net = ResNet("basic", [3, 4, 6, 3], list(self.channels), spatial_dims=2, n_input_channels=in_channels,
+                          conv1_t_size=7, conv1_t_stride=2, feed_forward=False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        net = self.net
+        x = net.maxpool(net.act(net.bn1(net.conv1(x))))
+        features = []
+        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+            x = layer(x)
+            features.append(x)
+        return features
+
+
+class TopDownDecoder(nn.Module):
+    """FPN top-down path from stride 32 to ``out_stride``: 1x1 laterals, nearest x2 upsampling, sum, 3x3 conv.
+
+    ``forward(features)``: four maps at strides 4..32 -> (B, channels, H / out_stride, W / out_stride).
+    """
+
+    def __init__(self, in_channels: tuple[int, ...], channels: int, out_stride: int) -> None:
+        super().__init__()
+        self.first = LEVEL_STRIDES.index(out_stride)
+        self.laterals = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels[self.first:])
+        self.smooth = _conv_block(channels, channels)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        used = features[self.first:]
+        x = self.laterals[-1](used[-1])
+        for feature, lateral in zip(used[-2::-1], list(self.laterals)[-2::-1]):
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest") + lateral(feature)
+        return self.smooth(x)
+
+
+def _head(in_channels: int, head_channels: int, out_channels: int, bias: float | None = None) -> nn.Sequential:
+    """CenterNet head: 3x3 conv + ReLU + 1x1 conv (no norm: the outputs are logits/offsets)."""
+    last = nn.Conv2d(head_channels, out_channels, 1)
+    if bias is not None:
+        nn.init.constant_(last.bias, bias)
+    return nn.Sequential(nn.Conv2d(in_channels, head_channels, 3, padding=1), nn.ReLU(inplace=True), last)
+
+
+class RecistNet(nn.Module):
+    """RECIST-Net: five keypoint heatmaps and their sub-pixel offsets at stride ``down_ratio``.
+
+    Args:
+        in_channels: input channels (context slices; 3 for 3DCE-style 2.5D input).
+        backbone: ``"light"`` (a ~0.8 M-parameter residual encoder + FPN for CPUs) or ``"resnet34_fpn"``
+            (MONAI ResNet-34 + FPN, ~22 M parameters, for GPUs; no pretrained weights).
+        width: base width. light: level channels (w, 2w, 3w, 4w), decoder 2w. resnet34_fpn: ResNet stem
+            2w (w=32 is the standard ResNet-34), decoder 4w.
+        head_channels: hidden channels of each output head.
+        down_ratio: output stride, one of 4, 8, 16, 32.
+
+    ``forward(x)``: x (B, in_channels, H, W), H and W multiples of 32 ->
+    ``{"heatmaps": (B, 5, H/R, W/R) logits, "offsets": (B, 10, H/R, W/R)}``; offset channels are
+    (dx, dy) of long_a, then of long_b, short_a, short_b, centre, in heatmap cells.
+    """
+
+    def __init__(self, in_channels: int = 3, backbone: str = "light", width: int = 32, head_channels: int = 64,
+                 down_ratio: int = 4) -> None:
+        super().__init__()
+        if down_ratio not in LEVEL_STRIDES:
+            raise ValueError(f"down_ratio must be one of {LEVEL_STRIDES}, got {down_ratio}")
+        if backbone == "light":
+            self.encoder: nn.Module = LightEncoder(in_channels, width)
+            feature_channels = 2 * width
+        elif backbone == "resnet34_fpn":
+            self.encoder = ResNet34Encoder(in_channels, width)
+            feature_channels = 4 * width
+        else:
+            raise ValueError(f"unknown backbone {backbone!r}: use 'light' or 'resnet34_fpn'")
+        self.backbone, self.down_ratio = backbone, down_ratio
+        self.decoder = TopDownDecoder(self.encoder.channels, feature_channels, down_ratio)
+        self.heatmap_head = _head(feature_channels, head_channels, NUM_POINTS, bias=HEATMAP_PRIOR_BIAS)
+        self.offset_head = _head(feature_channels, head_channels, 2 * NUM_POINTS)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if isinstance(x, MetaTensor):  # a type check, not data-dependent: plain tensors keep the graph lean
+            x = x.as_tensor()
+        features = self.decoder(self.encoder(x))
+        return {"heatmaps": self.heatmap_head(features), "offsets": self.offset_head(features)}
+
+    @torch.no_grad()
+    def detect(self, x: torch.Tensor, max_lesions: int = 20, top_k: int = 24,
+               score_threshold: float = 0.05) -> list[dict[str, torch.Tensor]]:
+        """Eval-mode inference and grouping on x (B, in_channels, H, W).
+
+        Returns one dict per image: ``points`` (M, 5, 2) float32 input-pixel (x, y), ``scores`` (M,) descending,
+        ``boxes`` (M, 4) tight [x1, y1, x2, y2] of the four end points. The module's train/eval mode is restored.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            outputs = self(x)
+        finally:
+            self.train(was_training)
+        grouped = group_keypoints(outputs["heatmaps"].float(), outputs["offsets"].float(), self.down_ratio,
+                                  max_lesions=max_lesions, top_k=top_k, score_threshold=score_threshold)
+        return [{"points": grouped["points"][b][keep], "scores": grouped["scores"][b][keep],
+                 "boxes": grouped["boxes"][b][keep]} for b, keep in enumerate(grouped["valid"])]
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+def box_from_points(points: torch.Tensor) -> torch.Tensor:
+    """Tight boxes (..., 4) [x1, y1, x2, y2] of the four end points of ``points`` (..., 4 or 5, 2) (torch twin
+    of :func:`ctzoo.datasets.deeplesion.recist.box_from_points` without padding)."""
+    ends = points[..., :NUM_ENDPOINTS, :]
+    return torch.cat([ends.amin(dim=-2), ends.amax(dim=-2)], dim=-1)
+
+
+def heatmap_peaks(heat: torch.Tensor, kernel: int = 3) -> torch.Tensor:
+    """Keep only local maxima of heat (B, C, h, w) (CenterNet's max-pool NMS); other cells become 0."""
+    pooled = F.max_pool2d(heat, kernel, stride=1, padding=kernel // 2)
+    return heat * (pooled == heat).to(heat.dtype)
+
+
+def cells_to_pixels(flat_index: torch.Tensor, offsets: torch.Tensor, width: int, down_ratio: int) -> torch.Tensor:
+    """Input-pixel (x, y) (..., 2) of heatmap cells ``flat_index`` (...) = v * width + u, refined by ``offsets``
+    (..., 2) in cells."""
+    u = flat_index % width
+    v = torch.div(flat_index, width, rounding_mode="floor")
+    return (torch.stack([u, v], dim=-1).to(offsets.dtype) + offsets + 0.5) * down_ratio - 0.5
+
+
+def _gather_offsets(offsets: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """offsets (B, P, 2, h*w) at flat_index (B, P, K) -> (B, P, K, 2)."""
+    index = flat_index.unsqueeze(2).expand(-1, -1, 2, -1)
+    return offsets.gather(3, index).transpose(2, 3)
+
+
+def _best_pairs(a_xy: torch.Tensor, a_score: torch.Tensor, b_xy: torch.Tensor, b_score: torch.Tensor,
+                keep: int, order_tolerance: float, score_threshold: float):
+    """All (a, b) peak pairs of one axis in canonical order; the ``keep`` best by a + b score.
+
+    a_xy, b_xy (B, K, 2); a_score, b_score (B, K) -> ends (B, keep, 2, 2), scores (B, keep, 2), peaks (B, keep, 2)
+    (which a and b peak), valid (B, keep).
+    Canonical order is "a left of b" up to ``order_tolerance`` pixels. Within that band of a vertical axis both
+    y orders are accepted, because the ground truth order itself flips there with a sub-pixel tilt.
+    """
+    num_a, num_b = a_xy.shape[1], b_xy.shape[1]
+    ordered = (b_xy[:, None, :, 0] - a_xy[:, :, None, 0]) >= -order_tolerance
+    strong = (a_score[:, :, None] >= score_threshold) & (b_score[:, None, :] >= score_threshold)
+    # invalid pairs get -1 (valid sums are >= 0) so that they sort last instead of needing a boolean index
+    pair_score = torch.where(ordered & strong, a_score[:, :, None] + b_score[:, None, :],
+                             torch.full_like(ordered, -1.0, dtype=a_score.dtype))
+    best, index = pair_score.flatten(1).topk(min(keep, num_a * num_b), dim=1)
+    ia, ib = torch.div(index, num_b, rounding_mode="floor"), index % num_b
+    ends = torch.stack([a_xy.gather(1, ia[..., None].expand(-1, -1, 2)),
+                        b_xy.gather(1, ib[..., None].expand(-1, -1, 2))], dim=2)
+    scores = torch.stack([a_score.gather(1, ia), b_score.gather(1, ib)], dim=2)
+    return ends, scores, torch.stack([ia, ib], dim=2), best >= 0
+
+
+def _cross(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return p[..., 0] * q[..., 1] - p[..., 1] * q[..., 0]
+
+
+def axes_geometry(long_ends: torch.Tensor, short_ends: torch.Tensor, tolerance: float, max_abs_cos: float,
+                  min_axis: float = 1.0):
+    """Check every long pair against every short pair.
+
+    long_ends (B, L, 2, 2), short_ends (B, S, 2, 2) -> intersection (B, L, S, 2) of the two lines and ok
+    (B, L, S): the short axis is at most ``tolerance`` px longer than the long one, both axes are at least
+    ``min_axis`` px long, |cos| of their angle <= ``max_abs_cos``, and the intersection lies within both
+    segments extended by ``tolerance`` px at each end.
+    """
+    la, lb = long_ends[:, :, None, 0], long_ends[:, :, None, 1]
+    sa, sb = short_ends[:, None, :, 0], short_ends[:, None, :, 1]
+    d1, d2, w = lb - la, sb - sa, sa - la
+    len1, len2 = d1.norm(dim=-1), d2.norm(dim=-1)
+    eps = 1e-6
+    cos = (d1 * d2).sum(-1).abs() / (len1 * len2).clamp_min(eps)
+    denom = _cross(d1, d2)
+    # parallel axes fail the |cos| test anyway; this only keeps t and s finite for them
+    denom = torch.where(denom.abs() < eps, torch.full_like(denom, eps), denom)
+    t, s = _cross(w, d2) / denom, _cross(w, d1) / denom  # la + t d1 == sa + s d2
+    slack_t, slack_s = tolerance / len1.clamp_min(eps), tolerance / len2.clamp_min(eps)
+    crosses = (t >= -slack_t) & (t <= 1 + slack_t) & (s >= -slack_s) & (s <= 1 + slack_s)
+    ok = crosses & (cos <= max_abs_cos) & (len2 <= len1 + tolerance) & (len1 >= min_axis) & (len2 >= min_axis)
+    return la + t[..., None] * d1, ok
+
+
+def box_iou(boxes: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU (B, N, N) of boxes (B, N, 4)."""
+    low = torch.maximum(boxes[:, :, None, :2], boxes[:, None, :, :2])
+    high = torch.minimum(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
+    inter = (high - low).clamp_min(0).prod(-1)
+    area = (boxes[..., 2:] - boxes[..., :2]).clamp_min(0).prod(-1)
+    return inter / (area[:, :, None] + area[:, None, :] - inter).clamp_min(1e-6)
+
+
+def greedy_select(scores: torch.Tensor, conflict: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy NMS as a fixed-length loop: ``count`` times, take the best remaining candidate and drop everything
+    that conflicts with it.
+
+    scores (B, N), negative = invalid; conflict (B, N, N) bool, symmetric, true on the diagonal ->
+    picked scores (B, count), descending, -1 where nothing was left, and picked indices (B, count).
+    The loop runs ``count`` times whatever the data, so it traces to a fixed graph.
+    """
+    remaining, picked_scores, picked = scores, [], []
+    for _ in range(count):
+        best, index = remaining.max(dim=1)
+        picked_scores.append(best)
+        picked.append(index)
+        dropped = conflict.gather(1, index[:, None, None].expand(-1, 1, conflict.shape[2]))[:, 0]
+        remaining = torch.where(dropped, torch.full_like(remaining, -1.0), remaining)
+    return torch.stack(picked_scores, dim=1), torch.stack(picked, dim=1)
+
+
+def group_keypoints(heatmaps: torch.Tensor, offsets: torch.Tensor, down_ratio: int, max_lesions: int = 20,
+                    top_k: int = 24, score_threshold: float = 0.05, cell_tolerance: float = 1.0,
+                    max_abs_cos: float = 0.5, nms_iou: float = 0.5, pre_nms: int = 200) -> dict[str, torch.Tensor]:
+    """Group keypoint heatmaps into RECIST lesions (CenterNet ``exct_decode`` adapted to RECIST).
+
+    Args:
+        heatmaps: (B, 5, h, w) logits; offsets: (B, 10, h, w) (dx, dy) per point, in cells.
+        down_ratio: output stride R; points come back in input pixels.
+        max_lesions: lesions returned per image. top_k: peaks per end-point heatmap, and pairs kept per axis.
+        score_threshold: minimum sigmoid score of every end point and of the centre.
+        cell_tolerance: geometric slack in heatmap cells (pair order, short <= long, segment crossing).
+        max_abs_cos: the axes must be within acos(0.5) = 60 deg of perpendicular.
+        nms_iou: box IoU above which a lesion suppresses a lower-scored one.
+        pre_nms: candidates (best scores first) that enter NMS.
+
+    Steps: sigmoid + 3x3 max-pool NMS, top_k peaks per end-point heatmap; pairs in canonical order per axis,
+    best top_k kept; every long pair x short pair checked by :func:`axes_geometry`; the centre score is the
+    3x3 maximum of the centre heatmap around the lines' intersection (one cell of slack, like the geometry);
+    score = (la + lb + sa + sb + 2 c) / 6; greedy NMS (:func:`greedy_select`) where a lesion suppresses a
+    lower-scored one whose end-point box overlaps it by IoU > ``nms_iou`` *or that uses any of its end-point
+    peaks*: a peak belongs to one lesion, and without this rule regroupings that borrow two lesions' peaks (a
+    long axis from one lesion's end to another's) score as high as real ones while their boxes overlap little.
+    The centre point is the centre peak (refined by its offset) when the 3x3 maximum around the intersection
+    is a local peak, since that is the network's direct estimate; otherwise the intersection itself.
+
+    Returns fixed shapes: ``points`` (B, M, 5, 2), ``scores`` (B, M) descending (0 where empty), ``boxes``
+    (B, M, 4) tight end-point boxes, ``valid`` (B, M) bool, M = min(max_lesions, candidates).
+    """
+    batch, _, height, width = heatmaps.shape
+    tolerance = cell_tolerance * down_ratio
+    heat = torch.sigmoid(heatmaps)
+    offsets = offsets.reshape(batch, NUM_POINTS, 2, height * width)
+    peak_xy, peak_score = endpoint_peaks(heat[:, :NUM_ENDPOINTS], offsets[:, :NUM_ENDPOINTS], top_k, down_ratio)
+    long_ends, long_scores, long_peaks, long_valid = _best_pairs(
+        peak_xy[:, 0], peak_score[:, 0], peak_xy[:, 1], peak_score[:, 1], top_k, tolerance, score_threshold)
+    short_ends, short_scores, short_peaks, short_valid = _best_pairs(
+        peak_xy[:, 2], peak_score[:, 2], peak_xy[:, 3], peak_score[:, 3], top_k, tolerance, score_threshold)
+    num_long, num_short = long_ends.shape[1], short_ends.shape[1]
+
+    intersection, geometry_ok = axes_geometry(long_ends, short_ends, tolerance, max_abs_cos)
+    centre_score, centre = centre_near(heat[:, NUM_ENDPOINTS:], offsets[:, NUM_ENDPOINTS:],
+                                       intersection.reshape(batch, -1, 2), down_ratio)
+
+    # every long pair with every short pair, flattened to (B, L*S, ...)
+    ends = torch.cat([long_ends[:, :, None].expand(-1, -1, num_short, -1, -1),
+                      short_ends[:, None].expand(-1, num_long, -1, -1, -1)], dim=3)
+    points = torch.cat([ends.reshape(batch, -1, NUM_ENDPOINTS, 2), centre[:, :, None]], dim=2)
+    peak_ids = torch.cat([long_peaks[:, :, None].expand(-1, -1, num_short, -1),
+                          short_peaks[:, None].expand(-1, num_long, -1, -1)], dim=3).reshape(batch, -1, NUM_ENDPOINTS)
+    end_sum = (long_scores.sum(-1)[:, :, None] + short_scores.sum(-1)[:, None, :]).reshape(batch, -1)
+    score = (end_sum + 2 * centre_score) / 6
+    valid = ((long_valid[:, :, None] & short_valid[:, None, :] & geometry_ok).reshape(batch, -1)
+             & (centre_score >= score_threshold))
+    return select_lesions(points, peak_ids, torch.where(valid, score, torch.full_like(score, -1.0)),
+                          max_lesions, nms_iou, pre_nms)
+
+
+def endpoint_peaks(heat: torch.Tensor, offsets: torch.Tensor, top_k: int, down_ratio: int):
+    """The top_k local maxima of each end-point heatmap.
+
+    heat (B, 4, h, w) probabilities, offsets (B, 4, 2, h*w) -> input-pixel (x, y) (B, 4, K, 2) and scores (B, 4, K).
+    """
+    height, width = heat.shape[-2:]
+    score, index = heatmap_peaks(heat).flatten(2).topk(min(top_k, height * width), dim=2)
+    return cells_to_pixels(index, _gather_offsets(offsets, index), width, down_ratio), score
+
+
+def centre_near(heat: torch.Tensor, offsets: torch.Tensor, points: torch.Tensor, down_ratio: int):
+    """Centre evidence around input-pixel points (B, N, 2), given the centre heatmap (B, 1, h, w) and its
+    offsets (B, 1, 2, h*w).
+
+    Returns the 3x3 maximum of the heatmap around each point's cell (B, N) (one cell of slack: the points are
+    intersections of four noisy predictions) and the centre (B, N, 2): that maximum's cell refined by its
+    offset when it is a local peak, else the point itself.
+    """
+    height, width = heat.shape[-2:]
+    cell = torch.div(points + 0.5, down_ratio, rounding_mode="floor").long()
+    flat = cell[..., 1].clamp(0, height - 1) * width + cell[..., 0].clamp(0, width - 1)
+    window_max, window_argmax = F.max_pool2d(heat, 3, stride=1, padding=1, return_indices=True)
+    score = window_max.flatten(1).gather(1, flat)
+    index = window_argmax.flatten(1).gather(1, flat)
+    is_peak = heatmap_peaks(heat).flatten(1).gather(1, index) > 0
+    refined = cells_to_pixels(index, _gather_offsets(offsets, index[:, None])[:, 0], width, down_ratio)
+    return score, torch.where(is_peak[..., None], refined, points)
+
+
+def select_lesions(points: torch.Tensor, peak_ids: torch.Tensor, scores: torch.Tensor, max_lesions: int,
+                   nms_iou: float, pre_nms: int) -> dict[str, torch.Tensor]:
+    """Candidates points (B, N, 5, 2), their end-point peak ids (B, N, 4) and scores (B, N) (-1 = invalid) ->
+    the :func:`group_keypoints` output after greedy NMS on box IoU and shared peaks."""
+    ranked, order = scores.topk(min(pre_nms, scores.shape[1]), dim=1)  # invalid ones, at -1, sort last
+    points = points.gather(1, order[:, :, None, None].expand(-1, -1, NUM_POINTS, 2))
+    peak_ids = peak_ids.gather(1, order[:, :, None].expand(-1, -1, NUM_ENDPOINTS))
+    boxes = box_from_points(points)
+    shares_peak = (peak_ids[:, :, None, :] == peak_ids[:, None, :, :]).any(dim=-1)
+    final, pick = greedy_select(ranked, shares_peak | (box_iou(boxes) > nms_iou), min(max_lesions, ranked.shape[1]))
+    return {"points": points.gather(1, pick[:, :, None, None].expand(-1, -1, NUM_POINTS, 2)),
+            "scores": final.clamp_min(0.0), "boxes": boxes.gather(1, pick[:, :, None].expand(-1, -1, 4)),
+            "valid": final >= 0}

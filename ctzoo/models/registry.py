@@ -1,0 +1,344 @@
+"""A timm-style registry of zoo models, with their weights and model cards shipped inside the package.
+
+A model registers a builder, the constructor config it defaults to, its task and the input it expects
+(MONAI-bundle style). Published weights live in ``ctzoo/models/weights/<name>/``:
+
+* ``model.safetensors``: the state dict (safetensors, not pickle, so loading weights never runs code);
+* ``config.json``: the exact constructor config the weights were trained with;
+* ``card.json`` and ``MODEL_CARD.md``: the model card (:class:`ModelCard`) for machines and for people.
+
+Nothing is ever downloaded: ``create_model(name, pretrained=True)`` reads only that folder, so it works
+offline and the weights are versioned together with the code that builds their architecture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import fnmatch
+import importlib.metadata
+import importlib.resources
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal, TypeVar, overload
+
+import safetensors.torch
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+TASKS: tuple[str, ...] = ("detection", "segmentation")
+WEIGHTS_FILE, CONFIG_FILE, CARD_JSON, CARD_MD = "model.safetensors", "config.json", "card.json", "MODEL_CARD.md"
+_NAME = r"^[a-z0-9][a-z0-9_.-]*$"  # a valid folder name on every OS and one word on a command line
+_SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$"
+B = TypeVar("B", bound=Callable[..., nn.Module])
+
+
+class UnknownModelError(KeyError):
+    """No model is registered under that name; the message lists the known names and close matches."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted, as a repr
+        return str(self.args[0])
+
+
+class WeightsMismatchError(RuntimeError):
+    """The shipped weights do not fit the model built from their config (keys or shapes differ)."""
+
+
+class ArchitectureOverrideError(WeightsMismatchError, ValueError):
+    """An override given with ``pretrained=True`` changes the architecture, so the weights cannot load."""
+
+
+class _Strict(BaseModel):
+    # strict: a card is evidence, so '12' is not silently an int; frozen: a loaded card is not edited in place
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class TrainingInfo(_Strict):
+    """How the weights were made: enough for someone else to make them again."""
+
+    data: str = Field(description="dataset, version and split trained on")
+    config_file: str = Field(description="training config file, relative to the repository root")
+    command: str = Field(description="the command that reproduces the weights")
+    device: str = Field(description="accelerator (and count) trained on")
+    epochs: int = Field(ge=0)
+    wall_time_s: float = Field(ge=0, description="training wall time in seconds")
+
+
+class Metric(_Strict):
+    """One evaluation result and the split it was measured on."""
+
+    value: float
+    split: str = Field(min_length=1)
+
+
+def _software_versions() -> dict[str, str]:
+    """Versions that produced the weights, as MONAI bundles record them (results drift across releases)."""
+    found = {}
+    for name in ("ctzoo", "torch", "monai", "numpy", "safetensors"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # e.g. ctzoo run from a checkout
+            found[name] = importlib.metadata.version(name)
+    return found
+
+
+class ModelCard(_Strict):
+    """What a published model is, how it was trained, how well it does and where it fails."""
+
+    name: str = Field(pattern=_NAME)
+    version: str = Field(pattern=_SEMVER, description="semantic version of the weights")
+    task: Literal["detection", "segmentation"]
+    description: str = Field(min_length=1)
+    architecture: str = Field(min_length=1)
+    parameters: int = Field(ge=0)
+    input_spec: dict[str, Any]
+    training: TrainingInfo
+    metrics: dict[str, Metric]
+    limitations: list[str]
+    licence: str = Field(min_length=1)
+    created: date
+    software: dict[str, str] = Field(default_factory=_software_versions)
+
+    def to_markdown(self) -> str:
+        """Render the card as MODEL_CARD.md."""
+        t, software = self.training, ", ".join(f"{k} {v}" for k, v in self.software.items()) or "not recorded"
+        wall = round(t.wall_time_s)
+        lines = [f"# {self.name} {self.version}", "",
+                 f"{self.task.capitalize()} · {self.architecture} · {self.parameters:,} parameters", "",
+                 "## Intended use", "", self.description, "",
+                 "## Inputs", "", *_table(("Field", "Value"), list(self.input_spec.items())), "",
+                 "## Training", "", *_table(("Field", "Value"), [
+                     ("Data", t.data), ("Config", f"`{t.config_file}`"), ("Device", t.device), ("Epochs", t.epochs),
+                     ("Wall time", f"{wall // 3600}:{wall // 60 % 60:02d}:{wall % 60:02d} (h:mm:ss)"),
+                     ("Software", software)]), "",
+                 "## Metrics", "", *_table(("Metric", "Split", "Value"),
+                                           [(k, m.split, f"{m.value:.4g}") for k, m in self.metrics.items()]), "",
+                 "## Limitations", "", *([f"- {item}" for item in self.limitations] or ["None recorded."]), "",
+                 "## How to reproduce", "", "```bash", t.command, "```", "", "Load the published weights with:", "",
+                 "```python", "from ctzoo.models import create_model",
+                 f'model = create_model("{self.name}", pretrained=True).eval()', "```", "",
+                 "## Licence", "", f"{self.licence}. Card created {self.created.isoformat()}.", ""]
+        return "\n".join(lines)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
+    """Markdown table lines; a '|' inside a cell is escaped, since it would end the cell and shift the rest."""
+    cells = [tuple((c if isinstance(c, str) else json.dumps(c)).replace("|", "\\|") for c in r) for r in rows]
+    if not rows:
+        return ["None recorded."]
+    return ["| " + " | ".join(r) + " |" for r in [header, ("---",) * len(header), *cells]]
+
+
+@dataclasses.dataclass
+class ModelEntry:
+    """One registered model: how to build it, what it expects, where its weights are (``weights_dir`` may be
+    reassigned, e.g. by tests, without touching the package)."""
+
+    name: str
+    task: str
+    description: str
+    builder: Callable[..., nn.Module]
+    default_config: dict[str, Any]
+    input_spec: dict[str, Any]
+    weights_dir: Path
+
+    @property
+    def has_weights(self) -> bool:
+        """Whether published weights, their config and card are present."""
+        return all((self.weights_dir / f).is_file() for f in (WEIGHTS_FILE, CONFIG_FILE, CARD_JSON))
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+@overload
+def register_model(name: str, *, builder: None = None, default_config: Mapping[str, Any], task: str,
+                   description: str, input_spec: Mapping[str, Any],
+                   weights_dir: str | os.PathLike[str] | None = None) -> Callable[[B], B]: ...
+@overload
+def register_model(name: str, *, builder: Callable[..., nn.Module], default_config: Mapping[str, Any], task: str,
+                   description: str, input_spec: Mapping[str, Any],
+                   weights_dir: str | os.PathLike[str] | None = None) -> ModelEntry: ...
+def register_model(name: str, *, builder: Callable[..., nn.Module] | None = None, default_config: Mapping[str, Any],
+                   task: str, description: str, input_spec: Mapping[str, Any],
+                   weights_dir: str | os.PathLike[str] | None = None) -> ModelEntry | Callable[[B], B]:
+    """Register a model builder under ``name``; returns the entry, or a decorator when ``builder`` is omitted.
+
+    ``default_config`` holds the builder's keyword arguments and must be JSON-serialisable (it becomes the
+    published ``config.json``). ``weights_dir`` defaults to the package folder ``ctzoo/models/weights/<name>/``.
+    """
+    kwargs = dict(default_config=default_config, task=task, description=description, input_spec=input_spec,
+                  weights_dir=weights_dir)
+    if builder is None:
+        def decorate(fn: B) -> B:
+            register_model(name, builder=fn, **kwargs)  # type: ignore[arg-type]
+            return fn
+        return decorate
+    if not re.match(_NAME, name):
+        raise ValueError(f"model name {name!r} must be lower-case letters, digits, '_', '-' or '.'")
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered; unregister_model({name!r}) first to replace it")
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    json.dumps(dict(default_config))  # fail now, not when the first weights are published
+    # importlib.resources finds the package wherever pip installed it (or the checkout, when editable);
+    # pip always unpacks wheels, so the Traversable is a real folder
+    folder = Path(str(importlib.resources.files("ctzoo.models") / "weights" / name))
+    entry = ModelEntry(name=name, task=task, description=description, builder=builder,
+                       default_config=dict(default_config), input_spec=dict(input_spec),
+                       weights_dir=Path(weights_dir) if weights_dir is not None else folder)
+    _REGISTRY[name] = entry
+    return entry
+
+
+def unregister_model(name: str) -> ModelEntry:
+    """Remove a model from the registry (for tests) and return its entry."""
+    model_entry(name)  # the helpful error for an unknown name
+    return _REGISTRY.pop(name)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching the shell-style ``pattern``, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The entry for ``name``; :class:`UnknownModelError` (a KeyError) names close matches if there is none."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise UnknownModelError(f"no model named {name!r}.{hint} Known models: {', '.join(list_models()) or 'none'}.")
+
+
+def _as_json(value: Any) -> Any:
+    # config.json stores tuples as lists: compare overrides the way they would be stored
+    return json.loads(json.dumps(value))
+
+
+def _state_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> str:
+    """How ``found`` differs from the model's state dict ``expected``, naming every key; '' when it fits."""
+    shapes = [f"{k} (weights {tuple(found[k].shape)}, model {tuple(expected[k].shape)})"
+              for k in sorted(expected.keys() & found.keys()) if found[k].shape != expected[k].shape]
+    parts = (("missing keys", sorted(expected.keys() - found.keys())),
+             ("unexpected keys", sorted(found.keys() - expected.keys())), ("shape mismatches", shapes))
+    return "; ".join(f"{label}: {', '.join(keys)}" for label, keys in parts if keys)
+
+
+def create_model(name: str, pretrained: bool = False, **overrides: Any) -> nn.Module:
+    """Build a registered model from its default config updated by ``overrides``.
+
+    With ``pretrained=True`` the model is built from the shipped ``config.json`` (the config the weights
+    were trained with) and loads ``model.safetensors`` with a strict key match; overrides that change the
+    architecture are refused. The module is returned in training mode, as torch builds it: call ``.eval()``.
+    """
+    entry = model_entry(name)
+    if not pretrained:
+        return entry.builder(**{**entry.default_config, **overrides})
+    weights, config_path = entry.weights_dir / WEIGHTS_FILE, entry.weights_dir / CONFIG_FILE
+    if not (weights.is_file() and config_path.is_file()):
+        raise FileNotFoundError(f"no weights are shipped for {name!r} yet ({WEIGHTS_FILE} and {CONFIG_FILE} are "
+                                f"expected in {entry.weights_dir}); use pretrained=False, or publish them with "
+                                "save_pretrained()")
+    trained = json.loads(config_path.read_text(encoding="utf-8"))
+    before = {**entry.default_config, **trained}
+    changed = {k: v for k, v in overrides.items() if _as_json(v) != _as_json(before.get(k))}
+    model = entry.builder(**{**before, **overrides})
+    state = safetensors.torch.load_file(weights, device="cpu")
+    problems = _state_mismatch(model.state_dict(), state)
+    if problems and changed:
+        raise ArchitectureOverrideError(
+            f"overrides {changed} change the architecture of {name!r} from the config its weights were trained "
+            f"with ({config_path}), so they cannot be loaded ({problems}). Drop those overrides, or use "
+            "pretrained=False to train the changed model.")
+    if problems:
+        raise WeightsMismatchError(f"{weights} does not fit {name!r} built from {config_path}: {problems}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _check_config_rebuilds(entry: ModelEntry, config: Mapping[str, Any], model: nn.Module) -> None:
+    """Refuse to publish weights that ``create_model(pretrained=True)`` could not load back."""
+    try:
+        with torch.device("meta"):  # shapes only: no memory and no initialisation cost
+            reference = entry.builder(**{**entry.default_config, **config})
+    except Exception:  # a builder that computes on tensor values cannot run on meta: build it for real
+        reference = entry.builder(**{**entry.default_config, **config})
+    problems = _state_mismatch(reference.state_dict(), model.state_dict())
+    if problems:
+        raise ValueError(f"config does not rebuild the model being published as {entry.name!r}: {problems}")
+
+
+def save_pretrained(model: nn.Module, name_or_dir: str | os.PathLike[str], config: Mapping[str, Any],
+                    card: ModelCard) -> Path:
+    """Publish ``model`` with its constructor ``config`` and ``card``; returns the folder written.
+
+    ``name_or_dir`` is a registered name (its ``weights_dir``) or any folder (pass a Path to be explicit).
+    The four files are written into a temporary folder beside the target and renamed into place, so
+    readers see the old weights or the new ones, never a mixture or a half-written file.
+    """
+    entry = _REGISTRY.get(name_or_dir) if isinstance(name_or_dir, str) else None
+    if entry is not None and card.name != entry.name:
+        raise ValueError(f"card is for {card.name!r} but the weights are being published as {entry.name!r}")
+    if card.name in _REGISTRY and card.task != _REGISTRY[card.name].task:
+        raise ValueError(f"card says task {card.task!r}; {card.name!r} is registered as {_REGISTRY[card.name].task!r}")
+    target = entry.weights_dir if entry is not None else Path(name_or_dir)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder")
+    n_params = sum(p.numel() for p in model.parameters())
+    if card.parameters != n_params:
+        raise ValueError(f"card says {card.parameters:,} parameters but the model has {n_params:,}")
+    config_text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"  # TypeError for non-JSON values
+    if card.name in _REGISTRY:
+        _check_config_rebuilds(_REGISTRY[card.name], config, model)
+    # state_dict tensors may share storage (tied weights, views), which safetensors refuses: store copies
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        os.chmod(partial, 0o755)  # mkdtemp makes it private; shipped weights must be readable by every user
+        safetensors.torch.save_file(tensors, str(partial / WEIGHTS_FILE),
+                                    metadata={"format": "pt", "name": card.name, "version": card.version})
+        (partial / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+        (partial / CARD_JSON).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        (partial / CARD_MD).write_text(card.to_markdown(), encoding="utf-8")
+        _move_into_place(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return target
+
+
+def _move_into_place(partial: Path, target: Path) -> None:
+    """Rename ``partial`` to ``target``; an existing ``target`` is moved aside first, removed after."""
+    aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}") if target.exists() else None
+    if aside is not None:
+        os.replace(target, aside)
+    try:
+        os.replace(partial, target)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, target)  # put the previous weights back rather than leave none
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def load_card(name: str) -> ModelCard:
+    """The model card shipped with ``name``'s weights; FileNotFoundError when none are shipped yet."""
+    path = model_entry(name).weights_dir / CARD_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights are shipped for {name!r} yet ({path} does not exist)")
+    return ModelCard.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def model_version(name: str) -> str:
+    """The semantic version of ``name``'s shipped weights."""
+    return load_card(name).version

@@ -1,0 +1,257 @@
+"""One training loop for every zoo task: checkpoints, bit-for-bit resume, logs, curves, AMP and DDP.
+
+A task (see :class:`Task`) says how to build the model and data and how to compute its loss and
+validation metrics; this module does the rest, the same way for every model.
+
+Reproducibility: every epoch starts from seeds derived from ``(seed, epoch)`` alone — torch, numpy,
+Python, the data-loader shuffle and every MONAI random transform. A run resumed from the checkpoint
+of epoch e therefore replays epoch e + 1 exactly as an uninterrupted run does (tested: identical
+weights), without storing RNG states.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.data.utils import set_rnd
+from pydantic import Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from ctzoo.config import StrictConfig
+
+log = logging.getLogger(__name__)
+
+
+class OptimConfig(StrictConfig):
+    """How to train: optimiser, schedule, precision and loaders."""
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up, then cosine decay to lr * final_lr_ratio")
+    final_lr_ratio: float = Field(0.01, ge=0, le=1)
+    grad_clip: float | None = Field(10.0, gt=0)
+    amp: Literal["auto", "off", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, off on the CPU")
+    num_workers: int = Field(2, ge=0)
+    seed: int = 0
+    eval_every: int = Field(1, ge=1, description="validate every N epochs (and after the last)")
+
+
+class Task(Protocol):
+    """What a task gives the engine. ``primary_metric`` is maximised to pick ``best.pt``."""
+
+    name: str
+    primary_metric: str
+
+    def build_model(self) -> nn.Module: ...
+
+    def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int,
+                      rank: int, world_size: int) -> Iterable[Any]: ...
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**31 - 1)
+
+
+def seed_everything(seed: int, *objects: Any) -> None:
+    """Seed torch, numpy, Python and every MONAI Randomizable inside ``objects`` (datasets, transforms)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    for obj in objects:
+        set_rnd(obj, seed)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
+    """Linear warm-up then cosine decay, as a factor of ``cfg.lr`` at optimiser step ``step``."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
+    return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _atomic_save(payload: Any, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), initialising torch.distributed when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+class RunLog:
+    """metrics.csv + TensorBoard + training_curves.png in the run folder (rank 0 only)."""
+
+    def __init__(self, out_dir: Path, resume_history: list[dict[str, Any]]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out_dir = out_dir
+        self.history = list(resume_history)
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, row["epoch"])
+        self.writer.flush()
+        keys = sorted({k for r in self.history for k in r}, key=lambda k: (k != "epoch", k))
+        with open(self.out_dir / "metrics.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.history)
+        plot_curves(self.history, self.out_dir / "training_curves.png")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Losses (left) and validation metrics (right) per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ctzoo.datasets.deeplesion.plots import save_figure
+
+    figure, (losses, metrics) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    epochs = [r["epoch"] for r in history]
+    for key in sorted({k for r in history for k in r if k.startswith("train_")}):
+        losses.plot(epochs, [r.get(key, np.nan) for r in history], marker=".", label=key)
+    for key in sorted({k for r in history for k in r if k.startswith("val_")}):
+        points = [(r["epoch"], r[key]) for r in history if key in r]
+        metrics.plot(*zip(*points), marker="o", label=key)
+    losses.set_xlabel("epoch")
+    losses.set_yscale("log")
+    losses.set_title("training loss")
+    metrics.set_xlabel("epoch")
+    metrics.set_title("validation")
+    for axis in (losses, metrics):
+        if axis.lines:
+            axis.legend(fontsize=8)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False, device: str = "auto",
+        extra_state: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train ``task`` for ``cfg.epochs``; write ``last.pt`` every epoch and ``best.pt`` at the best validation.
+
+    Returns the final summary (also written to ``summary.json``): best metric, epochs, wall time.
+    """
+    out_dir = Path(out_dir)
+    rank, world = _distributed()
+    dev = pick_device(device)
+    if world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(dev)
+    seed_everything(cfg.seed)
+    model = task.build_model().to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start_epoch, step, best, history = 0, 0, -math.inf, []
+    last = out_dir / "last.pt"
+    if resume:
+        if not last.exists():
+            raise FileNotFoundError(f"{last}: nothing to resume from")
+        state = torch.load(last, map_location=dev, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, best, history = state["epoch"] + 1, state["step"], state["best"], state["history"]
+        log.info("resuming %s at epoch %d", last, start_epoch)
+    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda")
+    runlog = RunLog(out_dir, history) if rank == 0 else None
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        seed = epoch_seed(cfg.seed, epoch)
+        batches = task.train_batches(seed, cfg.batch_size, cfg.num_workers, rank, world)
+        seed_everything(seed, batches)
+        train_model.train()
+        sums: dict[str, float] = {}
+        count = 0
+        steps_per_epoch = len(batches)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=None if (progress and rank == 0) else True, leave=False)
+        for batch in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, steps_per_epoch, cfg)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, parts = task.loss(train_model, batch, dev)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch + 1} step {step}: loss is {loss.item()} (parts {parts})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            count += 1
+            for key, value in {"loss": float(loss), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                               **{f"train_{k}": v / max(count, 1) for k, v in sums.items()}}
+        if rank == 0:
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                model.eval()
+                row.update({f"val_{k}": v for k, v in task.evaluate(model, dev).items()})
+            row["wall_s"] = round(time.perf_counter() - started, 2)
+            runlog.add(row)
+            metric = row.get(f"val_{task.primary_metric}")
+            payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                       "step": step, "best": best, "history": runlog.history, "config": cfg.model_dump(),
+                       **(extra_state or {})}
+            if metric is not None and metric > best:
+                best = payload["best"] = metric
+                _atomic_save(payload, out_dir / "best.pt")
+            _atomic_save(payload, last)
+            log.info("epoch %d: %s", epoch + 1, json.dumps({k: round(v, 5) if isinstance(v, float) else v
+                                                             for k, v in row.items()}))
+        if world > 1:
+            dist.barrier()
+    summary = {"task": task.name, "epochs": cfg.epochs, "best_" + task.primary_metric: best,
+               "wall_s": round(time.perf_counter() - started, 2), "device": str(dev), "world_size": world}
+    if rank == 0:
+        runlog.close()
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if world > 1:
+        dist.destroy_process_group()
+    return summary

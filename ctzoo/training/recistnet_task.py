@@ -1,0 +1,143 @@
+"""RECIST-Net on DeepLesion: the training task, its config, and the detector evaluation it shares with ``ctzoo eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from monai.data import DataLoader
+from pydantic import Field
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from ctzoo.config import StrictConfig
+from ctzoo.datasets.deeplesion.dataset import (
+    LESION_KEYS,
+    DeepLesionConfig,
+    collate_lesions,
+    deeplesion_dataloader,
+    deeplesion_dataset,
+)
+from ctzoo.datasets.deeplesion.keypoint_transforms import recist_eval_transforms, recist_train_transforms
+from ctzoo.datasets.deeplesion.recist import DEEPLESION_BOX_PAD, box_from_points, diameters
+from ctzoo.models.recistnet import RecistNet
+from ctzoo.models.recistnet_targets import make_targets, recistnet_loss
+from ctzoo.training.engine import OptimConfig
+from ctzoo.training.froc import FrocResult, froc
+
+#: Per-lesion keys the augmentation filters together with the keypoints.
+_AUGMENTED_LESION_KEYS = tuple(k for k in LESION_KEYS if k not in ("keypoints", "boxes", "diameters_px"))
+
+
+class RecistNetModelConfig(StrictConfig):
+    backbone: Literal["light", "resnet34_fpn"] = "light"
+    width: int = Field(32, ge=8)
+    head_channels: int = Field(64, ge=8)
+
+
+class AugmentConfig(StrictConfig):
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    rotate_range_deg: float = Field(15.0, ge=0)
+    scale_range: tuple[float, float] = (0.8, 1.2)
+    intensity: bool = True
+
+
+class RecistNetTrainConfig(StrictConfig):
+    """``configs/recistnet_*.yaml``: data, model, optimisation, and input sizes."""
+
+    task: Literal["recistnet"] = "recistnet"
+    data: DeepLesionConfig
+    model: RecistNetModelConfig = RecistNetModelConfig()
+    optim: OptimConfig = OptimConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train_size: tuple[int, int] = Field((256, 256), description="random crop (H, W) for training; multiples of 32")
+    eval_size: tuple[int, int] = Field((512, 512), description="pad/crop (H, W) for evaluation; multiples of 32")
+    eval_split: Literal["val", "test"] = "val"
+    max_lesions: int = Field(20, ge=1, description="detections kept per image")
+    cache: bool = Field(True, description="cache decoded, resampled slices in memory (CacheDataset)")
+
+
+def predicted_boxes(points: torch.Tensor, scale: float) -> np.ndarray:
+    """Boxes as DeepLesion draws them: the end points' box padded by 5 original pixels (``scale`` px now)."""
+    return box_from_points(points.detach().cpu().numpy().astype(np.float64), DEEPLESION_BOX_PAD * scale)
+
+
+def evaluate_detector(model: RecistNet, loader, device: torch.device,
+                      max_lesions: int = 20) -> tuple[FrocResult, list[dict[str, Any]]]:
+    """Run ``model.detect`` over ``loader`` and score it with DeepLesion's FROC protocol.
+
+    Returns the FROC result and, per image, its detections (points, scores, padded boxes, diameters in mm).
+    """
+    detections, truth = [], []
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            found = model.detect(batch["image"].to(device), max_lesions=max_lesions)
+            for k, result in enumerate(found):
+                spacing = batch["spacing_mm"][k].numpy()
+                points = result["points"].cpu().numpy().astype(np.float64)
+                detections.append({
+                    "file_name": batch["file_name"][k],
+                    "points": points,
+                    "scores": result["scores"].cpu().numpy(),
+                    "boxes": predicted_boxes(result["points"], float(batch["scale"][k])),
+                    "diameters_mm": diameters(points, spacing)[1].reshape(-1, 2),
+                })
+                truth.append({"boxes": batch["boxes"][k].numpy().reshape(-1, 4),
+                              "diameters_mm": batch["diameters_mm"][k].numpy().reshape(-1, 2)})
+    return froc(detections, truth), detections
+
+
+class RecistNetTask:
+    """The :class:`ctzoo.training.engine.Task` for RECIST-Net."""
+
+    name = "recistnet"
+    primary_metric = "sensitivity_4fp"
+
+    def __init__(self, cfg: RecistNetTrainConfig) -> None:
+        self.cfg = cfg
+        augment = cfg.augment
+        self.train_set = deeplesion_dataset(
+            cfg.data, "train", cache=cfg.cache,
+            transform=recist_train_transforms(cfg.train_size, augment.flip_prob, augment.rotate_range_deg,
+                                              augment.scale_range, augment.intensity,
+                                              lesion_keys=_AUGMENTED_LESION_KEYS))
+        self.eval_set = deeplesion_dataset(cfg.data, cfg.eval_split, cache=cfg.cache,
+                                           transform=recist_eval_transforms(cfg.eval_size))
+
+    def build_model(self) -> nn.Module:
+        return RecistNet(in_channels=self.cfg.data.num_slices, **self.cfg.model.model_dump())
+
+    def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int, rank: int, world_size: int):
+        if world_size > 1:
+            sampler = DistributedSampler(self.train_set, world_size, rank, shuffle=True, seed=epoch_seed)
+            return DataLoader(self.train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                              collate_fn=collate_lesions, drop_last=True)
+        return deeplesion_dataloader(self.train_set, batch_size, shuffle=True, num_workers=num_workers,
+                                     seed=epoch_seed)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device):
+        images = batch["image"].to(device)
+        targets = make_targets(batch["keypoints"], batch["boxes"], tuple(images.shape[-2:]))
+        targets = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in targets.items()}
+        total, parts = recistnet_loss(model(images), targets)
+        return total, parts
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        loader = deeplesion_dataloader(self.eval_set, batch_size=4, shuffle=False, num_workers=0)
+        result, _ = evaluate_detector(model, loader, device, self.cfg.max_lesions)
+        sens = dict(zip(result.fps_per_image, result.sensitivities))
+        return {"sensitivity_4fp": sens[4], "sensitivity_1fp": sens[1],
+                "froc_mean_0p5_4": result.mean_sensitivity_0p5_to_4}
+
+
+def load_train_config(path: str | Path, data_root: str | Path | None = None) -> RecistNetTrainConfig:
+    """Read a RECIST-Net training config; ``data_root`` replaces ``data.root`` (handy for tests and clusters)."""
+    from ctzoo.config import load_config
+
+    cfg = load_config(path, RecistNetTrainConfig)
+    if data_root is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": Path(data_root)})})
+    return cfg

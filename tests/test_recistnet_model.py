@@ -1,0 +1,195 @@
+"""RECIST-Net: network shapes, targets, losses, the grouping decode on perfect maps, and a tiny overfit."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from ctzoo.datasets.deeplesion.recist import canonical_order
+from ctzoo.models.recistnet import RecistNet, box_from_points, group_keypoints
+from ctzoo.models.recistnet_targets import focal_loss, make_targets, offset_loss, recistnet_loss
+
+R = 4
+
+
+def lesion(cx, cy, long_len, short_len, angle_deg, t=0.5, s=0.5):
+    """(5, 2) RECIST points: axes crossing at (cx, cy), the long one at angle_deg, fractions t, s before it."""
+    u = np.array([math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))])
+    v = np.array([-u[1], u[0]])
+    c = np.array([cx, cy])
+    ends = np.array([c - t * long_len * u, c + (1 - t) * long_len * u, c - s * short_len * v,
+                     c + (1 - s) * short_len * v])
+    return np.vstack([canonical_order(ends), c[None]])
+
+
+def perfect_outputs(keypoints, size):
+    """Network outputs that match make_targets exactly: logit(clamped heatmap) and offsets at each point's cell."""
+    targets = make_targets([torch.as_tensor(k, dtype=torch.float32) for k in keypoints], None, size, R)
+    heatmaps = torch.logit(targets["heatmaps"].clamp(1e-4, 1 - 1e-4))
+    batch, _, height, width = heatmaps.shape
+    offsets = torch.zeros(batch, 5, 2, height * width)
+    for b, n, k in targets["point_mask"].nonzero().tolist():
+        offsets[b, k, :, targets["indices"][b, n, k]] = targets["offset_targets"][b, n, k]
+    return heatmaps, offsets.reshape(batch, 10, height, width), targets
+
+
+# ------------------------------------------------------------------------------------------------ network
+
+
+@pytest.mark.parametrize("backbone, size, low, high", [("light", 128, 0.3e6, 1.0e6),
+                                                       ("resnet34_fpn", 64, 21e6, 23e6)])
+def test_forward_shapes_and_parameter_counts(backbone, size, low, high):
+    model = RecistNet(in_channels=3, backbone=backbone)
+    count = sum(p.numel() for p in model.parameters())
+    assert low <= count <= high, f"{backbone}: {count} parameters"
+    out = model(torch.randn(2, 3, size, size + 32))
+    assert out["heatmaps"].shape == (2, 5, size // 4, (size + 32) // 4)
+    assert out["offsets"].shape == (2, 10, size // 4, (size + 32) // 4)
+    assert type(model(MetaTensor(torch.zeros(1, 3, 64, 64)))["heatmaps"]) is torch.Tensor  # plain tensors out
+    # CenterNet prior: every heatmap starts near p = 0.1
+    assert torch.allclose(model.heatmap_head[-1].bias, torch.full((5,), -2.19))
+
+
+def test_unknown_backbone_and_stride_are_refused():
+    with pytest.raises(ValueError):
+        RecistNet(backbone="vgg")
+    with pytest.raises(ValueError):
+        RecistNet(down_ratio=3)
+
+
+# ------------------------------------------------------------------------------------------------ targets
+
+
+def test_make_targets_peaks_offsets_indices():
+    points = torch.tensor([[[41.3, 60.0], [90.0, 62.9], [64.0, 40.2], [66.5, 85.1], [65.2, 61.4]],
+                           [[-9.0, 30.0], [20.0, 30.0], [10.0, 20.0], [10.0, 300.0], [10.0, 30.0]]])
+    t = make_targets([points, torch.zeros(0, 5, 2)], None, (128, 128), R, max_objects=4)
+    assert t["heatmaps"].shape == (2, 5, 32, 32) and t["offset_targets"].shape == (2, 4, 5, 2)
+    assert t["indices"].shape == (2, 4, 5) and t["indices"].dtype == torch.int64
+    assert t["mask"].tolist() == [[True, True, False, False], [False] * 4]
+    assert t["point_mask"][0, 1].tolist() == [False, True, True, False, True]  # x < 0 and y >= 128 skipped
+    assert t["heatmaps"].min() >= 0 and t["heatmaps"].max() <= 1 and t["heatmaps"][1].sum() == 0
+    for n in range(2):
+        for k in range(5):
+            x, y = points[n, k].tolist()
+            if not t["point_mask"][0, n, k]:
+                continue
+            u, v = int((x + 0.5) // R), int((y + 0.5) // R)
+            assert t["heatmaps"][0, k, v, u] == 1.0
+            assert t["indices"][0, n, k] == v * 32 + u
+            dx, dy = t["offset_targets"][0, n, k].tolist()
+            assert -0.5 <= dx < 0.5 and -0.5 <= dy < 0.5
+            assert (u + dx + 0.5) * R - 0.5 == pytest.approx(x, abs=1e-4)
+            assert (v + dy + 0.5) * R - 0.5 == pytest.approx(y, abs=1e-4)
+    # exactly one peak per on-grid point (no two points of a channel share a cell here)
+    assert int((t["heatmaps"][0] == 1).sum()) == int(t["point_mask"][0].sum())
+    assert 0 < t["heatmaps"][0, 0, 15, 11] < 1.0  # the Gaussian around the peak
+
+
+# ------------------------------------------------------------------------------------------------- decode
+
+
+def test_group_keypoints_recovers_perfect_lesions():
+    truth = np.stack([lesion(70.2, 60.6, 50, 24, 0.0),  # vertical short axis
+                      lesion(180.4, 90.3, 60, 30, 35.0, t=0.4, s=0.6),  # rotated, off-centre crossing
+                      lesion(110.7, 190.2, 44, 20, 90.0, t=0.55)])  # vertical long axis
+    heatmaps, offsets, _ = perfect_outputs([truth], (256, 256))
+    out = group_keypoints(heatmaps, offsets, R)
+    assert out["points"].shape[-2:] == (5, 2) and out["valid"].dtype == torch.bool
+    found = out["points"][0][out["valid"][0] & (out["scores"][0] > 0.5)]
+    assert len(found) == len(truth)
+    for points in truth:
+        error = (found - torch.as_tensor(points, dtype=torch.float32)).norm(dim=-1).amax(dim=-1)
+        assert error.min() < 0.05
+    scores = out["scores"][0][out["valid"][0]]
+    assert torch.all(scores[:-1] >= scores[1:])
+    boxes = out["boxes"][0][out["valid"][0] & (out["scores"][0] > 0.5)]
+    assert torch.allclose(boxes, box_from_points(found))
+
+
+@pytest.mark.parametrize("case", ["axes_do_not_cross", "short_longer_than_long", "not_perpendicular"])
+def test_group_keypoints_rejects_bad_geometry(case):
+    points = {
+        # the short axis sits beyond the long axis' right end: the lines meet outside the long segment
+        "axes_do_not_cross": [[40, 100], [100, 100], [130, 85], [130, 115], [130, 100]],
+        "short_longer_than_long": [[60, 100], [90, 100], [75, 70], [75, 130], [75, 100]],
+        "not_perpendicular": [[40, 100], [100, 100], [60, 80], [90, 120], [75, 100]],
+    }[case]
+    heatmaps, offsets, _ = perfect_outputs([np.array(points, dtype=np.float64)[None]], (256, 256))
+    out = group_keypoints(heatmaps, offsets, R)
+    assert not out["valid"].any()
+
+
+def test_group_keypoints_on_empty_maps():
+    out = group_keypoints(torch.full((2, 5, 16, 16), -9.0), torch.zeros(2, 10, 16, 16), R, max_lesions=5)
+    assert out["points"].shape == (2, 5, 5, 2) and not out["valid"].any()
+
+
+# ------------------------------------------------------------------------------------------------- losses
+
+
+def test_loss_is_small_for_perfect_outputs_and_positive_otherwise():
+    truth = np.stack([lesion(70.2, 60.6, 50, 24, 20.0)])
+    heatmaps, offsets, targets = perfect_outputs([truth], (128, 128))
+    one_hot = torch.where(targets["heatmaps"] >= 1, 12.0, -12.0)
+    total, parts = recistnet_loss({"heatmaps": one_hot, "offsets": offsets}, targets)
+    assert total.item() < 1e-3 and parts["offset"] < 1e-6
+    total_gauss, _ = recistnet_loss({"heatmaps": heatmaps, "offsets": offsets}, targets)
+    total_flat, parts_flat = recistnet_loss({"heatmaps": torch.full_like(heatmaps, -2.19),
+                                             "offsets": torch.zeros_like(offsets)}, targets)
+    assert 0 < total_gauss.item() < total_flat.item()
+    assert parts_flat["heatmap"] > 1.0 and parts_flat["offset"] > 0.05
+    assert offset_loss(offsets, targets["offset_targets"], targets["indices"], targets["mask"]) < 1e-6
+
+
+def test_focal_loss_finite_under_bf16_autocast():
+    target = make_targets([torch.as_tensor(lesion(30, 30, 20, 10, 10.0), dtype=torch.float32)[None]], None,
+                          (64, 64), R)["heatmaps"]
+    conv = torch.nn.Conv2d(5, 5, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = conv(torch.randn(1, 5, 16, 16) * 50)  # bf16, extreme values
+        assert logits.dtype == torch.bfloat16
+        loss = focal_loss(logits, target)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in conv.parameters())
+    assert torch.isfinite(focal_loss(torch.tensor([-200.0, 200.0]), torch.tensor([1.0, 0.0])))
+
+
+# ----------------------------------------------------------------------------------------------- learning
+
+
+def synthetic_image(points, size=128, seed=0):
+    """A bright ellipse with the RECIST axes of ``points`` (5, 2) on a noisy background, (3, size, size)."""
+    rng = np.random.default_rng(seed)
+    centre = points[4]
+    u = (points[1] - points[0]) / np.linalg.norm(points[1] - points[0])
+    a, b = np.linalg.norm(points[1] - points[0]) / 2, np.linalg.norm(points[3] - points[2]) / 2
+    y, x = np.mgrid[:size, :size].astype(np.float64)
+    du, dv = (x - centre[0]) * u[0] + (y - centre[1]) * u[1], -(x - centre[0]) * u[1] + (y - centre[1]) * u[0]
+    inside = (du / a) ** 2 + (dv / b) ** 2 <= 1
+    image = 0.2 + 0.6 * inside + rng.normal(0, 0.08, (3, size, size))
+    return torch.as_tensor(image, dtype=torch.float32)
+
+
+def test_light_recistnet_overfits_two_images():
+    torch.manual_seed(0)
+    truth = [lesion(60.3, 66.7, 50, 28, 25.0), lesion(70.6, 55.2, 40, 26, -60.0)]
+    images = torch.stack([synthetic_image(p, seed=i) for i, p in enumerate(truth)])
+    targets = make_targets([torch.as_tensor(p[None], dtype=torch.float32) for p in truth], None, (128, 128), R)
+    model = RecistNet(in_channels=3, backbone="light")
+    optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(150):
+        loss, _ = recistnet_loss(model(images), targets)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    found = model.detect(images)
+    assert model.training  # detect restores the mode
+    for result, points in zip(found, truth):
+        assert len(result["points"]) >= 1 and result["scores"][0] > 0.5 and (result["scores"] > 0.5).sum() == 1
+        error = (result["points"][0] - torch.as_tensor(points, dtype=torch.float32)).norm(dim=-1)
+        assert error.max() < 2.0, error
+        assert torch.allclose(result["boxes"][0], box_from_points(result["points"][0]))

@@ -1,0 +1,246 @@
+"""The model registry: build, publish (save_pretrained) and load back offline, with model cards and the CLI."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from pathlib import Path
+
+import click
+import pytest
+import safetensors.torch
+import torch
+from click.testing import CliRunner
+from pydantic import ValidationError
+from torch import nn
+
+import ctzoo.models
+from ctzoo.cli.zoo import zoo
+from ctzoo.models import (
+    ArchitectureOverrideError,
+    ModelCard,
+    UnknownModelError,
+    WeightsMismatchError,
+    create_model,
+    list_models,
+    load_card,
+    model_entry,
+    model_version,
+    register_model,
+    save_pretrained,
+    unregister_model,
+)
+
+NAME = "test-tiny-net"
+CONFIG = {"in_channels": 1, "width": 4, "out_channels": 2, "dropout": 0.0}
+
+
+def tiny_net(in_channels: int, width: int, out_channels: int, dropout: float) -> nn.Module:
+    """A real (tiny) segmentation-style network with parameters and BatchNorm buffers."""
+    return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Dropout(dropout), nn.Conv2d(width, out_channels, 1))
+
+
+@pytest.fixture
+def entry(tmp_path: Path):
+    registered = register_model(NAME, builder=tiny_net, default_config=CONFIG, task="segmentation",
+                                description="A tiny test network.", weights_dir=tmp_path / "weights" / NAME,
+                                input_spec={"channels": 1, "spacing_mm": 0.8, "window_hu": [-1024, 3071],
+                                            "size_multiple": 1})
+    yield registered
+    unregister_model(NAME)
+
+
+def make_card(model: nn.Module, version: str = "1.0.0") -> ModelCard:
+    return ModelCard(
+        name=NAME, version=version, task="segmentation", description="A tiny test network.",
+        architecture="Conv-BN-ReLU-Conv", parameters=sum(p.numel() for p in model.parameters()),
+        input_spec={"channels": 1, "spacing_mm": 0.8, "window_hu": [-1024, 3071]},
+        training={"data": "random tensors (test)", "config_file": "configs/none.yaml",
+                  "command": "pytest tests/test_registry.py", "device": "cpu", "epochs": 1, "wall_time_s": 3725.0},
+        metrics={"dice": {"value": 0.81234, "split": "val"}, "hd95_mm": {"value": 4.5, "split": "test"}},
+        limitations=["Trained on random tensors | not for use."], licence="Apache-2.0", created=date(2025, 1, 2))
+
+
+def trained_model() -> nn.Module:
+    """A model whose weights and BatchNorm statistics differ from a fresh build."""
+    torch.manual_seed(0)
+    model = create_model(NAME)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 1, 8, 8) * 3 + 1)  # moves the running statistics away from their defaults
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    return model
+
+
+def test_register_list_and_build(entry) -> None:
+    assert NAME in list_models() and list_models("test-tiny*") == [NAME] and list_models("zzz*") == []
+    assert model_entry(NAME) is entry and not entry.has_weights
+    model = create_model(NAME, width=6)
+    assert model[0].weight.shape == (6, 1, 3, 3)
+    assert create_model(NAME)(torch.zeros(1, 1, 8, 8)).shape == (1, 2, 8, 8)
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(NAME, builder=tiny_net, default_config=CONFIG, task="segmentation", description="",
+                       input_spec={})
+    with pytest.raises(ValueError, match="task"):
+        register_model("test-other", builder=tiny_net, default_config=CONFIG, task="classification",
+                       description="", input_spec={})
+    with pytest.raises(ValueError, match="lower-case"):
+        register_model("Test Net", builder=tiny_net, default_config=CONFIG, task="segmentation", description="",
+                       input_spec={})
+
+
+def test_decorator_form_and_package_weights_dir() -> None:
+    @register_model("test-decorated", default_config=CONFIG, task="detection", description="d", input_spec={})
+    def build(**config: object) -> nn.Module:
+        return tiny_net(**config)  # type: ignore[arg-type]
+
+    try:
+        assert callable(build) and isinstance(create_model("test-decorated"), nn.Sequential)
+        # shipped weights are looked for inside the installed package, never anywhere else
+        package = Path(ctzoo.models.__file__).parent
+        assert model_entry("test-decorated").weights_dir == package / "weights" / "test-decorated"
+    finally:
+        unregister_model("test-decorated")
+    assert "test-decorated" not in list_models()
+
+
+def test_save_pretrained_round_trip(entry) -> None:
+    model = trained_model()
+    card = make_card(model)
+    folder = save_pretrained(model, NAME, CONFIG, card)
+    assert folder == entry.weights_dir and entry.has_weights
+    assert sorted(p.name for p in folder.iterdir()) == ["MODEL_CARD.md", "card.json", "config.json",
+                                                        "model.safetensors"]
+    assert json.loads((folder / "config.json").read_text()) == CONFIG
+    loaded = create_model(NAME, pretrained=True)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), loaded.eval()(x))
+    assert load_card(NAME) == card and model_version(NAME) == "1.0.0"
+    assert create_model(NAME, pretrained=True, dropout=0.5)[3].p == 0.5  # an override that keeps shapes is fine
+
+
+def test_pretrained_uses_the_trained_config_not_the_defaults(entry) -> None:
+    config = {**CONFIG, "width": 3}
+    model = tiny_net(**config)
+    save_pretrained(model, NAME, config, make_card(model))
+    assert create_model(NAME, pretrained=True)[0].weight.shape == (3, 1, 3, 3)
+
+
+def test_shape_changing_override_is_refused(entry) -> None:
+    model = trained_model()
+    save_pretrained(model, NAME, CONFIG, make_card(model))
+    with pytest.raises(ArchitectureOverrideError, match="'width': 8") as info:
+        create_model(NAME, pretrained=True, width=8)
+    assert "0.weight" in str(info.value) and "pretrained=False" in str(info.value)
+    assert create_model(NAME, pretrained=False, width=8)[0].weight.shape == (8, 1, 3, 3)
+
+
+def test_strict_key_mismatch_names_the_keys(entry) -> None:
+    model = trained_model()
+    folder = save_pretrained(model, NAME, CONFIG, make_card(model))
+    state = safetensors.torch.load_file(folder / "model.safetensors")
+    del state["1.running_var"]
+    state["head.extra"] = torch.zeros(2)
+    state["4.bias"] = torch.zeros(5)
+    safetensors.torch.save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(WeightsMismatchError) as info:
+        create_model(NAME, pretrained=True)
+    message = str(info.value)
+    assert "missing keys: 1.running_var" in message and "unexpected keys: head.extra" in message
+    assert "4.bias (weights (5,), model (2,))" in message
+
+
+def test_no_weights_shipped(entry) -> None:
+    with pytest.raises(FileNotFoundError, match="no weights are shipped"):
+        create_model(NAME, pretrained=True)
+    with pytest.raises(FileNotFoundError, match="no weights are shipped"):
+        load_card(NAME)
+
+
+def test_unknown_name_lists_close_matches(entry) -> None:
+    with pytest.raises(KeyError) as info:
+        create_model("test-tiny-nett")
+    assert isinstance(info.value, UnknownModelError)
+    assert f"Did you mean {NAME}?" in str(info.value) and "Known models:" in str(info.value)
+    with pytest.raises(UnknownModelError, match="Known models"):
+        load_card("zzzz")
+
+
+def test_save_refuses_inconsistent_card_or_config(entry, tmp_path: Path) -> None:
+    model = trained_model()
+    with pytest.raises(ValueError, match="parameters"):
+        save_pretrained(model, NAME, CONFIG, make_card(model).model_copy(update={"parameters": 1}))
+    with pytest.raises(ValueError, match="does not rebuild"):
+        save_pretrained(model, NAME, {**CONFIG, "width": 8}, make_card(model))
+    with pytest.raises(ValueError, match="card is for"):
+        save_pretrained(model, NAME, CONFIG, make_card(model).model_copy(update={"name": "other"}))
+    with pytest.raises(ValueError, match="registered as 'segmentation'"):
+        save_pretrained(model, NAME, CONFIG, make_card(model).model_copy(update={"task": "detection"}))
+    assert not entry.weights_dir.exists()
+    assert save_pretrained(model, tmp_path / "elsewhere", CONFIG, make_card(model)) == tmp_path / "elsewhere"
+
+
+def test_atomic_save_leaves_no_partial_folder(entry, monkeypatch) -> None:
+    model = trained_model()
+
+    def broken_save(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(model, NAME, CONFIG, make_card(model))
+    parent = entry.weights_dir.parent
+    assert list(parent.iterdir()) == []  # neither the target nor a temporary folder
+    monkeypatch.undo()
+    save_pretrained(model, NAME, CONFIG, make_card(model, "1.0.0"))
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    with pytest.raises(OSError):
+        save_pretrained(model, NAME, CONFIG, make_card(model, "2.0.0"))
+    assert [p.name for p in parent.iterdir()] == [NAME] and model_version(NAME) == "1.0.0"
+    monkeypatch.undo()
+    save_pretrained(model, NAME, CONFIG, make_card(model, "2.0.0"))  # replacing a published version
+    assert [p.name for p in parent.iterdir()] == [NAME] and model_version(NAME) == "2.0.0"
+
+
+def test_card_is_strict_and_renders_markdown() -> None:
+    card = make_card(tiny_net(**CONFIG))
+    with pytest.raises(ValidationError):
+        ModelCard.model_validate({**card.model_dump(), "version": "1.0"})  # not semver
+    with pytest.raises(ValidationError):
+        ModelCard.model_validate({**card.model_dump(), "parameters": "42"})
+    with pytest.raises(ValidationError):
+        ModelCard.model_validate({**card.model_dump(), "unknown_field": 1})
+    assert ModelCard.model_validate_json(card.model_dump_json()) == card
+    text = card.to_markdown()
+    for heading in ("Intended use", "Inputs", "Training", "Metrics", "Limitations", "How to reproduce", "Licence"):
+        assert f"\n## {heading}\n" in text
+    assert "| Metric | Split | Value |\n| --- | --- | --- |\n| dice | val | 0.8123 |\n| hd95_mm | test | 4.5 |" in text
+    assert "| window_hu | [-1024, 3071] |" in text and "| Wall time | 1:02:05 (h:mm:ss) |" in text
+    assert "- Trained on random tensors | not for use." in text and "pytest tests/test_registry.py" in text
+
+
+def test_cli_list_and_show(entry) -> None:
+    cli = click.Group("ctzoo", commands={"zoo": zoo})
+    runner = CliRunner()
+    for args in (["zoo", "--help"], ["zoo", "list", "--help"], ["zoo", "show", "--help"]):
+        assert runner.invoke(cli, args).exit_code == 0
+    result = runner.invoke(cli, ["zoo", "list", "test-*"])
+    assert result.exit_code == 0, result.output
+    assert result.output.split("\n")[0].split() == ["NAME", "TASK", "PARAMETERS", "WEIGHTS", "VERSION"]
+    assert result.output.split("\n")[1].split() == [NAME, "segmentation", "-", "no", "-"]
+    result = runner.invoke(cli, ["zoo", "show", NAME])
+    assert result.exit_code == 0 and "no weights are shipped yet" in result.output
+
+    model = trained_model()
+    save_pretrained(model, NAME, CONFIG, make_card(model, "1.2.0"))
+    result = runner.invoke(cli, ["zoo", "list", "test-*"])
+    assert result.output.split("\n")[1].split() == [NAME, "segmentation", "58", "yes", "1.2.0"]
+    listed = json.loads(runner.invoke(cli, ["zoo", "list", "--json", "test-*"]).output)
+    assert listed == [{"name": NAME, "task": "segmentation", "parameters": 58, "weights": True, "version": "1.2.0"}]
+    result = runner.invoke(cli, ["zoo", "show", NAME])
+    assert result.exit_code == 0 and result.output.startswith(f"# {NAME} 1.2.0") and "| dice | val |" in result.output
+    result = runner.invoke(cli, ["zoo", "show", "test-tiny"])
+    assert result.exit_code == 1 and f"Did you mean {NAME}?" in result.output

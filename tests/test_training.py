@@ -1,0 +1,163 @@
+"""ctzoo train on the DeepLesion miniature: logs, checkpoints, bit-for-bit resume, falling loss; and the
+volume inference that infer/serve/PACS share (orientation-independent, merged across slices)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from ctzoo.cli import main
+from ctzoo.datasets import samples
+from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
+from ctzoo.datasets.deeplesion.mini import make_deeplesion_mini
+from ctzoo.inference.recist_volume import SliceDetection, detect_volume, merge_across_slices
+from ctzoo.io import Volume
+from ctzoo.models.recistnet import RecistNet
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    try:
+        samples.fetch_samples()
+    except samples.SampleError as exc:
+        pytest.skip(f"TotalSegmentator samples unavailable (offline?): {exc}")
+    return make_deeplesion_mini(tmp_path_factory.mktemp("dl") / "mini", cases=4, seed=3, progress=False)
+
+
+def tiny_config(tmp_path, root, epochs=2):
+    config = {"task": "recistnet", "data": {"root": str(root), "negatives_per_series": 1},
+              "model": {"backbone": "light", "width": 8, "head_channels": 16},
+              "optim": {"epochs": epochs, "batch_size": 4, "lr": 0.004, "num_workers": 0, "eval_every": 1},
+              "train_size": [128, 128], "eval_size": [512, 512]}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_train(*args):
+    result = CliRunner().invoke(main, ["train", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_train_writes_logs_and_resumes_bit_for_bit(mini, tmp_path):
+    config = tiny_config(tmp_path, mini)
+    run_train(config, "--out", tmp_path / "straight")
+    run_train(config, "--out", tmp_path / "resumed", "--epochs", "1")
+    run_train(config, "--out", tmp_path / "resumed", "--resume")
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert straight["epoch"] == resumed["epoch"] == 1
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    rows = (tmp_path / "straight" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and "val_sensitivity_4fp" in rows[0] and "train_heatmap" in rows[0]
+    assert len((tmp_path / "resumed" / "metrics.csv").read_text().splitlines()) == 3  # epoch 1 kept, 2 appended
+    assert list((tmp_path / "straight" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "straight" / "training_curves.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "straight" / "summary.json").read_text())["epochs"] == 2
+    result = CliRunner().invoke(main, ["train", str(config), "--out", str(tmp_path / "none"), "--resume"])
+    assert result.exit_code == 1 and "nothing to resume from" in result.output
+
+
+def test_torchrun_ddp_on_gloo(mini, tmp_path):
+    """Two processes on the CPU (gloo), as torchrun launches them on a cluster; rank 0 logs and saves."""
+    import subprocess
+    import sys
+
+    config = tiny_config(tmp_path, mini, epochs=1)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ctzoo",
+                           "train", str(config), "--out", str(tmp_path / "ddp")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and done.stdout.count('"world_size": 2') == 1
+    assert len((tmp_path / "ddp" / "metrics.csv").read_text().splitlines()) == 2
+
+
+def test_training_loss_falls(mini, tmp_path):
+    config = tiny_config(tmp_path, mini, epochs=8)
+    run_train(config, "--out", tmp_path / "run")
+    history = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["history"]
+    first, last = history[0]["train_heatmap"], history[-1]["train_heatmap"]
+    assert last < 0.7 * first, (first, last)
+
+
+def test_eval_writes_froc_table_and_curve(mini, tmp_path):
+    config = tiny_config(tmp_path, mini, epochs=1)
+    run_train(config, "--out", tmp_path / "run")
+    result = CliRunner().invoke(main, ["eval", str(config), "--checkpoint", str(tmp_path / "run" / "last.pt"),
+                                       "--split", "test", "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    froc = json.loads((tmp_path / "eval" / "froc.json").read_text())
+    assert froc["split"] == "test" and len(froc["sensitivities"]) == 6
+    assert (tmp_path / "eval" / "froc.png").stat().st_size > 1000
+    detections = json.loads((tmp_path / "eval" / "detections.json").read_text())
+    assert {d["file_name"] for d in detections}
+
+
+def test_volume_detections_do_not_depend_on_storage_orientation(sample_volume):
+    """The same anatomy stored LPS or flipped to R/A/I order gives the same lesions in mm (an untrained model
+    is a fixed function of its input; the reorientation must hand it identical slices)."""
+    torch.manual_seed(0)
+    model = RecistNet(in_channels=3, width=8, head_channels=16).eval()
+    prep = SlicePreprocessing()
+    crop = sample_volume.with_array(sample_volume.array)
+    crop = Volume(crop.array[:6, 128:384, 128:384], crop.spacing,
+                  tuple(crop.index_to_lps([128, 128, 0])), crop.direction)
+    flipped_array = crop.array[::-1, :, ::-1]
+    direction = crop.direction @ np.diag([-1.0, 1.0, -1.0])
+    flipped = Volume(np.ascontiguousarray(flipped_array), crop.spacing,
+                     tuple(crop.index_to_lps([crop.size[0] - 1, 0, crop.size[2] - 1])), direction)
+    assert flipped.orientation == "RPI"
+    options = {"score_threshold": 0.0, "max_lesions": 3, "progress": False}
+    a = detect_volume(model, crop, prep, **options)
+    b = detect_volume(model, flipped, prep, **options)
+    assert len(a["lesions"]) == len(b["lesions"]) > 0
+    for x, y in zip(a["lesions"], b["lesions"]):
+        np.testing.assert_allclose(x["points_mm"], y["points_mm"], atol=1e-3)
+        np.testing.assert_allclose(np.asarray(y["points_voxel"])[:, 0], crop.size[0] - 1 - np.asarray(x["points_voxel"])[:, 0],
+                                   atol=1e-3)
+        assert y["slice"] == crop.size[2] - 1 - x["slice"]
+    assert b["input"]["orientation"] == "RPI"
+
+
+def test_merge_across_slices():
+    def detection(score, k, x_mm, long_mm=20.0):
+        mm = np.zeros((5, 3))
+        mm[:, 0], mm[:, 2] = x_mm, 2.0 * k
+        return SliceDetection(score, k, np.zeros((5, 3)), mm, long_mm, long_mm / 2, [k])
+
+    merged = merge_across_slices([detection(0.9, 5, 0.0), detection(0.8, 6, 2.0), detection(0.7, 7, 3.0),
+                                  detection(0.6, 5, 80.0), detection(0.5, 12, 0.0)], slice_spacing_mm=2.0)
+    assert [(m.score, sorted(m.slices)) for m in merged] == [(0.9, [5, 6, 7]), (0.6, [5]), (0.5, [12])]
+
+
+def test_publish_then_infer_on_the_sample(mini, tmp_path, monkeypatch):
+    """A finished run becomes a zoo model (weights + card), loads by name offline, and ctzoo infer runs it."""
+    from ctzoo.models import create_model, load_card, model_entry
+
+    config = tiny_config(tmp_path, mini, epochs=1)
+    run_train(config, "--out", tmp_path / "run")
+    monkeypatch.setattr(model_entry("recistnet-mini"), "weights_dir", tmp_path / "weights")
+    result = CliRunner().invoke(main, ["zoo", "publish", str(tmp_path / "run"), "--config", str(config),
+                                       "--name", "recistnet-mini", "--version", "0.0.1", "--split", "val"])
+    assert result.exit_code == 0, result.output
+    card = load_card("recistnet-mini")
+    assert card.version == "0.0.1" and "sensitivity_at_4_fp" in card.metrics and card.training.epochs == 1
+    assert "Metrics" in (tmp_path / "weights" / "MODEL_CARD.md").read_text()
+    model = create_model("recistnet-mini", pretrained=True)
+    saved = torch.load(tmp_path / "run" / "best.pt", weights_only=False)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    result = CliRunner().invoke(main, ["infer", "--out", str(tmp_path / "out"), "--score-threshold", "0.0"])
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "out" / "sample_ct" / "detections.json").read_text())
+    assert document["model"] == "recistnet-mini" and document["model_version"] == "0.0.1"
+    assert document["input"]["size_ijk"] == [512, 512, 20]
+    for lesion in document["lesions"]:
+        assert len(lesion["points_voxel"]) == len(lesion["points_mm"]) == 5 and 0 <= lesion["slice"] < 20
+        assert lesion["long_axis_mm"] >= lesion["short_axis_mm"] - 1e-6
+    assert (tmp_path / "out" / "sample_ct" / "overlay.png").stat().st_size > 1000
