@@ -161,3 +161,17 @@ def test_publish_then_infer_on_the_sample(mini, tmp_path, monkeypatch):
         assert len(lesion["points_voxel"]) == len(lesion["points_mm"]) == 5 and 0 <= lesion["slice"] < 20
         assert lesion["long_axis_mm"] >= lesion["short_axis_mm"] - 1e-6
     assert (tmp_path / "out" / "sample_ct" / "overlay.png").stat().st_size > 1000
+
+
+
+def test_repeats_make_longer_epochs_with_fresh_augmentation(mini, tmp_path):
+    from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
+
+    config = tiny_config(tmp_path, mini)
+    once = RecistNetTask(load_train_config(config))
+    cfg = load_train_config(config)
+    thrice = RecistNetTask(cfg.model_copy(update={"repeats": 3}))
+    assert len(thrice.train_set) == 3 * len(once.train_set)
+    n = len(once.train_set)
+    first, again = thrice.train_set[0], thrice.train_set[n]  # the same key slice, augmented twice
+    assert first["file_name"] == again["file_name"] and not torch.equal(first["image"], again["image"])

@@ -29,6 +29,7 @@ def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, spli
     the wall time from ``run_dir/summary.json``.
     """
     cfg = load_train_config(config, data_root)
+    as_written = load_train_config(config)  # the card names the config's own data root, not a local override
     checkpoint = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model_config = {"in_channels": cfg.data.num_slices, **state.get("train_config", {}).get("model",
@@ -47,8 +48,10 @@ def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, spli
         parameters=sum(p.numel() for p in model.parameters()),
         input_spec={k: v for k, v in cfg.data.model_dump().items() if k in SlicePreprocessing.model_fields}
         | {"size_multiple": 32},
-        training=TrainingInfo(data=f"DeepLesion-format miniature at {cfg.data.root} (split train)",
-                              config_file=str(config), command=command or f"ctzoo train {config} --out {run_dir}",
+        training=TrainingInfo(data=f"DeepLesion-format miniature at {as_written.data.root} (split train)",
+                              config_file=str(config),
+                              command=command or f"ctzoo data make-deeplesion-mini {as_written.data.root} && "
+                                                 f"ctzoo train {config} --out runs/{name}",
                               device=summary.get("device", "unknown"), epochs=int(state["epoch"]) + 1,
                               wall_time_s=float(summary.get("wall_s", 0.0))),
         metrics=metrics, limitations=LIMITATIONS, licence="Apache-2.0 (weights); data: see NOTICE of the miniature",

@@ -10,7 +10,7 @@ import torch
 from monai.data import DataLoader
 from pydantic import Field
 from torch import nn
-from torch.utils.data import DistributedSampler
+from torch.utils.data import ConcatDataset, DistributedSampler
 
 from ctzoo.config import StrictConfig
 from ctzoo.datasets.deeplesion.dataset import (
@@ -57,6 +57,8 @@ class RecistNetTrainConfig(StrictConfig):
     eval_split: Literal["val", "test"] = "val"
     max_lesions: int = Field(20, ge=1, description="detections kept per image")
     cache: bool = Field(True, description="cache decoded, resampled slices in memory (CacheDataset)")
+    repeats: int = Field(1, ge=1, description="passes over the training set per epoch (small sets: fewer, "
+                                              "longer epochs, so loader start-up and validation cost less)")
 
 
 def predicted_boxes(points: torch.Tensor, scale: float) -> np.ndarray:
@@ -104,6 +106,8 @@ class RecistNetTask:
             transform=recist_train_transforms(cfg.train_size, augment.flip_prob, augment.rotate_range_deg,
                                               augment.scale_range, augment.intensity,
                                               lesion_keys=_AUGMENTED_LESION_KEYS))
+        if cfg.repeats > 1:  # each pass draws its own augmentation; the cache is shared
+            self.train_set = ConcatDataset([self.train_set] * cfg.repeats)
         self.eval_set = deeplesion_dataset(cfg.data, cfg.eval_split, cache=cfg.cache,
                                            transform=recist_eval_transforms(cfg.eval_size))
 
