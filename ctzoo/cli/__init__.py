@@ -27,6 +27,10 @@ def main(verbose: int) -> None:
       ctzoo info PATH             the same for your DICOM folder/zip, NIfTI, NRRD or MHA
       ctzoo convert IN OUT.nii.gz a DICOM series (or any volume) to NIfTI/NRRD/MHA
       ctzoo data fetch-samples    fetch more real CT with organ labels into the cache
+      ctzoo data make-deeplesion-mini OUT   a DeepLesion-format dataset built from real CT
+      ctzoo train CONFIG --out RUN          train (configs/recistnet_*.yaml); --resume continues
+      ctzoo eval CONFIG --checkpoint RUN/best.pt --out DIR   DeepLesion FROC
+      ctzoo zoo list / ctzoo infer [INPUT]  zoo models, and running one over CT volumes
 
     Run 'ctzoo COMMAND --help' for the options of each command.
     """
