@@ -15,7 +15,13 @@ from ctzoo.datasets.deeplesion.dataset import (
     deeplesion_dataset,
     key_slice_items,
 )
-from ctzoo.datasets.deeplesion.info_csv import COLUMNS, DLInfoError, LesionRow, read_dl_info, write_dl_info
+from ctzoo.datasets.deeplesion.info_csv import (
+    COLUMNS,
+    DLInfoError,
+    LesionRow,
+    read_dl_info,
+    write_dl_info,
+)
 from ctzoo.datasets.deeplesion.png_slices import read_png_hu, write_png_hu
 from ctzoo.datasets.deeplesion.recist import (
     RecistTargets,
@@ -206,7 +212,10 @@ def test_dataset_groups_lesions_and_loads_with_workers(tmp_path):
 
 def test_dataset_with_augmentation_keeps_points_on_anatomy(tmp_path):
     """Loader + MONAI keypoint augmentation end to end: the inverted points are the CSV's, whatever the seed."""
-    from ctzoo.datasets.deeplesion.keypoint_transforms import invert_keypoints, recist_train_transforms
+    from ctzoo.datasets.deeplesion.keypoint_transforms import (
+        invert_keypoints,
+        recist_train_transforms,
+    )
 
     row = lesion_row(slice_range=(4, 20))
     write_series(tmp_path, row)

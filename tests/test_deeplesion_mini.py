@@ -112,7 +112,11 @@ def test_recist_agrees_with_the_masks(mini, rows, truth):
 
 def test_miniature_round_trips_through_the_loader(mini, rows, truth):
     """The training loader reads the miniature: every key slice once, every lesion's centre on its mask."""
-    from ctzoo.datasets.deeplesion.dataset import DeepLesionConfig, deeplesion_dataloader, deeplesion_dataset
+    from ctzoo.datasets.deeplesion.dataset import (
+        DeepLesionConfig,
+        deeplesion_dataloader,
+        deeplesion_dataset,
+    )
     from ctzoo.datasets.deeplesion.keypoint_transforms import recist_eval_transforms
 
     cfg = DeepLesionConfig(root=mini, norm_spacing_mm=None, negatives_per_series=1)

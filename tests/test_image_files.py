@@ -7,7 +7,12 @@ import SimpleITK as sitk
 from dicom_factory import SeriesSpec, make_slices, write_series
 
 from ctzoo.io import Volume, read_volume, write_volume
-from ctzoo.io.orientation import LPS_RAS_FLIP, lps_to_ras_affine, orientation_code, ras_to_lps_affine
+from ctzoo.io.orientation import (
+    LPS_RAS_FLIP,
+    lps_to_ras_affine,
+    orientation_code,
+    ras_to_lps_affine,
+)
 
 
 def oblique_nifti(path, dtype=np.int16):

@@ -9,7 +9,12 @@ from monai.data import MetaTensor
 
 from ctzoo.datasets.deeplesion.recist import canonical_order
 from ctzoo.models.recistnet import RecistNet, box_from_points, group_keypoints
-from ctzoo.models.recistnet_targets import focal_loss, make_targets, offset_loss, recistnet_loss
+from ctzoo.models.recistnet_targets import (
+    focal_loss,
+    make_targets,
+    offset_loss,
+    recistnet_loss,
+)
 
 R = 4
 

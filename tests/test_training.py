@@ -13,7 +13,11 @@ from ctzoo.cli import main
 from ctzoo.datasets import samples
 from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
 from ctzoo.datasets.deeplesion.mini import make_deeplesion_mini
-from ctzoo.inference.recist_volume import SliceDetection, detect_volume, merge_across_slices
+from ctzoo.inference.recist_volume import (
+    SliceDetection,
+    detect_volume,
+    merge_across_slices,
+)
 from ctzoo.io import Volume
 from ctzoo.models.recistnet import RecistNet
 

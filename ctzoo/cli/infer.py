@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
 from pathlib import Path
 
 import click
 
-from ctzoo.cli.info import USER_ERRORS, rules_option, series_option, load_rules
+from ctzoo.cli.info import USER_ERRORS, load_rules, rules_option, series_option
+from ctzoo.io.atomic import atomic_path
 
 
 def _case_name(path: Path) -> str:
@@ -22,12 +21,8 @@ def _case_name(path: Path) -> str:
 
 
 def _write_json(document: dict, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
+    with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(document, indent=2))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 @click.command()

@@ -21,6 +21,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from ctzoo.io.atomic import replace_folder
+
 SDIST_REQUIREMENT = "totalsegmentator==2.18.0"
 SDIST_NAME = "totalsegmentator-2.18.0.tar.gz"
 SDIST_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
@@ -164,9 +166,7 @@ def fetch_samples(cache: Path | None = None, from_file: Path | None = None, forc
         (staging / MANIFEST_FILE).write_text(json.dumps(
             {"source": SDIST_REQUIREMENT, "sdist_sha256": SDIST_SHA256, "licence": "Apache-2.0 (see LICENSE)",
              "files": files}, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        replace_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

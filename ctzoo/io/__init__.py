@@ -4,10 +4,23 @@ Axis and space conventions are stated once, on :class:`Volume`; LPS<->RAS
 conversion lives only in :mod:`ctzoo.io.orientation`.
 """
 
-from ctzoo.io.dicom_scan import DicomError, DicomWarning, SeriesRules, choose_series, scan_folder
+from ctzoo.io.dicom_scan import (
+    DicomError,
+    DicomWarning,
+    SeriesRules,
+    choose_series,
+    scan_folder,
+)
 from ctzoo.io.dicom_series import read_dicom_series
 from ctzoo.io.dicom_uids import derived_uid, repair_uids
-from ctzoo.io.image_files import read_itk_image, read_nifti, read_volume, volume_from_sitk, volume_to_sitk, write_volume
+from ctzoo.io.image_files import (
+    read_itk_image,
+    read_nifti,
+    read_volume,
+    volume_from_sitk,
+    volume_to_sitk,
+    write_volume,
+)
 from ctzoo.io.volume import DicomSource, Volume
 
 __all__ = [

@@ -6,9 +6,21 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ctzoo.io.dicom_scan import DicomError, DicomWarning, SeriesRules, choose_series, dicom_folder, scan_folder
+from ctzoo.io.dicom_scan import (
+    DicomError,
+    DicomWarning,
+    SeriesRules,
+    choose_series,
+    dicom_folder,
+    scan_folder,
+)
 from ctzoo.io.dicom_series import volume_from_series
-from ctzoo.io.image_files import ITK_READ_SUFFIXES, NIFTI_SUFFIXES, file_suffix, read_volume
+from ctzoo.io.image_files import (
+    ITK_READ_SUFFIXES,
+    NIFTI_SUFFIXES,
+    file_suffix,
+    read_volume,
+)
 
 
 def describe_path(path: str | Path, series: str | None = None, rules: SeriesRules | None = None,

@@ -6,14 +6,13 @@ renamed, so an interrupted write never leaves a half-written volume behind.
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_scan import DicomError, SeriesRules, read_header
 from ctzoo.io.dicom_series import read_dicom_series
 from ctzoo.io.orientation import geometry_from_affine, ras_to_lps_affine
@@ -77,12 +76,6 @@ def read_itk_image(path: str | Path, dtype=np.float32) -> Volume:
     return volume_from_sitk(image, dtype, str(path))
 
 
-def _atomic_target(path: Path) -> Path:
-    suffix = file_suffix(path)
-    stem = path.name[: len(path.name) - len(suffix)]
-    return path.with_name(f".{stem}.{uuid.uuid4().hex[:8]}.partial{suffix}")
-
-
 def write_volume(volume: Volume, path: str | Path, dtype=None) -> Path:
     """Write ``volume`` as NIfTI (.nii/.nii.gz, RAS affine, qform and sform set) or NRRD/MHA (LPS).
 
@@ -94,9 +87,7 @@ def write_volume(volume: Volume, path: str | Path, dtype=None) -> Path:
         raise ValueError(f"{path}: cannot write {suffix or 'files without a suffix'}; "
                          f"use one of {', '.join(NIFTI_SUFFIXES + ITK_WRITE_SUFFIXES)}")
     array = _cast(volume.array, dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _atomic_target(path)
-    try:
+    with atomic_path(path) as temporary:
         if suffix in NIFTI_SUFFIXES:
             affine = volume.affine_ras
             image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine)
@@ -106,9 +97,6 @@ def write_volume(volume: Volume, path: str | Path, dtype=None) -> Path:
             nib.save(image, str(temporary))
         else:
             sitk.WriteImage(volume_to_sitk(volume.with_array(array)), str(temporary), useCompression=True)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

@@ -7,7 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from ctzoo.io.orientation import affine_from_geometry, lps_to_ras_affine, orientation_code
+from ctzoo.io.orientation import (
+    affine_from_geometry,
+    lps_to_ras_affine,
+    orientation_code,
+)
 
 
 @dataclass

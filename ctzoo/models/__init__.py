@@ -3,6 +3,7 @@
 # Each model module registers its models when imported: import it here, so 'import ctzoo.models' (and so
 # 'ctzoo zoo list') sees every zoo model.
 
+from ctzoo.models import zoo_recistnet  # noqa: E402,F401  (registers the RECIST-Net models)
 from ctzoo.models.registry import (
     ArchitectureOverrideError,
     Metric,
@@ -20,8 +21,6 @@ from ctzoo.models.registry import (
     save_pretrained,
     unregister_model,
 )
-
-from ctzoo.models import zoo_recistnet  # noqa: E402,F401  (registers the RECIST-Net models)
 
 __all__ = [
     "ArchitectureOverrideError",

@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Mapping
 from datetime import date
 from pathlib import Path
@@ -34,6 +33,8 @@ import safetensors.torch
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+from ctzoo.io.atomic import replace_folder
 
 TASKS: tuple[str, ...] = ("detection", "segmentation")
 WEIGHTS_FILE, CONFIG_FILE, CARD_JSON, CARD_MD = "model.safetensors", "config.json", "card.json", "MODEL_CARD.md"
@@ -309,26 +310,12 @@ def save_pretrained(model: nn.Module, name_or_dir: str | os.PathLike[str], confi
         (partial / CONFIG_FILE).write_text(config_text, encoding="utf-8")
         (partial / CARD_JSON).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
         (partial / CARD_MD).write_text(card.to_markdown(), encoding="utf-8")
-        _move_into_place(partial, target)
+        replace_folder(partial, target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return target
 
-
-def _move_into_place(partial: Path, target: Path) -> None:
-    """Rename ``partial`` to ``target``; an existing ``target`` is moved aside first, removed after."""
-    aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}") if target.exists() else None
-    if aside is not None:
-        os.replace(target, aside)
-    try:
-        os.replace(partial, target)
-    except BaseException:
-        if aside is not None:
-            os.replace(aside, target)  # put the previous weights back rather than leave none
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def load_card(name: str) -> ModelCard:

@@ -18,7 +18,6 @@ import math
 import os
 import random
 import time
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -32,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ctzoo.config import StrictConfig
+from ctzoo.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,8 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
 
 
 def _atomic_save(payload: Any, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
+    with atomic_path(path) as temporary:
         torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _distributed() -> tuple[int, int]:

@@ -17,13 +17,13 @@ Reference: ``rsummers11/CADLab`` ``lesion_detector_3DCE/rcnn/utils/evaluation.py
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy.interpolate import interp1d
+
+from ctzoo.io.atomic import atomic_path
 
 REPORT_FPS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 MEAN_FPS = (0.5, 1.0, 2.0, 4.0)
@@ -260,11 +260,6 @@ def plot_froc(result, path: str | Path) -> Path:
     axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial.png")
-    try:
+    with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path

@@ -27,7 +27,12 @@ from pydantic import Field
 from ctzoo.config import StrictConfig
 from ctzoo.datasets.deeplesion.context import load_context_slices
 from ctzoo.datasets.deeplesion.info_csv import SPLITS, LesionRow, read_dl_info
-from ctzoo.datasets.deeplesion.recist import DEEPLESION_BOX_PAD, box_from_points, diameters, points_from_measurement
+from ctzoo.datasets.deeplesion.recist import (
+    DEEPLESION_BOX_PAD,
+    box_from_points,
+    diameters,
+    points_from_measurement,
+)
 
 #: Keys of a sample that hold one entry per lesion (what a crop must filter together).
 LESION_KEYS = ("keypoints", "boxes", "diameters_px", "diameters_mm", "lesion_types")

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+from ctzoo.io.atomic import atomic_path
 
 COLUMNS = (
     "File_name", "Patient_index", "Study_index", "Series_ID", "Key_slice_index", "Measurement_coordinates",
@@ -198,15 +198,9 @@ def _format(value: object) -> str:
 def write_dl_info(rows: Iterable[LesionRow], path: str | Path) -> Path:
     """Write rows in the official column order and number format, atomically (temporary name, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(COLUMNS)
-            for row in rows:
-                writer.writerow([_format(getattr(row, f.name)) for f in fields(LesionRow)])
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_path(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS)
+        for row in rows:
+            writer.writerow([_format(getattr(row, f.name)) for f in fields(LesionRow)])
     return path

@@ -34,10 +34,10 @@ from monai.transforms import (
     MapTransform,
     RandFlipd,
     RandGaussianNoised,
+    Randomizable,
     RandRotated,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    Randomizable,
     RandZoomd,
     ResizeWithPadOrCropd,
     SpatialCrop,
@@ -46,7 +46,13 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_dst_type, convert_to_tensor
 
-from .recist import CENTRE, DEEPLESION_BOX_PAD, box_from_points, canonical_order, diameters
+from .recist import (
+    CENTRE,
+    DEEPLESION_BOX_PAD,
+    box_from_points,
+    canonical_order,
+    diameters,
+)
 
 __all__ = [
     "KeypointsToImaged",

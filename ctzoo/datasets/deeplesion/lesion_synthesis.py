@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 import SimpleITK as sitk
+from scipy import ndimage
 
 from ctzoo.datasets.deeplesion.recist import DEEPLESION_BOX_PAD
 

@@ -22,7 +22,6 @@ import os
 import shutil
 import sys
 import tempfile
-import uuid
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,11 +35,21 @@ from tqdm import tqdm
 
 from ctzoo.datasets import samples
 from ctzoo.datasets.deeplesion import lesion_synthesis as synth
-from ctzoo.datasets.deeplesion.info_csv import LESION_TYPES, SPLITS, LesionRow, write_dl_info
+from ctzoo.datasets.deeplesion.info_csv import (
+    LESION_TYPES,
+    SPLITS,
+    LesionRow,
+    write_dl_info,
+)
 from ctzoo.datasets.deeplesion.measure import measure_recist
 from ctzoo.datasets.deeplesion.png_slices import write_png_hu
-from ctzoo.datasets.deeplesion.recist import DEEPLESION_BOX_PAD, box_from_points, diameters
+from ctzoo.datasets.deeplesion.recist import (
+    DEEPLESION_BOX_PAD,
+    box_from_points,
+    diameters,
+)
 from ctzoo.io import read_volume, volume_to_sitk
+from ctzoo.io.atomic import replace_folder
 
 IMAGE_SIZE = synth.IMAGE_SIZE
 PIXEL_MM = (0.7, 0.9)  # DeepLesion's typical in-plane spacing
@@ -344,17 +353,6 @@ def _prepare_target(out: Path, force: bool) -> None:
         raise FileExistsError(f"{out} is not empty; pass --force (force=True) to replace it")
 
 
-def _move_into_place(partial: Path, out: Path) -> None:
-    """Rename the finished folder to ``out``; an old ``out`` is moved aside first and removed after."""
-    aside = None
-    if out.exists():
-        aside = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, aside)
-    os.replace(partial, out)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
 def make_deeplesion_mini(out: Path, cases: int = 24, seed: int = 0, force: bool = False,
                          progress: bool = True) -> Path:
     """Write a miniature DeepLesion of ``cases`` series to ``out`` (see the module docstring); return ``out``.
@@ -397,7 +395,7 @@ def make_deeplesion_mini(out: Path, cases: int = 24, seed: int = 0, force: bool 
         (partial / "lesions.json").write_text(json.dumps(summary, indent=1) + "\n")
         (partial / "NOTICE.md").write_text(notice(seed, cases))
         shutil.copyfile(folder / "LICENSE", partial / "LICENSE")
-        _move_into_place(partial, out)
+        replace_folder(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out

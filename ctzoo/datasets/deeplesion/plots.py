@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,19 +15,17 @@ from ctzoo.datasets.deeplesion.info_csv import SPLITS, LesionRow  # noqa: E402
 from ctzoo.datasets.deeplesion.png_slices import read_png_hu, slice_path  # noqa: E402
 from ctzoo.datasets.deeplesion.recist import points_from_measurement  # noqa: E402
 from ctzoo.datasets.deeplesion.stats import long_axis_mm  # noqa: E402
+from ctzoo.io.atomic import atomic_path  # noqa: E402
 
 
 def save_figure(figure, path: str | Path) -> Path:
     """Save a matplotlib figure as PNG atomically (temporary name, then rename) and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial.png")
     try:
-        figure.savefig(temporary)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary)
     finally:
         plt.close(figure)
-        temporary.unlink(missing_ok=True)
     return path
 
 

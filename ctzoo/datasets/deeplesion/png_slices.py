@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ctzoo.io.atomic import atomic_path
 
 HU_OFFSET = 32768
 
@@ -32,11 +32,6 @@ def write_png_hu(path: str | Path, hu: np.ndarray) -> Path:
     stored = np.rint(np.asarray(hu, dtype=np.float64)) + HU_OFFSET
     if stored.min() < 0 or stored.max() > 65535:
         raise ValueError(f"{path}: HU {hu.min():.0f}..{hu.max():.0f} does not fit DeepLesion's uint16 encoding")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial.png")
-    try:
+    with atomic_path(path) as temporary:
         Image.fromarray(stored.astype(np.uint16)).save(temporary, format="PNG")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path

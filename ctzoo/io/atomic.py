@@ -1,0 +1,55 @@
+"""Writes that never leave a half-written file or folder: write beside the target, then rename into place.
+
+Every writer in ctzoo goes through here, so an interrupted run (Ctrl-C, a crash, a full disk) leaves the
+old file or nothing, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _suffix(path: Path) -> str:
+    return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write to; on success it is renamed to ``path``.
+
+    The temporary name keeps the suffix (``.nii.gz``, ``.png``...) for writers that pick the format by
+    extension. On any exception, KeyboardInterrupt included, the temporary file is removed and ``path``
+    is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = _suffix(path)
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    temporary = path.with_name(f".{stem}.{uuid.uuid4().hex[:8]}.partial{suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Rename a fully written ``staging`` folder to ``target``; an existing ``target`` is moved aside first
+    (and put back if the rename fails), then removed."""
+    aside = None
+    if target.exists():
+        aside = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(target, aside)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, target)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
