@@ -10,10 +10,12 @@ from ctzoo.datasets.deeplesion.context import load_context_slices, neighbour_off
 from ctzoo.datasets.deeplesion.dataset import (
     DeepLesionConfig,
     LoadDeepLesiond,
+    SlicePreprocessing,
     collate_lesions,
     deeplesion_dataloader,
     deeplesion_dataset,
     key_slice_items,
+    resample_and_window,
 )
 from ctzoo.datasets.deeplesion.info_csv import (
     COLUMNS,
@@ -152,6 +154,18 @@ def test_loaded_sample_hu_spacing_and_points(tmp_path):
                  + fy * ((1 - fx) * hu[y1 + 1, x1] + fx * hu[y1 + 1, x1 + 1]))
         assert value == pytest.approx(truth[12][y0, x0], abs=1.0)
     assert np.all(sample["image"].numpy() >= 0) and np.all(sample["image"].numpy() <= 1)
+
+
+def test_extra_windows_stack_channels_window_by_window():
+    hu = np.stack([np.linspace(-1200, 400, 64 * 64).reshape(64, 64) + 10 * k for k in range(3)])
+    cfg = SlicePreprocessing(norm_spacing_mm=None, window_hu=(-1024, 3071), extra_windows_hu=[(-160, 240),
+                                                                                                (-1350, 150)])
+    assert cfg.in_channels == 9 and SlicePreprocessing().in_channels == 3
+    image, _ = resample_and_window(hu, (0.8, 0.8), cfg)
+    assert image.shape == (9, 64, 64)
+    for w, (low, high) in enumerate([(-1024, 3071), (-160, 240), (-1350, 150)]):
+        expected = np.clip((hu - low) / (high - low), 0, 1)
+        np.testing.assert_allclose(image[3 * w:3 * w + 3].numpy(), expected, atol=1e-5)
 
 
 def test_recist_conversions_by_hand():

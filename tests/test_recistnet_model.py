@@ -8,7 +8,7 @@ import torch
 from monai.data import MetaTensor
 
 from ctzoo.datasets.deeplesion.recist import canonical_order
-from ctzoo.models.recistnet import RecistNet, box_from_points, group_keypoints
+from ctzoo.models.recistnet import RecistNet, box_from_points, group_keypoints, recist_order
 from ctzoo.models.recistnet_targets import (
     focal_loss,
     make_targets,
@@ -30,13 +30,18 @@ def lesion(cx, cy, long_len, short_len, angle_deg, t=0.5, s=0.5):
 
 
 def perfect_outputs(keypoints, size):
-    """Network outputs that match make_targets exactly: logit(clamped heatmap) and offsets at each point's cell."""
+    """Network outputs that match make_targets exactly: logit(clamped heatmap) and offsets at each point's cell,
+    displacements at each centre's cell."""
     targets = make_targets([torch.as_tensor(k, dtype=torch.float32) for k in keypoints], None, size, R)
     heatmaps = torch.logit(targets["heatmaps"].clamp(1e-4, 1 - 1e-4))
     batch, _, height, width = heatmaps.shape
     offsets = torch.zeros(batch, 5, 2, height * width)
+    displacements = torch.zeros(batch, 8, height * width)
     for b, n, k in targets["point_mask"].nonzero().tolist():
         offsets[b, k, :, targets["indices"][b, n, k]] = targets["offset_targets"][b, n, k]
+        if k == 4:
+            displacements[b, :, targets["indices"][b, n, 4]] = targets["displacement_targets"][b, n].reshape(8)
+    targets["displacements"] = displacements.reshape(batch, 8, height, width)
     return heatmaps, offsets.reshape(batch, 10, height, width), targets
 
 
@@ -52,6 +57,7 @@ def test_forward_shapes_and_parameter_counts(backbone, size, low, high):
     out = model(torch.randn(2, 3, size, size + 32))
     assert out["heatmaps"].shape == (2, 5, size // 4, (size + 32) // 4)
     assert out["offsets"].shape == (2, 10, size // 4, (size + 32) // 4)
+    assert out["displacements"].shape == (2, 8, size // 4, (size + 32) // 4)
     assert type(model(MetaTensor(torch.zeros(1, 3, 64, 64)))["heatmaps"]) is torch.Tensor  # plain tensors out
     # CenterNet prior: every heatmap starts near p = 0.1
     assert torch.allclose(model.heatmap_head[-1].bias, torch.full((5,), -2.19))
@@ -88,8 +94,14 @@ def test_make_targets_peaks_offsets_indices():
             assert -0.5 <= dx < 0.5 and -0.5 <= dy < 0.5
             assert (u + dx + 0.5) * R - 0.5 == pytest.approx(x, abs=1e-4)
             assert (v + dy + 0.5) * R - 0.5 == pytest.approx(y, abs=1e-4)
+            if k < 4:  # the displacement from the centre's cell reaches the same point
+                cu, cv = (int(c) for c in (points[n, 4] + 0.5) // R)
+                sx, sy = t["displacement_targets"][0, n, k].tolist()
+                assert (cu + sx + 0.5) * R - 0.5 == pytest.approx(x, abs=1e-4)
+                assert (cv + sy + 0.5) * R - 0.5 == pytest.approx(y, abs=1e-4)
     # exactly one peak per on-grid point (no two points of a channel share a cell here)
     assert int((t["heatmaps"][0] == 1).sum()) == int(t["point_mask"][0].sum())
+    assert t["displacement_targets"].shape == (2, 4, 4, 2)
     assert 0 < t["heatmaps"][0, 0, 15, 11] < 1.0  # the Gaussian around the peak
 
 
@@ -127,9 +139,48 @@ def test_group_keypoints_rejects_bad_geometry(case):
     assert not out["valid"].any()
 
 
+def test_centre_candidates_find_lesions_whose_end_points_the_combinations_reject():
+    """Two small lesions whose end-point peaks sit a few pixels off (as a trained network's do): the noisy
+    short axis comes out longer than the long one, so the combinations reject it; the centre peak with its
+    regressed displacements still finds it, snapped to the nearby peaks. A lesion with no end-point evidence
+    at all is proposed from its centre alone, at a lower score."""
+    truth = np.stack([lesion(60.2, 60.6, 16, 14, 10.0), lesion(180.4, 150.3, 40, 20, 0.0)])
+    heatmaps, offsets, targets = perfect_outputs([truth], (256, 256))
+    jittered = truth.copy()
+    jittered[0, :2] += [[4.0, 0.0], [-4.0, 0.0]]  # long axis 8 px shorter: now shorter than the short one
+    noisy, noisy_offsets, _ = perfect_outputs([jittered], (256, 256))
+    noisy[:, :, 30:, 30:], noisy_offsets[:, :, 30:, 30:] = heatmaps[:, :, 30:, 30:], offsets[:, :, 30:, 30:]
+    noisy[:, :4, 30:, 30:] = -9.0  # the second lesion is perfect, except that its end points are not found
+    without = group_keypoints(noisy, noisy_offsets, R)
+    assert not without["valid"].any()
+    out = group_keypoints(noisy, noisy_offsets, R, displacements=targets["displacements"])
+    found = out["points"][0][out["valid"][0]]
+    scores = out["scores"][0][out["valid"][0]]
+    assert len(found) == 2
+    snapped, regressed = found[0], found[1]  # the lesion with end-point evidence scores higher
+    # snapped to the jittered peaks, reported with the (now) longer axis first
+    expected = recist_order(torch.as_tensor(jittered[0], dtype=torch.float32))
+    assert torch.allclose(expected[:2], torch.as_tensor(jittered[0, 2:4], dtype=torch.float32))
+    assert torch.allclose(snapped[:4], expected[:4], atol=1.0)
+    assert torch.allclose(regressed, torch.as_tensor(truth[1], dtype=torch.float32), atol=0.05)
+    assert scores[0] > 0.9 and 0.3 < scores[1] < 0.4  # no end-point evidence: only the centre's 2/6
+
+
+def test_recist_order_puts_the_longer_axis_first_and_orders_each_pair():
+    points = torch.tensor([[[50.0, 40.0], [50.0, 60.0], [70.0, 50.0], [30.0, 50.0], [50.0, 50.0]],  # short longer
+                           [[70.0, 50.0], [30.0, 50.0], [50.0, 45.0], [50.0, 55.0], [50.0, 50.0]]])  # long reversed
+    ordered = recist_order(points)
+    expected = np.stack([canonical_order(p.numpy()) for p in points[:, [2, 3, 0, 1, 4]]])
+    assert torch.allclose(ordered[0], torch.as_tensor(expected[0], dtype=torch.float32))
+    assert torch.allclose(ordered[1], torch.as_tensor(canonical_order(points[1].numpy()), dtype=torch.float32))
+
+
 def test_group_keypoints_on_empty_maps():
     out = group_keypoints(torch.full((2, 5, 16, 16), -9.0), torch.zeros(2, 10, 16, 16), R, max_lesions=5)
     assert out["points"].shape == (2, 5, 5, 2) and not out["valid"].any()
+    out = group_keypoints(torch.full((2, 5, 16, 16), -9.0), torch.zeros(2, 10, 16, 16), R, max_lesions=5,
+                          displacements=torch.zeros(2, 8, 16, 16))
+    assert not out["valid"].any()
 
 
 # ------------------------------------------------------------------------------------------------- losses
@@ -139,8 +190,12 @@ def test_loss_is_small_for_perfect_outputs_and_positive_otherwise():
     truth = np.stack([lesion(70.2, 60.6, 50, 24, 20.0)])
     heatmaps, offsets, targets = perfect_outputs([truth], (128, 128))
     one_hot = torch.where(targets["heatmaps"] >= 1, 12.0, -12.0)
-    total, parts = recistnet_loss({"heatmaps": one_hot, "offsets": offsets}, targets)
-    assert total.item() < 1e-3 and parts["offset"] < 1e-6
+    total, parts = recistnet_loss({"heatmaps": one_hot, "offsets": offsets,
+                                   "displacements": targets["displacements"]}, targets)
+    assert total.item() < 1e-3 and parts["offset"] < 1e-6 and parts["displacement"] < 1e-6
+    _, parts = recistnet_loss({"heatmaps": one_hot, "offsets": offsets,
+                               "displacements": torch.zeros_like(targets["displacements"])}, targets)
+    assert parts["displacement"] > 1.0  # the end points are cells away from the centre
     total_gauss, _ = recistnet_loss({"heatmaps": heatmaps, "offsets": offsets}, targets)
     total_flat, parts_flat = recistnet_loss({"heatmaps": torch.full_like(heatmaps, -2.19),
                                              "offsets": torch.zeros_like(offsets)}, targets)

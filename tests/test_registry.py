@@ -25,6 +25,7 @@ from ctzoo.models import (
     list_models,
     load_card,
     model_entry,
+    model_input_spec,
     model_version,
     register_model,
     save_pretrained,
@@ -120,6 +121,14 @@ def test_save_pretrained_round_trip(entry) -> None:
         assert torch.equal(model.eval()(x), loaded.eval()(x))
     assert load_card(NAME) == card and model_version(NAME) == "1.0.0"
     assert create_model(NAME, pretrained=True, dropout=0.5)[3].p == 0.5  # an override that keeps shapes is fine
+
+
+def test_input_spec_comes_from_the_shipped_card(entry) -> None:
+    assert model_input_spec(NAME)["spacing_mm"] == 0.8 and model_input_spec(NAME)["size_multiple"] == 1
+    model = trained_model()
+    card = make_card(model).model_copy(update={"input_spec": {"channels": 1, "spacing_mm": 1.5}})
+    save_pretrained(model, NAME, CONFIG, card)
+    assert model_input_spec(NAME) == {"channels": 1, "spacing_mm": 1.5}  # the weights' own preprocessing
 
 
 def test_pretrained_uses_the_trained_config_not_the_defaults(entry) -> None:

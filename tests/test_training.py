@@ -152,6 +152,7 @@ def test_publish_then_infer_on_the_sample(mini, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     card = load_card("recistnet-mini")
     assert card.version == "0.0.1" and "sensitivity_at_4_fp" in card.metrics and card.training.epochs == 1
+    assert "make-deeplesion-mini" in card.training.command and "--cases 4 --seed 3" in card.training.command
     assert "Metrics" in (tmp_path / "weights" / "MODEL_CARD.md").read_text()
     model = create_model("recistnet-mini", pretrained=True)
     saved = torch.load(tmp_path / "run" / "best.pt", weights_only=False)["model"]

@@ -53,16 +53,16 @@ def infer(inputs: tuple[Path, ...], model_name: str, out: Path, device: str, sco
     from ctzoo.inference.overlay import plot_detections
     from ctzoo.inference.recist_volume import detect_volume
     from ctzoo.io import read_volume
-    from ctzoo.models import create_model, model_entry, model_version
+    from ctzoo.models import create_model, model_input_spec, model_version
     from ctzoo.training.engine import pick_device
 
     try:
-        entry = model_entry(model_name)
+        spec = model_input_spec(model_name)
         model = create_model(model_name, pretrained=True).eval()
         version = model_version(model_name)
     except (KeyError, FileNotFoundError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
-    prep = SlicePreprocessing(**{k: v for k, v in entry.input_spec.items() if k in SlicePreprocessing.model_fields})
+    prep = SlicePreprocessing(**{k: v for k, v in spec.items() if k in SlicePreprocessing.model_fields})
     dev = pick_device(device)
     torch.set_grad_enabled(False)
     for path in inputs or (sample_ct_dicom(),):

@@ -1,9 +1,12 @@
 """RECIST-Net: a lesion detector that finds the five RECIST keypoints and groups them (CenterNet ``exdet`` style).
 
 The network predicts, at ``1 / down_ratio`` of the input resolution, five keypoint heatmaps in the order of
-:data:`ctzoo.datasets.deeplesion.recist.POINT_NAMES` (long_a, long_b, short_a, short_b, centre) and a
-sub-pixel offset (dx, dy) for each of them. :func:`group_keypoints` turns those maps into lesions, in pure
-torch with fixed output shapes so that it can be traced or exported with the network later.
+:data:`ctzoo.datasets.deeplesion.recist.POINT_NAMES` (long_a, long_b, short_a, short_b, centre), a
+sub-pixel offset (dx, dy) for each of them, and, at each centre, the displacement to the four end points
+(CenterNet's ``multi_pose`` regression). :func:`group_keypoints` turns those maps into lesions two ways —
+combinations of end-point peaks checked against the centre heatmap (``exdet``), and centre peaks whose
+regressed end points snap to nearby peaks — and keeps the best by NMS. It is pure torch with fixed output
+shapes so that it can be traced or exported with the network.
 
 Coordinates: points are ``(x, y)`` in input pixels, 0-based pixel centres (see :mod:`.recist`). Heatmap cell
 ``(u, v)`` covers input pixels ``[u * R, (u + 1) * R)`` (``R = down_ratio``); its centre is at
@@ -21,7 +24,7 @@ from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.nets.resnet import ResNet
 from torch import nn
 
-from ctzoo.datasets.deeplesion.recist import POINT_NAMES
+from ctzoo.datasets.deeplesion.recist import POINT_NAMES, VERTICAL_EPS
 
 NUM_POINTS = len(POINT_NAMES)  # 5: four end points and the centre
 NUM_ENDPOINTS = 4
@@ -132,8 +135,9 @@ class RecistNet(nn.Module):
         down_ratio: output stride, one of 4, 8, 16, 32.
 
     ``forward(x)``: x (B, in_channels, H, W), H and W multiples of 32 ->
-    ``{"heatmaps": (B, 5, H/R, W/R) logits, "offsets": (B, 10, H/R, W/R)}``; offset channels are
-    (dx, dy) of long_a, then of long_b, short_a, short_b, centre, in heatmap cells.
+    ``{"heatmaps": (B, 5, H/R, W/R) logits, "offsets": (B, 10, H/R, W/R), "displacements": (B, 8, H/R, W/R)}``;
+    offset channels are (dx, dy) of long_a, then of long_b, short_a, short_b, centre, in heatmap cells;
+    displacement channels are (dx, dy) from a centre's cell to long_a, long_b, short_a, short_b, in cells.
     """
 
     def __init__(self, in_channels: int = 3, backbone: str = "light", width: int = 32, head_channels: int = 64,
@@ -153,12 +157,14 @@ class RecistNet(nn.Module):
         self.decoder = TopDownDecoder(self.encoder.channels, feature_channels, down_ratio)
         self.heatmap_head = _head(feature_channels, head_channels, NUM_POINTS, bias=HEATMAP_PRIOR_BIAS)
         self.offset_head = _head(feature_channels, head_channels, 2 * NUM_POINTS)
+        self.displacement_head = _head(feature_channels, head_channels, 2 * NUM_ENDPOINTS)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if isinstance(x, MetaTensor):  # a type check, not data-dependent: plain tensors keep the graph lean
             x = x.as_tensor()
         features = self.decoder(self.encoder(x))
-        return {"heatmaps": self.heatmap_head(features), "offsets": self.offset_head(features)}
+        return {"heatmaps": self.heatmap_head(features), "offsets": self.offset_head(features),
+                "displacements": self.displacement_head(features)}
 
     @torch.no_grad()
     def detect(self, x: torch.Tensor, max_lesions: int = 20, top_k: int = 24,
@@ -175,7 +181,8 @@ class RecistNet(nn.Module):
         finally:
             self.train(was_training)
         grouped = group_keypoints(outputs["heatmaps"].float(), outputs["offsets"].float(), self.down_ratio,
-                                  max_lesions=max_lesions, top_k=top_k, score_threshold=score_threshold)
+                                  max_lesions=max_lesions, top_k=top_k, score_threshold=score_threshold,
+                                  displacements=outputs["displacements"].float())
         return [{"points": grouped["points"][b][keep], "scores": grouped["scores"][b][keep],
                  "boxes": grouped["boxes"][b][keep]} for b, keep in enumerate(grouped["valid"])]
 
@@ -238,13 +245,13 @@ def _cross(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def axes_geometry(long_ends: torch.Tensor, short_ends: torch.Tensor, tolerance: float, max_abs_cos: float,
-                  min_axis: float = 1.0):
+                  min_axis: float = 1.0, crossing: tuple[float, float] = (0.0, 1.0)):
     """Check every long pair against every short pair.
 
     long_ends (B, L, 2, 2), short_ends (B, S, 2, 2) -> intersection (B, L, S, 2) of the two lines and ok
     (B, L, S): the short axis is at most ``tolerance`` px longer than the long one, both axes are at least
-    ``min_axis`` px long, |cos| of their angle <= ``max_abs_cos``, and the intersection lies within both
-    segments extended by ``tolerance`` px at each end.
+    ``min_axis`` px long, |cos| of their angle <= ``max_abs_cos``, and the intersection lies within the
+    ``crossing`` fraction of both segments (0 and 1 are the ends), give or take ``tolerance`` px.
     """
     la, lb = long_ends[:, :, None, 0], long_ends[:, :, None, 1]
     sa, sb = short_ends[:, None, :, 0], short_ends[:, None, :, 1]
@@ -257,7 +264,8 @@ def axes_geometry(long_ends: torch.Tensor, short_ends: torch.Tensor, tolerance: 
     denom = torch.where(denom.abs() < eps, torch.full_like(denom, eps), denom)
     t, s = _cross(w, d2) / denom, _cross(w, d1) / denom  # la + t d1 == sa + s d2
     slack_t, slack_s = tolerance / len1.clamp_min(eps), tolerance / len2.clamp_min(eps)
-    crosses = (t >= -slack_t) & (t <= 1 + slack_t) & (s >= -slack_s) & (s <= 1 + slack_s)
+    low, high = crossing
+    crosses = (t >= low - slack_t) & (t <= high + slack_t) & (s >= low - slack_s) & (s <= high + slack_s)
     ok = crosses & (cos <= max_abs_cos) & (len2 <= len1 + tolerance) & (len1 >= min_axis) & (len2 >= min_axis)
     return la + t[..., None] * d1, ok
 
@@ -291,16 +299,28 @@ def greedy_select(scores: torch.Tensor, conflict: torch.Tensor, count: int) -> t
 
 def group_keypoints(heatmaps: torch.Tensor, offsets: torch.Tensor, down_ratio: int, max_lesions: int = 20,
                     top_k: int = 24, score_threshold: float = 0.05, cell_tolerance: float = 1.0,
-                    max_abs_cos: float = 0.5, nms_iou: float = 0.5, pre_nms: int = 200) -> dict[str, torch.Tensor]:
-    """Group keypoint heatmaps into RECIST lesions (CenterNet ``exct_decode`` adapted to RECIST).
+                    max_abs_cos: float = 0.5, axis_crossing: tuple[float, float] = (0.1, 0.9), nms_iou: float = 0.5,
+                    pre_nms: int = 200, displacements: torch.Tensor | None = None,
+                    snap_fraction: float = 0.3) -> dict[str, torch.Tensor]:
+    """Group keypoint heatmaps into RECIST lesions (CenterNet ``exct_decode`` adapted to RECIST, plus, with
+    ``displacements``, CenterNet ``multi_pose_decode`` candidates from the centre heatmap).
 
     Args:
         heatmaps: (B, 5, h, w) logits; offsets: (B, 10, h, w) (dx, dy) per point, in cells.
+        displacements: (B, 8, h, w) (dx, dy) from a centre cell to each end point, in cells, or None for the
+            end-point combinations alone. Each of the top_k centre peaks then proposes a lesion too: its
+            regressed end points, each snapped to the nearest peak of its own heatmap within ``snap_fraction``
+            of the regressed long axis (at least ``cell_tolerance``). A small lesion whose four end peaks are
+            a few pixels off still gets found this way, where the combinations' geometry checks reject it.
         down_ratio: output stride R; points come back in input pixels.
         max_lesions: lesions returned per image. top_k: peaks per end-point heatmap, and pairs kept per axis.
         score_threshold: minimum sigmoid score of every end point and of the centre.
         cell_tolerance: geometric slack in heatmap cells (pair order, short <= long, segment crossing).
         max_abs_cos: the axes must be within acos(0.5) = 60 deg of perpendicular.
+        axis_crossing: where along each axis (fraction from its first end) the other must cross it. RECIST's
+            diameters cross inside the lesion, away from the ends; without this, the short axis of a small
+            lesion plus any long pair whose line passes through it (one end of this lesion, one of another)
+            forms a valid-looking lesion.
         nms_iou: box IoU above which a lesion suppresses a lower-scored one.
         pre_nms: candidates (best scores first) that enter NMS.
 
@@ -313,6 +333,8 @@ def group_keypoints(heatmaps: torch.Tensor, offsets: torch.Tensor, down_ratio: i
     long axis from one lesion's end to another's) score as high as real ones while their boxes overlap little.
     The centre point is the centre peak (refined by its offset) when the 3x3 maximum around the intersection
     is a local peak, since that is the network's direct estimate; otherwise the intersection itself.
+
+    Points come out in the documented order (:func:`recist_order`).
 
     Returns fixed shapes: ``points`` (B, M, 5, 2), ``scores`` (B, M) descending (0 where empty), ``boxes``
     (B, M, 4) tight end-point boxes, ``valid`` (B, M) bool, M = min(max_lesions, candidates).
@@ -328,7 +350,8 @@ def group_keypoints(heatmaps: torch.Tensor, offsets: torch.Tensor, down_ratio: i
         peak_xy[:, 2], peak_score[:, 2], peak_xy[:, 3], peak_score[:, 3], top_k, tolerance, score_threshold)
     num_long, num_short = long_ends.shape[1], short_ends.shape[1]
 
-    intersection, geometry_ok = axes_geometry(long_ends, short_ends, tolerance, max_abs_cos)
+    intersection, geometry_ok = axes_geometry(long_ends, short_ends, tolerance, max_abs_cos,
+                                              crossing=axis_crossing)
     centre_score, centre = centre_near(heat[:, NUM_ENDPOINTS:], offsets[:, NUM_ENDPOINTS:],
                                        intersection.reshape(batch, -1, 2), down_ratio)
 
@@ -342,8 +365,65 @@ def group_keypoints(heatmaps: torch.Tensor, offsets: torch.Tensor, down_ratio: i
     score = (end_sum + 2 * centre_score) / 6
     valid = ((long_valid[:, :, None] & short_valid[:, None, :] & geometry_ok).reshape(batch, -1)
              & (centre_score >= score_threshold))
-    return select_lesions(points, peak_ids, torch.where(valid, score, torch.full_like(score, -1.0)),
-                          max_lesions, nms_iou, pre_nms)
+    score = torch.where(valid, score, torch.full_like(score, -1.0))
+    if displacements is not None:
+        centred = centre_candidates(heat, offsets, displacements, peak_xy, peak_score, down_ratio, top_k,
+                                    score_threshold, tolerance, snap_fraction)
+        points, peak_ids, score = (torch.cat([a, b], dim=1) for a, b in zip((points, peak_ids, score), centred))
+    return select_lesions(recist_order(points), peak_ids, score, max_lesions, nms_iou, pre_nms)
+
+
+def recist_order(points: torch.Tensor) -> torch.Tensor:
+    """points (..., 5, 2) in the documented order: the longer axis first (RECIST's long axis is the longer
+    diameter by definition, whichever heatmaps found its ends), each pair in canonical order (torch twin of
+    :func:`ctzoo.datasets.deeplesion.recist.canonical_order`). Regressed and snapped points, and pairs within
+    the grouping's tolerance, can come out otherwise."""
+    long_len = (points[..., 1, :] - points[..., 0, :]).norm(dim=-1)
+    short_len = (points[..., 3, :] - points[..., 2, :]).norm(dim=-1)
+    points = torch.where((short_len > long_len)[..., None, None], points[..., [2, 3, 0, 1, 4], :], points)
+    a, b = points[..., [0, 2], :], points[..., [1, 3], :]
+    delta = b - a
+    swap = ((delta[..., 0] < -VERTICAL_EPS) | ((delta[..., 0].abs() <= VERTICAL_EPS) & (delta[..., 1] < 0)))[..., None]
+    first, second = torch.where(swap, b, a), torch.where(swap, a, b)
+    return torch.stack([first[..., 0, :], second[..., 0, :], first[..., 1, :], second[..., 1, :], points[..., 4, :]],
+                       dim=-2)
+
+
+def centre_candidates(heat: torch.Tensor, offsets: torch.Tensor, displacements: torch.Tensor,
+                      peak_xy: torch.Tensor, peak_score: torch.Tensor, down_ratio: int, top_k: int,
+                      score_threshold: float, tolerance: float, snap_fraction: float):
+    """Lesions proposed by the top_k centre peaks (see :func:`group_keypoints`).
+
+    heat (B, 5, h, w) probabilities, offsets (B, 5, 2, h*w), displacements (B, 8, h, w), end-point peaks
+    peak_xy (B, 4, K, 2) and peak_score (B, 4, K) -> points (B, top_k, 5, 2), peak ids (B, top_k, 4) (the
+    snapped peak's index, or a negative id of its own where an end point is not snapped), scores (B, top_k)
+    (same formula as the combinations, -1 = invalid). An unsnapped end point scores its heatmap's value there.
+    """
+    batch, _, height, width = heat.shape
+    centre_score, index = heatmap_peaks(heat[:, NUM_ENDPOINTS:]).flatten(1).topk(min(top_k, height * width), dim=1)
+    centre = cells_to_pixels(index, _gather_offsets(offsets[:, NUM_ENDPOINTS:], index[:, None])[:, 0], width,
+                             down_ratio)  # (B, C, 2)
+    shift = displacements.reshape(batch, NUM_ENDPOINTS, 2, height * width)
+    regressed = cells_to_pixels(index[:, None], _gather_offsets(shift, index[:, None].expand(-1, NUM_ENDPOINTS, -1)),
+                                width, down_ratio).transpose(1, 2)  # (B, C, 4, 2)
+    radius = (snap_fraction * (regressed[:, :, 1] - regressed[:, :, 0]).norm(dim=-1)).clamp_min(tolerance)
+    distance = (regressed[:, :, :, None, :] - peak_xy[:, None]).norm(dim=-1)  # (B, C, 4, K)
+    usable = (distance <= radius[:, :, None, None]) & (peak_score[:, None] >= score_threshold)
+    nearest, nearest_id = torch.where(usable, distance, torch.full_like(distance, float("inf"))).min(dim=-1)
+    snapped = torch.isfinite(nearest)  # (B, C, 4)
+    snapped_xy = peak_xy[:, None].expand(-1, regressed.shape[1], -1, -1, -1).gather(
+        3, nearest_id[..., None, None].expand(-1, -1, -1, 1, 2))[:, :, :, 0]
+    snapped_score = peak_score[:, None].expand(-1, regressed.shape[1], -1, -1).gather(3, nearest_id[..., None])[..., 0]
+    cell = torch.div(regressed + 0.5, down_ratio, rounding_mode="floor").long()
+    flat = cell[..., 1].clamp(0, height - 1) * width + cell[..., 0].clamp(0, width - 1)  # (B, C, 4)
+    there = heat[:, :NUM_ENDPOINTS].flatten(2).gather(2, flat.transpose(1, 2)).transpose(1, 2)
+    ends = torch.where(snapped[..., None], snapped_xy, regressed)
+    end_score = torch.where(snapped, snapped_score, there)
+    own_ids = -1 - torch.arange(regressed.shape[1], device=heat.device)[None, :, None].expand_as(nearest_id)
+    peak_ids = torch.where(snapped, nearest_id, own_ids)
+    score = (end_score.sum(-1) + 2 * centre_score) / 6
+    score = torch.where(centre_score >= score_threshold, score, torch.full_like(score, -1.0))
+    return torch.cat([ends, centre[:, :, None]], dim=2), peak_ids, score
 
 
 def endpoint_peaks(heat: torch.Tensor, offsets: torch.Tensor, top_k: int, down_ratio: int):

@@ -84,6 +84,8 @@ def make_targets(keypoints: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor
     Returns (all on CPU):
         ``heatmaps`` (B, 5, H/R, W/R) float32 in [0, 1], 1 exactly at each point's cell;
         ``offset_targets`` (B, max_objects, 5, 2) float32 sub-cell offsets in cells;
+        ``displacement_targets`` (B, max_objects, 4, 2) float32: each end point minus its centre's cell, in
+        cells (what the displacement head predicts at the centre; valid where the centre is on the grid);
         ``indices`` (B, max_objects, 5) int64 flat cell indices v * (W/R) + u (0 where unused);
         ``mask`` (B, max_objects) bool, a lesion with at least one point on the grid;
         ``point_mask`` (B, max_objects, 5) bool, that point is on the grid.
@@ -94,6 +96,7 @@ def make_targets(keypoints: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor
     batch = len(keypoints)
     heatmaps = np.zeros((batch, NUM_POINTS, height, width), dtype=np.float32)
     offsets = np.zeros((batch, max_objects, NUM_POINTS, 2), dtype=np.float32)
+    displacements = np.zeros((batch, max_objects, NUM_POINTS - 1, 2), dtype=np.float32)
     indices = np.zeros((batch, max_objects, NUM_POINTS), dtype=np.int64)
     point_mask = np.zeros((batch, max_objects, NUM_POINTS), dtype=bool)
     for b in range(batch):
@@ -112,8 +115,10 @@ def make_targets(keypoints: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor
             if n < max_objects:
                 point_mask[b, n] = inside[n]
                 offsets[b, n] = np.where(inside[n, :, None], remainders[n], 0.0)
+                displacements[b, n] = (cells[n, :-1] + remainders[n, :-1]) - cells[n, -1]
                 indices[b, n] = np.where(inside[n], cells[n, :, 1] * width + cells[n, :, 0], 0)
     return {"heatmaps": torch.from_numpy(heatmaps), "offset_targets": torch.from_numpy(offsets),
+            "displacement_targets": torch.from_numpy(displacements),
             "indices": torch.from_numpy(indices), "mask": torch.from_numpy(point_mask.any(-1)),
             "point_mask": torch.from_numpy(point_mask)}
 
@@ -154,11 +159,26 @@ def offset_loss(pred_offsets: torch.Tensor, offset_targets: torch.Tensor, indice
     return error.sum() / (2 * weight.sum() + 1e-4)
 
 
-def recistnet_loss(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
-                   offset_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+def displacement_loss(pred_displacements: torch.Tensor, displacement_targets: torch.Tensor, indices: torch.Tensor,
+                      centre_mask: torch.Tensor) -> torch.Tensor:
+    """L1 between the displacements (B, 8, h, w) read at each lesion's centre cell ``indices`` (B, K) and
+    displacement_targets (B, K, 4, 2), averaged over lesions whose centre is on the grid (``centre_mask``
+    (B, K)) (CenterNet ``multi_pose``'s keypoint regression)."""
+    batch, channels, height, width = pred_displacements.shape
+    flat = pred_displacements.float().reshape(batch, channels, height * width)
+    predicted = flat.gather(2, indices[:, None, :].expand(-1, channels, -1)).permute(0, 2, 1)  # (B, K, 8)
+    weight = centre_mask[..., None].to(torch.float32)
+    error = (predicted - displacement_targets.float().reshape(batch, -1, channels)).abs() * weight
+    return error.sum() / (channels * weight.sum() + 1e-4)
+
+
+def recistnet_loss(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], offset_weight: float = 1.0,
+                   displacement_weight: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
     """Total = sum over the five heatmaps of their focal losses (as CenterNet ``exdet`` sums its five) +
-    ``offset_weight`` x offset L1 (with ``point_mask`` where present). Targets are moved to the outputs'
-    device. Returns (total, {"heatmap": float, "offset": float})."""
+    ``offset_weight`` x offset L1 (with ``point_mask`` where present) + ``displacement_weight`` x displacement
+    L1 when the outputs have ``displacements`` (0.1, CenterNet's weight for its size regression, since these
+    too are lengths of several cells). Targets are moved to the outputs' device.
+    Returns (total, {"heatmap": float, "offset": float[, "displacement": float]})."""
     device = outputs["heatmaps"].device
     heat_target = targets["heatmaps"].to(device)
     heat = sum(focal_loss(outputs["heatmaps"][:, k], heat_target[:, k]) for k in range(NUM_POINTS))
@@ -166,4 +186,11 @@ def recistnet_loss(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Te
     offset = offset_loss(outputs["offsets"], targets["offset_targets"].to(device), targets["indices"].to(device),
                          mask.to(device))
     total = heat + offset_weight * offset
-    return total, {"heatmap": float(heat.detach()), "offset": float(offset.detach())}
+    parts = {"heatmap": float(heat.detach()), "offset": float(offset.detach())}
+    if "displacements" in outputs:
+        centre_mask = mask[..., -1] if mask.dim() == 3 else mask
+        displacement = displacement_loss(outputs["displacements"], targets["displacement_targets"].to(device),
+                                         targets["indices"][..., -1].to(device), centre_mask.to(device))
+        total = total + displacement_weight * displacement
+        parts["displacement"] = float(displacement.detach())
+    return total, parts

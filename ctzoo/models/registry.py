@@ -326,6 +326,15 @@ def load_card(name: str) -> ModelCard:
     return ModelCard.model_validate_json(path.read_text(encoding="utf-8"))
 
 
+def model_input_spec(name: str) -> dict[str, Any]:
+    """How inputs must be prepared for ``name``: the shipped card's ``input_spec`` (what the weights were trained
+    with) when weights are shipped, else the registration's."""
+    try:
+        return dict(load_card(name).input_spec)
+    except FileNotFoundError:
+        return dict(model_entry(name).input_spec)
+
+
 def model_version(name: str) -> str:
     """The semantic version of ``name``'s shipped weights."""
     return load_card(name).version

@@ -39,10 +39,10 @@ def evaluate_recistnet(config: Path, out: Path, split: str = "test", checkpoint:
     """
     cfg = load_train_config(config, data_root)
     dev = pick_device(device)
-    model = load_recistnet(checkpoint, model_name, cfg.data.num_slices, cfg.model.model_dump(), dev)
+    model = load_recistnet(checkpoint, model_name, cfg.data.in_channels, cfg.model.model_dump(), dev)
     dataset = deeplesion_dataset(cfg.data, split, transform=recist_eval_transforms(cfg.eval_size))
     loader = deeplesion_dataloader(dataset, batch_size=4, shuffle=False, num_workers=0)
-    result, detections = evaluate_detector(model, loader, dev, cfg.max_lesions)
+    result, detections = evaluate_detector(model, loader, dev, cfg.max_lesions, cfg.min_score)
     out.mkdir(parents=True, exist_ok=True)
     (out / "froc.json").write_text(json.dumps({"split": split, "source": str(checkpoint or model_name),
                                                **result.to_dict()}, indent=2))

@@ -21,6 +21,15 @@ LIMITATIONS = [
 ]
 
 
+def _miniature_options(root: Path) -> str:
+    """The make-deeplesion-mini options that rebuild the miniature at ``root`` (from its lesions.json)."""
+    summary = root / "lesions.json"
+    if not summary.is_file():
+        return ""
+    built = json.loads(summary.read_text())
+    return f" --cases {built['cases']} --seed {built['seed']}"
+
+
 def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, split: str = "test",
                       data_root: Path | None = None, command: str = "", target: Path | None = None) -> Path:
     """Evaluate ``run_dir/best.pt`` on ``split`` and publish it as zoo model ``name`` (or into ``target``).
@@ -32,9 +41,9 @@ def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, spli
     as_written = load_train_config(config)  # the card names the config's own data root, not a local override
     checkpoint = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model_config = {"in_channels": cfg.data.num_slices, **state.get("train_config", {}).get("model",
+    model_config = {"in_channels": cfg.data.in_channels, **state.get("train_config", {}).get("model",
                                                                                           cfg.model.model_dump())}
-    model = load_recistnet(checkpoint, None, cfg.data.num_slices, cfg.model.model_dump(), torch.device("cpu"))
+    model = load_recistnet(checkpoint, None, cfg.data.in_channels, cfg.model.model_dump(), torch.device("cpu"))
     result = evaluate_recistnet(config, run_dir / f"eval-{split}", split, checkpoint=checkpoint,
                                 data_root=data_root, device="cpu")
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
@@ -50,7 +59,8 @@ def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, spli
         | {"size_multiple": 32},
         training=TrainingInfo(data=f"DeepLesion-format miniature at {as_written.data.root} (split train)",
                               config_file=str(config),
-                              command=command or f"ctzoo data make-deeplesion-mini {as_written.data.root} && "
+                              command=command or f"ctzoo data make-deeplesion-mini {as_written.data.root}"
+                                                 f"{_miniature_options(cfg.data.root)} && "
                                                  f"ctzoo train {config} --out runs/{name}",
                               device=summary.get("device", "unknown"), epochs=int(state["epoch"]) + 1,
                               wall_time_s=float(summary.get("wall_s", 0.0))),

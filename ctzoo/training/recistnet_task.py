@@ -63,6 +63,8 @@ class RecistNetTrainConfig(StrictConfig):
     eval_size: tuple[int, int] = Field((512, 512), description="pad/crop (H, W) for evaluation; multiples of 32")
     eval_split: Literal["val", "test"] = "val"
     max_lesions: int = Field(20, ge=1, description="detections kept per image")
+    min_score: float = Field(0.01, ge=0, le=1, description="weakest detection kept for FROC: the curve ranks by "
+                                                            "score, so weak detections only extend its tail")
     cache: bool = Field(True, description="cache decoded, resampled slices in memory (CacheDataset)")
     repeats: int = Field(1, ge=1, description="passes over the training set per epoch (small sets: fewer, "
                                               "longer epochs, so loader start-up and validation cost less)")
@@ -74,7 +76,7 @@ def predicted_boxes(points: torch.Tensor, scale: float) -> np.ndarray:
 
 
 def evaluate_detector(model: RecistNet, loader, device: torch.device,
-                      max_lesions: int = 20) -> tuple[FrocResult, list[dict[str, Any]]]:
+                      max_lesions: int = 20, min_score: float = 0.01) -> tuple[FrocResult, list[dict[str, Any]]]:
     """Run ``model.detect`` over ``loader`` and score it with DeepLesion's FROC protocol.
 
     Returns the FROC result and, per image, its detections (points, scores, padded boxes, diameters in mm).
@@ -83,7 +85,7 @@ def evaluate_detector(model: RecistNet, loader, device: torch.device,
     model.eval()
     with torch.no_grad():
         for batch in loader:
-            found = model.detect(batch["image"].to(device), max_lesions=max_lesions)
+            found = model.detect(batch["image"].to(device), max_lesions=max_lesions, score_threshold=min_score)
             for k, result in enumerate(found):
                 spacing = batch["spacing_mm"][k].numpy()
                 points = result["points"].cpu().numpy().astype(np.float64)
@@ -119,7 +121,7 @@ class RecistNetTask:
                                            transform=recist_eval_transforms(cfg.eval_size))
 
     def build_model(self) -> nn.Module:
-        return RecistNet(in_channels=self.cfg.data.num_slices, **self.cfg.model.model_dump())
+        return RecistNet(in_channels=self.cfg.data.in_channels, **self.cfg.model.model_dump())
 
     def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int, rank: int, world_size: int):
         if world_size > 1:
@@ -138,7 +140,7 @@ class RecistNetTask:
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         loader = deeplesion_dataloader(self.eval_set, batch_size=4, shuffle=False, num_workers=0)
-        result, _ = evaluate_detector(model, loader, device, self.cfg.max_lesions)
+        result, _ = evaluate_detector(model, loader, device, self.cfg.max_lesions, self.cfg.min_score)
         sens = dict(zip(result.fps_per_image, result.sensitivities))
         return {"sensitivity_4fp": sens[4], "sensitivity_1fp": sens[1],
                 "froc_mean_0p5_4": result.mean_sensitivity_0p5_to_4}

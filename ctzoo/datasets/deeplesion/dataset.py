@@ -5,7 +5,8 @@ Pipeline per sample (:class:`LoadDeepLesiond`), following 3DCE/MULAN:
 1. read the key slice and its neighbours (:mod:`.context`), HU = PNG value - 32768;
 2. resample in-plane to ``norm_spacing_mm`` (MULAN: 0.8 mm/px), longer side capped at ``max_size``,
    with MONAI's ``Resize`` (bilinear; anti-aliased when shrinking);
-3. window ``window_hu`` onto ``output_range`` with MONAI's ``ScaleIntensityRange`` (clipped);
+3. window ``window_hu`` (and each of ``extra_windows_hu``) onto ``output_range`` with MONAI's
+   ``ScaleIntensityRange`` (clipped); several windows are stacked window by window;
 4. RECIST targets for each lesion (:mod:`.recist`), moved into the resampled pixel frame.
 
 Point coordinates follow pixel centres: a resize by ``s`` maps x to (x + 0.5) s - 0.5.
@@ -46,7 +47,16 @@ class SlicePreprocessing(StrictConfig):
     norm_spacing_mm: float | None = Field(0.8, gt=0, description="in-plane mm/px after resampling; null keeps it")
     max_size: int = Field(512, ge=32, description="cap on the longer image side after resampling")
     window_hu: tuple[float, float] = (-1024.0, 3071.0)
+    extra_windows_hu: list[tuple[float, float]] = Field(
+        default_factory=list, description="more windows, each adding num_slices channels (e.g. soft tissue "
+                                          "[-160, 240] and lung [-1350, 150]: lesions 20 HU from their organ "
+                                          "differ by 0.005 in the 4096 HU window alone)")
     output_range: tuple[float, float] = (0.0, 1.0)
+
+    @property
+    def in_channels(self) -> int:
+        """Network input channels: num_slices per window."""
+        return self.num_slices * (1 + len(self.extra_windows_hu))
 
 
 class DeepLesionConfig(SlicePreprocessing):
@@ -64,7 +74,8 @@ class DeepLesionConfig(SlicePreprocessing):
 
 
 def resample_and_window(hu: np.ndarray, spacing_xy, cfg: SlicePreprocessing) -> tuple[torch.Tensor, np.ndarray]:
-    """Steps 2 and 3 above for planes ``hu`` (C, H, W): returns the image (C, H', W') and the (x, y) scale.
+    """Steps 2 and 3 above for planes ``hu`` (S, H, W): returns the image (cfg.in_channels, H', W') (the S planes
+    in the first window, then in each extra window) and the (x, y) scale.
 
     Shared by training (:class:`LoadDeepLesiond`) and volume inference, so both see identical input.
     """
@@ -75,17 +86,19 @@ def resample_and_window(hu: np.ndarray, spacing_xy, cfg: SlicePreprocessing) -> 
     image = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))
     if size != (height, width):
         image = Resize(size, mode="bilinear", anti_aliasing=scale < 1.0)(image)
-    low, high = cfg.window_hu
-    b_low, b_high = cfg.output_range
-    image = ScaleIntensityRange(low, high, b_low, b_high, clip=True)(torch.as_tensor(image, dtype=torch.float32))
+    image = torch.as_tensor(image, dtype=torch.float32)
     image = image.as_tensor() if isinstance(image, MetaTensor) else image
+    b_low, b_high = cfg.output_range
+    windowed = [ScaleIntensityRange(low, high, b_low, b_high, clip=True)(image)
+                for low, high in (cfg.window_hu, *cfg.extra_windows_hu)]
+    image = windowed[0] if len(windowed) == 1 else torch.cat(windowed, dim=0)
     return image, np.array([size[1] / width, size[0] / height])
 
 
 class LoadDeepLesiond(Transform):
     """Item ``{"context_row": LesionRow, "lesions": [LesionRow, ...], ...}`` -> a network-ready sample.
 
-    Output keys: ``image`` (MetaTensor, (num_slices, H, W) float32, affine = pixel spacing in mm);
+    Output keys: ``image`` (MetaTensor, (in_channels, H, W) float32, affine = pixel spacing in mm);
     ``keypoints`` (N, 5, 2) x, y in pixels (see :mod:`.recist` for the order); ``boxes`` (N, 4);
     ``diameters_px`` / ``diameters_mm`` (N, 2) long, short; ``lesion_types`` (N,) int64;
     ``spacing_mm`` (2,) x, y after resampling; ``scale`` (resampled per original pixel); ``file_name`` and

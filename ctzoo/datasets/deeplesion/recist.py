@@ -35,7 +35,7 @@ POINT_NAMES = ("long_a", "long_b", "short_a", "short_b", "centre")
 DEEPLESION_BOX_PAD = 5.0
 #: |dx| below this (pixels) counts as a vertical axis when ordering a pair: well above float32 noise after
 #: a rotate-and-invert round trip (~1e-5 px), well below any real annotation difference.
-_VERTICAL_EPS = 1e-3
+VERTICAL_EPS = 1e-3
 
 
 def canonical_order(points: np.ndarray) -> np.ndarray:
@@ -43,7 +43,7 @@ def canonical_order(points: np.ndarray) -> np.ndarray:
     points = np.array(points, dtype=np.float64, copy=True)
     for a, b in ((LONG_A, LONG_B), (SHORT_A, SHORT_B)):
         delta = points[..., b, :] - points[..., a, :]
-        swap = (delta[..., 0] < -_VERTICAL_EPS) | ((np.abs(delta[..., 0]) <= _VERTICAL_EPS) & (delta[..., 1] < 0))
+        swap = (delta[..., 0] < -VERTICAL_EPS) | ((np.abs(delta[..., 0]) <= VERTICAL_EPS) & (delta[..., 1] < 0))
         first = points[..., a, :].copy()
         points[..., a, :] = np.where(swap[..., None], points[..., b, :], first)
         points[..., b, :] = np.where(swap[..., None], first, points[..., b, :])
