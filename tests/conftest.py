@@ -5,6 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from ctzoo.datasets import samples  # noqa: E402
 from ctzoo.datasets.samples import sample_ct_dicom  # noqa: E402
 from ctzoo.io import read_volume  # noqa: E402
 
@@ -17,3 +18,12 @@ def sample_dir() -> Path:
 @pytest.fixture(scope="session")
 def sample_volume(sample_dir):
     return read_volume(sample_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def fetched_samples() -> Path:
+    """The TotalSegmentator sample folder (fetched once into the cache); skips the test when offline."""
+    try:
+        return samples.fetch_samples()
+    except samples.SampleError as exc:
+        pytest.skip(f"TotalSegmentator samples unavailable (offline?): {exc}")

@@ -12,7 +12,6 @@ from PIL import Image
 from scipy import ndimage
 
 from ctzoo.cli import main
-from ctzoo.datasets import samples
 from ctzoo.datasets.deeplesion.info_csv import COLUMNS, read_dl_info
 from ctzoo.datasets.deeplesion.measure import measure_recist
 from ctzoo.datasets.deeplesion.mini import make_deeplesion_mini
@@ -20,11 +19,8 @@ from ctzoo.datasets.deeplesion.png_slices import read_png_hu, slice_path
 
 
 @pytest.fixture(scope="module")
-def sample_folder():
-    try:
-        return samples.fetch_samples()
-    except samples.SampleError as exc:
-        pytest.skip(f"TotalSegmentator samples unavailable (offline?): {exc}")
+def sample_folder(fetched_samples):
+    return fetched_samples
 
 
 @pytest.fixture(scope="module")

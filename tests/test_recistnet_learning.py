@@ -7,7 +7,6 @@ import yaml
 from click.testing import CliRunner
 
 from ctzoo.cli import main
-from ctzoo.datasets import samples
 from ctzoo.datasets.deeplesion.dataset import deeplesion_dataset
 from ctzoo.datasets.deeplesion.mini import make_deeplesion_mini
 from ctzoo.training.evaluate import evaluate_recistnet
@@ -44,11 +43,7 @@ def chance_sensitivity(config, split, seed=0, repeats=20):
 
 
 @pytest.fixture(scope="module")
-def learning_mini(tmp_path_factory):
-    try:
-        samples.fetch_samples()
-    except samples.SampleError as exc:
-        pytest.skip(f"TotalSegmentator samples unavailable (offline?): {exc}")
+def learning_mini(fetched_samples, tmp_path_factory):
     return make_deeplesion_mini(tmp_path_factory.mktemp("dl") / "mini", cases=24, seed=0, progress=False)
 
 

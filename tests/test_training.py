@@ -10,7 +10,6 @@ import yaml
 from click.testing import CliRunner
 
 from ctzoo.cli import main
-from ctzoo.datasets import samples
 from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
 from ctzoo.datasets.deeplesion.mini import make_deeplesion_mini
 from ctzoo.inference.recist_volume import (
@@ -23,11 +22,7 @@ from ctzoo.models.recistnet import RecistNet
 
 
 @pytest.fixture(scope="module")
-def mini(tmp_path_factory):
-    try:
-        samples.fetch_samples()
-    except samples.SampleError as exc:
-        pytest.skip(f"TotalSegmentator samples unavailable (offline?): {exc}")
+def mini(fetched_samples, tmp_path_factory):
     return make_deeplesion_mini(tmp_path_factory.mktemp("dl") / "mini", cases=4, seed=3, progress=False)
 
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import click
+import numpy as np
 
 from ctzoo.cli.info import USER_ERRORS, load_rules, rules_option, series_option
 from ctzoo.io.atomic import atomic_path
@@ -39,12 +40,16 @@ def _write_json(document: dict, path: Path) -> None:
 @rules_option
 def infer(inputs: tuple[Path, ...], model_name: str, out: Path, device: str, score_threshold: float,
           batch_size: int, no_overlay: bool, series: str | None, rules_file: Path | None) -> None:
-    """Detect lesions (RECIST long and short axes, in mm) in each CT volume of INPUTS.
+    """Run a zoo model over each CT volume of INPUTS: detect lesions or segment organs.
 
     INPUTS are DICOM folders or zips, single DICOM files, NIfTI, NRRD or MHA files. Without INPUTS
-    the embedded sample CT is used. Each case gets OUT/<case>/detections.json (schema in the README:
-    the five RECIST points per lesion in voxel indices of the input as stored and in patient LPS mm)
-    and an overlay PNG of the slices with lesions.
+    the embedded sample CT is used.
+
+    \b
+    Detectors (recistnet-mini): OUT/<case>/detections.json (schema in the README: the five RECIST
+    points per lesion in voxel indices of the input as stored and in patient LPS mm) and overlay.png.
+    Segmenters (template-seg-abdomen): OUT/<case>/labels.nii.gz (on the input grid),
+    segmentation.json (volume per class), seg.dcm (DICOM SEG, for DICOM input) and overlay.png.
     """
     import torch
 
@@ -53,31 +58,67 @@ def infer(inputs: tuple[Path, ...], model_name: str, out: Path, device: str, sco
     from ctzoo.inference.overlay import plot_detections
     from ctzoo.inference.recist_volume import detect_volume
     from ctzoo.io import read_volume
-    from ctzoo.models import create_model, model_input_spec, model_version
+    from ctzoo.models import create_model, model_entry, model_input_spec, model_version
     from ctzoo.training.engine import pick_device
 
     try:
         spec = model_input_spec(model_name)
         model = create_model(model_name, pretrained=True).eval()
         version = model_version(model_name)
-    except (KeyError, FileNotFoundError, RuntimeError) as exc:
+        segmenter = model_entry(model_name).task == "segmentation"
+        bank = _template_bank(model_name) if segmenter else None
+    except (KeyError, FileNotFoundError, RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     prep = SlicePreprocessing(**{k: v for k, v in spec.items() if k in SlicePreprocessing.model_fields})
     dev = pick_device(device)
-    torch.set_grad_enabled(False)
-    for path in inputs or (sample_ct_dicom(),):
-        case = "sample_ct" if not inputs else _case_name(path)
-        try:
-            volume = read_volume(path, series=series, rules=load_rules(rules_file))
-            document = detect_volume(model.to(dev), volume, prep, model_name, version, batch_size=batch_size,
-                                     score_threshold=score_threshold, device=dev)
-        except USER_ERRORS as exc:
-            raise click.ClickException(f"{path}: {exc}") from exc
-        folder = out / case
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_json(document, folder / "detections.json")
-        if not no_overlay:
-            plot_detections(volume, document, folder / "overlay.png")
-        sizes = ", ".join(f"{d['long_axis_mm']:.0f}x{d['short_axis_mm']:.0f} mm ({d['score']:.2f})"
-                          for d in document["lesions"][:5])
-        click.echo(f"{case}: {len(document['lesions'])} lesion(s){': ' + sizes if sizes else ''} -> {folder}")
+    with torch.no_grad():  # not set_grad_enabled: in-process callers (tests, notebooks) keep autograd
+        for path in inputs or (sample_ct_dicom(),):
+            case = "sample_ct" if not inputs else _case_name(path)
+            if segmenter:
+                _segment_case(path, case, model.to(dev), bank, spec, model_name, version, out, dev, batch_size,
+                              no_overlay, series, rules_file)
+                continue
+            try:
+                volume = read_volume(path, series=series, rules=load_rules(rules_file))
+                document = detect_volume(model.to(dev), volume, prep, model_name, version, batch_size=batch_size,
+                                         score_threshold=score_threshold, device=dev)
+            except USER_ERRORS as exc:
+                raise click.ClickException(f"{path}: {exc}") from exc
+            folder = out / case
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_json(document, folder / "detections.json")
+            if not no_overlay:
+                plot_detections(volume, document, folder / "overlay.png")
+            sizes = ", ".join(f"{d['long_axis_mm']:.0f}x{d['short_axis_mm']:.0f} mm ({d['score']:.2f})"
+                              for d in document["lesions"][:5])
+            click.echo(f"{case}: {len(document['lesions'])} lesion(s){': ' + sizes if sizes else ''} -> {folder}")
+
+
+def _template_bank(model_name: str):
+    """The template bank shipped with a template segmenter (None for a segmenter without templates)."""
+    from ctzoo.models import model_entry
+    from ctzoo.models.template_bank import INDEX_FILE, TemplateBank
+
+    folder = model_entry(model_name).weights_dir
+    return TemplateBank.load(folder) if (folder / INDEX_FILE).is_file() else None
+
+
+def _segment_case(path: Path, case: str, model, bank, spec: dict, model_name: str, version: str, out: Path, device,
+                  batch_size: int, no_overlay: bool, series: str | None, rules_file: Path | None) -> None:
+    from ctzoo.datasets.segmentation import SegPreprocessing
+    from ctzoo.inference.segment_volume import segment_volume, write_segmentation
+    from ctzoo.io import read_volume
+
+    prep = SegPreprocessing(**{k: v for k, v in spec.items() if k in SegPreprocessing.model_fields})
+    class_names = bank.class_names if bank is not None else list(spec["classes"])
+    try:
+        volume = read_volume(path, series=series, rules=load_rules(rules_file))
+        labels = segment_volume(model, bank, volume, prep, batch_size=batch_size, device=device)
+        written = write_segmentation(volume, labels, class_names, out / case, model_name, version,
+                                     overlay=not no_overlay)
+    except USER_ERRORS as exc:
+        raise click.ClickException(f"{path}: {exc}") from exc
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    sizes = ", ".join(f"{name} {float((labels == c).sum()) * voxel_ml:.0f} mL"
+                      for c, name in enumerate(class_names, start=1))
+    click.echo(f"{case}: {sizes} -> {', '.join(p.name for p in written)} in {out / case}")

@@ -13,6 +13,44 @@ from ctzoo.config import ConfigError
 _CONFIG = click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 _DATA_ROOT = click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                           help="Replace data.root of CONFIG (the folder with DL_info.csv and Images_png/).")
+
+
+def config_task(config: Path) -> str:
+    """The ``task:`` of a training config (recistnet when absent), read before the config is validated."""
+    import yaml
+
+    try:
+        document = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise click.ClickException(f"{config}: not valid YAML ({exc})") from exc
+    return str(document.get("task", "recistnet")) if isinstance(document, dict) else "recistnet"
+
+
+def _prepare_run(load, config: Path, out: Path, epochs: int | None, data_root: Path | None):
+    """Load CONFIG with ``load(config, data_root)``, apply --epochs, and record the config used in OUT."""
+    try:
+        cfg = load(config, data_root)
+    except (ConfigError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if epochs is not None:
+        cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"epochs": epochs})})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    return cfg
+
+
+def _train_template_seg(config: Path, out: Path, resume: bool, epochs: int | None, data_root: Path | None,
+                        device: str) -> None:
+    from ctzoo.training.template_seg_task import load_seg_config, train_with_baseline
+
+    cfg = _prepare_run(load_seg_config, config, out, epochs, data_root)
+    try:
+        train_with_baseline(cfg, out, device=device, resume=resume)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo((out / "comparison.md").read_text())
+
+
 _DEVICE = click.option("--device", default="auto", show_default=True,
                        help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
 
@@ -28,6 +66,10 @@ _DEVICE = click.option("--device", default="auto", show_default=True,
 def train(config: Path, out: Path, resume: bool, epochs: int | None, data_root: Path | None, device: str) -> None:
     """Train the model that CONFIG describes (e.g. configs/recistnet_mini_cpu.yaml).
 
+    A template_seg config (configs/template_seg_abdomen.yaml) trains the template segmenter into
+    OUT/template_seg and, with baseline_unet, a same-budget MONAI UNet into OUT/unet, then tests both
+    (and robustness: intensity shift, noise, 5 mm slices) into OUT/comparison.md and comparison.json.
+
     \b
     One GPU or the CPU:   ctzoo train CONFIG --out runs/x
     Several GPUs (DDP):   torchrun --nproc_per_node 4 -m ctzoo train CONFIG --out runs/x
@@ -36,17 +78,12 @@ def train(config: Path, out: Path, resume: bool, epochs: int | None, data_root: 
     Every epoch writes OUT/last.pt (and OUT/best.pt at the best validation score), a row of
     OUT/metrics.csv, TensorBoard scalars and OUT/training_curves.png.
     """
+    if config_task(config) == "template_seg":
+        return _train_template_seg(config, out, resume, epochs, data_root, device)
     from ctzoo.training.engine import fit
     from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
 
-    try:
-        cfg = load_train_config(config, data_root)
-    except (ConfigError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    if epochs is not None:
-        cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"epochs": epochs})})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    cfg = _prepare_run(load_train_config, config, out, epochs, data_root)
     try:
         summary = fit(RecistNetTask(cfg), cfg.optim, out, resume=resume, device=device,
                       extra_state={"train_config": json.loads(cfg.model_dump_json())})
@@ -68,17 +105,25 @@ def train(config: Path, out: Path, resume: bool, epochs: int | None, data_root: 
 @_DEVICE
 def evaluate(config: Path, checkpoint: Path | None, model_name: str | None, split: str, out: Path,
              data_root: Path | None, device: str) -> None:
-    """Score a detector with DeepLesion's protocol: FROC over the split's key slices.
+    """Score a model on a split: detectors (RECIST-Net) by FROC, segmenters by Dice and HD95.
 
+    \b
+    Detectors, DeepLesion's protocol: FROC over the split's key slices.
     Noisy lesions are excluded; all detections are pooled into one FROC curve; a hit is box
     IoU >= 0.5 (VOC +1 convention); a second hit on a found lesion counts as neither; sensitivity
     at 0.5, 1, 2, 4, 8, 16 false positives per image and the mean over 0.5-4; for hits, the
-    error of the long and short axis in mm.
+    error of the long and short axis in mm. Writes froc.json, froc.png and detections.json.
+
+    \b
+    Segmenters (task template_seg): Dice and HD95 (mm) per class on the split's volumes, with the
+    nearest training template per slice; writes metrics.json and overlay.png (needs --checkpoint).
     """
     from ctzoo.training.evaluate import evaluate_recistnet
 
     if (checkpoint is None) == (model_name is None):
         raise click.UsageError("give exactly one of --checkpoint and --model")
+    if config_task(config) == "template_seg":
+        return _evaluate_template_seg(config, checkpoint, model_name, split, out, data_root, device)
     try:
         result = evaluate_recistnet(config, out, split, checkpoint=checkpoint, model_name=model_name,
                                     data_root=data_root, device=device)
@@ -86,3 +131,17 @@ def evaluate(config: Path, checkpoint: Path | None, model_name: str | None, spli
         raise click.ClickException(str(exc)) from exc
     click.echo(result.table())
     click.echo(f"wrote {out / 'froc.json'}, {out / 'froc.png'}, {out / 'detections.json'}")
+
+
+def _evaluate_template_seg(config: Path, checkpoint: Path | None, model_name: str | None, split: str, out: Path,
+                           data_root: Path | None, device: str) -> None:
+    from ctzoo.training.template_seg_task import evaluate_template_seg, load_seg_config
+
+    if checkpoint is None or split == "train":
+        raise click.UsageError("segmenters are scored from --checkpoint on --split val or test")
+    try:
+        metrics = evaluate_template_seg(load_seg_config(config, data_root), out, split, checkpoint, device=device)
+    except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps({k: v for k, v in metrics.items() if k.startswith(("dice", "hd95"))}, indent=2))
+    click.echo(f"wrote {out / 'metrics.json'}, {out / 'overlay.png'}")

@@ -105,11 +105,19 @@ def show(name: str, as_json: bool) -> None:
               help="Replace data.root of the config.")
 def publish(run_dir: Path, config: Path, name: str, version: str, split: str, data_root: Path | None) -> None:
     """Evaluate RUN_DIR/best.pt and publish it as zoo model NAME: weights, config and model card,
-    written into the package's weights folder atomically."""
-    from ctzoo.training.publish import publish_recistnet
+    written into the package's weights folder atomically.
+
+    For a template_seg run (ctzoo train configs/template_seg_*.yaml), RUN_DIR/template_seg/best.pt is
+    published with its template bank, and the card takes the test metrics of RUN_DIR/comparison.json.
+    """
+    from ctzoo.cli.train import config_task
+    from ctzoo.training.publish import publish_recistnet, publish_template_seg
 
     try:
-        folder = publish_recistnet(run_dir, config, name, version, split, data_root)
+        if config_task(config) == "template_seg":
+            folder = publish_template_seg(run_dir, config, name, version, data_root)
+        else:
+            folder = publish_recistnet(run_dir, config, name, version, split, data_root)
     except (KeyError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"published {name} {version} into {folder}")

@@ -141,10 +141,10 @@ def detect_volume(model: torch.nn.Module, volume: Volume, prep: SlicePreprocessi
             "short_axis_mm": round(lesion.short_mm, 2),
             "box_voxel": np.round([*voxel[:4, :2].min(axis=0), *voxel[:4, :2].max(axis=0)], 3).tolist(),
         })
-    return {"model": model_name, "model_version": model_version, "input": _geometry(volume), "lesions": documents}
+    return {"model": model_name, "model_version": model_version, "input": volume_geometry(volume), "lesions": documents}
 
 
-def _geometry(volume: Volume) -> dict[str, Any]:
+def volume_geometry(volume: Volume) -> dict[str, Any]:
     info = {"size_ijk": list(volume.size), "spacing_mm": list(volume.spacing), "origin_lps_mm": list(volume.origin),
             "direction_lps": volume.direction.round(6).tolist(), "orientation": volume.orientation}
     if volume.dicom is not None:

@@ -3,7 +3,10 @@
 # Each model module registers its models when imported: import it here, so 'import ctzoo.models' (and so
 # 'ctzoo zoo list') sees every zoo model.
 
-from ctzoo.models import zoo_recistnet  # noqa: E402,F401  (registers the RECIST-Net models)
+from ctzoo.models import (
+    zoo_recistnet,  # noqa: E402,F401  (registers the RECIST-Net models)
+    zoo_template_seg,  # noqa: E402,F401  (registers the template segmenters)
+)
 from ctzoo.models.registry import (
     ArchitectureOverrideError,
     Metric,

@@ -278,12 +278,13 @@ def _check_config_rebuilds(entry: ModelEntry, config: Mapping[str, Any], model: 
 
 
 def save_pretrained(model: nn.Module, name_or_dir: str | os.PathLike[str], config: Mapping[str, Any],
-                    card: ModelCard) -> Path:
+                    card: ModelCard, extra: Callable[[Path], Any] | None = None) -> Path:
     """Publish ``model`` with its constructor ``config`` and ``card``; returns the folder written.
 
     ``name_or_dir`` is a registered name (its ``weights_dir``) or any folder (pass a Path to be explicit).
-    The four files are written into a temporary folder beside the target and renamed into place, so
-    readers see the old weights or the new ones, never a mixture or a half-written file.
+    The four files (and whatever ``extra(folder)`` writes, e.g. a template bank) are written into a temporary
+    folder beside the target and renamed into place, so readers see the old weights or the new ones, never a
+    mixture or a half-written file.
     """
     entry = _REGISTRY.get(name_or_dir) if isinstance(name_or_dir, str) else None
     if entry is not None and card.name != entry.name:
@@ -310,6 +311,10 @@ def save_pretrained(model: nn.Module, name_or_dir: str | os.PathLike[str], confi
         (partial / CONFIG_FILE).write_text(config_text, encoding="utf-8")
         (partial / CARD_JSON).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
         (partial / CARD_MD).write_text(card.to_markdown(), encoding="utf-8")
+        if extra is not None:
+            extra(partial)
+        for written in partial.iterdir():  # safetensors writes owner-only files; shipped weights are for everyone
+            os.chmod(written, 0o644)
         replace_folder(partial, target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

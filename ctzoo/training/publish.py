@@ -67,3 +67,67 @@ def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, spli
         metrics=metrics, limitations=LIMITATIONS, licence="Apache-2.0 (weights); data: see NOTICE of the miniature",
         created=datetime.date.today())
     return save_pretrained(model, target or name, config=model_config, card=card)
+
+
+SEG_LIMITATIONS = [
+    "Trained on 22 axial slices of one non-contrast CT (TotalSegmentator sample example_ct_sm) and tested on one "
+    "contrast-enhanced CT of another patient: its numbers show that the method learns and transfers, not how it "
+    "does on a population.",
+    "2-D, 3 mm in-plane; the stomach, collapsed in the training scan and distended in the test scan, is mostly "
+    "missed (see the Dice per class).",
+    "Research use only; not a medical device.",
+]
+
+
+def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, data_root: Path | None = None,
+                         command: str = "", target: Path | None = None) -> Path:
+    """Publish ``run_dir/template_seg/best.pt`` (a ``ctzoo train configs/template_seg_*.yaml`` run) as zoo model
+    ``name`` with its template bank (the training slices, embedded by these weights) and a card holding the test
+    metrics of ``run_dir/comparison.json``: the model's Dice per class and HD95, and the same-budget UNet's and
+    the template copy's mean Dice for comparison."""
+    from ctzoo.datasets.segmentation_slices import case_to_slices, template_set
+    from ctzoo.models.template_bank import TemplateBank
+    from ctzoo.training.template_seg_task import load_seg_config, load_seg_data, load_seg_model
+
+    cfg = load_seg_config(config, data_root)
+    data = load_seg_data(cfg.data)
+    prep, names = cfg.data.preprocessing, data.class_names
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / "template_seg" / "best.pt"
+    model = load_seg_model(cfg, checkpoint, len(names))
+    comparison = json.loads((run_dir / "comparison.json").read_text())
+    clean = {row["model"]: row for row in comparison["rows"] if row["condition"] == "clean"}
+    mine = clean["template_seg"]
+    metrics = {f"dice_{c}": Metric(value=round(mine[f"dice_{c}"], 4), split="test") for c in names}
+    metrics["dice_mean"] = Metric(value=round(mine["dice_mean"], 4), split="test")
+    metrics["hd95_mean_mm"] = Metric(value=round(mine["hd95_mean"], 2), split="test")
+    for other in ("unet", "template copy"):
+        if other in clean:
+            metrics[f"dice_mean_{other.replace(' ', '_')}_baseline"] = Metric(value=round(clean[other]["dice_mean"], 4),
+                                                                              split="test")
+    images, masks, sources = template_set([case_to_slices(c, prep) for c in data.cases["train"]], len(names),
+                                          cfg.data.max_templates)
+    bank = TemplateBank.build(model, images, masks, names, sources)
+    model_config = {"spatial_dims": 2, "in_channels": 1, "num_classes": len(names),
+                    "channels": list(cfg.model.channels), "strides": [2] * (len(cfg.model.channels) - 1),
+                    "share_encoders": cfg.model.share_encoders,
+                    "fusion_levels": None if cfg.model.fusion_levels is None else list(cfg.model.fusion_levels),
+                    "gate": cfg.model.gate, "temperature": cfg.model.temperature}
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    wall = comparison.get("training", {}).get("template_seg", {}).get("wall_s", 0.0)
+    entry = model_entry(name)
+    card = ModelCard(
+        name=name, version=version, task=entry.task, description=entry.description,
+        architecture=f"TemplateSegNet({', '.join(f'{k}={v!r}' for k, v in model_config.items())})",
+        parameters=sum(p.numel() for p in model.parameters()),
+        input_spec={**prep.model_dump(mode="json"), "classes": names},
+        training=TrainingInfo(data=f"{cfg.data.source} cases: train {[c.name for c in data.cases['train']]}, "
+                                   f"test {[c.name for c in data.cases['test']]}; {len(bank)} template slices",
+                              config_file=str(config),
+                              command=command or f"ctzoo data fetch-samples && ctzoo train {config} --out runs/{name}",
+                              device=str(comparison.get("training", {}).get("template_seg", {}).get("device", "cpu")),
+                              epochs=int(state["epoch"]) + 1, wall_time_s=float(wall)),
+        metrics=metrics, limitations=SEG_LIMITATIONS,
+        licence="Apache-2.0 (weights and template slices, from TotalSegmentator's Apache-2.0 samples)",
+        created=datetime.date.today())
+    return save_pretrained(model, target or name, config=model_config, card=card, extra=bank.save)

@@ -1,0 +1,197 @@
+"""Label maps as DICOM Segmentation objects (highdicom), and back.
+
+:func:`write_dicom_seg` turns a label map on a DICOM volume's grid into a BINARY DICOM SEG that a PACS stores
+and a viewer overlays on the source series:
+
+* **Frames.** Label map ``(Z, Y, X)`` slice ``k`` is the source image ``volume.dicom.headers[k]`` pixel for pixel
+  (the reader stacks slices as they are stored, rows by columns), so frames take their plane positions and
+  ``ReferencedSOPInstanceUID`` from the source headers. Frames without any voxel of a segment are omitted
+  (highdicom's ``omit_empty_frames``): organs span a fraction of the slices, and empty frames would only bloat
+  the object.
+* **Segments.** One per class present (renumbered 1..N in class order, as SEG requires consecutive numbers),
+  labelled with the class name. Property category: *Anatomical Structure* (SCT 91723000, DICOM CID 7150);
+  property type: the SNOMED CT concept of that name where DICOM CID 7151 / pydicom's SCT dictionary has one
+  (``liver`` -> SCT 10200004 Liver, ``vertebrae`` -> SCT 51282000 Vertebra), else the generic *Organ*
+  (SCT 91772007). Algorithm type AUTOMATIC with an AlgorithmIdentificationSequence (family: Artificial
+  Intelligence, name and version of the model). A tracking ID (the class name) and a tracking UID derived
+  from the series and class let a viewer follow one organ across results.
+* **Identity.** Patient and study attributes come from the source (highdicom copies them); the SEG's series
+  and instance UIDs are derived from the source series UID, algorithm name and version (:func:`derived_uid`),
+  so rerunning one model on one series gives the same objects and a resend replaces rather than duplicates.
+
+What highdicom needs from ``source_images`` (pixel data is not needed): SOP class/instance, study/series/
+frame-of-reference UIDs, Rows, Columns, PixelSpacing, ImageOrientationPatient and ImagePositionPatient
+(always present in headers our reader kept, since it needs them itself), plus attributes it reads from the
+first image unconditionally: PatientID, PatientName, PatientBirthDate, PatientSex, AccessionNumber, StudyID,
+StudyDate, StudyTime (DICOM type 2: present, possibly empty) and SliceThickness. Headers that lack them are
+copied and completed (empty type-2 values; the volume's slice spacing for SliceThickness); the volume's own
+headers are never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from ctzoo.io.atomic import atomic_path
+from ctzoo.io.dicom_uids import derived_uid
+from ctzoo.io.volume import Volume
+
+#: Read unconditionally from the first source image by highdicom; DICOM type 2 (may be empty).
+_TYPE2_FROM_SOURCE = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                      "StudyDate", "StudyTime", "ReferringPhysicianName")
+#: Class names whose SNOMED CT keyword is not their CamelCase (plural names of a structure, e.g.).
+_PROPERTY_TYPE_KEYWORDS = {"vertebrae": "Vertebra", "ribs": "Rib", "kidneys": "Kidney", "lungs": "Lung"}
+#: Display colours (RGB, tab10) by class value: distinct, and stable across results of one model.
+_PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+DEFAULT_SERIES_NUMBER_OFFSET = 1000
+
+
+def segment_property_type(class_name: str) -> Code:
+    """The SNOMED CT anatomical concept for ``class_name`` (``"liver"``, ``"vertebrae"``...), or generic Organ."""
+    keyword = _PROPERTY_TYPE_KEYWORDS.get(class_name.lower()) or "".join(
+        part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", class_name) if part)
+    for scheme in (codes.cid7151, codes.SCT):  # CID 7151: the types DICOM lists for anatomical structures
+        try:
+            return getattr(scheme, keyword)
+        except AttributeError:
+            continue
+    return codes.SCT.Organ
+
+
+def _check_labels(labels: np.ndarray, volume: Volume, class_names: Sequence[str]) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != volume.array.shape:
+        raise ValueError(f"labels have shape {labels.shape}, the volume {volume.array.shape} (Z, Y, X): a SEG "
+                         "needs labels on the source volume's grid as stored")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers (0 = background, c = class_names[c - 1]), got {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() > len(class_names)):
+        raise ValueError(f"label values must lie in 0..{len(class_names)} ({len(class_names)} class names), "
+                         f"found {labels.min()}..{labels.max()}")
+    return labels
+
+
+def source_headers(volume: Volume) -> list[pydicom.Dataset]:
+    """The volume's per-slice DICOM headers in slice order, completed with what highdicom reads (see the module
+    docstring). When the volume kept no headers but lists its files, they are re-read (without pixels) and given
+    the volume's (possibly repaired) UIDs, so the SEG references the same objects the volume names."""
+    source = volume.dicom
+    if source is None:
+        raise ValueError("the volume was not read from DICOM (volume.dicom is None): a DICOM SEG must reference "
+                         "its source images; write a NIfTI label map instead")
+    headers = list(source.headers)
+    if not headers and source.files and all(Path(f).is_file() for f in source.files):
+        headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in source.files]
+        for ds, sop_instance_uid in zip(headers, source.sop_instance_uids):
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = source.study_instance_uid, source.series_instance_uid
+            ds.FrameOfReferenceUID, ds.SOPInstanceUID = source.frame_of_reference_uid, sop_instance_uid
+            ds.SOPClassUID = source.sop_class_uid or ds.get("SOPClassUID", "")
+    if len(headers) != volume.array.shape[0]:
+        raise ValueError(f"the volume has {volume.array.shape[0]} slices but {len(headers)} DICOM headers (and no "
+                         "readable source files): a SEG needs every source slice's header")
+    completed = []
+    for ds in headers:
+        missing = [k for k in _TYPE2_FROM_SOURCE if k not in ds]
+        no_thickness = ds.get("SliceThickness") in (None, "")
+        if missing or no_thickness:
+            ds = copy.deepcopy(ds)
+            for keyword in missing:
+                setattr(ds, keyword, "")
+            if no_thickness:  # the thickness a label slice represents: the grid's slice spacing
+                ds.SliceThickness = round(volume.spacing[2], 6)
+        completed.append(ds)
+    return completed
+
+
+def write_dicom_seg(labels: np.ndarray, volume: Volume, class_names: Sequence[str], out_path: str | Path,
+                    algorithm_name: str, algorithm_version: str, series_number: int | None = None) -> Path:
+    """Write ``labels`` ``(Z, Y, X)`` (0 = background, ``c`` = ``class_names[c - 1]``), on the grid of ``volume``
+    as stored, as a BINARY DICOM SEG referencing the volume's DICOM slices; returns ``out_path``.
+
+    ``series_number`` defaults to the source's plus 1000. Raises ``ValueError`` when the volume did not come from
+    DICOM, the labels do not fit it, or no class is present (a SEG must hold at least one segment).
+    """
+    labels = _check_labels(labels, volume, class_names)
+    headers = source_headers(volume)
+    present = [int(v) for v in np.unique(labels) if v > 0]
+    if not present:
+        raise ValueError("the label map is empty: a DICOM SEG needs at least one segment (write no SEG for an "
+                         "empty result)")
+    source = volume.dicom
+    identity = (source.series_instance_uid, algorithm_name, algorithm_version)
+    algorithm = hd.AlgorithmIdentificationSequence(name=algorithm_name, family=codes.cid7162.ArtificialIntelligence,
+                                                   version=algorithm_version)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number, segment_label=class_names[value - 1][:64],
+            segmented_property_category=codes.cid7150.AnatomicalStructure,
+            segmented_property_type=segment_property_type(class_names[value - 1]),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+            tracking_id=class_names[value - 1][:64], tracking_uid=derived_uid("seg-tracking", *identity, value),
+            display_color=hd.color.CIELabColor.from_rgb(*_PALETTE[(value - 1) % len(_PALETTE)]))
+        for number, value in enumerate(present, start=1)]
+    renumber = np.zeros(int(labels.max()) + 1, dtype=np.uint8)  # class value -> segment number
+    renumber[present] = np.arange(1, len(present) + 1)
+    if series_number is None:
+        series_number = DEFAULT_SERIES_NUMBER_OFFSET + (source.series_number or 0)
+    try:
+        ctzoo_version = importlib.metadata.version("ctzoo")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        ctzoo_version = "unknown"
+    seg = hd.seg.Segmentation(
+        source_images=headers, pixel_array=renumber[labels], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=derived_uid("seg-series", *identity),
+        series_number=series_number, sop_instance_uid=derived_uid("seg-instance", *identity), instance_number=1,
+        manufacturer="ctzoo", manufacturer_model_name=algorithm_name[:64],
+        software_versions=[algorithm_version, f"ctzoo {ctzoo_version}"], device_serial_number=ctzoo_version,
+        content_description=f"{algorithm_name} {algorithm_version}"[:64],
+        series_description=f"SEG {algorithm_name}"[:64], omit_empty_frames=True)
+    out_path = Path(out_path)
+    with atomic_path(out_path) as partial:
+        seg.save_as(partial, enforce_file_format=True)
+    return out_path
+
+
+def read_dicom_seg_labels(path: str | Path, volume: Volume, class_names: Sequence[str] | None = None) -> np.ndarray:
+    """A DICOM SEG back as a label map ``(Z, Y, X)`` uint8 on ``volume``'s grid.
+
+    Each frame lands on the slice whose SOP Instance UID it references (``ReferencedSOPInstanceUID`` in its
+    derivation image sequence). A voxel gets the segment's number, or, with ``class_names``, ``1 +`` the index of
+    the segment's label in it (what :func:`write_dicom_seg` was given); later segments win where segments overlap.
+    """
+    if volume.dicom is None:
+        raise ValueError("the volume was not read from DICOM: a SEG can only be placed on its source slices")
+    seg = hd.seg.segread(str(path))
+    if (seg.Rows, seg.Columns) != volume.array.shape[1:]:
+        raise ValueError(f"{path}: frames are {seg.Rows}x{seg.Columns}, the volume's slices "
+                         f"{volume.array.shape[1]}x{volume.array.shape[2]}")
+    value_of = {}
+    for number in seg.segment_numbers:
+        label = seg.get_segment_description(number).segment_label
+        if class_names is None:
+            value_of[number] = number
+        elif label in class_names:
+            value_of[number] = list(class_names).index(label) + 1
+        else:
+            raise ValueError(f"{path}: segment {number} is labelled {label!r}, not one of {list(class_names)}")
+    slice_of = {uid: k for k, uid in enumerate(volume.dicom.sop_instance_uids)}
+    frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)  # one frame comes back 2-D
+    labels = np.zeros(volume.array.shape, dtype=np.uint8)
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        uid = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        if uid not in slice_of:
+            raise ValueError(f"{path}: a frame references SOP instance {uid}, which is not a slice of the volume")
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        labels[slice_of[uid]][frame > 0] = value_of[number]
+    return labels

@@ -1,0 +1,287 @@
+"""The template segmenter (and its same-budget MONAI UNet baseline) on labelled CT: config, task, evaluation,
+and the side-by-side run (``configs/template_seg_*.yaml``).
+
+Data: the TotalSegmentator sample volumes (train on ``example_ct_sm`` minus its superior ``val_slices`` slab,
+validate on that slab, test on the embedded DICOM sample, another patient) or any Medical Segmentation Decathlon
+folder (split by case order). Templates always come from the training slices only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from monai.data import DataLoader
+from monai.losses import DiceCELoss
+from pydantic import Field
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from ctzoo.config import StrictConfig, load_config
+from ctzoo.datasets.segmentation import (
+    ABDOMEN_CLASSES,
+    SegCase,
+    SegPreprocessing,
+    msd_cases,
+    read_msd_index,
+    split_slab,
+    totalsegmentator_cases,
+)
+from ctzoo.datasets.segmentation_slices import (
+    SegAugmentConfig,
+    case_to_slices,
+    template_set,
+    template_slice_dataset,
+)
+from ctzoo.io.atomic import atomic_path
+from ctzoo.models.template_seg import TemplateSegNet, count_parameters, unet_baseline
+from ctzoo.training.engine import OptimConfig, fit, pick_device
+from ctzoo.training.seg_evaluation import (
+    CONDITIONS,
+    comparison_markdown,
+    evaluate_conditions,
+    evaluate_segmenter,
+    middle_slice_overlay,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SegDataConfig(SegPreprocessing):
+    """Which labelled CT to use, which classes, and how to preprocess it (the :class:`SegPreprocessing` fields)."""
+
+    source: Literal["totalsegmentator", "msd"] = "totalsegmentator"
+    root: Path | None = Field(None, description="msd: the folder holding dataset.json")
+    classes: dict[str, tuple[str, ...]] | Literal["abdomen"] | None = Field(
+        None, description="class name -> source label-name patterns (fnmatch); 'abdomen': liver, spleen, "
+                          "stomach, aorta, vertebrae; null: abdomen for totalsegmentator, every label for msd")
+    val_slices: int = Field(8, ge=1, description="totalsegmentator: superior slab of the training volume "
+                                                 "held out for validation (never trained on)")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="msd: share of cases for validation")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="msd: share of cases for testing")
+    max_templates: int = Field(64, ge=1, description="template bank size (evenly thinned candidates)")
+
+    @property
+    def preprocessing(self) -> SegPreprocessing:
+        return SegPreprocessing(**{k: getattr(self, k) for k in SegPreprocessing.model_fields})
+
+
+class TemplateSegModelConfig(StrictConfig):
+    """``template_seg``: :class:`TemplateSegNet`; ``unet``: MONAI UNet with the parameter count of the
+    ``template_seg`` model these same fields describe (:func:`unet_baseline`)."""
+
+    kind: Literal["template_seg", "unet"] = "template_seg"
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    share_encoders: bool = True
+    fusion_levels: tuple[int, ...] | None = None
+    gate: Literal["sigmoid", "none"] = "sigmoid"
+    temperature: float = Field(10.0, gt=0)
+
+
+class TemplateSegTrainConfig(StrictConfig):
+    """``configs/template_seg_*.yaml``."""
+
+    task: Literal["template_seg"] = "template_seg"
+    data: SegDataConfig = SegDataConfig()
+    model: TemplateSegModelConfig = TemplateSegModelConfig()
+    optim: OptimConfig = OptimConfig()
+    augment: SegAugmentConfig = SegAugmentConfig()
+    repeats: int = Field(4, ge=1, description="passes over the training slices per epoch")
+    eval_batch_size: int = Field(16, ge=1)
+    baseline_unet: bool = Field(True, description="train_with_baseline: also train the same-budget UNet")
+
+
+def load_seg_config(path: str | Path, data_root: str | Path | None = None) -> TemplateSegTrainConfig:
+    """Read a template-segmenter config; ``data_root`` replaces ``data.root``."""
+    cfg = load_config(path, TemplateSegTrainConfig)
+    if data_root is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": Path(data_root)})})
+    return cfg
+
+
+@dataclass
+class SegData:
+    """Cases per split (``train``, ``val``, ``test``) and the class names (label ``c`` = ``class_names[c - 1]``)."""
+
+    cases: dict[str, list[SegCase]]
+    class_names: list[str]
+
+
+def load_seg_data(data: SegDataConfig) -> SegData:
+    """The cases and classes ``data`` describes (see the module docstring for the splits)."""
+    classes = ABDOMEN_CLASSES if data.classes == "abdomen" else data.classes
+    if data.source == "totalsegmentator":
+        classes = classes or ABDOMEN_CLASSES
+        cases = totalsegmentator_cases(classes)
+        rest, slab = split_slab(cases["train"][0], data.val_slices, "superior")
+        return SegData({"train": [rest], "val": [slab], "test": cases["test"]}, list(classes))
+    if data.root is None:
+        raise ValueError("data.root must name the MSD folder (the one holding dataset.json)")
+    if classes is None:
+        names, _ = read_msd_index(data.root)
+        classes = {names[i]: (names[i],) for i in sorted(names) if i != 0}
+    return SegData(msd_cases(data.root, classes, data.val_fraction, data.test_fraction), list(classes))
+
+
+def build_seg_model(model: TemplateSegModelConfig, num_classes: int) -> nn.Module:
+    """The network ``model`` describes: logits ``(B, num_classes + 1, H, W)`` from ``(B, 1, H, W)``."""
+    def template_net() -> TemplateSegNet:
+        return TemplateSegNet(2, 1, num_classes, model.channels, (2,) * (len(model.channels) - 1),
+                              model.share_encoders, model.fusion_levels, model.gate, model.temperature)
+
+    if model.kind == "template_seg":
+        return template_net()
+    with torch.device("meta"):  # only counted
+        target = count_parameters(template_net())
+    return unet_baseline(2, 1, num_classes + 1, target, num_levels=len(model.channels))
+
+
+class TemplateSegTask:
+    """The :class:`ctzoo.training.engine.Task` for the template segmenter and the UNet baseline.
+
+    Training items: augmented 2-D slices of the training cases, each with a random template (another training
+    slice); validation: Dice per class on the val cases (``primary_metric`` dice_mean).
+    """
+
+    name = "template_seg"
+    primary_metric = "dice_mean"
+
+    def __init__(self, cfg: TemplateSegTrainConfig, data: SegData | None = None) -> None:
+        self.cfg = cfg
+        self.data = data or load_seg_data(cfg.data)
+        self.prep = cfg.data.preprocessing
+        self.class_names = self.data.class_names
+        train = [case_to_slices(c, self.prep) for c in self.data.cases["train"]]
+        self.train_set = template_slice_dataset(train, len(self.class_names), self.prep, cfg.augment, cfg.repeats)
+        self.templates = template_set(train, len(self.class_names), cfg.data.max_templates)
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def build_model(self) -> nn.Module:
+        return build_seg_model(self.cfg.model, len(self.class_names))
+
+    def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int, rank: int, world_size: int):
+        generator = torch.Generator().manual_seed(epoch_seed)
+        sampler = (DistributedSampler(self.train_set, world_size, rank, shuffle=True, seed=epoch_seed)
+                   if world_size > 1 else None)
+        return DataLoader(self.train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                          num_workers=num_workers, generator=generator,
+                          drop_last=len(self.train_set) >= batch_size * world_size)  # no 1-slice tail batch
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device):
+        image, label = batch["image"].to(device), batch["label"].to(device)
+        template_model = isinstance(getattr(model, "module", model), TemplateSegNet)  # DDP wraps it
+        logits = model(image, batch["template"].to(device)) if template_model else model(image)
+        return self.loss_fn(logits.float(), label), {}
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        result = evaluate_segmenter(model, self.data.cases["val"], self.prep, self.templates, device,
+                                    self.class_names, hd95=False, batch_size=self.cfg.eval_batch_size)
+        return {k: v for k, v in result.items() if k.startswith("dice_")}
+
+
+def checkpoint_state(cfg: TemplateSegTrainConfig, class_names: list[str]) -> dict[str, Any]:
+    """``fit(..., extra_state=...)``: what a checkpoint needs beyond the engine's payload to be rebuilt
+    (:func:`load_seg_model` reads ``model_kind``)."""
+    return {"model_kind": cfg.model.kind, "class_names": class_names, "task_config": cfg.model_dump(mode="json")}
+
+
+def load_seg_model(cfg: TemplateSegTrainConfig, checkpoint: str | Path, num_classes: int) -> nn.Module:
+    """The model of ``checkpoint`` (its recorded kind wins over ``cfg.model.kind``), weights loaded, eval mode."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model_cfg = cfg.model.model_copy(update={"kind": state.get("model_kind", cfg.model.kind)})
+    model = build_seg_model(model_cfg, num_classes)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def _write_json(document: dict[str, Any], path: Path) -> None:
+    with atomic_path(path) as partial:  # json has no NaN: write null
+        partial.write_text(json.dumps(_jsonable(document), indent=2) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def evaluate_template_seg(cfg: TemplateSegTrainConfig, out: str | Path, split: Literal["val", "test"] = "test",
+                          checkpoint: str | Path | None = None, device: str = "auto",
+                          data: SegData | None = None) -> dict[str, Any]:
+    """Dice/HD95 per class of a checkpoint on ``split``; writes ``out/metrics.json`` and ``out/overlay.png``
+    (the middle slice of the first case: predicted contours solid, true dashed). Returns the metrics."""
+    if checkpoint is None:
+        raise ValueError("a checkpoint is needed (e.g. RUN/template_seg/best.pt)")
+    out, dev = Path(out), pick_device(device)
+    data = data or load_seg_data(cfg.data)
+    prep, names = cfg.data.preprocessing, data.class_names
+    templates = template_set([case_to_slices(c, prep) for c in data.cases["train"]], len(names),
+                             cfg.data.max_templates)
+    model = load_seg_model(cfg, checkpoint, len(names))
+    metrics = evaluate_segmenter(model, data.cases[split], prep, templates, dev, names,
+                                 batch_size=cfg.eval_batch_size)
+    metrics = {"split": split, "checkpoint": str(checkpoint), "model": type(model).__name__,
+               "parameters": count_parameters(model), **metrics}
+    _write_json(metrics, out / "metrics.json")
+    middle_slice_overlay({type(model).__name__: (model, False)}, data.cases[split][0], prep, templates, names, dev,
+                         out / "overlay.png")
+    return metrics
+
+
+def train_with_baseline(cfg: TemplateSegTrainConfig, out: str | Path, device: str = "auto",
+                        progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Train the template segmenter into ``out/template_seg`` and (``cfg.baseline_unet``) the same-budget MONAI
+    UNet into ``out/unet`` — identical data, augmentation, optimiser, epochs and seeds — then test both (best
+    validation checkpoint) and the "template copy" baseline (the nearest training template's masks, no network)
+    under every robustness condition (:data:`ctzoo.training.seg_evaluation.CONDITIONS`).
+
+    Writes ``out/comparison.json``, ``out/comparison.md`` and ``out/overlay.png``; returns the comparison.
+    ``cfg.model.kind`` is ignored: the first model is always the template segmenter. ``resume`` continues each
+    model from its ``last.pt`` where one exists (a model not started yet starts afresh).
+    """
+    out, dev = Path(out), pick_device(device)
+    data = load_seg_data(cfg.data)
+    kinds = ["template_seg"] + (["unet"] if cfg.baseline_unet else [])
+    models, training = {}, {}
+    for kind in kinds:
+        run_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"kind": kind})})
+        task = TemplateSegTask(run_cfg, data)
+        summary = fit(task, cfg.optim, out / kind, resume=resume and (out / kind / "last.pt").exists(),
+                      device=device, progress=progress, extra_state=checkpoint_state(run_cfg, data.class_names))
+        best = out / kind / "best.pt"
+        models[kind] = load_seg_model(run_cfg, best if best.exists() else out / kind / "last.pt",
+                                      len(data.class_names))
+        training[kind] = {**summary, "parameters": count_parameters(models[kind])}
+        templates = task.templates  # the same training slices for every kind
+    prep, names, test = cfg.data.preprocessing, data.class_names, data.cases["test"]
+    contenders = {"template_seg": (models["template_seg"], False), "template copy": (models["template_seg"], True)}
+    if "unet" in models:
+        contenders["unet"] = (models["unet"], False)
+    rows, results = [], {}
+    for name, (model, copy_template) in contenders.items():
+        results[name] = evaluate_conditions(model, test, prep, templates, dev, names, copy_template)
+        parameters = 0 if copy_template else count_parameters(model)
+        rows += [{"model": name, "condition": condition, "parameters": parameters,
+                  **{k: v for k, v in metrics.items() if k not in ("cases", "notes")}}
+                 for condition, metrics in results[name].items()]
+    comparison = {"test_cases": [c.name for c in test], "class_names": names,
+                  "conditions": {k: c.description for k, c in CONDITIONS.items()},
+                  "training": training, "rows": rows, "details": results}
+    _write_json(comparison, out / "comparison.json")
+    table = comparison_markdown(rows, names)
+    wall = ", ".join(f"{k} {v['wall_s']:.0f} s ({v['epochs']} epochs)" for k, v in training.items())
+    with atomic_path(out / "comparison.md") as partial:
+        partial.write_text(f"# Template segmenter vs same-budget UNet\n\nTest: {', '.join(c.name for c in test)}; "
+                           f"Dice and HD95 (mm) per class on the {prep.spacing_mm:g} mm slice grid. "
+                           f"Training wall time: {wall} on {dev}.\n\n{table}")
+    middle_slice_overlay(contenders, test[0], prep, templates, names, dev, out / "overlay.png")
+    return comparison
