@@ -52,7 +52,8 @@ def train_steps(task: RecistNetTask, model, batches, device, steps: int) -> floa
 
 
 def inference_rate(model, device, batch: int, repeats: int) -> float:
-    images = torch.rand(batch, 3, 512, 512, device=device)
+    in_channels = next(model.parameters()).shape[1]  # the first convolution's input channels
+    images = torch.rand(batch, in_channels, 512, 512, device=device)
     model.detect(images)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -16,7 +16,7 @@ register_model(
     "template-seg-abdomen",
     builder=TemplateSegNet,
     default_config={"spatial_dims": 2, "in_channels": 1, "num_classes": 5, "channels": [16, 32, 64, 128],
-                    "strides": [2, 2, 2], "share_encoders": True, "fusion_levels": None, "gate": "sigmoid",
+                    "strides": [2, 2, 2], "share_encoders": True, "fusion_levels": None, "gate": "none",
                     "temperature": 10.0},
     task="segmentation",
     description="Siamese template-encoder segmenter (2-D, axial slices at 3 mm) for liver, spleen, stomach, aorta "
