@@ -35,7 +35,7 @@ def _write_json(document: dict, path: Path) -> None:
 @click.option("--score-threshold", type=click.FloatRange(0, 1), default=0.3, show_default=True,
               help="Keep lesions scoring at least this.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Slices per forward pass.")
-@click.option("--no-overlay", is_flag=True, help="Do not draw overlay.png.")
+@click.option("--no-overlay", is_flag=True, help="Do not draw the overlay PNG.")
 @series_option
 @rules_option
 def infer(inputs: tuple[Path, ...], model_name: str, out: Path, device: str, score_threshold: float,
@@ -49,7 +49,7 @@ def infer(inputs: tuple[Path, ...], model_name: str, out: Path, device: str, sco
     Detectors (recistnet-mini): OUT/<case>/detections.json (schema in the README: the five RECIST
     points per lesion in voxel indices of the input as stored and in patient LPS mm) and overlay.png.
     Segmenters (template-seg-abdomen): OUT/<case>/labels.nii.gz (on the input grid),
-    segmentation.json (volume per class), seg.dcm (DICOM SEG, for DICOM input) and overlay.png.
+    segmentation.json (volume per class), seg.dcm (DICOM SEG, for DICOM input) and labels_overlay.png.
     """
     import torch
 

@@ -125,7 +125,7 @@ def write_segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence
                        model_name: str, model_version: str, overlay: bool = True) -> list[Path]:
     """What ``ctzoo infer`` writes for a segmenter into ``folder``: ``labels.nii.gz`` (uint8 on the input grid),
     ``segmentation.json`` (:func:`seg_summary`), ``seg.dcm`` (DICOM SEG referencing the source slices, for DICOM
-    input with at least one labelled voxel) and ``overlay.png`` (the slice with the most foreground).
+    input with at least one labelled voxel) and ``labels_overlay.png`` (the slice with the most foreground).
     Every file is written under a temporary name and renamed. Returns the paths written."""
     import json
 
@@ -146,5 +146,5 @@ def write_segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence
         k = int(np.argmax((labels > 0).sum(axis=(1, 2))))
         image = np.clip((volume.array[k] + 200.0) / 600.0, 0, 1)
         written.append(plot_seg_overlay(image, np.zeros_like(labels[k]), {f"{model_name} {model_version}": labels[k]},
-                                        class_names, folder / "overlay.png", title=f"slice {k} (as stored)"))
+                                        class_names, folder / "labels_overlay.png", title=f"slice {k} (as stored)"))
     return written
