@@ -18,6 +18,7 @@ Points are long-axis end 1, long-axis end 2, short-axis end 1, short-axis end 2,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ctzoo.datasets.deeplesion.context import context_planes, neighbour_offsets
-from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing, resample_and_window
+from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing, resample_planes, window_planes
 from ctzoo.io import Volume, volume_from_sitk, volume_to_sitk
+from ctzoo.models.recistnet import group_keypoints
 
 #: Detections of one lesion on neighbouring slices merge when their centres are this close in-plane,
 #: as a fraction of the larger long axis (and at least MIN_MERGE_MM).
@@ -59,38 +61,95 @@ def reorient_lps(volume: Volume) -> Volume:
     return reoriented
 
 
-def _pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
-    height, width = image.shape[-2:]
-    return torch.nn.functional.pad(image, (0, -width % multiple, 0, -height % multiple))
+def pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Zero-pad ``image`` (..., h, w) at the bottom and right to (height, width); zero is air in every window."""
+    h, w = image.shape[-2:]
+    if h > height or w > width:
+        raise ValueError(f"slice of {h} x {w} pixels does not fit the {height} x {width} canvas")
+    return torch.nn.functional.pad(image, (0, width - w, 0, height - h))
+
+
+def canvas_size(prep: SlicePreprocessing, multiple: int = 32) -> int:
+    """Side of the square canvas every slice is padded to: ``max_size`` rounded up to ``multiple``. One shape for
+    all slices of all volumes lets the pipeline batch slices of different volumes together."""
+    return -(-prep.max_size // multiple) * multiple
+
+
+def slice_inputs(axial: Volume, prep: SlicePreprocessing, canvas: int | None = None,
+                 multiple: int = 32) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """Network inputs for every slice of ``axial`` (LPS axial), in slice order: ``(image, scale)`` with image
+    ``(in_channels, H, W)`` float32 padded to ``canvas`` x ``canvas`` (or to a multiple of ``multiple``).
+
+    The same input as :func:`resample_and_window` on the slice's context planes, but each stored plane is
+    resampled once, not once per slice that uses it as context (3x less work with 3 context slices): resampling
+    is linear, so mixing resampled neighbours equals resampling the mixed plane (to float rounding, ~1e-6 HU).
+    """
+    hu = axial.array
+    offsets = neighbour_offsets(prep.num_slices, prep.slice_interval_mm, axial.spacing[2])
+    reach = int(np.ceil(max(abs(o) for o in offsets))) + 1
+    resampled: dict[int, np.ndarray] = {}
+    scale = None
+
+    def plane(z: int) -> np.ndarray:
+        nonlocal scale
+        if z not in resampled:
+            image, scale = resample_planes(hu[z:z + 1], axial.spacing[:2], prep)
+            resampled[z] = image[0].numpy()
+        return resampled[z]
+
+    for k in range(hu.shape[0]):
+        planes = torch.from_numpy(context_planes(plane, k, offsets, 0, hu.shape[0] - 1))
+        image = window_planes(planes, prep)
+        height, width = (canvas, canvas) if canvas else (-(-s // multiple) * multiple for s in image.shape[-2:])
+        yield pad_to(image, height, width), scale
+        for z in [z for z in resampled if z < k - reach]:  # planes no later slice needs
+            del resampled[z]
+
+
+def decode_heads(heads: dict[str, torch.Tensor | np.ndarray], down_ratio: int, max_lesions: int = 20,
+                 score_threshold: float = 0.3) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Raw RECIST-Net outputs for a batch -> per slice ``(scores (M,), points (M, 5, 2))`` in network-input
+    pixels, scores >= ``score_threshold``. The grouping is :func:`ctzoo.models.recistnet.group_keypoints`, as in
+    :meth:`RecistNet.detect`; backends (PyTorch, ONNX Runtime) only compute ``heads``."""
+    tensor = {key: torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value).float()
+              for key, value in heads.items()}
+    grouped = group_keypoints(tensor["heatmaps"], tensor["offsets"], down_ratio, max_lesions=max_lesions,
+                              displacements=tensor["displacements"])
+    results = []
+    for scores, points, valid in zip(grouped["scores"], grouped["points"], grouped["valid"]):
+        keep = valid & (scores >= score_threshold)
+        results.append((scores[keep].cpu().numpy(), points[keep].cpu().numpy()))
+    return results
+
+
+def slice_detections(axial: Volume, k: int, scores: np.ndarray, points: np.ndarray,
+                     scale: np.ndarray) -> list[SliceDetection]:
+    """Detections of slice ``k`` of ``axial`` from network-pixel ``points`` (M, 5, 2) and the slice's ``scale``."""
+    found = []
+    for score, lesion in zip(scores, points):
+        original = (lesion.astype(np.float64) + 0.5) / scale - 0.5  # back to the slice's own pixels
+        ijk = np.column_stack([original, np.full(5, float(k))])
+        mm = axial.index_to_lps(ijk)
+        found.append(SliceDetection(float(score), k, ijk, mm, float(np.linalg.norm(mm[1] - mm[0])),
+                                    float(np.linalg.norm(mm[3] - mm[2])), [k]))
+    return found
 
 
 def detect_slices(model: torch.nn.Module, volume: Volume, prep: SlicePreprocessing, batch_size: int = 8,
                   score_threshold: float = 0.3, max_lesions: int = 20, device: str | torch.device = "cpu",
                   progress: bool = True) -> list[SliceDetection]:
     """Detections on every slice of ``volume`` (already LPS axial), scores >= ``score_threshold``."""
-    hu = volume.array
-    offsets = neighbour_offsets(prep.num_slices, prep.slice_interval_mm, volume.spacing[2])
-    spacing_xy = volume.spacing[:2]
-    found: list[SliceDetection] = []
     model = model.to(device).eval()
-    for start in tqdm(range(0, hu.shape[0], batch_size), desc="detecting", unit="batch",
+    inputs = slice_inputs(volume, prep)
+    found: list[SliceDetection] = []
+    for start in tqdm(range(0, volume.array.shape[0], batch_size), desc="detecting", unit="batch",
                       disable=None if progress else True, leave=False):
-        ks = list(range(start, min(start + batch_size, hu.shape[0])))
-        images, scale = [], None
-        for k in ks:
-            planes = context_planes(lambda z: hu[z], k, offsets, 0, hu.shape[0] - 1)
-            image, scale = resample_and_window(planes, spacing_xy, prep)
-            images.append(_pad_to_multiple(image, 32))
+        batch = [next(inputs) for _ in range(min(batch_size, volume.array.shape[0] - start))]
         with torch.no_grad():
-            results = model.detect(torch.stack(images).to(device), max_lesions=max_lesions)
-        for k, result in zip(ks, results):
-            keep = result["scores"] >= score_threshold
-            for score, points in zip(result["scores"][keep].cpu().numpy(), result["points"][keep].cpu().numpy()):
-                original = (points.astype(np.float64) + 0.5) / scale - 0.5  # back to the slice's own pixels
-                ijk = np.column_stack([original, np.full(5, float(k))])
-                mm = volume.index_to_lps(ijk)
-                found.append(SliceDetection(float(score), k, ijk, mm, float(np.linalg.norm(mm[1] - mm[0])),
-                                            float(np.linalg.norm(mm[3] - mm[2])), [k]))
+            heads = model(torch.stack([image for image, _ in batch]).to(device))
+        decoded = decode_heads(heads, model.down_ratio, max_lesions, score_threshold)
+        for offset, ((scores, points), (_, scale)) in enumerate(zip(decoded, batch)):
+            found += slice_detections(volume, start + offset, scores, points, scale)
     return found
 
 
@@ -123,7 +182,14 @@ def detect_volume(model: torch.nn.Module, volume: Volume, prep: SlicePreprocessi
     ``options`` go to :func:`detect_slices` (batch_size, score_threshold, max_lesions, device, progress).
     """
     axial = reorient_lps(volume)
-    lesions = merge_across_slices(detect_slices(model, axial, prep, **options), axial.spacing[2])
+    return detections_document(volume, axial, detect_slices(model, axial, prep, **options), model_name, model_version)
+
+
+def detections_document(volume: Volume, axial: Volume, detections: list[SliceDetection], model_name: str,
+                        model_version: str) -> dict[str, Any]:
+    """Merge per-slice ``detections`` on ``axial`` (= :func:`reorient_lps` of ``volume``) into lesions and map
+    them to ``volume`` as stored: the ``detections.json`` document."""
+    lesions = merge_across_slices(detections, axial.spacing[2])
     to_input = np.linalg.inv(volume.affine_lps)
     documents = []
     for lesion in lesions:

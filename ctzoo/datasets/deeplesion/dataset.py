@@ -79,6 +79,16 @@ def resample_and_window(hu: np.ndarray, spacing_xy, cfg: SlicePreprocessing) -> 
 
     Shared by training (:class:`LoadDeepLesiond`) and volume inference, so both see identical input.
     """
+    image, scale = resample_planes(hu, spacing_xy, cfg)
+    return window_planes(image, cfg), scale
+
+
+def resample_planes(hu: np.ndarray, spacing_xy, cfg: SlicePreprocessing) -> tuple[torch.Tensor, np.ndarray]:
+    """Step 2 alone: planes (S, H, W) HU -> (S, H', W') float32 HU at ``cfg.norm_spacing_mm``, and the (x, y) scale.
+
+    Linear in the planes (bilinear resize plus, when shrinking, MONAI's anti-aliasing Gaussian): resampling a
+    linear mix of planes equals mixing the resampled planes, which lets volume inference resample each plane once.
+    """
     height, width = hu.shape[1:]
     scale = 1.0 if cfg.norm_spacing_mm is None else float(np.mean(spacing_xy)) / cfg.norm_spacing_mm
     scale = min(scale, cfg.max_size / max(height, width))
@@ -88,11 +98,15 @@ def resample_and_window(hu: np.ndarray, spacing_xy, cfg: SlicePreprocessing) -> 
         image = Resize(size, mode="bilinear", anti_aliasing=scale < 1.0)(image)
     image = torch.as_tensor(image, dtype=torch.float32)
     image = image.as_tensor() if isinstance(image, MetaTensor) else image
+    return image, np.array([size[1] / width, size[0] / height])
+
+
+def window_planes(image: torch.Tensor, cfg: SlicePreprocessing) -> torch.Tensor:
+    """Step 3 alone: (S, H, W) HU -> (cfg.in_channels, H, W), the planes in the first window, then in each extra."""
     b_low, b_high = cfg.output_range
     windowed = [ScaleIntensityRange(low, high, b_low, b_high, clip=True)(image)
                 for low, high in (cfg.window_hu, *cfg.extra_windows_hu)]
-    image = windowed[0] if len(windowed) == 1 else torch.cat(windowed, dim=0)
-    return image, np.array([size[1] / width, size[0] / height])
+    return windowed[0] if len(windowed) == 1 else torch.cat(windowed, dim=0)
 
 
 class LoadDeepLesiond(Transform):

@@ -1,0 +1,132 @@
+"""Turn what a user passes to ``ctzoo infer`` into a list of cases, one CT volume each.
+
+Accepted inputs (mixed freely):
+
+* NIfTI, NRRD, MHA/MHD files: one case each;
+* a ``.zip`` of a DICOM series: one case (the CT series chosen by the selection rules);
+* a folder: searched recursively. Image files and zips in it are cases; every folder that directly holds DICOM
+  files is one case (its CT series chosen by the rules, as ``ctzoo info`` shows). A PACS export
+  ``patient/study/series/*.dcm`` thus gives one case per series folder;
+* a text file (``.txt``/``.lst``/``.list``): one input per line (blank lines and ``#`` comments skipped);
+  relative paths are relative to the list file.
+
+Discovery reads no pixel data and opens only the first bytes of files it cannot name by suffix, so it stays
+cheap on a folder of thousands of studies; anything broken is found when the case is read, where it is
+recorded as that case's error instead of stopping the batch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctzoo.io.image_files import ITK_READ_SUFFIXES, NIFTI_SUFFIXES, file_suffix
+
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+#: Files never taken for DICOM when they have no DICOM preamble (sidecars next to a series).
+_NEVER_DICOM = {".json", ".csv", ".md", ".txt", ".xml", ".png", ".jpg", ".jpeg", ".pdf", ".html", ".log", ".py"}
+
+
+@dataclass(frozen=True)
+class CaseInput:
+    """One CT volume to run: ``name`` is the output folder's name, unique within a run."""
+
+    name: str
+    path: Path
+
+
+def _is_dicom(path: Path) -> bool:
+    """DICOM by suffix, or by the "DICM" magic after the 128-byte preamble (files named by UID only)."""
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return True
+    if suffix in _NEVER_DICOM:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_volume_file(path: Path) -> bool:
+    return file_suffix(path) in (*NIFTI_SUFFIXES, *ITK_READ_SUFFIXES, ".zip")
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Case paths under ``folder``: volume files, and folders that directly hold DICOM files (sorted, hidden
+    entries skipped)."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if p.is_file()]
+    volume_files = [p for p in files if _is_volume_file(p)]
+    if any(_is_dicom(p) for p in files if p not in volume_files):
+        yield folder
+    yield from volume_files
+    for sub in entries:
+        if sub.is_dir():
+            yield from _walk(sub)
+
+
+def _read_list(path: Path) -> list[Path]:
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [(path.parent / line) if not Path(line).is_absolute() else Path(line)
+            for line in lines if line and not line.startswith("#")]
+
+
+def _expand(path: Path, seen_lists: set[Path]) -> Iterator[tuple[Path, Path]]:
+    """(case path, the input it came from) for one user input."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_dir():
+        found = list(_walk(path))
+        if not found:
+            raise ValueError(f"{path}: no CT volumes in this folder (looked for DICOM files, NIfTI, NRRD, MHA, zip)")
+        yield from ((case, path) for case in found)
+    elif path.suffix.lower() in LIST_SUFFIXES:
+        if path.resolve() in seen_lists:
+            raise ValueError(f"{path}: input lists include each other")
+        seen_lists.add(path.resolve())
+        for listed in _read_list(path):
+            yield from _expand(listed, seen_lists)
+    else:
+        yield path, path.parent  # a single file (volume, zip, or one DICOM slice: read_volume reads its series)
+
+
+def case_name(path: Path, root: Path) -> str:
+    """A readable folder name for a case: its path under the input it came from, separators as ``_``."""
+    try:
+        relative = path.relative_to(root)
+    except ValueError:
+        relative = Path(path.name)
+    name = str(relative) if str(relative) != "." else path.name
+    for suffix in (*NIFTI_SUFFIXES, *ITK_READ_SUFFIXES, ".zip"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
+
+
+def discover_cases(inputs: Iterable[str | Path]) -> list[CaseInput]:
+    """All cases of ``inputs`` in a stable order, duplicates (the same file twice) dropped, names made unique.
+
+    Raises FileNotFoundError / ValueError for an input that does not exist or holds nothing to read: a typo in
+    a command line should stop the run before hours of work, unlike a damaged file inside a folder.
+    """
+    cases: list[CaseInput] = []
+    seen_paths: set[Path] = set()
+    names: dict[str, int] = {}
+    seen_lists: set[Path] = set()
+    for given in inputs:
+        given = Path(given)
+        for path, root in _expand(given, seen_lists):
+            key = path.resolve()
+            if key in seen_paths:
+                continue
+            seen_paths.add(key)
+            name = case_name(path, root)
+            count = names.get(name, 0)
+            names[name] = count + 1
+            cases.append(CaseInput(name if count == 0 else f"{name}-{count + 1}", path))
+    return cases

@@ -1,0 +1,338 @@
+"""The batch inference pipeline behind ``ctzoo infer``: readers -> batched model -> writer.
+
+Stages (the model's parts are :class:`ctzoo.inference.tasks.ModelTask`)::
+
+    reader processes (--workers)          main process                       writer thread
+    read + decode + preprocess a case --> batches of slices from any     --> finish + write the case
+    (chunks of slices, shared memory)     volume -> backend -> decode         (atomic files, status, summary)
+
+* Readers are ``torch.utils.data`` workers over an iterable of cases (``in_order=False``: a worker done with a
+  small case never waits behind one reading a large case). Slices travel in chunks through shared memory.
+* The model never waits for one volume: slices of consecutive volumes fill the same batch.
+* A case that fails to read, preprocess, predict or write is recorded with its error in ``summary.csv``
+  and ``OUT/<case>/status-<model>.json``; the batch goes on.
+* Every file is written under a temporary name and renamed; the status file is written last, so ``--resume``
+  skips exactly the cases whose outputs are complete. Ctrl-C lets the file being written finish and
+  leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm.auto import tqdm
+
+from ctzoo.inference.inputs import CaseInput
+from ctzoo.inference.tasks import ModelTask
+from ctzoo.io import Volume
+from ctzoo.io.atomic import atomic_path
+
+SUMMARY_FILE = "summary.csv"
+SUMMARY_FIELDS = ["case", "input", "model", "model_version", "status", "error", "slices", "findings", "detail",
+                  "read_s", "seconds", "outputs"]
+#: Cases read but not yet written that the main process may hold (their volumes stay in memory).
+MAX_PENDING_WRITES = 4
+
+
+@dataclass
+class PipelineOptions:
+    out: Path
+    batch_size: int = 8
+    workers: int = 1
+    chunk: int = 8  # slices per message from a reader
+    resume: bool = False
+    overlay: bool = True
+    series: str | None = None
+    rules: Any = None  # SeriesRules or None
+    progress: bool = True
+
+
+def status_path(out: Path, case: CaseInput, model_name: str) -> Path:
+    return out / case.name / f"status-{model_name}.json"
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for the summary: the exception type (when it adds something) and its message."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, (ValueError, FileNotFoundError)) else f"{type(exc).__name__}: {text}"
+
+
+# ------------------------------------------------------------------------------------------------ reader
+
+
+def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: str | None = None,
+              rules: Any = None) -> Iterator[dict[str, Any]]:
+    """Messages for one case: ``slices`` chunks ``(n, C, H, W)``, then ``end`` (volume and context), or
+    ``error`` as soon as anything fails. Used by the local readers and by the Ray engine."""
+    from ctzoo.io import read_volume
+
+    start_time = time.perf_counter()
+    sent = 0
+    try:
+        volume = read_volume(case.path, series=series, rules=rules, progress=False)
+        if not np.isfinite(volume.array).all():
+            bad = int(volume.array.size - np.isfinite(volume.array).sum())
+            raise ValueError(f"{case.path}: {bad} voxels are NaN or infinite; refusing to guess their HU")
+        context, images = task.preprocess(volume)
+        buffer: list[np.ndarray] = []
+        for image in images:
+            buffer.append(image)
+            if len(buffer) == chunk:
+                yield {"kind": "slices", "case": index, "start": sent, "images": torch.from_numpy(np.stack(buffer))}
+                sent, buffer = sent + len(buffer), []
+        if buffer:
+            yield {"kind": "slices", "case": index, "start": sent, "images": torch.from_numpy(np.stack(buffer))}
+            sent += len(buffer)
+        if sent == 0:
+            raise ValueError(f"{case.path}: the volume has no slices")
+        header = copy.copy(volume)
+        header.array = np.empty((0, 0, 0), dtype=volume.array.dtype)  # the voxels travel as a shared tensor
+        yield {"kind": "end", "case": index, "slices": sent, "context": context, "volume": header,
+               "voxels": torch.from_numpy(np.ascontiguousarray(volume.array)),
+               "read_s": time.perf_counter() - start_time}
+    except Exception as exc:  # one bad case must not stop the batch: it is reported in the summary
+        yield {"kind": "error", "case": index, "error": error_message(exc)}
+
+
+class CaseStream(IterableDataset):
+    """The reader stage as a PyTorch iterable dataset: each worker reads every ``num_workers``-th case."""
+
+    def __init__(self, cases: list[CaseInput], task: ModelTask, chunk: int, series: str | None, rules: Any):
+        self.cases, self.task, self.chunk, self.series, self.rules = cases, task, chunk, series, rules
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = get_worker_info()
+        share, step = (worker.id, worker.num_workers) if worker else (0, 1)
+        for index in range(share, len(self.cases), step):
+            yield from read_case(index, self.cases[index], self.task, self.chunk, self.series, self.rules)
+
+
+def _keep(message: dict[str, Any]) -> dict[str, Any]:
+    return message  # no collation: tensors still travel through shared memory
+
+
+# ------------------------------------------------------------------------------------------------ writer
+
+
+@dataclass
+class CaseState:
+    case: CaseInput
+    outputs: dict[int, Any] = field(default_factory=dict)
+    end: dict[str, Any] | None = None
+    error: str = ""
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def complete(self) -> bool:
+        return self.end is not None and len(self.outputs) == self.end["slices"]
+
+
+def write_case(task: ModelTask, case: CaseInput, volume: Volume, context: Any, outputs: list[Any],
+               options: PipelineOptions) -> dict[str, Any]:
+    """Finish and write one case; returns its summary row (status ok, or error with the message)."""
+    row = summary_row(case, task, "ok", slices=len(outputs))
+    try:
+        result = task.finish(volume, context, outputs)
+        written, info = task.write(volume, result, options.out / case.name, options.overlay)
+        row.update(info, outputs=" ".join(str(p.relative_to(options.out)) for p in written))
+    except Exception as exc:
+        row.update(status="error", error=error_message(exc))
+    return row
+
+
+def summary_row(case: CaseInput, task: ModelTask, status: str, **values: Any) -> dict[str, Any]:
+    row = {name: "" for name in SUMMARY_FIELDS}
+    row.update(case=case.name, input=str(case.path), model=task.model_name, model_version=task.model_version,
+               status=status, **values)
+    return row
+
+
+def save_status(row: dict[str, Any], out: Path, case: CaseInput) -> None:
+    with atomic_path(status_path(out, case, row["model"])) as partial:
+        partial.write_text(json.dumps(row, indent=2))
+
+
+def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(path) as partial:
+        partial.write_text(buffer.getvalue())
+
+
+def finished_row(out: Path, case: CaseInput, task: ModelTask) -> dict[str, Any] | None:
+    """The saved row of a case this model version already finished without error, else None."""
+    path = status_path(out, case, task.model_name)
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = row.get("status") == "ok" and row.get("model_version") == task.model_version
+    return row if ok and row.get("input") == str(case.path) else None
+
+
+class RunBook:
+    """The rows of one model's run over ``cases``: resumed cases (``options.resume``) first, then each case as
+    it finishes. Every :meth:`record` saves the case's status file and rewrites ``OUT/summary.csv``
+    (``other_rows``, rows of earlier models of the same run, first). Shared by the local and Ray engines."""
+
+    def __init__(self, cases: list[CaseInput], task: ModelTask, options: PipelineOptions,
+                 other_rows: list[dict[str, Any]] = ()):
+        options.out.mkdir(parents=True, exist_ok=True)
+        self.cases, self.out, self.other_rows = cases, options.out, list(other_rows)
+        self.done: dict[str, dict[str, Any]] = {}
+        self.todo: list[CaseInput] = []
+        for case in cases:
+            row = finished_row(options.out, case, task) if options.resume else None
+            if row is not None:
+                self.done[case.name] = row
+            else:
+                self.todo.append(case)
+        write_summary([*self.other_rows, *self.rows()], self.out / SUMMARY_FILE)
+
+    def record(self, row: dict[str, Any], case: CaseInput) -> None:
+        save_status(row, self.out, case)
+        self.done[case.name] = row
+        write_summary([*self.other_rows, *self.rows()], self.out / SUMMARY_FILE)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [self.done[c.name] for c in self.cases if c.name in self.done]
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+
+class _Batcher:
+    """Slices waiting for the model, grouped by shape; full batches go to ``task.predict``."""
+
+    def __init__(self, task: ModelTask, batch_size: int):
+        self.task, self.batch_size = task, batch_size
+        self.waiting: dict[tuple[int, ...], deque] = {}
+        self.slices_done = 0
+
+    def add(self, case: int, start: int, images: torch.Tensor) -> None:
+        queue = self.waiting.setdefault(tuple(images.shape[1:]), deque())
+        queue.extend((case, start + i, images[i]) for i in range(images.shape[0]))
+
+    def ready(self, flush: bool = False) -> Iterator[list[tuple[int, int, torch.Tensor]]]:
+        for queue in self.waiting.values():
+            while len(queue) >= self.batch_size or (flush and queue):
+                yield [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
+
+    def run(self, items: list[tuple[int, int, torch.Tensor]]) -> list[tuple[int, int, Any]]:
+        outputs = self.task.predict(torch.stack([image for _, _, image in items]).numpy())
+        self.slices_done += len(items)
+        return [(case, k, output) for (case, k, _), output in zip(items, outputs)]
+
+
+def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptions,
+                 other_rows: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Run ``task`` over ``cases``; returns its summary rows in case order. ``OUT/summary.csv`` holds
+    ``other_rows`` (earlier models of the same run) followed by these, rewritten as each case finishes."""
+    book = RunBook(cases, task, options, other_rows)
+    todo, record = book.todo, book.record
+    bar = tqdm(total=len(todo), unit="case", desc=f"{task.model_name}", disable=None if options.progress else True)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctzoo-writer")
+    pending: deque[tuple[Future, CaseInput]] = deque()
+    started = time.perf_counter()
+    batcher = _Batcher(task, options.batch_size)
+    states = {i: CaseState(case) for i, case in enumerate(todo)}
+
+    def collect(block: bool) -> None:
+        while pending and (block or pending[0][0].done() or len(pending) > MAX_PENDING_WRITES):
+            future, case = pending.popleft()
+            record(future.result(), case)
+            bar.update(1)
+            rate = batcher.slices_done / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix_str(f"{rate:.1f} slices/s")
+
+    def settle(index: int) -> None:
+        state = states[index]
+        if state.error:
+            states.pop(index)
+            row = summary_row(state.case, task, "error", error=state.error)
+            pending.append((_done_future(row), state.case))
+        elif state.complete:
+            states.pop(index)
+            end = state.end
+            volume = end["volume"]
+            volume.array = end["voxels"].numpy()
+            outputs = [state.outputs[k] for k in range(end["slices"])]
+            future = writer.submit(_timed_write, task, state.case, volume, end["context"], outputs, options,
+                                   end["read_s"], state.started)
+            pending.append((future, state.case))
+        collect(block=False)
+
+    def run_batches(flush: bool = False) -> None:
+        for items in batcher.ready(flush):
+            try:
+                results = batcher.run(items)
+            except Exception as exc:  # a batch may mix cases: each of them fails with the message
+                for case in {c for c, _, _ in items}:
+                    if case in states:
+                        states[case].error = f"model failed: {error_message(exc)}"
+                results = []
+            for case, k, output in results:
+                if case in states:
+                    states[case].outputs[k] = output
+            for case in {c for c, _, _ in items}:
+                if case in states:
+                    settle(case)
+
+    loader = DataLoader(CaseStream(todo, task, options.chunk, options.series, options.rules), batch_size=None,
+                        num_workers=options.workers, collate_fn=_keep,
+                        **({"in_order": False, "prefetch_factor": 2} if options.workers > 0 else {}))
+    try:
+        for message in loader if todo else ():
+            index = message["case"]
+            state = states.get(index)
+            if state is None:
+                continue  # a case that already failed (its remaining messages are dropped)
+            if message["kind"] == "slices":
+                batcher.add(index, message["start"], message["images"])
+            elif message["kind"] == "end":
+                state.end = message
+            else:
+                state.error = message["error"]
+            run_batches()
+            if message["kind"] != "slices":
+                settle(index)
+        run_batches(flush=True)
+        collect(block=True)
+    except KeyboardInterrupt:
+        writer.shutdown(wait=True, cancel_futures=True)  # the case being written finishes; queued ones do not
+        for future, case in pending:
+            if future.done() and not future.cancelled():
+                record(future.result(), case)
+        raise
+    finally:
+        writer.shutdown(wait=True)
+        bar.close()
+    return book.rows()
+
+
+def _done_future(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def _timed_write(task: ModelTask, case: CaseInput, volume: Volume, context: Any, outputs: list[Any],
+                 options: PipelineOptions, read_s: float, started: float) -> dict[str, Any]:
+    row = write_case(task, case, volume, context, outputs, options)
+    row.update(read_s=round(read_s, 2), seconds=round(time.perf_counter() - started, 2))
+    return row

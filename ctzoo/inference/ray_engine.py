@@ -1,0 +1,245 @@
+"""``ctzoo infer --engine ray``: the stages of :mod:`ctzoo.inference.pipeline` as Ray Data operators.
+
+::
+
+    case rows --flat_map--> row per slice --map_batches--> output per slice --> driver --> write tasks
+              read_case:     (+ an end or   actor pool:     (pickled, small)    groups     re-read the volume,
+              read, decode,  error row)     the ModelTask,  + the end/error     by case    finish, write the
+              preprocess                    built once      row                            files
+              (--workers)                   per actor
+
+Why this shape:
+
+* Grouping by case happens on the driver, not with ``groupby().map_groups()``: a groupby is an all-to-all
+  barrier that holds every prediction of the job before the first case is written. The driver holds only the
+  small outputs of the cases in flight and starts a case's write task as soon as its last slice is predicted;
+  at most ``MAX_PENDING_WRITES`` writes run before the driver stops pulling rows (Ray Data then backpressures).
+* The write task re-reads the volume instead of the dataset carrying it: carried in a column, every volume
+  (150-600 MB for a full CT in float32) would cross the object store four times (reader, model actor, driver,
+  writer) and sit in the driver while its slices wait for the model. Re-reading costs one more read + decode per
+  case (about ``read_s`` of CPU, on a writer) and keeps the object store to the slices in flight. The small
+  ``context`` of ``preprocess`` travels in the case's end row. Reads are deterministic, so the files are the
+  local engine's.
+* The model: on CPU one actor (the backend's threads already use the node's cores; more actors would fight
+  over them). It reserves one Ray CPU, but Ray also pins its OMP threads to that, so it asks the backend for
+  ``threads`` or every core of its node, as the local engine's backend uses. On CUDA one actor per GPU of the cluster
+  (``num_gpus=1``; Ray sets CUDA_VISIBLE_DEVICES, so ``cuda:N`` means "a GPU" here).
+* Inputs and OUT must be on storage every node sees (a shared filesystem); on a local instance they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctzoo.inference.inputs import CaseInput
+from ctzoo.inference.pipeline import (
+    MAX_PENDING_WRITES,
+    PipelineOptions,
+    RunBook,
+    error_message,
+    read_case,
+    summary_row,
+    write_case,
+)
+
+OBJECT_STORE_BYTES = 1 << 30  # a local instance's shared memory: slices in flight, not volumes (see above)
+_NO_IMAGE = np.zeros((0, 0, 0), np.float32)  # the image of a case's end/error row
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise RuntimeError("the Ray engine needs Ray Data: pip install 'ctzoo[ray]'") from exc
+    return ray
+
+
+def connect(address: str | None = None, workers: int = 1) -> bool:
+    """Join the Ray cluster at ``address`` or ``$RAY_ADDRESS`` (or the one already joined), else start a local
+    instance. True when this call started one (whoever started it shuts it down)."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
+        return False
+    # CPUs for the model actor, `workers` readers and a writer even on a small machine (Ray's CPUs only schedule)
+    ray.init(num_cpus=max(os.cpu_count() or 1, workers + 2), include_dashboard=False, log_to_driver=False,
+             object_store_memory=OBJECT_STORE_BYTES, ignore_reinit_error=True)
+    return True
+
+
+def _read_rows(row: dict[str, Any], task, chunk: int, series: str | None, rules: Any):
+    """Reader stage: the messages of :func:`read_case` as rows, one per slice, then one end or error row."""
+    index = int(row["case"])
+    control = {"case": index, "slice": -1, "image": _NO_IMAGE, "payload": b"", "error": ""}
+    for message in read_case(index, CaseInput(row["name"], Path(row["source"])), task, chunk, series, rules):
+        if message["kind"] == "slices":
+            for k, image in enumerate(message["images"].numpy()):
+                yield {**control, "slice": message["start"] + k, "image": image}
+        elif message["kind"] == "end":  # the voxels stay behind: the write task re-reads the volume
+            end = {"slices": message["slices"], "context": message["context"], "read_s": message["read_s"]}
+            yield {**control, "payload": pickle.dumps(end)}
+        else:
+            yield {**control, "error": message["error"].replace(row["source"], row["path"])}  # the path as given
+
+
+class _Predictor:
+    """Model stage: one backend per actor; end/error rows pass through untouched."""
+
+    def __init__(self, model_name: str, backend: str, device: str, score_threshold: float, threads: int | None):
+        from ctzoo.inference.tasks import model_task
+
+        # Ray pins OMP threads to the actor's 1 CPU: on CPU, the backend's own default is every core
+        threads = threads or (os.cpu_count() if device == "cpu" else None)
+        self.task = model_task(model_name, backend, device, score_threshold, threads)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = np.full(len(batch["case"]), b"", dtype=object)
+        errors = np.array(batch["error"], dtype=object)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i in np.flatnonzero(batch["slice"] >= 0):
+            by_shape.setdefault(batch["image"][i].shape, []).append(i)
+        for rows in by_shape.values():
+            try:
+                for i, output in zip(rows, self.task.predict(np.stack([batch["image"][i] for i in rows]))):
+                    outputs[i] = pickle.dumps(output)
+            except Exception as exc:  # as in the local engine: every case of the failed batch fails with the message
+                errors[rows] = f"model failed: {error_message(exc)}"
+        return {"case": batch["case"], "slice": batch["slice"], "output": outputs, "payload": batch["payload"],
+                "error": errors}
+
+
+@functools.lru_cache(maxsize=4)
+def _finisher(model_name: str):
+    """The ModelTask of a write worker, built once per process (finish and write never touch the backend)."""
+    from ctzoo.inference.tasks import model_task
+
+    return model_task(model_name, "torch", "cpu", threads=1)
+
+
+def _write(model_name: str, case: CaseInput, source: str, context: Any, outputs: list[bytes], options: PipelineOptions):
+    """Write stage (a Ray task): re-read the volume (from ``source``, absolute), then :func:`write_case`."""
+    from ctzoo.io import read_volume
+
+    task = _finisher(model_name)
+    try:
+        volume = read_volume(source, series=options.series, rules=options.rules, progress=False)
+    except Exception as exc:  # the input changed since it was read: this case fails, the batch goes on
+        return summary_row(case, task, "error", slices=len(outputs),
+                           error=error_message(exc).replace(source, str(case.path)))
+    return write_case(task, case, volume, context, [pickle.loads(o) for o in outputs], options)
+
+
+def _placement(device: str, gpus: int) -> tuple[str, int, dict[str, float]]:
+    """(the backend's device, actors, Ray resources of each) for ``device`` on a cluster with ``gpus`` GPUs. A CPU
+    actor reserves one CPU whatever its threads: a reservation larger than any node would never be scheduled."""
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    if device == "cuda" or device.startswith("cuda:"):
+        if not gpus:  # Ray would wait for a GPU forever
+            raise RuntimeError(f"device {device!r}, but the Ray cluster has no GPU")
+        return "cuda", gpus, {"num_gpus": 1, "num_cpus": 1}
+    if device != "cpu":
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    return "cpu", 1, {"num_cpus": 1}
+
+
+def _pool(ray, size: int, actors: bool) -> dict[str, Any]:
+    """A fixed pool of ``size`` actors or at most ``size`` tasks: ``compute`` from Ray 2.51 on (``concurrency``,
+    the older spelling, is deprecated there)."""
+    if tuple(int(p) for p in ray.__version__.split(".")[:2]) < (2, 51):
+        return {"concurrency": size}
+    return {"compute": (ray.data.ActorPoolStrategy if actors else ray.data.TaskPoolStrategy)(size=size)}
+
+
+def run_ray(cases: list[CaseInput], model_name: str, options: PipelineOptions, backend: str = "torch",
+            device: str = "auto", threads: int | None = None, score_threshold: float = 0.3,
+            other_rows: list[dict[str, Any]] = (), address: str | None = None) -> list[dict[str, Any]]:
+    """:func:`ctzoo.inference.pipeline.run_pipeline` on Ray: same files, status files, summary and rows."""
+    ray = _import_ray()
+    from ctzoo.inference.backends import KINDS
+    from ctzoo.inference.tasks import model_task
+
+    if backend not in KINDS:  # fail here, not as a dead actor once Ray has started
+        raise ValueError(f"unknown backend kind {backend!r}: use one of {', '.join(KINDS)}")
+    # on the driver (CPU): the readers' preprocess, the rows' model version; an unknown model fails here, early
+    task = model_task(model_name, "torch", "cpu")
+    book = RunBook(cases, task, options, other_rows)  # resume, status files and summary as the local engine
+    todo = book.todo
+    if todo:
+        started = connect(address, options.workers)
+        try:
+            _stream(ray, todo, task, options, backend, device, threads, score_threshold, book.record)
+        finally:
+            if started:
+                ray.shutdown()
+    return book.rows()
+
+
+def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend: str, device: str,
+            threads: int | None, score_threshold: float, record) -> None:
+    ray.data.DataContext.get_current().enable_progress_bars = options.progress
+    device, actors, resources = _placement(device, int(ray.cluster_resources().get("GPU", 0)))
+    reader = dataclasses.replace(task, predict=None, finish=None, write=None)  # readers need only preprocess
+    # paths absolute: a worker's working folder is not the driver's; rows keep the paths as given
+    options = dataclasses.replace(options, out=options.out.absolute())
+    sources = [str(case.path.absolute()) for case in todo]
+    items = [{"case": i, "name": c.name, "path": str(c.path), "source": sources[i]} for i, c in enumerate(todo)]
+    dataset = (ray.data.from_items(items, override_num_blocks=len(items))  # a block per case: read in parallel
+               .flat_map(_read_rows, fn_kwargs={"task": reader, "chunk": options.chunk, "series": options.series,
+                                                "rules": options.rules}, **_pool(ray, max(1, options.workers), False))
+               .map_batches(_Predictor, fn_constructor_args=(task.model_name, backend, device, score_threshold,
+                                                             threads), batch_size=options.batch_size,
+                            batch_format="numpy", **_pool(ray, actors, True), **resources))
+    write = ray.remote(num_cpus=1)(_write)
+    states: dict[int, dict[str, Any]] = {}  # cases in flight: outputs by slice, end row, when first seen
+    done: set[int] = set()  # cases failed or handed to a writer: their remaining rows are dropped
+    pending: dict[Any, tuple[CaseInput, dict[str, Any]]] = {}  # write task -> its case
+
+    def collect(keep: int) -> None:
+        """Record the finished writes; wait while more than ``keep`` still run."""
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if len(pending) > keep else 0)
+            if not ready:
+                return
+            case, state = pending.pop(ready[0])
+            row = ray.get(ready[0])
+            row.update(read_s=round(state["end"]["read_s"], 2), seconds=round(time.perf_counter() - state["t"], 2))
+            record(row, case)
+
+    try:
+        for row in dataset.iter_rows():
+            index = int(row["case"])
+            if index in done:
+                continue
+            state = states.setdefault(index, {"outputs": {}, "end": None, "t": time.perf_counter()})
+            if row["error"]:
+                done.add(index)
+                del states[index]
+                record(summary_row(todo[index], task, "error", error=row["error"]), todo[index])
+            else:
+                if row["slice"] >= 0:
+                    state["outputs"][int(row["slice"])] = row["output"]
+                else:
+                    state["end"] = pickle.loads(row["payload"])
+                if state["end"] is not None and len(state["outputs"]) == state["end"]["slices"]:
+                    done.add(index)
+                    del states[index]
+                    outputs = [state["outputs"][k] for k in range(state["end"]["slices"])]
+                    ref = write.remote(task.model_name, todo[index], sources[index], state["end"]["context"], outputs,
+                                       options)
+                    pending[ref] = (todo[index], state)
+            collect(MAX_PENDING_WRITES)
+    finally:
+        collect(0)  # on Ctrl-C or a failed job too: the writes already running finish and are recorded

@@ -1,0 +1,165 @@
+"""What one zoo model needs from the batch pipeline, split by where each part runs.
+
+The pipeline (:mod:`ctzoo.inference.pipeline`) moves every volume through four stages; a model plugs in one
+function per stage, so the detector and the segmenter share the pipeline, the local and the Ray engines:
+
+``preprocess(volume) -> (context, slices)``
+    in a reader process: the network input of every slice (an iterator of float32 ``(C, H, W)`` arrays, all of
+    one shape for a model, so slices of different volumes batch together) and a small picklable context;
+``predict(batch) -> [output per slice]``
+    in the process holding the backend (PyTorch or ONNX Runtime): one forward pass over ``(B, C, H, W)``
+    and whatever per-slice decoding is cheap enough to keep there (the keypoint grouping);
+``finish(volume, context, outputs) -> result``
+    in the writer: the per-volume result (merged lesions, or the label map on the input grid);
+``write(volume, result, folder, overlay) -> (paths, summary)``
+    in the writer: the files of the case, each written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ctzoo.io import Volume
+from ctzoo.io.atomic import atomic_path
+
+
+@dataclass
+class ModelTask:
+    """The four stage functions of one zoo model (see the module docstring). ``preprocess`` must pickle."""
+
+    model_name: str
+    model_version: str
+    task: str
+    preprocess: Callable[[Volume], tuple[Any, Iterator[np.ndarray]]]
+    predict: Callable[[np.ndarray], list[Any]]
+    finish: Callable[[Volume, Any, list[Any]], Any]
+    write: Callable[[Volume, Any, Path, bool], tuple[list[Path], dict[str, Any]]]
+
+
+def _write_json(document: dict, path: Path) -> Path:
+    import json
+
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(document, indent=2))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ RECIST-Net
+
+
+@dataclass
+class DetectorPreprocess:
+    """Reader side of the detector: LPS-reorient, then each slice's 2.5D input on a fixed square canvas."""
+
+    prep: Any  # SlicePreprocessing
+
+    def __call__(self, volume: Volume):
+        from ctzoo.inference.recist_volume import canvas_size, reorient_lps, slice_inputs
+
+        axial = reorient_lps(volume)
+        scales: list[np.ndarray] = []
+
+        def images() -> Iterator[np.ndarray]:
+            for image, scale in slice_inputs(axial, self.prep, canvas=canvas_size(self.prep)):
+                scales.append(scale)
+                yield image.numpy()
+
+        # every slice of a volume has the same in-plane scale; the context carries it once it is known
+        return scales, images()
+
+
+def detector_task(model_name: str, backend, score_threshold: float = 0.3, max_lesions: int = 20) -> ModelTask:
+    """The pipeline stages of a RECIST-Net zoo model running on ``backend`` (a DetectorBackend)."""
+    from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
+    from ctzoo.inference.recist_volume import decode_heads, detections_document, reorient_lps, slice_detections
+    from ctzoo.models import model_input_spec, model_version
+
+    spec = model_input_spec(model_name)
+    version = model_version(model_name)
+    prep = SlicePreprocessing(**{k: v for k, v in spec.items() if k in SlicePreprocessing.model_fields})
+
+    def predict(batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        return decode_heads(backend.heads(batch), backend.down_ratio, max_lesions, score_threshold)
+
+    def finish(volume: Volume, scales: list[np.ndarray], outputs: list) -> dict[str, Any]:
+        axial = reorient_lps(volume)
+        found = [d for k, ((scores, points), scale) in enumerate(zip(outputs, scales))
+                 for d in slice_detections(axial, k, scores, points, scale)]
+        return detections_document(volume, axial, found, model_name, version)
+
+    def write(volume: Volume, document: dict, folder: Path, overlay: bool):
+        written = [_write_json(document, folder / "detections.json")]
+        if volume.dicom is not None:
+            from ctzoo.io.dicom_sr import write_recist_sr
+
+            written.append(write_recist_sr(document, volume, folder / "sr.dcm", model_name, version))
+        if overlay:
+            from ctzoo.inference.overlay import plot_detections
+
+            written.append(plot_detections(volume, document, folder / "overlay.png"))
+        lesions = document["lesions"]
+        return written, {"findings": len(lesions),
+                         "detail": "; ".join(f"{d['long_axis_mm']:.0f}x{d['short_axis_mm']:.0f} mm slice {d['slice']}"
+                                             for d in lesions[:5])}
+
+    return ModelTask(model_name, version, "detection", DetectorPreprocess(prep), predict, finish, write)
+
+
+# ----------------------------------------------------------------------------------------- segmenters
+
+
+@dataclass
+class SegmenterPreprocess:
+    """Reader side of a 2D segmenter: the training-time slices (LPS axial, resampled, cropped, windowed)."""
+
+    prep: Any  # SegPreprocessing
+
+    def __call__(self, volume: Volume):
+        from ctzoo.datasets.segmentation import volume_to_slices
+
+        slices, geometry = volume_to_slices(volume, self.prep)
+        return geometry, (s.numpy() for s in slices)
+
+
+def segmenter_task(model_name: str, backend) -> ModelTask:
+    """The pipeline stages of a segmentation zoo model running on ``backend`` (a SegmenterBackend)."""
+    from ctzoo.datasets.segmentation import SegPreprocessing, slices_to_volume_labels
+    from ctzoo.inference.segment_volume import write_segmentation
+    from ctzoo.models import model_input_spec, model_version
+
+    spec = model_input_spec(model_name)
+    version = model_version(model_name)
+    prep = SegPreprocessing(**{k: v for k, v in spec.items() if k in SegPreprocessing.model_fields})
+    class_names = list(backend.class_names)
+
+    def predict(batch: np.ndarray) -> list[np.ndarray]:
+        return list(backend.segment(batch))
+
+    def finish(volume: Volume, geometry, outputs: list[np.ndarray]) -> np.ndarray:
+        return slices_to_volume_labels(np.stack(outputs), geometry, volume)
+
+    def write(volume: Volume, labels: np.ndarray, folder: Path, overlay: bool):
+        written = write_segmentation(volume, labels, class_names, folder, model_name, version, overlay=overlay)
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        volumes = {name: float((labels == c).sum()) * voxel_ml for c, name in enumerate(class_names, start=1)}
+        return written, {"findings": sum(v > 0 for v in volumes.values()),
+                         "detail": "; ".join(f"{name} {ml:.0f} mL" for name, ml in volumes.items())}
+
+    return ModelTask(model_name, version, "segmentation", SegmenterPreprocess(prep), predict, finish, write)
+
+
+def model_task(model_name: str, backend_kind: str = "torch", device: str = "auto", score_threshold: float = 0.3,
+               threads: int | None = None) -> ModelTask:
+    """The stages of zoo model ``model_name`` on a new backend (``torch`` or ``onnx``)."""
+    from ctzoo.inference.backends import make_backend
+    from ctzoo.models import model_entry
+
+    backend = make_backend(model_name, backend_kind, device, threads=threads)
+    if model_entry(model_name).task == "segmentation":
+        return segmenter_task(model_name, backend)
+    return detector_task(model_name, backend, score_threshold)

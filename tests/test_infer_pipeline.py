@@ -1,0 +1,213 @@
+"""``ctzoo infer`` as a batch job: mixed inputs with a corrupt one, summary, DICOM SR out, resume, Ctrl-C,
+NaN volumes, and slices of different volumes sharing batches."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ctzoo.cli import main
+from ctzoo.datasets.samples import sample_ct_dicom
+from ctzoo.inference.inputs import CaseInput, discover_cases
+from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
+from ctzoo.io import read_volume, write_volume
+
+
+def _small_nifti(path: Path, slices: int = 6, nan: bool = False) -> Path:
+    volume = read_volume(sample_ct_dicom(), progress=False)
+    array = volume.array[:slices].copy()
+    if nan:
+        array[2, 100:110, 100:110] = np.nan
+    return write_volume(dataclasses.replace(volume, array=array, dicom=None), path)
+
+
+@pytest.fixture(scope="module")
+def mixed_inputs(tmp_path_factory) -> Path:
+    """A folder as users have them: a nested DICOM series, a NIfTI, a zipped series, a corrupt file, a sidecar."""
+    root = tmp_path_factory.mktemp("inputs")
+    shutil.copytree(sample_ct_dicom(), root / "patientA" / "study1" / "ct")
+    _small_nifti(root / "small.nii.gz")
+    (root / "broken.nii.gz").write_bytes(np.random.default_rng(0).bytes(4096))
+    (root / "notes.txt").write_text("not an input list: a sidecar inside a folder is ignored\n")
+    with zipfile.ZipFile(root / "series.zip", "w") as archive:
+        for file in sorted(Path(sample_ct_dicom()).iterdir()):
+            archive.write(file, f"IMG/{file.name}")
+    return root
+
+
+def _summary(out: Path) -> dict[str, dict]:
+    with open(out / "summary.csv", newline="") as handle:
+        return {row["case"]: row for row in csv.DictReader(handle)}
+
+
+def test_discover_cases_finds_every_kind_and_names_them_uniquely(mixed_inputs, tmp_path):
+    cases = discover_cases([mixed_inputs])
+    assert {c.name for c in cases} == {"patientA_study1_ct", "small", "broken", "series"}
+    listing = tmp_path / "cases.txt"
+    listing.write_text(f"# my cases\n{mixed_inputs / 'small.nii.gz'}\n\n{mixed_inputs / 'patientA'}\n")
+    listed = discover_cases([listing, mixed_inputs / "small.nii.gz"])  # the same file twice runs once
+    assert [c.name for c in listed] == ["small", "study1_ct"]
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        discover_cases([tmp_path / "typo"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no CT volumes"):
+        discover_cases([tmp_path / "empty"])
+
+
+def test_batch_over_mixed_inputs_records_the_corrupt_case_and_writes_seg_and_sr(mixed_inputs, tmp_path):
+    """The issue's acceptance run: both zoo models over mixed inputs with one corrupt file."""
+    from dicom_validation import assert_dciodvfy_clean
+
+    from ctzoo.io.dicom_seg import read_dicom_seg_labels
+    from ctzoo.io.dicom_sr import read_recist_sr
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["infer", str(mixed_inputs), "--out", str(out), "--workers", "1",
+                                       "--model", "recistnet-mini", "--model", "template-seg-abdomen",
+                                       "--score-threshold", "0.05"])
+    assert result.exit_code == 1, result.output  # one case failed: the batch finished, the exit status says so
+    with open(out / "summary.csv", newline="") as handle:
+        rows = {(row["case"], row["model"]): row for row in csv.DictReader(handle)}
+    assert {key: row["status"] for key, row in rows.items()} == {
+        (case, model): "error" if case == "broken" else "ok"
+        for case in ("patientA_study1_ct", "small", "broken", "series")
+        for model in ("recistnet-mini", "template-seg-abdomen")}
+    assert "gzip" in rows["broken", "recistnet-mini"]["error"] and "FAILED" in result.output
+    dicom_case = out / "patientA_study1_ct"
+    document = json.loads((dicom_case / "detections.json").read_text())
+    detector_row = rows["patientA_study1_ct", "recistnet-mini"]
+    assert detector_row["slices"] == "20" and int(detector_row["findings"]) == len(document["lesions"]) > 0
+    # the zip holds the same series: the same lesions
+    assert json.loads((out / "series" / "detections.json").read_text())["lesions"] == document["lesions"]
+    # DICOM input gets an SR (TID 1500) and a SEG; both read back and pass dciodvfy
+    measured = read_recist_sr(dicom_case / "sr.dcm")
+    assert sorted(round(m["long_axis_mm"], 1) for m in measured) == sorted(
+        round(d["long_axis_mm"], 1) for d in document["lesions"])
+    volume = read_volume(mixed_inputs / "patientA" / "study1" / "ct", progress=False)
+    labels = read_dicom_seg_labels(dicom_case / "seg.dcm", volume)
+    from ctzoo.io import read_nifti
+
+    np.testing.assert_array_equal(labels, read_nifti(dicom_case / "labels.nii.gz").array.astype(np.uint8))
+    assert labels.any()
+    for dicom_file in (dicom_case / "sr.dcm", dicom_case / "seg.dcm"):
+        assert_dciodvfy_clean(dicom_file)
+    assert (out / "small" / "labels.nii.gz").exists() and not (out / "small" / "sr.dcm").exists()
+    assert not list(out.rglob("*.png"))  # overlays only on request for batches
+    assert not [p for p in out.rglob("*") if ".partial" in p.name]
+
+
+def test_pipeline_matches_the_single_volume_function(tmp_path):
+    """Batching across volumes and the fixed canvas change nothing: same lesions as detect_volume."""
+    from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
+    from ctzoo.inference.recist_volume import detect_volume
+    from ctzoo.inference.tasks import model_task
+    from ctzoo.models import create_model, model_input_spec
+
+    task = model_task("recistnet-mini", "torch", "cpu", score_threshold=0.05)
+    rows = run_pipeline([CaseInput("a", sample_ct_dicom())], task, PipelineOptions(out=tmp_path, workers=0))
+    assert rows[0]["status"] == "ok", rows
+    spec = model_input_spec("recistnet-mini")
+    prep = SlicePreprocessing(**{k: v for k, v in spec.items() if k in SlicePreprocessing.model_fields})
+    reference = detect_volume(create_model("recistnet-mini", pretrained=True), read_volume(sample_ct_dicom()), prep,
+                              score_threshold=0.05, progress=False)
+    found = json.loads((tmp_path / "a" / "detections.json").read_text())["lesions"]
+    assert len(found) == len(reference["lesions"]) > 0
+    for ours, theirs in zip(found, reference["lesions"]):
+        assert ours["slice"] == theirs["slice"] and abs(ours["score"] - theirs["score"]) < 1e-4
+        np.testing.assert_allclose(ours["points_mm"], theirs["points_mm"], atol=1e-2)
+
+
+def test_resume_skips_finished_cases_and_retries_failed_ones(mixed_inputs, tmp_path):
+    out = tmp_path / "out"
+    args = ["infer", str(mixed_inputs / "small.nii.gz"), str(mixed_inputs / "broken.nii.gz"), "--out", str(out),
+            "--workers", "0"]
+    CliRunner().invoke(main, args)
+    status = out / "small" / "status-recistnet-mini.json"
+    before = status.stat().st_mtime_ns
+    result = CliRunner().invoke(main, [*args, "--resume"])
+    assert result.exit_code == 1, result.output
+    assert status.stat().st_mtime_ns == before  # not redone
+    rows = _summary(out)
+    assert rows["small"]["status"] == "ok" and rows["broken"]["status"] == "error"
+
+
+def test_ctrl_c_leaves_no_partial_file_and_resume_finishes(mixed_inputs, tmp_path, monkeypatch):
+    from ctzoo.inference import tasks
+
+    out = tmp_path / "out"
+    cases = discover_cases([mixed_inputs / "small.nii.gz", mixed_inputs / "patientA"])
+    task = tasks.model_task("recistnet-mini", "torch", "cpu")
+    calls = {"n": 0}
+    predict = task.predict
+
+    def interrupted(batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first case (6 slices) is done and being written; the second is half way
+            raise KeyboardInterrupt
+        return predict(batch)
+
+    task.predict = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cases, task, PipelineOptions(out=out, workers=0, batch_size=4, chunk=4, overlay=False))
+    assert not [p for p in out.rglob("*") if ".partial" in p.name]
+    assert not (out / "study1_ct" / "status-recistnet-mini.json").exists()
+    task.predict = predict
+    rows = run_pipeline(cases, task, PipelineOptions(out=out, workers=0, resume=True, overlay=False))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+def test_nan_voxels_fail_that_case_only(tmp_path):
+    from ctzoo.inference.tasks import model_task
+
+    bad = _small_nifti(tmp_path / "nan.nii.gz", nan=True)
+    good = _small_nifti(tmp_path / "good.nii.gz")
+    rows = run_pipeline([CaseInput("nan", bad), CaseInput("good", good)], model_task("recistnet-mini", "torch", "cpu"),
+                        PipelineOptions(out=tmp_path / "out", workers=0, overlay=False))
+    assert rows[0]["status"] == "error" and "100 voxels are NaN" in rows[0]["error"]
+    assert rows[1]["status"] == "ok"
+
+
+def test_slices_of_consecutive_volumes_share_batches(tmp_path):
+    from ctzoo.inference.tasks import model_task
+
+    task = model_task("recistnet-mini", "torch", "cpu")
+    sizes = []
+    predict = task.predict
+    task.predict = lambda batch: sizes.append(len(batch)) or predict(batch)
+    paths = [_small_nifti(tmp_path / f"v{i}.nii.gz", slices=6) for i in range(3)]
+    rows = run_pipeline([CaseInput(f"v{i}", p) for i, p in enumerate(paths)], task,
+                        PipelineOptions(out=tmp_path / "out", workers=0, batch_size=8, chunk=3, overlay=False))
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert sizes == [8, 8, 2]  # 18 slices of three volumes: full batches, not 6 + 6 + 6
+
+
+@pytest.mark.parametrize("spacing", [None, (0.6, 0.6, 1.3)])
+def test_volume_inputs_equal_training_preprocessing(spacing):
+    """slice_inputs resamples each plane once and mixes resampled neighbours; training resamples each slice's
+    context planes. Resampling is linear, so both give the same input, with anti-aliasing (0.6 mm pixels
+    shrunk to 0.8 mm) and interpolated neighbours (1.3 mm slices) too."""
+    from ctzoo.datasets.deeplesion.context import context_planes, neighbour_offsets
+    from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing, resample_and_window
+    from ctzoo.inference.recist_volume import pad_to, reorient_lps, slice_inputs
+    from ctzoo.models import model_input_spec
+
+    spec = model_input_spec("recistnet-mini")
+    prep = SlicePreprocessing(**{k: v for k, v in spec.items() if k in SlicePreprocessing.model_fields})
+    volume = reorient_lps(read_volume(sample_ct_dicom(), progress=False))
+    if spacing is not None:
+        volume = dataclasses.replace(volume, spacing=spacing)
+    offsets = neighbour_offsets(prep.num_slices, prep.slice_interval_mm, volume.spacing[2])
+    last = volume.array.shape[0] - 1
+    for k, (image, scale) in enumerate(slice_inputs(volume, prep)):
+        planes = context_planes(lambda z: volume.array[z], k, offsets, 0, last)
+        reference, reference_scale = resample_and_window(planes, volume.spacing[:2], prep)
+        np.testing.assert_allclose(image.numpy(), pad_to(reference, *image.shape[-2:]).numpy(), atol=1e-5)
+        np.testing.assert_allclose(scale, reference_scale)
