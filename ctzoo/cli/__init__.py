@@ -9,8 +9,10 @@ import click
 
 from ctzoo import __version__
 from ctzoo.cli.data import data
+from ctzoo.cli.export import export
 from ctzoo.cli.infer import infer
 from ctzoo.cli.info import convert, info
+from ctzoo.cli.serve import serve
 from ctzoo.cli.train import evaluate, train
 from ctzoo.cli.zoo import zoo
 
@@ -31,6 +33,8 @@ def main(verbose: int) -> None:
       ctzoo train CONFIG --out RUN          train (configs/recistnet_*.yaml); --resume continues
       ctzoo eval CONFIG --checkpoint RUN/best.pt --out DIR   DeepLesion FROC
       ctzoo zoo list / ctzoo infer [INPUT]  zoo models, and running one over CT volumes
+      ctzoo export MODEL --out REPO         ONNX model repository (Triton layout), checked against PyTorch
+      ctzoo serve --repository REPO         KServe v2 inference service (token: $CTZOO_SERVE_TOKENS)
 
     Run 'ctzoo COMMAND --help' for the options of each command.
     """
@@ -47,3 +51,5 @@ main.add_command(zoo)
 main.add_command(infer)
 main.add_command(train)
 main.add_command(evaluate)
+main.add_command(export)
+main.add_command(serve)

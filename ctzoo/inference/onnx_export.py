@@ -252,6 +252,16 @@ def _export_graph(graph: Graph, path: Path, opset: int) -> None:
                           do_constant_folding=True, dynamo=False)
 
 
+def output_error(result: np.ndarray, reference: torch.Tensor | np.ndarray) -> tuple[float, float]:
+    """``(max |result - reference|, that / (max |reference| + 1e-6))`` in float64, for outputs of equal shape: the
+    measure every export check uses. Bool outputs count too (a flipped flag is an error of 1); NaN propagates,
+    so a ``not max_rel <= tolerance`` test fails on it."""
+    reference = reference.numpy() if isinstance(reference, torch.Tensor) else np.asarray(reference)
+    reference = reference.astype(np.float64)
+    max_abs = float(np.abs(np.asarray(result).astype(np.float64) - reference).max(initial=0.0))
+    return max_abs, max_abs / (float(np.abs(reference).max(initial=0.0)) + 1e-6)
+
+
 def check_graph(path: Path, graph: Graph) -> dict[str, dict[str, float]]:
     """Run ``path`` in ONNX Runtime (CPU) and ``graph.reference`` in PyTorch on every check input.
 
@@ -270,12 +280,10 @@ def check_graph(path: Path, graph: Graph) -> dict[str, dict[str, float]]:
         got = session.run(graph.outputs, {name: value.numpy() for name, value in inputs.items()})
         shapes = ", ".join(f"{name} {tuple(value.shape)}" for name, value in inputs.items())
         for name, reference, result in zip(graph.outputs, expected, got):
-            reference = reference.numpy().astype(np.float64)  # bool outputs too: a flipped flag is an error of 1
-            if result.shape != reference.shape:
-                raise RuntimeError(f"{path.name}: output {name!r} has shape {result.shape} in ONNX Runtime but "
-                                   f"{reference.shape} in PyTorch (inputs {shapes})")
-            max_abs = float(np.abs(result.astype(np.float64) - reference).max(initial=0.0))
-            max_rel = max_abs / (float(np.abs(reference).max(initial=0.0)) + 1e-6)
+            if tuple(result.shape) != tuple(reference.shape):
+                raise RuntimeError(f"{path.name}: output {name!r} has shape {tuple(result.shape)} in ONNX Runtime "
+                                   f"but {tuple(reference.shape)} in PyTorch (inputs {shapes})")
+            max_abs, max_rel = output_error(result, reference)
             if not max_rel <= RELATIVE_TOLERANCE:  # 'not <=' so that NaN fails too
                 raise RuntimeError(f"{path.name}: ONNX Runtime and PyTorch disagree on output {name!r} (inputs "
                                    f"{shapes}): max abs error {max_abs:.3g}, max relative error {max_rel:.3g} > "

@@ -303,13 +303,20 @@ def dicom_folder(path: str | Path) -> Iterator[tuple[Path, str | None]]:
             raise DicomError(f"{path}: expands to {total / 1024**3:.1f} GiB, over the "
                              f"{MAX_ZIP_EXTRACT_BYTES / 1024**3:.0f} GiB limit for zipped series")
         target = Path(tmp).resolve()
+        written = 0
         for member in members:
             destination = (target / member.filename).resolve()
             if target not in destination.parents:
                 raise DicomError(f"{path}: member {member.filename!r} would extract outside the archive folder")
             destination.parent.mkdir(parents=True, exist_ok=True)
             with archive.open(member) as src, open(destination, "wb") as dst:
-                dst.write(src.read())
+                # counted while extracting: a crafted archive can declare small sizes and inflate far beyond them
+                while chunk := src.read(1 << 20):
+                    written += len(chunk)
+                    if written > MAX_ZIP_EXTRACT_BYTES:
+                        raise DicomError(f"{path}: expands beyond the {MAX_ZIP_EXTRACT_BYTES / 1024**3:.0f} GiB "
+                                         "limit for zipped series")
+                    dst.write(chunk)
         yield target, str(path)
 
 

@@ -1,0 +1,520 @@
+"""Does ``ctzoo serve`` keep up under concurrent load? Micro-batching on vs off, and the model alone, in one run.
+
+Models: the zoo models given by ``--models`` (default recistnet-mini and template-seg-abdomen), exported with
+``ctzoo.serve.export.export_model`` into a temporary model repository (each graph checked against PyTorch there).
+
+Input: real CT, the embedded 20-slice sample series (``ctzoo/datasets/sample_ct``), prepared as ``ctzoo infer``
+prepares it; ``--slices`` different slices per model, each request carrying one of them (in turn):
+  * detector: one preprocessed 9-channel slice (``slice_inputs`` on the 512 x 512 inference canvas), cut to the
+    central ``--crop`` x ``--crop`` pixels (default 256, to keep CPU time sane; 0: the whole 512 canvas);
+  * segmenter: one 128 x 128 slice (``volume_to_slices``) with its nearest bank template (image + masks).
+
+Rows:
+  * service: the real ``ctzoo serve`` command in a subprocess on 127.0.0.1 (a free port, a bearer token,
+    ``--device cpu --threads T``), twice and at the same time: with micro-batching (each model's max batch from
+    ctzoo.json, 16, and ``--max-queue-delay-ms``, default 5) and with ``--no-batching``. For each model and
+    concurrency C (``--concurrency``, default 1, 8, 32), C asyncio + httpx clients send single-slice KServe v2
+    requests (binary tensor extension, binary outputs) back to back, ``--requests`` in all, first to the batching
+    server then to the other (so both see the same machine load); C untimed requests warm each setting up (and a
+    burst at the highest concurrency warms each model up once per server). Reported: requests/s (requests / wall
+    time), p50 and p99 latency (client side, send to last byte), rows per model run and mean queue wait (from the
+    server's /metrics over the timed requests), server and client CPU ms per request, and the ratio batching on /
+    off of requests/s (the target: >= 1.3 at concurrency 32). Every response is checked: status 200, each output's
+    shape, and its values against ONNX Runtime on that slice alone (max relative error); non-200s, transport errors
+    and wrong outputs are counted (must all be 0);
+  * model only: the repository graph in ONNX Runtime with the service's own session (``ServedModel.run``: intra-op
+    threads T, inter-op 1, spinning off) and with ORT's default spinning on, against PyTorch eager on the same
+    weights (``torch.set_num_threads(T)``, inference mode; the segmenter as the graph computes it,
+    ``model(image, template)``) at batch 1 and 16, slices/s of the median call; ratio ORT (as served) / eager
+    (the target: >= 1, ORT no slower).
+  * stability: each server's RSS (``/proc/<pid>/status`` VmRSS) once loaded, after the warm-up and after all load,
+    and its peak (VmHWM).
+Threads: ``--threads`` (default: the CPU count) for the service's ONNX Runtime, ORT and PyTorch alike. The client
+runs in this process on the same machine, so it takes CPU from the server too (its CPU per request is reported).
+
+    python benchmarks/serve.py [--models recistnet-mini,template-seg-abdomen] [--requests 64]
+                               [--concurrency 1,8,32] [--queue-delay-ms 5] [--crop 256] [--threads N]
+                               [--out benchmarks/results/serve.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from ctzoo.serve.export import load_source
+from ctzoo.serve.repository import GRAPH_FILE, ServedModel
+
+HEADER = "Inference-Header-Content-Length"
+TOLERANCE = 1e-3  # max relative error of a served output against ORT on the slice alone
+
+
+# ------------------------------------------------------------------------------------------------ input
+
+
+@dataclass
+class Workload:
+    """One model's requests: ``slices[k]`` is one request's inputs (each with batch 1), ``reference[k]`` ORT's
+    outputs on it alone, ``model`` the PyTorch model (eager baseline)."""
+
+    name: str
+    task: str
+    slices: list[dict[str, np.ndarray]]
+    reference: list[dict[str, np.ndarray]] = field(default_factory=list)
+    model: torch.nn.Module | None = None
+    description: str = ""
+
+
+def _spread(count: int, wanted: int) -> list[int]:
+    """``wanted`` indices spread over ``range(count)`` (repeating when there are fewer)."""
+    return [int(round(x)) % count for x in np.linspace(0, count - 1, wanted)] if wanted <= count else \
+        [k % count for k in range(wanted)]
+
+
+def build_workload(name: str, volume, count: int, crop: int) -> Workload:
+    item = load_source(name)
+    if item.task == "detection":
+        from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
+        from ctzoo.inference.recist_volume import canvas_size, reorient_lps, slice_inputs
+
+        prep = SlicePreprocessing(**{k: v for k, v in item.input_spec.items() if k in SlicePreprocessing.model_fields})
+        canvas = canvas_size(prep)
+        images = [image.numpy() for image, _ in slice_inputs(reorient_lps(volume), prep, canvas=canvas)]
+        if crop and crop < canvas:
+            lo = (canvas - crop) // 2
+            images = [image[:, lo:lo + crop, lo:lo + crop] for image in images]
+        picked = [np.ascontiguousarray(images[k][None], np.float32) for k in _spread(len(images), count)]
+        shape = "x".join(map(str, picked[0].shape))
+        text = (f"{count} of the {len(images)} slices, each one preprocessed 9-channel slice on the {canvas} px "
+                f"canvas" + (f", central {crop} x {crop} crop" if crop and crop < canvas else "") + f": {shape}")
+        return Workload(name, item.task, [{"image": image} for image in picked], model=item.model,
+                        description=text)
+    from ctzoo.datasets.segmentation import SegPreprocessing, volume_to_slices
+
+    prep = SegPreprocessing(**{k: v for k, v in item.input_spec.items() if k in SegPreprocessing.model_fields})
+    slices, _ = volume_to_slices(volume, prep)
+    slices = torch.from_numpy(np.ascontiguousarray(slices.numpy(), dtype=np.float32))
+    with torch.inference_mode():
+        nearest = item.bank.nearest(item.model, slices).cpu()
+    templates = item.bank.templates(nearest).numpy()
+    picked = _spread(len(slices), count)
+    requests = [{"image": np.ascontiguousarray(slices[k:k + 1].numpy()),
+                 "template": np.ascontiguousarray(templates[k:k + 1])} for k in picked]
+    text = (f"{count} of the {len(slices)} slices, each one slice {'x'.join(map(str, requests[0]['image'].shape))} "
+            f"+ its nearest bank template {'x'.join(map(str, requests[0]['template'].shape))}")
+    return Workload(name, item.task, requests, model=item.model, description=text)
+
+
+# ------------------------------------------------------------------------------------------------ model only
+
+
+def median_rate(function, batch: dict[str, np.ndarray], min_s: float, min_runs: int = 3) -> dict:
+    """Slices/s of the median call of ``function(batch)`` after one warm-up call, over at least ``min_runs``
+    calls and ``min_s`` seconds."""
+    function(batch)
+    rows = next(iter(batch.values())).shape[0]
+    seconds, start = [], time.perf_counter()
+    while len(seconds) < min_runs or time.perf_counter() - start < min_s:
+        tick = time.perf_counter()
+        function(batch)
+        seconds.append(time.perf_counter() - tick)
+    return {"slices_per_s": rows / float(np.median(seconds)), "calls": len(seconds),
+            "median_call_ms": 1000 * float(np.median(seconds))}
+
+
+def eager(workload: Workload):
+    model = workload.model
+
+    def run(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            if workload.task == "detection":
+                outputs = model(torch.from_numpy(batch["image"]))
+                return {name: value.numpy() for name, value in outputs.items()}
+            return {"logits": model(torch.from_numpy(batch["image"]), torch.from_numpy(batch["template"])).numpy()}
+
+    return run
+
+
+def spinning_session(graph: Path, threads: int):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return lambda batch: dict(zip(names, session.run(names, batch)))
+
+
+def model_only(workload: Workload, served: ServedModel, threads: int, sizes: list[int], min_s: float) -> list[dict]:
+    torch.set_num_threads(threads)
+    spin = spinning_session(served.folder / served.version / GRAPH_FILE, threads)
+    rows = []
+    for size in sizes:
+        picked = [workload.slices[k % len(workload.slices)] for k in range(size)]
+        batch = {name: np.concatenate([s[name] for s in picked]) for name in picked[0]}
+        ort_served = median_rate(served.run, batch, min_s)
+        ort_spin = median_rate(spin, batch, min_s)
+        torch_eager = median_rate(eager(workload), batch, min_s)
+        rows.append({"model": workload.name, "batch": size, "threads": threads,
+                     "input": {k: list(v.shape) for k, v in batch.items()},
+                     "eager_slices_per_s": torch_eager["slices_per_s"], "eager": torch_eager,
+                     "ort_slices_per_s": ort_served["slices_per_s"], "ort": ort_served,
+                     "ort_spinning_slices_per_s": ort_spin["slices_per_s"], "ort_spinning": ort_spin,
+                     "ratio_ort_vs_eager": ort_served["slices_per_s"] / torch_eager["slices_per_s"]})
+        print(f"  model only {workload.name} batch {size}: eager {torch_eager['slices_per_s']:.1f}, ORT "
+              f"{ort_served['slices_per_s']:.1f} (spinning {ort_spin['slices_per_s']:.1f}) slices/s", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ service
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (peak RSS) of ``pid`` in MiB, from /proc."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "peak_rss_mb": int(fields["VmHWM"].split()[0]) / 1024}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (all its threads), from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    values = stat[stat.rindex(")") + 2:].split()
+    return (int(values[11]) + int(values[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Server:
+    """``ctzoo serve`` in a subprocess on a free loopback port."""
+
+    def __init__(self, label: str, repo: Path, token: str, threads: int, batching: bool, delay_ms: float,
+                 log: Path) -> None:
+        self.label, self.batching, self.port = label, batching, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "ctzoo", "serve", "--repository", str(repo), "--host", "127.0.0.1",
+                   "--port", str(self.port), "--device", "cpu", "--threads", str(threads)]
+        command += ["--max-queue-delay-ms", str(delay_ms)] if batching else ["--no-batching"]
+        self.command, self.log = command, log
+        self._log = log.open("wb")
+        self.process = subprocess.Popen(command, env={**os.environ, "CTZOO_SERVE_TOKENS": token},
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        self.memory: dict[str, dict[str, float]] = {}
+
+    def wait_live(self, timeout_s: float = 180) -> float:
+        start = time.monotonic()
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.label} server exited: {self.log.read_text(errors='replace')[-2000:]}")
+            try:
+                if httpx.get(self.url + "/v2/health/live", timeout=2).status_code == 200:
+                    return time.monotonic() - start
+            except httpx.TransportError:
+                pass
+            if time.monotonic() - start > timeout_s:
+                raise RuntimeError(f"{self.label} server did not come up in {timeout_s:g} s")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+def request_body(inputs: dict[str, np.ndarray]) -> tuple[bytes, str]:
+    """A KServe v2 request with binary inputs and binary outputs, and its JSON header's length."""
+    header = {"inputs": [{"name": name, "datatype": "FP32", "shape": list(value.shape),
+                          "parameters": {"binary_data_size": value.nbytes}} for name, value in inputs.items()],
+              "parameters": {"binary_data_output": True}}
+    text = json.dumps(header).encode()
+    return text + b"".join(np.ascontiguousarray(v, np.float32).tobytes() for v in inputs.values()), str(len(text))
+
+
+def check_response(response: httpx.Response, reference: dict[str, np.ndarray]) -> tuple[bool, float]:
+    """(every output there with the right shape, worst max relative error against ``reference``)."""
+    length = int(response.headers[HEADER])
+    header, offset, worst = json.loads(response.content[:length]), length, 0.0
+    got = {}
+    for tensor in header["outputs"]:
+        size = tensor["parameters"]["binary_data_size"]
+        got[tensor["name"]] = np.frombuffer(response.content[offset:offset + size], np.float32).reshape(
+            tensor["shape"])
+        offset += size
+    if sorted(got) != sorted(reference) or offset != len(response.content):
+        return False, float("inf")
+    for name, want in reference.items():
+        if got[name].shape != want.shape:
+            return False, float("inf")
+        worst = max(worst, float(np.abs(got[name] - want).max() / (np.abs(want).max() + 1e-6)))
+    return True, worst
+
+
+async def drive(server: Server, token: str, workload: Workload, bodies: list[tuple[bytes, str]], concurrency: int,
+                requests: int, warmup: int) -> dict:
+    """``warmup`` untimed requests, then ``requests`` timed ones, from ``concurrency`` clients back to back."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    auth = {"Authorization": f"Bearer {token}"}
+    path = f"/v2/models/{workload.name}/infer"
+    async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits, headers=auth) as http:
+
+        async def run(count: int) -> list[tuple[float, int, bool, float]]:
+            counter, results = itertools.count(), []
+
+            async def client() -> None:
+                while (k := next(counter)) < count:
+                    index = k % len(bodies)
+                    body, length = bodies[index]
+                    start = time.perf_counter()
+                    try:
+                        response = await http.post(path, content=body, headers={HEADER: length})
+                        seconds = time.perf_counter() - start
+                    except httpx.HTTPError:
+                        results.append((time.perf_counter() - start, -1, False, float("inf")))
+                        continue
+                    ok, error = check_response(response, workload.reference[index]) \
+                        if response.status_code == 200 else (False, float("inf"))
+                    results.append((seconds, response.status_code, ok, error))
+
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+            return results
+
+        if warmup:
+            await run(warmup)
+        if not requests:
+            return {}
+        before = await scrape(http, workload.name)
+        cpu_server, cpu_client = cpu_seconds(server.process.pid), time.process_time()
+        start = time.perf_counter()
+        results = await run(requests)
+        wall = time.perf_counter() - start
+        cpu_server, cpu_client = cpu_seconds(server.process.pid) - cpu_server, time.process_time() - cpu_client
+        after = await scrape(http, workload.name)
+    latencies = np.array([r[0] for r in results])
+    statuses = [r[1] for r in results]
+    served = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    runs = served.get("ctzoo_batch_size_count", 0.0)
+    queued = served.get("ctzoo_request_stage_seconds_count|queue", 0.0)
+    return {"model": workload.name, "server": server.label, "batching": server.batching, "concurrency": concurrency,
+            "requests": requests, "warmup_requests": warmup, "wall_s": wall, "requests_per_s": requests / wall,
+            "latency_ms": {"p50": 1000 * float(np.percentile(latencies, 50)),
+                           "p90": 1000 * float(np.percentile(latencies, 90)),
+                           "p99": 1000 * float(np.percentile(latencies, 99)),
+                           "mean": 1000 * float(latencies.mean()), "max": 1000 * float(latencies.max())},
+            "non_200": sum(1 for s in statuses if s != 200), "transport_errors": statuses.count(-1),
+            "status_codes": {str(s): statuses.count(s) for s in sorted(set(statuses))},
+            "bad_outputs": sum(1 for r in results if r[1] == 200 and not (r[2] and r[3] <= TOLERANCE)),
+            "max_rel_error": max((r[3] for r in results if r[1] == 200), default=None),
+            "model_runs": runs, "rows_per_run": served.get("ctzoo_batch_size_sum", 0.0) / runs if runs else None,
+            "mean_queue_ms": 1000 * served.get("ctzoo_request_stage_seconds_sum|queue", 0.0) / queued
+            if queued else None,
+            "mean_inference_ms": 1000 * served.get("ctzoo_request_stage_seconds_sum|inference", 0.0) / queued
+            if queued else None,
+            "server_cpu_ms_per_request": 1000 * cpu_server / requests,
+            "server_cpu_utilisation": cpu_server / wall,
+            "client_cpu_ms_per_request": 1000 * cpu_client / requests}
+
+
+async def scrape(http: httpx.AsyncClient, model: str) -> dict[str, float]:
+    """The model's batch-size and request-stage counters from the server's /metrics."""
+    text = (await http.get("/metrics")).text
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("model") != model:
+                continue
+            if sample.name in ("ctzoo_batch_size_sum", "ctzoo_batch_size_count"):
+                values[sample.name] = sample.value
+            elif sample.name.startswith("ctzoo_request_stage_seconds_") and not sample.name.endswith("_bucket"):
+                values[f"{sample.name}|{sample.labels['stage']}"] = sample.value
+    return values
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def machine_info() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": ort.__version__, "httpx": httpx.__version__, "numpy": np.__version__}
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="recistnet-mini,template-seg-abdomen")
+    parser.add_argument("--requests", type=int, default=64, help="timed requests per setting (default 64)")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
+    parser.add_argument("--queue-delay-ms", type=float, default=5.0,
+                        help="the batching server's --max-queue-delay-ms (default 5; ctzoo.json says 2)")
+    parser.add_argument("--crop", type=int, default=256,
+                        help="detector slices: central crop side in pixels, a multiple of 32 (default 256; 0: the "
+                             "whole 512 canvas)")
+    parser.add_argument("--slices", type=int, default=16, help="different CT slices per model (default 16)")
+    parser.add_argument("--batch-sizes", default="1,16", help="model-only batch sizes (default 1,16)")
+    parser.add_argument("--min-s", type=float, default=1.5, help="model only: seconds per measurement (at least)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="ONNX Runtime intra-op threads (service and model only) and torch threads (default: "
+                             "the CPU count)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve.json")
+    args = parser.parse_args()
+    if args.crop % 32:
+        parser.error("--crop must be a multiple of 32")
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    load_before, uptime_before = os.getloadavg(), uptime()
+    print(f"load before: {uptime_before}")
+    from ctzoo.datasets.samples import sample_ct_dicom
+    from ctzoo.io import read_volume
+    from ctzoo.serve.export import export_model
+
+    with warnings.catch_warnings():  # the sample's empty UIDs are filled in, with a warning each
+        warnings.simplefilter("ignore")
+        volume = read_volume(sample_ct_dicom(), progress=False)
+    token = secrets.token_hex(24)
+    model_rows, serve_rows, servers, exported = [], [], [], {}
+    with tempfile.TemporaryDirectory(prefix="ctzoo-bench-serve-") as tmp:
+        repo = Path(tmp) / "repository"
+        workloads = []
+        for name in names:
+            start = time.perf_counter()
+            export_model(name, repo, progress=lambda message: None)
+            exported[name] = round(time.perf_counter() - start, 1)
+            workload = build_workload(name, volume, args.slices, args.crop)
+            served = ServedModel(repo / name, ["CPUExecutionProvider"], args.threads)
+            workload.reference = [served.run(inputs) for inputs in workload.slices]
+            print(f"{name}: exported in {exported[name]:.1f} s; input: {workload.description}", flush=True)
+            model_rows += model_only(workload, served, args.threads, sizes, args.min_s)
+            workloads.append(workload)
+        try:
+            for batching in (True, False):
+                label = "batching" if batching else "no-batching"
+                servers.append(Server(label, repo, token, args.threads, batching, args.queue_delay_ms,
+                                      Path(tmp) / f"{label}.log"))
+            for server in servers:
+                start_s = server.wait_live()
+                server.memory["loaded"] = memory_mb(server.process.pid)
+                print(f"{server.label} server up in {start_s:.1f} s (pid {server.process.pid}, RSS "
+                      f"{server.memory['loaded']['rss_mb']:.0f} MiB): {' '.join(server.command[2:])}", flush=True)
+            for workload in workloads:
+                bodies = [request_body(inputs) for inputs in workload.slices]
+                for server in servers:  # one burst at the highest concurrency: every batch size's first run
+                    asyncio.run(drive(server, token, workload, bodies, max(levels), 0, 2 * max(levels)))
+            for server in servers:
+                server.memory["warm"] = memory_mb(server.process.pid)
+            for workload in workloads:
+                bodies = [request_body(inputs) for inputs in workload.slices]
+                for concurrency in levels:
+                    for server in servers:
+                        row = asyncio.run(drive(server, token, workload, bodies, concurrency, args.requests,
+                                                concurrency))
+                        serve_rows.append(row)
+                        print(f"  {workload.name} c={concurrency} {server.label}: {row['requests_per_s']:.2f} req/s, "
+                              f"p50 {row['latency_ms']['p50']:.0f} ms, p99 {row['latency_ms']['p99']:.0f} ms, "
+                              f"non-200 {row['non_200']}, bad {row['bad_outputs']}", flush=True)
+            for server in servers:
+                server.memory["after_load"] = memory_mb(server.process.pid)
+        finally:
+            for server in servers:
+                server.stop()
+    load_after, uptime_after = os.getloadavg(), uptime()
+
+    print()
+    print(f"service: requests/s and client latency (ms), {args.requests} single-slice requests per setting; "
+          f"batching = max batch 16, queue delay {args.queue_delay_ms:g} ms; threads {args.threads}")
+    print(f"{'model':22s} {'conc':>4s} | {'on req/s':>8s} {'p50':>6s} {'p99':>6s} {'rows/run':>8s} | "
+          f"{'off req/s':>9s} {'p50':>6s} {'p99':>6s} | {'on/off':>6s} | {'srv cpu ms/req on/off':>21s} "
+          f"{'non-200':>7s} {'bad':>3s}")
+    ratios = {}
+    for workload in workloads:
+        for concurrency in levels:
+            on, off = (next(r for r in serve_rows if r["model"] == workload.name and r["concurrency"] == concurrency
+                            and r["batching"] is b) for b in (True, False))
+            ratio = on["requests_per_s"] / off["requests_per_s"]
+            ratios[(workload.name, concurrency)] = ratio
+            on["ratio_on_vs_off"] = off["ratio_on_vs_off"] = ratio
+            rows_per_run = f"{on['rows_per_run']:.1f}" if on["rows_per_run"] else "-"
+            print(f"{workload.name:22s} {concurrency:4d} | {on['requests_per_s']:8.2f} {on['latency_ms']['p50']:6.0f} "
+                  f"{on['latency_ms']['p99']:6.0f} {rows_per_run:>8s} | {off['requests_per_s']:9.2f} "
+                  f"{off['latency_ms']['p50']:6.0f} {off['latency_ms']['p99']:6.0f} | {ratio:5.2f}x | "
+                  f"{on['server_cpu_ms_per_request']:10.0f} / {off['server_cpu_ms_per_request']:<8.0f} "
+                  f"{on['non_200'] + off['non_200']:7d} {on['bad_outputs'] + off['bad_outputs']:3d}")
+    print()
+    print(f"model only: slices/s of the median call, {args.threads} threads (ORT: the service's session, spinning "
+          "off; spin: ORT's default spinning on)")
+    print(f"{'model':22s} {'batch':>5s} {'eager':>8s} {'ORT':>8s} {'ORT spin':>8s} {'ORT/eager':>9s}")
+    for row in model_rows:
+        print(f"{row['model']:22s} {row['batch']:5d} {row['eager_slices_per_s']:8.2f} {row['ort_slices_per_s']:8.2f} "
+              f"{row['ort_spinning_slices_per_s']:8.2f} {row['ratio_ort_vs_eager']:8.2f}x")
+    print()
+    print("server memory (MiB RSS): loaded -> after warm-up -> after load (peak)")
+    for server in servers:
+        m = server.memory
+        print(f"  {server.label:12s} {m['loaded']['rss_mb']:6.0f} -> {m['warm']['rss_mb']:6.0f} -> "
+              f"{m['after_load']['rss_mb']:6.0f} ({m['after_load']['peak_rss_mb']:.0f})")
+    top = max(levels)
+    failures = sum(r["non_200"] + r["bad_outputs"] for r in serve_rows)
+    print()
+    for workload in workloads:
+        if (workload.name, top) in ratios:
+            ratio = ratios[(workload.name, top)]
+            print(f"target batching on/off >= 1.3x at concurrency {top}, {workload.name}: {ratio:.2f}x "
+                  f"({'met' if ratio >= 1.3 else 'NOT met'})")
+    for row in model_rows:
+        print(f"target ORT >= eager, {row['model']} batch {row['batch']}: {row['ratio_ort_vs_eager']:.2f}x "
+              f"({'met' if row['ratio_ort_vs_eager'] >= 1 else 'NOT met'})")
+    print(f"non-200 responses and wrong outputs over all settings: {failures}")
+    print(f"load after: {uptime_after}")
+
+    machine = machine_info()
+    machine.update(load_average_before=[round(x, 2) for x in load_before],
+                   load_average_after=[round(x, 2) for x in load_after],
+                   uptime_before=uptime_before, uptime_after=uptime_after)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "benchmark": "serve", "models": names, "requests": args.requests, "concurrency": levels,
+        "queue_delay_ms": args.queue_delay_ms, "max_batch_size": "each model's ctzoo.json (16)",
+        "threads": args.threads, "crop": args.crop, "tolerance_max_rel": TOLERANCE, "export_s": exported,
+        "inputs": {w.name: w.description for w in workloads},
+        "servers": [{"label": s.label, "command": s.command[2:], "memory_mb": s.memory} for s in servers],
+        "serve": serve_rows, "model_only": model_rows, "machine": machine,
+        "targets": {"batching_on_vs_off_at_top_concurrency": {n: ratios.get((n, top)) for n in names},
+                    "ort_vs_eager": {f"{r['model']}/b{r['batch']}": r["ratio_ort_vs_eager"] for r in model_rows},
+                    "failures": failures},
+    }, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

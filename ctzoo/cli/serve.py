@@ -1,0 +1,116 @@
+"""``ctzoo serve``: the KServe v2 inference service over a model repository (:mod:`ctzoo.serve.app`)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import stat
+from pathlib import Path
+
+import click
+
+TOKENS_ENV = "CTZOO_SERVE_TOKENS"
+logger = logging.getLogger("ctzoo.serve")
+
+
+def read_tokens(token_file: Path | None) -> list[str]:
+    """Tokens from ``$CTZOO_SERVE_TOKENS`` (comma-separated) and ``token_file`` (one per line; blank lines and
+    lines starting with ``#`` are skipped)."""
+    tokens = [t.strip() for t in os.environ.get(TOKENS_ENV, "").split(",") if t.strip()]
+    if token_file is not None:
+        mode = token_file.stat().st_mode
+        if mode & (stat.S_IRGRP | stat.S_IROTH):
+            click.echo(f"warning: {token_file} is readable by other users (chmod 600 it)", err=True)
+        for line in token_file.read_text(encoding="utf-8").splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                tokens.append(line.strip())
+    return tokens
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@click.command()
+@click.option("--repository", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Model repository written by 'ctzoo export' (REPO/<name>/1/model.onnx + ctzoo.json).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; loopback by default. Put a TLS reverse proxy in front of anything else.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help=f"Accepted bearer tokens, one per line (also: ${TOKENS_ENV}, comma-separated).")
+@click.option("--insecure-no-auth", is_flag=True, help="Serve WITHOUT authentication (local experiments only).")
+@click.option("--metrics-no-auth", is_flag=True,
+              help="Let /metrics be scraped without a token (it needs one by default).")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=512, show_default=True,
+              help="Largest request body (after decompression); larger ones get 413.")
+@click.option("--request-timeout-s", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
+              help="Inference requests taking longer get 504.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="ONNX Runtime intra-op threads per model (default: all cores).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: TensorRT/CUDA when onnxruntime-gpu sees a GPU, else CPU. cuda: fail without one.")
+@click.option("--tensorrt/--no-tensorrt", default=True, show_default=True,
+              help="Try ONNX Runtime's TensorRT provider before CUDA (engines are built on first use, minutes).")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=None,
+              help="Rows per merged batch (default: each model's ctzoo.json).")
+@click.option("--max-queue-delay-ms", type=click.FloatRange(min=0), default=None,
+              help="How long the first request waits for others to merge with (default: ctzoo.json).")
+@click.option("--no-batching", is_flag=True, help="Run every request alone (no dynamic batching).")
+def serve(repository: Path, host: str, port: int, token_file: Path | None, insecure_no_auth: bool,
+          metrics_no_auth: bool, max_upload_mb: float, request_timeout_s: float, threads: int | None, device: str,
+          tensorrt: bool, max_batch_size: int | None, max_queue_delay_ms: float | None, no_batching: bool) -> None:
+    """Serve the models of a repository over HTTP: KServe v2 / Open Inference Protocol.
+
+    Any KServe v2 client works, e.g. tritonclient.http (JSON and binary tensors). Every route but
+    /v2/health/live needs 'Authorization: Bearer <token>'; the service refuses to start without a
+    token unless --insecure-no-auth is given. Concurrent requests for a model are merged into
+    batches (--max-batch-size, --max-queue-delay-ms, --no-batching). Prometheus metrics: /metrics.
+
+    Whole studies: POST /studies/<model> with a NIfTI, NRRD or MHA file or a zipped DICOM series as
+    the body; the answer is what 'ctzoo infer --backend onnx' writes (?format=json, nifti for a
+    segmenter's label map, dicom for the SR or SEG of DICOM input).
+
+    \b
+    Examples:
+      ctzoo export recistnet-mini --out models && export CTZOO_SERVE_TOKENS=$(openssl rand -hex 24)
+      ctzoo serve --repository models
+      curl -H "Authorization: Bearer $CTZOO_SERVE_TOKENS" localhost:8000/v2/models/recistnet-mini
+      curl -H "Authorization: Bearer $CTZOO_SERVE_TOKENS" --data-binary @ct.nii.gz \\
+           localhost:8000/studies/recistnet-mini
+    """
+    import uvicorn
+
+    from ctzoo.serve.app import create_app
+    from ctzoo.serve.studies import study_router
+
+    tokens = read_tokens(token_file)
+    if not tokens and not insecure_no_auth:
+        raise click.ClickException(f"no API token: set {TOKENS_ENV}=token1,token2 or pass --token-file FILE "
+                                   "(for a local experiment only: --insecure-no-auth)")
+    if tokens and insecure_no_auth:
+        raise click.ClickException("--insecure-no-auth was given together with tokens; drop one of them")
+    if any(len(t) < 16 for t in tokens):
+        click.echo("warning: a token is shorter than 16 characters; use long random tokens", err=True)
+    if not _is_loopback(host):
+        click.echo(f"warning: listening on {host}, beyond this machine, over plain HTTP: put a TLS reverse proxy "
+                   "in front", err=True)
+    try:
+        app = create_app(repository, tokens, insecure_no_auth=insecure_no_auth, device=device, threads=threads,
+                         tensorrt=tensorrt, max_upload_mb=max_upload_mb, request_timeout_s=request_timeout_s,
+                         batching=not no_batching, max_batch_size=max_batch_size,
+                         max_queue_delay_ms=max_queue_delay_ms, metrics_no_auth=metrics_no_auth,
+                         extra_routers=[study_router(device, threads)])
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for model in app.state.repository.values():
+        click.echo(f"serving {model.name} version {model.version} on {model.providers[0]}, batches of up to "
+                   f"{model.batcher.max_batch_size if not no_batching else 1}", err=True)
+    click.echo(f"KServe v2 on http://{host}:{port}/v2 (metrics: /metrics)", err=True)
+    level = logging.getLogger().getEffectiveLevel()
+    uvicorn.run(app, host=host, port=port, access_log=False, log_level=max(level, logging.INFO),
+                timeout_keep_alive=5)

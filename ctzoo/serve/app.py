@@ -1,0 +1,335 @@
+"""The ``ctzoo serve`` HTTP service: KServe v2 / Open Inference Protocol over a model repository.
+
+Routes (``{m}`` a model name; every model route also answers under ``/v2/models/{m}/versions/{v}/...``):
+
+=====================================  ====================================================================
+``GET  /v2/health/live``               liveness, the only route without a token
+``GET  /v2/health/ready``              readiness (all models loaded; 503 while shutting down)
+``GET  /v2``                           server metadata (name, version, extensions)
+``GET  /v2/models/{m}``                model metadata: name, versions, platform, inputs/outputs
+``GET  /v2/models/{m}/ready``          model readiness
+``GET  /v2/models/{m}/config``         a Triton-style configuration (with ctzoo.json under ``parameters``)
+``POST /v2/models/{m}/infer``          inference: JSON tensors and/or the binary tensor data extension
+``POST /v2/repository/index``          the served models (Triton's repository extension, read-only)
+``GET  /metrics``                      Prometheus metrics (token required unless ``metrics_no_auth``)
+=====================================  ====================================================================
+
+Security: a bearer token (``Authorization: Bearer T``) is required everywhere but liveness, compared in constant
+time against SHA-256 digests of the configured tokens; there is no way to run without tokens except the
+explicit ``insecure_no_auth``. Bodies are limited to ``max_upload_mb``, checked on ``Content-Length`` before
+reading and on the bytes actually streamed (413); each inference has ``request_timeout_s`` (504). Request bodies,
+request ids and tensor values are never logged (they may identify patients); the access log, at DEBUG, holds
+method, path, status and duration only. Errors are ``{"error": "..."}`` with a 4xx status naming what is wrong
+with the request; 5xx means a fault of the server (503: the queue is full or the service is stopping).
+
+Metrics (a registry per app): ``ctzoo_requests_total{model,endpoint,code}``,
+``ctzoo_request_stage_seconds{model,stage}`` (stages decode, queue, inference, encode, total),
+``ctzoo_batch_size{model}`` (rows per model run), ``ctzoo_batch_requests{model}`` (requests merged per run),
+``ctzoo_queue_depth{model}``. ``/metrics`` needs a token by default because the model names and traffic are
+information too; pass ``metrics_no_auth=True`` (``--metrics-no-auth``) for a scraper without one, e.g. when the
+port is reachable only from the monitoring network.
+
+Hook for more endpoints (e.g. study-level routes): ``create_app(..., extra_routers=[router])`` includes each
+router behind the same token check. Their handlers reach the models through ``request.app.state.repository``:
+``{name: ServedModel}`` with ``.session`` (the shared ``onnxruntime.InferenceSession``), ``.config`` (the
+ctzoo.json dict), ``.folder`` and ``await model.infer({input: np.ndarray}) -> {output: np.ndarray}``, which
+validates the inputs (``ServeError`` 400, turned into a JSON error by the app) and goes through the model's
+micro-batcher like any inference request. ``app.state.metrics`` and ``app.state.settings`` are there too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import re
+import time
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from ctzoo import __version__
+from ctzoo.serve.batching import MicroBatcher, QueueFullError
+from ctzoo.serve.repository import ServedModel, load_repository
+from ctzoo.serve.v2_codec import HEADER_LENGTH, ServeError, decode_request, encode_response, inflate
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("ctzoo.serve.access")
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?(?:/(infer|ready|config))?/?$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_upload_bytes: int = 512 << 20
+    request_timeout_s: float = 60.0
+    metrics_no_auth: bool = False
+    auth: bool = True
+
+
+class ServeMetrics:
+    """The service's Prometheus metrics, in a registry of their own; also the batchers' observer."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("ctzoo_requests", "HTTP requests by model, endpoint and status code",
+                                ["model", "endpoint", "code"], registry=registry)
+        self.latency = Histogram("ctzoo_request_stage_seconds", "Inference request latency per stage (decode, "
+                                 "queue, inference, encode, total)", ["model", "stage"], buckets=LATENCY_BUCKETS,
+                                 registry=registry)
+        self.batch_size = Histogram("ctzoo_batch_size", "Rows per model run (the merged batch)", ["model"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry)
+        self.batch_requests = Histogram("ctzoo_batch_requests", "Requests merged into one model run", ["model"],
+                                        buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
+        self.depth = Gauge("ctzoo_queue_depth", "Requests waiting in the model's batching queue", ["model"],
+                           registry=registry)
+
+    def queue_depth(self, model: str, depth: int) -> None:
+        self.depth.labels(model).set(depth)
+
+    def batch(self, model: str, rows: int, requests: int, seconds: float) -> None:
+        self.batch_size.labels(model).observe(rows)
+        self.batch_requests.labels(model).observe(requests)
+
+    def request(self, model: str, queue_seconds: float, inference_seconds: float) -> None:
+        self.latency.labels(model, "queue").observe(queue_seconds)
+        self.latency.labels(model, "inference").observe(inference_seconds)
+
+
+class _AccessMiddleware:
+    """Counts every HTTP request by model, endpoint and status, times inference requests end to end and writes
+    the access log (no query strings, no bodies). A pure ASGI middleware: bodies stream through untouched."""
+
+    def __init__(self, app, metrics: ServeMetrics, models: dict[str, ServedModel]) -> None:
+        self.app, self.metrics, self.models = app, metrics, models
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            seconds = time.perf_counter() - started
+            model, endpoint = _classify(scope["path"], self.models)
+            self.metrics.requests.labels(model, endpoint, str(status)).inc()
+            if endpoint == "infer" and model != "_unknown":
+                self.metrics.latency.labels(model, "total").observe(seconds)
+            access_logger.debug("%s %s %d %.1f ms", scope["method"], scope["path"], status, seconds * 1000)
+
+
+def _classify(path: str, models: dict[str, ServedModel]) -> tuple[str, str]:
+    """(model label, endpoint label) of a path; unknown model names collapse into one label value."""
+    match = _MODEL_PATH.match(path)
+    if match:
+        return (match.group(1) if match.group(1) in models else "_unknown"), match.group(2) or "metadata"
+    endpoints = {"/v2": "server", "/v2/": "server", "/v2/health/live": "live", "/v2/health/ready": "ready",
+                 "/metrics": "metrics", "/v2/repository/index": "index"}
+    return "", endpoints.get(path, "other")
+
+
+def token_checker(tokens: Sequence[str]):
+    """A FastAPI dependency accepting ``Authorization: Bearer <one of tokens>`` (401 otherwise)."""
+    digests = [hashlib.sha256(token.encode()).digest() for token in tokens]
+
+    async def require_token(request: Request) -> None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise ServeError("missing bearer token: send 'Authorization: Bearer <token>'", status=401)
+        digest = hashlib.sha256(given.strip().encode()).digest()
+        valid = False
+        for known in digests:  # no early exit: the time taken does not depend on which token matched
+            valid |= hmac.compare_digest(known, digest)
+        if not valid:
+            raise ServeError("invalid bearer token", status=401)
+
+    return require_token
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes: from
+    ``Content-Length`` before anything is read, else while counting the streamed chunks."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.strip().isdigit():
+            raise ServeError(f"Content-Length must be an integer, got {length!r:.40}")
+        if int(length) > limit:
+            raise ServeError(f"the body of {int(length)} bytes exceeds the {limit}-byte upload limit", status=413)
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ServeError(f"the body exceeds the {limit}-byte upload limit", status=413)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ServeError("the client disconnected while sending the body") from None
+    return b"".join(chunks)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth: bool = False,
+               device: str = "auto", threads: int | None = None, tensorrt: bool = True, max_upload_mb: float = 512,
+               request_timeout_s: float = 60.0, batching: bool = True, max_batch_size: int | None = None,
+               max_queue_delay_ms: float | None = None, metrics_no_auth: bool = False,
+               extra_routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The service for the models in ``repository`` (loaded now; see :func:`load_repository`).
+
+    ``tokens``: accepted bearer tokens; at least one is required unless ``insecure_no_auth``. ``max_batch_size``
+    and ``max_queue_delay_ms`` override each model's ctzoo.json; ``batching=False`` runs every request alone.
+    """
+    tokens = [t.strip() for t in tokens if t and t.strip()]
+    if not tokens and not insecure_no_auth:
+        raise ValueError("no API token configured: set CTZOO_SERVE_TOKENS or pass a token file "
+                         "(or, for a local test only, explicitly disable auth)")
+    settings = Settings(int(max_upload_mb * (1 << 20)), float(request_timeout_s), metrics_no_auth, bool(tokens))
+    models = load_repository(repository, device=device, threads=threads, tensorrt=tensorrt)
+    metrics = ServeMetrics()
+    for model in models.values():
+        model.batcher = MicroBatcher(model.name, model.run, max_batch_size or model.max_batch_size,
+                                     model.max_queue_delay_ms if max_queue_delay_ms is None else max_queue_delay_ms,
+                                     enabled=batching, observer=metrics)
+        metrics.queue_depth(model.name, 0)
+    if not tokens:
+        logger.warning("authentication is OFF (insecure_no_auth): anyone who reaches the port can use the models")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.ready = True
+        yield
+        app.state.ready = False
+        for model in models.values():
+            await model.batcher.stop()
+
+    app = FastAPI(title="ctzoo serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.repository, app.state.metrics, app.state.settings, app.state.ready = models, metrics, settings, True
+    auth = [Depends(token_checker(tokens))] if tokens else []
+
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
+        return _error(503, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def fault(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__,
+                     exc_info=exc)
+        return _error(500, "internal server error (details are in the server log)")
+
+    @app.get("/v2/health/live")
+    async def live() -> dict:
+        return {"live": True}
+
+    router = APIRouter(dependencies=auth)
+
+    @router.get("/v2/health/ready")
+    async def ready(request: Request) -> JSONResponse:
+        is_ready = bool(request.app.state.ready)
+        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    @router.get("/v2")
+    async def server_metadata() -> dict:
+        return {"name": "ctzoo", "version": __version__,
+                "extensions": ["binary_tensor_data", "model_configuration", "model_repository"]}
+
+    @router.post("/v2/repository/index")
+    async def repository_index() -> list:
+        return [{"name": m.name, "version": m.version, "state": "READY"} for m in models.values()]
+
+    def served(name: str, version: str | None = None) -> ServedModel:
+        if name not in models:
+            raise ServeError(f"unknown model {name!r}; this server has {', '.join(sorted(models))}", status=404)
+        model = models[name]
+        if version is not None and version != model.version:
+            raise ServeError(f"model {name!r} has no version {version!r} (serving version {model.version})",
+                             status=404)
+        return model
+
+    # the version comes from the path where the route has one (never from a query string)
+    async def metadata(model_name: str, request: Request) -> dict:
+        return served(model_name, request.path_params.get("version")).metadata()
+
+    async def model_ready(model_name: str, request: Request) -> dict:
+        return {"name": served(model_name, request.path_params.get("version")).name, "ready": True}
+
+    async def model_config(model_name: str, request: Request) -> dict:
+        return served(model_name, request.path_params.get("version")).triton_config()
+
+    async def infer(model_name: str, request: Request) -> Response:
+        model = served(model_name, request.path_params.get("version"))
+        try:
+            return await asyncio.wait_for(_infer(model, request), settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ServeError(f"inference took longer than the {settings.request_timeout_s:g} s request timeout",
+                             status=504) from None
+
+    async def _infer(model: ServedModel, request: Request) -> Response:
+        body = await read_body(request, settings.max_upload_bytes)
+        started = time.perf_counter()
+
+        def decode():
+            raw = inflate(body, request.headers.get("content-encoding"), settings.max_upload_bytes)
+            decoded = decode_request(raw, request.headers.get(HEADER_LENGTH))
+            names = model.check_outputs(decoded.outputs)
+            return decoded, names, model.validate(decoded.inputs)  # before batching: a bad request fails alone
+
+        decoded, names, inputs = await run_in_threadpool(decode)
+        metrics.latency.labels(model.name, "decode").observe(time.perf_counter() - started)
+        outputs = await model.infer(inputs, validated=True)
+        started = time.perf_counter()
+        content, headers = await run_in_threadpool(encode_response, model.name, model.version,
+                                                   {name: outputs[name] for name in names}, decoded)
+        metrics.latency.labels(model.name, "encode").observe(time.perf_counter() - started)
+        return Response(content, headers=headers)
+
+    for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{version}"):
+        router.add_api_route(prefix, metadata, methods=["GET"])
+        router.add_api_route(prefix + "/ready", model_ready, methods=["GET"])
+        router.add_api_route(prefix + "/config", model_config, methods=["GET"])
+        router.add_api_route(prefix + "/infer", infer, methods=["POST"])
+    app.include_router(router)
+
+    metrics_auth = [] if metrics_no_auth else auth
+
+    @app.get("/metrics", dependencies=metrics_auth)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    for extra in extra_routers:
+        app.include_router(extra, dependencies=auth)
+    app.add_middleware(_AccessMiddleware, metrics=metrics, models=models)
+    return app

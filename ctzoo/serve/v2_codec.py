@@ -1,0 +1,249 @@
+"""KServe v2 / Open Inference Protocol request and response bodies, with the binary tensor data extension.
+
+Decoding turns a request body into ``{input name: numpy array}`` plus what the client asked back (the request
+``id``, which outputs, and which of them as binary); encoding turns output arrays into a response body and its
+headers. Only the protocol is checked here (structure, datatypes, shapes against data sizes, finiteness); whether
+the tensors fit a model is :meth:`ctzoo.serve.repository.ServedModel.validate`'s job.
+
+JSON tensors: ``{"name", "shape", "datatype", "data", "parameters"?}`` with ``data`` the row-major flattened
+elements (a nested list of the right shape is accepted too).
+
+Binary tensor data extension (as ``tritonclient.http`` speaks it):
+
+* request: header ``Inference-Header-Content-Length: N``; the first ``N`` bytes of the body are the JSON
+  request, the rest the raw little-endian row-major bytes of every input whose ``parameters`` hold
+  ``binary_data_size``, back to back in the order of ``inputs``. A body compressed with ``Content-Encoding:
+  gzip`` or ``deflate`` is inflated first (see :func:`inflate`; the size limit applies to the inflated bytes).
+* response: an output is sent binary when its request entry has ``parameters.binary_data: true``, or, if it
+  has no such entry, when the request's ``parameters.binary_data_output`` is true. Binary outputs carry
+  ``parameters.binary_data_size`` and no ``data``; their bytes follow the JSON in output order, and the
+  response has ``Inference-Header-Content-Length``. Responses are never compressed (clients must accept that).
+
+Numeric datatypes are supported (BOOL, INT8..INT64, UINT8..UINT64, FP16, FP32, FP64); BYTES and BF16 are
+refused with a 400. Every problem raises :class:`ServeError` with the HTTP status and a message for the client.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_), "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+}
+UNSUPPORTED_DATATYPES = ("BYTES", "BF16")
+
+
+class ServeError(Exception):
+    """A request the service refuses: ``status`` is the HTTP status, ``str(error)`` the message for the client."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def datatype_of(dtype: np.dtype) -> str:
+    """The v2 datatype name of a numpy dtype (``ServeError`` 500 if it has none: a model fault)."""
+    for name, known in DATATYPES.items():
+        if np.dtype(dtype) == known:
+            return name
+    raise ServeError(f"the model produced a tensor of unsupported type {dtype}", status=500)
+
+
+@dataclass
+class DecodedRequest:
+    inputs: dict[str, np.ndarray]
+    id: str | None = None
+    outputs: list[str] | None = None  # None: all of the model's outputs
+    binary: dict[str, bool] = field(default_factory=dict)  # per requested output
+    binary_default: bool = False  # the request's binary_data_output
+
+
+def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """``body`` decompressed per ``Content-Encoding`` (gzip, deflate or none); 413 past ``limit`` bytes, 400 on a
+    corrupt stream, 415 on another encoding. Inflates in bounded steps, so a zip bomb never gets buffered."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding in ("identity", ""):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ServeError(f"Content-Encoding {encoding!r} is not supported (use gzip, deflate or none)", status=415)
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    parts, size, data = [], 0, body
+    try:
+        while data:
+            part = inflater.decompress(data, 1 << 20)
+            size += len(part)
+            if size > limit:
+                raise ServeError(f"the request body inflates to more than the {limit}-byte limit", status=413)
+            parts.append(part)
+            data = inflater.unconsumed_tail
+        part = inflater.flush()
+    except zlib.error as exc:
+        raise ServeError(f"the {encoding} request body is corrupt: {exc}") from None
+    if size + len(part) > limit:
+        raise ServeError(f"the request body inflates to more than the {limit}-byte limit", status=413)
+    if not inflater.eof:
+        raise ServeError(f"the {encoding} request body is truncated")
+    return b"".join([*parts, part])
+
+
+def _header_length(value: str | None, body_size: int) -> int | None:
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise ServeError(f"{HEADER_LENGTH} must be a non-negative integer, got {value!r}")
+    length = int(value)
+    if length > body_size:
+        raise ServeError(f"{HEADER_LENGTH} is {length} but the body has only {body_size} bytes")
+    return length
+
+
+def _parameters(obj: dict, where: str) -> dict:
+    params = obj.get("parameters", {})
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ServeError(f"{where}.parameters must be an object")
+    return params
+
+
+def _shape(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        raise ServeError(f"{where}.shape must be a list of integers, got {value!r:.80}")
+    if any(s < 0 for s in value):
+        raise ServeError(f"{where}.shape must not have negative sizes, got {value}")
+    return tuple(value)
+
+
+def _dtype(value: Any, where: str) -> np.dtype:
+    if value in UNSUPPORTED_DATATYPES:
+        raise ServeError(f"{where}.datatype {value} is not supported by this service")
+    if value not in DATATYPES:
+        raise ServeError(f"{where}.datatype must be one of {', '.join(DATATYPES)}, got {value!r:.40}")
+    return DATATYPES[value]
+
+
+def _json_data(data: Any, shape: tuple[int, ...], dtype: np.dtype, where: str) -> np.ndarray:
+    if not isinstance(data, list):
+        raise ServeError(f"{where}.data must be a list of numbers")
+    try:
+        array = np.asarray(data, dtype=dtype)
+    except (TypeError, ValueError, OverflowError):
+        raise ServeError(f"{where}.data must be a (possibly nested) list of numbers of type "
+                         f"{datatype_of(dtype)}") from None
+    expected = math.prod(shape)
+    if array.size != expected:
+        raise ServeError(f"{where}.data has {array.size} elements but shape {list(shape)} needs {expected}")
+    return array.reshape(shape)
+
+
+def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
+    """Parse a v2 inference request body (JSON, or JSON + binary tensors). ``ServeError`` (400) says what is
+    wrong: malformed JSON, a missing field, a datatype, a data size that does not match the shape, or a binary
+    section that does not match the ``binary_data_size`` parameters. Binary inputs are read-only views of
+    ``body``."""
+    length = _header_length(header_length, len(body))
+    json_part = body if length is None else memoryview(body)[:length]
+    try:
+        request = json.loads(bytes(json_part))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ServeError(f"the request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ServeError("the request JSON is nested too deeply") from None
+    if not isinstance(request, dict):
+        raise ServeError("the request must be a JSON object")
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ServeError("id must be a string")
+    raw_inputs = request.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise ServeError("inputs must be a non-empty list of tensors")
+    offset = length if length is not None else len(body)
+    inputs: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(raw_inputs):
+        where = f"inputs[{index}]"
+        if not isinstance(tensor, dict):
+            raise ServeError(f"{where} must be an object")
+        name = tensor.get("name")
+        if not isinstance(name, str) or not name:
+            raise ServeError(f"{where}.name must be a non-empty string")
+        where = f"input {name!r}"
+        if name in inputs:
+            raise ServeError(f"{where} is given twice")
+        shape, dtype = _shape(tensor.get("shape"), where), _dtype(tensor.get("datatype"), where)
+        size = _parameters(tensor, where).get("binary_data_size")
+        if size is None:
+            if "data" not in tensor:
+                raise ServeError(f"{where} has neither data nor a binary_data_size parameter")
+            array = _json_data(tensor["data"], shape, dtype, where)
+        else:
+            if "data" in tensor:
+                raise ServeError(f"{where} has both data and a binary_data_size parameter")
+            if length is None:
+                raise ServeError(f"{where} is binary (binary_data_size) but the request has no {HEADER_LENGTH} "
+                                 "header")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise ServeError(f"{where}.parameters.binary_data_size must be a non-negative integer")
+            expected = math.prod(shape) * dtype.itemsize
+            if size != expected:
+                raise ServeError(f"{where} has binary_data_size {size} but shape {list(shape)} of "
+                                 f"{datatype_of(dtype)} needs {expected} bytes")
+            if offset + size > len(body):
+                raise ServeError(f"{where}: its {size} binary bytes run past the end of the body "
+                                 f"({len(body) - offset} bytes left)")
+            array = np.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+            offset += size
+        inputs[name] = array
+    if offset != len(body):
+        raise ServeError(f"the body has {len(body) - offset} bytes after the JSON and the binary tensors it "
+                         "announces")
+    decoded = DecodedRequest(inputs, request_id)
+    decoded.binary_default = bool(_parameters(request, "request").get("binary_data_output", False))
+    outputs = request.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list):
+            raise ServeError("outputs must be a list")
+        decoded.outputs = []
+        for index, entry in enumerate(outputs):
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                raise ServeError(f"outputs[{index}] must be an object with a name")
+            params = _parameters(entry, f"output {entry['name']!r}")
+            if params.get("classification"):
+                raise ServeError("the classification extension is not supported")
+            if entry["name"] not in decoded.outputs:
+                decoded.outputs.append(entry["name"])
+            if "binary_data" in params:
+                decoded.binary[entry["name"]] = bool(params["binary_data"])
+    return decoded
+
+
+def encode_response(model_name: str, model_version: str, outputs: dict[str, np.ndarray],
+                    request: DecodedRequest) -> tuple[bytes, dict[str, str]]:
+    """The response body and headers for ``outputs`` (in the order given): binary where the request asked so."""
+    header: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request.id is not None:
+        header["id"] = request.id
+    tensors, chunks = [], []
+    for name, array in outputs.items():
+        tensor: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
+        if request.binary.get(name, request.binary_default):
+            raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            tensor["data"] = array.ravel().tolist()
+        tensors.append(tensor)
+    header["outputs"] = tensors
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if not chunks:
+        return text, {"content-type": "application/json"}
+    return b"".join([text, *chunks]), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(text))}

@@ -1,0 +1,273 @@
+"""ctzoo export: zoo models and training checkpoints into a Triton-layout model repository, checked against PyTorch."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import safetensors.torch
+import torch
+from click.testing import CliRunner
+
+from ctzoo.cli import main
+from ctzoo.datasets.segmentation import ABDOMEN_CLASSES
+from ctzoo.inference.onnx_export import HEADS
+from ctzoo.models import ModelCard, create_model, list_models, load_card, model_entry, model_version
+from ctzoo.models.recistnet import RecistNet
+from ctzoo.models.registry import CARD_JSON, CARD_MD
+from ctzoo.models.template_bank import INDEX_FILE, TENSORS_FILE, TemplateBank
+from ctzoo.serve import export as export_module
+from ctzoo.serve.export import ExportSourceError, export_model, load_source
+from ctzoo.training.engine import OptimConfig
+from ctzoo.training.recistnet_task import RecistNetTrainConfig
+from ctzoo.training.template_seg_task import TemplateSegModelConfig, TemplateSegTrainConfig, build_seg_model
+
+DETECTOR, SEGMENTER = "recistnet-mini", "template-seg-abdomen"
+DATATYPES = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16"}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return tmp_path_factory.mktemp("repo")
+
+
+@pytest.fixture(scope="module")
+def exported(repo):
+    """``exported(name)``: the zoo model's folder, exported once per module."""
+    folders = {}
+
+    def get(name: str):
+        if name not in folders:
+            folders[name] = export_model(name, repo)
+        return folders[name]
+
+    return get
+
+
+def graph_tensors(path) -> tuple[list[dict], list[dict]]:
+    """Inputs and outputs of an ONNX file, read here independently of the exporter."""
+    graph = onnx.load(str(path)).graph
+
+    def describe(value):
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+        return {"name": value.name, "datatype": DATATYPES[value.type.tensor_type.elem_type], "shape": dims}
+
+    return [describe(v) for v in graph.input], [describe(v) for v in graph.output]
+
+
+def parse_pbtxt(text: str) -> dict:
+    """The fields of our config.pbtxt that Triton needs (a small reader for the text protobuf we write)."""
+    blocks = {kind: [{"name": name, "data_type": dtype, "dims": [int(d) for d in dims.split(",")]}
+                     for name, dtype, dims in re.findall(r'name: "([^"]+)"\s+data_type: (\w+)\s+dims: \[([^\]]*)\]',
+                                                         re.search(rf"^{kind} \[(.*?)^\]", text, re.S | re.M)[1])]
+              for kind in ("input", "output")}
+    return {"name": re.search(r'^name: "([^"]+)"', text, re.M)[1],
+            "platform": re.search(r'^platform: "([^"]+)"', text, re.M)[1],
+            "max_batch_size": int(re.search(r"^max_batch_size: (\d+)", text, re.M)[1]),
+            "delay_us": int(re.search(r"dynamic_batching \{\s*max_queue_delay_microseconds: (\d+)\s*\}", text)[1]),
+            **blocks}
+
+
+def check_layout(folder, info: dict, precision: str) -> None:
+    """The repository contract: files, config.pbtxt and ctzoo.json agree with the graph."""
+    graph = folder / "1" / "model.onnx"
+    onnx.checker.check_model(str(graph))
+    inputs, outputs = graph_tensors(graph)
+    assert info["inputs"] == inputs and info["outputs"] == outputs
+    assert all(t["shape"][0] == -1 for t in inputs + outputs)  # dynamic batch
+    assert info["name"] == folder.name and info["precision"] == precision and info["opset"] == 17
+    assert info["max_batch_size"] == 16 and info["max_queue_delay_ms"] == 2.0
+    assert {"ctzoo", "torch", "onnx", "onnxruntime"} <= set(info["software"])
+    assert re.match(r"\d{4}-\d\d-\d\dT", info["created"])
+    config = parse_pbtxt((folder / "config.pbtxt").read_text())
+    assert (config["name"], config["platform"], config["max_batch_size"], config["delay_us"]) == \
+        (folder.name, "onnxruntime_onnx", 16, 2000)
+    for kind, tensors in (("input", inputs), ("output", outputs)):
+        assert config[kind] == [{"name": t["name"], "data_type": f"TYPE_{t['datatype']}", "dims": t["shape"][1:]}
+                                for t in tensors]
+    ModelCard.model_validate_json((folder / CARD_JSON).read_text())
+    assert (folder / "README.md").read_text().startswith("# ")
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_zoo_model_exports_with_the_repository_layout(name, repo, exported):
+    folder = exported(name)
+    assert folder == repo / name
+    assert not [p.name for p in repo.iterdir() if p.name.startswith(".")]  # no staging left behind
+    entry = model_entry(name)
+    expected_files = {"1", "config.pbtxt", "ctzoo.json", CARD_JSON, "README.md"}
+    if entry.task == "segmentation":
+        expected_files |= {TENSORS_FILE, INDEX_FILE}
+    assert {p.name for p in folder.iterdir()} == expected_files
+    assert [p.name for p in (folder / "1").iterdir()] == ["model.onnx"]
+    info = json.loads((folder / "ctzoo.json").read_text())
+    check_layout(folder, info, "fp32")
+    assert (info["version"], info["task"], info["source"]) == (model_version(name), entry.task, name)
+    assert info["input_spec"] == load_card(name).input_spec
+    # the zoo's card and bank, byte for byte
+    assert (folder / CARD_JSON).read_bytes() == (entry.weights_dir / CARD_JSON).read_bytes()
+    assert (folder / "README.md").read_bytes() == (entry.weights_dir / CARD_MD).read_bytes()
+    model = create_model(name, pretrained=True).eval()
+    parity = info["parity"]
+    assert parity["relative_tolerance"] == 1e-4
+    if entry.task == "detection":
+        assert info["down_ratio"] == model.down_ratio == 4
+        assert [t["name"] for t in info["inputs"]] == ["image"] and info["inputs"][0]["shape"] == [-1, 9, -1, -1]
+        assert [t["name"] for t in info["outputs"]] == list(HEADS)
+        assert set(parity["checks"]) == {"random_b2", "random_b3", "random_size", "real_ct"}
+        assert parity["checks"]["real_ct"]["inputs"] == {"image": [3, 9, 512, 512]}  # the inference canvas
+    else:
+        for file in (TENSORS_FILE, INDEX_FILE):
+            assert (folder / file).read_bytes() == (entry.weights_dir / file).read_bytes()
+        assert info["class_names"] == load_card(name).input_spec["classes"]
+        assert info["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 128, 128]},
+                                  {"name": "template", "datatype": "FP32", "shape": [-1, 6, 128, 128]}]
+        assert info["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 6, 128, 128]}]
+        assert set(parity["checks"]) == {"random_b2", "random_b3", "real_ct"}
+        assert parity["checks"]["real_ct"]["inputs"]["template"][1:] == [6, 128, 128]
+    batches = {c["inputs"][next(iter(c["inputs"]))][0] for c in parity["checks"].values()}
+    assert len(batches) >= 2  # two batch sizes at least
+    errors = [e for check in parity["checks"].values() for e in check["errors"].values()]
+    assert len(errors) == len(parity["checks"]) * len(info["outputs"])
+    # measured ~1e-6: the row-wise norm export keeps ONNX Runtime close to PyTorch
+    assert all(0 <= e["max_rel"] <= 1e-5 and e["max_abs"] >= 0 for e in errors)
+
+    # and independently of the recorded numbers: a batch of 4 that no check used
+    session = ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(7)
+    if entry.task == "detection":
+        feeds = {"image": torch.rand(4, 9, 64, 96, generator=generator)}
+        with torch.inference_mode():
+            expected = [model(feeds["image"])[k] for k in HEADS]
+    else:
+        bank = TemplateBank.load(folder)
+        feeds = {"image": torch.rand(4, 1, 128, 128, generator=generator), "template": bank.templates([0, 3, 5, 9])}
+        with torch.inference_mode():
+            expected = [model(feeds["image"], feeds["template"])]
+    got = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+    for value, reference in zip(got, expected):
+        assert value.shape == reference.shape
+        assert np.abs(value - reference.numpy()).max() <= 1e-4 * (np.abs(reference.numpy()).max() + 1e-6)
+
+
+def test_fp16_detector_export(repo, exported):
+    folder = export_model(DETECTOR, repo, fp16=True)
+    assert folder == repo / f"{DETECTOR}-fp16"
+    info = json.loads((folder / "ctzoo.json").read_text())
+    check_layout(folder, info, "fp16")
+    assert info["name"] == f"{DETECTOR}-fp16" and "onnxconverter-common" in info["software"]
+    # fp32 in and out (same clients as the fp32 model), fp16 weights and arithmetic inside
+    assert all(t["datatype"] == "FP32" for t in info["inputs"] + info["outputs"])
+    model = onnx.load(str(folder / "1" / "model.onnx"))
+    weights = [t for t in model.graph.initializer if t.name.endswith("stem.conv.weight")]
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    assert info["inputs"] == json.loads((exported(DETECTOR) / "ctzoo.json").read_text())["inputs"]
+    parity = info["parity"]
+    assert parity["relative_tolerance"] == export_module.FP16_RELATIVE_TOLERANCE == 1e-2
+    rel = [e["max_rel"] for check in parity["checks"].values() for e in check["errors"].values()]
+    # measured 4e-4 .. 2e-3: within the fp16 tolerance, and far from fp32's 1e-6 (it really is fp16)
+    assert max(rel) <= 1e-2 and min(rel) > 1e-5
+    assert set(parity["checks"]) == {"random_b2", "random_b3", "random_size", "real_ct"}
+
+
+def test_failed_check_raises_and_keeps_the_earlier_export(tmp_path, monkeypatch, exported):
+    good = exported(DETECTOR)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(good, repo / DETECTOR)
+    before = {p.relative_to(repo): (p.stat().st_mtime_ns, p.read_bytes()) for p in repo.rglob("*") if p.is_file()}
+    monkeypatch.setattr(export_module, "RELATIVE_TOLERANCE", -1.0)
+    with pytest.raises(RuntimeError, match=r"'heatmaps' on random_b2 .*max relative error .* > -1.*'displacements'"):
+        export_model(DETECTOR, repo)
+    after = {p.relative_to(repo): (p.stat().st_mtime_ns, p.read_bytes()) for p in repo.rglob("*") if p.is_file()}
+    assert after == before and [p.name for p in repo.iterdir()] == [DETECTOR]
+    with pytest.raises(RuntimeError, match="disagree"):
+        export_model(DETECTOR, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def recistnet_checkpoint(run) -> tuple:
+    """A fresh RECIST-Net saved as ctzoo train saves it (engine.fit's payload + train_config), trained on nothing."""
+    cfg = RecistNetTrainConfig(data={"root": run / "data", "num_slices": 3})  # one window: 3 channels
+    torch.manual_seed(0)
+    model = RecistNet(in_channels=cfg.data.in_channels, **cfg.model.model_dump())
+    optimizer = torch.optim.AdamW(model.parameters())
+    run.mkdir(parents=True)
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 2, "step": 6, "best": 0.25,
+               "history": [{"epoch": 3, "step": 6, "train_loss": 1.0, "val_sensitivity_4fp": 0.25, "wall_s": 4.0}],
+               "config": OptimConfig().model_dump(), "train_config": json.loads(cfg.model_dump_json())}
+    torch.save(payload, run / "best.pt")
+    return run / "best.pt", model
+
+
+def test_checkpoint_export_through_the_cli(tmp_path):
+    checkpoint, model = recistnet_checkpoint(tmp_path / "runs" / "mini-run")
+    assert load_source(str(checkpoint)).name == "mini-run"  # the default name: the run folder's
+    repo = tmp_path / "repo"
+    result = CliRunner().invoke(main, ["export", str(checkpoint), "--out", str(repo), "--name", "recistnet-mine"])
+    assert result.exit_code == 0, result.output
+    assert "real_ct" in result.output and "max rel" in result.output and "wrote" in result.output
+    folder = repo / "recistnet-mine"
+    info = json.loads((folder / "ctzoo.json").read_text())
+    check_layout(folder, info, "fp32")
+    assert info["source"] == str(checkpoint.resolve()) and info["task"] == "detection" and info["down_ratio"] == 4
+    assert re.fullmatch(r"0\.0\.0\+epoch3\.[0-9a-f]{8}", info["version"])
+    assert info["inputs"][0]["shape"] == [-1, 3, -1, -1]
+    assert info["input_spec"]["num_slices"] == 3 and info["input_spec"]["extra_windows_hu"] == []
+    assert info["input_spec"]["size_multiple"] == 32
+    assert info["parity"]["checks"]["real_ct"]["inputs"] == {"image": [3, 3, 512, 512]}
+    card = ModelCard.model_validate_json((folder / CARD_JSON).read_text())
+    assert card.name == "recistnet-mine" and card.version == info["version"] and card.training.epochs == 3
+    assert card.metrics["sensitivity_4fp"].value == 0.25
+    assert card.parameters == sum(p.numel() for p in model.parameters())
+
+
+def test_template_segmenter_checkpoint_needs_and_reembeds_its_bank(tmp_path):
+    run = tmp_path / "seg-run" / "template_seg"
+    run.mkdir(parents=True)
+    cfg = TemplateSegTrainConfig(data={"spacing_mm": 3.0, "size": (128, 128)},
+                                 model=TemplateSegModelConfig(channels=(8, 16, 32, 64)))
+    torch.manual_seed(0)
+    model = build_seg_model(cfg.model, len(ABDOMEN_CLASSES)).eval()
+    torch.save({"model": model.state_dict(), "epoch": 0, "history": [], "model_kind": "template_seg",
+                "class_names": list(ABDOMEN_CLASSES), "task_config": cfg.model_dump(mode="json")}, run / "best.pt")
+    with pytest.raises(ExportSourceError, match="--templates DIR"):
+        export_model(str(run / "best.pt"), tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+    bank_dir = model_entry(SEGMENTER).weights_dir
+    folder = export_model(str(run / "best.pt"), tmp_path / "repo", templates=bank_dir)
+    assert folder.name == "seg-run"
+    info = json.loads((folder / "ctzoo.json").read_text())
+    check_layout(folder, info, "fp32")
+    assert info["class_names"] == list(ABDOMEN_CLASSES) and info["input_spec"]["size"] == [128, 128]
+    assert all(e["max_rel"] <= 1e-4 for c in info["parity"]["checks"].values() for e in c["errors"].values())
+    # the bank's embeddings are this checkpoint's, not those shipped with the zoo weights
+    embeddings = safetensors.torch.load_file(str(folder / TENSORS_FILE))["embeddings"]
+    shipped = TemplateBank.load(bank_dir)
+    with torch.inference_mode():
+        torch.testing.assert_close(embeddings, model.embed(shipped.images))
+    assert embeddings.shape == (len(shipped), 64) != shipped.embeddings.shape  # a narrower model than the zoo's
+
+
+def test_cli_help_and_clear_errors(tmp_path):
+    runner = CliRunner()
+    assert "ctzoo export MODEL --out REPO" in runner.invoke(main, ["--help"]).output
+    result = runner.invoke(main, ["export", "--help"])
+    assert result.exit_code == 0
+    for word in ("MODEL_OR_CHECKPOINT", "--out", "--fp16", "--opset", "--templates", "--name", "config.pbtxt"):
+        assert word in result.output
+    cases = [(["recistnet-mimi"], r"no model named 'recistnet-mimi'\. Did you mean recistnet-mini\?"),
+             ([str(tmp_path / "run" / "best.pt")], "no checkpoint file"),
+             ([DETECTOR, "--name", "Bad Name"], "choose one with --name"),
+             ([DETECTOR, "--templates", str(tmp_path)], "--templates is for template-segmenter checkpoints")]
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    cases.append(([str(tmp_path / "junk.pt")], "is not a PyTorch checkpoint"))
+    for args, message in cases:
+        result = runner.invoke(main, ["export", *args, "--out", str(tmp_path / "repo")])
+        errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+        assert result.exit_code == 1 and len(errors) == 1 and re.search(message, errors[0]), result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "repo").exists()

@@ -1,0 +1,153 @@
+"""Study endpoints of ctzoo serve: a whole volume in, the same result as ``ctzoo infer --backend onnx`` out, and a
+precise 4xx for every kind of bad upload while the service keeps serving."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from ctzoo.datasets.samples import sample_ct_dicom
+from ctzoo.io import read_volume, write_volume
+
+TOKEN = "study-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory) -> Path:
+    from ctzoo.serve.export import export_model
+
+    repo = tmp_path_factory.mktemp("repo")
+    for name in ("recistnet-mini", "template-seg-abdomen"):
+        export_model(name, repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def client(repository):
+    from ctzoo.serve.app import create_app
+    from ctzoo.serve.studies import study_router
+
+    app = create_app(repository, [TOKEN], device="cpu", max_upload_mb=8, extra_routers=[study_router("cpu")])
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def small_nifti(tmp_path_factory) -> Path:
+    volume = read_volume(sample_ct_dicom(), progress=False)
+    path = tmp_path_factory.mktemp("ct") / "small.nii.gz"
+    return write_volume(dataclasses.replace(volume, array=volume.array[4:10].copy(), dicom=None), path)
+
+
+@pytest.fixture(scope="module")
+def dicom_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for file in sorted(Path(sample_ct_dicom()).iterdir()):
+            archive.write(file, f"series/{file.name}")
+    return buffer.getvalue()
+
+
+def _infer_reference(path: Path, model: str, tmp_path: Path) -> Path:
+    """What ``ctzoo infer --backend onnx`` writes for ``path``."""
+    from ctzoo.inference.inputs import CaseInput
+    from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
+    from ctzoo.inference.tasks import model_task
+
+    [row] = run_pipeline([CaseInput("ref", path)], model_task(model, "onnx", "cpu"),
+                         PipelineOptions(out=tmp_path, workers=0, overlay=False, progress=False))
+    assert row["status"] == "ok", row
+    return tmp_path / "ref"
+
+
+def test_detector_study_equals_ctzoo_infer(client, small_nifti, tmp_path):
+    response = client.post("/studies/recistnet-mini", content=small_nifti.read_bytes(), headers=AUTH)
+    assert response.status_code == 200, response.text
+    reference = json.loads((_infer_reference(small_nifti, "recistnet-mini", tmp_path) / "detections.json").read_text())
+    assert response.json() == reference
+    assert response.json()["model"] == "recistnet-mini"
+
+
+def test_segmenter_study_gives_nifti_json_and_dicom_seg(client, dicom_zip, small_nifti, tmp_path):
+    import highdicom as hd
+    import nibabel as nib
+
+    labels = client.post("/studies/template-seg-abdomen?format=nifti", content=small_nifti.read_bytes(), headers=AUTH)
+    assert labels.status_code == 200, labels.text
+    (tmp_path / "labels.nii.gz").write_bytes(labels.content)
+    reference = _infer_reference(small_nifti, "template-seg-abdomen", tmp_path / "ref")
+    np.testing.assert_array_equal(nib.load(tmp_path / "labels.nii.gz").get_fdata(),
+                                  nib.load(reference / "labels.nii.gz").get_fdata())
+    summary = client.post("/studies/template-seg-abdomen", content=dicom_zip, headers=AUTH)
+    assert summary.status_code == 200 and "liver" in summary.json()["classes"]
+    seg = client.post("/studies/template-seg-abdomen?format=dicom", content=dicom_zip, headers=AUTH)
+    assert seg.status_code == 200 and seg.headers["content-type"] == "application/dicom"
+    (tmp_path / "seg.dcm").write_bytes(seg.content)
+    assert hd.seg.segread(tmp_path / "seg.dcm").number_of_segments >= 1
+    sr = client.post("/studies/recistnet-mini?format=dicom&score_threshold=0.05", content=dicom_zip, headers=AUTH)
+    assert sr.status_code == 200 and sr.content[128:132] == b"DICM"
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_bad_uploads_get_a_precise_4xx_and_the_service_keeps_serving(client, small_nifti, monkeypatch):
+    from ctzoo.io import dicom_scan
+
+    good = small_nifti.read_bytes()
+    monkeypatch.setattr(dicom_scan, "MAX_ZIP_EXTRACT_BYTES", 4 << 20)
+    cases = [
+        ("recistnet-mini", b"\x1f\x8b" + bytes(2000), 400, "file type"),  # corrupt NIfTI
+        ("recistnet-mini", good[: len(good) // 2], 400, ""),  # truncated NIfTI
+        ("recistnet-mini", _zip({"notes.txt": b"hello"}), 400, "no DICOM files"),  # a zip that is not DICOM
+        ("recistnet-mini", _zip({"a/bomb.dcm": bytes(32 << 20)}), 400, "limit for zipped series"),  # zip bomb
+        ("recistnet-mini", b"just some bytes that are not a volume", 415, "unsupported upload"),
+        ("no-such-model", good, 404, "unknown model"),
+        ("recistnet-mini", bytes(9 << 20), 413, "upload limit"),  # over max_upload_mb
+    ]
+    for model, body, status, message in cases:
+        response = client.post(f"/studies/{model}", content=body, headers=AUTH)
+        assert response.status_code == status, (message, response.text)
+        assert message in response.json()["error"]
+        assert "upload.nii" not in response.json()["error"] and "/tmp" not in response.json()["error"]
+    assert client.post("/studies/recistnet-mini?format=nifti", content=good, headers=AUTH).status_code == 400
+    assert client.post("/studies/recistnet-mini?format=xml", content=good, headers=AUTH).status_code == 400
+    assert client.post("/studies/recistnet-mini", content=good).status_code == 401
+    assert client.post("/studies/recistnet-mini", content=good, headers=AUTH).status_code == 200
+
+
+def test_nan_volume_is_refused(client, tmp_path):
+    volume = read_volume(sample_ct_dicom(), progress=False)
+    array = volume.array[:4].copy()
+    array[1, 10, 10] = np.nan
+    path = write_volume(dataclasses.replace(volume, array=array, dicom=None), tmp_path / "nan.nii.gz")
+    response = client.post("/studies/recistnet-mini", content=path.read_bytes(), headers=AUTH)
+    assert response.status_code == 400 and "NaN" in response.json()["error"]
+
+
+def test_checkpoint_exports_have_no_study_endpoint(repository, tmp_path):
+    from ctzoo.serve.app import create_app
+    from ctzoo.serve.studies import study_router
+
+    repo = tmp_path / "repo"
+    shutil.copytree(repository / "recistnet-mini", repo / "my-run")
+    config = json.loads((repo / "my-run" / "ctzoo.json").read_text())
+    config.update(name="my-run", source="runs/my-run/best.pt")
+    (repo / "my-run" / "ctzoo.json").write_text(json.dumps(config))
+    with TestClient(create_app(repo, [TOKEN], device="cpu", extra_routers=[study_router("cpu")])) as client:
+        response = client.post("/studies/my-run", content=b"\x1f\x8b", headers=AUTH)
+    assert response.status_code == 404 and "tensor inference only" in response.json()["error"]
