@@ -26,13 +26,17 @@ Rows:
     threads T, inter-op 1, spinning off) and with ORT's default spinning on, against PyTorch eager on the same
     weights (``torch.set_num_threads(T)``, inference mode; the segmenter as the graph computes it,
     ``model(image, template)``) at batch 1 and 16, slices/s of the median call; ratio ORT (as served) / eager
-    (the target: >= 1, ORT no slower).
-  * stability: each server's RSS (``/proc/<pid>/status`` VmRSS) once loaded, after the warm-up and after all load,
-    and its peak (VmHWM).
+    (the target: >= 1, ORT no slower). Both are timed again with one thread (eager: ``set_num_threads(1)``; ORT:
+    the service's session options with 1 intra-op thread): PyTorch's OpenMP threads wait for each other at every
+    parallel region, so on a machine with other work on its cores eager with T threads can be many times slower
+    than with one; the 1-thread pair shows the runtimes without that effect.
+  * stability: each server's RSS (``/proc/<pid>/status`` VmRSS) once loaded, after the warm-up, after each setting
+    and after all load, then after the highest-concurrency setting of each model is run once more (it levelled
+    off if that repeat grew it by at most 5% + 10 MiB), and its peak (VmHWM).
 Threads: ``--threads`` (default: the CPU count) for the service's ONNX Runtime, ORT and PyTorch alike. The client
 runs in this process on the same machine, so it takes CPU from the server too (its CPU per request is reported).
 
-    python benchmarks/serve.py [--models recistnet-mini,template-seg-abdomen] [--requests 64]
+    python benchmarks/serve.py [--models recistnet-mini,template-seg-abdomen] [--requests 128]
                                [--concurrency 1,8,32] [--queue-delay-ms 5] [--crop 256] [--threads N]
                                [--out benchmarks/results/serve.json]
 """
@@ -166,6 +170,7 @@ def spinning_session(graph: Path, threads: int):
 def model_only(workload: Workload, served: ServedModel, threads: int, sizes: list[int], min_s: float) -> list[dict]:
     torch.set_num_threads(threads)
     spin = spinning_session(served.folder / served.version / GRAPH_FILE, threads)
+    served_one = ServedModel(served.folder, ["CPUExecutionProvider"], 1)
     rows = []
     for size in sizes:
         picked = [workload.slices[k % len(workload.slices)] for k in range(size)]
@@ -173,14 +178,25 @@ def model_only(workload: Workload, served: ServedModel, threads: int, sizes: lis
         ort_served = median_rate(served.run, batch, min_s)
         ort_spin = median_rate(spin, batch, min_s)
         torch_eager = median_rate(eager(workload), batch, min_s)
+        torch.set_num_threads(1)  # process-wide: only for this measurement
+        try:
+            torch_one = median_rate(eager(workload), batch, min_s)
+        finally:
+            torch.set_num_threads(threads)
+        ort_one = median_rate(served_one.run, batch, min_s)
         rows.append({"model": workload.name, "batch": size, "threads": threads,
                      "input": {k: list(v.shape) for k, v in batch.items()},
                      "eager_slices_per_s": torch_eager["slices_per_s"], "eager": torch_eager,
                      "ort_slices_per_s": ort_served["slices_per_s"], "ort": ort_served,
                      "ort_spinning_slices_per_s": ort_spin["slices_per_s"], "ort_spinning": ort_spin,
-                     "ratio_ort_vs_eager": ort_served["slices_per_s"] / torch_eager["slices_per_s"]})
-        print(f"  model only {workload.name} batch {size}: eager {torch_eager['slices_per_s']:.1f}, ORT "
-              f"{ort_served['slices_per_s']:.1f} (spinning {ort_spin['slices_per_s']:.1f}) slices/s", flush=True)
+                     "ratio_ort_vs_eager": ort_served["slices_per_s"] / torch_eager["slices_per_s"],
+                     "one_thread": {"eager_slices_per_s": torch_one["slices_per_s"], "eager": torch_one,
+                                    "ort_slices_per_s": ort_one["slices_per_s"], "ort": ort_one,
+                                    "ratio_ort_vs_eager": ort_one["slices_per_s"] / torch_one["slices_per_s"]}})
+        print(f"  model only {workload.name} batch {size}: eager {torch_eager['slices_per_s']:.1f} (1 thread "
+              f"{torch_one['slices_per_s']:.1f}), ORT {ort_served['slices_per_s']:.1f} (1 thread "
+              f"{ort_one['slices_per_s']:.1f}, "
+              f"spinning {ort_spin['slices_per_s']:.1f}) slices/s", flush=True)
     return rows
 
 
@@ -373,7 +389,7 @@ def uptime() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="recistnet-mini,template-seg-abdomen")
-    parser.add_argument("--requests", type=int, default=64, help="timed requests per setting (default 64)")
+    parser.add_argument("--requests", type=int, default=128, help="timed requests per setting (default 128)")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
     parser.add_argument("--queue-delay-ms", type=float, default=5.0,
                         help="the batching server's --max-queue-delay-ms (default 5; ctzoo.json says 2)")
@@ -403,7 +419,7 @@ def main() -> None:
         warnings.simplefilter("ignore")
         volume = read_volume(sample_ct_dicom(), progress=False)
     token = secrets.token_hex(24)
-    model_rows, serve_rows, servers, exported = [], [], [], {}
+    model_rows, serve_rows, repeat_rows, servers, exported = [], [], [], [], {}
     with tempfile.TemporaryDirectory(prefix="ctzoo-bench-serve-") as tmp:
         repo = Path(tmp) / "repository"
         workloads = []
@@ -439,12 +455,24 @@ def main() -> None:
                     for server in servers:
                         row = asyncio.run(drive(server, token, workload, bodies, concurrency, args.requests,
                                                 concurrency))
+                        row["server_rss_mb_after"] = memory_mb(server.process.pid)["rss_mb"]
                         serve_rows.append(row)
                         print(f"  {workload.name} c={concurrency} {server.label}: {row['requests_per_s']:.2f} req/s, "
                               f"p50 {row['latency_ms']['p50']:.0f} ms, p99 {row['latency_ms']['p99']:.0f} ms, "
                               f"non-200 {row['non_200']}, bad {row['bad_outputs']}", flush=True)
             for server in servers:
                 server.memory["after_load"] = memory_mb(server.process.pid)
+            for workload in workloads:  # the heaviest setting once more: does the RSS level off?
+                bodies = [request_body(inputs) for inputs in workload.slices]
+                for server in servers:
+                    row = asyncio.run(drive(server, token, workload, bodies, max(levels), args.requests, 0))
+                    row["server_rss_mb_after"] = memory_mb(server.process.pid)["rss_mb"]
+                    repeat_rows.append(row)
+                    print(f"  repeat {workload.name} c={max(levels)} {server.label}: {row['requests_per_s']:.2f} "
+                          f"req/s, non-200 {row['non_200']}, bad {row['bad_outputs']}, RSS "
+                          f"{row['server_rss_mb_after']:.0f} MiB", flush=True)
+            for server in servers:
+                server.memory["after_repeat"] = memory_mb(server.process.pid)
         finally:
             for server in servers:
                 server.stop()
@@ -473,18 +501,27 @@ def main() -> None:
     print()
     print(f"model only: slices/s of the median call, {args.threads} threads (ORT: the service's session, spinning "
           "off; spin: ORT's default spinning on)")
-    print(f"{'model':22s} {'batch':>5s} {'eager':>8s} {'ORT':>8s} {'ORT spin':>8s} {'ORT/eager':>9s}")
+    print(f"{'':29s}{f'{args.threads} threads':<37s}| 1 thread")
+    print(f"{'model':22s} {'batch':>5s} {'eager':>8s} {'ORT':>8s} {'ORT spin':>8s} {'ORT/eager':>9s} | "
+          f"{'eager':>8s} {'ORT':>8s} {'ORT/eager':>9s}")
     for row in model_rows:
+        one = row["one_thread"]
         print(f"{row['model']:22s} {row['batch']:5d} {row['eager_slices_per_s']:8.2f} {row['ort_slices_per_s']:8.2f} "
-              f"{row['ort_spinning_slices_per_s']:8.2f} {row['ratio_ort_vs_eager']:8.2f}x")
+              f"{row['ort_spinning_slices_per_s']:8.2f} {row['ratio_ort_vs_eager']:8.2f}x | "
+              f"{one['eager_slices_per_s']:8.2f} {one['ort_slices_per_s']:8.2f} {one['ratio_ort_vs_eager']:8.2f}x")
     print()
-    print("server memory (MiB RSS): loaded -> after warm-up -> after load (peak)")
+    print(f"server memory (MiB RSS): loaded -> after warm-up -> after the load -> after the concurrency-{max(levels)} "
+          "settings once more (peak); levelled off: the repeat grew it by <= 5% + 10 MiB")
     for server in servers:
         m = server.memory
+        growth = m["after_repeat"]["rss_mb"] - m["after_load"]["rss_mb"]
+        m["levelled_off"] = growth <= 0.05 * m["after_load"]["rss_mb"] + 10
         print(f"  {server.label:12s} {m['loaded']['rss_mb']:6.0f} -> {m['warm']['rss_mb']:6.0f} -> "
-              f"{m['after_load']['rss_mb']:6.0f} ({m['after_load']['peak_rss_mb']:.0f})")
+              f"{m['after_load']['rss_mb']:6.0f} -> {m['after_repeat']['rss_mb']:6.0f} "
+              f"({m['after_repeat']['peak_rss_mb']:.0f}): repeat {growth:+.0f} MiB, "
+              f"{'levelled off' if m['levelled_off'] else 'STILL GROWING'}")
     top = max(levels)
-    failures = sum(r["non_200"] + r["bad_outputs"] for r in serve_rows)
+    failures = sum(r["non_200"] + r["bad_outputs"] for r in serve_rows + repeat_rows)
     print()
     for workload in workloads:
         if (workload.name, top) in ratios:
@@ -492,8 +529,9 @@ def main() -> None:
             print(f"target batching on/off >= 1.3x at concurrency {top}, {workload.name}: {ratio:.2f}x "
                   f"({'met' if ratio >= 1.3 else 'NOT met'})")
     for row in model_rows:
-        print(f"target ORT >= eager, {row['model']} batch {row['batch']}: {row['ratio_ort_vs_eager']:.2f}x "
-              f"({'met' if row['ratio_ort_vs_eager'] >= 1 else 'NOT met'})")
+        print(f"target ORT >= eager, {row['model']} batch {row['batch']}, {args.threads} threads: "
+              f"{row['ratio_ort_vs_eager']:.2f}x ({'met' if row['ratio_ort_vs_eager'] >= 1 else 'NOT met'}); "
+              f"1 thread: {row['one_thread']['ratio_ort_vs_eager']:.2f}x")
     print(f"non-200 responses and wrong outputs over all settings: {failures}")
     print(f"load after: {uptime_after}")
 
@@ -508,9 +546,11 @@ def main() -> None:
         "threads": args.threads, "crop": args.crop, "tolerance_max_rel": TOLERANCE, "export_s": exported,
         "inputs": {w.name: w.description for w in workloads},
         "servers": [{"label": s.label, "command": s.command[2:], "memory_mb": s.memory} for s in servers],
-        "serve": serve_rows, "model_only": model_rows, "machine": machine,
+        "serve": serve_rows, "repeat": repeat_rows, "model_only": model_rows, "machine": machine,
         "targets": {"batching_on_vs_off_at_top_concurrency": {n: ratios.get((n, top)) for n in names},
                     "ort_vs_eager": {f"{r['model']}/b{r['batch']}": r["ratio_ort_vs_eager"] for r in model_rows},
+                    "ort_vs_eager_one_thread": {f"{r['model']}/b{r['batch']}": r["one_thread"]["ratio_ort_vs_eager"]
+                                                for r in model_rows},
                     "failures": failures},
     }, indent=2))
     print(f"wrote {args.out}")
