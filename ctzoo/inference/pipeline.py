@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import io
 import json
 import time
@@ -293,9 +294,11 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
                 if case in states:
                     settle(case)
 
+    parallel = {"prefetch_factor": 2} if options.workers > 0 else {}
+    if options.workers > 1 and "in_order" in inspect.signature(DataLoader).parameters:  # torch >= 2.6
+        parallel["in_order"] = False
     loader = DataLoader(CaseStream(todo, task, options.chunk, options.series, options.rules), batch_size=None,
-                        num_workers=options.workers, collate_fn=_keep,
-                        **({"in_order": False, "prefetch_factor": 2} if options.workers > 0 else {}))
+                        num_workers=options.workers, collate_fn=_keep, **parallel)
     try:
         for message in loader if todo else ():
             index = message["case"]
