@@ -1,0 +1,144 @@
+"""A real Orthanc on loopback for tests: ``running_orthanc(tmp_path)`` and ``storescu(instance, files)``.
+
+Needs the Debian packages ``orthanc`` (``/usr/sbin/Orthanc``) and ``dcmtk`` (``storescu``); a missing
+binary fails the test (CI installs them: ``apt-get install -y orthanc dcmtk``), it never skips.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ORTHANC_CANDIDATES = ("Orthanc", "/usr/sbin/Orthanc", "/usr/bin/Orthanc")
+START_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class OrthancInstance:
+    url: str
+    dicom_port: int
+    aet: str
+    username: str
+    password: str
+    log_path: Path
+    destination_port: int  # DicomModalities["dest"] (AET "DEST") points here; nothing listens unless a test does
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def orthanc_binary() -> str:
+    for candidate in ORTHANC_CANDIDATES:
+        found = shutil.which(candidate)
+        if found:
+            return found
+    pytest.fail("Orthanc not found: apt-get install orthanc")
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_config(folder: Path, http_port: int, dicom_port: int, destination_port: int,
+                 username: str, password: str) -> Path:
+    storage = folder / "orthanc-storage"
+    storage.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": "ctzoo-test",
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(storage),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {username: password},
+        "DicomAet": "ORTHANC",
+        "DicomCheckCalledAet": False,
+        "StableAge": 2,
+        "Plugins": [],
+        "DicomModalities": {"dest": ["DEST", "127.0.0.1", destination_port]},
+        "SaveJobs": False,
+        "HttpDescribeErrors": True,
+    }
+    path = folder / "orthanc.json"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+@contextmanager
+def running_orthanc(tmp_path: Path) -> Iterator[OrthancInstance]:
+    """Start Orthanc with a fresh config/storage under ``tmp_path``; yield once ``/system`` answers; stop it."""
+    binary = orthanc_binary()
+    folder = Path(tmp_path) / "orthanc"
+    folder.mkdir(parents=True, exist_ok=True)
+    http_port, dicom_port, destination_port = free_port(), free_port(), free_port()
+    username, password = "ctzoo", secrets.token_urlsafe(16)
+    config = write_config(folder, http_port, dicom_port, destination_port, username, password)
+    instance = OrthancInstance(f"http://127.0.0.1:{http_port}", dicom_port, "ORTHANC", username, password,
+                               folder / "orthanc.log", destination_port)
+    with open(instance.log_path, "wb") as log:
+        process = subprocess.Popen([binary, str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+    try:
+        _wait_ready(instance, process)
+        yield instance
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _wait_ready(instance: OrthancInstance, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    last_error = "no answer"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"Orthanc exited with code {process.returncode} while starting; log tail:\n"
+                        f"{instance.log_tail()}")
+        try:
+            answer = httpx.get(f"{instance.url}/system", auth=(instance.username, instance.password), timeout=2)
+            if answer.status_code == 200:
+                return
+            last_error = f"HTTP {answer.status_code}"
+        except httpx.HTTPError as exc:
+            last_error = type(exc).__name__
+        time.sleep(0.1)
+    pytest.fail(f"Orthanc did not answer GET /system within {START_TIMEOUT_S:.0f} s ({last_error}); log tail:\n"
+                f"{instance.log_tail()}")
+
+
+def storescu(instance: OrthancInstance, files: Sequence[Path], calling_aet: str = "CTZOO",
+             propose: Sequence[str] = ("-xv",)) -> None:
+    """C-STORE ``files`` to the instance with dcmtk's ``storescu``; fails the test unless it succeeds.
+
+    ``propose`` picks the transfer syntaxes offered: storescu offers only uncompressed ones by default (and
+    cannot decompress JPEG 2000, nor does ``-R`` help), so the JPEG 2000 sample needs ``-xv``; pass ``()``
+    for uncompressed files."""
+    binary = shutil.which("storescu")
+    if binary is None:
+        pytest.fail("storescu not found: apt-get install dcmtk")
+    command = [binary, *propose, "-aet", calling_aet, "-aec", instance.aet, "127.0.0.1", str(instance.dicom_port),
+               *[str(f) for f in files]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    output = (done.stdout + done.stderr).strip()
+    assert done.returncode == 0, f"storescu failed (code {done.returncode}):\n{output[-3000:]}"
+    # storescu exits 0 even when some stores are refused; a refused store logs an error line.
+    assert "E: " not in output, f"storescu reported errors:\n{output[-3000:]}"
