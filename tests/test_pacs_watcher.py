@@ -1,0 +1,156 @@
+"""The Orthanc watcher of the PACS bridge against a real Orthanc: CT in, SR + SEG back, each series once."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pydicom
+import pytest
+from dicom_validation import assert_dciodvfy_clean
+from orthanc_server import running_orthanc, storescu
+from test_orthanc import sent_files  # noqa: F401  (fixture: the UID-repaired sample series)
+
+from ctzoo.inference.tasks import model_task
+from ctzoo.io.dicom_scan import SeriesRules
+from ctzoo.io.dicom_sr import read_recist_sr
+from ctzoo.serve.orthanc import OrthancClient, OrthancUnavailable
+from ctzoo.serve.pacs_ledger import JobState, Ledger, patient_hash
+from ctzoo.serve.pacs_watcher import OrthancWatcher
+
+pytestmark = pytest.mark.timeout(180)
+SALT = "test-salt"
+
+
+class Crash(BaseException):  # a worker dying between "uploaded" and "complete": nothing catches it
+    pass
+
+
+def _series_by_modality(orthanc) -> dict[str, list[dict]]:
+    found: dict[str, list[dict]] = {}
+    answer = httpx.get(f"{orthanc.url}/series", params={"expand": ""}, auth=(orthanc.username, orthanc.password))
+    for series in answer.json():
+        found.setdefault(series["MainDicomTags"].get("Modality"), []).append(series)
+    return found
+
+
+def _discover_until(watcher: OrthancWatcher, n: int, timeout: float = 20.0) -> int:
+    deadline, added = time.monotonic() + timeout, 0
+    while added < n and time.monotonic() < deadline:
+        added += watcher.discover()
+        time.sleep(0.25)
+    return added
+
+
+def test_watcher_end_to_end(tmp_path, sent_files, caplog):  # noqa: F811
+    caplog.set_level("INFO", logger="ctzoo.serve.pacs_watcher")
+    (tmp_path / "sent").mkdir()
+    files = []
+    for source in sent_files:  # the sample has an empty PatientID: give it one, to check it is only hashed
+        ds = pydicom.dcmread(source)
+        ds.PatientID = "PAT-0042"
+        ds.save_as(tmp_path / "sent" / source.name, enforce_file_format=True)
+        files.append(tmp_path / "sent" / source.name)
+    tasks = [model_task("recistnet-mini", "onnx", "cpu", score_threshold=0.05),
+             model_task("template-seg-abdomen", "onnx", "cpu")]
+    rules = SeriesRules(min_slices=5)
+    uid = pydicom.dcmread(sent_files[0]).SeriesInstanceUID
+    ledger_path = tmp_path / "ledger.sqlite"
+    with running_orthanc(tmp_path) as orthanc, \
+            OrthancClient(orthanc.url, orthanc.username, orthanc.password) as client:
+        ledger = Ledger(ledger_path)
+        watcher = OrthancWatcher(client, ledger, tasks, rules, tmp_path / "work", "w1", SALT)
+        storescu(orthanc, files)
+        assert _discover_until(watcher, 1) == 1, orthanc.log_tail()
+        (job,) = ledger.jobs(JobState.PENDING)
+        assert job.series_uid == uid and job.source.startswith("orthanc:")
+        assert job.patient_hash == patient_hash("PAT-0042", SALT)
+        seq = watcher.last_seq
+        assert seq > 0 and watcher.state_path.exists()
+
+        # first run: the worker dies after uploading, before recording completion
+        ledger.complete = lambda *args, **kwargs: (_ for _ in ()).throw(Crash())
+        with pytest.raises(Crash):
+            watcher.process_one()
+        assert watcher.last_upload_statuses == ["Success", "Success"]
+        assert ledger.jobs()[0].state is JobState.RUNNING
+        ledger.close()
+
+        # restart (a fresh ledger whose clock is past the lease): the job is re-run, results re-sent
+        ledger = Ledger(ledger_path, clock=lambda: time.time() + 3600)
+        watcher = OrthancWatcher(client, ledger, tasks, rules, tmp_path / "work", "w2", SALT)
+        assert watcher.last_seq == seq  # resumes from the persisted sequence number
+        assert watcher.process_one() is True
+        assert watcher.last_upload_statuses == ["AlreadyStored", "AlreadyStored"]
+        (done,) = ledger.jobs(JobState.DONE)
+        assert done.series_uid == uid and len(done.result_uids) == 2 and done.worker == "w2"
+        assert not list((tmp_path / "work").iterdir())  # private temp folder removed
+
+        # Orthanc holds one SR and one SEG series, in the study of the CT
+        by_modality = _series_by_modality(orthanc)
+        assert {m: len(s) for m, s in by_modality.items()} == {"CT": 1, "SR": 1, "SEG": 1}
+        study = by_modality["CT"][0]["ParentStudy"]
+        assert by_modality["SR"][0]["ParentStudy"] == study == by_modality["SEG"][0]["ParentStudy"]
+        downloaded = {}
+        for modality in ("SR", "SEG"):
+            (instance,) = by_modality[modality][0]["Instances"]
+            path = tmp_path / f"{modality}.dcm"
+            path.write_bytes(client.instance_file(instance))
+            downloaded[modality] = path
+            assert pydicom.dcmread(path).SOPInstanceUID in done.result_uids
+            assert_dciodvfy_clean(path)
+        assert len(read_recist_sr(downloaded["SR"])) > 0
+
+        # the result series become stable: recorded SKIPPED (not work); the CT is not re-processed
+        deadline = time.monotonic() + 20
+        while len(ledger.jobs(JobState.SKIPPED)) < 2 and time.monotonic() < deadline:
+            assert watcher.discover() == 0
+            time.sleep(0.25)
+        skipped = ledger.jobs(JobState.SKIPPED)
+        assert len(skipped) == 2, orthanc.log_tail()
+        assert all("a ctzoo result" in job.reason and not job.patient_hash for job in skipped)
+        assert watcher.process_one() is False
+        assert ledger.summary()["DONE"] == 1 and ledger.summary()["PENDING"] == 0
+        # a new watcher from sequence 0 (state file lost) re-discovers nothing new
+        watcher.state_path.unlink()
+        assert watcher.discover() == 0 and watcher.process_one() is False
+        assert {m: len(s) for m, s in _series_by_modality(orthanc).items()} == {"CT": 1, "SR": 1, "SEG": 1}
+        ledger.close()
+    assert "PAT-0042" not in caplog.text and uid not in caplog.text and "series " in caplog.text
+
+
+class _FakeClient:
+    """Just enough of OrthancClient: one CT series whose download holds no readable DICOM; or Orthanc down."""
+
+    url = "http://fake"
+
+    def __init__(self, down: bool = False) -> None:
+        self.down = down
+    def stable_series(self, since):
+        if self.down:
+            raise OrthancUnavailable("down", None, "/changes")
+        yield from [("ab-01", 5)] if since < 5 else []
+
+    def series(self, series_id):
+        return {"MainDicomTags": {"Modality": "CT", "SeriesInstanceUID": "1.2.3"}, "Instances": ["i"] * 10}
+
+    def download_series(self, series_id, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "x.dcm").write_bytes(b"not dicom")
+
+
+def test_bad_data_is_skipped_and_orthanc_down_is_retried(tmp_path):
+    tasks = [model_task("recistnet-mini", "onnx", "cpu")]
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        watcher = OrthancWatcher(_FakeClient(), ledger, tasks, SeriesRules(), tmp_path / "work", "w", SALT)
+        assert watcher.discover() == 1 and watcher.discover() == 0 and watcher.last_seq == 5
+        assert watcher.process_one() is True
+        (job,) = ledger.jobs()
+        assert job.state is JobState.SKIPPED and "rejected after reading" in job.reason
+        assert str(tmp_path) not in job.reason
+        down = OrthancWatcher(_FakeClient(down=True), ledger, tasks, SeriesRules(), tmp_path / "work", "w", SALT)
+        stop = threading.Event()
+        thread = threading.Thread(target=down.run, kwargs={"poll_s": 0.05, "stop": stop})
+        thread.start(), time.sleep(0.3), stop.set(), thread.join(5)
+        assert not thread.is_alive()
