@@ -56,7 +56,7 @@ def free_port() -> int:
 
 
 def write_config(folder: Path, http_port: int, dicom_port: int, destination_port: int,
-                 username: str, password: str) -> Path:
+                 username: str, password: str, extra: dict | None = None) -> Path:
     storage = folder / "orthanc-storage"
     storage.mkdir(parents=True, exist_ok=True)
     config = {
@@ -76,34 +76,58 @@ def write_config(folder: Path, http_port: int, dicom_port: int, destination_port
         "SaveJobs": False,
         "HttpDescribeErrors": True,
     }
+    for key, value in (extra or {}).items():  # dictionaries (e.g. DicomModalities) are merged
+        config[key] = {**config[key], **value} if isinstance(config.get(key), dict) else value
     path = folder / "orthanc.json"
     path.write_text(json.dumps(config, indent=2))
     return path
 
 
+class OrthancServer:
+    """An Orthanc process with a fresh config/storage under ``tmp_path``, on ports fixed at construction, so a
+    test can stop it and start it again as the same PACS (same ports, same storage, same /changes)."""
+
+    def __init__(self, tmp_path: Path, extra_config: dict | None = None) -> None:
+        self.binary = orthanc_binary()
+        self.folder = Path(tmp_path) / "orthanc"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        http_port, dicom_port, destination_port = free_port(), free_port(), free_port()
+        username, password = "ctzoo", secrets.token_urlsafe(16)
+        self.config = write_config(self.folder, http_port, dicom_port, destination_port, username, password,
+                                   extra_config)
+        self.instance = OrthancInstance(f"http://127.0.0.1:{http_port}", dicom_port, "ORTHANC", username, password,
+                                        self.folder / "orthanc.log", destination_port)
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> OrthancInstance:
+        """Start Orthanc and wait until ``/system`` answers."""
+        with open(self.instance.log_path, "ab") as log:
+            self.process = subprocess.Popen([self.binary, str(self.config)], stdout=log, stderr=subprocess.STDOUT,
+                                            cwd=self.folder)
+        _wait_ready(self.instance, self.process)
+        return self.instance
+
+    def stop(self) -> None:
+        """Stop Orthanc (SIGTERM, then SIGKILL after 10 s)."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
 @contextmanager
 def running_orthanc(tmp_path: Path) -> Iterator[OrthancInstance]:
     """Start Orthanc with a fresh config/storage under ``tmp_path``; yield once ``/system`` answers; stop it."""
-    binary = orthanc_binary()
-    folder = Path(tmp_path) / "orthanc"
-    folder.mkdir(parents=True, exist_ok=True)
-    http_port, dicom_port, destination_port = free_port(), free_port(), free_port()
-    username, password = "ctzoo", secrets.token_urlsafe(16)
-    config = write_config(folder, http_port, dicom_port, destination_port, username, password)
-    instance = OrthancInstance(f"http://127.0.0.1:{http_port}", dicom_port, "ORTHANC", username, password,
-                               folder / "orthanc.log", destination_port)
-    with open(instance.log_path, "wb") as log:
-        process = subprocess.Popen([binary, str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+    server = OrthancServer(tmp_path)
     try:
-        _wait_ready(instance, process)
-        yield instance
+        yield server.start()
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        server.stop()
 
 
 def _wait_ready(instance: OrthancInstance, process: subprocess.Popen) -> None:
@@ -125,9 +149,9 @@ def _wait_ready(instance: OrthancInstance, process: subprocess.Popen) -> None:
                 f"{instance.log_tail()}")
 
 
-def storescu(instance: OrthancInstance, files: Sequence[Path], calling_aet: str = "CTZOO",
-             propose: Sequence[str] = ("-xv",)) -> None:
-    """C-STORE ``files`` to the instance with dcmtk's ``storescu``; fails the test unless it succeeds.
+def run_storescu(aet: str, port: int, files: Sequence[Path], calling_aet: str = "CTZOO",
+                propose: Sequence[str] = ("-xv",)) -> tuple[int, str]:
+    """C-STORE ``files`` to ``aet`` on loopback ``port`` with dcmtk's ``storescu``; (exit code, output).
 
     ``propose`` picks the transfer syntaxes offered: storescu offers only uncompressed ones by default (and
     cannot decompress JPEG 2000, nor does ``-R`` help), so the JPEG 2000 sample needs ``-xv``; pass ``()``
@@ -135,10 +159,15 @@ def storescu(instance: OrthancInstance, files: Sequence[Path], calling_aet: str 
     binary = shutil.which("storescu")
     if binary is None:
         pytest.fail("storescu not found: apt-get install dcmtk")
-    command = [binary, *propose, "-aet", calling_aet, "-aec", instance.aet, "127.0.0.1", str(instance.dicom_port),
-               *[str(f) for f in files]]
+    command = [binary, *propose, "-aet", calling_aet, "-aec", aet, "127.0.0.1", str(port), *[str(f) for f in files]]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    output = (done.stdout + done.stderr).strip()
-    assert done.returncode == 0, f"storescu failed (code {done.returncode}):\n{output[-3000:]}"
+    return done.returncode, (done.stdout + done.stderr).strip()
+
+
+def storescu(instance: OrthancInstance, files: Sequence[Path], calling_aet: str = "CTZOO",
+             propose: Sequence[str] = ("-xv",)) -> None:
+    """C-STORE ``files`` to the instance (see :func:`run_storescu`); fails the test unless every store succeeds."""
+    code, output = run_storescu(instance.aet, instance.dicom_port, files, calling_aet, propose)
+    assert code == 0, f"storescu failed (code {code}):\n{output[-3000:]}"
     # storescu exits 0 even when some stores are refused; a refused store logs an error line.
     assert "E: " not in output, f"storescu reported errors:\n{output[-3000:]}"

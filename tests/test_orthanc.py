@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from orthanc_server import running_orthanc, storescu
 
-from ctzoo.io import read_volume, repair_uids
+from ctzoo.io import read_volume
 from ctzoo.serve.orthanc import OrthancClient, OrthancError, OrthancUnavailable
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def sent_files(tmp_path_factory, sample_dir) -> list[Path]:
-    """Copies of the sample series with its empty UIDs repaired (storescu and Orthanc need them)."""
-    folder = tmp_path_factory.mktemp("sent")
-    sources = sorted(p for p in sample_dir.iterdir() if p.name.startswith("CT"))
-    repaired, _ = repair_uids([pydicom.dcmread(p) for p in sources], "sample_ct")
-    paths = []
-    for source, ds in zip(sources, repaired):
-        ds.save_as(folder / source.name, enforce_file_format=True)
-        paths.append(folder / source.name)
-    assert len(paths) == 20
-    return paths
 
 
 @pytest.fixture(scope="module")

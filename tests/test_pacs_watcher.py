@@ -10,7 +10,6 @@ import pydicom
 import pytest
 from dicom_validation import assert_dciodvfy_clean
 from orthanc_server import running_orthanc, storescu
-from test_orthanc import sent_files  # noqa: F401  (fixture: the UID-repaired sample series)
 
 from ctzoo.inference.tasks import model_task
 from ctzoo.io.dicom_scan import SeriesRules
@@ -43,8 +42,8 @@ def _discover_until(watcher: OrthancWatcher, n: int, timeout: float = 20.0) -> i
     return added
 
 
-def test_watcher_end_to_end(tmp_path, sent_files, caplog):  # noqa: F811
-    caplog.set_level("INFO", logger="ctzoo.serve.pacs_watcher")
+def test_watcher_end_to_end(tmp_path, sent_files, caplog):
+    caplog.set_level("INFO", logger="ctzoo.serve")
     (tmp_path / "sent").mkdir()
     files = []
     for source in sent_files:  # the sample has an empty PatientID: give it one, to check it is only hashed

@@ -12,6 +12,7 @@ from ctzoo.cli.data import data
 from ctzoo.cli.export import export
 from ctzoo.cli.infer import infer
 from ctzoo.cli.info import convert, info
+from ctzoo.cli.pacs import pacs
 from ctzoo.cli.serve import serve
 from ctzoo.cli.train import evaluate, train
 from ctzoo.cli.zoo import zoo
@@ -35,6 +36,7 @@ def main(verbose: int) -> None:
       ctzoo zoo list / ctzoo infer [INPUT]  zoo models, and running one over CT volumes
       ctzoo export MODEL --out REPO         ONNX model repository (Triton layout), checked against PyTorch
       ctzoo serve --repository REPO         KServe v2 inference service (token: $CTZOO_SERVE_TOKENS)
+      ctzoo pacs watch|listen CONFIG        the PACS bridge: CT series in, DICOM SR/SEG back
 
     Run 'ctzoo COMMAND --help' for the options of each command.
     """
@@ -53,3 +55,4 @@ main.add_command(train)
 main.add_command(evaluate)
 main.add_command(export)
 main.add_command(serve)
+main.add_command(pacs)

@@ -249,6 +249,23 @@ class Ledger:
                            " AND state NOT IN (?, ?)", (JobState.SKIPPED.value, reason, now, series_uid,
                                                         JobState.RUNNING.value, JobState.DONE.value))
 
+    def requeue(self, job_id: int) -> bool:
+        """Make a PARKED, FAILED or SKIPPED job PENDING again with its attempts reset (an operator's retry after
+        fixing the cause); False if the job is in another state."""
+        now = self.clock()
+        with self._tx() as db:
+            cur = db.execute("UPDATE jobs SET state = ?, attempts = 0, next_attempt_at = ?, updated_at = ?"
+                             " WHERE id = ? AND state IN (?, ?, ?)",
+                             (JobState.PENDING.value, now, now, job_id, JobState.PARKED.value,
+                              JobState.FAILED.value, JobState.SKIPPED.value))
+            return cur.rowcount == 1
+
+    def job(self, series_uid: str) -> Job | None:
+        """The job of a series, or None if the series is unknown."""
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE series_uid = ?", (series_uid,)).fetchone()
+        return _job(row) if row else None
+
     def jobs(self, state: JobState | None = None) -> list[Job]:
         """All jobs (or those in ``state``), oldest first."""
         with self._lock:

@@ -1,0 +1,245 @@
+"""``ctzoo pacs``: the PACS bridge — new CT series in, zoo models, DICOM SR/SEG back (:mod:`ctzoo.serve.pacs_core`)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from ctzoo.config import ConfigError
+
+CONFIG = click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+
+
+@click.group()
+def pacs() -> None:
+    """Wire ctzoo to a PACS: every new CT series is processed once, results go back as DICOM SR and SEG.
+
+    \b
+    Two ways in, one config file (see configs/pacs.yaml):
+      ctzoo pacs watch CONFIG    poll an Orthanc for stable series, upload the results to it
+      ctzoo pacs listen CONFIG   a DICOM C-STORE receiver; results are C-STOREd to a destination AE
+    And for the operator:
+      ctzoo pacs check CONFIG    can we reach Orthanc / the destination AE with these credentials?
+      ctzoo pacs status CONFIG   the jobs of the ledger (state, attempts, reason)
+      ctzoo pacs retry CONFIG    put PARKED jobs (or the given ones) back in the queue
+
+    Every series is recorded in a SQLite ledger (STATE_DIR/ledger.sqlite) before anything is done with
+    it; a killed bridge resumes where it stopped, failures are retried with backoff and then parked with
+    their reason. Patient ids are stored and logged only as salted hashes.
+    """
+
+
+def _load(config_path: Path):
+    from ctzoo.serve.pacs_config import load_pacs_config
+
+    try:
+        return load_pacs_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _ledger(config):
+    from ctzoo.serve.pacs_ledger import Ledger
+
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    r = config.retry
+    return Ledger(config.ledger_path, max_attempts=r.max_attempts, backoff_s=r.backoff_s,
+                  backoff_factor=r.backoff_factor, lease_s=r.lease_s)
+
+
+def _tasks(config):
+    from ctzoo.inference.tasks import model_task
+
+    try:
+        return [model_task(name, config.backend, config.device, score_threshold=config.score_threshold,
+                           threads=config.threads) for name in config.models]
+    except (KeyError, ValueError, RuntimeError, FileNotFoundError) as exc:
+        raise click.ClickException(f"cannot load the models: {exc}") from exc
+
+
+def _run_until_signalled(worker, poll_s: float) -> None:
+    """Run the worker loop; SIGTERM/SIGINT finish the job in hand, then stop."""
+    stop = threading.Event()
+
+    def request_stop(signum, frame) -> None:
+        click.echo(f"{signal.Signals(signum).name}: stopping after the current job", err=True)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
+    logging.getLogger("ctzoo.serve").setLevel(min(logging.getLogger().getEffectiveLevel(), logging.INFO))
+    worker.run(poll_s=poll_s, stop=stop)
+
+
+@pacs.command()
+@CONFIG
+def watch(config: Path) -> None:
+    """Poll Orthanc's /changes for stable series, run the models on each CT series, upload SR/SEG to Orthanc.
+
+    Needs the 'orthanc' section of CONFIG (URL, user; the password from $CTZOO_ORTHANC_PASSWORD or a
+    password file). Stop with Ctrl-C or SIGTERM: the job in hand finishes first.
+    """
+    from ctzoo.serve.orthanc import OrthancClient, OrthancError
+    from ctzoo.serve.pacs_config import worker_name
+    from ctzoo.serve.pacs_watcher import OrthancWatcher
+
+    settings = _load(config)
+    if settings.orthanc is None:
+        raise click.ClickException(f"{config}: no 'orthanc' section; 'ctzoo pacs watch' needs one")
+    try:
+        password = settings.orthanc_password()
+    except (ConfigError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    tasks = _tasks(settings)
+    with OrthancClient(settings.orthanc.url, settings.orthanc.username, password,
+                       timeout=settings.orthanc.timeout_s) as client, _ledger(settings) as ledger:
+        try:
+            client.ping()
+        except OrthancError as exc:  # down is fine (we wait for it), refused credentials are not
+            if exc.status in (401, 403):
+                raise click.ClickException(f"Orthanc refused the credentials ({exc})") from exc
+            click.echo(f"warning: {exc}; waiting for Orthanc", err=True)
+        watcher = OrthancWatcher(client, ledger, tasks, settings.rules, settings.state_dir / "work",
+                                 worker_name(), settings.salt())
+        click.echo(f"watching {settings.orthanc.url} for CT series; models: {', '.join(settings.models)}; "
+                   f"ledger: {settings.ledger_path}", err=True)
+        _run_until_signalled(watcher, settings.orthanc.poll_s)
+
+
+@pacs.command()
+@CONFIG
+def listen(config: Path) -> None:
+    """Receive series by DICOM C-STORE, run the models on each CT series, C-STORE SR/SEG to the destination.
+
+    Needs the 'listener' section of CONFIG (our AE title and port, the calling AE titles allowed, the
+    destination AE). A series is processed once nothing has arrived for it for 'stable_s' seconds.
+    """
+    from ctzoo.serve.pacs_config import worker_name
+    from ctzoo.serve.pacs_listener import AEAddress, DicomListener
+
+    settings = _load(config)
+    section = settings.listener
+    if section is None:
+        raise click.ClickException(f"{config}: no 'listener' section; 'ctzoo pacs listen' needs one")
+    tasks = _tasks(settings)
+    dest = section.destination
+    with _ledger(settings) as ledger:
+        listener = DicomListener(
+            ledger, tasks, settings.rules, settings.state_dir / "spool", settings.state_dir / "work", worker_name(),
+            settings.salt(), AEAddress(section.ae_title, section.host, section.port),
+            AEAddress(dest.ae_title, dest.host, dest.port),
+            None if section.allowed_calling_aets == ["*"] else section.allowed_calling_aets, section.stable_s)
+        try:
+            listener.start()
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen on {section.host}:{section.port}: {exc.strerror}") from exc
+        click.echo(f"DICOM listener {section.ae_title} on {section.host}:{listener.port}; results to {dest.ae_title}@"
+                   f"{dest.host}:{dest.port}; models: {', '.join(settings.models)}", err=True)
+        try:
+            _run_until_signalled(listener, section.poll_s)
+        finally:
+            listener.stop()
+
+
+@pacs.command()
+@CONFIG
+def check(config: Path) -> None:
+    """Check CONFIG: Orthanc answers with these credentials; the destination AE answers a C-ECHO."""
+    settings = _load(config)
+    problems = 0
+    if settings.orthanc is not None:
+        from ctzoo.serve.orthanc import OrthancClient, OrthancError
+
+        try:
+            with OrthancClient(settings.orthanc.url, settings.orthanc.username, settings.orthanc_password(),
+                               timeout=10) as client:
+                system = client.ping()
+            click.echo(f"orthanc: ok ({system.get('Name', '?')}, Orthanc {system.get('Version', '?')}, "
+                       f"AET {system.get('DicomAet', '?')})")
+        except (OrthancError, ConfigError, OSError) as exc:
+            problems += 1
+            click.echo(f"orthanc: FAILED: {exc}")
+    if settings.listener is not None:
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification
+
+        dest = settings.listener.destination
+        ae = AE(ae_title=settings.listener.ae_title)
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = 10
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        status = assoc.send_c_echo() if assoc.is_established else None
+        if assoc.is_established:
+            assoc.release()
+        if status is not None and int(status.get("Status", -1)) == 0:
+            click.echo(f"destination {dest.ae_title}@{dest.host}:{dest.port}: C-ECHO ok")
+        else:
+            problems += 1
+            click.echo(f"destination {dest.ae_title}@{dest.host}:{dest.port}: C-ECHO FAILED")
+    if settings.orthanc is None and settings.listener is None:
+        raise click.ClickException(f"{config}: neither an 'orthanc' nor a 'listener' section")
+    if problems:
+        raise SystemExit(1)
+
+
+def _when(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp).isoformat(timespec="seconds") if timestamp else ""
+
+
+@pacs.command()
+@CONFIG
+@click.option("--state", type=click.Choice(["PENDING", "RUNNING", "DONE", "FAILED", "PARKED", "SKIPPED"]),
+              help="Only jobs in this state.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per job (with the SeriesInstanceUID).")
+def status(config: Path, state: str | None, as_json: bool) -> None:
+    """List the jobs of the ledger, oldest first, and how many are in each state.
+
+    Series are shown by a short hash of their SeriesInstanceUID (--json gives the UID itself); patients
+    only ever appear as salted hashes.
+    """
+    from ctzoo.serve.pacs_core import series_tag
+
+    settings = _load(config)
+    if not settings.ledger_path.exists():
+        raise click.ClickException(f"no ledger at {settings.ledger_path} yet (nothing was received)")
+    with _ledger(settings) as ledger:
+        jobs, counts = ledger.jobs(state), ledger.summary()
+    if as_json:
+        for job in jobs:
+            click.echo(json.dumps({"id": job.id, "state": job.state.value, "series_uid": job.series_uid,
+                                   "source": job.source, "attempts": job.attempts, "reason": job.reason,
+                                   "result_uids": job.result_uids, "patient_hash": job.patient_hash,
+                                   "created": _when(job.created_at), "updated": _when(job.updated_at)}))
+        return
+    click.echo(f"{'id':>5}  {'state':<8} {'tries':>5}  {'series':<10}  {'updated':<19}  {'results':>7}  reason")
+    for job in jobs:
+        click.echo(f"{job.id:>5}  {job.state.value:<8} {job.attempts:>5}  {series_tag(job.series_uid):<10}  "
+                   f"{_when(job.updated_at):<19}  {len(job.result_uids):>7}  {job.reason[:80]}")
+    click.echo("  ".join(f"{name}: {n}" for name, n in counts.items()))
+
+
+@pacs.command()
+@CONFIG
+@click.argument("job_ids", nargs=-1, type=int)
+@click.option("--parked", is_flag=True, help="Every PARKED job.")
+def retry(config: Path, job_ids: tuple[int, ...], parked: bool) -> None:
+    """Put jobs back in the queue (attempts reset): the given JOB_IDS, or with --parked every PARKED job.
+
+    Run it after fixing what made them fail (see 'ctzoo pacs status'); a running bridge picks them up.
+    """
+    from ctzoo.serve.pacs_ledger import JobState
+
+    if not job_ids and not parked:
+        raise click.UsageError("give JOB_IDS or --parked")
+    settings = _load(config)
+    with _ledger(settings) as ledger:
+        ids = list(job_ids) + ([job.id for job in ledger.jobs(JobState.PARKED)] if parked else [])
+        done = [i for i in ids if ledger.requeue(i)]
+    click.echo(f"{len(done)} job(s) queued again" + (f"; not requeued (not PARKED/FAILED/SKIPPED or unknown): "
+                                                    f"{sorted(set(ids) - set(done))}" if len(done) < len(ids) else ""))

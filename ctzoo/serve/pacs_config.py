@@ -1,0 +1,154 @@
+"""The config file of ``ctzoo pacs`` (``configs/pacs.yaml``) and the bridge parts it builds.
+
+Secrets never sit in the file: the Orthanc password comes from an environment variable or a file readable
+only by its owner, and the salt that hashes patient ids from ``$CTZOO_PACS_SALT`` or, when that is unset, a
+random salt created once in ``state_dir/salt`` (mode 0600). Relative paths are relative to the config file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+import stat
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from ctzoo.config import ConfigError, StrictConfig, load_config
+from ctzoo.io.dicom_scan import SeriesRules
+
+__all__ = ["PacsConfig", "load_pacs_config"]
+
+SALT_ENV = "CTZOO_PACS_SALT"
+_AE_TITLE = re.compile(r"^[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]{0,15}$")  # PS3.5: 16 chars, no backslash
+
+
+def _ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or value != value.strip():
+        raise ValueError(f"{value!r} is not an AE title (1-16 printable characters, no backslash, "
+                         "no leading/trailing spaces)")
+    return value
+
+
+class AESettings(StrictConfig):
+    """A DICOM application entity the bridge talks to."""
+
+    ae_title: str = Field(description="its AE title")
+    host: str = Field("127.0.0.1", description="its host name or address")
+    port: int = Field(104, ge=1, le=65535)
+
+    _check_title = field_validator("ae_title")(_ae_title)
+
+
+class OrthancSettings(StrictConfig):
+    """The Orthanc that ``ctzoo pacs watch`` polls and uploads to."""
+
+    url: str = Field("http://127.0.0.1:8042", description="Orthanc's REST API")
+    username: str | None = Field(None, description="HTTP basic user (one of Orthanc's RegisteredUsers)")
+    password_env: str = Field("CTZOO_ORTHANC_PASSWORD", description="environment variable holding the password")
+    password_file: Path | None = Field(None, description="or a file holding it (chmod 600)")
+    poll_s: float = Field(2.0, gt=0, description="seconds between polls of /changes when idle")
+    timeout_s: float = Field(60.0, gt=0, description="timeout of one HTTP request")
+
+
+class ListenerSettings(StrictConfig):
+    """The C-STORE SCP of ``ctzoo pacs listen`` and where its results go."""
+
+    ae_title: str = Field("CTZOO", description="our AE title")
+    host: str = Field("127.0.0.1", description="address to listen on (loopback by default)")
+    port: int = Field(11112, ge=0, le=65535)
+    allowed_calling_aets: list[str] = Field(
+        description="AE titles allowed to send to us; ['*'] accepts any (only on a closed network)")
+    stable_s: float = Field(30.0, gt=0, description="a series is complete when nothing arrived for this long")
+    destination: AESettings = Field(description="where the SR/SEG results are C-STOREd (the PACS)")
+    poll_s: float = Field(1.0, gt=0, description="seconds between looks at the spool")
+
+    _check_title = field_validator("ae_title")(_ae_title)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _check_callers(cls, values: list[str]) -> list[str]:
+        if not values:
+            raise ValueError("list the AE titles that may send (or ['*'] to accept any)")
+        return values if values == ["*"] else [_ae_title(v) for v in values]
+
+
+class RetrySettings(StrictConfig):
+    """How failed jobs are retried (see :class:`ctzoo.serve.pacs_ledger.Ledger`)."""
+
+    max_attempts: int = Field(5, ge=1, description="attempts before a job is PARKED")
+    backoff_s: float = Field(30.0, ge=0, description="wait after the first failure")
+    backoff_factor: float = Field(2.0, ge=1, description="each further failure waits this much longer")
+    lease_s: float = Field(600.0, gt=0, description="a job whose worker stopped heart-beating this long is "
+                                                    "taken over (heartbeats every lease_s / 3)")
+
+
+class PacsConfig(StrictConfig):
+    """Everything ``ctzoo pacs`` needs; see ``configs/pacs.yaml``."""
+
+    state_dir: Path = Field(description="ledger.sqlite, spool/ (received series), work/ (temporary), salt")
+    models: list[str] = Field(default_factory=lambda: ["recistnet-mini", "template-seg-abdomen"],
+                              min_length=1, description="zoo models run on every accepted series")
+    backend: Literal["onnx", "torch"] = "onnx"
+    device: str = Field("auto", description="auto, cpu, cuda")
+    threads: int | None = Field(None, ge=1, description="model threads (default: all cores)")
+    score_threshold: float = Field(0.3, ge=0, le=1, description="detector: lesions below this are not reported")
+    rules: SeriesRules = Field(default_factory=lambda: SeriesRules(min_slices=10),
+                               description="which series are processed (as configs/series_selection.yaml)")
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    orthanc: OrthancSettings | None = None
+    listener: ListenerSettings | None = None
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite"
+
+    def orthanc_password(self) -> str | None:
+        """The Orthanc password from ``password_file`` or ``$password_env``; None without a username."""
+        settings = self.orthanc
+        if settings is None or settings.username is None:
+            return None
+        if settings.password_file is not None:
+            _warn_if_readable(settings.password_file)
+            return settings.password_file.read_text(encoding="utf-8").strip()
+        password = os.environ.get(settings.password_env)
+        if not password:
+            raise ConfigError(f"orthanc.username is set but ${settings.password_env} is empty and no "
+                              "orthanc.password_file is given")
+        return password
+
+    def salt(self) -> str:
+        """The salt of patient-id hashes: ``$CTZOO_PACS_SALT``, else ``state_dir/salt`` (created once)."""
+        if os.environ.get(SALT_ENV):
+            return os.environ[SALT_ENV]
+        path = self.state_dir / "salt"
+        if not path.exists():
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_hex(32))
+        return path.read_text().strip()
+
+
+def _warn_if_readable(path: Path) -> None:
+    if path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        raise ConfigError(f"{path} is readable by other users; chmod 600 it")
+
+
+def load_pacs_config(path: str | Path) -> PacsConfig:
+    """Read and check ``path``; relative paths in it are taken relative to the file's folder."""
+    path = Path(path)
+    config = load_config(path, PacsConfig)
+    base = path.resolve().parent
+    updates: dict = {"state_dir": base / config.state_dir}
+    if config.orthanc is not None and config.orthanc.password_file is not None:
+        updates["orthanc"] = config.orthanc.model_copy(update={"password_file": base / config.orthanc.password_file})
+    return config.model_copy(update=updates)
+
+
+def worker_name() -> str:
+    """This process, as the ledger names job holders."""
+    return f"{socket.gethostname()}:{os.getpid()}"

@@ -1,0 +1,238 @@
+"""The processing core of the PACS bridge, shared by its two ways in (Orthanc watcher, DICOM listener).
+
+A way in knows how to *fetch* a job's series into a folder and how to *deliver* result files; everything
+between is here: :class:`SeriesWorker` claims a job from the ledger (:mod:`ctzoo.serve.pacs_ledger`),
+fetches the series into a private temporary folder, reads it once to check it (:func:`check_series`),
+runs every model task on it (:func:`run_models`), delivers ``sr.dcm``/``seg.dcm`` and completes the job
+with their SOP Instance UIDs. While a job runs, a heartbeat thread extends its lease, so a long model run
+keeps the job while a worker killed with SIGKILL loses it after ``lease_s``.
+
+Outcomes of a job:
+
+* bad data (unreadable or corrupt instance, no series passing the rules once the files are read, NaN
+  voxels): the job is SKIPPED with the reason, since retrying cannot help;
+* the far end unreachable (a subclass's ``unavailable`` errors: Orthanc down, destination AE refusing
+  the association): ``fail`` (retried after the ledger's backoff), and the error goes up so the loop waits;
+* anything else (a refusal, a model error): ``fail``, retried, PARKED after ``max_attempts``.
+
+Result UIDs are deterministic (source series + model version), so a job re-run after a crash between
+delivery and ``complete`` re-sends the same objects, which a PACS stores once. Logs name a series by a
+short hash of its SeriesInstanceUID only, never by patient data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from ctzoo.inference.inputs import CaseInput
+from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
+from ctzoo.inference.tasks import ModelTask
+from ctzoo.io.dicom_scan import DicomError, SeriesRules
+from ctzoo.serve.pacs_ledger import Job, JobState, LeaseLost, Ledger
+
+__all__ = ["BadSeries", "SeriesWorker", "check_series", "run_models", "series_tag"]
+
+log = logging.getLogger(__name__)
+RESULT_FILES = ("sr.dcm", "seg.dcm")
+CASE = "series"
+
+
+class BadSeries(ValueError):
+    """The series cannot be processed whatever the retries (recorded SKIPPED with the reason)."""
+
+
+def series_tag(series_uid: str) -> str:
+    """A short, non-identifying name of a series for logs."""
+    return hashlib.sha256(series_uid.encode()).hexdigest()[:10]
+
+
+def check_series(folder: Path, rules: SeriesRules) -> None:
+    """Read the series in ``folder`` as the models will (every slice decoded); :class:`BadSeries` if it cannot.
+
+    Reading once before any model runs is what tells "this series is damaged" (skip it) from "a model
+    failed" (retry): a corrupt instance, a series the rules reject or NaN voxels are the data's fault.
+    """
+    from ctzoo.io import read_volume
+
+    try:
+        volume = read_volume(folder, rules=rules, progress=False)
+    except (DicomError, ValueError, OSError) as exc:
+        text = " ".join(str(exc).replace(str(folder), "<series>").split())
+        raise BadSeries(f"rejected after reading: {text[:300]}") from None
+    if not np.isfinite(volume.array).all():
+        raise BadSeries("rejected after reading: NaN or infinite voxels")
+
+
+def run_models(folder: Path, tasks: list[ModelTask], rules: SeriesRules, out: Path,
+               after_each=lambda: None) -> list[Path]:
+    """Run every task on the series in ``folder``; the result DICOM files written under ``out`` (SR, SEG).
+
+    ``after_each`` is called after each model (the watcher checks its lease there). A model that fails
+    raises ``RuntimeError`` naming it."""
+    case, rows = CaseInput(CASE, folder), []
+    for task in tasks:
+        options = PipelineOptions(out=out, workers=0, overlay=False, progress=False, rules=rules)
+        new = run_pipeline([case], task, options, other_rows=rows)
+        for row in new:
+            if row.get("status") != "ok":
+                raise RuntimeError(f"{task.model_name}: {row.get('error', 'failed')}")
+        rows += new
+        after_each()
+    return [out / CASE / name for name in RESULT_FILES if (out / CASE / name).exists()]
+
+
+class _Heartbeat:
+    """Extend a job's lease every ``every_s`` from a thread while the job runs; ``lost`` once it is gone."""
+
+    def __init__(self, ledger: Ledger, job: Job, worker: str, every_s: float) -> None:
+        self.ledger, self.job, self.worker, self.every_s = ledger, job, worker, every_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job.id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.ledger.heartbeat(self.job.id, self.worker)
+            except LeaseLost:
+                self.lost.set()
+                return
+            except Exception as exc:  # a busy database: try again at the next beat
+                log.warning("heartbeat failed: %s", type(exc).__name__)
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise LeaseLost(f"job {self.job.id} was taken over")
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class SeriesWorker:
+    """Claim, fetch, check, run, deliver, complete: one job at a time. Subclasses say how to fetch and deliver.
+
+    ``unavailable`` lists the exception types meaning "the far end is down, retry later"; they are recorded
+    as a failure (with backoff) and re-raised so the caller's loop waits before polling again.
+    """
+
+    unavailable: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, ledger: Ledger, tasks: list[ModelTask], rules: SeriesRules, work_dir: str | Path,
+                 worker: str) -> None:
+        if not tasks:
+            raise ValueError("no model tasks")
+        self.ledger, self.tasks, self.rules, self.worker = ledger, list(tasks), rules, worker
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        #: What the far end answered to each result of the last job (e.g. Orthanc's ``Success``/``AlreadyStored``).
+        self.last_delivery: list[str] = []
+
+    # -- what a way in provides ---------------------------------------------------------------------------
+    def discover(self) -> int:
+        """Record new series in the ledger; how many new jobs."""
+        raise NotImplementedError
+
+    def fetch(self, job: Job, folder: Path) -> None:
+        """Put the job's DICOM files into ``folder``."""
+        raise NotImplementedError
+
+    def deliver(self, paths: list[Path]) -> list[str]:
+        """Send the result files; one status string per file."""
+        raise NotImplementedError
+
+    def finished(self, job: Job, state: JobState) -> None:
+        """Called once a job is DONE or SKIPPED (e.g. to free the received files)."""
+
+    # -- the core -----------------------------------------------------------------------------------------
+    def process_one(self) -> bool:
+        """Claim and process one job; False when no job is due."""
+        job = self.ledger.claim(self.worker)
+        if job is None:
+            return False
+        tag = series_tag(job.series_uid)
+        log.info("series %s: attempt %d", tag, job.attempts)
+        try:
+            with _Heartbeat(self.ledger, job, self.worker, every_s=max(self.ledger.lease_s / 3, 0.05)) as beat:
+                uids = self._process(job, beat)
+                beat.check()
+        except self.unavailable as exc:
+            self._fail(job, f"{type(exc).__name__}: {exc}"[:500])
+            raise
+        except BadSeries as exc:
+            if self._fail(job, str(exc)) is not None:
+                self.ledger.skip(job.series_uid, job.source, str(exc))
+                self.finished(job, JobState.SKIPPED)
+            log.warning("series %s skipped: %s", tag, exc)
+            return True
+        except LeaseLost:
+            log.warning("series %s: lease lost, another worker has it", tag)
+            return True
+        except Exception as exc:  # one bad series never stops the worker
+            state = self._fail(job, f"{type(exc).__name__}: {exc}"[:500])
+            log.warning("series %s failed (%s): %s", tag, state.value if state else "lease lost", type(exc).__name__)
+            return True
+        try:
+            self.ledger.complete(job.id, self.worker, uids)
+        except LeaseLost:
+            log.warning("series %s: lease lost before completion; results were sent", tag)
+            return True
+        self.finished(job, JobState.DONE)
+        log.info("series %s done: %d result object(s)", tag, len(uids))
+        return True
+
+    def _fail(self, job: Job, reason: str) -> JobState | None:
+        try:
+            return self.ledger.fail(job.id, self.worker, reason)
+        except LeaseLost:
+            return None
+
+    def _process(self, job: Job, beat: _Heartbeat) -> list[str]:
+        folder = Path(tempfile.mkdtemp(prefix="job-", dir=self.work_dir))
+        try:
+            data, out = folder / "dicom", folder / "out"
+            self.fetch(job, data)
+            beat.check()
+            check_series(data, self.rules)
+            paths = run_models(data, self.tasks, self.rules, out, after_each=beat.check)
+            self.last_delivery = self.deliver(paths)
+            return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def run(self, poll_s: float = 2.0, stop: threading.Event | None = None) -> None:
+        """Discover and process until ``stop`` is set; waits ``poll_s`` when idle or when the far end is down.
+
+        An outage is logged when it starts, then once a minute, and when it ends (not at every poll)."""
+        stop = stop or threading.Event()
+        down_since, last_said = None, 0.0
+        while not stop.is_set():
+            try:
+                self.discover()
+                if down_since is not None:
+                    log.warning("reachable again after %.0f s", time.monotonic() - down_since)
+                    down_since = None
+                while not stop.is_set() and self.process_one():
+                    pass
+            except self.unavailable as exc:
+                now = time.monotonic()
+                if down_since is None or now - last_said >= 60:
+                    down_since, last_said = down_since or now, now
+                    log.warning("%s; retrying every %.3g s", " ".join(str(exc).split())[:200], poll_s)
+            except Exception as exc:  # never crash the loop
+                log.error("%s error: %s", type(self).__name__, type(exc).__name__)
+            stop.wait(poll_s)

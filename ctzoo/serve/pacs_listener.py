@@ -1,0 +1,249 @@
+"""The DICOM listener of the PACS bridge: a C-STORE SCP in, zoo models, DICOM SR/SEG out by C-STORE.
+
+Any modality or PACS can send to it (pynetdicom). Every received instance is written to a spool folder
+before the sender is told "success" (atomically: temporary name, then rename), grouped by series::
+
+    SPOOL/<hash of SeriesInstanceUID>/series.json        uid, modality, salted patient hash (never the id)
+    SPOOL/<hash of SeriesInstanceUID>/<hash of SOP UID>.dcm   the instance as sent (no re-encoding)
+
+A series is *stable* once its folder has not changed for ``stable_s`` seconds (the folder's mtime, so a
+restart loses nothing: whatever was acknowledged is on disk). :meth:`DicomListener.discover` records stable
+series in the job ledger (``source="dicom:<hash>"``) or SKIPs them with the reason (modality not accepted,
+too few instances); processing is :class:`ctzoo.serve.pacs_core.SeriesWorker`'s, and the results go to the
+destination AE by C-STORE (:func:`send_files`). The spool folder is removed once its job is DONE or
+SKIPPED; instances of an already processed series that arrive later are dropped with a log line (send the
+series again under a new SeriesInstanceUID to have it processed again).
+
+Only the calling AE titles in ``allowed_calling_aets`` may associate (pynetdicom rejects the others), and
+the listener binds to loopback unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from ctzoo.inference.tasks import ModelTask
+from ctzoo.io.atomic import atomic_path
+from ctzoo.io.dicom_scan import SeriesRules
+from ctzoo.serve.pacs_core import BadSeries, SeriesWorker, series_tag
+from ctzoo.serve.pacs_ledger import Job, JobState, Ledger, patient_hash
+
+__all__ = ["AEAddress", "DestinationUnavailable", "DicomListener", "send_files"]
+
+log = logging.getLogger(__name__)
+SOURCE_PREFIX = "dicom:"
+SERIES_FILE = "series.json"
+# C-STORE status codes (PS3.4 Annex B.2.3)
+STATUS_SUCCESS, STATUS_OUT_OF_RESOURCES, STATUS_CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+WARNING_STATUSES = {0x0001, 0xB000, 0xB006, 0xB007}
+
+
+class DestinationUnavailable(ConnectionError):
+    """The destination AE could not be reached or dropped the association: retry later."""
+
+
+@dataclass(frozen=True)
+class AEAddress:
+    """A DICOM application entity: AE title, host, port."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _uid_hash(uid: str) -> str:
+    return hashlib.sha256(uid.encode()).hexdigest()[:32]
+
+
+def send_files(paths: list[Path], destination: AEAddress, calling_ae_title: str, timeout_s: float = 30) -> list[str]:
+    """C-STORE ``paths`` to ``destination`` in one association; one status string per file.
+
+    Raises :class:`DestinationUnavailable` when no association can be made or it breaks, and
+    ``RuntimeError`` naming the object when the destination refuses one (a failure status)."""
+    datasets = [pydicom.dcmread(p) for p in paths]
+    if not datasets:
+        return []
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    # one presentation context per (SOP class, transfer syntax) sent, since the peer accepts one syntax per
+    # context; the uncompressed ones too, so a peer without the file's syntax can still take it
+    pairs = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
+    for sop_class, syntax in sorted(pairs):
+        ae.add_requested_context(sop_class, syntax)
+    for sop_class in sorted({sop for sop, _ in pairs}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        raise DestinationUnavailable(f"association with {destination} {why}")
+    statuses = []
+    try:
+        for ds in datasets:
+            answer = assoc.send_c_store(ds)
+            if "Status" not in answer:
+                raise DestinationUnavailable(f"{destination} gave no answer to C-STORE (association lost)")
+            code = int(answer.Status)
+            if code == STATUS_SUCCESS:
+                statuses.append("Success")
+            elif code in WARNING_STATUSES:
+                statuses.append(f"Warning 0x{code:04X}")
+            else:
+                raise RuntimeError(f"{destination} refused the {ds.SOPClassUID.name} object: status 0x{code:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return statuses
+
+
+class DicomListener(SeriesWorker):
+    """Receive series by C-STORE on ``address``, run ``tasks`` on each CT series once, C-STORE SR/SEG to
+    ``destination``. Call :meth:`start` (listen in background threads), then :meth:`run`; :meth:`stop` ends."""
+
+    unavailable = (DestinationUnavailable,)
+
+    def __init__(self, ledger: Ledger, tasks: list[ModelTask], rules: SeriesRules, spool_dir: str | Path,
+                 work_dir: str | Path, worker: str, salt: str, address: AEAddress, destination: AEAddress,
+                 allowed_calling_aets: list[str] | None, stable_s: float = 30.0) -> None:
+        super().__init__(ledger, tasks, rules, work_dir, worker)
+        if not salt:
+            raise ValueError("a non-empty salt is required (patient ids are hashed with it)")
+        if allowed_calling_aets is not None and not allowed_calling_aets:
+            raise ValueError("allowed_calling_aets is empty: list the AE titles that may send, or pass None "
+                             "to accept any")
+        self.spool = Path(spool_dir)
+        self.spool.mkdir(parents=True, exist_ok=True)
+        self.salt, self.address, self.destination, self.stable_s = salt, address, destination, stable_s
+        self.allowed_calling_aets = allowed_calling_aets
+        self._server = None
+
+    # -- receiving ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Listen for associations in background threads (C-STORE of any storage SOP class, C-ECHO)."""
+        ae = AE(ae_title=self.address.ae_title)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        ae.maximum_associations = 16
+        if self.allowed_calling_aets:
+            ae.require_calling_aet = self.allowed_calling_aets
+        self._server = ae.start_server((self.address.host, self.address.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        log.info("DICOM listener %s ready", self.address)
+
+    @property
+    def port(self) -> int:
+        """The port listened on (useful with port 0)."""
+        return self._server.server_address[1] if self._server else self.address.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _on_store(self, event) -> int:
+        try:
+            ds = event.dataset
+            series_uid, sop_uid = str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+            modality, patient_id = str(ds.get("Modality", "")), str(ds.get("PatientID", ""))
+        except Exception as exc:  # an unreadable data set: tell the sender, keep listening
+            log.warning("C-STORE refused: unreadable data set (%s)", type(exc).__name__)
+            return STATUS_CANNOT_UNDERSTAND
+        if not series_uid or not sop_uid:
+            log.warning("C-STORE refused: no SeriesInstanceUID or SOPInstanceUID")
+            return STATUS_CANNOT_UNDERSTAND
+        folder = self.spool / _uid_hash(series_uid)
+        try:
+            if not (folder / SERIES_FILE).exists():
+                info = {"series_uid": series_uid, "modality": modality,
+                        "patient_hash": patient_hash(patient_id, self.salt) if patient_id else ""}
+                with atomic_path(folder / SERIES_FILE) as temporary:
+                    temporary.write_text(json.dumps(info))
+            with atomic_path(folder / f"{_uid_hash(sop_uid)}.dcm") as temporary:
+                temporary.write_bytes(event.encoded_dataset())
+        except OSError as exc:  # a full disk: the sender keeps the instance and may retry
+            log.error("C-STORE refused: cannot write the spool (%s)", type(exc).__name__)
+            return STATUS_OUT_OF_RESOURCES
+        return STATUS_SUCCESS
+
+    # -- discovery ----------------------------------------------------------------------------------------
+    def discover(self) -> int:
+        """Record every stable series of the spool in the ledger; how many new jobs."""
+        added, now = 0, time.time()
+        for folder in sorted(p for p in self.spool.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                if now - folder.stat().st_mtime >= self.stable_s:
+                    added += self._discover_one(folder)
+            except (OSError, ValueError) as exc:
+                log.warning("spool folder %s: %s", folder.name[:10], type(exc).__name__)
+        return added
+
+    def _discover_one(self, folder: Path) -> int:
+        info = json.loads((folder / SERIES_FILE).read_text())
+        uid, source = str(info["series_uid"]), SOURCE_PREFIX + folder.name
+        known = self.ledger.job(uid)
+        if known is not None:
+            if known.state in (JobState.DONE, JobState.SKIPPED):
+                count = len(_instances(folder))
+                log.warning("series %s: %d instance(s) arrived after it was %s; dropped", series_tag(uid), count,
+                            known.state.value.lower())
+                shutil.rmtree(folder, ignore_errors=True)
+            return 0
+        modality = str(info.get("modality", "")).upper()
+        count = len(_instances(folder))
+        reason = ""
+        if modality not in {m.upper() for m in self.rules.modalities}:
+            reason = f"modality {modality or '(empty)'} is not one of {self.rules.modalities}"
+        elif count < self.rules.min_slices:
+            reason = f"{count} instances, fewer than {self.rules.min_slices}"
+        if reason:
+            self.ledger.skip(uid, source, reason)
+            log.info("series %s skipped: %s", series_tag(uid), reason)
+            shutil.rmtree(folder, ignore_errors=True)
+            return 0
+        if self.ledger.enqueue(uid, source, str(info.get("patient_hash", ""))):
+            log.info("series %s enqueued (%d instances)", series_tag(uid), count)
+            return 1
+        return 0
+
+    # -- the way in and out -------------------------------------------------------------------------------
+    def _spool_folder(self, job: Job) -> Path:
+        if not job.source.startswith(SOURCE_PREFIX):
+            raise BadSeries(f"not a DICOM listener job: {job.source}")
+        name = job.source[len(SOURCE_PREFIX):]
+        if not name or any(c not in "0123456789abcdef" for c in name):
+            raise BadSeries(f"bad spool name in {job.source}")
+        return self.spool / name
+
+    def fetch(self, job: Job, folder: Path) -> None:
+        source = self._spool_folder(job)
+        files = _instances(source) if source.is_dir() else []
+        if not files:
+            raise BadSeries("the received instances are gone from the spool")
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            shutil.copyfile(path, folder / path.name)
+
+    def deliver(self, paths: list[Path]) -> list[str]:
+        return send_files(paths, self.destination, self.address.ae_title)
+
+    def finished(self, job: Job, state: JobState) -> None:
+        shutil.rmtree(self._spool_folder(job), ignore_errors=True)
+
+
+def _instances(folder: Path) -> list[Path]:
+    """The received instance files of a spool folder (not the temporary files of writes in flight)."""
+    return sorted(p for p in folder.glob("*.dcm") if not p.name.startswith("."))

@@ -1,0 +1,238 @@
+"""``ctzoo pacs`` as a hospital runs it: a watcher process against a real Orthanc, killed with SIGKILL mid-job
+and restarted, Orthanc stopped mid-job and started again; bad series skipped; status, retry, check."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+import yaml
+from click.testing import CliRunner
+from orthanc_server import OrthancServer, free_port, storescu
+from series_variants import variant_series
+
+from ctzoo.cli import main
+from ctzoo.serve.pacs_config import load_pacs_config
+from ctzoo.serve.pacs_ledger import JobState, Ledger
+
+pytestmark = pytest.mark.timeout(300)
+PASSWORD_ENV = "TEST_ORTHANC_PASSWORD"
+
+
+def write_pacs_config(tmp_path: Path, orthanc=None, listener: dict | None = None, **retry) -> Path:
+    config = {"state_dir": "state", "backend": "onnx", "device": "cpu", "score_threshold": 0.05,
+              "rules": {"min_slices": 5},
+              "retry": {"max_attempts": 4, "backoff_s": 0.5, "backoff_factor": 1, "lease_s": 3, **retry}}
+    if orthanc is not None:
+        config["orthanc"] = {"url": orthanc.url, "username": orthanc.username, "password_env": PASSWORD_ENV,
+                             "poll_s": 0.3}
+    if listener is not None:
+        config["listener"] = listener
+    path = tmp_path / "pacs.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class Watcher:
+    """``ctzoo pacs watch CONFIG`` as its own process, output to a log file."""
+
+    def __init__(self, config: Path, orthanc, log: Path) -> None:
+        env = {**os.environ, PASSWORD_ENV: orthanc.password, "CTZOO_PACS_SALT": "test-salt", "OMP_NUM_THREADS": "1"}
+        self.log = log
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "ctzoo", "pacs", "watch", str(config)],
+                                            stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode
+
+
+def wait_for(condition, timeout: float, what: str, watcher: Watcher | None = None, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out waiting for {what}" + (f"; watcher output:\n{watcher.output()}" if watcher else ""))
+
+
+def job_state(ledger_path: Path, series_uid: str):
+    if not ledger_path.exists():
+        return None
+    with Ledger(ledger_path) as ledger:
+        job = ledger.job(series_uid)
+    return job
+
+
+def results_in_orthanc(orthanc) -> dict[str, int]:
+    answer = httpx.get(f"{orthanc.url}/series", params={"expand": ""}, auth=(orthanc.username, orthanc.password))
+    counts: dict[str, int] = {}
+    for series in answer.json():
+        modality = series["MainDicomTags"].get("Modality")
+        counts[modality] = counts.get(modality, 0) + len(series["Instances"])
+    return counts
+
+
+def test_watcher_killed_mid_job_and_restarted_gives_one_result_set(tmp_path, sent_files):
+    good = variant_series(sent_files, tmp_path / "send", "good", count=12)
+    mr = variant_series(sent_files, tmp_path / "send", "mr", count=5, modality="MR")
+    few = variant_series(sent_files, tmp_path / "send", "few", count=3)
+    corrupt = variant_series(sent_files, tmp_path / "send", "corrupt", count=6, truncate_pixels_of=2)
+    uid = {name: pydicom.dcmread(files[0]).SeriesInstanceUID
+           for name, files in {"good": good, "mr": mr, "few": few, "corrupt": corrupt}.items()}
+    server = OrthancServer(tmp_path)
+    orthanc = server.start()
+    try:
+        config = write_pacs_config(tmp_path, orthanc)
+        ledger_path = load_pacs_config(config).ledger_path
+        storescu(orthanc, mr), storescu(orthanc, few), storescu(orthanc, corrupt, propose=())
+        storescu(orthanc, good)
+        first = Watcher(config, orthanc, tmp_path / "watch-1.log")
+        running = wait_for(lambda: (job := job_state(ledger_path, uid["good"])) and job.state is JobState.RUNNING,
+                           120, "the CT series to be RUNNING", first)
+        assert running
+        first.kill()  # SIGKILL: no cleanup, the job stays RUNNING under a lease that will expire
+
+        second = Watcher(config, orthanc, tmp_path / "watch-2.log")
+        done = wait_for(lambda: (job := job_state(ledger_path, uid["good"])) and job.state is JobState.DONE and job,
+                        120, "the CT series to be DONE", second)
+        wait_for(lambda: job_state(ledger_path, uid["corrupt"]).state is JobState.SKIPPED, 60,
+                 "the corrupt series to be SKIPPED", second)
+        assert second.stop() == 0, second.output()  # SIGTERM: a clean stop
+        assert done.attempts == 2 and len(done.result_uids) == 2
+        assert results_in_orthanc(orthanc) == {"CT": 12 + 3 + 6, "MR": 5, "SR": 1, "SEG": 1}
+        with Ledger(ledger_path) as ledger:
+            reasons = {uid_: (ledger.job(uid_).state, ledger.job(uid_).reason) for uid_ in uid.values()}
+        assert reasons[uid["mr"]][0] is JobState.SKIPPED and "modality MR" in reasons[uid["mr"]][1]
+        assert reasons[uid["few"]][0] is JobState.SKIPPED and "3 instances" in reasons[uid["few"]][1]
+        assert "pixel data" in reasons[uid["corrupt"]][1]
+
+        status = CliRunner().invoke(main, ["pacs", "status", str(config)])
+        assert status.exit_code == 0, status.output
+        assert "DONE: 1" in status.output and "DONE " in status.output and "modality MR" in status.output
+        assert uid["good"] not in status.output  # series by hash in the table
+    finally:
+        server.stop()
+
+
+def test_watcher_waits_for_orthanc_to_come_back(tmp_path, sent_files):
+    series = variant_series(sent_files, tmp_path / "send", "short", count=8)
+    series_uid = pydicom.dcmread(series[0]).SeriesInstanceUID
+    server = OrthancServer(tmp_path)
+    orthanc = server.start()
+    watcher = None
+    try:
+        config = write_pacs_config(tmp_path, orthanc)
+        ledger_path = load_pacs_config(config).ledger_path
+        watcher = Watcher(config, orthanc, tmp_path / "watch.log")
+        storescu(orthanc, series)
+        wait_for(lambda: (job := job_state(ledger_path, series_uid)) and job.state is JobState.RUNNING,
+                 120, "the series to be RUNNING", watcher)
+        server.stop()  # Orthanc goes away in the middle of the job
+        failed = wait_for(lambda: (job := job_state(ledger_path, series_uid)) and job.state is JobState.FAILED
+                          and job, 120, "the job to fail while Orthanc is down", watcher)
+        assert "unreachable" in failed.reason
+        time.sleep(2)  # down for a while: the watcher keeps polling in vain
+        assert watcher.process.poll() is None, watcher.output()
+        server.start()
+        done = wait_for(lambda: (job := job_state(ledger_path, series_uid)) and job.state is JobState.DONE and job,
+                        120, "the job to finish once Orthanc is back", watcher)
+        assert done.attempts >= 2 and len(done.result_uids) == 2
+        assert results_in_orthanc(orthanc) == {"CT": 8, "SR": 1, "SEG": 1}
+        assert "retrying" in watcher.output()
+    finally:
+        if watcher is not None:
+            watcher.stop()
+        server.stop()
+
+
+def test_status_retry_and_check(tmp_path, monkeypatch):
+    dead_port = free_port()
+    config = write_pacs_config(tmp_path, listener={
+        "ae_title": "CTZOO", "port": 0, "allowed_calling_aets": ["SCANNER"],
+        "destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": dead_port}})
+    runner = CliRunner()
+    assert "no ledger" in runner.invoke(main, ["pacs", "status", str(config)]).output
+    settings = load_pacs_config(config)
+    settings.state_dir.mkdir(parents=True)
+    with Ledger(settings.ledger_path, max_attempts=1) as ledger:
+        ledger.enqueue("1.2.3", "dicom:ab")
+        job = ledger.claim("w")
+        assert ledger.fail(job.id, "w", "model exploded") is JobState.PARKED
+    table = runner.invoke(main, ["pacs", "status", str(config), "--state", "PARKED"])
+    assert table.exit_code == 0 and "PARKED" in table.output and "model exploded" in table.output
+    retried = runner.invoke(main, ["pacs", "retry", str(config), "--parked"])
+    assert retried.exit_code == 0 and "1 job(s) queued again" in retried.output
+    (line,) = runner.invoke(main, ["pacs", "status", str(config), "--json"]).output.strip().splitlines()
+    assert '"state": "PENDING"' in line and '"attempts": 0' in line and '"series_uid": "1.2.3"' in line
+    # the destination AE does not answer: check says so and exits 1
+    checked = runner.invoke(main, ["pacs", "check", str(config)])
+    assert checked.exit_code == 1 and f"PACS@127.0.0.1:{dead_port}: C-ECHO FAILED" in checked.output
+
+
+def test_config_errors_are_clear(tmp_path, monkeypatch):
+    monkeypatch.delenv("CTZOO_PACS_SALT", raising=False)
+    from ctzoo.config import ConfigError
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"state_dir": "s", "listener": {
+        "allowed_calling_aets": [], "destination": {"ae_title": "A" * 17}}}))
+    with pytest.raises(ConfigError) as error:
+        load_pacs_config(path)
+    assert "listener.allowed_calling_aets" in str(error.value) and "listener.destination.ae_title" in str(error.value)
+
+    class FakeOrthanc:
+        url, username, password = "http://127.0.0.1:9", "ctzoo", "x"
+
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    config = write_pacs_config(tmp_path, FakeOrthanc())
+    result = CliRunner().invoke(main, ["pacs", "watch", str(config)])
+    assert result.exit_code != 0 and f"${PASSWORD_ENV} is empty" in result.output
+    assert (load_pacs_config(config).salt() == load_pacs_config(config).salt()
+            and oct((load_pacs_config(config).state_dir / "salt").stat().st_mode)[-3:] == "600")
+
+
+def test_listen_command_answers_echo_from_allowed_callers_only(tmp_path):
+    port = free_port()
+    config = write_pacs_config(tmp_path, listener={
+        "ae_title": "CTZOO", "port": port, "allowed_calling_aets": ["SCANNER"],
+        "destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}})
+    log = tmp_path / "listen.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "ctzoo", "pacs", "listen", str(config)], stdout=out,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_for(lambda: "DICOM listener CTZOO on 127.0.0.1" in log.read_text(), 120, "the listener to start",
+                 every=0.2)
+
+        def echo(caller: str) -> int:
+            return subprocess.run(["echoscu", "-aet", caller, "-aec", "CTZOO", "127.0.0.1", str(port)],
+                                  capture_output=True, timeout=30).returncode
+
+        assert echo("SCANNER") == 0 and echo("INTRUDER") != 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -1,0 +1,205 @@
+"""The DICOM listener of the PACS bridge: storescu in, SR + SEG out by C-STORE (to a real Orthanc, or to a
+pynetdicom SCP that a test starts late or makes refuse)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pydicom
+import pytest
+from orthanc_server import OrthancServer, free_port, run_storescu, running_orthanc, storescu
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from series_variants import variant_series
+
+from ctzoo.inference.tasks import model_task
+from ctzoo.io.dicom_scan import SeriesRules
+from ctzoo.serve.pacs_ledger import JobState, Ledger, patient_hash
+from ctzoo.serve.pacs_listener import AEAddress, DestinationUnavailable, DicomListener, send_files
+
+pytestmark = pytest.mark.timeout(240)
+SALT = "test-salt"
+CALLER = "SCANNER"
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return [model_task("recistnet-mini", "onnx", "cpu", score_threshold=0.05),
+            model_task("template-seg-abdomen", "onnx", "cpu")]
+
+
+def _listener(tmp_path, tasks, destination: AEAddress, port: int = 0, callers=(CALLER,),
+              **ledger_options) -> DicomListener:
+    ledger = Ledger(tmp_path / "ledger.sqlite", **ledger_options)
+    listener = DicomListener(ledger, tasks, SeriesRules(min_slices=5), tmp_path / "spool", tmp_path / "work", "w1",
+                             SALT, AEAddress("CTZOO", "127.0.0.1", port), destination, list(callers), stable_s=1.0)
+    listener.start()
+    return listener
+
+
+def _send(listener: DicomListener, files, propose=("-xv",), caller: str = CALLER) -> str:
+    code, output = run_storescu("CTZOO", listener.port, files, calling_aet=caller, propose=propose)
+    assert code == 0 and "E: " not in output, output[-2000:]
+    return output
+
+
+def _discover_until(listener: DicomListener, jobs: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(listener.ledger.jobs()) < jobs and time.monotonic() < deadline:
+        listener.discover()
+        time.sleep(0.2)
+    assert len(listener.ledger.jobs()) == jobs, [(j.state, j.reason) for j in listener.ledger.jobs()]
+
+
+def _storage_scp(port: int, received: list, status: int = 0x0000):
+    """A destination AE that keeps what it receives and answers ``status``."""
+    ae = AE(ae_title="DEST")
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+
+    def on_store(event) -> int:
+        received.append(event.dataset)
+        return status
+
+    return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+
+def test_listener_end_to_end_into_orthanc(tmp_path, sent_files, tasks, caplog):
+    caplog.set_level("INFO", logger="ctzoo.serve")
+    good = variant_series(sent_files, tmp_path / "send", "good", patient_id="PAT-0042")
+    mr = variant_series(sent_files, tmp_path / "send", "mr", count=5, modality="MR")
+    few = variant_series(sent_files, tmp_path / "send", "few", count=3)
+    corrupt = variant_series(sent_files, tmp_path / "send", "corrupt", count=6, truncate_pixels_of=2)
+    uid = {name: pydicom.dcmread(files[0]).SeriesInstanceUID
+           for name, files in {"good": good, "mr": mr, "few": few, "corrupt": corrupt}.items()}
+    with running_orthanc(tmp_path) as orthanc:
+        listener = _listener(tmp_path, tasks, AEAddress("ORTHANC", "127.0.0.1", orthanc.dicom_port))
+        try:
+            # a caller not on the list is turned away, and nothing is kept
+            code, output = run_storescu("CTZOO", listener.port, good[:1], calling_aet="INTRUDER")
+            assert code != 0 or "E: " in output
+            assert not any(listener.spool.iterdir())
+
+            _send(listener, good), _send(listener, mr), _send(listener, few), _send(listener, corrupt, propose=())
+            spooled = sorted(listener.spool.iterdir())
+            assert len(spooled) == 4 and sum(len(list(f.glob("*.dcm"))) for f in spooled) == 20 + 5 + 3 + 6
+            assert not any("PAT-0042" in (f / "series.json").read_text() for f in spooled)
+
+            _discover_until(listener, 4)
+            jobs = {job.series_uid: job for job in listener.ledger.jobs()}
+            assert jobs[uid["mr"]].state is JobState.SKIPPED and "modality MR" in jobs[uid["mr"]].reason
+            assert jobs[uid["few"]].state is JobState.SKIPPED and "3 instances" in jobs[uid["few"]].reason
+            assert jobs[uid["good"]].patient_hash == patient_hash("PAT-0042", SALT)
+            assert len(list(listener.spool.iterdir())) == 2  # the skipped series' files are freed
+
+            while listener.process_one():
+                pass
+            jobs = {job.series_uid: job for job in listener.ledger.jobs()}
+            assert jobs[uid["corrupt"]].state is JobState.SKIPPED
+            assert "rejected after reading" in jobs[uid["corrupt"]].reason
+            assert "pixel data" in jobs[uid["corrupt"]].reason, jobs[uid["corrupt"]].reason
+            done = jobs[uid["good"]]
+            assert done.state is JobState.DONE and len(done.result_uids) == 2
+            assert listener.last_delivery == ["Success", "Success"]
+            assert not any(listener.spool.iterdir()) and not any((tmp_path / "work").iterdir())
+
+            # the results are in Orthanc, in the study of the CT (which itself was never sent there)
+            auth = (orthanc.username, orthanc.password)
+            stored = httpx.get(f"{orthanc.url}/instances", params={"expand": ""}, auth=auth).json()
+            assert sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in stored) == sorted(done.result_uids)
+            study_uid = pydicom.dcmread(good[0]).StudyInstanceUID
+            for instance in stored:
+                tags = httpx.get(f"{orthanc.url}/instances/{instance['ID']}/simplified-tags", auth=auth).json()
+                assert tags["StudyInstanceUID"] == study_uid and tags["Modality"] in ("SR", "SEG")
+
+            # the same series sent again: dropped as already processed, nothing new in Orthanc
+            _send(listener, good)
+            deadline = time.monotonic() + 20
+            while any(listener.spool.iterdir()) and time.monotonic() < deadline:
+                assert listener.discover() == 0
+                time.sleep(0.2)
+            assert not any(listener.spool.iterdir()) and listener.process_one() is False
+            assert len(httpx.get(f"{orthanc.url}/instances", auth=auth).json()) == 2
+        finally:
+            listener.stop()
+            listener.ledger.close()
+    assert "PAT-0042" not in caplog.text and uid["good"] not in caplog.text and "after it was done" in caplog.text
+
+
+def test_listener_retries_while_the_destination_is_down(tmp_path, sent_files, tasks):
+    series = variant_series(sent_files, tmp_path / "send", "short", count=6)
+    port = free_port()  # nothing listens there yet
+    listener = _listener(tmp_path, tasks, AEAddress("DEST", "127.0.0.1", port), backoff_s=0.2)
+    received: list = []
+    try:
+        _send(listener, series)
+        _discover_until(listener, 1)
+        with pytest.raises(DestinationUnavailable, match="association with DEST@127.0.0.1"):
+            listener.process_one()
+        (job,) = listener.ledger.jobs()
+        assert job.state is JobState.FAILED and "DestinationUnavailable" in job.reason
+        assert len(list(listener.spool.iterdir())) == 1  # the received series is kept for the retry
+
+        server = _storage_scp(port, received)
+        try:
+            time.sleep(0.3)  # the backoff
+            assert listener.process_one() is True
+        finally:
+            server.shutdown()
+        (job,) = listener.ledger.jobs()
+        assert job.state is JobState.DONE and job.attempts == 2
+        assert sorted(str(ds.SOPInstanceUID) for ds in received) == sorted(job.result_uids)
+        assert sorted(str(ds.Modality) for ds in received) == ["SEG", "SR"]
+        assert not any(listener.spool.iterdir())
+    finally:
+        listener.stop()
+        listener.ledger.close()
+
+
+def test_send_files_reports_a_refusal(tmp_path, sent_files):
+    port, received = free_port(), []
+    server = _storage_scp(port, received, status=0xA700)
+    try:
+        with pytest.raises(RuntimeError, match="refused the CT Image Storage object: status 0xA700"):
+            send_files(sent_files[:1], AEAddress("DEST", "127.0.0.1", port), "CTZOO")
+    finally:
+        server.shutdown()
+    with pytest.raises(DestinationUnavailable, match="association with DEST"):
+        send_files(sent_files[:1], AEAddress("DEST", "127.0.0.1", port), "CTZOO", timeout_s=5)
+
+
+ROUTE_CT_LUA = """
+function OnStableSeries(id, tags, metadata)
+  if tags["Modality"] == "CT" then
+    RestApiPost("/modalities/ctzoo/store", id)
+  end
+end
+"""
+
+
+def test_orthanc_routes_ct_to_the_listener_as_the_readme_says(tmp_path, sent_files, tasks):
+    """The README's listener wiring: Orthanc's Lua OnStableSeries sends CT series to CTZOO, results come back."""
+    script = tmp_path / "route-ct.lua"
+    script.write_text(ROUTE_CT_LUA)
+    port = free_port()
+    server = OrthancServer(tmp_path, {"LuaScripts": [str(script)],
+                                      "DicomModalities": {"ctzoo": ["CTZOO", "127.0.0.1", port]}})
+    orthanc = server.start()
+    listener = _listener(tmp_path, tasks, AEAddress("ORTHANC", "127.0.0.1", orthanc.dicom_port), port=port,
+                         callers=("ORTHANC",))
+    try:
+        storescu(orthanc, sent_files)
+        _discover_until(listener, 1, timeout=60)
+        assert listener.process_one() is True
+        (job,) = listener.ledger.jobs()
+        assert job.state is JobState.DONE and listener.last_delivery == ["Success", "Success"]
+        auth = (orthanc.username, orthanc.password)
+        series = httpx.get(f"{orthanc.url}/series", params={"expand": ""}, auth=auth).json()
+        assert sorted(s["MainDicomTags"]["Modality"] for s in series) == ["CT", "SEG", "SR"]
+        assert len({s["ParentStudy"] for s in series}) == 1
+        time.sleep(3)  # the results become stable too; the script does not send them to us
+        assert listener.discover() == 0 and not any(listener.spool.iterdir())
+    finally:
+        listener.stop()
+        listener.ledger.close()
+        server.stop()
