@@ -62,19 +62,29 @@ def test_train_writes_logs_and_resumes_bit_for_bit(mini, tmp_path):
     assert result.exit_code == 1 and "nothing to resume from" in result.output
 
 
-def test_torchrun_ddp_on_gloo(mini, tmp_path):
-    """Two processes on the CPU (gloo), as torchrun launches them on a cluster; rank 0 logs and saves."""
+@pytest.mark.parametrize("compression", [None, {"compression": "cser", "ratio": 0.03125, "period": 1,
+                                                 "reset_ratio": 0.125}])
+def test_torchrun_ddp_on_gloo(mini, tmp_path, compression):
+    """Two processes on the CPU (gloo), as torchrun launches them on a cluster; rank 0 logs and saves; with
+    gradient compression (distributed.compression), the bytes per step are logged beside the loss."""
+    import csv
     import subprocess
     import sys
 
     config = tiny_config(tmp_path, mini, epochs=1)
+    settings = yaml.safe_load(config.read_text())
+    settings["optim"]["batch_size"] = 1  # the 4-case miniature split over 2 processes: a few steps each
+    config.write_text(yaml.safe_dump({**settings, "distributed": compression or {}}))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ctzoo",
                            "train", str(config), "--out", str(tmp_path / "ddp")], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and done.stdout.count('"world_size": 2') == 1
-    assert len((tmp_path / "ddp" / "metrics.csv").read_text().splitlines()) == 2
+    (row,) = list(csv.DictReader((tmp_path / "ddp" / "metrics.csv").open()))
+    expected = 1.0 if compression is None else 1 / (0.03125 + 0.125)  # a block per step + a reset per step
+    assert float(row["comm_reduction"]) == pytest.approx(expected, rel=0.05)
+    assert int(row["step"]) > 0 and float(row["comm_bytes_per_step"]) > 0 and float(row["train_loss"]) > 0
 
 
 def test_training_loss_falls(mini, tmp_path):

@@ -9,6 +9,7 @@ import click
 
 from ctzoo import __version__
 from ctzoo.cli.data import data
+from ctzoo.cli.expand import expand
 from ctzoo.cli.export import export
 from ctzoo.cli.infer import infer
 from ctzoo.cli.info import convert, info
@@ -37,6 +38,7 @@ def main(verbose: int) -> None:
       ctzoo export MODEL --out REPO         ONNX model repository (Triton layout), checked against PyTorch
       ctzoo serve --repository REPO         KServe v2 inference service (token: $CTZOO_SERVE_TOKENS)
       ctzoo pacs watch|listen CONFIG        the PACS bridge: CT series in, DICOM SR/SEG back
+      ctzoo expand MODEL --width-mult 2 --out DIR   grow a trained model losslessly (LEMON)
 
     Run 'ctzoo COMMAND --help' for the options of each command.
     """
@@ -56,3 +58,4 @@ main.add_command(evaluate)
 main.add_command(export)
 main.add_command(serve)
 main.add_command(pacs)
+main.add_command(expand)

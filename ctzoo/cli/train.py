@@ -80,13 +80,16 @@ def train(config: Path, out: Path, resume: bool, epochs: int | None, data_root: 
     """
     if config_task(config) == "template_seg":
         return _train_template_seg(config, out, resume, epochs, data_root, device)
+    from ctzoo.scaling.zoo_expand import expansion_record, lemon_optim
     from ctzoo.training.engine import fit
     from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
 
     cfg = _prepare_run(load_train_config, config, out, epochs, data_root)
     try:
-        summary = fit(RecistNetTask(cfg), cfg.optim, out, resume=resume, device=device,
-                      extra_state={"train_config": json.loads(cfg.model_dump_json())})
+        summary = fit(RecistNetTask(cfg), lemon_optim(cfg.optim, cfg.init_from_expansion), out, resume=resume,
+                      device=device, extra_state={"train_config": json.loads(cfg.model_dump_json()),
+                                                  **expansion_record(cfg.init_from_expansion)},
+                      compression=cfg.distributed)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary, from the process that logged

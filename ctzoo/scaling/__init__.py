@@ -1,1 +1,3 @@
-"""Scaling tools: LEMON expansion, gradient compression, Baechi placement; empty until those issues land."""
+"""Scaling tools: LEMON lossless expansion (:mod:`.expand`, :mod:`.channel_trace`, :mod:`.zoo_expand`) and
+gradient compression for DDP (:mod:`.compressors`, :mod:`.compress`: CSER, two-way, PowerSGD). Baechi placement
+is to come."""

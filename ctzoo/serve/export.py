@@ -65,6 +65,7 @@ from ctzoo.inference.onnx_export import DEFAULT_OPSET, HEADS, Graph, _EncodeTemp
 from ctzoo.io.atomic import replace_folder
 from ctzoo.models.registry import CARD_JSON, CARD_MD, ModelCard
 from ctzoo.models.template_seg import TemplateEncoding, TemplateSegNet
+from ctzoo.scaling.zoo_expand import checkpoint_network
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ def _recistnet_checkpoint(path: Path, state: dict[str, Any], version: str, epoch
         raise ExportSourceError(f"{path}: its train_config is not a RECIST-Net config: {exc}") from None
     prep = SlicePreprocessing(**{k: getattr(cfg.data, k) for k in SlicePreprocessing.model_fields})
     model_config = {"in_channels": prep.in_channels, **cfg.model.model_dump()}
-    model = _load_state(RecistNet(**model_config), state, path)
+    model = _load_state(checkpoint_network(state, lambda: RecistNet(**model_config)), state, path)
     spec = {**prep.model_dump(mode="json"), "size_multiple": 32}
     card = _checkpoint_card(path, state, "detection", version, epochs, model, "RecistNet", model_config, spec,
                             f"DeepLesion-format data at {cfg.data.root} (split train)")
@@ -240,7 +241,7 @@ def _template_seg_checkpoint(path: Path, state: dict[str, Any], version: str, ep
         raise ExportSourceError(f"the template bank's classes {bank.class_names} differ from the checkpoint's "
                                 f"{names}")
     names = names or list(bank.class_names)
-    model = _load_state(build_seg_model(cfg.model, len(names)), state, path)
+    model = _load_state(checkpoint_network(state, lambda: build_seg_model(cfg.model, len(names))), state, path)
     prep = cfg.data.preprocessing
     if tuple(bank.images.shape[2:]) != tuple(prep.size):
         raise ExportSourceError(f"the template bank's slices are {tuple(bank.images.shape[2:])} pixels, the model's "

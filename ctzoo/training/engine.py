@@ -45,6 +45,8 @@ class OptimConfig(StrictConfig):
     weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up, then cosine decay to lr * final_lr_ratio")
     final_lr_ratio: float = Field(0.01, ge=0, le=1)
+    decay_epochs: float | None = Field(None, gt=0, description="the cosine decay ends here (default: at the last "
+                                                             "epoch); later steps keep lr * final_lr_ratio")
     grad_clip: float | None = Field(10.0, gt=0)
     amp: Literal["auto", "off", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, off on the CPU")
     num_workers: int = Field(2, ge=0)
@@ -89,7 +91,7 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
     """Linear warm-up then cosine decay, as a factor of ``cfg.lr`` at optimiser step ``step``."""
-    total = max(1, cfg.epochs * steps_per_epoch)
+    total = max(1, min(cfg.decay_epochs or cfg.epochs, cfg.epochs) * steps_per_epoch)
     warmup = cfg.warmup_epochs * steps_per_epoch
     if step < warmup:
         return (step + 1) / warmup
@@ -166,9 +168,11 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False, device: str = "auto",
-        extra_state: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+        extra_state: dict[str, Any] | None = None, progress: bool = True, compression: Any = None) -> dict[str, Any]:
     """Train ``task`` for ``cfg.epochs``; write ``last.pt`` every epoch and ``best.pt`` at the best validation.
 
+    ``compression`` (:class:`ctzoo.scaling.compress.CompressionConfig`) picks how DDP exchanges gradients under
+    torchrun; the bytes each worker moves per step are logged beside the loss (``comm_bytes_per_step``).
     Returns the final summary (also written to ``summary.json``): best metric, epochs, wall time.
     """
     out_dir = Path(out_dir)
@@ -191,6 +195,14 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
         start_epoch, step, best, history = state["epoch"] + 1, state["step"], state["best"], state["history"]
         log.info("resuming %s at epoch %d", last, start_epoch)
     train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    comm = None
+    if world > 1:
+        from ctzoo.scaling.compress import CompressionConfig, setup_compression
+
+        optimizer, comm = setup_compression(train_model, optimizer, compression or CompressionConfig())
+    elif compression is not None and compression.compression != "none":
+        log.warning("distributed.compression=%s only acts under torchrun with several processes",
+                    compression.compression)
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda")
     runlog = RunLog(out_dir, history) if rank == 0 else None
     if rank == 0:
@@ -225,6 +237,10 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
             bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
         row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                                **{f"train_{k}": v / max(count, 1) for k, v in sums.items()}}
+        if comm is not None and comm.steps:  # bytes up + down per worker and step, and the reduction vs plain DDP
+            row["comm_bytes_per_step"] = round(comm.per_step())
+            row["comm_reduction"] = round(comm.uncompressed_per_step() / max(comm.per_step(), 1), 2)
+            comm.reset()
         if rank == 0:
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 model.eval()

@@ -10,6 +10,7 @@ import torch
 from ctzoo.datasets.deeplesion.dataset import deeplesion_dataloader, deeplesion_dataset
 from ctzoo.datasets.deeplesion.keypoint_transforms import recist_eval_transforms
 from ctzoo.models.recistnet import RecistNet
+from ctzoo.scaling.zoo_expand import checkpoint_network
 from ctzoo.training.engine import pick_device
 from ctzoo.training.froc import FrocResult, plot_froc
 from ctzoo.training.recistnet_task import evaluate_detector, load_train_config
@@ -24,7 +25,7 @@ def load_recistnet(checkpoint: Path | None, model_name: str | None, in_channels:
         return create_model(model_name, pretrained=True).to(device).eval()
     state = torch.load(checkpoint, map_location=device, weights_only=False)
     saved = state.get("train_config", {}).get("model", model_cfg)
-    model = RecistNet(in_channels=in_channels, **saved)
+    model = checkpoint_network(state, lambda: RecistNet(in_channels=in_channels, **saved))
     model.load_state_dict(state["model"])
     return model.to(device).eval()
 

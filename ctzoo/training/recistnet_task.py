@@ -31,6 +31,8 @@ from ctzoo.datasets.deeplesion.recist import (
 )
 from ctzoo.models.recistnet import RecistNet
 from ctzoo.models.recistnet_targets import make_targets, recistnet_loss
+from ctzoo.scaling.compress import CompressionConfig
+from ctzoo.scaling.zoo_expand import ExpansionInit, expanded_model
 from ctzoo.training.engine import OptimConfig
 from ctzoo.training.froc import FrocResult, froc
 
@@ -68,6 +70,10 @@ class RecistNetTrainConfig(StrictConfig):
     cache: bool = Field(True, description="cache decoded, resampled slices in memory (CacheDataset)")
     repeats: int = Field(1, ge=1, description="passes over the training set per epoch (small sets: fewer, "
                                               "longer epochs, so loader start-up and validation cost less)")
+    init_from_expansion: ExpansionInit | None = Field(None, description="start from a model grown by ctzoo expand "
+                                                                        "(LEMON); model: is then ignored")
+    distributed: CompressionConfig = Field(default_factory=CompressionConfig,
+                                           description="gradient exchange under torchrun (CSER, two-way, PowerSGD)")
 
 
 def predicted_boxes(points: torch.Tensor, scale: float) -> np.ndarray:
@@ -121,6 +127,8 @@ class RecistNetTask:
                                            transform=recist_eval_transforms(cfg.eval_size))
 
     def build_model(self) -> nn.Module:
+        if self.cfg.init_from_expansion is not None:
+            return expanded_model(self.cfg.init_from_expansion, RecistNet)
         return RecistNet(in_channels=self.cfg.data.in_channels, **self.cfg.model.model_dump())
 
     def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int, rank: int, world_size: int):

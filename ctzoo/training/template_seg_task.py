@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from monai.data import DataLoader
 from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
 from pydantic import Field
 from torch import nn
 from torch.utils.data import DistributedSampler
@@ -40,6 +41,14 @@ from ctzoo.datasets.segmentation_slices import (
 )
 from ctzoo.io.atomic import atomic_path
 from ctzoo.models.template_seg import TemplateSegNet, count_parameters, unet_baseline
+from ctzoo.scaling.compress import CompressionConfig
+from ctzoo.scaling.zoo_expand import (
+    ExpansionInit,
+    checkpoint_network,
+    expanded_model,
+    expansion_record,
+    lemon_optim,
+)
 from ctzoo.training.engine import OptimConfig, fit, pick_device
 from ctzoo.training.seg_evaluation import (
     CONDITIONS,
@@ -94,6 +103,23 @@ class TemplateSegTrainConfig(StrictConfig):
     repeats: int = Field(4, ge=1, description="passes over the training slices per epoch")
     eval_batch_size: int = Field(16, ge=1)
     baseline_unet: bool = Field(True, description="train_with_baseline: also train the same-budget UNet")
+    init_from_expansion: ExpansionInit | None = Field(
+        None, description="start the model of the expanded checkpoint's kind (template_seg or unet) from it (LEMON)")
+    distributed: CompressionConfig = Field(default_factory=CompressionConfig,
+                                           description="gradient exchange under torchrun (CSER, two-way, PowerSGD)")
+
+
+def expansion_kind(cfg: TemplateSegTrainConfig) -> str | None:
+    """The model kind (template_seg | unet) of ``cfg.init_from_expansion``'s checkpoint, or None."""
+    if cfg.init_from_expansion is None:
+        return None
+    meta = torch.load(cfg.init_from_expansion.checkpoint, map_location="cpu", weights_only=False)
+    architecture = meta.get("architecture", {}) if isinstance(meta, dict) else {}
+    if architecture.get("builder") == "segmentation":
+        return architecture["model"]["kind"]
+    if architecture.get("builder") == "zoo":
+        return "template_seg"
+    raise ValueError(f"{cfg.init_from_expansion.checkpoint}: not an expanded segmentation model")
 
 
 def load_seg_config(path: str | Path, data_root: str | Path | None = None) -> TemplateSegTrainConfig:
@@ -162,6 +188,9 @@ class TemplateSegTask:
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
     def build_model(self) -> nn.Module:
+        if expansion_kind(self.cfg) == self.cfg.model.kind:
+            return expanded_model(self.cfg.init_from_expansion, TemplateSegNet if self.cfg.model.kind ==
+                                  "template_seg" else UNet)
         return build_seg_model(self.cfg.model, len(self.class_names))
 
     def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int, rank: int, world_size: int):
@@ -187,14 +216,15 @@ class TemplateSegTask:
 def checkpoint_state(cfg: TemplateSegTrainConfig, class_names: list[str]) -> dict[str, Any]:
     """``fit(..., extra_state=...)``: what a checkpoint needs beyond the engine's payload to be rebuilt
     (:func:`load_seg_model` reads ``model_kind``)."""
-    return {"model_kind": cfg.model.kind, "class_names": class_names, "task_config": cfg.model_dump(mode="json")}
+    state = {"model_kind": cfg.model.kind, "class_names": class_names, "task_config": cfg.model_dump(mode="json")}
+    return state | (expansion_record(cfg.init_from_expansion) if expansion_kind(cfg) == cfg.model.kind else {})
 
 
 def load_seg_model(cfg: TemplateSegTrainConfig, checkpoint: str | Path, num_classes: int) -> nn.Module:
     """The model of ``checkpoint`` (its recorded kind wins over ``cfg.model.kind``), weights loaded, eval mode."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model_cfg = cfg.model.model_copy(update={"kind": state.get("model_kind", cfg.model.kind)})
-    model = build_seg_model(model_cfg, num_classes)
+    model = checkpoint_network(state, lambda: build_seg_model(model_cfg, num_classes))
     model.load_state_dict(state["model"])
     return model.eval()
 
@@ -255,8 +285,10 @@ def train_with_baseline(cfg: TemplateSegTrainConfig, out: str | Path, device: st
     for kind in kinds:
         run_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"kind": kind})})
         task = TemplateSegTask(run_cfg, data)
-        summary = fit(task, cfg.optim, out / kind, resume=resume and (out / kind / "last.pt").exists(),
-                      device=device, progress=progress, extra_state=checkpoint_state(run_cfg, data.class_names))
+        optim = lemon_optim(cfg.optim, cfg.init_from_expansion) if expansion_kind(cfg) == kind else cfg.optim
+        summary = fit(task, optim, out / kind, resume=resume and (out / kind / "last.pt").exists(),
+                      device=device, progress=progress, extra_state=checkpoint_state(run_cfg, data.class_names),
+                      compression=cfg.distributed)
         best = out / kind / "best.pt"
         models[kind] = load_seg_model(run_cfg, best if best.exists() else out / kind / "last.pt",
                                       len(data.class_names))

@@ -1,0 +1,352 @@
+"""Compressed gradient exchange for DDP: CSER and the two-way compressed method as communication hooks.
+
+Both plug into ``torch.nn.parallel.DistributedDataParallel.register_comm_hook`` and run on any backend (gloo on
+CPUs, NCCL on GPUs): a hook receives one bucket of *local* gradients and must return a future holding the
+gradients the optimiser will use. Collectives inside the hooks are synchronous (a completed future is returned),
+which keeps them correct on gloo, whose future support is partial.
+
+**CSER** (Xie et al., NeurIPS 2020): error reset with partial synchronisation. Each step, the hook averages over
+workers one block of every bucket (a globally randomised block, ``ratio`` of it; the same block on every worker
+from a shared seed, so no indices travel) and leaves the rest of the gradient local: local models drift apart
+("bifurcated local models") by what was not synchronised, their residual error. Every ``period`` steps,
+:class:`CSERModelSync` (an optimiser wrapper, since a hook cannot touch parameters) averages a random block of
+``reset_ratio`` of all parameters over the workers — the error reset. ``ratio = 1`` is plain synchronous SGD;
+``reset_ratio = 1`` resets everything (local SGD with partial gradient sync in between).
+
+**Two-way** (Zhong et al., arXiv 2105.07829; BytePS-Compress): workers compress their gradient with error
+feedback, the aggregate is decompressed and averaged, then compressed again by the "server" with its own error
+feedback before it goes back down — compression in both directions. In an all-reduce setting every worker plays
+the server's part on the identical aggregate (deterministic compressors, shared seeds), so the server's error
+state is the same everywhere and costs no communication. The paper's exact adaptive update rule is not
+available to us; its optimiser side is the user's Adam/AdamW on the doubly compressed gradient, with error
+feedback on both sides as in BytePS.
+
+**PowerSGD** (torch's own hook) is the anchor.
+
+Byte accounting (:class:`CommStats`), per worker and step, in a parameter-server model: what a worker sends
+up (its compressed gradient, or block) plus what it must receive down (the compressed aggregate); uncompressed
+DDP moves ``4 n`` up and ``4 n`` down for ``n`` gradient values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import Field
+from torch import nn
+
+from ctzoo.config import StrictConfig
+from ctzoo.scaling.compressors import Compressed, Compressor, ErrorFeedback, RandomBlock, make_compressor
+
+__all__ = ["CSERModelSync", "CSERState", "CommStats", "CompressionConfig", "TwoWayState", "cser_hook",
+           "exchange_mean", "setup_compression", "twoway_hook"]
+
+
+class CompressionConfig(StrictConfig):
+    """``distributed:`` in a ``ctzoo train`` config: how DDP exchanges gradients (used under torchrun)."""
+
+    compression: Literal["none", "powersgd", "cser", "twoway"] = "none"
+    ratio: float = Field(1 / 32, gt=0, le=1, description="cser: block of each bucket averaged per step; twoway: "
+                                                          "fraction kept by topk / randomk / block")
+    compressor: Literal["sign", "topk", "randomk", "block"] = Field("sign", description="twoway: worker side")
+    server_compressor: Literal["sign", "topk", "randomk", "block", "none"] = Field(
+        "sign", description="twoway: what goes back down")
+    warmup_steps: int = Field(0, ge=0, description="twoway: uncompressed steps first; then Adam's second moment "
+                                                     "is frozen and compression starts (as 1-bit Adam does)")
+    min_numel: int = Field(1024, ge=0, description="twoway: tensors smaller than this go uncompressed (biases, "
+                                                   "norms: compressing them saves little and hurts most)")
+    period: int = Field(16, ge=1, description="cser: error reset every this many steps")
+    reset_ratio: float = Field(0.25, gt=0, le=1, description="cser: fraction of the parameters averaged per reset")
+    powersgd_rank: int = Field(1, ge=1)
+    seed: int = 0
+
+
+@dataclass
+class CommStats:
+    """Bytes a worker sent up and received down, and over how many optimiser steps."""
+
+    up: int = 0
+    down: int = 0
+    steps: int = 0
+    values: int = 0  # gradient values per step (set at the first step): the uncompressed reference
+
+    def per_step(self) -> float:
+        return (self.up + self.down) / max(self.steps, 1)
+
+    def uncompressed_per_step(self) -> float:
+        return 8.0 * self.values
+
+    def reset(self) -> None:
+        self.up = self.down = self.steps = 0
+
+
+@dataclass
+class _HookState:
+    group: Any = None
+    seed: int = 0
+    step: int = 0
+    stats: CommStats = field(default_factory=CommStats)
+    _counted: int = 0
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def bucket_seed(self, bucket_index: int) -> int:
+        return (self.seed * 1_000_003 + self.step * 10_007 + bucket_index) % (2**63 - 1)
+
+    def end_bucket(self, bucket, numel: int) -> None:
+        self._counted += numel
+        if bucket.is_last():
+            self.stats.values = self._counted
+            self.stats.steps += 1
+            self._counted = 0
+            self.step += 1
+
+
+def _done(tensor: torch.Tensor) -> torch.futures.Future:
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(tensor)
+    return future
+
+
+def exchange_mean(compressor: Compressor, items: list[Compressed], group=None) -> list[torch.Tensor]:
+    """For each payload in ``items`` (this worker's), the mean over workers of their decompressed payloads.
+
+    One collective per payload kind for all items: an all-reduce of the kept values when every worker keeps
+    the same coordinates, else an all-gather of the concatenated payloads."""
+    world = dist.get_world_size(group)
+    if compressor.shared_support:
+        values = torch.cat([item.tensors[0] for item in items])
+        dist.all_reduce(values, group=group)
+        parts = (values / world).split([item.tensors[0].numel() for item in items])
+        return [compressor.decompress(Compressed([part], item.numel, item.context)) for part, item in zip(parts, items)]
+    gathered = []  # per payload kind: per rank, the list of this kind's tensor for every item
+    for kind in range(len(items[0].tensors)):
+        local = torch.cat([item.tensors[kind].reshape(-1) for item in items])
+        ranks = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(ranks, local, group=group)
+        sizes = [item.tensors[kind].numel() for item in items]
+        gathered.append([rank.split(sizes) for rank in ranks])
+    means = []
+    for index, item in enumerate(items):
+        total = sum(compressor.decompress(Compressed([kind[rank][index] for kind in gathered], item.numel))
+                    for rank in range(world))
+        means.append(total / world)
+    return means
+
+
+def _segments(bucket, gradients: torch.Tensor) -> list[int]:
+    """Sizes of the bucket's parameters in its flat buffer, so compression works per tensor (as BytePS does:
+    one scale per layer, not one for a whole bucket of layers with different gradient magnitudes)."""
+    sizes = [g.numel() for g in bucket.gradients()]
+    return sizes if sum(sizes) == gradients.numel() else [gradients.numel()]
+
+
+# ------------------------------------------------------------------------------------------------- CSER
+
+
+@dataclass
+class CSERState(_HookState):
+    ratio: float = 1 / 32
+    period: int = 16
+    reset_ratio: float = 0.25
+
+
+def cser_hook(state: CSERState, bucket):  # -> Future[Tensor]; unannotated: DDP checks the annotation object
+    """Average one random block (``state.ratio``) of the bucket over workers; keep the rest of it local."""
+    gradients = bucket.buffer()
+    if state.ratio >= 1:
+        dist.all_reduce(gradients, group=state.group)
+        gradients /= state.world
+        moved = gradients.numel()
+    else:
+        indices = RandomBlock(state.ratio).indices(gradients.numel(), state.bucket_seed(bucket.index()),
+                                                   gradients.device)
+        values = gradients[indices]
+        dist.all_reduce(values, group=state.group)
+        gradients[indices] = values / state.world
+        moved = indices.numel()
+    state.stats.up += 4 * moved
+    state.stats.down += 4 * moved
+    state.end_bucket(bucket, gradients.numel())
+    return _done(gradients)
+
+
+class CSERModelSync:
+    """Optimiser wrapper for CSER's error reset: after every ``state.period``-th step, average a random block
+    of ``state.reset_ratio`` of all parameters over the workers. Use it in place of the optimiser."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, state: CSERState) -> None:
+        self.optimizer, self.state = optimizer, state
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.steps = 0
+
+    def __getattr__(self, name: str) -> Any:  # param_groups, zero_grad, state_dict...: the optimiser's
+        return getattr(self.optimizer, name)
+
+    def step(self, closure=None):
+        loss = self.optimizer.step(closure)
+        self.steps += 1
+        if self.steps % self.state.period == 0:
+            self.reset()
+        return loss
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        flat = torch.nn.utils.parameters_to_vector(self.parameters)
+        indices = RandomBlock(self.state.reset_ratio).indices(flat.numel(), self.state.seed * 7919 + self.steps,
+                                                             flat.device)
+        values = flat[indices]
+        dist.all_reduce(values, group=self.state.group)
+        flat[indices] = values / self.state.world
+        torch.nn.utils.vector_to_parameters(flat, self.parameters)
+        self.state.stats.up += 4 * values.numel()
+        self.state.stats.down += 4 * values.numel()
+
+
+# ------------------------------------------------------------------------------------------------- two-way
+
+
+@dataclass
+class TwoWayState(_HookState):
+    worker: ErrorFeedback = None
+    server: ErrorFeedback = None
+    min_numel: int = 0
+    warmup_steps: int = 0
+
+
+class FrozenVariance:
+    """Optimiser wrapper for Adam-type optimisers under two-way compression: after ``freeze_at`` steps, keep
+    every ``exp_avg_sq`` at its value then. Compressed gradients (a sign, a few top entries) would otherwise
+    teach Adam's per-coordinate scale the compressor's magnitudes instead of the gradient's; 1-bit Adam freezes
+    the variance after an uncompressed warm-up for the same reason."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, freeze_at: int) -> None:
+        self.optimizer, self.freeze_at, self.steps = optimizer, freeze_at, 0
+        self.frozen: dict[int, torch.Tensor] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optimizer, name)
+
+    def step(self, closure=None):
+        loss = self.optimizer.step(closure)
+        self.steps += 1
+        states = [(id(p), self.optimizer.state[p]) for group in self.optimizer.param_groups for p in group["params"]
+                  if "exp_avg_sq" in self.optimizer.state.get(p, {})]
+        if self.steps == self.freeze_at:
+            self.frozen = {key: state["exp_avg_sq"].clone() for key, state in states}
+        elif self.frozen is not None:
+            for key, state in states:
+                if key in self.frozen:
+                    state["exp_avg_sq"].copy_(self.frozen[key])
+        return loss
+
+
+def twoway_hook(state: TwoWayState, bucket):  # -> Future[Tensor]
+    """Worker compression with error feedback, exchange, server re-compression with its own error feedback;
+    per parameter tensor of the bucket (tensors under ``state.min_numel`` values are averaged uncompressed)."""
+    gradients = bucket.buffer()
+    key, seed = bucket.index(), state.bucket_seed(bucket.index())
+    views = gradients.split(_segments(bucket, gradients))
+    warming = state.step < state.warmup_steps  # uncompressed while Adam's second moment settles
+    small = [i for i, view in enumerate(views) if view.numel() < state.min_numel or warming]
+    large = [i for i in range(len(views)) if i not in small]
+    out = list(views)
+    if small:
+        plain = torch.cat([views[i] for i in small])
+        dist.all_reduce(plain, group=state.group)
+        for i, part in zip(small, (plain / state.world).split([views[i].numel() for i in small])):
+            out[i] = part
+        state.stats.up += 4 * plain.numel()
+        state.stats.down += 4 * plain.numel()
+    if large:
+        sent = [state.worker.step((key, i), views[i], seed + 7 * i)[0] for i in large]
+        aggregates = exchange_mean(state.worker.compressor, sent, state.group)
+        for i, aggregate in zip(large, aggregates):
+            out[i] = state.server.step((key, i), aggregate, seed + 7 * i + 1)[1]
+        state.stats.up += sum(state.worker.compressor.payload_bytes(views[i].numel()) for i in large)
+        state.stats.down += sum(state.server.compressor.payload_bytes(views[i].numel()) for i in large)
+    gradients.copy_(torch.cat(out))
+    state.end_bucket(bucket, gradients.numel())
+    return _done(gradients)
+
+
+# ------------------------------------------------------------------------------------------------- PowerSGD
+
+
+def powersgd_bytes(shape: torch.Size, rank: int, min_compression_rate: float = 2.0) -> int:
+    """Bytes PowerSGD moves for one gradient tensor each way: ``4 r (rows + cols)`` for a matrix it compresses,
+    ``4 n`` for vectors and for matrices too small to be worth it (torch's ``min_compression_rate`` rule)."""
+    numel = math.prod(shape)
+    if len(shape) < 2:
+        return 4 * numel
+    rows, cols = shape[0], numel // shape[0]
+    compressed = rank * (rows + cols)
+    return 4 * compressed if numel >= min_compression_rate * compressed else 4 * numel
+
+
+def _powersgd(config: CompressionConfig, stats: CommStats, model: nn.Module, group):
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+
+    state = powersgd.PowerSGDState(process_group=group, matrix_approximation_rank=config.powersgd_rank,
+                                   start_powerSGD_iter=2, random_seed=config.seed)
+    per_step = sum(powersgd_bytes(p.shape, config.powersgd_rank) for p in model.parameters() if p.requires_grad)
+    counter = _HookState(group=group, stats=stats)
+
+    def hook(_, bucket):
+        future = powersgd.powerSGD_hook(state, bucket)
+        if bucket.is_last():
+            stats.up += per_step
+            stats.down += per_step
+        counter.end_bucket(bucket, bucket.buffer().numel())
+        return future
+
+    return hook
+
+
+def setup_compression(ddp_model: nn.parallel.DistributedDataParallel, optimizer: torch.optim.Optimizer,
+                      config: CompressionConfig, group=None) -> tuple[Any, CommStats]:
+    """Register the hook ``config`` names on ``ddp_model``; the optimiser to use (wrapped for CSER) and the byte
+    counter (reset it each epoch). ``compression: none`` registers torch's plain all-reduce, counted."""
+    stats = CommStats()
+    if config.compression == "cser":
+        state = CSERState(group=group, seed=config.seed, stats=stats, ratio=config.ratio, period=config.period,
+                          reset_ratio=config.reset_ratio)
+        ddp_model.register_comm_hook(state, cser_hook)
+        return CSERModelSync(optimizer, ddp_model.module, state), stats
+    if config.compression == "twoway":
+        worker = make_compressor(config.compressor, config.ratio)
+        server = make_compressor(config.server_compressor, config.ratio)
+        state = TwoWayState(group=group, seed=config.seed, stats=stats, worker=ErrorFeedback(worker),
+                            server=ErrorFeedback(server), min_numel=config.min_numel,
+                            warmup_steps=config.warmup_steps)
+        ddp_model.register_comm_hook(state, twoway_hook)
+        adaptive = any("betas" in group for group in optimizer.param_groups)
+        if adaptive and config.warmup_steps:
+            optimizer = FrozenVariance(optimizer, config.warmup_steps)
+        return optimizer, stats
+    if config.compression == "powersgd":
+        ddp_model.register_comm_hook(None, _powersgd(config, stats, ddp_model.module, group))
+        return optimizer, stats
+    ddp_model.register_comm_hook(None, _counted_allreduce(stats, group))
+    return optimizer, stats
+
+
+def _counted_allreduce(stats: CommStats, group):
+    """DDP's own (asynchronous) all-reduce hook, with its bytes counted."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    counter = _HookState(group=group, stats=stats)
+
+    def hook(_, bucket):
+        stats.up += 4 * bucket.buffer().numel()
+        stats.down += 4 * bucket.buffer().numel()
+        counter.end_bucket(bucket, bucket.buffer().numel())
+        return default_hooks.allreduce_hook(group, bucket)
+
+    return hook
