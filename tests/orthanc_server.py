@@ -7,10 +7,12 @@ binary fails the test (CI installs them: ``apt-get install -y orthanc dcmtk``), 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
@@ -47,6 +49,20 @@ def orthanc_binary() -> str:
         if found:
             return found
     pytest.fail("Orthanc not found: apt-get install orthanc")
+
+
+def dcmtk(tool: str) -> str:
+    """The path of dcmtk's ``tool`` (storescu, echoscu...). pynetdicom installs apps of the same names into the
+    virtual environment, with other options, and an activated venv puts them first on PATH: skip those."""
+    scripts = Path(sys.prefix).resolve() / "bin"
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder) / tool
+        if candidate.is_file() and os.access(candidate, os.X_OK) and candidate.resolve().parent != scripts \
+                and Path(folder).resolve() != scripts:
+            return str(candidate)
+    if Path("/usr/bin", tool).is_file():
+        return f"/usr/bin/{tool}"
+    pytest.fail(f"dcmtk's {tool} not found: apt-get install dcmtk")
 
 
 def free_port() -> int:
@@ -156,17 +172,16 @@ def run_storescu(aet: str, port: int, files: Sequence[Path], calling_aet: str = 
     ``propose`` picks the transfer syntaxes offered: storescu offers only uncompressed ones by default (and
     cannot decompress JPEG 2000, nor does ``-R`` help), so the JPEG 2000 sample needs ``-xv``; pass ``()``
     for uncompressed files."""
-    binary = shutil.which("storescu")
-    if binary is None:
-        pytest.fail("storescu not found: apt-get install dcmtk")
-    command = [binary, *propose, "-aet", calling_aet, "-aec", aet, "127.0.0.1", str(port), *[str(f) for f in files]]
+    command = [dcmtk("storescu"), *propose, "-aet", calling_aet, "-aec", aet, "127.0.0.1", str(port),
+               *[str(f) for f in files]]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     return done.returncode, (done.stdout + done.stderr).strip()
 
 
 def storescu(instance: OrthancInstance, files: Sequence[Path], calling_aet: str = "CTZOO",
              propose: Sequence[str] = ("-xv",)) -> None:
-    """C-STORE ``files`` to the instance (see :func:`run_storescu`); fails the test unless every store succeeds."""
+    """C-STORE ``files`` to the instance (see :func:`run_storescu`); fails the test unless every store
+    succeeds."""
     code, output = run_storescu(instance.aet, instance.dicom_port, files, calling_aet, propose)
     assert code == 0, f"storescu failed (code {code}):\n{output[-3000:]}"
     # storescu exits 0 even when some stores are refused; a refused store logs an error line.

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 import yaml
 from click.testing import CliRunner
-from orthanc_server import OrthancServer, free_port, storescu
+from orthanc_server import OrthancServer, dcmtk, free_port, storescu
 from series_variants import variant_series
 
 from ctzoo.cli import main
@@ -227,7 +227,7 @@ def test_listen_command_answers_echo_from_allowed_callers_only(tmp_path):
                  every=0.2)
 
         def echo(caller: str) -> int:
-            return subprocess.run(["echoscu", "-aet", caller, "-aec", "CTZOO", "127.0.0.1", str(port)],
+            return subprocess.run([dcmtk("echoscu"), "-aet", caller, "-aec", "CTZOO", "127.0.0.1", str(port)],
                                   capture_output=True, timeout=30).returncode
 
         assert echo("SCANNER") == 0 and echo("INTRUDER") != 0
