@@ -152,7 +152,8 @@ def test_lesion_hu_is_in_range_and_stands_out(mini, rows, truth):
 
 
 def test_same_seed_same_bytes_other_seed_differs(mini, tmp_path):
-    again = make_deeplesion_mini(tmp_path / "again", cases=4, seed=0, progress=False)
+    """Same seed, same bytes, also when the cases are built by two processes (``mini`` was built serially)."""
+    again = make_deeplesion_mini(tmp_path / "again", cases=4, seed=0, progress=False, workers=2)
     assert _digests(again) == _digests(mini)
     other = _digests(make_deeplesion_mini(tmp_path / "other", cases=4, seed=1, progress=False))
     assert other["DL_info.csv"] != _digests(mini)["DL_info.csv"]

@@ -153,12 +153,15 @@ def test_publish_then_infer_on_the_sample(mini, tmp_path, monkeypatch):
     run_train(config, "--out", tmp_path / "run")
     monkeypatch.setattr(model_entry("recistnet-mini"), "weights_dir", tmp_path / "weights")
     result = CliRunner().invoke(main, ["zoo", "publish", str(tmp_path / "run"), "--config", str(config),
-                                       "--name", "recistnet-mini", "--version", "0.0.1", "--split", "val"])
+                                       "--name", "recistnet-mini", "--version", "0.0.1", "--split", "val",
+                                       "--notes", "stopped at epoch 1 of 1"])
     assert result.exit_code == 0, result.output
     card = load_card("recistnet-mini")
     assert card.version == "0.0.1" and "sensitivity_at_4_fp" in card.metrics and card.training.epochs == 1
+    assert card.training.device == "cpu" and card.training.notes == "stopped at epoch 1 of 1"
     assert "make-deeplesion-mini" in card.training.command and "--cases 4 --seed 3" in card.training.command
     assert "Metrics" in (tmp_path / "weights" / "MODEL_CARD.md").read_text()
+    assert "| Notes | stopped at epoch 1 of 1 |" in (tmp_path / "weights" / "MODEL_CARD.md").read_text()
     model = create_model("recistnet-mini", pretrained=True)
     saved = torch.load(tmp_path / "run" / "best.pt", weights_only=False)["model"]
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
@@ -185,3 +188,14 @@ def test_repeats_make_longer_epochs_with_fresh_augmentation(mini, tmp_path):
     n = len(once.train_set)
     first, again = thrice.train_set[0], thrice.train_set[n]  # the same key slice, augmented twice
     assert first["file_name"] == again["file_name"] and not torch.equal(first["image"], again["image"])
+
+
+def test_card_device_words():
+    """The card names the card a run trained on (summary.json's device_name) and how many processes."""
+    from ctzoo.training.publish import _device_words
+
+    assert _device_words({"device": "cpu", "world_size": 1}) == "cpu"
+    assert _device_words({"device": "cuda", "device_name": "NVIDIA H200"}) == "cuda (NVIDIA H200)"
+    assert _device_words({"device": "cuda", "device_name": "NVIDIA H100", "world_size": 4}) == \
+        "cuda (NVIDIA H100), 4 processes"
+    assert _device_words({}) == "unknown"

@@ -62,7 +62,9 @@ def list_samples(cache_dir: Path | None) -> None:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Random seed; the same seed writes byte-identical files.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
-def make_deeplesion_mini(out: Path, cases: int, seed: int, force: bool) -> None:
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes building cases [default: the CPU count]; the files are the same for any number.")
+def make_deeplesion_mini(out: Path, cases: int, seed: int, force: bool, workers: int | None) -> None:
     """Build a miniature DeepLesion in OUT from the real sample CT with synthetic lesions.
 
     Writes DeepLesion's exact layout (DL_info.csv, Images_png/{patient}_{study}_{series}/{slice}.png as
@@ -71,7 +73,8 @@ def make_deeplesion_mini(out: Path, cases: int, seed: int, force: bool) -> None:
     if missing). Built beside OUT and renamed into place when complete.
     """
     try:
-        folder = mini.make_deeplesion_mini(out, cases=cases, seed=seed, force=force, progress=True)
+        folder = mini.make_deeplesion_mini(out, cases=cases, seed=seed, force=force, progress=True,
+                                          workers=workers or os.cpu_count() or 1)
     except (samples.SampleError, FileExistsError) as exc:
         raise click.ClickException(str(exc)) from exc
     summary = json.loads((folder / "lesions.json").read_text())

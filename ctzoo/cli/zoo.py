@@ -103,7 +103,10 @@ def show(name: str, as_json: bool) -> None:
               help="Split the card's metrics are measured on.")
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Replace data.root of the config.")
-def publish(run_dir: Path, config: Path, name: str, version: str, split: str, data_root: Path | None) -> None:
+@click.option("--notes", default="", help="A line for the card's training table: a run stopped early, resumed "
+                                          "on other hardware, anything a reader must know (RECIST-Net runs).")
+def publish(run_dir: Path, config: Path, name: str, version: str, split: str, data_root: Path | None,
+            notes: str) -> None:
     """Evaluate RUN_DIR/best.pt and publish it as zoo model NAME: weights, config and model card,
     written into the package's weights folder atomically.
 
@@ -117,7 +120,7 @@ def publish(run_dir: Path, config: Path, name: str, version: str, split: str, da
         if config_task(config) == "template_seg":
             folder = publish_template_seg(run_dir, config, name, version, data_root)
         else:
-            folder = publish_recistnet(run_dir, config, name, version, split, data_root)
+            folder = publish_recistnet(run_dir, config, name, version, split, data_root, notes=notes)
     except (KeyError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"published {name} {version} into {folder}")

@@ -72,6 +72,7 @@ class TrainingInfo(_Strict):
     device: str = Field(description="accelerator (and count) trained on")
     epochs: int = Field(ge=0)
     wall_time_s: float = Field(ge=0, description="training wall time in seconds")
+    notes: str = Field("", description="what else a reader must know: a run stopped early, resumed elsewhere")
 
 
 class Metric(_Strict):
@@ -118,7 +119,7 @@ class ModelCard(_Strict):
                  "## Training", "", *_table(("Field", "Value"), [
                      ("Data", t.data), ("Config", f"`{t.config_file}`"), ("Device", t.device), ("Epochs", t.epochs),
                      ("Wall time", f"{wall // 3600}:{wall // 60 % 60:02d}:{wall % 60:02d} (h:mm:ss)"),
-                     ("Software", software)]), "",
+                     ("Software", software), *([("Notes", t.notes)] if t.notes else [])]), "",
                  "## Metrics", "", *_table(("Metric", "Split", "Value"),
                                            [(k, m.split, f"{m.value:.4g}") for k, m in self.metrics.items()]), "",
                  "## Limitations", "", *([f"- {item}" for item in self.limitations] or ["None recorded."]), "",

@@ -261,6 +261,8 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
             dist.barrier()
     summary = {"task": task.name, "epochs": cfg.epochs, "best_" + task.primary_metric: best,
                "wall_s": round(time.perf_counter() - started, 2), "device": str(dev), "world_size": world}
+    if dev.type == "cuda":  # which card, for model cards and benchmarks ("cuda" alone says little)
+        summary["device_name"] = torch.cuda.get_device_name(dev)
     if rank == 0:
         runlog.close()
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

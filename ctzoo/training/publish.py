@@ -30,8 +30,19 @@ def _miniature_options(root: Path) -> str:
     return f" --cases {built['cases']} --seed {built['seed']}"
 
 
+def _device_words(summary: dict) -> str:
+    """The device a run trained on, from its summary.json: "cpu", "cuda (NVIDIA H200)", "cuda (...), 4 processes"."""
+    words = summary.get("device", "unknown")
+    if summary.get("device_name"):
+        words += f" ({summary['device_name']})"
+    if summary.get("world_size", 1) > 1:
+        words += f", {summary['world_size']} processes"
+    return words
+
+
 def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, split: str = "test",
-                      data_root: Path | None = None, command: str = "", target: Path | None = None) -> Path:
+                      data_root: Path | None = None, command: str = "", target: Path | None = None,
+                      notes: str = "") -> Path:
     """Evaluate ``run_dir/best.pt`` on ``split`` and publish it as zoo model ``name`` (or into ``target``).
 
     The card records the FROC sensitivities measured here, the training config and command, the device and
@@ -62,8 +73,8 @@ def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, spli
                               command=command or f"ctzoo data make-deeplesion-mini {as_written.data.root}"
                                                  f"{_miniature_options(cfg.data.root)} && "
                                                  f"ctzoo train {config} --out runs/{name}",
-                              device=summary.get("device", "unknown"), epochs=int(state["epoch"]) + 1,
-                              wall_time_s=float(summary.get("wall_s", 0.0))),
+                              device=_device_words(summary), epochs=int(state["epoch"]) + 1,
+                              wall_time_s=float(summary.get("wall_s", 0.0)), notes=notes),
         metrics=metrics, limitations=LIMITATIONS, licence="Apache-2.0 (weights); data: see NOTICE of the miniature",
         created=datetime.date.today())
     return save_pretrained(model, target or name, config=model_config, card=card)

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import functools
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -353,43 +354,81 @@ def _prepare_target(out: Path, force: bool) -> None:
         raise FileExistsError(f"{out} is not empty; pass --force (force=True) to replace it")
 
 
+def _write_cases_serially(plans: list[CasePlan], sources: tuple[Source, ...], seed: int, root: Path,
+                          progress: bool) -> list[tuple[list[LesionRow], list[dict], dict]]:
+    # PNG encoding dominates the run time and Pillow releases the GIL while it encodes: one case's slices
+    # are encoded in threads while the next case is built (at most two cases' slices are held)
+    built = []
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        pending: list[Future] = []
+
+        def submit(path: Path, hu: np.ndarray) -> None:
+            pending.append(pool.submit(write_png_hu, path, hu))  # the current case's list
+
+        for plan in tqdm(plans, desc="deeplesion-mini", unit="case", disable=not progress):
+            previous, pending = pending, []
+            built.append(build_case(plan, sources[plan.source], seed, root, submit))
+            for future in previous:
+                future.result()  # re-raises a failed write
+        for future in pending:
+            future.result()
+    return built
+
+
+def _init_case_worker(folder: str) -> None:
+    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)  # the processes are the parallelism
+    load_sources(folder)
+
+
+def _build_case_in_worker(plan: CasePlan, folder: str, seed: int, root: Path):
+    return build_case(plan, load_sources(folder)[plan.source], seed, root)
+
+
+def _write_cases_in_processes(plans: list[CasePlan], folder: str, seed: int, root: Path, workers: int,
+                              progress: bool) -> list[tuple[list[LesionRow], list[dict], dict]]:
+    # every case draws from its own generator (seed, plan index), so the order the processes finish in
+    # cannot change a byte; "spawn" because ITK's thread pool does not survive a fork
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_case_worker,
+                             initargs=(folder,)) as pool:
+        futures = [pool.submit(_build_case_in_worker, plan, folder, seed, root) for plan in plans]
+        bar = tqdm(total=len(plans), desc="deeplesion-mini", unit="case", disable=not progress)
+        built = []
+        for future in futures:
+            built.append(future.result())
+            bar.update()
+        bar.close()
+    return built
+
+
 def make_deeplesion_mini(out: Path, cases: int = 24, seed: int = 0, force: bool = False,
-                         progress: bool = True) -> Path:
+                         progress: bool = True, workers: int = 1) -> Path:
     """Write a miniature DeepLesion of ``cases`` series to ``out`` (see the module docstring); return ``out``.
 
-    Deterministic for a seed. Built in ``OUT.partial-XXXX`` beside ``out`` and renamed into place at the end.
+    Deterministic for a seed, whatever ``workers`` (processes building cases; 1 builds them here, encoding
+    PNGs in threads). Built in ``OUT.partial-XXXX`` beside ``out`` and renamed into place at the end.
     A non-empty ``out`` is refused unless ``force``. Fetches the TotalSegmentator samples if the cache lacks them.
     """
     if cases < 1:
         raise ValueError("cases must be at least 1")
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
     out = Path(out)
     _prepare_target(out, force)
     folder = samples.fetch_samples()
-    sources = load_sources(str(folder))
-    plans = plan_cases(cases, seed, len(sources))
+    plans = plan_cases(cases, seed, len(SOURCE_BODY_Z))  # one entry per source volume
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
-    rows, lesions, series = [], [], []
+    progress = progress and sys.stderr.isatty()
     try:
-        # PNG encoding dominates the run time and Pillow releases the GIL while it encodes: one case's slices
-        # are encoded in threads while the next case is built (at most two cases' slices are held)
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            pending: list[Future] = []
-
-            def submit(path: Path, hu: np.ndarray) -> None:
-                pending.append(pool.submit(write_png_hu, path, hu))  # the current case's list
-
-            bar = tqdm(plans, desc="deeplesion-mini", unit="case", disable=not (progress and sys.stderr.isatty()))
-            for plan in bar:
-                previous, pending = pending, []
-                case_rows, case_lesions, case_series = build_case(plan, sources[plan.source], seed, partial, submit)
-                rows += case_rows
-                lesions += case_lesions
-                series.append(case_series)
-                for future in previous:
-                    future.result()  # re-raises a failed write
-            for future in pending:
-                future.result()
+        workers = min(workers, cases)
+        if workers == 1:
+            built = _write_cases_serially(plans, load_sources(str(folder)), seed, partial, progress)
+        else:
+            built = _write_cases_in_processes(plans, str(folder), seed, partial, workers, progress)
+        rows = [row for case_rows, _, _ in built for row in case_rows]
+        lesions = [lesion for _, case_lesions, _ in built for lesion in case_lesions]
+        series = [case_series for _, _, case_series in built]
         write_dl_info(rows, partial / "DL_info.csv")
         summary = {"seed": seed, "cases": cases, "series": series, "lesions": lesions}
         (partial / "lesions.json").write_text(json.dumps(summary, indent=1) + "\n")
