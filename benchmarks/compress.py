@@ -32,11 +32,15 @@ METHODS = {
     "none": {"compression": "none"},
     "powersgd": {"compression": "powersgd", "powersgd_rank": 2},
     "cser": {"compression": "cser", "ratio": 1 / 128, "period": 16, "reset_ratio": 0.25},
-    "twoway_sign": {"compression": "twoway", "compressor": "sign", "server_compressor": "sign", "warmup_steps": 0},
+    "cser_frequent": {"compression": "cser", "ratio": 1 / 128, "period": 8, "reset_ratio": 0.125},
+    "cser_wide": {"compression": "cser", "ratio": 1 / 64, "period": 16, "reset_ratio": 0.25},
+    # two-way under AdamW: 10 uncompressed steps, then Adam's preconditioned momentum, compressed both ways
+    "twoway_sign": {"compression": "twoway", "compressor": "sign", "server_compressor": "sign", "warmup_steps": 10},
     "twoway_topk": {"compression": "twoway", "compressor": "topk", "ratio": 1 / 64, "server_compressor": "topk",
-                    "warmup_steps": 0},
-    "twoway_sign_warm": {"compression": "twoway", "compressor": "sign", "server_compressor": "sign",
-                         "warmup_steps": 40},
+                    "warmup_steps": 10},
+    # a quarter of the run uncompressed, as 1-bit Adam warms up (15-25 %)
+    "twoway_sign_warm50": {"compression": "twoway", "compressor": "sign", "server_compressor": "sign",
+                           "warmup_steps": 50},
 }
 LINKS_GBIT = (1, 10, 25)
 

@@ -17,9 +17,10 @@ from a shared seed, so no indices travel) and leaves the rest of the gradient lo
 feedback, the aggregate is decompressed and averaged, then compressed again by the "server" with its own error
 feedback before it goes back down — compression in both directions. In an all-reduce setting every worker plays
 the server's part on the identical aggregate (deterministic compressors, shared seeds), so the server's error
-state is the same everywhere and costs no communication. The paper's exact adaptive update rule is not
-available to us; its optimiser side is the user's Adam/AdamW on the doubly compressed gradient, with error
-feedback on both sides as in BytePS.
+state is the same everywhere and costs no communication. With SGD the compressed tensors are the gradients.
+With Adam/AdamW they are the workers' local momenta after an uncompressed warm-up, with Adam's variance then
+frozen (:class:`ctzoo.scaling.compressed_adam.CompressedMomentumAdam`, 1-bit Adam's design: the paper's own
+adaptive rule is not available to us), since compressed gradients fed to Adam train badly.
 
 **PowerSGD** (torch's own hook) is the anchor.
 
@@ -40,6 +41,7 @@ from pydantic import Field
 from torch import nn
 
 from ctzoo.config import StrictConfig
+from ctzoo.scaling.compressed_adam import CompressedMomentumAdam, adam_step_count
 from ctzoo.scaling.compressors import Compressed, Compressor, ErrorFeedback, RandomBlock, make_compressor
 
 __all__ = ["CSERModelSync", "CSERState", "CommStats", "CompressionConfig", "TwoWayState", "cser_hook",
@@ -55,8 +57,9 @@ class CompressionConfig(StrictConfig):
     compressor: Literal["sign", "topk", "randomk", "block"] = Field("sign", description="twoway: worker side")
     server_compressor: Literal["sign", "topk", "randomk", "block", "none"] = Field(
         "sign", description="twoway: what goes back down")
-    warmup_steps: int = Field(0, ge=0, description="twoway: uncompressed steps first; then Adam's second moment "
-                                                     "is frozen and compression starts (as 1-bit Adam does)")
+    warmup_steps: int = Field(100, ge=0, description="twoway: uncompressed steps first; then Adam's second "
+                                                       "moment is frozen and its momentum is what is compressed "
+                                                       "(as 1-bit Adam does; >= 1 with Adam)")
     min_numel: int = Field(1024, ge=0, description="twoway: tensors smaller than this go uncompressed (biases, "
                                                    "norms: compressing them saves little and hurts most)")
     period: int = Field(16, ge=1, description="cser: error reset every this many steps")
@@ -184,7 +187,7 @@ class CSERModelSync:
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, state: CSERState) -> None:
         self.optimizer, self.state = optimizer, state
         self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.steps = 0
+        self.steps = state.step  # a resumed run keeps its reset phase
 
     def __getattr__(self, name: str) -> Any:  # param_groups, zero_grad, state_dict...: the optimiser's
         return getattr(self.optimizer, name)
@@ -218,42 +221,28 @@ class TwoWayState(_HookState):
     server: ErrorFeedback = None
     min_numel: int = 0
     warmup_steps: int = 0
+    #: adaptive mode (Adam): the wrapper whose preconditioned momentum the workers exchange after the warm-up,
+    #: instead of their gradients (see :mod:`ctzoo.scaling.compressed_adam`)
+    adam: CompressedMomentumAdam | None = None
 
-
-class FrozenVariance:
-    """Optimiser wrapper for Adam-type optimisers under two-way compression: after ``freeze_at`` steps, keep
-    every ``exp_avg_sq`` at its value then. Compressed gradients (a sign, a few top entries) would otherwise
-    teach Adam's per-coordinate scale the compressor's magnitudes instead of the gradient's; 1-bit Adam freezes
-    the variance after an uncompressed warm-up for the same reason."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, freeze_at: int) -> None:
-        self.optimizer, self.freeze_at, self.steps = optimizer, freeze_at, 0
-        self.frozen: dict[int, torch.Tensor] | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.optimizer, name)
-
-    def step(self, closure=None):
-        loss = self.optimizer.step(closure)
-        self.steps += 1
-        states = [(id(p), self.optimizer.state[p]) for group in self.optimizer.param_groups for p in group["params"]
-                  if "exp_avg_sq" in self.optimizer.state.get(p, {})]
-        if self.steps == self.freeze_at:
-            self.frozen = {key: state["exp_avg_sq"].clone() for key, state in states}
-        elif self.frozen is not None:
-            for key, state in states:
-                if key in self.frozen:
-                    state["exp_avg_sq"].copy_(self.frozen[key])
-        return loss
+    def momentum_of(self, bucket, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tensor's local preconditioned momentum (adaptive mode, after the warm-up)."""
+        params = bucket.parameters()
+        if len(params) != len(views):
+            raise RuntimeError("two-way compression with Adam needs a bucket split per parameter")
+        return [self.adam.local_momentum(param, view) for param, view in zip(params, views)]
 
 
 def twoway_hook(state: TwoWayState, bucket):  # -> Future[Tensor]
     """Worker compression with error feedback, exchange, server re-compression with its own error feedback;
-    per parameter tensor of the bucket (tensors under ``state.min_numel`` values are averaged uncompressed)."""
+    per parameter tensor of the bucket (tensors under ``state.min_numel`` values are averaged uncompressed).
+    In adaptive mode the exchanged tensors are the workers' local Adam momenta once the warm-up is over."""
     gradients = bucket.buffer()
     key, seed = bucket.index(), state.bucket_seed(bucket.index())
     views = gradients.split(_segments(bucket, gradients))
     warming = state.step < state.warmup_steps  # uncompressed while Adam's second moment settles
+    if state.adam is not None and not warming:
+        views = state.momentum_of(bucket, list(views))
     small = [i for i, view in enumerate(views) if view.numel() < state.min_numel or warming]
     large = [i for i in range(len(views)) if i not in small]
     out = list(views)
@@ -316,19 +305,20 @@ def setup_compression(ddp_model: nn.parallel.DistributedDataParallel, optimizer:
     stats = CommStats()
     if config.compression == "cser":
         state = CSERState(group=group, seed=config.seed, stats=stats, ratio=config.ratio, period=config.period,
-                          reset_ratio=config.reset_ratio)
+                          reset_ratio=config.reset_ratio, step=adam_step_count(optimizer))  # resumed runs
         ddp_model.register_comm_hook(state, cser_hook)
         return CSERModelSync(optimizer, ddp_model.module, state), stats
     if config.compression == "twoway":
         worker = make_compressor(config.compressor, config.ratio)
         server = make_compressor(config.server_compressor, config.ratio)
+        adaptive = any("betas" in group for group in optimizer.param_groups)
+        if adaptive:
+            optimizer = CompressedMomentumAdam(optimizer, config.warmup_steps)
         state = TwoWayState(group=group, seed=config.seed, stats=stats, worker=ErrorFeedback(worker),
                             server=ErrorFeedback(server), min_numel=config.min_numel,
-                            warmup_steps=config.warmup_steps)
+                            warmup_steps=config.warmup_steps, adam=optimizer if adaptive else None,
+                            step=adam_step_count(optimizer.optimizer) if adaptive else 0)  # resumed runs
         ddp_model.register_comm_hook(state, twoway_hook)
-        adaptive = any("betas" in group for group in optimizer.param_groups)
-        if adaptive and config.warmup_steps:
-            optimizer = FrozenVariance(optimizer, config.warmup_steps)
         return optimizer, stats
     if config.compression == "powersgd":
         ddp_model.register_comm_hook(None, _powersgd(config, stats, ddp_model.module, group))

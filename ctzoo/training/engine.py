@@ -227,7 +227,9 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
                 raise FloatingPointError(f"epoch {epoch + 1} step {step}: loss is {loss.item()} (parts {parts})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip:
+            # under two-way compression with Adam the buffers hold the preconditioned update past the warm-up,
+            # already held to Adam's step bound: clipping its norm would shrink every step (measured: no learning)
+            if cfg.grad_clip and not getattr(optimizer, "buffers_hold_updates", False):
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             step += 1
