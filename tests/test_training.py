@@ -46,7 +46,16 @@ def test_train_writes_logs_and_resumes_bit_for_bit(mini, tmp_path):
     config = tiny_config(tmp_path, mini)
     run_train(config, "--out", tmp_path / "straight")
     run_train(config, "--out", tmp_path / "resumed", "--epochs", "1")
+    first = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     run_train(config, "--out", tmp_path / "resumed", "--resume")
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    # the wall time of a resumed run counts every segment, in summary.json and in metrics.csv
+    assert summary["complete"] and summary["epochs_done"] == 2 and summary["wall_s"] > first["wall_s"]
+    import csv
+
+    walls = [float(row["wall_s"]) for row in csv.DictReader((tmp_path / "resumed" / "metrics.csv").open())]
+    assert walls[0] <= first["wall_s"] and walls[0] < walls[1] <= summary["wall_s"]
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["wall_s"] == walls[1]  # carried on
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
     resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
     assert straight["epoch"] == resumed["epoch"] == 1
@@ -206,3 +215,13 @@ def test_card_device_words():
     assert _device_words({"device": "cuda", "device_name": "NVIDIA H100", "world_size": 4}) == \
         "cuda (NVIDIA H100), 4 processes"
     assert _device_words({}) == "unknown"
+
+
+def test_summary_of_an_unfinished_run_says_so():
+    """summary.json is written after every epoch: one cut off by a scheduler says how far it got."""
+    from ctzoo.training.engine import OptimConfig, _summary
+    from ctzoo.training.recistnet_task import RecistNetTask
+
+    summary = _summary(RecistNetTask, OptimConfig(epochs=120), 95, 0.94, 493.0, torch.device("cpu"), 1)
+    assert summary["complete"] is False and summary["epochs_done"] == 95 and summary["epochs"] == 120
+    assert _summary(RecistNetTask, OptimConfig(epochs=120), 120, 0.94, 600.0, torch.device("cpu"), 1)["complete"]

@@ -167,13 +167,29 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     save_figure(figure, path)
 
 
+def _summary(task: Task, cfg: OptimConfig, epochs_done: int, best: float, wall_s: float, dev: torch.device,
+             world: int) -> dict[str, Any]:
+    summary = {"task": task.name, "epochs": cfg.epochs, "epochs_done": epochs_done,
+               "complete": epochs_done >= cfg.epochs, "best_" + task.primary_metric: best, "wall_s": wall_s,
+               "device": str(dev), "world_size": world}
+    if dev.type == "cuda":  # which card, for model cards and benchmarks ("cuda" alone says little)
+        summary["device_name"] = torch.cuda.get_device_name(dev)
+    return summary
+
+
+def _write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
+    with atomic_path(out_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+
+
 def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False, device: str = "auto",
         extra_state: dict[str, Any] | None = None, progress: bool = True, compression: Any = None) -> dict[str, Any]:
     """Train ``task`` for ``cfg.epochs``; write ``last.pt`` every epoch and ``best.pt`` at the best validation.
 
     ``compression`` (:class:`ctzoo.scaling.compress.CompressionConfig`) picks how DDP exchanges gradients under
     torchrun; the bytes each worker moves per step are logged beside the loss (``comm_bytes_per_step``).
-    Returns the final summary (also written to ``summary.json``): best metric, epochs, wall time.
+    Returns the final summary (also written to ``summary.json``, after every epoch with ``complete: false``):
+    best metric, epochs, wall time (all segments of a resumed run).
     """
     out_dir = Path(out_dir)
     rank, world = _distributed()
@@ -184,7 +200,7 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
     seed_everything(cfg.seed)
     model = task.build_model().to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_epoch, step, best, history = 0, 0, -math.inf, []
+    start_epoch, step, best, history, wall_before = 0, 0, -math.inf, [], 0.0
     last = out_dir / "last.pt"
     if resume:
         if not last.exists():
@@ -193,6 +209,7 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, best, history = state["epoch"] + 1, state["step"], state["best"], state["history"]
+        wall_before = state.get("wall_s", 0.0)  # training time of the earlier segments: wall_s counts all
         log.info("resuming %s at epoch %d", last, start_epoch)
     train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     comm = None
@@ -247,27 +264,27 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 model.eval()
                 row.update({f"val_{k}": v for k, v in task.evaluate(model, dev).items()})
-            row["wall_s"] = round(time.perf_counter() - started, 2)
+            row["wall_s"] = round(wall_before + time.perf_counter() - started, 2)
             runlog.add(row)
             metric = row.get(f"val_{task.primary_metric}")
             payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                        "step": step, "best": best, "history": runlog.history, "config": cfg.model_dump(),
-                       **(extra_state or {})}
+                       "wall_s": row["wall_s"], **(extra_state or {})}
             if metric is not None and metric > best:
                 best = payload["best"] = metric
                 _atomic_save(payload, out_dir / "best.pt")
             _atomic_save(payload, last)
+            # also after every epoch: a run a scheduler cuts off still says what it was and how far it got
+            _write_summary(out_dir, _summary(task, cfg, epoch + 1, best, row["wall_s"], dev, world))
             log.info("epoch %d: %s", epoch + 1, json.dumps({k: round(v, 5) if isinstance(v, float) else v
                                                              for k, v in row.items()}))
         if world > 1:
             dist.barrier()
-    summary = {"task": task.name, "epochs": cfg.epochs, "best_" + task.primary_metric: best,
-               "wall_s": round(time.perf_counter() - started, 2), "device": str(dev), "world_size": world}
-    if dev.type == "cuda":  # which card, for model cards and benchmarks ("cuda" alone says little)
-        summary["device_name"] = torch.cuda.get_device_name(dev)
+    summary = _summary(task, cfg, cfg.epochs, best, round(wall_before + time.perf_counter() - started, 2), dev,
+                       world)
     if rank == 0:
         runlog.close()
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _write_summary(out_dir, summary)
     if world > 1:
         dist.destroy_process_group()
     return summary

@@ -58,6 +58,9 @@ def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, spli
     result = evaluate_recistnet(config, run_dir / f"eval-{split}", split, checkpoint=checkpoint,
                                 data_root=data_root, device="cpu")
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    if not summary.get("complete", True):  # a run cut off before its last epoch says so on its card
+        stopped = f"The run stopped after epoch {summary['epochs_done']} of {summary['epochs']}."
+        notes = f"{stopped} {notes}".strip()
     metrics = {f"sensitivity_at_{fp:g}_fp": Metric(value=round(s, 4), split=split)
                for fp, s in zip(result.fps_per_image, result.sensitivities)}
     metrics["froc_mean_0.5_to_4"] = Metric(value=round(result.mean_sensitivity_0p5_to_4, 4), split=split)
