@@ -12,7 +12,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
@@ -52,16 +51,15 @@ def orthanc_binary() -> str:
 
 
 def dcmtk(tool: str) -> str:
-    """The path of dcmtk's ``tool`` (storescu, echoscu...). pynetdicom installs apps of the same names into the
-    virtual environment, with other options, and an activated venv puts them first on PATH: skip those."""
-    scripts = Path(sys.prefix).resolve() / "bin"
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
+    """The path of dcmtk's ``tool`` (storescu, echoscu...). pynetdicom installs Python apps of the same names,
+    with other options, into every virtual environment that has it, and an activated venv (this one or another
+    one) puts them on PATH first: take the first compiled program of that name, which is dcmtk's."""
+    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin"]:
         candidate = Path(folder) / tool
-        if candidate.is_file() and os.access(candidate, os.X_OK) and candidate.resolve().parent != scripts \
-                and Path(folder).resolve() != scripts:
-            return str(candidate)
-    if Path("/usr/bin", tool).is_file():
-        return f"/usr/bin/{tool}"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            with candidate.open("rb") as program:
+                if program.read(4) == b"\x7fELF":
+                    return str(candidate)
     pytest.fail(f"dcmtk's {tool} not found: apt-get install dcmtk")
 
 
