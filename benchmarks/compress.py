@@ -9,6 +9,7 @@ run. Time per step at 1, 10 and 25 Gbit/s is an estimate: the measured compute t
 processes) plus the bytes over the link, with no overlap of communication and computation.
 
     python benchmarks/compress.py [--epochs 16] [--nproc 2] [--out benchmarks/results/compress.json]
+    python benchmarks/compress.py --device cuda --epochs 200 --eval-every 5 --parallel 10   # the README's
 
 Needs the TotalSegmentator samples (``ctzoo data fetch-samples``).
 """
@@ -23,8 +24,10 @@ import platform
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,36 +37,82 @@ METHODS = {
     "cser": {"compression": "cser", "ratio": 1 / 128, "period": 16, "reset_ratio": 0.25},
     "cser_frequent": {"compression": "cser", "ratio": 1 / 128, "period": 8, "reset_ratio": 0.125},
     "cser_wide": {"compression": "cser", "ratio": 1 / 64, "period": 16, "reset_ratio": 0.25},
+    "cser_h32": {"compression": "cser", "ratio": 1 / 128, "period": 32, "reset_ratio": 0.5},
+    "cser_light": {"compression": "cser", "ratio": 1 / 256, "period": 16, "reset_ratio": 0.25},
     # two-way under AdamW: 10 uncompressed steps, then Adam's preconditioned momentum, compressed both ways
     "twoway_sign": {"compression": "twoway", "compressor": "sign", "server_compressor": "sign", "warmup_steps": 10},
     "twoway_topk": {"compression": "twoway", "compressor": "topk", "ratio": 1 / 64, "server_compressor": "topk",
                     "warmup_steps": 10},
-    # a quarter of the run uncompressed, as 1-bit Adam warms up (15-25 %)
+    # 50 uncompressed steps: a quarter of a 200-step run, as 1-bit Adam warms up (15-25 %); 5 % of 1,000 steps
     "twoway_sign_warm50": {"compression": "twoway", "compressor": "sign", "server_compressor": "sign",
                            "warmup_steps": 50},
+    "twoway_topk_warm50": {"compression": "twoway", "compressor": "topk", "ratio": 1 / 64, "server_compressor":
+                           "topk", "warmup_steps": 50},
+    "twoway_topk256_warm20": {"compression": "twoway", "compressor": "topk", "ratio": 1 / 256,
+                              "server_compressor": "topk", "warmup_steps": 20},
 }
 LINKS_GBIT = (1, 10, 25)
 
 
-def run(method: str, settings: dict, base: dict, folder: Path, nproc: int, epochs: int) -> dict:
+def run(method: str, settings: dict, base: dict, folder: Path, args: argparse.Namespace) -> dict:
     config = {**base, "baseline_unet": False, "distributed": settings,
-              "optim": {**base["optim"], "epochs": epochs, "eval_every": 1}}
+              "optim": {**base["optim"], "epochs": args.epochs, "eval_every": args.eval_every,
+                        **({"seed": args.seed} if args.seed is not None else {})}}
     path = folder / f"{method}.yaml"
     path.write_text(yaml.safe_dump(config))
     out = folder / method
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "ctzoo", "train", str(path), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+               "-m", "ctzoo", "train", str(path), "--out", str(out), "--device", args.device]
+    threads = max(1, (os.cpu_count() or 2) // (args.nproc * args.parallel))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{method}: torchrun failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    return summarize(method, settings, out)
+
+
+def summarize(method: str, settings: dict, out: Path) -> dict:
+    """One run's row, from the ``metrics.csv`` that ``ctzoo train`` wrote into ``out``."""
     rows = list(csv.DictReader((out / "template_seg" / "metrics.csv").open()))
-    dice = [float(r["val_dice_mean"]) for r in rows if r.get("val_dice_mean")]
+    curve, sent, previous = [], 0.0, 0  # (step, megabytes sent up + received down so far, val Dice)
+    for row in rows:
+        sent += float(row["comm_bytes_per_step"]) * (int(row["step"]) - previous) / 1e6
+        previous = int(row["step"])
+        if row.get("val_dice_mean"):
+            curve.append((previous, sent, float(row["val_dice_mean"])))
+    dice = [point[2] for point in curve]
     steps, wall = int(rows[-1]["step"]), float(rows[-1]["wall_s"])
-    bytes_per_step = sum(float(r["comm_bytes_per_step"]) for r in rows) / len(rows)
     return {"method": method, "settings": settings, "final_dice": dice[-1], "best_dice": max(dice),
-            "dice_curve": dice, "steps": steps, "wall_s": wall, "compute_s_per_step": wall / steps,
-            "bytes_per_step": bytes_per_step, "reduction_reported": float(rows[-1]["comm_reduction"])}
+            "dice_curve": dice, "curve_step_mb_dice": curve, "steps": steps, "wall_s": wall,
+            "compute_s_per_step": wall / steps, "bytes_per_step": sent * 1e6 / steps,
+            "reduction_reported": float(rows[-1]["comm_reduction"])}
+
+
+def plot(results: list[dict], reference: dict, path: Path) -> None:
+    """Validation Dice against optimiser steps and against the megabytes each worker moved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_step, by_bytes) = plt.subplots(1, 2, figsize=(13, 5))
+    for row in results:
+        steps, megabytes, dice = zip(*row["curve_step_mb_dice"])
+        label = f"{row['method']} ({row['reduction']:.1f}x)"
+        by_step.plot(steps, dice, label=label, linewidth=2.5 if row is reference else 1.2)
+        by_bytes.plot(megabytes, dice, label=label, linewidth=2.5 if row is reference else 1.2)
+    low = min(min(row["dice_curve"]) for row in results)
+    for axis, xlabel in ((by_step, "optimiser step"), (by_bytes, "MB sent + received per worker (log)")):
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel("validation Dice (mean over organs)")
+        axis.set_ylim(max(low, reference["final_dice"] - 0.15), None)
+        axis.grid(alpha=0.3)
+    by_bytes.set_xscale("log")
+    by_step.legend(fontsize=8)
+    figure.suptitle("Gradient compression: accuracy against steps and against bytes")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def main() -> None:
@@ -71,32 +120,85 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "template_seg_abdomen.yaml")
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=1, help="validation Dice every this many epochs")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seed", type=int, help="training seed (default: the config's)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once (the CPUs are shared out)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda: several processes share a GPU "
+                                                         "over gloo when there are fewer GPUs than --nproc")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compress.json")
+    parser.add_argument("--runs-dir", type=Path, help="keep the runs (configs, metrics.csv, checkpoints) here")
+    parser.add_argument("--collect", action="store_true", help="train nothing: tabulate the runs already in "
+                                                                   "--runs-dir (e.g. a benchmark cut short)")
     args = parser.parse_args()
+    if args.collect and not args.runs_dir:
+        parser.error("--collect needs --runs-dir")
+    results = train_all(args)
+    failed = [row for row in results if "error" in row]
+    results = [row for row in results if "error" not in row]
+    report(results, failed, args)
+
+
+def train_all(args: argparse.Namespace) -> list[dict]:
+    """Every method's row (or its error), training them ``args.parallel`` at a time."""
     base = yaml.safe_load(args.config.read_text())
-    results = []
-    with tempfile.TemporaryDirectory(prefix="ctzoo-compress-bench-") as folder:
-        for method in args.methods:
-            print(f"{method}: torchrun x{args.nproc}, {args.epochs} epochs", flush=True)
-            results.append(run(method, METHODS[method], base, Path(folder), args.nproc, args.epochs))
+    with tempfile.TemporaryDirectory(prefix="ctzoo-compress-bench-") as temporary:
+        folder = args.runs_dir or Path(temporary)
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def one(method: str) -> dict:
+            try:
+                if args.collect:
+                    return summarize(method, METHODS[method], folder / method)
+                print(f"{method}: torchrun x{args.nproc}, {args.epochs} epochs", flush=True)
+                row = run(method, METHODS[method], base, folder, args)
+            except (RuntimeError, OSError) as error:  # one failed method must not lose the others' runs
+                print(error, flush=True)
+                return {"method": method, "settings": METHODS[method], "error": str(error)[-2000:]}
+            print(f"{method}: final Dice {row['final_dice']:.4f}, {row['bytes_per_step']:,.0f} bytes/step, "
+                  f"{row['wall_s']:.0f} s", flush=True)
+            return row
+
+        with ThreadPoolExecutor(args.parallel) as pool:
+            return list(pool.map(one, args.methods))
+
+
+def report(results: list[dict], failed: list[dict], args: argparse.Namespace) -> None:
+    """Print the table against the uncompressed run, write the JSON and the plot beside it."""
     reference = next((r for r in results if r["method"] == "none"), results[0])
-    print(f"\n{'method':<9} {'final Dice':>10} {'best Dice':>9} {'bytes/step':>11} {'reduction':>9} "
-          + " ".join(f"{f'ms/step@{g}G':>12}" for g in LINKS_GBIT))
+    print(f"\n{'method':<22} {'final Dice':>10} {'vs none':>8} {'best Dice':>9} {'bytes/step':>11} "
+          f"{'reduction':>9} " + " ".join(f"{f'ms/step@{g}G':>12}" for g in LINKS_GBIT))
     for row in results:
         row["reduction"] = reference["bytes_per_step"] / row["bytes_per_step"]
         row["dice_vs_none"] = row["final_dice"] - reference["final_dice"]
+        row["within_1pct_of_none"] = row["final_dice"] >= 0.99 * reference["final_dice"]
         row["ms_per_step"] = {str(g): 1000 * (row["compute_s_per_step"] + row["bytes_per_step"] * 8 / (g * 1e9))
                               for g in LINKS_GBIT}
-        print(f"{row['method']:<9} {row['final_dice']:>10.4f} {row['best_dice']:>9.4f} "
+        relative = 100 * row["dice_vs_none"] / reference["final_dice"]
+        print(f"{row['method']:<22} {row['final_dice']:>10.4f} {relative:>+7.1f}% {row['best_dice']:>9.4f} "
               f"{row['bytes_per_step']:>11,.0f} {row['reduction']:>8.1f}x "
               + " ".join(f"{row['ms_per_step'][str(g)]:>12.1f}" for g in LINKS_GBIT))
+    for row in failed:
+        print(f"{row['method']:<22} failed: {row['error'].strip().splitlines()[-1]}")
     result = {"benchmark": "compress", "machine": platform.processor() or platform.machine(),
-              "cpu_count": os.cpu_count(), "args": {k: str(v) for k, v in vars(args).items()},
-              "note": "ms/step = measured compute per step + bytes over the link (no overlap)", "rows": results}
+              "gpu": _gpu_name(args), "cpu_count": os.cpu_count(),
+              "args": {k: str(v) for k, v in vars(args).items()},
+              "note": "final Dice: the last epoch's model (CSER: the workers' average); ms/step = measured "
+                      "compute per step (with --parallel runs sharing the machine) + bytes over the link, no "
+                      "overlap", "rows": results, "failed": failed}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    plot(results, reference, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def _gpu_name(args: argparse.Namespace) -> str | None:
+    """The GPU the runs trained on: this machine's, or (--collect) the one their summaries name."""
+    if args.collect:
+        names = {json.loads(path.read_text()).get("device_name")
+                 for path in args.runs_dir.glob("*/template_seg/summary.json")}
+        return ", ".join(sorted(name for name in names if name)) or None
+    return torch.cuda.get_device_name(0) if args.device != "cpu" and torch.cuda.is_available() else None
 
 
 if __name__ == "__main__":

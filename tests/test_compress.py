@@ -161,22 +161,31 @@ def _worker(rank: int, world: int, init_file: str, configs: dict, out: str, step
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        with torch.no_grad():
-            accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
-        flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        results[name] = {"accuracy": accuracy, "params": flat.tolist()[:50],
-                         "spread": float(max((g - gathered[0]).abs().max() for g in gathered)),
-                         "bytes": stats.per_step() if stats else None,
+        results[name] = {"spread": _spread(model, world), "bytes": stats.per_step() if stats else None,
                          "uncompressed": stats.uncompressed_per_step() if stats else None,
                          "values": stats.values if stats else None}
+        if hasattr(optimizer, "finish_training"):  # CSER: the trained model is the workers' average
+            moved = stats.up + stats.down
+            optimizer.finish_training()
+            results[name] |= {"finish_bytes": stats.up + stats.down - moved, "spread_after": _spread(model, world)}
+        with torch.no_grad():
+            accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
+        results[name] |= {"accuracy": accuracy,
+                          "params": torch.nn.utils.parameters_to_vector(model.parameters()).tolist()[:50]}
         del ddp, optimizer  # DDP's reducer must go before the process group does
         gc.collect()
         dist.barrier()
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     dist.destroy_process_group()
+
+
+def _spread(model: nn.Module, world: int) -> float:
+    """The largest difference of any parameter between this worker and worker 0."""
+    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    return float(max((g - gathered[0]).abs().max() for g in gathered))
 
 
 CONFIGS = {
@@ -223,6 +232,9 @@ def test_hooks_train_close_to_uncompressed_ddp_with_fewer_bytes(world, tmp_path)
     for name in ("none", "twoway", "twoway_sign", "powersgd"):
         assert results[name]["spread"] < 1e-5, name
     assert results["cser"]["spread"] > 0
+    # ...until the end of training, when one full all-reduce (counted) makes them their average
+    assert results["cser"]["spread_after"] < 1e-6
+    assert results["cser"]["finish_bytes"] == 8 * n
 
 
 def test_a_resumed_run_keeps_its_compression_phase(tmp_path):

@@ -104,11 +104,23 @@ def _atomic_save(payload: Any, path: Path) -> None:
         torch.save(payload, temporary)
 
 
+def distributed_backend() -> str:
+    """NCCL when every process on this node has a GPU of its own; gloo on CPUs, and when processes share GPUs
+    (more processes than GPUs on a node: NCCL refuses two ranks on one device, gloo moves CUDA tensors too)."""
+    if not torch.cuda.is_available():
+        return "gloo"
+    return "nccl" if torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", "1")) else "gloo"
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size), initialising torch.distributed when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend = distributed_backend()
+        if backend == "gloo" and torch.cuda.is_available():
+            log.warning("%s processes share %d GPU(s) on this node: gloo, not NCCL", os.environ.get(
+                "LOCAL_WORLD_SIZE"), torch.cuda.device_count())
+        dist.init_process_group(backend)
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -195,7 +207,7 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
     rank, world = _distributed()
     dev = pick_device(device)
     if world > 1 and dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     seed_everything(cfg.seed)
     model = task.build_model().to(dev)
@@ -254,6 +266,8 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
             for key, value in {"loss": float(loss), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
+        if epoch + 1 == cfg.epochs and hasattr(optimizer, "finish_training"):
+            optimizer.finish_training()  # CSER: the local models become their average (counted in the bytes)
         row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                                **{f"train_{k}": v / max(count, 1) for k, v in sums.items()}}
         if comm is not None and comm.steps:  # bytes up + down per worker and step, and the reduction vs plain DDP
