@@ -3,6 +3,7 @@ two-way, PowerSGD) training real processes on gloo against uncompressed DDP with
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -153,7 +154,8 @@ def _worker(rank: int, world: int, init_file: str, configs: dict, out: str, step
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         stats = None
         if config is not None:
-            optimizer, stats = setup_compression(ddp, optimizer, CompressionConfig(**config))
+            setup = setup_compression(ddp, optimizer, CompressionConfig(**config))
+            optimizer, stats = setup.optimizer, setup.stats
         generator = torch.Generator().manual_seed(rank)
         for _ in range(steps):
             index = torch.randint(0, len(x), (32,), generator=generator)
@@ -251,12 +253,22 @@ def test_a_resumed_run_keeps_its_compression_phase(tmp_path):
                 optimizer.step()
             optimizers.append((nn.parallel.DistributedDataParallel(model), optimizer))
         (cser_model, cser_optimizer), (twoway_model, twoway_optimizer) = optimizers
-        sync, _ = setup_compression(cser_model, cser_optimizer, CompressionConfig(compression="cser", period=4))
+        cser = setup_compression(cser_model, cser_optimizer, CompressionConfig(compression="cser", period=4))
+        sync = cser.optimizer
         assert sync.steps == 5 and sync.state.step == 5
-        adam, _ = setup_compression(twoway_model, twoway_optimizer,
-                                    CompressionConfig(compression="twoway", warmup_steps=3))
+        # CSER's local model and optimiser are this worker's own: saved beside worker 0's checkpoint, restored
+        saved = {key: copy.deepcopy(value) for key, value in cser.local_state().items()}
+        weight = cser_model.module[0].weight
+        with torch.no_grad():
+            weight.add_(1.0)
+        cser_optimizer.state[weight]["exp_avg"].zero_()
+        cser.load_local_state(saved)
+        assert torch.equal(weight, saved["model"]["0.weight"])
+        assert torch.equal(cser_optimizer.state[weight]["exp_avg"], saved["optimizer"]["state"][0]["exp_avg"])
+        adam = setup_compression(twoway_model, twoway_optimizer,
+                                 CompressionConfig(compression="twoway", warmup_steps=3)).optimizer
         assert adam.compressing and adam.freeze_at == 3 and adam.buffers_hold_updates
-        del cser_model, twoway_model, sync, adam
+        del cser_model, twoway_model, sync, adam, cser
         gc.collect()
     finally:
         dist.destroy_process_group()

@@ -71,27 +71,37 @@ def test_train_writes_logs_and_resumes_bit_for_bit(mini, tmp_path):
     assert result.exit_code == 1 and "nothing to resume from" in result.output
 
 
+#: AdamW under two-way compression: one plain step, then the compressed momentum (CompressedMomentumAdam)
+TWOWAY_SIGN = {"compression": "twoway", "compressor": "sign", "server_compressor": "sign", "warmup_steps": 1,
+               "min_numel": 0}
+
+
+def _torchrun_train(config, out, *extra):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ctzoo",
+                           "train", str(config), "--out", str(out), *extra], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
 @pytest.mark.parametrize("compression", [
     None,
     {"compression": "cser", "ratio": 0.03125, "period": 1, "reset_ratio": 0.125},
-    # AdamW under two-way compression: one plain step, then the compressed momentum (CompressedMomentumAdam)
-    {"compression": "twoway", "compressor": "sign", "server_compressor": "sign", "warmup_steps": 1, "min_numel": 0},
+    TWOWAY_SIGN,
 ], ids=["none", "cser", "twoway"])
 def test_torchrun_ddp_on_gloo(mini, tmp_path, compression):
     """Two processes on the CPU (gloo), as torchrun launches them on a cluster; rank 0 logs and saves; with
     gradient compression (distributed.compression), the bytes per step are logged beside the loss."""
     import csv
-    import subprocess
-    import sys
 
     config = tiny_config(tmp_path, mini, epochs=1)
     settings = yaml.safe_load(config.read_text())
     settings["optim"]["batch_size"] = 1  # the 4-case miniature split over 2 processes: a few steps each
     config.write_text(yaml.safe_dump({**settings, "distributed": compression or {}}))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ctzoo",
-                           "train", str(config), "--out", str(tmp_path / "ddp")], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _torchrun_train(config, tmp_path / "ddp")
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and done.stdout.count('"world_size": 2') == 1
     (row,) = list(csv.DictReader((tmp_path / "ddp" / "metrics.csv").open()))
@@ -102,6 +112,38 @@ def test_torchrun_ddp_on_gloo(mini, tmp_path, compression):
     else:  # one uncompressed step, then 1 bit (plus a 4-byte scale per tensor) each way: >= 2x over the epoch
         assert int(row["step"]) >= 3 and float(row["comm_reduction"]) > 2
     assert int(row["step"]) > 0 and float(row["comm_bytes_per_step"]) > 0 and float(row["train_loss"]) > 0
+
+
+@pytest.mark.parametrize("compression", ["twoway", "cser"])
+def test_a_compressed_run_resumes_with_every_workers_own_state(mini, tmp_path, compression):
+    """Each worker saves what worker 0's last.pt cannot hold (two-way's error-feedback residuals, CSER's local
+    model and optimiser) and gets it back on --resume: two-way then resumes bit for bit."""
+    config = tiny_config(tmp_path, mini, epochs=2)
+    settings = yaml.safe_load(config.read_text())
+    settings["optim"]["batch_size"] = 1
+    settings["distributed"] = {
+        "twoway": TWOWAY_SIGN,
+        "cser": {"compression": "cser", "ratio": 0.03125, "period": 2, "reset_ratio": 0.125}}[compression]
+    config.write_text(yaml.safe_dump(settings))
+    _torchrun_train(config, tmp_path / "straight")
+    _torchrun_train(config, tmp_path / "resumed", "--epochs", "1")
+    local = [torch.load(tmp_path / "resumed" / f"compression.rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    assert [saved["epoch"] for saved in local] == [0, 0]
+    if compression == "twoway":  # the worker-side residuals differ between workers, the server's do not
+        worker, server = [saved["state"]["worker"] for saved in local], [saved["state"]["server"] for saved in local]
+        assert worker[0] and worker[0].keys() == worker[1].keys()
+        assert all(isinstance(key, str) for key in worker[0])  # parameter names: they outlive DDP's bucket rebuild
+        assert any(not torch.equal(worker[0][key], worker[1][key]) for key in worker[0])
+        assert all(torch.equal(server[0][key], server[1][key]) for key in server[0])
+    else:
+        assert set(local[0]["state"]) == {"model", "optimizer"}
+    _torchrun_train(config, tmp_path / "resumed", "--resume")
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["model"]
+    if compression == "twoway":
+        for name, tensor in straight.items():
+            assert torch.equal(tensor, resumed[name]), name
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["epochs_done"] == 2
 
 
 def test_processes_sharing_a_gpu_use_gloo(monkeypatch):

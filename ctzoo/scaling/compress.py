@@ -47,7 +47,7 @@ from ctzoo.config import StrictConfig
 from ctzoo.scaling.compressed_adam import CompressedMomentumAdam, adam_step_count
 from ctzoo.scaling.compressors import Compressed, Compressor, ErrorFeedback, RandomBlock, make_compressor
 
-__all__ = ["CSERModelSync", "CSERState", "CommStats", "CompressionConfig", "TwoWayState", "cser_hook",
+__all__ = ["CSERModelSync", "CSERState", "CommStats", "Compression", "CompressionConfig", "TwoWayState", "cser_hook",
            "exchange_mean", "setup_compression", "twoway_hook"]
 
 
@@ -188,7 +188,7 @@ class CSERModelSync:
     of ``state.reset_ratio`` of all parameters over the workers. Use it in place of the optimiser."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, state: CSERState) -> None:
-        self.optimizer, self.state = optimizer, state
+        self.optimizer, self.state, self.model = optimizer, state, model
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.steps = state.step  # a resumed run keeps its reset phase
 
@@ -237,6 +237,16 @@ class TwoWayState(_HookState):
     #: adaptive mode (Adam): the wrapper whose preconditioned momentum the workers exchange after the warm-up,
     #: instead of their gradients (see :mod:`ctzoo.scaling.compressed_adam`)
     adam: CompressedMomentumAdam | None = None
+    #: ``id(parameter)`` -> its name: residuals are kept per parameter, so they follow a tensor when DDP rebuilds
+    #: its buckets after the first step (and when a resumed run starts on the initial buckets again)
+    names: dict[int, str] = field(default_factory=dict)
+
+    def keys(self, bucket, views: list[torch.Tensor]) -> list[object]:
+        """The residual key of each view: its parameter's name, or (bucket, position) for an unsplit bucket."""
+        params = bucket.parameters()
+        if len(params) != len(views):
+            return [(bucket.index(), i) for i in range(len(views))]
+        return [self.names.get(id(param), (bucket.index(), i)) for i, param in enumerate(params)]
 
     def momentum_of(self, bucket, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each tensor's local preconditioned momentum (adaptive mode, after the warm-up)."""
@@ -251,7 +261,7 @@ def twoway_hook(state: TwoWayState, bucket):  # -> Future[Tensor]
     per parameter tensor of the bucket (tensors under ``state.min_numel`` values are averaged uncompressed).
     In adaptive mode the exchanged tensors are the workers' local Adam momenta once the warm-up is over."""
     gradients = bucket.buffer()
-    key, seed = bucket.index(), state.bucket_seed(bucket.index())
+    seed = state.bucket_seed(bucket.index())
     views = gradients.split(_segments(bucket, gradients))
     warming = state.step < state.warmup_steps  # uncompressed while Adam's second moment settles
     if state.adam is not None and not warming:
@@ -267,10 +277,11 @@ def twoway_hook(state: TwoWayState, bucket):  # -> Future[Tensor]
         state.stats.up += 4 * plain.numel()
         state.stats.down += 4 * plain.numel()
     if large:
-        sent = [state.worker.step((key, i), views[i], seed + 7 * i)[0] for i in large]
+        keys = state.keys(bucket, views)
+        sent = [state.worker.step(keys[i], views[i], seed + 7 * i)[0] for i in large]
         aggregates = exchange_mean(state.worker.compressor, sent, state.group)
         for i, aggregate in zip(large, aggregates):
-            out[i] = state.server.step((key, i), aggregate, seed + 7 * i + 1)[1]
+            out[i] = state.server.step(keys[i], aggregate, seed + 7 * i + 1)[1]
         state.stats.up += sum(state.worker.compressor.payload_bytes(views[i].numel()) for i in large)
         state.stats.down += sum(state.server.compressor.payload_bytes(views[i].numel()) for i in large)
     gradients.copy_(torch.cat(out))
@@ -311,16 +322,45 @@ def _powersgd(config: CompressionConfig, stats: CommStats, model: nn.Module, gro
     return hook
 
 
+@dataclass
+class Compression:
+    """What :func:`setup_compression` set up: the optimiser to step (wrapped for CSER, and for two-way with Adam),
+    the byte counter (reset it each epoch), and this worker's own state for checkpoints."""
+
+    optimizer: Any
+    stats: CommStats
+    hook_state: _HookState | None = None
+
+    def local_state(self) -> dict[str, Any]:
+        """What this worker holds that worker 0's checkpoint does not, and a resume needs: two-way's
+        error-feedback residuals (the worker side differs between workers), CSER's local model and optimiser
+        (workers drift apart between resets). Empty for the synchronous modes."""
+        if isinstance(self.hook_state, TwoWayState):
+            return {"worker": dict(self.hook_state.worker.errors), "server": dict(self.hook_state.server.errors)}
+        if isinstance(self.hook_state, CSERState):
+            return {"model": self.optimizer.model.state_dict(), "optimizer": self.optimizer.optimizer.state_dict()}
+        return {}
+
+    def load_local_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`local_state` (after the model and optimiser were loaded from worker 0's checkpoint)."""
+        if isinstance(self.hook_state, TwoWayState):
+            self.hook_state.worker.errors.update(state["worker"])
+            self.hook_state.server.errors.update(state["server"])
+        elif isinstance(self.hook_state, CSERState):
+            self.optimizer.model.load_state_dict(state["model"])
+            self.optimizer.optimizer.load_state_dict(state["optimizer"])
+
+
 def setup_compression(ddp_model: nn.parallel.DistributedDataParallel, optimizer: torch.optim.Optimizer,
-                      config: CompressionConfig, group=None) -> tuple[Any, CommStats]:
-    """Register the hook ``config`` names on ``ddp_model``; the optimiser to use (wrapped for CSER) and the byte
-    counter (reset it each epoch). ``compression: none`` registers torch's plain all-reduce, counted."""
+                      config: CompressionConfig, group=None) -> Compression:
+    """Register the hook ``config`` names on ``ddp_model``. ``compression: none`` registers torch's plain
+    all-reduce, counted."""
     stats = CommStats()
     if config.compression == "cser":
         state = CSERState(group=group, seed=config.seed, stats=stats, ratio=config.ratio, period=config.period,
                           reset_ratio=config.reset_ratio, step=adam_step_count(optimizer))  # resumed runs
         ddp_model.register_comm_hook(state, cser_hook)
-        return CSERModelSync(optimizer, ddp_model.module, state), stats
+        return Compression(CSERModelSync(optimizer, ddp_model.module, state), stats, state)
     if config.compression == "twoway":
         worker = make_compressor(config.compressor, config.ratio)
         server = make_compressor(config.server_compressor, config.ratio)
@@ -330,17 +370,19 @@ def setup_compression(ddp_model: nn.parallel.DistributedDataParallel, optimizer:
         state = TwoWayState(group=group, seed=config.seed, stats=stats, worker=ErrorFeedback(worker),
                             server=ErrorFeedback(server), min_numel=config.min_numel,
                             warmup_steps=config.warmup_steps, adam=optimizer if adaptive else None,
-                            step=adam_step_count(optimizer.optimizer) if adaptive else 0)  # resumed runs
+                            step=adam_step_count(optimizer.optimizer) if adaptive else 0,  # resumed runs
+                            names={id(param): name for name, param in ddp_model.module.named_parameters()})
         ddp_model.register_comm_hook(state, twoway_hook)
-        return optimizer, stats
+        return Compression(optimizer, stats, state)
     if config.compression == "powersgd":
         if dist.get_backend(group) == "gloo" and next(ddp_model.parameters()).is_cuda:
-            raise RuntimeError("compression: powersgd needs NCCL for GPU training (one GPU per process): torch's "
-                               "PowerSGD hook does not finish its first step on gloo with CUDA tensors")
+            raise RuntimeError("compression: powersgd needs NCCL for GPU training (one GPU per process): on gloo "
+                               "with CUDA tensors torch's PowerSGD hook did not get through one 5-step epoch in "
+                               "400 s (measured, torch 2.11)")
         ddp_model.register_comm_hook(None, _powersgd(config, stats, ddp_model.module, group))
-        return optimizer, stats
+        return Compression(optimizer, stats)
     ddp_model.register_comm_hook(None, _counted_allreduce(stats, group))
-    return optimizer, stats
+    return Compression(optimizer, stats)
 
 
 def _counted_allreduce(stats: CommStats, group):

@@ -194,6 +194,20 @@ def _write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(summary, indent=2))
 
 
+def _restore_local_state(setup: Any, path: Path, epoch: int, dev: torch.device) -> None:
+    """Give a resumed worker back its own compression state (error-feedback residuals, CSER's local model and
+    optimiser), which worker 0's ``last.pt`` cannot hold; without it the run goes on from worker 0's state."""
+    if not path.exists():
+        if setup.local_state():
+            log.warning("%s missing: this worker resumes from worker 0's state", path)
+        return
+    saved = torch.load(path, map_location=dev, weights_only=False)
+    if saved["epoch"] != epoch:  # the run stopped between the two saves of one epoch
+        log.warning("%s is from epoch %d, last.pt from epoch %d: not used", path, saved["epoch"] + 1, epoch + 1)
+        return
+    setup.load_local_state(saved["state"])
+
+
 def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False, device: str = "auto",
         extra_state: dict[str, Any] | None = None, progress: bool = True, compression: Any = None) -> dict[str, Any]:
     """Train ``task`` for ``cfg.epochs``; write ``last.pt`` every epoch and ``best.pt`` at the best validation.
@@ -224,11 +238,15 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
         wall_before = state.get("wall_s", 0.0)  # training time of the earlier segments: wall_s counts all
         log.info("resuming %s at epoch %d", last, start_epoch)
     train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    comm = None
+    comm = setup = None
+    local_file = out_dir / f"compression.rank{rank}.pt"  # what only this worker holds (see local_state)
     if world > 1:
         from ctzoo.scaling.compress import CompressionConfig, setup_compression
 
-        optimizer, comm = setup_compression(train_model, optimizer, compression or CompressionConfig())
+        setup = setup_compression(train_model, optimizer, compression or CompressionConfig())
+        optimizer, comm = setup.optimizer, setup.stats
+        if resume:
+            _restore_local_state(setup, local_file, start_epoch - 1, dev)
     elif compression is not None and compression.compression != "none":
         log.warning("distributed.compression=%s only acts under torchrun with several processes",
                     compression.compression)
@@ -292,6 +310,9 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
             _write_summary(out_dir, _summary(task, cfg, epoch + 1, best, row["wall_s"], dev, world))
             log.info("epoch %d: %s", epoch + 1, json.dumps({k: round(v, 5) if isinstance(v, float) else v
                                                              for k, v in row.items()}))
+        if setup is not None and (local := setup.local_state()):
+            local_file.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_save({"epoch": epoch, "state": local}, local_file)
         if world > 1:
             dist.barrier()
     summary = _summary(task, cfg, cfg.epochs, best, round(wall_before + time.perf_counter() - started, 2), dev,
