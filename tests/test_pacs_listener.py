@@ -3,6 +3,7 @@ pynetdicom SCP that a test starts late or makes refuse)."""
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import httpx
@@ -10,6 +11,7 @@ import pydicom
 import pytest
 from orthanc_server import OrthancServer, free_port, run_storescu, running_orthanc, storescu
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import CTImageStorage, Verification
 from series_variants import variant_series
 
 from ctzoo.inference.tasks import model_task
@@ -154,6 +156,30 @@ def test_listener_retries_while_the_destination_is_down(tmp_path, sent_files, ta
     finally:
         listener.stop()
         listener.ledger.close()
+
+
+def test_listener_refuses_instances_that_would_fill_its_disk(tmp_path, sent_files, tasks):
+    """Below min_free_mb of free disk a C-STORE is refused with 0xA700 (out of resources: the sender keeps the
+    instance and retries), nothing is written, and the listener goes on serving."""
+    free_mb = shutil.disk_usage(tmp_path).free / 2**20
+    listener = _listener(tmp_path, tasks, AEAddress("DEST", "127.0.0.1", free_port()))
+    listener.min_free_bytes = int((free_mb + 1024) * 2**20)  # more than the disk has
+    dataset = pydicom.dcmread(sent_files[0])
+    ae = AE(ae_title=CALLER)
+    ae.add_requested_context(CTImageStorage, dataset.file_meta.TransferSyntaxUID)  # as sent: no re-encoding
+    ae.add_requested_context(Verification)
+    try:
+        association = ae.associate("127.0.0.1", listener.port, ae_title="CTZOO")
+        assert association.is_established
+        assert association.send_c_store(dataset).Status == 0xA700
+        assert not list((tmp_path / "spool").rglob("*.dcm"))
+        assert association.send_c_echo().Status == 0x0000  # still serving
+        listener.min_free_bytes = 0
+        assert association.send_c_store(dataset).Status == 0x0000
+        assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 1
+        association.release()
+    finally:
+        listener.stop()
 
 
 def test_send_files_reports_a_refusal(tmp_path, sent_files):

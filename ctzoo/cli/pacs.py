@@ -134,7 +134,8 @@ def listen(config: Path) -> None:
             ledger, tasks, settings.rules, settings.state_dir / "spool", settings.state_dir / "work", worker_name(),
             settings.salt(), AEAddress(section.ae_title, section.host, section.port),
             AEAddress(dest.ae_title, dest.host, dest.port),
-            None if section.allowed_calling_aets == ["*"] else section.allowed_calling_aets, section.stable_s)
+            None if section.allowed_calling_aets == ["*"] else section.allowed_calling_aets, section.stable_s,
+            section.min_free_mb)
         try:
             listener.start()
         except OSError as exc:

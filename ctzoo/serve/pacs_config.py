@@ -65,6 +65,9 @@ class ListenerSettings(StrictConfig):
     stable_s: float = Field(30.0, gt=0, description="a series is complete when nothing arrived for this long")
     destination: AESettings = Field(description="where the SR/SEG results are C-STOREd (the PACS)")
     poll_s: float = Field(1.0, gt=0, description="seconds between looks at the spool")
+    min_free_mb: float = Field(1024, ge=0, description="refuse C-STOREs (status 0xA700, out of resources: the "
+                                                       "sender keeps the instance and retries) while the spool's "
+                                                       "file system has less than this free")
 
     _check_title = field_validator("ae_title")(_ae_title)
 

@@ -117,7 +117,7 @@ class DicomListener(SeriesWorker):
 
     def __init__(self, ledger: Ledger, tasks: list[ModelTask], rules: SeriesRules, spool_dir: str | Path,
                  work_dir: str | Path, worker: str, salt: str, address: AEAddress, destination: AEAddress,
-                 allowed_calling_aets: list[str] | None, stable_s: float = 30.0) -> None:
+                 allowed_calling_aets: list[str] | None, stable_s: float = 30.0, min_free_mb: float = 0.0) -> None:
         super().__init__(ledger, tasks, rules, work_dir, worker)
         if not salt:
             raise ValueError("a non-empty salt is required (patient ids are hashed with it)")
@@ -128,6 +128,7 @@ class DicomListener(SeriesWorker):
         self.spool.mkdir(parents=True, exist_ok=True)
         self.salt, self.address, self.destination, self.stable_s = salt, address, destination, stable_s
         self.allowed_calling_aets = allowed_calling_aets
+        self.min_free_bytes = int(min_free_mb * 2**20)
         self._server = None
 
     # -- receiving ----------------------------------------------------------------------------------------
@@ -167,13 +168,19 @@ class DicomListener(SeriesWorker):
             return STATUS_CANNOT_UNDERSTAND
         folder = self.spool / _uid_hash(series_uid)
         try:
+            payload = event.encoded_dataset()
+            free = shutil.disk_usage(self.spool).free
+            if free - len(payload) < self.min_free_bytes:  # keep the disk from filling: the sender retries later
+                log.error("C-STORE refused: %.0f MB free on the spool's disk, %.0f MB are kept free (min_free_mb)",
+                          free / 2**20, self.min_free_bytes / 2**20)
+                return STATUS_OUT_OF_RESOURCES
             if not (folder / SERIES_FILE).exists():
                 info = {"series_uid": series_uid, "modality": modality,
                         "patient_hash": patient_hash(patient_id, self.salt) if patient_id else ""}
                 with atomic_path(folder / SERIES_FILE) as temporary:
                     temporary.write_text(json.dumps(info))
             with atomic_path(folder / f"{_uid_hash(sop_uid)}.dcm") as temporary:
-                temporary.write_bytes(event.encoded_dataset())
+                temporary.write_bytes(payload)
         except OSError as exc:  # a full disk: the sender keeps the instance and may retry
             log.error("C-STORE refused: cannot write the spool (%s)", type(exc).__name__)
             return STATUS_OUT_OF_RESOURCES
