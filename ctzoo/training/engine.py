@@ -198,7 +198,7 @@ def _restore_local_state(setup: Any, path: Path, epoch: int, dev: torch.device) 
     """Give a resumed worker back its own compression state (error-feedback residuals, CSER's local model and
     optimiser), which worker 0's ``last.pt`` cannot hold; without it the run goes on from worker 0's state."""
     if not path.exists():
-        if setup.local_state():
+        if setup.hook_state is not None:  # a mode with per-worker state (CSER, two-way): say what is lost
             log.warning("%s missing: this worker resumes from worker 0's state", path)
         return
     saved = torch.load(path, map_location=dev, weights_only=False)
