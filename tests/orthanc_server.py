@@ -1,7 +1,9 @@
 """A real Orthanc on loopback for tests: ``running_orthanc(tmp_path)`` and ``storescu(instance, files)``.
 
 Needs the Debian packages ``orthanc`` (``/usr/sbin/Orthanc``) and ``dcmtk`` (``storescu``); a missing
-binary fails the test (CI installs them: ``apt-get install -y orthanc dcmtk``), it never skips.
+binary fails the test (CI installs them: ``apt-get install -y orthanc dcmtk``), it never skips. Imports nothing
+of pytest, so ``tests/smoke_install.py`` can start an Orthanc in the main job's environment, which has no test
+tools: a failure raises :class:`OrthancTestError`, an AssertionError, which pytest reports as a failed test.
 """
 
 from __future__ import annotations
@@ -19,10 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
 
 ORTHANC_CANDIDATES = ("Orthanc", "/usr/sbin/Orthanc", "/usr/bin/Orthanc")
 START_TIMEOUT_S = 20.0
+
+
+class OrthancTestError(AssertionError):
+    """Orthanc or dcmtk missing, or Orthanc did not start."""
+
+
+def fail(message: str):
+    raise OrthancTestError(message)
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,7 @@ def orthanc_binary() -> str:
         found = shutil.which(candidate)
         if found:
             return found
-    pytest.fail("Orthanc not found: apt-get install orthanc")
+    fail("Orthanc not found: apt-get install orthanc")
 
 
 def dcmtk(tool: str) -> str:
@@ -60,7 +69,7 @@ def dcmtk(tool: str) -> str:
             with candidate.open("rb") as program:
                 if program.read(4) == b"\x7fELF":
                     return str(candidate)
-    pytest.fail(f"dcmtk's {tool} not found: apt-get install dcmtk")
+    fail(f"dcmtk's {tool} not found: apt-get install dcmtk")
 
 
 def free_port() -> int:
@@ -149,7 +158,7 @@ def _wait_ready(instance: OrthancInstance, process: subprocess.Popen) -> None:
     last_error = "no answer"
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"Orthanc exited with code {process.returncode} while starting; log tail:\n"
+            fail(f"Orthanc exited with code {process.returncode} while starting; log tail:\n"
                         f"{instance.log_tail()}")
         try:
             answer = httpx.get(f"{instance.url}/system", auth=(instance.username, instance.password), timeout=2)
@@ -159,7 +168,7 @@ def _wait_ready(instance: OrthancInstance, process: subprocess.Popen) -> None:
         except httpx.HTTPError as exc:
             last_error = type(exc).__name__
         time.sleep(0.1)
-    pytest.fail(f"Orthanc did not answer GET /system within {START_TIMEOUT_S:.0f} s ({last_error}); log tail:\n"
+    fail(f"Orthanc did not answer GET /system within {START_TIMEOUT_S:.0f} s ({last_error}); log tail:\n"
                 f"{instance.log_tail()}")
 
 

@@ -81,6 +81,33 @@ def test_missing_slice_warns_and_keeps_true_positions(tmp_path):
     assert any("missing slice" in w for w in volume.warnings)
 
 
+def test_instance_numbers_follow_slice_order_and_name_slices(tmp_path):
+    """InstanceNumber is read per slice in the volume's order (not used to sort); slices are named by it and by
+    their own position's z, which differs from the grid's beside a missing slice."""
+    import dataclasses
+
+    spec = SeriesSpec(make_slices(6, step=-2.5))  # acquired head to feet: InstanceNumber 1 is the top slice
+    spec.slices.pop(2)  # a gap: z 100, 97.5, 92.5, 90, 87.5 as InstanceNumber 1..5
+    for path in write_series(tmp_path, spec, shuffle_seed=2):
+        ds = pydicom.dcmread(path)
+        if ds.InstanceNumber == 1:
+            del ds.InstanceNumber
+            ds.save_as(path, enforce_file_format=True)
+    with pytest.warns(DicomWarning, match="missing slice"):
+        volume = read_volume(tmp_path, progress=False)
+    assert volume.dicom.instance_numbers == [5, 4, 3, 2, None]
+    assert [volume.slice_position(k)["z_mm"] for k in range(5)] == [87.5, 90.0, 92.5, 97.5, 100.0]
+    assert volume.index_to_lps([0, 0, 3])[2] == pytest.approx(95.0)  # the grid (median step) is off there
+    assert volume.slice_position(1) == {"index": 1, "z_mm": 90.0, "instance_number": 4,
+                                        "label": "InstanceNumber 4, z 90.0 mm (index 1)"}
+    assert volume.slice_label(4) == "z 100.0 mm (index 4)"  # no InstanceNumber in that file
+    plain = dataclasses.replace(volume, dicom=None)  # NIfTI-like: the grid only
+    assert plain.slice_position(3) == {"index": 3, "z_mm": 95.0, "instance_number": None,
+                                       "label": "z 95.0 mm (index 3)"}
+    with pytest.raises(IndexError):
+        volume.slice_position(5)
+
+
 def test_uneven_spacing_warns(tmp_path):
     spec = SeriesSpec(make_slices(6))
     spec.slices[3].position = (spec.slices[3].position[0], spec.slices[3].position[1],

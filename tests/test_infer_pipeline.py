@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -211,3 +212,146 @@ def test_volume_inputs_equal_training_preprocessing(spacing):
         reference, reference_scale = resample_and_window(planes, volume.spacing[:2], prep)
         np.testing.assert_allclose(image.numpy(), pad_to(reference, *image.shape[-2:]).numpy(), atol=1e-5)
         np.testing.assert_allclose(scale, reference_scale)
+
+
+# ------------------------------------------------------------------------------------ progress off a terminal
+
+
+def _stub_task(seconds_per_batch: float = 0.0):
+    """A ModelTask without a network: every slice predicts None; nothing is written but the status file."""
+    import time
+
+    from ctzoo.inference.tasks import ModelTask
+
+    def preprocess(volume):
+        return None, (plane[None] for plane in volume.array)
+
+    def predict(batch):
+        time.sleep(seconds_per_batch)
+        return [None] * len(batch)
+
+    return ModelTask("stub-model", "0.0.1", "detection", preprocess, predict,
+                     finish=lambda volume, context, outputs: None,
+                     write=lambda volume, result, folder, overlay: ([], {"findings": 0, "detail": ""}))
+
+
+def _tiny_volume(path: Path, slices: int) -> Path:
+    from ctzoo.io import Volume
+
+    return write_volume(Volume(np.zeros((slices, 8, 8), np.float32), spacing=(1.0, 1.0, 2.0)), path)
+
+
+def test_progress_off_a_terminal_logs_slices_while_a_case_runs_and_a_line_per_case(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from ctzoo.inference import progress
+
+    monkeypatch.setattr(progress, "stderr_is_tty", lambda: False)
+    cases = [CaseInput("tiny", _tiny_volume(tmp_path / "tiny.nii.gz", 12)), CaseInput("broken", tmp_path / "nope.nrrd")]
+    (tmp_path / "nope.nrrd").write_bytes(b"not a volume")
+    caplog.set_level(logging.INFO, logger="ctzoo.inference.pipeline")
+    rows = run_pipeline(cases, _stub_task(0.05), PipelineOptions(out=tmp_path / "out", workers=0, batch_size=2,
+                                                                 chunk=2, progress_interval_s=0.02))
+    assert [r["status"] for r in rows] == ["ok", "error"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "ctzoo.inference.pipeline"]
+    periodic = [line for line in lines if "slices/s" in line and "elapsed" in line]
+    assert periodic and all(line.startswith("stub-model: ") for line in periodic)
+    # the slice count moves while the first case is still running: "0/2 cases done, 6 slices (of 12 known so far)"
+    running = [re.match(r"stub-model: 0/2 cases done, (\d+) slices \(of 12 known so far\), [\d.]+ slices/s, "
+                        r"elapsed \S+, ETA ~\S+$", line) for line in periodic]
+    assert any(match and 0 < int(match[1]) < 12 for match in running), periodic
+    assert any(line.startswith("stub-model: case tiny ok in ") and line.endswith(" s (1/2 cases done)")
+               for line in lines)
+    failed = [r for r in caplog.records if r.getMessage().startswith("stub-model: case broken error in ")]
+    assert len(failed) == 1 and failed[0].levelno == logging.WARNING
+    assert lines[-1].startswith("stub-model: finished, 2/2 cases, 12 slices in ")
+
+
+def test_progress_on_a_terminal_is_a_bar_only_and_progress_false_is_silent(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from ctzoo.inference import progress
+
+    case = [CaseInput("tiny", _tiny_volume(tmp_path / "tiny.nii.gz", 4))]
+    caplog.set_level(logging.INFO, logger="ctzoo.inference.pipeline")
+    monkeypatch.setattr(progress, "stderr_is_tty", lambda: True)
+    run_pipeline(case, _stub_task(), PipelineOptions(out=tmp_path / "a", workers=0, progress_interval_s=0.001))
+    monkeypatch.setattr(progress, "stderr_is_tty", lambda: False)
+    run_pipeline(case, _stub_task(), PipelineOptions(out=tmp_path / "b", workers=0, progress_interval_s=0.001,
+                                                     progress=False))
+    assert not [r for r in caplog.records if r.name == "ctzoo.inference.pipeline"]
+
+
+def test_progress_line_and_eta_before_every_case_size_is_known():
+    from ctzoo.inference.progress import Progress, format_duration
+
+    assert [format_duration(s) for s in (4.4, 125, 3720)] == ["4s", "2m05s", "1h02m"]
+    with Progress("m", 3, enabled=True, tty=False, interval_s=3600) as counter:
+        counter.case_slices(0, 10, expected=100)
+        counter.slices_done(10)
+        counter.started -= 10.0  # 1 slice/s
+        line = counter.line()
+        # 100 slices known of 3 cases: the two unseen ones are taken as 100 each -> 290 to go at ~1 slice/s
+        assert line.startswith("m: 0/3 cases done, 10 slices (of 100 known so far), 1.0 slices/s, elapsed 10s, ETA ~4m")
+        counter.case_slices(1, 0, expected=50)
+        counter.case_slices(2, 0, expected=50)
+        assert ", 10/200 slices, " in counter.line()
+
+
+def test_infer_refuses_an_unknown_model_before_anything_else(mixed_inputs):
+    result = CliRunner().invoke(main, ["infer", str(mixed_inputs), "--model", "recistnet-mini", "--model", "nosuch"])
+    assert result.exit_code != 0
+    assert "no model named 'nosuch'" in result.output and "Known models: " in result.output
+    assert "recistnet-mini" in result.output and "template-seg-abdomen" in result.output
+    assert "case(s)" not in result.output
+
+
+def test_infer_lets_progress_lines_through_without_verbose():
+    import logging
+
+    from ctzoo.cli.infer import _progress_logging
+
+    logger = logging.getLogger("ctzoo.inference.pipeline")
+    parent = logging.getLogger("ctzoo.inference")
+    before = parent.level
+    root = logging.getLogger().level
+    logging.getLogger().setLevel(logging.WARNING)  # what 'ctzoo' without -v configures
+    try:
+        assert not logger.isEnabledFor(logging.INFO)
+        with _progress_logging():
+            assert logger.isEnabledFor(logging.INFO)
+        assert parent.level == before and not logger.isEnabledFor(logging.INFO)
+        parent.setLevel(logging.DEBUG)  # -vv stays -vv
+        with _progress_logging():
+            assert logger.isEnabledFor(logging.DEBUG)
+    finally:
+        parent.setLevel(before)
+        logging.getLogger().setLevel(root)
+
+
+# ------------------------------------------------------------------------------------ slices named as in a viewer
+
+
+def test_detections_name_the_key_slice_by_instance_number_and_z(sample_volume):
+    """slice_z_mm is the slice's ImagePositionPatient z, instance_number its InstanceNumber; the one-line detail and
+    the label say the same; without DICOM only z and the index remain."""
+    from ctzoo.inference.recist_volume import detections_document, reorient_lps, slice_detections
+    from ctzoo.inference.tasks import _where
+
+    def document(volume):
+        axial = reorient_lps(volume)
+        points = np.array([[[100, 100], [140, 100], [120, 90], [120, 110], [120, 100]]], dtype=float)
+        found = slice_detections(axial, 7, np.array([0.9]), points, np.array([1.0, 1.0]))
+        return detections_document(volume, axial, found, "m", "1")["lesions"][0]
+
+    lesion = document(sample_volume)
+    header = sample_volume.dicom.headers[7]
+    assert lesion["slice"] == 7
+    assert lesion["slice_z_mm"] == pytest.approx(float(header.ImagePositionPatient[2]), abs=0.005) == -790.5
+    assert lesion["instance_number"] == int(header.InstanceNumber) == 279
+    assert _where(lesion) == "InstanceNumber 279 (z -790.5 mm)"
+    assert sample_volume.slice_label(7) == "InstanceNumber 279, z -790.5 mm (index 7)"
+    plain = dataclasses.replace(sample_volume, dicom=None)
+    lesion = document(plain)
+    assert lesion["slice_z_mm"] == -790.5 and "instance_number" not in lesion
+    assert _where(lesion) == "z -790.5 mm" and plain.slice_label(7) == "z -790.5 mm (index 7)"

@@ -44,4 +44,5 @@ def test_sample_uids_are_repaired_deterministically(sample_dir, sample_volume):
     again = read_volume(sample_dir, progress=False).dicom
     assert (again.study_instance_uid, again.series_instance_uid) == (source.study_instance_uid,
                                                                      source.series_instance_uid)
-    assert any("SeriesInstanceUID was empty" in w for w in sample_volume.warnings)
+    repairs = [w for w in sample_volume.warnings if "empty in" in w]
+    assert len(repairs) == 1 and "SeriesInstanceUID" in repairs[0]  # one warning line, not one per UID

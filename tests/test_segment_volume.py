@@ -101,7 +101,7 @@ def test_summary_counts_volumes_and_slices(sample_volume):
     voxel_ml = np.prod(sample_volume.spacing) / 1000
     liver = summary["classes"]["liver"]
     assert liver == {"label": 1, "voxels": 400, "volume_ml": pytest.approx(400 * voxel_ml, abs=1e-3),
-                     "slices": [3, 4]}
+                     "slices": [3, 4], "slices_z_mm": [-798.5, -796.5]}  # ImagePositionPatient z of slices 3, 4
     assert summary["classes"]["vertebrae"]["slices"] == [7] and summary["classes"]["spleen"]["voxels"] == 0
     assert summary["input"]["study_instance_uid"] == sample_volume.dicom.study_instance_uid
     with pytest.raises(ValueError, match="0..5"):

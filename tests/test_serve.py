@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from ctzoo.cli import main
-from ctzoo.serve.app import create_app
+from ctzoo.cli.serve import console_logging
+from ctzoo.serve.app import create_app, loggable
 from ctzoo.serve.batching import MicroBatcher
 from ctzoo.serve.v2_codec import DecodedRequest, ServeError, decode_request, encode_response
 
@@ -142,7 +146,7 @@ def _close(got: np.ndarray, want: np.ndarray) -> None:
 
 
 def test_health_and_metadata(client, server):
-    assert client.is_server_live()  # liveness needs no token
+    assert client.is_server_live() and client.is_server_ready()  # the probes need no token
     assert client.is_server_ready(headers=dict(AUTH))
     assert client.get_server_metadata(headers=dict(AUTH))["extensions"][0] == "binary_tensor_data"
     meta = client.get_model_metadata(DET, headers=dict(AUTH))
@@ -193,11 +197,14 @@ def test_segmenter_bank_slices(client, sessions, bank):
 
 def test_auth(server, client):
     with httpx.Client(base_url=server[1]) as http:
-        assert http.get("/v2/health/live").status_code == 200
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
                         {"Authorization": "Bearer"}):
-            for path in ("/v2", "/v2/health/ready", f"/v2/models/{DET}", "/metrics"):
-                response = http.get(path, headers=headers)
+            # liveness and readiness are open (Kubernetes probes send no token); everything else is not
+            assert http.get("/v2/health/live", headers=headers).json() == {"live": True}
+            assert http.get("/v2/health/ready", headers=headers).json() == {"ready": True}
+            for method, path in (("GET", "/v2"), ("GET", f"/v2/models/{DET}"), ("GET", f"/v2/models/{DET}/ready"),
+                                 ("GET", "/metrics"), ("POST", "/v2/repository/index")):
+                response = http.request(method, path, headers=headers)
                 assert response.status_code == 401, (path, headers)
                 assert response.headers["www-authenticate"] == "Bearer" and "token" in response.json()["error"]
         response = http.post(f"/v2/models/{DET}/infer", content=b"{}", headers={"Authorization": "Bearer x"})
@@ -385,6 +392,66 @@ def test_extra_routers_reach_models_through_the_batcher_behind_auth(repo, sessio
     assert app.state.metrics.batch_size.labels(DET)._sum.get() == 1  # it went through the batcher
 
 
+ACCESS_LINE = re.compile(r"^(GET|POST) (.+) (\d{3}) (\d+\.\d) ms$")
+
+
+def test_access_log_lifecycle_lines_and_open_readiness(repo, caplog):
+    """One INFO line per request (method, path, status, ms; no query, body, header or token), the path made safe;
+    readiness without a token, 503 once shutting down; the lifespan's shutdown lines with the request count."""
+    caplog.set_level(logging.INFO, logger="ctzoo.serve.access")
+    caplog.set_level(logging.INFO, logger="ctzoo.serve.lifecycle")
+    app = create_app(repo, [TOKEN], device="cpu", threads=1)
+    request_id, forged = "patient-0042-secret", "/v2/models/x%0A2025-01-01 GET /v2 200 0.1 ms%0D%1B[2J%E2%80%A8"
+
+    async def scenario():
+        async with app.router.lifespan_context(app), _asgi(app) as http:
+            assert (await http.get("/v2/health/ready")).status_code == 200
+            body = _json([_tensor()], id=request_id)
+            response = await http.post(f"/v2/models/{DET}/infer?token={TOKEN}&id={request_id}", content=body,
+                                       headers=AUTH)
+            assert response.status_code == 200 and response.json()["id"] == request_id
+            assert (await http.get(forged + "y" * 300, headers=AUTH)).status_code == 404
+            app.state.ready = False  # as in the lifespan's shutdown
+            assert (await http.get("/v2/health/ready")).status_code == 503
+
+    asyncio.run(scenario())
+    lines = [r.getMessage() for r in caplog.records if r.name == "ctzoo.serve.access"]
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "ctzoo.serve.access")
+    parsed = [ACCESS_LINE.match(line) for line in lines]
+    assert all(parsed), lines
+    assert [m.group(1, 3) for m in parsed] == [("GET", "200"), ("POST", "200"), ("GET", "404"), ("GET", "503")]
+    assert [m[2] for m in parsed[:2]] == ["/v2/health/ready", f"/v2/models/{DET}/infer"]  # no query string
+    assert float(parsed[1][4]) > 0
+    path = parsed[2][2]  # one line: the client's line break and escape sequence are escaped, the path cut
+    assert path.startswith("/v2/models/x\\x0a2025-01-01") and "\\x0d\\x1b[2J\\u2028y" in path
+    assert len(path) == 200 and path.endswith("...")
+    assert TOKEN not in caplog.text and request_id not in caplog.text and "inputs" not in caplog.text
+    assert loggable("a\tb\x7f\u202ec") == "a\\x09b\\x7f\\u202ec" and loggable("/a\tb", 6) == "/a\\..."
+    lifecycle = [r.getMessage() for r in caplog.records if r.name == "ctzoo.serve.lifecycle"]
+    assert lifecycle == ["ctzoo serve: shutting down (4 requests served)", "ctzoo serve: stopped"]
+
+
+def test_console_logging_shows_access_lines_unless_turned_off(capsys):
+    """What ``ctzoo serve`` sets up: access lines (with a timestamp) and lifecycle lines on stderr, once each
+    (not again through the root logger), the access log off with --no-access-log."""
+    access, lifecycle = logging.getLogger("ctzoo.serve.access"), logging.getLogger("ctzoo.serve.lifecycle")
+    try:
+        console_logging(access_log=True)
+        console_logging(access_log=True)  # again: no second handler
+        access.info("%s %s %d %.1f ms", "GET", "/v2", 200, 1.25)
+        lifecycle.info("ctzoo serve: stopped")
+        console_logging(access_log=False)
+        access.info("%s %s %d %.1f ms", "GET", "/hidden", 200, 1.0)
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 2 and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} GET /v2 200 1\.2 ms", err[0])
+        assert err[1] == "ctzoo serve: stopped"
+    finally:
+        for log in (access, lifecycle):
+            log.handlers = [h for h in log.handlers if not getattr(h, "_ctzoo_serve", False)]
+            log.setLevel(logging.NOTSET)
+            log.propagate = True
+
+
 def test_no_auth_only_when_asked_and_iobinding_path(repo, sessions):
     with pytest.raises(ValueError, match="no API token"):
         create_app(repo, [], device="cpu")
@@ -447,6 +514,7 @@ def _rss_mb(pid: int) -> float:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the server's RSS")
 def test_cli_server_under_load_has_no_5xx_and_stable_memory(repo, tmp_path, bank, monkeypatch):
+    """Also: its access log and shutdown lines on stderr, and SIGTERM ending it gracefully with status 0."""
     monkeypatch.delenv("CTZOO_SERVE_TOKENS", raising=False)
     refused = CliRunner().invoke(main, ["serve", "--repository", str(repo)])
     assert refused.exit_code != 0 and "no API token" in refused.output
@@ -456,9 +524,11 @@ def test_cli_server_under_load_has_no_5xx_and_stable_memory(repo, tmp_path, bank
     (tmp_path / "tokens").write_text(f"# comment\n{TOKEN}\n", encoding="utf-8")
     (tmp_path / "tokens").chmod(0o600)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "ctzoo", "serve", "--repository", str(repo), "--port",
-                                str(port), "--token-file", str(tmp_path / "tokens"), "--threads", "1"],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = tmp_path / "stderr.txt"  # a file, not a pipe: 400+ access lines must never block the server
+    with stderr.open("wb") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "ctzoo", "serve", "--repository", str(repo), "--port",
+                                    str(port), "--token-file", str(tmp_path / "tokens"), "--threads", "1"],
+                                   env=env, stdout=subprocess.DEVNULL, stderr=sink)
     seg_request = _binary_request({"image": bank.images[:1].numpy(), "template": bank.templates(0).numpy()})
     rng = np.random.default_rng(2)
 
@@ -474,7 +544,7 @@ def test_cli_server_under_load_has_no_5xx_and_stable_memory(repo, tmp_path, bank
     try:
         deadline = time.monotonic() + 60
         while not _is_live(url):
-            assert process.poll() is None, process.stderr.read().decode()
+            assert process.poll() is None, stderr.read_text()
             assert time.monotonic() < deadline, "ctzoo serve did not come up"
             time.sleep(0.1)
         started = time.monotonic()
@@ -489,6 +559,17 @@ def test_cli_server_under_load_has_no_5xx_and_stable_memory(repo, tmp_path, bank
         runs = samples[("ctzoo_batch_requests_count", (("model", DET),))]
         assert runs < 300, f"{runs} model runs for 300 detector requests: nothing was merged"
         print(f"load: 400 requests in {elapsed:.1f} s, RSS {first:.0f} -> {second:.0f} MB, {runs:.0f} detector runs")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0, stderr.read_text()[-2000:]
+        lines = stderr.read_text().splitlines()
+        access = [line.split(" ", 1)[1] for line in lines if re.match(r"\d{4}-\d\d-\d\dT[\d:.]+ (GET|POST) ", line)]
+        assert sum(bool(re.fullmatch(rf"POST /v2/models/({DET}|{SEG})/infer 200 \d+\.\d ms", a))
+                   for a in access) == 400
+        assert any(re.fullmatch(r"GET /metrics 200 \d+\.\d ms", a) for a in access)
+        assert any(a.startswith("GET /v2/health/live 200 ") for a in access)
+        served = int(re.fullmatch(r"ctzoo serve: shutting down \((\d+) requests served\)", lines[-2])[1])
+        assert served == len(access) and lines[-1] == "ctzoo serve: stopped"
+        assert TOKEN not in "\n".join(lines)
     finally:
         process.terminate()
         try:

@@ -55,6 +55,29 @@ def list_samples(cache_dir: Path | None) -> None:
         click.echo("run 'ctzoo data fetch-samples' to fetch the missing ones")
 
 
+@data.command("sample")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def sample(out: Path, force: bool) -> None:
+    """Write the embedded sample CT (a real 20-slice abdominal CT, Apache-2.0) to OUT.
+
+    \b
+    OUT decides the format:
+      ct.nii.gz, ct.nii, ct.nrrd, ct.mha   the volume (int16 HU, geometry kept)
+      ct.zip                               the DICOM series zipped (what POST /studies takes)
+      any other name                       a folder with the DICOM files, LICENSE and NOTICE.md
+
+    \b
+    Example:
+      ctzoo data sample ct.nii.gz && ctzoo info ct.nii.gz
+    """
+    try:
+        written, what = samples.write_sample(out, force=force)
+    except (FileExistsError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {written} ({what})")
+
+
 @data.command("make-deeplesion-mini")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--cases", type=click.IntRange(min=1), default=24, show_default=True,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -30,7 +33,7 @@ def _default_workers() -> int:
               help="Slices per forward pass; slices of consecutive volumes share batches.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for the model (default: the backend's, all cores; on 2 cores this beat 1 model "
-                   "thread beside the reader, see the README's benchmark).")
+                   "thread beside the reader, see docs/benchmarks.md).")
 @click.option("--resume", is_flag=True, help="Skip cases this model version already finished (status-<model>.json).")
 @click.option("--overlay/--no-overlay", default=None,
               help="Draw overlay PNGs (default: only for the embedded sample, when no INPUT is given).")
@@ -52,7 +55,7 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
 
     \b
     Per case, in OUT/<case>/:
-      detectors:  detections.json (the README's schema: five RECIST points per lesion in voxel
+      detectors:  detections.json (docs/recistnet.md's schema: five RECIST points per lesion in voxel
                   indices of the input as stored and in patient LPS mm), sr.dcm (DICOM SR TID 1500
                   with long and short axis, for DICOM input), overlay.png on request
       segmenters: labels.nii.gz (on the input grid), segmentation.json (volume per class),
@@ -60,6 +63,12 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
       status-<model>.json, written last: what --resume trusts
     OUT/summary.csv lists every case with its status and error. A case that fails is recorded there
     and the batch goes on; the exit status is 1 when any case failed. Ctrl-C leaves no partial file.
+    Lesions and overlays name their slice as a viewer does: InstanceNumber (DICOM) and z in mm, with
+    the 0-based index beside them.
+
+    \b
+    Progress: a bar on a terminal; otherwise (logs, CI, systemd) an INFO line every 10 s with cases
+    and slices done, slices/s and a rough ETA, and one line per finished case.
 
     \b
     Examples:
@@ -70,7 +79,13 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     from ctzoo.datasets.samples import sample_ct_dicom
     from ctzoo.inference.inputs import CaseInput, discover_cases
     from ctzoo.inference.pipeline import PipelineOptions
+    from ctzoo.models import UnknownModelError, model_entry
 
+    try:  # every model name before anything else: a typo must not cost a scan of the inputs
+        for model_name in dict.fromkeys(model_names):
+            model_entry(model_name)
+    except UnknownModelError as exc:
+        raise click.ClickException(str(exc)) from exc
     try:
         cases = discover_cases(inputs) if inputs else [CaseInput("sample_ct", sample_ct_dicom())]
         rules = load_rules(rules_file)
@@ -82,8 +97,9 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
                               overlay=(not inputs) if overlay is None else overlay, series=series, rules=rules)
     click.echo(f"{len(cases)} case(s) -> {out}", err=True)
     rows: list[dict] = []
-    for model_name in model_names:
-        rows = _run_model(model_name, cases, options, backend, device, threads, score_threshold, engine, rows)
+    with _progress_logging():
+        for model_name in model_names:
+            rows = _run_model(model_name, cases, options, backend, device, threads, score_threshold, engine, rows)
     failed = [r for r in rows if r["status"] != "ok"]
     for row in rows:
         line = f"{row['case']} [{row['model']}]: " + (f"{row['findings']} finding(s) {row['detail']}".rstrip()
@@ -92,6 +108,21 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     click.echo(f"summary: {out / 'summary.csv'} ({len(rows) - len(failed)} ok, {len(failed)} failed)", err=True)
     if failed:
         raise SystemExit(1)
+
+
+@contextlib.contextmanager
+def _progress_logging() -> Iterator[None]:
+    """Let the pipeline's INFO progress lines (logger ``ctzoo.inference``) through while the models run, unless
+    logging is already more verbose (-vv); the level is put back afterwards. On a terminal the pipeline draws a
+    bar and logs no progress, so no line breaks the bar."""
+    logger = logging.getLogger("ctzoo.inference")
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _run_model(model_name: str, cases, options, backend: str, device: str, threads: int | None,

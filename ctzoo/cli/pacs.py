@@ -47,6 +47,9 @@ def _load(config_path: Path):
 def _ledger(config):
     from ctzoo.serve.pacs_ledger import Ledger
 
+    if not config.state_dir.exists():
+        click.echo(f"creating the state folder {config.state_dir} (ledger, spool, work; state_dir in the config)",
+                   err=True)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     r = config.retry
     return Ledger(config.ledger_path, max_attempts=r.max_attempts, backoff_s=r.backoff_s,
@@ -141,7 +144,7 @@ def listen(config: Path) -> None:
         except OSError as exc:
             raise click.ClickException(f"cannot listen on {section.host}:{section.port}: {exc.strerror}") from exc
         click.echo(f"DICOM listener {section.ae_title} on {section.host}:{listener.port}; results to {dest.ae_title}@"
-                   f"{dest.host}:{dest.port}; models: {', '.join(settings.models)}", err=True)
+                   f"{dest.host}:{dest.port}; models: {', '.join(settings.models)}; state: {settings.state_dir}", err=True)
         try:
             _run_until_signalled(listener, section.poll_s)
         finally:

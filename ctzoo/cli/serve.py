@@ -5,7 +5,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import signal
 import stat
+import sys
+import threading
 from pathlib import Path
 
 import click
@@ -26,6 +29,41 @@ def read_tokens(token_file: Path | None) -> list[str]:
             if line.strip() and not line.lstrip().startswith("#"):
                 tokens.append(line.strip())
     return tokens
+
+
+def console_logging(access_log: bool = True) -> None:
+    """Show the service's own lines on stderr whatever ``-v`` says: the lifecycle lines (``ctzoo serve:
+    shutting down ...``) as they are, and, unless ``access_log`` is false, the access log with a timestamp
+    (``2025-01-31T12:00:00.123 GET /v2/health/ready 200 0.4 ms``). Neither goes on to the root logger's handler
+    (no duplicates with ``-v``); calling this again replaces the handlers it added before."""
+    for name, fmt, level in (("ctzoo.serve.lifecycle", "%(message)s", logging.INFO),
+                             ("ctzoo.serve.access", "%(asctime)s.%(msecs)03d %(message)s",
+                              logging.INFO if access_log else logging.WARNING)):
+        log = logging.getLogger(name)
+        log.handlers = [h for h in log.handlers if not getattr(h, "_ctzoo_serve", False)]
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(fmt, datefmt="%Y-%m-%dT%H:%M:%S"))
+        handler._ctzoo_serve = True
+        log.addHandler(handler)
+        log.setLevel(level)
+        log.propagate = False
+
+
+def run_until_signalled(app, **uvicorn_options) -> None:
+    """``uvicorn.run``, ending normally (exit status 0) after SIGINT or SIGTERM: uvicorn shuts down gracefully on
+    either, then re-raises the signal to the handler it found, which by default would kill the process with it
+    (or raise KeyboardInterrupt, 'Aborted!'); here that handler does nothing. The previous handlers are back
+    once uvicorn returns."""
+    import uvicorn
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        return uvicorn.run(app, **uvicorn_options)
+    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.run(app, **uvicorn_options)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _is_loopback(host: str) -> bool:
@@ -61,15 +99,23 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-queue-delay-ms", type=click.FloatRange(min=0), default=None,
               help="How long the first request waits for others to merge with (default: ctzoo.json).")
 @click.option("--no-batching", is_flag=True, help="Run every request alone (no dynamic batching).")
+@click.option("--no-access-log", is_flag=True,
+              help="Do not print a line per request on stderr (method, path, status, milliseconds).")
 def serve(repository: Path, host: str, port: int, token_file: Path | None, insecure_no_auth: bool,
           metrics_no_auth: bool, max_upload_mb: float, request_timeout_s: float, threads: int | None, device: str,
-          tensorrt: bool, max_batch_size: int | None, max_queue_delay_ms: float | None, no_batching: bool) -> None:
+          tensorrt: bool, max_batch_size: int | None, max_queue_delay_ms: float | None, no_batching: bool,
+          no_access_log: bool) -> None:
     """Serve the models of a repository over HTTP: KServe v2 / Open Inference Protocol.
 
-    Any KServe v2 client works, e.g. tritonclient.http (JSON and binary tensors). Every route but
-    /v2/health/live needs 'Authorization: Bearer <token>'; the service refuses to start without a
-    token unless --insecure-no-auth is given. Concurrent requests for a model are merged into
-    batches (--max-batch-size, --max-queue-delay-ms, --no-batching). Prometheus metrics: /metrics.
+    Any KServe v2 client works, e.g. tritonclient.http (JSON and binary tensors). Every route needs
+    'Authorization: Bearer <token>' except the health probes /v2/health/live and /v2/health/ready
+    (readiness answers 503 while shutting down); the service refuses to start without a token
+    unless --insecure-no-auth is given. Concurrent requests for a model are merged into batches
+    (--max-batch-size, --max-queue-delay-ms, --no-batching). Prometheus metrics: /metrics.
+
+    Every request gets an access-log line on stderr: time, method, path (no query string), status
+    and milliseconds, never bodies, headers or tokens (--no-access-log turns it off). SIGINT or
+    SIGTERM stops the service gracefully (exit status 0).
 
     Whole studies: POST /studies/<model> with a NIfTI, NRRD or MHA file or a zipped DICOM series as
     the body; the answer is what 'ctzoo infer --backend onnx' writes (?format=json, nifti for a
@@ -83,8 +129,6 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
       curl -H "Authorization: Bearer $CTZOO_SERVE_TOKENS" --data-binary @ct.nii.gz \\
            localhost:8000/studies/recistnet-mini
     """
-    import uvicorn
-
     from ctzoo.serve.app import create_app
     from ctzoo.serve.studies import study_router
 
@@ -111,6 +155,8 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
         click.echo(f"serving {model.name} version {model.version} on {model.providers[0]}, batches of up to "
                    f"{model.batcher.max_batch_size if not no_batching else 1}", err=True)
     click.echo(f"KServe v2 on http://{host}:{port}/v2 (metrics: /metrics)", err=True)
+    console_logging(access_log=not no_access_log)
     level = logging.getLogger().getEffectiveLevel()
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level=max(level, logging.INFO),
-                timeout_keep_alive=5)
+    # uvicorn's own access log stays off: it would log query strings
+    run_until_signalled(app, host=host, port=port, access_log=False, log_level=max(level, logging.INFO),
+                        timeout_keep_alive=5)

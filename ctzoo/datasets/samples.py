@@ -54,6 +54,51 @@ def sample_ct_dicom() -> Path:
     return Path(str(resources.files("ctzoo.datasets").joinpath("sample_ct")))
 
 
+def write_sample(out: str | Path, force: bool = False) -> tuple[Path, str]:
+    """Write the embedded sample CT to ``out`` so every example in the docs has an input; returns (path, what).
+
+    ``out`` ending in ``.nii.gz``/``.nii``/``.nrrd``/``.mha``: the volume in that format (int16 HU, geometry kept);
+    ``.zip``: the DICOM series zipped, as ``POST /studies`` takes it; anything else: a folder holding the DICOM
+    files with their licence and notice. Written under a temporary name and renamed; an existing ``out`` is
+    refused unless ``force``.
+    """
+    import shutil
+    import tempfile
+    import zipfile
+
+    from ctzoo.io import read_volume, write_volume
+    from ctzoo.io.atomic import atomic_path, replace_folder
+    from ctzoo.io.image_files import ITK_WRITE_SUFFIXES, NIFTI_SUFFIXES, file_suffix
+
+    out, source = Path(out), sample_ct_dicom()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    files = sorted(p for p in source.iterdir() if p.is_file() and p.name.startswith("CT."))
+    suffix = file_suffix(out)
+    if suffix in NIFTI_SUFFIXES + ITK_WRITE_SUFFIXES:
+        if out.is_dir():
+            raise FileExistsError(f"{out} is a folder; name a file to write the volume to")
+        volume = read_volume(source, progress=False)
+        return write_volume(volume, out, dtype="int16"), f"{' x '.join(map(str, volume.size))} voxels, int16 HU"
+    if suffix == ".zip":
+        with atomic_path(out) as partial, zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as archive:
+            for path in files:  # JPEG 2000 inside already: deflating gains nothing
+                archive.write(path, f"sample_ct/{path.name}")
+        return out, f"zipped DICOM series, {len(files)} files"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the sample is not
+        for path in [*files, source / "LICENSE", source / "NOTICE.md"]:
+            shutil.copy2(path, staging / path.name)
+        replace_folder(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out, f"DICOM series: {len(files)} files, LICENSE, NOTICE.md"
+
+
 def cache_dir() -> Path:
     """Where fetched data lives: ``$CTZOO_CACHE``, else ``$XDG_CACHE_HOME/ctzoo``, else ``~/.cache/ctzoo``."""
     if os.environ.get("CTZOO_CACHE"):

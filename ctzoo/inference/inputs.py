@@ -70,10 +70,14 @@ def _walk(folder: Path) -> Iterator[Path]:
             yield from _walk(sub)
 
 
-def _read_list(path: Path) -> list[Path]:
-    lines = (line.strip() for line in path.read_text().splitlines())
-    return [(path.parent / line) if not Path(line).is_absolute() else Path(line)
-            for line in lines if line and not line.startswith("#")]
+def _read_list(path: Path) -> list[tuple[int, Path]]:
+    """(line number, input) for each entry of a list file; relative entries are relative to the list."""
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            entries.append((number, Path(line) if Path(line).is_absolute() else path.parent / line))
+    return entries
 
 
 def _expand(path: Path, seen_lists: set[Path]) -> Iterator[tuple[Path, Path]]:
@@ -89,8 +93,12 @@ def _expand(path: Path, seen_lists: set[Path]) -> Iterator[tuple[Path, Path]]:
         if path.resolve() in seen_lists:
             raise ValueError(f"{path}: input lists include each other")
         seen_lists.add(path.resolve())
-        for listed in _read_list(path):
-            yield from _expand(listed, seen_lists)
+        for number, listed in _read_list(path):
+            try:
+                found = list(_expand(listed, seen_lists))
+            except (FileNotFoundError, ValueError) as exc:  # say which line of which list, not only the path
+                raise type(exc)(f"{path}, line {number}: {exc}") from None
+            yield from found
     else:
         yield path, path.parent  # a single file (volume, zip, or one DICOM slice: read_volume reads its series)
 

@@ -15,7 +15,8 @@ def plot_detections(volume: Volume, document: dict[str, Any], path: str | Path,
     """Draw the slices holding the best ``max_panels`` lesions of ``document`` (detections.json) on ``volume``.
 
     Long axes red, short axes green, centres as cyan crosses, each labelled with score and size in mm.
-    With no lesion, the middle slice is drawn and says so. Slices are shown as stored (array row 0 on top).
+    With no lesion, the middle slice is drawn and says so. Slices are shown as stored (array row 0 on top), each
+    titled as a radiologist finds it: ``InstanceNumber 12, z -804.5 mm (index 11)`` (:meth:`Volume.slice_label`).
     """
     import matplotlib
 
@@ -36,7 +37,7 @@ def plot_detections(volume: Volume, document: dict[str, Any], path: str | Path,
             axis.plot(*points[4], "c+", markersize=9)
             axis.annotate(f"{lesion['score']:.2f}  {lesion['long_axis_mm']:.0f} x {lesion['short_axis_mm']:.0f} mm",
                           points[:4].max(axis=0) + 4, color="yellow", fontsize=8)
-        axis.set_title(f"slice {k}" + ("" if lesions else ": no lesion above the threshold"), fontsize=10)
+        axis.set_title(volume.slice_label(k) + ("" if lesions else "\nno lesion above the threshold"), fontsize=10)
         axis.set_axis_off()
     figure.suptitle(f"{document.get('model', '')} {document.get('model_version', '')}", fontsize=10)
     figure.tight_layout()

@@ -14,6 +14,9 @@ Stages (the model's parts are :class:`ctzoo.inference.tasks.ModelTask`)::
 * Every file is written under a temporary name and renamed; the status file is written last, so ``--resume``
   skips exactly the cases whose outputs are complete. Ctrl-C lets the file being written finish and
   leaves no partial file.
+* Progress (:class:`ctzoo.inference.progress.Progress`): a bar over cases on a terminal; off one, INFO lines of
+  logger ``ctzoo.inference.pipeline`` every ``progress_interval_s`` seconds (slices done, slices/s, ETA) and
+  one per finished case.
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm.auto import tqdm
 
 from ctzoo.inference.inputs import CaseInput
+from ctzoo.inference.progress import Progress
 from ctzoo.inference.tasks import ModelTask
 from ctzoo.io import Volume
 from ctzoo.io.atomic import atomic_path
@@ -58,7 +61,8 @@ class PipelineOptions:
     overlay: bool = True
     series: str | None = None
     rules: Any = None  # SeriesRules or None
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal, log lines off one; False: neither (service, PACS bridge)
+    progress_interval_s: float = 10.0  # off a terminal: seconds between two progress lines
 
 
 def status_path(out: Path, case: CaseInput, model_name: str) -> Path:
@@ -88,14 +92,17 @@ def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: 
             bad = int(volume.array.size - np.isfinite(volume.array).sum())
             raise ValueError(f"{case.path}: {bad} voxels are NaN or infinite; refusing to guess their HU")
         context, images = task.preprocess(volume)
+        expected = axial_slices(volume)  # for progress only; the end message has the true count
         buffer: list[np.ndarray] = []
         for image in images:
             buffer.append(image)
             if len(buffer) == chunk:
-                yield {"kind": "slices", "case": index, "start": sent, "images": torch.from_numpy(np.stack(buffer))}
+                yield {"kind": "slices", "case": index, "start": sent, "images": torch.from_numpy(np.stack(buffer)),
+                       "expected": expected}
                 sent, buffer = sent + len(buffer), []
         if buffer:
-            yield {"kind": "slices", "case": index, "start": sent, "images": torch.from_numpy(np.stack(buffer))}
+            yield {"kind": "slices", "case": index, "start": sent, "images": torch.from_numpy(np.stack(buffer)),
+                   "expected": expected}
             sent += len(buffer)
         if sent == 0:
             raise ValueError(f"{case.path}: the volume has no slices")
@@ -106,6 +113,11 @@ def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: 
                "read_s": time.perf_counter() - start_time}
     except Exception as exc:  # one bad case must not stop the batch: it is reported in the summary
         yield {"kind": "error", "case": index, "error": error_message(exc)}
+
+
+def axial_slices(volume: Volume) -> int:
+    """How many axial slices the models see: the volume's size along the index axis nearest patient S."""
+    return int(volume.size[int(np.argmax(np.abs(volume.direction[2])))])
 
 
 class CaseStream(IterableDataset):
@@ -245,28 +257,28 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
     """Run ``task`` over ``cases``; returns its summary rows in case order. ``OUT/summary.csv`` holds
     ``other_rows`` (earlier models of the same run) followed by these, rewritten as each case finishes."""
     book = RunBook(cases, task, options, other_rows)
-    todo, record = book.todo, book.record
-    bar = tqdm(total=len(todo), unit="case", desc=f"{task.model_name}", disable=None if options.progress else True)
+    todo = book.todo
+    progress = Progress(task.model_name, len(todo), options.progress_interval_s, enabled=options.progress)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctzoo-writer")
-    pending: deque[tuple[Future, CaseInput]] = deque()
-    started = time.perf_counter()
+    pending: deque[tuple[Future, CaseInput, int]] = deque()
     batcher = _Batcher(task, options.batch_size)
     states = {i: CaseState(case) for i, case in enumerate(todo)}
 
+    def record(row: dict[str, Any], case: CaseInput, index: int) -> None:
+        book.record(row, case)
+        progress.case_done(index, case.name, row["status"])
+
     def collect(block: bool) -> None:
         while pending and (block or pending[0][0].done() or len(pending) > MAX_PENDING_WRITES):
-            future, case = pending.popleft()
-            record(future.result(), case)
-            bar.update(1)
-            rate = batcher.slices_done / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix_str(f"{rate:.1f} slices/s")
+            future, case, index = pending.popleft()
+            record(future.result(), case, index)
 
     def settle(index: int) -> None:
         state = states[index]
         if state.error:
             states.pop(index)
             row = summary_row(state.case, task, "error", error=state.error)
-            pending.append((_done_future(row), state.case))
+            pending.append((_done_future(row), state.case, index))
         elif state.complete:
             states.pop(index)
             end = state.end
@@ -275,7 +287,7 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
             outputs = [state.outputs[k] for k in range(end["slices"])]
             future = writer.submit(_timed_write, task, state.case, volume, end["context"], outputs, options,
                                    end["read_s"], state.started)
-            pending.append((future, state.case))
+            pending.append((future, state.case, index))
         collect(block=False)
 
     def run_batches(flush: bool = False) -> None:
@@ -287,6 +299,7 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
                     if case in states:
                         states[case].error = f"model failed: {error_message(exc)}"
                 results = []
+            progress.slices_done(len(items))
             for case, k, output in results:
                 if case in states:
                     states[case].outputs[k] = output
@@ -307,10 +320,13 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
                 continue  # a case that already failed (its remaining messages are dropped)
             if message["kind"] == "slices":
                 batcher.add(index, message["start"], message["images"])
+                progress.case_slices(index, message["images"].shape[0], message.get("expected"))
             elif message["kind"] == "end":
                 state.end = message
+                progress.case_slices(index, expected=message["slices"])
             else:
                 state.error = message["error"]
+                progress.case_slices(index)
             run_batches()
             if message["kind"] != "slices":
                 settle(index)
@@ -318,13 +334,13 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
         collect(block=True)
     except KeyboardInterrupt:
         writer.shutdown(wait=True, cancel_futures=True)  # the case being written finishes; queued ones do not
-        for future, case in pending:
+        for future, case, index in pending:
             if future.done() and not future.cancelled():
-                record(future.result(), case)
+                record(future.result(), case, index)
         raise
     finally:
         writer.shutdown(wait=True)
-        bar.close()
+        progress.close()
     return book.rows()
 
 

@@ -6,14 +6,18 @@ resampling and window from :func:`ctzoo.datasets.deeplesion.dataset.resample_and
 volume reoriented to LPS axial — the orientation DeepLesion's slices are displayed and trained in.
 Results are mapped back to the voxel indices of the input *as stored* and to patient LPS mm.
 
-Output schema (``detections.json``; stable, see the README)::
+Output schema (``detections.json``; stable, see docs/recistnet.md)::
 
     {"model": str, "model_version": str, "input": {...geometry...},
-     "lesions": [{"score": float, "slice": k, "slices": [k0, k1],
-                  "points_voxel": [[i, j, k] x 5], "points_mm": [[x, y, z] x 5],
+     "lesions": [{"score": float, "slice": k, "slice_z_mm": float, "instance_number": int | None,
+                  "slices": [k0, k1], "points_voxel": [[i, j, k] x 5], "points_mm": [[x, y, z] x 5],
                   "long_axis_mm": float, "short_axis_mm": float, "box_voxel": [i0, j0, i1, j1]}]}
 
-Points are long-axis end 1, long-axis end 2, short-axis end 1, short-axis end 2, centre.
+Points are long-axis end 1, long-axis end 2, short-axis end 1, short-axis end 2, centre. ``slice`` is the key
+slice's 0-based index into the input as stored; ``slice_z_mm`` is that slice's patient LPS z (superior positive,
+its centre voxel; for DICOM from its own ImagePositionPatient) and ``instance_number`` its DICOM InstanceNumber
+(present for DICOM input only; null when the file has none): how a radiologist finds the slice in a viewer
+(:meth:`ctzoo.io.volume.Volume.slice_position`).
 """
 
 from __future__ import annotations
@@ -197,9 +201,15 @@ def detections_document(volume: Volume, axial: Volume, detections: list[SliceDet
         # each slice of the lesion, through its centre, in the input's own slice numbering
         centres = np.array([[*lesion.points_ijk[4, :2], s] for s in lesion.slices], dtype=float)
         input_k = (axial.index_to_lps(centres) @ to_input[:3, :3].T + to_input[:3, 3])[:, 2]
+        key = int(round(voxel[4, 2]))
+        where = volume.slice_position(key)
+        named = {"slice_z_mm": where["z_mm"]}
+        if volume.dicom is not None:
+            named["instance_number"] = where["instance_number"]
         documents.append({
             "score": round(lesion.score, 5),
-            "slice": int(round(voxel[4, 2])),
+            "slice": key,
+            **named,
             "slices": sorted({int(round(k)) for k in input_k}),
             "points_voxel": np.round(voxel, 3).tolist(),
             "points_mm": np.round(lesion.points_mm, 3).tolist(),

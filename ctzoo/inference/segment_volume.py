@@ -15,9 +15,11 @@ segmenter ``(B, 1, H, W) -> (B, C + 1, H, W)`` (e.g. the MONAI UNet baseline) an
 Summary schema (``segmentation.json``; :func:`seg_summary`)::
 
     {"model": str, "model_version": str, "input": {...geometry...}, "voxel_volume_ml": float,
-     "classes": {name: {"label": c, "voxels": int, "volume_ml": float, "slices": [k, ...]}}}
+     "classes": {name: {"label": c, "voxels": int, "volume_ml": float, "slices": [k, ...],
+                        "slices_z_mm": [z, ...]}}}
 
-``slices`` are indices ``k`` of ``volume.array[k]`` (the input's own slice order) that hold the class.
+``slices`` are indices ``k`` of ``volume.array[k]`` (the input's own slice order) that hold the class;
+``slices_z_mm`` the same slices' patient LPS z in mm (superior positive, :meth:`Volume.slice_position`).
 """
 
 from __future__ import annotations
@@ -113,10 +115,13 @@ def seg_summary(labels: np.ndarray, volume: Volume, class_names: Sequence[str], 
     for k, plane in enumerate(labels):
         per_slice[k] = np.bincount(plane.ravel().astype(np.int64), minlength=per_slice.shape[1])
     counts = per_slice.sum(axis=0)
-    classes = {name: {"label": value, "voxels": int(counts[value]),
-                      "volume_ml": round(float(counts[value]) * voxel_ml, 3),
-                      "slices": np.flatnonzero(per_slice[:, value]).tolist()}
-               for value, name in enumerate(class_names, start=1)}
+    z_mm = [volume.slice_position(k)["z_mm"] for k in range(labels.shape[0])]
+    classes = {}
+    for value, name in enumerate(class_names, start=1):
+        slices = np.flatnonzero(per_slice[:, value]).tolist()
+        classes[name] = {"label": value, "voxels": int(counts[value]),
+                         "volume_ml": round(float(counts[value]) * voxel_ml, 3),
+                         "slices": slices, "slices_z_mm": [z_mm[k] for k in slices]}
     return {"model": model_name, "model_version": model_version, "input": volume_geometry(volume),
             "voxel_volume_ml": round(voxel_ml, 9), "classes": classes}
 
@@ -146,5 +151,5 @@ def write_segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence
         k = int(np.argmax((labels > 0).sum(axis=(1, 2))))
         image = np.clip((volume.array[k] + 200.0) / 600.0, 0, 1)
         written.append(plot_seg_overlay(image, np.zeros_like(labels[k]), {f"{model_name} {model_version}": labels[k]},
-                                        class_names, folder / "labels_overlay.png", title=f"slice {k} (as stored)"))
+                                        class_names, folder / "labels_overlay.png", title=volume.slice_label(k)))
     return written

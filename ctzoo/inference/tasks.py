@@ -104,10 +104,19 @@ def detector_task(model_name: str, backend, score_threshold: float = 0.3, max_le
             written.append(plot_detections(volume, document, folder / "overlay.png"))
         lesions = document["lesions"]
         return written, {"findings": len(lesions),
-                         "detail": "; ".join(f"{d['long_axis_mm']:.0f}x{d['short_axis_mm']:.0f} mm slice {d['slice']}"
+                         "detail": "; ".join(f"{d['long_axis_mm']:.0f}x{d['short_axis_mm']:.0f} mm at {_where(d)}"
                                              for d in lesions[:5])}
 
     return ModelTask(model_name, version, "detection", DetectorPreprocess(prep), predict, finish, write)
+
+
+def _where(lesion: dict[str, Any]) -> str:
+    """The lesion's key slice for a one-line detail: ``InstanceNumber 12 (z -45.0 mm)``, else ``z -45.0 mm``."""
+    z_mm = lesion.get("slice_z_mm")
+    if z_mm is None:
+        return f"index {lesion['slice']}"
+    number = lesion.get("instance_number")
+    return f"z {z_mm:.1f} mm" if number is None else f"InstanceNumber {number} (z {z_mm:.1f} mm)"
 
 
 # ----------------------------------------------------------------------------------------- segmenters

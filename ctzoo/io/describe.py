@@ -46,7 +46,9 @@ def describe_path(path: str | Path, series: str | None = None, rules: SeriesRule
             scan.root = str(path)
             info: dict[str, Any] = {
                 "path": str(path),
-                "kind": "dicom-zip" if display_root else "dicom-folder",
+                # a folder or zip without DICOM is not called a DICOM one
+                "kind": ("dicom-zip" if display_root else "dicom-folder") if scan.series
+                        else ("zip" if display_root else "folder"),
                 "series": [s.summary(rules) for s in scan.series],
                 "non_dicom_files": len(scan.not_dicom),
                 "other_volumes": sorted(str(Path(p).relative_to(folder)) if display_root is None else p

@@ -155,8 +155,8 @@ def decode_slice_hu(header: SliceHeader) -> np.ndarray:
 
 def _source(series: SeriesInfo, slices: list[SliceHeader], display_root: str, messages: list[str]) -> DicomSource:
     datasets, notes = repair_uids([s.dataset for s in slices], series.key, in_place=True)
-    for note in notes:
-        _warn(messages, f"{display_root}: {note}")
+    if notes:  # one warning, not one per UID: anonymised series lack several at once
+        _warn(messages, f"{display_root}: {'; '.join(notes)} (the same on every read)")
     first = datasets[0]
     age_sex = {k: str(first.get(k, "") or "") for k in ("PatientAge", "PatientSex")}
     number = first.get("SeriesNumber")
@@ -179,7 +179,17 @@ def _source(series: SeriesInfo, slices: list[SliceHeader], display_root: str, me
         photometric_interpretation=str(first.get("PhotometricInterpretation", "")),
         uids_repaired=bool(notes),
         headers=datasets,
+        instance_numbers=[_instance_number(ds) for ds in datasets],
     )
+
+
+def _instance_number(ds) -> int | None:
+    """The slice's InstanceNumber (IS) as an int; None when absent, empty or not a number."""
+    value = ds.get("InstanceNumber")
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def volume_from_series(series: SeriesInfo, display_root: str = "", workers: int | None = None,

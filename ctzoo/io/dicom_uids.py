@@ -63,16 +63,19 @@ def repair_uids(datasets: Sequence[pydicom.Dataset], series_key: str,
         for keyword, uid in series_wide.items():
             if not _value(ds, keyword):
                 setattr(ds, keyword, uid)
-                note(keyword, "a derived UID")
+                note(keyword, "derived UIDs")
         meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
         if not _value(ds, "SOPClassUID") and _value(meta, "MediaStorageSOPClassUID"):
             ds.SOPClassUID = meta.MediaStorageSOPClassUID
-            note("SOPClassUID", "the file meta's MediaStorageSOPClassUID")
+            note("SOPClassUID", "taken from the file meta")
         if not _value(ds, "SOPInstanceUID"):
             from_meta = _value(meta, "MediaStorageSOPInstanceUID")
             ds.SOPInstanceUID = from_meta or derived_uid(
                 "instance", series_key, _value(ds, "ImagePositionPatient"), _value(ds, "InstanceNumber"))
-            note("SOPInstanceUID", "the file meta's MediaStorageSOPInstanceUID" if from_meta else "a derived UID")
+            note("SOPInstanceUID", "taken from the file meta" if from_meta else "derived UIDs")
+    grouped: dict[tuple[str, int], list[str]] = {}  # one line per way of repairing, not one per UID
     for (keyword, how), count in counts.items():
-        notes.append(f"{keyword} was empty in {count} file(s); filled with {how}")
+        grouped.setdefault((how, count), []).append(keyword)
+    for (how, count), keywords in grouped.items():
+        notes.append(f"{', '.join(keywords)} empty in {count} file(s): {how}")
     return repaired, notes

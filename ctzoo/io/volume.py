@@ -19,7 +19,8 @@ class DicomSource:
     """What a volume read from DICOM must remember to be referenced by DICOM SEG and SR later.
 
     Per-slice lists are in the volume's slice order (``Volume.array[k]`` came
-    from ``sop_instance_uids[k]`` / ``files[k]``). ``headers`` keeps each
+    from ``sop_instance_uids[k]`` / ``files[k]``; ``instance_numbers[k]`` is that
+    file's InstanceNumber, None where it has none). ``headers`` keeps each
     slice's pydicom dataset without pixel data (patient module included), as
     highdicom wants them for ``source_images``; never log them.
     """
@@ -42,6 +43,7 @@ class DicomSource:
     photometric_interpretation: str = ""
     uids_repaired: bool = False
     headers: list[Any] = field(default_factory=list, repr=False)
+    instance_numbers: list[int | None] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly identity without patient identifiers (age and sex only) and without headers."""
@@ -128,6 +130,38 @@ class Volume:
         affine = self.affine_lps
         return ijk @ affine[:3, :3].T + affine[:3, 3]
 
+    def slice_position(self, k: int) -> dict[str, Any]:
+        """Where slice ``k`` (``array[k]``, 0-based as stored) lies, named as a radiologist names it.
+
+        ``{"index": k, "z_mm": float, "instance_number": int | None, "label": str}``: ``z_mm`` is the patient
+        LPS z (superior positive) of the slice's centre voxel, rounded to 0.01 mm; for DICOM input it is taken
+        from the slice's own ImagePositionPatient (the grid uses the median step, so with missing slices the two
+        differ). ``instance_number`` is the slice's DICOM InstanceNumber (None without DICOM or without the
+        attribute). The label is :func:`slice_label`'s, e.g. ``InstanceNumber 12, z -804.5 mm (index 11)``.
+        Only geometry is used, never the voxels.
+        """
+        k = int(k)
+        dicom = self.dicom
+        count = len(dicom.sop_instance_uids) if dicom is not None else self.array.shape[0]
+        if k < 0 or (count and k >= count):
+            raise IndexError(f"slice {k} is outside the volume's slices 0..{count - 1}")
+        columns, rows = self.size[:2]
+        centre = np.array([max(columns - 1, 0) / 2.0, max(rows - 1, 0) / 2.0, float(k)])
+        position = self.index_to_lps(centre)
+        if dicom is not None and len(dicom.image_positions) == count:  # the slice's true position
+            in_plane = self.direction[:, :2] @ (centre[:2] * np.asarray(self.spacing[:2]))
+            position = np.asarray(dicom.image_positions[k], dtype=float) + in_plane
+        number = None
+        if dicom is not None and len(dicom.instance_numbers) == count:
+            number = dicom.instance_numbers[k]
+        z_mm = round(float(position[2]), 2) + 0.0  # + 0.0: no "-0.0"
+        return {"index": k, "z_mm": z_mm, "instance_number": number, "label": slice_label(k, z_mm, number)}
+
+    def slice_label(self, k: int) -> str:
+        """``InstanceNumber 12, z -804.5 mm (index 11)`` (DICOM) or ``z -804.5 mm (index 11)``: see
+        :meth:`slice_position`."""
+        return self.slice_position(k)["label"]
+
     def with_array(self, array: np.ndarray) -> Volume:
         """Same geometry and source, new voxels (e.g. a label map on this grid); shapes must match."""
         if np.shape(array) != self.array.shape:
@@ -153,3 +187,11 @@ class Volume:
         if self.dicom is not None:
             info["dicom"] = self.dicom.summary()
         return info
+
+
+def slice_label(index: int, z_mm: float, instance_number: int | None = None) -> str:
+    """How overlays and logs name a slice: ``InstanceNumber 12, z -804.5 mm (index 11)``, or without an
+    InstanceNumber ``z -804.5 mm (index 11)``. ``index`` is the 0-based ``Volume.array`` index, ``z_mm`` the
+    patient LPS z (superior positive) of the slice centre."""
+    where = f"z {z_mm:.1f} mm (index {int(index)})"
+    return where if instance_number is None else f"InstanceNumber {instance_number}, {where}"

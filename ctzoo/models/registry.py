@@ -70,9 +70,21 @@ class TrainingInfo(_Strict):
     config_file: str = Field(description="training config file, relative to the repository root")
     command: str = Field(description="the command that reproduces the weights")
     device: str = Field(description="accelerator (and count) trained on")
-    epochs: int = Field(ge=0)
+    epochs: int = Field(ge=0, description="epochs trained")
+    epochs_planned: int | None = Field(None, ge=0, description="epochs of the schedule (more than trained: cut off)")
+    best_epoch: int | None = Field(None, ge=1, description="the epoch whose weights these are (chosen on validation)")
     wall_time_s: float = Field(ge=0, description="training wall time in seconds")
     notes: str = Field("", description="what else a reader must know: a run stopped early, resumed elsewhere")
+
+
+    def epochs_text(self) -> str:
+        """"30", "95 of 120", each with "; weights from epoch N (best on validation)" when that is known."""
+        text = str(self.epochs)
+        if self.epochs_planned is not None and self.epochs_planned != self.epochs:
+            text += f" of {self.epochs_planned} planned"
+        if self.best_epoch is not None:
+            text += f"; weights from epoch {self.best_epoch} (best on validation)"
+        return text
 
 
 class Metric(_Strict):
@@ -117,7 +129,7 @@ class ModelCard(_Strict):
                  "## Intended use", "", self.description, "",
                  "## Inputs", "", *_table(("Field", "Value"), list(self.input_spec.items())), "",
                  "## Training", "", *_table(("Field", "Value"), [
-                     ("Data", t.data), ("Config", f"`{t.config_file}`"), ("Device", t.device), ("Epochs", t.epochs),
+                     ("Data", t.data), ("Config", f"`{t.config_file}`"), ("Device", t.device), ("Epochs", t.epochs_text()),
                      ("Wall time", f"{wall // 3600}:{wall // 60 % 60:02d}:{wall % 60:02d} (h:mm:ss)"),
                      ("Software", software), *([("Notes", t.notes)] if t.notes else [])]), "",
                  "## Metrics", "", *_table(("Metric", "Split", "Value"),

@@ -3,8 +3,8 @@
 Routes (``{m}`` a model name; every model route also answers under ``/v2/models/{m}/versions/{v}/...``):
 
 =====================================  ====================================================================
-``GET  /v2/health/live``               liveness, the only route without a token
-``GET  /v2/health/ready``              readiness (all models loaded; 503 while shutting down)
+``GET  /v2/health/live``               liveness (no token needed)
+``GET  /v2/health/ready``              readiness: all models loaded; 503 while shutting down (no token needed)
 ``GET  /v2``                           server metadata (name, version, extensions)
 ``GET  /v2/models/{m}``                model metadata: name, versions, platform, inputs/outputs
 ``GET  /v2/models/{m}/ready``          model readiness
@@ -14,13 +14,20 @@ Routes (``{m}`` a model name; every model route also answers under ``/v2/models/
 ``GET  /metrics``                      Prometheus metrics (token required unless ``metrics_no_auth``)
 =====================================  ====================================================================
 
-Security: a bearer token (``Authorization: Bearer T``) is required everywhere but liveness, compared in constant
-time against SHA-256 digests of the configured tokens; there is no way to run without tokens except the
-explicit ``insecure_no_auth``. Bodies are limited to ``max_upload_mb``, checked on ``Content-Length`` before
-reading and on the bytes actually streamed (413); each inference has ``request_timeout_s`` (504). Request bodies,
-request ids and tensor values are never logged (they may identify patients); the access log, at DEBUG, holds
-method, path, status and duration only. Errors are ``{"error": "..."}`` with a 4xx status naming what is wrong
-with the request; 5xx means a fault of the server (503: the queue is full or the service is stopping).
+Security: a bearer token (``Authorization: Bearer T``) is required everywhere but the two health probes (liveness
+and readiness, which Kubernetes and load balancers call without credentials and which reveal nothing but up/ready),
+compared in constant time against SHA-256 digests of the configured tokens; there is no way to run without tokens
+except the explicit ``insecure_no_auth``. Bodies are limited to ``max_upload_mb``, checked on ``Content-Length``
+before reading and on the bytes actually streamed (413); each inference has ``request_timeout_s`` (504). Errors
+are ``{"error": "..."}`` with a 4xx status naming what is wrong with the request; 5xx means a fault of the server
+(503: the queue is full or the service is stopping).
+
+Logging: request bodies, headers (tokens), query strings, request ids and tensor values are never logged (they may
+identify patients). The access log, logger ``ctzoo.serve.access`` at INFO, has one line per request:
+``METHOD PATH STATUS DURATION ms`` (e.g. ``POST /v2/models/m/infer 200 12.3 ms``), the path without its query
+string, control characters escaped (``\\x0a``) and cut to 200 characters, so a client cannot forge log lines.
+Logger ``ctzoo.serve.lifecycle`` (INFO) says ``ctzoo serve: shutting down (N requests served)`` when the lifespan
+ends and ``ctzoo serve: stopped`` once the batchers have stopped. ``ctzoo serve`` shows both on stderr.
 
 Metrics (a registry per app): ``ctzoo_requests_total{model,endpoint,code}``,
 ``ctzoo_request_stage_seconds{model,stage}`` (stages decode, queue, inference, encode, total),
@@ -65,9 +72,22 @@ from ctzoo.serve.v2_codec import HEADER_LENGTH, ServeError, decode_request, enco
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("ctzoo.serve.access")
+lifecycle_logger = logging.getLogger("ctzoo.serve.lifecycle")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?(?:/(infer|ready|config))?/?$")
+#: characters that could break or disguise a log line: C0/C1 controls (CR, LF, ESC...), Unicode line and
+#: paragraph separators, zero-width and bidirectional formatting characters, the byte order mark
+_UNSAFE_FOR_LOG = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+MAX_LOGGED_PATH = 200
+
+
+def loggable(text: str, limit: int = MAX_LOGGED_PATH) -> str:
+    """``text`` (a client-chosen path or method) safe for one log line: unsafe characters escaped as ``\\xNN`` or
+    ``\\uNNNN``, and cut to ``limit`` characters (ending in ``...``)."""
+    text = _UNSAFE_FOR_LOG.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}",
+                               text[:limit + 1])  # escapes only lengthen: the rest would be cut anyway
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -94,6 +114,7 @@ class ServeMetrics:
                                         buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
         self.depth = Gauge("ctzoo_queue_depth", "Requests waiting in the model's batching queue", ["model"],
                            registry=registry)
+        self.served = 0  # HTTP requests answered (any route and status), for the shutdown line
 
     def queue_depth(self, model: str, depth: int) -> None:
         self.depth.labels(model).set(depth)
@@ -109,7 +130,8 @@ class ServeMetrics:
 
 class _AccessMiddleware:
     """Counts every HTTP request by model, endpoint and status, times inference requests end to end and writes
-    the access log (no query strings, no bodies). A pure ASGI middleware: bodies stream through untouched."""
+    the access log: method, path, status, milliseconds; no query strings, headers or bodies, the path made safe
+    by :func:`loggable`. A pure ASGI middleware: bodies stream through untouched."""
 
     def __init__(self, app, metrics: ServeMetrics, models: dict[str, ServedModel]) -> None:
         self.app, self.metrics, self.models = app, metrics, models
@@ -131,9 +153,12 @@ class _AccessMiddleware:
             seconds = time.perf_counter() - started
             model, endpoint = _classify(scope["path"], self.models)
             self.metrics.requests.labels(model, endpoint, str(status)).inc()
+            self.metrics.served += 1
             if endpoint == "infer" and model != "_unknown":
                 self.metrics.latency.labels(model, "total").observe(seconds)
-            access_logger.debug("%s %s %d %.1f ms", scope["method"], scope["path"], status, seconds * 1000)
+            if access_logger.isEnabledFor(logging.INFO):
+                access_logger.info("%s %s %d %.1f ms", loggable(scope["method"], 16), loggable(scope["path"]),
+                                   status, seconds * 1000)
 
 
 def _classify(path: str, models: dict[str, ServedModel]) -> tuple[str, str]:
@@ -220,8 +245,10 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
         app.state.ready = True
         yield
         app.state.ready = False
+        lifecycle_logger.info("ctzoo serve: shutting down (%d requests served)", metrics.served)
         for model in models.values():
             await model.batcher.stop()
+        lifecycle_logger.info("ctzoo serve: stopped")
 
     app = FastAPI(title="ctzoo serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -250,16 +277,17 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
                      exc_info=exc)
         return _error(500, "internal server error (details are in the server log)")
 
+    # the probes need no token: Kubernetes and load balancers send none, and they reveal nothing but up/ready
     @app.get("/v2/health/live")
     async def live() -> dict:
         return {"live": True}
 
-    router = APIRouter(dependencies=auth)
-
-    @router.get("/v2/health/ready")
+    @app.get("/v2/health/ready")
     async def ready(request: Request) -> JSONResponse:
         is_ready = bool(request.app.state.ready)
         return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    router = APIRouter(dependencies=auth)
 
     @router.get("/v2")
     async def server_metadata() -> dict:

@@ -92,7 +92,8 @@ class RetrySettings(StrictConfig):
 class PacsConfig(StrictConfig):
     """Everything ``ctzoo pacs`` needs; see ``configs/pacs.yaml``."""
 
-    state_dir: Path = Field(description="ledger.sqlite, spool/ (received series), work/ (temporary), salt")
+    state_dir: Path | None = Field(None, description="ledger.sqlite, spool/ (received series), work/ (temporary), "
+                                                      "salt; default: default_state_dir(config file)")
     models: list[str] = Field(default_factory=lambda: ["recistnet-mini", "template-seg-abdomen"],
                               min_length=1, description="zoo models run on every accepted series")
     backend: Literal["onnx", "torch"] = "onnx"
@@ -141,12 +142,21 @@ def _warn_if_readable(path: Path) -> None:
         raise ConfigError(f"{path} is readable by other users; chmod 600 it")
 
 
+def default_state_dir(config_path: str | Path) -> Path:
+    """Where a config without ``state_dir`` keeps its state: in the user's own tree, one folder per config name
+    (``$XDG_STATE_HOME/ctzoo/pacs`` for ``pacs.yaml``, ``~/.local/state`` when XDG_STATE_HOME is unset). Never a
+    system folder: trying the example config from a checkout must not need root or write into /var."""
+    home = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(home) / "ctzoo" / Path(config_path).stem
+
+
 def load_pacs_config(path: str | Path) -> PacsConfig:
     """Read and check ``path``; relative paths in it are taken relative to the file's folder."""
     path = Path(path)
     config = load_config(path, PacsConfig)
     base = path.resolve().parent
-    updates: dict = {"state_dir": base / config.state_dir}
+    updates: dict = {"state_dir": base / config.state_dir if config.state_dir is not None
+                     else default_state_dir(path)}
     if config.orthanc is not None and config.orthanc.password_file is not None:
         updates["orthanc"] = config.orthanc.model_copy(update={"password_file": base / config.orthanc.password_file})
     return config.model_copy(update=updates)

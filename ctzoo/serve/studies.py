@@ -4,7 +4,7 @@
 (``.nii``/``.nii.gz``), NRRD or MHA file, or a zipped DICOM series (the CT series chosen by the selection rules).
 The format is recognised from the bytes, not a file name. Query parameters:
 
-* ``format``: ``json`` (default; detectors: the ``detections.json`` document of the README; segmenters:
+* ``format``: ``json`` (default; detectors: the ``detections.json`` document of docs/recistnet.md; segmenters:
   ``segmentation.json``, mL per class), ``nifti`` (segmenters: the label map on the input grid, ``.nii.gz``), or
   ``dicom`` (zipped DICOM input only: the DICOM SR measurement report of a detector, the DICOM SEG of a segmenter);
 * ``score_threshold`` (detectors, default 0.3).

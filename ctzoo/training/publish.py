@@ -76,7 +76,10 @@ def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, spli
                               command=command or f"ctzoo data make-deeplesion-mini {as_written.data.root}"
                                                  f"{_miniature_options(cfg.data.root)} && "
                                                  f"ctzoo train {config} --out runs/{name}",
-                              device=_device_words(summary), epochs=int(state["epoch"]) + 1,
+                              device=_device_words(summary),
+                              epochs=int(summary.get("epochs_done", state["epoch"] + 1)),
+                              epochs_planned=summary.get("epochs", cfg.optim.epochs),
+                              best_epoch=int(state["epoch"]) + 1 if checkpoint.name == "best.pt" else None,
                               wall_time_s=float(summary.get("wall_s", 0.0)), notes=notes),
         metrics=metrics, limitations=LIMITATIONS, licence="Apache-2.0 (weights); data: see NOTICE of the miniature",
         created=datetime.date.today())
@@ -128,7 +131,8 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
                     "fusion_levels": None if cfg.model.fusion_levels is None else list(cfg.model.fusion_levels),
                     "gate": cfg.model.gate, "temperature": cfg.model.temperature}
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    wall = comparison.get("training", {}).get("template_seg", {}).get("wall_s", 0.0)
+    trained = comparison.get("training", {}).get("template_seg", {})
+    wall = trained.get("wall_s", 0.0)
     entry = model_entry(name)
     card = ModelCard(
         name=name, version=version, task=entry.task, description=entry.description,
@@ -139,8 +143,9 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
                                    f"test {[c.name for c in data.cases['test']]}; {len(bank)} template slices",
                               config_file=str(config),
                               command=command or f"ctzoo data fetch-samples && ctzoo train {config} --out runs/{name}",
-                              device=str(comparison.get("training", {}).get("template_seg", {}).get("device", "cpu")),
-                              epochs=int(state["epoch"]) + 1, wall_time_s=float(wall)),
+                              device=str(trained.get("device", "cpu")),
+                              epochs=int(trained.get("epochs", cfg.optim.epochs)), epochs_planned=cfg.optim.epochs,
+                              best_epoch=int(state["epoch"]) + 1, wall_time_s=float(wall)),
         metrics=metrics, limitations=SEG_LIMITATIONS,
         licence="Apache-2.0 (weights and template slices, from TotalSegmentator's Apache-2.0 samples)",
         created=datetime.date.today())
