@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,27 @@ import pydicom
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two pytest workers on two cores: one compute thread each (and in every process a test starts), else their
+    # OpenMP threads fight over the cores and spin-waiting makes both slower than one worker alone
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+#: Modules that take minutes, longest first. They run before the rest, so that with two workers (pyproject's
+#: ``-n 2 --dist loadfile``: one module stays on one worker) the short modules fill the gaps at the end instead
+#: of one long module starting last while the other worker idles. Measured with ``--durations``.
+LONG_MODULES = ("test_recistnet_learning", "test_template_seg_training", "test_training", "test_compress",
+                "test_readme", "test_infer_pipeline", "test_ray_engine", "test_pacs_cli", "test_expand",
+                "test_pacs_listener", "test_deeplesion_mini")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: file order otherwise
+
 
 from ctzoo.datasets import samples  # noqa: E402
 from ctzoo.datasets.samples import sample_ct_dicom  # noqa: E402
@@ -28,6 +50,15 @@ def fetched_samples() -> Path:
         return samples.fetch_samples()
     except samples.SampleError as exc:
         pytest.skip(f"TotalSegmentator samples unavailable (offline?): {exc}")
+
+
+@pytest.fixture(scope="session")
+def small_deeplesion_mini(fetched_samples, tmp_path_factory) -> Path:
+    """A 4-series DeepLesion-format miniature (seed 3), built once for the training and expansion tests (read
+    only: tests write their runs elsewhere)."""
+    from ctzoo.datasets.deeplesion.mini import make_deeplesion_mini
+
+    return make_deeplesion_mini(tmp_path_factory.mktemp("dl") / "mini", cases=4, seed=3, progress=False)
 
 
 @pytest.fixture(scope="session")

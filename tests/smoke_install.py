@@ -6,10 +6,11 @@ own Python, after the tests, so Orthanc and dcmtk are installed::
 
     .venv/bin/python tests/smoke_install.py
 
-It imports every ``ctzoo`` module, asks every command for ``--help``, runs each command's quick path through the
-installed ``ctzoo`` program, and ``ctzoo pacs check`` against an unreachable Orthanc (a clear message, exit 1, no
-traceback) and against a real one started on loopback (exit 0). Only the standard library, ctzoo's own
-dependencies and ``tests/orthanc_server.py`` are used. It ends with the plain ``N passed, N failed`` line.
+It imports every ``ctzoo`` module, asks every command for ``--help``, runs the quick path of the commands that need
+no training data through the installed ``ctzoo`` program (data sample, info, convert, zoo, infer with a bad model
+name, pacs status, expand, export and serve), and ``ctzoo pacs check`` against an unreachable Orthanc (a clear
+message, exit 1, no traceback) and against a real one started on loopback (exit 0). Only the standard library,
+ctzoo's own dependencies and ``tests/orthanc_server.py`` are used. It ends with the plain ``N passed, N failed`` line.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def ctzoo(*args: str, expect: int = 0, timeout: float = 300, env: dict | None = 
                           env={**os.environ, **(env or {})}, cwd=cwd)
     output = done.stdout + done.stderr
     assert "Traceback" not in output, f"ctzoo {' '.join(args)} printed a traceback:\n{output[-3000:]}"
-    assert done.returncode == expect, f"ctzoo {' '.join(args)} exited {done.returncode}, not {expect}:\n{output[-3000:]}"
+    assert done.returncode == expect, (f"ctzoo {' '.join(args)} exited {done.returncode}, not {expect}:\n"
+                                       f"{output[-3000:]}")
     return output
 
 
@@ -133,6 +135,16 @@ def check_pacs_check_real_orthanc(work: Path) -> None:
         server.stop()
 
 
+def check_expand(work: Path) -> None:
+    output = ctzoo("expand", "recistnet-mini", "--width-mult", "1.25", "--out", str(work / "grown"), timeout=600)
+    assert (work / "grown" / "expanded.pt").is_file(), output
+
+
+def check_pacs_status_before_anything_arrived(work: Path) -> None:
+    config = pacs_config(work, "empty", {"url": "http://127.0.0.1:9"})
+    assert "no ledger" in ctzoo("pacs", "status", str(config), expect=1)
+
+
 def check_export_and_serve(work: Path) -> None:
     from orthanc_server import free_port
 
@@ -171,6 +183,8 @@ CHECKS: list[Callable] = [
     check_bad_model_name,
     check_pacs_check_unreachable,
     check_pacs_check_real_orthanc,
+    check_pacs_status_before_anything_arrived,
+    check_expand,
     check_export_and_serve,
 ]
 

@@ -232,10 +232,8 @@ def test_ctzoo_expand_zoo_models_checks_on_real_ct_and_reloads(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mini(fetched_samples, tmp_path_factory):
-    from ctzoo.datasets.deeplesion.mini import make_deeplesion_mini
-
-    return make_deeplesion_mini(tmp_path_factory.mktemp("dl") / "mini", cases=4, seed=3, progress=False)
+def mini(small_deeplesion_mini):
+    return small_deeplesion_mini
 
 
 def test_train_continues_from_an_expanded_checkpoint(mini, tmp_path):

@@ -11,7 +11,6 @@ from click.testing import CliRunner
 
 from ctzoo.cli import main
 from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
-from ctzoo.datasets.deeplesion.mini import make_deeplesion_mini
 from ctzoo.inference.recist_volume import (
     SliceDetection,
     detect_volume,
@@ -22,8 +21,8 @@ from ctzoo.models.recistnet import RecistNet
 
 
 @pytest.fixture(scope="module")
-def mini(fetched_samples, tmp_path_factory):
-    return make_deeplesion_mini(tmp_path_factory.mktemp("dl") / "mini", cases=4, seed=3, progress=False)
+def mini(small_deeplesion_mini):
+    return small_deeplesion_mini
 
 
 def tiny_config(tmp_path, root, epochs=2):

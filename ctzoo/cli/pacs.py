@@ -144,7 +144,8 @@ def listen(config: Path) -> None:
         except OSError as exc:
             raise click.ClickException(f"cannot listen on {section.host}:{section.port}: {exc.strerror}") from exc
         click.echo(f"DICOM listener {section.ae_title} on {section.host}:{listener.port}; results to {dest.ae_title}@"
-                   f"{dest.host}:{dest.port}; models: {', '.join(settings.models)}; state: {settings.state_dir}", err=True)
+                   f"{dest.host}:{dest.port}; models: {', '.join(settings.models)}; state: {settings.state_dir}",
+                   err=True)
         try:
             _run_until_signalled(listener, section.poll_s)
         finally:
@@ -177,15 +178,23 @@ def check(config: Path) -> None:
         ae = AE(ae_title=settings.listener.ae_title)
         ae.add_requested_context(Verification)
         ae.acse_timeout = ae.network_timeout = 10
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-        status = assoc.send_c_echo() if assoc.is_established else None
-        if assoc.is_established:
-            assoc.release()
+        pynetdicom_log = logging.getLogger("pynetdicom")
+        level = pynetdicom_log.level
+        pynetdicom_log.setLevel(logging.CRITICAL)  # its connection errors: the line below says what failed
+        try:
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+            status = assoc.send_c_echo() if assoc.is_established else None
+            if assoc.is_established:
+                assoc.release()
+        finally:
+            pynetdicom_log.setLevel(level)
         if status is not None and int(status.get("Status", -1)) == 0:
             click.echo(f"destination {dest.ae_title}@{dest.host}:{dest.port}: C-ECHO ok")
         else:
             problems += 1
-            click.echo(f"destination {dest.ae_title}@{dest.host}:{dest.port}: C-ECHO FAILED")
+            why = ("no association: nothing listens there, or it refused our AE title "
+                   f"{settings.listener.ae_title}" if not assoc.is_established else "the C-ECHO was not answered")
+            click.echo(f"destination {dest.ae_title}@{dest.host}:{dest.port}: C-ECHO FAILED ({why})")
     if settings.orthanc is None and settings.listener is None:
         raise click.ClickException(f"{config}: neither an 'orthanc' nor a 'listener' section")
     if problems:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -188,9 +190,32 @@ def fetch_samples(cache: Path | None = None, from_file: Path | None = None, forc
     target = samples_dir(cache)
     if not force and from_file is None and _manifest_ok(target):
         return target
+    if from_file is not None:
+        from_file = _verified(Path(from_file))  # a wrong file is refused before anything is written
+    with _cache_lock(cache):  # two processes (test workers, jobs) fetching at once: one fetches, the other waits
+        if not force and from_file is None and _manifest_ok(target):
+            return target
+        return _fetch_locked(cache, target, from_file, timeout)
+
+
+@contextlib.contextmanager
+def _cache_lock(cache: Path) -> Iterator[None]:
+    """An exclusive lock on ``cache/.fetch.lock`` for as long as the block runs (released if the process dies)."""
+    import fcntl
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".fetch.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fetch_locked(cache: Path, target: Path, from_file: Path | None, timeout: float) -> Path:
     cached = cache / "downloads" / SDIST_NAME
     if from_file is not None:
-        sdist = _verified(Path(from_file))
+        sdist = from_file
     elif cached.exists() and sha256_of(cached) == SDIST_SHA256:
         sdist = cached
     else:

@@ -227,6 +227,7 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
     model = task.build_model().to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch, step, best, history, wall_before = 0, 0, -math.inf, [], 0.0
+    wall_s = 0.0
     last = out_dir / "last.pt"
     if resume:
         if not last.exists():
@@ -235,7 +236,7 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, best, history = state["epoch"] + 1, state["step"], state["best"], state["history"]
-        wall_before = state.get("wall_s", 0.0)  # training time of the earlier segments: wall_s counts all
+        wall_before = wall_s = state.get("wall_s", 0.0)  # training time of the earlier segments: wall_s counts all
         log.info("resuming %s at epoch %d", last, start_epoch)
     train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     comm = setup = None
@@ -296,7 +297,7 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 model.eval()
                 row.update({f"val_{k}": v for k, v in task.evaluate(model, dev).items()})
-            row["wall_s"] = round(wall_before + time.perf_counter() - started, 2)
+            row["wall_s"] = wall_s = round(wall_before + time.perf_counter() - started, 2)
             runlog.add(row)
             metric = row.get(f"val_{task.primary_metric}")
             payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
@@ -315,8 +316,9 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
             _atomic_save({"epoch": epoch, "state": local}, local_file)
         if world > 1:
             dist.barrier()
-    summary = _summary(task, cfg, cfg.epochs, best, round(wall_before + time.perf_counter() - started, 2), dev,
-                       world)
+    # the wall time last.pt carries (up to the last epoch's evaluation), so that a run resumed from it always
+    # reports more than the segment before it did
+    summary = _summary(task, cfg, cfg.epochs, best, wall_s, dev, world)
     if rank == 0:
         runlog.close()
         _write_summary(out_dir, summary)
