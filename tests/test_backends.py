@@ -14,9 +14,8 @@ from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing, resample_and_w
 from ctzoo.datasets.segmentation import SegPreprocessing, volume_to_slices
 from ctzoo.inference import onnx_export
 from ctzoo.inference.backends import export_onnx, make_backend
-from ctzoo.inference.recist_volume import reorient_lps
 from ctzoo.inference.segment_volume import segment_slices
-from ctzoo.io import read_volume
+from ctzoo.io import read_volume, reorient_lps
 from ctzoo.models import UnknownModelError, create_model, model_input_spec, model_version
 from ctzoo.models.template_bank import TemplateBank
 

@@ -63,7 +63,7 @@ def test_a_bad_entry_of_a_list_file_names_the_list_and_the_line(tmp_path):
 
 
 def test_pacs_state_goes_under_the_users_tree_unless_the_config_says(tmp_path, monkeypatch):
-    from ctzoo.serve.pacs_config import load_pacs_config
+    from ctzoo.pacs.config import load_pacs_config
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state-home"))
     shipped = load_pacs_config(ROOT / "configs" / "pacs.yaml")

@@ -10,7 +10,7 @@ import pytest
 from orthanc_server import running_orthanc, storescu
 
 from ctzoo.io import read_volume
-from ctzoo.serve.orthanc import OrthancClient, OrthancError, OrthancUnavailable
+from ctzoo.pacs.orthanc import OrthancClient, OrthancError, OrthancUnavailable
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -19,8 +19,8 @@ from orthanc_server import OrthancServer, dcmtk, free_port, storescu
 from series_variants import variant_series
 
 from ctzoo.cli import main
-from ctzoo.serve.pacs_config import load_pacs_config
-from ctzoo.serve.pacs_ledger import JobState, Ledger
+from ctzoo.pacs.config import load_pacs_config
+from ctzoo.pacs.ledger import JobState, Ledger
 
 pytestmark = pytest.mark.timeout(300)
 PASSWORD_ENV = "TEST_ORTHANC_PASSWORD"

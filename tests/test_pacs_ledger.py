@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ctzoo.serve.pacs_ledger import JobState, LeaseLost, Ledger, patient_hash
+from ctzoo.pacs.ledger import JobState, LeaseLost, Ledger, patient_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def test_sigkilled_worker_job_is_reclaimed_once(tmp_path):
     with Ledger(db, lease_s=0.5) as led:
         led.enqueue("1.2.3", "listener")
         proc = _python(
-            "import sys, time\nfrom ctzoo.serve.pacs_ledger import Ledger\n"
+            "import sys, time\nfrom ctzoo.pacs.ledger import Ledger\n"
             f"job = Ledger({str(db)!r}, lease_s=0.5).claim('doomed')\n"
             "print(job.id, flush=True)\ntime.sleep(60)\n")
         job_id = int(proc.stdout.readline())
@@ -165,7 +165,7 @@ def test_four_processes_claim_each_job_exactly_once(tmp_path):
     with Ledger(db) as led:
         for i in range(20):
             led.enqueue(f"1.2.{i}", "listener")
-    code = ("import sys\nfrom ctzoo.serve.pacs_ledger import Ledger\n"
+    code = ("import sys\nfrom ctzoo.pacs.ledger import Ledger\n"
             f"led = Ledger({str(db)!r})\nw = sys.argv[1]\n"
             "while (job := led.claim(w)) is not None:\n"
             "    print(job.id, flush=True)\n    led.complete(job.id, w, [])\n")

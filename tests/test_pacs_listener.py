@@ -16,8 +16,8 @@ from series_variants import variant_series
 
 from ctzoo.inference.tasks import model_task
 from ctzoo.io.dicom_scan import SeriesRules
-from ctzoo.serve.pacs_ledger import JobState, Ledger, patient_hash
-from ctzoo.serve.pacs_listener import AEAddress, DestinationUnavailable, DicomListener, send_files
+from ctzoo.pacs.ledger import JobState, Ledger, patient_hash
+from ctzoo.pacs.listener import AEAddress, DestinationUnavailable, DicomListener, send_files
 
 pytestmark = pytest.mark.timeout(240)
 SALT = "test-salt"

@@ -14,9 +14,9 @@ from orthanc_server import running_orthanc, storescu
 from ctzoo.inference.tasks import model_task
 from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.io.dicom_sr import read_recist_sr
-from ctzoo.serve.orthanc import OrthancClient, OrthancUnavailable
-from ctzoo.serve.pacs_ledger import JobState, Ledger, patient_hash
-from ctzoo.serve.pacs_watcher import OrthancWatcher
+from ctzoo.pacs.ledger import JobState, Ledger, patient_hash
+from ctzoo.pacs.orthanc import OrthancClient, OrthancUnavailable
+from ctzoo.pacs.watcher import OrthancWatcher
 
 pytestmark = pytest.mark.timeout(180)
 SALT = "test-salt"

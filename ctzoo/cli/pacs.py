@@ -1,4 +1,4 @@
-"""``ctzoo pacs``: the PACS bridge — new CT series in, zoo models, DICOM SR/SEG back (:mod:`ctzoo.serve.pacs_core`)."""
+"""``ctzoo pacs``: the PACS bridge — new CT series in, zoo models, DICOM SR/SEG back (:mod:`ctzoo.pacs.core`)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def pacs() -> None:
 
 
 def _load(config_path: Path):
-    from ctzoo.serve.pacs_config import load_pacs_config
+    from ctzoo.pacs.config import load_pacs_config
 
     try:
         return load_pacs_config(config_path)
@@ -45,7 +45,7 @@ def _load(config_path: Path):
 
 
 def _ledger(config):
-    from ctzoo.serve.pacs_ledger import Ledger
+    from ctzoo.pacs.ledger import Ledger
 
     if not config.state_dir.exists():
         click.echo(f"creating the state folder {config.state_dir} (ledger, spool, work; state_dir in the config)",
@@ -88,9 +88,9 @@ def watch(config: Path) -> None:
     Needs the 'orthanc' section of CONFIG (URL, user; the password from $CTZOO_ORTHANC_PASSWORD or a
     password file). Stop with Ctrl-C or SIGTERM: the job in hand finishes first.
     """
-    from ctzoo.serve.orthanc import OrthancClient, OrthancError
-    from ctzoo.serve.pacs_config import worker_name
-    from ctzoo.serve.pacs_watcher import OrthancWatcher
+    from ctzoo.pacs.config import worker_name
+    from ctzoo.pacs.orthanc import OrthancClient, OrthancError
+    from ctzoo.pacs.watcher import OrthancWatcher
 
     settings = _load(config)
     if settings.orthanc is None:
@@ -123,8 +123,8 @@ def listen(config: Path) -> None:
     Needs the 'listener' section of CONFIG (our AE title and port, the calling AE titles allowed, the
     destination AE). A series is processed once nothing has arrived for it for 'stable_s' seconds.
     """
-    from ctzoo.serve.pacs_config import worker_name
-    from ctzoo.serve.pacs_listener import AEAddress, DicomListener
+    from ctzoo.pacs.config import worker_name
+    from ctzoo.pacs.listener import AEAddress, DicomListener
 
     settings = _load(config)
     section = settings.listener
@@ -159,7 +159,7 @@ def check(config: Path) -> None:
     settings = _load(config)
     problems = 0
     if settings.orthanc is not None:
-        from ctzoo.serve.orthanc import OrthancClient, OrthancError
+        from ctzoo.pacs.orthanc import OrthancClient, OrthancError
 
         try:
             with OrthancClient(settings.orthanc.url, settings.orthanc.username, settings.orthanc_password(),
@@ -216,7 +216,7 @@ def status(config: Path, state: str | None, as_json: bool) -> None:
     Series are shown by a short hash of their SeriesInstanceUID (--json gives the UID itself); patients
     only ever appear as salted hashes.
     """
-    from ctzoo.serve.pacs_core import series_tag
+    from ctzoo.pacs.core import series_tag
 
     settings = _load(config)
     if not settings.ledger_path.exists():
@@ -246,7 +246,7 @@ def retry(config: Path, job_ids: tuple[int, ...], parked: bool) -> None:
 
     Run it after fixing what made them fail (see 'ctzoo pacs status'); a running bridge picks them up.
     """
-    from ctzoo.serve.pacs_ledger import JobState
+    from ctzoo.pacs.ledger import JobState
 
     if not job_ids and not parked:
         raise click.UsageError("give JOB_IDS or --parked")

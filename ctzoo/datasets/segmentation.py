@@ -36,8 +36,7 @@ from pydantic import Field
 
 from ctzoo.config import StrictConfig
 from ctzoo.datasets import samples
-from ctzoo.inference.recist_volume import reorient_lps
-from ctzoo.io import Volume, read_volume, volume_to_sitk
+from ctzoo.io import Volume, read_volume, reorient_lps, volume_to_sitk
 
 AIR_HU = -1024.0
 

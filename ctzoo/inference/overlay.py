@@ -1,7 +1,9 @@
-"""Overlay PNGs: detected lesions drawn on their CT slice, for a person to look at."""
+"""Overlay PNGs for a person to look at: detected lesions drawn on their CT slice, label contours on theirs."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,4 +43,39 @@ def plot_detections(volume: Volume, document: dict[str, Any], path: str | Path,
         axis.set_axis_off()
     figure.suptitle(f"{document.get('model', '')} {document.get('model_version', '')}", fontsize=10)
     figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def plot_seg_overlay(image: np.ndarray, truth: np.ndarray, predictions: Mapping[str, np.ndarray],
+                     class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """One panel per prediction: the CT slice ``(H, W)`` in [0, 1], predicted contours solid, true ones dashed,
+    one colour per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    from ctzoo.datasets.deeplesion.plots import save_figure
+
+    colours = plt.get_cmap("tab10").colors
+    figure, axes = plt.subplots(1, len(predictions), figsize=(5 * len(predictions), 5.6), dpi=100, squeeze=False)
+    for axis, (name, predicted) in zip(axes[0], predictions.items()):
+        axis.imshow(image, cmap="gray", vmin=0, vmax=1)
+        for c in range(1, len(class_names) + 1):
+            colour = colours[(c - 1) % len(colours)]
+            for labels, style in ((truth, "--"), (predicted, "-")):
+                if (labels == c).any():
+                    axis.contour((labels == c).astype(float), levels=[0.5], colors=[colour], linestyles=style,
+                                 linewidths=1.2)
+        axis.set_title(name, fontsize=10)
+        axis.set_axis_off()
+    handles = [Line2D([], [], color=colours[(c - 1) % len(colours)], label=n) for c, n in enumerate(class_names, 1)]
+    handles.append(Line2D([], [], color="w", linestyle="-", label="predicted"))
+    if truth.any():  # inference has no truth to draw
+        handles.append(Line2D([], [], color="w", linestyle="--", label="truth"))
+    columns = min(len(handles), 4 * len(predictions))  # wraps on narrow (one-panel) figures instead of clipping
+    figure.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, facecolor="0.3")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout(rect=(0, 0.04 * math.ceil(len(handles) / columns) + 0.01, 1, 1))
     return save_figure(figure, path)

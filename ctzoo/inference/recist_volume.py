@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from tqdm.auto import tqdm
 
 from ctzoo.datasets.deeplesion.context import context_planes, neighbour_offsets
 from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing, resample_planes, window_planes
-from ctzoo.io import Volume, volume_from_sitk, volume_to_sitk
+from ctzoo.io import Volume, reorient_lps
 from ctzoo.models.recistnet import group_keypoints
 
 #: Detections of one lesion on neighbouring slices merge when their centres are this close in-plane,
@@ -53,16 +52,6 @@ class SliceDetection:
     long_mm: float
     short_mm: float
     slices: list[int] = field(default_factory=list)
-
-
-def reorient_lps(volume: Volume) -> Volume:
-    """The volume resampled losslessly (axes permuted/flipped only) so index axes point L, P, S."""
-    if volume.orientation == "LPS":
-        return volume
-    reoriented = volume_from_sitk(sitk.DICOMOrient(volume_to_sitk(volume), "LPS"))
-    if reoriented.orientation != "LPS":
-        raise ValueError(f"cannot bring orientation {volume.orientation} to LPS axial by permuting axes")
-    return reoriented
 
 
 def pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -146,7 +146,7 @@ def write_segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence
     if volume.dicom is not None and labels.any():
         written.append(write_dicom_seg(labels, volume, class_names, folder / "seg.dcm", model_name, model_version))
     if overlay:
-        from ctzoo.training.seg_evaluation import plot_seg_overlay
+        from ctzoo.inference.overlay import plot_seg_overlay
 
         k = int(np.argmax((labels > 0).sum(axis=(1, 2))))
         image = np.clip((volume.array[k] + 200.0) / 600.0, 0, 1)

@@ -21,6 +21,7 @@ from ctzoo.io.image_files import (
     volume_to_sitk,
     write_volume,
 )
+from ctzoo.io.reorient import reorient_lps
 from ctzoo.io.volume import DicomSource, Volume
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "read_itk_image",
     "read_nifti",
     "read_volume",
+    "reorient_lps",
     "repair_uids",
     "scan_folder",
     "volume_from_sitk",

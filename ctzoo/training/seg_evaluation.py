@@ -33,6 +33,7 @@ from ctzoo.datasets.segmentation import (
     resample_slices,
     window_slices,
 )
+from ctzoo.inference.overlay import plot_seg_overlay
 from ctzoo.inference.segment_volume import segment_slices
 from ctzoo.io import volume_from_sitk, volume_to_sitk
 from ctzoo.models.template_bank import TemplateBank
@@ -198,41 +199,6 @@ def evaluate_conditions(model: torch.nn.Module, cases: Sequence[SegCase], prep: 
 
 
 # -------------------------------------------------------------------------------------------- pictures, tables
-
-
-def plot_seg_overlay(image: np.ndarray, truth: np.ndarray, predictions: Mapping[str, np.ndarray],
-                     class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
-    """One panel per prediction: the CT slice ``(H, W)`` in [0, 1], predicted contours solid, true ones dashed,
-    one colour per class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    from ctzoo.datasets.deeplesion.plots import save_figure
-
-    colours = plt.get_cmap("tab10").colors
-    figure, axes = plt.subplots(1, len(predictions), figsize=(5 * len(predictions), 5.6), dpi=100, squeeze=False)
-    for axis, (name, predicted) in zip(axes[0], predictions.items()):
-        axis.imshow(image, cmap="gray", vmin=0, vmax=1)
-        for c in range(1, len(class_names) + 1):
-            colour = colours[(c - 1) % len(colours)]
-            for labels, style in ((truth, "--"), (predicted, "-")):
-                if (labels == c).any():
-                    axis.contour((labels == c).astype(float), levels=[0.5], colors=[colour], linestyles=style,
-                                 linewidths=1.2)
-        axis.set_title(name, fontsize=10)
-        axis.set_axis_off()
-    handles = [Line2D([], [], color=colours[(c - 1) % len(colours)], label=n) for c, n in enumerate(class_names, 1)]
-    handles.append(Line2D([], [], color="w", linestyle="-", label="predicted"))
-    if truth.any():  # inference has no truth to draw
-        handles.append(Line2D([], [], color="w", linestyle="--", label="truth"))
-    columns = min(len(handles), 4 * len(predictions))  # wraps on narrow (one-panel) figures instead of clipping
-    figure.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, facecolor="0.3")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout(rect=(0, 0.04 * math.ceil(len(handles) / columns) + 0.01, 1, 1))
-    return save_figure(figure, path)
 
 
 def middle_slice_overlay(models: Mapping[str, tuple[torch.nn.Module, bool]], case: SegCase, prep: SegPreprocessing,

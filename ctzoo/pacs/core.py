@@ -1,7 +1,7 @@
 """The processing core of the PACS bridge, shared by its two ways in (Orthanc watcher, DICOM listener).
 
 A way in knows how to *fetch* a job's series into a folder and how to *deliver* result files; everything
-between is here: :class:`SeriesWorker` claims a job from the ledger (:mod:`ctzoo.serve.pacs_ledger`),
+between is here: :class:`SeriesWorker` claims a job from the ledger (:mod:`ctzoo.pacs.ledger`),
 fetches the series into a private temporary folder, reads it once to check it (:func:`check_series`),
 runs every model task on it (:func:`run_models`), delivers ``sr.dcm``/``seg.dcm`` and completes the job
 with their SOP Instance UIDs. While a job runs, a heartbeat thread extends its lease, so a long model run
@@ -37,7 +37,7 @@ from ctzoo.inference.inputs import CaseInput
 from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
 from ctzoo.inference.tasks import ModelTask
 from ctzoo.io.dicom_scan import DicomError, SeriesRules
-from ctzoo.serve.pacs_ledger import Job, JobState, LeaseLost, Ledger
+from ctzoo.pacs.ledger import Job, JobState, LeaseLost, Ledger
 
 __all__ = ["BadSeries", "SeriesWorker", "check_series", "run_models", "series_tag"]
 

@@ -2,7 +2,7 @@
 
 The bridge's Orthanc watcher polls ``/changes`` for ``StableSeries`` events (Orthanc raises one once a
 series has received no new instance for ``StableAge`` seconds), records each series in the job ledger
-(:mod:`ctzoo.serve.pacs_ledger`) before doing anything with it, reads its main tags (:meth:`series`:
+(:mod:`ctzoo.pacs.ledger`) before doing anything with it, reads its main tags (:meth:`series`:
 Modality, number of instances) to decide whether to process it, downloads its instances
 (:meth:`download_series`, each file written atomically) for the zoo models, and uploads the resulting
 DICOM SEG/SR objects (:meth:`upload`; Orthanc answers ``AlreadyStored`` to a resent object, which the

@@ -9,7 +9,7 @@ before the sender is told "success" (atomically: temporary name, then rename), g
 A series is *stable* once its folder has not changed for ``stable_s`` seconds (the folder's mtime, so a
 restart loses nothing: whatever was acknowledged is on disk). :meth:`DicomListener.discover` records stable
 series in the job ledger (``source="dicom:<hash>"``) or SKIPs them with the reason (modality not accepted,
-too few instances); processing is :class:`ctzoo.serve.pacs_core.SeriesWorker`'s, and the results go to the
+too few instances); processing is :class:`ctzoo.pacs.core.SeriesWorker`'s, and the results go to the
 destination AE by C-STORE (:func:`send_files`). The spool folder is removed once its job is DONE or
 SKIPPED; instances of an already processed series that arrive later are dropped with a log line (send the
 series again under a new SeriesInstanceUID to have it processed again).
@@ -36,8 +36,8 @@ from pynetdicom.sop_class import Verification
 from ctzoo.inference.tasks import ModelTask
 from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_scan import SeriesRules
-from ctzoo.serve.pacs_core import BadSeries, SeriesWorker, series_tag
-from ctzoo.serve.pacs_ledger import Job, JobState, Ledger, patient_hash
+from ctzoo.pacs.core import BadSeries, SeriesWorker, series_tag
+from ctzoo.pacs.ledger import Job, JobState, Ledger, patient_hash
 
 __all__ = ["AEAddress", "DestinationUnavailable", "DicomListener", "send_files"]
 

@@ -1,14 +1,14 @@
 """The Orthanc watcher of the PACS bridge: new stable CT series -> zoo models -> DICOM SR/SEG back into Orthanc.
 
 :meth:`OrthancWatcher.discover` reads ``StableSeries`` changes after the last sequence number seen and records
-each series in the job ledger (:mod:`ctzoo.serve.pacs_ledger`) as ``source="orthanc:<series id>"``; series
+each series in the job ledger (:mod:`ctzoo.pacs.ledger`) as ``source="orthanc:<series id>"``; series
 whose Orthanc tags alone rule them out (Modality not accepted, e.g. SR/SEG such as ctzoo's own results, or
 too few instances) are recorded SKIPPED with the reason. The sequence number is kept in a small JSON file
 next to the ledger (``<ledger file>.orthanc-seq.json``, one entry per Orthanc URL, written atomically after
 each change), so a restarted watcher resumes where it stopped; a fresh watcher starts at sequence 0, i.e.
 everything Orthanc already holds (the ledger makes re-discovery harmless).
 
-Processing is :class:`ctzoo.serve.pacs_core.SeriesWorker`'s: a job's series is downloaded from Orthanc
+Processing is :class:`ctzoo.pacs.core.SeriesWorker`'s: a job's series is downloaded from Orthanc
 (:meth:`OrthancWatcher.fetch`), checked, run through the models, and the SR/SEG results uploaded back
 (:meth:`OrthancWatcher.deliver`). Orthanc unreachable is retried with the ledger's backoff; Orthanc answers
 ``AlreadyStored`` to results re-sent after a crash.
@@ -23,9 +23,9 @@ from pathlib import Path
 from ctzoo.inference.tasks import ModelTask
 from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_scan import SeriesRules
-from ctzoo.serve.orthanc import OrthancClient, OrthancError, OrthancUnavailable, _safe_id
-from ctzoo.serve.pacs_core import BadSeries, SeriesWorker, series_tag
-from ctzoo.serve.pacs_ledger import Job, Ledger, patient_hash
+from ctzoo.pacs.core import BadSeries, SeriesWorker, series_tag
+from ctzoo.pacs.ledger import Job, Ledger, patient_hash
+from ctzoo.pacs.orthanc import OrthancClient, OrthancError, OrthancUnavailable, _safe_id
 
 __all__ = ["OrthancWatcher", "series_tag"]
 

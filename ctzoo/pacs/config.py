@@ -80,7 +80,7 @@ class ListenerSettings(StrictConfig):
 
 
 class RetrySettings(StrictConfig):
-    """How failed jobs are retried (see :class:`ctzoo.serve.pacs_ledger.Ledger`)."""
+    """How failed jobs are retried (see :class:`ctzoo.pacs.ledger.Ledger`)."""
 
     max_attempts: int = Field(5, ge=1, description="attempts before a job is PARKED")
     backoff_s: float = Field(30.0, ge=0, description="wait after the first failure")
