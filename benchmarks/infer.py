@@ -47,12 +47,13 @@ import torch
 
 from ctzoo.cli.infer import _default_workers
 from ctzoo.datasets.samples import fetch_samples
+from ctzoo.export.repository import ensure_graphs
 from ctzoo.inference.backends import make_backend
 from ctzoo.inference.inputs import CaseInput
 from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
-from ctzoo.inference.tasks import ModelTask, detector_task, segmenter_task
+from ctzoo.inference.tasks import ModelTask, bundle_task
 from ctzoo.io import read_volume
-from ctzoo.models import model_entry
+from ctzoo.models import load_bundle
 
 SOURCE = "example_ct.nii.gz"
 
@@ -104,11 +105,11 @@ def build_task(model_name: str, kind: str, device: str, threads: int):
     exports = cache_dir() / "onnx"
     before = set(exports.iterdir()) if exports.is_dir() else set()
     start = time.perf_counter()
-    backend = make_backend(model_name, kind, device, threads=threads)
-    if model_entry(model_name).task == "segmentation":
-        task = segmenter_task(model_name, backend)
-    else:
-        task = detector_task(model_name, backend)
+    bundle = load_bundle(model_name)
+    if kind == "onnx":
+        bundle = ensure_graphs(bundle)  # exported into the cache on first use, as ctzoo infer --backend onnx
+    backend = make_backend(bundle, kind, device, threads=threads)
+    task = bundle_task(bundle, backend)
     build_s = time.perf_counter() - start
     exported = kind == "onnx" and bool((set(exports.iterdir()) if exports.is_dir() else set()) - before)
     return task, backend, build_s, exported

@@ -1,7 +1,7 @@
 """Does ``ctzoo serve`` keep up under concurrent load? Micro-batching on vs off, and the model alone, in one run.
 
 Models: the zoo models given by ``--models`` (default recistnet-mini and template-seg-abdomen), exported with
-``ctzoo.serve.export.export_model`` into a temporary model repository (each graph checked against PyTorch there).
+``ctzoo.export.repository.export_model`` into a temporary model repository (each graph checked against PyTorch there).
 
 Input: real CT, the embedded 20-slice sample series (``ctzoo/datasets/sample_ct``), prepared as ``ctzoo infer``
 prepares it; ``--slices`` different slices per model, each request carrying one of them (in turn):
@@ -65,7 +65,7 @@ import onnxruntime as ort
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from ctzoo.serve.export import load_source
+from ctzoo.models import load_bundle
 from ctzoo.serve.repository import GRAPH_FILE, ServedModel
 
 HEADER = "Inference-Header-Content-Length"
@@ -95,12 +95,12 @@ def _spread(count: int, wanted: int) -> list[int]:
 
 
 def build_workload(name: str, volume, count: int, crop: int) -> Workload:
-    item = load_source(name)
+    item = load_bundle(name)
     if item.task == "detection":
-        from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
-        from ctzoo.inference.recist_volume import canvas_size, reorient_lps, slice_inputs
+        from ctzoo.inference.recist_volume import canvas_size, slice_inputs
+        from ctzoo.io import reorient_lps
 
-        prep = SlicePreprocessing(**{k: v for k, v in item.input_spec.items() if k in SlicePreprocessing.model_fields})
+        prep = item.preprocessing
         canvas = canvas_size(prep)
         images = [image.numpy() for image, _ in slice_inputs(reorient_lps(volume), prep, canvas=canvas)]
         if crop and crop < canvas:
@@ -110,22 +110,21 @@ def build_workload(name: str, volume, count: int, crop: int) -> Workload:
         shape = "x".join(map(str, picked[0].shape))
         text = (f"{count} of the {len(images)} slices, each one preprocessed 9-channel slice on the {canvas} px "
                 f"canvas" + (f", central {crop} x {crop} crop" if crop and crop < canvas else "") + f": {shape}")
-        return Workload(name, item.task, [{"image": image} for image in picked], model=item.model,
+        return Workload(name, item.task, [{"image": image} for image in picked], model=item.network(),
                         description=text)
-    from ctzoo.datasets.segmentation import SegPreprocessing, volume_to_slices
+    from ctzoo.datasets.seg_preprocessing import volume_to_slices
 
-    prep = SegPreprocessing(**{k: v for k, v in item.input_spec.items() if k in SegPreprocessing.model_fields})
-    slices, _ = volume_to_slices(volume, prep)
+    slices, _ = volume_to_slices(volume, item.preprocessing)
     slices = torch.from_numpy(np.ascontiguousarray(slices.numpy(), dtype=np.float32))
     with torch.inference_mode():
-        nearest = item.bank.nearest(item.model, slices).cpu()
-    templates = item.bank.templates(nearest).numpy()
+        nearest = item.template_bank.nearest(item.network(), slices).cpu()
+    templates = item.template_bank.templates(nearest).numpy()
     picked = _spread(len(slices), count)
     requests = [{"image": np.ascontiguousarray(slices[k:k + 1].numpy()),
                  "template": np.ascontiguousarray(templates[k:k + 1])} for k in picked]
     text = (f"{count} of the {len(slices)} slices, each one slice {'x'.join(map(str, requests[0]['image'].shape))} "
             f"+ its nearest bank template {'x'.join(map(str, requests[0]['template'].shape))}")
-    return Workload(name, item.task, requests, model=item.model, description=text)
+    return Workload(name, item.task, requests, model=item.network(), description=text)
 
 
 # ------------------------------------------------------------------------------------------------ model only
@@ -412,8 +411,8 @@ def main() -> None:
     load_before, uptime_before = os.getloadavg(), uptime()
     print(f"load before: {uptime_before}")
     from ctzoo.datasets.samples import sample_ct_dicom
+    from ctzoo.export.repository import export_model
     from ctzoo.io import read_volume
-    from ctzoo.serve.export import export_model
 
     with warnings.catch_warnings():  # the sample's empty UIDs are filled in, with a warning each
         warnings.simplefilter("ignore")

@@ -1,4 +1,4 @@
-"""PyTorch and ONNX Runtime backends of the zoo models agree on real CT, and the ONNX export cache and checks hold."""
+"""PyTorch and ONNX Runtime backends of a bundle agree on real CT, and the ONNX export cache and checks hold."""
 
 import json
 import re
@@ -11,12 +11,14 @@ import torch
 
 from ctzoo.datasets.deeplesion.context import context_planes, neighbour_offsets
 from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing, resample_and_window
-from ctzoo.datasets.segmentation import SegPreprocessing, volume_to_slices
-from ctzoo.inference import onnx_export
-from ctzoo.inference.backends import export_onnx, make_backend
+from ctzoo.datasets.seg_preprocessing import SegPreprocessing, volume_to_slices
+from ctzoo.export import graphs as graphs_module
+from ctzoo.export import parity
+from ctzoo.export.repository import ensure_graphs, export_bundle
+from ctzoo.inference.backends import NoGraphsError, make_backend
 from ctzoo.inference.segment_volume import segment_slices
 from ctzoo.io import read_volume, reorient_lps
-from ctzoo.models import UnknownModelError, create_model, model_input_spec, model_version
+from ctzoo.models import UnknownModelError, create_model, load_bundle, model_input_spec, model_version
 from ctzoo.models.template_bank import TemplateBank
 
 DETECTOR, SEGMENTER = "recistnet-mini", "template-seg-abdomen"
@@ -26,6 +28,11 @@ def pad_to_multiple(image: torch.Tensor, multiple: int = 32) -> torch.Tensor:
     """Zero-pad bottom and right to a multiple of 32, as detect_slices does (zero is air in every window)."""
     height, width = image.shape[-2:]
     return torch.nn.functional.pad(image, (0, -width % multiple, 0, -height % multiple))
+
+
+def backend(name: str, kind: str, cache=None, **options):
+    bundle = load_bundle(name)
+    return make_backend(ensure_graphs(bundle, cache) if kind == "onnx" else bundle, kind, **options)
 
 
 def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
@@ -60,8 +67,8 @@ def segmenter_slices(fetched_samples) -> np.ndarray:
 
 
 def test_detector_onnx_matches_torch_on_real_ct(cache, detector_slices):
-    torch_backend = make_backend(DETECTOR, "torch", device="cpu")
-    onnx_backend = make_backend(DETECTOR, "onnx", device="auto", cache=cache, threads=1)
+    torch_backend = backend(DETECTOR, "torch", device="cpu")
+    onnx_backend = backend(DETECTOR, "onnx", cache, device="auto", threads=1)
     assert (onnx_backend.kind, torch_backend.kind) == ("onnx", "torch")
     assert onnx_backend.down_ratio == torch_backend.down_ratio == 4
     if not torch.cuda.is_available():
@@ -83,14 +90,14 @@ def test_detector_onnx_matches_torch_on_real_ct(cache, detector_slices):
 
 
 def test_segmenter_onnx_matches_torch_on_real_ct(cache, segmenter_slices):
-    torch_backend = make_backend(SEGMENTER, "torch", device="cpu")
-    onnx_backend = make_backend(SEGMENTER, "onnx", device="cpu", cache=cache, threads=1)
+    torch_backend = backend(SEGMENTER, "torch", device="cpu")
+    onnx_backend = backend(SEGMENTER, "onnx", cache, device="cpu", threads=1)
     assert onnx_backend.class_names == torch_backend.class_names == model_input_spec(SEGMENTER)["classes"]
     expected = np.concatenate([torch_backend.segment(segmenter_slices[i:i + 8])
                                for i in range(0, len(segmenter_slices), 8)])
     # The torch backend is segment_slices itself (nearest template per slice, each template encoded once).
     model = create_model(SEGMENTER, pretrained=True).eval()
-    bank = TemplateBank.load(onnx_export.model_entry(SEGMENTER).weights_dir)
+    bank = TemplateBank.load(load_bundle(SEGMENTER).folder)
     reference = segment_slices(model, bank, torch.from_numpy(segmenter_slices), batch_size=8, progress=False)
     np.testing.assert_array_equal(expected, reference.numpy())
     assert expected.dtype == np.uint8 and expected.shape == (len(segmenter_slices), 128, 128)
@@ -105,56 +112,57 @@ def test_segmenter_onnx_matches_torch_on_real_ct(cache, segmenter_slices):
 
 
 def test_export_cache_is_reused(cache, monkeypatch):
-    first = make_backend(DETECTOR, "onnx", cache=cache, threads=1)
+    first = backend(DETECTOR, "onnx", cache, threads=1)
     folders = list((cache / "onnx").glob(f"{DETECTOR}-*"))
     assert len(folders) == 1
     assert re.fullmatch(rf"{DETECTOR}-{re.escape(model_version(DETECTOR))}-[0-9a-f]{{12}}", folders[0].name)
-    stamps = {p.name: p.stat().st_mtime_ns for p in folders[0].iterdir()}
-    assert set(stamps) == {"heads.onnx", "checks.json"}
+    exported = folders[0] / DETECTOR  # an exported bundle: the same folder ctzoo export writes
+    stamps = {p.name: p.stat().st_mtime_ns for p in exported.rglob("*")}
+    assert {"1", "model.onnx", "ctzoo.json", "config.pbtxt", "model.safetensors", "bundle.json"} <= set(stamps)
 
     def no_export(*args, **kwargs):
         raise AssertionError("the cached export should have been reused")
 
-    monkeypatch.setattr(onnx_export, "export_onnx", no_export)
-    second = make_backend(DETECTOR, "onnx", cache=cache, threads=1)
-    assert {p.name: p.stat().st_mtime_ns for p in folders[0].iterdir()} == stamps
+    monkeypatch.setattr(graphs_module.torch.onnx, "export", no_export)
+    second = backend(DETECTOR, "onnx", cache, threads=1)
+    assert {p.name: p.stat().st_mtime_ns for p in exported.rglob("*")} == stamps
     images = np.random.default_rng(0).random((1, 9, 64, 96), dtype=np.float32)
     np.testing.assert_array_equal(first.heads(images)["heatmaps"], second.heads(images)["heatmaps"])
-    report = json.loads((folders[0] / "checks.json").read_text())
-    assert report["graphs"]["heads.onnx"]["errors"]["heatmaps"]["max_rel"] <= 1e-4
+    info = json.loads((exported / "ctzoo.json").read_text())
+    assert info["parity"]["worst"]["heatmaps"]["max_rel"] <= 1e-4
 
 
 def test_export_writes_checked_graphs(tmp_path):
-    paths = export_onnx(SEGMENTER, tmp_path / "graphs")
-    assert [p.name for p in paths] == ["embed.onnx", "encode_template.onnx", "segment.onnx"]
-    assert sorted(p.name for p in (tmp_path / "graphs").iterdir()) == sorted([*(p.name for p in paths),
-                                                                             "checks.json"])
-    for path in paths:
-        onnx.checker.check_model(str(path))
-    report = json.loads((tmp_path / "graphs" / "checks.json").read_text())
-    assert report["graphs"]["encode_template.onnx"]["errors"]["present"]["max_abs"] == 0.0
-    assert all(e["max_rel"] <= 1e-4 for g in report["graphs"].values() for e in g["errors"].values())
+    folder = export_bundle(load_bundle(SEGMENTER), tmp_path / "repo")
+    graphs = sorted(p.name for p in (folder / "1").iterdir())
+    assert graphs == ["embed.onnx", "model.onnx"]
+    for name in graphs:
+        onnx.checker.check_model(str(folder / "1" / name))
+    info = json.loads((folder / "ctzoo.json").read_text())
+    assert set(info["graphs"]) == {"embed.onnx", "model.onnx"}
+    assert all(e["max_rel"] <= 1e-4 for g in info["graphs"].values() for e in g["parity"]["worst"].values())
+    assert set(info["graphs"]["model.onnx"]["parity"]["checks"]) == {"random_b2", "random_b3", "real_ct"}
 
 
 def test_failed_check_raises_and_leaves_no_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_export, "RELATIVE_TOLERANCE", -1.0)
-    with pytest.raises(RuntimeError, match=r"embed\.onnx.*'embeddings'.*max abs error .* max relative error"):
-        make_backend(SEGMENTER, "onnx", cache=tmp_path)
-    assert list((tmp_path / "onnx").iterdir()) == []
+    monkeypatch.setattr(parity, "RELATIVE_TOLERANCE", -1.0)
+    with pytest.raises(RuntimeError, match=r"model\.onnx.*'logits'.*max abs error .* max relative error"):
+        backend(SEGMENTER, "onnx", tmp_path)
+    assert [p for p in (tmp_path / "onnx").rglob("*") if p.is_file()] == []
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("not ours")
-    with pytest.raises(RuntimeError, match="'embeddings'"):
-        export_onnx(SEGMENTER, out)
+    with pytest.raises(RuntimeError, match="'logits'"):
+        export_bundle(load_bundle(SEGMENTER), out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     with pytest.raises(RuntimeError):
-        export_onnx(SEGMENTER, tmp_path / "new")
+        export_bundle(load_bundle(SEGMENTER), tmp_path / "new")
     assert not (tmp_path / "new").exists()
 
 
 def test_a_wrong_graph_is_caught(tmp_path, monkeypatch):
     """A graph whose weights drift from the model's (1 % on the stem) fails the check: it compares numbers."""
-    export_graph = onnx_export._export_graph
+    export_graph = graphs_module.export_graph
 
     def export_perturbed(graph, path, opset):
         export_graph(graph, path, opset)
@@ -163,23 +171,27 @@ def test_a_wrong_graph_is_caught(tmp_path, monkeypatch):
         stem.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(stem) * 1.01, stem.name))
         onnx.save(model, str(path))
 
-    monkeypatch.setattr(onnx_export, "_export_graph", export_perturbed)
-    with pytest.raises(RuntimeError, match=r"heads\.onnx.*'heatmaps'.*max relative error"):
-        export_onnx(DETECTOR, tmp_path / "graphs")
+    from ctzoo.export import repository
+
+    monkeypatch.setattr(repository, "export_graph", export_perturbed)
+    with pytest.raises(RuntimeError, match=r"model\.onnx.*'heatmaps'.*max relative error"):
+        export_bundle(load_bundle(DETECTOR), tmp_path / "graphs")
     assert not (tmp_path / "graphs").exists()
 
 
 def test_unknown_names_and_devices(cache):
     with pytest.raises(UnknownModelError, match="recistnet-mini"):
-        make_backend("recistnet-mimi")
+        load_bundle("recistnet-mimi")
     with pytest.raises(ValueError, match="backend kind"):
-        make_backend(DETECTOR, "tensorrt")
+        make_backend(load_bundle(DETECTOR), "tensorrt")
     with pytest.raises(ValueError, match="device"):
-        make_backend(DETECTOR, "torch", device="tpu")
+        make_backend(load_bundle(DETECTOR), "torch", device="tpu")
+    with pytest.raises(NoGraphsError, match="ctzoo export"):
+        make_backend(load_bundle(DETECTOR), "onnx")
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA provider present")
 def test_onnx_cuda_falls_back_to_cpu_with_a_warning(cache):
     with pytest.warns(RuntimeWarning, match="CUDAExecutionProvider"):
-        backend = make_backend(DETECTOR, "onnx", device="cuda", cache=cache, threads=1)
-    assert backend.device == "cpu"
+        onnx_backend = backend(DETECTOR, "onnx", cache, device="cuda", threads=1)
+    assert onnx_backend.device == "cpu"

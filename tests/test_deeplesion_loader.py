@@ -226,7 +226,7 @@ def test_dataset_groups_lesions_and_loads_with_workers(tmp_path):
 
 def test_dataset_with_augmentation_keeps_points_on_anatomy(tmp_path):
     """Loader + MONAI keypoint augmentation end to end: the inverted points are the CSV's, whatever the seed."""
-    from ctzoo.datasets.deeplesion.keypoint_transforms import (
+    from ctzoo.datasets.keypoint_transforms import (
         invert_keypoints,
         recist_train_transforms,
     )

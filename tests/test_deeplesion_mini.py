@@ -113,7 +113,7 @@ def test_miniature_round_trips_through_the_loader(mini, rows, truth):
         deeplesion_dataloader,
         deeplesion_dataset,
     )
-    from ctzoo.datasets.deeplesion.keypoint_transforms import recist_eval_transforms
+    from ctzoo.datasets.keypoint_transforms import recist_eval_transforms
 
     cfg = DeepLesionConfig(root=mini, norm_spacing_mm=None, negatives_per_series=1)
     dataset = deeplesion_dataset(cfg, "all")

@@ -211,7 +211,7 @@ def test_ctzoo_expand_zoo_models_checks_on_real_ct_and_reloads(tmp_path):
     from click.testing import CliRunner
 
     from ctzoo.cli import main
-    from ctzoo.models import create_model
+    from ctzoo.models import create_model, load_bundle
     from ctzoo.scaling.zoo_expand import load_expanded
 
     for name, width, depth in (("recistnet-mini", "1.5", "1"), ("template-seg-abdomen", "2", "0")):
@@ -227,6 +227,14 @@ def test_ctzoo_expand_zoo_models_checks_on_real_ct_and_reloads(tmp_path):
                   (torch.randn(1, 1, 128, 128), torch.cat([torch.randn(1, 1, 128, 128),
                                                            torch.ones(1, 5, 128, 128) / 2], 1)))
         assert compare_outputs(original, model, inputs)[1] <= TOLERANCE  # the reloaded model, fresh inputs
+        # and as a bundle, which every path takes: the same network rebuilt from bundle.json and its weights
+        bundle = load_bundle(tmp_path / name / "bundle")
+        assert bundle.name == f"{name}-expanded"
+        assert bundle.network_def.expansion["expansion"]["depth_add"] == int(depth)
+        assert bundle.card.parameters == meta["report"]["parameters_after"]
+        assert compare_outputs(original, bundle.network(), inputs)[1] <= TOLERANCE
+        if name == "template-seg-abdomen":
+            assert bundle.template_bank is not None and bundle.class_names == load_bundle(name).class_names
     bad = CliRunner().invoke(main, ["expand", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "neither a zoo model" in bad.output
 

@@ -14,13 +14,13 @@ from click.testing import CliRunner
 
 from ctzoo.cli import main
 from ctzoo.datasets.segmentation import ABDOMEN_CLASSES
-from ctzoo.inference.onnx_export import HEADS
+from ctzoo.export import parity as export_module
+from ctzoo.export.graphs import HEADS
+from ctzoo.export.repository import ExportSourceError, export_model, load_source
 from ctzoo.models import ModelCard, create_model, list_models, load_card, model_entry, model_version
 from ctzoo.models.recistnet import RecistNet
 from ctzoo.models.registry import CARD_JSON, CARD_MD
 from ctzoo.models.template_bank import INDEX_FILE, TENSORS_FILE, TemplateBank
-from ctzoo.serve import export as export_module
-from ctzoo.serve.export import ExportSourceError, export_model, load_source
 from ctzoo.training.engine import OptimConfig
 from ctzoo.training.recistnet_task import RecistNetTrainConfig
 from ctzoo.training.template_seg_task import TemplateSegModelConfig, TemplateSegTrainConfig, build_seg_model
@@ -98,11 +98,14 @@ def test_every_zoo_model_exports_with_the_repository_layout(name, repo, exported
     assert folder == repo / name
     assert not [p.name for p in repo.iterdir() if p.name.startswith(".")]  # no staging left behind
     entry = model_entry(name)
-    expected_files = {"1", "config.pbtxt", "ctzoo.json", CARD_JSON, "README.md"}
+    # the bundle itself, plus what runs without PyTorch
+    expected_files = {"1", "config.pbtxt", "ctzoo.json", CARD_JSON, "README.md", "model.safetensors",
+                      "config.json", "bundle.json"}
     if entry.task == "segmentation":
         expected_files |= {TENSORS_FILE, INDEX_FILE}
     assert {p.name for p in folder.iterdir()} == expected_files
-    assert [p.name for p in (folder / "1").iterdir()] == ["model.onnx"]
+    graphs = ["embed.onnx", "model.onnx"] if entry.task == "segmentation" else ["model.onnx"]
+    assert sorted(p.name for p in (folder / "1").iterdir()) == graphs
     info = json.loads((folder / "ctzoo.json").read_text())
     check_layout(folder, info, "fp32")
     assert (info["version"], info["task"], info["source"]) == (model_version(name), entry.task, name)
@@ -205,7 +208,8 @@ def recistnet_checkpoint(run) -> tuple:
 
 def test_checkpoint_export_through_the_cli(tmp_path):
     checkpoint, model = recistnet_checkpoint(tmp_path / "runs" / "mini-run")
-    assert load_source(str(checkpoint)).name == "mini-run"  # the default name: the run folder's
+    bundle, source = load_source(str(checkpoint), workdir=tmp_path / "work")
+    assert bundle.name == "mini-run" and source == str(checkpoint.resolve())  # the default name: the run folder's
     repo = tmp_path / "repo"
     result = CliRunner().invoke(main, ["export", str(checkpoint), "--out", str(repo), "--name", "recistnet-mine"])
     assert result.exit_code == 0, result.output
@@ -223,6 +227,14 @@ def test_checkpoint_export_through_the_cli(tmp_path):
     assert card.name == "recistnet-mine" and card.version == info["version"] and card.training.epochs == 3
     assert card.metrics["sensitivity_4fp"].value == 0.25
     assert card.parameters == sum(p.numel() for p in model.parameters())
+    # the exported folder is a whole bundle: ctzoo infer runs it, on its ONNX graph and on its weights
+    for backend in ("onnx", "torch"):
+        out = tmp_path / f"infer-{backend}"
+        result = CliRunner().invoke(main, ["infer", "--model", str(folder), "--backend", backend, "--out", str(out),
+                                           "--workers", "0", "--no-overlay"])
+        assert result.exit_code == 0, result.output
+        document = json.loads((out / "sample_ct" / "detections.json").read_text())
+        assert document["model"] == "recistnet-mine" and document["model_version"] == info["version"]
 
 
 def test_template_segmenter_checkpoint_needs_and_reembeds_its_bank(tmp_path):

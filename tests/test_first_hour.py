@@ -80,7 +80,7 @@ def test_pacs_state_goes_under_the_users_tree_unless_the_config_says(tmp_path, m
 
 
 def test_cards_say_how_many_epochs_ran_and_which_one_was_kept():
-    from ctzoo.models.registry import load_card
+    from ctzoo.models import load_card
 
     detector = load_card("recistnet-mini").training
     assert (detector.epochs, detector.epochs_planned, detector.best_epoch) == (95, 120, 90)

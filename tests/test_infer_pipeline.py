@@ -106,19 +106,14 @@ def test_batch_over_mixed_inputs_records_the_corrupt_case_and_writes_seg_and_sr(
 
 
 def test_pipeline_matches_the_single_volume_function(tmp_path):
-    """Batching across volumes and the fixed canvas change nothing: same lesions as detect_volume."""
-    from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
-    from ctzoo.inference.recist_volume import detect_volume
-    from ctzoo.inference.tasks import model_task
-    from ctzoo.models import create_model, model_input_spec
+    """Batching across volumes, reader processes and files change nothing: same lesions as the stages run in
+    memory on the one volume, slice batch after slice batch."""
+    from ctzoo.inference.tasks import model_task, run_task
 
     task = model_task("recistnet-mini", "torch", "cpu", score_threshold=0.05)
     rows = run_pipeline([CaseInput("a", sample_ct_dicom())], task, PipelineOptions(out=tmp_path, workers=0))
     assert rows[0]["status"] == "ok", rows
-    spec = model_input_spec("recistnet-mini")
-    prep = SlicePreprocessing(**{k: v for k, v in spec.items() if k in SlicePreprocessing.model_fields})
-    reference = detect_volume(create_model("recistnet-mini", pretrained=True), read_volume(sample_ct_dicom()), prep,
-                              score_threshold=0.05, progress=False)
+    reference = run_task(task, read_volume(sample_ct_dicom()), batch_size=3)
     found = json.loads((tmp_path / "a" / "detections.json").read_text())["lesions"]
     assert len(found) == len(reference["lesions"]) > 0
     for ours, theirs in zip(found, reference["lesions"]):
@@ -197,7 +192,8 @@ def test_volume_inputs_equal_training_preprocessing(spacing):
     shrunk to 0.8 mm) and interpolated neighbours (1.3 mm slices) too."""
     from ctzoo.datasets.deeplesion.context import context_planes, neighbour_offsets
     from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing, resample_and_window
-    from ctzoo.inference.recist_volume import pad_to, reorient_lps, slice_inputs
+    from ctzoo.inference.recist_volume import pad_to, slice_inputs
+    from ctzoo.io import reorient_lps
     from ctzoo.models import model_input_spec
 
     spec = model_input_spec("recistnet-mini")
@@ -335,8 +331,9 @@ def test_infer_lets_progress_lines_through_without_verbose():
 def test_detections_name_the_key_slice_by_instance_number_and_z(sample_volume):
     """slice_z_mm is the slice's ImagePositionPatient z, instance_number its InstanceNumber; the one-line detail and
     the label say the same; without DICOM only z and the index remain."""
-    from ctzoo.inference.recist_volume import detections_document, reorient_lps, slice_detections
+    from ctzoo.inference.recist_volume import detections_document, slice_detections
     from ctzoo.inference.tasks import _where
+    from ctzoo.io import reorient_lps
 
     def document(volume):
         axial = reorient_lps(volume)

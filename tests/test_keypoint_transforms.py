@@ -17,12 +17,6 @@ from monai.transforms import (
     Zoomd,
 )
 
-from ctzoo.datasets.deeplesion.keypoint_transforms import (
-    invert_keypoints,
-    keypoint_pipeline,
-    recist_eval_transforms,
-    recist_train_transforms,
-)
 from ctzoo.datasets.deeplesion.recist import (
     LONG_A,
     LONG_B,
@@ -31,6 +25,12 @@ from ctzoo.datasets.deeplesion.recist import (
     box_from_points,
     canonical_order,
     diameters,
+)
+from ctzoo.datasets.keypoint_transforms import (
+    invert_keypoints,
+    keypoint_pipeline,
+    recist_eval_transforms,
+    recist_train_transforms,
 )
 
 H, W = 64, 80

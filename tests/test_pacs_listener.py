@@ -14,8 +14,10 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import CTImageStorage, Verification
 from series_variants import variant_series
 
+from ctzoo.export.repository import ensure_graphs
 from ctzoo.inference.tasks import model_task
 from ctzoo.io.dicom_scan import SeriesRules
+from ctzoo.models import load_bundle
 from ctzoo.pacs.ledger import JobState, Ledger, patient_hash
 from ctzoo.pacs.listener import AEAddress, DestinationUnavailable, DicomListener, send_files
 
@@ -26,8 +28,8 @@ CALLER = "SCANNER"
 
 @pytest.fixture(scope="module")
 def tasks():
-    return [model_task("recistnet-mini", "onnx", "cpu", score_threshold=0.05),
-            model_task("template-seg-abdomen", "onnx", "cpu")]
+    return [model_task(ensure_graphs(load_bundle("recistnet-mini")), "onnx", "cpu", score_threshold=0.05),
+            model_task(ensure_graphs(load_bundle("template-seg-abdomen")), "onnx", "cpu")]
 
 
 def _listener(tmp_path, tasks, destination: AEAddress, port: int = 0, callers=(CALLER,),
@@ -67,7 +69,7 @@ def _storage_scp(port: int, received: list, status: int = 0x0000):
 
 
 def test_listener_end_to_end_into_orthanc(tmp_path, sent_files, tasks, caplog):
-    caplog.set_level("INFO", logger="ctzoo.serve")
+    caplog.set_level("INFO", logger="ctzoo.pacs")
     good = variant_series(sent_files, tmp_path / "send", "good", patient_id="PAT-0042")
     mr = variant_series(sent_files, tmp_path / "send", "mr", count=5, modality="MR")
     few = variant_series(sent_files, tmp_path / "send", "few", count=3)

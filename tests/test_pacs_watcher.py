@@ -11,9 +11,11 @@ import pytest
 from dicom_validation import assert_dciodvfy_clean
 from orthanc_server import running_orthanc, storescu
 
+from ctzoo.export.repository import ensure_graphs
 from ctzoo.inference.tasks import model_task
 from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.io.dicom_sr import read_recist_sr
+from ctzoo.models import load_bundle
 from ctzoo.pacs.ledger import JobState, Ledger, patient_hash
 from ctzoo.pacs.orthanc import OrthancClient, OrthancUnavailable
 from ctzoo.pacs.watcher import OrthancWatcher
@@ -43,7 +45,7 @@ def _discover_until(watcher: OrthancWatcher, n: int, timeout: float = 20.0) -> i
 
 
 def test_watcher_end_to_end(tmp_path, sent_files, caplog):
-    caplog.set_level("INFO", logger="ctzoo.serve")
+    caplog.set_level("INFO", logger="ctzoo.pacs")
     (tmp_path / "sent").mkdir()
     files = []
     for source in sent_files:  # the sample has an empty PatientID: give it one, to check it is only hashed
@@ -51,8 +53,8 @@ def test_watcher_end_to_end(tmp_path, sent_files, caplog):
         ds.PatientID = "PAT-0042"
         ds.save_as(tmp_path / "sent" / source.name, enforce_file_format=True)
         files.append(tmp_path / "sent" / source.name)
-    tasks = [model_task("recistnet-mini", "onnx", "cpu", score_threshold=0.05),
-             model_task("template-seg-abdomen", "onnx", "cpu")]
+    tasks = [model_task(ensure_graphs(load_bundle("recistnet-mini")), "onnx", "cpu", score_threshold=0.05),
+             model_task(ensure_graphs(load_bundle("template-seg-abdomen")), "onnx", "cpu")]
     rules = SeriesRules(min_slices=5)
     uid = pydicom.dcmread(sent_files[0]).SeriesInstanceUID
     ledger_path = tmp_path / "ledger.sqlite"
@@ -140,7 +142,7 @@ class _FakeClient:
 
 
 def test_bad_data_is_skipped_and_orthanc_down_is_retried(tmp_path):
-    tasks = [model_task("recistnet-mini", "onnx", "cpu")]
+    tasks = [model_task(ensure_graphs(load_bundle("recistnet-mini")), "onnx", "cpu")]
     with Ledger(tmp_path / "ledger.sqlite") as ledger:
         watcher = OrthancWatcher(_FakeClient(), ledger, tasks, SeriesRules(), tmp_path / "work", "w", SALT)
         assert watcher.discover() == 1 and watcher.discover() == 0 and watcher.last_seq == 5

@@ -8,7 +8,8 @@ import torch
 from monai.data import MetaTensor
 
 from ctzoo.datasets.deeplesion.recist import canonical_order
-from ctzoo.models.recistnet import RecistNet, box_from_points, group_keypoints, recist_order
+from ctzoo.models.recist_grouping import box_from_points, group_keypoints, recist_order
+from ctzoo.models.recistnet import RecistNet
 from ctzoo.models.recistnet_targets import (
     focal_loss,
     make_targets,

@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from ctzoo.datasets.segmentation import SegPreprocessing, volume_to_slices
-from ctzoo.inference.segment_volume import seg_summary, segment_slices, segment_volume
+from ctzoo.datasets.seg_preprocessing import SegPreprocessing, volume_to_slices
+from ctzoo.inference.backends import TorchSegmenter
+from ctzoo.inference.segment_volume import seg_summary, segment_slices
+from ctzoo.inference.tasks import run_task, segmenter_task
 from ctzoo.io import Volume
 from ctzoo.models.template_bank import TemplateBank
 from ctzoo.models.template_seg import TemplateSegNet
@@ -35,6 +37,11 @@ def flipped_left_right(volume: Volume) -> Volume:
                                direction=direction, dicom=None)
 
 
+def segment_volume(model, bank, volume, prep, batch_size=16):
+    """The segmenter's stages on one volume in memory, as every path runs them."""
+    return run_task(segmenter_task(TorchSegmenter(model, bank, CLASSES, "cpu"), prep), volume, batch_size)
+
+
 @pytest.fixture(scope="module")
 def net():
     torch.manual_seed(0)
@@ -54,7 +61,7 @@ def bank(net, sample_volume):
 
 @pytest.fixture(scope="module")
 def labels(net, bank, sample_volume):
-    return segment_volume(net, bank, sample_volume, PREP, batch_size=8, progress=False)
+    return segment_volume(net, bank, sample_volume, PREP, batch_size=8)
 
 
 def test_labels_on_the_input_grid(labels, sample_volume):
@@ -68,29 +75,29 @@ def test_each_slice_gets_its_nearest_template(net, bank, sample_volume):
     assert nearest[[2, 10, 17]].tolist() == [0, 1, 2]  # a bank slice is its own nearest template
     with torch.no_grad():  # one encoding per distinct template, gathered per slice == templates passed per slice
         expected = net(slices, bank.templates(nearest)).argmax(1).to(torch.uint8)
-    found = segment_slices(net, bank, slices, batch_size=7, progress=False)
+    found = segment_slices(net, bank, slices, batch_size=7)
     assert (found != expected).float().mean() < 1e-4  # batch sizes differ, so float rounding may flip a tie
 
 
 def test_storage_order_does_not_change_the_result(net, bank, labels, sample_volume):
     flipped = flipped_left_right(sample_volume)
     assert flipped.orientation != "LPS"
-    again = segment_volume(net, bank, flipped, PREP, batch_size=8, progress=False)
+    again = segment_volume(net, bank, flipped, PREP, batch_size=8)
     assert np.array_equal(again[:, :, ::-1], labels)
 
 
 def test_plain_segmenter_and_bank_checks(net, bank, sample_volume):
     plain = ThresholdSegmenter()
-    labels = segment_volume(plain, None, sample_volume, PREP, progress=False)
+    labels = segment_volume(plain, None, sample_volume, PREP)
     assert labels.shape == sample_volume.array.shape and len(np.unique(labels)) > 3
-    again = segment_volume(plain, None, flipped_left_right(sample_volume), PREP, progress=False)
+    again = segment_volume(plain, None, flipped_left_right(sample_volume), PREP)
     assert np.array_equal(again[:, :, ::-1], labels)
     with pytest.raises(ValueError, match="takes no template bank"):
-        segment_volume(plain, bank, sample_volume, PREP, progress=False)
+        segment_volume(plain, bank, sample_volume, PREP)
     with pytest.raises(ValueError, match="needs a TemplateBank"):
-        segment_volume(net, None, sample_volume, PREP, progress=False)
+        segment_volume(net, None, sample_volume, PREP)
     with pytest.raises(ValueError, match="another SegPreprocessing"):
-        segment_volume(net, bank, sample_volume, SegPreprocessing(spacing_mm=4.0, size=(96, 96)), progress=False)
+        segment_volume(net, bank, sample_volume, SegPreprocessing(spacing_mm=4.0, size=(96, 96)))
 
 
 def test_summary_counts_volumes_and_slices(sample_volume):

@@ -10,18 +10,20 @@ import SimpleITK as sitk
 import torch
 from scipy.ndimage import gaussian_filter
 
+from ctzoo.datasets.seg_preprocessing import (
+    SegPreprocessing,
+    labels_to_slices,
+    slices_to_volume_labels,
+    volume_to_slices,
+)
 from ctzoo.datasets.segmentation import (
     ABDOMEN_CLASSES,
     DatasetError,
     SegCase,
-    SegPreprocessing,
-    labels_to_slices,
     map_labels,
     msd_cases,
-    slices_to_volume_labels,
     split_slab,
     totalsegmentator_cases,
-    volume_to_slices,
 )
 from ctzoo.datasets.segmentation_slices import (
     SegAugmentConfig,

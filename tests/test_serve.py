@@ -49,7 +49,7 @@ HEADER = "Inference-Header-Content-Length"
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    from ctzoo.serve.export import export_model
+    from ctzoo.export.repository import export_model
 
     repo = tmp_path_factory.mktemp("repository")
     for name in (DET, SEG):
@@ -70,7 +70,8 @@ def sessions(repo) -> dict[str, ort.InferenceSession]:
 def ct_slice(sample_volume) -> np.ndarray:
     """A real preprocessed CT slice of the embedded sample, as the detector takes it: (1, 9, H, W)."""
     from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
-    from ctzoo.inference.recist_volume import reorient_lps, slice_inputs
+    from ctzoo.inference.recist_volume import slice_inputs
+    from ctzoo.io import reorient_lps
     from ctzoo.models import model_input_spec
 
     spec = model_input_spec(DET)

@@ -23,11 +23,12 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory) -> Path:
-    from ctzoo.serve.export import export_model
+    from ctzoo.export.repository import export_model
 
     repo = tmp_path_factory.mktemp("repo")
     for name in ("recistnet-mini", "template-seg-abdomen"):
         export_model(name, repo)
+    export_model("recistnet-mini", repo, fp16=True)
     return repo
 
 
@@ -36,7 +37,7 @@ def client(repository):
     from ctzoo.serve.app import create_app
     from ctzoo.serve.studies import study_router
 
-    app = create_app(repository, [TOKEN], device="cpu", max_upload_mb=8, extra_routers=[study_router("cpu")])
+    app = create_app(repository, [TOKEN], device="cpu", max_upload_mb=16, extra_routers=[study_router("cpu")])
     with TestClient(app) as test_client:
         yield test_client
 
@@ -57,34 +58,78 @@ def dicom_zip() -> bytes:
     return buffer.getvalue()
 
 
-def _infer_reference(path: Path, model: str, tmp_path: Path) -> Path:
-    """What ``ctzoo infer --backend onnx`` writes for ``path``."""
+def _infer_reference(path: Path, bundle: Path, tmp_path: Path) -> Path:
+    """What ``ctzoo infer --backend onnx --model BUNDLE`` writes for ``path``."""
     from ctzoo.inference.inputs import CaseInput
     from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
     from ctzoo.inference.tasks import model_task
 
-    [row] = run_pipeline([CaseInput("ref", path)], model_task(model, "onnx", "cpu"),
+    [row] = run_pipeline([CaseInput("ref", path)], model_task(bundle, "onnx", "cpu"),
                          PipelineOptions(out=tmp_path, workers=0, overlay=False, progress=False))
     assert row["status"] == "ok", row
     return tmp_path / "ref"
 
 
-def test_detector_study_equals_ctzoo_infer(client, small_nifti, tmp_path):
+def test_detector_study_equals_ctzoo_infer(client, repository, small_nifti, tmp_path):
     response = client.post("/studies/recistnet-mini", content=small_nifti.read_bytes(), headers=AUTH)
     assert response.status_code == 200, response.text
-    reference = json.loads((_infer_reference(small_nifti, "recistnet-mini", tmp_path) / "detections.json").read_text())
-    assert response.json() == reference
-    assert response.json()["model"] == "recistnet-mini"
+    reference = _infer_reference(small_nifti, repository / "recistnet-mini", tmp_path) / "detections.json"
+    answer = response.json()
+    assert {k: v for k, v in answer.items() if k != "graph"} == json.loads(reference.read_text())
+    assert answer["model"] == "recistnet-mini"
+    assert answer["graph"]["file"] == "recistnet-mini/1/model.onnx" and answer["graph"]["precision"] == "fp32"
 
 
-def test_segmenter_study_gives_nifti_json_and_dicom_seg(client, dicom_zip, small_nifti, tmp_path):
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_fp16_study_runs_the_served_fp16_graph_and_matches_v2(client, repository, sample_volume, tmp_path):
+    """/studies/<m>-fp16 answers from the fp16 graph /v2/models/<m>-fp16 serves, and on one slice both agree."""
+    from ctzoo.inference.recist_volume import canvas_size, decode_heads, slice_inputs
+    from ctzoo.io import reorient_lps
+    from ctzoo.models import load_bundle
+
+    one_slice = dataclasses.replace(sample_volume, array=sample_volume.array[9:10].copy(), dicom=None)
+    path = write_volume(one_slice, tmp_path / "one.nii.gz")
+    study = client.post("/studies/recistnet-mini-fp16?score_threshold=0.05", content=path.read_bytes(), headers=AUTH)
+    assert study.status_code == 200, study.text
+    graph = study.json()["graph"]
+    served = repository / "recistnet-mini-fp16" / "1" / "model.onnx"
+    assert graph["precision"] == "fp16" and graph["file"] == "recistnet-mini-fp16/1/model.onnx"
+    assert graph["sha256"] == _sha256(served)
+    # the same slice through /v2, prepared as the pipeline prepares it, decoded as the pipeline decodes it
+    prep = load_bundle(repository / "recistnet-mini-fp16").preprocessing
+    [(image, _)] = list(slice_inputs(reorient_lps(read_volume(path, progress=False)), prep, canvas=canvas_size(prep)))
+    raw = np.ascontiguousarray(image.numpy(), np.float32).tobytes()  # KServe v2 binary tensor extension
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, *image.shape],
+                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    reply = client.post("/v2/models/recistnet-mini-fp16/infer", content=header + raw,
+                        headers={**AUTH, "Inference-Header-Content-Length": str(len(header)),
+                                 "Content-Type": "application/octet-stream"})
+    assert reply.status_code == 200, reply.text
+    heads = {o["name"]: np.asarray(o["data"], np.float32).reshape(o["shape"]) for o in reply.json()["outputs"]}
+    [(scores, _)] = decode_heads(heads, 4, 20, 0.05)
+    study_scores = sorted(lesion["score"] for lesion in study.json()["lesions"])
+    assert len(study_scores) == len(scores) >= 1
+    np.testing.assert_allclose(study_scores, sorted(scores.tolist()), atol=1e-4)
+    # and it really is the fp16 graph: the fp32 model's scores on the same slice differ beyond fp32 rounding
+    fp32 = client.post("/studies/recistnet-mini?score_threshold=0.05", content=path.read_bytes(), headers=AUTH)
+    fp32_scores = sorted(lesion["score"] for lesion in fp32.json()["lesions"])
+    assert fp32.json()["graph"]["precision"] == "fp32"
+    assert len(fp32_scores) != len(study_scores) or np.abs(np.subtract(fp32_scores, study_scores)).max() > 1e-6
+
+
+def test_segmenter_study_gives_nifti_json_and_dicom_seg(client, repository, dicom_zip, small_nifti, tmp_path):
     import highdicom as hd
     import nibabel as nib
 
     labels = client.post("/studies/template-seg-abdomen?format=nifti", content=small_nifti.read_bytes(), headers=AUTH)
     assert labels.status_code == 200, labels.text
     (tmp_path / "labels.nii.gz").write_bytes(labels.content)
-    reference = _infer_reference(small_nifti, "template-seg-abdomen", tmp_path / "ref")
+    reference = _infer_reference(small_nifti, repository / "template-seg-abdomen", tmp_path / "ref")
     np.testing.assert_array_equal(nib.load(tmp_path / "labels.nii.gz").get_fdata(),
                                   nib.load(reference / "labels.nii.gz").get_fdata())
     summary = client.post("/studies/template-seg-abdomen", content=dicom_zip, headers=AUTH)
@@ -117,7 +162,7 @@ def test_bad_uploads_get_a_precise_4xx_and_the_service_keeps_serving(client, sma
         ("recistnet-mini", _zip({"a/bomb.dcm": bytes(32 << 20)}), 400, "limit for zipped series"),  # zip bomb
         ("recistnet-mini", b"just some bytes that are not a volume", 415, "unsupported upload"),
         ("no-such-model", good, 404, "unknown model"),
-        ("recistnet-mini", bytes(9 << 20), 413, "upload limit"),  # over max_upload_mb
+        ("recistnet-mini", bytes(17 << 20), 413, "upload limit"),  # over max_upload_mb
     ]
     for model, body, status, message in cases:
         response = client.post(f"/studies/{model}", content=body, headers=AUTH)
@@ -139,7 +184,8 @@ def test_nan_volume_is_refused(client, tmp_path):
     assert response.status_code == 400 and "NaN" in response.json()["error"]
 
 
-def test_checkpoint_exports_have_no_study_endpoint(repository, tmp_path):
+def test_folders_without_a_whole_bundle_have_no_study_endpoint(repository, tmp_path):
+    """A repository folder written by an older ctzoo export (a graph, no weights or bundle.json) still serves /v2."""
     from ctzoo.serve.app import create_app
     from ctzoo.serve.studies import study_router
 
@@ -148,6 +194,7 @@ def test_checkpoint_exports_have_no_study_endpoint(repository, tmp_path):
     config = json.loads((repo / "my-run" / "ctzoo.json").read_text())
     config.update(name="my-run", source="runs/my-run/best.pt")
     (repo / "my-run" / "ctzoo.json").write_text(json.dumps(config))
+    (repo / "my-run" / "bundle.json").unlink()
     with TestClient(create_app(repo, [TOKEN], device="cpu", extra_routers=[study_router("cpu")])) as client:
         response = client.post("/studies/my-run", content=b"\x1f\x8b", headers=AUTH)
     assert response.status_code == 404 and "tensor inference only" in response.json()["error"]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctzoo.datasets.segmentation import SegCase, SegPreprocessing
+from ctzoo.datasets.seg_preprocessing import SegPreprocessing
+from ctzoo.datasets.segmentation import SegCase
 from ctzoo.models.template_seg import TemplateSegNet, count_parameters
 from ctzoo.training.engine import OptimConfig, fit
 from ctzoo.training.seg_evaluation import resample_case_slices, segmentation_metrics

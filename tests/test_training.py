@@ -11,11 +11,9 @@ from click.testing import CliRunner
 
 from ctzoo.cli import main
 from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
-from ctzoo.inference.recist_volume import (
-    SliceDetection,
-    detect_volume,
-    merge_across_slices,
-)
+from ctzoo.inference.backends import TorchDetector
+from ctzoo.inference.recist_volume import SliceDetection, merge_across_slices
+from ctzoo.inference.tasks import detector_task, run_task
 from ctzoo.io import Volume
 from ctzoo.models.recistnet import RecistNet
 
@@ -194,9 +192,9 @@ def test_volume_detections_do_not_depend_on_storage_orientation(sample_volume):
     flipped = Volume(np.ascontiguousarray(flipped_array), crop.spacing,
                      tuple(crop.index_to_lps([crop.size[0] - 1, 0, crop.size[2] - 1])), direction)
     assert flipped.orientation == "RPI"
-    options = {"score_threshold": 0.0, "max_lesions": 3, "progress": False}
-    a = detect_volume(model, crop, prep, **options)
-    b = detect_volume(model, flipped, prep, **options)
+    task = detector_task(TorchDetector(model, "cpu"), prep, score_threshold=0.0, max_lesions=3)
+    a = run_task(task, crop)
+    b = run_task(task, flipped)
     assert len(a["lesions"]) == len(b["lesions"]) > 0
     for x, y in zip(a["lesions"], b["lesions"]):
         np.testing.assert_allclose(x["points_mm"], y["points_mm"], atol=1e-3)

@@ -1,4 +1,4 @@
-"""``ctzoo export``: a zoo model or checkpoint into a Triton-layout model repository (:mod:`ctzoo.serve.export`)."""
+"""``ctzoo export``: a model bundle or checkpoint into a Triton-layout model repository (:mod:`ctzoo.export`)."""
 
 from __future__ import annotations
 
@@ -18,24 +18,31 @@ import click
               help="Write OUT/<name>-fp16/: fp16 weights and arithmetic, fp32 inputs and outputs; checked against "
                    "PyTorch fp32 with a 1e-2 relative tolerance instead of 1e-4.")
 @click.option("--opset", type=click.IntRange(13, 20), default=17, show_default=True, help="ONNX opset.")
+@click.option("--format", "layout", type=click.Choice(["triton", "monai-bundle"]), default="triton", show_default=True,
+              help="monai-bundle: also MONAI's bundle files (configs/metadata.json, configs/inference.json, "
+                   "models/model.pt), so 'python -m monai.bundle run' runs it.")
 @click.option("--templates", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Template-segmenter checkpoints: the template bank folder (templates.safetensors and "
                    "templates.json); it is re-embedded with the checkpoint's weights.")
-def export(source: str, repo: Path, name: str | None, fp16: bool, opset: int, templates: Path | None) -> None:
+def export(source: str, repo: Path, name: str | None, fp16: bool, opset: int, layout: str,
+           templates: Path | None) -> None:
     """Export MODEL_OR_CHECKPOINT to ONNX in a Triton model repository, checked against PyTorch.
 
-    MODEL_OR_CHECKPOINT is a zoo model (ctzoo zoo list) or a checkpoint written by ctzoo train
-    (RUN/best.pt or RUN/last.pt of RECIST-Net; RUN/template_seg/best.pt of the template segmenter,
-    with --templates).
+    MODEL_OR_CHECKPOINT is a zoo model (ctzoo zoo list), a model bundle folder, or a checkpoint
+    written by ctzoo train (RUN/best.pt or RUN/last.pt of RECIST-Net; RUN/template_seg/best.pt of
+    the template segmenter, with --templates).
 
     \b
-    Writes OUT/<name>/:
+    Writes OUT/<name>/, a whole model bundle that every command takes (--model OUT/<name>):
       config.pbtxt         Triton config (onnxruntime_onnx, max_batch_size 16, dynamic batching)
       1/model.onnx         the graph: detector image -> heatmaps, offsets, displacements;
                            template segmenter image, template -> logits
+      1/embed.onnx         template segmenters: the slice embedding that picks each template
       ctzoo.json           what ctzoo serve reads: tensors, preprocessing, version, parity
       card.json, README.md the model card
+      bundle.json, model.safetensors, config.json   the network and its weights
       templates.*          template segmenters: the template bank
+      configs/, models/    with --format monai-bundle: MONAI's bundle files
 
     Every export is checked right after it is written: ONNX Runtime against PyTorch on random
     input (two batch sizes; the detector also a second image size) and on the embedded sample CT
@@ -47,12 +54,14 @@ def export(source: str, repo: Path, name: str | None, fp16: bool, opset: int, te
       ctzoo export recistnet-mini --out model_repository
       ctzoo export template-seg-abdomen --out model_repository --fp16
       ctzoo export runs/mini/best.pt --out model_repository --name recistnet-mine
+      ctzoo export recistnet-mini --out bundles --format monai-bundle
     """
-    from ctzoo.serve.export import ExportSourceError, export_model, parity_table
+    from ctzoo.export.parity import parity_table
+    from ctzoo.export.repository import ExportSourceError, export_model
 
     try:
         folder = export_model(source, repo, name=name, fp16=fp16, opset=opset, templates=templates,
-                              progress=lambda message: click.echo(message, err=True))
+                              progress=lambda message: click.echo(message, err=True), monai=layout == "monai-bundle")
     except (ExportSourceError, FileNotFoundError, KeyError) as exc:
         raise click.ClickException(str(exc)) from exc
     except (RuntimeError, ValueError) as exc:  # a failed parity check, or the exporter refusing the model

@@ -21,7 +21,8 @@ def _default_workers() -> int:
 @click.command()
 @click.argument("inputs", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--model", "model_names", multiple=True, default=("recistnet-mini",), show_default=True,
-              help="Zoo model (ctzoo zoo list). Repeat to run several models over the same cases.")
+              help="Zoo model (ctzoo zoo list) or a model bundle folder (ctzoo zoo publish, ctzoo export). Repeat to "
+                   "run several models over the same cases.")
 @click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
               help="PyTorch eager, or ONNX Runtime (exported once and cached, checked against PyTorch).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, else CPU), cpu or cuda.")
@@ -76,16 +77,13 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
       ctzoo infer /data/export --out results        every series under /data/export
       ctzoo infer cases.txt --backend onnx --workers 4 --resume
     """
+    from ctzoo.cli.bundles import resolve_bundles
     from ctzoo.datasets.samples import sample_ct_dicom
     from ctzoo.inference.inputs import CaseInput, discover_cases
     from ctzoo.inference.pipeline import PipelineOptions
-    from ctzoo.models import UnknownModelError, model_entry
 
-    try:  # every model name before anything else: a typo must not cost a scan of the inputs
-        for model_name in dict.fromkeys(model_names):
-            model_entry(model_name)
-    except UnknownModelError as exc:
-        raise click.ClickException(str(exc)) from exc
+    # every model before anything else: a typo must not cost a scan of the inputs
+    bundles = resolve_bundles(model_names, backend)
     try:
         cases = discover_cases(inputs) if inputs else [CaseInput("sample_ct", sample_ct_dicom())]
         rules = load_rules(rules_file)
@@ -99,7 +97,8 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     rows: list[dict] = []
     with _progress_logging():
         for model_name in model_names:
-            rows = _run_model(model_name, cases, options, backend, device, threads, score_threshold, engine, rows)
+            rows = _run_model(bundles[model_name], cases, options, backend, device, threads, score_threshold, engine,
+                              rows)
     failed = [r for r in rows if r["status"] != "ok"]
     for row in rows:
         line = f"{row['case']} [{row['model']}]: " + (f"{row['findings']} finding(s) {row['detail']}".rstrip()
@@ -125,7 +124,7 @@ def _progress_logging() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _run_model(model_name: str, cases, options, backend: str, device: str, threads: int | None,
+def _run_model(bundle, cases, options, backend: str, device: str, threads: int | None,
                score_threshold: float, engine: str, earlier_rows: list[dict]) -> list[dict]:
     from ctzoo.inference.pipeline import run_pipeline
     from ctzoo.inference.tasks import model_task
@@ -134,9 +133,9 @@ def _run_model(model_name: str, cases, options, backend: str, device: str, threa
         if engine == "ray":
             from ctzoo.inference.ray_engine import run_ray
 
-            return earlier_rows + run_ray(cases, model_name, options, backend=backend, device=device,
+            return earlier_rows + run_ray(cases, str(bundle.folder), options, backend=backend, device=device,
                                           threads=threads, score_threshold=score_threshold, other_rows=earlier_rows)
-        task = model_task(model_name, backend, device, score_threshold, threads)
+        task = model_task(bundle, backend, device, score_threshold, threads)
     except (KeyError, FileNotFoundError, RuntimeError, ValueError) as exc:  # bad model/device/backend, Ray failure
         raise click.ClickException(str(exc)) from exc
     return earlier_rows + run_pipeline(cases, task, options, other_rows=earlier_rows)

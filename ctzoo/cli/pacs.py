@@ -57,10 +57,12 @@ def _ledger(config):
 
 
 def _tasks(config):
+    from ctzoo.cli.bundles import resolve_bundles
     from ctzoo.inference.tasks import model_task
 
+    bundles = resolve_bundles(config.models, config.backend)
     try:
-        return [model_task(name, config.backend, config.device, score_threshold=config.score_threshold,
+        return [model_task(bundles[name], config.backend, config.device, score_threshold=config.score_threshold,
                            threads=config.threads) for name in config.models]
     except (KeyError, ValueError, RuntimeError, FileNotFoundError) as exc:
         raise click.ClickException(f"cannot load the models: {exc}") from exc
@@ -76,7 +78,7 @@ def _run_until_signalled(worker, poll_s: float) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, request_stop)
-    logging.getLogger("ctzoo.serve").setLevel(min(logging.getLogger().getEffectiveLevel(), logging.INFO))
+    logging.getLogger("ctzoo.pacs").setLevel(min(logging.getLogger().getEffectiveLevel(), logging.INFO))
     worker.run(poll_s=poll_s, stop=stop)
 
 

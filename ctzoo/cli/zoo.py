@@ -105,10 +105,13 @@ def show(name: str, as_json: bool) -> None:
               help="Replace data.root of the config.")
 @click.option("--notes", default="", help="A line for the card's training table: a run stopped early, resumed "
                                           "on other hardware, anything a reader must know (RECIST-Net runs).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the bundle into this folder instead of the package's weights folder: your own model, "
+                   "which every command takes as --model OUT.")
 def publish(run_dir: Path, config: Path, name: str, version: str, split: str, data_root: Path | None,
-            notes: str) -> None:
-    """Evaluate RUN_DIR/best.pt and publish it as zoo model NAME: weights, config and model card,
-    written into the package's weights folder atomically.
+            notes: str, out: Path | None) -> None:
+    """Evaluate RUN_DIR/best.pt and publish it as zoo model NAME: a model bundle (weights, network,
+    model card), written into the package's weights folder (or --out) atomically.
 
     For a template_seg run (ctzoo train configs/template_seg_*.yaml), RUN_DIR/template_seg/best.pt is
     published with its template bank, and the card takes the test metrics of RUN_DIR/comparison.json.
@@ -118,9 +121,9 @@ def publish(run_dir: Path, config: Path, name: str, version: str, split: str, da
 
     try:
         if config_task(config) == "template_seg":
-            folder = publish_template_seg(run_dir, config, name, version, data_root)
+            folder = publish_template_seg(run_dir, config, name, version, data_root, target=out)
         else:
-            folder = publish_recistnet(run_dir, config, name, version, split, data_root, notes=notes)
+            folder = publish_recistnet(run_dir, config, name, version, split, data_root, notes=notes, target=out)
     except (KeyError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"published {name} {version} into {folder}")

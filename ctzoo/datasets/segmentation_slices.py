@@ -36,7 +36,8 @@ from monai.transforms import (
 from pydantic import Field
 
 from ctzoo.config import StrictConfig
-from ctzoo.datasets.segmentation import SegCase, SegPreprocessing, SliceGeometry, labels_to_slices, volume_to_slices
+from ctzoo.datasets.seg_preprocessing import SegPreprocessing, SliceGeometry, labels_to_slices, volume_to_slices
+from ctzoo.datasets.segmentation import SegCase
 
 
 class SegAugmentConfig(StrictConfig):

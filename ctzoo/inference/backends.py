@@ -1,15 +1,16 @@
-"""Inference backends for the zoo models: PyTorch eager or ONNX Runtime behind one small interface.
+"""Inference backends for model bundles: PyTorch eager or ONNX Runtime behind one small interface.
 
 ``ctzoo infer --backend onnx|torch`` preprocesses slices and hands batches to a backend made by
 :func:`make_backend`; the backend only runs the network, with numpy in and out:
 
 * a :class:`DetectorBackend` (RecistNet) returns the raw heads, ``{"heatmaps", "offsets", "displacements"}``,
-  which the caller decodes with :func:`ctzoo.models.recistnet.group_keypoints`;
+  which the caller decodes with :func:`ctzoo.inference.recist_volume.decode_heads`;
 * a :class:`SegmenterBackend` (TemplateSegNet) returns the class index per pixel, each slice segmented with its
   nearest bank template, by the same rule as :func:`ctzoo.inference.segment_volume.segment_slices`.
 
-The ONNX backends run graphs exported once per weights into the cache by
-:func:`ctzoo.inference.onnx_export.cached_onnx_folder` (checked against PyTorch when written, see there).
+The ONNX backends run the checked graphs an exported bundle carries (``1/model.onnx``, ``1/embed.onnx``: see
+:mod:`ctzoo.export.repository`), whatever their precision: the graph ``ctzoo serve`` serves is the graph a
+study or a batch runs.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from ctzoo.inference.onnx_export import HEADS, cached_onnx_folder, export_onnx
-from ctzoo.models.recistnet import NUM_ENDPOINTS, NUM_POINTS
-from ctzoo.models.registry import create_model, model_entry, model_input_spec
+from ctzoo.models.bundle import ModelBundle
+from ctzoo.models.recist_grouping import NUM_ENDPOINTS, NUM_POINTS
 
-__all__ = ["DetectorBackend", "SegmenterBackend", "export_onnx", "make_backend"]
+__all__ = ["DetectorBackend", "SegmenterBackend", "make_backend"]
 
 KINDS = ("torch", "onnx")
+HEADS = ("heatmaps", "offsets", "displacements")
 #: Channels of each RecistNet head (for an empty batch, which neither runtime needs to see).
 HEAD_CHANNELS = {"heatmaps": NUM_POINTS, "offsets": 2 * NUM_POINTS, "displacements": 2 * NUM_ENDPOINTS}
 SIZE_MULTIPLE = 32  # RecistNet's input must be a multiple of its coarsest stride
@@ -55,46 +56,43 @@ class SegmenterBackend(Protocol):
         ...
 
 
-def make_backend(model_name: str, kind: Literal["torch", "onnx"] = "torch", device: str = "auto",
-                 cache: Path | None = None, threads: int | None = None) -> DetectorBackend | SegmenterBackend:
-    """A backend running the zoo model ``model_name`` with its shipped weights.
+class NoGraphsError(ValueError):
+    """The ONNX backend was asked for a bundle that carries no exported graphs."""
+
+
+def make_backend(bundle: ModelBundle, kind: Literal["torch", "onnx"] = "torch", device: str = "auto",
+                 threads: int | None = None) -> DetectorBackend | SegmenterBackend:
+    """A backend running ``bundle``.
 
     Args:
-        kind: ``"torch"`` (eager PyTorch) or ``"onnx"`` (ONNX Runtime; exported into the cache on first use).
+        kind: ``"torch"`` (eager PyTorch, the bundle's weights) or ``"onnx"`` (ONNX Runtime, the bundle's exported
+            graphs; :class:`NoGraphsError` when it has none: ``ctzoo export`` it, or let ``ctzoo infer --backend
+            onnx`` export it into the cache).
         device: ``"auto"`` (CUDA when torch sees one, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. ONNX
             Runtime without its CUDA provider falls back to the CPU with a warning; ``backend.device`` says
             which one runs.
-        cache: root of the ONNX export cache instead of :func:`ctzoo.datasets.samples.cache_dir`.
         threads: intra-op threads: ONNX Runtime's ``intra_op_num_threads``, or ``torch.set_num_threads`` (which
             is process-wide) for torch; None keeps the runtime's default.
-
-    Unknown names raise the registry's :class:`~ctzoo.models.UnknownModelError`; an unknown kind ``ValueError``.
     """
-    entry = model_entry(model_name)
     if kind not in KINDS:
         raise ValueError(f"unknown backend kind {kind!r}: use one of {', '.join(KINDS)}")
     device = _resolve_device(device)
-    bank = None
-    if entry.task == "segmentation":
-        from ctzoo.models.template_bank import INDEX_FILE, TemplateBank
-
-        # a template segmenter ships its bank beside its weights; a plain segmenter has none
-        if (entry.weights_dir / INDEX_FILE).is_file():
-            bank = TemplateBank.load(entry.weights_dir)
-        class_names = bank.class_names if bank is not None else list(model_input_spec(model_name)["classes"])
     if kind == "torch":
         if threads is not None:
             torch.set_num_threads(threads)
-        model = create_model(model_name, pretrained=True).eval().to(device)
-        if entry.task == "detection":
+        import copy
+
+        model = copy.deepcopy(bundle.network()).to(device)  # the bundle's network stays on the CPU, shared
+        if bundle.task == "detection":
             return TorchDetector(model, device)
-        return TorchSegmenter(model, bank, class_names, device)
-    folder = cached_onnx_folder(model_name, cache)
-    if entry.task == "detection":
-        down_ratio = create_model(model_name, pretrained=True).down_ratio  # the shipped config's, not the default
-        return OnnxDetector(folder, down_ratio, device, threads)
-    size = tuple(model_input_spec(model_name)["size"])
-    return OnnxSegmenter(folder, bank, class_names, size, device, threads)
+        return TorchSegmenter(model, bundle.template_bank, bundle.class_names, device)
+    if bundle.graphs is None:
+        raise NoGraphsError(f"{bundle.folder} carries no ONNX graphs: export it with 'ctzoo export' (or run "
+                            "'ctzoo infer --backend onnx', which exports into the cache)")
+    if bundle.task == "detection":
+        return OnnxDetector(bundle.graphs.model, bundle.down_ratio, device, threads)
+    return OnnxSegmenter(bundle.graphs.model, bundle.graphs.embed, bundle.template_bank, bundle.class_names,
+                         tuple(bundle.preprocessing.size), device, threads)
 
 
 def _resolve_device(device: str) -> str:
@@ -183,8 +181,8 @@ def _session_device(session) -> str:
 class OnnxDetector:
     kind = "onnx"
 
-    def __init__(self, folder: Path, down_ratio: int, device: str, threads: int | None) -> None:
-        self.session = _session(folder / "heads.onnx", device, threads)
+    def __init__(self, graph: Path, down_ratio: int, device: str, threads: int | None) -> None:
+        self.session = _session(graph, device, threads)
         self.device, self.down_ratio = _session_device(self.session), down_ratio
         self._channels = self.session.get_inputs()[0].shape[1]  # static in the graph; batch, H, W are not
 
@@ -193,52 +191,37 @@ class OnnxDetector:
         if not len(images):  # ONNX Runtime kernels need not accept an empty batch
             h, w = (s // self.down_ratio for s in images.shape[2:])
             return {name: np.zeros((0, HEAD_CHANNELS[name], h, w), np.float32) for name in HEADS}
-        return dict(zip(HEADS, self.session.run(list(HEADS), {"images": images})))
+        return dict(zip(HEADS, self.session.run(list(HEADS), {"image": images})))
 
 
 class OnnxSegmenter:
-    """The ONNX twin of :func:`segment_slices`: embed -> cosine-nearest bank template -> encode each distinct
-    template once -> segment with the per-slice encoding. Template encodings are kept across batches too (a
-    bank template's encoding never changes), so a volume encodes each template at most once."""
+    """The ONNX twin of :func:`segment_slices`: ``embed.onnx`` -> cosine-nearest bank template -> ``model.onnx``
+    on each slice with its template (the graph encodes the template itself, as the served graph does)."""
 
     kind = "onnx"
 
-    def __init__(self, folder: Path, bank, class_names: list[str], size: tuple[int, int], device: str,
-                 threads: int | None) -> None:
+    def __init__(self, graph: Path, embed: Path | None, bank, class_names: list[str], size: tuple[int, int],
+                 device: str, threads: int | None) -> None:
         self.bank, self.class_names, self.size = bank, list(class_names), tuple(size)
-        self._segment = _session(folder / "segment.onnx", device, threads)
+        if bank is None or embed is None:
+            raise ValueError("the ONNX segmenter needs the template bank and its embed.onnx graph")
+        if tuple(bank.images.shape[2:]) != self.size:
+            raise ValueError(f"bank templates are {tuple(bank.images.shape[2:])} pixels but the model's "
+                             f"preprocessing gives {self.size}")
+        self._segment = _session(graph, device, threads)
         self.device = _session_device(self._segment)
-        self._encodings: dict[int, list[np.ndarray]] = {}
-        if bank is not None:
-            if tuple(bank.images.shape[2:]) != self.size:
-                raise ValueError(f"bank templates are {tuple(bank.images.shape[2:])} pixels but the model's "
-                                 f"preprocessing gives {self.size}")
-            self._embed = _session(folder / "embed.onnx", device, threads)
-            self._encode = _session(folder / "encode_template.onnx", device, threads)
-            self._encoded_names = [output.name for output in self._encode.get_outputs()]
-            self._bank_unit = _unit(bank.embeddings.numpy().astype(np.float32))
+        self._embed = _session(embed, device, threads)
+        self._bank_unit = _unit(bank.embeddings.numpy().astype(np.float32))
 
     def segment(self, images: np.ndarray) -> np.ndarray:
         images = _as_batch(images, 1, size=self.size)
         if not len(images):
             return np.zeros((0, *self.size), np.uint8)
-        feeds = {"images": images}
-        if self.bank is not None:
-            feeds.update(self._nearest_encoding(images))
-        logits = self._segment.run(["logits"], feeds)[0]
-        return logits.argmax(axis=1).astype(np.uint8)
-
-    def _nearest_encoding(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """As :func:`ctzoo.inference.segment_volume._nearest_encoding`: the nearest template's encoding per slice."""
-        queries = self._embed.run(["embeddings"], {"images": images})[0]
+        queries = self._embed.run(["embeddings"], {"image": images})[0]
         index = (_unit(queries) @ self._bank_unit.T).argmax(axis=1)  # cosine nearest, as TemplateBank.nearest
-        missing = sorted(set(index.tolist()) - self._encodings.keys())
-        if missing:
-            encoded = self._encode.run(self._encoded_names, {"templates": self.bank.templates(missing).numpy()})
-            for row, template in enumerate(missing):
-                self._encodings[template] = [value[row] for value in encoded]
-        return {name: np.stack([self._encodings[t][k] for t in index.tolist()])
-                for k, name in enumerate(self._encoded_names)}
+        templates = self.bank.templates(index.tolist()).numpy()
+        logits = self._segment.run(["logits"], {"image": images, "template": templates})[0]
+        return logits.argmax(axis=1).astype(np.uint8)
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ctzoo.io.image_files import ITK_READ_SUFFIXES, NIFTI_SUFFIXES, file_suffix
 
@@ -32,10 +33,13 @@ _NEVER_DICOM = {".json", ".csv", ".md", ".txt", ".xml", ".png", ".jpg", ".jpeg",
 
 @dataclass(frozen=True)
 class CaseInput:
-    """One CT volume to run: ``name`` is the output folder's name, unique within a run."""
+    """One CT volume to run: ``name`` is the output folder's name, unique within a run. ``volume``: the volume
+    already read from ``path`` by the caller (the PACS bridge reads a series once for its check and all its
+    models); the pipeline then does not read ``path`` again."""
 
     name: str
     path: Path
+    volume: Any = field(default=None, compare=False, repr=False)
 
 
 def _is_dicom(path: Path) -> bool:

@@ -87,7 +87,8 @@ def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: 
     start_time = time.perf_counter()
     sent = 0
     try:
-        volume = read_volume(case.path, series=series, rules=rules, progress=False)
+        volume = case.volume if case.volume is not None else read_volume(case.path, series=series, rules=rules,
+                                                                         progress=False)
         if not np.isfinite(volume.array).all():
             bad = int(volume.array.size - np.isfinite(volume.array).sum())
             raise ValueError(f"{case.path}: {bad} voxels are NaN or infinite; refusing to guess their HU")

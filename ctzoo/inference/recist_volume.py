@@ -1,7 +1,8 @@
-"""Run the 2.5D RECIST detector over every slice of a CT volume and merge one lesion's slices.
+"""The RECIST detector's volume stages: every slice's 2.5D input, head decoding, one lesion's slices merged.
 
-This is the function ``ctzoo infer``, the service and the PACS bridge call. Per slice it builds the
-same input as training (neighbours ``slice_interval_mm`` apart, linearly interpolated; in-plane
+:func:`ctzoo.inference.tasks.detector_task` assembles these into the stages every path runs (``ctzoo infer``, the
+service's ``/studies``, the PACS bridge; :func:`ctzoo.inference.tasks.run_task` for one volume in memory). Per
+slice it builds the same input as training (neighbours ``slice_interval_mm`` apart, linearly interpolated; in-plane
 resampling and window from :func:`ctzoo.datasets.deeplesion.dataset.resample_and_window`), on the
 volume reoriented to LPS axial — the orientation DeepLesion's slices are displayed and trained in.
 Results are mapped back to the voxel indices of the input *as stored* and to patient LPS mm.
@@ -28,12 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ctzoo.datasets.deeplesion.context import context_planes, neighbour_offsets
 from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing, resample_planes, window_planes
-from ctzoo.io import Volume, reorient_lps
-from ctzoo.models.recistnet import group_keypoints
+from ctzoo.io import Volume
+from ctzoo.models.recist_grouping import group_keypoints
 
 #: Detections of one lesion on neighbouring slices merge when their centres are this close in-plane,
 #: as a fraction of the larger long axis (and at least MIN_MERGE_MM).
@@ -102,7 +102,7 @@ def slice_inputs(axial: Volume, prep: SlicePreprocessing, canvas: int | None = N
 def decode_heads(heads: dict[str, torch.Tensor | np.ndarray], down_ratio: int, max_lesions: int = 20,
                  score_threshold: float = 0.3) -> list[tuple[np.ndarray, np.ndarray]]:
     """Raw RECIST-Net outputs for a batch -> per slice ``(scores (M,), points (M, 5, 2))`` in network-input
-    pixels, scores >= ``score_threshold``. The grouping is :func:`ctzoo.models.recistnet.group_keypoints`, as in
+    pixels, scores >= ``score_threshold``. The grouping is :func:`ctzoo.models.recist_grouping.group_keypoints`, as in
     :meth:`RecistNet.detect`; backends (PyTorch, ONNX Runtime) only compute ``heads``."""
     tensor = {key: torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value).float()
               for key, value in heads.items()}
@@ -128,24 +128,6 @@ def slice_detections(axial: Volume, k: int, scores: np.ndarray, points: np.ndarr
     return found
 
 
-def detect_slices(model: torch.nn.Module, volume: Volume, prep: SlicePreprocessing, batch_size: int = 8,
-                  score_threshold: float = 0.3, max_lesions: int = 20, device: str | torch.device = "cpu",
-                  progress: bool = True) -> list[SliceDetection]:
-    """Detections on every slice of ``volume`` (already LPS axial), scores >= ``score_threshold``."""
-    model = model.to(device).eval()
-    inputs = slice_inputs(volume, prep)
-    found: list[SliceDetection] = []
-    for start in tqdm(range(0, volume.array.shape[0], batch_size), desc="detecting", unit="batch",
-                      disable=None if progress else True, leave=False):
-        batch = [next(inputs) for _ in range(min(batch_size, volume.array.shape[0] - start))]
-        with torch.no_grad():
-            heads = model(torch.stack([image for image, _ in batch]).to(device))
-        decoded = decode_heads(heads, model.down_ratio, max_lesions, score_threshold)
-        for offset, ((scores, points), (_, scale)) in enumerate(zip(decoded, batch)):
-            found += slice_detections(volume, start + offset, scores, points, scale)
-    return found
-
-
 def merge_across_slices(detections: list[SliceDetection], slice_spacing_mm: float) -> list[SliceDetection]:
     """One lesion per group of detections on adjacent slices whose centres nearly coincide in-plane.
 
@@ -166,16 +148,6 @@ def merge_across_slices(detections: list[SliceDetection], slice_spacing_mm: floa
             lesions.append(SliceDetection(detection.score, detection.k, detection.points_ijk, detection.points_mm,
                                           detection.long_mm, detection.short_mm, [detection.k]))
     return lesions
-
-
-def detect_volume(model: torch.nn.Module, volume: Volume, prep: SlicePreprocessing, model_name: str = "",
-                  model_version: str = "", **options: Any) -> dict[str, Any]:
-    """Detect lesions in ``volume`` and return the ``detections.json`` document (see the module docstring).
-
-    ``options`` go to :func:`detect_slices` (batch_size, score_threshold, max_lesions, device, progress).
-    """
-    axial = reorient_lps(volume)
-    return detections_document(volume, axial, detect_slices(model, axial, prep, **options), model_name, model_version)
 
 
 def detections_document(volume: Volume, axial: Volume, detections: list[SliceDetection], model_name: str,

@@ -1,6 +1,8 @@
-"""Segment every slice of a CT volume with a 2D segmenter and return labels on the input's own grid.
+"""A 2D segmenter on CT slices, and its results written on the input's own grid.
 
-This is the function ``ctzoo infer``, the service and the PACS bridge call for segmentation models. The
+:func:`segment_slices` is what the PyTorch backend and the training evaluation run;
+:func:`ctzoo.inference.tasks.segmenter_task` puts it into the stages every path runs (``ctzoo infer``, the
+service's ``/studies``, the PACS bridge; :func:`ctzoo.inference.tasks.run_task` for one volume in memory). The
 volume is cut into slices exactly as in training (:func:`ctzoo.datasets.segmentation.volume_to_slices`:
 reoriented to LPS axial, resampled in-plane, padded/cropped, windowed), segmented in batches, and the
 per-slice argmax is mapped back onto the voxel grid of the input *as stored*
@@ -32,7 +34,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ctzoo.datasets.segmentation import SegPreprocessing, slices_to_volume_labels, volume_to_slices
 from ctzoo.inference.recist_volume import volume_geometry
 from ctzoo.io import Volume
 from ctzoo.models.template_bank import TemplateBank
@@ -83,19 +84,6 @@ def segment_slices(model: torch.nn.Module, bank: TemplateBank | None, slices: to
                 logits = model(images)
         predicted[start:start + images.shape[0]] = logits.argmax(dim=1).to(torch.uint8).cpu()
     return predicted
-
-
-def segment_volume(model: torch.nn.Module, bank: TemplateBank | None, volume: Volume, prep: SegPreprocessing,
-                   batch_size: int = 16, device: str | torch.device = "cpu", progress: bool = True) -> np.ndarray:
-    """Label map ``(Z, Y, X)`` uint8 on ``volume``'s grid as stored: 0 background, ``c`` the ``c``-th class.
-
-    ``bank`` is required for a :class:`TemplateSegNet` (template per slice = nearest in the bank) and must be
-    None for a plain segmenter. ``prep`` must be the preprocessing the model (and bank) were trained with.
-    """
-    slices, geometry = volume_to_slices(volume, prep)
-    predicted = segment_slices(model, bank, slices, batch_size, device, progress)
-    labels = slices_to_volume_labels(predicted.numpy(), geometry, volume)
-    return np.asarray(labels, dtype=np.uint8)
 
 
 def seg_summary(labels: np.ndarray, volume: Volume, class_names: Sequence[str], model_name: str = "",

@@ -18,7 +18,7 @@ function per stage, so the detector and the segmenter share the pipeline, the lo
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from ctzoo.io import Volume
 from ctzoo.io.atomic import atomic_path
+from ctzoo.models.bundle import ModelBundle, load_bundle
 
 
 @dataclass
@@ -39,6 +40,7 @@ class ModelTask:
     predict: Callable[[np.ndarray], list[Any]]
     finish: Callable[[Volume, Any, list[Any]], Any]
     write: Callable[[Volume, Any, Path, bool], tuple[list[Path], dict[str, Any]]]
+    runtime: dict[str, Any] = field(default_factory=dict)  # what ran: backend, device, the graph file if ONNX
 
 
 def _write_json(document: dict, path: Path) -> Path:
@@ -59,7 +61,8 @@ class DetectorPreprocess:
     prep: Any  # SlicePreprocessing
 
     def __call__(self, volume: Volume):
-        from ctzoo.inference.recist_volume import canvas_size, reorient_lps, slice_inputs
+        from ctzoo.inference.recist_volume import canvas_size, slice_inputs
+        from ctzoo.io import reorient_lps
 
         axial = reorient_lps(volume)
         scales: list[np.ndarray] = []
@@ -73,15 +76,12 @@ class DetectorPreprocess:
         return scales, images()
 
 
-def detector_task(model_name: str, backend, score_threshold: float = 0.3, max_lesions: int = 20) -> ModelTask:
-    """The pipeline stages of a RECIST-Net zoo model running on ``backend`` (a DetectorBackend)."""
-    from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
-    from ctzoo.inference.recist_volume import decode_heads, detections_document, reorient_lps, slice_detections
-    from ctzoo.models import model_input_spec, model_version
-
-    spec = model_input_spec(model_name)
-    version = model_version(model_name)
-    prep = SlicePreprocessing(**{k: v for k, v in spec.items() if k in SlicePreprocessing.model_fields})
+def detector_task(backend, prep, model_name: str = "", version: str = "", score_threshold: float = 0.3,
+                  max_lesions: int = 20) -> ModelTask:
+    """The pipeline stages of a RECIST-Net on ``backend`` (a DetectorBackend) with preprocessing ``prep`` (a
+    SlicePreprocessing); ``model_name`` and ``version`` go into the results."""
+    from ctzoo.inference.recist_volume import decode_heads, detections_document, slice_detections
+    from ctzoo.io import reorient_lps
 
     def predict(batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         return decode_heads(backend.heads(batch), backend.down_ratio, max_lesions, score_threshold)
@@ -129,21 +129,18 @@ class SegmenterPreprocess:
     prep: Any  # SegPreprocessing
 
     def __call__(self, volume: Volume):
-        from ctzoo.datasets.segmentation import volume_to_slices
+        from ctzoo.datasets.seg_preprocessing import volume_to_slices
 
         slices, geometry = volume_to_slices(volume, self.prep)
         return geometry, (s.numpy() for s in slices)
 
 
-def segmenter_task(model_name: str, backend) -> ModelTask:
-    """The pipeline stages of a segmentation zoo model running on ``backend`` (a SegmenterBackend)."""
-    from ctzoo.datasets.segmentation import SegPreprocessing, slices_to_volume_labels
+def segmenter_task(backend, prep, model_name: str = "", version: str = "") -> ModelTask:
+    """The pipeline stages of a 2D segmenter on ``backend`` (a SegmenterBackend) with preprocessing ``prep`` (a
+    SegPreprocessing); ``model_name`` and ``version`` go into the results."""
+    from ctzoo.datasets.seg_preprocessing import slices_to_volume_labels
     from ctzoo.inference.segment_volume import write_segmentation
-    from ctzoo.models import model_input_spec, model_version
 
-    spec = model_input_spec(model_name)
-    version = model_version(model_name)
-    prep = SegPreprocessing(**{k: v for k, v in spec.items() if k in SegPreprocessing.model_fields})
     class_names = list(backend.class_names)
 
     def predict(batch: np.ndarray) -> list[np.ndarray]:
@@ -162,13 +159,45 @@ def segmenter_task(model_name: str, backend) -> ModelTask:
     return ModelTask(model_name, version, "segmentation", SegmenterPreprocess(prep), predict, finish, write)
 
 
-def model_task(model_name: str, backend_kind: str = "torch", device: str = "auto", score_threshold: float = 0.3,
-               threads: int | None = None) -> ModelTask:
-    """The stages of zoo model ``model_name`` on a new backend (``torch`` or ``onnx``)."""
-    from ctzoo.inference.backends import make_backend
-    from ctzoo.models import model_entry
+def _runtime(bundle: ModelBundle, backend) -> dict[str, Any]:
+    runtime = {"backend": backend.kind, "device": backend.device}
+    if backend.kind == "onnx" and bundle.graphs is not None:
+        runtime["graph"] = bundle.graphs.describe(bundle.folder)
+    return runtime
 
-    backend = make_backend(model_name, backend_kind, device, threads=threads)
-    if model_entry(model_name).task == "segmentation":
-        return segmenter_task(model_name, backend)
-    return detector_task(model_name, backend, score_threshold)
+
+def model_task(source: str | Path | ModelBundle, backend_kind: str = "torch", device: str = "auto",
+               score_threshold: float = 0.3, threads: int | None = None) -> ModelTask:
+    """The stages of a bundle (or a zoo name or bundle folder, loaded here) on a new backend (``torch`` or
+    ``onnx``, the bundle's exported graphs)."""
+    from ctzoo.inference.backends import make_backend
+
+    bundle = source if isinstance(source, ModelBundle) else load_bundle(source)
+    backend = make_backend(bundle, backend_kind, device, threads=threads)
+    return bundle_task(bundle, backend, score_threshold)
+
+
+def bundle_task(bundle: ModelBundle, backend, score_threshold: float = 0.3) -> ModelTask:
+    """The stages of ``bundle`` on ``backend`` (made from it): its preprocessing, name and version."""
+    if bundle.task == "segmentation":
+        task = segmenter_task(backend, bundle.preprocessing, bundle.name, bundle.version)
+    else:
+        task = detector_task(backend, bundle.preprocessing, bundle.name, bundle.version, score_threshold)
+    task.runtime = _runtime(bundle, backend)
+    return task
+
+
+def run_task(task: ModelTask, volume: Volume, batch_size: int = 8) -> Any:
+    """``task`` on one volume in memory, stage after stage as the pipeline runs them (without files): the
+    ``detections.json`` document of a detector, the label map on ``volume``'s grid of a segmenter."""
+    context, images = task.preprocess(volume)
+    outputs: list[Any] = []
+    batch: list[np.ndarray] = []
+    for image in images:
+        batch.append(image)
+        if len(batch) == batch_size:
+            outputs += task.predict(np.stack(batch))
+            batch = []
+    if batch:
+        outputs += task.predict(np.stack(batch))
+    return task.finish(volume, context, outputs)

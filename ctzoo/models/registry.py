@@ -22,8 +22,6 @@ import importlib.resources
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from datetime import date
 from pathlib import Path
@@ -33,8 +31,6 @@ import safetensors.torch
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-
-from ctzoo.io.atomic import replace_folder
 
 TASKS: tuple[str, ...] = ("detection", "segmentation")
 WEIGHTS_FILE, CONFIG_FILE, CARD_JSON, CARD_MD = "model.safetensors", "config.json", "card.json", "MODEL_CARD.md"
@@ -276,83 +272,3 @@ def create_model(name: str, pretrained: bool = False, **overrides: Any) -> nn.Mo
         raise WeightsMismatchError(f"{weights} does not fit {name!r} built from {config_path}: {problems}")
     model.load_state_dict(state, strict=True)
     return model
-
-
-def _check_config_rebuilds(entry: ModelEntry, config: Mapping[str, Any], model: nn.Module) -> None:
-    """Refuse to publish weights that ``create_model(pretrained=True)`` could not load back."""
-    try:
-        with torch.device("meta"):  # shapes only: no memory and no initialisation cost
-            reference = entry.builder(**{**entry.default_config, **config})
-    except Exception:  # a builder that computes on tensor values cannot run on meta: build it for real
-        reference = entry.builder(**{**entry.default_config, **config})
-    problems = _state_mismatch(reference.state_dict(), model.state_dict())
-    if problems:
-        raise ValueError(f"config does not rebuild the model being published as {entry.name!r}: {problems}")
-
-
-def save_pretrained(model: nn.Module, name_or_dir: str | os.PathLike[str], config: Mapping[str, Any],
-                    card: ModelCard, extra: Callable[[Path], Any] | None = None) -> Path:
-    """Publish ``model`` with its constructor ``config`` and ``card``; returns the folder written.
-
-    ``name_or_dir`` is a registered name (its ``weights_dir``) or any folder (pass a Path to be explicit).
-    The four files (and whatever ``extra(folder)`` writes, e.g. a template bank) are written into a temporary
-    folder beside the target and renamed into place, so readers see the old weights or the new ones, never a
-    mixture or a half-written file.
-    """
-    entry = _REGISTRY.get(name_or_dir) if isinstance(name_or_dir, str) else None
-    if entry is not None and card.name != entry.name:
-        raise ValueError(f"card is for {card.name!r} but the weights are being published as {entry.name!r}")
-    if card.name in _REGISTRY and card.task != _REGISTRY[card.name].task:
-        raise ValueError(f"card says task {card.task!r}; {card.name!r} is registered as {_REGISTRY[card.name].task!r}")
-    target = entry.weights_dir if entry is not None else Path(name_or_dir)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder")
-    n_params = sum(p.numel() for p in model.parameters())
-    if card.parameters != n_params:
-        raise ValueError(f"card says {card.parameters:,} parameters but the model has {n_params:,}")
-    config_text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"  # TypeError for non-JSON values
-    if card.name in _REGISTRY:
-        _check_config_rebuilds(_REGISTRY[card.name], config, model)
-    # state_dict tensors may share storage (tied weights, views), which safetensors refuses: store copies
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        os.chmod(partial, 0o755)  # mkdtemp makes it private; shipped weights must be readable by every user
-        safetensors.torch.save_file(tensors, str(partial / WEIGHTS_FILE),
-                                    metadata={"format": "pt", "name": card.name, "version": card.version})
-        (partial / CONFIG_FILE).write_text(config_text, encoding="utf-8")
-        (partial / CARD_JSON).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        (partial / CARD_MD).write_text(card.to_markdown(), encoding="utf-8")
-        if extra is not None:
-            extra(partial)
-        for written in partial.iterdir():  # safetensors writes owner-only files; shipped weights are for everyone
-            os.chmod(written, 0o644)
-        replace_folder(partial, target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return target
-
-
-
-def load_card(name: str) -> ModelCard:
-    """The model card shipped with ``name``'s weights; FileNotFoundError when none are shipped yet."""
-    path = model_entry(name).weights_dir / CARD_JSON
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights are shipped for {name!r} yet ({path} does not exist)")
-    return ModelCard.model_validate_json(path.read_text(encoding="utf-8"))
-
-
-def model_input_spec(name: str) -> dict[str, Any]:
-    """How inputs must be prepared for ``name``: the shipped card's ``input_spec`` (what the weights were trained
-    with) when weights are shipped, else the registration's."""
-    try:
-        return dict(load_card(name).input_spec)
-    except FileNotFoundError:
-        return dict(model_entry(name).input_spec)
-
-
-def model_version(name: str) -> str:
-    """The semantic version of ``name``'s shipped weights."""
-    return load_card(name).version

@@ -2,10 +2,11 @@
 
 A way in knows how to *fetch* a job's series into a folder and how to *deliver* result files; everything
 between is here: :class:`SeriesWorker` claims a job from the ledger (:mod:`ctzoo.pacs.ledger`),
-fetches the series into a private temporary folder, reads it once to check it (:func:`check_series`),
-runs every model task on it (:func:`run_models`), delivers ``sr.dcm``/``seg.dcm`` and completes the job
-with their SOP Instance UIDs. While a job runs, a heartbeat thread extends its lease, so a long model run
-keeps the job while a worker killed with SIGKILL loses it after ``lease_s``.
+fetches the series into a private temporary folder, reads and decodes it once (:func:`check_series`), runs
+every model task on that volume (:func:`run_models`: no model reads the files again), delivers
+``sr.dcm``/``seg.dcm`` and completes the job with their SOP Instance UIDs. While a job runs, a heartbeat
+thread extends its lease, so a long model run keeps the job while a worker killed with SIGKILL loses it after
+``lease_s``.
 
 Outcomes of a job:
 
@@ -55,8 +56,9 @@ def series_tag(series_uid: str) -> str:
     return hashlib.sha256(series_uid.encode()).hexdigest()[:10]
 
 
-def check_series(folder: Path, rules: SeriesRules) -> None:
-    """Read the series in ``folder`` as the models will (every slice decoded); :class:`BadSeries` if it cannot.
+def check_series(folder: Path, rules: SeriesRules):
+    """The series in ``folder`` read as the models take it (every slice decoded; a :class:`~ctzoo.io.Volume`);
+    :class:`BadSeries` if it cannot be.
 
     Reading once before any model runs is what tells "this series is damaged" (skip it) from "a model
     failed" (retry): a corrupt instance, a series the rules reject or NaN voxels are the data's fault.
@@ -70,15 +72,18 @@ def check_series(folder: Path, rules: SeriesRules) -> None:
         raise BadSeries(f"rejected after reading: {text[:300]}") from None
     if not np.isfinite(volume.array).all():
         raise BadSeries("rejected after reading: NaN or infinite voxels")
+    return volume
 
 
 def run_models(folder: Path, tasks: list[ModelTask], rules: SeriesRules, out: Path,
-               after_each=lambda: None) -> list[Path]:
-    """Run every task on the series in ``folder``; the result DICOM files written under ``out`` (SR, SEG).
+               after_each=lambda: None, volume=None) -> list[Path]:
+    """Run every task on the series in ``folder`` (``volume``: that series already read, as
+    :func:`check_series` returns it, so that it is decoded once for all models); the result DICOM files written
+    under ``out`` (SR, SEG).
 
     ``after_each`` is called after each model (the watcher checks its lease there). A model that fails
     raises ``RuntimeError`` naming it."""
-    case, rows = CaseInput(CASE, folder), []
+    case, rows = CaseInput(CASE, folder, volume), []
     for task in tasks:
         options = PipelineOptions(out=out, workers=0, overlay=False, progress=False, rules=rules)
         new = run_pipeline([case], task, options, other_rows=rows)
@@ -206,8 +211,8 @@ class SeriesWorker:
             data, out = folder / "dicom", folder / "out"
             self.fetch(job, data)
             beat.check()
-            check_series(data, self.rules)
-            paths = run_models(data, self.tasks, self.rules, out, after_each=beat.check)
+            volume = check_series(data, self.rules)
+            paths = run_models(data, self.tasks, self.rules, out, after_each=beat.check, volume=volume)
             self.last_delivery = self.deliver(paths)
             return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
         finally:

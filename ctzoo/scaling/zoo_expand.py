@@ -10,6 +10,7 @@ starts from it with ``init_from_expansion`` (:class:`ExpansionInit`).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from torch import nn
 
 from ctzoo.config import StrictConfig
 from ctzoo.io.atomic import atomic_path
+from ctzoo.models.bundle import NETWORK_REBUILDERS
 from ctzoo.scaling.expand import ExpansionReport, compare_outputs, expand_model
 
 __all__ = ["ExpansionInit", "SourceModel", "checkpoint_network", "expand_source", "expanded_model",
@@ -70,6 +72,10 @@ class SourceModel:
 def build_architecture(architecture: dict[str, Any]) -> nn.Module:
     """A freshly initialised network of the source architecture ``architecture`` describes."""
     builder = architecture["builder"]
+    if builder == "bundle":  # a model bundle's own network definition (a user's bundle, or a zoo one)
+        from ctzoo.models.bundle import NetworkDef, build_network
+
+        return build_network(NetworkDef.model_validate(architecture["network"]))
     if builder == "zoo":
         from ctzoo.models import create_model
 
@@ -79,7 +85,7 @@ def build_architecture(architecture: dict[str, Any]) -> nn.Module:
 
         return RecistNet(**architecture["kwargs"])
     if builder == "segmentation":
-        from ctzoo.training.template_seg_task import TemplateSegModelConfig, build_seg_model
+        from ctzoo.models.seg_networks import TemplateSegModelConfig, build_seg_model
 
         return build_seg_model(TemplateSegModelConfig(**architecture["model"]), architecture["num_classes"])
     raise ValueError(f"unknown architecture builder {builder!r}")
@@ -107,27 +113,24 @@ def _example_inputs(model: nn.Module, generator: torch.Generator) -> tuple[torch
     raise ValueError(f"no example inputs known for a {type(model).__name__}")
 
 
-def _real_inputs(model: nn.Module, spec: dict[str, Any] | None) -> tuple[torch.Tensor, ...] | None:
-    """Slices of the embedded sample CT prepared as inference prepares them (None where no spec is known)."""
-    if spec is None:
+def _real_inputs(model: nn.Module, prep) -> tuple[torch.Tensor, ...] | None:
+    """Slices of the embedded sample CT prepared as inference prepares them with ``prep`` (SlicePreprocessing
+    or SegPreprocessing; None where none is known)."""
+    if prep is None:
         return None
+    from ctzoo.inference.sample_inputs import prepared_sample
     from ctzoo.models.recistnet import RecistNet
-    from ctzoo.serve.export import Exportable, real_ct_inputs
-
-    if isinstance(model, RecistNet):
-        item = Exportable("source", "detection", "0", model, spec, None, "")
-        return (real_ct_inputs(item)["image"],)
-    from ctzoo.models import create_model, model_entry
-    from ctzoo.models.template_bank import TemplateBank
     from ctzoo.models.template_seg import TemplateSegNet
 
-    zoo = "template-seg-abdomen"  # its bank supplies real templates (any labelled slice checks losslessness)
-    bank = TemplateBank.load(model_entry(zoo).weights_dir)
-    item = Exportable("source", "segmentation", "0", create_model(zoo, pretrained=True).eval(), spec, None, "",
-                      bank=bank)
-    inputs = real_ct_inputs(item)
+    if isinstance(model, RecistNet):
+        return (prepared_sample("detection", prep)["image"],)
+    from ctzoo.models.bundle import zoo_bundle
+
+    # the zoo segmenter's bank supplies real templates (any labelled slice checks losslessness)
+    zoo = zoo_bundle("template-seg-abdomen")
+    inputs = prepared_sample("segmentation", prep, zoo.template_bank, zoo.network())
     if isinstance(model, TemplateSegNet):
-        if model.num_classes != len(bank.class_names):
+        if model.num_classes != len(zoo.class_names):
             return None
         return inputs["image"], inputs["template"]
     return (inputs["image"],)
@@ -135,39 +138,46 @@ def _real_inputs(model: nn.Module, spec: dict[str, Any] | None) -> tuple[torch.T
 
 def load_source_model(source: str) -> SourceModel:
     """A zoo model name or a ``ctzoo train`` checkpoint, ready to expand."""
-    from ctzoo.models import create_model, list_models, model_entry, model_input_spec
+    from ctzoo.models import list_models, model_entry
+    from ctzoo.models.bundle import load_bundle
 
     generator = torch.Generator().manual_seed(0)
     if source in list_models():
         if not model_entry(source).has_weights:
             raise ValueError(f"zoo model {source!r} ships no weights: nothing to expand")
-        model = create_model(source, pretrained=True).eval()
-        spec = model_input_spec(source)
+        bundle = load_bundle(source)
+        model = copy.deepcopy(bundle.network())
         return SourceModel(model, {"builder": "zoo", "name": source}, _example_inputs(model, generator),
-                           _real_inputs(model, spec), f"zoo model {source}")
+                           _real_inputs(model, bundle.preprocessing), f"zoo model {source}")
     path = Path(source)
+    if path.is_dir():  # a model bundle folder (ctzoo zoo publish --out, ctzoo export)
+        bundle = load_bundle(path)
+        model = copy.deepcopy(bundle.network())
+        architecture = {"builder": "bundle", "network": bundle.network_def.model_dump(mode="json")}
+        return SourceModel(model, architecture, _example_inputs(model, generator),
+                           _real_inputs(model, bundle.preprocessing), f"bundle {path}")
     if not path.is_file():
-        raise ValueError(f"{source}: neither a zoo model ({', '.join(list_models())}) nor a checkpoint file")
+        raise ValueError(f"{source}: neither a zoo model ({', '.join(list_models())}), a bundle folder nor a "
+                         "checkpoint file")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ValueError(f"{path} is not a ctzoo train checkpoint (no 'model' state dict)")
-    if "train_config" in state:
+    if "train_config" in state:  # the config as ctzoo train saved it (model_dump): read, not re-validated
         from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
-        from ctzoo.training.recistnet_task import RecistNetTrainConfig
 
-        cfg = RecistNetTrainConfig.model_validate(state["train_config"])
-        prep = SlicePreprocessing(**{k: getattr(cfg.data, k) for k in SlicePreprocessing.model_fields})
-        architecture = {"builder": "recistnet", "kwargs": {"in_channels": prep.in_channels,
-                                                           **cfg.model.model_dump()}}
-        spec = {**prep.model_dump(mode="json"), "size_multiple": 32}
+        data, network = state["train_config"]["data"], state["train_config"]["model"]
+        prep = SlicePreprocessing(**{k: data[k] for k in SlicePreprocessing.model_fields if k in data})
+        architecture = {"builder": "recistnet", "kwargs": {"in_channels": prep.in_channels, **network}}
     elif "model_kind" in state:
-        from ctzoo.training.template_seg_task import TemplateSegTrainConfig
+        from ctzoo.datasets.seg_preprocessing import SegPreprocessing
+        from ctzoo.models.seg_networks import TemplateSegModelConfig
 
-        cfg = TemplateSegTrainConfig.model_validate(state["task_config"])
-        model_config = {**cfg.model.model_dump(mode="json"), "kind": state["model_kind"]}
+        task_config = state["task_config"]
+        network = TemplateSegModelConfig.model_validate(task_config.get("model", {}))
+        model_config = {**network.model_dump(mode="json"), "kind": state["model_kind"]}
         architecture = {"builder": "segmentation", "model": model_config,
                         "num_classes": len(state["class_names"])}
-        spec = cfg.data.preprocessing.model_dump(mode="json")
+        prep = SegPreprocessing.model_validate(task_config.get("data", {}).get("preprocessing", {}))
     else:
         raise ValueError(f"{path}: not a RECIST-Net or template-segmenter checkpoint of ctzoo train")
     if "expanded_from" in state:
@@ -176,7 +186,7 @@ def load_source_model(source: str) -> SourceModel:
     model = build_architecture(architecture)
     model.load_state_dict(state["model"])
     model.eval()
-    return SourceModel(model, architecture, _example_inputs(model, generator), _real_inputs(model, spec),
+    return SourceModel(model, architecture, _example_inputs(model, generator), _real_inputs(model, prep),
                        f"checkpoint {path}")
 
 
@@ -209,6 +219,28 @@ def save_expanded(path: Path, source: SourceModel, expanded: nn.Module, report: 
         torch.save(payload, temporary)
     with atomic_path(path.with_suffix(".json")) as temporary:
         temporary.write_text(json.dumps({k: v for k, v in payload.items() if k != "model"}, indent=2))
+
+
+def save_expanded_bundle(folder: Path, source_name: str, expanded: nn.Module, report: ExpansionReport, seed: int,
+                         source: SourceModel) -> Path:
+    """The expanded model as a model bundle in ``folder``, which every path runs (it computes what the source
+    bundle ``source_name`` computes): the source's card, renamed ``<name>-expanded`` and saying so, and a
+    ``bundle.json`` whose network is the source's expanded again."""
+    from ctzoo.models.bundle import load_bundle, save_pretrained
+
+    bundle = load_bundle(source_name)
+    card = bundle.card
+    how = (f"LEMON-expanded from {card.name} {card.version}: width x{report.width_mult:g}, "
+           f"{report.blocks_added} identity blocks added, seed {seed}; it computes the source's function "
+           f"(max relative output difference {report.max_rel_diff:.1e}) and has not been trained further.")
+    card = card.model_copy(update={"name": f"{card.name}-expanded", "description": f"{card.description} {how}",
+                                   "parameters": sum(p.numel() for p in expanded.parameters()),
+                                   "limitations": [how, *card.limitations]})
+    record = {"kind": "lemon", "architecture": {"builder": "bundle",
+                                                "network": bundle.network_def.model_dump(mode="json")},
+              "expansion": {"width_mult": report.width_mult, "depth_add": report.depth_add, "seed": seed}}
+    extra = bundle.template_bank.save if bundle.template_bank is not None else None
+    return save_pretrained(expanded, Path(folder), bundle.network_def.config, card, extra=extra, expansion=record)
 
 
 def expanded_structure(record: dict[str, Any]) -> nn.Module:
@@ -258,3 +290,10 @@ def expanded_model(init: ExpansionInit, expected: type) -> nn.Module:
              meta["source"], report["width_mult"], report["blocks_added"], report["parameters_before"],
              report["parameters_after"])
     return model
+
+
+def _rebuild_from_bundle_record(record: dict[str, Any]) -> nn.Module:
+    return expanded_structure(record)
+
+
+NETWORK_REBUILDERS["lemon"] = _rebuild_from_bundle_record  # bundles of expanded networks rebuild through LEMON

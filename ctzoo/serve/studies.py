@@ -10,14 +10,17 @@ The format is recognised from the bytes, not a file name. Query parameters:
 * ``score_threshold`` (detectors, default 0.3).
 
 One code path with ``ctzoo infer``: the upload is written to a private temporary folder and run through
-:func:`ctzoo.inference.pipeline.run_pipeline` with the model's :class:`~ctzoo.inference.tasks.ModelTask` on the ONNX
-Runtime backend (``ctzoo infer --backend onnx``; built once per model and threshold, the first time it is asked
-for), then the folder is deleted. Study requests do not go through the tensor endpoint's micro-batcher: a study is
-already a batch of slices. They run in a worker thread under the service's request timeout.
+:func:`ctzoo.inference.pipeline.run_pipeline` with the :class:`~ctzoo.inference.tasks.ModelTask` of the served
+folder's own bundle on the ONNX Runtime backend, so a study runs exactly the graph ``/v2/models/<m>/infer`` runs
+(fp16 included, and models exported from a user's checkpoint too); the task is built once per model and
+threshold, the first time it is asked for, and the folder is deleted afterwards. A JSON reply names the graph
+that produced it (``"graph": {"file", "precision", "sha256", "opset"}``). Study requests do not go through the
+tensor endpoint's micro-batcher: a study is already a batch of slices. They run in a worker thread under the
+service's request timeout.
 
 Errors: an unrecognised body is 415; anything wrong with the volume (corrupt or truncated file, a zip without a
 DICOM series, a zip that inflates beyond the limit, NaN voxels) is 400 with the reader's message; a model that is
-not a zoo model (exported from a checkpoint) has no study endpoint (404).
+folder that is not a whole bundle (written by an older ctzoo export) has no study endpoint (404).
 """
 
 from __future__ import annotations
@@ -52,31 +55,44 @@ def upload_suffix(body: bytes) -> str:
 
 
 class StudyTasks:
-    """The ModelTask of each zoo model (ONNX backend), built on first use; thread-safe."""
+    """The ModelTask of each served bundle (ONNX backend, its own graphs), built on first use; thread-safe."""
 
     def __init__(self, device: str = "auto", threads: int | None = None):
         self.device, self.threads = device, threads
         self._tasks: dict[tuple[str, float], Any] = {}
+        self._bundles: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def get(self, source: str, score_threshold: float):
+    def bundle(self, model):
+        """The served model's bundle, read from its folder once."""
+        with self._lock:
+            if model.name not in self._bundles:
+                self._bundles[model.name] = served_bundle(model)
+            return self._bundles[model.name]
+
+    def get(self, bundle, score_threshold: float):
         from ctzoo.inference.tasks import model_task
 
-        key = (source, score_threshold)
+        key = (str(bundle.folder), score_threshold)
         with self._lock:
             if key not in self._tasks:
-                self._tasks[key] = model_task(source, "onnx", self.device, score_threshold, self.threads)
+                self._tasks[key] = model_task(bundle, "onnx", self.device, score_threshold, self.threads)
             return self._tasks[key]
 
 
-def _zoo_source(model) -> str:
-    from ctzoo.models import list_models
+def served_bundle(model):
+    """The bundle of a served model's folder; 404 when the folder is not a whole bundle."""
+    from ctzoo.models.bundle import BundleError, load_bundle
 
-    source = str(model.config.get("source", ""))
-    if source not in list_models():
-        raise ServeError(f"model {model.name!r} was not exported from a zoo model ({source or 'unknown source'}): "
-                         "it has tensor inference only (/v2/models/.../infer)", status=404)
-    return source
+    try:
+        bundle = load_bundle(model.folder)
+    except BundleError as exc:
+        raise ServeError(f"model {model.name!r} has tensor inference only (/v2/models/.../infer): its folder is not "
+                         f"a whole model bundle ({exc}); export it again with this version of ctzoo",
+                         status=404) from None
+    if bundle.graphs is None:
+        raise ServeError(f"model {model.name!r}: its folder has no exported graph", status=404)
+    return bundle
 
 
 def run_study(task, body: bytes, suffix: str, output_format: str) -> Response:
@@ -97,7 +113,7 @@ def run_study(task, body: bytes, suffix: str, output_format: str) -> Response:
         detector = task.task == "detection"
         if output_format == "json":
             name = "detections.json" if detector else "segmentation.json"
-            return JSONResponse(json.loads((folder / name).read_text()))
+            return JSONResponse({**json.loads((folder / name).read_text()), "graph": task.runtime.get("graph")})
         if output_format == "nifti":
             if detector:
                 raise ServeError("format=nifti is for segmentation models; a detector answers json or dicom")
@@ -123,11 +139,11 @@ def study_router(device: str = "auto", threads: int | None = None) -> APIRouter:
             raise ServeError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
         if not 0.0 <= score_threshold <= 1.0:
             raise ServeError(f"score_threshold must lie in [0, 1], got {score_threshold}")
-        source = _zoo_source(models[model_name])
+        bundle = await run_in_threadpool(tasks.bundle, models[model_name])
         settings = request.app.state.settings
         body = await read_body(request, settings.max_upload_bytes)
         suffix = upload_suffix(body)
-        task = await run_in_threadpool(tasks.get, source, score_threshold)
+        task = await run_in_threadpool(tasks.get, bundle, score_threshold)
         try:
             return await asyncio.wait_for(run_in_threadpool(run_study, task, body, suffix, format),
                                           settings.request_timeout_s)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ctzoo.datasets.deeplesion.dataset import deeplesion_dataloader, deeplesion_dataset
-from ctzoo.datasets.deeplesion.keypoint_transforms import recist_eval_transforms
+from ctzoo.datasets.keypoint_transforms import recist_eval_transforms
 from ctzoo.models.recistnet import RecistNet
 from ctzoo.scaling.zoo_expand import checkpoint_network
 from ctzoo.training.engine import pick_device

@@ -83,7 +83,8 @@ def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, spli
                               wall_time_s=float(summary.get("wall_s", 0.0)), notes=notes),
         metrics=metrics, limitations=LIMITATIONS, licence="Apache-2.0 (weights); data: see NOTICE of the miniature",
         created=datetime.date.today())
-    return save_pretrained(model, target or name, config=model_config, card=card)
+    return save_pretrained(model, target or name, config=model_config, card=card,
+                           expansion=state.get("expanded_from"))
 
 
 SEG_LIMITATIONS = [
@@ -149,4 +150,5 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
         metrics=metrics, limitations=SEG_LIMITATIONS,
         licence="Apache-2.0 (weights and template slices, from TotalSegmentator's Apache-2.0 samples)",
         created=datetime.date.today())
-    return save_pretrained(model, target or name, config=model_config, card=card, extra=bank.save)
+    return save_pretrained(model, target or name, config=model_config, card=card, extra=bank.save,
+                           expansion=state.get("expanded_from"))

@@ -20,14 +20,14 @@ from ctzoo.datasets.deeplesion.dataset import (
     deeplesion_dataloader,
     deeplesion_dataset,
 )
-from ctzoo.datasets.deeplesion.keypoint_transforms import (
-    recist_eval_transforms,
-    recist_train_transforms,
-)
 from ctzoo.datasets.deeplesion.recist import (
     DEEPLESION_BOX_PAD,
     box_from_points,
     diameters,
+)
+from ctzoo.datasets.keypoint_transforms import (
+    recist_eval_transforms,
+    recist_train_transforms,
 )
 from ctzoo.models.recistnet import RecistNet
 from ctzoo.models.recistnet_targets import make_targets, recistnet_loss

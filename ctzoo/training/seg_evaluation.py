@@ -26,13 +26,8 @@ import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 
-from ctzoo.datasets.segmentation import (
-    SegCase,
-    SegPreprocessing,
-    labels_to_slices,
-    resample_slices,
-    window_slices,
-)
+from ctzoo.datasets.seg_preprocessing import SegPreprocessing, labels_to_slices, resample_slices, window_slices
+from ctzoo.datasets.segmentation import SegCase
 from ctzoo.inference.overlay import plot_seg_overlay
 from ctzoo.inference.segment_volume import segment_slices
 from ctzoo.io import volume_from_sitk, volume_to_sitk

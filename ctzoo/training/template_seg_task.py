@@ -24,10 +24,10 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from ctzoo.config import StrictConfig, load_config
+from ctzoo.datasets.seg_preprocessing import SegPreprocessing
 from ctzoo.datasets.segmentation import (
     ABDOMEN_CLASSES,
     SegCase,
-    SegPreprocessing,
     msd_cases,
     read_msd_index,
     split_slab,
@@ -40,7 +40,8 @@ from ctzoo.datasets.segmentation_slices import (
     template_slice_dataset,
 )
 from ctzoo.io.atomic import atomic_path
-from ctzoo.models.template_seg import TemplateSegNet, count_parameters, unet_baseline
+from ctzoo.models.seg_networks import TemplateSegModelConfig, build_seg_model  # noqa: F401  (config API)
+from ctzoo.models.template_seg import TemplateSegNet, count_parameters
 from ctzoo.scaling.compress import CompressionConfig
 from ctzoo.scaling.zoo_expand import (
     ExpansionInit,
@@ -78,18 +79,6 @@ class SegDataConfig(SegPreprocessing):
     @property
     def preprocessing(self) -> SegPreprocessing:
         return SegPreprocessing(**{k: getattr(self, k) for k in SegPreprocessing.model_fields})
-
-
-class TemplateSegModelConfig(StrictConfig):
-    """``template_seg``: :class:`TemplateSegNet`; ``unet``: MONAI UNet with the parameter count of the
-    ``template_seg`` model these same fields describe (:func:`unet_baseline`)."""
-
-    kind: Literal["template_seg", "unet"] = "template_seg"
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    share_encoders: bool = True
-    fusion_levels: tuple[int, ...] | None = None
-    gate: Literal["sigmoid", "none"] = "sigmoid"
-    temperature: float = Field(10.0, gt=0)
 
 
 class TemplateSegTrainConfig(StrictConfig):
@@ -152,19 +141,6 @@ def load_seg_data(data: SegDataConfig) -> SegData:
         names, _ = read_msd_index(data.root)
         classes = {names[i]: (names[i],) for i in sorted(names) if i != 0}
     return SegData(msd_cases(data.root, classes, data.val_fraction, data.test_fraction), list(classes))
-
-
-def build_seg_model(model: TemplateSegModelConfig, num_classes: int) -> nn.Module:
-    """The network ``model`` describes: logits ``(B, num_classes + 1, H, W)`` from ``(B, 1, H, W)``."""
-    def template_net() -> TemplateSegNet:
-        return TemplateSegNet(2, 1, num_classes, model.channels, (2,) * (len(model.channels) - 1),
-                              model.share_encoders, model.fusion_levels, model.gate, model.temperature)
-
-    if model.kind == "template_seg":
-        return template_net()
-    with torch.device("meta"):  # only counted
-        target = count_parameters(template_net())
-    return unet_baseline(2, 1, num_classes + 1, target, num_levels=len(model.channels))
 
 
 class TemplateSegTask:

@@ -46,7 +46,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_dst_type, convert_to_tensor
 
-from .recist import (
+from ctzoo.datasets.deeplesion.recist import (
     CENTRE,
     DEEPLESION_BOX_PAD,
     box_from_points,

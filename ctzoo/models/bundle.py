@@ -1,0 +1,387 @@
+"""One model, one folder, one object: :class:`ModelBundle` and :func:`load_bundle`.
+
+Every path that trains, publishes, expands, exports, runs, serves or sends a model to a PACS passes it around as
+a :class:`ModelBundle`, read once from its folder. The folder::
+
+    <name>/bundle.json          format, and the network: architecture, constructor config, LEMON expansion if any
+    <name>/model.safetensors    the weights (safetensors: loading never runs code)
+    <name>/config.json          the constructor config again, as create_model has always read it
+    <name>/card.json            the model card (:class:`~ctzoo.models.registry.ModelCard`); its ``input_spec`` is
+                                the preprocessing, typed here as ``SlicePreprocessing`` or ``SegPreprocessing``
+    <name>/MODEL_CARD.md        the same card for people (README.md in an exported folder)
+    <name>/templates.*          template segmenters: the template bank
+    <name>/1/model.onnx         exported bundles (``ctzoo export``): the checked graph Triton and ctzoo serve run;
+    <name>/1/embed.onnx         template segmenters also the slice embedder that picks each slice's template;
+    <name>/ctzoo.json           and the export record: graph inputs/outputs, precision, parity against PyTorch
+    <name>/config.pbtxt         Triton's config
+    <name>/configs/*.json       MONAI bundle metadata and inference config (``ctzoo export --format monai-bundle``)
+
+A zoo name resolves to the folder shipped in the package (``ctzoo/models/weights/<name>/``); any other argument is
+a path to a user's bundle (``ctzoo zoo publish``, ``ctzoo export``, a checkpoint converted by
+:func:`ctzoo.training.checkpoint_bundle.bundle_from_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import safetensors.torch
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
+from ctzoo.datasets.seg_preprocessing import SegPreprocessing
+from ctzoo.io.atomic import replace_folder
+from ctzoo.models.registry import (
+    _REGISTRY,
+    CARD_JSON,
+    CARD_MD,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ModelCard,
+    ModelEntry,
+    _state_mismatch,
+    model_entry,
+)
+
+BUNDLE_FILE, FORMAT = "bundle.json", "ctzoo-bundle/1"
+EXPORT_INFO_FILE, GRAPH_DIR, GRAPH_FILE, EMBED_FILE = "ctzoo.json", "1", "model.onnx", "embed.onnx"
+#: The networks a bundle may name. A bundle is data: it chooses among these, it never names code to import.
+ARCHITECTURES = ("RecistNet", "TemplateSegNet", "UNet")
+#: How an expanded network's structure is rebuilt, by expansion kind (``lemon`` is registered by
+#: :mod:`ctzoo.scaling.zoo_expand`, which sits above this layer).
+NETWORK_REBUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {}
+
+
+class BundleError(ValueError):
+    """A folder is not a usable model bundle; the message says which file and what is wrong."""
+
+
+class NetworkDef(BaseModel):
+    """``bundle.json``'s ``network``: what to build before the weights load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    architecture: Literal["RecistNet", "TemplateSegNet", "UNet"]
+    config: dict[str, Any] = Field(description="the constructor's keyword arguments")
+    expansion: dict[str, Any] | None = Field(None, description="LEMON record {kind, architecture, expansion}: the "
+                                                               "structure is the source network expanded again")
+
+
+class BundleFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["ctzoo-bundle/1"] = FORMAT
+    network: NetworkDef
+
+
+def network_class(architecture: str) -> Callable[..., nn.Module]:
+    """The constructor an architecture name stands for."""
+    if architecture == "RecistNet":
+        from ctzoo.models.recistnet import RecistNet
+
+        return RecistNet
+    if architecture == "TemplateSegNet":
+        from ctzoo.models.template_seg import TemplateSegNet
+
+        return TemplateSegNet
+    if architecture == "UNet":
+        from monai.networks.nets import UNet
+
+        return UNet
+    raise BundleError(f"unknown architecture {architecture!r}; a bundle may name {', '.join(ARCHITECTURES)}")
+
+
+def build_network(network: NetworkDef) -> nn.Module:
+    """A freshly initialised network of ``network``'s structure (weights not loaded)."""
+    if network.expansion is None:
+        return network_class(network.architecture)(**network.config)
+    kind = network.expansion.get("kind", "lemon")
+    if kind not in NETWORK_REBUILDERS:
+        raise BundleError(f"the network is {kind}-expanded: import ctzoo.scaling.zoo_expand to rebuild it")
+    return NETWORK_REBUILDERS[kind](network.expansion)
+
+
+@dataclass(frozen=True)
+class ExportedGraphs:
+    """The checked ONNX graphs of an exported bundle and their export record (``ctzoo.json``)."""
+
+    model: Path  # 1/model.onnx
+    embed: Path | None  # 1/embed.onnx, template segmenters
+    info: dict[str, Any]
+
+    @property
+    def precision(self) -> str:
+        return str(self.info.get("precision", "fp32"))
+
+    def describe(self, root: Path) -> dict[str, Any]:
+        """What a reply says about the graph that produced it."""
+        return {"file": str(self.model.relative_to(root.parent)), "precision": self.precision,
+                "sha256": self.info.get("sha256", ""), "opset": self.info.get("opset")}
+
+
+@dataclass(eq=False)
+class ModelBundle:
+    """A model read from its folder: identity and card, network, preprocessing, outputs, template bank, graphs.
+
+    Built by :func:`load_bundle`; every field is read once, the network is built on the first :meth:`network`
+    call and kept (it is shared: callers must not train or move it in place; use ``copy.deepcopy`` for that).
+    """
+
+    folder: Path
+    card: ModelCard
+    network_def: NetworkDef
+    preprocessing: SlicePreprocessing | SegPreprocessing
+    class_names: list[str]
+    template_bank: Any = None  # TemplateBank
+    graphs: ExportedGraphs | None = None
+    _network: nn.Module | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @property
+    def version(self) -> str:
+        return self.card.version
+
+    @property
+    def task(self) -> str:
+        return self.card.task
+
+    @property
+    def input_spec(self) -> dict[str, Any]:
+        """The card's preprocessing as a plain dict (what ctzoo.json and MONAI metadata record)."""
+        return dict(self.card.input_spec)
+
+    @property
+    def down_ratio(self) -> int:
+        """Detector output stride (heads are 1/down_ratio of the input)."""
+        return int(self.network_def.config.get("down_ratio", 4))
+
+    def network(self) -> nn.Module:
+        """The PyTorch network with the bundle's weights, in eval mode, on the CPU (built once)."""
+        with self._lock:
+            if self._network is None:
+                self._network = _load_weights(build_network(self.network_def), self.folder)
+            return self._network
+
+    def weights_digest(self) -> str:
+        """sha256 of the weights and the network definition: what exported graphs depend on."""
+        digest = hashlib.sha256(self.network_def.model_dump_json().encode())
+        with open(self.folder / WEIGHTS_FILE, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+
+def _load_weights(model: nn.Module, folder: Path) -> nn.Module:
+    state = safetensors.torch.load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    problems = _state_mismatch(model.state_dict(), state)
+    if problems:
+        raise BundleError(f"{folder / WEIGHTS_FILE} does not fit the network of {folder / BUNDLE_FILE}: {problems}")
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def bundle_folder(name_or_path: str | os.PathLike[str]) -> Path:
+    """The folder ``name_or_path`` names: a zoo model's shipped folder, or the path itself."""
+    if isinstance(name_or_path, str) and name_or_path in _REGISTRY:
+        return model_entry(name_or_path).weights_dir
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if isinstance(name_or_path, str) and os.sep not in name_or_path and "/" not in name_or_path \
+            and not path.suffix:
+        model_entry(name_or_path)  # UnknownModelError: names close matches and the known models
+    if path.is_file():
+        raise BundleError(f"{path} is a file; a model bundle is a folder (a checkpoint? 'ctzoo zoo publish' or "
+                          "'ctzoo export' turns one into a bundle)")
+    raise BundleError(f"no model bundle at {path}")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{path.parent} is not a model bundle: {path.name} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: {exc}") from None
+
+
+def read_card(folder: Path) -> ModelCard:
+    """The model card of the bundle in ``folder`` (the one card reader)."""
+    try:
+        return ModelCard.model_validate_json((folder / CARD_JSON).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{folder} is not a model bundle: {CARD_JSON} is missing (no weights published "
+                          "there yet?)") from None
+    except ValidationError as exc:
+        raise BundleError(f"{folder / CARD_JSON} is not a valid model card: {exc}") from None
+
+
+def _network_def(folder: Path) -> NetworkDef:
+    if (folder / BUNDLE_FILE).is_file():
+        try:
+            return BundleFile.model_validate(_read_json(folder / BUNDLE_FILE)).network
+        except ValidationError as exc:
+            raise BundleError(f"{folder / BUNDLE_FILE}: {exc}") from None
+    raise BundleError(f"{folder} is not a model bundle: {BUNDLE_FILE} is missing")
+
+
+def _preprocessing(card: ModelCard, folder: Path) -> SlicePreprocessing | SegPreprocessing:
+    kind = SlicePreprocessing if card.task == "detection" else SegPreprocessing
+    fields = {k: v for k, v in card.input_spec.items() if k in kind.model_fields}
+    try:
+        return kind.model_validate(fields)
+    except ValidationError as exc:
+        raise BundleError(f"{folder / CARD_JSON}: input_spec is not a {kind.__name__}: {exc}") from None
+
+
+def _graphs(folder: Path) -> ExportedGraphs | None:
+    model = folder / GRAPH_DIR / GRAPH_FILE
+    if not (model.is_file() and (folder / EXPORT_INFO_FILE).is_file()):
+        return None
+    embed = folder / GRAPH_DIR / EMBED_FILE
+    return ExportedGraphs(model, embed if embed.is_file() else None, _read_json(folder / EXPORT_INFO_FILE))
+
+
+def load_bundle(name_or_path: str | os.PathLike[str]) -> ModelBundle:
+    """The :class:`ModelBundle` of a zoo model name or a bundle folder; :class:`BundleError` (or the registry's
+    UnknownModelError for a word that is no zoo name) saying what is missing otherwise."""
+    folder = bundle_folder(name_or_path)
+    card = read_card(folder)
+    network = _network_def(folder)
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise BundleError(f"{folder} is not a model bundle: {WEIGHTS_FILE} is missing")
+    bank = None
+    from ctzoo.models.template_bank import INDEX_FILE, TemplateBank
+
+    if (folder / INDEX_FILE).is_file():
+        bank = TemplateBank.load(folder)
+    if card.task == "segmentation":
+        class_names = list(bank.class_names) if bank is not None else list(card.input_spec.get("classes", []))
+    else:
+        class_names = ["lesion"]
+    if network.architecture == "TemplateSegNet" and bank is None:
+        raise BundleError(f"{folder} holds a template segmenter but no template bank (templates.json)")
+    return ModelBundle(folder, card, network, _preprocessing(card, folder), class_names, bank, _graphs(folder))
+
+
+def bundle_file_text(network: NetworkDef) -> str:
+    """The text of ``bundle.json`` for ``network``."""
+    return BundleFile(network=network).model_dump_json(indent=2) + "\n"
+
+
+@functools.lru_cache(maxsize=32)
+def _zoo_bundle(folder: Path, stamp: int) -> ModelBundle:
+    return load_bundle(folder)
+
+
+def zoo_bundle(name: str) -> ModelBundle:
+    """:func:`load_bundle` of a zoo name, kept per process until its card changes (publishing replaces it)."""
+    folder = model_entry(name).weights_dir
+    try:
+        stamp = (folder / CARD_JSON).stat().st_mtime_ns + (folder / CONFIG_FILE).stat().st_mtime_ns
+    except FileNotFoundError:
+        return load_bundle(name)  # raises the helpful error
+    return _zoo_bundle(folder, stamp)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def _check_config_rebuilds(entry: ModelEntry, config: Mapping[str, Any], model: nn.Module) -> None:
+    """Refuse to publish weights that ``create_model(pretrained=True)`` could not load back."""
+    try:
+        with torch.device("meta"):  # shapes only: no memory and no initialisation cost
+            reference = entry.builder(**{**entry.default_config, **config})
+    except Exception:  # a builder that computes on tensor values cannot run on meta: build it for real
+        reference = entry.builder(**{**entry.default_config, **config})
+    problems = _state_mismatch(reference.state_dict(), model.state_dict())
+    if problems:
+        raise ValueError(f"config does not rebuild the model being published as {entry.name!r}: {problems}")
+
+
+def save_pretrained(model: nn.Module, name_or_dir: str | os.PathLike[str], config: Mapping[str, Any],
+                    card: ModelCard, extra: Callable[[Path], Any] | None = None,
+                    expansion: dict[str, Any] | None = None) -> Path:
+    """Publish ``model`` with its constructor ``config`` and ``card``; returns the folder written.
+
+    ``name_or_dir`` is a registered name (its ``weights_dir``) or any folder (pass a Path to be explicit).
+    The four files (and whatever ``extra(folder)`` writes, e.g. a template bank) are written into a temporary
+    folder beside the target and renamed into place, so readers see the old weights or the new ones, never a
+    mixture or a half-written file.
+    """
+    entry = _REGISTRY.get(name_or_dir) if isinstance(name_or_dir, str) else None
+    if entry is not None and card.name != entry.name:
+        raise ValueError(f"card is for {card.name!r} but the weights are being published as {entry.name!r}")
+    if card.name in _REGISTRY and card.task != _REGISTRY[card.name].task:
+        raise ValueError(f"card says task {card.task!r}; {card.name!r} is registered as {_REGISTRY[card.name].task!r}")
+    target = entry.weights_dir if entry is not None else Path(name_or_dir)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder")
+    n_params = sum(p.numel() for p in model.parameters())
+    if card.parameters != n_params:
+        raise ValueError(f"card says {card.parameters:,} parameters but the model has {n_params:,}")
+    config_text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"  # TypeError for non-JSON values
+    if card.name in _REGISTRY:
+        _check_config_rebuilds(_REGISTRY[card.name], config, model)
+    # state_dict tensors may share storage (tied weights, views), which safetensors refuses: store copies
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        os.chmod(partial, 0o755)  # mkdtemp makes it private; shipped weights must be readable by every user
+        safetensors.torch.save_file(tensors, str(partial / WEIGHTS_FILE),
+                                    metadata={"format": "pt", "name": card.name, "version": card.version})
+        (partial / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+        if type(model).__name__ in ARCHITECTURES:  # else a model only its registered builder can build
+            network = NetworkDef(architecture=type(model).__name__, config=json.loads(config_text), expansion=expansion)
+            (partial / BUNDLE_FILE).write_text(bundle_file_text(network), encoding="utf-8")
+        (partial / CARD_JSON).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        (partial / CARD_MD).write_text(card.to_markdown(), encoding="utf-8")
+        if extra is not None:
+            extra(partial)
+        for written in partial.iterdir():  # safetensors writes owner-only files; shipped weights are for everyone
+            os.chmod(written, 0o644)
+        replace_folder(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return target
+
+
+
+def load_card(name: str) -> ModelCard:
+    """The model card shipped with ``name``'s weights; FileNotFoundError when none are shipped yet."""
+    folder = model_entry(name).weights_dir
+    if not (folder / CARD_JSON).is_file():
+        raise FileNotFoundError(f"no weights are shipped for {name!r} yet ({folder / CARD_JSON} does not exist)")
+    return read_card(folder)
+
+
+def model_input_spec(name: str) -> dict[str, Any]:
+    """How inputs must be prepared for ``name``: the shipped card's ``input_spec`` (what the weights were trained
+    with) when weights are shipped, else the registration's."""
+    try:
+        return dict(load_card(name).input_spec)
+    except FileNotFoundError:
+        return dict(model_entry(name).input_spec)
+
+
+def model_version(name: str) -> str:
+    """The semantic version of ``name``'s shipped weights."""
+    return load_card(name).version
