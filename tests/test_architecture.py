@@ -86,5 +86,5 @@ def test_one_exporter_one_checker_one_card_reader(needle, only_in):
         assert files == [only_in], f"{needle} appears in {files}"
     elif needle.startswith("ort."):
         assert [f for f in files if f.startswith("export/")] == ["export/parity.py"]
-    else:  # weights are read by the bundle, template banks by the bank, and nowhere else
-        assert files == ["models/bundle.py", "models/registry.py", "models/template_bank.py"], files
+    else:  # weights are read by the bundle (also for create_model), template banks by the bank, nowhere else
+        assert files == ["models/bundle.py", "models/template_bank.py"], files

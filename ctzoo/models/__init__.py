@@ -11,6 +11,7 @@ from ctzoo.models import (
 from ctzoo.models.bundle import (
     BundleError,
     ModelBundle,
+    create_model,
     load_bundle,
     load_card,
     model_input_spec,
@@ -26,7 +27,6 @@ from ctzoo.models.registry import (
     TrainingInfo,
     UnknownModelError,
     WeightsMismatchError,
-    create_model,
     list_models,
     model_entry,
     register_model,

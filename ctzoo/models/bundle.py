@@ -49,8 +49,11 @@ from ctzoo.models.registry import (
     CARD_MD,
     CONFIG_FILE,
     WEIGHTS_FILE,
+    ArchitectureOverrideError,
     ModelCard,
     ModelEntry,
+    WeightsMismatchError,
+    _as_json,
     _state_mismatch,
     model_entry,
 )
@@ -187,8 +190,13 @@ class ModelBundle:
         return digest.hexdigest()
 
 
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The state dict in ``folder/model.safetensors``, on the CPU (the one place weights are read)."""
+    return safetensors.torch.load_file(str(folder / WEIGHTS_FILE), device="cpu")
+
+
 def _load_weights(model: nn.Module, folder: Path) -> nn.Module:
-    state = safetensors.torch.load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    state = read_weights(folder)
     problems = _state_mismatch(model.state_dict(), state)
     if problems:
         raise BundleError(f"{folder / WEIGHTS_FILE} does not fit the network of {folder / BUNDLE_FILE}: {problems}")
@@ -298,6 +306,41 @@ def zoo_bundle(name: str) -> ModelBundle:
     except FileNotFoundError:
         return load_bundle(name)  # raises the helpful error
     return _zoo_bundle(folder, stamp)
+
+
+# ------------------------------------------------------------------------------------- zoo models by name
+
+
+def create_model(name: str, pretrained: bool = False, **overrides: Any) -> nn.Module:
+    """Build a registered model from its default config updated by ``overrides``.
+
+    With ``pretrained=True`` the model is built from the shipped ``config.json`` (the config the weights
+    were trained with) and loads ``model.safetensors`` with a strict key match; overrides that change the
+    architecture are refused. The module is returned in training mode, as torch builds it: call ``.eval()``.
+    """
+    entry = model_entry(name)
+    if not pretrained:
+        return entry.builder(**{**entry.default_config, **overrides})
+    weights, config_path = entry.weights_dir / WEIGHTS_FILE, entry.weights_dir / CONFIG_FILE
+    if not (weights.is_file() and config_path.is_file()):
+        raise FileNotFoundError(f"no weights are shipped for {name!r} yet ({WEIGHTS_FILE} and {CONFIG_FILE} are "
+                                f"expected in {entry.weights_dir}); use pretrained=False, or publish them with "
+                                "save_pretrained()")
+    trained = json.loads(config_path.read_text(encoding="utf-8"))
+    before = {**entry.default_config, **trained}
+    changed = {k: v for k, v in overrides.items() if _as_json(v) != _as_json(before.get(k))}
+    model = entry.builder(**{**before, **overrides})
+    state = read_weights(entry.weights_dir)
+    problems = _state_mismatch(model.state_dict(), state)
+    if problems and changed:
+        raise ArchitectureOverrideError(
+            f"overrides {changed} change the architecture of {name!r} from the config its weights were trained "
+            f"with ({config_path}), so they cannot be loaded ({problems}). Drop those overrides, or use "
+            "pretrained=False to train the changed model.")
+    if problems:
+        raise WeightsMismatchError(f"{weights} does not fit {name!r} built from {config_path}: {problems}")
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 # ------------------------------------------------------------------------------------------ writing

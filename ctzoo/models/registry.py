@@ -7,8 +7,9 @@ A model registers a builder, the constructor config it defaults to, its task and
 * ``config.json``: the exact constructor config the weights were trained with;
 * ``card.json`` and ``MODEL_CARD.md``: the model card (:class:`ModelCard`) for machines and for people.
 
-Nothing is ever downloaded: ``create_model(name, pretrained=True)`` reads only that folder, so it works
-offline and the weights are versioned together with the code that builds their architecture.
+That folder is the model's bundle (:mod:`ctzoo.models.bundle`, which also holds ``create_model``, the card reader
+and ``save_pretrained``). Nothing is ever downloaded: ``create_model(name, pretrained=True)`` reads only that
+folder, so it works offline and the weights are versioned together with the code that builds their architecture.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 
-import safetensors.torch
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -240,35 +240,3 @@ def _state_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, to
     parts = (("missing keys", sorted(expected.keys() - found.keys())),
              ("unexpected keys", sorted(found.keys() - expected.keys())), ("shape mismatches", shapes))
     return "; ".join(f"{label}: {', '.join(keys)}" for label, keys in parts if keys)
-
-
-def create_model(name: str, pretrained: bool = False, **overrides: Any) -> nn.Module:
-    """Build a registered model from its default config updated by ``overrides``.
-
-    With ``pretrained=True`` the model is built from the shipped ``config.json`` (the config the weights
-    were trained with) and loads ``model.safetensors`` with a strict key match; overrides that change the
-    architecture are refused. The module is returned in training mode, as torch builds it: call ``.eval()``.
-    """
-    entry = model_entry(name)
-    if not pretrained:
-        return entry.builder(**{**entry.default_config, **overrides})
-    weights, config_path = entry.weights_dir / WEIGHTS_FILE, entry.weights_dir / CONFIG_FILE
-    if not (weights.is_file() and config_path.is_file()):
-        raise FileNotFoundError(f"no weights are shipped for {name!r} yet ({WEIGHTS_FILE} and {CONFIG_FILE} are "
-                                f"expected in {entry.weights_dir}); use pretrained=False, or publish them with "
-                                "save_pretrained()")
-    trained = json.loads(config_path.read_text(encoding="utf-8"))
-    before = {**entry.default_config, **trained}
-    changed = {k: v for k, v in overrides.items() if _as_json(v) != _as_json(before.get(k))}
-    model = entry.builder(**{**before, **overrides})
-    state = safetensors.torch.load_file(weights, device="cpu")
-    problems = _state_mismatch(model.state_dict(), state)
-    if problems and changed:
-        raise ArchitectureOverrideError(
-            f"overrides {changed} change the architecture of {name!r} from the config its weights were trained "
-            f"with ({config_path}), so they cannot be loaded ({problems}). Drop those overrides, or use "
-            "pretrained=False to train the changed model.")
-    if problems:
-        raise WeightsMismatchError(f"{weights} does not fit {name!r} built from {config_path}: {problems}")
-    model.load_state_dict(state, strict=True)
-    return model
