@@ -7,7 +7,6 @@ arguments, paths as strings and the device as a string or ``torch.device``.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from ctzoo.models.bundle import load_bundle
 
 def load_network(bundle_root: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The bundle's network with its weights (safetensors), in eval mode, on ``device``."""
-    return copy.deepcopy(load_bundle(Path(bundle_root)).network()).to(str(device))
+    return load_bundle(Path(bundle_root)).network().to(str(device))  # a fresh bundle: nothing else shares it
 
 
 def infer_file(network: nn.Module, bundle_root: str | Path, image: str | Path, output_dir: str | Path,

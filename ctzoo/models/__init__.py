@@ -17,7 +17,6 @@ from ctzoo.models.bundle import (
     model_input_spec,
     model_version,
     save_pretrained,
-    zoo_bundle,
 )
 from ctzoo.models.registry import (
     ArchitectureOverrideError,
@@ -38,7 +37,6 @@ __all__ = [
     "BundleError",
     "ModelBundle",
     "load_bundle",
-    "zoo_bundle",
     "Metric",
     "ModelCard",
     "ModelEntry",

@@ -23,7 +23,6 @@ a path to a user's bundle (``ctzoo zoo publish``, ``ctzoo export``, a checkpoint
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -183,11 +182,10 @@ class ModelBundle:
 
     def weights_digest(self) -> str:
         """sha256 of the weights and the network definition: what exported graphs depend on."""
-        digest = hashlib.sha256(self.network_def.model_dump_json().encode())
-        with open(self.folder / WEIGHTS_FILE, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        from ctzoo.datasets.samples import sha256_of
+
+        text = self.network_def.model_dump_json() + sha256_of(self.folder / WEIGHTS_FILE)
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -291,21 +289,6 @@ def load_bundle(name_or_path: str | os.PathLike[str]) -> ModelBundle:
 def bundle_file_text(network: NetworkDef) -> str:
     """The text of ``bundle.json`` for ``network``."""
     return BundleFile(network=network).model_dump_json(indent=2) + "\n"
-
-
-@functools.lru_cache(maxsize=32)
-def _zoo_bundle(folder: Path, stamp: int) -> ModelBundle:
-    return load_bundle(folder)
-
-
-def zoo_bundle(name: str) -> ModelBundle:
-    """:func:`load_bundle` of a zoo name, kept per process until its card changes (publishing replaces it)."""
-    folder = model_entry(name).weights_dir
-    try:
-        stamp = (folder / CARD_JSON).stat().st_mtime_ns + (folder / CONFIG_FILE).stat().st_mtime_ns
-    except FileNotFoundError:
-        return load_bundle(name)  # raises the helpful error
-    return _zoo_bundle(folder, stamp)
 
 
 # ------------------------------------------------------------------------------------- zoo models by name

@@ -124,10 +124,10 @@ def _real_inputs(model: nn.Module, prep) -> tuple[torch.Tensor, ...] | None:
 
     if isinstance(model, RecistNet):
         return (prepared_sample("detection", prep)["image"],)
-    from ctzoo.models.bundle import zoo_bundle
+    from ctzoo.models.bundle import load_bundle
 
     # the zoo segmenter's bank supplies real templates (any labelled slice checks losslessness)
-    zoo = zoo_bundle("template-seg-abdomen")
+    zoo = load_bundle("template-seg-abdomen")
     inputs = prepared_sample("segmentation", prep, zoo.template_bank, zoo.network())
     if isinstance(model, TemplateSegNet):
         if model.num_classes != len(zoo.class_names):
@@ -292,8 +292,4 @@ def expanded_model(init: ExpansionInit, expected: type) -> nn.Module:
     return model
 
 
-def _rebuild_from_bundle_record(record: dict[str, Any]) -> nn.Module:
-    return expanded_structure(record)
-
-
-NETWORK_REBUILDERS["lemon"] = _rebuild_from_bundle_record  # bundles of expanded networks rebuild through LEMON
+NETWORK_REBUILDERS["lemon"] = expanded_structure  # bundles of expanded networks rebuild through LEMON

@@ -36,21 +36,15 @@ class _Converted:
     config: dict[str, Any]
     card: ModelCard
     bank: Any = None
+    expansion: dict[str, Any] | None = None  # the run started from a LEMON-expanded model
 
 
 def bundle_from_checkpoint(path: Path, out: Path, templates: Path | None = None) -> Path:
     """Write the bundle of checkpoint ``path`` into the folder ``out`` (replaced atomically) and return it."""
     converted = _convert(Path(path), templates)
-    state = _load_checkpoint(Path(path))
     extra = converted.bank.save if converted.bank is not None else None
     return save_pretrained(converted.model, Path(out), converted.config, converted.card, extra=extra,
-                           expansion=state.get("expanded_from"))
-
-
-def checkpoint_run_name(path: Path) -> str:
-    """The run folder's name of a checkpoint (``RUN/best.pt``, ``RUN/template_seg/best.pt``)."""
-    state_dir = Path(path).resolve().parent
-    return _run_folder(path, "template_seg" if state_dir.name == "template_seg" else None).name
+                           expansion=converted.expansion)
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
@@ -69,13 +63,16 @@ def _convert(path: Path, templates: Path | None) -> _Converted:
     epochs = int(state.get("epoch", -1)) + 1
     version = f"0.0.0+epoch{epochs}.{digest[:8]}"  # semver build metadata: which weights, not a release
     if "model_kind" in state:
-        return _template_seg_checkpoint(path, state, version, epochs, templates)
-    if "train_config" in state:
+        converted = _template_seg_checkpoint(path, state, version, epochs, templates)
+    elif "train_config" in state:
         if templates is not None:
             raise CheckpointError("--templates is for template-segmenter checkpoints, not RECIST-Net ones")
-        return _recistnet_checkpoint(path, state, version, epochs, templates)
-    raise CheckpointError(f"{path}: neither a RECIST-Net checkpoint (no 'train_config') nor a template-segmenter "
-                            "one (no 'model_kind'): was it written by ctzoo train?")
+        converted = _recistnet_checkpoint(path, state, version, epochs)
+    else:
+        raise CheckpointError(f"{path}: neither a RECIST-Net checkpoint (no 'train_config') nor a "
+                              "template-segmenter one (no 'model_kind'): was it written by ctzoo train?")
+    converted.expansion = state.get("expanded_from")
+    return converted
 
 
 def _load_state(model: nn.Module, state: dict[str, Any], path: Path) -> nn.Module:
@@ -83,12 +80,11 @@ def _load_state(model: nn.Module, state: dict[str, Any], path: Path) -> nn.Modul
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: the weights do not fit the model its train_config describes: "
-                                f"{str(exc).splitlines()[0]}") from None
+                              f"{str(exc).splitlines()[0]}") from None
     return model.eval()
 
 
-def _recistnet_checkpoint(path: Path, state: dict[str, Any], version: str, epochs: int,
-                          templates: Path | None) -> _Converted:
+def _recistnet_checkpoint(path: Path, state: dict[str, Any], version: str, epochs: int) -> _Converted:
     from pydantic import ValidationError
 
     from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
@@ -155,9 +151,6 @@ def _run_folder(path: Path, task_folder: str | None = None) -> Path:
     folder = path.resolve().parent
     return folder.parent if task_folder and folder.name == task_folder else folder
 
-
-def _run_name(path: Path, task_folder: str | None = None) -> str:
-    return _run_folder(path, task_folder).name
 
 
 def _checkpoint_card(path: Path, state: dict[str, Any], task: str, version: str, epochs: int, model: nn.Module,
