@@ -3,9 +3,11 @@ two-way compressed method, each a real ``torchrun`` run of ``ctzoo train`` (gloo
 
 The model is the template segmenter (``configs/template_seg_abdomen.yaml``, its UNet baseline off), trained with
 ``--nproc`` processes for ``--epochs`` epochs from the same seed; accuracy is the validation Dice (mean over the
-organs) of the last and the best epoch. Bytes are what each worker sends up plus receives down per optimiser step
-(``comm_bytes_per_step`` in metrics.csv); "reduction" is against the uncompressed all-reduce measured in the same
-run. Time per step at 1, 10 and 25 Gbit/s is an estimate: the measured compute time per step (this machine, all
+organs) of the last and the best epoch. Bytes are what each worker sends plus receives per optimiser step, as
+``ctzoo train`` logs them (``comm_bytes_per_step`` in metrics.csv; see ``ctzoo.scaling.compress``: an all-gather
+counts the worker's payload sent and the ``--nproc - 1`` others' received, an all-reduce its size each way), so the
+two-way methods' bytes grow with ``--nproc``; "reduction" is against the uncompressed all-reduce measured in the
+same run. Time per step at 1, 10 and 25 Gbit/s is an estimate: the measured compute time per step (this machine, all
 processes) plus the bytes over the link, with no overlap of communication and computation.
 
     python benchmarks/compress.py [--epochs 16] [--nproc 2] [--out benchmarks/results/compress.json]

@@ -216,13 +216,15 @@ def test_hooks_train_close_to_uncompressed_ddp_with_fewer_bytes(world, tmp_path)
     small = sum(size for size in sizes if size < 1024)  # min_numel: averaged uncompressed (4 bytes up, 4 down)
 
     def twoway(payload) -> float:  # the first warmup_steps go uncompressed
+        # a worker sends its payload and receives the world - 1 others' (all-gathered); small tensors all-reduced
         warm = CONFIGS["twoway"]["warmup_steps"] / STEPS
-        return warm + (1 - warm) * (8 * small + 2 * sum(payload(size) for size in sizes if size >= 1024)) / (8 * n)
+        large = sum(payload(size) for size in sizes if size >= 1024)
+        return warm + (1 - warm) * (8 * small + world * large) / (8 * n)
 
     expected = {  # bytes per step relative to uncompressed (8 n): see ctzoo.scaling.compress
         "cser": 1 / 64 + 0.25 / 8,
-        "twoway": twoway(lambda size: 8 * math.ceil(size / 32)),  # values + int32 indices of 1/32, each way
-        "twoway_sign": twoway(lambda size: math.ceil(size / 8) + 4),  # 1 bit + a scale per tensor, each way
+        "twoway": twoway(lambda size: 8 * math.ceil(size / 32)),  # values + int32 indices of 1/32
+        "twoway_sign": twoway(lambda size: math.ceil(size / 8) + 4),  # 1 bit + a scale per tensor
     }
     for name, ratio in expected.items():
         measured = results[name]["bytes"] / results[name]["uncompressed"]
@@ -272,3 +274,107 @@ def test_a_resumed_run_keeps_its_compression_phase(tmp_path):
         gc.collect()
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------- bytes really exchanged
+
+#: what the byte test runs (4 steps each): the two-way methods whose payloads are all-gathered (sign, top-k), one
+#: whose shared support is all-reduced (block, with a sign "server" that moves nothing), and the all-reduce ones
+BYTE_CONFIGS = {
+    "twoway_sign": {"compression": "twoway", "compressor": "sign", "server_compressor": "sign", "warmup_steps": 1,
+                    "min_numel": 100},
+    "twoway_topk": {"compression": "twoway", "compressor": "topk", "ratio": 1 / 8, "server_compressor": "topk",
+                    "warmup_steps": 1, "min_numel": 100},
+    "twoway_block": {"compression": "twoway", "compressor": "block", "ratio": 1 / 8, "server_compressor": "sign",
+                     "warmup_steps": 1, "min_numel": 100},
+    "none": {"compression": "none"},
+    "cser": {"compression": "cser", "ratio": 1 / 16, "period": 2, "reset_ratio": 0.25},
+    "powersgd": {"compression": "powersgd", "powersgd_rank": 1},  # its first 2 steps are plain all-reduces
+}
+BYTE_STEPS = 4
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _counting_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """Train each of BYTE_CONFIGS a few steps with every all-reduce and all-gather wrapped: what the collectives
+    were given and what they delivered from the other workers, beside what CommStats logged."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    exchanged = {"up": 0, "down": 0, "all_gather": 0, "all_reduce": 0}
+    all_reduce, all_gather = dist.all_reduce, dist.all_gather
+
+    def counted_all_reduce(tensor, *args, **kwargs):  # sent and received: the reduced tensor
+        exchanged["up"] += _nbytes(tensor)
+        exchanged["down"] += _nbytes(tensor)
+        exchanged["all_reduce"] += 1
+        return all_reduce(tensor, *args, **kwargs)
+
+    def counted_all_gather(tensors, tensor, *args, **kwargs):  # sent: own payload; received: the others'
+        work = all_gather(tensors, tensor, *args, **kwargs)
+        assert torch.equal(tensors[rank], tensor)
+        exchanged["up"] += _nbytes(tensor)
+        exchanged["down"] += sum(_nbytes(t) for other, t in enumerate(tensors) if other != rank)
+        exchanged["all_gather"] += 1
+        return work
+
+    dist.all_reduce, dist.all_gather = counted_all_reduce, counted_all_gather  # DDP's and torch's hooks too
+    x, y = _data(100 + rank, 64)
+    results = {}
+    try:
+        for name, config in BYTE_CONFIGS.items():
+            model = _model()
+            ddp = nn.parallel.DistributedDataParallel(model)
+            setup = setup_compression(ddp, torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                      CompressionConfig(**config))
+            optimizer, stats = setup.optimizer, setup.stats
+            exchanged.update(up=0, down=0, all_gather=0, all_reduce=0)
+            for step in range(BYTE_STEPS):
+                loss = nn.functional.cross_entropy(ddp(x[8 * step: 8 * step + 8]), y[8 * step: 8 * step + 8])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            if hasattr(optimizer, "finish_training"):
+                optimizer.finish_training()
+            results[name] = {"logged": {"up": stats.up, "down": stats.down, "steps": stats.steps,
+                                        "values": stats.values}, "exchanged": dict(exchanged)}
+            del ddp, optimizer, setup
+            gc.collect()
+            all_reduce(torch.zeros(1))  # a barrier, uncounted
+    finally:
+        dist.all_reduce, dist.all_gather = all_reduce, all_gather
+    Path(f"{out}.{rank}").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def test_logged_bytes_are_the_bytes_exchanged_at_4_workers(tmp_path):
+    """At 4 gloo workers every worker logs what its collectives really moved: sign and top-k payloads are
+    all-gathered, so a worker sends its own and receives the 3 others' (not one compressed aggregate); all-reduces
+    count their size each way; two-way's server re-compression moves nothing; PowerSGD's plain first steps count."""
+    world = 4
+    mp.spawn(_counting_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "bytes")), nprocs=world, join=True)
+    results = [json.loads((tmp_path / f"bytes.{rank}").read_text()) for rank in range(world)]
+    sizes = [p.numel() for p in _model().parameters()]
+    n, small = sum(sizes), sum(size for size in sizes if size < 100)
+    large = [size for size in sizes if size >= 100]
+    payload = {"twoway_sign": sum(math.ceil(size / 8) + 4 for size in large),
+               "twoway_topk": sum(8 * math.ceil(size / 8) for size in large),
+               "twoway_block": sum(4 * math.ceil(size / 8) for size in large)}
+    for rank, result in enumerate(results):
+        for name, counts in result.items():
+            logged, exchanged = counts["logged"], counts["exchanged"]
+            assert logged["steps"] == BYTE_STEPS and logged["values"] == n, (rank, name, logged)
+            assert (logged["up"], logged["down"]) == (exchanged["up"], exchanged["down"]), (rank, name, counts)
+            if name in payload:  # one uncompressed warm-up step, then: small tensors all-reduced, large ones not
+                compressed = BYTE_STEPS - 1
+                gathered = world - 1 if name != "twoway_block" else 1  # block: shared support, all-reduced
+                assert logged["up"] == 4 * n + compressed * (4 * small + payload[name]), (rank, name)
+                assert logged["down"] == 4 * n + compressed * (4 * small + gathered * payload[name]), (rank, name)
+                assert (exchanged["all_gather"] > 0) == (name != "twoway_block")
+    sign = results[0]["twoway_sign"]["logged"]
+    assert sign["down"] - 4 * n - 3 * 4 * small == 3 * (sign["up"] - 4 * n - 3 * 4 * small)  # 3 others' payloads
+    assert results[0]["none"]["logged"]["up"] == results[0]["none"]["logged"]["down"] == BYTE_STEPS * 4 * n
+    assert results[0]["powersgd"]["logged"]["up"] < BYTE_STEPS * 4 * n

@@ -176,6 +176,38 @@ def test_split_by_patient_and_types(rows, truth):
             assert row.dicom_windows == (-1350, 150)
 
 
+def test_held_out_scan_is_the_whole_test_split_and_nothing_else(mini, tmp_path):
+    """--test-source: every test case, and no train or val case, comes from the held-out scan (so no source slice
+    of it is trained on); re-splitting a built miniature gives the same files as a fresh build."""
+    fresh = make_deeplesion_mini(tmp_path / "fresh", cases=4, seed=0, progress=False, test_source="aorta_example_ct")
+    summary = json.loads((fresh / "lesions.json").read_text())
+    assert summary["test_source"] == "aorta_example_ct.nii.gz"
+    by_split = {}
+    for series in summary["series"]:
+        by_split.setdefault(series["split"], set()).add(series["source"])
+    assert by_split["test"] == {"aorta_example_ct.nii.gz"}
+    assert "aorta_example_ct.nii.gz" not in by_split["train"] | by_split["val"]
+    held_slices = {s for series in summary["series"] if series["split"] == "test"
+                   for s in range(series["source_slices"][0], series["source_slices"][1] + 1)}
+    assert held_slices
+    seen = [series for series in summary["series"] if series["split"] != "test"]
+    assert all(series["source"] != "aorta_example_ct.nii.gz" for series in seen)
+    rows = read_dl_info(fresh / "DL_info.csv")
+    assert {row.train_val_test for row in rows} == {1, 2, 3}
+    assert all(row.coarse_lesion_type == -1 for row in rows if row.train_val_test == 1)
+    assert "Held-out source" in (fresh / "NOTICE.md").read_text()
+    # the same cases and images as the plain build: only the splits moved
+    assert {k: v for k, v in _digests(fresh).items() if k.startswith("Images_png")} == \
+        {k: v for k, v in _digests(mini).items() if k.startswith("Images_png")}
+    resplit = CliRunner().invoke(main, ["data", "make-deeplesion-mini", str(tmp_path / "resplit"), "--test-source",
+                                        "aorta_example_ct", "--from", str(mini)])
+    assert resplit.exit_code == 0, resplit.output
+    assert _digests(tmp_path / "resplit") == _digests(fresh)
+    refused = CliRunner().invoke(main, ["data", "make-deeplesion-mini", str(tmp_path / "again"), "--test-source",
+                                        "sample_ct", "--from", str(fresh)])
+    assert refused.exit_code != 0 and "already holds out" in refused.output
+
+
 def _ordered_lengths(points, spacing=(1.0, 1.0)):
     p = points.reshape(4, 2) * spacing
     return np.linalg.norm(p[1] - p[0]), np.linalg.norm(p[3] - p[2]), p

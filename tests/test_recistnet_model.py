@@ -167,6 +167,37 @@ def test_centre_candidates_find_lesions_whose_end_points_the_combinations_reject
     assert scores[0] > 0.9 and 0.3 < scores[1] < 0.4  # no end-point evidence: only the centre's 2/6
 
 
+def test_decode_modes_split_the_candidates():
+    """grouping = RECIST-Net's combinations alone (displacements ignored), centre = the centre proposals alone,
+    both = their union: on the case above, grouping misses the lesion without end-point evidence and the
+    jittered one, centre finds both, both finds both with the snapped, higher score."""
+    truth = np.stack([lesion(60.2, 60.6, 16, 14, 10.0), lesion(180.4, 150.3, 40, 20, 0.0),
+                      lesion(90.3, 190.7, 50, 24, 30.0)])
+    heatmaps, offsets, targets = perfect_outputs([truth], (256, 256))
+    jittered = truth.copy()
+    jittered[0, :2] += [[4.0, 0.0], [-4.0, 0.0]]
+    noisy, noisy_offsets, _ = perfect_outputs([jittered], (256, 256))
+    noisy[:, :, 30:, 30:], noisy_offsets[:, :, 30:, 30:] = heatmaps[:, :, 30:, 30:], offsets[:, :, 30:, 30:]
+    noisy[:, :4, 30:42, 40:] = -9.0  # the second lesion's end points are not found; the third's are
+    decoded = {mode: group_keypoints(noisy, noisy_offsets, R, displacements=targets["displacements"], decode=mode)
+               for mode in ("grouping", "centre", "both")}
+    centres = {mode: out["points"][0][out["valid"][0], 4] for mode, out in decoded.items()}
+
+    def found(mode, k):
+        return bool((centres[mode] - torch.as_tensor(truth[k, 4], dtype=torch.float32)).norm(dim=-1).lt(3).any())
+
+    assert [found("grouping", k) for k in range(3)] == [False, False, True]
+    assert [found("centre", k) for k in range(3)] == [True, True, True]
+    assert [found("both", k) for k in range(3)] == [True, True, True]
+    plain = group_keypoints(noisy, noisy_offsets, R, decode="grouping")
+    for key in ("points", "scores", "valid"):
+        assert torch.equal(plain[key], decoded["grouping"][key])
+    with pytest.raises(ValueError, match="displacement"):
+        group_keypoints(noisy, noisy_offsets, R, decode="centre")
+    with pytest.raises(ValueError, match="decode must be one of"):
+        group_keypoints(noisy, noisy_offsets, R, decode="exdet")
+
+
 def test_recist_order_puts_the_longer_axis_first_and_orders_each_pair():
     points = torch.tensor([[[50.0, 40.0], [50.0, 60.0], [70.0, 50.0], [30.0, 50.0], [50.0, 50.0]],  # short longer
                            [[70.0, 50.0], [30.0, 50.0], [50.0, 45.0], [50.0, 55.0], [50.0, 50.0]]])  # long reversed

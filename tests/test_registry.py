@@ -253,3 +253,30 @@ def test_cli_list_and_show(entry) -> None:
     assert result.exit_code == 0 and result.output.startswith(f"# {NAME} 1.2.0") and "| dice | val |" in result.output
     result = runner.invoke(cli, ["zoo", "show", "test-tiny"])
     assert result.exit_code == 1 and f"Did you mean {NAME}?" in result.output
+
+
+def test_a_detector_reports_at_its_cards_operating_point(sample_volume, tmp_path: Path) -> None:
+    """The threshold a detector reports at comes from its card (chosen on val), unless a caller overrides it; a
+    card without one falls back to the zoo default."""
+    import shutil
+
+    from ctzoo.inference.tasks import model_task, run_task
+    from ctzoo.models import load_bundle
+    from ctzoo.models.registry import DEFAULT_SCORE_THRESHOLD
+
+    shipped = load_bundle("recistnet-mini")
+    point = shipped.card.operating_point
+    assert point is not None and point.split.startswith("val") and shipped.score_threshold == point.score_threshold
+    assert "## Operating point" in shipped.card.to_markdown()
+    folder = tmp_path / "strict"
+    shutil.copytree(shipped.folder, folder)
+    card = json.loads((folder / "card.json").read_text())
+    card["operating_point"]["score_threshold"] = 0.999
+    (folder / "card.json").write_text(json.dumps(card))
+    strict = load_bundle(folder)
+    assert strict.score_threshold == 0.999
+    assert run_task(model_task(strict, "torch", "cpu"), sample_volume)["lesions"] == []
+    assert run_task(model_task(strict, "torch", "cpu", score_threshold=0.0), sample_volume)["lesions"]
+    del card["operating_point"]
+    (folder / "card.json").write_text(json.dumps(card))
+    assert load_bundle(folder).score_threshold == DEFAULT_SCORE_THRESHOLD

@@ -169,11 +169,20 @@ def test_eval_writes_froc_table_and_curve(mini, tmp_path):
     config = tiny_config(tmp_path, mini, epochs=1)
     run_train(config, "--out", tmp_path / "run")
     result = CliRunner().invoke(main, ["eval", str(config), "--checkpoint", str(tmp_path / "run" / "last.pt"),
-                                       "--split", "test", "--out", str(tmp_path / "eval")])
+                                       "--split", "test", "--decode", "all", "--out", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
     froc = json.loads((tmp_path / "eval" / "froc.json").read_text())
     assert froc["split"] == "test" and len(froc["sensitivities"]) == 6
-    assert (tmp_path / "eval" / "froc.png").stat().st_size > 1000
+    # the three decoders from one forward pass; the first is the one written and calibrated
+    assert froc["decode"] == "both" and set(froc["decodes"]) == {"both", "grouping", "centre"}
+    assert froc["decodes"]["both"]["sensitivities"] == froc["sensitivities"]
+    assert 0 <= froc["calibration"]["ece"] <= 1 and len(froc["calibration"]["bins"]) == 10
+    thresholds = [p["score_threshold"] for p in froc["operating_points"]]
+    assert thresholds == sorted(thresholds, reverse=True)  # more false positives allowed, lower threshold
+    assert all(p["achieved_fp_per_image"] <= p["fp_per_image"] for p in froc["operating_points"])
+    assert "decode grouping: sensitivity at 4 FPs/image" in result.output
+    for picture in ("froc.png", "reliability.png"):
+        assert (tmp_path / "eval" / picture).stat().st_size > 1000
     detections = json.loads((tmp_path / "eval" / "detections.json").read_text())
     assert {d["file_name"] for d in detections}
 

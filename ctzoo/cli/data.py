@@ -87,18 +87,38 @@ def sample(out: Path, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes building cases [default: the CPU count]; the files are the same for any number.")
-def make_deeplesion_mini(out: Path, cases: int, seed: int, force: bool, workers: int | None) -> None:
+@click.option("--test-source", type=click.Choice(["example_ct", "sample_ct", "aorta_example_ct"]), default=None,
+              help="Hold this real scan out: its cases form the whole test split and no train or val case "
+                   "comes from it (unseen anatomy). Train/val then split the other scans' patients 75/25.")
+@click.option("--from", "built", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="With --test-source: re-split this already built miniature (built without --test-source; its "
+                   "cases and seed are used) instead of drawing it again. Images are hard-linked; seconds, not "
+                   "minutes, and the same files as a fresh build.")
+def make_deeplesion_mini(out: Path, cases: int, seed: int, force: bool, workers: int | None,
+                         test_source: str | None, built: Path | None) -> None:
     """Build a miniature DeepLesion in OUT from the real sample CT with synthetic lesions.
 
     Writes DeepLesion's exact layout (DL_info.csv, Images_png/{patient}_{study}_{series}/{slice}.png as
     16-bit HU + 32768, 512 x 512) plus masks/ (each lesion's key-slice mask), lesions.json (true type,
     organ, HU, volume) and NOTICE.md. Uses the TotalSegmentator 2.18.0 samples (fetched into the cache
     if missing). Built beside OUT and renamed into place when complete.
+
+    \b
+    Leave-one-scan-out (FROC on anatomy the model never saw):
+      ctzoo data make-deeplesion-mini data/loso-aorta --cases 240 --test-source aorta_example_ct
+      ctzoo data make-deeplesion-mini data/loso-aorta --test-source aorta_example_ct --from data/deeplesion-mini
     """
+    if built is not None and test_source is None:
+        raise click.UsageError("--from re-splits a built miniature: give --test-source too")
     try:
-        folder = mini.make_deeplesion_mini(out, cases=cases, seed=seed, force=force, progress=True,
-                                          workers=workers or os.cpu_count() or 1)
-    except (samples.SampleError, FileExistsError) as exc:
+        if built is not None:
+            from ctzoo.datasets.deeplesion.held_out import hold_out_source
+
+            folder = hold_out_source(built, out, test_source, force=force)
+        else:
+            folder = mini.make_deeplesion_mini(out, cases=cases, seed=seed, force=force, progress=True,
+                                              workers=workers or os.cpu_count() or 1, test_source=test_source)
+    except (samples.SampleError, FileExistsError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     summary = json.loads((folder / "lesions.json").read_text())
     click.echo(f"{folder}: {len(summary['series'])} series, {len(summary['lesions'])} lesions "

@@ -38,15 +38,16 @@ def _default_workers() -> int:
 @click.option("--resume", is_flag=True, help="Skip cases this model version already finished (status-<model>.json).")
 @click.option("--overlay/--no-overlay", default=None,
               help="Draw overlay PNGs (default: only for the embedded sample, when no INPUT is given).")
-@click.option("--score-threshold", type=click.FloatRange(0, 1), default=0.3, show_default=True,
-              help="Detectors: keep lesions scoring at least this.")
+@click.option("--score-threshold", type=click.FloatRange(0, 1), default=None,
+              help="Detectors: keep lesions scoring at least this [default: the model's operating point, chosen on "
+                   "validation data and stated in its card (ctzoo zoo show NAME)].")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this machine's pipeline. ray: the same stages as Ray Data tasks on a Ray cluster "
                    "(RAY_ADDRESS, or a local Ray instance).")
 @series_option
 @rules_option
 def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, device: str, out: Path, workers: int,
-          batch_size: int, threads: int | None, resume: bool, overlay: bool | None, score_threshold: float,
+          batch_size: int, threads: int | None, resume: bool, overlay: bool | None, score_threshold: float | None,
           engine: str, series: str | None, rules_file: Path | None) -> None:
     """Run zoo models over CT volumes: detect lesions (RECIST-Net) or segment organs.
 
@@ -125,7 +126,7 @@ def _progress_logging() -> Iterator[None]:
 
 
 def _run_model(bundle, cases, options, backend: str, device: str, threads: int | None,
-               score_threshold: float, engine: str, earlier_rows: list[dict]) -> list[dict]:
+               score_threshold: float | None, engine: str, earlier_rows: list[dict]) -> list[dict]:
     from ctzoo.inference.pipeline import run_pipeline
     from ctzoo.inference.tasks import model_task
 

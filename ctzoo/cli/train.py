@@ -103,10 +103,15 @@ def train(config: Path, out: Path, resume: bool, epochs: int | None, data_root: 
 @click.option("--model", "model_name", default=None, help="A zoo model name instead of --checkpoint.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Where froc.json, froc.png and detections.json go.")
+              help="Where froc.json, froc.png, reliability.png and detections.json go.")
+@click.option("--decode", type=click.Choice(["both", "grouping", "centre", "all"]), default="both", show_default=True,
+              help="Detectors: which candidates are grouped into lesions. grouping = RECIST-Net's own decoder "
+                   "(end points + centre, geometric grouping); centre = centre-heatmap peaks with regressed end "
+                   "points (CenterNet-style); both = their union (the zoo's default); all = the three, from one "
+                   "forward pass (the ablation), 'both' written as detections.")
 @_DATA_ROOT
 @_DEVICE
-def evaluate(config: Path, checkpoint: Path | None, model_name: str | None, split: str, out: Path,
+def evaluate(config: Path, checkpoint: Path | None, model_name: str | None, split: str, out: Path, decode: str,
              data_root: Path | None, device: str) -> None:
     """Score a model on a split: detectors (RECIST-Net) by FROC, segmenters by Dice and HD95.
 
@@ -115,7 +120,10 @@ def evaluate(config: Path, checkpoint: Path | None, model_name: str | None, spli
     Noisy lesions are excluded; all detections are pooled into one FROC curve; a hit is box
     IoU >= 0.5 (VOC +1 convention); a second hit on a found lesion counts as neither; sensitivity
     at 0.5, 1, 2, 4, 8, 16 false positives per image and the mean over 0.5-4; for hits, the
-    error of the long and short axis in mm. Writes froc.json, froc.png and detections.json.
+    error of the long and short axis in mm. Calibration: a reliability diagram and its expected
+    calibration error (ECE), and the score thresholds at 0.125 to 2 FPs per image (choose a
+    model's operating point on --split val). Writes froc.json, froc.png, reliability.png and
+    detections.json.
 
     \b
     Segmenters (task template_seg): Dice and HD95 (mm) per class on the split's volumes, with the
@@ -128,12 +136,18 @@ def evaluate(config: Path, checkpoint: Path | None, model_name: str | None, spli
     if config_task(config) == "template_seg":
         return _evaluate_template_seg(config, checkpoint, model_name, split, out, data_root, device)
     try:
+        decodes = ("both", "grouping", "centre") if decode == "all" else (decode,)
         result = evaluate_recistnet(config, out, split, checkpoint=checkpoint, model_name=model_name,
-                                    data_root=data_root, device=device)
+                                    data_root=data_root, device=device, decodes=decodes)
     except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
         raise click.ClickException(str(exc)) from exc
+    report = json.loads((out / "froc.json").read_text())
+    for mode, scored in report["decodes"].items():
+        click.echo(f"decode {mode}: sensitivity at 4 FPs/image {scored['sensitivities'][3]:.3f}")
     click.echo(result.table())
-    click.echo(f"wrote {out / 'froc.json'}, {out / 'froc.png'}, {out / 'detections.json'}")
+    click.echo(f"calibration ECE {report['calibration']['ece']:.3f}; score thresholds: " + ", ".join(
+        f"{p['score_threshold']:.3f} at {p['fp_per_image']:g} FP/image" for p in report["operating_points"]))
+    click.echo(f"wrote {out / 'froc.json'}, {out / 'froc.png'}, {out / 'reliability.png'}, {out / 'detections.json'}")
 
 
 def _evaluate_template_seg(config: Path, checkpoint: Path | None, model_name: str | None, split: str, out: Path,

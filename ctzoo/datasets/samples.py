@@ -250,3 +250,17 @@ def sample_path(name: str, cache: Path | None = None) -> Path:
     if not path.exists():
         raise SampleError(f"{name} is not fetched yet; run: ctzoo data fetch-samples")
     return path
+
+
+#: The distinct real CT scans ctzoo can reach (example_ct_sm is a slab of example_ct): short name -> cache name,
+#: or None for the embedded DICOM series.
+REAL_CT_SCANS: dict[str, str | None] = {"example_ct": "example_ct.nii.gz", "sample_ct": None,
+                                        "aorta_example_ct": "aorta_example_ct.nii.gz"}
+
+
+def real_ct_scan(name: str) -> Path:
+    """Path of a real CT scan of :data:`REAL_CT_SCANS` (fetching the samples if needed)."""
+    if name not in REAL_CT_SCANS:
+        raise SampleError(f"no real CT scan {name!r}; known: {', '.join(REAL_CT_SCANS)}")
+    cached = REAL_CT_SCANS[name]
+    return sample_ct_dicom() if cached is None else fetch_samples() / cached

@@ -132,7 +132,7 @@ def inference_config() -> dict[str, Any]:
         "device": "$'cuda' if torch.cuda.is_available() else 'cpu'",
         "image": "$@bundle_root + '/ct.nii.gz'",
         "output_dir": "$@bundle_root + '/eval'",
-        "score_threshold": 0.3,
+        "score_threshold": None,  # the bundle's operating point (its card); a number overrides it
         "network_def": {"_target_": "ctzoo.inference.monai_entry.load_network", "bundle_root": "@bundle_root",
                         "device": "@device"},
         "run": {"_target_": "ctzoo.inference.monai_entry.infer_file", "network": "@network_def",

@@ -97,7 +97,8 @@ def _read_rows(row: dict[str, Any], task, chunk: int, series: str | None, rules:
 class _Predictor:
     """Model stage: one backend per actor; end/error rows pass through untouched."""
 
-    def __init__(self, model_name: str, backend: str, device: str, score_threshold: float, threads: int | None):
+    def __init__(self, model_name: str, backend: str, device: str, score_threshold: float | None,
+                 threads: int | None):
         from ctzoo.inference.tasks import model_task
 
         # Ray pins OMP threads to the actor's 1 CPU: on CPU, the backend's own default is every core
@@ -164,7 +165,7 @@ def _pool(ray, size: int, actors: bool) -> dict[str, Any]:
 
 
 def run_ray(cases: list[CaseInput], model_name: str, options: PipelineOptions, backend: str = "torch",
-            device: str = "auto", threads: int | None = None, score_threshold: float = 0.3,
+            device: str = "auto", threads: int | None = None, score_threshold: float | None = None,
             other_rows: list[dict[str, Any]] = (), address: str | None = None) -> list[dict[str, Any]]:
     """:func:`ctzoo.inference.pipeline.run_pipeline` on Ray: same files, status files, summary and rows."""
     ray = _import_ray()
@@ -188,7 +189,7 @@ def run_ray(cases: list[CaseInput], model_name: str, options: PipelineOptions, b
 
 
 def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend: str, device: str,
-            threads: int | None, score_threshold: float, record) -> None:
+            threads: int | None, score_threshold: float | None, record) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = options.progress
     device, actors, resources = _placement(device, int(ray.cluster_resources().get("GPU", 0)))
     reader = dataclasses.replace(task, predict=None, finish=None, write=None)  # readers need only preprocess

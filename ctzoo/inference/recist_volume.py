@@ -100,14 +100,14 @@ def slice_inputs(axial: Volume, prep: SlicePreprocessing, canvas: int | None = N
 
 
 def decode_heads(heads: dict[str, torch.Tensor | np.ndarray], down_ratio: int, max_lesions: int = 20,
-                 score_threshold: float = 0.3) -> list[tuple[np.ndarray, np.ndarray]]:
+                 score_threshold: float = 0.3, decode: str = "both") -> list[tuple[np.ndarray, np.ndarray]]:
     """Raw RECIST-Net outputs for a batch -> per slice ``(scores (M,), points (M, 5, 2))`` in network-input
     pixels, scores >= ``score_threshold``. The grouping is :func:`ctzoo.models.recist_grouping.group_keypoints`, as in
     :meth:`RecistNet.detect`; backends (PyTorch, ONNX Runtime) only compute ``heads``."""
     tensor = {key: torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value).float()
               for key, value in heads.items()}
     grouped = group_keypoints(tensor["heatmaps"], tensor["offsets"], down_ratio, max_lesions=max_lesions,
-                              displacements=tensor["displacements"])
+                              displacements=tensor["displacements"], decode=decode)
     results = []
     for scores, points, valid in zip(grouped["scores"], grouped["points"], grouped["valid"]):
         keep = valid & (scores >= score_threshold)

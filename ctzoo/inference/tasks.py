@@ -167,9 +167,9 @@ def _runtime(bundle: ModelBundle, backend) -> dict[str, Any]:
 
 
 def model_task(source: str | Path | ModelBundle, backend_kind: str = "torch", device: str = "auto",
-               score_threshold: float = 0.3, threads: int | None = None) -> ModelTask:
+               score_threshold: float | None = None, threads: int | None = None) -> ModelTask:
     """The stages of a bundle (or a zoo name or bundle folder, loaded here) on a new backend (``torch`` or
-    ``onnx``, the bundle's exported graphs)."""
+    ``onnx``, the bundle's exported graphs); ``score_threshold`` None is the bundle's operating point."""
     from ctzoo.inference.backends import make_backend
 
     bundle = source if isinstance(source, ModelBundle) else load_bundle(source)
@@ -177,12 +177,14 @@ def model_task(source: str | Path | ModelBundle, backend_kind: str = "torch", de
     return bundle_task(bundle, backend, score_threshold)
 
 
-def bundle_task(bundle: ModelBundle, backend, score_threshold: float = 0.3) -> ModelTask:
-    """The stages of ``bundle`` on ``backend`` (made from it): its preprocessing, name and version."""
+def bundle_task(bundle: ModelBundle, backend, score_threshold: float | None = None) -> ModelTask:
+    """The stages of ``bundle`` on ``backend`` (made from it): its preprocessing, name and version; detectors report
+    lesions from ``score_threshold`` up (None: the bundle's operating point, :attr:`ModelBundle.score_threshold`)."""
     if bundle.task == "segmentation":
         task = segmenter_task(backend, bundle.preprocessing, bundle.name, bundle.version)
     else:
-        task = detector_task(backend, bundle.preprocessing, bundle.name, bundle.version, score_threshold)
+        threshold = bundle.score_threshold if score_threshold is None else score_threshold
+        task = detector_task(backend, bundle.preprocessing, bundle.name, bundle.version, threshold)
     task.runtime = _runtime(bundle, backend)
     return task
 

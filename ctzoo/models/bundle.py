@@ -47,6 +47,7 @@ from ctzoo.models.registry import (
     CARD_JSON,
     CARD_MD,
     CONFIG_FILE,
+    DEFAULT_SCORE_THRESHOLD,
     WEIGHTS_FILE,
     ArchitectureOverrideError,
     ModelCard,
@@ -167,6 +168,12 @@ class ModelBundle:
     def input_spec(self) -> dict[str, Any]:
         """The card's preprocessing as a plain dict (what ctzoo.json and MONAI metadata record)."""
         return dict(self.card.input_spec)
+
+    @property
+    def score_threshold(self) -> float:
+        """A detector's reporting threshold: its card's operating point (chosen on val), else the zoo default."""
+        point = self.card.operating_point
+        return point.score_threshold if point is not None else DEFAULT_SCORE_THRESHOLD
 
     @property
     def down_ratio(self) -> int:

@@ -2,8 +2,9 @@
 or exported with the network.
 
 :func:`group_keypoints` turns the heatmaps, offsets and displacements of :class:`~ctzoo.models.recistnet.RecistNet`
-into lesions two ways — combinations of end-point peaks checked against the centre heatmap (``exdet``), and
-centre peaks whose regressed end points snap to nearby peaks — and keeps the best by NMS.
+into lesions two ways — combinations of end-point peaks checked against the centre heatmap (``exdet``, the
+paper's decoder), and centre peaks whose regressed end points snap to nearby peaks (CenterNet-style, added here)
+— and keeps the best by NMS. ``decode=`` selects either set alone, for the ablation.
 
 Coordinates: points are ``(x, y)`` in input pixels, 0-based pixel centres (see :mod:`ctzoo.datasets.deeplesion.recist`).
 Heatmap cell ``(u, v)`` covers input pixels ``[u * R, (u + 1) * R)`` (``R = down_ratio``); its centre is at
@@ -19,6 +20,8 @@ from ctzoo.datasets.deeplesion.recist import POINT_NAMES, VERTICAL_EPS
 
 NUM_POINTS = len(POINT_NAMES)  # 5: four end points and the centre
 NUM_ENDPOINTS = 4
+#: Candidate sets :func:`group_keypoints` can decode: the union, RECIST-Net's grouping alone, centre peaks alone.
+DECODE_MODES = ("both", "grouping", "centre")
 
 
 def box_from_points(points: torch.Tensor) -> torch.Tensor:
@@ -132,7 +135,7 @@ def group_keypoints(heatmaps: torch.Tensor, offsets: torch.Tensor, down_ratio: i
                     top_k: int = 24, score_threshold: float = 0.05, cell_tolerance: float = 1.0,
                     max_abs_cos: float = 0.5, axis_crossing: tuple[float, float] = (0.1, 0.9), nms_iou: float = 0.5,
                     pre_nms: int = 200, displacements: torch.Tensor | None = None,
-                    snap_fraction: float = 0.3) -> dict[str, torch.Tensor]:
+                    snap_fraction: float = 0.3, decode: str = "both") -> dict[str, torch.Tensor]:
     """Group keypoint heatmaps into RECIST lesions (CenterNet ``exct_decode`` adapted to RECIST, plus, with
     ``displacements``, CenterNet ``multi_pose_decode`` candidates from the centre heatmap).
 
@@ -143,6 +146,9 @@ def group_keypoints(heatmaps: torch.Tensor, offsets: torch.Tensor, down_ratio: i
             regressed end points, each snapped to the nearest peak of its own heatmap within ``snap_fraction``
             of the regressed long axis (at least ``cell_tolerance``). A small lesion whose four end peaks are
             a few pixels off still gets found this way, where the combinations' geometry checks reject it.
+        decode: which candidates enter NMS (:data:`DECODE_MODES`): ``"grouping"`` the end-point combinations
+            alone (RECIST-Net's own decoder: extreme points + centre, geometric grouping), ``"centre"`` the
+            centre-peak proposals alone (needs ``displacements``), ``"both"`` (the default) the union.
         down_ratio: output stride R; points come back in input pixels.
         max_lesions: lesions returned per image. top_k: peaks per end-point heatmap, and pairs kept per axis.
         score_threshold: minimum sigmoid score of every end point and of the centre.
@@ -155,26 +161,53 @@ def group_keypoints(heatmaps: torch.Tensor, offsets: torch.Tensor, down_ratio: i
         nms_iou: box IoU above which a lesion suppresses a lower-scored one.
         pre_nms: candidates (best scores first) that enter NMS.
 
-    Steps: sigmoid + 3x3 max-pool NMS, top_k peaks per end-point heatmap; pairs in canonical order per axis,
-    best top_k kept; every long pair x short pair checked by :func:`axes_geometry`; the centre score is the
-    3x3 maximum of the centre heatmap around the lines' intersection (one cell of slack, like the geometry);
-    score = (la + lb + sa + sb + 2 c) / 6; greedy NMS (:func:`greedy_select`) where a lesion suppresses a
-    lower-scored one whose end-point box overlaps it by IoU > ``nms_iou`` *or that uses any of its end-point
-    peaks*: a peak belongs to one lesion, and without this rule regroupings that borrow two lesions' peaks (a
-    long axis from one lesion's end to another's) score as high as real ones while their boxes overlap little.
-    The centre point is the centre peak (refined by its offset) when the 3x3 maximum around the intersection
-    is a local peak, since that is the network's direct estimate; otherwise the intersection itself.
+    Steps: sigmoid + 3x3 max-pool NMS, top_k peaks per end-point heatmap; the candidates of
+    :func:`endpoint_combinations` and/or :func:`centre_candidates`; greedy NMS (:func:`greedy_select`) where a
+    lesion suppresses a lower-scored one whose end-point box overlaps it by IoU > ``nms_iou`` *or that uses any
+    of its end-point peaks*: a peak belongs to one lesion, and without this rule regroupings that borrow two
+    lesions' peaks (a long axis from one lesion's end to another's) score as high as real ones while their
+    boxes overlap little.
 
     Points come out in the documented order (:func:`recist_order`).
 
     Returns fixed shapes: ``points`` (B, M, 5, 2), ``scores`` (B, M) descending (0 where empty), ``boxes``
     (B, M, 4) tight end-point boxes, ``valid`` (B, M) bool, M = min(max_lesions, candidates).
     """
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if decode == "centre" and displacements is None:
+        raise ValueError("decode='centre' needs the displacement head's output")
     batch, _, height, width = heatmaps.shape
     tolerance = cell_tolerance * down_ratio
     heat = torch.sigmoid(heatmaps)
     offsets = offsets.reshape(batch, NUM_POINTS, 2, height * width)
     peak_xy, peak_score = endpoint_peaks(heat[:, :NUM_ENDPOINTS], offsets[:, :NUM_ENDPOINTS], top_k, down_ratio)
+    candidates = []
+    if decode != "centre":
+        candidates.append(endpoint_combinations(heat, offsets, peak_xy, peak_score, down_ratio, top_k, score_threshold,
+                                                tolerance, max_abs_cos, axis_crossing))
+    if displacements is not None and decode != "grouping":
+        candidates.append(centre_candidates(heat, offsets, displacements, peak_xy, peak_score, down_ratio, top_k,
+                                            score_threshold, tolerance, snap_fraction))
+    points, peak_ids, score = (torch.cat(parts, dim=1) for parts in zip(*candidates))
+    return select_lesions(recist_order(points), peak_ids, score, max_lesions, nms_iou, pre_nms)
+
+
+def endpoint_combinations(heat: torch.Tensor, offsets: torch.Tensor, peak_xy: torch.Tensor, peak_score: torch.Tensor,
+                          down_ratio: int, top_k: int, score_threshold: float, tolerance: float, max_abs_cos: float,
+                          axis_crossing: tuple[float, float]):
+    """RECIST-Net's own grouping: every long pair x short pair of end-point peaks, checked geometrically and
+    against the centre heatmap (see :func:`group_keypoints`).
+
+    heat (B, 5, h, w) probabilities, offsets (B, 5, 2, h*w), end-point peaks peak_xy (B, 4, K, 2) and peak_score
+    (B, 4, K) -> points (B, N, 5, 2), peak ids (B, N, 4), scores (B, N) (-1 = invalid).
+    Pairs in canonical order per axis, best top_k kept; every long pair x short pair checked by
+    :func:`axes_geometry`; the centre score is the 3x3 maximum of the centre heatmap around the lines'
+    intersection (one cell of slack, like the geometry); score = (la + lb + sa + sb + 2 c) / 6. The centre point
+    is the centre peak (refined by its offset) when the 3x3 maximum around the intersection is a local peak,
+    since that is the network's direct estimate; otherwise the intersection itself.
+    """
+    batch = heat.shape[0]
     long_ends, long_scores, long_peaks, long_valid = _best_pairs(
         peak_xy[:, 0], peak_score[:, 0], peak_xy[:, 1], peak_score[:, 1], top_k, tolerance, score_threshold)
     short_ends, short_scores, short_peaks, short_valid = _best_pairs(
@@ -196,12 +229,7 @@ def group_keypoints(heatmaps: torch.Tensor, offsets: torch.Tensor, down_ratio: i
     score = (end_sum + 2 * centre_score) / 6
     valid = ((long_valid[:, :, None] & short_valid[:, None, :] & geometry_ok).reshape(batch, -1)
              & (centre_score >= score_threshold))
-    score = torch.where(valid, score, torch.full_like(score, -1.0))
-    if displacements is not None:
-        centred = centre_candidates(heat, offsets, displacements, peak_xy, peak_score, down_ratio, top_k,
-                                    score_threshold, tolerance, snap_fraction)
-        points, peak_ids, score = (torch.cat([a, b], dim=1) for a, b in zip((points, peak_ids, score), centred))
-    return select_lesions(recist_order(points), peak_ids, score, max_lesions, nms_iou, pre_nms)
+    return points, peak_ids, torch.where(valid, score, torch.full_like(score, -1.0))
 
 
 def recist_order(points: torch.Tensor) -> torch.Tensor:

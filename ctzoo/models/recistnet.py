@@ -159,12 +159,13 @@ class RecistNet(nn.Module):
                 "displacements": self.displacement_head(features)}
 
     @torch.no_grad()
-    def detect(self, x: torch.Tensor, max_lesions: int = 20, top_k: int = 24,
-               score_threshold: float = 0.05) -> list[dict[str, torch.Tensor]]:
+    def detect(self, x: torch.Tensor, max_lesions: int = 20, top_k: int = 24, score_threshold: float = 0.05,
+               decode: str = "both") -> list[dict[str, torch.Tensor]]:
         """Eval-mode inference and grouping on x (B, in_channels, H, W).
 
         Returns one dict per image: ``points`` (M, 5, 2) float32 input-pixel (x, y), ``scores`` (M,) descending,
         ``boxes`` (M, 4) tight [x1, y1, x2, y2] of the four end points. The module's train/eval mode is restored.
+        ``decode`` picks the candidates (:data:`ctzoo.models.recist_grouping.DECODE_MODES`).
         """
         was_training = self.training
         self.eval()
@@ -172,9 +173,14 @@ class RecistNet(nn.Module):
             outputs = self(x)
         finally:
             self.train(was_training)
+        return self.group(outputs, max_lesions, top_k, score_threshold, decode)
+
+    def group(self, outputs: dict[str, torch.Tensor], max_lesions: int = 20, top_k: int = 24,
+              score_threshold: float = 0.05, decode: str = "both") -> list[dict[str, torch.Tensor]]:
+        """:meth:`detect`'s grouping of already computed ``outputs`` (one forward pass, several decodings)."""
         grouped = group_keypoints(outputs["heatmaps"].float(), outputs["offsets"].float(), self.down_ratio,
                                   max_lesions=max_lesions, top_k=top_k, score_threshold=score_threshold,
-                                  displacements=outputs["displacements"].float())
+                                  displacements=outputs["displacements"].float(), decode=decode)
         return [{"points": grouped["points"][b][keep], "scores": grouped["scores"][b][keep],
                  "boxes": grouped["boxes"][b][keep]} for b, keep in enumerate(grouped["valid"])]
 

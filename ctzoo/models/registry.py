@@ -83,6 +83,23 @@ class TrainingInfo(_Strict):
         return text
 
 
+class OperatingPoint(_Strict):
+    """The score threshold a detector reports lesions at, chosen on validation data for a stated false-positive
+    rate, and what it gives there and on real CT without known lesions."""
+
+    score_threshold: float = Field(ge=0, le=1, description="lesions scoring at least this are reported")
+    fp_per_image: float = Field(ge=0, description="the false positives per image it was chosen for")
+    split: str = Field(min_length=1, description="the data it was chosen on (never the test split)")
+    sensitivity: float | None = Field(None, ge=0, le=1, description="sensitivity there on that split")
+    lesion_free_findings_per_slice: float | None = Field(
+        None, ge=0, description="findings per slice at this threshold on real CT without known lesions")
+    note: str = ""
+
+
+#: Detectors without an operating point in their card report lesions scoring at least this.
+DEFAULT_SCORE_THRESHOLD = 0.3
+
+
 class Metric(_Strict):
     """One evaluation result and the split it was measured on."""
 
@@ -111,6 +128,7 @@ class ModelCard(_Strict):
     input_spec: dict[str, Any]
     training: TrainingInfo
     metrics: dict[str, Metric]
+    operating_point: OperatingPoint | None = None
     limitations: list[str]
     licence: str = Field(min_length=1)
     created: date
@@ -130,12 +148,26 @@ class ModelCard(_Strict):
                      ("Software", software), *([("Notes", t.notes)] if t.notes else [])]), "",
                  "## Metrics", "", *_table(("Metric", "Split", "Value"),
                                            [(k, m.split, f"{m.value:.4g}") for k, m in self.metrics.items()]), "",
+                 *self._operating_point_lines(),
                  "## Limitations", "", *([f"- {item}" for item in self.limitations] or ["None recorded."]), "",
                  "## How to reproduce", "", "```bash", t.command, "```", "", "Load the published weights with:", "",
                  "```python", "from ctzoo.models import create_model",
                  f'model = create_model("{self.name}", pretrained=True).eval()', "```", "",
                  "## Licence", "", f"{self.licence}. Card created {self.created.isoformat()}.", ""]
         return "\n".join(lines)
+
+    def _operating_point_lines(self) -> list[str]:
+        point = self.operating_point
+        if point is None:
+            return []
+        rows = [("Score threshold", f"{point.score_threshold:g}"),
+                ("Chosen on", f"{point.split}, for {point.fp_per_image:g} false positives per image")]
+        if point.sensitivity is not None:
+            rows.append(("Sensitivity there", f"{point.sensitivity:.3f}"))
+        if point.lesion_free_findings_per_slice is not None:
+            rows.append(("Findings per slice on real CT without known lesions",
+                         f"{point.lesion_free_findings_per_slice:.3f}"))
+        return ["## Operating point", "", *_table(("Field", "Value"), rows), *([point.note] if point.note else []), ""]
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:

@@ -99,7 +99,8 @@ class PacsConfig(StrictConfig):
     backend: Literal["onnx", "torch"] = "onnx"
     device: str = Field("auto", description="auto, cpu, cuda")
     threads: int | None = Field(None, ge=1, description="model threads (default: all cores)")
-    score_threshold: float = Field(0.3, ge=0, le=1, description="detector: lesions below this are not reported")
+    score_threshold: float | None = Field(None, ge=0, le=1, description="detector: lesions below this are not "
+                                          "reported (default: the model's operating point, from its card)")
     rules: SeriesRules = Field(default_factory=lambda: SeriesRules(min_slices=10),
                                description="which series are processed (as configs/series_selection.yaml)")
     retry: RetrySettings = Field(default_factory=RetrySettings)

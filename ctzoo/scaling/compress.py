@@ -27,9 +27,21 @@ adaptive rule is not available to us), since compressed gradients fed to Adam tr
 
 **PowerSGD** (torch's own hook) is the anchor.
 
-Byte accounting (:class:`CommStats`), per worker and step, in a parameter-server model: what a worker sends
-up (its compressed gradient, or block) plus what it must receive down (the compressed aggregate); uncompressed
-DDP moves ``4 n`` up and ``4 n`` down for ``n`` gradient values.
+Byte accounting (:class:`CommStats`), per worker and step, from the tensors each collective is given, at ``N``
+workers:
+
+* an **all-gather** of a ``p``-byte payload (two-way with sign or top-k, whose kept coordinates differ between
+  workers) counts ``p`` sent and ``(N - 1) p`` received: the worker's own payload goes out once and every other
+  worker's comes in (a ring all-gather, as gloo and NCCL run it, also forwards the others' payloads, ``(N - 1) p``
+  each way on the wire; the count is the logical exchange);
+* an **all-reduce** of ``s`` bytes (uncompressed DDP, CSER, PowerSGD's factors and its uncompressed first steps,
+  two-way's uncompressed tensors and its shared-support compressors) counts ``s`` sent and ``s`` received, what a
+  parameter server would move (a ring all-reduce sends and receives ``2 (N - 1) / N s`` each: the same at 2
+  workers, 1.5x at 4);
+* two-way's "server" re-compression runs on every worker and moves nothing: it is not counted.
+
+So uncompressed DDP moves ``4 n`` up and ``4 n`` down for ``n`` float32 gradient values at any ``N``, and an
+all-gathered method's download grows with ``N``: with sign, ``n / 8`` up and ``(N - 1) n / 8`` down.
 """
 
 from __future__ import annotations
@@ -59,7 +71,8 @@ class CompressionConfig(StrictConfig):
                                                           "fraction kept by topk / randomk / block")
     compressor: Literal["sign", "topk", "randomk", "block"] = Field("sign", description="twoway: worker side")
     server_compressor: Literal["sign", "topk", "randomk", "block", "none"] = Field(
-        "sign", description="twoway: what goes back down")
+        "sign", description="twoway: the 'server' re-compression of the average (every worker computes it, with "
+                            "its own error feedback; it moves no bytes)")
     warmup_steps: int = Field(100, ge=0, description="twoway: uncompressed steps first; then Adam's second "
                                                        "moment is frozen and its momentum is what is compressed "
                                                        "(as 1-bit Adam does; >= 1 with Adam)")
@@ -73,12 +86,23 @@ class CompressionConfig(StrictConfig):
 
 @dataclass
 class CommStats:
-    """Bytes a worker sent up and received down, and over how many optimiser steps."""
+    """Bytes a worker sent (``up``) and received (``down``), and over how many optimiser steps; the collectives
+    are counted by :meth:`all_reduced` and :meth:`all_gathered` (see the module's byte accounting)."""
 
     up: int = 0
     down: int = 0
     steps: int = 0
     values: int = 0  # gradient values per step (set at the first step): the uncompressed reference
+
+    def all_reduced(self, nbytes: int) -> None:
+        """An all-reduce of ``nbytes``: as much sent as received."""
+        self.up += nbytes
+        self.down += nbytes
+
+    def all_gathered(self, nbytes: int, world: int) -> None:
+        """An all-gather of ``nbytes`` from each of ``world`` workers: this one's sent, the others' received."""
+        self.up += nbytes
+        self.down += (world - 1) * nbytes
 
     def per_step(self) -> float:
         return (self.up + self.down) / max(self.steps, 1)
@@ -114,21 +138,29 @@ class _HookState:
             self.step += 1
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def _done(tensor: torch.Tensor) -> torch.futures.Future:
     future: torch.futures.Future = torch.futures.Future()
     future.set_result(tensor)
     return future
 
 
-def exchange_mean(compressor: Compressor, items: list[Compressed], group=None) -> list[torch.Tensor]:
+def exchange_mean(compressor: Compressor, items: list[Compressed], group=None,
+                  stats: CommStats | None = None) -> list[torch.Tensor]:
     """For each payload in ``items`` (this worker's), the mean over workers of their decompressed payloads.
 
     One collective per payload kind for all items: an all-reduce of the kept values when every worker keeps
-    the same coordinates, else an all-gather of the concatenated payloads."""
+    the same coordinates, else an all-gather of the concatenated payloads. ``stats`` counts the bytes of the
+    tensors the collectives exchange (an all-gather: this worker's payload sent, the other workers' received)."""
     world = dist.get_world_size(group)
     if compressor.shared_support:
         values = torch.cat([item.tensors[0] for item in items])
         dist.all_reduce(values, group=group)
+        if stats is not None:
+            stats.all_reduced(_nbytes(values))
         parts = (values / world).split([item.tensors[0].numel() for item in items])
         return [compressor.decompress(Compressed([part], item.numel, item.context)) for part, item in zip(parts, items)]
     gathered = []  # per payload kind: per rank, the list of this kind's tensor for every item
@@ -136,6 +168,8 @@ def exchange_mean(compressor: Compressor, items: list[Compressed], group=None) -
         local = torch.cat([item.tensors[kind].reshape(-1) for item in items])
         ranks = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(ranks, local, group=group)
+        if stats is not None:
+            stats.all_gathered(_nbytes(local), world)
         sizes = [item.tensors[kind].numel() for item in items]
         gathered.append([rank.split(sizes) for rank in ranks])
     means = []
@@ -169,16 +203,14 @@ def cser_hook(state: CSERState, bucket):  # -> Future[Tensor]; unannotated: DDP 
     if state.ratio >= 1:
         dist.all_reduce(gradients, group=state.group)
         gradients /= state.world
-        moved = gradients.numel()
+        state.stats.all_reduced(_nbytes(gradients))
     else:
         indices = RandomBlock(state.ratio).indices(gradients.numel(), state.bucket_seed(bucket.index()),
                                                    gradients.device)
         values = gradients[indices]
         dist.all_reduce(values, group=state.group)
         gradients[indices] = values / state.world
-        moved = indices.numel()
-    state.stats.up += 4 * moved
-    state.stats.down += 4 * moved
+        state.stats.all_reduced(_nbytes(values))
     state.end_bucket(bucket, gradients.numel())
     return _done(gradients)
 
@@ -209,8 +241,7 @@ class CSERModelSync:
         flat = torch.nn.utils.parameters_to_vector(self.parameters)
         dist.all_reduce(flat, group=self.state.group)
         torch.nn.utils.vector_to_parameters(flat / self.state.world, self.parameters)
-        self.state.stats.up += 4 * flat.numel()
-        self.state.stats.down += 4 * flat.numel()
+        self.state.stats.all_reduced(_nbytes(flat))
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -221,8 +252,7 @@ class CSERModelSync:
         dist.all_reduce(values, group=self.state.group)
         flat[indices] = values / self.state.world
         torch.nn.utils.vector_to_parameters(flat, self.parameters)
-        self.state.stats.up += 4 * values.numel()
-        self.state.stats.down += 4 * values.numel()
+        self.state.stats.all_reduced(_nbytes(values))
 
 
 # ------------------------------------------------------------------------------------------------- two-way
@@ -274,16 +304,15 @@ def twoway_hook(state: TwoWayState, bucket):  # -> Future[Tensor]
         dist.all_reduce(plain, group=state.group)
         for i, part in zip(small, (plain / state.world).split([views[i].numel() for i in small])):
             out[i] = part
-        state.stats.up += 4 * plain.numel()
-        state.stats.down += 4 * plain.numel()
+        state.stats.all_reduced(_nbytes(plain))
     if large:
         keys = state.keys(bucket, views)
         sent = [state.worker.step(keys[i], views[i], seed + 7 * i)[0] for i in large]
-        aggregates = exchange_mean(state.worker.compressor, sent, state.group)
+        # counted as exchanged: sign / top-k payloads are all-gathered (N - 1 others received), shared-support
+        # ones all-reduced; the server's re-compression below runs on every worker and moves nothing
+        aggregates = exchange_mean(state.worker.compressor, sent, state.group, state.stats)
         for i, aggregate in zip(large, aggregates):
             out[i] = state.server.step(keys[i], aggregate, seed + 7 * i + 1)[1]
-        state.stats.up += sum(state.worker.compressor.payload_bytes(views[i].numel()) for i in large)
-        state.stats.down += sum(state.server.compressor.payload_bytes(views[i].numel()) for i in large)
     gradients.copy_(torch.cat(out))
     state.end_bucket(bucket, gradients.numel())
     return _done(gradients)
@@ -292,31 +321,35 @@ def twoway_hook(state: TwoWayState, bucket):  # -> Future[Tensor]
 # ------------------------------------------------------------------------------------------------- PowerSGD
 
 
-def powersgd_bytes(shape: torch.Size, rank: int, min_compression_rate: float = 2.0) -> int:
-    """Bytes PowerSGD moves for one gradient tensor each way: ``4 r (rows + cols)`` for a matrix it compresses,
-    ``4 n`` for vectors and for matrices too small to be worth it (torch's ``min_compression_rate`` rule)."""
+def powersgd_bytes(shape: torch.Size, rank: int, min_compression_rate: float = 2.0, element_size: int = 4) -> int:
+    """Bytes PowerSGD all-reduces for one gradient tensor (torch's hook): its factors ``P`` and ``Q``,
+    ``r (rows + cols)`` values with ``r = min(rank, rows, cols)``, for a matrix (``rows = shape[0]``, the other
+    dimensions flattened) worth compressing, ``(rows + cols) r min_compression_rate < rows cols``; all its values
+    otherwise (vectors, small matrices)."""
     numel = math.prod(shape)
-    if len(shape) < 2:
-        return 4 * numel
-    rows, cols = shape[0], numel // shape[0]
-    compressed = rank * (rows + cols)
-    return 4 * compressed if numel >= min_compression_rate * compressed else 4 * numel
+    rows = shape[0] if len(shape) else 1
+    cols = numel // max(rows, 1)
+    r = min(rank, rows, cols)
+    compressed = r * (rows + cols)
+    return element_size * (compressed if compressed * min_compression_rate < numel else numel)
 
 
-def _powersgd(config: CompressionConfig, stats: CommStats, model: nn.Module, group):
+def _powersgd(config: CompressionConfig, stats: CommStats, group):
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
     state = powersgd.PowerSGDState(process_group=group, matrix_approximation_rank=config.powersgd_rank,
                                    start_powerSGD_iter=2, random_seed=config.seed)
-    per_step = sum(powersgd_bytes(p.shape, config.powersgd_rank) for p in model.parameters() if p.requires_grad)
     counter = _HookState(group=group, stats=stats)
 
     def hook(_, bucket):
+        gradients = bucket.buffer()
+        if state.iter < state.start_powerSGD_iter:  # torch's hook all-reduces the first steps uncompressed
+            stats.all_reduced(_nbytes(gradients))
+        else:
+            stats.all_reduced(sum(powersgd_bytes(g.shape, state.matrix_approximation_rank, state.min_compression_rate,
+                                                 g.element_size()) for g in bucket.gradients()))
         future = powersgd.powerSGD_hook(state, bucket)
-        if bucket.is_last():
-            stats.up += per_step
-            stats.down += per_step
-        counter.end_bucket(bucket, bucket.buffer().numel())
+        counter.end_bucket(bucket, gradients.numel())
         return future
 
     return hook
@@ -379,7 +412,7 @@ def setup_compression(ddp_model: nn.parallel.DistributedDataParallel, optimizer:
             raise RuntimeError("compression: powersgd needs NCCL for GPU training (one GPU per process): on gloo "
                                "with CUDA tensors torch's PowerSGD hook did not get through one 5-step epoch in "
                                "400 s (measured, torch 2.11)")
-        ddp_model.register_comm_hook(None, _powersgd(config, stats, ddp_model.module, group))
+        ddp_model.register_comm_hook(None, _powersgd(config, stats, group))
         return Compression(optimizer, stats)
     ddp_model.register_comm_hook(None, _counted_allreduce(stats, group))
     return Compression(optimizer, stats)
@@ -393,8 +426,7 @@ def _counted_allreduce(stats: CommStats, group):
 
     def hook(_, bucket):
         gradients = bucket.buffer()
-        stats.up += 4 * gradients.numel()
-        stats.down += 4 * gradients.numel()
+        stats.all_reduced(_nbytes(gradients))
         counter.end_bucket(bucket, gradients.numel())
         if gradients.is_cuda and dist.get_backend(group) == "gloo":
             # processes sharing a GPU: torch's asynchronous hook hung at the end of the run on gloo with CUDA

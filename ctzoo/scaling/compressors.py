@@ -2,7 +2,8 @@
 
 A compressor turns a flat float32 tensor into a smaller *payload* and back. Every compressor states:
 
-* ``payload_bytes(n)``: what one worker puts on the wire for ``n`` values (the figure logged and benchmarked);
+* ``payload_bytes(n)``: what one worker sends for ``n`` values (the log counts the exchanged tensors themselves,
+  whose bytes are this; at ``N`` workers an all-gathered payload is received ``N - 1`` times);
 * ``shared_support``: whether every worker keeps the same coordinates (chosen from a seed all workers share,
   as CSER's GRBS and BytePS' seeded random-k do), so the kept values can be summed by an all-reduce with no
   index exchange; otherwise payloads are all-gathered and decompressed one by one;

@@ -369,11 +369,13 @@ def _flat(outputs) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def compare_outputs(original: nn.Module, expanded: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[float, float]:
-    """Eval-mode outputs of both models on ``inputs``: (max absolute difference, max difference relative to the
-    largest absolute original output)."""
+def compare_outputs(original: nn.Module, expanded: nn.Module, inputs: tuple[torch.Tensor, ...],
+                    training: bool = False) -> tuple[float, float]:
+    """Outputs of both models on ``inputs``, in eval mode (or ``training`` mode: norms use the batch's statistics,
+    and BatchNorm's running statistics of both models are updated by the pass): (max absolute difference, max
+    difference relative to the largest absolute original output)."""
     modes = original.training, expanded.training
-    original.eval(), expanded.eval()
+    original.train(training), expanded.train(training)
     try:
         a, b = _flat(original(*inputs)), _flat(expanded(*inputs))
     finally:

@@ -7,7 +7,7 @@ The format is recognised from the bytes, not a file name. Query parameters:
 * ``format``: ``json`` (default; detectors: the ``detections.json`` document of docs/recistnet.md; segmenters:
   ``segmentation.json``, mL per class), ``nifti`` (segmenters: the label map on the input grid, ``.nii.gz``), or
   ``dicom`` (zipped DICOM input only: the DICOM SR measurement report of a detector, the DICOM SEG of a segmenter);
-* ``score_threshold`` (detectors, default 0.3).
+* ``score_threshold`` (detectors; default: the model's operating point, from its card).
 
 One code path with ``ctzoo infer``: the upload is written to a private temporary folder and run through
 :func:`ctzoo.inference.pipeline.run_pipeline` with the :class:`~ctzoo.inference.tasks.ModelTask` of the served
@@ -131,13 +131,13 @@ def study_router(device: str = "auto", threads: int | None = None) -> APIRouter:
     tasks = StudyTasks(device, threads)
 
     @router.post("/studies/{model_name}")
-    async def study(model_name: str, request: Request, format: str = "json", score_threshold: float = 0.3):
+    async def study(model_name: str, request: Request, format: str = "json", score_threshold: float | None = None):
         models = request.app.state.repository
         if model_name not in models:
             raise ServeError(f"unknown model {model_name!r}; served: {', '.join(sorted(models))}", status=404)
         if format not in FORMATS:
             raise ServeError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-        if not 0.0 <= score_threshold <= 1.0:
+        if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:
             raise ServeError(f"score_threshold must lie in [0, 1], got {score_threshold}")
         bundle = await run_in_threadpool(tasks.bundle, models[model_name])
         settings = request.app.state.settings

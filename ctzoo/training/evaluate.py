@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from ctzoo.datasets.deeplesion.dataset import deeplesion_dataloader, deeplesion_dataset
 from ctzoo.datasets.keypoint_transforms import recist_eval_transforms
 from ctzoo.models.recistnet import RecistNet
 from ctzoo.scaling.zoo_expand import checkpoint_network
+from ctzoo.training.calibration import (
+    detection_correctness,
+    plot_reliability,
+    reliability,
+    threshold_for_fp_rate,
+)
 from ctzoo.training.engine import pick_device
-from ctzoo.training.froc import FrocResult, plot_froc
-from ctzoo.training.recistnet_task import evaluate_detector, load_train_config
+from ctzoo.training.froc import FrocResult, froc_curve, plot_froc
+from ctzoo.training.recistnet_task import evaluate_decodings, load_train_config
+
+#: False positives per image at which ``ctzoo eval`` reports the score threshold (choose one on val).
+OPERATING_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0)
 
 
 def load_recistnet(checkpoint: Path | None, model_name: str | None, in_channels: int, model_cfg: dict,
@@ -30,26 +41,76 @@ def load_recistnet(checkpoint: Path | None, model_name: str | None, in_channels:
     return model.to(device).eval()
 
 
+def operating_points(detections: list[dict], truth: list[dict],
+                     rates: tuple[float, ...] = OPERATING_FP_RATES) -> list[dict[str, float]]:
+    """Per false-positive rate (per image): the lowest score threshold that keeps to it, and the sensitivity
+    and FP rate of the detections at or above that threshold."""
+    points = []
+    for rate in rates:
+        threshold = threshold_for_fp_rate(detections, truth, rate)
+        kept = [{"boxes": np.asarray(d["boxes"]).reshape(-1, 4)[d["scores"] >= threshold],
+                 "scores": d["scores"][d["scores"] >= threshold]} for d in detections]
+        fps, sens, _ = froc_curve(kept, truth)
+        points.append({"fp_per_image": rate, "score_threshold": round(threshold, 4),
+                       "achieved_fp_per_image": round(float(fps[-1]), 4), "sensitivity": round(float(sens[-1]), 4)})
+    return points
+
+
 def evaluate_recistnet(config: Path, out: Path, split: str = "test", checkpoint: Path | None = None,
                        model_name: str | None = None, data_root: Path | None = None,
-                       device: str = "auto") -> FrocResult:
-    """Score ``split`` and write ``froc.json``, ``froc.png`` and ``detections.json`` into ``out``.
+                       device: str = "auto", decodes: tuple[str, ...] = ("both",)) -> FrocResult:
+    """Score ``split`` and write ``froc.json``, ``froc.png``, ``reliability.png`` and ``detections.json`` into
+    ``out``; return the FROC result of the first of ``decodes``.
 
-    Detections are given in the evaluated image frame (resampled to the config's spacing, padded or
-    cropped to ``eval_size``), with the key slice's File_name.
+    Every mode of ``decodes`` (:data:`ctzoo.models.recist_grouping.DECODE_MODES`) is scored from the same forward
+    passes; the first one's detections are written, its reliability (ECE) and operating points (score thresholds
+    at 0.125 to 2 FPs per image) go into ``froc.json`` beside every mode's FROC. Detections are given in the
+    evaluated image frame (resampled to the config's spacing, padded or cropped to ``eval_size``), with the key
+    slice's File_name.
     """
     cfg = load_train_config(config, data_root)
     dev = pick_device(device)
     model = load_recistnet(checkpoint, model_name, cfg.data.in_channels, cfg.model.model_dump(), dev)
     dataset = deeplesion_dataset(cfg.data, split, transform=recist_eval_transforms(cfg.eval_size))
     loader = deeplesion_dataloader(dataset, batch_size=4, shuffle=False, num_workers=0)
-    result, detections = evaluate_detector(model, loader, dev, cfg.max_lesions, cfg.min_score)
+    scored = evaluate_decodings(model, loader, dev, tuple(dict.fromkeys(decodes)), cfg.max_lesions, cfg.min_score)
+    primary = decodes[0]
+    result, detections, truth = scored[primary]
+    scores, correct = detection_correctness(detections, truth)
+    calibration = reliability(scores, correct, min_score=0.05)
+    source = str(checkpoint or model_name)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "froc.json").write_text(json.dumps({"split": split, "source": str(checkpoint or model_name),
-                                               **result.to_dict()}, indent=2))
-    plot_froc([(f"{checkpoint or model_name} ({split})", result)], out / "froc.png")
+    (out / "froc.json").write_text(json.dumps({
+        "split": split, "source": source, "decode": primary, **result.to_dict(),
+        "decodes": {mode: found.to_dict() for mode, (found, _, _) in scored.items()},
+        "calibration": calibration,
+        "operating_points": operating_points(detections, truth)}, indent=2))
+    plot_froc([(f"{source} ({split}, {mode})", found) for mode, (found, _, _) in scored.items()], out / "froc.png")
+    plot_reliability(calibration, out / "reliability.png", f"{Path(source).name} ({split}, {primary})")
     (out / "detections.json").write_text(json.dumps([
         {"file_name": d["file_name"], "scores": d["scores"].round(5).tolist(),
          "points": d["points"].round(3).tolist(), "boxes": d["boxes"].round(3).tolist(),
          "diameters_mm": d["diameters_mm"].round(3).tolist()} for d in detections], indent=1))
     return result
+
+
+def findings_on_lesion_free_ct(source: str | Path, scans: dict[str, Path], score_threshold: float) -> dict[str, Any]:
+    """What a detector bundle (zoo name or folder) reports on real CT without known lesions, at ``score_threshold``:
+    per scan the findings (lesions after merging across slices, as ``ctzoo infer`` writes them), the slices, their
+    ratio, and each finding's score and long axis. Every finding counts as a false positive."""
+    from ctzoo.inference.tasks import model_task, run_task
+    from ctzoo.io import read_volume, reorient_lps
+
+    task = model_task(source, "torch", "cpu", score_threshold)
+    rows = []
+    for name, path in scans.items():
+        volume = read_volume(path, progress=False)
+        lesions = run_task(task, volume)["lesions"]
+        slices = int(reorient_lps(volume).size[2])  # the axial slices the detector looked at
+        rows.append({"scan": name, "slices": slices, "findings": len(lesions),
+                     "findings_per_slice": round(len(lesions) / slices, 4),
+                     "scores": [lesion["score"] for lesion in lesions],
+                     "long_axis_mm": [lesion["long_axis_mm"] for lesion in lesions]})
+    findings, slices = sum(r["findings"] for r in rows), sum(r["slices"] for r in rows)
+    return {"score_threshold": score_threshold, "findings": findings, "slices": slices,
+            "findings_per_slice": round(findings / max(slices, 1), 4), "scans": rows}

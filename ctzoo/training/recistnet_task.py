@@ -81,30 +81,39 @@ def predicted_boxes(points: torch.Tensor, scale: float) -> np.ndarray:
     return box_from_points(points.detach().cpu().numpy().astype(np.float64), DEEPLESION_BOX_PAD * scale)
 
 
-def evaluate_detector(model: RecistNet, loader, device: torch.device,
-                      max_lesions: int = 20, min_score: float = 0.01) -> tuple[FrocResult, list[dict[str, Any]]]:
-    """Run ``model.detect`` over ``loader`` and score it with DeepLesion's FROC protocol.
+def evaluate_detector(model: RecistNet, loader, device: torch.device, max_lesions: int = 20, min_score: float = 0.01,
+                      decode: str = "both") -> tuple[FrocResult, list[dict[str, Any]], list[dict[str, np.ndarray]]]:
+    """Run ``model`` over ``loader``, group with ``decode`` and score it with DeepLesion's FROC protocol.
 
-    Returns the FROC result and, per image, its detections (points, scores, padded boxes, diameters in mm).
+    Returns the FROC result, per image its detections (points, scores, padded boxes, diameters in mm) and
+    per image its truth (boxes, diameters in mm).
     """
-    detections, truth = [], []
+    return evaluate_decodings(model, loader, device, (decode,), max_lesions, min_score)[decode]
+
+
+def evaluate_decodings(model: RecistNet, loader, device: torch.device, decodes: tuple[str, ...] = ("both",),
+                       max_lesions: int = 20, min_score: float = 0.01):
+    """:func:`evaluate_detector` for several decoding modes from one forward pass per batch:
+    ``{mode: (FrocResult, detections, truth)}``."""
+    detections: dict[str, list[dict[str, Any]]] = {mode: [] for mode in decodes}
+    truth = []
     model.eval()
     with torch.no_grad():
         for batch in loader:
-            found = model.detect(batch["image"].to(device), max_lesions=max_lesions, score_threshold=min_score)
-            for k, result in enumerate(found):
-                spacing = batch["spacing_mm"][k].numpy()
-                points = result["points"].cpu().numpy().astype(np.float64)
-                detections.append({
-                    "file_name": batch["file_name"][k],
-                    "points": points,
-                    "scores": result["scores"].cpu().numpy(),
-                    "boxes": predicted_boxes(result["points"], float(batch["scale"][k])),
-                    "diameters_mm": diameters(points, spacing)[1].reshape(-1, 2),
-                })
-                truth.append({"boxes": batch["boxes"][k].numpy().reshape(-1, 4),
-                              "diameters_mm": batch["diameters_mm"][k].numpy().reshape(-1, 2)})
-    return froc(detections, truth), detections
+            outputs = model(batch["image"].to(device))
+            for mode in decodes:
+                found = model.group(outputs, max_lesions=max_lesions, score_threshold=min_score, decode=mode)
+                detections[mode] += [_image_detections(batch, k, result) for k, result in enumerate(found)]
+            truth += [{"boxes": boxes.numpy().reshape(-1, 4), "diameters_mm": mm.numpy().reshape(-1, 2)}
+                      for boxes, mm in zip(batch["boxes"], batch["diameters_mm"])]
+    return {mode: (froc(found, truth), found, truth) for mode, found in detections.items()}
+
+
+def _image_detections(batch: dict[str, Any], k: int, result: dict[str, torch.Tensor]) -> dict[str, Any]:
+    points = result["points"].cpu().numpy().astype(np.float64)
+    return {"file_name": batch["file_name"][k], "points": points, "scores": result["scores"].cpu().numpy(),
+            "boxes": predicted_boxes(result["points"], float(batch["scale"][k])),
+            "diameters_mm": diameters(points, batch["spacing_mm"][k].numpy())[1].reshape(-1, 2)}
 
 
 class RecistNetTask:
@@ -148,7 +157,7 @@ class RecistNetTask:
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         loader = deeplesion_dataloader(self.eval_set, batch_size=4, shuffle=False, num_workers=0)
-        result, _ = evaluate_detector(model, loader, device, self.cfg.max_lesions, self.cfg.min_score)
+        result, _, _ = evaluate_detector(model, loader, device, self.cfg.max_lesions, self.cfg.min_score)
         sens = dict(zip(result.fps_per_image, result.sensitivities))
         return {"sensitivity_4fp": sens[4], "sensitivity_1fp": sens[1],
                 "froc_mean_0p5_4": result.mean_sensitivity_0p5_to_4}

@@ -154,10 +154,12 @@ class CasePlan:
         return f"{self.patient:06d}_{self.study:02d}_{self.series:02d}"
 
 
-def plan_cases(cases: int, seed: int, n_sources: int) -> list[CasePlan]:
+def plan_cases(cases: int, seed: int, n_sources: int, test_source: int | None = None) -> list[CasePlan]:
     """Patients with 1-2 studies each (>= 3 patients when cases >= 3), split ~60/20/20 by patient.
 
-    All studies of a patient come from the same real volume, as a patient's follow-ups would.
+    All studies of a patient come from the same real volume, as a patient's follow-ups would. With
+    ``test_source`` (an index into the sources), every patient of that volume is a test patient and no other
+    is: the test split is anatomy the model never saw; the others split ~75/25 into train and val.
     """
     rng = np.random.default_rng((seed, 1))
     patients = cases if cases < 3 else max(3, round(cases / 1.5))
@@ -168,15 +170,34 @@ def plan_cases(cases: int, seed: int, n_sources: int) -> list[CasePlan]:
     order = rng.permutation(patients)
     split[order[:held_out]], split[order[held_out:2 * held_out]] = 2, 3
     source_order = rng.permutation(n_sources)
+    source = source_order[np.arange(patients) % n_sources]
+    if test_source is not None:
+        held = source == test_source
+        if not 0 <= test_source < n_sources or not held.any() or (~held).sum() < 2:
+            raise ValueError(f"holding a scan out needs at least {n_sources} patients (cases >= 4): one for test, "
+                             "two from the other scans for train and val")
+        split = np.where(held, 3, 1)
+        others = order[source[order] != test_source]  # the same random patient order, test patients removed
+        split[others[:max(1, round(0.25 * len(others)))]] = 2
     plans = []
     for p in range(patients):
         gender, age = str(rng.choice(["M", "F"])), int(rng.integers(25, 86))
         for study in range(1, studies[p] + 1):
             index = len(plans)
             plans.append(CasePlan(index, p + 1, study, int(rng.integers(1, 4)), int(split[p]),
-                                  int(source_order[p % n_sources]), gender, age + study - 1,
+                                  int(source[p]), gender, age + study - 1,
                                   index % SMALL_CASE_EVERY == 1))
     return plans
+
+
+def source_index(name: str) -> int:
+    """Index of a source volume given its name or the name's stem (``example_ct``, ``sample_ct``,
+    ``aorta_example_ct``)."""
+    stems = [n.split(" ")[0].removesuffix(".nii.gz") for n in SOURCE_BODY_Z]
+    for i, full in enumerate(SOURCE_BODY_Z):
+        if name in (full, stems[i]):
+            return i
+    raise ValueError(f"unknown source {name!r}; choose one of {', '.join(stems)}")
 
 
 def choose_grid(rng: np.random.Generator, source: Source) -> synth.CaseGrid:
@@ -347,7 +368,7 @@ def build_case(plan: CasePlan, source: Source, seed: int, root: Path,
     return rows, records, series
 
 
-def _prepare_target(out: Path, force: bool) -> None:
+def prepare_target(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -402,21 +423,24 @@ def _write_cases_in_processes(plans: list[CasePlan], folder: str, seed: int, roo
 
 
 def make_deeplesion_mini(out: Path, cases: int = 24, seed: int = 0, force: bool = False,
-                         progress: bool = True, workers: int = 1) -> Path:
+                         progress: bool = True, workers: int = 1, test_source: str | None = None) -> Path:
     """Write a miniature DeepLesion of ``cases`` series to ``out`` (see the module docstring); return ``out``.
 
     Deterministic for a seed, whatever ``workers`` (processes building cases; 1 builds them here, encoding
     PNGs in threads). Built in ``OUT.partial-XXXX`` beside ``out`` and renamed into place at the end.
     A non-empty ``out`` is refused unless ``force``. Fetches the TotalSegmentator samples if the cache lacks them.
+    ``test_source`` (see :func:`source_index`) puts every case of that real volume, and only those, in the test
+    split (:func:`plan_cases`).
     """
     if cases < 1:
         raise ValueError("cases must be at least 1")
     if workers < 1:
         raise ValueError("workers must be at least 1")
     out = Path(out)
-    _prepare_target(out, force)
+    prepare_target(out, force)
     folder = samples.fetch_samples()
-    plans = plan_cases(cases, seed, len(SOURCE_BODY_Z))  # one entry per source volume
+    held_out = None if test_source is None else source_index(test_source)
+    plans = plan_cases(cases, seed, len(SOURCE_BODY_Z), held_out)  # one entry per source volume
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
     progress = progress and sys.stderr.isatty()
@@ -430,9 +454,10 @@ def make_deeplesion_mini(out: Path, cases: int = 24, seed: int = 0, force: bool 
         lesions = [lesion for _, case_lesions, _ in built for lesion in case_lesions]
         series = [case_series for _, _, case_series in built]
         write_dl_info(rows, partial / "DL_info.csv")
-        summary = {"seed": seed, "cases": cases, "series": series, "lesions": lesions}
+        test_name = None if held_out is None else list(SOURCE_BODY_Z)[held_out]
+        summary = {"seed": seed, "cases": cases, "test_source": test_name, "series": series, "lesions": lesions}
         (partial / "lesions.json").write_text(json.dumps(summary, indent=1) + "\n")
-        (partial / "NOTICE.md").write_text(notice(seed, cases))
+        (partial / "NOTICE.md").write_text(notice(seed, cases, test_name))
         shutil.copyfile(folder / "LICENSE", partial / "LICENSE")
         replace_folder(partial, out)
     finally:
@@ -440,20 +465,23 @@ def make_deeplesion_mini(out: Path, cases: int = 24, seed: int = 0, force: bool 
     return out
 
 
-def notice(seed: int, cases: int) -> str:
+def notice(seed: int, cases: int, test_source: str | None = None) -> str:
     """NOTICE.md: where the images come from and every choice the generator made."""
     kinds = "\n".join(f"| {k.name} | {k.type_code} | {k.organ} | {k.hu_range[0]:g}..{k.hu_range[1]:g} | "
                       f"{k.long_axis_mm[0]:g}-{k.long_axis_mm[1]:g} |" for k in synth.KINDS.values())
     (px0, px1), (sd0, sd1), (small0, small1) = PIXEL_MM, NOISE_SD_HU, SMALL_LESION_MM
     node_fat, node_max, node_gap = synth.KINDS["lymph_node"].max_tissue_hu, synth.NODE_MAX_HU, synth.NODE_VESSEL_GAP_MM
     every = SMALL_CASE_EVERY
+    split_note = ("Three real scans recur across patients and splits: use this to test pipelines, not to measure "
+                  "generalisation." if test_source is None else
+                  f"Held-out source: every test case, and no other, comes from `{test_source}`, so the test split "
+                  "is anatomy that training and validation never show; train and val share the other two scans.")
     return f"""# DeepLesion miniature (ctzoo make-deeplesion-mini, seed {seed}, {cases} cases)
 
 The images derive from the sample CT of **TotalSegmentator 2.18.0** (Apache-2.0, see `LICENSE`):
 `example_ct.nii.gz` with `example_seg.nii.gz` (labels of its slices 82-111, the slab `example_ct_sm.nii.gz`
 is), the embedded 20-slice DICOM series with `example_seg_dicom.nii.gz`, and `aorta_example_ct.nii.gz`
-(no labels). The anatomy is real; every lesion is **synthetic**. Three real scans recur across patients
-and splits: use this to test pipelines, not to measure generalisation.
+(no labels). The anatomy is real; every lesion is **synthetic**. {split_note}
 
 Layout as DeepLesion: `DL_info.csv` (1-based pixels), `Images_png/{{patient}}_{{study}}_{{series}}/{{slice}}.png`
 (uint16 = HU + 32768, only each lesion's Slice_range). Extras: `masks/{{folder}}/{{slice}}_{{k}}.png` (uint8
