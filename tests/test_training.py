@@ -179,7 +179,7 @@ def test_eval_writes_froc_table_and_curve(mini, tmp_path):
     assert 0 <= froc["calibration"]["ece"] <= 1 and len(froc["calibration"]["bins"]) == 10
     thresholds = [p["score_threshold"] for p in froc["operating_points"]]
     assert thresholds == sorted(thresholds, reverse=True)  # more false positives allowed, lower threshold
-    assert all(p["achieved_fp_per_image"] <= p["fp_per_image"] for p in froc["operating_points"])
+    assert all(p["achieved_fp_per_image"] <= p["fp_per_image"] for p in froc["operating_points"]), froc["operating_points"]
     assert "decode grouping: sensitivity at 4 FPs/image" in result.output
     for picture in ("froc.png", "reliability.png"):
         assert (tmp_path / "eval" / picture).stat().st_size > 1000

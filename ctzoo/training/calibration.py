@@ -72,7 +72,8 @@ def threshold_for_fp_rate(detections: list[dict], truth: list[dict], fp_per_imag
         return float(scores[-1]) if len(scores) else 0.0
     first_bad = scores[over[0]]
     above = scores[scores > first_bad]
-    return float(np.nextafter(first_bad, 1.0)) if len(above) == 0 else float(above.min())
+    # the next float32 above: detectors compare float32 scores, and a float64 step would round back onto first_bad
+    return float(np.nextafter(np.float32(first_bad), np.float32(2.0))) if len(above) == 0 else float(above.min())
 
 
 def plot_reliability(table: dict[str, Any], path: Path, title: str) -> Path:

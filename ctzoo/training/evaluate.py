@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,13 @@ def operating_points(detections: list[dict], truth: list[dict],
     and FP rate of the detections at or above that threshold."""
     points = []
     for rate in rates:
-        threshold = threshold_for_fp_rate(detections, truth, rate)
-        kept = [{"boxes": np.asarray(d["boxes"]).reshape(-1, 4)[d["scores"] >= threshold],
-                 "scores": d["scores"][d["scores"] >= threshold]} for d in detections]
+        # rounded up to 4 decimals, as reported: the rounded value keeps to the rate too
+        threshold = math.ceil(threshold_for_fp_rate(detections, truth, rate) * 1e4) / 1e4
+        keep = [np.asarray(d["scores"], np.float64) >= threshold for d in detections]
+        kept = [{"boxes": np.asarray(d["boxes"]).reshape(-1, 4)[k], "scores": np.asarray(d["scores"])[k]}
+                for d, k in zip(detections, keep)]
         fps, sens, _ = froc_curve(kept, truth)
-        points.append({"fp_per_image": rate, "score_threshold": round(threshold, 4),
+        points.append({"fp_per_image": rate, "score_threshold": threshold,
                        "achieved_fp_per_image": round(float(fps[-1]), 4), "sensitivity": round(float(sens[-1]), 4)})
     return points
 
