@@ -63,9 +63,8 @@ def fold(scan: str, args: argparse.Namespace) -> dict:
         ctzoo("train", str(args.config), "--out", str(run), "--epochs", str(args.epochs), "--data-root", str(data),
               "--device", args.device, *(["--resume"] if done else []))
     checkpoint = run / "best.pt"
-    test = evaluate_recistnet(args.config, work / "eval-test", "test", checkpoint=checkpoint, data_root=data,
-                              device=args.device, decodes=("both", "grouping", "centre"))
-    del test
+    evaluate_recistnet(args.config, work / "eval-test", "test", checkpoint=checkpoint, data_root=data,
+                       device=args.device, decodes=("both", "grouping", "centre"))
     tested = json.loads((work / "eval-test" / "froc.json").read_text())
     evaluate_recistnet(args.config, work / "eval-val", "val", checkpoint=checkpoint, data_root=data,
                        device=args.device)

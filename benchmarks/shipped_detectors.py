@@ -32,7 +32,8 @@ import torch
 
 from ctzoo.datasets.samples import REAL_CT_SCANS, real_ct_scan
 from ctzoo.models.registry import list_models, model_entry
-from ctzoo.training.evaluate import OPERATING_FP_RATES, evaluate_recistnet, findings_on_lesion_free_ct
+from ctzoo.training.calibration import OPERATING_FP_RATES
+from ctzoo.training.evaluate import evaluate_recistnet, findings_on_lesion_free_ct
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO_THRESHOLD = 0.3  # every detector's threshold before cards stated an operating point

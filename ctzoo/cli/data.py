@@ -87,7 +87,7 @@ def sample(out: Path, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes building cases [default: the CPU count]; the files are the same for any number.")
-@click.option("--test-source", type=click.Choice(["example_ct", "sample_ct", "aorta_example_ct"]), default=None,
+@click.option("--test-source", type=click.Choice(list(samples.REAL_CT_SCANS)), default=None,
               help="Hold this real scan out: its cases form the whole test split and no train or val case "
                    "comes from it (unseen anatomy). Train/val then split the other scans' patients 75/25.")
 @click.option("--from", "built", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,

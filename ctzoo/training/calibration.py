@@ -7,11 +7,13 @@ because calibration asks "how often is a box with this score on a lesion", not "
 * :func:`reliability`: detections binned by score (10 equal-width bins by default); per bin the mean score,
   the fraction correct and the count; ECE = sum over bins of count / total x |fraction correct - mean score|.
 * :func:`threshold_for_fp_rate`: the lowest score threshold at which the split's FROC curve stays at or below a
-  stated number of false positives per image. Chosen on *val*, it becomes a model's operating point.
+  stated number of false positives per image; :func:`operating_points` reports it for several rates with the
+  sensitivity there. Chosen on *val*, it becomes a model's operating point.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from ctzoo.io.atomic import atomic_path
 from ctzoo.training.froc import box_iou_voc, froc_curve
 
 HIT_IOU = 0.5
+#: False positives per image at which ``ctzoo eval`` reports the score threshold (choose one on val).
+OPERATING_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0)
 
 
 def detection_correctness(detections: list[dict], truth: list[dict],
@@ -60,13 +64,16 @@ def reliability(scores: np.ndarray, correct: np.ndarray, bins: int = 10, min_sco
     return {"bins": rows, "ece": round(ece, 4), "detections": int(len(scores)), "min_score": min_score}
 
 
-def threshold_for_fp_rate(detections: list[dict], truth: list[dict], fp_per_image: float) -> float:
-    """The lowest score threshold whose FROC operating point has at most ``fp_per_image`` false positives per
-    image (ties at the boundary score are kept out, so the rate is never exceeded). 1.0 when even the best
-    detection is already too many."""
-    fps, _, _ = froc_curve(detections, truth)
+def _pooled_curve(detections: list[dict], truth: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every detection's score, descending as FROC pools them (D,), and the FP rate and sensitivity after each
+    (D + 1,), starting from the empty operating point."""
+    fps, sens, _ = froc_curve(detections, truth)
     scores = np.sort(np.concatenate([np.asarray(d.get("scores", ()), np.float64).reshape(-1)
-                                     for d in detections]))[::-1]
+                                     for d in detections] or [np.zeros(0)]))[::-1]
+    return scores, fps, sens
+
+
+def _threshold(scores: np.ndarray, fps: np.ndarray, fp_per_image: float) -> float:
     over = np.flatnonzero(fps[1:] > fp_per_image)  # fps[i + 1] is the rate after the i-th pooled detection
     if len(over) == 0:
         return float(scores[-1]) if len(scores) else 0.0
@@ -74,6 +81,29 @@ def threshold_for_fp_rate(detections: list[dict], truth: list[dict], fp_per_imag
     above = scores[scores > first_bad]
     # the next float32 above: detectors compare float32 scores, and a float64 step would round back onto first_bad
     return float(np.nextafter(np.float32(first_bad), np.float32(2.0))) if len(above) == 0 else float(above.min())
+
+
+def threshold_for_fp_rate(detections: list[dict], truth: list[dict], fp_per_image: float) -> float:
+    """The lowest score threshold whose FROC operating point has at most ``fp_per_image`` false positives per
+    image (ties at the boundary score are kept out, so the rate is never exceeded). Just above the best score
+    when even the best detection is already too many."""
+    scores, fps, _ = _pooled_curve(detections, truth)
+    return _threshold(scores, fps, fp_per_image)
+
+
+def operating_points(detections: list[dict], truth: list[dict],
+                     rates: tuple[float, ...] = OPERATING_FP_RATES) -> list[dict[str, float]]:
+    """Per false-positive rate (per image): the threshold of :func:`threshold_for_fp_rate` rounded up to 4
+    decimals (the value reported, which keeps to the rate too), and the FP rate and sensitivity of the
+    detections scoring at least that: the pooled curve's point after the last of them."""
+    scores, fps, sens = _pooled_curve(detections, truth)
+    points = []
+    for rate in rates:
+        threshold = math.ceil(_threshold(scores, fps, rate) * 1e4) / 1e4
+        kept = int((scores >= threshold).sum())  # a prefix of the pooled order
+        points.append({"fp_per_image": rate, "score_threshold": threshold,
+                       "achieved_fp_per_image": round(float(fps[kept]), 4), "sensitivity": round(float(sens[kept]), 4)})
+    return points
 
 
 def plot_reliability(table: dict[str, Any], path: Path, title: str) -> Path:

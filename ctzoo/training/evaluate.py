@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ctzoo.datasets.deeplesion.dataset import deeplesion_dataloader, deeplesion_dataset
@@ -16,16 +14,13 @@ from ctzoo.models.recistnet import RecistNet
 from ctzoo.scaling.zoo_expand import checkpoint_network
 from ctzoo.training.calibration import (
     detection_correctness,
+    operating_points,
     plot_reliability,
     reliability,
-    threshold_for_fp_rate,
 )
 from ctzoo.training.engine import pick_device
-from ctzoo.training.froc import FrocResult, froc_curve, plot_froc
+from ctzoo.training.froc import FrocResult, plot_froc
 from ctzoo.training.recistnet_task import evaluate_decodings, load_train_config
-
-#: False positives per image at which ``ctzoo eval`` reports the score threshold (choose one on val).
-OPERATING_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0)
 
 
 def load_recistnet(checkpoint: Path | None, model_name: str | None, in_channels: int, model_cfg: dict,
@@ -40,23 +35,6 @@ def load_recistnet(checkpoint: Path | None, model_name: str | None, in_channels:
     model = checkpoint_network(state, lambda: RecistNet(in_channels=in_channels, **saved))
     model.load_state_dict(state["model"])
     return model.to(device).eval()
-
-
-def operating_points(detections: list[dict], truth: list[dict],
-                     rates: tuple[float, ...] = OPERATING_FP_RATES) -> list[dict[str, float]]:
-    """Per false-positive rate (per image): the lowest score threshold that keeps to it, and the sensitivity
-    and FP rate of the detections at or above that threshold."""
-    points = []
-    for rate in rates:
-        # rounded up to 4 decimals, as reported: the rounded value keeps to the rate too
-        threshold = math.ceil(threshold_for_fp_rate(detections, truth, rate) * 1e4) / 1e4
-        keep = [np.asarray(d["scores"], np.float64) >= threshold for d in detections]
-        kept = [{"boxes": np.asarray(d["boxes"]).reshape(-1, 4)[k], "scores": np.asarray(d["scores"])[k]}
-                for d, k in zip(detections, keep)]
-        fps, sens, _ = froc_curve(kept, truth)
-        points.append({"fp_per_image": rate, "score_threshold": threshold,
-                       "achieved_fp_per_image": round(float(fps[-1]), 4), "sensitivity": round(float(sens[-1]), 4)})
-    return points
 
 
 def evaluate_recistnet(config: Path, out: Path, split: str = "test", checkpoint: Path | None = None,
