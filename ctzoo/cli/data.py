@@ -133,26 +133,45 @@ def make_deeplesion_mini(out: Path, cases: int, seed: int, force: bool, workers:
               help="Also draw up to --limit key slices with their RECIST axes and boxes into this folder.")
 @click.option("--limit", type=click.IntRange(min=1), default=8, show_default=True, help="Key slices to draw.")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON instead of a table.")
-def stats(root: Path, png_path: Path | None, overlays: Path | None, limit: int, as_json: bool) -> None:
+@click.option("--vs-deeplesion", "versus_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write lesion types and sizes beside DeepLesion's here (default: ROOT/vs_deeplesion.png if ROOT "
+                   "is writable).")
+@click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The real DeepLesion DL_info.csv to compare with (default: DeepLesion's published type counts "
+                   "and median size).")
+def stats(root: Path, png_path: Path | None, overlays: Path | None, limit: int, as_json: bool,
+          versus_path: Path | None, reference: Path | None) -> None:
     """Count what a DeepLesion folder holds (ROOT with DL_info.csv and Images_png/).
 
     Prints lesions, key images and patients per official split, lesions by coarse type
     (DeepLesion types only val/test lesions; train lesions are 'unknown'), the noisy
-    ones, and a long-axis size histogram; writes the histogram as a PNG.
+    ones, and a long-axis size histogram; writes the histogram as a PNG, and a second PNG
+    with the lesion types and sizes beside DeepLesion's (a miniature's true types, from its
+    lesions.json, cover every split).
     """
     from ctzoo.datasets.deeplesion.info_csv import DLInfoError, read_dl_info
-    from ctzoo.datasets.deeplesion.plots import plot_key_slices, plot_size_histogram
-    from ctzoo.datasets.deeplesion.stats import format_stats, lesion_stats
+    from ctzoo.datasets.deeplesion.plots import plot_against_deeplesion, plot_key_slices, plot_size_histogram
+    from ctzoo.datasets.deeplesion.stats import deeplesion_reference, format_stats, lesion_stats, long_axis_mm
 
     try:
         rows = read_dl_info(root / "DL_info.csv")
+        reference_rows = read_dl_info(reference) if reference is not None else None
     except (DLInfoError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     summary = lesion_stats(rows)
     click.echo(json.dumps(summary, indent=2) if as_json else format_stats(summary))
-    target = png_path or (root / "lesion_sizes.png" if os.access(root, os.W_OK) else None)
+    writable = os.access(root, os.W_OK)
+    target = png_path or (root / "lesion_sizes.png" if writable else None)
     if target is not None and rows:
         click.echo(f"size histogram: {plot_size_histogram(rows, target)}", err=as_json)
+    versus = versus_path or (root / "vs_deeplesion.png" if writable else None)
+    if versus is not None and rows:
+        truth = root / "lesions.json"  # a miniature knows every lesion's type, train included
+        types = ([lesion["type_name"] for lesion in json.loads(truth.read_text())["lesions"]] if truth.exists()
+                 else [r.lesion_type for r in rows])
+        drawn = plot_against_deeplesion(types, [long_axis_mm(r) for r in rows], deeplesion_reference(reference_rows),
+                                        versus, label=root.name)
+        click.echo(f"types and sizes vs DeepLesion: {drawn}", err=as_json)
     if overlays is not None:
         try:
             drawn = plot_key_slices(root / "Images_png", rows, overlays, limit)

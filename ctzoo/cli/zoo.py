@@ -108,8 +108,11 @@ def show(name: str, as_json: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write the bundle into this folder instead of the package's weights folder: your own model, "
                    "which every command takes as --model OUT.")
+@click.option("--operating-fp", type=click.Choice(["0.125", "0.25", "0.5", "1", "2"]), default=None,
+              help="RECIST-Net: choose the card's score threshold on val for this many false positives per image, "
+                   "and count what it reports there on the real CT scans without known lesions.")
 def publish(run_dir: Path, config: Path, name: str, version: str, split: str, data_root: Path | None,
-            notes: str, out: Path | None) -> None:
+            notes: str, out: Path | None, operating_fp: str | None) -> None:
     """Evaluate RUN_DIR/best.pt and publish it as zoo model NAME: a model bundle (weights, network,
     model card), written into the package's weights folder (or --out) atomically.
 
@@ -123,7 +126,8 @@ def publish(run_dir: Path, config: Path, name: str, version: str, split: str, da
         if config_task(config) == "template_seg":
             folder = publish_template_seg(run_dir, config, name, version, data_root, target=out)
         else:
-            folder = publish_recistnet(run_dir, config, name, version, split, data_root, notes=notes, target=out)
+            folder = publish_recistnet(run_dir, config, name, version, split, data_root, notes=notes, target=out,
+                                       operating_fp=None if operating_fp is None else float(operating_fp))
     except (KeyError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"published {name} {version} into {folder}")

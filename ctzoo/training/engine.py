@@ -69,6 +69,9 @@ class Task(Protocol):
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
 
+    # optional: ``before_epoch(model, device, epoch)`` runs before each epoch's batches are drawn (hard-negative
+    # mining); a task without it trains on a fixed set
+
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**31 - 1)
@@ -258,6 +261,8 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
     started = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         seed = epoch_seed(cfg.seed, epoch)
+        if hasattr(task, "before_epoch"):
+            task.before_epoch(model, dev, epoch)
         batches = task.train_batches(seed, cfg.batch_size, cfg.num_workers, rank, world)
         seed_everything(seed, batches)
         train_model.train()

@@ -9,16 +9,59 @@ from pathlib import Path
 import torch
 
 from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
+from ctzoo.datasets.samples import REAL_CT_SCANS, real_ct_scan
 from ctzoo.models import Metric, ModelCard, TrainingInfo, model_entry, save_pretrained
-from ctzoo.training.evaluate import evaluate_recistnet, load_recistnet
+from ctzoo.models.registry import OperatingPoint
+from ctzoo.training.evaluate import evaluate_recistnet, findings_on_lesion_free_ct, load_recistnet
 from ctzoo.training.recistnet_task import load_train_config
 
-LIMITATIONS = [
-    "Trained on a miniature built from three real CT scans with synthetic lesions: its numbers show that the "
-    "pipeline learns, not how it does on patients. The same anatomy appears in the training and test splits.",
-    "Lesions in the miniature are 5-35 mm liver, lung, kidney, lymph-node and soft-tissue blobs; no bone lesions.",
-    "Research use only; not a medical device.",
-]
+LESION_LIMITATION = ("Its lesions are synthetic: DeepLesion's types, shapes and sizes where three scans leave room "
+                     "(median long axis ~14 mm against DeepLesion's ~20 mm; few mediastinal, pelvic and bone "
+                     "lesions); see ctzoo data stats.")
+
+
+def miniature_limitations(root: Path) -> list[str]:
+    """What a model trained on the miniature at ``root`` can claim, from its ``lesions.json`` (held-out scan)."""
+    summary = root / "lesions.json"
+    held = json.loads(summary.read_text()).get("test_source") if summary.is_file() else None
+    split = (f"Its test split is every patient drawn from {held}, a scan that training and validation never show: "
+             "the test metrics are on anatomy it has not seen." if held else
+             "The same anatomy appears in the training and test splits.")
+    return ["Trained on a miniature built from real CT scans with synthetic lesions: its numbers show that the "
+            f"pipeline learns, not how it does on patients. {split}", LESION_LIMITATION,
+            "Research use only; not a medical device."]
+
+
+def _held_out_scan(root: Path) -> str | None:
+    """The REAL_CT_SCANS name of the scan a miniature holds out, or None."""
+    summary = root / "lesions.json"
+    held = json.loads(summary.read_text()).get("test_source") if summary.is_file() else None
+    return None if held is None else next(n for n in REAL_CT_SCANS if held.split(" ")[0].startswith(n))
+
+
+def choose_operating_point(config: Path, checkpoint: Path, data_root: Path | None, bundle: Path,
+                           fp_per_image: float, work: Path) -> OperatingPoint:
+    """The lowest score threshold keeping val at ``fp_per_image`` false positives per image, and what the published
+    ``bundle`` reports there on the real CT scans without known lesions (every finding a false positive)."""
+    evaluate_recistnet(config, work, "val", checkpoint=checkpoint, data_root=data_root, device="cpu")
+    val = json.loads((work / "froc.json").read_text())
+    point = next((p for p in val["operating_points"] if p["fp_per_image"] == fp_per_image), None)
+    if point is None:
+        rates = ", ".join(f"{p['fp_per_image']:g}" for p in val["operating_points"])
+        raise ValueError(f"no operating point for {fp_per_image:g} FP/image; choose one of {rates}")
+    root = load_train_config(config, data_root).data.root
+    held = _held_out_scan(root)
+    free = findings_on_lesion_free_ct(bundle, {scan: real_ct_scan(scan) for scan in REAL_CT_SCANS},
+                                      point["score_threshold"])
+    per_scan = "; ".join(f"{r['scan']}{' (never trained on)' if r['scan'] == held else ''}: {r['findings']} over "
+                         f"{r['slices']} slices" for r in free["scans"])
+    return OperatingPoint(
+        score_threshold=point["score_threshold"], fp_per_image=fp_per_image, sensitivity=point["sensitivity"],
+        split=f"val of the miniature at {root.name}" + (f" ({held} held out)" if held else ""),
+        lesion_free_findings_per_slice=free["findings_per_slice"],
+        note=f"Chosen by ctzoo zoo publish --operating-fp {fp_per_image:g}. Real CT without known lesions at this "
+             f"threshold, every finding a false positive: {per_scan}. Calibration on val: ECE "
+             f"{val['calibration']['ece']:.3f}.")
 
 
 def _miniature_options(root: Path) -> str:
@@ -42,11 +85,13 @@ def _device_words(summary: dict) -> str:
 
 def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, split: str = "test",
                       data_root: Path | None = None, command: str = "", target: Path | None = None,
-                      notes: str = "") -> Path:
+                      notes: str = "", operating_fp: float | None = None) -> Path:
     """Evaluate ``run_dir/best.pt`` on ``split`` and publish it as zoo model ``name`` (or into ``target``).
 
     The card records the FROC sensitivities measured here, the training config and command, the device and
-    the wall time from ``run_dir/summary.json``.
+    the wall time from ``run_dir/summary.json``, and what the miniature lets it claim (a held-out scan).
+    ``operating_fp``: also choose the card's operating point on val for this many false positives per image
+    (:func:`choose_operating_point`), which every command then reports at.
     """
     cfg = load_train_config(config, data_root)
     as_written = load_train_config(config)  # the card names the config's own data root, not a local override
@@ -81,9 +126,14 @@ def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, spli
                               epochs_planned=summary.get("epochs", cfg.optim.epochs),
                               best_epoch=int(state["epoch"]) + 1 if checkpoint.name == "best.pt" else None,
                               wall_time_s=float(summary.get("wall_s", 0.0)), notes=notes),
-        metrics=metrics, limitations=LIMITATIONS, licence="Apache-2.0 (weights); data: see NOTICE of the miniature",
-        created=datetime.date.today())
-    return save_pretrained(model, target or name, config=model_config, card=card,
+        metrics=metrics, limitations=miniature_limitations(cfg.data.root),
+        licence="Apache-2.0 (weights); data: see NOTICE of the miniature", created=datetime.date.today())
+    folder = save_pretrained(model, target or name, config=model_config, card=card,
+                             expansion=state.get("expanded_from"))
+    if operating_fp is None:
+        return folder
+    point = choose_operating_point(config, checkpoint, data_root, folder, operating_fp, run_dir / "eval-val")
+    return save_pretrained(model, folder, config=model_config, card=card.model_copy(update={"operating_point": point}),
                            expansion=state.get("expanded_from"))
 
 

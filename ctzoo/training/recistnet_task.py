@@ -35,6 +35,7 @@ from ctzoo.scaling.compress import CompressionConfig
 from ctzoo.scaling.zoo_expand import ExpansionInit, expanded_model
 from ctzoo.training.engine import OptimConfig
 from ctzoo.training.froc import FrocResult, froc
+from ctzoo.training.hard_negatives import HardNegativeConfig, HardNegativeMiner
 
 #: Per-lesion keys the augmentation filters together with the keypoints.
 _AUGMENTED_LESION_KEYS = tuple(k for k in LESION_KEYS if k not in ("keypoints", "boxes", "diameters_px"))
@@ -70,6 +71,8 @@ class RecistNetTrainConfig(StrictConfig):
     cache: bool = Field(True, description="cache decoded, resampled slices in memory (CacheDataset)")
     repeats: int = Field(1, ge=1, description="passes over the training set per epoch (small sets: fewer, "
                                               "longer epochs, so loader start-up and validation cost less)")
+    hard_negatives: HardNegativeConfig | None = Field(
+        None, description="mine the lesion-free training slices the model fires on most, and train on them")
     init_from_expansion: ExpansionInit | None = Field(None, description="start from a model grown by ctzoo expand "
                                                                         "(LEMON); model: is then ignored")
     distributed: CompressionConfig = Field(default_factory=CompressionConfig,
@@ -125,13 +128,14 @@ class RecistNetTask:
     def __init__(self, cfg: RecistNetTrainConfig) -> None:
         self.cfg = cfg
         augment = cfg.augment
-        self.train_set = deeplesion_dataset(
-            cfg.data, "train", cache=cfg.cache,
-            transform=recist_train_transforms(cfg.train_size, augment.flip_prob, augment.rotate_range_deg,
-                                              augment.scale_range, augment.intensity,
-                                              lesion_keys=_AUGMENTED_LESION_KEYS))
+        train_transform = recist_train_transforms(cfg.train_size, augment.flip_prob, augment.rotate_range_deg,
+                                                  augment.scale_range, augment.intensity,
+                                                  lesion_keys=_AUGMENTED_LESION_KEYS)
+        self.train_set = deeplesion_dataset(cfg.data, "train", cache=cfg.cache, transform=train_transform)
         if cfg.repeats > 1:  # each pass draws its own augmentation; the cache is shared
             self.train_set = ConcatDataset([self.train_set] * cfg.repeats)
+        self.miner = None if cfg.hard_negatives is None else HardNegativeMiner(
+            cfg.hard_negatives, cfg.data, train_transform, cfg.train_size)
         self.eval_set = deeplesion_dataset(cfg.data, cfg.eval_split, cache=cfg.cache,
                                            transform=recist_eval_transforms(cfg.eval_size))
 
@@ -140,13 +144,20 @@ class RecistNetTask:
             return expanded_model(self.cfg.init_from_expansion, RecistNet)
         return RecistNet(in_channels=self.cfg.data.in_channels, **self.cfg.model.model_dump())
 
+    def before_epoch(self, model: nn.Module, device: torch.device, epoch: int) -> None:
+        """Mine hard negatives when they are due (``hard_negatives``)."""
+        if self.miner is not None and self.miner.due(epoch):
+            self.miner.mine(model, device)
+
     def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int, rank: int, world_size: int):
+        items = self.train_set
+        if self.miner is not None and self.miner.mined is not None:
+            items = ConcatDataset([self.train_set, self.miner.mined])
         if world_size > 1:
-            sampler = DistributedSampler(self.train_set, world_size, rank, shuffle=True, seed=epoch_seed)
-            return DataLoader(self.train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+            sampler = DistributedSampler(items, world_size, rank, shuffle=True, seed=epoch_seed)
+            return DataLoader(items, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                               collate_fn=collate_lesions, drop_last=True)
-        return deeplesion_dataloader(self.train_set, batch_size, shuffle=True, num_workers=num_workers,
-                                     seed=epoch_seed)
+        return deeplesion_dataloader(items, batch_size, shuffle=True, num_workers=num_workers, seed=epoch_seed)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device):
         images = batch["image"].to(device)

@@ -8,9 +8,14 @@ Lesions live in LPS millimetres, so one lesion can be drawn on any grid (:func:`
   inside the body, fat = -190..-30 HU inside the body) — each with a distance map (mm to the region's
   outside) so a centre at distance >= r holds a whole ball of radius r.
 * **Shape** (:class:`Lesion`): an ellipsoid whose radius is scaled by ``1 + P(u)``, a random smooth
-  degree-2/3 polynomial of the direction ``u`` bounded by ``amp`` (10-25 %): a star-shaped, irregular blob.
+  degree-2/3 polynomial of the direction ``u`` bounded by ``amp`` (10-25 %), plus the lobes or spicules of its
+  :class:`~ctzoo.datasets.deeplesion.lesion_shapes.LesionStyle`: a star-shaped lesion, not only a blob.
 * **HU**: a base value from the kind's range, at least :data:`MIN_CONTRAST_HU` from the surrounding
-  tissue where the range allows, plus a low-frequency texture (a few random plane waves).
+  tissue where the range allows, plus a low-frequency texture (a few random plane waves), the style's wall or
+  core, and grain with the surrounding tissue's own noise (:func:`tissue_stats`): a lesion as smooth as a
+  drawing would be found by its missing noise alone.
+* **Edge**: partial volume over the source's own voxel size, in-plane and across the slice thickness
+  (:func:`rasterise`), so a lesion's edge is as sharp as the anatomy around it, no sharper.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ctzoo.datasets.deeplesion.lesion_shapes import LesionStyle
 from ctzoo.datasets.deeplesion.recist import DEEPLESION_BOX_PAD
 
 #: Lesion and tissue HU must differ by this much where the kind's range allows it (else: the farthest end).
@@ -32,10 +38,18 @@ LUNG_MIDLINE_MM = 25.0
 #: Nodes may sit in unlabelled tissue up to this HU (connective tissue, small vessels), not in bone or contrast.
 NODE_MAX_HU = 150.0
 MUSCLE_PREFIXES = ("autochthon", "iliopsoas", "gluteus")
+#: TotalSegmentator labels of bones large enough to hold a lesion (ribs and small bones have no room).
+BONE_PREFIXES = ("vertebrae_", "sacrum", "hip_", "femur_", "sternum", "humerus_", "scapula_")
+#: Abdominal organs other than liver and kidney (their lesions are DeepLesion's "abdomen" type).
+ABDOMINAL_ORGANS = ("spleen", "pancreas", "adrenal_gland_left", "adrenal_gland_right")
+#: Grain added inside a lesion is the tissue's noise, capped (a shell over mixed tissue overestimates it).
+MAX_GRAIN_SD_HU = 25.0
 FAT_HU = (-190.0, -30.0)
 IMAGE_SIZE = 512  # DeepLesion's slices (and this miniature's)
 #: Slice index runs head to feet (z = origin - k * dz), as DICOM series usually do.
 OUTPUT_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+#: An abutting lesion's surface comes this close (mm) to its region's edge: an organ wall, the pleura.
+ABUT_MM = 2.5
 #: At most this many candidate centres are kept per region (a deterministic stride through the rest).
 _MAX_CANDIDATES = 200_000
 
@@ -55,16 +69,22 @@ class LesionKind:
 
 
 KINDS = {kind.name: kind for kind in (
-    LesionKind("liver", 4, "liver", "liver", (10.0, 70.0), (5.0, 60.0), 6.0),  # hypodense: metastasis, cyst
-    LesionKind("lung", 5, "lung", "lung", (-50.0, 100.0), (5.0, 40.0), 8.0),  # solid nodule
-    LesionKind("kidney_cyst", 6, "kidney", "kidney", (0.0, 20.0), (5.0, 40.0), 2.0),
-    LesionKind("kidney_solid", 6, "kidney", "kidney", (30.0, 60.0), (5.0, 40.0), 6.0),
-    LesionKind("lymph_node", 2, "node", "tissue beside the aorta/IVC", (20.0, 60.0), (8.0, 30.0), 4.0,
+    LesionKind("liver", 4, "liver", "liver", (10.0, 70.0), (5.0, 150.0), 6.0),  # hypodense: metastasis, cyst
+    LesionKind("lung", 5, "lung", "lung", (-50.0, 100.0), (5.0, 100.0), 8.0),  # solid nodule or mass
+    LesionKind("kidney_cyst", 6, "kidney", "kidney", (0.0, 20.0), (5.0, 80.0), 2.0),
+    LesionKind("kidney_solid", 6, "kidney", "kidney", (30.0, 60.0), (5.0, 80.0), 6.0),
+    LesionKind("lymph_node", 2, "node", "tissue beside the aorta/IVC", (20.0, 60.0), (8.0, 60.0), 4.0,
                -60.0),
-    LesionKind("soft_tissue", 7, "soft", "muscle/fat", (20.0, 60.0), (8.0, 60.0), 6.0),
+    LesionKind("mediastinal_node", 3, "mediastinum", "fat between the lungs", (20.0, 60.0), (8.0, 60.0), 4.0,
+               -30.0),
+    LesionKind("soft_tissue", 7, "soft", "muscle/fat", (20.0, 60.0), (8.0, 150.0), 6.0),
+    LesionKind("abdomen_organ", 2, "abdomen_organ", "spleen/pancreas/adrenal", (0.0, 60.0), (5.0, 80.0), 6.0),
+    LesionKind("bone_lytic", 1, "bone", "vertebra/pelvis/long bone", (10.0, 90.0), (5.0, 60.0), 8.0),
+    LesionKind("bone_sclerotic", 1, "bone", "vertebra/pelvis/long bone", (450.0, 900.0), (5.0, 60.0), 30.0),
 )}
 #: If a kind cannot contrast with its tissue, its sibling is used instead (a cyst in dense kidney, ...).
-SIBLING = {"kidney_cyst": "kidney_solid", "kidney_solid": "kidney_cyst"}
+SIBLING = {"kidney_cyst": "kidney_solid", "kidney_solid": "kidney_cyst", "bone_lytic": "bone_sclerotic",
+           "bone_sclerotic": "bone_lytic"}
 
 
 @dataclass
@@ -126,6 +146,21 @@ def lung_mask(hu: np.ndarray, body: np.ndarray, labels: np.ndarray | None, names
     return _fill_slices(np.isin(labels, keep)) & body
 
 
+def between_lungs(lung: np.ndarray) -> np.ndarray:
+    """(Z, Y, X) bool: pixels of each image row strictly between the left lung's and the right lung's inner
+    edges, on rows that cross both lungs (the midline split is the body's own: the lungs' bounding columns)."""
+    z, y, x = lung.shape
+    columns = np.flatnonzero(lung.any(axis=(0, 1)))
+    if not len(columns):
+        return np.zeros_like(lung)
+    middle = (columns.min() + columns.max()) // 2
+    index = np.arange(x)
+    inner_left = np.where(lung[..., :middle], index[:middle], -1).max(axis=-1)  # (Z, Y) last lung pixel left
+    inner_right = np.where(lung[..., middle:], index[middle:], x).min(axis=-1)  # first lung pixel right
+    both = (inner_left >= 0) & (inner_right < x)
+    return both[..., None] & (index > inner_left[..., None]) & (index < inner_right[..., None])
+
+
 def _fat(hu: np.ndarray, body: np.ndarray) -> np.ndarray:
     """Fat voxels, closed by one voxel so noisy voxels punch no holes."""
     fat = body & (hu >= FAT_HU[0]) & (hu <= FAT_HU[1])
@@ -181,7 +216,8 @@ def source_regions(image: sitk.Image, labels: np.ndarray | None, labelled: np.nd
     fat = _fat(hu, body) & ~lung
     ids = {name: _label_ids(names, lambda n, wanted=wanted: n in wanted) for name, wanted in (
         ("liver", ("liver",)), ("kidney", ("kidney_left", "kidney_right")),  # not their cyst labels
-        ("vessels", ("aorta", "inferior_vena_cava")))}
+        ("vessels", ("aorta", "inferior_vena_cava")), ("abdomen_organ", ABDOMINAL_ORGANS))}
+    ids["bone"] = _label_ids(names, lambda n: n.startswith(BONE_PREFIXES))
     muscle = known & np.isin(labels, _label_ids(names, lambda n: n.startswith(MUSCLE_PREFIXES)))
     columns = np.flatnonzero(body.any(axis=(0, 1)))
     midline = 0.5 * (columns.min() + columns.max()) if len(columns) else hu.shape[2] / 2
@@ -190,10 +226,14 @@ def source_regions(image: sitk.Image, labels: np.ndarray | None, labelled: np.nd
     masks = {
         "liver": (known & np.isin(labels, ids["liver"]), {}),
         "kidney": (known & np.isin(labels, ids["kidney"]), {}),
+        "abdomen_organ": (known & np.isin(labels, ids["abdomen_organ"]), {}),
+        "bone": (known & np.isin(labels, ids["bone"]), {}),  # labelled slices only: contrast mimics bone's HU
         "lung": (lung, {"centre_ok": off_midline}),
         # nodes displace the unlabelled fat and connective tissue around the great vessels
         "node": (known & body & ~lung & (labels == 0) & (hu >= FAT_HU[0]) & (hu <= NODE_MAX_HU), {"vessels": vessels}),
         "soft": (muscle | (fat & (~known | (labels == 0))), {}),
+        # mediastinal nodes displace the fat between the lungs (HU rules: no chest here has labels)
+        "mediastinum": (fat & between_lungs(lung) & (~known | (labels == 0)), {}),
     }
     regions = {name: _region(name, mask, image, min_radius, **extra)
                for name, (mask, extra) in masks.items() if mask.any() and (name != "node" or vessels.any())}
@@ -205,9 +245,15 @@ def _in_box(region: Region, low: np.ndarray, high: np.ndarray) -> np.ndarray:
 
 
 def pick_centre(rng: np.random.Generator, region: Region, radius_mm: float, low: np.ndarray,
-                high: np.ndarray) -> int | None:
-    """Index into ``region.candidates_*`` of a random centre holding a ball of ``radius_mm``, inside [low, high] mm."""
+                high: np.ndarray, abut: bool = False) -> int | None:
+    """Index into ``region.candidates_*`` of a random centre holding a ball of ``radius_mm``, inside [low, high] mm.
+
+    ``abut``: only centres whose ball reaches within :data:`ABUT_MM` of the region's edge (a nodule on the
+    pleura, a lesion under the liver's capsule); falls back to any centre when none does.
+    """
     ok = _in_box(region, low, high) & (region.distance_mm >= radius_mm + region.margin_mm)
+    if abut and (ok & (region.distance_mm <= radius_mm + region.margin_mm + ABUT_MM)).any():
+        ok &= region.distance_mm <= radius_mm + region.margin_mm + ABUT_MM
     if region.vessel_mm is not None:
         ok &= region.vessel_mm <= radius_mm + region.margin_mm + NODE_VESSEL_GAP_MM
     choices = np.flatnonzero(ok)
@@ -276,54 +322,88 @@ class Lesion:
     waves: np.ndarray  # (W, 3) wave vectors (rad/mm) of the texture
     phases: np.ndarray  # (W,)
     type_code: int
+    style: LesionStyle = LesionStyle()
+    factor_max: float = 1.0  # bound on the radial factor over all directions (see make_lesion)
+    grain_sd: float = 0.0  # HU: the surrounding tissue's noise, added inside the lesion
+    grain_seed: int = 0
+    edge_mm: float = 0.0  # width of the partial-volume ramp (0: one grid pixel)
 
     @property
     def max_radius(self) -> float:
         """No point of the lesion is farther than this (mm) from its centre."""
-        return float(self.radii.max() * (1 + _BOUND_SLACK * self.amp))
+        return float(self.radii.max() * self.factor_max)
+
+    def _rays(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Distance from the centre (N,) and the surface's distance along the same ray (N,), mm."""
+        v = (np.asarray(points, dtype=np.float64) - self.centre) @ self.rotation  # lesion frame
+        norm = np.linalg.norm(v, axis=1)
+        u = np.where(norm[:, None] > 1e-9, v / np.maximum(norm, 1e-9)[:, None], np.array([1.0, 0.0, 0.0]))
+        return norm, radial_factor(u, self.shape, self.style) / np.linalg.norm(u / self.radii, axis=1)
 
     def signed_distance(self, points: np.ndarray) -> np.ndarray:
         """(N,) mm from ``points`` (N, 3) LPS to the surface along the ray from the centre; > 0 inside.
 
         Along-ray distance, not Euclidean: close enough for a one-voxel soft edge on near-round blobs.
         """
-        v = (np.asarray(points, dtype=np.float64) - self.centre) @ self.rotation  # lesion frame
-        norm = np.linalg.norm(v, axis=1)
-        u = np.where(norm[:, None] > 1e-9, v / np.maximum(norm, 1e-9)[:, None], np.array([1.0, 0.0, 0.0]))
-        surface = (1.0 + _monomials(u) @ self.shape) / np.linalg.norm(u / self.radii, axis=1)
+        norm, surface = self._rays(points)
         return surface - norm
 
     def hu_at(self, points: np.ndarray) -> np.ndarray:
-        """(N,) lesion HU at ``points`` (N, 3) LPS: base plus texture, within the kind's HU range."""
+        """(N,) lesion HU at ``points`` (N, 3) LPS: base plus texture within the kind's HU range, then the style's
+        wall or core (grain is added by :func:`rasterise`)."""
         offsets = np.asarray(points, dtype=np.float64) - self.centre
         amplitude = self.kind.texture_sd * np.sqrt(2.0 / len(self.phases))  # the sum's sd is texture_sd
         texture = amplitude * np.cos(offsets @ self.waves.T + self.phases).sum(axis=1)
         # a small lesion sees only part of a wave, which need not average out: keep it in the kind's range
-        return np.clip(self.hu + texture, *self.kind.hu_range)
+        hu = np.clip(self.hu + texture, *self.kind.hu_range)
+        norm, surface = self._rays(points)
+        return self.style.profile(hu, surface - norm, norm / np.maximum(surface, 1e-9))
+
+
+def radial_factor(u: np.ndarray, shape: np.ndarray, style: LesionStyle) -> np.ndarray:
+    """(N,) radius scale along unit directions ``u`` (N, 3): smooth irregularity plus the style's bumps."""
+    return 1.0 + _monomials(u) @ shape + style.bumps(u)
 
 
 def make_lesion(rng: np.random.Generator, kind: LesionKind, centre: np.ndarray, long_axis_mm: float,
-                tissue_hu: float, type_code: int) -> Lesion:
-    """A random blob of nominal long axis ``long_axis_mm`` at ``centre`` with HU contrasting ``tissue_hu``."""
+                tissue: TissueStats, type_code: int, style: LesionStyle = LesionStyle(),
+                edge_mm: float = 0.0) -> Lesion:
+    """A random lesion of nominal long axis ``long_axis_mm`` at ``centre`` with HU contrasting the tissue."""
     amp = float(rng.uniform(0.10, 0.25))
-    semi = long_axis_mm / 2 / (1 + _BOUND_SLACK * amp)  # the perturbed blob's longest radius <= long_axis / 2
+    coefficients = rng.normal(size=16)
+    coefficients *= amp / np.abs(_monomials(_SPHERE) @ coefficients).max()
+    # the factor peaks on a bump's axis or between the sphere's sample directions (slack): bound both
+    probes = np.concatenate([_SPHERE, style.directions])
+    factor_max = float(radial_factor(probes, coefficients, style).max()) * _BOUND_SLACK
+    semi = long_axis_mm / 2 / factor_max  # the lesion's longest radius <= long_axis / 2
     radii = semi * np.array([1.0, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)])
     q, r = np.linalg.qr(rng.normal(size=(3, 3)))
     rotation = q * np.sign(np.diag(r))  # a uniformly random rotation (or reflection: the blob does not care)
-    coefficients = rng.normal(size=16)
-    coefficients *= amp / np.abs(_monomials(_SPHERE) @ coefficients).max()
     waves_count = 4
     directions = rng.normal(size=(waves_count, 3))
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
     waves = directions * (2 * np.pi / rng.uniform(4.0, 12.0, size=(waves_count, 1)))  # wavelengths 4-12 mm
     return Lesion(kind, np.asarray(centre, dtype=np.float64), radii, rotation, coefficients, amp,
-                  choose_hu(rng, kind.hu_range, tissue_hu), tissue_hu, waves,
-                  rng.uniform(0, 2 * np.pi, size=waves_count), type_code)
+                  choose_hu(rng, kind.hu_range, tissue.median_hu), tissue.median_hu, waves,
+                  rng.uniform(0, 2 * np.pi, size=waves_count), type_code, style, factor_max,
+                  min(tissue.noise_sd_hu, MAX_GRAIN_SD_HU), int(rng.integers(2 ** 31)), edge_mm)
 
 
-def tissue_hu(image: sitk.Image, centre_ijk: np.ndarray, radius_mm: float, shell_mm: float = 5.0) -> float:
-    """Median source HU in the shell ``radius_mm``..``radius_mm + shell_mm`` around a candidate centre: the tissue
-    a reader sees around the lesion (organ, fat, or whatever abuts it)."""
+@dataclass(frozen=True)
+class TissueStats:
+    """What surrounds a lesion in the source CT: its median HU and its noise (sd, HU)."""
+
+    median_hu: float
+    noise_sd_hu: float = 0.0
+
+
+def tissue_stats(image: sitk.Image, centre_ijk: np.ndarray, radius_mm: float, shell_mm: float = 5.0) -> TissueStats:
+    """The source HU in the shell ``radius_mm``..``radius_mm + shell_mm`` around a candidate centre: the tissue a
+    reader sees around the lesion (organ, fat, or whatever abuts it).
+
+    Median for its density; noise from differences of in-plane neighbours in the shell (robust sd / sqrt 2), which
+    edges between tissues barely move, unlike the shell's own spread.
+    """
     spacing = np.asarray(image.GetSpacing())
     reach = np.ceil((radius_mm + shell_mm) / spacing).astype(int)
     low = np.maximum(centre_ijk - reach, 0)
@@ -332,7 +412,11 @@ def tissue_hu(image: sitk.Image, centre_ijk: np.ndarray, radius_mm: float, shell
                           indexing="ij")
     distance = np.sqrt(sum(o ** 2 for o in offsets))
     hu = sitk.GetArrayViewFromImage(image)[tuple(slice(low[a], high[a]) for a in (2, 1, 0))]
-    return float(np.median(hu[(distance >= radius_mm) & (distance <= radius_mm + shell_mm)]))
+    shell = (distance >= radius_mm) & (distance <= radius_mm + shell_mm)
+    pairs = shell[..., 1:] & shell[..., :-1]
+    steps = np.diff(hu.astype(np.float64), axis=-1)[pairs]
+    noise = 1.4826 * float(np.median(np.abs(steps - np.median(steps)))) / np.sqrt(2.0) if steps.size else 0.0
+    return TissueStats(float(np.median(hu[shell])), noise)
 
 
 @dataclass
@@ -389,10 +473,26 @@ class Placed:
         return mask
 
 
+#: Partial volume across a slice's thickness: the lesion is sampled at these offsets (in slice spacings).
+_THICKNESS_SAMPLES = (-1.0 / 3.0, 0.0, 1.0 / 3.0)
+
+
+def _grain(seed: int, shape: tuple[int, ...], grain_px: float) -> np.ndarray:
+    """(K, J, I) unit-sd noise with the in-plane correlation of a source voxel ``grain_px`` grid pixels wide: the
+    source's noise, upsampled to the finer grid, is blotchy, not white."""
+    white = np.random.default_rng(seed).standard_normal(shape)
+    if grain_px <= 1.0:
+        return white
+    smooth = ndimage.gaussian_filter(white, (0.0, grain_px / 2, grain_px / 2), mode="wrap")
+    return smooth / max(float(smooth.std()), 1e-6)
+
+
 def rasterise(lesion: Lesion, grid: CaseGrid) -> Placed:
-    """Partial-volume fraction: a one-pixel linear ramp across the surface, alpha = 0.5 + distance / pixel."""
+    """Partial-volume fraction: a linear ramp across the surface, alpha = 0.5 + distance / edge (the lesion's
+    ``edge_mm``, at least one pixel), averaged over the slice's thickness; HU with the tissue's grain."""
     s, _, dz = grid.spacing
-    reach = lesion.max_radius + 2 * s
+    edge = max(s, lesion.edge_mm)
+    reach = lesion.max_radius + edge + s
     low = np.floor((lesion.centre - reach - grid.origin) * [1, 1, -1] / grid.spacing).astype(int)
     high = np.ceil((lesion.centre + reach - grid.origin) * [1, 1, -1] / grid.spacing).astype(int)
     first, last = np.minimum(low, high), np.maximum(low, high)
@@ -400,8 +500,10 @@ def rasterise(lesion: Lesion, grid: CaseGrid) -> Placed:
     last = np.minimum(last, [IMAGE_SIZE - 1, IMAGE_SIZE - 1, grid.slices - 1])
     k, j, i = np.meshgrid(*(np.arange(first[a], last[a] + 1) for a in (2, 1, 0)), indexing="ij")
     points = grid.points(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1))
-    alpha = np.clip(0.5 + lesion.signed_distance(points) / s, 0.0, 1.0).reshape(k.shape)
-    return Placed(lesion, first, alpha.astype(np.float32), lesion.hu_at(points).reshape(k.shape).astype(np.float32))
+    alpha = np.mean([np.clip(0.5 + lesion.signed_distance(points + [0.0, 0.0, t * dz]) / edge, 0.0, 1.0)
+                     for t in _THICKNESS_SAMPLES], axis=0).reshape(k.shape)
+    hu = lesion.hu_at(points).reshape(k.shape) + lesion.grain_sd * _grain(lesion.grain_seed, k.shape, edge / s)
+    return Placed(lesion, first, alpha.astype(np.float32), hu.astype(np.float32))
 
 
 def inside_region(placed: Placed, region: Region, grid: CaseGrid) -> bool:

@@ -10,8 +10,8 @@
 
 Each case (one series) is a different view of one of three real volumes: a slab of its slices, resampled
 in-plane to 0.7-0.9 mm/px on a 512 x 512 grid (z kept as is), shifted, with mild noise; 1-4 lesions from
-:mod:`ctzoo.datasets.deeplesion.lesion_synthesis` are drawn into it with a one-pixel soft edge and
-measured with :func:`ctzoo.datasets.deeplesion.measure.measure_recist`.
+:mod:`ctzoo.datasets.deeplesion.lesion_synthesis` (shapes: :mod:`.lesion_shapes`) are drawn into it with a
+partial-volume edge one source voxel wide and measured with :func:`ctzoo.datasets.deeplesion.measure.measure_recist`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from ctzoo.datasets.deeplesion.info_csv import (
     LesionRow,
     write_dl_info,
 )
+from ctzoo.datasets.deeplesion.lesion_shapes import draw_style
 from ctzoo.datasets.deeplesion.measure import measure_recist
 from ctzoo.datasets.deeplesion.png_slices import write_png_hu
 from ctzoo.datasets.deeplesion.recist import (
@@ -55,18 +56,28 @@ from ctzoo.io.atomic import replace_folder
 IMAGE_SIZE = synth.IMAGE_SIZE
 PIXEL_MM = (0.7, 0.9)  # DeepLesion's typical in-plane spacing
 CONTEXT_MM = 30.0  # DeepLesion ships about +-30 mm of slices around each key slice
-LONG_AXIS_MM = (5.0, 60.0)
+#: Measured long axes kept; nominal ones are log-normal around DeepLesion's median of about 20 mm (a few mm to
+#: over 100 mm), truncated to the kind's range and to the room its tissue has.
+LONG_AXIS_MM = (5.0, 150.0)
+SIZE_MEDIAN_MM, SIZE_LOG_SD = 36.0, 0.7  # 28: the measured axial long axis runs ~0.75x the nominal 3-D one
 SMALL_LESION_MM = (5.0, 12.0)
+#: Extra attempts a case gets while it holds no lesion yet.
+MORE_ATTEMPTS_FOR_FIRST = 300
+#: Share of lesions placed against their tissue's edge: juxtapleural nodules, subcapsular liver lesions, ...
+ABUT_SHARE = 0.3
 SMALL_CASE_EVERY = 6  # cases 1, 7, 13, ... hold only small lesions: mostly lesion-free context slices
 NOISE_SD_HU = (3.0, 8.0)
 AIR_HU = -1024.0
 #: DICOM window per Coarse_lesion_type (bone, mediastinum and lung as DeepLesion's common presets).
 WINDOWS = {1: (-450.0, 1050.0), 2: (-175.0, 275.0), 3: (-160.0, 240.0), 4: (-175.0, 275.0), 5: (-1350.0, 150.0),
            6: (-175.0, 275.0), 7: (-175.0, 275.0), 8: (-175.0, 275.0)}
-#: Kind weights, roughly DeepLesion's mix (lung, nodes, liver common); kidney's two variants share one.
-KIND_WEIGHTS = {"liver": 1.0, "lung": 1.5, "kidney_cyst": 0.5, "kidney_solid": 0.5, "lymph_node": 1.5,
-                "soft_tissue": 0.5}
-#: Soft-tissue lesions below the iliac crests (this far down the body) are typed pelvis (8).
+#: Kind weights from DeepLesion's type shares (stats.DEEPLESION_TYPE_COUNTS, %): lung 24, liver 13, kidney 5 (two
+#: variants), bone 3 (two variants); nodes carry mediastinum (17) and part of abdomen (22) with the other
+#: abdominal organs; soft tissue carries soft tissue (7) and pelvis (9). A slab offers only the kinds it has room for.
+KIND_WEIGHTS = {"liver": 13.0, "lung": 24.0, "kidney_cyst": 2.5, "kidney_solid": 2.5, "lymph_node": 14.0,
+                "mediastinal_node": 30.0, "soft_tissue": 5.0, "abdomen_organ": 10.0, "bone_lytic": 0.6,
+                "bone_sclerotic": 0.5}
+#: Node and soft-tissue lesions below the iliac crests (this far down the body) are typed pelvis (8).
 PELVIS_BODY_Z = 0.41
 
 
@@ -226,42 +237,58 @@ def _kind_choices(source: Source, grid: synth.CaseGrid) -> tuple[list[str], np.n
 
 
 def _type_code(source: Source, kind: synth.LesionKind, centre: np.ndarray) -> int:
-    """The kind's type, except nodes in the thorax (mediastinum, 3) and soft tissue in the pelvis (8)."""
+    """The kind's type, except nodes in the thorax (mediastinum, 3) and nodes and soft tissue in the pelvis (8)."""
+    if kind.name in ("lymph_node", "soft_tissue") and _body_z(source, float(centre[2])) >= PELVIS_BODY_Z:
+        return 8
     if kind.name == "lymph_node":
         source_slice = source.image.TransformPhysicalPointToIndex(tuple(float(c) for c in centre))[2]
         return 3 if source.lung_fraction[source_slice] > 0.25 else kind.type_code
-    if kind.name == "soft_tissue" and _body_z(source, float(centre[2])) >= PELVIS_BODY_Z:
-        return 8
     return kind.type_code
+
+
+def nominal_long_axis(rng: np.random.Generator, low_mm: float, high_mm: float) -> float:
+    """A nominal long axis (mm): log-normal around SIZE_MEDIAN_MM, truncated to [low_mm, high_mm]."""
+    if high_mm <= SMALL_LESION_MM[1]:  # the small-lesion cases: log-uniform in their narrow range
+        return float(np.exp(rng.uniform(np.log(low_mm), np.log(high_mm))))
+    for _ in range(50):
+        size = float(SIZE_MEDIAN_MM * np.exp(SIZE_LOG_SD * rng.standard_normal()))
+        if low_mm <= size <= high_mm:
+            return size
+    return float(np.clip(SIZE_MEDIAN_MM, low_mm, high_mm))
 
 
 def place_lesions(rng: np.random.Generator, source: Source, grid: synth.CaseGrid, count: int,
                   small: bool) -> list[synth.Placed]:
-    """Up to ``count`` non-overlapping lesions inside their tissue, the grid and the slab, RECIST long axis 5-60 mm."""
+    """Up to ``count`` non-overlapping lesions inside their tissue, the grid and the slab, RECIST long axis 5-150 mm."""
     names, weights = _kind_choices(source, grid)
     placed: list[synth.Placed] = []
-    for _ in range(30 * count):
-        if len(placed) == count or not names:
+    for attempt in range(30 * count + MORE_ATTEMPTS_FOR_FIRST):
+        # a case needs one lesion: a slab with little room gets more attempts before it is given up
+        if len(placed) == count or not names or (placed and attempt >= 30 * count):
             break
         kind = synth.KINDS[names[rng.choice(len(names), p=weights)]]
         region = source.regions[kind.region]
-        low_mm, high_mm = SMALL_LESION_MM if small else kind.long_axis_mm
-        long_axis = float(np.exp(rng.uniform(np.log(low_mm), np.log(high_mm))))  # small lesions are common
+        long_axis = nominal_long_axis(rng, *(SMALL_LESION_MM if small else kind.long_axis_mm))
         # no larger than the tissue holds here (the centre with most room qualifies then, so a centre exists)
         long_axis = min(long_axis, 2 * synth.largest_radius(region, *grid.centre_box(long_axis / 2)))
-        chosen = synth.pick_centre(rng, region, long_axis / 2, *grid.centre_box(long_axis / 2))
+        chosen = synth.pick_centre(rng, region, long_axis / 2, *grid.centre_box(long_axis / 2),
+                                   abut=rng.random() < ABUT_SHARE)
         if long_axis < LONG_AXIS_MM[0] or chosen is None:
             continue
         centre = region.candidates_lps[chosen]
         if any(np.linalg.norm(centre - p.lesion.centre) < long_axis / 2 + p.lesion.max_radius + 2 for p in placed):
             continue
-        tissue = synth.tissue_hu(source.image, region.candidates_ijk[chosen], long_axis / 2)
-        if not synth.can_contrast(kind.hu_range, tissue) and kind.name in synth.SIBLING:
+        tissue = synth.tissue_stats(source.image, region.candidates_ijk[chosen], long_axis / 2)
+        if not synth.can_contrast(kind.hu_range, tissue.median_hu) and kind.name in synth.SIBLING:
             kind = synth.KINDS[synth.SIBLING[kind.name]]
-        if not synth.can_contrast(kind.hu_range, tissue) or tissue > kind.max_tissue_hu:
+        if not synth.can_contrast(kind.hu_range, tissue.median_hu) or tissue.median_hu > kind.max_tissue_hu:
             continue  # e.g. a node against soft tissue of its own density: a reader would not see it either
         type_code = _type_code(source, kind, centre)
-        candidate = synth.rasterise(synth.make_lesion(rng, kind, centre, long_axis, tissue, type_code), grid)
+        style = draw_style(rng, kind.name, long_axis)
+        # the source's own voxel blurs the anatomy's edges: a lesion's edge is no sharper
+        edge_mm = float(min(source.image.GetSpacing()[:2]))
+        candidate = synth.rasterise(synth.make_lesion(rng, kind, centre, long_axis, tissue, type_code, style,
+                                                      edge_mm), grid)
         if not synth.inside_region(candidate, region, grid):
             continue
         _, _, measured_mm = _recist(candidate.key_mask(), grid)
@@ -356,7 +383,8 @@ def build_case(plan: CasePlan, source: Source, seed: int, root: Path,
         records.append({
             "file_name": rows[-1].file_name, "folder": plan.folder, "key_slice": key, "lesion": number,
             "mask_file": mask_file, "split": SPLITS[plan.split], "type": code, "type_name": LESION_TYPES[code],
-            "kind": p.lesion.kind.name, "organ": p.lesion.kind.organ, "hu": round(p.lesion.hu, 2),
+            "kind": p.lesion.kind.name, "organ": p.lesion.kind.organ, "style": p.lesion.style.name,
+            "grain_sd_hu": round(p.lesion.grain_sd, 2), "hu": round(p.lesion.hu, 2),
             "hu_range": list(p.lesion.kind.hu_range), "texture_sd_hu": p.lesion.kind.texture_sd,
             "tissue_hu": round(p.lesion.tissue_hu, 2), "volume_mm3": round(float(p.alpha.sum()) * voxel_mm3, 1),
             "long_axis_mm": round(float(mm[0]), 3), "short_axis_mm": round(float(mm[1]), 3),
@@ -494,23 +522,30 @@ the source slab, spacing, noise, written slices and slices any lesion touches).
 * View: a slab of >= half the scan's slices (>= 16), z spacing kept (3, 2 or 1.5 mm), slice 1 the most
   superior; in-plane SimpleITK linear resampling to {px0}-{px1} mm/px (more if the body needs it), 512 x 512,
   body centred and shifted <= 20 mm, -1024 HU outside the scanned field, white noise sd {sd0:g}-{sd1:g} HU.
-* Lesions: 1-4 a case; an ellipsoid (random axes 0.6-1 x, random rotation) whose radius varies by a smooth
-  random degree-2/3 polynomial of direction (10-25 %); nominal long axis log-uniform in the kind's range
-  ({small0:g}-{small1:g} mm in every {every}th case from the second), capped by the room in the tissue, kept if
-  the measured long axis is 5-60 mm. Base HU in the kind's range, >= {synth.MIN_CONTRAST_HU:g} HU from the median of a
-  5 mm shell around it (kidney cyst/solid swap, else rejected); texture: 4 plane waves of 4-12 mm,
-  clipped to the range; one-pixel linear soft edge. Wholly inside its tissue (checked on the case grid):
+* Lesions: 1-4 a case, kinds weighted toward DeepLesion's type shares where the slab has room; an ellipsoid
+  (random axes 0.6-1 x, random rotation) whose radius varies by a smooth random degree-2/3 polynomial of
+  direction (10-25 %) and, by style, lobes or spicules; styles round, lobulated, spiculated, rim-enhancing
+  (+30-90 HU wall), necrotic (core 25-50 HU lower) or cavitating (air core, lung). Nominal long axis
+  log-normal around {SIZE_MEDIAN_MM:g} mm ({small0:g}-{small1:g} mm log-uniform in every {every}th case from the
+  second), truncated to the kind's range and capped by the room in the tissue, kept if the measured long axis
+  is {LONG_AXIS_MM[0]:g}-{LONG_AXIS_MM[1]:g} mm; {ABUT_SHARE:.0%} placed against their tissue's edge (pleura, organ
+  capsule). Base HU in the kind's range, >= {synth.MIN_CONTRAST_HU:g} HU from the median of a 5 mm shell around it
+  (kidney cyst/solid and lytic/sclerotic bone swap, else rejected); texture: 4 plane waves of 4-12 mm, clipped
+  to the range, plus grain with the shell's own noise (sd from neighbour differences, <= {synth.MAX_GRAIN_SD_HU:g} HU,
+  correlated over a source voxel); partial-volume edge one source voxel wide, averaged over the slice
+  thickness. Wholly inside its tissue (checked on the case grid):
 
 | kind | type | tissue | HU | long axis mm |
 |---|---|---|---|---|
 {kinds}
 
-* Tissue: TotalSegmentator labels on labelled slices (liver, kidneys, lungs, aorta/IVC, back/psoas/gluteal
-  muscles); else body = largest component > -500 HU, holes filled per slice; lung = air < -400 HU in it,
+* Tissue: TotalSegmentator labels on labelled slices (liver, kidneys, spleen/pancreas/adrenals, vertebrae and
+  large bones, lungs, aorta/IVC, back/psoas/gluteal muscles); else body = largest component > -500 HU, holes filled per slice; lung = air < -400 HU in it,
   components >= 200 ml; fat = -190..-30 HU. Nodes: unlabelled tissue -190..{node_max:g} HU within {node_gap:g} mm
-  of the aorta/IVC, surroundings <= {node_fat:g} HU; type 3 (mediastinum, rare: no labelled chest) where the
-  lungs fill over 25 % of the body slice, else 2. Soft tissue below the iliac crests (body z >= {PELVIS_BODY_Z:g}) is
-  type 8. Lung nodules keep {synth.LUNG_MIDLINE_MM:g} mm off the midline (no trachea). No bone lesions (type 1).
+  of the aorta/IVC, surroundings <= {node_fat:g} HU; type 3 where the lungs fill over 25 % of the body slice,
+  else 2; mediastinal nodes (type 3) also in fat between the two lungs' inner edges (HU rules). Nodes and soft
+  tissue below the iliac crests (body z >= {PELVIS_BODY_Z:g}) are type 8. Lung nodules keep
+  {synth.LUNG_MIDLINE_MM:g} mm off the midline (no trachea). Bone lesions (type 1) only in labelled bone.
 * RECIST by `measure_recist` on the key slice (largest cross-section): long axis = max Feret diameter
   between mask pixel centres; short axis = longest inside chord perpendicular to it. Boxes: end points
   padded by 5 px. Slice_range: +-max(30 mm, lesion radius + one slice), clipped to the series.

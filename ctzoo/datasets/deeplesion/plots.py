@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 from ctzoo.datasets.deeplesion.info_csv import SPLITS, LesionRow  # noqa: E402
 from ctzoo.datasets.deeplesion.png_slices import read_png_hu, slice_path  # noqa: E402
 from ctzoo.datasets.deeplesion.recist import points_from_measurement  # noqa: E402
-from ctzoo.datasets.deeplesion.stats import long_axis_mm  # noqa: E402
+from ctzoo.datasets.deeplesion.stats import long_axis_mm, type_shares  # noqa: E402
 from ctzoo.io.atomic import atomic_path  # noqa: E402
 
 
@@ -40,6 +40,39 @@ def plot_size_histogram(rows: list[LesionRow], path: str | Path) -> Path:
     axis.set_ylabel("lesions")
     axis.set_title(f"DeepLesion lesion sizes ({len(rows)} lesions)")
     axis.legend()
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def plot_against_deeplesion(types: list[str], sizes_mm: list[float], reference: dict, path: str | Path,
+                            label: str = "this dataset") -> Path:
+    """Two panels: lesion-type shares and long-axis distribution of a dataset beside DeepLesion's
+    (``reference`` from :func:`ctzoo.datasets.deeplesion.stats.deeplesion_reference`)."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
+    shares, theirs = type_shares(types), reference["type_shares"]
+    names = list(theirs)
+    x = np.arange(len(names))
+    left.bar(x - 0.2, [100 * theirs[n] for n in names], 0.4, label="DeepLesion", color="0.6")
+    left.bar(x + 0.2, [100 * shares[n] for n in names], 0.4, label=f"{label} ({len(types)} lesions)")
+    left.set_xticks(x, names, rotation=30, ha="right")
+    left.set_ylabel("% of typed lesions")
+    left.set_title("lesion types")
+    left.legend()
+    bins = np.geomspace(2, 400, 25)
+    right.hist(sizes_mm, bins=bins, density=True, alpha=0.7, label=f"{label} (median {np.median(sizes_mm):.1f} mm)")
+    if reference["long_axis_mm"]:
+        right.hist(reference["long_axis_mm"], bins=bins, density=True, histtype="step", color="k", linewidth=1.5,
+                   label=f"DeepLesion (median {reference['median_long_axis_mm']:.1f} mm)")
+    else:
+        right.axvline(reference["median_long_axis_mm"], color="k", linestyle="--",
+                      label=f"DeepLesion median ~{reference['median_long_axis_mm']:g} mm (published)")
+    right.axvline(10, color="0.5", linestyle=":", linewidth=1, label="RECIST 10 mm")
+    right.set_xscale("log")
+    right.set_xlabel("long axis (mm, log scale)")
+    right.set_ylabel("density")
+    right.set_title("lesion sizes")
+    right.legend(fontsize=8)
+    figure.suptitle(f"{label} vs DeepLesion ({reference['source']})", fontsize=9)
     figure.tight_layout()
     return save_figure(figure, path)
 

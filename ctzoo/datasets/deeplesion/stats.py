@@ -11,6 +11,13 @@ from ctzoo.datasets.deeplesion.info_csv import LESION_TYPES, SPLITS, LesionRow
 
 #: Long-axis bins (mm) of the size histogram; RECIST's measurable-lesion threshold is 10 mm.
 SIZE_BINS_MM = (0, 10, 20, 30, 40, 60, 80, 120, 1000)
+#: DeepLesion's coarse types over its 9,816 typed lesions (val + test: 4,889 + 4,927, the official split sizes;
+#: Yan et al., J. Med. Imaging 5(3) 036501, 2018). Pass the real DL_info.csv as a reference to compare with it.
+DEEPLESION_TYPE_COUNTS = {"lung": 2394, "abdomen": 2166, "mediastinum": 1638, "liver": 1318, "pelvis": 869,
+                          "soft tissue": 677, "kidney": 490, "bone": 264}
+#: DeepLesion's long axes in summary (no histogram without the download): median about 20 mm, a few mm to
+#: over 100 mm.
+DEEPLESION_MEDIAN_LONG_AXIS_MM = 20.0
 
 
 def long_axis_mm(row: LesionRow) -> float:
@@ -63,3 +70,22 @@ def format_stats(stats: dict[str, Any]) -> str:
     for label, count in zip(stats["long_axis_mm"]["bins"], stats["long_axis_mm"]["counts"]):
         lines.append(f"  {label:>9s} mm {count:7d} {'#' * round(40 * count / peak)}")
     return "\n".join(lines)
+
+
+def type_shares(types: list[str]) -> dict[str, float]:
+    """Share of each DeepLesion type (DEEPLESION_TYPE_COUNTS' order) among ``types``; 'unknown' is left out."""
+    known = [t for t in types if t != "unknown"]
+    return {name: known.count(name) / max(len(known), 1) for name in DEEPLESION_TYPE_COUNTS}
+
+
+def deeplesion_reference(rows: list[LesionRow] | None = None) -> dict[str, Any]:
+    """DeepLesion's type shares and long axes: from a real ``DL_info.csv``'s rows (typed val/test lesions; sizes
+    of every lesion) when given, else the published type counts and median (no size histogram)."""
+    if rows:
+        sizes = [long_axis_mm(r) for r in rows]
+        return {"source": "DL_info.csv", "type_shares": type_shares([r.lesion_type for r in rows]),
+                "long_axis_mm": sizes, "median_long_axis_mm": float(np.median(sizes))}
+    total = sum(DEEPLESION_TYPE_COUNTS.values())
+    return {"source": "published (Yan et al. 2018): 9,816 typed val/test lesions",
+            "type_shares": {name: count / total for name, count in DEEPLESION_TYPE_COUNTS.items()},
+            "long_axis_mm": None, "median_long_axis_mm": DEEPLESION_MEDIAN_LONG_AXIS_MM}

@@ -1,0 +1,122 @@
+"""Hard-negative mining for RECIST-Net: train on the lesion-free slices where the model is most confidently wrong.
+
+Random lesion-free slices (``data.negatives_per_series``) teach little once the model has learnt that most of a
+slice is background: what it still gets wrong on real CT are vessels, bowel loops and muscle seen end-on, which look
+like small round lesions. Every ``every`` epochs (from ``start_epoch``) the :class:`HardNegativeMiner` scores a
+pool of lesion-free context slices of the *training* patients — real CT, far from every annotated lesion along
+z — and the ``keep`` slices with the highest detection score join the next epochs' training items, each cropped
+around its strongest false detection so that the random training crop keeps it (as in ULDor's hard negative
+example mining for DeepLesion, Tang et al., ISBI 2019).
+
+DeepLesion's own lesion-free slices may hold lesions nobody marked (its authors say so); on the miniature they hold
+none, by construction. Validation and test patients are never mined.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import Dataset
+from monai.transforms import Compose, SpatialCrop, Transform
+from pydantic import Field
+from tqdm import tqdm
+
+from ctzoo.config import StrictConfig
+from ctzoo.datasets.deeplesion.dataset import DeepLesionConfig, LoadDeepLesiond, key_slice_items
+from ctzoo.datasets.deeplesion.info_csv import read_dl_info
+
+log = logging.getLogger(__name__)
+
+
+class HardNegativeConfig(StrictConfig):
+    """``hard_negatives:`` of a RECIST-Net config."""
+
+    pool_per_series: int = Field(2, ge=1, description="lesion-free context slices per training series scored")
+    keep: int = Field(48, ge=1, description="highest-scoring pool slices trained on until the next mining")
+    every: int = Field(5, ge=1, description="mine again every this many epochs")
+    start_epoch: int = Field(2, ge=0, description="first epoch (0-based) that mines: an untrained model's "
+                                                  "errors say nothing")
+    margin: int = Field(64, ge=0, description="pixels kept around the training crop's size in the focus crop")
+
+
+class CropToFocusd(Transform):
+    """Crop ``image`` (C, H, W) to ``size`` around ``item["focus"]`` ((row, col) pixels), clamped to the image;
+    ``focus`` is dropped, so mined items collate with the others.
+
+    MONAI's ``SpatialCrop`` does the cropping, so the image's affine follows as for any MONAI crop.
+    """
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = np.asarray(size)
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        image = item["image"]
+        shape = np.asarray(image.shape[-2:])
+        size = np.minimum(self.size, shape)
+        centre = np.clip(np.round(item["focus"]), size // 2, shape - (size - size // 2)).astype(int)
+        cropped = {key: value for key, value in item.items() if key != "focus"}  # batches share their keys
+        return {**cropped, "image": SpatialCrop(roi_center=centre.tolist(), roi_size=size.tolist())(image)}
+
+
+def _padded(image: torch.Tensor, multiple: int = 32) -> torch.Tensor:
+    """(C, H, W) -> (1, C, H', W'), zero-padded right and bottom to multiples of ``multiple`` (pixels keep their
+    coordinates)."""
+    height, width = image.shape[-2:]
+    pad = (0, -width % multiple, 0, -height % multiple)
+    return F.pad(torch.as_tensor(image)[None], pad)
+
+
+class HardNegativeMiner:
+    """Scores a fixed pool of lesion-free training slices and keeps the hardest, cropped around their strongest
+    false detection (``mine``); ``due(epoch)`` says when."""
+
+    def __init__(self, cfg: HardNegativeConfig, data: DeepLesionConfig, train_transform: Transform,
+                 train_size: tuple[int, int]) -> None:
+        self.cfg = cfg
+        rows = read_dl_info(data.root / data.info_csv)
+        self.items = [item for item in key_slice_items(rows, "train", data.drop_noisy, cfg.pool_per_series)
+                      if not item["lesions"]]
+        self.load = LoadDeepLesiond(data)
+        self.pool = Dataset(self.items, self.load)  # not cached: the pool is read once per mining
+        self.crop = tuple(s + cfg.margin for s in train_size)
+        self.train_transform = train_transform
+        self.mined: Dataset | None = None
+        self.history: list[dict[str, float]] = []
+
+    def due(self, epoch: int) -> bool:
+        """Mine at ``start_epoch``, every ``every`` epochs after it, and on the first epoch of a resumed run."""
+        if not self.items or epoch < self.cfg.start_epoch:
+            return False
+        return self.mined is None or (epoch - self.cfg.start_epoch) % self.cfg.every == 0
+
+    @torch.no_grad()
+    def scores(self, model: torch.nn.Module, device: torch.device) -> list[tuple[float, np.ndarray]]:
+        """Per pool slice: its strongest detection's score and centre (row, col), (0, slice centre) when none."""
+        found = []
+        for sample in tqdm(self.pool, desc="mining hard negatives", unit="slice", leave=False, disable=None):
+            image = sample["image"]
+            detections = model.detect(_padded(image).to(device), max_lesions=1, score_threshold=0.0)[0]
+            if len(detections["scores"]):
+                x, y = detections["points"][0, 4].cpu().numpy()
+                found.append((float(detections["scores"][0]), np.array([y, x])))
+            else:
+                found.append((0.0, np.asarray(image.shape[-2:]) / 2))
+        return found
+
+    def mine(self, model: torch.nn.Module, device: torch.device) -> Dataset:
+        """The ``keep`` highest-scoring pool slices as training items, each cropped around its false detection."""
+        scored = self.scores(model, device)  # detect() scores in eval mode and restores the model's mode
+        order = np.argsort([-score for score, _ in scored], kind="stable")[: self.cfg.keep]
+        chosen = [{**self.items[i], "focus": scored[i][1]} for i in order]
+        kept = [scored[i][0] for i in order]
+        self.history.append({"pool": len(scored), "kept": len(chosen), "min_kept_score": float(min(kept)),
+                             "mean_kept_score": float(np.mean(kept)),
+                             "pool_mean_score": float(np.mean([s for s, _ in scored]))})
+        log.info("hard negatives: kept %d of %d lesion-free slices, scores %.3f-%.3f (pool mean %.3f)",
+                 len(chosen), len(scored), min(kept), max(kept), self.history[-1]["pool_mean_score"])
+        self.mined = Dataset(chosen, Compose([self.load, CropToFocusd(self.crop), self.train_transform]))
+        return self.mined
