@@ -289,7 +289,7 @@ def test_train_continues_from_an_expanded_checkpoint(mini, tmp_path):
     config = {"task": "recistnet", "data": {"root": str(mini), "negatives_per_series": 1},
               "model": {"backbone": "light", "width": 8, "head_channels": 16},
               "optim": {"epochs": 1, "batch_size": 4, "lr": 0.004, "num_workers": 0},
-              "train_size": [128, 128], "eval_size": [256, 256]}
+              "train_size": [128, 128], "eval_size": [512, 512]}  # whole slices: a 256 crop can cut val's lesions away
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(config))
     runner = CliRunner()
     assert runner.invoke(main, ["train", str(tmp_path / "small.yaml"), "--out", str(tmp_path / "small")]).exit_code == 0
