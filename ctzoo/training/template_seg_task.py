@@ -2,8 +2,10 @@
 and the side-by-side run (``configs/template_seg_*.yaml``).
 
 Data: the TotalSegmentator sample volumes (train on ``example_ct_sm`` minus its superior ``val_slices`` slab,
-validate on that slab, test on the embedded DICOM sample, another patient) or any Medical Segmentation Decathlon
-folder (split by case order). Templates always come from the training slices only.
+validate on that slab, test on the embedded DICOM sample, another patient; ``data.train_patient: sample_ct_dicom``
+swaps the two patients, the val slab still coming from the training patient, as there is no third labelled one)
+or any Medical Segmentation Decathlon folder (split by case order). Templates always come from the training
+slices only.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from monai.data import DataLoader
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DistributedSampler
 
@@ -70,11 +72,21 @@ class SegDataConfig(SegPreprocessing):
     classes: dict[str, tuple[str, ...]] | Literal["abdomen"] | None = Field(
         None, description="class name -> source label-name patterns (fnmatch); 'abdomen': liver, spleen, "
                           "stomach, aorta, vertebrae; null: abdomen for totalsegmentator, every label for msd")
+    train_patient: Literal["example_ct_sm", "sample_ct_dicom"] = Field(
+        "example_ct_sm", description="totalsegmentator: the labelled patient trained on (minus its val slab); the "
+                                     "other one is the test patient")
     val_slices: int = Field(8, ge=1, description="totalsegmentator: superior slab of the training volume "
                                                  "held out for validation (never trained on)")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="msd: share of cases for validation")
     test_fraction: float = Field(0.2, ge=0, lt=1, description="msd: share of cases for testing")
     max_templates: int = Field(64, ge=1, description="template bank size (evenly thinned candidates)")
+
+    @model_validator(mode="after")
+    def _train_patient_is_totalsegmentator(self) -> SegDataConfig:
+        # by value, not by the fields set: a checkpoint's dumped msd task_config carries the default and must load
+        if self.source != "totalsegmentator" and self.train_patient != "example_ct_sm":
+            raise ValueError("data.train_patient names a TotalSegmentator sample patient; msd splits by case order")
+        return self
 
     @property
     def preprocessing(self) -> SegPreprocessing:
@@ -132,9 +144,9 @@ def load_seg_data(data: SegDataConfig) -> SegData:
     classes = ABDOMEN_CLASSES if data.classes == "abdomen" else data.classes
     if data.source == "totalsegmentator":
         classes = classes or ABDOMEN_CLASSES
-        cases = totalsegmentator_cases(classes)
-        rest, slab = split_slab(cases["train"][0], data.val_slices, "superior")
-        return SegData({"train": [rest], "val": [slab], "test": cases["test"]}, list(classes))
+        patients = {case.name: case for cases in totalsegmentator_cases(classes).values() for case in cases}
+        rest, slab = split_slab(patients.pop(data.train_patient), data.val_slices, "superior")
+        return SegData({"train": [rest], "val": [slab], "test": list(patients.values())}, list(classes))
     if data.root is None:
         raise ValueError("data.root must name the MSD folder (the one holding dataset.json)")
     if classes is None:
