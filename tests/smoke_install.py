@@ -152,7 +152,8 @@ def check_export_and_serve(work: Path) -> None:
     port = free_port()
     log = open(work / "serve.log", "w+")
     server = subprocess.Popen([str(CTZOO), "serve", "--repository", str(work / "models"), "--port", str(port),
-                               "--threads", "1"], stdout=log, stderr=subprocess.STDOUT,
+                               "--threads", "1", "--state-dir", str(work / "serve-state")], stdout=log,
+                              stderr=subprocess.STDOUT,
                               env={**os.environ, "CTZOO_SERVE_TOKENS": TOKEN})
     url = f"http://127.0.0.1:{port}"
     try:

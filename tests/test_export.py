@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -190,6 +191,53 @@ def test_failed_check_raises_and_keeps_the_earlier_export(tmp_path, monkeypatch,
     with pytest.raises(RuntimeError, match="disagree"):
         export_model(DETECTOR, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+def test_next_export_removes_what_a_killed_export_left_and_nothing_else(tmp_path):
+    """A SIGKILLed export leaves ``.<name>.partial-XXXXXXXX/`` with its lock file, unlocked (the kernel dropped the
+    dead process's lock). The next export of that name removes it; a staging folder whose export still runs
+    (its lock held), another model's, one of another shape, a symlink and a young folder without a lock stay."""
+    import fcntl
+    import os
+    import time
+
+    from ctzoo.export.repository import STAGING_LOCK, remove_stale_staging
+
+    repo = tmp_path / "repo"
+
+    def staging(name: str, locked_file: bool = True) -> Path:
+        folder = repo / name
+        (folder / "1").mkdir(parents=True)
+        (folder / "1" / "model.onnx").write_bytes(b"half an ONNX graph")
+        if locked_file:
+            (folder / STAGING_LOCK).write_text("")
+        return folder
+
+    killed = staging(f".{DETECTOR}.partial-k1lled_0")
+    running = staging(f".{DETECTOR}.partial-runn1ng0")
+    old_unlocked = staging(f".{DETECTOR}.partial-0ldc0py0", locked_file=False)  # a ctzoo before the lock wrote it
+    hours_ago = time.time() - 7200
+    os.utime(old_unlocked, (hours_ago, hours_ago))
+    kept = [running,
+            staging(f".{DETECTOR}.partial-y0ung000", locked_file=False),  # maybe an export that is just starting
+            staging(f".{DETECTOR}-fp16.partial-k1lled_0"),  # another target's
+            staging(f".{DETECTOR}.partial-k1lled_0.old"),  # not a name the exporter gives
+            staging("other-model")]
+    (repo / f".{DETECTOR}.partial-f1le0000").write_text("a file, not a staging folder")
+    elsewhere = staging("elsewhere")
+    (repo / f".{DETECTOR}.partial-l1nk0000").symlink_to(elsewhere, target_is_directory=True)
+    kept += [repo / f".{DETECTOR}.partial-f1le0000", repo / f".{DETECTOR}.partial-l1nk0000", elsewhere]
+    with open(running / STAGING_LOCK, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the running export holds it
+        result = CliRunner().invoke(main, ["export", DETECTOR, "--out", str(repo)])
+        assert result.exit_code == 0, result.output
+        assert f"removed {killed}, left behind by an export that was killed" in result.output
+    assert not killed.exists() and not old_unlocked.exists()
+    assert all(path.exists() for path in kept) and (elsewhere / "1" / "model.onnx").is_file()
+    assert sorted(p.name for p in repo.iterdir()) == sorted([DETECTOR, *(p.name for p in kept)])
+    assert STAGING_LOCK not in {p.name for p in (repo / DETECTOR).iterdir()}  # the lock stays out of the export
+    # the running export's lock is released (it was killed in turn): now it is stale too
+    assert remove_stale_staging(repo, DETECTOR, print) == [running] and not running.exists()
 
 
 def recistnet_checkpoint(run) -> tuple:

@@ -294,6 +294,79 @@ def test_progress_line_and_eta_before_every_case_size_is_known():
         assert ", 10/200 slices, " in counter.line()
 
 
+def test_summary_seconds_are_each_cases_own_wall_time(tmp_path):
+    """``seconds`` runs from the start of a case's reading to its outputs written, not from the start of the run:
+    each of four cases waits for its own 12 batches of >= 0.1 s, and their seconds add up to about the run's wall
+    time, not to a running total (which would be about 2.5 times it)."""
+    import time
+
+    cases = [CaseInput(f"c{k}", _tiny_volume(tmp_path / f"c{k}.nii.gz", 24)) for k in range(4)]
+    out = tmp_path / "out"
+    start = time.time()
+    rows = run_pipeline(cases, _stub_task(0.1), PipelineOptions(out=out, workers=1, batch_size=2, chunk=2,
+                                                                progress=False))
+    wall = time.time() - start
+    seconds = [row["seconds"] for row in rows]
+    assert [row["status"] for row in rows] == ["ok"] * 4
+    assert all(1.2 - 0.01 <= s <= wall + 0.01 for s in seconds), (seconds, wall)
+    # one reader: cases overlap only by its read-ahead (the next case is read while the model runs the last batches
+    # of the one before), a few tenths of a second each, not whole cases
+    assert sum(seconds) <= 1.5 * wall, (seconds, wall)
+    summary = _summary(out)
+    for case, row in zip(cases, rows):
+        status = json.loads((out / case.name / "status-stub-model.json").read_text())
+        assert status["seconds"] == row["seconds"] and summary[case.name]["seconds"] == str(row["seconds"])
+        assert 0 <= status["read_s"] <= status["seconds"]
+
+
+def test_ctrl_c_on_a_real_process_exits_130_and_resume_finishes_with_0(mixed_inputs, tmp_path):
+    """``ctzoo infer`` in its own process, interrupted as a terminal does it (SIGINT to the process group, reader
+    process included) once its first case is written: exit 130, no partial file, summary.csv and the status files
+    agree on the cases that finished, and --resume runs only the rest and exits 0. (Exit 1 when a case fails:
+    test_batch_over_mixed_inputs_records_the_corrupt_case_and_writes_seg_and_sr, test_resume_skips_finished_cases_...)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    names = [f"case{k}" for k in range(4)]
+    for name in names:  # ~2-4 s a case on two busy cores: Ctrl-C lands with cases left to run
+        shutil.copyfile(mixed_inputs / "small.nii.gz", inputs / f"{name}.nii.gz")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "ctzoo", "infer", str(inputs), "--out", str(out), "--workers", "1",
+               "--no-overlay"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group, as a shell gives a job
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("*/status-recistnet-mini.json")):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no case finished in 300 s"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "--resume runs the rest" in stderr and "Traceback" not in stderr, stderr
+    assert not [p for p in out.rglob("*") if ".partial" in p.name]
+    finished = {p.parent.name for p in out.glob("*/status-recistnet-mini.json")}
+    summary = _summary(out)
+    assert set(summary) == finished and 1 <= len(finished) < len(names), (finished, stderr)
+    assert {row["status"] for row in summary.values()} == {"ok"}
+    before = {name: (out / name / "status-recistnet-mini.json").stat().st_mtime_ns for name in finished}
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert {name: (out / name / "status-recistnet-mini.json").stat().st_mtime_ns for name in finished} == before
+    assert sorted(_summary(out)) == names and {row["status"] for row in _summary(out).values()} == {"ok"}
+
+
 def test_infer_refuses_an_unknown_model_before_anything_else(mixed_inputs):
     result = CliRunner().invoke(main, ["infer", str(mixed_inputs), "--model", "recistnet-mini", "--model", "nosuch"])
     assert result.exit_code != 0

@@ -184,6 +184,28 @@ def test_listener_refuses_instances_that_would_fill_its_disk(tmp_path, sent_file
         listener.stop()
 
 
+def test_listener_refuses_instances_declaring_more_pixels_than_its_limit(tmp_path, sent_files, tasks):
+    """An instance whose header declares more pixels than limits.max_volume_voxels gets 0xA700 before anything is
+    written; the next instance within the limit is stored."""
+    from ctzoo.io.limits import ResourceLimits
+
+    listener = _listener(tmp_path, tasks, AEAddress("DEST", "127.0.0.1", free_port()))
+    dataset = pydicom.dcmread(sent_files[0])
+    listener.limits = ResourceLimits(max_volume_voxels=int(dataset.Rows) * int(dataset.Columns) - 1)
+    ae = AE(ae_title=CALLER)
+    ae.add_requested_context(CTImageStorage, dataset.file_meta.TransferSyntaxUID)
+    try:
+        association = ae.associate("127.0.0.1", listener.port, ae_title="CTZOO")
+        assert association.is_established
+        assert association.send_c_store(dataset).Status == 0xA700
+        assert not list((tmp_path / "spool").rglob("*.dcm"))
+        listener.limits = ResourceLimits()
+        assert association.send_c_store(dataset).Status == 0x0000
+        association.release()
+    finally:
+        listener.stop()
+
+
 def test_send_files_reports_a_refusal(tmp_path, sent_files):
     port, received = free_port(), []
     server = _storage_scp(port, received, status=0xA700)

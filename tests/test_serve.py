@@ -528,7 +528,8 @@ def test_cli_server_under_load_has_no_5xx_and_stable_memory(repo, tmp_path, bank
     stderr = tmp_path / "stderr.txt"  # a file, not a pipe: 400+ access lines must never block the server
     with stderr.open("wb") as sink:
         process = subprocess.Popen([sys.executable, "-m", "ctzoo", "serve", "--repository", str(repo), "--port",
-                                    str(port), "--token-file", str(tmp_path / "tokens"), "--threads", "1"],
+                                    str(port), "--token-file", str(tmp_path / "tokens"), "--threads", "1",
+                                    "--state-dir", str(tmp_path / "state")],
                                    env=env, stdout=subprocess.DEVNULL, stderr=sink)
     seg_request = _binary_request({"image": bank.images[:1].numpy(), "template": bank.templates(0).numpy()})
     rng = np.random.default_rng(2)

@@ -47,7 +47,9 @@ def export(source: str, repo: Path, name: str | None, fp16: bool, opset: int, la
     Every export is checked right after it is written: ONNX Runtime against PyTorch on random
     input (two batch sizes; the detector also a second image size) and on the embedded sample CT
     preprocessed as ctzoo infer does it. A disagreement fails the export and leaves nothing
-    behind; an earlier export of the same name is replaced only by one that passed.
+    behind; an earlier export of the same name is replaced only by one that passed. The hidden
+    OUT/.<name>.partial-* folder of an export that was killed (SIGKILL, out of memory) is removed
+    by the next export of that name, unless that export is still running (docs/serving.md).
 
     \b
     Examples:

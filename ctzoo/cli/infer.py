@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ctzoo.cli.info import USER_ERRORS, load_rules, rules_option, series_option
+from ctzoo.cli.limits import volume_limit_options, volume_limits
+
+#: The shell's convention for a process ended by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
+
+
+def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
+    """Exit 130 on Ctrl-C before the models run too (loading a model, scanning the inputs), instead of click's
+    "Aborted!" with exit 1: a script must be able to tell "stopped" from "some cases failed"."""
+
+    @functools.wraps(command)
+    def interruptible(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise SystemExit(EXIT_INTERRUPTED) from None
+
+    return interruptible
 
 
 def _default_workers() -> int:
@@ -46,9 +67,11 @@ def _default_workers() -> int:
                    "(RAY_ADDRESS, or a local Ray instance).")
 @series_option
 @rules_option
+@volume_limit_options
+@_ctrl_c_exits_130
 def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, device: str, out: Path, workers: int,
           batch_size: int, threads: int | None, resume: bool, overlay: bool | None, score_threshold: float | None,
-          engine: str, series: str | None, rules_file: Path | None) -> None:
+          engine: str, series: str | None, rules_file: Path | None, **limit_options) -> None:
     """Run zoo models over CT volumes: detect lesions (RECIST-Net) or segment organs.
 
     INPUTS are any mix of DICOM folders (searched recursively: every folder holding DICOM files is a
@@ -63,14 +86,26 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
       segmenters: labels.nii.gz (on the input grid), segmentation.json (volume per class),
                   seg.dcm (DICOM SEG, for DICOM input), labels_overlay.png on request
       status-<model>.json, written last: what --resume trusts
-    OUT/summary.csv lists every case with its status and error. A case that fails is recorded there
-    and the batch goes on; the exit status is 1 when any case failed. Ctrl-C leaves no partial file.
+    OUT/summary.csv lists every case with its status, error, read_s and seconds (the case's own wall
+    time, from the start of its reading to its outputs written). A case that fails is recorded there
+    and the batch goes on. Ctrl-C lets the case being written finish, leaves no partial file and
+    keeps summary.csv listing the cases that finished (--resume runs the rest).
     Lesions and overlays name their slice as a viewer does: InstanceNumber (DICOM) and z in mm, with
     the 0-based index beside them.
 
     \b
+    Exit status:
+      0    every case ok
+      1    any case failed (see summary.csv), or the run could not start (unknown model, no cases)
+      2    a bad command line
+      130  interrupted (Ctrl-C, SIGINT)
+
+    \b
     Progress: a bar on a terminal; otherwise (logs, CI, systemd) an INFO line every 10 s with cases
     and slices done, slices/s and a rough ETA, and one line per finished case.
+
+    Size limits (--max-volume-voxels, --max-decoded-mb, --max-inflate-ratio) are checked from each
+    input's headers before it is read; a case over one fails with a message naming the option.
 
     \b
     Examples:
@@ -93,13 +128,19 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     if not cases:
         raise click.ClickException("no cases to run")
     options = PipelineOptions(out=out, batch_size=batch_size, workers=workers, resume=resume,
-                              overlay=(not inputs) if overlay is None else overlay, series=series, rules=rules)
+                              overlay=(not inputs) if overlay is None else overlay, series=series, rules=rules,
+                              limits=volume_limits(limit_options))
     click.echo(f"{len(cases)} case(s) -> {out}", err=True)
     rows: list[dict] = []
-    with _progress_logging():
-        for model_name in model_names:
-            rows = _run_model(bundles[model_name], cases, options, backend, device, threads, score_threshold, engine,
-                              rows)
+    try:
+        with _progress_logging():
+            for model_name in model_names:
+                rows = _run_model(bundles[model_name], cases, options, backend, device, threads, score_threshold,
+                                  engine, rows)
+    except KeyboardInterrupt:  # the pipeline has recorded the cases that finished and removed partial files
+        click.echo(f"interrupted: {out / 'summary.csv'} lists the cases that finished; --resume runs the rest",
+                   err=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     failed = [r for r in rows if r["status"] != "ok"]
     for row in rows:
         line = f"{row['case']} [{row['model']}]: " + (f"{row['findings']} finding(s) {row['detail']}".rstrip()

@@ -111,7 +111,7 @@ def watch(config: Path) -> None:
                 raise click.ClickException(f"Orthanc refused the credentials ({exc})") from exc
             click.echo(f"warning: {exc}; waiting for Orthanc", err=True)
         watcher = OrthancWatcher(client, ledger, tasks, settings.rules, settings.state_dir / "work",
-                                 worker_name(), settings.salt())
+                                 worker_name(), settings.salt(), limits=settings.limits.resource_limits())
         click.echo(f"watching {settings.orthanc.url} for CT series; models: {', '.join(settings.models)}; "
                    f"ledger: {settings.ledger_path}", err=True)
         _run_until_signalled(watcher, settings.orthanc.poll_s)
@@ -140,7 +140,7 @@ def listen(config: Path) -> None:
             settings.salt(), AEAddress(section.ae_title, section.host, section.port),
             AEAddress(dest.ae_title, dest.host, dest.port),
             None if section.allowed_calling_aets == ["*"] else section.allowed_calling_aets, section.stable_s,
-            section.min_free_mb)
+            section.min_free_mb, settings.limits.resource_limits())
         try:
             listener.start()
         except OSError as exc:

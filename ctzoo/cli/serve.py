@@ -13,6 +13,9 @@ from pathlib import Path
 
 import click
 
+from ctzoo.cli.limits import volume_limit_options, volume_limits
+from ctzoo.serve.budget import ServeLimits
+
 TOKENS_ENV = "CTZOO_SERVE_TOKENS"
 logger = logging.getLogger("ctzoo.serve")
 
@@ -66,6 +69,38 @@ def run_until_signalled(app, **uvicorn_options) -> None:
             signal.signal(sig, handler)
 
 
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/ctzoo/serve``, else ``~/.local/state/ctzoo/serve``."""
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "ctzoo" / "serve"
+
+
+_STATE_LOCKS: list = []  # open lock files, held for the life of the process
+
+
+def claim_state_dir(state: Path) -> Path:
+    """Make ``state`` this process's own (an exclusive lock on ``state/lock``; ClickException if another service
+    holds it), empty its ``tmp`` folder (what a killed service left) and make it the process's temporary folder,
+    so zip extraction and every library's temporary file land where the next start-up removes them."""
+    import fcntl
+    import shutil
+    import tempfile
+
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = open(state / "lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise click.ClickException(f"{state} is in use by another ctzoo serve; give this one its own --state-dir")
+    _STATE_LOCKS.append(lock)
+    scratch = state / "tmp"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(mode=0o700)
+    tempfile.tempdir = os.environ["TMPDIR"] = str(scratch)  # native libraries (GDCM, ONNX Runtime) read TMPDIR
+    return state
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -101,10 +136,25 @@ def _is_loopback(host: str) -> bool:
 @click.option("--no-batching", is_flag=True, help="Run every request alone (no dynamic batching).")
 @click.option("--no-access-log", is_flag=True,
               help="Do not print a line per request on stderr (method, path, status, milliseconds).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The service's own folder: study uploads while they run, temporary files (default "
+              "$XDG_STATE_HOME/ctzoo/serve or ~/.local/state/ctzoo/serve). Emptied at start-up; one service each.")
+@volume_limit_options
+@click.option("--max-tensor-elements", type=click.IntRange(min=1), default=ServeLimits.max_tensor_elements,
+              show_default=True, help="Most elements over all inputs of one /infer request.")
+@click.option("--max-tensor-side", type=click.IntRange(min=1), default=ServeLimits.max_tensor_side,
+              show_default=True, help="Longest non-batch axis of an /infer input (the models take 512 px slices).")
+@click.option("--max-requests-per-model", type=click.IntRange(min=1), default=ServeLimits.max_requests_per_model,
+              show_default=True, help="Requests worked on at once per model; more wait (then 503).")
+@click.option("--max-inflight-mb", type=click.FloatRange(min=0, min_open=True), default=ServeLimits.max_inflight_mb,
+              show_default=True, help="Memory the requests in flight may expect to decode, whole server, in MiB "
+              "(about half the service's memory); more wait (then 503), one request alone over it gets 413.")
+@click.option("--queue-wait-s", type=click.FloatRange(min=0), default=ServeLimits.queue_wait_s, show_default=True,
+              help="How long a request waits for a place before 503 with Retry-After.")
 def serve(repository: Path, host: str, port: int, token_file: Path | None, insecure_no_auth: bool,
           metrics_no_auth: bool, max_upload_mb: float, request_timeout_s: float, threads: int | None, device: str,
           tensorrt: bool, max_batch_size: int | None, max_queue_delay_ms: float | None, no_batching: bool,
-          no_access_log: bool) -> None:
+          no_access_log: bool, state_dir: Path | None, **budget_options) -> None:
     """Serve the models of a repository over HTTP: KServe v2 / Open Inference Protocol.
 
     Any KServe v2 client works, e.g. tritonclient.http (JSON and binary tensors). Every route needs
@@ -120,6 +170,13 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
     Whole studies: POST /studies/<model> with a NIfTI, NRRD or MHA file or a zipped DICOM series as
     the body; the answer is what 'ctzoo infer --backend onnx' writes (?format=json, nifti for a
     segmenter's label map, dicom for the SR or SEG of DICOM input).
+
+    Hostile uploads are bounded: sizes declared by headers are checked before anything is read
+    (--max-volume-voxels, --max-decoded-mb, --max-inflate-ratio, --max-tensor-elements,
+    --max-tensor-side: 413 naming the option), MHA/NRRD files must carry their voxels (400), and
+    requests in flight are limited per model and in memory (--max-requests-per-model,
+    --max-inflight-mb: they wait up to --queue-wait-s, then 503 with Retry-After). The body is read
+    inside --request-timeout-s; past it the work is cancelled and its files removed.
 
     \b
     Examples:
@@ -143,12 +200,14 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
     if not _is_loopback(host):
         click.echo(f"warning: listening on {host}, beyond this machine, over plain HTTP: put a TLS reverse proxy "
                    "in front", err=True)
+    state = claim_state_dir(state_dir or default_state_dir())
+    limits = ServeLimits(volume_limits(budget_options, self_contained_only=True), **budget_options)
     try:
         app = create_app(repository, tokens, insecure_no_auth=insecure_no_auth, device=device, threads=threads,
                          tensorrt=tensorrt, max_upload_mb=max_upload_mb, request_timeout_s=request_timeout_s,
                          batching=not no_batching, max_batch_size=max_batch_size,
-                         max_queue_delay_ms=max_queue_delay_ms, metrics_no_auth=metrics_no_auth,
-                         extra_routers=[study_router(device, threads)])
+                         max_queue_delay_ms=max_queue_delay_ms, metrics_no_auth=metrics_no_auth, limits=limits,
+                         extra_routers=[study_router(device, threads, state, request_timeout_s)])
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     for model in app.state.repository.values():

@@ -14,7 +14,8 @@ PyTorch; ``ctzoo serve``, ``ctzoo infer --backend onnx``, ``/studies``, the PACS
 
 Every graph is checked right after it is written (:mod:`ctzoo.export.parity`); the folder is written as a hidden
 sibling and renamed into place only when complete, so an earlier export of the same name stays as it was until
-a new one has passed, and a failed export leaves nothing.
+a new one has passed, and a failed export leaves nothing. An export killed outright (SIGKILL, out of memory)
+leaves its hidden folder; the next export of that name removes it (:func:`remove_stale_staging`).
 
 ``fp16=True`` writes ``<name>-fp16``: the same graphs with fp16 weights and arithmetic inside and fp32 inputs
 and outputs, so clients, the service and the preprocessing are identical for both variants.
@@ -38,7 +39,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ctzoo.datasets.samples import sha256_of
 from ctzoo.export import parity
@@ -66,6 +67,12 @@ _DATATYPES = {1: "FP32", 10: "FP16"}  # onnx.TensorProto.FLOAT, FLOAT16
 #: Bump when graphs' names, inputs or outputs change, so cached exports of older code are redone.
 EXPORT_FORMAT = 2
 Progress = Callable[[str], None]
+#: An export writes ``REPO/.<name>.partial-XXXXXXXX/`` and renames it to ``REPO/<name>`` once checked. While it
+#: runs it holds an flock on STAGING_LOCK inside; the next export of ``<name>`` removes the folders whose lock
+#: nobody holds (see :func:`remove_stale_staging`).
+STAGING_INFIX, STAGING_LOCK = ".partial-", ".ctzoo-export.lock"
+#: A staging folder without a lock file counts as stale once its mtime is this old.
+UNLOCKED_STALE_S = 3600.0
 
 
 class ExportSourceError(ValueError):
@@ -155,8 +162,11 @@ def export_bundle(bundle: ModelBundle, repo: Path, name: str | None = None, fp16
     repo = Path(repo)
     created = not repo.exists()
     repo.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder_name}.partial-", dir=repo))
+    remove_stale_staging(repo, folder_name, say)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder_name}{STAGING_INFIX}", dir=repo))
+    lock = None
     try:
+        lock = _lock_staging(staging)
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a server may run as another user
         (staging / GRAPH_DIR).mkdir()
         records, start = {}, time.perf_counter()
@@ -199,12 +209,66 @@ def export_bundle(bundle: ModelBundle, repo: Path, name: str | None = None, fp16
             say("writing the MONAI bundle files (configs/metadata.json, configs/inference.json, models/)")
             write_monai_files(bundle, staging)
         (staging / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        (staging / STAGING_LOCK).unlink()  # not part of the export; the open handle keeps the lock until the rename
         replace_folder(staging, repo / folder_name)
     finally:
+        if lock is not None:
+            lock.close()
         shutil.rmtree(staging, ignore_errors=True)
         if created and not any(repo.iterdir()):
             repo.rmdir()
     return repo / folder_name
+
+
+def _lock_staging(staging: Path) -> IO[str]:
+    """Lock ``staging`` for as long as this export runs (the returned handle is open): other exports see that it
+    is in use. The kernel drops the lock when this process dies, however it dies."""
+    import fcntl
+
+    handle = open(staging / STAGING_LOCK, "w")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh folder: nobody else can hold it
+    return handle
+
+
+def remove_stale_staging(repo: Path, folder_name: str, say: Progress) -> list[Path]:
+    """Remove the staging folders of ``repo/folder_name`` that killed exports left behind (SIGKILL, out of
+    memory, power loss: their own cleanup never ran); returns them. Only folders named as :func:`export_bundle`
+    names them (``.<folder_name>.partial-`` and mkdtemp's 8 characters) and not locked by a running export."""
+    pattern = re.compile(re.escape(f".{folder_name}{STAGING_INFIX}") + "[a-z0-9_]{8}")
+    removed = []
+    for path in sorted(repo.iterdir()):
+        if pattern.fullmatch(path.name) and path.is_dir() and not path.is_symlink() and _is_stale(path):
+            shutil.rmtree(path, ignore_errors=True)
+            say(f"removed {path}, left behind by an export that was killed")
+            removed.append(path)
+    return removed
+
+
+def _is_stale(staging: Path) -> bool:
+    """True when no running export holds ``staging``'s lock. A folder without a lock file (made by a ctzoo
+    before the lock, or caught between mkdtemp and the lock) is stale once untouched for UNLOCKED_STALE_S."""
+    import fcntl
+
+    try:
+        handle = os.open(staging / STAGING_LOCK, os.O_RDWR)  # writable: flock over NFS needs it
+    except FileNotFoundError:
+        return _untouched_for(staging, UNLOCKED_STALE_S)
+    except OSError:
+        return False  # not ours to judge (another user's export, say): leave it
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # its export is still running
+    finally:
+        os.close(handle)  # nobody takes up a killed export's folder again: no need to hold the lock while removing
+    return True
+
+
+def _untouched_for(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False  # gone meanwhile: nothing to remove
 
 
 def load_source(source: str, templates: Path | None = None, workdir: Path | None = None) -> tuple[ModelBundle, str]:

@@ -12,8 +12,11 @@ Stages (the model's parts are :class:`ctzoo.inference.tasks.ModelTask`)::
 * A case that fails to read, preprocess, predict or write is recorded with its error in ``summary.csv``
   and ``OUT/<case>/status-<model>.json``; the batch goes on.
 * Every file is written under a temporary name and renamed; the status file is written last, so ``--resume``
-  skips exactly the cases whose outputs are complete. Ctrl-C lets the file being written finish and
-  leaves no partial file.
+  skips exactly the cases whose outputs are complete. Ctrl-C lets the case being written finish, records it
+  in ``summary.csv`` with the others that finished, leaves no partial file and re-raises KeyboardInterrupt
+  (``ctzoo infer`` then exits 130).
+* ``seconds`` in ``summary.csv`` is each case's own wall time, from when its reader started reading it to
+  when its outputs were written (:func:`case_seconds`); ``read_s`` is the reading part of it.
 * Progress (:class:`ctzoo.inference.progress.Progress`): a bar over cases on a terminal; off one, INFO lines of
   logger ``ctzoo.inference.pipeline`` every ``progress_interval_s`` seconds (slices done, slices/s, ETA) and
   one per finished case.
@@ -63,6 +66,12 @@ class PipelineOptions:
     rules: Any = None  # SeriesRules or None
     progress: bool = True  # a bar on a terminal, log lines off one; False: neither (service, PACS bridge)
     progress_interval_s: float = 10.0  # off a terminal: seconds between two progress lines
+    limits: Any = None  # ResourceLimits for reading each case (None: ctzoo.io's defaults)
+    cancel: Any = None  # a threading.Event: once set, the run stops at the next stage boundary (Cancelled)
+
+
+class Cancelled(RuntimeError):
+    """The run's ``cancel`` event was set (the service's deadline passed): it stopped between two stages."""
 
 
 def status_path(out: Path, case: CaseInput, model_name: str) -> Path:
@@ -79,16 +88,19 @@ def error_message(exc: BaseException) -> str:
 
 
 def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: str | None = None,
-              rules: Any = None) -> Iterator[dict[str, Any]]:
+              rules: Any = None, limits: Any = None) -> Iterator[dict[str, Any]]:
     """Messages for one case: ``slices`` chunks ``(n, C, H, W)``, then ``end`` (volume and context), or
     ``error`` as soon as anything fails. Used by the local readers and by the Ray engine."""
     from ctzoo.io import read_volume
+    from ctzoo.io.limits import DEFAULT_LIMITS
 
     start_time = time.perf_counter()
+    started_at = time.time()  # wall clock, not perf_counter: the writer compares it in another process
     sent = 0
     try:
         volume = case.volume if case.volume is not None else read_volume(case.path, series=series, rules=rules,
-                                                                         progress=False)
+                                                                         progress=False,
+                                                                         limits=limits or DEFAULT_LIMITS)
         if not np.isfinite(volume.array).all():
             bad = int(volume.array.size - np.isfinite(volume.array).sum())
             raise ValueError(f"{case.path}: {bad} voxels are NaN or infinite; refusing to guess their HU")
@@ -111,7 +123,7 @@ def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: 
         header.array = np.empty((0, 0, 0), dtype=volume.array.dtype)  # the voxels travel as a shared tensor
         yield {"kind": "end", "case": index, "slices": sent, "context": context, "volume": header,
                "voxels": torch.from_numpy(np.ascontiguousarray(volume.array)),
-               "read_s": time.perf_counter() - start_time}
+               "read_s": time.perf_counter() - start_time, "started_at": started_at}
     except Exception as exc:  # one bad case must not stop the batch: it is reported in the summary
         yield {"kind": "error", "case": index, "error": error_message(exc)}
 
@@ -124,14 +136,17 @@ def axial_slices(volume: Volume) -> int:
 class CaseStream(IterableDataset):
     """The reader stage as a PyTorch iterable dataset: each worker reads every ``num_workers``-th case."""
 
-    def __init__(self, cases: list[CaseInput], task: ModelTask, chunk: int, series: str | None, rules: Any):
+    def __init__(self, cases: list[CaseInput], task: ModelTask, chunk: int, series: str | None, rules: Any,
+                 limits: Any = None):
         self.cases, self.task, self.chunk, self.series, self.rules = cases, task, chunk, series, rules
+        self.limits = limits
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = get_worker_info()
         share, step = (worker.id, worker.num_workers) if worker else (0, 1)
         for index in range(share, len(self.cases), step):
-            yield from read_case(index, self.cases[index], self.task, self.chunk, self.series, self.rules)
+            yield from read_case(index, self.cases[index], self.task, self.chunk, self.series, self.rules,
+                                 self.limits)
 
 
 def _keep(message: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +162,6 @@ class CaseState:
     outputs: dict[int, Any] = field(default_factory=dict)
     end: dict[str, Any] | None = None
     error: str = ""
-    started: float = field(default_factory=time.perf_counter)
 
     @property
     def complete(self) -> bool:
@@ -287,7 +301,7 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
             volume.array = end["voxels"].numpy()
             outputs = [state.outputs[k] for k in range(end["slices"])]
             future = writer.submit(_timed_write, task, state.case, volume, end["context"], outputs, options,
-                                   end["read_s"], state.started)
+                                   end["read_s"], end["started_at"])
             pending.append((future, state.case, index))
         collect(block=False)
 
@@ -311,10 +325,12 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
     parallel = {"prefetch_factor": 2} if options.workers > 0 else {}
     if options.workers > 1 and "in_order" in inspect.signature(DataLoader).parameters:  # torch >= 2.6
         parallel["in_order"] = False
-    loader = DataLoader(CaseStream(todo, task, options.chunk, options.series, options.rules), batch_size=None,
-                        num_workers=options.workers, collate_fn=_keep, **parallel)
+    loader = DataLoader(CaseStream(todo, task, options.chunk, options.series, options.rules, options.limits),
+                        batch_size=None, num_workers=options.workers, collate_fn=_keep, **parallel)
     try:
         for message in loader if todo else ():
+            if options.cancel is not None and options.cancel.is_set():
+                raise Cancelled("the run was cancelled")
             index = message["case"]
             state = states.get(index)
             if state is None:
@@ -352,7 +368,15 @@ def _done_future(value: Any) -> Future:
 
 
 def _timed_write(task: ModelTask, case: CaseInput, volume: Volume, context: Any, outputs: list[Any],
-                 options: PipelineOptions, read_s: float, started: float) -> dict[str, Any]:
+                 options: PipelineOptions, read_s: float, started_at: float) -> dict[str, Any]:
     row = write_case(task, case, volume, context, outputs, options)
-    row.update(read_s=round(read_s, 2), seconds=round(time.perf_counter() - started, 2))
+    row.update(read_s=round(read_s, 2), seconds=case_seconds(started_at, read_s))
     return row
+
+
+def case_seconds(started_at: float, read_s: float) -> float:
+    """The ``seconds`` of a case's summary row: its own wall time, from when its reader started reading it
+    (``started_at``, ``time.time()`` in the reader's process) to now, its outputs written. The wall clock
+    because reader and writer are different processes (or Ray nodes); never less than ``read_s``, should the
+    clock have been set back in between."""
+    return round(max(time.time() - started_at, read_s), 2)

@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import os
 import pickle
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from ctzoo.inference.pipeline import (
     MAX_PENDING_WRITES,
     PipelineOptions,
     RunBook,
+    case_seconds,
     error_message,
     read_case,
     summary_row,
@@ -79,16 +79,16 @@ def connect(address: str | None = None, workers: int = 1) -> bool:
     return True
 
 
-def _read_rows(row: dict[str, Any], task, chunk: int, series: str | None, rules: Any):
+def _read_rows(row: dict[str, Any], task, chunk: int, series: str | None, rules: Any, limits: Any = None):
     """Reader stage: the messages of :func:`read_case` as rows, one per slice, then one end or error row."""
     index = int(row["case"])
     control = {"case": index, "slice": -1, "image": _NO_IMAGE, "payload": b"", "error": ""}
-    for message in read_case(index, CaseInput(row["name"], Path(row["source"])), task, chunk, series, rules):
+    for message in read_case(index, CaseInput(row["name"], Path(row["source"])), task, chunk, series, rules, limits):
         if message["kind"] == "slices":
             for k, image in enumerate(message["images"].numpy()):
                 yield {**control, "slice": message["start"] + k, "image": image}
         elif message["kind"] == "end":  # the voxels stay behind: the write task re-reads the volume
-            end = {"slices": message["slices"], "context": message["context"], "read_s": message["read_s"]}
+            end = {key: message[key] for key in ("slices", "context", "read_s", "started_at")}
             yield {**control, "payload": pickle.dumps(end)}
         else:
             yield {**control, "error": message["error"].replace(row["source"], row["path"])}  # the path as given
@@ -135,7 +135,8 @@ def _write(model_name: str, case: CaseInput, source: str, context: Any, outputs:
 
     task = _finisher(model_name)
     try:
-        volume = read_volume(source, series=options.series, rules=options.rules, progress=False)
+        volume = read_volume(source, series=options.series, rules=options.rules, progress=False,
+                             **({"limits": options.limits} if options.limits else {}))
     except Exception as exc:  # the input changed since it was read: this case fails, the batch goes on
         return summary_row(case, task, "error", slices=len(outputs),
                            error=error_message(exc).replace(source, str(case.path)))
@@ -199,12 +200,13 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
     items = [{"case": i, "name": c.name, "path": str(c.path), "source": sources[i]} for i, c in enumerate(todo)]
     dataset = (ray.data.from_items(items, override_num_blocks=len(items))  # a block per case: read in parallel
                .flat_map(_read_rows, fn_kwargs={"task": reader, "chunk": options.chunk, "series": options.series,
-                                                "rules": options.rules}, **_pool(ray, max(1, options.workers), False))
+                                                "rules": options.rules, "limits": options.limits},
+                         **_pool(ray, max(1, options.workers), False))
                .map_batches(_Predictor, fn_constructor_args=(task.model_name, backend, device, score_threshold,
                                                              threads), batch_size=options.batch_size,
                             batch_format="numpy", **_pool(ray, actors, True), **resources))
     write = ray.remote(num_cpus=1)(_write)
-    states: dict[int, dict[str, Any]] = {}  # cases in flight: outputs by slice, end row, when first seen
+    states: dict[int, dict[str, Any]] = {}  # cases in flight: outputs by slice, end row
     done: set[int] = set()  # cases failed or handed to a writer: their remaining rows are dropped
     pending: dict[Any, tuple[CaseInput, dict[str, Any]]] = {}  # write task -> its case
 
@@ -216,7 +218,8 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
                 return
             case, state = pending.pop(ready[0])
             row = ray.get(ready[0])
-            row.update(read_s=round(state["end"]["read_s"], 2), seconds=round(time.perf_counter() - state["t"], 2))
+            row.update(read_s=round(state["end"]["read_s"], 2),
+                       seconds=case_seconds(state["end"]["started_at"], state["end"]["read_s"]))
             record(row, case)
 
     try:
@@ -224,7 +227,7 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
             index = int(row["case"])
             if index in done:
                 continue
-            state = states.setdefault(index, {"outputs": {}, "end": None, "t": time.perf_counter()})
+            state = states.setdefault(index, {"outputs": {}, "end": None})
             if row["error"]:
                 done.add(index)
                 del states[index]

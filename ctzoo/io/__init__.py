@@ -21,6 +21,7 @@ from ctzoo.io.image_files import (
     volume_to_sitk,
     write_volume,
 )
+from ctzoo.io.limits import LimitExceeded, ResourceLimits, UnsafeInput
 from ctzoo.io.reorient import reorient_lps
 from ctzoo.io.volume import DicomSource, Volume
 
@@ -28,7 +29,10 @@ __all__ = [
     "DicomError",
     "DicomSource",
     "DicomWarning",
+    "LimitExceeded",
+    "ResourceLimits",
     "SeriesRules",
+    "UnsafeInput",
     "Volume",
     "choose_series",
     "derived_uid",

@@ -26,6 +26,7 @@ from pydicom.errors import InvalidDicomError
 from tqdm.auto import tqdm
 
 from ctzoo.config import StrictConfig
+from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ NON_VOLUME_SOP_CLASSES = {
 REQUIRED_SLICE_TAGS = ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient")
 #: Cosine of the largest angle between two slice normals still taken as "the same orientation".
 SAME_ORIENTATION_COS = float(np.cos(np.deg2rad(0.5)))
-#: Zip archives larger than this once extracted are refused (a zip bomb must not fill the disk).
-MAX_ZIP_EXTRACT_BYTES = 8 * 1024**3
 
 
 class DicomError(ValueError):
@@ -285,10 +284,12 @@ def scan_folder(root: str | Path, display_root: str | None = None, progress: boo
 
 
 @contextmanager
-def dicom_folder(path: str | Path) -> Iterator[tuple[Path, str | None]]:
+def dicom_folder(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS) -> Iterator[tuple[Path, str | None]]:
     """Yield a folder holding the DICOM files of ``path`` (a folder, or a zip extracted to a temporary folder).
 
     The second value is the name to show for files (the zip's path), so messages name ``series.zip/IMG001``.
+    A zip may inflate to ``limits.decoded_limit(its size)`` bytes: checked on the sizes its directory declares
+    before extracting, and on the bytes written while extracting (:class:`~ctzoo.io.limits.LimitExceeded`).
     """
     path = Path(path)
     if path.is_dir():
@@ -296,14 +297,12 @@ def dicom_folder(path: str | Path) -> Iterator[tuple[Path, str | None]]:
         return
     if not zipfile.is_zipfile(path):
         raise DicomError(f"{path}: neither a folder nor a zip archive of DICOM files")
+    received = path.stat().st_size
     with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory(prefix="ctzoo-zip-") as tmp:
         members = [m for m in archive.infolist() if not m.is_dir()]
-        total = sum(m.file_size for m in members)
-        if total > MAX_ZIP_EXTRACT_BYTES:
-            raise DicomError(f"{path}: expands to {total / 1024**3:.1f} GiB, over the "
-                             f"{MAX_ZIP_EXTRACT_BYTES / 1024**3:.0f} GiB limit for zipped series")
+        limits.check_decoded(sum(m.file_size for m in members), received, path.name)
         target = Path(tmp).resolve()
-        written = 0
+        written, allowed = 0, min(limits.decoded_limit(received), limits.max_decoded_bytes)
         for member in members:
             destination = (target / member.filename).resolve()
             if target not in destination.parents:
@@ -313,11 +312,36 @@ def dicom_folder(path: str | Path) -> Iterator[tuple[Path, str | None]]:
                 # counted while extracting: a crafted archive can declare small sizes and inflate far beyond them
                 while chunk := src.read(1 << 20):
                     written += len(chunk)
-                    if written > MAX_ZIP_EXTRACT_BYTES:
-                        raise DicomError(f"{path}: expands beyond the {MAX_ZIP_EXTRACT_BYTES / 1024**3:.0f} GiB "
-                                         "limit for zipped series")
+                    if written > allowed:
+                        limits.check_decoded(written, received, f"{path.name} (inflating beyond its declared size)")
                     dst.write(chunk)
         yield target, str(path)
+
+
+def zip_declared_voxels(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS) -> int:
+    """Rows x Columns x frames summed over the DICOM images in the zip at ``path``, read from each member's header
+    inside the archive (nothing is extracted), after checking the sizes its directory declares; both checked
+    against ``limits``. Members that are not DICOM count nothing."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise DicomError(f"{path.name}: not a zip archive")
+    voxels = 0
+    with zipfile.ZipFile(path) as archive:
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        limits.check_decoded(sum(m.file_size for m in members), path.stat().st_size, path.name)
+        for member in members:
+            try:
+                with archive.open(member) as stream:
+                    ds = pydicom.dcmread(stream, stop_before_pixels=True)
+            except (InvalidDicomError, EOFError, OSError, ValueError, zipfile.BadZipFile):
+                continue  # not DICOM, or damaged: the reader reports it if it belongs to the series
+            frames = ds.get("NumberOfFrames") or 1
+            try:
+                voxels += int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0) * int(frames)
+            except (TypeError, ValueError):
+                continue
+    limits.check_voxels((voxels,), f"the DICOM images in {path.name}")
+    return voxels
 
 
 def choose_series(scan: ScanResult, rules: SeriesRules | None = None, series: str | None = None) -> SeriesInfo:

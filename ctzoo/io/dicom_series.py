@@ -49,6 +49,7 @@ from ctzoo.io.dicom_scan import (
     scan_folder,
 )
 from ctzoo.io.dicom_uids import repair_uids
+from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 from ctzoo.io.volume import DicomSource, Volume
 
 log = logging.getLogger(__name__)
@@ -138,8 +139,10 @@ def decode_slice_hu(header: SliceHeader) -> np.ndarray:
     transfer_syntax = pydicom.uid.UID(str(header.dataset.file_meta.get("TransferSyntaxUID", "")))
     monochrome1 = str(header.dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
     try:
+        full = pydicom.dcmread(header.path)
+        if "PixelData" not in full:  # cut short: GDCM would allocate about 1 GB before failing on such a file
+            raise DicomError("the pixel data is missing or truncated")
         if monochrome1 or not transfer_syntax.is_compressed:
-            full = pydicom.dcmread(header.path)
             pixels = pydicom.pixels.apply_modality_lut(full.pixel_array, full).astype(np.float32)
         else:
             pixels = sitk.GetArrayFromImage(sitk.ReadImage(header.path, sitk.sitkFloat32))
@@ -193,8 +196,10 @@ def _instance_number(ds) -> int | None:
 
 
 def volume_from_series(series: SeriesInfo, display_root: str = "", workers: int | None = None,
-                       progress: bool = True) -> Volume:
-    """Decode a scanned series into a Volume (see the module docstring for every rule applied)."""
+                       progress: bool = True, limits: ResourceLimits = DEFAULT_LIMITS) -> Volume:
+    """Decode a scanned series into a Volume (see the module docstring for every rule applied).
+
+    Rows x Columns x slices, from the headers, is checked against ``limits`` before any pixel is decoded."""
     if series.non_images:
         bad = series.non_images[0]
         raise DicomError(f"{bad.display_name}: {bad.not_image_reason} (in the series being read)")
@@ -203,6 +208,8 @@ def volume_from_series(series: SeriesInfo, display_root: str = "", workers: int 
     _check_same_grid(series.slices)
     slices, along = sort_slices(series.slices)
     slices, along = _drop_duplicates(slices, along, messages)
+    first = slices[0].dataset
+    limits.check_voxels((len(slices), int(first.Rows), int(first.Columns)), f"{display_root or 'the'} series")
     z_spacing = slice_spacing(slices, along, messages)
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -222,17 +229,18 @@ def volume_from_series(series: SeriesInfo, display_root: str = "", workers: int 
 
 
 def read_dicom_series(path: str | Path, series: str | None = None, rules: SeriesRules | None = None,
-                      workers: int | None = None, progress: bool = True) -> Volume:
+                      workers: int | None = None, progress: bool = True,
+                      limits: ResourceLimits = DEFAULT_LIMITS) -> Volume:
     """Read the CT volume in a DICOM folder or zip.
 
     ``series`` picks one by SeriesInstanceUID or by its index as ``ctzoo info`` lists it; otherwise
     ``rules`` choose (default: CT, axial, not a localizer, most slices).
     """
-    with dicom_folder(path) as (folder, display_root):
+    with dicom_folder(path, limits) as (folder, display_root):
         scan = scan_folder(folder, display_root, progress=progress)
         if display_root is None:
             scan.root = str(path)
         chosen = choose_series(scan, rules, series)
-        volume = volume_from_series(chosen, scan.root, workers=workers, progress=progress)
+        volume = volume_from_series(chosen, scan.root, workers=workers, progress=progress, limits=limits)
     volume.source_path = str(path)
     return volume

@@ -13,8 +13,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from ctzoo.io.atomic import atomic_path
-from ctzoo.io.dicom_scan import DicomError, SeriesRules, read_header
+from ctzoo.io.dicom_scan import DicomError, SeriesRules, read_header, zip_declared_voxels
 from ctzoo.io.dicom_series import read_dicom_series
+from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits, UnsafeInput, check_self_contained
 from ctzoo.io.orientation import geometry_from_affine, ras_to_lps_affine
 from ctzoo.io.volume import Volume
 
@@ -33,9 +34,20 @@ def _cast(array: np.ndarray, dtype) -> np.ndarray:
     return array if dtype is None else array.astype(dtype, copy=False)
 
 
-def read_nifti(path: str | Path, dtype=np.float32) -> Volume:
-    """Read a 3-D NIfTI file (RAS affine) into a Volume (LPS); ``dtype=None`` keeps the stored type (labels)."""
+def _open_nifti(path: str | Path, limits: ResourceLimits):
+    """The NIfTI image (header read, no voxel yet) and its voxel count, checked against ``limits``."""
     image = nib.load(str(path))
+    header = image.header
+    voxels = limits.check_voxels(header.get_data_shape(), Path(path).name)
+    limits.check_decoded(voxels * header.get_data_dtype().itemsize, Path(path).stat().st_size, Path(path).name)
+    return image, voxels
+
+
+def read_nifti(path: str | Path, dtype=np.float32, limits: ResourceLimits = DEFAULT_LIMITS) -> Volume:
+    """Read a 3-D NIfTI file (RAS affine) into a Volume (LPS); ``dtype=None`` keeps the stored type (labels).
+
+    The header's dimensions are checked against ``limits`` before any voxel is read."""
+    image, _ = _open_nifti(path, limits)
     data = np.asanyarray(image.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -67,13 +79,54 @@ def volume_to_sitk(volume: Volume) -> sitk.Image:
     return image
 
 
-def read_itk_image(path: str | Path, dtype=np.float32) -> Volume:
-    """Read NRRD/MHA/MHD through SimpleITK (which converts any NRRD space to LPS)."""
+def _itk_itemsize(pixel_id: int) -> int:
+    return sitk.GetArrayViewFromImage(sitk.Image([1, 1], pixel_id)).dtype.itemsize
+
+
+def _open_itk(path: str | Path, limits: ResourceLimits) -> tuple[sitk.ImageFileReader, int]:
+    """A SimpleITK reader with the header read (no voxel yet) and its voxel count, checked against ``limits``;
+    with ``limits.self_contained_only`` a header naming a separate data file is refused before SimpleITK sees it."""
     try:
-        image = sitk.ReadImage(str(path))
+        check_self_contained(path)
+        received: int | None = Path(path).stat().st_size
+    except UnsafeInput:
+        if limits.self_contained_only:
+            raise
+        received = None  # a local .mhd/.nhdr: the voxels are in a file the user chose
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: SimpleITK cannot read it: {str(exc).strip().splitlines()[-1]}") from exc
+    voxels = limits.check_voxels((*reader.GetSize(), reader.GetNumberOfComponents()), Path(path).name)
+    limits.check_decoded(voxels * _itk_itemsize(reader.GetPixelID()), received, Path(path).name)
+    return reader, voxels
+
+
+def read_itk_image(path: str | Path, dtype=np.float32, limits: ResourceLimits = DEFAULT_LIMITS) -> Volume:
+    """Read NRRD/MHA/MHD through SimpleITK (which converts any NRRD space to LPS); sizes checked as
+    :func:`_open_itk` says before any voxel is read."""
+    reader, _ = _open_itk(path, limits)
+    try:
+        image = reader.Execute()
     except RuntimeError as exc:
         raise ValueError(f"{path}: SimpleITK cannot read it: {str(exc).strip().splitlines()[-1]}") from exc
     return volume_from_sitk(image, dtype, str(path))
+
+
+def declared_voxels(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS) -> int:
+    """How many voxels the NIfTI, NRRD/MHA file or DICOM zip at ``path`` declares, from its headers alone (nothing
+    is decoded or extracted), checked against ``limits`` as the readers check it: what a service reserves memory
+    for before reading. A zip counts every DICOM image it holds, whichever series would be chosen."""
+    suffix = file_suffix(Path(path))
+    if suffix in NIFTI_SUFFIXES:
+        return _open_nifti(path, limits)[1]
+    if suffix in ITK_READ_SUFFIXES:
+        return _open_itk(path, limits)[1]
+    if suffix == ".zip":
+        return zip_declared_voxels(path, limits)
+    raise ValueError(f"{Path(path).name}: sizes are declared only by NIfTI, NRRD, MHA and zipped DICOM files")
 
 
 def write_volume(volume: Volume, path: str | Path, dtype=None) -> Path:
@@ -101,31 +154,35 @@ def write_volume(volume: Volume, path: str | Path, dtype=None) -> Path:
 
 
 def read_volume(path: str | Path, series: str | None = None, rules: SeriesRules | None = None,
-                dtype=np.float32, progress: bool = True) -> Volume:
+                dtype=np.float32, progress: bool = True, limits: ResourceLimits = DEFAULT_LIMITS) -> Volume:
     """Read any CT input ctzoo accepts into a Volume.
 
     * a folder or ``.zip`` of DICOM files: the series chosen by ``series``/``rules``
       (see :func:`ctzoo.io.dicom_series.read_dicom_series`);
     * one DICOM file: the series it belongs to, from its folder;
     * ``.nii``/``.nii.gz`` (nibabel) and ``.nrrd``/``.nhdr``/``.mha``/``.mhd`` (SimpleITK).
+
+    Sizes declared by headers (and a zip's inflated size) are checked against ``limits`` before allocating
+    (:mod:`ctzoo.io.limits`); a refusal is :class:`~ctzoo.io.limits.LimitExceeded`.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     suffix = file_suffix(path)
     if path.is_dir() or suffix == ".zip":
-        volume = read_dicom_series(path, series=series, rules=rules, progress=progress)
+        volume = read_dicom_series(path, series=series, rules=rules, progress=progress, limits=limits)
         volume.array = _cast(volume.array, dtype)
         return volume
     if suffix in NIFTI_SUFFIXES:
-        return read_nifti(path, dtype)
+        return read_nifti(path, dtype, limits)
     if suffix in ITK_READ_SUFFIXES:
-        return read_itk_image(path, dtype)
+        return read_itk_image(path, dtype, limits)
     header = read_header(str(path))
     if header is None:
         raise ValueError(f"{path}: not a format ctzoo reads (DICOM folder/zip, NIfTI, NRRD, MHA/MHD)")
     if header.not_image_reason:
         raise DicomError(f"{path}: {header.not_image_reason}")
-    volume = read_dicom_series(path.parent, series=series or header.series_key, rules=rules, progress=progress)
+    volume = read_dicom_series(path.parent, series=series or header.series_key, rules=rules, progress=progress,
+                               limits=limits)
     volume.array = _cast(volume.array, dtype)
     return volume

@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 
 from ctzoo.config import ConfigError, StrictConfig, load_config
 from ctzoo.io.dicom_scan import SeriesRules
+from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 
 __all__ = ["PacsConfig", "load_pacs_config"]
 
@@ -89,6 +90,19 @@ class RetrySettings(StrictConfig):
                                                     "taken over (heartbeats every lease_s / 3)")
 
 
+class LimitSettings(StrictConfig):
+    """Size limits for every received series, checked from headers before decoding (:mod:`ctzoo.io.limits`)."""
+
+    max_volume_voxels: int = Field(DEFAULT_LIMITS.max_volume_voxels, ge=1,
+                                   description="largest series, Rows x Columns x instances (per instance too)")
+    max_decoded_mb: float = Field(DEFAULT_LIMITS.max_decoded_mb, gt=0, description="most MiB one input decodes to")
+    max_inflate_ratio: float = Field(DEFAULT_LIMITS.max_inflate_ratio, ge=1,
+                                     description="most decoded bytes per byte received beyond 64 MiB")
+
+    def resource_limits(self) -> ResourceLimits:
+        return ResourceLimits(self.max_volume_voxels, self.max_decoded_mb, self.max_inflate_ratio)
+
+
 class PacsConfig(StrictConfig):
     """Everything ``ctzoo pacs`` needs; see ``configs/pacs.yaml``."""
 
@@ -104,6 +118,7 @@ class PacsConfig(StrictConfig):
     rules: SeriesRules = Field(default_factory=lambda: SeriesRules(min_slices=10),
                                description="which series are processed (as configs/series_selection.yaml)")
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     orthanc: OrthancSettings | None = None
     listener: ListenerSettings | None = None
 

@@ -38,6 +38,7 @@ from ctzoo.inference.inputs import CaseInput
 from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
 from ctzoo.inference.tasks import ModelTask
 from ctzoo.io.dicom_scan import DicomError, SeriesRules
+from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 from ctzoo.pacs.ledger import Job, JobState, LeaseLost, Ledger
 
 __all__ = ["BadSeries", "SeriesWorker", "check_series", "run_models", "series_tag"]
@@ -56,7 +57,7 @@ def series_tag(series_uid: str) -> str:
     return hashlib.sha256(series_uid.encode()).hexdigest()[:10]
 
 
-def check_series(folder: Path, rules: SeriesRules):
+def check_series(folder: Path, rules: SeriesRules, limits: ResourceLimits = DEFAULT_LIMITS):
     """The series in ``folder`` read as the models take it (every slice decoded; a :class:`~ctzoo.io.Volume`);
     :class:`BadSeries` if it cannot be.
 
@@ -66,7 +67,7 @@ def check_series(folder: Path, rules: SeriesRules):
     from ctzoo.io import read_volume
 
     try:
-        volume = read_volume(folder, rules=rules, progress=False)
+        volume = read_volume(folder, rules=rules, progress=False, limits=limits)
     except (DicomError, ValueError, OSError) as exc:
         text = " ".join(str(exc).replace(str(folder), "<series>").split())
         raise BadSeries(f"rejected after reading: {text[:300]}") from None
@@ -137,10 +138,11 @@ class SeriesWorker:
     unavailable: tuple[type[BaseException], ...] = ()
 
     def __init__(self, ledger: Ledger, tasks: list[ModelTask], rules: SeriesRules, work_dir: str | Path,
-                 worker: str) -> None:
+                 worker: str, limits: ResourceLimits = DEFAULT_LIMITS) -> None:
         if not tasks:
             raise ValueError("no model tasks")
         self.ledger, self.tasks, self.rules, self.worker = ledger, list(tasks), rules, worker
+        self.limits = limits
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         #: What the far end answered to each result of the last job (e.g. Orthanc's ``Success``/``AlreadyStored``).
@@ -211,7 +213,7 @@ class SeriesWorker:
             data, out = folder / "dicom", folder / "out"
             self.fetch(job, data)
             beat.check()
-            volume = check_series(data, self.rules)
+            volume = check_series(data, self.rules, self.limits)
             paths = run_models(data, self.tasks, self.rules, out, after_each=beat.check, volume=volume)
             self.last_delivery = self.deliver(paths)
             return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]

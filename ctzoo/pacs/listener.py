@@ -36,6 +36,7 @@ from pynetdicom.sop_class import Verification
 from ctzoo.inference.tasks import ModelTask
 from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_scan import SeriesRules
+from ctzoo.io.limits import DEFAULT_LIMITS, LimitExceeded, ResourceLimits
 from ctzoo.pacs.core import BadSeries, SeriesWorker, series_tag
 from ctzoo.pacs.ledger import Job, JobState, Ledger, patient_hash
 
@@ -117,8 +118,9 @@ class DicomListener(SeriesWorker):
 
     def __init__(self, ledger: Ledger, tasks: list[ModelTask], rules: SeriesRules, spool_dir: str | Path,
                  work_dir: str | Path, worker: str, salt: str, address: AEAddress, destination: AEAddress,
-                 allowed_calling_aets: list[str] | None, stable_s: float = 30.0, min_free_mb: float = 0.0) -> None:
-        super().__init__(ledger, tasks, rules, work_dir, worker)
+                 allowed_calling_aets: list[str] | None, stable_s: float = 30.0, min_free_mb: float = 0.0,
+                 limits: ResourceLimits = DEFAULT_LIMITS) -> None:
+        super().__init__(ledger, tasks, rules, work_dir, worker, limits)
         if not salt:
             raise ValueError("a non-empty salt is required (patient ids are hashed with it)")
         if allowed_calling_aets is not None and not allowed_calling_aets:
@@ -166,6 +168,12 @@ class DicomListener(SeriesWorker):
         if not series_uid or not sop_uid:
             log.warning("C-STORE refused: no SeriesInstanceUID or SOPInstanceUID")
             return STATUS_CANNOT_UNDERSTAND
+        try:  # the pixels the header declares, before anything is written or decoded
+            frames = int(ds.get("NumberOfFrames") or 1)
+            self.limits.check_voxels((frames, int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)), "an instance")
+        except (LimitExceeded, TypeError, ValueError) as exc:
+            log.warning("C-STORE refused: %s", exc if isinstance(exc, LimitExceeded) else "unreadable image size")
+            return STATUS_OUT_OF_RESOURCES if isinstance(exc, LimitExceeded) else STATUS_CANNOT_UNDERSTAND
         folder = self.spool / _uid_hash(series_uid)
         try:
             payload = event.encoded_dataset()

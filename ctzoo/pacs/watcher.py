@@ -23,6 +23,7 @@ from pathlib import Path
 from ctzoo.inference.tasks import ModelTask
 from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_scan import SeriesRules
+from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 from ctzoo.pacs.core import BadSeries, SeriesWorker, series_tag
 from ctzoo.pacs.ledger import Job, Ledger, patient_hash
 from ctzoo.pacs.orthanc import OrthancClient, OrthancError, OrthancUnavailable, _safe_id
@@ -39,8 +40,8 @@ class OrthancWatcher(SeriesWorker):
     unavailable = (OrthancUnavailable,)
 
     def __init__(self, client: OrthancClient, ledger: Ledger, tasks: list[ModelTask], rules: SeriesRules,
-                 work_dir: str | Path, worker: str, salt: str) -> None:
-        super().__init__(ledger, tasks, rules, work_dir, worker)
+                 work_dir: str | Path, worker: str, salt: str, limits: ResourceLimits = DEFAULT_LIMITS) -> None:
+        super().__init__(ledger, tasks, rules, work_dir, worker, limits)
         self.client, self.salt = client, salt
         self.state_path = ledger.path.with_name(ledger.path.name + ".orthanc-seq.json")
 

@@ -18,9 +18,13 @@ Security: a bearer token (``Authorization: Bearer T``) is required everywhere bu
 and readiness, which Kubernetes and load balancers call without credentials and which reveal nothing but up/ready),
 compared in constant time against SHA-256 digests of the configured tokens; there is no way to run without tokens
 except the explicit ``insecure_no_auth``. Bodies are limited to ``max_upload_mb``, checked on ``Content-Length``
-before reading and on the bytes actually streamed (413); each inference has ``request_timeout_s`` (504). Errors
-are ``{"error": "..."}`` with a 4xx status naming what is wrong with the request; 5xx means a fault of the server
-(503: the queue is full or the service is stopping).
+before reading and on the bytes actually streamed (413); each inference has ``request_timeout_s`` (504), body
+read included. Every other per-request limit (tensor shapes declared before any tensor is built, a compressed
+body inflating only to what its header declares, requests and bytes in flight: 413, or 503 with ``Retry-After``)
+belongs to :class:`~ctzoo.serve.budget.ServeLimits` (``limits``), enforced by
+:class:`~ctzoo.serve.budget.InflightBudget`. Errors are ``{"error": "..."}`` with a 4xx status naming what is
+wrong with the request; 5xx means a fault of the server (503: the queue is full, the server is busy, or the
+service is stopping).
 
 Logging: request bodies, headers (tokens), query strings, request ids and tensor values are never logged (they may
 identify patients). The access log, logger ``ctzoo.serve.access`` at INFO, has one line per request:
@@ -54,7 +58,7 @@ import re
 import time
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -67,8 +71,16 @@ from starlette.requests import ClientDisconnect
 
 from ctzoo import __version__
 from ctzoo.serve.batching import MicroBatcher, QueueFullError
+from ctzoo.serve.budget import InflightBudget, ServeLimits
 from ctzoo.serve.repository import ServedModel, load_repository
-from ctzoo.serve.v2_codec import HEADER_LENGTH, ServeError, decode_request, encode_response, inflate
+from ctzoo.serve.v2_codec import (
+    HEADER_LENGTH,
+    ServeError,
+    decode_request,
+    encode_response,
+    inflate,
+    inflated_size,
+)
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("ctzoo.serve.access")
@@ -96,6 +108,7 @@ class Settings:
     request_timeout_s: float = 60.0
     metrics_no_auth: bool = False
     auth: bool = True
+    limits: ServeLimits = field(default_factory=ServeLimits)
 
 
 class ServeMetrics:
@@ -210,8 +223,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer", **(headers or {})} if status == 401 else headers
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -219,23 +232,27 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
                device: str = "auto", threads: int | None = None, tensorrt: bool = True, max_upload_mb: float = 512,
                request_timeout_s: float = 60.0, batching: bool = True, max_batch_size: int | None = None,
                max_queue_delay_ms: float | None = None, metrics_no_auth: bool = False,
-               extra_routers: Sequence[APIRouter] = ()) -> FastAPI:
+               limits: ServeLimits | None = None, extra_routers: Sequence[APIRouter] = ()) -> FastAPI:
     """The service for the models in ``repository`` (loaded now; see :func:`load_repository`).
 
     ``tokens``: accepted bearer tokens; at least one is required unless ``insecure_no_auth``. ``max_batch_size``
     and ``max_queue_delay_ms`` override each model's ctzoo.json; ``batching=False`` runs every request alone.
+    ``limits``: the per-request budget (:mod:`ctzoo.serve.budget`; default :class:`ServeLimits`()).
     """
     tokens = [t.strip() for t in tokens if t and t.strip()]
     if not tokens and not insecure_no_auth:
         raise ValueError("no API token configured: set CTZOO_SERVE_TOKENS or pass a token file "
                          "(or, for a local test only, explicitly disable auth)")
-    settings = Settings(int(max_upload_mb * (1 << 20)), float(request_timeout_s), metrics_no_auth, bool(tokens))
+    limits = limits or ServeLimits()
+    settings = Settings(int(max_upload_mb * (1 << 20)), float(request_timeout_s), metrics_no_auth, bool(tokens),
+                        limits)
+    budget = InflightBudget(limits)
     models = load_repository(repository, device=device, threads=threads, tensorrt=tensorrt)
     metrics = ServeMetrics()
     for model in models.values():
         model.batcher = MicroBatcher(model.name, model.run, max_batch_size or model.max_batch_size,
                                      model.max_queue_delay_ms if max_queue_delay_ms is None else max_queue_delay_ms,
-                                     enabled=batching, observer=metrics)
+                                     enabled=batching, observer=metrics, max_elements=limits.max_tensor_elements)
         metrics.queue_depth(model.name, 0)
     if not tokens:
         logger.warning("authentication is OFF (insecure_no_auth): anyone who reaches the port can use the models")
@@ -253,11 +270,12 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
     app = FastAPI(title="ctzoo serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.repository, app.state.metrics, app.state.settings, app.state.ready = models, metrics, settings, True
+    app.state.budget = budget
     auth = [Depends(token_checker(tokens))] if tokens else []
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        return _error(exc.status, str(exc))
+        return _error(exc.status, str(exc), exc.headers)
 
     @app.exception_handler(QueueFullError)
     async def queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
@@ -326,12 +344,21 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
                              status=504) from None
 
     async def _infer(model: ServedModel, request: Request) -> Response:
-        body = await read_body(request, settings.max_upload_bytes)
+        async with budget.slot(model.name):
+            body = await read_body(request, settings.max_upload_bytes)
+            inflated = await run_in_threadpool(inflated_size, body, request.headers.get("content-encoding"),
+                                               request.headers.get(HEADER_LENGTH),
+                                               min(settings.max_upload_bytes, limits.max_tensor_bytes),
+                                               limits.check_tensor_shape)
+            async with budget.reserve(len(body) + inflated, "the request"):
+                return await _decode_and_run(model, request, body, inflated)
+
+    async def _decode_and_run(model: ServedModel, request: Request, body: bytes, inflated: int) -> Response:
         started = time.perf_counter()
 
         def decode():
-            raw = inflate(body, request.headers.get("content-encoding"), settings.max_upload_bytes)
-            decoded = decode_request(raw, request.headers.get(HEADER_LENGTH))
+            raw = inflate(body, request.headers.get("content-encoding"), inflated) if inflated else body
+            decoded = decode_request(raw, request.headers.get(HEADER_LENGTH), limits.check_tensor_shape)
             names = model.check_outputs(decoded.outputs)
             return decoded, names, model.validate(decoded.inputs)  # before batching: a bad request fails alone
 

@@ -71,17 +71,25 @@ class MicroBatcher:
 
     def __init__(self, name: str, run: Callable[[Arrays], Arrays], max_batch_size: int = 16,
                  max_queue_delay_ms: float = 2.0, enabled: bool = True, observer: BatchObserver | None = None,
-                 max_queue: int = 1024) -> None:
+                 max_queue: int = 1024, max_elements: int | None = None) -> None:
         if max_batch_size < 1 or max_queue_delay_ms < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queue_delay_ms >= 0")
         self.name, self._run_model = name, run
         self.max_batch_size, self.delay = max_batch_size, max_queue_delay_ms / 1000.0
         self.enabled, self.observer, self.max_queue = enabled, observer, max_queue
+        self.max_elements = max_elements  # a merged run holds at most this many input elements (memory)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ctzoo-serve-{name}")
         self._queue: deque[_Pending] = deque()
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
+
+    def _row_cap(self, first: _Pending) -> int:
+        """Rows one merged run may hold: ``max_batch_size``, fewer when the rows are large (``max_elements``)."""
+        if self.max_elements is None:
+            return self.max_batch_size
+        per_row = sum(int(np.prod(shape)) for _, _, shape in first.key)
+        return max(1, min(self.max_batch_size, self.max_elements // max(per_row, 1)))
 
     # ---------------------------------------------------------------------------------------- client side
 
@@ -164,12 +172,11 @@ class MicroBatcher:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except asyncio.TimeoutError:
                     break
-        batch, rest, rows = [], deque(), 0
+        batch, rest, rows, cap = [], deque(), 0, self._row_cap(first)
         for pending in self._queue:
             if pending.future.done():
                 continue  # the caller gave up
-            if pending.key == first.key and (not batch or (self.enabled and rows + pending.rows
-                                                           <= self.max_batch_size)):
+            if pending.key == first.key and (not batch or (self.enabled and rows + pending.rows <= cap)):
                 batch.append(pending)
                 rows += pending.rows
             else:

@@ -9,16 +9,24 @@ The format is recognised from the bytes, not a file name. Query parameters:
   ``dicom`` (zipped DICOM input only: the DICOM SR measurement report of a detector, the DICOM SEG of a segmenter);
 * ``score_threshold`` (detectors; default: the model's operating point, from its card).
 
-One code path with ``ctzoo infer``: the upload is written to a private temporary folder and run through
-:func:`ctzoo.inference.pipeline.run_pipeline` with the :class:`~ctzoo.inference.tasks.ModelTask` of the served
-folder's own bundle on the ONNX Runtime backend, so a study runs exactly the graph ``/v2/models/<m>/infer`` runs
-(fp16 included, and models exported from a user's checkpoint too); the task is built once per model and
-threshold, the first time it is asked for, and the folder is deleted afterwards. A JSON reply names the graph
-that produced it (``"graph": {"file", "precision", "sha256", "opset"}``). Study requests do not go through the
-tensor endpoint's micro-batcher: a study is already a batch of slices. They run in a worker thread under the
-service's request timeout.
+One code path with ``ctzoo infer``: the upload is written to a private folder under the service's state folder
+(``STATE/studies/``) and run through :func:`ctzoo.inference.pipeline.run_pipeline` with the
+:class:`~ctzoo.inference.tasks.ModelTask` of the served folder's own bundle on the ONNX Runtime backend, so a study
+runs exactly the graph ``/v2/models/<m>/infer`` runs (fp16 included, and models exported from a user's checkpoint
+too). One backend (one ONNX Runtime session) per model, built on first use; the score threshold is applied when
+decoding, so any number of thresholds share it. A JSON reply names the graph that produced it (``"graph": {"file",
+"precision", "sha256", "opset"}``). Study requests do not go through the tensor endpoint's micro-batcher: a study
+is already a batch of slices.
 
-Errors: an unrecognised body is 415; anything wrong with the volume (corrupt or truncated file, a zip without a
+Bounds (:mod:`ctzoo.serve.budget`): the body is read, and the study run, inside the request deadline; past it the
+client gets 504 and the worker stops at its next stage boundary and removes its folder. Before any voxel is read,
+the upload's headers are checked (voxels, decoded bytes, inflation; MHA/NRRD must carry their own voxels) and
+the memory they declare is reserved from the server's in-flight budget. Study folders left by a killed server
+are removed when the service starts, and any older than twice the deadline whenever a study arrives.
+
+Errors: an unrecognised body is 415; a volume over a size limit is 413 naming the limit and the option that raises
+it; an MHA/NRRD header naming another file is 400; a busy server is 503 with ``Retry-After``; anything wrong with
+the volume (corrupt or truncated file, a zip without a
 DICOM series, a zip that inflates beyond the limit, NaN voxels) is 400 with the reader's message; a model that is
 folder that is not a whole bundle (written by an older ctzoo export) has no study endpoint (404).
 """
@@ -26,9 +34,13 @@ folder that is not a whole bundle (written by an older ctzoo export) has no stud
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
+import logging
+import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +49,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ctzoo.serve.app import read_body
+from ctzoo.serve.budget import STUDY_BYTES_PER_VOXEL
 from ctzoo.serve.v2_codec import ServeError
+
+logger = logging.getLogger(__name__)
 
 #: (leading bytes, offset) -> the suffix the readers need.
 _SIGNATURES = [(b"\x1f\x8b", 0, ".nii.gz"), (b"PK\x03\x04", 0, ".zip"), (b"NRRD", 0, ".nrrd"),
                (b"ObjectType", 0, ".mha"), (b"n+1\x00", 344, ".nii")]
 FORMATS = ("json", "nifti", "dicom")
+STUDY_PREFIX = "study-"
 
 
 def upload_suffix(body: bytes) -> str:
@@ -55,11 +71,12 @@ def upload_suffix(body: bytes) -> str:
 
 
 class StudyTasks:
-    """The ModelTask of each served bundle (ONNX backend, its own graphs), built on first use; thread-safe."""
+    """One backend (ONNX Runtime session) per served bundle, built on first use; a ModelTask per request on it
+    with the request's threshold (decoding only). Thread-safe; at most one entry per served model."""
 
     def __init__(self, device: str = "auto", threads: int | None = None):
         self.device, self.threads = device, threads
-        self._tasks: dict[tuple[str, float], Any] = {}
+        self._backends: dict[str, Any] = {}
         self._bundles: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -70,14 +87,20 @@ class StudyTasks:
                 self._bundles[model.name] = served_bundle(model)
             return self._bundles[model.name]
 
-    def get(self, bundle, score_threshold: float):
-        from ctzoo.inference.tasks import model_task
+    def get(self, bundle, score_threshold: float | None):
+        from ctzoo.inference.backends import make_backend
+        from ctzoo.inference.tasks import bundle_task
 
-        key = (str(bundle.folder), score_threshold)
+        key = str(bundle.folder)
         with self._lock:
-            if key not in self._tasks:
-                self._tasks[key] = model_task(bundle, "onnx", self.device, score_threshold, self.threads)
-            return self._tasks[key]
+            if key not in self._backends:
+                self._backends[key] = make_backend(bundle, "onnx", self.device, threads=self.threads)
+            backend = self._backends[key]
+        return bundle_task(bundle, backend, score_threshold)
+
+    @property
+    def sessions(self) -> int:
+        return len(self._backends)
 
 
 def served_bundle(model):
@@ -95,40 +118,102 @@ def served_bundle(model):
     return bundle
 
 
-def run_study(task, body: bytes, suffix: str, output_format: str) -> Response:
-    """Write ``body`` to a private temporary folder, run the pipeline on it, answer in ``output_format``."""
+class StudyFolders:
+    """The private folders of running studies, under ``root`` (the service's ``STATE/studies``)."""
+
+    def __init__(self, root: Path, max_age_s: float):
+        self.root, self.max_age_s = Path(root), max_age_s
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def remove_all(self) -> int:
+        """Remove every study folder (at start-up: whatever a killed server left); how many there were."""
+        return self._remove(lambda folder: True)
+
+    def remove_stale(self) -> int:
+        """Remove study folders older than ``max_age_s`` (their worker died or hung)."""
+        oldest = time.time() - self.max_age_s
+        return self._remove(lambda folder: folder.stat().st_mtime < oldest)
+
+    def _remove(self, select) -> int:
+        removed = 0
+        for folder in self.root.glob(f"{STUDY_PREFIX}*"):
+            try:
+                if select(folder):
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # its own worker removed it meanwhile
+        return removed
+
+    def new(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix=STUDY_PREFIX, dir=self.root))
+
+
+def declared_study_voxels(upload: Path, limits) -> int:
+    """The voxels the upload declares (headers only), as ServeError: 413 past a size limit, 400 otherwise."""
+    from ctzoo.io import LimitExceeded
+    from ctzoo.io.image_files import declared_voxels
+
+    try:
+        return declared_voxels(upload, limits)
+    except LimitExceeded as exc:
+        raise ServeError(str(exc).replace(str(upload), "the upload").replace(upload.name, "the upload"),
+                         status=413) from None
+    except Exception as exc:  # any parser's error on an upload is the upload's fault (nibabel, SimpleITK, zipfile)
+        text = " ".join(str(exc).replace(str(upload), "the upload").replace(upload.name, "the upload").split())
+        text = text or type(exc).__name__
+        raise ServeError(f"the upload cannot be read: {text[:300]}") from None
+
+
+def run_study(task, folder: Path, suffix: str, output_format: str, limits, cancel: threading.Event) -> Response:
+    """Run the pipeline on ``folder/upload<suffix>``, answer in ``output_format``; ``folder`` is removed at the
+    end, however the run ends (this worker owns it)."""
     from ctzoo.inference.inputs import CaseInput
     from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
 
-    with tempfile.TemporaryDirectory(prefix="ctzoo-study-") as tmp:
-        upload = Path(tmp) / f"upload{suffix}"
-        upload.write_bytes(body)
-        out = Path(tmp) / "out"
+    try:
+        upload, out = folder / f"upload{suffix}", folder / "out"
         [row] = run_pipeline([CaseInput("study", upload)], task,
-                             PipelineOptions(out=out, workers=0, overlay=False, progress=False))
+                             PipelineOptions(out=out, workers=0, overlay=False, progress=False, limits=limits,
+                                             cancel=cancel))
         if row["status"] != "ok":
             message = row["error"].replace(str(upload), "the upload")
             raise ServeError(message, status=500 if message.startswith("model failed") else 400)
-        folder = out / "study"
-        detector = task.task == "detection"
-        if output_format == "json":
-            name = "detections.json" if detector else "segmentation.json"
-            return JSONResponse({**json.loads((folder / name).read_text()), "graph": task.runtime.get("graph")})
-        if output_format == "nifti":
-            if detector:
-                raise ServeError("format=nifti is for segmentation models; a detector answers json or dicom")
-            return Response((folder / "labels.nii.gz").read_bytes(), media_type="application/gzip")
-        dicom = folder / ("sr.dcm" if detector else "seg.dcm")
-        if not dicom.is_file():
-            reason = "no class was found" if suffix == ".zip" else "the upload was not a DICOM series"
-            raise ServeError(f"no DICOM result: {reason}", status=404 if suffix == ".zip" else 400)
-        return Response(dicom.read_bytes(), media_type="application/dicom")
+        return _answer(task, out / "study", suffix, output_format)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def study_router(device: str = "auto", threads: int | None = None) -> APIRouter:
-    """The study routes, for ``create_app(..., extra_routers=[study_router()])``."""
+def _answer(task, folder: Path, suffix: str, output_format: str) -> Response:
+    detector = task.task == "detection"
+    if output_format == "json":
+        name = "detections.json" if detector else "segmentation.json"
+        return JSONResponse({**json.loads((folder / name).read_text()), "graph": task.runtime.get("graph")})
+    if output_format == "nifti":
+        if detector:
+            raise ServeError("format=nifti is for segmentation models; a detector answers json or dicom")
+        return Response((folder / "labels.nii.gz").read_bytes(), media_type="application/gzip")
+    dicom = folder / ("sr.dcm" if detector else "seg.dcm")
+    if not dicom.is_file():
+        reason = "no class was found" if suffix == ".zip" else "the upload was not a DICOM series"
+        raise ServeError(f"no DICOM result: {reason}", status=404 if suffix == ".zip" else 400)
+    return Response(dicom.read_bytes(), media_type="application/dicom")
+
+
+def study_router(device: str = "auto", threads: int | None = None, state_dir: str | Path | None = None,
+                 request_timeout_s: float = 60.0) -> APIRouter:
+    """The study routes, for ``create_app(..., extra_routers=[study_router()])``. Study folders live under
+    ``state_dir/studies`` (default: a new private temporary folder); leftovers there are removed now."""
     router = APIRouter()
     tasks = StudyTasks(device, threads)
+    if state_dir is None:  # embedded use (tests, notebooks): a private folder, removed when the process exits
+        state_dir = tempfile.mkdtemp(prefix="ctzoo-serve-")
+        atexit.register(shutil.rmtree, state_dir, True)
+    root = Path(state_dir)
+    folders = StudyFolders(root / "studies", max_age_s=2 * request_timeout_s + 60)
+    if removed := folders.remove_all():
+        logger.warning("removed %d study folder(s) left by an earlier run of the service", removed)
+    router.tasks, router.folders = tasks, folders  # for tests and operators
 
     @router.post("/studies/{model_name}")
     async def study(model_name: str, request: Request, format: str = "json", score_threshold: float | None = None):
@@ -139,15 +224,37 @@ def study_router(device: str = "auto", threads: int | None = None) -> APIRouter:
             raise ServeError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
         if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:
             raise ServeError(f"score_threshold must lie in [0, 1], got {score_threshold}")
-        bundle = await run_in_threadpool(tasks.bundle, models[model_name])
         settings = request.app.state.settings
-        body = await read_body(request, settings.max_upload_bytes)
-        suffix = upload_suffix(body)
-        task = await run_in_threadpool(tasks.get, bundle, score_threshold)
+        cancel = threading.Event()
         try:
-            return await asyncio.wait_for(run_in_threadpool(run_study, task, body, suffix, format),
+            return await asyncio.wait_for(_study(request, models[model_name], format, score_threshold, cancel),
                                           settings.request_timeout_s)
         except asyncio.TimeoutError:
-            raise ServeError(f"the study took longer than {settings.request_timeout_s:.0f} s", status=504) from None
+            cancel.set()  # the worker stops at its next stage boundary and removes its folder
+            raise ServeError(f"the study took longer than the {settings.request_timeout_s:g} s request timeout",
+                             status=504) from None
+
+    async def _study(request: Request, model, output_format: str, score_threshold: float | None,
+                     cancel: threading.Event) -> Response:
+        settings, budget = request.app.state.settings, request.app.state.budget
+        limits = settings.limits.volume
+        bundle = await run_in_threadpool(tasks.bundle, model)
+        async with budget.slot(model.name):
+            body = await read_body(request, settings.max_upload_bytes)
+            suffix = upload_suffix(body)
+            folders.remove_stale()
+            folder = folders.new()
+            handed_over = False
+            try:
+                await run_in_threadpool((folder / f"upload{suffix}").write_bytes, body)
+                del body
+                voxels = await run_in_threadpool(declared_study_voxels, folder / f"upload{suffix}", limits)
+                async with budget.reserve(voxels * STUDY_BYTES_PER_VOXEL, "the study"):
+                    task = await run_in_threadpool(tasks.get, bundle, score_threshold)
+                    handed_over = True  # from here the worker thread owns the folder, even if we are cancelled
+                    return await run_in_threadpool(run_study, task, folder, suffix, output_format, limits, cancel)
+            finally:
+                if not handed_over:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     return router

@@ -29,7 +29,7 @@ import json
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -46,9 +46,9 @@ UNSUPPORTED_DATATYPES = ("BYTES", "BF16")
 class ServeError(Exception):
     """A request the service refuses: ``status`` is the HTTP status, ``str(error)`` the message for the client."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers or {}
 
 
 def datatype_of(dtype: np.dtype) -> str:
@@ -94,6 +94,41 @@ def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
     if not inflater.eof:
         raise ServeError(f"the {encoding} request body is truncated")
     return b"".join([*parts, part])
+
+
+def inflated_size(body: bytes, encoding: str | None, header_length: str | None, limit: int,
+                  check_shape: Callable[[str, tuple[int, ...], int], int]) -> int:
+    """How many bytes a compressed request body may inflate to, found before inflating it: with the binary
+    extension, only the JSON header is inflated, its declared shapes go through ``check_shape`` (which refuses
+    them with 413) and the answer is that header plus the binary sizes it declares; a JSON-only body may inflate
+    to ``limit``. 0 for an uncompressed body. A body that inflates beyond this is refused by :func:`inflate`."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding in ("identity", ""):
+        return 0
+    if encoding not in ("gzip", "deflate") or header_length is None:
+        return limit
+    length = _header_length(header_length, limit)
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        header = inflater.decompress(body, length)
+    except zlib.error as exc:
+        raise ServeError(f"the {encoding} request body is corrupt: {exc}") from None
+    if len(header) < length:
+        raise ServeError(f"the body inflates to fewer than the {length} bytes {HEADER_LENGTH} announces")
+    try:
+        request = json.loads(header)
+        tensors = list(request["inputs"])
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
+        raise ServeError("the request header is not a JSON object with a list of inputs") from None
+    declared, elements = length, 0
+    for index, tensor in enumerate(tensors):
+        where = f"inputs[{index}]"
+        if not isinstance(tensor, dict):
+            raise ServeError(f"{where} must be an object")
+        elements = check_shape(str(tensor.get("name")), _shape(tensor.get("shape"), where), elements)
+        size = _parameters(tensor, where).get("binary_data_size", 0)
+        declared += size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0
+    return min(declared, limit)
 
 
 def _header_length(value: str | None, body_size: int) -> int | None:
@@ -146,11 +181,13 @@ def _json_data(data: Any, shape: tuple[int, ...], dtype: np.dtype, where: str) -
     return array.reshape(shape)
 
 
-def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
+def decode_request(body: bytes, header_length: str | None,
+                   check_shape: Callable[[str, tuple[int, ...], int], int] | None = None) -> DecodedRequest:
     """Parse a v2 inference request body (JSON, or JSON + binary tensors). ``ServeError`` (400) says what is
     wrong: malformed JSON, a missing field, a datatype, a data size that does not match the shape, or a binary
     section that does not match the ``binary_data_size`` parameters. Binary inputs are read-only views of
-    ``body``."""
+    ``body``. ``check_shape(name, shape, elements so far)`` sees every declared shape before its tensor is built
+    and returns the running element count (the service's tensor limits; it raises to refuse)."""
     length = _header_length(header_length, len(body))
     json_part = body if length is None else memoryview(body)[:length]
     try:
@@ -169,6 +206,7 @@ def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
         raise ServeError("inputs must be a non-empty list of tensors")
     offset = length if length is not None else len(body)
     inputs: dict[str, np.ndarray] = {}
+    elements = 0
     for index, tensor in enumerate(raw_inputs):
         where = f"inputs[{index}]"
         if not isinstance(tensor, dict):
@@ -180,6 +218,8 @@ def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
         if name in inputs:
             raise ServeError(f"{where} is given twice")
         shape, dtype = _shape(tensor.get("shape"), where), _dtype(tensor.get("datatype"), where)
+        if check_shape is not None:
+            elements = check_shape(name, shape, elements)
         size = _parameters(tensor, where).get("binary_data_size")
         if size is None:
             if "data" not in tensor:
