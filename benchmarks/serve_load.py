@@ -34,8 +34,9 @@ Checked: every good response is 200 and its outputs match the reference outputs 
 atol 1e-4); every attack gets its expected status; no 5xx (client side, and ``ctzoo_requests_total`` from
 /metrics for the whole run); after the load, while the server still runs, and again after it stopped (SIGTERM,
 exit status 0), its ``TMPDIR`` and its state folder's ``studies/`` and ``tmp/`` hold nothing that was not there
-when the server became ready (reported, not counted: onnxruntime's telemetry SDK writes ``$TMPDIR/.ses`` when it
-is imported); the token never appears in the server's log, which has one access line per request. Reported: good requests/s
+when the server became ready (reported, not counted: a file there before any request, such as the ``$TMPDIR/.ses``
+onnxruntime's telemetry writes when ctzoo has not turned it off); the token never appears in the server's log, which
+has one access line per request. Reported: good requests/s
 (requests / wall time from the first to the last good answer), p50 and p99 client latency (send to last byte), the
 ratio under attack / attack-free of requests/s, attacks sent and answered as expected (per kind too), the server's
 RSS (``/proc/<pid>/status`` VmRSS) once loaded, after the warm-ups ("before"), after each phase ("after" is after

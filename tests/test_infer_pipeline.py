@@ -332,12 +332,13 @@ def test_ctrl_c_on_a_real_process_exits_130_and_resume_finishes_with_0(mixed_inp
 
     inputs = tmp_path / "in"
     inputs.mkdir()
-    names = [f"case{k}" for k in range(4)]
-    for name in names:  # ~2-4 s a case on two busy cores: Ctrl-C lands with cases left to run
+    names = [f"case{k}" for k in range(8)]
+    for name in names:  # batches of 2 slices: cases finish one by one, and Ctrl-C lands with cases left to run
+        # (with 8-slice batches mixing cases, all of them could be written within one poll of this loop)
         shutil.copyfile(mixed_inputs / "small.nii.gz", inputs / f"{name}.nii.gz")
     out = tmp_path / "out"
     command = [sys.executable, "-m", "ctzoo", "infer", str(inputs), "--out", str(out), "--workers", "1",
-               "--no-overlay"]
+               "--no-overlay", "--batch-size", "2"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # its own process group, as a shell gives a job
     try:
