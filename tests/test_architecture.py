@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ctzoo"
 #: Each top-level part of ctzoo and its layer; a module may import its own part and lower layers only.
-LAYERS = {"__init__": 0, "config": 0, "io": 1, "datasets": 2, "models": 3, "inference": 4, "scaling": 5,
+LAYERS = {"__init__": 0, "config": 0, "perf": 1, "io": 1, "datasets": 2, "models": 3, "inference": 4, "scaling": 5,
           "training": 6, "export": 7, "serve": 8, "pacs": 8, "cli": 9, "__main__": 10}
 
 

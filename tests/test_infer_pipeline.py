@@ -334,13 +334,15 @@ def test_ctrl_c_on_a_real_process_exits_130_and_resume_finishes_with_0(mixed_inp
     inputs.mkdir()
     names = [f"case{k}" for k in range(8)]
     for name in names:  # batches of 2 slices: cases finish one by one, and Ctrl-C lands with cases left to run
-        # (with 8-slice batches mixing cases, all of them could be written within one poll of this loop)
         shutil.copyfile(mixed_inputs / "small.nii.gz", inputs / f"{name}.nii.gz")
     out = tmp_path / "out"
     command = [sys.executable, "-m", "ctzoo", "infer", str(inputs), "--out", str(out), "--workers", "1",
                "--no-overlay", "--batch-size", "2"]
+    # its own process group, as a shell gives a job; SIGINT at its default, as in a terminal: pytest-xdist workers
+    # ignore SIGINT, and an ignored signal stays ignored across exec (Python then installs no KeyboardInterrupt)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # its own process group, as a shell gives a job
+                               start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not list(out.glob("*/status-recistnet-mini.json")):

@@ -151,10 +151,20 @@ def _is_loopback(host: str) -> bool:
               "(about half the service's memory); more wait (then 503), one request alone over it gets 413.")
 @click.option("--queue-wait-s", type=click.FloatRange(min=0), default=ServeLimits.queue_wait_s, show_default=True,
               help="How long a request waits for a place before 503 with Retry-After.")
+@click.option("--perf/--no-perf", default=False, show_default=True,
+              help="Judge every request's stages (decode, queue, model, encode) for latency anomalies in situ "
+              "(Chimbuko's SSTD or HBOS); anomalies go to /metrics, /v2/perf/anomalies and the provenance store.")
+@click.option("--perf-algorithm", type=click.Choice(["hbos", "sstd"]), default="hbos", show_default=True,
+              help="hbos: per-key histograms (finds latencies between the modes of a stage); sstd: |t - mean| > "
+              "6 sigma.")
+@click.option("--perf-store", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The provenance store (SQLite; default STATE/perf.sqlite): anomalies, 10 neighbours each side, "
+              "one normal sample per key.")
 def serve(repository: Path, host: str, port: int, token_file: Path | None, insecure_no_auth: bool,
           metrics_no_auth: bool, max_upload_mb: float, request_timeout_s: float, threads: int | None, device: str,
           tensorrt: bool, max_batch_size: int | None, max_queue_delay_ms: float | None, no_batching: bool,
-          no_access_log: bool, state_dir: Path | None, **budget_options) -> None:
+          no_access_log: bool, state_dir: Path | None, perf: bool, perf_algorithm: str, perf_store: Path | None,
+          **budget_options) -> None:
     """Serve the models of a repository over HTTP: KServe v2 / Open Inference Protocol.
 
     Any KServe v2 client works, e.g. tritonclient.http (JSON and binary tensors). Every route needs
@@ -202,11 +212,17 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
                    "in front", err=True)
     state = claim_state_dir(state_dir or default_state_dir())
     limits = ServeLimits(volume_limits(budget_options, self_contained_only=True), **budget_options)
+    monitor = None
+    if perf:
+        from ctzoo.perf import DetectorConfig, PerfMonitor
+
+        monitor = PerfMonitor(perf_store or state / "perf.sqlite", DetectorConfig(algorithm=perf_algorithm),
+                              role="serve")
     try:
         app = create_app(repository, tokens, insecure_no_auth=insecure_no_auth, device=device, threads=threads,
                          tensorrt=tensorrt, max_upload_mb=max_upload_mb, request_timeout_s=request_timeout_s,
                          batching=not no_batching, max_batch_size=max_batch_size,
-                         max_queue_delay_ms=max_queue_delay_ms, metrics_no_auth=metrics_no_auth, limits=limits,
+                         max_queue_delay_ms=max_queue_delay_ms, metrics_no_auth=metrics_no_auth, limits=limits, perf=monitor,
                          extra_routers=[study_router(device, threads, state, request_timeout_s)])
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -217,5 +233,9 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
     console_logging(access_log=not no_access_log)
     level = logging.getLogger().getEffectiveLevel()
     # uvicorn's own access log stays off: it would log query strings
-    run_until_signalled(app, host=host, port=port, access_log=False, log_level=max(level, logging.INFO),
-                        timeout_keep_alive=5)
+    try:
+        run_until_signalled(app, host=host, port=port, access_log=False, log_level=max(level, logging.INFO),
+                            timeout_keep_alive=5)
+    finally:
+        if monitor is not None:
+            monitor.close()  # the reduction totals, written last

@@ -11,6 +11,8 @@ Routes (``{m}`` a model name; every model route also answers under ``/v2/models/
 ``GET  /v2/models/{m}/config``         a Triton-style configuration (with ctzoo.json under ``parameters``)
 ``POST /v2/models/{m}/infer``          inference: JSON tensors and/or the binary tensor data extension
 ``POST /v2/repository/index``          the served models (Triton's repository extension, read-only)
+``GET  /v2/perf/anomalies``             latest latency anomalies with their provenance windows (``perf`` on)
+``GET  /v2/perf/stats``                 per-key latency statistics of the anomaly detector (``perf`` on)
 ``GET  /metrics``                      Prometheus metrics (token required unless ``metrics_no_auth``)
 =====================================  ====================================================================
 
@@ -70,6 +72,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ctzoo import __version__
+from ctzoo.perf import PerfMonitor, event_key
 from ctzoo.serve.batching import MicroBatcher, QueueFullError
 from ctzoo.serve.budget import InflightBudget, ServeLimits
 from ctzoo.serve.repository import ServedModel, load_repository
@@ -127,7 +130,17 @@ class ServeMetrics:
                                         buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
         self.depth = Gauge("ctzoo_queue_depth", "Requests waiting in the model's batching queue", ["model"],
                            registry=registry)
+        self.perf_events = Counter("ctzoo_perf_events", "Stage events judged by the latency anomaly detector",
+                                   ["model", "stage"], registry=registry)
+        self.perf_anomalies = Counter("ctzoo_perf_anomalies", "Stage events judged anomalous (ctzoo perf)",
+                                      ["model", "stage"], registry=registry)
         self.served = 0  # HTTP requests answered (any route and status), for the shutdown line
+
+    def perf_event(self, event, label) -> None:
+        """The perf monitor's ``on_event``: count events and anomalies by model and stage."""
+        self.perf_events.labels(event.model, event.stage).inc()
+        if label.anomalous:
+            self.perf_anomalies.labels(event.model, event.stage).inc()
 
     def queue_depth(self, model: str, depth: int) -> None:
         self.depth.labels(model).set(depth)
@@ -232,12 +245,15 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
                device: str = "auto", threads: int | None = None, tensorrt: bool = True, max_upload_mb: float = 512,
                request_timeout_s: float = 60.0, batching: bool = True, max_batch_size: int | None = None,
                max_queue_delay_ms: float | None = None, metrics_no_auth: bool = False,
-               limits: ServeLimits | None = None, extra_routers: Sequence[APIRouter] = ()) -> FastAPI:
+               limits: ServeLimits | None = None, perf: PerfMonitor | None = None,
+               extra_routers: Sequence[APIRouter] = ()) -> FastAPI:
     """The service for the models in ``repository`` (loaded now; see :func:`load_repository`).
 
     ``tokens``: accepted bearer tokens; at least one is required unless ``insecure_no_auth``. ``max_batch_size``
     and ``max_queue_delay_ms`` override each model's ctzoo.json; ``batching=False`` runs every request alone.
-    ``limits``: the per-request budget (:mod:`ctzoo.serve.budget`; default :class:`ServeLimits`()).
+    ``limits``: the per-request budget (:mod:`ctzoo.serve.budget`; default :class:`ServeLimits`()). ``perf``: a
+    :class:`~ctzoo.perf.PerfMonitor` judging every request's stages (decode, queue, model, encode) in situ; its
+    anomalies are counted in /metrics and listed by ``/v2/perf/anomalies`` and ``/v2/perf/stats``.
     """
     tokens = [t.strip() for t in tokens if t and t.strip()]
     if not tokens and not insecure_no_auth:
@@ -270,7 +286,9 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
     app = FastAPI(title="ctzoo serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.repository, app.state.metrics, app.state.settings, app.state.ready = models, metrics, settings, True
-    app.state.budget = budget
+    app.state.budget, app.state.perf = budget, perf
+    if perf is not None:
+        perf.on_event = metrics.perf_event
     auth = [Depends(token_checker(tokens))] if tokens else []
 
     @app.exception_handler(ServeError)
@@ -363,19 +381,50 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
             return decoded, names, model.validate(decoded.inputs)  # before batching: a bad request fails alone
 
         decoded, names, inputs = await run_in_threadpool(decode)
-        metrics.latency.labels(model.name, "decode").observe(time.perf_counter() - started)
-        outputs = await model.infer(inputs, validated=True)
+        decode_s = time.perf_counter() - started
+        metrics.latency.labels(model.name, "decode").observe(decode_s)
+        timing: dict | None = {} if perf is not None else None
+        outputs = await model.infer(inputs, validated=True, timing=timing)
         started = time.perf_counter()
         content, headers = await run_in_threadpool(encode_response, model.name, model.version,
                                                    {name: outputs[name] for name in names}, decoded)
-        metrics.latency.labels(model.name, "encode").observe(time.perf_counter() - started)
+        encode_s = time.perf_counter() - started
+        metrics.latency.labels(model.name, "encode").observe(encode_s)
+        if perf is not None:
+            await run_in_threadpool(_perf_events, model, inputs, timing, decode_s, encode_s)
         return Response(content, headers=headers)
+
+    def _perf_events(model: ServedModel, inputs: dict, timing: dict, decode_s: float, encode_s: float) -> None:
+        """One event per stage of this request, with what explains its time."""
+        rows = int(next(iter(inputs.values())).shape[0])
+        context = {"rows": rows, "shape": "x".join(map(str, next(iter(inputs.values())).shape[1:])),
+                   "backend": model.providers[0], **timing}
+        device = "cuda" if "CUDA" in model.providers[0] or "Tensorrt" in model.providers[0] else "cpu"
+        for stage, seconds in (("decode", decode_s), ("queue", timing.get("queue_s", 0.0)),
+                               ("model", timing.get("model_s", 0.0)), ("encode", encode_s)):
+            perf.record(event_key(model.name, model.version, stage, device, rows), seconds, context=context)
 
     for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{version}"):
         router.add_api_route(prefix, metadata, methods=["GET"])
         router.add_api_route(prefix + "/ready", model_ready, methods=["GET"])
         router.add_api_route(prefix + "/config", model_config, methods=["GET"])
         router.add_api_route(prefix + "/infer", infer, methods=["POST"])
+    def monitor() -> PerfMonitor:
+        if perf is None:
+            raise ServeError("latency anomaly detection is off: start ctzoo serve with --perf", status=404)
+        return perf
+
+    @router.get("/v2/perf/anomalies")
+    async def perf_anomalies(limit: int = 50) -> dict:
+        store = monitor().store
+        found = await run_in_threadpool(store.anomalies, max(1, min(limit, 1000))) if store else []
+        return {"anomalies": found, "reduction": await run_in_threadpool(store.reduction) if store else None}
+
+    @router.get("/v2/perf/stats")
+    async def perf_stats() -> dict:
+        current = monitor()
+        return {"algorithm": current.config.algorithm, "process": current.process, "keys": current.stats()}
+
     app.include_router(router)
 
     metrics_auth = [] if metrics_no_auth else auth

@@ -58,6 +58,7 @@ class _Pending:
     key: tuple
     future: asyncio.Future
     enqueued: float
+    timing: dict | None = None  # filled for the caller: queue_s, model_s, batch_rows, batch_requests, queue_depth
 
 
 def batch_key(inputs: Arrays) -> tuple:
@@ -93,13 +94,17 @@ class MicroBatcher:
 
     # ---------------------------------------------------------------------------------------- client side
 
-    async def submit(self, inputs: Arrays) -> Arrays:
-        """Queue ``inputs`` (validated, all with the same batch size) and return their outputs."""
+    async def submit(self, inputs: Arrays, timing: dict | None = None) -> Arrays:
+        """Queue ``inputs`` (validated, all with the same batch size) and return their outputs. ``timing``, when
+        given, receives this request's ``queue_s`` (waiting and batch formation), ``model_s`` (its merged run),
+        ``batch_rows``, ``batch_requests`` and ``queue_depth`` (requests queued when it arrived)."""
         loop = self._ensure_started()
         if len(self._queue) >= self.max_queue:
             raise QueueFullError(f"model {self.name!r} has {len(self._queue)} requests queued; try again later")
         rows = next(iter(inputs.values())).shape[0]
-        pending = _Pending(inputs, rows, batch_key(inputs), loop.create_future(), time.perf_counter())
+        pending = _Pending(inputs, rows, batch_key(inputs), loop.create_future(), time.perf_counter(), timing)
+        if timing is not None:
+            timing["queue_depth"] = len(self._queue)
         self._queue.append(pending)
         self._observe_depth()
         self._wakeup.set()
@@ -194,6 +199,9 @@ class MicroBatcher:
         for pending, result in zip(batch, results):
             if self.observer is not None:
                 self.observer.request(self.name, started - pending.enqueued, seconds)
+            if pending.timing is not None:
+                pending.timing.update(queue_s=started - pending.enqueued, model_s=seconds,
+                                      batch_rows=sum(p.rows for p in batch), batch_requests=len(batch))
             if pending.future.done():
                 continue
             if isinstance(result, BaseException):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,13 +221,21 @@ class ServedModel:
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
             raise ServeError(f"model {self.name!r} rejected the input: {str(exc)[:300]}") from None
 
-    async def infer(self, inputs: dict[str, np.ndarray], *, validated: bool = False) -> dict[str, np.ndarray]:
+    async def infer(self, inputs: dict[str, np.ndarray], *, validated: bool = False,
+                    timing: dict | None = None) -> dict[str, np.ndarray]:
         """Validate ``inputs`` (unless the caller just did, ``validated=True``) and run them through the
-        micro-batcher (or a worker thread without one); all outputs, with the request's batch size."""
+        micro-batcher (or a worker thread without one); all outputs, with the request's batch size. ``timing``
+        receives the queue and model seconds (:meth:`MicroBatcher.submit`)."""
         checked = inputs if validated else self.validate(inputs)
         if self.batcher is not None:
-            return await self.batcher.submit(checked)
-        return await asyncio.to_thread(self.run, checked)
+            return await self.batcher.submit(checked, timing)
+        started = time.perf_counter()
+        outputs = await asyncio.to_thread(self.run, checked)
+        if timing is not None:
+            rows = next(iter(checked.values())).shape[0]
+            timing.update(queue_s=0.0, model_s=time.perf_counter() - started, batch_rows=rows, batch_requests=1,
+                          queue_depth=0)
+        return outputs
 
 
 def load_repository(repository: Path, device: str = "auto", threads: int | None = None,

@@ -1,0 +1,203 @@
+"""Label each timed event normal or anomalous in situ, as Chimbuko does: SSTD or HBOS per key.
+
+* **SSTD**: anomalous when |t - mu| > alpha sigma (alpha 6 by default), from the key's running moments; score
+  |t - mu| / sigma.
+* **HBOS**: the key's merged histogram re-binned to Scott's width; a bin's score is -log2(p + 78.88e-32) (an
+  empty bin scores about 103.6); threshold = min + ``hbos_threshold`` x (max - min) of the scores (0.99 by
+  default); a value outside the histogram gets the maximum score. In log2(seconds) and with neighbour-smoothed
+  counts (:func:`hbos_table` says why), this flags the values that land where the key has no data within one
+  bin, which is what finds latencies *between* the modes of a multi-modal stage that SSTD, whose sigma spans
+  the modes, cannot.
+
+Choices (Chimbuko's where it has one): by default only events at least ``min_ratio`` (1.5) times and
+``min_excess_s`` (5 ms) slower than the key's median can be anomalous (``direction="both"`` also judges as many times faster, as Chimbuko judges both
+sides): a stage that got faster because the machine got quieter is not a fault, and on a busy host a stage's
+time jitters by tens of percent, which is not what an operator is looking for. The first event of each key is not judged and not learned (warm-up: session
+creation, CUDA JIT); a key is judged only once it has ``min_samples`` events; an event is judged against the
+statistics *before* it, and an event judged anomalous is not learned (``learn_anomalies``), so a run of slow calls
+does not teach the detector that slow is normal. State merges are exact (:mod:`ctzoo.perf.stats`), so a
+parameter server can hand every process the same global statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ctzoo.perf.stats import FINE_BINS_PER_OCTAVE, LatencyHistogram, RunningMoments, fine_bin
+
+#: Chimbuko's offset inside the HBOS logarithm: the score of an empty bin is -log2 of it, about 103.6.
+HBOS_EPSILON = 78.88e-32
+EMPTY_BIN_SCORE = -math.log2(HBOS_EPSILON)
+#: Fewer bins than this many fine bins would make Scott's width meaningless; more cost time for nothing.
+MAX_SCORING_BINS = 4096
+#: The scoring histogram is rebuilt once its key has this much more data (a fraction of its count).
+REBUILD_GROWTH = 0.01
+SMOOTH = False
+
+Key = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """How events are judged (see the module docstring)."""
+
+    algorithm: Literal["hbos", "sstd"] = "hbos"
+    direction: Literal["slow", "both"] = "slow"  # slow: only events slower than usual can be anomalous
+    min_ratio: float = 1.5  # ... and only at least this many times the key's median (not jitter on a busy host)
+    min_excess_s: float = 0.005  # ... and at least this much longer than it (a 1 ms stage taking 3 ms is no fault)
+    sstd_sigma: float = 6.0
+    hbos_threshold: float = 0.99
+    min_samples: int = 20
+    skip_first: bool = True
+    learn_anomalies: bool = False
+
+
+@dataclass(frozen=True)
+class Label:
+    """The verdict on one event: ``anomalous``, its ``score`` and the ``threshold`` it was compared with (both in
+    the algorithm's units); ``judged`` is False during a key's warm-up."""
+
+    anomalous: bool
+    score: float
+    threshold: float
+    judged: bool = True
+
+
+@dataclass
+class KeyState:
+    """What a detector knows about one key: running moments and the fine-grid histogram, plus the first event
+    seen (skipped) flag. Merging two states merges both parts exactly."""
+
+    moments: RunningMoments = field(default_factory=RunningMoments)
+    histogram: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def push(self, seconds: float) -> None:
+        self.moments.push(seconds)
+        self.histogram.push(seconds)
+
+    def merge(self, other: KeyState) -> KeyState:
+        return KeyState(self.moments.merge(other.moments), self.histogram.merge(other.histogram))
+
+    def to_dict(self) -> dict:
+        return {"moments": self.moments.to_dict(), "histogram": self.histogram.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KeyState:
+        return cls(RunningMoments.from_dict(data["moments"]), LatencyHistogram.from_dict(data["histogram"]))
+
+
+@dataclass(frozen=True)
+class HbosTable:
+    """A key's scoring histogram in log2(seconds): bins of Scott's width from ``low`` (one empty bin of padding on
+    each side of the data), each bin's score, the threshold, and the median (for ``direction="slow"``)."""
+
+    low: float
+    width: float
+    scores: tuple[float, ...]
+    threshold: float
+    count: int
+    median: float
+
+    def score(self, seconds: float) -> float:
+        value = _log2_centre(fine_bin(seconds))  # log2 seconds, on the grid the histogram was counted on
+        index = math.floor((value - self.low) / self.width)
+        return self.scores[index] if 0 <= index < len(self.scores) else EMPTY_BIN_SCORE
+
+
+def _log2_centre(index: int) -> float:
+    return (index + 0.5) / FINE_BINS_PER_OCTAVE
+
+
+def hbos_table(state: KeyState, threshold: float) -> HbosTable:
+    """Re-bin ``state``'s histogram to Scott's width (3.49 sigma n^(-1/3)) and score every bin.
+
+    Two departures from Chimbuko's HBOS, both measured on the service under load (tests/test_perf_serve.py):
+
+    * **log2(seconds)**, not seconds: stage latencies are multiplicative (a busy machine stretches a stage by a
+      factor) and skewed, so equal-width bins in seconds leave the right tail full of empty bins that flag
+      ordinary slow-ish calls; in log2 the bins follow the spread at every scale;
+    * **a bin's count is smoothed with its neighbours** (1-2-1) and the score range always includes an empty
+      bin's score, so with the default threshold a value is anomalous where the key has no data within one bin:
+      in a gap between modes, or beyond the data by more than a bin, but not in a sparse tail right next to data.
+    """
+    counts, n = state.histogram.counts, state.histogram.total
+    centres = {index: _log2_centre(index) for index in counts}
+    low, high = min(centres.values()), max(centres.values())
+    mean = sum(c * centres[i] for i, c in counts.items()) / n
+    sigma = math.sqrt(sum(c * (centres[i] - mean) ** 2 for i, c in counts.items()) / max(n - 1, 1))
+    width = 3.49 * sigma * n ** (-1 / 3)
+    if not width > 0 or (high - low) / width > MAX_SCORING_BINS:
+        width = (high - low) / MAX_SCORING_BINS if high > low else 1.0 / FINE_BINS_PER_OCTAVE
+    bins = max(1, math.ceil((high - low) / width)) + 2  # an empty bin on each side
+    low -= width
+    binned = [0] * bins
+    for index, count in counts.items():
+        binned[min(int((centres[index] - low) / width), bins - 2)] += count
+    padded = [0, *binned, 0]
+    smoothed = [(padded[b] + 2 * padded[b + 1] + padded[b + 2]) / 4 for b in range(bins)] if SMOOTH else binned
+    scores = tuple(-math.log2(c / n + HBOS_EPSILON) for c in smoothed)
+    lowest = min(scores)
+    return HbosTable(low, width, scores, lowest + threshold * (EMPTY_BIN_SCORE - lowest), n, _median(counts, n))
+
+
+def _median(counts: dict[int, int], n: int) -> float:
+    seen = 0
+    for index in sorted(counts):
+        seen += counts[index]
+        if 2 * seen >= n:
+            return _log2_centre(index)
+    return 0.0
+
+
+class AnomalyDetector:
+    """Per-key states and the verdict on each new event (:meth:`observe`); :meth:`state_dict` and
+    :meth:`merge_states` are what a parameter server exchanges."""
+
+    def __init__(self, config: DetectorConfig = DetectorConfig()) -> None:
+        self.config = config
+        self.states: dict[Key, KeyState] = {}
+        self._tables: dict[Key, HbosTable] = {}
+        self._seen: set[Key] = set()
+
+    def observe(self, key: Key, seconds: float) -> Label:
+        """Judge one event of ``key`` lasting ``seconds`` against what is known so far, then learn it (unless it
+        was judged anomalous and ``learn_anomalies`` is off)."""
+        if self.config.skip_first and key not in self._seen:
+            self._seen.add(key)
+            return Label(False, 0.0, 0.0, judged=False)
+        state = self.states.setdefault(key, KeyState())
+        if state.moments.count < self.config.min_samples:
+            state.push(seconds)
+            return Label(False, 0.0, 0.0, judged=False)
+        label = self._judge(key, state, seconds)
+        if not label.anomalous or self.config.learn_anomalies:
+            state.push(seconds)
+        return label
+
+    def _judge(self, key: Key, state: KeyState, seconds: float) -> Label:
+        table = self._tables.get(key)
+        if table is None or state.moments.count > table.count * (1 + REBUILD_GROWTH):
+            table = self._tables[key] = hbos_table(state, self.config.hbos_threshold)
+        median = 2.0 ** table.median
+        slower = seconds >= self.config.min_ratio * median and seconds - median >= self.config.min_excess_s
+        faster = seconds <= median / self.config.min_ratio and median - seconds >= self.config.min_excess_s
+        eligible = slower or (self.config.direction == "both" and faster)
+        if self.config.algorithm == "sstd":
+            sigma, mean = state.moments.std, state.moments.mean
+            score = abs(seconds - mean) / sigma if sigma > 0 else (0.0 if seconds == mean else math.inf)
+            return Label(eligible and score > self.config.sstd_sigma, score, self.config.sstd_sigma)
+        score = table.score(seconds)
+        return Label(eligible and score > table.threshold, score, table.threshold)
+
+    def state_dict(self) -> dict[str, dict]:
+        """Every key's state, JSON-friendly (keys joined with ``|``)."""
+        return {"|".join(key): state.to_dict() for key, state in self.states.items()}
+
+    def merge_states(self, states: dict[str, dict]) -> None:
+        """Merge states of other processes (:meth:`state_dict` output) into this detector's."""
+        for name, data in states.items():
+            key = tuple(name.split("|"))
+            self.states[key] = self.states.get(key, KeyState()).merge(KeyState.from_dict(data))
+            self._tables.pop(key, None)

@@ -1,0 +1,74 @@
+"""One timed stage of ctzoo's work: what the detectors judge and the provenance store keeps.
+
+An event's **key** is what its statistics are kept for: ``(model, version, stage, device, size bucket)``. CT work
+scales with the number of slices, so one latency distribution per model would flag every large study; ctzoo
+*buckets* by slices (powers of two: ``1``, ``2``, ``3-4``, ``5-8``, ... ``257-512``) rather than normalising per
+slice, because fixed costs (session calls, file opens) do not scale and would make small inputs look slow.
+
+The **context** explains an event (batch size, queue depth, spacing, backend, a series hash, the request id's
+hash...). It is JSON-friendly and must never hold patient names or identifiers: callers pass hashes only, and
+:func:`checked_context` refuses the DICOM keywords that identify patients.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Context keys that may identify a patient: refused outright (use a salted hash of the series instead).
+IDENTIFYING_KEYS = frozenset({"PatientName", "PatientID", "patient_name", "patient_id", "PatientBirthDate",
+                              "AccessionNumber", "accession_number", "StudyInstanceUID", "SeriesInstanceUID"})
+
+Key = tuple[str, str, str, str, str]
+
+
+def slice_bucket(slices: int | None) -> str:
+    """The size bucket of an input of ``slices`` slices (or rows of a tensor batch): ``1``, ``2``, ``3-4``,
+    ``5-8``, ...; ``-`` when the stage has no size."""
+    if slices is None or slices < 1:
+        return "-"
+    if slices <= 2:
+        return str(slices)
+    high = 2 ** math.ceil(math.log2(slices))
+    return f"{high // 2 + 1}-{high}"
+
+
+def process_name(role: str) -> str:
+    """How events name the process that timed them: ``role@host:pid``."""
+    return f"{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+def checked_context(context: dict[str, Any]) -> dict[str, Any]:
+    """``context`` with JSON-friendly values; ValueError if a key could identify a patient."""
+    bad = IDENTIFYING_KEYS.intersection(context)
+    if bad:
+        raise ValueError(f"event context must not hold patient identifiers ({', '.join(sorted(bad))}); "
+                         "pass a salted hash instead")
+    return {k: (v if isinstance(v, (str, int, float, bool)) or v is None else str(v)) for k, v in context.items()}
+
+
+@dataclass(frozen=True)
+class Event:
+    """One timed stage: ``key`` (model, version, stage, device, size bucket), ``seconds`` it took, ``started``
+    (Unix time), the ``process`` that timed it and its ``context``."""
+
+    key: Key
+    seconds: float
+    started: float
+    process: str
+    context: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> str:
+        return self.key[0]
+
+    @property
+    def stage(self) -> str:
+        return self.key[2]
+
+
+def event_key(model: str, version: str, stage: str, device: str, slices: int | None) -> Key:
+    return (model, version, stage, device, slice_bucket(slices))

@@ -1,0 +1,156 @@
+"""The provenance store: anomalies, a window of the events around each, and one normal sample per key.
+
+Everything else is counted, not kept: the reduction (events seen / events stored) is what Chimbuko's design buys.
+SQLite (one file, WAL), schema:
+
+``events``
+    ``id`` INTEGER PRIMARY KEY; ``kind`` (``anomaly``, ``window``: a neighbour of an anomaly within ``window``
+    events of the same process, before or after it, or ``normal``: the first normal event of its key);
+    ``anomaly_id`` (a window event's anomaly); ``process``; the key: ``model``, ``version``, ``stage``, ``device``,
+    ``bucket``; ``seconds``, ``started`` (Unix time); the verdict: ``algorithm``, ``score``, ``threshold``,
+    ``judged`` (0 during a key's warm-up); ``context`` (JSON; never patient identifiers).
+``totals``
+    ``process`` PRIMARY KEY, ``seen`` and ``stored`` events, ``updated`` (Unix time).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from ctzoo.perf.detectors import Label
+from ctzoo.perf.events import Event
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('anomaly', 'window', 'normal')),
+    anomaly_id INTEGER, process TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL, stage TEXT NOT NULL,
+    device TEXT NOT NULL, bucket TEXT NOT NULL, seconds REAL NOT NULL, started REAL NOT NULL,
+    algorithm TEXT NOT NULL, score REAL NOT NULL, threshold REAL NOT NULL, judged INTEGER NOT NULL,
+    context TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_kind ON events (kind, started);
+CREATE TABLE IF NOT EXISTS totals (process TEXT PRIMARY KEY, seen INTEGER NOT NULL, stored INTEGER NOT NULL,
+                                   updated REAL NOT NULL);
+"""
+#: Totals are written at most this often (seconds) while events flow, and at :meth:`ProvenanceRecorder.close`.
+TOTALS_EVERY_S = 5.0
+
+
+class ProvenanceStore:
+    """The SQLite file (see the module docstring); thread-safe."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def insert(self, kind: str, event: Event, label: Label, algorithm: str, anomaly_id: int | None = None) -> int:
+        model, version, stage, device, bucket = event.key
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO events (kind, anomaly_id, process, model, version, stage, device, bucket, seconds, "
+                "started, algorithm, score, threshold, judged, context) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (kind, anomaly_id, event.process, model, version, stage, device, bucket, event.seconds,
+                 event.started, algorithm, _finite(label.score), _finite(label.threshold), int(label.judged),
+                 json.dumps(event.context, sort_keys=True)))
+            return int(cursor.lastrowid)
+
+    def write_totals(self, process: str, seen: int, stored: int) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO totals VALUES (?,?,?,?) ON CONFLICT(process) DO UPDATE SET "
+                             "seen=excluded.seen, stored=excluded.stored, updated=excluded.updated",
+                             (process, seen, stored, time.time()))
+
+    def sampled_keys(self) -> set[tuple[str, ...]]:
+        """The keys that already have their normal sample."""
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT model, version, stage, device, bucket FROM events "
+                                    "WHERE kind = 'normal'").fetchall()
+        return {tuple(row) for row in rows}
+
+    def rows(self, sql: str, parameters: tuple = ()) -> list[dict]:
+        """Rows of a read-only query as dicts (``context`` decoded)."""
+        with self._lock:
+            cursor = self._db.execute(sql, parameters)
+            names = [c[0] for c in cursor.description]
+            rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+        for row in rows:
+            if isinstance(row.get("context"), str):
+                row["context"] = json.loads(row["context"])
+        return rows
+
+    def anomalies(self, limit: int = 100) -> list[dict]:
+        """The latest anomalies, newest first, each with its window (``window``: the neighbours, in time order)."""
+        found = self.rows("SELECT * FROM events WHERE kind = 'anomaly' ORDER BY started DESC, id DESC LIMIT ?",
+                          (int(limit),))
+        for anomaly in found:
+            anomaly["window"] = self.rows("SELECT * FROM events WHERE anomaly_id = ? ORDER BY started, id",
+                                          (anomaly["id"],))
+        return found
+
+    def reduction(self) -> dict:
+        """``{"seen", "stored", "ratio"}`` over every process (ratio: events seen per event stored)."""
+        [row] = self.rows("SELECT COALESCE(SUM(seen), 0) AS seen, COALESCE(SUM(stored), 0) AS stored FROM totals")
+        seen, stored = row["seen"], row["stored"]
+        return {"seen": seen, "stored": stored, "ratio": seen / stored if stored else None}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _finite(value: float) -> float:
+    return value if value == value and abs(value) != float("inf") else 1e300
+
+
+class ProvenanceRecorder:
+    """Decides what of one process's event stream is kept: each anomaly, the ``window`` events before it (that are
+    not stored already) and the ``window`` after it, and the first normal event of each key."""
+
+    def __init__(self, store: ProvenanceStore, process: str, algorithm: str, window: int = 10) -> None:
+        self.store, self.process, self.algorithm, self.window = store, process, algorithm, window
+        self._recent: deque[tuple[Event, Label]] = deque(maxlen=window)
+        self._after: tuple[int, int] | None = None  # (anomaly id, events still to keep after it)
+        self._sampled = store.sampled_keys()
+        self.seen = self.stored = 0
+        self._totals_written = 0.0
+        self._lock = threading.Lock()
+
+    def record(self, event: Event, label: Label) -> int | None:
+        """Take one judged event; returns its row id when it was stored as an anomaly."""
+        with self._lock:
+            self.seen += 1
+            anomaly_id = None
+            if label.anomalous:
+                anomaly_id = self._keep("anomaly", event, label)
+                for before, before_label in self._recent:
+                    self._keep("window", before, before_label, anomaly_id)
+                self._recent.clear()
+                self._after = (anomaly_id, self.window)
+            elif self._after is not None:
+                self._keep("window", event, label, self._after[0])
+                left = self._after[1] - 1
+                self._after = (self._after[0], left) if left > 0 else None
+            elif label.judged and event.key not in self._sampled:
+                self._sampled.add(event.key)
+                self._keep("normal", event, label)
+            else:
+                self._recent.append((event, label))
+            if time.monotonic() - self._totals_written > TOTALS_EVERY_S:
+                self.flush()
+            return anomaly_id
+
+    def _keep(self, kind: str, event: Event, label: Label, anomaly_id: int | None = None) -> int:
+        self.stored += 1
+        return self.store.insert(kind, event, label, self.algorithm, anomaly_id)
+
+    def flush(self) -> None:
+        self.store.write_totals(self.process, self.seen, self.stored)
+        self._totals_written = time.monotonic()

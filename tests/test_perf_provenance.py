@@ -1,0 +1,54 @@
+"""The provenance store keeps anomalies, their neighbours and one normal sample per key, and nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctzoo.perf import DetectorConfig, PerfMonitor, event_key, slice_bucket
+
+
+def test_slice_buckets_are_powers_of_two():
+    assert [slice_bucket(n) for n in (None, 1, 2, 3, 4, 5, 8, 9, 300)] == \
+        ["-", "1", "2", "3-4", "3-4", "5-8", "5-8", "9-16", "257-512"]
+
+
+def test_only_anomalies_their_windows_and_one_normal_sample_are_stored(tmp_path):
+    rng = np.random.default_rng(0)
+    monitor = PerfMonitor(tmp_path / "perf.sqlite", DetectorConfig(algorithm="sstd"), role="test", window=10)
+    predict = event_key("recistnet-mini", "0.3.0", "predict", "cpu", 8)
+    slow_at = {300, 600, 900}
+    for k in range(1200):
+        seconds = 1.0 if k in slow_at else float(rng.normal(0.05, 0.002))
+        label = monitor.record(predict, seconds, started=1e9 + k, context={"batch": 8, "request": f"r{k}"})
+        assert label.anomalous == (k in slow_at), k
+    monitor.close()
+    store = PerfMonitor(tmp_path / "perf.sqlite", role="reader").store
+    anomalies = store.anomalies()
+    assert sorted(a["context"]["request"] for a in anomalies) == ["r300", "r600", "r900"]
+    for anomaly in anomalies:
+        k = int(anomaly["context"]["request"][1:])
+        neighbours = [int(w["context"]["request"][1:]) for w in anomaly["window"]]
+        assert neighbours == [*range(k - 10, k), *range(k + 1, k + 11)]
+        assert anomaly["stage"] == "predict" and anomaly["score"] > 6 and anomaly["algorithm"] == "sstd"
+    normal = store.rows("SELECT * FROM events WHERE kind = 'normal'")
+    assert len(normal) == 1 and normal[0]["bucket"] == "5-8"
+    reduction = store.reduction()
+    assert reduction["seen"] == 1200 and reduction["stored"] == 3 * 21 + 1
+    assert reduction["ratio"] == pytest.approx(1200 / 64)
+
+
+def test_patient_identifiers_never_enter_an_event(tmp_path):
+    monitor = PerfMonitor(None, role="test")
+    with pytest.raises(ValueError, match="patient identifiers"):
+        monitor.record(event_key("m", "1", "read", "cpu", 1), 0.1, context={"PatientID": "PAT-1"})
+
+
+def test_timed_blocks_are_events_and_stats_per_key():
+    monitor = PerfMonitor(None, DetectorConfig(min_samples=10), role="test")  # all five in the warm-up
+    for _ in range(5):
+        with monitor.timed("m", "1", "write", "cpu", slices=20) as context:
+            context["files"] = 2
+    [row] = monitor.stats()
+    assert (row["stage"], row["bucket"], row["count"]) == ("write", "17-32", 4)  # the first event is skipped
+    assert row["anomalies"] == 0 and 0 <= row["min_s"] <= row["mean_s"] <= row["max_s"]
