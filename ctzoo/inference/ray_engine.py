@@ -132,11 +132,12 @@ def _finisher(model_name: str):
 def _write(model_name: str, case: CaseInput, source: str, context: Any, outputs: list[bytes], options: PipelineOptions):
     """Write stage (a Ray task): re-read the volume (from ``source``, absolute), then :func:`write_case`."""
     from ctzoo.io import read_volume
+    from ctzoo.io.limits import DEFAULT_LIMITS
 
     task = _finisher(model_name)
     try:
         volume = read_volume(source, series=options.series, rules=options.rules, progress=False,
-                             **({"limits": options.limits} if options.limits else {}))
+                             limits=options.limits or DEFAULT_LIMITS)
     except Exception as exc:  # the input changed since it was read: this case fails, the batch goes on
         return summary_row(case, task, "error", slices=len(outputs),
                            error=error_message(exc).replace(source, str(case.path)))

@@ -3,11 +3,11 @@
 * **SSTD**: anomalous when |t - mu| > alpha sigma (alpha 6 by default), from the key's running moments; score
   |t - mu| / sigma.
 * **HBOS**: the key's merged histogram re-binned to Scott's width; a bin's score is -log2(p + 78.88e-32) (an
-  empty bin scores about 103.6); threshold = min + ``hbos_threshold`` x (max - min) of the scores (0.99 by
-  default); a value outside the histogram gets the maximum score. In log2(seconds) and with neighbour-smoothed
-  counts (:func:`hbos_table` says why), this flags the values that land where the key has no data within one
-  bin, which is what finds latencies *between* the modes of a multi-modal stage that SSTD, whose sigma spans
-  the modes, cannot.
+  empty bin scores 100); threshold = min + ``hbos_threshold`` x (max - min) of the scores (0.99 by
+  default); a value outside the histogram gets the maximum score. In log2(seconds) (:func:`hbos_table` says
+  why), and with the score range always including an empty bin's, this flags the values that land in a bin where
+  the key has no data, which is what finds latencies *between* the modes of a multi-modal stage that SSTD, whose
+  sigma spans the modes, cannot.
 
 Choices (Chimbuko's where it has one): by default only events at least ``min_ratio`` (1.5) times and
 ``min_excess_s`` (5 ms) slower than the key's median can be anomalous (``direction="both"`` also judges as many times faster, as Chimbuko judges both
@@ -27,14 +27,13 @@ from typing import Literal
 
 from ctzoo.perf.stats import FINE_BINS_PER_OCTAVE, LatencyHistogram, RunningMoments, fine_bin
 
-#: Chimbuko's offset inside the HBOS logarithm: the score of an empty bin is -log2 of it, about 103.6.
+#: Chimbuko's offset inside the HBOS logarithm: the score of an empty bin is -log2 of it, 100.
 HBOS_EPSILON = 78.88e-32
 EMPTY_BIN_SCORE = -math.log2(HBOS_EPSILON)
 #: Fewer bins than this many fine bins would make Scott's width meaningless; more cost time for nothing.
 MAX_SCORING_BINS = 4096
 #: The scoring histogram is rebuilt once its key has this much more data (a fraction of its count).
 REBUILD_GROWTH = 0.01
-SMOOTH = False
 
 Key = tuple[str, ...]
 
@@ -113,14 +112,11 @@ def _log2_centre(index: int) -> float:
 def hbos_table(state: KeyState, threshold: float) -> HbosTable:
     """Re-bin ``state``'s histogram to Scott's width (3.49 sigma n^(-1/3)) and score every bin.
 
-    Two departures from Chimbuko's HBOS, both measured on the service under load (tests/test_perf_serve.py):
-
-    * **log2(seconds)**, not seconds: stage latencies are multiplicative (a busy machine stretches a stage by a
-      factor) and skewed, so equal-width bins in seconds leave the right tail full of empty bins that flag
-      ordinary slow-ish calls; in log2 the bins follow the spread at every scale;
-    * **a bin's count is smoothed with its neighbours** (1-2-1) and the score range always includes an empty
-      bin's score, so with the default threshold a value is anomalous where the key has no data within one bin:
-      in a gap between modes, or beyond the data by more than a bin, but not in a sparse tail right next to data.
+    One departure from Chimbuko's HBOS, measured on the service under load (tests/test_perf_serve.py): the bins
+    are in **log2(seconds)**, not seconds. Stage latencies are multiplicative (a busy machine stretches a stage by
+    a factor) and skewed, so equal-width bins in seconds leave the right tail full of empty bins that flag
+    ordinary slow-ish calls; in log2 the bins follow the spread at every scale. The score range always includes
+    an empty bin's score, and one empty bin pads each side of the data.
     """
     counts, n = state.histogram.counts, state.histogram.total
     centres = {index: _log2_centre(index) for index in counts}
@@ -135,9 +131,7 @@ def hbos_table(state: KeyState, threshold: float) -> HbosTable:
     binned = [0] * bins
     for index, count in counts.items():
         binned[min(int((centres[index] - low) / width), bins - 2)] += count
-    padded = [0, *binned, 0]
-    smoothed = [(padded[b] + 2 * padded[b + 1] + padded[b + 2]) / 4 for b in range(bins)] if SMOOTH else binned
-    scores = tuple(-math.log2(c / n + HBOS_EPSILON) for c in smoothed)
+    scores = tuple(-math.log2(c / n + HBOS_EPSILON) for c in binned)
     lowest = min(scores)
     return HbosTable(low, width, scores, lowest + threshold * (EMPTY_BIN_SCORE - lowest), n, _median(counts, n))
 
