@@ -145,12 +145,15 @@ class LoadServer:
 
 @contextmanager
 def serve_subprocess(repository: Path | None = None, threads: int = 1, device: str = "cpu",
-                     extra_args: Sequence[str] = (), ready_timeout_s: float = 180) -> Iterator[LoadServer]:
+                     extra_args: Sequence[str] = (), ready_timeout_s: float = 180,
+                     launcher: Sequence[str] = ("-m", "ctzoo"), env: dict[str, str] | None = None
+                     ) -> Iterator[LoadServer]:
     """``python -m ctzoo serve`` on a free loopback port with a fresh token (file mode 600), ``--state-dir`` and
     ``TMPDIR`` in a temporary folder; yields once /v2/health/ready answers 200. ``repository=None``: recistnet-mini
     is exported into the temporary folder first. On exit: SIGTERM (then kill after 30 s), the exit code and what
     was left in the temporary folders and the server's log are kept on the yielded object, and the temporary
-    folder is removed."""
+    folder is removed. ``launcher``: what ``python`` runs (a script that takes ctzoo's arguments, such as
+    benchmarks/fault_injection.py); ``env``: more environment variables for the server."""
     with tempfile.TemporaryDirectory(prefix="ctzoo-serve-load-") as tmp:
         tmp = Path(tmp)
         if repository is None:
@@ -168,10 +171,10 @@ def serve_subprocess(repository: Path | None = None, threads: int = 1, device: s
         state_dir, tmpdir, log = tmp / "state", tmp / "tmpdir", tmp / "server.log"
         tmpdir.mkdir(mode=0o700)
         port = free_port()
-        command = [sys.executable, "-m", "ctzoo", "serve", "--repository", str(repository), "--host", "127.0.0.1",
+        command = [sys.executable, *launcher, "serve", "--repository", str(repository), "--host", "127.0.0.1",
                    "--port", str(port), "--token-file", str(token_file), "--state-dir", str(state_dir),
                    "--threads", str(threads), "--device", device, *extra_args]
-        env = {**os.environ, "TMPDIR": str(tmpdir), "OMP_NUM_THREADS": str(threads)}
+        env = {**os.environ, "TMPDIR": str(tmpdir), "OMP_NUM_THREADS": str(threads), **(env or {})}
         env.pop("CTZOO_SERVE_TOKENS", None)
         with log.open("wb") as sink:  # a file, not a pipe: the access log must never block the server
             process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -209,11 +212,13 @@ def serve_subprocess(repository: Path | None = None, threads: int = 1, device: s
 # ------------------------------------------------------------------------------------------------ requests
 
 
-def binary_request(inputs: dict[str, np.ndarray]) -> tuple[bytes, int]:
+def binary_request(inputs: dict[str, np.ndarray], request_id: str | None = None) -> tuple[bytes, int]:
     """A KServe v2 request with binary FP32 inputs and binary outputs, and its JSON header's length."""
     header = {"inputs": [{"name": name, "datatype": "FP32", "shape": list(value.shape),
                           "parameters": {"binary_data_size": value.nbytes}} for name, value in inputs.items()],
               "parameters": {"binary_data_output": True}}
+    if request_id is not None:
+        header["id"] = request_id
     text = json.dumps(header).encode()
     return text + b"".join(np.ascontiguousarray(v, np.float32).tobytes() for v in inputs.values()), len(text)
 

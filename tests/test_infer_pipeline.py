@@ -319,6 +319,26 @@ def test_summary_seconds_are_each_cases_own_wall_time(tmp_path):
         assert 0 <= status["read_s"] <= status["seconds"]
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_every_stage_is_a_perf_event_and_reading_excludes_the_wait_for_the_model(tmp_path, workers):
+    """With ``perf`` on, each case gives read/preprocess/finish/write events keyed by its slice bucket and each batch
+    a predict event keyed by its rows; the reader's times are its own work, so with ``workers=0`` (the reader runs
+    between the model's batches in the main process) ``read_s`` does not take in the model's 0.05 s batches."""
+    from ctzoo.perf import DetectorConfig, PerfMonitor
+
+    cases = [CaseInput(f"c{k}", _tiny_volume(tmp_path / f"c{k}.nii.gz", 6 + 6 * k)) for k in range(3)]
+    monitor = PerfMonitor(tmp_path / "perf.sqlite", DetectorConfig(skip_first=False, min_samples=100), role="infer")
+    rows = run_pipeline(cases, _stub_task(0.05), PipelineOptions(out=tmp_path / "out", workers=workers, batch_size=2,
+                                                                 chunk=2, progress=False, perf=monitor))
+    monitor.close()
+    stats = {(s["stage"], s["bucket"]): s["count"] for s in monitor.stats()}
+    assert {stage for stage, _ in stats} == {"read", "preprocess", "predict", "finish", "write"}
+    for stage in ("read", "preprocess", "finish", "write"):  # slices 6, 12, 18: buckets 5-8, 9-16, 17-32
+        assert {b: stats[(stage, b)] for b in ("5-8", "9-16", "17-32")} == {"5-8": 1, "9-16": 1, "17-32": 1}
+    assert stats[("predict", "2")] == 18  # 36 slices in batches of 2
+    assert all(row["read_s"] < 0.3 for row in rows), [row["read_s"] for row in rows]  # 3-9 batches of 0.05 s each
+
+
 def test_ctrl_c_on_a_real_process_exits_130_and_resume_finishes_with_0(mixed_inputs, tmp_path):
     """``ctzoo infer`` in its own process, interrupted as a terminal does it (SIGINT to the process group, reader
     process included) once its first case is written: exit 130, no partial file, summary.csv and the status files

@@ -1,5 +1,6 @@
 """``ctzoo pacs`` as a hospital runs it: a watcher process against a real Orthanc, killed with SIGKILL mid-job
-and restarted, Orthanc stopped mid-job and started again; bad series skipped; status, retry, check."""
+and restarted, Orthanc stopped mid-job and started again; bad series skipped; status, retry, check; the config's
+perf section timing every job's stages into its store."""
 
 from __future__ import annotations
 
@@ -21,15 +22,19 @@ from series_variants import variant_series
 from ctzoo.cli import main
 from ctzoo.pacs.config import load_pacs_config
 from ctzoo.pacs.ledger import JobState, Ledger
+from ctzoo.perf import ProvenanceStore
 
 pytestmark = pytest.mark.timeout(300)
 PASSWORD_ENV = "TEST_ORTHANC_PASSWORD"
 
 
-def write_pacs_config(tmp_path: Path, orthanc=None, listener: dict | None = None, **retry) -> Path:
+def write_pacs_config(tmp_path: Path, orthanc=None, listener: dict | None = None, perf: dict | None = None,
+                      **retry) -> Path:
     config = {"state_dir": "state", "backend": "onnx", "device": "cpu", "score_threshold": 0.05,
               "rules": {"min_slices": 5},
               "retry": {"max_attempts": 4, "backoff_s": 0.5, "backoff_factor": 1, "lease_s": 3, **retry}}
+    if perf is not None:
+        config["perf"] = perf
     if orthanc is not None:
         config["orthanc"] = {"url": orthanc.url, "username": orthanc.username, "password_env": PASSWORD_ENV,
                              "poll_s": 0.3}
@@ -104,7 +109,7 @@ def test_watcher_killed_mid_job_and_restarted_gives_one_result_set(tmp_path, sen
     server = OrthancServer(tmp_path)
     orthanc = server.start()
     try:
-        config = write_pacs_config(tmp_path, orthanc)
+        config = write_pacs_config(tmp_path, orthanc, perf={"enabled": True})
         ledger_path = load_pacs_config(config).ledger_path
         storescu(orthanc, mr), storescu(orthanc, few), storescu(orthanc, corrupt, propose=())
         storescu(orthanc, good)
@@ -134,6 +139,17 @@ def test_watcher_killed_mid_job_and_restarted_gives_one_result_set(tmp_path, sen
         assert uid["good"] not in status.output  # series by hash in the table
     finally:
         server.stop()
+    _assert_perf_store(load_pacs_config(config).perf_store_path)
+
+
+def _assert_perf_store(path: Path) -> None:
+    """The perf section's store, beside the ledger, with the totals of the watcher that finished the good series
+    (written at its close): at least that job's 16 events (download, check, upload, job; per model read,
+    preprocess, finish, write and two batches of its 12 slices). Its key statistics hold only keys seen twice, and
+    the detector skips each key's first event; ``tests/test_pacs_watcher.py`` checks the keys themselves."""
+    assert path == path.parent / "perf.sqlite" and (path.parent / "ledger.sqlite").exists()
+    totals = ProvenanceStore(path, read_only=True).rows("SELECT * FROM totals")
+    assert max(row["seen"] for row in totals) >= 4 + 2 * 6, totals
 
 
 def test_watcher_waits_for_orthanc_to_come_back(tmp_path, sent_files):

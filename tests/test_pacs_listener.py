@@ -1,5 +1,5 @@
 """The DICOM listener of the PACS bridge: storescu in, SR + SEG out by C-STORE (to a real Orthanc, or to a
-pynetdicom SCP that a test starts late or makes refuse)."""
+pynetdicom SCP that a test starts late or makes refuse); with perf on, each job's stages from receive to upload."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import httpx
 import pydicom
 import pytest
 from orthanc_server import OrthancServer, free_port, run_storescu, running_orthanc, storescu
+from perf_checks import assert_no_identifiers, stages_by_key
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 from series_variants import variant_series
@@ -20,10 +21,12 @@ from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.models import load_bundle
 from ctzoo.pacs.ledger import JobState, Ledger, patient_hash
 from ctzoo.pacs.listener import AEAddress, DestinationUnavailable, DicomListener, send_files
+from ctzoo.perf import PerfMonitor
 
 pytestmark = pytest.mark.timeout(240)
 SALT = "test-salt"
 CALLER = "SCANNER"
+MODELS = ("recistnet-mini", "template-seg-abdomen")
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +35,12 @@ def tasks():
             model_task(ensure_graphs(load_bundle("template-seg-abdomen")), "onnx", "cpu")]
 
 
-def _listener(tmp_path, tasks, destination: AEAddress, port: int = 0, callers=(CALLER,),
+def _listener(tmp_path, tasks, destination: AEAddress, port: int = 0, callers=(CALLER,), perf=None,
               **ledger_options) -> DicomListener:
     ledger = Ledger(tmp_path / "ledger.sqlite", **ledger_options)
     listener = DicomListener(ledger, tasks, SeriesRules(min_slices=5), tmp_path / "spool", tmp_path / "work", "w1",
-                             SALT, AEAddress("CTZOO", "127.0.0.1", port), destination, list(callers), stable_s=1.0)
+                             SALT, AEAddress("CTZOO", "127.0.0.1", port), destination, list(callers), stable_s=1.0,
+                             perf=perf)
     listener.start()
     return listener
 
@@ -76,8 +80,10 @@ def test_listener_end_to_end_into_orthanc(tmp_path, sent_files, tasks, caplog):
     corrupt = variant_series(sent_files, tmp_path / "send", "corrupt", count=6, truncate_pixels_of=2)
     uid = {name: pydicom.dcmread(files[0]).SeriesInstanceUID
            for name, files in {"good": good, "mr": mr, "few": few, "corrupt": corrupt}.items()}
+    events = []
+    monitor = PerfMonitor(None, role="pacs", on_event=lambda event, label: events.append(event))
     with running_orthanc(tmp_path) as orthanc:
-        listener = _listener(tmp_path, tasks, AEAddress("ORTHANC", "127.0.0.1", orthanc.dicom_port))
+        listener = _listener(tmp_path, tasks, AEAddress("ORTHANC", "127.0.0.1", orthanc.dicom_port), perf=monitor)
         try:
             # a caller not on the list is turned away, and nothing is kept
             code, output = run_storescu("CTZOO", listener.port, good[:1], calling_aet="INTRUDER")
@@ -106,6 +112,7 @@ def test_listener_end_to_end_into_orthanc(tmp_path, sent_files, tasks, caplog):
             assert done.state is JobState.DONE and len(done.result_uids) == 2
             assert listener.last_delivery == ["Success", "Success"]
             assert not any(listener.spool.iterdir()) and not any((tmp_path / "work").iterdir())
+            _assert_job_events(events, done.id, jobs[uid["corrupt"]].id)
 
             # the results are in Orthanc, in the study of the CT (which itself was never sent there)
             auth = (orthanc.username, orthanc.password)
@@ -128,6 +135,21 @@ def test_listener_end_to_end_into_orthanc(tmp_path, sent_files, tasks, caplog):
             listener.stop()
             listener.ledger.close()
     assert "PAT-0042" not in caplog.text and uid["good"] not in caplog.text and "after it was done" in caplog.text
+    assert_no_identifiers(events, good + mr + few + corrupt, str(tmp_path))  # no path: spool and work are under it
+    assert [event.stage for event in events].count("receive") == 2  # the series sent again was dropped: no event
+
+
+def _assert_job_events(events, good_job: int, corrupt_job: int) -> None:
+    """The good series (20 instances, one association): received, checked, each model, uploaded, done; the corrupt
+    one (6) was received, its check failed (not recorded); the series skipped at discovery left no event."""
+    assert stages_by_key(events) == {
+        ("pacs", "17-32"): {"receive", "check", "upload", "job"}, ("pacs", "5-8"): {"receive"},
+        **{(model, "17-32"): {"read", "preprocess", "finish", "write"} for model in MODELS},
+        **{(model, bucket): {"predict"} for model in MODELS for bucket in ("3-4", "5-8")}}
+    receive = {e.context["job"]: e for e in events if e.stage == "receive"}
+    assert receive.keys() == {good_job, corrupt_job}
+    assert receive[good_job].context["instances"] == 20 and receive[good_job].context["associations"] == 1
+    assert receive[corrupt_job].context["instances"] == 6 and 0 < receive[good_job].seconds < 60
 
 
 def test_listener_retries_while_the_destination_is_down(tmp_path, sent_files, tasks):

@@ -1,4 +1,5 @@
-"""The Orthanc watcher of the PACS bridge against a real Orthanc: CT in, SR + SEG back, each series once."""
+"""The Orthanc watcher of the PACS bridge against a real Orthanc: CT in, SR + SEG back, each series once; every
+stage of a job timed for the latency anomaly detector, with no patient identifier in its events."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pydicom
 import pytest
 from dicom_validation import assert_dciodvfy_clean
 from orthanc_server import running_orthanc, storescu
+from perf_checks import assert_no_identifiers, stages_by_key
 
+from ctzoo import __version__
 from ctzoo.export.repository import ensure_graphs
 from ctzoo.inference.tasks import model_task
 from ctzoo.io.dicom_scan import SeriesRules
@@ -19,9 +22,11 @@ from ctzoo.models import load_bundle
 from ctzoo.pacs.ledger import JobState, Ledger, patient_hash
 from ctzoo.pacs.orthanc import OrthancClient, OrthancUnavailable
 from ctzoo.pacs.watcher import OrthancWatcher
+from ctzoo.perf import PerfMonitor
 
 pytestmark = pytest.mark.timeout(180)
 SALT = "test-salt"
+PIPELINE_STAGES = {"read", "preprocess", "predict", "finish", "write"}
 
 
 class Crash(BaseException):  # a worker dying between "uploaded" and "complete": nothing catches it
@@ -58,10 +63,12 @@ def test_watcher_end_to_end(tmp_path, sent_files, caplog):
     rules = SeriesRules(min_slices=5)
     uid = pydicom.dcmread(sent_files[0]).SeriesInstanceUID
     ledger_path = tmp_path / "ledger.sqlite"
+    events = []
+    monitor = PerfMonitor(tmp_path / "perf.sqlite", role="pacs", on_event=lambda event, label: events.append(event))
     with running_orthanc(tmp_path) as orthanc, \
             OrthancClient(orthanc.url, orthanc.username, orthanc.password) as client:
         ledger = Ledger(ledger_path)
-        watcher = OrthancWatcher(client, ledger, tasks, rules, tmp_path / "work", "w1", SALT)
+        watcher = OrthancWatcher(client, ledger, tasks, rules, tmp_path / "work", "w1", SALT, perf=monitor)
         storescu(orthanc, files)
         assert _discover_until(watcher, 1) == 1, orthanc.log_tail()
         (job,) = ledger.jobs(JobState.PENDING)
@@ -80,13 +87,16 @@ def test_watcher_end_to_end(tmp_path, sent_files, caplog):
 
         # restart (a fresh ledger whose clock is past the lease): the job is re-run, results re-sent
         ledger = Ledger(ledger_path, clock=lambda: time.time() + 3600)
-        watcher = OrthancWatcher(client, ledger, tasks, rules, tmp_path / "work", "w2", SALT)
+        watcher = OrthancWatcher(client, ledger, tasks, rules, tmp_path / "work", "w2", SALT, perf=monitor)
         assert watcher.last_seq == seq  # resumes from the persisted sequence number
         assert watcher.process_one() is True
         assert watcher.last_upload_statuses == ["AlreadyStored", "AlreadyStored"]
         (done,) = ledger.jobs(JobState.DONE)
         assert done.series_uid == uid and len(done.result_uids) == 2 and done.worker == "w2"
         assert not list((tmp_path / "work").iterdir())  # private temp folder removed
+        _assert_job_events(events, done.id, files, tmp_path)
+        monitor.close()
+        assert PerfMonitor(tmp_path / "perf.sqlite", role="reader").store.reduction()["seen"] == len(events)
 
         # Orthanc holds one SR and one SEG series, in the study of the CT
         by_modality = _series_by_modality(orthanc)
@@ -119,6 +129,26 @@ def test_watcher_end_to_end(tmp_path, sent_files, caplog):
         assert {m: len(s) for m, s in _series_by_modality(orthanc).items()} == {"CT": 1, "SR": 1, "SEG": 1}
         ledger.close()
     assert "PAT-0042" not in caplog.text and uid not in caplog.text and "series " in caplog.text
+
+
+def _assert_job_events(events, job_id: int, files, folder) -> None:
+    """Both attempts of the job (the crashed one and the re-run) timed every stage; the crashed one has no ``job``
+    (it never completed). 20 slices: every event but a model's batches in the bucket 17-32."""
+    assert stages_by_key(events) == {
+        ("pacs", "17-32"): {"download", "check", "upload", "job"},
+        ("recistnet-mini", "17-32"): PIPELINE_STAGES - {"predict"}, ("recistnet-mini", "5-8"): {"predict"},
+        ("recistnet-mini", "3-4"): {"predict"}, ("template-seg-abdomen", "17-32"): PIPELINE_STAGES - {"predict"},
+        ("template-seg-abdomen", "5-8"): {"predict"}, ("template-seg-abdomen", "3-4"): {"predict"}}
+    bridge = [event for event in events if event.model == "pacs"]
+    assert {event.key[1] for event in bridge} == {__version__} and [e.stage for e in bridge].count("job") == 1
+    for attempt, worker in ((1, "w1"), (2, "w2")):
+        mine = [e for e in bridge if e.context["attempt"] == attempt]
+        assert {e.context["job"] for e in mine} == {job_id} and {e.context["worker"] for e in mine} == {worker}
+        assert {e.context["slices"] for e in mine} == {20} and len({e.context["series_hash"] for e in mine}) == 1
+    # a job's model events carry its series hash: the two attempts' hashes differ, each groups its own events
+    hashes = {e.context["series_hash"] for e in events if e.stage != "predict"}
+    assert hashes == {e.context["series_hash"] for e in bridge} and len(hashes) == 2
+    assert_no_identifiers(events, files, str(folder))  # no path either: the job's folders are under it
 
 
 class _FakeClient:

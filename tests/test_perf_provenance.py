@@ -52,3 +52,20 @@ def test_timed_blocks_are_events_and_stats_per_key():
     [row] = monitor.stats()
     assert (row["stage"], row["bucket"], row["count"]) == ("write", "17-32", 4)  # the first event is skipped
     assert row["anomalies"] == 0 and 0 <= row["min_s"] <= row["mean_s"] <= row["max_s"]
+
+
+def test_a_full_store_drops_its_oldest_anomalies_and_keeps_the_normal_samples(tmp_path):
+    """An always-on service must not fill its disk: beyond ``max_events`` anomaly/window rows the oldest go."""
+    from ctzoo.perf import Label, ProvenanceStore
+    from ctzoo.perf.events import Event
+
+    store = ProvenanceStore(tmp_path / "perf.sqlite", max_events=50)
+    key = event_key("recistnet-mini", "0.3.0", "model", "cpu", 1)
+    store.insert("normal", Event(key, 0.05, 1e9, "serve@h:1", {}), Label(False, 1.0, 99.0), "hbos")
+    for k in range(200):
+        store.insert("anomaly", Event(key, 1.0, 1e9 + k, "serve@h:1", {"request": f"r{k}"}), Label(True, 100, 99),
+                     "hbos")
+    kept = store.rows("SELECT kind, context FROM events ORDER BY id")
+    assert kept[0]["kind"] == "normal" and len(kept) <= 1 + 50 + 5  # pruned every max_events / 10 inserts
+    assert [row["context"]["request"] for row in kept[1:]][-1] == "r199"  # the newest stay
+    store.close()

@@ -1,18 +1,28 @@
 """Study endpoints of ctzoo serve: a whole volume in, the same result as ``ctzoo infer --backend onnx`` out, and a
-precise 4xx for every kind of bad upload while the service keeps serving."""
+precise 4xx for every kind of bad upload while the service keeps serving. The module's service runs with a
+PerfMonitor: every study's stages are timed, and no event names the patient or the upload."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
+import httpx
 import numpy as np
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from orthanc_server import free_port
+from perf_checks import assert_no_identifiers
 from upload_builders import zip_bytes
 
 from ctzoo.datasets.samples import sample_ct_dicom
@@ -20,6 +30,9 @@ from ctzoo.io import read_volume, write_volume
 
 TOKEN = "study-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+#: What the zipped DICOM study says about its patient; no perf event may hold any of it.
+PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PAT-0042"}
+CASE_STAGES = {"upload", "read", "preprocess", "finish", "write"}  # keyed by the study's slices; predict by a batch's
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +47,30 @@ def repository(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def client(repository):
+def perf_events() -> list:
+    """Every perf event of the module's service, in the order recorded."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def client(repository, perf_events, tmp_path_factory):
+    from ctzoo.perf import PerfMonitor
     from ctzoo.serve.app import create_app
     from ctzoo.serve.studies import study_router
 
-    app = create_app(repository, [TOKEN], device="cpu", max_upload_mb=16, extra_routers=[study_router("cpu")])
+    monitor = PerfMonitor(tmp_path_factory.mktemp("perf") / "perf.sqlite", role="serve")
+    app = create_app(repository, [TOKEN], device="cpu", max_upload_mb=16, perf=monitor,
+                     extra_routers=[study_router("cpu")])
+    count = monitor.on_event  # the service's own handler (its Prometheus counters) stays in place
+
+    def keep(event, label) -> None:
+        perf_events.append(event)
+        count(event, label)
+
+    monitor.on_event = keep
     with TestClient(app) as test_client:
         yield test_client
+    monitor.close()
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +81,17 @@ def small_nifti(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dicom_zip() -> bytes:
+def dicom_zip(sent_files) -> bytes:
+    """The sample series (UIDs repaired) with a patient name and id, zipped as a client sends it."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for file in sorted(Path(sample_ct_dicom()).iterdir()):
-            archive.write(file, f"series/{file.name}")
+        for file in sent_files:
+            dataset = pydicom.dcmread(file)
+            for keyword, value in PATIENT.items():
+                setattr(dataset, keyword, value)
+            member = io.BytesIO()
+            dataset.save_as(member, enforce_file_format=True)
+            archive.writestr(f"series/{dataset.PatientID}-{file.name}", member.getvalue())
     return buffer.getvalue()
 
 
@@ -123,10 +159,15 @@ def test_fp16_study_runs_the_served_fp16_graph_and_matches_v2(client, repository
     assert len(fp32_scores) != len(study_scores) or np.abs(np.subtract(fp32_scores, study_scores)).max() > 1e-6
 
 
-def test_segmenter_study_gives_nifti_json_and_dicom_seg(client, repository, dicom_zip, small_nifti, tmp_path):
+def test_segmenter_study_gives_nifti_json_and_dicom_seg(client, repository, dicom_zip, small_nifti, tmp_path,
+                                                       perf_events, sent_files):
+    """Also: each study's stages are perf events keyed by the study's slices, naming neither patient nor upload."""
     import highdicom as hd
     import nibabel as nib
 
+    from ctzoo.perf import request_hash
+
+    first_event = len(perf_events)
     labels = client.post("/studies/template-seg-abdomen?format=nifti", content=small_nifti.read_bytes(), headers=AUTH)
     assert labels.status_code == 200, labels.text
     (tmp_path / "labels.nii.gz").write_bytes(labels.content)
@@ -139,8 +180,25 @@ def test_segmenter_study_gives_nifti_json_and_dicom_seg(client, repository, dico
     assert seg.status_code == 200 and seg.headers["content-type"] == "application/dicom"
     (tmp_path / "seg.dcm").write_bytes(seg.content)
     assert hd.seg.segread(tmp_path / "seg.dcm").number_of_segments >= 1
-    sr = client.post("/studies/recistnet-mini?format=dicom&score_threshold=0.05", content=dicom_zip, headers=AUTH)
+    sr = client.post("/studies/recistnet-mini?format=dicom&score_threshold=0.05", content=dicom_zip,
+                     headers={**AUTH, "X-Request-ID": "ward-7-PAT-0042"})
     assert sr.status_code == 200 and sr.content[128:132] == b"DICM"
+
+    events = perf_events[first_event:]
+    by_study: dict[str, list] = {}
+    for event in events:
+        if event.stage != "predict":  # a batch, not a study: it has no series
+            by_study.setdefault(event.context["series_hash"], []).append(event)
+    assert len(by_study) == 4  # the upload's events and the pipeline's group under one keyed hash per study
+    for study in by_study.values():
+        assert {e.stage for e in study} == CASE_STAGES and len({e.key[4] for e in study}) == 1
+    buckets = sorted((study[0].model, study[0].key[4]) for study in by_study.values())
+    assert buckets == [("recistnet-mini", "17-32"), ("template-seg-abdomen", "17-32"),
+                       ("template-seg-abdomen", "17-32"), ("template-seg-abdomen", "5-8")]  # 20 and 6 slices
+    assert {e.key[4] for e in events if e.stage == "predict"} == {"3-4", "5-8"}  # batches of 8, then the rest
+    [tagged] = [e for e in events if e.stage == "upload" and "request" in e.context]
+    assert tagged.context["request"] == request_hash("ward-7-PAT-0042") and tagged.context["format"] == "zip"
+    assert_no_identifiers(events, sent_files, *PATIENT.values(), "upload", "study-", "ctzoo-serve-")  # no path
 
 
 def test_bad_uploads_get_a_precise_4xx_and_the_service_keeps_serving(client, small_nifti):
@@ -208,3 +266,44 @@ def test_a_study_past_its_deadline_is_cancelled_and_its_folder_removed(repositor
             assert time.monotonic() < deadline, "the cancelled study's folder is still there"
             time.sleep(0.1)
     assert router.tasks.sessions == 1
+
+
+def test_ctzoo_serve_perf_keeps_the_study_stages_in_its_store(repository, small_nifti, tmp_path):
+    """The CLI's wiring: ``ctzoo serve --perf`` times a study's stages into STATE/perf.sqlite, whose totals and key
+    statistics are written when SIGTERM stops the service."""
+    from ctzoo.perf import ProvenanceStore
+
+    port, state = free_port(), tmp_path / "state"
+    with (tmp_path / "serve.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ctzoo", "serve", "--repository", str(repository), "--port", str(port),
+             "--threads", "1", "--state-dir", str(state), "--no-access-log", "--perf"],
+            stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "CTZOO_SERVE_TOKENS": TOKEN, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _ready(url):
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        for _ in range(2):  # the detector skips each key's first event: the second is what its statistics keep
+            response = httpx.post(f"{url}/studies/recistnet-mini", content=small_nifti.read_bytes(), headers=AUTH,
+                                  timeout=60)
+            assert response.status_code == 200, response.text
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    store = ProvenanceStore(state / "perf.sqlite", read_only=True)
+    assert store.reduction()["seen"] == 2 * (len(CASE_STAGES) + 1)  # and one batch a study: its 6 slices
+    keys = {(row["model"], row["stage"], row["bucket"]) for row in store.key_states()}
+    assert keys == {("recistnet-mini", stage, "5-8") for stage in CASE_STAGES | {"predict"}}
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/v2/health/ready").status_code == 200
+    except httpx.TransportError:
+        return False

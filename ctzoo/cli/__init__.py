@@ -14,6 +14,7 @@ from ctzoo.cli.export import export
 from ctzoo.cli.infer import infer
 from ctzoo.cli.info import convert, info
 from ctzoo.cli.pacs import pacs
+from ctzoo.cli.perf import perf
 from ctzoo.cli.serve import serve
 from ctzoo.cli.train import evaluate, train
 from ctzoo.cli.zoo import zoo
@@ -39,6 +40,7 @@ def main(verbose: int) -> None:
       ctzoo serve --repository REPO         KServe v2 inference service (token: $CTZOO_SERVE_TOKENS)
       ctzoo pacs watch|listen CONFIG        the PACS bridge: CT series in, DICOM SR/SEG back
       ctzoo expand MODEL --width-mult 2 --out DIR   grow a trained model losslessly (LEMON)
+      ctzoo perf report STORE --out R.html  latency anomalies and their provenance (--perf on a command)
 
     Run 'ctzoo COMMAND --help' for the options of each command.
     """
@@ -59,3 +61,4 @@ main.add_command(export)
 main.add_command(serve)
 main.add_command(pacs)
 main.add_command(expand)
+main.add_command(perf)

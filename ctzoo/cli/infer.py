@@ -13,6 +13,7 @@ import click
 
 from ctzoo.cli.info import USER_ERRORS, load_rules, rules_option, series_option
 from ctzoo.cli.limits import volume_limit_options, volume_limits
+from ctzoo.cli.perf_options import perf_monitor, perf_options
 
 #: The shell's convention for a process ended by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
@@ -68,6 +69,7 @@ def _default_workers() -> int:
 @series_option
 @rules_option
 @volume_limit_options
+@perf_options
 @_ctrl_c_exits_130
 def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, device: str, out: Path, workers: int,
           batch_size: int, threads: int | None, resume: bool, overlay: bool | None, score_threshold: float | None,
@@ -107,6 +109,10 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     Size limits (--max-volume-voxels, --max-decoded-mb, --max-inflate-ratio) are checked from each
     input's headers before it is read; a case over one fails with a message naming the option.
 
+    --perf judges every case's read, preprocess, predict, finish and write stages (in this process,
+    with either engine) for latency anomalies; the provenance store is OUT/perf.sqlite unless
+    --perf-store says otherwise, and --perf-server merges the statistics with other processes'.
+
     \b
     Examples:
       ctzoo infer                                   the embedded sample CT
@@ -127,9 +133,10 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
         raise click.ClickException(str(exc)) from exc
     if not cases:
         raise click.ClickException("no cases to run")
+    monitor = perf_monitor(limit_options, "infer", out / "perf.sqlite")
     options = PipelineOptions(out=out, batch_size=batch_size, workers=workers, resume=resume,
                               overlay=(not inputs) if overlay is None else overlay, series=series, rules=rules,
-                              limits=volume_limits(limit_options))
+                              limits=volume_limits(limit_options), perf=monitor)
     click.echo(f"{len(cases)} case(s) -> {out}", err=True)
     rows: list[dict] = []
     try:
@@ -141,6 +148,9 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
         click.echo(f"interrupted: {out / 'summary.csv'} lists the cases that finished; --resume runs the rest",
                    err=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
+    finally:
+        if monitor is not None:
+            monitor.close()  # the last sync with the parameter server, then the store's totals
     failed = [r for r in rows if r["status"] != "ok"]
     for row in rows:
         line = f"{row['case']} [{row['model']}]: " + (f"{row['findings']} finding(s) {row['detail']}".rstrip()

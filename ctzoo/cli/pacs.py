@@ -31,7 +31,8 @@ def pacs() -> None:
 
     Every series is recorded in a SQLite ledger (STATE_DIR/ledger.sqlite) before anything is done with
     it; a killed bridge resumes where it stopped, failures are retried with backoff and then parked with
-    their reason. Patient ids are stored and logged only as salted hashes.
+    their reason. Patient ids are stored and logged only as salted hashes. With 'perf: {enabled: true}'
+    in CONFIG every stage of every job is timed and judged for latency anomalies (docs/perf.md).
     """
 
 
@@ -68,6 +69,10 @@ def _tasks(config):
         raise click.ClickException(f"cannot load the models: {exc}") from exc
 
 
+def _perf_note(settings) -> str:
+    return f"; latency anomalies: {settings.perf_store_path}" if settings.perf.enabled else ""
+
+
 def _run_until_signalled(worker, poll_s: float) -> None:
     """Run the worker loop; SIGTERM/SIGINT finish the job in hand, then stop."""
     stop = threading.Event()
@@ -91,6 +96,7 @@ def watch(config: Path) -> None:
     password file). Stop with Ctrl-C or SIGTERM: the job in hand finishes first.
     """
     from ctzoo.pacs.config import worker_name
+    from ctzoo.pacs.job_events import perf_monitor
     from ctzoo.pacs.orthanc import OrthancClient, OrthancError
     from ctzoo.pacs.watcher import OrthancWatcher
 
@@ -103,7 +109,8 @@ def watch(config: Path) -> None:
         raise click.ClickException(str(exc)) from exc
     tasks = _tasks(settings)
     with OrthancClient(settings.orthanc.url, settings.orthanc.username, password,
-                       timeout=settings.orthanc.timeout_s) as client, _ledger(settings) as ledger:
+                       timeout=settings.orthanc.timeout_s) as client, _ledger(settings) as ledger, \
+            perf_monitor(settings) as monitor:
         try:
             client.ping()
         except OrthancError as exc:  # down is fine (we wait for it), refused credentials are not
@@ -111,9 +118,10 @@ def watch(config: Path) -> None:
                 raise click.ClickException(f"Orthanc refused the credentials ({exc})") from exc
             click.echo(f"warning: {exc}; waiting for Orthanc", err=True)
         watcher = OrthancWatcher(client, ledger, tasks, settings.rules, settings.state_dir / "work",
-                                 worker_name(), settings.salt(), limits=settings.limits.resource_limits())
+                                 worker_name(), settings.salt(), limits=settings.limits.resource_limits(),
+                                 perf=monitor)
         click.echo(f"watching {settings.orthanc.url} for CT series; models: {', '.join(settings.models)}; "
-                   f"ledger: {settings.ledger_path}", err=True)
+                   f"ledger: {settings.ledger_path}{_perf_note(settings)}", err=True)
         _run_until_signalled(watcher, settings.orthanc.poll_s)
 
 
@@ -126,6 +134,7 @@ def listen(config: Path) -> None:
     destination AE). A series is processed once nothing has arrived for it for 'stable_s' seconds.
     """
     from ctzoo.pacs.config import worker_name
+    from ctzoo.pacs.job_events import perf_monitor
     from ctzoo.pacs.listener import AEAddress, DicomListener
 
     settings = _load(config)
@@ -134,20 +143,20 @@ def listen(config: Path) -> None:
         raise click.ClickException(f"{config}: no 'listener' section; 'ctzoo pacs listen' needs one")
     tasks = _tasks(settings)
     dest = section.destination
-    with _ledger(settings) as ledger:
+    with _ledger(settings) as ledger, perf_monitor(settings) as monitor:
         listener = DicomListener(
             ledger, tasks, settings.rules, settings.state_dir / "spool", settings.state_dir / "work", worker_name(),
             settings.salt(), AEAddress(section.ae_title, section.host, section.port),
             AEAddress(dest.ae_title, dest.host, dest.port),
             None if section.allowed_calling_aets == ["*"] else section.allowed_calling_aets, section.stable_s,
-            section.min_free_mb, settings.limits.resource_limits())
+            section.min_free_mb, settings.limits.resource_limits(), perf=monitor)
         try:
             listener.start()
         except OSError as exc:
             raise click.ClickException(f"cannot listen on {section.host}:{section.port}: {exc.strerror}") from exc
         click.echo(f"DICOM listener {section.ae_title} on {section.host}:{listener.port}; results to {dest.ae_title}@"
-                   f"{dest.host}:{dest.port}; models: {', '.join(settings.models)}; state: {settings.state_dir}",
-                   err=True)
+                   f"{dest.host}:{dest.port}; models: {', '.join(settings.models)}; state: {settings.state_dir}"
+                   f"{_perf_note(settings)}", err=True)
         try:
             _run_until_signalled(listener, section.poll_s)
         finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from ctzoo.cli.limits import volume_limit_options, volume_limits
+from ctzoo.cli.perf_options import perf_monitor, perf_options
 from ctzoo.serve.budget import ServeLimits
 
 TOKENS_ENV = "CTZOO_SERVE_TOKENS"
@@ -151,20 +152,11 @@ def _is_loopback(host: str) -> bool:
               "(about half the service's memory); more wait (then 503), one request alone over it gets 413.")
 @click.option("--queue-wait-s", type=click.FloatRange(min=0), default=ServeLimits.queue_wait_s, show_default=True,
               help="How long a request waits for a place before 503 with Retry-After.")
-@click.option("--perf/--no-perf", default=False, show_default=True,
-              help="Judge every request's stages (decode, queue, model, encode) for latency anomalies in situ "
-              "(Chimbuko's SSTD or HBOS); anomalies go to /metrics, /v2/perf/anomalies and the provenance store.")
-@click.option("--perf-algorithm", type=click.Choice(["hbos", "sstd"]), default="hbos", show_default=True,
-              help="hbos: per-key histograms (finds latencies between the modes of a stage); sstd: |t - mean| > "
-              "6 sigma.")
-@click.option("--perf-store", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The provenance store (SQLite; default STATE/perf.sqlite): anomalies, 10 neighbours each side, "
-              "one normal sample per key.")
+@perf_options(on_by_default=True)
 def serve(repository: Path, host: str, port: int, token_file: Path | None, insecure_no_auth: bool,
           metrics_no_auth: bool, max_upload_mb: float, request_timeout_s: float, threads: int | None, device: str,
           tensorrt: bool, max_batch_size: int | None, max_queue_delay_ms: float | None, no_batching: bool,
-          no_access_log: bool, state_dir: Path | None, perf: bool, perf_algorithm: str, perf_store: Path | None,
-          **budget_options) -> None:
+          no_access_log: bool, state_dir: Path | None, **budget_options) -> None:
     """Serve the models of a repository over HTTP: KServe v2 / Open Inference Protocol.
 
     Any KServe v2 client works, e.g. tritonclient.http (JSON and binary tensors). Every route needs
@@ -187,6 +179,12 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
     requests in flight are limited per model and in memory (--max-requests-per-model,
     --max-inflight-mb: they wait up to --queue-wait-s, then 503 with Retry-After). The body is read
     inside --request-timeout-s; past it the work is cancelled and its files removed.
+
+    --perf (on by default; --no-perf) judges each /infer request's decode, queue, model and encode
+    stages, and each study's upload, read, preprocess, predict, finish and write; anomalies are counted
+    in /metrics and listed by /v2/perf/anomalies (statistics: /v2/perf/stats); the provenance store
+    is STATE/perf.sqlite unless --perf-store says otherwise. With --perf-server, every replica judges
+    against the statistics of all.
 
     \b
     Examples:
@@ -211,13 +209,8 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
         click.echo(f"warning: listening on {host}, beyond this machine, over plain HTTP: put a TLS reverse proxy "
                    "in front", err=True)
     state = claim_state_dir(state_dir or default_state_dir())
+    monitor = perf_monitor(budget_options, "serve", state / "perf.sqlite")
     limits = ServeLimits(volume_limits(budget_options, self_contained_only=True), **budget_options)
-    monitor = None
-    if perf:
-        from ctzoo.perf import DetectorConfig, PerfMonitor
-
-        monitor = PerfMonitor(perf_store or state / "perf.sqlite", DetectorConfig(algorithm=perf_algorithm),
-                              role="serve")
     try:
         app = create_app(repository, tokens, insecure_no_auth=insecure_no_auth, device=device, threads=threads,
                          tensorrt=tensorrt, max_upload_mb=max_upload_mb, request_timeout_s=request_timeout_s,

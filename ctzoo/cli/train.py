@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ctzoo.cli.perf_options import perf_monitor, perf_options
 from ctzoo.config import ConfigError
 
 _CONFIG = click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -51,6 +52,16 @@ def _train_template_seg(config: Path, out: Path, resume: bool, epochs: int | Non
     click.echo((out / "comparison.md").read_text())
 
 
+def _rank_store(out: Path) -> tuple[Path, int | None]:
+    """The provenance store of this process and its rank (None outside torchrun). One file per rank, not one
+    shared file: SQLite's WAL works only on one host's local disk, and a multi-node run writes OUT on a shared
+    file system; separate files also keep the ranks from waiting on each other's write locks within a step."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank = int(os.environ["RANK"])
+        return out / f"perf.rank{rank}.sqlite", rank
+    return out / "perf.sqlite", None
+
+
 _DEVICE = click.option("--device", default="auto", show_default=True,
                        help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
 
@@ -63,7 +74,9 @@ _DEVICE = click.option("--device", default="auto", show_default=True,
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override optim.epochs.")
 @_DATA_ROOT
 @_DEVICE
-def train(config: Path, out: Path, resume: bool, epochs: int | None, data_root: Path | None, device: str) -> None:
+@perf_options
+def train(config: Path, out: Path, resume: bool, epochs: int | None, data_root: Path | None, device: str,
+          **perf: object) -> None:
     """Train the model that CONFIG describes (e.g. configs/recistnet_mini_cpu.yaml).
 
     A template_seg config (configs/template_seg_abdomen.yaml) trains the template segmenter into
@@ -77,21 +90,33 @@ def train(config: Path, out: Path, resume: bool, epochs: int | None, data_root: 
 
     Every epoch writes OUT/last.pt (and OUT/best.pt at the best validation score), a row of
     OUT/metrics.csv, TensorBoard scalars and OUT/training_curves.png.
+
+    --perf times every step of every rank: data_wait (blocked on the next batch), forward_backward,
+    comm_hook (DDP: the gradient exchange, inside forward_backward) and optimizer_step, keyed by task,
+    run name (OUT's name), stage, device and batch size, with rank, world size, step, epoch and
+    backend as context. Each rank keeps its own store, OUT/perf.sqlite or OUT/perf.rankN.sqlite
+    under torchrun; --perf-server merges the statistics of all ranks (and of other jobs).
     """
     if config_task(config) == "template_seg":
+        if perf.pop("perf"):
+            raise click.UsageError("--perf times the recistnet training loop; template_seg runs do not support it")
         return _train_template_seg(config, out, resume, epochs, data_root, device)
     from ctzoo.scaling.zoo_expand import expansion_record, lemon_optim
     from ctzoo.training.engine import fit
     from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
 
     cfg = _prepare_run(load_train_config, config, out, epochs, data_root)
+    monitor = perf_monitor(perf, "train", *_rank_store(out))
     try:
         summary = fit(RecistNetTask(cfg), lemon_optim(cfg.optim, cfg.init_from_expansion), out, resume=resume,
                       device=device, extra_state={"train_config": json.loads(cfg.model_dump_json()),
                                                   **expansion_record(cfg.init_from_expansion)},
-                      compression=cfg.distributed)
+                      compression=cfg.distributed, monitor=monitor)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    finally:
+        if monitor is not None:
+            monitor.close()  # the last sync with the parameter server, then the store's totals
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary, from the process that logged
         click.echo(json.dumps(summary, indent=2))
 

@@ -16,7 +16,9 @@ Stages (the model's parts are :class:`ctzoo.inference.tasks.ModelTask`)::
   in ``summary.csv`` with the others that finished, leaves no partial file and re-raises KeyboardInterrupt
   (``ctzoo infer`` then exits 130).
 * ``seconds`` in ``summary.csv`` is each case's own wall time, from when its reader started reading it to
-  when its outputs were written (:func:`case_seconds`); ``read_s`` is the reading part of it.
+  when its outputs were written (:func:`case_seconds`); ``read_s`` is the reader's own work on it (read, decode,
+  preprocess; not the time it waited for the model to take its slices).
+* ``perf``: every stage is an event of the latency anomaly detector (:mod:`ctzoo.inference.stage_events`).
 * Progress (:class:`ctzoo.inference.progress.Progress`): a bar over cases on a terminal; off one, INFO lines of
   logger ``ctzoo.inference.pipeline`` every ``progress_interval_s`` seconds (slices done, slices/s, ETA) and
   one per finished case.
@@ -29,6 +31,7 @@ import csv
 import inspect
 import io
 import json
+import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -43,6 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ctzoo.inference.inputs import CaseInput
 from ctzoo.inference.progress import Progress
+from ctzoo.inference.stage_events import case_context, record_batch, record_case_stages
 from ctzoo.inference.tasks import ModelTask
 from ctzoo.io import Volume
 from ctzoo.io.atomic import atomic_path
@@ -68,6 +72,7 @@ class PipelineOptions:
     progress_interval_s: float = 10.0  # off a terminal: seconds between two progress lines
     limits: Any = None  # ResourceLimits for reading each case (None: ctzoo.io's defaults)
     cancel: Any = None  # a threading.Event: once set, the run stops at the next stage boundary (Cancelled)
+    perf: Any = None  # a ctzoo.perf.PerfMonitor judging every stage (ctzoo.inference.stage_events), or None
 
 
 class Cancelled(RuntimeError):
@@ -94,8 +99,8 @@ def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: 
     from ctzoo.io import read_volume
     from ctzoo.io.limits import DEFAULT_LIMITS
 
-    start_time = time.perf_counter()
     started_at = time.time()  # wall clock, not perf_counter: the writer compares it in another process
+    clock = time.perf_counter()
     sent = 0
     try:
         volume = case.volume if case.volume is not None else read_volume(case.path, series=series, rules=rules,
@@ -104,28 +109,41 @@ def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: 
         if not np.isfinite(volume.array).all():
             bad = int(volume.array.size - np.isfinite(volume.array).sum())
             raise ValueError(f"{case.path}: {bad} voxels are NaN or infinite; refusing to guess their HU")
+        read_s = time.perf_counter() - clock
+        # preprocess time is the reader's own work: the time it waits at a yield for the consumer is left out
+        preprocess_s, clock = 0.0, time.perf_counter()
         context, images = task.preprocess(volume)
         expected = axial_slices(volume)  # for progress only; the end message has the true count
-        buffer: list[np.ndarray] = []
-        for image in images:
-            buffer.append(image)
-            if len(buffer) == chunk:
-                yield {"kind": "slices", "case": index, "start": sent, "images": torch.from_numpy(np.stack(buffer)),
+        for buffer in _chunks(images, chunk):
+            message = {"kind": "slices", "case": index, "start": sent, "images": torch.from_numpy(np.stack(buffer)),
                        "expected": expected}
-                sent, buffer = sent + len(buffer), []
-        if buffer:
-            yield {"kind": "slices", "case": index, "start": sent, "images": torch.from_numpy(np.stack(buffer)),
-                   "expected": expected}
+            preprocess_s += time.perf_counter() - clock
+            yield message
+            clock = time.perf_counter()
             sent += len(buffer)
         if sent == 0:
             raise ValueError(f"{case.path}: the volume has no slices")
         header = copy.copy(volume)
         header.array = np.empty((0, 0, 0), dtype=volume.array.dtype)  # the voxels travel as a shared tensor
+        preprocess_s += time.perf_counter() - clock
+        worker = get_worker_info()
         yield {"kind": "end", "case": index, "slices": sent, "context": context, "volume": header,
-               "voxels": torch.from_numpy(np.ascontiguousarray(volume.array)),
-               "read_s": time.perf_counter() - start_time, "started_at": started_at}
+               "voxels": torch.from_numpy(np.ascontiguousarray(volume.array)), "read_s": read_s + preprocess_s,
+               "started_at": started_at, "stage_s": {"read": read_s, "preprocess": preprocess_s},
+               "spacing": volume.spacing, "worker": worker.id if worker else os.getpid()}
     except Exception as exc:  # one bad case must not stop the batch: it is reported in the summary
         yield {"kind": "error", "case": index, "error": error_message(exc)}
+
+
+def _chunks(images: Iterator[np.ndarray], chunk: int) -> Iterator[list[np.ndarray]]:
+    buffer: list[np.ndarray] = []
+    for image in images:
+        buffer.append(image)
+        if len(buffer) == chunk:
+            yield buffer
+            buffer = []
+    if buffer:
+        yield buffer
 
 
 def axial_slices(volume: Volume) -> int:
@@ -169,12 +187,17 @@ class CaseState:
 
 
 def write_case(task: ModelTask, case: CaseInput, volume: Volume, context: Any, outputs: list[Any],
-               options: PipelineOptions) -> dict[str, Any]:
-    """Finish and write one case; returns its summary row (status ok, or error with the message)."""
+               options: PipelineOptions, seconds: dict[str, float] | None = None) -> dict[str, Any]:
+    """Finish and write one case; returns its summary row (status ok, or error with the message). ``seconds``,
+    if given, receives the time of each stage that completed (``finish``, ``write``)."""
     row = summary_row(case, task, "ok", slices=len(outputs))
+    seconds = {} if seconds is None else seconds
     try:
+        clock = time.perf_counter()
         result = task.finish(volume, context, outputs)
+        seconds["finish"], clock = time.perf_counter() - clock, time.perf_counter()
         written, info = task.write(volume, result, options.out / case.name, options.overlay)
+        seconds["write"] = time.perf_counter() - clock
         row.update(info, outputs=" ".join(str(p.relative_to(options.out)) for p in written))
     except Exception as exc:
         row.update(status="error", error=error_message(exc))
@@ -247,8 +270,8 @@ class RunBook:
 class _Batcher:
     """Slices waiting for the model, grouped by shape; full batches go to ``task.predict``."""
 
-    def __init__(self, task: ModelTask, batch_size: int):
-        self.task, self.batch_size = task, batch_size
+    def __init__(self, task: ModelTask, batch_size: int, perf: Any = None):
+        self.task, self.batch_size, self.perf = task, batch_size, perf
         self.waiting: dict[tuple[int, ...], deque] = {}
         self.slices_done = 0
 
@@ -262,7 +285,13 @@ class _Batcher:
                 yield [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
 
     def run(self, items: list[tuple[int, int, torch.Tensor]]) -> list[tuple[int, int, Any]]:
+        clock = time.perf_counter()
         outputs = self.task.predict(torch.stack([image for _, _, image in items]).numpy())
+        if self.perf is not None:
+            runtime = self.task.runtime
+            record_batch(self.perf, self.task.model_name, self.task.model_version, runtime.get("device", "-"),
+                         len(items), time.perf_counter() - clock,
+                         {"cases": len({case for case, _, _ in items}), "backend": runtime.get("backend")})
         self.slices_done += len(items)
         return [(case, k, output) for (case, k, _), output in zip(items, outputs)]
 
@@ -276,7 +305,7 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
     progress = Progress(task.model_name, len(todo), options.progress_interval_s, enabled=options.progress)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctzoo-writer")
     pending: deque[tuple[Future, CaseInput, int]] = deque()
-    batcher = _Batcher(task, options.batch_size)
+    batcher = _Batcher(task, options.batch_size, options.perf)
     states = {i: CaseState(case) for i, case in enumerate(todo)}
 
     def record(row: dict[str, Any], case: CaseInput, index: int) -> None:
@@ -300,8 +329,7 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
             volume = end["volume"]
             volume.array = end["voxels"].numpy()
             outputs = [state.outputs[k] for k in range(end["slices"])]
-            future = writer.submit(_timed_write, task, state.case, volume, end["context"], outputs, options,
-                                   end["read_s"], end["started_at"])
+            future = writer.submit(_timed_write, task, state.case, index, volume, outputs, options, end)
             pending.append((future, state.case, index))
         collect(block=False)
 
@@ -367,10 +395,15 @@ def _done_future(value: Any) -> Future:
     return future
 
 
-def _timed_write(task: ModelTask, case: CaseInput, volume: Volume, context: Any, outputs: list[Any],
-                 options: PipelineOptions, read_s: float, started_at: float) -> dict[str, Any]:
-    row = write_case(task, case, volume, context, outputs, options)
-    row.update(read_s=round(read_s, 2), seconds=case_seconds(started_at, read_s))
+def _timed_write(task: ModelTask, case: CaseInput, index: int, volume: Volume, outputs: list[Any],
+                 options: PipelineOptions, end: dict[str, Any]) -> dict[str, Any]:
+    writer_s: dict[str, float] = {}
+    row = write_case(task, case, volume, end["context"], outputs, options, writer_s)
+    row.update(read_s=round(end["read_s"], 2), seconds=case_seconds(end["started_at"], end["read_s"]))
+    if options.perf is not None:
+        runtime = task.runtime
+        record_case_stages(options.perf, task.model_name, task.model_version, runtime.get("device", "-"),
+                           case_context(index, case.path, end, runtime), end["stage_s"], end["started_at"], writer_s)
     return row
 
 

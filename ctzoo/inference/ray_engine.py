@@ -33,6 +33,8 @@ import dataclasses
 import functools
 import os
 import pickle
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ from ctzoo.inference.pipeline import (
     summary_row,
     write_case,
 )
+from ctzoo.inference.stage_events import case_context, record_batch, record_case_stages
 
 OBJECT_STORE_BYTES = 1 << 30  # a local instance's shared memory: slices in flight, not volumes (see above)
 _NO_IMAGE = np.zeros((0, 0, 0), np.float32)  # the image of a case's end/error row
@@ -82,13 +85,14 @@ def connect(address: str | None = None, workers: int = 1) -> bool:
 def _read_rows(row: dict[str, Any], task, chunk: int, series: str | None, rules: Any, limits: Any = None):
     """Reader stage: the messages of :func:`read_case` as rows, one per slice, then one end or error row."""
     index = int(row["case"])
-    control = {"case": index, "slice": -1, "image": _NO_IMAGE, "payload": b"", "error": ""}
+    control = {"case": index, "slice": -1, "image": _NO_IMAGE, "payload": b"", "error": ""}  # one row's columns
     for message in read_case(index, CaseInput(row["name"], Path(row["source"])), task, chunk, series, rules, limits):
         if message["kind"] == "slices":
             for k, image in enumerate(message["images"].numpy()):
                 yield {**control, "slice": message["start"] + k, "image": image}
         elif message["kind"] == "end":  # the voxels stay behind: the write task re-reads the volume
-            end = {key: message[key] for key in ("slices", "context", "read_s", "started_at")}
+            end = {key: message[key] for key in ("slices", "context", "read_s", "started_at", "stage_s", "spacing")}
+            end["worker"] = os.getpid()
             yield {**control, "payload": pickle.dumps(end)}
         else:
             yield {**control, "error": message["error"].replace(row["source"], row["path"])}  # the path as given
@@ -96,6 +100,8 @@ def _read_rows(row: dict[str, Any], task, chunk: int, series: str | None, rules:
 
 class _Predictor:
     """Model stage: one backend per actor; end/error rows pass through untouched."""
+
+    batches = 0  # batches this actor ran: with its pid, the id of a batch (its rows carry its model time)
 
     def __init__(self, model_name: str, backend: str, device: str, score_threshold: float | None,
                  threads: int | None):
@@ -106,6 +112,7 @@ class _Predictor:
         self.task = model_task(model_name, backend, device, score_threshold, threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        clock = time.perf_counter()
         outputs = np.full(len(batch["case"]), b"", dtype=object)
         errors = np.array(batch["error"], dtype=object)
         by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -117,8 +124,13 @@ class _Predictor:
                     outputs[i] = pickle.dumps(output)
             except Exception as exc:  # as in the local engine: every case of the failed batch fails with the message
                 errors[rows] = f"model failed: {error_message(exc)}"
+        # the batch's model time travels on its rows: the driver records one predict event per batch id
+        self.batches += 1
+        rows = len(batch["case"])
         return {"case": batch["case"], "slice": batch["slice"], "output": outputs, "payload": batch["payload"],
-                "error": errors}
+                "error": errors, "batch_id": np.full(rows, f"{os.getpid()}:{self.batches}", dtype=object),
+                "batch_rows": np.full(rows, int((batch["slice"] >= 0).sum())),
+                "predict_s": np.full(rows, time.perf_counter() - clock)}
 
 
 @functools.lru_cache(maxsize=4)
@@ -130,7 +142,8 @@ def _finisher(model_name: str):
 
 
 def _write(model_name: str, case: CaseInput, source: str, context: Any, outputs: list[bytes], options: PipelineOptions):
-    """Write stage (a Ray task): re-read the volume (from ``source``, absolute), then :func:`write_case`."""
+    """Write stage (a Ray task): re-read the volume (from ``source``, absolute), then :func:`write_case`; returns
+    the summary row and the finish/write seconds."""
     from ctzoo.io import read_volume
     from ctzoo.io.limits import DEFAULT_LIMITS
 
@@ -140,8 +153,10 @@ def _write(model_name: str, case: CaseInput, source: str, context: Any, outputs:
                              limits=options.limits or DEFAULT_LIMITS)
     except Exception as exc:  # the input changed since it was read: this case fails, the batch goes on
         return summary_row(case, task, "error", slices=len(outputs),
-                           error=error_message(exc).replace(source, str(case.path)))
-    return write_case(task, case, volume, context, [pickle.loads(o) for o in outputs], options)
+                           error=error_message(exc).replace(source, str(case.path))), {}
+    writer_s: dict[str, float] = {}
+    row = write_case(task, case, volume, context, [pickle.loads(o) for o in outputs], options, writer_s)
+    return row, writer_s
 
 
 def _placement(device: str, gpus: int) -> tuple[str, int, dict[str, float]]:
@@ -196,7 +211,8 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
     device, actors, resources = _placement(device, int(ray.cluster_resources().get("GPU", 0)))
     reader = dataclasses.replace(task, predict=None, finish=None, write=None)  # readers need only preprocess
     # paths absolute: a worker's working folder is not the driver's; rows keep the paths as given
-    options = dataclasses.replace(options, out=options.out.absolute())
+    perf = options.perf  # the driver's: events are recorded here, from the timings the stages send back
+    options = dataclasses.replace(options, out=options.out.absolute(), perf=None)
     sources = [str(case.path.absolute()) for case in todo]
     items = [{"case": i, "name": c.name, "path": str(c.path), "source": sources[i]} for i, c in enumerate(todo)]
     dataset = (ray.data.from_items(items, override_num_blocks=len(items))  # a block per case: read in parallel
@@ -210,6 +226,7 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
     states: dict[int, dict[str, Any]] = {}  # cases in flight: outputs by slice, end row
     done: set[int] = set()  # cases failed or handed to a writer: their remaining rows are dropped
     pending: dict[Any, tuple[CaseInput, dict[str, Any]]] = {}  # write task -> its case
+    batches_seen: deque[str] = deque(maxlen=256)  # model batches already recorded (rows arrive in batch order)
 
     def collect(keep: int) -> None:
         """Record the finished writes; wait while more than ``keep`` still run."""
@@ -218,9 +235,13 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
             if not ready:
                 return
             case, state = pending.pop(ready[0])
-            row = ray.get(ready[0])
-            row.update(read_s=round(state["end"]["read_s"], 2),
-                       seconds=case_seconds(state["end"]["started_at"], state["end"]["read_s"]))
+            row, writer_s = ray.get(ready[0])
+            end = state["end"]
+            row.update(read_s=round(end["read_s"], 2), seconds=case_seconds(end["started_at"], end["read_s"]))
+            if perf is not None:
+                record_case_stages(perf, task.model_name, task.model_version, device,
+                                   case_context(state["index"], case.path, end, {"backend": backend}),
+                                   end["stage_s"], end["started_at"], writer_s)
             record(row, case)
 
     try:
@@ -228,7 +249,7 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
             index = int(row["case"])
             if index in done:
                 continue
-            state = states.setdefault(index, {"outputs": {}, "end": None})
+            state = states.setdefault(index, {"outputs": {}, "end": None, "index": index})
             if row["error"]:
                 done.add(index)
                 del states[index]
@@ -236,6 +257,10 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
             else:
                 if row["slice"] >= 0:
                     state["outputs"][int(row["slice"])] = row["output"]
+                    if perf is not None and row["batch_id"] not in batches_seen:
+                        batches_seen.append(row["batch_id"])
+                        record_batch(perf, task.model_name, task.model_version, device, int(row["batch_rows"]),
+                                     float(row["predict_s"]), {"backend": backend})
                 else:
                     state["end"] = pickle.loads(row["payload"])
                 if state["end"] is not None and len(state["outputs"]) == state["end"]["slices"]:

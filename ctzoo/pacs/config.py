@@ -103,6 +103,21 @@ class LimitSettings(StrictConfig):
         return ResourceLimits(self.max_volume_voxels, self.max_decoded_mb, self.max_inflate_ratio)
 
 
+class PerfSettings(StrictConfig):
+    """In-situ latency anomaly detection of every job's stages (docs/perf.md, :mod:`ctzoo.pacs.job_events`)."""
+
+    enabled: bool = Field(True, description="time and judge every stage of every job (costs about 1 % of the "
+                                            "service's throughput in the benchmark: on by default)")
+    algorithm: Literal["hbos", "sstd"] = Field("hbos", description="hbos: per-key histograms; sstd: |t - mean| > "
+                                                                    "6 sigma")
+    store: Path | None = Field(None, description="the provenance store (SQLite); default state_dir/perf.sqlite, "
+                                                 "beside the ledger")
+    server: str | None = Field(None, description="a 'ctzoo perf server' URL to judge against the statistics of "
+                                                 "every process; its token from $CTZOO_PERF_TOKEN")
+    min_samples: int = Field(20, ge=2, description="events a key needs (over every process, with a server) "
+                                                   "before any is judged")
+
+
 class PacsConfig(StrictConfig):
     """Everything ``ctzoo pacs`` needs; see ``configs/pacs.yaml``."""
 
@@ -121,10 +136,15 @@ class PacsConfig(StrictConfig):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     orthanc: OrthancSettings | None = None
     listener: ListenerSettings | None = None
+    perf: PerfSettings = Field(default_factory=PerfSettings)
 
     @property
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite"
+
+    @property
+    def perf_store_path(self) -> Path:
+        return self.perf.store if self.perf.store is not None else self.state_dir / "perf.sqlite"
 
     def orthanc_password(self) -> str | None:
         """The Orthanc password from ``password_file`` or ``$password_env``; None without a username."""
@@ -175,6 +195,8 @@ def load_pacs_config(path: str | Path) -> PacsConfig:
                      else default_state_dir(path)}
     if config.orthanc is not None and config.orthanc.password_file is not None:
         updates["orthanc"] = config.orthanc.model_copy(update={"password_file": base / config.orthanc.password_file})
+    if config.perf.store is not None:
+        updates["perf"] = config.perf.model_copy(update={"store": base / config.perf.store})
     return config.model_copy(update=updates)
 
 

@@ -6,7 +6,8 @@ fetches the series into a private temporary folder, reads and decodes it once (:
 every model task on that volume (:func:`run_models`: no model reads the files again), delivers
 ``sr.dcm``/``seg.dcm`` and completes the job with their SOP Instance UIDs. While a job runs, a heartbeat
 thread extends its lease, so a long model run keeps the job while a worker killed with SIGKILL loses it after
-``lease_s``.
+``lease_s``. With a :class:`~ctzoo.perf.PerfMonitor` (``perf``), every stage of every job is timed and judged
+(:mod:`ctzoo.pacs.job_events`).
 
 Outcomes of a job:
 
@@ -35,10 +36,11 @@ import numpy as np
 import pydicom
 
 from ctzoo.inference.inputs import CaseInput
-from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
+from ctzoo.inference.pipeline import PipelineOptions, axial_slices, run_pipeline
 from ctzoo.inference.tasks import ModelTask
 from ctzoo.io.dicom_scan import DicomError, SeriesRules
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
+from ctzoo.pacs.job_events import JobEvents, instance_count
 from ctzoo.pacs.ledger import Job, JobState, LeaseLost, Ledger
 
 __all__ = ["BadSeries", "SeriesWorker", "check_series", "run_models", "series_tag"]
@@ -77,16 +79,17 @@ def check_series(folder: Path, rules: SeriesRules, limits: ResourceLimits = DEFA
 
 
 def run_models(folder: Path, tasks: list[ModelTask], rules: SeriesRules, out: Path,
-               after_each=lambda: None, volume=None) -> list[Path]:
+               after_each=lambda: None, volume=None, perf=None) -> list[Path]:
     """Run every task on the series in ``folder`` (``volume``: that series already read, as
     :func:`check_series` returns it, so that it is decoded once for all models); the result DICOM files written
     under ``out`` (SR, SEG).
 
-    ``after_each`` is called after each model (the watcher checks its lease there). A model that fails
-    raises ``RuntimeError`` naming it."""
+    ``after_each`` is called after each model (the watcher checks its lease there); ``perf``, a
+    :class:`~ctzoo.perf.PerfMonitor`, times each model's pipeline stages. A model that fails raises
+    ``RuntimeError`` naming it."""
     case, rows = CaseInput(CASE, folder, volume), []
     for task in tasks:
-        options = PipelineOptions(out=out, workers=0, overlay=False, progress=False, rules=rules)
+        options = PipelineOptions(out=out, workers=0, overlay=False, progress=False, rules=rules, perf=perf)
         new = run_pipeline([case], task, options, other_rows=rows)
         for row in new:
             if row.get("status") != "ok":
@@ -138,11 +141,12 @@ class SeriesWorker:
     unavailable: tuple[type[BaseException], ...] = ()
 
     def __init__(self, ledger: Ledger, tasks: list[ModelTask], rules: SeriesRules, work_dir: str | Path,
-                 worker: str, limits: ResourceLimits = DEFAULT_LIMITS) -> None:
+                 worker: str, limits: ResourceLimits = DEFAULT_LIMITS, perf=None) -> None:
         if not tasks:
             raise ValueError("no model tasks")
         self.ledger, self.tasks, self.rules, self.worker = ledger, list(tasks), rules, worker
         self.limits = limits
+        self.perf = perf  # a ctzoo.perf.PerfMonitor timing every job's stages (ctzoo.pacs.job_events), or None
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         #: What the far end answered to each result of the last job (e.g. Orthanc's ``Success``/``AlreadyStored``).
@@ -164,6 +168,13 @@ class SeriesWorker:
     def finished(self, job: Job, state: JobState) -> None:
         """Called once a job is DONE or SKIPPED (e.g. to free the received files)."""
 
+    def fetch_timed(self, job: Job, folder: Path, events: JobEvents) -> None:
+        """:meth:`fetch`, timed as the stage ``download``; a way in whose series arrived before its job was
+        claimed times that instead (the listener's ``receive``)."""
+        with events.stage("download"):
+            self.fetch(job, folder)
+            events.slices = instance_count(folder)
+
     # -- the core -----------------------------------------------------------------------------------------
     def process_one(self) -> bool:
         """Claim and process one job; False when no job is due."""
@@ -172,9 +183,10 @@ class SeriesWorker:
             return False
         tag = series_tag(job.series_uid)
         log.info("series %s: attempt %d", tag, job.attempts)
+        events = JobEvents(self.perf, job, self.worker)
         try:
             with _Heartbeat(self.ledger, job, self.worker, every_s=max(self.ledger.lease_s / 3, 0.05)) as beat:
-                uids = self._process(job, beat)
+                uids = self._process(job, beat, events)
                 beat.check()
         except self.unavailable as exc:
             self._fail(job, f"{type(exc).__name__}: {exc}"[:500])
@@ -198,6 +210,7 @@ class SeriesWorker:
             log.warning("series %s: lease lost before completion; results were sent", tag)
             return True
         self.finished(job, JobState.DONE)
+        events.record_job(models=len(self.tasks), results=len(uids))
         log.info("series %s done: %d result object(s)", tag, len(uids))
         return True
 
@@ -207,15 +220,20 @@ class SeriesWorker:
         except LeaseLost:
             return None
 
-    def _process(self, job: Job, beat: _Heartbeat) -> list[str]:
+    def _process(self, job: Job, beat: _Heartbeat, events: JobEvents) -> list[str]:
         folder = Path(tempfile.mkdtemp(prefix="job-", dir=self.work_dir))
         try:
             data, out = folder / "dicom", folder / "out"
-            self.fetch(job, data)
+            events.name_series(data)
+            self.fetch_timed(job, data, events)
             beat.check()
-            volume = check_series(data, self.rules, self.limits)
-            paths = run_models(data, self.tasks, self.rules, out, after_each=beat.check, volume=volume)
-            self.last_delivery = self.deliver(paths)
+            with events.stage("check"):
+                volume = check_series(data, self.rules, self.limits)
+            events.slices = axial_slices(volume)
+            paths = run_models(data, self.tasks, self.rules, out, after_each=beat.check, volume=volume,
+                               perf=self.perf)
+            with events.stage("upload", files=len(paths), bytes=sum(path.stat().st_size for path in paths)):
+                self.last_delivery = self.deliver(paths)
             return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
         finally:
             shutil.rmtree(folder, ignore_errors=True)

@@ -14,6 +14,9 @@ destination AE by C-STORE (:func:`send_files`). The spool folder is removed once
 SKIPPED; instances of an already processed series that arrive later are dropped with a log line (send the
 series again under a new SeriesInstanceUID to have it processed again).
 
+With a :class:`~ctzoo.perf.PerfMonitor` (``perf``) the listener keeps, per series, how long the associations took
+to deliver its instances (:class:`ctzoo.pacs.job_events.ReceiveTimes`), recorded as the job's ``receive`` stage.
+
 Only the calling AE titles in ``allowed_calling_aets`` may associate (pynetdicom rejects the others), and
 the listener binds to loopback unless told otherwise.
 """
@@ -38,6 +41,7 @@ from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.io.limits import DEFAULT_LIMITS, LimitExceeded, ResourceLimits
 from ctzoo.pacs.core import BadSeries, SeriesWorker, series_tag
+from ctzoo.pacs.job_events import JobEvents, ReceiveTimes, instance_count
 from ctzoo.pacs.ledger import Job, JobState, Ledger, patient_hash
 
 __all__ = ["AEAddress", "DestinationUnavailable", "DicomListener", "send_files"]
@@ -119,8 +123,8 @@ class DicomListener(SeriesWorker):
     def __init__(self, ledger: Ledger, tasks: list[ModelTask], rules: SeriesRules, spool_dir: str | Path,
                  work_dir: str | Path, worker: str, salt: str, address: AEAddress, destination: AEAddress,
                  allowed_calling_aets: list[str] | None, stable_s: float = 30.0, min_free_mb: float = 0.0,
-                 limits: ResourceLimits = DEFAULT_LIMITS) -> None:
-        super().__init__(ledger, tasks, rules, work_dir, worker, limits)
+                 limits: ResourceLimits = DEFAULT_LIMITS, perf=None) -> None:
+        super().__init__(ledger, tasks, rules, work_dir, worker, limits, perf)
         if not salt:
             raise ValueError("a non-empty salt is required (patient ids are hashed with it)")
         if allowed_calling_aets is not None and not allowed_calling_aets:
@@ -132,6 +136,7 @@ class DicomListener(SeriesWorker):
         self.allowed_calling_aets = allowed_calling_aets
         self.min_free_bytes = int(min_free_mb * 2**20)
         self._server = None
+        self.receive_times = ReceiveTimes()
 
     # -- receiving ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -158,6 +163,7 @@ class DicomListener(SeriesWorker):
             self._server = None
 
     def _on_store(self, event) -> int:
+        arrived = time.time()
         try:
             ds = event.dataset
             series_uid, sop_uid = str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
@@ -192,6 +198,8 @@ class DicomListener(SeriesWorker):
         except OSError as exc:  # a full disk: the sender keeps the instance and may retry
             log.error("C-STORE refused: cannot write the spool (%s)", type(exc).__name__)
             return STATUS_OUT_OF_RESOURCES
+        if self.perf is not None:
+            self.receive_times.stored(folder.name, event.assoc, arrived, time.time(), len(payload))
         return STATUS_SUCCESS
 
     # -- discovery ----------------------------------------------------------------------------------------
@@ -216,6 +224,7 @@ class DicomListener(SeriesWorker):
                 log.warning("series %s: %d instance(s) arrived after it was %s; dropped", series_tag(uid), count,
                             known.state.value.lower())
                 shutil.rmtree(folder, ignore_errors=True)
+                self.receive_times.forget(folder.name)
             return 0
         modality = str(info.get("modality", "")).upper()
         count = len(_instances(folder))
@@ -228,6 +237,7 @@ class DicomListener(SeriesWorker):
             self.ledger.skip(uid, source, reason)
             log.info("series %s skipped: %s", series_tag(uid), reason)
             shutil.rmtree(folder, ignore_errors=True)
+            self.receive_times.forget(folder.name)
             return 0
         if self.ledger.enqueue(uid, source, str(info.get("patient_hash", ""))):
             log.info("series %s enqueued (%d instances)", series_tag(uid), count)
@@ -252,11 +262,25 @@ class DicomListener(SeriesWorker):
         for path in files:
             shutil.copyfile(path, folder / path.name)
 
+    def fetch_timed(self, job: Job, folder: Path, events: JobEvents) -> None:
+        """:meth:`fetch`, recording the series' ``receive`` stage (its copy from the spool, local and short, is
+        in the context as ``copy_s``)."""
+        clock = time.perf_counter()
+        self.fetch(job, folder)
+        copy_s = time.perf_counter() - clock
+        received = self.receive_times.take(self._spool_folder(job).name)
+        events.slices = instance_count(folder)
+        if received is not None:
+            events.record("receive", received.seconds, received.started, instances=received.instances,
+                          bytes=received.bytes, associations=received.associations, copy_s=round(copy_s, 4))
+
     def deliver(self, paths: list[Path]) -> list[str]:
         return send_files(paths, self.destination, self.address.ae_title)
 
     def finished(self, job: Job, state: JobState) -> None:
-        shutil.rmtree(self._spool_folder(job), ignore_errors=True)
+        spooled = self._spool_folder(job)
+        shutil.rmtree(spooled, ignore_errors=True)
+        self.receive_times.forget(spooled.name)
 
 
 def _instances(folder: Path) -> list[Path]:

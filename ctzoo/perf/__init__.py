@@ -9,9 +9,9 @@ it.
 """
 
 from ctzoo.perf.detectors import AnomalyDetector, DetectorConfig, KeyState, Label
-from ctzoo.perf.events import Event, event_key, slice_bucket
+from ctzoo.perf.events import Event, event_key, request_hash, slice_bucket
 from ctzoo.perf.monitor import PerfMonitor
 from ctzoo.perf.provenance import ProvenanceStore
 
 __all__ = ["AnomalyDetector", "DetectorConfig", "Event", "KeyState", "Label", "PerfMonitor", "ProvenanceStore",
-           "event_key", "slice_bucket"]
+           "event_key", "request_hash", "slice_bucket"]

@@ -9,8 +9,8 @@
   the key has no data, which is what finds latencies *between* the modes of a multi-modal stage that SSTD, whose
   sigma spans the modes, cannot.
 
-Choices (Chimbuko's where it has one): by default only events at least ``min_ratio`` (1.5) times and
-``min_excess_s`` (5 ms) slower than the key's median can be anomalous (``direction="both"`` also judges as many times faster, as Chimbuko judges both
+Choices (Chimbuko's where it has one): by default only events at least ``min_ratio`` (3) times and
+``min_excess_s`` (25 ms) slower than the key's median can be anomalous (``direction="both"`` also judges as many times faster, as Chimbuko judges both
 sides): a stage that got faster because the machine got quieter is not a fault, and on a busy host a stage's
 time jitters by tens of percent, which is not what an operator is looking for. The first event of each key is not judged and not learned (warm-up: session
 creation, CUDA JIT); a key is judged only once it has ``min_samples`` events; an event is judged against the
@@ -32,8 +32,10 @@ HBOS_EPSILON = 78.88e-32
 EMPTY_BIN_SCORE = -math.log2(HBOS_EPSILON)
 #: Fewer bins than this many fine bins would make Scott's width meaningless; more cost time for nothing.
 MAX_SCORING_BINS = 4096
-#: The scoring histogram is rebuilt once its key has this much more data (a fraction of its count).
-REBUILD_GROWTH = 0.01
+#: The scoring histogram is rebuilt once its key has this much more data (a fraction of its count) and at least
+#: REBUILD_MIN_EVENTS more events (rebuilding costs about 0.5 ms: not after every event of a young key).
+REBUILD_GROWTH = 0.05
+REBUILD_MIN_EVENTS = 16
 
 Key = tuple[str, ...]
 
@@ -44,8 +46,10 @@ class DetectorConfig:
 
     algorithm: Literal["hbos", "sstd"] = "hbos"
     direction: Literal["slow", "both"] = "slow"  # slow: only events slower than usual can be anomalous
-    min_ratio: float = 1.5  # ... and only at least this many times the key's median (not jitter on a busy host)
-    min_excess_s: float = 0.005  # ... and at least this much longer than it (a 1 ms stage taking 3 ms is no fault)
+    min_ratio: float = 3.0  # ... and only at least this many times the key's median (not jitter on a busy host)
+    # ... and at least this much longer than it: a Python thread waits for the GIL in 5 ms switch intervals, so a
+    # busy service stretches any stage by several of them (a 2 ms encode taking 12 ms is scheduling, not a fault)
+    min_excess_s: float = 0.025
     sstd_sigma: float = 6.0
     hbos_threshold: float = 0.99
     min_samples: int = 20
@@ -154,6 +158,10 @@ class AnomalyDetector:
         self.states: dict[Key, KeyState] = {}
         self._tables: dict[Key, HbosTable] = {}
         self._seen: set[Key] = set()
+        # what this process learned since it last took its delta for a parameter server (see take_delta), and
+        # the deltas it took before: its own statistics, apart from the other processes' in the global states
+        self._delta: dict[Key, KeyState] = {}
+        self._own: dict[Key, KeyState] = {}
 
     def observe(self, key: Key, seconds: float) -> Label:
         """Judge one event of ``key`` lasting ``seconds`` against what is known so far, then learn it (unless it
@@ -163,16 +171,24 @@ class AnomalyDetector:
             return Label(False, 0.0, 0.0, judged=False)
         state = self.states.setdefault(key, KeyState())
         if state.moments.count < self.config.min_samples:
-            state.push(seconds)
+            self._learn(key, state, seconds)
             return Label(False, 0.0, 0.0, judged=False)
         label = self._judge(key, state, seconds)
         if not label.anomalous or self.config.learn_anomalies:
-            state.push(seconds)
+            self._learn(key, state, seconds)
         return label
+
+    def _learn(self, key: Key, state: KeyState, seconds: float) -> None:
+        state.push(seconds)
+        delta = self._delta.get(key)
+        if delta is None:
+            delta = self._delta[key] = KeyState()
+        delta.push(seconds)
 
     def _judge(self, key: Key, state: KeyState, seconds: float) -> Label:
         table = self._tables.get(key)
-        if table is None or state.moments.count > table.count * (1 + REBUILD_GROWTH):
+        if table is None or state.moments.count >= max(table.count * (1 + REBUILD_GROWTH),
+                                                         table.count + REBUILD_MIN_EVENTS):
             table = self._tables[key] = hbos_table(state, self.config.hbos_threshold)
         median = 2.0 ** table.median
         slower = seconds >= self.config.min_ratio * median and seconds - median >= self.config.min_excess_s
@@ -188,6 +204,37 @@ class AnomalyDetector:
     def state_dict(self) -> dict[str, dict]:
         """Every key's state, JSON-friendly (keys joined with ``|``)."""
         return {"|".join(key): state.to_dict() for key, state in self.states.items()}
+
+    def take_delta(self) -> dict[str, dict]:
+        """What this detector learned since the last call (per key, :meth:`state_dict`'s form), and start a new
+        delta: what a process sends its parameter server. A delta that did not reach the server is still part of
+        :attr:`states`; send the same one again (the server merges each delta once)."""
+        delta, self._delta = self._delta, {}
+        for key, state in delta.items():
+            self._own[key] = self._own[key].merge(state) if key in self._own else state
+        return {"|".join(key): state.to_dict() for key, state in delta.items()}
+
+    def own_state_dict(self) -> dict[str, dict]:
+        """Like :meth:`state_dict`, but only what this process learned itself: equal to it without a parameter
+        server; with one, :attr:`states` also hold every other process's events, and a store that merges the
+        states of several processes must be given these, or it would count the others' events again."""
+        own = dict(self._own)
+        for key, state in self._delta.items():
+            own[key] = own[key].merge(state) if key in own else state
+        return {"|".join(key): state.to_dict() for key, state in own.items()}
+
+    def adopt_global(self, states: dict[str, dict]) -> None:
+        """Judge against the parameter server's global ``states`` from now on: each key's state becomes the global
+        one merged with what this detector learned since it took its last delta (the global already holds every
+        delta sent). Exact, as merges are: no event is lost or counted twice. Keys the server does not know yet
+        (learned only after the delta was taken) keep their local state."""
+        for name, data in states.items():
+            key = tuple(name.split("|"))
+            merged = KeyState.from_dict(data)
+            if key in self._delta:
+                merged = merged.merge(self._delta[key])
+            self.states[key] = merged
+            self._tables.pop(key, None)
 
     def merge_states(self, states: dict[str, dict]) -> None:
         """Merge states of other processes (:meth:`state_dict` output) into this detector's."""

@@ -12,6 +12,7 @@ hash...). It is JSON-friendly and must never hold patient names or identifiers: 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import socket
@@ -34,6 +35,12 @@ def slice_bucket(slices: int | None) -> str:
         return str(slices)
     high = 2 ** math.ceil(math.log2(slices))
     return f"{high // 2 + 1}-{high}"
+
+
+def request_hash(request_id: str) -> str:
+    """How an event names a request: the first 16 hex digits of the SHA-256 of its id (ids are chosen by clients,
+    who may put identifiers in them; the client can compute the hash of its own id to find its request)."""
+    return hashlib.sha256(request_id.encode()).hexdigest()[:16]
 
 
 def process_name(role: str) -> str:

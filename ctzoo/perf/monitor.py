@@ -4,10 +4,16 @@
 context): ...`` gives every event a :class:`~ctzoo.perf.detectors.Label` at once (SSTD or HBOS against this
 process's statistics), hands anomalies and their neighbours to the :class:`ProvenanceRecorder`, and calls
 ``on_event(event, label)`` (the service counts events and anomalies in Prometheus there). Thread-safe.
+
+With ``server=URL`` the detector syncs with a parameter server (:mod:`ctzoo.perf.server`) every ``sync_every_s``
+and at :meth:`PerfMonitor.close`, so that every process judges against the statistics of all; :attr:`connected`
+says whether it currently does.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,34 +24,85 @@ from typing import Any
 from ctzoo.perf.detectors import AnomalyDetector, DetectorConfig, Label
 from ctzoo.perf.events import Event, Key, checked_context, event_key, process_name
 from ctzoo.perf.provenance import ProvenanceRecorder, ProvenanceStore
+from ctzoo.perf.server import ParameterServerClient
 
 
 class PerfMonitor:
     """Detector + provenance for one process (``role``: ``serve``, ``infer``, ``pacs``, ``train``)."""
 
     def __init__(self, store: str | Path | None, config: DetectorConfig = DetectorConfig(), role: str = "ctzoo",
-                 window: int = 10, on_event: Callable[[Event, Label], None] | None = None) -> None:
-        self.config, self.process, self.on_event = config, process_name(role), on_event
+                 window: int = 10, on_event: Callable[[Event, Label], None] | None = None,
+                 server: str | None = None, token: str | None = None, rank: int | None = None,
+                 sync_every_s: float = 2.0) -> None:
+        self.role, self.rank = role, rank
+        self.config, self.on_event = config, on_event
+        self.process = process_name(role if rank is None else f"{role}[rank{rank}]")
         self.detector = AnomalyDetector(config)
         self.store = ProvenanceStore(store) if store is not None else None
         self.recorder = ProvenanceRecorder(self.store, self.process, config.algorithm, window) if self.store else None
+        if self.recorder is not None:  # key states are saved with every write of the totals, periodic and at close
+            self.recorder.on_flush = self._save_key_states
         self.anomalies_by_key: dict[Key, int] = {}
+        self.events_by_key: dict[Key, int] = {}
+        self.seconds_spent = 0.0  # CPU in record(): judging, provenance, on_event (what detection costs the process)
+        self._later: queue.SimpleQueue | None = None  # record_later()'s events, for its thread
+        self._later_thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # server: sync with a parameter server (ctzoo.perf.server) so that every process judges against the same
+        # statistics; token: its bearer token ($CTZOO_PERF_TOKEN when not given)
+        self.client = None if server is None else ParameterServerClient(
+            server, token, self.detector, self._lock, {"process": self.process, "role": role, "rank": rank},
+            self._counts, sync_every_s)
 
     def record(self, key: Key, seconds: float, started: float | None = None,
                context: dict[str, Any] | None = None) -> Label:
         """Judge and keep one event of ``key`` that took ``seconds``."""
         event = Event(key, float(seconds), time.time() - seconds if started is None else started, self.process,
                       checked_context(context or {}))
+        clock = time.thread_time()  # this thread's CPU: not the time it waits for the GIL in a busy process
         with self._lock:
             label = self.detector.observe(key, event.seconds)
+            self.events_by_key[key] = self.events_by_key.get(key, 0) + 1
             if label.anomalous:
                 self.anomalies_by_key[key] = self.anomalies_by_key.get(key, 0) + 1
         if self.recorder is not None:
             self.recorder.record(event, label)
         if self.on_event is not None:
             self.on_event(event, label)
+        spent = time.thread_time() - clock
+        with self._lock:
+            self.seconds_spent += spent
         return label
+
+    def record_later(self, key: Key, seconds: float, started: float | None = None,
+                     context: dict[str, Any] | None = None) -> None:
+        """:meth:`record` on this monitor's own thread, so that a request's answer does not wait for its judging
+        and provenance (the service's choice); :meth:`close` records what is still queued."""
+        if started is None:
+            started = time.time() - seconds
+        with self._lock:
+            if self._later is None:
+                self._later = queue.SimpleQueue()
+                self._later_thread = threading.Thread(target=self._record_queued, name="ctzoo-perf", daemon=True)
+                self._later_thread.start()
+        self._later.put((key, seconds, started, context))
+
+    def _record_queued(self) -> None:
+        while (item := self._later.get()) is not None:
+            if item[0] is None:  # drain()'s marker: everything before it is recorded
+                item[3].set()
+                continue
+            try:
+                self.record(*item)
+            except Exception:  # a bad event must not stop the thread (record() checks the context)
+                logging.getLogger("ctzoo.perf").exception("perf: an event could not be recorded")
+
+    def drain(self) -> None:
+        """Wait until every event given to :meth:`record_later` so far is recorded (tests, reports)."""
+        if self._later_thread is not None:
+            done = threading.Event()
+            self._later.put((None, 0.0, 0.0, done))
+            done.wait(30)
 
     @contextmanager
     def timed(self, model: str, version: str, stage: str, device: str, slices: int | None = None,
@@ -70,8 +127,43 @@ class PerfMonitor:
                  "max_s": s.moments.max if s.moments.count else None, "anomalies": anomalies.get(key, 0)}
                 for key, s in sorted(states.items())]
 
+    def overhead(self) -> dict[str, float]:
+        """What detection has cost this process: events recorded, seconds spent in :meth:`record`, per event."""
+        with self._lock:
+            events, spent = sum(self.events_by_key.values()), self.seconds_spent
+        return {"events": events, "seconds": spent, "us_per_event": 1e6 * spent / events if events else None}
+
+    def _counts(self) -> dict[str, list[int]]:
+        """Running ``{key: [events, anomalies]}`` of this process, for the parameter server's per-process table."""
+        with self._lock:
+            return {"|".join(key): [n, self.anomalies_by_key.get(key, 0)] for key, n in self.events_by_key.items()}
+
+    @property
+    def connected(self) -> bool | None:
+        """Whether the last sync with the parameter server worked (None: no server, or not tried yet); while
+        False, events are judged on this process's own statistics."""
+        return None if self.client is None else self.client.connected
+
+    def server_status(self) -> dict[str, Any] | None:
+        """The parameter server's URL, ``connected``, syncs done and the last error; None without a server."""
+        return None if self.client is None else self.client.status()
+
+    def _save_key_states(self) -> None:
+        """The detector's per-key statistics into the store's ``key_states`` (what ``ctzoo perf report`` draws the
+        distributions from); called by the recorder each time it writes the totals."""
+        with self._lock:  # observe() mutates the states under this lock
+            # this process's own events only: synced with a parameter server, the detector's states hold every
+            # process's, and a report merging several processes' rows would count the others' again
+            states = self.detector.own_state_dict()
+        self.store.save_key_states(self.process, states)
+
     def close(self) -> None:
-        if self.recorder is not None:
+        if self._later_thread is not None:  # the queued events first
+            self._later.put(None)
+            self._later_thread.join(30)
+        if self.client is not None:  # the last delta first, so the server holds every event of this process
+            self.client.close()
+        if self.recorder is not None:  # its flush writes the totals and, through on_flush, the key states
             self.recorder.flush()
         if self.store is not None:
             self.store.close()

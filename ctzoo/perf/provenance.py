@@ -11,6 +11,13 @@ SQLite (one file, WAL), schema:
     ``judged`` (0 during a key's warm-up); ``context`` (JSON; never patient identifiers).
 ``totals``
     ``process`` PRIMARY KEY, ``seen`` and ``stored`` events, ``updated`` (Unix time).
+``key_states``
+    one process's detector statistics of one key, so a report can draw the real distribution (not only the
+    stored samples) and merge processes exactly: ``process``, the key (``model``, ``version``, ``stage``,
+    ``device``, ``bucket``), ``state`` (JSON, :meth:`~ctzoo.perf.detectors.KeyState.to_dict`: running moments
+    and the fine log2 histogram) of this process's own events only (also when it judges against a parameter
+    server's global statistics), so the states of several processes merge exactly; ``updated`` (Unix time);
+    PRIMARY KEY (process, key). Written with the totals.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from ctzoo.perf.detectors import Label
@@ -35,21 +43,51 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_kind ON events (kind, started);
 CREATE TABLE IF NOT EXISTS totals (process TEXT PRIMARY KEY, seen INTEGER NOT NULL, stored INTEGER NOT NULL,
                                    updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS key_states (
+    process TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL, stage TEXT NOT NULL, device TEXT NOT NULL,
+    bucket TEXT NOT NULL, state TEXT NOT NULL, updated REAL NOT NULL,
+    PRIMARY KEY (process, model, version, stage, device, bucket));
 """
+KEY_FIELDS = ("model", "version", "stage", "device", "bucket")
+#: The most anomaly and window rows a store keeps (about 0.5 kB each): beyond it the oldest go, so a service that
+#: keeps --perf on does not fill its disk. Normal samples (one per key) are kept.
+MAX_STORED_EVENTS = 200_000
 #: Totals are written at most this often (seconds) while events flow, and at :meth:`ProvenanceRecorder.close`.
 TOTALS_EVERY_S = 5.0
 
 
 class ProvenanceStore:
-    """The SQLite file (see the module docstring); thread-safe."""
+    """The SQLite file (see the module docstring); thread-safe.
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    ``read_only=True`` opens an existing store without creating or changing anything (a report must not turn a
+    stray file into a store); ValueError if the file is not a SQLite database with ctzoo's ``events`` and
+    ``totals`` tables.
+    """
+
+    def __init__(self, path: str | Path, read_only: bool = False, max_events: int = MAX_STORED_EVENTS) -> None:
+        self.path, self.max_events, self._inserted = Path(path), max_events, 0
+        self._lock = threading.Lock()
+        if read_only:
+            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                       check_same_thread=False, isolation_level=None)
+            try:
+                self.tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master "
+                                                                  "WHERE type = 'table'")}
+            except sqlite3.DatabaseError as error:
+                self._db.close()
+                problem = "cannot be read" if isinstance(error, sqlite3.OperationalError) else "is not a ctzoo perf store"
+                raise ValueError(f"{self.path} {problem} ({error})") from None
+            if not {"events", "totals"} <= self.tables:
+                self._db.close()
+                raise ValueError(f"{self.path} is not a ctzoo perf store (no events and totals tables)")
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # no fsync per insert (2 ms each here): in WAL mode a crash can lose the last inserts, never corrupt the file
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        self._lock = threading.Lock()
+        self.tables = {"events", "totals", "key_states"}
 
     def insert(self, kind: str, event: Event, label: Label, algorithm: str, anomaly_id: int | None = None) -> int:
         model, version, stage, device, bucket = event.key
@@ -60,13 +98,52 @@ class ProvenanceStore:
                 (kind, anomaly_id, event.process, model, version, stage, device, bucket, event.seconds,
                  event.started, algorithm, _finite(label.score), _finite(label.threshold), int(label.judged),
                  json.dumps(event.context, sort_keys=True)))
+            self._inserted += 1
+            if self._inserted % max(1, self.max_events // 10) == 0:
+                self._prune()
             return int(cursor.lastrowid)
+
+    def _prune(self) -> None:
+        """Delete the oldest anomaly and window rows beyond ``max_events`` (under the lock)."""
+        (count,) = self._db.execute("SELECT COUNT(*) FROM events WHERE kind != 'normal'").fetchone()
+        if count > self.max_events:
+            self._db.execute("DELETE FROM events WHERE id IN (SELECT id FROM events WHERE kind != 'normal' "
+                             "ORDER BY id LIMIT ?)", (count - self.max_events,))
 
     def write_totals(self, process: str, seen: int, stored: int) -> None:
         with self._lock:
             self._db.execute("INSERT INTO totals VALUES (?,?,?,?) ON CONFLICT(process) DO UPDATE SET "
                              "seen=excluded.seen, stored=excluded.stored, updated=excluded.updated",
                              (process, seen, stored, time.time()))
+
+    def save_key_states(self, process: str, states: dict[str, dict]) -> None:
+        """Keep ``process``'s own detector statistics
+        (:meth:`~ctzoo.perf.detectors.AnomalyDetector.own_state_dict` output:
+        ``{"model|version|stage|device|bucket": KeyState.to_dict()}``), replacing its earlier ones."""
+        now, rows = time.time(), []
+        for name, state in states.items():
+            key = name.split("|")
+            if len(key) != len(KEY_FIELDS):
+                raise ValueError(f"key states must be keyed model|version|stage|device|bucket, got {name!r}")
+            rows.append((process, *key, json.dumps(state, sort_keys=True), now))
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany("INSERT INTO key_states VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                                     "state=excluded.state, updated=excluded.updated", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def key_states(self) -> list[dict]:
+        """Every process's state of every key (``state`` decoded; none from a store older than the table)."""
+        if "key_states" not in self.tables:
+            return []
+        found = self.rows("SELECT * FROM key_states ORDER BY model, version, stage, device, bucket, process")
+        for row in found:
+            row["state"] = json.loads(row["state"])
+        return found
 
     def sampled_keys(self) -> set[tuple[str, ...]]:
         """The keys that already have their normal sample."""
@@ -122,6 +199,8 @@ class ProvenanceRecorder:
         self.seen = self.stored = 0
         self._totals_written = 0.0
         self._lock = threading.Lock()
+        #: Called after each write of the totals (the monitor saves its detector's key states there).
+        self.on_flush: Callable[[], None] | None = None
 
     def record(self, event: Event, label: Label) -> int | None:
         """Take one judged event; returns its row id when it was stored as an anomaly."""
@@ -154,3 +233,5 @@ class ProvenanceRecorder:
     def flush(self) -> None:
         self.store.write_totals(self.process, self.seen, self.stored)
         self._totals_written = time.monotonic()
+        if self.on_flush is not None:
+            self.on_flush()

@@ -72,7 +72,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ctzoo import __version__
-from ctzoo.perf import PerfMonitor, event_key
+from ctzoo.perf import PerfMonitor, event_key, request_hash
 from ctzoo.serve.batching import MicroBatcher, QueueFullError
 from ctzoo.serve.budget import InflightBudget, ServeLimits
 from ctzoo.serve.repository import ServedModel, load_repository
@@ -362,16 +362,19 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
                              status=504) from None
 
     async def _infer(model: ServedModel, request: Request) -> Response:
+        arrived = time.perf_counter()
         async with budget.slot(model.name):
+            admit_s = time.perf_counter() - arrived  # waiting for one of the model's request slots
             body = await read_body(request, settings.max_upload_bytes)
             inflated = await run_in_threadpool(inflated_size, body, request.headers.get("content-encoding"),
                                                request.headers.get(HEADER_LENGTH),
                                                min(settings.max_upload_bytes, limits.max_tensor_bytes),
                                                limits.check_tensor_shape)
             async with budget.reserve(len(body) + inflated, "the request"):
-                return await _decode_and_run(model, request, body, inflated)
+                return await _decode_and_run(model, request, body, inflated, admit_s)
 
-    async def _decode_and_run(model: ServedModel, request: Request, body: bytes, inflated: int) -> Response:
+    async def _decode_and_run(model: ServedModel, request: Request, body: bytes, inflated: int,
+                              admit_s: float) -> Response:
         started = time.perf_counter()
 
         def decode():
@@ -383,7 +386,7 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
         decoded, names, inputs = await run_in_threadpool(decode)
         decode_s = time.perf_counter() - started
         metrics.latency.labels(model.name, "decode").observe(decode_s)
-        timing: dict | None = {} if perf is not None else None
+        timing: dict | None = {"admit_s": admit_s} if perf is not None else None
         outputs = await model.infer(inputs, validated=True, timing=timing)
         started = time.perf_counter()
         content, headers = await run_in_threadpool(encode_response, model.name, model.version,
@@ -391,18 +394,28 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
         encode_s = time.perf_counter() - started
         metrics.latency.labels(model.name, "encode").observe(encode_s)
         if perf is not None:
-            await run_in_threadpool(_perf_events, model, inputs, timing, decode_s, encode_s)
+            _perf_events(model, inputs, timing, decode_s, encode_s, decoded.id)
         return Response(content, headers=headers)
 
-    def _perf_events(model: ServedModel, inputs: dict, timing: dict, decode_s: float, encode_s: float) -> None:
-        """One event per stage of this request, with what explains its time."""
+    def _perf_events(model: ServedModel, inputs: dict, timing: dict, decode_s: float, encode_s: float,
+                     request_id: str | None) -> None:
+        """One event per stage of this request, with what explains its time. The request's v2 ``id`` is kept as
+        a hash (a client may put anything there): the client that chose it can find its request."""
         rows = int(next(iter(inputs.values())).shape[0])
         context = {"rows": rows, "shape": "x".join(map(str, next(iter(inputs.values())).shape[1:])),
                    "backend": model.providers[0], **timing}
+        if request_id is not None:
+            context["request"] = request_hash(request_id)
         device = "cuda" if "CUDA" in model.providers[0] or "Tensorrt" in model.providers[0] else "cpu"
-        for stage, seconds in (("decode", decode_s), ("queue", timing.get("queue_s", 0.0)),
-                               ("model", timing.get("model_s", 0.0)), ("encode", encode_s)):
-            perf.record(event_key(model.name, model.version, stage, device, rows), seconds, context=context)
+        # queue: all the waiting between arrival and the model run (a request slot, then the batcher's queue)
+        waited = timing["admit_s"] + timing.get("queue_s", 0.0)
+        # the model stage is keyed by the rows of the batch it ran in (merged requests take longer together),
+        # the request's own stages by its rows
+        for stage, seconds, size in (("decode", decode_s, rows), ("queue", waited, rows),
+                                     ("model", timing.get("model_s", 0.0), timing.get("batch_rows", rows)),
+                                     ("encode", encode_s, rows)):
+            # judged on the monitor's thread: the answer does not wait for it
+            perf.record_later(event_key(model.name, model.version, stage, device, size), seconds, context=context)
 
     for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{version}"):
         router.add_api_route(prefix, metadata, methods=["GET"])
@@ -416,6 +429,7 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
 
     @router.get("/v2/perf/anomalies")
     async def perf_anomalies(limit: int = 50) -> dict:
+        await run_in_threadpool(monitor().drain)  # the events of requests answered before this one are judged
         store = monitor().store
         found = await run_in_threadpool(store.anomalies, max(1, min(limit, 1000))) if store else []
         return {"anomalies": found, "reduction": await run_in_threadpool(store.reduction) if store else None}
@@ -423,7 +437,10 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
     @router.get("/v2/perf/stats")
     async def perf_stats() -> dict:
         current = monitor()
-        return {"algorithm": current.config.algorithm, "process": current.process, "keys": current.stats()}
+        await run_in_threadpool(current.drain)
+        return {"algorithm": current.config.algorithm, "process": current.process, "keys": current.stats(),
+                "parameter_server": current.server_status(),  # None without --perf-server; else connected or not
+                "overhead": current.overhead()}
 
     app.include_router(router)
 

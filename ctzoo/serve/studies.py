@@ -24,6 +24,14 @@ the upload's headers are checked (voxels, decoded bytes, inflation; MHA/NRRD mus
 the memory they declare is reserved from the server's in-flight budget. Study folders left by a killed server
 are removed when the service starts, and any older than twice the deadline whenever a study arrives.
 
+Latency anomalies (``ctzoo serve --perf``, the service's :class:`~ctzoo.perf.PerfMonitor` in ``app.state.perf``):
+a study's pipeline records its ``read``, ``preprocess``, ``predict``, ``finish`` and ``write`` events
+(:mod:`ctzoo.inference.stage_events`), and the request one ``upload`` event: receiving the body, writing it to the
+study folder and checking its headers, keyed like the pipeline's events and bucketed by the study's slices (``-``
+when the run ended before they were known). Its context never names the upload: ``series_hash`` (the pipeline's
+keyed hash, so it groups with the study's other events), bytes, format, declared voxels, and ``request``, the hash
+(:func:`ctzoo.perf.request_hash`) of an ``X-Request-ID`` header when the client sends one.
+
 Errors: an unrecognised body is 415; a volume over a size limit is 413 naming the limit and the option that raises
 it; an MHA/NRRD header naming another file is 400; a busy server is 503 with ``Retry-After``; anything wrong with
 the volume (corrupt or truncated file, a zip without a
@@ -41,6 +49,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +57,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from ctzoo.perf import event_key, request_hash
 from ctzoo.serve.app import read_body
 from ctzoo.serve.budget import STUDY_BYTES_PER_VOXEL
 from ctzoo.serve.v2_codec import ServeError
@@ -165,23 +175,46 @@ def declared_study_voxels(upload: Path, limits) -> int:
         raise ServeError(f"the upload cannot be read: {text[:300]}") from None
 
 
-def run_study(task, folder: Path, suffix: str, output_format: str, limits, cancel: threading.Event) -> Response:
+@dataclass
+class UploadTiming:
+    """The ``upload`` stage of one study request (for ``--perf``): when it started, how long it took, what explains
+    it (bytes, format, declared voxels, the request id's hash)."""
+
+    started: float
+    seconds: float
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, perf, task, upload: Path, slices: int | None) -> None:
+        from ctzoo.inference.stage_events import series_hash
+
+        context = {**self.context, "series_hash": series_hash(upload), "slices": slices}
+        perf.record(event_key(task.model_name, task.model_version, "upload", task.runtime.get("device", "-"), slices),
+                    self.seconds, self.started, context)
+
+
+def run_study(task, folder: Path, suffix: str, output_format: str, limits, cancel: threading.Event, perf=None,
+              upload_timing: UploadTiming | None = None) -> Response:
     """Run the pipeline on ``folder/upload<suffix>``, answer in ``output_format``; ``folder`` is removed at the
-    end, however the run ends (this worker owns it)."""
+    end, however the run ends (this worker owns it). ``perf``: the service's PerfMonitor, which times the
+    pipeline's stages and, once the study's slices are known, ``upload_timing``."""
     from ctzoo.inference.inputs import CaseInput
     from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
 
+    upload, row = folder / f"upload{suffix}", None
     try:
-        upload, out = folder / f"upload{suffix}", folder / "out"
+        out = folder / "out"
         [row] = run_pipeline([CaseInput("study", upload)], task,
                              PipelineOptions(out=out, workers=0, overlay=False, progress=False, limits=limits,
-                                             cancel=cancel))
+                                             cancel=cancel, perf=perf))
         if row["status"] != "ok":
             message = row["error"].replace(str(upload), "the upload")
             raise ServeError(message, status=500 if message.startswith("model failed") else 400)
         return _answer(task, out / "study", suffix, output_format)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        if perf is not None and upload_timing is not None:  # the upload completed, whatever the run did
+            slices = row["slices"] if row is not None and row["status"] == "ok" else None
+            upload_timing.record(perf, task, upload, slices)
 
 
 def _answer(task, folder: Path, suffix: str, output_format: str) -> Response:
@@ -236,12 +269,14 @@ def study_router(device: str = "auto", threads: int | None = None, state_dir: st
 
     async def _study(request: Request, model, output_format: str, score_threshold: float | None,
                      cancel: threading.Event) -> Response:
-        settings, budget = request.app.state.settings, request.app.state.budget
+        settings, budget, perf = request.app.state.settings, request.app.state.budget, request.app.state.perf
         limits = settings.limits.volume
         bundle = await run_in_threadpool(tasks.bundle, model)
         async with budget.slot(model.name):
+            started, clock = time.time(), time.perf_counter()  # the upload stage: not the wait for a slot
             body = await read_body(request, settings.max_upload_bytes)
             suffix = upload_suffix(body)
+            size = len(body)
             folders.remove_stale()
             folder = folders.new()
             handed_over = False
@@ -249,12 +284,26 @@ def study_router(device: str = "auto", threads: int | None = None, state_dir: st
                 await run_in_threadpool((folder / f"upload{suffix}").write_bytes, body)
                 del body
                 voxels = await run_in_threadpool(declared_study_voxels, folder / f"upload{suffix}", limits)
+                upload_timing = None if perf is None else UploadTiming(
+                    started, time.perf_counter() - clock, _upload_context(request, size, suffix, voxels))
                 async with budget.reserve(voxels * STUDY_BYTES_PER_VOXEL, "the study"):
                     task = await run_in_threadpool(tasks.get, bundle, score_threshold)
                     handed_over = True  # from here the worker thread owns the folder, even if we are cancelled
-                    return await run_in_threadpool(run_study, task, folder, suffix, output_format, limits, cancel)
+                    return await run_in_threadpool(run_study, task, folder, suffix, output_format, limits, cancel,
+                                                   perf, upload_timing)
             finally:
                 if not handed_over:
                     shutil.rmtree(folder, ignore_errors=True)
 
     return router
+
+
+#: The header whose value names a study request in its perf events (hashed: clients choose it).
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def _upload_context(request: Request, size: int, suffix: str, voxels: int) -> dict[str, Any]:
+    context: dict[str, Any] = {"bytes": size, "format": suffix.lstrip("."), "voxels": voxels}
+    if request_id := request.headers.get(REQUEST_ID_HEADER):
+        context["request"] = request_hash(request_id)
+    return context

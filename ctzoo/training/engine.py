@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ctzoo.config import StrictConfig
 from ctzoo.io.atomic import atomic_path
+from ctzoo.training.step_events import StepEvents
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +213,14 @@ def _restore_local_state(setup: Any, path: Path, epoch: int, dev: torch.device) 
 
 
 def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False, device: str = "auto",
-        extra_state: dict[str, Any] | None = None, progress: bool = True, compression: Any = None) -> dict[str, Any]:
+        extra_state: dict[str, Any] | None = None, progress: bool = True, compression: Any = None,
+        monitor: Any = None) -> dict[str, Any]:
     """Train ``task`` for ``cfg.epochs``; write ``last.pt`` every epoch and ``best.pt`` at the best validation.
 
     ``compression`` (:class:`ctzoo.scaling.compress.CompressionConfig`) picks how DDP exchanges gradients under
     torchrun; the bytes each worker moves per step are logged beside the loss (``comm_bytes_per_step``).
+    ``monitor`` (a :class:`ctzoo.perf.PerfMonitor`, this rank's own) gets every step's data wait, forward/backward,
+    communication hook and optimiser step as latency events (:mod:`ctzoo.training.step_events`).
     Returns the final summary (also written to ``summary.json``, after every epoch with ``complete: false``):
     best metric, epochs, wall time (all segments of a resumed run).
     """
@@ -242,11 +246,14 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
         wall_before = wall_s = state.get("wall_s", 0.0)  # training time of the earlier segments: wall_s counts all
         log.info("resuming %s at epoch %d", last, start_epoch)
     train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    events = StepEvents(monitor, task.name, out_dir.name, str(dev), cfg.batch_size, rank, world,
+                        dist.get_backend() if world > 1 else None)
     comm = setup = None
     local_file = out_dir / f"compression.rank{rank}.pt"  # what only this worker holds (see local_state)
     if world > 1:
         from ctzoo.scaling.compress import CompressionConfig, setup_compression
 
+        events.time_comm_hooks(train_model)  # before setup_compression registers the hook
         setup = setup_compression(train_model, optimizer, compression or CompressionConfig())
         optimizer, comm = setup.optimizer, setup.stats
         if resume:
@@ -271,20 +278,25 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
         steps_per_epoch = len(batches)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                    disable=None if (progress and rank == 0) else True, leave=False)
-        for batch in bar:
+        for batch in events.batches(bar):
+            events.begin(step, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, steps_per_epoch, cfg)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, parts = task.loss(train_model, batch, dev)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch + 1} step {step}: loss is {loss.item()} (parts {parts})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # under two-way compression with Adam the buffers hold the preconditioned update past the warm-up,
-            # already held to Adam's step bound: clipping its norm would shrink every step (measured: no learning)
-            if cfg.grad_clip and not getattr(optimizer, "buffers_hold_updates", False):
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            with events.stage("forward_backward"):
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss, parts = task.loss(train_model, batch, dev)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"epoch {epoch + 1} step {step}: loss is {loss.item()} (parts {parts})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            events.communication()
+            with events.stage("optimizer_step"):
+                # under two-way compression with Adam the buffers hold the preconditioned update past the
+                # warm-up, already held to Adam's step bound: clipping its norm would shrink every step (measured:
+                # no learning)
+                if cfg.grad_clip and not getattr(optimizer, "buffers_hold_updates", False):
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
             step += 1
             count += 1
             for key, value in {"loss": float(loss), **parts}.items():

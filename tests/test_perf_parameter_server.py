@@ -1,0 +1,267 @@
+"""The parameter server (ctzoo.perf.server): exact merges of many processes' deltas, one global model for all,
+hostile requests refused without harm, processes that cannot reach it judging on their own, and the issue's
+end-to-end run: a 2-rank DDP ``ctzoo train`` and a 2-worker Ray ``ctzoo infer`` feeding one server, with a slow
+step injected on rank 1 found and labelled with its rank."""
+
+import http.client
+import json
+import logging
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ctzoo.perf import AnomalyDetector, DetectorConfig, PerfMonitor, event_key
+from ctzoo.perf.server import ParameterServer, ParameterServerClient, fetch_stats
+
+TOKEN = "a-test-token-of-some-length"
+KEYS = [event_key("m", "1", stage, "cpu", 8) for stage in ("read", "predict", "write")]
+
+
+def latencies(seed, n=300):
+    """Per key, a stream of skewed latencies with its own scale."""
+    rng = np.random.default_rng(seed)
+    return [(key, float(rng.lognormal(np.log(0.01 * (i + 1)), 0.3))) for _ in range(n)
+            for i, key in enumerate(KEYS)]
+
+
+@pytest.fixture
+def parameter_server():
+    server = ParameterServer(TOKEN, port=0).start()
+    yield server
+    server.close()
+
+
+def client_for(server, detector, name):
+    """A client syncing ``detector`` when the test says so."""
+    return ParameterServerClient(server.url, TOKEN, detector, threading.Lock(),
+                                 {"process": name, "role": "test", "rank": None}, lambda: {}, background=False)
+
+
+def global_detector(server):
+    """A detector holding the server's global states."""
+    detector = AnomalyDetector()
+    detector.merge_states(json.loads(_get(server, "/v1/states"))["states"])
+    return detector
+
+
+def test_merged_deltas_equal_one_detector_fed_everything_and_every_client_judges_on_them(parameter_server):
+    config = DetectorConfig(skip_first=False, learn_anomalies=True)  # every event learned: the sums are exact
+    first, second, everything = AnomalyDetector(config), AnomalyDetector(config), AnomalyDetector(config)
+    clients = [client_for(parameter_server, first, "a"), client_for(parameter_server, second, "b")]
+    streams = latencies(0), latencies(1)
+    for half in (slice(0, 450), slice(450, None)):  # two rounds of syncs: deltas, not whole states, are sent
+        for detector, stream in zip((first, second), streams):
+            for key, seconds in stream[half]:
+                detector.observe(key, seconds)
+        for client in clients:
+            assert client.sync()
+    for stream in streams:
+        for key, seconds in stream:
+            everything.observe(key, seconds)
+    clients[0].sync()  # the first client also gets what the second sent after its own last sync
+    for detector in (first, second, global_detector(parameter_server)):
+        assert set(detector.states) == set(everything.states)
+        for key, state in everything.states.items():
+            merged = detector.states[key]
+            assert merged.histogram.counts == state.histogram.counts  # exact
+            assert merged.moments.count == state.moments.count
+            assert (merged.moments.min, merged.moments.max) == (state.moments.min, state.moments.max)
+            for field in ("mean", "m2", "m3", "m4"):
+                assert getattr(merged.moments, field) == pytest.approx(getattr(state.moments, field), rel=1e-9)
+    for detector in (first, second):  # what each process learned itself, kept apart
+        assert {name: s["moments"]["count"] for name, s in detector.own_state_dict().items()} == {
+            "|".join(key): 300 for key in KEYS}
+    for client in clients:
+        client.close()
+    stats = fetch_stats(parameter_server.url, TOKEN)
+    for row in stats["keys"]:  # merged count = the sum of what each process contributed
+        assert row["count"] == sum(p["keys"][row["key"]]["learned"] for p in stats["processes"]) == 600
+
+
+def test_a_delta_is_merged_once_and_events_after_the_snapshot_are_kept(parameter_server):
+    detector = AnomalyDetector(DetectorConfig(skip_first=False))
+    client = client_for(parameter_server, detector, "a")
+    for key, seconds in latencies(2, 10):
+        detector.observe(key, seconds)
+    delta = detector.take_delta()
+    body = {"process": "a", "role": "test", "rank": None, "seq": 1, "delta": delta, "counts": {}}
+    for _ in range(2):  # the answer was lost; the client sends the same delta again
+        reply = _post(parameter_server, "/v1/sync", json.dumps(body).encode())
+    detector.observe(KEYS[0], 0.5)  # learned after the snapshot: kept when the global states are adopted
+    detector.adopt_global(json.loads(reply)["states"])
+    assert detector.states[KEYS[0]].moments.count == 11
+    assert fetch_stats(parameter_server.url, TOKEN)["keys"][0]["count"] == 10
+    client.close()
+
+
+def _request(server, path, body=None, token=TOKEN, headers=None):
+    request = urllib.request.Request(server.url + path, data=body, method="POST" if body is not None else "GET",
+                                     headers={"Authorization": f"Bearer {token}", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def oversized_post(server):
+    """The status of a POST declaring a body over the cap (the server answers before reading any of it)."""
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    try:
+        connection.putrequest("POST", "/v1/sync")
+        connection.putheader("Authorization", f"Bearer {TOKEN}")
+        connection.putheader("Content-Length", str(server.max_body_bytes + 1))
+        connection.endheaders()
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def _post(server, path, body):
+    status, answer = _request(server, path, body)
+    assert status == 200, answer
+    return answer
+
+
+def _get(server, path):
+    status, answer = _request(server, path)
+    assert status == 200, answer
+    return answer
+
+
+def test_bad_requests_are_refused_and_the_server_goes_on(parameter_server):
+    state = {"moments": {"count": 1, "mean": 0.1, "m2": 0, "m3": 0, "m4": 0, "min": 0.1, "max": 0.1},
+             "histogram": {"-213": 1}}
+    good = {"process": "p", "role": "test", "rank": 0, "seq": 1, "delta": {"m|1|s|cpu|1": state}, "counts": {}}
+    assert _request(parameter_server, "/v1/stats", token="wrong")[0] == 401
+    assert _request(parameter_server, "/v1/sync", json.dumps(good).encode(), token="")[0] == 401
+    for body in (b"{not json", b"[]", json.dumps({**good, "seq": -1}).encode(),
+                 json.dumps({**good, "delta": {"too|few": state}}).encode(),
+                 json.dumps({**good, "delta": {"m|1|s|cpu|1": {**state, "histogram": {"-213": 2}}}}).encode(),
+                 json.dumps({**good, "delta": {"m|1|s|cpu|1": {**state, "moments": {**state["moments"],
+                                                                                   "mean": "fast"}}}}).encode()):
+        status, answer = _request(parameter_server, "/v1/sync", body)
+        assert status == 400, (body, answer)
+    assert oversized_post(parameter_server) == 413
+    assert fetch_stats(parameter_server.url, TOKEN)["keys"] == []  # nothing bad was merged
+    assert json.loads(_post(parameter_server, "/v1/sync", json.dumps(good).encode()))["states"]  # still serving
+    assert fetch_stats(parameter_server.url, TOKEN)["keys"][0]["count"] == 1
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_without_its_server_a_monitor_judges_on_its_own_statistics_and_says_so_once(tmp_path, caplog):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    config = DetectorConfig(min_samples=20)
+    with caplog.at_level(logging.WARNING, logger="ctzoo.perf"):
+        monitor = PerfMonitor(tmp_path / "perf.sqlite", config, role="infer", server=url, token=TOKEN,
+                              sync_every_s=0.05)
+        for i in range(60):
+            label = monitor.record(KEYS[0], 0.010 + 0.0001 * (i % 7))
+        assert not label.anomalous and label.judged  # judged: on this process's statistics
+        assert monitor.record(KEYS[0], 0.5).anomalous
+        time.sleep(0.3)  # several failed syncs
+        assert monitor.connected is False and monitor.server_status()["last_error"]
+        monitor.close()
+    warnings = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(warnings) == 1 and "judging on this process's statistics" in warnings[0] and url in warnings[0]
+
+
+def test_a_monitor_reconnects_and_sends_what_it_learned_meanwhile(tmp_path, caplog):
+    port = free_port()
+    monitor = PerfMonitor(None, DetectorConfig(skip_first=False), role="serve", server=f"http://127.0.0.1:{port}",
+                          token=TOKEN, sync_every_s=0.05)
+    for _ in range(5):
+        monitor.record(KEYS[1], 0.02)
+    time.sleep(0.2)
+    assert monitor.connected is False
+    server = ParameterServer(TOKEN, port=port).start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="ctzoo.perf"):
+            deadline = time.monotonic() + 10
+            while not monitor.connected and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert monitor.connected and any("reachable again" in r.getMessage() for r in caplog.records)
+        monitor.close()
+        [row] = fetch_stats(server.url, TOKEN)["keys"]
+        assert row["count"] == row["events"] == 5  # learned while the server was away, sent once
+    finally:
+        server.close()
+
+
+# ----------------------------------------------------------------------------------------- end to end
+
+SLOW_STEP, SLOW_S = 36, 1.5  # of 48 steps per rank; steps take tens of ms here
+
+
+def test_ddp_train_and_ray_infer_feed_one_server_and_the_slow_step_is_found_on_its_rank(
+        small_deeplesion_mini, tmp_path):
+    pytest.importorskip("ray")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "CTZOO_PERF_TOKEN": TOKEN, "CTZOO_TEST_SLOW_RANK": "1",
+           "CTZOO_TEST_SLOW_STEP": str(SLOW_STEP), "CTZOO_TEST_SLOW_S": str(SLOW_S)}
+    env.pop("RAY_ADDRESS", None)
+    server = subprocess.Popen([sys.executable, "-m", "ctzoo", "perf", "server", "--port", str(port)], env=env,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening on" in server.stderr.readline()
+        config = tmp_path / "tiny.yaml"  # tests/test_training.py's DDP config, 24 steps per epoch and rank
+        config.write_text(yaml.safe_dump({
+            "task": "recistnet", "data": {"root": str(small_deeplesion_mini), "negatives_per_series": 1},
+            "model": {"backbone": "light", "width": 8, "head_channels": 16}, "repeats": 8,
+            "optim": {"epochs": 2, "batch_size": 1, "lr": 0.004, "num_workers": 0, "eval_every": 100},
+            "train_size": [128, 128], "eval_size": [512, 512]}))
+        perf = ["--perf", "--perf-server", url]
+        train = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                  str(Path(__file__).with_name("perf_slow_step_launcher.py")), "train", str(config),
+                                  "--out", str(tmp_path / "run"), *perf], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        infer = subprocess.run([sys.executable, "-m", "ctzoo", "infer", "--engine", "ray", "--workers", "2",
+                                "--device", "cpu", "--no-overlay", "--out", str(tmp_path / "infer"), *perf],
+                               env=env, capture_output=True, text=True, timeout=300)
+        trained = train.communicate(timeout=300)
+        assert infer.returncode == 0, infer.stderr[-3000:]
+        assert train.returncode == 0, trained[1][-3000:]
+        stats = fetch_stats(url, TOKEN)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    processes = {p["process"].split("@")[0]: p for p in stats["processes"]}
+    assert set(processes) == {"train[rank0]", "train[rank1]", "infer"}
+    stages = {(row["model"], row["stage"]) for row in stats["keys"]}
+    assert {("recistnet", s) for s in ("data_wait", "forward_backward", "comm_hook", "optimizer_step")} <= stages
+    # one case: its read and write are each key's first event (skipped: warm-up), its batches' predict learned
+    assert {("recistnet-mini", s) for s in ("read", "preprocess", "predict", "finish", "write")} <= stages
+    assert sum(c["learned"] for name, c in processes["infer"]["keys"].items() if "|predict|" in name) > 0
+    for row in stats["keys"]:  # merged = the sum of the contributions
+        mine = [p["keys"][row["key"]] for p in stats["processes"] if row["key"] in p["keys"]]
+        assert row["count"] == sum(c["learned"] for c in mine)
+        assert row["events"] == sum(c["events"] for c in mine) and row["anomalies"] == sum(c["anomalies"] for c in mine)
+        if row["model"] == "recistnet":  # both ranks contributed to every training key
+            assert {p["rank"] for p in stats["processes"] if row["key"] in p["keys"]} == {0, 1}
+    slow = anomalies(tmp_path / "run" / "perf.rank1.sqlite", "optimizer_step")
+    assert [(a["context"]["rank"], a["context"]["step"]) for a in slow if a["seconds"] >= SLOW_S] == [(1, SLOW_STEP)]
+    assert not [a for a in anomalies(tmp_path / "run" / "perf.rank0.sqlite", "optimizer_step")
+                if a["context"]["step"] == SLOW_STEP]
+
+
+def anomalies(store, stage):
+    with sqlite3.connect(store) as db:
+        rows = db.execute("SELECT seconds, context FROM events WHERE kind = 'anomaly' AND stage = ?", (stage,))
+        return [{"seconds": seconds, "context": json.loads(context)} for seconds, context in rows]
