@@ -24,6 +24,8 @@ IDENTIFYING_KEYS = frozenset({"PatientName", "PatientID", "patient_name", "patie
                               "AccessionNumber", "accession_number", "StudyInstanceUID", "SeriesInstanceUID"})
 
 Key = tuple[str, str, str, str, str]
+#: The names of a key's parts, in order (store columns, JSON fields).
+KEY_FIELDS = ("model", "version", "stage", "device", "bucket")
 
 
 def slice_bucket(slices: int | None) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ctzoo.perf.detectors import AnomalyDetector, DetectorConfig, Label
-from ctzoo.perf.events import Event, Key, checked_context, event_key, process_name
+from ctzoo.perf.events import KEY_FIELDS, Event, Key, checked_context, event_key, process_name
 from ctzoo.perf.provenance import ProvenanceRecorder, ProvenanceStore
 from ctzoo.perf.server import ParameterServerClient
 
@@ -57,9 +57,9 @@ class PerfMonitor:
     def record(self, key: Key, seconds: float, started: float | None = None,
                context: dict[str, Any] | None = None) -> Label:
         """Judge and keep one event of ``key`` that took ``seconds``."""
+        clock = time.thread_time()  # this thread's CPU: not the time it waits for the GIL in a busy process
         event = Event(key, float(seconds), time.time() - seconds if started is None else started, self.process,
                       checked_context(context or {}))
-        clock = time.thread_time()  # this thread's CPU: not the time it waits for the GIL in a busy process
         with self._lock:
             label = self.detector.observe(key, event.seconds)
             self.events_by_key[key] = self.events_by_key.get(key, 0) + 1
@@ -80,11 +80,13 @@ class PerfMonitor:
         and provenance (the service's choice); :meth:`close` records what is still queued."""
         if started is None:
             started = time.time() - seconds
-        with self._lock:
-            if self._later is None:
-                self._later = queue.SimpleQueue()
-                self._later_thread = threading.Thread(target=self._record_queued, name="ctzoo-perf", daemon=True)
-                self._later_thread.start()
+        if self._later is None:  # the thread starts with the first event (checked again under the lock)
+            with self._lock:
+                if self._later is None:
+                    self._later_thread = threading.Thread(target=self._record_queued, name="ctzoo-perf",
+                                                          daemon=True)
+                    self._later = queue.SimpleQueue()
+                    self._later_thread.start()
         self._later.put((key, seconds, started, context))
 
     def _record_queued(self) -> None:
@@ -121,10 +123,7 @@ class PerfMonitor:
         with self._lock:
             states = dict(self.detector.states)
             anomalies = dict(self.anomalies_by_key)
-        names = ("model", "version", "stage", "device", "bucket")
-        return [{**dict(zip(names, key)), "count": s.moments.count, "mean_s": s.moments.mean, "std_s": s.moments.std,
-                 "min_s": s.moments.min if s.moments.count else None,
-                 "max_s": s.moments.max if s.moments.count else None, "anomalies": anomalies.get(key, 0)}
+        return [{**dict(zip(KEY_FIELDS, key)), **s.moments.summary(), "anomalies": anomalies.get(key, 0)}
                 for key, s in sorted(states.items())]
 
     def overhead(self) -> dict[str, float]:

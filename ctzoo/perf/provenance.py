@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ctzoo.perf.detectors import Label
-from ctzoo.perf.events import Event
+from ctzoo.perf.events import KEY_FIELDS, Event
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -48,7 +48,6 @@ CREATE TABLE IF NOT EXISTS key_states (
     bucket TEXT NOT NULL, state TEXT NOT NULL, updated REAL NOT NULL,
     PRIMARY KEY (process, model, version, stage, device, bucket));
 """
-KEY_FIELDS = ("model", "version", "stage", "device", "bucket")
 #: The most anomaly and window rows a store keeps (about 0.5 kB each): beyond it the oldest go, so a service that
 #: keeps --perf on does not fill its disk. Normal samples (one per key) are kept.
 MAX_STORED_EVENTS = 200_000

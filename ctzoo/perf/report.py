@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from ctzoo.perf.detectors import KeyState
-from ctzoo.perf.provenance import KEY_FIELDS, ProvenanceStore
+from ctzoo.perf.events import KEY_FIELDS
+from ctzoo.perf.provenance import ProvenanceStore
 from ctzoo.perf.stats import FINE_BINS_PER_OCTAVE
 
 #: The most anomalies a page shows by default (the newest); each brings its window of ~20 events.

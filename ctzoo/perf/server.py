@@ -46,6 +46,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from ctzoo.perf.detectors import AnomalyDetector, KeyState
+from ctzoo.perf.events import KEY_FIELDS
 
 log = logging.getLogger("ctzoo.perf")
 
@@ -53,8 +54,6 @@ TOKEN_ENV = "CTZOO_PERF_TOKEN"
 DEFAULT_PORT = 8765
 #: A delta holds a few hundred histogram bins per key; 16 MiB is thousands of keys.
 MAX_BODY_BYTES = 16 * 1024 * 1024
-KEY_PARTS = 5
-KEY_NAMES = ("model", "version", "stage", "device", "bucket")
 
 
 class BadRequest(ValueError):
@@ -77,7 +76,7 @@ def _count(value: Any, what: str) -> int:
 
 def parse_state(name: str, data: Any) -> KeyState:
     """A key state as a client sent it, checked so that a bad one cannot poison the global state (BadRequest)."""
-    if len(name.split("|")) != KEY_PARTS:
+    if len(name.split("|")) != len(KEY_FIELDS):
         raise BadRequest(f"key {name[:80]!r}: not model|version|stage|device|bucket")
     if not isinstance(data, dict) or not isinstance(data.get("moments"), dict) or not isinstance(
             data.get("histogram"), dict):
@@ -97,12 +96,6 @@ def parse_state(name: str, data: Any) -> KeyState:
     if sum(bins.values()) != checked["count"]:
         raise BadRequest(f"{name}: histogram total differs from the moments' count")
     return KeyState.from_dict({"moments": checked, "histogram": bins})
-
-
-def _summary(state: KeyState) -> dict[str, Any]:
-    m = state.moments
-    return {"count": m.count, "mean_s": m.mean, "std_s": m.std, "min_s": m.min if m.count else None,
-            "max_s": m.max if m.count else None}
 
 
 class GlobalStatistics:
@@ -131,7 +124,7 @@ class GlobalStatistics:
         parsed = {name: parse_state(name, data) for name, data in delta.items()}
         totals = {}
         for name, pair in counts.items():
-            if len(name.split("|")) != KEY_PARTS or not isinstance(pair, list) or len(pair) != 2:
+            if len(name.split("|")) != len(KEY_FIELDS) or not isinstance(pair, list) or len(pair) != 2:
                 raise BadRequest(f"counts[{name[:80]!r}]: [events, anomalies] of a key")
             totals[name] = (_count(pair[0], f"{name} events"), _count(pair[1], f"{name} anomalies"))
         with self._lock:
@@ -166,7 +159,7 @@ class GlobalStatistics:
             for name in sorted(names):
                 mine = [p["keys"][name] for p in self.processes.values() if name in p["keys"]]
                 state = self.states.get(name, KeyState())
-                keys.append({**dict(zip(KEY_NAMES, name.split("|"))), "key": name, **_summary(state),
+                keys.append({**dict(zip(KEY_FIELDS, name.split("|"))), "key": name, **state.moments.summary(),
                              "events": sum(c["events"] for c in mine), "anomalies": sum(c["anomalies"] for c in mine),
                              "processes": len(mine)})
             processes = [{"process": process, "role": p["role"], "rank": p["rank"], "syncs": p["syncs"],

@@ -72,6 +72,12 @@ class RunningMoments:
         """Sample standard deviation (0 below 2 values)."""
         return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
 
+    def summary(self) -> dict:
+        """count, mean_s, std_s, min_s, max_s (min and max None before the first value): what routes report."""
+        seen = self.count > 0
+        return {"count": self.count, "mean_s": self.mean, "std_s": self.std, "min_s": self.min if seen else None,
+                "max_s": self.max if seen else None}
+
     def to_dict(self) -> dict:
         return {k: (None if math.isinf(v) else v) for k, v in vars(self).items()}
 
