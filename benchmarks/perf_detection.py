@@ -23,15 +23,20 @@ written into the image so the injector can name it). In one run:
    were delayed too).
 
 For 2 and 3, from the provenance store of the **on** server (read after it stopped): a request is *found* when an
-anomaly of the labelled stage names its request (the hash of its v2 ``id``); precision = found labelled / all
-requests with an anomaly in that stage during the run; recall = found labelled / labelled; anomalies of other
-stages during the run are counted (knock-on waits behind a delayed batch are real, and are shown, not scored). The
-provenance fraction is stored events / events seen by the **on** server over the whole run (totals table).
-Detector cost: the time the **on** server spent in ``PerfMonitor.record`` (judging, provenance, metrics) per event,
-as it reports it in ``/v2/perf/stats`` at the end of the run.
+anomaly of the labelled stage names its request (the hash of its v2 ``id``: ``request`` in a request's own
+events, ``requests`` in a batch's ``model`` event, which lists every request the batch merged); precision = found
+labelled / all requests with an anomaly in that stage during the run; recall = found labelled / labelled;
+anomalies of other stages during the run are counted (knock-on waits behind a delayed batch are real, and are
+shown, not scored). The provenance fraction is stored events / events seen by the **on** server over the whole
+run (totals table), and per run. Detector cost: the time the **on** server spent in ``PerfMonitor.record``
+(judging, provenance, metrics) per event, as it reports it in ``/v2/perf/stats`` at the end of the run.
+Deep profiles: with ``--profiles N`` the **on** server runs with ``--perf-profile N``, so the first N anomalous
+model runs (in run 3) are rerun under ONNX Runtime's profiler; the JSON lists each profile (rerun vs anomaly
+seconds, whether the slowness reproduced, top operators). Their reruns happen during run 3, as an operator's would,
+and compete with it for the machine. Off by default, as in the service.
 
     python benchmarks/perf_detection.py [--requests 2000] [--clients 4] [--delayed 0.01] [--delay-s 0.5]
-        [--bursts 3] [--burst-size 32] [--rounds 10] [--round-requests 400] [--window 10]
+        [--bursts 3] [--burst-size 32] [--rounds 11] [--round-requests 400] [--window 10] [--profiles 0]
         [--out benchmarks/results/perf_detection.json]
 """
 
@@ -124,8 +129,12 @@ def anomalies(store: Path, since: float, until: float) -> list[dict]:
     with sqlite3.connect(store) as db:
         rows = db.execute("SELECT stage, seconds, context FROM events WHERE kind = 'anomaly' AND started >= ? AND "
                           "started <= ?", (since, until)).fetchall()
-    return [{"stage": stage, "seconds": seconds, "request": json.loads(context).get("request")}
-            for stage, seconds, context in rows]
+    found = []
+    for stage, seconds, context in rows:
+        context = json.loads(context)  # a request's own event names it, a batch's event the requests it merged
+        named = context["requests"].split(",") if context.get("requests") else [context.get("request")]
+        found.append({"stage": stage, "seconds": seconds, "requests": named})
+    return found
 
 
 def score(run: dict, labelled_ids: set[str], stage: str, store: Path) -> dict:
@@ -134,7 +143,7 @@ def score(run: dict, labelled_ids: set[str], stage: str, store: Path) -> dict:
     since, until = min(r["sent"] for r in requests) - 1, max(r["sent"] + r["seconds"] for r in requests) + 1
     found = anomalies(store, since, until)
     hashes = {request_hash(i): i for i in (r["id"] for r in requests)}
-    flagged = {hashes[a["request"]] for a in found if a["stage"] == stage and a["request"] in hashes}
+    flagged = {hashes[h] for a in found if a["stage"] == stage for h in a["requests"] if h in hashes}
     hits = flagged & labelled_ids
     others: dict[str, int] = {}
     for a in found:
@@ -159,23 +168,45 @@ def paired_ratios(rounds: list[dict], field: str) -> list[float]:
 
 
 def provenance_totals(store: Path, phases: dict[str, tuple[float, float, int]]) -> dict:
-    """Stored / seen over the whole run (the totals table), and per phase ``{name: (start, end, requests)}``: rows
-    whose event started in it over its events (4 stages per request)."""
+    """Stored / seen over the whole run (the totals table), and per phase ``{name: (start, end, events)}``: rows
+    whose event started in it over the events the server recorded in it."""
     with sqlite3.connect(store) as db:
         seen, stored = db.execute("SELECT SUM(seen), SUM(stored) FROM totals").fetchone()
         kinds = dict(db.execute("SELECT kind, COUNT(*) FROM events GROUP BY kind").fetchall())
         by_phase = {}
-        for name, (start, end, requests) in phases.items():
+        for name, (start, end, events) in phases.items():
             rows = dict(db.execute("SELECT kind, COUNT(*) FROM events WHERE started >= ? AND started <= ? "
                                    "GROUP BY kind", (start, end)).fetchall())
-            by_phase[name] = {"events": 4 * requests, "stored": sum(rows.values()), "by_kind": rows,
-                              "fraction": sum(rows.values()) / (4 * requests)}
+            by_phase[name] = {"events": events, "stored": sum(rows.values()), "by_kind": rows,
+                              "fraction": sum(rows.values()) / events}
     return {"seen": seen, "stored": stored, "fraction": stored / seen, "by_kind": kinds, "by_phase": by_phase}
 
 
-def span(run: dict) -> tuple[float, float, int]:
+def deep_profiles(store: Path) -> list[dict]:
+    """The profiles the on server took: its anomaly's stage, seconds of the anomaly and the rerun, whether the
+    slowness reproduced, the 3 slowest operators."""
+    from ctzoo.perf import ProvenanceStore
+
+    reader = ProvenanceStore(store, read_only=True)
+    try:
+        profiles = reader.profiles()
+        stages = {row["id"]: row["stage"] for row in reader.rows("SELECT id, stage FROM events WHERE kind = 'anomaly'")}
+    finally:
+        reader.close()
+    return [{"stage": stages.get(anomaly_id), "tool": p["tool"], "anomaly_s": p["anomaly_s"], "rerun_s": p["rerun_s"],
+             "reproduces": p["reproduces"], "trace_bytes": p["trace_bytes"], "top_ops": p["ops"][:3]}
+            for anomaly_id, p in profiles.items()]
+
+
+def span(run: dict, events: int) -> tuple[float, float, int]:
     requests = run["requests"]
-    return (min(r["sent"] for r in requests), max(r["sent"] + r["seconds"] for r in requests), len(requests))
+    return (min(r["sent"] for r in requests), max(r["sent"] + r["seconds"] for r in requests), events)
+
+
+def events_seen(server) -> int:
+    """The events the server's monitor has recorded so far (its stats route first records the queued ones)."""
+    stats = httpx.get(server.url + "/v2/perf/stats", headers={"Authorization": f"Bearer {server.token}"}).json()
+    return stats["overhead"]["events"]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -186,7 +217,7 @@ def run(args: argparse.Namespace) -> dict:
         common = ["--max-queue-delay-ms", "5"] if args.server_args is None else args.server_args.split()
         store = Path(tmp) / "perf.sqlite"  # outlives the server's state folder: read once the server stopped
         on_args = [*common, "--perf", "--perf-algorithm", args.algorithm, "--perf-store", str(store),
-                   "--perf-window", str(args.window)]
+                   "--perf-window", str(args.window), "--perf-profile", str(args.profiles)]
         with serve_subprocess(extra_args=common, launcher=LAUNCHER, env=env) as off, \
                 serve_subprocess(extra_args=on_args, launcher=LAUNCHER, env=env) as on:
             print(f"servers up: off {off.url}, on {on.url}", flush=True)
@@ -204,15 +235,18 @@ def run(args: argparse.Namespace) -> dict:
                                "server_cpu_ms_per_request": cpu_ms})
                 print(f"round {k} ({label}): {result['requests_per_s']:.2f} req/s, server CPU {cpu_ms:.1f} ms per "
                       f"request", flush=True)
-            on_requests = 100 + args.round_requests * (args.rounds // 2)  # the on server's warm-up and rounds
-            phases["warm-up and throughput rounds"] = (started - 600, time.time(), on_requests)
+            seen = events_seen(on)
+            phases["warm-up and throughput rounds"] = (started - 600, time.time(), seen)
             burst_run = asyncio.run(steady(on.url, on.token, args.clients, args.requests, "burst", inputs,
                                            bursts=args.bursts, burst_size=args.burst_size))
             print(f"burst run: {burst_run['requests_per_s']:.2f} req/s", flush=True)
+            burst_events = events_seen(on) - seen
+            seen += burst_events
             step = max(1, round(1 / args.delayed))
             marked = set(range(step // 2, args.requests, step))
             delayed_run = asyncio.run(steady(on.url, on.token, args.clients, args.requests, "delay", inputs, marked))
             print(f"delayed-stage run: {delayed_run['requests_per_s']:.2f} req/s", flush=True)
+            delayed_events = events_seen(on) - seen
             stats = httpx.get(on.url + "/v2/perf/stats", headers={"Authorization": f"Bearer {on.token}"}).json()
         delayed_numbers = {int(line) for line in truth.read_text().split()} if truth.exists() else set()
         delayed_ids = {r["id"] for r in delayed_run["requests"] if r["number"] in delayed_numbers}
@@ -230,9 +264,9 @@ def run(args: argparse.Namespace) -> dict:
                                   "marked": len(marked)},
                 "burst": {**score(burst_run, burst_ids, "queue", store), "bursts": args.bursts,
                           "burst_size": args.burst_size, "unlabelled_first_answered": args.slots},
-                "provenance": provenance_totals(store, {**phases, "burst run": span(burst_run),
-                                                        "delayed-stage run": span(delayed_run)}),
-                "detector_cost": stats["overhead"],
+                "provenance": provenance_totals(store, {**phases, "burst run": span(burst_run, burst_events),
+                                                        "delayed-stage run": span(delayed_run, delayed_events)}),
+                "detector_cost": stats["overhead"], "deep_profiles": deep_profiles(store),
                 "window": args.window, "algorithm": args.algorithm,
                 "non_200": sum(s != 200 for s in statuses), "server_exit_codes": [off.exit_code, on.exit_code]}
 
@@ -260,6 +294,10 @@ def report(result: dict) -> str:
               f"{result['throughput_ratio_on_vs_off']:.3f} and server CPU per request on/off "
               f"{result['server_cpu_ratio_on_vs_off']:.3f} (medians of {len(result['throughput_ratios_paired'])} "
               f"on rounds, each against the off rounds either side)"]
+    for p in result["deep_profiles"]:
+        lines.append(f"deep profile ({p['tool']}) of a {p['stage']} anomaly of {p['anomaly_s']:.3f} s: rerun "
+                     f"{p['rerun_s']:.3f} s ({'reproduced' if p['reproduces'] else 'not reproduced'}); slowest "
+                     + ", ".join(f"{op['op']} {1000 * op['seconds']:.1f} ms" for op in p["top_ops"]))
     return "\n".join(lines)
 
 
@@ -278,6 +316,8 @@ def main() -> None:
     parser.add_argument("--round-requests", type=int, default=400, help="requests per round (default 400)")
     parser.add_argument("--window", type=int, default=10, help="the on server's --perf-window (default 10)")
     parser.add_argument("--algorithm", choices=("hbos", "sstd"), default="hbos")
+    parser.add_argument("--profiles", type=int, default=0, help="the on server's --perf-profile (default 0, the "
+                        "service's default: deep profiles are armed on demand)")
     parser.add_argument("--server-args", default=None, help="ctzoo serve options for both servers "
                         "(default \"--max-queue-delay-ms 5\")")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,5 +1,5 @@
 """Render a ``ctzoo perf report`` page to PNG in headless chromium: ``python benchmarks/perf_report_screenshot.py
-REPORT.html OUT.png [--width 1400 --height 1000] [--no-click]``.
+REPORT.html OUT.png [--width 1400 --height 1000] [--no-click] [--stage S] [--profiled]``.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``/usr/bin/chromium``, ``/usr/bin/chromedriver``) and the
 ``selenium`` package (the ``test`` extra). The browser runs with a fresh profile and with every host name
@@ -72,26 +72,31 @@ def click_anomaly(driver, anomaly_id: int, timeout_s: float = 5.0, exact: bool =
         time.sleep(0.05)
 
 
-def slowest_anomaly(driver, stage: str | None = None) -> int | None:
-    """The id of the page's longest anomaly in seconds, of ``stage`` if given (None when there is none)."""
-    return driver.execute_script("const a = DATA.anomalies.filter(x => arguments[0] === null || x.stage === "
-                                 "arguments[0]).sort((x, y) => y.seconds - x.seconds)[0];"
-                                 "return a === undefined ? null : a.id", stage)
+def slowest_anomaly(driver, stage: str | None = None, profiled: bool = False) -> int | None:
+    """The id of the page's longest anomaly in seconds, of ``stage`` if given, with a deep profile if ``profiled``
+    (None when there is none)."""
+    return driver.execute_script("const a = DATA.anomalies.filter(x => (arguments[0] === null || x.stage === "
+                                 "arguments[0]) && (!arguments[1] || x.profile)).sort((x, y) => y.seconds - "
+                                 "x.seconds)[0]; return a === undefined ? null : a.id", stage, profiled)
 
 
 def screenshot(report: Path, out: Path, width: int = 1400, height: int = 1000, click_slowest: bool = True,
-               stage: str | None = None) -> None:
+               stage: str | None = None, profiled: bool = False) -> None:
     """``report`` as drawn in a ``width`` x ``height`` viewport, written to ``out`` (PNG); with ``click_slowest``
-    the slowest anomaly (of ``stage``, if given) is clicked first, so the provenance panel is filled. Its point
-    must not lie under another: in a dense cluster plotly picks the point on top."""
+    the slowest anomaly (of ``stage``, if given; with a deep profile if ``profiled``, then opened through the
+    page's own ``showAnomaly`` if the click landed on a neighbour) is clicked first, so the provenance panel is
+    filled. Its point must not lie under another: in a dense cluster plotly picks the point on
+    top."""
     with tempfile.TemporaryDirectory(prefix="perf-report-chromium-") as profile:
         driver = headless_chromium(Path(profile), width, height)
         try:
             driver.get(Path(report).resolve().as_uri())
             wait_until_drawn(driver)
-            slowest = slowest_anomaly(driver, stage) if click_slowest else None
+            slowest = slowest_anomaly(driver, stage, profiled) if click_slowest else None
             if slowest is not None:
                 click_anomaly(driver, slowest, exact=False)
+                if profiled:  # its point may lie under a neighbour's: open it as the click handler would
+                    driver.execute_script("showAnomaly(arguments[0])", slowest)
             if not driver.save_screenshot(str(out)):
                 raise RuntimeError(f"chromium could not write {out}")
         finally:
@@ -107,10 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-click", action="store_true", help="leave the provenance panel empty (by default the "
                         "slowest anomaly is clicked)")
     parser.add_argument("--stage", default=None, help="click the slowest anomaly of this stage")
+    parser.add_argument("--profiled", action="store_true", help="click the slowest anomaly with a deep profile")
     args = parser.parse_args(argv)
     if not args.report.is_file():
         parser.error(f"{args.report} does not exist")
-    screenshot(args.report, args.out, args.width, args.height, click_slowest=not args.no_click, stage=args.stage)
+    screenshot(args.report, args.out, args.width, args.height, click_slowest=not args.no_click, stage=args.stage,
+               profiled=args.profiled)
     print(f"{args.out}: {args.width}x{args.height}")
     return 0
 

@@ -339,6 +339,39 @@ def test_every_stage_is_a_perf_event_and_reading_excludes_the_wait_for_the_model
     assert all(row["read_s"] < 0.3 for row in rows), [row["read_s"] for row in rows]  # 3-9 batches of 0.05 s each
 
 
+def test_an_armed_deep_profile_reruns_the_anomalous_batch_under_torch_profiler(tmp_path):
+    """``--perf-profile`` in ``ctzoo infer --backend torch``: the first predict batch judged anomalous (one is delayed
+    by 1 s, injected around the real model) is rerun under torch.profiler, and the profile is kept with it."""
+    import time
+
+    from ctzoo.inference.tasks import model_task
+    from ctzoo.perf import DetectorConfig, PerfMonitor
+
+    task = model_task("recistnet-mini", "torch", "cpu")
+    predict, calls = task.predict, iter(range(10**6))
+
+    def predict_with_a_delay(batch):
+        if next(calls) == 26:
+            time.sleep(1.0)
+        return predict(batch)
+
+    task.predict = predict_with_a_delay  # the profile reruns the real predict, without the injected delay
+    monitor = PerfMonitor(tmp_path / "perf.sqlite", DetectorConfig(), role="infer", profile_budget=1)
+    rows = run_pipeline([CaseInput("c", _tiny_volume(tmp_path / "c.nii.gz", 32))], task,
+                        PipelineOptions(out=tmp_path / "out", workers=0, batch_size=1, progress=False, perf=monitor))
+    monitor.close()
+    assert [row["status"] for row in rows] == ["ok"]
+    found = sorted((a for a in PerfMonitor(tmp_path / "perf.sqlite", role="reader").store.anomalies()
+                    if a["stage"] == "predict"), key=lambda a: a["id"])
+    assert any(a["seconds"] >= 1.0 for a in found)  # the delayed batch
+    # one profile (the budget), of the first anomaly (on a quiet host, the delayed batch): the model's operators
+    assert [a["id"] for a in found if a["profile"]] == [found[0]["id"]]
+    profile = found[0]["profile"]
+    assert profile["tool"] == "torch" and profile["anomaly_s"] == found[0]["seconds"] and profile["rerun_s"] < 1.0
+    assert any("conv" in op["op"] for op in profile["ops"]) and profile["trace_bytes"] > 0
+    assert monitor.profiler.status() == {"budget": 0, "done": 1, "failed": 0, "skipped_busy": 0}
+
+
 def test_ctrl_c_on_a_real_process_exits_130_and_resume_finishes_with_0(mixed_inputs, tmp_path):
     """``ctzoo infer`` in its own process, interrupted as a terminal does it (SIGINT to the process group, reader
     process included) once its first case is written: exit 130, no partial file, summary.csv and the status files

@@ -29,13 +29,13 @@ def test_only_anomalies_their_windows_and_one_normal_sample_are_stored(tmp_path)
     for anomaly in anomalies:
         k = int(anomaly["context"]["request"][1:])
         neighbours = [int(w["context"]["request"][1:]) for w in anomaly["window"]]
-        assert neighbours == [*range(k - 10, k), *range(k + 1, k + 11)]
+        assert neighbours == [*range(k - 5, k), *range(k + 1, k + 6)]  # a window of 10: 5 before, 5 after
         assert anomaly["stage"] == "predict" and anomaly["score"] > 6 and anomaly["algorithm"] == "sstd"
     normal = store.rows("SELECT * FROM events WHERE kind = 'normal'")
     assert len(normal) == 1 and normal[0]["bucket"] == "5-8"
     reduction = store.reduction()
-    assert reduction["seen"] == 1200 and reduction["stored"] == 3 * 21 + 1
-    assert reduction["ratio"] == pytest.approx(1200 / 64)
+    assert reduction["seen"] == 1200 and reduction["stored"] == 3 * 11 + 1
+    assert reduction["ratio"] == pytest.approx(1200 / 34)
 
 
 def test_patient_identifiers_never_enter_an_event(tmp_path):

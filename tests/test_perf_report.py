@@ -80,9 +80,32 @@ def report(tmp_path_factory):
         feed(monitor, rng, start)
         closed_states[monitor.process] = monitor.detector.state_dict()
         monitor.close()
+    ops = keep_a_deep_profile(store)
     result = CliRunner().invoke(main, ["perf", "report", str(store), "--out", str(folder / "report.html")])
     assert result.exit_code == 0, result.output
-    return {"store": store, "html": folder / "report.html", "states": closed_states, "output": result.output}
+    return {"store": store, "html": folder / "report.html", "states": closed_states, "output": result.output,
+            "profile_ops": ops}
+
+
+def keep_a_deep_profile(store: Path) -> list[dict]:
+    """A real torch.profiler profile of a small conv net, kept with the slowest serve predict anomaly (as the
+    service's DeepProfiler keeps its ONNX Runtime ones); its ops."""
+    import gzip
+
+    import torch
+
+    from ctzoo.perf import ProvenanceStore, profile_torch
+
+    [(anomaly_id, seconds)] = query(store, "SELECT id, seconds FROM events WHERE kind = 'anomaly' AND stage = "
+                                           "'predict' ORDER BY seconds DESC LIMIT 1")
+    net, image = torch.nn.Sequential(torch.nn.Conv2d(9, 16, 3), torch.nn.ReLU()).eval(), torch.ones(2, 9, 64, 64)
+    tool, rerun_s, ops, trace = profile_torch(lambda: net(image))
+    assert tool == "torch" and 0 < rerun_s < seconds and json.loads(trace)["traceEvents"]
+    writer = ProvenanceStore(store)
+    writer.save_profile({"anomaly_id": anomaly_id, "tool": tool, "rerun_s": rerun_s, "anomaly_s": seconds,
+                         "ops": ops, "trace": gzip.compress(trace)})
+    writer.close()
+    return ops
 
 
 def query(store: Path, sql: str, parameters: tuple = ()) -> list[tuple]:
@@ -196,7 +219,7 @@ def test_the_page_in_headless_chromium_shows_the_store_and_the_provenance_of_a_c
         assert "req-0240" in panel.find_element(By.CSS_SELECTOR, "table.context").text and target_process in panel.text
         window = query(store, "SELECT stage, seconds FROM events WHERE anomaly_id = ? ORDER BY started, id",
                        (target_id,))
-        assert len(window) == 20  # 10 events before it and 10 after it, from its own process
+        assert len(window) == 10  # 5 events before it and 5 after it, from its own process
         shown_window = driver.execute_script(  # one round trip for the table's cells, not one per cell
             "return [...document.querySelectorAll('#provenance table.window tr.window-event')]"
             ".map(row => [...row.cells].map(cell => cell.textContent))")
@@ -204,6 +227,12 @@ def test_the_page_in_headless_chromium_shows_the_store_and_the_provenance_of_a_c
         assert [float(cells[3].removesuffix(" s")) for cells in shown_window] == \
             pytest.approx([seconds for _, seconds in window], rel=1e-3)
         assert panel.find_elements(By.CSS_SELECTOR, "table.window tr.is-anomaly")
+        # its deep profile: the slowest operators of the rerun, and that the slowness did not reproduce
+        profile_rows = driver.execute_script("return [...document.querySelectorAll('#provenance table.profile tr')]"
+                                             ".slice(1).map(r => [...r.cells].map(c => c.textContent))")
+        assert [cells[0] for cells in profile_rows] == [op["op"] for op in report["profile_ops"]]
+        assert any("conv" in cells[0] for cells in profile_rows)
+        assert "not the input" in panel.find_element(By.CSS_SELECTOR, ".profile-verdict").text
         # nothing came over the network: no http(s) resource was even asked for
         resources = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
         assert [name for name in resources if not name.startswith(("file:", "data:", "blob:"))] == []

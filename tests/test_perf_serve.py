@@ -3,6 +3,7 @@ requests is found, named and kept with its neighbours; counts in /metrics; route
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 
@@ -25,15 +26,16 @@ def repository(tmp_path_factory):
     return repo
 
 
-def _request(rng) -> tuple[bytes, dict]:
+def _request(rng, request_id: str | None = None) -> tuple[bytes, dict]:
     image = rng.random((1, 9, 64, 64), np.float32)
-    header = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": list(image.shape),
-                                     "parameters": {"binary_data_size": image.nbytes}}]}).encode()
+    tensor = {"name": "image", "datatype": "FP32", "shape": list(image.shape),
+              "parameters": {"binary_data_size": image.nbytes}}
+    header = json.dumps({**({"id": request_id} if request_id else {}), "inputs": [tensor]}).encode()
     return header + image.tobytes(), {**AUTH, "Inference-Header-Content-Length": str(len(header))}
 
 
 def test_a_delay_in_the_model_stage_is_found_named_and_kept(repository, tmp_path):
-    from ctzoo.perf import DetectorConfig, PerfMonitor
+    from ctzoo.perf import DetectorConfig, PerfMonitor, request_hash
     from ctzoo.serve.app import create_app
 
     monitor = PerfMonitor(tmp_path / "perf.sqlite", DetectorConfig(algorithm="hbos"), role="serve")
@@ -50,11 +52,23 @@ def test_a_delay_in_the_model_stage_is_found_named_and_kept(repository, tmp_path
     session.run = run_with_injected_delay
     rng = np.random.default_rng(0)
     with TestClient(app) as client:
-        for _ in range(240):
-            body, headers = _request(rng)
+        assert client.post("/v2/perf/profile?count=1").status_code == 401
+        assert client.post("/v2/perf/profile?count=0", headers=AUTH).status_code == 400
+        for k in range(240):
+            if k == min(delayed):  # armed just before the first delayed run (on a busy host, earlier runs can be
+                # slow enough to be anomalies of their own, and would take the budget)
+                assert client.post("/v2/perf/profile?count=1", headers=AUTH).json()["budget"] == 1
+            body, headers = _request(rng, f"req-{k}")
             assert client.post(f"/v2/models/{MODEL}/infer", content=body, headers=headers).status_code == 200
         assert client.get("/v2/perf/anomalies").status_code == 401
+        for _ in range(300):  # the profile is taken on the profiler's own thread
+            if client.get("/v2/perf/stats", headers=AUTH).json()["profiles"]["done"] == 1:
+                break
+            time.sleep(0.1)
         found = client.get("/v2/perf/anomalies?limit=1000", headers=AUTH).json()
+        profiled = [a for a in found["anomalies"] if a["profile"]]
+        trace = client.get(f"/v2/perf/profiles/{profiled[0]['profile']['id']}", headers=AUTH) if profiled else None
+        assert client.get("/v2/perf/profiles/999", headers=AUTH).status_code == 404
         stats = client.get("/v2/perf/stats", headers=AUTH).json()
         metrics = client.get("/metrics", headers=AUTH).text
     slow = [a for a in found["anomalies"] if a["stage"] == "model" and a["seconds"] >= DELAY_S]
@@ -63,8 +77,18 @@ def test_a_delay_in_the_model_stage_is_found_named_and_kept(repository, tmp_path
     # the rest: calls a shared CI host really made slow (precision on an idle host is the benchmark's to measure)
     assert len(others) <= 0.03 * 4 * 240, [(a["stage"], a["seconds"]) for a in others]  # 4 stage events a request
     for anomaly in slow:
-        assert anomaly["context"]["rows"] == 1 and anomaly["bucket"] == "1" and anomaly["model"] == MODEL
-        assert len(anomaly["window"]) >= 10  # its neighbours: the other stages of its request and the next ones
+        assert anomaly["context"]["batch_rows"] == 1 and anomaly["bucket"] == "1" and anomaly["model"] == MODEL
+        # the request it ran for, by the hash of its v2 id (the k-th session call is the k-th request here)
+        assert anomaly["context"]["requests"] in {request_hash(f"req-{k}") for k in delayed}
+        assert len(anomaly["window"]) >= 5  # its neighbours: the other stages of its request and the next ones
+    # the deep profile: the first delayed run, rerun under ONNX Runtime's profiler on a fresh session (not the
+    # delayed one): its operators, and that the injected slowness did not reproduce
+    [profile] = [a["profile"] for a in profiled]
+    assert profiled[0] == min(slow, key=lambda a: a["started"]) and profile["tool"] == "onnxruntime"
+    assert profile["anomaly_s"] >= DELAY_S > profile["rerun_s"] and not profile["reproduces"]
+    assert "Conv" in {op["op"] for op in profile["ops"]} and stats["profiles"]["budget"] == 0
+    events = json.loads(gzip.decompress(trace.content))
+    assert trace.headers["content-type"] == "application/gzip" and any(e["name"] == "model_run" for e in events)
     assert {row["stage"] for row in stats["keys"]} == {"decode", "queue", "model", "encode"}
     model_row = next(row for row in stats["keys"] if row["stage"] == "model")
     assert model_row["anomalies"] >= len(delayed) and model_row["count"] >= 200

@@ -366,6 +366,25 @@ def test_a_failing_request_does_not_fail_its_batch():
     assert [r["y"][0, 0] for k, r in enumerate(results) if k != 2] == [2.0, 4.0, 6.0]
 
 
+def test_one_request_per_merged_batch_reports_the_batch_with_every_member():
+    """A merged model run is one perf event, not one per request: the batch's first request gets the batch's
+    formation and run times and the request hashes of all its members."""
+    async def scenario():
+        batcher = MicroBatcher("toy", lambda inputs: {"y": inputs["x"] * 2}, max_batch_size=8,
+                               max_queue_delay_ms=100)
+        timings = [{"request": f"r{k}"} for k in range(3)]
+        await asyncio.gather(*(batcher.submit({"x": np.ones((1, 2), np.float32)}, t) for t in timings))
+        await batcher.stop()
+        return timings
+
+    timings = asyncio.run(scenario())
+    assert [t.get("batch_first", False) for t in timings] == [True, False, False]
+    first = timings[0]
+    assert first["batch_members"] == ["r0", "r1", "r2"] and first["batch_rows"] == 3
+    # it held the batch open for more rows (up to the 100 ms delay) and then ran it once
+    assert 0 <= first["batch_s"] <= 0.5 and all(t["model_s"] == first["model_s"] for t in timings)
+
+
 def test_extra_routers_reach_models_through_the_batcher_behind_auth(repo, sessions):
     router = APIRouter()  # (Request is imported at module level: FastAPI resolves annotations in its globals)
 

@@ -69,7 +69,7 @@ def _default_workers() -> int:
 @series_option
 @rules_option
 @volume_limit_options
-@perf_options
+@perf_options(deep_profiles=True)
 @_ctrl_c_exits_130
 def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, device: str, out: Path, workers: int,
           batch_size: int, threads: int | None, resume: bool, overlay: bool | None, score_threshold: float | None,
@@ -112,6 +112,8 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     --perf judges every case's read, preprocess, predict, finish and write stages (in this process,
     with either engine) for latency anomalies; the provenance store is OUT/perf.sqlite unless
     --perf-store says otherwise, and --perf-server merges the statistics with other processes'.
+    --perf-profile N reruns the next N anomalous predict batches under torch.profiler (--backend
+    torch, local engine) and keeps each profile with its anomaly.
 
     \b
     Examples:
@@ -134,6 +136,10 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     if not cases:
         raise click.ClickException("no cases to run")
     monitor = perf_monitor(limit_options, "infer", out / "perf.sqlite")
+    if monitor is not None and monitor.profiler.armed and (backend != "torch" or engine != "local"):
+        click.echo("warning: --perf-profile: ctzoo infer takes deep profiles with --backend torch and the local "
+                   "engine (ctzoo serve profiles ONNX graphs); none will be taken", err=True)
+        monitor.profiler.budget = 0
     options = PipelineOptions(out=out, batch_size=batch_size, workers=workers, resume=resume,
                               overlay=(not inputs) if overlay is None else overlay, series=series, rules=rules,
                               limits=volume_limits(limit_options), perf=monitor)

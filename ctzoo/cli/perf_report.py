@@ -49,7 +49,8 @@ def report(store: Path, out: Path | None, since: str | None, limit: int) -> None
       the events seen, stored and the reduction (seen/stored) per process and overall;
       the anomaly timeline, one row per process (hover: stage, seconds, key);
       the latency distribution of every key (its statistics merged over processes), anomalies in red;
-      the provenance of an anomaly on click: key, seconds, score/threshold, context and its window.
+      the provenance of an anomaly on click: key, seconds, score/threshold, context, its window and
+      its deep profile where one was taken (slowest operators; whether the slowness reproduced).
     """
     out = out if out is not None else store.parent / "perf-report.html"
     try:

@@ -152,7 +152,7 @@ def _is_loopback(host: str) -> bool:
               "(about half the service's memory); more wait (then 503), one request alone over it gets 413.")
 @click.option("--queue-wait-s", type=click.FloatRange(min=0), default=ServeLimits.queue_wait_s, show_default=True,
               help="How long a request waits for a place before 503 with Retry-After.")
-@perf_options(on_by_default=True)
+@perf_options(on_by_default=True, deep_profiles=True)
 def serve(repository: Path, host: str, port: int, token_file: Path | None, insecure_no_auth: bool,
           metrics_no_auth: bool, max_upload_mb: float, request_timeout_s: float, threads: int | None, device: str,
           tensorrt: bool, max_batch_size: int | None, max_queue_delay_ms: float | None, no_batching: bool,
@@ -180,11 +180,14 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
     --max-inflight-mb: they wait up to --queue-wait-s, then 503 with Retry-After). The body is read
     inside --request-timeout-s; past it the work is cancelled and its files removed.
 
-    --perf (on by default; --no-perf) judges each /infer request's decode, queue, model and encode
-    stages, and each study's upload, read, preprocess, predict, finish and write; anomalies are counted
-    in /metrics and listed by /v2/perf/anomalies (statistics: /v2/perf/stats); the provenance store
-    is STATE/perf.sqlite unless --perf-store says otherwise. With --perf-server, every replica judges
-    against the statistics of all.
+    --perf (on by default; --no-perf) judges each /infer request's decode, queue and encode stages,
+    each batch's formation and model run, and each study's upload, read, preprocess, predict, finish
+    and write; anomalies are counted in /metrics and listed by /v2/perf/anomalies (statistics:
+    /v2/perf/stats); the provenance store is STATE/perf.sqlite unless --perf-store says otherwise.
+    With --perf-server, every replica judges against the statistics of all. --perf-profile N (or, at
+    run time, POST /v2/perf/profile?count=N) reruns the next N anomalous model runs under ONNX
+    Runtime's profiler and keeps each profile with its anomaly (GET /v2/perf/profiles/<id>: the
+    Chrome trace).
 
     \b
     Examples:

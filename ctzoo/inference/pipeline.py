@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import inspect
 import io
 import json
@@ -286,12 +287,17 @@ class _Batcher:
 
     def run(self, items: list[tuple[int, int, torch.Tensor]]) -> list[tuple[int, int, Any]]:
         clock = time.perf_counter()
-        outputs = self.task.predict(torch.stack([image for _, _, image in items]).numpy())
+        batch = torch.stack([image for _, _, image in items]).numpy()
+        outputs = self.task.predict(batch)
         if self.perf is not None:
             runtime = self.task.runtime
+            # armed deep profiles: the batch again under the profiler, should this run be judged anomalous
+            rerun = None
+            if self.task.profile is not None and self.perf.profiler.armed:
+                rerun = functools.partial(self.task.profile, batch)
             record_batch(self.perf, self.task.model_name, self.task.model_version, runtime.get("device", "-"),
                          len(items), time.perf_counter() - clock,
-                         {"cases": len({case for case, _, _ in items}), "backend": runtime.get("backend")})
+                         {"cases": len({case for case, _, _ in items}), "backend": runtime.get("backend")}, rerun)
         self.slices_done += len(items)
         return [(case, k, output) for (case, k, _), output in zip(items, outputs)]
 

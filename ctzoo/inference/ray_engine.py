@@ -209,7 +209,8 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
             threads: int | None, score_threshold: float | None, record) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = options.progress
     device, actors, resources = _placement(device, int(ray.cluster_resources().get("GPU", 0)))
-    reader = dataclasses.replace(task, predict=None, finish=None, write=None)  # readers need only preprocess
+    # readers need only preprocess (deep profiles: the local engine's)
+    reader = dataclasses.replace(task, predict=None, finish=None, write=None, profile=None)
     # paths absolute: a worker's working folder is not the driver's; rows keep the paths as given
     perf = options.perf  # the driver's: events are recorded here, from the timings the stages send back
     options = dataclasses.replace(options, out=options.out.absolute(), perf=None)

@@ -56,6 +56,8 @@ def record_case_stages(perf, model: str, version: str, device: str, context: dic
 
 
 def record_batch(perf, model: str, version: str, device: str, rows: int, seconds: float,
-                 context: dict[str, Any]) -> None:
-    """One ``predict`` event: a batch of ``rows`` slices that took ``seconds`` on the backend."""
-    perf.record(event_key(model, version, "predict", device, rows), seconds, context={"batch": rows, **context})
+                 context: dict[str, Any], profile=None) -> None:
+    """One ``predict`` event: a batch of ``rows`` slices that took ``seconds`` on the backend (``profile``: its
+    rerun under a profiler, taken if the event is anomalous and deep profiles are armed)."""
+    perf.record(event_key(model, version, "predict", device, rows), seconds, context={"batch": rows, **context},
+                profile=profile)

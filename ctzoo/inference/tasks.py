@@ -17,6 +17,7 @@ function per stage, so the detector and the segmenter share the pipeline, the lo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,9 @@ class ModelTask:
     finish: Callable[[Volume, Any, list[Any]], Any]
     write: Callable[[Volume, Any, Path, bool], tuple[list[Path], dict[str, Any]]]
     runtime: dict[str, Any] = field(default_factory=dict)  # what ran: backend, device, the graph file if ONNX
+    # a batch's predict rerun under a profiler (ctzoo.perf.deep_profile), for deep profiles of anomalous batches;
+    # None where the backend has none here (ONNX: ctzoo serve profiles its graphs)
+    profile: Callable[[np.ndarray], Any] | None = None
 
 
 def _write_json(document: dict, path: Path) -> Path:
@@ -186,7 +190,16 @@ def bundle_task(bundle: ModelBundle, backend, score_threshold: float | None = No
         threshold = bundle.score_threshold if score_threshold is None else score_threshold
         task = detector_task(backend, bundle.preprocessing, bundle.name, bundle.version, threshold)
     task.runtime = _runtime(bundle, backend)
+    if backend.kind == "torch":
+        task.profile = functools.partial(_profile_predict, task.predict)
     return task
+
+
+def _profile_predict(predict: Callable[[np.ndarray], list[Any]], batch: np.ndarray):
+    """One batch's ``predict`` (the model and its decoding) under ``torch.profiler``."""
+    from ctzoo.perf.deep_profile import profile_torch
+
+    return profile_torch(lambda: predict(batch))
 
 
 def run_task(task: ModelTask, volume: Volume, batch_size: int = 8) -> Any:

@@ -8,6 +8,10 @@ process's statistics), hands anomalies and their neighbours to the :class:`Prove
 With ``server=URL`` the detector syncs with a parameter server (:mod:`ctzoo.perf.server`) every ``sync_every_s``
 and at :meth:`PerfMonitor.close`, so that every process judges against the statistics of all; :attr:`connected`
 says whether it currently does.
+
+``profile_budget`` arms on-demand deep profiles (:mod:`ctzoo.perf.deep_profile`): an anomalous event recorded with
+``profile=`` (a callable that reruns its inputs under a profiler) is profiled while the budget lasts;
+:meth:`PerfMonitor.profiler` ``.arm(n)`` adds to it at run time.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ctzoo.perf.deep_profile import DeepProfiler, ProfiledRun
 from ctzoo.perf.detectors import AnomalyDetector, DetectorConfig, Label
 from ctzoo.perf.events import KEY_FIELDS, Event, Key, checked_context, event_key, process_name
 from ctzoo.perf.provenance import ProvenanceRecorder, ProvenanceStore
@@ -33,7 +38,7 @@ class PerfMonitor:
     def __init__(self, store: str | Path | None, config: DetectorConfig = DetectorConfig(), role: str = "ctzoo",
                  window: int = 10, on_event: Callable[[Event, Label], None] | None = None,
                  server: str | None = None, token: str | None = None, rank: int | None = None,
-                 sync_every_s: float = 2.0) -> None:
+                 sync_every_s: float = 2.0, profile_budget: int = 0) -> None:
         self.role, self.rank = role, rank
         self.config, self.on_event = config, on_event
         self.process = process_name(role if rank is None else f"{role}[rank{rank}]")
@@ -42,6 +47,7 @@ class PerfMonitor:
         self.recorder = ProvenanceRecorder(self.store, self.process, config.algorithm, window) if self.store else None
         if self.recorder is not None:  # key states are saved with every write of the totals, periodic and at close
             self.recorder.on_flush = self._save_key_states
+        self.profiler = DeepProfiler(self.store, profile_budget)
         self.anomalies_by_key: dict[Key, int] = {}
         self.events_by_key: dict[Key, int] = {}
         self.seconds_spent = 0.0  # CPU in record(): judging, provenance, on_event (what detection costs the process)
@@ -55,9 +61,12 @@ class PerfMonitor:
             self._counts, sync_every_s)
 
     def record(self, key: Key, seconds: float, started: float | None = None,
-               context: dict[str, Any] | None = None) -> Label:
-        """Judge and keep one event of ``key`` that took ``seconds``."""
+               context: dict[str, Any] | None = None, profile: Callable[[], ProfiledRun] | None = None) -> Label:
+        """Judge and keep one event of ``key`` that took ``seconds``; if it is anomalous and deep profiles are
+        armed, ``profile`` (its inputs rerun under a profiler) is handed to :attr:`profiler`."""
         clock = time.thread_time()  # this thread's CPU: not the time it waits for the GIL in a busy process
+        if self.profiler.busy:  # a deep profile's rerun was competing with this stage for the machine: say so
+            context = {**(context or {}), "during_profile": True}
         event = Event(key, float(seconds), time.time() - seconds if started is None else started, self.process,
                       checked_context(context or {}))
         with self._lock:
@@ -65,8 +74,9 @@ class PerfMonitor:
             self.events_by_key[key] = self.events_by_key.get(key, 0) + 1
             if label.anomalous:
                 self.anomalies_by_key[key] = self.anomalies_by_key.get(key, 0) + 1
-        if self.recorder is not None:
-            self.recorder.record(event, label)
+        anomaly_id = self.recorder.record(event, label) if self.recorder is not None else None
+        if label.anomalous and profile is not None:
+            self.profiler.offer(anomaly_id, event.seconds, profile)
         if self.on_event is not None:
             self.on_event(event, label)
         spent = time.thread_time() - clock
@@ -75,7 +85,8 @@ class PerfMonitor:
         return label
 
     def record_later(self, key: Key, seconds: float, started: float | None = None,
-                     context: dict[str, Any] | None = None) -> None:
+                     context: dict[str, Any] | None = None,
+                     profile: Callable[[], ProfiledRun] | None = None) -> None:
         """:meth:`record` on this monitor's own thread, so that a request's answer does not wait for its judging
         and provenance (the service's choice); :meth:`close` records what is still queued."""
         if started is None:
@@ -87,7 +98,7 @@ class PerfMonitor:
                                                           daemon=True)
                     self._later = queue.SimpleQueue()
                     self._later_thread.start()
-        self._later.put((key, seconds, started, context))
+        self._later.put((key, seconds, started, context, profile))
 
     def _record_queued(self) -> None:
         while (item := self._later.get()) is not None:
@@ -103,7 +114,7 @@ class PerfMonitor:
         """Wait until every event given to :meth:`record_later` so far is recorded (tests, reports)."""
         if self._later_thread is not None:
             done = threading.Event()
-            self._later.put((None, 0.0, 0.0, done))
+            self._later.put((None, 0.0, 0.0, done, None))
             done.wait(30)
 
     @contextmanager
@@ -162,6 +173,7 @@ class PerfMonitor:
             self._later_thread.join(30)
         if self.client is not None:  # the last delta first, so the server holds every event of this process
             self.client.close()
+        self.profiler.close()  # a profile being taken is stored before the store closes
         if self.recorder is not None:  # its flush writes the totals and, through on_flush, the key states
             self.recorder.flush()
         if self.store is not None:

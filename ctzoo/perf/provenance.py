@@ -4,8 +4,8 @@ Everything else is counted, not kept: the reduction (events seen / events stored
 SQLite (one file, WAL), schema:
 
 ``events``
-    ``id`` INTEGER PRIMARY KEY; ``kind`` (``anomaly``, ``window``: a neighbour of an anomaly within ``window``
-    events of the same process, before or after it, or ``normal``: the first normal event of its key);
+    ``id`` INTEGER PRIMARY KEY; ``kind`` (``anomaly``, ``window``: one of the ``window`` events of the same process
+    around an anomaly, half just before it and half just after, or ``normal``: the first normal event of its key);
     ``anomaly_id`` (a window event's anomaly); ``process``; the key: ``model``, ``version``, ``stage``, ``device``,
     ``bucket``; ``seconds``, ``started`` (Unix time); the verdict: ``algorithm``, ``score``, ``threshold``,
     ``judged`` (0 during a key's warm-up); ``context`` (JSON; never patient identifiers).
@@ -18,6 +18,11 @@ SQLite (one file, WAL), schema:
     and the fine log2 histogram) of this process's own events only (also when it judges against a parameter
     server's global statistics), so the states of several processes merge exactly; ``updated`` (Unix time);
     PRIMARY KEY (process, key). Written with the totals.
+``profiles``
+    on-demand deep profiles of anomalous model runs (:mod:`ctzoo.perf.deep_profile`): ``id`` INTEGER PRIMARY KEY,
+    ``anomaly_id`` (the ``events`` row), ``tool`` (``onnxruntime`` or ``torch``), ``created`` (Unix time),
+    ``rerun_s`` (the profiled rerun), ``anomaly_s`` (the anomalous run), ``ops`` (JSON: ``[{"op", "seconds",
+    "calls"}]``, slowest first), ``trace`` (the profiler's Chrome-trace JSON, gzip; NULL when too large).
 """
 
 from __future__ import annotations
@@ -47,10 +52,16 @@ CREATE TABLE IF NOT EXISTS key_states (
     process TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL, stage TEXT NOT NULL, device TEXT NOT NULL,
     bucket TEXT NOT NULL, state TEXT NOT NULL, updated REAL NOT NULL,
     PRIMARY KEY (process, model, version, stage, device, bucket));
+CREATE TABLE IF NOT EXISTS profiles (
+    id INTEGER PRIMARY KEY, anomaly_id INTEGER NOT NULL, tool TEXT NOT NULL, created REAL NOT NULL,
+    rerun_s REAL NOT NULL, anomaly_s REAL NOT NULL, ops TEXT NOT NULL, trace BLOB);
+CREATE INDEX IF NOT EXISTS profiles_anomaly ON profiles (anomaly_id);
 """
 #: The most anomaly and window rows a store keeps (about 0.5 kB each): beyond it the oldest go, so a service that
 #: keeps --perf on does not fill its disk. Normal samples (one per key) are kept.
 MAX_STORED_EVENTS = 200_000
+#: A deep profile's rerun this fraction of its anomaly's time or slower: the slowness reproduces.
+REPRODUCED = 0.5
 #: Totals are written at most this often (seconds) while events flow, and at :meth:`ProvenanceRecorder.close`.
 TOTALS_EVERY_S = 5.0
 
@@ -86,7 +97,7 @@ class ProvenanceStore:
         # no fsync per insert (2 ms each here): in WAL mode a crash can lose the last inserts, never corrupt the file
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        self.tables = {"events", "totals", "key_states"}
+        self.tables = {"events", "totals", "key_states", "profiles"}
 
     def insert(self, kind: str, event: Event, label: Label, algorithm: str, anomaly_id: int | None = None) -> int:
         model, version, stage, device, bucket = event.key
@@ -108,6 +119,7 @@ class ProvenanceStore:
         if count > self.max_events:
             self._db.execute("DELETE FROM events WHERE id IN (SELECT id FROM events WHERE kind != 'normal' "
                              "ORDER BY id LIMIT ?)", (count - self.max_events,))
+            self._db.execute("DELETE FROM profiles WHERE anomaly_id NOT IN (SELECT id FROM events)")
 
     def write_totals(self, process: str, seen: int, stored: int) -> None:
         with self._lock:
@@ -144,6 +156,40 @@ class ProvenanceStore:
             row["state"] = json.loads(row["state"])
         return found
 
+    def save_profile(self, profile: dict) -> int:
+        """Keep a deep profile (:class:`~ctzoo.perf.deep_profile.DeepProfiler`'s dict) with its anomaly."""
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO profiles (anomaly_id, tool, created, rerun_s, anomaly_s, ops, trace) "
+                "VALUES (?,?,?,?,?,?,?)", (profile["anomaly_id"], profile["tool"], time.time(), profile["rerun_s"],
+                                           profile["anomaly_s"], json.dumps(profile["ops"]), profile["trace"]))
+            return int(cursor.lastrowid)
+
+    def profiles(self, anomaly_ids: list[int] | None = None) -> dict[int, dict]:
+        """Each profiled anomaly's newest profile, without its trace: ``{anomaly_id: {"id", "tool", "rerun_s",
+        "anomaly_s", "ops", "trace_bytes", "reproduces"}}`` (all anomalies', or ``anomaly_ids``'); none from an
+        older store. ``reproduces``: the rerun took at least :data:`REPRODUCED` of the anomalous run's time (the
+        input or the model is slow, not the moment)."""
+        if "profiles" not in self.tables:
+            return {}
+        rows = self.rows("SELECT id, anomaly_id, tool, created, rerun_s, anomaly_s, ops, LENGTH(trace) AS "
+                         "trace_bytes FROM profiles ORDER BY id")
+        wanted = None if anomaly_ids is None else set(anomaly_ids)
+        found = {}
+        for row in rows:
+            if wanted is None or row["anomaly_id"] in wanted:
+                found[row["anomaly_id"]] = {**row, "ops": json.loads(row["ops"]),
+                                            "reproduces": row["rerun_s"] >= REPRODUCED * row["anomaly_s"]}
+        return found
+
+    def profile_trace(self, profile_id: int) -> bytes | None:
+        """A profile's gzip-compressed Chrome trace (None: no such profile, or its trace was too large)."""
+        if "profiles" not in self.tables:
+            return None
+        with self._lock:
+            row = self._db.execute("SELECT trace FROM profiles WHERE id = ?", (int(profile_id),)).fetchone()
+        return None if row is None else row[0]
+
     def sampled_keys(self) -> set[tuple[str, ...]]:
         """The keys that already have their normal sample."""
         with self._lock:
@@ -163,12 +209,15 @@ class ProvenanceStore:
         return rows
 
     def anomalies(self, limit: int = 100) -> list[dict]:
-        """The latest anomalies, newest first, each with its window (``window``: the neighbours, in time order)."""
+        """The latest anomalies, newest first, each with its window (``window``: the neighbours, in time order)
+        and its deep profile's summary (``profile``; None when it has none)."""
         found = self.rows("SELECT * FROM events WHERE kind = 'anomaly' ORDER BY started DESC, id DESC LIMIT ?",
                           (int(limit),))
+        profiles = self.profiles([anomaly["id"] for anomaly in found])
         for anomaly in found:
             anomaly["window"] = self.rows("SELECT * FROM events WHERE anomaly_id = ? ORDER BY started, id",
                                           (anomaly["id"],))
+            anomaly["profile"] = profiles.get(anomaly["id"])
         return found
 
     def reduction(self) -> dict:
@@ -187,12 +236,18 @@ def _finite(value: float) -> float:
 
 
 class ProvenanceRecorder:
-    """Decides what of one process's event stream is kept: each anomaly, the ``window`` events before it (that are
-    not stored already) and the ``window`` after it, and the first normal event of each key."""
+    """Decides what of one process's event stream is kept: each anomaly with a window of ``window`` neighbouring
+    events (the ``window // 2`` just before it that are not stored already and the rest just after; default 10:
+    5 + 5), and the first normal event of each key.
+
+    ``window`` counts the neighbours of one anomaly, as the issue and Chimbuko's ``-anom_win_size`` (default 10)
+    word it: "a window of this size around the anomalous event". Anomalies close together share their
+    neighbours, so a burst of them costs one window, not one each."""
 
     def __init__(self, store: ProvenanceStore, process: str, algorithm: str, window: int = 10) -> None:
         self.store, self.process, self.algorithm, self.window = store, process, algorithm, window
-        self._recent: deque[tuple[Event, Label]] = deque(maxlen=window)
+        self.before, self.after = window // 2, window - window // 2
+        self._recent: deque[tuple[Event, Label]] = deque(maxlen=self.before)
         self._after: tuple[int, int] | None = None  # (anomaly id, events still to keep after it)
         self._sampled = store.sampled_keys()
         self.seen = self.stored = 0
@@ -211,7 +266,7 @@ class ProvenanceRecorder:
                 for before, before_label in self._recent:
                     self._keep("window", before, before_label, anomaly_id)
                 self._recent.clear()
-                self._after = (anomaly_id, self.window)
+                self._after = (anomaly_id, self.after) if self.after else None
             elif self._after is not None:
                 self._keep("window", event, label, self._after[0])
                 left = self._after[1] - 1

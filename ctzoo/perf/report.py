@@ -66,11 +66,13 @@ def read_report_data(store_path: str | Path, since: float | None = None, limit: 
         anomalies_per_key = {tuple(row[f] for f in KEY_FIELDS): row["n"] for row in store.rows(
             f"SELECT {fields}, COUNT(*) AS n FROM events WHERE kind = 'anomaly' GROUP BY {fields}")}
         state_rows = store.key_states()
+        profiles = store.profiles(sorted(shown))
     finally:
         store.close()
     for anomaly in anomalies:
         anomaly["key"] = key_label(anomaly)
         anomaly["window"] = windows.get(anomaly["id"], [])
+        anomaly["profile"] = profiles.get(anomaly["id"])
         for event in anomaly["window"]:
             event["key"] = key_label(event)
     return {"store": str(store_path), "generated": time.time(), "totals": _totals(totals),
@@ -270,6 +272,7 @@ function showAnomaly(id) {
    ['score / threshold', scoreText(a.score) + ' / ' + scoreText(a.threshold) + ' (' + a.algorithm + ')', 'field-score']
   ].forEach(([name, value, cls]) => { fields.appendChild(element('dt', name)); fields.appendChild(element('dd', value, cls)); });
   panel.appendChild(fields);
+  if (a.profile) showProfile(panel, a.profile);  // before the context: where the time went, when it was profiled
   panel.appendChild(element('h4', 'Context'));
   const context = element('table', undefined, 'context');
   Object.entries(a.context).forEach(([k, v]) => context.appendChild(row([k, JSON.stringify(v)])));
@@ -284,6 +287,17 @@ function showAnomaly(id) {
     tr.className = e.id === a.id ? 'is-anomaly' : 'window-event';
     table.appendChild(tr);
   });
+  panel.appendChild(table);
+}
+function showProfile(panel, p) {
+  panel.appendChild(element('h4', 'Deep profile #' + p.id + ' (' + p.tool + '): rerun ' + secondsText(p.rerun_s) +
+                            ', anomaly ' + secondsText(p.anomaly_s), 'profile-title'));
+  panel.appendChild(element('p', p.reproduces ?
+    'The slowness reproduces: the input or the model, not the moment.' :
+    'The rerun was fast: the anomaly came from the moment (contention, a stall), not the input.', 'profile-verdict'));
+  const table = element('table', undefined, 'profile');
+  table.appendChild(row(['operator', 'seconds', 'calls'], true));
+  p.ops.forEach(o => table.appendChild(row([o.op, secondsText(o.seconds), o.calls])));
   panel.appendChild(table);
 }
 function onClick(event) {
@@ -311,7 +325,7 @@ def render_report_html(data: dict) -> str:
             "<div class='layout'><main><h2>Anomaly timeline (one row per process)</h2><div id='timeline'></div>"
             "<h2>Latency distribution per key</h2><div id='distributions'>"
             f"{_distributions_html(data, figures)}</div></main><aside><h2>Provenance</h2><div id='provenance'>"
-            "Click an anomaly (a point of the timeline or a red marker) to see its key, context and "
+            "Click an anomaly (a point of the timeline or a red marker) to see its key, context, deep profile and "
             "the events around it.</div></aside></div>"
             f"<script type='application/json' id='report-data'>{_json_for_script(page_data)}</script>"
             f"<script>{SCRIPT}</script></body></html>")

@@ -13,6 +13,8 @@ Routes (``{m}`` a model name; every model route also answers under ``/v2/models/
 ``POST /v2/repository/index``          the served models (Triton's repository extension, read-only)
 ``GET  /v2/perf/anomalies``             latest latency anomalies with their provenance windows (``perf`` on)
 ``GET  /v2/perf/stats``                 per-key latency statistics of the anomaly detector (``perf`` on)
+``POST /v2/perf/profile?count=N``       deep-profile the next N anomalous model runs (``perf`` on)
+``GET  /v2/perf/profiles/{id}``         a deep profile's Chrome trace (gzip JSON)
 ``GET  /metrics``                      Prometheus metrics (token required unless ``metrics_no_auth``)
 =====================================  ====================================================================
 
@@ -53,6 +55,7 @@ micro-batcher like any inference request. ``app.state.metrics`` and ``app.state.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -95,6 +98,8 @@ _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?(?:/(infer|rea
 #: paragraph separators, zero-width and bidirectional formatting characters, the byte order mark
 _UNSAFE_FOR_LOG = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 MAX_LOGGED_PATH = 200
+#: The most deep profiles armed at once (POST /v2/perf/profile): each is a rerun of a model batch.
+MAX_PROFILES_ARMED = 100
 
 
 def loggable(text: str, limit: int = MAX_LOGGED_PATH) -> str:
@@ -386,7 +391,9 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
         decoded, names, inputs = await run_in_threadpool(decode)
         decode_s = time.perf_counter() - started
         metrics.latency.labels(model.name, "decode").observe(decode_s)
-        timing: dict | None = {"admit_s": admit_s} if perf is not None else None
+        timing: dict | None = None
+        if perf is not None:  # the v2 id as a hash (a client may put anything there), so a client finds its request
+            timing = {"admit_s": admit_s, "request": None if decoded.id is None else request_hash(decoded.id)}
         outputs = await model.infer(inputs, validated=True, timing=timing)
         started = time.perf_counter()
         content, headers = await run_in_threadpool(encode_response, model.name, model.version,
@@ -394,28 +401,37 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
         encode_s = time.perf_counter() - started
         metrics.latency.labels(model.name, "encode").observe(encode_s)
         if perf is not None:
-            _perf_events(model, inputs, timing, decode_s, encode_s, decoded.id)
+            _perf_events(model, inputs, timing, decode_s, encode_s)
         return Response(content, headers=headers)
 
-    def _perf_events(model: ServedModel, inputs: dict, timing: dict, decode_s: float, encode_s: float,
-                     request_id: str | None) -> None:
-        """One event per stage of this request, with what explains its time. The request's v2 ``id`` is kept as
-        a hash (a client may put anything there): the client that chose it can find its request."""
+    def _perf_events(model: ServedModel, inputs: dict, timing: dict, decode_s: float, encode_s: float) -> None:
+        """The request's own stages (decode, queue, encode), and, from one request per batch, the batch's
+        formation and model run: a model run is one event however many requests it merged (counting it once per
+        request would count one slow run as several anomalies). Judged on the monitor's thread: the answer does
+        not wait for it."""
         rows = int(next(iter(inputs.values())).shape[0])
-        context = {"rows": rows, "shape": "x".join(map(str, next(iter(inputs.values())).shape[1:])),
-                   "backend": model.providers[0], **timing}
-        if request_id is not None:
-            context["request"] = request_hash(request_id)
+        shared = {"shape": "x".join(map(str, next(iter(inputs.values())).shape[1:])), "backend": model.providers[0],
+                  "queue_depth": timing.get("queue_depth"), "batch_rows": timing.get("batch_rows", rows),
+                  "batch_requests": timing.get("batch_requests", 1)}
+        own = {**shared, "rows": rows, "request": timing["request"], "admit_s": timing["admit_s"],
+               "queue_s": timing.get("queue_s")}
         device = "cuda" if "CUDA" in model.providers[0] or "Tensorrt" in model.providers[0] else "cpu"
         # queue: all the waiting between arrival and the model run (a request slot, then the batcher's queue)
         waited = timing["admit_s"] + timing.get("queue_s", 0.0)
-        # the model stage is keyed by the rows of the batch it ran in (merged requests take longer together),
-        # the request's own stages by its rows
-        for stage, seconds, size in (("decode", decode_s, rows), ("queue", waited, rows),
-                                     ("model", timing.get("model_s", 0.0), timing.get("batch_rows", rows)),
-                                     ("encode", encode_s, rows)):
-            # judged on the monitor's thread: the answer does not wait for it
-            perf.record_later(event_key(model.name, model.version, stage, device, size), seconds, context=context)
+        for stage, seconds in (("decode", decode_s), ("queue", waited), ("encode", encode_s)):
+            perf.record_later(event_key(model.name, model.version, stage, device, rows), seconds, context=own)
+        if timing.get("batch_first"):  # the batch's events, keyed by its rows (merged requests take longer)
+            members = ",".join(h for h in timing["batch_members"] if h is not None)
+            batch = {**shared, "requests": members}
+            size, started = shared["batch_rows"], timing["model_started"]
+            if "batch_s" in timing:  # with the micro-batcher: how long it held the batch open for more rows
+                perf.record_later(event_key(model.name, model.version, "batch", device, size), timing["batch_s"],
+                                  started - timing["batch_s"], batch)
+            rerun = None  # armed deep profiles: the batch's inputs again under ONNX Runtime's profiler
+            if perf.profiler.armed:
+                rerun = functools.partial(model.profile_run, timing["batch_inputs"])
+            perf.record_later(event_key(model.name, model.version, "model", device, size), timing["model_s"],
+                              started, batch, profile=rerun)
 
     for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{version}"):
         router.add_api_route(prefix, metadata, methods=["GET"])
@@ -440,7 +456,27 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
         await run_in_threadpool(current.drain)
         return {"algorithm": current.config.algorithm, "process": current.process, "keys": current.stats(),
                 "parameter_server": current.server_status(),  # None without --perf-server; else connected or not
-                "overhead": current.overhead()}
+                "overhead": current.overhead(), "profiles": current.profiler.status()}
+
+    @router.post("/v2/perf/profile")
+    async def perf_profile(count: int = 1) -> dict:
+        """Arm deep profiles: the next ``count`` anomalous model runs are rerun under the profiler."""
+        if not 1 <= count <= MAX_PROFILES_ARMED:
+            raise ServeError(f"count must be 1 to {MAX_PROFILES_ARMED}, got {count}")
+        current = monitor()
+        if current.store is None:
+            raise ServeError("deep profiles are kept in the provenance store, and this service has none", status=409)
+        current.profiler.arm(max(0, min(count, MAX_PROFILES_ARMED - current.profiler.budget)))  # at most 100 armed
+        return current.profiler.status()
+
+    @router.get("/v2/perf/profiles/{profile_id}")
+    async def perf_profile_trace(profile_id: int) -> Response:
+        store = monitor().store
+        trace = await run_in_threadpool(store.profile_trace, profile_id) if store is not None else None
+        if trace is None:
+            raise ServeError(f"no deep profile {profile_id} with a trace (see /v2/perf/anomalies)", status=404)
+        return Response(trace, media_type="application/gzip", headers={
+            "Content-Disposition": f'attachment; filename="ctzoo-profile-{profile_id}.json.gz"'})
 
     app.include_router(router)
 

@@ -97,7 +97,11 @@ class MicroBatcher:
     async def submit(self, inputs: Arrays, timing: dict | None = None) -> Arrays:
         """Queue ``inputs`` (validated, all with the same batch size) and return their outputs. ``timing``, when
         given, receives this request's ``queue_s`` (waiting and batch formation), ``model_s`` (its merged run),
-        ``batch_rows``, ``batch_requests`` and ``queue_depth`` (requests queued when it arrived)."""
+        ``batch_rows``, ``batch_requests`` and ``queue_depth`` (requests queued when it arrived); the batch's first
+        live request also gets ``batch_first`` (True), ``batch_s`` (with batching on: how long the free batcher
+        held the batch open for more rows), ``model_started`` (Unix time), ``batch_members`` (each member's
+        ``timing["request"]``) and ``batch_inputs`` (each member's inputs, for a deep profile's rerun), so that
+        one request per batch can report the batch's own events."""
         loop = self._ensure_started()
         if len(self._queue) >= self.max_queue:
             raise QueueFullError(f"model {self.name!r} has {len(self._queue)} requests queued; try again later")
@@ -145,9 +149,10 @@ class MicroBatcher:
                 await self._wakeup.wait()
             batch: list[_Pending] = []
             try:
+                collecting = time.perf_counter()  # the batcher is free from here: formation, not queueing
                 batch = await self._collect()
                 if batch:
-                    await self._execute(batch)
+                    await self._execute(batch, collecting)
             except asyncio.CancelledError:
                 for pending in batch:
                     if not pending.future.done():
@@ -190,10 +195,17 @@ class MicroBatcher:
         self._observe_depth()
         return batch
 
-    async def _execute(self, batch: list[_Pending]) -> None:
-        started = time.perf_counter()
+    async def _execute(self, batch: list[_Pending], collecting: float) -> None:
+        started, wall = time.perf_counter(), time.time()
         results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, batch)
         seconds = time.perf_counter() - started
+        first = next((p for p in batch if p.timing is not None and not p.future.done()), None)
+        if first is not None:  # its request reports the batch's formation and model run, once per batch
+            first.timing.update(batch_first=True, model_started=wall,
+                                batch_members=[p.timing.get("request") for p in batch if p.timing is not None],
+                                batch_inputs=[p.inputs for p in batch])  # references: a deep profile's rerun
+            if self.enabled:  # batching off, no batch is held open
+                first.timing["batch_s"] = started - max(collecting, batch[0].enqueued)
         if self.observer is not None:
             self.observer.batch(self.name, sum(p.rows for p in batch), len(batch), seconds)
         for pending, result in zip(batch, results):

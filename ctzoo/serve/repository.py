@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ctzoo.perf.deep_profile import ProfiledRun, profile_onnxruntime
 from ctzoo.serve.batching import MicroBatcher
 from ctzoo.serve.v2_codec import DATATYPES, ServeError, datatype_of
 
@@ -112,13 +113,8 @@ class ServedModel:
         config_path = folder / CONFIG_FILE
         self.config: dict[str, Any] = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else {}
         self.name = str(self.config.get("name", folder.name))
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # a service idles between requests: spinning worker threads would burn the cores other models need
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(folder / self.version / GRAPH_FILE), options, providers=providers)
+        self._threads, self._providers = threads, providers
+        self.session = self._new_session()
         self.providers = self.session.get_providers()
         self.on_gpu = self.providers[0] in GPU_PROVIDERS
         self.io_device = "cuda"  # where IOBinding allocates outputs when on_gpu
@@ -133,6 +129,23 @@ class ServedModel:
         self.batcher: MicroBatcher | None = None
         logger.info("model %s version %s: providers %s%s", self.name, self.version, ", ".join(self.providers),
                     " (IOBinding)" if self.on_gpu else " (plain session.run: IOBinding buys nothing on the CPU)")
+
+    def _new_session(self, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+        """A session of the served graph with the service's settings (``options``: a profiling run's own)."""
+        options = options or ort.SessionOptions()
+        if self._threads:
+            options.intra_op_num_threads = self._threads
+        options.inter_op_num_threads = 1
+        # a service idles between requests: spinning worker threads would burn the cores other models need
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(self.folder / self.version / GRAPH_FILE), options, providers=self._providers)
+
+    def profile_run(self, members: list[dict[str, np.ndarray]]) -> ProfiledRun:
+        """A batch's requests (``members``: their validated inputs) merged and run again on a new session with
+        ONNX Runtime's profiler on (:func:`~ctzoo.perf.deep_profile.profile_onnxruntime`); the served session is
+        not touched."""
+        merged = {name: np.concatenate([m[name] for m in members]) for name in members[0]}
+        return profile_onnxruntime(self._new_session, merged)
 
     # ------------------------------------------------------------------------------------------ metadata
 
@@ -229,12 +242,13 @@ class ServedModel:
         checked = inputs if validated else self.validate(inputs)
         if self.batcher is not None:
             return await self.batcher.submit(checked, timing)
-        started = time.perf_counter()
+        started, wall = time.perf_counter(), time.time()
         outputs = await asyncio.to_thread(self.run, checked)
         if timing is not None:
             rows = next(iter(checked.values())).shape[0]
             timing.update(queue_s=0.0, model_s=time.perf_counter() - started, batch_rows=rows, batch_requests=1,
-                          queue_depth=0)
+                          queue_depth=0, batch_first=True, model_started=wall,
+                          batch_members=[timing.get("request")], batch_inputs=[checked])
         return outputs
 
 
