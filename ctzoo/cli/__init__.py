@@ -15,6 +15,7 @@ from ctzoo.cli.infer import infer
 from ctzoo.cli.info import convert, info
 from ctzoo.cli.pacs import pacs
 from ctzoo.cli.perf import perf
+from ctzoo.cli.place import place
 from ctzoo.cli.serve import serve
 from ctzoo.cli.train import evaluate, train
 from ctzoo.cli.zoo import zoo
@@ -62,3 +63,4 @@ main.add_command(serve)
 main.add_command(pacs)
 main.add_command(expand)
 main.add_command(perf)
+main.add_command(place)

@@ -66,6 +66,10 @@ def _default_workers() -> int:
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this machine's pipeline. ray: the same stages as Ray Data tasks on a Ray cluster "
                    "(RAY_ADDRESS, or a local Ray instance).")
+@click.option("--placement", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A plan.json of ctzoo place: run the model spread over this machine's devices as the plan "
+                   "places it (--backend torch, local engine, one --model; the plan's home device replaces "
+                   "--device).")
 @series_option
 @rules_option
 @volume_limit_options
@@ -73,7 +77,8 @@ def _default_workers() -> int:
 @_ctrl_c_exits_130
 def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, device: str, out: Path, workers: int,
           batch_size: int, threads: int | None, resume: bool, overlay: bool | None, score_threshold: float | None,
-          engine: str, series: str | None, rules_file: Path | None, **limit_options) -> None:
+          engine: str, placement: Path | None, series: str | None, rules_file: Path | None,
+          **limit_options) -> None:
     """Run zoo models over CT volumes: detect lesions (RECIST-Net) or segment organs.
 
     INPUTS are any mix of DICOM folders (searched recursively: every folder holding DICOM files is a
@@ -126,8 +131,11 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     from ctzoo.inference.inputs import CaseInput, discover_cases
     from ctzoo.inference.pipeline import PipelineOptions
 
+    if placement is not None:
+        _check_placement_options(model_names, backend, engine)
     # every model before anything else: a typo must not cost a scan of the inputs
     bundles = resolve_bundles(model_names, backend)
+    network = _placed_network(bundles[model_names[0]], placement) if placement is not None else None
     try:
         cases = discover_cases(inputs) if inputs else [CaseInput("sample_ct", sample_ct_dicom())]
         rules = load_rules(rules_file)
@@ -149,7 +157,7 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
         with _progress_logging():
             for model_name in model_names:
                 rows = _run_model(bundles[model_name], cases, options, backend, device, threads, score_threshold,
-                                  engine, rows)
+                                  engine, rows, network)
     except KeyboardInterrupt:  # the pipeline has recorded the cases that finished and removed partial files
         click.echo(f"interrupted: {out / 'summary.csv'} lists the cases that finished; --resume runs the rest",
                    err=True)
@@ -182,8 +190,35 @@ def _progress_logging() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _check_placement_options(model_names: tuple[str, ...], backend: str, engine: str) -> None:
+    """--placement runs one PyTorch model in this process: not ONNX graphs, not Ray workers."""
+    if backend != "torch":
+        raise click.UsageError("--placement places the PyTorch model across this machine's devices: use it with "
+                               "--backend torch (ONNX Runtime runs the exported graph whole)")
+    if engine != "local":
+        raise click.UsageError("--placement runs the placed model in this process: use it with --engine local "
+                               "(Ray workers load their own copies of the model)")
+    if len(model_names) != 1:
+        raise click.UsageError("--placement holds the plan of one model: give exactly one --model")
+
+
+def _placed_network(bundle, plan_path: Path):
+    """The bundle's network (a copy) placed as the plan at ``plan_path`` says."""
+    import copy
+
+    from ctzoo.scaling.placement.execute import place_model
+    from ctzoo.scaling.placement.graph import PlacementError, Plan
+    from ctzoo.training.placement import bundle_example_inputs
+
+    try:
+        plan = Plan.load(plan_path)
+        return place_model(copy.deepcopy(bundle.network()), plan, bundle_example_inputs(bundle, 1))
+    except PlacementError as exc:
+        raise click.ClickException(f"{plan_path}: {exc}") from exc
+
+
 def _run_model(bundle, cases, options, backend: str, device: str, threads: int | None,
-               score_threshold: float | None, engine: str, earlier_rows: list[dict]) -> list[dict]:
+               score_threshold: float | None, engine: str, earlier_rows: list[dict], network=None) -> list[dict]:
     from ctzoo.inference.pipeline import run_pipeline
     from ctzoo.inference.tasks import model_task
 
@@ -193,7 +228,8 @@ def _run_model(bundle, cases, options, backend: str, device: str, threads: int |
 
             return earlier_rows + run_ray(cases, str(bundle.folder), options, backend=backend, device=device,
                                           threads=threads, score_threshold=score_threshold, other_rows=earlier_rows)
-        task = model_task(bundle, backend, device, score_threshold, threads)
+        task = model_task(bundle, backend, device if network is None else network.home, score_threshold, threads,
+                          network=network)
     except (KeyError, FileNotFoundError, RuntimeError, ValueError) as exc:  # bad model/device/backend, Ray failure
         raise click.ClickException(str(exc)) from exc
     return earlier_rows + run_pipeline(cases, task, options, other_rows=earlier_rows)

@@ -91,6 +91,10 @@ def train(config: Path, out: Path, resume: bool, epochs: int | None, data_root: 
     Every epoch writes OUT/last.pt (and OUT/best.pt at the best validation score), a row of
     OUT/metrics.csv, TensorBoard scalars and OUT/training_curves.png.
 
+    A config with placement: PLAN.json (made by ctzoo place) trains the model spread over this
+    machine's devices as the plan places it, in one process (not under torchrun); its checkpoints
+    are the unplaced model's.
+
     --perf times every step of every rank: data_wait (blocked on the next batch), forward_backward,
     comm_hook (DDP: the gradient exchange, inside forward_backward) and optimizer_step, keyed by task,
     run name (OUT's name), stage, device and batch size, with rank, world size, step, epoch and
@@ -101,6 +105,7 @@ def train(config: Path, out: Path, resume: bool, epochs: int | None, data_root: 
         if perf.pop("perf"):
             raise click.UsageError("--perf times the recistnet training loop; template_seg runs do not support it")
         return _train_template_seg(config, out, resume, epochs, data_root, device)
+    from ctzoo.scaling.placement.graph import Plan
     from ctzoo.scaling.zoo_expand import expansion_record, lemon_optim
     from ctzoo.training.engine import fit
     from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
@@ -108,10 +113,11 @@ def train(config: Path, out: Path, resume: bool, epochs: int | None, data_root: 
     cfg = _prepare_run(load_train_config, config, out, epochs, data_root)
     monitor = perf_monitor(perf, "train", *_rank_store(out))
     try:
+        plan = Plan.load(cfg.placement) if cfg.placement is not None else None
         summary = fit(RecistNetTask(cfg), lemon_optim(cfg.optim, cfg.init_from_expansion), out, resume=resume,
                       device=device, extra_state={"train_config": json.loads(cfg.model_dump_json()),
                                                   **expansion_record(cfg.init_from_expansion)},
-                      compression=cfg.distributed, monitor=monitor)
+                      compression=cfg.distributed, monitor=monitor, placement=plan)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:

@@ -61,7 +61,8 @@ class NoGraphsError(ValueError):
 
 
 def make_backend(bundle: ModelBundle, kind: Literal["torch", "onnx"] = "torch", device: str = "auto",
-                 threads: int | None = None) -> DetectorBackend | SegmenterBackend:
+                 threads: int | None = None, network: torch.nn.Module | None = None
+                 ) -> DetectorBackend | SegmenterBackend:
     """A backend running ``bundle``.
 
     Args:
@@ -73,6 +74,8 @@ def make_backend(bundle: ModelBundle, kind: Literal["torch", "onnx"] = "torch", 
             which one runs.
         threads: intra-op threads: ONNX Runtime's ``intra_op_num_threads``, or ``torch.set_num_threads`` (which
             is process-wide) for torch; None keeps the runtime's default.
+        network: torch only: run this instead of a copy of the bundle's network, where it is (never moved): a
+            placed network (``ctzoo.scaling.placement.execute.PlacedModule``, inputs on ``device``, its home).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown backend kind {kind!r}: use one of {', '.join(KINDS)}")
@@ -82,10 +85,15 @@ def make_backend(bundle: ModelBundle, kind: Literal["torch", "onnx"] = "torch", 
             torch.set_num_threads(threads)
         import copy
 
-        model = copy.deepcopy(bundle.network()).to(device)  # the bundle's network stays on the CPU, shared
+        if network is not None:
+            model = network
+        else:
+            model = copy.deepcopy(bundle.network()).to(device)  # the bundle's network stays on the CPU, shared
         if bundle.task == "detection":
             return TorchDetector(model, device)
-        return TorchSegmenter(model, bundle.template_bank, bundle.class_names, device)
+        return TorchSegmenter(model, bundle.template_bank, bundle.class_names, device, placed=network is not None)
+    if network is not None:
+        raise ValueError("the ONNX backend runs the bundle's exported graphs; a PyTorch network needs kind='torch'")
     if bundle.graphs is None:
         raise NoGraphsError(f"{bundle.folder} carries no ONNX graphs: export it with 'ctzoo export' (or run "
                             "'ctzoo infer --backend onnx', which exports into the cache)")
@@ -136,12 +144,17 @@ class TorchDetector:
 
 
 class TorchSegmenter:
-    """:func:`segment_slices` on one batch: the reference the ONNX segmenter must reproduce."""
+    """:func:`segment_slices` on one batch: the reference the ONNX segmenter must reproduce.
+
+    ``placed``: ``model`` is a placed network, spread over devices, which must not be moved (``segment_slices``
+    moves its model): each slice then runs with its nearest template as the ONNX segmenter does.
+    """
 
     kind = "torch"
 
-    def __init__(self, model: torch.nn.Module, bank, class_names: list[str], device: str) -> None:
-        self.model, self.bank, self.class_names = model, bank, list(class_names)
+    def __init__(self, model: torch.nn.Module, bank, class_names: list[str], device: str,
+                 placed: bool = False) -> None:
+        self.model, self.bank, self.class_names, self.placed = model, bank, list(class_names), placed
         self.device, self._device = torch.device(device).type, device
 
     def segment(self, images: np.ndarray) -> np.ndarray:
@@ -149,8 +162,22 @@ class TorchSegmenter:
 
         images = _as_batch(images, 1)
         slices = torch.from_numpy(images)
+        if self.placed:
+            return self._segment_in_place(slices.to(self._device))
         return segment_slices(self.model, self.bank, slices, batch_size=max(1, len(images)), device=self._device,
                               progress=False).numpy()
+
+    def _segment_in_place(self, slices: torch.Tensor) -> np.ndarray:
+        """``(B, 1, H, W)`` -> ``(B, H, W)`` uint8: each slice with its nearest bank template (a plain segmenter
+        alone), the model left where it is."""
+        self.model.eval()
+        with torch.inference_mode():
+            if self.bank is None:
+                logits = self.model(slices)
+            else:
+                index = self.bank.nearest(self.model, slices).cpu()
+                logits = self.model(slices, self.bank.templates(index).to(slices.device))
+        return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------- ONNX Runtime

@@ -171,13 +171,15 @@ def _runtime(bundle: ModelBundle, backend) -> dict[str, Any]:
 
 
 def model_task(source: str | Path | ModelBundle, backend_kind: str = "torch", device: str = "auto",
-               score_threshold: float | None = None, threads: int | None = None) -> ModelTask:
+               score_threshold: float | None = None, threads: int | None = None,
+               network: Any = None) -> ModelTask:
     """The stages of a bundle (or a zoo name or bundle folder, loaded here) on a new backend (``torch`` or
-    ``onnx``, the bundle's exported graphs); ``score_threshold`` None is the bundle's operating point."""
+    ``onnx``, the bundle's exported graphs); ``score_threshold`` None is the bundle's operating point;
+    ``network``: a placed network the torch backend runs instead of the bundle's (see :func:`make_backend`)."""
     from ctzoo.inference.backends import make_backend
 
     bundle = source if isinstance(source, ModelBundle) else load_bundle(source)
-    backend = make_backend(bundle, backend_kind, device, threads=threads)
+    backend = make_backend(bundle, backend_kind, device, threads=threads, network=network)
     return bundle_task(bundle, backend, score_threshold)
 
 

@@ -78,6 +78,17 @@ def cosine_similarity_maps(features: torch.Tensor, prototypes: torch.Tensor, eps
     return similarity.reshape(*similarity.shape[:2], *features.shape[2:])
 
 
+def presence_maps(present: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Class presence ``(B|1, C)`` shaped to broadcast over per-class ``maps`` ``(B, C, *s)``: ``(B|1, C, 1, ...)``."""
+    return present.reshape(*present.shape, *[1] * (maps.ndim - 2))
+
+
+# The helpers above read tensor shapes in Python; torch.fx (ctzoo place) keeps each as one call, not traced into.
+for _helper in ("downsample_masks", "masked_prototypes", "cosine_similarity_maps", "presence_maps"):
+    torch.fx.wrap(_helper)
+del _helper
+
+
 class CosinePrototypeAttention(nn.Module):
     """Fuse image features with per-class template prototypes by cosine similarity.
 
@@ -113,7 +124,7 @@ class CosinePrototypeAttention(nn.Module):
                    present: torch.Tensor) -> torch.Tensor:
         """``(B, F, *s)``, ``(B|1, C, F)``, ``(B|1, C)`` -> ``(B, C, *s)``; maps of absent classes are exactly 0."""
         similarity = cosine_similarity_maps(image_features, prototypes)
-        return similarity * present.reshape(*present.shape, *[1] * (similarity.ndim - 2)).to(similarity.dtype)
+        return similarity * presence_maps(present, similarity).to(similarity.dtype)
 
     def attend(self, image_features: torch.Tensor, prototypes: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """``(B, F, *s)``, ``(B|1, C, F)``, ``(B|1, C)`` -> fused ``(B, F, *s)``."""
@@ -121,7 +132,7 @@ class CosinePrototypeAttention(nn.Module):
         gated = image_features
         if self.gate == "sigmoid":
             # Absent classes must not win the max with their zero map: give them the lowest cosine, -1.
-            absent = ~present.reshape(*present.shape, *[1] * (similarity.ndim - 2))
+            absent = ~presence_maps(present, similarity)
             best = similarity.masked_fill(absent, -1.0).amax(dim=1, keepdim=True)  # (B, 1, *s)
             gated = image_features * (1 + torch.sigmoid(self.temperature * best))
         return self.project(torch.cat([gated, similarity], dim=1))
@@ -214,6 +225,8 @@ class TemplateSegNet(nn.Module):
         self.head = Convolution(spatial_dims, channels[0], num_classes + 1, kernel_size=1, conv_only=True)
 
     def _check(self, x: torch.Tensor, name: str, channels: int) -> None:
+        if isinstance(x, torch.fx.Proxy):  # symbolic tracing (ctzoo place): no shapes to check yet
+            return
         if x.ndim != self.spatial_dims + 2 or x.shape[1] != channels:
             raise ValueError(f"{name} must have shape (B, {channels}, {', '.join('*' * self.spatial_dims)}) "
                              f"for spatial_dims={self.spatial_dims}, got {tuple(x.shape)}")

@@ -11,6 +11,7 @@ weights), without storing RNG states.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -18,7 +19,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -71,7 +72,8 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
 
     # optional: ``before_epoch(model, device, epoch)`` runs before each epoch's batches are drawn (hard-negative
-    # mining); a task without it trains on a fixed set
+    # mining); a task without it trains on a fixed set. ``example_inputs(batch_size)``: a random batch of the
+    # network's inputs, which ``fit(placement=...)`` traces the model with
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -212,26 +214,66 @@ def _restore_local_state(setup: Any, path: Path, epoch: int, dev: torch.device) 
     setup.load_local_state(saved["state"])
 
 
+def _placed_model(task: Task, plan: Any, batch_size: int, device: str) -> tuple[nn.Module, Any]:
+    """``(model, placed)``: the task's model, and with a plan the model placed by it (else None)."""
+    model = task.build_model()
+    if plan is None:
+        return model, None
+    from ctzoo.scaling.placement.execute import place_model
+
+    if not hasattr(task, "example_inputs"):
+        raise ValueError(f"task {task.name} gives no example_inputs to trace its model with: it cannot be placed")
+    if device != "auto":
+        log.warning("device %s ignored: the placement plan says where every part of the model runs", device)
+    return model, place_model(model, plan, task.example_inputs(batch_size))
+
+
+@contextlib.contextmanager
+def _own_code_on(placed: Any) -> Iterator[None]:
+    """Run a task's own code (evaluation, mining) on the model of ``placed``: each op follows the placed
+    parameters, and the modules go back where the plan puts them afterwards (that code may move the model)."""
+    if placed is None:
+        yield
+        return
+    from ctzoo.scaling.placement.execute import follow_devices
+
+    try:
+        with follow_devices():
+            yield
+    finally:
+        placed.place_modules()
+
+
 def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False, device: str = "auto",
         extra_state: dict[str, Any] | None = None, progress: bool = True, compression: Any = None,
-        monitor: Any = None) -> dict[str, Any]:
+        monitor: Any = None, placement: Any = None) -> dict[str, Any]:
     """Train ``task`` for ``cfg.epochs``; write ``last.pt`` every epoch and ``best.pt`` at the best validation.
 
     ``compression`` (:class:`ctzoo.scaling.compress.CompressionConfig`) picks how DDP exchanges gradients under
     torchrun; the bytes each worker moves per step are logged beside the loss (``comm_bytes_per_step``).
     ``monitor`` (a :class:`ctzoo.perf.PerfMonitor`, this rank's own) gets every step's data wait, forward/backward,
     communication hook and optimiser step as latency events (:mod:`ctzoo.training.step_events`).
+    ``placement`` (a :class:`ctzoo.scaling.placement.graph.Plan`) trains the model spread over this machine's
+    devices as the plan places it (:func:`ctzoo.scaling.placement.execute.place_model`) instead of on ``device``;
+    batches start on the plan's home device, and checkpoints are the unplaced model's. One process only (not DDP).
     Returns the final summary (also written to ``summary.json``, after every epoch with ``complete: false``):
     best metric, epochs, wall time (all segments of a resumed run).
     """
     out_dir = Path(out_dir)
+    if placement is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("placement spreads one model over this machine's devices in one process; it cannot be "
+                         "combined with DDP (torchrun with several processes): drop placement or torchrun")
     rank, world = _distributed()
     dev = pick_device(device)
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     seed_everything(cfg.seed)
-    model = task.build_model().to(dev)
+    model, placed = _placed_model(task, placement, cfg.batch_size, device)
+    if placed is None:
+        model = model.to(dev)
+    else:
+        dev = torch.device(placed.home)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch, step, best, history, wall_before = 0, 0, -math.inf, [], 0.0
     wall_s = 0.0
@@ -245,7 +287,7 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
         start_epoch, step, best, history = state["epoch"] + 1, state["step"], state["best"], state["history"]
         wall_before = wall_s = state.get("wall_s", 0.0)  # training time of the earlier segments: wall_s counts all
         log.info("resuming %s at epoch %d", last, start_epoch)
-    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else (model if placed is None else placed)
     events = StepEvents(monitor, task.name, out_dir.name, str(dev), cfg.batch_size, rank, world,
                         dist.get_backend() if world > 1 else None)
     comm = setup = None
@@ -269,7 +311,8 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
     for epoch in range(start_epoch, cfg.epochs):
         seed = epoch_seed(cfg.seed, epoch)
         if hasattr(task, "before_epoch"):
-            task.before_epoch(model, dev, epoch)
+            with _own_code_on(placed):
+                task.before_epoch(model, dev, epoch)
         batches = task.train_batches(seed, cfg.batch_size, cfg.num_workers, rank, world)
         seed_everything(seed, batches)
         train_model.train()
@@ -313,7 +356,8 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
         if rank == 0:
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 model.eval()
-                row.update({f"val_{k}": v for k, v in task.evaluate(model, dev).items()})
+                with _own_code_on(placed):
+                    row.update({f"val_{k}": v for k, v in task.evaluate(model, dev).items()})
             row["wall_s"] = wall_s = round(wall_before + time.perf_counter() - started, 2)
             runlog.add(row)
             metric = row.get(f"val_{task.primary_metric}")

@@ -77,6 +77,22 @@ class RecistNetTrainConfig(StrictConfig):
                                                                         "(LEMON); model: is then ignored")
     distributed: CompressionConfig = Field(default_factory=CompressionConfig,
                                            description="gradient exchange under torchrun (CSER, two-way, PowerSGD)")
+    placement: Path | None = Field(None, description="plan.json of ctzoo place: train the model spread over this "
+                                                     "machine's devices as the plan places it (not with torchrun)")
+
+
+def build_recistnet(cfg: RecistNetTrainConfig) -> nn.Module:
+    """The network ``cfg`` trains: a fresh RecistNet, or the expanded one of ``init_from_expansion``."""
+    if cfg.init_from_expansion is not None:
+        return expanded_model(cfg.init_from_expansion, RecistNet)
+    return RecistNet(in_channels=cfg.data.in_channels, **cfg.model.model_dump())
+
+
+def example_images(cfg: RecistNetTrainConfig, batch_size: int, training: bool = True) -> tuple[torch.Tensor]:
+    """A random batch shaped as ``cfg`` feeds the network: ``(B, in_channels, *train_size)`` (``eval_size``
+    for inference), for tracing and profiling."""
+    size = cfg.train_size if training else cfg.eval_size
+    return (torch.randn(batch_size, cfg.data.in_channels, *size),)
 
 
 def predicted_boxes(points: torch.Tensor, scale: float) -> np.ndarray:
@@ -140,9 +156,10 @@ class RecistNetTask:
                                            transform=recist_eval_transforms(cfg.eval_size))
 
     def build_model(self) -> nn.Module:
-        if self.cfg.init_from_expansion is not None:
-            return expanded_model(self.cfg.init_from_expansion, RecistNet)
-        return RecistNet(in_channels=self.cfg.data.in_channels, **self.cfg.model.model_dump())
+        return build_recistnet(self.cfg)
+
+    def example_inputs(self, batch_size: int) -> tuple[torch.Tensor]:
+        return example_images(self.cfg, batch_size)
 
     def before_epoch(self, model: nn.Module, device: torch.device, epoch: int) -> None:
         """Mine hard negatives when they are due (``hard_negatives``)."""

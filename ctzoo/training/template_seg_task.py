@@ -45,6 +45,7 @@ from ctzoo.io.atomic import atomic_path
 from ctzoo.models.seg_networks import TemplateSegModelConfig, build_seg_model  # noqa: F401  (config API)
 from ctzoo.models.template_seg import TemplateSegNet, count_parameters
 from ctzoo.scaling.compress import CompressionConfig
+from ctzoo.scaling.placement.graph import Plan
 from ctzoo.scaling.zoo_expand import (
     ExpansionInit,
     checkpoint_network,
@@ -108,6 +109,9 @@ class TemplateSegTrainConfig(StrictConfig):
         None, description="start the model of the expanded checkpoint's kind (template_seg or unet) from it (LEMON)")
     distributed: CompressionConfig = Field(default_factory=CompressionConfig,
                                            description="gradient exchange under torchrun (CSER, two-way, PowerSGD)")
+    placement: Path | None = Field(None, description="plan.json of ctzoo place for the template segmenter: train it "
+                                                     "spread over this machine's devices (the UNet baseline is not "
+                                                     "placed; not with torchrun)")
 
 
 def expansion_kind(cfg: TemplateSegTrainConfig) -> str | None:
@@ -139,20 +143,46 @@ class SegData:
     class_names: list[str]
 
 
-def load_seg_data(data: SegDataConfig) -> SegData:
-    """The cases and classes ``data`` describes (see the module docstring for the splits)."""
+def seg_classes(data: SegDataConfig) -> dict[str, tuple[str, ...]]:
+    """Class name -> source label-name patterns of ``data``, without reading any volume."""
     classes = ABDOMEN_CLASSES if data.classes == "abdomen" else data.classes
     if data.source == "totalsegmentator":
-        classes = classes or ABDOMEN_CLASSES
-        patients = {case.name: case for cases in totalsegmentator_cases(classes).values() for case in cases}
-        rest, slab = split_slab(patients.pop(data.train_patient), data.val_slices, "superior")
-        return SegData({"train": [rest], "val": [slab], "test": list(patients.values())}, list(classes))
+        return classes or ABDOMEN_CLASSES
     if data.root is None:
         raise ValueError("data.root must name the MSD folder (the one holding dataset.json)")
     if classes is None:
         names, _ = read_msd_index(data.root)
         classes = {names[i]: (names[i],) for i in sorted(names) if i != 0}
+    return classes
+
+
+def load_seg_data(data: SegDataConfig) -> SegData:
+    """The cases and classes ``data`` describes (see the module docstring for the splits)."""
+    classes = seg_classes(data)
+    if data.source == "totalsegmentator":
+        patients = {case.name: case for cases in totalsegmentator_cases(classes).values() for case in cases}
+        rest, slab = split_slab(patients.pop(data.train_patient), data.val_slices, "superior")
+        return SegData({"train": [rest], "val": [slab], "test": list(patients.values())}, list(classes))
     return SegData(msd_cases(data.root, classes, data.val_fraction, data.test_fraction), list(classes))
+
+
+def build_seg_network(cfg: TemplateSegTrainConfig, num_classes: int) -> nn.Module:
+    """The network ``cfg`` trains: ``cfg.model``'s, or the expanded one of ``init_from_expansion`` when that holds
+    a model of the same kind."""
+    if expansion_kind(cfg) == cfg.model.kind:
+        return expanded_model(cfg.init_from_expansion, TemplateSegNet if cfg.model.kind == "template_seg" else UNet)
+    return build_seg_model(cfg.model, num_classes)
+
+
+def example_slices(cfg: TemplateSegTrainConfig, num_classes: int, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """Random inputs shaped as ``cfg`` feeds its network, for tracing and profiling: image ``(B, 1, H, W)`` and,
+    for the template segmenter, template ``(B, 1 + C, H, W)`` (an image and binary class masks)."""
+    size = tuple(cfg.data.size)
+    image = torch.randn(batch_size, 1, *size)
+    if cfg.model.kind != "template_seg":
+        return (image,)
+    masks = (torch.rand(batch_size, num_classes, *size) > 0.7).float()
+    return image, torch.cat([torch.randn(batch_size, 1, *size), masks], dim=1)
 
 
 class TemplateSegTask:
@@ -176,10 +206,10 @@ class TemplateSegTask:
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
     def build_model(self) -> nn.Module:
-        if expansion_kind(self.cfg) == self.cfg.model.kind:
-            return expanded_model(self.cfg.init_from_expansion, TemplateSegNet if self.cfg.model.kind ==
-                                  "template_seg" else UNet)
-        return build_seg_model(self.cfg.model, len(self.class_names))
+        return build_seg_network(self.cfg, len(self.class_names))
+
+    def example_inputs(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        return example_slices(self.cfg, len(self.class_names), batch_size)
 
     def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int, rank: int, world_size: int):
         generator = torch.Generator().manual_seed(epoch_seed)
@@ -267,6 +297,7 @@ def train_with_baseline(cfg: TemplateSegTrainConfig, out: str | Path, device: st
     model from its ``last.pt`` where one exists (a model not started yet starts afresh).
     """
     out, dev = Path(out), pick_device(device)
+    plan = Plan.load(cfg.placement) if cfg.placement is not None else None
     data = load_seg_data(cfg.data)
     kinds = ["template_seg"] + (["unet"] if cfg.baseline_unet else [])
     models, training = {}, {}
@@ -276,7 +307,7 @@ def train_with_baseline(cfg: TemplateSegTrainConfig, out: str | Path, device: st
         optim = lemon_optim(cfg.optim, cfg.init_from_expansion) if expansion_kind(cfg) == kind else cfg.optim
         summary = fit(task, optim, out / kind, resume=resume and (out / kind / "last.pt").exists(),
                       device=device, progress=progress, extra_state=checkpoint_state(run_cfg, data.class_names),
-                      compression=cfg.distributed)
+                      compression=cfg.distributed, placement=plan if kind == "template_seg" else None)
         best = out / kind / "best.pt"
         models[kind] = load_seg_model(run_cfg, best if best.exists() else out / kind / "last.pt",
                                       len(data.class_names))
