@@ -13,6 +13,7 @@ from ctzoo.cli.expand import expand
 from ctzoo.cli.export import export
 from ctzoo.cli.infer import infer
 from ctzoo.cli.info import convert, info
+from ctzoo.cli.nas import nas
 from ctzoo.cli.pacs import pacs
 from ctzoo.cli.perf import perf
 from ctzoo.cli.place import place
@@ -42,6 +43,7 @@ def main(verbose: int) -> None:
       ctzoo pacs watch|listen CONFIG        the PACS bridge: CT series in, DICOM SR/SEG back
       ctzoo expand MODEL --width-mult 2 --out DIR   grow a trained model losslessly (LEMON)
       ctzoo perf report STORE --out R.html  latency anomalies and their provenance (--perf on a command)
+      ctzoo nas view RUN                    a NAS search run's candidates: Dice vs latency, front, effects
 
     Run 'ctzoo COMMAND --help' for the options of each command.
     """
@@ -64,3 +66,4 @@ main.add_command(pacs)
 main.add_command(expand)
 main.add_command(perf)
 main.add_command(place)
+main.add_command(nas)

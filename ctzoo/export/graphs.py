@@ -194,13 +194,21 @@ def bundle_graphs(bundle: ModelBundle) -> list[Graph]:
         return {"image": rand(batch, model.in_channels, height, width),
                 "template": torch.cat([rand(batch, model.in_channels, height, width), masks], dim=1)}
 
-    batch = {0: "batch"}
     pairs = [("random_b2", random_pair(2)), ("random_b3", random_pair(3)), ("real_ct", real)]
     images = [(label, {"image": inputs["image"]}) for label, inputs in pairs]
-    return [Graph(GRAPH_FILE, _SegmentWithTemplate(exported), _SegmentWithTemplate(model), pairs[0][1], ["logits"],
-                  {"image": batch, "template": batch, "logits": batch}, pairs),
+    return [segmenter_graph(model, pairs, exported),
             Graph(EMBED_FILE, _Embed(exported), _Embed(model), images[0][1], ["embeddings"],
-                  {"image": batch, "embeddings": batch}, images)]
+                  {"image": {0: "batch"}, "embeddings": {0: "batch"}}, images)]
+
+
+def segmenter_graph(model: TemplateSegNet, checks: list[tuple[str, Inputs]],
+                    exported: nn.Module | None = None) -> Graph:
+    """The template segmenter's ``model.onnx`` graph ``(image, template) -> logits``, exported from ``exported``
+    (default: :func:`with_exportable_norms` of ``model``) and exampled by the first of ``checks``."""
+    exported = with_exportable_norms(model) if exported is None else exported
+    batch = {0: "batch"}
+    return Graph(GRAPH_FILE, _SegmentWithTemplate(exported), _SegmentWithTemplate(model), checks[0][1], ["logits"],
+                 {"image": batch, "template": batch, "logits": batch}, checks)
 
 
 def export_graph(graph: Graph, path: Path, opset: int) -> None:

@@ -89,6 +89,16 @@ for _helper in ("downsample_masks", "masked_prototypes", "cosine_similarity_maps
 del _helper
 
 
+def sigmoid_gate(features: torch.Tensor, similarity: torch.Tensor, present: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """Residual attention ``F * (1 + sigmoid(temperature * max_c a_c))``: ``(B, F, *s)``, maps ``(B, C, *s)``,
+    presence ``(B|1, C)`` -> ``(B, F, *s)``."""
+    # Absent classes must not win the max with their zero map: give them the lowest cosine, -1.
+    absent = ~presence_maps(present, similarity)
+    best = similarity.masked_fill(absent, -1.0).amax(dim=1, keepdim=True)  # (B, 1, *s)
+    return features * (1 + torch.sigmoid(temperature * best))
+
+
 class CosinePrototypeAttention(nn.Module):
     """Fuse image features with per-class template prototypes by cosine similarity.
 
@@ -129,12 +139,8 @@ class CosinePrototypeAttention(nn.Module):
     def attend(self, image_features: torch.Tensor, prototypes: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """``(B, F, *s)``, ``(B|1, C, F)``, ``(B|1, C)`` -> fused ``(B, F, *s)``."""
         similarity = self.similarity(image_features, prototypes, present)
-        gated = image_features
-        if self.gate == "sigmoid":
-            # Absent classes must not win the max with their zero map: give them the lowest cosine, -1.
-            absent = ~presence_maps(present, similarity)
-            best = similarity.masked_fill(absent, -1.0).amax(dim=1, keepdim=True)  # (B, 1, *s)
-            gated = image_features * (1 + torch.sigmoid(self.temperature * best))
+        gated = sigmoid_gate(image_features, similarity, present, self.temperature) if self.gate == "sigmoid" \
+            else image_features
         return self.project(torch.cat([gated, similarity], dim=1))
 
     def forward(self, image_features: torch.Tensor, template_features: torch.Tensor,
@@ -147,17 +153,22 @@ class UNetEncoder(nn.Module):
     ``(B, channels[k], *S / prod(strides[:k]))`` for ``k = 0 .. len(channels) - 1``.
 
     Pass another encoder's ``levels`` to share all weights but the stem (a Siamese pair with different inputs).
+    ``kernel_sizes`` and ``subunits`` give each level's convolution kernel and number of convolutions (default 3
+    and 2 everywhere; the architecture search, :mod:`ctzoo.nas`, varies them).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, channels: Sequence[int], strides: Sequence[int],
-                 levels: nn.ModuleList | None = None) -> None:
+                 levels: nn.ModuleList | None = None, kernel_sizes: Sequence[int] | None = None,
+                 subunits: Sequence[int] | None = None) -> None:
         super().__init__()
         self.stem = Convolution(spatial_dims, in_channels, channels[0], kernel_size=3, norm=NORM, act=ACT)
         if levels is None:
             inputs, level_strides = [channels[0], *channels[:-1]], [1, *strides]
+            kernel_sizes = kernel_sizes or [3] * len(channels)
+            subunits = subunits or [2] * len(channels)
             levels = nn.ModuleList(
-                ResidualUnit(spatial_dims, c_in, c_out, strides=s, kernel_size=3, subunits=2, norm=NORM, act=ACT)
-                for c_in, c_out, s in zip(inputs, channels, level_strides))
+                ResidualUnit(spatial_dims, c_in, c_out, strides=s, kernel_size=k, subunits=n, norm=NORM, act=ACT)
+                for c_in, c_out, s, k, n in zip(inputs, channels, level_strides, kernel_sizes, subunits))
         self.levels = levels
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -192,12 +203,15 @@ class TemplateSegNet(nn.Module):
             levels pass image features unchanged.
         gate: ``"sigmoid"`` or ``"none"``, see :class:`CosinePrototypeAttention`.
         temperature: sigmoid gate sharpness.
+        kernel_sizes: convolution kernel per encoder level (default 3; the stem and decoder always use 3).
+        subunits: convolutions per encoder level's residual unit (default 2).
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 5,
                  channels: Sequence[int] = (16, 32, 64, 128), strides: Sequence[int] = (2, 2, 2),
                  share_encoders: bool = True, fusion_levels: Sequence[int] | None = None,
-                 gate: Literal["sigmoid", "none"] = "sigmoid", temperature: float = 10.0) -> None:
+                 gate: Literal["sigmoid", "none"] = "sigmoid", temperature: float = 10.0,
+                 kernel_sizes: Sequence[int] | None = None, subunits: Sequence[int] | None = None) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -207,12 +221,16 @@ class TemplateSegNet(nn.Module):
         fusion_levels = list(levels if fusion_levels is None else fusion_levels)
         if any(k not in levels for k in fusion_levels):
             raise ValueError(f"fusion_levels {fusion_levels} must lie in 0..{len(channels) - 1}")
+        for name, values in (("kernel_sizes", kernel_sizes), ("subunits", subunits)):
+            if values is not None and len(values) != len(channels):
+                raise ValueError(f"need one {name} entry per level ({len(channels)}), got {values}")
         self.spatial_dims, self.in_channels, self.num_classes = spatial_dims, in_channels, num_classes
         self.channels, self.strides = tuple(channels), tuple(strides)
         self.size_divisor = math.prod(strides)
-        self.image_encoder = UNetEncoder(spatial_dims, in_channels, channels, strides)
+        self.image_encoder = UNetEncoder(spatial_dims, in_channels, channels, strides, None, kernel_sizes, subunits)
         self.template_encoder = UNetEncoder(spatial_dims, in_channels + num_classes, channels, strides,
-                                            levels=self.image_encoder.levels if share_encoders else None)
+                                            self.image_encoder.levels if share_encoders else None, kernel_sizes,
+                                            subunits)
         self.fusion = nn.ModuleDict({
             str(k): CosinePrototypeAttention(spatial_dims, channels[k], num_classes, gate, temperature)
             for k in sorted(set(fusion_levels))})
@@ -254,11 +272,19 @@ class TemplateSegNet(nn.Module):
         if (template is None) == (template_encoding is None):
             raise ValueError("pass exactly one of template and template_encoding")
         self._check(image, "image", self.in_channels)
-        encoding = template_encoding if template_encoding is not None else self.encode_template(template)
         features = self.image_encoder(image)
+        if not self.fusion:  # nothing reads the template: do not encode it
+            if template is not None:
+                self._check(template, "template", self.in_channels + self.num_classes)
+            return self._decode(features)
+        encoding = template_encoding if template_encoding is not None else self.encode_template(template)
         for key, fuse in self.fusion.items():
             k = int(key)
             features[k] = fuse.attend(features[k], encoding.prototypes[k], encoding.present)
+        return self._decode(features)
+
+    def _decode(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The (fused) encoder features per level -> logits ``(B, num_classes + 1, *S)``."""
         x = features[-1]
         for up, decode, skip in zip(self.up, self.decode, reversed(features[:-1])):
             x = decode(torch.cat([up(x), skip], dim=1))

@@ -1,0 +1,148 @@
+"""``ctzoo nas``: one-shot architecture search over the template segmenter (NAS-Navigator); ``view`` draws a
+search run as one self-contained HTML page (:mod:`ctzoo.nas.explorer`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ctzoo.io.atomic import atomic_path
+from ctzoo.nas.explorer import read_candidates, render_explorer_html  # plotly is imported on use
+
+
+@click.group()
+def nas() -> None:
+    """One-shot architecture search over the template segmenter (NAS-Navigator).
+
+    \b
+    A search trains one supernet, scores candidate architectures with its shared weights (Dice, measured
+    latency, params, FLOPs) and writes them to RUN/candidates.json, one iteration after another as blocks
+    are dropped or locked:
+      ctzoo nas search CONFIG --out RUN          train the supernet, score candidates (iteration 0)
+      ctzoo nas view RUN                         one self-contained page to pick an architecture from
+      ctzoo nas constrain RUN --drop level2.kernel=5 --lock gate=none     narrow the space
+      ctzoo nas search CONFIG --out RUN --resume the next iteration, on the narrowed space
+    """
+
+
+PENDING_FILE = "constraints.json"  # constraints recorded by `constrain`, applied by the next `search --resume`
+
+
+def _pending(run: Path) -> dict[str, list[str]]:
+    import json
+
+    path = run / PENDING_FILE
+    if not path.exists():
+        return {"drop": [], "lock": []}
+    try:
+        pending = json.loads(path.read_text("utf-8"))
+        return {"drop": [str(c) for c in pending["drop"]], "lock": [str(c) for c in pending["lock"]]}
+    except (ValueError, KeyError, TypeError) as error:
+        raise click.ClickException(f"{path} is not a constraints file written by ctzoo nas constrain ({error})")
+
+
+@nas.command("search")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "run", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The search run's folder: the supernet's checkpoints and candidates.json.")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Supernet epochs this iteration (one sampled architecture per step).")
+@click.option("--candidates", type=click.IntRange(min=1), default=8, show_default=True,
+              help="New architectures scored this iteration with the shared weights.")
+@click.option("--resume", is_flag=True, help="Continue the search in RUN: the supernet trains on, on the space "
+              "narrowed by ctzoo nas constrain, and new candidates are scored.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (training; latency is "
+              "measured on the CPU with ONNX Runtime, on a GPU with PyTorch).")
+def search(config: Path, run: Path, epochs: int, candidates: int, resume: bool, seed: int, device: str) -> None:
+    """One iteration of a one-shot search over the template segmenter of CONFIG (a template_seg train config).
+
+    Trains the supernet (its sub-networks are the candidates: width, residual units, kernel size and fusion per
+    level, the gate) with one uniformly sampled architecture per step, then scores CANDIDATES architectures not
+    seen before with the shared weights: Dice on the data's other patient (not the one trained on), params,
+    FLOPs, and the latency of the extracted sub-network exported to ONNX. Appends them to RUN/candidates.json.
+    """
+    from ctzoo.nas.search import CANDIDATES_FILE, search_iteration
+    from ctzoo.training.template_seg_task import load_seg_config
+
+    started = (run / CANDIDATES_FILE).exists()
+    if started and not resume:
+        raise click.ClickException(f"{run} already holds a search: --resume continues it, or choose another --out")
+    if resume and not started:
+        raise click.ClickException(f"{run} holds no search to resume: start without --resume")
+    pending = _pending(run)
+    try:
+        document = search_iteration(load_seg_config(config), run, epochs, candidates, pending["drop"],
+                                    pending["lock"], seed, device, progress=True)
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    (run / PENDING_FILE).unlink(missing_ok=True)  # applied: recorded in the iteration's constraints
+    iteration = document["iterations"][-1]
+    scored = [c for c in document["candidates"] if c["iteration"] == iteration["iteration"]]
+    best = max(scored, key=lambda c: -1.0 if c["dice"] is None else c["dice"])
+    click.echo(f"iteration {iteration['iteration']}: {iteration['steps']} supernet steps, {len(scored)} candidates; "
+               f"best Dice {best['dice']} ({best['id']}: {best['description']}, {best['latency_ms']:.1f} ms); "
+               f"ctzoo nas view {run}")
+
+
+@nas.command("constrain")
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--drop", multiple=True, metavar="DECISION=VALUE",
+              help="Exclude a value, e.g. level2.kernel=5 or level*.units=1 (every level). Repeatable.")
+@click.option("--lock", multiple=True, metavar="DECISION=VALUE",
+              help="Keep only this value, e.g. gate=none or level0.fusion=true. Repeatable.")
+def constrain(run: Path, drop: tuple[str, ...], lock: tuple[str, ...]) -> None:
+    """Narrow the search space of RUN for its next iteration (ctzoo nas search ... --resume).
+
+    The constraints are checked against the run's space now (an unknown decision or value, or one that would
+    leave a decision no value, is refused) and kept in RUN/constraints.json until that iteration applies them;
+    repeated calls add up.
+    """
+    import json
+
+    from ctzoo.nas.space import SearchSpace, count_architectures
+
+    try:
+        space = SearchSpace.from_json(read_candidates(run)["space"])
+        pending = _pending(run)
+        pending = {"drop": pending["drop"] + list(drop), "lock": pending["lock"] + list(lock)}
+        narrowed = space.constrain(pending["drop"], pending["lock"])
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    with atomic_path(run / PENDING_FILE) as partial:
+        partial.write_text(json.dumps(pending, indent=2) + "\n", encoding="utf-8")
+    click.echo(f"{count_architectures(space):,} architectures -> {count_architectures(narrowed):,}; the next "
+               f"ctzoo nas search ... --out {run} --resume searches them")
+
+
+@nas.command("view")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The HTML file to write. Default: explorer.html in RUN.")
+def view(run: Path, out: Path | None) -> None:
+    """Write one self-contained HTML page (no network needed to open it) exploring a search RUN: the folder
+    holding candidates.json, or that file.
+
+    \b
+    The page shows:
+      Dice against latency, one point per candidate coloured by iteration, with the Pareto front
+        (highest Dice for its latency) drawn as a step line and its points ringed;
+      the candidates' vectors in 2-D (PCA by SVD, signs fixed), coloured by Dice, the front outlined;
+      each decision of the architecture (nested keys flattened, e.g. levels.2.kernel) and value: the
+        mean Dice and mean latency of the candidates with it, and how many;
+      per iteration: supernet steps, candidates, best Dice, front size, the blocks dropped and locked;
+      a header with the run, the counts, the best candidate by Dice and the fastest on the front.
+    Hovering a point names the candidate (id, description, Dice, latency, params, FLOPs); clicking it
+    shows its whole architecture beside the plots and marks it in every plot.
+    """
+    try:
+        data = read_candidates(run)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    out = out if out is not None else Path(data["run"]) / "explorer.html"
+    page = render_explorer_html(data)
+    with atomic_path(out) as partial:
+        partial.write_text(page, encoding="utf-8")
+    click.echo(f"{out}: {len(data['candidates'])} candidates over {len(data['iterations'])} iterations, "
+               f"{len(page) / 2**20:.1f} MiB")

@@ -1,0 +1,19 @@
+"""One-shot architecture search over the template segmenter (after NAS-Navigator, arXiv 2009.13008): the search
+space (:mod:`~ctzoo.nas.space`), the weight-sharing supernet and its extracted sub-networks
+(:mod:`~ctzoo.nas.supernet`), their cost (:mod:`~ctzoo.nas.measure`) and the search runs (:mod:`~ctzoo.nas.search`).
+"""
+
+from ctzoo.nas.space import (
+    Architecture,
+    LevelChoice,
+    SearchSpace,
+    count_architectures,
+    enumerate_architectures,
+    extreme,
+    sample,
+    vector_labels,
+)
+from ctzoo.nas.supernet import TemplateSuperNet, extract, subnet_config
+
+__all__ = ["Architecture", "LevelChoice", "SearchSpace", "TemplateSuperNet", "count_architectures",
+           "enumerate_architectures", "extract", "extreme", "sample", "subnet_config", "vector_labels"]

@@ -1,0 +1,177 @@
+"""Single-path one-shot search over the template segmenter, one analyst iteration at a time.
+
+An iteration (:func:`search_iteration`) narrows the space by the analyst's constraints, trains the supernet on
+the template segmenter's own data pipeline (:class:`~ctzoo.training.template_seg_task.TemplateSegTask`: the same
+slices, templates, augmentation and Dice-CE loss) for more epochs with one uniformly sampled architecture per step
+(SPOS), continuing its checkpoint (``RUN/supernet/last.pt``, the training engine's resume), then scores fresh random
+candidates with the shared weights (:func:`evaluate_candidates`) and appends them to ``RUN/candidates.json``::
+
+    {"schema": 1, "space": <SearchSpace JSON, constraints so far>,
+     "iterations": [{"iteration": 0, "constraints": {"drop": [...], "lock": [...]}, "steps": N,
+                     "candidates": [ids]}],
+     "candidates": [{"id", "iteration", "architecture": <Architecture JSON>, "description", "vector": [float],
+                     "dice", "latency_ms", "params", "flops"}]}
+
+Each iteration's constraints apply on top of the earlier ones; ``steps`` counts its optimiser steps. Candidates are
+scored on the data's ``test`` cases, the patient not trained on (the TotalSegmentator sample has only two
+labelled patients; the val slab belongs to the training patient): the search picks on it, so a pick's Dice there
+is optimistic and a final model wants data of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ctzoo.datasets.seg_preprocessing import SegPreprocessing
+from ctzoo.datasets.segmentation import SegCase
+from ctzoo.io.atomic import atomic_path
+from ctzoo.nas.measure import measure
+from ctzoo.nas.space import Architecture, SearchSpace, count_architectures, extreme, sample
+from ctzoo.nas.supernet import TemplateSuperNet, extract
+from ctzoo.training.engine import fit, pick_device
+from ctzoo.training.seg_evaluation import evaluate_segmenter
+from ctzoo.training.template_seg_task import SegData, TemplateSegTask, TemplateSegTrainConfig
+
+SCHEMA = 1
+CANDIDATES_FILE = "candidates.json"
+
+
+def space_for(cfg: TemplateSegTrainConfig, num_classes: int) -> SearchSpace:
+    """The default search space around ``cfg``'s template segmenter (its channels, 2-D slices)."""
+    channels = cfg.model.channels
+    return SearchSpace(base_channels=tuple(channels), strides=(2,) * (len(channels) - 1), num_classes=num_classes,
+                       temperature=cfg.model.temperature)
+
+
+class SuperNetTask(TemplateSegTask):
+    """The template segmenter's task training a :class:`TemplateSuperNet`: each step one architecture drawn
+    uniformly from ``space`` (default :func:`space_for`; reseeded per epoch, so a resumed run draws as an
+    uninterrupted one); validation is the largest allowed architecture's Dice on the val cases."""
+
+    name = "template_supernet"
+
+    def __init__(self, cfg: TemplateSegTrainConfig, space: SearchSpace | None = None, data: SegData | None = None,
+                 seed: int = 0) -> None:
+        super().__init__(cfg, data)
+        self.space = space or space_for(cfg, len(self.class_names))
+        self.seed = seed
+        self.rng = random.Random(seed)
+
+    def build_model(self) -> nn.Module:
+        return TemplateSuperNet(self.space)
+
+    def before_epoch(self, model: nn.Module, device: torch.device, epoch: int) -> None:
+        self.rng = random.Random(f"{self.seed}:{epoch}")
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device):
+        arch = sample(self.space, self.rng)
+        logits = model(batch["image"].to(device), batch["template"].to(device), arch)
+        return self.loss_fn(logits.float(), batch["label"].to(device)), {}
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        return super().evaluate(extract(model, extreme(self.space, largest=True)), device)
+
+
+@dataclass
+class ValidationSet:
+    """What candidates are scored on: labelled cases, their preprocessing, the training templates
+    (images, masks, sources; :func:`~ctzoo.datasets.segmentation_slices.template_set`) and the class names."""
+
+    cases: Sequence[SegCase]
+    prep: SegPreprocessing
+    templates: tuple[torch.Tensor, torch.Tensor, Sequence[str]]
+    class_names: Sequence[str]
+
+
+def evaluate_candidates(supernet: TemplateSuperNet, archs: Sequence[Architecture], validation: ValidationSet,
+                        device: str | torch.device = "cpu", size: tuple[int, ...] | None = None,
+                        **measure_options: Any) -> list[dict[str, Any]]:
+    """Each architecture's extracted sub-network scored with the shared weights: mean Dice over classes
+    (MONAI ``DiceMetric``, via :func:`~ctzoo.training.seg_evaluation.evaluate_segmenter`; None when no class is
+    present) and :func:`~ctzoo.nas.measure.measure`'s cost at ``size`` (default: the preprocessing's slice size).
+    Returns the ``candidates.json`` entries without ``iteration``."""
+    size = tuple(size or validation.prep.size)
+    results = []
+    for arch in archs:
+        net = extract(supernet, arch).eval()
+        scores = evaluate_segmenter(net, validation.cases, validation.prep, validation.templates, device,
+                                    validation.class_names, hd95=False)
+        cost = measure(net.cpu(), size, device=str(device), **measure_options)
+        dice = float(scores["dice_mean"])
+        results.append({"id": arch.id, "architecture": arch.to_json(), "description": arch.describe(),
+                        "vector": arch.to_vector(), "dice": dice if math.isfinite(dice) else None,
+                        "latency_ms": cost["latency_ms"], "params": cost["params"], "flops": cost["flops"]})
+    return results
+
+
+def fresh_architectures(space: SearchSpace, count: int, seen: set[str], rng: random.Random) -> list[Architecture]:
+    """Up to ``count`` distinct allowed architectures whose ids are not in ``seen`` (fewer when the space runs
+    out of them)."""
+    picked: dict[str, Architecture] = {}
+    wanted = min(count, count_architectures(space) - len(seen))
+    for _ in range(100 * max(count, 1)):  # bounded: a nearly exhausted space may not yield them all
+        if len(picked) >= wanted:
+            break
+        arch = sample(space, rng)
+        if arch.id not in seen:
+            picked.setdefault(arch.id, arch)
+    return list(picked.values())
+
+
+def read_candidates(run: str | Path) -> dict[str, Any] | None:
+    """``RUN/candidates.json``, or None before the first iteration."""
+    path = Path(run) / CANDIDATES_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def load_supernet(checkpoint: str | Path, space: SearchSpace | None = None) -> TemplateSuperNet:
+    """The supernet of a ``RUN/supernet/*.pt`` checkpoint (its recorded space unless ``space`` is given), eval."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    supernet = TemplateSuperNet(space or SearchSpace.from_json(state["space"]))
+    supernet.load_state_dict(state["model"])
+    return supernet.eval()
+
+
+def search_iteration(cfg: TemplateSegTrainConfig, run: str | Path, epochs: int = 1, candidates: int = 8,
+                     drop: Sequence[str] = (), lock: Sequence[str] = (), seed: int = 0, device: str = "auto",
+                     data: SegData | None = None, progress: bool = False, **measure_options: Any) -> dict[str, Any]:
+    """One analyst iteration in ``run`` (see the module docstring): constrain, train ``epochs`` more epochs of
+    ``cfg.optim``, score ``candidates`` fresh architectures, update ``run/candidates.json``. Returns the file's
+    new content."""
+    run = Path(run)
+    document = read_candidates(run) or {"schema": SCHEMA, "space": None, "iterations": [], "candidates": []}
+    stored = SearchSpace.from_json(document["space"]) if document["space"] else None
+    task = SuperNetTask(cfg, stored, data, seed)
+    space = task.space = task.space.constrain(drop, lock)
+    last = run / "supernet" / "last.pt"
+    before = torch.load(last, map_location="cpu", weights_only=False) if last.exists() else None
+    done_epochs, done_steps = (before["epoch"] + 1, before["step"]) if before else (0, 0)
+    optim = cfg.optim.model_copy(update={"epochs": done_epochs + epochs})
+    fit(task, optim, run / "supernet", resume=before is not None, device=device, progress=progress,
+        extra_state={"space": space.to_json()})
+    after = torch.load(last, map_location="cpu", weights_only=False)
+    supernet = TemplateSuperNet(space)
+    supernet.load_state_dict(after["model"])
+    iteration = len(document["iterations"])
+    seen = {c["id"] for c in document["candidates"]}
+    archs = fresh_architectures(space, candidates, seen, random.Random(f"{seed}:candidates:{iteration}"))
+    validation = ValidationSet(task.data.cases["test"], task.prep, task.templates, task.class_names)
+    scored = evaluate_candidates(supernet.eval(), archs, validation, device=pick_device(device),
+                                 **measure_options)
+    document["space"] = space.to_json()
+    document["iterations"].append({"iteration": iteration, "constraints": {"drop": list(drop), "lock": list(lock)},
+                                   "steps": after["step"] - done_steps, "candidates": [c["id"] for c in scored]})
+    document["candidates"] += [{"id": c["id"], "iteration": iteration, **{k: v for k, v in c.items() if k != "id"}}
+                               for c in scored]
+    with atomic_path(run / CANDIDATES_FILE) as partial:
+        partial.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    return document

@@ -1,0 +1,50 @@
+"""``ctzoo nas``: the analyst's loop from the command line -- search, view, constrain, search --resume."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from click.testing import CliRunner
+
+from ctzoo.cli import main
+
+TINY = {"task": "template_seg", "data": {"spacing_mm": 6.0, "size": [64, 64], "val_slices": 4, "max_templates": 8},
+        "optim": {"epochs": 1, "batch_size": 4, "num_workers": 0}, "repeats": 1}
+
+
+def test_search_view_constrain_and_resume(fetched_samples, tmp_path):
+    config, run = tmp_path / "tiny.yaml", tmp_path / "run"
+    config.write_text(yaml.safe_dump(TINY))
+    first = CliRunner().invoke(main, ["nas", "search", str(config), "--out", str(run), "--candidates", "3",
+                                      "--device", "cpu"])
+    assert first.exit_code == 0, first.output
+    assert "iteration 0:" in first.output and "best Dice" in first.output
+    again = CliRunner().invoke(main, ["nas", "search", str(config), "--out", str(run)])
+    assert again.exit_code == 1 and "--resume continues it" in again.output
+    # the analyst narrows the space: checked now, kept for the next iteration, adding up across calls
+    bad = CliRunner().invoke(main, ["nas", "constrain", str(run), "--drop", "level9.kernel=5"])
+    assert bad.exit_code == 1 and "level9" in bad.output
+    for args in (["--drop", "level*.kernel=5"], ["--lock", "gate=none"]):
+        result = CliRunner().invoke(main, ["nas", "constrain", str(run), *args])
+        assert result.exit_code == 0 and "architectures ->" in result.output, result.output
+    assert json.loads((run / "constraints.json").read_text()) == {"drop": ["level*.kernel=5"], "lock": ["gate=none"]}
+    second = CliRunner().invoke(main, ["nas", "search", str(config), "--out", str(run), "--resume",
+                                       "--candidates", "2", "--device", "cpu"])
+    assert second.exit_code == 0, second.output
+    document = json.loads((run / "candidates.json").read_text())
+    assert document["iterations"][1]["constraints"] == {"drop": ["level*.kernel=5"], "lock": ["gate=none"]}
+    assert not (run / "constraints.json").exists()  # applied, and recorded with the iteration
+    for candidate in document["candidates"][3:]:
+        assert candidate["architecture"]["gate"] == "none"
+        assert all(level["kernel"] == 3 for level in candidate["architecture"]["levels"])
+    view = CliRunner().invoke(main, ["nas", "view", str(run)])
+    assert view.exit_code == 0 and "5 candidates over 2 iterations" in view.output, view.output
+    assert (run / "explorer.html").stat().st_size > 1_000_000
+
+
+def test_resuming_nothing_is_refused(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    result = CliRunner().invoke(main, ["nas", "search", str(config), "--out", str(tmp_path / "none"), "--resume"])
+    assert result.exit_code == 1 and "no search to resume" in result.output

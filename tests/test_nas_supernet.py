@@ -1,0 +1,172 @@
+"""Architecture search over the template segmenter: the search space and its constraints, the supernet and the
+sub-networks extracted from it (same outputs), their cost (ONNX Runtime latency spans the space), and the search
+iterations writing candidates.json."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from monai.losses import DiceCELoss
+
+from ctzoo.models.template_seg import TemplateSegNet
+from ctzoo.nas import (
+    Architecture,
+    SearchSpace,
+    TemplateSuperNet,
+    count_architectures,
+    enumerate_architectures,
+    extract,
+    extreme,
+    sample,
+    subnet_config,
+    vector_labels,
+)
+from ctzoo.nas.measure import measure
+from ctzoo.training.engine import OptimConfig
+from ctzoo.training.template_seg_task import SegDataConfig, TemplateSegTrainConfig, load_seg_data
+
+SPACE = SearchSpace(base_channels=(8, 16, 32, 64), num_classes=3)
+
+
+def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere (PReLU slopes included), so that a wrong slice cannot hide behind an init."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return module
+
+
+def pair(batch: int = 2, size: int = 64, classes: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    masks = (torch.rand(batch, classes, size, size, generator=generator) > 0.7).float()
+    masks[:, -1] = 0  # an absent class: the gate's presence path
+    image = torch.randn(batch, 1, size, size, generator=generator)
+    return image, torch.cat([torch.randn(batch, 1, size, size, generator=generator), masks], dim=1)
+
+
+@pytest.fixture(scope="module")
+def supernet():
+    return randomise(TemplateSuperNet(SPACE)).eval()
+
+
+def test_extracted_subnetworks_match_the_supernet(supernet):
+    rng = random.Random(0)
+    archs = [extreme(SPACE, largest=False), extreme(SPACE, largest=True)] + [sample(SPACE, rng) for _ in range(8)]
+    image, template = pair()
+    outputs = set()
+    with torch.no_grad():
+        for arch in archs:
+            net = extract(supernet, arch)
+            assert type(net) is TemplateSegNet and not net.training
+            expected = supernet(image, template, arch)
+            assert (net(image, template) - expected).abs().max() <= 1e-6, arch.describe()
+            outputs.add(round(float(expected.sum()), 3))
+            supernet.set_active(arch)
+            assert torch.equal(supernet(image, template), expected)  # the active architecture by default
+    assert len(outputs) == len(archs)  # every architecture computes something else
+    smallest, largest = (extract(supernet, extreme(SPACE, v)) for v in (False, True))
+    assert smallest.channels == (4, 8, 16, 32) and largest.channels == SPACE.max_channels()
+    assert sum(p.numel() for p in smallest.parameters()) < sum(p.numel() for p in largest.parameters())
+
+
+def test_subnetwork_config_is_a_template_seg_net_config(supernet):
+    arch = sample(SPACE, 3)
+    net = extract(supernet, arch)
+    rebuilt = TemplateSegNet(**json.loads(json.dumps(subnet_config(SPACE, arch))))
+    rebuilt.load_state_dict(net.state_dict())  # the same shapes: a bundle's config rebuilds it
+
+
+def test_latency_spans_the_space_on_the_cpu(supernet):
+    costs = [measure(extract(supernet, extreme(SPACE, largest)), (128, 128), runs=7, warmup=2)
+             for largest in (False, True)]
+    small, large = costs
+    assert small["params"] < large["params"] and small["flops"] < large["flops"]
+    assert large["latency_ms"] >= 2 * small["latency_ms"], costs
+    assert small["latency_backend"] == "onnxruntime cpu x1"
+
+
+def test_constraints_narrow_sampling():
+    space = SPACE.constrain(drop=["level2.kernel=5", "level*.width=0.75"], lock=["level0.fusion=true", "gate=none"])
+    assert space.allowed_values("level2.kernel") == (3,) and space.allowed_values("level1.kernel") == (3, 5)
+    assert space.allowed_values("level3.width") == (0.5, 1.0)
+    rng = random.Random(0)
+    for arch in (sample(space, rng) for _ in range(50)):
+        space.check(arch, constrained=True)
+        assert arch.levels[2].kernel == 3 and arch.levels[0].fusion and arch.gate == "none"
+        assert all(level.width != 0.75 for level in arch.levels)
+    # level2.kernel 1 of 2, widths 2 of 3 at 4 levels, level0.fusion 1 of 2, gate 1 of 2
+    assert count_architectures(space) * 2 * 3 ** 4 * 2 * 2 == count_architectures(SPACE) * 2 ** 4
+    assert count_architectures(SPACE) == (3 * 2 * 2 * 2) ** 4 * 2
+    narrow = SPACE.constrain(lock=[f"level{k}.{d}={v}" for k in range(4)
+                                   for d, v in (("width", 1), ("units", 2), ("kernel", 3))])
+    assert len(list(enumerate_architectures(narrow))) == count_architectures(narrow) == 2 ** 4 * 2
+    assert SearchSpace.from_json(json.loads(json.dumps(space.to_json()))) == space  # constraints survive JSON
+
+
+@pytest.mark.parametrize(("drop", "lock", "message"), [
+    (["level9.kernel=5"], [], "unknown decision 'level9.kernel'"),
+    (["level0.depth=2"], [], "unknown decision"),
+    (["level0.kernel=7"], [], "has no value '7' (choices: 3, 5)"),
+    (["gate"], [], "must read DECISION=VALUE"),
+    (["level0.fusion=true", "level0.fusion=false"], [], "would leave level0.fusion no value"),
+    (["level1.units=2", "level1.units=2"], [], "already excluded"),
+    ([], ["level1.units=2", "level1.units=1"], "already excluded"),
+])
+def test_bad_constraints_are_clear_errors(drop, lock, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        SPACE.constrain(drop=drop, lock=lock)
+
+
+def test_architecture_json_vector_and_id():
+    arch = sample(SPACE, 7)
+    again = Architecture.from_json(json.loads(json.dumps(arch.to_json())))
+    assert again == arch and again.id == arch.id and len(arch.id) == 10
+    assert len(arch.to_vector()) == len(vector_labels(4)) == 4 * 4 + 1
+    assert all(isinstance(v, float) for v in arch.to_vector())
+    assert arch.id != extreme(SPACE, True).id
+    assert extreme(SPACE, False).describe() == "w .5/.5/.5/.5 u 1/1/1/1 k 3/3/3/3 fuse - none"
+    with pytest.raises(ValueError, match="outside the space"):
+        SPACE.check(Architecture(arch.levels, "softmax"))
+
+
+def test_supernet_trains_with_sampled_paths():
+    supernet = TemplateSuperNet(SPACE).train()
+    optimizer = torch.optim.AdamW(supernet.parameters(), lr=1e-3)
+    loss_fn, rng = DiceCELoss(to_onehot_y=True, softmax=True), random.Random(0)
+    image, template = pair(size=32)
+    label = template[:, 1:].argmax(1, keepdim=True) + (template[:, 1:].sum(1, keepdim=True) > 0)
+    for _ in range(3):
+        loss = loss_fn(supernet(image, template, sample(SPACE, rng)), label)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert math.isfinite(loss.item())
+
+
+def test_search_iterations_write_candidates(fetched_samples, tmp_path):
+    from ctzoo.nas.search import load_supernet, search_iteration
+
+    cfg = TemplateSegTrainConfig(data=SegDataConfig(spacing_mm=6.0, size=(64, 64), val_slices=4, max_templates=8),
+                                 optim=OptimConfig(epochs=1, batch_size=4, num_workers=0), repeats=1)
+    data = load_seg_data(cfg.data)
+    search_iteration(cfg, tmp_path, candidates=2, data=data, device="cpu", runs=2, warmup=1)
+    document = search_iteration(cfg, tmp_path, candidates=2, drop=["level*.kernel=5"], lock=["gate=none"],
+                                data=data, device="cpu", runs=2, warmup=1)
+    assert document == json.loads((tmp_path / "candidates.json").read_text())
+    assert document["schema"] == 1 and [i["iteration"] for i in document["iterations"]] == [0, 1]
+    assert document["iterations"][1]["constraints"] == {"drop": ["level*.kernel=5"], "lock": ["gate=none"]}
+    assert all(i["steps"] > 0 for i in document["iterations"])
+    candidates = document["candidates"]
+    assert len(candidates) == 4 and len({c["id"] for c in candidates}) == 4
+    assert set(candidates[0]) == {"id", "iteration", "architecture", "description", "vector", "dice", "latency_ms",
+                                  "params", "flops"}
+    space = SearchSpace.from_json(document["space"])
+    for candidate in candidates[2:]:
+        arch = Architecture.from_json(candidate["architecture"])
+        space.check(arch, constrained=True)
+        assert arch.id == candidate["id"] and candidate["iteration"] == 1 and 0 <= candidate["dice"] <= 1
+    resumed = load_supernet(tmp_path / "supernet" / "last.pt")
+    assert resumed.space == space
