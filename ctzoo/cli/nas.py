@@ -1,5 +1,6 @@
 """``ctzoo nas``: one-shot architecture search over the template segmenter (NAS-Navigator); ``view`` draws a
-search run as one self-contained HTML page (:mod:`ctzoo.nas.explorer`)."""
+search run as one self-contained HTML page (:mod:`ctzoo.nas.explorer`); ``export`` hands a candidate over to the
+zoo as a retrained bundle (:mod:`ctzoo.nas.handoff`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def nas() -> None:
       ctzoo nas view RUN                         one self-contained page to pick an architecture from
       ctzoo nas constrain RUN --drop level2.kernel=5 --lock gate=none     narrow the space
       ctzoo nas search CONFIG --out RUN --resume the next iteration, on the narrowed space
+      ctzoo nas export RUN ID --config CONFIG --out FOLDER   retrain candidate ID standalone, publish a bundle
     """
 
 
@@ -146,3 +148,46 @@ def view(run: Path, out: Path | None) -> None:
         partial.write_text(page, encoding="utf-8")
     click.echo(f"{out}: {len(data['candidates'])} candidates over {len(data['iterations'])} iterations, "
                f"{len(page) / 2**20:.1f} MiB")
+
+
+@nas.command("export")
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("candidate")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="The template_seg train config whose recipe retrains it (data, augmentation, optimiser, epochs): "
+                   "the one the search ran with.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The bundle folder to write (every command takes it as --model OUT).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Retraining epochs. Default: the config's.")
+@click.option("--name", default=None, help="The model's name on its card. Default: template-seg-nas-CANDIDATE.")
+@click.option("--version", "version", default="0.1.0", show_default=True, help="Semantic version of the weights.")
+@click.option("--init", type=click.Choice(["supernet", "scratch"]), default="supernet", show_default=True,
+              help="Start from the supernet's weights for the candidate (RUN/supernet/last.pt), or from scratch.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def export_command(run: Path, candidate: str, config: Path, out: Path, epochs: int | None, name: str | None,
+                   version: str, init: str, device: str) -> None:
+    """Hand candidate CANDIDATE of search RUN over to the zoo: retrain it standalone and publish it as a bundle.
+
+    \b
+    CANDIDATE is an id of RUN/candidates.json (as ctzoo nas view shows; a unique prefix will do). Its
+    sub-network is rebuilt (per-level widths, kernels, residual units, fused levels, gate), trained with
+    the normal template segmenter recipe of CONFIG (no UNet baseline), starting from the supernet's
+    weights for it unless --init scratch, chosen on the val slab and tested on the other patient, then
+    written to OUT as a model bundle with its template bank. The card names the run and the candidate,
+    its architecture, its one-shot Dice and latency and its standalone val and test Dice. The retraining
+    stays in RUN/export/CANDIDATE (config.yaml, checkpoints, comparison.json). Then, e.g.:
+      ctzoo infer SCAN --model OUT --out masks
+      ctzoo export OUT --out REPO  (then ctzoo serve --repository REPO)
+    """
+    from ctzoo.nas.handoff import export_candidate
+
+    try:
+        folder = export_candidate(run, candidate, config, out, epochs, name, version, init, device, progress=True)
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    from ctzoo.models import load_bundle
+
+    card = load_bundle(folder).card
+    dice = card.metrics.get("dice_mean")
+    click.echo(f"published {card.name} {card.version} into {folder}: {card.parameters:,} parameters, test Dice "
+               f"{'-' if dice is None else f'{dice.value:.4f}'}")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ctzoo.config import StrictConfig
@@ -22,13 +22,35 @@ class TemplateSegModelConfig(StrictConfig):
     fusion_levels: tuple[int, ...] | None = None
     gate: Literal["sigmoid", "none"] = "sigmoid"
     temperature: float = Field(10.0, gt=0)
+    kernel_sizes: tuple[int, ...] | None = Field(None, description="per encoder level, the convolution kernel "
+                                                                   "(default 3 everywhere; e.g. a searched network)")
+    subunits: tuple[int, ...] | None = Field(None, description="per encoder level, the convolutions of its residual "
+                                                               "unit (default 2 everywhere)")
+
+    @model_validator(mode="after")
+    def _one_entry_per_level(self) -> TemplateSegModelConfig:
+        for name in ("kernel_sizes", "subunits"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.channels):
+                raise ValueError(f"model.{name} needs one entry per level ({len(self.channels)}), got {values}")
+        return self
+
+
+def template_seg_config(model: TemplateSegModelConfig, num_classes: int) -> dict[str, Any]:
+    """The :class:`TemplateSegNet` constructor arguments ``model`` describes, as JSON values (a bundle's network
+    config); ``kernel_sizes`` and ``subunits`` only when set, so configs without them stay as they were."""
+    config = {"spatial_dims": 2, "in_channels": 1, "num_classes": num_classes, "channels": list(model.channels),
+              "strides": [2] * (len(model.channels) - 1), "share_encoders": model.share_encoders,
+              "fusion_levels": None if model.fusion_levels is None else list(model.fusion_levels),
+              "gate": model.gate, "temperature": model.temperature}
+    return config | {name: list(getattr(model, name)) for name in ("kernel_sizes", "subunits")
+                     if getattr(model, name) is not None}
 
 
 def build_seg_model(model: TemplateSegModelConfig, num_classes: int) -> nn.Module:
     """The network ``model`` describes: logits ``(B, num_classes + 1, H, W)`` from ``(B, 1, H, W)``."""
     def template_net() -> TemplateSegNet:
-        return TemplateSegNet(2, 1, num_classes, model.channels, (2,) * (len(model.channels) - 1),
-                              model.share_encoders, model.fusion_levels, model.gate, model.temperature)
+        return TemplateSegNet(**template_seg_config(model, num_classes))
 
     if model.kind == "template_seg":
         return template_net()

@@ -1,6 +1,7 @@
 """One-shot architecture search over the template segmenter (after NAS-Navigator, arXiv 2009.13008): the search
 space (:mod:`~ctzoo.nas.space`), the weight-sharing supernet and its extracted sub-networks
-(:mod:`~ctzoo.nas.supernet`), their cost (:mod:`~ctzoo.nas.measure`) and the search runs (:mod:`~ctzoo.nas.search`).
+(:mod:`~ctzoo.nas.supernet`), their cost (:mod:`~ctzoo.nas.measure`), the search runs (:mod:`~ctzoo.nas.search`)
+and the hand-off of a candidate to the zoo (:mod:`~ctzoo.nas.handoff`).
 """
 
 from ctzoo.nas.space import (

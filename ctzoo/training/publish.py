@@ -12,6 +12,7 @@ from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
 from ctzoo.datasets.samples import REAL_CT_SCANS, real_ct_scan
 from ctzoo.models import Metric, ModelCard, TrainingInfo, model_entry, save_pretrained
 from ctzoo.models.registry import OperatingPoint
+from ctzoo.models.seg_networks import template_seg_config
 from ctzoo.training.evaluate import evaluate_recistnet, findings_on_lesion_free_ct, load_recistnet
 from ctzoo.training.recistnet_task import load_train_config
 
@@ -148,11 +149,17 @@ SEG_LIMITATIONS = [
 
 
 def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, data_root: Path | None = None,
-                         command: str = "", target: Path | None = None) -> Path:
-    """Publish ``run_dir/template_seg/best.pt`` (a ``ctzoo train configs/template_seg_*.yaml`` run) as zoo model
-    ``name`` with its template bank (the training slices, embedded by these weights) and a card holding the test
-    metrics of ``run_dir/comparison.json``: the model's Dice per class and HD95, and the same-budget UNet's and
-    the template copy's mean Dice for comparison."""
+                         command: str = "", target: Path | None = None, description: str | None = None,
+                         notes: str = "", extra_metrics: dict[str, Metric] | None = None,
+                         limitations: list[str] | None = None) -> Path:
+    """Publish ``run_dir/template_seg/best.pt`` (``last.pt`` without one; a ``ctzoo train
+    configs/template_seg_*.yaml`` run) as zoo model ``name`` with its template bank (the training slices, embedded
+    by these weights) and a card holding the test metrics of ``run_dir/comparison.json``: the model's Dice per
+    class and HD95, and the same-budget UNet's and the template copy's mean Dice for comparison.
+
+    ``description`` (default: the registered model's), ``notes`` (the training table's), ``extra_metrics`` (added
+    to the measured ones) and ``limitations`` (default :data:`SEG_LIMITATIONS`) are for a model not registered
+    in the zoo, e.g. a searched architecture (:func:`ctzoo.nas.handoff.export_candidate`)."""
     from ctzoo.datasets.segmentation_slices import case_to_slices, template_set
     from ctzoo.models.template_bank import TemplateBank
     from ctzoo.training.template_seg_task import load_seg_config, load_seg_data, load_seg_model
@@ -162,6 +169,7 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
     prep, names = cfg.data.preprocessing, data.class_names
     run_dir = Path(run_dir)
     checkpoint = run_dir / "template_seg" / "best.pt"
+    checkpoint = checkpoint if checkpoint.exists() else checkpoint.with_name("last.pt")
     model = load_seg_model(cfg, checkpoint, len(names))
     comparison = json.loads((run_dir / "comparison.json").read_text())
     clean = {row["model"]: row for row in comparison["rows"] if row["condition"] == "clean"}
@@ -176,17 +184,14 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
     images, masks, sources = template_set([case_to_slices(c, prep) for c in data.cases["train"]], len(names),
                                           cfg.data.max_templates)
     bank = TemplateBank.build(model, images, masks, names, sources)
-    model_config = {"spatial_dims": 2, "in_channels": 1, "num_classes": len(names),
-                    "channels": list(cfg.model.channels), "strides": [2] * (len(cfg.model.channels) - 1),
-                    "share_encoders": cfg.model.share_encoders,
-                    "fusion_levels": None if cfg.model.fusion_levels is None else list(cfg.model.fusion_levels),
-                    "gate": cfg.model.gate, "temperature": cfg.model.temperature}
+    metrics |= extra_metrics or {}
+    model_config = template_seg_config(cfg.model, len(names))
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     trained = comparison.get("training", {}).get("template_seg", {})
     wall = trained.get("wall_s", 0.0)
-    entry = model_entry(name)
     card = ModelCard(
-        name=name, version=version, task=entry.task, description=entry.description,
+        name=name, version=version, task="segmentation",
+        description=description or model_entry(name).description,
         architecture=f"TemplateSegNet({', '.join(f'{k}={v!r}' for k, v in model_config.items())})",
         parameters=sum(p.numel() for p in model.parameters()),
         input_spec={**prep.model_dump(mode="json"), "classes": names},
@@ -196,8 +201,9 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
                               command=command or f"ctzoo data fetch-samples && ctzoo train {config} --out runs/{name}",
                               device=str(trained.get("device", "cpu")),
                               epochs=int(trained.get("epochs", cfg.optim.epochs)), epochs_planned=cfg.optim.epochs,
-                              best_epoch=int(state["epoch"]) + 1, wall_time_s=float(wall)),
-        metrics=metrics, limitations=SEG_LIMITATIONS,
+                              best_epoch=int(state["epoch"]) + 1 if checkpoint.name == "best.pt" else None,
+                              wall_time_s=float(wall), notes=notes),
+        metrics=metrics, limitations=SEG_LIMITATIONS if limitations is None else limitations,
         licence="Apache-2.0 (weights and template slices, from TotalSegmentator's Apache-2.0 samples)",
         created=datetime.date.today())
     return save_pretrained(model, target or name, config=model_config, card=card, extra=bank.save,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +43,7 @@ from ctzoo.datasets.segmentation_slices import (
     template_slice_dataset,
 )
 from ctzoo.io.atomic import atomic_path
+from ctzoo.models.bundle import read_weights
 from ctzoo.models.seg_networks import TemplateSegModelConfig, build_seg_model  # noqa: F401  (config API)
 from ctzoo.models.template_seg import TemplateSegNet, count_parameters
 from ctzoo.scaling.compress import CompressionConfig
@@ -56,6 +58,7 @@ from ctzoo.scaling.zoo_expand import (
 from ctzoo.training.engine import OptimConfig, fit, pick_device
 from ctzoo.training.seg_evaluation import (
     CONDITIONS,
+    Condition,
     comparison_markdown,
     evaluate_conditions,
     evaluate_segmenter,
@@ -112,6 +115,9 @@ class TemplateSegTrainConfig(StrictConfig):
     placement: Path | None = Field(None, description="plan.json of ctzoo place for the template segmenter: train it "
                                                      "spread over this machine's devices (the UNet baseline is not "
                                                      "placed; not with torchrun)")
+    init_weights: Path | None = Field(None, description="start the template segmenter from the weights in this "
+                                                        "folder's model.safetensors (a bundle, or a state dict of "
+                                                        "exactly model's network, e.g. cut out of a search supernet)")
 
 
 def expansion_kind(cfg: TemplateSegTrainConfig) -> str | None:
@@ -167,11 +173,17 @@ def load_seg_data(data: SegDataConfig) -> SegData:
 
 
 def build_seg_network(cfg: TemplateSegTrainConfig, num_classes: int) -> nn.Module:
-    """The network ``cfg`` trains: ``cfg.model``'s, or the expanded one of ``init_from_expansion`` when that holds
-    a model of the same kind."""
+    """The network ``cfg`` trains: ``cfg.model``'s (the template segmenter from ``cfg.init_weights`` when set), or
+    the expanded one of ``init_from_expansion`` when that holds a model of the same kind."""
     if expansion_kind(cfg) == cfg.model.kind:
         return expanded_model(cfg.init_from_expansion, TemplateSegNet if cfg.model.kind == "template_seg" else UNet)
-    return build_seg_model(cfg.model, num_classes)
+    model = build_seg_model(cfg.model, num_classes)
+    if cfg.init_weights is not None and cfg.model.kind == "template_seg":
+        try:
+            model.load_state_dict(read_weights(cfg.init_weights))
+        except RuntimeError as error:
+            raise ValueError(f"init_weights {cfg.init_weights} do not fit the network of model: {error}") from None
+    return model
 
 
 def example_slices(cfg: TemplateSegTrainConfig, num_classes: int, batch_size: int) -> tuple[torch.Tensor, ...]:
@@ -286,7 +298,8 @@ def evaluate_template_seg(cfg: TemplateSegTrainConfig, out: str | Path, split: L
 
 
 def train_with_baseline(cfg: TemplateSegTrainConfig, out: str | Path, device: str = "auto",
-                        progress: bool = True, resume: bool = False) -> dict[str, Any]:
+                        progress: bool = True, resume: bool = False,
+                        conditions: Mapping[str, Condition] = CONDITIONS) -> dict[str, Any]:
     """Train the template segmenter into ``out/template_seg`` and (``cfg.baseline_unet``) the same-budget MONAI
     UNet into ``out/unet`` — identical data, augmentation, optimiser, epochs and seeds — then test both (best
     validation checkpoint) and the "template copy" baseline (the nearest training template's masks, no network)
@@ -294,7 +307,8 @@ def train_with_baseline(cfg: TemplateSegTrainConfig, out: str | Path, device: st
 
     Writes ``out/comparison.json``, ``out/comparison.md`` and ``out/overlay.png``; returns the comparison.
     ``cfg.model.kind`` is ignored: the first model is always the template segmenter. ``resume`` continues each
-    model from its ``last.pt`` where one exists (a model not started yet starts afresh).
+    model from its ``last.pt`` where one exists (a model not started yet starts afresh). ``conditions``: the
+    robustness conditions tested (``clean`` must be among them: it is what a published card reports).
     """
     out, dev = Path(out), pick_device(device)
     plan = Plan.load(cfg.placement) if cfg.placement is not None else None
@@ -319,16 +333,16 @@ def train_with_baseline(cfg: TemplateSegTrainConfig, out: str | Path, device: st
         contenders["unet"] = (models["unet"], False)
     rows, results = [], {}
     for name, (model, copy_template) in contenders.items():
-        results[name] = evaluate_conditions(model, test, prep, templates, dev, names, copy_template)
+        results[name] = evaluate_conditions(model, test, prep, templates, dev, names, copy_template, conditions)
         parameters = 0 if copy_template else count_parameters(model)
         rows += [{"model": name, "condition": condition, "parameters": parameters,
                   **{k: v for k, v in metrics.items() if k not in ("cases", "notes")}}
                  for condition, metrics in results[name].items()]
     comparison = {"test_cases": [c.name for c in test], "class_names": names,
-                  "conditions": {k: c.description for k, c in CONDITIONS.items()},
+                  "conditions": {k: c.description for k, c in conditions.items()},
                   "training": training, "rows": rows, "details": results}
     _write_json(comparison, out / "comparison.json")
-    table = comparison_markdown(rows, names)
+    table = comparison_markdown(rows, names, conditions)
     wall = ", ".join(f"{k} {v['wall_s']:.0f} s ({v['epochs']} epochs)" for k, v in training.items())
     with atomic_path(out / "comparison.md") as partial:
         partial.write_text(f"# Template segmenter vs same-budget UNet\n\nTest: {', '.join(c.name for c in test)}; "
