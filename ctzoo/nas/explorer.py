@@ -13,7 +13,7 @@ params, FLOPs). Small pure steps turn it into the page:
   it (the paper's "block marginal effect");
 * :func:`iteration_history`: per iteration, its candidates, best Dice, front size and constraints;
 * :func:`render_explorer_html`: the page. plotly.js inline once, the data as JSON (the perf report's
-  :func:`~ctzoo.perf.report._json_for_script`), so it opens offline.
+  :func:`~ctzoo.perf.report.json_for_script`), so it opens offline.
 
 plotly is imported on use only (as in :mod:`ctzoo.perf.report`).
 """
@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ctzoo.perf.report import STYLE as REPORT_STYLE
-from ctzoo.perf.report import _json_for_script
+from ctzoo.perf.report import json_for_script
 
 #: The ``schema`` of ``candidates.json`` this page reads.
 SCHEMA = 1
@@ -472,5 +472,5 @@ def render_explorer_html(data: dict) -> str:
             f"{_history_html(iteration_history(data))}</main><aside><h2>Candidate</h2><div id='candidate'>"
             "Click a candidate (a point of the scatter or the embedding, or a button above) to see its "
             "architecture.</div></aside></div>"
-            f"<script type='application/json' id='explorer-data'>{_json_for_script(page_data)}</script>"
+            f"<script type='application/json' id='explorer-data'>{json_for_script(page_data)}</script>"
             f"<script>{SCRIPT}</script></body></html>")

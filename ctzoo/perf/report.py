@@ -171,7 +171,7 @@ def build_figures(data: dict) -> dict:
     return {"timeline": json.loads(timeline.to_json()), "distributions": distributions}
 
 
-def _json_for_script(value: Any) -> str:
+def json_for_script(value: Any) -> str:
     """JSON safe inside a <script> element: no ``</script>``, ``<!--`` or entity can end or change it."""
     text = json.dumps(_finite(value), allow_nan=False, separators=(",", ":"))
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
@@ -327,5 +327,5 @@ def render_report_html(data: dict) -> str:
             f"{_distributions_html(data, figures)}</div></main><aside><h2>Provenance</h2><div id='provenance'>"
             "Click an anomaly (a point of the timeline or a red marker) to see its key, context, deep profile and "
             "the events around it.</div></aside></div>"
-            f"<script type='application/json' id='report-data'>{_json_for_script(page_data)}</script>"
+            f"<script type='application/json' id='report-data'>{json_for_script(page_data)}</script>"
             f"<script>{SCRIPT}</script></body></html>")
