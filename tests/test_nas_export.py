@@ -57,9 +57,14 @@ def test_an_unknown_candidate_is_a_clear_error(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     arch = {"levels": [{"width": 1.0, "units": 1, "kernel": 3, "fusion": False}] * 4, "gate": "none"}
-    document = {"schema": 1, "space": None, "iterations": [],
+    from ctzoo.nas.space import Architecture, SearchSpace
+
+    document = {"schema": 1, "space": SearchSpace().to_json(),  # a well-formed run: the file is checked on reading
+                "iterations": [{"iteration": 0, "constraints": {"drop": [], "lock": []}, "steps": 1,
+                                "candidates": ["abcdef0123"]}],
                 "candidates": [{"id": "abcdef0123", "iteration": 0, "architecture": arch, "description": "w 1/1/1/1",
-                                "vector": [], "dice": 0.5, "latency_ms": 1.0, "params": 1, "flops": 1}]}
+                                "vector": Architecture.from_json(arch).to_vector(), "dice": 0.5, "latency_ms": 1.0,
+                                "params": 1, "flops": 1}]}
     (run / "candidates.json").write_text(json.dumps(document))
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))

@@ -34,15 +34,14 @@ from torch import nn
 from ctzoo.datasets.seg_preprocessing import SegPreprocessing
 from ctzoo.datasets.segmentation import SegCase
 from ctzoo.io.atomic import atomic_path
+from ctzoo.nas.explorer import CANDIDATES_FILE, SCHEMA
+from ctzoo.nas.explorer import read_candidates as read_run
 from ctzoo.nas.measure import measure
 from ctzoo.nas.space import Architecture, SearchSpace, count_architectures, extreme, sample
 from ctzoo.nas.supernet import TemplateSuperNet, extract
 from ctzoo.training.engine import fit, pick_device
 from ctzoo.training.seg_evaluation import evaluate_segmenter
 from ctzoo.training.template_seg_task import SegData, TemplateSegTask, TemplateSegTrainConfig
-
-SCHEMA = 1
-CANDIDATES_FILE = "candidates.json"
 
 
 def space_for(cfg: TemplateSegTrainConfig, num_classes: int) -> SearchSpace:
@@ -128,9 +127,13 @@ def fresh_architectures(space: SearchSpace, count: int, seen: set[str], rng: ran
 
 
 def read_candidates(run: str | Path) -> dict[str, Any] | None:
-    """``RUN/candidates.json``, or None before the first iteration."""
-    path = Path(run) / CANDIDATES_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    """``RUN/candidates.json`` as the search writes it (``schema``, ``space``, ``iterations``, ``candidates``),
+    checked by the one reader of that file (:func:`ctzoo.nas.explorer.read_candidates`: ValueError naming what is
+    wrong); None before the first iteration."""
+    if not (Path(run) / CANDIDATES_FILE).exists():
+        return None
+    checked = read_run(run)
+    return {"schema": SCHEMA, **{key: checked[key] for key in ("space", "iterations", "candidates")}}
 
 
 def load_supernet(checkpoint: str | Path, space: SearchSpace | None = None) -> TemplateSuperNet:
