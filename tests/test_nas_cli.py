@@ -16,8 +16,8 @@ TINY = {"task": "template_seg", "data": {"spacing_mm": 6.0, "size": [64, 64], "v
 def test_search_view_constrain_and_resume(fetched_samples, tmp_path):
     config, run = tmp_path / "tiny.yaml", tmp_path / "run"
     config.write_text(yaml.safe_dump(TINY))
-    first = CliRunner().invoke(main, ["nas", "search", str(config), "--out", str(run), "--candidates", "3",
-                                      "--device", "cpu"])
+    first = CliRunner().invoke(main, ["nas", "search", str(config), "--out", str(run), "--candidates", "2",
+                                      "--reference", "--device", "cpu"])  # 2 sampled + the config's own network
     assert first.exit_code == 0, first.output
     assert "iteration 0:" in first.output and "best Dice" in first.output
     again = CliRunner().invoke(main, ["nas", "search", str(config), "--out", str(run)])
@@ -33,6 +33,8 @@ def test_search_view_constrain_and_resume(fetched_samples, tmp_path):
                                        "--candidates", "2", "--device", "cpu"])
     assert second.exit_code == 0, second.output
     document = json.loads((run / "candidates.json").read_text())
+    assert document["candidates"][0]["description"] == "w 1/1/1/1 u 2/2/2/2 k 3/3/3/3 fuse 0,1,2,3 sigmoid"
+    assert len(document["iterations"][0]["candidates"]) == 3
     assert document["iterations"][1]["constraints"] == {"drop": ["level*.kernel=5"], "lock": ["gate=none"]}
     assert not (run / "constraints.json").exists()  # applied, and recorded with the iteration
     for candidate in document["candidates"][3:]:

@@ -50,6 +50,9 @@ def vector(arch: dict) -> list[float]:
     return bits
 
 
+REFERENCE = "it0-c04"  # scored as the config's own model (search --reference)
+
+
 def make_run(folder: Path, seed: int = 3) -> dict:
     rng, candidates, iterations = np.random.default_rng(seed), [], []
     for iteration, (drop, lock) in enumerate((([], []), (["levels.0.kernel=5"], ["gate=sigmoid"]))):
@@ -67,7 +70,8 @@ def make_run(folder: Path, seed: int = 3) -> dict:
                                    for d, lv in enumerate(arch["levels"])) + f" {arch['gate']}"
             candidates.append({"id": candidate_id, "iteration": iteration, "architecture": arch,
                                "description": description, "vector": vector(arch), "dice": round(float(dice), 5),
-                               "latency_ms": round(float(latency), 3), "params": params, "flops": params * 4096})
+                               "latency_ms": round(float(latency), 3), "params": params, "flops": params * 4096,
+                               **({"reference": True} if candidate_id == REFERENCE else {})})
             ids.append(candidate_id)
         iterations.append({"iteration": iteration, "constraints": {"drop": drop, "lock": lock}, "steps": 400,
                            "candidates": ids})
@@ -226,6 +230,8 @@ def test_malformed_input_is_a_clear_error(run, tmp_path):
                     "the constraints of iteration entry 1 lacks lock"),
         "iteration-twice": (write(tmp_path / "iteration-twice", broken(good, lambda d: d["iterations"][1].update(
             iteration=0))), "two iteration entries have the same number"),
+        "reference": (write(tmp_path / "reference", broken(good, lambda d: d["candidates"][4].update(reference="yes"))),
+                      "candidate 4 ('it0-c04'): reference must be true or false"),
         "unlisted": (write(tmp_path / "unlisted", broken(good, lambda d: d["iterations"][0]["candidates"].pop())),
                      "candidate 'it0-c11' is of iteration 0, but that iteration's entry does not list it"),
     }
@@ -280,6 +286,8 @@ def test_the_page_in_headless_chromium_shows_the_run_and_the_architecture_of_a_c
         assert sorted(by_iteration) == ["iteration 0 (12)", "iteration 1 (12)"]
         assert sorted(itertools.chain(*by_iteration.values())) == sorted(c["id"] for c in candidates)
         assert scatter[f"Pareto front ({len(front)})"] == front and len(front) >= 3
+        assert scatter["reference: the config's own model"] == [REFERENCE]  # marked, and in its iteration's trace
+        assert f"reference (the config's model): {REFERENCE}" in driver.find_element(By.ID, "best").text
         assert driver.find_elements(By.CSS_SELECTOR, "#scatter .scatterlayer .js-line")  # the step line
         assert scatter.get("selected", []) == []  # nothing selected yet
         # the embedding: every candidate once, coloured by Dice; the marginal effects: a row per decision value

@@ -147,26 +147,52 @@ def test_supernet_trains_with_sampled_paths():
 
 
 def test_search_iterations_write_candidates(fetched_samples, tmp_path):
-    from ctzoo.nas.search import load_supernet, search_iteration
+    from ctzoo.nas.search import architecture_of, load_supernet, search_iteration, space_for
 
     cfg = TemplateSegTrainConfig(data=SegDataConfig(spacing_mm=6.0, size=(64, 64), val_slices=4, max_templates=8),
                                  optim=OptimConfig(epochs=1, batch_size=4, num_workers=0), repeats=1)
     data = load_seg_data(cfg.data)
-    search_iteration(cfg, tmp_path, candidates=2, data=data, device="cpu", runs=2, warmup=1)
+    reference = architecture_of(space_for(cfg, len(data.class_names)), cfg.model)  # the config's own network
+    first = search_iteration(cfg, tmp_path, candidates=2, data=data, device="cpu", runs=2, warmup=1,
+                             include=[reference])
+    assert [c["id"] for c in first["candidates"]][0] == reference.id and len(first["candidates"]) == 3
+    assert [c.get("reference", False) for c in first["candidates"]] == [True, False, False]
     document = search_iteration(cfg, tmp_path, candidates=2, drop=["level*.kernel=5"], lock=["gate=none"],
-                                data=data, device="cpu", runs=2, warmup=1)
+                                data=data, device="cpu", runs=2, warmup=1, include=[reference])  # scored once
     assert document == json.loads((tmp_path / "candidates.json").read_text())
     assert document["schema"] == 1 and [i["iteration"] for i in document["iterations"]] == [0, 1]
     assert document["iterations"][1]["constraints"] == {"drop": ["level*.kernel=5"], "lock": ["gate=none"]}
     assert all(i["steps"] > 0 for i in document["iterations"])
     candidates = document["candidates"]
-    assert len(candidates) == 4 and len({c["id"] for c in candidates}) == 4
-    assert set(candidates[0]) == {"id", "iteration", "architecture", "description", "vector", "dice", "latency_ms",
+    assert len(candidates) == 5 and len({c["id"] for c in candidates}) == 5
+    assert set(candidates[1]) == {"id", "iteration", "architecture", "description", "vector", "dice", "latency_ms",
                                   "params", "flops"}
     space = SearchSpace.from_json(document["space"])
-    for candidate in candidates[2:]:
+    for candidate in candidates[3:]:
         arch = Architecture.from_json(candidate["architecture"])
         space.check(arch, constrained=True)
         assert arch.id == candidate["id"] and candidate["iteration"] == 1 and 0 <= candidate["dice"] <= 1
     resumed = load_supernet(tmp_path / "supernet" / "last.pt")
     assert resumed.space == space
+
+
+def test_architecture_of_a_config_is_that_network():
+    from ctzoo.models.bundle import create_model
+    from ctzoo.models.seg_networks import TemplateSegModelConfig
+    from ctzoo.nas.search import architecture_of, space_for
+    from ctzoo.training.template_seg_task import load_seg_config
+
+    cfg = load_seg_config("configs/template_seg_abdomen.yaml")
+    space = space_for(cfg, num_classes=5)
+    arch = architecture_of(space, cfg.model)
+    assert arch.describe() == "w 1/1/1/1 u 2/2/2/2 k 3/3/3/3 fuse 0,1,2,3 none"
+    shipped = create_model("template-seg-abdomen").state_dict()
+    extracted = extract(TemplateSuperNet(space), arch).state_dict()
+    assert {k: v.shape for k, v in extracted.items()} == {k: v.shape for k, v in shipped.items()}
+    searched = TemplateSegModelConfig(channels=(8, 32, 48, 128), kernel_sizes=(5, 3, 3, 5), subunits=(1, 2, 2, 1),
+                                      fusion_levels=(0, 3), gate="sigmoid")
+    assert architecture_of(space, searched).describe() == "w .5/1/.75/1 u 1/2/2/1 k 5/3/3/5 fuse 0,3 sigmoid"
+    with pytest.raises(ValueError, match="cannot express"):
+        architecture_of(space, TemplateSegModelConfig(channels=(16, 32, 64, 100)))
+    with pytest.raises(ValueError, match="4 levels, the model 3"):
+        architecture_of(space, TemplateSegModelConfig(channels=(16, 32, 64)))

@@ -54,10 +54,13 @@ def _pending(run: Path) -> dict[str, list[str]]:
               help="New architectures scored this iteration with the shared weights.")
 @click.option("--resume", is_flag=True, help="Continue the search in RUN: the supernet trains on, on the space "
               "narrowed by ctzoo nas constrain, and new candidates are scored.")
+@click.option("--reference", is_flag=True, help="Also score the network CONFIG's model: block describes (the model "
+              "you have now, e.g. the shipped one), once, so the explorer shows where it stands among the candidates.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (training; latency is "
               "measured on the CPU with ONNX Runtime, on a GPU with PyTorch).")
-def search(config: Path, run: Path, epochs: int, candidates: int, resume: bool, seed: int, device: str) -> None:
+def search(config: Path, run: Path, epochs: int, candidates: int, resume: bool, reference: bool, seed: int,
+           device: str) -> None:
     """One iteration of a one-shot search over the template segmenter of CONFIG (a template_seg train config).
 
     Trains the supernet (its sub-networks are the candidates: width, residual units, kernel size and fusion per
@@ -65,8 +68,8 @@ def search(config: Path, run: Path, epochs: int, candidates: int, resume: bool, 
     seen before with the shared weights: Dice on the data's other patient (not the one trained on), params,
     FLOPs, and the latency of the extracted sub-network exported to ONNX. Appends them to RUN/candidates.json.
     """
-    from ctzoo.nas.search import CANDIDATES_FILE, search_iteration
-    from ctzoo.training.template_seg_task import load_seg_config
+    from ctzoo.nas.search import CANDIDATES_FILE, architecture_of, search_iteration, space_for
+    from ctzoo.training.template_seg_task import load_seg_config, seg_classes
 
     started = (run / CANDIDATES_FILE).exists()
     if started and not resume:
@@ -75,8 +78,10 @@ def search(config: Path, run: Path, epochs: int, candidates: int, resume: bool, 
         raise click.ClickException(f"{run} holds no search to resume: start without --resume")
     pending = _pending(run)
     try:
-        document = search_iteration(load_seg_config(config), run, epochs, candidates, pending["drop"],
-                                    pending["lock"], seed, device, progress=True)
+        cfg = load_seg_config(config)
+        include = [architecture_of(space_for(cfg, len(seg_classes(cfg.data))), cfg.model)] if reference else []
+        document = search_iteration(cfg, run, epochs, candidates, pending["drop"], pending["lock"], seed, device,
+                                    progress=True, include=include)
     except (ValueError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
     (run / PENDING_FILE).unlink(missing_ok=True)  # applied: recorded in the iteration's constraints
@@ -129,7 +134,8 @@ def view(run: Path, out: Path | None) -> None:
     \b
     The page shows:
       Dice against latency, one point per candidate coloured by iteration, with the Pareto front
-        (highest Dice for its latency) drawn as a step line and its points ringed;
+        (highest Dice for its latency) drawn as a step line and its points ringed, and the model
+        scored by search --reference as a red diamond;
       the candidates' vectors in 2-D (PCA by SVD, signs fixed), coloured by Dice, the front outlined;
       each decision of the architecture (nested keys flattened, e.g. levels.2.kernel) and value: the
         mean Dice and mean latency of the candidates with it, and how many;

@@ -72,6 +72,8 @@ def read_candidates(run: str | Path) -> dict:
         where = f"candidate {index}" + (f" ({candidate['id']!r})" if isinstance(candidate, dict)
                                         and isinstance(candidate.get("id"), str) else "")
         _check_fields(path, where, candidate, CANDIDATE_FIELDS)
+        if not isinstance(candidate.get("reference", False), bool):
+            raise ValueError(f"{path}: {where}: reference must be true or false")
         numbers = [candidate["dice"], candidate["latency_ms"], *candidate["vector"]]
         if not all(isinstance(x, _NUMBER) and not isinstance(x, bool) and math.isfinite(x) for x in numbers):
             raise ValueError(f"{path}: {where}: dice, latency_ms and every vector entry must be finite numbers")
@@ -259,6 +261,9 @@ def _selected_trace(go):
                       marker={"symbol": "star", "size": 20, "color": "#d62728", "line": {"width": 1, "color": "#000"}})
 
 
+REFERENCE_TRACE = "reference: the config's own model"
+
+
 def build_figures(data: dict, front: list[str], points: Embedding, effects: list[dict]) -> dict:
     """The scatter, the embedding and the marginal effects as plotly figure JSON."""
     import plotly.graph_objects as go
@@ -281,6 +286,12 @@ def build_figures(data: dict, front: list[str], points: Embedding, effects: list
         name=f"Pareto front ({len(front)})", customdata=[_hover(c) for c in on_front], hovertemplate=HOVER,
         line={"shape": "hv", "color": "#333", "width": 1.5},
         marker={"symbol": "circle-open", "size": 16, "color": "#333", "line": {"width": 2}}))
+    references = [c for c in candidates if c.get("reference")]
+    if references:  # the model the search started from (search --reference): where it stands among the candidates
+        scatter.add_trace(go.Scatter(
+            x=[c["latency_ms"] for c in references], y=[c["dice"] for c in references], mode="markers",
+            name=REFERENCE_TRACE, customdata=[_hover(c) for c in references], hovertemplate=HOVER,
+            marker={"symbol": "diamond-open", "size": 18, "color": "#d62728", "line": {"width": 2.5}}))
     scatter.add_trace(_selected_trace(go))
     scatter.update_layout(height=460, legend={"orientation": "h", "y": 1.1, "x": 0}, **layout,
                           xaxis={"title": "latency (ms)"}, yaxis={"title": "Dice"})
@@ -365,7 +376,9 @@ def _header_html(data: dict, front: list[str], effects: list[dict]) -> str:
     return (f"<header><h1>ctzoo NAS explorer</h1><p id='summary'>{html.escape(data['run'])} · "
             f"{len(data['candidates'])} candidates · {len(data['iterations'])} iterations · {decisions} decisions · "
             f"{len(front)} on the Pareto front</p><p id='best'>best Dice: {_candidate_button(best)}"
-            f" · fastest on the front: {_candidate_button(fastest)}</p>"
+            f" · fastest on the front: {_candidate_button(fastest)}"
+            + "".join(f" · reference (the config's model): {_candidate_button(c)}" for c in data["candidates"]
+                      if c.get("reference")) + "</p>"
             "<details><summary>search space</summary><pre id='space'>"
             f"{html.escape(json.dumps(data['space'], indent=1))}</pre></details></header>")
 

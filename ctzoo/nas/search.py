@@ -10,7 +10,7 @@ candidates with the shared weights (:func:`evaluate_candidates`) and appends the
      "iterations": [{"iteration": 0, "constraints": {"drop": [...], "lock": [...]}, "steps": N,
                      "candidates": [ids]}],
      "candidates": [{"id", "iteration", "architecture": <Architecture JSON>, "description", "vector": [float],
-                     "dice", "latency_ms", "params", "flops"}]}
+                     "dice", "latency_ms", "params", "flops", "reference" (only on an included one: true)}]}
 
 Each iteration's constraints apply on top of the earlier ones; ``steps`` counts its optimiser steps. Candidates are
 scored on the data's ``test`` cases, the patient not trained on (the TotalSegmentator sample has only two
@@ -34,10 +34,11 @@ from torch import nn
 from ctzoo.datasets.seg_preprocessing import SegPreprocessing
 from ctzoo.datasets.segmentation import SegCase
 from ctzoo.io.atomic import atomic_path
+from ctzoo.models.seg_networks import TemplateSegModelConfig
 from ctzoo.nas.explorer import CANDIDATES_FILE, SCHEMA
 from ctzoo.nas.explorer import read_candidates as read_run
 from ctzoo.nas.measure import measure
-from ctzoo.nas.space import Architecture, SearchSpace, count_architectures, extreme, sample
+from ctzoo.nas.space import Architecture, LevelChoice, SearchSpace, count_architectures, extreme, sample
 from ctzoo.nas.supernet import TemplateSuperNet, extract
 from ctzoo.training.engine import fit, pick_device
 from ctzoo.training.seg_evaluation import evaluate_segmenter
@@ -136,6 +137,27 @@ def read_candidates(run: str | Path) -> dict[str, Any] | None:
     return {"schema": SCHEMA, **{key: checked[key] for key in ("space", "iterations", "candidates")}}
 
 
+def architecture_of(space: SearchSpace, model: TemplateSegModelConfig) -> Architecture:
+    """The architecture of ``space`` that is the network ``model`` (a template-seg ``model:`` block) describes:
+    the same channels, units, kernels, fused levels and gate (e.g. the shipped model's, to score it alongside the
+    candidates). ValueError when the space cannot express it."""
+    if len(model.channels) != space.num_levels:
+        raise ValueError(f"the search space has {space.num_levels} levels, the model {len(model.channels)}")
+    levels = []
+    for k, channels in enumerate(model.channels):
+        widths = [w for w in space.choices(f"level{k}.width") if space.channels(k, w) == channels]
+        units = 2 if model.subunits is None else model.subunits[k]
+        kernel = 3 if model.kernel_sizes is None else model.kernel_sizes[k]
+        fused = model.fusion_levels is None or k in model.fusion_levels
+        if not widths:
+            raise ValueError(f"the search space cannot express {model.channels} channels (base "
+                             f"{list(space.base_channels)}, widths {list(space.choices(f'level{k}.width'))})")
+        levels.append(LevelChoice(widths[0], units, kernel, fused))
+    arch = Architecture(tuple(levels), model.gate)
+    space.check(arch)
+    return arch
+
+
 def load_supernet(checkpoint: str | Path, space: SearchSpace | None = None) -> TemplateSuperNet:
     """The supernet of a ``RUN/supernet/*.pt`` checkpoint (its recorded space unless ``space`` is given), eval."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -146,9 +168,12 @@ def load_supernet(checkpoint: str | Path, space: SearchSpace | None = None) -> T
 
 def search_iteration(cfg: TemplateSegTrainConfig, run: str | Path, epochs: int = 1, candidates: int = 8,
                      drop: Sequence[str] = (), lock: Sequence[str] = (), seed: int = 0, device: str = "auto",
-                     data: SegData | None = None, progress: bool = False, **measure_options: Any) -> dict[str, Any]:
+                     data: SegData | None = None, progress: bool = False, include: Sequence[Architecture] = (),
+                     **measure_options: Any) -> dict[str, Any]:
     """One analyst iteration in ``run`` (see the module docstring): constrain, train ``epochs`` more epochs of
-    ``cfg.optim``, score ``candidates`` fresh architectures, update ``run/candidates.json``. Returns the file's
+    ``cfg.optim``, score ``candidates`` fresh architectures, update ``run/candidates.json``. ``include``: more
+    architectures scored this iteration (those not scored before), e.g. a shipped model's (:func:`architecture_of`)
+    so the explorer shows where it stands; ValueError for one outside the space's choices. Returns the file's
     new content."""
     run = Path(run)
     document = read_candidates(run) or {"schema": SCHEMA, "space": None, "iterations": [], "candidates": []}
@@ -166,14 +191,19 @@ def search_iteration(cfg: TemplateSegTrainConfig, run: str | Path, epochs: int =
     supernet.load_state_dict(after["model"])
     iteration = len(document["iterations"])
     seen = {c["id"] for c in document["candidates"]}
-    archs = fresh_architectures(space, candidates, seen, random.Random(f"{seed}:candidates:{iteration}"))
+    for arch in include:
+        space.check(arch)
+    extra = list({arch.id: arch for arch in include if arch.id not in seen}.values())
+    archs = extra + fresh_architectures(space, candidates, seen | {a.id for a in extra},
+                                        random.Random(f"{seed}:candidates:{iteration}"))
     validation = ValidationSet(task.data.cases["test"], task.prep, task.templates, task.class_names)
     scored = evaluate_candidates(supernet.eval(), archs, validation, device=pick_device(device),
                                  **measure_options)
     document["space"] = space.to_json()
     document["iterations"].append({"iteration": iteration, "constraints": {"drop": list(drop), "lock": list(lock)},
                                    "steps": after["step"] - done_steps, "candidates": [c["id"] for c in scored]})
-    document["candidates"] += [{"id": c["id"], "iteration": iteration, **{k: v for k, v in c.items() if k != "id"}}
+    document["candidates"] += [{"id": c["id"], "iteration": iteration, **{k: v for k, v in c.items() if k != "id"},
+                                **({"reference": True} if c["id"] in {a.id for a in extra} else {})}
                                for c in scored]
     with atomic_path(run / CANDIDATES_FILE) as partial:
         partial.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
