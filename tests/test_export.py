@@ -331,3 +331,25 @@ def test_cli_help_and_clear_errors(tmp_path):
         assert result.exit_code == 1 and len(errors) == 1 and re.search(message, errors[0]), result.output
         assert "Traceback" not in result.output
     assert not (tmp_path / "repo").exists()
+
+
+def test_a_segmenter_that_never_reads_its_template_keeps_the_template_input(tmp_path):
+    """Fused at no level (an architecture search may pick that), the network ignores its template; the exporter would
+    drop the input, so clients and Triton configs would differ by model. ``keep_declared_inputs`` puts it back."""
+    from ctzoo.export.graphs import export_graph, segmenter_graph
+    from ctzoo.models.template_seg import TemplateSegNet
+
+    net = TemplateSegNet(num_classes=2, channels=(4, 8), strides=(2,), fusion_levels=()).eval()
+    generator = torch.Generator().manual_seed(0)
+    example = {"image": torch.randn(2, 1, 32, 32, generator=generator),
+               "template": torch.randn(2, 3, 32, 32, generator=generator)}
+    path = tmp_path / "model.onnx"
+    export_graph(segmenter_graph(net, [("random", example)]), path, opset=17)
+    model = onnx.load(str(path))
+    assert [value.name for value in model.graph.input] == ["image", "template"]
+    template_shape = [d.dim_param or d.dim_value for d in model.graph.input[1].type.tensor_type.shape.dim]
+    assert template_shape == ["batch", 3, 32, 32]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {name: tensor.numpy() for name, tensor in example.items()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, net(example["image"], example["template"]).numpy(), atol=1e-4)

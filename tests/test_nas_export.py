@@ -1,4 +1,5 @@
-"""``ctzoo nas export``: a search candidate retrained standalone and published as a bundle that infer runs."""
+"""``ctzoo nas export``: a search candidate retrained standalone and published as a bundle that ``ctzoo infer``,
+``ctzoo export`` and ``ctzoo serve`` run."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ TINY = {"task": "template_seg", "data": {"spacing_mm": 6.0, "size": [64, 64], "v
         "optim": {"epochs": 1, "batch_size": 4, "num_workers": 0}, "repeats": 1}
 
 
-def test_a_candidate_becomes_a_bundle_that_infer_runs(fetched_samples, tmp_path):
+def test_a_candidate_becomes_a_bundle_that_infer_export_and_serve_run(fetched_samples, tmp_path):
     config, run, bundle_dir = tmp_path / "tiny.yaml", tmp_path / "run", tmp_path / "picked"
     config.write_text(yaml.safe_dump(TINY))
     document = search_iteration(load_seg_config(config), run, candidates=2, device="cpu", runs=2, warmup=1)
@@ -51,6 +52,40 @@ def test_a_candidate_becomes_a_bundle_that_infer_runs(fetched_samples, tmp_path)
                                          "--workers", "0", "--no-overlay", "--device", "cpu"])
     assert inferred.exit_code == 0, inferred.output
     assert list((tmp_path / "infer").glob("*/labels.nii.gz"))
+    exported_and_served(bundle_dir, tmp_path)
+
+
+def exported_and_served(bundle_dir, tmp_path) -> None:
+    """``ctzoo export`` of the bundle (ONNX, checked against PyTorch), then ``ctzoo serve``'s study endpoint on it
+    gives the label map ``ctzoo infer --backend onnx`` gives."""
+    import dataclasses
+
+    import nibabel as nib
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from ctzoo.datasets.samples import sample_ct_dicom
+    from ctzoo.io import read_volume, write_volume
+    from ctzoo.serve.app import create_app
+    from ctzoo.serve.studies import study_router
+
+    repo, token = tmp_path / "repo", "nas-export-test-token-0123"
+    exported = CliRunner().invoke(main, ["export", str(bundle_dir), "--out", str(repo)])
+    assert exported.exit_code == 0, exported.output
+    [served] = [folder for folder in repo.iterdir() if folder.is_dir()]
+    volume = read_volume(sample_ct_dicom(), progress=False)
+    ct = write_volume(dataclasses.replace(volume, array=volume.array[4:10].copy(), dicom=None), tmp_path / "ct.nii.gz")
+    inferred = CliRunner().invoke(main, ["infer", str(ct), "--model", str(served), "--backend", "onnx", "--out",
+                                         str(tmp_path / "onnx"), "--workers", "0", "--no-overlay"])
+    assert inferred.exit_code == 0, inferred.output
+    app = create_app(repo, [token], device="cpu", threads=1, max_upload_mb=16, extra_routers=[study_router("cpu")])
+    with TestClient(app) as client:
+        labels = client.post(f"/studies/{served.name}?format=nifti", content=ct.read_bytes(),
+                             headers={"Authorization": f"Bearer {token}"})
+    assert labels.status_code == 200, labels.text
+    (tmp_path / "served.nii.gz").write_bytes(labels.content)
+    np.testing.assert_array_equal(nib.load(tmp_path / "served.nii.gz").get_fdata(),
+                                  nib.load(tmp_path / "onnx" / "ct" / "labels.nii.gz").get_fdata())
 
 
 def test_an_unknown_candidate_is_a_clear_error(tmp_path):

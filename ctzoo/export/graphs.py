@@ -220,6 +220,36 @@ def export_graph(graph: Graph, path: Path, opset: int) -> None:
         torch.onnx.export(graph.module, tuple(graph.example.values()), str(path), input_names=list(graph.example),
                           output_names=graph.outputs, dynamic_axes=graph.dynamic_axes, opset_version=opset,
                           do_constant_folding=True, dynamo=False)
+    keep_declared_inputs(path, graph)
+
+
+def keep_declared_inputs(path: Path, graph: Graph) -> None:
+    """Put back the inputs the exporter dropped because the network never reads them (a template segmenter fused at
+    no level, e.g. an architecture search's candidate, ignores its template), so every graph of a kind has the same
+    signature: clients, the Triton config and the parity check send each declared input. ONNX allows an unused
+    graph input; ONNX Runtime accepts it and ignores its value."""
+    import onnx
+
+    model = onnx.load(str(path))
+    present = {value.name for value in model.graph.input}
+    missing = [name for name in graph.example if name not in present]
+    if not missing:
+        return
+    kinds = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
+             torch.int64: onnx.TensorProto.INT64}
+    declared = []
+    for name, tensor in graph.example.items():
+        if name in present:
+            declared.append(next(value for value in model.graph.input if value.name == name))
+            continue
+        axes = graph.dynamic_axes.get(name, {})
+        shape = [axes.get(axis, size) for axis, size in enumerate(tensor.shape)]
+        declared.append(onnx.helper.make_tensor_value_info(name, kinds[tensor.dtype], shape))
+    others = [value for value in model.graph.input if value.name not in graph.example]  # e.g. initializers
+    del model.graph.input[:]
+    model.graph.input.extend(declared + others)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
 
 
 def to_fp16(path: Path) -> None:
