@@ -8,6 +8,7 @@ import warnings
 import click
 
 from ctzoo import __version__
+from ctzoo.cli.cohort import cohort
 from ctzoo.cli.data import data
 from ctzoo.cli.expand import expand
 from ctzoo.cli.export import export
@@ -44,6 +45,7 @@ def main(verbose: int) -> None:
       ctzoo expand MODEL --width-mult 2 --out DIR   grow a trained model losslessly (LEMON)
       ctzoo perf report STORE --out R.html  latency anomalies and their provenance (--perf on a command)
       ctzoo nas view RUN                    a NAS search run's candidates: Dice vs latency, front, effects
+      ctzoo cohort build INPUTS --out DIR   the cohort table: age, sex, scanner, protocol per series
 
     Run 'ctzoo COMMAND --help' for the options of each command.
     """
@@ -67,3 +69,4 @@ main.add_command(expand)
 main.add_command(perf)
 main.add_command(place)
 main.add_command(nas)
+main.add_command(cohort)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import socket
 import stat
 from pathlib import Path
@@ -20,6 +19,7 @@ from pydantic import Field, field_validator
 from ctzoo.config import ConfigError, StrictConfig, load_config
 from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
+from ctzoo.io.privacy import salt_from
 
 __all__ = ["PacsConfig", "load_pacs_config"]
 
@@ -162,15 +162,7 @@ class PacsConfig(StrictConfig):
 
     def salt(self) -> str:
         """The salt of patient-id hashes: ``$CTZOO_PACS_SALT``, else ``state_dir/salt`` (created once)."""
-        if os.environ.get(SALT_ENV):
-            return os.environ[SALT_ENV]
-        path = self.state_dir / "salt"
-        if not path.exists():
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(secrets.token_hex(32))
-        return path.read_text().strip()
+        return salt_from(SALT_ENV, self.state_dir)
 
 
 def _warn_if_readable(path: Path) -> None:

@@ -31,7 +31,6 @@ the caller); ``enqueue`` refuses anything that is not such a hash.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sqlite3
@@ -41,6 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+
+from ctzoo.io.privacy import patient_hash  # noqa: F401  (the ledger's hashes; callers import it from here too)
 
 __all__ = ["Job", "JobState", "Ledger", "LeaseLost", "patient_hash"]
 
@@ -58,14 +59,6 @@ class JobState(str, Enum):
 
 class LeaseLost(RuntimeError):
     """The job is no longer held by this worker (its lease expired and another worker took it, or it ended)."""
-
-
-def patient_hash(patient_id: str, salt: str | bytes) -> str:
-    """Salted SHA-256 hex digest of a patient id; the only form in which the ledger keeps one."""
-    if not salt:
-        raise ValueError("a non-empty salt is required")
-    salt_b = salt.encode() if isinstance(salt, str) else salt
-    return hashlib.sha256(salt_b + b"\x1f" + patient_id.encode()).hexdigest()
 
 
 @dataclass

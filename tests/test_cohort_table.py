@@ -1,0 +1,110 @@
+"""``ctzoo cohort build``: the cohort table's context modality from real CT headers, a volume file and DeepLesion's
+CSV, with identifiers only as salted hashes and missing fields as explicit 'unknown' groups."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import stat
+
+import pydicom
+import pytest
+from click.testing import CliRunner
+
+from ctzoo.cli import main
+from ctzoo.cohort.context import UNKNOWN, dicom_age
+from ctzoo.datasets.deeplesion.info_csv import read_dl_info
+from ctzoo.io import write_volume
+from ctzoo.io.privacy import patient_hash
+
+PATIENT = {"PatientName": "Roe^Richard", "PatientID": "MRN-77120", "PatientAge": "063Y", "PatientSex": "M"}
+
+
+@pytest.fixture
+def named_series(sent_files, tmp_path):
+    """The sample series as a hospital sends it: with a patient name, id, age and sex."""
+    folder = tmp_path / "named"
+    folder.mkdir()
+    for file in sent_files:
+        dataset = pydicom.dcmread(file)
+        for keyword, value in PATIENT.items():
+            setattr(dataset, keyword, value)
+        dataset.save_as(folder / file.name, enforce_file_format=True)
+    return folder
+
+
+def test_dicom_ages():
+    assert [dicom_age(text) for text in ("045Y", "006M", "052W", "014D", "", "45", "045X", None)] == \
+        [45.0, 0.5, 1.0, 0.04, None, None, None, None]
+
+
+def test_a_table_from_dicom_a_volume_file_and_a_broken_file(named_series, sample_volume, tmp_path, monkeypatch):
+    monkeypatch.delenv("CTZOO_COHORT_SALT", raising=False)
+    nifti = write_volume(dataclasses.replace(sample_volume, dicom=None), tmp_path / "inputs" / "ct.nii.gz")
+    (tmp_path / "inputs" / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    out = tmp_path / "cohort"
+    result = CliRunner().invoke(main, ["cohort", "build", str(named_series), str(tmp_path / "inputs"), "--out",
+                                       str(out)])
+    assert result.exit_code == 0, result.output
+    assert "2 series, 1 failed" in result.output
+    document = json.loads((out / "cohort.json").read_text())
+    salt = (out / "salt").read_text().strip()
+    assert stat.S_IMODE((out / "salt").stat().st_mode) == 0o600
+    dicom_row, volume_row = sorted(document["rows"], key=lambda row: row["source"])
+    header = pydicom.dcmread(next(named_series.iterdir()), stop_before_pixels=True)
+    assert dicom_row["patient"] == patient_hash(PATIENT["PatientID"], salt)[:16]
+    assert dicom_row["series"] == patient_hash(header.SeriesInstanceUID, salt)[:16]
+    assert (dicom_row["age_years"], dicom_row["age_band"], dicom_row["sex"]) == (63.0, "60-79", "M")
+    assert dicom_row["manufacturer"] == header.Manufacturer and dicom_row["model"] == header.ManufacturerModelName
+    assert dicom_row["kvp"] == float(header.KVP) and dicom_row["tube_current_ma"] == float(header.XRayTubeCurrent)
+    assert dicom_row["kernel"] == "/".join(header.ConvolutionKernel)
+    assert dicom_row["slice_thickness_mm"] == float(header.SliceThickness) and dicom_row["slices"] == 20
+    assert dicom_row["contrast"] == "yes" and dicom_row["contrast_agent"] == header.ContrastBolusAgent
+    assert dicom_row["spacing_z_mm"] == pytest.approx(sample_volume.spacing[2], abs=1e-5)
+    # a volume file has spacing and slices, and says 'unknown' for everything its header cannot hold
+    assert volume_row["source"] == "volume" and volume_row["slices"] == sample_volume.array.shape[0]
+    assert volume_row["spacing_x_mm"] == pytest.approx(sample_volume.spacing[0], abs=1e-5)
+    for column in ("patient", "sex", "manufacturer", "kernel", "contrast", "age_band"):
+        assert volume_row[column] == UNKNOWN, column
+    assert volume_row["age_years"] is None and volume_row["kvp"] is None
+    # groups count every row, unknown included; the broken file is listed, not dropped
+    assert document["groups"]["sex"] == {"M": 1, UNKNOWN: 1}
+    assert all(sum(counts.values()) == 2 for counts in document["groups"].values())
+    assert [entry["input"] for entry in document["failed"]] == ["broken"]
+    # identifiers never leave the headers
+    written = (out / "cohort.csv").read_text() + (out / "cohort.json").read_text() + result.output
+    for value in ("Roe", "Richard", PATIENT["PatientID"]):
+        assert value not in written
+    assert nifti.exists()
+
+
+def test_deeplesion_rows_and_a_shared_salt(small_deeplesion_mini, tmp_path, monkeypatch):
+    monkeypatch.setenv("CTZOO_COHORT_SALT", "site-salt-0123456789")
+    csv_path = small_deeplesion_mini / "DL_info.csv"
+    result = CliRunner().invoke(main, ["cohort", "build", "--deeplesion", str(csv_path), "--out",
+                                       str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "a" / "cohort.json").read_text())
+    lesions = read_dl_info(csv_path)
+    assert document["salt"] == "env" and not (tmp_path / "a" / "salt").exists()
+    assert len(document["rows"]) == len({row.series_folder for row in lesions})
+    assert sum(row["lesions"] for row in document["rows"]) == len(lesions)
+    by_series = {row["series"]: row for row in document["rows"]}
+    first = {}
+    for lesion in lesions:
+        first.setdefault(lesion.series_folder, lesion)
+    for folder, lesion in first.items():  # the series' window: its first row's
+        row = by_series[patient_hash(folder, "site-salt-0123456789")[:16]]
+        assert (row["window_low_hu"], row["window_high_hu"]) == tuple(lesion.dicom_windows)
+    for lesion in lesions:
+        row = by_series[patient_hash(lesion.series_folder, "site-salt-0123456789")[:16]]
+        assert row["source"] == "deeplesion" and row["age_years"] == lesion.patient_age
+        assert row["sex"] == lesion.patient_gender and lesion.lesion_type in row["lesion_types"].split("/")
+    again = CliRunner().invoke(main, ["cohort", "build", "--deeplesion", str(csv_path), "--out", str(tmp_path / "b")])
+    assert again.exit_code == 0
+    assert json.loads((tmp_path / "b" / "cohort.json").read_text())["rows"] == document["rows"]  # tables join
+
+
+def test_nothing_to_build_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(main, ["cohort", "build", "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "give CT inputs" in result.output
