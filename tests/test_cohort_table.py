@@ -76,17 +76,34 @@ def test_a_table_from_dicom_a_volume_file_and_a_broken_file(named_series, sample
     for value in ("Roe", "Richard", PATIENT["PatientID"]):
         assert value not in written
     assert nifti.exists()
+    # the image modality: the zoo models' outputs, as ctzoo infer writes them for the same series
+    inferred = CliRunner().invoke(main, ["infer", str(named_series), "--model", "recistnet-mini", "--model",
+                                         "template-seg-abdomen", "--out", str(tmp_path / "infer"), "--workers", "0",
+                                         "--no-overlay", "--device", "cpu"])
+    assert inferred.exit_code == 0, inferred.output
+    [detections] = (tmp_path / "infer").glob("*/detections.json")
+    [segmentation] = (tmp_path / "infer").glob("*/segmentation.json")
+    lesions = json.loads(detections.read_text())["lesions"]
+    assert dicom_row["findings"] == len(lesions) > 0
+    assert dicom_row["finding_long_mm"] == max(lesion["long_axis_mm"] for lesion in lesions)
+    organs = json.loads(segmentation.read_text())["classes"]
+    assert {f"{name}_ml": dicom_row[f"{name}_ml"] for name in organs} == \
+        {f"{name}_ml": organ["volume_ml"] for name, organ in organs.items()}
+    assert dicom_row["liver_ml"] > 0 and document["models"] == ["recistnet-mini", "template-seg-abdomen"]
+    assert document["modalities"]["image"] == ["findings", "finding_long_mm", "finding_score",
+                                               *(f"{name}_ml" for name in organs)]
 
 
 def test_deeplesion_rows_and_a_shared_salt(small_deeplesion_mini, tmp_path, monkeypatch):
     monkeypatch.setenv("CTZOO_COHORT_SALT", "site-salt-0123456789")
     csv_path = small_deeplesion_mini / "DL_info.csv"
     result = CliRunner().invoke(main, ["cohort", "build", "--deeplesion", str(csv_path), "--out",
-                                       str(tmp_path / "a")])
+                                       str(tmp_path / "a"), "--context-only"])
     assert result.exit_code == 0, result.output
     document = json.loads((tmp_path / "a" / "cohort.json").read_text())
     lesions = read_dl_info(csv_path)
     assert document["salt"] == "env" and not (tmp_path / "a" / "salt").exists()
+    assert document["models"] == [] and document["modalities"]["image"] == []
     assert len(document["rows"]) == len({row.series_folder for row in lesions})
     assert sum(row["lesions"] for row in document["rows"]) == len(lesions)
     by_series = {row["series"]: row for row in document["rows"]}
@@ -100,7 +117,8 @@ def test_deeplesion_rows_and_a_shared_salt(small_deeplesion_mini, tmp_path, monk
         row = by_series[patient_hash(lesion.series_folder, "site-salt-0123456789")[:16]]
         assert row["source"] == "deeplesion" and row["age_years"] == lesion.patient_age
         assert row["sex"] == lesion.patient_gender and lesion.lesion_type in row["lesion_types"].split("/")
-    again = CliRunner().invoke(main, ["cohort", "build", "--deeplesion", str(csv_path), "--out", str(tmp_path / "b")])
+    again = CliRunner().invoke(main, ["cohort", "build", "--deeplesion", str(csv_path), "--out", str(tmp_path / "b"),
+                                      "--context-only"])
     assert again.exit_code == 0
     assert json.loads((tmp_path / "b" / "cohort.json").read_text())["rows"] == document["rows"]  # tables join
 

@@ -1,13 +1,16 @@
 """``ctzoo cohort build``: the cohort table of a set of CT inputs (and DeepLesion's CSV), written as
 ``COHORT/cohort.csv`` (one row per series, :data:`~ctzoo.cohort.context.COLUMNS`) and ``COHORT/cohort.json``::
 
-    {"schema": 1, "columns": [...], "rows": [{column: value}], "groups": {column: {value: count}},
-     "failed": [{"input", "reason"}], "salt": "env" | "file"}
+    {"schema": 1, "columns": [...], "modalities": {"context": [...], "image": [...]}, "models": [...],
+     "rows": [{column: value}], "groups": {column: {value: count}}, "failed": [{"input", "reason"}],
+     "salt": "env" | "file"}
 
 An input that cannot be read is listed in ``failed`` with the reason (never silently dropped); a field its headers
 lack is :data:`~ctzoo.cohort.context.UNKNOWN` and counts as that group. The salt of the hashes comes from
 ``$CTZOO_COHORT_SALT`` (share it between sites or runs whose tables must join) or ``COHORT/salt``, created once.
-Only the context modality is built so far: the image modality (zoo model outputs) is issue 26's next step.
+The context modality comes from the headers (:mod:`ctzoo.cohort.context`), the image modality from running the zoo
+``models`` on each volume (:mod:`ctzoo.cohort.image`; DeepLesion rows have none: their PNG slabs are not studies to
+run). A model that fails on a study leaves that row's image columns empty and its reason in ``image_error``.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from ctzoo.cohort.context import COLUMNS, deeplesion_context, group_counts, volume_context
+from ctzoo.cohort.image import image_columns
 from ctzoo.datasets.deeplesion.info_csv import read_dl_info
 from ctzoo.inference.inputs import discover_cases
+from ctzoo.inference.tasks import model_task
 from ctzoo.io.atomic import atomic_path
 from ctzoo.io.image_files import read_volume
 from ctzoo.io.privacy import salt_from
+from ctzoo.models.bundle import load_bundle
 
 SCHEMA = 1
 SALT_ENV = "CTZOO_COHORT_SALT"
@@ -33,11 +39,16 @@ TABLE_FILE, DOCUMENT_FILE = "cohort.csv", "cohort.json"
 
 
 def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: str | Path | None = None,
+                 models: Sequence[str] = (), device: str = "cpu",
                  say: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Read every CT input (what ``ctzoo infer`` accepts; headers and voxels within the default resource limits)
-    and DeepLesion's ``DL_info.csv``, write ``out/cohort.csv`` and ``out/cohort.json``; return the document."""
+    """Read every CT input (what ``ctzoo infer`` accepts; headers and voxels within the default resource limits),
+    run ``models`` (zoo names or bundle folders, PyTorch on ``device``) on each, read DeepLesion's ``DL_info.csv``,
+    write ``out/cohort.csv`` and ``out/cohort.json``; return the document."""
     out = Path(out)
     salt = salt_from(SALT_ENV, out)
+    bundles = [load_bundle(name) for name in models]
+    tasks = [model_task(bundle, "torch", device) for bundle in bundles]
+    class_names = {bundle.name: bundle.class_names for bundle in bundles}
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
     cases = discover_cases(inputs) if inputs else []
@@ -48,26 +59,36 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
             failed.append({"input": case.name, "reason": f"{type(error).__name__}: {error}"})
             say(f"[{index}/{len(cases)}] {case.name}: not read ({type(error).__name__})")
             continue
-        rows.append(volume_context(volume, salt, case.name))
+        row = volume_context(volume, salt, case.name)
+        try:
+            row |= image_columns(volume, tasks, class_names)
+        except Exception as error:  # the context stands; the image modality of this study is missing, with why
+            row["image_error"] = f"{type(error).__name__}: {error}"
+        rows.append(row)
         say(f"[{index}/{len(cases)}] {case.name}: {rows[-1]['source']}, {rows[-1]['slices']} slices")
     if deeplesion_csv is not None:
         series = deeplesion_context(read_dl_info(deeplesion_csv), salt)
         rows += series
         say(f"{deeplesion_csv}: {len(series)} DeepLesion series")
-    document = {"schema": SCHEMA, "columns": list(COLUMNS), "rows": rows, "groups": group_counts(rows),
+    image = list(dict.fromkeys(k for row in rows for k in row if k not in COLUMNS and k != "thickness_band"))
+    rows = [{column: row.get(column) for column in [*COLUMNS, "thickness_band", *image]} for row in rows]
+    document = {"schema": SCHEMA, "columns": [*COLUMNS, *image], "models": [b.name for b in bundles],
+                "modalities": {"context": list(COLUMNS[3:]), "image": image}, "rows": rows,
+                "groups": group_counts(rows),
                 "failed": failed, "salt": "env" if os.environ.get(SALT_ENV) else "file"}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / TABLE_FILE) as partial:
-        partial.write_text(table_csv(rows), encoding="utf-8")
+        partial.write_text(table_csv(rows, image), encoding="utf-8")
     with atomic_path(out / DOCUMENT_FILE) as partial:
         partial.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     return document
 
 
-def table_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as CSV, :data:`COLUMNS` and the derived ``thickness_band``; None as an empty cell."""
+def table_csv(rows: Sequence[dict[str, Any]], image: Sequence[str] = ()) -> str:
+    """The rows as CSV: :data:`COLUMNS`, the derived ``thickness_band``, then the ``image`` columns; None as an
+    empty cell."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS, "thickness_band"], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS, "thickness_band", *image], lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
     return buffer.getvalue()

@@ -1,0 +1,49 @@
+"""The cohort table's image modality, summarised from the zoo models' outputs on each series (the same stages
+``ctzoo infer`` runs, :func:`~ctzoo.inference.tasks.run_task`):
+
+* a detector (RECIST-Net): ``findings`` at its operating point, the largest finding's ``finding_long_mm`` and the
+  highest ``finding_score`` (None without findings);
+* a segmenter: ``<organ>_ml`` per class, as ``segmentation.json`` reports it
+  (:func:`~ctzoo.inference.segment_volume.seg_summary`; 0 for an organ not found).
+
+Column names carry no model name when one detector and one segmenter run (the usual pair); with several of a kind,
+later ones are prefixed ``<model>:``. Pooled lesion features per detection are not here yet (issue 26).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ctzoo.inference.segment_volume import seg_summary
+from ctzoo.inference.tasks import ModelTask, run_task
+from ctzoo.io.volume import Volume
+
+
+def detector_columns(document: dict[str, Any]) -> dict[str, Any]:
+    """``findings``, ``finding_long_mm``, ``finding_score`` of a ``detections.json`` document."""
+    lesions = document["lesions"]
+    return {"findings": len(lesions),
+            "finding_long_mm": max((lesion["long_axis_mm"] for lesion in lesions), default=None),
+            "finding_score": max((lesion["score"] for lesion in lesions), default=None)}
+
+
+def segmenter_columns(labels: Any, volume: Volume, class_names: Sequence[str]) -> dict[str, Any]:
+    """``<organ>_ml`` of a label map on ``volume``."""
+    classes = seg_summary(labels, volume, class_names)["classes"]
+    return {f"{name}_ml": classes[name]["volume_ml"] for name in class_names}
+
+
+def image_columns(volume: Volume, tasks: Sequence[ModelTask], class_names: dict[str, Sequence[str]]) -> dict[str, Any]:
+    """The image modality of one series: every task run on ``volume``, its outputs summarised
+    (``class_names``: each segmentation task's classes, by model name)."""
+    row: dict[str, Any] = {}
+    seen: set[str] = set()
+    for task in tasks:
+        output = run_task(task, volume)
+        columns = (segmenter_columns(output, volume, class_names[task.model_name]) if task.task == "segmentation"
+                   else detector_columns(output))
+        prefix = f"{task.model_name}:" if task.task in seen else ""
+        seen.add(task.task)
+        row |= {f"{prefix}{name}": value for name, value in columns.items()}
+    return row
