@@ -197,8 +197,12 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
       curl -H "Authorization: Bearer $CTZOO_SERVE_TOKENS" --data-binary @ct.nii.gz \\
            localhost:8000/studies/recistnet-mini
     """
+    import faulthandler
+
     from ctzoo.serve.app import create_app
     from ctzoo.serve.studies import study_router
+
+    faulthandler.enable()  # a native crash (a decoder, a runtime) leaves every thread's Python stack in the log
 
     tokens = read_tokens(token_file)
     if not tokens and not insecure_no_auth:

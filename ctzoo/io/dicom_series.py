@@ -49,6 +49,7 @@ from ctzoo.io.dicom_scan import (
     scan_folder,
 )
 from ctzoo.io.dicom_uids import repair_uids
+from ctzoo.io.itk_threads import first_use_alone
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 from ctzoo.io.volume import DicomSource, Volume
 
@@ -145,7 +146,8 @@ def decode_slice_hu(header: SliceHeader) -> np.ndarray:
         if monochrome1 or not transfer_syntax.is_compressed:
             pixels = pydicom.pixels.apply_modality_lut(full.pixel_array, full).astype(np.float32)
         else:
-            pixels = sitk.GetArrayFromImage(sitk.ReadImage(header.path, sitk.sitkFloat32))
+            image = first_use_alone("gdcm", lambda: sitk.ReadImage(header.path, sitk.sitkFloat32))
+            pixels = sitk.GetArrayFromImage(image)
     except Exception as exc:
         raise DicomError(f"{header.display_name}: cannot decode pixel data "
                          f"(transfer syntax {transfer_syntax.name or transfer_syntax or '?'}): "

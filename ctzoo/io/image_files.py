@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_scan import DicomError, SeriesRules, read_header, zip_declared_voxels
 from ctzoo.io.dicom_series import read_dicom_series
+from ctzoo.io.itk_threads import first_use_alone
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits, UnsafeInput, check_self_contained
 from ctzoo.io.orientation import geometry_from_affine, ras_to_lps_affine
 from ctzoo.io.volume import Volume
@@ -96,7 +97,7 @@ def _open_itk(path: str | Path, limits: ResourceLimits) -> tuple[sitk.ImageFileR
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        first_use_alone(f"itk:{Path(path).suffix.lower()}", reader.ReadImageInformation)
     except RuntimeError as exc:
         raise ValueError(f"{path}: SimpleITK cannot read it: {str(exc).strip().splitlines()[-1]}") from exc
     voxels = limits.check_voxels((*reader.GetSize(), reader.GetNumberOfComponents()), Path(path).name)
