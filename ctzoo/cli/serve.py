@@ -202,7 +202,10 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
     from ctzoo.serve.app import create_app
     from ctzoo.serve.studies import study_router
 
-    faulthandler.enable()  # a native crash (a decoder, a runtime) leaves every thread's Python stack in the log
+    try:  # a native crash (a decoder, a runtime) leaves every thread's Python stack in the log
+        faulthandler.enable()
+    except (OSError, ValueError, AttributeError):  # stderr is no file descriptor (a CliRunner in tests): no dump
+        pass
 
     tokens = read_tokens(token_file)
     if not tokens and not insecure_no_auth:
