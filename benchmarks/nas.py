@@ -170,13 +170,13 @@ def rescore(run: Path, config: Path, document: dict, ids: list[str], record: Pat
 def latencies(space: SearchSpace, archs: dict[str, Architecture], rounds: int = 5) -> dict[str, dict]:
     """Each architecture's ONNX Runtime latency (1 thread, 128²) measured in interleaved rounds, the median."""
     nets = {name: TemplateSegNet(**subnet_config(space, arch)) for name, arch in archs.items()}
-    times: dict[str, list[float]] = {name: [] for name in nets}
+    rounds_of: dict[str, list[dict]] = {name: [] for name in nets}
     for _ in range(rounds):
         for name, net in nets.items():
-            times[name].append(measure(net)["latency_ms"])
-    return {name: {"latency_ms": statistics.median(t), "rounds_ms": t, **{k: v for k, v in measure(nets[name]).items()
-                                                                          if k in ("params", "flops")}}
-            for name, t in times.items()}
+            rounds_of[name].append(measure(net))
+    return {name: {"latency_ms": statistics.median(r["latency_ms"] for r in runs),
+                   "rounds_ms": [r["latency_ms"] for r in runs], "params": runs[0]["params"],
+                   "flops": runs[0]["flops"]} for name, runs in rounds_of.items()}
 
 
 def shipped_bundle_dice(config: Path) -> dict:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ctzoo.pacs.ledger import JobState, LeaseLost, Ledger, patient_hash
+from ctzoo.io.privacy import patient_hash
+from ctzoo.pacs.ledger import JobState, LeaseLost, Ledger
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,9 @@ from series_variants import variant_series
 from ctzoo.export.repository import ensure_graphs
 from ctzoo.inference.tasks import model_task
 from ctzoo.io.dicom_scan import SeriesRules
+from ctzoo.io.privacy import patient_hash
 from ctzoo.models import load_bundle
-from ctzoo.pacs.ledger import JobState, Ledger, patient_hash
+from ctzoo.pacs.ledger import JobState, Ledger
 from ctzoo.pacs.listener import AEAddress, DestinationUnavailable, DicomListener, send_files
 from ctzoo.perf import PerfMonitor
 

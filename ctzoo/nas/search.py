@@ -193,9 +193,9 @@ def search_iteration(cfg: TemplateSegTrainConfig, run: str | Path, epochs: int =
     seen = {c["id"] for c in document["candidates"]}
     for arch in include:
         space.check(arch)
-    extra = list({arch.id: arch for arch in include if arch.id not in seen}.values())
-    archs = extra + fresh_architectures(space, candidates, seen | {a.id for a in extra},
-                                        random.Random(f"{seed}:candidates:{iteration}"))
+    extra = {arch.id: arch for arch in include if arch.id not in seen}
+    archs = [*extra.values(), *fresh_architectures(space, candidates, seen | set(extra),
+                                                   random.Random(f"{seed}:candidates:{iteration}"))]
     validation = ValidationSet(task.data.cases["test"], task.prep, task.templates, task.class_names)
     scored = evaluate_candidates(supernet.eval(), archs, validation, device=pick_device(device),
                                  **measure_options)
@@ -203,7 +203,7 @@ def search_iteration(cfg: TemplateSegTrainConfig, run: str | Path, epochs: int =
     document["iterations"].append({"iteration": iteration, "constraints": {"drop": list(drop), "lock": list(lock)},
                                    "steps": after["step"] - done_steps, "candidates": [c["id"] for c in scored]})
     document["candidates"] += [{"id": c["id"], "iteration": iteration, **{k: v for k, v in c.items() if k != "id"},
-                                **({"reference": True} if c["id"] in {a.id for a in extra} else {})}
+                                **({"reference": True} if c["id"] in extra else {})}
                                for c in scored]
     with atomic_path(run / CANDIDATES_FILE) as partial:
         partial.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

@@ -25,7 +25,7 @@ Exactly once, and what the ledger guarantees
   stores once. So delivery is at least once and the effect is exactly once.
 
 Privacy: the ledger stores SeriesInstanceUIDs (needed to fetch the series; UIDs are not patient
-identifiers). A patient id is only ever stored as a salted SHA-256 (:func:`patient_hash`, salt from
+identifiers). A patient id is only ever stored as a salted SHA-256 (:func:`ctzoo.io.privacy.patient_hash`, salt from
 the caller); ``enqueue`` refuses anything that is not such a hash.
 """
 
@@ -41,9 +41,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from ctzoo.io.privacy import patient_hash  # noqa: F401  (the ledger's hashes; callers import it from here too)
-
-__all__ = ["Job", "JobState", "Ledger", "LeaseLost", "patient_hash"]
+__all__ = ["Job", "JobState", "Ledger", "LeaseLost"]
 
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 

@@ -40,9 +40,10 @@ from ctzoo.inference.tasks import ModelTask
 from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.io.limits import DEFAULT_LIMITS, LimitExceeded, ResourceLimits
+from ctzoo.io.privacy import patient_hash
 from ctzoo.pacs.core import BadSeries, SeriesWorker, series_tag
 from ctzoo.pacs.job_events import JobEvents, ReceiveTimes, instance_count
-from ctzoo.pacs.ledger import Job, JobState, Ledger, patient_hash
+from ctzoo.pacs.ledger import Job, JobState, Ledger
 
 __all__ = ["AEAddress", "DestinationUnavailable", "DicomListener", "send_files"]
 

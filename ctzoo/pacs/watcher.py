@@ -24,8 +24,9 @@ from ctzoo.inference.tasks import ModelTask
 from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
+from ctzoo.io.privacy import patient_hash
 from ctzoo.pacs.core import BadSeries, SeriesWorker, series_tag
-from ctzoo.pacs.ledger import Job, Ledger, patient_hash
+from ctzoo.pacs.ledger import Job, Ledger
 from ctzoo.pacs.orthanc import OrthancClient, OrthancError, OrthancUnavailable, _safe_id
 
 __all__ = ["OrthancWatcher", "series_tag"]
