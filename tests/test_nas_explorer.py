@@ -21,9 +21,9 @@ import pytest
 from click.testing import CliRunner
 
 from ctzoo.cli import main
+from ctzoo.io.projection import embedding
 from ctzoo.nas.explorer import (
     ABSENT,
-    embedding,
     flatten,
     iteration_history,
     marginal_effects,

@@ -9,7 +9,7 @@ from monai.data import MetaTensor
 
 from ctzoo.datasets.deeplesion.recist import canonical_order
 from ctzoo.models.recist_grouping import box_from_points, group_keypoints, recist_order
-from ctzoo.models.recistnet import RecistNet
+from ctzoo.models.recistnet import RecistNet, pool_box_features
 from ctzoo.models.recistnet_targets import (
     focal_loss,
     make_targets,
@@ -62,6 +62,24 @@ def test_forward_shapes_and_parameter_counts(backbone, size, low, high):
     assert type(model(MetaTensor(torch.zeros(1, 3, 64, 64)))["heatmaps"]) is torch.Tensor  # plain tensors out
     # CenterNet prior: every heatmap starts near p = 0.1
     assert torch.allclose(model.heatmap_head[-1].bias, torch.full((5,), -2.19))
+
+
+def test_feature_map_and_heads_are_forward_and_boxes_pool_their_cells():
+    net = RecistNet(in_channels=3, width=8, head_channels=16).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        features = net.feature_map(x)
+        split, whole = net.heads(features), net(x)
+    assert features.shape == (1, 16, 16, 16)
+    assert all(torch.equal(split[key], whole[key]) for key in whole)
+    plane = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 16, 16)
+    boxes = torch.tensor([[8.0, 4.0, 15.0, 11.0],  # cells x 2-3, y 1-2
+                          [-20.0, -20.0, -10.0, -10.0],  # outside: the corner cell
+                          [60.0, 60.0, 200.0, 200.0]])  # clipped to the last cell
+    pooled = pool_box_features(plane, boxes, down_ratio=4)
+    assert torch.equal(pooled[0], plane[:, 1:3, 2:4].mean(dim=(1, 2)))
+    assert torch.equal(pooled[1], plane[:, 0, 0]) and torch.equal(pooled[2], plane[:, 15, 15])
+    assert pool_box_features(plane, torch.zeros((0, 4)), 4).shape == (0, 2)
 
 
 def test_unknown_backbone_and_stride_are_refused():

@@ -12,9 +12,13 @@ def cohort() -> None:
     """Cohorts of CT studies: who and what the zoo's models are run on (HealthPrism).
 
     \b
-      ctzoo cohort build INPUTS... --out COHORT    the cohort table: one row per series, from its headers
-                                                   and the zoo models' outputs
-    The gated image + context model and the report page are not built yet (issue 26).
+      ctzoo cohort build INPUTS... --deeplesion DL_info.csv --out COHORT
+                                   the cohort table: one row per series, from its headers and the zoo
+                                   models' outputs; with DeepLesion, one row per lesion with RECIST-Net's
+                                   pooled features and the detector's findings per key slice
+      ctzoo cohort fit COHORT      the gated image + context model for the lesion type, against image-only
+                                   and context-only models of the same size (mean AUC on test)
+      ctzoo cohort report COHORT   COHORT/report.html: Summary, Group and Individual views, offline
     """
 
 
@@ -60,3 +64,70 @@ def build(inputs: tuple[Path, ...], out: Path, deeplesion_csv: Path | None, mode
     click.echo(f"{out / TABLE_FILE}, {out / DOCUMENT_FILE}: {len(document['rows'])} series, "
                f"{len(document['failed'])} failed; unknown: "
                + (", ".join(f"{column} {count}" for column, count in unknown.items()) or "none"))
+
+
+@cohort.command("fit")
+@click.argument("cohort_dir", metavar="COHORT", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--context", "context_set", type=click.Choice(["csv", "study"]), default="csv", show_default=True,
+              help="csv: all DL_info.csv gives (age, sex, spacing, window, location, diameters); study: only what "
+              "a study header gives (age, sex, spacing), so the image must carry the type.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds: every model is fitted at "
+              "each; the AUC is reported as their mean and sd; the first seed's gated model is stored.")
+@click.option("--epochs", type=click.IntRange(1, 100000), default=300, show_default=True,
+              help="Full-batch epochs; the epoch with the best validation mean AUC is kept.")
+def fit(cohort_dir: Path, context_set: str, seeds: str, epochs: int) -> None:
+    """Fit the gated image + context model on COHORT's typed lesions (target: the coarse lesion type).
+
+    \b
+    Image: RECIST-Net's pooled decoder features of each lesion's box (from ctzoo cohort build).
+    Context: the lesion's DL_info.csv row (--context). Per lesion a gate z in [0, 1] weighs image against
+    context; image-only and context-only models of the same size are fitted in the same run. The epoch is
+    chosen on validation, the mean AUC over classes reported on test. When the CSV types no train lesion
+    (DeepLesion types its val and test lesions only), typed lesions are split again by patient, 60/20/20.
+    Writes COHORT/fit/: fit.json (AUCs, counts, importances), predictions.csv (per lesion: split, label,
+    probabilities, gate, Integrated Gradients) and gated.pt.
+    """
+    from ctzoo.cohort.fit import FIT_DIR, fit_cohort
+
+    try:
+        chosen = tuple(int(seed) for seed in seeds.split(","))
+        document = fit_cohort(cohort_dir, context_set, chosen, epochs)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    for name, modalities in (("gated", "both"), ("image only", "image"), ("context only", "context")):
+        result = document["results"][modalities]
+        click.echo(f"{name:>12}: test mean AUC {result['test_auc_mean']:.3f} ± {result['test_auc_sd']:.3f} "
+                   f"(seeds {', '.join(f'{v:.3f}' for v in result['test_auc'])})")
+    counts = {part: sum(by_class.values()) for part, by_class in document["counts"].items()}
+    click.echo(f"mean image weight on test {document['mean_image_weight']['test']:.3f}; lesions {counts}; "
+               f"split: {document['split_rule']}; {cohort_dir / FIT_DIR}")
+
+
+@cohort.command("report")
+@click.argument("cohort_dir", metavar="COHORT", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The page (default COHORT/report.html).")
+@click.option("--min-count", type=click.IntRange(1), default=10, show_default=True,
+              help="No subgroup metric is shown for a group with fewer lesions (test lesions for AUC).")
+@click.option("--individuals", type=click.IntRange(1, 500), default=60, show_default=True,
+              help="Lesions offered in the Individual view (their key slices are embedded; test lesions first).")
+@click.option("--clusters", type=click.IntRange(2, 20), default=4, show_default=True,
+              help="k of the k-means clusters of similar lesions.")
+def report(cohort_dir: Path, out: Path | None, min_count: int, individuals: int, clusters: int) -> None:
+    """Write COHORT's page: Summary, Group and Individual views (one self-contained HTML file, works offline).
+
+    \b
+    Summary     context distributions (unknown included) and correlations, the gated model's AUC against
+                each modality alone, the image weight per lesion, Integrated Gradients per feature
+    Group       sensitivity at 4 FPs per key slice and the gated model's AUC by sex, age band, slice
+                thickness and lesion type, with 95 % intervals and counts (none under --min-count);
+                series counts by scanner, kernel, contrast; clusters of similar lesions
+    Individual  two lesions side by side: context, key slice with annotation and findings, gate, IG
+    """
+    from ctzoo.cohort.report import write_report
+
+    try:
+        path = write_report(cohort_dir, out, min_count=min_count, limit=individuals, k=clusters)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")

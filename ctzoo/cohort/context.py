@@ -83,7 +83,7 @@ def _number(header: Any, keyword: str) -> float | None:
     return round(number, 3) if math.isfinite(number) else None
 
 
-def _sex(text: str) -> str:
+def sex_code(text: str) -> str:
     return {"M": "M", "F": "F", "O": "O"}.get(str(text or "").strip().upper(), UNKNOWN)
 
 
@@ -118,7 +118,7 @@ def volume_context(volume: Volume, salt: str, name: str) -> dict[str, Any]:
         "patient": hashed(str(getattr(header, "PatientID", "") or ""), salt),
         "study": hashed(dicom.study_instance_uid, salt), "series": hashed(dicom.series_instance_uid, salt),
         "age_years": dicom_age(dicom.patient_age or _text(header, "PatientAge")),
-        "sex": _sex(dicom.patient_sex or _text(header, "PatientSex")),
+        "sex": sex_code(dicom.patient_sex or _text(header, "PatientSex")),
         "manufacturer": _text(header, "Manufacturer"), "model": _text(header, "ManufacturerModelName"),
         "kvp": _number(header, "KVP"), "tube_current_ma": _number(header, "XRayTubeCurrent"),
         "kernel": _text(header, "ConvolutionKernel"), "slice_thickness_mm": _number(header, "SliceThickness"),
@@ -143,7 +143,7 @@ def deeplesion_context(rows: Iterable[LesionRow], salt: str) -> list[dict[str, A
         table.append(with_bands(blank_row("deeplesion") | {
             "patient": hashed(str(first.patient_index), salt),
             "study": hashed(f"{first.patient_index}_{first.study_index}", salt), "series": hashed(folder, salt),
-            "age_years": first.patient_age, "sex": _sex(first.patient_gender),
+            "age_years": first.patient_age, "sex": sex_code(first.patient_gender),
             "spacing_x_mm": x_mm, "spacing_y_mm": y_mm, "spacing_z_mm": z_mm,
             "window_low_hu": first.dicom_windows[0], "window_high_hu": first.dicom_windows[1],
             "lesions": len(lesions), "lesion_types": "/".join(types),

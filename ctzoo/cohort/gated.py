@@ -139,11 +139,14 @@ def fit_gated(data: ModalityData, modalities: Modalities = "both", hidden: int =
 
 
 def feature_importance(model: GatedMultimodalNet, image: torch.Tensor, context: torch.Tensor,
-                       labels: torch.Tensor, steps: int = 32) -> tuple[np.ndarray, np.ndarray]:
+                       labels: torch.Tensor, steps: int = 32, per_study: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Integrated Gradients (captum) of each study's true-class logit from a zero baseline: the mean absolute
-    attribution of every image feature and every context feature, ``((I,), (C,))``."""
+    attribution of every image feature and every context feature, ``((I,), (C,))``; with ``per_study`` every
+    study's signed attributions, ``((B, I), (B, C))``."""
     from captum.attr import IntegratedGradients
 
     attributions = IntegratedGradients(model).attribute((image, context), baselines=(image * 0, context * 0),
                                                         target=labels, n_steps=steps)
+    if per_study:
+        return tuple(a.detach().numpy() for a in attributions)
     return tuple(a.abs().mean(dim=0).detach().numpy() for a in attributions)

@@ -7,7 +7,8 @@
   (:func:`~ctzoo.inference.segment_volume.seg_summary`; 0 for an organ not found).
 
 Column names carry no model name when one detector and one segmenter run (the usual pair); with several of a kind,
-later ones are prefixed ``<model>:``. Pooled lesion features per detection are not here yet (issue 26).
+later ones are prefixed ``<model>:``. Pooled lesion features are per DeepLesion lesion
+(:mod:`ctzoo.cohort.lesions`).
 """
 
 from __future__ import annotations

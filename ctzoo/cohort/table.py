@@ -23,12 +23,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ctzoo.cohort.context import COLUMNS, deeplesion_context, group_counts, volume_context
 from ctzoo.cohort.image import image_columns
+from ctzoo.cohort.lesions import LESION_COLUMNS, deeplesion_lesions
 from ctzoo.datasets.deeplesion.info_csv import read_dl_info
 from ctzoo.inference.inputs import discover_cases
 from ctzoo.inference.tasks import model_task
-from ctzoo.io.atomic import atomic_path
+from ctzoo.io.atomic import atomic_folder, atomic_path
 from ctzoo.io.image_files import read_volume
 from ctzoo.io.privacy import salt_from
 from ctzoo.models.bundle import load_bundle
@@ -36,6 +39,8 @@ from ctzoo.models.bundle import load_bundle
 SCHEMA = 1
 SALT_ENV = "CTZOO_COHORT_SALT"
 TABLE_FILE, DOCUMENT_FILE = "cohort.csv", "cohort.json"
+LESIONS_FILE, FEATURES_FILE, KEY_SLICES_FILE, THUMBNAILS_DIR = ("lesions.csv", "lesion_features.npy",
+                                                                "key_slices.json", "thumbnails")
 
 
 def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: str | Path | None = None,
@@ -66,10 +71,16 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
             row["image_error"] = f"{type(error).__name__}: {error}"
         rows.append(row)
         say(f"[{index}/{len(cases)}] {case.name}: {rows[-1]['source']}, {rows[-1]['slices']} slices")
+    lesion_level = None
     if deeplesion_csv is not None:
         series = deeplesion_context(read_dl_info(deeplesion_csv), salt)
         rows += series
         say(f"{deeplesion_csv}: {len(series)} DeepLesion series")
+        detector = next((bundle for bundle in bundles if bundle.task == "detection"), None)
+        if detector is not None:
+            lesion_level = deeplesion_lesions(Path(deeplesion_csv), detector, salt, device)
+            say(f"{deeplesion_csv}: {len(lesion_level['lesions'])} lesions on {len(lesion_level['key_slices'])} "
+                f"key slices through {detector.name}")
     image = list(dict.fromkeys(k for row in rows for k in row if k not in COLUMNS and k != "thickness_band"))
     rows = [{column: row.get(column) for column in [*COLUMNS, "thickness_band", *image]} for row in rows]
     document = {"schema": SCHEMA, "columns": [*COLUMNS, *image], "models": [b.name for b in bundles],
@@ -77,6 +88,9 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
                 "groups": group_counts(rows),
                 "failed": failed, "salt": "env" if os.environ.get(SALT_ENV) else "file"}
     out.mkdir(parents=True, exist_ok=True)
+    if lesion_level is not None:
+        document["lesion_model"] = lesion_level["model"]
+        write_lesions(out, lesion_level)
     with atomic_path(out / TABLE_FILE) as partial:
         partial.write_text(table_csv(rows, image), encoding="utf-8")
     with atomic_path(out / DOCUMENT_FILE) as partial:
@@ -84,11 +98,55 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
     return document
 
 
-def table_csv(rows: Sequence[dict[str, Any]], image: Sequence[str] = ()) -> str:
-    """The rows as CSV: :data:`COLUMNS`, the derived ``thickness_band``, then the ``image`` columns; None as an
-    empty cell."""
+def write_lesions(out: Path, level: dict[str, Any]) -> None:
+    """The lesion level (:func:`~ctzoo.cohort.lesions.deeplesion_lesions`): ``lesions.csv``,
+    ``lesion_features.npy`` (aligned rows), ``key_slices.json`` and ``thumbnails/<key_slice>.png``."""
+    with atomic_path(out / LESIONS_FILE) as partial:
+        partial.write_text(table_csv(level["lesions"], columns=LESION_COLUMNS), encoding="utf-8")
+    with atomic_path(out / FEATURES_FILE) as partial:
+        with open(partial, "wb") as handle:
+            np.save(handle, level["features"].astype(np.float32))
+    key_slices = {"schema": SCHEMA, "model": level["model"], "score_threshold": level["score_threshold"],
+                  "frame": level["frame"],
+                  "feature_names": level["feature_names"], "key_slices": level["key_slices"]}
+    with atomic_path(out / KEY_SLICES_FILE) as partial:
+        partial.write_text(json.dumps(key_slices) + "\n", encoding="utf-8")
+    with atomic_folder(out / THUMBNAILS_DIR) as partial:
+        for name, png in level["thumbnails"].items():
+            (partial / f"{name}.png").write_bytes(png)
+
+
+def read_lesions(cohort: str | Path) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """``COHORT/lesions.csv`` as typed rows and ``lesion_features.npy``; ValueError when the cohort has none."""
+    cohort = Path(cohort)
+    if not (cohort / LESIONS_FILE).is_file():
+        raise ValueError(f"{cohort} has no {LESIONS_FILE}: build it with --deeplesion DL_info.csv and a detector "
+                         "model (not --context-only)")
+    with open(cohort / LESIONS_FILE, encoding="utf-8", newline="") as handle:
+        lesions = [typed_lesion(row) for row in csv.DictReader(handle)]
+    features = np.load(cohort / FEATURES_FILE)
+    if len(features) != len(lesions):
+        raise ValueError(f"{cohort}: {FEATURES_FILE} holds {len(features)} rows for {len(lesions)} lesions")
+    return lesions, features
+
+
+def typed_lesion(row: dict[str, str]) -> dict[str, Any]:
+    """A ``lesions.csv`` row with its numbers and flags parsed back (empty cells None)."""
+    typed: dict[str, Any] = dict(row)
+    for column in ("age_years", "spacing_x_mm", "spacing_z_mm", "window_low_hu", "window_high_hu", "location_x",
+                   "location_y", "location_z", "long_mm", "short_mm"):
+        typed[column] = float(row[column]) if row[column] != "" else None
+    typed["type_code"] = int(row["type_code"])
+    typed["found"], typed["features"] = row["found"] == "True", row["features"] == "True"
+    return typed
+
+
+def table_csv(rows: Sequence[dict[str, Any]], image: Sequence[str] = (), columns: Sequence[str] | None = None) -> str:
+    """The rows as CSV: :data:`COLUMNS`, the derived ``thickness_band``, then the ``image`` columns (or exactly
+    ``columns``); None as an empty cell."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS, "thickness_band", *image], lineterminator="\n")
+    fields = list(columns) if columns is not None else [*COLUMNS, "thickness_band", *image]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
     return buffer.getvalue()

@@ -152,9 +152,16 @@ class RecistNet(nn.Module):
         self.displacement_head = _head(feature_channels, head_channels, 2 * NUM_ENDPOINTS)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.heads(self.feature_map(x))
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's features ``(B, F, H/R, W/R)`` the heads read (F: 2w light, 4w resnet34_fpn)."""
         if isinstance(x, MetaTensor):  # a type check, not data-dependent: plain tensors keep the graph lean
             x = x.as_tensor()
-        features = self.decoder(self.encoder(x))
+        return self.decoder(self.encoder(x))
+
+    def heads(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`forward`'s outputs from :meth:`feature_map`'s features (one pass serves both)."""
         return {"heatmaps": self.heatmap_head(features), "offsets": self.offset_head(features),
                 "displacements": self.displacement_head(features)}
 
@@ -183,6 +190,23 @@ class RecistNet(nn.Module):
                                   displacements=outputs["displacements"].float(), decode=decode)
         return [{"points": grouped["points"][b][keep], "scores": grouped["scores"][b][keep],
                  "boxes": grouped["boxes"][b][keep]} for b, keep in enumerate(grouped["valid"])]
+
+
+def pool_box_features(features: torch.Tensor, boxes: torch.Tensor, down_ratio: int) -> torch.Tensor:
+    """Each box's pooled lesion feature: the mean of ``features`` (F, h, w) over the heatmap cells its
+    ``boxes`` (N, 4) input-pixel [x1, y1, x2, y2] cover, clipped to the map (at least one cell) -> (N, F).
+
+    Box pooling rather than the centre cell alone: a lesion's descriptor should hold its extent and edge,
+    as MULAN's and LesaNet's ROI features do."""
+    _, height, width = features.shape
+    pooled = []
+    for x1, y1, x2, y2 in boxes.tolist():
+        left = min(max(int(math.floor(x1 / down_ratio)), 0), width - 1)
+        top = min(max(int(math.floor(y1 / down_ratio)), 0), height - 1)
+        right = max(min(int(math.ceil(x2 / down_ratio)), width), left + 1)
+        bottom = max(min(int(math.ceil(y2 / down_ratio)), height), top + 1)
+        pooled.append(features[:, top:bottom, left:right].mean(dim=(1, 2)))
+    return torch.stack(pooled) if pooled else features.new_zeros((0, features.shape[0]))
 
 
 # ----------------------------------------------------------------------------------------------- decoding

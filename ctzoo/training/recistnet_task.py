@@ -29,7 +29,7 @@ from ctzoo.datasets.keypoint_transforms import (
     recist_eval_transforms,
     recist_train_transforms,
 )
-from ctzoo.models.recistnet import RecistNet
+from ctzoo.models.recistnet import RecistNet, pool_box_features
 from ctzoo.models.recistnet_targets import make_targets, recistnet_loss
 from ctzoo.scaling.compress import CompressionConfig
 from ctzoo.scaling.zoo_expand import ExpansionInit, expanded_model
@@ -111,20 +111,30 @@ def evaluate_detector(model: RecistNet, loader, device: torch.device, max_lesion
 
 
 def evaluate_decodings(model: RecistNet, loader, device: torch.device, decodes: tuple[str, ...] = ("both",),
-                       max_lesions: int = 20, min_score: float = 0.01):
+                       max_lesions: int = 20, min_score: float = 0.01, pool_features: bool = False):
     """:func:`evaluate_detector` for several decoding modes from one forward pass per batch:
-    ``{mode: (FrocResult, detections, truth)}``."""
+    ``{mode: (FrocResult, detections, truth)}``. With ``pool_features`` each truth entry also holds
+    ``features`` (N, F): every annotated lesion's pooled decoder features (:func:`pool_box_features`), and the
+    batch's per-lesion ``lesion_index`` when it has one."""
     detections: dict[str, list[dict[str, Any]]] = {mode: [] for mode in decodes}
     truth = []
     model.eval()
     with torch.no_grad():
         for batch in loader:
-            outputs = model(batch["image"].to(device))
+            image = batch["image"].to(device)
+            features = model.feature_map(image) if pool_features else None
+            outputs = model.heads(features) if pool_features else model(image)
             for mode in decodes:
                 found = model.group(outputs, max_lesions=max_lesions, score_threshold=min_score, decode=mode)
                 detections[mode] += [_image_detections(batch, k, result) for k, result in enumerate(found)]
-            truth += [{"boxes": boxes.numpy().reshape(-1, 4), "diameters_mm": mm.numpy().reshape(-1, 2)}
-                      for boxes, mm in zip(batch["boxes"], batch["diameters_mm"])]
+            for k, (boxes, mm) in enumerate(zip(batch["boxes"], batch["diameters_mm"])):
+                entry = {"boxes": boxes.numpy().reshape(-1, 4), "diameters_mm": mm.numpy().reshape(-1, 2)}
+                if pool_features:
+                    entry["features"] = pool_box_features(features[k].float(), boxes.reshape(-1, 4),
+                                                          model.down_ratio).cpu().numpy()
+                    if "lesion_index" in batch:
+                        entry["lesion_index"] = batch["lesion_index"][k].numpy().reshape(-1)
+                truth.append(entry)
     return {mode: (froc(found, truth), found, truth) for mode, found in detections.items()}
 
 

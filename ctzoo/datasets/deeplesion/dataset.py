@@ -36,7 +36,7 @@ from ctzoo.datasets.deeplesion.recist import (
 )
 
 #: Keys of a sample that hold one entry per lesion (what a crop must filter together).
-LESION_KEYS = ("keypoints", "boxes", "diameters_px", "diameters_mm", "lesion_types")
+LESION_KEYS = ("keypoints", "boxes", "diameters_px", "diameters_mm", "lesion_types", "lesion_index")
 
 
 class SlicePreprocessing(StrictConfig):
@@ -142,6 +142,8 @@ class LoadDeepLesiond(Transform):
             "diameters_px": torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 2),
             "diameters_mm": torch.as_tensor(mm, dtype=torch.float32).reshape(-1, 2),
             "lesion_types": torch.as_tensor([r.coarse_lesion_type for r in lesions], dtype=torch.int64),
+            # each lesion's place among its key slice's rows of DL_info.csv: which row it is after a crop
+            "lesion_index": torch.arange(len(lesions), dtype=torch.int64),
             "spacing_mm": torch.as_tensor(spacing_xy, dtype=torch.float32),
             "scale": float(scale_xy.mean()),  # resampled px per original px: DeepLesion's box pad scales with it
         }

@@ -1,0 +1,166 @@
+"""``ctzoo cohort fit``: the gated image + context model on a cohort's lesions, against image-only and
+context-only models of the same size in the same run (:mod:`ctzoo.cohort.gated`).
+
+The target is DeepLesion's coarse lesion type (HealthPrism reports mean AUC over classes; so does this). Inputs:
+
+* **image**: RECIST-Net's pooled decoder features of each lesion's box (``COHORT/lesion_features.npy``);
+* **context**, one of :data:`CONTEXT_SETS`: ``csv`` is all DL_info.csv gives (age, sex, spacing, the DICOM window,
+  normalised location, RECIST diameters); ``study`` only what the study's header gives (age, sex, spacing), so the
+  image has to carry the type.
+
+Only typed lesions are used (DeepLesion types its val and test lesions only, and the miniature copies that). When
+the CSV's train split holds no typed lesion, the typed lesions are split again **by patient**, 60/20/20 over
+the patient hashes (:func:`patient_splits`); the report says which split was used. Each modality is fitted at several
+seeds; the epoch is chosen on validation, the AUC reported on test. The first seed's gated model gives the stored
+per-lesion gates, probabilities and Integrated Gradients.
+
+Written to ``COHORT/fit/``: ``fit.json`` (:func:`fit_cohort`'s document), ``predictions.csv`` (one row per typed
+lesion) and ``gated.pt`` (the state dict and what rebuilds it).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctzoo.cohort.gated import ModalityData, feature_importance, fit_gated, standardised
+from ctzoo.cohort.table import read_lesions
+from ctzoo.datasets.deeplesion.info_csv import LESION_TYPES
+from ctzoo.io.atomic import atomic_folder
+
+FIT_DIR, FIT_FILE, PREDICTIONS_FILE, WEIGHTS_FILE = "fit", "fit.json", "predictions.csv", "gated.pt"
+CONTEXT_SETS = {
+    "csv": ("age_years", "sex_male", "spacing_x_mm", "spacing_z_mm", "window_low_hu", "window_high_hu",
+            "location_x", "location_y", "location_z", "long_mm", "short_mm"),
+    "study": ("age_years", "sex_male", "spacing_x_mm", "spacing_z_mm"),
+}
+MODALITIES = ("both", "image", "context")
+SPLIT_CYCLE = ("train", "val", "test", "train", "train")
+
+
+def patient_splits(patients: list[str]) -> dict[str, str]:
+    """train, val or test per patient hash, 60/20/20: the patients sorted by their salted hash take
+    :data:`SPLIT_CYCLE` in turn (blind to the data, stable, and any three patients cover all three splits)."""
+    return {patient: SPLIT_CYCLE[k % len(SPLIT_CYCLE)] for k, patient in enumerate(sorted(set(patients)))}
+
+
+def context_value(lesion: dict[str, Any], name: str) -> float:
+    """A context feature of a lesion row as a number; NaN where it is unknown (filled later from train)."""
+    if name == "sex_male":
+        return {"M": 1.0, "F": 0.0}.get(lesion["sex"], float("nan"))
+    value = lesion.get(name)
+    return float("nan") if value is None or value == "" else float(value)
+
+
+def lesion_data(lesions: list[dict[str, Any]], features: np.ndarray, context_set: str) -> tuple[ModalityData, dict]:
+    """The typed lesions with features as :class:`ModalityData` (standardised on train; unknown context values set
+    to the train mean, i.e. 0) and what was chosen: ``{"split_rule", "classes", "lesions", "counts", "dropped"}``."""
+    if context_set not in CONTEXT_SETS:
+        raise ValueError(f"context must be one of {sorted(CONTEXT_SETS)}, got {context_set!r}")
+    typed = [k for k, lesion in enumerate(lesions) if lesion["type_code"] >= 1 and lesion["features"]]
+    dropped = {"untyped": sum(lesion["type_code"] < 1 for lesion in lesions),
+               "box outside the frame": sum(lesion["type_code"] >= 1 and not lesion["features"] for lesion in lesions)}
+    if not typed:
+        raise ValueError("the cohort has no typed lesion with image features: build it with --deeplesion and a "
+                         "detector model (DeepLesion types its val and test lesions only)")
+    official = any(lesions[k]["split"] == "train" for k in typed)
+    by_patient = patient_splits([lesions[k]["patient"] for k in typed])
+    split = np.array([lesions[k]["split"] if official else by_patient[lesions[k]["patient"]] for k in typed])
+    codes = sorted({lesions[k]["type_code"] for k in typed})
+    labels = np.array([codes.index(lesions[k]["type_code"]) for k in typed])
+    names = CONTEXT_SETS[context_set]
+    context = np.array([[context_value(lesions[k], name) for name in names] for k in typed], dtype=np.float64)
+    train = split == "train"
+    if not train.any() or not (split == "val").any() or not (split == "test").any():
+        raise ValueError(f"the typed lesions' patients do not cover train, val and test ({Counter(split)}): "
+                         "the cohort is too small to fit")
+    known = ~np.isnan(context[train])
+    fill = np.where(known, context[train], 0.0).sum(axis=0) / np.maximum(known.sum(axis=0), 1)
+    context = np.where(np.isnan(context), fill, context)
+    image = features[typed].astype(np.float64)
+    image_parts = standardised(image[train], image)
+    context_parts = standardised(context[train], context)
+    data = ModalityData(image_parts[1], context_parts[1], labels, split,
+                        [f"recist_f{k:02d}" for k in range(image.shape[1])], list(names))
+    counts = {part: {LESION_TYPES[c]: int(((split == part) & (labels == i)).sum()) for i, c in enumerate(codes)}
+              for part in ("train", "val", "test")}
+    chosen = {"split_rule": "csv" if official else "by patient hash, 60/20/20",
+              "classes": [LESION_TYPES[c] for c in codes],
+              "lesions": [lesions[k]["lesion"] for k in typed], "counts": counts, "dropped": dropped}
+    return data, chosen
+
+
+def fit_cohort(cohort: str | Path, context_set: str = "csv", seeds: tuple[int, ...] = (0, 1, 2), epochs: int = 300,
+               hidden: int = 32) -> dict[str, Any]:
+    """Fit the gated model and both single-modality models at every seed on ``cohort``'s lesions; write
+    ``COHORT/fit/`` (module docstring) and return ``fit.json``'s document."""
+    cohort = Path(cohort)
+    lesions, features = read_lesions(cohort)
+    data, chosen = lesion_data(lesions, features, context_set)
+    results: dict[str, Any] = {}
+    first: dict[str, Any] = {}
+    for modalities in MODALITIES:
+        runs = [fit_gated(data, modalities, hidden=hidden, epochs=epochs, seed=seed) for seed in seeds]
+        tests = [run.test_auc for run in runs]
+        results[modalities] = {"test_auc": tests, "test_auc_mean": float(np.nanmean(tests)),
+                               "test_auc_sd": float(np.nanstd(tests)), "val_auc": [run.val_auc for run in runs],
+                               "best_epoch": [run.best_epoch for run in runs]}
+        first[modalities] = runs[0].model
+    model = first["both"]
+    image, context, labels = (torch.as_tensor(a, dtype=torch.float32) for a in (data.image, data.context, data.labels))
+    labels = labels.long()
+    with torch.no_grad():
+        probabilities = torch.softmax(model(image, context), dim=1).numpy()
+        weights = model.image_weight(image, context).numpy()
+    # each lesion's absolute Integrated Gradients per feature, for its true class
+    image_ig, context_ig = (np.abs(a) for a in feature_importance(model, image, context, labels, per_study=True))
+    test = data.split == "test"
+    document = {
+        "schema": 1, "target": "coarse lesion type", "context_set": context_set,
+        "context_features": data.context_names, "image_features": data.image_names, "seeds": list(seeds),
+        "epochs": epochs, "hidden": hidden, **chosen, "results": results,
+        "mean_image_weight": {part: float(weights[data.split == part].mean()) for part in ("train", "val", "test")},
+        "importance": {"image": dict(zip(data.image_names, image_ig[test].mean(axis=0).tolist())),
+                       "context": dict(zip(data.context_names, context_ig[test].mean(axis=0).tolist()))}}
+    rows = [{"lesion": lesion, "split": part, "label": chosen["classes"][label],
+             "predicted": chosen["classes"][int(np.argmax(p))], "image_weight": round(float(w), 5),
+             **{f"p_{name}": round(float(q), 5) for name, q in zip(chosen["classes"], p)},
+             **{f"ig_{name}": round(float(v), 5) for name, v in zip(data.context_names, context_ig[k])},
+             "ig_image": round(float(image_ig[k].sum()), 5)}
+            for k, (lesion, part, label, p, w) in enumerate(zip(chosen["lesions"], data.split, data.labels,
+                                                                probabilities, weights))]
+    out = cohort / FIT_DIR
+    with atomic_folder(out) as partial:
+        (partial / FIT_FILE).write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+        (partial / PREDICTIONS_FILE).write_text(rows_csv(rows), encoding="utf-8")
+        torch.save({"state_dict": model.state_dict(), "image_dim": data.image.shape[1],
+                    "context_dim": data.context.shape[1], "classes": chosen["classes"], "hidden": hidden},
+                   partial / WEIGHTS_FILE)
+    return document
+
+
+def rows_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def read_fit(cohort: str | Path) -> tuple[dict[str, Any], list[dict[str, str]]] | None:
+    """``COHORT/fit/fit.json`` and its predictions, or None when the cohort was not fitted."""
+    folder = Path(cohort) / FIT_DIR
+    if not (folder / FIT_FILE).is_file():
+        return None
+    document = json.loads((folder / FIT_FILE).read_text(encoding="utf-8"))
+    with open(folder / PREDICTIONS_FILE, encoding="utf-8", newline="") as handle:
+        return document, list(csv.DictReader(handle))
+
