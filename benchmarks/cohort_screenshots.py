@@ -3,7 +3,7 @@
     python benchmarks/cohort_screenshots.py COHORT/report.html docs/images/cohort
 
 writes ``docs/images/cohort-summary.png``, ``-group.png`` and ``-individual.png`` (the Individual view with the
-first two lesions of its list side by side). Uses :mod:`perf_report_screenshot`'s offline headless chromium.
+first lesion of its list beside its last entry, a CT series when the cohort has one). Uses :mod:`perf_report_screenshot`'s offline headless chromium.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def capture_views(page: Path, prefix: Path, width: int = 1400, height: int = 100
             for view in VIEWS:
                 show_view(driver, view)
                 if view == "individual":
-                    pick_pair(driver)
+                    pick_pair(driver, 0, -1)  # the first test lesion beside the last entry: a CT series
                 out = prefix.with_name(f"{prefix.name}-{view}.png")
                 if not driver.save_screenshot(str(out)):
                     raise RuntimeError(f"chromium could not write {out}")

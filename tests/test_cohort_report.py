@@ -27,6 +27,8 @@ from ctzoo.cohort.report import report_data
 from ctzoo.datasets.deeplesion.dataset import DeepLesionConfig, deeplesion_dataset, key_slice_items
 from ctzoo.datasets.deeplesion.info_csv import read_dl_info
 from ctzoo.datasets.keypoint_transforms import recist_eval_transforms
+from ctzoo.inference.recist_volume import decode_heads, slice_inputs
+from ctzoo.io import read_volume, reorient_lps
 from ctzoo.models.bundle import load_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +88,46 @@ def test_every_lesion_has_its_csv_context_and_its_pooled_features(cohort):
     key_slices = json.loads((cohort["out"] / "key_slices.json").read_text())
     found = lesion_found(key_slices["key_slices"], key_slices["score_threshold"])
     assert {lesion["lesion"]: lesion["found"] == "True" for lesion in lesions} == found
-    assert len(list((cohort["out"] / "thumbnails").glob("*.png"))) == len(key_slices["key_slices"]) == len(items)
+    assert len(key_slices["key_slices"]) == len(items)
+    typed = {hashed(item["file_name"], SALT) for item in items
+             if any(row.coarse_lesion_type >= 1 for row in item["lesions"])}
+    series = {row["series"] for row in json.loads((cohort["out"] / "cohort.json").read_text())["rows"]
+              if row["source"] == "dicom"}
+    pictures = {path.stem for path in (cohort["out"] / "thumbnails").glob("*.png")}
+    assert pictures == typed | series  # typed key slices only, and the CT series' top finding
+
+
+def test_the_ct_series_findings_carry_pooled_features(cohort, sample_dir):
+    """The real series' findings (as ctzoo infer reports them) each with 64 pooled features, and a picture of the
+    top finding's slice with the findings on it."""
+    document = json.loads((cohort["out"] / "cohort.json").read_text())
+    (row,) = [row for row in document["rows"] if row["source"] == "dicom"]
+    level = json.loads((cohort["out"] / "findings.json").read_text())["series"][row["series"]]
+    assert len(level["findings"]) == row["findings"] >= 1
+    assert max(f["score"] for f in level["findings"]) == row["finding_score"]
+    for finding in level["findings"]:
+        assert len(finding["features"]) == 64 and all(math.isfinite(v) for v in finding["features"])
+        x1, y1, x2, y2 = finding["box"]
+        assert 0 <= x1 <= x2 < level["frame"] and 0 <= y1 <= y2 < level["frame"]
+    top = max(level["findings"], key=lambda f: f["score"])
+    assert {"box": top["box"], "score": top["score"]} in level["on_picture"]
+    assert level["picture"] and (cohort["out"] / "thumbnails" / f"{row['series']}.png").is_file()
+    # the top finding's box is where the detector itself put it on that slice's input, and its features are the
+    # decoder's map there, averaged by hand
+    bundle = load_bundle("recistnet-mini")
+    network = bundle.network().eval()
+    axial = reorient_lps(read_volume(sample_dir, progress=False))
+    slice_index = int(round((np.linalg.inv(axial.affine_lps) @ [*np.asarray(top["points_mm"])[4], 1.0])[2]))
+    image, _ = list(slice_inputs(axial, bundle.preprocessing, level["frame"]))[slice_index]
+    with torch.no_grad():
+        feature_map = network.feature_map(image[None])
+        heads = network.heads(feature_map)
+        ((_, points),) = decode_heads(heads, network.down_ratio, score_threshold=top["score"] - 1e-4)
+    boxes = np.concatenate([points[:, :4].min(axis=1), points[:, :4].max(axis=1)], axis=1)  # of the end points
+    assert np.abs(boxes - np.asarray(top["box"])).max(axis=1).min() < 0.01
+    x1, y1, x2, y2 = top["box"]
+    cells = feature_map[0][:, int(y1 // 4):math.ceil(y2 / 4), int(x1 // 4):math.ceil(x2 / 4)]
+    np.testing.assert_allclose(top["features"], cells.mean(dim=(1, 2)).numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_fit_stores_gates_probabilities_and_importances(cohort):
@@ -117,6 +158,7 @@ def browser():
 
 def test_the_three_views_in_headless_chromium(cohort, browser, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     views, pages = browser
     data = report_data(cohort["out"])
@@ -163,6 +205,12 @@ def test_the_three_views_in_headless_chromium(cohort, browser, tmp_path):
         assert data["individuals"][0]["prediction"]["split"] == "test"  # test lesions are offered first
         series = driver.find_elements(By.CSS_SELECTOR, "#series-table tbody tr")
         assert len(series) == 1 and "dicom" in series[0].text  # the real CT series, with its context
+        # the real CT series as an individual: its context, its findings drawn on its top finding's slice
+        (item,) = data["series_items"]
+        Select(driver.find_element(By.ID, "pick-b")).select_by_value(item["id"])
+        card = driver.find_element(By.ID, "card-b")
+        assert item["title"] in card.text and "no gated model" in card.text
+        assert len(card.find_elements(By.CSS_SELECTOR, "svg rect")) == len(item["findings"]) >= 1
     finally:
         driver.quit()
 
@@ -178,6 +226,8 @@ def test_bad_cohorts_are_clear_errors(cohort, tmp_path):
     assert built.exit_code == 0, built.output
     fitted = runner.invoke(main, ["cohort", "fit", str(headers_only)])
     assert fitted.exit_code == 1 and "no lesions.csv" in fitted.output and not (headers_only / "fit").exists()
+    seeds = runner.invoke(main, ["cohort", "fit", str(cohort["out"]), "--seeds", "0,x"])
+    assert seeds.exit_code == 2 and "comma-separated integers" in seeds.output
     reported = runner.invoke(main, ["cohort", "report", str(headers_only)])  # a context-only page still works
     assert reported.exit_code == 0 and (headers_only / "report.html").is_file()
     assert not list(headers_only.glob(".*partial*"))

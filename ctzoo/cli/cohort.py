@@ -57,7 +57,7 @@ def build(inputs: tuple[Path, ...], out: Path, deeplesion_csv: Path | None, mode
         raise click.UsageError("give CT inputs, --deeplesion DL_info.csv, or both")
     try:
         document = build_cohort(inputs, out, deeplesion_csv, models=() if context_only else models, device=device,
-                                say=click.echo)
+                                say=click.echo, progress=True)
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from error
     unknown = {column: counts["unknown"] for column, counts in document["groups"].items() if "unknown" in counts}
@@ -91,6 +91,9 @@ def fit(cohort_dir: Path, context_set: str, seeds: str, epochs: int) -> None:
 
     try:
         chosen = tuple(int(seed) for seed in seeds.split(","))
+    except ValueError:
+        raise click.BadParameter(f"comma-separated integers, e.g. 0,1,2; got {seeds!r}", param_hint="--seeds") from None
+    try:
         document = fit_cohort(cohort_dir, context_set, chosen, epochs)
     except ValueError as error:
         raise click.ClickException(str(error)) from error

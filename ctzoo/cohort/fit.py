@@ -59,6 +59,21 @@ def context_value(lesion: dict[str, Any], name: str) -> float:
     return float("nan") if value is None or value == "" else float(value)
 
 
+def context_matrix(lesions: list[dict[str, Any]], context_set: str = "csv") -> np.ndarray:
+    """``(lesions, features)`` of :data:`CONTEXT_SETS` ``[context_set]``, NaN where unknown."""
+    return np.array([[context_value(lesion, name) for name in CONTEXT_SETS[context_set]] for lesion in lesions],
+                    dtype=np.float64).reshape(len(lesions), len(CONTEXT_SETS[context_set]))
+
+
+def filled(matrix: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """``matrix`` with each NaN set to its column's mean over the known values of ``rows`` (all rows by
+    default; 0 for a column with none)."""
+    source = matrix if rows is None else matrix[rows]
+    known = ~np.isnan(source)
+    means = np.where(known, source, 0.0).sum(axis=0) / np.maximum(known.sum(axis=0), 1)
+    return np.where(np.isnan(matrix), means, matrix)
+
+
 def lesion_data(lesions: list[dict[str, Any]], features: np.ndarray, context_set: str) -> tuple[ModalityData, dict]:
     """The typed lesions with features as :class:`ModalityData` (standardised on train; unknown context values set
     to the train mean, i.e. 0) and what was chosen: ``{"split_rule", "classes", "lesions", "counts", "dropped"}``."""
@@ -76,14 +91,12 @@ def lesion_data(lesions: list[dict[str, Any]], features: np.ndarray, context_set
     codes = sorted({lesions[k]["type_code"] for k in typed})
     labels = np.array([codes.index(lesions[k]["type_code"]) for k in typed])
     names = CONTEXT_SETS[context_set]
-    context = np.array([[context_value(lesions[k], name) for name in names] for k in typed], dtype=np.float64)
+    context = context_matrix([lesions[k] for k in typed], context_set)
     train = split == "train"
     if not train.any() or not (split == "val").any() or not (split == "test").any():
         raise ValueError(f"the typed lesions' patients do not cover train, val and test ({Counter(split)}): "
                          "the cohort is too small to fit")
-    known = ~np.isnan(context[train])
-    fill = np.where(known, context[train], 0.0).sum(axis=0) / np.maximum(known.sum(axis=0), 1)
-    context = np.where(np.isnan(context), fill, context)
+    context = filled(context, train)
     image = features[typed].astype(np.float64)
     image_parts = standardised(image[train], image)
     context_parts = standardised(context[train], context)
@@ -105,15 +118,14 @@ def fit_cohort(cohort: str | Path, context_set: str = "csv", seeds: tuple[int, .
     lesions, features = read_lesions(cohort)
     data, chosen = lesion_data(lesions, features, context_set)
     results: dict[str, Any] = {}
-    first: dict[str, Any] = {}
     for modalities in MODALITIES:
         runs = [fit_gated(data, modalities, hidden=hidden, epochs=epochs, seed=seed) for seed in seeds]
         tests = [run.test_auc for run in runs]
         results[modalities] = {"test_auc": tests, "test_auc_mean": float(np.nanmean(tests)),
                                "test_auc_sd": float(np.nanstd(tests)), "val_auc": [run.val_auc for run in runs],
                                "best_epoch": [run.best_epoch for run in runs]}
-        first[modalities] = runs[0].model
-    model = first["both"]
+        if modalities == "both":
+            model = runs[0].model  # the first seed's gated model: its gates and attributions are stored
     image, context, labels = (torch.as_tensor(a, dtype=torch.float32) for a in (data.image, data.context, data.labels))
     labels = labels.long()
     with torch.no_grad():

@@ -12,8 +12,8 @@ preprocessing; centred pad/crop to its ``max_size``), one forward pass per batch
 * ``features``: ``(N, F)`` float32, aligned with ``lesions`` (zeros where ``features`` is False);
 * ``key_slices``: per key slice its series hash, split, truth boxes (in the order of its ``lesion`` hashes) and
   every finding above 0.01 (boxes, scores): what subgroup FROC needs;
-* ``thumbnails``: per key slice a 256 x 256 8-bit PNG of its centre slice in the soft-tissue window (the frame the
-  boxes are in, halved), for the report's Individual view.
+* ``thumbnails``: per key slice holding a typed lesion (every key slice when none is typed) a 256 x 256 8-bit PNG
+  of its centre slice in the soft-tissue window (the frame the boxes are in, scaled), for the Individual view.
 """
 
 from __future__ import annotations
@@ -97,12 +97,17 @@ def deeplesion_lesions(csv_path, bundle: ModelBundle, salt: str, device: str = "
     dataset = deeplesion_dataset(cfg, "all", transform=recist_eval_transforms(size, lesion_keys=("lesion_index",)))
     model = bundle.network().to(device).eval()
     loader = deeplesion_dataloader(dataset, batch_size=4, shuffle=False, num_workers=0)
-    thumbnails: list[bytes] = []
+    thumbnails: list[bytes | None] = []
     windows = 1 + len(cfg.extra_windows_hu)
+    # pictures of the key slices the Individual view can show with a gate: those holding a typed lesion (all of
+    # them when nothing is typed), so a full DeepLesion (32,000 key slices) does not write 32,000 of them
+    pictured = [any(row.coarse_lesion_type >= 1 for row in item["lesions"]) for item in items]
+    pictured = pictured if any(pictured) else [True] * len(items)
 
     def batches():  # the thumbnails are cut from the very tensors the network sees
         for batch in (loader if progress is None else progress(loader)):
-            thumbnails.extend(thumbnail_png(image, cfg.num_slices, windows) for image in batch["image"])
+            thumbnails.extend(thumbnail_png(image, cfg.num_slices, windows) if pictured[len(thumbnails)] else None
+                              for image in batch["image"])
             yield batch
 
     device_ = torch.device(device)
@@ -127,6 +132,7 @@ def deeplesion_lesions(csv_path, bundle: ModelBundle, salt: str, device: str = "
                            "scores": np.round(found["scores"].astype(np.float64), 5).tolist(),
                            "points": np.round(found["points"].astype(np.float64), 2).tolist()})
     return {"lesions": lesions, "features": np.concatenate(features) if features else np.zeros((0, width)),
-            "key_slices": key_slices, "thumbnails": dict(zip((k["key_slice"] for k in key_slices), thumbnails)),
+            "key_slices": key_slices,
+            "thumbnails": {k["key_slice"]: png for k, png in zip(key_slices, thumbnails) if png is not None},
             "feature_names": [f"recist_f{k:02d}" for k in range(width)], "score_threshold": bundle.score_threshold,
             "model": bundle.name, "frame": cfg.max_size}

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from ctzoo.cohort.fit import CONTEXT_SETS, context_value, read_fit
+from ctzoo.cohort.fit import CONTEXT_SETS, context_matrix, filled, read_fit
 from ctzoo.cohort.groups import LESION_GROUPS, MIN_COUNT, auc_by_group, clusters, detection_by_group
-from ctzoo.cohort.table import DOCUMENT_FILE, KEY_SLICES_FILE, THUMBNAILS_DIR, read_lesions
+from ctzoo.cohort.table import DOCUMENT_FILE, FINDINGS_FILE, KEY_SLICES_FILE, THUMBNAILS_DIR, read_lesions
 from ctzoo.io.atomic import atomic_path
 from ctzoo.perf.report import STYLE as REPORT_STYLE
 from ctzoo.perf.report import json_for_script
@@ -59,7 +59,7 @@ def thumbnail_uri(cohort: Path, key_slice: str) -> str | None:
 def correlations(lesions: list[dict[str, Any]]) -> dict[str, Any]:
     """Pearson correlations of the lesions' numeric context (columns without spread left out)."""
     names = list(CONTEXT_SETS["csv"])
-    matrix = np.array([[context_value(lesion, name) for name in names] for lesion in lesions], dtype=float)
+    matrix = context_matrix(lesions)
     keep = [k for k in range(len(names)) if np.nanstd(matrix[:, k]) > 0] if len(lesions) > 1 else []
     if len(keep) < 2:
         return {"names": [], "r": []}
@@ -82,7 +82,8 @@ def individuals(cohort: Path, lesions: list[dict[str, Any]], key_slices: dict[st
         prediction = predicted.get(lesion["lesion"])
         keep = [k for k, score in enumerate(key_slice.get("scores", [])) if score >= key_slices["score_threshold"]]
         chosen.append({
-            "lesion": lesion["lesion"], "context": {"csv_split": lesion["split"]} | {k: lesion[k] for k in (
+            "id": lesion["lesion"], "title": f"lesion {lesion['lesion']}", "frame": key_slices.get("frame", 512),
+            "context": {"csv_split": lesion["split"]} | {k: lesion[k] for k in (
                 "lesion_type", "age_years", "sex", "spacing_x_mm", "spacing_z_mm", "window_low_hu",
                 "window_high_hu", "location_x", "location_y", "location_z", "long_mm", "short_mm")},
             "picture": thumbnail_uri(cohort, lesion["key_slice"]),
@@ -98,6 +99,30 @@ def individuals(cohort: Path, lesions: list[dict[str, Any]], key_slices: dict[st
     return chosen
 
 
+#: What a CT series' card shows of its row (its image columns follow).
+SERIES_CONTEXT = ("source", "age_years", "sex", "manufacturer", "model", "kvp", "tube_current_ma", "kernel",
+                  "slice_thickness_mm", "spacing_x_mm", "spacing_z_mm", "slices", "contrast", "body_part")
+
+
+def series_individuals(cohort: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cohort's CT series (not DeepLesion's) for the Individual view: context, image columns, and the detector's
+    findings drawn on the slice of the highest-scoring one (``findings.json``, ``thumbnails/<series>.png``)."""
+    path = cohort / FINDINGS_FILE
+    found = json.loads(path.read_text(encoding="utf-8"))["series"] if path.is_file() else {}
+    items = []
+    for row in rows:
+        if row["source"] == "deeplesion":
+            continue
+        level = found.get(row["series"], {})
+        image = {k: v for k, v in row.items() if k.endswith("_ml") or k.startswith("finding")}
+        items.append({"id": f"series-{row['series']}", "title": f"series {row['series']} ({row['source']})",
+                      "context": {k: row[k] for k in SERIES_CONTEXT} | image, "frame": level.get("frame") or 512,
+                      "picture": thumbnail_uri(cohort, row["series"]) if level.get("picture") else None,
+                      "truth_box": None, "others": [],
+                      "findings": level.get("on_picture", []), "prediction": None})
+    return items
+
+
 def report_data(cohort: str | Path, min_count: int = MIN_COUNT, limit: int = MAX_INDIVIDUALS,
                 k: int = 4) -> dict[str, Any]:
     """Everything the page draws, computed from the cohort folder (module docstring)."""
@@ -106,7 +131,9 @@ def report_data(cohort: str | Path, min_count: int = MIN_COUNT, limit: int = MAX
     data: dict[str, Any] = {"cohort": str(cohort), "series": len(document["rows"]), "failed": document["failed"],
                             "models": document.get("models", []), "groups": document["groups"],
                             "rows": document["rows"], "min_count": min_count, "lesions": 0, "fit": None,
-                            "detection": [], "auc": [], "clusters": None, "individuals": [], "correlations": None}
+                            "detection": [], "auc": [], "clusters": None, "individuals": [], "correlations": None,
+                            "frame": 512, "score_threshold": None}
+    data["series_items"] = series_individuals(cohort, document["rows"])
     if not (cohort / KEY_SLICES_FILE).is_file():
         return data
     lesions, features = read_lesions(cohort)
@@ -118,8 +145,7 @@ def report_data(cohort: str | Path, min_count: int = MIN_COUNT, limit: int = MAX
              "correlations": correlations(lesions),
              "detection": [detection_by_group(lesions, key_slices["key_slices"], column, min_count=min_count)
                            for column in LESION_GROUPS]}
-    context = np.array([[context_value(lesion, name) for name in CONTEXT_SETS["csv"]] for lesion in lesions])
-    data["clusters"] = clusters(lesions, features, np.nan_to_num(context, nan=np.nanmean(context)), k=k)
+    data["clusters"] = clusters(lesions, features, filled(context_matrix(lesions)), k=k)
     data["clusters"]["types"] = [next(lesion["lesion_type"] for lesion in lesions if lesion["lesion"] == h)
                                  for h in data["clusters"]["lesions"]]
     if fit is not None:
@@ -220,8 +246,8 @@ function show(view) {
 const fmt = (v, d = 3) => (v === null || v === undefined || v === '') ? 'unknown'
   : (typeof v === 'number' ? (Number.isInteger(v) ? String(v) : v.toFixed(d)) : String(v));
 function esc(text) { const d = document.createElement('div'); d.textContent = text; return d.innerHTML; }
-function box(b, colour, dash) {
-  const s = 256 / DATA.frame;
+function box(b, colour, dash, frame) {
+  const s = 256 / frame;
   return `<rect x="${b[0] * s}" y="${b[1] * s}" width="${(b[2] - b[0]) * s}" height="${(b[3] - b[1]) * s}"
     fill="none" stroke="${colour}" stroke-width="1.5" ${dash ? 'stroke-dasharray="3 2"' : ''}/>`;
 }
@@ -230,11 +256,14 @@ function card(item) {
   let svg = '<p class="note">no key slice picture</p>';
   if (item.picture) {
     svg = `<svg viewBox="0 0 256 256" class="overlay"><image href="${item.picture}" width="256" height="256"/>`
-      + (item.truth_box ? box(item.truth_box, '#2ca02c') : '') + item.others.map(b => box(b, '#2ca02c', true)).join('')
-      + item.findings.map(f => box(f.box, '#ff7f0e')).join('') + '</svg>';
+      + (item.truth_box ? box(item.truth_box, '#2ca02c', false, item.frame) : '')
+      + item.others.map(b => box(b, '#2ca02c', true, item.frame)).join('')
+      + item.findings.map(f => box(f.box, '#ff7f0e', false, item.frame)).join('') + '</svg>';
   }
   const rows = Object.entries(item.context).map(([k, v]) => `<tr><td>${esc(k)}</td><td>${esc(fmt(v))}</td></tr>`);
-  let model = '<p class="note">not in the fitted model (untyped, or no fit yet)</p>';
+  let model = '<p class="note">' + (item.id.startsWith('series-') ? 'a CT series: no gated model (no reference '
+    + 'standard to fit); its image columns are in the table below the picture' : 'not in the fitted model (untyped, '
+    + 'or no fit yet)') + '</p>';
   const p = item.prediction;
   if (p) {
     const ig = Object.entries(p.ig_context).concat([['image (sum)', p.ig_image]]);
@@ -245,13 +274,14 @@ function card(item) {
       + ig.map(([k, v]) => `<div class="ig"><span style="width:120px">${esc(k)}</span>
         <span class="bar" style="width:${Math.round(160 * v / top)}px"></span>${v.toFixed(3)}</div>`).join('');
   }
-  return `<h3>lesion ${esc(item.lesion)}</h3>${svg}<p class="note">green: annotated (dashed: the slice's other
-    lesions); orange: findings at or above the detector's operating point (${DATA.score_threshold.toFixed(3)})</p>
+  return `<h3>${esc(item.title)}</h3>${svg}<p class="note">green: annotated (dashed: the slice's other
+    lesions); orange: the detector's findings at or above its operating point</p>
     ${model}<table class="context">${rows.join('')}</table>`;
 }
 function pick(side) {
   const id = document.getElementById('pick-' + side).value;
-  document.getElementById('card-' + side).innerHTML = card(DATA.individuals.find(i => i.lesion === id));
+  document.getElementById('card-' + side).innerHTML = card(DATA.individuals.concat(DATA.series_items)
+    .find(i => i.id === id));
 }
 for (const b of document.querySelectorAll('nav button')) b.addEventListener('click', () => show(b.dataset.view));
 for (const side of ['a', 'b']) document.getElementById('pick-' + side).addEventListener('change', () => pick(side));
@@ -320,8 +350,10 @@ def render_report_html(data: dict[str, Any]) -> str:
                + (f" ({data.get('typed', 0)} typed) on {data.get('key_slices', 0)} key slices" if data["lesions"]
                   else "") + f" · {len(data['failed'])} inputs not read"
                + f" · models: {', '.join(data['models']) or 'none'}")
-    options = "".join(f"<option value='{i['lesion']}'>{i['lesion']} · {html.escape(str(i['context']['lesion_type']))}"
+    options = "".join(f"<option value='{i['id']}'>{i['id']} · {html.escape(str(i['context']['lesion_type']))}"
                       f" · {(i['prediction'] or {}).get('split', 'not fitted')}</option>" for i in data["individuals"])
+    options += "".join(f"<option value='{i['id']}'>{html.escape(i['title'])} · {i['context'].get('findings')} "
+                       "findings</option>" for i in data["series_items"])
     series_rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in (
         "series", "source", "age_band", "sex", "manufacturer", "model", "kernel", "thickness_band", "findings",
         "finding_long_mm", "liver_ml")) + "</tr>" for row in data["rows"] if row["source"] != "deeplesion")

@@ -11,6 +11,11 @@ lack is :data:`~ctzoo.cohort.context.UNKNOWN` and counts as that group. The salt
 The context modality comes from the headers (:mod:`ctzoo.cohort.context`), the image modality from running the zoo
 ``models`` on each volume (:mod:`ctzoo.cohort.image`; DeepLesion rows have none: their PNG slabs are not studies to
 run). A model that fails on a study leaves that row's image columns empty and its reason in ``image_error``.
+
+With a detector among the models, also: ``findings.json`` (each CT series' findings with their pooled features,
+:func:`~ctzoo.cohort.image.finding_level`) and, with DeepLesion, the lesion level (``lesions.csv``,
+``lesion_features.npy``, ``key_slices.json``: :func:`~ctzoo.cohort.lesions.deeplesion_lesions`); ``thumbnails/``
+holds the pictures of both.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from ctzoo.cohort.context import COLUMNS, deeplesion_context, group_counts, volume_context
-from ctzoo.cohort.image import image_columns
+from ctzoo.cohort.image import finding_level, image_columns
 from ctzoo.cohort.lesions import LESION_COLUMNS, deeplesion_lesions
 from ctzoo.datasets.deeplesion.info_csv import read_dl_info
 from ctzoo.inference.inputs import discover_cases
@@ -41,11 +47,12 @@ SALT_ENV = "CTZOO_COHORT_SALT"
 TABLE_FILE, DOCUMENT_FILE = "cohort.csv", "cohort.json"
 LESIONS_FILE, FEATURES_FILE, KEY_SLICES_FILE, THUMBNAILS_DIR = ("lesions.csv", "lesion_features.npy",
                                                                 "key_slices.json", "thumbnails")
+FINDINGS_FILE = "findings.json"
 
 
 def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: str | Path | None = None,
                  models: Sequence[str] = (), device: str = "cpu",
-                 say: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+                 say: Callable[[str], None] = lambda message: None, progress: bool = False) -> dict[str, Any]:
     """Read every CT input (what ``ctzoo infer`` accepts; headers and voxels within the default resource limits),
     run ``models`` (zoo names or bundle folders, PyTorch on ``device``) on each, read DeepLesion's ``DL_info.csv``,
     write ``out/cohort.csv`` and ``out/cohort.json``; return the document."""
@@ -54,8 +61,11 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
     bundles = [load_bundle(name) for name in models]
     tasks = [model_task(bundle, "torch", device) for bundle in bundles]
     class_names = {bundle.name: bundle.class_names for bundle in bundles}
+    detector = next((bundle for bundle in bundles if bundle.task == "detection"), None)
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
+    findings: dict[str, Any] = {}  # per series hash: the detector's findings with their pooled features
+    thumbnails: dict[str, bytes] = {}
     cases = discover_cases(inputs) if inputs else []
     for index, case in enumerate(cases, 1):
         try:
@@ -65,8 +75,14 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
             say(f"[{index}/{len(cases)}] {case.name}: not read ({type(error).__name__})")
             continue
         row = volume_context(volume, salt, case.name)
+        outputs: dict[str, Any] = {}
         try:
-            row |= image_columns(volume, tasks, class_names)
+            row |= image_columns(volume, tasks, class_names, outputs)
+            if detector is not None:
+                level = finding_level(detector, volume, outputs[detector.name], device)
+                if level["picture"] is not None:
+                    thumbnails[row["series"]] = level.pop("picture")
+                findings[row["series"]] = level | {"picture": row["series"] in thumbnails}
         except Exception as error:  # the context stands; the image modality of this study is missing, with why
             row["image_error"] = f"{type(error).__name__}: {error}"
         rows.append(row)
@@ -76,9 +92,10 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
         series = deeplesion_context(read_dl_info(deeplesion_csv), salt)
         rows += series
         say(f"{deeplesion_csv}: {len(series)} DeepLesion series")
-        detector = next((bundle for bundle in bundles if bundle.task == "detection"), None)
         if detector is not None:
-            lesion_level = deeplesion_lesions(Path(deeplesion_csv), detector, salt, device)
+            bar = {"desc": "key slices", "unit": "batch", "disable": None if progress else True}  # None: a TTY's
+            lesion_level = deeplesion_lesions(Path(deeplesion_csv), detector, salt, device,
+                                              progress=lambda batches: tqdm(batches, **bar))
             say(f"{deeplesion_csv}: {len(lesion_level['lesions'])} lesions on {len(lesion_level['key_slices'])} "
                 f"key slices through {detector.name}")
     image = list(dict.fromkeys(k for row in rows for k in row if k not in COLUMNS and k != "thickness_band"))
@@ -91,6 +108,14 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
     if lesion_level is not None:
         document["lesion_model"] = lesion_level["model"]
         write_lesions(out, lesion_level)
+        thumbnails |= lesion_level["thumbnails"]
+    if detector is not None:
+        with atomic_path(out / FINDINGS_FILE) as partial:
+            partial.write_text(json.dumps({"schema": SCHEMA, "model": detector.name, "series": findings}) + "\n",
+                               encoding="utf-8")
+    with atomic_folder(out / THUMBNAILS_DIR) as partial:
+        for name, png in thumbnails.items():
+            (partial / f"{name}.png").write_bytes(png)
     with atomic_path(out / TABLE_FILE) as partial:
         partial.write_text(table_csv(rows, image), encoding="utf-8")
     with atomic_path(out / DOCUMENT_FILE) as partial:
@@ -100,7 +125,7 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
 
 def write_lesions(out: Path, level: dict[str, Any]) -> None:
     """The lesion level (:func:`~ctzoo.cohort.lesions.deeplesion_lesions`): ``lesions.csv``,
-    ``lesion_features.npy`` (aligned rows), ``key_slices.json`` and ``thumbnails/<key_slice>.png``."""
+    ``lesion_features.npy`` (aligned rows) and ``key_slices.json`` (its thumbnails are written with the series')."""
     with atomic_path(out / LESIONS_FILE) as partial:
         partial.write_text(table_csv(level["lesions"], columns=LESION_COLUMNS), encoding="utf-8")
     with atomic_path(out / FEATURES_FILE) as partial:
@@ -111,9 +136,6 @@ def write_lesions(out: Path, level: dict[str, Any]) -> None:
                   "feature_names": level["feature_names"], "key_slices": level["key_slices"]}
     with atomic_path(out / KEY_SLICES_FILE) as partial:
         partial.write_text(json.dumps(key_slices) + "\n", encoding="utf-8")
-    with atomic_folder(out / THUMBNAILS_DIR) as partial:
-        for name, png in level["thumbnails"].items():
-            (partial / f"{name}.png").write_bytes(png)
 
 
 def read_lesions(cohort: str | Path) -> tuple[list[dict[str, Any]], np.ndarray]:
