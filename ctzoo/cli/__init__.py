@@ -19,6 +19,7 @@ from ctzoo.cli.pacs import pacs
 from ctzoo.cli.perf import perf
 from ctzoo.cli.place import place
 from ctzoo.cli.serve import serve
+from ctzoo.cli.smap import smap
 from ctzoo.cli.train import evaluate, train
 from ctzoo.cli.zoo import zoo
 
@@ -45,7 +46,8 @@ def main(verbose: int) -> None:
       ctzoo expand MODEL --width-mult 2 --out DIR   grow a trained model losslessly (LEMON)
       ctzoo perf report STORE --out R.html  latency anomalies and their provenance (--perf on a command)
       ctzoo nas view RUN                    a NAS search run's candidates: Dice vs latency, front, effects
-      ctzoo cohort build INPUTS --out DIR   the cohort table: age, sex, scanner, protocol per series
+      ctzoo cohort build|fit|report         cohorts: context and image per series, a gated model, 3 views
+      ctzoo smap features INPUTS --out F    a hospital's lesion embeddings for a joint map (SMAP)
 
     Run 'ctzoo COMMAND --help' for the options of each command.
     """
@@ -70,3 +72,4 @@ main.add_command(perf)
 main.add_command(place)
 main.add_command(nas)
 main.add_command(cohort)
+main.add_command(smap)

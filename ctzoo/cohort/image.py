@@ -19,17 +19,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-import torch
-
 from ctzoo.cohort.lesions import thumbnail_png
-from ctzoo.inference.recist_volume import canvas_size, slice_inputs
+from ctzoo.inference.lesion_features import finding_features
 from ctzoo.inference.segment_volume import seg_summary
 from ctzoo.inference.tasks import ModelTask, run_task
-from ctzoo.io import reorient_lps
 from ctzoo.io.volume import Volume
 from ctzoo.models.bundle import ModelBundle
-from ctzoo.models.recistnet import pool_box_features
 
 
 def detector_columns(document: dict[str, Any]) -> dict[str, Any]:
@@ -47,47 +42,13 @@ def segmenter_columns(labels: Any, volume: Volume, class_names: Sequence[str]) -
 
 
 def finding_level(bundle: ModelBundle, volume: Volume, document: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
-    """Per finding of a ``detections.json`` ``document`` on ``volume``: its score, long axis, slice and pooled
-    features (the box of its four end points on its slice's network input, :func:`pool_box_features`); and the
-    network input of the top finding's slice as a picture (``frame`` x ``frame`` pixels) and the findings on it
-    (``on_picture``: box in that frame, score)."""
-    axial = reorient_lps(volume)
-    to_axial = np.linalg.inv(axial.affine_lps)
-    wanted: dict[int, list[tuple[int, np.ndarray]]] = {}
-    for n, lesion in enumerate(document["lesions"]):
-        ijk = np.asarray(lesion["points_mm"], dtype=np.float64) @ to_axial[:3, :3].T + to_axial[:3, 3]
-        wanted.setdefault(int(round(ijk[4, 2])), []).append((n, ijk[:, :2]))
-    if not wanted:
-        return {"findings": [], "picture": None, "on_picture": [], "frame": None}
-    findings: list[dict[str, Any]] = [{} for _ in document["lesions"]]
-    top = max(range(len(findings)), key=lambda n: document["lesions"][n]["score"])
-    picture, on_picture = None, []
-    network = bundle.network().to(device).eval()
+    """:func:`~ctzoo.inference.lesion_features.finding_features` with the top finding's slice as a ``picture``
+    (PNG, :func:`~ctzoo.cohort.lesions.thumbnail_png`) in place of its network input."""
+    level = finding_features(bundle, volume, document, device)
+    image = level.pop("top_input")
     prep = bundle.preprocessing
-    frame = canvas_size(prep)
-    for k, (image, scale) in enumerate(slice_inputs(axial, prep, frame)):
-        if k > max(wanted):
-            break
-        if k not in wanted:
-            continue
-        with torch.no_grad():
-            features = network.feature_map(image[None].to(device))[0].float().cpu()
-        here = []
-        for n, xy in wanted[k]:
-            pixels = (xy + 0.5) * np.asarray(scale) - 0.5  # the slice's own pixels -> the network's input
-            box = [*pixels[:4].min(axis=0), *pixels[:4].max(axis=0)]
-            pooled = pool_box_features(features, torch.tensor([box], dtype=torch.float32), network.down_ratio)[0]
-            lesion = document["lesions"][n]
-            findings[n] = {"score": lesion["score"], "long_axis_mm": lesion["long_axis_mm"], "slice": lesion["slice"],
-                           "points_mm": lesion["points_mm"],
-                           "box": np.round(np.asarray(box, dtype=np.float64), 2).tolist(),
-                           "features": np.round(pooled.numpy().astype(np.float64), 5).tolist()}
-            here.append({"box": findings[n]["box"], "score": lesion["score"]})
-        if any(n == top for n, _ in wanted[k]):
-            picture = thumbnail_png(image, prep.num_slices, 1 + len(prep.extra_windows_hu))
-            on_picture = here
-    return {"findings": [finding for finding in findings if finding], "picture": picture, "on_picture": on_picture,
-            "frame": frame}
+    level["picture"] = None if image is None else thumbnail_png(image, prep.num_slices, 1 + len(prep.extra_windows_hu))
+    return level
 
 
 def image_columns(volume: Volume, tasks: Sequence[ModelTask], class_names: dict[str, Sequence[str]],

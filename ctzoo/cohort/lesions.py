@@ -1,8 +1,8 @@
 """The cohort's lesion level: every annotated DeepLesion lesion with its context (from ``DL_info.csv``) and its
 image modality (RECIST-Net's pooled decoder features over its box), plus the detector's findings per key slice.
 
-:func:`deeplesion_lesions` runs a detector bundle over every key slice of ``DL_info.csv`` (the bundle's own
-preprocessing; centred pad/crop to its ``max_size``), one forward pass per batch, and returns:
+:func:`deeplesion_lesions` runs a detector bundle over every key slice of ``DL_info.csv``
+(:func:`~ctzoo.training.lesion_features.annotated_lesion_features`) and returns:
 
 * ``lesions``: one row per lesion (:data:`LESION_COLUMNS`): salted hashes (``lesion``, ``series``, ``patient``),
   the split, the coarse type, the context of its row (age, sex, spacing, window, normalised location, RECIST
@@ -26,25 +26,17 @@ import torch
 from PIL import Image
 
 from ctzoo.cohort.context import AGE_BANDS, THICKNESS_BANDS, band, hashed, sex_code
-from ctzoo.datasets.deeplesion.dataset import (
-    DeepLesionConfig,
-    deeplesion_dataloader,
-    deeplesion_dataset,
-    key_slice_items,
-)
+from ctzoo.datasets.deeplesion.dataset import key_slice_items
 from ctzoo.datasets.deeplesion.info_csv import LESION_TYPES, read_dl_info
-from ctzoo.datasets.keypoint_transforms import recist_eval_transforms
 from ctzoo.models.bundle import ModelBundle
 from ctzoo.training.froc import box_iou_voc
-from ctzoo.training.recistnet_task import evaluate_decodings
+from ctzoo.training.lesion_features import annotated_lesion_features
 
 LESION_COLUMNS = ("lesion", "series", "patient", "key_slice", "split", "type_code", "lesion_type", "age_years",
                   "age_band", "sex", "spacing_x_mm", "spacing_z_mm", "thickness_band", "window_low_hu",
                   "window_high_hu", "location_x", "location_y", "location_z", "long_mm", "short_mm", "found",
                   "features")
 THUMBNAIL_SIZE = 256
-#: Findings kept per key slice for the FROC: all above this score (the bundle's operating point is higher).
-MIN_SCORE = 0.01
 
 
 def lesion_row(row, salt: str, index: int) -> dict[str, Any]:
@@ -86,53 +78,44 @@ def found_lesions(truth_boxes: np.ndarray, boxes: np.ndarray, scores: np.ndarray
 
 def deeplesion_lesions(csv_path, bundle: ModelBundle, salt: str, device: str = "cpu",
                        progress=None) -> dict[str, Any]:
-    """Run the detector ``bundle`` over ``csv_path``'s key slices: ``{"lesions", "features", "key_slices",
-    "thumbnails", "feature_names"}`` (module docstring)."""
-    if bundle.task != "detection":
-        raise ValueError(f"{bundle.name} is a {bundle.task} model: lesion features need a RECIST-Net detector")
-    spec = bundle.preprocessing.model_dump()
-    cfg = DeepLesionConfig(root=csv_path.parent, info_csv=csv_path.name, **spec)
-    size = (cfg.max_size, cfg.max_size)
-    items = key_slice_items(read_dl_info(csv_path), "all", cfg.drop_noisy)
-    dataset = deeplesion_dataset(cfg, "all", transform=recist_eval_transforms(size, lesion_keys=("lesion_index",)))
-    model = bundle.network().to(device).eval()
-    loader = deeplesion_dataloader(dataset, batch_size=4, shuffle=False, num_workers=0)
-    thumbnails: list[bytes | None] = []
-    windows = 1 + len(cfg.extra_windows_hu)
+    """Run the detector ``bundle`` over ``csv_path``'s key slices
+    (:func:`~ctzoo.training.lesion_features.annotated_lesion_features`): ``{"lesions", "features", "key_slices",
+    "thumbnails", "feature_names", ...}`` (module docstring)."""
+    items = key_slice_items(read_dl_info(csv_path), "all")  # the order and rows annotated_lesion_features uses
+    prep = bundle.preprocessing
+    windows = 1 + len(prep.extra_windows_hu)
     # pictures of the key slices the Individual view can show with a gate: those holding a typed lesion (all of
     # them when nothing is typed), so a full DeepLesion (32,000 key slices) does not write 32,000 of them
     pictured = [any(row.coarse_lesion_type >= 1 for row in item["lesions"]) for item in items]
     pictured = pictured if any(pictured) else [True] * len(items)
+    pictures: dict[int, bytes] = {}
 
-    def batches():  # the thumbnails are cut from the very tensors the network sees
-        for batch in (loader if progress is None else progress(loader)):
-            thumbnails.extend(thumbnail_png(image, cfg.num_slices, windows) if pictured[len(thumbnails)] else None
-                              for image in batch["image"])
-            yield batch
+    def picture(index: int, image) -> None:  # cut from the very tensors the network sees
+        if pictured[index]:
+            pictures[index] = thumbnail_png(image, prep.num_slices, windows)
 
-    device_ = torch.device(device)
-    _, detections, truth = evaluate_decodings(model, batches(), device_, ("both",), min_score=MIN_SCORE,
-                                              pool_features=True)["both"]
-    lesions, features, key_slices = [], [], []
-    width = next((t["features"].shape[1] for t in truth if len(t["features"])), 0)
-    for item, found, true, png in zip(items, detections, truth, thumbnails, strict=True):
-        rows = [lesion_row(row, salt, index) for index, row in enumerate(item["lesions"])]
-        pooled = np.zeros((len(rows), width), dtype=np.float32)
-        boxes: list[list[float] | None] = [None] * len(rows)  # None: the lesion's box fell outside the frame
-        hits = found_lesions(true["boxes"], found["boxes"], found["scores"], bundle.score_threshold)
-        for k, index in enumerate(true["lesion_index"]):
-            pooled[index], boxes[index] = true["features"][k], np.round(true["boxes"][k].astype(np.float64), 2).tolist()
-            rows[index] |= {"features": True, "found": bool(hits[k])}
+    computed = annotated_lesion_features(csv_path, bundle, device, progress, picture)
+    lesions, features, key_slices, thumbnails = [], [], [], {}
+    for index, key_slice in enumerate(computed):
+        found = key_slice.findings
+        rows = [lesion_row(row, salt, k) for k, row in enumerate(key_slice.item["lesions"])]
+        inside = [k for k, box in enumerate(key_slice.boxes) if box is not None]
+        hits = found_lesions(np.asarray([key_slice.boxes[k] for k in inside]).reshape(-1, 4), found["boxes"],
+                             found["scores"], bundle.score_threshold)
+        for k, hit in zip(inside, hits):
+            rows[k] |= {"features": True, "found": bool(hit)}
         lesions += rows
-        features.append(pooled)
-        key_slices.append({"key_slice": rows[0]["key_slice"], "series": rows[0]["series"], "split": item["split"],
-                           "lesions": [row["lesion"] for row in rows],
-                           "truth_boxes": boxes,
+        features.append(key_slice.features)
+        key_slices.append({"key_slice": rows[0]["key_slice"], "series": rows[0]["series"],
+                           "split": key_slice.item["split"], "lesions": [row["lesion"] for row in rows],
+                           "truth_boxes": key_slice.boxes,
                            "boxes": np.round(found["boxes"].astype(np.float64), 2).tolist(),
                            "scores": np.round(found["scores"].astype(np.float64), 5).tolist(),
                            "points": np.round(found["points"].astype(np.float64), 2).tolist()})
+        if index in pictures:
+            thumbnails[rows[0]["key_slice"]] = pictures[index]
+    width = features[0].shape[1] if features else 0
     return {"lesions": lesions, "features": np.concatenate(features) if features else np.zeros((0, width)),
-            "key_slices": key_slices,
-            "thumbnails": {k["key_slice"]: png for k, png in zip(key_slices, thumbnails) if png is not None},
+            "key_slices": key_slices, "thumbnails": thumbnails,
             "feature_names": [f"recist_f{k:02d}" for k in range(width)], "score_threshold": bundle.score_threshold,
-            "model": bundle.name, "frame": cfg.max_size}
+            "model": bundle.name, "frame": prep.max_size}
