@@ -62,6 +62,15 @@ def small_deeplesion_mini(fetched_samples, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def deeplesion_mini16(fetched_samples, tmp_path_factory) -> Path:
+    """A 16-series miniature (seed 5: 11 patients, 46 lesions, 18 typed), built once per worker for the cohort
+    and SMAP tests (read only)."""
+    from ctzoo.datasets.deeplesion.mini import make_deeplesion_mini
+
+    return make_deeplesion_mini(tmp_path_factory.mktemp("dl16") / "mini", cases=16, seed=5, progress=False)
+
+
+@pytest.fixture(scope="session")
 def sent_files(tmp_path_factory, sample_dir) -> list[Path]:
     """Copies of the sample series with its empty UIDs repaired (storescu and PACS need them)."""
     folder = tmp_path_factory.mktemp("sent")

@@ -36,13 +36,10 @@ SALT = "report-test-salt"
 
 
 @pytest.fixture(scope="module")
-def cohort(fetched_samples, sample_dir, tmp_path_factory):
+def cohort(deeplesion_mini16, sample_dir, tmp_path_factory):
     """The cohort folder, built, fitted (one seed) and reported through the CLI."""
-    from ctzoo.datasets.deeplesion.mini import make_deeplesion_mini
-
-    base = tmp_path_factory.mktemp("cohort")
-    mini = make_deeplesion_mini(base / "mini", cases=16, seed=5, progress=False)
-    out = base / "cohort"
+    mini = deeplesion_mini16
+    out = tmp_path_factory.mktemp("cohort") / "cohort"
     runner, env = CliRunner(), {"CTZOO_COHORT_SALT": SALT}
     for arguments in (["build", str(sample_dir), "--deeplesion", str(mini / "DL_info.csv"), "--out", str(out)],
                       ["fit", str(out), "--seeds", "0", "--epochs", "150"], ["report", str(out)]):

@@ -1,11 +1,12 @@
 """``ctzoo smap``: joint t-SNE maps of lesion embeddings held by several hospitals (SMAP). ``features`` writes a
-site's embeddings; the secure multi-party protocol is not built yet (issue 27)."""
+site's embeddings; ``party`` runs one site's part of the secure joint t-SNE."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
+import numpy as np
 
 
 @click.group()
@@ -14,7 +15,8 @@ def smap() -> None:
 
     \b
       ctzoo smap features INPUTS... --out site.npz    a site's lesion embeddings, computed locally
-    The secure multi-party joint t-SNE itself is not built yet (issue 27).
+      ctzoo smap party site.npz --index I --party HOST:PORT ... --out map.npz
+                                                      one site's part of the secure joint t-SNE
     """
 
 
@@ -58,3 +60,61 @@ def features(inputs: tuple[Path, ...], out: Path, model: str, deeplesion_csv: Pa
         raise click.ClickException(str(error)) from error
     click.echo(f"{path}: {len(site['labels'])} lesions x {site['features'].shape[1]} features "
                f"({site['meta']['kind']}, {bundle.name} {bundle.version})")
+
+
+@smap.command("party")
+@click.argument("site", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--index", type=click.IntRange(0), required=True, help="This party's place in the --party list.")
+@click.option("--party", "addresses", multiple=True, required=True, metavar="HOST:PORT",
+              help="Every party's address, in the same order on every party (repeat; at least 3).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="What this party learns (.npz): its own points' coordinates, the joint density, ...")
+@click.option("--perplexity", type=click.FloatRange(1, 200), default=30.0, show_default=True)
+@click.option("--iterations", type=click.IntRange(1, 5000), default=300, show_default=True)
+@click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True)
+@click.option("--early-iterations", type=click.IntRange(0), default=0, show_default=True,
+              help="Iterations with 12x early exaggeration (none by default: see docs/smap.md).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Of the public initialisation.")
+@click.option("--grid", type=click.IntRange(4, 128), default=24, show_default=True,
+              help="Cells per axis of the density of the others' points.")
+@click.option("--share-points", is_flag=True,
+              help="Open every point (with its site and label) to every party, if every party gives this flag.")
+@click.option("--connect-timeout", type=click.FloatRange(1), default=120.0, show_default=True,
+              help="Seconds to wait for every party to connect.")
+@click.option("--insecure-reveal-p", is_flag=True,
+              help="Open the joint P to every party (testing and comparison with the plaintext t-SNE only).")
+def party(site: Path, index: int, addresses: tuple[str, ...], out: Path, perplexity: float, iterations: int,
+          learning_rate: float, early_iterations: int, seed: int, grid: int, share_points: bool,
+          connect_timeout: float, insecure_reveal_p: bool) -> None:
+    """Join a secure joint t-SNE as party --index, with this site's SITE file (ctzoo smap features).
+
+    \b
+    Every party runs the same command with its own SITE and --index and the same list and options:
+      ctzoo smap party a.npz --index 0 --party 127.0.0.1:11365 --party 127.0.0.1:11366 \\
+          --party 127.0.0.1:11367 --out a-map.npz
+    Shamir secret sharing (MPyC), honest majority: no single party learns another's points. Each party learns
+    its own points' coordinates in the joint map and the joint density on a grid (with the others' density);
+    with --share-points on every party, every point.
+    """
+    from ctzoo.io.atomic import atomic_path
+    from ctzoo.smap.party import PartyDropped, RunOptions, run_party
+
+    if len(addresses) < 3:
+        raise click.UsageError("give at least 3 --party addresses: with 2, one party's shares would reveal the other's")
+    if index >= len(addresses):
+        raise click.UsageError(f"--index {index} names no party: there are {len(addresses)}")
+    options = RunOptions(perplexity, iterations, learning_rate, early_iterations, seed, grid, share_points,
+                         insecure_reveal_p)
+    try:
+        result = run_party(site, index, addresses, options, connect_timeout=connect_timeout)
+    except (ValueError, PartyDropped) as error:
+        raise click.ClickException(str(error)) from error
+    arrays = {name: np.asarray(result[name]) for name in ("counts", "own", "extent", "density", "others_density",
+                                                           "p", "all_points", "all_labels", "all_sites")
+              if name in result}
+    with atomic_path(out) as partial:
+        with open(partial, "wb") as handle:
+            np.savez(handle, index=np.asarray(index), shared=np.asarray(result["shared"]), **arrays)
+    others = "every point shared" if result["shared"] else "the others as density"
+    click.echo(f"party {index}: {sum(result['counts'])} points in all ({', '.join(map(str, result['counts']))}); "
+               f"its own {len(result['own'])} placed; {others} -> {out}")

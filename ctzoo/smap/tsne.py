@@ -98,18 +98,19 @@ def initial_embedding(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(0.0, 1e-4, (n, 2))
 
 
-def embed(p: np.ndarray, y0: np.ndarray, iterations: int = 1000, learning_rate: float = 200.0) -> np.ndarray:
+def embed(p: np.ndarray, y0: np.ndarray, iterations: int = 1000, learning_rate: float = 200.0,
+          early_iterations: int = EXAGGERATION_ITERATIONS) -> np.ndarray:
     """Gradient descent on KL(P || Q) from ``y0`` with the reference schedule: ``P`` exaggerated 12x for the first
-    250 iterations, momentum 0.5 then 0.8, per-coordinate gains (+0.2 / x0.8, at least 0.01), recentred each step."""
+    ``early_iterations`` (250), momentum 0.5 then 0.8, per-coordinate gains (+0.2 where ``grad > 0`` differs from
+    ``update > 0``, else x0.8; at least 0.01), recentred each step: van der Maaten's reference ``tsne.py``."""
     y = np.array(y0, dtype=np.float64)
     update, gains = np.zeros_like(y), np.ones_like(y)
     for iteration in range(iterations):
-        exaggerated = p * EXAGGERATION if iteration < EXAGGERATION_ITERATIONS else p
-        grad = gradient(exaggerated, y)
-        momentum = MOMENTUM_EARLY if iteration < EXAGGERATION_ITERATIONS else MOMENTUM_LATE
-        gains = np.where(np.sign(grad) != np.sign(update), gains + 0.2, gains * 0.8)
+        early = iteration < early_iterations
+        grad = gradient(p * EXAGGERATION if early else p, y)
+        gains = np.where((grad > 0) != (update > 0), gains + 0.2, gains * 0.8)
         gains = np.maximum(gains, MIN_GAIN)
-        update = momentum * update - learning_rate * gains * grad
+        update = (MOMENTUM_EARLY if early else MOMENTUM_LATE) * update - learning_rate * gains * grad
         y = y + update
         y = y - y.mean(axis=0)
     return y

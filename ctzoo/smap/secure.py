@@ -1,0 +1,136 @@
+"""The joint probabilities P of t-SNE computed on secret-shared points (MPyC: Shamir shares over a prime field,
+fixed-point numbers ``SecFxp(64, 32)``), step for step the plaintext :func:`ctzoo.smap.tsne.conditional_p`:
+
+1. ``D = |x_i|^2 + |x_j|^2 - 2 x_i.x_j`` of the stacked shared points (one secure matrix product);
+2. per row, ``a_ij = beta_i (D_ij - min_j D_ij)`` (the shift keeps every weight ``exp(-a) <= 1`` and the nearest
+   neighbour's at 1, as the plaintext code shifts for ``exp``'s range);
+3. the precision ``beta_i`` by a search with **no data-dependent stop**, in two stages that need only squarings
+   and products, never a secure ``exp`` per step:
+
+   * coarse: ``beta = beta0 * 2^s`` for s = 0 .. 2T-1 (``beta0 = 2^-T / mean_j a``): doubling ``beta`` squares every
+     weight, ``exp(-2a) = exp(-a)^2``; each row keeps the largest ``s`` whose entropy is still at least
+     ``log(perplexity)`` (a secret bit per row and step selects it);
+   * fine: ``beta = beta_s (1 + sum_k b_k 2^-k)`` for k = 1 .. K: the factors ``v_k = exp(-a_s 2^-k)`` are one Taylor
+     series at ``k = K`` and squarings down to ``k = 1``; bit ``b_k`` multiplies the weights by ``v_k`` when the
+     entropy stays at least the target;
+
+   the entropy test needs no logarithm: ``H = log Z + E_p[a] >= log perp  <=>  Z exp(E_p[a]) >= perp``, and
+   ``0 <= E_p[a] <= log n`` bounds the one ``exp`` per row;
+4. ``P_cond = w / Z`` and ``P = (P_cond + P_cond^T) / (2n)``.
+
+Nothing is opened on the way: comparisons give secret bits, used only as multipliers. ``n`` (each party's count)
+and the feature dimension are public. Cost: about 150 secure products per pair of points, plus ``n`` row minima
+(``n - 1`` comparisons each) and ``2T + K`` comparisons per row; O(n^2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+#: Coarse doublings (beta spans 2^-T .. 2^T times 1 / the row's mean shifted distance) and fine bits.
+COARSE_T, FINE_BITS = 10, 16
+TAYLOR_TERMS = 8
+
+
+def exp_small(x: Any, terms: int = TAYLOR_TERMS) -> Any:
+    """``e^x`` of a secret array ``x`` with ``|x| <~ 0.1`` by its Taylor series (Horner; relative error ~1e-14)."""
+    result = 1 + x * (1.0 / terms)
+    for t in range(terms - 1, 0, -1):
+        result = 1 + x * result * (1.0 / t)
+    return result
+
+
+def exp_bounded(x: Any, bound: float) -> Any:
+    """``e^x`` of a secret array with ``0 <= x <= bound`` (public): the series at ``x / 2^k``, squared ``k`` times."""
+    k = max(0, math.ceil(math.log2(max(bound, 1e-9) / 0.1)))
+    result = exp_small(x * (1.0 / 2**k))
+    for _ in range(k):
+        result = result * result
+    return result
+
+
+def off_diagonal_index(n: int) -> np.ndarray:
+    """``(n, n - 1)`` column indices of every row without its diagonal."""
+    return np.array([[j for j in range(n) if j != i] for i in range(n)], dtype=np.int64).reshape(n, n - 1)
+
+
+def secure_conditional_p(mpc: Any, x: Any, perplexity: float) -> Any:
+    """``P_cond`` without the diagonal, ``(n, n - 1)`` secret (column ``k`` of row ``i`` is point
+    :func:`off_diagonal_index` ``[i, k]``), from the secret points ``x`` (n, d) on runtime ``mpc``."""
+    n = x.shape[0]
+    if not 1 <= perplexity < n - 1:
+        raise ValueError(f"perplexity must be at least 1 and below n - 1 = {n - 1}, got {perplexity}")
+    norms = mpc.np_sum(x * x, axis=1)
+    distances = norms.reshape(n, 1) + norms.reshape(1, n) - 2 * (x @ x.T)
+    rows = distances[np.arange(n)[:, None], off_diagonal_index(n)]
+    shifted = rows - mpc.np_amin(rows, axis=1).reshape(n, 1)
+    mean = mpc.np_sum(shifted, axis=1) * (1.0 / (n - 1))
+    a = shifted * (2.0**-COARSE_T / (mean + 2.0**-20)).reshape(n, 1)
+    weights = exp_small(-a)
+    bound = math.log(n)
+
+    def flat_enough(w: Any, a: Any) -> Any:
+        """Per row, the secret bit ``H >= log(perplexity)`` (the distribution is still at least that flat)."""
+        z = mpc.np_sum(w, axis=1)
+        mean_a = mpc.np_sum(a * w, axis=1) / z
+        return (z * exp_bounded(mean_a, bound) >= perplexity).reshape(n, 1)
+
+    kept_w, kept_a = weights, a
+    for _ in range(2 * COARSE_T):
+        keep = flat_enough(weights, a)
+        kept_w = kept_w + keep * (weights - kept_w)
+        kept_a = kept_a + keep * (a - kept_a)
+        weights, a = weights * weights, a * 2
+    factor = exp_small(-kept_a * 2.0**-FINE_BITS)
+    factors = {FINE_BITS: factor}
+    for k in range(FINE_BITS - 1, 0, -1):
+        factor = factor * factor
+        factors[k] = factor
+    weights, a = kept_w, kept_a
+    for k in range(1, FINE_BITS + 1):
+        trial_w, trial_a = weights * factors[k], a + kept_a * 2.0**-k
+        keep = flat_enough(trial_w, trial_a)
+        weights = weights + keep * (trial_w - weights)
+        a = a + keep * (trial_a - a)
+    return weights * (1 / mpc.np_sum(weights, axis=1)).reshape(n, 1)
+
+
+def full_matrix(off_diagonal: np.ndarray) -> np.ndarray:
+    """A plain ``(n, n - 1)`` off-diagonal matrix as ``(n, n)`` with a zero diagonal."""
+    n = off_diagonal.shape[0]
+    full = np.zeros((n, n))
+    full[np.arange(n)[:, None], off_diagonal_index(n)] = off_diagonal
+    return full
+
+
+def secure_embed(mpc: Any, p: Any, y0: np.ndarray, iterations: int, learning_rate: float = 200.0,
+                 early_iterations: int = 250) -> Any:
+    """:func:`ctzoo.smap.tsne.embed` on the secret joint ``p`` (off-diagonal layout, (n, n - 1)) from the public
+    start ``y0``: the embedding stays secret throughout (returned as a secret (n, 2) array). Per iteration and
+    pair of points: one secure reciprocal (the Student-t kernel) and about six products."""
+    from ctzoo.smap.tsne import EXAGGERATION, MIN_GAIN, MOMENTUM_EARLY, MOMENTUM_LATE
+
+    secfxp = type(p).sectype
+    n = p.shape[0]
+    index = off_diagonal_index(n)
+    y = secfxp.array(np.asarray(y0, dtype=np.float64))
+    update = secfxp.array(np.zeros((n, 2)))
+    gains = secfxp.array(np.ones((n, 2)))
+    for iteration in range(iterations):
+        early = iteration < early_iterations
+        difference = y.reshape(n, 1, 2) - y[index]  # (n, n - 1, 2): y_i - y_j
+        kernel = 1 / (1 + mpc.np_sum(difference * difference, axis=2))
+        q = kernel * (1 / mpc.np_sum(kernel))
+        weights = ((p * EXAGGERATION if early else p) - q) * kernel
+        grad = 4 * mpc.np_sum(weights.reshape(n, n - 1, 1) * difference, axis=1)
+        flip = (grad > 0) + (update > 0)
+        flip = flip - 2 * (grad > 0) * (update > 0)  # (grad > 0) xor (update > 0)
+        gains = gains * 0.8 + flip * (gains * 0.2 + 0.2)
+        gains = gains + (gains < MIN_GAIN) * (MIN_GAIN - gains)
+        update = (MOMENTUM_EARLY if early else MOMENTUM_LATE) * update - learning_rate * gains * grad
+        y = y + update
+        y = y - mpc.np_sum(y, axis=0).reshape(1, 2) * (1.0 / n)
+    return y
