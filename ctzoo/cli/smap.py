@@ -17,6 +17,7 @@ def smap() -> None:
       ctzoo smap features INPUTS... --out site.npz    a site's lesion embeddings, computed locally
       ctzoo smap party site.npz --index I --party HOST:PORT ... --out map.npz
                                                       one site's part of the secure joint t-SNE
+      ctzoo smap view map.npz --site site.npz         its page: own lesions over the others' density
     """
 
 
@@ -114,7 +115,34 @@ def party(site: Path, index: int, addresses: tuple[str, ...], out: Path, perplex
               if name in result}
     with atomic_path(out) as partial:
         with open(partial, "wb") as handle:
-            np.savez(handle, index=np.asarray(index), shared=np.asarray(result["shared"]), **arrays)
+            np.savez(handle, index=np.asarray(index), shared=np.asarray(result["shared"]),
+                     seconds=np.asarray([result["seconds"]["p"], result["seconds"]["embedding"]]),
+                     bytes_sent=np.asarray(result["bytes_sent"]), **arrays)
     others = "every point shared" if result["shared"] else "the others as density"
     click.echo(f"party {index}: {sum(result['counts'])} points in all ({', '.join(map(str, result['counts']))}); "
-               f"its own {len(result['own'])} placed; {others} -> {out}")
+               f"its own {len(result['own'])} placed; {others}; P {result['seconds']['p']:.1f} s, "
+               f"{iterations} iterations {result['seconds']['embedding']:.1f} s, {result['bytes_sent'] / 1e6:.1f} MB "
+               f"sent -> {out}")
+
+
+@smap.command("view")
+@click.argument("map_file", metavar="MAP", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--site", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="The site file this party ran with: its points' labels never left it.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The page (default: MAP with .html).")
+def view(map_file: Path, site: Path, out: Path | None) -> None:
+    """Write one party's joint map as an offline page: its own lesions by type over the other sites' density
+    (or every lesion by site, when every site agreed to share)."""
+    from ctzoo.io.atomic import atomic_path
+    from ctzoo.smap.features import read_site
+    from ctzoo.smap.page import read_map, render_map_html
+
+    target = out or map_file.with_suffix(".html")
+    try:
+        text = render_map_html(read_map(map_file, read_site(site)))
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    with atomic_path(target) as partial:
+        partial.write_text(text, encoding="utf-8")
+    click.echo(f"{target} ({target.stat().st_size / 1e6:.1f} MB)")

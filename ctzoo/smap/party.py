@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,8 @@ async def protocol(mpc: Any, site: dict[str, Any], options: RunOptions, connect_
         missing = [peer.pid for peer in mpc.parties if peer.pid != mpc.pid and peer.protocol is None]
         raise PartyDropped(f"parties {missing} did not connect within {connect_timeout:g} s: check that every "
                            "party runs with the same --party list; nothing was sent") from None
+    sys.stderr.write(f"party {mpc.pid}: all {len(mpc.parties)} parties connected\n")
+    sys.stderr.flush()
     try:
         counts = await agree_on_inputs(mpc, site)
         secfxp = mpc.SecFxp(64, 32)
@@ -151,12 +154,18 @@ async def protocol(mpc: Any, site: dict[str, Any], options: RunOptions, connect_
                                         np.zeros((count, dim))), senders=pid) for pid, count in enumerate(counts)]
         points = mpc.np_vstack(parts)
         n = sum(counts)
+        started = time.perf_counter()
         joint = joint_from_conditional(mpc, secure_conditional_p(mpc, points, options.perplexity), n)
         result: dict[str, Any] = {"counts": counts, "index": mpc.pid, "options": options}
         if options.reveal_p:
             result["p"] = np.asarray(await mpc.output(joint), dtype=np.float64)
+        else:  # P's sum is 1 whatever the points: opening it reveals nothing and times P
+            await mpc.output(mpc.np_sum(joint))
+        p_done = time.perf_counter()
         y = secure_embed(mpc, joint, initial_embedding(n, options.seed), options.iterations, options.learning_rate,
                          options.early_iterations)
+        await mpc.output(mpc.np_sum(y))  # the coordinates' sum is 0 (they are centred): times the iterations
+        result["seconds"] = {"p": p_done - started, "embedding": time.perf_counter() - p_done}
         starts = np.cumsum([0, *counts])
         for pid in range(len(counts)):  # each party's points to that party only
             mine = await mpc.output(y[starts[pid]:starts[pid + 1]], receivers=[pid])
@@ -175,6 +184,7 @@ async def protocol(mpc: Any, site: dict[str, Any], options: RunOptions, connect_
             result["all_labels"] = np.concatenate([np.asarray(await mpc.output(part), dtype=np.int64)
                                                    for part in labels])
             result["all_sites"] = np.repeat(np.arange(len(counts)), counts)
+        result["bytes_sent"] = sum(peer.protocol.nbytes_sent for peer in mpc.parties if peer.pid != mpc.pid)
     finally:
         mpc._ctzoo_ending = True  # from here on, peers closing their connections is the normal end
         await mpc.shutdown()

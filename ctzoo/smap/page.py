@@ -1,0 +1,113 @@
+"""``ctzoo smap view MAP --site SITE``: what one party learned, as one self-contained HTML page (plotly inline, works
+offline): its own points in the joint map, coloured by their coarse lesion type (from its own site file, never
+sent), over the density of the other sites' points (SMAP's aggregated view); with a map every party agreed to share,
+every point, coloured by site or by type.
+
+:func:`read_map` checks the party's ``.npz`` (``ctzoo smap party --out``) against the site file it was run with (the
+same number of points); :func:`render_map_html` writes the page.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctzoo.datasets.deeplesion.info_csv import LESION_TYPES
+from ctzoo.perf.report import STYLE as REPORT_STYLE
+from ctzoo.perf.report import json_for_script
+
+MAP_ARRAYS = ("index", "shared", "counts", "own", "extent", "density", "others_density")
+
+
+def read_map(map_path: str | Path, site: dict[str, Any]) -> dict[str, Any]:
+    """A party's map file with its site's labels; ValueError naming the file for anything that does not fit."""
+    map_path = Path(map_path)
+    try:
+        with np.load(map_path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except FileNotFoundError:
+        raise ValueError(f"{map_path}: no such map file") from None
+    except Exception as error:  # not a zip, truncated, object arrays: all mean "not a map file"
+        raise ValueError(f"{map_path} is not a map file of ctzoo smap party: {error}") from None
+    missing = [name for name in MAP_ARRAYS if name not in arrays]
+    if missing:
+        raise ValueError(f"{map_path} is not a map file of ctzoo smap party (missing {', '.join(missing)})")
+    own = arrays["own"]
+    if own.shape != (len(site["labels"]), 2):
+        raise ValueError(f"{map_path} places {len(own)} points of this party, {site['path']} holds "
+                         f"{len(site['labels'])}: give the site file this party ran with")
+    return {**arrays, "labels": site["labels"], "path": str(map_path)}
+
+
+def label_name(code: int) -> str:
+    return LESION_TYPES.get(int(code), "unknown") if int(code) >= 1 else "unlabelled"
+
+
+def build_figure(data: dict[str, Any]) -> dict[str, Any]:
+    """The plotly figure: the others' density as a heatmap, the own points by type (or every point by site)."""
+    import plotly.graph_objects as go
+
+    x_low, x_high, y_low, y_high = (float(v) for v in data["extent"])
+    grid = data["density"].shape[0]
+    centres_x = x_low + (np.arange(grid) + 0.5) * (x_high - x_low) / grid
+    centres_y = y_low + (np.arange(grid) + 0.5) * (y_high - y_low) / grid
+    figure = go.Figure()
+    if not bool(data["shared"]):
+        figure.add_trace(go.Heatmap(x=centres_x.tolist(), y=centres_y.tolist(), z=data["others_density"].T.tolist(),
+                                    colorscale="Greys", name="other sites", showscale=True,
+                                    colorbar={"title": "other sites' lesions per cell"}, hoverinfo="z"))
+        own, labels = data["own"], data["labels"]
+        for code in sorted(set(int(c) for c in labels)):
+            rows = labels == code
+            figure.add_trace(go.Scatter(x=own[rows, 0].tolist(), y=own[rows, 1].tolist(), mode="markers",
+                                        name=f"this site: {label_name(code)} ({int(rows.sum())})",
+                                        marker={"size": 9, "line": {"width": 1, "color": "#000"}}))
+    else:
+        points, sites = data["all_points"], data["all_sites"]
+        for site in sorted(set(int(s) for s in sites)):
+            rows = sites == site
+            this = site == int(data["index"])
+            figure.add_trace(go.Scatter(
+                x=points[rows, 0].tolist(), y=points[rows, 1].tolist(), mode="markers",
+                name=f"site {site}{' (this site)' if this else ''} ({int(rows.sum())})",
+                text=[label_name(c) for c in data["all_labels"][rows]],
+                marker={"size": 9 if this else 7, "line": {"width": 1 if this else 0, "color": "#000"}}))
+    pad_x, pad_y = 0.05 * (x_high - x_low), 0.05 * (y_high - y_low)  # points on the extent stay whole
+    figure.update_layout(height=680, margin={"t": 10}, xaxis={"title": "t-SNE 1", "range": [x_low - pad_x,
+                                                                                        x_high + pad_x]},
+                         yaxis={"title": "t-SNE 2", "range": [y_low - pad_y, y_high + pad_y]},
+                         legend={"orientation": "h", "y": -0.12})
+    return figure.to_plotly_json()
+
+
+SCRIPT = """
+const DATA = JSON.parse(document.getElementById('map-data').textContent);
+Plotly.newPlot('map', DATA.figure.data, DATA.figure.layout, {displaylogo: false, responsive: true})
+  .then(() => { document.body.dataset.ready = 'true'; });
+"""
+
+
+def render_map_html(data: dict[str, Any]) -> str:
+    """The whole page for :func:`read_map`'s ``data``."""
+    from plotly.offline import get_plotlyjs
+
+    plotly_js = get_plotlyjs()
+    if "</script" in plotly_js.lower():
+        raise RuntimeError("this plotly.js cannot be inlined: it contains '</script'")
+    counts = [int(c) for c in data["counts"]]
+    index = int(data["index"])
+    others = sum(counts) - counts[index]
+    summary = (f"Site {index} of {len(counts)} · {counts[index]} of its lesions placed among {sum(counts)} · "
+               + ("every site agreed to share its points: all are shown" if bool(data["shared"]) else
+                  f"the other sites' {others} lesions are shown as density only"))
+    note = ("The map was computed on secret shares (ctzoo smap party): no site saw another's points. This site's "
+            "labels come from its own site file; the other sites' points are counts per cell.")
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ctzoo joint map</title>"
+            f"<style>{REPORT_STYLE}</style><script>{plotly_js}</script></head><body>"
+            f"<h1>Joint t-SNE map</h1><p id='summary'>{html.escape(summary)}</p><p class='note'>{html.escape(note)}"
+            "</p><div id='map'></div>"
+            f"<script type='application/json' id='map-data'>{json_for_script({'figure': build_figure(data)})}</script>"
+            f"<script>{SCRIPT}</script></body></html>")
