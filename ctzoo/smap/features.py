@@ -110,17 +110,23 @@ def write_site(site: dict[str, Any], out: str | Path) -> Path:
     return out
 
 
+def load_arrays(path: Path, kind: str) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path``, never unpickling; ValueError naming the file and ``kind`` (what it
+    should be) when it is missing or not such a file."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such {kind}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # not a zip, a truncated one, objects
+        raise ValueError(f"{path} is not a {kind} (numpy .npz without objects): {error}") from None
+
+
 def read_site(path: str | Path) -> dict[str, Any]:
     """A site file, checked: ValueError naming the file and what is wrong (not an npz, a missing or extra array,
     wrong types or shapes, non-finite features, another schema)."""
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such site file") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # not a zip, a truncated one, objects
-        raise ValueError(f"{path} is not a site file (numpy .npz without objects): {error}") from None
+    arrays = load_arrays(path, "site file")
     expected = {*ARRAYS, "meta"}
     if set(arrays) != expected:
         raise ValueError(f"{path}: holds {sorted(arrays)}, a site file holds exactly {sorted(expected)}")

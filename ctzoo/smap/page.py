@@ -18,6 +18,7 @@ import numpy as np
 from ctzoo.datasets.deeplesion.info_csv import LESION_TYPES
 from ctzoo.perf.report import STYLE as REPORT_STYLE
 from ctzoo.perf.report import json_for_script
+from ctzoo.smap.features import load_arrays
 
 MAP_ARRAYS = ("index", "shared", "counts", "own", "extent", "density", "others_density")
 
@@ -25,13 +26,7 @@ MAP_ARRAYS = ("index", "shared", "counts", "own", "extent", "density", "others_d
 def read_map(map_path: str | Path, site: dict[str, Any]) -> dict[str, Any]:
     """A party's map file with its site's labels; ValueError naming the file for anything that does not fit."""
     map_path = Path(map_path)
-    try:
-        with np.load(map_path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except FileNotFoundError:
-        raise ValueError(f"{map_path}: no such map file") from None
-    except Exception as error:  # not a zip, truncated, object arrays: all mean "not a map file"
-        raise ValueError(f"{map_path} is not a map file of ctzoo smap party: {error}") from None
+    arrays = load_arrays(map_path, "map file of ctzoo smap party")
     missing = [name for name in MAP_ARRAYS if name not in arrays]
     if missing:
         raise ValueError(f"{map_path} is not a map file of ctzoo smap party (missing {', '.join(missing)})")
