@@ -143,6 +143,14 @@ def test_inputs_the_parties_do_not_agree_on_end_every_party(sites, tmp_path):
     assert not list(tmp_path.glob("party*.npz"))
 
 
+def test_parties_with_other_options_stop_before_any_secret_work(sites, tmp_path):
+    ports = free_ports(3)
+    processes = [start_parties(sites, tmp_path, *(["--perplexity", "6"] if k == 1 else []), ports=ports,
+                               only=range(k, k + 1))[0] for k in range(3)]
+    for code, output in finish(processes, timeout=120):
+        assert code == 1 and "party 1 runs with other options than party 0" in output, output
+
+
 def test_a_party_that_never_connects_ends_the_others_start(sites, tmp_path):
     results = finish(start_parties(sites, tmp_path, "--connect-timeout", "3", only=range(2)), timeout=60)
     for code, output in results:

@@ -62,20 +62,31 @@ def digest_words(text: str, words: int = 4) -> list[int]:
     return [(value >> (60 * k)) & ((1 << 60) - 1) for k in range(words)]
 
 
-async def agree_on_inputs(mpc: Any, site: dict[str, Any]) -> list[int]:
-    """Every party's point count (public), after checking that all have the same feature dimension and weights
-    digest; each party opens only these numbers (secure integers, no pickled objects from the peers)."""
+def options_words(options: Any) -> list[int]:
+    """What every party must share of its run options (all but its own consent to share points), as words."""
+    agreed = {k: v for k, v in vars(options).items() if k != "share_points"}
+    return digest_words(repr(sorted(agreed.items())))
+
+
+async def agree_on_inputs(mpc: Any, site: dict[str, Any], options: Any) -> list[int]:
+    """Every party's point count (public), after checking that all have the same feature dimension, weights digest
+    and run options (a party with other options would compute another map, or wait forever for rounds the others
+    never run); each party opens only these numbers (secure integers, no pickled objects from the peers)."""
     secint = mpc.SecInt(64)
-    mine = [len(site["labels"]), site["features"].shape[1], *digest_words(str(site["meta"].get("weights")))]
+    mine = [len(site["labels"]), site["features"].shape[1], *digest_words(str(site["meta"].get("weights"))),
+            *options_words(options)]
     shared = mpc.input([secint(v) for v in mine], senders=list(range(len(mpc.parties))))
     opened = [[int(v) for v in await mpc.output(values)] for values in shared]
     for pid, values in enumerate(opened):
         if values[1] != opened[0][1]:
             raise ValueError(f"party {pid} has {values[1]} features per lesion, party 0 {opened[0][1]}: every "
                              "site must embed with the same model")
-        if values[2:] != opened[0][2:]:
+        if values[2:6] != opened[0][2:6]:
             raise ValueError(f"party {pid} embedded with other model weights than party 0: every site must run "
                              "ctzoo smap features with the same model")
+        if values[6:] != opened[0][6:]:
+            raise ValueError(f"party {pid} runs with other options than party 0 (--perplexity, --iterations, "
+                             "--learning-rate, --early-iterations, --seed, --grid, --insecure-reveal-p must match)")
     return [values[0] for values in opened]
 
 
@@ -147,7 +158,7 @@ async def protocol(mpc: Any, site: dict[str, Any], options: RunOptions, connect_
     sys.stderr.write(f"party {mpc.pid}: all {len(mpc.parties)} parties connected\n")
     sys.stderr.flush()
     try:
-        counts = await agree_on_inputs(mpc, site)
+        counts = await agree_on_inputs(mpc, site, options)
         secfxp = mpc.SecFxp(64, 32)
         dim = site["features"].shape[1]
         parts = [mpc.input(secfxp.array(site["features"].astype(np.float64) if pid == mpc.pid else
