@@ -93,11 +93,13 @@ def lesion_found(key_slices: Sequence[dict[str, Any]], threshold: float) -> dict
 
 
 def detection_by_group(lesions: Sequence[dict[str, Any]], key_slices: Sequence[dict[str, Any]],
-                       column: str, fps: float = 4.0, min_count: int = MIN_COUNT) -> dict[str, Any]:
+                       column: str, fps: float = 4.0, min_count: int = MIN_COUNT,
+                       threshold: float | None = None) -> dict[str, Any]:
     """Per value of ``column``: sensitivity at the cohort's ``fps`` threshold with its Wilson interval, false
     positives per key slice, counts; ``refused`` under ``min_count`` lesions. Lesions whose box fell outside the
-    evaluated frame are left out and counted (``outside``)."""
-    threshold = threshold_at_fps(key_slices, fps)
+    evaluated frame are left out and counted (``outside``). ``threshold``: :func:`threshold_at_fps`'s, when
+    already computed for these key slices."""
+    threshold = threshold_at_fps(key_slices, fps) if threshold is None else threshold
     found = lesion_found(key_slices, threshold)
     slices_of = {ks["key_slice"]: ks for ks in key_slices}
     groups: dict[str, Any] = {}

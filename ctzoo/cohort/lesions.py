@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 
 from ctzoo.cohort.context import AGE_BANDS, THICKNESS_BANDS, band, hashed, sex_code
+from ctzoo.cohort.groups import lesion_found
 from ctzoo.datasets.deeplesion.dataset import key_slice_items
 from ctzoo.datasets.deeplesion.info_csv import LESION_TYPES, read_dl_info
 from ctzoo.models.bundle import ModelBundle
-from ctzoo.training.froc import box_iou_voc
 from ctzoo.training.lesion_features import annotated_lesion_features
 
 LESION_COLUMNS = ("lesion", "series", "patient", "key_slice", "split", "type_code", "lesion_type", "age_years",
@@ -68,14 +68,6 @@ def thumbnail_png(image: torch.Tensor, num_slices: int, windows: int) -> bytes:
     return buffer.getvalue()
 
 
-def found_lesions(truth_boxes: np.ndarray, boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
-    """Per truth box: does a finding at or above ``threshold`` overlap it with IoU >= 0.5?"""
-    kept = boxes[scores >= threshold]
-    if len(truth_boxes) == 0 or len(kept) == 0:
-        return np.zeros(len(truth_boxes), dtype=bool)
-    return (box_iou_voc(truth_boxes, kept) >= 0.5).any(axis=1)
-
-
 def deeplesion_lesions(csv_path, bundle: ModelBundle, salt: str, device: str = "cpu",
                        progress=None) -> dict[str, Any]:
     """Run the detector ``bundle`` over ``csv_path``'s key slices
@@ -99,19 +91,18 @@ def deeplesion_lesions(csv_path, bundle: ModelBundle, salt: str, device: str = "
     for index, key_slice in enumerate(computed):
         found = key_slice.findings
         rows = [lesion_row(row, salt, k) for k, row in enumerate(key_slice.item["lesions"])]
-        inside = [k for k, box in enumerate(key_slice.boxes) if box is not None]
-        hits = found_lesions(np.asarray([key_slice.boxes[k] for k in inside]).reshape(-1, 4), found["boxes"],
-                             found["scores"], bundle.score_threshold)
-        for k, hit in zip(inside, hits):
-            rows[k] |= {"features": True, "found": bool(hit)}
+        entry = {"key_slice": rows[0]["key_slice"], "series": rows[0]["series"], "split": key_slice.item["split"],
+                 "lesions": [row["lesion"] for row in rows], "truth_boxes": key_slice.boxes,
+                 "boxes": np.round(found["boxes"].astype(np.float64), 2).tolist(),
+                 "scores": np.round(found["scores"].astype(np.float64), 5).tolist(),
+                 "points": np.round(found["points"].astype(np.float64), 2).tolist()}
+        hits = lesion_found([entry], bundle.score_threshold)  # the Group view's own matching (IoU >= 0.5)
+        for row, box in zip(rows, key_slice.boxes):
+            if box is not None:
+                row |= {"features": True, "found": hits[row["lesion"]]}
         lesions += rows
         features.append(key_slice.features)
-        key_slices.append({"key_slice": rows[0]["key_slice"], "series": rows[0]["series"],
-                           "split": key_slice.item["split"], "lesions": [row["lesion"] for row in rows],
-                           "truth_boxes": key_slice.boxes,
-                           "boxes": np.round(found["boxes"].astype(np.float64), 2).tolist(),
-                           "scores": np.round(found["scores"].astype(np.float64), 5).tolist(),
-                           "points": np.round(found["points"].astype(np.float64), 2).tolist()})
+        key_slices.append(entry)
         if index in pictures:
             thumbnails[rows[0]["key_slice"]] = pictures[index]
     width = features[0].shape[1] if features else 0

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ctzoo.cohort.fit import CONTEXT_SETS, context_matrix, filled, read_fit
-from ctzoo.cohort.groups import LESION_GROUPS, MIN_COUNT, auc_by_group, clusters, detection_by_group
+from ctzoo.cohort.groups import LESION_GROUPS, MIN_COUNT, auc_by_group, clusters, detection_by_group, threshold_at_fps
 from ctzoo.cohort.table import DOCUMENT_FILE, FINDINGS_FILE, KEY_SLICES_FILE, THUMBNAILS_DIR, read_lesions
 from ctzoo.io.atomic import atomic_path
 from ctzoo.perf.report import STYLE as REPORT_STYLE
@@ -131,20 +131,19 @@ def report_data(cohort: str | Path, min_count: int = MIN_COUNT, limit: int = MAX
     data: dict[str, Any] = {"cohort": str(cohort), "series": len(document["rows"]), "failed": document["failed"],
                             "models": document.get("models", []), "groups": document["groups"],
                             "rows": document["rows"], "min_count": min_count, "lesions": 0, "fit": None,
-                            "detection": [], "auc": [], "clusters": None, "individuals": [], "correlations": None,
-                            "frame": 512, "score_threshold": None}
+                            "detection": [], "auc": [], "clusters": None, "individuals": [], "correlations": None}
     data["series_items"] = series_individuals(cohort, document["rows"])
     if not (cohort / KEY_SLICES_FILE).is_file():
         return data
     lesions, features = read_lesions(cohort)
     key_slices = json.loads((cohort / KEY_SLICES_FILE).read_text(encoding="utf-8"))
     fit = read_fit(cohort)
+    threshold = threshold_at_fps(key_slices["key_slices"])  # one operating point for every group
     data |= {"lesions": len(lesions), "typed": sum(lesion["type_code"] >= 1 for lesion in lesions),
              "key_slices": len(key_slices["key_slices"]), "lesion_model": key_slices["model"],
-             "frame": key_slices.get("frame", 512), "score_threshold": key_slices["score_threshold"],
              "correlations": correlations(lesions),
-             "detection": [detection_by_group(lesions, key_slices["key_slices"], column, min_count=min_count)
-                           for column in LESION_GROUPS]}
+             "detection": [detection_by_group(lesions, key_slices["key_slices"], column, min_count=min_count,
+                                              threshold=threshold) for column in LESION_GROUPS]}
     data["clusters"] = clusters(lesions, features, filled(context_matrix(lesions)), k=k)
     data["clusters"]["types"] = [next(lesion["lesion_type"] for lesion in lesions if lesion["lesion"] == h)
                                  for h in data["clusters"]["lesions"]]

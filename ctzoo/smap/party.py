@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import os
 import sys
 import time
@@ -35,7 +34,6 @@ from ctzoo.smap.features import read_site
 from ctzoo.smap.secure import off_diagonal_index, secure_conditional_p, secure_embed
 from ctzoo.smap.tsne import initial_embedding
 
-LOG = logging.getLogger(__name__)
 #: Feature values this large would overflow the fixed-point range of the squared distances (2^31).
 MAX_ABS_FEATURE = 1000.0
 

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from ctzoo.smap.tsne import EXAGGERATION, MIN_GAIN, MOMENTUM_EARLY, MOMENTUM_LATE
+
 #: Coarse doublings (beta spans 2^-T .. 2^T times 1 / the row's mean shifted distance) and fine bits.
 COARSE_T, FINE_BITS = 10, 16
 TAYLOR_TERMS = 8
@@ -111,8 +113,6 @@ def secure_embed(mpc: Any, p: Any, y0: np.ndarray, iterations: int, learning_rat
     """:func:`ctzoo.smap.tsne.embed` on the secret joint ``p`` (off-diagonal layout, (n, n - 1)) from the public
     start ``y0``: the embedding stays secret throughout (returned as a secret (n, 2) array). Per iteration and
     pair of points: one secure reciprocal (the Student-t kernel) and about six products."""
-    from ctzoo.smap.tsne import EXAGGERATION, MIN_GAIN, MOMENTUM_EARLY, MOMENTUM_LATE
-
     secfxp = type(p).sectype
     n = p.shape[0]
     index = off_diagonal_index(n)
