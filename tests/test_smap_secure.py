@@ -1,6 +1,7 @@
 """``ctzoo smap party``: three sites on loopback, each holding the embeddings of its own patients of the DeepLesion
-miniature, compute t-SNE's joint P on secret shares (MPyC): it equals the plaintext P; inputs the parties do not
-agree on, a party that never connects and one that drops out mid-run end every other party with a clear error and
+miniature, connected by mutually authenticated TLS, compute t-SNE's joint P on secret shares (MPyC): it equals the
+plaintext P, and everything a party receives looks like uniform shares; inputs the parties do not agree on, a wrong
+key, a party that never connects and one that drops out mid-run end every other party with a clear error and
 nothing written."""
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from scipy import stats
 
 from ctzoo.cli import main
-from ctzoo.datasets.deeplesion.info_csv import read_dl_info
-from ctzoo.smap.features import read_site, write_site
-from ctzoo.smap.party import own_histogram
+from ctzoo.smap.features import deal_patients, read_site, write_site
+from ctzoo.smap.party import loopback_addresses, own_histogram
 from ctzoo.smap.secure import full_matrix
 from ctzoo.smap.tsne import conditional_p, embed, initial_embedding, joint_p, knn_agreement, squared_distances
 
@@ -31,30 +31,13 @@ pytestmark = pytest.mark.timeout(900)  # three CPU-bound parties share the CI ma
 SCHEDULE = ("--iterations", str(ITERATIONS), "--learning-rate", "10", "--grid", str(GRID))
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def sites(deeplesion_mini16, tmp_path_factory) -> list[Path]:
     """Three site files, patients dealt out in turn until each site holds at least 4 lesions (17 in all:
     the secure run's cost grows with the square)."""
     folder = tmp_path_factory.mktemp("sites")
     csv_path = deeplesion_mini16 / "DL_info.csv"
-    counts: dict[int, int] = {}
-    for row in read_dl_info(csv_path):
-        counts[row.patient_index] = counts.get(row.patient_index, 0) + 1
-    chosen: list[list[int]] = [[], [], []]
-    for patient in sorted(counts):
-        site = min(range(3), key=lambda k: sum(counts[p] for p in chosen[k]))
-        if sum(counts[p] for p in chosen[site]) < 4:
-            chosen[site].append(patient)
+    chosen = deal_patients(csv_path, sites=3, lesions_per_site=4)
     paths = []
     for k, patients in enumerate(chosen):
         paths.append(folder / f"site{k}.npz")
@@ -64,12 +47,26 @@ def sites(deeplesion_mini16, tmp_path_factory) -> list[Path]:
     return paths
 
 
-def start_parties(sites: list[Path], out: Path, *extra: str, ports: list[int] | None = None,
-                  only: range | None = None) -> list[subprocess.Popen]:
-    ports = ports or free_ports(len(sites))
-    addresses = [a for port in ports for a in ("--party", f"127.0.0.1:{port}")]
-    return [subprocess.Popen([sys.executable, "-m", "ctzoo", "smap", "party", str(site), "--index", str(k),
-                              *addresses, "--perplexity", str(PERPLEXITY), "--out", str(out / f"party{k}.npz"),
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    """``ctzoo smap keys`` for three parties: keys/party{i}."""
+    folder = tmp_path_factory.mktemp("tls") / "keys"
+    result = CliRunner().invoke(main, ["smap", "keys", "--parties", "3", "--out", str(folder)])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def start_parties(sites: list[Path], out: Path, keys: Path, *extra: str, ports: list[str] | None = None,
+                  only: range | None = None, key_folders: dict[int, Path] | None = None,
+                  record: Path | None = None) -> list[subprocess.Popen]:
+    """The parties' processes (``only`` some of them), each with ``keys/party{k}`` unless ``key_folders`` says
+    otherwise; with ``record``, party 0 records what it receives (``smap_recording_party.py``)."""
+    addresses = [a for address in ports or loopback_addresses(len(sites)) for a in ("--party", address)]
+    key_folders = key_folders or {}
+    recording = [str(Path(__file__).with_name("smap_recording_party.py")), str(record)]
+    return [subprocess.Popen([sys.executable, *(recording if record and k == 0 else ["-m", "ctzoo"]), "smap", "party",
+                              str(site), "--index", str(k), *addresses, "--perplexity", str(PERPLEXITY), "--out",
+                              str(out / f"party{k}.npz"), "--keys", str(key_folders.get(k, keys / f"party{k}")),
                               "--iterations", "1", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for k, site in enumerate(sites) if only is None or k in only]
 
@@ -84,17 +81,18 @@ def finish(processes: list[subprocess.Popen], timeout: float = 300) -> list[tupl
 
 
 @pytest.fixture(scope="module")
-def secure_run(sites, tmp_path_factory):
-    """One run of the three parties: P opened for the comparison, 20 iterations; parties 0 and 1 offer to share
-    their points, party 2 does not."""
+def secure_run(sites, keys, tmp_path_factory):
+    """One run of the three parties: P opened for the comparison, 15 iterations; parties 0 and 1 offer to share
+    their points, party 2 does not; party 0 records every field element it receives."""
     out = tmp_path_factory.mktemp("run")
-    ports = free_ports(3)
+    ports = loopback_addresses(3)
     started = time.monotonic()
-    processes = [start_parties(sites, out, "--insecure-reveal-p", *SCHEDULE, *(["--share-points"] if k < 2 else []),
-                               ports=ports, only=range(k, k + 1))[0] for k in range(3)]
+    processes = [start_parties(sites, out, keys, "--insecure-reveal-p", *SCHEDULE,
+                               *(["--share-points"] if k < 2 else []), ports=ports, only=range(k, k + 1),
+                               record=out / "received.npz")[0] for k in range(3)]
     results = finish(processes, timeout=780)
     assert all(code == 0 for code, _ in results), results
-    return {"out": out, "seconds": time.monotonic() - started,
+    return {"out": out, "seconds": time.monotonic() - started, "received": np.load(out / "received.npz"),
             "learned": [np.load(out / f"party{k}.npz") for k in range(3)]}
 
 
@@ -131,34 +129,165 @@ def test_each_site_learns_its_own_points_of_the_joint_map_and_the_density(sites,
                                    abs=1e-6)
 
 
-def test_inputs_the_parties_do_not_agree_on_end_every_party(sites, tmp_path):
+def looks_like_uniform_shares(u: np.ndarray) -> dict[str, float]:
+    """Tests of ``u = value / modulus`` against independent uniform field elements: Kolmogorov-Smirnov, chi-square
+    over 64 bins, chi-square of consecutive pairs over 8 x 8 bins (p-values; the chi-squares from 640 values on),
+    and how many values lie within ``modulus * 2^-16`` of 0 against how many a uniform stream would put there, in
+    standard deviations (a plaintext fixed-point number or a small integer sent in the clear is such a value)."""
+    pairs = np.histogram2d(u[:-1], u[1:], bins=8, range=[[0, 1], [0, 1]])[0].ravel()
+    near_zero = int(((u < 2.0**-16) | (u > 1 - 2.0**-16)).sum())
+    expected = 2 * len(u) * 2.0**-16
+    enough = len(u) >= 640
+    return {"ks": stats.kstest(u, "uniform").pvalue,
+            "bins": stats.chisquare(np.histogram(u, bins=64, range=(0, 1))[0]).pvalue if enough else 1.0,
+            "pairs": stats.chisquare(pairs).pvalue if enough else 1.0,
+            "near_zero_excess": (near_zero - expected) / np.sqrt(expected + 1)}
+
+
+def passes(tests: dict[str, float]) -> bool:
+    return min(tests["ks"], tests["bins"], tests["pairs"]) > 1e-4 and tests["near_zero_excess"] < 6
+
+
+def test_everything_a_party_receives_looks_like_uniform_shares(sites, secure_run):
+    """Party 0's incoming field elements over the whole run (the other sites' input shares, every product's
+    resharing, every opening's shares): uniform and serially independent per field; the same tests catch the
+    site's features if even 1 % of the stream carried them in the clear (as fixed-point field elements)."""
+    received = secure_run["received"]
+    assert sum(len(received[name]) for name in received.files) > 100_000
+    for name in received.files:
+        u = received[name]
+        assert passes(looks_like_uniform_shares(u)), (name, len(u), looks_like_uniform_shares(u))
+    name = max(received.files, key=lambda k: len(received[k]))
+    modulus = int(name.split("_")[1])
+    features = read_site(sites[1])["features"].ravel().astype(np.float64)
+    clear = np.array([(round(v * 2**32) % modulus) / modulus for v in features])
+    leaky = received[name].copy()
+    leaky[::100] = np.resize(clear, len(leaky[::100]))
+    assert not passes(looks_like_uniform_shares(leaky))
+
+
+def test_insecure_plaintext_mode_computes_the_plaintext_t_sne_for_every_party(sites, keys, tmp_path):
+    """``--insecure-plaintext``: the sites open their points to each other over the same authenticated
+    connections and each computes the reference t-SNE: the same P and map as here, every point shared."""
+    plain_p, reference = plaintext(sites)
+    results = finish(start_parties(sites, tmp_path, keys, "--insecure-plaintext", "--insecure-reveal-p", *SCHEDULE),
+                     timeout=300)
+    assert all(code == 0 and "plaintext: every party saw every point's features" in out for code, out in results)
+    counts = [len(read_site(site)["labels"]) for site in sites]
+    for k in range(3):
+        learned = np.load(tmp_path / f"party{k}.npz")
+        assert np.abs(full_matrix(learned["p"]) - plain_p).max() < 1e-8
+        assert np.abs(learned["all_points"] - reference).max() < 1e-6 * np.abs(reference).max()
+        assert learned["shared"] and list(learned["all_sites"]) == list(np.repeat(np.arange(3), counts))
+        assert (learned["all_labels"] == np.concatenate([read_site(site)["labels"] for site in sites])).all()
+        assert np.array_equal(learned["own"], learned["all_points"][sum(counts[:k]):sum(counts[:k + 1])])
+
+
+def test_two_hospitals_and_a_helper_compute_their_joint_p(sites, keys, tmp_path):
+    """Two sites and a ``--helper`` party without lesions (three parties make the honest majority two hospitals
+    lack): the secure P of the two sites' points equals the plaintext P; the helper places no points of its own
+    and has no page; with one site among helpers there is no joint map to make."""
+    addresses = [a for address in loopback_addresses(3) for a in ("--party", address)]
+    commands = [[*(["--helper"] if k == 2 else [str(sites[k])]), "--index", str(k), "--keys", str(keys / f"party{k}")]
+                for k in range(3)]
+    options = ["--perplexity", str(PERPLEXITY), "--iterations", "1", "--insecure-reveal-p", *addresses]
+    processes = [subprocess.Popen([sys.executable, "-m", "ctzoo", "smap", "party", *command, *options, "--out",
+                                   str(tmp_path / f"party{k}.npz")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for k, command in enumerate(commands)]
+    assert all(code == 0 for code, _ in finish(processes, timeout=300))
+    plain, _ = plaintext(sites[:2])
+    helper = np.load(tmp_path / "party2.npz")
+    assert helper["own"].shape == (0, 2) and helper["counts"][2] == 0
+    assert np.abs(full_matrix(helper["p"]) - plain).max() < 1e-3
+    assert helper["density"].sum() == len(plain) == helper["others_density"].sum()
+    view = CliRunner().invoke(main, ["smap", "view", str(tmp_path / "party2.npz"), "--site", str(sites[0])])
+    assert view.exit_code == 1 and "is a helper's map" in view.output
+    lonely = [subprocess.Popen([sys.executable, "-m", "ctzoo", "smap", "party",
+                                *(["--helper"] if k else [str(sites[0])]), "--index", str(k), "--keys",
+                                str(keys / f"party{k}"), *options, "--out", str(tmp_path / f"lonely{k}.npz")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(3)]
+    for code, output in finish(lonely, timeout=120):
+        assert code == 1 and "1 of the 3 parties bring lesions: a joint map needs at least 2 sites" in output
+
+
+def test_keys_and_tls_are_required_outside_loopback(sites, keys, tmp_path):
+    listed = ["--party", "10.0.0.1:7000", "--party", "10.0.0.2:7000", "--party", "10.0.0.3:7000"]
+    for extra, message in (([], "give --keys"), (["--no-tls"], "--no-tls is allowed only when every --party is on "
+                                                              "loopback"),
+                           (["--helper", "--keys", str(keys / "party0")], "or --helper for a party without lesions"),
+                           (["--no-tls", "--keys", str(keys / "party0")], "give --keys")):
+        result = CliRunner().invoke(main, ["smap", "party", str(sites[0]), "--index", "0", *listed, "--out",
+                                           str(tmp_path / "map.npz"), *extra])
+        assert result.exit_code == 2 and message in result.output, result.output
+    result = CliRunner().invoke(main, ["smap", "party", str(sites[0]), "--index", "1", *listed, "--out",
+                                       str(tmp_path / "map.npz"), "--keys", str(keys / "party0")])
+    assert result.exit_code == 1 and "lacks party_1.crt, party_1.key" in result.output, result.output
+    again = CliRunner().invoke(main, ["smap", "keys", "--parties", "3", "--out", str(keys)])
+    assert again.exit_code == 1 and "keys are never overwritten" in again.output
+    assert sorted(p.name for p in (keys / "party2").iterdir()) == ["mpyc_ca.crt", "party_2.crt", "party_2.key"]
+    assert (keys / "party2" / "party_2.key").stat().st_mode & 0o077 == 0
+    assert not list(keys.rglob("*ca.key")) and not list(tmp_path.glob("*.npz"))
+
+
+@pytest.mark.parametrize("wrong", ["other CA", "another party's certificate"])
+def test_a_wrong_key_ends_every_party_before_anything_is_sent(sites, keys, tmp_path, wrong):
+    """A party whose key comes from another ``ctzoo smap keys`` run, or one that presents another party's
+    (valid) certificate as its own: every party stops within seconds, with a message naming the cause."""
+    if wrong == "other CA":
+        result = CliRunner().invoke(main, ["smap", "keys", "--parties", "3", "--out", str(tmp_path / "other")])
+        assert result.exit_code == 0, result.output
+        bad, folder = 2, tmp_path / "other" / "party2"
+    else:
+        bad, folder = 0, tmp_path / "impostor"
+        folder.mkdir()
+        shutil.copy(keys / "party1" / "mpyc_ca.crt", folder)
+        for suffix in ("crt", "key"):
+            shutil.copy(keys / "party1" / f"party_1.{suffix}", folder / f"party_0.{suffix}")
+    results = finish(start_parties(sites, tmp_path, keys, "--connect-timeout", "60", key_folders={bad: folder}),
+                     timeout=120)
+    for code, output in results:
+        if wrong == "other CA":
+            assert code == 1 and "nothing was sent" in output and "did not connect within" not in output, output
+        else:  # the impostor's own connections succeed; it learns of the refusal as a peer leaving at once
+            assert (code == 1 and "nothing was sent" in output) or (
+                code == 3 and "dropped out" in output and "nothing was opened" in output), output
+        assert "Traceback" not in output
+    outputs = " ".join(output for _, output in results)
+    if wrong == "other CA":
+        assert "TLS handshake" in outputs and "--keys must come from the same `ctzoo smap keys` run" in outputs
+    else:
+        assert "a peer claiming to be party 0 presented the certificate of 'MPyC party 1': refused" in outputs
+    assert not list(tmp_path.glob("party*.npz"))
+
+
+def test_inputs_the_parties_do_not_agree_on_end_every_party(sites, keys, tmp_path):
     narrow = read_site(sites[2])
     site = {"features": narrow["features"][:, :32], "labels": narrow["labels"], "scores": narrow["scores"],
             "meta": {k: narrow["meta"][k] for k in ("kind", "model", "model_version", "weights")}}
     odd = write_site(site, tmp_path / "narrow.npz")
-    results = finish(start_parties([sites[0], sites[1], odd], tmp_path))
+    results = finish(start_parties([sites[0], sites[1], odd], tmp_path, keys))
     for code, output in results:
         assert code == 1 and "party 2 has 32 features per lesion, party 0 64" in output, output
         assert "Traceback" not in output
     assert not list(tmp_path.glob("party*.npz"))
 
 
-def test_parties_with_other_options_stop_before_any_secret_work(sites, tmp_path):
-    ports = free_ports(3)
-    processes = [start_parties(sites, tmp_path, *(["--perplexity", "6"] if k == 1 else []), ports=ports,
+def test_parties_with_other_options_stop_before_any_secret_work(sites, keys, tmp_path):
+    ports = loopback_addresses(3)
+    processes = [start_parties(sites, tmp_path, keys, *(["--perplexity", "6"] if k == 1 else []), ports=ports,
                                only=range(k, k + 1))[0] for k in range(3)]
     for code, output in finish(processes, timeout=120):
         assert code == 1 and "party 1 runs with other options than party 0" in output, output
 
 
-def test_a_party_that_never_connects_ends_the_others_start(sites, tmp_path):
-    results = finish(start_parties(sites, tmp_path, "--connect-timeout", "3", only=range(2)), timeout=60)
+def test_a_party_that_never_connects_ends_the_others_start(sites, keys, tmp_path):
+    results = finish(start_parties(sites, tmp_path, keys, "--connect-timeout", "3", only=range(2)), timeout=60)
     for code, output in results:
         assert code == 1 and "parties [2] did not connect within 3 s" in output, output
 
 
-def test_a_party_that_drops_out_mid_run_ends_every_other_party(sites, tmp_path):
-    processes = start_parties(sites, tmp_path)
+def test_a_party_that_drops_out_mid_run_ends_every_other_party(sites, keys, tmp_path):
+    processes = start_parties(sites, tmp_path, keys)
     for line in processes[2].stderr:  # bounded by --connect-timeout: then it prints its error and exits
         if "parties connected" in line:
             break

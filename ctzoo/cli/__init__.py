@@ -47,7 +47,7 @@ def main(verbose: int) -> None:
       ctzoo perf report STORE --out R.html  latency anomalies and their provenance (--perf on a command)
       ctzoo nas view RUN                    a NAS search run's candidates: Dice vs latency, front, effects
       ctzoo cohort build|fit|report         cohorts: context and image per series, a gated model, 3 views
-      ctzoo smap features|party             a joint t-SNE of lesions across hospitals on secret shares
+      ctzoo smap features|keys|party|view   a joint t-SNE of lesions across hospitals on secret shares
 
     Run 'ctzoo COMMAND --help' for the options of each command.
     """

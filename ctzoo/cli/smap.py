@@ -1,5 +1,6 @@
 """``ctzoo smap``: joint t-SNE maps of lesion embeddings held by several hospitals (SMAP). ``features`` writes a
-site's embeddings; ``party`` runs one site's part of the secure joint t-SNE."""
+site's embeddings; ``keys`` the parties' TLS keys; ``party`` runs one site's part of the secure joint t-SNE;
+``view`` writes its page."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ def smap() -> None:
 
     \b
       ctzoo smap features INPUTS... --out site.npz    a site's lesion embeddings, computed locally
-      ctzoo smap party site.npz --index I --party HOST:PORT ... --out map.npz
+      ctzoo smap keys --parties 3 --out keys/        a CA and each party's TLS key (keys/party{i}/)
+      ctzoo smap party site.npz --index I --party HOST:PORT ... --keys keys/partyI --out map.npz
                                                       one site's part of the secure joint t-SNE
       ctzoo smap view map.npz --site site.npz         its page: own lesions over the others' density
     """
@@ -63,8 +65,29 @@ def features(inputs: tuple[Path, ...], out: Path, model: str, deeplesion_csv: Pa
                f"({site['meta']['kind']}, {bundle.name} {bundle.version})")
 
 
+@smap.command("keys")
+@click.option("--parties", type=click.IntRange(3), required=True, help="How many parties will run.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="A new folder: OUT/party{i} holds the CA certificate and party i's key and certificate.")
+@click.option("--days", type=click.IntRange(1), default=365, show_default=True, help="Validity of the certificates.")
+def keys(parties: int, out: Path, days: int) -> None:
+    """Make the keys for mutually authenticated TLS between the parties: a certificate authority (its private
+    key is discarded once the certificates are signed) and one key and certificate per party. Hand each site
+    only its own OUT/party{i} folder, over a channel you trust."""
+    from ctzoo.smap.keys import make_party_keys
+
+    try:
+        folders = make_party_keys(parties, out, days)
+    except (ValueError, FileExistsError, RuntimeError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"{out}: keys for {len(folders)} parties ({', '.join(f.name for f in folders)}), valid {days} days")
+
+
 @smap.command("party")
-@click.argument("site", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("site", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
+@click.option("--helper", is_flag=True,
+              help="Join without a SITE file: a party with no lesions (two hospitals need a third party for an "
+                   "honest majority). It learns the map's extent and the joint density only.")
 @click.option("--index", type=click.IntRange(0), required=True, help="This party's place in the --party list.")
 @click.option("--party", "addresses", multiple=True, required=True, metavar="HOST:PORT",
               help="Every party's address, in the same order on every party (repeat; at least 3).")
@@ -80,35 +103,52 @@ def features(inputs: tuple[Path, ...], out: Path, model: str, deeplesion_csv: Pa
               help="Cells per axis of the density of the others' points.")
 @click.option("--share-points", is_flag=True,
               help="Open every point (with its site and label) to every party, if every party gives this flag.")
+@click.option("--keys", "keys_folder", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="This party's folder from ctzoo smap keys: every connection is mutually authenticated TLS.")
+@click.option("--no-tls", is_flag=True,
+              help="Plain TCP without authentication (allowed only when every --party is on loopback).")
 @click.option("--connect-timeout", type=click.FloatRange(1), default=120.0, show_default=True,
               help="Seconds to wait for every party to connect.")
 @click.option("--insecure-reveal-p", is_flag=True,
               help="Open the joint P to every party (testing and comparison with the plaintext t-SNE only).")
-def party(site: Path, index: int, addresses: tuple[str, ...], out: Path, perplexity: float, iterations: int,
-          learning_rate: float, early_iterations: int, seed: int, grid: int, share_points: bool,
-          connect_timeout: float, insecure_reveal_p: bool) -> None:
-    """Join a secure joint t-SNE as party --index, with this site's SITE file (ctzoo smap features).
+@click.option("--insecure-plaintext", is_flag=True,
+              help="Open every party's points to every party and compute the t-SNE in the clear (for sites that "
+                   "may share, and for comparison); every party must give it.")
+def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...], out: Path, perplexity: float,
+          iterations: int, learning_rate: float, early_iterations: int, seed: int, grid: int, share_points: bool,
+          keys_folder: Path | None, no_tls: bool, connect_timeout: float, insecure_reveal_p: bool,
+          insecure_plaintext: bool) -> None:
+    """Join a secure joint t-SNE as party --index, with this site's SITE file (ctzoo smap features) or as a
+    --helper without one.
 
     \b
     Every party runs the same command with its own SITE and --index and the same list and options:
       ctzoo smap party a.npz --index 0 --party 127.0.0.1:11365 --party 127.0.0.1:11366 \\
-          --party 127.0.0.1:11367 --out a-map.npz
+          --party 127.0.0.1:11367 --keys keys/party0 --out a-map.npz
     Shamir secret sharing (MPyC), honest majority: no single party learns another's points. Each party learns
     its own points' coordinates in the joint map and the joint density on a grid (with the others' density);
-    with --share-points on every party, every point.
+    with --share-points on every party, every point. Connections are TLS with the --keys of ctzoo smap keys.
     """
     from ctzoo.io.atomic import atomic_path
-    from ctzoo.smap.party import PartyDropped, RunOptions, run_party
+    from ctzoo.smap.party import AuthenticationFailed, PartyDropped, RunOptions, on_loopback, run_party
 
+    if (site is None) != helper:
+        raise click.UsageError("give this site's SITE file, or --helper for a party without lesions")
     if len(addresses) < 3:
-        raise click.UsageError("give at least 3 --party addresses: with 2, one party's shares would reveal the other's")
+        raise click.UsageError("give at least 3 --party addresses: with 2, one party's shares would reveal the other's"
+                               " (two hospitals add a --helper party)")
     if index >= len(addresses):
         raise click.UsageError(f"--index {index} names no party: there are {len(addresses)}")
+    if (keys_folder is None) == (not no_tls):
+        raise click.UsageError("give --keys (this party's folder from ctzoo smap keys) or, on loopback only, --no-tls")
+    if no_tls and not all(on_loopback(address) for address in addresses):
+        raise click.UsageError("--no-tls is allowed only when every --party is on loopback: give --keys")
     options = RunOptions(perplexity, iterations, learning_rate, early_iterations, seed, grid, share_points,
-                         insecure_reveal_p)
+                         insecure_reveal_p, insecure_plaintext)
+    out = out.resolve()
     try:
-        result = run_party(site, index, addresses, options, connect_timeout=connect_timeout)
-    except (ValueError, PartyDropped) as error:
+        result = run_party(site, index, addresses, options, keys=keys_folder, connect_timeout=connect_timeout)
+    except (ValueError, PartyDropped, AuthenticationFailed) as error:
         raise click.ClickException(str(error)) from error
     arrays = {name: np.asarray(result[name]) for name in ("counts", "own", "extent", "density", "others_density",
                                                            "p", "all_points", "all_labels", "all_sites")
@@ -117,8 +157,11 @@ def party(site: Path, index: int, addresses: tuple[str, ...], out: Path, perplex
         with open(partial, "wb") as handle:
             np.savez(handle, index=np.asarray(index), shared=np.asarray(result["shared"]),
                      seconds=np.asarray([result["seconds"]["p"], result["seconds"]["embedding"]]),
+                     bytes_phases=np.asarray([result["bytes_phases"]["p"], result["bytes_phases"]["embedding"]]),
                      bytes_sent=np.asarray(result["bytes_sent"]), **arrays)
     others = "every point shared" if result["shared"] else "the others as density"
+    if insecure_plaintext:
+        others += " (plaintext: every party saw every point's features)"
     click.echo(f"party {index}: {sum(result['counts'])} points in all ({', '.join(map(str, result['counts']))}); "
                f"its own {len(result['own'])} placed; {others}; P {result['seconds']['p']:.1f} s, "
                f"{iterations} iterations {result['seconds']['embedding']:.1f} s, {result['bytes_sent'] / 1e6:.1f} MB "

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ctzoo.datasets.deeplesion.info_csv import LESION_TYPES
+from ctzoo.datasets.deeplesion.info_csv import LESION_TYPES, read_dl_info
 from ctzoo.inference.inputs import discover_cases
 from ctzoo.inference.lesion_features import finding_features
 from ctzoo.inference.tasks import model_task, run_task
@@ -49,6 +49,20 @@ def parse_patients(text: str) -> set[int]:
         if last < first:
             raise ValueError(f"patients: {part!r} is an empty range")
         chosen.update(range(first, last + 1))
+    return chosen
+
+
+def deal_patients(csv_path: str | Path, sites: int = 3, lesions_per_site: int = 4) -> list[list[int]]:
+    """Split a DeepLesion CSV's patients across ``sites`` (to try a joint map on one machine): patients in index
+    order go to the site holding the fewest lesions so far, until each holds at least ``lesions_per_site``."""
+    counts: dict[int, int] = {}
+    for row in read_dl_info(csv_path):
+        counts[row.patient_index] = counts.get(row.patient_index, 0) + 1
+    chosen: list[list[int]] = [[] for _ in range(sites)]
+    for patient in sorted(counts):
+        site = min(range(sites), key=lambda k: sum(counts[p] for p in chosen[k]))
+        if sum(counts[p] for p in chosen[site]) < lesions_per_site:
+            chosen[site].append(patient)
     return chosen
 
 

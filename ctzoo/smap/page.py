@@ -31,6 +31,8 @@ def read_map(map_path: str | Path, site: dict[str, Any]) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{map_path} is not a map file of ctzoo smap party (missing {', '.join(missing)})")
     own = arrays["own"]
+    if len(own) == 0:
+        raise ValueError(f"{map_path} is a helper's map: it placed no lesions of its own, there is no page to draw")
     if own.shape != (len(site["labels"]), 2):
         raise ValueError(f"{map_path} places {len(own)} points of this party, {site['path']} holds "
                          f"{len(site['labels'])}: give the site file this party ran with")
@@ -52,8 +54,9 @@ def build_figure(data: dict[str, Any]) -> dict[str, Any]:
     figure = go.Figure()
     if not bool(data["shared"]):
         figure.add_trace(go.Heatmap(x=centres_x.tolist(), y=centres_y.tolist(), z=data["others_density"].T.tolist(),
-                                    colorscale="Greys", name="other sites", showscale=True,
-                                    colorbar={"title": "other sites' lesions per cell"}, hoverinfo="z"))
+                                    colorscale=[[0, "#ffffff"], [1, "#5f5f5f"]], zmin=0, name="other sites",
+                                    showscale=True, colorbar={"title": "other sites' lesions per cell"},
+                                    hoverinfo="z"))
         own, labels = data["own"], data["labels"]
         for code in sorted(set(int(c) for c in labels)):
             rows = labels == code
@@ -71,10 +74,10 @@ def build_figure(data: dict[str, Any]) -> dict[str, Any]:
                 text=[label_name(c) for c in data["all_labels"][rows]],
                 marker={"size": 9 if this else 7, "line": {"width": 1 if this else 0, "color": "#000"}}))
     pad_x, pad_y = 0.05 * (x_high - x_low), 0.05 * (y_high - y_low)  # points on the extent stay whole
-    figure.update_layout(height=680, margin={"t": 10}, xaxis={"title": "t-SNE 1", "range": [x_low - pad_x,
+    figure.update_layout(height=680, margin={"t": 40}, xaxis={"title": "t-SNE 1", "range": [x_low - pad_x,
                                                                                         x_high + pad_x]},
                          yaxis={"title": "t-SNE 2", "range": [y_low - pad_y, y_high + pad_y]},
-                         legend={"orientation": "h", "y": -0.12})
+                         legend={"orientation": "h", "x": 0, "y": 1.01, "yanchor": "bottom"})
     return figure.to_plotly_json()
 
 

@@ -5,6 +5,9 @@ beyond what the run reveals; two that collude learn everything).
 :func:`run_party` must run in a process of its own: MPyC reads its options (``-M`` parties, ``-I`` index, ``-P``
 addresses) when ``mpyc.runtime`` is first imported, so this module imports it only there.
 
+A party without lesions may join as a helper (:func:`helper_site`): two hospitals and a helper make the three
+parties an honest majority needs; it learns what every party learns, less its own points (it has none).
+
 What each party learns: every party's point count and feature dimension, whether all parties embedded with the
 same model weights (:func:`agree_on_inputs`), its own points' coordinates in the joint map, the map's extent and the
 counts of all points per grid cell (:func:`joint_density`; minus its own, the others' density); every point, with
@@ -20,8 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import os
+import socket
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,8 +37,9 @@ from typing import Any
 import numpy as np
 
 from ctzoo.smap.features import read_site
+from ctzoo.smap.keys import check_key_folder
 from ctzoo.smap.secure import off_diagonal_index, secure_conditional_p, secure_embed
-from ctzoo.smap.tsne import initial_embedding
+from ctzoo.smap.tsne import conditional_p, embed, initial_embedding, joint_p, squared_distances
 
 #: Feature values this large would overflow the fixed-point range of the squared distances (2^31).
 MAX_ABS_FEATURE = 1000.0
@@ -46,12 +53,41 @@ class PartyDropped(RuntimeError):
     """Another party did not connect in time."""
 
 
+class AuthenticationFailed(RuntimeError):
+    """A TLS handshake with a peer failed, or a peer's certificate names another party than it claims."""
+
+
 def mpyc_arguments(index: int, addresses: Sequence[str], ssl: bool = False) -> list[str]:
-    """MPyC's command-line options for party ``index`` of ``addresses`` (``host:port`` each, in party order)."""
-    arguments = ["-M", str(len(addresses)), "-I", str(index), "--no-log"]
+    """MPyC's command-line options for party ``index`` of ``addresses`` (``host:port`` each, in party order).
+    ``--mix32-64bit`` makes MPyC send arrays of shares as fixed-width integers instead of pickles, so a party never
+    unpickles what a peer sends."""
+    arguments = ["-M", str(len(addresses)), "-I", str(index), "--no-log", "--mix32-64bit"]
     for address in addresses:
         arguments += ["-P", address]
     return arguments + (["--ssl"] if ssl else [])
+
+
+def loopback_addresses(count: int) -> list[str]:
+    """``count`` ``127.0.0.1:PORT`` addresses on free ports, to run every party on one machine (tests, trials)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def on_loopback(address: str) -> bool:
+    """Whether a ``host:port`` party address is on this machine's loopback interface."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def digest_words(text: str, words: int = 4) -> list[int]:
@@ -66,26 +102,40 @@ def options_words(options: Any) -> list[int]:
     return digest_words(repr(sorted(agreed.items())))
 
 
-async def agree_on_inputs(mpc: Any, site: dict[str, Any], options: Any) -> list[int]:
-    """Every party's point count (public), after checking that all have the same feature dimension, weights digest
-    and run options (a party with other options would compute another map, or wait forever for rounds the others
-    never run); each party opens only these numbers (secure integers, no pickled objects from the peers)."""
+def helper_site() -> dict[str, Any]:
+    """What a helper party (``--helper``: a party without lesions, e.g. the third party two hospitals need for an
+    honest majority) brings: no points."""
+    return {"features": np.zeros((0, 0), dtype=np.float32), "labels": np.zeros(0, dtype=np.int16),
+            "meta": {"weights": None}}
+
+
+async def agree_on_inputs(mpc: Any, site: dict[str, Any], options: Any) -> tuple[list[int], int]:
+    """Every party's point count (public) and the feature dimension, after checking that all sites (parties with
+    points; helpers have none) have the same feature dimension and weights digest, and all parties the same run
+    options (a party with other options would compute another map, or wait forever for rounds the others never
+    run); each party opens only these numbers (secure integers, no pickled objects from the peers)."""
     secint = mpc.SecInt(64)
     mine = [len(site["labels"]), site["features"].shape[1], *digest_words(str(site["meta"].get("weights"))),
             *options_words(options)]
     shared = mpc.input([secint(v) for v in mine], senders=list(range(len(mpc.parties))))
     opened = [[int(v) for v in await mpc.output(values)] for values in shared]
+    sites = [pid for pid, values in enumerate(opened) if values[0] > 0]
+    if len(sites) < 2:
+        raise ValueError(f"{len(sites)} of the {len(opened)} parties bring lesions: a joint map needs at least 2 "
+                         "sites (the others may be --helper)")
+    first = opened[sites[0]]
     for pid, values in enumerate(opened):
-        if values[1] != opened[0][1]:
-            raise ValueError(f"party {pid} has {values[1]} features per lesion, party 0 {opened[0][1]}: every "
-                             "site must embed with the same model")
-        if values[2:6] != opened[0][2:6]:
-            raise ValueError(f"party {pid} embedded with other model weights than party 0: every site must run "
-                             "ctzoo smap features with the same model")
+        if pid in sites and values[1] != first[1]:
+            raise ValueError(f"party {pid} has {values[1]} features per lesion, party {sites[0]} {first[1]}: "
+                             "every site must embed with the same model")
+        if pid in sites and values[2:6] != first[2:6]:
+            raise ValueError(f"party {pid} embedded with other model weights than party {sites[0]}: every site "
+                             "must run ctzoo smap features with the same model")
         if values[6:] != opened[0][6:]:
             raise ValueError(f"party {pid} runs with other options than party 0 (--perplexity, --iterations, "
-                             "--learning-rate, --early-iterations, --seed, --grid, --insecure-reveal-p must match)")
-    return [values[0] for values in opened]
+                             "--learning-rate, --early-iterations, --seed, --grid, --insecure-reveal-p, "
+                             "--insecure-plaintext must match)")
+    return [values[0] for values in opened], first[1]
 
 
 def joint_from_conditional(mpc: Any, conditional: Any, n: int) -> Any:
@@ -111,6 +161,7 @@ class RunOptions:
     grid: int = 24  # density cells per axis
     share_points: bool = False  # open every point to every party, if and only if every party says so
     reveal_p: bool = False  # testing and comparison only
+    plaintext: bool = False  # open every party's points and compute in the clear (--insecure-plaintext)
 
 
 def own_histogram(points: np.ndarray, extent: Sequence[float], grid: int) -> np.ndarray:
@@ -145,58 +196,194 @@ async def joint_density(mpc: Any, y: Any, grid: int) -> tuple[list[float], np.nd
     return extent, np.rint(np.asarray(density, dtype=np.float64)).astype(np.int64)
 
 
+async def connect(mpc: Any, connect_timeout: float) -> None:
+    """Connect to every peer (:meth:`mpc.start`), or raise :class:`AuthenticationFailed` at the first failed
+    authentication (:func:`authenticate_peers`) or :class:`PartyDropped` after ``connect_timeout`` seconds."""
+    start = asyncio.ensure_future(mpc.start())
+    done, _ = await asyncio.wait({start, mpc._ctzoo_failure}, timeout=connect_timeout,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if start in done:
+        start.result()
+        mpc._ctzoo_started = True
+        return
+    start.cancel()
+    if mpc._ctzoo_failure in done:
+        raise mpc._ctzoo_failure.result()
+    missing = [peer.pid for peer in mpc.parties if peer.pid != mpc.pid and peer.protocol is None]
+    raise PartyDropped(f"parties {missing} did not connect within {connect_timeout:g} s: check that every "
+                       "party runs with the same --party list (and --keys from one ctzoo smap keys run); nothing "
+                       "was sent")
+
+
+def fail_start(mpc: Any, error: Exception) -> None:
+    if not mpc._ctzoo_failure.done():
+        mpc._ctzoo_failure.set_result(error)
+
+
+def authenticate_peers(mpc: Any) -> None:
+    """With TLS: end this party's start with a clear :class:`AuthenticationFailed` at the first failed handshake
+    (MPyC would retry a client's forever and asyncio drops a server's silently), and refuse a peer whose
+    certificate names another party than the index it claims (MPyC checks the name only of servers)."""
+    import ssl
+
+    from ctzoo.smap.keys import check_peer_certificate
+
+    class ReportingSSLObject(ssl.SSLObject):
+        def do_handshake(self):
+            try:
+                return super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as error:
+                fail_start(mpc, AuthenticationFailed(
+                    f"party {mpc.pid}: a TLS handshake with a peer failed ({error.reason or error}): every party's "
+                    "--keys must come from the same `ctzoo smap keys` run; nothing was sent"))
+                raise
+
+    create_default_context = ssl.create_default_context
+
+    def create_reporting_context(*args, **kwargs):
+        context = create_default_context(*args, **kwargs)
+        context.sslobject_class = ReportingSSLObject
+        return context
+
+    ssl.create_default_context = create_reporting_context
+    report_broken_handshakes(mpc)
+    set_protocol = mpc.set_protocol
+
+    def set_authenticated_protocol(peer_pid, protocol):
+        try:
+            check_peer_certificate(protocol.transport.get_extra_info("peercert"), peer_pid)
+        except ValueError as error:
+            protocol.transport.close()
+            return fail_start(mpc, AuthenticationFailed(f"party {mpc.pid}: {error}; nothing was sent"))
+        set_protocol(peer_pid, protocol)
+
+    mpc.set_protocol = set_authenticated_protocol
+
+
+def report_broken_handshakes(mpc: Any) -> None:
+    """A peer that rejects this party's certificate (or fails and exits itself) closes the connection mid-handshake
+    without an alert that reaches this party, and asyncio drops the half-made connection silently (MPyC's client
+    would retry forever): report that as the failed authentication it is, rather than wait for the connect timeout.
+    asyncio's private TLS protocol (Python >= 3.11) is the only place that sees it; without it, the timeout's
+    message still says what to check."""
+    from asyncio import sslproto
+
+    handshaking = getattr(getattr(sslproto, "SSLProtocolState", None), "DO_HANDSHAKE", None)
+    if handshaking is None:
+        return
+
+    def reporting(method):
+        def report_then_call(protocol, *args):
+            if getattr(protocol, "_state", None) == handshaking:
+                fail_start(mpc, AuthenticationFailed(
+                    f"party {mpc.pid}: a peer broke off the TLS handshake (it did not accept this party's "
+                    "certificate, or failed itself): every party's --keys must come from the same `ctzoo smap keys` "
+                    "run; nothing was sent"))
+            return method(protocol, *args)
+        return report_then_call
+
+    sslproto.SSLProtocol.eof_received = reporting(sslproto.SSLProtocol.eof_received)
+    sslproto.SSLProtocol.connection_lost = reporting(sslproto.SSLProtocol.connection_lost)
+
+
 async def protocol(mpc: Any, site: dict[str, Any], options: RunOptions, connect_timeout: float) -> dict[str, Any]:
     """The run as one party sees it (see the module docstring)."""
-    try:
-        await asyncio.wait_for(mpc.start(), connect_timeout)
-    except asyncio.TimeoutError:
-        missing = [peer.pid for peer in mpc.parties if peer.pid != mpc.pid and peer.protocol is None]
-        raise PartyDropped(f"parties {missing} did not connect within {connect_timeout:g} s: check that every "
-                           "party runs with the same --party list; nothing was sent") from None
+    await connect(mpc, connect_timeout)
     sys.stderr.write(f"party {mpc.pid}: all {len(mpc.parties)} parties connected\n")
     sys.stderr.flush()
     try:
-        counts = await agree_on_inputs(mpc, site, options)
+        counts, dim = await agree_on_inputs(mpc, site, options)
         secfxp = mpc.SecFxp(64, 32)
-        dim = site["features"].shape[1]
+        # integral=False on every party: MPyC skips the truncation of products of values it knows are integers, so
+        # a sender's flag (its data) and the others' (their zero placeholders) must agree, or the parties run
+        # different protocols and wait on each other forever (a helper, or integer features, would)
         parts = [mpc.input(secfxp.array(site["features"].astype(np.float64) if pid == mpc.pid else
-                                        np.zeros((count, dim))), senders=pid) for pid, count in enumerate(counts)]
+                                        np.zeros((count, dim)), integral=False), senders=pid)
+                 for pid, count in enumerate(counts) if count]  # a helper inputs nothing
         points = mpc.np_vstack(parts)
-        n = sum(counts)
-        started = time.perf_counter()
-        joint = joint_from_conditional(mpc, secure_conditional_p(mpc, points, options.perplexity), n)
         result: dict[str, Any] = {"counts": counts, "index": mpc.pid, "options": options}
-        if options.reveal_p:
-            result["p"] = np.asarray(await mpc.output(joint), dtype=np.float64)
-        else:  # P's sum is 1 whatever the points: opening it reveals nothing and times P
-            await mpc.output(mpc.np_sum(joint))
-        p_done = time.perf_counter()
-        y = secure_embed(mpc, joint, initial_embedding(n, options.seed), options.iterations, options.learning_rate,
-                         options.early_iterations)
-        await mpc.output(mpc.np_sum(y))  # the coordinates' sum is 0 (they are centred): times the iterations
-        result["seconds"] = {"p": p_done - started, "embedding": time.perf_counter() - p_done}
-        starts = np.cumsum([0, *counts])
-        for pid in range(len(counts)):  # each party's points to that party only
-            mine = await mpc.output(y[starts[pid]:starts[pid + 1]], receivers=[pid])
-            if pid == mpc.pid:
-                result["own"] = np.asarray(mine, dtype=np.float64).reshape(-1, 2)
-        result["extent"], result["density"] = await joint_density(mpc, y, options.grid)
+        run = plaintext_map if options.plaintext else secure_map
+        result.update(await run(mpc, site, options, counts, points))
         result["others_density"] = result["density"] - own_histogram(result["own"], result["extent"], options.grid)
-        secint = mpc.SecInt(16)
-        consents = mpc.input(secint(int(options.share_points)), senders=list(range(len(counts))))
-        result["shared"] = bool(await mpc.output(mpc.prod(consents)))
-        if result["shared"]:
-            labels = [mpc.input(secint.array(site["labels"].astype(np.int64) if pid == mpc.pid else
-                                             np.zeros(count, dtype=np.int64)), senders=pid)
-                      for pid, count in enumerate(counts)]
-            result["all_points"] = np.asarray(await mpc.output(y), dtype=np.float64).reshape(-1, 2)
-            result["all_labels"] = np.concatenate([np.asarray(await mpc.output(part), dtype=np.int64)
-                                                   for part in labels])
-            result["all_sites"] = np.repeat(np.arange(len(counts)), counts)
-        result["bytes_sent"] = sum(peer.protocol.nbytes_sent for peer in mpc.parties if peer.pid != mpc.pid)
+        result["bytes_sent"] = bytes_sent(mpc)
     finally:
         mpc._ctzoo_ending = True  # from here on, peers closing their connections is the normal end
         await mpc.shutdown()
+    return result
+
+
+def bytes_sent(mpc: Any) -> int:
+    """What this party has sent to its peers so far (MPyC's count of message bytes, without TLS framing)."""
+    return sum(peer.protocol.nbytes_sent for peer in mpc.parties if peer.pid != mpc.pid)
+
+
+async def open_labels(mpc: Any, site: dict[str, Any], counts: Sequence[int]) -> np.ndarray:
+    secint = mpc.SecInt(16)
+    labels = [mpc.input(secint.array(site["labels"].astype(np.int64) if pid == mpc.pid else
+                                     np.zeros(count, dtype=np.int64)), senders=pid)
+              for pid, count in enumerate(counts) if count]
+    return np.concatenate([np.asarray(await mpc.output(part), dtype=np.int64) for part in labels])
+
+
+async def secure_map(mpc: Any, site: dict[str, Any], options: RunOptions, counts: Sequence[int],
+                     points: Any) -> dict[str, Any]:
+    """P and the embedding on the secret ``points``; what this party learns of them (module docstring)."""
+    n = sum(counts)
+    result: dict[str, Any] = {}
+    started, bytes_before = time.perf_counter(), bytes_sent(mpc)
+    joint = joint_from_conditional(mpc, secure_conditional_p(mpc, points, options.perplexity), n)
+    if options.reveal_p:
+        result["p"] = np.asarray(await mpc.output(joint), dtype=np.float64)
+    else:  # P's sum is 1 whatever the points: opening it reveals nothing and times P
+        await mpc.output(mpc.np_sum(joint))
+    p_done, bytes_p = time.perf_counter(), bytes_sent(mpc)
+    y = secure_embed(mpc, joint, initial_embedding(n, options.seed), options.iterations, options.learning_rate,
+                     options.early_iterations)
+    await mpc.output(mpc.np_sum(y))  # the coordinates' sum is 0 (they are centred): times the iterations
+    result["seconds"] = {"p": p_done - started, "embedding": time.perf_counter() - p_done}
+    result["bytes_phases"] = {"p": bytes_p - bytes_before, "embedding": bytes_sent(mpc) - bytes_p}
+    starts = np.cumsum([0, *counts])
+    result["own"] = np.zeros((0, 2))  # a helper's
+    for pid in range(len(counts)):  # each site's points to that site only
+        if counts[pid]:
+            mine = await mpc.output(y[starts[pid]:starts[pid + 1]], receivers=[pid])
+            if pid == mpc.pid:
+                result["own"] = np.asarray(mine, dtype=np.float64).reshape(-1, 2)
+    result["extent"], result["density"] = await joint_density(mpc, y, options.grid)
+    secint = mpc.SecInt(16)
+    consents = mpc.input(secint(int(options.share_points)), senders=list(range(len(counts))))
+    result["shared"] = bool(await mpc.output(mpc.prod(consents)))
+    if result["shared"]:
+        result["all_labels"] = await open_labels(mpc, site, counts)
+        result["all_points"] = np.asarray(await mpc.output(y), dtype=np.float64).reshape(-1, 2)
+        result["all_sites"] = np.repeat(np.arange(len(counts)), counts)
+    return result
+
+
+async def plaintext_map(mpc: Any, site: dict[str, Any], options: RunOptions, counts: Sequence[int],
+                        points: Any) -> dict[str, Any]:
+    """``--insecure-plaintext``: every party opens its points (and labels) to every party and each computes the
+    plaintext t-SNE (:mod:`ctzoo.smap.tsne`) with the same options: for sites that may share, and the comparison
+    with the secure run (same transport, same outputs)."""
+    x = np.asarray(await mpc.output(points), dtype=np.float64)
+    started = time.perf_counter()
+    n = len(x)
+    p = joint_p(conditional_p(squared_distances(x), options.perplexity)[0])
+    p_done = time.perf_counter()
+    y = embed(p, initial_embedding(n, options.seed), options.iterations, options.learning_rate,
+              options.early_iterations)
+    starts = np.cumsum([0, *counts])
+    extent = [float(y[:, 0].min()), float(y[:, 0].max()), float(y[:, 1].min()), float(y[:, 1].max())]
+    result = {"seconds": {"p": p_done - started, "embedding": time.perf_counter() - p_done},
+              "bytes_phases": {"p": 0, "embedding": 0},
+              "own": y[starts[mpc.pid]:starts[mpc.pid + 1]], "extent": extent,
+              "density": own_histogram(y, extent, options.grid), "shared": True, "all_points": y,
+              "all_labels": await open_labels(mpc, site, counts),
+              "all_sites": np.repeat(np.arange(len(counts)), counts)}
+    if options.reveal_p:
+        result["p"] = p[np.arange(n)[:, None], off_diagonal_index(n)]
     return result
 
 
@@ -211,6 +398,9 @@ def watch_connections(mpc: Any) -> None:
     def connection_lost(exchanger, exc):
         if getattr(mpc, "_ctzoo_ending", False):
             return original(exchanger, None)
+        if not getattr(mpc, "_ctzoo_started", False):  # a peer that failed to start itself, e.g. to authenticate
+            return fail_start(mpc, PartyDropped(f"party {exchanger.peer_pid} left before every party had "
+                                                "connected (see its error); nothing was sent"))
         sys.stderr.write(f"Error: party {exchanger.peer_pid} dropped out (its connection was lost): the run is "
                          "aborted, nothing was opened and nothing written; start every party again\n")
         sys.stderr.flush()
@@ -232,22 +422,39 @@ def listen_on_own_address(mpc: Any, address: str) -> None:
     loop.create_server = create_server_on_host
 
 
-def run_party(site_path: str | Path, index: int, addresses: Sequence[str], options: RunOptions = RunOptions(),
-              ssl: bool = False, connect_timeout: float = 120.0) -> dict[str, Any]:
-    """Run party ``index`` of ``addresses`` with the site file ``site_path``; return what it learns.
+def run_party(site_path: str | Path | None, index: int, addresses: Sequence[str], options: RunOptions = RunOptions(),
+              keys: str | Path | None = None, connect_timeout: float = 120.0) -> dict[str, Any]:
+    """Run party ``index`` of ``addresses`` with the site file ``site_path`` (None: a helper, :func:`helper_site`);
+    return what it learns. With ``keys``
+    (a folder of :func:`ctzoo.smap.keys.make_party_keys`) every connection is mutually authenticated TLS;
+    without, plain TCP (loopback tests only).
 
-    Raises ValueError for a bad site file or inputs the parties do not agree on, :class:`PartyDropped` when a
-    party does not connect within ``connect_timeout`` seconds; exits the process with :data:`EXIT_DROPPED` when a
-    connected party drops out."""
-    site = read_site(site_path)
-    if np.abs(site["features"]).max() > MAX_ABS_FEATURE:
+    Raises ValueError for a bad site file, key folder or inputs the parties do not agree on,
+    :class:`AuthenticationFailed` when a peer fails TLS authentication, :class:`PartyDropped` when a party does not
+    connect within ``connect_timeout`` seconds; exits the process with :data:`EXIT_DROPPED` when a connected party
+    drops out."""
+    site = helper_site() if site_path is None else read_site(site_path)
+    if site["features"].size and np.abs(site["features"]).max() > MAX_ABS_FEATURE:
         raise ValueError(f"{site_path}: features above {MAX_ABS_FEATURE:g} in absolute value would overflow the "
                          "secure fixed-point range")
     if "mpyc.runtime" in sys.modules:
         raise RuntimeError("run_party needs a process of its own: mpyc.runtime was already imported here")
-    sys.argv = [sys.argv[0], *mpyc_arguments(index, addresses, ssl)]
+    if keys is not None:
+        keys = check_key_folder(keys, index).resolve()
+    sys.argv = [sys.argv[0], *mpyc_arguments(index, addresses, ssl=keys is not None)]
     from mpyc.runtime import mpc
 
+    mpc._ctzoo_failure = mpc._loop.create_future()
     watch_connections(mpc)
     listen_on_own_address(mpc, addresses[index])
-    return mpc.run(protocol(mpc, site, options, connect_timeout))
+    if keys is None:
+        return mpc.run(protocol(mpc, site, options, connect_timeout))
+    authenticate_peers(mpc)
+    cwd = Path.cwd()
+    with tempfile.TemporaryDirectory(prefix="ctzoo-smap-") as scratch:
+        (Path(scratch) / ".config").symlink_to(keys, target_is_directory=True)
+        os.chdir(scratch)  # MPyC reads the keys from ./.config (its only way to be told where they are)
+        try:
+            return mpc.run(protocol(mpc, site, options, connect_timeout))
+        finally:
+            os.chdir(cwd)
