@@ -225,7 +225,7 @@ def test_keys_and_tls_are_required_outside_loopback(sites, keys, tmp_path):
     again = CliRunner().invoke(main, ["smap", "keys", "--parties", "3", "--out", str(keys)])
     assert again.exit_code == 1 and "keys are never overwritten" in again.output
     assert sorted(p.name for p in (keys / "party2").iterdir()) == ["mpyc_ca.crt", "party_2.crt", "party_2.key"]
-    assert (keys / "party2" / "party_2.key").stat().st_mode & 0o077 == 0
+    assert (keys / "party2" / "party_2.key").stat().st_mode & 0o077 == 0 == (keys / "party2").stat().st_mode & 0o077
     assert not list(keys.rglob("*ca.key")) and not list(tmp_path.glob("*.npz"))
 
 

@@ -61,7 +61,7 @@ def make_party_keys(parties: int, out: str | Path, days: int = VALID_DAYS) -> li
             openssl("x509", "-req", "-in", "request.csr", "-CA", CA_CERTIFICATE, "-CAkey", "ca.key",
                     "-CAcreateserial", "-out", certificate, "-days", str(days), cwd=work)
             folder = Path(partial) / f"party{index}"
-            folder.mkdir()
+            folder.mkdir(mode=0o700)  # a party's folder holds its private key: its owner's only
             for name in (CA_CERTIFICATE, certificate, key):
                 shutil.copy(work / name, folder / name)
             (folder / key).chmod(0o600)
