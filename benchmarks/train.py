@@ -2,7 +2,8 @@
 
 Rows, all measured in this run on the same model:
   * training steps/s with the real pipeline (PNG decode, resampling, MONAI augmentation in DataLoader
-    workers) vs with the same batches pre-loaded as tensors (the ceiling when data is free);
+    workers), and with the slices read from the decoded-slice store (``ctzoo data cache``, built here first:
+    its build time is reported) vs with the same batches pre-loaded as tensors (the ceiling when data is free);
   * inference (``RecistNet.detect``, 512 x 512 x 3 slices) at batch 1 vs batch 16, slices/s.
 
     python benchmarks/train.py [--data ROOT] [--config configs/recistnet_mini_cpu.yaml] [--steps 20]
@@ -23,7 +24,9 @@ from pathlib import Path
 
 import torch
 
+from ctzoo.datasets.deeplesion.info_csv import read_dl_info
 from ctzoo.datasets.deeplesion.mini import make_deeplesion_mini
+from ctzoo.datasets.deeplesion.slice_cache import build_slice_cache
 from ctzoo.training.engine import pick_device, seed_everything
 from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
 
@@ -85,6 +88,12 @@ def main() -> None:
         real = train_steps(task, model, itertools.cycle(loader), device, args.steps)
         preloaded = [batch for batch, _ in zip(itertools.cycle(loader), range(4))]
         cached = train_steps(task, model, preloaded, device, args.steps)
+        folders = {row.series_folder for row in read_dl_info(Path(root) / "DL_info.csv")}
+        store = build_slice_cache(Path(root) / "Images_png", folders, Path(tmp) / "slice_cache")
+        stored_task = RecistNetTask(cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"slice_cache": Path(tmp) / "slice_cache"})}))
+        stored_loader = stored_task.train_batches(0, cfg.optim.batch_size, cfg.optim.num_workers, 0, 1)
+        from_store = train_steps(stored_task, model, itertools.cycle(stored_loader), device, args.steps)
     model.eval()
     single = inference_rate(model, device, 1, 8)
     batched = inference_rate(model, device, 16, 2)
@@ -92,6 +101,8 @@ def main() -> None:
         {"measure": "train steps/s, pre-loaded tensors (baseline)", "value": cached, "ratio": 1.0},
         {"measure": f"train steps/s, real pipeline ({cfg.optim.num_workers} workers)", "value": real,
          "ratio": real / cached},
+        {"measure": f"train steps/s, slices from the store ({cfg.optim.num_workers} workers)", "value": from_store,
+         "ratio": from_store / cached},
         {"measure": "inference slices/s, batch 1 (baseline)", "value": single, "ratio": 1.0},
         {"measure": "inference slices/s, batch 16", "value": batched, "ratio": batched / single},
     ]
@@ -102,8 +113,9 @@ def main() -> None:
                "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
                "torch": torch.__version__, "cpus": torch.get_num_threads()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "train", "config": str(args.config), "batch_size": cfg.optim.batch_size,
-                                    "train_size": list(cfg.train_size), "machine": machine, "rows": rows}, indent=2))
+    document = {"benchmark": "train", "config": str(args.config), "batch_size": cfg.optim.batch_size,
+                "train_size": list(cfg.train_size), "machine": machine, "rows": rows, "slice_store": store}
+    args.out.write_text(json.dumps(document, indent=2))
     print(f"wrote {args.out}")
 
 

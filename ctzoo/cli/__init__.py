@@ -37,6 +37,7 @@ def main(verbose: int) -> None:
       ctzoo convert IN OUT.nii.gz a DICOM series (or any volume) to NIfTI/NRRD/MHA
       ctzoo data fetch-samples    fetch more real CT with organ labels into the cache
       ctzoo data make-deeplesion-mini OUT   a DeepLesion-format dataset built from real CT
+      ctzoo data cache ROOT       decode DeepLesion's PNG slices once into a shared store for training
       ctzoo train CONFIG --out RUN          train (configs/recistnet_*.yaml); --resume continues
       ctzoo eval CONFIG --checkpoint RUN/best.pt --out DIR   DeepLesion FROC
       ctzoo zoo list / ctzoo infer [INPUT]  zoo models, and running one over CT volumes

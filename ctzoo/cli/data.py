@@ -125,6 +125,37 @@ def make_deeplesion_mini(out: Path, cases: int, seed: int, force: bool, workers:
                f"(DL_info.csv, Images_png/, masks/, lesions.json, NOTICE.md)")
 
 
+@data.command("cache")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The store's folder [default: ROOT/slice_cache]; replaced whole when the build completes.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Decoding processes [default: CPUs - 1, at most 8].")
+def cache(root: Path, out: Path | None, workers: int | None) -> None:
+    """Decode DeepLesion's PNG slices once into a memory-mapped store (HU as int16, each series contiguous) that
+    training reads instead of the PNGs: set `slice_cache: ROOT/slice_cache` under `data:` in the train config.
+
+    ROOT holds DL_info.csv and Images_png/ (the download, or a miniature). Every slice of every series the CSV
+    names is stored; samples read from the store are identical to those decoded from the PNGs, and a series whose
+    PNGs changed since is read from its PNGs again (with a warning) until the store is rebuilt.
+    """
+    from tqdm import tqdm
+
+    from ctzoo.datasets.deeplesion.info_csv import read_dl_info
+    from ctzoo.datasets.deeplesion.slice_cache import CACHE_DIR, build_slice_cache
+
+    target = out or root / CACHE_DIR
+    try:
+        folders = {row.series_folder for row in read_dl_info(root / "DL_info.csv")}
+        with tqdm(total=len(folders), desc="slice store", unit="series") as bar:
+            report = build_slice_cache(root / "Images_png", folders, target, workers,
+                                       progress=lambda done, total: bar.update(done - bar.n))
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{target}: {report['series']} series, {report['slices']} slices, {report['bytes'] / 1e9:.2f} GB "
+               f"in {report['seconds']:.1f} s ({report['slices'] / max(report['seconds'], 1e-9):.0f} slices/s)")
+
+
 @data.command("stats")
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--png", "png_path", type=click.Path(dir_okay=False, path_type=Path), default=None,

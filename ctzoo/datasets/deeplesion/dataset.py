@@ -34,6 +34,7 @@ from ctzoo.datasets.deeplesion.recist import (
     diameters,
     points_from_measurement,
 )
+from ctzoo.datasets.deeplesion.slice_cache import SliceCache
 
 #: Keys of a sample that hold one entry per lesion (what a crop must filter together).
 LESION_KEYS = ("keypoints", "boxes", "diameters_px", "diameters_mm", "lesion_types", "lesion_index")
@@ -67,6 +68,8 @@ class DeepLesionConfig(SlicePreprocessing):
     images_dir: str = "Images_png"
     drop_noisy: bool = Field(True, description="drop Possibly_noisy lesions (MULAN does, for all splits)")
     negatives_per_series: int = Field(0, ge=0, description="lesion-free context slices added per series")
+    slice_cache: Path | None = Field(None, description="the decoded-slice store to read slices from (ctzoo data "
+                                     "cache ROOT writes ROOT/slice_cache); None: decode the PNGs")
 
     @property
     def images_root(self) -> Path:
@@ -121,10 +124,17 @@ class LoadDeepLesiond(Transform):
 
     def __init__(self, cfg: DeepLesionConfig) -> None:
         self.cfg = cfg
+        self._store: SliceCache | None = None  # opened in each process that loads (workers do not share a map)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_store": None}
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         cfg, row = self.cfg, item["context_row"]
-        hu = load_context_slices(cfg.images_root, row, cfg.num_slices, cfg.slice_interval_mm)
+        if cfg.slice_cache is not None and self._store is None:
+            self._store = SliceCache(cfg.slice_cache)
+        hu = load_context_slices(cfg.images_root, row, cfg.num_slices, cfg.slice_interval_mm,
+                                 reader=self._store.read if self._store is not None else None)
         image, scale_xy = resample_and_window(hu, row.spacing_mm_px[:2], cfg)
         spacing_xy = np.asarray(row.spacing_mm_px[:2]) / scale_xy
         lesions = item["lesions"]

@@ -1,0 +1,88 @@
+"""The decoded-slice store (``ctzoo data cache``): built from the DeepLesion-format miniature, every slice it holds
+is the PNG's HU bit for bit, every training sample read through it is identical to the one decoded from the PNGs,
+and a series whose PNGs changed is read from them again until the store is rebuilt."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ctzoo.cli import main
+from ctzoo.datasets.deeplesion.dataset import DeepLesionConfig, LoadDeepLesiond, key_slice_items
+from ctzoo.datasets.deeplesion.info_csv import read_dl_info
+from ctzoo.datasets.deeplesion.png_slices import read_png_hu, write_png_hu
+from ctzoo.datasets.deeplesion.slice_cache import INDEX_FILE, SLICES_FILE, SliceCache
+
+
+@pytest.fixture(scope="module")
+def store(deeplesion_mini16, tmp_path_factory) -> Path:
+    """``ctzoo data cache`` of the (read-only) 16-series miniature, written beside it."""
+    out = tmp_path_factory.mktemp("store") / "slice_cache"
+    result = CliRunner().invoke(main, ["data", "cache", str(deeplesion_mini16), "--out", str(out), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "16 series" in result.output and "slices/s" in result.output
+    return out
+
+
+def test_the_store_holds_every_slice_as_its_png_decodes(deeplesion_mini16, store):
+    cache = SliceCache(store)
+    pngs = sorted((deeplesion_mini16 / "Images_png").glob("*/*.png"))
+    assert len(cache.index) == 16 and sum(entry["count"] for entry in cache.index.values()) == len(pngs)
+    assert (store / SLICES_FILE).stat().st_size == 2 * sum(e["count"] * e["rows"] * e["columns"]
+                                                         for e in cache.index.values())
+    for path in pngs[::7]:
+        from_store, from_png = cache.read(path), read_png_hu(path)
+        assert from_store.dtype == from_png.dtype == np.float32 and np.array_equal(from_store, from_png)
+    with pytest.raises(FileNotFoundError, match="is not in the store"):
+        cache.plane(pngs[0].parent.name, 999)
+
+
+def test_training_samples_from_the_store_are_identical_to_those_from_the_pngs(deeplesion_mini16, store):
+    plain = DeepLesionConfig(root=deeplesion_mini16, num_slices=3, max_size=256)
+    cached = plain.model_copy(update={"slice_cache": store})
+    items = key_slice_items(read_dl_info(deeplesion_mini16 / "DL_info.csv"), "all")
+    assert len(items) >= 10
+    from_png, from_store = LoadDeepLesiond(plain), LoadDeepLesiond(cached)
+    for item in items:
+        a, b = from_png(item), from_store(item)
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+            else:
+                assert a[key] == b[key], key
+
+
+def test_a_series_whose_pngs_changed_is_read_from_them_again(deeplesion_mini16, tmp_path, caplog):
+    root = tmp_path / "root"
+    series = sorted(p.name for p in (deeplesion_mini16 / "Images_png").iterdir())[:2]
+    for name in series:
+        shutil.copytree(deeplesion_mini16 / "Images_png" / name, root / "Images_png" / name)
+    shutil.copy(deeplesion_mini16 / "DL_info.csv", root)  # names all 16 series: the store needs the 2 present
+    from ctzoo.datasets.deeplesion.slice_cache import build_slice_cache
+
+    report = build_slice_cache(root / "Images_png", series, root / "slice_cache", workers=1)
+    assert report["series"] == 2 and (root / "slice_cache" / INDEX_FILE).exists()
+    changed = sorted((root / "Images_png" / series[0]).glob("*.png"))[1]
+    new_hu = read_png_hu(changed) + 7.0
+    write_png_hu(changed, new_hu)
+    cache = SliceCache(root / "slice_cache")
+    with caplog.at_level(logging.WARNING):
+        assert np.array_equal(cache.read(changed), new_hu)
+    assert f"{series[0]} changed since the slice store was built" in caplog.text
+    untouched = sorted((root / "Images_png" / series[1]).glob("*.png"))[0]
+    assert cache.fresh(untouched.parent) and np.array_equal(cache.read(untouched), read_png_hu(untouched))
+    assert not cache.fresh(changed.parent)
+
+
+def test_a_bad_root_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, ["data", "cache", str(tmp_path / "empty")])
+    assert result.exit_code == 1 and "DL_info.csv" in result.output
+    assert not (tmp_path / "empty" / "slice_cache").exists()
