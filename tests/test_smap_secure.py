@@ -56,18 +56,20 @@ def keys(tmp_path_factory) -> Path:
     return folder
 
 
-def start_parties(sites: list[Path], out: Path, keys: Path, *extra: str, ports: list[str] | None = None,
+def start_parties(sites: list[Path | None], out: Path, keys: Path, *extra: str, ports: list[str] | None = None,
                   only: range | None = None, key_folders: dict[int, Path] | None = None,
                   record: Path | None = None) -> list[subprocess.Popen]:
-    """The parties' processes (``only`` some of them), each with ``keys/party{k}`` unless ``key_folders`` says
-    otherwise; with ``record``, party 0 records what it receives (``smap_recording_party.py``)."""
+    """The parties' processes (``only`` some of them; a site None is a ``--helper``), each with ``keys/party{k}``
+    unless ``key_folders`` says otherwise; with ``record``, party 0 records what it receives
+    (``smap_recording_party.py``)."""
     addresses = [a for address in ports or loopback_addresses(len(sites)) for a in ("--party", address)]
     key_folders = key_folders or {}
     recording = [str(Path(__file__).with_name("smap_recording_party.py")), str(record)]
     return [subprocess.Popen([sys.executable, *(recording if record and k == 0 else ["-m", "ctzoo"]), "smap", "party",
-                              str(site), "--index", str(k), *addresses, "--perplexity", str(PERPLEXITY), "--out",
-                              str(out / f"party{k}.npz"), "--keys", str(key_folders.get(k, keys / f"party{k}")),
-                              "--iterations", "1", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              *(["--helper"] if site is None else [str(site)]), "--index", str(k), *addresses,
+                              "--perplexity", str(PERPLEXITY), "--out", str(out / f"party{k}.npz"),
+                              "--keys", str(key_folders.get(k, keys / f"party{k}")), "--iterations", "1", *extra],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for k, site in enumerate(sites) if only is None or k in only]
 
 
@@ -187,13 +189,7 @@ def test_two_hospitals_and_a_helper_compute_their_joint_p(sites, keys, tmp_path)
     """Two sites and a ``--helper`` party without lesions (three parties make the honest majority two hospitals
     lack): the secure P of the two sites' points equals the plaintext P; the helper places no points of its own
     and has no page; with one site among helpers there is no joint map to make."""
-    addresses = [a for address in loopback_addresses(3) for a in ("--party", address)]
-    commands = [[*(["--helper"] if k == 2 else [str(sites[k])]), "--index", str(k), "--keys", str(keys / f"party{k}")]
-                for k in range(3)]
-    options = ["--perplexity", str(PERPLEXITY), "--iterations", "1", "--insecure-reveal-p", *addresses]
-    processes = [subprocess.Popen([sys.executable, "-m", "ctzoo", "smap", "party", *command, *options, "--out",
-                                   str(tmp_path / f"party{k}.npz")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for k, command in enumerate(commands)]
+    processes = start_parties([sites[0], sites[1], None], tmp_path, keys, "--insecure-reveal-p")
     assert all(code == 0 for code, _ in finish(processes, timeout=300))
     plain, _ = plaintext(sites[:2])
     helper = np.load(tmp_path / "party2.npz")
@@ -202,11 +198,9 @@ def test_two_hospitals_and_a_helper_compute_their_joint_p(sites, keys, tmp_path)
     assert helper["density"].sum() == len(plain) == helper["others_density"].sum()
     view = CliRunner().invoke(main, ["smap", "view", str(tmp_path / "party2.npz"), "--site", str(sites[0])])
     assert view.exit_code == 1 and "is a helper's map" in view.output
-    lonely = [subprocess.Popen([sys.executable, "-m", "ctzoo", "smap", "party",
-                                *(["--helper"] if k else [str(sites[0])]), "--index", str(k), "--keys",
-                                str(keys / f"party{k}"), *options, "--out", str(tmp_path / f"lonely{k}.npz")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(3)]
-    for code, output in finish(lonely, timeout=120):
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    for code, output in finish(start_parties([sites[0], None, None], lonely, keys), timeout=120):
         assert code == 1 and "1 of the 3 parties bring lesions: a joint map needs at least 2 sites" in output
 
 

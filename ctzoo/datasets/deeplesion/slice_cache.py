@@ -16,7 +16,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,18 @@ def decode_series(series_root: Path) -> tuple[list[list[int]], np.ndarray, str]:
     return runs_of([int(p.stem) for p in paths]), np.stack(planes).astype(np.int16), series_signature(series_root)
 
 
+def in_order_bounded(pool: ProcessPoolExecutor, function: Callable, arguments: list, window: int) -> Iterator:
+    """``pool.map(function, arguments)`` with at most ``window`` results decoded and waiting at once (``map``
+    submits everything: on the whole of DeepLesion, series decoded ahead of the writer would pile up in memory)."""
+    pending: deque = deque()
+    for argument in arguments:
+        pending.append(pool.submit(function, argument))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def build_slice_cache(images_root: str | Path, series_folders: Iterable[str], out: str | Path,
                       workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Decode every PNG slice of ``series_folders`` under ``images_root`` in ``workers`` processes into the store
@@ -80,7 +93,7 @@ def build_slice_cache(images_root: str | Path, series_folders: Iterable[str], ou
     offset = 0
     with atomic_folder(out) as partial, open(Path(partial) / SLICES_FILE, "wb") as store, \
             ProcessPoolExecutor(max_workers=workers) as pool:
-        decoded = pool.map(decode_series, [images_root / folder for folder in folders])
+        decoded = in_order_bounded(pool, decode_series, [images_root / folder for folder in folders], 2 * workers)
         for done, (folder, (runs, planes, signature)) in enumerate(zip(folders, decoded), start=1):
             store.write(planes.tobytes())
             index[folder] = {"offset": offset, "runs": runs, "count": int(planes.shape[0]),
