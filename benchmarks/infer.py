@@ -5,27 +5,26 @@ fetched with ``ctzoo.datasets.samples.fetch_samples`` if missing) resampled with
 512 x 512 in-plane and ``--slices`` slices over the same field of view, written once as int16 NIfTI
 (``.nii.gz``) and copied to ``--cases`` cases.
 
-Rows: one per backend (torch, onnx) and device (the CPU; CUDA too when present and ``--device auto``):
+Rows: one per backend (torch, onnx) and device (the CPU; CUDA too when present and ``--device auto``). Each of
+``--repeats`` repeats measures the model alone and then every pipeline, so a slow spell of a shared machine hits
+them alike; the table shows medians, the JSON every repeat:
   * model-only slices/s (the baseline): ``task.predict`` (backend forward + keypoint decoding, the model stage
-    of the pipeline) over batches of one case's slices preprocessed up front and held in memory; the backend
-    forward alone is reported beside it. Single-stage rates are those of the median batch (or slice), robust to
-    bursts of other work on a shared machine; the whole-pass rates are in the JSON too;
-  * end-to-end slices/s: ``run_pipeline`` over the cases (NIfTI read and preprocessing in ``--workers`` reader
-    processes, batched model, detections.json written; overlays off), total slices / wall time;
-  * ratio = end-to-end / model-only (the target: >= 0.8), and the share of the pipeline's wall time spent
-    inside ``task.predict`` (model busy), with predict's own slices/s inside the pipeline (its slowdown there
-    shows readers competing for the model's cores): ratio ~= busy x (predict in pipeline / model-only). The JSON
-    splits the model's idle time into before the first batch, between batches and after the last one;
-  * what the readers cost in one process: NIfTI read s/case and ``task.preprocess`` slices/s with 1 torch thread
-    (as in a reader process), and the writer's finish + write s/case; "serial" is the rate of one process doing
-    read, preprocess, predict and write in turn (no overlap), from those single-stage timings.
-Build time (weights load; ONNX export when not cached yet) is excluded from every rate and reported apart.
-Model threads (torch ``set_num_threads``, ONNX Runtime intra-op) are set with ``--threads`` (default: the CPU
-count, as ``ctzoo infer``), for the baseline and the pipeline alike; reader processes run 1 torch thread each
-(PyTorch DataLoader workers).
+    of the pipeline) on ``--threads`` threads over batches of one case's slices preprocessed up front and held in
+    memory, at the median batch's rate; on the CPU also on 1 thread (what each copy of the copies layout runs);
+  * infer: ``run_pipeline`` at ``ctzoo infer``'s defaults (:func:`ctzoo.inference.schedule.choose_schedule` for
+    this device, the cases and the cores; detections.json written, overlays off), total slices / wall time,
+    ratio = infer / model-only (the target: >= 0.8), and busy, the share of the model copies' time inside
+    ``task.predict``;
+  * serial: ``ctzoo infer --workers 0`` measured the same way: one process reading, preprocessing and predicting
+    (on ``--threads`` threads) in turn; infer / serial must never fall below 1;
+  * shared: one model on ``--threads`` threads fed by ``--workers`` reader processes (the GPU's layout, and
+    ``ctzoo infer``'s default on the CPU before the copies layout).
+The JSON also has the single-stage costs of one process (NIfTI read s/case, ``task.preprocess`` slices/s on 1
+thread, finish + write s/case) and, per run, where the models waited (before the first batch, between batches,
+after the last). Build time (weights load; ONNX export when not cached yet) is excluded from every rate.
 
     python benchmarks/infer.py [--model recistnet-mini] [--backends torch,onnx] [--device auto] [--slices 100]
-                               [--cases 2] [--batch-size 8] [--workers N] [--threads N]
+                               [--cases 6] [--repeats 3] [--batch-size 8] [--workers N] [--threads N]
                                [--out benchmarks/results/infer.json]
 """
 
@@ -45,12 +44,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ctzoo.cli.infer import _default_workers
 from ctzoo.datasets.samples import fetch_samples
 from ctzoo.export.repository import ensure_graphs
 from ctzoo.inference.backends import make_backend
 from ctzoo.inference.inputs import CaseInput
 from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
+from ctzoo.inference.schedule import choose_schedule, default_readers
 from ctzoo.inference.tasks import ModelTask, bundle_task
 from ctzoo.io import read_volume
 from ctzoo.models import load_bundle
@@ -176,17 +175,36 @@ def reader_costs(task: ModelTask, case: CaseInput, threads: int) -> dict:
             "preprocess_s": preprocess_s, "preprocess_median_s": float(np.median(seconds))}
 
 
-def timed_predict(task: ModelTask) -> tuple[ModelTask, list]:
-    """``task`` whose predict appends (start, end, slices) per call to the returned list (main process only)."""
-    calls: list[tuple[float, float, int]] = []
+def pipeline_rates(task: ModelTask, cases: list[CaseInput], options: PipelineOptions) -> dict:
+    """``run_pipeline`` over ``cases``: end-to-end slices/s and, from its batch log, how busy the model was."""
+    log: list = []
+    options = dataclasses.replace(options, batch_log=log, overlay=False, progress=False)
+    start = time.time()
+    rows = run_pipeline(cases, task, options)
+    end = time.time()
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        raise RuntimeError(f"pipeline failed: {failed}")
+    wall, total = end - start, sum(int(r["slices"]) for r in rows)
+    models = max(options.workers, 1) if options.layout == "copies" else 1  # model instances running at once
+    predict_s = sum(stop - begin for begin, stop, _, _ in log)
+    per_slice = [(stop - begin) / count for begin, stop, count, _ in log if count]
+    # where the models waited: for the first slices (fork, first read), between batches, after the last
+    before, after = min(b for b, _, _, _ in log) - start, end - max(e for _, e, _, _ in log)
+    return {"layout": options.layout, "workers": options.workers,
+            "model_threads": options.copy_threads if options.layout == "copies" else None,
+            "model_instances": models, "wall_s": wall, "slices": total, "end_to_end_slices_per_s": total / wall,
+            "model_busy_fraction": predict_s / (wall * models),
+            # all instances together, at the median batch's rate
+            "predict_in_pipeline_slices_per_s": models / float(np.median(per_slice)),
+            "predict_in_pipeline_pass_slices_per_s": sum(c for _, _, c, _ in log) / max(predict_s, 1e-9) * models,
+            "model_idle_s": {"before_first_batch": before, "after_last_batch": after,
+                             "between_batches": wall * models - predict_s - before - after},
+            "reader_read_s_in_pipeline": [float(r["read_s"]) for r in rows]}
 
-    def predict(batch: np.ndarray):
-        start = time.perf_counter()
-        result = task.predict(batch)
-        calls.append((start, time.perf_counter(), len(batch)))
-        return result
 
-    return dataclasses.replace(task, predict=predict), calls
+def median_of(samples: list[dict], key: str) -> float:
+    return float(np.median([sample[key] for sample in samples]))
 
 
 def measure(model_name: str, kind: str, device: str, cases: list[CaseInput], args, work: Path) -> dict:
@@ -203,50 +221,73 @@ def measure(model_name: str, kind: str, device: str, cases: list[CaseInput], arg
     result = task.finish(reader["volume"], reader["context"], outputs)
     task.write(reader["volume"], result, work / f"single-{kind}-{device_used}", False)
     write_s = time.perf_counter() - start
-
-    counted, calls = timed_predict(task)
-    out = work / f"pipeline-{kind}-{device_used}"
-    options = PipelineOptions(out=out, batch_size=args.batch_size, workers=args.workers, overlay=False,
-                              progress=False)
-    start = time.perf_counter()
-    rows = run_pipeline(cases, counted, options)
-    end = time.perf_counter()
-    wall = end - start
-    failed = [r for r in rows if r["status"] != "ok"]
-    if failed:
-        raise RuntimeError(f"pipeline failed: {failed}")
-    total = sum(int(r["slices"]) for r in rows)
-    end_to_end = total / wall
     n = len(slices)
-    predict_s = sum(stop - begin for begin, stop, _ in calls)
-    in_pipeline_median = 1 / float(np.median([(stop - begin) / count for begin, stop, count in calls if count]))
-    # where the model waited: for the first slices (fork, first read and chunk), between batches, after the last
-    before, after = calls[0][0] - start, end - calls[-1][1]
-    # one process doing everything in turn (single-stage medians): what overlap could gain over none at all
+    # one process doing everything in turn, from the single-stage medians (no contention, no overheads)
     serial_s_per_slice = 1 / model["median"] + reader["preprocess_median_s"] + (reader["read_s"] + write_s) / n
+    one_thread_task = task.replicate(1) if device_used == "cpu" else None  # what each copy runs (copies layout)
+    torch.set_num_threads(args.threads)
+
+    # ctzoo infer at its defaults (the schedule it picks for this device, these cases, this machine's cores)
+    schedule = choose_schedule(device_used, len(cases))
+    here = task  # the main process runs the model when there is one copy (workers 0) or in the shared layout
+    if schedule.threads not in (None, args.threads) and not (schedule.layout == "copies" and schedule.workers):
+        here = task.replicate(schedule.threads)
+    runs = {  # name: (task in this process, options)
+        "default": (here, PipelineOptions(out=work / "default", batch_size=args.batch_size, layout=schedule.layout,
+                                          workers=schedule.workers, copy_threads=schedule.threads or 1)),
+        # ctzoo infer --workers 0: read, preprocess, predict (args.threads) in turn in one process
+        "serial": (task, PipelineOptions(out=work / "serial", batch_size=args.batch_size, layout="copies",
+                                         workers=0, copy_threads=args.threads)),
+        # one model (args.threads) fed by --workers reader processes: ctzoo infer's default before the copies
+        "shared": (task, PipelineOptions(out=work / "shared", batch_size=args.batch_size, workers=args.workers)),
+    }
+    samples = []  # each repeat measures the model alone and then every pipeline: a slow spell hits them alike
+    for repeat in range(args.repeats):
+        sample = {"model_only_slices_per_s": rate(task.predict, items, device_used, keep=False)[0]["median"]}
+        if one_thread_task is not None:
+            torch.set_num_threads(1)  # process-wide: the torch copy's thread count (ONNX Runtime's is its session's)
+            sample["model_only_1_thread_slices_per_s"] = rate(one_thread_task.predict, items, "cpu",
+                                                              keep=False)[0]["median"]
+            torch.set_num_threads(args.threads)
+        for name, (run_task, options) in runs.items():
+            sample[name] = pipeline_rates(run_task, cases, options)
+            torch.set_num_threads(args.threads)
+        for name in runs:
+            sample[f"{name}_ratio"] = sample[name]["end_to_end_slices_per_s"] / sample["model_only_slices_per_s"]
+        sample["default_vs_serial"] = (sample["default"]["end_to_end_slices_per_s"]
+                                       / sample["serial"]["end_to_end_slices_per_s"])
+        samples.append(sample)
+        print(f"    repeat {repeat + 1}/{args.repeats}: model-only {sample['model_only_slices_per_s']:.1f}, "
+              + ", ".join(f"{name} {sample[name]['end_to_end_slices_per_s']:.1f}" for name in runs), flush=True)
+    rates = {name: [s[name]["end_to_end_slices_per_s"] for s in samples] for name in runs}
+    medians = {name: float(np.median(values)) for name, values in rates.items()}
+    model_only = median_of(samples, "model_only_slices_per_s")
     return {
         "backend": kind, "device": device_used, "model": model_name, "batch_size": args.batch_size,
-        "workers": args.workers, "model_threads": args.threads, "torch_threads": torch.get_num_threads(),
-        "reader_torch_threads": 1 if args.workers > 0 else args.threads,
+        "schedule": {"layout": schedule.layout, "workers": schedule.workers, "threads": schedule.threads,
+                     "described": schedule.describe()},
+        "model_threads": args.threads, "shared_readers": args.workers, "repeats": args.repeats,
         "build_s": round(build_s, 2), "onnx_exported": exported,
-        "model_only_slices_per_s": model["median"], "model_only_pass_slices_per_s": model["pass"],
-        "forward_only_slices_per_s": fwd["median"], "forward_only_pass_slices_per_s": fwd["pass"],
-        "end_to_end_slices_per_s": end_to_end, "ratio": end_to_end / model["median"],
-        "ratio_vs_pass": end_to_end / model["pass"],
-        "pipeline_wall_s": wall, "pipeline_slices": total,
-        "model_busy_fraction": predict_s / wall,
-        "predict_in_pipeline_slices_per_s": in_pipeline_median,
-        "predict_in_pipeline_pass_slices_per_s": sum(c for _, _, c in calls) / max(predict_s, 1e-9),
-        "model_idle_s": {"before_first_batch": before, "between_batches": wall - predict_s - before - after,
-                         "after_last_batch": after},
-        "read_s_per_case": reader["read_s"],
-        "preprocess_slices_per_s_1_thread": 1 / reader["preprocess_median_s"],
+        # medians over the repeats; the table's rates
+        "model_only_slices_per_s": model_only,
+        "model_only_1_thread_slices_per_s": (median_of(samples, "model_only_1_thread_slices_per_s")
+                                             if one_thread_task is not None else None),
+        "end_to_end_slices_per_s": medians["default"], "serial_slices_per_s": medians["serial"],
+        "shared_slices_per_s": medians["shared"],
+        "ratio": median_of(samples, "default_ratio"), "serial_ratio": median_of(samples, "serial_ratio"),
+        "shared_ratio": median_of(samples, "shared_ratio"),
+        "default_vs_serial": median_of(samples, "default_vs_serial"),
+        "min_default_vs_serial": min(s["default_vs_serial"] for s in samples),
+        "default_busy": float(np.median([s["default"]["model_busy_fraction"] for s in samples])),
+        "samples": samples,
+        # the first pass's single-stage costs (one process, no contention)
+        "model_only_first_pass": model, "forward_only_slices_per_s": fwd["median"],
+        "read_s_per_case": reader["read_s"], "preprocess_slices_per_s_1_thread": 1 / reader["preprocess_median_s"],
         "preprocess_pass_slices_per_s_1_thread": n / reader["preprocess_s"],
-        "finish_write_s_per_case": write_s, "serial_slices_per_s": 1 / serial_s_per_slice,
-        "reader_read_s_in_pipeline": [float(r["read_s"]) for r in rows],
+        "finish_write_s_per_case": write_s, "serial_from_stages_slices_per_s": 1 / serial_s_per_slice,
         "per_slice_ms": {"predict": 1000 / model["median"], "forward": 1000 / fwd["median"],
                          "read": 1000 * reader["read_s"] / n, "preprocess": 1000 * reader["preprocess_median_s"],
-                         "finish_write": 1000 * write_s / n, "predict_in_pipeline": 1000 / in_pipeline_median},
+                         "finish_write": 1000 * write_s / n},
     }
 
 
@@ -275,10 +316,13 @@ def main() -> None:
     parser.add_argument("--backends", default="torch,onnx", help="comma-separated: torch, onnx")
     parser.add_argument("--device", default="auto", help="auto (the CPU, and CUDA when present), cpu or cuda")
     parser.add_argument("--slices", type=int, default=100, help="slices per case (default 100)")
-    parser.add_argument("--cases", type=int, default=2, help="copies of the case in the pipeline run (default 2)")
+    parser.add_argument("--cases", type=int, default=6, help="copies of the case in the pipeline runs (default 6)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="each repeat measures the model alone and every pipeline; medians (default 3)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=_default_workers(),
-                        help=f"reader processes (default: ctzoo infer's, here {_default_workers()})")
+    parser.add_argument("--workers", type=int, default=default_readers(),
+                        help=f"reader processes of the shared-layout row (default: ctzoo infer's for that layout, "
+                             f"here {default_readers()})")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="model threads: torch set_num_threads / ORT intra-op (default: the CPU count, as "
                              "ctzoo infer)")
@@ -305,22 +349,22 @@ def main() -> None:
                 row = measure(args.model, kind, device, cases, args, work)
                 rows.append(row)
                 print(f"  {kind}/{row['device']}: build {row['build_s']:.1f} s"
-                      f"{' (ONNX export included)' if row['onnx_exported'] else ''}, "
-                      f"pipeline {row['pipeline_slices']} slices in {row['pipeline_wall_s']:.1f} s", flush=True)
+                      f"{' (ONNX export included)' if row['onnx_exported'] else ''}; ctzoo infer's defaults: "
+                      f"{row['schedule']['described']}", flush=True)
     load_after = os.getloadavg()
-    header = (f"{'backend':8s} {'device':6s} {'model-only':>10s} {'forward':>8s} {'end-to-end':>10s} {'ratio':>6s} "
-              f"{'busy':>5s} {'predict@pipe':>12s} {'serial':>6s} {'prep 1 thr':>10s} {'read s':>6s} {'workers':>7s} "
-              f"{'threads':>7s}")
-    print("slices/s (busy: share of pipeline wall time inside task.predict; prep 1 thr: task.preprocess in one "
-          "process, 1 torch thread; read s: NIfTI read per case)")
-    print(header)
+    print(f"slices/s, medians of {args.repeats} repeats. model-only: task.predict alone on --threads threads (the "
+          "baseline); 1 thread: the same on 1 thread; infer: ctzoo infer's defaults end to end; serial: ctzoo infer "
+          "--workers 0 (one process: read, preprocess, predict in turn); shared: one model fed by reader processes; "
+          "busy: share of the copies' time inside task.predict")
+    print(f"{'backend':8s} {'device':6s} {'model-only':>10s} {'1 thread':>8s} {'infer':>6s} {'ratio':>6s} "
+          f"{'busy':>5s} {'serial':>6s} {'ratio':>6s} {'infer/serial':>12s} {'shared':>6s} {'ratio':>6s}  schedule")
     for row in rows:
+        one = row["model_only_1_thread_slices_per_s"]
         print(f"{row['backend']:8s} {row['device']:6s} {row['model_only_slices_per_s']:10.2f} "
-              f"{row['forward_only_slices_per_s']:8.2f} {row['end_to_end_slices_per_s']:10.2f} {row['ratio']:5.2f}x "
-              f"{row['model_busy_fraction']:5.0%} {row['predict_in_pipeline_slices_per_s']:12.2f} "
-              f"{row['serial_slices_per_s']:6.2f} "
-              f"{row['preprocess_slices_per_s_1_thread']:10.2f} {row['read_s_per_case']:6.2f} {row['workers']:7d} "
-              f"{row['model_threads']:7d}")
+              f"{one if one is not None else float('nan'):8.2f} {row['end_to_end_slices_per_s']:6.2f} "
+              f"{row['ratio']:5.2f}x {row['default_busy']:5.0%} {row['serial_slices_per_s']:6.2f} "
+              f"{row['serial_ratio']:5.2f}x {row['default_vs_serial']:11.2f}x {row['shared_slices_per_s']:6.2f} "
+              f"{row['shared_ratio']:5.2f}x  {row['schedule']['described']}")
     machine = machine_info()
     machine.update(load_average_before=[round(x, 2) for x in load_before],
                    load_average_after=[round(x, 2) for x in load_after])

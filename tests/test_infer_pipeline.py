@@ -319,17 +319,20 @@ def test_summary_seconds_are_each_cases_own_wall_time(tmp_path):
         assert 0 <= status["read_s"] <= status["seconds"]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_every_stage_is_a_perf_event_and_reading_excludes_the_wait_for_the_model(tmp_path, workers):
+@pytest.mark.parametrize("layout,workers", [("shared", 0), ("shared", 1), ("copies", 2)])
+def test_every_stage_is_a_perf_event_and_reading_excludes_the_wait_for_the_model(tmp_path, layout, workers):
     """With ``perf`` on, each case gives read/preprocess/finish/write events keyed by its slice bucket and each batch
-    a predict event keyed by its rows; the reader's times are its own work, so with ``workers=0`` (the reader runs
-    between the model's batches in the main process) ``read_s`` does not take in the model's 0.05 s batches."""
+    a predict event keyed by its rows (in the copies layout, batches run in the workers and are recorded here); the
+    reader's times are its own work, so where the reader runs between the model's batches in one process (workers=0,
+    and each copy) ``read_s`` does not take in the model's 0.05 s batches."""
     from ctzoo.perf import DetectorConfig, PerfMonitor
 
     cases = [CaseInput(f"c{k}", _tiny_volume(tmp_path / f"c{k}.nii.gz", 6 + 6 * k)) for k in range(3)]
     monitor = PerfMonitor(tmp_path / "perf.sqlite", DetectorConfig(skip_first=False, min_samples=100), role="infer")
-    rows = run_pipeline(cases, _stub_task(0.05), PipelineOptions(out=tmp_path / "out", workers=workers, batch_size=2,
-                                                                 chunk=2, progress=False, perf=monitor))
+    task = _stub_task(0.05)
+    task.replicate = lambda threads: task  # the forked worker's copy is the same stub
+    rows = run_pipeline(cases, task, PipelineOptions(out=tmp_path / "out", layout=layout, workers=workers,
+                                                     batch_size=2, chunk=2, progress=False, perf=monitor))
     monitor.close()
     stats = {(s["stage"], s["bucket"]): s["count"] for s in monitor.stats()}
     assert {stage for stage, _ in stats} == {"read", "preprocess", "predict", "finish", "write"}

@@ -34,12 +34,6 @@ def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
     return interruptible
 
 
-def _default_workers() -> int:
-    import os
-
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
-
-
 @click.command()
 @click.argument("inputs", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--model", "model_names", multiple=True, default=("recistnet-mini",), show_default=True,
@@ -50,13 +44,20 @@ def _default_workers() -> int:
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, else CPU), cpu or cuda.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ctzoo-out"), show_default=True,
               help="Output folder: OUT/<case>/... per case and OUT/summary.csv.")
-@click.option("--workers", type=click.IntRange(min=0), default=_default_workers, show_default="CPUs - 1, at most 4",
-              help="Reader processes that read, decode and preprocess volumes while the model runs (0: in-process).")
+@click.option("--layout", type=click.Choice(["auto", "copies", "shared"]), default="auto", show_default=True,
+              help="How the work shares this machine. copies: worker processes each run whole cases (read, "
+                   "preprocess, predict) on a copy of the model, so readers never preempt a model. shared: one model "
+                   "here fed by reader processes. auto: copies on the CPU, shared on a GPU or with --placement "
+                   "(see docs/batch-inference.md).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="copies: model copies in worker processes (0: one, in this process) [default: one per case, up "
+                   "to one per core, at most 8; one case runs here]. shared: reader processes that read, decode "
+                   "and preprocess volumes while the model runs (0: in-process) [default: CPUs - 1, at most 4].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Slices per forward pass; slices of consecutive volumes share batches.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for the model (default: the backend's, all cores; on 2 cores this beat 1 model "
-                   "thread beside the reader, see docs/benchmarks.md).")
+              help="CPU threads of each model copy [copies default: the cores shared out among the copies] or "
+                   "of the one model [shared default: the backend's, all cores].")
 @click.option("--resume", is_flag=True, help="Skip cases this model version already finished (status-<model>.json).")
 @click.option("--overlay/--no-overlay", default=None,
               help="Draw overlay PNGs (default: only for the embedded sample, when no INPUT is given).")
@@ -75,10 +76,10 @@ def _default_workers() -> int:
 @volume_limit_options
 @perf_options(deep_profiles=True)
 @_ctrl_c_exits_130
-def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, device: str, out: Path, workers: int,
-          batch_size: int, threads: int | None, resume: bool, overlay: bool | None, score_threshold: float | None,
-          engine: str, placement: Path | None, series: str | None, rules_file: Path | None,
-          **limit_options) -> None:
+def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, device: str, out: Path,
+          layout: str, workers: int | None, batch_size: int, threads: int | None, resume: bool, overlay: bool | None,
+          score_threshold: float | None, engine: str, placement: Path | None, series: str | None,
+          rules_file: Path | None, **limit_options) -> None:
     """Run zoo models over CT volumes: detect lesions (RECIST-Net) or segment organs.
 
     INPUTS are any mix of DICOM folders (searched recursively: every folder holding DICOM files is a
@@ -125,6 +126,7 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
       ctzoo infer                                   the embedded sample CT
       ctzoo infer /data/export --out results        every series under /data/export
       ctzoo infer cases.txt --backend onnx --workers 4 --resume
+      ctzoo infer cases.txt --layout shared --workers 2 --threads 4
     """
     from ctzoo.cli.bundles import resolve_bundles
     from ctzoo.datasets.samples import sample_ct_dicom
@@ -148,7 +150,7 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
         click.echo("warning: --perf-profile: ctzoo infer takes deep profiles with --backend torch and the local "
                    "engine (ctzoo serve profiles ONNX graphs); none will be taken", err=True)
         monitor.profiler.budget = 0
-    options = PipelineOptions(out=out, batch_size=batch_size, workers=workers, resume=resume,
+    options = PipelineOptions(out=out, batch_size=batch_size, workers=workers, layout=layout, resume=resume,
                               overlay=(not inputs) if overlay is None else overlay, series=series, rules=rules,
                               limits=volume_limits(limit_options), perf=monitor)
     click.echo(f"{len(cases)} case(s) -> {out}", err=True)
@@ -219,17 +221,28 @@ def _placed_network(bundle, plan_path: Path):
 
 def _run_model(bundle, cases, options, backend: str, device: str, threads: int | None,
                score_threshold: float | None, engine: str, earlier_rows: list[dict], network=None) -> list[dict]:
+    import dataclasses
+
+    from ctzoo.inference.backends import resolve_device
     from ctzoo.inference.pipeline import run_pipeline
+    from ctzoo.inference.schedule import choose_schedule, default_readers
     from ctzoo.inference.tasks import model_task
 
     try:
         if engine == "ray":
             from ctzoo.inference.ray_engine import run_ray
 
-            return earlier_rows + run_ray(cases, str(bundle.folder), options, backend=backend, device=device,
-                                          threads=threads, score_threshold=score_threshold, other_rows=earlier_rows)
-        task = model_task(bundle, backend, device if network is None else network.home, score_threshold, threads,
-                          network=network)
+            readers = default_readers() if options.workers is None else options.workers
+            return earlier_rows + run_ray(cases, str(bundle.folder), dataclasses.replace(options, workers=readers),
+                                          backend=backend, device=device, threads=threads,
+                                          score_threshold=score_threshold, other_rows=earlier_rows)
+        home = resolve_device(device if network is None else network.home)
+        schedule = choose_schedule(home, len(cases), layout=options.layout, workers=options.workers,
+                                   threads=threads, can_copy=network is None)
+        task = model_task(bundle, backend, home, score_threshold, schedule.threads, network=network)
     except (KeyError, FileNotFoundError, RuntimeError, ValueError) as exc:  # bad model/device/backend, Ray failure
         raise click.ClickException(str(exc)) from exc
+    click.echo(f"{bundle.name}: {schedule.describe()}", err=True)
+    options = dataclasses.replace(options, layout=schedule.layout, workers=schedule.workers,
+                                  copy_threads=schedule.threads or 1)
     return earlier_rows + run_pipeline(cases, task, options, other_rows=earlier_rows)

@@ -79,7 +79,7 @@ def make_backend(bundle: ModelBundle, kind: Literal["torch", "onnx"] = "torch", 
     """
     if kind not in KINDS:
         raise ValueError(f"unknown backend kind {kind!r}: use one of {', '.join(KINDS)}")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     if kind == "torch":
         if threads is not None:
             torch.set_num_threads(threads)
@@ -103,7 +103,8 @@ def make_backend(bundle: ModelBundle, kind: Literal["torch", "onnx"] = "torch", 
                          tuple(bundle.preprocessing.size), device, threads)
 
 
-def _resolve_device(device: str) -> str:
+def resolve_device(device: str) -> str:
+    """``auto`` as the device it stands for (CUDA when torch sees one, else the CPU); ValueError for an unknown one."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):

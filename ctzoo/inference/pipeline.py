@@ -1,14 +1,21 @@
 """The batch inference pipeline behind ``ctzoo infer``: readers -> batched model -> writer.
 
-Stages (the model's parts are :class:`ctzoo.inference.tasks.ModelTask`)::
+Stages (the model's parts are :class:`ctzoo.inference.tasks.ModelTask`), in the ``shared`` layout::
 
     reader processes (--workers)          main process                       writer thread
     read + decode + preprocess a case --> batches of slices from any     --> finish + write the case
     (chunks of slices, shared memory)     volume -> backend -> decode         (atomic files, status, summary)
 
-* Readers are ``torch.utils.data`` workers over an iterable of cases (``in_order=False``: a worker done with a
-  small case never waits behind one reading a large case). Slices travel in chunks through shared memory.
-* The model never waits for one volume: slices of consecutive volumes fill the same batch.
+and in the ``copies`` layout (the CPU's; :mod:`ctzoo.inference.schedule` says why and picks the counts)::
+
+    worker processes (--workers), each with its own model copy         main process + writer thread
+    read + preprocess + predict whole cases, taken in turn          --> finish + write the case
+    (only the outputs and the volume cross processes)
+
+* Workers are ``torch.utils.data`` workers over an iterable of cases (``in_order=False``: a worker done with a
+  small case never waits behind one reading a large case). Shared: slices travel in chunks through shared memory,
+  each reader taking every ``workers``-th case. Copies: each worker takes the next case not yet taken.
+* Shared: the model never waits for one volume: slices of consecutive volumes fill the same batch.
 * A case that fails to read, preprocess, predict or write is recorded with its error in ``summary.csv``
   and ``OUT/<case>/status-<model>.json``; the batch goes on.
 * Every file is written under a temporary name and renamed; the status file is written last, so ``--resume``
@@ -32,6 +39,7 @@ import functools
 import inspect
 import io
 import json
+import multiprocessing
 import os
 import time
 from collections import deque
@@ -74,6 +82,14 @@ class PipelineOptions:
     limits: Any = None  # ResourceLimits for reading each case (None: ctzoo.io's defaults)
     cancel: Any = None  # a threading.Event: once set, the run stops at the next stage boundary (Cancelled)
     perf: Any = None  # a ctzoo.perf.PerfMonitor judging every stage (ctzoo.inference.stage_events), or None
+    # "shared": one model here, fed by `workers` reader processes; "copies": `workers` processes each running
+    # whole cases on a copy of the model with `copy_threads` threads (0 workers: one copy, here); see
+    # ctzoo.inference.schedule. The service and the PACS bridge keep their one model: shared.
+    layout: str = "shared"
+    copy_threads: int = 1
+    # a list, or None: every model batch appends (start, end, slices, process id), wall clock (time.time()):
+    # how busy the model was (benchmarks/infer.py)
+    batch_log: list | None = None
 
 
 class Cancelled(RuntimeError):
@@ -94,9 +110,11 @@ def error_message(exc: BaseException) -> str:
 
 
 def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: str | None = None,
-              rules: Any = None, limits: Any = None) -> Iterator[dict[str, Any]]:
+              rules: Any = None, limits: Any = None, reuse: bool = False) -> Iterator[dict[str, Any]]:
     """Messages for one case: ``slices`` chunks ``(n, C, H, W)``, then ``end`` (volume and context), or
-    ``error`` as soon as anything fails. Used by the local readers and by the Ray engine."""
+    ``error`` as soon as anything fails. Used by the local readers and by the Ray engine. ``reuse``: every chunk
+    is stacked into the same array, valid until the next message (for a consumer in this process that is done
+    with a chunk before it asks for the next: a fresh 75 MB batch of 2.5D slices each time costs page faults)."""
     from ctzoo.io import read_volume
     from ctzoo.io.limits import DEFAULT_LIMITS
 
@@ -115,8 +133,15 @@ def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: 
         preprocess_s, clock = 0.0, time.perf_counter()
         context, images = task.preprocess(volume)
         expected = axial_slices(volume)  # for progress only; the end message has the true count
+        stacked = None
         for buffer in _chunks(images, chunk):
-            message = {"kind": "slices", "case": index, "start": sent, "images": torch.from_numpy(np.stack(buffer)),
+            if not reuse:
+                rows = np.stack(buffer)
+            else:
+                if stacked is None or stacked.shape[1:] != buffer[0].shape:
+                    stacked = np.empty((chunk, *buffer[0].shape), dtype=buffer[0].dtype)
+                rows = np.stack(buffer, out=stacked[:len(buffer)])
+            message = {"kind": "slices", "case": index, "start": sent, "images": torch.from_numpy(rows),
                        "expected": expected}
             preprocess_s += time.perf_counter() - clock
             yield message
@@ -152,20 +177,61 @@ def axial_slices(volume: Volume) -> int:
     return int(volume.size[int(np.argmax(np.abs(volume.direction[2])))])
 
 
+def predict_case(index: int, case: CaseInput, task: ModelTask, batch_size: int, series: str | None = None,
+                 rules: Any = None, limits: Any = None) -> Iterator[dict[str, Any]]:
+    """Messages for one case run whole by one model copy: ``outputs`` of each batch of ``batch_size`` slices
+    (with the batch's wall-clock start and end), then ``end`` as :func:`read_case`'s, or ``error``."""
+    for message in read_case(index, case, task, batch_size, series, rules, limits, reuse=True):
+        if message["kind"] != "slices":
+            yield message
+            continue
+        started = time.time()
+        try:
+            outputs = task.predict(message["images"].numpy())
+        except Exception as exc:  # the case fails with the message; its reading stops here
+            yield {"kind": "error", "case": index, "error": f"model failed: {error_message(exc)}"}
+            return
+        yield {"kind": "outputs", "case": index, "start": message["start"], "outputs": outputs,
+               "expected": message["expected"], "batch_s": (started, time.time()), "pid": os.getpid()}
+
+
 class CaseStream(IterableDataset):
-    """The reader stage as a PyTorch iterable dataset: each worker reads every ``num_workers``-th case."""
+    """The workers' stage as a PyTorch iterable dataset. Shared layout: each worker reads every
+    ``num_workers``-th case. Copies (``copy_threads`` set): each worker makes its own copy of the model and runs the
+    next case no worker has taken yet (a counter in shared memory), so a worker done early takes more cases."""
 
     def __init__(self, cases: list[CaseInput], task: ModelTask, chunk: int, series: str | None, rules: Any,
-                 limits: Any = None):
+                 limits: Any = None, copy_threads: int | None = None, start_method: str | None = None):
         self.cases, self.task, self.chunk, self.series, self.rules = cases, task, chunk, series, rules
-        self.limits = limits
+        self.limits, self.copy_threads, self.replicate = limits, copy_threads, task.replicate
+        # the workers' start method (None: the default) must also make the counter they share
+        context = multiprocessing.get_context(start_method)
+        self.taken = context.Value("q", 0) if copy_threads is not None else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # to a spawned worker (copies with several threads each): it builds its copy with `replicate` (which
+        # pickles: the bundle and the backend's kind); the task's stage functions are closures and stay here
+        return {**self.__dict__, "task": None}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = get_worker_info()
-        share, step = (worker.id, worker.num_workers) if worker else (0, 1)
-        for index in range(share, len(self.cases), step):
-            yield from read_case(index, self.cases[index], self.task, self.chunk, self.series, self.rules,
-                                 self.limits)
+        if self.copy_threads is None:
+            share, step = (worker.id, worker.num_workers) if worker else (0, 1)
+            for index in range(share, len(self.cases), step):
+                yield from read_case(index, self.cases[index], self.task, self.chunk, self.series, self.rules,
+                                     self.limits)
+            return
+        task = None
+        while (index := self._take()) < len(self.cases):
+            if task is None:  # in a worker, a model of its own: a forked ONNX Runtime session has no thread pool
+                task = self.replicate(self.copy_threads) if worker is not None else self.task
+            yield from predict_case(index, self.cases[index], task, self.chunk, self.series, self.rules, self.limits)
+
+    def _take(self) -> int:
+        with self.taken.get_lock():
+            index = self.taken.value
+            self.taken.value += 1
+        return index
 
 
 def _keep(message: dict[str, Any]) -> dict[str, Any]:
@@ -271,8 +337,8 @@ class RunBook:
 class _Batcher:
     """Slices waiting for the model, grouped by shape; full batches go to ``task.predict``."""
 
-    def __init__(self, task: ModelTask, batch_size: int, perf: Any = None):
-        self.task, self.batch_size, self.perf = task, batch_size, perf
+    def __init__(self, task: ModelTask, batch_size: int, perf: Any = None, log: list | None = None):
+        self.task, self.batch_size, self.perf, self.log = task, batch_size, perf, log
         self.waiting: dict[tuple[int, ...], deque] = {}
         self.slices_done = 0
 
@@ -286,20 +352,27 @@ class _Batcher:
                 yield [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
 
     def run(self, items: list[tuple[int, int, torch.Tensor]]) -> list[tuple[int, int, Any]]:
-        clock = time.perf_counter()
+        started = time.time()
         batch = torch.stack([image for _, _, image in items]).numpy()
         outputs = self.task.predict(batch)
+        # armed deep profiles: the batch again under the profiler, should this run be judged anomalous
+        rerun = None
+        if self.perf is not None and self.task.profile is not None and self.perf.profiler.armed:
+            rerun = functools.partial(self.task.profile, batch)
+        self.account(len(items), len({case for case, _, _ in items}), (started, time.time()), rerun)
+        return [(case, k, output) for (case, k, _), output in zip(items, outputs)]
+
+    def account(self, slices: int, cases: int, span: tuple[float, float], rerun: Any = None,
+                pid: int | None = None) -> None:
+        """A batch of ``slices`` from ``cases`` cases ran from ``span[0]`` to ``span[1]`` (here, or in a model copy
+        ``pid``): a predict event for ``perf``, a line of the batch log."""
         if self.perf is not None:
             runtime = self.task.runtime
-            # armed deep profiles: the batch again under the profiler, should this run be judged anomalous
-            rerun = None
-            if self.task.profile is not None and self.perf.profiler.armed:
-                rerun = functools.partial(self.task.profile, batch)
             record_batch(self.perf, self.task.model_name, self.task.model_version, runtime.get("device", "-"),
-                         len(items), time.perf_counter() - clock,
-                         {"cases": len({case for case, _, _ in items}), "backend": runtime.get("backend")}, rerun)
-        self.slices_done += len(items)
-        return [(case, k, output) for (case, k, _), output in zip(items, outputs)]
+                         slices, span[1] - span[0], {"cases": cases, "backend": runtime.get("backend")}, rerun)
+        if self.log is not None:
+            self.log.append((span[0], span[1], slices, os.getpid() if pid is None else pid))
+        self.slices_done += slices
 
 
 def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptions,
@@ -311,7 +384,7 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
     progress = Progress(task.model_name, len(todo), options.progress_interval_s, enabled=options.progress)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctzoo-writer")
     pending: deque[tuple[Future, CaseInput, int]] = deque()
-    batcher = _Batcher(task, options.batch_size, options.perf)
+    batcher = _Batcher(task, options.batch_size, options.perf, options.batch_log)
     states = {i: CaseState(case) for i, case in enumerate(todo)}
 
     def record(row: dict[str, Any], case: CaseInput, index: int) -> None:
@@ -356,11 +429,23 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
                 if case in states:
                     settle(case)
 
+    copies = options.layout == "copies"
+    if options.layout not in ("shared", "copies"):
+        raise ValueError(f"unknown layout {options.layout!r}: use shared or copies")
+    if copies and options.workers > 0 and task.replicate is None:
+        raise ValueError("layout copies needs a model that can be copied into worker processes (task.replicate)")
     parallel = {"prefetch_factor": 2} if options.workers > 0 else {}
     if options.workers > 1 and "in_order" in inspect.signature(DataLoader).parameters:  # torch >= 2.6
         parallel["in_order"] = False
-    loader = DataLoader(CaseStream(todo, task, options.chunk, options.series, options.rules, options.limits),
-                        batch_size=None, num_workers=options.workers, collate_fn=_keep, **parallel)
+    if copies and options.workers > 0 and options.copy_threads > 1 and task.runtime.get("backend") == "torch":
+        # a forked child hangs in its first parallel region once the parent has used OpenMP (GNU libgomp keeps
+        # the parent's thread pool, whose threads the child does not have): copies of PyTorch models on several
+        # threads start from scratch (a few seconds each); on one thread PyTorch runs no parallel region
+        parallel["multiprocessing_context"] = "spawn"
+    stream = CaseStream(todo, task, options.batch_size if copies else options.chunk, options.series, options.rules,
+                        options.limits, copy_threads=options.copy_threads if copies else None,
+                        start_method=parallel.get("multiprocessing_context"))
+    loader = DataLoader(stream, batch_size=None, num_workers=options.workers, collate_fn=_keep, **parallel)
     try:
         for message in loader if todo else ():
             if options.cancel is not None and options.cancel.is_set():
@@ -372,6 +457,12 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
             if message["kind"] == "slices":
                 batcher.add(index, message["start"], message["images"])
                 progress.case_slices(index, message["images"].shape[0], message.get("expected"))
+            elif message["kind"] == "outputs":  # a batch a model copy ran
+                outputs = message["outputs"]
+                state.outputs.update(enumerate(outputs, start=message["start"]))
+                progress.case_slices(index, len(outputs), message.get("expected"))
+                progress.slices_done(len(outputs))
+                batcher.account(len(outputs), 1, message["batch_s"], pid=message.get("pid"))
             elif message["kind"] == "end":
                 state.end = message
                 progress.case_slices(index, expected=message["slices"])
@@ -379,7 +470,7 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
                 state.error = message["error"]
                 progress.case_slices(index)
             run_batches()
-            if message["kind"] != "slices":
+            if message["kind"] not in ("slices", "outputs"):
                 settle(index)
         run_batches(flush=True)
         collect(block=True)

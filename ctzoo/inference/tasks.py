@@ -45,6 +45,9 @@ class ModelTask:
     # a batch's predict rerun under a profiler (ctzoo.perf.deep_profile), for deep profiles of anomalous batches;
     # None where the backend has none here (ONNX: ctzoo serve profiles its graphs)
     profile: Callable[[np.ndarray], Any] | None = None
+    # the same stages on a new CPU backend of their own with N threads, built where it is called: each worker of
+    # the pipeline's "copies" layout runs one; None where the model cannot be copied (a placed network)
+    replicate: Callable[[int], ModelTask] | None = None
 
 
 def _write_json(document: dict, path: Path) -> Path:
@@ -180,7 +183,10 @@ def model_task(source: str | Path | ModelBundle, backend_kind: str = "torch", de
 
     bundle = source if isinstance(source, ModelBundle) else load_bundle(source)
     backend = make_backend(bundle, backend_kind, device, threads=threads, network=network)
-    return bundle_task(bundle, backend, score_threshold)
+    task = bundle_task(bundle, backend, score_threshold)
+    if network is not None:
+        task.replicate = None  # the placed network spans this machine's devices: one of it, in this process
+    return task
 
 
 def bundle_task(bundle: ModelBundle, backend, score_threshold: float | None = None) -> ModelTask:
@@ -194,7 +200,15 @@ def bundle_task(bundle: ModelBundle, backend, score_threshold: float | None = No
     task.runtime = _runtime(bundle, backend)
     if backend.kind == "torch":
         task.profile = functools.partial(_profile_predict, task.predict)
+    task.replicate = functools.partial(_cpu_replica, bundle, backend.kind, score_threshold)
     return task
+
+
+def _cpu_replica(bundle: ModelBundle, kind: str, score_threshold: float | None, threads: int) -> ModelTask:
+    """``bundle``'s stages on a new CPU backend of ``kind`` with ``threads`` intra-op threads (ModelTask.replicate)."""
+    from ctzoo.inference.backends import make_backend
+
+    return bundle_task(bundle, make_backend(bundle, kind, "cpu", threads=threads), score_threshold)
 
 
 def _profile_predict(predict: Callable[[np.ndarray], list[Any]], batch: np.ndarray):

@@ -180,6 +180,14 @@ class ModelBundle:
         """Detector output stride (heads are 1/down_ratio of the input)."""
         return int(self.network_def.config.get("down_ratio", 4))
 
+    def __getstate__(self) -> dict[str, Any]:
+        # to another process (a spawned model copy of ctzoo infer): what was read from the folder; the network
+        # is built again there on first use
+        return {**self.__dict__, "_network": None, "_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
     def network(self) -> nn.Module:
         """The PyTorch network with the bundle's weights, in eval mode, on the CPU (built once)."""
         with self._lock:

@@ -104,12 +104,20 @@ def resample_planes(hu: np.ndarray, spacing_xy, cfg: SlicePreprocessing) -> tupl
     return image, np.array([size[1] / width, size[0] / height])
 
 
-def window_planes(image: torch.Tensor, cfg: SlicePreprocessing) -> torch.Tensor:
-    """Step 3 alone: (S, H, W) HU -> (cfg.in_channels, H, W), the planes in the first window, then in each extra."""
+def window_planes(image: torch.Tensor, cfg: SlicePreprocessing, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 3 alone: (S, H, W) HU -> (cfg.in_channels, H, W), the planes in the first window, then in each extra.
+
+    ``out``: a (cfg.in_channels, H, W) tensor to write into (volume inference passes the top left of its zeroed
+    canvas, which saves concatenating and then padding 9 planes per slice); returned.
+    """
     b_low, b_high = cfg.output_range
-    windowed = [ScaleIntensityRange(low, high, b_low, b_high, clip=True)(image)
-                for low, high in (cfg.window_hu, *cfg.extra_windows_hu)]
-    return windowed[0] if len(windowed) == 1 else torch.cat(windowed, dim=0)
+    windows = (cfg.window_hu, *cfg.extra_windows_hu)
+    if out is None:
+        out = torch.empty((len(windows) * image.shape[0], *image.shape[1:]), dtype=torch.float32)
+    for i, (low, high) in enumerate(windows):
+        out[i * image.shape[0]:(i + 1) * image.shape[0]] = ScaleIntensityRange(low, high, b_low, b_high,
+                                                                               clip=True)(image)
+    return out
 
 
 class LoadDeepLesiond(Transform):

@@ -1,0 +1,163 @@
+"""How ``ctzoo infer`` lays out its work (``ctzoo.inference.schedule``) and the pipeline's ``copies`` layout: worker
+processes each running whole cases on their own copy of the model give the same files as one process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ctzoo.cli import main
+from ctzoo.datasets.samples import sample_ct_dicom
+from ctzoo.inference.inputs import CaseInput
+from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
+from ctzoo.inference.schedule import MAX_COPIES, Schedule, choose_schedule
+from ctzoo.io import read_volume, write_volume
+
+
+def test_the_cpu_gets_copies_sharing_out_the_cores_and_a_gpu_one_fed_model():
+    assert choose_schedule("cpu", cases=6, cores=2) == Schedule("copies", 2, 1)
+    assert choose_schedule("cpu", cases=3, cores=8) == Schedule("copies", 3, 2)  # 2 cores idle: 8 // 3 threads
+    assert choose_schedule("cpu", cases=100, cores=32) == Schedule("copies", MAX_COPIES, 4)
+    # one case: one copy on every core in this process, the serial rate exactly
+    assert choose_schedule("cpu", cases=1, cores=4) == Schedule("copies", 0, 4)
+    assert choose_schedule("cuda", cases=6, cores=16) == Schedule("shared", 4, None)
+    assert choose_schedule("cuda:1", cases=6, cores=2) == Schedule("shared", 1, None)
+    # a placed network cannot be copied: the shared layout, whatever the device
+    assert choose_schedule("cpu", cases=6, cores=2, can_copy=False) == Schedule("shared", 1, None)
+
+
+def test_what_the_user_gives_is_kept_and_the_rest_follows():
+    assert choose_schedule("cpu", cases=10, cores=8, threads=4) == Schedule("copies", 2, 4)
+    assert choose_schedule("cpu", cases=10, cores=8, workers=2) == Schedule("copies", 2, 4)
+    assert choose_schedule("cpu", cases=10, cores=8, workers=0) == Schedule("copies", 0, 8)
+    assert choose_schedule("cpu", cases=10, cores=8, threads=16) == Schedule("copies", 0, 16)
+    assert choose_schedule("cpu", cases=10, cores=8, layout="shared", workers=3, threads=5) == Schedule("shared", 3, 5)
+    with pytest.raises(ValueError, match="on cuda use layout shared"):
+        choose_schedule("cuda", cases=2, layout="copies")
+    with pytest.raises(ValueError, match="placed network"):
+        choose_schedule("cpu", cases=2, layout="copies", can_copy=False)
+    with pytest.raises(ValueError, match="unknown layout 'fast'"):
+        choose_schedule("cpu", cases=2, layout="fast")
+
+
+def _nifti(path: Path, first: int, slices: int, nan: bool = False) -> Path:
+    volume = read_volume(sample_ct_dicom(), progress=False)
+    array = volume.array[first:first + slices].astype(np.float32)
+    if nan:
+        array[1, :4, :4] = np.nan
+    return write_volume(dataclasses.replace(volume, array=array, dicom=None), path)
+
+
+@pytest.fixture(scope="module")
+def four_cases(tmp_path_factory) -> list[CaseInput]:
+    """Four cases of different sizes (so copies finish at different times) and one that cannot be read."""
+    root = tmp_path_factory.mktemp("cases")
+    cases = [CaseInput(f"part{k}", _nifti(root / f"part{k}.nii.gz", 2 * k, 6 + 4 * k)) for k in range(3)]
+    cases.append(CaseInput("dicom", sample_ct_dicom()))
+    (root / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    cases.insert(2, CaseInput("broken", root / "broken.nii.gz"))
+    return cases
+
+
+def _lesions(out: Path, case: str) -> list[dict]:
+    return json.loads((out / case / "detections.json").read_text())["lesions"]
+
+
+@pytest.mark.parametrize("backend,threads", [("torch", 1), ("onnx", 1), ("torch", 2)])
+def test_copies_in_worker_processes_write_what_one_process_writes(four_cases, tmp_path, backend, threads):
+    """Two copies (each a fresh backend in a forked worker: ONNX Runtime sessions do not survive a fork; PyTorch on
+    2 threads in a spawned one, as a forked child would hang in OpenMP) take the cases in turn: every case's
+    detections equal those of the shared layout run in this process, the unreadable case fails alone with its
+    message, and every batch is accounted for in the batch log."""
+    from ctzoo.export.repository import ensure_graphs
+    from ctzoo.inference.tasks import model_task
+    from ctzoo.models import load_bundle
+
+    bundle = load_bundle("recistnet-mini")
+    task = model_task(ensure_graphs(bundle) if backend == "onnx" else bundle, backend, "cpu", score_threshold=0.05,
+                      threads=1)
+    reference = run_pipeline(four_cases, task, PipelineOptions(out=tmp_path / "one", workers=0, overlay=False,
+                                                               progress=False))
+    log: list = []
+    rows = run_pipeline(four_cases, task, PipelineOptions(out=tmp_path / "copies", layout="copies", workers=2,
+                                                          copy_threads=threads, batch_size=4, overlay=False,
+                                                          progress=False, batch_log=log))
+    assert [r["case"] for r in rows] == [c.name for c in four_cases]
+    assert {r["case"]: r["status"] for r in rows} == {c.name: "error" if c.name == "broken" else "ok"
+                                                      for c in four_cases}
+    broken = next(r for r in rows if r["case"] == "broken")
+    assert broken["error"] == next(r for r in reference if r["case"] == "broken")["error"] != ""
+    for row, theirs in zip(rows, reference):
+        if row["status"] == "ok":
+            assert row["slices"] == theirs["slices"] and row["findings"] == theirs["findings"]
+            ours, expected = _lesions(tmp_path / "copies", row["case"]), _lesions(tmp_path / "one", row["case"])
+            assert len(ours) == len(expected)
+            for a, b in zip(ours, expected):
+                assert a["slice"] == b["slice"] and abs(a["score"] - b["score"]) < 1e-4
+                np.testing.assert_allclose(a["points_mm"], b["points_mm"], atol=1e-2)
+    # batches of 4 from one case each (copies never mix cases), from two worker processes other than this one
+    slices = {r["case"]: int(r["slices"]) for r in rows if r["status"] == "ok"}
+    assert sum(count for _, _, count, _ in log) == sum(slices.values())
+    assert len(log) == sum(-(-n // 4) for n in slices.values()) and max(count for _, _, count, _ in log) == 4
+    processes = {pid for _, _, _, pid in log}
+    assert len(processes) == 2 and os.getpid() not in processes
+    assert not [p for p in (tmp_path / "copies").rglob("*") if ".partial" in p.name]
+
+
+def test_a_case_the_model_fails_on_in_a_copy_fails_alone(tmp_path):
+    """A NaN volume fails at reading; a model error in a copy fails that case with the message; the rest finish."""
+    from ctzoo.inference.tasks import ModelTask
+
+    root = tmp_path / "in"
+    root.mkdir()
+    cases = [CaseInput("nan", _nifti(root / "nan.nii.gz", 0, 5, nan=True)),
+             CaseInput("big", _nifti(root / "big.nii.gz", 0, 9)), CaseInput("ok", _nifti(root / "ok.nii.gz", 0, 3))]
+
+    def preprocess(volume):
+        return None, (plane[None].astype(np.float32) for plane in volume.array)
+
+    def predict(batch):
+        if len(batch) > 4:
+            raise RuntimeError("out of memory (a test's stand-in)")
+        return [None] * len(batch)
+
+    stub = ModelTask("stub-model", "0.0.1", "detection", preprocess, predict, finish=lambda *_: None,
+                     write=lambda volume, result, folder, overlay: ([], {"findings": 0, "detail": ""}))
+    stub.replicate = lambda threads: stub  # the forked worker's copy is the same stub
+    rows = run_pipeline(cases, stub, PipelineOptions(out=tmp_path / "out", layout="copies", workers=2, batch_size=8,
+                                                     progress=False))
+    by_case = {r["case"]: r for r in rows}
+    assert by_case["ok"]["status"] == "ok" and by_case["ok"]["slices"] == 3
+    assert by_case["nan"]["status"] == "error" and "voxels are NaN" in by_case["nan"]["error"]
+    assert by_case["big"]["error"] == "model failed: RuntimeError: out of memory (a test's stand-in)"
+    assert json.loads((tmp_path / "out" / "big" / "status-stub-model.json").read_text())["status"] == "error"
+
+
+def test_copies_need_a_model_that_can_be_copied(tmp_path):
+    from ctzoo.inference.tasks import model_task
+
+    task = model_task("recistnet-mini", "torch", "cpu")
+    task.replicate = None
+    with pytest.raises(ValueError, match="can be copied"):
+        run_pipeline([CaseInput("a", sample_ct_dicom())], task,
+                     PipelineOptions(out=tmp_path, layout="copies", workers=2))
+    with pytest.raises(ValueError, match="unknown layout 'fast'"):
+        run_pipeline([CaseInput("a", sample_ct_dicom())], task, PipelineOptions(out=tmp_path, layout="fast"))
+
+
+def test_infer_says_which_layout_it_chose(tmp_path):
+    case = str(_nifti(tmp_path / "small.nii.gz", 0, 4))
+    result = CliRunner().invoke(main, ["infer", case, "--out", str(tmp_path / "a"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "recistnet-mini: layout copies: 1 model copy(ies) in this process" in result.output
+    result = CliRunner().invoke(main, ["infer", case, "--out", str(tmp_path / "b"), "--device", "cpu", "--layout",
+                                       "shared", "--workers", "1", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "recistnet-mini: layout shared: one model (1 thread(s)) fed by 1 reader process(es)" in result.output
+    assert _lesions(tmp_path / "a", "small") == _lesions(tmp_path / "b", "small")
