@@ -161,3 +161,8 @@ def test_infer_says_which_layout_it_chose(tmp_path):
     assert result.exit_code == 0, result.output
     assert "recistnet-mini: layout shared: one model (1 thread(s)) fed by 1 reader process(es)" in result.output
     assert _lesions(tmp_path / "a", "small") == _lesions(tmp_path / "b", "small")
+    # deep profiles rerun batches where the model runs: in this process, so one model, not copies
+    result = CliRunner().invoke(main, ["infer", case, "--out", str(tmp_path / "c"), "--device", "cpu", "--perf",
+                                       "--perf-profile", "1"])
+    assert result.exit_code == 0, result.output
+    assert "recistnet-mini: layout shared: one model (the backend's default thread(s))" in result.output

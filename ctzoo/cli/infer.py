@@ -47,8 +47,8 @@ def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
 @click.option("--layout", type=click.Choice(["auto", "copies", "shared"]), default="auto", show_default=True,
               help="How the work shares this machine. copies: worker processes each run whole cases (read, "
                    "preprocess, predict) on a copy of the model, so readers never preempt a model. shared: one model "
-                   "here fed by reader processes. auto: copies on the CPU, shared on a GPU or with --placement "
-                   "(see docs/batch-inference.md).")
+                   "here fed by reader processes. auto: copies on the CPU, shared on a GPU, with --placement "
+                   "or --perf-profile (see docs/batch-inference.md).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="copies: model copies in worker processes (0: one, in this process) [default: one per case, up "
                    "to one per core, at most 8; one case runs here]. shared: reader processes that read, decode "
@@ -237,8 +237,10 @@ def _run_model(bundle, cases, options, backend: str, device: str, threads: int |
                                           backend=backend, device=device, threads=threads,
                                           score_threshold=score_threshold, other_rows=earlier_rows)
         home = resolve_device(device if network is None else network.home)
+        # deep profiles rerun a batch where the model runs, in this process: one model, not copies
+        profiling = options.perf is not None and options.perf.profiler.armed
         schedule = choose_schedule(home, len(cases), layout=options.layout, workers=options.workers,
-                                   threads=threads, can_copy=network is None)
+                                   threads=threads, can_copy=network is None and not profiling)
         task = model_task(bundle, backend, home, score_threshold, schedule.threads, network=network)
     except (KeyError, FileNotFoundError, RuntimeError, ValueError) as exc:  # bad model/device/backend, Ray failure
         raise click.ClickException(str(exc)) from exc
