@@ -57,9 +57,14 @@ class SliceDetection:
 def pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Zero-pad ``image`` (..., h, w) at the bottom and right to (height, width); zero is air in every window."""
     h, w = image.shape[-2:]
-    if h > height or w > width:
-        raise ValueError(f"slice of {h} x {w} pixels does not fit the {height} x {width} canvas")
+    check_fits(h, w, height, width)
     return torch.nn.functional.pad(image, (0, width - w, 0, height - h))
+
+
+def check_fits(rows: int, columns: int, height: int, width: int) -> None:
+    """ValueError unless a slice of ``rows`` x ``columns`` pixels fits a ``height`` x ``width`` canvas."""
+    if rows > height or columns > width:
+        raise ValueError(f"slice of {rows} x {columns} pixels does not fit the {height} x {width} canvas")
 
 
 def canvas_size(prep: SlicePreprocessing, multiple: int = 32) -> int:
@@ -100,8 +105,7 @@ def slice_inputs(axial: Volume, prep: SlicePreprocessing, canvas: int | None = N
         planes = torch.from_numpy(context_planes(plane, k, offsets, 0, hu.shape[0] - 1))
         rows, columns = planes.shape[-2:]
         height, width = (canvas, canvas) if canvas else (-(-s // multiple) * multiple for s in (rows, columns))
-        if rows > height or columns > width:
-            raise ValueError(f"slice of {rows} x {columns} pixels does not fit the {height} x {width} canvas")
+        check_fits(rows, columns, height, width)
         image = torch.zeros((prep.in_channels, height, width), dtype=torch.float32)  # zero is air in every window
         window_planes(planes, prep, out=image[:, :rows, :columns])
         yield image, scale
