@@ -4,7 +4,12 @@ Rows, all measured in this run on the same model:
   * training steps/s with the real pipeline (PNG decode, resampling, MONAI augmentation in DataLoader
     workers), and with the slices read from the decoded-slice store (``ctzoo data cache``, built here first:
     its build time is reported) vs with the same batches pre-loaded as tensors (the ceiling when data is free);
-  * inference (``RecistNet.detect``, 512 x 512 x 3 slices) at batch 1 vs batch 16, slices/s.
+  * inference (``RecistNet.detect``, 512 x 512 x 3 slices) at batch 1 vs batch 16, slices/s;
+  * the per-epoch costs outside the steps: the loader's start (a loader rebuilt every epoch starts its workers
+    every epoch, as the engine did before; the run-long ``EpochLoader`` starts them once), the epoch's files
+    (checkpoints, summary, metrics, curves: written in the loop before, now a CPU snapshot in the loop and the
+    writing in a background thread) and one validation pass; then ``fit`` itself for 3 epochs, each epoch's
+    measured costs from its metrics.csv.
 
     python benchmarks/train.py [--data ROOT] [--config configs/recistnet_mini_cpu.yaml] [--steps 20]
                                [--device auto] [--out benchmarks/results/train.json]
@@ -24,10 +29,13 @@ from pathlib import Path
 
 import torch
 
+from ctzoo.datasets.deeplesion.dataset import collate_lesions
 from ctzoo.datasets.deeplesion.info_csv import read_dl_info
 from ctzoo.datasets.deeplesion.mini import make_deeplesion_mini
 from ctzoo.datasets.deeplesion.slice_cache import build_slice_cache
-from ctzoo.training.engine import pick_device, seed_everything
+from ctzoo.training.engine import RunLog, fit, pick_device, seed_everything, write_epoch_files
+from ctzoo.training.epoch_loader import EpochLoader
+from ctzoo.training.epoch_writer import cpu_snapshot
 from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
 
 
@@ -68,6 +76,69 @@ def inference_rate(model, device, batch: int, repeats: int) -> float:
     return batch * repeats / (time.perf_counter() - start)
 
 
+def first_batch_s(loader: EpochLoader, seed: int) -> float:
+    """Seconds from asking for the epoch to its first batch; the rest of the epoch is drawn (and not timed)."""
+    start = time.perf_counter()
+    batches = iter(loader.start_epoch(seed))
+    next(batches)
+    seconds = time.perf_counter() - start
+    for _ in batches:
+        pass
+    return seconds
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def epoch_costs(task: RecistNetTask, model, device, workers: int, out: Path, repeats: int = 3) -> dict:
+    """Each per-epoch cost outside the steps, before and now, measured here (medians of ``repeats``)."""
+    batch = task.cfg.optim.batch_size
+    def loader() -> EpochLoader:
+        return EpochLoader(task.train_set, batch, workers, collate_fn=collate_lesions)
+
+    rebuilt = []
+    for seed in range(repeats):
+        fresh = loader()
+        rebuilt.append(first_batch_s(fresh, seed))
+        fresh.close()
+    kept_loader = loader()
+    first_batch_s(kept_loader, 0)  # its workers start here, once
+    kept = median([first_batch_s(kept_loader, seed) for seed in range(1, repeats + 1)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train_steps(task, model, itertools.cycle([next(iter(kept_loader))]), device, 1)  # Adam's state exists
+    history = [{"epoch": e + 1, "train_loss": 1.0 / (e + 1), "val_sensitivity_4fp": 0.1 * e} for e in range(10)]
+    runlog = RunLog(out, [])
+    in_loop, snapshot = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        payload = cpu_snapshot({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history})
+        snapshot.append(time.perf_counter() - start)
+        write_epoch_files(out, payload, True, runlog, history, {"epochs": 10})
+        in_loop.append(time.perf_counter() - start)
+    runlog.close()
+    kept_loader.close()
+    start = time.perf_counter()
+    task.evaluate(model.eval(), device)
+    evaluation = time.perf_counter() - start
+    model.train()
+    return {"loader_start_rebuilt_s": median(rebuilt), "loader_start_kept_s": kept, "files_in_loop_s": median(in_loop),
+            "files_snapshot_s": median(snapshot), "checkpoint_mb": (out / "last.pt").stat().st_size / 2**20,
+            "evaluation_s": evaluation, "workers": workers}
+
+
+def fit_epochs(task: RecistNetTask, out: Path, device: str, epochs: int = 3) -> dict:
+    """``fit`` for ``epochs`` epochs (validation each): each epoch's costs as its metrics.csv states them."""
+    summary = fit(task, task.cfg.optim.model_copy(update={"epochs": epochs, "eval_every": 1}), out, device=device,
+                  progress=False)
+    import csv
+
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    keys = ("first_batch_s", "train_s", "eval_s", "write_wait_s")
+    return {"epochs": [{"epoch": int(r["epoch"]), **{k: float(r[k]) for k in keys}} for r in rows],
+            "epoch_files_s": summary["epoch_files_s"], "epoch_files_wait_s": summary["epoch_files_wait_s"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="DeepLesion(-format) root; default: a new 4-case mini")
@@ -94,6 +165,13 @@ def main() -> None:
             update={"slice_cache": Path(tmp) / "slice_cache"})}))
         stored_loader = stored_task.train_batches(0, cfg.optim.batch_size, cfg.optim.num_workers, 0, 1)
         from_store = train_steps(stored_task, model, itertools.cycle(stored_loader), device, args.steps)
+        task.close()
+        stored_task.close()
+        (Path(tmp) / "costs").mkdir()
+        costs = epoch_costs(task, model, device, cfg.optim.num_workers, Path(tmp) / "costs")
+        # without hard-negative mining, whose new items need a new loader (every 5th epoch in the CPU recipe)
+        run = fit_epochs(RecistNetTask(cfg.model_copy(update={"hard_negatives": None})), Path(tmp) / "run",
+                         str(device))
     model.eval()
     single = inference_rate(model, device, 1, 8)
     batched = inference_rate(model, device, 16, 2)
@@ -105,6 +183,14 @@ def main() -> None:
          "ratio": from_store / cached},
         {"measure": "inference slices/s, batch 1 (baseline)", "value": single, "ratio": 1.0},
         {"measure": "inference slices/s, batch 16", "value": batched, "ratio": batched / single},
+        {"measure": f"loader start per epoch, s, rebuilt each epoch ({costs['workers']} workers; before)",
+         "value": costs["loader_start_rebuilt_s"], "ratio": 1.0},
+        {"measure": "loader start per epoch, s, kept for the run (now)", "value": costs["loader_start_kept_s"],
+         "ratio": costs["loader_start_kept_s"] / costs["loader_start_rebuilt_s"]},
+        {"measure": f"epoch files in the loop, s ({costs['checkpoint_mb']:.1f} MB last.pt; before)",
+         "value": costs["files_in_loop_s"], "ratio": 1.0},
+        {"measure": "epoch files: the loop's CPU snapshot, s (now)", "value": costs["files_snapshot_s"],
+         "ratio": costs["files_snapshot_s"] / costs["files_in_loop_s"]},
     ]
     print(f"{'measure':52s} {'value':>10s} {'ratio':>8s}")
     for row in rows:
@@ -114,8 +200,13 @@ def main() -> None:
                "torch": torch.__version__, "cpus": torch.get_num_threads()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     document = {"benchmark": "train", "config": str(args.config), "batch_size": cfg.optim.batch_size,
-                "train_size": list(cfg.train_size), "machine": machine, "rows": rows, "slice_store": store}
+                "train_size": list(cfg.train_size), "machine": machine, "rows": rows, "slice_store": store,
+                "epoch_costs": costs, "fit": run}
     args.out.write_text(json.dumps(document, indent=2))
+    print(f"validation pass: {costs['evaluation_s']:.2f} s; fit, per epoch "
+          + ", ".join(f"{k} " + "/".join(f"{e[k]:.2f}" for e in run["epochs"]) for k in run["epochs"][0]
+                      if k != "epoch")
+          + f"; epoch files {run['epoch_files_s']:.2f} s in the background, {run['epoch_files_wait_s']:.2f} s waited")
     print(f"wrote {args.out}")
 
 

@@ -64,6 +64,11 @@ def test_train_writes_logs_and_resumes_bit_for_bit(mini, tmp_path):
     assert list((tmp_path / "straight" / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "straight" / "training_curves.png").stat().st_size > 1000
     assert json.loads((tmp_path / "straight" / "summary.json").read_text())["epochs"] == 2
+    # each epoch states its costs; the files were written off the loop, and their cost is in the summary
+    for row in csv.DictReader((tmp_path / "straight" / "metrics.csv").open()):
+        assert 0 < float(row["first_batch_s"]) <= float(row["train_s"]) and float(row["eval_s"]) > 0
+        assert float(row["write_wait_s"]) >= 0
+    assert json.loads((tmp_path / "straight" / "summary.json").read_text())["epoch_files_s"] > 0
     result = CliRunner().invoke(main, ["train", str(config), "--out", str(tmp_path / "none"), "--resume"])
     assert result.exit_code == 1 and "nothing to resume from" in result.output
 

@@ -4,9 +4,14 @@ A task (see :class:`Task`) says how to build the model and data and how to compu
 validation metrics; this module does the rest, the same way for every model.
 
 Reproducibility: every epoch starts from seeds derived from ``(seed, epoch)`` alone — torch, numpy,
-Python, the data-loader shuffle and every MONAI random transform. A run resumed from the checkpoint
-of epoch e therefore replays epoch e + 1 exactly as an uninterrupted run does (tested: identical
-weights), without storing RNG states.
+Python, the data-loader shuffle and, per item, every MONAI random transform (:mod:`ctzoo.training.epoch_loader`).
+A run resumed from the checkpoint of epoch e therefore replays epoch e + 1 exactly as an uninterrupted run does
+(tested: identical weights), without storing RNG states.
+
+Per-epoch costs off the loop: the loader's workers start once per run, and each epoch's checkpoints, summary,
+metrics table and curves are written in a background thread (:mod:`ctzoo.training.epoch_writer`). Each epoch's row
+in metrics.csv states what is left: ``first_batch_s`` (the loader's start), ``train_s``, ``eval_s`` (validation)
+and ``write_wait_s`` (waiting for the epoch before's files); summary.json the files' total cost.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ctzoo.config import StrictConfig
 from ctzoo.io.atomic import atomic_path
+from ctzoo.training.epoch_writer import EpochWriter, cpu_snapshot
 from ctzoo.training.step_events import StepEvents
 
 log = logging.getLogger(__name__)
@@ -65,7 +71,10 @@ class Task(Protocol):
     def build_model(self) -> nn.Module: ...
 
     def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int,
-                      rank: int, world_size: int) -> Iterable[Any]: ...
+                      rank: int, world_size: int) -> Iterable[Any]:
+        """This epoch's batches, their shuffle and augmentation drawn from ``epoch_seed`` alone (whatever ran
+        before: a resumed run replays the epoch), e.g. from one :class:`~ctzoo.training.epoch_loader.EpochLoader`
+        kept for the run."""
 
     def loss(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]: ...
 
@@ -73,7 +82,8 @@ class Task(Protocol):
 
     # optional: ``before_epoch(model, device, epoch)`` runs before each epoch's batches are drawn (hard-negative
     # mining); a task without it trains on a fixed set. ``example_inputs(batch_size)``: a random batch of the
-    # network's inputs, which ``fit(placement=...)`` traces the model with
+    # network's inputs, which ``fit(placement=...)`` traces the model with. ``close()``: release what the task's
+    # batches hold (the loader's worker processes) when training ends
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -140,18 +150,24 @@ class RunLog:
         self.history = list(resume_history)
         self.writer = SummaryWriter(str(out_dir / "tensorboard"))
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """Record ``row`` (in TensorBoard at once); returns the history so far, for :meth:`write`."""
         self.history.append(row)
         for key, value in row.items():
             if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(key, value, row["epoch"])
         self.writer.flush()
-        keys = sorted({k for r in self.history for k in r}, key=lambda k: (k != "epoch", k))
-        with open(self.out_dir / "metrics.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.history)
-        plot_curves(self.history, self.out_dir / "training_curves.png")
+        return list(self.history)
+
+    def write(self, history: list[dict[str, Any]]) -> None:
+        """metrics.csv and training_curves.png of ``history`` (in the epoch writer's thread)."""
+        keys = sorted({k for r in history for k in r}, key=lambda k: (k != "epoch", k))
+        with atomic_path(self.out_dir / "metrics.csv") as temporary:
+            with open(temporary, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(history)
+        plot_curves(history, self.out_dir / "training_curves.png")
 
     def close(self) -> None:
         self.writer.close()
@@ -159,14 +175,13 @@ class RunLog:
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Losses (left) and validation metrics (right) per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from ctzoo.datasets.deeplesion.plots import save_figure
 
-    figure, (losses, metrics) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    # a Figure of its own, not pyplot's: pyplot's global state is not safe in the epoch writer's thread
+    figure = Figure(figsize=(10, 4), dpi=100)
+    losses, metrics = figure.subplots(1, 2)
     epochs = [r["epoch"] for r in history]
     for key in sorted({k for r in history for k in r if k.startswith("train_")}):
         losses.plot(epochs, [r.get(key, np.nan) for r in history], marker=".", label=key)
@@ -198,6 +213,17 @@ def _summary(task: Task, cfg: OptimConfig, epochs_done: int, best: float, wall_s
 def _write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
     with atomic_path(out_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
+
+
+def write_epoch_files(out_dir: Path, payload: dict[str, Any], new_best: bool, runlog: RunLog,
+                       history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """One epoch's files, in the epoch writer's thread: best.pt (when the metric improved), last.pt, summary.json,
+    metrics.csv and the curves."""
+    if new_best:
+        _atomic_save(payload, out_dir / "best.pt")
+    _atomic_save(payload, out_dir / "last.pt")
+    _write_summary(out_dir, summary)
+    runlog.write(history)
 
 
 def _restore_local_state(setup: Any, path: Path, epoch: int, dev: torch.device) -> None:
@@ -305,82 +331,98 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
                     compression.compression)
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda")
     runlog = RunLog(out_dir, history) if rank == 0 else None
+    writer = EpochWriter() if rank == 0 else None
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        seed = epoch_seed(cfg.seed, epoch)
-        if hasattr(task, "before_epoch"):
-            with _own_code_on(placed):
-                task.before_epoch(model, dev, epoch)
-        batches = task.train_batches(seed, cfg.batch_size, cfg.num_workers, rank, world)
-        seed_everything(seed, batches)
-        train_model.train()
-        sums: dict[str, float] = {}
-        count = 0
-        steps_per_epoch = len(batches)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=None if (progress and rank == 0) else True, leave=False)
-        for batch in events.batches(bar):
-            events.begin(step, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, steps_per_epoch, cfg)
-            with events.stage("forward_backward"):
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss, parts = task.loss(train_model, batch, dev)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"epoch {epoch + 1} step {step}: loss is {loss.item()} (parts {parts})")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            events.communication()
-            with events.stage("optimizer_step"):
-                # under two-way compression with Adam the buffers hold the preconditioned update past the
-                # warm-up, already held to Adam's step bound: clipping its norm would shrink every step (measured:
-                # no learning)
-                if cfg.grad_clip and not getattr(optimizer, "buffers_hold_updates", False):
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-            step += 1
-            count += 1
-            for key, value in {"loss": float(loss), **parts}.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
-        if epoch + 1 == cfg.epochs and hasattr(optimizer, "finish_training"):
-            optimizer.finish_training()  # CSER: the local models become their average (counted in the bytes)
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                               **{f"train_{k}": v / max(count, 1) for k, v in sums.items()}}
-        if comm is not None and comm.steps:  # bytes up + down per worker and step, and the reduction vs plain DDP
-            row["comm_bytes_per_step"] = round(comm.per_step())
-            row["comm_reduction"] = round(comm.uncompressed_per_step() / max(comm.per_step(), 1), 2)
-            comm.reset()
-        if rank == 0:
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                model.eval()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            seed = epoch_seed(cfg.seed, epoch)
+            if hasattr(task, "before_epoch"):
                 with _own_code_on(placed):
-                    row.update({f"val_{k}": v for k, v in task.evaluate(model, dev).items()})
-            row["wall_s"] = wall_s = round(wall_before + time.perf_counter() - started, 2)
-            runlog.add(row)
-            metric = row.get(f"val_{task.primary_metric}")
-            payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                       "step": step, "best": best, "history": runlog.history, "config": cfg.model_dump(),
-                       "wall_s": row["wall_s"], **(extra_state or {})}
-            if metric is not None and metric > best:
-                best = payload["best"] = metric
-                _atomic_save(payload, out_dir / "best.pt")
-            _atomic_save(payload, last)
-            # also after every epoch: a run a scheduler cuts off still says what it was and how far it got
-            _write_summary(out_dir, _summary(task, cfg, epoch + 1, best, row["wall_s"], dev, world))
-            log.info("epoch %d: %s", epoch + 1, json.dumps({k: round(v, 5) if isinstance(v, float) else v
-                                                             for k, v in row.items()}))
-        if setup is not None and (local := setup.local_state()):
-            local_file.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_save({"epoch": epoch, "state": local}, local_file)
-        if world > 1:
-            dist.barrier()
+                    task.before_epoch(model, dev, epoch)
+            batches = task.train_batches(seed, cfg.batch_size, cfg.num_workers, rank, world)
+            seed_everything(seed)  # the batches' own draws are seeded per item (see Task.train_batches)
+            train_model.train()
+            sums: dict[str, float] = {}
+            count = 0
+            steps_per_epoch = len(batches)
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                       disable=None if (progress and rank == 0) else True, leave=False)
+            epoch_started = time.perf_counter()
+            for batch in events.batches(bar):
+                if count == 0:  # the loader's start: its workers' first batches (once per run when they persist)
+                    first_batch_s = time.perf_counter() - epoch_started
+                events.begin(step, epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(step, steps_per_epoch, cfg)
+                with events.stage("forward_backward"):
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        loss, parts = task.loss(train_model, batch, dev)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"epoch {epoch + 1} step {step}: loss is {loss.item()} "
+                                                 f"(parts {parts})")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                events.communication()
+                with events.stage("optimizer_step"):
+                    # under two-way compression with Adam the buffers hold the preconditioned update past the
+                    # warm-up, already held to Adam's step bound: clipping its norm would shrink every step (measured:
+                    # no learning)
+                    if cfg.grad_clip and not getattr(optimizer, "buffers_hold_updates", False):
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                step += 1
+                count += 1
+                for key, value in {"loss": float(loss), **parts}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
+            if epoch + 1 == cfg.epochs and hasattr(optimizer, "finish_training"):
+                optimizer.finish_training()  # CSER: the local models become their average (counted in the bytes)
+            row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                                   **{f"train_{k}": v / max(count, 1) for k, v in sums.items()},
+                                   "first_batch_s": round(first_batch_s, 3),
+                                   "train_s": round(time.perf_counter() - epoch_started, 3)}
+            if comm is not None and comm.steps:  # bytes up + down per worker and step, and the reduction vs plain DDP
+                row["comm_bytes_per_step"] = round(comm.per_step())
+                row["comm_reduction"] = round(comm.uncompressed_per_step() / max(comm.per_step(), 1), 2)
+                comm.reset()
+            if rank == 0:
+                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                    eval_started = time.perf_counter()
+                    model.eval()
+                    with _own_code_on(placed):
+                        row.update({f"val_{k}": v for k, v in task.evaluate(model, dev).items()})
+                    row["eval_s"] = round(time.perf_counter() - eval_started, 3)
+                row["write_wait_s"] = round(writer.wait(), 3)  # the epoch before's files, written meanwhile
+                row["wall_s"] = wall_s = round(wall_before + time.perf_counter() - started, 2)
+                history_now = runlog.add(row)
+                metric = row.get(f"val_{task.primary_metric}")
+                new_best = metric is not None and metric > best
+                best = metric if new_best else best
+                payload = cpu_snapshot({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "epoch": epoch, "step": step, "best": best, "history": history_now,
+                                        "config": cfg.model_dump(), "wall_s": row["wall_s"], **(extra_state or {})})
+                # summary.json too after every epoch: a run a scheduler cuts off says what it was and how far it got
+                writer.submit(write_epoch_files, out_dir, payload, new_best, runlog, history_now,
+                              _summary(task, cfg, epoch + 1, best, row["wall_s"], dev, world))
+                log.info("epoch %d: %s", epoch + 1, json.dumps({k: round(v, 5) if isinstance(v, float) else v
+                                                                 for k, v in row.items()}))
+            if setup is not None and (local := setup.local_state()):
+                local_file.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_save({"epoch": epoch, "state": local}, local_file)
+            if world > 1:
+                dist.barrier()
+    finally:
+        if hasattr(task, "close"):
+            task.close()
+        if writer is not None:
+            writer.close()
     # the wall time last.pt carries (up to the last epoch's evaluation), so that a run resumed from it always
     # reports more than the segment before it did
     summary = _summary(task, cfg, cfg.epochs, best, wall_s, dev, world)
-    if rank == 0:
+    if rank == 0:  # what the epochs' files cost, all of it off the loop but the waits
+        summary.update(epoch_files_s=round(writer.write_s, 2), epoch_files_wait_s=round(writer.wait_s, 2))
         runlog.close()
         _write_summary(out_dir, summary)
     if world > 1:

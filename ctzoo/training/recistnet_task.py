@@ -7,10 +7,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from monai.data import DataLoader
 from pydantic import Field
 from torch import nn
-from torch.utils.data import ConcatDataset, DistributedSampler
+from torch.utils.data import ConcatDataset
 
 from ctzoo.config import StrictConfig
 from ctzoo.datasets.deeplesion.dataset import (
@@ -34,6 +33,7 @@ from ctzoo.models.recistnet_targets import make_targets, recistnet_loss
 from ctzoo.scaling.compress import CompressionConfig
 from ctzoo.scaling.zoo_expand import ExpansionInit, expanded_model
 from ctzoo.training.engine import OptimConfig
+from ctzoo.training.epoch_loader import EpochLoader
 from ctzoo.training.froc import FrocResult, froc
 from ctzoo.training.hard_negatives import HardNegativeConfig, HardNegativeMiner
 
@@ -164,6 +164,8 @@ class RecistNetTask:
             cfg.hard_negatives, cfg.data, train_transform, cfg.train_size)
         self.eval_set = deeplesion_dataset(cfg.data, cfg.eval_split, cache=cfg.cache,
                                            transform=recist_eval_transforms(cfg.eval_size))
+        self._loader: EpochLoader | None = None
+        self._loader_mined: Any = None
 
     def build_model(self) -> nn.Module:
         return build_recistnet(self.cfg)
@@ -177,14 +179,22 @@ class RecistNetTask:
             self.miner.mine(model, device)
 
     def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int, rank: int, world_size: int):
-        items = self.train_set
-        if self.miner is not None and self.miner.mined is not None:
-            items = ConcatDataset([self.train_set, self.miner.mined])
-        if world_size > 1:
-            sampler = DistributedSampler(items, world_size, rank, shuffle=True, seed=epoch_seed)
-            return DataLoader(items, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                              collate_fn=collate_lesions, drop_last=True)
-        return deeplesion_dataloader(items, batch_size, shuffle=True, num_workers=num_workers, seed=epoch_seed)
+        """This epoch's batches, from one loader kept for the run (its workers start once); a new one only when
+        hard-negative mining has changed the items."""
+        mined = None if self.miner is None else self.miner.mined
+        if self._loader is None or self._loader_mined is not mined:
+            self.close()
+            items = self.train_set if mined is None else ConcatDataset([self.train_set, mined])
+            self._loader = EpochLoader(items, batch_size, num_workers, rank=rank, world_size=world_size,
+                                       collate_fn=collate_lesions, drop_last=world_size > 1)
+            self._loader_mined = mined
+        return self._loader.start_epoch(epoch_seed)
+
+    def close(self) -> None:
+        """Stop the training loader's workers (``fit`` calls this when it is done)."""
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
 
     def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device):
         images = batch["image"].to(device)

@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from monai.data import DataLoader
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from pydantic import Field, model_validator
 from torch import nn
-from torch.utils.data import DistributedSampler
 
 from ctzoo.config import StrictConfig, load_config
 from ctzoo.datasets.seg_preprocessing import SegPreprocessing
@@ -56,6 +54,7 @@ from ctzoo.scaling.zoo_expand import (
     lemon_optim,
 )
 from ctzoo.training.engine import OptimConfig, fit, pick_device
+from ctzoo.training.epoch_loader import EpochLoader
 from ctzoo.training.seg_evaluation import (
     CONDITIONS,
     Condition,
@@ -216,6 +215,7 @@ class TemplateSegTask:
         self.train_set = template_slice_dataset(train, len(self.class_names), self.prep, cfg.augment, cfg.repeats)
         self.templates = template_set(train, len(self.class_names), cfg.data.max_templates)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self._loader: EpochLoader | None = None
 
     def build_model(self) -> nn.Module:
         return build_seg_network(self.cfg, len(self.class_names))
@@ -224,12 +224,17 @@ class TemplateSegTask:
         return example_slices(self.cfg, len(self.class_names), batch_size)
 
     def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int, rank: int, world_size: int):
-        generator = torch.Generator().manual_seed(epoch_seed)
-        sampler = (DistributedSampler(self.train_set, world_size, rank, shuffle=True, seed=epoch_seed)
-                   if world_size > 1 else None)
-        return DataLoader(self.train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                          num_workers=num_workers, generator=generator,
-                          drop_last=len(self.train_set) >= batch_size * world_size)  # no 1-slice tail batch
+        """This epoch's batches, from one loader kept for the run (its workers start once)."""
+        if self._loader is None:
+            self._loader = EpochLoader(self.train_set, batch_size, num_workers, rank=rank, world_size=world_size,
+                                       drop_last=len(self.train_set) >= batch_size * world_size)  # no 1-slice tail
+        return self._loader.start_epoch(epoch_seed)
+
+    def close(self) -> None:
+        """Stop the training loader's workers (``fit`` calls this when it is done)."""
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
 
     def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device):
         image, label = batch["image"].to(device), batch["label"].to(device)
