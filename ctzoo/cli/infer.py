@@ -223,6 +223,7 @@ def _run_model(bundle, cases, options, backend: str, device: str, threads: int |
                score_threshold: float | None, engine: str, earlier_rows: list[dict], network=None) -> list[dict]:
     import dataclasses
 
+    from ctzoo.inference.allocator import keep_freed_memory
     from ctzoo.inference.backends import resolve_device
     from ctzoo.inference.pipeline import run_pipeline
     from ctzoo.inference.schedule import choose_schedule, default_readers
@@ -245,6 +246,7 @@ def _run_model(bundle, cases, options, backend: str, device: str, threads: int |
     except (KeyError, FileNotFoundError, RuntimeError, ValueError) as exc:  # bad model/device/backend, Ray failure
         raise click.ClickException(str(exc)) from exc
     click.echo(f"{bundle.name}: {schedule.describe()}", err=True)
+    keep_freed_memory()  # a batch job: freed memory is kept for the next batch (ctzoo.inference.allocator)
     options = dataclasses.replace(options, layout=schedule.layout, workers=schedule.workers,
                                   copy_threads=schedule.threads or 1)
     return earlier_rows + run_pipeline(cases, task, options, other_rows=earlier_rows)

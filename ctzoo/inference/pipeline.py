@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ctzoo.inference.allocator import keep_freed_memory
 from ctzoo.inference.inputs import CaseInput
 from ctzoo.inference.progress import Progress
 from ctzoo.inference.stage_events import case_context, record_batch, record_case_stages
@@ -223,8 +224,11 @@ class CaseStream(IterableDataset):
             return
         task = None
         while (index := self._take()) < len(self.cases):
-            if task is None:  # in a worker, a model of its own: a forked ONNX Runtime session has no thread pool
-                task = self.replicate(self.copy_threads) if worker is not None else self.task
+            if task is None and worker is None:
+                task = self.task
+            elif task is None:  # a model of its own: a forked ONNX Runtime session has no thread pool
+                keep_freed_memory()  # a spawned copy does not inherit the main process's setting
+                task = self.replicate(self.copy_threads)
             yield from predict_case(index, self.cases[index], task, self.chunk, self.series, self.rules, self.limits)
 
     def _take(self) -> int:

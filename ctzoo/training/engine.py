@@ -349,7 +349,7 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
             steps_per_epoch = len(batches)
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                        disable=None if (progress and rank == 0) else True, leave=False)
-            epoch_started = time.perf_counter()
+            epoch_started, first_batch_s = time.perf_counter(), 0.0
             for batch in events.batches(bar):
                 if count == 0:  # the loader's start: its workers' first batches (once per run when they persist)
                     first_batch_s = time.perf_counter() - epoch_started
