@@ -72,7 +72,9 @@ def test_the_embedding_keeps_clusters_apart_and_is_reproducible():
     d = squared_distances(y)
     np.fill_diagonal(d, np.inf)
     neighbours = np.argsort(d, axis=1)[:, :10]
-    assert (labels[neighbours] == labels[:, None]).mean() > 0.98
+    # 1.0 with OpenBLAS's Haswell and Zen kernels, 0.973 with its SkylakeX (AVX-512) kernel: 400 steps of t-SNE
+    # carry the kernels' different rounding into a few neighbourhoods at the clusters' edges
+    assert (labels[neighbours] == labels[:, None]).mean() > 0.95
     assert kl_divergence(p, y) < kl_divergence(p, y0)
     np.testing.assert_array_equal(y, embed(p, y0, iterations=400))  # same P, same start: the same map
     assert knn_agreement(y, tsne(x, 15.0, iterations=400, seed=0)) == 1.0

@@ -165,7 +165,7 @@ class RecistNetTask:
         self.eval_set = deeplesion_dataset(cfg.data, cfg.eval_split, cache=cfg.cache,
                                            transform=recist_eval_transforms(cfg.eval_size))
         self._loader: EpochLoader | None = None
-        self._loader_mined: Any = None
+        self._loader_key: tuple = ()  # what the loader was built for: the mined items and the loader's settings
 
     def build_model(self) -> nn.Module:
         return build_recistnet(self.cfg)
@@ -182,12 +182,13 @@ class RecistNetTask:
         """This epoch's batches, from one loader kept for the run (its workers start once); a new one only when
         hard-negative mining has changed the items."""
         mined = None if self.miner is None else self.miner.mined
-        if self._loader is None or self._loader_mined is not mined:
+        key = (mined, batch_size, num_workers, rank, world_size)  # datasets compare by identity
+        if self._loader is None or self._loader_key != key:
             self.close()
             items = self.train_set if mined is None else ConcatDataset([self.train_set, mined])
             self._loader = EpochLoader(items, batch_size, num_workers, rank=rank, world_size=world_size,
                                        collate_fn=collate_lesions, drop_last=world_size > 1)
-            self._loader_mined = mined
+            self._loader_key = key
         return self._loader.start_epoch(epoch_seed)
 
     def close(self) -> None:

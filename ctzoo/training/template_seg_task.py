@@ -216,6 +216,7 @@ class TemplateSegTask:
         self.templates = template_set(train, len(self.class_names), cfg.data.max_templates)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self._loader: EpochLoader | None = None
+        self._loader_key: tuple = ()
 
     def build_model(self) -> nn.Module:
         return build_seg_network(self.cfg, len(self.class_names))
@@ -225,9 +226,11 @@ class TemplateSegTask:
 
     def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int, rank: int, world_size: int):
         """This epoch's batches, from one loader kept for the run (its workers start once)."""
-        if self._loader is None:
+        if self._loader is None or self._loader_key != (batch_size, num_workers, rank, world_size):
+            self.close()
             self._loader = EpochLoader(self.train_set, batch_size, num_workers, rank=rank, world_size=world_size,
                                        drop_last=len(self.train_set) >= batch_size * world_size)  # no 1-slice tail
+            self._loader_key = (batch_size, num_workers, rank, world_size)
         return self._loader.start_epoch(epoch_seed)
 
     def close(self) -> None:
