@@ -18,9 +18,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 #: Modules that take minutes, longest first. They run before the rest, so that with two workers (pyproject's
 #: ``-n 2 --dist loadfile``: one module stays on one worker) the short modules fill the gaps at the end instead
 #: of one long module starting last while the other worker idles. Measured with ``--durations``.
-LONG_MODULES = ("test_recistnet_learning", "test_template_seg_training", "test_training", "test_compress",
-                "test_readme", "test_infer_pipeline", "test_ray_engine", "test_pacs_cli", "test_expand",
-                "test_pacs_listener", "test_deeplesion_mini")
+LONG_MODULES = ("test_smap_secure", "test_recistnet_learning", "test_template_seg_training", "test_training",
+                "test_infer_pipeline", "test_cohort_report", "test_readme", "test_template_seg_cli", "test_compress",
+                "test_template_seg_model", "test_expand", "test_deeplesion_mini", "test_infer_schedule",
+                "test_monai_bundle", "test_pacs_cli", "test_serve_abuse", "test_backends", "test_pacs_listener",
+                "test_export", "test_perf_parameter_server", "test_ray_engine")
 
 
 def pytest_collection_modifyitems(items):

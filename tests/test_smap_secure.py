@@ -26,7 +26,7 @@ from ctzoo.smap.secure import full_matrix
 from ctzoo.smap.tsne import conditional_p, embed, initial_embedding, joint_p, knn_agreement, squared_distances
 
 PERPLEXITY = 5.0
-ITERATIONS, GRID = 15, 12
+ITERATIONS, GRID = 6, 12
 pytestmark = pytest.mark.timeout(900)  # three CPU-bound parties share the CI machine's two cores with other tests
 SCHEDULE = ("--iterations", str(ITERATIONS), "--learning-rate", "10", "--grid", str(GRID))
 

@@ -42,6 +42,14 @@ def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
 @click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
               help="PyTorch eager, or ONNX Runtime (exported once and cached, checked against PyTorch).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, else CPU), cpu or cuda.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="PyTorch backend: bf16 autocast, used only where it agrees with fp32 on the sample CT (checked "
+                   "on the device at start; bf16 fails with the check's numbers otherwise). auto: bf16 on CUDA "
+                   "where the check passes, fp32 on the CPU. ONNX graphs run in their own precision.")
+@click.option("--compile", "compile_model", is_flag=True,
+              help="PyTorch backend: torch.compile the network for fixed shapes (every batch padded to "
+                   "--batch-size). Compiling takes tens of seconds per model copy on a CPU; long jobs win it back "
+                   "(docs/batch-inference.md).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ctzoo-out"), show_default=True,
               help="Output folder: OUT/<case>/... per case and OUT/summary.csv.")
 @click.option("--layout", type=click.Choice(["auto", "copies", "shared"]), default="auto", show_default=True,
@@ -76,7 +84,8 @@ def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
 @volume_limit_options
 @perf_options(deep_profiles=True)
 @_ctrl_c_exits_130
-def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, device: str, out: Path,
+def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, device: str, precision: str,
+          compile_model: bool, out: Path,
           layout: str, workers: int | None, batch_size: int, threads: int | None, resume: bool, overlay: bool | None,
           score_threshold: float | None, engine: str, placement: Path | None, series: str | None,
           rules_file: Path | None, **limit_options) -> None:
@@ -132,9 +141,17 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     from ctzoo.datasets.samples import sample_ct_dicom
     from ctzoo.inference.inputs import CaseInput, discover_cases
     from ctzoo.inference.pipeline import PipelineOptions
+    from ctzoo.inference.precision import check_request
 
     if placement is not None:
         _check_placement_options(model_names, backend, engine)
+    try:
+        check_request(precision, backend, placed=placement is not None)
+        if compile_model and (backend != "torch" or placement is not None):
+            raise ValueError("--compile compiles the PyTorch backend's own network: use --backend torch, without "
+                             "--placement")
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     # every model before anything else: a typo must not cost a scan of the inputs
     bundles = resolve_bundles(model_names, backend)
     network = _placed_network(bundles[model_names[0]], placement) if placement is not None else None
@@ -158,8 +175,8 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     try:
         with _progress_logging():
             for model_name in model_names:
-                rows = _run_model(bundles[model_name], cases, options, backend, device, threads, score_threshold,
-                                  engine, rows, network)
+                rows = _run_model(bundles[model_name], cases, options, backend, device, (precision, compile_model),
+                                  threads, score_threshold, engine, rows, network)
     except KeyboardInterrupt:  # the pipeline has recorded the cases that finished and removed partial files
         click.echo(f"interrupted: {out / 'summary.csv'} lists the cases that finished; --resume runs the rest",
                    err=True)
@@ -219,16 +236,18 @@ def _placed_network(bundle, plan_path: Path):
         raise click.ClickException(f"{plan_path}: {exc}") from exc
 
 
-def _run_model(bundle, cases, options, backend: str, device: str, threads: int | None,
+def _run_model(bundle, cases, options, backend: str, device: str, torch_options: tuple[str, bool], threads: int | None,
                score_threshold: float | None, engine: str, earlier_rows: list[dict], network=None) -> list[dict]:
     import dataclasses
 
     from ctzoo.inference.allocator import keep_freed_memory
     from ctzoo.inference.backends import resolve_device
     from ctzoo.inference.pipeline import run_pipeline
+    from ctzoo.inference.precision import choose_precision
     from ctzoo.inference.schedule import choose_schedule, default_readers
     from ctzoo.inference.tasks import model_task
 
+    precision, compile_model = torch_options
     try:
         if engine == "ray":
             from ctzoo.inference.ray_engine import run_ray
@@ -236,16 +255,20 @@ def _run_model(bundle, cases, options, backend: str, device: str, threads: int |
             readers = default_readers() if options.workers is None else options.workers
             return earlier_rows + run_ray(cases, str(bundle.folder), dataclasses.replace(options, workers=readers),
                                           backend=backend, device=device, threads=threads,
-                                          score_threshold=score_threshold, other_rows=earlier_rows)
+                                          score_threshold=score_threshold, other_rows=earlier_rows,
+                                          precision=precision, compile=compile_model)
         home = resolve_device(device if network is None else network.home)
         # deep profiles rerun a batch where the model runs, in this process: one model, not copies
         profiling = options.perf is not None and options.perf.profiler.armed
         schedule = choose_schedule(home, len(cases), layout=options.layout, workers=options.workers,
                                    threads=threads, can_copy=network is None and not profiling)
-        task = model_task(bundle, backend, home, score_threshold, schedule.threads, network=network)
+        choice = choose_precision(bundle, precision, backend, home, placed=network is not None)
+        task = model_task(bundle, backend, home, score_threshold, schedule.threads, network=network,
+                          precision=choice.precision, compile=compile_model)
     except (KeyError, FileNotFoundError, RuntimeError, ValueError) as exc:  # bad model/device/backend, Ray failure
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"{bundle.name}: {schedule.describe()}", err=True)
+    click.echo(f"{bundle.name}: {schedule.describe()}; {choice.describe()}{', compiled' if compile_model else ''}",
+               err=True)
     keep_freed_memory()  # a batch job: freed memory is kept for the next batch (ctzoo.inference.allocator)
     options = dataclasses.replace(options, layout=schedule.layout, workers=schedule.workers,
                                   copy_threads=schedule.threads or 1)

@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ctzoo.export.graphs import Graph
+from ctzoo.inference.precision import output_error
 
 #: Largest accepted ``max |onnx - torch| / (max |torch| + 1e-6)`` per output for fp32 graphs on the CPU.
 RELATIVE_TOLERANCE = 1e-4
@@ -23,16 +23,6 @@ RELATIVE_TOLERANCE = 1e-4
 #: leaves a 5x margin while still catching a broken conversion (a wrong cast or overflow is >> 1e-2).
 FP16_RELATIVE_TOLERANCE = 1e-2
 Progress = Callable[[str], None]
-
-
-def output_error(result: np.ndarray, reference: torch.Tensor | np.ndarray) -> tuple[float, float]:
-    """``(max |result - reference|, that / (max |reference| + 1e-6))`` in float64, for outputs of equal shape: the
-    measure every export check uses. Bool outputs count too (a flipped flag is an error of 1); NaN propagates,
-    so a ``not max_rel <= tolerance`` test fails on it."""
-    reference = reference.numpy() if isinstance(reference, torch.Tensor) else np.asarray(reference)
-    reference = reference.astype(np.float64)
-    max_abs = float(np.abs(np.asarray(result).astype(np.float64) - reference).max(initial=0.0))
-    return max_abs, max_abs / (float(np.abs(reference).max(initial=0.0)) + 1e-6)
 
 
 def check_parity(path: Path, graph: Graph, tolerance: float, progress: Progress | None = None) -> dict[str, Any]:

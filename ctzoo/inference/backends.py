@@ -8,6 +8,8 @@
 * a :class:`SegmenterBackend` (TemplateSegNet) returns the class index per pixel, each slice segmented with its
   nearest bank template, by the same rule as :func:`ctzoo.inference.segment_volume.segment_slices`.
 
+The torch backends can predict under bf16 autocast (``precision``, checked first by
+:mod:`ctzoo.inference.precision`) and run a network compiled for fixed shapes (``compile``, :class:`FixedBatches`).
 The ONNX backends run the checked graphs an exported bundle carries (``1/model.onnx``, ``1/embed.onnx``: see
 :mod:`ctzoo.export.repository`), whatever their precision: the graph ``ctzoo serve`` serves is the graph a
 study or a batch runs.
@@ -15,6 +17,7 @@ study or a batch runs.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Literal, Protocol
@@ -61,8 +64,8 @@ class NoGraphsError(ValueError):
 
 
 def make_backend(bundle: ModelBundle, kind: Literal["torch", "onnx"] = "torch", device: str = "auto",
-                 threads: int | None = None, network: torch.nn.Module | None = None
-                 ) -> DetectorBackend | SegmenterBackend:
+                 threads: int | None = None, network: torch.nn.Module | None = None, precision: str = "fp32",
+                 compile: bool = False) -> DetectorBackend | SegmenterBackend:
     """A backend running ``bundle``.
 
     Args:
@@ -76,22 +79,38 @@ def make_backend(bundle: ModelBundle, kind: Literal["torch", "onnx"] = "torch", 
             is process-wide) for torch; None keeps the runtime's default.
         network: torch only: run this instead of a copy of the bundle's network, where it is (never moved): a
             placed network (``ctzoo.scaling.placement.execute.PlacedModule``, inputs on ``device``, its home).
+        precision: torch only: ``"fp32"`` or ``"bf16"`` (autocast), as
+            :func:`ctzoo.inference.precision.choose_precision` resolved it (nothing here checks bf16 against fp32).
+        compile: torch only: ``torch.compile`` the network for fixed shapes, every batch padded to the largest
+            batch seen (:class:`FixedBatches`), so a job's last, partial batch does not compile it again.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown backend kind {kind!r}: use one of {', '.join(KINDS)}")
     device = resolve_device(device)
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}: a backend runs fp32 or bf16 (choose_precision resolves "
+                         "auto)")
     if kind == "torch":
         if threads is not None:
             torch.set_num_threads(threads)
         import copy
 
         if network is not None:
+            if compile:
+                raise ValueError("a placed network runs as placed: it cannot be compiled")
             model = network
         else:
-            model = copy.deepcopy(bundle.network()).to(device)  # the bundle's network stays on the CPU, shared
+            model = copy.deepcopy(bundle.network()).to(device).eval()  # the bundle's stays on the CPU, shared
+        fixed = None
+        if compile:
+            model.compile(dynamic=False)  # in place: still the same module class, as segment_slices expects
+            fixed = FixedBatches()
         if bundle.task == "detection":
-            return TorchDetector(model, device)
-        return TorchSegmenter(model, bundle.template_bank, bundle.class_names, device, placed=network is not None)
+            return TorchDetector(model, device, precision, fixed)
+        return TorchSegmenter(model, bundle.template_bank, bundle.class_names, device, placed=network is not None,
+                              precision=precision, fixed=fixed)
+    if precision != "fp32" or compile:
+        raise ValueError("bf16 and compile apply to the PyTorch backend: an ONNX graph runs as exported")
     if network is not None:
         raise ValueError("the ONNX backend runs the bundle's exported graphs; a PyTorch network needs kind='torch'")
     if bundle.graphs is None:
@@ -112,6 +131,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """The context a forward pass of ``precision`` (``fp32`` or ``bf16``) runs in on ``device``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision != "bf16":
+        raise ValueError(f"unknown precision {precision!r}: a backend runs fp32 or bf16")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
 def _as_batch(images: np.ndarray, channels: int | None, multiple: int = 1,
               size: tuple[int, ...] | None = None) -> np.ndarray:
     """``images`` as C-contiguous float32 ``(B, C, H, W)``; ValueError naming what is wrong otherwise."""
@@ -129,19 +157,38 @@ def _as_batch(images: np.ndarray, channels: int | None, multiple: int = 1,
 # ------------------------------------------------------------------------------------------------- torch
 
 
+class FixedBatches:
+    """Batches padded with zero slices to the largest batch seen so far, for a network compiled for fixed shapes:
+    a new batch size would compile it again (tens of seconds on a CPU), and in a batch job only the last batch is
+    smaller. The padding's outputs are dropped (``[:count]``)."""
+
+    def __init__(self) -> None:
+        self.batch = 1
+
+    def pad(self, images: np.ndarray) -> tuple[np.ndarray, int]:
+        """``(B, ...)`` -> ``(max(B, largest before), ...)`` and ``B``."""
+        count = len(images)
+        self.batch = max(self.batch, count)
+        if count == self.batch:
+            return images, count
+        return np.concatenate([images, np.zeros((self.batch - count, *images.shape[1:]), images.dtype)]), count
+
+
 class TorchDetector:
     kind = "torch"
 
-    def __init__(self, model: torch.nn.Module, device: str) -> None:
+    def __init__(self, model: torch.nn.Module, device: str, precision: str = "fp32",
+                 fixed: FixedBatches | None = None) -> None:
         self.model, self.device, self.down_ratio = model, torch.device(device).type, model.down_ratio
-        self._device = device
+        self._device, self.precision, self.fixed = device, precision, fixed
         self._channels = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
 
     def heads(self, images: np.ndarray) -> dict[str, np.ndarray]:
         images = _as_batch(images, self._channels, SIZE_MULTIPLE)
-        with torch.inference_mode():
+        images, count = self.fixed.pad(images) if self.fixed else (images, len(images))
+        with torch.inference_mode(), autocast(self._device, self.precision):
             outputs = self.model(torch.from_numpy(images).to(self._device))
-        return {name: outputs[name].float().cpu().numpy() for name in HEADS}
+        return {name: outputs[name][:count].float().cpu().numpy() for name in HEADS}
 
 
 class TorchSegmenter:
@@ -154,19 +201,21 @@ class TorchSegmenter:
     kind = "torch"
 
     def __init__(self, model: torch.nn.Module, bank, class_names: list[str], device: str,
-                 placed: bool = False) -> None:
+                 placed: bool = False, precision: str = "fp32", fixed: FixedBatches | None = None) -> None:
         self.model, self.bank, self.class_names, self.placed = model, bank, list(class_names), placed
+        self.precision, self.fixed = precision, fixed
         self.device, self._device = torch.device(device).type, device
 
     def segment(self, images: np.ndarray) -> np.ndarray:
         from ctzoo.inference.segment_volume import segment_slices
 
         images = _as_batch(images, 1)
-        slices = torch.from_numpy(images)
         if self.placed:
-            return self._segment_in_place(slices.to(self._device))
-        return segment_slices(self.model, self.bank, slices, batch_size=max(1, len(images)), device=self._device,
-                              progress=False).numpy()
+            return self._segment_in_place(torch.from_numpy(images).to(self._device))
+        images, count = self.fixed.pad(images) if self.fixed else (images, len(images))
+        with autocast(self._device, self.precision):
+            return segment_slices(self.model, self.bank, torch.from_numpy(images), batch_size=max(1, len(images)),
+                                  device=self._device, progress=False)[:count].numpy()
 
     def _segment_in_place(self, slices: torch.Tensor) -> np.ndarray:
         """``(B, 1, H, W)`` -> ``(B, H, W)`` uint8: each slice with its nearest bank template (a plain segmenter

@@ -104,12 +104,19 @@ class _Predictor:
     batches = 0  # batches this actor ran: with its pid, the id of a batch (its rows carry its model time)
 
     def __init__(self, model_name: str, backend: str, device: str, score_threshold: float | None,
-                 threads: int | None):
+                 threads: int | None, precision: str = "fp32", compile: bool = False):
+        from ctzoo.inference.backends import resolve_device
+        from ctzoo.inference.precision import choose_precision
         from ctzoo.inference.tasks import model_task
+        from ctzoo.models.bundle import load_bundle
 
         # Ray pins OMP threads to the actor's 1 CPU: on CPU, the backend's own default is every core
         threads = threads or (os.cpu_count() if device == "cpu" else None)
-        self.task = model_task(model_name, backend, device, score_threshold, threads)
+        bundle, device = load_bundle(model_name), resolve_device(device)
+        # checked on the actor's own device: bf16 numerics are the device's
+        choice = choose_precision(bundle, precision, backend, device)
+        self.task = model_task(bundle, backend, device, score_threshold, threads, precision=choice.precision,
+                               compile=compile)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         clock = time.perf_counter()
@@ -183,14 +190,19 @@ def _pool(ray, size: int, actors: bool) -> dict[str, Any]:
 
 def run_ray(cases: list[CaseInput], model_name: str, options: PipelineOptions, backend: str = "torch",
             device: str = "auto", threads: int | None = None, score_threshold: float | None = None,
-            other_rows: list[dict[str, Any]] = (), address: str | None = None) -> list[dict[str, Any]]:
-    """:func:`ctzoo.inference.pipeline.run_pipeline` on Ray: same files, status files, summary and rows."""
+            other_rows: list[dict[str, Any]] = (), address: str | None = None,
+            precision: str = "auto", compile: bool = False) -> list[dict[str, Any]]:
+    """:func:`ctzoo.inference.pipeline.run_pipeline` on Ray: same files, status files, summary and rows; each model
+    actor resolves ``precision`` on its own device (:func:`ctzoo.inference.precision.choose_precision`) and
+    compiles its network with ``compile``."""
     ray = _import_ray()
     from ctzoo.inference.backends import KINDS
+    from ctzoo.inference.precision import check_request
     from ctzoo.inference.tasks import model_task
 
     if backend not in KINDS:  # fail here, not as a dead actor once Ray has started
         raise ValueError(f"unknown backend kind {backend!r}: use one of {', '.join(KINDS)}")
+    check_request(precision, backend)
     # on the driver (CPU): the readers' preprocess, the rows' model version; an unknown model fails here, early
     task = model_task(model_name, "torch", "cpu")
     book = RunBook(cases, task, options, other_rows)  # resume, status files and summary as the local engine
@@ -198,7 +210,8 @@ def run_ray(cases: list[CaseInput], model_name: str, options: PipelineOptions, b
     if todo:
         started = connect(address, options.workers)
         try:
-            _stream(ray, todo, task, options, backend, device, threads, score_threshold, book.record)
+            _stream(ray, todo, task, options, backend, device, threads, score_threshold, (precision, compile),
+                    book.record)
         finally:
             if started:
                 ray.shutdown()
@@ -206,7 +219,7 @@ def run_ray(cases: list[CaseInput], model_name: str, options: PipelineOptions, b
 
 
 def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend: str, device: str,
-            threads: int | None, score_threshold: float | None, record) -> None:
+            threads: int | None, score_threshold: float | None, torch_options: tuple[str, bool], record) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = options.progress
     device, actors, resources = _placement(device, int(ray.cluster_resources().get("GPU", 0)))
     # readers need only preprocess (deep profiles: the local engine's)
@@ -221,7 +234,8 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
                                                 "rules": options.rules, "limits": options.limits},
                          **_pool(ray, max(1, options.workers), False))
                .map_batches(_Predictor, fn_constructor_args=(task.model_name, backend, device, score_threshold,
-                                                             threads), batch_size=options.batch_size,
+                                                             threads, *torch_options),
+                            batch_size=options.batch_size,
                             batch_format="numpy", **_pool(ray, actors, True), **resources))
     write = ray.remote(num_cpus=1)(_write)
     states: dict[int, dict[str, Any]] = {}  # cases in flight: outputs by slice, end row

@@ -170,19 +170,25 @@ def _runtime(bundle: ModelBundle, backend) -> dict[str, Any]:
     runtime = {"backend": backend.kind, "device": backend.device}
     if backend.kind == "onnx" and bundle.graphs is not None:
         runtime["graph"] = bundle.graphs.describe(bundle.folder)
+        runtime["precision"] = bundle.graphs.precision
+    else:
+        runtime.update(precision=backend.precision, compiled=backend.fixed is not None)
     return runtime
 
 
 def model_task(source: str | Path | ModelBundle, backend_kind: str = "torch", device: str = "auto",
                score_threshold: float | None = None, threads: int | None = None,
-               network: Any = None) -> ModelTask:
+               network: Any = None, precision: str = "fp32", compile: bool = False) -> ModelTask:
     """The stages of a bundle (or a zoo name or bundle folder, loaded here) on a new backend (``torch`` or
     ``onnx``, the bundle's exported graphs); ``score_threshold`` None is the bundle's operating point;
-    ``network``: a placed network the torch backend runs instead of the bundle's (see :func:`make_backend`)."""
+    ``network``: a placed network the torch backend runs instead of the bundle's, ``precision`` fp32 or bf16 as
+    :func:`ctzoo.inference.precision.choose_precision` resolved it, ``compile`` for ``torch.compile`` (see
+    :func:`make_backend`)."""
     from ctzoo.inference.backends import make_backend
 
     bundle = source if isinstance(source, ModelBundle) else load_bundle(source)
-    backend = make_backend(bundle, backend_kind, device, threads=threads, network=network)
+    backend = make_backend(bundle, backend_kind, device, threads=threads, network=network, precision=precision,
+                           compile=compile)
     task = bundle_task(bundle, backend, score_threshold)
     if network is not None:
         task.replicate = None  # the placed network spans this machine's devices: one of it, in this process
@@ -200,15 +206,19 @@ def bundle_task(bundle: ModelBundle, backend, score_threshold: float | None = No
     task.runtime = _runtime(bundle, backend)
     if backend.kind == "torch":
         task.profile = functools.partial(_profile_predict, task.predict)
-    task.replicate = functools.partial(_cpu_replica, bundle, backend.kind, score_threshold)
+    torch_options = ({"precision": task.runtime["precision"], "compile": task.runtime["compiled"]}
+                     if backend.kind == "torch" else {})
+    task.replicate = functools.partial(_cpu_replica, bundle, backend.kind, score_threshold, torch_options)
     return task
 
 
-def _cpu_replica(bundle: ModelBundle, kind: str, score_threshold: float | None, threads: int) -> ModelTask:
-    """``bundle``'s stages on a new CPU backend of ``kind`` with ``threads`` intra-op threads (ModelTask.replicate)."""
+def _cpu_replica(bundle: ModelBundle, kind: str, score_threshold: float | None, torch_options: dict[str, Any],
+                 threads: int) -> ModelTask:
+    """``bundle``'s stages on a new CPU backend of ``kind`` with ``threads`` intra-op threads, and the torch
+    backend's precision and compilation (ModelTask.replicate)."""
     from ctzoo.inference.backends import make_backend
 
-    return bundle_task(bundle, make_backend(bundle, kind, "cpu", threads=threads), score_threshold)
+    return bundle_task(bundle, make_backend(bundle, kind, "cpu", threads=threads, **torch_options), score_threshold)
 
 
 def _profile_predict(predict: Callable[[np.ndarray], list[Any]], batch: np.ndarray):

@@ -1,0 +1,110 @@
+"""bf16 prediction (``ctzoo infer --precision``): checked against fp32 on the sample CT before it is used, on the
+device that runs it; auto keeps fp32 on the CPU; a model that disagrees is refused (bf16) or kept in fp32 (auto)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ctzoo.cli import main
+from ctzoo.inference import precision
+from ctzoo.inference.backends import make_backend
+from ctzoo.inference.precision import (
+    BF16_MIN_AGREEMENT,
+    BF16_RELATIVE_TOLERANCE,
+    bf16_parity,
+    choose_precision,
+    output_error,
+)
+from ctzoo.inference.tasks import model_task
+from ctzoo.models.bundle import load_bundle
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return load_bundle("recistnet-mini")
+
+
+def test_bf16_agrees_with_fp32_on_real_ct_for_both_zoo_models(detector):
+    record = bf16_parity(detector, "cpu")
+    assert record["passed"] and not record["failures"] and record["slices"] == 3
+    assert set(record["errors"]) == {"heatmaps", "offsets", "displacements"}
+    # bf16 rounds (8 significant bits): the outputs differ, by a few parts in a thousand to a few in a hundred
+    assert all(1e-4 < e["max_rel"] <= BF16_RELATIVE_TOLERANCE for e in record["errors"].values()), record
+    segmenter = bf16_parity(load_bundle("template-seg-abdomen"), "cpu")
+    assert segmenter["passed"] and set(segmenter["errors"]) == {"logits"}
+    assert segmenter["class_agreement"] >= BF16_MIN_AGREEMENT
+
+
+def test_auto_is_fp32_on_the_cpu_without_a_check_and_bf16_is_checked(detector, monkeypatch):
+    ran = []
+    monkeypatch.setattr(precision, "bf16_parity", lambda bundle, device: ran.append(device) or bf16_parity(
+        bundle, device))
+    assert choose_precision(detector, "auto", "torch", "cpu").precision == "fp32" and not ran
+    chosen = choose_precision(detector, "bf16", "torch", "cpu")
+    assert chosen.precision == "bf16" and ran == ["cpu"] and chosen.parity["passed"]
+    assert "agrees with fp32 on the sample CT" in chosen.describe()
+    assert choose_precision(detector, "auto", "onnx", "cuda").precision == "fp32" and ran == ["cpu"]
+
+
+def test_a_model_that_disagrees_is_refused_in_bf16_and_kept_in_fp32_by_auto(detector, monkeypatch):
+    monkeypatch.setattr(precision, "BF16_RELATIVE_TOLERANCE", 1e-6)  # no bf16 run is that close
+    with pytest.raises(RuntimeError, match=r"bf16 disagrees with fp32 on the sample CT on cpu: heatmaps: relative "
+                                           r"error .* > 1e-06.*run with --precision fp32"):
+        choose_precision(detector, "bf16", "torch", "cpu")
+    monkeypatch.setattr(precision, "bf16_parity", lambda bundle, device: bf16_parity(bundle, "cpu"))
+    kept = choose_precision(detector, "auto", "torch", "cuda")  # as on a GPU whose bf16 disagrees
+    assert kept.precision == "fp32" and kept.describe().startswith("fp32 (auto: bf16 failed its check (heatmaps")
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--precision", "bf16", "--backend", "onnx"], "ONNX graphs carry their own precision"),
+    (["--precision", "fp16"], "'fp16' is not one of 'auto', 'fp32', 'bf16'"),
+    (["--compile", "--backend", "onnx"], "--compile compiles the PyTorch backend's own network"),
+])
+def test_infer_refuses_a_precision_that_cannot_apply_before_reading_anything(arguments, message, tmp_path):
+    result = CliRunner().invoke(main, ["infer", "--out", str(tmp_path / "out"), *arguments])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_chosen_precision_and_compilation_reach_every_model_copy(detector):
+    task = model_task(detector, "torch", "cpu", precision="bf16", compile=True)  # compiles at its first batch
+    for runtime in (task.runtime, task.replicate(1).runtime):
+        assert runtime["precision"] == "bf16" and runtime["compiled"]
+    assert model_task(detector, "torch", "cpu").replicate(1).runtime | {"backend": "torch"} == {
+        "backend": "torch", "device": "cpu", "precision": "fp32", "compiled": False}
+
+
+def test_infer_in_bf16_finds_what_fp32_finds_on_the_sample(tmp_path):
+    """The lesions of a bf16 run are the fp32 run's, their end points within a pixel."""
+    found = {}
+    for name in ("fp32", "bf16"):
+        result = CliRunner().invoke(main, ["infer", "--precision", name, "--out", str(tmp_path / name),
+                                           "--no-overlay"])
+        assert result.exit_code == 0, result.output
+        assert f"; {name} (" in result.output
+        found[name] = json.loads((tmp_path / name / "sample_ct" / "detections.json").read_text())["lesions"]
+    assert len(found["bf16"]) == len(found["fp32"]) > 0
+    for ours, theirs in zip(found["bf16"], found["fp32"]):
+        assert ours["slice"] == theirs["slice"] and abs(ours["score"] - theirs["score"]) < 0.05
+        assert np.abs(np.subtract(ours["points_voxel"], theirs["points_voxel"])).max() <= 1.0
+
+
+def test_a_compiled_detector_equals_eager_and_compiles_once_for_a_smaller_last_batch(detector):
+    from torch._dynamo.utils import counters
+
+    eager, compiled = (make_backend(detector, "torch", "cpu", compile=flag) for flag in (False, True))
+    channels = next(m for m in detector.network().modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+    images = np.random.default_rng(0).normal(0, 1, (3, channels, 64, 96)).astype(np.float32)
+    counters.clear()
+    for batch in (images, images[:1]):
+        got, want = compiled.heads(batch), eager.heads(batch)
+        for name in want:
+            assert got[name].shape == want[name].shape
+            assert output_error(got[name], want[name])[1] < 1e-4, name
+    assert compiled.fixed.batch == 3 and counters["stats"]["unique_graphs"] == 1
