@@ -283,6 +283,12 @@ def test_checkpoint_export_through_the_cli(tmp_path):
         assert result.exit_code == 0, result.output
         document = json.loads((out / "sample_ct" / "detections.json").read_text())
         assert document["model"] == "recistnet-mine" and document["model_version"] == info["version"]
+        runtime = document["runtime"]  # what predicted it: the graph by its hash, or the weights and precision
+        assert runtime["backend"] == backend and runtime["device"] == "cpu" and runtime["precision"] == "fp32"
+        if backend == "onnx":
+            assert runtime["graph"]["sha256"] == info["sha256"] and runtime["graph"]["precision"] == "fp32"
+        else:
+            assert runtime["compiled"] is False
 
 
 def test_template_segmenter_checkpoint_needs_and_reembeds_its_bank(tmp_path):

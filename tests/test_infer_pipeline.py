@@ -228,7 +228,7 @@ def _stub_task(seconds_per_batch: float = 0.0):
 
     return ModelTask("stub-model", "0.0.1", "detection", preprocess, predict,
                      finish=lambda volume, context, outputs: None,
-                     write=lambda volume, result, folder, overlay: ([], {"findings": 0, "detail": ""}))
+                     write=lambda volume, result, folder, overlay, runtime: ([], {"findings": 0, "detail": ""}))
 
 
 def _tiny_volume(path: Path, slices: int) -> Path:

@@ -16,7 +16,7 @@ from ctzoo.cli import main
 from ctzoo.datasets.samples import sample_ct_dicom
 from ctzoo.inference.inputs import CaseInput
 from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
-from ctzoo.inference.schedule import MAX_COPIES, Schedule, choose_schedule
+from ctzoo.inference.schedule import MAX_COPIES, MAX_GPU_READERS, Schedule, choose_schedule
 from ctzoo.io import read_volume, write_volume
 
 
@@ -26,7 +26,10 @@ def test_the_cpu_gets_copies_sharing_out_the_cores_and_a_gpu_one_fed_model():
     assert choose_schedule("cpu", cases=100, cores=32) == Schedule("copies", MAX_COPIES, 4)
     # one case: one copy on every core in this process, the serial rate exactly
     assert choose_schedule("cpu", cases=1, cores=4) == Schedule("copies", 0, 4)
-    assert choose_schedule("cuda", cases=6, cores=16) == Schedule("shared", 4, None)
+    # a GPU: a reader per case, up to every core but this process's (the model does not use the cores)
+    assert choose_schedule("cuda", cases=6, cores=16) == Schedule("shared", 6, None)
+    assert choose_schedule("cuda", cases=100, cores=16) == Schedule("shared", 15, None)
+    assert choose_schedule("cuda", cases=1000, cores=128) == Schedule("shared", MAX_GPU_READERS, None)
     assert choose_schedule("cuda:1", cases=6, cores=2) == Schedule("shared", 1, None)
     # a placed network cannot be copied: the shared layout, whatever the device
     assert choose_schedule("cpu", cases=6, cores=2, can_copy=False) == Schedule("shared", 1, None)
@@ -128,7 +131,7 @@ def test_a_case_the_model_fails_on_in_a_copy_fails_alone(tmp_path):
         return [None] * len(batch)
 
     stub = ModelTask("stub-model", "0.0.1", "detection", preprocess, predict, finish=lambda *_: None,
-                     write=lambda volume, result, folder, overlay: ([], {"findings": 0, "detail": ""}))
+                     write=lambda volume, result, folder, overlay, runtime: ([], {"findings": 0, "detail": ""}))
     stub.replicate = lambda threads: stub  # the forked worker's copy is the same stub
     rows = run_pipeline(cases, stub, PipelineOptions(out=tmp_path / "out", layout="copies", workers=2, batch_size=8,
                                                      progress=False))

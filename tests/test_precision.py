@@ -88,7 +88,9 @@ def test_infer_in_bf16_finds_what_fp32_finds_on_the_sample(tmp_path):
                                            "--no-overlay"])
         assert result.exit_code == 0, result.output
         assert f"; {name} (" in result.output
-        found[name] = json.loads((tmp_path / name / "sample_ct" / "detections.json").read_text())["lesions"]
+        document = json.loads((tmp_path / name / "sample_ct" / "detections.json").read_text())
+        assert document["runtime"] == {"backend": "torch", "device": "cpu", "precision": name, "compiled": False}
+        found[name] = document["lesions"]
     assert len(found["bf16"]) == len(found["fp32"]) > 0
     for ours, theirs in zip(found["bf16"], found["fp32"]):
         assert ours["slice"] == theirs["slice"] and abs(ours["score"] - theirs["score"]) < 0.05
@@ -108,3 +110,18 @@ def test_a_compiled_detector_equals_eager_and_compiles_once_for_a_smaller_last_b
             assert got[name].shape == want[name].shape
             assert output_error(got[name], want[name])[1] < 1e-4, name
     assert compiled.fixed.batch == 3 and counters["stats"]["unique_graphs"] == 1
+
+
+def test_the_pacs_bridge_resolves_its_configured_precision_per_model():
+    from click import ClickException
+
+    from ctzoo.cli.pacs import _tasks
+    from ctzoo.pacs.config import PacsConfig
+
+    (task,) = _tasks(PacsConfig(models=["recistnet-mini"], backend="torch", device="cpu", precision="bf16"))
+    assert task.runtime["precision"] == "bf16"
+    (task,) = _tasks(PacsConfig(models=["recistnet-mini"], backend="torch", device="cpu"))
+    assert task.runtime["precision"] == "fp32"  # auto on the CPU
+    with pytest.raises(ClickException, match="cannot load the models: precision bf16 runs the PyTorch backend's own "
+                                             "network: ONNX graphs carry their own precision"):
+        _tasks(PacsConfig(models=["recistnet-mini"], backend="onnx", precision="bf16"))

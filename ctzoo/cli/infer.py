@@ -60,7 +60,8 @@ def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="copies: model copies in worker processes (0: one, in this process) [default: one per case, up "
                    "to one per core, at most 8; one case runs here]. shared: reader processes that read, decode "
-                   "and preprocess volumes while the model runs (0: in-process) [default: CPUs - 1, at most 4].")
+                   "and preprocess volumes while the model runs (0: in-process) [default: CPUs - 1, at most 4; on a "
+                   "GPU one per case up to CPUs - 1, at most 16].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Slices per forward pass; slices of consecutive volumes share batches.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,

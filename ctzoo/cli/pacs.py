@@ -59,14 +59,26 @@ def _ledger(config):
 
 def _tasks(config):
     from ctzoo.cli.bundles import resolve_bundles
+    from ctzoo.inference.backends import resolve_device
+    from ctzoo.inference.precision import check_request, choose_precision
     from ctzoo.inference.tasks import model_task
 
-    bundles = resolve_bundles(config.models, config.backend)
     try:
-        return [model_task(bundles[name], config.backend, config.device, score_threshold=config.score_threshold,
-                           threads=config.threads) for name in config.models]
+        check_request(config.precision, config.backend)  # before an ONNX export
+    except ValueError as exc:
+        raise click.ClickException(f"cannot load the models: {exc}") from exc
+    bundles = resolve_bundles(config.models, config.backend)
+    tasks = []
+    try:
+        device = resolve_device(config.device)
+        for name in config.models:
+            choice = choose_precision(bundles[name], config.precision, config.backend, device)
+            click.echo(f"{name}: {config.backend} on {device}, {choice.describe()}", err=True)
+            tasks.append(model_task(bundles[name], config.backend, device, score_threshold=config.score_threshold,
+                                    threads=config.threads, precision=choice.precision))
     except (KeyError, ValueError, RuntimeError, FileNotFoundError) as exc:
         raise click.ClickException(f"cannot load the models: {exc}") from exc
+    return tasks
 
 
 def _perf_note(settings) -> str:

@@ -258,16 +258,19 @@ class CaseState:
 
 
 def write_case(task: ModelTask, case: CaseInput, volume: Volume, context: Any, outputs: list[Any],
-               options: PipelineOptions, seconds: dict[str, float] | None = None) -> dict[str, Any]:
+               options: PipelineOptions, seconds: dict[str, float] | None = None,
+               runtime: dict[str, Any] | None = None) -> dict[str, Any]:
     """Finish and write one case; returns its summary row (status ok, or error with the message). ``seconds``,
-    if given, receives the time of each stage that completed (``finish``, ``write``)."""
+    if given, receives the time of each stage that completed (``finish``, ``write``); ``runtime``: what predicted
+    the case, recorded in its outputs (default ``task.runtime``)."""
     row = summary_row(case, task, "ok", slices=len(outputs))
     seconds = {} if seconds is None else seconds
     try:
         clock = time.perf_counter()
         result = task.finish(volume, context, outputs)
         seconds["finish"], clock = time.perf_counter() - clock, time.perf_counter()
-        written, info = task.write(volume, result, options.out / case.name, options.overlay)
+        written, info = task.write(volume, result, options.out / case.name, options.overlay,
+                                   task.runtime if runtime is None else runtime)
         seconds["write"] = time.perf_counter() - clock
         row.update(info, outputs=" ".join(str(p.relative_to(options.out)) for p in written))
     except Exception as exc:

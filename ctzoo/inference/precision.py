@@ -51,14 +51,17 @@ def output_error(result: np.ndarray, reference: torch.Tensor | np.ndarray) -> tu
 
 @dataclass(frozen=True)
 class PrecisionChoice:
-    """What a run predicts in (``fp32`` or ``bf16``), why, and the bf16 check's record where one ran."""
+    """What a run predicts in (``fp32`` or ``bf16``: the torch backend's ``precision``), why, and the bf16 check's
+    record where one ran; ``own``: the backend runs in a precision of its own (an ONNX graph as exported), which
+    ``reason`` names."""
 
     precision: str
     reason: str
     parity: dict[str, Any] | None = field(default=None, compare=False)
+    own: bool = False
 
     def describe(self) -> str:
-        return f"{self.precision} ({self.reason})"
+        return self.reason if self.own else f"{self.precision} ({self.reason})"
 
 
 def choose_precision(bundle: ModelBundle, requested: str, backend_kind: str, device: str,
@@ -68,8 +71,11 @@ def choose_precision(bundle: ModelBundle, requested: str, backend_kind: str, dev
     (RuntimeError with its numbers otherwise). ValueError where bf16 cannot apply: the ONNX backend (its graph has
     its own precision) or a placed network (``placed``: spread over devices, run as placed)."""
     check_request(requested, backend_kind, placed)
-    if backend_kind != "torch" or placed:
-        return PrecisionChoice("fp32", "the ONNX graph's own precision" if backend_kind != "torch" else "placed")
+    if backend_kind != "torch":
+        graph = bundle.graphs.precision if bundle.graphs is not None else "fp32"
+        return PrecisionChoice("fp32", f"the {graph} ONNX graph as exported", own=True)
+    if placed:
+        return PrecisionChoice("fp32", "a placed network runs as placed")
     if requested == "fp32":
         return PrecisionChoice("fp32", "asked for")
     if requested == "auto" and not device.startswith("cuda"):
@@ -90,7 +96,7 @@ def check_request(requested: str, backend_kind: str, placed: bool = False) -> No
     if requested not in PRECISIONS:
         raise ValueError(f"unknown precision {requested!r}: use one of {', '.join(PRECISIONS)}")
     if requested == "bf16" and (backend_kind != "torch" or placed):
-        raise ValueError("--precision bf16 runs the PyTorch backend's own network: "
+        raise ValueError("precision bf16 runs the PyTorch backend's own network: "
                          + ("ONNX graphs carry their own precision (ctzoo export --fp16)" if backend_kind != "torch"
                             else "a placed network runs in fp32 as placed"))
 

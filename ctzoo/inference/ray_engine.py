@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import pickle
 import time
@@ -136,6 +137,8 @@ class _Predictor:
         rows = len(batch["case"])
         return {"case": batch["case"], "slice": batch["slice"], "output": outputs, "payload": batch["payload"],
                 "error": errors, "batch_id": np.full(rows, f"{os.getpid()}:{self.batches}", dtype=object),
+                # what predicted the rows: the writer records it in the case's outputs
+                "runtime": np.full(rows, json.dumps(self.task.runtime), dtype=object),
                 "batch_rows": np.full(rows, int((batch["slice"] >= 0).sum())),
                 "predict_s": np.full(rows, time.perf_counter() - clock)}
 
@@ -148,9 +151,11 @@ def _finisher(model_name: str):
     return model_task(model_name, "torch", "cpu", threads=1)
 
 
-def _write(model_name: str, case: CaseInput, source: str, context: Any, outputs: list[bytes], options: PipelineOptions):
-    """Write stage (a Ray task): re-read the volume (from ``source``, absolute), then :func:`write_case`; returns
-    the summary row and the finish/write seconds."""
+def _write(model_name: str, case: CaseInput, source: str, context: Any, outputs: list[bytes], options: PipelineOptions,
+           runtime: str):
+    """Write stage (a Ray task): re-read the volume (from ``source``, absolute), then :func:`write_case`, recording
+    ``runtime`` (JSON: the model actor's, which predicted the case); returns the summary row and the finish/write
+    seconds."""
     from ctzoo.io import read_volume
     from ctzoo.io.limits import DEFAULT_LIMITS
 
@@ -162,7 +167,8 @@ def _write(model_name: str, case: CaseInput, source: str, context: Any, outputs:
         return summary_row(case, task, "error", slices=len(outputs),
                            error=error_message(exc).replace(source, str(case.path))), {}
     writer_s: dict[str, float] = {}
-    row = write_case(task, case, volume, context, [pickle.loads(o) for o in outputs], options, writer_s)
+    row = write_case(task, case, volume, context, [pickle.loads(o) for o in outputs], options, writer_s,
+                     json.loads(runtime))
     return row, writer_s
 
 
@@ -272,6 +278,7 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
             else:
                 if row["slice"] >= 0:
                     state["outputs"][int(row["slice"])] = row["output"]
+                    state.setdefault("runtime", row["runtime"])
                     if perf is not None and row["batch_id"] not in batches_seen:
                         batches_seen.append(row["batch_id"])
                         record_batch(perf, task.model_name, task.model_version, device, int(row["batch_rows"]),
@@ -283,7 +290,7 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
                     del states[index]
                     outputs = [state["outputs"][k] for k in range(state["end"]["slices"])]
                     ref = write.remote(task.model_name, todo[index], sources[index], state["end"]["context"], outputs,
-                                       options)
+                                       options, state.get("runtime", json.dumps(task.runtime)))
                     pending[ref] = (todo[index], state)
             collect(MAX_PENDING_WRITES)
     finally:

@@ -21,6 +21,13 @@ Two layouts (:class:`ctzoo.inference.pipeline.PipelineOptions` ``layout``):
 counts from the cores this process may run on and the number of cases: as many copies as cases, up to one per core
 and at most :data:`MAX_COPIES`, with the cores shared out as threads. One case gets one copy on every core, run
 in the main process: that is exactly the serial rate, and nothing is lost starting a process for it.
+
+The shared layout's readers: on a GPU, one per case up to every core but the main process's (at most
+:data:`MAX_GPU_READERS`). Reading and preprocessing, not the model, bound a GPU: preprocessing costs about 17 ms
+of one core per slice (the 2.5D detector input, ``benchmarks/infer.py``), so each reader feeds about 60 slices/s,
+and a JPEG 2000 slice decodes at about 17/s per core, while a 2D network at 512 x 512 takes thousands of slices/s
+on one H100 or H200. On the CPU the readers compete with the model for the cores, so there they are the CPUs less
+one, at most :data:`MAX_READERS`.
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ from dataclasses import dataclass
 
 #: At most this many model copies: each holds its network, one volume and a batch of 2.5D inputs in memory.
 MAX_COPIES = 8
-#: Reader processes of the shared layout by default: the CPUs less one (the model's), at most this many.
+#: Reader processes of the shared layout on the CPU by default: the CPUs less one (the model's), at most this many.
 MAX_READERS = 4
+#: ... and on a GPU, one per case up to the CPUs less one, at most this many (each holds one volume in memory).
+MAX_GPU_READERS = 16
 LAYOUTS = ("auto", "copies", "shared")
 
 
@@ -57,9 +66,13 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_readers(cores: int | None = None) -> int:
+def default_readers(cores: int | None = None, device: str = "cpu", cases: int | None = None) -> int:
+    """Reader processes of the shared layout on ``device`` for ``cases`` cases (None: as many as there may be);
+    see the module docstring."""
     cores = usable_cores() if cores is None else cores
-    return max(1, min(MAX_READERS, cores - 1))
+    if device == "cpu":
+        return max(1, min(MAX_READERS, cores - 1))
+    return max(1, min(MAX_GPU_READERS, cores - 1, cases if cases is not None else MAX_GPU_READERS))
 
 
 def choose_schedule(device: str, cases: int, cores: int | None = None, layout: str = "auto",
@@ -80,7 +93,7 @@ def choose_schedule(device: str, cases: int, cores: int | None = None, layout: s
     if layout == "copies" and device != "cpu":
         raise ValueError(f"layout copies runs CPU copies of the model; on {device} use layout shared")
     if layout == "shared":
-        return Schedule("shared", default_readers(cores) if workers is None else workers, threads)
+        return Schedule("shared", default_readers(cores, device, cases) if workers is None else workers, threads)
     if workers is None:
         per_copy = 1 if threads is None else threads
         workers = max(1, min(cases, cores // per_copy, MAX_COPIES))

@@ -115,7 +115,8 @@ def seg_summary(labels: np.ndarray, volume: Volume, class_names: Sequence[str], 
 
 
 def write_segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence[str], folder: Path,
-                       model_name: str, model_version: str, overlay: bool = True) -> list[Path]:
+                       model_name: str, model_version: str, overlay: bool = True,
+                       runtime: dict[str, Any] | None = None) -> list[Path]:
     """What ``ctzoo infer`` writes for a segmenter into ``folder``: ``labels.nii.gz`` (uint8 on the input grid),
     ``segmentation.json`` (:func:`seg_summary`), ``seg.dcm`` (DICOM SEG referencing the source slices, for DICOM
     input with at least one labelled voxel) and ``labels_overlay.png`` (the slice with the most foreground).
@@ -129,7 +130,8 @@ def write_segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence
     folder.mkdir(parents=True, exist_ok=True)
     written = [write_volume(volume.with_array(labels), folder / "labels.nii.gz", dtype=np.uint8)]
     with atomic_path(folder / "segmentation.json") as partial:
-        partial.write_text(json.dumps(seg_summary(labels, volume, class_names, model_name, model_version), indent=2))
+        document = seg_summary(labels, volume, class_names, model_name, model_version)
+        partial.write_text(json.dumps(document if runtime is None else {**document, "runtime": runtime}, indent=2))
     written.append(folder / "segmentation.json")
     if volume.dicom is not None and labels.any():
         written.append(write_dicom_seg(labels, volume, class_names, folder / "seg.dcm", model_name, model_version))

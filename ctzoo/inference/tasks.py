@@ -11,8 +11,9 @@ function per stage, so the detector and the segmenter share the pipeline, the lo
     and whatever per-slice decoding is cheap enough to keep there (the keypoint grouping);
 ``finish(volume, context, outputs) -> result``
     in the writer: the per-volume result (merged lesions, or the label map on the input grid);
-``write(volume, result, folder, overlay) -> (paths, summary)``
-    in the writer: the files of the case, each written under a temporary name and renamed.
+``write(volume, result, folder, overlay, runtime) -> (paths, summary)``
+    in the writer: the files of the case, each written under a temporary name and renamed; its JSON document
+    records ``runtime``, what predicted the case (backend, device, precision, compiled, the ONNX graph).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ class ModelTask:
     preprocess: Callable[[Volume], tuple[Any, Iterator[np.ndarray]]]
     predict: Callable[[np.ndarray], list[Any]]
     finish: Callable[[Volume, Any, list[Any]], Any]
-    write: Callable[[Volume, Any, Path, bool], tuple[list[Path], dict[str, Any]]]
-    runtime: dict[str, Any] = field(default_factory=dict)  # what ran: backend, device, the graph file if ONNX
+    write: Callable[[Volume, Any, Path, bool, dict[str, Any]], tuple[list[Path], dict[str, Any]]]
+    # what ran: backend, device, precision, compiled (torch) or the graph (ONNX); recorded in the outputs
+    runtime: dict[str, Any] = field(default_factory=dict)
     # a batch's predict rerun under a profiler (ctzoo.perf.deep_profile), for deep profiles of anomalous batches;
     # None where the backend has none here (ONNX: ctzoo serve profiles its graphs)
     profile: Callable[[np.ndarray], Any] | None = None
@@ -99,8 +101,8 @@ def detector_task(backend, prep, model_name: str = "", version: str = "", score_
                  for d in slice_detections(axial, k, scores, points, scale)]
         return detections_document(volume, axial, found, model_name, version)
 
-    def write(volume: Volume, document: dict, folder: Path, overlay: bool):
-        written = [_write_json(document, folder / "detections.json")]
+    def write(volume: Volume, document: dict, folder: Path, overlay: bool, runtime: dict[str, Any]):
+        written = [_write_json({**document, "runtime": runtime}, folder / "detections.json")]
         if volume.dicom is not None:
             from ctzoo.io.dicom_sr import write_recist_sr
 
@@ -156,8 +158,9 @@ def segmenter_task(backend, prep, model_name: str = "", version: str = "") -> Mo
     def finish(volume: Volume, geometry, outputs: list[np.ndarray]) -> np.ndarray:
         return slices_to_volume_labels(np.stack(outputs), geometry, volume)
 
-    def write(volume: Volume, labels: np.ndarray, folder: Path, overlay: bool):
-        written = write_segmentation(volume, labels, class_names, folder, model_name, version, overlay=overlay)
+    def write(volume: Volume, labels: np.ndarray, folder: Path, overlay: bool, runtime: dict[str, Any]):
+        written = write_segmentation(volume, labels, class_names, folder, model_name, version, overlay=overlay,
+                                     runtime=runtime)
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         volumes = {name: float((labels == c).sum()) * voxel_ml for c, name in enumerate(class_names, start=1)}
         return written, {"findings": sum(v > 0 for v in volumes.values()),

@@ -127,6 +127,9 @@ class PacsConfig(StrictConfig):
                               min_length=1, description="zoo models run on every accepted series")
     backend: Literal["onnx", "torch"] = "onnx"
     device: str = Field("auto", description="auto, cpu, cuda")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="torch backend: bf16 where it agrees with fp32 on the sample CT (checked at start); "
+                            "auto: bf16 on CUDA where the check passes, else fp32 (as ctzoo infer --precision)")
     threads: int | None = Field(None, ge=1, description="model threads (default: all cores)")
     score_threshold: float | None = Field(None, ge=0, le=1, description="detector: lesions below this are not "
                                           "reported (default: the model's operating point, from its card)")
