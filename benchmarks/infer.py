@@ -19,14 +19,17 @@ them alike; the table shows medians, the JSON every repeat:
     (on ``--threads`` threads) in turn; infer / serial must never fall below 1;
   * shared: one model on ``--threads`` threads fed by ``--workers`` reader processes (the GPU's layout, and
     ``ctzoo infer``'s default on the CPU before the copies layout).
-The JSON also has the single-stage costs of one process (NIfTI read s/case, ``task.preprocess`` slices/s on 1
-thread, finish + write s/case) and, per run, where the models waited (before the first batch, between batches,
-after the last). Build time (weights load; ONNX export when not cached yet) is excluded from every rate. As
-``ctzoo infer``, the benchmark keeps freed memory for reuse (:mod:`ctzoo.inference.allocator`) before it measures
-anything, the baseline included (the JSON's ``machine.freed_memory_kept``).
+``--precision bf16`` and ``--compile`` run every torch row (the baseline too) as ``ctzoo infer --precision bf16
+--compile`` does. The JSON also has the single-stage costs of one process (NIfTI read s/case,
+``task.preprocess`` slices/s on 1 thread, finish + write s/case) and, per run, where the models waited (before
+the first batch, between batches, after the last). Build time (weights load; ONNX export when not cached yet)
+is excluded from every rate. As ``ctzoo infer``, the benchmark keeps freed memory for reuse
+(:mod:`ctzoo.inference.allocator`) before it measures anything, the baseline included (the JSON's
+``machine.freed_memory_kept``).
 
     python benchmarks/infer.py [--model recistnet-mini] [--backends torch,onnx] [--device auto] [--slices 100]
                                [--cases 6] [--repeats 3] [--batch-size 8] [--workers N] [--threads N]
+                               [--precision fp32|bf16] [--compile]
                                [--out benchmarks/results/infer.json]
 """
 
@@ -100,8 +103,10 @@ def build_input(folder: Path, slices: int, cases: int) -> tuple[list[CaseInput],
 # ------------------------------------------------------------------------------------------------ measures
 
 
-def build_task(model_name: str, kind: str, device: str, threads: int):
-    """(task, backend, build seconds, whether an ONNX export ran) — as ``model_task``, keeping the backend."""
+def build_task(model_name: str, kind: str, device: str, threads: int, precision: str = "fp32",
+               compile: bool = False):
+    """(task, backend, build seconds, whether an ONNX export ran) — as ``model_task``, keeping the backend; the torch
+    backend in ``precision`` (fp32 or bf16, unchecked: see benchmarks/precision.py) and compiled with ``compile``."""
     from ctzoo.datasets.samples import cache_dir
 
     exports = cache_dir() / "onnx"
@@ -110,7 +115,8 @@ def build_task(model_name: str, kind: str, device: str, threads: int):
     bundle = load_bundle(model_name)
     if kind == "onnx":
         bundle = ensure_graphs(bundle)  # exported into the cache on first use, as ctzoo infer --backend onnx
-    backend = make_backend(bundle, kind, device, threads=threads)
+    torch_options = {"precision": precision, "compile": compile} if kind == "torch" else {}
+    backend = make_backend(bundle, kind, device, threads=threads, **torch_options)
     task = bundle_task(bundle, backend)
     build_s = time.perf_counter() - start
     exported = kind == "onnx" and bool((set(exports.iterdir()) if exports.is_dir() else set()) - before)
@@ -212,7 +218,7 @@ def median_of(samples: list[dict], key: str) -> float:
 
 def measure(model_name: str, kind: str, device: str, cases: list[CaseInput], args, work: Path) -> dict:
     torch.set_num_threads(args.threads)
-    task, backend, build_s, exported = build_task(model_name, kind, device, args.threads)
+    task, backend, build_s, exported = build_task(model_name, kind, device, args.threads, args.precision, args.compile)
     device_used = getattr(backend, "device", device)
     reader = reader_costs(task, cases[0], args.threads)
     slices = reader["slices"]
@@ -222,7 +228,7 @@ def measure(model_name: str, kind: str, device: str, cases: list[CaseInput], arg
     fwd = rate(heads, items, device_used, keep=False)[0] if heads is not None else model
     start = time.perf_counter()
     result = task.finish(reader["volume"], reader["context"], outputs)
-    task.write(reader["volume"], result, work / f"single-{kind}-{device_used}", False)
+    task.write(reader["volume"], result, work / f"single-{kind}-{device_used}", False, task.runtime)
     write_s = time.perf_counter() - start
     n = len(slices)
     # one process doing everything in turn, from the single-stage medians (no contention, no overheads)
@@ -267,6 +273,7 @@ def measure(model_name: str, kind: str, device: str, cases: list[CaseInput], arg
     model_only = median_of(samples, "model_only_slices_per_s")
     return {
         "backend": kind, "device": device_used, "model": model_name, "batch_size": args.batch_size,
+        "runtime": task.runtime,
         "schedule": {"layout": schedule.layout, "workers": schedule.workers, "threads": schedule.threads,
                      "described": schedule.describe()},
         "model_threads": args.threads, "shared_readers": args.workers, "repeats": args.repeats,
@@ -329,6 +336,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="model threads: torch set_num_threads / ORT intra-op (default: the CPU count, as "
                              "ctzoo infer)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="the torch backend's precision (ctzoo infer --precision; default fp32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the torch backend (ctzoo infer --compile)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "infer.json")
     args = parser.parse_args()
     # as ctzoo infer does before its pipeline: every row, the model-only baseline too, runs with freed memory kept
