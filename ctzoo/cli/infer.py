@@ -147,10 +147,7 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     if placement is not None:
         _check_placement_options(model_names, backend, engine)
     try:
-        check_request(precision, backend, placed=placement is not None)
-        if compile_model and (backend != "torch" or placement is not None):
-            raise ValueError("--compile compiles the PyTorch backend's own network: use --backend torch, without "
-                             "--placement")
+        check_request(precision, backend, placed=placement is not None, compile=compile_model)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     # every model before anything else: a typo must not cost a scan of the inputs

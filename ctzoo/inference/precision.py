@@ -91,8 +91,12 @@ def choose_precision(bundle: ModelBundle, requested: str, backend_kind: str, dev
     return PrecisionChoice("fp32", f"auto: bf16 failed its check ({failures})", parity)
 
 
-def check_request(requested: str, backend_kind: str, placed: bool = False) -> None:
-    """ValueError for a precision that cannot apply (see :func:`choose_precision`), before any model runs."""
+def check_request(requested: str, backend_kind: str, placed: bool = False, compile: bool = False) -> None:
+    """ValueError for a precision (or ``compile``) that cannot apply (see :func:`choose_precision`), before any
+    model runs."""
+    if compile and (backend_kind != "torch" or placed):
+        raise ValueError("--compile compiles the PyTorch backend's own network: use --backend torch, without "
+                         "--placement")
     if requested not in PRECISIONS:
         raise ValueError(f"unknown precision {requested!r}: use one of {', '.join(PRECISIONS)}")
     if requested == "bf16" and (backend_kind != "torch" or placed):

@@ -208,7 +208,7 @@ def run_ray(cases: list[CaseInput], model_name: str, options: PipelineOptions, b
 
     if backend not in KINDS:  # fail here, not as a dead actor once Ray has started
         raise ValueError(f"unknown backend kind {backend!r}: use one of {', '.join(KINDS)}")
-    check_request(precision, backend)
+    check_request(precision, backend, compile=compile)
     # on the driver (CPU): the readers' preprocess, the rows' model version; an unknown model fails here, early
     task = model_task(model_name, "torch", "cpu")
     book = RunBook(cases, task, options, other_rows)  # resume, status files and summary as the local engine
