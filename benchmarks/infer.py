@@ -19,6 +19,10 @@ them alike; the table shows medians, the JSON every repeat:
     (on ``--threads`` threads) in turn; infer / serial must never fall below 1;
   * shared: one model on ``--threads`` threads fed by ``--workers`` reader processes (the GPU's layout, and
     ``ctzoo infer``'s default on the CPU before the copies layout).
+``--input dicom`` / ``--input j2k`` write each case as a DICOM series instead (uncompressed / JPEG 2000 lossless, the
+embedded sample's headers with the resampled slices), and ``--decode`` (gdcm, nvimgcodec, auto: ``ctzoo infer
+--decode``) decodes them in every pipeline row; the row then also has the decode rate alone (``read_volume`` of one
+case, every thread, best of 3, slices/s) and ``ratio_vs_bound`` = infer / min(model-only, decode alone).
 ``--precision bf16`` and ``--compile`` run every torch row (the baseline too) as ``ctzoo infer --precision bf16
 --compile`` does. The JSON also has the single-stage costs of one process (NIfTI read s/case,
 ``task.preprocess`` slices/s on 1 thread, finish + write s/case) and, per run, where the models waited (before
@@ -29,13 +33,14 @@ is excluded from every rate. As ``ctzoo infer``, the benchmark keeps freed memor
 
     python benchmarks/infer.py [--model recistnet-mini] [--backends torch,onnx] [--device auto] [--slices 100]
                                [--cases 6] [--repeats 3] [--batch-size 8] [--workers N] [--threads N]
-                               [--precision fp32|bf16] [--compile]
-                               [--out benchmarks/results/infer.json]
+                               [--precision fp32|bf16] [--compile] [--input nifti|dicom|j2k]
+                               [--decode gdcm|nvimgcodec|auto] [--out benchmarks/results/infer.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -66,8 +71,9 @@ SOURCE = "example_ct.nii.gz"
 # ------------------------------------------------------------------------------------------------ input
 
 
-def build_input(folder: Path, slices: int, cases: int) -> tuple[list[CaseInput], dict]:
-    """``cases`` copies of the sample CT resampled to 512 x 512 x ``slices`` over its own field of view."""
+def build_input(folder: Path, slices: int, cases: int, form: str = "nifti") -> tuple[list[CaseInput], dict]:
+    """``cases`` copies of the sample CT resampled to 512 x 512 x ``slices`` over its own field of view, as NIfTI
+    files or (``form`` dicom / j2k) DICOM series folders."""
     source = fetch_samples() / SOURCE
     image = sitk.ReadImage(str(source))
     old_size, old_spacing = np.array(image.GetSize()), np.array(image.GetSpacing())
@@ -80,24 +86,68 @@ def build_input(folder: Path, slices: int, cases: int) -> tuple[list[CaseInput],
                               origin.tolist(), new_spacing.tolist(), direction.ravel().tolist(), -1024.0,
                               sitk.sitkFloat32)
     resampled = sitk.Cast(sitk.Clamp(sitk.Round(resampled), sitk.sitkFloat32, -32768, 32767), sitk.sitkInt16)
-    first = folder / "case000.nii.gz"
     start = time.perf_counter()
-    sitk.WriteImage(resampled, str(first), useCompression=True)
+    if form == "nifti":
+        first = folder / "case000.nii.gz"
+        sitk.WriteImage(resampled, str(first), useCompression=True)
+    else:
+        first = write_dicom_series(resampled, folder / "case000", j2k=form == "j2k")
     write_s = time.perf_counter() - start
     inputs = [CaseInput("case000", first)]
     for k in range(1, cases):
-        path = folder / f"case{k:03d}.nii.gz"
-        shutil.copyfile(first, path)
+        path = folder / f"case{k:03d}{'.nii.gz' if form == 'nifti' else ''}"
+        (shutil.copyfile if form == "nifti" else shutil.copytree)(first, path)
         inputs.append(CaseInput(path.name.removesuffix(".nii.gz"), path))
     description = {
         "source": f"TotalSegmentator 2.18.0 sample {SOURCE} (real CT, Apache-2.0)", "source_path": str(source),
         "original_size": old_size.tolist(), "original_spacing_mm": old_spacing.tolist(),
         "size": new_size.tolist(), "spacing_mm": np.round(new_spacing, 4).tolist(),
         "resampling": "SimpleITK linear over the same field of view, rounded to int16",
-        "format": "NIfTI int16, gzip (.nii.gz)", "file_mb": round(first.stat().st_size / 2**20, 1),
+        "format": {"nifti": "NIfTI int16, gzip (.nii.gz)", "dicom": "DICOM series, uncompressed",
+                   "j2k": "DICOM series, JPEG 2000 lossless"}[form],
+        "file_mb": round(sum(p.stat().st_size for p in ([first] if first.is_file() else first.iterdir())) / 2**20, 1),
         "write_s": round(write_s, 2), "cases": cases,
     }
     return inputs, description
+
+
+def write_dicom_series(image: sitk.Image, folder: Path, j2k: bool) -> Path:
+    """``image`` (int16 HU) as an axial CT series in ``folder``: the embedded sample's first slice as the header
+    template, stored = HU + 1024 (unsigned, intercept -1024, as the sample), new UIDs, positions along z."""
+    import pydicom
+
+    from ctzoo.datasets.samples import sample_ct_dicom
+
+    folder.mkdir()
+    template = pydicom.dcmread(sorted(p for p in sample_ct_dicom().iterdir() if p.name.startswith("CT."))[0])
+    template.decompress()
+    hu = sitk.GetArrayFromImage(image)  # (z, y, x)
+    spacing, origin = image.GetSpacing(), image.GetOrigin()
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    for k, plane in enumerate(hu):
+        ds = copy.deepcopy(template)  # compress() changes the file meta, which a shallow copy shares
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.InstanceNumber, ds.ImageOrientationPatient = k + 1, [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + k * spacing[2]]
+        ds.PixelSpacing, ds.SliceThickness = [spacing[1], spacing[0]], spacing[2]
+        ds.Rows, ds.Columns = plane.shape
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = np.clip(plane.astype(np.int32) + 1024, 0, 4095).astype(np.uint16).tobytes()
+        if j2k:
+            ds.compress(pydicom.uid.JPEG2000Lossless)
+        ds.save_as(folder / f"{k:04d}.dcm")
+    return folder
+
+
+def decode_rate(case: CaseInput, decoder: str | None) -> float:
+    """Slices/s of reading one case alone with ``decoder`` on every thread (best of 3: the first starts it)."""
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        volume = read_volume(case.path, progress=False, decoder=decoder)
+        best = max(best, volume.array.shape[0] / (time.perf_counter() - start))
+    return best
 
 
 # ------------------------------------------------------------------------------------------------ measures
@@ -241,15 +291,19 @@ def measure(model_name: str, kind: str, device: str, cases: list[CaseInput], arg
     here = task  # the main process runs the model when there is one copy (workers 0) or in the shared layout
     if schedule.threads not in (None, args.threads) and not (schedule.layout == "copies" and schedule.workers):
         here = task.replicate(schedule.threads)
+    decoder = decoder_spec(args, device_used)
     runs = {  # name: (task in this process, options)
         "default": (here, PipelineOptions(out=work / "default", batch_size=args.batch_size, layout=schedule.layout,
-                                          workers=schedule.workers, copy_threads=schedule.threads or 1)),
+                                          workers=schedule.workers, copy_threads=schedule.threads or 1,
+                                          decoder=decoder)),
         # ctzoo infer --workers 0: read, preprocess, predict (args.threads) in turn in one process
         "serial": (task, PipelineOptions(out=work / "serial", batch_size=args.batch_size, layout="copies",
-                                         workers=0, copy_threads=args.threads)),
+                                         workers=0, copy_threads=args.threads, decoder=decoder)),
         # one model (args.threads) fed by --workers reader processes: ctzoo infer's default before the copies
-        "shared": (task, PipelineOptions(out=work / "shared", batch_size=args.batch_size, workers=args.workers)),
+        "shared": (task, PipelineOptions(out=work / "shared", batch_size=args.batch_size, workers=args.workers,
+                                         decoder=decoder)),
     }
+    decode_alone = decode_rate(cases[0], decoder) if args.input != "nifti" else None
     samples = []  # each repeat measures the model alone and then every pipeline: a slow spell hits them alike
     for repeat in range(args.repeats):
         sample = {"model_only_slices_per_s": rate(task.predict, items, device_used, keep=False)[0]["median"]}
@@ -271,6 +325,7 @@ def measure(model_name: str, kind: str, device: str, cases: list[CaseInput], arg
     rates = {name: [s[name]["end_to_end_slices_per_s"] for s in samples] for name in runs}
     medians = {name: float(np.median(values)) for name, values in rates.items()}
     model_only = median_of(samples, "model_only_slices_per_s")
+    bound = min(model_only, decode_alone) if decode_alone else model_only
     return {
         "backend": kind, "device": device_used, "model": model_name, "batch_size": args.batch_size,
         "runtime": task.runtime,
@@ -289,6 +344,8 @@ def measure(model_name: str, kind: str, device: str, cases: list[CaseInput], arg
         "default_vs_serial": median_of(samples, "default_vs_serial"),
         "min_default_vs_serial": min(s["default_vs_serial"] for s in samples),
         "default_busy": float(np.median([s["default"]["model_busy_fraction"] for s in samples])),
+        "decoder": decoder or "gdcm", "decode_alone_slices_per_s": decode_alone,
+        "ratio_vs_bound": medians["default"] / bound,
         "samples": samples,
         # the first pass's single-stage costs (one process, no contention)
         "model_only_first_pass": model, "forward_only_slices_per_s": fwd["median"],
@@ -302,6 +359,15 @@ def measure(model_name: str, kind: str, device: str, cases: list[CaseInput], arg
 
 
 # ------------------------------------------------------------------------------------------------ main
+
+
+def decoder_spec(args, device: str) -> str | None:
+    """The pipeline's decoder for ``--decode`` on ``device`` (as ctzoo infer chooses it; None: GDCM)."""
+    from ctzoo.inference.decoding import choose_decoder
+
+    choice = choose_decoder(args.decode, device)
+    print(f"  decode on {device}: {choice.describe()}", flush=True)
+    return choice.pipeline_decoder
 
 
 def devices_for(requested: str) -> list[str]:
@@ -340,6 +406,10 @@ def main() -> None:
                         help="the torch backend's precision (ctzoo infer --precision; default fp32)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the torch backend (ctzoo infer --compile)")
+    parser.add_argument("--input", choices=["nifti", "dicom", "j2k"], default="nifti",
+                        help="the cases' format: NIfTI, or DICOM series uncompressed / JPEG 2000 (default nifti)")
+    parser.add_argument("--decode", choices=["auto", "gdcm", "nvimgcodec"], default="auto",
+                        help="DICOM's JPEG 2000 decoder (ctzoo infer --decode; default auto)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "infer.json")
     args = parser.parse_args()
     # as ctzoo infer does before its pipeline: every row, the model-only baseline too, runs with freed memory kept
@@ -350,7 +420,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ctzoo-bench-infer-") as tmp:
         work = Path(tmp)
         (work / "cases").mkdir()
-        cases, described = build_input(work / "cases", args.slices, args.cases)
+        cases, described = build_input(work / "cases", args.slices, args.cases, args.input)
         print(f"input: {described['source']}, {described['original_size']} voxels at "
               f"{described['original_spacing_mm']} mm -> {described['size']} at {described['spacing_mm']} mm "
               f"({described['format']}, {described['file_mb']} MB), {args.cases} cases")
@@ -381,6 +451,9 @@ def main() -> None:
               f"{row['ratio']:5.2f}x {row['default_busy']:5.0%} {row['serial_slices_per_s']:6.2f} "
               f"{row['serial_ratio']:5.2f}x {row['default_vs_serial']:11.2f}x {row['shared_slices_per_s']:6.2f} "
               f"{row['shared_ratio']:5.2f}x  {row['schedule']['described']}")
+        if row["decode_alone_slices_per_s"] is not None:
+            print(f"{'':15s} decode alone ({row['decoder']}) {row['decode_alone_slices_per_s']:.1f} slices/s; "
+                  f"infer / min(model-only, decode alone) {row['ratio_vs_bound']:.2f}x")
     machine = {**machine_info(), "freed_memory_kept": memory_kept}
     machine.update(load_average_before=[round(x, 2) for x in load_before],
                    load_average_after=[round(x, 2) for x in load_after])

@@ -89,7 +89,8 @@ def test_infer_in_bf16_finds_what_fp32_finds_on_the_sample(tmp_path):
         assert result.exit_code == 0, result.output
         assert f"; {name} (" in result.output
         document = json.loads((tmp_path / name / "sample_ct" / "detections.json").read_text())
-        assert document["runtime"] == {"backend": "torch", "device": "cpu", "precision": name, "compiled": False}
+        assert document["runtime"] == {"backend": "torch", "device": "cpu", "precision": name, "compiled": False,
+                                       "decoder": "gdcm"}
         found[name] = document["lesions"]
     assert len(found["bf16"]) == len(found["fp32"]) > 0
     for ours, theirs in zip(found["bf16"], found["fp32"]):

@@ -57,7 +57,8 @@ def test_train_publish_infer_writes_aligned_nifti_and_dicom_seg(fetched, tmp_pat
     np.testing.assert_allclose(nifti.affine_lps, volume.affine_lps, atol=1e-4)  # on the source grid
     summary = json.loads((case / "segmentation.json").read_text())
     assert summary["model"] == "template-seg-abdomen" and set(summary["classes"]) == set(card.input_spec["classes"])
-    assert summary["runtime"] == {"backend": "torch", "device": "cpu", "precision": "fp32", "compiled": False}
+    assert summary["runtime"] == {"backend": "torch", "device": "cpu", "precision": "fp32", "compiled": False,
+                                  "decoder": "gdcm"}
     assert (case / "labels_overlay.png").stat().st_size > 1000
     if labels.any():  # a one-epoch model may find nothing; then no SEG is written, by design
         seg = pydicom.dcmread(case / "seg.dcm")

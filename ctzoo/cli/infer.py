@@ -50,6 +50,10 @@ def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
               help="PyTorch backend: torch.compile the network for fixed shapes (every batch padded to "
                    "--batch-size). Compiling takes tens of seconds per model copy on a CPU; long jobs win it back "
                    "(docs/batch-inference.md).")
+@click.option("--decode", type=click.Choice(["auto", "gdcm", "nvimgcodec"]), default="auto", show_default=True,
+              help="How DICOM's JPEG 2000 is decoded: GDCM on CPU threads, or nvImageCodec in batches on the GPU "
+                   "(ctzoo[gpu]), used only where the sample CT decodes to HU identical to GDCM's (checked at "
+                   "start). auto: nvImageCodec on CUDA where installed and the check passes, else GDCM.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ctzoo-out"), show_default=True,
               help="Output folder: OUT/<case>/... per case and OUT/summary.csv.")
 @click.option("--layout", type=click.Choice(["auto", "copies", "shared"]), default="auto", show_default=True,
@@ -86,7 +90,7 @@ def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
 @perf_options(deep_profiles=True)
 @_ctrl_c_exits_130
 def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, device: str, precision: str,
-          compile_model: bool, out: Path,
+          compile_model: bool, decode: str, out: Path,
           layout: str, workers: int | None, batch_size: int, threads: int | None, resume: bool, overlay: bool | None,
           score_threshold: float | None, engine: str, placement: Path | None, series: str | None,
           rules_file: Path | None, **limit_options) -> None:
@@ -148,6 +152,8 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
         _check_placement_options(model_names, backend, engine)
     try:
         check_request(precision, backend, placed=placement is not None, compile=compile_model)
+        if decode == "nvimgcodec" and engine != "local":
+            raise ValueError("--decode nvimgcodec decodes in this machine's readers: use it with --engine local")
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     # every model before anything else: a typo must not cost a scan of the inputs
@@ -165,9 +171,10 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
         click.echo("warning: --perf-profile: ctzoo infer takes deep profiles with --backend torch and the local "
                    "engine (ctzoo serve profiles ONNX graphs); none will be taken", err=True)
         monitor.profiler.budget = 0
+    decoder = _choose_decoder(decode, device if network is None else network.home, engine)
     options = PipelineOptions(out=out, batch_size=batch_size, workers=workers, layout=layout, resume=resume,
                               overlay=(not inputs) if overlay is None else overlay, series=series, rules=rules,
-                              limits=volume_limits(limit_options), perf=monitor)
+                              limits=volume_limits(limit_options), perf=monitor, decoder=decoder)
     click.echo(f"{len(cases)} case(s) -> {out}", err=True)
     rows: list[dict] = []
     try:
@@ -205,6 +212,19 @@ def _progress_logging() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+def _choose_decoder(requested: str, device: str, engine: str) -> str | None:
+    """The pipeline's decoder for ``--decode`` (ctzoo.inference.decoding), said on stderr once for the run."""
+    from ctzoo.inference.backends import resolve_device
+    from ctzoo.inference.decoding import choose_decoder
+
+    try:
+        choice = choose_decoder(requested, resolve_device(device), engine)
+    except (RuntimeError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"decode: {choice.describe()}", err=True)
+    return choice.pipeline_decoder
 
 
 def _check_placement_options(model_names: tuple[str, ...], backend: str, engine: str) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import functools
 import inspect
 import io
@@ -91,6 +92,9 @@ class PipelineOptions:
     # a list, or None: every model batch appends (start, end, slices, process id), wall clock (time.time()):
     # how busy the model was (benchmarks/infer.py)
     batch_log: list | None = None
+    # how the readers decode DICOM's JPEG 2000: None (GDCM) or an nvImageCodec spec, "nvimgcodec:cuda:0"
+    # (ctzoo.inference.decoding.choose_decoder); with one, worker processes are spawned, not forked
+    decoder: str | None = None
 
 
 class Cancelled(RuntimeError):
@@ -111,11 +115,13 @@ def error_message(exc: BaseException) -> str:
 
 
 def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: str | None = None,
-              rules: Any = None, limits: Any = None, reuse: bool = False) -> Iterator[dict[str, Any]]:
+              rules: Any = None, limits: Any = None, reuse: bool = False,
+              decoder: str | None = None) -> Iterator[dict[str, Any]]:
     """Messages for one case: ``slices`` chunks ``(n, C, H, W)``, then ``end`` (volume and context), or
     ``error`` as soon as anything fails. Used by the local readers and by the Ray engine. ``reuse``: every chunk
     is stacked into the same array, valid until the next message (for a consumer in this process that is done
-    with a chunk before it asks for the next: a fresh 75 MB batch of 2.5D slices each time costs page faults)."""
+    with a chunk before it asks for the next: a fresh 75 MB batch of 2.5D slices each time costs page faults).
+    ``decoder``: how JPEG 2000 DICOM is decoded (:attr:`PipelineOptions.decoder`)."""
     from ctzoo.io import read_volume
     from ctzoo.io.limits import DEFAULT_LIMITS
 
@@ -125,7 +131,8 @@ def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: 
     try:
         volume = case.volume if case.volume is not None else read_volume(case.path, series=series, rules=rules,
                                                                          progress=False,
-                                                                         limits=limits or DEFAULT_LIMITS)
+                                                                         limits=limits or DEFAULT_LIMITS,
+                                                                         decoder=decoder)
         if not np.isfinite(volume.array).all():
             bad = int(volume.array.size - np.isfinite(volume.array).sum())
             raise ValueError(f"{case.path}: {bad} voxels are NaN or infinite; refusing to guess their HU")
@@ -179,10 +186,10 @@ def axial_slices(volume: Volume) -> int:
 
 
 def predict_case(index: int, case: CaseInput, task: ModelTask, batch_size: int, series: str | None = None,
-                 rules: Any = None, limits: Any = None) -> Iterator[dict[str, Any]]:
+                 rules: Any = None, limits: Any = None, decoder: str | None = None) -> Iterator[dict[str, Any]]:
     """Messages for one case run whole by one model copy: ``outputs`` of each batch of ``batch_size`` slices
     (with the batch's wall-clock start and end), then ``end`` as :func:`read_case`'s, or ``error``."""
-    for message in read_case(index, case, task, batch_size, series, rules, limits, reuse=True):
+    for message in read_case(index, case, task, batch_size, series, rules, limits, reuse=True, decoder=decoder):
         if message["kind"] != "slices":
             yield message
             continue
@@ -202,17 +209,20 @@ class CaseStream(IterableDataset):
     next case no worker has taken yet (a counter in shared memory), so a worker done early takes more cases."""
 
     def __init__(self, cases: list[CaseInput], task: ModelTask, chunk: int, series: str | None, rules: Any,
-                 limits: Any = None, copy_threads: int | None = None, start_method: str | None = None):
+                 limits: Any = None, copy_threads: int | None = None, start_method: str | None = None,
+                 decoder: str | None = None):
         self.cases, self.task, self.chunk, self.series, self.rules = cases, task, chunk, series, rules
+        self.decoder = decoder
         self.limits, self.copy_threads, self.replicate = limits, copy_threads, task.replicate
         # the workers' start method (None: the default) must also make the counter they share
         context = multiprocessing.get_context(start_method)
         self.taken = context.Value("q", 0) if copy_threads is not None else None
 
     def __getstate__(self) -> dict[str, Any]:
-        # to a spawned worker (copies with several threads each): it builds its copy with `replicate` (which
-        # pickles: the bundle and the backend's kind); the task's stage functions are closures and stay here
-        return {**self.__dict__, "task": None}
+        # to a spawned worker: a copy builds its model with `replicate` (which pickles: the bundle and the backend's
+        # kind); a reader needs `preprocess` alone (it pickles). The other stage functions are closures: they stay
+        reader = dataclasses.replace(self.task, predict=None, finish=None, write=None, profile=None, replicate=None)
+        return {**self.__dict__, "task": None if self.copy_threads is not None else reader}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = get_worker_info()
@@ -220,7 +230,7 @@ class CaseStream(IterableDataset):
             share, step = (worker.id, worker.num_workers) if worker else (0, 1)
             for index in range(share, len(self.cases), step):
                 yield from read_case(index, self.cases[index], self.task, self.chunk, self.series, self.rules,
-                                     self.limits)
+                                     self.limits, decoder=self.decoder)
             return
         task = None
         while (index := self._take()) < len(self.cases):
@@ -229,7 +239,8 @@ class CaseStream(IterableDataset):
             elif task is None:  # a model of its own: a forked ONNX Runtime session has no thread pool
                 keep_freed_memory()  # a spawned copy does not inherit the main process's setting
                 task = self.replicate(self.copy_threads)
-            yield from predict_case(index, self.cases[index], task, self.chunk, self.series, self.rules, self.limits)
+            yield from predict_case(index, self.cases[index], task, self.chunk, self.series, self.rules, self.limits,
+                                    self.decoder)
 
     def _take(self) -> int:
         with self.taken.get_lock():
@@ -262,15 +273,15 @@ def write_case(task: ModelTask, case: CaseInput, volume: Volume, context: Any, o
                runtime: dict[str, Any] | None = None) -> dict[str, Any]:
     """Finish and write one case; returns its summary row (status ok, or error with the message). ``seconds``,
     if given, receives the time of each stage that completed (``finish``, ``write``); ``runtime``: what predicted
-    the case, recorded in its outputs (default ``task.runtime``)."""
+    the case (default ``task.runtime``), recorded in its outputs with the ``decoder`` its JPEG 2000 DICOM took."""
     row = summary_row(case, task, "ok", slices=len(outputs))
     seconds = {} if seconds is None else seconds
     try:
         clock = time.perf_counter()
         result = task.finish(volume, context, outputs)
         seconds["finish"], clock = time.perf_counter() - clock, time.perf_counter()
-        written, info = task.write(volume, result, options.out / case.name, options.overlay,
-                                   task.runtime if runtime is None else runtime)
+        runtime = {**(task.runtime if runtime is None else runtime), "decoder": options.decoder or "gdcm"}
+        written, info = task.write(volume, result, options.out / case.name, options.overlay, runtime)
         seconds["write"] = time.perf_counter() - clock
         row.update(info, outputs=" ".join(str(p.relative_to(options.out)) for p in written))
     except Exception as exc:
@@ -449,9 +460,13 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
         # the parent's thread pool, whose threads the child does not have): copies of PyTorch models on several
         # threads start from scratch (a few seconds each); on one thread PyTorch runs no parallel region
         parallel["multiprocessing_context"] = "spawn"
+    if options.workers > 0 and options.decoder:
+        # a forked child would inherit this process's decoder (its check built one) without its threads, and CUDA
+        # cannot start in a child forked after it did here: each spawned reader builds its own
+        parallel["multiprocessing_context"] = "spawn"
     stream = CaseStream(todo, task, options.batch_size if copies else options.chunk, options.series, options.rules,
                         options.limits, copy_threads=options.copy_threads if copies else None,
-                        start_method=parallel.get("multiprocessing_context"))
+                        start_method=parallel.get("multiprocessing_context"), decoder=options.decoder)
     loader = DataLoader(stream, batch_size=None, num_workers=options.workers, collate_fn=_keep, **parallel)
     try:
         for message in loader if todo else ():

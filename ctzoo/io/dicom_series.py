@@ -13,7 +13,9 @@ How, and why:
   through SimpleITK/GDCM, which decodes them fastest and most broadly, in a
   thread pool (GDCM releases the GIL). Uncompressed slices need no codec:
   pydicom hands over their bytes, about 4x faster than a GDCM call per file
-  (``benchmarks/dicom_read.py``).
+  (``benchmarks/dicom_read.py``). Given an nvImageCodec decoder (on a GPU,
+  :mod:`ctzoo.io.nvimgcodec_decode`), JPEG 2000 slices are decoded in
+  batches by it instead, to the same HU; whatever it does not take goes to GDCM.
 * **MONOCHROME1** only says how to *display* the values; HU is still
   slope x stored + intercept. GDCM inverts MONOCHROME1 pixels, which would
   corrupt HU, so those slices are decoded by pydicom (+ pylibjpeg) and
@@ -51,6 +53,7 @@ from ctzoo.io.dicom_scan import (
 from ctzoo.io.dicom_uids import repair_uids
 from ctzoo.io.itk_threads import first_use_alone
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
+from ctzoo.io.nvimgcodec_decode import J2K_SYNTAXES, NvImageCodecDecoder, decoder_for
 from ctzoo.io.volume import DicomSource, Volume
 
 log = logging.getLogger(__name__)
@@ -137,7 +140,7 @@ def _check_same_grid(slices: list[SliceHeader]) -> None:
 def decode_slice_hu(header: SliceHeader) -> np.ndarray:
     """One slice's pixels in HU as float32 (rows, columns); :class:`DicomError` naming the file on failure."""
     rows, columns = int(header.dataset.Rows), int(header.dataset.Columns)
-    transfer_syntax = pydicom.uid.UID(str(header.dataset.file_meta.get("TransferSyntaxUID", "")))
+    transfer_syntax = _transfer_syntax(header)
     monochrome1 = str(header.dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
     try:
         full = pydicom.dcmread(header.path)
@@ -197,11 +200,38 @@ def _instance_number(ds) -> int | None:
         return None
 
 
+def _decode_planes(slices: list[SliceHeader], pool: ThreadPoolExecutor, decoder: NvImageCodecDecoder | None,
+                   progress: bool) -> list[np.ndarray]:
+    """Every slice's HU plane: JPEG 2000 slices through ``decoder`` in batches where one is given, the rest (and
+    what it does not take) one file per task in ``pool``."""
+    planes: list[np.ndarray | None] = [None] * len(slices)
+    with tqdm(total=len(slices), desc="decoding slices", unit="slice", disable=None if progress else True,
+              leave=False) as bar:
+        if decoder is not None:
+            batched = [k for k, s in enumerate(slices) if _transfer_syntax(s) in J2K_SYNTAXES]
+            stored = decoder.stored_values([slices[k].path for k in batched], pool)
+            for k, values in zip(batched, stored):
+                if values is not None:  # the same modality LUT as the uncompressed path
+                    planes[k] = pydicom.pixels.apply_modality_lut(values, slices[k].dataset).astype(np.float32)
+                    bar.update()
+        rest = [k for k, plane in enumerate(planes) if plane is None]
+        for k, plane in zip(rest, pool.map(decode_slice_hu, [slices[k] for k in rest])):
+            planes[k] = plane
+            bar.update()
+    return planes
+
+
+def _transfer_syntax(header: SliceHeader) -> pydicom.uid.UID:
+    return pydicom.uid.UID(str(header.dataset.file_meta.get("TransferSyntaxUID", "")))
+
+
 def volume_from_series(series: SeriesInfo, display_root: str = "", workers: int | None = None,
-                       progress: bool = True, limits: ResourceLimits = DEFAULT_LIMITS) -> Volume:
+                       progress: bool = True, limits: ResourceLimits = DEFAULT_LIMITS,
+                       decoder: str | None = None) -> Volume:
     """Decode a scanned series into a Volume (see the module docstring for every rule applied).
 
-    Rows x Columns x slices, from the headers, is checked against ``limits`` before any pixel is decoded."""
+    Rows x Columns x slices, from the headers, is checked against ``limits`` before any pixel is decoded.
+    ``decoder``: ``None``/``gdcm``, or an nvImageCodec spec for JPEG 2000 (:mod:`ctzoo.io.nvimgcodec_decode`)."""
     if series.non_images:
         bad = series.non_images[0]
         raise DicomError(f"{bad.display_name}: {bad.not_image_reason} (in the series being read)")
@@ -215,8 +245,7 @@ def volume_from_series(series: SeriesInfo, display_root: str = "", workers: int 
     z_spacing = slice_spacing(slices, along, messages)
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        planes = list(tqdm(pool.map(decode_slice_hu, slices), total=len(slices), desc="decoding slices",
-                           unit="slice", disable=None if progress else True, leave=False))
+        planes = _decode_planes(slices, pool, decoder_for(decoder), progress)
     row_cosine, column_cosine = slices[0].orientation[:3], slices[0].orientation[3:]
     # PixelSpacing is (row spacing, column spacing) = (y, x): the order DICOM gives it in.
     row_mm, column_mm = (float(v) for v in slices[0].dataset.PixelSpacing)
@@ -232,17 +261,19 @@ def volume_from_series(series: SeriesInfo, display_root: str = "", workers: int 
 
 def read_dicom_series(path: str | Path, series: str | None = None, rules: SeriesRules | None = None,
                       workers: int | None = None, progress: bool = True,
-                      limits: ResourceLimits = DEFAULT_LIMITS) -> Volume:
+                      limits: ResourceLimits = DEFAULT_LIMITS, decoder: str | None = None) -> Volume:
     """Read the CT volume in a DICOM folder or zip.
 
     ``series`` picks one by SeriesInstanceUID or by its index as ``ctzoo info`` lists it; otherwise
-    ``rules`` choose (default: CT, axial, not a localizer, most slices).
+    ``rules`` choose (default: CT, axial, not a localizer, most slices). ``decoder``: see
+    :func:`volume_from_series`.
     """
     with dicom_folder(path, limits) as (folder, display_root):
         scan = scan_folder(folder, display_root, progress=progress)
         if display_root is None:
             scan.root = str(path)
         chosen = choose_series(scan, rules, series)
-        volume = volume_from_series(chosen, scan.root, workers=workers, progress=progress, limits=limits)
+        volume = volume_from_series(chosen, scan.root, workers=workers, progress=progress, limits=limits,
+                                    decoder=decoder)
     volume.source_path = str(path)
     return volume

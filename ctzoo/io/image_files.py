@@ -155,7 +155,8 @@ def write_volume(volume: Volume, path: str | Path, dtype=None) -> Path:
 
 
 def read_volume(path: str | Path, series: str | None = None, rules: SeriesRules | None = None,
-                dtype=np.float32, progress: bool = True, limits: ResourceLimits = DEFAULT_LIMITS) -> Volume:
+                dtype=np.float32, progress: bool = True, limits: ResourceLimits = DEFAULT_LIMITS,
+                decoder: str | None = None) -> Volume:
     """Read any CT input ctzoo accepts into a Volume.
 
     * a folder or ``.zip`` of DICOM files: the series chosen by ``series``/``rules``
@@ -164,14 +165,16 @@ def read_volume(path: str | Path, series: str | None = None, rules: SeriesRules 
     * ``.nii``/``.nii.gz`` (nibabel) and ``.nrrd``/``.nhdr``/``.mha``/``.mhd`` (SimpleITK).
 
     Sizes declared by headers (and a zip's inflated size) are checked against ``limits`` before allocating
-    (:mod:`ctzoo.io.limits`); a refusal is :class:`~ctzoo.io.limits.LimitExceeded`.
+    (:mod:`ctzoo.io.limits`); a refusal is :class:`~ctzoo.io.limits.LimitExceeded`. ``decoder`` decodes DICOM's
+    JPEG 2000 (``None``/``gdcm``, or ``nvimgcodec:DEVICE``: :mod:`ctzoo.io.nvimgcodec_decode`).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     suffix = file_suffix(path)
     if path.is_dir() or suffix == ".zip":
-        volume = read_dicom_series(path, series=series, rules=rules, progress=progress, limits=limits)
+        volume = read_dicom_series(path, series=series, rules=rules, progress=progress, limits=limits,
+                                   decoder=decoder)
         volume.array = _cast(volume.array, dtype)
         return volume
     if suffix in NIFTI_SUFFIXES:
@@ -184,6 +187,6 @@ def read_volume(path: str | Path, series: str | None = None, rules: SeriesRules 
     if header.not_image_reason:
         raise DicomError(f"{path}: {header.not_image_reason}")
     volume = read_dicom_series(path.parent, series=series or header.series_key, rules=rules, progress=progress,
-                               limits=limits)
+                               limits=limits, decoder=decoder)
     volume.array = _cast(volume.array, dtype)
     return volume
