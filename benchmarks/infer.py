@@ -23,6 +23,8 @@ them alike; the table shows medians, the JSON every repeat:
 embedded sample's headers with the resampled slices), and ``--decode`` (gdcm, nvimgcodec, auto: ``ctzoo infer
 --decode``) decodes them in every pipeline row; the row then also has the decode rate alone (``read_volume`` of one
 case, every thread, best of 3, slices/s) and ``ratio_vs_bound`` = infer / min(model-only, decode alone).
+``--preprocess-on model`` computes the default and shared rows' inputs in the model's process, on its device
+(``ctzoo infer --preprocess-on model``).
 ``--precision bf16`` and ``--compile`` run every torch row (the baseline too) as ``ctzoo infer --precision bf16
 --compile`` does. The JSON also has the single-stage costs of one process (NIfTI read s/case,
 ``task.preprocess`` slices/s on 1 thread, finish + write s/case) and, per run, where the models waited (before
@@ -34,7 +36,8 @@ is excluded from every rate. As ``ctzoo infer``, the benchmark keeps freed memor
     python benchmarks/infer.py [--model recistnet-mini] [--backends torch,onnx] [--device auto] [--slices 100]
                                [--cases 6] [--repeats 3] [--batch-size 8] [--workers N] [--threads N]
                                [--precision fp32|bf16] [--compile] [--input nifti|dicom|j2k]
-                               [--decode gdcm|nvimgcodec|auto] [--out benchmarks/results/infer.json]
+                               [--decode gdcm|nvimgcodec|auto] [--preprocess-on readers|model]
+                               [--out benchmarks/results/infer.json]
 """
 
 from __future__ import annotations
@@ -287,7 +290,8 @@ def measure(model_name: str, kind: str, device: str, cases: list[CaseInput], arg
     torch.set_num_threads(args.threads)
 
     # ctzoo infer at its defaults (the schedule it picks for this device, these cases, this machine's cores)
-    schedule = choose_schedule(device_used, len(cases))
+    preprocess_device = device_used if args.preprocess_on == "model" else None
+    schedule = choose_schedule(device_used, len(cases), can_copy=preprocess_device is None)
     here = task  # the main process runs the model when there is one copy (workers 0) or in the shared layout
     if schedule.threads not in (None, args.threads) and not (schedule.layout == "copies" and schedule.workers):
         here = task.replicate(schedule.threads)
@@ -295,13 +299,13 @@ def measure(model_name: str, kind: str, device: str, cases: list[CaseInput], arg
     runs = {  # name: (task in this process, options)
         "default": (here, PipelineOptions(out=work / "default", batch_size=args.batch_size, layout=schedule.layout,
                                           workers=schedule.workers, copy_threads=schedule.threads or 1,
-                                          decoder=decoder)),
+                                          decoder=decoder, preprocess_device=preprocess_device)),
         # ctzoo infer --workers 0: read, preprocess, predict (args.threads) in turn in one process
         "serial": (task, PipelineOptions(out=work / "serial", batch_size=args.batch_size, layout="copies",
                                          workers=0, copy_threads=args.threads, decoder=decoder)),
         # one model (args.threads) fed by --workers reader processes: ctzoo infer's default before the copies
         "shared": (task, PipelineOptions(out=work / "shared", batch_size=args.batch_size, workers=args.workers,
-                                         decoder=decoder)),
+                                         decoder=decoder, preprocess_device=preprocess_device)),
     }
     decode_alone = decode_rate(cases[0], decoder) if args.input != "nifti" else None
     samples = []  # each repeat measures the model alone and then every pipeline: a slow spell hits them alike
@@ -345,6 +349,7 @@ def measure(model_name: str, kind: str, device: str, cases: list[CaseInput], arg
         "min_default_vs_serial": min(s["default_vs_serial"] for s in samples),
         "default_busy": float(np.median([s["default"]["model_busy_fraction"] for s in samples])),
         "decoder": decoder or "gdcm", "decode_alone_slices_per_s": decode_alone,
+        "preprocess_on": args.preprocess_on,
         "ratio_vs_bound": medians["default"] / bound,
         "samples": samples,
         # the first pass's single-stage costs (one process, no contention)
@@ -410,6 +415,9 @@ def main() -> None:
                         help="the cases' format: NIfTI, or DICOM series uncompressed / JPEG 2000 (default nifti)")
     parser.add_argument("--decode", choices=["auto", "gdcm", "nvimgcodec"], default="auto",
                         help="DICOM's JPEG 2000 decoder (ctzoo infer --decode; default auto)")
+    parser.add_argument("--preprocess-on", choices=["readers", "model"], default="readers",
+                        help="where the default and shared rows compute the network inputs (ctzoo infer "
+                             "--preprocess-on; default readers)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "infer.json")
     args = parser.parse_args()
     # as ctzoo infer does before its pipeline: every row, the model-only baseline too, runs with freed memory kept

@@ -22,7 +22,8 @@ LONG_MODULES = ("test_smap_secure", "test_recistnet_learning", "test_template_se
                 "test_infer_pipeline", "test_cohort_report", "test_readme", "test_template_seg_cli", "test_compress",
                 "test_template_seg_model", "test_expand", "test_deeplesion_mini", "test_infer_schedule",
                 "test_monai_bundle", "test_pacs_cli", "test_serve_abuse", "test_backends", "test_pacs_listener",
-                "test_export", "test_perf_parameter_server", "test_ray_engine")
+                "test_export", "test_perf_parameter_server", "test_ray_engine", "test_preprocess_on_model",
+                "test_nvimgcodec_decode")
 
 
 def pytest_collection_modifyitems(items):

@@ -90,7 +90,7 @@ def test_infer_in_bf16_finds_what_fp32_finds_on_the_sample(tmp_path):
         assert f"; {name} (" in result.output
         document = json.loads((tmp_path / name / "sample_ct" / "detections.json").read_text())
         assert document["runtime"] == {"backend": "torch", "device": "cpu", "precision": name, "compiled": False,
-                                       "decoder": "gdcm"}
+                                       "decoder": "gdcm", "preprocessing": "cpu"}
         found[name] = document["lesions"]
     assert len(found["bf16"]) == len(found["fp32"]) > 0
     for ours, theirs in zip(found["bf16"], found["fp32"]):

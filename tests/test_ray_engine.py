@@ -78,7 +78,8 @@ def test_ray_matches_local_engine(both, cases):
         expected, got = (json.loads((out / row["case"] / "detections.json").read_text()) for out in (local_out, ray_out))
         # what predicted the case is recorded by the model actor, not by the writer that wrote it
         assert got["runtime"] == expected["runtime"] == {"backend": "torch", "device": "cpu", "precision": "fp32",
-                                                         "compiled": False, "decoder": "gdcm"}
+                                                         "compiled": False, "decoder": "gdcm",
+                                                         "preprocessing": "cpu"}
         expected, got = expected["lesions"], got["lesions"]
         assert len(got) == len(expected) == row["findings"]
         for a, b in zip(got, expected):

@@ -58,7 +58,7 @@ def test_train_publish_infer_writes_aligned_nifti_and_dicom_seg(fetched, tmp_pat
     summary = json.loads((case / "segmentation.json").read_text())
     assert summary["model"] == "template-seg-abdomen" and set(summary["classes"]) == set(card.input_spec["classes"])
     assert summary["runtime"] == {"backend": "torch", "device": "cpu", "precision": "fp32", "compiled": False,
-                                  "decoder": "gdcm"}
+                                  "decoder": "gdcm", "preprocessing": "cpu"}
     assert (case / "labels_overlay.png").stat().st_size > 1000
     if labels.any():  # a one-epoch model may find nothing; then no SEG is written, by design
         seg = pydicom.dcmread(case / "seg.dcm")

@@ -2,13 +2,14 @@
 # There (the lent GPU machine), in the third call, with .gpu/3 carried: install the last wheels, then run the
 # GPU checks of issue 28 in order, each under its own time limit, each writing its JSON to $OUT as it ends, so a
 # step that runs out of time costs only itself. Steps: a name from the list below, or all (the default).
-#   check      the GPU, the packages, and tests/test_nvimgcodec_decode.py (the decoder's check on cuda)
+#   check      the GPU, the packages, tests/test_nvimgcodec_decode.py and test_preprocess_on_model.py (on cuda)
 #   decode     benchmarks/dicom_read.py --nvimgcodec cpu,cuda      (reading: GDCM threads vs nvImageCodec)
 #   precision  benchmarks/precision.py --device cuda               (bf16 and torch.compile)
 #   infer-j2k  benchmarks/infer.py --device cuda --input j2k --decode nvimgcodec (end to end vs the bounds)
-#   infer-dcm  benchmarks/infer.py --device cuda --input dicom
+#   infer-j2k-model  the same with --preprocess-on model (the inputs computed on the GPU)
+#   infer-dcm  benchmarks/infer.py --device cuda --input dicom      (not in the default list: a second call)
 #   train      benchmarks/train.py --device cuda with configs/recistnet_mini_gpu.yaml
-#   train-r34  the same with configs/recistnet_resnet34_gpu.yaml
+#   train-r34  the same with configs/recistnet_resnet34_gpu.yaml   (not in the default list: a second call)
 # Usage: bash benchmarks/gpu/run.sh [STEP ...]   (at most 9 minutes for all; a device call allows 10)
 set -uo pipefail
 OUT=${OUT:-/tmp/ctzoo-gpu-out}
@@ -16,7 +17,7 @@ mkdir -p "$OUT"
 [ -d .gpu/3 ] && { bash benchmarks/gpu/install.sh .gpu/3 >/dev/null || exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CTZOO_CACHE=$PWD/.gpu/3/cache
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(check decode precision infer-j2k infer-dcm train train-r34)
+[ ${#steps[@]} -gt 0 ] || steps=(check decode infer-j2k infer-j2k-model precision train)
 step() {  # name, seconds, command ...
   local name=$1 limit=$2; shift 2
   echo "== $name (at most ${limit} s): $*"
@@ -26,10 +27,11 @@ step() {  # name, seconds, command ...
 }
 for s in "${steps[@]}"; do
   case $s in
-    check) step check 40 bash -c "nvidia-smi -L; python3 -c 'import torch, monai, SimpleITK, pydicom, nvidia.nvimgcodec; print(torch.cuda.get_device_name(0))' && python3 -m pytest -q -n 0 -p no:cacheprovider tests/test_nvimgcodec_decode.py" ;;
+    check) step check 60 bash -c "nvidia-smi -L; python3 -c 'import torch, monai, SimpleITK, pydicom, nvidia.nvimgcodec; print(torch.cuda.get_device_name(0))' && python3 -m pytest -q -n 0 -p no:cacheprovider tests/test_nvimgcodec_decode.py tests/test_preprocess_on_model.py -k 'not infer_with'" ;;
     decode) step decode 60 python3 benchmarks/dicom_read.py --nvimgcodec cpu,cuda --out "$OUT/dicom_read-gpu.json" ;;
     precision) step precision 120 python3 benchmarks/precision.py --device cuda --out "$OUT/precision-gpu.json" ;;
     infer-j2k) step infer-j2k 120 python3 benchmarks/infer.py --device cuda --backends torch --input j2k --decode nvimgcodec --repeats 2 --out "$OUT/infer-gpu-j2k.json" ;;
+    infer-j2k-model) step infer-j2k-model 120 python3 benchmarks/infer.py --device cuda --backends torch --input j2k --decode nvimgcodec --preprocess-on model --repeats 2 --out "$OUT/infer-gpu-j2k-model.json" ;;
     infer-dcm) step infer-dcm 80 python3 benchmarks/infer.py --device cuda --backends torch --input dicom --repeats 2 --out "$OUT/infer-gpu-dicom.json" ;;
     train) step train 60 python3 benchmarks/train.py --device cuda --config configs/recistnet_mini_gpu.yaml --out "$OUT/train-gpu.json" ;;
     train-r34) step train-r34 60 python3 benchmarks/train.py --device cuda --config configs/recistnet_resnet34_gpu.yaml --out "$OUT/train-gpu-r34.json" ;;

@@ -54,6 +54,11 @@ def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
               help="How DICOM's JPEG 2000 is decoded: GDCM on CPU threads, or nvImageCodec in batches on the GPU "
                    "(ctzoo[gpu]), used only where the sample CT decodes to HU identical to GDCM's (checked at "
                    "start). auto: nvImageCodec on CUDA where installed and the check passes, else GDCM.")
+@click.option("--preprocess-on", "preprocess_on", type=click.Choice(["readers", "model"]), default="readers",
+              show_default=True,
+              help="Where each slice's network input is computed (reorient, resample, window). readers: in the "
+                   "reader processes on the CPU. model: on the model's device (the GPU), the readers only reading; "
+                   "PyTorch backend, shared layout, local engine; same inputs (docs/batch-inference.md).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ctzoo-out"), show_default=True,
               help="Output folder: OUT/<case>/... per case and OUT/summary.csv.")
 @click.option("--layout", type=click.Choice(["auto", "copies", "shared"]), default="auto", show_default=True,
@@ -90,7 +95,7 @@ def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
 @perf_options(deep_profiles=True)
 @_ctrl_c_exits_130
 def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, device: str, precision: str,
-          compile_model: bool, decode: str, out: Path,
+          compile_model: bool, decode: str, preprocess_on: str, out: Path,
           layout: str, workers: int | None, batch_size: int, threads: int | None, resume: bool, overlay: bool | None,
           score_threshold: float | None, engine: str, placement: Path | None, series: str | None,
           rules_file: Path | None, **limit_options) -> None:
@@ -154,6 +159,9 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
         check_request(precision, backend, placed=placement is not None, compile=compile_model)
         if decode == "nvimgcodec" and engine != "local":
             raise ValueError("--decode nvimgcodec decodes in this machine's readers: use it with --engine local")
+        if preprocess_on == "model" and (backend != "torch" or engine != "local" or layout == "copies"):
+            raise ValueError("--preprocess-on model computes the inputs where the PyTorch model is: use it with "
+                             "--backend torch, --engine local and the shared layout")
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     # every model before anything else: a typo must not cost a scan of the inputs
@@ -181,7 +189,7 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
         with _progress_logging():
             for model_name in model_names:
                 rows = _run_model(bundles[model_name], cases, options, backend, device, (precision, compile_model),
-                                  threads, score_threshold, engine, rows, network)
+                                  threads, score_threshold, engine, rows, network, preprocess_on == "model")
     except KeyboardInterrupt:  # the pipeline has recorded the cases that finished and removed partial files
         click.echo(f"interrupted: {out / 'summary.csv'} lists the cases that finished; --resume runs the rest",
                    err=True)
@@ -255,7 +263,8 @@ def _placed_network(bundle, plan_path: Path):
 
 
 def _run_model(bundle, cases, options, backend: str, device: str, torch_options: tuple[str, bool], threads: int | None,
-               score_threshold: float | None, engine: str, earlier_rows: list[dict], network=None) -> list[dict]:
+               score_threshold: float | None, engine: str, earlier_rows: list[dict], network=None,
+               preprocess_on_model: bool = False) -> list[dict]:
     import dataclasses
 
     from ctzoo.inference.allocator import keep_freed_memory
@@ -278,16 +287,18 @@ def _run_model(bundle, cases, options, backend: str, device: str, torch_options:
         home = resolve_device(device if network is None else network.home)
         # deep profiles rerun a batch where the model runs, in this process: one model, not copies
         profiling = options.perf is not None and options.perf.profiler.armed
+        can_copy = network is None and not profiling and not preprocess_on_model  # each needs the one model here
         schedule = choose_schedule(home, len(cases), layout=options.layout, workers=options.workers,
-                                   threads=threads, can_copy=network is None and not profiling)
+                                   threads=threads, can_copy=can_copy)
         choice = choose_precision(bundle, precision, backend, home, placed=network is not None)
         task = model_task(bundle, backend, home, score_threshold, schedule.threads, network=network,
                           precision=choice.precision, compile=compile_model)
     except (KeyError, FileNotFoundError, RuntimeError, ValueError) as exc:  # bad model/device/backend, Ray failure
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"{bundle.name}: {schedule.describe()}; {choice.describe()}{', compiled' if compile_model else ''}",
-               err=True)
+    click.echo(f"{bundle.name}: {schedule.describe()}; {choice.describe()}{', compiled' if compile_model else ''}"
+               f"{f'; inputs computed on {home}' if preprocess_on_model else ''}", err=True)
     keep_freed_memory()  # a batch job: freed memory is kept for the next batch (ctzoo.inference.allocator)
     options = dataclasses.replace(options, layout=schedule.layout, workers=schedule.workers,
-                                  copy_threads=schedule.threads or 1)
+                                  copy_threads=schedule.threads or 1,
+                                  preprocess_device=home if preprocess_on_model else None)
     return earlier_rows + run_pipeline(cases, task, options, other_rows=earlier_rows)

@@ -86,16 +86,18 @@ def _resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return resized.round().to(labels.dtype)
 
 
-def resample_slices(volume: Volume, prep: SegPreprocessing) -> tuple[torch.Tensor, SliceGeometry]:
+def resample_slices(volume: Volume, prep: SegPreprocessing,
+                    device: str | None = None) -> tuple[torch.Tensor, SliceGeometry]:
     """Steps 1-3 of the module docstring: ``volume`` -> HU slices ``(Z, H, W)`` float32 (air outside) and geometry.
 
-    Separate from windowing so that HU-level perturbations (robustness tests) can act in between.
+    Separate from windowing so that HU-level perturbations (robustness tests) can act in between. ``device``: where
+    the resampling runs and the slices are (None: the CPU).
     """
     lps = reorient_lps(volume)
     depth, rows, cols = lps.array.shape
     sx, sy = lps.spacing[:2]
     hw = (max(1, round(rows * sy / prep.spacing_mm)), max(1, round(cols * sx / prep.spacing_mm)))
-    hu = torch.from_numpy(np.ascontiguousarray(lps.array, dtype=np.float32))  # slices act as channels
+    hu = torch.from_numpy(np.ascontiguousarray(lps.array, dtype=np.float32)).to(device)  # slices act as channels
     if hw != (rows, cols):
         hu = Resize(hw, mode="bilinear", anti_aliasing=hw[0] < rows or hw[1] < cols)(hu)
         hu = hu.as_tensor() if isinstance(hu, MetaTensor) else torch.as_tensor(hu)
@@ -111,9 +113,11 @@ def window_slices(hu: torch.Tensor, prep: SegPreprocessing) -> torch.Tensor:
     return torch.as_tensor(ScaleIntensityRange(low, high, 0.0, 1.0, clip=True)(hu[:, None]), dtype=torch.float32)
 
 
-def volume_to_slices(volume: Volume, prep: SegPreprocessing) -> tuple[torch.Tensor, SliceGeometry]:
-    """CT ``volume`` -> network slices ``(Z, 1, H, W)`` float32 in [0, 1] (LPS axial, slice 0 inferior) + geometry."""
-    hu, geometry = resample_slices(volume, prep)
+def volume_to_slices(volume: Volume, prep: SegPreprocessing,
+                     device: str | None = None) -> tuple[torch.Tensor, SliceGeometry]:
+    """CT ``volume`` -> network slices ``(Z, 1, H, W)`` float32 in [0, 1] (LPS axial, slice 0 inferior) + geometry,
+    computed on ``device`` (None: the CPU)."""
+    hu, geometry = resample_slices(volume, prep, device)
     return window_slices(hu, prep), geometry
 
 

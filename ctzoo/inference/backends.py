@@ -140,15 +140,19 @@ def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
-def _as_batch(images: np.ndarray, channels: int | None, multiple: int = 1,
-              size: tuple[int, ...] | None = None) -> np.ndarray:
-    """``images`` as C-contiguous float32 ``(B, C, H, W)``; ValueError naming what is wrong otherwise."""
-    images = np.ascontiguousarray(images, dtype=np.float32)
+def _as_batch(images: np.ndarray | torch.Tensor, channels: int | None, multiple: int = 1,
+              size: tuple[int, ...] | None = None) -> np.ndarray | torch.Tensor:
+    """``images`` as C-contiguous float32 ``(B, C, H, W)`` (a tensor stays a tensor, on its device: preprocessed
+    there); ValueError naming what is wrong otherwise."""
+    if isinstance(images, torch.Tensor):
+        images = images.float().contiguous()
+    else:
+        images = np.ascontiguousarray(images, dtype=np.float32)
     if images.ndim != 4 or (channels is not None and images.shape[1] != channels):
         raise ValueError(f"images must have shape (B, {channels or 'C'}, H, W), got {images.shape}")
     if any(s % multiple for s in images.shape[2:]):
         raise ValueError(f"image height and width must be multiples of {multiple}, got {images.shape[2:]}")
-    if size is not None and images.shape[2:] != size:
+    if size is not None and tuple(images.shape[2:]) != size:
         raise ValueError(f"slices must be {size} pixels (the model's preprocessing and its template bank), "
                          f"got {images.shape[2:]}")
     return images
@@ -171,6 +175,8 @@ class FixedBatches:
         self.batch = max(self.batch, count)
         if count == self.batch:
             return images, count
+        if isinstance(images, torch.Tensor):
+            return torch.cat([images, images.new_zeros((self.batch - count, *images.shape[1:]))]), count
         return np.concatenate([images, np.zeros((self.batch - count, *images.shape[1:]), images.dtype)]), count
 
 
@@ -187,7 +193,7 @@ class TorchDetector:
         images = _as_batch(images, self._channels, SIZE_MULTIPLE)
         images, count = self.fixed.pad(images) if self.fixed else (images, len(images))
         with torch.inference_mode(), autocast(self._device, self.precision):
-            outputs = self.model(torch.from_numpy(images).to(self._device))
+            outputs = self.model(torch.as_tensor(images).to(self._device))
         return {name: outputs[name][:count].float().cpu().numpy() for name in HEADS}
 
 
@@ -211,10 +217,10 @@ class TorchSegmenter:
 
         images = _as_batch(images, 1)
         if self.placed:
-            return self._segment_in_place(torch.from_numpy(images).to(self._device))
+            return self._segment_in_place(torch.as_tensor(images).to(self._device))
         images, count = self.fixed.pad(images) if self.fixed else (images, len(images))
         with autocast(self._device, self.precision):
-            return segment_slices(self.model, self.bank, torch.from_numpy(images), batch_size=max(1, len(images)),
+            return segment_slices(self.model, self.bank, torch.as_tensor(images), batch_size=max(1, len(images)),
                                   device=self._device, progress=False)[:count].numpy()
 
     def _segment_in_place(self, slices: torch.Tensor) -> np.ndarray:

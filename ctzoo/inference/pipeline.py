@@ -15,7 +15,10 @@ and in the ``copies`` layout (the CPU's; :mod:`ctzoo.inference.schedule` says wh
 * Workers are ``torch.utils.data`` workers over an iterable of cases (``in_order=False``: a worker done with a
   small case never waits behind one reading a large case). Shared: slices travel in chunks through shared memory,
   each reader taking every ``workers``-th case. Copies: each worker takes the next case not yet taken.
-* Shared: the model never waits for one volume: slices of consecutive volumes fill the same batch.
+* Shared: the model never waits for one volume: slices of consecutive volumes fill the same batch. With
+  ``preprocess_device`` (``ctzoo infer --preprocess-on model``) the readers only read and decode, and the main
+  process computes each slice's input on the model's device (a GPU), where the batch stays.
+* The reader stage's functions are :mod:`ctzoo.inference.reader`.
 * A case that fails to read, preprocess, predict or write is recorded with its error in ``summary.csv``
   and ``OUT/<case>/status-<model>.json``; the batch goes on.
 * Every file is written under a temporary name and renamed; the status file is written last, so ``--resume``
@@ -33,7 +36,6 @@ and in the ``copies`` layout (the CPU's; :mod:`ctzoo.inference.schedule` says wh
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import functools
@@ -50,15 +52,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ctzoo.inference.allocator import keep_freed_memory
 from ctzoo.inference.inputs import CaseInput
 from ctzoo.inference.progress import Progress
+from ctzoo.inference.reader import (  # noqa: F401 (axial_slices, read_case: for the PACS bridge and Ray)
+    axial_slices,
+    error_message,
+    predict_case,
+    preprocessed_here,
+    read_case,
+)
 from ctzoo.inference.stage_events import case_context, record_batch, record_case_stages
-from ctzoo.inference.tasks import ModelTask
+from ctzoo.inference.tasks import ModelTask, preprocess_on
 from ctzoo.io import Volume
 from ctzoo.io.atomic import atomic_path
 
@@ -95,6 +103,9 @@ class PipelineOptions:
     # how the readers decode DICOM's JPEG 2000: None (GDCM) or an nvImageCodec spec, "nvimgcodec:cuda:0"
     # (ctzoo.inference.decoding.choose_decoder); with one, worker processes are spawned, not forked
     decoder: str | None = None
+    # where the model's inputs are computed: None, in the readers on the CPU; a device ("cuda"), in this process on
+    # that device, the readers only reading (ctzoo infer --preprocess-on model; shared layout, PyTorch backend)
+    preprocess_device: str | None = None
 
 
 class Cancelled(RuntimeError):
@@ -105,102 +116,7 @@ def status_path(out: Path, case: CaseInput, model_name: str) -> Path:
     return out / case.name / f"status-{model_name}.json"
 
 
-def error_message(exc: BaseException) -> str:
-    """One line for the summary: the exception type (when it adds something) and its message."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if isinstance(exc, (ValueError, FileNotFoundError)) else f"{type(exc).__name__}: {text}"
-
-
 # ------------------------------------------------------------------------------------------------ reader
-
-
-def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: str | None = None,
-              rules: Any = None, limits: Any = None, reuse: bool = False,
-              decoder: str | None = None) -> Iterator[dict[str, Any]]:
-    """Messages for one case: ``slices`` chunks ``(n, C, H, W)``, then ``end`` (volume and context), or
-    ``error`` as soon as anything fails. Used by the local readers and by the Ray engine. ``reuse``: every chunk
-    is stacked into the same array, valid until the next message (for a consumer in this process that is done
-    with a chunk before it asks for the next: a fresh 75 MB batch of 2.5D slices each time costs page faults).
-    ``decoder``: how JPEG 2000 DICOM is decoded (:attr:`PipelineOptions.decoder`)."""
-    from ctzoo.io import read_volume
-    from ctzoo.io.limits import DEFAULT_LIMITS
-
-    started_at = time.time()  # wall clock, not perf_counter: the writer compares it in another process
-    clock = time.perf_counter()
-    sent = 0
-    try:
-        volume = case.volume if case.volume is not None else read_volume(case.path, series=series, rules=rules,
-                                                                         progress=False,
-                                                                         limits=limits or DEFAULT_LIMITS,
-                                                                         decoder=decoder)
-        if not np.isfinite(volume.array).all():
-            bad = int(volume.array.size - np.isfinite(volume.array).sum())
-            raise ValueError(f"{case.path}: {bad} voxels are NaN or infinite; refusing to guess their HU")
-        read_s = time.perf_counter() - clock
-        # preprocess time is the reader's own work: the time it waits at a yield for the consumer is left out
-        preprocess_s, clock = 0.0, time.perf_counter()
-        context, images = task.preprocess(volume)
-        expected = axial_slices(volume)  # for progress only; the end message has the true count
-        stacked = None
-        for buffer in _chunks(images, chunk):
-            if not reuse:
-                rows = np.stack(buffer)
-            else:
-                if stacked is None or stacked.shape[1:] != buffer[0].shape:
-                    stacked = np.empty((chunk, *buffer[0].shape), dtype=buffer[0].dtype)
-                rows = np.stack(buffer, out=stacked[:len(buffer)])
-            message = {"kind": "slices", "case": index, "start": sent, "images": torch.from_numpy(rows),
-                       "expected": expected}
-            preprocess_s += time.perf_counter() - clock
-            yield message
-            clock = time.perf_counter()
-            sent += len(buffer)
-        if sent == 0:
-            raise ValueError(f"{case.path}: the volume has no slices")
-        header = copy.copy(volume)
-        header.array = np.empty((0, 0, 0), dtype=volume.array.dtype)  # the voxels travel as a shared tensor
-        preprocess_s += time.perf_counter() - clock
-        worker = get_worker_info()
-        yield {"kind": "end", "case": index, "slices": sent, "context": context, "volume": header,
-               "voxels": torch.from_numpy(np.ascontiguousarray(volume.array)), "read_s": read_s + preprocess_s,
-               "started_at": started_at, "stage_s": {"read": read_s, "preprocess": preprocess_s},
-               "spacing": volume.spacing, "worker": worker.id if worker else os.getpid()}
-    except Exception as exc:  # one bad case must not stop the batch: it is reported in the summary
-        yield {"kind": "error", "case": index, "error": error_message(exc)}
-
-
-def _chunks(images: Iterator[np.ndarray], chunk: int) -> Iterator[list[np.ndarray]]:
-    buffer: list[np.ndarray] = []
-    for image in images:
-        buffer.append(image)
-        if len(buffer) == chunk:
-            yield buffer
-            buffer = []
-    if buffer:
-        yield buffer
-
-
-def axial_slices(volume: Volume) -> int:
-    """How many axial slices the models see: the volume's size along the index axis nearest patient S."""
-    return int(volume.size[int(np.argmax(np.abs(volume.direction[2])))])
-
-
-def predict_case(index: int, case: CaseInput, task: ModelTask, batch_size: int, series: str | None = None,
-                 rules: Any = None, limits: Any = None, decoder: str | None = None) -> Iterator[dict[str, Any]]:
-    """Messages for one case run whole by one model copy: ``outputs`` of each batch of ``batch_size`` slices
-    (with the batch's wall-clock start and end), then ``end`` as :func:`read_case`'s, or ``error``."""
-    for message in read_case(index, case, task, batch_size, series, rules, limits, reuse=True, decoder=decoder):
-        if message["kind"] != "slices":
-            yield message
-            continue
-        started = time.time()
-        try:
-            outputs = task.predict(message["images"].numpy())
-        except Exception as exc:  # the case fails with the message; its reading stops here
-            yield {"kind": "error", "case": index, "error": f"model failed: {error_message(exc)}"}
-            return
-        yield {"kind": "outputs", "case": index, "start": message["start"], "outputs": outputs,
-               "expected": message["expected"], "batch_s": (started, time.time()), "pid": os.getpid()}
 
 
 class CaseStream(IterableDataset):
@@ -210,9 +126,9 @@ class CaseStream(IterableDataset):
 
     def __init__(self, cases: list[CaseInput], task: ModelTask, chunk: int, series: str | None, rules: Any,
                  limits: Any = None, copy_threads: int | None = None, start_method: str | None = None,
-                 decoder: str | None = None):
+                 decoder: str | None = None, read_only: bool = False):
         self.cases, self.task, self.chunk, self.series, self.rules = cases, task, chunk, series, rules
-        self.decoder = decoder
+        self.decoder, self.read_only = decoder, read_only
         self.limits, self.copy_threads, self.replicate = limits, copy_threads, task.replicate
         # the workers' start method (None: the default) must also make the counter they share
         context = multiprocessing.get_context(start_method)
@@ -230,7 +146,7 @@ class CaseStream(IterableDataset):
             share, step = (worker.id, worker.num_workers) if worker else (0, 1)
             for index in range(share, len(self.cases), step):
                 yield from read_case(index, self.cases[index], self.task, self.chunk, self.series, self.rules,
-                                     self.limits, decoder=self.decoder)
+                                     self.limits, decoder=self.decoder, preprocess=not self.read_only)
             return
         task = None
         while (index := self._take()) < len(self.cases):
@@ -273,14 +189,16 @@ def write_case(task: ModelTask, case: CaseInput, volume: Volume, context: Any, o
                runtime: dict[str, Any] | None = None) -> dict[str, Any]:
     """Finish and write one case; returns its summary row (status ok, or error with the message). ``seconds``,
     if given, receives the time of each stage that completed (``finish``, ``write``); ``runtime``: what predicted
-    the case (default ``task.runtime``), recorded in its outputs with the ``decoder`` its JPEG 2000 DICOM took."""
+    the case (default ``task.runtime``), recorded in its outputs with the ``decoder`` its JPEG 2000 DICOM took and
+    the device its ``preprocessing`` ran on."""
     row = summary_row(case, task, "ok", slices=len(outputs))
     seconds = {} if seconds is None else seconds
     try:
         clock = time.perf_counter()
         result = task.finish(volume, context, outputs)
         seconds["finish"], clock = time.perf_counter() - clock, time.perf_counter()
-        runtime = {**(task.runtime if runtime is None else runtime), "decoder": options.decoder or "gdcm"}
+        runtime = {**(task.runtime if runtime is None else runtime), "decoder": options.decoder or "gdcm",
+                   "preprocessing": options.preprocess_device or "cpu"}
         written, info = task.write(volume, result, options.out / case.name, options.overlay, runtime)
         seconds["write"] = time.perf_counter() - clock
         row.update(info, outputs=" ".join(str(p.relative_to(options.out)) for p in written))
@@ -371,7 +289,8 @@ class _Batcher:
 
     def run(self, items: list[tuple[int, int, torch.Tensor]]) -> list[tuple[int, int, Any]]:
         started = time.time()
-        batch = torch.stack([image for _, _, image in items]).numpy()
+        batch = torch.stack([image for _, _, image in items])
+        batch = batch.numpy() if batch.device.type == "cpu" else batch  # preprocessed on the GPU: it stays there
         outputs = self.task.predict(batch)
         # armed deep profiles: the batch again under the profiler, should this run be judged anomalous
         rerun = None
@@ -464,36 +383,49 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
         # a forked child would inherit this process's decoder (its check built one) without its threads, and CUDA
         # cannot start in a child forked after it did here: each spawned reader builds its own
         parallel["multiprocessing_context"] = "spawn"
+    if options.preprocess_device and copies:
+        raise ValueError("preprocessing on the model's device needs the shared layout (copies preprocess in their "
+                         "own processes)")
     stream = CaseStream(todo, task, options.batch_size if copies else options.chunk, options.series, options.rules,
                         options.limits, copy_threads=options.copy_threads if copies else None,
-                        start_method=parallel.get("multiprocessing_context"), decoder=options.decoder)
+                        start_method=parallel.get("multiprocessing_context"), decoder=options.decoder,
+                        read_only=bool(options.preprocess_device))
     loader = DataLoader(stream, batch_size=None, num_workers=options.workers, collate_fn=_keep, **parallel)
+    here = preprocess_on(task, options.preprocess_device) if options.preprocess_device else None
+
+    def handle(message: dict[str, Any]) -> None:
+        index = message["case"]
+        state = states.get(index)
+        if state is None:
+            return  # a case that already failed (its remaining messages are dropped)
+        if message["kind"] == "volume":  # read by a reader: its slices are computed here, on the model's device
+            for local in preprocessed_here(message, state.case, here, options.chunk):
+                handle(local)
+            return
+        if message["kind"] == "slices":
+            batcher.add(index, message["start"], message["images"])
+            progress.case_slices(index, message["images"].shape[0], message.get("expected"))
+        elif message["kind"] == "outputs":  # a batch a model copy ran
+            outputs = message["outputs"]
+            state.outputs.update(enumerate(outputs, start=message["start"]))
+            progress.case_slices(index, len(outputs), message.get("expected"))
+            progress.slices_done(len(outputs))
+            batcher.account(len(outputs), 1, message["batch_s"], pid=message.get("pid"))
+        elif message["kind"] == "end":
+            state.end = message
+            progress.case_slices(index, expected=message["slices"])
+        else:
+            state.error = message["error"]
+            progress.case_slices(index)
+        run_batches()
+        if message["kind"] not in ("slices", "outputs"):
+            settle(index)
+
     try:
         for message in loader if todo else ():
             if options.cancel is not None and options.cancel.is_set():
                 raise Cancelled("the run was cancelled")
-            index = message["case"]
-            state = states.get(index)
-            if state is None:
-                continue  # a case that already failed (its remaining messages are dropped)
-            if message["kind"] == "slices":
-                batcher.add(index, message["start"], message["images"])
-                progress.case_slices(index, message["images"].shape[0], message.get("expected"))
-            elif message["kind"] == "outputs":  # a batch a model copy ran
-                outputs = message["outputs"]
-                state.outputs.update(enumerate(outputs, start=message["start"]))
-                progress.case_slices(index, len(outputs), message.get("expected"))
-                progress.slices_done(len(outputs))
-                batcher.account(len(outputs), 1, message["batch_s"], pid=message.get("pid"))
-            elif message["kind"] == "end":
-                state.end = message
-                progress.case_slices(index, expected=message["slices"])
-            else:
-                state.error = message["error"]
-                progress.case_slices(index)
-            run_batches()
-            if message["kind"] not in ("slices", "outputs"):
-                settle(index)
+            handle(message)
         run_batches(flush=True)
         collect(block=True)
     except KeyboardInterrupt:

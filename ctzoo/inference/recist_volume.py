@@ -78,17 +78,19 @@ def canvas_size(prep: SlicePreprocessing, multiple: int = 32) -> int:
 PLANE_BLOCK = 8
 
 
-def slice_inputs(axial: Volume, prep: SlicePreprocessing, canvas: int | None = None,
-                 multiple: int = 32) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+def slice_inputs(axial: Volume, prep: SlicePreprocessing, canvas: int | None = None, multiple: int = 32,
+                 device: str | None = None) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
     """Network inputs for every slice of ``axial`` (LPS axial), in slice order: ``(image, scale)`` with image
     ``(in_channels, H, W)`` float32 padded to ``canvas`` x ``canvas`` (or to a multiple of ``multiple``).
 
     The same input as :func:`resample_and_window` on the slice's context planes, but each stored plane is
     resampled once, not once per slice that uses it as context (3x less work with 3 context slices), in blocks of
     :data:`PLANE_BLOCK` planes: resampling is linear, so mixing resampled neighbours equals resampling the mixed
-    plane (to float rounding, ~1e-6 HU). Windows are written straight into the zeroed canvas.
+    plane (to float rounding, ~1e-6 HU). Windows are written straight into the zeroed canvas. ``device``: where
+    the work runs and the images are (the volume goes there once: preprocessing on the GPU); None: the CPU, with
+    each plane kept as a NumPy array.
     """
-    hu = axial.array
+    hu = axial.array if device is None else torch.from_numpy(np.ascontiguousarray(axial.array)).to(device)
     offsets = neighbour_offsets(prep.num_slices, prep.slice_interval_mm, axial.spacing[2])
     reach = int(np.ceil(max(abs(o) for o in offsets))) + 1
     resampled: dict[int, np.ndarray] = {}
@@ -98,15 +100,17 @@ def slice_inputs(axial: Volume, prep: SlicePreprocessing, canvas: int | None = N
         nonlocal scale
         if z not in resampled:
             block, scale = resample_planes(hu[z:z + PLANE_BLOCK], axial.spacing[:2], prep)
-            resampled.update((z + i, image.numpy()) for i, image in enumerate(block))
+            resampled.update((z + i, image if device is not None else image.numpy())
+                             for i, image in enumerate(block))
         return resampled[z]
 
     for k in range(hu.shape[0]):
-        planes = torch.from_numpy(context_planes(plane, k, offsets, 0, hu.shape[0] - 1))
+        planes = torch.as_tensor(context_planes(plane, k, offsets, 0, hu.shape[0] - 1))
         rows, columns = planes.shape[-2:]
         height, width = (canvas, canvas) if canvas else (-(-s // multiple) * multiple for s in (rows, columns))
         check_fits(rows, columns, height, width)
-        image = torch.zeros((prep.in_channels, height, width), dtype=torch.float32)  # zero is air in every window
+        image = torch.zeros((prep.in_channels, height, width), dtype=torch.float32,  # zero is air in every window
+                            device=planes.device)
         window_planes(planes, prep, out=image[:, :rows, :columns])
         yield image, scale
         for z in [z for z in resampled if z < k - reach]:  # planes no later slice needs

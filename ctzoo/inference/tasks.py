@@ -18,6 +18,7 @@ function per stage, so the detector and the segmenter share the pipeline, the lo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,6 +53,18 @@ class ModelTask:
     replicate: Callable[[int], ModelTask] | None = None
 
 
+def preprocess_on(task: ModelTask, device: str) -> ModelTask:
+    """``task`` with its preprocessing computed on ``device`` and its slices left there as tensors, for the process
+    that holds the model (:attr:`ctzoo.inference.pipeline.PipelineOptions.preprocess_device`). ValueError where
+    that cannot be: an ONNX Runtime backend takes host arrays, and a preprocessing without a device runs on the CPU."""
+    if task.runtime.get("backend") != "torch":
+        raise ValueError("preprocessing on the model's device feeds the PyTorch backend: ONNX Runtime takes its "
+                         "inputs from the CPU")
+    if not hasattr(task.preprocess, "device"):
+        raise ValueError(f"{task.model_name}: its preprocessing runs on the CPU only")
+    return dataclasses.replace(task, preprocess=dataclasses.replace(task.preprocess, device=device))
+
+
 def _write_json(document: dict, path: Path) -> Path:
     import json
 
@@ -65,9 +78,12 @@ def _write_json(document: dict, path: Path) -> Path:
 
 @dataclass
 class DetectorPreprocess:
-    """Reader side of the detector: LPS-reorient, then each slice's 2.5D input on a fixed square canvas."""
+    """Reader side of the detector: LPS-reorient, then each slice's 2.5D input on a fixed square canvas.
+    ``device``: resample and window there and yield tensors there (the model's device: ``ctzoo infer
+    --preprocess-on model``); None: NumPy arrays computed on the CPU."""
 
     prep: Any  # SlicePreprocessing
+    device: str | None = None
 
     def __call__(self, volume: Volume):
         from ctzoo.inference.recist_volume import canvas_size, slice_inputs
@@ -77,9 +93,9 @@ class DetectorPreprocess:
         scales: list[np.ndarray] = []
 
         def images() -> Iterator[np.ndarray]:
-            for image, scale in slice_inputs(axial, self.prep, canvas=canvas_size(self.prep)):
+            for image, scale in slice_inputs(axial, self.prep, canvas=canvas_size(self.prep), device=self.device):
                 scales.append(scale)
-                yield image.numpy()
+                yield image.numpy() if self.device is None else image
 
         # every slice of a volume has the same in-plane scale; the context carries it once it is known
         return scales, images()
@@ -133,15 +149,17 @@ def _where(lesion: dict[str, Any]) -> str:
 
 @dataclass
 class SegmenterPreprocess:
-    """Reader side of a 2D segmenter: the training-time slices (LPS axial, resampled, cropped, windowed)."""
+    """Reader side of a 2D segmenter: the training-time slices (LPS axial, resampled, cropped, windowed), computed
+    on ``device`` and yielded as tensors there where one is given (see :class:`DetectorPreprocess`)."""
 
     prep: Any  # SegPreprocessing
+    device: str | None = None
 
     def __call__(self, volume: Volume):
         from ctzoo.datasets.seg_preprocessing import volume_to_slices
 
-        slices, geometry = volume_to_slices(volume, self.prep)
-        return geometry, (s.numpy() for s in slices)
+        slices, geometry = volume_to_slices(volume, self.prep, self.device)
+        return geometry, (s.numpy() if self.device is None else s for s in slices)
 
 
 def segmenter_task(backend, prep, model_name: str = "", version: str = "") -> ModelTask:

@@ -118,7 +118,10 @@ class NvImageCodecDecoder:
                 continue
             where.append(index)
         results: list[np.ndarray | None] = [None] * len(frames)
-        images = self._decoder.decode(streams, params=self._params) if streams else []
+        try:
+            images = self._decoder.decode(streams, params=self._params) if streams else []
+        except Exception:  # the device failed the whole batch (out of memory, a lost GPU): GDCM takes it
+            return results
         for index, image in zip(where, images):
             results[index] = None if image is None else _checked(np.asarray(image.cpu()), frames[index])
         return results

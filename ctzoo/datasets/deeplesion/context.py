@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ctzoo.datasets.deeplesion.info_csv import LesionRow
 from ctzoo.datasets.deeplesion.png_slices import read_png_hu, slice_path
@@ -41,7 +42,8 @@ def context_planes(get_plane: Callable[[int], np.ndarray], key: float, offsets: 
     """Stack the planes at ``key + offset`` for each offset: (len(offsets), rows, columns) float32.
 
     ``get_plane(k)`` returns slice k; positions are clamped to [first, last] (the edge repeats) and a
-    fractional position is linearly interpolated between its two neighbours.
+    fractional position is linearly interpolated between its two neighbours. Planes that are torch tensors (on
+    any device: volume inference preprocessing on the GPU) stay tensors, stacked where they are.
     """
     planes = []
     for offset in offsets:
@@ -50,11 +52,11 @@ def context_planes(get_plane: Callable[[int], np.ndarray], key: float, offsets: 
         plane = get_plane(below)
         if weight > 1e-6:
             plane = (1.0 - weight) * plane + weight * get_plane(below + 1)
-        planes.append(np.asarray(plane, dtype=np.float32))
-    shapes = {p.shape for p in planes}
+        planes.append(plane.float() if isinstance(plane, torch.Tensor) else np.asarray(plane, dtype=np.float32))
+    shapes = {tuple(p.shape) for p in planes}
     if len(shapes) != 1:
         raise ValueError(f"slices of different sizes {sorted(shapes)}")
-    return np.stack(planes)
+    return torch.stack(planes) if isinstance(planes[0], torch.Tensor) else np.stack(planes)
 
 
 def load_context_slices(images_root: str | Path, row: LesionRow, num_slices: int = 3,

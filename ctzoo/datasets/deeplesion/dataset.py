@@ -86,17 +86,19 @@ def resample_and_window(hu: np.ndarray, spacing_xy, cfg: SlicePreprocessing) -> 
     return window_planes(image, cfg), scale
 
 
-def resample_planes(hu: np.ndarray, spacing_xy, cfg: SlicePreprocessing) -> tuple[torch.Tensor, np.ndarray]:
+def resample_planes(hu: np.ndarray | torch.Tensor, spacing_xy,
+                    cfg: SlicePreprocessing) -> tuple[torch.Tensor, np.ndarray]:
     """Step 2 alone: planes (S, H, W) HU -> (S, H', W') float32 HU at ``cfg.norm_spacing_mm``, and the (x, y) scale.
 
     Linear in the planes (bilinear resize plus, when shrinking, MONAI's anti-aliasing Gaussian): resampling a
     linear mix of planes equals mixing the resampled planes, which lets volume inference resample each plane once.
+    A tensor ``hu`` is resampled on its own device (volume inference on the GPU).
     """
     height, width = hu.shape[1:]
     scale = 1.0 if cfg.norm_spacing_mm is None else float(np.mean(spacing_xy)) / cfg.norm_spacing_mm
     scale = min(scale, cfg.max_size / max(height, width))
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    image = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))
+    image = hu.float() if isinstance(hu, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(hu, np.float32))
     if size != (height, width):
         image = Resize(size, mode="bilinear", anti_aliasing=scale < 1.0)(image)
     image = torch.as_tensor(image, dtype=torch.float32)
@@ -113,7 +115,7 @@ def window_planes(image: torch.Tensor, cfg: SlicePreprocessing, out: torch.Tenso
     b_low, b_high = cfg.output_range
     windows = (cfg.window_hu, *cfg.extra_windows_hu)
     if out is None:
-        out = torch.empty((len(windows) * image.shape[0], *image.shape[1:]), dtype=torch.float32)
+        out = image.new_empty((len(windows) * image.shape[0], *image.shape[1:]), dtype=torch.float32)
     for i, (low, high) in enumerate(windows):
         out[i * image.shape[0]:(i + 1) * image.shape[0]] = ScaleIntensityRange(low, high, b_low, b_high,
                                                                                clip=True)(image)
