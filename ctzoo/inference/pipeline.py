@@ -104,7 +104,7 @@ class PipelineOptions:
     # (ctzoo.inference.decoding.choose_decoder); with one, worker processes are spawned, not forked
     decoder: str | None = None
     # where the model's inputs are computed: None, in the readers on the CPU; a device ("cuda"), in this process on
-    # that device, the readers only reading (ctzoo infer --preprocess-on model; shared layout, PyTorch backend)
+    # that device, the readers (spawned) only reading (ctzoo infer --preprocess-on model; shared layout, torch)
     preprocess_device: str | None = None
 
 
@@ -379,9 +379,12 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
         # the parent's thread pool, whose threads the child does not have): copies of PyTorch models on several
         # threads start from scratch (a few seconds each); on one thread PyTorch runs no parallel region
         parallel["multiprocessing_context"] = "spawn"
-    if options.workers > 0 and options.decoder:
+    if options.workers > 0 and (options.decoder or options.preprocess_device):
         # a forked child would inherit this process's decoder (its check built one) without its threads, and CUDA
-        # cannot start in a child forked after it did here: each spawned reader builds its own
+        # cannot start in a child forked after it did here: each spawned reader builds its own. Readers feeding a
+        # model that preprocesses on its device are spawned too: the process holds the GPU's context, and in CI a
+        # forked one hung before delivering its volume in a test process that had run the service, PACS and Ray
+        # tests (cause not found: a lock held by another thread at fork time fits); a spawned one starts clean
         parallel["multiprocessing_context"] = "spawn"
     if options.preprocess_device and copies:
         raise ValueError("preprocessing on the model's device needs the shared layout (copies preprocess in their "
