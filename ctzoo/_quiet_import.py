@@ -38,7 +38,7 @@ def captured_output(build):
         except Exception as exc:  # raised below, once the descriptors are back
             error = exc
         finally:
-            ctypes.CDLL(None).fflush(None)  # C's buffers into the sink, before the descriptors go back
+            _flush_c_stdio()  # C's buffers into the sink, before the descriptors go back
             for fd, original in saved.items():
                 os.dup2(original, fd)
                 os.close(original)
@@ -49,6 +49,13 @@ def captured_output(build):
             raise RuntimeError(f"{error} (it printed: {one_line(printed)})") from error
         raise error
     return result, printed
+
+
+def _flush_c_stdio() -> None:
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to ask (not Linux or macOS): Python's own flush must do
+        pass
 
 
 def one_line(text: str, limit: int = 600) -> str:
