@@ -36,8 +36,15 @@ Rows:
 Threads: ``--threads`` (default: the CPU count) for the service's ONNX Runtime, ORT and PyTorch alike. The client
 runs in this process on the same machine, so it takes CPU from the server too (its CPU per request is reported).
 
+Backend (``--backend torch --device cuda [--precision fp32|bf16|auto]``): both servers run ``ctzoo serve --backend
+torch`` on that device (each model's bundle in PyTorch, the module its graph was exported from); responses are still
+checked against ONNX Runtime on the CPU, within 1e-3 in fp32 and within the bf16 check's tolerance (0.1) otherwise.
+The model-only rows are then the served engine itself (``ServedModel.run``) at each batch size, against batch 1:
+what merging can buy at most. ``--target-ratio`` sets the batching target (1.3 on the CPU; the GPU issue asks 2).
+
     python benchmarks/serve.py [--models recistnet-mini,template-seg-abdomen] [--requests 128]
                                [--concurrency 1,8,32] [--queue-delay-ms 5] [--crop 256] [--threads N]
+                               [--backend onnx|torch] [--device cpu|cuda] [--precision fp32]
                                [--out benchmarks/results/serve.json]
 """
 
@@ -65,7 +72,9 @@ import onnxruntime as ort
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from ctzoo.inference.precision import BF16_RELATIVE_TOLERANCE
 from ctzoo.models import load_bundle
+from ctzoo.serve.engines import Runtime
 from ctzoo.serve.repository import GRAPH_FILE, ServedModel
 
 HEADER = "Inference-Header-Content-Length"
@@ -86,6 +95,7 @@ class Workload:
     reference: list[dict[str, np.ndarray]] = field(default_factory=list)
     model: torch.nn.Module | None = None
     description: str = ""
+    tolerance: float = TOLERANCE  # of a served output against ``reference``
 
 
 def _spread(count: int, wanted: int) -> list[int]:
@@ -169,7 +179,7 @@ def spinning_session(graph: Path, threads: int):
 def model_only(workload: Workload, served: ServedModel, threads: int, sizes: list[int], min_s: float) -> list[dict]:
     torch.set_num_threads(threads)
     spin = spinning_session(served.folder / served.version / GRAPH_FILE, threads)
-    served_one = ServedModel(served.folder, ["CPUExecutionProvider"], 1)
+    served_one = ServedModel(served.folder, Runtime(threads=1))
     rows = []
     for size in sizes:
         picked = [workload.slices[k % len(workload.slices)] for k in range(size)]
@@ -199,6 +209,24 @@ def model_only(workload: Workload, served: ServedModel, threads: int, sizes: lis
     return rows
 
 
+def served_engine_only(workload: Workload, served: ServedModel, sizes: list[int], min_s: float) -> list[dict]:
+    """The served engine alone (``ServedModel.run``: a torch backend on its device) at each batch size: slices/s of
+    the median call and the ratio to batch 1, the most that merging requests can buy."""
+    rows = []
+    for size in sizes:
+        picked = [workload.slices[k % len(workload.slices)] for k in range(size)]
+        batch = {name: np.concatenate([s[name] for s in picked]) for name in picked[0]}
+        rate = median_rate(served.run, batch, min_s)
+        rows.append({"model": workload.name, "batch": size, "engine": served.engine.name,
+                     "input": {k: list(v.shape) for k, v in batch.items()},
+                     "served_slices_per_s": rate["slices_per_s"], "served": rate})
+        print(f"  model only {workload.name} batch {size}: {served.engine.name} {rate['slices_per_s']:.1f} slices/s",
+              flush=True)
+    for row in rows:
+        row["ratio_vs_batch_1"] = row["served_slices_per_s"] / rows[0]["served_slices_per_s"]
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ service
 
 
@@ -225,11 +253,12 @@ class Server:
     """``ctzoo serve`` in a subprocess on a free loopback port."""
 
     def __init__(self, label: str, repo: Path, token: str, threads: int, batching: bool, delay_ms: float,
-                 log: Path) -> None:
+                 log: Path, backend: list[str]) -> None:
         self.label, self.batching, self.port = label, batching, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "ctzoo", "serve", "--repository", str(repo), "--host", "127.0.0.1",
-                   "--port", str(self.port), "--device", "cpu", "--threads", str(threads)]
+                   "--port", str(self.port), "--threads", str(threads), *backend,
+                   "--state-dir", str(log.parent / f"{label}-state")]  # one each: a service locks its own
         command += ["--max-queue-delay-ms", str(delay_ms)] if batching else ["--no-batching"]
         self.command, self.log = command, log
         self._log = log.open("wb")
@@ -342,7 +371,7 @@ async def drive(server: Server, token: str, workload: Workload, bodies: list[tup
                            "mean": 1000 * float(latencies.mean()), "max": 1000 * float(latencies.max())},
             "non_200": sum(1 for s in statuses if s != 200), "transport_errors": statuses.count(-1),
             "status_codes": {str(s): statuses.count(s) for s in sorted(set(statuses))},
-            "bad_outputs": sum(1 for r in results if r[1] == 200 and not (r[2] and r[3] <= TOLERANCE)),
+            "bad_outputs": sum(1 for r in results if r[1] == 200 and not (r[2] and r[3] <= workload.tolerance)),
             "max_rel_error": max((r[3] for r in results if r[1] == 200), default=None),
             "model_runs": runs, "rows_per_run": served.get("ctzoo_batch_size_sum", 0.0) / runs if runs else None,
             "mean_queue_ms": 1000 * served.get("ctzoo_request_stage_seconds_sum|queue", 0.0) / queued
@@ -372,10 +401,33 @@ async def scrape(http: httpx.AsyncClient, model: str) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def print_model_only(rows: list[dict], threads: int) -> None:
+    if rows and "served_slices_per_s" in rows[0]:
+        print(f"model only: slices/s of the median call of the served engine ({rows[0]['engine']})")
+        print(f"{'model':22s} {'batch':>5s} {'slices/s':>9s} {'vs batch 1':>10s}")
+        for row in rows:
+            print(f"{row['model']:22s} {row['batch']:5d} {row['served_slices_per_s']:9.1f} "
+                  f"{row['ratio_vs_batch_1']:9.2f}x")
+        return
+    print(f"model only: slices/s of the median call, {threads} threads (ORT: the service's session, spinning "
+          "off; spin: ORT's default spinning on)")
+    print(f"{'':29s}{f'{threads} threads':<37s}| 1 thread")
+    print(f"{'model':22s} {'batch':>5s} {'eager':>8s} {'ORT':>8s} {'ORT spin':>8s} {'ORT/eager':>9s} | "
+          f"{'eager':>8s} {'ORT':>8s} {'ORT/eager':>9s}")
+    for row in rows:
+        one = row["one_thread"]
+        print(f"{row['model']:22s} {row['batch']:5d} {row['eager_slices_per_s']:8.2f} {row['ort_slices_per_s']:8.2f} "
+              f"{row['ort_spinning_slices_per_s']:8.2f} {row['ratio_ort_vs_eager']:8.2f}x | "
+              f"{one['eager_slices_per_s']:8.2f} {one['ort_slices_per_s']:8.2f} {one['ratio_ort_vs_eager']:8.2f}x")
+
+
 def machine_info() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "onnxruntime": ort.__version__, "httpx": httpx.__version__, "numpy": np.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 def uptime() -> str:
@@ -401,6 +453,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="ONNX Runtime intra-op threads (service and model only) and torch threads (default: "
                              "the CPU count)")
+    parser.add_argument("--backend", choices=["onnx", "torch"], default="onnx", help="ctzoo serve --backend")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="ctzoo serve --device")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+                        help="ctzoo serve --precision (--backend torch)")
+    parser.add_argument("--target-ratio", type=float, default=1.3,
+                        help="batching on/off target at the highest concurrency (default 1.3)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve.json")
     args = parser.parse_args()
     if args.crop % 32:
@@ -408,6 +466,8 @@ def main() -> None:
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    backend = ["--backend", args.backend, "--device", args.device]
+    backend += ["--precision", args.precision] if args.backend == "torch" else []
     load_before, uptime_before = os.getloadavg(), uptime()
     print(f"load before: {uptime_before}")
     from ctzoo.datasets.samples import sample_ct_dicom
@@ -427,16 +487,22 @@ def main() -> None:
             export_model(name, repo, progress=lambda message: None)
             exported[name] = round(time.perf_counter() - start, 1)
             workload = build_workload(name, volume, args.slices, args.crop)
-            served = ServedModel(repo / name, ["CPUExecutionProvider"], args.threads)
+            served = ServedModel(repo / name, Runtime(threads=args.threads))
             workload.reference = [served.run(inputs) for inputs in workload.slices]
             print(f"{name}: exported in {exported[name]:.1f} s; input: {workload.description}", flush=True)
-            model_rows += model_only(workload, served, args.threads, sizes, args.min_s)
+            if args.backend == "torch":
+                engine = ServedModel(repo / name, Runtime("torch", threads=args.threads, device=args.device,
+                                                          precision=args.precision))
+                workload.tolerance = TOLERANCE if engine.runtime.precision == "fp32" else BF16_RELATIVE_TOLERANCE
+                model_rows += served_engine_only(workload, engine, sizes, args.min_s)
+            else:
+                model_rows += model_only(workload, served, args.threads, sizes, args.min_s)
             workloads.append(workload)
         try:
             for batching in (True, False):
                 label = "batching" if batching else "no-batching"
                 servers.append(Server(label, repo, token, args.threads, batching, args.queue_delay_ms,
-                                      Path(tmp) / f"{label}.log"))
+                                      Path(tmp) / f"{label}.log", backend))
             for server in servers:
                 start_s = server.wait_live()
                 server.memory["loaded"] = memory_mb(server.process.pid)
@@ -498,16 +564,7 @@ def main() -> None:
                   f"{on['server_cpu_ms_per_request']:10.0f} / {off['server_cpu_ms_per_request']:<8.0f} "
                   f"{on['non_200'] + off['non_200']:7d} {on['bad_outputs'] + off['bad_outputs']:3d}")
     print()
-    print(f"model only: slices/s of the median call, {args.threads} threads (ORT: the service's session, spinning "
-          "off; spin: ORT's default spinning on)")
-    print(f"{'':29s}{f'{args.threads} threads':<37s}| 1 thread")
-    print(f"{'model':22s} {'batch':>5s} {'eager':>8s} {'ORT':>8s} {'ORT spin':>8s} {'ORT/eager':>9s} | "
-          f"{'eager':>8s} {'ORT':>8s} {'ORT/eager':>9s}")
-    for row in model_rows:
-        one = row["one_thread"]
-        print(f"{row['model']:22s} {row['batch']:5d} {row['eager_slices_per_s']:8.2f} {row['ort_slices_per_s']:8.2f} "
-              f"{row['ort_spinning_slices_per_s']:8.2f} {row['ratio_ort_vs_eager']:8.2f}x | "
-              f"{one['eager_slices_per_s']:8.2f} {one['ort_slices_per_s']:8.2f} {one['ratio_ort_vs_eager']:8.2f}x")
+    print_model_only(model_rows, args.threads)
     print()
     print(f"server memory (MiB RSS): loaded -> after warm-up -> after the load -> after the concurrency-{max(levels)} "
           "settings once more (peak); levelled off: the repeat grew it by <= 5% + 10 MiB")
@@ -525,9 +582,9 @@ def main() -> None:
     for workload in workloads:
         if (workload.name, top) in ratios:
             ratio = ratios[(workload.name, top)]
-            print(f"target batching on/off >= 1.3x at concurrency {top}, {workload.name}: {ratio:.2f}x "
-                  f"({'met' if ratio >= 1.3 else 'NOT met'})")
-    for row in model_rows:
+            print(f"target batching on/off >= {args.target_ratio:g}x at concurrency {top}, {workload.name}: "
+                  f"{ratio:.2f}x ({'met' if ratio >= args.target_ratio else 'NOT met'})")
+    for row in model_rows if args.backend == "onnx" else []:
         print(f"target ORT >= eager, {row['model']} batch {row['batch']}, {args.threads} threads: "
               f"{row['ratio_ort_vs_eager']:.2f}x ({'met' if row['ratio_ort_vs_eager'] >= 1 else 'NOT met'}); "
               f"1 thread: {row['one_thread']['ratio_ort_vs_eager']:.2f}x")
@@ -542,15 +599,18 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "benchmark": "serve", "models": names, "requests": args.requests, "concurrency": levels,
         "queue_delay_ms": args.queue_delay_ms, "max_batch_size": "each model's ctzoo.json (16)",
-        "threads": args.threads, "crop": args.crop, "tolerance_max_rel": TOLERANCE, "export_s": exported,
+        "threads": args.threads, "crop": args.crop, "backend": args.backend, "device": args.device,
+        "precision": args.precision if args.backend == "torch" else None,
+        "tolerance_max_rel": {w.name: w.tolerance for w in workloads}, "export_s": exported,
         "inputs": {w.name: w.description for w in workloads},
         "servers": [{"label": s.label, "command": s.command[2:], "memory_mb": s.memory} for s in servers],
         "serve": serve_rows, "repeat": repeat_rows, "model_only": model_rows, "machine": machine,
         "targets": {"batching_on_vs_off_at_top_concurrency": {n: ratios.get((n, top)) for n in names},
-                    "ort_vs_eager": {f"{r['model']}/b{r['batch']}": r["ratio_ort_vs_eager"] for r in model_rows},
-                    "ort_vs_eager_one_thread": {f"{r['model']}/b{r['batch']}": r["one_thread"]["ratio_ort_vs_eager"]
-                                                for r in model_rows},
-                    "failures": failures},
+                    "batching_target": args.target_ratio, "failures": failures,
+                    **({"ort_vs_eager": {f"{r['model']}/b{r['batch']}": r["ratio_ort_vs_eager"] for r in model_rows},
+                        "ort_vs_eager_one_thread": {f"{r['model']}/b{r['batch']}":
+                                                    r["one_thread"]["ratio_ort_vs_eager"] for r in model_rows}}
+                       if args.backend == "onnx" else {})},
     }, indent=2))
     print(f"wrote {args.out}")
 

@@ -40,7 +40,7 @@ def test_a_delay_in_the_model_stage_is_found_named_and_kept(repository, tmp_path
 
     monitor = PerfMonitor(tmp_path / "perf.sqlite", DetectorConfig(algorithm="hbos"), role="serve")
     app = create_app(repository, [TOKEN], device="cpu", threads=1, batching=False, perf=monitor)
-    session = app.state.repository[MODEL].session
+    session = app.state.repository[MODEL].engine.session
     run, delayed = session.run, {120, 160, 200}
     calls = iter(range(10**6))
 

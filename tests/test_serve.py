@@ -348,6 +348,46 @@ def test_micro_batching(repo, sessions, batching):
         assert runs == 11  # batches of 1
 
 
+def test_torch_backend_serves_the_graphs_tensors_from_the_bundle(repo, sessions, bank):
+    """--backend torch: the same named tensors as the graph, from the module it was exported from (equal within the
+    export check's tolerance), merged by the micro-batcher like the graph's; bad input is still a 400."""
+    from ctzoo.export.parity import RELATIVE_TOLERANCE
+    from ctzoo.inference.precision import output_error
+
+    with pytest.raises(ValueError, match="precision bf16 runs the PyTorch backend"):
+        create_app(repo, [TOKEN], device="cpu", precision="bf16")
+    app = create_app(repo, [TOKEN], device="cpu", threads=1, backend="torch", max_queue_delay_ms=50)
+    detector = app.state.repository[DET]
+    assert detector.engine.name == "torch cpu fp32"
+    assert detector.precision_reason == "auto: fp32 on the CPU, the reference"
+    rng = np.random.default_rng(5)
+    inputs = [rng.random((1, 9, 64, 64), np.float32) for _ in range(8)]
+    seg_inputs = {"image": bank.images[[0, 3]].numpy(), "template": bank.templates([1, 2]).numpy()}
+
+    async def scenario():
+        async with _asgi(app) as http:
+            meta = (await http.get(f"/v2/models/{SEG}", headers=AUTH)).json()
+            body, headers = _binary_request(seg_inputs)
+            logits = _binary_outputs(await http.post(f"/v2/models/{SEG}/infer", content=body, headers=headers))
+            body, headers = _binary_request({"image": inputs[0][:, :4]})
+            wrong = await http.post(f"/v2/models/{DET}/infer", content=body, headers=headers)
+        return meta, logits, wrong
+
+    results = asyncio.run(_concurrent(app, inputs))
+    meta, logits, wrong = asyncio.run(scenario())
+    for x, got in zip(inputs, results):
+        for name, want in zip(HEADS, sessions[DET].run(list(HEADS), {"image": x})):
+            assert output_error(got[name], want)[1] <= RELATIVE_TOLERANCE, name
+    want = sessions[SEG].run(["logits"], seg_inputs)[0]
+    assert output_error(logits["logits"], want)[1] <= RELATIVE_TOLERANCE
+    assert (logits["logits"].argmax(1) == want.argmax(1)).mean() > 0.999
+    assert meta["platform"] == "pytorch_libtorch" and [i["shape"] for i in meta["inputs"]] == [[-1, 1, 128, 128],
+                                                                                                [-1, 6, 128, 128]]
+    assert wrong.status_code == 400 and "dimension 1 must be 9" in wrong.json()["error"]
+    samples = _metrics(generate_latest(app.state.metrics.registry).decode())
+    assert samples[("ctzoo_batch_requests_count", (("model", DET),))] <= 3  # 8 concurrent requests were merged
+
+
 def test_a_failing_request_does_not_fail_its_batch():
     def run(inputs):  # fails on any batch holding a negative row
         if (inputs["x"] < 0).any():
@@ -484,10 +524,10 @@ def test_no_auth_only_when_asked_and_iobinding_path(repo, sessions):
     asyncio.run(scenario())
     # the GPU path (IOBinding) exercised on the CPU: same outputs as session.run
     model = app.state.repository[SEG]
-    assert not model.on_gpu and model.providers == ["CPUExecutionProvider"]
+    assert not model.engine.on_gpu and model.engine.providers == ["CPUExecutionProvider"]
     inputs = {"image": np.random.default_rng(4).random((2, 1, 128, 128), np.float32),
               "template": np.zeros((2, 6, 128, 128), np.float32)}
-    model.on_gpu, model.io_device = True, "cpu"
+    model.engine.on_gpu, model.engine.io_device = True, "cpu"
     _close(model.run(inputs)["logits"], sessions[SEG].run(["logits"], inputs)[0])
 
 

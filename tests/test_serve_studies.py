@@ -95,13 +95,13 @@ def dicom_zip(sent_files) -> bytes:
     return buffer.getvalue()
 
 
-def _infer_reference(path: Path, bundle: Path, tmp_path: Path) -> Path:
-    """What ``ctzoo infer --backend onnx --model BUNDLE`` writes for ``path``."""
+def _infer_reference(path: Path, bundle: Path, tmp_path: Path, backend: str = "onnx") -> Path:
+    """What ``ctzoo infer --backend BACKEND --model BUNDLE`` writes for ``path``."""
     from ctzoo.inference.inputs import CaseInput
     from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
     from ctzoo.inference.tasks import model_task
 
-    [row] = run_pipeline([CaseInput("ref", path)], model_task(bundle, "onnx", "cpu"),
+    [row] = run_pipeline([CaseInput("ref", path)], model_task(bundle, backend, "cpu"),
                          PipelineOptions(out=tmp_path, workers=0, overlay=False, progress=False))
     assert row["status"] == "ok", row
     return tmp_path / "ref"
@@ -115,6 +115,21 @@ def test_detector_study_equals_ctzoo_infer(client, repository, small_nifti, tmp_
     assert {k: v for k, v in answer.items() if k != "graph"} == json.loads(reference.read_text())
     assert answer["model"] == "recistnet-mini"
     assert answer["graph"]["file"] == "recistnet-mini/1/model.onnx" and answer["graph"]["precision"] == "fp32"
+
+
+def test_torch_backend_study_equals_ctzoo_infer_with_torch(repository, small_nifti, tmp_path):
+    """ctzoo serve --backend torch runs studies on the bundle's network, as ctzoo infer --backend torch does."""
+    from ctzoo.serve.app import create_app
+    from ctzoo.serve.studies import study_router
+
+    app = create_app(repository, [TOKEN], device="cpu", backend="torch", extra_routers=[study_router("cpu")])
+    with TestClient(app) as client:
+        response = client.post("/studies/recistnet-mini", content=small_nifti.read_bytes(), headers=AUTH)
+    assert response.status_code == 200, response.text
+    reference = _infer_reference(small_nifti, repository / "recistnet-mini", tmp_path, "torch") / "detections.json"
+    answer = response.json()
+    assert answer.pop("graph") is None and answer == json.loads(reference.read_text())
+    assert answer["runtime"]["backend"] == "torch" and answer["runtime"]["precision"] == "fp32"
 
 
 def _sha256(path: Path) -> str:
@@ -246,6 +261,8 @@ def test_folders_without_a_whole_bundle_have_no_study_endpoint(repository, tmp_p
     with TestClient(create_app(repo, [TOKEN], device="cpu", extra_routers=[study_router("cpu")])) as client:
         response = client.post("/studies/my-run", content=b"\x1f\x8b", headers=AUTH)
     assert response.status_code == 404 and "tensor inference only" in response.json()["error"]
+    with pytest.raises(ValueError, match="--backend torch runs the bundle's own network, but .* is not a whole bundle"):
+        create_app(repo, [TOKEN], device="cpu", backend="torch")
 
 
 def test_a_study_past_its_deadline_is_cancelled_and_its_folder_removed(repository, dicom_zip, tmp_path):

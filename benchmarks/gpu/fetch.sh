@@ -3,7 +3,8 @@
 # over three device calls: each call carries the working tree (about 17 MiB) and at most 64 MiB in all, and
 # SimpleITK's wheel alone is 50 MiB, so it travels in two parts.
 #   .gpu/1  the first part of SimpleITK's wheel                                  call 1: install.sh .gpu/1
-#   .gpu/2  its second part; monai, nibabel, pydicom, pylibjpeg(-openjpeg), highdicom, pydantic (13 MiB)
+#   .gpu/2  its second part; monai, nibabel, pydicom, pylibjpeg(-openjpeg), highdicom, pydantic (13 MiB), and
+#           fastapi, uvicorn, httpx, prometheus_client with their dependencies (3 MiB)
 #                                                                                call 2: install.sh .gpu/2
 #   .gpu/3  nvImageCodec + nvJPEG2000 (28 MiB); cache/, the TotalSegmentator sample the benchmarks read (13 MiB)
 #                                                                                call 3: run.sh (installs, runs)
@@ -33,6 +34,9 @@ sha256sum "$wheel" | awk -v n="$(basename "$wheel")" '{print $1 "  " n}' > .gpu/
 rm -rf .gpu/whole
 download .gpu/2 $(pinned monai nibabel pydicom pylibjpeg pylibjpeg-openjpeg highdicom pydantic pydantic_core \
   annotated-types typing-inspection)
+# ctzoo serve and benchmarks/serve.py (3 MiB): the service, its client and its metrics
+download .gpu/2 $(pinned fastapi starlette annotated-doc anyio idna uvicorn h11 httpx httpcore certifi \
+  prometheus_client opentelemetry-api)
 download .gpu/3 nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg2k-cu13==0.11.0.51
 python3 - <<'PY'
 import shutil

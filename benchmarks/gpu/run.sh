@@ -10,6 +10,8 @@
 #   infer-dcm  benchmarks/infer.py --device cuda --input dicom      (not in the default list: a second call)
 #   train      benchmarks/train.py --device cuda with configs/recistnet_mini_gpu.yaml
 #   train-r34  the same with configs/recistnet_resnet34_gpu.yaml   (not in the default list: a second call)
+#   serve      benchmarks/serve.py --backend torch --device cuda    (batching on/off at concurrency 1/8/32, whole
+#              512 px slices; not in the default list: a second call)
 # Usage: bash benchmarks/gpu/run.sh [STEP ...]   (at most 9 minutes for all; a device call allows 10)
 set -uo pipefail
 OUT=${OUT:-/tmp/ctzoo-gpu-out}
@@ -34,6 +36,7 @@ for s in "${steps[@]}"; do
     infer-j2k-model) step infer-j2k-model 120 python3 benchmarks/infer.py --device cuda --backends torch --input j2k --decode nvimgcodec --preprocess-on model --repeats 2 --out "$OUT/infer-gpu-j2k-model.json" ;;
     infer-dcm) step infer-dcm 80 python3 benchmarks/infer.py --device cuda --backends torch --input dicom --repeats 2 --out "$OUT/infer-gpu-dicom.json" ;;
     train) step train 60 python3 benchmarks/train.py --device cuda --config configs/recistnet_mini_gpu.yaml --out "$OUT/train-gpu.json" ;;
+    serve) step serve 240 python3 benchmarks/serve.py --backend torch --device cuda --precision fp32 --crop 0 --requests 256 --target-ratio 2 --min-s 1 --out "$OUT/serve-gpu.json" ;;
     train-r34) step train-r34 60 python3 benchmarks/train.py --device cuda --config configs/recistnet_resnet34_gpu.yaml --out "$OUT/train-gpu-r34.json" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac

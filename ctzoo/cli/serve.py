@@ -124,10 +124,17 @@ def _is_loopback(host: str) -> bool:
               help="Largest request body (after decompression); larger ones get 413.")
 @click.option("--request-timeout-s", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
               help="Inference requests taking longer get 504.")
+@click.option("--backend", type=click.Choice(["onnx", "torch"]), default="onnx", show_default=True,
+              help="onnx: each model's exported graph in ONNX Runtime. torch: its bundle's network in PyTorch (the "
+              "module the graph was exported from: same tensors in and out), e.g. on a GPU without onnxruntime-gpu.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="--backend torch: auto runs bf16 on CUDA where it agrees with fp32 on the sample CT (else fp32), "
+              "fp32 on the CPU. An ONNX graph runs in its own precision (ctzoo export --fp16).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="ONNX Runtime intra-op threads per model (default: all cores).")
+              help="Intra-op threads: ONNX Runtime's per model, or PyTorch's (default: all cores).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="auto: TensorRT/CUDA when onnxruntime-gpu sees a GPU, else CPU. cuda: fail without one.")
+              help="auto: a GPU where the backend can use one (onnx: onnxruntime-gpu's TensorRT/CUDA; torch: CUDA), "
+              "else CPU. cuda: fail without one.")
 @click.option("--tensorrt/--no-tensorrt", default=True, show_default=True,
               help="Try ONNX Runtime's TensorRT provider before CUDA (engines are built on first use, minutes).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=None,
@@ -154,9 +161,10 @@ def _is_loopback(host: str) -> bool:
               help="How long a request waits for a place before 503 with Retry-After.")
 @perf_options(on_by_default=True, deep_profiles=True)
 def serve(repository: Path, host: str, port: int, token_file: Path | None, insecure_no_auth: bool,
-          metrics_no_auth: bool, max_upload_mb: float, request_timeout_s: float, threads: int | None, device: str,
-          tensorrt: bool, max_batch_size: int | None, max_queue_delay_ms: float | None, no_batching: bool,
-          no_access_log: bool, state_dir: Path | None, **budget_options) -> None:
+          metrics_no_auth: bool, max_upload_mb: float, request_timeout_s: float, backend: str, precision: str,
+          threads: int | None, device: str, tensorrt: bool, max_batch_size: int | None,
+          max_queue_delay_ms: float | None, no_batching: bool, no_access_log: bool, state_dir: Path | None,
+          **budget_options) -> None:
     """Serve the models of a repository over HTTP: KServe v2 / Open Inference Protocol.
 
     Any KServe v2 client works, e.g. tritonclient.http (JSON and binary tensors). Every route needs
@@ -173,6 +181,9 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
     the body; the answer is what 'ctzoo infer --backend onnx' writes (?format=json, nifti for a
     segmenter's label map, dicom for the SR or SEG of DICOM input).
 
+    --backend torch serves the same tensors from each bundle's own network in PyTorch (on a GPU
+    without onnxruntime-gpu; bf16 where --precision allows); studies then run it too.
+
     Hostile uploads are bounded: sizes declared by headers are checked before anything is read
     (--max-volume-voxels, --max-decoded-mb, --max-inflate-ratio, --max-tensor-elements,
     --max-tensor-side: 413 naming the option), MHA/NRRD files must carry their voxels (400), and
@@ -186,8 +197,8 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
     /v2/perf/stats); the provenance store is STATE/perf.sqlite unless --perf-store says otherwise.
     With --perf-server, every replica judges against the statistics of all. --perf-profile N (or, at
     run time, POST /v2/perf/profile?count=N) reruns the next N anomalous model runs under ONNX
-    Runtime's profiler and keeps each profile with its anomaly (GET /v2/perf/profiles/<id>: the
-    Chrome trace).
+    Runtime's profiler (torch.profiler with --backend torch) and keeps each profile with its
+    anomaly (GET /v2/perf/profiles/<id>: the Chrome trace).
 
     \b
     Examples:
@@ -223,14 +234,16 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
     limits = ServeLimits(volume_limits(budget_options, self_contained_only=True), **budget_options)
     try:
         app = create_app(repository, tokens, insecure_no_auth=insecure_no_auth, device=device, threads=threads,
-                         tensorrt=tensorrt, max_upload_mb=max_upload_mb, request_timeout_s=request_timeout_s,
-                         batching=not no_batching, max_batch_size=max_batch_size,
-                         max_queue_delay_ms=max_queue_delay_ms, metrics_no_auth=metrics_no_auth, limits=limits, perf=monitor,
+                         tensorrt=tensorrt, backend=backend, precision=precision, max_upload_mb=max_upload_mb,
+                         request_timeout_s=request_timeout_s, batching=not no_batching, max_batch_size=max_batch_size,
+                         max_queue_delay_ms=max_queue_delay_ms, metrics_no_auth=metrics_no_auth, limits=limits,
+                         perf=monitor,
                          extra_routers=[study_router(device, threads, state, request_timeout_s)])
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     for model in app.state.repository.values():
-        click.echo(f"serving {model.name} version {model.version} on {model.providers[0]}, batches of up to "
+        reason = f" ({model.precision_reason})" if model.precision_reason else ""
+        click.echo(f"serving {model.name} version {model.version} on {model.engine.name}{reason}, batches of up to "
                    f"{model.batcher.max_batch_size if not no_batching else 1}", err=True)
     click.echo(f"KServe v2 on http://{host}:{port}/v2 (metrics: /metrics)", err=True)
     console_logging(access_log=not no_access_log)

@@ -114,10 +114,24 @@ class _SegmentWithTemplate(nn.Module):
         return self.model(image, template_encoding=TemplateEncoding(tuple(prototypes), present))
 
 
-def _segment_reference(model: TemplateSegNet) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    def segment(image: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
-        return model(image, template)
-    return segment
+@dataclass(frozen=True)
+class GraphModule:
+    """The PyTorch module ``model.onnx`` is exported from, on the unmodified network (the export check's truth),
+    with the graph's input and output names in order: what ``ctzoo serve --backend torch`` runs for
+    ``/v2/models/<m>/infer``, so both backends take and give the same named tensors."""
+
+    module: nn.Module
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def graph_module(task: str, network: nn.Module) -> GraphModule:
+    """:class:`GraphModule` of ``network`` (a ``detection`` RecistNet or a template segmenter)."""
+    if task == "detection":
+        return GraphModule(_Heads(network), ("image",), HEADS)
+    if not isinstance(network, TemplateSegNet):
+        raise ValueError("only RECIST-Net detectors and template segmenters have an exported graph")
+    return GraphModule(_SegmentWithTemplate(network), ("image", "template"), ("logits",))
 
 
 class _RowwiseNorm(nn.Module):
@@ -181,8 +195,9 @@ def bundle_graphs(bundle: ModelBundle) -> list[Graph]:
                   ("random_b3", {"image": rand(3, channels, 96, 64)}),
                   ("random_size", {"image": rand(1, channels, 64, 160)}), ("real_ct", real)]
         axes = {0: "batch", 2: "height", 3: "width"}
-        return [Graph(GRAPH_FILE, _Heads(exported), _Heads(model), checks[0][1], list(HEADS),
-                      {"image": axes, **{name: axes for name in HEADS}}, checks)]
+        graph, reference = graph_module(bundle.task, exported), graph_module(bundle.task, model)
+        return [Graph(GRAPH_FILE, graph.module, reference.module, checks[0][1], list(graph.outputs),
+                      {"image": axes, **{name: axes for name in graph.outputs}}, checks)]
     if not isinstance(model, TemplateSegNet):
         raise ValueError(f"{bundle.name}: only RECIST-Net detectors and template segmenters export to ONNX")
     height, width = bundle.preprocessing.size
@@ -207,8 +222,9 @@ def segmenter_graph(model: TemplateSegNet, checks: list[tuple[str, Inputs]],
     (default: :func:`with_exportable_norms` of ``model``) and exampled by the first of ``checks``."""
     exported = with_exportable_norms(model) if exported is None else exported
     batch = {0: "batch"}
-    return Graph(GRAPH_FILE, _SegmentWithTemplate(exported), _SegmentWithTemplate(model), checks[0][1], ["logits"],
-                 {"image": batch, "template": batch, "logits": batch}, checks)
+    graph, reference = graph_module("segmentation", exported), graph_module("segmentation", model)
+    return Graph(GRAPH_FILE, graph.module, reference.module, checks[0][1], list(graph.outputs),
+                 {name: batch for name in graph.inputs + graph.outputs}, checks)
 
 
 def export_graph(graph: Graph, path: Path, opset: int) -> None:

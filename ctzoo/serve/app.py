@@ -46,7 +46,7 @@ port is reachable only from the monitoring network.
 
 Hook for more endpoints (e.g. study-level routes): ``create_app(..., extra_routers=[router])`` includes each
 router behind the same token check. Their handlers reach the models through ``request.app.state.repository``:
-``{name: ServedModel}`` with ``.session`` (the shared ``onnxruntime.InferenceSession``), ``.config`` (the
+``{name: ServedModel}`` with ``.engine`` (what runs it, :mod:`ctzoo.serve.engines`), ``.config`` (the
 ctzoo.json dict), ``.folder`` and ``await model.infer({input: np.ndarray}) -> {output: np.ndarray}``, which
 validates the inputs (``ServeError`` 400, turned into a JSON error by the app) and goes through the model's
 micro-batcher like any inference request. ``app.state.metrics`` and ``app.state.settings`` are there too.
@@ -247,13 +247,16 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth: bool = False,
-               device: str = "auto", threads: int | None = None, tensorrt: bool = True, max_upload_mb: float = 512,
+               device: str = "auto", threads: int | None = None, tensorrt: bool = True, backend: str = "onnx",
+               precision: str = "auto", max_upload_mb: float = 512,
                request_timeout_s: float = 60.0, batching: bool = True, max_batch_size: int | None = None,
                max_queue_delay_ms: float | None = None, metrics_no_auth: bool = False,
                limits: ServeLimits | None = None, perf: PerfMonitor | None = None,
                extra_routers: Sequence[APIRouter] = ()) -> FastAPI:
     """The service for the models in ``repository`` (loaded now; see :func:`load_repository`).
 
+    ``backend``: ``onnx`` (each model's exported graph in ONNX Runtime) or ``torch`` (its bundle's network in
+    PyTorch, in ``precision``); ``device``, ``threads``, ``tensorrt``: see :func:`load_repository`.
     ``tokens``: accepted bearer tokens; at least one is required unless ``insecure_no_auth``. ``max_batch_size``
     and ``max_queue_delay_ms`` override each model's ctzoo.json; ``batching=False`` runs every request alone.
     ``limits``: the per-request budget (:mod:`ctzoo.serve.budget`; default :class:`ServeLimits`()). ``perf``: a
@@ -268,7 +271,8 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
     settings = Settings(int(max_upload_mb * (1 << 20)), float(request_timeout_s), metrics_no_auth, bool(tokens),
                         limits)
     budget = InflightBudget(limits)
-    models = load_repository(repository, device=device, threads=threads, tensorrt=tensorrt)
+    models = load_repository(repository, device=device, threads=threads, tensorrt=tensorrt, backend=backend,
+                             precision=precision)
     metrics = ServeMetrics()
     for model in models.values():
         model.batcher = MicroBatcher(model.name, model.run, max_batch_size or model.max_batch_size,
@@ -410,12 +414,12 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
         request would count one slow run as several anomalies). Judged on the monitor's thread: the answer does
         not wait for it."""
         rows = int(next(iter(inputs.values())).shape[0])
-        shared = {"shape": "x".join(map(str, next(iter(inputs.values())).shape[1:])), "backend": model.providers[0],
+        shared = {"shape": "x".join(map(str, next(iter(inputs.values())).shape[1:])), "backend": model.engine.name,
                   "queue_depth": timing.get("queue_depth"), "batch_rows": timing.get("batch_rows", rows),
                   "batch_requests": timing.get("batch_requests", 1)}
         own = {**shared, "rows": rows, "request": timing["request"], "admit_s": timing["admit_s"],
                "queue_s": timing.get("queue_s")}
-        device = "cuda" if "CUDA" in model.providers[0] or "Tensorrt" in model.providers[0] else "cpu"
+        device = model.engine.device
         # queue: all the waiting between arrival and the model run (a request slot, then the batcher's queue)
         waited = timing["admit_s"] + timing.get("queue_s", 0.0)
         for stage, seconds in (("decode", decode_s), ("queue", waited), ("encode", encode_s)):
@@ -427,7 +431,7 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
             if "batch_s" in timing:  # with the micro-batcher: how long it held the batch open for more rows
                 perf.record_later(event_key(model.name, model.version, "batch", device, size), timing["batch_s"],
                                   started - timing["batch_s"], batch)
-            rerun = None  # armed deep profiles: the batch's inputs again under ONNX Runtime's profiler
+            rerun = None  # armed deep profiles: the batch's inputs again under the engine's profiler
             if perf.profiler.armed:
                 rerun = functools.partial(model.profile_run, timing["batch_inputs"])
             perf.record_later(event_key(model.name, model.version, "model", device, size), timing["model_s"],

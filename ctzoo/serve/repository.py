@@ -1,16 +1,15 @@
-"""Load a model repository (as ``ctzoo export`` writes it) into ONNX Runtime sessions, one per model.
+"""Load a model repository (as ``ctzoo export`` writes it), one engine per model.
 
 Layout::
 
     REPO/<name>/ctzoo.json     name, version, task, max_batch_size, max_queue_delay_ms, inputs, outputs, ...
     REPO/<name>/<version>/model.onnx   (the highest numeric version folder is served)
-    REPO/<name>/config.pbtxt, card.json, README.md, ...   (not read here)
+    REPO/<name>/config.pbtxt, card.json, README.md, model.safetensors, ...   (the bundle: the torch backend's)
 
-Every model gets one shared :class:`onnxruntime.InferenceSession`. Execution providers are chosen explicitly
-(:func:`choose_providers`): with ``device`` ``auto`` or ``cuda``, TensorRT then CUDA where this onnxruntime build
-has them, always with the CPU last; ``cpu`` uses the CPU alone. The providers a session really got are logged.
-On a GPU the session runs through IOBinding (inputs copied in once, outputs allocated on the device and copied
-out once); on the CPU plain ``session.run`` is used, since IOBinding buys nothing there.
+Each model's ``model.onnx`` graph defines its tensor interface (names, datatypes, shapes) and runs in an engine
+(:mod:`ctzoo.serve.engines`): ONNX Runtime with the providers chosen explicitly (:func:`choose_providers`; the ones
+a session really got are logged), or, with ``backend="torch"``, the folder's own bundle in PyTorch, the module the
+graph was exported from, in the precision :func:`ctzoo.inference.precision.choose_precision` resolves.
 
 :class:`ServedModel` checks requests against the model before they are batched (:meth:`ServedModel.validate`),
 so one bad request can never fail the requests it would have been merged with, and runs them
@@ -23,27 +22,22 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from ctzoo.perf.deep_profile import ProfiledRun, profile_onnxruntime
+from ctzoo.perf.deep_profile import ProfiledRun
 from ctzoo.serve.batching import MicroBatcher
+from ctzoo.serve.engines import BACKENDS, OnnxEngine, Runtime, TorchEngine, choose_providers
 from ctzoo.serve.v2_codec import DATATYPES, ServeError, datatype_of
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE, GRAPH_FILE = "ctzoo.json", "model.onnx"
-PLATFORM = "onnxruntime_onnx"
 DEFAULT_MAX_BATCH_SIZE, DEFAULT_QUEUE_DELAY_MS = 16, 2.0
-ORT_DATATYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
-                 "tensor(bool)": "BOOL", "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32",
-                 "tensor(int64)": "INT64", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
-                 "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64"}
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 @dataclass(frozen=True)
@@ -58,35 +52,8 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
-def choose_providers(device: str = "auto", tensorrt: bool = True, trt_cache: Path | None = None) -> list:
-    """ONNX Runtime providers for ``device`` (``auto``, ``cpu`` or ``cuda``), best first, the CPU always last.
-
-    ``cuda`` without a GPU-enabled onnxruntime raises ``RuntimeError`` (install ``ctzoo[gpu]``); ``auto`` falls
-    back to the CPU. TensorRT builds engines on first use (minutes); they are cached in ``trt_cache``.
-    """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    available = ort.get_available_providers()
-    providers: list = []
-    if tensorrt and "TensorrtExecutionProvider" in available:
-        options = {"trt_engine_cache_enable": True}
-        if trt_cache is not None:
-            trt_cache.mkdir(parents=True, exist_ok=True)
-            options["trt_engine_cache_path"] = str(trt_cache)
-        providers.append(("TensorrtExecutionProvider", options))
-    if "CUDAExecutionProvider" in available:
-        providers.append("CUDAExecutionProvider")
-    if device == "cuda" and not providers:
-        raise RuntimeError("--device cuda, but this onnxruntime has no CUDA provider (available: "
-                           f"{', '.join(available)}); install onnxruntime-gpu (pip install 'ctzoo[gpu]')")
-    return [*providers, "CPUExecutionProvider"]
-
-
-def _session_specs(args: list) -> list[TensorSpec]:
-    return [TensorSpec(a.name, ORT_DATATYPES.get(a.type, a.type),
-                       tuple(s if isinstance(s, int) and s >= 0 else -1 for s in a.shape)) for a in args]
+def _specs(entries: list[dict[str, Any]]) -> list[TensorSpec]:
+    return [TensorSpec(e["name"], e["datatype"], tuple(int(x) for x in e["shape"])) for e in entries]
 
 
 def _config_specs(entries: list[dict], found: list[TensorSpec], kind: str, folder: Path) -> list[TensorSpec]:
@@ -100,11 +67,12 @@ def _config_specs(entries: list[dict], found: list[TensorSpec], kind: str, folde
 
 
 class ServedModel:
-    """One model of the repository: ``name``, ``folder``, ``version``, ``config`` (ctzoo.json), ``session``
-    (the shared InferenceSession), ``inputs``/``outputs`` (:class:`TensorSpec`), ``max_batch_size``,
-    ``max_queue_delay_ms`` and, once the app set it up, ``batcher``."""
+    """One model of the repository: ``name``, ``folder``, ``version``, ``config`` (ctzoo.json), ``engine`` (what
+    runs it, :mod:`ctzoo.serve.engines`), ``bundle`` (the torch backend's, else None), ``inputs``/``outputs``
+    (:class:`TensorSpec`), ``max_batch_size``, ``max_queue_delay_ms`` and, once the app set it up, ``batcher``.
+    ``runtime``: how it runs (:class:`~ctzoo.serve.engines.Runtime`; a torch runtime's precision resolved)."""
 
-    def __init__(self, folder: Path, providers: list, threads: int | None = None) -> None:
+    def __init__(self, folder: Path, runtime: Runtime = Runtime()) -> None:
         self.folder = folder
         versions = sorted((int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / GRAPH_FILE).is_file()))
         if not versions:
@@ -113,12 +81,18 @@ class ServedModel:
         config_path = folder / CONFIG_FILE
         self.config: dict[str, Any] = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else {}
         self.name = str(self.config.get("name", folder.name))
-        self._threads, self._providers = threads, providers
-        self.session = self._new_session()
-        self.providers = self.session.get_providers()
-        self.on_gpu = self.providers[0] in GPU_PROVIDERS
-        self.io_device = "cuda"  # where IOBinding allocates outputs when on_gpu
-        found_in, found_out = _session_specs(self.session.get_inputs()), _session_specs(self.session.get_outputs())
+        graph = folder / self.version / GRAPH_FILE
+        self.bundle, self.precision_reason = None, None
+        if runtime.kind == "torch":
+            self.bundle = torch_bundle(folder, self.name)
+            runtime, self.precision_reason = _torch_precision(self.bundle, runtime)
+            self.engine = TorchEngine(self.bundle, graph, runtime.device, runtime.precision, runtime.threads)
+        elif runtime.kind == "onnx":
+            self.engine = OnnxEngine(graph, runtime.providers, runtime.threads)
+        else:
+            raise ValueError(f"unknown backend {runtime.kind!r}: use one of {', '.join(BACKENDS)}")
+        self.runtime = runtime
+        found_in, found_out = (_specs(entries) for entries in self.engine.io())
         self.inputs = _config_specs(self.config["inputs"], found_in, "inputs", folder) if "inputs" in self.config \
             else found_in
         self.outputs = _config_specs(self.config["outputs"], found_out, "outputs", folder) \
@@ -127,31 +101,20 @@ class ServedModel:
         self.max_queue_delay_ms = float(self.config.get("max_queue_delay_ms", DEFAULT_QUEUE_DELAY_MS))
         self.size_multiple = int((self.config.get("input_spec") or {}).get("size_multiple", 1))
         self.batcher: MicroBatcher | None = None
-        logger.info("model %s version %s: providers %s%s", self.name, self.version, ", ".join(self.providers),
-                    " (IOBinding)" if self.on_gpu else " (plain session.run: IOBinding buys nothing on the CPU)")
-
-    def _new_session(self, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
-        """A session of the served graph with the service's settings (``options``: a profiling run's own)."""
-        options = options or ort.SessionOptions()
-        if self._threads:
-            options.intra_op_num_threads = self._threads
-        options.inter_op_num_threads = 1
-        # a service idles between requests: spinning worker threads would burn the cores other models need
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(self.folder / self.version / GRAPH_FILE), options, providers=self._providers)
+        logger.info("model %s version %s: %s%s", self.name, self.version, self.engine.describe(),
+                    f" ({self.precision_reason})" if self.precision_reason else "")
 
     def profile_run(self, members: list[dict[str, np.ndarray]]) -> ProfiledRun:
-        """A batch's requests (``members``: their validated inputs) merged and run again on a new session with
-        ONNX Runtime's profiler on (:func:`~ctzoo.perf.deep_profile.profile_onnxruntime`); the served session is
-        not touched."""
+        """A batch's requests (``members``: their validated inputs) merged and run again under the engine's
+        profiler (ONNX Runtime's on a new session, or ``torch.profiler``)."""
         merged = {name: np.concatenate([m[name] for m in members]) for name in members[0]}
-        return profile_onnxruntime(self._new_session, merged)
+        return self.engine.profile(merged)
 
     # ------------------------------------------------------------------------------------------ metadata
 
     def metadata(self) -> dict[str, Any]:
         """The KServe v2 model metadata."""
-        return {"name": self.name, "versions": [self.version], "platform": PLATFORM,
+        return {"name": self.name, "versions": [self.version], "platform": self.engine.platform,
                 "inputs": [s.metadata() for s in self.inputs], "outputs": [s.metadata() for s in self.outputs]}
 
     def triton_config(self) -> dict[str, Any]:
@@ -159,7 +122,8 @@ class ServedModel:
         def dims(spec: TensorSpec) -> dict[str, Any]:
             return {"name": spec.name, "data_type": f"TYPE_{spec.datatype}",
                     "dims": list(spec.shape[1:])}
-        return {"name": self.name, "platform": PLATFORM, "backend": "onnxruntime",
+        return {"name": self.name, "platform": self.engine.platform,
+                "backend": "onnxruntime" if self.engine.kind == "onnx" else "pytorch",
                 "max_batch_size": self.max_batch_size, "input": [dims(s) for s in self.inputs],
                 "output": [dims(s) for s in self.outputs],
                 "dynamic_batching": {"max_queue_delay_microseconds": int(self.max_queue_delay_ms * 1000)},
@@ -218,21 +182,13 @@ class ServedModel:
     # ----------------------------------------------------------------------------------------------- run
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the session on validated ``inputs`` (blocking; the batcher calls it in its worker thread). An
+        """Run the engine on validated ``inputs`` (blocking; the batcher calls it in its worker thread). An
         argument ONNX Runtime rejects is a ``ServeError`` 400; anything else propagates (a server fault)."""
         names = [spec.name for spec in self.outputs]
         try:
-            if not self.on_gpu:
-                return dict(zip(names, self.session.run(names, inputs)))
-            binding = self.session.io_binding()
-            for name, array in inputs.items():
-                binding.bind_cpu_input(name, array)
-            for name in names:
-                binding.bind_output(name, self.io_device)
-            self.session.run_with_iobinding(binding)
-            return dict(zip(names, binding.copy_outputs_to_cpu()))
-        except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
-            raise ServeError(f"model {self.name!r} rejected the input: {str(exc)[:300]}") from None
+            return dict(zip(names, self.engine.run(inputs, names)))
+        except ServeError as exc:
+            raise ServeError(f"model {self.name!r}: {exc}") from None
 
     async def infer(self, inputs: dict[str, np.ndarray], *, validated: bool = False,
                     timing: dict | None = None) -> dict[str, np.ndarray]:
@@ -252,14 +208,50 @@ class ServedModel:
         return outputs
 
 
-def load_repository(repository: Path, device: str = "auto", threads: int | None = None,
-                    tensorrt: bool = True) -> dict[str, ServedModel]:
-    """Every model of ``repository`` (each subfolder holding ``<version>/model.onnx``), by name."""
+def torch_bundle(folder: Path, name: str):
+    """The bundle of a served model's folder, for the torch backend (``ValueError`` when it is not a whole one)."""
+    from ctzoo.models.bundle import BundleError, load_bundle
+
+    try:
+        return load_bundle(folder)
+    except BundleError as exc:
+        raise ValueError(f"model {name}: --backend torch runs the bundle's own network, but {folder} is not a whole "
+                         f"bundle ({exc}); export it again with this version of ctzoo, or serve it with --backend "
+                         "onnx") from None
+
+
+def _torch_precision(bundle, runtime: Runtime) -> tuple[Runtime, str]:
+    """``runtime`` with its precision resolved for ``bundle`` on its device (as ``ctzoo infer --precision``), and
+    why."""
+    import torch
+
+    from ctzoo.inference.backends import resolve_device
+    from ctzoo.inference.precision import choose_precision
+
+    device = resolve_device(runtime.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {runtime.device}, but PyTorch sees no GPU (torch {torch.__version__})")
+    choice = choose_precision(bundle, runtime.precision, "torch", device)
+    return replace(runtime, device=device, precision=choice.precision), choice.reason
+
+
+def load_repository(repository: Path, device: str = "auto", threads: int | None = None, tensorrt: bool = True,
+                    backend: str = "onnx", precision: str = "auto") -> dict[str, ServedModel]:
+    """Every model of ``repository`` (each subfolder holding ``<version>/model.onnx``), by name, each run by
+    ``backend``: ``onnx`` (ONNX Runtime on ``device``: auto, cpu or cuda; ``tensorrt`` tries TensorRT first) or
+    ``torch`` (the folder's bundle in PyTorch on ``device``: auto, cpu, cuda or cuda:N, in ``precision``: auto,
+    fp32 or bf16). ``threads``: intra-op threads (ONNX Runtime's per session; torch's are process-wide)."""
+    from ctzoo.inference.precision import check_request
+
     repository = Path(repository)
     if not repository.is_dir():
         raise FileNotFoundError(f"model repository {repository} is not a folder")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    check_request(precision, backend)
     trt_root = None
-    if device != "cpu" and tensorrt and "TensorrtExecutionProvider" in ort.get_available_providers():
+    if backend == "onnx" and device != "cpu" and tensorrt and \
+            "TensorrtExecutionProvider" in ort.get_available_providers():
         from ctzoo.datasets.samples import cache_dir
 
         trt_root = cache_dir() / "tensorrt"
@@ -268,14 +260,19 @@ def load_repository(repository: Path, device: str = "auto", threads: int | None 
         if not any((v / GRAPH_FILE).is_file() for v in folder.iterdir() if v.name.isdigit()):
             logger.info("skipping %s: no <version>/%s", folder, GRAPH_FILE)
             continue
-        providers = choose_providers(device, tensorrt, trt_root / folder.name if trt_root else None)
-        model = ServedModel(folder, providers, threads)
+        if backend == "torch":
+            runtime = Runtime("torch", threads=threads, device=device, precision=precision)
+        else:
+            runtime = Runtime("onnx", tuple(choose_providers(device, tensorrt, trt_root / folder.name if trt_root
+                                                             else None)), threads)
+        model = ServedModel(folder, runtime)
         if model.name in models:
             raise ValueError(f"two models in {repository} are named {model.name!r}")
-        if device == "cuda" and not model.on_gpu:
-            raise RuntimeError(f"--device cuda, but model {model.name} runs on {model.providers[0]} (no usable GPU?)")
+        if device.startswith("cuda") and not model.engine.on_gpu:
+            raise RuntimeError(f"--device cuda, but model {model.name} runs on {model.engine.name} (no usable GPU?)")
         models[model.name] = model
     if not models:
         raise FileNotFoundError(f"no models in {repository}: expected <name>/<version>/{GRAPH_FILE} folders "
                                 "(write them with 'ctzoo export')")
     return models
+

@@ -11,12 +11,14 @@ The format is recognised from the bytes, not a file name. Query parameters:
 
 One code path with ``ctzoo infer``: the upload is written to a private folder under the service's state folder
 (``STATE/studies/``) and run through :func:`ctzoo.inference.pipeline.run_pipeline` with the
-:class:`~ctzoo.inference.tasks.ModelTask` of the served folder's own bundle on the ONNX Runtime backend, so a study
-runs exactly the graph ``/v2/models/<m>/infer`` runs (fp16 included, and models exported from a user's checkpoint
-too). One backend (one ONNX Runtime session) per model, built on first use; the score threshold is applied when
-decoding, so any number of thresholds share it. A JSON reply names the graph that produced it (``"graph": {"file",
-"precision", "sha256", "opset"}``). Study requests do not go through the tensor endpoint's micro-batcher: a study
-is already a batch of slices.
+:class:`~ctzoo.inference.tasks.ModelTask` of the served folder's own bundle on the backend the tensor endpoint
+uses, so a study runs exactly what ``/v2/models/<m>/infer`` runs: the exported graph in ONNX Runtime (fp16
+included, and models exported from a user's checkpoint too), or with ``ctzoo serve --backend torch`` the bundle's
+network on the same device in the same precision. One backend per model, built on first use; the score threshold
+is applied when decoding, so any number of thresholds share it. A JSON reply names what produced it (its
+``"runtime"``: backend, device, precision; and ``"graph": {"file", "precision", "sha256", "opset"}``, null for
+torch). Study requests do not go through the tensor endpoint's micro-batcher: a study is already a
+batch of slices.
 
 Bounds (:mod:`ctzoo.serve.budget`): the body is read, and the study run, inside the request deadline; past it the
 client gets 504 and the worker stops at its next stage boundary and removes its folder. Before any voxel is read,
@@ -81,8 +83,9 @@ def upload_suffix(body: bytes) -> str:
 
 
 class StudyTasks:
-    """One backend (ONNX Runtime session) per served bundle, built on first use; a ModelTask per request on it
-    with the request's threshold (decoding only). Thread-safe; at most one entry per served model."""
+    """One backend per served bundle, built on first use, of the kind, device and precision the model's tensor
+    endpoint runs (its :class:`~ctzoo.serve.engines.Runtime`); a ModelTask per request on it with the request's
+    threshold (decoding only). Thread-safe; at most one entry per served model."""
 
     def __init__(self, device: str = "auto", threads: int | None = None):
         self.device, self.threads = device, threads
@@ -97,14 +100,18 @@ class StudyTasks:
                 self._bundles[model.name] = served_bundle(model)
             return self._bundles[model.name]
 
-    def get(self, bundle, score_threshold: float | None):
+    def get(self, model, bundle, score_threshold: float | None):
         from ctzoo.inference.backends import make_backend
         from ctzoo.inference.tasks import bundle_task
 
-        key = str(bundle.folder)
+        key, runtime = str(bundle.folder), model.runtime
         with self._lock:
             if key not in self._backends:
-                self._backends[key] = make_backend(bundle, "onnx", self.device, threads=self.threads)
+                if runtime.kind == "torch":  # the device and the precision the tensor endpoint resolved
+                    self._backends[key] = make_backend(bundle, "torch", runtime.device, threads=self.threads,
+                                                       precision=runtime.precision)
+                else:
+                    self._backends[key] = make_backend(bundle, "onnx", self.device, threads=self.threads)
             backend = self._backends[key]
         return bundle_task(bundle, backend, score_threshold)
 
@@ -114,8 +121,12 @@ class StudyTasks:
 
 
 def served_bundle(model):
-    """The bundle of a served model's folder; 404 when the folder is not a whole bundle."""
+    """The bundle of a served model's folder (the one the torch backend loaded, if it did); 404 when the folder is
+    not a whole bundle."""
     from ctzoo.models.bundle import BundleError, load_bundle
+
+    if model.bundle is not None:
+        return model.bundle
 
     try:
         bundle = load_bundle(model.folder)
@@ -287,7 +298,7 @@ def study_router(device: str = "auto", threads: int | None = None, state_dir: st
                 upload_timing = None if perf is None else UploadTiming(
                     started, time.perf_counter() - clock, _upload_context(request, size, suffix, voxels))
                 async with budget.reserve(voxels * STUDY_BYTES_PER_VOXEL, "the study"):
-                    task = await run_in_threadpool(tasks.get, bundle, score_threshold)
+                    task = await run_in_threadpool(tasks.get, model, bundle, score_threshold)
                     handed_over = True  # from here the worker thread owns the folder, even if we are cancelled
                     return await run_in_threadpool(run_study, task, folder, suffix, output_format, limits, cancel,
                                                    perf, upload_timing)
