@@ -145,3 +145,39 @@ def test_infer_decodes_with_nvimgcodec_in_spawned_readers(tmp_path):
 def test_infer_refuses_nvimgcodec_on_ray():
     result = CliRunner().invoke(main, ["infer", "--decode", "nvimgcodec", "--engine", "ray"])
     assert result.exit_code == 2 and "--engine local" in result.output
+
+
+def test_the_pacs_check_and_a_served_study_decode_with_the_chosen_decoder(tmp_path):
+    """ctzoo pacs (its config's decode) and ctzoo serve (--decode) hand the resolved decoder to their reads."""
+    from fastapi.testclient import TestClient
+    from pydantic import ValidationError
+    from upload_builders import zip_bytes
+
+    from ctzoo.export.repository import export_model
+    from ctzoo.io.dicom_scan import SeriesRules
+    from ctzoo.pacs.config import PacsConfig
+    from ctzoo.pacs.core import check_series
+    from ctzoo.serve.app import create_app
+    from ctzoo.serve.studies import study_router
+
+    assert PacsConfig.model_validate({"decode": "nvimgcodec"}).decode == "nvimgcodec"
+    with pytest.raises(ValidationError, match="decode"):
+        PacsConfig.model_validate({"decode": "nvjpeg"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        volumes = [check_series(sample_ct_dicom(), SeriesRules(min_slices=10), decoder=spec)
+                   for spec in (None, CPU_DECODER)]
+    assert np.array_equal(volumes[0].array, volumes[1].array)
+
+    export_model("recistnet-mini", tmp_path / "repo", progress=lambda message: None)
+    upload = zip_bytes({f"series/{p.name}": p.read_bytes() for p in _sample_files()})
+    answers = {}
+    for spec in (None, CPU_DECODER):
+        router = study_router("cpu", state_dir=tmp_path / f"state-{spec}", decoder=spec)
+        with TestClient(create_app(tmp_path / "repo", ["token"], device="cpu", extra_routers=[router])) as client:
+            reply = client.post("/studies/recistnet-mini", content=upload, headers={"Authorization": "Bearer token"})
+        assert reply.status_code == 200, reply.text
+        answers[spec] = reply.json()
+    assert answers[CPU_DECODER]["runtime"]["decoder"] == CPU_DECODER
+    assert answers[None]["runtime"]["decoder"] == "gdcm"
+    assert answers[CPU_DECODER]["lesions"] == answers[None]["lesions"]

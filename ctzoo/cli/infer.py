@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from ctzoo.cli.decode_options import decode_option, resolve_decoder
 from ctzoo.cli.info import USER_ERRORS, load_rules, rules_option, series_option
 from ctzoo.cli.limits import volume_limit_options, volume_limits
 from ctzoo.cli.perf_options import perf_monitor, perf_options
@@ -50,10 +51,7 @@ def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
               help="PyTorch backend: torch.compile the network for fixed shapes (every batch padded to "
                    "--batch-size). Compiling takes tens of seconds per model copy on a CPU; long jobs win it back "
                    "(docs/batch-inference.md).")
-@click.option("--decode", type=click.Choice(["auto", "gdcm", "nvimgcodec"]), default="auto", show_default=True,
-              help="How DICOM's JPEG 2000 is decoded: GDCM on CPU threads, or nvImageCodec in batches on the GPU "
-                   "(ctzoo[gpu]), used only where the sample CT decodes to HU identical to GDCM's (checked at "
-                   "start). auto: nvImageCodec on CUDA where installed and the check passes, else GDCM.")
+@decode_option
 @click.option("--preprocess-on", "preprocess_on", type=click.Choice(["readers", "model"]), default="readers",
               show_default=True,
               help="Where each slice's network input is computed (reorient, resample, window). readers: in the "
@@ -179,7 +177,7 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
         click.echo("warning: --perf-profile: ctzoo infer takes deep profiles with --backend torch and the local "
                    "engine (ctzoo serve profiles ONNX graphs); none will be taken", err=True)
         monitor.profiler.budget = 0
-    decoder = _choose_decoder(decode, device if network is None else network.home, engine)
+    decoder = resolve_decoder(decode, device if network is None else network.home, engine)
     options = PipelineOptions(out=out, batch_size=batch_size, workers=workers, layout=layout, resume=resume,
                               overlay=(not inputs) if overlay is None else overlay, series=series, rules=rules,
                               limits=volume_limits(limit_options), perf=monitor, decoder=decoder)
@@ -220,19 +218,6 @@ def _progress_logging() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-def _choose_decoder(requested: str, device: str, engine: str) -> str | None:
-    """The pipeline's decoder for ``--decode`` (ctzoo.inference.decoding), said on stderr once for the run."""
-    from ctzoo.inference.backends import resolve_device
-    from ctzoo.inference.decoding import choose_decoder
-
-    try:
-        choice = choose_decoder(requested, resolve_device(device), engine)
-    except (RuntimeError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"decode: {choice.describe()}", err=True)
-    return choice.pipeline_decoder
 
 
 def _check_placement_options(model_names: tuple[str, ...], backend: str, engine: str) -> None:

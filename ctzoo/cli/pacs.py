@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from ctzoo.cli.decode_options import resolve_decoder
 from ctzoo.config import ConfigError
 
 CONFIG = click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -131,7 +132,7 @@ def watch(config: Path) -> None:
             click.echo(f"warning: {exc}; waiting for Orthanc", err=True)
         watcher = OrthancWatcher(client, ledger, tasks, settings.rules, settings.state_dir / "work",
                                  worker_name(), settings.salt(), limits=settings.limits.resource_limits(),
-                                 perf=monitor)
+                                 perf=monitor, decoder=resolve_decoder(settings.decode, settings.device))
         click.echo(f"watching {settings.orthanc.url} for CT series; models: {', '.join(settings.models)}; "
                    f"ledger: {settings.ledger_path}{_perf_note(settings)}", err=True)
         _run_until_signalled(watcher, settings.orthanc.poll_s)
@@ -161,7 +162,8 @@ def listen(config: Path) -> None:
             settings.salt(), AEAddress(section.ae_title, section.host, section.port),
             AEAddress(dest.ae_title, dest.host, dest.port),
             None if section.allowed_calling_aets == ["*"] else section.allowed_calling_aets, section.stable_s,
-            section.min_free_mb, settings.limits.resource_limits(), perf=monitor)
+            section.min_free_mb, settings.limits.resource_limits(), perf=monitor,
+            decoder=resolve_decoder(settings.decode, settings.device))
         try:
             listener.start()
         except OSError as exc:

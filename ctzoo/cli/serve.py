@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from ctzoo.cli.decode_options import decode_option, resolve_decoder
 from ctzoo.cli.limits import volume_limit_options, volume_limits
 from ctzoo.cli.perf_options import perf_monitor, perf_options
 from ctzoo.serve.budget import ServeLimits
@@ -130,6 +131,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="--backend torch: auto runs bf16 on CUDA where it agrees with fp32 on the sample CT (else fp32), "
               "fp32 on the CPU. An ONNX graph runs in its own precision (ctzoo export --fp16).")
+@decode_option
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads: ONNX Runtime's per model, or PyTorch's (default: all cores).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -162,7 +164,7 @@ def _is_loopback(host: str) -> bool:
 @perf_options(on_by_default=True, deep_profiles=True)
 def serve(repository: Path, host: str, port: int, token_file: Path | None, insecure_no_auth: bool,
           metrics_no_auth: bool, max_upload_mb: float, request_timeout_s: float, backend: str, precision: str,
-          threads: int | None, device: str, tensorrt: bool, max_batch_size: int | None,
+          decode: str, threads: int | None, device: str, tensorrt: bool, max_batch_size: int | None,
           max_queue_delay_ms: float | None, no_batching: bool, no_access_log: bool, state_dir: Path | None,
           **budget_options) -> None:
     """Serve the models of a repository over HTTP: KServe v2 / Open Inference Protocol.
@@ -232,13 +234,14 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
     state = claim_state_dir(state_dir or default_state_dir())
     monitor = perf_monitor(budget_options, "serve", state / "perf.sqlite")
     limits = ServeLimits(volume_limits(budget_options, self_contained_only=True), **budget_options)
+    decoder = resolve_decoder(decode, device)
     try:
         app = create_app(repository, tokens, insecure_no_auth=insecure_no_auth, device=device, threads=threads,
                          tensorrt=tensorrt, backend=backend, precision=precision, max_upload_mb=max_upload_mb,
                          request_timeout_s=request_timeout_s, batching=not no_batching, max_batch_size=max_batch_size,
                          max_queue_delay_ms=max_queue_delay_ms, metrics_no_auth=metrics_no_auth, limits=limits,
                          perf=monitor,
-                         extra_routers=[study_router(device, threads, state, request_timeout_s)])
+                         extra_routers=[study_router(device, threads, state, request_timeout_s, decoder)])
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     for model in app.state.repository.values():

@@ -22,6 +22,7 @@ decoder once (:func:`decoder_for`). Package: ``nvidia-nvimgcodec-cu13`` with ``n
 from __future__ import annotations
 
 import functools
+import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -89,6 +90,9 @@ class NvImageCodecDecoder:
                                if _load_messages() else str(exc)) from exc
         self.load_messages = "\n".join(text for text in (_load_messages(), printed) if text)
         self._params = codec.DecodeParams(color_spec=codec.ColorSpec.UNCHANGED, allow_any_depth=True)
+        # one decoder per process is shared by every thread reading (the service's concurrent studies); one
+        # batch at a time, since nvImageCodec does not promise a Decoder is safe to call from two threads
+        self._lock = threading.Lock()
 
     @property
     def spec(self) -> str:
@@ -119,7 +123,8 @@ class NvImageCodecDecoder:
             where.append(index)
         results: list[np.ndarray | None] = [None] * len(frames)
         try:
-            images = self._decoder.decode(streams, params=self._params) if streams else []
+            with self._lock:
+                images = self._decoder.decode(streams, params=self._params) if streams else []
         except Exception:  # the device failed the whole batch (out of memory, a lost GPU): GDCM takes it
             return results
         for index, image in zip(where, images):

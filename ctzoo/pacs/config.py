@@ -131,6 +131,10 @@ class PacsConfig(StrictConfig):
         "auto", description="torch backend: bf16 where it agrees with fp32 on the sample CT (checked at start); "
                             "auto: bf16 on CUDA where the check passes, else fp32 (as ctzoo infer --precision)")
     threads: int | None = Field(None, ge=1, description="model threads (default: all cores)")
+    decode: Literal["auto", "gdcm", "nvimgcodec"] = Field(
+        "auto", description="how JPEG 2000 series are decoded: GDCM on the CPU, or nvImageCodec in batches on the "
+                            "GPU where the sample CT decodes to GDCM's HU (checked at start); auto: nvImageCodec on "
+                            "CUDA where installed and the check passes (as ctzoo infer --decode)")
     score_threshold: float | None = Field(None, ge=0, le=1, description="detector: lesions below this are not "
                                           "reported (default: the model's operating point, from its card)")
     rules: SeriesRules = Field(default_factory=lambda: SeriesRules(min_slices=10),

@@ -59,9 +59,10 @@ def series_tag(series_uid: str) -> str:
     return hashlib.sha256(series_uid.encode()).hexdigest()[:10]
 
 
-def check_series(folder: Path, rules: SeriesRules, limits: ResourceLimits = DEFAULT_LIMITS):
-    """The series in ``folder`` read as the models take it (every slice decoded; a :class:`~ctzoo.io.Volume`);
-    :class:`BadSeries` if it cannot be.
+def check_series(folder: Path, rules: SeriesRules, limits: ResourceLimits = DEFAULT_LIMITS,
+                 decoder: str | None = None):
+    """The series in ``folder`` read as the models take it (every slice decoded, JPEG 2000 by ``decoder``: None
+    for GDCM, ``nvimgcodec:DEVICE``; a :class:`~ctzoo.io.Volume`); :class:`BadSeries` if it cannot be.
 
     Reading once before any model runs is what tells "this series is damaged" (skip it) from "a model
     failed" (retry): a corrupt instance, a series the rules reject or NaN voxels are the data's fault.
@@ -69,7 +70,7 @@ def check_series(folder: Path, rules: SeriesRules, limits: ResourceLimits = DEFA
     from ctzoo.io import read_volume
 
     try:
-        volume = read_volume(folder, rules=rules, progress=False, limits=limits)
+        volume = read_volume(folder, rules=rules, progress=False, limits=limits, decoder=decoder)
     except (DicomError, ValueError, OSError) as exc:
         text = " ".join(str(exc).replace(str(folder), "<series>").split())
         raise BadSeries(f"rejected after reading: {text[:300]}") from None
@@ -141,11 +142,12 @@ class SeriesWorker:
     unavailable: tuple[type[BaseException], ...] = ()
 
     def __init__(self, ledger: Ledger, tasks: list[ModelTask], rules: SeriesRules, work_dir: str | Path,
-                 worker: str, limits: ResourceLimits = DEFAULT_LIMITS, perf=None) -> None:
+                 worker: str, limits: ResourceLimits = DEFAULT_LIMITS, perf=None, decoder: str | None = None) -> None:
         if not tasks:
             raise ValueError("no model tasks")
         self.ledger, self.tasks, self.rules, self.worker = ledger, list(tasks), rules, worker
         self.limits = limits
+        self.decoder = decoder  # how JPEG 2000 series are decoded (check_series), as the config's decode resolved
         self.perf = perf  # a ctzoo.perf.PerfMonitor timing every job's stages (ctzoo.pacs.job_events), or None
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +230,7 @@ class SeriesWorker:
             self.fetch_timed(job, data, events)
             beat.check()
             with events.stage("check"):
-                volume = check_series(data, self.rules, self.limits)
+                volume = check_series(data, self.rules, self.limits, self.decoder)
             events.slices = axial_slices(volume)
             paths = run_models(data, self.tasks, self.rules, out, after_each=beat.check, volume=volume,
                                perf=self.perf)

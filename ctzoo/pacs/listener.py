@@ -124,8 +124,8 @@ class DicomListener(SeriesWorker):
     def __init__(self, ledger: Ledger, tasks: list[ModelTask], rules: SeriesRules, spool_dir: str | Path,
                  work_dir: str | Path, worker: str, salt: str, address: AEAddress, destination: AEAddress,
                  allowed_calling_aets: list[str] | None, stable_s: float = 30.0, min_free_mb: float = 0.0,
-                 limits: ResourceLimits = DEFAULT_LIMITS, perf=None) -> None:
-        super().__init__(ledger, tasks, rules, work_dir, worker, limits, perf)
+                 limits: ResourceLimits = DEFAULT_LIMITS, perf=None, decoder: str | None = None) -> None:
+        super().__init__(ledger, tasks, rules, work_dir, worker, limits, perf, decoder)
         if not salt:
             raise ValueError("a non-empty salt is required (patient ids are hashed with it)")
         if allowed_calling_aets is not None and not allowed_calling_aets:

@@ -42,8 +42,8 @@ class OrthancWatcher(SeriesWorker):
 
     def __init__(self, client: OrthancClient, ledger: Ledger, tasks: list[ModelTask], rules: SeriesRules,
                  work_dir: str | Path, worker: str, salt: str, limits: ResourceLimits = DEFAULT_LIMITS,
-                 perf=None) -> None:
-        super().__init__(ledger, tasks, rules, work_dir, worker, limits, perf)
+                 perf=None, decoder: str | None = None) -> None:
+        super().__init__(ledger, tasks, rules, work_dir, worker, limits, perf, decoder)
         self.client, self.salt = client, salt
         self.state_path = ledger.path.with_name(ledger.path.name + ".orthanc-seq.json")
 

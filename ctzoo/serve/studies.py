@@ -20,6 +20,9 @@ is applied when decoding, so any number of thresholds share it. A JSON reply nam
 torch). Study requests do not go through the tensor endpoint's micro-batcher: a study is already a
 batch of slices.
 
+A zipped series' JPEG 2000 is decoded as ``ctzoo serve --decode`` chose at start (``auto``: nvImageCodec on the
+GPU where its check passes, else GDCM; the reply's ``runtime.decoder`` says which), as ``ctzoo infer --decode``.
+
 Bounds (:mod:`ctzoo.serve.budget`): the body is read, and the study run, inside the request deadline; past it the
 client gets 504 and the worker stops at its next stage boundary and removes its folder. Before any voxel is read,
 the upload's headers are checked (voxels, decoded bytes, inflation; MHA/NRRD must carry their own voxels) and
@@ -204,10 +207,11 @@ class UploadTiming:
 
 
 def run_study(task, folder: Path, suffix: str, output_format: str, limits, cancel: threading.Event, perf=None,
-              upload_timing: UploadTiming | None = None) -> Response:
+              upload_timing: UploadTiming | None = None, decoder: str | None = None) -> Response:
     """Run the pipeline on ``folder/upload<suffix>``, answer in ``output_format``; ``folder`` is removed at the
     end, however the run ends (this worker owns it). ``perf``: the service's PerfMonitor, which times the
-    pipeline's stages and, once the study's slices are known, ``upload_timing``."""
+    pipeline's stages and, once the study's slices are known, ``upload_timing``; ``decoder``: how a zipped
+    series' JPEG 2000 is decoded (:attr:`~ctzoo.inference.pipeline.PipelineOptions.decoder`)."""
     from ctzoo.inference.inputs import CaseInput
     from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
 
@@ -216,7 +220,7 @@ def run_study(task, folder: Path, suffix: str, output_format: str, limits, cance
         out = folder / "out"
         [row] = run_pipeline([CaseInput("study", upload)], task,
                              PipelineOptions(out=out, workers=0, overlay=False, progress=False, limits=limits,
-                                             cancel=cancel, perf=perf))
+                                             cancel=cancel, perf=perf, decoder=decoder))
         if row["status"] != "ok":
             message = row["error"].replace(str(upload), "the upload")
             raise ServeError(message, status=500 if message.startswith("model failed") else 400)
@@ -245,9 +249,11 @@ def _answer(task, folder: Path, suffix: str, output_format: str) -> Response:
 
 
 def study_router(device: str = "auto", threads: int | None = None, state_dir: str | Path | None = None,
-                 request_timeout_s: float = 60.0) -> APIRouter:
+                 request_timeout_s: float = 60.0, decoder: str | None = None) -> APIRouter:
     """The study routes, for ``create_app(..., extra_routers=[study_router()])``. Study folders live under
-    ``state_dir/studies`` (default: a new private temporary folder); leftovers there are removed now."""
+    ``state_dir/studies`` (default: a new private temporary folder); leftovers there are removed now.
+    ``decoder``: how zipped series' JPEG 2000 is decoded (None: GDCM; ``nvimgcodec:DEVICE`` as
+    :func:`ctzoo.inference.decoding.choose_decoder` resolved it)."""
     router = APIRouter()
     tasks = StudyTasks(device, threads)
     if state_dir is None:  # embedded use (tests, notebooks): a private folder, removed when the process exits
@@ -301,7 +307,7 @@ def study_router(device: str = "auto", threads: int | None = None, state_dir: st
                     task = await run_in_threadpool(tasks.get, model, bundle, score_threshold)
                     handed_over = True  # from here the worker thread owns the folder, even if we are cancelled
                     return await run_in_threadpool(run_study, task, folder, suffix, output_format, limits, cancel,
-                                                   perf, upload_timing)
+                                                   perf, upload_timing, decoder)
             finally:
                 if not handed_over:
                     shutil.rmtree(folder, ignore_errors=True)
