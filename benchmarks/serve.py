@@ -36,6 +36,10 @@ Rows:
 Threads: ``--threads`` (default: the CPU count) for the service's ONNX Runtime, ORT and PyTorch alike. The client
 runs in this process on the same machine, so it takes CPU from the server too (its CPU per request is reported).
 
+Both servers admit ``max(--concurrency)`` requests per model at once (``--max-requests-per-model``): the service's
+default, 4, is a memory bound chosen under attack (``benchmarks/serve_load.py``) and would cap every merged batch
+at 4 requests.
+
 Backend (``--backend torch --device cuda [--precision fp32|bf16|auto]``): both servers run ``ctzoo serve --backend
 torch`` on that device (each model's bundle in PyTorch, the module its graph was exported from); responses are still
 checked against ONNX Runtime on the CPU, within 1e-3 in fp32 and within the bf16 check's tolerance (0.1) otherwise.
@@ -466,7 +470,8 @@ def main() -> None:
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    backend = ["--backend", args.backend, "--device", args.device]
+    # every client's request admitted at once, so full batches can form (the default, 4, caps a batch at 4 requests)
+    backend = ["--backend", args.backend, "--device", args.device, "--max-requests-per-model", str(max(levels))]
     backend += ["--precision", args.precision] if args.backend == "torch" else []
     load_before, uptime_before = os.getloadavg(), uptime()
     print(f"load before: {uptime_before}")
