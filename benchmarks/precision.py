@@ -4,8 +4,9 @@ Input: the infer benchmark's (``benchmarks/infer.py``): the TotalSegmentator sam
 ``--slices``, one case, preprocessed up front by each model's own ``task.preprocess``. Per model and device, each of
 ``--repeats`` repeats times ``task.predict`` (the forward pass, and for the detector its keypoint decoding) over
 every batch in fp32 eager (the baseline), bf16 autocast, and both again compiled (``ctzoo infer --precision bf16
---compile``), at the median batch's rate; the table shows medians, each against the baseline, and the first
-batch's seconds (compiling, with an empty inductor cache). Beside the speed, what ``ctzoo infer --precision`` checks before it uses bf16
+--compile``), and on CUDA bf16 replayed as CUDA graphs (``--cuda-graphs``), at the median batch's rate; the table
+shows medians, each against the baseline, and the first batch's seconds (compiling, with an empty inductor cache).
+Beside the speed, what ``ctzoo infer --precision`` checks before it uses bf16
 (:func:`ctzoo.inference.precision.bf16_parity` on the embedded sample CT) and what the outputs of this volume
 keep: detectors, lesions per slice and their end points; segmenters, the share of pixels with the same class.
 
@@ -34,6 +35,12 @@ from ctzoo.models import load_bundle
 
 VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "fp32 compiled": ("fp32", True),
             "bf16 compiled": ("bf16", True)}
+#: On CUDA also: compiled in reduce-overhead mode, each batch replayed as a CUDA graph (ctzoo infer --cuda-graphs).
+CUDA_VARIANTS = {"bf16 CUDA graphs": ("bf16", "cuda-graphs")}
+
+
+def variants_for(device: str) -> dict[str, tuple[str, bool | str]]:
+    return {**VARIANTS, **(CUDA_VARIANTS if device.startswith("cuda") else {})}
 
 
 def agreement(task: str, fp32: list, bf16: list) -> dict:
@@ -50,8 +57,9 @@ def agreement(task: str, fp32: list, bf16: list) -> dict:
 
 def measure(model_name: str, device: str, volume, args) -> dict:
     bundle = load_bundle(model_name)
+    variants = variants_for(device)
     tasks = {name: model_task(bundle, "torch", device, threads=args.threads, precision=precision, compile=compiled)
-             for name, (precision, compiled) in VARIANTS.items()}
+             for name, (precision, compiled) in variants.items()}
     slices = np.stack(list(tasks["fp32"].preprocess(volume)[1]))
     items = batches(slices, args.batch_size)
     first_batch_s = {}
@@ -66,13 +74,13 @@ def measure(model_name: str, device: str, volume, args) -> dict:
         for name, task in tasks.items():  # every variant in each repeat: a slow spell hits them alike
             sample[name], outputs[name] = rate(task.predict, items, device)
         repeats.append(sample)
-    rates = {name: float(np.median([r[name]["median"] for r in repeats])) for name in VARIANTS}
+    rates = {name: float(np.median([r[name]["median"] for r in repeats])) for name in variants}
     parity = bf16_parity(bundle, device)
     return {"model": model_name, "task": bundle.task, "device": device, "slices": len(slices),
             "input_shape": list(slices.shape[1:]), "slices_per_s": rates,
-            "ratio": {name: rates[name] / rates["fp32"] for name in VARIANTS}, "first_batch_s": first_batch_s,
+            "ratio": {name: rates[name] / rates["fp32"] for name in variants}, "first_batch_s": first_batch_s,
             "repeats": repeats, "this_volume": {name: agreement(bundle.task, outputs["fp32"], outputs[name])
-                                                for name in VARIANTS if name != "fp32"},
+                                                for name in variants if name != "fp32"},
             "sample_ct_check": {k: parity[k] for k in ("passed", "worst_relative_error", "errors", "failures",
                                                        "class_agreement") if k in parity}}
 
@@ -101,11 +109,12 @@ def main() -> None:
                 print(f"  {name}/{device}: {rows[-1]['this_volume']}", flush=True)
     print(f"task.predict slices/s, medians of {args.repeats} repeats, (ratio to fp32 eager, the baseline); first: "
           "the first batch's seconds (compiling)")
-    print(f"{'model':22s} {'device':6s}" + "".join(f" {name:>20s}" for name in VARIANTS) + "  bf16 check")
+    names = list(variants_for("cuda"))
+    print(f"{'model':22s} {'device':6s}" + "".join(f" {name:>20s}" for name in names) + "  bf16 check")
     for row in rows:
         check = row["sample_ct_check"]
         cells = "".join(f" {row['slices_per_s'][n]:6.1f} ({row['ratio'][n]:.2f}x) {row['first_batch_s'][n]:4.0f}s"
-                        for n in VARIANTS)
+                        if n in row["slices_per_s"] else f" {'-':>20s}" for n in names)
         print(f"{row['model']:22s} {row['device']:6s}{cells}  {'pass' if check['passed'] else 'FAIL'} "
               f"(worst rel. error {check['worst_relative_error']:.3g})")
     machine = {**machine_info(), "bf16_cpu_instructions": sorted({f for f in cpu_flags if "bf16" in f}),

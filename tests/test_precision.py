@@ -65,6 +65,7 @@ def test_a_model_that_disagrees_is_refused_in_bf16_and_kept_in_fp32_by_auto(dete
     (["--precision", "bf16", "--backend", "onnx"], "ONNX graphs carry their own precision"),
     (["--precision", "fp16"], "'fp16' is not one of 'auto', 'fp32', 'bf16'"),
     (["--compile", "--backend", "onnx"], "--compile compiles the PyTorch backend's own network"),
+    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs replays CUDA graphs: it needs a CUDA device"),
 ])
 def test_infer_refuses_a_precision_that_cannot_apply_before_reading_anything(arguments, message, tmp_path):
     result = CliRunner().invoke(main, ["infer", "--out", str(tmp_path / "out"), *arguments])
@@ -111,6 +112,26 @@ def test_a_compiled_detector_equals_eager_and_compiles_once_for_a_smaller_last_b
             assert got[name].shape == want[name].shape
             assert output_error(got[name], want[name])[1] < 1e-4, name
     assert compiled.fixed.batch == 3 and counters["stats"]["unique_graphs"] == 1
+
+
+def test_cuda_graphs_need_a_cuda_device(detector):
+    with pytest.raises(ValueError, match="CUDA graphs .* replay on a CUDA device, not cpu"):
+        make_backend(detector, "torch", "cpu", compile="cuda-graphs")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs replay on a GPU")
+def test_cuda_graphs_equal_eager_on_the_gpu_for_a_smaller_last_batch_too(detector):
+    """(Runs in benchmarks/gpu/run.sh's check step.) The replayed graph's outputs are the eager network's, each
+    batch's copied out before the next one overwrites the graph's output buffers."""
+    eager, replayed = (make_backend(detector, "torch", "cuda", compile=mode) for mode in (False, "cuda-graphs"))
+    channels = next(m for m in detector.network().modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+    images = np.random.default_rng(0).normal(0, 1, (3, channels, 64, 96)).astype(np.float32)
+    results = [(replayed.heads(batch), eager.heads(batch)) for batch in (images, images[::-1].copy(), images[:1])]
+    for got, want in results:  # compared after every batch ran: earlier outputs must not have been overwritten
+        for name in want:
+            assert output_error(got[name], want[name])[1] < 1e-3, name
+    assert replayed.fixed.batch == 3 and model_task(detector, "torch", "cuda", compile="cuda-graphs").runtime[
+        "compiled"] == "cuda-graphs"
 
 
 def test_the_pacs_bridge_resolves_its_configured_precision_per_model():

@@ -51,6 +51,9 @@ def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
               help="PyTorch backend: torch.compile the network for fixed shapes (every batch padded to "
                    "--batch-size). Compiling takes tens of seconds per model copy on a CPU; long jobs win it back "
                    "(docs/batch-inference.md).")
+@click.option("--cuda-graphs", is_flag=True,
+              help="With --compile on CUDA: compile in torch's reduce-overhead mode, each fixed-shape batch replayed "
+                   "as one CUDA graph (no per-kernel launch cost; implies --compile).")
 @decode_option
 @click.option("--preprocess-on", "preprocess_on", type=click.Choice(["readers", "model"]), default="readers",
               show_default=True,
@@ -93,7 +96,7 @@ def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
 @perf_options(deep_profiles=True)
 @_ctrl_c_exits_130
 def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, device: str, precision: str,
-          compile_model: bool, decode: str, preprocess_on: str, out: Path,
+          compile_model: bool, cuda_graphs: bool, decode: str, preprocess_on: str, out: Path,
           layout: str, workers: int | None, batch_size: int, threads: int | None, resume: bool, overlay: bool | None,
           score_threshold: float | None, engine: str, placement: Path | None, series: str | None,
           rules_file: Path | None, **limit_options) -> None:
@@ -153,8 +156,11 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
 
     if placement is not None:
         _check_placement_options(model_names, backend, engine)
+    compile_model = "cuda-graphs" if cuda_graphs else compile_model
     try:
-        check_request(precision, backend, placed=placement is not None, compile=compile_model)
+        check_request(precision, backend, placed=placement is not None, compile=bool(compile_model))
+        if cuda_graphs and not (device.startswith("cuda") or (device == "auto" and _cuda_available())):
+            raise ValueError("--cuda-graphs replays CUDA graphs: it needs a CUDA device (--device cuda)")
         if decode == "nvimgcodec" and engine != "local":
             raise ValueError("--decode nvimgcodec decodes in this machine's readers: use it with --engine local")
         if preprocess_on == "model" and (backend != "torch" or engine != "local" or layout == "copies"):
@@ -220,6 +226,12 @@ def _progress_logging() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _check_placement_options(model_names: tuple[str, ...], backend: str, engine: str) -> None:
     """--placement runs one PyTorch model in this process: not ONNX graphs, not Ray workers."""
     if backend != "torch":
@@ -247,7 +259,8 @@ def _placed_network(bundle, plan_path: Path):
         raise click.ClickException(f"{plan_path}: {exc}") from exc
 
 
-def _run_model(bundle, cases, options, backend: str, device: str, torch_options: tuple[str, bool], threads: int | None,
+def _run_model(bundle, cases, options, backend: str, device: str, torch_options: tuple[str, bool | str],
+               threads: int | None,
                score_threshold: float | None, engine: str, earlier_rows: list[dict], network=None,
                preprocess_on_model: bool = False) -> list[dict]:
     import dataclasses
@@ -280,7 +293,8 @@ def _run_model(bundle, cases, options, backend: str, device: str, torch_options:
                           precision=choice.precision, compile=compile_model)
     except (KeyError, FileNotFoundError, RuntimeError, ValueError) as exc:  # bad model/device/backend, Ray failure
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"{bundle.name}: {schedule.describe()}; {choice.describe()}{', compiled' if compile_model else ''}"
+    compiled = {False: "", True: ", compiled", "cuda-graphs": ", compiled, replayed as CUDA graphs"}[compile_model]
+    click.echo(f"{bundle.name}: {schedule.describe()}; {choice.describe()}{compiled}"
                f"{f'; inputs computed on {home}' if preprocess_on_model else ''}", err=True)
     keep_freed_memory()  # a batch job: freed memory is kept for the next batch (ctzoo.inference.allocator)
     options = dataclasses.replace(options, layout=schedule.layout, workers=schedule.workers,

@@ -59,13 +59,17 @@ class SegmenterBackend(Protocol):
         ...
 
 
+#: ``compile`` values of :func:`make_backend` -> torch.compile's mode.
+COMPILE_MODES = {True: None, "cuda-graphs": "reduce-overhead"}
+
+
 class NoGraphsError(ValueError):
     """The ONNX backend was asked for a bundle that carries no exported graphs."""
 
 
 def make_backend(bundle: ModelBundle, kind: Literal["torch", "onnx"] = "torch", device: str = "auto",
                  threads: int | None = None, network: torch.nn.Module | None = None, precision: str = "fp32",
-                 compile: bool = False) -> DetectorBackend | SegmenterBackend:
+                 compile: bool | str = False) -> DetectorBackend | SegmenterBackend:
     """A backend running ``bundle``.
 
     Args:
@@ -83,6 +87,8 @@ def make_backend(bundle: ModelBundle, kind: Literal["torch", "onnx"] = "torch", 
             :func:`ctzoo.inference.precision.choose_precision` resolved it (nothing here checks bf16 against fp32).
         compile: torch only: ``torch.compile`` the network for fixed shapes, every batch padded to the largest
             batch seen (:class:`FixedBatches`), so a job's last, partial batch does not compile it again.
+            ``"cuda-graphs"`` (CUDA only): compiled in torch's ``reduce-overhead`` mode, each fixed-shape batch
+            replayed as one CUDA graph (no per-kernel launch cost; outputs are copied out before the next batch).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown backend kind {kind!r}: use one of {', '.join(KINDS)}")
@@ -103,12 +109,18 @@ def make_backend(bundle: ModelBundle, kind: Literal["torch", "onnx"] = "torch", 
             model = copy.deepcopy(bundle.network()).to(device).eval()  # the bundle's stays on the CPU, shared
         fixed = None
         if compile:
-            model.compile(dynamic=False)  # in place: still the same module class, as segment_slices expects
+            if compile not in COMPILE_MODES:
+                raise ValueError(f"unknown compile mode {compile!r}: use True or 'cuda-graphs'")
+            if compile == "cuda-graphs" and not device.startswith("cuda"):
+                raise ValueError(f"CUDA graphs (--cuda-graphs) replay on a CUDA device, not {device}: use --device "
+                                 "cuda, or --compile alone")
+            # in place: still the same module class, as segment_slices expects
+            model.compile(dynamic=False, mode=COMPILE_MODES[compile])
             fixed = FixedBatches()
         if bundle.task == "detection":
-            return TorchDetector(model, device, precision, fixed)
+            return TorchDetector(model, device, precision, fixed, compile)
         return TorchSegmenter(model, bundle.template_bank, bundle.class_names, device, placed=network is not None,
-                              precision=precision, fixed=fixed)
+                              precision=precision, fixed=fixed, compiled=compile)
     if precision != "fp32" or compile:
         raise ValueError("bf16 and compile apply to the PyTorch backend: an ONNX graph runs as exported")
     if network is not None:
@@ -180,18 +192,26 @@ class FixedBatches:
         return np.concatenate([images, np.zeros((self.batch - count, *images.shape[1:]), images.dtype)]), count
 
 
+def _new_step(compiled: bool | str) -> None:
+    """Before each batch of a network replayed as CUDA graphs: a new inference step, so torch knows the last
+    batch's outputs (already copied out) may be overwritten."""
+    if compiled == "cuda-graphs":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 class TorchDetector:
     kind = "torch"
 
     def __init__(self, model: torch.nn.Module, device: str, precision: str = "fp32",
-                 fixed: FixedBatches | None = None) -> None:
+                 fixed: FixedBatches | None = None, compiled: bool | str = False) -> None:
         self.model, self.device, self.down_ratio = model, torch.device(device).type, model.down_ratio
-        self._device, self.precision, self.fixed = device, precision, fixed
+        self._device, self.precision, self.fixed, self.compiled = device, precision, fixed, compiled
         self._channels = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
 
     def heads(self, images: np.ndarray) -> dict[str, np.ndarray]:
         images = _as_batch(images, self._channels, SIZE_MULTIPLE)
         images, count = self.fixed.pad(images) if self.fixed else (images, len(images))
+        _new_step(self.compiled)
         with torch.inference_mode(), autocast(self._device, self.precision):
             outputs = self.model(torch.as_tensor(images).to(self._device))
         return {name: outputs[name][:count].float().cpu().numpy() for name in HEADS}
@@ -207,9 +227,10 @@ class TorchSegmenter:
     kind = "torch"
 
     def __init__(self, model: torch.nn.Module, bank, class_names: list[str], device: str,
-                 placed: bool = False, precision: str = "fp32", fixed: FixedBatches | None = None) -> None:
+                 placed: bool = False, precision: str = "fp32", fixed: FixedBatches | None = None,
+                 compiled: bool | str = False) -> None:
         self.model, self.bank, self.class_names, self.placed = model, bank, list(class_names), placed
-        self.precision, self.fixed = precision, fixed
+        self.precision, self.fixed, self.compiled = precision, fixed, compiled
         self.device, self._device = torch.device(device).type, device
 
     def segment(self, images: np.ndarray) -> np.ndarray:
@@ -219,6 +240,7 @@ class TorchSegmenter:
         if self.placed:
             return self._segment_in_place(torch.as_tensor(images).to(self._device))
         images, count = self.fixed.pad(images) if self.fixed else (images, len(images))
+        _new_step(self.compiled)
         with autocast(self._device, self.precision):
             return segment_slices(self.model, self.bank, torch.as_tensor(images), batch_size=max(1, len(images)),
                                   device=self._device, progress=False)[:count].numpy()

@@ -193,13 +193,13 @@ def _runtime(bundle: ModelBundle, backend) -> dict[str, Any]:
         runtime["graph"] = bundle.graphs.describe(bundle.folder)
         runtime["precision"] = bundle.graphs.precision
     else:
-        runtime.update(precision=backend.precision, compiled=backend.fixed is not None)
+        runtime.update(precision=backend.precision, compiled=backend.compiled)  # False, True or "cuda-graphs"
     return runtime
 
 
 def model_task(source: str | Path | ModelBundle, backend_kind: str = "torch", device: str = "auto",
                score_threshold: float | None = None, threads: int | None = None,
-               network: Any = None, precision: str = "fp32", compile: bool = False) -> ModelTask:
+               network: Any = None, precision: str = "fp32", compile: bool | str = False) -> ModelTask:
     """The stages of a bundle (or a zoo name or bundle folder, loaded here) on a new backend (``torch`` or
     ``onnx``, the bundle's exported graphs); ``score_threshold`` None is the bundle's operating point;
     ``network``: a placed network the torch backend runs instead of the bundle's, ``precision`` fp32 or bf16 as
