@@ -150,6 +150,7 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     """
     from ctzoo.cli.bundles import resolve_bundles
     from ctzoo.datasets.samples import sample_ct_dicom
+    from ctzoo.inference.backends import resolve_device
     from ctzoo.inference.inputs import CaseInput, discover_cases
     from ctzoo.inference.pipeline import PipelineOptions
     from ctzoo.inference.precision import check_request
@@ -159,7 +160,7 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     compile_model = "cuda-graphs" if cuda_graphs else compile_model
     try:
         check_request(precision, backend, placed=placement is not None, compile=bool(compile_model))
-        if cuda_graphs and not (device.startswith("cuda") or (device == "auto" and _cuda_available())):
+        if cuda_graphs and not resolve_device(device).startswith("cuda"):
             raise ValueError("--cuda-graphs replays CUDA graphs: it needs a CUDA device (--device cuda)")
         if decode == "nvimgcodec" and engine != "local":
             raise ValueError("--decode nvimgcodec decodes in this machine's readers: use it with --engine local")
@@ -224,12 +225,6 @@ def _progress_logging() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _check_placement_options(model_names: tuple[str, ...], backend: str, engine: str) -> None:

@@ -17,7 +17,6 @@ again under the runtime's profiler), ``name`` (what the log, the metadata and th
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +136,8 @@ class OnnxEngine:
 
 class TorchEngine:
     """``bundle``'s network on ``device`` in ``precision`` (``fp32`` or ``bf16``, resolved), run as the module its
-    ``model.onnx`` was exported from. ``threads`` sets ``torch.set_num_threads`` (process-wide)."""
+    ``model.onnx`` was exported from; ``backend``: the pipeline backend holding that network (one copy on the
+    device for both endpoints). ``threads`` sets ``torch.set_num_threads`` (process-wide)."""
 
     kind, platform = "torch", "pytorch_libtorch"
 
@@ -145,16 +145,15 @@ class TorchEngine:
         import torch
 
         from ctzoo.export.graphs import graph_module
-        from ctzoo.inference.backends import autocast, resolve_device
+        from ctzoo.inference.backends import autocast, make_backend, resolve_device
 
-        if threads is not None:
-            torch.set_num_threads(threads)
+        # the pipeline's own torch backend (its copy of the network on the device, its threads and precision):
+        # the tensor endpoint runs its network as the graph's module, and the study endpoint runs the backend itself
+        self.backend = make_backend(bundle, "torch", device, threads=threads, precision=precision)
         self._torch, self._autocast = torch, autocast
         self.torch_device = resolve_device(device)
         self.device, self.precision = torch.device(self.torch_device).type, precision
-        autocast(self.torch_device, precision)  # ValueError for an unknown precision, now rather than per request
-        network = copy.deepcopy(bundle.network()).to(self.torch_device).eval()  # the bundle's stays on the CPU
-        self.graph, self.graph_file = graph_module(bundle.task, network), graph
+        self.graph, self.graph_file = graph_module(bundle.task, self.backend.model), graph
         self.name = f"torch {self.torch_device} {precision}"
         self.on_gpu = self.device == "cuda"
 

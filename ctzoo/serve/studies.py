@@ -110,9 +110,8 @@ class StudyTasks:
         key, runtime = str(bundle.folder), model.runtime
         with self._lock:
             if key not in self._backends:
-                if runtime.kind == "torch":  # the device and the precision the tensor endpoint resolved
-                    self._backends[key] = make_backend(bundle, "torch", runtime.device, threads=self.threads,
-                                                       precision=runtime.precision)
+                if runtime.kind == "torch":  # the tensor endpoint's own backend: its network, device, precision
+                    self._backends[key] = model.engine.backend
                 else:
                     self._backends[key] = make_backend(bundle, "onnx", self.device, threads=self.threads)
             backend = self._backends[key]
