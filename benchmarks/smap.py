@@ -32,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ctzoo.smap.features import deal_patients, read_site, write_site
+from ctzoo.smap.features import deal_patients
 from ctzoo.smap.keys import make_party_keys
 from ctzoo.smap.party import loopback_addresses
 from ctzoo.smap.secure import full_matrix
+from ctzoo.smap.site_file import read_site, write_site
 from ctzoo.smap.tsne import conditional_p, embed, initial_embedding, joint_p, knn_agreement, squared_distances
 
 PERPLEXITY, LEARNING_RATE, FULL_ITERATIONS, DIMENSION = 5.0, 10.0, 300, 64

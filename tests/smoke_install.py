@@ -63,18 +63,10 @@ def check_every_module_imports() -> None:
 
 
 def check_every_command_has_help() -> None:
-    import click
-
-    from ctzoo.cli import main
-
-    def commands(group: click.Group, prefix: tuple[str, ...] = ()):
-        for name, command in group.commands.items():
-            yield (*prefix, name)
-            if isinstance(command, click.Group):
-                yield from commands(command, (*prefix, name))
+    from ctzoo.cli import command_paths, main
 
     ctzoo("--help")
-    names = list(commands(main))
+    names = list(command_paths(main))
     assert len(names) > 15, names
     for name in names:
         assert "Usage:" in ctzoo(*name, "--help", timeout=60)

@@ -4,25 +4,17 @@ import json
 import subprocess
 import sys
 
-import click
 import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from dicom_factory import SeriesSpec, make_slices, write_series
 
-from ctzoo.cli import main
+from ctzoo.cli import command_paths, main
 
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def all_commands(group, prefix=()):
-    for name, command in group.commands.items():
-        yield (*prefix, name)
-        if isinstance(command, click.Group):
-            yield from all_commands(command, (*prefix, name))
 
 
 def test_info_on_embedded_sample():
@@ -76,7 +68,7 @@ def test_errors_are_one_clear_line(tmp_path):
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("command", [(), *all_commands(main)], ids=lambda c: " ".join(c) or "ctzoo")
+@pytest.mark.parametrize("command", [(), *command_paths(main)], ids=lambda c: " ".join(c) or "ctzoo")
 def test_every_command_has_help(command):
     result = run(*command, "--help")
     assert result.exit_code == 0, result.output
@@ -86,3 +78,13 @@ def test_every_command_has_help(command):
 def test_installed_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "ctzoo", "--version"], capture_output=True, text=True, check=True)
     assert done.stdout.startswith("ctzoo, version ")
+
+
+def test_a_command_imports_only_what_it_uses():
+    """Commands are imported on first use: a secure-map party (or ``--help``) does not wait for torch."""
+    code = ("import sys; from ctzoo.cli import main; main(['smap', 'party', '--help'], standalone_mode=False); "
+            "assert 'torch' not in sys.modules and 'monai' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and "--connect-timeout" in done.stdout, done.stderr
+    unknown = run("nosuch")
+    assert unknown.exit_code == 2 and "No such command 'nosuch'" in unknown.output

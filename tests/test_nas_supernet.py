@@ -80,11 +80,13 @@ def test_subnetwork_config_is_a_template_seg_net_config(supernet):
 
 
 def test_latency_spans_the_space_on_the_cpu(supernet):
-    costs = [measure(extract(supernet, extreme(SPACE, largest)), (128, 128), runs=7, warmup=2)
-             for largest in (False, True)]
-    small, large = costs
+    """Measured alone: 4.1 and 23.9 ms. The other test worker can hold both cores for seconds (a median of 17.8 ms
+    for the small one was seen), so the two are measured in turn three times and each keeps its best median."""
+    nets = [extract(supernet, extreme(SPACE, largest)) for largest in (False, True)]
+    rounds = [[measure(net, (128, 128), runs=7, warmup=2) for net in nets] for _ in range(3)]
+    small, large = (min(costs, key=lambda c: c["latency_ms"]) for costs in zip(*rounds))
     assert small["params"] < large["params"] and small["flops"] < large["flops"]
-    assert large["latency_ms"] >= 2 * small["latency_ms"], costs
+    assert large["latency_ms"] >= 2 * small["latency_ms"], rounds
     assert small["latency_backend"] == "onnxruntime cpu x1"
 
 

@@ -15,7 +15,8 @@ from ctzoo.cohort.lesions import deeplesion_lesions
 from ctzoo.datasets.deeplesion.dataset import key_slice_items
 from ctzoo.datasets.deeplesion.info_csv import read_dl_info
 from ctzoo.models.bundle import load_bundle
-from ctzoo.smap.features import check_compatible, parse_patients, read_site, write_site
+from ctzoo.smap.features import parse_patients
+from ctzoo.smap.site_file import check_compatible, read_site, write_site
 
 
 def test_patient_ranges():

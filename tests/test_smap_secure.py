@@ -20,9 +20,10 @@ from click.testing import CliRunner
 from scipy import stats
 
 from ctzoo.cli import main
-from ctzoo.smap.features import deal_patients, read_site, write_site
+from ctzoo.smap.features import deal_patients
 from ctzoo.smap.party import loopback_addresses, own_histogram
 from ctzoo.smap.secure import full_matrix
+from ctzoo.smap.site_file import read_site, write_site
 from ctzoo.smap.tsne import conditional_p, embed, initial_embedding, joint_p, knn_agreement, squared_distances
 
 PERPLEXITY = 5.0
@@ -226,7 +227,10 @@ def test_keys_and_tls_are_required_outside_loopback(sites, keys, tmp_path):
 @pytest.mark.parametrize("wrong", ["other CA", "another party's certificate"])
 def test_a_wrong_key_ends_every_party_before_anything_is_sent(sites, keys, tmp_path, wrong):
     """A party whose key comes from another ``ctzoo smap keys`` run, or one that presents another party's
-    (valid) certificate as its own: every party stops within seconds, with a message naming the cause."""
+    (valid) certificate as its own: the parties that meet it stop within seconds, with a message naming the cause,
+    and nothing is written. A party that had not yet reached the others when they stopped (its first connection
+    attempt came too early and its retry too late: about 1 run in 12 here) cannot be told: it stops at its
+    --connect-timeout, saying who never connected."""
     if wrong == "other CA":
         result = CliRunner().invoke(main, ["smap", "keys", "--parties", "3", "--out", str(tmp_path / "other")])
         assert result.exit_code == 0, result.output
@@ -237,14 +241,14 @@ def test_a_wrong_key_ends_every_party_before_anything_is_sent(sites, keys, tmp_p
         shutil.copy(keys / "party1" / "mpyc_ca.crt", folder)
         for suffix in ("crt", "key"):
             shutil.copy(keys / "party1" / f"party_1.{suffix}", folder / f"party_0.{suffix}")
-    results = finish(start_parties(sites, tmp_path, keys, "--connect-timeout", "60", key_folders={bad: folder}),
+    results = finish(start_parties(sites, tmp_path, keys, "--connect-timeout", "15", key_folders={bad: folder}),
                      timeout=120)
+    timed_out = [k for k, (_, output) in enumerate(results) if "did not connect within 15 s" in output]
+    assert len(timed_out) <= 1, results
     for code, output in results:
-        if wrong == "other CA":
-            assert code == 1 and "nothing was sent" in output and "did not connect within" not in output, output
-        else:  # the impostor's own connections succeed; it learns of the refusal as a peer leaving at once
-            assert (code == 1 and "nothing was sent" in output) or (
-                code == 3 and "dropped out" in output and "nothing was opened" in output), output
+        # the impostor's own connections succeed; it may learn of the refusal as a peer leaving at once
+        assert (code == 1 and "nothing was sent" in output) or (
+            wrong != "other CA" and code == 3 and "dropped out" in output and "nothing was opened" in output), output
         assert "Traceback" not in output
     outputs = " ".join(output for _, output in results)
     if wrong == "other CA":

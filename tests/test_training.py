@@ -10,6 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from ctzoo.cli import main
+from ctzoo.cli.zoo import zoo
 from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
 from ctzoo.inference.backends import TorchDetector
 from ctzoo.inference.recist_volume import SliceDetection, merge_across_slices
@@ -287,7 +288,7 @@ def test_limitations_name_the_held_out_scan(tmp_path):
     assert "every patient drawn from sample_ct (DICOM)" in miniature_limitations(tmp_path)[0]
     (tmp_path / "lesions.json").write_text(json.dumps({"test_source": "example_ct.nii.gz"}))
     assert _held_out_scan(tmp_path) == "example_ct"
-    publish = next(p for p in main.commands["zoo"].commands["publish"].params if p.name == "operating_fp")
+    publish = next(p for p in zoo.commands["publish"].params if p.name == "operating_fp")
     assert list(publish.type.choices) == [f"{r:g}" for r in OPERATING_FP_RATES]  # the rates calibration computes
 
 

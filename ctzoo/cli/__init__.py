@@ -2,29 +2,56 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import warnings
+from collections.abc import Iterator
 
 import click
 
 from ctzoo import __version__
-from ctzoo.cli.cohort import cohort
-from ctzoo.cli.data import data
-from ctzoo.cli.expand import expand
-from ctzoo.cli.export import export
-from ctzoo.cli.infer import infer
-from ctzoo.cli.info import convert, info
-from ctzoo.cli.nas import nas
-from ctzoo.cli.pacs import pacs
-from ctzoo.cli.perf import perf
-from ctzoo.cli.place import place
-from ctzoo.cli.serve import serve
-from ctzoo.cli.smap import smap
-from ctzoo.cli.train import evaluate, train
-from ctzoo.cli.zoo import zoo
+
+#: Each command and where it is defined: a module is imported only when its command runs (or is listed by
+#: ``ctzoo --help``), so ``ctzoo smap party`` or ``ctzoo perf report`` starts without importing torch and MONAI
+#: (3-4 s on a small machine) that it never uses.
+COMMANDS = {
+    "info": "ctzoo.cli.info:info", "convert": "ctzoo.cli.info:convert", "data": "ctzoo.cli.data:data",
+    "zoo": "ctzoo.cli.zoo:zoo", "infer": "ctzoo.cli.infer:infer", "train": "ctzoo.cli.train:train",
+    "eval": "ctzoo.cli.train:evaluate", "export": "ctzoo.cli.export:export", "serve": "ctzoo.cli.serve:serve",
+    "pacs": "ctzoo.cli.pacs:pacs", "expand": "ctzoo.cli.expand:expand", "perf": "ctzoo.cli.perf:perf",
+    "place": "ctzoo.cli.place:place", "nas": "ctzoo.cli.nas:nas", "cohort": "ctzoo.cli.cohort:cohort",
+    "smap": "ctzoo.cli.smap:smap",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A click group whose subcommands (:data:`COMMANDS`) are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[name].split(":")
+        command = getattr(importlib.import_module(module), attribute)
+        if command.name != name:  # the table and the definition must agree, or `ctzoo --help` would mislead
+            raise RuntimeError(f"{COMMANDS[name]} defines the command {command.name!r}, not {name!r}")
+        return command
+
+
+def command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every command under ``group`` as its words, e.g. ``("smap", "party")``, groups before their commands (each
+    command's module is imported on the way)."""
+    context = click.Context(group)
+    for name in group.list_commands(context):
+        command = group.get_command(context, name)
+        yield (*prefix, name)
+        if isinstance(command, click.Group):
+            yield from command_paths(command, (*prefix, name))
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ctzoo")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -57,20 +84,3 @@ def main(verbose: int) -> None:
     # Library warnings are collected on each Volume and printed by the commands, once.
     warnings.simplefilter("ignore", UserWarning)
 
-
-main.add_command(info)
-main.add_command(convert)
-main.add_command(data)
-main.add_command(zoo)
-main.add_command(infer)
-main.add_command(train)
-main.add_command(evaluate)
-main.add_command(export)
-main.add_command(serve)
-main.add_command(pacs)
-main.add_command(expand)
-main.add_command(perf)
-main.add_command(place)
-main.add_command(nas)
-main.add_command(cohort)
-main.add_command(smap)

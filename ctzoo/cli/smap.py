@@ -43,7 +43,8 @@ def features(inputs: tuple[Path, ...], out: Path, model: str, deeplesion_csv: Pa
     The file identifies nobody: no identifiers or hashes, no file names or positions, rows shuffled.
     """
     from ctzoo.models.bundle import BundleError, load_bundle
-    from ctzoo.smap.features import deeplesion_site, parse_patients, volumes_site, write_site
+    from ctzoo.smap.features import deeplesion_site, parse_patients, volumes_site
+    from ctzoo.smap.site_file import write_site
 
     if bool(inputs) == (deeplesion_csv is not None):
         raise click.UsageError("give CT INPUTS or --deeplesion DL_info.csv (one of them)")
@@ -178,8 +179,8 @@ def view(map_file: Path, site: Path, out: Path | None) -> None:
     """Write one party's joint map as an offline page: its own lesions by type over the other sites' density
     (or every lesion by site, when every site agreed to share)."""
     from ctzoo.io.atomic import atomic_path
-    from ctzoo.smap.features import read_site
     from ctzoo.smap.page import read_map, render_map_html
+    from ctzoo.smap.site_file import read_site
 
     target = out or map_file.with_suffix(".html")
     try:

@@ -18,7 +18,7 @@ import numpy as np
 from ctzoo.datasets.deeplesion.info_csv import LESION_TYPES
 from ctzoo.perf.report import STYLE as REPORT_STYLE
 from ctzoo.perf.report import json_for_script
-from ctzoo.smap.features import load_arrays
+from ctzoo.smap.site_file import load_arrays
 
 MAP_ARRAYS = ("index", "shared", "counts", "own", "extent", "density", "others_density")
 

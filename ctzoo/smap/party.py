@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from ctzoo.smap.features import read_site
 from ctzoo.smap.keys import check_key_folder
 from ctzoo.smap.secure import off_diagonal_index, secure_conditional_p, secure_embed
+from ctzoo.smap.site_file import read_site
 from ctzoo.smap.tsne import conditional_p, embed, initial_embedding, joint_p, squared_distances
 
 #: Feature values this large would overflow the fixed-point range of the squared distances (2^31).
@@ -210,9 +210,10 @@ async def connect(mpc: Any, connect_timeout: float) -> None:
     if mpc._ctzoo_failure in done:
         raise mpc._ctzoo_failure.result()
     missing = [peer.pid for peer in mpc.parties if peer.pid != mpc.pid and peer.protocol is None]
+    # a party that stopped at start (a refused key) before this one reached it cannot say so: it is gone
     raise PartyDropped(f"parties {missing} did not connect within {connect_timeout:g} s: check that every "
-                       "party runs with the same --party list (and --keys from one ctzoo smap keys run); nothing "
-                       "was sent")
+                       "party runs with the same --party list and --keys from one ctzoo smap keys run (a party "
+                       "that refused a key stops at once, with its own message); nothing was sent")
 
 
 def fail_start(mpc: Any, error: Exception) -> None:
