@@ -293,8 +293,9 @@ def test_a_party_that_drops_out_mid_run_ends_every_other_party(sites, keys, tmp_
     assert all(p.poll() is None for p in processes)
     os.kill(processes[2].pid, signal.SIGKILL)
     results = finish(processes[:2], timeout=120)
-    for code, output in results:
-        assert code == 3 and "party 2 dropped out" in output and "nothing was opened" in output, output
+    for code, output in results:  # a survivor may see the other survivor leave (over party 2) before party 2
+        assert code == 3 and "dropped out" in output and "nothing was opened" in output, output
+    assert "party 2 dropped out" in " ".join(output for _, output in results), results
     processes[2].wait()
     assert not list(tmp_path.glob("party*.npz")) and not list(tmp_path.glob(".*partial*"))
 

@@ -33,7 +33,8 @@ ARRAYS = {"features": np.float32, "labels": np.int16, "scores": np.float32}
 
 
 def write_site(site: dict[str, Any], out: str | Path) -> Path:
-    """Write ``site`` (:func:`deeplesion_site` or :func:`volumes_site`) to ``out`` atomically, rows shuffled."""
+    """Write ``site`` (:func:`ctzoo.smap.features.deeplesion_site` or ``volumes_site``) to ``out`` atomically, rows
+    shuffled."""
     count = len(site["labels"])
     if count == 0:
         raise ValueError("no lesion to write: the inputs gave no finding (or no annotated lesion) at all")
