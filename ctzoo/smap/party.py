@@ -1,4 +1,4 @@
-"""One party of the joint t-SNE: a site that holds a site file (:mod:`ctzoo.smap.features`), connected to the other
+"""One party of the joint t-SNE: a site that holds a site file (:mod:`ctzoo.smap.site_file`), connected to the other
 parties over TCP by MPyC (Shamir secret sharing, honest majority: with 3 parties, any one party alone learns nothing
 beyond what the run reveals; two that collude learn everything).
 
