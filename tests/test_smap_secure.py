@@ -279,9 +279,15 @@ def test_parties_with_other_options_stop_before_any_secret_work(sites, keys, tmp
 
 
 def test_a_party_that_never_connects_ends_the_others_start(sites, keys, tmp_path):
-    results = finish(start_parties(sites, tmp_path, keys, "--connect-timeout", "3", only=range(2)), timeout=60)
-    for code, output in results:
-        assert code == 1 and "parties [2] did not connect within 3 s" in output, output
+    # party 0 gives up first; party 1, which would wait longer, sees it leave (with equal timeouts either may)
+    ports = loopback_addresses(3)
+    processes = [start_parties(sites, tmp_path, keys, "--connect-timeout", timeout, ports=ports,
+                               only=range(k, k + 1))[0] for k, timeout in enumerate(["6", "60"])]
+    (first_code, first), (second_code, second) = finish(processes, timeout=90)
+    assert first_code == 1 and "parties [2] did not connect within 6 s" in first, first
+    assert second_code == 1 and "party 0 left before every party had connected" in second, second
+    assert "parties [2] had not connected either; nothing was sent" in second, second
+    assert "Traceback" not in first + second
 
 
 def test_a_party_that_drops_out_mid_run_ends_every_other_party(sites, keys, tmp_path):

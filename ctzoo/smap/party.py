@@ -400,8 +400,12 @@ def watch_connections(mpc: Any) -> None:
         if getattr(mpc, "_ctzoo_ending", False):
             return original(exchanger, None)
         if not getattr(mpc, "_ctzoo_started", False):  # a peer that failed to start itself, e.g. to authenticate
+            # or that gave up waiting for a third: name those still missing, the likely cause of both
+            missing = [peer.pid for peer in mpc.parties
+                       if peer.pid not in (mpc.pid, exchanger.peer_pid) and peer.protocol is None]
+            also = f"; parties {missing} had not connected either" if missing else ""
             return fail_start(mpc, PartyDropped(f"party {exchanger.peer_pid} left before every party had "
-                                                "connected (see its error); nothing was sent"))
+                                                f"connected (see its error){also}; nothing was sent"))
         sys.stderr.write(f"Error: party {exchanger.peer_pid} dropped out (its connection was lost): the run is "
                          "aborted, nothing was opened and nothing written; start every party again\n")
         sys.stderr.flush()
