@@ -188,7 +188,9 @@ def test_named_files_are_never_opened_and_missing_ones_are_no_oracle(server):
 
 
 def test_thresholds_share_one_session(server, good_study):
-    """Twelve distinct score thresholds: no new ONNX Runtime session (threads and memory stay put)."""
+    """Twelve distinct score thresholds: threads and memory stay put. (That no session is opened is checked
+    exactly, in process, by test_serve_studies; a session per threshold would add ~28 MB each, ~330 MB in all,
+    while the allocator's own drift under a loaded CI reached 72 MB.)"""
     url, pid = server[0], server[1]
     httpx.post(f"{url}/studies/{MODEL}?score_threshold=0.5", content=good_study, headers=AUTH, timeout=60)
     threads, rss = _status(pid, "Threads"), _rss_mb(pid)
@@ -197,7 +199,7 @@ def test_thresholds_share_one_session(server, good_study):
                               headers=AUTH, timeout=60)
         assert response.status_code == 200, response.text
     assert _status(pid, "Threads") <= threads + 2
-    assert _rss_mb(pid) - rss < 60
+    assert _rss_mb(pid) - rss < 160
 
 
 def test_a_slow_body_gets_504_within_the_deadline(server):

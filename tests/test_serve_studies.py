@@ -174,6 +174,31 @@ def test_fp16_study_runs_the_served_fp16_graph_and_matches_v2(client, repository
     assert len(fp32_scores) != len(study_scores) or np.abs(np.subtract(fp32_scores, study_scores)).max() > 1e-6
 
 
+def test_score_thresholds_never_open_another_onnx_session(client, small_nifti, monkeypatch):
+    """The threshold is applied when decoding the heads: twelve thresholds, no new ONNX Runtime session (each
+    would cost its own arena, ~28 MB after one 512 x 512 run of this graph)."""
+    import onnxruntime as ort
+
+    first = client.post("/studies/recistnet-mini", content=small_nifti.read_bytes(), headers=AUTH)
+    assert first.status_code == 200, first.text  # the study graph's session is opened at its first study
+    opened = []
+
+    class CountedSession(ort.InferenceSession):
+        def __init__(self, *args, **kwargs) -> None:
+            opened.append(args[0] if args else kwargs.get("path_or_bytes"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", CountedSession)
+    counts = set()
+    for k in range(12):
+        reply = client.post(f"/studies/recistnet-mini?score_threshold={0.05 + k * 0.07:.2f}",
+                            content=small_nifti.read_bytes(), headers=AUTH)
+        assert reply.status_code == 200, reply.text
+        counts.add(len(reply.json()["lesions"]))
+    assert opened == []
+    assert len(counts) > 1  # the thresholds did reach the decoding
+
+
 def test_segmenter_study_gives_nifti_json_and_dicom_seg(client, repository, dicom_zip, small_nifti, tmp_path,
                                                        perf_events, sent_files):
     """Also: each study's stages are perf events keyed by the study's slices, naming neither patient nor upload."""
