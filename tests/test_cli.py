@@ -4,13 +4,14 @@ import json
 import subprocess
 import sys
 
+import click
 import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from dicom_factory import SeriesSpec, make_slices, write_series
 
-from ctzoo.cli import command_paths, main
+from ctzoo.cli import COMMANDS, command_paths, main
 
 
 def run(*args):
@@ -88,3 +89,16 @@ def test_a_command_imports_only_what_it_uses():
     assert done.returncode == 0 and "--connect-timeout" in done.stdout, done.stderr
     unknown = run("nosuch")
     assert unknown.exit_code == 2 and "No such command 'nosuch'" in unknown.output
+
+
+def test_ctzoo_help_lists_every_command_without_importing_one():
+    """``ctzoo --help`` shows the summaries of :data:`COMMANDS`, which must be the commands' own."""
+    code = ("import sys; from ctzoo.cli import main; main(['--help'], standalone_mode=False); "
+            "assert not [m for m in sys.modules if m.startswith('ctzoo.cli.') or m in ('torch', 'monai')], 'imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    listed = done.stdout.split("Commands:")[1].splitlines()
+    assert [line.split()[0] for line in listed if line.strip()] == sorted(COMMANDS)
+    context = click.Context(main)
+    for name, (_, summary) in COMMANDS.items():
+        assert main.get_command(context, name).get_short_help_str(1000) == summary, name

@@ -8,19 +8,44 @@ import warnings
 from collections.abc import Iterator
 
 import click
+from click.utils import make_default_short_help
 
 from ctzoo import __version__
 
-#: Each command and where it is defined: a module is imported only when its command runs (or is listed by
-#: ``ctzoo --help``), so ``ctzoo smap party`` or ``ctzoo perf report`` starts without importing torch and MONAI
-#: (3-4 s on a small machine) that it never uses.
+#: Each command, where it is defined and its one-line summary: a module is imported only when its command runs, so
+#: ``ctzoo smap party`` or ``ctzoo perf report`` starts without importing torch and MONAI (3-4 s on a small machine)
+#: that it never uses, and ``ctzoo --help`` lists the commands from these summaries without importing any
+#: (tests/test_cli.py checks each summary against its command's own docstring).
 COMMANDS = {
-    "info": "ctzoo.cli.info:info", "convert": "ctzoo.cli.info:convert", "data": "ctzoo.cli.data:data",
-    "zoo": "ctzoo.cli.zoo:zoo", "infer": "ctzoo.cli.infer:infer", "train": "ctzoo.cli.train:train",
-    "eval": "ctzoo.cli.train:evaluate", "export": "ctzoo.cli.export:export", "serve": "ctzoo.cli.serve:serve",
-    "pacs": "ctzoo.cli.pacs:pacs", "expand": "ctzoo.cli.expand:expand", "perf": "ctzoo.cli.perf:perf",
-    "place": "ctzoo.cli.place:place", "nas": "ctzoo.cli.nas:nas", "cohort": "ctzoo.cli.cohort:cohort",
-    "smap": "ctzoo.cli.smap:smap",
+    "cohort": ("ctzoo.cli.cohort:cohort",
+               "Cohorts of CT studies: who and what the zoo's models are run on (HealthPrism)."),
+    "convert": ("ctzoo.cli.info:convert", "Convert SOURCE (DICOM folder/zip/file, NIfTI, NRRD, MHA) to TARGET "
+                "(.nii.gz, .nii, .nrrd or .mha)."),
+    "data": ("ctzoo.cli.data:data", "Sample CT data: where it is, and fetching more."),
+    "eval": ("ctzoo.cli.train:evaluate",
+             "Score a model on a split: detectors (RECIST-Net) by FROC, segmenters by Dice and HD95."),
+    "expand": ("ctzoo.cli.expand:expand",
+               "Expand MODEL_OR_CHECKPOINT losslessly: the larger model computes the same outputs, then trains on."),
+    "export": ("ctzoo.cli.export:export",
+               "Export MODEL_OR_CHECKPOINT to ONNX in a Triton model repository, checked against PyTorch."),
+    "infer": ("ctzoo.cli.infer:infer",
+              "Run zoo models over CT volumes: detect lesions (RECIST-Net) or segment organs."),
+    "info": ("ctzoo.cli.info:info",
+             "Show what PATH holds: DICOM series found, size, spacing, orientation, HU range."),
+    "nas": ("ctzoo.cli.nas:nas", "One-shot architecture search over the template segmenter (NAS-Navigator)."),
+    "pacs": ("ctzoo.cli.pacs:pacs", "Wire ctzoo to a PACS: every new CT series is processed once, results go back "
+             "as DICOM SR and SEG."),
+    "perf": ("ctzoo.cli.perf:perf", "Latency anomalies of ctzoo's own work (Chimbuko's design)."),
+    "place": ("ctzoo.cli.place:place",
+              "Place a model across memory-capped devices (Baechi: m-TOPO, m-ETF, m-SCT), in seconds."),
+    "serve": ("ctzoo.cli.serve:serve",
+              "Serve the models of a repository over HTTP: KServe v2 / Open Inference Protocol."),
+    "smap": ("ctzoo.cli.smap:smap", "Joint t-SNE maps of lesion embeddings across hospitals (SMAP), each site's "
+             "points staying at the site."),
+    "train": ("ctzoo.cli.train:train",
+              "Train the model that CONFIG describes (e.g. configs/recistnet_mini_cpu.yaml)."),
+    "zoo": ("ctzoo.cli.zoo:zoo",
+            "The model zoo: registered models, their weights (shipped in the package) and model cards."),
 }
 
 
@@ -33,11 +58,18 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
-        module, attribute = COMMANDS[name].split(":")
+        module, attribute = COMMANDS[name][0].split(":")
         command = getattr(importlib.import_module(module), attribute)
         if command.name != name:  # the table and the definition must agree, or `ctzoo --help` would mislead
-            raise RuntimeError(f"{COMMANDS[name]} defines the command {command.name!r}, not {name!r}")
+            raise RuntimeError(f"{COMMANDS[name][0]} defines the command {command.name!r}, not {name!r}")
         return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The commands and their summaries, shortened as click shortens a command's own help."""
+        limit = formatter.width - 6 - max(len(name) for name in COMMANDS)
+        rows = [(name, make_default_short_help(COMMANDS[name][1], limit)) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 def command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
