@@ -3,7 +3,8 @@
     python benchmarks/cohort_screenshots.py COHORT/report.html docs/images/cohort
 
 writes ``docs/images/cohort-summary.png``, ``-group.png`` and ``-individual.png`` (the Individual view with the
-first lesion of its list beside its last entry, a CT series when the cohort has one). Uses :mod:`perf_report_screenshot`'s offline headless chromium.
+first lesion of its list beside its last entry, a CT series when the cohort has one). Uses
+:mod:`perf_report_screenshot`'s offline headless chromium.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ Resumable: a fold's data, training and evaluation are skipped when their outputs
                               [--scans sample_ct example_ct ...] [--compare runs/loso-old]
                               [--out benchmarks/results/loso.json]
 
-Needs the TotalSegmentator samples (fetched on first use). About 15 minutes per fold on a 2-core CPU at 40 epochs, plus about 11 for the base miniature.
+Needs the TotalSegmentator samples (fetched on first use). About 15 minutes per fold on a 2-core CPU at
+40 epochs, plus about 11 for the base miniature.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def table(folds: list[dict]) -> str:
     for mode in DECODES:
         for f in folds:
             lines.append(f"| {f['held_out_scan']} | {mode} | " + " | ".join(
-                f"{f['sensitivity'][mode][f'{r:g}']:.3f}" for r in REPORT) + f" | {f['froc_mean_0p5_to_4'][mode]:.3f} |")
+                f"{f['sensitivity'][mode][f'{r:g}']:.3f}" for r in REPORT)
+                + f" | {f['froc_mean_0p5_to_4'][mode]:.3f} |")
         means = [np.mean([f["sensitivity"][mode][f"{r:g}"] for f in folds]) for r in REPORT]
         lines.append(f"| **mean of {len(folds)}** | {mode} | " + " | ".join(f"**{m:.3f}**" for m in means)
                      + f" | **{np.mean([f['froc_mean_0p5_to_4'][mode] for f in folds]):.3f}** |")

@@ -66,8 +66,8 @@ def detector(name: str, config: Path, data: Path, work: Path, fp_per_image: floa
             "test_anatomy": f"unseen: every test patient comes from {held}, held out of training" if held
             else "seen: the test patients' scans are the training patients' scans",
             "test": froc_by_decoder(name, config, data, work / "test"),
-            "also_test": None if also_test is None else {"data": str(also_test),
-                                                         "test": froc_by_decoder(name, config, also_test, work / "also")},
+            "also_test": None if also_test is None else {
+                "data": str(also_test), "test": froc_by_decoder(name, config, also_test, work / "also")},
             "lesion_free": lesion_free}
 
 

@@ -385,7 +385,8 @@ def test_ctrl_c_on_a_real_process_exits_130_and_resume_finishes_with_0(mixed_inp
     """``ctzoo infer`` in its own process, interrupted as a terminal does it (SIGINT to the process group, reader
     process included) once its first case is written: exit 130, no partial file, summary.csv and the status files
     agree on the cases that finished, and --resume runs only the rest and exits 0. (Exit 1 when a case fails:
-    test_batch_over_mixed_inputs_records_the_corrupt_case_and_writes_seg_and_sr, test_resume_skips_finished_cases_...)"""
+    test_batch_over_mixed_inputs_records_the_corrupt_case_and_writes_seg_and_sr,
+    test_resume_skips_finished_cases_...)"""
     import os
     import signal
     import subprocess

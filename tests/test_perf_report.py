@@ -1,8 +1,8 @@
 """``ctzoo perf report``: a real monitor's store -> the CLI -> the page, read and clicked in headless chromium.
 
 Two processes (roles ``serve`` and ``infer``) time a synthetic but realistic stream: lognormal stage times, a
-bimodal ``predict`` on the GPU in ``infer`` (two kinds of batch), a ``decode`` key that both processes share (its states must
-merge exactly) and five requests whose ``predict`` in ``serve`` took 0.35-0.5 s instead of ~45 ms.
+bimodal ``predict`` on the GPU in ``infer`` (two kinds of batch), a ``decode`` key that both processes share (its
+states must merge exactly) and five requests whose ``predict`` in ``serve`` took 0.35-0.5 s instead of ~45 ms.
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ def test_ray_matches_local_engine(both, cases):
 
     for row in (r for r in ray_rows if r["status"] == "ok"):
         assert row["outputs"] == next(r for r in local if r["case"] == row["case"])["outputs"]
-        expected, got = (json.loads((out / row["case"] / "detections.json").read_text()) for out in (local_out, ray_out))
+        expected, got = (json.loads((out / row["case"] / "detections.json").read_text())
+                         for out in (local_out, ray_out))
         # what predicted the case is recorded by the model actor, not by the writer that wrote it
         assert got["runtime"] == expected["runtime"] == {"backend": "torch", "device": "cpu", "precision": "fp32",
                                                          "compiled": False, "decoder": "gdcm",

@@ -51,8 +51,8 @@ def test_train_patient_swaps_the_patients(patients, train_patient, test_patient,
     assert np.array_equal(test.image.array, patients[test_patient].image.array)
     assert np.array_equal(test.labels, patients[test_patient].labels)
     # templates, what inference retrieves from, come from the training slices alone
-    task = TemplateSegTask(TemplateSegTrainConfig(data=data_cfg, model=TemplateSegModelConfig(channels=(8, 16, 32, 64))),
-                           data)
+    model = TemplateSegModelConfig(channels=(8, 16, 32, 64))
+    task = TemplateSegTask(TemplateSegTrainConfig(data=data_cfg, model=model), data)
     assert task.templates[2] and all(source.startswith(f"{train.name} slice ") for source in task.templates[2])
 
 

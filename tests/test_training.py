@@ -185,7 +185,8 @@ def test_eval_writes_froc_table_and_curve(mini, tmp_path):
     assert 0 <= froc["calibration"]["ece"] <= 1 and len(froc["calibration"]["bins"]) == 10
     thresholds = [p["score_threshold"] for p in froc["operating_points"]]
     assert thresholds == sorted(thresholds, reverse=True)  # more false positives allowed, lower threshold
-    assert all(p["achieved_fp_per_image"] <= p["fp_per_image"] for p in froc["operating_points"]), froc["operating_points"]
+    points = froc["operating_points"]
+    assert all(p["achieved_fp_per_image"] <= p["fp_per_image"] for p in points), points
     assert "decode grouping: sensitivity at 4 FPs/image" in result.output
     for picture in ("froc.png", "reliability.png"):
         assert (tmp_path / "eval" / picture).stat().st_size > 1000
@@ -213,8 +214,8 @@ def test_volume_detections_do_not_depend_on_storage_orientation(sample_volume):
     assert len(a["lesions"]) == len(b["lesions"]) > 0
     for x, y in zip(a["lesions"], b["lesions"]):
         np.testing.assert_allclose(x["points_mm"], y["points_mm"], atol=1e-3)
-        np.testing.assert_allclose(np.asarray(y["points_voxel"])[:, 0], crop.size[0] - 1 - np.asarray(x["points_voxel"])[:, 0],
-                                   atol=1e-3)
+        mirrored = crop.size[0] - 1 - np.asarray(x["points_voxel"])[:, 0]
+        np.testing.assert_allclose(np.asarray(y["points_voxel"])[:, 0], mirrored, atol=1e-3)
         assert y["slice"] == crop.size[2] - 1 - x["slice"]
     assert b["input"]["orientation"] == "RPI"
 

@@ -14,8 +14,9 @@ How points move: the image transforms are plain MONAI transforms, which keep ``i
 expresses the points in world coordinates; :class:`KeypointsVisibled`, after each spatial transform,
 notes lesions whose centre left the image (their content is gone even if a later pad re-extends it);
 :class:`KeypointsToImaged` maps the points back through the inverse of the new affine, restores the
-canonical pair order and drops those lesions. All use :class:`monai.transforms.ApplyTransformToPoints`. :func:`invert_keypoints` takes
-points predicted on the transformed image back to the original pixel frame the same way.
+canonical pair order and drops those lesions. All use :class:`monai.transforms.ApplyTransformToPoints`.
+:func:`invert_keypoints` takes points predicted on the transformed image back to the original pixel frame the
+same way.
 """
 
 from __future__ import annotations

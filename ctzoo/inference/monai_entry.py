@@ -21,7 +21,8 @@ def load_network(bundle_root: str | Path, device: str | torch.device = "cpu") ->
 
 
 def infer_file(network: nn.Module, bundle_root: str | Path, image: str | Path, output_dir: str | Path,
-               device: str | torch.device = "cpu", score_threshold: float | None = None, overlay: bool = False) -> list[str]:
+               device: str | torch.device = "cpu", score_threshold: float | None = None,
+               overlay: bool = False) -> list[str]:
     """Run ``network`` on one CT file or DICOM folder as ``ctzoo infer`` does; writes ``output_dir/<case>/``
     (``detections.json`` of a detector; ``labels.nii.gz`` and ``segmentation.json`` of a segmenter) and returns
     the written paths. ``RuntimeError`` when the case failed (MONAI's run must not exit 0 on it)."""

@@ -174,7 +174,8 @@ class SeriesInfo:
             "non_image_objects": len(self.non_images),
             "orientation": self.orientation_label,
             "localizer": self.is_localizer,
-            "slice_thickness_mm": float(first.SliceThickness) if first.get("SliceThickness") not in (None, "") else None,
+            "slice_thickness_mm": (float(first.SliceThickness) if first.get("SliceThickness") not in (None, "")
+                                   else None),
         }
         if rules is not None:
             info["rejected_because"] = self.rejection(rules) or None

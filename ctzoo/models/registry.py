@@ -143,7 +143,8 @@ class ModelCard(_Strict):
                  "## Intended use", "", self.description, "",
                  "## Inputs", "", *_table(("Field", "Value"), list(self.input_spec.items())), "",
                  "## Training", "", *_table(("Field", "Value"), [
-                     ("Data", t.data), ("Config", f"`{t.config_file}`"), ("Device", t.device), ("Epochs", t.epochs_text()),
+                     ("Data", t.data), ("Config", f"`{t.config_file}`"), ("Device", t.device),
+                     ("Epochs", t.epochs_text()),
                      ("Wall time", f"{wall // 3600}:{wall // 60 % 60:02d}:{wall % 60:02d} (h:mm:ss)"),
                      ("Software", software), *([("Notes", t.notes)] if t.notes else [])]), "",
                  "## Metrics", "", *_table(("Metric", "Split", "Value"),

@@ -9,14 +9,14 @@
   the key has no data, which is what finds latencies *between* the modes of a multi-modal stage that SSTD, whose
   sigma spans the modes, cannot.
 
-Choices (Chimbuko's where it has one): by default only events at least ``min_ratio`` (3) times and
-``min_excess_s`` (25 ms) slower than the key's median can be anomalous (``direction="both"`` also judges as many times faster, as Chimbuko judges both
-sides): a stage that got faster because the machine got quieter is not a fault, and on a busy host a stage's
-time jitters by tens of percent, which is not what an operator is looking for. The first event of each key is not judged and not learned (warm-up: session
-creation, CUDA JIT); a key is judged only once it has ``min_samples`` events; an event is judged against the
-statistics *before* it, and an event judged anomalous is not learned (``learn_anomalies``), so a run of slow calls
-does not teach the detector that slow is normal. State merges are exact (:mod:`ctzoo.perf.stats`), so a
-parameter server can hand every process the same global statistics.
+Choices (Chimbuko's where it has one): by default only events at least ``min_ratio`` (3) times and ``min_excess_s``
+(25 ms) slower than the key's median can be anomalous (``direction="both"`` also judges as many times faster, as
+Chimbuko judges both sides): a stage that got faster because the machine got quieter is not a fault, and on a busy
+host a stage's time jitters by tens of percent, which is not what an operator is looking for. The first event of
+each key is not judged and not learned (warm-up: session creation, CUDA JIT); a key is judged only once it has
+``min_samples`` events; an event is judged against the statistics *before* it, and an event judged anomalous is not
+learned (``learn_anomalies``), so a run of slow calls does not teach the detector that slow is normal. State merges
+are exact (:mod:`ctzoo.perf.stats`), so a parameter server can hand every process the same global statistics.
 """
 
 from __future__ import annotations

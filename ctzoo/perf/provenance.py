@@ -85,7 +85,8 @@ class ProvenanceStore:
                                                                   "WHERE type = 'table'")}
             except sqlite3.DatabaseError as error:
                 self._db.close()
-                problem = "cannot be read" if isinstance(error, sqlite3.OperationalError) else "is not a ctzoo perf store"
+                problem = ("cannot be read" if isinstance(error, sqlite3.OperationalError)
+                           else "is not a ctzoo perf store")
                 raise ValueError(f"{self.path} {problem} ({error})") from None
             if not {"events", "totals"} <= self.tables:
                 self._db.close()

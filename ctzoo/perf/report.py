@@ -237,7 +237,8 @@ aside{position:sticky;top:0;align-self:start;max-height:100vh;overflow:auto}
 #provenance dt{font-weight:600}#provenance dd{margin:0 0 4px 12px;word-break:break-all}
 #provenance tr.is-anomaly{background:#fdd;font-weight:600}
 #provenance table.window td{white-space:nowrap;padding:2px 4px}
-#provenance table.window td:last-child{white-space:normal;word-break:break-word;font-size:11px}.key-stats{margin:0;color:#555;font-size:12px}
+#provenance table.window td:last-child{white-space:normal;word-break:break-word;font-size:11px}
+.key-stats{margin:0;color:#555;font-size:12px}
 """
 
 SCRIPT = """
@@ -270,7 +271,9 @@ function showAnomaly(id) {
   [['stage', a.stage, 'field-stage'], ['seconds', secondsText(a.seconds), 'field-seconds'], ['key', a.key, 'field-key'],
    ['process', a.process], ['started (UTC)', utc(a.started)],
    ['score / threshold', scoreText(a.score) + ' / ' + scoreText(a.threshold) + ' (' + a.algorithm + ')', 'field-score']
-  ].forEach(([name, value, cls]) => { fields.appendChild(element('dt', name)); fields.appendChild(element('dd', value, cls)); });
+  ].forEach(([name, value, cls]) => {
+    fields.appendChild(element('dt', name)); fields.appendChild(element('dd', value, cls));
+  });
   panel.appendChild(fields);
   if (a.profile) showProfile(panel, a.profile);  // before the context: where the time went, when it was profiled
   panel.appendChild(element('h4', 'Context'));

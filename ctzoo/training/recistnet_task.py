@@ -1,4 +1,5 @@
-"""RECIST-Net on DeepLesion: the training task, its config, and the detector evaluation it shares with ``ctzoo eval``."""
+"""RECIST-Net on DeepLesion: the training task, its config, and the detector evaluation it shares with
+``ctzoo eval``."""
 
 from __future__ import annotations
 

@@ -143,7 +143,8 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "Key_slice_index": _integer, "Measurement_coordinates": _numbers(8), "Bounding_boxes": _numbers(4),
     "Lesion_diameters_Pixel_": _numbers(2), "Normalized_lesion_location": _numbers(3),
     "Coarse_lesion_type": _choice(LESION_TYPES), "Possibly_noisy": lambda t: bool(_choice((0, 1))(t)),
-    "Slice_range": _numbers(2, int), "Spacing_mm_px_": _positive(_numbers(3)), "Image_size": _positive(_numbers(2, int)),
+    "Slice_range": _numbers(2, int), "Spacing_mm_px_": _positive(_numbers(3)),
+    "Image_size": _positive(_numbers(2, int)),
     "DICOM_windows": _numbers(2), "Patient_gender": _gender, "Patient_age": _age,
     "Train_Val_Test": _choice(SPLITS),
 }
