@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from stub_tasks import stub_task
 
 from ctzoo.cli import main
 from ctzoo.datasets.samples import sample_ct_dicom
@@ -213,24 +214,6 @@ def test_volume_inputs_equal_training_preprocessing(spacing):
 # ------------------------------------------------------------------------------------ progress off a terminal
 
 
-def _stub_task(seconds_per_batch: float = 0.0):
-    """A ModelTask without a network: every slice predicts None; nothing is written but the status file."""
-    import time
-
-    from ctzoo.inference.tasks import ModelTask
-
-    def preprocess(volume):
-        return None, (plane[None] for plane in volume.array)
-
-    def predict(batch):
-        time.sleep(seconds_per_batch)
-        return [None] * len(batch)
-
-    return ModelTask("stub-model", "0.0.1", "detection", preprocess, predict,
-                     finish=lambda volume, context, outputs: None,
-                     write=lambda volume, result, folder, overlay, runtime: ([], {"findings": 0, "detail": ""}))
-
-
 def _tiny_volume(path: Path, slices: int) -> Path:
     from ctzoo.io import Volume
 
@@ -246,7 +229,7 @@ def test_progress_off_a_terminal_logs_slices_while_a_case_runs_and_a_line_per_ca
     cases = [CaseInput("tiny", _tiny_volume(tmp_path / "tiny.nii.gz", 12)), CaseInput("broken", tmp_path / "nope.nrrd")]
     (tmp_path / "nope.nrrd").write_bytes(b"not a volume")
     caplog.set_level(logging.INFO, logger="ctzoo.inference.pipeline")
-    rows = run_pipeline(cases, _stub_task(0.05), PipelineOptions(out=tmp_path / "out", workers=0, batch_size=2,
+    rows = run_pipeline(cases, stub_task(0.05), PipelineOptions(out=tmp_path / "out", workers=0, batch_size=2,
                                                                  chunk=2, progress_interval_s=0.02))
     assert [r["status"] for r in rows] == ["ok", "error"]
     lines = [r.getMessage() for r in caplog.records if r.name == "ctzoo.inference.pipeline"]
@@ -271,9 +254,9 @@ def test_progress_on_a_terminal_is_a_bar_only_and_progress_false_is_silent(tmp_p
     case = [CaseInput("tiny", _tiny_volume(tmp_path / "tiny.nii.gz", 4))]
     caplog.set_level(logging.INFO, logger="ctzoo.inference.pipeline")
     monkeypatch.setattr(progress, "stderr_is_tty", lambda: True)
-    run_pipeline(case, _stub_task(), PipelineOptions(out=tmp_path / "a", workers=0, progress_interval_s=0.001))
+    run_pipeline(case, stub_task(), PipelineOptions(out=tmp_path / "a", workers=0, progress_interval_s=0.001))
     monkeypatch.setattr(progress, "stderr_is_tty", lambda: False)
-    run_pipeline(case, _stub_task(), PipelineOptions(out=tmp_path / "b", workers=0, progress_interval_s=0.001,
+    run_pipeline(case, stub_task(), PipelineOptions(out=tmp_path / "b", workers=0, progress_interval_s=0.001,
                                                      progress=False))
     assert not [r for r in caplog.records if r.name == "ctzoo.inference.pipeline"]
 
@@ -303,7 +286,7 @@ def test_summary_seconds_are_each_cases_own_wall_time(tmp_path):
     cases = [CaseInput(f"c{k}", _tiny_volume(tmp_path / f"c{k}.nii.gz", 24)) for k in range(4)]
     out = tmp_path / "out"
     start = time.time()
-    rows = run_pipeline(cases, _stub_task(0.1), PipelineOptions(out=out, workers=1, batch_size=2, chunk=2,
+    rows = run_pipeline(cases, stub_task(0.1), PipelineOptions(out=out, workers=1, batch_size=2, chunk=2,
                                                                 progress=False))
     wall = time.time() - start
     seconds = [row["seconds"] for row in rows]
@@ -329,8 +312,7 @@ def test_every_stage_is_a_perf_event_and_reading_excludes_the_wait_for_the_model
 
     cases = [CaseInput(f"c{k}", _tiny_volume(tmp_path / f"c{k}.nii.gz", 6 + 6 * k)) for k in range(3)]
     monitor = PerfMonitor(tmp_path / "perf.sqlite", DetectorConfig(skip_first=False, min_samples=100), role="infer")
-    task = _stub_task(0.05)
-    task.replicate = lambda threads: task  # the forked worker's copy is the same stub
+    task = stub_task(0.05)
     rows = run_pipeline(cases, task, PipelineOptions(out=tmp_path / "out", layout=layout, workers=workers,
                                                      batch_size=2, chunk=2, progress=False, perf=monitor))
     monitor.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from stub_tasks import STAND_IN_ERROR, stub_task
 
 from ctzoo.cli import main
 from ctzoo.datasets.samples import sample_ct_dicom
@@ -115,30 +116,18 @@ def test_copies_in_worker_processes_write_what_one_process_writes(four_cases, tm
 
 def test_a_case_the_model_fails_on_in_a_copy_fails_alone(tmp_path):
     """A NaN volume fails at reading; a model error in a copy fails that case with the message; the rest finish."""
-    from ctzoo.inference.tasks import ModelTask
-
     root = tmp_path / "in"
     root.mkdir()
     cases = [CaseInput("nan", _nifti(root / "nan.nii.gz", 0, 5, nan=True)),
              CaseInput("big", _nifti(root / "big.nii.gz", 0, 9)), CaseInput("ok", _nifti(root / "ok.nii.gz", 0, 3))]
 
-    def preprocess(volume):
-        return None, (plane[None].astype(np.float32) for plane in volume.array)
-
-    def predict(batch):
-        if len(batch) > 4:
-            raise RuntimeError("out of memory (a test's stand-in)")
-        return [None] * len(batch)
-
-    stub = ModelTask("stub-model", "0.0.1", "detection", preprocess, predict, finish=lambda *_: None,
-                     write=lambda volume, result, folder, overlay, runtime: ([], {"findings": 0, "detail": ""}))
-    stub.replicate = lambda threads: stub  # the forked worker's copy is the same stub
+    stub = stub_task(fails_over=4)
     rows = run_pipeline(cases, stub, PipelineOptions(out=tmp_path / "out", layout="copies", workers=2, batch_size=8,
                                                      progress=False))
     by_case = {r["case"]: r for r in rows}
     assert by_case["ok"]["status"] == "ok" and by_case["ok"]["slices"] == 3
     assert by_case["nan"]["status"] == "error" and "voxels are NaN" in by_case["nan"]["error"]
-    assert by_case["big"]["error"] == "model failed: RuntimeError: out of memory (a test's stand-in)"
+    assert by_case["big"]["error"] == f"model failed: RuntimeError: {STAND_IN_ERROR}"
     assert json.loads((tmp_path / "out" / "big" / "status-stub-model.json").read_text())["status"] == "error"
 
 
@@ -152,6 +141,21 @@ def test_copies_need_a_model_that_can_be_copied(tmp_path):
                      PipelineOptions(out=tmp_path, layout="copies", workers=2))
     with pytest.raises(ValueError, match="unknown layout 'fast'"):
         run_pipeline([CaseInput("a", sample_ct_dicom())], task, PipelineOptions(out=tmp_path, layout="fast"))
+
+
+def test_workers_are_forked_only_where_forking_is_safe():
+    """ctzoo.inference.start_method: fork (the default) only from a process without other threads; a fork server
+    otherwise; spawned where a child could not use what it would inherit (OpenMP, a decoder, a GPU context)."""
+    from ctzoo.inference.start_method import worker_start_method
+
+    assert worker_start_method(0, False, 1, "onnx", None, None, other_threads=3) is None  # no workers
+    assert worker_start_method(2, False, 1, "onnx", None, None, other_threads=0) is None  # the CLI: forked
+    assert worker_start_method(2, False, 1, "onnx", None, None, other_threads=1) == "forkserver"
+    assert worker_start_method(2, True, 1, "torch", None, None, other_threads=2) == "forkserver"
+    assert worker_start_method(2, True, 2, "torch", None, None, other_threads=0) == "spawn"
+    assert worker_start_method(2, True, 2, "onnx", None, None, other_threads=0) is None
+    assert worker_start_method(1, False, 1, "onnx", "nvimgcodec:cpu", None, other_threads=0) == "spawn"
+    assert worker_start_method(1, False, 1, "torch", None, "cuda", other_threads=0) == "spawn"
 
 
 def test_infer_says_which_layout_it_chose(tmp_path):

@@ -148,6 +148,8 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
       ctzoo infer cases.txt --backend onnx --workers 4 --resume
       ctzoo infer cases.txt --layout shared --workers 2 --threads 4
     """
+    import tqdm
+
     from ctzoo.cli.bundles import resolve_bundles
     from ctzoo.datasets.samples import sample_ct_dicom
     from ctzoo.inference.backends import resolve_device
@@ -155,6 +157,9 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     from ctzoo.inference.pipeline import PipelineOptions
     from ctzoo.inference.precision import check_request
 
+    # tqdm's monitor thread, started by the first progress bar, would outlive it and make forking the next
+    # model's readers unsafe (ctzoo.inference.start_method); it only tunes how often a stalled bar redraws
+    tqdm.tqdm.monitor_interval = 0
     if placement is not None:
         _check_placement_options(model_names, backend, engine)
     compile_model = "cuda-graphs" if cuda_graphs else compile_model

@@ -66,6 +66,7 @@ from ctzoo.inference.reader import (  # noqa: F401 (axial_slices, read_case: for
     read_case,
 )
 from ctzoo.inference.stage_events import case_context, record_batch, record_case_stages
+from ctzoo.inference.start_method import worker_start_method
 from ctzoo.inference.tasks import ModelTask, preprocess_on
 from ctzoo.io import Volume
 from ctzoo.io.atomic import atomic_path
@@ -318,6 +319,10 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
     ``other_rows`` (earlier models of the same run) followed by these, rewritten as each case finishes."""
     book = RunBook(cases, task, options, other_rows)
     todo = book.todo
+    copies = options.layout == "copies"
+    # chosen before this run starts threads of its own (the progress ticker, the writer)
+    start_method = worker_start_method(options.workers, copies, options.copy_threads, task.runtime.get("backend"),
+                                       options.decoder, options.preprocess_device)
     progress = Progress(task.model_name, len(todo), options.progress_interval_s, enabled=options.progress)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctzoo-writer")
     pending: deque[tuple[Future, CaseInput, int]] = deque()
@@ -366,7 +371,6 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
                 if case in states:
                     settle(case)
 
-    copies = options.layout == "copies"
     if options.layout not in ("shared", "copies"):
         raise ValueError(f"unknown layout {options.layout!r}: use shared or copies")
     if copies and options.workers > 0 and task.replicate is None:
@@ -374,18 +378,8 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
     parallel = {"prefetch_factor": 2} if options.workers > 0 else {}
     if options.workers > 1 and "in_order" in inspect.signature(DataLoader).parameters:  # torch >= 2.6
         parallel["in_order"] = False
-    if copies and options.workers > 0 and options.copy_threads > 1 and task.runtime.get("backend") == "torch":
-        # a forked child hangs in its first parallel region once the parent has used OpenMP (GNU libgomp keeps
-        # the parent's thread pool, whose threads the child does not have): copies of PyTorch models on several
-        # threads start from scratch (a few seconds each); on one thread PyTorch runs no parallel region
-        parallel["multiprocessing_context"] = "spawn"
-    if options.workers > 0 and (options.decoder or options.preprocess_device):
-        # a forked child would inherit this process's decoder (its check built one) without its threads, and CUDA
-        # cannot start in a child forked after it did here: each spawned reader builds its own. Readers feeding a
-        # model that preprocesses on its device are spawned too: the process holds the GPU's context, and in CI a
-        # forked one hung before delivering its volume in a test process that had run the service, PACS and Ray
-        # tests (cause not found: a lock held by another thread at fork time fits); a spawned one starts clean
-        parallel["multiprocessing_context"] = "spawn"
+    if start_method is not None:  # fork, unless that is unsafe here (ctzoo.inference.start_method)
+        parallel["multiprocessing_context"] = start_method
     if options.preprocess_device and copies:
         raise ValueError("preprocessing on the model's device needs the shared layout (copies preprocess in their "
                          "own processes)")
