@@ -46,6 +46,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -56,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+import tqdm
 
 from ctzoo.datasets.samples import fetch_samples
 from ctzoo.export.repository import ensure_graphs
@@ -64,6 +66,7 @@ from ctzoo.inference.backends import make_backend
 from ctzoo.inference.inputs import CaseInput
 from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
 from ctzoo.inference.schedule import choose_schedule, default_readers
+from ctzoo.inference.start_method import worker_start_method
 from ctzoo.inference.tasks import ModelTask, bundle_task
 from ctzoo.io import read_volume
 from ctzoo.models import load_bundle
@@ -241,6 +244,8 @@ def pipeline_rates(task: ModelTask, cases: list[CaseInput], options: PipelineOpt
     """``run_pipeline`` over ``cases``: end-to-end slices/s and, from its batch log, how busy the model was."""
     log: list = []
     options = dataclasses.replace(options, batch_log=log, overlay=False, progress=False)
+    start_method = worker_start_method(options.workers, options.layout == "copies", options.copy_threads,
+                                       task.runtime.get("backend"), options.decoder, options.preprocess_device)
     start = time.time()
     rows = run_pipeline(cases, task, options)
     end = time.time()
@@ -254,6 +259,7 @@ def pipeline_rates(task: ModelTask, cases: list[CaseInput], options: PipelineOpt
     # where the models waited: for the first slices (fork, first read), between batches, after the last
     before, after = min(b for b, _, _, _ in log) - start, end - max(e for _, e, _, _ in log)
     return {"layout": options.layout, "workers": options.workers,
+            "worker_start": start_method or (multiprocessing.get_start_method() if options.workers else None),
             "model_threads": options.copy_threads if options.layout == "copies" else None,
             "model_instances": models, "wall_s": wall, "slices": total, "end_to_end_slices_per_s": total / wall,
             "model_busy_fraction": predict_s / (wall * models),
@@ -420,8 +426,10 @@ def main() -> None:
                              "--preprocess-on; default readers)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "infer.json")
     args = parser.parse_args()
-    # as ctzoo infer does before its pipeline: every row, the model-only baseline too, runs with freed memory kept
+    # as ctzoo infer does before its pipeline: every row, the model-only baseline too, runs with freed memory kept,
+    # and no tqdm monitor thread makes the pipeline start its workers from a fork server instead of forking them
     memory_kept = keep_freed_memory()
+    tqdm.tqdm.monitor_interval = 0
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     load_before = os.getloadavg()
     rows = []
