@@ -8,7 +8,6 @@ import warnings
 from collections.abc import Iterator
 
 import click
-from click.utils import make_default_short_help
 
 from ctzoo import __version__
 
@@ -67,7 +66,9 @@ class LazyGroup(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The commands and their summaries, shortened as click shortens a command's own help."""
         limit = formatter.width - 6 - max(len(name) for name in COMMANDS)
-        rows = [(name, make_default_short_help(COMMANDS[name][1], limit)) for name in self.list_commands(ctx)]
+        # a stand-in command with the summary as its help: click's own shortening, without importing the command
+        rows = [(name, click.Command(name, help=COMMANDS[name][1]).get_short_help_str(limit))
+                for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
