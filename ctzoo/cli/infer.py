@@ -157,8 +157,9 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     from ctzoo.inference.pipeline import PipelineOptions
     from ctzoo.inference.precision import check_request
 
-    # tqdm's monitor thread, started by the first progress bar, would outlive it and make forking the next
-    # model's readers unsafe (ctzoo.inference.start_method); it only tunes how often a stalled bar redraws
+    # tqdm's monitor thread, started by the first progress bar, would outlive it: the next model's run would find a
+    # thread running and start its workers from a fork server, seconds slower than forking them
+    # (ctzoo.inference.start_method). The thread only tunes how often a stalled bar redraws
     tqdm.tqdm.monitor_interval = 0
     if placement is not None:
         _check_placement_options(model_names, backend, engine)
