@@ -209,11 +209,17 @@ async def connect(mpc: Any, connect_timeout: float) -> None:
     start.cancel()
     if mpc._ctzoo_failure in done:
         raise mpc._ctzoo_failure.result()
-    missing = [peer.pid for peer in mpc.parties if peer.pid != mpc.pid and peer.protocol is None]
+    missing = unconnected(mpc)
     # a party that stopped at start (a refused key) before this one reached it cannot say so: it is gone
     raise PartyDropped(f"parties {missing} did not connect within {connect_timeout:g} s: check that every "
                        "party runs with the same --party list and --keys from one ctzoo smap keys run (a party "
                        "that refused a key stops at once, with its own message); nothing was sent")
+
+
+def unconnected(mpc: Any, besides: int | None = None) -> list[int]:
+    """The other parties (but ``besides``) that this one has no connection with."""
+    return [peer.pid for peer in mpc.parties
+            if peer.pid not in (mpc.pid, besides) and peer.protocol is None]
 
 
 def fail_start(mpc: Any, error: Exception) -> None:
@@ -401,8 +407,7 @@ def watch_connections(mpc: Any) -> None:
             return original(exchanger, None)
         if not getattr(mpc, "_ctzoo_started", False):  # a peer that failed to start itself, e.g. to authenticate
             # or that gave up waiting for a third: name those still missing, the likely cause of both
-            missing = [peer.pid for peer in mpc.parties
-                       if peer.pid not in (mpc.pid, exchanger.peer_pid) and peer.protocol is None]
+            missing = unconnected(mpc, besides=exchanger.peer_pid)
             also = f"; parties {missing} had not connected either" if missing else ""
             return fail_start(mpc, PartyDropped(f"party {exchanger.peer_pid} left before every party had "
                                                 f"connected (see its error){also}; nothing was sent"))
