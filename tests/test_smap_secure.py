@@ -290,7 +290,10 @@ def test_a_party_that_never_connects_ends_the_others_start(sites, keys, tmp_path
     assert "Traceback" not in first + second
 
 
-def test_a_party_that_drops_out_mid_run_ends_every_other_party(sites, keys, tmp_path):
+def test_a_party_that_drops_out_mid_run_ends_every_other_party(sites, keys, tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"  # the parties' temporary folders (TLS keys for MPyC)
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     processes = start_parties(sites, tmp_path, keys)
     for line in processes[2].stderr:  # bounded by --connect-timeout: then it prints its error and exits
         if "parties connected" in line:
@@ -304,6 +307,8 @@ def test_a_party_that_drops_out_mid_run_ends_every_other_party(sites, keys, tmp_
     assert "party 2 dropped out" in " ".join(output for _, output in results), results
     processes[2].wait()
     assert not list(tmp_path.glob("party*.npz")) and not list(tmp_path.glob(".*partial*"))
+    # gone once connected, so neither the survivors' os._exit nor the SIGKILL leaves one behind
+    assert not list(scratch.iterdir())
 
 
 def test_each_party_sees_its_page_in_headless_chromium(sites, secure_run, tmp_path):

@@ -25,6 +25,7 @@ import asyncio
 import hashlib
 import ipaddress
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -205,6 +206,7 @@ async def connect(mpc: Any, connect_timeout: float) -> None:
     if start in done:
         start.result()
         mpc._ctzoo_started = True
+        getattr(mpc, "_ctzoo_after_start", lambda: None)()
         return
     start.cancel()
     if mpc._ctzoo_failure in done:
@@ -460,11 +462,18 @@ def run_party(site_path: str | Path | None, index: int, addresses: Sequence[str]
     if keys is None:
         return mpc.run(protocol(mpc, site, options, connect_timeout))
     authenticate_peers(mpc)
-    cwd = Path.cwd()
-    with tempfile.TemporaryDirectory(prefix="ctzoo-smap-") as scratch:
-        (Path(scratch) / ".config").symlink_to(keys, target_is_directory=True)
-        os.chdir(scratch)  # MPyC reads the keys from ./.config (its only way to be told where they are)
-        try:
-            return mpc.run(protocol(mpc, site, options, connect_timeout))
-        finally:
-            os.chdir(cwd)
+    cwd, scratch = Path.cwd(), Path(tempfile.mkdtemp(prefix="ctzoo-smap-"))
+
+    def leave_scratch() -> None:
+        os.chdir(cwd)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    (scratch / ".config").symlink_to(keys, target_is_directory=True)
+    os.chdir(scratch)  # MPyC reads the keys from ./.config (its only way to be told where they are)
+    # Once connected MPyC has read them: the folder goes then, since a party that drops out later ends with
+    # os._exit (watch_connections), which cleans nothing up, and a killed one cannot either.
+    mpc._ctzoo_after_start = leave_scratch
+    try:
+        return mpc.run(protocol(mpc, site, options, connect_timeout))
+    finally:
+        leave_scratch()
