@@ -2,8 +2,13 @@
 
 Rows, all measured in this run on the same model:
   * training steps/s with the real pipeline (PNG decode, resampling, MONAI augmentation in DataLoader
-    workers), and with the slices read from the decoded-slice store (``ctzoo data cache``, built here first:
-    its build time is reported) vs with the same batches pre-loaded as tensors (the ceiling when data is free);
+    workers), with the slices read from the decoded-slice store (``ctzoo data cache``, built here first:
+    its build time is reported), and with the store and the augmentation resampled per batch on the training
+    device (``augment: {resample_on: device}``) vs with the same batches pre-loaded as tensors (the ceiling when
+    data is free);
+  * the augmentation's own cost, on loaded slices (what a worker does per item once loading is cached): per sample
+    in one process with the augmentation in the loader, and with it on the device (the worker's draws and window,
+    then the device's resample per batch);
   * inference (``RecistNet.detect``, 512 x 512 x 3 slices) at batch 1 vs batch 16, slices/s;
   * the per-epoch costs outside the steps: the loader's start (a loader rebuilt every epoch starts its workers
     every epoch, as the engine did before; the run-long ``EpochLoader`` starts them once), the epoch's files
@@ -29,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from ctzoo.datasets.deeplesion.dataset import collate_lesions
+from ctzoo.datasets.batch_augment import augment_batch
+from ctzoo.datasets.deeplesion.dataset import LoadDeepLesiond, collate_lesions, key_slice_items
 from ctzoo.datasets.deeplesion.info_csv import read_dl_info
 from ctzoo.datasets.deeplesion.mini import make_deeplesion_mini
 from ctzoo.datasets.deeplesion.slice_cache import build_slice_cache
@@ -85,6 +91,40 @@ def first_batch_s(loader: EpochLoader, seed: int) -> float:
     for _ in batches:
         pass
     return seconds
+
+
+def augmentation_ms(task: RecistNetTask, device_task: RecistNetTask, device, repeats: int = 3) -> dict:
+    """Milliseconds of the augmentation alone on loaded slices: per sample in this process for each mode's loader
+    half, and per batch for the device half (medians of ``repeats``)."""
+    cfg = task.cfg
+    items = key_slice_items(read_dl_info(cfg.data.root / cfg.data.info_csv), "train")
+    loaded = [LoadDeepLesiond(cfg.data)(item) for item, _ in zip(itertools.cycle(items), range(cfg.optim.batch_size))]
+
+    def per_sample(transform) -> tuple[float, list]:
+        times, outs = [], []
+        for r in range(repeats):
+            start = time.perf_counter()
+            for i, sample in enumerate(loaded):
+                transform.set_random_state(seed=r * len(loaded) + i)
+                outs.append(transform(sample))
+            times.append(1000 * (time.perf_counter() - start) / len(loaded))
+        return median(times), outs[: len(loaded)]
+
+    loader_ms, _ = per_sample(task.train_transform)
+    window_ms, windows = per_sample(device_task.train_transform)
+    batch = collate_lesions(windows)
+    augment_batch(batch, cfg.train_size, device)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        augment_batch(batch, cfg.train_size, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - start))
+    return {"loader_ms_per_sample": loader_ms, "window_ms_per_sample": window_ms,
+            "device_ms_per_batch": median(times), "batch": len(loaded)}
 
 
 def median(values: list[float]) -> float:
@@ -165,8 +205,13 @@ def main() -> None:
             update={"slice_cache": Path(tmp) / "slice_cache"})}))
         stored_loader = stored_task.train_batches(0, cfg.optim.batch_size, cfg.optim.num_workers, 0, 1)
         from_store = train_steps(stored_task, model, itertools.cycle(stored_loader), device, args.steps)
-        task.close()
-        stored_task.close()
+        device_task = RecistNetTask(stored_task.cfg.model_copy(update={"augment": cfg.augment.model_copy(
+            update={"resample_on": "device"})}))
+        device_loader = device_task.train_batches(0, cfg.optim.batch_size, cfg.optim.num_workers, 0, 1)
+        on_device = train_steps(device_task, model, itertools.cycle(device_loader), device, args.steps)
+        augmentation = augmentation_ms(task, device_task, device)
+        for each in (task, stored_task, device_task):
+            each.close()
         (Path(tmp) / "costs").mkdir()
         costs = epoch_costs(task, model, device, cfg.optim.num_workers, Path(tmp) / "costs")
         # without hard-negative mining, whose new items need a new loader (every 5th epoch in the CPU recipe)
@@ -181,6 +226,16 @@ def main() -> None:
          "ratio": real / cached},
         {"measure": f"train steps/s, slices from the store ({cfg.optim.num_workers} workers)", "value": from_store,
          "ratio": from_store / cached},
+        {"measure": f"train steps/s, store + augmentation on the device ({cfg.optim.num_workers} workers)",
+         "value": on_device, "ratio": on_device / cached},
+        {"measure": "augmentation ms per sample, in the loader (one process; before)",
+         "value": augmentation["loader_ms_per_sample"], "ratio": 1.0},
+        {"measure": "augmentation ms per sample, on the device: the loader's draws and window",
+         "value": augmentation["window_ms_per_sample"],
+         "ratio": augmentation["window_ms_per_sample"] / augmentation["loader_ms_per_sample"]},
+        {"measure": f"augmentation ms per sample, on the device: its resample of a batch of {augmentation['batch']}",
+         "value": augmentation["device_ms_per_batch"] / augmentation["batch"],
+         "ratio": augmentation["device_ms_per_batch"] / augmentation["batch"] / augmentation["loader_ms_per_sample"]},
         {"measure": "inference slices/s, batch 1 (baseline)", "value": single, "ratio": 1.0},
         {"measure": "inference slices/s, batch 16", "value": batched, "ratio": batched / single},
         {"measure": f"loader start per epoch, s, rebuilt each epoch ({costs['workers']} workers; before)",
@@ -192,15 +247,16 @@ def main() -> None:
         {"measure": "epoch files: the loop's CPU snapshot, s (now)", "value": costs["files_snapshot_s"],
          "ratio": costs["files_snapshot_s"] / costs["files_in_loop_s"]},
     ]
-    print(f"{'measure':52s} {'value':>10s} {'ratio':>8s}")
+    print(f"{'measure':72s} {'value':>10s} {'ratio':>8s}")
     for row in rows:
-        print(f"{row['measure']:52s} {row['value']:10.2f} {row['ratio']:7.2f}x")
+        print(f"{row['measure']:72s} {row['value']:10.2f} {row['ratio']:7.2f}x")
     machine = {"platform": platform.platform(), "device": str(device),
                "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
                "torch": torch.__version__, "cpus": torch.get_num_threads()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     document = {"benchmark": "train", "config": str(args.config), "batch_size": cfg.optim.batch_size,
                 "train_size": list(cfg.train_size), "machine": machine, "rows": rows, "slice_store": store,
+                "augmentation": augmentation,
                 "epoch_costs": costs, "fit": run}
     args.out.write_text(json.dumps(document, indent=2))
     print(f"validation pass: {costs['evaluation_s']:.2f} s; fit, per epoch "

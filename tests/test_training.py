@@ -314,9 +314,12 @@ def test_summary_of_an_unfinished_run_says_so():
     assert _summary(RecistNetTask, OptimConfig(epochs=120), 120, 0.94, 600.0, torch.device("cpu"), 1)["complete"]
 
 
-def test_hard_negatives_are_mined_from_lesion_free_training_slices_and_trained_on(mini, tmp_path):
+@pytest.mark.parametrize("augment_on", ["loader", "device"])
+def test_hard_negatives_are_mined_from_lesion_free_training_slices_and_trained_on(mini, tmp_path, augment_on):
     """The miner scores only lesion-free slices of training patients, keeps the highest-scoring ones cropped around
-    their strongest false detection, and the next epoch's batches include them (no keypoints: pure negatives)."""
+    their strongest false detection, and the next epoch's batches include them (no keypoints: pure negatives),
+    with the augmentation in the loader or on the device."""
+    from ctzoo.datasets.batch_augment import window_size
     from ctzoo.datasets.deeplesion.info_csv import read_dl_info
     from ctzoo.training.hard_negatives import CropToFocusd
     from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
@@ -324,7 +327,7 @@ def test_hard_negatives_are_mined_from_lesion_free_training_slices_and_trained_o
     config = tiny_config(tmp_path, mini)
     cfg = load_train_config(config)
     cfg = cfg.model_copy(update={"hard_negatives": {"pool_per_series": 3, "keep": 2, "every": 1, "start_epoch": 1,
-                                                    "margin": 32}})
+                                                    "margin": 32}, "augment": {"resample_on": augment_on}})
     cfg = type(cfg).model_validate(cfg.model_dump())
     task = RecistNetTask(cfg)
     model = task.build_model()
@@ -348,7 +351,8 @@ def test_hard_negatives_are_mined_from_lesion_free_training_slices_and_trained_o
     assert len(batches.dataset) == plain + 2
     assert sum(len(batch["keypoints"]) for batch in batches) == plain + 2  # mined items collate with the rest
     mined = [task.miner.mined[i] for i in range(2)]
+    size = (128, 128) if augment_on == "loader" else window_size((128, 128), 15, (0.8, 1.2))
     for sample in mined:
-        assert tuple(sample["image"].shape[-2:]) == (128, 128) and len(sample["keypoints"]) == 0
+        assert tuple(sample["image"].shape[-2:]) == size and len(sample["keypoints"]) == 0
     crop = CropToFocusd((160, 160))({"image": torch.zeros(3, 300, 400), "focus": np.array([5.0, 390.0])})
     assert tuple(crop["image"].shape) == (3, 160, 160)  # clamped to the image at its corner

@@ -70,6 +70,11 @@ WORLD_SUFFIX = "_world"  # (N, 5, 2) world coordinates while the image transform
 SOURCE_AFFINE_SUFFIX = "_source_affine"  # (4, 4) float64 affine of the frame the keypoints came in
 KEEP_SUFFIX = "_keep"  # (N,) bool: the lesion's centre has been on the image after every spatial transform
 
+# The intensity augmentation of both training modes (here and ctzoo.datasets.batch_augment), for an image
+# normalised to about [0, 1]: x (1 + U(-0.1, 0.1)), + U(-0.05, 0.05), + N(0, U(0, 0.01)), each with its probability.
+SCALE_FACTOR, SHIFT_OFFSET, NOISE_STD = 0.1, 0.05, 0.01
+INTENSITY_PROBS = {"scale": 0.5, "shift": 0.5, "noise": 0.2}
+
 
 def xy_to_index(points: torch.Tensor) -> torch.Tensor:
     """Swap the last axis: ``(x, y)`` = (column, row) <-> MONAI's spatial index order (dim0, dim1) = (row, column).
@@ -111,13 +116,13 @@ def _pixel_scale(source_affine: torch.Tensor, affine: torch.Tensor) -> float:
     return math.sqrt(source_area / area)
 
 
-def _inside(points_xy: np.ndarray, height: int, width: int) -> np.ndarray:
+def points_inside(points_xy: np.ndarray, height: int, width: int) -> np.ndarray:
     """Whether each (x, y) lies on some pixel: pixel centres are integers, so the image spans [-0.5, size - 0.5)."""
     x, y = points_xy[..., 0], points_xy[..., 1]
     return (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)
 
 
-def _select(values: Any, keep: np.ndarray) -> Any:
+def select_lesions(values: Any, keep: np.ndarray) -> Any:
     if isinstance(values, torch.Tensor):
         return values[torch.as_tensor(keep, device=values.device)]
     if isinstance(values, np.ndarray):
@@ -162,7 +167,8 @@ class KeypointsVisibled(MapTransform):
         d = dict(data)
         image = d[self.image_key]
         centres = _world_to_pixels(d[self.keypoints_key + WORLD_SUFFIX][:, CENTRE], _image_affine(image)).numpy()
-        d[self.keypoints_key + KEEP_SUFFIX] = d[self.keypoints_key + KEEP_SUFFIX] & _inside(centres, *image.shape[-2:])
+        inside = points_inside(centres, *image.shape[-2:])
+        d[self.keypoints_key + KEEP_SUFFIX] = d[self.keypoints_key + KEEP_SUFFIX] & inside
         return d
 
 
@@ -206,7 +212,7 @@ class KeypointsToImaged(MapTransform):
             d[self.diameters_key] = convert_to_dst_type(diameters(points)[0], d[self.diameters_key])[0]
         for key in self.lesion_keys:
             if key in d:
-                d[key] = _select(d[key], keep)
+                d[key] = select_lesions(d[key], keep)
         return d
 
 
@@ -304,7 +310,8 @@ def recist_train_transforms(
     (plus boxes, diameters_px, lesion_keys cut to M). ``scale_range`` is the zoom of the content (> 1
     enlarges). The crop keeps a random lesion with probability ``lesion_crop_prob`` (:class:`RandLesionCropd`).
     ``seed`` seeds every random transform through MONAI's ``Compose.set_random_state``.
-    The intensity ranges (scale +-10 %, shift +-0.05, noise sigma 0.01) assume an image normalised to about [0, 1].
+    The intensity ranges (:data:`SCALE_FACTOR`, :data:`SHIFT_OFFSET`, :data:`NOISE_STD`) assume an image normalised
+    to about [0, 1].
     """
     keys = [image_key]
     spatial = [
@@ -317,9 +324,9 @@ def recist_train_transforms(
         RandLesionCropd(image_key, keypoints_key, spatial_size, lesion_prob=lesion_crop_prob),
     ]
     noise = [
-        RandScaleIntensityd(keys, factors=0.1, prob=0.5),
-        RandShiftIntensityd(keys, offsets=0.05, prob=0.5),
-        RandGaussianNoised(keys, prob=0.2, std=0.01),
+        RandScaleIntensityd(keys, factors=SCALE_FACTOR, prob=INTENSITY_PROBS["scale"]),
+        RandShiftIntensityd(keys, offsets=SHIFT_OFFSET, prob=INTENSITY_PROBS["shift"]),
+        RandGaussianNoised(keys, prob=INTENSITY_PROBS["noise"], std=NOISE_STD),
     ] if intensity else []
     pipeline = keypoint_pipeline(spatial, noise, image_key, keypoints_key, lesion_keys, box_pad)
     if seed is not None:

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from ctzoo.config import StrictConfig
+from ctzoo.datasets.batch_augment import augment_batch, recist_batch_train_transforms
 from ctzoo.datasets.deeplesion.dataset import (
     LESION_KEYS,
     DeepLesionConfig,
@@ -50,9 +51,13 @@ class RecistNetModelConfig(StrictConfig):
 
 class AugmentConfig(StrictConfig):
     flip_prob: float = Field(0.5, ge=0, le=1)
-    rotate_range_deg: float = Field(15.0, ge=0)
+    rotate_range_deg: float = Field(15.0, ge=0, le=90)
     scale_range: tuple[float, float] = (0.8, 1.2)
     intensity: bool = True
+    resample_on: Literal["loader", "device"] = Field(
+        "loader", description="where the flips, rotations, zooms and crops are resampled: per sample by MONAI "
+                              "transforms in the loader's workers, or per batch on the training device (the "
+                              "workers only draw them and cut a window: ctzoo/datasets/batch_augment.py)")
 
 
 class RecistNetTrainConfig(StrictConfig):
@@ -155,14 +160,15 @@ class RecistNetTask:
     def __init__(self, cfg: RecistNetTrainConfig) -> None:
         self.cfg = cfg
         augment = cfg.augment
-        train_transform = recist_train_transforms(cfg.train_size, augment.flip_prob, augment.rotate_range_deg,
-                                                  augment.scale_range, augment.intensity,
-                                                  lesion_keys=_AUGMENTED_LESION_KEYS)
-        self.train_set = deeplesion_dataset(cfg.data, "train", cache=cfg.cache, transform=train_transform)
+        draws = (cfg.train_size, augment.flip_prob, augment.rotate_range_deg, augment.scale_range, augment.intensity)
+        on_device = augment.resample_on == "device"
+        self.train_transform = (recist_batch_train_transforms if on_device else recist_train_transforms)(
+            *draws, lesion_keys=_AUGMENTED_LESION_KEYS)
+        self.train_set = deeplesion_dataset(cfg.data, "train", cache=cfg.cache, transform=self.train_transform)
         if cfg.repeats > 1:  # each pass draws its own augmentation; the cache is shared
             self.train_set = ConcatDataset([self.train_set] * cfg.repeats)
         self.miner = None if cfg.hard_negatives is None else HardNegativeMiner(
-            cfg.hard_negatives, cfg.data, train_transform, cfg.train_size)
+            cfg.hard_negatives, cfg.data, self.train_transform, cfg.train_size)
         self.eval_set = deeplesion_dataset(cfg.data, cfg.eval_split, cache=cfg.cache,
                                            transform=recist_eval_transforms(cfg.eval_size))
         self._loader: EpochLoader | None = None
@@ -199,7 +205,10 @@ class RecistNetTask:
             self._loader = None
 
     def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device):
-        images = batch["image"].to(device)
+        if self.cfg.augment.resample_on == "device":  # the batch holds windows and their draws (RandWindowd)
+            images = augment_batch(batch, self.cfg.train_size, device)
+        else:
+            images = batch["image"].to(device)
         targets = make_targets(batch["keypoints"], batch["boxes"], tuple(images.shape[-2:]))
         targets = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in targets.items()}
         total, parts = recistnet_loss(model(images), targets)
