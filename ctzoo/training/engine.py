@@ -374,8 +374,8 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
                     optimizer.step()
                 step += 1
                 count += 1
-                for key, value in {"loss": float(loss), **parts}.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
+                for key, value in {"loss": loss, **parts}.items():  # detached: a float of a graph tensor warns
+                    sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
                 bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
             if epoch + 1 == cfg.epochs and hasattr(optimizer, "finish_training"):
                 optimizer.finish_training()  # CSER: the local models become their average (counted in the bytes)
