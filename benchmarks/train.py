@@ -1,11 +1,13 @@
 """Is RECIST-Net training waiting for data? And how fast does the detector run per slice?
 
-Rows, all measured in this run on the same model:
-  * training steps/s with the real pipeline (PNG decode, resampling, MONAI augmentation in DataLoader
-    workers), with the slices read from the decoded-slice store (``ctzoo data cache``, built here first:
-    its build time is reported), and with the store and the augmentation resampled per batch on the training
-    device (``augment: {resample_on: device}``) vs with the same batches pre-loaded as tensors (the ceiling when
-    data is free);
+Rows, all measured in this run on the same model, every batch full (the miniature's training items repeated:
+``repeats`` in the JSON) and every epoch loaded and augmented anew:
+  * training steps/s fed by the training loader, vs the same model on 4 batches pre-loaded as tensors (the ceiling
+    when data is free): PNG decode, resampling and MONAI augmentation in the workers; the slices read from the
+    decoded-slice store instead (``ctzoo data cache``, built here first: its build time is reported); the store
+    with the augmentation resampled per batch on the training device (``augment: {resample_on: device}``), with
+    the recipe's workers (at least 1) and with none; and the in-memory cache (``cache: true``: loaded, resampled
+    slices kept in RAM, as the miniature's recipes do) with either augmentation;
   * the augmentation's own cost, on loaded slices (what a worker does per item once loading is cached): per sample
     in one process with the augmentation in the loader, and with it on the device (the worker's draws and window,
     then the device's resample per batch);
@@ -27,9 +29,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import platform
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -127,6 +131,33 @@ def augmentation_ms(task: RecistNetTask, device_task: RecistNetTask, device, rep
             "device_ms_per_batch": median(times), "batch": len(loaded)}
 
 
+def epochs_of(loader: EpochLoader) -> Iterator[dict]:
+    """The loader's batches epoch after epoch, each epoch's items loaded and augmented anew (``itertools.cycle`` would
+    replay the first epoch's batches from memory, and measure no loading at all)."""
+    for seed in itertools.count():
+        yield from loader.start_epoch(seed)
+
+
+def pipeline_rate(cfg, model, device, steps: int, workers: int) -> float:
+    """Train steps/s of ``model`` fed by the training loader of ``cfg`` with ``workers`` worker processes."""
+    task = RecistNetTask(cfg)
+    try:
+        return train_steps(task, model, epochs_of(task.train_batches(0, cfg.optim.batch_size, workers, 0, 1)), device,
+                           steps)
+    finally:
+        task.close()
+
+
+def full_batch_repeats(cfg) -> int:
+    """Passes over the training items per epoch that make every batch full (at least 4 of them): a small miniature
+    holds fewer training items than a batch (the default 4-case one: 3), and a short batch costs the model and the
+    loader less than the recipe's."""
+    items = len(key_slice_items(read_dl_info(cfg.data.root / cfg.data.info_csv), "train", cfg.data.drop_noisy,
+                                cfg.data.negatives_per_series))
+    step = math.lcm(items, cfg.optim.batch_size) // items
+    return step * math.ceil(4 * cfg.optim.batch_size / (items * step))
+
+
 def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
@@ -190,44 +221,49 @@ def main() -> None:
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or make_deeplesion_mini(Path(tmp) / "mini", cases=4, seed=0, progress=False)
-        cfg = load_train_config(args.config, root)
-        cfg = cfg.model_copy(update={"cache": False})  # measure the real decode, not a warm cache
+        recipe = load_train_config(args.config, root)
+        # each row says where it loads from and augments, whatever the recipe chose
+        cfg = recipe.model_copy(update={"cache": False,  # measure the real decode, not a warm cache
+                                        "repeats": full_batch_repeats(recipe),
+                                        "augment": recipe.augment.model_copy(update={"resample_on": "loader"})})
         task = RecistNetTask(cfg)
         seed_everything(0)
         model = task.build_model().to(device).train()
-        loader = task.train_batches(0, cfg.optim.batch_size, cfg.optim.num_workers, 0, 1)
-        real = train_steps(task, model, itertools.cycle(loader), device, args.steps)
-        preloaded = [batch for batch, _ in zip(itertools.cycle(loader), range(4))]
+        preloaded = [batch for batch, _ in zip(epochs_of(task.train_batches(0, cfg.optim.batch_size, 0, 0, 1)),
+                                                range(4))]
         cached = train_steps(task, model, preloaded, device, args.steps)
         folders = {row.series_folder for row in read_dl_info(Path(root) / "DL_info.csv")}
         store = build_slice_cache(Path(root) / "Images_png", folders, Path(tmp) / "slice_cache")
-        stored_task = RecistNetTask(cfg.model_copy(update={"data": cfg.data.model_copy(
-            update={"slice_cache": Path(tmp) / "slice_cache"})}))
-        stored_loader = stored_task.train_batches(0, cfg.optim.batch_size, cfg.optim.num_workers, 0, 1)
-        from_store = train_steps(stored_task, model, itertools.cycle(stored_loader), device, args.steps)
-        device_task = RecistNetTask(stored_task.cfg.model_copy(update={"augment": cfg.augment.model_copy(
-            update={"resample_on": "device"})}))
-        device_loader = device_task.train_batches(0, cfg.optim.batch_size, cfg.optim.num_workers, 0, 1)
-        on_device = train_steps(device_task, model, itertools.cycle(device_loader), device, args.steps)
+        stored = cfg.model_copy(update={"data": cfg.data.model_copy(update={"slice_cache": Path(tmp) / "slice_cache"})})
+        on_device = {"augment": cfg.augment.model_copy(update={"resample_on": "device"})}
+        workers = max(1, cfg.optim.num_workers)
+        variants = [  # (what the row says, the config, loader workers)
+            (f"real pipeline: PNG decode, augmentation in the loader ({workers} workers)", cfg, workers),
+            (f"slices from the store, augmentation in the loader ({workers} workers)", stored, workers),
+            (f"store, augmentation on the device ({workers} workers)", stored.model_copy(update=on_device), workers),
+            ("store, augmentation on the device (0 workers: read between steps)",
+             stored.model_copy(update=on_device), 0),
+            (f"in-memory cache (cache: true), augmentation in the loader ({workers} workers)",
+             cfg.model_copy(update={"cache": True}), workers),
+            ("in-memory cache, augmentation on the device (0 workers)",
+             cfg.model_copy(update={"cache": True, **on_device}), 0),
+        ]
+        rates = [(label, pipeline_rate(variant, model, device, args.steps, n)) for label, variant, n in variants]
+        device_task = RecistNetTask(stored.model_copy(update=on_device))
         augmentation = augmentation_ms(task, device_task, device)
-        for each in (task, stored_task, device_task):
-            each.close()
+        task.close()
         (Path(tmp) / "costs").mkdir()
-        costs = epoch_costs(task, model, device, cfg.optim.num_workers, Path(tmp) / "costs")
+        costs = epoch_costs(task, model, device, workers, Path(tmp) / "costs")
         # without hard-negative mining, whose new items need a new loader (every 5th epoch in the CPU recipe)
-        run = fit_epochs(RecistNetTask(cfg.model_copy(update={"hard_negatives": None})), Path(tmp) / "run",
+        run = fit_epochs(RecistNetTask(recipe.model_copy(update={"hard_negatives": None,
+                                                                 "repeats": cfg.repeats})), Path(tmp) / "run",
                          str(device))
     model.eval()
     single = inference_rate(model, device, 1, 8)
     batched = inference_rate(model, device, 16, 2)
     rows = [
         {"measure": "train steps/s, pre-loaded tensors (baseline)", "value": cached, "ratio": 1.0},
-        {"measure": f"train steps/s, real pipeline ({cfg.optim.num_workers} workers)", "value": real,
-         "ratio": real / cached},
-        {"measure": f"train steps/s, slices from the store ({cfg.optim.num_workers} workers)", "value": from_store,
-         "ratio": from_store / cached},
-        {"measure": f"train steps/s, store + augmentation on the device ({cfg.optim.num_workers} workers)",
-         "value": on_device, "ratio": on_device / cached},
+        *({"measure": f"train steps/s, {label}", "value": rate, "ratio": rate / cached} for label, rate in rates),
         {"measure": "augmentation ms per sample, in the loader (one process; before)",
          "value": augmentation["loader_ms_per_sample"], "ratio": 1.0},
         {"measure": "augmentation ms per sample, on the device: the loader's draws and window",
@@ -255,6 +291,8 @@ def main() -> None:
                "torch": torch.__version__, "cpus": torch.get_num_threads()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     document = {"benchmark": "train", "config": str(args.config), "batch_size": cfg.optim.batch_size,
+                "repeats": cfg.repeats, "recipe": {"cache": recipe.cache, "workers": recipe.optim.num_workers,
+                                                   "resample_on": recipe.augment.resample_on},
                 "train_size": list(cfg.train_size), "machine": machine, "rows": rows, "slice_store": store,
                 "augmentation": augmentation,
                 "epoch_costs": costs, "fit": run}

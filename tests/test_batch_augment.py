@@ -158,3 +158,19 @@ def test_a_training_step_and_a_fit_run_on_device_augmented_batches(small_deeples
     assert result.exit_code == 0, result.output
     history = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["history"]
     assert len(history) == 2 and all(math.isfinite(h["train_loss"]) for h in history)
+
+
+def test_a_draw_leaves_the_cached_sample_as_it_was():
+    # the in-memory cache hands RandWindowd its cached sample itself (copy_cache=False), so a draw must not write
+    # into it
+    import copy
+
+    transform = RandWindowd(OUT, lesion_keys=["lesion_ids"])
+    sample = {"image": marked_image(LESIONS, 1.5), "keypoints": torch.tensor(LESIONS, dtype=torch.float32),
+              "lesion_ids": np.arange(3), "boxes": torch.ones(3, 4), "diameters_px": torch.ones(3, 2), "scale": 1.0}
+    before = copy.deepcopy(sample)
+    for seed in range(8):
+        transform.set_random_state(seed)
+        transform(sample)
+    for key, value in before.items():
+        assert np.array_equal(np.asarray(sample[key]), np.asarray(value)), key

@@ -164,7 +164,10 @@ class RecistNetTask:
         on_device = augment.resample_on == "device"
         self.train_transform = (recist_batch_train_transforms if on_device else recist_train_transforms)(
             *draws, lesion_keys=_AUGMENTED_LESION_KEYS)
-        self.train_set = deeplesion_dataset(cfg.data, "train", cache=cfg.cache, transform=self.train_transform)
+        # RandWindowd writes nothing into the cached sample (it cuts a new window), so the cache need not copy the
+        # 9-plane slice for every draw
+        self.train_set = deeplesion_dataset(cfg.data, "train", cache=cfg.cache, transform=self.train_transform,
+                                            copy_cache=not on_device)
         if cfg.repeats > 1:  # each pass draws its own augmentation; the cache is shared
             self.train_set = ConcatDataset([self.train_set] * cfg.repeats)
         self.miner = None if cfg.hard_negatives is None else HardNegativeMiner(

@@ -214,15 +214,17 @@ def negative_items(by_image: dict[str, list[LesionRow]], per_series: int) -> lis
 
 
 def deeplesion_dataset(cfg: DeepLesionConfig, split: Split = "train", transform: Transform | None = None,
-                       cache: bool = False, num_workers: int = 0) -> Dataset:
+                       cache: bool = False, num_workers: int = 0, copy_cache: bool = True) -> Dataset:
     """A MONAI ``Dataset`` (or ``CacheDataset`` when ``cache``: loading and resampling are cached, random
-    ``transform`` steps still run per epoch) over the key slices of ``split``."""
+    ``transform`` steps still run per epoch) over the key slices of ``split``. ``copy_cache=False`` hands
+    ``transform`` the cached sample itself instead of a deep copy: only for a transform that never writes into its
+    input."""
     items = key_slice_items(read_dl_info(cfg.root / cfg.info_csv), split, cfg.drop_noisy, cfg.negatives_per_series)
     if not items:
         raise ValueError(f"{cfg.root / cfg.info_csv}: no key slices in split {split!r}")
     pipeline = Compose([LoadDeepLesiond(cfg)] + ([transform] if transform else []))
     if cache:
-        return CacheDataset(items, pipeline, num_workers=num_workers or None, progress=False)
+        return CacheDataset(items, pipeline, num_workers=num_workers or None, progress=False, copy_cache=copy_cache)
     return Dataset(items, pipeline)
 
 
