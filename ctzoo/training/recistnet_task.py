@@ -160,10 +160,10 @@ class RecistNetTask:
     def __init__(self, cfg: RecistNetTrainConfig) -> None:
         self.cfg = cfg
         augment = cfg.augment
-        draws = (cfg.train_size, augment.flip_prob, augment.rotate_range_deg, augment.scale_range, augment.intensity)
         on_device = augment.resample_on == "device"
         self.train_transform = (recist_batch_train_transforms if on_device else recist_train_transforms)(
-            *draws, lesion_keys=_AUGMENTED_LESION_KEYS)
+            spatial_size=cfg.train_size, flip_prob=augment.flip_prob, rotate_range_deg=augment.rotate_range_deg,
+            scale_range=augment.scale_range, intensity=augment.intensity, lesion_keys=_AUGMENTED_LESION_KEYS)
         # RandWindowd writes nothing into the cached sample (it cuts a new window), so the cache need not copy the
         # 9-plane slice for every draw
         self.train_set = deeplesion_dataset(cfg.data, "train", cache=cfg.cache, transform=self.train_transform,
