@@ -1,16 +1,19 @@
 """Is RECIST-Net training waiting for data? And how fast does the detector run per slice?
 
 Rows, all measured in this run on the same model, every batch full (the miniature's training items repeated:
-``repeats`` in the JSON) and every epoch loaded and augmented anew:
+``repeats`` in the JSON) and every epoch loaded and augmented anew; the step rates in ``--rounds`` rounds, each
+round's baseline measured just before its rows, the medians of the rates and of the per-round ratios reported (every
+round's figures in the JSON):
   * training steps/s fed by the training loader, vs the same model on 4 batches pre-loaded as tensors (the ceiling
     when data is free): PNG decode, resampling and MONAI augmentation in the workers; the slices read from the
     decoded-slice store instead (``ctzoo data cache``, built here first: its build time is reported); the store
-    with the augmentation resampled per batch on the training device (``augment: {resample_on: device}``), with
-    the recipe's workers (at least 1) and with none; and the in-memory cache (``cache: true``: loaded, resampled
-    slices kept in RAM, as the miniature's recipes do) with either augmentation;
+    with the augmentation on the training device (``augment: {resample_on: device}``: the loader reads the HU
+    under each sample's window and draws, the device resamples for spacing and augmentation at once and windows,
+    per batch), with the recipe's workers (at least 1) and with none; and the in-memory cache (``cache: true``,
+    as the miniature's recipes do: resampled and windowed slices, or their HU planes on the device) with either;
   * the augmentation's own cost, on loaded slices (what a worker does per item once loading is cached): per sample
-    in one process with the augmentation in the loader, and with it on the device (the worker's draws and window,
-    then the device's resample per batch);
+    in one process with the augmentation in the loader, and with it on the device (the worker's draws and window
+    of the HU planes, then the device's resample and windowing per batch);
   * inference (``RecistNet.detect``, 512 x 512 x 3 slices) at batch 1 vs batch 16, slices/s;
   * the per-epoch costs outside the steps: the loader's start (a loader rebuilt every epoch starts its workers
     every epoch, as the engine did before; the run-long ``EpochLoader`` starts them once), the epoch's files
@@ -18,7 +21,7 @@ Rows, all measured in this run on the same model, every batch full (the miniatur
     writing in a background thread) and one validation pass; then ``fit`` itself for 3 epochs, each epoch's
     measured costs from its metrics.csv.
 
-    python benchmarks/train.py [--data ROOT] [--config configs/recistnet_mini_cpu.yaml] [--steps 20]
+    python benchmarks/train.py [--data ROOT] [--config configs/recistnet_mini_cpu.yaml] [--steps 20] [--rounds 3]
                                [--device auto] [--out benchmarks/results/train.json]
 
 Without --data a 4-case DeepLesion miniature is built in a temporary folder first.
@@ -102,9 +105,11 @@ def augmentation_ms(task: RecistNetTask, device_task: RecistNetTask, device, rep
     half, and per batch for the device half (medians of ``repeats``)."""
     cfg = task.cfg
     items = key_slice_items(read_dl_info(cfg.data.root / cfg.data.info_csv), "train")
-    loaded = [LoadDeepLesiond(cfg.data)(item) for item, _ in zip(itertools.cycle(items), range(cfg.optim.batch_size))]
+    items = [item for item, _ in zip(itertools.cycle(items), range(cfg.optim.batch_size))]
+    loaded = [LoadDeepLesiond(cfg.data)(item) for item in items]
+    planes = [LoadDeepLesiond(cfg.data, resample=False)(item) for item in items]  # what the device mode caches
 
-    def per_sample(transform) -> tuple[float, list]:
+    def per_sample(transform, loaded: list) -> tuple[float, list]:
         times, outs = [], []
         for r in range(repeats):
             start = time.perf_counter()
@@ -114,16 +119,16 @@ def augmentation_ms(task: RecistNetTask, device_task: RecistNetTask, device, rep
             times.append(1000 * (time.perf_counter() - start) / len(loaded))
         return median(times), outs[: len(loaded)]
 
-    loader_ms, _ = per_sample(task.train_transform)
-    window_ms, windows = per_sample(device_task.train_transform)
+    loader_ms, _ = per_sample(task.train_transform, loaded)
+    window_ms, windows = per_sample(device_task.train_transform, planes)
     batch = collate_lesions(windows)
-    augment_batch(batch, cfg.train_size, device)  # warm-up
+    augment_batch(batch, cfg.train_size, device, cfg.data)  # warm-up
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        augment_batch(batch, cfg.train_size, device)
+        augment_batch(batch, cfg.train_size, device, cfg.data)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(1000 * (time.perf_counter() - start))
@@ -215,6 +220,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="DeepLesion(-format) root; default: a new 4-case mini")
     parser.add_argument("--config", type=Path, default=Path(__file__).parents[1] / "configs/recistnet_mini_cpu.yaml")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the step-rate rows: medians are reported")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train.json")
     args = parser.parse_args()
@@ -231,7 +237,6 @@ def main() -> None:
         model = task.build_model().to(device).train()
         preloaded = [batch for batch, _ in zip(epochs_of(task.train_batches(0, cfg.optim.batch_size, 0, 0, 1)),
                                                 range(4))]
-        cached = train_steps(task, model, preloaded, device, args.steps)
         folders = {row.series_folder for row in read_dl_info(Path(root) / "DL_info.csv")}
         store = build_slice_cache(Path(root) / "Images_png", folders, Path(tmp) / "slice_cache")
         stored = cfg.model_copy(update={"data": cfg.data.model_copy(update={"slice_cache": Path(tmp) / "slice_cache"})})
@@ -248,7 +253,16 @@ def main() -> None:
             ("in-memory cache, augmentation on the device (0 workers)",
              cfg.model_copy(update={"cache": True, **on_device}), 0),
         ]
-        rates = [(label, pipeline_rate(variant, model, device, args.steps, n)) for label, variant, n in variants]
+        # rounds of every row, each against the baseline measured just before it: this VM's speed drifts by the
+        # minute, and a ratio is only as good as its baseline's timing
+        rounds = []
+        for _ in range(args.rounds):
+            baseline = train_steps(task, model, preloaded, device, args.steps)
+            rounds.append([baseline] + [pipeline_rate(variant, model, device, args.steps, n) for _, variant, n in
+                                        variants])
+        cached = median([r[0] for r in rounds])
+        rates = [(label, median([r[k + 1] for r in rounds]), median([r[k + 1] / r[0] for r in rounds]))
+                 for k, (label, _, _) in enumerate(variants)]
         device_task = RecistNetTask(stored.model_copy(update=on_device))
         augmentation = augmentation_ms(task, device_task, device)
         task.close()
@@ -263,13 +277,14 @@ def main() -> None:
     batched = inference_rate(model, device, 16, 2)
     rows = [
         {"measure": "train steps/s, pre-loaded tensors (baseline)", "value": cached, "ratio": 1.0},
-        *({"measure": f"train steps/s, {label}", "value": rate, "ratio": rate / cached} for label, rate in rates),
+        *({"measure": f"train steps/s, {label}", "value": rate, "ratio": ratio} for label, rate, ratio in rates),
         {"measure": "augmentation ms per sample, in the loader (one process; before)",
          "value": augmentation["loader_ms_per_sample"], "ratio": 1.0},
         {"measure": "augmentation ms per sample, on the device: the loader's draws and window",
          "value": augmentation["window_ms_per_sample"],
          "ratio": augmentation["window_ms_per_sample"] / augmentation["loader_ms_per_sample"]},
-        {"measure": f"augmentation ms per sample, on the device: its resample of a batch of {augmentation['batch']}",
+        {"measure": f"augmentation ms per sample, on the device: its resample and windowing of a batch of "
+                    f"{augmentation['batch']}",
          "value": augmentation["device_ms_per_batch"] / augmentation["batch"],
          "ratio": augmentation["device_ms_per_batch"] / augmentation["batch"] / augmentation["loader_ms_per_sample"]},
         {"measure": "inference slices/s, batch 1 (baseline)", "value": single, "ratio": 1.0},
@@ -291,8 +306,9 @@ def main() -> None:
                "torch": torch.__version__, "cpus": torch.get_num_threads()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     document = {"benchmark": "train", "config": str(args.config), "batch_size": cfg.optim.batch_size,
-                "repeats": cfg.repeats, "recipe": {"cache": recipe.cache, "workers": recipe.optim.num_workers,
-                                                   "resample_on": recipe.augment.resample_on},
+                "repeats": cfg.repeats, "rounds": rounds,
+                "recipe": {"cache": recipe.cache, "workers": recipe.optim.num_workers,
+                           "resample_on": recipe.augment.resample_on},
                 "train_size": list(cfg.train_size), "machine": machine, "rows": rows, "slice_store": store,
                 "augmentation": augmentation,
                 "epoch_costs": costs, "fit": run}

@@ -8,11 +8,17 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from test_keypoint_transforms import LESIONS, mark_positions, marked_image
 
-from ctzoo.datasets.batch_augment import RandWindowd, augment_batch, recist_batch_train_transforms, window_size
-from ctzoo.datasets.deeplesion.dataset import collate_lesions
+from ctzoo.datasets.batch_augment import RandWindowd, augment_batch, recist_batch_train_transforms, scaled_windows
+from ctzoo.datasets.deeplesion.dataset import (
+    SlicePreprocessing,
+    collate_lesions,
+    resample_and_window,
+    resampled_size,
+)
 from ctzoo.datasets.deeplesion.recist import canonical_order
 
 OUT = (48, 40)  # (H, W) of the augmented output, smaller than the 64 x 80 marked image
@@ -29,11 +35,45 @@ def augmented(seed: int, transform: RandWindowd | None = None, sigma: float | No
     return out, augment_batch(collate_lesions([out]), OUT, "cpu")[0]
 
 
-def test_the_window_holds_the_whole_footprint_and_keeps_the_output_parity():
-    assert window_size((256, 256), 0, (1.0, 1.0)) == (260, 260)  # 2 pixels of margin each side
-    height, width = window_size((256, 200), 15, (0.8, 1.2))
-    footprint_w = (math.cos(math.radians(15)) * 200 + math.sin(math.radians(15)) * 256) / 0.8
-    assert width >= footprint_w + 4 and (height - 256) % 2 == 0 and (width - 200) % 2 == 0
+#: One window that maps [0, 1] onto itself: the marked images read as HU stay as they are.
+IDENTITY_WINDOW = SlicePreprocessing(window_hu=(0.0, 1.0))
+
+
+def hu_sample(points: np.ndarray, scale: float, sigma: float | None = 1.5, spacing_mm: float = 0.8) -> dict:
+    """A marked image as :class:`LoadDeepLesiond` with ``resample=False`` gives it: the planes at the original pixel
+    size, the points in the frame resampled by ``scale`` (pixel centres: x -> (x + 0.5) s - 0.5)."""
+    image = marked_image(points, sigma).as_tensor()
+    cfg = SlicePreprocessing(norm_spacing_mm=spacing_mm / scale)
+    size, scale_xy = resampled_size(tuple(image.shape[-2:]), (spacing_mm, spacing_mm), cfg)
+    return {"image": image, "keypoints": torch.tensor((points + 0.5) * scale_xy - 0.5, dtype=torch.float32),
+            "lesion_ids": np.arange(len(points)), "resampled_hw": size, "scale_xy": torch.as_tensor(scale_xy)}
+
+
+def test_the_window_is_what_the_drawn_output_covers():
+    """The loader copies only the pixels under this draw's output and their bilinear neighbours: as many as the
+    output has when it is unrotated and unzoomed (a whole-pixel shift), about 1 / zoom as many along each side
+    when it is zoomed out."""
+    plain = RandWindowd(OUT, flip_prob=0.0, rotate_range_deg=0.0, scale_range=(1.0, 1.0), intensity=False)
+    zoomed = RandWindowd(OUT, flip_prob=0.0, rotate_range_deg=0.0, scale_range=(0.8, 0.8), intensity=False)
+    zoomed.zoom_prob = 1.0
+    sample = {"image": marked_image(LESIONS), "keypoints": torch.tensor(LESIONS, dtype=torch.float32)}
+    plain.set_random_state(0)
+    zoomed.set_random_state(0)
+    assert tuple(plain(sample)["image"].shape[-2:]) == OUT
+    height, width = zoomed(sample)["image"].shape[-2:]  # the footprint's ends, floored and ceiled
+    assert (OUT[0] - 1) / 0.8 + 1 <= height <= (OUT[0] - 1) / 0.8 + 2
+    assert (OUT[1] - 1) / 0.8 + 1 <= width <= (OUT[1] - 1) / 0.8 + 2
+
+
+def test_one_pass_per_window_equals_monais_windowing_then_the_intensity_change():
+    from ctzoo.datasets.deeplesion.dataset import window_planes
+
+    cfg = SlicePreprocessing(extra_windows_hu=[(-160, 240), (-1350, 150)])
+    hu = torch.randn(4, 3, 32, 40, generator=torch.Generator().manual_seed(0)) * 1500
+    factor = torch.tensor([1.0, 0.9, 1.1, 1.05])[:, None, None, None]
+    offset = torch.tensor([0.0, 0.02, -0.05, 0.01])[:, None, None, None]
+    torch.testing.assert_close(scaled_windows(hu + 1350, cfg, -1350.0, factor, offset),
+                               window_planes(hu, cfg) * factor + offset, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -50,6 +90,61 @@ def test_keypoints_land_on_their_marks(seed):
     np.testing.assert_allclose(points[inside], marks[inside], atol=0.1)
     centres = points[:, 4]
     assert np.all((centres >= -0.5) & (centres < np.array(OUT[::-1]) - 0.5))  # kept: centre on the output
+
+
+@pytest.mark.parametrize("scale", [1.3, 0.85])
+@pytest.mark.parametrize("seed", range(6))
+def test_from_hu_planes_the_keypoints_land_on_their_marks_through_the_spacing_resample(seed, scale):
+    # the spacing resample (up and down), flips, rotations, zooms and the crop in one grid_sample of the planes
+    transform = RandWindowd(OUT, intensity=False, lesion_keys=["lesion_ids"], hu_fill=0.0)
+    transform.set_random_state(seed)
+    out = transform(hu_sample(LESIONS, scale))
+    assert out["image"].shape[-2:] != OUT  # cut at the original pixel size
+    image = augment_batch(collate_lesions([out]), OUT, "cpu", IDENTITY_WINDOW)[0]
+    points = out["keypoints"].numpy().astype(np.float64)
+    marks = canonical_order(mark_positions(image, exact=False))[np.asarray(out["lesion_ids"])]
+    inside = ((points[..., 0] >= 4) & (points[..., 0] <= OUT[1] - 5) & (points[..., 1] >= 4)
+              & (points[..., 1] <= OUT[0] - 5) & ~np.isnan(marks[..., 0]))
+    assert inside.any()
+    np.testing.assert_allclose(points[inside], marks[inside], atol=0.15)
+
+
+def test_from_hu_planes_an_unaugmented_sample_is_the_loaders_resampled_and_windowed_crop():
+    """Upsampled by the spacing, with values inside every window: the device's one resample and windowing give
+    what the loader's Resize and ScaleIntensityRange give (only the order of the two differs)."""
+    generator = torch.Generator().manual_seed(0)
+    smooth = F.avg_pool2d(torch.rand(3, 1, 72, 88, generator=generator), 9, 1)[:, 0]  # (3, 64, 80)
+    hu = -900 + 3800 * smooth
+    cfg = SlicePreprocessing(norm_spacing_mm=0.7)  # (-1024, 3071): every value inside the window
+    size, scale_xy = resampled_size((64, 80), (0.8, 0.8), cfg)
+    sample = {"image": hu, "keypoints": torch.tensor([[[30.0, 30], [50, 30], [40, 25], [40, 35], [40, 30]]]),
+              "resampled_hw": size, "scale_xy": torch.as_tensor(scale_xy)}
+    transform = RandWindowd(OUT, flip_prob=0.0, rotate_range_deg=0.0, scale_range=(1.0, 1.0), intensity=False,
+                            hu_fill=-1024.0)
+    transform.set_random_state(1)
+    out = transform(sample)
+    image = augment_batch(collate_lesions([out]), OUT, "cpu", cfg)[0]
+    expected, _ = resample_and_window(hu.numpy(), (0.8, 0.8), cfg)
+    dx, dy = (out["keypoints"][0, 4] - sample["keypoints"][0, 4]).round().int().tolist()
+    assert expected.shape[-2:] == size and (out["keypoints"][0] - sample["keypoints"][0] - torch.tensor(
+        [dx, dy])).abs().max() < 1e-4  # a whole-pixel shift
+    crop = expected[:, -dy:-dy + OUT[0], -dx:-dx + OUT[1]]
+    torch.testing.assert_close(image[:, 1:-1, 1:-1], crop[:, 1:-1, 1:-1], atol=2e-5, rtol=0)
+
+
+def test_an_item_with_a_focus_is_cropped_around_it():
+    """A mined hard negative's crop stays in the box around its false detection, as CropToFocusd kept it."""
+    rows, cols = torch.meshgrid(torch.arange(300.0), torch.arange(400.0), indexing="ij")
+    sample = {"image": torch.stack([cols, rows]), "keypoints": torch.zeros(0, 5, 2), "focus": np.array([40.0, 330.0])}
+    transform = RandWindowd(OUT, intensity=False, focus_size=(80, 72))
+    for seed in range(20):
+        transform.set_random_state(seed)
+        out = transform(sample)
+        assert "focus" not in out
+        centre_x, centre_y = augment_batch(collate_lesions([out]), OUT, "cpu")[0][:, OUT[0] // 2, OUT[1] // 2]
+        assert 330 - 36 <= centre_x <= 330 + 36 and 0 <= centre_y <= 80  # the box, kept on the slice at its top
+    with pytest.raises(ValueError, match="focus_size"):
+        RandWindowd(OUT)(sample)
 
 
 def test_an_unrotated_unzoomed_sample_is_a_copy_of_the_slice():
@@ -148,9 +243,10 @@ def test_a_training_step_and_a_fit_run_on_device_augmented_batches(small_deeples
     task = RecistNetTask(load_train_config(path))
     batch = next(iter(task.train_batches(7, 4, 0, 0, 1)))
     again = next(iter(task.train_batches(7, 4, 0, 0, 1)))
-    assert batch["image"].shape[-2:] == window_size((128, 128), 15, (0.8, 1.2))
-    images = augment_batch(batch, (128, 128), "cpu")
-    torch.testing.assert_close(images, augment_batch(again, (128, 128), "cpu"))  # seeded per item
+    # HU planes at the original pixel size: the window's size follows each slice's spacing
+    assert batch["image"].shape[1] == 3 and batch["image"].shape[-1] >= 128 / max(s.max() for s in batch["scale_xy"])
+    images = augment_batch(batch, (128, 128), "cpu", task.cfg.data)
+    torch.testing.assert_close(images, augment_batch(again, (128, 128), "cpu", task.cfg.data))  # seeded per item
     assert images.shape == (4, 3, 128, 128) and torch.isfinite(images).all()
     loss, parts = task.loss(task.build_model(), batch, torch.device("cpu"))
     assert torch.isfinite(loss) and loss.item() > 0

@@ -222,6 +222,11 @@ def test_dataset_groups_lesions_and_loads_with_workers(tmp_path):
     assert sorted(k.shape[0] for k in batch["keypoints"]) == [0, 0, 1, 2]
     assert all(isinstance(b, torch.Tensor) and b.shape[1:] == (4,) for b in batch["boxes"])
     assert collate_lesions([dataset[0]])["image"].shape == (1, 3, 24, 20)
+    # images of different sizes are zero-padded right and bottom, so every pixel keeps its coordinates
+    small = {**dataset[0], "image": torch.ones(3, 20, 22)}
+    padded = collate_lesions([dataset[0], small])["image"]
+    assert padded.shape == (2, 3, 24, 22) and torch.equal(padded[0, :, :, :20], torch.as_tensor(dataset[0]["image"]))
+    assert padded[1, :, :20, :22].eq(1).all() and padded[1, :, 20:].eq(0).all() and padded[0, :, :, 20:].eq(0).all()
 
 
 def test_dataset_with_augmentation_keeps_points_on_anatomy(tmp_path):

@@ -59,6 +59,29 @@ def test_training_samples_from_the_store_are_identical_to_those_from_the_pngs(de
                 assert a[key] == b[key], key
 
 
+def test_hu_planes_read_lazily_from_the_store_are_those_decoded_from_the_pngs(deeplesion_mini16, store):
+    """``augment: {resample_on: device}`` reads only a training window's part of each slice from the store: the
+    same float32 HU as the whole planes decoded from the PNGs, and the same window once augmented."""
+    from ctzoo.datasets.batch_augment import RandWindowd
+    from ctzoo.datasets.deeplesion.context import ContextPlanes
+
+    plain = DeepLesionConfig(root=deeplesion_mini16, num_slices=5)  # 2 mm apart: interpolated between slices
+    cached = plain.model_copy(update={"slice_cache": store})
+    from_png, lazy = LoadDeepLesiond(plain, resample=False), LoadDeepLesiond(cached, resample=False, lazy=True)
+    window = RandWindowd((96, 96), hu_fill=-1024.0)
+    for item in key_slice_items(read_dl_info(deeplesion_mini16 / "DL_info.csv"), "all")[::3]:
+        whole, planes = from_png(item), lazy(item)
+        assert isinstance(planes["image"], ContextPlanes) and planes["image"].shape == tuple(whole["image"].shape)
+        part = planes["image"].window(slice(100, 220), slice(-150, None))
+        assert part.dtype == np.float32 and np.array_equal(part, whole["image"][:, 100:220, -150:].numpy())
+        assert torch.equal(planes["scale_xy"], whole["scale_xy"]) and planes["resampled_hw"] == whole["resampled_hw"]
+        window.set_random_state(7)
+        a = window(whole)
+        window.set_random_state(7)
+        b = window(planes)
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["grid_affine"], b["grid_affine"])
+
+
 def test_a_series_whose_pngs_changed_is_read_from_them_again(deeplesion_mini16, tmp_path, caplog):
     root = tmp_path / "root"
     series = sorted(p.name for p in (deeplesion_mini16 / "Images_png").iterdir())[:2]

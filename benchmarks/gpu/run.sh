@@ -39,9 +39,9 @@ for s in "${steps[@]}"; do
     infer-j2k) step infer-j2k 120 python3 benchmarks/infer.py --device cuda --backends torch --input j2k --decode nvimgcodec --repeats 2 --out "$OUT/infer-gpu-j2k.json" ;;
     infer-j2k-model) step infer-j2k-model 120 python3 benchmarks/infer.py --device cuda --backends torch --input j2k --decode nvimgcodec --preprocess-on model --repeats 2 --out "$OUT/infer-gpu-j2k-model.json" ;;
     infer-dcm) step infer-dcm 80 python3 benchmarks/infer.py --device cuda --backends torch --input dicom --repeats 2 --out "$OUT/infer-gpu-dicom.json" ;;
-    train) step train 70 python3 benchmarks/train.py --device cuda --config configs/recistnet_mini_gpu.yaml --out "$OUT/train-gpu.json" ;;
+    train) step train 70 python3 benchmarks/train.py --rounds 1 --device cuda --config configs/recistnet_mini_gpu.yaml --out "$OUT/train-gpu.json" ;;
     serve) step serve 130 python3 benchmarks/serve.py --backend torch --device cuda --precision fp32 --crop 0 --requests 128 --target-ratio 2 --min-s 0.5 --out "$OUT/serve-gpu.json" ;;
-    train-r34) step train-r34 70 python3 benchmarks/train.py --device cuda --config configs/recistnet_resnet34_gpu.yaml --out "$OUT/train-gpu-r34.json" ;;
+    train-r34) step train-r34 70 python3 benchmarks/train.py --rounds 1 --device cuda --config configs/recistnet_resnet34_gpu.yaml --out "$OUT/train-gpu-r34.json" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

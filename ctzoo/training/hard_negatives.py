@@ -26,6 +26,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from ctzoo.config import StrictConfig
+from ctzoo.datasets.batch_augment import focus_box
 from ctzoo.datasets.deeplesion.dataset import DeepLesionConfig, LoadDeepLesiond, key_slice_items
 from ctzoo.datasets.deeplesion.info_csv import read_dl_info
 
@@ -55,11 +56,14 @@ class CropToFocusd(Transform):
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         image = item["image"]
-        shape = np.asarray(image.shape[-2:])
-        size = np.minimum(self.size, shape)
-        centre = np.clip(np.round(item["focus"]), size // 2, shape - (size - size // 2)).astype(int)
+        start, size = focus_box(item["focus"], self.size, image.shape[-2:])
         cropped = {key: value for key, value in item.items() if key != "focus"}  # batches share their keys
-        return {**cropped, "image": SpatialCrop(roi_center=centre.tolist(), roi_size=size.tolist())(image)}
+        return {**cropped, "image": SpatialCrop(roi_start=start.tolist(), roi_end=(start + size).tolist())(image)}
+
+
+def focus_size(cfg: HardNegativeConfig, train_size: tuple[int, int]) -> tuple[int, int]:
+    """(H, W) of the box around a mined slice's false detection that its training crops stay in."""
+    return tuple(s + cfg.margin for s in train_size)
 
 
 def _padded(image: torch.Tensor, multiple: int = 32) -> torch.Tensor:
@@ -75,15 +79,18 @@ class HardNegativeMiner:
     false detection (``mine``); ``due(epoch)`` says when."""
 
     def __init__(self, cfg: HardNegativeConfig, data: DeepLesionConfig, train_transform: Transform,
-                 train_size: tuple[int, int]) -> None:
+                 train_size: tuple[int, int], resample_on: str = "loader") -> None:
         self.cfg = cfg
         rows = read_dl_info(data.root / data.info_csv)
         self.items = [item for item in key_slice_items(rows, "train", data.drop_noisy, cfg.pool_per_series)
                       if not item["lesions"]]
         self.load = LoadDeepLesiond(data)
         self.pool = Dataset(self.items, self.load)  # not cached: the pool is read once per mining
-        self.crop = tuple(s + cfg.margin for s in train_size)
-        self.train_transform = train_transform
+        self.crop = focus_size(cfg, train_size)
+        # the mined items' training pipeline: ``augment: {resample_on: device}``'s RandWindowd reads the HU planes
+        # itself, and keeps its crop around the item's focus
+        self.train_pipeline = Compose([self.load, CropToFocusd(self.crop), train_transform] if resample_on == "loader"
+                                      else [LoadDeepLesiond(data, resample=False, lazy=True), train_transform])
         self.mined: Dataset | None = None
         self.history: list[dict[str, float]] = []
 
@@ -118,5 +125,5 @@ class HardNegativeMiner:
                              "pool_mean_score": float(np.mean([s for s, _ in scored]))})
         log.info("hard negatives: kept %d of %d lesion-free slices, scores %.3f-%.3f (pool mean %.3f)",
                  len(chosen), len(scored), min(kept), max(kept), self.history[-1]["pool_mean_score"])
-        self.mined = Dataset(chosen, Compose([self.load, CropToFocusd(self.crop), self.train_transform]))
+        self.mined = Dataset(chosen, self.train_pipeline)
         return self.mined

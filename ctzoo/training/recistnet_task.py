@@ -37,7 +37,7 @@ from ctzoo.scaling.zoo_expand import ExpansionInit, expanded_model
 from ctzoo.training.engine import OptimConfig
 from ctzoo.training.epoch_loader import EpochLoader
 from ctzoo.training.froc import FrocResult, froc
-from ctzoo.training.hard_negatives import HardNegativeConfig, HardNegativeMiner
+from ctzoo.training.hard_negatives import HardNegativeConfig, HardNegativeMiner, focus_size
 
 #: Per-lesion keys the augmentation filters together with the keypoints.
 _AUGMENTED_LESION_KEYS = tuple(k for k in LESION_KEYS if k not in ("keypoints", "boxes", "diameters_px"))
@@ -56,8 +56,10 @@ class AugmentConfig(StrictConfig):
     intensity: bool = True
     resample_on: Literal["loader", "device"] = Field(
         "loader", description="where the flips, rotations, zooms and crops are resampled: per sample by MONAI "
-                              "transforms in the loader's workers, or per batch on the training device (the "
-                              "workers only draw them and cut a window: ctzoo/datasets/batch_augment.py)")
+                              "transforms in the loader's workers (after the spacing resample and windowing), or "
+                              "per batch on the training device together with the spacing resample, then windowed "
+                              "(the workers only read the HU under a window and draw: ctzoo/datasets/"
+                              "batch_augment.py)")
 
 
 class RecistNetTrainConfig(StrictConfig):
@@ -74,7 +76,8 @@ class RecistNetTrainConfig(StrictConfig):
     max_lesions: int = Field(20, ge=1, description="detections kept per image")
     min_score: float = Field(0.01, ge=0, le=1, description="weakest detection kept for FROC: the curve ranks by "
                                                             "score, so weak detections only extend its tail")
-    cache: bool = Field(True, description="cache decoded, resampled slices in memory (CacheDataset)")
+    cache: bool = Field(True, description="cache decoded slices in memory (CacheDataset): resampled and windowed, "
+                                          "or their HU planes with augment.resample_on: device")
     repeats: int = Field(1, ge=1, description="passes over the training set per epoch (small sets: fewer, "
                                               "longer epochs, so loader start-up and validation cost less)")
     hard_negatives: HardNegativeConfig | None = Field(
@@ -161,17 +164,22 @@ class RecistNetTask:
         self.cfg = cfg
         augment = cfg.augment
         on_device = augment.resample_on == "device"
-        self.train_transform = (recist_batch_train_transforms if on_device else recist_train_transforms)(
-            spatial_size=cfg.train_size, flip_prob=augment.flip_prob, rotate_range_deg=augment.rotate_range_deg,
-            scale_range=augment.scale_range, intensity=augment.intensity, lesion_keys=_AUGMENTED_LESION_KEYS)
+        shared = dict(spatial_size=cfg.train_size, flip_prob=augment.flip_prob,
+                      rotate_range_deg=augment.rotate_range_deg, scale_range=augment.scale_range,
+                      intensity=augment.intensity, lesion_keys=_AUGMENTED_LESION_KEYS)
+        if on_device:  # the loader reads HU planes (only the window's part) and draws; the device does the rest
+            focus = None if cfg.hard_negatives is None else focus_size(cfg.hard_negatives, cfg.train_size)
+            self.train_transform = recist_batch_train_transforms(**shared, preprocessing=cfg.data, focus_size=focus)
+        else:
+            self.train_transform = recist_train_transforms(**shared)
         # RandWindowd writes nothing into the cached sample (it cuts a new window), so the cache need not copy the
-        # 9-plane slice for every draw
+        # slice's planes for every draw
         self.train_set = deeplesion_dataset(cfg.data, "train", cache=cfg.cache, transform=self.train_transform,
-                                            copy_cache=not on_device)
+                                            copy_cache=not on_device, resample=not on_device)
         if cfg.repeats > 1:  # each pass draws its own augmentation; the cache is shared
             self.train_set = ConcatDataset([self.train_set] * cfg.repeats)
         self.miner = None if cfg.hard_negatives is None else HardNegativeMiner(
-            cfg.hard_negatives, cfg.data, self.train_transform, cfg.train_size)
+            cfg.hard_negatives, cfg.data, self.train_transform, cfg.train_size, augment.resample_on)
         self.eval_set = deeplesion_dataset(cfg.data, cfg.eval_split, cache=cfg.cache,
                                            transform=recist_eval_transforms(cfg.eval_size))
         self._loader: EpochLoader | None = None
@@ -209,7 +217,7 @@ class RecistNetTask:
 
     def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device):
         if self.cfg.augment.resample_on == "device":  # the batch holds windows and their draws (RandWindowd)
-            images = augment_batch(batch, self.cfg.train_size, device)
+            images = augment_batch(batch, self.cfg.train_size, device, self.cfg.data)
         else:
             images = batch["image"].to(device)
         targets = make_targets(batch["keypoints"], batch["boxes"], tuple(images.shape[-2:]))

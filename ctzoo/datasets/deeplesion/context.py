@@ -37,26 +37,66 @@ def neighbour_offsets(num_slices: int, slice_interval_mm: float, series_interval
     return [k * step for k in range(-half, half + 1)]
 
 
+class ContextPlanes:
+    """The planes at ``key + offset`` for each offset, read on demand: ``shape`` is (len(offsets), rows, columns)
+    and :meth:`window` reads only the rows and columns asked for (a training crop of a memory-mapped slice store
+    reads a third of each slice instead of all of it).
+
+    ``get_plane(k)`` returns slice k: an array or a tensor (on any device: volume inference preprocessing on the
+    GPU); a view is fine, it is only read. Positions are clamped to [first, last] (the edge repeats) and a
+    fractional position is linearly interpolated between its two neighbours. ``name`` prefixes errors.
+    """
+
+    def __init__(self, get_plane: Callable[[int], np.ndarray | torch.Tensor], key: float, offsets: list[float],
+                 first: int, last: int, name: str = "") -> None:
+        self.get_plane, self.name = get_plane, name
+        self.positions = []  # (slice below, weight of the slice above) per plane
+        for offset in offsets:
+            position = min(max(key + offset, first), last)  # beyond the provided range: the edge slice repeats
+            self.positions.append((int(math.floor(position)), position - math.floor(position)))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.positions), *self.get_plane(self.positions[0][0]).shape[-2:])
+
+    def window(self, rows: slice = slice(None), columns: slice = slice(None)) -> np.ndarray | torch.Tensor:
+        """The planes' ``[rows, columns]``: (len(offsets), h, w) float32, stacked where the planes are."""
+        out, shapes = None, set()
+        for k, (below, weight) in enumerate(self.positions):  # each plane written into ``out`` in place
+            plane = self.get_plane(below)
+            shapes.add(tuple(plane.shape))
+            part = plane[rows, columns]
+            if out is None:
+                shape = (len(self.positions), *part.shape)
+                out = (part.new_empty(shape, dtype=torch.float32) if isinstance(part, torch.Tensor)
+                       else np.empty(shape, dtype=np.float32))
+            out[k] = part
+            if weight > 1e-6:
+                above = self.get_plane(below + 1)
+                shapes.add(tuple(above.shape))
+                out[k] *= 1.0 - weight
+                out[k] += weight * (above[rows, columns].float() if isinstance(above, torch.Tensor)
+                                    else np.asarray(above[rows, columns], dtype=np.float32))
+        if len(shapes) != 1:
+            raise ValueError(f"{self.name + ': ' if self.name else ''}slices of different sizes {sorted(shapes)}")
+        return out
+
+
 def context_planes(get_plane: Callable[[int], np.ndarray], key: float, offsets: list[float], first: int,
                    last: int) -> np.ndarray:
-    """Stack the planes at ``key + offset`` for each offset: (len(offsets), rows, columns) float32.
+    """Stack the planes at ``key + offset`` for each offset: (len(offsets), rows, columns) float32, all of them
+    (:class:`ContextPlanes` says how)."""
+    return ContextPlanes(get_plane, key, offsets, first, last).window()
 
-    ``get_plane(k)`` returns slice k; positions are clamped to [first, last] (the edge repeats) and a
-    fractional position is linearly interpolated between its two neighbours. Planes that are torch tensors (on
-    any device: volume inference preprocessing on the GPU) stay tensors, stacked where they are.
-    """
-    planes = []
-    for offset in offsets:
-        position = min(max(key + offset, first), last)  # beyond the provided range: the edge slice repeats
-        below, weight = int(math.floor(position)), position - math.floor(position)
-        plane = get_plane(below)
-        if weight > 1e-6:
-            plane = (1.0 - weight) * plane + weight * get_plane(below + 1)
-        planes.append(plane.float() if isinstance(plane, torch.Tensor) else np.asarray(plane, dtype=np.float32))
-    shapes = {tuple(p.shape) for p in planes}
-    if len(shapes) != 1:
-        raise ValueError(f"slices of different sizes {sorted(shapes)}")
-    return torch.stack(planes) if isinstance(planes[0], torch.Tensor) else np.stack(planes)
+
+def context_of(images_root: str | Path, row: LesionRow, num_slices: int = 3, slice_interval_mm: float = 2.0,
+               reader: Callable[[Path], np.ndarray] | None = None) -> ContextPlanes:
+    """The key slice of ``row`` with its neighbours, to be read (:class:`ContextPlanes`): from
+    ``images_root/{series}/{slice:03d}.png`` by ``reader`` (default: decode the PNG, the last 64 kept)."""
+    read = reader or _cached_reader()
+    offsets = neighbour_offsets(num_slices, slice_interval_mm, row.spacing_mm_px[2])
+    return ContextPlanes(lambda k: read(slice_path(images_root, row.series_folder, k)), row.key_slice_index, offsets,
+                         *row.slice_range, name=row.series_folder)
 
 
 def load_context_slices(images_root: str | Path, row: LesionRow, num_slices: int = 3,
@@ -67,13 +107,7 @@ def load_context_slices(images_root: str | Path, row: LesionRow, num_slices: int
     Slices are read from ``images_root/{series}/{slice:03d}.png``. ``reader`` lets a caller share a
     cache of decoded slices across lesions of one image.
     """
-    read = reader or _cached_reader()
-    offsets = neighbour_offsets(num_slices, slice_interval_mm, row.spacing_mm_px[2])
-    try:
-        return context_planes(lambda k: read(slice_path(images_root, row.series_folder, k)),
-                              row.key_slice_index, offsets, *row.slice_range)
-    except ValueError as exc:
-        raise ValueError(f"{row.series_folder}: {exc}") from exc
+    return context_of(images_root, row, num_slices, slice_interval_mm, reader).window()
 
 
 def _cached_reader(size: int = 64) -> Callable[[Path], np.ndarray]:

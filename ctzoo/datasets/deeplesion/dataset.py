@@ -26,7 +26,7 @@ from monai.transforms import Compose, Resize, ScaleIntensityRange, Transform
 from pydantic import Field
 
 from ctzoo.config import StrictConfig
-from ctzoo.datasets.deeplesion.context import load_context_slices
+from ctzoo.datasets.deeplesion.context import context_of
 from ctzoo.datasets.deeplesion.info_csv import SPLITS, LesionRow, read_dl_info
 from ctzoo.datasets.deeplesion.recist import (
     DEEPLESION_BOX_PAD,
@@ -95,30 +95,46 @@ def resample_planes(hu: np.ndarray | torch.Tensor, spacing_xy,
     A tensor ``hu`` is resampled on its own device (volume inference on the GPU).
     """
     height, width = hu.shape[1:]
+    size, scale_xy = resampled_size((height, width), spacing_xy, cfg)
+    image = hu.float() if isinstance(hu, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(hu, np.float32))
+    if size != (height, width):
+        image = Resize(size, mode="bilinear", anti_aliasing=bool(scale_xy.min() < 1.0))(image)
+    image = torch.as_tensor(image, dtype=torch.float32)
+    image = image.as_tensor() if isinstance(image, MetaTensor) else image
+    return image, scale_xy
+
+
+def resampled_size(shape_hw: tuple[int, int], spacing_xy, cfg: SlicePreprocessing) -> tuple[tuple[int, int],
+                                                                                           np.ndarray]:
+    """(H', W') of a (H, W) slice resampled by :func:`resample_planes`, and the (x, y) scale: W'/W, H'/H."""
+    height, width = shape_hw
     scale = 1.0 if cfg.norm_spacing_mm is None else float(np.mean(spacing_xy)) / cfg.norm_spacing_mm
     scale = min(scale, cfg.max_size / max(height, width))
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    image = hu.float() if isinstance(hu, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(hu, np.float32))
-    if size != (height, width):
-        image = Resize(size, mode="bilinear", anti_aliasing=scale < 1.0)(image)
-    image = torch.as_tensor(image, dtype=torch.float32)
-    image = image.as_tensor() if isinstance(image, MetaTensor) else image
-    return image, np.array([size[1] / width, size[0] / height])
+    return size, np.array([size[1] / width, size[0] / height])
+
+
+def below_windows_hu(cfg: SlicePreprocessing) -> float:
+    """A HU value that every window of ``cfg`` maps to the bottom of ``output_range``: the lowest window's low end
+    (what lies outside a slice reads as, when the windowing comes after a resample: ``augment: {resample_on:
+    device}``)."""
+    return float(min(low for low, _ in (cfg.window_hu, *cfg.extra_windows_hu)))
 
 
 def window_planes(image: torch.Tensor, cfg: SlicePreprocessing, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Step 3 alone: (S, H, W) HU -> (cfg.in_channels, H, W), the planes in the first window, then in each extra.
+    """Step 3 alone: (..., S, H, W) HU -> (..., cfg.in_channels, H, W), the planes in the first window, then in each
+    extra (leading dimensions: a batch, windowed on its device by ``augment: {resample_on: device}``).
 
     ``out``: a (cfg.in_channels, H, W) tensor to write into (volume inference passes the top left of its zeroed
     canvas, which saves concatenating and then padding 9 planes per slice); returned.
     """
     b_low, b_high = cfg.output_range
     windows = (cfg.window_hu, *cfg.extra_windows_hu)
+    planes = image.shape[-3]
     if out is None:
-        out = image.new_empty((len(windows) * image.shape[0], *image.shape[1:]), dtype=torch.float32)
+        out = image.new_empty((*image.shape[:-3], len(windows) * planes, *image.shape[-2:]), dtype=torch.float32)
     for i, (low, high) in enumerate(windows):
-        out[i * image.shape[0]:(i + 1) * image.shape[0]] = ScaleIntensityRange(low, high, b_low, b_high,
-                                                                               clip=True)(image)
+        out[..., i * planes:(i + 1) * planes, :, :] = ScaleIntensityRange(low, high, b_low, b_high, clip=True)(image)
     return out
 
 
@@ -130,10 +146,16 @@ class LoadDeepLesiond(Transform):
     ``diameters_px`` / ``diameters_mm`` (N, 2) long, short; ``lesion_types`` (N,) int64;
     ``spacing_mm`` (2,) x, y after resampling; ``scale`` (resampled per original pixel); ``file_name`` and
     ``split`` as given.
+
+    ``resample=False`` (``augment: {resample_on: device}``, which resamples, windows and augments in one go on the
+    training device): ``image`` is the context planes' HU instead, (num_slices, H, W) float32 at the original pixel
+    size, or, ``lazy``, the :class:`~.context.ContextPlanes` to read a window of; every point, box and size is still
+    in the resampled frame, which ``resampled_hw`` (H', W') and ``scale_xy`` (resampled per original pixel, x, y)
+    describe.
     """
 
-    def __init__(self, cfg: DeepLesionConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: DeepLesionConfig, resample: bool = True, lazy: bool = False) -> None:
+        self.cfg, self.resample, self.lazy = cfg, resample, lazy
         self._store: SliceCache | None = None  # opened in each process that loads (workers do not share a map)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -143,9 +165,15 @@ class LoadDeepLesiond(Transform):
         cfg, row = self.cfg, item["context_row"]
         if cfg.slice_cache is not None and self._store is None:
             self._store = SliceCache(cfg.slice_cache)
-        hu = load_context_slices(cfg.images_root, row, cfg.num_slices, cfg.slice_interval_mm,
-                                 reader=self._store.read if self._store is not None else None)
-        image, scale_xy = resample_and_window(hu, row.spacing_mm_px[:2], cfg)
+        planes = context_of(cfg.images_root, row, cfg.num_slices, cfg.slice_interval_mm,
+                            reader=self._store.read_view if self._store is not None else None)
+        if self.resample:
+            image, scale_xy = resample_and_window(planes.window(), row.spacing_mm_px[:2], cfg)
+            extra = {}
+        else:
+            resampled_hw, scale_xy = resampled_size(planes.shape[1:], row.spacing_mm_px[:2], cfg)
+            image = planes if self.lazy else torch.from_numpy(planes.window())
+            extra = {"resampled_hw": resampled_hw, "scale_xy": torch.as_tensor(scale_xy)}
         spacing_xy = np.asarray(row.spacing_mm_px[:2]) / scale_xy
         lesions = item["lesions"]
         points = np.array([points_from_measurement(r.measurement_coordinates) for r in lesions]).reshape(-1, 5, 2)
@@ -155,7 +183,7 @@ class LoadDeepLesiond(Transform):
         affine = torch.diag(torch.tensor([spacing_xy[1], spacing_xy[0], 1.0, 1.0], dtype=torch.float64))
         return {
             **{k: v for k, v in item.items() if k not in ("context_row", "lesions")},
-            "image": MetaTensor(image, affine=affine),
+            "image": MetaTensor(image, affine=affine) if self.resample else image,
             "keypoints": torch.as_tensor(points, dtype=torch.float32),
             "boxes": torch.as_tensor(box_from_points(points, DEEPLESION_BOX_PAD * float(scale_xy.mean())),
                                      dtype=torch.float32).reshape(-1, 4),
@@ -166,6 +194,7 @@ class LoadDeepLesiond(Transform):
             "lesion_index": torch.arange(len(lesions), dtype=torch.int64),
             "spacing_mm": torch.as_tensor(spacing_xy, dtype=torch.float32),
             "scale": float(scale_xy.mean()),  # resampled px per original px: DeepLesion's box pad scales with it
+            **extra,
         }
 
 
@@ -214,24 +243,48 @@ def negative_items(by_image: dict[str, list[LesionRow]], per_series: int) -> lis
 
 
 def deeplesion_dataset(cfg: DeepLesionConfig, split: Split = "train", transform: Transform | None = None,
-                       cache: bool = False, num_workers: int = 0, copy_cache: bool = True) -> Dataset:
+                       cache: bool = False, num_workers: int = 0, copy_cache: bool = True,
+                       resample: bool = True) -> Dataset:
     """A MONAI ``Dataset`` (or ``CacheDataset`` when ``cache``: loading and resampling are cached, random
     ``transform`` steps still run per epoch) over the key slices of ``split``. ``copy_cache=False`` hands
     ``transform`` the cached sample itself instead of a deep copy: only for a transform that never writes into its
-    input."""
+    input. ``resample=False``: samples hold HU planes at the original pixel size (:class:`LoadDeepLesiond`), read
+    on demand unless cached."""
     items = key_slice_items(read_dl_info(cfg.root / cfg.info_csv), split, cfg.drop_noisy, cfg.negatives_per_series)
     if not items:
         raise ValueError(f"{cfg.root / cfg.info_csv}: no key slices in split {split!r}")
-    pipeline = Compose([LoadDeepLesiond(cfg)] + ([transform] if transform else []))
+    pipeline = Compose([LoadDeepLesiond(cfg, resample, lazy=not cache)] + ([transform] if transform else []))
     if cache:
         return CacheDataset(items, pipeline, num_workers=num_workers or None, progress=False, copy_cache=copy_cache)
     return Dataset(items, pipeline)
 
 
+def paste(part: torch.Tensor, out: torch.Tensor, top: int, left: int, shift: float = 0.0) -> torch.Tensor:
+    """Write ``part - shift`` (..., h, w) into ``out`` (..., H, W) at (top, left) and zeros everywhere else, each
+    pixel of ``out`` written once (no zero fill first: the device-mode windows are copied per sample and per batch).
+    ``part`` must fit. Returns ``out``."""
+    height, width = part.shape[-2:]
+    torch.sub(part, shift, out=out[..., top:top + height, left:left + width])
+    out[..., :top, :] = 0
+    out[..., top + height:, :] = 0
+    out[..., top:top + height, :left] = 0
+    out[..., top:top + height, left + width:] = 0
+    return out
+
+
 def collate_lesions(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images (they must share a size: pad/crop first); keep per-lesion tensors as lists, like
-    torchvision detection targets, since each image holds a different number of lesions."""
-    out: dict[str, Any] = {"image": torch.stack([torch.as_tensor(s["image"]) for s in batch])}
+    """Stack images, zero-padded right and bottom to the largest (pixels keep their coordinates: the windows of
+    ``augment: {resample_on: device}`` differ in size with the slices' spacing); keep per-lesion tensors as lists,
+    like torchvision detection targets, since each image holds a different number of lesions."""
+    images = [torch.as_tensor(s["image"]) for s in batch]
+    height, width = (max(image.shape[axis] for image in images) for axis in (-2, -1))
+    if all(image.shape[-2:] == (height, width) for image in images):
+        stacked = torch.stack(images)
+    else:
+        stacked = images[0].new_empty((len(images), *images[0].shape[:-2], height, width))
+        for k, image in enumerate(images):
+            paste(image, stacked[k], 0, 0)
+    out: dict[str, Any] = {"image": stacked}
     for key in batch[0]:
         if key != "image":
             out[key] = [s[key] for s in batch]

@@ -132,8 +132,8 @@ class SliceCache:
                             "ctzoo data cache)", name)
         return self._checked[name]
 
-    def plane(self, series: str, number: int) -> np.ndarray:
-        """Slice ``number`` of ``series`` as float32 HU (a copy)."""
+    def view(self, series: str, number: int) -> np.ndarray:
+        """Slice ``number`` of ``series`` as int16 HU, a read-only view of the map (nothing is read until used)."""
         entry = self.index[series]
         k, before = None, 0
         for first, count in entry["runs"]:
@@ -145,14 +145,23 @@ class SliceCache:
             raise FileNotFoundError(f"{series}: slice {number} is not in the store")
         size = entry["rows"] * entry["columns"]
         start = entry["offset"] + k * size
-        return self.slices[start:start + size].reshape(entry["rows"], entry["columns"]).astype(np.float32)
+        return self.slices[start:start + size].reshape(entry["rows"], entry["columns"])
+
+    def plane(self, series: str, number: int) -> np.ndarray:
+        """Slice ``number`` of ``series`` as float32 HU (a copy)."""
+        return self.view(series, number).astype(np.float32)
 
     def read(self, path: str | Path) -> np.ndarray:
         """:func:`read_png_hu` of ``path`` (``.../{series}/{slice:03d}.png``), from the store where it is fresh."""
+        return np.asarray(self.read_view(path), dtype=np.float32)
+
+    def read_view(self, path: str | Path) -> np.ndarray:
+        """:meth:`read` without the copy where the store holds the slice: its int16 view (:meth:`view`), so that a
+        reader of part of the slice (:class:`~ctzoo.datasets.deeplesion.context.ContextPlanes`) copies that part
+        alone. The PNG's float32 HU where the store lacks the series or holds it stale."""
         path = Path(path)
         if self.fresh(path.parent):
-            return self.plane(path.parent.name, int(path.stem))
+            return self.view(path.parent.name, int(path.stem))
         if not path.exists():
             raise FileNotFoundError(f"{path}: DeepLesion slice missing (is the Images_png download complete?)")
         return read_png_hu(path)
-
