@@ -73,7 +73,8 @@ def test_one_pass_per_window_equals_monais_windowing_then_the_intensity_change()
     factor = torch.tensor([1.0, 0.9, 1.1, 1.05])[:, None, None, None]
     offset = torch.tensor([0.0, 0.02, -0.05, 0.01])[:, None, None, None]
     torch.testing.assert_close(scaled_windows(hu + 1350, cfg, -1350.0, factor, offset),
-                               window_planes(hu, cfg) * factor + offset, atol=1e-6, rtol=0)
+                               torch.stack([window_planes(one, cfg) for one in hu]) * factor + offset, atol=1e-6,
+                               rtol=0)
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -111,6 +111,8 @@ class RandWindowd(MapTransform, Randomizable):
         self.image_key, self.keypoints_key, self.box_pad = image_key, keypoints_key, box_pad
         self.lesion_keys = tuple(k for k in lesion_keys if k not in (keypoints_key, "boxes", "diameters_px"))
         self.hu_fill, self.focus_size = hu_fill, focus_size
+        height, width = self.out_size
+        self._corners = np.array([[x, y, 1.0] for x in (0, width - 1) for y in (0, height - 1)]).T  # (3, 4)
 
     def _linear(self) -> tuple[np.ndarray, float]:
         """L (2 x 2, output step -> slice step, x/y) and the zoom, drawn in the loader mode's order."""
@@ -183,9 +185,8 @@ class RandWindowd(MapTransform, Randomizable):
         to_frame = _translation(target) @ np.block([[linear, np.zeros((2, 1))], [0, 0, 1]]) @ _translation(-centre_o)
         to_image = np.diag([*(1 / scale_xy), 1.0])
         to_image[:2, 2] = 0.5 / scale_xy - 0.5
-        # the window: the image's pixels under this draw's output, every bilinear neighbour included
-        corners = np.array([[x, y, 1.0] for x in (0, self.out_size[1] - 1) for y in (0, self.out_size[0] - 1)]).T
-        footprint = (to_image @ to_frame @ corners)[:2]
+        # the window: the image's pixels under this draw's output's corners, every bilinear neighbour included
+        footprint = (to_image @ to_frame @ self._corners)[:2]
         first, last = np.floor(footprint.min(axis=1)).astype(int), np.ceil(footprint.max(axis=1)).astype(int)
         d[self.image_key] = self._cut(image, first, last - first + 1)
         to_window = _translation(-first) @ to_image @ to_frame

@@ -122,19 +122,18 @@ def below_windows_hu(cfg: SlicePreprocessing) -> float:
 
 
 def window_planes(image: torch.Tensor, cfg: SlicePreprocessing, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Step 3 alone: (..., S, H, W) HU -> (..., cfg.in_channels, H, W), the planes in the first window, then in each
-    extra (leading dimensions: a batch, windowed on its device by ``augment: {resample_on: device}``).
+    """Step 3 alone: (S, H, W) HU -> (cfg.in_channels, H, W), the planes in the first window, then in each extra.
 
     ``out``: a (cfg.in_channels, H, W) tensor to write into (volume inference passes the top left of its zeroed
     canvas, which saves concatenating and then padding 9 planes per slice); returned.
     """
     b_low, b_high = cfg.output_range
     windows = (cfg.window_hu, *cfg.extra_windows_hu)
-    planes = image.shape[-3]
     if out is None:
-        out = image.new_empty((*image.shape[:-3], len(windows) * planes, *image.shape[-2:]), dtype=torch.float32)
+        out = image.new_empty((len(windows) * image.shape[0], *image.shape[1:]), dtype=torch.float32)
     for i, (low, high) in enumerate(windows):
-        out[..., i * planes:(i + 1) * planes, :, :] = ScaleIntensityRange(low, high, b_low, b_high, clip=True)(image)
+        out[i * image.shape[0]:(i + 1) * image.shape[0]] = ScaleIntensityRange(low, high, b_low, b_high,
+                                                                               clip=True)(image)
     return out
 
 
