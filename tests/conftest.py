@@ -18,12 +18,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 #: Modules that take minutes, longest first. They run before the rest, so that with two workers (pyproject's
 #: ``-n 2 --dist loadfile``: one module stays on one worker) the short modules fill the gaps at the end instead
 #: of one long module starting last while the other worker idles. Measured with ``--durations``.
-LONG_MODULES = ("test_recistnet_learning", "test_smap_secure", "test_template_seg_training", "test_training",
-                "test_infer_pipeline", "test_compress", "test_expand", "test_infer_schedule", "test_ray_engine",
-                "test_deeplesion_mini", "test_cohort_report", "test_readme", "test_monai_bundle",
-                "test_perf_parameter_server", "test_serve_abuse", "test_serve_studies", "test_nas_cli",
-                "test_pacs_listener", "test_pacs_cli", "test_nvimgcodec_decode", "test_nas_export", "test_serve",
-                "test_template_seg_cli", "test_preprocess_on_model")
+#: test_precision runs bf16, which a CPU without AVX512-BF16 emulates (about 100x fp32's time): minutes there.
+LONG_MODULES = ("test_recistnet_learning", "test_smap_secure", "test_template_seg_training", "test_precision",
+                "test_training", "test_infer_pipeline", "test_compress", "test_expand", "test_infer_schedule",
+                "test_ray_engine", "test_deeplesion_mini", "test_slice_cache", "test_cohort_report", "test_readme",
+                "test_monai_bundle", "test_perf_parameter_server", "test_serve_abuse", "test_serve_studies",
+                "test_nas_cli", "test_pacs_listener", "test_pacs_cli", "test_nvimgcodec_decode", "test_nas_export",
+                "test_serve", "test_template_seg_cli", "test_preprocess_on_model")
 
 
 def pytest_collection_modifyitems(items):

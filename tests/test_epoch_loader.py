@@ -10,7 +10,7 @@ from monai.data import Dataset
 from monai.transforms import Compose, Lambdad, RandFlipd, RandGaussianNoised
 from torch.utils.data import ConcatDataset
 
-from ctzoo.training.epoch_loader import EpochLoader, random_parts
+from ctzoo.training.epoch_loader import EpochLoader, KeptLoader, random_parts
 from ctzoo.training.epoch_writer import EpochWriter, cpu_snapshot
 
 
@@ -60,6 +60,28 @@ def test_repeated_items_draw_their_own_augmentation_and_ddp_ranks_split_the_epoc
     assert order == list(range(6)) * 2 and not torch.equal(images[0][:6], images[0][6:])
     shares = [_epoch(EpochLoader(items, batch_size=3, num_workers=0, rank=r, world_size=2), 5)[1] for r in (0, 1)]
     assert sorted(shares[0] + shares[1]) == list(range(6)) and len(shares[0]) == len(shares[1]) == 3
+
+
+def test_a_kept_loader_keeps_its_workers_until_its_key_changes():
+    """The same key gives the same loader and worker processes, epoch after epoch; another key (mined items, other
+    settings) stops those workers and builds a new loader; close stops the last one."""
+    kept, built = KeptLoader(), []
+
+    def build(count: int) -> EpochLoader:
+        built.append(EpochLoader(_augmented_items(count), batch_size=4, num_workers=1))
+        return built[-1]
+
+    first = kept.epoch(100, ("items", 12), lambda: build(12))
+    _, _, first_pids = _epoch(first, 100)
+    again = kept.epoch(101, ("items", 12), lambda: build(12))
+    _, _, again_pids = _epoch(again, 101)
+    assert again is first and len(built) == 1 and first_pids == again_pids
+    other = kept.epoch(102, ("items", 8), lambda: build(8))
+    _, order, other_pids = _epoch(other, 102)
+    assert other is not first and len(built) == 2 and sorted(order) == list(range(8))
+    assert first.loader._iterator is None and other_pids != first_pids  # the first loader's workers were stopped
+    kept.close()
+    assert other.loader._iterator is None
 
 
 def test_a_snapshot_keeps_the_state_of_its_moment_and_a_failed_write_stops_the_next_epoch(tmp_path):

@@ -115,3 +115,26 @@ class EpochLoader:
         iterator, self.loader._iterator = getattr(self.loader, "_iterator", None), None
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
+
+
+class KeptLoader:
+    """A task's training loader, kept across epochs and built again only when what it was built from changes
+    (``key``: the items and the loader's settings), so its workers start once per run, not once per epoch."""
+
+    def __init__(self) -> None:
+        self._loader: EpochLoader | None = None
+        self._key: tuple = ()
+
+    def epoch(self, epoch_seed: int, key: tuple, build: Callable[[], EpochLoader]) -> EpochLoader:
+        """The loader for ``key`` (from ``build()`` if the kept one was built for another key), started on the
+        epoch seeded ``epoch_seed``."""
+        if self._loader is None or self._key != key:
+            self.close()
+            self._loader, self._key = build(), key
+        return self._loader.start_epoch(epoch_seed)
+
+    def close(self) -> None:
+        """Stop the kept loader's workers (``fit`` calls its task's ``close`` when it is done)."""
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None

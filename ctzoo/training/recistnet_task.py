@@ -35,7 +35,7 @@ from ctzoo.models.recistnet_targets import make_targets, recistnet_loss
 from ctzoo.scaling.compress import CompressionConfig
 from ctzoo.scaling.zoo_expand import ExpansionInit, expanded_model
 from ctzoo.training.engine import OptimConfig
-from ctzoo.training.epoch_loader import EpochLoader
+from ctzoo.training.epoch_loader import EpochLoader, KeptLoader
 from ctzoo.training.froc import FrocResult, froc
 from ctzoo.training.hard_negatives import HardNegativeConfig, HardNegativeMiner, focus_size
 
@@ -182,8 +182,7 @@ class RecistNetTask:
             cfg.hard_negatives, cfg.data, self.train_transform, cfg.train_size, augment.resample_on)
         self.eval_set = deeplesion_dataset(cfg.data, cfg.eval_split, cache=cfg.cache,
                                            transform=recist_eval_transforms(cfg.eval_size))
-        self._loader: EpochLoader | None = None
-        self._loader_key: tuple = ()  # what the loader was built for: the mined items and the loader's settings
+        self.loader = KeptLoader()
 
     def build_model(self) -> nn.Module:
         return build_recistnet(self.cfg)
@@ -200,20 +199,15 @@ class RecistNetTask:
         """This epoch's batches, from one loader kept for the run (its workers start once); a new one only when
         hard-negative mining has changed the items."""
         mined = None if self.miner is None else self.miner.mined
-        key = (mined, batch_size, num_workers, rank, world_size)  # datasets compare by identity
-        if self._loader is None or self._loader_key != key:
-            self.close()
-            items = self.train_set if mined is None else ConcatDataset([self.train_set, mined])
-            self._loader = EpochLoader(items, batch_size, num_workers, rank=rank, world_size=world_size,
-                                       collate_fn=collate_lesions, drop_last=world_size > 1)
-            self._loader_key = key
-        return self._loader.start_epoch(epoch_seed)
+        items = self.train_set if mined is None else ConcatDataset([self.train_set, mined])
+        return self.loader.epoch(
+            epoch_seed, (mined, batch_size, num_workers, rank, world_size),  # datasets compare by identity
+            lambda: EpochLoader(items, batch_size, num_workers, rank=rank, world_size=world_size,
+                                collate_fn=collate_lesions, drop_last=world_size > 1))
 
     def close(self) -> None:
         """Stop the training loader's workers (``fit`` calls this when it is done)."""
-        if self._loader is not None:
-            self._loader.close()
-            self._loader = None
+        self.loader.close()
 
     def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device):
         if self.cfg.augment.resample_on == "device":  # the batch holds windows and their draws (RandWindowd)

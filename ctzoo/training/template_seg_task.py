@@ -54,7 +54,7 @@ from ctzoo.scaling.zoo_expand import (
     lemon_optim,
 )
 from ctzoo.training.engine import OptimConfig, fit, pick_device
-from ctzoo.training.epoch_loader import EpochLoader
+from ctzoo.training.epoch_loader import EpochLoader, KeptLoader
 from ctzoo.training.seg_evaluation import (
     CONDITIONS,
     Condition,
@@ -215,8 +215,7 @@ class TemplateSegTask:
         self.train_set = template_slice_dataset(train, len(self.class_names), self.prep, cfg.augment, cfg.repeats)
         self.templates = template_set(train, len(self.class_names), cfg.data.max_templates)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        self._loader: EpochLoader | None = None
-        self._loader_key: tuple = ()
+        self.loader = KeptLoader()
 
     def build_model(self) -> nn.Module:
         return build_seg_network(self.cfg, len(self.class_names))
@@ -226,18 +225,14 @@ class TemplateSegTask:
 
     def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int, rank: int, world_size: int):
         """This epoch's batches, from one loader kept for the run (its workers start once)."""
-        if self._loader is None or self._loader_key != (batch_size, num_workers, rank, world_size):
-            self.close()
-            self._loader = EpochLoader(self.train_set, batch_size, num_workers, rank=rank, world_size=world_size,
-                                       drop_last=len(self.train_set) >= batch_size * world_size)  # no 1-slice tail
-            self._loader_key = (batch_size, num_workers, rank, world_size)
-        return self._loader.start_epoch(epoch_seed)
+        return self.loader.epoch(
+            epoch_seed, (batch_size, num_workers, rank, world_size),
+            lambda: EpochLoader(self.train_set, batch_size, num_workers, rank=rank, world_size=world_size,
+                                drop_last=len(self.train_set) >= batch_size * world_size))  # no 1-slice tail
 
     def close(self) -> None:
         """Stop the training loader's workers (``fit`` calls this when it is done)."""
-        if self._loader is not None:
-            self._loader.close()
-            self._loader = None
+        self.loader.close()
 
     def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device):
         image, label = batch["image"].to(device), batch["label"].to(device)
