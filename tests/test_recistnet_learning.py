@@ -57,14 +57,15 @@ LEARNING_CONFIG = {
 }
 
 
-@pytest.mark.parametrize("resample_on", ["loader", "device"])
-def test_detector_finds_held_out_lesions_far_above_chance(learning_mini, tmp_path, resample_on):
+def test_detector_finds_held_out_lesions_far_above_chance(learning_mini, tmp_path):
     """Val cases are never trained on, and last.pt (not the val-selected best.pt) is scored; with the augmentation
-    resampled in the loader and on the device (the CPU recipe's choice)."""
+    resampled on the device, the CPU recipe's choice. (The loader mode's MONAI transforms cost 21 ms a sample
+    here, against 0.7 ms: 250 s for this test on the CI machine. It trains in tests/test_training.py, and
+    benchmarks/augment_modes.py measures both modes' held-out FROC: augment_modes.json.)"""
     config = tmp_path / "learn.yaml"
     config.write_text(yaml.safe_dump({**LEARNING_CONFIG, "data": {**LEARNING_CONFIG["data"],
                                                                   "root": str(learning_mini)},
-                                      "augment": {"resample_on": resample_on}}))
+                                      "augment": {"resample_on": "device"}}))
     result = CliRunner().invoke(main, ["train", str(config), "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     froc_val = evaluate_recistnet(config, tmp_path / "eval", "val", checkpoint=tmp_path / "run" / "last.pt",
