@@ -199,10 +199,10 @@ class RecistNetTask:
         """This epoch's batches, from one loader kept for the run (its workers start once); a new one only when
         hard-negative mining has changed the items."""
         mined = None if self.miner is None else self.miner.mined
-        items = self.train_set if mined is None else ConcatDataset([self.train_set, mined])
         return self.loader.epoch(
             epoch_seed, (mined, batch_size, num_workers, rank, world_size),  # datasets compare by identity
-            lambda: EpochLoader(items, batch_size, num_workers, rank=rank, world_size=world_size,
+            lambda: EpochLoader(self.train_set if mined is None else ConcatDataset([self.train_set, mined]),
+                                batch_size, num_workers, rank=rank, world_size=world_size,
                                 collate_fn=collate_lesions, drop_last=world_size > 1))
 
     def close(self) -> None:
