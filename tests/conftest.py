@@ -37,6 +37,24 @@ from ctzoo.datasets.samples import sample_ct_dicom  # noqa: E402
 from ctzoo.io import read_volume, repair_uids  # noqa: E402
 
 
+def built_once(tmp_path_factory, name: str, **settings) -> Path:
+    """A DeepLesion miniature built by whichever pytest worker asks first and read by all: the xdist workers'
+    temporary folders share a parent, and a file lock there makes the others wait for the build (which renames
+    a finished miniature into place) instead of building their own. Why: a build takes 10-40 s of a core."""
+    from filelock import FileLock
+
+    from ctzoo.datasets.deeplesion.mini import make_deeplesion_mini
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "built-once" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not out.exists():
+            make_deeplesion_mini(out, progress=False, **settings)
+    return out
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return sample_ct_dicom()
@@ -59,19 +77,15 @@ def fetched_samples() -> Path:
 @pytest.fixture(scope="session")
 def small_deeplesion_mini(fetched_samples, tmp_path_factory) -> Path:
     """A 4-series DeepLesion-format miniature (seed 3), built once for the training and expansion tests (read
-    only: tests write their runs elsewhere)."""
-    from ctzoo.datasets.deeplesion.mini import make_deeplesion_mini
-
-    return make_deeplesion_mini(tmp_path_factory.mktemp("dl") / "mini", cases=4, seed=3, progress=False)
+    only: tests write their runs elsewhere; shared by the pytest workers)."""
+    return built_once(tmp_path_factory, "mini4-seed3", cases=4, seed=3)
 
 
 @pytest.fixture(scope="session")
 def deeplesion_mini16(fetched_samples, tmp_path_factory) -> Path:
-    """A 16-series miniature (seed 5: 11 patients, 46 lesions, 18 typed), built once per worker for the cohort
-    and SMAP tests (read only)."""
-    from ctzoo.datasets.deeplesion.mini import make_deeplesion_mini
-
-    return make_deeplesion_mini(tmp_path_factory.mktemp("dl16") / "mini", cases=16, seed=5, progress=False)
+    """A 16-series miniature (seed 5: 11 patients, 46 lesions, 18 typed), built once for the cohort, SMAP and
+    slice-store tests (read only; shared by the pytest workers)."""
+    return built_once(tmp_path_factory, "mini16-seed5", cases=16, seed=5)
 
 
 @pytest.fixture(scope="session")
