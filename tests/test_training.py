@@ -74,6 +74,26 @@ def test_train_writes_logs_and_resumes_bit_for_bit(mini, tmp_path):
     assert result.exit_code == 1 and "nothing to resume from" in result.output
 
 
+def test_a_run_trains_the_same_weights_with_and_without_loader_workers(mini, tmp_path):
+    """Loader workers change only which process draws an item: the same epochs, augmentation and weights, bit for
+    bit, with the training process on two threads (its own draws run on one, as a worker's do) and over two
+    epochs (the kept worker restarts between them)."""
+    config = tiny_config(tmp_path, mini, epochs=2)
+    settings = yaml.safe_load(config.read_text())
+    weights, threads = [], torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for workers in (0, 1):
+            settings["optim"]["num_workers"] = workers
+            config.write_text(yaml.safe_dump(settings))
+            run_train(config, "--out", tmp_path / f"workers{workers}")
+            weights.append(torch.load(tmp_path / f"workers{workers}" / "last.pt", weights_only=False)["model"])
+    finally:
+        torch.set_num_threads(threads)
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+
+
 #: AdamW under two-way compression: one plain step, then the compressed momentum (CompressedMomentumAdam)
 TWOWAY_SIGN = {"compression": "twoway", "compressor": "sign", "server_compressor": "sign", "warmup_steps": 1,
                "min_numel": 0}

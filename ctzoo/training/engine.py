@@ -347,9 +347,12 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
             sums: dict[str, float] = {}
             count = 0
             steps_per_epoch = len(batches)
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                       disable=None if (progress and rank == 0) else True, leave=False)
             epoch_started, first_batch_s = time.perf_counter(), 0.0
+            # The bar gets the epoch's one iterator: tqdm.auto's bar calls iter() on its iterable when made and again
+            # when iterated, and every iter() of a loader with kept workers restarts it, which drew the epoch's order
+            # a second time from the advanced shuffle and threw away the batches the workers had already made.
+            bar = tqdm(iter(batches), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                       disable=None if (progress and rank == 0) else True, leave=False)
             for batch in events.batches(bar):
                 if count == 0:  # the loader's start: its workers' first batches (once per run when they persist)
                     first_batch_s = time.perf_counter() - epoch_started

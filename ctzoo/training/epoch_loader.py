@@ -7,19 +7,25 @@ each worker forks, imports and refills its prefetch queue before the first batch
 next, though: an epoch would then depend on every epoch before it, and a run resumed from a checkpoint (fresh
 workers) would not replay it. So every item's random transforms are seeded from ``(epoch seed, index)`` just before
 it is drawn: the augmentation is the same whatever the number of workers, whichever worker draws the item and
-whatever ran before, and resume stays bit for bit.
+whatever ran before, and resume stays bit for bit. An item drawn in the training process itself (no workers) is
+drawn on one thread, as a worker draws it, so that its bytes are the worker's too.
+
+Iterate an :class:`EpochLoader` once per epoch: each ``iter()`` of a loader with kept workers restarts it, drawing
+the epoch's order again from the advanced shuffle and throwing away what its workers had prefetched (``fit`` once
+did so through its progress bar, so that runs with and without workers trained on other orders).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 from monai.data import DataLoader
 from monai.utils import MAX_SEED
-from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
+from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, RandomSampler, Sampler, Subset, get_worker_info
 
 
 def random_parts(dataset: Dataset) -> list[Any]:
@@ -55,7 +61,24 @@ class SeededItems(Dataset):
         index, seed = key
         for offset, part in enumerate(self.parts):
             part.set_random_state(seed=(seed + offset) % MAX_SEED)
-        return self.dataset[index]
+        if get_worker_info() is not None:  # a loader worker: PyTorch runs it on one thread
+            return self.dataset[index]
+        with one_thread():  # as a worker would: interpolation on more threads rounds differently (measured: 1e-7)
+            return self.dataset[index]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run PyTorch's operators on one thread in this process for the block, then as many as before."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class EpochSampler(Sampler):
