@@ -343,7 +343,10 @@ def _counting_worker(rank: int, world: int, init_file: str, out: str) -> None:
                                         "values": stats.values}, "exchanged": dict(exchanged)}
             del ddp, optimizer, setup
             gc.collect()
-            all_reduce(torch.zeros(1))  # a barrier, uncounted
+            # a barrier: uncounted, and its work holds no Python tensor. Gloo's worker thread releases a
+            # collective's tensors after the caller's wait returns; a release during interpreter shutdown
+            # aborts the process (pytorch#190489; here after an all-reduce of torch.zeros(1), ~1 run in 50)
+            dist.barrier()
     finally:
         dist.all_reduce, dist.all_gather = all_reduce, all_gather
     Path(f"{out}.{rank}").write_text(json.dumps(results))
