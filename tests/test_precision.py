@@ -111,7 +111,7 @@ def test_the_chosen_precision_and_compilation_reach_every_model_copy(detector):
 
 def test_infer_in_bf16_finds_what_fp32_finds_on_the_sample(sample_dir, tmp_path):
     """The lesions of a bf16 run are the fp32 run's, their end points within a pixel: on the sample's 3 lowest
-    slices, where fp32 finds a lesion on slice 1 (bf16 is emulated, about 100x slower, on a CPU without
+    slices, where fp32 finds a lesion on slice 1 (bf16 is emulated, about 130x slower, on a CPU without
     AVX512-BF16: each slice costs seconds)."""
     series = tmp_path / "lowest"
     series.mkdir()
