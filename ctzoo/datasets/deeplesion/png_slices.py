@@ -10,6 +10,9 @@ from PIL import Image
 from ctzoo.io.atomic import atomic_path
 
 HU_OFFSET = 32768
+#: zlib level 1: a CT slice encodes in ~15 ms instead of level 6's ~100 ms, for files ~8 % larger (measured on the
+#: sample CT's 512 x 512 slices; decoding takes the same time). Encoding is most of a miniature's build time.
+PNG_COMPRESS_LEVEL = 1
 
 
 def slice_path(images_root: str | Path, series_folder: str, slice_index: int) -> Path:
@@ -33,5 +36,5 @@ def write_png_hu(path: str | Path, hu: np.ndarray) -> Path:
     if stored.min() < 0 or stored.max() > 65535:
         raise ValueError(f"{path}: HU {hu.min():.0f}..{hu.max():.0f} does not fit DeepLesion's uint16 encoding")
     with atomic_path(path) as temporary:
-        Image.fromarray(stored.astype(np.uint16)).save(temporary, format="PNG")
+        Image.fromarray(stored.astype(np.uint16)).save(temporary, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return path
