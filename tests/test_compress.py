@@ -201,10 +201,16 @@ CONFIGS = {
 }
 
 
+#: At 4 workers, the methods whose bytes or spread depend on the number of workers (PowerSGD is PyTorch's own hook,
+#: and two-way's top-k gathers payloads as its 1-bit sign does: both are checked at 2)
+AT_4_WORKERS = ("plain", "none", "cser", "twoway_sign")
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_hooks_train_close_to_uncompressed_ddp_with_fewer_bytes(world, tmp_path):
     out = tmp_path / "results.json"
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), CONFIGS, str(out)), nprocs=world, join=True)
+    configs = CONFIGS if world == 2 else {name: CONFIGS[name] for name in AT_4_WORKERS}
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), configs, str(out)), nprocs=world, join=True)
     results = json.loads(out.read_text())
     plain = results["plain"]
     assert plain["accuracy"] > 0.8, plain  # the task is learnable in 200 steps
@@ -227,13 +233,17 @@ def test_hooks_train_close_to_uncompressed_ddp_with_fewer_bytes(world, tmp_path)
         "twoway_sign": twoway(lambda size: math.ceil(size / 8) + 4),  # 1 bit + a scale per tensor
     }
     for name, ratio in expected.items():
-        measured = results[name]["bytes"] / results[name]["uncompressed"]
-        assert measured == pytest.approx(ratio, rel=0.1), (name, measured, ratio)
-    assert results["powersgd"]["bytes"] < 0.5 * results["powersgd"]["uncompressed"]
+        if name in configs:
+            measured = results[name]["bytes"] / results[name]["uncompressed"]
+            assert measured == pytest.approx(ratio, rel=0.1), (name, measured, ratio)
+    if "powersgd" in configs:
+        assert results["powersgd"]["bytes"] < 0.5 * results["powersgd"]["uncompressed"]
     for name, tolerance in TOLERANCE.items():
-        assert results[name]["accuracy"] >= plain["accuracy"] - tolerance, (name, results[name]["accuracy"], plain)
+        if name in configs:
+            assert results[name]["accuracy"] >= plain["accuracy"] - tolerance, (name, results[name]["accuracy"],
+                                                                                 plain)
     # synchronous methods keep the workers identical; CSER's local models differ between resets
-    for name in ("none", "twoway", "twoway_sign", "powersgd"):
+    for name in {"none", "twoway", "twoway_sign", "powersgd"} & set(configs):
         assert results[name]["spread"] < 1e-5, name
     assert results["cser"]["spread"] > 0
     # ...until the end of training, when one full all-reduce (counted) makes them their average

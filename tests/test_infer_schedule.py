@@ -73,21 +73,36 @@ def _lesions(out: Path, case: str) -> list[dict]:
     return json.loads((out / case / "detections.json").read_text())["lesions"]
 
 
-@pytest.mark.parametrize("backend,threads", [("torch", 1), ("onnx", 1), ("torch", 2)])
-def test_copies_in_worker_processes_write_what_one_process_writes(four_cases, tmp_path, backend, threads):
-    """Two copies (each a fresh backend in a forked worker: ONNX Runtime sessions do not survive a fork; PyTorch on
-    2 threads in a spawned one, as a forked child would hang in OpenMP) take the cases in turn: every case's
-    detections equal those of the shared layout run in this process, the unreadable case fails alone with its
-    message, and every batch is accounted for in the batch log."""
+@pytest.fixture(scope="module")
+def one_process_runs(four_cases, tmp_path_factory):
+    """Per backend, the shared layout's run in this process (out folder, rows, task), made once for the module."""
     from ctzoo.export.repository import ensure_graphs
     from ctzoo.inference.tasks import model_task
     from ctzoo.models import load_bundle
 
-    bundle = load_bundle("recistnet-mini")
-    task = model_task(ensure_graphs(bundle) if backend == "onnx" else bundle, backend, "cpu", score_threshold=0.05,
-                      threads=1)
-    reference = run_pipeline(four_cases, task, PipelineOptions(out=tmp_path / "one", workers=0, overlay=False,
-                                                               progress=False))
+    runs = {}
+
+    def run(backend: str):
+        if backend not in runs:
+            bundle = load_bundle("recistnet-mini")
+            task = model_task(ensure_graphs(bundle) if backend == "onnx" else bundle, backend, "cpu",
+                              score_threshold=0.05, threads=1)
+            out = tmp_path_factory.mktemp(f"one-{backend}")
+            runs[backend] = out, run_pipeline(four_cases, task, PipelineOptions(out=out, workers=0, overlay=False,
+                                                                                progress=False)), task
+        return runs[backend]
+
+    return run
+
+
+@pytest.mark.parametrize("backend,threads", [("torch", 1), ("onnx", 1), ("torch", 2)])
+def test_copies_in_worker_processes_write_what_one_process_writes(four_cases, one_process_runs, tmp_path, backend,
+                                                                  threads):
+    """Two copies (each a fresh backend in a forked worker: ONNX Runtime sessions do not survive a fork; PyTorch on
+    2 threads in a spawned one, as a forked child would hang in OpenMP) take the cases in turn: every case's
+    detections equal those of the shared layout run in this process, the unreadable case fails alone with its
+    message, and every batch is accounted for in the batch log."""
+    one, reference, task = one_process_runs(backend)
     log: list = []
     rows = run_pipeline(four_cases, task, PipelineOptions(out=tmp_path / "copies", layout="copies", workers=2,
                                                           copy_threads=threads, batch_size=4, overlay=False,
@@ -100,7 +115,7 @@ def test_copies_in_worker_processes_write_what_one_process_writes(four_cases, tm
     for row, theirs in zip(rows, reference):
         if row["status"] == "ok":
             assert row["slices"] == theirs["slices"] and row["findings"] == theirs["findings"]
-            ours, expected = _lesions(tmp_path / "copies", row["case"]), _lesions(tmp_path / "one", row["case"])
+            ours, expected = _lesions(tmp_path / "copies", row["case"]), _lesions(one, row["case"])
             assert len(ours) == len(expected)
             for a, b in zip(ours, expected):
                 assert a["slice"] == b["slice"] and abs(a["score"] - b["score"]) < 1e-4

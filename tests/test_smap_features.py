@@ -52,6 +52,10 @@ def test_two_sites_from_the_miniature_split_by_patient(small_deeplesion_mini, tm
         assert got == expected
         assert np.isnan(site["scores"]).all()
     assert len(a["labels"]) + len(b["labels"]) == len(rows)
+    absent = runner.invoke(main, ["smap", "features", "--deeplesion", str(csv_path), "--patients", "99999",
+                                  "--out", str(tmp_path / "none.npz")])
+    assert absent.exit_code == 1 and "no key slices in split 'all' of patients [99999]" in absent.output
+    assert not (tmp_path / "none.npz").exists()
     # nothing identifying: no file name, folder or patient index in the file's bytes
     with zipfile.ZipFile(tmp_path / "a.npz") as archive:
         raw = b"".join(archive.read(name) for name in archive.namelist())

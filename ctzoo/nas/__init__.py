@@ -14,7 +14,19 @@ from ctzoo.nas.space import (
     sample,
     vector_labels,
 )
-from ctzoo.nas.supernet import TemplateSuperNet, extract, subnet_config
+
+#: Names of :mod:`ctzoo.nas.supernet` (PyTorch and MONAI: seconds to import), imported on first use so that the
+#: space, the explorer page and ``ctzoo nas ... --help`` start at once.
+_SUPERNET = ("TemplateSuperNet", "extract", "subnet_config")
+
+
+def __getattr__(name: str):
+    if name in _SUPERNET:
+        from ctzoo.nas import supernet
+
+        return getattr(supernet, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Architecture", "LevelChoice", "SearchSpace", "TemplateSuperNet", "count_architectures",
            "enumerate_architectures", "extract", "extreme", "sample", "subnet_config", "vector_labels"]

@@ -57,9 +57,10 @@ def deeplesion_site(csv_path: str | Path, bundle: ModelBundle, patients: set[int
     """The annotated lesions of ``csv_path`` (of ``patients`` only, when given) with their pooled features and
     coarse types; lesions whose box fell outside the evaluated frame are left out."""
     rows_features, labels = [], []
-    for key_slice in annotated_lesion_features(csv_path, bundle, device, progress):
+    # only these patients' key slices run through the network (a key slice holds one patient's lesions)
+    for key_slice in annotated_lesion_features(csv_path, bundle, device, progress, patients=patients):
         for row, features, box in zip(key_slice.item["lesions"], key_slice.features, key_slice.boxes):
-            if box is not None and (patients is None or row.patient_index in patients):
+            if box is not None:
                 rows_features.append(features)
                 labels.append(row.coarse_lesion_type if row.coarse_lesion_type >= 1 else -1)
     width = len(rows_features[0]) if rows_features else 0

@@ -41,18 +41,21 @@ class KeySliceFeatures:
 
 def annotated_lesion_features(csv_path: str | Path, bundle: ModelBundle, device: str = "cpu",
                               progress: Callable[[Iterable], Iterable] | None = None,
-                              on_image: Callable[[int, torch.Tensor], None] | None = None) -> list[KeySliceFeatures]:
+                              on_image: Callable[[int, torch.Tensor], None] | None = None,
+                              patients: set[int] | None = None) -> list[KeySliceFeatures]:
     """Run the detector ``bundle`` over ``csv_path``'s key slices (all splits, noisy rows dropped as the loader
-    does): one :class:`KeySliceFeatures` per key slice, in :func:`key_slice_items` order. ``on_image(index,
-    image (C, H, W))`` sees every network input (for pictures); ``progress`` wraps the batches (a bar)."""
+    does; only ``patients``' when given): one :class:`KeySliceFeatures` per key slice, in :func:`key_slice_items`
+    order. ``on_image(index, image (C, H, W))`` sees every network input (for pictures); ``progress`` wraps the
+    batches (a bar)."""
     if bundle.task != "detection":
         raise ValueError(f"{bundle.name} is a {bundle.task} model: lesion features need a RECIST-Net detector")
     csv_path = Path(csv_path)
     cfg = DeepLesionConfig(root=csv_path.parent, info_csv=csv_path.name, **bundle.preprocessing.model_dump())
-    items = key_slice_items(read_dl_info(csv_path), "all", cfg.drop_noisy)
+    rows = [row for row in read_dl_info(csv_path) if patients is None or row.patient_index in patients]
+    items = key_slice_items(rows, "all", cfg.drop_noisy)
     transform = recist_eval_transforms((cfg.max_size, cfg.max_size), lesion_keys=("lesion_index",))
-    loader = deeplesion_dataloader(deeplesion_dataset(cfg, "all", transform=transform), batch_size=4, shuffle=False,
-                                   num_workers=0)
+    loader = deeplesion_dataloader(deeplesion_dataset(cfg, "all", transform=transform, patients=patients),
+                                   batch_size=4, shuffle=False, num_workers=0)
     seen = 0
 
     def batches():

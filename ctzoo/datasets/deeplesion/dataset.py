@@ -243,15 +243,17 @@ def negative_items(by_image: dict[str, list[LesionRow]], per_series: int) -> lis
 
 def deeplesion_dataset(cfg: DeepLesionConfig, split: Split = "train", transform: Transform | None = None,
                        cache: bool = False, num_workers: int = 0, copy_cache: bool = True,
-                       resample: bool = True) -> Dataset:
+                       resample: bool = True, patients: set[int] | None = None) -> Dataset:
     """A MONAI ``Dataset`` (or ``CacheDataset`` when ``cache``: loading and resampling are cached, random
     ``transform`` steps still run per epoch) over the key slices of ``split``. ``copy_cache=False`` hands
     ``transform`` the cached sample itself instead of a deep copy: only for a transform that never writes into its
     input. ``resample=False``: samples hold HU planes at the original pixel size (:class:`LoadDeepLesiond`), read
-    on demand unless cached."""
-    items = key_slice_items(read_dl_info(cfg.root / cfg.info_csv), split, cfg.drop_noisy, cfg.negatives_per_series)
+    on demand unless cached. ``patients``: only these patients' key slices (a site's share of the CSV)."""
+    rows = [row for row in read_dl_info(cfg.root / cfg.info_csv) if patients is None or row.patient_index in patients]
+    items = key_slice_items(rows, split, cfg.drop_noisy, cfg.negatives_per_series)
     if not items:
-        raise ValueError(f"{cfg.root / cfg.info_csv}: no key slices in split {split!r}")
+        raise ValueError(f"{cfg.root / cfg.info_csv}: no key slices in split {split!r}"
+                         + ("" if patients is None else f" of patients {sorted(patients)}"))
     pipeline = Compose([LoadDeepLesiond(cfg, resample, lazy=not cache)] + ([transform] if transform else []))
     if cache:
         return CacheDataset(items, pipeline, num_workers=num_workers or None, progress=False, copy_cache=copy_cache)
