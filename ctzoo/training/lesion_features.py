@@ -19,8 +19,8 @@ from ctzoo.datasets.deeplesion.dataset import (
     deeplesion_dataloader,
     deeplesion_dataset,
     key_slice_items,
+    patient_rows,
 )
-from ctzoo.datasets.deeplesion.info_csv import read_dl_info
 from ctzoo.datasets.keypoint_transforms import recist_eval_transforms
 from ctzoo.models.bundle import ModelBundle
 from ctzoo.training.recistnet_task import evaluate_decodings
@@ -51,8 +51,7 @@ def annotated_lesion_features(csv_path: str | Path, bundle: ModelBundle, device:
         raise ValueError(f"{bundle.name} is a {bundle.task} model: lesion features need a RECIST-Net detector")
     csv_path = Path(csv_path)
     cfg = DeepLesionConfig(root=csv_path.parent, info_csv=csv_path.name, **bundle.preprocessing.model_dump())
-    rows = [row for row in read_dl_info(csv_path) if patients is None or row.patient_index in patients]
-    items = key_slice_items(rows, "all", cfg.drop_noisy)
+    items = key_slice_items(patient_rows(csv_path, patients), "all", cfg.drop_noisy)  # the dataset's items
     transform = recist_eval_transforms((cfg.max_size, cfg.max_size), lesion_keys=("lesion_index",))
     loader = deeplesion_dataloader(deeplesion_dataset(cfg, "all", transform=transform, patients=patients),
                                    batch_size=4, shuffle=False, num_workers=0)

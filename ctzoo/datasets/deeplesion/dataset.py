@@ -241,6 +241,11 @@ def negative_items(by_image: dict[str, list[LesionRow]], per_series: int) -> lis
     return items
 
 
+def patient_rows(csv_path: str | Path, patients: set[int] | None = None) -> list[LesionRow]:
+    """The rows of a DL_info.csv, of ``patients`` only when given (a site's share of the CSV)."""
+    return [row for row in read_dl_info(csv_path) if patients is None or row.patient_index in patients]
+
+
 def deeplesion_dataset(cfg: DeepLesionConfig, split: Split = "train", transform: Transform | None = None,
                        cache: bool = False, num_workers: int = 0, copy_cache: bool = True,
                        resample: bool = True, patients: set[int] | None = None) -> Dataset:
@@ -249,8 +254,8 @@ def deeplesion_dataset(cfg: DeepLesionConfig, split: Split = "train", transform:
     ``transform`` the cached sample itself instead of a deep copy: only for a transform that never writes into its
     input. ``resample=False``: samples hold HU planes at the original pixel size (:class:`LoadDeepLesiond`), read
     on demand unless cached. ``patients``: only these patients' key slices (a site's share of the CSV)."""
-    rows = [row for row in read_dl_info(cfg.root / cfg.info_csv) if patients is None or row.patient_index in patients]
-    items = key_slice_items(rows, split, cfg.drop_noisy, cfg.negatives_per_series)
+    items = key_slice_items(patient_rows(cfg.root / cfg.info_csv, patients), split, cfg.drop_noisy,
+                            cfg.negatives_per_series)
     if not items:
         raise ValueError(f"{cfg.root / cfg.info_csv}: no key slices in split {split!r}"
                          + ("" if patients is None else f" of patients {sorted(patients)}"))
