@@ -3,6 +3,7 @@ a corrupt instance. Each gets its own Series and SOP Instance UIDs (derived from
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,3 +42,14 @@ def variant_series(sources: Sequence[Path], out: Path, name: str, count: int | N
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def lowest_slices(series: Path, count: int, out: Path) -> Path:
+    """Copy the ``count`` most inferior slices of the DICOM ``series`` (by ImagePositionPatient z, unchanged files)
+    into the new folder ``out``: a short real series, for tests whose model time grows with the slices."""
+    by_height = sorted(series.glob("CT.*"), key=lambda path: float(
+        pydicom.dcmread(path, stop_before_pixels=True, force=True).ImagePositionPatient[2]))
+    out.mkdir(parents=True)
+    for path in by_height[:count]:
+        shutil.copy(path, out / path.name)
+    return out

@@ -144,6 +144,7 @@ def check_pacs_status_before_anything_arrived(work: Path) -> None:
 def check_export_and_serve(work: Path) -> None:
     from orthanc_server import free_port
 
+    ctzoo("data", "sample", str(work / "ct.nii.gz"))
     ctzoo("export", "recistnet-mini", "--out", str(work / "models"), timeout=600)
     port = free_port()
     log = open(work / "serve.log", "w+")
@@ -173,34 +174,43 @@ def check_export_and_serve(work: Path) -> None:
         log.close()
 
 
+#: Longest first: they run side by side, as many at a time as there are cores (each is mostly a ctzoo process of
+#: its own, seconds of Python start-up), each in its own folder.
 CHECKS: list[Callable] = [
-    check_every_module_imports,
+    check_export_and_serve,
     check_every_command_has_help,
     check_sample_info_convert,
-    check_bad_model_name,
-    check_pacs_check_unreachable,
-    check_pacs_check_real_orthanc,
-    check_pacs_status_before_anything_arrived,
     check_expand,
-    check_export_and_serve,
+    check_pacs_status_before_anything_arrived,
+    check_every_module_imports,
+    check_bad_model_name,
+    check_pacs_check_real_orthanc,
+    check_pacs_check_unreachable,
 ]
 
 
+def run_check(check: Callable, folder: Path) -> tuple[bool, str]:
+    """Run one check in its own folder under ``folder``: (passed, the line to print)."""
+    started = time.monotonic()
+    work = folder / check.__name__
+    work.mkdir()
+    try:
+        check(work) if check.__code__.co_argcount else check()
+    except Exception:  # noqa: BLE001 - every check runs; each failure is printed
+        return False, f"FAILED {check.__name__} ({time.monotonic() - started:.1f} s)\n{traceback.format_exc()}"
+    return True, f"ok     {check.__name__} ({time.monotonic() - started:.1f} s)"
+
+
 def main() -> int:
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     passed = failed = 0
-    with tempfile.TemporaryDirectory(prefix="ctzoo-smoke-") as folder:
-        for check in CHECKS:
-            started = time.monotonic()
-            work = Path(folder)
-            try:
-                check(work) if check.__code__.co_argcount else check()
-            except Exception:  # noqa: BLE001 - every check runs; each failure is printed
-                failed += 1
-                print(f"FAILED {check.__name__} ({time.monotonic() - started:.1f} s)\n{traceback.format_exc()}",
-                      flush=True)
-            else:
-                passed += 1
-                print(f"ok     {check.__name__} ({time.monotonic() - started:.1f} s)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="ctzoo-smoke-") as folder, \
+            ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for done in as_completed([pool.submit(run_check, check, Path(folder)) for check in CHECKS]):
+            ok, line = done.result()
+            passed, failed = passed + ok, failed + (not ok)
+            print(line, flush=True)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 

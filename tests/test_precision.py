@@ -4,13 +4,12 @@ device that runs it; auto keeps fp32 on the CPU; a model that disagrees is refus
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
-import pydicom
 import pytest
 import torch
 from click.testing import CliRunner
+from series_variants import lowest_slices
 
 from ctzoo.cli import main
 from ctzoo.inference import precision
@@ -113,12 +112,7 @@ def test_infer_in_bf16_finds_what_fp32_finds_on_the_sample(sample_dir, tmp_path)
     """The lesions of a bf16 run are the fp32 run's, their end points within a pixel: on the sample's 2 lowest
     slices, where fp32 finds a lesion on slice 1 (bf16 is emulated, about 130x slower, on a CPU without
     AVX512-BF16: each slice costs seconds)."""
-    series = tmp_path / "lowest"
-    series.mkdir()
-    by_height = sorted(sample_dir.glob("CT.*"), key=lambda path: float(
-        pydicom.dcmread(path, stop_before_pixels=True, force=True).ImagePositionPatient[2]))
-    for path in by_height[:2]:
-        shutil.copy(path, series / path.name)
+    series = lowest_slices(sample_dir, 2, tmp_path / "lowest")
     found = {}
     for name in ("fp32", "bf16"):
         result = CliRunner().invoke(main, ["infer", str(series), "--precision", name, "--out", str(tmp_path / name),

@@ -98,7 +98,10 @@ def render_map_html(data: dict[str, Any]) -> str:
     counts = [int(c) for c in data["counts"]]
     index = int(data["index"])
     others = sum(counts) - counts[index]
-    summary = (f"Site {index} of {len(counts)} · {counts[index]} of its lesions placed among {sum(counts)} · "
+    helpers = counts.count(0)  # parties without lesions (--helper) are not sites
+    parties = f"Site {index} of {len(counts) - helpers}" + (f" (and {helpers} helper{'s' * (helpers > 1)})"
+                                                          if helpers else "")
+    summary = (f"{parties} · {counts[index]} of its lesions placed among {sum(counts)} · "
                + ("every site agreed to share its points: all are shown" if bool(data["shared"]) else
                   f"the other sites' {others} lesions are shown as density only"))
     note = ("The map was computed on secret shares (ctzoo smap party): no site saw another's points. This site's "
