@@ -60,7 +60,8 @@ def reciprocal_bounded(z: Any, upper: float, bits: int = 32) -> Any:
     ``y = 1 / upper``, which approaches ``1 / z`` from below without overshoot, its relative error
     ``(1 - z / upper)^(2^k)`` after ``k`` steps, so ``k`` is chosen for ``(1 - 1 / upper)^(2^k) <= 2^-bits``. Two
     products a step and no comparison: MPyC's general division first normalises ``z`` by a bit decomposition, many
-    more rounds (measured: the 36 row sums of :func:`secure_conditional_p` took a third of a party's time that way)."""
+    more rounds (measured: the 37 divisions by row sums in :func:`secure_conditional_p` took over a third of a
+    party's time that way)."""
     shrink = 1.0 - 1.0 / upper
     steps = 0 if shrink <= 0 else max(0, math.ceil(math.log2(bits * math.log(2) / -math.log(shrink))))
     y = z * 0 + 1.0 / upper
