@@ -38,6 +38,8 @@ def mixed_inputs(tmp_path_factory) -> Path:
     The series are the sample's 6 lowest slices (the detector finds lesions there, the segmenter organs)."""
     root = tmp_path_factory.mktemp("inputs")
     series = lowest_slices(sample_ct_dicom(), 6, root / "patientA" / "study1" / "ct")
+    for sidecar in Path(sample_ct_dicom()).glob("[!C]*"):  # its LICENSE and NOTICE.md: files that are not DICOM
+        shutil.copy(sidecar, series / sidecar.name)
     _small_nifti(root / "small.nii.gz")
     (root / "broken.nii.gz").write_bytes(np.random.default_rng(0).bytes(4096))
     (root / "notes.txt").write_text("not an input list: a sidecar inside a folder is ignored\n")
