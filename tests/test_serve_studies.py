@@ -301,7 +301,12 @@ def test_a_study_past_its_deadline_is_cancelled_and_its_folder_removed(repositor
     router = study_router("cpu", state_dir=tmp_path / "state", request_timeout_s=0.3)
     app = create_app(repository, [TOKEN], device="cpu", request_timeout_s=0.3, extra_routers=[router])
     with TestClient(app) as client:
-        response = client.post("/studies/recistnet-mini", content=dicom_zip, headers=AUTH)
+        # the session exists before the clock starts: on a slow machine, building it could take the whole 0.3 s,
+        # and the request would then end before its worker started (CI once saw no session at all)
+        model = app.state.repository["recistnet-mini"]
+        router.tasks.get(model, router.tasks.bundle(model), None)
+        response = client.post("/studies/recistnet-mini", content=dicom_zip, headers=AUTH,
+                               params={"score_threshold": 0.9})
         assert response.status_code == 504, response.text
         deadline = time.monotonic() + 60
         while list((tmp_path / "state" / "studies").iterdir()):
