@@ -2,12 +2,12 @@
 
 import csv
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from series_variants import lowest_slices
 
 from ctzoo.datasets.samples import sample_ct_dicom
 from ctzoo.inference import ray_engine
@@ -33,10 +33,11 @@ def ray_instance():
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory, sample_volume):
-    """A DICOM series, a small NIfTI (8 slices, to keep CPU time low) and a corrupt NIfTI, given by paths relative
-    to the working folder (which Ray's workers do not share)."""
+    """A DICOM series (the sample's 6 lowest slices, where the model finds a lesion), a small NIfTI (8 slices: both
+    keep CPU time low) and a corrupt NIfTI, given by paths relative to the working folder (which Ray's workers do
+    not share)."""
     root = tmp_path_factory.mktemp("work")
-    shutil.copytree(sample_ct_dicom(), root / "in" / "patient" / "ct")
+    lowest_slices(sample_ct_dicom(), 6, root / "in" / "patient" / "ct")
     small = sample_volume.with_array(sample_volume.array)
     small.array, small.dicom = np.ascontiguousarray(sample_volume.array[6:14]), None
     write_volume(small, root / "in" / "small.nii.gz")
@@ -72,6 +73,7 @@ def test_ray_matches_local_engine(both, cases):
     statuses = {r["case"]: r["status"] for r in ray_rows}
     assert statuses == {"broken": "error", "small": "ok", "patient_ct": "ok"}
     assert ray_rows[0]["error"] == "ImageFileError: File in/broken.nii.gz is not a gzip file"
+    assert next(r for r in ray_rows if r["case"] == "patient_ct")["findings"] > 0  # the comparison below is not empty
 
     for row in (r for r in ray_rows if r["status"] == "ok"):
         assert row["outputs"] == next(r for r in local if r["case"] == row["case"])["outputs"]

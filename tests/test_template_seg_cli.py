@@ -31,6 +31,7 @@ def test_train_publish_infer_writes_aligned_nifti_and_dicom_seg(fetched, tmp_pat
 
     config = yaml.safe_load(open("configs/template_seg_abdomen.yaml"))
     config["model"]["channels"] = [8, 16, 32, 64]
+    config["data"].update(spacing_mm=6.0, size=[64, 64], max_templates=16)  # a quarter of the pixels: 24 -> 18 s
     config["optim"].update(epochs=1, batch_size=4)
     config["repeats"] = 1
     path = tmp_path / "seg.yaml"

@@ -35,6 +35,8 @@ def check_parity(path: Path, graph: Graph, tolerance: float, progress: Progress 
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the fp16 graph's cast-related warnings are expected
+    # PyTorch's reference runs between the session's runs: spinning threads would take its cores meanwhile
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     results: dict[str, Any] = {}
     failures: list[str] = []

@@ -268,6 +268,9 @@ def _session(path: Path, device: str, threads: int | None):
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
+    # between batches this process decodes, resamples and writes: threads spinning while they wait for the next
+    # batch would take the cores that work needs (and other model copies' and processes'), as in ctzoo serve
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers: list = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" in ort.get_available_providers():
