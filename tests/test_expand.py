@@ -327,6 +327,8 @@ def test_template_segmenter_trains_from_an_expanded_checkpoint(fetched_samples, 
     cfg = load_seg_config("configs/template_seg_abdomen.yaml")
     cfg = cfg.model_copy(update={
         "baseline_unet": False, "repeats": 1,
+        # a quarter of the recipe's pixels: the expanded weights fit any grid (a fully convolutional network)
+        "data": cfg.data.model_copy(update={"spacing_mm": 6.0, "size": (64, 64), "max_templates": 16}),
         "optim": cfg.optim.model_copy(update={"epochs": 1}),
         "init_from_expansion": ExpansionInit(checkpoint=tmp_path / "expanded.pt")})
     # the clean condition only: the robustness conditions are train_with_baseline's own test's

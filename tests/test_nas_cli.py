@@ -1,4 +1,5 @@
-"""``ctzoo nas``: the analyst's loop from the command line -- search, view, constrain, search --resume."""
+"""``ctzoo nas``: the analyst's loop from the command line -- search, view, constrain, search --resume -- and what
+it writes: candidates.json (every candidate, each iteration with its constraints) and the supernet to resume."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import yaml
 from click.testing import CliRunner
 
 from ctzoo.cli import main
+from ctzoo.nas import Architecture, SearchSpace
+from ctzoo.nas.search import load_supernet
 
 TINY = {"task": "template_seg", "data": {"spacing_mm": 6.0, "size": [64, 64], "val_slices": 4, "max_templates": 8},
         "optim": {"epochs": 1, "batch_size": 4, "num_workers": 0}, "repeats": 1}
@@ -33,13 +36,25 @@ def test_search_view_constrain_and_resume(fetched_samples, tmp_path):
                                        "--candidates", "2", "--device", "cpu"])
     assert second.exit_code == 0, second.output
     document = json.loads((run / "candidates.json").read_text())
-    assert document["candidates"][0]["description"] == "w 1/1/1/1 u 2/2/2/2 k 3/3/3/3 fuse 0,1,2,3 sigmoid"
+    assert document["schema"] == 1 and [i["iteration"] for i in document["iterations"]] == [0, 1]
+    assert all(i["steps"] > 0 for i in document["iterations"])
+    candidates = document["candidates"]
+    assert len(candidates) == 5 and len({c["id"] for c in candidates}) == 5
+    assert candidates[0]["description"] == "w 1/1/1/1 u 2/2/2/2 k 3/3/3/3 fuse 0,1,2,3 sigmoid"
+    assert [c.get("reference", False) for c in candidates[:3]] == [True, False, False]  # scored once
+    assert set(candidates[1]) == {"id", "iteration", "architecture", "description", "vector", "dice", "latency_ms",
+                                  "params", "flops"}
     assert len(document["iterations"][0]["candidates"]) == 3
     assert document["iterations"][1]["constraints"] == {"drop": ["level*.kernel=5"], "lock": ["gate=none"]}
     assert not (run / "constraints.json").exists()  # applied, and recorded with the iteration
-    for candidate in document["candidates"][3:]:
+    space = SearchSpace.from_json(document["space"])
+    for candidate in candidates[3:]:
         assert candidate["architecture"]["gate"] == "none"
         assert all(level["kernel"] == 3 for level in candidate["architecture"]["levels"])
+        architecture = Architecture.from_json(candidate["architecture"])
+        space.check(architecture, constrained=True)
+        assert architecture.id == candidate["id"] and candidate["iteration"] == 1 and 0 <= candidate["dice"] <= 1
+    assert load_supernet(run / "supernet" / "last.pt").space == space  # what --resume continues from
     view = CliRunner().invoke(main, ["nas", "view", str(run)])
     assert view.exit_code == 0 and "5 candidates over 2 iterations" in view.output, view.output
     assert (run / "explorer.html").stat().st_size > 1_000_000

@@ -1,6 +1,6 @@
 """Architecture search over the template segmenter: the search space and its constraints, the supernet and the
-sub-networks extracted from it (same outputs), their cost (ONNX Runtime latency spans the space), and the search
-iterations writing candidates.json."""
+sub-networks extracted from it (same outputs) and their cost (ONNX Runtime latency spans the space). The search
+iterations and their candidates.json: tests/test_nas_cli.py."""
 
 import json
 import math
@@ -24,8 +24,6 @@ from ctzoo.nas import (
     vector_labels,
 )
 from ctzoo.nas.measure import measure
-from ctzoo.training.engine import OptimConfig
-from ctzoo.training.template_seg_task import SegDataConfig, TemplateSegTrainConfig, load_seg_data
 
 SPACE = SearchSpace(base_channels=(8, 16, 32, 64), num_classes=3)
 
@@ -146,36 +144,6 @@ def test_supernet_trains_with_sampled_paths():
         loss.backward()
         optimizer.step()
         assert math.isfinite(loss.item())
-
-
-def test_search_iterations_write_candidates(fetched_samples, tmp_path):
-    from ctzoo.nas.search import architecture_of, load_supernet, search_iteration, space_for
-
-    cfg = TemplateSegTrainConfig(data=SegDataConfig(spacing_mm=6.0, size=(64, 64), val_slices=4, max_templates=8),
-                                 optim=OptimConfig(epochs=1, batch_size=4, num_workers=0), repeats=1)
-    data = load_seg_data(cfg.data)
-    reference = architecture_of(space_for(cfg, len(data.class_names)), cfg.model)  # the config's own network
-    first = search_iteration(cfg, tmp_path, candidates=2, data=data, device="cpu", runs=2, warmup=1,
-                             include=[reference])
-    assert [c["id"] for c in first["candidates"]][0] == reference.id and len(first["candidates"]) == 3
-    assert [c.get("reference", False) for c in first["candidates"]] == [True, False, False]
-    document = search_iteration(cfg, tmp_path, candidates=2, drop=["level*.kernel=5"], lock=["gate=none"],
-                                data=data, device="cpu", runs=2, warmup=1, include=[reference])  # scored once
-    assert document == json.loads((tmp_path / "candidates.json").read_text())
-    assert document["schema"] == 1 and [i["iteration"] for i in document["iterations"]] == [0, 1]
-    assert document["iterations"][1]["constraints"] == {"drop": ["level*.kernel=5"], "lock": ["gate=none"]}
-    assert all(i["steps"] > 0 for i in document["iterations"])
-    candidates = document["candidates"]
-    assert len(candidates) == 5 and len({c["id"] for c in candidates}) == 5
-    assert set(candidates[1]) == {"id", "iteration", "architecture", "description", "vector", "dice", "latency_ms",
-                                  "params", "flops"}
-    space = SearchSpace.from_json(document["space"])
-    for candidate in candidates[3:]:
-        arch = Architecture.from_json(candidate["architecture"])
-        space.check(arch, constrained=True)
-        assert arch.id == candidate["id"] and candidate["iteration"] == 1 and 0 <= candidate["dice"] <= 1
-    resumed = load_supernet(tmp_path / "supernet" / "last.pt")
-    assert resumed.space == space
 
 
 def test_architecture_of_a_config_is_that_network():

@@ -1,6 +1,6 @@
-"""The segmenter through the CLI, as a user runs it: ctzoo train (with the UNet baseline) -> ctzoo zoo publish
-(weights + template bank + card) -> ctzoo infer on the embedded DICOM sample -> NIfTI label map and DICOM SEG
-that agree voxel for voxel and reference the source slices."""
+"""The segmenter through the CLI, as a user runs it: ctzoo train (with the UNet baseline: both runs and their
+comparison under every condition) -> ctzoo zoo publish (weights + template bank + card) -> ctzoo infer on the
+embedded DICOM sample -> NIfTI label map and DICOM SEG that agree voxel for voxel and reference the source slices."""
 
 import json
 
@@ -13,6 +13,8 @@ from click.testing import CliRunner
 from ctzoo.cli import main
 from ctzoo.io import read_volume
 from ctzoo.io.dicom_seg import read_dicom_seg_labels
+
+NAMES = ["liver", "spleen", "stomach", "aorta", "vertebrae"]
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +40,14 @@ def test_train_publish_infer_writes_aligned_nifti_and_dicom_seg(fetched, tmp_pat
     path.write_text(yaml.safe_dump(config))
     result = run("train", path, "--out", tmp_path / "run", "--device", "cpu")
     assert "template copy" in result.output and "unet" in result.output  # the comparison table
-    assert (tmp_path / "run" / "unet" / "best.pt").exists()
+    _assert_the_comparison(path, tmp_path / "run")
 
     monkeypatch.setattr(model_entry("template-seg-abdomen"), "weights_dir", tmp_path / "weights")
     run("zoo", "publish", tmp_path / "run", "--config", path, "--name", "template-seg-abdomen", "--version", "0.0.1")
     card = load_card("template-seg-abdomen")
     assert {"dice_liver", "dice_mean", "dice_mean_unet_baseline", "dice_mean_template_copy_baseline"} <= set(
         card.metrics)
-    assert card.input_spec["classes"] == ["liver", "spleen", "stomach", "aorta", "vertebrae"]
+    assert card.input_spec["classes"] == NAMES
     assert {"templates.safetensors", "templates.json", "model.safetensors"} <= {
         p.name for p in (tmp_path / "weights").iterdir()}
 
@@ -71,3 +73,25 @@ def test_train_publish_infer_writes_aligned_nifti_and_dicom_seg(fetched, tmp_pat
                                       labels)
     else:
         assert not (case / "seg.dcm").exists()
+
+
+def _assert_the_comparison(config, out):
+    """What a template-segmenter run with ``baseline_unet`` writes: both networks' runs, and their comparison (with
+    the template copied as a third row) under every condition, as JSON, a table and an overlay; the same budget."""
+    from ctzoo.models.template_seg import TemplateSegNet, count_parameters
+    from ctzoo.training.template_seg_task import load_seg_config, load_seg_model
+
+    for kind in ("template_seg", "unet"):
+        assert (out / kind / "best.pt").exists() and (out / kind / "metrics.csv").exists()
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved["class_names"] == NAMES
+    rows = {(r["model"], r["condition"]) for r in saved["rows"]}
+    assert rows == {(m, c) for m in ("template_seg", "unet", "template copy")
+                    for c in ("clean", "shift_+100HU", "noise_30HU", "slices_5mm")}
+    params = saved["training"]
+    assert abs(params["unet"]["parameters"] / params["template_seg"]["parameters"] - 1) < 0.1  # same budget
+    table = (out / "comparison.md").read_text()
+    assert "| model | condition | Dice liver |" in table and "| unet | slices_5mm |" in table
+    assert (out / "overlay.png").exists()
+    unet = load_seg_model(load_seg_config(config), out / "unet" / "best.pt", len(NAMES))
+    assert not isinstance(unet, TemplateSegNet) and count_parameters(unet) == params["unet"]["parameters"]

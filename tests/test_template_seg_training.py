@@ -1,5 +1,6 @@
 """Template segmenter on real CT: metrics, configs, a learning run on the TotalSegmentator sample (train on one
-patient, test on another), checkpoint evaluation, and the side-by-side run with the same-budget UNet."""
+patient, test on another) and checkpoint evaluation. The side-by-side run with the same-budget UNet:
+tests/test_template_seg_cli.py."""
 
 import json
 import math
@@ -11,7 +12,7 @@ import torch
 
 from ctzoo.datasets.seg_preprocessing import SegPreprocessing
 from ctzoo.datasets.segmentation import SegCase
-from ctzoo.models.template_seg import TemplateSegNet, count_parameters
+from ctzoo.models.template_seg import TemplateSegNet
 from ctzoo.training.engine import OptimConfig, fit
 from ctzoo.training.seg_evaluation import resample_case_slices, segmentation_metrics
 from ctzoo.training.template_seg_task import (
@@ -24,7 +25,6 @@ from ctzoo.training.template_seg_task import (
     load_seg_config,
     load_seg_data,
     load_seg_model,
-    train_with_baseline,
 )
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -105,27 +105,6 @@ def test_template_segmenter_learns_on_a_held_out_patient(tmp_path, data):
     assert metrics["dice_mean"] == pytest.approx(learned["dice_mean"])
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["split"] == "test"
     assert (tmp_path / "eval" / "overlay.png").stat().st_size > 10_000
-
-
-def test_train_with_baseline_writes_the_comparison(tmp_path, fetched):
-    cfg = TemplateSegTrainConfig(data=SegDataConfig(spacing_mm=6.0, size=(64, 64)),
-                                 model=TemplateSegModelConfig(channels=(8, 16, 32, 64)),
-                                 optim=OptimConfig(epochs=1, batch_size=4, num_workers=0), repeats=1)
-    comparison = train_with_baseline(cfg, tmp_path, device="cpu", progress=False)
-    for kind in ("template_seg", "unet"):
-        assert (tmp_path / kind / "best.pt").exists() and (tmp_path / kind / "metrics.csv").exists()
-    saved = json.loads((tmp_path / "comparison.json").read_text())
-    assert saved["class_names"] == NAMES == comparison["class_names"]
-    rows = {(r["model"], r["condition"]) for r in saved["rows"]}
-    assert rows == {(m, c) for m in ("template_seg", "unet", "template copy")
-                    for c in ("clean", "shift_+100HU", "noise_30HU", "slices_5mm")}
-    params = saved["training"]
-    assert abs(params["unet"]["parameters"] / params["template_seg"]["parameters"] - 1) < 0.1  # same budget
-    table = (tmp_path / "comparison.md").read_text()
-    assert "| model | condition | Dice liver |" in table and "| unet | slices_5mm |" in table
-    assert (tmp_path / "overlay.png").exists()
-    unet = load_seg_model(cfg, tmp_path / "unet" / "best.pt", len(NAMES))
-    assert not isinstance(unet, TemplateSegNet) and count_parameters(unet) == params["unet"]["parameters"]
 
 
 def test_slice_preprocessing_of_the_recipe_fits_the_network():
