@@ -331,7 +331,7 @@ def test_template_segmenter_trains_from_an_expanded_checkpoint(fetched_samples, 
         "data": cfg.data.model_copy(update={"spacing_mm": 6.0, "size": (64, 64), "max_templates": 16}),
         "optim": cfg.optim.model_copy(update={"epochs": 1}),
         "init_from_expansion": ExpansionInit(checkpoint=tmp_path / "expanded.pt")})
-    # the clean condition only: the robustness conditions are train_with_baseline's own test's
+    # the clean condition only: the robustness conditions are tested by tests/test_template_seg_cli.py
     comparison = train_with_baseline(cfg, tmp_path / "run", device="cpu", progress=False,
                                      conditions={"clean": CONDITIONS["clean"]})
     state = torch.load(tmp_path / "run" / "template_seg" / "last.pt", weights_only=False)
