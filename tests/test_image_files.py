@@ -129,3 +129,19 @@ def test_bad_inputs_have_clear_errors(tmp_path):
         read_volume(tmp_path / "4d.nii.gz")
     with pytest.raises(ValueError, match="must be 3-D"):
         Volume(np.zeros((3, 3)), (1, 1, 1))
+
+
+def test_the_package_names_load_on_first_use_and_are_the_submodules_own():
+    """``ctzoo.io`` imports its readers when a name is first asked for (PEP 562): each name in ``__all__`` is the
+    object its submodule defines, ``dir`` lists them, and an unknown name is an AttributeError naming it."""
+    import importlib
+
+    import ctzoo.io
+
+    for name in ctzoo.io.__all__:
+        value = getattr(ctzoo.io, name)
+        assert value is getattr(importlib.import_module(value.__module__), name), name
+        assert value.__module__.startswith("ctzoo.io."), name
+    assert set(ctzoo.io.__all__) <= set(dir(ctzoo.io))
+    with pytest.raises(AttributeError, match="'ctzoo.io' has no attribute 'read_volumes'"):
+        ctzoo.io.read_volumes  # noqa: B018  (the attribute access is the test)

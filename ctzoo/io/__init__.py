@@ -2,48 +2,51 @@
 
 Axis and space conventions are stated once, on :class:`Volume`; LPS<->RAS
 conversion lives only in :mod:`ctzoo.io.orientation`.
+
+The readers import pydicom, SimpleITK and nibabel, about a second of start-up on a small machine. A process that
+needs only :mod:`ctzoo.io.atomic` or :mod:`ctzoo.io.limits` (a secure-map party, a report) should not wait for
+them, so the names below are imported on first use (PEP 562, as :mod:`ctzoo.nas` does for its supernet);
+``from ctzoo.io import Volume`` reads as before.
 """
 
-from ctzoo.io.dicom_scan import (
-    DicomError,
-    DicomWarning,
-    SeriesRules,
-    choose_series,
-    scan_folder,
-)
-from ctzoo.io.dicom_series import read_dicom_series
-from ctzoo.io.dicom_uids import derived_uid, repair_uids
-from ctzoo.io.image_files import (
-    read_itk_image,
-    read_nifti,
-    read_volume,
-    volume_from_sitk,
-    volume_to_sitk,
-    write_volume,
-)
-from ctzoo.io.limits import LimitExceeded, ResourceLimits, UnsafeInput
-from ctzoo.io.reorient import reorient_lps
-from ctzoo.io.volume import DicomSource, Volume
+from __future__ import annotations
 
-__all__ = [
-    "DicomError",
-    "DicomSource",
-    "DicomWarning",
-    "LimitExceeded",
-    "ResourceLimits",
-    "SeriesRules",
-    "UnsafeInput",
-    "Volume",
-    "choose_series",
-    "derived_uid",
-    "read_dicom_series",
-    "read_itk_image",
-    "read_nifti",
-    "read_volume",
-    "reorient_lps",
-    "repair_uids",
-    "scan_folder",
-    "volume_from_sitk",
-    "volume_to_sitk",
-    "write_volume",
-]
+import importlib
+
+#: Each public name and the submodule that defines it.
+_SUBMODULE_OF = {
+    "DicomError": "dicom_scan",
+    "DicomWarning": "dicom_scan",
+    "SeriesRules": "dicom_scan",
+    "choose_series": "dicom_scan",
+    "scan_folder": "dicom_scan",
+    "read_dicom_series": "dicom_series",
+    "derived_uid": "dicom_uids",
+    "repair_uids": "dicom_uids",
+    "read_itk_image": "image_files",
+    "read_nifti": "image_files",
+    "read_volume": "image_files",
+    "volume_from_sitk": "image_files",
+    "volume_to_sitk": "image_files",
+    "write_volume": "image_files",
+    "LimitExceeded": "limits",
+    "ResourceLimits": "limits",
+    "UnsafeInput": "limits",
+    "reorient_lps": "reorient",
+    "DicomSource": "volume",
+    "Volume": "volume",
+}
+
+__all__ = sorted(_SUBMODULE_OF)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _SUBMODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_SUBMODULE_OF[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBMODULE_OF})
