@@ -91,7 +91,6 @@ def test_a_command_imports_only_what_it_uses():
     assert unknown.exit_code == 2 and "No such command 'nosuch'" in unknown.output
 
 
-
 def test_a_secure_map_party_starts_without_torch_or_the_image_readers():
     """A party (keys, site files, MPyC) needs :mod:`ctzoo.io.atomic`, not the readers behind ``ctzoo.io``'s
     names: those load on first use, so pydicom, SimpleITK and nibabel (about 1 s) stay out, as torch does."""
@@ -99,6 +98,7 @@ def test_a_secure_map_party_starts_without_torch_or_the_image_readers():
     code = f"import sys, ctzoo.smap.party; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
 
 def test_ctzoo_help_lists_every_command_without_importing_one():
     """``ctzoo --help`` shows the summaries of :data:`COMMANDS`, which must be the commands' own."""

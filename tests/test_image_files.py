@@ -131,9 +131,10 @@ def test_bad_inputs_have_clear_errors(tmp_path):
         Volume(np.zeros((3, 3)), (1, 1, 1))
 
 
-def test_the_package_names_load_on_first_use_and_are_the_submodules_own():
-    """``ctzoo.io`` imports its readers when a name is first asked for (PEP 562): each name in ``__all__`` is the
-    object its submodule defines, ``dir`` lists them, and an unknown name is an AttributeError naming it."""
+def test_every_name_of_the_package_is_its_submodules_own():
+    """``ctzoo.io``'s names, imported on first use (PEP 562; ``test_cli.py`` shows that a secure-map party never
+    loads them), are the objects their submodules define; ``dir`` lists them; an unknown name is an AttributeError
+    naming it."""
     import importlib
 
     import ctzoo.io
