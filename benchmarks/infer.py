@@ -431,6 +431,9 @@ def main() -> None:
     memory_kept = keep_freed_memory()
     tqdm.tqdm.monitor_interval = 0
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.preprocess_on == "model" and backends != ["torch"]:
+        # checked before the input is built, as ctzoo infer does: ONNX Runtime takes its inputs from the CPU
+        parser.error("--preprocess-on model feeds the PyTorch model on its device: use it with --backends torch")
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(prefix="ctzoo-bench-infer-") as tmp:
