@@ -197,6 +197,23 @@ def test_recist_conversions_by_hand():
     np.testing.assert_allclose(recist_centre(np.array([[0, 0], [10, 0], [0, 2], [10, 2]], float)), [5, 1])
 
 
+def test_lesion_free_slices_keep_away_from_noisy_lesions_and_out_of_evaluation(tmp_path):
+    """A dropped noisy lesion is still a lesion: no lesion-free slice is drawn next to it. Val and test are scored
+    on their key slices alone (DeepLesion's protocol) unless lesion-free slices are asked for."""
+    kept = lesion_row(slice_range=(4, 20))
+    noisy = lesion_row(slice_range=(4, 20), file_name="000007_02_01_005.png", key_slice_index=5, possibly_noisy=True)
+    rows = [kept, noisy]
+    negatives = [i for i in key_slice_items(rows, "train", negatives_per_series=20) if not i["lesions"]]
+    # 14 mm (half the 8 mm long axis + 10 mm) at 2.5 mm/slice from slices 12 and 5: only 18..20 are far from both
+    assert [int(i["file_name"][-7:-4]) for i in negatives] == [18, 19, 20]
+
+    test = lesion_row(slice_range=(4, 20), file_name="000008_01_01_012.png", patient_index=8, train_val_test=3)
+    write_dl_info([kept, test], tmp_path / "DL_info.csv")
+    cfg = DeepLesionConfig(root=tmp_path, negatives_per_series=1)
+    assert [len(deeplesion_dataset(cfg, split)) for split in ("train", "test", "all")] == [2, 1, 4]
+    assert len(deeplesion_dataset(cfg, "test", lesion_free_per_series=1)) == 2
+
+
 def test_dataset_groups_lesions_and_loads_with_workers(tmp_path):
     first = lesion_row(slice_range=(4, 20))
     second = lesion_row(slice_range=(4, 20), measurement_coordinates=(5.0, 5.0, 9.0, 5.0, 7.0, 4.0, 7.0, 6.0),

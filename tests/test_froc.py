@@ -183,14 +183,14 @@ def test_table_and_dict():
     detections, gts = _worked_inputs()
     result = froc(detections, gts)
     table = result.table()
-    assert "3 images, 4 lesions" in table and "mean 0.5-4" in table
+    assert "3 images (1 lesion-free), 4 lesions" in table and "mean 0.5-4" in table
     rows = table.splitlines()
     assert rows[2].split()[2:] == ["50.00", "75.00", "100.00", "100.00", "100.00", "100.00", "81.25"]
     assert len(rows[1]) == len(rows[2])  # aligned
     data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert data["sensitivities"] == [0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
     assert data["axis_errors_mm"]["count"] == 0 and data["axis_errors_mm"]["long_mean"] is None
-    assert len(data["curve_fps"]) == 10 and data["num_images"] == 3
+    assert len(data["curve_fps"]) == 10 and data["num_images"] == 3 and data["num_lesion_free"] == 1
 
 
 def test_plot_froc_writes_a_png_atomically(tmp_path, monkeypatch):

@@ -14,7 +14,12 @@ from ctzoo.datasets.seg_preprocessing import SegPreprocessing
 from ctzoo.datasets.segmentation import SegCase
 from ctzoo.models.template_seg import TemplateSegNet
 from ctzoo.training.engine import OptimConfig, fit
-from ctzoo.training.seg_evaluation import resample_case_slices, segmentation_metrics
+from ctzoo.training.seg_evaluation import (
+    comparison_markdown,
+    missed_classes,
+    resample_case_slices,
+    segmentation_metrics,
+)
 from ctzoo.training.template_seg_task import (
     SegDataConfig,
     TemplateSegModelConfig,
@@ -55,6 +60,12 @@ def test_metrics_per_class_and_absent_classes():
     assert values["dice_a"] == pytest.approx(0.75) and values["hd95_a"] == pytest.approx(3.0)  # in mm
     assert values["dice_b"] == 0.0 and math.isnan(values["hd95_b"])
     assert "b: never predicted (Dice 0, HD95 nan)" in notes
+    # the mean HD95 cannot measure b: how many such classes it left out is shown beside it
+    assert missed_classes(values, ["a", "b", "c"]) == ["b"] and missed_classes(perfect, ["a", "b", "c"]) == []
+    row = {"model": "m", "condition": "clean", "dice_a": 0.75, "dice_b": 0.0, "dice_c": math.nan,
+           "dice_mean": 0.375, "hd95_mean": 3.0, "hd95_missed": 1, "parameters": 10}
+    assert "| 0.375 | 3.0 (1 missed) | 10 |" in comparison_markdown([row], ["a", "b", "c"])
+    assert "| 0.375 | 3.0 | 10 |" in comparison_markdown([{**row, "hd95_missed": 0}], ["a", "b", "c"])
 
 
 def test_resample_case_slices(sample_volume):

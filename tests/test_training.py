@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from ctzoo.cli import main
 from ctzoo.cli.zoo import zoo
 from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
+from ctzoo.datasets.deeplesion.info_csv import read_dl_info
 from ctzoo.inference.backends import TorchDetector
 from ctzoo.inference.recist_volume import SliceDetection, merge_across_slices
 from ctzoo.inference.tasks import detector_task, run_task
@@ -218,6 +219,41 @@ def test_eval_writes_froc_table_and_curve(mini, tmp_path):
         assert (tmp_path / "eval" / picture).stat().st_size > 1000
     detections = json.loads((tmp_path / "eval" / "detections.json").read_text())
     assert {d["file_name"] for d in detections}
+    # DeepLesion's protocol: the test split's key slices alone, although the config adds lesion-free slices to
+    # training; asked for, they are scored too, and the table says how many there were
+    rows = read_dl_info(mini / "DL_info.csv")
+    key_slices = {r.file_name for r in rows if r.split == "test" and not r.possibly_noisy}
+    assert {d["file_name"] for d in detections} == key_slices
+    assert froc["num_images"] == len(key_slices) and froc["num_lesion_free"] == 0
+    assert froc["lesion_free_per_series"] == 0
+    with_free = CliRunner().invoke(main, ["eval", str(config), "--checkpoint", str(tmp_path / "run" / "last.pt"),
+                                          "--lesion-free-per-series", "1", "--out", str(tmp_path / "eval-free")])
+    assert with_free.exit_code == 0, with_free.output
+    free = json.loads((tmp_path / "eval-free" / "froc.json").read_text())
+    assert free["num_images"] == len(key_slices) + free["num_lesion_free"] and free["num_lesion_free"] > 0
+    assert f"({free['num_lesion_free']} lesion-free)" in with_free.output
+
+
+def test_eval_prepares_slices_as_the_model_was_trained(mini, tmp_path, caplog):
+    """A config whose preprocessing differs from the checkpoint's (coarser spacing, windows swapped) scores the
+    checkpoint exactly as its own config does, and says which settings it overrode."""
+    config = tiny_config(tmp_path, mini, epochs=1)
+    run_train(config, "--out", tmp_path / "run")
+    other = yaml.safe_load(config.read_text())
+    other["data"] |= {"norm_spacing_mm": 1.6, "window_hu": [-160, 240]}
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    froc = {}
+    for name in ("tiny", "other"):
+        result = CliRunner().invoke(main, ["eval", str(tmp_path / f"{name}.yaml"), "--checkpoint",
+                                           str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        froc[name] = json.loads((tmp_path / name / "froc.json").read_text())
+    assert froc["other"]["preprocessing"] == froc["tiny"]["preprocessing"]
+    assert froc["tiny"]["preprocessing"]["norm_spacing_mm"] == 0.8
+    assert froc["other"]["curve_sensitivity"] == froc["tiny"]["curve_sensitivity"]
+    assert froc["other"]["curve_fps"] == froc["tiny"]["curve_fps"]
+    said = [r.getMessage() for r in caplog.records if "model's own preprocessing" in r.getMessage()]
+    assert len(said) == 1 and "norm_spacing_mm: 0.8 (config: 1.6)" in said[0], said
 
 
 def test_volume_detections_do_not_depend_on_storage_orientation(sample_volume):

@@ -140,14 +140,18 @@ def train(config: Path, out: Path, resume: bool, epochs: int | None, data_root: 
                    "(end points + centre, geometric grouping); centre = centre-heatmap peaks with regressed end "
                    "points (CenterNet-style); both = their union (the zoo's default); all = the three, from one "
                    "forward pass (the ablation), 'both' written as detections.")
+@click.option("--lesion-free-per-series", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Detectors: also score this many lesion-free context slices per series (every detection on "
+                   "them is a false positive). 0 keeps DeepLesion's protocol, which published figures use.")
 @_DATA_ROOT
 @_DEVICE
 def evaluate(config: Path, checkpoint: Path | None, model_name: str | None, split: str, out: Path, decode: str,
-             data_root: Path | None, device: str) -> None:
+             lesion_free_per_series: int, data_root: Path | None, device: str) -> None:
     """Score a model on a split: detectors (RECIST-Net) by FROC, segmenters by Dice and HD95.
 
     \b
-    Detectors, DeepLesion's protocol: FROC over the split's key slices.
+    Detectors, DeepLesion's protocol: FROC over the split's key slices, each prepared as the
+    model was trained (its checkpoint's or card's preprocessing; the config gives the data).
     Noisy lesions are excluded; all detections are pooled into one FROC curve; a hit is box
     IoU >= 0.5 (VOC +1 convention); a second hit on a found lesion counts as neither; sensitivity
     at 0.5, 1, 2, 4, 8, 16 false positives per image and the mean over 0.5-4; for hits, the
@@ -169,7 +173,8 @@ def evaluate(config: Path, checkpoint: Path | None, model_name: str | None, spli
     try:
         decodes = ("both", "grouping", "centre") if decode == "all" else (decode,)
         result = evaluate_recistnet(config, out, split, checkpoint=checkpoint, model_name=model_name,
-                                    data_root=data_root, device=device, decodes=decodes)
+                                    data_root=data_root, device=device, decodes=decodes,
+                                    lesion_free_per_series=lesion_free_per_series)
     except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
         raise click.ClickException(str(exc)) from exc
     report = json.loads((out / "froc.json").read_text())

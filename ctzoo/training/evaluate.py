@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ctzoo.datasets.deeplesion.dataset import deeplesion_dataloader, deeplesion_dataset
+from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing, deeplesion_dataloader, deeplesion_dataset
 from ctzoo.datasets.keypoint_transforms import recist_eval_transforms
 from ctzoo.models.recistnet import RecistNet
 from ctzoo.scaling.zoo_expand import checkpoint_network
@@ -22,26 +23,49 @@ from ctzoo.training.engine import pick_device
 from ctzoo.training.froc import FrocResult, plot_froc
 from ctzoo.training.recistnet_task import evaluate_decodings, load_train_config
 
+log = logging.getLogger(__name__)
 
-def load_recistnet(checkpoint: Path | None, model_name: str | None, in_channels: int, model_cfg: dict,
-                   device: torch.device) -> RecistNet:
-    """A RECIST-Net in eval mode from a training checkpoint (its own config wins) or from the zoo."""
+
+def load_recistnet(checkpoint: Path | None, model_name: str | None, preprocessing: SlicePreprocessing,
+                   model_cfg: dict, device: torch.device) -> tuple[RecistNet, SlicePreprocessing]:
+    """A RECIST-Net in eval mode from a training checkpoint or from the zoo, and the slice preprocessing it was
+    trained with: the checkpoint's ``train_config`` or the zoo card's; ``preprocessing`` and ``model_cfg`` (the
+    eval config's) only where a checkpoint records none. A model scored on other input than it learnt from
+    would lose its sensitivity without a word."""
     if model_name is not None:
-        from ctzoo.models import create_model
+        from ctzoo.models import create_model, load_bundle
 
-        return create_model(model_name, pretrained=True).to(device).eval()
+        own = load_bundle(model_name).preprocessing
+        return create_model(model_name, pretrained=True).to(device).eval(), own
     state = torch.load(checkpoint, map_location=device, weights_only=False)
-    saved = state.get("train_config", {}).get("model", model_cfg)
-    model = checkpoint_network(state, lambda: RecistNet(in_channels=in_channels, **saved))
+    saved = state.get("train_config", {})
+    fields = SlicePreprocessing.model_fields
+    own = SlicePreprocessing.model_validate({**{k: getattr(preprocessing, k) for k in fields},
+                                             **{k: v for k, v in saved.get("data", {}).items() if k in fields}})
+    model = checkpoint_network(state, lambda: RecistNet(in_channels=own.in_channels,
+                                                        **saved.get("model", model_cfg)))
     model.load_state_dict(state["model"])
-    return model.to(device).eval()
+    return model.to(device).eval(), own
+
+
+def _differences(config: SlicePreprocessing, own: SlicePreprocessing) -> str:
+    """What of the eval config's preprocessing the model's own overrides, as "field: own (config: value)"."""
+    mine, theirs = own.model_dump(), config.model_dump()
+    return "; ".join(f"{k}: {mine[k]} (config: {theirs[k]})" for k in SlicePreprocessing.model_fields
+                     if mine[k] != theirs[k])
 
 
 def evaluate_recistnet(config: Path, out: Path, split: str = "test", checkpoint: Path | None = None,
                        model_name: str | None = None, data_root: Path | None = None,
-                       device: str = "auto", decodes: tuple[str, ...] = ("both",)) -> FrocResult:
+                       device: str = "auto", decodes: tuple[str, ...] = ("both",),
+                       lesion_free_per_series: int = 0) -> FrocResult:
     """Score ``split`` and write ``froc.json``, ``froc.png``, ``reliability.png`` and ``detections.json`` into
     ``out``; return the FROC result of the first of ``decodes``.
+
+    DeepLesion's protocol: the split's key slices, each slice prepared as the model was trained (its own
+    preprocessing, whatever the config says; the config gives the data, ``eval_size``, ``max_lesions`` and
+    ``min_score``). ``lesion_free_per_series`` adds that many lesion-free context slices per series, whose every
+    detection is a false positive (on real DeepLesion they may hold lesions nobody marked).
 
     Every mode of ``decodes`` (:data:`ctzoo.models.recist_grouping.DECODE_MODES`) is scored from the same forward
     passes; the first one's detections are written, its reliability (ECE) and operating points (score thresholds
@@ -51,8 +75,12 @@ def evaluate_recistnet(config: Path, out: Path, split: str = "test", checkpoint:
     """
     cfg = load_train_config(config, data_root)
     dev = pick_device(device)
-    model = load_recistnet(checkpoint, model_name, cfg.data.in_channels, cfg.model.model_dump(), dev)
-    dataset = deeplesion_dataset(cfg.data, split, transform=recist_eval_transforms(cfg.eval_size))
+    model, own = load_recistnet(checkpoint, model_name, cfg.data, cfg.model.model_dump(), dev)
+    if differences := _differences(cfg.data, own):
+        log.warning("scoring with the model's own preprocessing, not the config's: %s", differences)
+    data = cfg.data.model_copy(update=own.model_dump())
+    dataset = deeplesion_dataset(data, split, transform=recist_eval_transforms(cfg.eval_size),
+                                 lesion_free_per_series=lesion_free_per_series)
     loader = deeplesion_dataloader(dataset, batch_size=4, shuffle=False, num_workers=0)
     scored = evaluate_decodings(model, loader, dev, tuple(dict.fromkeys(decodes)), cfg.max_lesions, cfg.min_score)
     primary = decodes[0]
@@ -62,7 +90,8 @@ def evaluate_recistnet(config: Path, out: Path, split: str = "test", checkpoint:
     source = str(checkpoint or model_name)
     out.mkdir(parents=True, exist_ok=True)
     (out / "froc.json").write_text(json.dumps({
-        "split": split, "source": source, "decode": primary, **result.to_dict(),
+        "split": split, "source": source, "decode": primary, "preprocessing": own.model_dump(mode="json"),
+        "lesion_free_per_series": lesion_free_per_series, **result.to_dict(),
         "decodes": {mode: found.to_dict() for mode, (found, _, _) in scored.items()},
         "calibration": calibration,
         "operating_points": operating_points(detections, truth)}, indent=2))

@@ -173,14 +173,16 @@ class FrocResult:
     axis_errors_mm: dict = field(default_factory=dict)
     iou_threshold: float = 0.5
     num_detections: int = 0
+    num_lesion_free: int = 0  # images without a lesion (DeepLesion's key-slice protocol has none)
 
     def table(self) -> str:
         """An aligned text table: sensitivity (%) at each report point, the 0.5-4 mean, axis errors."""
         heads = [f"{f:g}" for f in self.fps_per_image] + ["mean 0.5-4"]
         cells = [f"{100 * s:.2f}" for s in self.sensitivities] + [f"{100 * self.mean_sensitivity_0p5_to_4:.2f}"]
         widths = [max(len(h), len(c)) for h, c in zip(heads, cells)]
-        lines = [f"FROC, IoU >= {self.iou_threshold:g}: {self.num_images} images, {self.num_lesions} lesions, "
-                 f"{self.num_detections} detections",
+        lesion_free = f" ({self.num_lesion_free} lesion-free)" if self.num_lesion_free else ""
+        lines = [f"FROC, IoU >= {self.iou_threshold:g}: {self.num_images} images{lesion_free}, {self.num_lesions} "
+                 f"lesions, {self.num_detections} detections",
                  "FPs per image    " + "  ".join(h.rjust(w) for h, w in zip(heads, widths)),
                  "Sensitivity (%)  " + "  ".join(c.rjust(w) for c, w in zip(cells, widths))]
         ax = self.axis_errors_mm
@@ -199,7 +201,8 @@ class FrocResult:
                 "curve_sensitivity": np.asarray(self.curve_sensitivity, dtype=float).tolist(),
                 "num_images": int(self.num_images), "num_lesions": int(self.num_lesions),
                 "axis_errors_mm": {k: clean(v) for k, v in self.axis_errors_mm.items()},
-                "iou_threshold": float(self.iou_threshold), "num_detections": int(self.num_detections)}
+                "iou_threshold": float(self.iou_threshold), "num_detections": int(self.num_detections),
+                "num_lesion_free": int(self.num_lesion_free)}
 
 
 def froc(detections: list[dict], ground_truth: list[dict], iou_threshold: float = 0.5, fps=REPORT_FPS,
@@ -210,21 +213,22 @@ def froc(detections: list[dict], ground_truth: list[dict], iou_threshold: float 
     ``{"boxes": (D, 4) x1, y1, x2, y2, "scores": (D,), "diameters_mm": (D, 2) long, short (optional)}``
     and ``{"boxes": (G, 4), "diameters_mm": (G, 2) (optional)}``. Images without lesions (G = 0) are
     allowed and count in the FP-rate denominator (number of images); each of their detections is a FP.
-    DeepLesion's official test set has none; the miniature has such negatives. Raises ValueError when
-    there is no lesion at all. Ties in score keep image order, then detection order (a stable sort;
+    DeepLesion's official test set has none, nor do ctzoo's val and test sets unless asked for. Raises
+    ValueError when there is no lesion at all. Ties in score keep image order, then detection order (a stable sort;
     NIH's ``argsort()[::-1]`` leaves tie order unspecified). ``match``: see :func:`froc_curve`.
     Interpolation, including beyond the curve's end: see :func:`sensitivity_at`.
     """
     curve_fps, curve_sens, hits = froc_curve(detections, ground_truth, iou_threshold, match)
     report = sensitivity_at(curve_fps, curve_sens, fps)
+    lesions_per_image = [len(_as_boxes(g.get("boxes", ()), "gt")) for g in ground_truth]
     return FrocResult(
         fps_per_image=[float(f) for f in np.asarray(fps, dtype=float).reshape(-1)],
         sensitivities=[float(s) for s in report],
         mean_sensitivity_0p5_to_4=float(np.mean(sensitivity_at(curve_fps, curve_sens, MEAN_FPS))),
         curve_fps=curve_fps, curve_sensitivity=curve_sens, num_images=len(ground_truth),
-        num_lesions=sum(len(_as_boxes(g.get("boxes", ()), "gt")) for g in ground_truth),
-        axis_errors_mm=_axis_errors(hits, detections, ground_truth),
-        iou_threshold=float(iou_threshold), num_detections=len(curve_fps) - 1)
+        num_lesions=sum(lesions_per_image), axis_errors_mm=_axis_errors(hits, detections, ground_truth),
+        iou_threshold=float(iou_threshold), num_detections=len(curve_fps) - 1,
+        num_lesion_free=lesions_per_image.count(0))
 
 
 def plot_froc(result, path: str | Path) -> Path:

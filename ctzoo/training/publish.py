@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
 from ctzoo.datasets.samples import REAL_CT_SCANS, real_ct_scan
 from ctzoo.models import Metric, ModelCard, TrainingInfo, model_entry, save_pretrained
 from ctzoo.models.registry import OperatingPoint
@@ -98,9 +97,9 @@ def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, spli
     as_written = load_train_config(config)  # the card names the config's own data root, not a local override
     checkpoint = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model_config = {"in_channels": cfg.data.in_channels, **state.get("train_config", {}).get("model",
-                                                                                          cfg.model.model_dump())}
-    model = load_recistnet(checkpoint, None, cfg.data.in_channels, cfg.model.model_dump(), torch.device("cpu"))
+    model, own = load_recistnet(checkpoint, None, cfg.data, cfg.model.model_dump(), torch.device("cpu"))
+    model_config = {"in_channels": own.in_channels, **state.get("train_config", {}).get("model",
+                                                                                     cfg.model.model_dump())}
     result = evaluate_recistnet(config, run_dir / f"eval-{split}", split, checkpoint=checkpoint,
                                 data_root=data_root, device="cpu")
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
@@ -115,8 +114,7 @@ def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, spli
         name=name, version=version, task=entry.task, description=entry.description,
         architecture=f"RecistNet({', '.join(f'{k}={v!r}' for k, v in model_config.items())})",
         parameters=sum(p.numel() for p in model.parameters()),
-        input_spec={k: v for k, v in cfg.data.model_dump().items() if k in SlicePreprocessing.model_fields}
-        | {"size_multiple": 32},
+        input_spec=own.model_dump() | {"size_multiple": 32},
         training=TrainingInfo(data=f"DeepLesion-format miniature at {as_written.data.root} (split train)",
                               config_file=str(config),
                               command=command or f"ctzoo data make-deeplesion-mini {as_written.data.root}"
@@ -177,6 +175,8 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
     metrics = {f"dice_{c}": Metric(value=round(mine[f"dice_{c}"], 4), split="test") for c in names}
     metrics["dice_mean"] = Metric(value=round(mine["dice_mean"], 4), split="test")
     metrics["hd95_mean_mm"] = Metric(value=round(mine["hd95_mean"], 2), split="test")
+    if "hd95_missed" in mine:  # the organs that mean could not measure: the model never predicted them
+        metrics["hd95_missed_classes"] = Metric(value=mine["hd95_missed"], split="test")
     for other in ("unet", "template copy"):
         if other in clean:
             metrics[f"dice_mean_{other.replace(' ', '_')}_baseline"] = Metric(value=round(clean[other]["dice_mean"], 4),

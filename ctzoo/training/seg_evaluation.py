@@ -8,7 +8,9 @@ in-plane) with its true voxel spacing in mm (z, row, column).
 
 Absent classes: a class absent from the truth is not scorable (Dice and HD95 nan); a class present in the truth
 but never predicted has Dice 0 and HD95 nan (no surface to measure); every such case is listed under ``notes``.
-Means over classes skip nan.
+Means over classes skip nan, so the mean HD95 covers the classes found: ``hd95_missed`` counts the (case, class)
+pairs it leaves out, and belongs beside it wherever it is shown (a model that misses an organ must not look
+closer than one that finds it in the wrong place).
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ def segmentation_metrics(predicted: torch.Tensor, truth: torch.Tensor, class_nam
     return values, notes
 
 
+def missed_classes(values: Mapping[str, float], class_names: Sequence[str]) -> list[str]:
+    """The classes of :func:`segmentation_metrics` ``values`` in the truth but never predicted (Dice 0, HD95 nan)."""
+    return [c for c in class_names if values[f"dice_{c}"] == 0 and math.isnan(values[f"hd95_{c}"])]
+
+
 def _nanmean(values: Sequence[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else math.nan
@@ -101,7 +108,8 @@ def evaluate_segmenter(model: torch.nn.Module, cases: Sequence[SegCase], prep: S
     :class:`TemplateSegNet` (ignored by a plain segmenter). ``copy_template``: score the nearest template's masks
     instead of the model's output (the no-network baseline). ``hu_transform`` perturbs the HU slices before
     windowing. Returns ``{"dice_<c>", "hd95_<c>", "dice_mean", "hd95_mean"}`` (per class: mean over cases,
-    nan skipped) plus ``"cases"`` (the same per case) and ``"notes"``.
+    nan skipped) and ``"hd95_missed"`` (classes in a case's truth that the model never predicted), plus ``"cases"``
+    (the same per case) and ``"notes"``.
     """
     num_classes = model.num_classes if isinstance(model, TemplateSegNet) else model.out_channels - 1
     class_names = list(class_names or [f"class_{c}" for c in range(1, num_classes + 1)])
@@ -118,12 +126,14 @@ def evaluate_segmenter(model: torch.nn.Module, cases: Sequence[SegCase], prep: S
         truth = labels_to_slices(case.labels, case.image, geometry)
         values, case_notes = segmentation_metrics(predicted, truth, class_names, geometry.spacing_zyx, hd95)
         per_case[case.name] = {**values, "dice_mean": _nanmean([values[f"dice_{c}"] for c in class_names]),
-                               "hd95_mean": _nanmean([values[f"hd95_{c}"] for c in class_names])}
+                               "hd95_mean": _nanmean([values[f"hd95_{c}"] for c in class_names]),
+                               "hd95_missed": len(missed_classes(values, class_names))}
         notes += [f"{case.name}: {note}" for note in case_notes]
     keys = [f"{m}_{c}" for m in ("dice", "hd95") for c in class_names] + ["dice_mean", "hd95_mean"]
     summary: dict[str, Any] = {key: _nanmean([v[key] for v in per_case.values()]) for key in keys}
     summary["dice_mean"] = _nanmean([summary[f"dice_{c}"] for c in class_names])
     summary["hd95_mean"] = _nanmean([summary[f"hd95_{c}"] for c in class_names])
+    summary["hd95_missed"] = sum(v["hd95_missed"] for v in per_case.values())
     return {**summary, "cases": per_case, "notes": notes}
 
 
@@ -214,6 +224,12 @@ def middle_slice_overlay(models: Mapping[str, tuple[torch.nn.Module, bool]], cas
                             f"{case.name}, slice {k} of {len(slices)} (LPS axial)")
 
 
+def hd95_with_misses(mean_mm: float | None, missed: int) -> str:
+    """A mean HD95 as shown: with the classes it could not measure (never predicted), when there are any."""
+    shown = "nan" if mean_mm is None or math.isnan(mean_mm) else f"{mean_mm:.1f}"
+    return f"{shown} ({missed} missed)" if missed else shown
+
+
 def comparison_markdown(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str],
                         conditions: Mapping[str, Condition] = CONDITIONS) -> str:
     """Markdown table: one row per (model, condition) with per-class Dice, mean Dice, mean HD95 and parameters."""
@@ -225,7 +241,8 @@ def comparison_markdown(rows: Sequence[Mapping[str, Any]], class_names: Sequence
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["model"], row["condition"], *[number(row[f"dice_{c}"], 3) for c in class_names],
-                 number(row["dice_mean"], 3), number(row["hd95_mean"], 1), f"{row['parameters']:,}"]
+                 number(row["dice_mean"], 3), hd95_with_misses(row["hd95_mean"], row.get("hd95_missed", 0)),
+                 f"{row['parameters']:,}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "Conditions:", *[f"* `{name}`: {c.description}" for name, c in conditions.items()]]
     return "\n".join(lines) + "\n"

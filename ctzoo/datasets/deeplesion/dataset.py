@@ -204,17 +204,21 @@ def key_slice_items(rows: list[LesionRow], split: Split = "all", drop_noisy: boo
                     negatives_per_series: int = 0) -> list[dict[str, Any]]:
     """Group lesion rows by key slice (File_name) into dataset items; add lesion-free slices if asked.
 
-    The official patient-level split is Train_Val_Test (1 train, 2 val, 3 test).
+    The official patient-level split is Train_Val_Test (1 train, 2 val, 3 test). Dropped noisy lesions still keep
+    lesion-free slices away from them: they are lesions, only their marks are doubtful.
     """
     wanted = set(SPLITS) if split == "all" else {k for k, name in SPLITS.items() if name == split}
-    by_image: dict[str, list[LesionRow]] = defaultdict(list)
+    annotated: dict[str, list[LesionRow]] = defaultdict(list)  # every lesion of the split, noisy ones too
+    by_image: dict[str, list[LesionRow]] = defaultdict(list)  # the lesions to learn and score
     for row in rows:
-        if row.train_val_test in wanted and not (drop_noisy and row.possibly_noisy):
-            by_image[row.file_name].append(row)
+        if row.train_val_test in wanted:
+            annotated[row.file_name].append(row)
+            if not (drop_noisy and row.possibly_noisy):
+                by_image[row.file_name].append(row)
     items = [{"file_name": name, "split": lesions[0].split, "context_row": lesions[0], "lesions": lesions}
              for name, lesions in sorted(by_image.items())]
     if negatives_per_series:
-        items += negative_items(by_image, negatives_per_series)
+        items += negative_items(annotated, negatives_per_series)
     return items
 
 
@@ -248,14 +252,22 @@ def patient_rows(csv_path: str | Path, patients: set[int] | None = None) -> list
 
 def deeplesion_dataset(cfg: DeepLesionConfig, split: Split = "train", transform: Transform | None = None,
                        cache: bool = False, num_workers: int = 0, copy_cache: bool = True,
-                       resample: bool = True, patients: set[int] | None = None) -> Dataset:
+                       resample: bool = True, patients: set[int] | None = None,
+                       lesion_free_per_series: int | None = None) -> Dataset:
     """A MONAI ``Dataset`` (or ``CacheDataset`` when ``cache``: loading and resampling are cached, random
     ``transform`` steps still run per epoch) over the key slices of ``split``. ``copy_cache=False`` hands
     ``transform`` the cached sample itself instead of a deep copy: only for a transform that never writes into its
     input. ``resample=False``: samples hold HU planes at the original pixel size (:class:`LoadDeepLesiond`), read
-    on demand unless cached. ``patients``: only these patients' key slices (a site's share of the CSV)."""
+    on demand unless cached. ``patients``: only these patients' key slices (a site's share of the CSV).
+
+    ``lesion_free_per_series``: lesion-free context slices added per series. By default ``cfg.negatives_per_series``
+    for ``train`` and ``all``, none for ``val`` and ``test``: those are scored on their key slices alone, DeepLesion's
+    protocol, so that FROC figures compare with published ones (and an unmarked lesion on a context slice cannot
+    count as a false positive)."""
+    if lesion_free_per_series is None:
+        lesion_free_per_series = cfg.negatives_per_series if split in ("train", "all") else 0
     items = key_slice_items(patient_rows(cfg.root / cfg.info_csv, patients), split, cfg.drop_noisy,
-                            cfg.negatives_per_series)
+                            lesion_free_per_series)
     if not items:
         raise ValueError(f"{cfg.root / cfg.info_csv}: no key slices in split {split!r}"
                          + ("" if patients is None else f" of patients {sorted(patients)}"))
