@@ -279,6 +279,38 @@ def test_duplicate_file_ignored_and_conflicting_slice_refused(tmp_path):
         read_volume(tmp_path, progress=False)
 
 
+def _blank_instance_uids(path, also_file_meta=False):
+    """Blank the file's SOPInstanceUID as the sample's anonymiser did (and its file meta's copy too if asked)."""
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ""
+    if also_file_meta:
+        ds.file_meta.MediaStorageSOPInstanceUID = ""
+    ds.save_as(path)
+
+
+@pytest.mark.parametrize("also_file_meta", [False, True], ids=["uid-in-file-meta", "no-uid-at-all"])
+def test_copies_of_anonymised_files_are_one_series_and_a_different_slice_there_is_refused(tmp_path, also_file_meta):
+    """SOPInstanceUID blank (the sample's anonymisation): a file's instance is the file meta's
+    MediaStorageSOPInstanceUID, or without one its bytes. Every file copied once under another name reads as the
+    series with one note; another slice moved onto a taken position is still refused, naming both files."""
+    spec = SeriesSpec(make_slices(4))
+    paths = write_series(tmp_path, spec)
+    for path in paths:
+        _blank_instance_uids(path, also_file_meta)
+        shutil.copy(path, path.with_name(f"{path.stem}_copy.dcm"))
+    with pytest.warns(DicomWarning, match=r"4 duplicate file\(s\) ignored .*IMG0000_copy.dcm duplicates "
+                                          r".*IMG0000.dcm, and 3 more"):
+        volume = read_volume(tmp_path, progress=False)
+    assert_matches_spec(volume, spec)
+    assert volume.dicom.files == [str(path) for path in paths]
+    assert len(set(volume.dicom.sop_instance_uids)) == 4
+    other = pydicom.dcmread(paths[2])
+    other.ImagePositionPatient = pydicom.dcmread(paths[1]).ImagePositionPatient
+    other.save_as(tmp_path / "OTHER.dcm")
+    with pytest.raises(DicomError, match=r"OTHER.dcm and .*IMG0001.dcm are different slices at the same position"):
+        read_volume(tmp_path, progress=False)
+
+
 def test_patient_identity_kept_for_seg_but_not_described(tmp_path):
     write_series(tmp_path, SeriesSpec(make_slices(3)))
     volume = read_volume(tmp_path, progress=False)
