@@ -47,9 +47,24 @@ def variant_series(sources: Sequence[Path], out: Path, name: str, count: int | N
 def lowest_slices(series: Path, count: int, out: Path) -> Path:
     """Copy the ``count`` most inferior slices of the DICOM ``series`` (by ImagePositionPatient z, unchanged files)
     into the new folder ``out``: a short real series, for tests whose model time grows with the slices."""
-    by_height = sorted(series.glob("CT.*"), key=lambda path: float(
-        pydicom.dcmread(path, stop_before_pixels=True, force=True).ImagePositionPatient[2]))
     out.mkdir(parents=True)
-    for path in by_height[:count]:
+    for path in _by_height(series)[:count]:
         shutil.copy(path, out / path.name)
     return out
+
+
+def move_lowest_slice(series: Path, down_mm: float) -> Path:
+    """Move the most inferior slice of the DICOM ``series`` ``down_mm`` further down (its ImagePositionPatient z
+    only, pixels untouched): a gap of about ``down_mm / step`` missing slices above it. Returns the file moved."""
+    lowest = _by_height(series)[0]
+    ds = pydicom.dcmread(lowest)
+    x, y, z = (float(v) for v in ds.ImagePositionPatient)
+    ds.ImagePositionPatient = [x, y, z - down_mm]
+    ds.save_as(lowest)
+    return lowest
+
+
+def _by_height(series: Path) -> list[Path]:
+    """The sample-named files (``CT.*``) of ``series``, lowest ImagePositionPatient z first."""
+    return sorted(series.glob("CT.*"), key=lambda path: float(
+        pydicom.dcmread(path, stop_before_pixels=True, force=True).ImagePositionPatient[2]))

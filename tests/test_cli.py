@@ -69,6 +69,19 @@ def test_errors_are_one_clear_line(tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_a_truncated_nifti_is_an_error_line_not_aborted(tmp_path):
+    """gzip's EOFError used to reach click, which prints only "Aborted!"."""
+    whole, cut = tmp_path / "whole.nii.gz", tmp_path / "cut.nii.gz"
+    data = np.random.default_rng(0).integers(-1024, 2000, size=(32, 32, 32)).astype(np.int16)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(whole))
+    cut.write_bytes(whole.read_bytes()[:30000])
+    for command in (["info", cut], ["convert", cut, tmp_path / "out.nrrd"]):
+        result = run(*command)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+        assert result.output == (f"Error: {cut}: not a readable NIfTI file (damaged or truncated?): Compressed file "
+                                 "ended before the end-of-stream marker was reached\n")
+
+
 @pytest.mark.parametrize("command", [(), *command_paths(main)], ids=lambda c: " ".join(c) or "ctzoo")
 def test_every_command_has_help(command):
     result = run(*command, "--help")

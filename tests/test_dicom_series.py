@@ -108,6 +108,28 @@ def test_instance_numbers_follow_slice_order_and_name_slices(tmp_path):
         volume.slice_position(5)
 
 
+def test_points_are_placed_from_their_own_slice_beside_a_gap(tmp_path):
+    """Beside a missing slice the grid (median step) is off by the gap; ``index_to_lps_per_slice`` puts a point of
+    slice k where that slice's ImagePositionPatient says, in-plane offsets from the grid, between two slices
+    linearly. Without DICOM positions (NIfTI) the grid is the truth."""
+    import dataclasses
+
+    spec = SeriesSpec(make_slices(6))  # z 100, 102.5, ... 112.5
+    spec.slices.pop(2)  # z 100, 102.5, 107.5, 110, 112.5
+    write_series(tmp_path, spec)
+    with pytest.warns(DicomWarning, match="missing slice"):
+        volume = read_volume(tmp_path, progress=False)
+    points = np.array([[0.0, 0.0, 2.0], [4.0, 5.0, 3.0], [1.0, 2.0, 1.5]])
+    placed = volume.index_to_lps_per_slice(points)
+    row_mm, column_mm = spec.pixel_spacing
+    np.testing.assert_allclose(placed[0], spec.slices[2].position, atol=1e-6)
+    np.testing.assert_allclose(placed[1], np.add(spec.slices[3].position, [4 * column_mm, 5 * row_mm, 0]), atol=1e-6)
+    np.testing.assert_allclose(placed[2, 2], 105.0, atol=1e-6)  # half way from 102.5 to 107.5
+    assert volume.index_to_lps(points)[0, 2] == pytest.approx(105.0)  # the grid's slice 2: 2.5 mm off
+    plain = dataclasses.replace(volume, dicom=None)
+    np.testing.assert_allclose(plain.index_to_lps_per_slice(points), plain.index_to_lps(points))
+
+
 def test_uneven_spacing_warns(tmp_path):
     spec = SeriesSpec(make_slices(6))
     spec.slices[3].position = (spec.slices[3].position[0], spec.slices[3].position[1],
@@ -254,6 +276,38 @@ def test_duplicate_file_ignored_and_conflicting_slice_refused(tmp_path):
     other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     other.save_as(tmp_path / "COPY.dcm")
     with pytest.raises(DicomError, match="different slices at the same position"):
+        read_volume(tmp_path, progress=False)
+
+
+def _blank_instance_uids(path, also_file_meta=False):
+    """Blank the file's SOPInstanceUID as the sample's anonymiser did (and its file meta's copy too if asked)."""
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ""
+    if also_file_meta:
+        ds.file_meta.MediaStorageSOPInstanceUID = ""
+    ds.save_as(path)
+
+
+@pytest.mark.parametrize("also_file_meta", [False, True], ids=["uid-in-file-meta", "no-uid-at-all"])
+def test_copies_of_anonymised_files_are_one_series_and_a_different_slice_there_is_refused(tmp_path, also_file_meta):
+    """SOPInstanceUID blank (the sample's anonymisation): a file's instance is the file meta's
+    MediaStorageSOPInstanceUID, or without one its bytes. Every file copied once under another name reads as the
+    series with one note; another slice moved onto a taken position is still refused, naming both files."""
+    spec = SeriesSpec(make_slices(4))
+    paths = write_series(tmp_path, spec)
+    for path in paths:
+        _blank_instance_uids(path, also_file_meta)
+        shutil.copy(path, path.with_name(f"{path.stem}_copy.dcm"))
+    with pytest.warns(DicomWarning, match=r"4 duplicate file\(s\) ignored .*IMG0000_copy.dcm duplicates "
+                                          r".*IMG0000.dcm, and 3 more"):
+        volume = read_volume(tmp_path, progress=False)
+    assert_matches_spec(volume, spec)
+    assert volume.dicom.files == [str(path) for path in paths]
+    assert len(set(volume.dicom.sop_instance_uids)) == 4
+    other = pydicom.dcmread(paths[2])
+    other.ImagePositionPatient = pydicom.dcmread(paths[1]).ImagePositionPatient
+    other.save_as(tmp_path / "OTHER.dcm")
+    with pytest.raises(DicomError, match=r"OTHER.dcm and .*IMG0001.dcm are different slices at the same position"):
         read_volume(tmp_path, progress=False)
 
 

@@ -1,4 +1,6 @@
-"""NIfTI and NRRD/MHA both ways, the LPS/RAS convention, and atomic writes."""
+"""NIfTI and NRRD/MHA both ways, the LPS/RAS convention, atomic writes, and damaged files as clear errors."""
+
+import re
 
 import nibabel as nib
 import numpy as np
@@ -129,6 +131,69 @@ def test_bad_inputs_have_clear_errors(tmp_path):
         read_volume(tmp_path / "4d.nii.gz")
     with pytest.raises(ValueError, match="must be 3-D"):
         Volume(np.zeros((3, 3)), (1, 1, 1))
+
+
+def _damaged_nifti(folder, damage):
+    """A 32^3 int16 NIfTI (random values: gzip cannot shrink them much) damaged as ``damage`` names."""
+    rng = np.random.default_rng(0)
+    image = nib.Nifti1Image(rng.integers(-1024, 2000, size=(32, 32, 32)).astype(np.int16), np.eye(4))
+    suffix = ".nii" if damage == "cut-short-uncompressed" else ".nii.gz"
+    whole = folder / f"whole{suffix}"
+    nib.save(image, str(whole))
+    data = bytearray(whole.read_bytes())
+    if damage == "not-gzip":
+        data = bytearray(b"garbage")
+    elif damage.startswith("cut-short"):
+        data = data[: len(data) * 2 // 3]
+    elif damage == "bad-deflate-block":
+        data[len(data) // 2:len(data) // 2 + 16] = b"\xff" * 16
+    elif damage == "bad-crc":
+        data[len(data) // 2] ^= 0xFF
+    damaged = folder / f"{damage}{suffix}"
+    damaged.write_bytes(bytes(data))
+    return damaged
+
+
+#: Each damage, and what the error must say of it (from the exception it used to escape as).
+NIFTI_DAMAGE = {
+    "not-gzip": "is not a gzip file",  # nibabel's ImageFileError
+    "cut-short": "Compressed file ended before the end-of-stream marker",  # EOFError
+    "cut-short-uncompressed": r"Expected 65536 bytes, got \d+ bytes",  # OSError
+    "bad-deflate-block": "Error -3 while decompressing data",  # zlib.error
+    "bad-crc": "CRC check failed",  # gzip.BadGzipFile
+}
+
+
+@pytest.mark.parametrize("damage", list(NIFTI_DAMAGE))
+def test_damaged_nifti_is_a_one_line_error_naming_the_file(tmp_path, damage):
+    from ctzoo.io.image_files import declared_voxels
+
+    damaged = _damaged_nifti(tmp_path, damage)
+    expected = rf"^{re.escape(str(damaged))}: not a readable NIfTI file .*{NIFTI_DAMAGE[damage]}"
+    with pytest.raises(ValueError, match=expected) as raised:
+        read_volume(damaged)
+    assert "\n" not in str(raised.value)
+    if damage == "not-gzip":  # the header is read before anything is allocated: the same error there
+        with pytest.raises(ValueError, match="not a readable NIfTI file"):
+            declared_voxels(damaged)
+
+
+def test_damaged_zip_is_a_dicom_error_naming_the_archive_and_member(tmp_path):
+    """A byte flipped inside a member: zipfile's Bad CRC-32 becomes one line naming the zip and the member."""
+    import zipfile
+
+    from ctzoo.io import DicomError
+
+    paths = write_series(tmp_path / "series", SeriesSpec(make_slices(3, rows=64, columns=64)))
+    archive = tmp_path / "series.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as zf:
+        for path in paths:
+            zf.write(path, path.name)
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # in the pixel data of the middle one of 3 members: its CRC no longer matches
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DicomError, match=rf"^{re.escape(str(archive))}: cannot extract 'IMG000\d.dcm': Bad CRC-32"):
+        read_volume(archive, progress=False)
 
 
 def test_every_name_of_the_package_is_its_submodules_own():

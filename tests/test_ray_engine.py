@@ -72,7 +72,8 @@ def test_ray_matches_local_engine(both, cases):
         [(r["case"], r["status"], r["error"]) for r in read_summary(local_out)]
     statuses = {r["case"]: r["status"] for r in ray_rows}
     assert statuses == {"broken": "error", "small": "ok", "patient_ct": "ok"}
-    assert ray_rows[0]["error"] == "ImageFileError: File in/broken.nii.gz is not a gzip file"
+    assert ray_rows[0]["error"] == ("in/broken.nii.gz: not a readable NIfTI file (damaged or truncated?): File "
+                                    "in/broken.nii.gz is not a gzip file")
     assert next(r for r in ray_rows if r["case"] == "patient_ct")["findings"] > 0  # the comparison below is not empty
 
     for row in (r for r in ray_rows if r["status"] == "ok"):

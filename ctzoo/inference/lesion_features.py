@@ -28,7 +28,10 @@ def finding_features(bundle: ModelBundle, volume: Volume, document: dict[str, An
     to_axial = np.linalg.inv(axial.affine_lps)
     wanted: dict[int, list[tuple[int, np.ndarray]]] = {}
     for n, lesion in enumerate(document["lesions"]):
-        ijk = np.asarray(lesion["points_mm"], dtype=np.float64) @ to_axial[:3, :3].T + to_axial[:3, 3]
+        # from the input's voxels through both grids: points_mm sit where the slices really are, which beside a
+        # missing slice is not where the grids put them
+        grid_mm = volume.index_to_lps(np.asarray(lesion["points_voxel"], dtype=np.float64))
+        ijk = grid_mm @ to_axial[:3, :3].T + to_axial[:3, 3]
         wanted.setdefault(int(round(ijk[4, 2])), []).append((n, ijk[:, :2]))
     if not wanted:
         return {"findings": [], "top_input": None, "on_picture": [], "frame": None}

@@ -9,16 +9,18 @@ Results are mapped back to the voxel indices of the input *as stored* and to pat
 
 Output schema (``detections.json``; stable, see docs/recistnet.md)::
 
-    {"model": str, "model_version": str, "input": {...geometry...},
+    {"model": str, "model_version": str, "input": {...geometry..., "warnings": [str]},
      "lesions": [{"score": float, "slice": k, "slice_z_mm": float, "instance_number": int | None,
                   "slices": [k0, k1], "points_voxel": [[i, j, k] x 5], "points_mm": [[x, y, z] x 5],
                   "long_axis_mm": float, "short_axis_mm": float, "box_voxel": [i0, j0, i1, j1]}]}
 
-Points are long-axis end 1, long-axis end 2, short-axis end 1, short-axis end 2, centre. ``slice`` is the key
-slice's 0-based index into the input as stored; ``slice_z_mm`` is that slice's patient LPS z (superior positive,
-its centre voxel; for DICOM from its own ImagePositionPatient) and ``instance_number`` its DICOM InstanceNumber
-(present for DICOM input only; null when the file has none): how a radiologist finds the slice in a viewer
-(:meth:`ctzoo.io.volume.Volume.slice_position`).
+Points are long-axis end 1, long-axis end 2, short-axis end 1, short-axis end 2, centre; for DICOM ``points_mm``
+are placed from the key slice's own ImagePositionPatient (:meth:`~ctzoo.io.volume.Volume.index_to_lps_per_slice`:
+the grid's median step is off beside a missing slice). ``slice`` is the key slice's 0-based index into the input as
+stored; ``slice_z_mm`` is that slice's patient LPS z (superior positive, its centre voxel; for DICOM from its own
+ImagePositionPatient) and ``instance_number`` its DICOM InstanceNumber (present for DICOM input only; null when the
+file has none): how a radiologist finds the slice in a viewer (:meth:`ctzoo.io.volume.Volume.slice_position`).
+``input.warnings`` are the reader's (``Volume.warnings``: missing slices, uneven spacing, repaired UIDs...).
 """
 
 from __future__ import annotations
@@ -191,19 +193,23 @@ def detections_document(volume: Volume, axial: Volume, detections: list[SliceDet
             **named,
             "slices": sorted({int(round(k)) for k in input_k}),
             "points_voxel": np.round(voxel, 3).tolist(),
-            "points_mm": np.round(lesion.points_mm, 3).tolist(),
+            "points_mm": np.round(volume.index_to_lps_per_slice(voxel), 3).tolist(),
             "long_axis_mm": round(lesion.long_mm, 2),
             "short_axis_mm": round(lesion.short_mm, 2),
             "box_voxel": np.round([*voxel[:4, :2].min(axis=0), *voxel[:4, :2].max(axis=0)], 3).tolist(),
         })
-    return {"model": model_name, "model_version": model_version, "input": volume_geometry(volume), "lesions": documents}
+    return {"model": model_name, "model_version": model_version, "input": describe_input(volume), "lesions": documents}
 
 
-def volume_geometry(volume: Volume) -> dict[str, Any]:
+def describe_input(volume: Volume) -> dict[str, Any]:
+    """The ``input`` section of ``detections.json`` and ``segmentation.json``: the grid, the DICOM identity, and
+    what the reader warned about (missing slices, uneven spacing, repaired UIDs...): a result on such an input
+    must say so where it is read, not only in a log."""
     info = {"size_ijk": list(volume.size), "spacing_mm": list(volume.spacing), "origin_lps_mm": list(volume.origin),
             "direction_lps": volume.direction.round(6).tolist(), "orientation": volume.orientation}
     if volume.dicom is not None:
         info.update(study_instance_uid=volume.dicom.study_instance_uid,
                     series_instance_uid=volume.dicom.series_instance_uid,
                     frame_of_reference_uid=volume.dicom.frame_of_reference_uid)
+    info["warnings"] = list(volume.warnings)
     return info

@@ -16,7 +16,7 @@ segmenter ``(B, 1, H, W) -> (B, C + 1, H, W)`` (e.g. the MONAI UNet baseline) an
 
 Summary schema (``segmentation.json``; :func:`seg_summary`)::
 
-    {"model": str, "model_version": str, "input": {...geometry...}, "voxel_volume_ml": float,
+    {"model": str, "model_version": str, "input": {...geometry..., "warnings": [str]}, "voxel_volume_ml": float,
      "classes": {name: {"label": c, "voxels": int, "volume_ml": float, "slices": [k, ...],
                         "slices_z_mm": [z, ...]}}}
 
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ctzoo.inference.recist_volume import volume_geometry
+from ctzoo.inference.recist_volume import describe_input
 from ctzoo.io import Volume
 from ctzoo.models.template_bank import TemplateBank
 from ctzoo.models.template_seg import TemplateEncoding, TemplateSegNet
@@ -110,7 +110,7 @@ def seg_summary(labels: np.ndarray, volume: Volume, class_names: Sequence[str], 
         classes[name] = {"label": value, "voxels": int(counts[value]),
                          "volume_ml": round(float(counts[value]) * voxel_ml, 3),
                          "slices": slices, "slices_z_mm": [z_mm[k] for k in slices]}
-    return {"model": model_name, "model_version": model_version, "input": volume_geometry(volume),
+    return {"model": model_name, "model_version": model_version, "input": describe_input(volume),
             "voxel_volume_ml": round(voxel_ml, 9), "classes": classes}
 
 

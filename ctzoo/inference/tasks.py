@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ import numpy as np
 from ctzoo.io import Volume
 from ctzoo.io.atomic import atomic_path
 from ctzoo.models.bundle import ModelBundle, load_bundle
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,6 +66,13 @@ def preprocess_on(task: ModelTask, device: str) -> ModelTask:
     if not hasattr(task.preprocess, "device"):
         raise ValueError(f"{task.model_name}: its preprocessing runs on the CPU only")
     return dataclasses.replace(task, preprocess=dataclasses.replace(task.preprocess, device=device))
+
+
+def _log_input_warnings(volume: Volume, folder: Path) -> None:
+    """The reader's warnings on the case (missing slices...), which its JSON document also carries: ``ctzoo infer``
+    silences Python warnings, and a result on a gapped series must not pass unremarked. File names and mm only."""
+    for warning in volume.warnings:
+        log.warning("%s: %s", folder.name, warning)
 
 
 def _write_json(document: dict, path: Path) -> Path:
@@ -118,6 +128,7 @@ def detector_task(backend, prep, model_name: str = "", version: str = "", score_
         return detections_document(volume, axial, found, model_name, version)
 
     def write(volume: Volume, document: dict, folder: Path, overlay: bool, runtime: dict[str, Any]):
+        _log_input_warnings(volume, folder)
         written = [_write_json({**document, "runtime": runtime}, folder / "detections.json")]
         if volume.dicom is not None:
             from ctzoo.io.dicom_sr import write_recist_sr
@@ -177,6 +188,7 @@ def segmenter_task(backend, prep, model_name: str = "", version: str = "") -> Mo
         return slices_to_volume_labels(np.stack(outputs), geometry, volume)
 
     def write(volume: Volume, labels: np.ndarray, folder: Path, overlay: bool, runtime: dict[str, Any]):
+        _log_input_warnings(volume, folder)
         written = write_segmentation(volume, labels, class_names, folder, model_name, version, overlay=overlay,
                                      runtime=runtime)
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0

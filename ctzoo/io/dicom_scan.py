@@ -13,6 +13,7 @@ import os
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +47,17 @@ SAME_ORIENTATION_COS = float(np.cos(np.deg2rad(0.5)))
 
 class DicomError(ValueError):
     """A DICOM input ctzoo refuses; the message names the file and the reason."""
+
+
+def error_reason(exc: BaseException) -> str:
+    """An exception's message on one line (its type where it has none): the reason half of a refusal."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+#: What reading a damaged compressed stream or a file cut short raises (gzip's BadGzipFile is an OSError).
+DAMAGED_STREAM_ERRORS = (zlib.error, EOFError, OSError)
+#: ... and a zip member besides: a bad CRC or header, an unknown compression method, an encrypted member.
+UNREADABLE_ZIP_ERRORS = (*DAMAGED_STREAM_ERRORS, zipfile.BadZipFile, NotImplementedError, RuntimeError)
 
 
 class DicomWarning(UserWarning):
@@ -298,25 +310,44 @@ def dicom_folder(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS) -> I
         return
     if not zipfile.is_zipfile(path):
         raise DicomError(f"{path}: neither a folder nor a zip archive of DICOM files")
+    with tempfile.TemporaryDirectory(prefix="ctzoo-zip-") as tmp:
+        target = Path(tmp).resolve()
+        _extract_zip(path, target, limits)
+        yield target, str(path)
+
+
+def _extract_zip(path: Path, target: Path, limits: ResourceLimits) -> None:
+    """Extract the zip at ``path`` into ``target`` within ``limits`` (see :func:`dicom_folder`); a damaged archive
+    is a :class:`DicomError` naming it and the member, not zipfile's or zlib's traceback."""
     received = path.stat().st_size
-    with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory(prefix="ctzoo-zip-") as tmp:
+    with _open_zip(path) as archive:
         members = [m for m in archive.infolist() if not m.is_dir()]
         limits.check_decoded(sum(m.file_size for m in members), received, path.name)
-        target = Path(tmp).resolve()
         written, allowed = 0, min(limits.decoded_limit(received), limits.max_decoded_bytes)
         for member in members:
             destination = (target / member.filename).resolve()
             if target not in destination.parents:
                 raise DicomError(f"{path}: member {member.filename!r} would extract outside the archive folder")
             destination.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(member) as src, open(destination, "wb") as dst:
-                # counted while extracting: a crafted archive can declare small sizes and inflate far beyond them
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > allowed:
-                        limits.check_decoded(written, received, f"{path.name} (inflating beyond its declared size)")
-                    dst.write(chunk)
-        yield target, str(path)
+            try:
+                with archive.open(member) as src, open(destination, "wb") as dst:
+                    # counted while extracting: a crafted archive can declare small sizes and inflate far beyond them
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > allowed:
+                            limits.check_decoded(written, received,
+                                                 f"{path.name} (inflating beyond its declared size)")
+                        dst.write(chunk)
+            except UNREADABLE_ZIP_ERRORS as exc:
+                raise DicomError(f"{path}: cannot extract {member.filename!r}: {error_reason(exc)}") from exc
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    """The archive at ``path`` opened; a damaged directory is a :class:`DicomError` naming the file."""
+    try:
+        return zipfile.ZipFile(path)
+    except UNREADABLE_ZIP_ERRORS as exc:
+        raise DicomError(f"{path}: a damaged zip archive: {error_reason(exc)}") from exc
 
 
 def zip_declared_voxels(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS) -> int:
@@ -327,7 +358,7 @@ def zip_declared_voxels(path: str | Path, limits: ResourceLimits = DEFAULT_LIMIT
     if not zipfile.is_zipfile(path):
         raise DicomError(f"{path.name}: not a zip archive")
     voxels = 0
-    with zipfile.ZipFile(path) as archive:
+    with _open_zip(path) as archive:
         members = [m for m in archive.infolist() if not m.is_dir()]
         limits.check_decoded(sum(m.file_size for m in members), path.stat().st_size, path.name)
         for member in members:

@@ -28,6 +28,7 @@ How, and why:
 
 from __future__ import annotations
 
+import filecmp
 import logging
 import os
 import warnings
@@ -50,7 +51,7 @@ from ctzoo.io.dicom_scan import (
     dicom_folder,
     scan_folder,
 )
-from ctzoo.io.dicom_uids import repair_uids
+from ctzoo.io.dicom_uids import instance_uid, repair_uids
 from ctzoo.io.itk_threads import first_use_alone
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 from ctzoo.io.nvimgcodec_decode import J2K_SYNTAXES, NvImageCodecDecoder, decoder_for
@@ -80,20 +81,33 @@ def sort_slices(slices: list[SliceHeader]) -> tuple[list[SliceHeader], np.ndarra
 
 
 def _drop_duplicates(slices: list[SliceHeader], along: np.ndarray, messages: list[str]):
-    """Drop exact duplicate files (same SOP Instance UID at one position); refuse two different slices there."""
-    keep = [0]
+    """Drop duplicate files (one instance stored twice at one position) with one note; refuse two different slices
+    there."""
+    keep, dropped = [0], []
     for k in range(1, len(slices)):
         if abs(along[k] - along[keep[-1]]) > 1e-3:
             keep.append(k)
             continue
-        a, b = slices[keep[-1]], slices[k]
-        uid_a, uid_b = str(a.dataset.get("SOPInstanceUID", "")), str(b.dataset.get("SOPInstanceUID", ""))
-        if uid_a and uid_a == uid_b:
-            _warn(messages, f"{b.display_name}: duplicate of {a.display_name} (same SOP Instance UID); ignored")
-            continue
-        raise DicomError(f"{b.display_name} and {a.display_name} are different slices at the same position "
-                         f"({along[k]:.3f} mm along the normal): several acquisitions in one series?")
+        kept, other = slices[keep[-1]], slices[k]
+        if not _same_instance(kept, other):
+            raise DicomError(f"{other.display_name} and {kept.display_name} are different slices at the same position "
+                             f"({along[k]:.3f} mm along the normal): several acquisitions in one series?")
+        dropped.append((other, kept))
+    if dropped:
+        other, kept = dropped[0]
+        _warn(messages, f"{len(dropped)} duplicate file(s) ignored (the same instance as the file kept at its "
+                        f"position): {other.display_name} duplicates {kept.display_name}"
+                        + (f", and {len(dropped) - 1} more" if len(dropped) > 1 else ""))
     return [slices[k] for k in keep], along[keep]
+
+
+def _same_instance(a: SliceHeader, b: SliceHeader) -> bool:
+    """Whether two files at one position hold the same instance: the same SOP Instance UID (from the file meta where
+    anonymisation blanked the dataset's), or, where neither names one, the same bytes."""
+    uid_a, uid_b = instance_uid(a.dataset), instance_uid(b.dataset)
+    if uid_a or uid_b:
+        return uid_a == uid_b
+    return filecmp.cmp(a.path, b.path, shallow=False)
 
 
 def slice_spacing(slices: list[SliceHeader], along: np.ndarray, messages: list[str]) -> float:

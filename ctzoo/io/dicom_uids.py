@@ -30,6 +30,13 @@ def _value(ds: pydicom.Dataset, keyword: str) -> str:
     return str(ds.get(keyword, "") or "").strip()
 
 
+def instance_uid(ds: pydicom.Dataset) -> str:
+    """The object's SOP Instance UID: its SOPInstanceUID, or where that is empty the file meta's
+    MediaStorageSOPInstanceUID (which names the same object); '' when neither has one."""
+    meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
+    return _value(ds, "SOPInstanceUID") or _value(meta, "MediaStorageSOPInstanceUID")
+
+
 def repair_uids(datasets: Sequence[pydicom.Dataset], series_key: str,
                 in_place: bool = False) -> tuple[list[pydicom.Dataset], list[str]]:
     """Return copies of one series' datasets with empty UIDs filled in, and a line per repair made.
@@ -69,7 +76,7 @@ def repair_uids(datasets: Sequence[pydicom.Dataset], series_key: str,
             ds.SOPClassUID = meta.MediaStorageSOPClassUID
             note("SOPClassUID", "taken from the file meta")
         if not _value(ds, "SOPInstanceUID"):
-            from_meta = _value(meta, "MediaStorageSOPInstanceUID")
+            from_meta = instance_uid(ds)
             ds.SOPInstanceUID = from_meta or derived_uid(
                 "instance", series_key, _value(ds, "ImagePositionPatient"), _value(ds, "InstanceNumber"))
             note("SOPInstanceUID", "taken from the file meta" if from_meta else "derived UIDs")

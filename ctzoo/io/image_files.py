@@ -11,9 +11,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
 
 from ctzoo.io.atomic import atomic_path
-from ctzoo.io.dicom_scan import DicomError, SeriesRules, read_header, zip_declared_voxels
+from ctzoo.io.dicom_scan import (
+    DAMAGED_STREAM_ERRORS,
+    DicomError,
+    SeriesRules,
+    error_reason,
+    read_header,
+    zip_declared_voxels,
+)
 from ctzoo.io.dicom_series import read_dicom_series
 from ctzoo.io.itk_threads import first_use_alone
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits, UnsafeInput, check_self_contained
@@ -24,6 +33,8 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_READ_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 #: Single-file ITK formats only: a two-file .mhd/.nhdr cannot be renamed into place atomically.
 ITK_WRITE_SUFFIXES = (".nrrd", ".mha")
+#: What nibabel raises on a file that is not NIfTI, a damaged header, or a gzip stream or voxel block cut short.
+NIFTI_READ_ERRORS = (*DAMAGED_STREAM_ERRORS, ImageFileError, HeaderDataError)
 
 
 def file_suffix(path: Path) -> str:
@@ -37,7 +48,10 @@ def _cast(array: np.ndarray, dtype) -> np.ndarray:
 
 def _open_nifti(path: str | Path, limits: ResourceLimits):
     """The NIfTI image (header read, no voxel yet) and its voxel count, checked against ``limits``."""
-    image = nib.load(str(path))
+    try:
+        image = nib.load(str(path))
+    except NIFTI_READ_ERRORS as exc:
+        raise _unreadable_nifti(path, exc) from exc
     header = image.header
     voxels = limits.check_voxels(header.get_data_shape(), Path(path).name)
     limits.check_decoded(voxels * header.get_data_dtype().itemsize, Path(path).stat().st_size, Path(path).name)
@@ -49,7 +63,10 @@ def read_nifti(path: str | Path, dtype=np.float32, limits: ResourceLimits = DEFA
 
     The header's dimensions are checked against ``limits`` before any voxel is read."""
     image, _ = _open_nifti(path, limits)
-    data = np.asanyarray(image.dataobj)
+    try:
+        data = np.asanyarray(image.dataobj)
+    except NIFTI_READ_ERRORS as exc:
+        raise _unreadable_nifti(path, exc) from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -60,6 +77,10 @@ def read_nifti(path: str | Path, dtype=np.float32, limits: ResourceLimits = DEFA
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
         volume.warnings.append(f"{path}: the affine is sheared (non-orthogonal axes); geometry kept as stored")
     return volume
+
+
+def _unreadable_nifti(path: str | Path, exc: BaseException) -> ValueError:
+    return ValueError(f"{path}: not a readable NIfTI file (damaged or truncated?): {error_reason(exc)}")
 
 
 def volume_from_sitk(image: sitk.Image, dtype=np.float32, source_path: str = "") -> Volume:

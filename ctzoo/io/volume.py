@@ -130,6 +130,25 @@ class Volume:
         affine = self.affine_lps
         return ijk @ affine[:3, :3].T + affine[:3, 3]
 
+    def index_to_lps_per_slice(self, ijk: np.ndarray) -> np.ndarray:
+        """Map continuous indices (..., 3) in (i, j, k) order to LPS mm where the slices really are.
+
+        For DICOM input the slice part comes from the slices' own ImagePositionPatient (linearly between two
+        slices for a fractional ``k``), the in-plane part from the grid: the grid (:meth:`index_to_lps`) steps
+        by the median slice spacing, so beside a missing slice it is off by the gap. Without DICOM positions
+        (NIfTI, NRRD, MHA) the grid is the truth and this is :meth:`index_to_lps`."""
+        ijk = np.asarray(ijk, dtype=float)
+        dicom = self.dicom
+        count = len(dicom.sop_instance_uids) if dicom is not None else 0
+        if count < 2 or len(dicom.image_positions) != count:
+            return self.index_to_lps(ijk)
+        positions = np.asarray(dicom.image_positions, dtype=float)
+        k = ijk[..., 2]
+        below = np.clip(np.floor(k).astype(int), 0, count - 2)  # beyond either end: the end step, extended
+        fraction = (k - below)[..., None]
+        slice_origin = positions[below] + fraction * (positions[below + 1] - positions[below])
+        return slice_origin + (ijk[..., :2] * np.asarray(self.spacing[:2])) @ self.direction[:, :2].T
+
     def slice_position(self, k: int) -> dict[str, Any]:
         """Where slice ``k`` (``array[k]``, 0-based as stored) lies, named as a radiologist names it.
 
@@ -147,10 +166,7 @@ class Volume:
             raise IndexError(f"slice {k} is outside the volume's slices 0..{count - 1}")
         columns, rows = self.size[:2]
         centre = np.array([max(columns - 1, 0) / 2.0, max(rows - 1, 0) / 2.0, float(k)])
-        position = self.index_to_lps(centre)
-        if dicom is not None and len(dicom.image_positions) == count:  # the slice's true position
-            in_plane = self.direction[:, :2] @ (centre[:2] * np.asarray(self.spacing[:2]))
-            position = np.asarray(dicom.image_positions[k], dtype=float) + in_plane
+        position = self.index_to_lps_per_slice(centre)
         number = None
         if dicom is not None and len(dicom.instance_numbers) == count:
             number = dicom.instance_numbers[k]
