@@ -68,6 +68,20 @@ def test_discover_cases_finds_every_kind_and_names_them_uniquely(mixed_inputs, t
         discover_cases([tmp_path / "empty"])
 
 
+def test_case_names_stay_unique_when_a_suffixed_name_is_also_a_file_name(tmp_path):
+    """``a.nii.gz`` and ``a.nrrd`` both name a case ``a``; the second must not take ``a-2`` when ``a-2.nii.gz`` has
+    it (two cases in one folder: one's results would overwrite the other's and one summary row would vanish). Names
+    differing only in letter case count as taken too (OUT may be on a case-insensitive filesystem)."""
+    inputs = tmp_path / "coll"
+    inputs.mkdir()
+    for name in ("a.nii.gz", "a.nrrd", "a-2.nii.gz", "A.mha"):  # discovery goes by suffix: no voxels needed
+        (inputs / name).write_bytes(b"")
+    cases = discover_cases([inputs])
+    assert {c.path.name: c.name for c in cases} == {"A.mha": "A", "a-2.nii.gz": "a-2", "a.nii.gz": "a-3",
+                                                    "a.nrrd": "a-4"}
+    assert [c.name for c in discover_cases([inputs])] == [c.name for c in cases]  # the same names every run
+
+
 def test_batch_over_mixed_inputs_records_the_corrupt_case_and_writes_seg_and_sr(mixed_inputs, tmp_path):
     """The issue's acceptance run: both zoo models over mixed inputs with one corrupt file."""
     from dicom_validation import assert_dciodvfy_clean

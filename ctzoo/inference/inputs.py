@@ -128,7 +128,7 @@ def discover_cases(inputs: Iterable[str | Path]) -> list[CaseInput]:
     """
     cases: list[CaseInput] = []
     seen_paths: set[Path] = set()
-    names: dict[str, int] = {}
+    issued: set[str] = set()
     seen_lists: set[Path] = set()
     for given in inputs:
         given = Path(given)
@@ -137,8 +137,17 @@ def discover_cases(inputs: Iterable[str | Path]) -> list[CaseInput]:
             if key in seen_paths:
                 continue
             seen_paths.add(key)
-            name = case_name(path, root)
-            count = names.get(name, 0)
-            names[name] = count + 1
-            cases.append(CaseInput(name if count == 0 else f"{name}-{count + 1}", path))
+            cases.append(CaseInput(unused_name(case_name(path, root), issued), path))
     return cases
+
+
+def unused_name(name: str, issued: set[str]) -> str:
+    """``name``, or the first of ``name-2``, ``name-3``... that no earlier case took; added to ``issued``. Checked
+    against every name issued, suffixed ones included (``a.nii.gz``, ``a.nrrd`` and ``a-2.nii.gz`` must not share
+    a folder), and without regard to case: OUT may be on a filesystem that does not tell ``A`` from ``a``."""
+    candidate, number = name, 1
+    while candidate.casefold() in issued:
+        number += 1
+        candidate = f"{name}-{number}"
+    issued.add(candidate.casefold())
+    return candidate
