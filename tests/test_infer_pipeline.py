@@ -21,6 +21,7 @@ from ctzoo.cli import main
 from ctzoo.datasets.samples import sample_ct_dicom
 from ctzoo.inference.inputs import CaseInput, discover_cases
 from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
+from ctzoo.inference.reader import read_case
 from ctzoo.io import read_volume, write_volume
 
 
@@ -80,6 +81,26 @@ def test_case_names_stay_unique_when_a_suffixed_name_is_also_a_file_name(tmp_pat
     assert {c.path.name: c.name for c in cases} == {"A.mha": "A", "a-2.nii.gz": "a-2", "a.nii.gz": "a-3",
                                                     "a.nrrd": "a-4"}
     assert [c.name for c in discover_cases([inputs])] == [c.name for c in cases]  # the same names every run
+
+
+def test_a_dicom_folder_case_reads_its_own_series_not_its_subfolders(tmp_path):
+    """Series A (4 slices) directly in study/, series B (7 slices) in study/sub/: discovery makes two cases, and
+    each reads its own series. Read with its subfolders, study/ would choose B (more slices): B ran twice and A
+    never."""
+    from dicom_factory import SeriesSpec, make_slices, write_series
+
+    study = tmp_path / "nest" / "study"
+    series_a = SeriesSpec(make_slices(4), description="A")
+    series_b = SeriesSpec(make_slices(7, seed=1), description="B")
+    write_series(study, series_a)
+    write_series(study / "sub", series_b)
+    cases = discover_cases([tmp_path / "nest"])
+    assert [(c.name, c.recursive) for c in cases] == [("study", False), ("study_sub", False)]
+    rows = run_pipeline(cases, stub_task(), PipelineOptions(out=tmp_path / "out", workers=0, progress=False))
+    assert [(r["case"], r["status"], r["slices"]) for r in rows] == [("study", "ok", 4), ("study_sub", "ok", 7)]
+    read = {c.name: next(m for m in read_case(0, c, stub_task(), 8) if m["kind"] == "end")["volume"] for c in cases}
+    assert {name: v.dicom.series_instance_uid for name, v in read.items()} == {"study": series_a.series_uid,
+                                                                            "study_sub": series_b.series_uid}
 
 
 def test_batch_over_mixed_inputs_records_the_corrupt_case_and_writes_seg_and_sr(mixed_inputs, tmp_path):

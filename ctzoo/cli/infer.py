@@ -103,8 +103,8 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     """Run zoo models over CT volumes: detect lesions (RECIST-Net) or segment organs.
 
     INPUTS are any mix of DICOM folders (searched recursively: every folder holding DICOM files is a
-    case), zipped DICOM series, NIfTI, NRRD or MHA files, and text files listing such inputs one per
-    line. Without INPUTS the embedded sample CT is used (case 'sample_ct').
+    case, read from its own files), zipped DICOM series, NIfTI, NRRD or MHA files, and text files
+    listing such inputs one per line. Without INPUTS the embedded sample CT is used (case 'sample_ct').
 
     \b
     Per case, in OUT/<case>/:

@@ -5,8 +5,9 @@ Accepted inputs (mixed freely):
 * NIfTI, NRRD, MHA/MHD files: one case each;
 * a ``.zip`` of a DICOM series: one case (the CT series chosen by the selection rules);
 * a folder: searched recursively. Image files and zips in it are cases; every folder that directly holds DICOM
-  files is one case (its CT series chosen by the rules, as ``ctzoo info`` shows). A PACS export
-  ``patient/study/series/*.dcm`` thus gives one case per series folder;
+  files is one case (its CT series chosen by the rules, as ``ctzoo info`` shows), read from those files alone:
+  a subfolder holding DICOM is a case of its own. A PACS export ``patient/study/series/*.dcm`` thus gives one
+  case per series folder;
 * a text file (``.txt``/``.lst``/``.list``): one input per line (blank lines and ``#`` comments skipped);
   relative paths are relative to the list file.
 
@@ -35,11 +36,13 @@ _NEVER_DICOM = {".json", ".csv", ".md", ".txt", ".xml", ".png", ".jpg", ".jpeg",
 class CaseInput:
     """One CT volume to run: ``name`` is the output folder's name, unique within a run. ``volume``: the volume
     already read from ``path`` by the caller (the PACS bridge reads a series once for its check and all its
-    models); the pipeline then does not read ``path`` again."""
+    models); the pipeline then does not read ``path`` again. ``recursive``: a DICOM folder is read with its
+    subfolders; False where discovery made each subfolder holding DICOM a case of its own."""
 
     name: str
     path: Path
     volume: Any = field(default=None, compare=False, repr=False)
+    recursive: bool = True
 
 
 def _is_dicom(path: Path) -> bool:
@@ -137,7 +140,8 @@ def discover_cases(inputs: Iterable[str | Path]) -> list[CaseInput]:
             if key in seen_paths:
                 continue
             seen_paths.add(key)
-            cases.append(CaseInput(unused_name(case_name(path, root), issued), path))
+            # a folder case is the DICOM directly in it: its subfolders holding DICOM are cases of their own (_walk)
+            cases.append(CaseInput(unused_name(case_name(path, root), issued), path, recursive=not path.is_dir()))
     return cases
 
 

@@ -87,7 +87,8 @@ def _read_rows(row: dict[str, Any], task, chunk: int, series: str | None, rules:
     """Reader stage: the messages of :func:`read_case` as rows, one per slice, then one end or error row."""
     index = int(row["case"])
     control = {"case": index, "slice": -1, "image": _NO_IMAGE, "payload": b"", "error": ""}  # one row's columns
-    for message in read_case(index, CaseInput(row["name"], Path(row["source"])), task, chunk, series, rules, limits):
+    case = CaseInput(row["name"], Path(row["source"]), recursive=bool(row["recursive"]))
+    for message in read_case(index, case, task, chunk, series, rules, limits):
         if message["kind"] == "slices":
             for k, image in enumerate(message["images"].numpy()):
                 yield {**control, "slice": message["start"] + k, "image": image}
@@ -162,7 +163,7 @@ def _write(model_name: str, case: CaseInput, source: str, context: Any, outputs:
     task = _finisher(model_name)
     try:
         volume = read_volume(source, series=options.series, rules=options.rules, progress=False,
-                             limits=options.limits or DEFAULT_LIMITS)
+                             limits=options.limits or DEFAULT_LIMITS, recursive=case.recursive)
     except Exception as exc:  # the input changed since it was read: this case fails, the batch goes on
         return summary_row(case, task, "error", slices=len(outputs),
                            error=error_message(exc).replace(source, str(case.path))), {}
@@ -234,7 +235,8 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
     perf = options.perf  # the driver's: events are recorded here, from the timings the stages send back
     options = dataclasses.replace(options, out=options.out.absolute(), perf=None)
     sources = [str(case.path.absolute()) for case in todo]
-    items = [{"case": i, "name": c.name, "path": str(c.path), "source": sources[i]} for i, c in enumerate(todo)]
+    items = [{"case": i, "name": c.name, "path": str(c.path), "source": sources[i], "recursive": c.recursive}
+             for i, c in enumerate(todo)]
     dataset = (ray.data.from_items(items, override_num_blocks=len(items))  # a block per case: read in parallel
                .flat_map(_read_rows, fn_kwargs={"task": reader, "chunk": options.chunk, "series": options.series,
                                                 "rules": options.rules, "limits": options.limits},
