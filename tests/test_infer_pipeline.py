@@ -175,6 +175,58 @@ def test_resume_skips_finished_cases_and_retries_failed_ones(mixed_inputs, tmp_p
     assert rows["small"]["status"] == "ok" and rows["broken"]["status"] == "error"
 
 
+def test_resume_reruns_cases_whose_options_or_input_changed_and_says_how_many(tmp_path, caplog):
+    import logging
+    import os
+
+    cases = [CaseInput(f"c{k}", _tiny_volume(tmp_path / f"c{k}.nii.gz", 4)) for k in range(2)]
+    out = tmp_path / "out"
+    caplog.set_level(logging.INFO, logger="ctzoo.inference.pipeline")
+
+    def resume(**options) -> dict[str, str]:
+        """Resume with ``options``: which cases ran again (their status file rewritten), and the log's line."""
+        caplog.clear()
+        for case in cases:  # a status file rewritten shows, however coarse the filesystem's clock
+            os.utime(out / case.name / "status-stub-model.json", ns=(1, 1))
+        rows = run_pipeline(cases, stub_task(), PipelineOptions(out=out, workers=0, progress=False, resume=True,
+                                                                **options))
+        assert [r["status"] for r in rows] == ["ok", "ok"]
+        [line] = [r.getMessage() for r in caplog.records if "--resume" in r.getMessage()]
+        rerun = sorted(c.name for c in cases if (out / c.name / "status-stub-model.json").stat().st_mtime_ns != 1)
+        return {"rerun": rerun, "line": line}
+
+    run_pipeline(cases, stub_task(), PipelineOptions(out=out, workers=0, progress=False))
+    saved = json.loads((out / "c0" / "status-stub-model.json").read_text())
+    assert saved["settings"]["overlay"] is True and saved["settings"]["series"] is None
+    assert saved["input_identity"]["files"] == 1 and saved["input_identity"]["bytes"] > 0
+    assert resume() == {"rerun": [], "line": "stub-model: --resume: 2 case(s) reused, 0 to run"}
+    assert resume(overlay=False) == {
+        "rerun": ["c0", "c1"], "line": "stub-model: --resume: 0 case(s) reused, 2 to run: 2 options changed (overlay)"}
+    os.utime(cases[1].path, ns=(5 * 10**18, 5 * 10**18))  # touched: the same bytes, a new modification time
+    assert resume(overlay=False) == {
+        "rerun": ["c1"], "line": "stub-model: --resume: 1 case(s) reused, 1 to run: 1 input changed"}
+    assert resume(overlay=False, series="2") == {  # the series selection counts too (for DICOM inputs)
+        "rerun": ["c0", "c1"], "line": "stub-model: --resume: 0 case(s) reused, 2 to run: 2 options changed (series)"}
+
+
+def test_resume_with_another_score_threshold_reruns_the_detector(mixed_inputs, tmp_path):
+    """The auditor's run: lesions kept from 0.05, then --resume --score-threshold 0.95 must not keep them; the
+    threshold a case was run with is in its detections.json and its status file."""
+    shutil.copy(mixed_inputs / "small.nii.gz", tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    args = ["infer", str(tmp_path / "ct.nii.gz"), "--out", str(out), "--workers", "0", "--no-overlay"]
+    assert CliRunner().invoke(main, [*args, "--score-threshold", "0.05"]).exit_code == 0
+    first = json.loads((out / "ct" / "detections.json").read_text())
+    assert first["score_threshold"] == 0.05 and any(d["score"] < 0.95 for d in first["lesions"])
+    result = CliRunner().invoke(main, [*args, "--resume", "--score-threshold", "0.95"])
+    assert result.exit_code == 0, result.output
+    document = json.loads((out / "ct" / "detections.json").read_text())
+    assert document["score_threshold"] == 0.95 and all(d["score"] >= 0.95 for d in document["lesions"])
+    assert _summary(out)["ct"]["findings"] == str(len(document["lesions"]))
+    status = json.loads((out / "ct" / "status-recistnet-mini.json").read_text())
+    assert status["settings"]["score_threshold"] == 0.95 and status["settings"]["backend"] == "torch"
+
+
 def test_ctrl_c_leaves_no_partial_file_and_resume_finishes(mixed_inputs, tmp_path, monkeypatch):
     from ctzoo.inference import tasks
 

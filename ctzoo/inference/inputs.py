@@ -59,7 +59,7 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
-def _is_volume_file(path: Path) -> bool:
+def is_volume_file(path: Path) -> bool:
     return file_suffix(path) in (*NIFTI_SUFFIXES, *ITK_READ_SUFFIXES, ".zip")
 
 
@@ -68,7 +68,7 @@ def _walk(folder: Path) -> Iterator[Path]:
     entries skipped)."""
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     files = [p for p in entries if p.is_file()]
-    volume_files = [p for p in files if _is_volume_file(p)]
+    volume_files = [p for p in files if is_volume_file(p)]
     if any(_is_dicom(p) for p in files if p not in volume_files):
         yield folder
     yield from volume_files

@@ -145,22 +145,23 @@ class _Predictor:
 
 
 @functools.lru_cache(maxsize=4)
-def _finisher(model_name: str):
-    """The ModelTask of a write worker, built once per process (finish and write never touch the backend)."""
+def _finisher(model_name: str, score_threshold: float | None):
+    """The ModelTask of a write worker, built once per process (finish and write never touch the backend); a
+    detector's with the actors' ``score_threshold``, which its detections.json records."""
     from ctzoo.inference.tasks import model_task
 
-    return model_task(model_name, "torch", "cpu", threads=1)
+    return model_task(model_name, "torch", "cpu", score_threshold, threads=1)
 
 
 def _write(model_name: str, case: CaseInput, source: str, context: Any, outputs: list[bytes], options: PipelineOptions,
-           runtime: str):
+           runtime: str, score_threshold: float | None = None):
     """Write stage (a Ray task): re-read the volume (from ``source``, absolute), then :func:`write_case`, recording
     ``runtime`` (JSON: the model actor's, which predicted the case); returns the summary row and the finish/write
     seconds."""
     from ctzoo.io import read_volume
     from ctzoo.io.limits import DEFAULT_LIMITS
 
-    task = _finisher(model_name)
+    task = _finisher(model_name, score_threshold)
     try:
         volume = read_volume(source, series=options.series, rules=options.rules, progress=False,
                              limits=options.limits or DEFAULT_LIMITS, recursive=case.recursive)
@@ -211,7 +212,9 @@ def run_ray(cases: list[CaseInput], model_name: str, options: PipelineOptions, b
         raise ValueError(f"unknown backend kind {backend!r}: use one of {', '.join(KINDS)}")
     check_request(precision, backend, compile=compile)
     # on the driver (CPU): the readers' preprocess, the rows' model version; an unknown model fails here, early
-    task = model_task(model_name, "torch", "cpu")
+    task = model_task(model_name, "torch", "cpu", score_threshold)
+    # what --resume compares: the actors' backend, and their precision as asked (each resolves auto on its device)
+    task.settings.update(backend=backend, precision=precision)
     book = RunBook(cases, task, options, other_rows)  # resume, status files and summary as the local engine
     todo = book.todo
     if todo:
@@ -292,7 +295,7 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
                     del states[index]
                     outputs = [state["outputs"][k] for k in range(state["end"]["slices"])]
                     ref = write.remote(task.model_name, todo[index], sources[index], state["end"]["context"], outputs,
-                                       options, state.get("runtime", json.dumps(task.runtime)))
+                                       options, state.get("runtime", json.dumps(task.runtime)), score_threshold)
                     pending[ref] = (todo[index], state)
             collect(MAX_PENDING_WRITES)
     finally:

@@ -51,6 +51,9 @@ class ModelTask:
     # the same stages on a new CPU backend of their own with N threads, built where it is called: each worker of
     # the pipeline's "copies" layout runs one; None where the model cannot be copied (a placed network)
     replicate: Callable[[int], ModelTask] | None = None
+    # what besides the model version decides its outputs (backend, precision, a detector's score threshold):
+    # recorded in each case's status file, where --resume compares it (ctzoo.inference.resume)
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def preprocess_on(task: ModelTask, device: str) -> ModelTask:
@@ -115,7 +118,7 @@ def detector_task(backend, prep, model_name: str = "", version: str = "", score_
         axial = reorient_lps(volume)
         found = [d for k, ((scores, points), scale) in enumerate(zip(outputs, scales))
                  for d in slice_detections(axial, k, scores, points, scale)]
-        return detections_document(volume, axial, found, model_name, version)
+        return {**detections_document(volume, axial, found, model_name, version), "score_threshold": score_threshold}
 
     def write(volume: Volume, document: dict, folder: Path, overlay: bool, runtime: dict[str, Any]):
         written = [_write_json({**document, "runtime": runtime}, folder / "detections.json")]
@@ -132,7 +135,8 @@ def detector_task(backend, prep, model_name: str = "", version: str = "", score_
                          "detail": "; ".join(f"{d['long_axis_mm']:.0f}x{d['short_axis_mm']:.0f} mm at {_where(d)}"
                                              for d in lesions[:5])}
 
-    return ModelTask(model_name, version, "detection", DetectorPreprocess(prep), predict, finish, write)
+    return ModelTask(model_name, version, "detection", DetectorPreprocess(prep), predict, finish, write,
+                     settings={"score_threshold": score_threshold})
 
 
 def _where(lesion: dict[str, Any]) -> str:
@@ -225,6 +229,7 @@ def bundle_task(bundle: ModelBundle, backend, score_threshold: float | None = No
         threshold = bundle.score_threshold if score_threshold is None else score_threshold
         task = detector_task(backend, bundle.preprocessing, bundle.name, bundle.version, threshold)
     task.runtime = _runtime(bundle, backend)
+    task.settings.update(backend=backend.kind, precision=task.runtime["precision"])
     if backend.kind == "torch":
         task.profile = functools.partial(_profile_predict, task.predict)
     torch_options = ({"precision": task.runtime["precision"], "compile": task.runtime["compiled"]}
