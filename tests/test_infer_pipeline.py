@@ -227,6 +227,33 @@ def test_resume_with_another_score_threshold_reruns_the_detector(mixed_inputs, t
     assert status["settings"]["score_threshold"] == 0.95 and status["settings"]["backend"] == "torch"
 
 
+def test_a_case_that_fails_on_a_rerun_keeps_its_status_alone_and_the_other_models_files(mixed_inputs, tmp_path):
+    """Both models write into OUT/ct; the input is then cut short and the detector run again: its case fails and
+    holds only its error status, not the detections and overlay of the earlier run; the segmenter's files stay."""
+    from ctzoo.inference.tasks import model_task
+
+    source = tmp_path / "ct.nii.gz"
+    shutil.copy(mixed_inputs / "small.nii.gz", source)
+    out = tmp_path / "out"
+    args = ["infer", str(source), "--out", str(out), "--workers", "0", "--overlay"]
+    result = CliRunner().invoke(main, [*args, "--model", "recistnet-mini", "--model", "template-seg-abdomen"])
+    assert result.exit_code == 0, result.output
+    detector_files = {"detections.json", "overlay.png", "status-recistnet-mini.json"}
+    segmenter_files = {"labels.nii.gz", "segmentation.json", "labels_overlay.png", "status-template-seg-abdomen.json"}
+    assert {p.name for p in (out / "ct").iterdir()} == detector_files | segmenter_files
+
+    source.write_bytes(source.read_bytes()[:source.stat().st_size // 3])
+    result = CliRunner().invoke(main, [*args, "--model", "recistnet-mini"])
+    assert result.exit_code == 1, result.output
+    status = json.loads((out / "ct" / "status-recistnet-mini.json").read_text())
+    assert status["status"] == "error" and status["outputs"] == ""
+    assert {p.name for p in (out / "ct").iterdir()} == {"status-recistnet-mini.json"} | segmenter_files
+    # what each model declares it may write (what a rerun removes) covers what it wrote
+    declared = {name for model in ("recistnet-mini", "template-seg-abdomen")
+                for name in model_task(model, "torch", "cpu").output_files}
+    assert {name for name in detector_files | segmenter_files if not name.startswith("status-")} <= declared
+
+
 def test_ctrl_c_leaves_no_partial_file_and_resume_finishes(mixed_inputs, tmp_path, monkeypatch):
     from ctzoo.inference import tasks
 

@@ -196,9 +196,11 @@ def write_case(task: ModelTask, case: CaseInput, volume: Volume, context: Any, o
     """Finish and write one case; returns its summary row (status ok, or error with the message). ``seconds``,
     if given, receives the time of each stage that completed (``finish``, ``write``); ``runtime``: what predicted
     the case (default ``task.runtime``), recorded in its outputs with the ``decoder`` its JPEG 2000 DICOM took and
-    the device its ``preprocessing`` ran on."""
+    the device its ``preprocessing`` ran on. What an earlier run of ``task`` left for the case goes first
+    (:func:`discard_outputs`)."""
     row = summary_row(case, task, "ok", slices=len(outputs))
     seconds = {} if seconds is None else seconds
+    discard_outputs(options.out, case, task)
     try:
         clock = time.perf_counter()
         result = task.finish(volume, context, outputs)
@@ -226,6 +228,15 @@ def save_status(row: dict[str, Any], out: Path, case: CaseInput, made_with: dict
         partial.write_text(json.dumps({**row, **(made_with or {})}, indent=2))
 
 
+def discard_outputs(out: Path, case: CaseInput, task: ModelTask) -> None:
+    """Remove what an earlier run of ``task`` left in the case's folder, before the case is written or recorded as
+    failed: its status file first (stopped part way, no status claims files that are gone), then its files
+    (``task.output_files``). Another model's files in the same folder stay."""
+    status_path(out, case, task.model_name).unlink(missing_ok=True)
+    for name in task.output_files:
+        (out / case.name / name).unlink(missing_ok=True)
+
+
 def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
@@ -244,7 +255,7 @@ class RunBook:
     def __init__(self, cases: list[CaseInput], task: ModelTask, options: PipelineOptions,
                  other_rows: list[dict[str, Any]] = ()):
         options.out.mkdir(parents=True, exist_ok=True)
-        self.cases, self.out, self.other_rows = cases, options.out, list(other_rows)
+        self.cases, self.task, self.out, self.other_rows = cases, task, options.out, list(other_rows)
         self.settings = output_settings(task, options)
         # taken before any case is read: an input changed while the run reads it is run again by the next --resume
         self.identities = {case.name: input_identity(case) for case in cases}
@@ -264,6 +275,8 @@ class RunBook:
         write_summary([*self.other_rows, *self.rows()], self.out / SUMMARY_FILE)
 
     def record(self, row: dict[str, Any], case: CaseInput) -> None:
+        if row["status"] != "ok":  # a failed case holds its status alone, not an earlier run's files beside it
+            discard_outputs(self.out, case, self.task)
         save_status(row, self.out, case, {"settings": self.settings, "input_identity": self.identities[case.name]})
         self.done[case.name] = row
         write_summary([*self.other_rows, *self.rows()], self.out / SUMMARY_FILE)

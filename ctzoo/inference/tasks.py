@@ -54,6 +54,9 @@ class ModelTask:
     # what besides the model version decides its outputs (backend, precision, a detector's score threshold):
     # recorded in each case's status file, where --resume compares it (ctzoo.inference.resume)
     settings: dict[str, Any] = field(default_factory=dict)
+    # every file `write` may put in a case folder: removed before the case is run again, so a rerun that fails or
+    # writes fewer files (no overlay, no SEG) leaves none of an earlier run's beside its status
+    output_files: tuple[str, ...] = ()
 
 
 def preprocess_on(task: ModelTask, device: str) -> ModelTask:
@@ -136,7 +139,8 @@ def detector_task(backend, prep, model_name: str = "", version: str = "", score_
                                              for d in lesions[:5])}
 
     return ModelTask(model_name, version, "detection", DetectorPreprocess(prep), predict, finish, write,
-                     settings={"score_threshold": score_threshold})
+                     settings={"score_threshold": score_threshold},
+                     output_files=("detections.json", "sr.dcm", "overlay.png"))
 
 
 def _where(lesion: dict[str, Any]) -> str:
@@ -188,7 +192,8 @@ def segmenter_task(backend, prep, model_name: str = "", version: str = "") -> Mo
         return written, {"findings": sum(v > 0 for v in volumes.values()),
                          "detail": "; ".join(f"{name} {ml:.0f} mL" for name, ml in volumes.items())}
 
-    return ModelTask(model_name, version, "segmentation", SegmenterPreprocess(prep), predict, finish, write)
+    return ModelTask(model_name, version, "segmentation", SegmenterPreprocess(prep), predict, finish, write,
+                     output_files=("labels.nii.gz", "segmentation.json", "seg.dcm", "labels_overlay.png"))
 
 
 def _runtime(bundle: ModelBundle, backend) -> dict[str, Any]:
