@@ -21,6 +21,7 @@ from ctzoo.cli import main
 from ctzoo.datasets.samples import sample_ct_dicom
 from ctzoo.inference.inputs import CaseInput, discover_cases
 from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
+from ctzoo.inference.reader import read_case
 from ctzoo.io import read_volume, write_volume
 
 
@@ -66,6 +67,40 @@ def test_discover_cases_finds_every_kind_and_names_them_uniquely(mixed_inputs, t
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no CT volumes"):
         discover_cases([tmp_path / "empty"])
+
+
+def test_case_names_stay_unique_when_a_suffixed_name_is_also_a_file_name(tmp_path):
+    """``a.nii.gz`` and ``a.nrrd`` both name a case ``a``; the second must not take ``a-2`` when ``a-2.nii.gz`` has
+    it (two cases in one folder: one's results would overwrite the other's and one summary row would vanish). Names
+    differing only in letter case count as taken too (OUT may be on a case-insensitive filesystem)."""
+    inputs = tmp_path / "coll"
+    inputs.mkdir()
+    for name in ("a.nii.gz", "a.nrrd", "a-2.nii.gz", "A.mha"):  # discovery goes by suffix: no voxels needed
+        (inputs / name).write_bytes(b"")
+    cases = discover_cases([inputs])
+    assert {c.path.name: c.name for c in cases} == {"A.mha": "A", "a-2.nii.gz": "a-2", "a.nii.gz": "a-3",
+                                                    "a.nrrd": "a-4"}
+    assert [c.name for c in discover_cases([inputs])] == [c.name for c in cases]  # the same names every run
+
+
+def test_a_dicom_folder_case_reads_its_own_series_not_its_subfolders(tmp_path):
+    """Series A (4 slices) directly in study/, series B (7 slices) in study/sub/: discovery makes two cases, and
+    each reads its own series. Read with its subfolders, study/ would choose B (more slices): B ran twice and A
+    never."""
+    from dicom_factory import SeriesSpec, make_slices, write_series
+
+    study = tmp_path / "nest" / "study"
+    series_a = SeriesSpec(make_slices(4), description="A")
+    series_b = SeriesSpec(make_slices(7, seed=1), description="B")
+    write_series(study, series_a)
+    write_series(study / "sub", series_b)
+    cases = discover_cases([tmp_path / "nest"])
+    assert [(c.name, c.recursive) for c in cases] == [("study", False), ("study_sub", False)]
+    rows = run_pipeline(cases, stub_task(), PipelineOptions(out=tmp_path / "out", workers=0, progress=False))
+    assert [(r["case"], r["status"], r["slices"]) for r in rows] == [("study", "ok", 4), ("study_sub", "ok", 7)]
+    read = {c.name: next(m for m in read_case(0, c, stub_task(), 8) if m["kind"] == "end")["volume"] for c in cases}
+    assert {name: v.dicom.series_instance_uid for name, v in read.items()} == {"study": series_a.series_uid,
+                                                                            "study_sub": series_b.series_uid}
 
 
 def test_batch_over_mixed_inputs_records_the_corrupt_case_and_writes_seg_and_sr(mixed_inputs, tmp_path):
@@ -138,6 +173,85 @@ def test_resume_skips_finished_cases_and_retries_failed_ones(mixed_inputs, tmp_p
     assert status.stat().st_mtime_ns == before  # not redone
     rows = _summary(out)
     assert rows["small"]["status"] == "ok" and rows["broken"]["status"] == "error"
+
+
+def test_resume_reruns_cases_whose_options_or_input_changed_and_says_how_many(tmp_path, caplog):
+    import logging
+    import os
+
+    cases = [CaseInput(f"c{k}", _tiny_volume(tmp_path / f"c{k}.nii.gz", 4)) for k in range(2)]
+    out = tmp_path / "out"
+    caplog.set_level(logging.INFO, logger="ctzoo.inference.pipeline")
+
+    def resume(**options) -> dict[str, str]:
+        """Resume with ``options``: which cases ran again (their status file rewritten), and the log's line."""
+        caplog.clear()
+        for case in cases:  # a status file rewritten shows, however coarse the filesystem's clock
+            os.utime(out / case.name / "status-stub-model.json", ns=(1, 1))
+        rows = run_pipeline(cases, stub_task(), PipelineOptions(out=out, workers=0, progress=False, resume=True,
+                                                                **options))
+        assert [r["status"] for r in rows] == ["ok", "ok"]
+        [line] = [r.getMessage() for r in caplog.records if "--resume" in r.getMessage()]
+        rerun = sorted(c.name for c in cases if (out / c.name / "status-stub-model.json").stat().st_mtime_ns != 1)
+        return {"rerun": rerun, "line": line}
+
+    run_pipeline(cases, stub_task(), PipelineOptions(out=out, workers=0, progress=False))
+    saved = json.loads((out / "c0" / "status-stub-model.json").read_text())
+    assert saved["settings"]["overlay"] is True and saved["settings"]["series"] is None
+    assert saved["input_identity"]["files"] == 1 and saved["input_identity"]["bytes"] > 0
+    assert resume() == {"rerun": [], "line": "stub-model: --resume: 2 case(s) reused, 0 to run"}
+    assert resume(overlay=False) == {
+        "rerun": ["c0", "c1"], "line": "stub-model: --resume: 0 case(s) reused, 2 to run: 2 options changed (overlay)"}
+    os.utime(cases[1].path, ns=(5 * 10**18, 5 * 10**18))  # touched: the same bytes, a new modification time
+    assert resume(overlay=False) == {
+        "rerun": ["c1"], "line": "stub-model: --resume: 1 case(s) reused, 1 to run: 1 input changed"}
+    assert resume(overlay=False, series="2") == {  # the series selection counts too (for DICOM inputs)
+        "rerun": ["c0", "c1"], "line": "stub-model: --resume: 0 case(s) reused, 2 to run: 2 options changed (series)"}
+
+
+def test_resume_with_another_score_threshold_reruns_the_detector(mixed_inputs, tmp_path):
+    """The auditor's run: lesions kept from 0.05, then --resume --score-threshold 0.95 must not keep them; the
+    threshold a case was run with is in its detections.json and its status file."""
+    shutil.copy(mixed_inputs / "small.nii.gz", tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    args = ["infer", str(tmp_path / "ct.nii.gz"), "--out", str(out), "--workers", "0", "--no-overlay"]
+    assert CliRunner().invoke(main, [*args, "--score-threshold", "0.05"]).exit_code == 0
+    first = json.loads((out / "ct" / "detections.json").read_text())
+    assert first["score_threshold"] == 0.05 and any(d["score"] < 0.95 for d in first["lesions"])
+    result = CliRunner().invoke(main, [*args, "--resume", "--score-threshold", "0.95"])
+    assert result.exit_code == 0, result.output
+    document = json.loads((out / "ct" / "detections.json").read_text())
+    assert document["score_threshold"] == 0.95 and all(d["score"] >= 0.95 for d in document["lesions"])
+    assert _summary(out)["ct"]["findings"] == str(len(document["lesions"]))
+    status = json.loads((out / "ct" / "status-recistnet-mini.json").read_text())
+    assert status["settings"]["score_threshold"] == 0.95 and status["settings"]["backend"] == "torch"
+
+
+def test_a_case_that_fails_on_a_rerun_keeps_its_status_alone_and_the_other_models_files(mixed_inputs, tmp_path):
+    """Both models write into OUT/ct; the input is then cut short and the detector run again: its case fails and
+    holds only its error status, not the detections and overlay of the earlier run; the segmenter's files stay."""
+    from ctzoo.inference.tasks import model_task
+
+    source = tmp_path / "ct.nii.gz"
+    shutil.copy(mixed_inputs / "small.nii.gz", source)
+    out = tmp_path / "out"
+    args = ["infer", str(source), "--out", str(out), "--workers", "0", "--overlay"]
+    result = CliRunner().invoke(main, [*args, "--model", "recistnet-mini", "--model", "template-seg-abdomen"])
+    assert result.exit_code == 0, result.output
+    detector_files = {"detections.json", "overlay.png", "status-recistnet-mini.json"}
+    segmenter_files = {"labels.nii.gz", "segmentation.json", "labels_overlay.png", "status-template-seg-abdomen.json"}
+    assert {p.name for p in (out / "ct").iterdir()} == detector_files | segmenter_files
+
+    source.write_bytes(source.read_bytes()[:source.stat().st_size // 3])
+    result = CliRunner().invoke(main, [*args, "--model", "recistnet-mini"])
+    assert result.exit_code == 1, result.output
+    status = json.loads((out / "ct" / "status-recistnet-mini.json").read_text())
+    assert status["status"] == "error" and status["outputs"] == ""
+    assert {p.name for p in (out / "ct").iterdir()} == {"status-recistnet-mini.json"} | segmenter_files
+    # what each model declares it may write (what a rerun removes) covers what it wrote
+    declared = {name for model in ("recistnet-mini", "template-seg-abdomen")
+                for name in model_task(model, "torch", "cpu").output_files}
+    assert {name for name in detector_files | segmenter_files if not name.startswith("status-")} <= declared
 
 
 def test_ctrl_c_leaves_no_partial_file_and_resume_finishes(mixed_inputs, tmp_path, monkeypatch):

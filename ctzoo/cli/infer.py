@@ -77,7 +77,10 @@ def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads of each model copy [copies default: the cores shared out among the copies] or "
                    "of the one model [shared default: the backend's, all cores].")
-@click.option("--resume", is_flag=True, help="Skip cases this model version already finished (status-<model>.json).")
+@click.option("--resume", is_flag=True,
+              help="Skip cases this model version already finished (status-<model>.json) with the same options "
+                   "(backend, precision, score threshold, --series, --rules, overlay) from an unchanged input (the "
+                   "size and modification time of each of its files); run the others again.")
 @click.option("--overlay/--no-overlay", default=None,
               help="Draw overlay PNGs (default: only for the embedded sample, when no INPUT is given).")
 @click.option("--score-threshold", type=click.FloatRange(0, 1), default=None,
@@ -103,8 +106,8 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     """Run zoo models over CT volumes: detect lesions (RECIST-Net) or segment organs.
 
     INPUTS are any mix of DICOM folders (searched recursively: every folder holding DICOM files is a
-    case), zipped DICOM series, NIfTI, NRRD or MHA files, and text files listing such inputs one per
-    line. Without INPUTS the embedded sample CT is used (case 'sample_ct').
+    case, read from its own files), zipped DICOM series, NIfTI, NRRD or MHA files, and text files
+    listing such inputs one per line. Without INPUTS the embedded sample CT is used (case 'sample_ct').
 
     \b
     Per case, in OUT/<case>/:

@@ -5,8 +5,9 @@ Accepted inputs (mixed freely):
 * NIfTI, NRRD, MHA/MHD files: one case each;
 * a ``.zip`` of a DICOM series: one case (the CT series chosen by the selection rules);
 * a folder: searched recursively. Image files and zips in it are cases; every folder that directly holds DICOM
-  files is one case (its CT series chosen by the rules, as ``ctzoo info`` shows). A PACS export
-  ``patient/study/series/*.dcm`` thus gives one case per series folder;
+  files is one case (its CT series chosen by the rules, as ``ctzoo info`` shows), read from those files alone:
+  a subfolder holding DICOM is a case of its own. A PACS export ``patient/study/series/*.dcm`` thus gives one
+  case per series folder;
 * a text file (``.txt``/``.lst``/``.list``): one input per line (blank lines and ``#`` comments skipped);
   relative paths are relative to the list file.
 
@@ -35,11 +36,13 @@ _NEVER_DICOM = {".json", ".csv", ".md", ".txt", ".xml", ".png", ".jpg", ".jpeg",
 class CaseInput:
     """One CT volume to run: ``name`` is the output folder's name, unique within a run. ``volume``: the volume
     already read from ``path`` by the caller (the PACS bridge reads a series once for its check and all its
-    models); the pipeline then does not read ``path`` again."""
+    models); the pipeline then does not read ``path`` again. ``recursive``: a DICOM folder is read with its
+    subfolders; False where discovery made each subfolder holding DICOM a case of its own."""
 
     name: str
     path: Path
     volume: Any = field(default=None, compare=False, repr=False)
+    recursive: bool = True
 
 
 def _is_dicom(path: Path) -> bool:
@@ -56,7 +59,7 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
-def _is_volume_file(path: Path) -> bool:
+def is_volume_file(path: Path) -> bool:
     return file_suffix(path) in (*NIFTI_SUFFIXES, *ITK_READ_SUFFIXES, ".zip")
 
 
@@ -65,7 +68,7 @@ def _walk(folder: Path) -> Iterator[Path]:
     entries skipped)."""
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     files = [p for p in entries if p.is_file()]
-    volume_files = [p for p in files if _is_volume_file(p)]
+    volume_files = [p for p in files if is_volume_file(p)]
     if any(_is_dicom(p) for p in files if p not in volume_files):
         yield folder
     yield from volume_files
@@ -128,7 +131,7 @@ def discover_cases(inputs: Iterable[str | Path]) -> list[CaseInput]:
     """
     cases: list[CaseInput] = []
     seen_paths: set[Path] = set()
-    names: dict[str, int] = {}
+    issued: set[str] = set()
     seen_lists: set[Path] = set()
     for given in inputs:
         given = Path(given)
@@ -137,8 +140,18 @@ def discover_cases(inputs: Iterable[str | Path]) -> list[CaseInput]:
             if key in seen_paths:
                 continue
             seen_paths.add(key)
-            name = case_name(path, root)
-            count = names.get(name, 0)
-            names[name] = count + 1
-            cases.append(CaseInput(name if count == 0 else f"{name}-{count + 1}", path))
+            # a folder case is the DICOM directly in it: its subfolders holding DICOM are cases of their own (_walk)
+            cases.append(CaseInput(unused_name(case_name(path, root), issued), path, recursive=not path.is_dir()))
     return cases
+
+
+def unused_name(name: str, issued: set[str]) -> str:
+    """``name``, or the first of ``name-2``, ``name-3``... that no earlier case took; added to ``issued``. Checked
+    against every name issued, suffixed ones included (``a.nii.gz``, ``a.nrrd`` and ``a-2.nii.gz`` must not share
+    a folder), and without regard to case: OUT may be on a filesystem that does not tell ``A`` from ``a``."""
+    candidate, number = name, 1
+    while candidate.casefold() in issued:
+        number += 1
+        candidate = f"{name}-{number}"
+    issued.add(candidate.casefold())
+    return candidate

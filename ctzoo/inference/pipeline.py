@@ -22,7 +22,8 @@ and in the ``copies`` layout (the CPU's; :mod:`ctzoo.inference.schedule` says wh
 * A case that fails to read, preprocess, predict or write is recorded with its error in ``summary.csv``
   and ``OUT/<case>/status-<model>.json``; the batch goes on.
 * Every file is written under a temporary name and renamed; the status file is written last, so ``--resume``
-  skips exactly the cases whose outputs are complete. Ctrl-C lets the case being written finish, records it
+  skips exactly the cases whose outputs are complete, and only where they were made with the same settings from
+  the same input (:mod:`ctzoo.inference.resume`). Ctrl-C lets the case being written finish, records it
   in ``summary.csv`` with the others that finished, leaves no partial file and re-raises KeyboardInterrupt
   (``ctzoo infer`` then exits 130).
 * ``seconds`` in ``summary.csv`` is each case's own wall time, from when its reader started reading it to
@@ -42,6 +43,7 @@ import functools
 import inspect
 import io
 import json
+import logging
 import multiprocessing
 import os
 import time
@@ -65,6 +67,7 @@ from ctzoo.inference.reader import (  # noqa: F401 (axial_slices, read_case: for
     preprocessed_here,
     read_case,
 )
+from ctzoo.inference.resume import REUSABLE, input_identity, output_settings, read_status, rerun_reason, resume_summary
 from ctzoo.inference.stage_events import case_context, record_batch, record_case_stages
 from ctzoo.inference.start_method import worker_start_method
 from ctzoo.inference.tasks import ModelTask, preprocess_on
@@ -76,6 +79,8 @@ SUMMARY_FIELDS = ["case", "input", "model", "model_version", "status", "error", 
                   "read_s", "seconds", "outputs"]
 #: Cases read but not yet written that the main process may hold (their volumes stay in memory).
 MAX_PENDING_WRITES = 4
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -191,9 +196,11 @@ def write_case(task: ModelTask, case: CaseInput, volume: Volume, context: Any, o
     """Finish and write one case; returns its summary row (status ok, or error with the message). ``seconds``,
     if given, receives the time of each stage that completed (``finish``, ``write``); ``runtime``: what predicted
     the case (default ``task.runtime``), recorded in its outputs with the ``decoder`` its JPEG 2000 DICOM took and
-    the device its ``preprocessing`` ran on."""
+    the device its ``preprocessing`` ran on. What an earlier run of ``task`` left for the case goes first
+    (:func:`discard_outputs`)."""
     row = summary_row(case, task, "ok", slices=len(outputs))
     seconds = {} if seconds is None else seconds
+    discard_outputs(options.out, case, task)
     try:
         clock = time.perf_counter()
         result = task.finish(volume, context, outputs)
@@ -215,9 +222,19 @@ def summary_row(case: CaseInput, task: ModelTask, status: str, **values: Any) ->
     return row
 
 
-def save_status(row: dict[str, Any], out: Path, case: CaseInput) -> None:
+def save_status(row: dict[str, Any], out: Path, case: CaseInput, made_with: dict[str, Any] | None = None) -> None:
+    """The case's status file: its summary row, and ``made_with`` (settings and input identity, for --resume)."""
     with atomic_path(status_path(out, case, row["model"])) as partial:
-        partial.write_text(json.dumps(row, indent=2))
+        partial.write_text(json.dumps({**row, **(made_with or {})}, indent=2))
+
+
+def discard_outputs(out: Path, case: CaseInput, task: ModelTask) -> None:
+    """Remove what an earlier run of ``task`` left in the case's folder, before the case is written or recorded as
+    failed: its status file first (stopped part way, no status claims files that are gone), then its files
+    (``task.output_files``). Another model's files in the same folder stay."""
+    status_path(out, case, task.model_name).unlink(missing_ok=True)
+    for name in task.output_files:
+        (out / case.name / name).unlink(missing_ok=True)
 
 
 def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
@@ -229,38 +246,38 @@ def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
         partial.write_text(buffer.getvalue())
 
 
-def finished_row(out: Path, case: CaseInput, task: ModelTask) -> dict[str, Any] | None:
-    """The saved row of a case this model version already finished without error, else None."""
-    path = status_path(out, case, task.model_name)
-    try:
-        row = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    ok = row.get("status") == "ok" and row.get("model_version") == task.model_version
-    return row if ok and row.get("input") == str(case.path) else None
-
-
 class RunBook:
-    """The rows of one model's run over ``cases``: resumed cases (``options.resume``) first, then each case as
-    it finishes. Every :meth:`record` saves the case's status file and rewrites ``OUT/summary.csv``
-    (``other_rows``, rows of earlier models of the same run, first). Shared by the local and Ray engines."""
+    """The rows of one model's run over ``cases``: resumed cases (``options.resume``: finished ok with the same
+    settings from the same input, :mod:`ctzoo.inference.resume`) first, then each case as it finishes. Every
+    :meth:`record` saves the case's status file and rewrites ``OUT/summary.csv`` (``other_rows``, rows of earlier
+    models of the same run, first). Shared by the local and Ray engines."""
 
     def __init__(self, cases: list[CaseInput], task: ModelTask, options: PipelineOptions,
                  other_rows: list[dict[str, Any]] = ()):
         options.out.mkdir(parents=True, exist_ok=True)
-        self.cases, self.out, self.other_rows = cases, options.out, list(other_rows)
+        self.cases, self.task, self.out, self.other_rows = cases, task, options.out, list(other_rows)
+        self.settings = output_settings(task, options)
+        # taken before any case is read: an input changed while the run reads it is run again by the next --resume
+        self.identities = {case.name: input_identity(case) for case in cases}
         self.done: dict[str, dict[str, Any]] = {}
         self.todo: list[CaseInput] = []
+        reasons = []
         for case in cases:
-            row = finished_row(options.out, case, task) if options.resume else None
-            if row is not None:
-                self.done[case.name] = row
+            saved = read_status(status_path(options.out, case, task.model_name)) if options.resume else None
+            reason = rerun_reason(saved, task.model_version, case, self.settings, self.identities[case.name])
+            if reason == REUSABLE:
+                self.done[case.name] = {name: saved.get(name, "") for name in SUMMARY_FIELDS}
             else:
                 self.todo.append(case)
+            reasons.append(reason)
+        if options.resume:
+            log.info(resume_summary(task.model_name, reasons))
         write_summary([*self.other_rows, *self.rows()], self.out / SUMMARY_FILE)
 
     def record(self, row: dict[str, Any], case: CaseInput) -> None:
-        save_status(row, self.out, case)
+        if row["status"] != "ok":  # a failed case holds its status alone, not an earlier run's files beside it
+            discard_outputs(self.out, case, self.task)
+        save_status(row, self.out, case, {"settings": self.settings, "input_identity": self.identities[case.name]})
         self.done[case.name] = row
         write_summary([*self.other_rows, *self.rows()], self.out / SUMMARY_FILE)
 

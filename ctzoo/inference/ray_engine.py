@@ -87,7 +87,8 @@ def _read_rows(row: dict[str, Any], task, chunk: int, series: str | None, rules:
     """Reader stage: the messages of :func:`read_case` as rows, one per slice, then one end or error row."""
     index = int(row["case"])
     control = {"case": index, "slice": -1, "image": _NO_IMAGE, "payload": b"", "error": ""}  # one row's columns
-    for message in read_case(index, CaseInput(row["name"], Path(row["source"])), task, chunk, series, rules, limits):
+    case = CaseInput(row["name"], Path(row["source"]), recursive=bool(row["recursive"]))
+    for message in read_case(index, case, task, chunk, series, rules, limits):
         if message["kind"] == "slices":
             for k, image in enumerate(message["images"].numpy()):
                 yield {**control, "slice": message["start"] + k, "image": image}
@@ -144,25 +145,26 @@ class _Predictor:
 
 
 @functools.lru_cache(maxsize=4)
-def _finisher(model_name: str):
-    """The ModelTask of a write worker, built once per process (finish and write never touch the backend)."""
+def _finisher(model_name: str, score_threshold: float | None):
+    """The ModelTask of a write worker, built once per process (finish and write never touch the backend); a
+    detector's with the actors' ``score_threshold``, which its detections.json records."""
     from ctzoo.inference.tasks import model_task
 
-    return model_task(model_name, "torch", "cpu", threads=1)
+    return model_task(model_name, "torch", "cpu", score_threshold, threads=1)
 
 
 def _write(model_name: str, case: CaseInput, source: str, context: Any, outputs: list[bytes], options: PipelineOptions,
-           runtime: str):
+           runtime: str, score_threshold: float | None = None):
     """Write stage (a Ray task): re-read the volume (from ``source``, absolute), then :func:`write_case`, recording
     ``runtime`` (JSON: the model actor's, which predicted the case); returns the summary row and the finish/write
     seconds."""
     from ctzoo.io import read_volume
     from ctzoo.io.limits import DEFAULT_LIMITS
 
-    task = _finisher(model_name)
+    task = _finisher(model_name, score_threshold)
     try:
         volume = read_volume(source, series=options.series, rules=options.rules, progress=False,
-                             limits=options.limits or DEFAULT_LIMITS)
+                             limits=options.limits or DEFAULT_LIMITS, recursive=case.recursive)
     except Exception as exc:  # the input changed since it was read: this case fails, the batch goes on
         return summary_row(case, task, "error", slices=len(outputs),
                            error=error_message(exc).replace(source, str(case.path))), {}
@@ -210,7 +212,9 @@ def run_ray(cases: list[CaseInput], model_name: str, options: PipelineOptions, b
         raise ValueError(f"unknown backend kind {backend!r}: use one of {', '.join(KINDS)}")
     check_request(precision, backend, compile=compile)
     # on the driver (CPU): the readers' preprocess, the rows' model version; an unknown model fails here, early
-    task = model_task(model_name, "torch", "cpu")
+    task = model_task(model_name, "torch", "cpu", score_threshold)
+    # what --resume compares: the actors' backend, and their precision as asked (each resolves auto on its device)
+    task.settings.update(backend=backend, precision=precision)
     book = RunBook(cases, task, options, other_rows)  # resume, status files and summary as the local engine
     todo = book.todo
     if todo:
@@ -234,7 +238,8 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
     perf = options.perf  # the driver's: events are recorded here, from the timings the stages send back
     options = dataclasses.replace(options, out=options.out.absolute(), perf=None)
     sources = [str(case.path.absolute()) for case in todo]
-    items = [{"case": i, "name": c.name, "path": str(c.path), "source": sources[i]} for i, c in enumerate(todo)]
+    items = [{"case": i, "name": c.name, "path": str(c.path), "source": sources[i], "recursive": c.recursive}
+             for i, c in enumerate(todo)]
     dataset = (ray.data.from_items(items, override_num_blocks=len(items))  # a block per case: read in parallel
                .flat_map(_read_rows, fn_kwargs={"task": reader, "chunk": options.chunk, "series": options.series,
                                                 "rules": options.rules, "limits": options.limits},
@@ -290,7 +295,7 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
                     del states[index]
                     outputs = [state["outputs"][k] for k in range(state["end"]["slices"])]
                     ref = write.remote(task.model_name, todo[index], sources[index], state["end"]["context"], outputs,
-                                       options, state.get("runtime", json.dumps(task.runtime)))
+                                       options, state.get("runtime", json.dumps(task.runtime)), score_threshold)
                     pending[ref] = (todo[index], state)
             collect(MAX_PENDING_WRITES)
     finally:

@@ -51,7 +51,7 @@ def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: 
         volume = case.volume if case.volume is not None else read_volume(case.path, series=series, rules=rules,
                                                                          progress=False,
                                                                          limits=limits or DEFAULT_LIMITS,
-                                                                         decoder=decoder)
+                                                                         decoder=decoder, recursive=case.recursive)
         if not np.isfinite(volume.array).all():
             bad = int(volume.array.size - np.isfinite(volume.array).sum())
             raise ValueError(f"{case.path}: {bad} voxels are NaN or infinite; refusing to guess their HU")

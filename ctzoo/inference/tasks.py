@@ -54,6 +54,12 @@ class ModelTask:
     # the same stages on a new CPU backend of their own with N threads, built where it is called: each worker of
     # the pipeline's "copies" layout runs one; None where the model cannot be copied (a placed network)
     replicate: Callable[[int], ModelTask] | None = None
+    # what besides the model version decides its outputs (backend, precision, a detector's score threshold):
+    # recorded in each case's status file, where --resume compares it (ctzoo.inference.resume)
+    settings: dict[str, Any] = field(default_factory=dict)
+    # every file `write` may put in a case folder: removed before the case is run again, so a rerun that fails or
+    # writes fewer files (no overlay, no SEG) leaves none of an earlier run's beside its status
+    output_files: tuple[str, ...] = ()
 
 
 def preprocess_on(task: ModelTask, device: str) -> ModelTask:
@@ -125,7 +131,7 @@ def detector_task(backend, prep, model_name: str = "", version: str = "", score_
         axial = reorient_lps(volume)
         found = [d for k, ((scores, points), scale) in enumerate(zip(outputs, scales))
                  for d in slice_detections(axial, k, scores, points, scale)]
-        return detections_document(volume, axial, found, model_name, version)
+        return {**detections_document(volume, axial, found, model_name, version), "score_threshold": score_threshold}
 
     def write(volume: Volume, document: dict, folder: Path, overlay: bool, runtime: dict[str, Any]):
         _log_input_warnings(volume, folder)
@@ -143,7 +149,9 @@ def detector_task(backend, prep, model_name: str = "", version: str = "", score_
                          "detail": "; ".join(f"{d['long_axis_mm']:.0f}x{d['short_axis_mm']:.0f} mm at {_where(d)}"
                                              for d in lesions[:5])}
 
-    return ModelTask(model_name, version, "detection", DetectorPreprocess(prep), predict, finish, write)
+    return ModelTask(model_name, version, "detection", DetectorPreprocess(prep), predict, finish, write,
+                     settings={"score_threshold": score_threshold},
+                     output_files=("detections.json", "sr.dcm", "overlay.png"))
 
 
 def _where(lesion: dict[str, Any]) -> str:
@@ -196,7 +204,8 @@ def segmenter_task(backend, prep, model_name: str = "", version: str = "") -> Mo
         return written, {"findings": sum(v > 0 for v in volumes.values()),
                          "detail": "; ".join(f"{name} {ml:.0f} mL" for name, ml in volumes.items())}
 
-    return ModelTask(model_name, version, "segmentation", SegmenterPreprocess(prep), predict, finish, write)
+    return ModelTask(model_name, version, "segmentation", SegmenterPreprocess(prep), predict, finish, write,
+                     output_files=("labels.nii.gz", "segmentation.json", "seg.dcm", "labels_overlay.png"))
 
 
 def _runtime(bundle: ModelBundle, backend) -> dict[str, Any]:
@@ -237,6 +246,7 @@ def bundle_task(bundle: ModelBundle, backend, score_threshold: float | None = No
         threshold = bundle.score_threshold if score_threshold is None else score_threshold
         task = detector_task(backend, bundle.preprocessing, bundle.name, bundle.version, threshold)
     task.runtime = _runtime(bundle, backend)
+    task.settings.update(backend=backend.kind, precision=task.runtime["precision"])
     if backend.kind == "torch":
         task.profile = functools.partial(_profile_predict, task.predict)
     torch_options = ({"precision": task.runtime["precision"], "compile": task.runtime["compiled"]}

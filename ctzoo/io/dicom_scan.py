@@ -259,17 +259,19 @@ def read_header(path: str, display_name: str | None = None) -> SliceHeader | Non
     return SliceHeader(path, shown, ds, key, problem)
 
 
-def _dicom_candidates(root: Path) -> Iterator[Path]:
+def _dicom_candidates(root: Path, recursive: bool = True) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
         for name in sorted(filenames):
             if name.startswith(".") or name.upper() == "DICOMDIR":
                 continue
             yield Path(dirpath) / name
 
 
-def scan_folder(root: str | Path, display_root: str | None = None, progress: bool = True) -> ScanResult:
-    """Read every file's header under ``root`` (recursively) and group the DICOM ones into series.
+def scan_folder(root: str | Path, display_root: str | None = None, progress: bool = True,
+                recursive: bool = True) -> ScanResult:
+    """Read every file's header under ``root`` (recursively; ``recursive=False``: the files directly in it) and
+    group the DICOM ones into series.
 
     Series are numbered from 1 by size (most image slices first) so ``ctzoo info`` and ``--series N`` agree.
     """
@@ -277,7 +279,7 @@ def scan_folder(root: str | Path, display_root: str | None = None, progress: boo
     groups: dict[str, SeriesInfo] = {}
     not_dicom: list[str] = []
     corrupt: list[SliceHeader] = []
-    files = list(_dicom_candidates(root))
+    files = list(_dicom_candidates(root, recursive))
     for path in tqdm(files, desc="scanning DICOM headers", unit="file", disable=None if progress else True,
                      leave=False):
         shown = os.path.join(display_root, os.path.relpath(path, root)) if display_root else str(path)

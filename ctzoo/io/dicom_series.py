@@ -275,15 +275,17 @@ def volume_from_series(series: SeriesInfo, display_root: str = "", workers: int 
 
 def read_dicom_series(path: str | Path, series: str | None = None, rules: SeriesRules | None = None,
                       workers: int | None = None, progress: bool = True,
-                      limits: ResourceLimits = DEFAULT_LIMITS, decoder: str | None = None) -> Volume:
+                      limits: ResourceLimits = DEFAULT_LIMITS, decoder: str | None = None,
+                      recursive: bool = True) -> Volume:
     """Read the CT volume in a DICOM folder or zip.
 
     ``series`` picks one by SeriesInstanceUID or by its index as ``ctzoo info`` lists it; otherwise
     ``rules`` choose (default: CT, axial, not a localizer, most slices). ``decoder``: see
-    :func:`volume_from_series`.
+    :func:`volume_from_series`. ``recursive=False``: only the files directly in the folder (its subfolders are
+    cases of their own in ``ctzoo infer``).
     """
     with dicom_folder(path, limits) as (folder, display_root):
-        scan = scan_folder(folder, display_root, progress=progress)
+        scan = scan_folder(folder, display_root, progress=progress, recursive=recursive)
         if display_root is None:
             scan.root = str(path)
         chosen = choose_series(scan, rules, series)

@@ -177,7 +177,7 @@ def write_volume(volume: Volume, path: str | Path, dtype=None) -> Path:
 
 def read_volume(path: str | Path, series: str | None = None, rules: SeriesRules | None = None,
                 dtype=np.float32, progress: bool = True, limits: ResourceLimits = DEFAULT_LIMITS,
-                decoder: str | None = None) -> Volume:
+                decoder: str | None = None, recursive: bool = True) -> Volume:
     """Read any CT input ctzoo accepts into a Volume.
 
     * a folder or ``.zip`` of DICOM files: the series chosen by ``series``/``rules``
@@ -187,7 +187,8 @@ def read_volume(path: str | Path, series: str | None = None, rules: SeriesRules 
 
     Sizes declared by headers (and a zip's inflated size) are checked against ``limits`` before allocating
     (:mod:`ctzoo.io.limits`); a refusal is :class:`~ctzoo.io.limits.LimitExceeded`. ``decoder`` decodes DICOM's
-    JPEG 2000 (``None``/``gdcm``, or ``nvimgcodec:DEVICE``: :mod:`ctzoo.io.nvimgcodec_decode`).
+    JPEG 2000 (``None``/``gdcm``, or ``nvimgcodec:DEVICE``: :mod:`ctzoo.io.nvimgcodec_decode`). ``recursive=False``
+    reads a folder's own files only, not its subfolders'.
     """
     path = Path(path)
     if not path.exists():
@@ -195,7 +196,7 @@ def read_volume(path: str | Path, series: str | None = None, rules: SeriesRules 
     suffix = file_suffix(path)
     if path.is_dir() or suffix == ".zip":
         volume = read_dicom_series(path, series=series, rules=rules, progress=progress, limits=limits,
-                                   decoder=decoder)
+                                   decoder=decoder, recursive=recursive)
         volume.array = _cast(volume.array, dtype)
         return volume
     if suffix in NIFTI_SUFFIXES:
