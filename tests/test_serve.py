@@ -251,6 +251,10 @@ BAD_REQUESTS = [
     ("unknown output", DET, _json([_tensor()], outputs=[{"name": "boxes"}]), {}, 400, "has no output 'boxes'"),
     ("header beyond body", DET, _json([_tensor()]), {HEADER: "999999"}, 400, "but the body has only"),
     ("header not a number", DET, _json([_tensor()]), {HEADER: "ten"}, 400, "must be a non-negative integer"),
+    # "²" is a digit to str.isdigit() but not to int(): latin-1 header bytes reach the codec as such characters
+    ("header a superscript digit", DET, _json([_tensor()]), {HEADER: b"\xb2"}, 400, "must be a non-negative integer"),
+    ("gzip, header a superscript digit", DET, gzip.compress(_json([_tensor()])),
+     {HEADER: b"\xb2", "Content-Encoding": "gzip"}, 400, "must be a non-negative integer"),
     ("binary size beyond body", DET, *_binary(36864, b"\0" * 100), 400, "run past the end"),
     ("binary size wrong", DET, *_binary(8, b"\0" * 8), 400, "needs 36864 bytes"),
     ("binary without header", DET, _binary(36864)[0], {}, 400, "has no Inference-Header-Content-Length"),

@@ -134,9 +134,11 @@ def inflated_size(body: bytes, encoding: str | None, header_length: str | None, 
 def _header_length(value: str | None, body_size: int) -> int | None:
     if value is None:
         return None
-    if not value.strip().isdigit():
-        raise ServeError(f"{HEADER_LENGTH} must be a non-negative integer, got {value!r}")
-    length = int(value)
+    digits = value.strip()
+    # ASCII digits only: str.isdigit() also accepts digits such as "²" that int() refuses
+    if not (digits.isascii() and digits.isdigit()):
+        raise ServeError(f"{HEADER_LENGTH} must be a non-negative integer, got {value!r:.40}")
+    length = int(digits)
     if length > body_size:
         raise ServeError(f"{HEADER_LENGTH} is {length} but the body has only {body_size} bytes")
     return length
