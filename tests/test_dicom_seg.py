@@ -94,6 +94,22 @@ def test_uids_are_deterministic_and_versioned(labels, sample_volume, tmp_path):
     assert first.SOPInstanceUID != newer.SOPInstanceUID and first.SeriesInstanceUID != newer.SeriesInstanceUID
 
 
+def test_another_segmentation_gets_other_uids(labels, sample_volume, tmp_path):
+    """Other weights or precision change some voxels: that SEG is another object (a PACS keeps the first content
+    stored under a UID), and so is one whose class names differ; the same labels again give the same UIDs."""
+    def uids(values, classes, name):
+        seg = pydicom.dcmread(write_dicom_seg(values, sample_volume, classes, tmp_path / name, "template-seg-abdomen",
+                                              "0.1.0"))
+        return seg.SOPInstanceUID, seg.SeriesInstanceUID
+
+    changed = labels.copy()
+    changed[tuple(np.argwhere(labels > 0)[0])] = 0  # one voxel fewer
+    renamed = ["liver-v2", *CLASSES[1:]]
+    first, again = uids(labels, CLASSES, "a.dcm"), uids(labels.copy(), CLASSES, "b.dcm")
+    found = {first, uids(changed, CLASSES, "c.dcm"), uids(labels, renamed, "d.dcm")}
+    assert first == again and len(found) == 3 and len({uid for pair in found for uid in pair}) == 6
+
+
 def test_property_type_codes():
     assert segment_property_type("liver") == codes.SCT.Liver
     assert segment_property_type("vertebrae") == codes.SCT.Vertebra

@@ -108,6 +108,24 @@ def test_uids_are_deterministic(written, volume, document, tmp_path):
                                                                      read_recist_sr(tmp_path / "again.dcm")]
 
 
+def test_other_findings_get_other_uids_and_the_same_findings_the_same(written, volume, document, tmp_path):
+    """A higher score threshold keeps fewer lesions (here: only the first; then none): each report is another
+    object, since a PACS keeps the first content it stored under a UID. Identical findings share their UIDs."""
+    first = pydicom.dcmread(written)
+    fewer, none = (pydicom.dcmread(write_recist_sr(detections(volume, kept), volume, tmp_path / f"{len(kept)}.dcm",
+                                                   MODEL, VERSION)) for kept in (document["lesions"][:1], []))
+    uids = {(sr.SOPInstanceUID, sr.SeriesInstanceUID) for sr in (first, fewer, none)}
+    assert len(uids) == 3 and len({uid for pair in uids for uid in pair}) == 6
+    rescored = detections(volume, [dict(document["lesions"][0], score=0.5), document["lesions"][1]])
+    assert pydicom.dcmread(write_recist_sr(rescored, volume, tmp_path / "rescored.dcm", MODEL,
+                                           VERSION)).SOPInstanceUID != first.SOPInstanceUID
+    same = copy.deepcopy(document)  # equal findings, another document object
+    again = pydicom.dcmread(write_recist_sr(same, volume, tmp_path / "same.dcm", MODEL, VERSION))
+    assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (first.SOPInstanceUID, first.SeriesInstanceUID)
+    # lesion 1 keeps its tracking UID across reports, so a viewer follows it
+    assert read_recist_sr(tmp_path / "1.dcm")[0]["tracking_uid"] == read_recist_sr(written)[0]["tracking_uid"]
+
+
 def test_sr_passes_dciodvfy(written):
     assert_dciodvfy_clean(written)
 

@@ -10,7 +10,7 @@ import httpx
 import pydicom
 import pytest
 from dicom_validation import assert_dciodvfy_clean
-from orthanc_server import running_orthanc, storescu
+from orthanc_server import OrthancServer, running_orthanc, storescu
 from perf_checks import assert_no_identifiers, stages_by_key
 
 from ctzoo import __version__
@@ -152,6 +152,35 @@ def _assert_job_events(events, job_id: int, files, folder) -> None:
     assert_no_identifiers(events, files, str(folder))  # no path either: the job's folders are under it
 
 
+def test_a_series_settling_when_orthanc_stops_is_processed_once_after_its_restart(tmp_path, sent_files):
+    """Orthanc keeps a series' StableAge in memory: stopped (SIGTERM) within it, it never announces the series
+    stable (no StableSeries change, ever) and after the restart reports it IsStable. The watcher, which saw its
+    NewSeries change before the stop, records it after the restart, once; a watcher from sequence 0 too."""
+    tasks = [model_task(ensure_graphs(load_bundle("recistnet-mini")), "onnx", "cpu", score_threshold=0.05)]
+    server = OrthancServer(tmp_path, {"StableAge": 30})  # far longer than the store and the stop take
+    try:
+        orthanc = server.start()
+        storescu(orthanc, sent_files)
+        with OrthancClient(orthanc.url, orthanc.username, orthanc.password) as client, \
+                Ledger(tmp_path / "ledger.sqlite") as ledger:
+            watcher = OrthancWatcher(client, ledger, tasks, SeriesRules(min_slices=5), tmp_path / "work", "w", SALT)
+            assert watcher.discover() == 0 and len(watcher.settling) == 1  # new, not stable yet
+            server.stop()
+            server.start()
+            kinds = {change["ChangeType"] for change in client.changes(0, limit=1000)[0]}
+            assert "NewSeries" in kinds and "StableSeries" not in kinds  # the scenario: never announced stable
+            assert watcher.discover() == 1 and watcher.settling == [], orthanc.log_tail()
+            assert watcher.process_one() is True
+            (done,) = ledger.jobs(JobState.DONE)
+            assert done.series_uid == pydicom.dcmread(sent_files[0]).SeriesInstanceUID
+            watcher.state_path.unlink()  # from sequence 0: the CT is known to the ledger; its SR is still settling
+            assert watcher.discover() == 0 and watcher.process_one() is False
+            assert ledger.summary()["DONE"] == 1 and ledger.summary()["PENDING"] == 0
+            assert {m: len(s) for m, s in _series_by_modality(orthanc).items()} == {"CT": 1, "SR": 1}
+    finally:
+        server.stop()
+
+
 class _FakeClient:
     """Just enough of OrthancClient: one CT series whose download holds no readable DICOM; or Orthanc down."""
 
@@ -159,10 +188,10 @@ class _FakeClient:
 
     def __init__(self, down: bool = False) -> None:
         self.down = down
-    def stable_series(self, since):
+    def series_changes(self, since):
         if self.down:
             raise OrthancUnavailable("down", None, "/changes")
-        yield from [("ab-01", 5)] if since < 5 else []
+        yield from [("ab-01", "StableSeries", 5)] if since < 5 else []
 
     def series(self, series_id):
         return {"MainDicomTags": {"Modality": "CT", "SeriesInstanceUID": "1.2.3"}, "Instances": ["i"] * 10}

@@ -105,3 +105,17 @@ def test_perf_routes_say_when_it_is_off(repository):
     with TestClient(create_app(repository, [TOKEN], device="cpu", threads=1)) as client:
         response = client.get("/v2/perf/stats", headers=AUTH)
     assert response.status_code == 404 and "--perf" in response.json()["error"]
+
+
+def test_a_profile_id_beyond_sqlite_integers_is_404(repository, tmp_path):
+    """Ids past a 64-bit integer (which SQLite cannot bind) are no profile, like any other unknown id."""
+    from ctzoo.perf import DetectorConfig, PerfMonitor
+    from ctzoo.serve.app import create_app
+
+    monitor = PerfMonitor(tmp_path / "perf.sqlite", DetectorConfig(algorithm="hbos"), role="serve")
+    with TestClient(create_app(repository, [TOKEN], device="cpu", threads=1, perf=monitor)) as client:
+        for profile_id in ("99999999999999999999999", str(2**63), "0", "-1"):
+            response = client.get(f"/v2/perf/profiles/{profile_id}", headers=AUTH)
+            assert response.status_code == 404, (profile_id, response.text)
+            assert f"no deep profile {profile_id}" in response.json()["error"]
+    monitor.close()

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import httpx
@@ -37,6 +38,7 @@ from ctzoo.cli import main
 from ctzoo.cli.serve import console_logging
 from ctzoo.serve.app import create_app, loggable
 from ctzoo.serve.batching import MicroBatcher
+from ctzoo.serve.budget import ServeLimits
 from ctzoo.serve.v2_codec import DecodedRequest, ServeError, decode_request, encode_response
 
 TOKEN = "test-token-0123456789abcdef"
@@ -251,6 +253,10 @@ BAD_REQUESTS = [
     ("unknown output", DET, _json([_tensor()], outputs=[{"name": "boxes"}]), {}, 400, "has no output 'boxes'"),
     ("header beyond body", DET, _json([_tensor()]), {HEADER: "999999"}, 400, "but the body has only"),
     ("header not a number", DET, _json([_tensor()]), {HEADER: "ten"}, 400, "must be a non-negative integer"),
+    # "²" is a digit to str.isdigit() but not to int(): latin-1 header bytes reach the codec as such characters
+    ("header a superscript digit", DET, _json([_tensor()]), {HEADER: b"\xb2"}, 400, "must be a non-negative integer"),
+    ("gzip, header a superscript digit", DET, gzip.compress(_json([_tensor()])),
+     {HEADER: b"\xb2", "Content-Encoding": "gzip"}, 400, "must be a non-negative integer"),
     ("binary size beyond body", DET, *_binary(36864, b"\0" * 100), 400, "run past the end"),
     ("binary size wrong", DET, *_binary(8, b"\0" * 8), 400, "needs 36864 bytes"),
     ("binary without header", DET, _binary(36864)[0], {}, 400, "has no Inference-Header-Content-Length"),
@@ -318,6 +324,51 @@ def test_streamed_oversize_gzip_bomb_and_timeout(repo):
 
     asyncio.run(scenario())
 
+
+
+def _json_numbers(count: int, number: bytes = b"0") -> bytes:
+    """A JSON request for the detector's (1, 9, 32, 32) input (9216 elements) whose data holds ``count`` numbers."""
+    return b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 9, 32, 32], "data": [%s%s]}]}' % (
+        (number + b",") * (count - 1), number)
+
+
+def test_json_numbers_are_counted_before_parsing_and_budgeted(repo):
+    """Parsed, a JSON number is a Python object (``0,`` becomes ~32 bytes): 4 M numbers in 8 MB of text (29 KB
+    gzipped) against a 1 Mi-element limit are refused from a count of the streamed text, never parsed, holding a
+    few MiB; a JSON tensor the limit allows reserves its parsed size in flight, so one that does not fit the
+    in-flight budget is refused while the same tensor as binary data is served; small JSON bodies, compressed or
+    not, are served."""
+    app = create_app(repo, [TOKEN], device="cpu", threads=1, batching=False,
+                     limits=ServeLimits(max_tensor_elements=1 << 20, max_inflight_mb=32))
+    bomb = gzip.compress(_json_numbers(4_000_000), 9)
+    big = np.full((1, 9, 320, 320), 0.5, np.float32)  # 921,600 elements: 4.6 MB of JSON text, ~44 MB parsed
+
+    async def scenario():
+        async with _asgi(app) as http:
+            url = f"/v2/models/{DET}/infer"
+            tracemalloc.start()
+            try:
+                response = await http.post(url, content=bomb, headers={**AUTH, "Content-Encoding": "gzip"})
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert response.status_code == 413, response.text
+            assert "JSON holds more than 1,048,576 numbers" in response.json()["error"]
+            assert peak < 12 << 20, f"{peak / (1 << 20):.0f} MiB held while refusing"
+            response = await http.post(url, content=_json_numbers(1_200_000), headers=dict(AUTH))
+            assert response.status_code == 413 and "--max-tensor-elements" in response.json()["error"]
+            as_json = _json([_tensor(shape=big.shape, data=big.ravel().tolist())])
+            response = await http.post(url, content=as_json, headers=dict(AUTH))
+            assert response.status_code == 413 and "MiB in flight" in response.json()["error"], response.text
+            body, headers = _binary_request({"image": big})
+            assert _binary_outputs(await http.post(url, content=body, headers=headers))["heatmaps"].shape[0] == 1
+            small = _json_numbers(9216, b"0.5")
+            for content, extra in ((small, {}), (gzip.compress(small), {"Content-Encoding": "gzip"})):
+                response = await http.post(url, content=content, headers={**AUTH, **extra})
+                assert response.status_code == 200, response.text
+                assert {t["name"] for t in response.json()["outputs"]} == set(HEADS)
+
+    asyncio.run(scenario())
 
 
 async def _concurrent(app, inputs: list[np.ndarray]) -> list[dict[str, np.ndarray]]:

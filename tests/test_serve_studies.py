@@ -241,6 +241,24 @@ def test_segmenter_study_gives_nifti_json_and_dicom_seg(client, repository, dico
     assert_no_identifiers(events, sent_files, *PATIENT.values(), "upload", "study-", "ctzoo-serve-")  # no path
 
 
+def test_each_score_threshold_gets_its_own_sr_and_a_rerun_the_same_one(client, dicom_zip):
+    """The thresholds find different lesions: each SR is its own object (a PACS keeps the first content it stored
+    under a UID, and would drop the others); the same request again gives the same SR UIDs (a resend replaces)."""
+    found = {}
+    for threshold in (0.05, 0.3, 0.9, 0.05):
+        reply = client.post(f"/studies/recistnet-mini?format=dicom&score_threshold={threshold}", content=dicom_zip,
+                            headers=AUTH)
+        assert reply.status_code == 200, reply.text
+        sr = pydicom.dcmread(io.BytesIO(reply.content))
+        uids = (sr.SOPInstanceUID, sr.SeriesInstanceUID)
+        assert found.setdefault(threshold, uids) == uids
+        found[threshold, "groups"] = sum(item.ConceptNameCodeSequence[0].CodeValue == "125007"  # Measurement Group
+                                         for container in sr.ContentSequence if container.ValueType == "CONTAINER"
+                                         for item in container.get("ContentSequence", []))
+    assert found[0.05, "groups"] > found[0.3, "groups"] > found[0.9, "groups"]  # the thresholds changed findings
+    assert len({found[t] for t in (0.05, 0.3, 0.9)}) == 3
+
+
 def test_bad_uploads_get_a_precise_4xx_and_the_service_keeps_serving(client, small_nifti):
     good = small_nifti.read_bytes()
     cases = [

@@ -16,8 +16,10 @@ and a viewer overlays on the source series:
   Intelligence, name and version of the model). A tracking ID (the class name) and a tracking UID derived
   from the series and class let a viewer follow one organ across results.
 * **Identity.** Patient and study attributes come from the source (highdicom copies them); the SEG's series
-  and instance UIDs are derived from the source series UID, algorithm name and version (:func:`derived_uid`),
-  so rerunning one model on one series gives the same objects and a resend replaces rather than duplicates.
+  and instance UIDs are derived from the source series UID, algorithm name and version and a digest of the
+  segments (their pixels and labels; :func:`~ctzoo.io.dicom_uids.result_uids`), so rerunning one model on one
+  series gives the same objects and a resend replaces rather than duplicates, while a different segmentation
+  (other weights, precision or backend) is a new object, never a second content under a stored UID.
 
 What highdicom needs from ``source_images`` (pixel data is not needed): SOP class/instance, study/series/
 frame-of-reference UIDs, Rows, Columns, PixelSpacing, ImageOrientationPatient and ImagePositionPatient
@@ -43,7 +45,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from ctzoo.io.atomic import atomic_path
-from ctzoo.io.dicom_uids import derived_uid
+from ctzoo.io.dicom_uids import derived_uid, result_uids
 from ctzoo.io.volume import Volume
 
 #: Read unconditionally from the first source image by highdicom; DICOM type 2 (may be empty).
@@ -143,6 +145,9 @@ def write_dicom_seg(labels: np.ndarray, volume: Volume, class_names: Sequence[st
         for number, value in enumerate(present, start=1)]
     renumber = np.zeros(int(labels.max()) + 1, dtype=np.uint8)  # class value -> segment number
     renumber[present] = np.arange(1, len(present) + 1)
+    pixels = renumber[labels]
+    series_uid, instance_uid = result_uids("seg", *identity, np.ascontiguousarray(pixels),
+                                           repr((pixels.shape, [class_names[v - 1] for v in present])).encode())
     if series_number is None:
         series_number = DEFAULT_SERIES_NUMBER_OFFSET + (source.series_number or 0)
     try:
@@ -150,9 +155,9 @@ def write_dicom_seg(labels: np.ndarray, volume: Volume, class_names: Sequence[st
     except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
         ctzoo_version = "unknown"
     seg = hd.seg.Segmentation(
-        source_images=headers, pixel_array=renumber[labels], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=derived_uid("seg-series", *identity),
-        series_number=series_number, sop_instance_uid=derived_uid("seg-instance", *identity), instance_number=1,
+        source_images=headers, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=series_uid,
+        series_number=series_number, sop_instance_uid=instance_uid, instance_number=1,
         manufacturer="ctzoo", manufacturer_model_name=algorithm_name[:64],
         software_versions=[algorithm_version, f"ctzoo {ctzoo_version}"], device_serial_number=ctzoo_version,
         content_description=f"{algorithm_name} {algorithm_version}"[:64],

@@ -32,13 +32,16 @@ one measured lesion per group:
   one without a Content Sequence validates but makes highdicom's group getters raise on read.
 * **Identity**: patient and study modules come from the source headers (highdicom copies them from the first
   evidence item; :func:`ctzoo.io.dicom_seg.source_headers` completes missing type-2 attributes); every source
-  slice is listed as evidence. Series and instance UIDs derive from the source series, model name and version,
-  as for the SEG: rerunning one model on one series gives the same objects, and a resend replaces the old one.
+  slice is listed as evidence. Series and instance UIDs derive from the source series, model name and version
+  and a digest of the lesions encoded, as for the SEG: rerunning one model on one series gives the same objects,
+  and a resend replaces the old one; other findings (another score threshold, other weights) make another object.
+  Tracking UIDs leave the digest out, so a viewer can follow lesion N across reports.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +52,7 @@ from pydicom.sr.codedict import codes
 
 from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_seg import source_headers
-from ctzoo.io.dicom_uids import derived_uid
+from ctzoo.io.dicom_uids import derived_uid, result_uids
 from ctzoo.io.volume import Volume
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -84,6 +87,14 @@ def _checked_lesions(document: dict[str, Any], volume: Volume) -> list[dict[str,
             raise ValueError(f"lesion {n}: points_mm must be 5 finite (x, y, z) points in mm (long-axis ends, "
                              f"short-axis ends, centre), got shape {points.shape}")
     return lesions
+
+
+def _encoded(lesions: list[dict[str, Any]]) -> bytes:
+    """What the report says about ``lesions`` (key slice, points, axes, score), canonically, for its UIDs."""
+    return json.dumps([[int(lesion["slice"]), np.asarray(lesion["points_mm"], dtype=float).tolist(),
+                        float(lesion["long_axis_mm"]), float(lesion["short_axis_mm"]),
+                        None if lesion.get("score") is None else float(lesion["score"])]
+                       for lesion in lesions]).encode()
 
 
 def _lesion_group(n: int, lesion: dict[str, Any], headers: list, frame_of_reference_uid: str,
@@ -150,9 +161,10 @@ def write_recist_sr(document: dict, volume: Volume, out_path: str | Path, model_
                                           imaging_measurements=groups)[0]
     else:
         content = _no_lesion_report(observation_context, f"No lesion detected by {model_name} {model_version}")
+    series_uid, instance_uid = result_uids("sr", *identity, _encoded(lesions))
     sr = hd.sr.Comprehensive3DSR(
-        evidence=headers, content=content, series_instance_uid=derived_uid("sr-series", *identity),
-        series_number=series_number, sop_instance_uid=derived_uid("sr-instance", *identity), instance_number=1,
+        evidence=headers, content=content, series_instance_uid=series_uid,
+        series_number=series_number, sop_instance_uid=instance_uid, instance_number=1,
         manufacturer="ctzoo", is_complete=True, manufacturer_model_name=model_name[:64],
         software_versions=[model_version, f"ctzoo {ctzoo_version}"], device_serial_number=ctzoo_version,
         series_description=f"SR {model_name}"[:64])

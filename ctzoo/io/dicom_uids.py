@@ -11,6 +11,7 @@ are the same objects and a resend does not duplicate anything.
 from __future__ import annotations
 
 import copy
+import hashlib
 import uuid
 from collections.abc import Sequence
 
@@ -24,6 +25,22 @@ def derived_uid(*parts: object) -> str:
     """A valid DICOM UID that depends only on ``parts`` (same parts, same UID)."""
     name = "\x1f".join(str(p) for p in parts)
     return f"2.25.{uuid.uuid5(CTZOO_UID_NAMESPACE, name).int}"
+
+
+def result_uids(kind: str, source_series_uid: str, algorithm_name: str, algorithm_version: str,
+                *content: bytes | memoryview) -> tuple[str, str]:
+    """``(SeriesInstanceUID, SOPInstanceUID)`` of a result object of ``kind`` (``"sr"``, ``"seg"``) that an
+    algorithm made on a source series, derived from those and a SHA-256 of ``content``: what the object encodes
+    (measurements, segment pixels and labels). Rerunning with the same result gives the same UIDs, so a resend
+    replaces the stored object; results that differ (another score threshold, other weights, another precision
+    or backend) never share one, which a PACS would keep only the first of."""
+    digest = hashlib.sha256()
+    for part in content:
+        view = memoryview(part).cast("B")  # an array's bytes without copying them
+        digest.update(len(view).to_bytes(8, "little"))  # parts of other lengths never hash alike
+        digest.update(view)
+    identity = (source_series_uid, algorithm_name, algorithm_version, digest.hexdigest())
+    return derived_uid(f"{kind}-series", *identity), derived_uid(f"{kind}-instance", *identity)
 
 
 def _value(ds: pydicom.Dataset, keyword: str) -> str:

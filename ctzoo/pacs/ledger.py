@@ -20,9 +20,9 @@ Exactly once, and what the ledger guarantees
   by a worker that no longer holds the job raise :class:`LeaseLost`, so a worker that was presumed dead
   learns it and stops.
 * **Re-sending is harmless**: a job's results carry UIDs derived deterministically from the source
-  series and the model version (:func:`ctzoo.io.dicom_uids.derived_uid`). A job re-run after a crash
-  between "sent" and "complete" re-sends identical objects (same SOP Instance UIDs), which the PACS
-  stores once. So delivery is at least once and the effect is exactly once.
+  series, the model version and the findings (:func:`ctzoo.io.dicom_uids.result_uids`). A job re-run after a
+  crash between "sent" and "complete" finds the same and re-sends identical objects (same SOP Instance UIDs),
+  which the PACS stores once. So delivery is at least once and the effect is exactly once.
 
 Privacy: the ledger stores SeriesInstanceUIDs (needed to fetch the series; UIDs are not patient
 identifiers). A patient id is only ever stored as a salted SHA-256 (:func:`ctzoo.io.privacy.patient_hash`, salt from

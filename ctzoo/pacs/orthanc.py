@@ -111,18 +111,25 @@ class OrthancClient:
         body = self._json("GET", "/changes", params={"since": int(since), "limit": int(limit)})
         return list(body.get("Changes", [])), int(body.get("Last", since)), bool(body.get("Done", True))
 
-    def stable_series(self, since: int, limit: int = 100) -> Iterator[tuple[str, int]]:
-        """Yield ``(series id, sequence number)`` of every ``StableSeries`` change after ``since``, paging
-        through ``/changes`` until done. Persist the sequence number after handling a series, and pass
-        the last one back as ``since`` on the next poll."""
+    def series_changes(self, since: int, limit: int = 100,
+                       kinds: tuple[str, ...] = ("NewSeries", "StableSeries")) -> Iterator[tuple[str, str, int]]:
+        """Yield ``(series id, change type, sequence number)`` of every change of one of ``kinds`` after
+        ``since``, paging through ``/changes`` until done. Persist the sequence number after handling a
+        change, and pass the last one back as ``since`` on the next poll."""
         while True:
             page, last, done = self.changes(since, limit)
             for change in page:
-                if change.get("ChangeType") == "StableSeries":
-                    yield change["ID"], int(change["Seq"])
+                if change.get("ChangeType") in kinds:
+                    yield change["ID"], change["ChangeType"], int(change["Seq"])
             if done or last <= since:
                 return
             since = last
+
+    def stable_series(self, since: int, limit: int = 100) -> Iterator[tuple[str, int]]:
+        """Yield ``(series id, sequence number)`` of every ``StableSeries`` change after ``since`` (see
+        :meth:`series_changes`)."""
+        for series_id, _, seq in self.series_changes(since, limit, ("StableSeries",)):
+            yield series_id, seq
 
     def last_change(self) -> int:
         """The current last sequence number (``/changes?last``): start a fresh watcher from here."""

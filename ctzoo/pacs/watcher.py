@@ -8,6 +8,12 @@ next to the ledger (``<ledger file>.orthanc-seq.json``, one entry per Orthanc UR
 each change), so a restarted watcher resumes where it stopped; a fresh watcher starts at sequence 0, i.e.
 everything Orthanc already holds (the ledger makes re-discovery harmless).
 
+A series Orthanc is still receiving when it stops never gets its ``StableSeries`` change: Orthanc tracks the
+series' StableAge in memory only, and after a restart reports the series ``IsStable`` without announcing it.
+So ``NewSeries`` changes are read too: each new series is kept as *settling* (in the same JSON file, under
+``"settling"``) until its ``StableSeries`` change comes, or until ``GET /series/{id}`` says ``IsStable`` (asked
+for at most ``MAX_SETTLING_CHECKS`` settling series a poll, oldest first); then it is recorded like any other.
+
 Processing is :class:`ctzoo.pacs.core.SeriesWorker`'s: a job's series is downloaded from Orthanc
 (:meth:`OrthancWatcher.fetch`), checked, run through the models, and the SR/SEG results uploaded back
 (:meth:`OrthancWatcher.deliver`). Orthanc unreachable is retried with the ledger's backoff; Orthanc answers
@@ -33,6 +39,8 @@ __all__ = ["OrthancWatcher", "series_tag"]
 
 log = logging.getLogger(__name__)
 SOURCE_PREFIX = "orthanc:"
+#: The most settling series whose stability one poll asks Orthanc about (one GET each).
+MAX_SETTLING_CHECKS = 100
 
 
 class OrthancWatcher(SeriesWorker):
@@ -58,9 +66,16 @@ class OrthancWatcher(SeriesWorker):
     def last_seq(self) -> int:
         return int(self._state().get(self.client.url, 0))
 
-    def _save_seq(self, seq: int) -> None:
+    @property
+    def settling(self) -> list[str]:
+        """Series ids seen in ``NewSeries`` changes and not recorded yet, oldest first."""
+        return list(self._state().get("settling", {}).get(self.client.url, []))
+
+    def _save(self, seq: int, settling: list[str]) -> None:
+        """The sequence number and the settling series, in one atomic write: a crash loses neither."""
         state = self._state()
         state[self.client.url] = int(seq)
+        state.setdefault("settling", {})[self.client.url] = settling
         with atomic_path(self.state_path) as temporary:
             temporary.write_text(json.dumps(state))
 
@@ -73,24 +88,44 @@ class OrthancWatcher(SeriesWorker):
         return str(body.get("PatientMainDicomTags", {}).get("PatientID", ""))
 
     def discover(self) -> int:
-        """Enqueue the series of new ``StableSeries`` changes; returns how many new jobs were recorded."""
-        added = 0
-        for series_id, seq in self.client.stable_series(self.last_seq):
-            added += self._discover_one(series_id)
-            self._save_seq(seq)
+        """Enqueue the series of new ``StableSeries`` changes, and the settling series Orthanc now calls stable
+        (see the module docstring); returns how many new jobs were recorded."""
+        added, seq, settling = 0, self.last_seq, self.settling
+        for series_id, change, seq in self.client.series_changes(seq):
+            if series_id in settling:
+                settling.remove(series_id)
+            if change == "NewSeries":
+                settling.append(series_id)
+            else:
+                added += self._discover_one(series_id)
+            self._save(seq, settling)
+        for series_id in settling[:MAX_SETTLING_CHECKS]:  # a copy: the list shrinks as series are recorded
+            info = self._series_info(series_id)
+            if info is not None and not info.get("IsStable"):
+                continue  # still receiving: its StableSeries change, or a later check, will record it
+            if info is not None:
+                added += self._discover_one(series_id, info)
+            settling.remove(series_id)
+            self._save(seq, settling)
         return added
 
-    def _discover_one(self, series_id: str) -> int:
-        source = SOURCE_PREFIX + series_id
+    def _series_info(self, series_id: str) -> dict | None:
+        """``GET /series/{id}``; None when Orthanc no longer has it."""
         try:
-            info = self.client.series(series_id)
+            return self.client.series(series_id)
         except OrthancUnavailable:
             raise
         except OrthancError as exc:
-            if exc.status == 404:  # deleted since it became stable: nothing to do
+            if exc.status == 404:  # deleted since: nothing to do
                 log.info("Orthanc series %s is gone; ignored", series_id)
-                return 0
+                return None
             raise
+
+    def _discover_one(self, series_id: str, info: dict | None = None) -> int:
+        source = SOURCE_PREFIX + series_id
+        info = info or self._series_info(series_id)
+        if info is None:
+            return 0
         tags = info.get("MainDicomTags", {})
         uid = str(tags.get("SeriesInstanceUID", "")) or source
         modality = str(tags.get("Modality", "")).upper()

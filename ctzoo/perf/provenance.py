@@ -57,6 +57,8 @@ CREATE TABLE IF NOT EXISTS profiles (
     rerun_s REAL NOT NULL, anomaly_s REAL NOT NULL, ops TEXT NOT NULL, trace BLOB);
 CREATE INDEX IF NOT EXISTS profiles_anomaly ON profiles (anomaly_id);
 """
+#: SQLite's largest INTEGER (a rowid never exceeds it)
+MAX_ROWID = 2**63 - 1
 #: The most anomaly and window rows a store keeps (about 0.5 kB each): beyond it the oldest go, so a service that
 #: keeps --perf on does not fill its disk. Normal samples (one per key) are kept.
 MAX_STORED_EVENTS = 200_000
@@ -185,7 +187,8 @@ class ProvenanceStore:
 
     def profile_trace(self, profile_id: int) -> bytes | None:
         """A profile's gzip-compressed Chrome trace (None: no such profile, or its trace was too large)."""
-        if "profiles" not in self.tables:
+        # ids are SQLite rowids (1 up): anything beyond a 64-bit integer would overflow the query's parameter
+        if "profiles" not in self.tables or not 1 <= int(profile_id) <= MAX_ROWID:
             return None
         with self._lock:
             row = self._db.execute("SELECT trace FROM profiles WHERE id = ?", (int(profile_id),)).fetchone()

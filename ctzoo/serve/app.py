@@ -85,7 +85,7 @@ from ctzoo.serve.v2_codec import (
     decode_request,
     encode_response,
     inflate,
-    inflated_size,
+    request_budget,
 )
 
 logger = logging.getLogger(__name__)
@@ -375,11 +375,11 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
         async with budget.slot(model.name):
             admit_s = time.perf_counter() - arrived  # waiting for one of the model's request slots
             body = await read_body(request, settings.max_upload_bytes)
-            inflated = await run_in_threadpool(inflated_size, body, request.headers.get("content-encoding"),
-                                               request.headers.get(HEADER_LENGTH),
-                                               min(settings.max_upload_bytes, limits.max_tensor_bytes),
-                                               limits.check_tensor_shape)
-            async with budget.reserve(len(body) + inflated, "the request"):
+            inflated, held = await run_in_threadpool(request_budget, body, request.headers.get("content-encoding"),
+                                                     request.headers.get(HEADER_LENGTH),
+                                                     min(settings.max_upload_bytes, limits.max_tensor_bytes),
+                                                     limits.check_tensor_shape, limits.max_tensor_elements)
+            async with budget.reserve(held, "the request"):
                 return await _decode_and_run(model, request, body, inflated, admit_s)
 
     async def _decode_and_run(model: ServedModel, request: Request, body: bytes, inflated: int,

@@ -5,7 +5,8 @@
   anything is allocated (413, or 400 for a detached-data header).
 * **Per tensor request**: at most ``max_tensor_elements`` elements over all inputs and ``max_tensor_side`` along
   any non-batch axis, checked on the declared shapes before any tensor is built (413); a compressed body may
-  inflate to the bytes those limits allow, no more.
+  inflate to the bytes those limits allow, no more; its JSON may hold no more numbers than those elements
+  (and some slack for shapes and parameters), counted before it is parsed (413).
 * **In flight**: at most ``max_requests_per_model`` requests per model are being worked on at once, and the
   bytes they are expected to decode, summed over the whole server, stay under ``max_inflight_mb``. A request
   that does not fit waits (up to ``queue_wait_s``, inside its own deadline); then it gets 503 with
@@ -13,7 +14,8 @@
 
 How much a request reserves: a study, ``STUDY_BYTES_PER_VOXEL`` per voxel its headers declare (the float32
 volume, the stored copy and the model's resampled input); a tensor request, its body, plus the inflated size
-its compression allows.
+its compression allows, plus ``PARSED_BYTES_PER_JSON_VALUE`` per value its JSON holds (counted before parsing;
+more values than ``max_tensor_elements`` allow are refused then: :func:`ctzoo.serve.v2_codec.request_budget`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,13 @@ Binary tensor data extension (as ``tritonclient.http`` speaks it):
   ``parameters.binary_data_size`` and no ``data``; their bytes follow the JSON in output order, and the
   response has ``Inference-Header-Content-Length``. Responses are never compressed (clients must accept that).
 
+JSON costs memory beyond its text: parsed, every number is a Python object (about 32 bytes for ``0,``, two bytes
+of text), so a few hundred KB of gzip can inflate to gigabytes of parsed numbers. Before any JSON is parsed,
+:func:`request_budget` counts its values (an upper bound: commas and opening brackets, on the inflated text,
+streamed) and refuses with 413 a request holding more than its element limit allows (plus
+``JSON_VALUE_SLACK`` for shapes and parameters); it answers the bytes the request is expected to hold while
+decoded, ``PARSED_BYTES_PER_JSON_VALUE`` per value included, for the service's in-flight budget.
+
 Numeric datatypes are supported (BOOL, INT8..INT64, UINT8..UINT64, FP16, FP32, FP64); BYTES and BF16 are
 refused with a 400. Every problem raises :class:`ServeError` with the HTTP status and a message for the client.
 """
@@ -29,7 +36,7 @@ import json
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -41,6 +48,12 @@ DATATYPES: dict[str, np.dtype] = {
     "UINT64": np.dtype("<u8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
 }
 UNSUPPORTED_DATATYPES = ("BYTES", "BF16")
+#: Values a JSON request may hold beyond its tensor elements: shapes, parameters, outputs (generously).
+JSON_VALUE_SLACK = 1 << 16
+#: Bytes a parsed JSON value is expected to hold: its list slot (8, plus growth), a float object (24) and its
+#: element in the array built from the list (up to 8).
+PARSED_BYTES_PER_JSON_VALUE = 48
+_CHUNK = 1 << 20
 
 
 class ServeError(Exception):
@@ -96,12 +109,62 @@ def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
     return b"".join([*parts, part])
 
 
+def _json_values(chunks: Iterable[bytes], max_values: int) -> tuple[int, int]:
+    """``(at most how many values the JSON text in chunks holds, its bytes)``: every value but a container's first
+    follows a comma, a first one follows a bracket. 413 once that passes ``max_values``, before any parsing."""
+    values, size = 1, 0
+    for chunk in chunks:
+        values += chunk.count(b",") + chunk.count(b"[")
+        size += len(chunk)
+        if values > max_values:
+            raise ServeError(f"the request's JSON holds more than {max_values - JSON_VALUE_SLACK:,} numbers, the "
+                             "most its tensor elements may be (--max-tensor-elements); send large tensors as "
+                             "binary data", status=413)
+    return values, size
+
+
+def _json_chunks(body: bytes, encoding: str, size: int) -> Iterator[bytes]:
+    """The first ``size`` bytes of ``body`` as sent (``encoding`` identity) or inflated (gzip, deflate), a MiB at
+    a time, so that counting them never holds more (:func:`inflate` checks the stream itself later)."""
+    if encoding in ("identity", ""):
+        yield from (body[start:min(start + _CHUNK, size)] for start in range(0, size, _CHUNK))
+        return
+    inflater, data = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15), body
+    try:
+        while data and size > 0:
+            part = inflater.decompress(data, min(_CHUNK, size))
+            size -= len(part)
+            data = inflater.unconsumed_tail
+            yield part
+    except zlib.error as exc:
+        raise ServeError(f"the {encoding} request body is corrupt: {exc}") from None
+
+
+def request_budget(body: bytes, encoding: str | None, header_length: str | None, limit: int,
+                   check_shape: Callable[[str, tuple[int, ...], int], int], max_elements: int) -> tuple[int, int]:
+    """``(the most the body may inflate to (0: not compressed), the bytes the request is expected to hold while
+    it is decoded)``: the body, its inflation and its JSON parsed. A compressed JSON-only body is inflated once
+    here, a MiB at a time and not kept, to measure it; with the binary extension see :func:`inflated_size`. 413
+    (before parsing any JSON) when the JSON holds more values than ``max_elements`` tensor elements (and
+    ``JSON_VALUE_SLACK``) allow."""
+    encoding = (encoding or "identity").strip().lower()
+    max_values = max_elements + JSON_VALUE_SLACK
+    inflated = inflated_size(body, encoding, header_length, limit, check_shape, max_values)
+    length = _header_length(header_length, inflated or len(body))
+    values, size = _json_values(_json_chunks(body, encoding, inflated or len(body) if length is None else length),
+                                max_values)
+    if inflated and length is None:  # the inflated size measured (a stream beyond the limit stopped at it)
+        inflated = max(size, 1)  # 0 would mean "not compressed"
+    return inflated, len(body) + inflated + values * PARSED_BYTES_PER_JSON_VALUE
+
+
 def inflated_size(body: bytes, encoding: str | None, header_length: str | None, limit: int,
-                  check_shape: Callable[[str, tuple[int, ...], int], int]) -> int:
+                  check_shape: Callable[[str, tuple[int, ...], int], int], max_values: int | None = None) -> int:
     """How many bytes a compressed request body may inflate to, found before inflating it: with the binary
     extension, only the JSON header is inflated, its declared shapes go through ``check_shape`` (which refuses
     them with 413) and the answer is that header plus the binary sizes it declares; a JSON-only body may inflate
-    to ``limit``. 0 for an uncompressed body. A body that inflates beyond this is refused by :func:`inflate`."""
+    to ``limit``. 0 for an uncompressed body. A body that inflates beyond this is refused by :func:`inflate`.
+    ``max_values``: the header's JSON is refused with 413 before it is parsed if it holds more values."""
     encoding = (encoding or "identity").strip().lower()
     if encoding in ("identity", ""):
         return 0
@@ -115,6 +178,8 @@ def inflated_size(body: bytes, encoding: str | None, header_length: str | None, 
         raise ServeError(f"the {encoding} request body is corrupt: {exc}") from None
     if len(header) < length:
         raise ServeError(f"the body inflates to fewer than the {length} bytes {HEADER_LENGTH} announces")
+    if max_values is not None:
+        _json_values([header], max_values)
     try:
         request = json.loads(header)
         tensors = list(request["inputs"])
@@ -134,9 +199,11 @@ def inflated_size(body: bytes, encoding: str | None, header_length: str | None, 
 def _header_length(value: str | None, body_size: int) -> int | None:
     if value is None:
         return None
-    if not value.strip().isdigit():
-        raise ServeError(f"{HEADER_LENGTH} must be a non-negative integer, got {value!r}")
-    length = int(value)
+    digits = value.strip()
+    # ASCII digits only: str.isdigit() also accepts digits such as "²" that int() refuses
+    if not (digits.isascii() and digits.isdigit()):
+        raise ServeError(f"{HEADER_LENGTH} must be a non-negative integer, got {value!r:.40}")
+    length = int(digits)
     if length > body_size:
         raise ServeError(f"{HEADER_LENGTH} is {length} but the body has only {body_size} bytes")
     return length
@@ -170,12 +237,14 @@ def _dtype(value: Any, where: str) -> np.dtype:
 def _json_data(data: Any, shape: tuple[int, ...], dtype: np.dtype, where: str) -> np.ndarray:
     if not isinstance(data, list):
         raise ServeError(f"{where}.data must be a list of numbers")
+    expected = math.prod(shape)
+    if data and not isinstance(data[0], list) and len(data) != expected:  # flat: refused before it is copied
+        raise ServeError(f"{where}.data has {len(data)} elements but shape {list(shape)} needs {expected}")
     try:
         array = np.asarray(data, dtype=dtype)
     except (TypeError, ValueError, OverflowError):
         raise ServeError(f"{where}.data must be a (possibly nested) list of numbers of type "
                          f"{datatype_of(dtype)}") from None
-    expected = math.prod(shape)
     if array.size != expected:
         raise ServeError(f"{where}.data has {array.size} elements but shape {list(shape)} needs {expected}")
     return array.reshape(shape)
