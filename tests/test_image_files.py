@@ -176,6 +176,8 @@ def test_damaged_nifti_is_a_one_line_error_naming_the_file(tmp_path, damage):
     if damage == "not-gzip":  # the header is read before anything is allocated: the same error there
         with pytest.raises(ValueError, match="not a readable NIfTI file"):
             declared_voxels(damaged)
+    with pytest.raises(FileNotFoundError):  # a missing file is not called damaged
+        read_volume(tmp_path / "missing.nii.gz")
 
 
 def test_damaged_zip_is_a_dicom_error_naming_the_archive_and_member(tmp_path):

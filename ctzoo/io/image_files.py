@@ -50,6 +50,8 @@ def _open_nifti(path: str | Path, limits: ResourceLimits):
     """The NIfTI image (header read, no voxel yet) and its voxel count, checked against ``limits``."""
     try:
         image = nib.load(str(path))
+    except FileNotFoundError:  # an OSError, but not a damaged file: the callers say so as it is
+        raise
     except NIFTI_READ_ERRORS as exc:
         raise _unreadable_nifti(path, exc) from exc
     header = image.header
