@@ -257,14 +257,18 @@ class RunBook:
         options.out.mkdir(parents=True, exist_ok=True)
         self.cases, self.task, self.out, self.other_rows = cases, task, options.out, list(other_rows)
         self.settings = output_settings(task, options)
-        # taken before any case is read: an input changed while the run reads it is run again by the next --resume
-        self.identities = {case.name: input_identity(case) for case in cases}
+        # each input's files are looked at (stat) only when needed, not all before the first case: a batch of
+        # 50,000 series would wait minutes for it. Under --resume they are looked at before the case is read;
+        # otherwise when it is recorded
+        self.identities: dict[str, dict[str, Any] | None] = {}
         self.done: dict[str, dict[str, Any]] = {}
         self.todo: list[CaseInput] = []
         reasons = []
         for case in cases:
             saved = read_status(status_path(options.out, case, task.model_name)) if options.resume else None
-            reason = rerun_reason(saved, task.model_version, case, self.settings, self.identities[case.name])
+            if saved is not None:
+                self.identities[case.name] = input_identity(case)
+            reason = rerun_reason(saved, task.model_version, case, self.settings, self.identities.get(case.name))
             if reason == REUSABLE:
                 self.done[case.name] = {name: saved.get(name, "") for name in SUMMARY_FIELDS}
             else:
@@ -277,7 +281,8 @@ class RunBook:
     def record(self, row: dict[str, Any], case: CaseInput) -> None:
         if row["status"] != "ok":  # a failed case holds its status alone, not an earlier run's files beside it
             discard_outputs(self.out, case, self.task)
-        save_status(row, self.out, case, {"settings": self.settings, "input_identity": self.identities[case.name]})
+        identity = self.identities[case.name] if case.name in self.identities else input_identity(case)
+        save_status(row, self.out, case, {"settings": self.settings, "input_identity": identity})
         self.done[case.name] = row
         write_summary([*self.other_rows, *self.rows()], self.out / SUMMARY_FILE)
 
