@@ -4,6 +4,9 @@ Integrated Gradients finds the planted feature, shuffled context loses the gate,
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +80,15 @@ def test_baselines_are_single_branch_networks_of_the_same_size():
     assert torch.equal(image_only.image_weight(image, context), torch.ones(4))
     with pytest.raises(ValueError, match="both, image or context"):
         GatedMultimodalNet(16, 6, 3, modalities="text")
+
+
+def test_a_validation_split_with_one_lesion_type_chooses_the_epoch_by_loss():
+    """With no class both ways in val there is no AUC to choose by: the lowest validation loss chooses, and the
+    model returned is a trained one (it was the random start, at epoch -1, before)."""
+    data = studies(2.0)
+    split = data.split.copy()
+    split[(split == "val") & (data.labels != 0)] = "train"  # val holds one lesion type only
+    fitted = fit_gated(dataclasses.replace(data, split=split), epochs=100)
+    assert fitted.selected_on == "val_loss" and math.isnan(fitted.val_auc) and fitted.best_epoch >= 0
+    assert fitted.test_auc > 0.8, fitted.test_auc
+    assert fit_gated(data, epochs=100).selected_on == "val_auc"

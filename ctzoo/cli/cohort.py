@@ -101,6 +101,9 @@ def fit(cohort_dir: Path, context_set: str, seeds: str, epochs: int) -> None:
         result = document["results"][modalities]
         click.echo(f"{name:>12}: test mean AUC {result['test_auc_mean']:.3f} ± {result['test_auc_sd']:.3f} "
                    f"(seeds {', '.join(f'{v:.3f}' for v in result['test_auc'])})")
+    if any("val_loss" in result["selected_on"] for result in document["results"].values()):
+        click.echo("the validation lesions hold no lesion type both ways (too few): epochs chosen by validation "
+                   "loss, not AUC")
     counts = {part: sum(by_class.values()) for part, by_class in document["counts"].items()}
     click.echo(f"mean image weight on test {document['mean_image_weight']['test']:.3f}; lesions {counts}; "
                f"split: {document['split_rule']}; {cohort_dir / FIT_DIR}")

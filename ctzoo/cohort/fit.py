@@ -123,7 +123,8 @@ def fit_cohort(cohort: str | Path, context_set: str = "csv", seeds: tuple[int, .
         tests = [run.test_auc for run in runs]
         results[modalities] = {"test_auc": tests, "test_auc_mean": float(np.nanmean(tests)),
                                "test_auc_sd": float(np.nanstd(tests)), "val_auc": [run.val_auc for run in runs],
-                               "best_epoch": [run.best_epoch for run in runs]}
+                               "best_epoch": [run.best_epoch for run in runs],
+                               "selected_on": sorted({run.selected_on for run in runs})}
         if modalities == "both":
             model = runs[0].model  # the first seed's gated model: its gates and attributions are stored
     image, context, labels = (torch.as_tensor(a, dtype=torch.float32) for a in (data.image, data.context, data.labels))

@@ -20,6 +20,7 @@ AUC, and reports the test mean AUC (one-vs-rest per class, averaged over the cla
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -104,21 +105,29 @@ def mean_auc(logits: torch.Tensor, labels: torch.Tensor, classes: int) -> float:
 @dataclass
 class FitResult:
     model: GatedMultimodalNet
-    val_auc: float
+    val_auc: float  # NaN where the validation studies hold no class both ways
     test_auc: float
     best_epoch: int
+    selected_on: str = "val_auc"  # or "val_loss": what chose best_epoch
 
 
 def fit_gated(data: ModalityData, modalities: Modalities = "both", hidden: int = 32, epochs: int = 300,
               lr: float = 0.01, weight_decay: float = 1e-3, seed: int = 0) -> FitResult:
     """Train a :class:`GatedMultimodalNet` on ``data``'s train studies (full batch), keep the epoch with the best
-    validation mean AUC, return it with its validation and test mean AUC."""
+    validation mean AUC, return it with its validation and test mean AUC.
+
+    Where the validation studies hold no class both ways (one lesion, or one type only) there is no AUC to choose
+    by: the epoch with the lowest validation cross-entropy is kept instead (``selected_on`` says which), so the
+    model returned is always a trained one. ValueError when there are no training or validation studies."""
     torch.manual_seed(seed)
     classes = int(data.labels.max()) + 1
     model = GatedMultimodalNet(data.image.shape[1], data.context.shape[1], classes, hidden, modalities)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     (image, context, labels), val = data.tensors("train"), data.tensors("val")
-    best = (-1.0, -1, copy.deepcopy(model.state_dict()))
+    if not len(labels) or not len(val[2]):
+        raise ValueError(f"fitting needs training and validation studies: {len(labels)} train, {len(val[2])} val")
+    by_auc = any(0 < int((val[2] == k).sum()) < len(val[2]) for k in range(classes))  # mean_auc is not NaN
+    best = (-math.inf, -1, None)  # (score, epoch, weights): higher is better
     for epoch in range(epochs):
         model.train()
         loss = nn.functional.cross_entropy(model(image, context), labels)
@@ -127,15 +136,17 @@ def fit_gated(data: ModalityData, modalities: Modalities = "both", hidden: int =
         optimizer.step()
         model.eval()
         with torch.no_grad():
-            auc = mean_auc(model(val[0], val[1]), val[2], classes)
-        if auc > best[0]:
-            best = (auc, epoch, copy.deepcopy(model.state_dict()))
+            logits = model(val[0], val[1])
+            score = mean_auc(logits, val[2], classes) if by_auc else -float(
+                nn.functional.cross_entropy(logits, val[2]))
+        if score > best[0]:
+            best = (score, epoch, copy.deepcopy(model.state_dict()))
     model.load_state_dict(best[2])
     model.eval()
     test = data.tensors("test")
     with torch.no_grad():
         test_auc = mean_auc(model(test[0], test[1]), test[2], classes)
-    return FitResult(model, best[0], test_auc, best[1])
+    return FitResult(model, best[0] if by_auc else math.nan, test_auc, best[1], "val_auc" if by_auc else "val_loss")
 
 
 def feature_importance(model: GatedMultimodalNet, image: torch.Tensor, context: torch.Tensor,
