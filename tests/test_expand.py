@@ -270,7 +270,13 @@ def test_ctzoo_expand_zoo_models_checks_on_real_ct_and_reloads(tmp_path):
         assert bundle.card.parameters == meta["report"]["parameters_after"]
         assert compare_outputs(original, bundle.network(), inputs)[1] <= TOLERANCE
         if name == "template-seg-abdomen":
-            assert bundle.template_bank is not None and bundle.class_names == load_bundle(name).class_names
+            source = load_bundle(name)
+            assert bundle.template_bank is not None and bundle.class_names == source.class_names
+            # its templates embedded by the expanded network (the source's embeddings are narrower): each slice
+            # gets the template the source model chooses
+            slices = torch.cat([source.template_bank.images, torch.randn(4, 1, 128, 128)])
+            chosen = bundle.template_bank.nearest(bundle.network(), slices)
+            assert torch.equal(chosen, source.template_bank.nearest(source.network(), slices))
     bad = CliRunner().invoke(main, ["expand", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "neither a zoo model" in bad.output
 

@@ -76,6 +76,10 @@ class TemplateBank:
             raise ValueError(f"masks have {masks.shape[1]} classes, the model segments {model.num_classes}")
         return cls(images, masks, _embed(model, images, batch_size).cpu(), list(class_names), list(sources))
 
+    def embedded_by(self, model: TemplateSegNet) -> TemplateBank:
+        """The same templates embedded by ``model``: the bank for other weights (trained further, expanded)."""
+        return TemplateBank.build(model, self.images, self.masks, self.class_names, self.sources)
+
     def nearest(self, model: TemplateSegNet, images: torch.Tensor) -> torch.Tensor:
         """Index ``(B,)`` (long, on ``images``' device) of the template most cosine-similar to each image
         ``(B, 1, H, W)`` in ``model.embed`` space; ``model`` must be the one the bank was built with."""

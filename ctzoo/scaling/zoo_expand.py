@@ -239,7 +239,10 @@ def save_expanded_bundle(folder: Path, source_name: str, expanded: nn.Module, re
     record = {"kind": "lemon", "architecture": {"builder": "bundle",
                                                 "network": bundle.network_def.model_dump(mode="json")},
               "expansion": {"width_mult": report.width_mult, "depth_add": report.depth_add, "seed": seed}}
-    extra = bundle.template_bank.save if bundle.template_bank is not None else None
+    # the source's templates embedded by the expanded network: embeddings belong to the weights that computed them,
+    # and a wider network embeds into more features than the source's bank holds
+    bank = bundle.template_bank.embedded_by(expanded) if bundle.template_bank is not None else None
+    extra = bank.save if bank is not None else None
     return save_pretrained(expanded, Path(folder), bundle.network_def.config, card, extra=extra, expansion=record)
 
 

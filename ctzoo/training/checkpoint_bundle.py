@@ -137,7 +137,7 @@ def _template_seg_checkpoint(path: Path, state: dict[str, Any], version: str, ep
                                 f"input is {tuple(prep.size)}")
     # Embeddings belong to the weights that computed them (see ctzoo.models.template_bank): re-embed the bank
     # with these weights, so that nearest-template retrieval means what it meant in training.
-    bank = TemplateBank.build(model, bank.images, bank.masks, bank.class_names, bank.sources)
+    bank = bank.embedded_by(model)
     spec = {**prep.model_dump(mode="json"), "classes": names}
     model_config = {"spatial_dims": 2, "in_channels": 1, "num_classes": len(names), **cfg.model.model_dump(mode="json")}
     model_config.pop("kind", None)
