@@ -265,3 +265,84 @@ def anomalies(store, stage):
     with sqlite3.connect(store) as db:
         rows = db.execute("SELECT seconds, context FROM events WHERE kind = 'anomaly' AND stage = ?", (stage,))
         return [{"seconds": seconds, "context": json.loads(context)} for seconds, context in rows]
+
+
+# ----------------------------------------------------------------------------------------- impossible states
+
+POSSIBLE = {"moments": {"count": 30, "mean": 0.01, "m2": 0.0, "m3": 0.0, "m4": 0.0, "min": 0.01, "max": 0.01},
+            "histogram": {"-426": 30}}  # 30 events of 10 ms: fine bin floor(log2(0.01) * 64) = -426
+NAME = "m|1|model|cpu|1"
+
+
+def impossible(histogram=None, **moments):
+    """POSSIBLE with some of its moments (or its histogram) changed."""
+    return {"moments": {**POSSIBLE["moments"], **moments}, "histogram": histogram or POSSIBLE["histogram"]}
+
+
+@pytest.mark.parametrize("state, why", [
+    (impossible(m2=-1.0), "m2 -1.0 is negative"),
+    (impossible(m4=-1e-9), "m4 -1e-09 is negative"),
+    (impossible(min=0.02), "min 0.02 > max 0.01"),
+    (impossible(mean=0.5), "mean 0.5 outside [min, max] = [0.01, 0.01]"),
+    (impossible(min=None), "count 30 needs a finite min and max"),
+    (impossible(mean=float("inf")), "mean: not a finite number"),
+    (impossible(count=0, histogram={}), "count 0 but moments not 0"),
+    (impossible(histogram={"-426": 29}), "histogram total 29 differs from the moments' count 30"),
+    (impossible(histogram={"-426": 29, "-300": 1}), "histogram bins [-300] outside -427..-425"),
+    (impossible(histogram={"-426": 29, str(10**6): 1}), "histogram bins [1000000] outside -427..-425"),
+])
+def test_impossible_states_get_400_with_why_and_the_server_goes_on(parameter_server, state, why):
+    body = {"process": "x", "seq": 1, "delta": {NAME: state}}
+    status, answer = _request(parameter_server, "/v1/sync", json.dumps(body).encode())
+    assert status == 400 and json.loads(answer)["error"].startswith(NAME) and why in json.loads(answer)["error"], \
+        answer
+    assert fetch_stats(parameter_server.url, TOKEN)["keys"] == []  # nothing merged, and /v1/stats still answers
+    _post(parameter_server, "/v1/sync", json.dumps({**body, "delta": {NAME: POSSIBLE}}).encode())
+    [row] = fetch_stats(parameter_server.url, TOKEN)["keys"]
+    assert (row["count"], row["mean_s"], row["std_s"]) == (30, 0.01, 0.0)
+
+
+def test_a_state_a_real_detector_learned_is_accepted(parameter_server):
+    """The checks refuse no honest delta (a refused one would be sent again for ever): skewed, spread and tiny
+    durations, and zero ones (counted in the lowest bin)."""
+    detector = AnomalyDetector(DetectorConfig(skip_first=False))
+    for key, seconds in latencies(3, 200):
+        detector.observe(key, seconds)
+    for seconds in (0.0, 1e-9, 3e-7, 1e-7):
+        detector.observe(KEYS[0], seconds)
+    client = client_for(parameter_server, detector, "honest")
+    assert client.sync(), client.last_error
+    assert sum(row["count"] for row in fetch_stats(parameter_server.url, TOKEN)["keys"]) == 604
+
+
+def test_a_monitor_does_not_adopt_an_impossible_global_state_and_its_timed_blocks_never_raise(
+        parameter_server, caplog):
+    """Defence in depth: a server that merged an impossible state (an older one, without the checks; put in
+    directly here) must not break the monitors that sync with it."""
+    from ctzoo.perf import KeyState
+
+    parameter_server.statistics.states[NAME] = KeyState.from_dict(impossible(m2=-1.0))
+    monitor = PerfMonitor(None, DetectorConfig(algorithm="sstd"), server=parameter_server.url, token=TOKEN,
+                          sync_every_s=0.05)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ctzoo.perf"):
+            deadline = time.monotonic() + 10
+            while monitor.client.syncs < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for _ in range(3):
+                with monitor.timed("m", "1", "model", "cpu", 1):
+                    pass
+    finally:
+        monitor.close()
+    [row] = monitor.stats()
+    assert row["count"] == 2  # its own events (the first skipped), not the server's 30 impossible ones
+    warnings = [r.getMessage() for r in caplog.records if "impossible state" in r.getMessage()]
+    assert len(warnings) == 1 and NAME in warnings[0] and "m2 -1.0 is negative" in warnings[0]
+
+
+def test_the_spread_of_an_impossible_state_is_0_and_judging_with_it_does_not_raise():
+    detector = AnomalyDetector(DetectorConfig(algorithm="sstd", skip_first=False))
+    detector.merge_states({NAME: impossible(m2=-1.0)})  # merge_states does not check: the stats must not raise
+    key = tuple(NAME.split("|"))
+    assert detector.states[key].moments.std == 0.0
+    assert detector.observe(key, 0.01).judged and detector.observe(key, 0.5).anomalous

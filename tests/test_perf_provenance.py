@@ -69,3 +69,27 @@ def test_a_full_store_drops_its_oldest_anomalies_and_keeps_the_normal_samples(tm
     assert kept[0]["kind"] == "normal" and len(kept) <= 1 + 50 + 5  # pruned every max_events / 10 inserts
     assert [row["context"]["request"] for row in kept[1:]][-1] == "r199"  # the newest stay
     store.close()
+
+
+def test_a_normal_sample_just_before_an_anomaly_is_in_its_window(tmp_path):
+    """Key B's normal sample (its first judged event) comes right before key A's anomaly: it is one of the 5 just
+    before it in the store's window and in the report's, not skipped for an older event."""
+    from ctzoo.perf.report import read_report_data
+
+    monitor = PerfMonitor(tmp_path / "perf.sqlite", DetectorConfig(), role="t", window=10)
+    a, b = event_key("m", "1", "a", "cpu", 1), event_key("m", "1", "b", "cpu", 1)
+    stream = [(a, 0.010 + 0.0001 * (i % 5)) for i in range(40)] + [(b, 0.002 + 0.00001 * (i % 5)) for i in range(22)]
+    stream += [(a, 0.5)] + [(a, 0.010)] * 6
+    for i, (key, seconds) in enumerate(stream):
+        monitor.record(key, seconds, started=1e9 + i, context={"i": i})
+    monitor.close()
+    store = PerfMonitor(tmp_path / "perf.sqlite", role="reader").store
+    normal_b = store.rows("SELECT context FROM events WHERE kind = 'normal' AND stage = 'b'")
+    assert [row["context"]["i"] for row in normal_b] == [61]  # B's 22nd event: its first judged one
+    [anomaly] = store.anomalies()
+    assert anomaly["context"]["i"] == 62
+    expected = [*range(57, 62), *range(63, 68)]
+    assert [event["context"]["i"] for event in anomaly["window"]] == expected
+    [shown] = read_report_data(tmp_path / "perf.sqlite")["anomalies"]
+    assert [event["context"]["i"] for event in shown["window"]] == expected
+    assert store.reduction()["stored"] == len(store.rows("SELECT id FROM events")) == 2 + 1 + 10

@@ -25,7 +25,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ctzoo.perf.stats import FINE_BINS_PER_OCTAVE, LatencyHistogram, RunningMoments, fine_bin
+from ctzoo.perf.stats import (
+    FINE_BINS_PER_OCTAVE,
+    LatencyHistogram,
+    RunningMoments,
+    fine_bin,
+    histogram_problem,
+    moments_problem,
+)
 
 #: Chimbuko's offset inside the HBOS logarithm: the score of an empty bin is -log2 of it, 100.
 HBOS_EPSILON = 78.88e-32
@@ -89,6 +96,11 @@ class KeyState:
     @classmethod
     def from_dict(cls, data: dict) -> KeyState:
         return cls(RunningMoments.from_dict(data["moments"]), LatencyHistogram.from_dict(data["histogram"]))
+
+    def problem(self) -> str | None:
+        """Why no stream of durations gives this state (impossible moments, a histogram that does not match
+        them); None when one does."""
+        return moments_problem(self.moments) or histogram_problem(self.histogram, self.moments)
 
 
 @dataclass(frozen=True)
@@ -223,18 +235,24 @@ class AnomalyDetector:
             own[key] = own[key].merge(state) if key in own else state
         return {"|".join(key): state.to_dict() for key, state in own.items()}
 
-    def adopt_global(self, states: dict[str, dict]) -> None:
+    def adopt_global(self, states: dict[str, dict]) -> dict[str, str]:
         """Judge against the parameter server's global ``states`` from now on: each key's state becomes the global
         one merged with what this detector learned since it took its last delta (the global already holds every
         delta sent). Exact, as merges are: no event is lost or counted twice. Keys the server does not know yet
-        (learned only after the delta was taken) keep their local state."""
+        (learned only after the delta was taken) keep their local state, and so do keys whose global state is
+        impossible (:meth:`KeyState.problem`: a server that merged a bad delta), which are returned with why."""
+        refused = {}
         for name, data in states.items():
             key = tuple(name.split("|"))
-            merged = KeyState.from_dict(data)
+            merged = _global_state(data)
+            if isinstance(merged, str):
+                refused[name] = merged
+                continue
             if key in self._delta:
                 merged = merged.merge(self._delta[key])
             self.states[key] = merged
             self._tables.pop(key, None)
+        return refused
 
     def merge_states(self, states: dict[str, dict]) -> None:
         """Merge states of other processes (:meth:`state_dict` output) into this detector's."""
@@ -242,3 +260,13 @@ class AnomalyDetector:
             key = tuple(name.split("|"))
             self.states[key] = self.states.get(key, KeyState()).merge(KeyState.from_dict(data))
             self._tables.pop(key, None)
+
+
+def _global_state(data: object) -> KeyState | str:
+    """A parameter server's state of one key, or why it cannot be judged with (what is read under the user's
+    timed block must not raise there)."""
+    try:
+        state = KeyState.from_dict(data)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        return f"not a key state ({type(exc).__name__}: {exc})"
+    return state.problem() or state

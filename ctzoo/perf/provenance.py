@@ -5,7 +5,8 @@ SQLite (one file, WAL), schema:
 
 ``events``
     ``id`` INTEGER PRIMARY KEY; ``kind`` (``anomaly``, ``window``: one of the ``window`` events of the same process
-    around an anomaly, half just before it and half just after, or ``normal``: the first normal event of its key);
+    around an anomaly, half just before it and half just after, or ``normal``: the first normal event of its key,
+    stored once more as a ``window`` row if it is an anomaly's neighbour);
     ``anomaly_id`` (a window event's anomaly); ``process``; the key: ``model``, ``version``, ``stage``, ``device``,
     ``bucket``; ``seconds``, ``started`` (Unix time); the verdict: ``algorithm``, ``score``, ``threshold``,
     ``judged`` (0 during a key's warm-up); ``context`` (JSON; never patient identifiers).
@@ -241,8 +242,9 @@ def _finite(value: float) -> float:
 
 class ProvenanceRecorder:
     """Decides what of one process's event stream is kept: each anomaly with a window of ``window`` neighbouring
-    events (the ``window // 2`` just before it that are not stored already and the rest just after; default 10:
-    5 + 5), and the first normal event of each key.
+    events (the ``window // 2`` just before it that are in no earlier anomaly's window and the rest just after;
+    default 10: 5 + 5), and the first normal event of each key (which is also a window row when it is among an
+    anomaly's neighbours).
 
     ``window`` counts the neighbours of one anomaly, as the issue and Chimbuko's ``-anom_win_size`` (default 10)
     word it: "a window of this size around the anomalous event". Anomalies close together share their
@@ -275,10 +277,12 @@ class ProvenanceRecorder:
                 self._keep("window", event, label, self._after[0])
                 left = self._after[1] - 1
                 self._after = (self._after[0], left) if left > 0 else None
-            elif label.judged and event.key not in self._sampled:
-                self._sampled.add(event.key)
-                self._keep("normal", event, label)
             else:
+                if label.judged and event.key not in self._sampled:
+                    self._sampled.add(event.key)
+                    self._keep("normal", event, label)
+                # a key's normal sample is also a neighbour: should an anomaly follow, it is stored once more as
+                # one of its window rows, so that every reader of a window (by kind or by anomaly_id) sees it
                 self._recent.append((event, label))
             if time.monotonic() - self._totals_written > TOTALS_EVERY_S:
                 self.flush()

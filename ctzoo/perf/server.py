@@ -23,9 +23,9 @@ Protocol (JSON over HTTP, ``Authorization: Bearer <token>`` on every route; stdl
     The global states themselves (``{key: state}``).
 
 Keys travel joined with ``|``: ``model|version|stage|device|bucket``. Bodies over ``max_body_bytes`` get 413,
-malformed ones 400, a missing or wrong token 401 (compared in constant time); a bad request never stops the
-server. The server keeps everything in memory: after a restart the global statistics start again from what the
-processes send next.
+malformed ones, and states that no stream of durations gives (:meth:`~ctzoo.perf.detectors.KeyState.problem`),
+400; a missing or wrong token 401 (compared in constant time); a bad request never stops the server. The server
+keeps everything in memory: after a restart the global statistics start again from what the processes send next.
 """
 
 from __future__ import annotations
@@ -93,9 +93,11 @@ def parse_state(name: str, data: Any) -> KeyState:
         bins = {str(int(index)): _count(count, f"{name} bin {index}") for index, count in data["histogram"].items()}
     except ValueError as exc:
         raise BadRequest(f"{name}: histogram bins are integers") from exc
-    if sum(bins.values()) != checked["count"]:
-        raise BadRequest(f"{name}: histogram total differs from the moments' count")
-    return KeyState.from_dict({"moments": checked, "histogram": bins})
+    state = KeyState.from_dict({"moments": checked, "histogram": bins})
+    problem = state.problem()  # well-formed, but could no stream of durations give it?
+    if problem:
+        raise BadRequest(f"{name}: {problem}")
+    return state
 
 
 class GlobalStatistics:
@@ -280,6 +282,7 @@ class ParameterServerClient:
         self.server_id: str | None = None
         self._seq = 0
         self._pending: dict[str, dict] | None = None  # a delta taken but not yet acknowledged by the server
+        self._refused: set[str] = set()  # keys whose global state was impossible at the last sync (warned once)
         self._sync_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ctzoo-perf-sync", daemon=True) if background else None
@@ -307,13 +310,21 @@ class ParameterServerClient:
                 return False
             self._pending = None
             with self.lock:
-                self.detector.adopt_global(states)
+                refused = self.detector.adopt_global(states)
+            self._warn_refused(refused)
             self.syncs += 1
             self.server_id = reply.get("server_id")
             if self.connected is False:
                 log.warning("perf: parameter server %s reachable again; judging on the global statistics", self.url)
             self.connected, self.last_error = True, None
             return True
+
+    def _warn_refused(self, refused: dict[str, str]) -> None:
+        """One warning per key whose global state the detector would not judge with (at every sync: noise)."""
+        for name in refused.keys() - self._refused:
+            log.warning("perf: parameter server %s sent an impossible state of %s (%s); judging that key on this "
+                        "process's statistics", self.url, name[:200], refused[name])
+        self._refused = set(refused)
 
     def _post(self, path: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST", headers={

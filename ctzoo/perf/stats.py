@@ -15,6 +15,7 @@ serve workers, Ray workers and DDP ranks.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 FINE_BINS_PER_OCTAVE = 64
@@ -69,8 +70,12 @@ class RunningMoments:
 
     @property
     def std(self) -> float:
-        """Sample standard deviation (0 below 2 values)."""
-        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
+        """Sample standard deviation (0 below 2 values, and for a variance that is not positive)."""
+        variance = self.m2 / (self.count - 1) if self.count > 1 else 0.0
+        # M2 is a sum of squares, so a negative (or NaN) one can only come from a state that should never have been
+        # merged; the detector calls this inside the user's timed block, where it must not raise. 0 is what a
+        # spread-less key gives anyway, and SSTD then still flags only events past the ratio and excess floors.
+        return math.sqrt(variance) if variance > 0 else 0.0
 
     def summary(self) -> dict:
         """count, mean_s, std_s, min_s, max_s (min and max None before the first value): what routes report."""
@@ -92,6 +97,70 @@ class RunningMoments:
 def fine_bin(seconds: float) -> int:
     """The fine-grid bin of a duration: floor(log2(seconds) * FINE_BINS_PER_OCTAVE)."""
     return math.floor(math.log2(max(seconds, MIN_SECONDS)) * FINE_BINS_PER_OCTAVE)
+
+
+#: The fine bins a duration can fall in: fine_bin() counts anything below MIN_SECONDS as it, and no float is
+#: larger than sys.float_info.max.
+LOWEST_BIN, HIGHEST_BIN = fine_bin(MIN_SECONDS), fine_bin(sys.float_info.max)
+#: How far a mean may lie outside [min, max], relative to their size: float rounding, never seen in fuzzing but
+#: cheap to allow (a parameter server that refused an honest delta would have it sent again for ever).
+MEAN_SLACK = 1e-12
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def moments_problem(moments: RunningMoments) -> str | None:
+    """Why ``moments`` cannot be the running moments of any durations (None when they can).
+
+    A parameter server merges what processes send into the states every process judges with, so one impossible
+    state (a negative M2 makes :attr:`RunningMoments.std` meaningless) would reach them all."""
+    count = moments.count
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        return f"count {count!r} is not a count"
+    for name in ("mean", "m2", "m3", "m4"):
+        if not _finite(getattr(moments, name)):
+            return f"{name} {getattr(moments, name)!r} is not a finite number"
+    low, high = moments.min, moments.max
+    if count == 0:
+        if (moments.mean, moments.m2, moments.m3, moments.m4) != (0, 0, 0, 0) or (low, high) != (math.inf, -math.inf):
+            return "count 0 but moments not 0 or a min or max given"
+        return None
+    if not (_finite(low) and _finite(high)):
+        return f"count {count} needs a finite min and max (null stands for none, before the first value)"
+    if low > high:
+        return f"min {low} > max {high}"
+    slack = MEAN_SLACK * max(abs(low), abs(high))
+    if not low - slack <= moments.mean <= high + slack:
+        return f"mean {moments.mean} outside [min, max] = [{low}, {high}]"
+    for name in ("m2", "m4"):  # sums of even powers of deviations
+        if getattr(moments, name) < 0:
+            return f"{name} {getattr(moments, name)} is negative (a sum of even powers)"
+    return None
+
+
+def histogram_problem(histogram: LatencyHistogram, moments: RunningMoments) -> str | None:
+    """Why ``histogram`` cannot be the fine-grid counts of the durations that ``moments`` (checked by
+    :func:`moments_problem` first) describe (None when it can)."""
+    counts = histogram.counts
+    bad = [(index, n) for index, n in counts.items()
+           if isinstance(n, bool) or not isinstance(n, int) or n < 0 or not isinstance(index, int)]
+    if bad:
+        return f"histogram bin {bad[0][0]!r}: count {bad[0][1]!r} is not a count"
+    if histogram.total != moments.count:
+        return f"histogram total {histogram.total} differs from the moments' count {moments.count}"
+    if moments.count == 0:
+        return "count 0 but histogram bins given" if counts else None
+    # every duration lies in [min, max] and fine_bin is monotonic; one bin of slack on each side for another
+    # machine's log2 rounding a value on a bin's edge the other way
+    low = max(LOWEST_BIN, fine_bin(moments.min) - 1)
+    high = min(HIGHEST_BIN, fine_bin(moments.max) + 1)
+    outside = sorted(index for index in counts if not low <= index <= high)
+    if outside:
+        return (f"histogram bins {outside[:3]} outside {low}..{high}, the fine bins of durations from min "
+                f"{moments.min} to max {moments.max}")
+    return None
 
 
 def fine_bin_centre(index: int) -> float:
