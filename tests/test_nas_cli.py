@@ -98,3 +98,11 @@ def test_resume_scores_what_the_narrowed_space_has_left_then_refuses_an_exhauste
     assert "all 2 architectures its space allows have been scored, none is left to search" in refused.output
     assert all(path.read_bytes() == content for path, content in files.items())  # no empty iteration, no training
 
+
+def test_a_search_on_classes_the_scoring_cases_lack_is_refused_before_training(fetched_samples, tmp_path):
+    config, run = tmp_path / "brain.yaml", tmp_path / "run"
+    config.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "classes": {"brain": ["brain"]}}}))
+    result = search(config, run)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "none of the classes brain is in the labels of the cases candidates are scored on" in result.output
+    assert not (run / "candidates.json").exists() and not (run / "supernet").exists()

@@ -87,10 +87,10 @@ def search(config: Path, run: Path, epochs: int, candidates: int, resume: bool, 
     (run / PENDING_FILE).unlink(missing_ok=True)  # applied: recorded in the iteration's constraints
     iteration = document["iterations"][-1]
     scored = [c for c in document["candidates"] if c["iteration"] == iteration["iteration"]]
-    best = max(scored, key=lambda c: -1.0 if c["dice"] is None else c["dice"])
+    best = max(scored, key=lambda c: c["dice"])
     left = _unscored(document)
     click.echo(f"iteration {iteration['iteration']}: {iteration['steps']} supernet steps, {len(scored)} candidates; "
-               f"best Dice {best['dice']} ({best['id']}: {best['description']}, {best['latency_ms']:.1f} ms); "
+               f"best Dice {best['dice']:.4f} ({best['id']}: {best['description']}, {best['latency_ms']:.1f} ms); "
                + ("every architecture of the space is scored now; " if left == 0 else "") + f"ctzoo nas view {run}")
 
 

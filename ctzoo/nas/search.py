@@ -15,14 +15,14 @@ candidates with the shared weights (:func:`evaluate_candidates`) and appends the
 Each iteration's constraints apply on top of the earlier ones; ``steps`` counts its optimiser steps. Candidates are
 scored on the data's ``test`` cases, the patient not trained on (the TotalSegmentator sample has only two
 labelled patients; the val slab belongs to the training patient): the search picks on it, so a pick's Dice there
-is optimistic and a final model wants data of its own. Each architecture is scored once, and constraints only
-narrow the space: a search with no architecture left to score is refused before training.
+is optimistic and a final model wants data of its own. ``dice`` is always a number: a search whose scoring cases
+hold none of its classes is refused before training (:func:`require_scorable`), as is one with no architecture
+left to score (each candidate is scored once, and constraints only narrow the space).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctzoo.datasets.seg_preprocessing import SegPreprocessing
+from ctzoo.datasets.seg_preprocessing import SegPreprocessing, labels_to_slices, resample_slices
 from ctzoo.datasets.segmentation import SegCase
 from ctzoo.io.atomic import atomic_path
 from ctzoo.models.seg_networks import TemplateSegModelConfig
@@ -102,13 +102,34 @@ class ValidationSet:
     class_names: Sequence[str]
 
 
+def classes_in_truth(validation: ValidationSet) -> list[str]:
+    """The classes present in the truth of ``validation``'s cases on the network's slice grid, where
+    :func:`~ctzoo.training.seg_evaluation.evaluate_segmenter` scores them: a candidate's Dice is their mean."""
+    present: set[int] = set()
+    for case in validation.cases:
+        _, geometry = resample_slices(case.image, validation.prep)
+        present.update(torch.unique(labels_to_slices(case.labels, case.image, geometry)).tolist())
+    return [name for label, name in enumerate(validation.class_names, 1) if label in present]
+
+
+def require_scorable(validation: ValidationSet) -> None:
+    """ValueError unless some class is present in ``validation``'s truth: without one every candidate's Dice is
+    undefined, so a search could rank nothing."""
+    if not classes_in_truth(validation):
+        raise ValueError(f"none of the classes {', '.join(validation.class_names)} is in the labels of the cases "
+                         f"candidates are scored on ({', '.join(c.name for c in validation.cases) or 'none'}): no "
+                         "candidate could get a Dice; choose classes those cases label")
+
+
 def evaluate_candidates(supernet: TemplateSuperNet, archs: Sequence[Architecture], validation: ValidationSet,
                         device: str | torch.device = "cpu", size: tuple[int, ...] | None = None,
                         **measure_options: Any) -> list[dict[str, Any]]:
-    """Each architecture's extracted sub-network scored with the shared weights: mean Dice over classes
-    (MONAI ``DiceMetric``, via :func:`~ctzoo.training.seg_evaluation.evaluate_segmenter`; None when no class is
-    present) and :func:`~ctzoo.nas.measure.measure`'s cost at ``size`` (default: the preprocessing's slice size).
-    Returns the ``candidates.json`` entries without ``iteration``."""
+    """Each architecture's extracted sub-network scored with the shared weights: mean Dice over the classes present
+    (MONAI ``DiceMetric``, via :func:`~ctzoo.training.seg_evaluation.evaluate_segmenter`) and
+    :func:`~ctzoo.nas.measure.measure`'s cost at ``size`` (default: the preprocessing's slice size). Returns the
+    ``candidates.json`` entries without ``iteration``. ValueError when ``validation`` has nothing to score
+    (:func:`require_scorable`)."""
+    require_scorable(validation)
     size = tuple(size or validation.prep.size)
     results = []
     for arch in archs:
@@ -116,9 +137,8 @@ def evaluate_candidates(supernet: TemplateSuperNet, archs: Sequence[Architecture
         scores = evaluate_segmenter(net, validation.cases, validation.prep, validation.templates, device,
                                     validation.class_names, hd95=False)
         cost = measure(net.cpu(), size, device=str(device), **measure_options)
-        dice = float(scores["dice_mean"])
         results.append({"id": arch.id, "architecture": arch.to_json(), "description": arch.describe(),
-                        "vector": arch.to_vector(), "dice": dice if math.isfinite(dice) else None,
+                        "vector": arch.to_vector(), "dice": float(scores["dice_mean"]),
                         "latency_ms": cost["latency_ms"], "params": cost["params"], "flops": cost["flops"]})
     return results
 
@@ -206,14 +226,15 @@ def search_iteration(cfg: TemplateSegTrainConfig, run: str | Path, epochs: int =
     ``cfg.optim``, score ``candidates`` fresh architectures, update ``run/candidates.json``. ``include``: more
     architectures scored this iteration (those not scored before), e.g. a shipped model's (:func:`architecture_of`)
     so the explorer shows where it stands; ValueError for one outside the space's choices. Refused (ValueError)
-    before any training, leaving the run as it was, when the space has no architecture left to score. Returns the
-    file's new content."""
+    before any training, leaving the run as it was, when the scoring cases hold none of the classes
+    (:func:`require_scorable`) or the space has no architecture left to score. Returns the file's new content."""
     run = Path(run)
     document = read_candidates(run) or {"schema": SCHEMA, "space": None, "iterations": [], "candidates": []}
     stored = SearchSpace.from_json(document["space"]) if document["space"] else None
     task = SuperNetTask(cfg, stored, data, seed)
     space = task.space = task.space.constrain(drop, lock)
     validation = ValidationSet(task.data.cases["test"], task.prep, task.templates, task.class_names)
+    require_scorable(validation)
     iteration = len(document["iterations"])
     archs, extra = architectures_to_score(space, document["candidates"], include, candidates,
                                           random.Random(f"{seed}:candidates:{iteration}"))
