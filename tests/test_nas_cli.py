@@ -65,3 +65,44 @@ def test_resuming_nothing_is_refused(tmp_path):
     config.write_text(yaml.safe_dump(TINY))
     result = CliRunner().invoke(main, ["nas", "search", str(config), "--out", str(tmp_path / "none"), "--resume"])
     assert result.exit_code == 1 and "no search to resume" in result.output
+
+
+def search(config, run, *options):
+    return CliRunner().invoke(main, ["nas", "search", str(config), "--out", str(run), "--candidates", "2",
+                                     "--device", "cpu", *options])
+
+
+def test_resume_scores_what_the_narrowed_space_has_left_then_refuses_an_exhausted_one(fetched_samples, tmp_path):
+    config, run = tmp_path / "tiny.yaml", tmp_path / "run"
+    config.write_text(yaml.safe_dump(TINY))
+    assert search(config, run, "--reference").exit_code == 0  # the reference: w 1/1/1/1 ... fuse 0,1,2,3 sigmoid
+    # two architectures left, the reference and the one that does not fuse at level 3
+    locks = ["level*.width=1", "level*.units=2", "level*.kernel=3", "gate=sigmoid",
+             *(f"level{k}.fusion=true" for k in range(3))]
+    narrowed = CliRunner().invoke(main, ["nas", "constrain", str(run), *(f"--lock={lock}" for lock in locks)])
+    assert narrowed.exit_code == 0 and "-> 2 (1 not scored yet)" in narrowed.output, narrowed.output
+    last = search(config, run, "--resume")
+    assert last.exit_code == 0, last.output
+    assert "1 candidates" in last.output and "every architecture of the space is scored now" in last.output
+    document = json.loads((run / "candidates.json").read_text())
+    assert [c["description"] for c in document["candidates"] if c["iteration"] == 1] == [
+        "w 1/1/1/1 u 2/2/2/2 k 3/3/3/3 fuse 0,1,2 sigmoid"]
+    assert not (run / "constraints.json").exists()
+    # exhausted: constraints that leave only scored architectures are refused, and so is the next iteration
+    dropped = CliRunner().invoke(main, ["nas", "constrain", str(run), "--drop", "level3.fusion=true"])
+    assert dropped.exit_code == 1 and "all scored already" in dropped.output, dropped.output
+    assert not (run / "constraints.json").exists()
+    files = {path: path.read_bytes() for path in (run / "candidates.json", run / "supernet" / "last.pt")}
+    refused = search(config, run, "--resume")
+    assert refused.exit_code == 1 and isinstance(refused.exception, SystemExit), refused.output
+    assert "all 2 architectures its space allows have been scored, none is left to search" in refused.output
+    assert all(path.read_bytes() == content for path, content in files.items())  # no empty iteration, no training
+
+
+def test_a_search_on_classes_the_scoring_cases_lack_is_refused_before_training(fetched_samples, tmp_path):
+    config, run = tmp_path / "brain.yaml", tmp_path / "run"
+    config.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "classes": {"brain": ["brain"]}}}))
+    result = search(config, run)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "none of the classes brain is in the labels of the cases candidates are scored on" in result.output
+    assert not (run / "candidates.json").exists() and not (run / "supernet").exists()

@@ -216,6 +216,9 @@ def test_malformed_input_is_a_clear_error(run, tmp_path):
         "empty": (write(tmp_path / "empty", {**good, "candidates": []}), "holds no candidates"),
         "no-dice": (write(tmp_path / "no-dice", broken(good, lambda d: d["candidates"][3].pop("dice"))),
                     "candidate 3 ('it0-c03') lacks dice"),
+        "null-dice": (write(tmp_path / "null-dice", broken(good, lambda d: d["candidates"][0].update(dice=None))),
+                      "candidate 0 ('it0-c00'): dice is null: it was scored on cases holding none of the search's "
+                      "classes"),
         "text-dice": (write(tmp_path / "text-dice", broken(good, lambda d: d["candidates"][0].update(dice="0.8"))),
                       "dice is str '0.8', not int or float"),
         "bool-params": (write(tmp_path / "bool-params", broken(good, lambda d: d["candidates"][1].update(params=True))),

@@ -16,6 +16,7 @@ from ctzoo.nas import (
     SearchSpace,
     TemplateSuperNet,
     count_architectures,
+    count_unscored,
     enumerate_architectures,
     extract,
     extreme,
@@ -24,6 +25,7 @@ from ctzoo.nas import (
     vector_labels,
 )
 from ctzoo.nas.measure import measure
+from ctzoo.nas.search import fresh_architectures
 
 SPACE = SearchSpace(base_channels=(8, 16, 32, 64), num_classes=3)
 
@@ -104,6 +106,26 @@ def test_constraints_narrow_sampling():
                                    for d, v in (("width", 1), ("units", 2), ("kernel", 3))])
     assert len(list(enumerate_architectures(narrow))) == count_architectures(narrow) == 2 ** 4 * 2
     assert SearchSpace.from_json(json.loads(json.dumps(space.to_json()))) == space  # constraints survive JSON
+
+
+def test_fresh_architectures_are_the_unscored_ones_the_narrowed_space_allows():
+    # a run scores across the whole space, then the analyst narrows it to 4, one of them scored: what is left is
+    # counted in the narrowed space, not over the run's history
+    narrow = SPACE.constrain(lock=[f"level{k}.{d}={v}" for k in range(4) for d, v in (("width", 1), ("units", 2),
+                                   ("kernel", 3))] + ["gate=sigmoid", "level0.fusion=true", "level1.fusion=true"])
+    inside = list(enumerate_architectures(narrow))
+    outside = [sample(SPACE, seed) for seed in range(10)]
+    assert len(inside) == 4 and not any(narrow.allows(arch) for arch in outside)
+    scored = {arch.id: arch for arch in [inside[0], *outside]}
+    assert count_unscored(narrow, scored.values()) == 3
+    fresh = fresh_architectures(narrow, 8, scored, random.Random(0))
+    assert sorted(arch.id for arch in fresh) == sorted(arch.id for arch in inside[1:])
+    two = fresh_architectures(narrow, 2, scored, random.Random(0))
+    assert len({arch.id for arch in two}) == 2 and {arch.id for arch in two} <= {arch.id for arch in inside[1:]}
+    every = scored | {arch.id: arch for arch in inside}
+    assert count_unscored(narrow, every.values()) == 0 and fresh_architectures(narrow, 8, every, random.Random(0)) == []
+    wide = fresh_architectures(SPACE, 5, every, random.Random(0))  # a large space: drawn, not enumerated
+    assert len({arch.id for arch in wide} - set(every)) == 5
 
 
 @pytest.mark.parametrize(("drop", "lock", "message"), [

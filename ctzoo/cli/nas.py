@@ -87,10 +87,19 @@ def search(config: Path, run: Path, epochs: int, candidates: int, resume: bool, 
     (run / PENDING_FILE).unlink(missing_ok=True)  # applied: recorded in the iteration's constraints
     iteration = document["iterations"][-1]
     scored = [c for c in document["candidates"] if c["iteration"] == iteration["iteration"]]
-    best = max(scored, key=lambda c: -1.0 if c["dice"] is None else c["dice"])
+    best = max(scored, key=lambda c: c["dice"])
+    left = _unscored(document)
     click.echo(f"iteration {iteration['iteration']}: {iteration['steps']} supernet steps, {len(scored)} candidates; "
-               f"best Dice {best['dice']} ({best['id']}: {best['description']}, {best['latency_ms']:.1f} ms); "
-               f"ctzoo nas view {run}")
+               f"best Dice {best['dice']:.4f} ({best['id']}: {best['description']}, {best['latency_ms']:.1f} ms); "
+               + ("every architecture of the space is scored now; " if left == 0 else "") + f"ctzoo nas view {run}")
+
+
+def _unscored(document: dict) -> int:
+    """How many architectures the space of a ``candidates.json`` ``document`` allows that it has not scored."""
+    from ctzoo.nas.space import Architecture, SearchSpace, count_unscored
+
+    scored = [Architecture.from_json(c["architecture"]) for c in document["candidates"]]
+    return count_unscored(SearchSpace.from_json(document["space"]), scored)
 
 
 @nas.command("constrain")
@@ -102,25 +111,30 @@ def search(config: Path, run: Path, epochs: int, candidates: int, resume: bool, 
 def constrain(run: Path, drop: tuple[str, ...], lock: tuple[str, ...]) -> None:
     """Narrow the search space of RUN for its next iteration (ctzoo nas search ... --resume).
 
-    The constraints are checked against the run's space now (an unknown decision or value, or one that would
-    leave a decision no value, is refused) and kept in RUN/constraints.json until that iteration applies them;
-    repeated calls add up.
+    The constraints are checked against the run's space now (an unknown decision or value, one that would
+    leave a decision no value, or constraints that leave no architecture unscored, are refused) and kept in
+    RUN/constraints.json until that iteration applies them; repeated calls add up.
     """
     import json
 
     from ctzoo.nas.space import SearchSpace, count_architectures
 
     try:
-        space = SearchSpace.from_json(read_candidates(run)["space"])
+        document = read_candidates(run)
+        space = SearchSpace.from_json(document["space"])
         pending = _pending(run)
         pending = {"drop": pending["drop"] + list(drop), "lock": pending["lock"] + list(lock)}
         narrowed = space.constrain(pending["drop"], pending["lock"])
     except ValueError as error:
         raise click.ClickException(str(error)) from error
+    left = _unscored({**document, "space": narrowed.to_json()})
+    if left == 0:
+        raise click.ClickException(f"these constraints leave {count_architectures(narrowed):,} architectures, all "
+                                   "scored already: the next search would have none to score; nothing recorded")
     with atomic_path(run / PENDING_FILE) as partial:
         partial.write_text(json.dumps(pending, indent=2) + "\n", encoding="utf-8")
-    click.echo(f"{count_architectures(space):,} architectures -> {count_architectures(narrowed):,}; the next "
-               f"ctzoo nas search ... --out {run} --resume searches them")
+    click.echo(f"{count_architectures(space):,} architectures -> {count_architectures(narrowed):,} ({left:,} not "
+               f"scored yet); the next ctzoo nas search ... --out {run} --resume searches them")
 
 
 @nas.command("view")

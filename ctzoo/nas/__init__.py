@@ -9,6 +9,7 @@ from ctzoo.nas.space import (
     LevelChoice,
     SearchSpace,
     count_architectures,
+    count_unscored,
     enumerate_architectures,
     extreme,
     sample,
@@ -28,5 +29,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Architecture", "LevelChoice", "SearchSpace", "TemplateSuperNet", "count_architectures",
+__all__ = ["Architecture", "LevelChoice", "SearchSpace", "TemplateSuperNet", "count_architectures", "count_unscored",
            "enumerate_architectures", "extract", "extreme", "sample", "subnet_config", "vector_labels"]

@@ -72,6 +72,9 @@ def read_candidates(run: str | Path) -> dict:
     for index, candidate in enumerate(candidates):
         where = f"candidate {index}" + (f" ({candidate['id']!r})" if isinstance(candidate, dict)
                                         and isinstance(candidate.get("id"), str) else "")
+        if isinstance(candidate, dict) and "dice" in candidate and candidate["dice"] is None:
+            raise ValueError(f"{path}: {where}: dice is null: it was scored on cases holding none of the search's "
+                             "classes, which ranks nothing (ctzoo nas search now refuses such data); search again")
         _check_fields(path, where, candidate, CANDIDATE_FIELDS)
         if not isinstance(candidate.get("reference", False), bool):
             raise ValueError(f"{path}: {where}: reference must be true or false")

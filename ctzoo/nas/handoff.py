@@ -49,7 +49,7 @@ def find_candidate(document: dict[str, Any], candidate_id: str, run: str | Path 
     matches = exact or [c for c in candidates if candidate_id and c["id"].startswith(candidate_id)]
     if len(matches) == 1:
         return matches[0]
-    best = sorted(candidates, key=lambda c: -1.0 if c["dice"] is None else -c["dice"])
+    best = sorted(candidates, key=lambda c: -c["dice"])  # the reader guarantees a number
     listed = ", ".join(f"{c['id']} (Dice {c['dice']}, {c['description']})" for c in (matches or best)[:5])
     if matches:
         raise ValueError(f"candidate {candidate_id!r} is ambiguous in {run}: it starts {len(matches)} ids: {listed}")

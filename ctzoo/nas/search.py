@@ -15,15 +15,16 @@ candidates with the shared weights (:func:`evaluate_candidates`) and appends the
 Each iteration's constraints apply on top of the earlier ones; ``steps`` counts its optimiser steps. Candidates are
 scored on the data's ``test`` cases, the patient not trained on (the TotalSegmentator sample has only two
 labelled patients; the val slab belongs to the training patient): the search picks on it, so a pick's Dice there
-is optimistic and a final model wants data of its own.
+is optimistic and a final model wants data of its own. ``dice`` is always a number: a search whose scoring cases
+hold none of its classes is refused before training (:func:`require_scorable`), as is one with no architecture
+left to score (each candidate is scored once, and constraints only narrow the space).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +32,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctzoo.datasets.seg_preprocessing import SegPreprocessing
+from ctzoo.datasets.seg_preprocessing import SegPreprocessing, labels_to_slices, resample_slices
 from ctzoo.datasets.segmentation import SegCase
 from ctzoo.io.atomic import atomic_path
 from ctzoo.models.seg_networks import TemplateSegModelConfig
 from ctzoo.nas.explorer import CANDIDATES_FILE, SCHEMA
 from ctzoo.nas.explorer import read_candidates as read_run
 from ctzoo.nas.measure import measure
-from ctzoo.nas.space import Architecture, LevelChoice, SearchSpace, count_architectures, extreme, sample
+from ctzoo.nas.space import (
+    Architecture,
+    LevelChoice,
+    SearchSpace,
+    count_architectures,
+    count_unscored,
+    enumerate_architectures,
+    extreme,
+    sample,
+)
 from ctzoo.nas.supernet import TemplateSuperNet, extract
 from ctzoo.training.engine import fit, pick_device
 from ctzoo.training.seg_evaluation import evaluate_segmenter
@@ -92,13 +102,34 @@ class ValidationSet:
     class_names: Sequence[str]
 
 
+def classes_in_truth(validation: ValidationSet) -> list[str]:
+    """The classes present in the truth of ``validation``'s cases on the network's slice grid, where
+    :func:`~ctzoo.training.seg_evaluation.evaluate_segmenter` scores them: a candidate's Dice is their mean."""
+    present: set[int] = set()
+    for case in validation.cases:
+        _, geometry = resample_slices(case.image, validation.prep)
+        present.update(torch.unique(labels_to_slices(case.labels, case.image, geometry)).tolist())
+    return [name for label, name in enumerate(validation.class_names, 1) if label in present]
+
+
+def require_scorable(validation: ValidationSet) -> None:
+    """ValueError unless some class is present in ``validation``'s truth: without one every candidate's Dice is
+    undefined, so a search could rank nothing."""
+    if not classes_in_truth(validation):
+        raise ValueError(f"none of the classes {', '.join(validation.class_names)} is in the labels of the cases "
+                         f"candidates are scored on ({', '.join(c.name for c in validation.cases) or 'none'}): no "
+                         "candidate could get a Dice; choose classes those cases label")
+
+
 def evaluate_candidates(supernet: TemplateSuperNet, archs: Sequence[Architecture], validation: ValidationSet,
                         device: str | torch.device = "cpu", size: tuple[int, ...] | None = None,
                         **measure_options: Any) -> list[dict[str, Any]]:
-    """Each architecture's extracted sub-network scored with the shared weights: mean Dice over classes
-    (MONAI ``DiceMetric``, via :func:`~ctzoo.training.seg_evaluation.evaluate_segmenter`; None when no class is
-    present) and :func:`~ctzoo.nas.measure.measure`'s cost at ``size`` (default: the preprocessing's slice size).
-    Returns the ``candidates.json`` entries without ``iteration``."""
+    """Each architecture's extracted sub-network scored with the shared weights: mean Dice over the classes present
+    (MONAI ``DiceMetric``, via :func:`~ctzoo.training.seg_evaluation.evaluate_segmenter`) and
+    :func:`~ctzoo.nas.measure.measure`'s cost at ``size`` (default: the preprocessing's slice size). Returns the
+    ``candidates.json`` entries without ``iteration``. ValueError when ``validation`` has nothing to score
+    (:func:`require_scorable`)."""
+    require_scorable(validation)
     size = tuple(size or validation.prep.size)
     results = []
     for arch in archs:
@@ -106,23 +137,31 @@ def evaluate_candidates(supernet: TemplateSuperNet, archs: Sequence[Architecture
         scores = evaluate_segmenter(net, validation.cases, validation.prep, validation.templates, device,
                                     validation.class_names, hd95=False)
         cost = measure(net.cpu(), size, device=str(device), **measure_options)
-        dice = float(scores["dice_mean"])
         results.append({"id": arch.id, "architecture": arch.to_json(), "description": arch.describe(),
-                        "vector": arch.to_vector(), "dice": dice if math.isfinite(dice) else None,
+                        "vector": arch.to_vector(), "dice": float(scores["dice_mean"]),
                         "latency_ms": cost["latency_ms"], "params": cost["params"], "flops": cost["flops"]})
     return results
 
 
-def fresh_architectures(space: SearchSpace, count: int, seen: set[str], rng: random.Random) -> list[Architecture]:
-    """Up to ``count`` distinct allowed architectures whose ids are not in ``seen`` (fewer when the space runs
-    out of them)."""
+#: Spaces of at most this many allowed architectures are enumerated to draw fresh ones: drawing from the whole
+#: space and rejecting the scored ones could miss the few left unscored in a narrowed space.
+ENUMERATED_SPACE = 4096
+
+
+def fresh_architectures(space: SearchSpace, count: int, scored: Mapping[str, Architecture],
+                        rng: random.Random) -> list[Architecture]:
+    """Up to ``count`` distinct allowed architectures, drawn uniformly, that are not in ``scored`` (id ->
+    architecture; it may hold some the constraints no longer allow). Fewer when the space has fewer left
+    (:func:`~ctzoo.nas.space.count_unscored`)."""
+    wanted = min(count, count_unscored(space, scored.values()))
+    if count_architectures(space) <= ENUMERATED_SPACE:
+        return rng.sample([arch for arch in enumerate_architectures(space) if arch.id not in scored], wanted)
     picked: dict[str, Architecture] = {}
-    wanted = min(count, count_architectures(space) - len(seen))
-    for _ in range(100 * max(count, 1)):  # bounded: a nearly exhausted space may not yield them all
+    for _ in range(100 * max(count, 1)):  # bounded; in a space this large nearly every draw is unscored
         if len(picked) >= wanted:
             break
         arch = sample(space, rng)
-        if arch.id not in seen:
+        if arch.id not in scored:
             picked.setdefault(arch.id, arch)
     return list(picked.values())
 
@@ -158,6 +197,19 @@ def architecture_of(space: SearchSpace, model: TemplateSegModelConfig) -> Archit
     return arch
 
 
+def architectures_to_score(space: SearchSpace, candidates: Sequence[dict[str, Any]], include: Sequence[Architecture],
+                           count: int, rng: random.Random) -> tuple[list[Architecture], dict[str, Architecture]]:
+    """An iteration's architectures: those of ``include`` not among the run's ``candidates`` (its
+    ``candidates.json`` entries) and up to ``count`` fresh ones (:func:`fresh_architectures`); and the included
+    ones by id. Empty when the space has nothing left to score. ValueError for an ``include`` outside the space's
+    choices."""
+    scored = {c["id"]: Architecture.from_json(c["architecture"]) for c in candidates}
+    for arch in include:
+        space.check(arch)
+    extra = {arch.id: arch for arch in include if arch.id not in scored}
+    return [*extra.values(), *fresh_architectures(space, count, scored | extra, rng)], extra
+
+
 def load_supernet(checkpoint: str | Path, space: SearchSpace | None = None) -> TemplateSuperNet:
     """The supernet of a ``RUN/supernet/*.pt`` checkpoint (its recorded space unless ``space`` is given), eval."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -173,13 +225,23 @@ def search_iteration(cfg: TemplateSegTrainConfig, run: str | Path, epochs: int =
     """One analyst iteration in ``run`` (see the module docstring): constrain, train ``epochs`` more epochs of
     ``cfg.optim``, score ``candidates`` fresh architectures, update ``run/candidates.json``. ``include``: more
     architectures scored this iteration (those not scored before), e.g. a shipped model's (:func:`architecture_of`)
-    so the explorer shows where it stands; ValueError for one outside the space's choices. Returns the file's
-    new content."""
+    so the explorer shows where it stands; ValueError for one outside the space's choices. Refused (ValueError)
+    before any training, leaving the run as it was, when the scoring cases hold none of the classes
+    (:func:`require_scorable`) or the space has no architecture left to score. Returns the file's new content."""
     run = Path(run)
     document = read_candidates(run) or {"schema": SCHEMA, "space": None, "iterations": [], "candidates": []}
     stored = SearchSpace.from_json(document["space"]) if document["space"] else None
     task = SuperNetTask(cfg, stored, data, seed)
     space = task.space = task.space.constrain(drop, lock)
+    validation = ValidationSet(task.data.cases["test"], task.prep, task.templates, task.class_names)
+    require_scorable(validation)
+    iteration = len(document["iterations"])
+    archs, extra = architectures_to_score(space, document["candidates"], include, candidates,
+                                          random.Random(f"{seed}:candidates:{iteration}"))
+    if not archs:  # refused before training: the run stays as it was
+        raise ValueError(f"{run}: all {count_architectures(space):,} architectures its space allows have been "
+                         "scored, none is left to search (constraints only narrow it): export one, or start a new "
+                         "search elsewhere")
     last = run / "supernet" / "last.pt"
     before = torch.load(last, map_location="cpu", weights_only=False) if last.exists() else None
     done_epochs, done_steps = (before["epoch"] + 1, before["step"]) if before else (0, 0)
@@ -189,14 +251,6 @@ def search_iteration(cfg: TemplateSegTrainConfig, run: str | Path, epochs: int =
     after = torch.load(last, map_location="cpu", weights_only=False)
     supernet = TemplateSuperNet(space)
     supernet.load_state_dict(after["model"])
-    iteration = len(document["iterations"])
-    seen = {c["id"] for c in document["candidates"]}
-    for arch in include:
-        space.check(arch)
-    extra = {arch.id: arch for arch in include if arch.id not in seen}
-    archs = [*extra.values(), *fresh_architectures(space, candidates, seen | set(extra),
-                                                   random.Random(f"{seed}:candidates:{iteration}"))]
-    validation = ValidationSet(task.data.cases["test"], task.prep, task.templates, task.class_names)
     scored = evaluate_candidates(supernet.eval(), archs, validation, device=pick_device(device),
                                  **measure_options)
     document["space"] = space.to_json()

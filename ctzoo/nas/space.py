@@ -20,7 +20,7 @@ import itertools
 import json
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -167,10 +167,18 @@ class SearchSpace:
         """Raise ``ValueError`` unless ``arch`` fits the space (``constrained``: also the constraints)."""
         if len(arch.levels) != self.num_levels:
             raise ValueError(f"architecture has {len(arch.levels)} levels, the space {self.num_levels}")
-        values = self.allowed_values if constrained else self.choices
-        wrong = [f"{name}={format_value(v)}" for name, v in arch.decisions().items() if v not in values(name)]
+        wrong = self._outside(arch, constrained)
         if wrong:
             raise ValueError(f"architecture {arch.id} is outside the space: {', '.join(wrong)}")
+
+    def allows(self, arch: Architecture) -> bool:
+        """Whether ``arch`` is one of the architectures the constraints allow (:func:`sample` may draw it)."""
+        return len(arch.levels) == self.num_levels and not self._outside(arch, constrained=True)
+
+    def _outside(self, arch: Architecture, constrained: bool) -> list[str]:
+        """``arch``'s ``decision=value`` s outside the choices (``constrained``: outside the allowed values)."""
+        values = self.allowed_values if constrained else self.choices
+        return [f"{name}={format_value(v)}" for name, v in arch.decisions().items() if v not in values(name)]
 
     # ------------------------------------------------------------------------------------------ constraints
 
@@ -261,6 +269,12 @@ def enumerate_architectures(space: SearchSpace) -> Iterator[Architecture]:
 
 def count_architectures(space: SearchSpace) -> int:
     return math.prod(len(space.allowed_values(n)) for n in space.decision_names())
+
+
+def count_unscored(space: SearchSpace, scored: Iterable[Architecture]) -> int:
+    """How many allowed architectures of ``space`` are not among ``scored`` (the architectures a run has scored
+    so far, which may include ones the constraints no longer allow: those do not count)."""
+    return count_architectures(space) - len({arch.id for arch in scored if space.allows(arch)})
 
 
 def extreme(space: SearchSpace, largest: bool) -> Architecture:
