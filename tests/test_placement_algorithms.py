@@ -190,6 +190,38 @@ def test_a_graph_that_cannot_fit_is_refused_with_the_smallest_caps_that_do(algor
         place(graph, gpus(2, 6 * MIB - 1), algorithm, COMM)
 
 
+def three_cpus(mib: float) -> list[Device]:
+    return [Device(f"cpu:{i}", int(mib * MIB)) for i in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_caps_above_ones_that_fit_fit_too_and_a_refusal_suggests_caps_near_the_least(algorithm):
+    """A greedy placer can fit caps and miss larger ones (m-ETF on this DAG, alone: three devices of 97.2-98.2 and
+    99.6-100.4 MiB, then from 103.8 MiB; it once refused 102 MiB and suggested 103.92): the retries with budgets
+    cut below the caps make every cap from the least that fits up fit, here in steps of 1 MiB. Caps below it
+    are refused with caps that fit and are no larger than the least found here (the bisection once suggested
+    104.02 MiB for 90 MiB, stepping over 98 MiB)."""
+    graph = random_dag(25, 30)
+
+    def accepted(mib: float) -> bool:
+        try:
+            plan = place(graph, three_cpus(mib), algorithm, CommModel(), suggest_caps=False)
+        except CapacityError:
+            return False
+        return all(peak <= mib * MIB for peak in plan.peak_bytes.values())
+
+    fits = [mib for mib in range(90, 111) if accepted(mib)]
+    least = fits[0]
+    assert 90 < least and fits == list(range(least, 111)), fits
+    with pytest.raises(CapacityError) as refusal:
+        place(graph, three_cpus(90), algorithm, CommModel())
+    suggested = parse_devices(re.search(r"--devices (\S+)", str(refusal.value)).group(1))
+    assert refusal.value.devices == suggested
+    assert all(device.memory_bytes <= least * MIB for device in suggested), str(refusal.value)
+    plan = place(graph, suggested, algorithm, CommModel())
+    assert all(plan.peak_bytes[d.name] <= d.memory_bytes for d in suggested)
+
+
 # --- what the schedules achieve ------------------------------------------------------------------------------
 
 

@@ -60,6 +60,32 @@ def flat(outputs) -> list[torch.Tensor]:
     return list(outputs.values()) if isinstance(outputs, dict) else [outputs]
 
 
+def splitting_stateless_calls(graph, devices: list[str]) -> dict[str, str]:
+    """The first half of ``graph``'s nodes on ``devices[0]``, the rest on ``devices[1]``; a grouped node with its
+    group's first node, and every other repeated module call (``name#k``, ungrouped) away from its first call."""
+    placement = {n.name: devices[k >= len(graph.nodes) // 2] for k, n in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if node.group is not None:
+            placement[node.name] = placement[node.group]
+        elif "#" in node.name:
+            placement[node.name] = devices[placement[node.name.split("#")[0]] == devices[0]]
+    return placement
+
+
+def assert_placed_trains_as_unplaced(model: torch.nn.Module, plan: Plan, inputs: tuple[torch.Tensor, ...]) -> None:
+    """The placed model's outputs and parameter gradients (training mode) are the unplaced model's."""
+    reference = copy.deepcopy(model).train()
+    expected = flat(reference(*inputs))
+    sum(t.float().pow(2).mean() for t in expected).backward()
+    placed = place_model(model, plan, inputs).train()
+    got = flat(placed(*inputs))
+    for value, want in zip(got, expected):
+        torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-5)
+    sum(t.float().pow(2).mean() for t in got).backward()
+    for (name, parameter), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(parameter.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_profile_of_recistnet_mini_covers_every_block_with_its_memory():
     model, inputs = zoo_model("recistnet-mini")
     graph = profile_model(model, inputs, rounds=1, warmup=0)
@@ -86,7 +112,7 @@ def test_profile_of_recistnet_mini_covers_every_block_with_its_memory():
     assert not any(n.temporary_bytes for n in inference.nodes)
 
 
-def test_template_segmenter_traces_and_its_shared_encoder_is_one_group():
+def test_template_segmenter_traces_its_shared_encoder_is_one_group_and_its_stateless_calls_may_split():
     model, inputs = zoo_model("template-seg-abdomen")
     graph = profile_model(model, inputs, rounds=1, warmup=0)
     shared = graph.by_name["image_encoder.levels.0.conv.unit0.conv#2"]
@@ -94,6 +120,12 @@ def test_template_segmenter_traces_and_its_shared_encoder_is_one_group():
     assert shared.permanent_bytes == 0  # its parameters are counted once, at the first call
     assert {"downsample_masks", "cosine_similarity_maps"} <= {n.name for n in graph.nodes}  # fx leaf functions
     assert sum(n.permanent_bytes for n in graph.nodes) == 4 * sum(p.numel() * 4 for p in model.parameters())
+    # a placer keeps only the profile's groups together: the shared encoder's InstanceNorm (no affine) and
+    # Identity calls may land on two devices, and such a plan runs (place_model once refused it)
+    placement = splitting_stateless_calls(graph, ["cpu:0", "cpu:1"])
+    split = [name for name in placement if "#" in name and placement[name] != placement[name.split("#")[0]]]
+    assert "image_encoder.levels.0.residual#2" in split and any(".adn.N#" in name for name in split)
+    assert_placed_trains_as_unplaced(model, Plan("split", placement, TWO_CPUS), inputs)
 
 
 @pytest.mark.parametrize("build", [lambda: zoo_model("recistnet-mini"), lambda: zoo_model("template-seg-abdomen"),
@@ -132,6 +164,28 @@ def test_a_parameter_read_directly_is_placed_and_a_shared_module_stays_whole():
     torch.testing.assert_close(place_model(model, plan, (x,))(x), model(x))
     with pytest.raises(PlacementError, match="share parameters"):
         place_model(model, Plan("x", {**plan.placement, "conv#2": "cpu:0"}, TWO_CPUS), (x,))
+
+
+def test_a_stateless_module_runs_each_call_where_the_plan_puts_it_and_one_with_buffers_stays_whole():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+            self.norm = torch.nn.InstanceNorm2d(1)                       # no parameters, no buffers
+            self.stats = torch.nn.BatchNorm2d(1, affine=False)           # buffers only
+
+        def forward(self, x):
+            return self.stats(self.stats(self.norm(self.conv(self.norm(x)))))
+
+    model, x = Twice(), torch.randn(2, 1, 6, 6)
+    graph = profile_model(model, (x,), rounds=1, warmup=0)
+    assert graph.by_name["norm"].group is None and graph.by_name["norm#2"].group is None
+    assert graph.by_name["stats#2"].group == graph.by_name["stats"].group == "stats"
+    placement = {n.name: "cpu:0" for n in graph.nodes} | {"norm#2": "cpu:1", "conv": "cpu:1"}
+    plan = Plan("x", placement, TWO_CPUS)
+    assert_placed_trains_as_unplaced(model, plan, (x,))
+    with pytest.raises(PlacementError, match="stats on cpu:0 and stats#2 on cpu:1, but they share parameters or buff"):
+        place_model(model, Plan("x", {**placement, "stats#2": "cpu:1"}, TWO_CPUS), (x,))
 
 
 def test_methods_besides_forward_run_on_the_placed_model():

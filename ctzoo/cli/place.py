@@ -107,10 +107,11 @@ def profile(source: str, out: Path, batch_size: int | None, inference: bool, dev
 def plan(profile_path: Path, devices_text: str, algorithm: str, out: Path, coplace: bool) -> None:
     """Place PROFILE's forward graph on --devices and write plan.json.
 
-    A graph that cannot fit is refused with the smallest caps that would; when the placer finds no placement
-    but one device or the expert split fits, that baseline is the plan (with a warning). The table compares
-    the plan with the baselines, all scored by the same simulator: one device (the fastest that holds the
-    model), an expert's contiguous split balanced by compute, and m-TOPO.
+    A graph that cannot fit is refused with larger caps that would (checked to fit; the message says how they
+    were found); when the placer finds no placement but one device or the expert split fits, that baseline is
+    the plan (with a warning). The table compares the plan with the baselines, all scored by the same
+    simulator: one device (the fastest that holds the model), an expert's contiguous split balanced by
+    compute, and m-TOPO.
 
     \b
     Example:

@@ -4,8 +4,10 @@ section 4.4), on torch.fx.
 :func:`place_model` traces the model as :mod:`.profile` did (the same node names), moves each module's parameters
 and buffers to its node's device, and puts a move of every input a node reads from another device in front of it
 (one per tensor and device, reused by every consumer there); the outputs come back on the *home* device, where
-the input nodes are placed. Logical CPU devices (``cpu:0``, ``cpu:1``) are all torch's ``cpu``: a move between two
-of them is a ``clone()``, so the mechanism runs, and is tested, on a machine without GPUs.
+the input nodes are placed. A module without parameters or buffers called several times (``InstanceNorm2d``
+without affine) may have its calls on several devices: each runs where the plan puts it. Logical CPU devices
+(``cpu:0``, ``cpu:1``) are all torch's ``cpu``: a move between two of them is a ``clone()``, so the mechanism
+runs, and is tested, on a machine without GPUs.
 
 The result, a :class:`PlacedModule`, computes what the model computes and trains (autograd follows the moves);
 its ``state_dict`` has the model's keys, so checkpoints load into the unplaced model. Only the profiled call is
@@ -28,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from ctzoo.scaling.placement.graph import Device, PlacementError, Plan
-from ctzoo.scaling.placement.profile import _adopt_module_tree, _cuda_present, node_names, trace_model
+from ctzoo.scaling.placement.profile import _adopt_module_tree, _cuda_present, module_state, node_names, trace_model
 
 __all__ = ["PlacedModule", "follow_devices", "move_to", "place_model"]
 
@@ -174,17 +176,22 @@ def _plan_devices(plan: Plan) -> dict[str, Device]:
 
 
 def _locations(traced: fx.GraphModule, node_device: dict[fx.Node, Device], names: dict[str, str]) -> dict[str, str]:
-    """Qualified name -> torch device of every called module and directly read parameter or buffer; a module
-    whose calls the plan puts on different devices is an error (its parameters live in one place)."""
+    """Qualified name -> torch device of every called module with parameters or buffers and every directly read
+    parameter or buffer. A module without state is left out: each of its calls runs on its own call's device,
+    where :func:`_insert_moves` brings its inputs. A module with state whose calls the plan puts on different
+    devices is an error (its parameters and buffers live in one place)."""
     placed: dict[int, tuple[str, Device]] = {}
     locations = {}
     for node, device in node_device.items():
         if node.op == "call_module":
             module = traced.get_submodule(node.target)
+            if not module_state(module):
+                continue
             first = placed.setdefault(id(module), (names[node.name], device))
             if first[1].name != device.name:
                 raise PlacementError(f"the plan puts {first[0]} on {first[1].name} and {names[node.name]} on "
-                                     f"{device.name}, but they share parameters: place them together (one group)")
+                                     f"{device.name}, but they share parameters or buffers: place them together "
+                                     "(one group)")
         if node.op in ("call_module", "get_attr"):
             locations[node.target] = device.torch_device
     return locations

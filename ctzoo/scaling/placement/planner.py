@@ -20,30 +20,43 @@ from ctzoo.scaling.placement.simulate import (
 ALGORITHMS: dict[str, Callable[..., dict[str, str]]] = {"m-topo": m_topo, "m-etf": m_etf, "m-sct": m_sct}
 
 
-MEMORY_RETRIES = 3  # placer runs per attempt with the budget cut where the simulated peak overshot
+MEMORY_RETRIES = 8  # placer runs per attempt after the first, each with budgets cut below the caps
+BUDGET_STEP = 0.01  # of each cap: what a retry cuts from every budget after the placer found no placement
 
 
 def _attempt(placer: Callable[[list[Device]], dict[str, str]], graph: PlacementGraph, devices: list[Device],
              comm: CommModel) -> tuple[dict[str, str] | None, str, float]:
-    """(placement, "", placer seconds) when the simulated peaks fit the caps, else (None, why not, seconds). A
-    placer's own schedule runs each op's forward and backward as one and picks ops by its rule, the simulated
-    step runs two passes, each device taking its first ready op: their memory timelines differ, and a simulated
-    peak can exceed what the placer counted. The placer then runs again with the overshoot taken off that
-    device's budget (Baechi's ``placer_memory_fraction``, found per device)."""
+    """(placement, "", placer seconds) when the simulated peaks fit the caps, else (None, why not, seconds), why
+    being the first run's failure (the one at the caps themselves).
+
+    Two reasons to run the placer again with smaller budgets, up to :data:`MEMORY_RETRIES` times. A placer's own
+    schedule runs each op's forward and backward as one and picks ops by its rule, the simulated step runs two
+    passes, each device taking its first ready op: their memory timelines differ, and a simulated peak can
+    exceed what the placer counted. The overshoot then comes off that device's budget (Baechi's
+    ``placer_memory_fraction``, found per device). And a greedy placer can find nothing within caps where it
+    places the graph within smaller ones (measured: m-ETF on a random DAG fits three devices of 100 MiB, not of
+    102 MiB: with more room an early op lands where a later one then finds none). On its
+    :class:`CapacityError` every budget loses :data:`BUDGET_STEP` of its cap; a placement found within the
+    smaller budgets fits the caps."""
     budgets, seconds, why = list(devices), 0.0, ""
     for _ in range(1 + MEMORY_RETRIES):
         started = time.perf_counter()
         try:
-            placement = placer(budgets)
-        except CapacityError as error:
-            return None, str(error), seconds + time.perf_counter() - started
+            placement, error = placer(budgets), None
+        except CapacityError as refused:
+            placement, error = None, refused
         seconds += time.perf_counter() - started
-        peaks = simulate(graph, placement, devices, comm).peak_bytes
-        over = {d.name: peaks[d.name] - d.memory_bytes for d in devices if peaks[d.name] > d.memory_bytes}
-        if not over:
-            return placement, "", seconds
-        why = "; ".join(f"{name} would peak {format_bytes(excess)} over its cap" for name, excess in over.items())
-        budgets = [Device(b.name, b.memory_bytes - over.get(b.name, 0)) for b in budgets]
+        if placement is None:
+            why = why or str(error)
+            cut = {d.name: int(d.memory_bytes * BUDGET_STEP) for d in devices}
+        else:
+            peaks = simulate(graph, placement, devices, comm).peak_bytes
+            cut = {d.name: peaks[d.name] - d.memory_bytes for d in devices if peaks[d.name] > d.memory_bytes}
+            if not cut:
+                return placement, "", seconds
+            why = why or "; ".join(f"{name} would peak {format_bytes(excess)} over its cap"
+                                   for name, excess in cut.items())
+        budgets = [Device(b.name, b.memory_bytes - cut.get(b.name, 0)) for b in budgets]
     return None, why, seconds
 
 
@@ -65,9 +78,9 @@ def _fits(placer: Callable, graph: PlacementGraph, caps: list[Device], comm: Com
 
 def _refusal(placer: Callable, graph: PlacementGraph, devices: list[Device], comm: CommModel, algorithm: str,
              why: str) -> CapacityError:
-    """The error for a graph that does not fit: why, and the smallest uniform scale of the caps that does (with
-    the placer or a fallback), as a ready ``--devices`` value whose printed (rounded-up) caps were themselves
-    checked to fit."""
+    """The error for a graph that does not fit: why, and a uniform scale of the caps that does (with the placer or
+    a fallback; :func:`smallest_fitting_scale` says how it is found and how small it is), as a ready
+    ``--devices`` value whose printed (rounded-up) caps were themselves checked to fit."""
     scale = smallest_fitting_scale(lambda caps: _fits(placer, graph, caps, comm), graph, devices)
     head = f"{algorithm} cannot place {graph.model or 'the graph'} within the devices' memory ({why})"
     for _ in range(5):  # rounding for print can, rarely, land on a cap this heuristic placer misses: step up
@@ -77,8 +90,9 @@ def _refusal(placer: Callable, graph: PlacementGraph, devices: list[Device], com
         suggested = [Device(name, parse_size(cap)) for name, cap in caps.items()]
         if _fits(placer, graph, suggested, comm):
             spec = ",".join(f"{name}={cap}" for name, cap in caps.items())
-            return CapacityError(f"{head}. The smallest uniform scale of the caps that fits is x{scale:.3f} "
-                                 f"(all caps scaled alike): --devices {spec}", scale, suggested)
+            return CapacityError(f"{head}. The caps fit at a uniform scale of x{scale:.3f} (found by bisection "
+                                 "to 0.5 % and checked; a greedy placer may also fit some smaller caps): "
+                                 f"--devices {spec}", scale, suggested)
         scale *= 1.01
     return CapacityError(f"{head}; no larger caps were found to fit either")
 

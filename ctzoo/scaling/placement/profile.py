@@ -7,8 +7,9 @@ named in ``leaf_modules``. Everything between them (``add``, ``cat``, the templa
 math) becomes ``function``/``method`` nodes; placeholders are ``input`` nodes and the result the ``output`` node.
 
 Node names: a module call is its qualified name (``encoder.stem.conv``); a module called again (the template
-segmenter's shared encoder levels) is ``name#2``, ``name#3``, ... in the same co-placement ``group`` (its
-parameters live on one device); any other node keeps torch.fx's name (``add_3``, ``cat``).
+segmenter's shared encoder levels) is ``name#2``, ``name#3``, ... in the same co-placement ``group`` when it has
+parameters or buffers (they live on one device; a module without any, such as an ``InstanceNorm2d`` without
+affine, runs each call where that call is placed); any other node keeps torch.fx's name (``add_3``, ``cat``).
 
 Per node: forward seconds (median of ``rounds`` timed runs of the whole graph after ``warmup``), backward seconds
 (the node rerun alone on its recorded inputs, ``torch.autograd.grad`` timed), ``permanent_bytes`` (own parameters
@@ -37,7 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from ctzoo.scaling.placement.graph import CommModel, Device, OpNode, PlacementError, PlacementGraph
 
 __all__ = ["DEFAULT_COMM_SIZES", "ModuleTracer", "fit_comm_model", "is_basic_block", "measure_comm",
-           "measure_transfers", "node_names", "profile_model", "trace_model"]
+           "measure_transfers", "module_state", "node_names", "profile_model", "trace_model"]
 
 #: Transfer sizes measure_comm times: 1 KiB to 16 MiB, a factor 4 apart.
 DEFAULT_COMM_SIZES = tuple(2**k for k in range(10, 25, 2))
@@ -159,20 +160,28 @@ def node_names(traced: fx.GraphModule) -> dict[str, str]:
     return {node.name: names[node.name] for node in traced.graph.nodes}  # in graph (topological) order
 
 
+def module_state(module: nn.Module) -> list[torch.Tensor]:
+    """The tensors a module keeps between calls (parameters and buffers, its children's included): what ties its
+    calls to one device. A module without any (``ReLU``, ``InstanceNorm2d`` without affine) runs wherever its
+    inputs are."""
+    return [*module.parameters(), *module.buffers()]
+
+
 def module_groups(traced: fx.GraphModule, names: dict[str, str]) -> dict[str, str]:
-    """Placement name -> group for module nodes that share parameters (a module called twice, tied weights):
-    their parameters live on one device. The group is its first node's name."""
-    owner: dict[int, str] = {}  # parameter id -> group
+    """Placement name -> group for module nodes that share parameters or buffers (a module called twice, tied
+    weights): these live on one device. The group is its first node's name. The calls of a module without
+    state stay ungrouped: each runs on its own call's device."""
+    owner: dict[int, str] = {}  # parameter or buffer id -> group
     groups: dict[str, str] = {}
     for node in traced.graph.nodes:
         if node.op != "call_module":
             continue
-        parameters = [id(p) for p in traced.get_submodule(node.target).parameters()]
-        group = next((owner[p] for p in parameters if p in owner), None)
+        state = [id(t) for t in module_state(traced.get_submodule(node.target))]
+        group = next((owner[t] for t in state if t in owner), None)
         if group is not None:
             groups[names[node.name]] = groups[group] = group
-        for p in parameters:
-            owner.setdefault(p, group or names[node.name])
+        for t in state:
+            owner.setdefault(t, group or names[node.name])
     return groups
 
 

@@ -18,7 +18,7 @@ backward": autograd keeps a consumer's inputs until its backward. Gradient buffe
 not modelled (the profile has no figure for them); they live only during the backward, when temporaries are
 being freed.
 
-Caps: :func:`smallest_fitting_scale` finds the least uniform scale of the devices' caps at which a plan fits,
+Caps: :func:`smallest_fitting_scale` bisects for a uniform scale of the devices' caps at which a plan fits,
 :func:`format_bytes` prints a size so that :func:`~ctzoo.scaling.placement.graph.parse_size` reads it back.
 
 Baselines: :func:`single_device_plan` (everything on the fastest device that holds it) and :func:`expert_plan`
@@ -323,9 +323,14 @@ def scaled(devices: list[Device], scale: float) -> list[Device]:
 
 def smallest_fitting_scale(fits: Callable[[list[Device]], bool], graph: PlacementGraph, devices: list[Device]
                            ) -> float | None:
-    """The smallest uniform scale of the caps above 1 (where ``fits`` failed) at which ``fits`` holds, by
-    bisection to 0.5 %; the search starts where every device could hold every byte of the graph. None when
-    not even a few doublings beyond that fit."""
+    """A uniform scale of the caps above 1 (where ``fits`` failed) at which ``fits`` holds, by bisection to 0.5 %
+    between 1 and the scale where every device could hold every byte of the graph. None when not even a few
+    doublings beyond that fit.
+
+    Not necessarily the least: ``fits`` runs a greedy placer, and more memory does not always help one, so a
+    bisection can step over smaller caps that fit. The planner's retries with budgets cut below the caps make
+    that rare; measured on 24 random DAGs (m-ETF and m-SCT), the scale found was within 1.2 % of the least
+    that fits on a 0.5 MiB grid."""
     everything = (sum(n.permanent_bytes + n.temporary_bytes + n.output_bytes for n in graph.nodes)
                   + sum(nbytes for *_, nbytes in graph.edges))
     low, high = 1.0, max(2.0, 1.01 * everything / max(1, min(d.memory_bytes for d in devices)))
