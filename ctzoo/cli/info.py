@@ -59,7 +59,7 @@ def format_volume(volume: dict[str, Any]) -> list[str]:
         lines.append(f"  DICOM            {dicom['modality']} {dicom['manufacturer']} '{dicom['series_description']}', "
                      f"{syntax.name or syntax}")
         lines.append(f"  series UID       {dicom['series_instance_uid']}"
-                     + ("  (derived: the files had none)" if dicom["uids_repaired"] else ""))
+                     + ("  (derived: the files had none)" if "SeriesInstanceUID" in dicom["derived_uids"] else ""))
         lines.append(f"  frame of ref.    {dicom['frame_of_reference_uid']}")
     return lines
 
