@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -21,18 +21,31 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in ``path``, unvalidated; any file that is not one raises :class:`ConfigError` naming it.
+
+    A binary file given by mistake (a CT volume as the config) fails to decode as UTF-8, which says neither the
+    file's name nor what was expected of it.
+    """
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a YAML config file (byte {exc.start} is 0x{exc.object[exc.start]:02x}: "
+                          "not UTF-8 text)") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
 def load_config(path: str | Path, model: type[ConfigT]) -> ConfigT:
     """Read a YAML file and validate it against ``model``.
 
     Raises :class:`ConfigError` listing every bad field as ``file: a.b.c: message``.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    raw = read_yaml(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -124,3 +124,44 @@ def test_ctzoo_help_lists_every_command_without_importing_one():
     context = click.Context(main)
     for name, (_, summary) in COMMANDS.items():
         assert main.get_command(context, name).get_short_help_str(1000) == summary, name
+
+
+@pytest.mark.parametrize("command", [
+    ("convert", "{sample}", "{blocker}/x.nii.gz"),
+    ("data", "sample", "{blocker}/x.nii.gz"),
+    ("data", "sample", "{blocker}/deeper/ct"),
+    ("export", "recistnet-mini", "--out", "{blocker}/sub"),
+    # an unknown model: the output folder is checked before any model is looked up or loaded
+    ("infer", "{sample}", "--model", "no-such-model", "--out", "{blocker}/sub"),
+], ids=lambda c: " ".join(c[:2]))
+def test_an_output_path_through_a_file_is_one_error_line(tmp_path, command):
+    """A file where a folder of the output path must be used to end in a traceback (FileExistsError,
+    NotADirectoryError), for ``infer`` only after the models had loaded."""
+    from ctzoo.datasets.samples import sample_ct_dicom
+
+    blocker = tmp_path / "outfile"
+    blocker.write_text("not a folder")
+    result = run(*(word.format(sample=sample_ct_dicom(), blocker=blocker) for word in command))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output == f"Error: {blocker} is a file, not a folder\n"
+    assert blocker.read_text() == "not a folder"
+
+
+def test_info_says_derived_only_for_a_series_uid_the_files_lack(tmp_path):
+    """Any repair (here only SOPClassUID and SOPInstanceUID, taken from the file meta) used to make ``info`` call
+    the files' own series UID derived."""
+    import pydicom
+
+    assert run("data", "sample", tmp_path / "dicom").exit_code == 0
+    anonymised = run("info", tmp_path / "dicom")  # the sample as shipped: no study or series UID
+    assert "(derived: the files had none)" in anonymised.output, anonymised.output
+    for path in sorted((tmp_path / "dicom").glob("CT.*")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.2.1125.1", "1.2.826.0.1.3680043.2.1125.2"
+        ds.save_as(path)
+    result = run("info", tmp_path / "dicom")
+    assert result.exit_code == 0, result.output
+    assert "  series UID       1.2.826.0.1.3680043.2.1125.2\n" in result.output
+    assert "SOPClassUID, SOPInstanceUID empty in 20 file(s): taken from the file meta" in result.output
+    dicom = json.loads(run("info", tmp_path / "dicom", "--json").output)["volume"]["dicom"]
+    assert dicom["uids_repaired"] and dicom["derived_uids"] == []

@@ -58,3 +58,21 @@ def test_shipped_deeplesion_config_is_valid():
     cfg = load_config(CONFIGS / "deeplesion_mini.yaml", DeepLesionConfig)
     assert cfg.num_slices % 2 == 1 and cfg.norm_spacing_mm == 0.8
     assert cfg.images_root == Path("data/deeplesion-mini/Images_png")
+
+
+@pytest.mark.parametrize("command", [
+    ("train", "{binary}", "--out", "{out}"),
+    ("info", "{sample}", "--rules", "{binary}"),
+    ("place", "profile", "{binary}", "--out", "{out}/profile.json"),
+], ids=lambda c: c[0])
+def test_a_binary_file_as_config_is_one_line_naming_it(tmp_path, command):
+    """A binary file given as a YAML config used to end in a UnicodeDecodeError traceback (train) or an error
+    that did not name the file (info --rules)."""
+    from ctzoo.datasets.samples import sample_ct_dicom
+
+    binary = tmp_path / "ct.yaml"
+    binary.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)))  # a gzip header, as a .nii.gz starts
+    words = (word.format(binary=binary, sample=sample_ct_dicom(), out=tmp_path / "run") for word in command)
+    result = CliRunner().invoke(main, list(words))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output == f"Error: {binary}: not a YAML config file (byte 1 is 0x8b: not UTF-8 text)\n"

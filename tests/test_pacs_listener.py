@@ -4,6 +4,7 @@ pynetdicom SCP that a test starts late or makes refuse); with perf on, each job'
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 
 import httpx
@@ -181,6 +182,49 @@ def test_listener_retries_while_the_destination_is_down(tmp_path, sent_files, ta
     finally:
         listener.stop()
         listener.ledger.close()
+
+
+def test_the_listener_says_reachable_again_only_once_a_delivery_succeeds(tmp_path, sent_files, tasks, caplog):
+    """Its discovery scans the local spool and always succeeds: that used to be logged as the destination being
+    reachable again, right after every failed retry, while the destination was still down."""
+    caplog.set_level("WARNING", logger="ctzoo.pacs")
+    series = variant_series(sent_files, tmp_path / "send", "short", count=6)
+    port = free_port()  # nothing listens there yet
+    listener = _listener(tmp_path, tasks, AEAddress("DEST", "127.0.0.1", port), max_attempts=20, backoff_s=0.05,
+                         backoff_factor=1)
+    stop, received = threading.Event(), []
+    loop = threading.Thread(target=listener.run, kwargs={"poll_s": 0.05, "stop": stop})
+    try:
+        _send(listener, series)
+        loop.start()
+        _wait_for(lambda: any(job.attempts >= 3 for job in listener.ledger.jobs()))
+        down = _said(caplog)
+        assert len(down) == 1 and "association with DEST@127.0.0.1" in down[0] and "retrying" in down[0], down
+        server = _storage_scp(port, received)
+        try:
+            _wait_for(lambda: [job.state for job in listener.ledger.jobs()] == [JobState.DONE])
+        finally:
+            server.shutdown()
+    finally:
+        stop.set()
+        loop.join(30)
+        listener.stop()
+        listener.ledger.close()
+    said = _said(caplog)
+    assert len(said) == 2 and said[1].startswith("reachable again after "), said
+    assert sorted(str(ds.Modality) for ds in received) == ["SEG", "SR"]
+
+
+def _said(caplog) -> list[str]:
+    """What ctzoo's PACS bridge logged (not pynetdicom's own lines)."""
+    return [r.getMessage() for r in caplog.records if r.name.startswith("ctzoo.pacs")]
+
+
+def _wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def test_listener_refuses_instances_that_would_fill_its_disk(tmp_path, sent_files, tasks):

@@ -215,3 +215,21 @@ def test_bad_data_is_skipped_and_orthanc_down_is_retried(tmp_path):
         thread = threading.Thread(target=down.run, kwargs={"poll_s": 0.05, "stop": stop})
         thread.start(), time.sleep(0.3), stop.set(), thread.join(5)
         assert not thread.is_alive()
+
+
+def test_the_watcher_says_reachable_again_once_orthanc_answers_its_discovery(tmp_path, caplog):
+    """Its discovery asks Orthanc, so an answer there ends an outage, even with no series to deliver."""
+    caplog.set_level("WARNING", logger="ctzoo.pacs")
+    tasks = [model_task(ensure_graphs(load_bundle("recistnet-mini")), "onnx", "cpu")]
+    client = _FakeClient(down=True)
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        watcher = OrthancWatcher(client, ledger, tasks, SeriesRules(), tmp_path / "work", "w", SALT)
+        stop = threading.Event()
+        thread = threading.Thread(target=watcher.run, kwargs={"poll_s": 0.05, "stop": stop})
+        thread.start(), time.sleep(0.3)
+        said_while_down = [r.getMessage() for r in caplog.records]
+        client.down = False
+        time.sleep(0.3), stop.set(), thread.join(5)
+    assert len(said_while_down) == 1 and said_while_down[0].startswith("down"), said_while_down
+    said = [r.getMessage() for r in caplog.records]
+    assert said[1].startswith("reachable again after ") and not any("reachable" in line for line in said[2:]), said

@@ -623,6 +623,21 @@ def _rss_mb(pid: int) -> float:
     return int(status.split("VmRSS:")[1].split()[0]) / 1024
 
 
+@pytest.mark.parametrize("content", [b"\x1f\x8b\x08\x00secret-token-0123456789",
+                                     b"NRRD0004\nsecret-token-0123456789\n\0\0"], ids=["not-utf8", "nul-bytes"])
+def test_a_binary_token_file_is_one_error_line_showing_none_of_it(tmp_path, monkeypatch, content):
+    """It used to end in a UnicodeDecodeError traceback, whose message quotes the file's bytes, or (binary that
+    decodes as UTF-8) to serve with its lines as tokens."""
+    monkeypatch.setenv("CTZOO_SERVE_TOKENS", "")
+    token_file = tmp_path / "ct.nrrd"
+    token_file.write_bytes(content)
+    token_file.chmod(0o644)  # no advice to chmod a file that is no token file
+    result = CliRunner().invoke(main, ["serve", "--repository", str(tmp_path), "--token-file", str(token_file),
+                                       "--state-dir", str(tmp_path / "state")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output == f"Error: {token_file}: not a text token file (one token per line)\n"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the server's RSS")
 def test_cli_server_under_load_has_no_5xx_and_stable_memory(repo, tmp_path, bank, monkeypatch):
     """Also: its access log and shutdown lines on stderr, and SIGTERM ending it gracefully with status 0."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ctzoo.cli.paths import require_folder
 from ctzoo.datasets import samples
 from ctzoo.datasets.deeplesion import mini
 
@@ -71,6 +72,7 @@ def sample(out: Path, force: bool) -> None:
     Example:
       ctzoo data sample ct.nii.gz && ctzoo info ct.nii.gz
     """
+    require_folder(out.parent)
     try:
         written, what = samples.write_sample(out, force=force)
     except (FileExistsError, ValueError) as exc:

@@ -58,9 +58,11 @@ def export(source: str, repo: Path, name: str | None, fp16: bool, opset: int, la
       ctzoo export runs/mini/best.pt --out model_repository --name recistnet-mine
       ctzoo export recistnet-mini --out bundles --format monai-bundle
     """
+    from ctzoo.cli.paths import require_folder
     from ctzoo.export.parity import parity_table
     from ctzoo.export.repository import ExportSourceError, export_model
 
+    require_folder(repo)
     try:
         folder = export_model(source, repo, name=name, fp16=fp16, opset=opset, templates=templates,
                               progress=lambda message: click.echo(message, err=True), monai=layout == "monai-bundle")

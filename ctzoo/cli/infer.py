@@ -14,6 +14,7 @@ import click
 from ctzoo.cli.decode_options import decode_option, resolve_decoder
 from ctzoo.cli.info import USER_ERRORS, load_rules, rules_option, series_option
 from ctzoo.cli.limits import volume_limit_options, volume_limits
+from ctzoo.cli.paths import require_folder
 from ctzoo.cli.perf_options import perf_monitor, perf_options
 
 #: The shell's convention for a process ended by SIGINT (128 + 2).
@@ -178,6 +179,7 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
                              "--backend torch, --engine local and the shared layout")
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    require_folder(out)  # before the models load: a file in the way would otherwise fail the run at its end
     # every model before anything else: a typo must not cost a scan of the inputs
     bundles = resolve_bundles(model_names, backend)
     network = _placed_network(bundles[model_names[0]], placement) if placement is not None else None

@@ -10,6 +10,7 @@ import click
 import numpy as np
 import pydicom
 
+from ctzoo.cli.paths import require_folder
 from ctzoo.config import ConfigError, load_config
 from ctzoo.datasets.samples import sample_ct_dicom
 from ctzoo.io import DicomError, SeriesRules, read_volume, write_volume
@@ -58,7 +59,7 @@ def format_volume(volume: dict[str, Any]) -> list[str]:
         lines.append(f"  DICOM            {dicom['modality']} {dicom['manufacturer']} '{dicom['series_description']}', "
                      f"{syntax.name or syntax}")
         lines.append(f"  series UID       {dicom['series_instance_uid']}"
-                     + ("  (derived: the files had none)" if dicom["uids_repaired"] else ""))
+                     + ("  (derived: the files had none)" if "SeriesInstanceUID" in dicom["derived_uids"] else ""))
         lines.append(f"  frame of ref.    {dicom['frame_of_reference_uid']}")
     return lines
 
@@ -120,6 +121,7 @@ def convert(source: Path, target: Path, series: str | None, rules_file: Path | N
     Geometry is kept exactly (NIfTI gets the RAS affine in both qform and sform);
     TARGET is written to a temporary name and renamed, so it is never half-written.
     """
+    require_folder(target.parent)
     try:
         volume = read_volume(source, series=series, rules=load_rules(rules_file))
         if dtype is None:

@@ -27,13 +27,26 @@ def read_tokens(token_file: Path | None) -> list[str]:
     lines starting with ``#`` are skipped)."""
     tokens = [t.strip() for t in os.environ.get(TOKENS_ENV, "").split(",") if t.strip()]
     if token_file is not None:
+        text = _token_file_text(token_file)  # first: a file that is no token file needs no advice on its mode
         mode = token_file.stat().st_mode
         if mode & (stat.S_IRGRP | stat.S_IROTH):
             click.echo(f"warning: {token_file} is readable by other users (chmod 600 it)", err=True)
-        for line in token_file.read_text(encoding="utf-8").splitlines():
+        for line in text.splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
                 tokens.append(line.strip())
     return tokens
+
+
+def _token_file_text(token_file: Path) -> str:
+    """The text of ``token_file``; a binary file given by mistake is one error line that shows none of its bytes
+    (a token file's contents are secrets)."""
+    try:
+        text = token_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\0" in text:  # NUL: binary that happens to decode as UTF-8
+        raise click.ClickException(f"{token_file}: not a text token file (one token per line)") from None
+    return text
 
 
 def console_logging(access_log: bool = True) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ctzoo.cli.perf_options import perf_monitor, perf_options
-from ctzoo.config import ConfigError
+from ctzoo.config import ConfigError, read_yaml
 
 _CONFIG = click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 _DATA_ROOT = click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -18,12 +18,10 @@ _DATA_ROOT = click.option("--data-root", type=click.Path(exists=True, file_okay=
 
 def config_task(config: Path) -> str:
     """The ``task:`` of a training config (recistnet when absent), read before the config is validated."""
-    import yaml
-
     try:
-        document = yaml.safe_load(config.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise click.ClickException(f"{config}: not valid YAML ({exc})") from exc
+        document = read_yaml(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
     return str(document.get("task", "recistnet")) if isinstance(document, dict) else "recistnet"
 
 

@@ -51,7 +51,7 @@ from ctzoo.io.dicom_scan import (
     dicom_folder,
     scan_folder,
 )
-from ctzoo.io.dicom_uids import instance_uid, repair_uids
+from ctzoo.io.dicom_uids import derived_keywords, fill_empty_uids, instance_uid, repair_notes
 from ctzoo.io.itk_threads import first_use_alone
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 from ctzoo.io.nvimgcodec_decode import J2K_SYNTAXES, NvImageCodecDecoder, decoder_for
@@ -176,7 +176,8 @@ def decode_slice_hu(header: SliceHeader) -> np.ndarray:
 
 
 def _source(series: SeriesInfo, slices: list[SliceHeader], display_root: str, messages: list[str]) -> DicomSource:
-    datasets, notes = repair_uids([s.dataset for s in slices], series.key, in_place=True)
+    datasets, repairs = fill_empty_uids([s.dataset for s in slices], series.key, in_place=True)
+    notes = repair_notes(repairs)
     if notes:  # one warning, not one per UID: anonymised series lack several at once
         _warn(messages, f"{display_root}: {'; '.join(notes)} (the same on every read)")
     first = datasets[0]
@@ -200,6 +201,7 @@ def _source(series: SeriesInfo, slices: list[SliceHeader], display_root: str, me
         transfer_syntax_uid=str(first.file_meta.get("TransferSyntaxUID", "")),
         photometric_interpretation=str(first.get("PhotometricInterpretation", "")),
         uids_repaired=bool(notes),
+        derived_uids=derived_keywords(repairs),
         headers=datasets,
         instance_numbers=[_instance_number(ds) for ds in datasets],
     )

@@ -54,9 +54,23 @@ def instance_uid(ds: pydicom.Dataset) -> str:
     return _value(ds, "SOPInstanceUID") or _value(meta, "MediaStorageSOPInstanceUID")
 
 
+#: How :func:`fill_empty_uids` filled a UID: a new one ctzoo derived, or the file meta's, which names the same object.
+DERIVED = "derived UIDs"
+FROM_FILE_META = "taken from the file meta"
+
+
 def repair_uids(datasets: Sequence[pydicom.Dataset], series_key: str,
                 in_place: bool = False) -> tuple[list[pydicom.Dataset], list[str]]:
-    """Return copies of one series' datasets with empty UIDs filled in, and a line per repair made.
+    """Return copies of one series' datasets with empty UIDs filled in (:func:`fill_empty_uids`), and a line per
+    repair made (:func:`repair_notes`)."""
+    repaired, repairs = fill_empty_uids(datasets, series_key, in_place)
+    return repaired, repair_notes(repairs)
+
+
+def fill_empty_uids(datasets: Sequence[pydicom.Dataset], series_key: str,
+                    in_place: bool = False) -> tuple[list[pydicom.Dataset], dict[tuple[str, str], int]]:
+    """Return copies of one series' datasets with empty UIDs filled in, and per ``(keyword, how)`` (``how``:
+    :data:`DERIVED` or :data:`FROM_FILE_META`) the number of files where it was filled that way.
 
     * SOPInstanceUID: the file meta's MediaStorageSOPInstanceUID if present (it names the same object),
       else derived from the series key and the slice position and instance number.
@@ -67,9 +81,9 @@ def repair_uids(datasets: Sequence[pydicom.Dataset], series_key: str,
     headers dominate a series read, so the reader, which owns its datasets, repairs them in place).
     """
     repaired = list(datasets) if in_place else [copy.deepcopy(ds) for ds in datasets]
-    notes: list[str] = []
+    counts: dict[tuple[str, str], int] = {}
     if not repaired:
-        return repaired, notes
+        return repaired, counts
     first = repaired[0]
     shared = (series_key, _value(first, "FrameOfReferenceUID"), _value(first, "StudyDate"),
               _value(first, "StudyTime"), _value(first, "AccessionNumber"))
@@ -78,7 +92,6 @@ def repair_uids(datasets: Sequence[pydicom.Dataset], series_key: str,
         "SeriesInstanceUID": derived_uid("series", *shared),
         "FrameOfReferenceUID": derived_uid("frame-of-reference", *shared),
     }
-    counts: dict[tuple[str, str], int] = {}
 
     def note(keyword: str, how: str) -> None:
         counts[(keyword, how)] = counts.get((keyword, how), 0) + 1
@@ -87,19 +100,28 @@ def repair_uids(datasets: Sequence[pydicom.Dataset], series_key: str,
         for keyword, uid in series_wide.items():
             if not _value(ds, keyword):
                 setattr(ds, keyword, uid)
-                note(keyword, "derived UIDs")
+                note(keyword, DERIVED)
         meta = getattr(ds, "file_meta", None) or pydicom.Dataset()
         if not _value(ds, "SOPClassUID") and _value(meta, "MediaStorageSOPClassUID"):
             ds.SOPClassUID = meta.MediaStorageSOPClassUID
-            note("SOPClassUID", "taken from the file meta")
+            note("SOPClassUID", FROM_FILE_META)
         if not _value(ds, "SOPInstanceUID"):
             from_meta = instance_uid(ds)
             ds.SOPInstanceUID = from_meta or derived_uid(
                 "instance", series_key, _value(ds, "ImagePositionPatient"), _value(ds, "InstanceNumber"))
-            note("SOPInstanceUID", "taken from the file meta" if from_meta else "derived UIDs")
-    grouped: dict[tuple[str, int], list[str]] = {}  # one line per way of repairing, not one per UID
-    for (keyword, how), count in counts.items():
+            note("SOPInstanceUID", FROM_FILE_META if from_meta else DERIVED)
+    return repaired, counts
+
+
+def repair_notes(repairs: dict[tuple[str, str], int]) -> list[str]:
+    """One line per way of repairing (:func:`fill_empty_uids`' counts), not one per UID: anonymised series lack
+    several at once. E.g. ``StudyInstanceUID, SeriesInstanceUID empty in 20 file(s): derived UIDs``."""
+    grouped: dict[tuple[str, int], list[str]] = {}
+    for (keyword, how), count in repairs.items():
         grouped.setdefault((how, count), []).append(keyword)
-    for (how, count), keywords in grouped.items():
-        notes.append(f"{', '.join(keywords)} empty in {count} file(s): {how}")
-    return repaired, notes
+    return [f"{', '.join(keywords)} empty in {count} file(s): {how}" for (how, count), keywords in grouped.items()]
+
+
+def derived_keywords(repairs: dict[tuple[str, str], int]) -> tuple[str, ...]:
+    """The UIDs (keywords) that :func:`fill_empty_uids` derived anew in at least one file, in its order."""
+    return tuple(dict.fromkeys(keyword for keyword, how in repairs if how == DERIVED))

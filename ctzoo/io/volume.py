@@ -42,6 +42,9 @@ class DicomSource:
     transfer_syntax_uid: str = ""
     photometric_interpretation: str = ""
     uids_repaired: bool = False
+    #: The UIDs (keywords, e.g. ``SeriesInstanceUID``) empty in the files, for which ctzoo derived new ones;
+    #: ``uids_repaired`` also counts UIDs taken from the file meta, which are the files' own.
+    derived_uids: tuple[str, ...] = ()
     headers: list[Any] = field(default_factory=list, repr=False)
     instance_numbers: list[int | None] = field(default_factory=list)
 
@@ -62,6 +65,7 @@ class DicomSource:
             "transfer_syntax_uid": self.transfer_syntax_uid,
             "photometric_interpretation": self.photometric_interpretation,
             "uids_repaired": self.uids_repaired,
+            "derived_uids": list(self.derived_uids),
             "slices": len(self.sop_instance_uids),
         }
 

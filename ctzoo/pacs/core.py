@@ -132,14 +132,38 @@ class _Heartbeat:
         self._thread.join()
 
 
+class _Outage:
+    """Whether the far end is down and since when. Said when it starts, then once a minute, and when the far end
+    answers again (not at every poll)."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self._said = 0.0
+
+    def down(self, exc: BaseException, poll_s: float) -> None:
+        now = time.monotonic()
+        if self.since is None or now - self._said >= 60:
+            self.since, self._said = self.since or now, now
+            log.warning("%s; retrying every %.3g s", " ".join(str(exc).split())[:200], poll_s)
+
+    def answered(self) -> None:
+        """The far end did what was asked of it: an outage, if any, is over."""
+        if self.since is not None:
+            log.warning("reachable again after %.0f s", time.monotonic() - self.since)
+            self.since = None
+
+
 class SeriesWorker:
     """Claim, fetch, check, run, deliver, complete: one job at a time. Subclasses say how to fetch and deliver.
 
     ``unavailable`` lists the exception types meaning "the far end is down, retry later"; they are recorded
     as a failure (with backoff) and re-raised so the caller's loop waits before polling again.
+    ``discover_reaches_far_end`` says whether :meth:`discover` asks the far end (Orthanc's changes) or only
+    looks at what is here (the listener's spool): only an answer from the far end ends an outage.
     """
 
     unavailable: tuple[type[BaseException], ...] = ()
+    discover_reaches_far_end = False
 
     def __init__(self, ledger: Ledger, tasks: list[ModelTask], rules: SeriesRules, work_dir: str | Path,
                  worker: str, limits: ResourceLimits = DEFAULT_LIMITS, perf=None, decoder: str | None = None) -> None:
@@ -153,6 +177,7 @@ class SeriesWorker:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         #: What the far end answered to each result of the last job (e.g. Orthanc's ``Success``/``AlreadyStored``).
         self.last_delivery: list[str] = []
+        self._outage = _Outage()
 
     # -- what a way in provides ---------------------------------------------------------------------------
     def discover(self) -> int:
@@ -236,6 +261,7 @@ class SeriesWorker:
                                perf=self.perf)
             with events.stage("upload", files=len(paths), bytes=sum(path.stat().st_size for path in paths)):
                 self.last_delivery = self.deliver(paths)
+            self._outage.answered()
             return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -244,22 +270,18 @@ class SeriesWorker:
     def run(self, poll_s: float = 2.0, stop: threading.Event | None = None) -> None:
         """Discover and process until ``stop`` is set; waits ``poll_s`` when idle or when the far end is down.
 
-        An outage is logged when it starts, then once a minute, and when it ends (not at every poll)."""
+        An outage is logged when it starts, then once a minute, and when the far end answers again: a delivery,
+        or a discovery that asked it (not a scan of a local spool, which succeeds while the far end is down)."""
         stop = stop or threading.Event()
-        down_since, last_said = None, 0.0
         while not stop.is_set():
             try:
                 self.discover()
-                if down_since is not None:
-                    log.warning("reachable again after %.0f s", time.monotonic() - down_since)
-                    down_since = None
+                if self.discover_reaches_far_end:
+                    self._outage.answered()
                 while not stop.is_set() and self.process_one():
                     pass
             except self.unavailable as exc:
-                now = time.monotonic()
-                if down_since is None or now - last_said >= 60:
-                    down_since, last_said = down_since or now, now
-                    log.warning("%s; retrying every %.3g s", " ".join(str(exc).split())[:200], poll_s)
+                self._outage.down(exc, poll_s)
             except Exception as exc:  # never crash the loop
                 log.error("%s error: %s", type(self).__name__, type(exc).__name__)
             stop.wait(poll_s)

@@ -47,6 +47,7 @@ class OrthancWatcher(SeriesWorker):
     """Discover stable series in Orthanc, run ``tasks`` on each CT series once, send SR/SEG back."""
 
     unavailable = (OrthancUnavailable,)
+    discover_reaches_far_end = True  # it reads Orthanc's changes
 
     def __init__(self, client: OrthancClient, ledger: Ledger, tasks: list[ModelTask], rules: SeriesRules,
                  work_dir: str | Path, worker: str, salt: str, limits: ResourceLimits = DEFAULT_LIMITS,

@@ -11,9 +11,9 @@ import copy
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
+from ctzoo.config import read_yaml
 from ctzoo.models.bundle import ModelBundle, load_bundle
 from ctzoo.models.template_seg import TemplateSegNet
 
@@ -55,7 +55,7 @@ def bundle_example_inputs(bundle: ModelBundle, batch_size: int) -> tuple[torch.T
 
 
 def _from_config(path: Path, batch_size: int | None, training: bool):
-    document = yaml.safe_load(path.read_text("utf-8"))
+    document = read_yaml(path)
     task = document.get("task", "recistnet") if isinstance(document, dict) else "recistnet"
     if task == "template_seg":
         from ctzoo.training.template_seg_task import build_seg_network, example_slices, load_seg_config, seg_classes
