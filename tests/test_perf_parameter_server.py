@@ -315,6 +315,26 @@ def test_a_state_a_real_detector_learned_is_accepted(parameter_server):
     assert sum(row["count"] for row in fetch_stats(parameter_server.url, TOKEN)["keys"]) == 604
 
 
+def test_a_refused_delta_is_dropped_once_and_what_follows_still_reaches_the_server(parameter_server, caplog):
+    """A delta the server refuses (400: here an impossible state) would be refused again at every retry, and the
+    process would never sync again: it is dropped, said once, and the next delta is merged."""
+    from ctzoo.perf import KeyState
+
+    detector = AnomalyDetector(DetectorConfig(skip_first=False))
+    detector._delta[tuple(NAME.split("|"))] = KeyState.from_dict(impossible(m2=-1.0))
+    client = client_for(parameter_server, detector, "poisoned")
+    with caplog.at_level(logging.WARNING, logger="ctzoo.perf"):
+        assert not client.sync()
+    assert "HTTP 400" in client.last_error and "m2 -1.0 is negative" in client.last_error
+    [warning] = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert "not sent again" in warning
+    for key, seconds in latencies(4, 10):
+        detector.observe(key, seconds)
+    assert client.sync(), client.last_error
+    rows = fetch_stats(parameter_server.url, TOKEN)["keys"]
+    assert sorted(row["count"] for row in rows) == [10, 10, 10]  # the honest events; none of the refused 30
+
+
 def test_a_monitor_does_not_adopt_an_impossible_global_state_and_its_timed_blocks_never_raise(
         parameter_server, caplog):
     """Defence in depth: a server that merged an impossible state (an older one, without the checks; put in

@@ -305,7 +305,13 @@ class ParameterServerClient:
             try:
                 reply = self._post("/v1/sync", body, timeout_s or self.timeout_s)
                 states = reply["states"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:  # URLError, HTTPError, timeouts are OSErrors
+            except urllib.error.HTTPError as exc:
+                if exc.code in (HTTPStatus.BAD_REQUEST, HTTPStatus.REQUEST_ENTITY_TOO_LARGE):
+                    self._drop_refused_delta(exc)  # sent again it would be refused again, for ever
+                else:
+                    self._unreachable(exc)
+                return False
+            except (OSError, ValueError, KeyError, TypeError) as exc:  # URLError, timeouts are OSErrors
                 self._unreachable(exc)
                 return False
             self._pending = None
@@ -318,6 +324,18 @@ class ParameterServerClient:
                 log.warning("perf: parameter server %s reachable again; judging on the global statistics", self.url)
             self.connected, self.last_error = True, None
             return True
+
+    def _drop_refused_delta(self, exc: urllib.error.HTTPError) -> None:
+        """The server refused the delta itself (400/413): drop it, so that the next sync sends what was learned
+        since. Its events stay in this process's statistics; the global ones never get them (the warning says)."""
+        try:
+            reason = json.loads(exc.read()).get("error", "")
+        except (OSError, ValueError, AttributeError):
+            reason = ""
+        self._pending = None
+        self.last_error = f"HTTP {exc.code}: {reason or exc.reason}"[:600]
+        log.warning("perf: parameter server %s refused this process's statistics (%s); they stay in its own "
+                    "statistics and are not sent again", self.url, self.last_error)
 
     def _warn_refused(self, refused: dict[str, str]) -> None:
         """One warning per key whose global state the detector would not judge with (at every sync: noise)."""
