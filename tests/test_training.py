@@ -75,6 +75,100 @@ def test_train_writes_logs_and_resumes_bit_for_bit(mini, tmp_path):
     assert result.exit_code == 1 and "nothing to resume from" in result.output
 
 
+def _resume_error(config, out, *extra):
+    """What a refused --resume says: exit 1, one line (no traceback)."""
+    result = CliRunner().invoke(main, ["train", str(config), "--out", str(out), "--resume", *map(str, extra)])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: --resume: ") and result.output.count("\n") == 1, result.output
+    return result.output
+
+
+def _same_data_elsewhere(mini, folder, edit=None):
+    """``mini``'s data under another root (its images linked), its DL_info.csv rewritten by ``edit``."""
+    folder.mkdir()
+    (folder / "Images_png").symlink_to(mini / "Images_png")
+    table = (mini / "DL_info.csv").read_bytes()
+    (folder / "DL_info.csv").write_bytes(edit(table) if edit else table)
+    return folder
+
+
+def test_resume_refuses_another_config_and_keeps_the_runs_record(mini, tmp_path):
+    """--resume continues a run only with its own settings: another learning rate, batch, seed, architecture,
+    gradient exchange or dataset is refused in one line that lists each difference (old → new), before the run's
+    config.json is touched. The epochs, loader workers, eval_every and the data's place (same DL_info.csv) may
+    change. Weights that do not fit the model (whatever the config says) fail in one line too."""
+    config = tiny_config(tmp_path, mini, epochs=2)
+    run = tmp_path / "run"
+    run_train(config, "--out", run, "--epochs", "1")
+    recorded = (run / "config.json").read_text()
+    settings = yaml.safe_load(config.read_text())
+
+    def variant(name, **sections):  # the config with some fields of some sections changed
+        changed = {**settings, **{key: {**settings.get(key, {}), **fields} for key, fields in sections.items()}}
+        (tmp_path / name).write_text(yaml.safe_dump(changed))
+        return tmp_path / name
+
+    said = _resume_error(variant("b.yaml", optim={"lr": 0.04, "batch_size": 2, "seed": 7}), run)
+    assert "optim.lr: 0.004 → 0.04" in said and "optim.batch_size: 4 → 2" in said and "optim.seed: 0 → 7" in said
+    assert "optim.epochs" not in said.split("may change")[0]
+    assert "model.width: 8 → 16" in _resume_error(variant("w16.yaml", model={"width": 16}), run)
+    cser = variant("cser.yaml", distributed={"compression": "cser"})
+    assert 'distributed.compression: "none" → "cser"' in _resume_error(cser, run)
+    other = _same_data_elsewhere(mini, tmp_path / "other-data", lambda table: table.replace(b",1,", b",2,", 1))
+    said = _resume_error(config, run, "--data-root", other)
+    assert "data.root: " in said and "data_files.DL_info.csv: " in said
+    assert (run / "config.json").read_text() == recorded  # a refused resume leaves the run's record alone
+    # the same data elsewhere, more epochs, another number of loader workers and validation interval: resumed
+    moved = _same_data_elsewhere(mini, tmp_path / "moved")
+    run_train(variant("more.yaml", optim={"num_workers": 1, "eval_every": 2}), "--out", run, "--resume",
+              "--data-root", moved)
+    assert json.loads((run / "summary.json").read_text())["epochs_done"] == 2
+    assert json.loads((run / "config.json").read_text())["optim"]["num_workers"] == 1
+    state = torch.load(run / "last.pt", weights_only=False)
+    state["model"]["heatmap_head.0.weight"] = state["model"]["heatmap_head.0.weight"][:, :4]
+    torch.save(state, run / "last.pt")
+    said = _resume_error(config, run, "--epochs", "3")
+    assert "do not fit the model this config builds: size mismatch for heatmap_head.0.weight" in said
+
+
+def test_what_a_resumed_run_may_change():
+    """The comparison behind --resume: the task's config field by field (the optimiser's own record only for a task
+    without one), the fields a resumed run may change aside, data.root only with the same data's digest, fields an
+    older checkpoint lacks not compared, a section switched on (None → settings) reported, records that do not
+    say what the run is (a search's space) not compared."""
+    from ctzoo.training.resume_check import config_changes, resume_record
+
+    task = {"optim": {"epochs": 2, "lr": 0.1, "num_workers": 0}, "data": {"root": "/a"}, "hard_negatives": None}
+    saved = {"config": {"epochs": 2, "decay_epochs": 1.0}, "train_config": task, "data_files": {"DL_info.csv": "x"}}
+    moved = {**task, "optim": {"epochs": 9, "lr": 0.1, "num_workers": 4}, "data": {"root": "/b"}, "new_field": 1}
+    # LEMON derives decay_epochs from the epochs: the optimiser's record is not compared beside the task's config
+    same = resume_record({"epochs": 9, "decay_epochs": 4.5},
+                         {"train_config": moved, "data_files": {"DL_info.csv": "x"}})
+    assert config_changes(saved, same) == []
+    other = resume_record({}, {"train_config": {**moved, "hard_negatives": {"keep": 2}},
+                               "data_files": {"DL_info.csv": "y"}})
+    assert config_changes(saved, other) == ['data.root: "/a" → "/b"', 'hard_negatives: null → {"keep": 2}',
+                                            'data_files.DL_info.csv: "x" → "y"']
+    assert config_changes({"config": {"lr": 0.1, "epochs": 1}}, resume_record({"lr": 0.2, "epochs": 5}, None)) == [
+        "optim.lr: 0.1 → 0.2"]  # a task without a config of its own: the optimiser's
+    # other extra_state is not what the run is: a search narrows its space between iterations (ctzoo.nas.search)
+    assert config_changes({"config": {"lr": 0.1}, "space": {"width": [1, 2]}},
+                          resume_record({"lr": 0.1}, {"space": {"width": [2]}})) == []
+
+
+def test_template_seg_resume_refuses_another_config(tmp_path):
+    """ctzoo train --resume of a template-segmenter run compares each model's checkpoint with its own config."""
+    from ctzoo.training.template_seg_task import TemplateSegTrainConfig, check_resume
+
+    cfg = TemplateSegTrainConfig(baseline_unet=False)
+    (tmp_path / "template_seg").mkdir()
+    torch.save({"task_config": cfg.model_dump(mode="json"), "model_kind": "template_seg"},
+               tmp_path / "template_seg" / "last.pt")
+    check_resume(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"epochs": 50})}), tmp_path)
+    with pytest.raises(ValueError, match=r"optim.lr: 0.001 → 0.01"):
+        check_resume(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": 0.01})}), tmp_path)
+
+
 def test_a_run_trains_the_same_weights_with_and_without_loader_workers(mini, tmp_path):
     """Loader workers change only which process draws an item: the same epochs, augmentation and weights, bit for
     bit, with the training process on two threads (its own draws run on one, as a worker's do) and over two

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ctzoo.config import StrictConfig
 from ctzoo.io.atomic import atomic_path
 from ctzoo.training.epoch_writer import EpochWriter, cpu_snapshot
+from ctzoo.training.resume_check import config_changes, refusal, resume_record
 from ctzoo.training.step_events import StepEvents
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,18 @@ def _restore_local_state(setup: Any, path: Path, epoch: int, dev: torch.device) 
     setup.load_local_state(saved["state"])
 
 
+def _load_weights(model: nn.Module, weights: dict[str, Any], path: Path) -> None:
+    """``model.load_state_dict(weights)``, failing in one line: the first mismatch, and how many there are."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc)]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        first = problems[0] if len(problems[0]) <= 200 else problems[0][:199] + "…"
+        raise ValueError(f"--resume: the weights in {path} do not fit the model this config builds: "
+                         f"{first}{more}") from None
+
+
 def _placed_model(task: Task, plan: Any, batch_size: int, device: str) -> tuple[nn.Module, Any]:
     """``(model, placed)``: the task's model, and with a plan the model placed by it (else None)."""
     model = task.build_model()
@@ -282,6 +295,8 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
     ``placement`` (a :class:`ctzoo.scaling.placement.graph.Plan`) trains the model spread over this machine's
     devices as the plan places it (:func:`ctzoo.scaling.placement.execute.place_model`) instead of on ``device``;
     batches start on the plan's home device, and checkpoints are the unplaced model's. One process only (not DDP).
+    ``resume`` continues ``out_dir/last.pt`` and refuses (``ValueError``) a config or ``extra_state`` that differs
+    from the checkpoint's outside the fields a resumed run may change (:mod:`ctzoo.training.resume_check`).
     Returns the final summary (also written to ``summary.json``, after every epoch with ``complete: false``):
     best metric, epochs, wall time (all segments of a resumed run).
     """
@@ -308,7 +323,10 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
         if not last.exists():
             raise FileNotFoundError(f"{last}: nothing to resume from")
         state = torch.load(last, map_location=dev, weights_only=False)
-        model.load_state_dict(state["model"])
+        changes = config_changes(state, resume_record(cfg.model_dump(), extra_state))
+        if changes:
+            raise ValueError(refusal(last, changes))
+        _load_weights(model, state["model"], last)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, best, history = state["epoch"] + 1, state["step"], state["best"], state["history"]
         wall_before = wall_s = state.get("wall_s", 0.0)  # training time of the earlier segments: wall_s counts all

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +39,7 @@ from ctzoo.training.engine import OptimConfig
 from ctzoo.training.epoch_loader import EpochLoader, KeptLoader
 from ctzoo.training.froc import FrocResult, froc
 from ctzoo.training.hard_negatives import HardNegativeConfig, HardNegativeMiner, focus_size
+from ctzoo.training.resume_check import DATA_FILES
 
 #: Per-lesion keys the augmentation filters together with the keypoints.
 _AUGMENTED_LESION_KEYS = tuple(k for k in LESION_KEYS if k not in ("keypoints", "boxes", "diameters_px"))
@@ -225,6 +227,18 @@ class RecistNetTask:
         sens = dict(zip(result.fps_per_image, result.sensitivities))
         return {"sensitivity_4fp": sens[4], "sensitivity_1fp": sens[1],
                 "froc_mean_0p5_4": result.mean_sensitivity_0p5_to_4}
+
+
+def data_record(data: DeepLesionConfig) -> dict[str, dict[str, str]]:
+    """What a checkpoint records of the dataset it trained on: a digest (SHA-256) of its annotation file
+    (DL_info.csv: every lesion and the split of every patient), so that a resumed run may read the same data from
+    another ``data.root`` but not other data (:mod:`ctzoo.training.resume_check`). Empty when the file is unreadable
+    (the task then says why)."""
+    try:
+        digest = hashlib.sha256((data.root / data.info_csv).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return {}
+    return {DATA_FILES: {data.info_csv: digest}}
 
 
 def load_train_config(path: str | Path, data_root: str | Path | None = None) -> RecistNetTrainConfig:
