@@ -169,6 +169,25 @@ def test_template_seg_resume_refuses_another_config(tmp_path):
         check_resume(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": 0.01})}), tmp_path)
 
 
+def test_training_selects_on_validation_only(tmp_path):
+    """best.pt (and the val_* columns, and a bundle card's "val" metrics) come from the validation split:
+    eval_split: test is refused, naming ctzoo eval, which scores the test split; a checkpoint chosen on the test
+    split by an older version is not exported as validated."""
+    from ctzoo.training.checkpoint_bundle import CheckpointError, bundle_from_checkpoint
+
+    config = tiny_config(tmp_path, tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**settings, "eval_split": "test"}))
+    result = CliRunner().invoke(main, ["train", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "eval_split" in result.output and "ctzoo eval" in result.output, result.output
+    assert not (tmp_path / "run").exists()
+    train_config = {**settings, "eval_split": "test"}
+    torch.save({"model": {}, "train_config": train_config, "epoch": 0}, tmp_path / "best.pt")
+    with pytest.raises(CheckpointError, match="chosen on the test split") as refused:
+        bundle_from_checkpoint(tmp_path / "best.pt", tmp_path / "bundle")
+    assert "\n" not in str(refused.value)
+
+
 def test_a_run_trains_the_same_weights_with_and_without_loader_workers(mini, tmp_path):
     """Loader workers change only which process draws an item: the same epochs, augmentation and weights, bit for
     bit, with the training process on two threads (its own draws run on one, as a worker's do) and over two

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.data import ConcatDataset
 
@@ -45,6 +45,12 @@ from ctzoo.training.resume_check import DATA_FILES
 _AUGMENTED_LESION_KEYS = tuple(k for k in LESION_KEYS if k not in ("keypoints", "boxes", "diameters_px"))
 
 
+#: Why training never scores the test split (``eval_split``), and what does.
+TEST_SELECTION = ("test: training picks best.pt (and thresholds are later chosen) on the validation split only; "
+                  "a model chosen on test has no unbiased test score. Train with eval_split: val, then score the "
+                  "test split with ctzoo eval CONFIG --checkpoint RUN/best.pt --split test")
+
+
 class RecistNetModelConfig(StrictConfig):
     backbone: Literal["light", "resnet34_fpn"] = "light"
     width: int = Field(32, ge=8)
@@ -74,7 +80,8 @@ class RecistNetTrainConfig(StrictConfig):
     augment: AugmentConfig = AugmentConfig()
     train_size: tuple[int, int] = Field((256, 256), description="random crop (H, W) for training; multiples of 32")
     eval_size: tuple[int, int] = Field((512, 512), description="pad/crop (H, W) for evaluation; multiples of 32")
-    eval_split: Literal["val", "test"] = "val"
+    eval_split: Literal["val"] = Field("val", description="the split that picks best.pt and fills the val_* "
+                                                          "columns: validation only (ctzoo eval scores test)")
     max_lesions: int = Field(20, ge=1, description="detections kept per image")
     min_score: float = Field(0.01, ge=0, le=1, description="weakest detection kept for FROC: the curve ranks by "
                                                             "score, so weak detections only extend its tail")
@@ -90,6 +97,13 @@ class RecistNetTrainConfig(StrictConfig):
                                            description="gradient exchange under torchrun (CSER, two-way, PowerSGD)")
     placement: Path | None = Field(None, description="plan.json of ctzoo place: train the model spread over this "
                                                      "machine's devices as the plan places it (not with torchrun)")
+
+    @field_validator("eval_split", mode="before")
+    @classmethod
+    def _validation_only(cls, split: Any) -> Any:
+        if split == "test":  # Literal's own message would not say why, nor what to do instead
+            raise ValueError(TEST_SELECTION)
+        return split
 
 
 def build_recistnet(cfg: RecistNetTrainConfig) -> nn.Module:
