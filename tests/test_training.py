@@ -2,6 +2,7 @@
 volume inference that infer/serve/PACS share (orientation-independent, merged across slices)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -287,6 +288,54 @@ def test_a_compressed_run_resumes_with_every_workers_own_state(mini, tmp_path, c
         resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["model"]
         for name, tensor in straight.items():
             assert torch.equal(tensor, resumed[name]), name
+
+
+@pytest.mark.parametrize("world,batch", [(2, 4), (4, 2)])
+def test_ddp_ranks_train_every_item_each_epoch(mini, tmp_path, world, batch):
+    """Under DDP each rank trains its share of the epoch, DistributedSampler's padding to equal shares (fewer than
+    world size items repeated) the only difference from one process: nothing dropped, so a training set smaller
+    than batch_size x world size still trains (6 items, 2 x 4: it once gave no step at all, and reported
+    complete), and every rank takes as many steps (DDP's collectives need them all)."""
+    from collections import Counter
+
+    from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
+
+    task = RecistNetTask(load_train_config(tiny_config(tmp_path, mini)).model_copy(update={"cache": False}))
+    items = len(task.train_set)
+    steps, seen = set(), Counter()
+    for rank in range(world):
+        batches = task.train_batches(11, batch, 0, rank, world)
+        steps.add(len(batches))
+        seen.update(name for drawn in batches for name in drawn["file_name"])
+    assert len(steps) == 1 and steps.pop() > 0
+    assert len(seen) == items and sum(seen.values()) == world * math.ceil(items / world) < items + world
+
+
+def test_an_epoch_without_a_training_step_is_an_error(tmp_path):
+    """An epoch that would take no optimiser step (on any rank: they all have as many) stops the run, saying how
+    many items there are against the batch, instead of reporting a complete run of untrained weights."""
+    from ctzoo.training.engine import OptimConfig, fit
+
+    class Empty:
+        name, primary_metric = "empty", "score"
+        train_set = []
+
+        def build_model(self):
+            return torch.nn.Linear(2, 1)
+
+        def train_batches(self, epoch_seed, batch_size, num_workers, rank, world_size):
+            return torch.utils.data.DataLoader(self.train_set, batch_size=batch_size, drop_last=True)
+
+        def loss(self, model, batch, device):
+            raise AssertionError("no batch to train on")
+
+        def evaluate(self, model, device):
+            return {"score": 0.0}
+
+    with pytest.raises(ValueError, match=r"epoch 1 has no training step: the training set \(0 items\) is smaller "
+                                         r"than batch_size × world size \(4 × 1\)"):
+        fit(Empty(), OptimConfig(epochs=1, batch_size=4, num_workers=0), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "summary.json").exists()
 
 
 def test_processes_sharing_a_gpu_use_gloo(monkeypatch):

@@ -241,6 +241,14 @@ def _restore_local_state(setup: Any, path: Path, epoch: int, dev: torch.device) 
     setup.load_local_state(saved["state"])
 
 
+def _no_step(epoch: int, batches: Any, batch_size: int, world: int) -> str:
+    """Why epoch ``epoch`` has no training step: the training set against the batch of all ranks."""
+    dataset = getattr(batches, "dataset", None)
+    items = f"({len(dataset)} items) " if dataset is not None and hasattr(dataset, "__len__") else ""
+    return (f"epoch {epoch + 1} has no training step: the training set {items}is smaller than batch_size × world "
+            f"size ({batch_size} × {world}); lower optim.batch_size or train on fewer processes")
+
+
 def _load_weights(model: nn.Module, weights: dict[str, Any], path: Path) -> None:
     """``model.load_state_dict(weights)``, failing in one line: the first mismatch, and how many there are."""
     try:
@@ -365,6 +373,8 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
             sums: dict[str, float] = {}
             count = 0
             steps_per_epoch = len(batches)
+            if steps_per_epoch == 0:  # the same on every rank (equal shares): all stop, none waits in a collective
+                raise ValueError(_no_step(epoch, batches, cfg.batch_size, world))
             epoch_started, first_batch_s = time.perf_counter(), 0.0
             # The bar gets the epoch's one iterator: tqdm.auto's bar calls iter() on its iterable when made and again
             # when iterated, and every iter() of a loader with kept workers restarts it, which drew the epoch's order

@@ -213,13 +213,15 @@ class RecistNetTask:
 
     def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int, rank: int, world_size: int):
         """This epoch's batches, from one loader kept for the run (its workers start once); a new one only when
-        hard-negative mining has changed the items."""
+        hard-negative mining has changed the items. Under DDP this rank's share: DistributedSampler pads the
+        epoch to equal shares (repeating fewer than ``world_size`` items) and nothing is dropped, so every rank
+        takes as many steps, its last batch short as one process's is."""
         mined = None if self.miner is None else self.miner.mined
         return self.loader.epoch(
             epoch_seed, (mined, batch_size, num_workers, rank, world_size),  # datasets compare by identity
             lambda: EpochLoader(self.train_set if mined is None else ConcatDataset([self.train_set, mined]),
                                 batch_size, num_workers, rank=rank, world_size=world_size,
-                                collate_fn=collate_lesions, drop_last=world_size > 1))
+                                collate_fn=collate_lesions))
 
     def close(self) -> None:
         """Stop the training loader's workers (``fit`` calls this when it is done)."""
