@@ -408,7 +408,8 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
                 for key, value in {"loss": loss, **parts}.items():  # detached: a float of a graph tensor warns
                     sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
                 bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
-            if epoch + 1 == cfg.epochs and hasattr(optimizer, "finish_training"):
+            finished = epoch + 1 == cfg.epochs and hasattr(optimizer, "finish_training")
+            if finished:
                 optimizer.finish_training()  # CSER: the local models become their average (counted in the bytes)
             row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                                    **{f"train_{k}": v / max(count, 1) for k, v in sums.items()},
@@ -418,27 +419,34 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
                 row["comm_bytes_per_step"] = round(comm.per_step())
                 row["comm_reduction"] = round(comm.uncompressed_per_step() / max(comm.per_step(), 1), 2)
                 comm.reset()
-            if rank == 0:
-                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                    eval_started = time.perf_counter()
-                    model.eval()
-                    with _own_code_on(placed):
-                        row.update({f"val_{k}": v for k, v in task.evaluate(model, dev).items()})
-                    row["eval_s"] = round(time.perf_counter() - eval_started, 3)
-                row["write_wait_s"] = round(writer.wait(), 3)  # the epoch before's files, written meanwhile
-                row["wall_s"] = wall_s = round(wall_before + time.perf_counter() - started, 2)
-                history_now = runlog.add(row)
-                metric = row.get(f"val_{task.primary_metric}")
-                new_best = metric is not None and metric > best
-                best = metric if new_best else best
-                payload = cpu_snapshot({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "epoch": epoch, "step": step, "best": best, "history": history_now,
-                                        "config": cfg.model_dump(), "wall_s": row["wall_s"], **(extra_state or {})})
-                # summary.json too after every epoch: a run a scheduler cuts off says what it was and how far it got
-                writer.submit(write_epoch_files, out_dir, payload, new_best, runlog, history_now,
-                              _summary(task, cfg, epoch + 1, best, row["wall_s"], dev, world))
-                log.info("epoch %d: %s", epoch + 1, json.dumps({k: round(v, 5) if isinstance(v, float) else v
-                                                                 for k, v in row.items()}))
+            # CSER: rank 0 scores and saves the workers' consensus, not its own local model (every rank takes part)
+            consensus = setup.consensus() if setup is not None and not finished else contextlib.nullcontext(0)
+            with consensus as consensus_bytes:
+                if consensus_bytes:
+                    row["consensus_bytes"] = consensus_bytes
+                if rank == 0:
+                    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                        eval_started = time.perf_counter()
+                        model.eval()
+                        with _own_code_on(placed):
+                            row.update({f"val_{k}": v for k, v in task.evaluate(model, dev).items()})
+                        row["eval_s"] = round(time.perf_counter() - eval_started, 3)
+                    row["write_wait_s"] = round(writer.wait(), 3)  # the epoch before's files, written meanwhile
+                    row["wall_s"] = wall_s = round(wall_before + time.perf_counter() - started, 2)
+                    history_now = runlog.add(row)
+                    metric = row.get(f"val_{task.primary_metric}")
+                    new_best = metric is not None and metric > best
+                    best = metric if new_best else best
+                    payload = cpu_snapshot({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                            "epoch": epoch, "step": step, "best": best, "history": history_now,
+                                            "config": cfg.model_dump(), "wall_s": row["wall_s"],
+                                            **(extra_state or {})})
+                    # summary.json too after every epoch: a run a scheduler cuts off says what it was and how far
+                    # it got
+                    writer.submit(write_epoch_files, out_dir, payload, new_best, runlog, history_now,
+                                  _summary(task, cfg, epoch + 1, best, row["wall_s"], dev, world))
+                    log.info("epoch %d: %s", epoch + 1, json.dumps({k: round(v, 5) if isinstance(v, float) else v
+                                                                     for k, v in row.items()}))
             if setup is not None and (local := setup.local_state()):
                 local_file.parent.mkdir(parents=True, exist_ok=True)
                 _atomic_save({"epoch": epoch, "state": local}, local_file)
