@@ -260,7 +260,7 @@ class _TinyTask:
     name, primary_metric = "tiny", "score"
 
     def __init__(self, out: Path, rank: int) -> None:
-        self.out, self.rank, self.evaluated = out, rank, 0
+        self.out, self.rank, self.evaluated, self.losses = out, rank, 0, []
 
     def build_model(self) -> nn.Module:
         torch.manual_seed(0)
@@ -271,7 +271,12 @@ class _TinyTask:
         return [torch.randn(batch_size, 9, generator=generator) for _ in range(4)]
 
     def loss(self, model, batch, device):
-        return nn.functional.mse_loss(model(batch[:, :8]).squeeze(1), batch[:, 8]), {}
+        loss = nn.functional.mse_loss(model(batch[:, :8]).squeeze(1), batch[:, 8])
+        self.losses.append(float(loss.detach()))
+        return loss, {}
+
+    def close(self) -> None:  # fit is done: this rank's losses, 4 steps an epoch
+        (self.out / f"losses.rank{self.rank}.json").write_text(json.dumps(self.losses))
 
     def before_epoch(self, model, device, epoch):
         torch.save(copy.deepcopy(model.state_dict()), self.out / f"local.rank{self.rank}.epoch{epoch}.pt")
@@ -294,7 +299,8 @@ def _fit_worker(rank: int, world: int, init_file: str, out: str, compression: di
 
 def test_cser_evaluates_and_saves_the_workers_consensus(tmp_path):
     """Under CSER the workers' local models differ between resets: the model rank 0 scores, best.pt and last.pt
-    are their average (not rank 0's own), and each worker trains on from its own local model afterwards."""
+    are their average (not rank 0's own), and each worker trains on from its own local model afterwards. The
+    training loss logged is the mean over the ranks (each rank's batches differ)."""
     out = tmp_path / "run"
     out.mkdir()
     cser = {"compression": "cser", "ratio": 1 / 8, "period": 3, "reset_ratio": 0.25}
@@ -307,6 +313,10 @@ def test_cser_evaluates_and_saves_the_workers_consensus(tmp_path):
     for key, tensor in best["model"].items():
         torch.testing.assert_close(tensor, (local[0][key] + local[1][key]) / 2, rtol=0, atol=1e-6)
         assert torch.equal(evaluated[key], tensor), key  # what was scored is what was saved
+    losses = [json.loads((out / f"losses.rank{rank}.json").read_text()) for rank in (0, 1)]
+    logged = [row["train_loss"] for row in best["history"]]
+    assert logged[0] == pytest.approx((sum(losses[0][:4]) + sum(losses[1][:4])) / 8, rel=1e-9)
+    assert logged[0] != pytest.approx(sum(losses[0][:4]) / 4, rel=1e-3)  # not rank 0's alone
     last = torch.load(out / "last.pt", weights_only=False)
     final = [torch.load(out / f"compression.rank{rank}.pt", weights_only=False)["state"]["model"] for rank in (0, 1)]
     for key, tensor in last["model"].items():  # the end of training averages the whole model: all agree

@@ -338,6 +338,68 @@ def test_an_epoch_without_a_training_step_is_an_error(tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+def _step_gradient(task, model, batch):
+    """The loss (and its parts) and the flat gradient of one training step of ``task`` on ``batch``."""
+    model.zero_grad()
+    loss, parts = task.loss(model, batch, torch.device("cpu"))
+    loss.backward()
+    module = getattr(model, "module", model)
+    return float(loss.detach()), parts, torch.cat([p.grad.reshape(-1) for p in module.parameters()])
+
+
+def _ddp_gradient_worker(rank, world, init_file, config, out):
+    """One DDP rank of a 2-process step on gloo: its share of the epoch's first global batch of 6."""
+    import os
+
+    import torch.distributed as dist
+
+    from ctzoo.training.engine import epoch_seed
+    from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    os.environ["WORLD_SIZE"] = str(world)
+    task = RecistNetTask(load_train_config(config).model_copy(update={"cache": False}))
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(task.build_model())
+    batch = next(iter(task.train_batches(epoch_seed(0, 0), 6 // world, 0, rank, world)))
+    loss, parts, gradient = _step_gradient(task, model, batch)
+    torch.save({"loss": loss, "parts": parts, "gradient": gradient, "files": list(batch["file_name"]),
+                "lesions": sum(len(k) for k in batch["keypoints"])}, f"{out}.{rank}")
+    del model
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_gradient_is_the_one_process_gradient_of_the_global_batch(mini, tmp_path):
+    """Two DDP processes on gloo, each with half of a global batch of 6, step with the gradient one process computes
+    on the whole batch: the losses are normalised by the step's positives over all ranks (mmdet's
+    reduce_mean(avg_factor)), not by each rank's own (the ranks hold different numbers of lesions here), and the
+    mean of the ranks' losses, which metrics.csv logs, is the one process's loss."""
+    import torch.multiprocessing as mp
+
+    from ctzoo.training.engine import epoch_seed
+    from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
+
+    config = tiny_config(tmp_path, mini)
+    mp.spawn(_ddp_gradient_worker, args=(2, str(tmp_path / "init"), str(config), str(tmp_path / "rank")), nprocs=2,
+             join=True)
+    ranks = [torch.load(tmp_path / f"rank.{rank}", weights_only=False) for rank in (0, 1)]
+    task = RecistNetTask(load_train_config(config).model_copy(update={"cache": False}))
+    torch.manual_seed(0)
+    model = task.build_model()
+    batch = next(iter(task.train_batches(epoch_seed(0, 0), 6, 0, 0, 1)))
+    loss, parts, gradient = _step_gradient(task, model, batch)
+    assert sorted(batch["file_name"]) == sorted(ranks[0]["files"] + ranks[1]["files"])  # the same global batch
+    assert ranks[0]["lesions"] != ranks[1]["lesions"]  # so the ranks' own normalisers would differ
+    torch.testing.assert_close(ranks[0]["gradient"], ranks[1]["gradient"])  # DDP: both step alike
+    scale = gradient.abs().max()
+    torch.testing.assert_close(ranks[0]["gradient"] / scale, gradient / scale, rtol=0, atol=1e-5)
+    assert (ranks[0]["loss"] + ranks[1]["loss"]) / 2 == pytest.approx(loss, rel=1e-5)
+    for key, value in parts.items():
+        assert (ranks[0]["parts"][key] + ranks[1]["parts"][key]) / 2 == pytest.approx(value, rel=1e-5, abs=1e-7)
+
+
 def test_processes_sharing_a_gpu_use_gloo(monkeypatch):
     """NCCL refuses two ranks on one GPU: with more processes than GPUs on a node the engine takes gloo."""
     from ctzoo.training.engine import distributed_backend

@@ -241,6 +241,16 @@ def _restore_local_state(setup: Any, path: Path, epoch: int, dev: torch.device) 
     setup.load_local_state(saved["state"])
 
 
+def _mean_over_ranks(sums: dict[str, float], world: int, dev: torch.device) -> dict[str, float]:
+    """The epoch's loss sums averaged over the DDP ranks (every rank calls this; the keys are the same on all)."""
+    if world == 1 or not sums:
+        return sums
+    keys = sorted(sums)
+    values = torch.tensor([sums[key] for key in keys], dtype=torch.float64, device=dev)
+    dist.all_reduce(values)
+    return {key: value / world for key, value in zip(keys, values.tolist())}
+
+
 def _no_step(epoch: int, batches: Any, batch_size: int, world: int) -> str:
     """Why epoch ``epoch`` has no training step: the training set against the batch of all ranks."""
     dataset = getattr(batches, "dataset", None)
@@ -408,6 +418,7 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
                 for key, value in {"loss": loss, **parts}.items():  # detached: a float of a graph tensor warns
                     sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
                 bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
+            sums = _mean_over_ranks(sums, world, dev)  # each rank's loss is its share's: log the step's
             finished = epoch + 1 == cfg.epochs and hasattr(optimizer, "finish_training")
             if finished:
                 optimizer.finish_training()  # CSER: the local models become their average (counted in the bytes)

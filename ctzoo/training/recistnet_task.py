@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.data import ConcatDataset
@@ -32,7 +33,7 @@ from ctzoo.datasets.keypoint_transforms import (
     recist_train_transforms,
 )
 from ctzoo.models.recistnet import RecistNet, pool_box_features
-from ctzoo.models.recistnet_targets import make_targets, recistnet_loss
+from ctzoo.models.recistnet_targets import loss_counts, make_targets, recistnet_loss
 from ctzoo.scaling.compress import CompressionConfig
 from ctzoo.scaling.zoo_expand import ExpansionInit, expanded_model
 from ctzoo.training.engine import OptimConfig
@@ -170,6 +171,21 @@ def _image_detections(batch: dict[str, Any], k: int, result: dict[str, torch.Ten
             "diameters_mm": diameters(points, batch["spacing_mm"][k].numpy())[1].reshape(-1, 2)}
 
 
+def data_parallel_loss(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]):
+    """:func:`recistnet_loss` of this process's share of a step, such that DDP's average of the processes'
+    gradients is the gradient one process takes on the whole step's batch: each term is normalised by its count
+    (positives, points) summed over the processes (mmdet's ``reduce_mean(avg_factor)``), not by this share's
+    own, and the share is scaled by the number of processes (DDP averages). The mean over the processes of the
+    returned loss and parts is the whole batch's. One process: :func:`recistnet_loss` itself."""
+    counts = loss_counts(targets)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        return recistnet_loss(outputs, targets, counts=counts)
+    dist.all_reduce(counts)
+    total, parts = recistnet_loss(outputs, targets, counts=counts)
+    return total * world, {key: value * world for key, value in parts.items()}
+
+
 class RecistNetTask:
     """The :class:`ctzoo.training.engine.Task` for RECIST-Net."""
 
@@ -234,8 +250,7 @@ class RecistNetTask:
             images = batch["image"].to(device)
         targets = make_targets(batch["keypoints"], batch["boxes"], tuple(images.shape[-2:]))
         targets = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in targets.items()}
-        total, parts = recistnet_loss(model(images), targets)
-        return total, parts
+        return data_parallel_loss(model(images), targets)
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         loader = deeplesion_dataloader(self.eval_set, batch_size=4, shuffle=False, num_workers=0)
