@@ -252,6 +252,78 @@ def test_hooks_train_close_to_uncompressed_ddp_with_fewer_bytes(world, tmp_path)
     assert results["cser"]["finish_bytes"] == 8 * n
 
 
+class _TinyTask:
+    """A fit() task small enough to train under torchrun's stand-in in a second: each rank its own random batches;
+    it writes what it sees. ``before_epoch`` saves the rank's local model as the epoch starts (the one the epoch
+    before left); rank 0's ``evaluate`` saves the model it scores and rates the first epoch best."""
+
+    name, primary_metric = "tiny", "score"
+
+    def __init__(self, out: Path, rank: int) -> None:
+        self.out, self.rank, self.evaluated, self.losses = out, rank, 0, []
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def train_batches(self, epoch_seed, batch_size, num_workers, rank, world_size):
+        generator = torch.Generator().manual_seed(epoch_seed * 10 + rank)
+        return [torch.randn(batch_size, 9, generator=generator) for _ in range(4)]
+
+    def loss(self, model, batch, device):
+        loss = nn.functional.mse_loss(model(batch[:, :8]).squeeze(1), batch[:, 8])
+        self.losses.append(float(loss.detach()))
+        return loss, {}
+
+    def close(self) -> None:  # fit is done: this rank's losses, 4 steps an epoch
+        (self.out / f"losses.rank{self.rank}.json").write_text(json.dumps(self.losses))
+
+    def before_epoch(self, model, device, epoch):
+        torch.save(copy.deepcopy(model.state_dict()), self.out / f"local.rank{self.rank}.epoch{epoch}.pt")
+
+    def evaluate(self, model, device):
+        torch.save(copy.deepcopy(model.state_dict()), self.out / f"evaluated.{self.evaluated}.pt")
+        self.evaluated += 1
+        return {"score": -float(self.evaluated)}
+
+
+def _fit_worker(rank: int, world: int, init_file: str, out: str, compression: dict) -> None:
+    from ctzoo.training.engine import OptimConfig, fit
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    fit(_TinyTask(Path(out), rank), OptimConfig(epochs=3, batch_size=4, lr=0.05, num_workers=0, grad_clip=None),
+        out, progress=False, compression=CompressionConfig(**compression))
+
+
+def test_cser_evaluates_and_saves_the_workers_consensus(tmp_path):
+    """Under CSER the workers' local models differ between resets: the model rank 0 scores, best.pt and last.pt
+    are their average (not rank 0's own), and each worker trains on from its own local model afterwards. The
+    training loss logged is the mean over the ranks (each rank's batches differ)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    cser = {"compression": "cser", "ratio": 1 / 8, "period": 3, "reset_ratio": 0.25}
+    mp.spawn(_fit_worker, args=(2, str(tmp_path / "init"), str(out), cser), nprocs=2, join=True)
+    best = torch.load(out / "best.pt", weights_only=False)
+    assert best["epoch"] == 0  # the task rates the first epoch best
+    local = [torch.load(out / f"local.rank{rank}.epoch1.pt") for rank in (0, 1)]  # as epoch 1 started
+    assert any(not torch.equal(local[0][key], local[1][key]) for key in local[0])  # each trained on its own
+    evaluated = torch.load(out / "evaluated.0.pt")
+    for key, tensor in best["model"].items():
+        torch.testing.assert_close(tensor, (local[0][key] + local[1][key]) / 2, rtol=0, atol=1e-6)
+        assert torch.equal(evaluated[key], tensor), key  # what was scored is what was saved
+    losses = [json.loads((out / f"losses.rank{rank}.json").read_text()) for rank in (0, 1)]
+    logged = [row["train_loss"] for row in best["history"]]
+    assert logged[0] == pytest.approx((sum(losses[0][:4]) + sum(losses[1][:4])) / 8, rel=1e-9)
+    assert logged[0] != pytest.approx(sum(losses[0][:4]) / 4, rel=1e-3)  # not rank 0's alone
+    last = torch.load(out / "last.pt", weights_only=False)
+    final = [torch.load(out / f"compression.rank{rank}.pt", weights_only=False)["state"]["model"] for rank in (0, 1)]
+    for key, tensor in last["model"].items():  # the end of training averages the whole model: all agree
+        torch.testing.assert_close(tensor, final[0][key], rtol=0, atol=1e-6)
+        torch.testing.assert_close(tensor, final[1][key], rtol=0, atol=1e-6)
+
+
 def test_a_resumed_run_keeps_its_compression_phase(tmp_path):
     """After ``--resume`` the optimiser's restored step count tells CSER where its reset period stands and the
     two-way method that its warm-up is over (the step counters of the hooks are not checkpointed)."""

@@ -2,6 +2,7 @@
 volume inference that infer/serve/PACS share (orientation-independent, merged across slices)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -73,6 +74,119 @@ def test_train_writes_logs_and_resumes_bit_for_bit(mini, tmp_path):
     assert json.loads((tmp_path / "straight" / "summary.json").read_text())["epoch_files_s"] > 0
     result = CliRunner().invoke(main, ["train", str(config), "--out", str(tmp_path / "none"), "--resume"])
     assert result.exit_code == 1 and "nothing to resume from" in result.output
+
+
+def _resume_error(config, out, *extra):
+    """What a refused --resume says: exit 1, one line (no traceback)."""
+    result = CliRunner().invoke(main, ["train", str(config), "--out", str(out), "--resume", *map(str, extra)])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: --resume: ") and result.output.count("\n") == 1, result.output
+    return result.output
+
+
+def _same_data_elsewhere(mini, folder, edit=None):
+    """``mini``'s data under another root (its images linked), its DL_info.csv rewritten by ``edit``."""
+    folder.mkdir()
+    (folder / "Images_png").symlink_to(mini / "Images_png")
+    table = (mini / "DL_info.csv").read_bytes()
+    (folder / "DL_info.csv").write_bytes(edit(table) if edit else table)
+    return folder
+
+
+def test_resume_refuses_another_config_and_keeps_the_runs_record(mini, tmp_path):
+    """--resume continues a run only with its own settings: another learning rate, batch, seed, architecture,
+    gradient exchange or dataset is refused in one line that lists each difference (old → new), before the run's
+    config.json is touched. The epochs, loader workers, eval_every and the data's place (same DL_info.csv) may
+    change. Weights that do not fit the model (whatever the config says) fail in one line too."""
+    config = tiny_config(tmp_path, mini, epochs=2)
+    run = tmp_path / "run"
+    run_train(config, "--out", run, "--epochs", "1")
+    recorded = (run / "config.json").read_text()
+    settings = yaml.safe_load(config.read_text())
+
+    def variant(name, **sections):  # the config with some fields of some sections changed
+        changed = {**settings, **{key: {**settings.get(key, {}), **fields} for key, fields in sections.items()}}
+        (tmp_path / name).write_text(yaml.safe_dump(changed))
+        return tmp_path / name
+
+    said = _resume_error(variant("b.yaml", optim={"lr": 0.04, "batch_size": 2, "seed": 7}), run)
+    assert "optim.lr: 0.004 → 0.04" in said and "optim.batch_size: 4 → 2" in said and "optim.seed: 0 → 7" in said
+    assert "optim.epochs" not in said.split("may change")[0]
+    assert "model.width: 8 → 16" in _resume_error(variant("w16.yaml", model={"width": 16}), run)
+    cser = variant("cser.yaml", distributed={"compression": "cser"})
+    assert 'distributed.compression: "none" → "cser"' in _resume_error(cser, run)
+    other = _same_data_elsewhere(mini, tmp_path / "other-data", lambda table: table.replace(b",1,", b",2,", 1))
+    said = _resume_error(config, run, "--data-root", other)
+    assert "data.root: " in said and "data_files.DL_info.csv: " in said
+    assert (run / "config.json").read_text() == recorded  # a refused resume leaves the run's record alone
+    # the same data elsewhere, more epochs, another number of loader workers and validation interval: resumed
+    moved = _same_data_elsewhere(mini, tmp_path / "moved")
+    run_train(variant("more.yaml", optim={"num_workers": 1, "eval_every": 2}), "--out", run, "--resume",
+              "--data-root", moved)
+    assert json.loads((run / "summary.json").read_text())["epochs_done"] == 2
+    assert json.loads((run / "config.json").read_text())["optim"]["num_workers"] == 1
+    state = torch.load(run / "last.pt", weights_only=False)
+    state["model"]["heatmap_head.0.weight"] = state["model"]["heatmap_head.0.weight"][:, :4]
+    torch.save(state, run / "last.pt")
+    said = _resume_error(config, run, "--epochs", "3")
+    assert "do not fit the model this config builds: size mismatch for heatmap_head.0.weight" in said
+
+
+def test_what_a_resumed_run_may_change():
+    """The comparison behind --resume: the task's config field by field (the optimiser's own record only for a task
+    without one), the fields a resumed run may change aside, data.root only with the same data's digest, fields an
+    older checkpoint lacks not compared, a section switched on (None → settings) reported, records that do not
+    say what the run is (a search's space) not compared."""
+    from ctzoo.training.resume_check import config_changes, resume_record
+
+    task = {"optim": {"epochs": 2, "lr": 0.1, "num_workers": 0}, "data": {"root": "/a"}, "hard_negatives": None}
+    saved = {"config": {"epochs": 2, "decay_epochs": 1.0}, "train_config": task, "data_files": {"DL_info.csv": "x"}}
+    moved = {**task, "optim": {"epochs": 9, "lr": 0.1, "num_workers": 4}, "data": {"root": "/b"}, "new_field": 1}
+    # LEMON derives decay_epochs from the epochs: the optimiser's record is not compared beside the task's config
+    same = resume_record({"epochs": 9, "decay_epochs": 4.5},
+                         {"train_config": moved, "data_files": {"DL_info.csv": "x"}})
+    assert config_changes(saved, same) == []
+    other = resume_record({}, {"train_config": {**moved, "hard_negatives": {"keep": 2}},
+                               "data_files": {"DL_info.csv": "y"}})
+    assert config_changes(saved, other) == ['data.root: "/a" → "/b"', 'hard_negatives: null → {"keep": 2}',
+                                            'data_files.DL_info.csv: "x" → "y"']
+    assert config_changes({"config": {"lr": 0.1, "epochs": 1}}, resume_record({"lr": 0.2, "epochs": 5}, None)) == [
+        "optim.lr: 0.1 → 0.2"]  # a task without a config of its own: the optimiser's
+    # other extra_state is not what the run is: a search narrows its space between iterations (ctzoo.nas.search)
+    assert config_changes({"config": {"lr": 0.1}, "space": {"width": [1, 2]}},
+                          resume_record({"lr": 0.1}, {"space": {"width": [2]}})) == []
+
+
+def test_template_seg_resume_refuses_another_config(tmp_path):
+    """ctzoo train --resume of a template-segmenter run compares each model's checkpoint with its own config."""
+    from ctzoo.training.template_seg_task import TemplateSegTrainConfig, check_resume
+
+    cfg = TemplateSegTrainConfig(baseline_unet=False)
+    (tmp_path / "template_seg").mkdir()
+    torch.save({"task_config": cfg.model_dump(mode="json"), "model_kind": "template_seg"},
+               tmp_path / "template_seg" / "last.pt")
+    check_resume(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"epochs": 50})}), tmp_path)
+    with pytest.raises(ValueError, match=r"optim.lr: 0.001 → 0.01"):
+        check_resume(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": 0.01})}), tmp_path)
+
+
+def test_training_selects_on_validation_only(tmp_path):
+    """best.pt (and the val_* columns, and a bundle card's "val" metrics) come from the validation split:
+    eval_split: test is refused, naming ctzoo eval, which scores the test split; a checkpoint chosen on the test
+    split by an older version is not exported as validated."""
+    from ctzoo.training.checkpoint_bundle import CheckpointError, bundle_from_checkpoint
+
+    config = tiny_config(tmp_path, tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**settings, "eval_split": "test"}))
+    result = CliRunner().invoke(main, ["train", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "eval_split" in result.output and "ctzoo eval" in result.output, result.output
+    assert not (tmp_path / "run").exists()
+    train_config = {**settings, "eval_split": "test"}
+    torch.save({"model": {}, "train_config": train_config, "epoch": 0}, tmp_path / "best.pt")
+    with pytest.raises(CheckpointError, match="chosen on the test split") as refused:
+        bundle_from_checkpoint(tmp_path / "best.pt", tmp_path / "bundle")
+    assert "\n" not in str(refused.value)
 
 
 def test_a_run_trains_the_same_weights_with_and_without_loader_workers(mini, tmp_path):
@@ -174,6 +288,116 @@ def test_a_compressed_run_resumes_with_every_workers_own_state(mini, tmp_path, c
         resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["model"]
         for name, tensor in straight.items():
             assert torch.equal(tensor, resumed[name]), name
+
+
+@pytest.mark.parametrize("world,batch", [(2, 4), (4, 2)])
+def test_ddp_ranks_train_every_item_each_epoch(mini, tmp_path, world, batch):
+    """Under DDP each rank trains its share of the epoch, DistributedSampler's padding to equal shares (fewer than
+    world size items repeated) the only difference from one process: nothing dropped, so a training set smaller
+    than batch_size x world size still trains (6 items, 2 x 4: it once gave no step at all, and reported
+    complete), and every rank takes as many steps (DDP's collectives need them all)."""
+    from collections import Counter
+
+    from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
+
+    task = RecistNetTask(load_train_config(tiny_config(tmp_path, mini)).model_copy(update={"cache": False}))
+    items = len(task.train_set)
+    steps, seen = set(), Counter()
+    for rank in range(world):
+        batches = task.train_batches(11, batch, 0, rank, world)
+        steps.add(len(batches))
+        seen.update(name for drawn in batches for name in drawn["file_name"])
+    assert len(steps) == 1 and steps.pop() > 0
+    assert len(seen) == items and sum(seen.values()) == world * math.ceil(items / world) < items + world
+
+
+def test_an_epoch_without_a_training_step_is_an_error(tmp_path):
+    """An epoch that would take no optimiser step (on any rank: they all have as many) stops the run, saying how
+    many items there are against the batch, instead of reporting a complete run of untrained weights."""
+    from ctzoo.training.engine import OptimConfig, fit
+
+    class Empty:
+        name, primary_metric = "empty", "score"
+        train_set = []
+
+        def build_model(self):
+            return torch.nn.Linear(2, 1)
+
+        def train_batches(self, epoch_seed, batch_size, num_workers, rank, world_size):
+            return torch.utils.data.DataLoader(self.train_set, batch_size=batch_size, drop_last=True)
+
+        def loss(self, model, batch, device):
+            raise AssertionError("no batch to train on")
+
+        def evaluate(self, model, device):
+            return {"score": 0.0}
+
+    with pytest.raises(ValueError, match=r"epoch 1 has no training step: the training set \(0 items\) is smaller "
+                                         r"than batch_size × world size \(4 × 1\)"):
+        fit(Empty(), OptimConfig(epochs=1, batch_size=4, num_workers=0), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def _step_gradient(task, model, batch):
+    """The loss (and its parts) and the flat gradient of one training step of ``task`` on ``batch``."""
+    model.zero_grad()
+    loss, parts = task.loss(model, batch, torch.device("cpu"))
+    loss.backward()
+    module = getattr(model, "module", model)
+    return float(loss.detach()), parts, torch.cat([p.grad.reshape(-1) for p in module.parameters()])
+
+
+def _ddp_gradient_worker(rank, world, init_file, config, out):
+    """One DDP rank of a 2-process step on gloo: its share of the epoch's first global batch of 6."""
+    import os
+
+    import torch.distributed as dist
+
+    from ctzoo.training.engine import epoch_seed
+    from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    os.environ["WORLD_SIZE"] = str(world)
+    task = RecistNetTask(load_train_config(config).model_copy(update={"cache": False}))
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(task.build_model())
+    batch = next(iter(task.train_batches(epoch_seed(0, 0), 6 // world, 0, rank, world)))
+    loss, parts, gradient = _step_gradient(task, model, batch)
+    torch.save({"loss": loss, "parts": parts, "gradient": gradient, "files": list(batch["file_name"]),
+                "lesions": sum(len(k) for k in batch["keypoints"])}, f"{out}.{rank}")
+    del model
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_gradient_is_the_one_process_gradient_of_the_global_batch(mini, tmp_path):
+    """Two DDP processes on gloo, each with half of a global batch of 6, step with the gradient one process computes
+    on the whole batch: the losses are normalised by the step's positives over all ranks (mmdet's
+    reduce_mean(avg_factor)), not by each rank's own (the ranks hold different numbers of lesions here), and the
+    mean of the ranks' losses, which metrics.csv logs, is the one process's loss."""
+    import torch.multiprocessing as mp
+
+    from ctzoo.training.engine import epoch_seed
+    from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
+
+    config = tiny_config(tmp_path, mini)
+    mp.spawn(_ddp_gradient_worker, args=(2, str(tmp_path / "init"), str(config), str(tmp_path / "rank")), nprocs=2,
+             join=True)
+    ranks = [torch.load(tmp_path / f"rank.{rank}", weights_only=False) for rank in (0, 1)]
+    task = RecistNetTask(load_train_config(config).model_copy(update={"cache": False}))
+    torch.manual_seed(0)
+    model = task.build_model()
+    batch = next(iter(task.train_batches(epoch_seed(0, 0), 6, 0, 0, 1)))
+    loss, parts, gradient = _step_gradient(task, model, batch)
+    assert sorted(batch["file_name"]) == sorted(ranks[0]["files"] + ranks[1]["files"])  # the same global batch
+    assert ranks[0]["lesions"] != ranks[1]["lesions"]  # so the ranks' own normalisers would differ
+    torch.testing.assert_close(ranks[0]["gradient"], ranks[1]["gradient"])  # DDP: both step alike
+    scale = gradient.abs().max()
+    torch.testing.assert_close(ranks[0]["gradient"] / scale, gradient / scale, rtol=0, atol=1e-5)
+    assert (ranks[0]["loss"] + ranks[1]["loss"]) / 2 == pytest.approx(loss, rel=1e-5)
+    for key, value in parts.items():
+        assert (ranks[0]["parts"][key] + ranks[1]["parts"][key]) / 2 == pytest.approx(value, rel=1e-5, abs=1e-7)
 
 
 def test_processes_sharing_a_gpu_use_gloo(monkeypatch):

@@ -25,24 +25,35 @@ def config_task(config: Path) -> str:
     return str(document.get("task", "recistnet")) if isinstance(document, dict) else "recistnet"
 
 
-def _prepare_run(load, config: Path, out: Path, epochs: int | None, data_root: Path | None):
-    """Load CONFIG with ``load(config, data_root)``, apply --epochs, and record the config used in OUT."""
+def _load_run_config(load, config: Path, epochs: int | None, data_root: Path | None):
+    """Load CONFIG with ``load(config, data_root)`` and apply --epochs."""
     try:
         cfg = load(config, data_root)
     except (ConfigError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     if epochs is not None:
         cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"epochs": epochs})})
+    return cfg
+
+
+def _record_config(cfg, out: Path, check_resume=None) -> None:
+    """Run ``check_resume()`` (a resumed run: refuse a config its checkpoints were not trained with), then record
+    the config used in OUT/config.json: only then, so that a refused resume leaves the run's record as it was."""
+    if check_resume is not None:
+        try:
+            check_resume()
+        except (FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
-    return cfg
 
 
 def _train_template_seg(config: Path, out: Path, resume: bool, epochs: int | None, data_root: Path | None,
                         device: str) -> None:
-    from ctzoo.training.template_seg_task import load_seg_config, train_with_baseline
+    from ctzoo.training.template_seg_task import check_resume, load_seg_config, train_with_baseline
 
-    cfg = _prepare_run(load_seg_config, config, out, epochs, data_root)
+    cfg = _load_run_config(load_seg_config, config, epochs, data_root)
+    _record_config(cfg, out, (lambda: check_resume(cfg, out)) if resume else None)
     try:
         train_with_baseline(cfg, out, device=device, resume=resume)
     except (FileNotFoundError, ValueError) as exc:
@@ -68,7 +79,8 @@ _DEVICE = click.option("--device", default="auto", show_default=True,
 @_CONFIG
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run folder: checkpoints (last.pt, best.pt), metrics.csv, tensorboard/, training_curves.png.")
-@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt exactly where it stopped.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt exactly where it stopped, with the run's "
+              "config: only optim.epochs, num_workers, eval_every and the cache and placement settings may change.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override optim.epochs.")
 @_DATA_ROOT
 @_DEVICE
@@ -106,15 +118,19 @@ def train(config: Path, out: Path, resume: bool, epochs: int | None, data_root: 
     from ctzoo.scaling.placement.graph import Plan
     from ctzoo.scaling.zoo_expand import expansion_record, lemon_optim
     from ctzoo.training.engine import fit
-    from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
+    from ctzoo.training.recistnet_task import RecistNetTask, data_record, load_train_config
+    from ctzoo.training.resume_check import check_resume, resume_record
 
-    cfg = _prepare_run(load_train_config, config, out, epochs, data_root)
+    cfg = _load_run_config(load_train_config, config, epochs, data_root)
+    optim = lemon_optim(cfg.optim, cfg.init_from_expansion)
+    extra_state = {"train_config": json.loads(cfg.model_dump_json()), **data_record(cfg.data),
+                   **expansion_record(cfg.init_from_expansion)}
+    record = resume_record(optim.model_dump(), extra_state)
+    _record_config(cfg, out, (lambda: check_resume(out / "last.pt", record)) if resume else None)
     monitor = perf_monitor(perf, "train", *_rank_store(out))
     try:
         plan = Plan.load(cfg.placement) if cfg.placement is not None else None
-        summary = fit(RecistNetTask(cfg), lemon_optim(cfg.optim, cfg.init_from_expansion), out, resume=resume,
-                      device=device, extra_state={"train_config": json.loads(cfg.model_dump_json()),
-                                                  **expansion_record(cfg.init_from_expansion)},
+        summary = fit(RecistNetTask(cfg), optim, out, resume=resume, device=device, extra_state=extra_state,
                       compression=cfg.distributed, monitor=monitor, placement=plan)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -123,9 +123,10 @@ def make_targets(keypoints: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor
             "point_mask": torch.from_numpy(point_mask)}
 
 
-def focal_loss(pred_logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
+def focal_loss(pred_logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0,
+               positives: torch.Tensor | None = None) -> torch.Tensor:
     """CornerNet focal loss of logits vs Gaussian target (same shape), normalised by the number of positives
-    (cells where target == 1; at least 1).
+    (cells where target == 1; at least 1), or by ``positives`` when given (:func:`loss_counts`).
 
     pos: -log(p) (1-p)^alpha; neg: -log(1-p) p^alpha (1-y)^beta. Computed in float32 from log-sigmoids with
     autocast off, so fp16/bf16 logits neither overflow nor hit log(0) (CenterNet clamps p instead).
@@ -137,7 +138,8 @@ def focal_loss(pred_logits: torch.Tensor, target: torch.Tensor, alpha: float = 2
         pos_loss = F.logsigmoid(logits) * (1 - prob).pow(alpha)
         neg_loss = F.logsigmoid(-logits) * prob.pow(alpha) * (1 - target).pow(beta)
         total = torch.where(positive, pos_loss, neg_loss).sum()
-        return -total / positive.sum().clamp_min(1).to(total.dtype)
+        count = positive.sum() if positives is None else positives
+        return -total / count.clamp_min(1).to(total.dtype)
 
 
 def gather_offsets(pred_offsets: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -148,49 +150,78 @@ def gather_offsets(pred_offsets: torch.Tensor, indices: torch.Tensor) -> torch.T
     return flat.gather(3, index).permute(0, 3, 1, 2)
 
 
+def _point_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, K, 5): a per-lesion mask (B, K) spread over its points; a per-point one as it is."""
+    return mask[:, :, None].expand(-1, -1, NUM_POINTS) if mask.dim() == 2 else mask
+
+
+def _centre_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, K): the lesions whose centre (the last point) is on the grid."""
+    return mask[..., -1] if mask.dim() == 3 else mask
+
+
 def offset_loss(pred_offsets: torch.Tensor, offset_targets: torch.Tensor, indices: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor, points: torch.Tensor | None = None) -> torch.Tensor:
     """L1 between gathered offsets and offset_targets (B, K, 5, 2), averaged over masked coordinates
-    (CenterNet ``RegL1Loss``). ``mask`` is (B, K) per lesion or (B, K, 5) per point."""
-    if mask.dim() == 2:
-        mask = mask[:, :, None].expand(-1, -1, NUM_POINTS)
-    weight = mask[..., None].to(torch.float32)
+    (CenterNet ``RegL1Loss``). ``mask`` is (B, K) per lesion or (B, K, 5) per point; ``points``, when given,
+    replaces the masked points' count in the average (:func:`loss_counts`)."""
+    weight = _point_mask(mask)[..., None].to(torch.float32)
     error = (gather_offsets(pred_offsets.float(), indices) - offset_targets.float()).abs() * weight
-    return error.sum() / (2 * weight.sum() + 1e-4)
+    return error.sum() / (2 * (weight.sum() if points is None else points) + 1e-4)
 
 
 def displacement_loss(pred_displacements: torch.Tensor, displacement_targets: torch.Tensor, indices: torch.Tensor,
-                      centre_mask: torch.Tensor) -> torch.Tensor:
+                      centre_mask: torch.Tensor, centres: torch.Tensor | None = None) -> torch.Tensor:
     """L1 between the displacements (B, 8, h, w) read at each lesion's centre cell ``indices`` (B, K) and
     displacement_targets (B, K, 4, 2), averaged over lesions whose centre is on the grid (``centre_mask``
-    (B, K)) (CenterNet ``multi_pose``'s keypoint regression)."""
+    (B, K)), or over ``centres`` lesions when given (:func:`loss_counts`) (CenterNet ``multi_pose``'s keypoint
+    regression)."""
     batch, channels, height, width = pred_displacements.shape
     flat = pred_displacements.float().reshape(batch, channels, height * width)
     predicted = flat.gather(2, indices[:, None, :].expand(-1, channels, -1)).permute(0, 2, 1)  # (B, K, 8)
     weight = centre_mask[..., None].to(torch.float32)
     error = (predicted - displacement_targets.float().reshape(batch, -1, channels)).abs() * weight
-    return error.sum() / (channels * weight.sum() + 1e-4)
+    return error.sum() / (channels * (weight.sum() if centres is None else centres) + 1e-4)
+
+
+def loss_counts(targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What :func:`recistnet_loss` divides by, float32 (7,) on the targets' device: the positive cells of each of
+    the five heatmaps, the points with an offset target, the lesions with a displacement target. Data-parallel
+    training sums them over the processes and passes the sums (``counts``): each process's loss is then its share
+    of the whole step's, normalised as one process would normalise the global batch."""
+    mask = _loss_mask(targets)
+    positives = (targets["heatmaps"] >= 1.0).sum(dim=(0, 2, 3))
+    return torch.cat([positives.float(), _point_mask(mask).sum().float()[None],
+                      _centre_mask(mask).sum().float()[None]])
+
+
+def _loss_mask(targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    return targets["point_mask"] if "point_mask" in targets else targets["mask"]
 
 
 def recistnet_loss(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], offset_weight: float = 1.0,
-                   displacement_weight: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
+                   displacement_weight: float = 0.1,
+                   counts: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Total = sum over the five heatmaps of their focal losses (as CenterNet ``exdet`` sums its five) +
     ``offset_weight`` x offset L1 (with ``point_mask`` where present) + ``displacement_weight`` x displacement
     L1 when the outputs have ``displacements`` (0.1, CenterNet's weight for its size regression, since these
-    too are lengths of several cells). Targets are moved to the outputs' device.
-    Returns (total, {"heatmap": float, "offset": float[, "displacement": float]})."""
+    too are lengths of several cells). Targets are moved to the outputs' device. Each term is normalised by
+    ``targets``' own :func:`loss_counts`, or by ``counts`` when given (data-parallel training: their sums over
+    the processes). Returns (total, {"heatmap": float, "offset": float[, "displacement": float]})."""
     device = outputs["heatmaps"].device
     heat_target = targets["heatmaps"].to(device)
-    heat = sum(focal_loss(outputs["heatmaps"][:, k], heat_target[:, k]) for k in range(NUM_POINTS))
-    mask = targets["point_mask"] if "point_mask" in targets else targets["mask"]
+    counts = (loss_counts(targets) if counts is None else counts).to(device)
+    heat = sum(focal_loss(outputs["heatmaps"][:, k], heat_target[:, k], positives=counts[k])
+               for k in range(NUM_POINTS))
+    mask = _loss_mask(targets)
     offset = offset_loss(outputs["offsets"], targets["offset_targets"].to(device), targets["indices"].to(device),
-                         mask.to(device))
+                         mask.to(device), points=counts[NUM_POINTS])
     total = heat + offset_weight * offset
     parts = {"heatmap": float(heat.detach()), "offset": float(offset.detach())}
     if "displacements" in outputs:
-        centre_mask = mask[..., -1] if mask.dim() == 3 else mask
         displacement = displacement_loss(outputs["displacements"], targets["displacement_targets"].to(device),
-                                         targets["indices"][..., -1].to(device), centre_mask.to(device))
+                                         targets["indices"][..., -1].to(device), _centre_mask(mask).to(device),
+                                         centres=counts[NUM_POINTS + 1])
         total = total + displacement_weight * displacement
         parts["displacement"] = float(displacement.detach())
     return total, parts

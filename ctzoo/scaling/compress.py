@@ -13,8 +13,9 @@ from a shared seed, so no indices travel) and leaves the rest of the gradient lo
 ``reset_ratio`` of all parameters over the workers — the error reset. ``ratio = 1`` is plain synchronous SGD;
 ``reset_ratio = 1`` resets everything (local SGD with partial gradient sync in between). After the last step
 ``CSERModelSync.finish_training`` averages the whole model once (counted), so the trained model is the workers'
-consensus. Measured on the template segmenter over 1,000 steps (``benchmarks/compress.py``): 1/128 per step
-with half the parameters reset every 32 steps moves 41x fewer bytes within 1 % of uncompressed DDP's Dice.
+consensus; before that, each epoch's evaluation and checkpoints see the consensus too (``Compression.consensus``).
+Measured on the template segmenter over 1,000 steps (``benchmarks/compress.py``): 1/128 per step with half the
+parameters reset every 32 steps moves 41x fewer bytes within 1 % of uncompressed DDP's Dice.
 
 **Two-way** (Zhong et al., arXiv 2105.07829; BytePS-Compress): workers compress their gradient with error
 feedback, the aggregate is decompressed and averaged, then compressed again by the "server" with its own error
@@ -46,7 +47,9 @@ all-gathered method's download grows with ``N``: with sign, ``n / 8`` up and ``(
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -374,6 +377,25 @@ class Compression:
             return {"model": self.optimizer.model.state_dict(), "optimizer": self.optimizer.optimizer.state_dict()}
         return {}
 
+    @contextlib.contextmanager
+    def consensus(self) -> Iterator[int]:
+        """Under CSER the workers' local models differ between resets: for the block, worker 0's model holds their
+        average (every floating-point parameter and buffer), which its evaluation and checkpoints then see, and
+        its own values come back after it, so training goes on exactly as before. Yields the bytes each worker
+        sent worker 0 for it (one reduce of the model); 0 in the synchronous modes, whose models agree already."""
+        if not isinstance(self.hook_state, CSERState):
+            yield 0
+            return
+        tensors = [t for t in self.optimizer.model.state_dict().values() if t.is_floating_point()]
+        own = [t.clone() for t in tensors]
+        moved = _average_into_worker_0(tensors, self.hook_state.group)
+        try:
+            yield moved
+        finally:
+            with torch.no_grad():
+                for tensor, value in zip(tensors, own):
+                    tensor.copy_(value)
+
     def load_local_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`local_state` (after the model and optimiser were loaded from worker 0's checkpoint)."""
         if isinstance(self.hook_state, TwoWayState):
@@ -382,6 +404,25 @@ class Compression:
         elif isinstance(self.hook_state, CSERState):
             self.optimizer.model.load_state_dict(state["model"])
             self.optimizer.optimizer.load_state_dict(state["optimizer"])
+
+
+@torch.no_grad()
+def _average_into_worker_0(tensors: list[torch.Tensor], group=None) -> int:
+    """Replace ``tensors`` on worker 0 by their mean over the workers (one reduce per dtype; the other workers'
+    are left as they are); returns the bytes each worker sent."""
+    moved = 0
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for same in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in same])
+        dist.reduce(flat, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        moved += _nbytes(flat)
+        if dist.get_rank(group) == 0:
+            flat /= dist.get_world_size(group)
+            for tensor, value in zip(same, flat.split([t.numel() for t in same])):
+                tensor.copy_(value.view_as(tensor))
+    return moved
 
 
 def setup_compression(ddp_model: nn.parallel.DistributedDataParallel, optimizer: torch.optim.Optimizer,

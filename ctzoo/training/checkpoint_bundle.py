@@ -91,6 +91,9 @@ def _recistnet_checkpoint(path: Path, state: dict[str, Any], version: str, epoch
     from ctzoo.models.recistnet import RecistNet
     from ctzoo.training.recistnet_task import RecistNetTrainConfig
 
+    if isinstance(state["train_config"], dict) and state["train_config"].get("eval_split") == "test":
+        raise CheckpointError(f"{path} was chosen on the test split (eval_split: test, which ctzoo train no longer "
+                              "accepts): its scores are not validation scores; retrain with eval_split: val")
     try:
         cfg = RecistNetTrainConfig.model_validate(state["train_config"])
     except ValidationError as exc:

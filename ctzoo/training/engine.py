@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ctzoo.config import StrictConfig
 from ctzoo.io.atomic import atomic_path
 from ctzoo.training.epoch_writer import EpochWriter, cpu_snapshot
+from ctzoo.training.resume_check import config_changes, refusal, resume_record
 from ctzoo.training.step_events import StepEvents
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,36 @@ def _restore_local_state(setup: Any, path: Path, epoch: int, dev: torch.device) 
     setup.load_local_state(saved["state"])
 
 
+def _mean_over_ranks(sums: dict[str, float], world: int, dev: torch.device) -> dict[str, float]:
+    """The epoch's loss sums averaged over the DDP ranks (every rank calls this; the keys are the same on all)."""
+    if world == 1 or not sums:
+        return sums
+    keys = sorted(sums)
+    values = torch.tensor([sums[key] for key in keys], dtype=torch.float64, device=dev)
+    dist.all_reduce(values)
+    return {key: value / world for key, value in zip(keys, values.tolist())}
+
+
+def _no_step(epoch: int, batches: Any, batch_size: int, world: int) -> str:
+    """Why epoch ``epoch`` has no training step: the training set against the batch of all ranks."""
+    dataset = getattr(batches, "dataset", None)
+    items = f"({len(dataset)} items) " if dataset is not None and hasattr(dataset, "__len__") else ""
+    return (f"epoch {epoch + 1} has no training step: the training set {items}is smaller than batch_size × world "
+            f"size ({batch_size} × {world}); lower optim.batch_size or train on fewer processes")
+
+
+def _load_weights(model: nn.Module, weights: dict[str, Any], path: Path) -> None:
+    """``model.load_state_dict(weights)``, failing in one line: the first mismatch, and how many there are."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc)]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        first = problems[0] if len(problems[0]) <= 200 else problems[0][:199] + "…"
+        raise ValueError(f"--resume: the weights in {path} do not fit the model this config builds: "
+                         f"{first}{more}") from None
+
+
 def _placed_model(task: Task, plan: Any, batch_size: int, device: str) -> tuple[nn.Module, Any]:
     """``(model, placed)``: the task's model, and with a plan the model placed by it (else None)."""
     model = task.build_model()
@@ -282,6 +313,8 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
     ``placement`` (a :class:`ctzoo.scaling.placement.graph.Plan`) trains the model spread over this machine's
     devices as the plan places it (:func:`ctzoo.scaling.placement.execute.place_model`) instead of on ``device``;
     batches start on the plan's home device, and checkpoints are the unplaced model's. One process only (not DDP).
+    ``resume`` continues ``out_dir/last.pt`` and refuses (``ValueError``) a config or ``extra_state`` that differs
+    from the checkpoint's outside the fields a resumed run may change (:mod:`ctzoo.training.resume_check`).
     Returns the final summary (also written to ``summary.json``, after every epoch with ``complete: false``):
     best metric, epochs, wall time (all segments of a resumed run).
     """
@@ -308,7 +341,10 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
         if not last.exists():
             raise FileNotFoundError(f"{last}: nothing to resume from")
         state = torch.load(last, map_location=dev, weights_only=False)
-        model.load_state_dict(state["model"])
+        changes = config_changes(state, resume_record(cfg.model_dump(), extra_state))
+        if changes:
+            raise ValueError(refusal(last, changes))
+        _load_weights(model, state["model"], last)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, best, history = state["epoch"] + 1, state["step"], state["best"], state["history"]
         wall_before = wall_s = state.get("wall_s", 0.0)  # training time of the earlier segments: wall_s counts all
@@ -347,6 +383,8 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
             sums: dict[str, float] = {}
             count = 0
             steps_per_epoch = len(batches)
+            if steps_per_epoch == 0:  # the same on every rank (equal shares): all stop, none waits in a collective
+                raise ValueError(_no_step(epoch, batches, cfg.batch_size, world))
             epoch_started, first_batch_s = time.perf_counter(), 0.0
             # The bar gets the epoch's one iterator: tqdm.auto's bar calls iter() on its iterable when made and again
             # when iterated, and every iter() of a loader with kept workers restarts it, which drew the epoch's order
@@ -380,7 +418,9 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
                 for key, value in {"loss": loss, **parts}.items():  # detached: a float of a graph tensor warns
                     sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
                 bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
-            if epoch + 1 == cfg.epochs and hasattr(optimizer, "finish_training"):
+            sums = _mean_over_ranks(sums, world, dev)  # each rank's loss is its share's: log the step's
+            finished = epoch + 1 == cfg.epochs and hasattr(optimizer, "finish_training")
+            if finished:
                 optimizer.finish_training()  # CSER: the local models become their average (counted in the bytes)
             row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                                    **{f"train_{k}": v / max(count, 1) for k, v in sums.items()},
@@ -390,27 +430,34 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
                 row["comm_bytes_per_step"] = round(comm.per_step())
                 row["comm_reduction"] = round(comm.uncompressed_per_step() / max(comm.per_step(), 1), 2)
                 comm.reset()
-            if rank == 0:
-                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                    eval_started = time.perf_counter()
-                    model.eval()
-                    with _own_code_on(placed):
-                        row.update({f"val_{k}": v for k, v in task.evaluate(model, dev).items()})
-                    row["eval_s"] = round(time.perf_counter() - eval_started, 3)
-                row["write_wait_s"] = round(writer.wait(), 3)  # the epoch before's files, written meanwhile
-                row["wall_s"] = wall_s = round(wall_before + time.perf_counter() - started, 2)
-                history_now = runlog.add(row)
-                metric = row.get(f"val_{task.primary_metric}")
-                new_best = metric is not None and metric > best
-                best = metric if new_best else best
-                payload = cpu_snapshot({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "epoch": epoch, "step": step, "best": best, "history": history_now,
-                                        "config": cfg.model_dump(), "wall_s": row["wall_s"], **(extra_state or {})})
-                # summary.json too after every epoch: a run a scheduler cuts off says what it was and how far it got
-                writer.submit(write_epoch_files, out_dir, payload, new_best, runlog, history_now,
-                              _summary(task, cfg, epoch + 1, best, row["wall_s"], dev, world))
-                log.info("epoch %d: %s", epoch + 1, json.dumps({k: round(v, 5) if isinstance(v, float) else v
-                                                                 for k, v in row.items()}))
+            # CSER: rank 0 scores and saves the workers' consensus, not its own local model (every rank takes part)
+            consensus = setup.consensus() if setup is not None and not finished else contextlib.nullcontext(0)
+            with consensus as consensus_bytes:
+                if consensus_bytes:
+                    row["consensus_bytes"] = consensus_bytes
+                if rank == 0:
+                    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                        eval_started = time.perf_counter()
+                        model.eval()
+                        with _own_code_on(placed):
+                            row.update({f"val_{k}": v for k, v in task.evaluate(model, dev).items()})
+                        row["eval_s"] = round(time.perf_counter() - eval_started, 3)
+                    row["write_wait_s"] = round(writer.wait(), 3)  # the epoch before's files, written meanwhile
+                    row["wall_s"] = wall_s = round(wall_before + time.perf_counter() - started, 2)
+                    history_now = runlog.add(row)
+                    metric = row.get(f"val_{task.primary_metric}")
+                    new_best = metric is not None and metric > best
+                    best = metric if new_best else best
+                    payload = cpu_snapshot({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                            "epoch": epoch, "step": step, "best": best, "history": history_now,
+                                            "config": cfg.model_dump(), "wall_s": row["wall_s"],
+                                            **(extra_state or {})})
+                    # summary.json too after every epoch: a run a scheduler cuts off says what it was and how far
+                    # it got
+                    writer.submit(write_epoch_files, out_dir, payload, new_best, runlog, history_now,
+                                  _summary(task, cfg, epoch + 1, best, row["wall_s"], dev, world))
+                    log.info("epoch %d: %s", epoch + 1, json.dumps({k: round(v, 5) if isinstance(v, float) else v
+                                                                     for k, v in row.items()}))
             if setup is not None and (local := setup.local_state()):
                 local_file.parent.mkdir(parents=True, exist_ok=True)
                 _atomic_save({"epoch": epoch, "state": local}, local_file)

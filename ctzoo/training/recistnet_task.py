@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+import torch.distributed as dist
+from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.data import ConcatDataset
 
@@ -31,16 +33,23 @@ from ctzoo.datasets.keypoint_transforms import (
     recist_train_transforms,
 )
 from ctzoo.models.recistnet import RecistNet, pool_box_features
-from ctzoo.models.recistnet_targets import make_targets, recistnet_loss
+from ctzoo.models.recistnet_targets import loss_counts, make_targets, recistnet_loss
 from ctzoo.scaling.compress import CompressionConfig
 from ctzoo.scaling.zoo_expand import ExpansionInit, expanded_model
 from ctzoo.training.engine import OptimConfig
 from ctzoo.training.epoch_loader import EpochLoader, KeptLoader
 from ctzoo.training.froc import FrocResult, froc
 from ctzoo.training.hard_negatives import HardNegativeConfig, HardNegativeMiner, focus_size
+from ctzoo.training.resume_check import DATA_FILES
 
 #: Per-lesion keys the augmentation filters together with the keypoints.
 _AUGMENTED_LESION_KEYS = tuple(k for k in LESION_KEYS if k not in ("keypoints", "boxes", "diameters_px"))
+
+
+#: Why training never scores the test split (``eval_split``), and what does.
+TEST_SELECTION = ("test: training picks best.pt (and thresholds are later chosen) on the validation split only; "
+                  "a model chosen on test has no unbiased test score. Train with eval_split: val, then score the "
+                  "test split with ctzoo eval CONFIG --checkpoint RUN/best.pt --split test")
 
 
 class RecistNetModelConfig(StrictConfig):
@@ -72,7 +81,8 @@ class RecistNetTrainConfig(StrictConfig):
     augment: AugmentConfig = AugmentConfig()
     train_size: tuple[int, int] = Field((256, 256), description="random crop (H, W) for training; multiples of 32")
     eval_size: tuple[int, int] = Field((512, 512), description="pad/crop (H, W) for evaluation; multiples of 32")
-    eval_split: Literal["val", "test"] = "val"
+    eval_split: Literal["val"] = Field("val", description="the split that picks best.pt and fills the val_* "
+                                                          "columns: validation only (ctzoo eval scores test)")
     max_lesions: int = Field(20, ge=1, description="detections kept per image")
     min_score: float = Field(0.01, ge=0, le=1, description="weakest detection kept for FROC: the curve ranks by "
                                                             "score, so weak detections only extend its tail")
@@ -88,6 +98,13 @@ class RecistNetTrainConfig(StrictConfig):
                                            description="gradient exchange under torchrun (CSER, two-way, PowerSGD)")
     placement: Path | None = Field(None, description="plan.json of ctzoo place: train the model spread over this "
                                                      "machine's devices as the plan places it (not with torchrun)")
+
+    @field_validator("eval_split", mode="before")
+    @classmethod
+    def _validation_only(cls, split: Any) -> Any:
+        if split == "test":  # Literal's own message would not say why, nor what to do instead
+            raise ValueError(TEST_SELECTION)
+        return split
 
 
 def build_recistnet(cfg: RecistNetTrainConfig) -> nn.Module:
@@ -154,6 +171,21 @@ def _image_detections(batch: dict[str, Any], k: int, result: dict[str, torch.Ten
             "diameters_mm": diameters(points, batch["spacing_mm"][k].numpy())[1].reshape(-1, 2)}
 
 
+def data_parallel_loss(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]):
+    """:func:`recistnet_loss` of this process's share of a step, such that DDP's average of the processes'
+    gradients is the gradient one process takes on the whole step's batch: each term is normalised by its count
+    (positives, points) summed over the processes (mmdet's ``reduce_mean(avg_factor)``), not by this share's
+    own, and the share is scaled by the number of processes (DDP averages). The mean over the processes of the
+    returned loss and parts is the whole batch's. One process: :func:`recistnet_loss` itself."""
+    counts = loss_counts(targets)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        return recistnet_loss(outputs, targets, counts=counts)
+    dist.all_reduce(counts)
+    total, parts = recistnet_loss(outputs, targets, counts=counts)
+    return total * world, {key: value * world for key, value in parts.items()}
+
+
 class RecistNetTask:
     """The :class:`ctzoo.training.engine.Task` for RECIST-Net."""
 
@@ -197,13 +229,15 @@ class RecistNetTask:
 
     def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int, rank: int, world_size: int):
         """This epoch's batches, from one loader kept for the run (its workers start once); a new one only when
-        hard-negative mining has changed the items."""
+        hard-negative mining has changed the items. Under DDP this rank's share: DistributedSampler pads the
+        epoch to equal shares (repeating fewer than ``world_size`` items) and nothing is dropped, so every rank
+        takes as many steps, its last batch short as one process's is."""
         mined = None if self.miner is None else self.miner.mined
         return self.loader.epoch(
             epoch_seed, (mined, batch_size, num_workers, rank, world_size),  # datasets compare by identity
             lambda: EpochLoader(self.train_set if mined is None else ConcatDataset([self.train_set, mined]),
                                 batch_size, num_workers, rank=rank, world_size=world_size,
-                                collate_fn=collate_lesions, drop_last=world_size > 1))
+                                collate_fn=collate_lesions))
 
     def close(self) -> None:
         """Stop the training loader's workers (``fit`` calls this when it is done)."""
@@ -216,8 +250,7 @@ class RecistNetTask:
             images = batch["image"].to(device)
         targets = make_targets(batch["keypoints"], batch["boxes"], tuple(images.shape[-2:]))
         targets = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in targets.items()}
-        total, parts = recistnet_loss(model(images), targets)
-        return total, parts
+        return data_parallel_loss(model(images), targets)
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         loader = deeplesion_dataloader(self.eval_set, batch_size=4, shuffle=False, num_workers=0)
@@ -225,6 +258,18 @@ class RecistNetTask:
         sens = dict(zip(result.fps_per_image, result.sensitivities))
         return {"sensitivity_4fp": sens[4], "sensitivity_1fp": sens[1],
                 "froc_mean_0p5_4": result.mean_sensitivity_0p5_to_4}
+
+
+def data_record(data: DeepLesionConfig) -> dict[str, dict[str, str]]:
+    """What a checkpoint records of the dataset it trained on: a digest (SHA-256) of its annotation file
+    (DL_info.csv: every lesion and the split of every patient), so that a resumed run may read the same data from
+    another ``data.root`` but not other data (:mod:`ctzoo.training.resume_check`). Empty when the file is unreadable
+    (the task then says why)."""
+    try:
+        digest = hashlib.sha256((data.root / data.info_csv).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return {}
+    return {DATA_FILES: {data.info_csv: digest}}
 
 
 def load_train_config(path: str | Path, data_root: str | Path | None = None) -> RecistNetTrainConfig:

@@ -53,6 +53,7 @@ from ctzoo.scaling.zoo_expand import (
     expansion_record,
     lemon_optim,
 )
+from ctzoo.training import resume_check
 from ctzoo.training.engine import OptimConfig, fit, pick_device
 from ctzoo.training.epoch_loader import EpochLoader, KeptLoader
 from ctzoo.training.seg_evaluation import (
@@ -300,6 +301,22 @@ def evaluate_template_seg(cfg: TemplateSegTrainConfig, out: str | Path, split: L
     return metrics
 
 
+def _kinds(cfg: TemplateSegTrainConfig) -> dict[str, TemplateSegTrainConfig]:
+    """The models a run trains, each with its config: the template segmenter, then the UNet baseline."""
+    kinds = ["template_seg"] + (["unet"] if cfg.baseline_unet else [])
+    return {kind: cfg.model_copy(update={"model": cfg.model.model_copy(update={"kind": kind})}) for kind in kinds}
+
+
+def check_resume(cfg: TemplateSegTrainConfig, out: str | Path) -> None:
+    """Refuse (``ValueError``) to resume the models of ``out`` that have a ``last.pt`` with a config other than
+    their own (:mod:`ctzoo.training.resume_check`; ``fit`` checks the rest of its records, the class names,
+    once the data is read)."""
+    for kind, run_cfg in _kinds(cfg).items():
+        if (Path(out) / kind / "last.pt").exists():
+            record = {"task_config": run_cfg.model_dump(mode="json"), "model_kind": kind}
+            resume_check.check_resume(Path(out) / kind / "last.pt", record)
+
+
 def train_with_baseline(cfg: TemplateSegTrainConfig, out: str | Path, device: str = "auto",
                         progress: bool = True, resume: bool = False,
                         conditions: Mapping[str, Condition] = CONDITIONS) -> dict[str, Any]:
@@ -316,10 +333,8 @@ def train_with_baseline(cfg: TemplateSegTrainConfig, out: str | Path, device: st
     out, dev = Path(out), pick_device(device)
     plan = Plan.load(cfg.placement) if cfg.placement is not None else None
     data = load_seg_data(cfg.data)
-    kinds = ["template_seg"] + (["unet"] if cfg.baseline_unet else [])
     models, training = {}, {}
-    for kind in kinds:
-        run_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"kind": kind})})
+    for kind, run_cfg in _kinds(cfg).items():
         task = TemplateSegTask(run_cfg, data)
         optim = lemon_optim(cfg.optim, cfg.init_from_expansion) if expansion_kind(cfg) == kind else cfg.optim
         summary = fit(task, optim, out / kind, resume=resume and (out / kind / "last.pt").exists(),
