@@ -131,7 +131,8 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
     with --share-points on every party, every point. Connections are TLS with the --keys of ctzoo smap keys.
     """
     from ctzoo.io.atomic import atomic_path
-    from ctzoo.smap.party import AuthenticationFailed, PartyDropped, RunOptions, on_loopback, run_party
+    from ctzoo.smap.connections import AuthenticationFailed, PartyDropped
+    from ctzoo.smap.party import RunOptions, on_loopback, run_party
 
     if (site is None) != helper:
         raise click.UsageError("give this site's SITE file, or --helper for a party without lesions")

@@ -14,14 +14,13 @@ counts of all points per grid cell (:func:`joint_density`; minus its own, the ot
 its site and label, only when every party sets ``share_points``. With ``reveal_p`` (tests and the comparison with
 the plaintext t-SNE only) the joint P is opened to every party.
 
-A party that drops out makes every other party exit (status :data:`EXIT_DROPPED`) with a message naming it, instead
-of waiting forever for its shares (MPyC raises in its connection callback, where nothing can catch it, so the
-callback is wrapped here); one that never connects ends the others' start after ``connect_timeout``.
+A party that drops out makes every other party exit (status :data:`~ctzoo.smap.connections.EXIT_DROPPED`) with a
+message naming it, instead of waiting forever for its shares; one that never connects ends the others' start after
+``connect_timeout`` (:mod:`ctzoo.smap.connections`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import ipaddress
 import os
@@ -37,6 +36,12 @@ from typing import Any
 
 import numpy as np
 
+from ctzoo.smap.connections import (
+    authenticate_peers,
+    connect,
+    listen_on_own_address,
+    watch_connections,
+)
 from ctzoo.smap.keys import check_key_folder
 from ctzoo.smap.secure import off_diagonal_index, secure_conditional_p, secure_embed
 from ctzoo.smap.site_file import read_site
@@ -44,18 +49,6 @@ from ctzoo.smap.tsne import conditional_p, embed, initial_embedding, joint_p, sq
 
 #: Feature values this large would overflow the fixed-point range of the squared distances (2^31).
 MAX_ABS_FEATURE = 1000.0
-
-
-#: The exit status of a party whose peer dropped out mid-run.
-EXIT_DROPPED = 3
-
-
-class PartyDropped(RuntimeError):
-    """Another party did not connect in time."""
-
-
-class AuthenticationFailed(RuntimeError):
-    """A TLS handshake with a peer failed, or a peer's certificate names another party than it claims."""
 
 
 def mpyc_arguments(index: int, addresses: Sequence[str], ssl: bool = False) -> list[str]:
@@ -197,106 +190,6 @@ async def joint_density(mpc: Any, y: Any, grid: int) -> tuple[list[float], np.nd
     return extent, np.rint(np.asarray(density, dtype=np.float64)).astype(np.int64)
 
 
-async def connect(mpc: Any, connect_timeout: float) -> None:
-    """Connect to every peer (:meth:`mpc.start`), or raise :class:`AuthenticationFailed` at the first failed
-    authentication (:func:`authenticate_peers`) or :class:`PartyDropped` after ``connect_timeout`` seconds."""
-    start = asyncio.ensure_future(mpc.start())
-    done, _ = await asyncio.wait({start, mpc._ctzoo_failure}, timeout=connect_timeout,
-                                 return_when=asyncio.FIRST_COMPLETED)
-    if start in done:
-        start.result()
-        mpc._ctzoo_started = True
-        getattr(mpc, "_ctzoo_after_start", lambda: None)()
-        return
-    start.cancel()
-    if mpc._ctzoo_failure in done:
-        raise mpc._ctzoo_failure.result()
-    missing = unconnected(mpc)
-    # a party that stopped at start (a refused key) before this one reached it cannot say so: it is gone
-    raise PartyDropped(f"parties {missing} did not connect within {connect_timeout:g} s: check that every "
-                       "party runs with the same --party list and --keys from one ctzoo smap keys run (a party "
-                       "that refused a key stops at once, with its own message); nothing was sent")
-
-
-def unconnected(mpc: Any, besides: int | None = None) -> list[int]:
-    """The other parties (but ``besides``) that this one has no connection with."""
-    return [peer.pid for peer in mpc.parties
-            if peer.pid not in (mpc.pid, besides) and peer.protocol is None]
-
-
-def fail_start(mpc: Any, error: Exception) -> None:
-    if not mpc._ctzoo_failure.done():
-        mpc._ctzoo_failure.set_result(error)
-
-
-def authenticate_peers(mpc: Any) -> None:
-    """With TLS: end this party's start with a clear :class:`AuthenticationFailed` at the first failed handshake
-    (MPyC would retry a client's forever and asyncio drops a server's silently), and refuse a peer whose
-    certificate names another party than the index it claims (MPyC checks the name only of servers)."""
-    import ssl
-
-    from ctzoo.smap.keys import check_peer_certificate
-
-    class ReportingSSLObject(ssl.SSLObject):
-        def do_handshake(self):
-            try:
-                return super().do_handshake()
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                raise
-            except ssl.SSLError as error:
-                fail_start(mpc, AuthenticationFailed(
-                    f"party {mpc.pid}: a TLS handshake with a peer failed ({error.reason or error}): every party's "
-                    "--keys must come from the same `ctzoo smap keys` run; nothing was sent"))
-                raise
-
-    create_default_context = ssl.create_default_context
-
-    def create_reporting_context(*args, **kwargs):
-        context = create_default_context(*args, **kwargs)
-        context.sslobject_class = ReportingSSLObject
-        return context
-
-    ssl.create_default_context = create_reporting_context
-    report_broken_handshakes(mpc)
-    set_protocol = mpc.set_protocol
-
-    def set_authenticated_protocol(peer_pid, protocol):
-        try:
-            check_peer_certificate(protocol.transport.get_extra_info("peercert"), peer_pid)
-        except ValueError as error:
-            protocol.transport.close()
-            return fail_start(mpc, AuthenticationFailed(f"party {mpc.pid}: {error}; nothing was sent"))
-        set_protocol(peer_pid, protocol)
-
-    mpc.set_protocol = set_authenticated_protocol
-
-
-def report_broken_handshakes(mpc: Any) -> None:
-    """A peer that rejects this party's certificate (or fails and exits itself) closes the connection mid-handshake
-    without an alert that reaches this party, and asyncio drops the half-made connection silently (MPyC's client
-    would retry forever): report that as the failed authentication it is, rather than wait for the connect timeout.
-    asyncio's private TLS protocol (Python >= 3.11) is the only place that sees it; without it, the timeout's
-    message still says what to check."""
-    from asyncio import sslproto
-
-    handshaking = getattr(getattr(sslproto, "SSLProtocolState", None), "DO_HANDSHAKE", None)
-    if handshaking is None:
-        return
-
-    def reporting(method):
-        def report_then_call(protocol, *args):
-            if getattr(protocol, "_state", None) == handshaking:
-                fail_start(mpc, AuthenticationFailed(
-                    f"party {mpc.pid}: a peer broke off the TLS handshake (it did not accept this party's "
-                    "certificate, or failed itself): every party's --keys must come from the same `ctzoo smap keys` "
-                    "run; nothing was sent"))
-            return method(protocol, *args)
-        return report_then_call
-
-    sslproto.SSLProtocol.eof_received = reporting(sslproto.SSLProtocol.eof_received)
-    sslproto.SSLProtocol.connection_lost = reporting(sslproto.SSLProtocol.connection_lost)
-
-
 async def protocol(mpc: Any, site: dict[str, Any], options: RunOptions, connect_timeout: float) -> dict[str, Any]:
     """The run as one party sees it (see the module docstring)."""
     await connect(mpc, connect_timeout)
@@ -396,55 +289,16 @@ async def plaintext_map(mpc: Any, site: dict[str, Any], options: RunOptions, cou
     return result
 
 
-def watch_connections(mpc: Any) -> None:
-    """Make a lost connection to a peer end this party's process at once, with a clear message and
-    :data:`EXIT_DROPPED` (module docstring): the secret program cannot go on without the peer's shares, nothing has
-    been opened, and only an exit stops MPyC's already scheduled work."""
-    from mpyc import asyncoro
-
-    original = asyncoro.MessageExchanger.connection_lost
-
-    def connection_lost(exchanger, exc):
-        if getattr(mpc, "_ctzoo_ending", False):
-            return original(exchanger, None)
-        if not getattr(mpc, "_ctzoo_started", False):  # a peer that failed to start itself, e.g. to authenticate
-            # or that gave up waiting for a third: name those still missing, the likely cause of both
-            missing = unconnected(mpc, besides=exchanger.peer_pid)
-            also = f"; parties {missing} had not connected either" if missing else ""
-            return fail_start(mpc, PartyDropped(f"party {exchanger.peer_pid} left before every party had "
-                                                f"connected (see its error){also}; nothing was sent"))
-        sys.stderr.write(f"Error: party {exchanger.peer_pid} dropped out (its connection was lost): the run is "
-                         "aborted, nothing was opened and nothing written; start every party again\n")
-        sys.stderr.flush()
-        os._exit(EXIT_DROPPED)
-
-    asyncoro.MessageExchanger.connection_lost = connection_lost
-
-
-def listen_on_own_address(mpc: Any, address: str) -> None:
-    """Make MPyC listen on this party's own host (``127.0.0.1`` on loopback) rather than on every interface, its
-    default."""
-    loop, host = mpc._loop, address.rsplit(":", 1)[0]
-    create_server = loop.create_server
-
-    async def create_server_on_host(factory, **options):
-        options.setdefault("host", host)
-        return await create_server(factory, **options)
-
-    loop.create_server = create_server_on_host
-
-
 def run_party(site_path: str | Path | None, index: int, addresses: Sequence[str], options: RunOptions = RunOptions(),
               keys: str | Path | None = None, connect_timeout: float = 120.0) -> dict[str, Any]:
     """Run party ``index`` of ``addresses`` with the site file ``site_path`` (None: a helper, :func:`helper_site`);
-    return what it learns. With ``keys``
-    (a folder of :func:`ctzoo.smap.keys.make_party_keys`) every connection is mutually authenticated TLS;
-    without, plain TCP (loopback tests only).
+    return what it learns. With ``keys`` (a folder of :func:`ctzoo.smap.keys.make_party_keys`) every connection is
+    mutually authenticated TLS; without, plain TCP (loopback tests only).
 
     Raises ValueError for a bad site file, key folder or inputs the parties do not agree on,
-    :class:`AuthenticationFailed` when a peer fails TLS authentication, :class:`PartyDropped` when a party does not
-    connect within ``connect_timeout`` seconds; exits the process with :data:`EXIT_DROPPED` when a connected party
-    drops out."""
+    :class:`~ctzoo.smap.connections.AuthenticationFailed` when a peer fails TLS authentication,
+    :class:`~ctzoo.smap.connections.PartyDropped` when a party does not connect within ``connect_timeout`` seconds;
+    exits the process with :data:`~ctzoo.smap.connections.EXIT_DROPPED` when a connected party drops out."""
     site = helper_site() if site_path is None else read_site(site_path)
     if site["features"].size and np.abs(site["features"]).max() > MAX_ABS_FEATURE:
         raise ValueError(f"{site_path}: features above {MAX_ABS_FEATURE:g} in absolute value would overflow the "

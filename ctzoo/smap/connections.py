@@ -1,0 +1,164 @@
+"""What ctzoo changes of MPyC's connections between the parties (:mod:`ctzoo.smap.party` runs the protocol over
+them): the start with a timeout and clear failures (:func:`connect`), mutual TLS authentication that names the party
+(:func:`authenticate_peers`), a lost peer ending the run at once (:func:`watch_connections`) and listening on the
+party's own address only (:func:`listen_on_own_address`).
+
+Each function changes the one MPyC runtime of its process (``mpc``); MPyC is imported only where needed, since it
+parses the command line when first imported (:func:`ctzoo.smap.party.run_party`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Any
+
+#: The exit status of a party whose peer dropped out mid-run.
+EXIT_DROPPED = 3
+
+
+class PartyDropped(RuntimeError):
+    """Another party did not connect in time."""
+
+
+class AuthenticationFailed(RuntimeError):
+    """A TLS handshake with a peer failed, or a peer's certificate names another party than it claims."""
+
+
+async def connect(mpc: Any, connect_timeout: float) -> None:
+    """Connect to every peer (:meth:`mpc.start`), or raise :class:`AuthenticationFailed` at the first failed
+    authentication (:func:`authenticate_peers`) or :class:`PartyDropped` after ``connect_timeout`` seconds."""
+    start = asyncio.ensure_future(mpc.start())
+    done, _ = await asyncio.wait({start, mpc._ctzoo_failure}, timeout=connect_timeout,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if start in done:
+        start.result()
+        mpc._ctzoo_started = True
+        getattr(mpc, "_ctzoo_after_start", lambda: None)()
+        return
+    start.cancel()
+    if mpc._ctzoo_failure in done:
+        raise mpc._ctzoo_failure.result()
+    missing = unconnected(mpc)
+    # a party that stopped at start (a refused key) before this one reached it cannot say so: it is gone
+    raise PartyDropped(f"parties {missing} did not connect within {connect_timeout:g} s: check that every "
+                       "party runs with the same --party list and --keys from one ctzoo smap keys run (a party "
+                       "that refused a key stops at once, with its own message); nothing was sent")
+
+
+def unconnected(mpc: Any, besides: int | None = None) -> list[int]:
+    """The other parties (but ``besides``) that this one has no connection with."""
+    return [peer.pid for peer in mpc.parties
+            if peer.pid not in (mpc.pid, besides) and peer.protocol is None]
+
+
+def fail_start(mpc: Any, error: Exception) -> None:
+    if not mpc._ctzoo_failure.done():
+        mpc._ctzoo_failure.set_result(error)
+
+
+def authenticate_peers(mpc: Any) -> None:
+    """With TLS: end this party's start with a clear :class:`AuthenticationFailed` at the first failed handshake
+    (MPyC would retry a client's forever and asyncio drops a server's silently), and refuse a peer whose
+    certificate names another party than the index it claims (MPyC checks the name only of servers)."""
+    import ssl
+
+    from ctzoo.smap.keys import check_peer_certificate
+
+    class ReportingSSLObject(ssl.SSLObject):
+        def do_handshake(self):
+            try:
+                return super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as error:
+                fail_start(mpc, AuthenticationFailed(
+                    f"party {mpc.pid}: a TLS handshake with a peer failed ({error.reason or error}): every party's "
+                    "--keys must come from the same `ctzoo smap keys` run; nothing was sent"))
+                raise
+
+    create_default_context = ssl.create_default_context
+
+    def create_reporting_context(*args, **kwargs):
+        context = create_default_context(*args, **kwargs)
+        context.sslobject_class = ReportingSSLObject
+        return context
+
+    ssl.create_default_context = create_reporting_context
+    report_broken_handshakes(mpc)
+    set_protocol = mpc.set_protocol
+
+    def set_authenticated_protocol(peer_pid, protocol):
+        try:
+            check_peer_certificate(protocol.transport.get_extra_info("peercert"), peer_pid)
+        except ValueError as error:
+            protocol.transport.close()
+            return fail_start(mpc, AuthenticationFailed(f"party {mpc.pid}: {error}; nothing was sent"))
+        set_protocol(peer_pid, protocol)
+
+    mpc.set_protocol = set_authenticated_protocol
+
+
+def report_broken_handshakes(mpc: Any) -> None:
+    """A peer that rejects this party's certificate (or fails and exits itself) closes the connection mid-handshake
+    without an alert that reaches this party, and asyncio drops the half-made connection silently (MPyC's client
+    would retry forever): report that as the failed authentication it is, rather than wait for the connect timeout.
+    asyncio's private TLS protocol (Python >= 3.11) is the only place that sees it; without it, the timeout's
+    message still says what to check."""
+    from asyncio import sslproto
+
+    handshaking = getattr(getattr(sslproto, "SSLProtocolState", None), "DO_HANDSHAKE", None)
+    if handshaking is None:
+        return
+
+    def reporting(method):
+        def report_then_call(protocol, *args):
+            if getattr(protocol, "_state", None) == handshaking:
+                fail_start(mpc, AuthenticationFailed(
+                    f"party {mpc.pid}: a peer broke off the TLS handshake (it did not accept this party's "
+                    "certificate, or failed itself): every party's --keys must come from the same `ctzoo smap keys` "
+                    "run; nothing was sent"))
+            return method(protocol, *args)
+        return report_then_call
+
+    sslproto.SSLProtocol.eof_received = reporting(sslproto.SSLProtocol.eof_received)
+    sslproto.SSLProtocol.connection_lost = reporting(sslproto.SSLProtocol.connection_lost)
+
+
+def watch_connections(mpc: Any) -> None:
+    """Make a lost connection to a peer end this party's process at once, with a clear message and
+    :data:`EXIT_DROPPED` (module docstring): the secret program cannot go on without the peer's shares, nothing has
+    been opened, and only an exit stops MPyC's already scheduled work."""
+    from mpyc import asyncoro
+
+    original = asyncoro.MessageExchanger.connection_lost
+
+    def connection_lost(exchanger, exc):
+        if getattr(mpc, "_ctzoo_ending", False):
+            return original(exchanger, None)
+        if not getattr(mpc, "_ctzoo_started", False):  # a peer that failed to start itself, e.g. to authenticate
+            # or that gave up waiting for a third: name those still missing, the likely cause of both
+            missing = unconnected(mpc, besides=exchanger.peer_pid)
+            also = f"; parties {missing} had not connected either" if missing else ""
+            return fail_start(mpc, PartyDropped(f"party {exchanger.peer_pid} left before every party had "
+                                                f"connected (see its error){also}; nothing was sent"))
+        sys.stderr.write(f"Error: party {exchanger.peer_pid} dropped out (its connection was lost): the run is "
+                         "aborted, nothing was opened and nothing written; start every party again\n")
+        sys.stderr.flush()
+        os._exit(EXIT_DROPPED)
+
+    asyncoro.MessageExchanger.connection_lost = connection_lost
+
+
+def listen_on_own_address(mpc: Any, address: str) -> None:
+    """Make MPyC listen on this party's own host (``127.0.0.1`` on loopback) rather than on every interface, its
+    default."""
+    loop, host = mpc._loop, address.rsplit(":", 1)[0]
+    create_server = loop.create_server
+
+    async def create_server_on_host(factory, **options):
+        options.setdefault("host", host)
+        return await create_server(factory, **options)
+
+    loop.create_server = create_server_on_host
