@@ -49,6 +49,20 @@ def sites(deeplesion_mini16, tmp_path_factory) -> list[Path]:
     return paths
 
 
+def synthetic_sites(folder: Path, counts: list[int], scale: float = 1.0, dim: int = 8) -> list[Path]:
+    """Site files of one Gaussian cluster per site, times ``scale``: a secure run's inputs in milliseconds, for
+    runs that test the protocol rather than the features (the miniature's sites take a build)."""
+    rng = np.random.default_rng(1)
+    paths = []
+    for k, count in enumerate(counts):
+        features = (rng.normal(0, 3, dim) + rng.normal(0, 1, (count, dim))) * scale
+        site = {"features": features.astype(np.float32), "labels": rng.integers(1, 4, count).astype(np.int16),
+                "scores": np.full(count, np.nan, np.float32),
+                "meta": {"kind": "annotated", "model": "recistnet-mini", "model_version": "test", "weights": "w"}}
+        paths.append(write_site(site, folder / f"synthetic{k}.npz"))
+    return paths
+
+
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> Path:
     """``ctzoo smap keys`` for three parties: keys/party{i}."""
@@ -60,14 +74,16 @@ def keys(tmp_path_factory) -> Path:
 
 def start_parties(sites: list[Path | None], out: Path, keys: Path, *extra: str, ports: list[str] | None = None,
                   only: range | None = None, key_folders: dict[int, Path] | None = None,
-                  record: Path | None = None) -> list[subprocess.Popen]:
+                  record: Path | None = None, scripts: dict[int, list[str]] | None = None) -> list[subprocess.Popen]:
     """The parties' processes (``only`` some of them; a site None is a ``--helper``), each with ``keys/party{k}``
     unless ``key_folders`` says otherwise; with ``record``, party 0 records what it receives
-    (``smap_recording_party.py``)."""
+    (``smap_recording_party.py``); ``scripts`` runs party k as that script and its arguments instead of ``-m ctzoo``."""
     addresses = [a for address in ports or loopback_addresses(len(sites)) for a in ("--party", address)]
     key_folders = key_folders or {}
-    recording = [str(Path(__file__).with_name("smap_recording_party.py")), str(record)]
-    return [subprocess.Popen([sys.executable, *(recording if record and k == 0 else ["-m", "ctzoo"]), "smap", "party",
+    scripts = dict(scripts or {})
+    if record:
+        scripts[0] = [str(Path(__file__).with_name("smap_recording_party.py")), str(record)]
+    return [subprocess.Popen([sys.executable, *scripts.get(k, ["-m", "ctzoo"]), "smap", "party",
                               *(["--helper"] if site is None else [str(site)]), "--index", str(k), *addresses,
                               "--perplexity", str(PERPLEXITY), "--out", str(out / f"party{k}.npz"),
                               "--keys", str(key_folders.get(k, keys / f"party{k}")), "--iterations", "1", *extra],
@@ -305,6 +321,25 @@ def test_a_party_that_drops_out_mid_run_ends_every_other_party(sites, keys, tmp_
     assert not list(tmp_path.glob("party*.npz")) and not list(tmp_path.glob(".*partial*"))
     # gone once connected, so neither the survivors' os._exit nor the SIGKILL leaves one behind
     assert not list(scratch.iterdir())
+
+
+def test_no_party_unpickles_what_a_peer_sends(keys, tmp_path):
+    """A party that ends as MPyC's shutdown does, whose barrier pickles (``smap_evil_party.py``: its pickles create
+    a marker file where they are unpickled): no honest party unpickles them; each finishes, or stops with a clear
+    error and writes no map."""
+    marker = tmp_path / "unpickled-by-a-peer"
+    evil = [str(Path(__file__).with_name("smap_evil_party.py")), str(marker)]
+    processes = start_parties([*synthetic_sites(tmp_path, [3, 3]), None], tmp_path, keys, "--perplexity", "2",
+                              scripts={2: evil})
+    honest = finish(processes[:2], timeout=300)
+    processes[2].kill()
+    processes[2].communicate()
+    assert not marker.exists()
+    for k, (code, output) in enumerate(honest):
+        assert "Traceback" not in output, output
+        assert code == 0 or (code == 1 and "closing check opened" in output) or (
+            code == 3 and "party 2 dropped out" in output), output
+        assert (tmp_path / f"party{k}.npz").exists() == (code == 0)
 
 
 def test_each_party_sees_its_page_in_headless_chromium(sites, secure_run, tmp_path):

@@ -1,7 +1,13 @@
 """What ctzoo changes of MPyC's connections between the parties (:mod:`ctzoo.smap.party` runs the protocol over
 them): the start with a timeout and clear failures (:func:`connect`), mutual TLS authentication that names the party
-(:func:`authenticate_peers`), a lost peer ending the run at once (:func:`watch_connections`) and listening on the
-party's own address only (:func:`listen_on_own_address`).
+(:func:`authenticate_peers`), a lost peer ending the run at once (:func:`watch_connections`), listening on the
+party's own address only (:func:`listen_on_own_address`) and an end without pickles (:func:`close_connections`).
+
+**No pickles from peers.** MPyC's ``shutdown`` synchronises the parties with ``transfer``, which unpickles what each
+peer sends: any party could run code on every other party. So a party never calls it: :func:`close_connections`
+ends the run with a barrier of field elements and closes the connections itself, and, in case some path of MPyC
+still reached ``transfer``, :func:`refuse_pickles` makes the runtime module's ``pickle.loads`` accept plain integers
+only (what MPyC's own barrier sends) and refuse everything else before any object is built.
 
 Each function changes the one MPyC runtime of its process (``mpc``); MPyC is imported only where needed, since it
 parses the command line when first imported (:func:`ctzoo.smap.party.run_party`).
@@ -10,8 +16,11 @@ parses the command line when first imported (:func:`ctzoo.smap.party.run_party`)
 from __future__ import annotations
 
 import asyncio
+import io
 import os
+import pickle
 import sys
+import types
 from typing import Any
 
 #: The exit status of a party whose peer dropped out mid-run.
@@ -132,11 +141,9 @@ def watch_connections(mpc: Any) -> None:
     been opened, and only an exit stops MPyC's already scheduled work."""
     from mpyc import asyncoro
 
-    original = asyncoro.MessageExchanger.connection_lost
-
     def connection_lost(exchanger, exc):
-        if getattr(mpc, "_ctzoo_ending", False):
-            return original(exchanger, None)
+        if getattr(mpc, "_ctzoo_ending", False) and not awaits_data(exchanger):
+            return peer_closed(mpc, exchanger.peer_pid)  # the end: it sent everything this party waits for
         if not getattr(mpc, "_ctzoo_started", False):  # a peer that failed to start itself, e.g. to authenticate
             # or that gave up waiting for a third: name those still missing, the likely cause of both
             missing = unconnected(mpc, besides=exchanger.peer_pid)
@@ -162,3 +169,71 @@ def listen_on_own_address(mpc: Any, address: str) -> None:
         return await create_server(factory, **options)
 
     loop.create_server = create_server_on_host
+
+
+def awaits_data(exchanger: Any) -> bool:
+    """Whether this party still waits for a message from the peer of ``exchanger`` (MPyC's placeholder futures)."""
+    return any(isinstance(payload, asyncio.Future) and not payload.done() for payload in exchanger.buffers.values())
+
+
+def peer_closed(mpc: Any, peer_pid: int) -> None:
+    """Note that the connection with ``peer_pid`` is closed at the end of the run (:func:`close_connections`)."""
+    mpc._ctzoo_open.discard(peer_pid)
+    if not mpc._ctzoo_open and not mpc._ctzoo_all_closed.done():
+        mpc._ctzoo_all_closed.set_result(None)
+
+
+class ClosingCheckFailed(RuntimeError):
+    """The parties' closing barrier opened another value than every party's 1: a peer does not run this protocol."""
+
+
+async def close_connections(mpc: Any, close_timeout: float = 30.0) -> None:
+    """End the run in place of MPyC's ``shutdown`` (module docstring): wait for this party's scheduled work, then a
+    barrier of field elements (every party secret-shares a 1 with every party and the sum is opened: once this party
+    holds every peer's share, it holds everything the peer sent before it), then close every connection and wait
+    (at most ``close_timeout`` seconds) until they are closed, so that what this party sent last is delivered.
+
+    A peer that closes from here on, once it sent all this party waits for, ends the run normally
+    (:func:`watch_connections`); the connections stay registered with MPyC, so a share that arrived just before the
+    close is still read. Raises :class:`ClosingCheckFailed` when the opened sum is not the number of parties."""
+    while mpc._pc_level > mpc._program_counter[1]:  # as MPyC's shutdown: this party's scheduled work is done
+        await asyncio.sleep(0)
+    parties = len(mpc.parties)
+    mpc._ctzoo_open = {peer.pid for peer in mpc.parties if peer.pid != mpc.pid}
+    mpc._ctzoo_all_closed = mpc._loop.create_future()
+    mpc._ctzoo_ending = True  # before this party's share goes out: a peer that has it may close at once
+    present = mpc.input(mpc.SecInt(16)(1), senders=list(range(parties)))
+    total = int(await mpc.output(mpc.sum(present)))
+    for peer in mpc.parties:
+        if peer.pid != mpc.pid and peer.pid in mpc._ctzoo_open:
+            peer.protocol.close_connection()
+    try:
+        await asyncio.wait_for(asyncio.shield(mpc._ctzoo_all_closed), close_timeout)
+    except asyncio.TimeoutError:
+        pass  # a peer that does not finish the TLS close: everything is sent, nothing more to wait for
+    if total != parties:
+        raise ClosingCheckFailed(f"party {mpc.pid}: the parties' closing check opened {total}, not {parties}: a peer "
+                                 "does not run this protocol (another ctzoo version, or a tampered one); the map is "
+                                 "not written")
+
+
+def integers_only(data: bytes) -> int:
+    """:func:`pickle.loads` for MPyC's runtime module (:func:`refuse_pickles`): a pickled plain integer, else
+    :class:`pickle.UnpicklingError` before any object is built (no class or function is ever looked up)."""
+
+    class NoGlobals(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            raise pickle.UnpicklingError(f"a peer sent a pickle of {module}.{name}: refused (ctzoo accepts no "
+                                         "pickled objects from peers)")
+
+    value = NoGlobals(io.BytesIO(data)).load()
+    if type(value) is not int:
+        raise pickle.UnpicklingError(f"a peer sent a pickled {type(value).__name__}: refused (only integers)")
+    return value
+
+
+def refuse_pickles(runtime_module: Any) -> None:
+    """Make MPyC's runtime module (``mpyc.runtime``) unpickle plain integers only (:func:`integers_only`); what
+    this party pickles for its peers is unchanged."""
+    runtime_module.pickle = types.SimpleNamespace(dumps=pickle.dumps, loads=integers_only,
+                                                  UnpicklingError=pickle.UnpicklingError)

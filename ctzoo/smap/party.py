@@ -38,8 +38,10 @@ import numpy as np
 
 from ctzoo.smap.connections import (
     authenticate_peers,
+    close_connections,
     connect,
     listen_on_own_address,
+    refuse_pickles,
     watch_connections,
 )
 from ctzoo.smap.keys import check_key_folder
@@ -210,9 +212,8 @@ async def protocol(mpc: Any, site: dict[str, Any], options: RunOptions, connect_
         result.update(await run(mpc, site, options, counts, points))
         result["others_density"] = result["density"] - own_histogram(result["own"], result["extent"], options.grid)
         result["bytes_sent"] = bytes_sent(mpc)
-    finally:
-        mpc._ctzoo_ending = True  # from here on, peers closing their connections is the normal end
-        await mpc.shutdown()
+    finally:  # every party, also when all stop over inputs they do not agree on (never MPyC's shutdown: it pickles)
+        await close_connections(mpc)
     return result
 
 
@@ -310,6 +311,7 @@ def run_party(site_path: str | Path | None, index: int, addresses: Sequence[str]
     sys.argv = [sys.argv[0], *mpyc_arguments(index, addresses, ssl=keys is not None)]
     from mpyc.runtime import mpc
 
+    refuse_pickles(sys.modules["mpyc.runtime"])
     mpc._ctzoo_failure = mpc._loop.create_future()
     watch_connections(mpc)
     listen_on_own_address(mpc, addresses[index])
