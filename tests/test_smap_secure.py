@@ -55,7 +55,7 @@ def synthetic_sites(folder: Path, counts: list[int], scale: float = 1.0, dim: in
     rng = np.random.default_rng(1)
     paths = []
     for k, count in enumerate(counts):
-        features = (rng.normal(0, 3, dim) + rng.normal(0, 1, (count, dim))) * scale
+        features = (rng.normal(0, 1, dim) + rng.normal(0, 1, (count, dim))) * scale
         site = {"features": features.astype(np.float32), "labels": rng.integers(1, 4, count).astype(np.int16),
                 "scores": np.full(count, np.nan, np.float32),
                 "meta": {"kind": "annotated", "model": "recistnet-mini", "model_version": "test", "weights": "w"}}
@@ -340,6 +340,20 @@ def test_no_party_unpickles_what_a_peer_sends(keys, tmp_path):
         assert code == 0 or (code == 1 and "closing check opened" in output) or (
             code == 3 and "party 2 dropped out" in output), output
         assert (tmp_path / f"party{k}.npz").exists() == (code == 0)
+
+
+def test_the_secure_p_does_not_depend_on_the_features_scale(keys, tmp_path):
+    """Features of a few hundred in 1024 dimensions (squared distances ~3e7, beyond what SecFxp(64, 32) resolves
+    unscaled: P drifted 0.07 towards uniform): the parties agree on a power of two to divide them by, and P equals the
+    plaintext P as closely as at scale 1."""
+    sites = synthetic_sites(tmp_path, [3, 3], scale=100.0, dim=1024)
+    results = finish(start_parties([*sites, None], tmp_path, keys, "--perplexity", "2", "--insecure-reveal-p"))
+    assert all(code == 0 for code, _ in results), results
+    points = np.vstack([read_site(site)["features"].astype(np.float64) for site in sites])
+    assert 300 < np.abs(points).max() < 1000 and squared_distances(points).max() > 2**24
+    plain = joint_p(conditional_p(squared_distances(points), 2.0)[0])
+    for k in range(3):
+        assert np.abs(full_matrix(np.load(tmp_path / f"party{k}.npz")["p"]) - plain).max() < 1e-3  # measured 2e-7
 
 
 def test_each_party_sees_its_page_in_headless_chromium(sites, secure_run, tmp_path):

@@ -9,7 +9,8 @@ A party without lesions may join as a helper (:func:`helper_site`): two hospital
 parties an honest majority needs; it learns what every party learns, less its own points (it has none).
 
 What each party learns: every party's point count and feature dimension, whether all parties embedded with the
-same model weights (:func:`agree_on_inputs`), its own points' coordinates in the joint map, the map's extent and the
+same model weights (:func:`agree_on_inputs`), the power of two above the largest absolute feature of all sites
+(:func:`agree_on_scale`), its own points' coordinates in the joint map, the map's extent and the
 counts of all points per grid cell (:func:`joint_density`; minus its own, the others' density); every point, with
 its site and label, only when every party sets ``share_points``. With ``reveal_p`` (tests and the comparison with
 the plaintext t-SNE only) the joint P is opened to every party.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import os
 import shutil
 import socket
@@ -49,8 +51,13 @@ from ctzoo.smap.secure import off_diagonal_index, secure_conditional_p, secure_e
 from ctzoo.smap.site_file import read_site
 from ctzoo.smap.tsne import conditional_p, embed, initial_embedding, joint_p, squared_distances
 
-#: Feature values this large would overflow the fixed-point range of the squared distances (2^31).
-MAX_ABS_FEATURE = 1000.0
+#: Every party divides its features by the same power of two (:func:`agree_on_scale`), so that every squared
+#: distance is at most 1 whatever the features' scale; what still bounds the fixed-point precision is the
+#: dimension d: each coordinate is then at most ``2^-(1 + ceil(log2(d) / 2))``, about ``1 / (2 sqrt(d))``, and at
+#: this many dimensions that is still 2^23 times SecFxp(64, 32)'s resolution (2^-32).
+MAX_FEATURE_DIM = 2**16
+#: The exponent a party without features (a helper) or with all-zero features brings to :func:`agree_on_scale`.
+NO_FEATURES = -1000
 
 
 def mpyc_arguments(index: int, addresses: Sequence[str], ssl: bool = False) -> list[str]:
@@ -134,6 +141,33 @@ async def agree_on_inputs(mpc: Any, site: dict[str, Any], options: Any) -> tuple
     return [values[0] for values in opened], first[1]
 
 
+def magnitude_exponent(features: np.ndarray) -> int:
+    """The least ``e`` with ``max |features| < 2^e``; :data:`NO_FEATURES` when there are none, or all are 0."""
+    largest = float(np.abs(features).max()) if features.size else 0.0
+    return math.frexp(largest)[1] if largest > 0 else NO_FEATURES
+
+
+def feature_shift(exponent: int, dim: int) -> int:
+    """The ``k`` for which features below ``2^exponent`` in absolute value, times ``2^-k``, are ``dim``-dimensional
+    points with every squared distance at most 1: a coordinate's difference is below ``2^(exponent + 1)``, so a
+    squared distance below ``dim 2^(2 exponent + 2)``."""
+    return exponent + 1 + math.ceil(math.log2(max(dim, 1)) / 2)
+
+
+async def agree_on_scale(mpc: Any, features: np.ndarray, dim: int) -> int:
+    """The power of two ``k`` every party divides its features by (:func:`feature_shift`), from the largest absolute
+    feature of all sites: each party secret-shares the exponent of its own largest (:func:`magnitude_exponent`)
+    and only their maximum is opened. t-SNE's P does not change when every point is scaled alike (each row's
+    precision adapts), but the secure P is computed in fixed point: unscaled, features of a few hundred made the
+    squared distances so large that the precision search's starting factor ``2^-10 / mean distance`` fell below
+    the resolution and P drifted towards uniform; tiny features would lose their bits the same way."""
+    exponents = mpc.input(mpc.SecInt(16)(magnitude_exponent(features)), senders=list(range(len(mpc.parties))))
+    largest = int(await mpc.output(mpc.max(exponents)))
+    if largest == NO_FEATURES:
+        raise ValueError("every feature of every site is 0: the points cannot be told apart")
+    return feature_shift(largest, dim)
+
+
 def joint_from_conditional(mpc: Any, conditional: Any, n: int) -> Any:
     """``(P_cond + P_cond^T) / (2n)`` in the off-diagonal layout of :func:`off_diagonal_index`."""
     index = off_diagonal_index(n)
@@ -199,11 +233,13 @@ async def protocol(mpc: Any, site: dict[str, Any], options: RunOptions, connect_
     sys.stderr.flush()
     try:
         counts, dim = await agree_on_inputs(mpc, site, options)
+        shift = await agree_on_scale(mpc, site["features"], dim)
+        scale = 2.0**-shift  # a power of two: the scaled features are exact
         secfxp = mpc.SecFxp(64, 32)
         # integral=False on every party: MPyC skips the truncation of products of values it knows are integers, so
         # a sender's flag (its data) and the others' (their zero placeholders) must agree, or the parties run
         # different protocols and wait on each other forever (a helper, or integer features, would)
-        parts = [mpc.input(secfxp.array(site["features"].astype(np.float64) if pid == mpc.pid else
+        parts = [mpc.input(secfxp.array(site["features"].astype(np.float64) * scale if pid == mpc.pid else
                                         np.zeros((count, dim)), integral=False), senders=pid)
                  for pid, count in enumerate(counts) if count]  # a helper inputs nothing
         points = mpc.np_vstack(parts)
@@ -301,9 +337,10 @@ def run_party(site_path: str | Path | None, index: int, addresses: Sequence[str]
     :class:`~ctzoo.smap.connections.PartyDropped` when a party does not connect within ``connect_timeout`` seconds;
     exits the process with :data:`~ctzoo.smap.connections.EXIT_DROPPED` when a connected party drops out."""
     site = helper_site() if site_path is None else read_site(site_path)
-    if site["features"].size and np.abs(site["features"]).max() > MAX_ABS_FEATURE:
-        raise ValueError(f"{site_path}: features above {MAX_ABS_FEATURE:g} in absolute value would overflow the "
-                         "secure fixed-point range")
+    if site["features"].shape[1] > MAX_FEATURE_DIM:
+        raise ValueError(f"{site_path}: {site['features'].shape[1]} features per lesion, above the "
+                         f"{MAX_FEATURE_DIM} the secure fixed-point numbers resolve (each coordinate, scaled so "
+                         "that squared distances stay at most 1, would keep too few bits)")
     if "mpyc.runtime" in sys.modules:
         raise RuntimeError("run_party needs a process of its own: mpyc.runtime was already imported here")
     if keys is not None:
