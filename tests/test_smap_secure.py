@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -240,9 +242,10 @@ def test_keys_and_tls_are_required_outside_loopback(sites, keys, tmp_path):
 def test_a_wrong_key_ends_every_party_before_anything_is_sent(sites, keys, tmp_path, wrong):
     """A party whose key comes from another ``ctzoo smap keys`` run, or one that presents another party's
     (valid) certificate as its own: the parties that meet it stop within seconds, with a message naming the cause,
-    and nothing is written. A party that had not yet reached the others when they stopped (its first connection
-    attempt came too early and its retry too late: about 1 run in 12 here) cannot be told: it stops at its
-    --connect-timeout, saying who never connected."""
+    and nothing is written. Party 2 with another CA's key only listens (the others connect to it): it ignores their
+    failed handshakes as it would a stranger's and stops at its --connect-timeout, saying who never connected; so
+    would a party that had not yet reached the others when they stopped (its first attempt too early, its retry
+    too late)."""
     if wrong == "other CA":
         result = CliRunner().invoke(main, ["smap", "keys", "--parties", "3", "--out", str(tmp_path / "other")])
         assert result.exit_code == 0, result.output
@@ -354,6 +357,41 @@ def test_the_secure_p_does_not_depend_on_the_features_scale(keys, tmp_path):
     plain = joint_p(conditional_p(squared_distances(points), 2.0)[0])
     for k in range(3):
         assert np.abs(full_matrix(np.load(tmp_path / f"party{k}.npz")["p"]) - plain).max() < 1e-3  # measured 2e-7
+
+
+def poke_as_strangers(address: str) -> None:
+    """What anyone may do to a party's port: a plain TCP connection opened and closed (a port scanner, a load
+    balancer's health check), then TLS without a certificate (the party refuses the handshake)."""
+    host, port = address.rsplit(":", 1)
+    for _ in range(300):  # until the party listens
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+            break
+        except ConnectionRefusedError:
+            time.sleep(0.1)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection((host, int(port)), timeout=5) as connection:
+        try:
+            context.wrap_socket(connection, server_hostname="stranger").recv(1)
+        except (ssl.SSLError, OSError):
+            pass
+
+
+def test_strangers_at_a_partys_port_do_not_end_the_run(keys, tmp_path):
+    """Strangers connect to the ports parties 1 and 2 listen on before party 0 has started: the parties note them
+    and keep listening, and the run completes."""
+    ports = loopback_addresses(3)
+    sites = [*synthetic_sites(tmp_path, [2, 2]), None]
+    waiting = start_parties(sites, tmp_path, keys, "--perplexity", "2", ports=ports, only=range(1, 3))
+    for address in ports[1:]:
+        poke_as_strangers(address)
+    time.sleep(1)
+    assert all(process.poll() is None for process in waiting)
+    results = finish(start_parties(sites, tmp_path, keys, "--perplexity", "2", ports=ports, only=range(1)) + waiting)
+    assert all(code == 0 for code, _ in results), results
+    for _, output in results[1:]:
+        assert "ignored a connection that failed the TLS handshake" in output and "still listening" in output
 
 
 def test_each_party_sees_its_page_in_headless_chromium(sites, secure_run, tmp_path):

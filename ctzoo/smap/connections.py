@@ -67,10 +67,21 @@ def fail_start(mpc: Any, error: Exception) -> None:
         mpc._ctzoo_failure.set_result(error)
 
 
+def ignore_stranger(mpc: Any, reason: str) -> None:
+    """A connection to this party's port that failed the TLS handshake: anyone may open one (a port scanner, a load
+    balancer's health check, a client without a certificate), so it must not end the run; it is only noted."""
+    sys.stderr.write(f"party {mpc.pid}: ignored a connection that failed the TLS handshake ({reason}): not a party "
+                     "of this run; still listening\n")
+    sys.stderr.flush()
+
+
 def authenticate_peers(mpc: Any) -> None:
     """With TLS: end this party's start with a clear :class:`AuthenticationFailed` at the first failed handshake
-    (MPyC would retry a client's forever and asyncio drops a server's silently), and refuse a peer whose
-    certificate names another party than the index it claims (MPyC checks the name only of servers)."""
+    with a party it connects to (MPyC would retry forever), and refuse a peer with a certificate of this run's CA
+    that names another party than the index it claims (MPyC checks the name only of servers). A failed handshake of
+    a connection *to* this party is ignored (:func:`ignore_stranger`): the peer is unauthenticated, and a party
+    with a key from another run fails as the client it is, while this one's ``--connect-timeout`` still ends a
+    wait for a party that never authenticates."""
     import ssl
 
     from ctzoo.smap.keys import check_peer_certificate
@@ -82,6 +93,9 @@ def authenticate_peers(mpc: Any) -> None:
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 raise
             except ssl.SSLError as error:
+                if self.server_side:
+                    ignore_stranger(mpc, str(error.reason or error))
+                    raise
                 fail_start(mpc, AuthenticationFailed(
                     f"party {mpc.pid}: a TLS handshake with a peer failed ({error.reason or error}): every party's "
                     "--keys must come from the same `ctzoo smap keys` run; nothing was sent"))
@@ -110,9 +124,10 @@ def authenticate_peers(mpc: Any) -> None:
 
 
 def report_broken_handshakes(mpc: Any) -> None:
-    """A peer that rejects this party's certificate (or fails and exits itself) closes the connection mid-handshake
-    without an alert that reaches this party, and asyncio drops the half-made connection silently (MPyC's client
-    would retry forever): report that as the failed authentication it is, rather than wait for the connect timeout.
+    """A party this one connects to that rejects its certificate (or fails and exits itself) closes the connection
+    mid-handshake without an alert that reaches this party, and asyncio drops the half-made connection silently
+    (MPyC's client would retry forever): report that as the failed authentication it is, rather than wait for the
+    connect timeout. A connection to this party closed mid-handshake is a stranger's (:func:`ignore_stranger`).
     asyncio's private TLS protocol (Python >= 3.11) is the only place that sees it; without it, the timeout's
     message still says what to check."""
     from asyncio import sslproto
@@ -123,7 +138,9 @@ def report_broken_handshakes(mpc: Any) -> None:
 
     def reporting(method):
         def report_then_call(protocol, *args):
-            if getattr(protocol, "_state", None) == handshaking:
+            if getattr(protocol, "_state", None) == handshaking and getattr(protocol, "_server_side", False):
+                ignore_stranger(mpc, "it closed the connection")
+            elif getattr(protocol, "_state", None) == handshaking:
                 fail_start(mpc, AuthenticationFailed(
                     f"party {mpc.pid}: a peer broke off the TLS handshake (it did not accept this party's "
                     "certificate, or failed itself): every party's --keys must come from the same `ctzoo smap keys` "
@@ -144,6 +161,8 @@ def watch_connections(mpc: Any) -> None:
     def connection_lost(exchanger, exc):
         if getattr(mpc, "_ctzoo_ending", False) and not awaits_data(exchanger):
             return peer_closed(mpc, exchanger.peer_pid)  # the end: it sent everything this party waits for
+        if exchanger.peer_pid is None:  # without TLS: a connection that closed before it said which party it is
+            return None
         if not getattr(mpc, "_ctzoo_started", False):  # a peer that failed to start itself, e.g. to authenticate
             # or that gave up waiting for a third: name those still missing, the likely cause of both
             missing = unconnected(mpc, besides=exchanger.peer_pid)
