@@ -110,6 +110,9 @@ def keys(parties: int, out: Path, days: int) -> None:
               help="Plain TCP without authentication (allowed only when every --party is on loopback).")
 @click.option("--connect-timeout", type=click.FloatRange(1), default=120.0, show_default=True,
               help="Seconds to wait for every party to connect.")
+@click.option("--peer-timeout", type=click.FloatRange(1), default=300.0, show_default=True,
+              help="Seconds a connected party may send nothing while this one waits for it (frozen, or its network "
+                   "cut off) before the run is aborted (exit status 3).")
 @click.option("--insecure-reveal-p", is_flag=True,
               help="Open the joint P to every party (testing and comparison with the plaintext t-SNE only).")
 @click.option("--insecure-plaintext", is_flag=True,
@@ -117,7 +120,7 @@ def keys(parties: int, out: Path, days: int) -> None:
                    "may share, and for comparison); every party must give it.")
 def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...], out: Path, perplexity: float,
           iterations: int, learning_rate: float, early_iterations: int, seed: int, grid: int, share_points: bool,
-          keys_folder: Path | None, no_tls: bool, connect_timeout: float, insecure_reveal_p: bool,
+          keys_folder: Path | None, no_tls: bool, connect_timeout: float, peer_timeout: float, insecure_reveal_p: bool,
           insecure_plaintext: bool) -> None:
     """Join a secure joint t-SNE as party --index, with this site's SITE file (ctzoo smap features) or as a
     --helper without one.
@@ -149,7 +152,8 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
                          insecure_reveal_p, insecure_plaintext)
     out = out.resolve()
     try:
-        result = run_party(site, index, addresses, options, keys=keys_folder, connect_timeout=connect_timeout)
+        result = run_party(site, index, addresses, options, keys=keys_folder, connect_timeout=connect_timeout,
+                           peer_timeout=peer_timeout)
     except (ValueError, PartyDropped, AuthenticationFailed, ClosingCheckFailed) as error:
         raise click.ClickException(str(error)) from error
     arrays = {name: np.asarray(result[name]) for name in ("counts", "own", "extent", "density", "others_density",

@@ -1,7 +1,8 @@
 """What ctzoo changes of MPyC's connections between the parties (:mod:`ctzoo.smap.party` runs the protocol over
 them): the start with a timeout and clear failures (:func:`connect`), mutual TLS authentication that names the party
-(:func:`authenticate_peers`), a lost peer ending the run at once (:func:`watch_connections`), listening on the
-party's own address only (:func:`listen_on_own_address`) and an end without pickles (:func:`close_connections`).
+(:func:`authenticate_peers`), a lost peer ending the run at once (:func:`watch_connections`) and a silent one after
+a timeout (:func:`watch_progress`), listening on the party's own address only (:func:`listen_on_own_address`) and an
+end without pickles (:func:`close_connections`).
 
 **No pickles from peers.** MPyC's ``shutdown`` synchronises the parties with ``transfer``, which unpickles what each
 peer sends: any party could run code on every other party. So a party never calls it: :func:`close_connections`
@@ -175,6 +176,41 @@ def watch_connections(mpc: Any) -> None:
         os._exit(EXIT_DROPPED)
 
     asyncoro.MessageExchanger.connection_lost = connection_lost
+
+
+def watch_progress(mpc: Any, peer_timeout: float) -> None:
+    """Make a peer that sends nothing for ``peer_timeout`` seconds while this party waits for a message from it end
+    this party's process, with a message naming it and :data:`EXIT_DROPPED`: a frozen peer (stopped, swapping, a
+    debugger) or one cut off without its connection closing (a pulled cable, a dropping firewall) would otherwise
+    leave every other party waiting forever, since no connection is lost. Checked by a timer of the event loop, which
+    reads what arrived before it runs, so a party busy computing does not count its own delay against a peer."""
+    from mpyc import asyncoro
+
+    loop = mpc._loop
+    heard = {peer.pid: loop.time() for peer in mpc.parties if peer.pid != mpc.pid}  # the last bytes from each peer
+    data_received = asyncoro.MessageExchanger.data_received
+
+    def note_bytes(exchanger, data):
+        data_received(exchanger, data)
+        if exchanger.peer_pid is not None:
+            heard[exchanger.peer_pid] = loop.time()
+
+    asyncoro.MessageExchanger.data_received = note_bytes
+    interval = min(5.0, peer_timeout / 4)
+
+    def check() -> None:
+        for peer in mpc.parties:
+            exchanger = peer.protocol
+            if (peer.pid in heard and isinstance(exchanger, asyncoro.MessageExchanger) and awaits_data(exchanger)
+                    and loop.time() - heard[peer.pid] > peer_timeout):
+                sys.stderr.write(f"Error: party {peer.pid} sent nothing for {peer_timeout:g} s while this party "
+                                 "waited for it (frozen, or its network is cut off; --peer-timeout): the run is "
+                                 "aborted and nothing written; start every party again\n")
+                sys.stderr.flush()
+                os._exit(EXIT_DROPPED)
+        loop.call_later(interval, check)
+
+    loop.call_later(interval, check)
 
 
 def listen_on_own_address(mpc: Any, address: str) -> None:

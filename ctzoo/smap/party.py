@@ -16,8 +16,9 @@ its site and label, only when every party sets ``share_points``. With ``reveal_p
 the plaintext t-SNE only) the joint P is opened to every party.
 
 A party that drops out makes every other party exit (status :data:`~ctzoo.smap.connections.EXIT_DROPPED`) with a
-message naming it, instead of waiting forever for its shares; one that never connects ends the others' start after
-``connect_timeout`` (:mod:`ctzoo.smap.connections`).
+message naming it, instead of waiting forever for its shares, and so does one that sends nothing for
+``peer_timeout`` seconds while they wait for it (frozen, or cut off without its connection closing); one that never
+connects ends the others' start after ``connect_timeout`` (:mod:`ctzoo.smap.connections`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from ctzoo.smap.connections import (
     listen_on_own_address,
     refuse_pickles,
     watch_connections,
+    watch_progress,
 )
 from ctzoo.smap.keys import check_key_folder
 from ctzoo.smap.secure import off_diagonal_index, secure_conditional_p, secure_embed
@@ -226,9 +228,11 @@ async def joint_density(mpc: Any, y: Any, grid: int) -> tuple[list[float], np.nd
     return extent, np.rint(np.asarray(density, dtype=np.float64)).astype(np.int64)
 
 
-async def protocol(mpc: Any, site: dict[str, Any], options: RunOptions, connect_timeout: float) -> dict[str, Any]:
+async def protocol(mpc: Any, site: dict[str, Any], options: RunOptions, connect_timeout: float,
+                   peer_timeout: float) -> dict[str, Any]:
     """The run as one party sees it (see the module docstring)."""
     await connect(mpc, connect_timeout)
+    watch_progress(mpc, peer_timeout)
     sys.stderr.write(f"party {mpc.pid}: all {len(mpc.parties)} parties connected\n")
     sys.stderr.flush()
     try:
@@ -327,7 +331,8 @@ async def plaintext_map(mpc: Any, site: dict[str, Any], options: RunOptions, cou
 
 
 def run_party(site_path: str | Path | None, index: int, addresses: Sequence[str], options: RunOptions = RunOptions(),
-              keys: str | Path | None = None, connect_timeout: float = 120.0) -> dict[str, Any]:
+              keys: str | Path | None = None, connect_timeout: float = 120.0,
+              peer_timeout: float = 300.0) -> dict[str, Any]:
     """Run party ``index`` of ``addresses`` with the site file ``site_path`` (None: a helper, :func:`helper_site`);
     return what it learns. With ``keys`` (a folder of :func:`ctzoo.smap.keys.make_party_keys`) every connection is
     mutually authenticated TLS; without, plain TCP (loopback tests only).
@@ -335,7 +340,8 @@ def run_party(site_path: str | Path | None, index: int, addresses: Sequence[str]
     Raises ValueError for a bad site file, key folder or inputs the parties do not agree on,
     :class:`~ctzoo.smap.connections.AuthenticationFailed` when a peer fails TLS authentication,
     :class:`~ctzoo.smap.connections.PartyDropped` when a party does not connect within ``connect_timeout`` seconds;
-    exits the process with :data:`~ctzoo.smap.connections.EXIT_DROPPED` when a connected party drops out."""
+    exits the process with :data:`~ctzoo.smap.connections.EXIT_DROPPED` when a connected party drops out, or sends
+    nothing for ``peer_timeout`` seconds while this party waits for it."""
     site = helper_site() if site_path is None else read_site(site_path)
     if site["features"].shape[1] > MAX_FEATURE_DIM:
         raise ValueError(f"{site_path}: {site['features'].shape[1]} features per lesion, above the "
@@ -353,7 +359,7 @@ def run_party(site_path: str | Path | None, index: int, addresses: Sequence[str]
     watch_connections(mpc)
     listen_on_own_address(mpc, addresses[index])
     if keys is None:
-        return mpc.run(protocol(mpc, site, options, connect_timeout))
+        return mpc.run(protocol(mpc, site, options, connect_timeout, peer_timeout))
     authenticate_peers(mpc)
     cwd, scratch = Path.cwd(), Path(tempfile.mkdtemp(prefix="ctzoo-smap-"))
 
@@ -367,6 +373,6 @@ def run_party(site_path: str | Path | None, index: int, addresses: Sequence[str]
     # os._exit (watch_connections), which cleans nothing up, and a killed one cannot either.
     mpc._ctzoo_after_start = leave_scratch
     try:
-        return mpc.run(protocol(mpc, site, options, connect_timeout))
+        return mpc.run(protocol(mpc, site, options, connect_timeout, peer_timeout))
     finally:
         leave_scratch()
