@@ -150,6 +150,7 @@ def test_each_site_learns_its_own_points_of_the_joint_map_and_the_density(secure
                                                                              GRID)).all()
         assert party["others_density"].sum() == len(joint) - len(party["own"])
         assert not party["shared"] and "all_points" not in party.files  # the helper did not agree to share
+        assert not party["plaintext"]  # the page says: on secret shares
         assert list(party["extent"]) == list(learned[0]["extent"])
     assert helper["own"].shape == (0, 2)
     extent = learned[0]["extent"]
@@ -209,7 +210,8 @@ def test_insecure_plaintext_mode_computes_the_plaintext_t_sne_for_every_party(si
         learned = np.load(tmp_path / f"party{k}.npz")
         assert np.abs(full_matrix(learned["p"]) - plain_p).max() < 1e-8
         assert np.abs(learned["all_points"] - reference).max() < 1e-6 * np.abs(reference).max()
-        assert learned["shared"] and list(learned["all_sites"]) == list(np.repeat(np.arange(3), counts))
+        assert learned["plaintext"] and learned["shared"]
+        assert list(learned["all_sites"]) == list(np.repeat(np.arange(3), counts))
         assert (learned["all_labels"] == np.concatenate([read_site(site)["labels"] for site in sites])).all()
         assert np.array_equal(learned["own"], learned["all_points"][sum(counts[:k]):sum(counts[:k + 1])])
 

@@ -162,6 +162,7 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
     with atomic_path(out) as partial:
         with open(partial, "wb") as handle:
             np.savez(handle, index=np.asarray(index), shared=np.asarray(result["shared"]),
+                     plaintext=np.asarray(insecure_plaintext),
                      seconds=np.asarray([result["seconds"]["p"], result["seconds"]["embedding"]]),
                      bytes_phases=np.asarray([result["bytes_phases"]["p"], result["bytes_phases"]["embedding"]]),
                      bytes_sent=np.asarray(result["bytes_sent"]), **arrays)
