@@ -25,7 +25,7 @@ from ctzoo.cli import main
 from ctzoo.smap.features import deal_patients
 from ctzoo.smap.party import loopback_addresses, own_histogram
 from ctzoo.smap.secure import full_matrix
-from ctzoo.smap.site_file import read_site, write_site
+from ctzoo.smap.site_file import read_site, site_digest, write_site
 from ctzoo.smap.tsne import conditional_p, embed, initial_embedding, joint_p, knn_agreement, squared_distances
 
 PERPLEXITY = 5.0
@@ -151,6 +151,7 @@ def test_each_site_learns_its_own_points_of_the_joint_map_and_the_density(secure
         assert party["others_density"].sum() == len(joint) - len(party["own"])
         assert not party["shared"] and "all_points" not in party.files  # the helper did not agree to share
         assert not party["plaintext"]  # the page says: on secret shares
+        assert str(party["site_digest"]) == (site_digest(secure_run["sites"][k]) if k < 2 else "")
         assert list(party["extent"]) == list(learned[0]["extent"])
     assert helper["own"].shape == (0, 2)
     extent = learned[0]["extent"]

@@ -136,6 +136,7 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
     from ctzoo.io.atomic import atomic_path
     from ctzoo.smap.connections import AuthenticationFailed, ClosingCheckFailed, PartyDropped
     from ctzoo.smap.party import RunOptions, on_loopback, run_party
+    from ctzoo.smap.site_file import site_digest
 
     if (site is None) != helper:
         raise click.UsageError("give this site's SITE file, or --helper for a party without lesions")
@@ -151,6 +152,7 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
     options = RunOptions(perplexity, iterations, learning_rate, early_iterations, seed, grid, share_points,
                          insecure_reveal_p, insecure_plaintext)
     out = out.resolve()
+    digest = "" if site is None else site_digest(site)  # what ctzoo smap view checks the site file against
     try:
         result = run_party(site, index, addresses, options, keys=keys_folder, connect_timeout=connect_timeout,
                            peer_timeout=peer_timeout)
@@ -162,7 +164,7 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
     with atomic_path(out) as partial:
         with open(partial, "wb") as handle:
             np.savez(handle, index=np.asarray(index), shared=np.asarray(result["shared"]),
-                     plaintext=np.asarray(insecure_plaintext),
+                     plaintext=np.asarray(insecure_plaintext), site_digest=np.asarray(digest),
                      seconds=np.asarray([result["seconds"]["p"], result["seconds"]["embedding"]]),
                      bytes_phases=np.asarray([result["bytes_phases"]["p"], result["bytes_phases"]["embedding"]]),
                      bytes_sent=np.asarray(result["bytes_sent"]), **arrays)

@@ -5,7 +5,7 @@ every point, coloured by site or by type. Its note says how the map was computed
 ``--insecure-plaintext``, in the clear), as the map file records.
 
 :func:`read_map` checks the party's ``.npz`` (``ctzoo smap party --out``) against the site file it was run with (the
-same number of points); :func:`render_map_html` writes the page.
+SHA-256 of its bytes, which the map file records); :func:`render_map_html` writes the page.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import numpy as np
 from ctzoo.datasets.deeplesion.info_csv import LESION_TYPES
 from ctzoo.perf.report import STYLE as REPORT_STYLE
 from ctzoo.perf.report import json_for_script
-from ctzoo.smap.site_file import load_arrays
+from ctzoo.smap.site_file import load_arrays, site_digest
 
-MAP_ARRAYS = ("index", "shared", "plaintext", "counts", "own", "extent", "density", "others_density")
-#: What map files of an older ``ctzoo smap party`` lack: they cannot say how the map was computed.
-NEWER_ARRAYS = ("plaintext",)
+MAP_ARRAYS = ("index", "shared", "plaintext", "site_digest", "counts", "own", "extent", "density", "others_density")
+#: What map files of an older ``ctzoo smap party`` lack: they cannot say how the map was computed, nor from which
+#: site file.
+NEWER_ARRAYS = ("plaintext", "site_digest")
 
 
 def read_map(map_path: str | Path, site: dict[str, Any]) -> dict[str, Any]:
@@ -39,9 +40,9 @@ def read_map(map_path: str | Path, site: dict[str, Any]) -> dict[str, Any]:
     own = arrays["own"]
     if len(own) == 0:
         raise ValueError(f"{map_path} is a helper's map: it placed no lesions of its own, there is no page to draw")
-    if own.shape != (len(site["labels"]), 2):
-        raise ValueError(f"{map_path} places {len(own)} points of this party, {site['path']} holds "
-                         f"{len(site['labels'])}: give the site file this party ran with")
+    if str(arrays["site_digest"]) != site_digest(site["path"]) or own.shape != (len(site["labels"]), 2):
+        raise ValueError(f"{map_path} was computed from another site file than {site['path']} (the SHA-256 it "
+                         "records differs): give the site file this party ran with")
     return {**arrays, "labels": site["labels"], "path": str(map_path)}
 
 
