@@ -170,8 +170,10 @@ def watch_connections(mpc: Any) -> None:
             also = f"; parties {missing} had not connected either" if missing else ""
             return fail_start(mpc, PartyDropped(f"party {exchanger.peer_pid} left before every party had "
                                                 f"connected (see its error){also}; nothing was sent"))
+        # at the closing barrier this party's own coordinates were opened to it, but still nothing is written
+        lost = "nothing written" if getattr(mpc, "_ctzoo_ending", False) else "nothing was opened and nothing written"
         sys.stderr.write(f"Error: party {exchanger.peer_pid} dropped out (its connection was lost): the run is "
-                         "aborted, nothing was opened and nothing written; start every party again\n")
+                         f"aborted, {lost}; start every party again\n")
         sys.stderr.flush()
         os._exit(EXIT_DROPPED)
 
