@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,7 +25,7 @@ from ctzoo.cli import main
 from ctzoo.smap.features import deal_patients
 from ctzoo.smap.party import loopback_addresses, own_histogram
 from ctzoo.smap.secure import full_matrix
-from ctzoo.smap.site_file import read_site, write_site
+from ctzoo.smap.site_file import read_site, site_digest, write_site
 from ctzoo.smap.tsne import conditional_p, embed, initial_embedding, joint_p, knn_agreement, squared_distances
 
 PERPLEXITY = 5.0
@@ -49,6 +51,20 @@ def sites(deeplesion_mini16, tmp_path_factory) -> list[Path]:
     return paths
 
 
+def synthetic_sites(folder: Path, counts: list[int], scale: float = 1.0, dim: int = 8) -> list[Path]:
+    """Site files of one Gaussian cluster per site, times ``scale``: a secure run's inputs in milliseconds, for
+    runs that test the protocol rather than the features (the miniature's sites take a build)."""
+    rng = np.random.default_rng(1)
+    paths = []
+    for k, count in enumerate(counts):
+        features = (rng.normal(0, 1, dim) + rng.normal(0, 1, (count, dim))) * scale
+        site = {"features": features.astype(np.float32), "labels": rng.integers(1, 4, count).astype(np.int16),
+                "scores": np.full(count, np.nan, np.float32),
+                "meta": {"kind": "annotated", "model": "recistnet-mini", "model_version": "test", "weights": "w"}}
+        paths.append(write_site(site, folder / f"synthetic{k}.npz"))
+    return paths
+
+
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> Path:
     """``ctzoo smap keys`` for three parties: keys/party{i}."""
@@ -60,14 +76,16 @@ def keys(tmp_path_factory) -> Path:
 
 def start_parties(sites: list[Path | None], out: Path, keys: Path, *extra: str, ports: list[str] | None = None,
                   only: range | None = None, key_folders: dict[int, Path] | None = None,
-                  record: Path | None = None) -> list[subprocess.Popen]:
+                  record: Path | None = None, scripts: dict[int, list[str]] | None = None) -> list[subprocess.Popen]:
     """The parties' processes (``only`` some of them; a site None is a ``--helper``), each with ``keys/party{k}``
     unless ``key_folders`` says otherwise; with ``record``, party 0 records what it receives
-    (``smap_recording_party.py``)."""
+    (``smap_recording_party.py``); ``scripts`` runs party k as that script and its arguments instead of ``-m ctzoo``."""
     addresses = [a for address in ports or loopback_addresses(len(sites)) for a in ("--party", address)]
     key_folders = key_folders or {}
-    recording = [str(Path(__file__).with_name("smap_recording_party.py")), str(record)]
-    return [subprocess.Popen([sys.executable, *(recording if record and k == 0 else ["-m", "ctzoo"]), "smap", "party",
+    scripts = dict(scripts or {})
+    if record:
+        scripts[0] = [str(Path(__file__).with_name("smap_recording_party.py")), str(record)]
+    return [subprocess.Popen([sys.executable, *scripts.get(k, ["-m", "ctzoo"]), "smap", "party",
                               *(["--helper"] if site is None else [str(site)]), "--index", str(k), *addresses,
                               "--perplexity", str(PERPLEXITY), "--out", str(out / f"party{k}.npz"),
                               "--keys", str(key_folders.get(k, keys / f"party{k}")), "--iterations", "1", *extra],
@@ -132,6 +150,8 @@ def test_each_site_learns_its_own_points_of_the_joint_map_and_the_density(secure
                                                                              GRID)).all()
         assert party["others_density"].sum() == len(joint) - len(party["own"])
         assert not party["shared"] and "all_points" not in party.files  # the helper did not agree to share
+        assert not party["plaintext"]  # the page says: on secret shares
+        assert str(party["site_digest"]) == (site_digest(secure_run["sites"][k]) if k < 2 else "")
         assert list(party["extent"]) == list(learned[0]["extent"])
     assert helper["own"].shape == (0, 2)
     extent = learned[0]["extent"]
@@ -191,7 +211,8 @@ def test_insecure_plaintext_mode_computes_the_plaintext_t_sne_for_every_party(si
         learned = np.load(tmp_path / f"party{k}.npz")
         assert np.abs(full_matrix(learned["p"]) - plain_p).max() < 1e-8
         assert np.abs(learned["all_points"] - reference).max() < 1e-6 * np.abs(reference).max()
-        assert learned["shared"] and list(learned["all_sites"]) == list(np.repeat(np.arange(3), counts))
+        assert learned["plaintext"] and learned["shared"]
+        assert list(learned["all_sites"]) == list(np.repeat(np.arange(3), counts))
         assert (learned["all_labels"] == np.concatenate([read_site(site)["labels"] for site in sites])).all()
         assert np.array_equal(learned["own"], learned["all_points"][sum(counts[:k]):sum(counts[:k + 1])])
 
@@ -224,9 +245,10 @@ def test_keys_and_tls_are_required_outside_loopback(sites, keys, tmp_path):
 def test_a_wrong_key_ends_every_party_before_anything_is_sent(sites, keys, tmp_path, wrong):
     """A party whose key comes from another ``ctzoo smap keys`` run, or one that presents another party's
     (valid) certificate as its own: the parties that meet it stop within seconds, with a message naming the cause,
-    and nothing is written. A party that had not yet reached the others when they stopped (its first connection
-    attempt came too early and its retry too late: about 1 run in 12 here) cannot be told: it stops at its
-    --connect-timeout, saying who never connected."""
+    and nothing is written. Party 2 with another CA's key only listens (the others connect to it): it ignores their
+    failed handshakes as it would a stranger's and stops at its --connect-timeout, saying who never connected; so
+    would a party that had not yet reached the others when they stopped (its first attempt too early, its retry
+    too late)."""
     if wrong == "other CA":
         result = CliRunner().invoke(main, ["smap", "keys", "--parties", "3", "--out", str(tmp_path / "other")])
         assert result.exit_code == 0, result.output
@@ -305,6 +327,99 @@ def test_a_party_that_drops_out_mid_run_ends_every_other_party(sites, keys, tmp_
     assert not list(tmp_path.glob("party*.npz")) and not list(tmp_path.glob(".*partial*"))
     # gone once connected, so neither the survivors' os._exit nor the SIGKILL leaves one behind
     assert not list(scratch.iterdir())
+
+
+def test_no_party_unpickles_what_a_peer_sends(keys, tmp_path):
+    """A party that ends as MPyC's shutdown does, whose barrier pickles (``smap_evil_party.py``: its pickles create
+    a marker file where they are unpickled): no honest party unpickles them; each finishes, or stops with a clear
+    error and writes no map."""
+    marker = tmp_path / "unpickled-by-a-peer"
+    evil = [str(Path(__file__).with_name("smap_evil_party.py")), str(marker)]
+    processes = start_parties([*synthetic_sites(tmp_path, [3, 3]), None], tmp_path, keys, "--perplexity", "2",
+                              scripts={2: evil})
+    honest = finish(processes[:2], timeout=300)
+    processes[2].kill()
+    processes[2].communicate()
+    assert not marker.exists()
+    for k, (code, output) in enumerate(honest):
+        assert "Traceback" not in output, output
+        assert code == 0 or (code == 1 and "closing check opened" in output) or (
+            code == 3 and "party 2 dropped out" in output), output
+        assert (tmp_path / f"party{k}.npz").exists() == (code == 0)
+
+
+def test_the_secure_p_does_not_depend_on_the_features_scale(keys, tmp_path):
+    """Features of a few hundred in 1024 dimensions (squared distances ~3e7, beyond what SecFxp(64, 32) resolves
+    unscaled: P drifted 0.07 towards uniform): the parties agree on a power of two to divide them by, and P equals the
+    plaintext P as closely as at scale 1."""
+    sites = synthetic_sites(tmp_path, [3, 3], scale=100.0, dim=1024)
+    results = finish(start_parties([*sites, None], tmp_path, keys, "--perplexity", "2", "--insecure-reveal-p"))
+    assert all(code == 0 for code, _ in results), results
+    points = np.vstack([read_site(site)["features"].astype(np.float64) for site in sites])
+    assert 300 < np.abs(points).max() < 1000 and squared_distances(points).max() > 2**24
+    plain = joint_p(conditional_p(squared_distances(points), 2.0)[0])
+    for k in range(3):
+        assert np.abs(full_matrix(np.load(tmp_path / f"party{k}.npz")["p"]) - plain).max() < 1e-3  # measured 2e-7
+
+
+def poke_as_strangers(address: str) -> None:
+    """What anyone may do to a party's port: a plain TCP connection opened and closed (a port scanner, a load
+    balancer's health check), then TLS without a certificate (the party refuses the handshake)."""
+    host, port = address.rsplit(":", 1)
+    for _ in range(300):  # until the party listens
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+            break
+        except ConnectionRefusedError:
+            time.sleep(0.1)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection((host, int(port)), timeout=5) as connection:
+        try:
+            context.wrap_socket(connection, server_hostname="stranger").recv(1)
+        except (ssl.SSLError, OSError):
+            pass
+
+
+def test_strangers_at_a_partys_port_do_not_end_the_run(keys, tmp_path):
+    """Strangers connect to the ports parties 1 and 2 listen on before party 0 has started: the parties note them
+    and keep listening, and the run completes."""
+    ports = loopback_addresses(3)
+    sites = [*synthetic_sites(tmp_path, [2, 2]), None]
+    waiting = start_parties(sites, tmp_path, keys, "--perplexity", "2", ports=ports, only=range(1, 3))
+    for address in ports[1:]:
+        poke_as_strangers(address)
+    time.sleep(1)
+    assert all(process.poll() is None for process in waiting)
+    results = finish(start_parties(sites, tmp_path, keys, "--perplexity", "2", ports=ports, only=range(1)) + waiting)
+    assert all(code == 0 for code, _ in results), results
+    for _, output in results[1:]:
+        assert "ignored a connection that failed the TLS handshake" in output and "still listening" in output
+
+
+def test_a_frozen_party_ends_every_other_party_after_the_peer_timeout(keys, tmp_path):
+    """A party stopped mid-run (SIGSTOP: its connections stay open, so none is lost): the others exit with status
+    3 once it has sent nothing for --peer-timeout seconds (counted from its last bytes, which may precede the stop),
+    naming it, and write nothing."""
+    processes = start_parties([*synthetic_sites(tmp_path, [2, 2]), None], tmp_path, keys, "--perplexity", "2",
+                              "--iterations", "1000", "--peer-timeout", "8")
+    try:
+        for line in processes[2].stderr:  # bounded by --connect-timeout: then it prints its error and exits
+            if "parties connected" in line:
+                break
+        time.sleep(1)
+        os.kill(processes[2].pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        results = finish(processes[:2], timeout=120)
+        waited = time.monotonic() - frozen
+    finally:
+        for process in processes:
+            process.kill()  # a stopped process too
+            process.wait()
+    for code, output in results:  # a survivor may see the other survivor leave over party 2 first
+        assert code == 3 and "nothing written" in output and "Traceback" not in output, output
+    assert "party 2 sent nothing for 8 s while this party waited for it" in " ".join(out for _, out in results)
+    assert waited < 60 and not list(tmp_path.glob("party*.npz"))
 
 
 def test_each_party_sees_its_page_in_headless_chromium(sites, secure_run, tmp_path):

@@ -110,6 +110,9 @@ def keys(parties: int, out: Path, days: int) -> None:
               help="Plain TCP without authentication (allowed only when every --party is on loopback).")
 @click.option("--connect-timeout", type=click.FloatRange(1), default=120.0, show_default=True,
               help="Seconds to wait for every party to connect.")
+@click.option("--peer-timeout", type=click.FloatRange(1), default=300.0, show_default=True,
+              help="Seconds a connected party may send nothing while this one waits for it (frozen, or its network "
+                   "cut off) before the run is aborted (exit status 3).")
 @click.option("--insecure-reveal-p", is_flag=True,
               help="Open the joint P to every party (testing and comparison with the plaintext t-SNE only).")
 @click.option("--insecure-plaintext", is_flag=True,
@@ -117,7 +120,7 @@ def keys(parties: int, out: Path, days: int) -> None:
                    "may share, and for comparison); every party must give it.")
 def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...], out: Path, perplexity: float,
           iterations: int, learning_rate: float, early_iterations: int, seed: int, grid: int, share_points: bool,
-          keys_folder: Path | None, no_tls: bool, connect_timeout: float, insecure_reveal_p: bool,
+          keys_folder: Path | None, no_tls: bool, connect_timeout: float, peer_timeout: float, insecure_reveal_p: bool,
           insecure_plaintext: bool) -> None:
     """Join a secure joint t-SNE as party --index, with this site's SITE file (ctzoo smap features) or as a
     --helper without one.
@@ -131,7 +134,9 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
     with --share-points on every party, every point. Connections are TLS with the --keys of ctzoo smap keys.
     """
     from ctzoo.io.atomic import atomic_path
-    from ctzoo.smap.party import AuthenticationFailed, PartyDropped, RunOptions, on_loopback, run_party
+    from ctzoo.smap.connections import AuthenticationFailed, ClosingCheckFailed, PartyDropped
+    from ctzoo.smap.party import RunOptions, on_loopback, run_party
+    from ctzoo.smap.site_file import site_digest
 
     if (site is None) != helper:
         raise click.UsageError("give this site's SITE file, or --helper for a party without lesions")
@@ -147,9 +152,11 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
     options = RunOptions(perplexity, iterations, learning_rate, early_iterations, seed, grid, share_points,
                          insecure_reveal_p, insecure_plaintext)
     out = out.resolve()
+    digest = "" if site is None else site_digest(site)  # what ctzoo smap view checks the site file against
     try:
-        result = run_party(site, index, addresses, options, keys=keys_folder, connect_timeout=connect_timeout)
-    except (ValueError, PartyDropped, AuthenticationFailed) as error:
+        result = run_party(site, index, addresses, options, keys=keys_folder, connect_timeout=connect_timeout,
+                           peer_timeout=peer_timeout)
+    except (ValueError, PartyDropped, AuthenticationFailed, ClosingCheckFailed) as error:
         raise click.ClickException(str(error)) from error
     arrays = {name: np.asarray(result[name]) for name in ("counts", "own", "extent", "density", "others_density",
                                                            "p", "all_points", "all_labels", "all_sites")
@@ -157,6 +164,7 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
     with atomic_path(out) as partial:
         with open(partial, "wb") as handle:
             np.savez(handle, index=np.asarray(index), shared=np.asarray(result["shared"]),
+                     plaintext=np.asarray(insecure_plaintext), site_digest=np.asarray(digest),
                      seconds=np.asarray([result["seconds"]["p"], result["seconds"]["embedding"]]),
                      bytes_phases=np.asarray([result["bytes_phases"]["p"], result["bytes_phases"]["embedding"]]),
                      bytes_sent=np.asarray(result["bytes_sent"]), **arrays)

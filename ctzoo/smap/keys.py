@@ -41,6 +41,23 @@ def openssl(*arguments: str, cwd: Path) -> None:
         raise RuntimeError(f"openssl {arguments[0]} failed: {result.stderr.strip()}")
 
 
+def extensions_config(parties: int) -> str:
+    """The OpenSSL configuration of the certificates' X.509 v3 extensions (the system's openssl.cnf is not read):
+    section ``ca`` for the CA, ``party{i}`` for party i. Verifiers in strict mode (Python >= 3.13's default
+    ``VERIFY_X509_STRICT``) refuse a CA without key usage and a certificate without key identifiers; a party's
+    certificate serves both ends of TLS, so it may sign handshakes as server and client; its name is also a
+    subjectAltName (hostname checks read only that when it is there) and stays the common name, which
+    :func:`check_peer_certificate` reads. No keyEncipherment: the keys are EC, which TLS uses to sign only."""
+    lines = ["[req]", "distinguished_name = name", "[name]",
+             "[ca]", "basicConstraints = critical, CA:TRUE", "keyUsage = critical, keyCertSign, cRLSign",
+             "subjectKeyIdentifier = hash", "authorityKeyIdentifier = keyid:always"]
+    for index in range(parties):
+        lines += [f"[party{index}]", "basicConstraints = critical, CA:FALSE", "keyUsage = critical, digitalSignature",
+                  "extendedKeyUsage = serverAuth, clientAuth", f"subjectAltName = DNS:{party_name(index)}",
+                  "subjectKeyIdentifier = hash", "authorityKeyIdentifier = keyid, issuer"]
+    return "\n".join(lines) + "\n"
+
+
 def make_party_keys(parties: int, out: str | Path, days: int = VALID_DAYS) -> list[Path]:
     """One folder per party, ``out/party{i}``, with the CA certificate and the party's key and certificate (EC
     P-256, ``days`` valid). Written whole or not at all; refuses an existing ``out``."""
@@ -52,14 +69,17 @@ def make_party_keys(parties: int, out: str | Path, days: int = VALID_DAYS) -> li
                               "not connect); give a new folder")
     with tempfile.TemporaryDirectory(prefix="ctzoo-ca-") as scratch, atomic_folder(out) as partial:
         work = Path(scratch)
-        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
-                "ca.key", "-out", CA_CERTIFICATE, "-days", str(days), "-subj", "/CN=ctzoo smap CA", cwd=work)
+        (work / "extensions.cnf").write_text(extensions_config(parties))
+        openssl("req", "-x509", "-config", "extensions.cnf", "-extensions", "ca", "-newkey", "ec", "-pkeyopt",
+                "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out", CA_CERTIFICATE, "-days", str(days),
+                "-subj", "/CN=ctzoo smap CA", cwd=work)
         for index in range(parties):
             certificate, key = key_files(index)
-            openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key,
-                    "-out", "request.csr", "-subj", f"/CN={party_name(index)}", cwd=work)
+            openssl("req", "-config", "extensions.cnf", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-keyout", key, "-out", "request.csr", "-subj", f"/CN={party_name(index)}", cwd=work)
             openssl("x509", "-req", "-in", "request.csr", "-CA", CA_CERTIFICATE, "-CAkey", "ca.key",
-                    "-CAcreateserial", "-out", certificate, "-days", str(days), cwd=work)
+                    "-CAcreateserial", "-out", certificate, "-days", str(days), "-extfile", "extensions.cnf",
+                    "-extensions", f"party{index}", cwd=work)
             folder = Path(partial) / f"party{index}"
             folder.mkdir(mode=0o700)  # a party's folder holds its private key: its owner's only
             for name in (CA_CERTIFICATE, certificate, key):

@@ -1,10 +1,11 @@
 """``ctzoo smap view MAP --site SITE``: what one party learned, as one self-contained HTML page (plotly inline, works
 offline): its own points in the joint map, coloured by their coarse lesion type (from its own site file, never
 sent), over the density of the other sites' points (SMAP's aggregated view); with a map every party agreed to share,
-every point, coloured by site or by type.
+every point, coloured by site or by type. Its note says how the map was computed (on secret shares or, with
+``--insecure-plaintext``, in the clear), as the map file records.
 
 :func:`read_map` checks the party's ``.npz`` (``ctzoo smap party --out``) against the site file it was run with (the
-same number of points); :func:`render_map_html` writes the page.
+SHA-256 of its bytes, which the map file records); :func:`render_map_html` writes the page.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import numpy as np
 from ctzoo.datasets.deeplesion.info_csv import LESION_TYPES
 from ctzoo.perf.report import STYLE as REPORT_STYLE
 from ctzoo.perf.report import json_for_script
-from ctzoo.smap.site_file import load_arrays
+from ctzoo.smap.site_file import load_arrays, site_digest
 
-MAP_ARRAYS = ("index", "shared", "counts", "own", "extent", "density", "others_density")
+MAP_ARRAYS = ("index", "shared", "plaintext", "site_digest", "counts", "own", "extent", "density", "others_density")
+#: What map files of an older ``ctzoo smap party`` lack: they cannot say how the map was computed, nor from which
+#: site file.
+NEWER_ARRAYS = ("plaintext", "site_digest")
 
 
 def read_map(map_path: str | Path, site: dict[str, Any]) -> dict[str, Any]:
@@ -28,14 +32,17 @@ def read_map(map_path: str | Path, site: dict[str, Any]) -> dict[str, Any]:
     map_path = Path(map_path)
     arrays = load_arrays(map_path, "map file of ctzoo smap party")
     missing = [name for name in MAP_ARRAYS if name not in arrays]
+    if missing and set(missing) <= set(NEWER_ARRAYS):
+        raise ValueError(f"{map_path} was written by an older ctzoo smap party (it lacks {', '.join(missing)}): "
+                         "run the party again")
     if missing:
         raise ValueError(f"{map_path} is not a map file of ctzoo smap party (missing {', '.join(missing)})")
     own = arrays["own"]
     if len(own) == 0:
         raise ValueError(f"{map_path} is a helper's map: it placed no lesions of its own, there is no page to draw")
-    if own.shape != (len(site["labels"]), 2):
-        raise ValueError(f"{map_path} places {len(own)} points of this party, {site['path']} holds "
-                         f"{len(site['labels'])}: give the site file this party ran with")
+    if str(arrays["site_digest"]) != site_digest(site["path"]) or own.shape != (len(site["labels"]), 2):
+        raise ValueError(f"{map_path} was computed from another site file than {site['path']} (the SHA-256 it "
+                         "records differs): give the site file this party ran with")
     return {**arrays, "labels": site["labels"], "path": str(map_path)}
 
 
@@ -88,6 +95,17 @@ Plotly.newPlot('map', DATA.figure.data, DATA.figure.layout, {displaylogo: false,
 """
 
 
+def how_computed(plaintext: bool, shared: bool) -> str:
+    """The page's note on how the map was computed and what it shows, from the map file's record."""
+    if plaintext:
+        return ("The map was computed in the clear (--insecure-plaintext): every site opened its features and labels "
+                "to every party, and each computed the same t-SNE.")
+    secure = "The map was computed on secret shares (ctzoo smap party): no site saw another's features. "
+    if shared:
+        return secure + "Every site then agreed to share its points (--share-points): all are shown, by site and type."
+    return secure + "This site's labels come from its own site file; the other sites' points are counts per cell."
+
+
 def render_map_html(data: dict[str, Any]) -> str:
     """The whole page for :func:`read_map`'s ``data``."""
     from plotly.offline import get_plotlyjs
@@ -104,8 +122,7 @@ def render_map_html(data: dict[str, Any]) -> str:
     summary = (f"{parties} · {counts[index]} of its lesions placed among {sum(counts)} · "
                + ("every site agreed to share its points: all are shown" if bool(data["shared"]) else
                   f"the other sites' {others} lesions are shown as density only"))
-    note = ("The map was computed on secret shares (ctzoo smap party): no site saw another's points. This site's "
-            "labels come from its own site file; the other sites' points are counts per cell.")
+    note = how_computed(bool(data["plaintext"]), bool(data["shared"]))
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ctzoo joint map</title>"
             f"<style>{REPORT_STYLE}</style><script>{plotly_js}</script></head><body>"
             f"<h1>Joint t-SNE map</h1><p id='summary'>{html.escape(summary)}</p><p class='note'>{html.escape(note)}"

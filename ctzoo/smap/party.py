@@ -9,21 +9,23 @@ A party without lesions may join as a helper (:func:`helper_site`): two hospital
 parties an honest majority needs; it learns what every party learns, less its own points (it has none).
 
 What each party learns: every party's point count and feature dimension, whether all parties embedded with the
-same model weights (:func:`agree_on_inputs`), its own points' coordinates in the joint map, the map's extent and the
+same model weights (:func:`agree_on_inputs`), the power of two above the largest absolute feature of all sites
+(:func:`agree_on_scale`), its own points' coordinates in the joint map, the map's extent and the
 counts of all points per grid cell (:func:`joint_density`; minus its own, the others' density); every point, with
 its site and label, only when every party sets ``share_points``. With ``reveal_p`` (tests and the comparison with
 the plaintext t-SNE only) the joint P is opened to every party.
 
-A party that drops out makes every other party exit (status :data:`EXIT_DROPPED`) with a message naming it, instead
-of waiting forever for its shares (MPyC raises in its connection callback, where nothing can catch it, so the
-callback is wrapped here); one that never connects ends the others' start after ``connect_timeout``.
+A party that drops out makes every other party exit (status :data:`~ctzoo.smap.connections.EXIT_DROPPED`) with a
+message naming it, instead of waiting forever for its shares, and so does one that sends nothing for
+``peer_timeout`` seconds while they wait for it (frozen, or cut off without its connection closing); one that never
+connects ends the others' start after ``connect_timeout`` (:mod:`ctzoo.smap.connections`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import ipaddress
+import math
 import os
 import shutil
 import socket
@@ -37,25 +39,27 @@ from typing import Any
 
 import numpy as np
 
+from ctzoo.smap.connections import (
+    authenticate_peers,
+    close_connections,
+    connect,
+    listen_on_own_address,
+    refuse_pickles,
+    watch_connections,
+    watch_progress,
+)
 from ctzoo.smap.keys import check_key_folder
 from ctzoo.smap.secure import off_diagonal_index, secure_conditional_p, secure_embed
 from ctzoo.smap.site_file import read_site
 from ctzoo.smap.tsne import conditional_p, embed, initial_embedding, joint_p, squared_distances
 
-#: Feature values this large would overflow the fixed-point range of the squared distances (2^31).
-MAX_ABS_FEATURE = 1000.0
-
-
-#: The exit status of a party whose peer dropped out mid-run.
-EXIT_DROPPED = 3
-
-
-class PartyDropped(RuntimeError):
-    """Another party did not connect in time."""
-
-
-class AuthenticationFailed(RuntimeError):
-    """A TLS handshake with a peer failed, or a peer's certificate names another party than it claims."""
+#: Every party divides its features by the same power of two (:func:`agree_on_scale`), so that every squared
+#: distance is at most 1 whatever the features' scale; what still bounds the fixed-point precision is the
+#: dimension d: each coordinate is then at most ``2^-(1 + ceil(log2(d) / 2))``, about ``1 / (2 sqrt(d))``, and at
+#: this many dimensions that is still 2^23 times SecFxp(64, 32)'s resolution (2^-32).
+MAX_FEATURE_DIM = 2**16
+#: The exponent a party without features (a helper) or with all-zero features brings to :func:`agree_on_scale`.
+NO_FEATURES = -1000
 
 
 def mpyc_arguments(index: int, addresses: Sequence[str], ssl: bool = False) -> list[str]:
@@ -139,6 +143,33 @@ async def agree_on_inputs(mpc: Any, site: dict[str, Any], options: Any) -> tuple
     return [values[0] for values in opened], first[1]
 
 
+def magnitude_exponent(features: np.ndarray) -> int:
+    """The least ``e`` with ``max |features| < 2^e``; :data:`NO_FEATURES` when there are none, or all are 0."""
+    largest = float(np.abs(features).max()) if features.size else 0.0
+    return math.frexp(largest)[1] if largest > 0 else NO_FEATURES
+
+
+def feature_shift(exponent: int, dim: int) -> int:
+    """The ``k`` for which features below ``2^exponent`` in absolute value, times ``2^-k``, are ``dim``-dimensional
+    points with every squared distance at most 1: a coordinate's difference is below ``2^(exponent + 1)``, so a
+    squared distance below ``dim 2^(2 exponent + 2)``."""
+    return exponent + 1 + math.ceil(math.log2(max(dim, 1)) / 2)
+
+
+async def agree_on_scale(mpc: Any, features: np.ndarray, dim: int) -> int:
+    """The power of two ``k`` every party divides its features by (:func:`feature_shift`), from the largest absolute
+    feature of all sites: each party secret-shares the exponent of its own largest (:func:`magnitude_exponent`)
+    and only their maximum is opened. t-SNE's P does not change when every point is scaled alike (each row's
+    precision adapts), but the secure P is computed in fixed point: unscaled, features of a few hundred made the
+    squared distances so large that the precision search's starting factor ``2^-10 / mean distance`` fell below
+    the resolution and P drifted towards uniform; tiny features would lose their bits the same way."""
+    exponents = mpc.input(mpc.SecInt(16)(magnitude_exponent(features)), senders=list(range(len(mpc.parties))))
+    largest = int(await mpc.output(mpc.max(exponents)))
+    if largest == NO_FEATURES:
+        raise ValueError("every feature of every site is 0: the points cannot be told apart")
+    return feature_shift(largest, dim)
+
+
 def joint_from_conditional(mpc: Any, conditional: Any, n: int) -> Any:
     """``(P_cond + P_cond^T) / (2n)`` in the off-diagonal layout of :func:`off_diagonal_index`."""
     index = off_diagonal_index(n)
@@ -197,118 +228,22 @@ async def joint_density(mpc: Any, y: Any, grid: int) -> tuple[list[float], np.nd
     return extent, np.rint(np.asarray(density, dtype=np.float64)).astype(np.int64)
 
 
-async def connect(mpc: Any, connect_timeout: float) -> None:
-    """Connect to every peer (:meth:`mpc.start`), or raise :class:`AuthenticationFailed` at the first failed
-    authentication (:func:`authenticate_peers`) or :class:`PartyDropped` after ``connect_timeout`` seconds."""
-    start = asyncio.ensure_future(mpc.start())
-    done, _ = await asyncio.wait({start, mpc._ctzoo_failure}, timeout=connect_timeout,
-                                 return_when=asyncio.FIRST_COMPLETED)
-    if start in done:
-        start.result()
-        mpc._ctzoo_started = True
-        getattr(mpc, "_ctzoo_after_start", lambda: None)()
-        return
-    start.cancel()
-    if mpc._ctzoo_failure in done:
-        raise mpc._ctzoo_failure.result()
-    missing = unconnected(mpc)
-    # a party that stopped at start (a refused key) before this one reached it cannot say so: it is gone
-    raise PartyDropped(f"parties {missing} did not connect within {connect_timeout:g} s: check that every "
-                       "party runs with the same --party list and --keys from one ctzoo smap keys run (a party "
-                       "that refused a key stops at once, with its own message); nothing was sent")
-
-
-def unconnected(mpc: Any, besides: int | None = None) -> list[int]:
-    """The other parties (but ``besides``) that this one has no connection with."""
-    return [peer.pid for peer in mpc.parties
-            if peer.pid not in (mpc.pid, besides) and peer.protocol is None]
-
-
-def fail_start(mpc: Any, error: Exception) -> None:
-    if not mpc._ctzoo_failure.done():
-        mpc._ctzoo_failure.set_result(error)
-
-
-def authenticate_peers(mpc: Any) -> None:
-    """With TLS: end this party's start with a clear :class:`AuthenticationFailed` at the first failed handshake
-    (MPyC would retry a client's forever and asyncio drops a server's silently), and refuse a peer whose
-    certificate names another party than the index it claims (MPyC checks the name only of servers)."""
-    import ssl
-
-    from ctzoo.smap.keys import check_peer_certificate
-
-    class ReportingSSLObject(ssl.SSLObject):
-        def do_handshake(self):
-            try:
-                return super().do_handshake()
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                raise
-            except ssl.SSLError as error:
-                fail_start(mpc, AuthenticationFailed(
-                    f"party {mpc.pid}: a TLS handshake with a peer failed ({error.reason or error}): every party's "
-                    "--keys must come from the same `ctzoo smap keys` run; nothing was sent"))
-                raise
-
-    create_default_context = ssl.create_default_context
-
-    def create_reporting_context(*args, **kwargs):
-        context = create_default_context(*args, **kwargs)
-        context.sslobject_class = ReportingSSLObject
-        return context
-
-    ssl.create_default_context = create_reporting_context
-    report_broken_handshakes(mpc)
-    set_protocol = mpc.set_protocol
-
-    def set_authenticated_protocol(peer_pid, protocol):
-        try:
-            check_peer_certificate(protocol.transport.get_extra_info("peercert"), peer_pid)
-        except ValueError as error:
-            protocol.transport.close()
-            return fail_start(mpc, AuthenticationFailed(f"party {mpc.pid}: {error}; nothing was sent"))
-        set_protocol(peer_pid, protocol)
-
-    mpc.set_protocol = set_authenticated_protocol
-
-
-def report_broken_handshakes(mpc: Any) -> None:
-    """A peer that rejects this party's certificate (or fails and exits itself) closes the connection mid-handshake
-    without an alert that reaches this party, and asyncio drops the half-made connection silently (MPyC's client
-    would retry forever): report that as the failed authentication it is, rather than wait for the connect timeout.
-    asyncio's private TLS protocol (Python >= 3.11) is the only place that sees it; without it, the timeout's
-    message still says what to check."""
-    from asyncio import sslproto
-
-    handshaking = getattr(getattr(sslproto, "SSLProtocolState", None), "DO_HANDSHAKE", None)
-    if handshaking is None:
-        return
-
-    def reporting(method):
-        def report_then_call(protocol, *args):
-            if getattr(protocol, "_state", None) == handshaking:
-                fail_start(mpc, AuthenticationFailed(
-                    f"party {mpc.pid}: a peer broke off the TLS handshake (it did not accept this party's "
-                    "certificate, or failed itself): every party's --keys must come from the same `ctzoo smap keys` "
-                    "run; nothing was sent"))
-            return method(protocol, *args)
-        return report_then_call
-
-    sslproto.SSLProtocol.eof_received = reporting(sslproto.SSLProtocol.eof_received)
-    sslproto.SSLProtocol.connection_lost = reporting(sslproto.SSLProtocol.connection_lost)
-
-
-async def protocol(mpc: Any, site: dict[str, Any], options: RunOptions, connect_timeout: float) -> dict[str, Any]:
+async def protocol(mpc: Any, site: dict[str, Any], options: RunOptions, connect_timeout: float,
+                   peer_timeout: float) -> dict[str, Any]:
     """The run as one party sees it (see the module docstring)."""
     await connect(mpc, connect_timeout)
+    watch_progress(mpc, peer_timeout)
     sys.stderr.write(f"party {mpc.pid}: all {len(mpc.parties)} parties connected\n")
     sys.stderr.flush()
     try:
         counts, dim = await agree_on_inputs(mpc, site, options)
+        shift = await agree_on_scale(mpc, site["features"], dim)
+        scale = 2.0**-shift  # a power of two: the scaled features are exact
         secfxp = mpc.SecFxp(64, 32)
         # integral=False on every party: MPyC skips the truncation of products of values it knows are integers, so
         # a sender's flag (its data) and the others' (their zero placeholders) must agree, or the parties run
         # different protocols and wait on each other forever (a helper, or integer features, would)
-        parts = [mpc.input(secfxp.array(site["features"].astype(np.float64) if pid == mpc.pid else
+        parts = [mpc.input(secfxp.array(site["features"].astype(np.float64) * scale if pid == mpc.pid else
                                         np.zeros((count, dim)), integral=False), senders=pid)
                  for pid, count in enumerate(counts) if count]  # a helper inputs nothing
         points = mpc.np_vstack(parts)
@@ -317,9 +252,8 @@ async def protocol(mpc: Any, site: dict[str, Any], options: RunOptions, connect_
         result.update(await run(mpc, site, options, counts, points))
         result["others_density"] = result["density"] - own_histogram(result["own"], result["extent"], options.grid)
         result["bytes_sent"] = bytes_sent(mpc)
-    finally:
-        mpc._ctzoo_ending = True  # from here on, peers closing their connections is the normal end
-        await mpc.shutdown()
+    finally:  # every party, also when all stop over inputs they do not agree on (never MPyC's shutdown: it pickles)
+        await close_connections(mpc)
     return result
 
 
@@ -396,59 +330,23 @@ async def plaintext_map(mpc: Any, site: dict[str, Any], options: RunOptions, cou
     return result
 
 
-def watch_connections(mpc: Any) -> None:
-    """Make a lost connection to a peer end this party's process at once, with a clear message and
-    :data:`EXIT_DROPPED` (module docstring): the secret program cannot go on without the peer's shares, nothing has
-    been opened, and only an exit stops MPyC's already scheduled work."""
-    from mpyc import asyncoro
-
-    original = asyncoro.MessageExchanger.connection_lost
-
-    def connection_lost(exchanger, exc):
-        if getattr(mpc, "_ctzoo_ending", False):
-            return original(exchanger, None)
-        if not getattr(mpc, "_ctzoo_started", False):  # a peer that failed to start itself, e.g. to authenticate
-            # or that gave up waiting for a third: name those still missing, the likely cause of both
-            missing = unconnected(mpc, besides=exchanger.peer_pid)
-            also = f"; parties {missing} had not connected either" if missing else ""
-            return fail_start(mpc, PartyDropped(f"party {exchanger.peer_pid} left before every party had "
-                                                f"connected (see its error){also}; nothing was sent"))
-        sys.stderr.write(f"Error: party {exchanger.peer_pid} dropped out (its connection was lost): the run is "
-                         "aborted, nothing was opened and nothing written; start every party again\n")
-        sys.stderr.flush()
-        os._exit(EXIT_DROPPED)
-
-    asyncoro.MessageExchanger.connection_lost = connection_lost
-
-
-def listen_on_own_address(mpc: Any, address: str) -> None:
-    """Make MPyC listen on this party's own host (``127.0.0.1`` on loopback) rather than on every interface, its
-    default."""
-    loop, host = mpc._loop, address.rsplit(":", 1)[0]
-    create_server = loop.create_server
-
-    async def create_server_on_host(factory, **options):
-        options.setdefault("host", host)
-        return await create_server(factory, **options)
-
-    loop.create_server = create_server_on_host
-
-
 def run_party(site_path: str | Path | None, index: int, addresses: Sequence[str], options: RunOptions = RunOptions(),
-              keys: str | Path | None = None, connect_timeout: float = 120.0) -> dict[str, Any]:
+              keys: str | Path | None = None, connect_timeout: float = 120.0,
+              peer_timeout: float = 300.0) -> dict[str, Any]:
     """Run party ``index`` of ``addresses`` with the site file ``site_path`` (None: a helper, :func:`helper_site`);
-    return what it learns. With ``keys``
-    (a folder of :func:`ctzoo.smap.keys.make_party_keys`) every connection is mutually authenticated TLS;
-    without, plain TCP (loopback tests only).
+    return what it learns. With ``keys`` (a folder of :func:`ctzoo.smap.keys.make_party_keys`) every connection is
+    mutually authenticated TLS; without, plain TCP (loopback tests only).
 
     Raises ValueError for a bad site file, key folder or inputs the parties do not agree on,
-    :class:`AuthenticationFailed` when a peer fails TLS authentication, :class:`PartyDropped` when a party does not
-    connect within ``connect_timeout`` seconds; exits the process with :data:`EXIT_DROPPED` when a connected party
-    drops out."""
+    :class:`~ctzoo.smap.connections.AuthenticationFailed` when a peer fails TLS authentication,
+    :class:`~ctzoo.smap.connections.PartyDropped` when a party does not connect within ``connect_timeout`` seconds;
+    exits the process with :data:`~ctzoo.smap.connections.EXIT_DROPPED` when a connected party drops out, or sends
+    nothing for ``peer_timeout`` seconds while this party waits for it."""
     site = helper_site() if site_path is None else read_site(site_path)
-    if site["features"].size and np.abs(site["features"]).max() > MAX_ABS_FEATURE:
-        raise ValueError(f"{site_path}: features above {MAX_ABS_FEATURE:g} in absolute value would overflow the "
-                         "secure fixed-point range")
+    if site["features"].shape[1] > MAX_FEATURE_DIM:
+        raise ValueError(f"{site_path}: {site['features'].shape[1]} features per lesion, above the "
+                         f"{MAX_FEATURE_DIM} the secure fixed-point numbers resolve (each coordinate, scaled so "
+                         "that squared distances stay at most 1, would keep too few bits)")
     if "mpyc.runtime" in sys.modules:
         raise RuntimeError("run_party needs a process of its own: mpyc.runtime was already imported here")
     if keys is not None:
@@ -456,11 +354,12 @@ def run_party(site_path: str | Path | None, index: int, addresses: Sequence[str]
     sys.argv = [sys.argv[0], *mpyc_arguments(index, addresses, ssl=keys is not None)]
     from mpyc.runtime import mpc
 
+    refuse_pickles(sys.modules["mpyc.runtime"])
     mpc._ctzoo_failure = mpc._loop.create_future()
     watch_connections(mpc)
     listen_on_own_address(mpc, addresses[index])
     if keys is None:
-        return mpc.run(protocol(mpc, site, options, connect_timeout))
+        return mpc.run(protocol(mpc, site, options, connect_timeout, peer_timeout))
     authenticate_peers(mpc)
     cwd, scratch = Path.cwd(), Path(tempfile.mkdtemp(prefix="ctzoo-smap-"))
 
@@ -474,6 +373,6 @@ def run_party(site_path: str | Path | None, index: int, addresses: Sequence[str]
     # os._exit (watch_connections), which cleans nothing up, and a killed one cannot either.
     mpc._ctzoo_after_start = leave_scratch
     try:
-        return mpc.run(protocol(mpc, site, options, connect_timeout))
+        return mpc.run(protocol(mpc, site, options, connect_timeout, peer_timeout))
     finally:
         leave_scratch()

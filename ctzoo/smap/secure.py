@@ -77,7 +77,9 @@ def off_diagonal_index(n: int) -> np.ndarray:
 
 def secure_conditional_p(mpc: Any, x: Any, perplexity: float) -> Any:
     """``P_cond`` without the diagonal, ``(n, n - 1)`` secret (column ``k`` of row ``i`` is point
-    :func:`off_diagonal_index` ``[i, k]``), from the secret points ``x`` (n, d) on runtime ``mpc``."""
+    :func:`off_diagonal_index` ``[i, k]``), from the secret points ``x`` (n, d) on runtime ``mpc``, scaled so that
+    every squared distance is at most 1 (:func:`ctzoo.smap.party.agree_on_scale`): the starting factor
+    ``2^-T / mean`` then stays far above the fixed-point resolution."""
     n = x.shape[0]
     if not 1 <= perplexity < n - 1:
         raise ValueError(f"perplexity must be at least 1 and below n - 1 = {n - 1}, got {perplexity}")

@@ -16,6 +16,7 @@ Writing and reading it needs numpy only (:mod:`ctzoo.smap.features` computes the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import zipfile
@@ -47,6 +48,17 @@ def write_site(site: dict[str, Any], out: str | Path) -> Path:
             np.savez(handle, **{name: np.asarray(site[name], dtype=kind)[order] for name, kind in ARRAYS.items()},
                      meta=np.array(json.dumps(meta)))
     return out
+
+
+def site_digest(path: str | Path) -> str:
+    """The SHA-256 of a site file's bytes. A party's map file records it, so that ``ctzoo smap view`` labels the
+    points with the site file they came from: every file's rows are shuffled afresh, so another file of the same
+    site, even with as many points, would put its labels on the wrong points."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_arrays(path: Path, kind: str) -> dict[str, np.ndarray]:

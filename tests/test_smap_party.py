@@ -1,0 +1,39 @@
+"""The parts of ``ctzoo.smap.party`` that need no running parties: the power of two every party divides its
+features by, and the dimension a party refuses before it connects."""
+
+from __future__ import annotations
+
+import numpy as np
+from click.testing import CliRunner
+
+from ctzoo.cli import main
+from ctzoo.smap.party import MAX_FEATURE_DIM, NO_FEATURES, feature_shift, magnitude_exponent
+from ctzoo.smap.site_file import write_site
+from ctzoo.smap.tsne import squared_distances
+
+
+def test_scaled_features_have_squared_distances_of_at_most_one_whatever_their_scale():
+    rng = np.random.default_rng(0)
+    for scale in (1e-6, 1e-3, 1.0, 100.0, 1e5):
+        for dim in (1, 3, 64, 1000):
+            x = rng.normal(0, 1, (20, dim)) * scale
+            x[0] = np.abs(x).max()  # the worst case: two points at opposite corners
+            x[1] = -x[0]
+            exponent = magnitude_exponent(x)
+            assert 2.0 ** (exponent - 1) <= np.abs(x).max() < 2.0**exponent
+            scaled = squared_distances(x * 2.0 ** -feature_shift(exponent, dim))
+            assert 0.25 < scaled.max() <= 1.0, (scale, dim)  # at most 1, and not needlessly small
+    assert magnitude_exponent(np.zeros((3, 4))) == magnitude_exponent(np.zeros((0, 0))) == NO_FEATURES
+
+
+def test_a_party_refuses_more_dimensions_than_the_fixed_point_numbers_resolve(tmp_path):
+    dim = MAX_FEATURE_DIM + 1
+    site = write_site({"features": np.ones((2, dim), np.float32), "labels": np.ones(2, np.int16),
+                       "scores": np.full(2, np.nan, np.float32),
+                       "meta": {"kind": "annotated", "model": "m", "model_version": "1", "weights": "w"}},
+                      tmp_path / "wide.npz")
+    result = CliRunner().invoke(main, ["smap", "party", str(site), "--index", "0", "--no-tls", "--out",
+                                       str(tmp_path / "map.npz"), *[a for port in (7001, 7002, 7003)
+                                                                    for a in ("--party", f"127.0.0.1:{port}")]])
+    assert result.exit_code == 1 and f"{dim} features per lesion, above the {MAX_FEATURE_DIM}" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "map.npz").exists()
