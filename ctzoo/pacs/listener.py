@@ -7,7 +7,11 @@ before the sender is told "success" (atomically: temporary name, then rename), g
     SPOOL/<hash of SeriesInstanceUID>/<hash of SOP UID>.dcm   the instance as sent (no re-encoding)
 
 A series is *stable* once its folder has not changed for ``stable_s`` seconds (the folder's mtime, so a
-restart loses nothing: whatever was acknowledged is on disk). :meth:`DicomListener.discover` records stable
+restart loses nothing: whatever was acknowledged is on disk). A series one of whose instances was refused for lack
+of disk (``min_free_mb``, status 0xA700: the sender keeps it and sends it again) is *held* until that instance has
+been stored: each refusal leaves ``<hash of SOP UID>.refused`` in its folder (and in memory, should even that write
+fail), removed when the instance arrives, so the part that did arrive is never taken for the whole series, across
+restarts too. :meth:`DicomListener.discover` records stable
 series in the job ledger (``source="dicom:<hash>"``) or SKIPs them with the reason (modality not accepted,
 too few instances); processing is :class:`ctzoo.pacs.core.SeriesWorker`'s, and the results go to the
 destination AE by C-STORE (:func:`send_files`). The spool folder is removed once its job is DONE or
@@ -50,6 +54,8 @@ __all__ = ["AEAddress", "DestinationUnavailable", "DicomListener", "send_files"]
 log = logging.getLogger(__name__)
 SOURCE_PREFIX = "dicom:"
 SERIES_FILE = "series.json"
+#: The suffix of the marker a store refused for lack of disk leaves in its series' folder (see the module docstring).
+REFUSED_SUFFIX = ".refused"
 # C-STORE status codes (PS3.4 Annex B.2.3)
 STATUS_SUCCESS, STATUS_OUT_OF_RESOURCES, STATUS_CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 WARNING_STATUSES = {0x0001, 0xB000, 0xB006, 0xB007}
@@ -138,6 +144,10 @@ class DicomListener(SeriesWorker):
         self.min_free_bytes = int(min_free_mb * 2**20)
         self._server = None
         self.receive_times = ReceiveTimes()
+        #: Per spool folder, the instances refused for lack of disk and not stored since (with the files
+        #: ``*.refused``, which a full disk may have kept from being written).
+        self._refused: dict[str, set[str]] = {}
+        self._said_held: set[str] = set()
 
     # -- receiving ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -181,35 +191,65 @@ class DicomListener(SeriesWorker):
         except (LimitExceeded, TypeError, ValueError) as exc:
             log.warning("C-STORE refused: %s", exc if isinstance(exc, LimitExceeded) else "unreadable image size")
             return STATUS_OUT_OF_RESOURCES if isinstance(exc, LimitExceeded) else STATUS_CANNOT_UNDERSTAND
-        folder = self.spool / _uid_hash(series_uid)
+        folder, instance = self.spool / _uid_hash(series_uid), _uid_hash(sop_uid)
         try:
             payload = event.encoded_dataset()
             free = shutil.disk_usage(self.spool).free
             if free - len(payload) < self.min_free_bytes:  # keep the disk from filling: the sender retries later
                 log.error("C-STORE refused: %.0f MB free on the spool's disk, %.0f MB are kept free (min_free_mb)",
                           free / 2**20, self.min_free_bytes / 2**20)
+                self._hold(folder, instance)
                 return STATUS_OUT_OF_RESOURCES
             if not (folder / SERIES_FILE).exists():
                 info = {"series_uid": series_uid, "modality": modality,
                         "patient_hash": patient_hash(patient_id, self.salt) if patient_id else ""}
                 with atomic_path(folder / SERIES_FILE) as temporary:
                     temporary.write_text(json.dumps(info))
-            with atomic_path(folder / f"{_uid_hash(sop_uid)}.dcm") as temporary:
+            with atomic_path(folder / f"{instance}.dcm") as temporary:
                 temporary.write_bytes(payload)
         except OSError as exc:  # a full disk: the sender keeps the instance and may retry
             log.error("C-STORE refused: cannot write the spool (%s)", type(exc).__name__)
+            self._hold(folder, instance)
             return STATUS_OUT_OF_RESOURCES
+        self._unhold(folder, instance)
         if self.perf is not None:
             self.receive_times.stored(folder.name, event.assoc, arrived, time.time(), len(payload))
         return STATUS_SUCCESS
 
+    def _hold(self, folder: Path, instance: str) -> None:
+        """Keep the series of a refused instance from being taken as complete until that instance is stored."""
+        self._refused.setdefault(folder.name, set()).add(instance)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{instance}{REFUSED_SUFFIX}").touch()
+        except OSError:  # the disk is that full: the hold in memory stands until a restart
+            pass
+
+    def _unhold(self, folder: Path, instance: str) -> None:
+        self._refused.get(folder.name, set()).discard(instance)
+        (folder / f"{instance}{REFUSED_SUFFIX}").unlink(missing_ok=True)
+
+    def _refused_instances(self, folder: Path) -> int:
+        """How many instances of the series were refused for lack of disk and not stored since."""
+        on_disk = {path.name[:-len(REFUSED_SUFFIX)] for path in folder.glob(f"*{REFUSED_SUFFIX}")}
+        return len(on_disk | self._refused.get(folder.name, set()))
+
     # -- discovery ----------------------------------------------------------------------------------------
     def discover(self) -> int:
-        """Record every stable series of the spool in the ledger; how many new jobs."""
+        """Record every stable series of the spool in the ledger (not one held for a refused instance); how
+        many new jobs."""
         added, now = 0, time.time()
         for folder in sorted(p for p in self.spool.iterdir() if p.is_dir() and not p.name.startswith(".")):
             try:
-                if now - folder.stat().st_mtime >= self.stable_s:
+                if now - folder.stat().st_mtime < self.stable_s:
+                    continue
+                if refused := self._refused_instances(folder):
+                    if folder.name not in self._said_held:  # once a series, not at every look
+                        self._said_held.add(folder.name)
+                        log.warning("spool folder %s: held, %d instance(s) refused for lack of disk not sent again "
+                                    "yet", folder.name[:10], refused)
+                else:
+                    self._said_held.discard(folder.name)
                     added += self._discover_one(folder)
             except (OSError, ValueError) as exc:
                 log.warning("spool folder %s: %s", folder.name[:10], type(exc).__name__)

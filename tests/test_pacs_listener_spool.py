@@ -1,0 +1,62 @@
+"""The DICOM listener's spool, work folder and deliveries, with a model that needs no network (tests/pacs_kit.py) and
+pynetdicom on both ends in this process: series held, late instances, disk space, outages, what the destination
+takes, retries. Seconds each; test_pacs_listener.py runs the real models against dcmtk and Orthanc."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from orthanc_server import free_port
+from pacs_kit import read_all, result_task, store
+from series_variants import variant_series
+
+from ctzoo.io.dicom_scan import SeriesRules
+from ctzoo.pacs.ledger import JobState, Ledger
+from ctzoo.pacs.listener import AEAddress, DicomListener
+
+pytestmark = pytest.mark.timeout(120)
+CALLER = "SCANNER"
+OUT_OF_RESOURCES = 0xA700
+
+
+def make_listener(tmp_path, destination_port: int | None = None, runs: list | None = None, start: bool = True,
+                  **ledger_options) -> DicomListener:
+    """A listener on a free port whose every spool folder is stable at once (stable_s 0: a test says when it looks)."""
+    ledger = Ledger(tmp_path / "ledger.sqlite", **ledger_options)
+    listener = DicomListener(ledger, [result_task(runs)], SeriesRules(min_slices=5), tmp_path / "spool",
+                             tmp_path / "work", "w1", "test-salt", AEAddress("CTZOO", "127.0.0.1", 0),
+                             AEAddress("DEST", "127.0.0.1", destination_port or free_port()), [CALLER], stable_s=0.0)
+    if start:
+        listener.start()
+    return listener
+
+
+@pytest.fixture
+def series(tmp_path, sent_files):
+    """Six instances of a new series, as read (to be sent by pynetdicom)."""
+    return read_all(variant_series(sent_files, tmp_path / "send", "six", count=6))
+
+
+def test_a_series_with_a_refused_store_is_held_until_the_instance_is_sent_again(tmp_path, series, caplog):
+    """A store refused for lack of disk (0xA700) part-way through a series: what did arrive is not processed as the
+    whole series, across a restart too, until the sender has sent the refused instance again."""
+    caplog.set_level("INFO", logger="ctzoo.pacs")
+    listener = make_listener(tmp_path)
+    try:
+        assert store(listener.port, series[:4]) == [0] * 4
+        listener.min_free_bytes = int(shutil.disk_usage(tmp_path).free + 2**30)  # more than the disk has
+        assert store(listener.port, series[4:]) == [OUT_OF_RESOURCES] * 2
+        assert listener.discover() == 0 and listener.discover() == 0 and not listener.ledger.jobs()
+        assert sum("held, 2 instance(s) refused" in r.getMessage() for r in caplog.records) == 1  # said once
+        restarted = make_listener(tmp_path, start=False)  # the hold is on disk, not only in this process
+        assert restarted.discover() == 0 and not restarted.ledger.jobs()
+
+        listener.min_free_bytes = 0
+        assert store(listener.port, series[4:5]) == [0]
+        assert listener.discover() == 0  # one is still missing
+        assert store(listener.port, series[5:]) == [0]
+        assert listener.discover() == 1
+        assert "enqueued (6 instances)" in caplog.text
+    finally:
+        listener.stop()
