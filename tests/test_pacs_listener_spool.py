@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 from orthanc_server import free_port
-from pacs_kit import read_all, result_task, store
+from pacs_kit import read_all, result_task, storage_scp, store
 from series_variants import variant_series
 
 from ctzoo.io.dicom_scan import SeriesRules
@@ -24,7 +24,7 @@ def make_listener(tmp_path, destination_port: int | None = None, runs: list | No
                   **ledger_options) -> DicomListener:
     """A listener on a free port whose every spool folder is stable at once (stable_s 0: a test says when it looks)."""
     ledger = Ledger(tmp_path / "ledger.sqlite", **ledger_options)
-    listener = DicomListener(ledger, [result_task(runs)], SeriesRules(min_slices=5), tmp_path / "spool",
+    listener = DicomListener(ledger, [result_task(runs)], SeriesRules(min_slices=3), tmp_path / "spool",
                              tmp_path / "work", "w1", "test-salt", AEAddress("CTZOO", "127.0.0.1", 0),
                              AEAddress("DEST", "127.0.0.1", destination_port or free_port()), [CALLER], stable_s=0.0)
     if start:
@@ -60,3 +60,33 @@ def test_a_series_with_a_refused_store_is_held_until_the_instance_is_sent_again(
         assert "enqueued (6 instances)" in caplog.text
     finally:
         listener.stop()
+
+
+def test_instances_arriving_while_the_job_runs_are_dropped_with_a_log_line_not_silently(tmp_path, series, caplog):
+    """Instances acknowledged while their series' job runs are not in its results; they used to be deleted with the
+    spool folder, unsaid. Now only the instances the job took are removed, and the late ones are logged as dropped."""
+    caplog.set_level("INFO", logger="ctzoo.pacs")
+    received: list = []
+    port = free_port()
+    server = storage_scp(port, received)
+    listener = make_listener(tmp_path, port)
+    fetch = listener.fetch
+
+    def fetch_then_more_arrive(job, folder):
+        fetch(job, folder)
+        assert store(listener.port, series[4:]) == [0, 0]
+
+    listener.fetch = fetch_then_more_arrive
+    try:
+        assert store(listener.port, series[:4]) == [0] * 4
+        assert listener.discover() == 1 and listener.process_one() is True
+        (job,) = listener.ledger.jobs()
+        assert job.state is JobState.DONE and len(received) == 2
+        (folder,) = listener.spool.iterdir()
+        assert len(list(folder.glob("*.dcm"))) == 2  # the two late ones, not yet gone
+        assert listener.discover() == 0
+        assert "2 instance(s) arrived after it was done; dropped" in caplog.text
+        assert not any(listener.spool.iterdir())
+    finally:
+        listener.stop()
+        server.shutdown()

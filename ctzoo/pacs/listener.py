@@ -14,9 +14,10 @@ fail), removed when the instance arrives, so the part that did arrive is never t
 restarts too. :meth:`DicomListener.discover` records stable
 series in the job ledger (``source="dicom:<hash>"``) or SKIPs them with the reason (modality not accepted,
 too few instances); processing is :class:`ctzoo.pacs.core.SeriesWorker`'s, and the results go to the
-destination AE by C-STORE (:func:`send_files`). The spool folder is removed once its job is DONE or
-SKIPPED; instances of an already processed series that arrive later are dropped with a log line (send the
-series again under a new SeriesInstanceUID to have it processed again).
+destination AE by C-STORE (:func:`send_files`). The instances a job took are removed from the spool once it is
+DONE or SKIPPED; those that arrived while it ran stay, and the next discovery drops them with a log line, as it
+drops instances of a processed series that arrive later (a re-run would add a second result set, with other UIDs,
+beside the first: send the series again under a new SeriesInstanceUID to have it processed again).
 
 With a :class:`~ctzoo.perf.PerfMonitor` (``perf``) the listener keeps, per series, how long the associations took
 to deliver its instances (:class:`ctzoo.pacs.job_events.ReceiveTimes`), recorded as the job's ``receive`` stage.
@@ -148,6 +149,7 @@ class DicomListener(SeriesWorker):
         #: ``*.refused``, which a full disk may have kept from being written).
         self._refused: dict[str, set[str]] = {}
         self._said_held: set[str] = set()
+        self._fetched: dict[int, list[str]] = {}  # per job, the spooled instances its last fetch took
 
     # -- receiving ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -302,6 +304,7 @@ class DicomListener(SeriesWorker):
         folder.mkdir(parents=True, exist_ok=True)
         for path in files:
             shutil.copyfile(path, folder / path.name)
+        self._fetched[job.id] = [path.name for path in files]
 
     def fetch_timed(self, job: Job, folder: Path, events: JobEvents) -> None:
         """:meth:`fetch`, recording the series' ``receive`` stage (its copy from the spool, local and short, is
@@ -319,9 +322,14 @@ class DicomListener(SeriesWorker):
         return send_files(paths, self.destination, self.address.ae_title)
 
     def finished(self, job: Job, state: JobState) -> None:
+        """Free the instances the job took. Those that arrived while it ran stay: the next discovery logs them as
+        arriving after the series was done (or skipped) and drops them, instead of their vanishing unsaid."""
         spooled = self._spool_folder(job)
-        shutil.rmtree(spooled, ignore_errors=True)
-        self.receive_times.forget(spooled.name)
+        for name in self._fetched.pop(job.id, []):
+            (spooled / name).unlink(missing_ok=True)
+        if not _instances(spooled):
+            shutil.rmtree(spooled, ignore_errors=True)
+            self.receive_times.forget(spooled.name)
 
 
 def _instances(folder: Path) -> list[Path]:
