@@ -90,3 +90,31 @@ def test_instances_arriving_while_the_job_runs_are_dropped_with_a_log_line_not_s
     finally:
         listener.stop()
         server.shutdown()
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["same-file-system", "no-hard-links"])
+def test_a_job_takes_its_series_from_the_spool_without_a_second_copy_on_its_disk(tmp_path, series, monkeypatch,
+                                                                                  links):
+    """The job's series is hard-linked from the spool (spool and work share state_dir's disk, where a copy of every
+    series could fill what min_free_mb keeps free); copied only where no link can be made."""
+    import errno
+    import os
+
+    if not links:
+        def no_link(source, target):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "link", no_link)
+    listener = make_listener(tmp_path)
+    try:
+        assert store(listener.port, series) == [0] * 6
+    finally:
+        listener.stop()
+    assert listener.discover() == 1
+    listener.fetch(listener.ledger.claim("w1"), tmp_path / "job")
+    (spooled,) = listener.spool.iterdir()
+    taken = sorted((tmp_path / "job").iterdir())
+    assert len(taken) == 6
+    for path in taken:
+        original = spooled / path.name
+        assert path.read_bytes() == original.read_bytes() and path.samefile(original) is links

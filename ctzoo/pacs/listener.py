@@ -28,9 +28,11 @@ the listener binds to loopback unless told otherwise.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -303,12 +305,12 @@ class DicomListener(SeriesWorker):
             raise BadSeries("the received instances are gone from the spool")
         folder.mkdir(parents=True, exist_ok=True)
         for path in files:
-            shutil.copyfile(path, folder / path.name)
+            _link_or_copy(path, folder / path.name)
         self._fetched[job.id] = [path.name for path in files]
 
     def fetch_timed(self, job: Job, folder: Path, events: JobEvents) -> None:
-        """:meth:`fetch`, recording the series' ``receive`` stage (its copy from the spool, local and short, is
-        in the context as ``copy_s``)."""
+        """:meth:`fetch`, recording the series' ``receive`` stage (taking it from the spool, hard links or a
+        local copy, is in the context as ``copy_s``)."""
         clock = time.perf_counter()
         self.fetch(job, folder)
         copy_s = time.perf_counter() - clock
@@ -330,6 +332,18 @@ class DicomListener(SeriesWorker):
         if not _instances(spooled):
             shutil.rmtree(spooled, ignore_errors=True)
             self.receive_times.forget(spooled.name)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` as ``target``: the job's view of a series takes no second copy of it on the disk the
+    spool fills (a copy could hit ENOSPC there while min_free_mb refuses every new store: a deadlock). A copy where
+    no link can be made (another file system, one without hard links)."""
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOENT):
+            raise
+        shutil.copyfile(source, target)
 
 
 def _instances(folder: Path) -> list[Path]:
