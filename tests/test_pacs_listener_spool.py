@@ -5,6 +5,7 @@ takes, retries. Seconds each; test_pacs_listener.py runs the real models against
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 from orthanc_server import free_port
@@ -13,7 +14,7 @@ from series_variants import variant_series
 
 from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.pacs.ledger import JobState, Ledger
-from ctzoo.pacs.listener import AEAddress, DicomListener
+from ctzoo.pacs.listener import AEAddress, DestinationUnavailable, DicomListener
 
 pytestmark = pytest.mark.timeout(120)
 CALLER = "SCANNER"
@@ -118,3 +119,65 @@ def test_a_job_takes_its_series_from_the_spool_without_a_second_copy_on_its_disk
     for path in taken:
         original = spooled / path.name
         assert path.read_bytes() == original.read_bytes() and path.samefile(original) is links
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = time.time()
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_destination_outage_parks_nothing_runs_the_models_once_and_ends_when_it_is_back(tmp_path, sent_files):
+    """The destination down: its jobs WAIT (no attempt used, so max_attempts 1 parks nothing), each retry only sends
+    the results made once, and the first delivery after the outage makes every waiting job due at once."""
+    port, runs, received, clock = free_port(), [], [], Clock()
+    listener = make_listener(tmp_path, port, runs, max_attempts=1, backoff_s=60, clock=clock)
+    try:
+        for name in ("one", "two"):
+            assert store(listener.port, read_all(variant_series(sent_files, tmp_path / "send", name, count=4)))
+        assert listener.discover() == 2
+        for tried in range(2):  # both jobs tried twice while the destination is down
+            clock.t += 120 * tried
+            for _ in range(2):
+                with pytest.raises(DestinationUnavailable) as down:
+                    listener.process_one()
+                listener._outage.down(down.value, 1.0)  # what run() does with it
+        first, second = listener.ledger.jobs()
+        assert [first.state, second.state] == [JobState.WAITING] * 2 and first.attempts == second.attempts == 0
+        assert "association with DEST@127.0.0.1" in first.reason and len(runs) == 2  # the models ran once a job
+        assert second.next_attempt_at > first.next_attempt_at  # the waits grow: the second job is due later...
+
+        server = storage_scp(port, received)
+        try:
+            clock.t = first.next_attempt_at
+            assert listener.process_one() and listener.process_one()  # ...yet goes as soon as the first is sent
+        finally:
+            server.shutdown()
+        assert [(job.state, job.attempts) for job in listener.ledger.jobs()] == [(JobState.DONE, 1)] * 2
+        assert len(runs) == 2 and sorted(str(ds.Modality) for ds in received) == ["SEG", "SEG", "SR", "SR"]
+        assert not any(listener.spool.iterdir()) and not any((listener.work_dir / "outbox").iterdir())
+    finally:
+        listener.stop()
+
+
+def test_a_full_disk_makes_the_job_wait_not_fail(tmp_path, series):
+    """ENOSPC while a job runs is the disk's fault, not the series': the job WAITS, using no attempt (it used to
+    fail, and park after max_attempts, while the full disk also had every new store refused)."""
+    import errno
+
+    listener = make_listener(tmp_path, max_attempts=1)
+    try:
+        assert store(listener.port, series) == [0] * 6
+    finally:
+        listener.stop()
+    assert listener.discover() == 1
+
+    def full(job, folder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    listener.fetch = full
+    assert listener.process_one() is True
+    (job,) = listener.ledger.jobs()
+    assert (job.state, job.attempts, job.reason) == (JobState.WAITING, 0, "disk full: No space left on device")

@@ -55,7 +55,7 @@ def _ledger(config):
     config.state_dir.mkdir(parents=True, exist_ok=True)
     r = config.retry
     return Ledger(config.ledger_path, max_attempts=r.max_attempts, backoff_s=r.backoff_s,
-                  backoff_factor=r.backoff_factor, lease_s=r.lease_s)
+                  backoff_factor=r.backoff_factor, lease_s=r.lease_s, max_wait_s=r.max_wait_s)
 
 
 def _tasks(config):
@@ -232,7 +232,7 @@ def _when(timestamp: float) -> str:
 
 @pacs.command()
 @CONFIG
-@click.option("--state", type=click.Choice(["PENDING", "RUNNING", "DONE", "FAILED", "PARKED", "SKIPPED"]),
+@click.option("--state", type=click.Choice(["PENDING", "RUNNING", "DONE", "FAILED", "WAITING", "PARKED", "SKIPPED"]),
               help="Only jobs in this state.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per job (with the SeriesInstanceUID).")
 def status(config: Path, state: str | None, as_json: bool) -> None:
@@ -279,5 +279,5 @@ def retry(config: Path, job_ids: tuple[int, ...], parked: bool) -> None:
     with _ledger(settings) as ledger:
         ids = list(job_ids) + ([job.id for job in ledger.jobs(JobState.PARKED)] if parked else [])
         done = [i for i in ids if ledger.requeue(i)]
-    click.echo(f"{len(done)} job(s) queued again" + (f"; not requeued (not PARKED/FAILED/SKIPPED or unknown): "
+    click.echo(f"{len(done)} job(s) queued again" + (f"; not requeued (not PARKED/FAILED/WAITING/SKIPPED or unknown): "
                                                     f"{sorted(set(ids) - set(done))}" if len(done) < len(ids) else ""))

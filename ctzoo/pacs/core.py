@@ -14,8 +14,14 @@ Outcomes of a job:
 * bad data (unreadable or corrupt instance, no series passing the rules once the files are read, NaN
   voxels): the job is SKIPPED with the reason, since retrying cannot help;
 * the far end unreachable (a subclass's ``unavailable`` errors: Orthanc down, destination AE refusing
-  the association): ``fail`` (retried after the ledger's backoff), and the error goes up so the loop waits;
+  the association) or the disk full (ENOSPC): WAITING (:meth:`~ctzoo.pacs.ledger.Ledger.wait`: no attempt used,
+  retried after a backoff capped at ``max_wait_s``, however long the outage), and an unreachable far end's error
+  goes up so the loop waits; once a delivery succeeds after an outage, every waiting job is made due at once;
 * anything else (a refusal, a model error): ``fail``, retried, PARKED after ``max_attempts``.
+
+The results of a job that ran its models but could not deliver them wait in ``work_dir/outbox/<job id>``: its
+next attempt in this process only sends them again (the models do not run again for each retry of an outage).
+They are removed once the job is DONE, SKIPPED or PARKED (or when the process starts again).
 
 Result UIDs are deterministic (source series + model version), so a job re-run after a crash between
 delivery and ``complete`` re-sends the same objects, which a PACS stores once. Logs name a series by a
@@ -24,8 +30,10 @@ short hash of its SeriesInstanceUID only, never by patient data.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -146,11 +154,17 @@ class _Outage:
             self.since, self._said = self.since or now, now
             log.warning("%s; retrying every %.3g s", " ".join(str(exc).split())[:200], poll_s)
 
-    def answered(self) -> None:
-        """The far end did what was asked of it: an outage, if any, is over."""
-        if self.since is not None:
-            log.warning("reachable again after %.0f s", time.monotonic() - self.since)
-            self.since = None
+    def answered(self) -> bool:
+        """The far end did what was asked of it: an outage, if any, is over. True if one was."""
+        if self.since is None:
+            return False
+        log.warning("reachable again after %.0f s", time.monotonic() - self.since)
+        self.since = None
+        return True
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
 
 
 class SeriesWorker:
@@ -178,6 +192,7 @@ class SeriesWorker:
         #: What the far end answered to each result of the last job (e.g. Orthanc's ``Success``/``AlreadyStored``).
         self.last_delivery: list[str] = []
         self._outage = _Outage()
+        self._waits = 0  # jobs that had to wait in a row (the far end down, the disk full): their backoff grows
 
     # -- what a way in provides ---------------------------------------------------------------------------
     def discover(self) -> int:
@@ -216,21 +231,30 @@ class SeriesWorker:
                 uids = self._process(job, beat, events)
                 beat.check()
         except self.unavailable as exc:
-            self._fail(job, f"{type(exc).__name__}: {exc}"[:500])
+            self._wait(job, f"{type(exc).__name__}: {exc}"[:500])
             raise
         except BadSeries as exc:
+            self._discard_results(job)
             if self._fail(job, str(exc)) is not None:
                 self.ledger.skip(job.series_uid, job.source, str(exc))
                 self.finished(job, JobState.SKIPPED)
             log.warning("series %s skipped: %s", tag, exc)
             return True
         except LeaseLost:
+            self._discard_results(job)
             log.warning("series %s: lease lost, another worker has it", tag)
             return True
         except Exception as exc:  # one bad series never stops the worker
+            if _disk_full(exc):
+                delay = self._wait(job, f"disk full: {exc.strerror}")
+                log.warning("series %s: the disk is full; waiting %.3g s", tag, delay)
+                return True
             state = self._fail(job, f"{type(exc).__name__}: {exc}"[:500])
+            if state is not JobState.FAILED:
+                self._discard_results(job)
             log.warning("series %s failed (%s): %s", tag, state.value if state else "lease lost", type(exc).__name__)
             return True
+        self._discard_results(job)
         try:
             self.ledger.complete(job.id, self.worker, uids)
         except LeaseLost:
@@ -247,7 +271,57 @@ class SeriesWorker:
         except LeaseLost:
             return None
 
+    def _far_end_answered(self) -> None:
+        self._waits = 0
+        if self._outage.answered():
+            self.ledger.wake()  # the jobs that waited for the far end need not wait out their backoff
+
+    def _wait(self, job: Job, reason: str) -> float:
+        """The job waits for what held it up (no attempt used); its results, if made, wait with it."""
+        try:
+            delay = self.ledger.wait(job.id, self.worker, reason, self._waits)
+        except LeaseLost:
+            self._discard_results(job)
+            return 0.0
+        self._waits += 1
+        return delay
+
+    # -- the results of a job, kept until they are delivered ------------------------------------------------
+    def _outbox(self, job: Job) -> Path:
+        return self.work_dir / "outbox" / str(job.id)
+
+    def _kept_results(self, job: Job) -> list[Path] | None:
+        """The result files an earlier attempt of the job made and could not deliver; None if there are none."""
+        outbox = self._outbox(job)
+        names = [name for name in RESULT_FILES if (outbox / name).is_file()]
+        return [outbox / name for name in names] if names else None
+
+    def _keep_results(self, job: Job, paths: list[Path]) -> list[Path]:
+        outbox = self._outbox(job)
+        outbox.mkdir(parents=True, exist_ok=True)
+        kept = []
+        for path in paths:
+            os.replace(path, outbox / path.name)
+            kept.append(outbox / path.name)
+        return kept
+
+    def _discard_results(self, job: Job) -> None:
+        shutil.rmtree(self._outbox(job), ignore_errors=True)
+
+    # -- one attempt --------------------------------------------------------------------------------------
     def _process(self, job: Job, beat: _Heartbeat, events: JobEvents) -> list[str]:
+        paths = self._kept_results(job)
+        if paths is None:
+            paths = self._make_results(job, beat, events)
+        else:
+            log.info("series %s: sending the results made by an earlier attempt", series_tag(job.series_uid))
+        with events.stage("upload", files=len(paths), bytes=sum(path.stat().st_size for path in paths)):
+            self.last_delivery = self.deliver(paths)
+        self._far_end_answered()
+        return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+
+    def _make_results(self, job: Job, beat: _Heartbeat, events: JobEvents) -> list[Path]:
+        """Fetch, check and run the models on the job's series; the result files, kept in its outbox."""
         folder = Path(tempfile.mkdtemp(prefix="job-", dir=self.work_dir))
         try:
             data, out = folder / "dicom", folder / "out"
@@ -259,10 +333,7 @@ class SeriesWorker:
             events.slices = axial_slices(volume)
             paths = run_models(data, self.tasks, self.rules, out, after_each=beat.check, volume=volume,
                                perf=self.perf)
-            with events.stage("upload", files=len(paths), bytes=sum(path.stat().st_size for path in paths)):
-                self.last_delivery = self.deliver(paths)
-            self._outage.answered()
-            return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+            return self._keep_results(job, paths)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -277,7 +348,7 @@ class SeriesWorker:
             try:
                 self.discover()
                 if self.discover_reaches_far_end:
-                    self._outage.answered()
+                    self._far_end_answered()
                 while not stop.is_set() and self.process_one():
                     pass
             except self.unavailable as exc:
