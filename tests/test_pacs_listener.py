@@ -112,7 +112,7 @@ def test_listener_end_to_end_into_orthanc(tmp_path, sent_files, tasks, caplog):
             done = jobs[uid["good"]]
             assert done.state is JobState.DONE and len(done.result_uids) == 2
             assert listener.last_delivery == ["Success", "Success"]
-            assert not any(listener.spool.iterdir()) and not any((tmp_path / "work").iterdir())
+            assert not any(listener.spool.iterdir()) and not any(listener.work_dir.iterdir())
             _assert_job_events(events, done.id, jobs[uid["corrupt"]].id)
 
             # the results are in Orthanc, in the study of the CT (which itself was never sent there)

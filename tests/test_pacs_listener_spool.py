@@ -157,7 +157,7 @@ def test_a_destination_outage_parks_nothing_runs_the_models_once_and_ends_when_i
             server.shutdown()
         assert [(job.state, job.attempts) for job in listener.ledger.jobs()] == [(JobState.DONE, 1)] * 2
         assert len(runs) == 2 and sorted(str(ds.Modality) for ds in received) == ["SEG", "SEG", "SR", "SR"]
-        assert not any(listener.spool.iterdir()) and not any((listener.work_dir / "outbox").iterdir())
+        assert not any(listener.spool.iterdir()) and not any(listener.work_dir.iterdir())
     finally:
         listener.stop()
 
@@ -181,3 +181,37 @@ def test_a_full_disk_makes_the_job_wait_not_fail(tmp_path, series):
     assert listener.process_one() is True
     (job,) = listener.ledger.jobs()
     assert (job.state, job.attempts, job.reason) == (JobState.WAITING, 0, "disk full: No space left on device")
+
+
+def test_a_start_removes_what_killed_bridges_left_in_work_and_nothing_a_running_one_holds(tmp_path, series):
+    """kill -9 mid-job left the series (patient data) in state_dir/work for ever. Each process now works in a folder
+    of its own, locked while it lives; the next start removes the folders nobody holds (and those of older ctzoos,
+    without a lock), never that of a process still running (watch and listen may share a state_dir)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    killed = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from ctzoo.pacs.work_folder import WorkFolder; w = WorkFolder(sys.argv[1]); "
+        "(w.path / 'job-1').mkdir(); (w.path / 'job-1' / 'x.dcm').write_bytes(b'patient data'); print(w.path.name, "
+        "flush=True); time.sleep(60)"), str(work)], stdout=subprocess.PIPE, text=True)
+    killed_folder = work / killed.stdout.readline().strip()
+    running = make_listener(tmp_path, start=False)  # a live bridge on the same state_dir
+    (running.work_dir / "job-2").mkdir()
+    legacy = work / "job-abcd1234" / "dicom"  # what a killed ctzoo from before the locks left
+    legacy.mkdir(parents=True)
+    (legacy / "x.dcm").write_bytes(b"patient data")
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert (killed_folder / "job-1" / "x.dcm").exists() and legacy.exists()
+
+    restarted = make_listener(tmp_path, start=False)
+    assert not killed_folder.exists() and not legacy.parent.exists()
+    assert (running.work_dir / "job-2").is_dir() and restarted.work_dir.is_dir()
+    assert sorted(p.name for p in work.iterdir()) == sorted(
+        [running.work_dir.name, running.work_dir.name + ".lock", restarted.work_dir.name,
+         restarted.work_dir.name + ".lock"])
+    restarted.close(), running.close()
+    assert not any(work.iterdir())

@@ -135,7 +135,10 @@ def watch(config: Path) -> None:
                                  perf=monitor, decoder=resolve_decoder(settings.decode, settings.device))
         click.echo(f"watching {settings.orthanc.url} for CT series; models: {', '.join(settings.models)}; "
                    f"ledger: {settings.ledger_path}{_perf_note(settings)}", err=True)
-        _run_until_signalled(watcher, settings.orthanc.poll_s)
+        try:
+            _run_until_signalled(watcher, settings.orthanc.poll_s)
+        finally:
+            watcher.close()
 
 
 @pacs.command()
@@ -167,6 +170,7 @@ def listen(config: Path) -> None:
         try:
             listener.start()
         except OSError as exc:
+            listener.close()
             raise click.ClickException(f"cannot listen on {section.host}:{section.port}: {exc.strerror}") from exc
         click.echo(f"DICOM listener {section.ae_title} on {section.host}:{listener.port}; results to {dest.ae_title}@"
                    f"{dest.host}:{dest.port}; models: {', '.join(settings.models)}; state: {settings.state_dir}"
@@ -175,6 +179,7 @@ def listen(config: Path) -> None:
             _run_until_signalled(listener, section.poll_s)
         finally:
             listener.stop()
+            listener.close()
 
 
 @pacs.command()

@@ -19,9 +19,11 @@ Outcomes of a job:
   goes up so the loop waits; once a delivery succeeds after an outage, every waiting job is made due at once;
 * anything else (a refusal, a model error): ``fail``, retried, PARKED after ``max_attempts``.
 
-The results of a job that ran its models but could not deliver them wait in ``work_dir/outbox/<job id>``: its
-next attempt in this process only sends them again (the models do not run again for each retry of an outage).
-They are removed once the job is DONE, SKIPPED or PARKED (or when the process starts again).
+Each process works in a folder of its own under ``work_dir`` (:class:`ctzoo.pacs.work_folder.WorkFolder`:
+what a killed process left there, its series with patient data, is removed when the next one starts). The results
+of a job that ran its models but could not deliver them wait in its ``outbox/<job id>``: the job's next attempt
+in this process only sends them again (the models do not run again for each retry of an outage). They are removed
+once the job is DONE, SKIPPED or PARKED (or with the process's folder).
 
 Result UIDs are deterministic (source series + model version), so a job re-run after a crash between
 delivery and ``complete`` re-sends the same objects, which a PACS stores once. Logs name a series by a
@@ -50,6 +52,7 @@ from ctzoo.io.dicom_scan import DicomError, SeriesRules
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 from ctzoo.pacs.job_events import JobEvents, instance_count
 from ctzoo.pacs.ledger import Job, JobState, LeaseLost, Ledger
+from ctzoo.pacs.work_folder import WorkFolder
 
 __all__ = ["BadSeries", "SeriesWorker", "check_series", "run_models", "series_tag"]
 
@@ -187,12 +190,18 @@ class SeriesWorker:
         self.limits = limits
         self.decoder = decoder  # how JPEG 2000 series are decoded (check_series), as the config's decode resolved
         self.perf = perf  # a ctzoo.perf.PerfMonitor timing every job's stages (ctzoo.pacs.job_events), or None
-        self.work_dir = Path(work_dir)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        # this process's own folder under work_dir; what killed processes left there is removed first
+        self._work = WorkFolder(work_dir)
+        self.work_dir = self._work.path
         #: What the far end answered to each result of the last job (e.g. Orthanc's ``Success``/``AlreadyStored``).
         self.last_delivery: list[str] = []
         self._outage = _Outage()
         self._waits = 0  # jobs that had to wait in a row (the far end down, the disk full): their backoff grows
+
+    def close(self) -> None:
+        """Remove this process's work folder (results still waiting for their delivery included: a restart
+        makes them again)."""
+        self._work.close()
 
     # -- what a way in provides ---------------------------------------------------------------------------
     def discover(self) -> int:
@@ -306,7 +315,12 @@ class SeriesWorker:
         return kept
 
     def _discard_results(self, job: Job) -> None:
-        shutil.rmtree(self._outbox(job), ignore_errors=True)
+        outbox = self._outbox(job)
+        shutil.rmtree(outbox, ignore_errors=True)
+        try:
+            outbox.parent.rmdir()  # the last one: the work folder is empty again between jobs
+        except OSError:
+            pass
 
     # -- one attempt --------------------------------------------------------------------------------------
     def _process(self, job: Job, beat: _Heartbeat, events: JobEvents) -> list[str]:
