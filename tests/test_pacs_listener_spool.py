@@ -9,7 +9,7 @@ import time
 
 import pytest
 from orthanc_server import free_port
-from pacs_kit import read_all, result_task, storage_scp, store
+from pacs_kit import COMPREHENSIVE_SR, SEGMENTATION, read_all, result_task, storage_scp, store
 from series_variants import variant_series
 
 from ctzoo.io.dicom_scan import SeriesRules
@@ -215,3 +215,47 @@ def test_a_start_removes_what_killed_bridges_left_in_work_and_nothing_a_running_
          restarted.work_dir.name + ".lock"])
     restarted.close(), running.close()
     assert not any(work.iterdir())
+
+
+def test_a_destination_without_seg_storage_gets_the_sr_and_the_job_is_done_saying_so(tmp_path, sent_files, caplog):
+    """The destination takes SR but not SEG: the SR is delivered once and recorded, the job is DONE with its
+    reason naming what was not delivered, and the log says it once, not per job (it used to send the SR on every
+    attempt, then PARK with no result recorded)."""
+    caplog.set_level("WARNING", logger="ctzoo.pacs")
+    port, received = free_port(), []
+    server = storage_scp(port, received, sop_classes=[COMPREHENSIVE_SR])
+    listener = make_listener(tmp_path, port, max_attempts=3)
+    try:
+        for name in ("one", "two"):
+            assert store(listener.port, read_all(variant_series(sent_files, tmp_path / "send", name, count=4)))
+        assert listener.discover() == 2
+        assert listener.process_one() and listener.process_one()
+    finally:
+        listener.stop()
+        server.shutdown()
+    jobs = listener.ledger.jobs()
+    assert [(job.state, job.attempts, len(job.result_uids)) for job in jobs] == [(JobState.DONE, 1, 1)] * 2
+    assert all(job.reason == "not delivered, not accepted by the far end: Segmentation Storage" for job in jobs)
+    assert sorted(str(ds.SOPInstanceUID) for ds in received) == sorted(uid for job in jobs for uid in job.result_uids)
+    assert [str(ds.Modality) for ds in received] == ["SR", "SR"]
+    assert sum("does not accept Segmentation Storage" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_send_files_sends_what_the_destination_accepts_and_refuses_a_destination_that_takes_none(tmp_path):
+    from ctzoo.pacs.listener import send_files
+
+    paths = result_task().write(_FakeVolume(), None, tmp_path, False, {})[0]
+    port, received = free_port(), []
+    server = storage_scp(port, received, sop_classes=[SEGMENTATION])
+    try:
+        statuses = send_files(paths, AEAddress("DEST", "127.0.0.1", port), "CTZOO")
+        assert statuses == ["not accepted: Comprehensive SR Storage", "Success"] and len(received) == 1
+        with pytest.raises(RuntimeError, match="accepts none of the SOP classes of the results: Comprehensive SR"):
+            send_files(paths[:1], AEAddress("DEST", "127.0.0.1", port), "CTZOO")
+    finally:
+        server.shutdown()
+
+
+class _FakeVolume:
+    class dicom:  # noqa: N801 (the attribute a Volume has)
+        series_instance_uid = "1.2.3"

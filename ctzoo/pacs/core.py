@@ -17,6 +17,8 @@ Outcomes of a job:
   the association) or the disk full (ENOSPC): WAITING (:meth:`~ctzoo.pacs.ledger.Ledger.wait`: no attempt used,
   retried after a backoff capped at ``max_wait_s``, however long the outage), and an unreachable far end's error
   goes up so the loop waits; once a delivery succeeds after an outage, every waiting job is made due at once;
+* a result the far end does not accept at all (a destination AE without the SEG storage SOP class): the others
+  are delivered, the job is DONE with its reason naming what was not (:data:`NOT_ACCEPTED`);
 * anything else (a refusal, a model error): ``fail``, retried, PARKED after ``max_attempts``.
 
 Each process works in a folder of its own under ``work_dir`` (:class:`ctzoo.pacs.work_folder.WorkFolder`:
@@ -58,6 +60,9 @@ __all__ = ["BadSeries", "SeriesWorker", "check_series", "run_models", "series_ta
 
 log = logging.getLogger(__name__)
 RESULT_FILES = ("sr.dcm", "seg.dcm")
+#: How a way in's ``deliver`` marks a result the far end does not take at all (``"not accepted: <SOP class>"``):
+#: the others are delivered and the job is DONE, with a note naming what was not (a retry cannot change it).
+NOT_ACCEPTED = "not accepted"
 CASE = "series"
 
 
@@ -197,6 +202,7 @@ class SeriesWorker:
         self.last_delivery: list[str] = []
         self._outage = _Outage()
         self._waits = 0  # jobs that had to wait in a row (the far end down, the disk full): their backoff grows
+        self._said_not_accepted: set[str] = set()
 
     def close(self) -> None:
         """Remove this process's work folder (results still waiting for their delivery included: a restart
@@ -237,7 +243,7 @@ class SeriesWorker:
         events = JobEvents(self.perf, job, self.worker)
         try:
             with _Heartbeat(self.ledger, job, self.worker, every_s=max(self.ledger.lease_s / 3, 0.05)) as beat:
-                uids = self._process(job, beat, events)
+                uids, note = self._process(job, beat, events)
                 beat.check()
         except self.unavailable as exc:
             self._wait(job, f"{type(exc).__name__}: {exc}"[:500])
@@ -265,7 +271,7 @@ class SeriesWorker:
             return True
         self._discard_results(job)
         try:
-            self.ledger.complete(job.id, self.worker, uids)
+            self.ledger.complete(job.id, self.worker, uids, note)
         except LeaseLost:
             log.warning("series %s: lease lost before completion; results were sent", tag)
             return True
@@ -323,7 +329,8 @@ class SeriesWorker:
             pass
 
     # -- one attempt --------------------------------------------------------------------------------------
-    def _process(self, job: Job, beat: _Heartbeat, events: JobEvents) -> list[str]:
+    def _process(self, job: Job, beat: _Heartbeat, events: JobEvents) -> tuple[list[str], str]:
+        """One attempt: the UIDs of the results delivered, and what was not (see :data:`NOT_ACCEPTED`)."""
         paths = self._kept_results(job)
         if paths is None:
             paths = self._make_results(job, beat, events)
@@ -332,7 +339,18 @@ class SeriesWorker:
         with events.stage("upload", files=len(paths), bytes=sum(path.stat().st_size for path in paths)):
             self.last_delivery = self.deliver(paths)
         self._far_end_answered()
-        return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+        delivered = [p for p, status in zip(paths, self.last_delivery) if not status.startswith(NOT_ACCEPTED)]
+        return ([str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in delivered],
+                self._not_delivered(self.last_delivery))
+
+    def _not_delivered(self, statuses: list[str]) -> str:
+        """The job's note on the results the far end does not take (logged once a kind of result, not per job)."""
+        refused = [status[len(NOT_ACCEPTED):].strip(": ") for status in statuses if status.startswith(NOT_ACCEPTED)]
+        for sop_class in sorted(set(refused) - self._said_not_accepted):
+            self._said_not_accepted.add(sop_class)
+            log.warning("the far end does not accept %s objects: those results are not delivered (the job is DONE "
+                        "with the others, its reason says so)", sop_class)
+        return f"not delivered, not accepted by the far end: {', '.join(refused)}" if refused else ""
 
     def _make_results(self, job: Job, beat: _Heartbeat, events: JobEvents) -> list[Path]:
         """Fetch, check and run the models on the job's series; the result files, kept in its outbox."""

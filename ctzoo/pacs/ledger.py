@@ -215,13 +215,14 @@ class Ledger:
             db.execute("UPDATE jobs SET lease_until = ?, updated_at = ? WHERE id = ?",
                        (now + self.lease_s, now, job_id))
 
-    def complete(self, job_id: int, worker: str, result_uids: list[str]) -> None:
-        """Mark the job DONE with the UIDs of the objects sent."""
+    def complete(self, job_id: int, worker: str, result_uids: list[str], note: str = "") -> None:
+        """Mark the job DONE with the UIDs of the objects sent; ``note``, kept as its reason: what the operator
+        should know of a job done (a result the destination did not accept)."""
         now = self.clock()
         with self._tx() as db:
             self._held(db, job_id, worker)
-            db.execute("UPDATE jobs SET state = ?, result_uids = ?, reason = '', lease_until = 0, updated_at = ?"
-                       " WHERE id = ?", (JobState.DONE.value, json.dumps(list(result_uids)), now, job_id))
+            db.execute("UPDATE jobs SET state = ?, result_uids = ?, reason = ?, lease_until = 0, updated_at = ?"
+                       " WHERE id = ?", (JobState.DONE.value, json.dumps(list(result_uids)), note, now, job_id))
 
     def fail(self, job_id: int, worker: str, reason: str) -> JobState:
         """FAILED (retried after the backoff), or PARKED once attempts >= max_attempts; the reason is kept."""

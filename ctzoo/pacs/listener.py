@@ -48,7 +48,7 @@ from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.io.limits import DEFAULT_LIMITS, LimitExceeded, ResourceLimits
 from ctzoo.io.privacy import patient_hash
-from ctzoo.pacs.core import BadSeries, SeriesWorker, series_tag
+from ctzoo.pacs.core import NOT_ACCEPTED, BadSeries, SeriesWorker, series_tag
 from ctzoo.pacs.job_events import JobEvents, ReceiveTimes, instance_count
 from ctzoo.pacs.ledger import Job, JobState, Ledger
 
@@ -87,8 +87,10 @@ def _uid_hash(uid: str) -> str:
 def send_files(paths: list[Path], destination: AEAddress, calling_ae_title: str, timeout_s: float = 30) -> list[str]:
     """C-STORE ``paths`` to ``destination`` in one association; one status string per file.
 
-    Raises :class:`DestinationUnavailable` when no association can be made or it breaks, and
-    ``RuntimeError`` naming the object when the destination refuses one (a failure status)."""
+    A file whose SOP class the destination did not accept in the association is not sent: its status is
+    ``"not accepted: <SOP class name>"`` (:data:`~ctzoo.pacs.core.NOT_ACCEPTED`). Raises
+    :class:`DestinationUnavailable` when no association can be made or it breaks, and ``RuntimeError`` naming the
+    object when the destination refuses one (a failure status), or when it accepts none of the SOP classes."""
     datasets = [pydicom.dcmread(p) for p in paths]
     if not datasets:
         return []
@@ -103,11 +105,18 @@ def send_files(paths: list[Path], destination: AEAddress, calling_ae_title: str,
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
+        if assoc.rejected_contexts and not assoc.accepted_contexts:  # it answered, and takes none of them
+            raise RuntimeError(f"{destination} accepts none of the SOP classes of the results: "
+                               f"{', '.join(sorted({ds.SOPClassUID.name for ds in datasets}))}")
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise DestinationUnavailable(f"association with {destination} {why}")
     statuses = []
     try:
+        accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
         for ds in datasets:
+            if str(ds.SOPClassUID) not in accepted:
+                statuses.append(f"{NOT_ACCEPTED}: {ds.SOPClassUID.name}")
+                continue
             answer = assoc.send_c_store(ds)
             if "Status" not in answer:
                 raise DestinationUnavailable(f"{destination} gave no answer to C-STORE (association lost)")
