@@ -200,6 +200,8 @@ def test_status_retry_and_check(tmp_path, monkeypatch):
     assert table.exit_code == 0 and "PARKED" in table.output and "model exploded" in table.output
     retried = runner.invoke(main, ["pacs", "retry", str(config), "--parked"])
     assert retried.exit_code == 0 and "1 job(s) queued again" in retried.output
+    # a listener job whose instances are gone from the spool waits for them: retry says so
+    assert "[1]: the received instances are no longer in the spool" in retried.output
     (line,) = runner.invoke(main, ["pacs", "status", str(config), "--json"]).output.strip().splitlines()
     assert '"state": "PENDING"' in line and '"attempts": 0' in line and '"series_uid": "1.2.3"' in line
     # the destination AE does not answer: check says so and exits 1

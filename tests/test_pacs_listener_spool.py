@@ -14,7 +14,7 @@ from series_variants import variant_series
 
 from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.pacs.ledger import JobState, Ledger
-from ctzoo.pacs.listener import AEAddress, DestinationUnavailable, DicomListener
+from ctzoo.pacs.listener import GONE, AEAddress, DestinationUnavailable, DicomListener, awaits_resend
 
 pytestmark = pytest.mark.timeout(120)
 CALLER = "SCANNER"
@@ -259,3 +259,45 @@ def test_send_files_sends_what_the_destination_accepts_and_refuses_a_destination
 class _FakeVolume:
     class dicom:  # noqa: N801 (the attribute a Volume has)
         series_instance_uid = "1.2.3"
+
+
+def test_a_skipped_series_retried_waits_for_it_to_be_sent_again_then_runs(tmp_path, sent_files, caplog):
+    """'ctzoo pacs retry' on a skipped listener job used to be a dead end: its instances were removed at the skip,
+    the requeued job was skipped again for that, and the series sent again was dropped as skipped. Now the job waits
+    for the series, and the series sent again makes it due."""
+    caplog.set_level("INFO", logger="ctzoo.pacs")
+    port, received, runs = free_port(), [], []
+    server = storage_scp(port, received)
+    listener = make_listener(tmp_path, port, runs)
+    few = read_all(variant_series(sent_files, tmp_path / "send", "few", count=2))
+    try:
+        assert store(listener.port, few) == [0, 0] and listener.discover() == 0
+        (job,) = listener.ledger.jobs()
+        assert job.state is JobState.SKIPPED and not any(listener.spool.iterdir())
+        listener.rules = SeriesRules(min_slices=2)  # the operator's fix, then 'ctzoo pacs retry'
+        assert listener.ledger.requeue(job.id) and awaits_resend(listener.spool, job)
+        assert listener.process_one() is True and listener.process_one() is False
+        (job,) = listener.ledger.jobs()
+        assert (job.state, job.attempts, job.reason) == (JobState.WAITING, 0, GONE) and not runs
+
+        assert store(listener.port, few) == [0, 0]
+        assert listener.discover() == 0 and "2 instance(s) here; its job is due" in caplog.text
+        assert listener.process_one() is True
+    finally:
+        listener.stop()
+        server.shutdown()
+    (job,) = listener.ledger.jobs()
+    assert (job.state, job.attempts, len(job.result_uids)) == (JobState.DONE, 1, 2) and len(received) == 2
+    assert "dropped" not in caplog.text and not any(listener.spool.iterdir())
+
+
+def test_a_job_whose_series_is_still_arriving_waits_for_the_rest(tmp_path, series):
+    listener = make_listener(tmp_path, runs=(runs := []))
+    try:
+        assert store(listener.port, series) == [0] * 6 and listener.discover() == 1
+    finally:
+        listener.stop()
+    listener.stable_s = 3600  # as if an instance had come in just now, after the series was enqueued
+    assert listener.process_one() is True
+    (job,) = listener.ledger.jobs()
+    assert (job.state, job.attempts) == (JobState.WAITING, 0) and "still arriving" in job.reason and not runs

@@ -274,9 +274,12 @@ def status(config: Path, state: str | None, as_json: bool) -> None:
 def retry(config: Path, job_ids: tuple[int, ...], parked: bool) -> None:
     """Put jobs back in the queue (attempts reset): the given JOB_IDS, or with --parked every PARKED job.
 
-    Run it after fixing what made them fail (see 'ctzoo pacs status'); a running bridge picks them up.
+    Run it after fixing what made them fail (see 'ctzoo pacs status'); a running bridge picks them up. A
+    listener job whose instances were removed (it was skipped or done) waits for the series to be sent again: send
+    it after the retry.
     """
     from ctzoo.pacs.ledger import JobState
+    from ctzoo.pacs.listener import awaits_resend
 
     if not job_ids and not parked:
         raise click.UsageError("give JOB_IDS or --parked")
@@ -284,5 +287,10 @@ def retry(config: Path, job_ids: tuple[int, ...], parked: bool) -> None:
     with _ledger(settings) as ledger:
         ids = list(job_ids) + ([job.id for job in ledger.jobs(JobState.PARKED)] if parked else [])
         done = [i for i in ids if ledger.requeue(i)]
+        resend = [job.id for job in ledger.jobs() if job.id in done and awaits_resend(settings.state_dir / "spool",
+                                                                                         job)]
     click.echo(f"{len(done)} job(s) queued again" + (f"; not requeued (not PARKED/FAILED/WAITING/SKIPPED or unknown): "
                                                     f"{sorted(set(ids) - set(done))}" if len(done) < len(ids) else ""))
+    if resend:
+        click.echo(f"{resend}: the received instances are no longer in the spool (removed when the job was skipped "
+                   "or done); the job waits for the series to be sent again to 'ctzoo pacs listen'")

@@ -13,6 +13,8 @@ Outcomes of a job:
 
 * bad data (unreadable or corrupt instance, no series passing the rules once the files are read, NaN
   voxels): the job is SKIPPED with the reason, since retrying cannot help;
+* the series not (all) here (:class:`SeriesNotHere`: a listener job requeued after its instances were removed, or
+  whose instances are still arriving): WAITING, no attempt used, until the way in wakes it;
 * the far end unreachable (a subclass's ``unavailable`` errors: Orthanc down, destination AE refusing
   the association) or the disk full (ENOSPC): WAITING (:meth:`~ctzoo.pacs.ledger.Ledger.wait`: no attempt used,
   retried after a backoff capped at ``max_wait_s``, however long the outage), and an unreachable far end's error
@@ -56,7 +58,7 @@ from ctzoo.pacs.job_events import JobEvents, instance_count
 from ctzoo.pacs.ledger import Job, JobState, LeaseLost, Ledger
 from ctzoo.pacs.work_folder import WorkFolder
 
-__all__ = ["BadSeries", "SeriesWorker", "check_series", "run_models", "series_tag"]
+__all__ = ["BadSeries", "SeriesNotHere", "SeriesWorker", "check_series", "run_models", "series_tag"]
 
 log = logging.getLogger(__name__)
 RESULT_FILES = ("sr.dcm", "seg.dcm")
@@ -68,6 +70,11 @@ CASE = "series"
 
 class BadSeries(ValueError):
     """The series cannot be processed whatever the retries (recorded SKIPPED with the reason)."""
+
+
+class SeriesNotHere(Exception):
+    """The job's series is not (all) here yet: its instances are gone, or still arriving. The job WAITS, using no
+    attempt, until its way in makes it due again (:meth:`~ctzoo.pacs.ledger.Ledger.wake`) or for ``max_wait_s``."""
 
 
 def series_tag(series_uid: str) -> str:
@@ -248,6 +255,10 @@ class SeriesWorker:
         except self.unavailable as exc:
             self._wait(job, f"{type(exc).__name__}: {exc}"[:500])
             raise
+        except SeriesNotHere as exc:
+            self._wait(job, str(exc), delay_s=self.ledger.max_wait_s)
+            log.info("series %s: %s", tag, exc)
+            return True
         except BadSeries as exc:
             self._discard_results(job)
             if self._fail(job, str(exc)) is not None:
@@ -291,14 +302,15 @@ class SeriesWorker:
         if self._outage.answered():
             self.ledger.wake()  # the jobs that waited for the far end need not wait out their backoff
 
-    def _wait(self, job: Job, reason: str) -> float:
-        """The job waits for what held it up (no attempt used); its results, if made, wait with it."""
+    def _wait(self, job: Job, reason: str, delay_s: float | None = None) -> float:
+        """The job waits for what held it up (no attempt used; after the outage backoff, or ``delay_s``); its
+        results, if made, wait with it."""
         try:
-            delay = self.ledger.wait(job.id, self.worker, reason, self._waits)
+            delay = self.ledger.wait(job.id, self.worker, reason, self._waits, delay_s)
         except LeaseLost:
             self._discard_results(job)
             return 0.0
-        self._waits += 1
+        self._waits += delay_s is None
         return delay
 
     # -- the results of a job, kept until they are delivered ------------------------------------------------

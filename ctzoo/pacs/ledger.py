@@ -237,12 +237,13 @@ class Ledger:
                        " updated_at = ? WHERE id = ?", (state.value, reason, nxt, now, job_id))
             return state
 
-    def wait(self, job_id: int, worker: str, reason: str, waits: int = 0) -> float:
+    def wait(self, job_id: int, worker: str, reason: str, waits: int = 0, delay_s: float | None = None) -> float:
         """WAITING: held up by the far end or the disk, not by the job itself. The attempt is given back (a long
         outage parks nothing); the job is due again after ``backoff_s * backoff_factor ** waits`` seconds, at most
-        ``max_wait_s`` (``waits``: how many waits in a row came before). Returns that delay."""
+        ``max_wait_s`` (``waits``: how many waits in a row came before), or after ``delay_s``. Returns the delay."""
         now = self.clock()
-        delay = min(self.backoff_s * self.backoff_factor ** min(waits, 64), self.max_wait_s)
+        delay = min(self.backoff_s * self.backoff_factor ** min(waits, 64), self.max_wait_s) if delay_s is None \
+            else delay_s
         with self._tx() as db:
             self._held(db, job_id, worker)
             db.execute("UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), reason = ?, next_attempt_at = ?,"
@@ -250,12 +251,14 @@ class Ledger:
                        (JobState.WAITING.value, reason, now + delay, now, job_id))
         return delay
 
-    def wake(self) -> int:
-        """Make every WAITING job due now (what it waited for is back); how many."""
+    def wake(self, job_id: int | None = None) -> int:
+        """Make every WAITING job (or the one ``job_id``) due now: what it waited for is there; how many."""
         now = self.clock()
+        only = "" if job_id is None else " AND id = ?"
         with self._tx() as db:
-            return db.execute("UPDATE jobs SET next_attempt_at = ?, updated_at = ? WHERE state = ?"
-                              " AND next_attempt_at > ?", (now, now, JobState.WAITING.value, now)).rowcount
+            return db.execute(f"UPDATE jobs SET next_attempt_at = ?, updated_at = ? WHERE state = ?"
+                              f" AND next_attempt_at > ?{only}",
+                              (now, now, JobState.WAITING.value, now, *([] if job_id is None else [job_id]))).rowcount
 
     def skip(self, series_uid: str, source: str, reason: str) -> None:
         """Record a series that must not be processed. A known series not RUNNING/DONE becomes SKIPPED too."""

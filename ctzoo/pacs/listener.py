@@ -19,6 +19,11 @@ DONE or SKIPPED; those that arrived while it ran stay, and the next discovery dr
 drops instances of a processed series that arrive later (a re-run would add a second result set, with other UIDs,
 beside the first: send the series again under a new SeriesInstanceUID to have it processed again).
 
+A job whose instances are not all here when it is claimed WAITS instead of failing
+(:class:`~ctzoo.pacs.core.SeriesNotHere`): one requeued by ``ctzoo pacs retry`` after it was skipped or done (its
+instances were removed then) waits for the series to be sent again, one whose series is still arriving waits for
+the rest; discovery makes it due as soon as instances came since it began to wait and the series is stable.
+
 With a :class:`~ctzoo.perf.PerfMonitor` (``perf``) the listener keeps, per series, how long the associations took
 to deliver its instances (:class:`ctzoo.pacs.job_events.ReceiveTimes`), recorded as the job's ``receive`` stage.
 
@@ -48,15 +53,16 @@ from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.io.limits import DEFAULT_LIMITS, LimitExceeded, ResourceLimits
 from ctzoo.io.privacy import patient_hash
-from ctzoo.pacs.core import NOT_ACCEPTED, BadSeries, SeriesWorker, series_tag
+from ctzoo.pacs.core import NOT_ACCEPTED, BadSeries, SeriesNotHere, SeriesWorker, series_tag
 from ctzoo.pacs.job_events import JobEvents, ReceiveTimes, instance_count
 from ctzoo.pacs.ledger import Job, JobState, Ledger
 
-__all__ = ["AEAddress", "DestinationUnavailable", "DicomListener", "send_files"]
+__all__ = ["AEAddress", "DestinationUnavailable", "DicomListener", "awaits_resend", "send_files"]
 
 log = logging.getLogger(__name__)
 SOURCE_PREFIX = "dicom:"
 SERIES_FILE = "series.json"
+GONE = "waiting for the series to be sent again: its instances are no longer in the spool"
 #: The suffix of the marker a store refused for lack of disk leaves in its series' folder (see the module docstring).
 REFUSED_SUFFIX = ".refused"
 # C-STORE status codes (PS3.4 Annex B.2.3)
@@ -273,6 +279,12 @@ class DicomListener(SeriesWorker):
         uid, source = str(info["series_uid"]), SOURCE_PREFIX + folder.name
         known = self.ledger.job(uid)
         if known is not None:
+            if known.state is JobState.WAITING and folder.stat().st_mtime > known.updated_at - self.stable_s:
+                # instances arrived since it began to wait (sent again after a retry, or the rest of the series)
+                if self.ledger.wake(known.id):
+                    log.info("series %s: %d instance(s) here; its job is due", series_tag(uid),
+                             len(_instances(folder)))
+                return 0
             if known.state in (JobState.DONE, JobState.SKIPPED):
                 count = len(_instances(folder))
                 log.warning("series %s: %d instance(s) arrived after it was %s; dropped", series_tag(uid), count,
@@ -310,8 +322,10 @@ class DicomListener(SeriesWorker):
     def fetch(self, job: Job, folder: Path) -> None:
         source = self._spool_folder(job)
         files = _instances(source) if source.is_dir() else []
-        if not files:
-            raise BadSeries("the received instances are gone from the spool")
+        if not files:  # a job requeued after it was skipped or done: its instances were removed then
+            raise SeriesNotHere(GONE)
+        if time.time() - source.stat().st_mtime < self.stable_s or self._refused_instances(source):
+            raise SeriesNotHere("waiting for the rest of the series: instances are still arriving")
         folder.mkdir(parents=True, exist_ok=True)
         for path in files:
             _link_or_copy(path, folder / path.name)
@@ -341,6 +355,15 @@ class DicomListener(SeriesWorker):
         if not _instances(spooled):
             shutil.rmtree(spooled, ignore_errors=True)
             self.receive_times.forget(spooled.name)
+
+
+def awaits_resend(spool: Path, job: Job) -> bool:
+    """True for a listener job whose instances are no longer in ``spool`` (removed when it was skipped or done):
+    requeued, it waits for the series to be sent again."""
+    name = job.source[len(SOURCE_PREFIX):]
+    if not job.source.startswith(SOURCE_PREFIX) or not name.isalnum():
+        return False
+    return not ((spool / name).is_dir() and _instances(spool / name))
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
