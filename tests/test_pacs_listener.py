@@ -251,11 +251,13 @@ def test_listener_refuses_instances_that_would_fill_its_disk(tmp_path, sent_file
         listener.stop()
 
 
-def test_listener_refuses_instances_declaring_more_pixels_than_its_limit(tmp_path, sent_files, tasks):
-    """An instance whose header declares more pixels than limits.max_volume_voxels gets 0xA700 before anything is
-    written; the next instance within the limit is stored."""
+def test_listener_refuses_instances_declaring_more_pixels_than_its_limit(tmp_path, sent_files, tasks, caplog):
+    """An instance whose header declares more pixels than limits.max_volume_voxels gets 0xC000 (cannot understand:
+    not 0xA700, out of resources, which tells the sender to try again and again) before anything is written, and the
+    log names the config key that raises the limit; the next instance within the limit is stored."""
     from ctzoo.io.limits import ResourceLimits
 
+    caplog.set_level("WARNING", logger="ctzoo.pacs")
     listener = _listener(tmp_path, tasks, AEAddress("DEST", "127.0.0.1", free_port()))
     dataset = pydicom.dcmread(sent_files[0])
     listener.limits = ResourceLimits(max_volume_voxels=int(dataset.Rows) * int(dataset.Columns) - 1)
@@ -264,8 +266,10 @@ def test_listener_refuses_instances_declaring_more_pixels_than_its_limit(tmp_pat
     try:
         association = ae.associate("127.0.0.1", listener.port, ae_title="CTZOO")
         assert association.is_established
-        assert association.send_c_store(dataset).Status == 0xA700
+        assert association.send_c_store(dataset).Status == 0xC000
         assert not list((tmp_path / "spool").rglob("*.dcm"))
+        (said,) = [r.getMessage() for r in caplog.records if r.name.startswith("ctzoo.pacs")]
+        assert "raise it with limits.max_volume_voxels" in said and "--max" not in said, said
         listener.limits = ResourceLimits()
         assert association.send_c_store(dataset).Status == 0x0000
         association.release()

@@ -301,3 +301,29 @@ def test_a_job_whose_series_is_still_arriving_waits_for_the_rest(tmp_path, serie
     assert listener.process_one() is True
     (job,) = listener.ledger.jobs()
     assert (job.state, job.attempts) == (JobState.WAITING, 0) and "still arriving" in job.reason and not runs
+
+
+def test_the_listener_takes_associations_called_by_its_own_ae_title_only(tmp_path, series):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    listener = make_listener(tmp_path)
+    ae = AE(ae_title=CALLER)
+    ae.add_requested_context(CTImageStorage, series[0].file_meta.TransferSyntaxUID)
+    try:
+        association = ae.associate("127.0.0.1", listener.port, ae_title="SOMEONE_ELSE")
+        assert association.is_rejected and not association.is_established
+        assert store(listener.port, series[:1], called="CTZOO") == [0]
+    finally:
+        listener.stop()
+
+
+def test_limits_are_named_as_the_config_names_them():
+    from ctzoo.io.limits import ResourceLimits
+    from ctzoo.pacs.core import limits_in_config_terms
+
+    with pytest.raises(ValueError) as refused:
+        ResourceLimits(max_volume_voxels=10).check_voxels((60000, 60000), "an instance")
+    said = limits_in_config_terms(str(refused.value))
+    assert said.endswith("(raise it with limits.max_volume_voxels)") and "60000 x 60000" in said
+    assert limits_in_config_terms("(raise it with --max-decoded-mb)") == "(raise it with limits.max_decoded_mb)"

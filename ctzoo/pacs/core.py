@@ -40,6 +40,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -82,6 +83,12 @@ def series_tag(series_uid: str) -> str:
     return hashlib.sha256(series_uid.encode()).hexdigest()[:10]
 
 
+def limits_in_config_terms(text: str) -> str:
+    """A limit's message as the bridge's config says it: ``--max-volume-voxels`` (the option of ``ctzoo infer``, which
+    :class:`~ctzoo.io.limits.LimitExceeded` names) becomes ``limits.max_volume_voxels``."""
+    return re.sub(r"--(max(?:-[a-z]+)+)", lambda found: "limits." + found.group(1).replace("-", "_"), text)
+
+
 def check_series(folder: Path, rules: SeriesRules, limits: ResourceLimits = DEFAULT_LIMITS,
                  decoder: str | None = None):
     """The series in ``folder`` read as the models take it (every slice decoded, JPEG 2000 by ``decoder``: None
@@ -95,7 +102,7 @@ def check_series(folder: Path, rules: SeriesRules, limits: ResourceLimits = DEFA
     try:
         volume = read_volume(folder, rules=rules, progress=False, limits=limits, decoder=decoder)
     except (DicomError, ValueError, OSError) as exc:
-        text = " ".join(str(exc).replace(str(folder), "<series>").split())
+        text = limits_in_config_terms(" ".join(str(exc).replace(str(folder), "<series>").split()))
         raise BadSeries(f"rejected after reading: {text[:300]}") from None
     if not np.isfinite(volume.array).all():
         raise BadSeries("rejected after reading: NaN or infinite voxels")

@@ -27,8 +27,10 @@ the rest; discovery makes it due as soon as instances came since it began to wai
 With a :class:`~ctzoo.perf.PerfMonitor` (``perf``) the listener keeps, per series, how long the associations took
 to deliver its instances (:class:`ctzoo.pacs.job_events.ReceiveTimes`), recorded as the job's ``receive`` stage.
 
-Only the calling AE titles in ``allowed_calling_aets`` may associate (pynetdicom rejects the others), and
-the listener binds to loopback unless told otherwise.
+Only the calling AE titles in ``allowed_calling_aets`` may associate, calling our own AE title (pynetdicom
+rejects the others), and the listener binds to loopback unless told otherwise. An instance whose header declares
+more pixels than ``limits.max_volume_voxels`` is refused with 0xC000 (cannot understand): a failure the sender
+does not retry, unlike 0xA700 (out of resources), which is kept for a full disk.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.io.limits import DEFAULT_LIMITS, LimitExceeded, ResourceLimits
 from ctzoo.io.privacy import patient_hash
-from ctzoo.pacs.core import NOT_ACCEPTED, BadSeries, SeriesNotHere, SeriesWorker, series_tag
+from ctzoo.pacs.core import NOT_ACCEPTED, BadSeries, SeriesNotHere, SeriesWorker, limits_in_config_terms, series_tag
 from ctzoo.pacs.job_events import JobEvents, ReceiveTimes, instance_count
 from ctzoo.pacs.ledger import Job, JobState, Ledger
 
@@ -176,6 +178,7 @@ class DicomListener(SeriesWorker):
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.maximum_associations = 16
+        ae.require_called_aet = True  # an association meant for another AE title is not ours to take
         if self.allowed_calling_aets:
             ae.require_calling_aet = self.allowed_calling_aets
         self._server = ae.start_server((self.address.host, self.address.port), block=False,
@@ -207,9 +210,10 @@ class DicomListener(SeriesWorker):
         try:  # the pixels the header declares, before anything is written or decoded
             frames = int(ds.get("NumberOfFrames") or 1)
             self.limits.check_voxels((frames, int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)), "an instance")
-        except (LimitExceeded, TypeError, ValueError) as exc:
-            log.warning("C-STORE refused: %s", exc if isinstance(exc, LimitExceeded) else "unreadable image size")
-            return STATUS_OUT_OF_RESOURCES if isinstance(exc, LimitExceeded) else STATUS_CANNOT_UNDERSTAND
+        except (LimitExceeded, TypeError, ValueError) as exc:  # not 0xA700: sending it again cannot help
+            log.warning("C-STORE refused: %s", limits_in_config_terms(str(exc)) if isinstance(exc, LimitExceeded)
+                        else "unreadable image size")
+            return STATUS_CANNOT_UNDERSTAND
         folder, instance = self.spool / _uid_hash(series_uid), _uid_hash(sop_uid)
         try:
             payload = event.encoded_dataset()
