@@ -4,6 +4,7 @@ takes, retries. Seconds each; test_pacs_listener.py runs the real models against
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 
@@ -162,9 +163,11 @@ def test_a_destination_outage_parks_nothing_runs_the_models_once_and_ends_when_i
         listener.stop()
 
 
-def test_a_full_disk_makes_the_job_wait_not_fail(tmp_path, series):
-    """ENOSPC while a job runs is the disk's fault, not the series': the job WAITS, using no attempt (it used to
-    fail, and park after max_attempts, while the full disk also had every new store refused)."""
+@pytest.mark.parametrize("where", ["fetch", "model"])
+def test_a_full_disk_makes_the_job_wait_not_fail(tmp_path, series, where):
+    """ENOSPC while a job runs (taking its series, or a model writing its results) is the disk's fault, not the
+    series': the job WAITS, using no attempt (it used to fail, and park after max_attempts, while the full disk also
+    had every new store refused)."""
     import errno
 
     listener = make_listener(tmp_path, max_attempts=1)
@@ -174,13 +177,17 @@ def test_a_full_disk_makes_the_job_wait_not_fail(tmp_path, series):
         listener.stop()
     assert listener.discover() == 1
 
-    def full(job, folder):
+    def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    listener.fetch = full
+    if where == "fetch":
+        listener.fetch = full
+    else:
+        listener.tasks = [dataclasses.replace(listener.tasks[0], write=full)]
     assert listener.process_one() is True
     (job,) = listener.ledger.jobs()
-    assert (job.state, job.attempts, job.reason) == (JobState.WAITING, 0, "disk full: No space left on device")
+    assert (job.state, job.attempts) == (JobState.WAITING, 0) and job.reason.startswith("disk full: "), job.reason
+    assert "No space left on device" in job.reason
 
 
 def test_a_start_removes_what_killed_bridges_left_in_work_and_nothing_a_running_one_holds(tmp_path, series):

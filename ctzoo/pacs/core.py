@@ -186,7 +186,9 @@ class _Outage:
 
 
 def _disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+    """ENOSPC: raised as such (fetching, keeping results), or in the message of a model that failed to write its
+    results (the pipeline records a case's error as text)."""
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in str(exc)
 
 
 class SeriesWorker:
@@ -279,7 +281,7 @@ class SeriesWorker:
             return True
         except Exception as exc:  # one bad series never stops the worker
             if _disk_full(exc):
-                delay = self._wait(job, f"disk full: {exc.strerror}")
+                delay = self._wait(job, f"disk full: {exc}"[:500])
                 log.warning("series %s: the disk is full; waiting %.3g s", tag, delay)
                 return True
             state = self._fail(job, f"{type(exc).__name__}: {exc}"[:500])
@@ -354,7 +356,7 @@ class SeriesWorker:
         if paths is None:
             paths = self._make_results(job, beat, events)
         else:
-            log.info("series %s: sending the results made by an earlier attempt", series_tag(job.series_uid))
+            log.debug("series %s: sending the results made by an earlier attempt", series_tag(job.series_uid))
         with events.stage("upload", files=len(paths), bytes=sum(path.stat().st_size for path in paths)):
             self.last_delivery = self.deliver(paths)
         self._far_end_answered()
