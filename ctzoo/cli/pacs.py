@@ -32,7 +32,7 @@ def pacs() -> None:
 
     Every series is recorded in a SQLite ledger (STATE_DIR/ledger.sqlite) before anything is done with
     it; a killed bridge resumes where it stopped, failures are retried with backoff and then parked with
-    their reason. Patient ids are stored and logged only as salted hashes. With 'perf: {enabled: true}'
+    their reason, and a job held up by an outage or a full disk waits without using its attempts. Patient ids are stored and logged only as salted hashes. With 'perf: {enabled: true}'
     in CONFIG every stage of every job is timed and judged for latency anomalies (docs/perf.md).
     """
 

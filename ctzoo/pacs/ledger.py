@@ -16,7 +16,7 @@ processed (non-CT, too few slices, ...) with the reason; it is never claimed.
 Exactly once, and what the ledger guarantees
 --------------------------------------------
 * **No job is lost**: a series is recorded (``enqueue``) before anything is done with it, and a job
-  leaves ``RUNNING`` only through ``complete``/``fail`` or by its lease expiring.
+  leaves ``RUNNING`` only through ``complete``/``fail``/``wait`` or by its lease expiring.
 * **No two live workers hold the same job**: ``claim`` takes a lease (``lease_s``, extended by
   ``heartbeat``) in one write transaction; only a ``RUNNING`` job whose lease has expired, i.e. whose
   worker died (SIGKILL, power loss) or hung, can be claimed again. ``heartbeat``/``complete``/``fail``
