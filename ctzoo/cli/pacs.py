@@ -30,10 +30,11 @@ def pacs() -> None:
       ctzoo pacs status CONFIG   the jobs of the ledger (state, attempts, reason)
       ctzoo pacs retry CONFIG    put PARKED jobs (or the given ones) back in the queue
 
-    Every series is recorded in a SQLite ledger (STATE_DIR/ledger.sqlite) before anything is done with
-    it; a killed bridge resumes where it stopped, failures are retried with backoff and then parked with
-    their reason, and a job held up by an outage or a full disk waits without using its attempts. Patient ids are stored and logged only as salted hashes. With 'perf: {enabled: true}'
-    in CONFIG every stage of every job is timed and judged for latency anomalies (docs/perf.md).
+    Every series is recorded in a SQLite ledger (STATE_DIR/ledger.sqlite) before anything is done with it; a killed
+    bridge resumes where it stopped, failures are retried with backoff and then parked with their reason, and a job
+    held up by an outage or a full disk waits without using its attempts. Patient ids are stored and logged only as
+    salted hashes. With 'perf: {enabled: true}' in CONFIG every stage of every job is timed and judged for latency
+    anomalies (docs/perf.md).
     """
 
 
