@@ -89,7 +89,32 @@ def test_fail_backoff_then_parked(ledger, clock):
     assert parked.reason == "out of memory"
     clock.t += 1e6
     assert ledger.claim("w1") is None
-    assert ledger.summary() == {"PENDING": 0, "RUNNING": 0, "DONE": 0, "FAILED": 0, "PARKED": 1, "SKIPPED": 0}
+    assert ledger.summary() == {"PENDING": 0, "RUNNING": 0, "DONE": 0, "FAILED": 0, "PARKED": 1, "SKIPPED": 0,
+                                "WAITING": 0}
+
+
+def test_waiting_uses_no_attempt_backs_off_to_a_cap_and_is_woken(tmp_path, clock):
+    """A job held up by the far end or the disk waits: however often, it is never PARKED for it; its wait grows
+    with the waits in a row up to max_wait_s, and wake() makes it due at once."""
+    with Ledger(tmp_path / "ledger.db", clock=clock, max_attempts=2, max_wait_s=100) as ledger:
+        ledger.enqueue("1.2.3", "listener")
+        delays = []
+        for waits in range(6):
+            job = ledger.claim("w1")
+            assert job.attempts == 1
+            delays.append(ledger.wait(job.id, "w1", "destination down", waits))
+            (waiting,) = ledger.jobs(JobState.WAITING)
+            assert waiting.attempts == 0 and waiting.reason == "destination down"
+            assert waiting.next_attempt_at == clock.t + delays[-1] and ledger.claim("w1") is None
+            clock.t += delays[-1]
+        assert delays == [30.0, 60.0, 100.0, 100.0, 100.0, 100.0]
+        job = ledger.claim("w1")
+        ledger.wait(job.id, "w1", "destination down", 9)
+        assert ledger.claim("w1") is None and ledger.wake() == 1
+        job = ledger.claim("w1")
+        ledger.complete(job.id, "w1", ["2.25.1"])
+        (done,) = ledger.jobs(JobState.DONE)
+        assert done.attempts == 1 and ledger.wake() == 0
 
 
 def test_expired_lease_is_reclaimed_unexpired_is_not(ledger, clock):

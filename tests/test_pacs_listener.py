@@ -10,9 +10,16 @@ import time
 import httpx
 import pydicom
 import pytest
-from orthanc_server import OrthancServer, free_port, run_storescu, running_orthanc, storescu
+from orthanc_server import (
+    OrthancServer,
+    free_port,
+    run_storescu,
+    running_orthanc,
+    storescu,
+)
+from pacs_kit import storage_scp
 from perf_checks import assert_no_identifiers, stages_by_key
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from series_variants import variant_series
 
@@ -22,7 +29,12 @@ from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.io.privacy import patient_hash
 from ctzoo.models import load_bundle
 from ctzoo.pacs.ledger import JobState, Ledger
-from ctzoo.pacs.listener import AEAddress, DestinationUnavailable, DicomListener, send_files
+from ctzoo.pacs.listener import (
+    AEAddress,
+    DestinationUnavailable,
+    DicomListener,
+    send_files,
+)
 from ctzoo.perf import PerfMonitor
 
 pytestmark = pytest.mark.timeout(240)
@@ -59,19 +71,6 @@ def _discover_until(listener: DicomListener, jobs: int, timeout: float = 30.0) -
         listener.discover()
         time.sleep(0.2)
     assert len(listener.ledger.jobs()) == jobs, [(j.state, j.reason) for j in listener.ledger.jobs()]
-
-
-def _storage_scp(port: int, received: list, status: int = 0x0000):
-    """A destination AE that keeps what it receives and answers ``status``."""
-    ae = AE(ae_title="DEST")
-    for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-
-    def on_store(event) -> int:
-        received.append(event.dataset)
-        return status
-
-    return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
 
 
 def test_listener_end_to_end_into_orthanc(tmp_path, sent_files, tasks, caplog):
@@ -113,7 +112,7 @@ def test_listener_end_to_end_into_orthanc(tmp_path, sent_files, tasks, caplog):
             done = jobs[uid["good"]]
             assert done.state is JobState.DONE and len(done.result_uids) == 2
             assert listener.last_delivery == ["Success", "Success"]
-            assert not any(listener.spool.iterdir()) and not any((tmp_path / "work").iterdir())
+            assert not any(listener.spool.iterdir()) and not any(listener.work_dir.iterdir())
             _assert_job_events(events, done.id, jobs[uid["corrupt"]].id)
 
             # the results are in Orthanc, in the study of the CT (which itself was never sent there)
@@ -165,17 +164,17 @@ def test_listener_retries_while_the_destination_is_down(tmp_path, sent_files, ta
         with pytest.raises(DestinationUnavailable, match="association with DEST@127.0.0.1"):
             listener.process_one()
         (job,) = listener.ledger.jobs()
-        assert job.state is JobState.FAILED and "DestinationUnavailable" in job.reason
+        assert job.state is JobState.WAITING and "DestinationUnavailable" in job.reason and job.attempts == 0
         assert len(list(listener.spool.iterdir())) == 1  # the received series is kept for the retry
 
-        server = _storage_scp(port, received)
+        server = storage_scp(port, received)
         try:
             time.sleep(0.3)  # the backoff
             assert listener.process_one() is True
         finally:
             server.shutdown()
         (job,) = listener.ledger.jobs()
-        assert job.state is JobState.DONE and job.attempts == 2
+        assert job.state is JobState.DONE and job.attempts == 1  # the outage used no attempt
         assert sorted(str(ds.SOPInstanceUID) for ds in received) == sorted(job.result_uids)
         assert sorted(str(ds.Modality) for ds in received) == ["SEG", "SR"]
         assert not any(listener.spool.iterdir())
@@ -190,17 +189,18 @@ def test_the_listener_says_reachable_again_only_once_a_delivery_succeeds(tmp_pat
     caplog.set_level("WARNING", logger="ctzoo.pacs")
     series = variant_series(sent_files, tmp_path / "send", "short", count=6)
     port = free_port()  # nothing listens there yet
-    listener = _listener(tmp_path, tasks, AEAddress("DEST", "127.0.0.1", port), max_attempts=20, backoff_s=0.05,
-                         backoff_factor=1)
-    stop, received = threading.Event(), []
+    listener = _listener(tmp_path, tasks, AEAddress("DEST", "127.0.0.1", port), backoff_s=0.05, backoff_factor=1)
+    stop, received, deliveries = threading.Event(), [], []
+    deliver = listener.deliver
+    listener.deliver = lambda paths: deliveries.append(paths) or deliver(paths)
     loop = threading.Thread(target=listener.run, kwargs={"poll_s": 0.05, "stop": stop})
     try:
         _send(listener, series)
         loop.start()
-        _wait_for(lambda: any(job.attempts >= 3 for job in listener.ledger.jobs()))
+        _wait_for(lambda: len(deliveries) >= 3)
         down = _said(caplog)
         assert len(down) == 1 and "association with DEST@127.0.0.1" in down[0] and "retrying" in down[0], down
-        server = _storage_scp(port, received)
+        server = storage_scp(port, received)
         try:
             _wait_for(lambda: [job.state for job in listener.ledger.jobs()] == [JobState.DONE])
         finally:
@@ -251,11 +251,13 @@ def test_listener_refuses_instances_that_would_fill_its_disk(tmp_path, sent_file
         listener.stop()
 
 
-def test_listener_refuses_instances_declaring_more_pixels_than_its_limit(tmp_path, sent_files, tasks):
-    """An instance whose header declares more pixels than limits.max_volume_voxels gets 0xA700 before anything is
-    written; the next instance within the limit is stored."""
+def test_listener_refuses_instances_declaring_more_pixels_than_its_limit(tmp_path, sent_files, tasks, caplog):
+    """An instance whose header declares more pixels than limits.max_volume_voxels gets 0xC000 (cannot understand:
+    not 0xA700, out of resources, which tells the sender to try again and again) before anything is written, and the
+    log names the config key that raises the limit; the next instance within the limit is stored."""
     from ctzoo.io.limits import ResourceLimits
 
+    caplog.set_level("WARNING", logger="ctzoo.pacs")
     listener = _listener(tmp_path, tasks, AEAddress("DEST", "127.0.0.1", free_port()))
     dataset = pydicom.dcmread(sent_files[0])
     listener.limits = ResourceLimits(max_volume_voxels=int(dataset.Rows) * int(dataset.Columns) - 1)
@@ -264,8 +266,10 @@ def test_listener_refuses_instances_declaring_more_pixels_than_its_limit(tmp_pat
     try:
         association = ae.associate("127.0.0.1", listener.port, ae_title="CTZOO")
         assert association.is_established
-        assert association.send_c_store(dataset).Status == 0xA700
+        assert association.send_c_store(dataset).Status == 0xC000
         assert not list((tmp_path / "spool").rglob("*.dcm"))
+        (said,) = [r.getMessage() for r in caplog.records if r.name.startswith("ctzoo.pacs")]
+        assert "raise it with limits.max_volume_voxels" in said and "--max" not in said, said
         listener.limits = ResourceLimits()
         assert association.send_c_store(dataset).Status == 0x0000
         association.release()
@@ -275,7 +279,7 @@ def test_listener_refuses_instances_declaring_more_pixels_than_its_limit(tmp_pat
 
 def test_send_files_reports_a_refusal(tmp_path, sent_files):
     port, received = free_port(), []
-    server = _storage_scp(port, received, status=0xA700)
+    server = storage_scp(port, received, status=0xA700)
     try:
         with pytest.raises(RuntimeError, match="refused the CT Image Storage object: status 0xA700"):
             send_files(sent_files[:1], AEAddress("DEST", "127.0.0.1", port), "CTZOO")

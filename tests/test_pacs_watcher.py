@@ -94,7 +94,7 @@ def test_watcher_end_to_end(tmp_path, sent_files, caplog):
         assert watcher.last_upload_statuses == ["AlreadyStored", "AlreadyStored"]
         (done,) = ledger.jobs(JobState.DONE)
         assert done.series_uid == uid and len(done.result_uids) == 2 and done.worker == "w2"
-        assert not list((tmp_path / "work").iterdir())  # private temp folder removed
+        assert not list(watcher.work_dir.iterdir())  # the job's private temp folder removed
         _assert_job_events(events, done.id, files, tmp_path)
         monitor.close()
         assert PerfMonitor(tmp_path / "perf.sqlite", role="reader").store.reduction()["seen"] == len(events)

@@ -30,10 +30,11 @@ def pacs() -> None:
       ctzoo pacs status CONFIG   the jobs of the ledger (state, attempts, reason)
       ctzoo pacs retry CONFIG    put PARKED jobs (or the given ones) back in the queue
 
-    Every series is recorded in a SQLite ledger (STATE_DIR/ledger.sqlite) before anything is done with
-    it; a killed bridge resumes where it stopped, failures are retried with backoff and then parked with
-    their reason. Patient ids are stored and logged only as salted hashes. With 'perf: {enabled: true}'
-    in CONFIG every stage of every job is timed and judged for latency anomalies (docs/perf.md).
+    Every series is recorded in a SQLite ledger (STATE_DIR/ledger.sqlite) before anything is done with it; a killed
+    bridge resumes where it stopped, failures are retried with backoff and then parked with their reason, and a job
+    held up by an outage or a full disk waits without using its attempts. Patient ids are stored and logged only as
+    salted hashes. With 'perf: {enabled: true}' in CONFIG every stage of every job is timed and judged for latency
+    anomalies (docs/perf.md).
     """
 
 
@@ -55,7 +56,7 @@ def _ledger(config):
     config.state_dir.mkdir(parents=True, exist_ok=True)
     r = config.retry
     return Ledger(config.ledger_path, max_attempts=r.max_attempts, backoff_s=r.backoff_s,
-                  backoff_factor=r.backoff_factor, lease_s=r.lease_s)
+                  backoff_factor=r.backoff_factor, lease_s=r.lease_s, max_wait_s=r.max_wait_s)
 
 
 def _tasks(config):
@@ -135,7 +136,10 @@ def watch(config: Path) -> None:
                                  perf=monitor, decoder=resolve_decoder(settings.decode, settings.device))
         click.echo(f"watching {settings.orthanc.url} for CT series; models: {', '.join(settings.models)}; "
                    f"ledger: {settings.ledger_path}{_perf_note(settings)}", err=True)
-        _run_until_signalled(watcher, settings.orthanc.poll_s)
+        try:
+            _run_until_signalled(watcher, settings.orthanc.poll_s)
+        finally:
+            watcher.close()
 
 
 @pacs.command()
@@ -167,6 +171,7 @@ def listen(config: Path) -> None:
         try:
             listener.start()
         except OSError as exc:
+            listener.close()
             raise click.ClickException(f"cannot listen on {section.host}:{section.port}: {exc.strerror}") from exc
         click.echo(f"DICOM listener {section.ae_title} on {section.host}:{listener.port}; results to {dest.ae_title}@"
                    f"{dest.host}:{dest.port}; models: {', '.join(settings.models)}; state: {settings.state_dir}"
@@ -175,6 +180,7 @@ def listen(config: Path) -> None:
             _run_until_signalled(listener, section.poll_s)
         finally:
             listener.stop()
+            listener.close()
 
 
 @pacs.command()
@@ -232,7 +238,7 @@ def _when(timestamp: float) -> str:
 
 @pacs.command()
 @CONFIG
-@click.option("--state", type=click.Choice(["PENDING", "RUNNING", "DONE", "FAILED", "PARKED", "SKIPPED"]),
+@click.option("--state", type=click.Choice(["PENDING", "RUNNING", "DONE", "FAILED", "WAITING", "PARKED", "SKIPPED"]),
               help="Only jobs in this state.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per job (with the SeriesInstanceUID).")
 def status(config: Path, state: str | None, as_json: bool) -> None:
@@ -269,9 +275,12 @@ def status(config: Path, state: str | None, as_json: bool) -> None:
 def retry(config: Path, job_ids: tuple[int, ...], parked: bool) -> None:
     """Put jobs back in the queue (attempts reset): the given JOB_IDS, or with --parked every PARKED job.
 
-    Run it after fixing what made them fail (see 'ctzoo pacs status'); a running bridge picks them up.
+    Run it after fixing what made them fail (see 'ctzoo pacs status'); a running bridge picks them up. A
+    listener job whose instances were removed (it was skipped or done) waits for the series to be sent again: send
+    it after the retry.
     """
     from ctzoo.pacs.ledger import JobState
+    from ctzoo.pacs.listener import awaits_resend
 
     if not job_ids and not parked:
         raise click.UsageError("give JOB_IDS or --parked")
@@ -279,5 +288,10 @@ def retry(config: Path, job_ids: tuple[int, ...], parked: bool) -> None:
     with _ledger(settings) as ledger:
         ids = list(job_ids) + ([job.id for job in ledger.jobs(JobState.PARKED)] if parked else [])
         done = [i for i in ids if ledger.requeue(i)]
-    click.echo(f"{len(done)} job(s) queued again" + (f"; not requeued (not PARKED/FAILED/SKIPPED or unknown): "
+        resend = [job.id for job in ledger.jobs() if job.id in done and awaits_resend(settings.state_dir / "spool",
+                                                                                         job)]
+    click.echo(f"{len(done)} job(s) queued again" + (f"; not requeued (not PARKED/FAILED/WAITING/SKIPPED or unknown): "
                                                     f"{sorted(set(ids) - set(done))}" if len(done) < len(ids) else ""))
+    if resend:
+        click.echo(f"{resend}: the received instances are no longer in the spool (removed when the job was skipped "
+                   "or done); the job waits for the series to be sent again to 'ctzoo pacs listen'")

@@ -88,6 +88,8 @@ class RetrySettings(StrictConfig):
     backoff_factor: float = Field(2.0, ge=1, description="each further failure waits this much longer")
     lease_s: float = Field(600.0, gt=0, description="a job whose worker stopped heart-beating this long is "
                                                     "taken over (heartbeats every lease_s / 3)")
+    max_wait_s: float = Field(300.0, ge=0, description="longest wait between tries of a job held up by the far "
+                                                       "end or a full disk (WAITING: those tries use no attempt)")
 
 
 class LimitSettings(StrictConfig):

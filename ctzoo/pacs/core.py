@@ -13,9 +13,21 @@ Outcomes of a job:
 
 * bad data (unreadable or corrupt instance, no series passing the rules once the files are read, NaN
   voxels): the job is SKIPPED with the reason, since retrying cannot help;
+* the series not (all) here (:class:`SeriesNotHere`: a listener job requeued after its instances were removed, or
+  whose instances are still arriving): WAITING, no attempt used, until the way in wakes it;
 * the far end unreachable (a subclass's ``unavailable`` errors: Orthanc down, destination AE refusing
-  the association): ``fail`` (retried after the ledger's backoff), and the error goes up so the loop waits;
+  the association) or the disk full (ENOSPC): WAITING (:meth:`~ctzoo.pacs.ledger.Ledger.wait`: no attempt used,
+  retried after a backoff capped at ``max_wait_s``, however long the outage), and an unreachable far end's error
+  goes up so the loop waits; once a delivery succeeds after an outage, every waiting job is made due at once;
+* a result the far end does not accept at all (a destination AE without the SEG storage SOP class): the others
+  are delivered, the job is DONE with its reason naming what was not (:data:`NOT_ACCEPTED`);
 * anything else (a refusal, a model error): ``fail``, retried, PARKED after ``max_attempts``.
+
+Each process works in a folder of its own under ``work_dir`` (:class:`ctzoo.pacs.work_folder.WorkFolder`:
+what a killed process left there, its series with patient data, is removed when the next one starts). The results
+of a job that ran its models but could not deliver them wait in its ``outbox/<job id>``: the job's next attempt
+in this process only sends them again (the models do not run again for each retry of an outage). They are removed
+once the job is DONE, SKIPPED or PARKED (or with the process's folder).
 
 Result UIDs are deterministic (source series + model version), so a job re-run after a crash between
 delivery and ``complete`` re-sends the same objects, which a PACS stores once. Logs name a series by a
@@ -24,8 +36,11 @@ short hash of its SeriesInstanceUID only, never by patient data.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import os
+import re
 import shutil
 import tempfile
 import threading
@@ -42,11 +57,15 @@ from ctzoo.io.dicom_scan import DicomError, SeriesRules
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 from ctzoo.pacs.job_events import JobEvents, instance_count
 from ctzoo.pacs.ledger import Job, JobState, LeaseLost, Ledger
+from ctzoo.pacs.work_folder import WorkFolder
 
-__all__ = ["BadSeries", "SeriesWorker", "check_series", "run_models", "series_tag"]
+__all__ = ["BadSeries", "SeriesNotHere", "SeriesWorker", "check_series", "run_models", "series_tag"]
 
 log = logging.getLogger(__name__)
 RESULT_FILES = ("sr.dcm", "seg.dcm")
+#: How a way in's ``deliver`` marks a result the far end does not take at all (``"not accepted: <SOP class>"``):
+#: the others are delivered and the job is DONE, with a note naming what was not (a retry cannot change it).
+NOT_ACCEPTED = "not accepted"
 CASE = "series"
 
 
@@ -54,9 +73,20 @@ class BadSeries(ValueError):
     """The series cannot be processed whatever the retries (recorded SKIPPED with the reason)."""
 
 
+class SeriesNotHere(Exception):
+    """The job's series is not (all) here yet: its instances are gone, or still arriving. The job WAITS, using no
+    attempt, until its way in makes it due again (:meth:`~ctzoo.pacs.ledger.Ledger.wake`) or for ``max_wait_s``."""
+
+
 def series_tag(series_uid: str) -> str:
     """A short, non-identifying name of a series for logs."""
     return hashlib.sha256(series_uid.encode()).hexdigest()[:10]
+
+
+def limits_in_config_terms(text: str) -> str:
+    """A limit's message as the bridge's config says it: ``--max-volume-voxels`` (the option of ``ctzoo infer``, which
+    :class:`~ctzoo.io.limits.LimitExceeded` names) becomes ``limits.max_volume_voxels``."""
+    return re.sub(r"--(max(?:-[a-z]+)+)", lambda found: "limits." + found.group(1).replace("-", "_"), text)
 
 
 def check_series(folder: Path, rules: SeriesRules, limits: ResourceLimits = DEFAULT_LIMITS,
@@ -72,7 +102,7 @@ def check_series(folder: Path, rules: SeriesRules, limits: ResourceLimits = DEFA
     try:
         volume = read_volume(folder, rules=rules, progress=False, limits=limits, decoder=decoder)
     except (DicomError, ValueError, OSError) as exc:
-        text = " ".join(str(exc).replace(str(folder), "<series>").split())
+        text = limits_in_config_terms(" ".join(str(exc).replace(str(folder), "<series>").split()))
         raise BadSeries(f"rejected after reading: {text[:300]}") from None
     if not np.isfinite(volume.array).all():
         raise BadSeries("rejected after reading: NaN or infinite voxels")
@@ -146,11 +176,19 @@ class _Outage:
             self.since, self._said = self.since or now, now
             log.warning("%s; retrying every %.3g s", " ".join(str(exc).split())[:200], poll_s)
 
-    def answered(self) -> None:
-        """The far end did what was asked of it: an outage, if any, is over."""
-        if self.since is not None:
-            log.warning("reachable again after %.0f s", time.monotonic() - self.since)
-            self.since = None
+    def answered(self) -> bool:
+        """The far end did what was asked of it: an outage, if any, is over. True if one was."""
+        if self.since is None:
+            return False
+        log.warning("reachable again after %.0f s", time.monotonic() - self.since)
+        self.since = None
+        return True
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC: raised as such (fetching, keeping results), or in the message of a model that failed to write its
+    results (the pipeline records a case's error as text)."""
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in str(exc)
 
 
 class SeriesWorker:
@@ -173,11 +211,19 @@ class SeriesWorker:
         self.limits = limits
         self.decoder = decoder  # how JPEG 2000 series are decoded (check_series), as the config's decode resolved
         self.perf = perf  # a ctzoo.perf.PerfMonitor timing every job's stages (ctzoo.pacs.job_events), or None
-        self.work_dir = Path(work_dir)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        # this process's own folder under work_dir; what killed processes left there is removed first
+        self._work = WorkFolder(work_dir)
+        self.work_dir = self._work.path
         #: What the far end answered to each result of the last job (e.g. Orthanc's ``Success``/``AlreadyStored``).
         self.last_delivery: list[str] = []
         self._outage = _Outage()
+        self._waits = 0  # jobs that had to wait in a row (the far end down, the disk full): their backoff grows
+        self._said_not_accepted: set[str] = set()
+
+    def close(self) -> None:
+        """Remove this process's work folder (results still waiting for their delivery included: a restart
+        makes them again)."""
+        self._work.close()
 
     # -- what a way in provides ---------------------------------------------------------------------------
     def discover(self) -> int:
@@ -213,26 +259,39 @@ class SeriesWorker:
         events = JobEvents(self.perf, job, self.worker)
         try:
             with _Heartbeat(self.ledger, job, self.worker, every_s=max(self.ledger.lease_s / 3, 0.05)) as beat:
-                uids = self._process(job, beat, events)
+                uids, note = self._process(job, beat, events)
                 beat.check()
         except self.unavailable as exc:
-            self._fail(job, f"{type(exc).__name__}: {exc}"[:500])
+            self._wait(job, f"{type(exc).__name__}: {exc}"[:500])
             raise
+        except SeriesNotHere as exc:
+            self._wait(job, str(exc), delay_s=self.ledger.max_wait_s)
+            log.info("series %s: %s", tag, exc)
+            return True
         except BadSeries as exc:
+            self._discard_results(job)
             if self._fail(job, str(exc)) is not None:
                 self.ledger.skip(job.series_uid, job.source, str(exc))
                 self.finished(job, JobState.SKIPPED)
             log.warning("series %s skipped: %s", tag, exc)
             return True
         except LeaseLost:
+            self._discard_results(job)
             log.warning("series %s: lease lost, another worker has it", tag)
             return True
         except Exception as exc:  # one bad series never stops the worker
+            if _disk_full(exc):
+                delay = self._wait(job, f"disk full: {exc}"[:500])
+                log.warning("series %s: the disk is full; waiting %.3g s", tag, delay)
+                return True
             state = self._fail(job, f"{type(exc).__name__}: {exc}"[:500])
+            if state is not JobState.FAILED:
+                self._discard_results(job)
             log.warning("series %s failed (%s): %s", tag, state.value if state else "lease lost", type(exc).__name__)
             return True
+        self._discard_results(job)
         try:
-            self.ledger.complete(job.id, self.worker, uids)
+            self.ledger.complete(job.id, self.worker, uids, note)
         except LeaseLost:
             log.warning("series %s: lease lost before completion; results were sent", tag)
             return True
@@ -247,7 +306,75 @@ class SeriesWorker:
         except LeaseLost:
             return None
 
-    def _process(self, job: Job, beat: _Heartbeat, events: JobEvents) -> list[str]:
+    def _far_end_answered(self) -> None:
+        self._waits = 0
+        if self._outage.answered():
+            self.ledger.wake()  # the jobs that waited for the far end need not wait out their backoff
+
+    def _wait(self, job: Job, reason: str, delay_s: float | None = None) -> float:
+        """The job waits for what held it up (no attempt used; after the outage backoff, or ``delay_s``); its
+        results, if made, wait with it."""
+        try:
+            delay = self.ledger.wait(job.id, self.worker, reason, self._waits, delay_s)
+        except LeaseLost:
+            self._discard_results(job)
+            return 0.0
+        self._waits += delay_s is None
+        return delay
+
+    # -- the results of a job, kept until they are delivered ------------------------------------------------
+    def _outbox(self, job: Job) -> Path:
+        return self.work_dir / "outbox" / str(job.id)
+
+    def _kept_results(self, job: Job) -> list[Path] | None:
+        """The result files an earlier attempt of the job made and could not deliver; None if there are none."""
+        outbox = self._outbox(job)
+        names = [name for name in RESULT_FILES if (outbox / name).is_file()]
+        return [outbox / name for name in names] if names else None
+
+    def _keep_results(self, job: Job, paths: list[Path]) -> list[Path]:
+        outbox = self._outbox(job)
+        outbox.mkdir(parents=True, exist_ok=True)
+        kept = []
+        for path in paths:
+            os.replace(path, outbox / path.name)
+            kept.append(outbox / path.name)
+        return kept
+
+    def _discard_results(self, job: Job) -> None:
+        outbox = self._outbox(job)
+        shutil.rmtree(outbox, ignore_errors=True)
+        try:
+            outbox.parent.rmdir()  # the last one: the work folder is empty again between jobs
+        except OSError:
+            pass
+
+    # -- one attempt --------------------------------------------------------------------------------------
+    def _process(self, job: Job, beat: _Heartbeat, events: JobEvents) -> tuple[list[str], str]:
+        """One attempt: the UIDs of the results delivered, and what was not (see :data:`NOT_ACCEPTED`)."""
+        paths = self._kept_results(job)
+        if paths is None:
+            paths = self._make_results(job, beat, events)
+        else:
+            log.debug("series %s: sending the results made by an earlier attempt", series_tag(job.series_uid))
+        with events.stage("upload", files=len(paths), bytes=sum(path.stat().st_size for path in paths)):
+            self.last_delivery = self.deliver(paths)
+        self._far_end_answered()
+        delivered = [p for p, status in zip(paths, self.last_delivery) if not status.startswith(NOT_ACCEPTED)]
+        return ([str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in delivered],
+                self._not_delivered(self.last_delivery))
+
+    def _not_delivered(self, statuses: list[str]) -> str:
+        """The job's note on the results the far end does not take (logged once a kind of result, not per job)."""
+        refused = [status[len(NOT_ACCEPTED):].strip(": ") for status in statuses if status.startswith(NOT_ACCEPTED)]
+        for sop_class in sorted(set(refused) - self._said_not_accepted):
+            self._said_not_accepted.add(sop_class)
+            log.warning("the far end does not accept %s objects: those results are not delivered (the job is DONE "
+                        "with the others, its reason says so)", sop_class)
+        return f"not delivered, not accepted by the far end: {', '.join(refused)}" if refused else ""
+
+    def _make_results(self, job: Job, beat: _Heartbeat, events: JobEvents) -> list[Path]:
+        """Fetch, check and run the models on the job's series; the result files, kept in its outbox."""
         folder = Path(tempfile.mkdtemp(prefix="job-", dir=self.work_dir))
         try:
             data, out = folder / "dicom", folder / "out"
@@ -259,10 +386,7 @@ class SeriesWorker:
             events.slices = axial_slices(volume)
             paths = run_models(data, self.tasks, self.rules, out, after_each=beat.check, volume=volume,
                                perf=self.perf)
-            with events.stage("upload", files=len(paths), bytes=sum(path.stat().st_size for path in paths)):
-                self.last_delivery = self.deliver(paths)
-            self._outage.answered()
-            return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+            return self._keep_results(job, paths)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -277,7 +401,7 @@ class SeriesWorker:
             try:
                 self.discover()
                 if self.discover_reaches_far_end:
-                    self._outage.answered()
+                    self._far_end_answered()
                 while not stop.is_set() and self.process_one():
                     pass
             except self.unavailable as exc:

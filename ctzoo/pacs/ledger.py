@@ -7,13 +7,16 @@ transaction, so several processes may share the file.
 
 States: ``PENDING`` -> ``RUNNING`` (claimed, with a lease) -> ``DONE``; a failure makes the job
 ``FAILED`` with a backoff (``backoff_s * backoff_factor ** (attempts - 1)``) after which it is claimed
-again, until ``max_attempts`` makes it ``PARKED`` with its reason kept. ``SKIPPED`` records a series
-that must not be processed (non-CT, too few slices, ...) with the reason; it is never claimed.
+again, until ``max_attempts`` makes it ``PARKED`` with its reason kept. ``WAITING`` is a job held up by what
+is not its own fault (the far end down, a full disk): :meth:`Ledger.wait` gives the attempt back and makes it due
+after ``backoff_s * backoff_factor ** waits``, at most ``max_wait_s``, however long that lasts; :meth:`Ledger.wake`
+makes every waiting job due at once (the far end answered again). ``SKIPPED`` records a series that must not be
+processed (non-CT, too few slices, ...) with the reason; it is never claimed.
 
 Exactly once, and what the ledger guarantees
 --------------------------------------------
 * **No job is lost**: a series is recorded (``enqueue``) before anything is done with it, and a job
-  leaves ``RUNNING`` only through ``complete``/``fail`` or by its lease expiring.
+  leaves ``RUNNING`` only through ``complete``/``fail``/``wait`` or by its lease expiring.
 * **No two live workers hold the same job**: ``claim`` takes a lease (``lease_s``, extended by
   ``heartbeat``) in one write transaction; only a ``RUNNING`` job whose lease has expired, i.e. whose
   worker died (SIGKILL, power loss) or hung, can be claimed again. ``heartbeat``/``complete``/``fail``
@@ -51,6 +54,8 @@ class JobState(str, Enum):
     RUNNING = "RUNNING"
     DONE = "DONE"
     FAILED = "FAILED"  # will be retried after next_attempt_at
+    WAITING = "WAITING"  # held up by the far end or the disk, not by itself: retried after next_attempt_at, no
+    #                      attempt used
     PARKED = "PARKED"  # gave up after max_attempts
     SKIPPED = "SKIPPED"  # not processable, with the reason
 
@@ -110,11 +115,13 @@ class Ledger:
 
     def __init__(self, path: str | Path, max_attempts: int = 5, backoff_s: float = 30.0,
                  backoff_factor: float = 2.0, lease_s: float = 600.0,
-                 clock: Callable[[], float] = time.time) -> None:
-        if max_attempts < 1 or lease_s <= 0 or backoff_s < 0 or backoff_factor < 1:
-            raise ValueError("need max_attempts >= 1, lease_s > 0, backoff_s >= 0, backoff_factor >= 1")
+                 clock: Callable[[], float] = time.time, max_wait_s: float = 300.0) -> None:
+        if max_attempts < 1 or lease_s <= 0 or backoff_s < 0 or backoff_factor < 1 or max_wait_s < 0:
+            raise ValueError("need max_attempts >= 1, lease_s > 0, backoff_s >= 0, backoff_factor >= 1, "
+                             "max_wait_s >= 0")
         self.path = Path(path)
         self.max_attempts, self.backoff_s, self.backoff_factor = max_attempts, backoff_s, backoff_factor
+        self.max_wait_s = max_wait_s
         self.lease_s, self.clock = lease_s, clock
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
@@ -183,15 +190,16 @@ class Ledger:
             return cur.rowcount == 1
 
     def claim(self, worker: str) -> Job | None:
-        """Atomically take the oldest due job (PENDING, FAILED past its backoff, RUNNING past its lease)."""
+        """Atomically take the oldest due job (PENDING, FAILED or WAITING past its time, RUNNING past its lease)."""
         if not worker:
             raise ValueError("empty worker name")
         now = self.clock()
         with self._tx() as db:
             row = db.execute(
-                "SELECT id FROM jobs WHERE state = ? OR (state = ? AND next_attempt_at <= ?)"
+                "SELECT id FROM jobs WHERE state = ? OR (state IN (?, ?) AND next_attempt_at <= ?)"
                 " OR (state = ? AND lease_until <= ?) ORDER BY created_at, id LIMIT 1",
-                (JobState.PENDING.value, JobState.FAILED.value, now, JobState.RUNNING.value, now)).fetchone()
+                (JobState.PENDING.value, JobState.FAILED.value, JobState.WAITING.value, now, JobState.RUNNING.value,
+                 now)).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE jobs SET state = ?, worker = ?, lease_until = ?, attempts = attempts + 1,"
@@ -207,13 +215,14 @@ class Ledger:
             db.execute("UPDATE jobs SET lease_until = ?, updated_at = ? WHERE id = ?",
                        (now + self.lease_s, now, job_id))
 
-    def complete(self, job_id: int, worker: str, result_uids: list[str]) -> None:
-        """Mark the job DONE with the UIDs of the objects sent."""
+    def complete(self, job_id: int, worker: str, result_uids: list[str], note: str = "") -> None:
+        """Mark the job DONE with the UIDs of the objects sent; ``note``, kept as its reason: what the operator
+        should know of a job done (a result the destination did not accept)."""
         now = self.clock()
         with self._tx() as db:
             self._held(db, job_id, worker)
-            db.execute("UPDATE jobs SET state = ?, result_uids = ?, reason = '', lease_until = 0, updated_at = ?"
-                       " WHERE id = ?", (JobState.DONE.value, json.dumps(list(result_uids)), now, job_id))
+            db.execute("UPDATE jobs SET state = ?, result_uids = ?, reason = ?, lease_until = 0, updated_at = ?"
+                       " WHERE id = ?", (JobState.DONE.value, json.dumps(list(result_uids)), note, now, job_id))
 
     def fail(self, job_id: int, worker: str, reason: str) -> JobState:
         """FAILED (retried after the backoff), or PARKED once attempts >= max_attempts; the reason is kept."""
@@ -228,6 +237,29 @@ class Ledger:
                        " updated_at = ? WHERE id = ?", (state.value, reason, nxt, now, job_id))
             return state
 
+    def wait(self, job_id: int, worker: str, reason: str, waits: int = 0, delay_s: float | None = None) -> float:
+        """WAITING: held up by the far end or the disk, not by the job itself. The attempt is given back (a long
+        outage parks nothing); the job is due again after ``backoff_s * backoff_factor ** waits`` seconds, at most
+        ``max_wait_s`` (``waits``: how many waits in a row came before), or after ``delay_s``. Returns the delay."""
+        now = self.clock()
+        delay = min(self.backoff_s * self.backoff_factor ** min(waits, 64), self.max_wait_s) if delay_s is None \
+            else delay_s
+        with self._tx() as db:
+            self._held(db, job_id, worker)
+            db.execute("UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), reason = ?, next_attempt_at = ?,"
+                       " lease_until = 0, updated_at = ? WHERE id = ?",
+                       (JobState.WAITING.value, reason, now + delay, now, job_id))
+        return delay
+
+    def wake(self, job_id: int | None = None) -> int:
+        """Make every WAITING job (or the one ``job_id``) due now: what it waited for is there; how many."""
+        now = self.clock()
+        only = "" if job_id is None else " AND id = ?"
+        with self._tx() as db:
+            return db.execute(f"UPDATE jobs SET next_attempt_at = ?, updated_at = ? WHERE state = ?"
+                              f" AND next_attempt_at > ?{only}",
+                              (now, now, JobState.WAITING.value, now, *([] if job_id is None else [job_id]))).rowcount
+
     def skip(self, series_uid: str, source: str, reason: str) -> None:
         """Record a series that must not be processed. A known series not RUNNING/DONE becomes SKIPPED too."""
         now = self.clock()
@@ -241,14 +273,14 @@ class Ledger:
                                                         JobState.RUNNING.value, JobState.DONE.value))
 
     def requeue(self, job_id: int) -> bool:
-        """Make a PARKED, FAILED or SKIPPED job PENDING again with its attempts reset (an operator's retry after
-        fixing the cause); False if the job is in another state."""
+        """Make a PARKED, FAILED, WAITING or SKIPPED job PENDING again with its attempts reset (an operator's retry
+        after fixing the cause); False if the job is in another state."""
         now = self.clock()
         with self._tx() as db:
             cur = db.execute("UPDATE jobs SET state = ?, attempts = 0, next_attempt_at = ?, updated_at = ?"
-                             " WHERE id = ? AND state IN (?, ?, ?)",
+                             " WHERE id = ? AND state IN (?, ?, ?, ?)",
                              (JobState.PENDING.value, now, now, job_id, JobState.PARKED.value,
-                              JobState.FAILED.value, JobState.SKIPPED.value))
+                              JobState.FAILED.value, JobState.WAITING.value, JobState.SKIPPED.value))
             return cur.rowcount == 1
 
     def job(self, series_uid: str) -> Job | None:

@@ -7,25 +7,39 @@ before the sender is told "success" (atomically: temporary name, then rename), g
     SPOOL/<hash of SeriesInstanceUID>/<hash of SOP UID>.dcm   the instance as sent (no re-encoding)
 
 A series is *stable* once its folder has not changed for ``stable_s`` seconds (the folder's mtime, so a
-restart loses nothing: whatever was acknowledged is on disk). :meth:`DicomListener.discover` records stable
+restart loses nothing: whatever was acknowledged is on disk). A series one of whose instances was refused for lack
+of disk (``min_free_mb``, status 0xA700: the sender keeps it and sends it again) is *held* until that instance has
+been stored: each refusal leaves ``<hash of SOP UID>.refused`` in its folder (and in memory, should even that write
+fail), removed when the instance arrives, so the part that did arrive is never taken for the whole series, across
+restarts too. :meth:`DicomListener.discover` records stable
 series in the job ledger (``source="dicom:<hash>"``) or SKIPs them with the reason (modality not accepted,
 too few instances); processing is :class:`ctzoo.pacs.core.SeriesWorker`'s, and the results go to the
-destination AE by C-STORE (:func:`send_files`). The spool folder is removed once its job is DONE or
-SKIPPED; instances of an already processed series that arrive later are dropped with a log line (send the
-series again under a new SeriesInstanceUID to have it processed again).
+destination AE by C-STORE (:func:`send_files`). The instances a job took are removed from the spool once it is
+DONE or SKIPPED; those that arrived while it ran stay, and the next discovery drops them with a log line, as it
+drops instances of a processed series that arrive later (a re-run would add a second result set, with other UIDs,
+beside the first: send the series again under a new SeriesInstanceUID to have it processed again).
+
+A job whose instances are not all here when it is claimed WAITS instead of failing
+(:class:`~ctzoo.pacs.core.SeriesNotHere`): one requeued by ``ctzoo pacs retry`` after it was skipped or done (its
+instances were removed then) waits for the series to be sent again, one whose series is still arriving waits for
+the rest; discovery makes it due as soon as instances came since it began to wait and the series is stable.
 
 With a :class:`~ctzoo.perf.PerfMonitor` (``perf``) the listener keeps, per series, how long the associations took
 to deliver its instances (:class:`ctzoo.pacs.job_events.ReceiveTimes`), recorded as the job's ``receive`` stage.
 
-Only the calling AE titles in ``allowed_calling_aets`` may associate (pynetdicom rejects the others), and
-the listener binds to loopback unless told otherwise.
+Only the calling AE titles in ``allowed_calling_aets`` may associate, calling our own AE title (pynetdicom
+rejects the others), and the listener binds to loopback unless told otherwise. An instance whose header declares
+more pixels than ``limits.max_volume_voxels`` is refused with 0xC000 (cannot understand): a failure the sender
+does not retry, unlike 0xA700 (out of resources), which is kept for a full disk.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -41,15 +55,18 @@ from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.io.limits import DEFAULT_LIMITS, LimitExceeded, ResourceLimits
 from ctzoo.io.privacy import patient_hash
-from ctzoo.pacs.core import BadSeries, SeriesWorker, series_tag
+from ctzoo.pacs.core import NOT_ACCEPTED, BadSeries, SeriesNotHere, SeriesWorker, limits_in_config_terms, series_tag
 from ctzoo.pacs.job_events import JobEvents, ReceiveTimes, instance_count
 from ctzoo.pacs.ledger import Job, JobState, Ledger
 
-__all__ = ["AEAddress", "DestinationUnavailable", "DicomListener", "send_files"]
+__all__ = ["AEAddress", "DestinationUnavailable", "DicomListener", "awaits_resend", "send_files"]
 
 log = logging.getLogger(__name__)
 SOURCE_PREFIX = "dicom:"
 SERIES_FILE = "series.json"
+GONE = "waiting for the series to be sent again: its instances are no longer in the spool"
+#: The suffix of the marker a store refused for lack of disk leaves in its series' folder (see the module docstring).
+REFUSED_SUFFIX = ".refused"
 # C-STORE status codes (PS3.4 Annex B.2.3)
 STATUS_SUCCESS, STATUS_OUT_OF_RESOURCES, STATUS_CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 WARNING_STATUSES = {0x0001, 0xB000, 0xB006, 0xB007}
@@ -78,8 +95,10 @@ def _uid_hash(uid: str) -> str:
 def send_files(paths: list[Path], destination: AEAddress, calling_ae_title: str, timeout_s: float = 30) -> list[str]:
     """C-STORE ``paths`` to ``destination`` in one association; one status string per file.
 
-    Raises :class:`DestinationUnavailable` when no association can be made or it breaks, and
-    ``RuntimeError`` naming the object when the destination refuses one (a failure status)."""
+    A file whose SOP class the destination did not accept in the association is not sent: its status is
+    ``"not accepted: <SOP class name>"`` (:data:`~ctzoo.pacs.core.NOT_ACCEPTED`). Raises
+    :class:`DestinationUnavailable` when no association can be made or it breaks, and ``RuntimeError`` naming the
+    object when the destination refuses one (a failure status), or when it accepts none of the SOP classes."""
     datasets = [pydicom.dcmread(p) for p in paths]
     if not datasets:
         return []
@@ -94,11 +113,18 @@ def send_files(paths: list[Path], destination: AEAddress, calling_ae_title: str,
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
+        if assoc.rejected_contexts and not assoc.accepted_contexts:  # it answered, and takes none of them
+            raise RuntimeError(f"{destination} accepts none of the SOP classes of the results: "
+                               f"{', '.join(sorted({ds.SOPClassUID.name for ds in datasets}))}")
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise DestinationUnavailable(f"association with {destination} {why}")
     statuses = []
     try:
+        accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
         for ds in datasets:
+            if str(ds.SOPClassUID) not in accepted:
+                statuses.append(f"{NOT_ACCEPTED}: {ds.SOPClassUID.name}")
+                continue
             answer = assoc.send_c_store(ds)
             if "Status" not in answer:
                 raise DestinationUnavailable(f"{destination} gave no answer to C-STORE (association lost)")
@@ -138,6 +164,11 @@ class DicomListener(SeriesWorker):
         self.min_free_bytes = int(min_free_mb * 2**20)
         self._server = None
         self.receive_times = ReceiveTimes()
+        #: Per spool folder, the instances refused for lack of disk and not stored since (with the files
+        #: ``*.refused``, which a full disk may have kept from being written).
+        self._refused: dict[str, set[str]] = {}
+        self._said_held: set[str] = set()
+        self._fetched: dict[int, list[str]] = {}  # per job, the spooled instances its last fetch took
 
     # -- receiving ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -147,6 +178,7 @@ class DicomListener(SeriesWorker):
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.maximum_associations = 16
+        ae.require_called_aet = True  # an association meant for another AE title is not ours to take
         if self.allowed_calling_aets:
             ae.require_calling_aet = self.allowed_calling_aets
         self._server = ae.start_server((self.address.host, self.address.port), block=False,
@@ -178,38 +210,69 @@ class DicomListener(SeriesWorker):
         try:  # the pixels the header declares, before anything is written or decoded
             frames = int(ds.get("NumberOfFrames") or 1)
             self.limits.check_voxels((frames, int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)), "an instance")
-        except (LimitExceeded, TypeError, ValueError) as exc:
-            log.warning("C-STORE refused: %s", exc if isinstance(exc, LimitExceeded) else "unreadable image size")
-            return STATUS_OUT_OF_RESOURCES if isinstance(exc, LimitExceeded) else STATUS_CANNOT_UNDERSTAND
-        folder = self.spool / _uid_hash(series_uid)
+        except (LimitExceeded, TypeError, ValueError) as exc:  # not 0xA700: sending it again cannot help
+            log.warning("C-STORE refused: %s", limits_in_config_terms(str(exc)) if isinstance(exc, LimitExceeded)
+                        else "unreadable image size")
+            return STATUS_CANNOT_UNDERSTAND
+        folder, instance = self.spool / _uid_hash(series_uid), _uid_hash(sop_uid)
         try:
             payload = event.encoded_dataset()
             free = shutil.disk_usage(self.spool).free
             if free - len(payload) < self.min_free_bytes:  # keep the disk from filling: the sender retries later
                 log.error("C-STORE refused: %.0f MB free on the spool's disk, %.0f MB are kept free (min_free_mb)",
                           free / 2**20, self.min_free_bytes / 2**20)
+                self._hold(folder, instance)
                 return STATUS_OUT_OF_RESOURCES
             if not (folder / SERIES_FILE).exists():
                 info = {"series_uid": series_uid, "modality": modality,
                         "patient_hash": patient_hash(patient_id, self.salt) if patient_id else ""}
                 with atomic_path(folder / SERIES_FILE) as temporary:
                     temporary.write_text(json.dumps(info))
-            with atomic_path(folder / f"{_uid_hash(sop_uid)}.dcm") as temporary:
+            with atomic_path(folder / f"{instance}.dcm") as temporary:
                 temporary.write_bytes(payload)
         except OSError as exc:  # a full disk: the sender keeps the instance and may retry
             log.error("C-STORE refused: cannot write the spool (%s)", type(exc).__name__)
+            self._hold(folder, instance)
             return STATUS_OUT_OF_RESOURCES
+        self._unhold(folder, instance)
         if self.perf is not None:
             self.receive_times.stored(folder.name, event.assoc, arrived, time.time(), len(payload))
         return STATUS_SUCCESS
 
+    def _hold(self, folder: Path, instance: str) -> None:
+        """Keep the series of a refused instance from being taken as complete until that instance is stored."""
+        self._refused.setdefault(folder.name, set()).add(instance)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{instance}{REFUSED_SUFFIX}").touch()
+        except OSError:  # the disk is that full: the hold in memory stands until a restart
+            pass
+
+    def _unhold(self, folder: Path, instance: str) -> None:
+        self._refused.get(folder.name, set()).discard(instance)
+        (folder / f"{instance}{REFUSED_SUFFIX}").unlink(missing_ok=True)
+
+    def _refused_instances(self, folder: Path) -> int:
+        """How many instances of the series were refused for lack of disk and not stored since."""
+        on_disk = {path.name[:-len(REFUSED_SUFFIX)] for path in folder.glob(f"*{REFUSED_SUFFIX}")}
+        return len(on_disk | self._refused.get(folder.name, set()))
+
     # -- discovery ----------------------------------------------------------------------------------------
     def discover(self) -> int:
-        """Record every stable series of the spool in the ledger; how many new jobs."""
+        """Record every stable series of the spool in the ledger (not one held for a refused instance); how
+        many new jobs."""
         added, now = 0, time.time()
         for folder in sorted(p for p in self.spool.iterdir() if p.is_dir() and not p.name.startswith(".")):
             try:
-                if now - folder.stat().st_mtime >= self.stable_s:
+                if now - folder.stat().st_mtime < self.stable_s:
+                    continue
+                if refused := self._refused_instances(folder):
+                    if folder.name not in self._said_held:  # once a series, not at every look
+                        self._said_held.add(folder.name)
+                        log.warning("spool folder %s: held, %d instance(s) refused for lack of disk not sent again "
+                                    "yet", folder.name[:10], refused)
+                else:
+                    self._said_held.discard(folder.name)
                     added += self._discover_one(folder)
             except (OSError, ValueError) as exc:
                 log.warning("spool folder %s: %s", folder.name[:10], type(exc).__name__)
@@ -220,6 +283,12 @@ class DicomListener(SeriesWorker):
         uid, source = str(info["series_uid"]), SOURCE_PREFIX + folder.name
         known = self.ledger.job(uid)
         if known is not None:
+            if known.state is JobState.WAITING and folder.stat().st_mtime > known.updated_at - self.stable_s:
+                # instances arrived since it began to wait (sent again after a retry, or the rest of the series)
+                if self.ledger.wake(known.id):
+                    log.info("series %s: %d instance(s) here; its job is due", series_tag(uid),
+                             len(_instances(folder)))
+                return 0
             if known.state in (JobState.DONE, JobState.SKIPPED):
                 count = len(_instances(folder))
                 log.warning("series %s: %d instance(s) arrived after it was %s; dropped", series_tag(uid), count,
@@ -257,15 +326,18 @@ class DicomListener(SeriesWorker):
     def fetch(self, job: Job, folder: Path) -> None:
         source = self._spool_folder(job)
         files = _instances(source) if source.is_dir() else []
-        if not files:
-            raise BadSeries("the received instances are gone from the spool")
+        if not files:  # a job requeued after it was skipped or done: its instances were removed then
+            raise SeriesNotHere(GONE)
+        if time.time() - source.stat().st_mtime < self.stable_s or self._refused_instances(source):
+            raise SeriesNotHere("waiting for the rest of the series: instances are still arriving")
         folder.mkdir(parents=True, exist_ok=True)
         for path in files:
-            shutil.copyfile(path, folder / path.name)
+            _link_or_copy(path, folder / path.name)
+        self._fetched[job.id] = [path.name for path in files]
 
     def fetch_timed(self, job: Job, folder: Path, events: JobEvents) -> None:
-        """:meth:`fetch`, recording the series' ``receive`` stage (its copy from the spool, local and short, is
-        in the context as ``copy_s``)."""
+        """:meth:`fetch`, recording the series' ``receive`` stage (taking it from the spool, hard links or a
+        local copy, is in the context as ``copy_s``)."""
         clock = time.perf_counter()
         self.fetch(job, folder)
         copy_s = time.perf_counter() - clock
@@ -279,9 +351,35 @@ class DicomListener(SeriesWorker):
         return send_files(paths, self.destination, self.address.ae_title)
 
     def finished(self, job: Job, state: JobState) -> None:
+        """Free the instances the job took. Those that arrived while it ran stay: the next discovery logs them as
+        arriving after the series was done (or skipped) and drops them, instead of their vanishing unsaid."""
         spooled = self._spool_folder(job)
-        shutil.rmtree(spooled, ignore_errors=True)
-        self.receive_times.forget(spooled.name)
+        for name in self._fetched.pop(job.id, []):
+            (spooled / name).unlink(missing_ok=True)
+        if not _instances(spooled):
+            shutil.rmtree(spooled, ignore_errors=True)
+            self.receive_times.forget(spooled.name)
+
+
+def awaits_resend(spool: Path, job: Job) -> bool:
+    """True for a listener job whose instances are no longer in ``spool`` (removed when it was skipped or done):
+    requeued, it waits for the series to be sent again."""
+    name = job.source[len(SOURCE_PREFIX):]
+    if not job.source.startswith(SOURCE_PREFIX) or not name.isalnum():
+        return False
+    return not ((spool / name).is_dir() and _instances(spool / name))
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` as ``target``: the job's view of a series takes no second copy of it on the disk the
+    spool fills (a copy could hit ENOSPC there while min_free_mb refuses every new store: a deadlock). A copy where
+    no link can be made (another file system, one without hard links)."""
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOENT):
+            raise
+        shutil.copyfile(source, target)
 
 
 def _instances(folder: Path) -> list[Path]:
