@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
+from fastapi.responses import Response
 from fastapi.testclient import TestClient
 from orthanc_server import free_port
 from perf_checks import assert_no_identifiers
@@ -279,6 +280,51 @@ def test_bad_uploads_get_a_precise_4xx_and_the_service_keeps_serving(client, sma
     assert client.post("/studies/recistnet-mini?format=xml", content=good, headers=AUTH).status_code == 400
     assert client.post("/studies/recistnet-mini", content=good).status_code == 401
     assert client.post("/studies/recistnet-mini", content=good, headers=AUTH).status_code == 200
+
+
+def _nifti_bytes(tmp_path: Path, shape: tuple[int, int, int], spacing: float) -> bytes:
+    import nibabel as nib
+
+    array = np.random.default_rng(0).integers(-500, 500, shape).astype(np.int16)
+    path = tmp_path / "upload.nii.gz"
+    nib.save(nib.Nifti1Image(array, np.diag([spacing, spacing, spacing, 1.0])), str(path))
+    return path.read_bytes()
+
+
+def _never_run(monkeypatch) -> list:
+    """Replace the study worker by one that records its calls: what a test expects to be refused before it."""
+    from ctzoo.serve import studies
+
+    ran = []
+    monkeypatch.setattr(studies, "run_study", lambda *args, **kwargs: ran.append(args) or Response(b"{}"))
+    return ran
+
+
+def test_implausible_spacing_is_a_400_before_anything_is_reserved(client, tmp_path, monkeypatch):
+    """A 1.7 KB NIfTI of 32 x 32 x 1 voxels at 1875 mm made the segmenter allocate ~5 GB (a raw torch allocation
+    error at 1e6 mm, a TypeError at 1e30 mm): refused from its header now, naming neither path nor file."""
+    ran = _never_run(monkeypatch)
+    for spacing in (1875.0, 1e6, 1e30):
+        response = client.post("/studies/template-seg-abdomen", content=_nifti_bytes(tmp_path, (32, 32, 1), spacing),
+                               headers=AUTH)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert "voxel spacing" in error and "is not a CT's" in error and "the upload" in error
+        assert "upload.nii" not in error and "/" not in error.split("mm")[0]
+    assert ran == []
+
+
+def test_a_segmenter_study_reserves_its_canvas_for_every_slice(client, tmp_path, monkeypatch):
+    """A 1 x 1 x 30000 NIfTI (a few KB; 30000 voxels, 360 KB at 12 bytes a voxel) puts 30000 slices of 128 x 128 on
+    the segmenter's canvas (~8 GB): the reservation counts them, so it is a 413 before any work; the detector,
+    which prepares its slices a few at a time, takes it."""
+    ran = _never_run(monkeypatch)
+    thin = _nifti_bytes(tmp_path, (1, 1, 30000), 1.0)
+    response = client.post("/studies/template-seg-abdomen", content=thin, headers=AUTH)
+    assert response.status_code == 413 and "--max-inflight-mb" in response.json()["error"], response.text
+    assert ran == []
+    assert client.post("/studies/recistnet-mini", content=thin, headers=AUTH).status_code == 200
+    assert len(ran) == 1
 
 
 def test_nan_volume_is_refused(client, tmp_path):

@@ -352,14 +352,14 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
         raise DicomError(f"{path}: a damaged zip archive: {error_reason(exc)}") from exc
 
 
-def zip_declared_voxels(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS) -> int:
-    """Rows x Columns x frames summed over the DICOM images in the zip at ``path``, read from each member's header
-    inside the archive (nothing is extracted), after checking the sizes its directory declares; both checked
-    against ``limits``. Members that are not DICOM count nothing."""
+def zip_declared_size(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS) -> tuple[int, int]:
+    """``(voxels, frames)`` of the DICOM images in the zip at ``path``: Rows x Columns x frames, and frames, summed
+    over them, read from each member's header inside the archive (nothing is extracted), after checking the sizes
+    its directory declares; both checked against ``limits``. Members that are not DICOM count nothing."""
     path = Path(path)
     if not zipfile.is_zipfile(path):
         raise DicomError(f"{path.name}: not a zip archive")
-    voxels = 0
+    voxels = frames = 0
     with _open_zip(path) as archive:
         members = [m for m in archive.infolist() if not m.is_dir()]
         limits.check_decoded(sum(m.file_size for m in members), path.stat().st_size, path.name)
@@ -369,13 +369,14 @@ def zip_declared_voxels(path: str | Path, limits: ResourceLimits = DEFAULT_LIMIT
                     ds = pydicom.dcmread(stream, stop_before_pixels=True)
             except (InvalidDicomError, EOFError, OSError, ValueError, zipfile.BadZipFile):
                 continue  # not DICOM, or damaged: the reader reports it if it belongs to the series
-            frames = ds.get("NumberOfFrames") or 1
             try:
-                voxels += int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0) * int(frames)
+                count = int(ds.get("NumberOfFrames") or 1)
+                voxels += int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0) * count
             except (TypeError, ValueError):
                 continue
+            frames += count
     limits.check_voxels((voxels,), f"the DICOM images in {path.name}")
-    return voxels
+    return voxels, frames
 
 
 def choose_series(scan: ScanResult, rules: SeriesRules | None = None, series: str | None = None) -> SeriesInfo:

@@ -55,6 +55,7 @@ from ctzoo.io.dicom_uids import derived_keywords, fill_empty_uids, instance_uid,
 from ctzoo.io.itk_threads import first_use_alone
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 from ctzoo.io.nvimgcodec_decode import J2K_SYNTAXES, NvImageCodecDecoder, decoder_for
+from ctzoo.io.spacing import check_spacing
 from ctzoo.io.volume import DicomSource, Volume
 
 log = logging.getLogger(__name__)
@@ -259,17 +260,19 @@ def volume_from_series(series: SeriesInfo, display_root: str = "", workers: int 
     first = slices[0].dataset
     limits.check_voxels((len(slices), int(first.Rows), int(first.Columns)), f"{display_root or 'the'} series")
     z_spacing = slice_spacing(slices, along, messages)
+    row_cosine, column_cosine = slices[0].orientation[:3], slices[0].orientation[3:]
+    direction = np.column_stack([row_cosine, column_cosine, slices[0].normal])
+    # PixelSpacing is (row spacing, column spacing) = (y, x): the order DICOM gives it in.
+    row_mm, column_mm = (float(v) for v in slices[0].dataset.PixelSpacing)
+    check_spacing((column_mm, row_mm, z_spacing), direction, display_root or "the series")
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         planes = _decode_planes(slices, pool, decoder_for(decoder), progress)
-    row_cosine, column_cosine = slices[0].orientation[:3], slices[0].orientation[3:]
-    # PixelSpacing is (row spacing, column spacing) = (y, x): the order DICOM gives it in.
-    row_mm, column_mm = (float(v) for v in slices[0].dataset.PixelSpacing)
     return Volume(
         array=np.stack(planes),
         spacing=(column_mm, row_mm, z_spacing),
         origin=tuple(slices[0].position),
-        direction=np.column_stack([row_cosine, column_cosine, slices[0].normal]),
+        direction=direction,
         dicom=_source(series, slices, display_root, messages),
         warnings=messages,
     )

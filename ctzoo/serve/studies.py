@@ -25,8 +25,9 @@ GPU where its check passes, else GDCM; the reply's ``runtime.decoder`` says whic
 
 Bounds (:mod:`ctzoo.serve.budget`): the body is read, and the study run, inside the request deadline; past it the
 client gets 504 and the worker stops at its next stage boundary and removes its folder. Before any voxel is read,
-the upload's headers are checked (voxels, decoded bytes, inflation; MHA/NRRD must carry their own voxels) and
-the memory they declare is reserved from the server's in-flight budget. Study folders left by a killed server
+the upload's headers are checked (voxels, decoded bytes, inflation, voxel spacing; MHA/NRRD must carry their own
+voxels) and the memory they declare (voxels and slices: :func:`ctzoo.serve.budget.study_bytes`) is reserved from
+the server's in-flight budget. Study folders left by a killed server
 are removed when the service starts, and any older than twice the deadline whenever a study arrives.
 
 Latency anomalies (``ctzoo serve --perf``, the service's :class:`~ctzoo.perf.PerfMonitor` in ``app.state.perf``):
@@ -39,9 +40,9 @@ keyed hash, so it groups with the study's other events), bytes, format, declared
 
 Errors: an unrecognised body is 415; a volume over a size limit is 413 naming the limit and the option that raises
 it; an MHA/NRRD header naming another file is 400; a busy server is 503 with ``Retry-After``; anything wrong with
-the volume (corrupt or truncated file, a zip without a
-DICOM series, a zip that inflates beyond the limit, NaN voxels) is 400 with the reader's message; a model that is
-folder that is not a whole bundle (written by an older ctzoo export) has no study endpoint (404).
+the volume (corrupt or truncated file, a zip without a DICOM series, a zip that inflates beyond the limit, a voxel
+spacing no CT has, NaN voxels) is 400 with the reader's message; a model whose folder is not a whole bundle
+(written by an older ctzoo export) has no study endpoint (404).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ctzoo.perf import event_key, request_hash
 from ctzoo.serve.app import read_body
-from ctzoo.serve.budget import STUDY_BYTES_PER_VOXEL
+from ctzoo.serve.budget import study_bytes
 from ctzoo.serve.v2_codec import ServeError
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,15 @@ class StudyTasks:
         return len(self._backends)
 
 
+def canvas_pixels(bundle) -> int:
+    """Pixels of a segmenter's input slice (its preprocessing's canvas), which it holds for every slice of a
+    volume at once; 0 for a detector (:func:`ctzoo.serve.budget.study_bytes`)."""
+    if bundle.task != "segmentation":
+        return 0
+    height, width = bundle.preprocessing.size
+    return int(height) * int(width)
+
+
 def served_bundle(model):
     """The bundle of a served model's folder (the one the torch backend loaded, if it did); 404 when the folder is
     not a whole bundle."""
@@ -172,13 +182,14 @@ class StudyFolders:
         return Path(tempfile.mkdtemp(prefix=STUDY_PREFIX, dir=self.root))
 
 
-def declared_study_voxels(upload: Path, limits) -> int:
-    """The voxels the upload declares (headers only), as ServeError: 413 past a size limit, 400 otherwise."""
+def declared_study_size(upload: Path, limits) -> tuple[int, int]:
+    """``(voxels, slices)`` the upload declares (headers only), as ServeError: 413 past a size limit, 400
+    otherwise (an implausible voxel spacing included)."""
     from ctzoo.io import LimitExceeded
-    from ctzoo.io.image_files import declared_voxels
+    from ctzoo.io.image_files import declared_size
 
     try:
-        return declared_voxels(upload, limits)
+        return declared_size(upload, limits)
     except LimitExceeded as exc:
         raise ServeError(str(exc).replace(str(upload), "the upload").replace(upload.name, "the upload"),
                          status=413) from None
@@ -299,10 +310,10 @@ def study_router(device: str = "auto", threads: int | None = None, state_dir: st
             try:
                 await run_in_threadpool((folder / f"upload{suffix}").write_bytes, body)
                 del body
-                voxels = await run_in_threadpool(declared_study_voxels, folder / f"upload{suffix}", limits)
+                voxels, slices = await run_in_threadpool(declared_study_size, folder / f"upload{suffix}", limits)
                 upload_timing = None if perf is None else UploadTiming(
                     started, time.perf_counter() - clock, _upload_context(request, size, suffix, voxels))
-                async with budget.reserve(voxels * STUDY_BYTES_PER_VOXEL, "the study"):
+                async with budget.reserve(study_bytes(voxels, slices, canvas_pixels(bundle)), "the study"):
                     task = await run_in_threadpool(tasks.get, model, bundle, score_threshold)
                     handed_over = True  # from here the worker thread owns the folder, even if we are cancelled
                     return await run_in_threadpool(run_study, task, folder, suffix, output_format, limits, cancel,
