@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -377,6 +378,91 @@ def test_a_study_past_its_deadline_is_cancelled_and_its_folder_removed(repositor
             assert time.monotonic() < deadline, "the cancelled study's folder is still there"
             time.sleep(0.1)
     assert router.tasks.sessions == 1
+
+
+def _held_worker(monkeypatch) -> tuple[threading.Event, list]:
+    """Replace the study worker by one in a stage that never looks at its cancel event (reading a large series)
+    until the returned event is set; the list gets each call's cancel event."""
+    from ctzoo.serve import studies
+
+    release, calls = threading.Event(), []
+
+    def worker(task, folder, suffix, output_format, limits, cancel, *rest):
+        calls.append(cancel)
+        release.wait(60)
+        shutil.rmtree(folder, ignore_errors=True)
+        return Response(b"{}", media_type="application/json")
+
+    monkeypatch.setattr(studies, "run_study", worker)
+    return release, calls
+
+
+def _wait_until(condition, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def test_a_timed_out_study_keeps_its_slot_and_memory_until_its_worker_returns(repository, small_nifti, tmp_path,
+                                                                             monkeypatch):
+    """With one request per model, three studies past their deadline used to run at once: the 504 gave back the
+    slot and the memory reservation while the worker thread went on. Now the worker is told to stop and both are
+    held until it has returned: meanwhile the next study is refused as busy (503), afterwards it is served."""
+    from ctzoo.serve.app import create_app
+    from ctzoo.serve.budget import ServeLimits
+    from ctzoo.serve.studies import study_router
+
+    release, calls = _held_worker(monkeypatch)
+    router = study_router("cpu", state_dir=tmp_path / "state", request_timeout_s=0.5)
+    app = create_app(repository, [TOKEN], device="cpu", request_timeout_s=0.5, extra_routers=[router],
+                     limits=ServeLimits(max_requests_per_model=1, queue_wait_s=0.1))
+    body = small_nifti.read_bytes()
+    with TestClient(app) as client:
+        assert client.post("/studies/recistnet-mini", content=body, headers=AUTH).status_code == 504
+        assert len(calls) == 1 and calls[0].is_set()  # told to stop
+        assert app.state.budget.reserved > 0
+        busy = client.post("/studies/recistnet-mini", content=body, headers=AUTH)
+        assert busy.status_code == 503 and busy.headers["Retry-After"], busy.text
+        assert len(calls) == 1
+        release.set()
+        _wait_until(lambda: app.state.budget.reserved == 0)
+        assert client.post("/studies/recistnet-mini", content=body, headers=AUTH).status_code == 200
+    assert not list((tmp_path / "state" / "studies").iterdir())
+
+
+def test_a_client_that_disconnects_cancels_its_study(repository, small_nifti, tmp_path, monkeypatch):
+    """A client that goes away after its upload no longer keeps its slot until the study ends: the worker is told
+    to stop (and the slot is free once it has)."""
+    import socket
+
+    import uvicorn
+
+    from ctzoo.serve.app import create_app
+    from ctzoo.serve.budget import ServeLimits
+    from ctzoo.serve.studies import study_router
+
+    release, calls = _held_worker(monkeypatch)
+    app = create_app(repository, [TOKEN], device="cpu", limits=ServeLimits(max_requests_per_model=1),
+                     extra_routers=[study_router("cpu", state_dir=tmp_path / "state")])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait_until(lambda: server.started)
+        body = small_nifti.read_bytes()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            connection.sendall(f"POST /studies/recistnet-mini HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}"
+                               f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            _wait_until(lambda: calls)
+        _wait_until(lambda: calls[0].is_set(), 10)  # the disconnect reached the study
+        release.set()
+        _wait_until(lambda: app.state.budget.reserved == 0)
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_ctzoo_serve_perf_keeps_the_study_stages_in_its_store(repository, small_nifti, tmp_path):

@@ -24,7 +24,9 @@ A zipped series' JPEG 2000 is decoded as ``ctzoo serve --decode`` chose at start
 GPU where its check passes, else GDCM; the reply's ``runtime.decoder`` says which), as ``ctzoo infer --decode``.
 
 Bounds (:mod:`ctzoo.serve.budget`): the body is read, and the study run, inside the request deadline; past it the
-client gets 504 and the worker stops at its next stage boundary and removes its folder. Before any voxel is read,
+client gets 504 and the worker is told to stop (as when the client disconnects): it stops at the pipeline's next
+check (:attr:`~ctzoo.inference.pipeline.PipelineOptions.cancel`) and removes its folder, and the request's slot and
+memory reservation are given back only then. Before any voxel is read,
 the upload's headers are checked (voxels, decoded bytes, inflation, voxel spacing; MHA/NRRD must carry their own
 voxels) and the memory they declare (voxels and slices: :func:`ctzoo.serve.budget.study_bytes`) is reserved from
 the server's in-flight budget. Study folders left by a killed server
@@ -74,6 +76,8 @@ logger = logging.getLogger(__name__)
 _SIGNATURES = [(b"\x1f\x8b", 0, ".nii.gz"), (b"PK\x03\x04", 0, ".zip"), (b"NRRD", 0, ".nrrd"),
                (b"ObjectType", 0, ".mha"), (b"n+1\x00", 344, ".nii")]
 FORMATS = ("json", "nifti", "dicom")
+#: The status of a study whose client disconnected (nginx's "client closed request"): only the access log sees it.
+CLIENT_CLOSED = 499
 STUDY_PREFIX = "study-"
 
 
@@ -223,14 +227,18 @@ def run_study(task, folder: Path, suffix: str, output_format: str, limits, cance
     pipeline's stages and, once the study's slices are known, ``upload_timing``; ``decoder``: how a zipped
     series' JPEG 2000 is decoded (:attr:`~ctzoo.inference.pipeline.PipelineOptions.decoder`)."""
     from ctzoo.inference.inputs import CaseInput
-    from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
+    from ctzoo.inference.pipeline import Cancelled, PipelineOptions, run_pipeline
 
     upload, row = folder / f"upload{suffix}", None
     try:
         out = folder / "out"
-        [row] = run_pipeline([CaseInput("study", upload)], task,
-                             PipelineOptions(out=out, workers=0, overlay=False, progress=False, limits=limits,
-                                             cancel=cancel, perf=perf, decoder=decoder))
+        try:
+            [row] = run_pipeline([CaseInput("study", upload)], task,
+                                 PipelineOptions(out=out, workers=0, overlay=False, progress=False, limits=limits,
+                                                 cancel=cancel, perf=perf, decoder=decoder))
+        except Cancelled:  # the deadline passed (the client has its 504) or the client disconnected
+            raise ServeError("the study was cancelled: the client disconnected or the deadline passed",
+                             status=CLIENT_CLOSED) from None
         if row["status"] != "ok":
             message = row["error"].replace(str(upload), "the upload")
             raise ServeError(message, status=500 if message.startswith("model failed") else 400)
@@ -286,13 +294,19 @@ def study_router(device: str = "auto", threads: int | None = None, state_dir: st
             raise ServeError(f"score_threshold must lie in [0, 1], got {score_threshold}")
         settings = request.app.state.settings
         cancel = threading.Event()
+        job = asyncio.ensure_future(_study(request, models[model_name], format, score_threshold, cancel))
+        job.add_done_callback(_retrieve)
         try:
-            return await asyncio.wait_for(_study(request, models[model_name], format, score_threshold, cancel),
-                                          settings.request_timeout_s)
+            return await asyncio.wait_for(asyncio.shield(job), settings.request_timeout_s)
         except asyncio.TimeoutError:
-            cancel.set()  # the worker stops at its next stage boundary and removes its folder
+            # an upload still arriving stops now; a running study is told to stop, and keeps its slot and memory
+            # until its worker has (_held_until_done)
+            job.cancel()
             raise ServeError(f"the study took longer than the {settings.request_timeout_s:g} s request timeout",
                              status=504) from None
+        except asyncio.CancelledError:  # the service is stopping
+            job.cancel()
+            raise
 
     async def _study(request: Request, model, output_format: str, score_threshold: float | None,
                      cancel: threading.Event) -> Response:
@@ -307,6 +321,7 @@ def study_router(device: str = "auto", threads: int | None = None, state_dir: st
             folders.remove_stale()
             folder = folders.new()
             handed_over = False
+            watcher = asyncio.ensure_future(_cancel_when_gone(request.receive, cancel))
             try:
                 await run_in_threadpool((folder / f"upload{suffix}").write_bytes, body)
                 del body
@@ -316,13 +331,43 @@ def study_router(device: str = "auto", threads: int | None = None, state_dir: st
                 async with budget.reserve(study_bytes(voxels, slices, canvas_pixels(bundle)), "the study"):
                     task = await run_in_threadpool(tasks.get, model, bundle, score_threshold)
                     handed_over = True  # from here the worker thread owns the folder, even if we are cancelled
-                    return await run_in_threadpool(run_study, task, folder, suffix, output_format, limits, cancel,
-                                                   perf, upload_timing, decoder)
+                    return await _held_until_done(asyncio.ensure_future(run_in_threadpool(
+                        run_study, task, folder, suffix, output_format, limits, cancel, perf, upload_timing,
+                        decoder)), cancel)
             finally:
+                watcher.cancel()
                 if not handed_over:
                     shutil.rmtree(folder, ignore_errors=True)
 
     return router
+
+
+async def _held_until_done(worker: asyncio.Future, cancel: threading.Event) -> Response:
+    """The study worker's answer. Should the request be cancelled meanwhile (its deadline passed), the worker is
+    told to stop (``cancel``) and still awaited before the cancellation goes on: what the request holds (its place
+    among the model's ``--max-requests-per-model``, the memory reserved for it) is given back when the work has
+    stopped, not when the client got its 504."""
+    try:
+        return await asyncio.shield(worker)
+    except asyncio.CancelledError:
+        cancel.set()
+        await asyncio.wait([worker])
+        _retrieve(worker)  # the client has its 504: whatever the worker ended with goes nowhere
+        raise
+
+
+async def _cancel_when_gone(receive, cancel: threading.Event) -> None:
+    """Set ``cancel`` when the client disconnects: once the body has been read, the ASGI server's ``receive``
+    answers ``http.disconnect`` when the connection closes (or the response has been sent)."""
+    while (await receive())["type"] != "http.disconnect":
+        continue
+    cancel.set()
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark a background future's exception as seen (asyncio logs those never retrieved)."""
+    if future.done() and not future.cancelled():
+        future.exception()
 
 
 #: The header whose value names a study request in its perf events (hashed: clients choose it).
