@@ -328,6 +328,28 @@ def test_a_segmenter_study_reserves_its_canvas_for_every_slice(client, tmp_path,
     assert len(ran) == 1
 
 
+def test_warnings_name_slices_never_members_or_server_paths(client, caplog):
+    """Member names often hold the patient's name or record number: the warnings on a gapped series with a
+    duplicate file, logged by the server and returned in input.warnings, used to name them with the server's
+    state path (state/studies/study-.../upload.zip/DOE^JOHN_MRN1234567/IMG0011.dcm). They name slices now."""
+    import logging
+
+    files = sorted(Path(sample_ct_dicom()).iterdir())
+    members = {f"DOE^JOHN_MRN1234567/IMG{k:04d}.dcm": file.read_bytes() for k, file in enumerate(files) if k != 10}
+    members["DOE^JOHN_MRN1234567/copy_of_IMG0003.dcm"] = files[3].read_bytes()
+    caplog.set_level(logging.WARNING, logger="ctzoo.inference.tasks")
+    response = client.post("/studies/recistnet-mini", content=zip_bytes(members), headers=AUTH)
+    assert response.status_code == 200, response.text
+    warnings = response.json()["input"]["warnings"]
+    logged = [record.getMessage() for record in caplog.records if record.name == "ctzoo.inference.tasks"]
+    assert any("missing slice" in w for w in warnings) and any("duplicate" in w for w in warnings), warnings
+    assert any("missing slice" in line for line in logged) and len(logged) == len(warnings)
+    for text in warnings + logged:
+        for secret in ("DOE", "MRN1234567", "IMG00", "upload", "study-", "/"):
+            assert secret not in text, text
+    assert any("InstanceNumber" in w and "(index 9)" in w for w in warnings)
+
+
 def test_nan_volume_is_refused(client, tmp_path):
     volume = read_volume(sample_ct_dicom(), progress=False)
     array = volume.array[:4].copy()

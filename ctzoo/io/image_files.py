@@ -97,7 +97,7 @@ def read_nifti(path: str | Path, dtype=np.float32, limits: ResourceLimits = DEFA
     volume = Volume(_cast(np.ascontiguousarray(data.transpose(2, 1, 0)), dtype), spacing, origin, direction,
                     source_path=str(path))
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
-        volume.warnings.append(f"{path}: the affine is sheared (non-orthogonal axes); geometry kept as stored")
+        volume.warnings.append("the affine is sheared (non-orthogonal axes); geometry kept as stored")
     return volume
 
 
