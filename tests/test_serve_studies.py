@@ -267,6 +267,8 @@ def test_bad_uploads_get_a_precise_4xx_and_the_service_keeps_serving(client, sma
         ("recistnet-mini", b"\x1f\x8b" + bytes(2000), 400, "file type"),  # corrupt NIfTI
         ("recistnet-mini", good[: len(good) // 2], 400, ""),  # truncated NIfTI
         ("recistnet-mini", zip_bytes({"notes.txt": b"hello"}), 400, "no DICOM files"),  # a zip that is not DICOM
+        ("recistnet-mini", zip_bytes({"s": b"x", "s/000.dcm": b"y"}), 400,  # a member both file and folder
+         "cannot extract 's/000.dcm': another member of the archive has the same path"),
         ("recistnet-mini", zip_bytes({"a/bomb.dcm": bytes(80 << 20)}), 413, "--max-inflate-ratio"),  # zip bomb
         ("recistnet-mini", b"just some bytes that are not a volume", 415, "unsupported upload"),
         ("no-such-model", good, 404, "unknown model"),
@@ -277,6 +279,7 @@ def test_bad_uploads_get_a_precise_4xx_and_the_service_keeps_serving(client, sma
         assert response.status_code == status, (message, response.text)
         assert message in response.json()["error"]
         assert "upload.nii" not in response.json()["error"] and "/tmp" not in response.json()["error"]
+        assert "ctzoo-zip-" not in response.json()["error"] and "studies/" not in response.json()["error"]
     assert client.post("/studies/recistnet-mini?format=nifti", content=good, headers=AUTH).status_code == 400
     assert client.post("/studies/recistnet-mini?format=xml", content=good, headers=AUTH).status_code == 400
     assert client.post("/studies/recistnet-mini", content=good).status_code == 401

@@ -330,8 +330,8 @@ def _extract_zip(path: Path, target: Path, limits: ResourceLimits) -> None:
             destination = (target / member.filename).resolve()
             if target not in destination.parents:
                 raise DicomError(f"{path}: member {member.filename!r} would extract outside the archive folder")
-            destination.parent.mkdir(parents=True, exist_ok=True)
             try:
+                destination.parent.mkdir(parents=True, exist_ok=True)
                 with archive.open(member) as src, open(destination, "wb") as dst:
                     # counted while extracting: a crafted archive can declare small sizes and inflate far beyond them
                     while chunk := src.read(1 << 20):
@@ -340,8 +340,19 @@ def _extract_zip(path: Path, target: Path, limits: ResourceLimits) -> None:
                             limits.check_decoded(written, received,
                                                  f"{path.name} (inflating beyond its declared size)")
                         dst.write(chunk)
+            except (FileExistsError, NotADirectoryError, IsADirectoryError):  # the message would name the temp folder
+                raise DicomError(f"{path}: cannot extract {member.filename!r}: another member of the archive has the "
+                                 "same path, one a file and the other a folder") from None
             except UNREADABLE_ZIP_ERRORS as exc:
-                raise DicomError(f"{path}: cannot extract {member.filename!r}: {error_reason(exc)}") from exc
+                raise DicomError(f"{path}: cannot extract {member.filename!r}: {_reason_without_path(exc)}") from exc
+
+
+def _reason_without_path(exc: BaseException) -> str:
+    """:func:`error_reason`, but for an error of the file system (a full disk) its reason alone: its file name is
+    the temporary folder's."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return exc.strerror or type(exc).__name__
+    return error_reason(exc)
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
