@@ -18,6 +18,7 @@ Binary tensor data extension (as ``tritonclient.http`` speaks it):
   has no such entry, when the request's ``parameters.binary_data_output`` is true. Binary outputs carry
   ``parameters.binary_data_size`` and no ``data``; their bytes follow the JSON in output order, and the
   response has ``Inference-Header-Content-Length``. Responses are never compressed (clients must accept that).
+  The JSON is always valid: an output holding NaN or infinity can only be sent binary (422 otherwise).
 
 JSON costs memory beyond its text: parsed, every number is a Python object (about 32 bytes for ``0,``, two bytes
 of text), so a few hundred KB of gzip can inflate to gigabytes of parsed numbers. Before any JSON is parsed,
@@ -335,9 +336,16 @@ def decode_request(body: bytes, header_length: str | None,
     return decoded
 
 
+#: The status of a request whose input made the model produce what JSON cannot carry (NaN, infinity): the request
+#: is well formed, the server works, but this input cannot be answered so (WebDAV's "Unprocessable Content").
+UNPROCESSABLE = 422
+
+
 def encode_response(model_name: str, model_version: str, outputs: dict[str, np.ndarray],
                     request: DecodedRequest) -> tuple[bytes, dict[str, str]]:
-    """The response body and headers for ``outputs`` (in the order given): binary where the request asked so."""
+    """The response body and headers for ``outputs`` (in the order given): binary where the request asked so.
+    Always valid JSON: an output sent as JSON that holds NaN or infinity (JSON has neither) is refused with 422
+    naming it; sent as binary data, its values go as they are."""
     header: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request.id is not None:
         header["id"] = request.id
@@ -349,10 +357,15 @@ def encode_response(model_name: str, model_version: str, outputs: dict[str, np.n
             tensor["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise ServeError(f"the model produced non-finite values (NaN or infinity) in output {name!r} for "
+                                 "this input, which JSON cannot carry: check the input's values (their range), or "
+                                 "ask for the output as binary data (binary_data: true) to receive them as they are",
+                                 status=UNPROCESSABLE)
             tensor["data"] = array.ravel().tolist()
         tensors.append(tensor)
     header["outputs"] = tensors
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     if not chunks:
         return text, {"content-type": "application/json"}
     return b"".join([text, *chunks]), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(text))}
