@@ -318,6 +318,17 @@ def test_implausible_spacing_is_a_400_before_anything_is_reserved(client, tmp_pa
     assert ran == []
 
 
+def test_a_format_that_cannot_answer_is_refused_before_the_study_runs(client, small_nifti, monkeypatch):
+    """format=nifti of a detector and format=dicom of a NIfTI upload were refused only once the whole study had run."""
+    ran = _never_run(monkeypatch)
+    for model, output_format, words in (("recistnet-mini", "nifti", "format=nifti is for segmentation models"),
+                                        ("template-seg-abdomen", "dicom", "format=dicom answers a zipped DICOM")):
+        response = client.post(f"/studies/{model}?format={output_format}", content=small_nifti.read_bytes(),
+                               headers=AUTH)
+        assert response.status_code == 400 and words in response.json()["error"], response.text
+    assert ran == []
+
+
 def test_a_segmenter_study_reserves_its_canvas_for_every_slice(client, tmp_path, monkeypatch):
     """A 1 x 1 x 30000 NIfTI (a few KB; 30000 voxels, 360 KB at 12 bytes a voxel) puts 30000 slices of 128 x 128 on
     the segmenter's canvas (~8 GB): the reservation counts them, so it is a 413 before any work; the detector,

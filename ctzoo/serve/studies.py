@@ -40,7 +40,9 @@ when the run ended before they were known). Its context never names the upload: 
 keyed hash, so it groups with the study's other events), bytes, format, declared voxels, and ``request``, the hash
 (:func:`ctzoo.perf.request_hash`) of an ``X-Request-ID`` header when the client sends one.
 
-Errors: an unrecognised body is 415; a volume over a size limit is 413 naming the limit and the option that raises
+Errors: a ``format`` that cannot answer (``nifti`` of a detector, ``dicom`` of an upload that is not a zipped DICOM
+series) is 400 before the upload is stored or the study run; an unrecognised body is 415; a volume over a size
+limit is 413 naming the limit and the option that raises
 it; an MHA/NRRD header naming another file is 400; a busy server is 503 with ``Retry-After``; anything wrong with
 the volume (corrupt or truncated file, a zip without a DICOM series, a zip that inflates beyond the limit, a voxel
 spacing no CT has, NaN voxels) is 400 with the reader's message; a model whose folder is not a whole bundle
@@ -250,19 +252,26 @@ def run_study(task, folder: Path, suffix: str, output_format: str, limits, cance
             upload_timing.record(perf, task, upload, slices)
 
 
+def check_output_format(output_format: str, task: str, suffix: str | None = None) -> None:
+    """400 before any work where ``output_format`` cannot answer a ``task`` model (``detection``,
+    ``segmentation``) or, once the upload's ``suffix`` is known, that upload."""
+    if output_format == "nifti" and task != "segmentation":
+        raise ServeError("format=nifti is for segmentation models; a detector answers json or dicom")
+    if output_format == "dicom" and suffix not in (None, ".zip"):
+        raise ServeError("format=dicom answers a zipped DICOM series only (a DICOM SR or SEG refers to its slices); "
+                         "the upload is not one: ask for json" + (" or nifti" if task == "segmentation" else ""))
+
+
 def _answer(task, folder: Path, suffix: str, output_format: str) -> Response:
     detector = task.task == "detection"
     if output_format == "json":
         name = "detections.json" if detector else "segmentation.json"
         return JSONResponse({**json.loads((folder / name).read_text()), "graph": task.runtime.get("graph")})
-    if output_format == "nifti":
-        if detector:
-            raise ServeError("format=nifti is for segmentation models; a detector answers json or dicom")
+    if output_format == "nifti":  # a segmenter's (check_output_format)
         return Response((folder / "labels.nii.gz").read_bytes(), media_type="application/gzip")
-    dicom = folder / ("sr.dcm" if detector else "seg.dcm")
+    dicom = folder / ("sr.dcm" if detector else "seg.dcm")  # DICOM input (check_output_format)
     if not dicom.is_file():
-        reason = "no class was found" if suffix == ".zip" else "the upload was not a DICOM series"
-        raise ServeError(f"no DICOM result: {reason}", status=404 if suffix == ".zip" else 400)
+        raise ServeError("no DICOM result: no class was found", status=404)
     return Response(dicom.read_bytes(), media_type="application/dicom")
 
 
@@ -313,10 +322,12 @@ def study_router(device: str = "auto", threads: int | None = None, state_dir: st
         settings, budget, perf = request.app.state.settings, request.app.state.budget, request.app.state.perf
         limits = settings.limits.volume
         bundle = await run_in_threadpool(tasks.bundle, model)
+        check_output_format(output_format, bundle.task)
         async with budget.slot(model.name):
             started, clock = time.time(), time.perf_counter()  # the upload stage: not the wait for a slot
             body = await read_body(request, settings.max_upload_bytes)
             suffix = upload_suffix(body)
+            check_output_format(output_format, bundle.task, suffix)
             size = len(body)
             folders.remove_stale()
             folder = folders.new()
