@@ -73,12 +73,17 @@ def test_missing_slice_warns_and_keeps_true_positions(tmp_path):
     spec = SeriesSpec(make_slices(8))
     spec.slices.pop(4)
     write_series(tmp_path, spec)
-    with pytest.warns(DicomWarning, match=r"about 1 missing slice\(s\) between .*IMG0003.dcm and .*IMG0004.dcm"):
+    # named as slices (InstanceNumber, centre z, index), never by file: file and folder names may name the patient
+    with pytest.warns(DicomWarning, match=r"about 1 missing slice\(s\) between InstanceNumber 4, z 107.5 mm "
+                                          r"\(index 3\) and InstanceNumber 5, z 112.5 mm \(index 4\) "
+                                          r"\(5.000 mm apart, usual step 2.500 mm\)"):
         volume = read_volume(tmp_path, progress=False)
     assert volume.spacing[2] == pytest.approx(2.5)
     assert volume.array.shape[0] == 7  # nothing interpolated
     assert volume.dicom.image_positions[4] == pytest.approx(spec.slices[4].position)
     assert any("missing slice" in w for w in volume.warnings)
+    assert volume.slice_label(3) in volume.warnings[0] and volume.slice_label(4) in volume.warnings[0]
+    assert not any("IMG" in w or str(tmp_path) in w for w in volume.warnings)
 
 
 def test_instance_numbers_follow_slice_order_and_name_slices(tmp_path):
@@ -298,9 +303,11 @@ def test_copies_of_anonymised_files_are_one_series_and_a_different_slice_there_i
     for path in paths:
         _blank_instance_uids(path, also_file_meta)
         shutil.copy(path, path.with_name(f"{path.stem}_copy.dcm"))
-    with pytest.warns(DicomWarning, match=r"4 duplicate file\(s\) ignored .*IMG0000_copy.dcm duplicates "
-                                          r".*IMG0000.dcm, and 3 more"):
+    with pytest.warns(DicomWarning, match=r"4 duplicate file\(s\) ignored \(the same instance stored again at a "
+                                          r"slice's position\): at InstanceNumber 1, z .* mm \(index 0\), and 3 more "
+                                          r"slice\(s\)$"):
         volume = read_volume(tmp_path, progress=False)
+    assert not any("IMG" in w or str(tmp_path) in w for w in volume.warnings)
     assert_matches_spec(volume, spec)
     assert volume.dicom.files == [str(path) for path in paths]
     assert len(set(volume.dicom.sop_instance_uids)) == 4

@@ -198,6 +198,30 @@ def test_damaged_zip_is_a_dicom_error_naming_the_archive_and_member(tmp_path):
         read_volume(archive, progress=False)
 
 
+@pytest.mark.parametrize("file_first", [True, False], ids=["file-then-folder", "folder-then-file"])
+def test_a_member_that_is_both_file_and_folder_is_a_dicom_error_naming_only_the_member(tmp_path, file_first):
+    """A member ``s`` beside members ``s/NNN.dcm``: os's FileExistsError (or IsADirectoryError) used to escape,
+    naming the temporary folder it was extracted into."""
+    import zipfile
+
+    from ctzoo.io import DicomError
+
+    paths = write_series(tmp_path / "series", SeriesSpec(make_slices(2)))
+    archive = tmp_path / "clash.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        if file_first:
+            zf.writestr("s", b"x")
+        for path in paths:
+            zf.write(path, f"s/{path.name}")
+        if not file_first:
+            zf.writestr("s", b"x")
+    member = "s/IMG0000.dcm" if file_first else "s"
+    with pytest.raises(DicomError, match=rf"^{re.escape(str(archive))}: cannot extract '{re.escape(member)}': "
+                                         r"another member of the archive has the same path") as raised:
+        read_volume(archive, progress=False)
+    assert "ctzoo-zip-" not in str(raised.value)
+
+
 def test_every_name_of_the_package_is_its_submodules_own():
     """``ctzoo.io``'s names, imported on first use (PEP 562; ``test_cli.py`` shows that a secure-map party never
     loads them), are the objects their submodules define; ``dir`` lists them; an unknown name is an AttributeError

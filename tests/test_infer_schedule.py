@@ -146,6 +146,30 @@ def test_a_case_the_model_fails_on_in_a_copy_fails_alone(tmp_path):
     assert json.loads((tmp_path / "out" / "big" / "status-stub-model.json").read_text())["status"] == "error"
 
 
+def test_a_cancelled_run_stops_between_model_batches_and_writes_nothing(tmp_path):
+    """The service's deadline sets ``cancel``: a run used to look at it only between the reader's messages, so a
+    message holding many slices ran all its batches, and the case was written. Now it stops at the next batch."""
+    import threading
+
+    from ctzoo.inference.pipeline import Cancelled
+
+    cancel, batches = threading.Event(), []
+    stub = stub_task()
+
+    def predict(batch):
+        batches.append(len(batch))
+        cancel.set()  # the deadline passes while the first batch runs
+        return [None] * len(batch)
+
+    task = dataclasses.replace(stub, predict=predict)
+    case = CaseInput("long", _nifti(tmp_path / "long.nii.gz", 0, 20))  # 20 slices in one message
+    with pytest.raises(Cancelled):
+        run_pipeline([case], task, PipelineOptions(out=tmp_path / "out", workers=0, batch_size=8, chunk=32,
+                                                   progress=False, cancel=cancel))
+    assert batches == [8]
+    assert not (tmp_path / "out" / "long" / "status-stub-model.json").exists()
+
+
 def test_copies_need_a_model_that_can_be_copied(tmp_path):
     from ctzoo.inference.tasks import model_task
 

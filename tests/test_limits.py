@@ -154,3 +154,86 @@ def test_ctzoo_infer_applies_the_limits_from_its_options(tmp_path):
     assert result.exit_code == 1, result.output
     [row] = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
     assert row["status"] == "error" and "--max-volume-voxels" in row["error"]
+
+
+def _nifti(path: Path, spacing: tuple[float, float, float], shape=(32, 32, 1)) -> Path:
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), np.diag([*spacing, 1.0])), str(path))
+    return path
+
+
+@pytest.mark.parametrize("spacing", [(1875.0, 1875.0, 1875.0), (1e30, 1e30, 2.0), (1e-3, 1e-3, 2.0),
+                                     (0.7, 0.7, 500.0)], ids=["1875mm", "1e30mm", "1um", "slices-500mm-apart"])
+def test_implausible_voxel_spacings_are_refused_from_the_header(tmp_path, spacing):
+    """A 1.7 KB NIfTI at 1875 mm per voxel made a segmenter resample its 32 x 32 slice to 30,000 x 30,000 (~5 GB):
+    a spacing no CT has is refused from the header, before anything is allocated (declared_size is what the
+    service reserves memory by), by every reader."""
+    from ctzoo.io import ImplausibleSpacing
+    from ctzoo.io.image_files import declared_size
+
+    path = _nifti(tmp_path / "odd.nii.gz", spacing)
+    with pytest.raises(ImplausibleSpacing, match=r"odd.nii.gz: voxel spacing .* mm is not a CT's \((in-plane|slice) "
+                                                 r"spacing must lie within"):
+        declared_size(path)
+    with pytest.raises(ImplausibleSpacing):
+        read_volume(path)
+    mha = tmp_path / "odd.mha"
+    image = sitk.GetImageFromArray(np.zeros((2, 8, 8), np.int16))
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(mha))
+    with pytest.raises(ImplausibleSpacing, match="odd.mha: voxel spacing"):
+        read_volume(mha)
+
+
+def test_implausible_dicom_pixel_spacing_is_refused_before_decoding(tmp_path):
+    from dicom_factory import SeriesSpec, make_slices, write_series
+
+    from ctzoo.io import ImplausibleSpacing
+
+    write_series(tmp_path / "wide", SeriesSpec(make_slices(3), pixel_spacing=(80.0, 80.0)))
+    with pytest.raises(ImplausibleSpacing, match=r"wide: voxel spacing 80 x 80 x 2.5 mm is not a CT's"):
+        read_volume(tmp_path / "wide", progress=False)
+    write_series(tmp_path / "fine", SeriesSpec(make_slices(3), pixel_spacing=(0.3, 0.3)))
+    assert read_volume(tmp_path / "fine", progress=False).spacing == pytest.approx((0.3, 0.3, 2.5))
+
+
+def test_nifti_without_a_voxel_size_is_refused_not_measured_at_1mm(tmp_path):
+    """pixdim 0 and no qform or sform: nibabel sets the voxel size to 1 mm, which the reader used to measure with;
+    it is refused instead. The same file with its pixdim, and one with an sform (which gives the size), are read."""
+    import struct
+
+    good = _nifti(tmp_path / "good.nii", (0.7, 0.7, 2.5), shape=(8, 8, 2))
+    raw = bytearray(good.read_bytes())
+    struct.pack_into("<hh", raw, 252, 0, 0)  # qform_code, sform_code
+    (tmp_path / "pixdim-only.nii").write_bytes(bytes(raw))
+    assert read_volume(tmp_path / "pixdim-only.nii").spacing == pytest.approx((0.7, 0.7, 2.5))
+    struct.pack_into("<3f", raw, 80, 0.0, 0.0, 0.0)  # pixdim[1:4]
+    (tmp_path / "no-size.nii").write_bytes(bytes(raw))
+    from ctzoo.io import ImplausibleSpacing
+    from ctzoo.io.image_files import declared_size
+
+    for call in (read_volume, declared_size):
+        with pytest.raises(ImplausibleSpacing, match=r"no-size.nii: the header gives no voxel size \(pixdim "
+                                                     r"\[0.0, 0.0, 0.0\] and no sform\)"):
+            call(tmp_path / "no-size.nii")
+    struct.pack_into("<hh", raw, 252, 0, 1)  # an sform: the srow vectors give the size, pixdim does not matter
+    (tmp_path / "sform.nii").write_bytes(bytes(raw))
+    assert read_volume(tmp_path / "sform.nii").spacing == pytest.approx((0.7, 0.7, 2.5))
+
+
+def test_declared_size_counts_slices_along_the_head_foot_axis(tmp_path):
+    from ctzoo.io.image_files import declared_size
+
+    assert declared_size(_nifti(tmp_path / "axial.nii.gz", (1.0, 1.0, 2.0), shape=(4, 5, 6))) == (120, 6)
+    sagittal = tmp_path / "sagittal.nii.gz"
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0],
+                                                                       [1.0, 0, 0, 0], [0, 0, 0, 1]])), str(sagittal))
+    assert declared_size(sagittal) == (120, 4)  # i runs head-foot
+    series = tmp_path / "series.zip"
+    with zipfile.ZipFile(series, "w") as archive:
+        for file in sorted(Path(sample_ct_dicom()).iterdir()):
+            archive.write(file, file.name)
+    assert declared_size(series) == (20 * 512 * 512, 20)

@@ -106,6 +106,44 @@ def test_crop_keeps_the_centre_and_drops_the_rest(small_sample):
     assert np.array_equal(back[:, 128:384, 96:416], uncropped[:, 128:384, 96:416])  # inside: as without crop
 
 
+@pytest.mark.parametrize("shape,spacing", [((3, 40, 30), (7.0, 9.0, 2.0)), ((2, 300, 20), (0.7, 40.0, 2.0))],
+                         ids=["both-axes-grow", "rows-grow-columns-shrink"])
+def test_coarse_wide_slices_are_resampled_only_where_the_canvas_keeps_them(shape, spacing, monkeypatch):
+    """Slices far wider than the canvas at coarse spacing (a 300-row slice at 40 mm is 6000 rows at 2 mm) used to
+    be resampled whole before the crop kept 1/25 of them: no resize now makes more than the source or the canvas
+    holds, the slices are those of the whole resample cropped (to float32 rounding), and labels go both ways as
+    through the whole resample (nearest-exact) too."""
+    import ctzoo.datasets.seg_preprocessing as seg
+
+    prep = SegPreprocessing(spacing_mm=2.0, size=(64, 48))
+    rng = np.random.default_rng(0)
+    volume = seg.Volume(rng.normal(0, 300, shape).astype(np.float32), spacing)
+    labels = rng.integers(0, 4, shape)
+    resized = []
+
+    class RecordedResize(seg.Resize):
+        def __call__(self, images, *args, **kwargs):
+            resized.append(tuple(self.spatial_size))
+            return super().__call__(images, *args, **kwargs)
+
+    monkeypatch.setattr(seg, "Resize", RecordedResize)
+    hu, geometry = seg.resample_slices(volume, prep)
+    assert geometry.resampled_hw[0] * geometry.resampled_hw[1] > max(shape[1] * shape[2], 64 * 48)
+    assert all(h * w <= max(shape[1] * shape[2], 64 * 48) for h, w in resized), resized
+    monkeypatch.undo()
+    whole = seg._place(seg._resize(torch.from_numpy(volume.array), geometry.resampled_hw), prep.size,
+                       geometry.offset, seg.AIR_HU)
+    assert float((hu - whole).abs().max()) < 0.01  # HU
+    on_slices = labels_to_slices(labels, volume, geometry)
+    whole_labels = seg._place(seg._resize_labels(torch.from_numpy(labels), geometry.resampled_hw), prep.size,
+                              geometry.offset, 0)
+    assert torch.equal(on_slices, whole_labels)
+    predicted = torch.from_numpy(rng.integers(0, 4, (shape[0], *prep.size)))
+    back = seg._resize_labels(seg._place(predicted, geometry.resampled_hw, [-o for o in geometry.offset], 0),
+                              shape[1:])
+    assert np.array_equal(slices_to_volume_labels(predicted, geometry, volume), back.numpy().astype(np.uint8))
+
+
 def test_real_labels_round_trip(ts_cases):
     for case in (ts_cases["train"][0], ts_cases["test"][0]):  # RAS NIfTI and LPS DICOM
         slices, geometry = volume_to_slices(case.image, SegPreprocessing())

@@ -262,6 +262,11 @@ BAD_REQUESTS = [
     ("binary without header", DET, _binary(36864)[0], {}, 400, "has no Inference-Header-Content-Length"),
     ("Inf in binary", DET, *_binary(36864, np.full(9216, np.inf, np.float32).tobytes()), 400, "NaN or infinite"),
     ("corrupt gzip", DET, b"not gzip", {"Content-Encoding": "gzip"}, 400, "gzip request body is corrupt"),
+    ("brotli", DET, _json([_tensor()]), {"Content-Encoding": "br"}, 415, "Content-Encoding 'br' is not supported"),
+    ("zstd with the binary extension", DET, _binary(36864, bytes(36864))[0],
+     {**_binary(36864)[1], "Content-Encoding": "zstd"}, 415, "Content-Encoding 'zstd' is not supported"),
+    # finite FP32 input the graph overflows on: its heads are NaN, which JSON cannot carry (was a bare NaN)
+    ("non-finite output", DET, _json([_tensor(data=[3e38] * 9216)]), {}, 422, "non-finite values (NaN or infinity)"),
     ("nested too deeply", DET, b"[" * 100000, {}, 400, "nested too deeply"),
 ]
 
@@ -274,9 +279,38 @@ def test_bad_requests_get_4xx_and_service_keeps_serving(server, sessions):
         for label, model, body, headers, status, message in BAD_REQUESTS:
             response = http.post(f"/v2/models/{model}/infer", content=body, headers={**AUTH, **headers})
             assert response.status_code == status, (label, response.text)
-            assert message in response.json()["error"], (label, response.json())
+            assert message in json.loads(response.text, parse_constant=_no_constant)["error"], (label, response.text)
             _close(_binary_outputs(http.post(f"/v2/models/{DET}/infer", content=good_body,
                                              headers=good_headers))["heatmaps"], want)
+
+
+def test_an_unsupported_encoding_is_415_before_the_body_is_measured():
+    """request_budget inflated a 'br' body as gzip to count its JSON values: 400 "corrupt" instead of 415."""
+    from ctzoo.serve.v2_codec import request_budget
+
+    limits = ServeLimits()
+    for encoding, header_length in (("br", None), ("zstd", "2"), (" BR ", None)):
+        with pytest.raises(ServeError, match="Content-Encoding .* is not supported") as refused:
+            request_budget(b"{}", encoding, header_length, 1 << 20, limits.check_tensor_shape,
+                           limits.max_tensor_elements)
+        assert refused.value.status == 415
+
+
+def _no_constant(name: str):
+    raise ValueError(f"invalid JSON: {name}")
+
+
+def test_non_finite_outputs_are_422_as_json_and_sent_as_they_are_as_binary():
+    outputs = {"heads": np.array([[0.5, np.nan], [np.inf, 1.0]], np.float32), "count": np.array([2], np.int64)}
+    with pytest.raises(ServeError, match="non-finite values .* in output 'heads'") as refused:
+        encode_response("m", "1", outputs, DecodedRequest({}))
+    assert refused.value.status == 422
+    body, headers = encode_response("m", "1", outputs, DecodedRequest({}, binary={"heads": True}))
+    length = int(headers[HEADER])
+    header = json.loads(body[:length], parse_constant=_no_constant)
+    assert header["outputs"][1]["data"] == [2]
+    sent = np.frombuffer(body[length:], np.float32).reshape(2, 2)
+    assert np.isnan(sent[0, 1]) and np.isinf(sent[1, 0])
 
 
 def test_oversize_body_is_refused_before_reading(server):

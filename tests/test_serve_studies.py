@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -20,6 +21,7 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
+from fastapi.responses import Response
 from fastapi.testclient import TestClient
 from orthanc_server import free_port
 from perf_checks import assert_no_identifiers
@@ -265,6 +267,8 @@ def test_bad_uploads_get_a_precise_4xx_and_the_service_keeps_serving(client, sma
         ("recistnet-mini", b"\x1f\x8b" + bytes(2000), 400, "file type"),  # corrupt NIfTI
         ("recistnet-mini", good[: len(good) // 2], 400, ""),  # truncated NIfTI
         ("recistnet-mini", zip_bytes({"notes.txt": b"hello"}), 400, "no DICOM files"),  # a zip that is not DICOM
+        ("recistnet-mini", zip_bytes({"s": b"x", "s/000.dcm": b"y"}), 400,  # a member both file and folder
+         "cannot extract 's/000.dcm': another member of the archive has the same path"),
         ("recistnet-mini", zip_bytes({"a/bomb.dcm": bytes(80 << 20)}), 413, "--max-inflate-ratio"),  # zip bomb
         ("recistnet-mini", b"just some bytes that are not a volume", 415, "unsupported upload"),
         ("no-such-model", good, 404, "unknown model"),
@@ -275,10 +279,89 @@ def test_bad_uploads_get_a_precise_4xx_and_the_service_keeps_serving(client, sma
         assert response.status_code == status, (message, response.text)
         assert message in response.json()["error"]
         assert "upload.nii" not in response.json()["error"] and "/tmp" not in response.json()["error"]
+        assert "ctzoo-zip-" not in response.json()["error"] and "studies/" not in response.json()["error"]
     assert client.post("/studies/recistnet-mini?format=nifti", content=good, headers=AUTH).status_code == 400
     assert client.post("/studies/recistnet-mini?format=xml", content=good, headers=AUTH).status_code == 400
     assert client.post("/studies/recistnet-mini", content=good).status_code == 401
     assert client.post("/studies/recistnet-mini", content=good, headers=AUTH).status_code == 200
+
+
+def _nifti_bytes(tmp_path: Path, shape: tuple[int, int, int], spacing: float) -> bytes:
+    import nibabel as nib
+
+    array = np.random.default_rng(0).integers(-500, 500, shape).astype(np.int16)
+    path = tmp_path / "upload.nii.gz"
+    nib.save(nib.Nifti1Image(array, np.diag([spacing, spacing, spacing, 1.0])), str(path))
+    return path.read_bytes()
+
+
+def _never_run(monkeypatch) -> list:
+    """Replace the study worker by one that records its calls: what a test expects to be refused before it."""
+    from ctzoo.serve import studies
+
+    ran = []
+    monkeypatch.setattr(studies, "run_study", lambda *args, **kwargs: ran.append(args) or Response(b"{}"))
+    return ran
+
+
+def test_implausible_spacing_is_a_400_before_anything_is_reserved(client, tmp_path, monkeypatch):
+    """A 1.7 KB NIfTI of 32 x 32 x 1 voxels at 1875 mm made the segmenter allocate ~5 GB (a raw torch allocation
+    error at 1e6 mm, a TypeError at 1e30 mm): refused from its header now, naming neither path nor file."""
+    ran = _never_run(monkeypatch)
+    for spacing in (1875.0, 1e6, 1e30):
+        response = client.post("/studies/template-seg-abdomen", content=_nifti_bytes(tmp_path, (32, 32, 1), spacing),
+                               headers=AUTH)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert "voxel spacing" in error and "is not a CT's" in error and "the upload" in error
+        assert "upload.nii" not in error and "/" not in error.split("mm")[0]
+    assert ran == []
+
+
+def test_a_format_that_cannot_answer_is_refused_before_the_study_runs(client, small_nifti, monkeypatch):
+    """format=nifti of a detector and format=dicom of a NIfTI upload were refused only once the whole study had run."""
+    ran = _never_run(monkeypatch)
+    for model, output_format, words in (("recistnet-mini", "nifti", "format=nifti is for segmentation models"),
+                                        ("template-seg-abdomen", "dicom", "format=dicom answers a zipped DICOM")):
+        response = client.post(f"/studies/{model}?format={output_format}", content=small_nifti.read_bytes(),
+                               headers=AUTH)
+        assert response.status_code == 400 and words in response.json()["error"], response.text
+    assert ran == []
+
+
+def test_a_segmenter_study_reserves_its_canvas_for_every_slice(client, tmp_path, monkeypatch):
+    """A 1 x 1 x 30000 NIfTI (a few KB; 30000 voxels, 360 KB at 12 bytes a voxel) puts 30000 slices of 128 x 128 on
+    the segmenter's canvas (~8 GB): the reservation counts them, so it is a 413 before any work; the detector,
+    which prepares its slices a few at a time, takes it."""
+    ran = _never_run(monkeypatch)
+    thin = _nifti_bytes(tmp_path, (1, 1, 30000), 1.0)
+    response = client.post("/studies/template-seg-abdomen", content=thin, headers=AUTH)
+    assert response.status_code == 413 and "--max-inflight-mb" in response.json()["error"], response.text
+    assert ran == []
+    assert client.post("/studies/recistnet-mini", content=thin, headers=AUTH).status_code == 200
+    assert len(ran) == 1
+
+
+def test_warnings_name_slices_never_members_or_server_paths(client, caplog):
+    """Member names often hold the patient's name or record number: the warnings on a gapped series with a
+    duplicate file, logged by the server and returned in input.warnings, used to name them with the server's
+    state path (state/studies/study-.../upload.zip/DOE^JOHN_MRN1234567/IMG0011.dcm). They name slices now."""
+    import logging
+
+    files = sorted(Path(sample_ct_dicom()).iterdir())
+    members = {f"DOE^JOHN_MRN1234567/IMG{k:04d}.dcm": file.read_bytes() for k, file in enumerate(files) if k != 10}
+    members["DOE^JOHN_MRN1234567/copy_of_IMG0003.dcm"] = files[3].read_bytes()
+    caplog.set_level(logging.WARNING, logger="ctzoo.inference.tasks")
+    response = client.post("/studies/recistnet-mini", content=zip_bytes(members), headers=AUTH)
+    assert response.status_code == 200, response.text
+    warnings = response.json()["input"]["warnings"]
+    logged = [record.getMessage() for record in caplog.records if record.name == "ctzoo.inference.tasks"]
+    assert any("missing slice" in w for w in warnings) and any("duplicate" in w for w in warnings), warnings
+    assert any("missing slice" in line for line in logged) and len(logged) == len(warnings)
+    for text in warnings + logged:
+        for secret in ("DOE", "MRN1234567", "IMG00", "upload", "study-", "/"):
+            assert secret not in text, text
+    assert any("InstanceNumber" in w and "(index 9)" in w for w in warnings)
 
 
 def test_nan_volume_is_refused(client, tmp_path):
@@ -331,6 +414,91 @@ def test_a_study_past_its_deadline_is_cancelled_and_its_folder_removed(repositor
             assert time.monotonic() < deadline, "the cancelled study's folder is still there"
             time.sleep(0.1)
     assert router.tasks.sessions == 1
+
+
+def _held_worker(monkeypatch) -> tuple[threading.Event, list]:
+    """Replace the study worker by one in a stage that never looks at its cancel event (reading a large series)
+    until the returned event is set; the list gets each call's cancel event."""
+    from ctzoo.serve import studies
+
+    release, calls = threading.Event(), []
+
+    def worker(task, folder, suffix, output_format, limits, cancel, *rest):
+        calls.append(cancel)
+        release.wait(60)
+        shutil.rmtree(folder, ignore_errors=True)
+        return Response(b"{}", media_type="application/json")
+
+    monkeypatch.setattr(studies, "run_study", worker)
+    return release, calls
+
+
+def _wait_until(condition, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def test_a_timed_out_study_keeps_its_slot_and_memory_until_its_worker_returns(repository, small_nifti, tmp_path,
+                                                                             monkeypatch):
+    """With one request per model, three studies past their deadline used to run at once: the 504 gave back the
+    slot and the memory reservation while the worker thread went on. Now the worker is told to stop and both are
+    held until it has returned: meanwhile the next study is refused as busy (503), afterwards it is served."""
+    from ctzoo.serve.app import create_app
+    from ctzoo.serve.budget import ServeLimits
+    from ctzoo.serve.studies import study_router
+
+    release, calls = _held_worker(monkeypatch)
+    router = study_router("cpu", state_dir=tmp_path / "state", request_timeout_s=0.5)
+    app = create_app(repository, [TOKEN], device="cpu", request_timeout_s=0.5, extra_routers=[router],
+                     limits=ServeLimits(max_requests_per_model=1, queue_wait_s=0.1))
+    body = small_nifti.read_bytes()
+    with TestClient(app) as client:
+        assert client.post("/studies/recistnet-mini", content=body, headers=AUTH).status_code == 504
+        assert len(calls) == 1 and calls[0].is_set()  # told to stop
+        assert app.state.budget.reserved > 0
+        busy = client.post("/studies/recistnet-mini", content=body, headers=AUTH)
+        assert busy.status_code == 503 and busy.headers["Retry-After"], busy.text
+        assert len(calls) == 1
+        release.set()
+        _wait_until(lambda: app.state.budget.reserved == 0)
+        assert client.post("/studies/recistnet-mini", content=body, headers=AUTH).status_code == 200
+    assert not list((tmp_path / "state" / "studies").iterdir())
+
+
+def test_a_client_that_disconnects_cancels_its_study(repository, small_nifti, tmp_path, monkeypatch):
+    """A client that goes away after its upload no longer keeps its slot until the study ends: the worker is told
+    to stop (and the slot is free once it has)."""
+    import socket
+
+    import uvicorn
+
+    from ctzoo.serve.app import create_app
+    from ctzoo.serve.budget import ServeLimits
+    from ctzoo.serve.studies import study_router
+
+    release, calls = _held_worker(monkeypatch)
+    app = create_app(repository, [TOKEN], device="cpu", limits=ServeLimits(max_requests_per_model=1),
+                     extra_routers=[study_router("cpu", state_dir=tmp_path / "state")])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait_until(lambda: server.started)
+        body = small_nifti.read_bytes()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            connection.sendall(f"POST /studies/recistnet-mini HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}"
+                               f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            _wait_until(lambda: calls)
+        _wait_until(lambda: calls[0].is_set(), 10)  # the disconnect reached the study
+        release.set()
+        _wait_until(lambda: app.state.budget.reserved == 0)
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_ctzoo_serve_perf_keeps_the_study_stages_in_its_store(repository, small_nifti, tmp_path):

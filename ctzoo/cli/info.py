@@ -79,7 +79,7 @@ def format_description(info: dict[str, Any]) -> str:
     if info.get("volume"):
         lines.append("volume" + (f" (series #{info['chosen_series']})" if info.get("chosen_series") else "") + ":")
         lines += format_volume(info["volume"])
-        lines += [f"warning: {w}" for w in info["volume"]["warnings"]]
+        lines += [f"warning: {info['path']}: {w}" for w in info["volume"]["warnings"]]
     if info.get("error"):
         lines.append(f"error: {info['error']}")
     return "\n".join(lines)
@@ -132,5 +132,5 @@ def convert(source: Path, target: Path, series: str | None, rules_file: Path | N
     except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     for warning in volume.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {source}: {warning}", err=True)
     click.echo(f"wrote {written} ({' x '.join(map(str, volume.size))} voxels, {dtype})")

@@ -204,7 +204,9 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
     --max-tensor-side: 413 naming the option), MHA/NRRD files must carry their voxels (400), and
     requests in flight are limited per model and in memory (--max-requests-per-model,
     --max-inflight-mb: they wait up to --queue-wait-s, then 503 with Retry-After). The body is read
-    inside --request-timeout-s; past it the work is cancelled and its files removed.
+    inside --request-timeout-s; past it the client gets 504 and the study is told to stop at its next
+    check (between slice chunks and model batches, before writing), keeping its place and memory until
+    it has; then its files are removed.
 
     --perf (on by default; --no-perf) judges each /infer request's decode, queue and encode stages,
     each batch's formation and model run, and each study's upload, read, preprocess, predict, finish

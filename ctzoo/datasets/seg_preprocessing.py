@@ -9,6 +9,11 @@ The same for training, evaluation and inference, so all three see identical inpu
 
 Labels follow the same path with nearest-neighbour resampling (pixel centres aligned, ``nearest-exact``);
 :func:`slices_to_volume_labels` undoes every step to put predicted labels on the volume's own grid.
+
+Steps 2 and 3 never hold more than the volume or the canvas: where resampling whole slices would (a volume far
+wider than the canvas at coarse spacing, which steps 2 and 3 then mostly crop away), only the part that lands
+inside the canvas is computed, the same values (bilinear and nearest-exact as ``torch.nn.functional.interpolate``
+computes them) without the rest.
 :class:`SegPreprocessing` is what a segmentation bundle's card records and the exported graph expects.
 """
 
@@ -86,6 +91,64 @@ def _resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return resized.round().to(labels.dtype)
 
 
+def _whole_slices_fit(resampled_hw: Sequence[int], source_hw: Sequence[int], size: Sequence[int]) -> bool:
+    """Whether slices resampled whole to ``resampled_hw`` hold no more than the source slices or the canvas."""
+    return resampled_hw[0] * resampled_hw[1] <= max(source_hw[0] * source_hw[1], size[0] * size[1])
+
+
+def _kept(length: int, target: int, shift: int) -> tuple[int, int]:
+    """The range of a resampled axis of ``length`` that lands inside a canvas axis of ``target`` at ``shift``."""
+    start = max(0, -shift)
+    return start, max(start, min(length, target - shift))
+
+
+def _resize(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """MONAI's bilinear resize of ``(Z, h, w)``, anti-aliased when shrinking (what training saw)."""
+    shrinking = size[0] < images.shape[1] or size[1] < images.shape[2]
+    resized = Resize(tuple(size), mode="bilinear", anti_aliasing=shrinking)(images)
+    return resized.as_tensor() if isinstance(resized, MetaTensor) else torch.as_tensor(resized)
+
+
+def _linear_part(images: torch.Tensor, axis: int, length: int, start: int, stop: int) -> torch.Tensor:
+    """Elements ``start:stop`` along ``axis`` of ``images`` resized to ``length`` there by linear interpolation
+    (``interpolate``'s, ``align_corners=False``), without computing the others."""
+    size = images.shape[axis]
+    source = ((torch.arange(start, stop, dtype=torch.float64, device=images.device) + 0.5) * (size / length)
+              - 0.5).clamp(min=0)
+    low = source.floor().long().clamp(max=size - 1)
+    high = (low + 1).clamp(max=size - 1)
+    shape = [1] * images.ndim
+    shape[axis] = -1
+    weight = (source - low).to(images.dtype).view(shape)
+    return images.index_select(axis, low) * (1 - weight) + images.index_select(axis, high) * weight
+
+
+def _nearest_sources(size: int, length: int, start: int, stop: int, device=None) -> torch.Tensor:
+    """Source indices of elements ``start:stop`` of an axis of ``size`` resized to ``length`` (``nearest-exact``)."""
+    scale = float(np.float32(size / length))
+    indices = torch.arange(start, stop, dtype=torch.float64, device=device)
+    return ((indices + 0.5) * scale).floor().long().clamp(max=size - 1)
+
+
+def _resampled_part(hu: torch.Tensor, resampled_hw: Sequence[int], offset: Sequence[int],
+                    size: Sequence[int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The part of ``hu`` ``(Z, h, w)`` resampled to ``resampled_hw`` that lands inside a ``size`` canvas at
+    ``offset``, and where it lands: an axis that shrinks is resized whole (anti-aliased, no larger than the source),
+    an axis that grows only over the kept range."""
+    shrunk = tuple(min(n, m) for n, m in zip(resampled_hw, hu.shape[1:]))
+    if shrunk != tuple(hu.shape[1:]):
+        hu = _resize(hu, shrunk)
+    placed = []
+    for axis, (length, target, shift) in enumerate(zip(resampled_hw, size, offset), start=1):
+        start, stop = _kept(length, target, shift)
+        if hu.shape[axis] == length:
+            hu = hu.narrow(axis, start, stop - start)
+        else:
+            hu = _linear_part(hu, axis, length, start, stop)
+        placed.append(shift + start)
+    return hu, (placed[0], placed[1])
+
+
 def resample_slices(volume: Volume, prep: SegPreprocessing,
                     device: str | None = None) -> tuple[torch.Tensor, SliceGeometry]:
     """Steps 1-3 of the module docstring: ``volume`` -> HU slices ``(Z, H, W)`` float32 (air outside) and geometry.
@@ -98,13 +161,15 @@ def resample_slices(volume: Volume, prep: SegPreprocessing,
     sx, sy = lps.spacing[:2]
     hw = (max(1, round(rows * sy / prep.spacing_mm)), max(1, round(cols * sx / prep.spacing_mm)))
     hu = torch.from_numpy(np.ascontiguousarray(lps.array, dtype=np.float32)).to(device)  # slices act as channels
-    if hw != (rows, cols):
-        hu = Resize(hw, mode="bilinear", anti_aliasing=hw[0] < rows or hw[1] < cols)(hu)
-        hu = hu.as_tensor() if isinstance(hu, MetaTensor) else torch.as_tensor(hu)
     offset = ((prep.size[0] - hw[0]) // 2, (prep.size[1] - hw[1]) // 2)
+    placed = offset
+    if not _whole_slices_fit(hw, (rows, cols), prep.size):
+        hu, placed = _resampled_part(hu, hw, offset, prep.size)
+    elif hw != (rows, cols):
+        hu = _resize(hu, hw)
     geometry = SliceGeometry((depth, rows, cols), tuple(lps.spacing), tuple(float(v) for v in lps.origin),
                              tuple(float(v) for v in np.ravel(lps.direction)), hw, offset, tuple(prep.size))
-    return _place(hu.float(), prep.size, offset, AIR_HU), geometry
+    return _place(hu.float(), prep.size, placed, AIR_HU), geometry
 
 
 def window_slices(hu: torch.Tensor, prep: SegPreprocessing) -> torch.Tensor:
@@ -131,8 +196,14 @@ def labels_to_slices(labels: np.ndarray, volume: Volume, geometry: SliceGeometry
         labels = reorient_lps(volume.with_array(labels.astype(np.float32))).array
     if labels.shape != geometry.lps_shape:
         raise ValueError(f"reoriented labels {labels.shape} do not match the geometry's {geometry.lps_shape}")
-    resized = _resize_labels(torch.from_numpy(np.rint(labels).astype(np.int64)), geometry.resampled_hw)
-    return _place(resized, geometry.size, geometry.offset, 0)
+    labels = torch.from_numpy(np.rint(labels).astype(np.int64))
+    hw, size, offset = geometry.resampled_hw, geometry.size, geometry.offset
+    if _whole_slices_fit(hw, geometry.lps_shape[1:], size):
+        return _place(_resize_labels(labels, hw), size, offset, 0)
+    (top, bottom), (left, right) = (_kept(n, m, shift) for n, m, shift in zip(hw, size, offset))
+    rows = _nearest_sources(labels.shape[1], hw[0], top, bottom)
+    columns = _nearest_sources(labels.shape[2], hw[1], left, right)
+    return _place(labels[:, rows][:, :, columns], size, (offset[0] + top, offset[1] + left), 0)
 
 
 def slices_to_volume_labels(predicted: np.ndarray | torch.Tensor, geometry: SliceGeometry,
@@ -146,8 +217,7 @@ def slices_to_volume_labels(predicted: np.ndarray | torch.Tensor, geometry: Slic
     if tuple(predicted.shape[1:]) != geometry.size or predicted.shape[0] != geometry.lps_shape[0]:
         raise ValueError(f"predicted labels {tuple(predicted.shape)} do not match the geometry "
                          f"({geometry.lps_shape[0]}, {geometry.size[0]}, {geometry.size[1]})")
-    resampled = _place(predicted.to(torch.int64), geometry.resampled_hw, [-o for o in geometry.offset], 0)
-    lps = _resize_labels(resampled, geometry.lps_shape[1:]).numpy().astype(np.uint8)
+    lps = _labels_on_lps_grid(predicted.to(torch.int64), geometry).numpy().astype(np.uint8)
     if volume.orientation == "LPS":
         return lps
     image = sitk.GetImageFromArray(lps)
@@ -157,6 +227,20 @@ def slices_to_volume_labels(predicted: np.ndarray | torch.Tensor, geometry: Slic
     back = sitk.Resample(image, volume.size, sitk.Transform(), sitk.sitkNearestNeighbor, volume.origin,
                          volume.spacing, tuple(volume.direction.ravel()), 0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(back)
+
+
+def _labels_on_lps_grid(predicted: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
+    """Labels ``(Z, H, W)`` on the network slices -> ``(Z, Y, X)`` on the LPS grid: the crop/pad and the in-plane
+    resampling undone (nearest; background where the canvas cropped the slice away)."""
+    hw, size, offset, lps_hw = geometry.resampled_hw, geometry.size, geometry.offset, geometry.lps_shape[1:]
+    if _whole_slices_fit(hw, lps_hw, size):
+        return _resize_labels(_place(predicted, hw, [-o for o in offset], 0), lps_hw)
+    # each grid pixel's canvas pixel, looked up directly: the resampled slices are never built
+    rows = _nearest_sources(hw[0], lps_hw[0], 0, lps_hw[0]) + offset[0]
+    columns = _nearest_sources(hw[1], lps_hw[1], 0, lps_hw[1]) + offset[1]
+    inside = ((rows >= 0) & (rows < size[0]))[:, None] & ((columns >= 0) & (columns < size[1]))[None, :]
+    found = predicted[:, rows.clamp(0, size[0] - 1)][:, :, columns.clamp(0, size[1] - 1)]
+    return found * inside
 
 
 # ----------------------------------------------------------------------------------------------- class maps

@@ -96,7 +96,10 @@ class PipelineOptions:
     progress: bool = True  # a bar on a terminal, log lines off one; False: neither (service, PACS bridge)
     progress_interval_s: float = 10.0  # off a terminal: seconds between two progress lines
     limits: Any = None  # ResourceLimits for reading each case (None: ctzoo.io's defaults)
-    cancel: Any = None  # a threading.Event: once set, the run stops at the next stage boundary (Cancelled)
+    # a threading.Event: once set, the run stops (Cancelled) at its next check: between the reader's messages (chunks
+    # of slices), between model batches, and before a case is written; reading and preprocessing a case run to
+    # their end (see check_cancel)
+    cancel: Any = None
     perf: Any = None  # a ctzoo.perf.PerfMonitor judging every stage (ctzoo.inference.stage_events), or None
     # "shared": one model here, fed by `workers` reader processes; "copies": `workers` processes each running
     # whole cases on a copy of the model with `copy_threads` threads (0 workers: one copy, here); see
@@ -116,6 +119,12 @@ class PipelineOptions:
 
 class Cancelled(RuntimeError):
     """The run's ``cancel`` event was set (the service's deadline passed): it stopped between two stages."""
+
+
+def check_cancel(options: PipelineOptions) -> None:
+    """:class:`Cancelled` once ``options.cancel`` is set."""
+    if options.cancel is not None and options.cancel.is_set():
+        raise Cancelled("the run was cancelled")
 
 
 def status_path(out: Path, case: CaseInput, model_name: str) -> Path:
@@ -205,6 +214,7 @@ def write_case(task: ModelTask, case: CaseInput, volume: Volume, context: Any, o
         clock = time.perf_counter()
         result = task.finish(volume, context, outputs)
         seconds["finish"], clock = time.perf_counter() - clock, time.perf_counter()
+        check_cancel(options)  # writing (a DICOM SEG, an overlay) is the slowest part left: not for a cancelled run
         runtime = {**(task.runtime if runtime is None else runtime), "decoder": options.decoder or "gdcm",
                    "preprocessing": options.preprocess_device or "cpu"}
         written, info = task.write(volume, result, options.out / case.name, options.overlay, runtime)
@@ -378,6 +388,7 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
 
     def run_batches(flush: bool = False) -> None:
         for items in batcher.ready(flush):
+            check_cancel(options)
             try:
                 results = batcher.run(items)
             except Exception as exc:  # a batch may mix cases: each of them fails with the message
@@ -442,11 +453,13 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
 
     try:
         for message in loader if todo else ():
-            if options.cancel is not None and options.cancel.is_set():
-                raise Cancelled("the run was cancelled")
+            check_cancel(options)
             handle(message)
         run_batches(flush=True)
         collect(block=True)
+    except Cancelled:
+        writer.shutdown(wait=True, cancel_futures=True)  # the case being written stops at its check; queued ones go
+        raise
     except KeyboardInterrupt:
         writer.shutdown(wait=True, cancel_futures=True)  # the case being written finishes; queued ones do not
         for future, case, index in pending:

@@ -76,7 +76,9 @@ def preprocess_on(task: ModelTask, device: str) -> ModelTask:
 
 def _log_input_warnings(volume: Volume, folder: Path) -> None:
     """The reader's warnings on the case (missing slices...), which its JSON document also carries: ``ctzoo infer``
-    silences Python warnings, and a result on a gapped series must not pass unremarked. File names and mm only."""
+    silences Python warnings, and a result on a gapped series must not pass unremarked. The case's name and the
+    warning, which names slices (InstanceNumber, z, index) and counts, never a file or folder: those names may
+    carry the patient's (the service's case is ``study``)."""
     for warning in volume.warnings:
         log.warning("%s: %s", folder.name, warning)
 

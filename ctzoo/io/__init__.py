@@ -33,6 +33,8 @@ _SUBMODULE_OF = {
     "ResourceLimits": "limits",
     "UnsafeInput": "limits",
     "reorient_lps": "reorient",
+    "ImplausibleSpacing": "spacing",
+    "check_spacing": "spacing",
     "DicomSource": "volume",
     "Volume": "volume",
 }

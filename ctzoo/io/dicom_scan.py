@@ -330,8 +330,8 @@ def _extract_zip(path: Path, target: Path, limits: ResourceLimits) -> None:
             destination = (target / member.filename).resolve()
             if target not in destination.parents:
                 raise DicomError(f"{path}: member {member.filename!r} would extract outside the archive folder")
-            destination.parent.mkdir(parents=True, exist_ok=True)
             try:
+                destination.parent.mkdir(parents=True, exist_ok=True)
                 with archive.open(member) as src, open(destination, "wb") as dst:
                     # counted while extracting: a crafted archive can declare small sizes and inflate far beyond them
                     while chunk := src.read(1 << 20):
@@ -340,8 +340,19 @@ def _extract_zip(path: Path, target: Path, limits: ResourceLimits) -> None:
                             limits.check_decoded(written, received,
                                                  f"{path.name} (inflating beyond its declared size)")
                         dst.write(chunk)
+            except (FileExistsError, NotADirectoryError, IsADirectoryError):  # the message would name the temp folder
+                raise DicomError(f"{path}: cannot extract {member.filename!r}: another member of the archive has the "
+                                 "same path, one a file and the other a folder") from None
             except UNREADABLE_ZIP_ERRORS as exc:
-                raise DicomError(f"{path}: cannot extract {member.filename!r}: {error_reason(exc)}") from exc
+                raise DicomError(f"{path}: cannot extract {member.filename!r}: {_reason_without_path(exc)}") from exc
+
+
+def _reason_without_path(exc: BaseException) -> str:
+    """:func:`error_reason`, but for an error of the file system (a full disk) its reason alone: its file name is
+    the temporary folder's."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return exc.strerror or type(exc).__name__
+    return error_reason(exc)
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
@@ -352,14 +363,14 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
         raise DicomError(f"{path}: a damaged zip archive: {error_reason(exc)}") from exc
 
 
-def zip_declared_voxels(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS) -> int:
-    """Rows x Columns x frames summed over the DICOM images in the zip at ``path``, read from each member's header
-    inside the archive (nothing is extracted), after checking the sizes its directory declares; both checked
-    against ``limits``. Members that are not DICOM count nothing."""
+def zip_declared_size(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS) -> tuple[int, int]:
+    """``(voxels, frames)`` of the DICOM images in the zip at ``path``: Rows x Columns x frames, and frames, summed
+    over them, read from each member's header inside the archive (nothing is extracted), after checking the sizes
+    its directory declares; both checked against ``limits``. Members that are not DICOM count nothing."""
     path = Path(path)
     if not zipfile.is_zipfile(path):
         raise DicomError(f"{path.name}: not a zip archive")
-    voxels = 0
+    voxels = frames = 0
     with _open_zip(path) as archive:
         members = [m for m in archive.infolist() if not m.is_dir()]
         limits.check_decoded(sum(m.file_size for m in members), path.stat().st_size, path.name)
@@ -369,13 +380,14 @@ def zip_declared_voxels(path: str | Path, limits: ResourceLimits = DEFAULT_LIMIT
                     ds = pydicom.dcmread(stream, stop_before_pixels=True)
             except (InvalidDicomError, EOFError, OSError, ValueError, zipfile.BadZipFile):
                 continue  # not DICOM, or damaged: the reader reports it if it belongs to the series
-            frames = ds.get("NumberOfFrames") or 1
             try:
-                voxels += int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0) * int(frames)
+                count = int(ds.get("NumberOfFrames") or 1)
+                voxels += int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0) * count
             except (TypeError, ValueError):
                 continue
+            frames += count
     limits.check_voxels((voxels,), f"the DICOM images in {path.name}")
-    return voxels
+    return voxels, frames
 
 
 def choose_series(scan: ScanResult, rules: SeriesRules | None = None, series: str | None = None) -> SeriesInfo:

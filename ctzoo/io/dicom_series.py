@@ -24,6 +24,11 @@ How, and why:
   and recorded in ``Volume.warnings``; nothing is interpolated. The grid
   uses the median step, and ``DicomSource.image_positions`` keeps each slice's
   true position.
+* Warnings name slices as a radiologist does (InstanceNumber, z, index in the
+  volume: :func:`~ctzoo.io.volume.slice_label`), never by file or folder:
+  those names often carry the patient's name or record number, and warnings
+  are logged and returned to service clients. Errors, which stop the read,
+  name the file that caused them.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ from ctzoo.io.dicom_uids import derived_keywords, fill_empty_uids, instance_uid,
 from ctzoo.io.itk_threads import first_use_alone
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 from ctzoo.io.nvimgcodec_decode import J2K_SYNTAXES, NvImageCodecDecoder, decoder_for
-from ctzoo.io.volume import DicomSource, Volume
+from ctzoo.io.spacing import check_spacing
+from ctzoo.io.volume import DicomSource, Volume, slice_label
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +86,16 @@ def sort_slices(slices: list[SliceHeader]) -> tuple[list[SliceHeader], np.ndarra
     return [slices[i] for i in order], along[order]
 
 
+def slice_name(header: SliceHeader, index: int) -> str:
+    """How a warning names a slice: ``InstanceNumber 12, z -804.5 mm (index 11)`` (:func:`slice_label`, ``z`` of
+    its centre as :meth:`Volume.slice_position` gives it), ``index`` its place in the volume; never its file."""
+    ds = header.dataset
+    row_mm, column_mm = (float(v) for v in ds.PixelSpacing)
+    centre = (header.position + (int(ds.Columns) - 1) / 2 * column_mm * header.orientation[:3]
+              + (int(ds.Rows) - 1) / 2 * row_mm * header.orientation[3:])
+    return slice_label(index, round(float(centre[2]), 2) + 0.0, _instance_number(ds))
+
+
 def _drop_duplicates(slices: list[SliceHeader], along: np.ndarray, messages: list[str]):
     """Drop duplicate files (one instance stored twice at one position) with one note; refuse two different slices
     there."""
@@ -92,12 +108,12 @@ def _drop_duplicates(slices: list[SliceHeader], along: np.ndarray, messages: lis
         if not _same_instance(kept, other):
             raise DicomError(f"{other.display_name} and {kept.display_name} are different slices at the same position "
                              f"({along[k]:.3f} mm along the normal): several acquisitions in one series?")
-        dropped.append((other, kept))
+        dropped.append(len(keep) - 1)  # the kept slice's index in the volume
     if dropped:
-        other, kept = dropped[0]
-        _warn(messages, f"{len(dropped)} duplicate file(s) ignored (the same instance as the file kept at its "
-                        f"position): {other.display_name} duplicates {kept.display_name}"
-                        + (f", and {len(dropped) - 1} more" if len(dropped) > 1 else ""))
+        places = sorted(set(dropped))
+        _warn(messages, f"{len(dropped)} duplicate file(s) ignored (the same instance stored again at a slice's "
+                        f"position): at {slice_name(slices[keep[places[0]]], places[0])}"
+                        + (f", and {len(places) - 1} more slice(s)" if len(places) > 1 else ""))
     return [slices[k] for k in keep], along[keep]
 
 
@@ -115,16 +131,15 @@ def slice_spacing(slices: list[SliceHeader], along: np.ndarray, messages: list[s
     if len(slices) < 2:
         thickness = slices[0].dataset.get("SliceThickness")
         spacing = float(thickness) if thickness not in (None, "") and float(thickness) > 0 else 1.0
-        _warn(messages, f"{slices[0].display_name}: a single slice; slice spacing taken as {spacing} mm "
-                        "(SliceThickness or 1 mm)")
+        _warn(messages, f"a single slice; slice spacing taken as {spacing} mm (SliceThickness or 1 mm)")
         return spacing
     steps = np.diff(along)
     median = float(np.median(steps))
     for k, step in enumerate(steps):
         if step >= MISSING_SLICE_RATIO * median:
             missing = int(round(step / median)) - 1
-            _warn(messages, f"about {missing} missing slice(s) between {slices[k].display_name} and "
-                            f"{slices[k + 1].display_name} ({step:.3f} mm apart, usual step {median:.3f} mm); "
+            _warn(messages, f"about {missing} missing slice(s) between {slice_name(slices[k], k)} and "
+                            f"{slice_name(slices[k + 1], k + 1)} ({step:.3f} mm apart, usual step {median:.3f} mm); "
                             "not interpolated")
     regular = steps[steps < MISSING_SLICE_RATIO * median]
     if regular.size and np.max(np.abs(regular - median)) > max(SPACING_TOLERANCE * median, 1e-3):
@@ -175,11 +190,11 @@ def decode_slice_hu(header: SliceHeader) -> np.ndarray:
     return pixels.reshape(rows, columns)
 
 
-def _source(series: SeriesInfo, slices: list[SliceHeader], display_root: str, messages: list[str]) -> DicomSource:
+def _source(series: SeriesInfo, slices: list[SliceHeader], messages: list[str]) -> DicomSource:
     datasets, repairs = fill_empty_uids([s.dataset for s in slices], series.key, in_place=True)
     notes = repair_notes(repairs)
     if notes:  # one warning, not one per UID: anonymised series lack several at once
-        _warn(messages, f"{display_root}: {'; '.join(notes)} (the same on every read)")
+        _warn(messages, f"{'; '.join(notes)} (the same on every read)")
     first = datasets[0]
     age_sex = {k: str(first.get(k, "") or "") for k in ("PatientAge", "PatientSex")}
     number = first.get("SeriesNumber")
@@ -259,18 +274,20 @@ def volume_from_series(series: SeriesInfo, display_root: str = "", workers: int 
     first = slices[0].dataset
     limits.check_voxels((len(slices), int(first.Rows), int(first.Columns)), f"{display_root or 'the'} series")
     z_spacing = slice_spacing(slices, along, messages)
+    row_cosine, column_cosine = slices[0].orientation[:3], slices[0].orientation[3:]
+    direction = np.column_stack([row_cosine, column_cosine, slices[0].normal])
+    # PixelSpacing is (row spacing, column spacing) = (y, x): the order DICOM gives it in.
+    row_mm, column_mm = (float(v) for v in slices[0].dataset.PixelSpacing)
+    check_spacing((column_mm, row_mm, z_spacing), direction, display_root or "the series")
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         planes = _decode_planes(slices, pool, decoder_for(decoder), progress)
-    row_cosine, column_cosine = slices[0].orientation[:3], slices[0].orientation[3:]
-    # PixelSpacing is (row spacing, column spacing) = (y, x): the order DICOM gives it in.
-    row_mm, column_mm = (float(v) for v in slices[0].dataset.PixelSpacing)
     return Volume(
         array=np.stack(planes),
         spacing=(column_mm, row_mm, z_spacing),
         origin=tuple(slices[0].position),
-        direction=np.column_stack([row_cosine, column_cosine, slices[0].normal]),
-        dicom=_source(series, slices, display_root, messages),
+        direction=direction,
+        dicom=_source(series, slices, messages),
         warnings=messages,
     )
 

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
+from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 
 from ctzoo.io.atomic import atomic_path
@@ -21,12 +22,13 @@ from ctzoo.io.dicom_scan import (
     SeriesRules,
     error_reason,
     read_header,
-    zip_declared_voxels,
+    zip_declared_size,
 )
 from ctzoo.io.dicom_series import read_dicom_series
 from ctzoo.io.itk_threads import first_use_alone
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits, UnsafeInput, check_self_contained
 from ctzoo.io.orientation import geometry_from_affine, ras_to_lps_affine
+from ctzoo.io.spacing import ImplausibleSpacing, check_spacing, slice_axis
 from ctzoo.io.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -47,7 +49,8 @@ def _cast(array: np.ndarray, dtype) -> np.ndarray:
 
 
 def _open_nifti(path: str | Path, limits: ResourceLimits):
-    """The NIfTI image (header read, no voxel yet) and its voxel count, checked against ``limits``."""
+    """The NIfTI image (header read, no voxel yet) and its voxel count, checked against ``limits``, its voxel
+    spacing checked by :func:`~ctzoo.io.spacing.check_spacing`."""
     try:
         image = nib.load(str(path))
     except FileNotFoundError:  # an OSError, but not a damaged file: the callers say so as it is
@@ -57,7 +60,24 @@ def _open_nifti(path: str | Path, limits: ResourceLimits):
     header = image.header
     voxels = limits.check_voxels(header.get_data_shape(), Path(path).name)
     limits.check_decoded(voxels * header.get_data_dtype().itemsize, Path(path).stat().st_size, Path(path).name)
+    _check_nifti_spacing(image, path)
     return image, voxels
+
+
+def _check_nifti_spacing(image, path: str | Path) -> None:
+    """Refuse a NIfTI whose voxel size is unknown or not a CT's. Without an sform the affine is built from
+    ``pixdim``, which nibabel silently sets to 1 where the file has 0: that file's own pixdim is checked here."""
+    if int(image.header["sform_code"]) == 0:
+        with ImageOpener(str(path)) as stream:
+            stored = type(image.header).from_fileobj(stream, check=False)["pixdim"][1:4]
+        if not (np.all(np.isfinite(stored)) and np.all(stored != 0)):
+            raise ImplausibleSpacing(f"{path}: the header gives no voxel size (pixdim {stored.tolist()} and no "
+                                     "sform): refusing to guess the spacing")
+    try:
+        spacing, _, direction = geometry_from_affine(ras_to_lps_affine(image.affine))
+    except (ValueError, np.linalg.LinAlgError) as exc:
+        raise ImplausibleSpacing(f"{path}: the header's affine gives no voxel size: {error_reason(exc)}") from exc
+    check_spacing(spacing, direction, str(path))
 
 
 def read_nifti(path: str | Path, dtype=np.float32, limits: ResourceLimits = DEFAULT_LIMITS) -> Volume:
@@ -77,7 +97,7 @@ def read_nifti(path: str | Path, dtype=np.float32, limits: ResourceLimits = DEFA
     volume = Volume(_cast(np.ascontiguousarray(data.transpose(2, 1, 0)), dtype), spacing, origin, direction,
                     source_path=str(path))
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
-        volume.warnings.append(f"{path}: the affine is sheared (non-orthogonal axes); geometry kept as stored")
+        volume.warnings.append("the affine is sheared (non-orthogonal axes); geometry kept as stored")
     return volume
 
 
@@ -125,6 +145,8 @@ def _open_itk(path: str | Path, limits: ResourceLimits) -> tuple[sitk.ImageFileR
         raise ValueError(f"{path}: SimpleITK cannot read it: {str(exc).strip().splitlines()[-1]}") from exc
     voxels = limits.check_voxels((*reader.GetSize(), reader.GetNumberOfComponents()), Path(path).name)
     limits.check_decoded(voxels * _itk_itemsize(reader.GetPixelID()), received, Path(path).name)
+    if reader.GetDimension() == 3:  # other dimensions are refused when the image is read
+        check_spacing(reader.GetSpacing(), np.reshape(reader.GetDirection(), (3, 3)), str(path))
     return reader, voxels
 
 
@@ -139,18 +161,28 @@ def read_itk_image(path: str | Path, dtype=np.float32, limits: ResourceLimits = 
     return volume_from_sitk(image, dtype, str(path))
 
 
-def declared_voxels(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS) -> int:
-    """How many voxels the NIfTI, NRRD/MHA file or DICOM zip at ``path`` declares, from its headers alone (nothing
-    is decoded or extracted), checked against ``limits`` as the readers check it: what a service reserves memory
-    for before reading. A zip counts every DICOM image it holds, whichever series would be chosen."""
+def declared_size(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS) -> tuple[int, int]:
+    """``(voxels, slices)`` the NIfTI, NRRD/MHA file or DICOM zip at ``path`` declares, from its headers alone
+    (nothing is decoded or extracted), checked against ``limits`` as the readers check it: what a service reserves
+    memory for before reading. Slices are counted along the axis nearest the patient's S axis, as the models take
+    them. A zip counts every DICOM image (and frame) it holds, whichever series would be chosen."""
     suffix = file_suffix(Path(path))
     if suffix in NIFTI_SUFFIXES:
-        return _open_nifti(path, limits)[1]
+        image, voxels = _open_nifti(path, limits)
+        shape = image.header.get_data_shape()[:3]
+        return voxels, int(shape[slice_axis(geometry_from_affine(image.affine)[2])]) if len(shape) == 3 else 1
     if suffix in ITK_READ_SUFFIXES:
-        return _open_itk(path, limits)[1]
+        reader, voxels = _open_itk(path, limits)
+        size = reader.GetSize()
+        return voxels, int(size[slice_axis(np.reshape(reader.GetDirection(), (3, 3)))]) if len(size) == 3 else 1
     if suffix == ".zip":
-        return zip_declared_voxels(path, limits)
+        return zip_declared_size(path, limits)
     raise ValueError(f"{Path(path).name}: sizes are declared only by NIfTI, NRRD, MHA and zipped DICOM files")
+
+
+def declared_voxels(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS) -> int:
+    """How many voxels the file at ``path`` declares: :func:`declared_size`'s first number."""
+    return declared_size(path, limits)[0]
 
 
 def write_volume(volume: Volume, path: str | Path, dtype=None) -> Path:

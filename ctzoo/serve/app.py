@@ -82,6 +82,7 @@ from ctzoo.serve.repository import ServedModel, load_repository
 from ctzoo.serve.v2_codec import (
     HEADER_LENGTH,
     ServeError,
+    content_encoding,
     decode_request,
     encode_response,
     inflate,
@@ -374,6 +375,7 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
         arrived = time.perf_counter()
         async with budget.slot(model.name):
             admit_s = time.perf_counter() - arrived  # waiting for one of the model's request slots
+            content_encoding(request.headers.get("content-encoding"))  # 415 before the body is read
             body = await read_body(request, settings.max_upload_bytes)
             inflated, held = await run_in_threadpool(request_budget, body, request.headers.get("content-encoding"),
                                                      request.headers.get(HEADER_LENGTH),

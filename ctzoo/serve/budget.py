@@ -13,7 +13,9 @@
   ``Retry-After``. One that could never fit (alone over ``max_inflight_mb``) gets 413 at once.
 
 How much a request reserves: a study, ``STUDY_BYTES_PER_VOXEL`` per voxel its headers declare (the float32
-volume, the stored copy and the model's resampled input); a tensor request, its body, plus the inflated size
+volume, the stored copy and the model's resampled input), plus, for a segmenter, which holds every slice of the
+volume on its input canvas at once whatever the slices' own size, ``SEGMENTER_BYTES_PER_CANVAS_PIXEL`` per canvas
+pixel of each declared slice (:func:`study_bytes`); a tensor request, its body, plus the inflated size
 its compression allows, plus ``PARSED_BYTES_PER_JSON_VALUE`` per value its JSON holds (counted before parsing;
 more values than ``max_tensor_elements`` allow are refused then: :func:`ctzoo.serve.v2_codec.request_budget`).
 """
@@ -31,6 +33,15 @@ from ctzoo.serve.v2_codec import ServeError
 #: Bytes reserved per declared voxel of a study: float32 HU (4), the decoded stored values (2), the resampled
 #: float32 model input (4), rounded up.
 STUDY_BYTES_PER_VOXEL = 12
+#: Bytes reserved per pixel of a segmenter's input canvas, per declared slice: the float32 HU canvas, the windowed
+#: input and the copies windowing makes while both exist (measured: 18), the uint8 label per slice, rounded up.
+SEGMENTER_BYTES_PER_CANVAS_PIXEL = 20
+
+
+def study_bytes(voxels: int, slices: int, canvas_pixels: int = 0) -> int:
+    """What a study of ``voxels`` in ``slices`` slices reserves; ``canvas_pixels``: a segmenter's input slice
+    (H x W; 0 for a detector, which prepares its slices a few at a time)."""
+    return voxels * STUDY_BYTES_PER_VOXEL + slices * canvas_pixels * SEGMENTER_BYTES_PER_CANVAS_PIXEL
 
 
 def _upload_limits() -> ResourceLimits:

@@ -24,9 +24,12 @@ A zipped series' JPEG 2000 is decoded as ``ctzoo serve --decode`` chose at start
 GPU where its check passes, else GDCM; the reply's ``runtime.decoder`` says which), as ``ctzoo infer --decode``.
 
 Bounds (:mod:`ctzoo.serve.budget`): the body is read, and the study run, inside the request deadline; past it the
-client gets 504 and the worker stops at its next stage boundary and removes its folder. Before any voxel is read,
-the upload's headers are checked (voxels, decoded bytes, inflation; MHA/NRRD must carry their own voxels) and
-the memory they declare is reserved from the server's in-flight budget. Study folders left by a killed server
+client gets 504 and the worker is told to stop (as when the client disconnects): it stops at the pipeline's next
+check (:attr:`~ctzoo.inference.pipeline.PipelineOptions.cancel`) and removes its folder, and the request's slot and
+memory reservation are given back only then. Before any voxel is read,
+the upload's headers are checked (voxels, decoded bytes, inflation, voxel spacing; MHA/NRRD must carry their own
+voxels) and the memory they declare (voxels and slices: :func:`ctzoo.serve.budget.study_bytes`) is reserved from
+the server's in-flight budget. Study folders left by a killed server
 are removed when the service starts, and any older than twice the deadline whenever a study arrives.
 
 Latency anomalies (``ctzoo serve --perf``, the service's :class:`~ctzoo.perf.PerfMonitor` in ``app.state.perf``):
@@ -37,11 +40,13 @@ when the run ended before they were known). Its context never names the upload: 
 keyed hash, so it groups with the study's other events), bytes, format, declared voxels, and ``request``, the hash
 (:func:`ctzoo.perf.request_hash`) of an ``X-Request-ID`` header when the client sends one.
 
-Errors: an unrecognised body is 415; a volume over a size limit is 413 naming the limit and the option that raises
+Errors: a ``format`` that cannot answer (``nifti`` of a detector, ``dicom`` of an upload that is not a zipped DICOM
+series) is 400 before the upload is stored or the study run; an unrecognised body is 415; a volume over a size
+limit is 413 naming the limit and the option that raises
 it; an MHA/NRRD header naming another file is 400; a busy server is 503 with ``Retry-After``; anything wrong with
-the volume (corrupt or truncated file, a zip without a
-DICOM series, a zip that inflates beyond the limit, NaN voxels) is 400 with the reader's message; a model that is
-folder that is not a whole bundle (written by an older ctzoo export) has no study endpoint (404).
+the volume (corrupt or truncated file, a zip without a DICOM series, a zip that inflates beyond the limit, a voxel
+spacing no CT has, NaN voxels) is 400 with the reader's message; a model whose folder is not a whole bundle
+(written by an older ctzoo export) has no study endpoint (404).
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ctzoo.perf import event_key, request_hash
 from ctzoo.serve.app import read_body
-from ctzoo.serve.budget import STUDY_BYTES_PER_VOXEL
+from ctzoo.serve.budget import study_bytes
 from ctzoo.serve.v2_codec import ServeError
 
 logger = logging.getLogger(__name__)
@@ -73,6 +78,8 @@ logger = logging.getLogger(__name__)
 _SIGNATURES = [(b"\x1f\x8b", 0, ".nii.gz"), (b"PK\x03\x04", 0, ".zip"), (b"NRRD", 0, ".nrrd"),
                (b"ObjectType", 0, ".mha"), (b"n+1\x00", 344, ".nii")]
 FORMATS = ("json", "nifti", "dicom")
+#: The status of a study whose client disconnected (nginx's "client closed request"): only the access log sees it.
+CLIENT_CLOSED = 499
 STUDY_PREFIX = "study-"
 
 
@@ -120,6 +127,15 @@ class StudyTasks:
     @property
     def sessions(self) -> int:
         return len(self._backends)
+
+
+def canvas_pixels(bundle) -> int:
+    """Pixels of a segmenter's input slice (its preprocessing's canvas), which it holds for every slice of a
+    volume at once; 0 for a detector (:func:`ctzoo.serve.budget.study_bytes`)."""
+    if bundle.task != "segmentation":
+        return 0
+    height, width = bundle.preprocessing.size
+    return int(height) * int(width)
 
 
 def served_bundle(model):
@@ -172,13 +188,14 @@ class StudyFolders:
         return Path(tempfile.mkdtemp(prefix=STUDY_PREFIX, dir=self.root))
 
 
-def declared_study_voxels(upload: Path, limits) -> int:
-    """The voxels the upload declares (headers only), as ServeError: 413 past a size limit, 400 otherwise."""
+def declared_study_size(upload: Path, limits) -> tuple[int, int]:
+    """``(voxels, slices)`` the upload declares (headers only), as ServeError: 413 past a size limit, 400
+    otherwise (an implausible voxel spacing included)."""
     from ctzoo.io import LimitExceeded
-    from ctzoo.io.image_files import declared_voxels
+    from ctzoo.io.image_files import declared_size
 
     try:
-        return declared_voxels(upload, limits)
+        return declared_size(upload, limits)
     except LimitExceeded as exc:
         raise ServeError(str(exc).replace(str(upload), "the upload").replace(upload.name, "the upload"),
                          status=413) from None
@@ -212,14 +229,18 @@ def run_study(task, folder: Path, suffix: str, output_format: str, limits, cance
     pipeline's stages and, once the study's slices are known, ``upload_timing``; ``decoder``: how a zipped
     series' JPEG 2000 is decoded (:attr:`~ctzoo.inference.pipeline.PipelineOptions.decoder`)."""
     from ctzoo.inference.inputs import CaseInput
-    from ctzoo.inference.pipeline import PipelineOptions, run_pipeline
+    from ctzoo.inference.pipeline import Cancelled, PipelineOptions, run_pipeline
 
     upload, row = folder / f"upload{suffix}", None
     try:
         out = folder / "out"
-        [row] = run_pipeline([CaseInput("study", upload)], task,
-                             PipelineOptions(out=out, workers=0, overlay=False, progress=False, limits=limits,
-                                             cancel=cancel, perf=perf, decoder=decoder))
+        try:
+            [row] = run_pipeline([CaseInput("study", upload)], task,
+                                 PipelineOptions(out=out, workers=0, overlay=False, progress=False, limits=limits,
+                                                 cancel=cancel, perf=perf, decoder=decoder))
+        except Cancelled:  # the deadline passed (the client has its 504) or the client disconnected
+            raise ServeError("the study was cancelled: the client disconnected or the deadline passed",
+                             status=CLIENT_CLOSED) from None
         if row["status"] != "ok":
             message = row["error"].replace(str(upload), "the upload")
             raise ServeError(message, status=500 if message.startswith("model failed") else 400)
@@ -231,19 +252,26 @@ def run_study(task, folder: Path, suffix: str, output_format: str, limits, cance
             upload_timing.record(perf, task, upload, slices)
 
 
+def check_output_format(output_format: str, task: str, suffix: str | None = None) -> None:
+    """400 before any work where ``output_format`` cannot answer a ``task`` model (``detection``,
+    ``segmentation``) or, once the upload's ``suffix`` is known, that upload."""
+    if output_format == "nifti" and task != "segmentation":
+        raise ServeError("format=nifti is for segmentation models; a detector answers json or dicom")
+    if output_format == "dicom" and suffix not in (None, ".zip"):
+        raise ServeError("format=dicom answers a zipped DICOM series only (a DICOM SR or SEG refers to its slices); "
+                         "the upload is not one: ask for json" + (" or nifti" if task == "segmentation" else ""))
+
+
 def _answer(task, folder: Path, suffix: str, output_format: str) -> Response:
     detector = task.task == "detection"
     if output_format == "json":
         name = "detections.json" if detector else "segmentation.json"
         return JSONResponse({**json.loads((folder / name).read_text()), "graph": task.runtime.get("graph")})
-    if output_format == "nifti":
-        if detector:
-            raise ServeError("format=nifti is for segmentation models; a detector answers json or dicom")
+    if output_format == "nifti":  # a segmenter's (check_output_format)
         return Response((folder / "labels.nii.gz").read_bytes(), media_type="application/gzip")
-    dicom = folder / ("sr.dcm" if detector else "seg.dcm")
+    dicom = folder / ("sr.dcm" if detector else "seg.dcm")  # DICOM input (check_output_format)
     if not dicom.is_file():
-        reason = "no class was found" if suffix == ".zip" else "the upload was not a DICOM series"
-        raise ServeError(f"no DICOM result: {reason}", status=404 if suffix == ".zip" else 400)
+        raise ServeError("no DICOM result: no class was found", status=404)
     return Response(dicom.read_bytes(), media_type="application/dicom")
 
 
@@ -275,43 +303,82 @@ def study_router(device: str = "auto", threads: int | None = None, state_dir: st
             raise ServeError(f"score_threshold must lie in [0, 1], got {score_threshold}")
         settings = request.app.state.settings
         cancel = threading.Event()
+        job = asyncio.ensure_future(_study(request, models[model_name], format, score_threshold, cancel))
+        job.add_done_callback(_retrieve)
         try:
-            return await asyncio.wait_for(_study(request, models[model_name], format, score_threshold, cancel),
-                                          settings.request_timeout_s)
+            return await asyncio.wait_for(asyncio.shield(job), settings.request_timeout_s)
         except asyncio.TimeoutError:
-            cancel.set()  # the worker stops at its next stage boundary and removes its folder
+            # an upload still arriving stops now; a running study is told to stop, and keeps its slot and memory
+            # until its worker has (_held_until_done)
+            job.cancel()
             raise ServeError(f"the study took longer than the {settings.request_timeout_s:g} s request timeout",
                              status=504) from None
+        except asyncio.CancelledError:  # the service is stopping
+            job.cancel()
+            raise
 
     async def _study(request: Request, model, output_format: str, score_threshold: float | None,
                      cancel: threading.Event) -> Response:
         settings, budget, perf = request.app.state.settings, request.app.state.budget, request.app.state.perf
         limits = settings.limits.volume
         bundle = await run_in_threadpool(tasks.bundle, model)
+        check_output_format(output_format, bundle.task)
         async with budget.slot(model.name):
             started, clock = time.time(), time.perf_counter()  # the upload stage: not the wait for a slot
             body = await read_body(request, settings.max_upload_bytes)
             suffix = upload_suffix(body)
+            check_output_format(output_format, bundle.task, suffix)
             size = len(body)
             folders.remove_stale()
             folder = folders.new()
             handed_over = False
+            watcher = asyncio.ensure_future(_cancel_when_gone(request.receive, cancel))
             try:
                 await run_in_threadpool((folder / f"upload{suffix}").write_bytes, body)
                 del body
-                voxels = await run_in_threadpool(declared_study_voxels, folder / f"upload{suffix}", limits)
+                voxels, slices = await run_in_threadpool(declared_study_size, folder / f"upload{suffix}", limits)
                 upload_timing = None if perf is None else UploadTiming(
                     started, time.perf_counter() - clock, _upload_context(request, size, suffix, voxels))
-                async with budget.reserve(voxels * STUDY_BYTES_PER_VOXEL, "the study"):
+                async with budget.reserve(study_bytes(voxels, slices, canvas_pixels(bundle)), "the study"):
                     task = await run_in_threadpool(tasks.get, model, bundle, score_threshold)
                     handed_over = True  # from here the worker thread owns the folder, even if we are cancelled
-                    return await run_in_threadpool(run_study, task, folder, suffix, output_format, limits, cancel,
-                                                   perf, upload_timing, decoder)
+                    return await _held_until_done(asyncio.ensure_future(run_in_threadpool(
+                        run_study, task, folder, suffix, output_format, limits, cancel, perf, upload_timing,
+                        decoder)), cancel)
             finally:
+                watcher.cancel()
                 if not handed_over:
                     shutil.rmtree(folder, ignore_errors=True)
 
     return router
+
+
+async def _held_until_done(worker: asyncio.Future, cancel: threading.Event) -> Response:
+    """The study worker's answer. Should the request be cancelled meanwhile (its deadline passed), the worker is
+    told to stop (``cancel``) and still awaited before the cancellation goes on: what the request holds (its place
+    among the model's ``--max-requests-per-model``, the memory reserved for it) is given back when the work has
+    stopped, not when the client got its 504."""
+    try:
+        return await asyncio.shield(worker)
+    except asyncio.CancelledError:
+        cancel.set()
+        await asyncio.wait([worker])
+        _retrieve(worker)  # the client has its 504: whatever the worker ended with goes nowhere
+        raise
+
+
+async def _cancel_when_gone(receive, cancel: threading.Event) -> None:
+    """Set ``cancel`` when the client disconnects: once the body has been read, the ASGI server's ``receive``
+    answers ``http.disconnect`` when the connection closes (or the response has been sent)."""
+    while (await receive())["type"] != "http.disconnect":
+        continue
+    cancel.set()
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark a background future's exception as seen (asyncio logs those never retrieved)."""
+    if future.done() and not future.cancelled():
+        future.exception()
 
 
 #: The header whose value names a study request in its perf events (hashed: clients choose it).

@@ -13,11 +13,13 @@ Binary tensor data extension (as ``tritonclient.http`` speaks it):
 * request: header ``Inference-Header-Content-Length: N``; the first ``N`` bytes of the body are the JSON
   request, the rest the raw little-endian row-major bytes of every input whose ``parameters`` hold
   ``binary_data_size``, back to back in the order of ``inputs``. A body compressed with ``Content-Encoding:
-  gzip`` or ``deflate`` is inflated first (see :func:`inflate`; the size limit applies to the inflated bytes).
+  gzip`` or ``deflate`` is inflated first (see :func:`inflate`; the size limit applies to the inflated bytes);
+  any other encoding (br, zstd...) is 415 before the body is read (:func:`content_encoding`).
 * response: an output is sent binary when its request entry has ``parameters.binary_data: true``, or, if it
   has no such entry, when the request's ``parameters.binary_data_output`` is true. Binary outputs carry
   ``parameters.binary_data_size`` and no ``data``; their bytes follow the JSON in output order, and the
   response has ``Inference-Header-Content-Length``. Responses are never compressed (clients must accept that).
+  The JSON is always valid: an output holding NaN or infinity can only be sent binary (422 otherwise).
 
 JSON costs memory beyond its text: parsed, every number is a Python object (about 32 bytes for ``0,``, two bytes
 of text), so a few hundred KB of gzip can inflate to gigabytes of parsed numbers. Before any JSON is parsed,
@@ -81,14 +83,22 @@ class DecodedRequest:
     binary_default: bool = False  # the request's binary_data_output
 
 
+def content_encoding(value: str | None) -> str:
+    """A ``Content-Encoding`` header as ``identity``, ``gzip`` or ``deflate``; 415 for any other (br, zstd...),
+    before anything is read as if it were one of these."""
+    encoding = (value or "identity").strip().lower() or "identity"
+    if encoding not in ("identity", "gzip", "deflate"):
+        raise ServeError(f"Content-Encoding {encoding!r:.40} is not supported (use gzip, deflate or none)",
+                         status=415)
+    return encoding
+
+
 def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
     """``body`` decompressed per ``Content-Encoding`` (gzip, deflate or none); 413 past ``limit`` bytes, 400 on a
     corrupt stream, 415 on another encoding. Inflates in bounded steps, so a zip bomb never gets buffered."""
-    encoding = (encoding or "identity").strip().lower()
-    if encoding in ("identity", ""):
+    encoding = content_encoding(encoding)
+    if encoding == "identity":
         return body
-    if encoding not in ("gzip", "deflate"):
-        raise ServeError(f"Content-Encoding {encoding!r} is not supported (use gzip, deflate or none)", status=415)
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     parts, size, data = [], 0, body
     try:
@@ -126,7 +136,7 @@ def _json_values(chunks: Iterable[bytes], max_values: int) -> tuple[int, int]:
 def _json_chunks(body: bytes, encoding: str, size: int) -> Iterator[bytes]:
     """The first ``size`` bytes of ``body`` as sent (``encoding`` identity) or inflated (gzip, deflate), a MiB at
     a time, so that counting them never holds more (:func:`inflate` checks the stream itself later)."""
-    if encoding in ("identity", ""):
+    if encoding == "identity":
         yield from (body[start:min(start + _CHUNK, size)] for start in range(0, size, _CHUNK))
         return
     inflater, data = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15), body
@@ -146,8 +156,8 @@ def request_budget(body: bytes, encoding: str | None, header_length: str | None,
     it is decoded)``: the body, its inflation and its JSON parsed. A compressed JSON-only body is inflated once
     here, a MiB at a time and not kept, to measure it; with the binary extension see :func:`inflated_size`. 413
     (before parsing any JSON) when the JSON holds more values than ``max_elements`` tensor elements (and
-    ``JSON_VALUE_SLACK``) allow."""
-    encoding = (encoding or "identity").strip().lower()
+    ``JSON_VALUE_SLACK``) allow; 415 first for an encoding other than gzip, deflate or none."""
+    encoding = content_encoding(encoding)
     max_values = max_elements + JSON_VALUE_SLACK
     inflated = inflated_size(body, encoding, header_length, limit, check_shape, max_values)
     length = _header_length(header_length, inflated or len(body))
@@ -165,10 +175,10 @@ def inflated_size(body: bytes, encoding: str | None, header_length: str | None, 
     them with 413) and the answer is that header plus the binary sizes it declares; a JSON-only body may inflate
     to ``limit``. 0 for an uncompressed body. A body that inflates beyond this is refused by :func:`inflate`.
     ``max_values``: the header's JSON is refused with 413 before it is parsed if it holds more values."""
-    encoding = (encoding or "identity").strip().lower()
-    if encoding in ("identity", ""):
+    encoding = content_encoding(encoding)
+    if encoding == "identity":
         return 0
-    if encoding not in ("gzip", "deflate") or header_length is None:
+    if header_length is None:
         return limit
     length = _header_length(header_length, limit)
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
@@ -335,9 +345,16 @@ def decode_request(body: bytes, header_length: str | None,
     return decoded
 
 
+#: The status of a request whose input made the model produce what JSON cannot carry (NaN, infinity): the request
+#: is well formed, the server works, but this input cannot be answered so (WebDAV's "Unprocessable Content").
+UNPROCESSABLE = 422
+
+
 def encode_response(model_name: str, model_version: str, outputs: dict[str, np.ndarray],
                     request: DecodedRequest) -> tuple[bytes, dict[str, str]]:
-    """The response body and headers for ``outputs`` (in the order given): binary where the request asked so."""
+    """The response body and headers for ``outputs`` (in the order given): binary where the request asked so.
+    Always valid JSON: an output sent as JSON that holds NaN or infinity (JSON has neither) is refused with 422
+    naming it; sent as binary data, its values go as they are."""
     header: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request.id is not None:
         header["id"] = request.id
@@ -349,10 +366,15 @@ def encode_response(model_name: str, model_version: str, outputs: dict[str, np.n
             tensor["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise ServeError(f"the model produced non-finite values (NaN or infinity) in output {name!r} for "
+                                 "this input, which JSON cannot carry: check the input's values (their range), or "
+                                 "ask for the output as binary data (binary_data: true) to receive them as they are",
+                                 status=UNPROCESSABLE)
             tensor["data"] = array.ravel().tolist()
         tensors.append(tensor)
     header["outputs"] = tensors
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     if not chunks:
         return text, {"content-type": "application/json"}
     return b"".join([text, *chunks]), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(text))}
