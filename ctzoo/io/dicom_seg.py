@@ -15,7 +15,8 @@ and a viewer overlays on the source series:
   (SCT 91772007). Algorithm type AUTOMATIC with an AlgorithmIdentificationSequence (family: Artificial
   Intelligence, name and version of the model). A tracking ID (the class name) and a tracking UID derived
   from the series and class let a viewer follow one organ across results.
-* **Identity.** Patient and study attributes come from the source (highdicom copies them); the SEG's series
+* **Identity.** Patient and study attributes come from the source (highdicom copies them), in the source's
+  character set made valid (:mod:`ctzoo.io.dicom_charset`); the SEG's series
   and instance UIDs are derived from the source series UID, algorithm name and version and a digest of the
   segments (their pixels and labels; :func:`~ctzoo.io.dicom_uids.result_uids`), so rerunning one model on one
   series gives the same objects and a resend replaces rather than duplicates, while a different segmentation
@@ -45,6 +46,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from ctzoo.io.atomic import atomic_path
+from ctzoo.io.dicom_charset import apply_character_set
 from ctzoo.io.dicom_uids import derived_uid, result_uids
 from ctzoo.io.volume import Volume
 
@@ -161,7 +163,9 @@ def write_dicom_seg(labels: np.ndarray, volume: Volume, class_names: Sequence[st
         manufacturer="ctzoo", manufacturer_model_name=algorithm_name[:64],
         software_versions=[algorithm_version, f"ctzoo {ctzoo_version}"], device_serial_number=ctzoo_version,
         content_description=f"{algorithm_name} {algorithm_version}"[:64],
-        series_description=f"SEG {algorithm_name}"[:64], omit_empty_frames=True)
+        series_description=f"SEG {algorithm_name}"[:64], omit_empty_frames=True,
+        specific_character_set=None)  # highdicom refuses valid source values: set below (ctzoo.io.dicom_charset)
+    apply_character_set(seg, headers[0])
     out_path = Path(out_path)
     with atomic_path(out_path) as partial:
         seg.save_as(partial, enforce_file_format=True)

@@ -31,7 +31,8 @@ one measured lesion per group:
   groups; an *Imaging Measurements* container with an empty Content Sequence fails dciodvfy (empty type 1C), and
   one without a Content Sequence validates but makes highdicom's group getters raise on read.
 * **Identity**: patient and study modules come from the source headers (highdicom copies them from the first
-  evidence item; :func:`ctzoo.io.dicom_seg.source_headers` completes missing type-2 attributes); every source
+  evidence item; :func:`ctzoo.io.dicom_seg.source_headers` completes missing type-2 attributes), in the
+  source's character set made valid (:mod:`ctzoo.io.dicom_charset`); every source
   slice is listed as evidence. Series and instance UIDs derive from the source series, model name and version
   and a digest of the lesions encoded, as for the SEG: rerunning one model on one series gives the same objects,
   and a resend replaces the old one; other findings (another score threshold, other weights) make another object.
@@ -51,6 +52,7 @@ from highdicom.sr.templates import DEFAULT_LANGUAGE
 from pydicom.sr.codedict import codes
 
 from ctzoo.io.atomic import atomic_path
+from ctzoo.io.dicom_charset import apply_character_set
 from ctzoo.io.dicom_seg import source_headers
 from ctzoo.io.dicom_uids import derived_uid, result_uids
 from ctzoo.io.volume import Volume
@@ -167,7 +169,9 @@ def write_recist_sr(document: dict, volume: Volume, out_path: str | Path, model_
         series_number=series_number, sop_instance_uid=instance_uid, instance_number=1,
         manufacturer="ctzoo", is_complete=True, manufacturer_model_name=model_name[:64],
         software_versions=[model_version, f"ctzoo {ctzoo_version}"], device_serial_number=ctzoo_version,
-        series_description=f"SR {model_name}"[:64])
+        series_description=f"SR {model_name}"[:64],
+        specific_character_set=None)  # highdicom refuses valid source values: set below (ctzoo.io.dicom_charset)
+    apply_character_set(sr, headers[0])
     out_path = Path(out_path)
     with atomic_path(out_path) as partial:
         sr.save_as(partial, enforce_file_format=True)
