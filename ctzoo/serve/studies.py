@@ -223,7 +223,7 @@ def run_study(task, folder: Path, suffix: str, output_format: str, limits, cance
         if row["status"] != "ok":
             message = row["error"].replace(str(upload), "the upload")
             raise ServeError(message, status=500 if message.startswith("model failed") else 400)
-        return _answer(task, out / "study", suffix, output_format)
+        return _answer(task, out / "study", suffix, output_format, row.get("dicom_error", ""))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         if perf is not None and upload_timing is not None:  # the upload completed, whatever the run did
@@ -231,7 +231,7 @@ def run_study(task, folder: Path, suffix: str, output_format: str, limits, cance
             upload_timing.record(perf, task, upload, slices)
 
 
-def _answer(task, folder: Path, suffix: str, output_format: str) -> Response:
+def _answer(task, folder: Path, suffix: str, output_format: str, dicom_error: str = "") -> Response:
     detector = task.task == "detection"
     if output_format == "json":
         name = "detections.json" if detector else "segmentation.json"
@@ -241,6 +241,8 @@ def _answer(task, folder: Path, suffix: str, output_format: str) -> Response:
             raise ServeError("format=nifti is for segmentation models; a detector answers json or dicom")
         return Response((folder / "labels.nii.gz").read_bytes(), media_type="application/gzip")
     dicom = folder / ("sr.dcm" if detector else "seg.dcm")
+    if dicom_error:  # the DICOM writer failed (the JSON and NIfTI answers stand)
+        raise ServeError(f"no DICOM result: {dicom_error}", status=500)
     if not dicom.is_file():
         reason = "no class was found" if suffix == ".zip" else "the upload was not a DICOM series"
         raise ServeError(f"no DICOM result: {reason}", status=404 if suffix == ".zip" else 400)
