@@ -9,12 +9,13 @@ and a viewer overlays on the source series:
   (highdicom's ``omit_empty_frames``): organs span a fraction of the slices, and empty frames would only bloat
   the object.
 * **Segments.** One per class present (renumbered 1..N in class order, as SEG requires consecutive numbers),
-  labelled with the class name. Property category: *Anatomical Structure* (SCT 91723000, DICOM CID 7150);
-  property type: the SNOMED CT concept of that name where DICOM CID 7151 / pydicom's SCT dictionary has one
-  (``liver`` -> SCT 10200004 Liver, ``vertebrae`` -> SCT 51282000 Vertebra), else the generic *Organ*
-  (SCT 91772007). Algorithm type AUTOMATIC with an AlgorithmIdentificationSequence (family: Artificial
-  Intelligence, name and version of the model). A tracking ID (the class name) and a tracking UID derived
-  from the series and class let a viewer follow one organ across results.
+  labelled with the class name. Property category and type (and laterality, and a tumour's anatomic region) from
+  the name, the type always from the list DICOM gives for its category (:mod:`ctzoo.io.dicom_seg_codes`:
+  ``liver`` -> Anatomical Structure, Liver; ``Tumour`` -> Morphologically Abnormal Structure, Neoplasm; a name
+  that matches nothing -> Tissue, Tissue, with a warning). Algorithm type AUTOMATIC with an
+  AlgorithmIdentificationSequence (family: Artificial Intelligence, name and version of the model). A tracking
+  ID (the class name) and a tracking UID derived from the series and class let a viewer follow one organ across
+  results.
 * **Identity.** Patient and study attributes come from the source (highdicom copies them), in the source's
   character set made valid (:mod:`ctzoo.io.dicom_charset`); the SEG's series
   and instance UIDs are derived from the source series UID, algorithm name and version and a digest of the
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,34 +43,37 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code
 
 from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_charset import apply_character_set
+from ctzoo.io.dicom_seg_codes import segment_coding
 from ctzoo.io.dicom_uids import derived_uid, result_uids
 from ctzoo.io.volume import Volume
 
 #: Read unconditionally from the first source image by highdicom; DICOM type 2 (may be empty).
 _TYPE2_FROM_SOURCE = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                       "StudyDate", "StudyTime", "ReferringPhysicianName")
-#: Class names whose SNOMED CT keyword is not their CamelCase (plural names of a structure, e.g.).
-_PROPERTY_TYPE_KEYWORDS = {"vertebrae": "Vertebra", "ribs": "Rib", "kidneys": "Kidney", "lungs": "Lung"}
 #: Display colours (RGB, tab10) by class value: distinct, and stable across results of one model.
 _PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
             (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 DEFAULT_SERIES_NUMBER_OFFSET = 1000
 
 
-def segment_property_type(class_name: str) -> Code:
-    """The SNOMED CT anatomical concept for ``class_name`` (``"liver"``, ``"vertebrae"``...), or generic Organ."""
-    keyword = _PROPERTY_TYPE_KEYWORDS.get(class_name.lower()) or "".join(
-        part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", class_name) if part)
-    for scheme in (codes.cid7151, codes.SCT):  # CID 7151: the types DICOM lists for anatomical structures
-        try:
-            return getattr(scheme, keyword)
-        except AttributeError:
-            continue
-    return codes.SCT.Organ
+def segment_description(number: int, class_name: str, algorithm: hd.AlgorithmIdentificationSequence,
+                        tracking_uid: str, rgb: tuple[int, int, int]) -> hd.seg.SegmentDescription:
+    """Segment ``number``'s description: label and tracking ID the class name, its codes from the name
+    (:func:`~ctzoo.io.dicom_seg_codes.segment_coding`), made AUTOMATIC by ``algorithm``, shown in ``rgb``."""
+    coding = segment_coding(class_name)
+    description = hd.seg.SegmentDescription(
+        segment_number=number, segment_label=class_name[:64], segmented_property_category=coding.category,
+        segmented_property_type=coding.type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm, tracking_id=class_name[:64], tracking_uid=tracking_uid,
+        anatomic_regions=None if coding.anatomic_region is None else [coding.anatomic_region],
+        display_color=hd.color.CIELabColor.from_rgb(*rgb))
+    if coding.modifier is not None:  # laterality: a Segmented Property Type Modifier, inside the type's item
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            hd.sr.CodedConcept.from_code(coding.modifier)]
+    return description
 
 
 def _check_labels(labels: np.ndarray, volume: Volume, class_names: Sequence[str]) -> np.ndarray:
@@ -136,15 +139,10 @@ def write_dicom_seg(labels: np.ndarray, volume: Volume, class_names: Sequence[st
     identity = (source.series_instance_uid, algorithm_name, algorithm_version)
     algorithm = hd.AlgorithmIdentificationSequence(name=algorithm_name, family=codes.cid7162.ArtificialIntelligence,
                                                    version=algorithm_version)
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=number, segment_label=class_names[value - 1][:64],
-            segmented_property_category=codes.cid7150.AnatomicalStructure,
-            segmented_property_type=segment_property_type(class_names[value - 1]),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
-            tracking_id=class_names[value - 1][:64], tracking_uid=derived_uid("seg-tracking", *identity, value),
-            display_color=hd.color.CIELabColor.from_rgb(*_PALETTE[(value - 1) % len(_PALETTE)]))
-        for number, value in enumerate(present, start=1)]
+    descriptions = [segment_description(number, class_names[value - 1], algorithm,
+                                        derived_uid("seg-tracking", *identity, value),
+                                        _PALETTE[(value - 1) % len(_PALETTE)])
+                    for number, value in enumerate(present, start=1)]
     renumber = np.zeros(int(labels.max()) + 1, dtype=np.uint8)  # class value -> segment number
     renumber[present] = np.arange(1, len(present) + 1)
     pixels = renumber[labels]
