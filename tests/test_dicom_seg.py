@@ -166,6 +166,24 @@ def test_msd_class_names_are_coded_as_what_they_are_and_pass_dciodvfy(sample_vol
     assert_dciodvfy_clean(path)
 
 
+def test_series_number_and_equipment(sample_volume, tmp_path):
+    """The series number is the source's plus 1000, or a fixed valid one where that overflows IS (2**31 - 1); the
+    versions are in Software Versions, not in the Device Serial Number (type 1: the algorithm's name)."""
+    labels = synthetic_labels(sample_volume.array.shape)
+
+    def written(series_number):
+        volume = dataclasses.replace(sample_volume, dicom=dataclasses.replace(sample_volume.dicom,
+                                                                              series_number=series_number))
+        return pydicom.dcmread(write_dicom_seg(labels, volume, CLASSES, tmp_path / f"{series_number}.dcm",
+                                               "template-seg-abdomen", "0.1.0"))
+
+    assert [int(written(n).SeriesNumber) for n in (None, 7, 2**31 - 1001, 2**31 - 1000, 2147483000)] == [
+        1000, 1007, 2**31 - 1, 9101, 9101]
+    seg = written(7)
+    assert seg.DeviceSerialNumber == "template-seg-abdomen" and seg.ManufacturerModelName == "template-seg-abdomen"
+    assert seg.SoftwareVersions[0] == "0.1.0" and seg.SoftwareVersions[1].startswith("ctzoo ")
+
+
 def test_refusals(sample_volume, tmp_path):
     labels = synthetic_labels(sample_volume.array.shape)
     out = tmp_path / "x.dcm"

@@ -91,6 +91,9 @@ def test_report_structure_and_identity(written, volume):
     report = hd.sr.srread(written).content
     device = report.get_observer_contexts(observer_type=codes.DCM.Device)[0]
     assert device.observer_identifying_attributes.name == "ctzoo"
+    # versions are in Software Versions, not in serial numbers (both optional here: none written)
+    assert device.observer_identifying_attributes.serial_number is None and "DeviceSerialNumber" not in ds
+    assert ds.SoftwareVersions[0] == VERSION and ds.SoftwareVersions[1].startswith("ctzoo ")
     for group in report.get_image_measurement_groups():
         assert group.finding_type.value == "52988006"  # SCT Lesion
         assert {m.unit.value for m in group.get_measurements()} == {"mm", "%"}

@@ -16,6 +16,9 @@ and a viewer overlays on the source series:
   AlgorithmIdentificationSequence (family: Artificial Intelligence, name and version of the model). A tracking
   ID (the class name) and a tracking UID derived from the series and class let a viewer follow one organ across
   results.
+* **Equipment.** Manufacturer ctzoo; Manufacturer's Model Name and Device Serial Number (type 1 in a SEG) the
+  algorithm's name, the algorithm is the device; Software Versions the algorithm's and ctzoo's versions. Series
+  number: the source's plus 1000, or 9101 where that is no valid IS.
 * **Identity.** Patient and study attributes come from the source (highdicom copies them), in the source's
   character set made valid (:mod:`ctzoo.io.dicom_charset`); the SEG's series
   and instance UIDs are derived from the source series UID, algorithm name and version and a digest of the
@@ -57,6 +60,16 @@ _TYPE2_FROM_SOURCE = ("PatientID", "PatientName", "PatientBirthDate", "PatientSe
 _PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
             (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 DEFAULT_SERIES_NUMBER_OFFSET = 1000
+#: The SEG's series number where the source's plus the offset is no valid IS (beyond 2**31 - 1).
+FALLBACK_SERIES_NUMBER = 9101
+_LARGEST_IS = 2**31 - 1
+
+
+def default_series_number(source_series_number: int | None) -> int:
+    """The SEG's series number: the source's plus :data:`DEFAULT_SERIES_NUMBER_OFFSET` (so it sorts after its
+    source in a viewer), or :data:`FALLBACK_SERIES_NUMBER` where that is no valid IS (a signed 32-bit integer)."""
+    number = DEFAULT_SERIES_NUMBER_OFFSET + (source_series_number or 0)
+    return number if -_LARGEST_IS - 1 <= number <= _LARGEST_IS else FALLBACK_SERIES_NUMBER
 
 
 def segment_description(number: int, class_name: str, algorithm: hd.AlgorithmIdentificationSequence,
@@ -126,8 +139,9 @@ def write_dicom_seg(labels: np.ndarray, volume: Volume, class_names: Sequence[st
     """Write ``labels`` ``(Z, Y, X)`` (0 = background, ``c`` = ``class_names[c - 1]``), on the grid of ``volume``
     as stored, as a BINARY DICOM SEG referencing the volume's DICOM slices; returns ``out_path``.
 
-    ``series_number`` defaults to the source's plus 1000. Raises ``ValueError`` when the volume did not come from
-    DICOM, the labels do not fit it, or no class is present (a SEG must hold at least one segment).
+    ``series_number`` defaults to the source's plus 1000 (:func:`default_series_number`). Raises ``ValueError``
+    when the volume did not come from DICOM, the labels do not fit it, or no class is present (a SEG must hold at
+    least one segment).
     """
     labels = _check_labels(labels, volume, class_names)
     headers = source_headers(volume)
@@ -149,7 +163,7 @@ def write_dicom_seg(labels: np.ndarray, volume: Volume, class_names: Sequence[st
     series_uid, instance_uid = result_uids("seg", *identity, np.ascontiguousarray(pixels),
                                            repr((pixels.shape, [class_names[v - 1] for v in present])).encode())
     if series_number is None:
-        series_number = DEFAULT_SERIES_NUMBER_OFFSET + (source.series_number or 0)
+        series_number = default_series_number(source.series_number)
     try:
         ctzoo_version = importlib.metadata.version("ctzoo")
     except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
@@ -159,7 +173,8 @@ def write_dicom_seg(labels: np.ndarray, volume: Volume, class_names: Sequence[st
         segment_descriptions=descriptions, series_instance_uid=series_uid,
         series_number=series_number, sop_instance_uid=instance_uid, instance_number=1,
         manufacturer="ctzoo", manufacturer_model_name=algorithm_name[:64],
-        software_versions=[algorithm_version, f"ctzoo {ctzoo_version}"], device_serial_number=ctzoo_version,
+        software_versions=[algorithm_version, f"ctzoo {ctzoo_version}"],
+        device_serial_number=algorithm_name[:64],  # type 1 in SEG: the algorithm is the device; versions above
         content_description=f"{algorithm_name} {algorithm_version}"[:64],
         series_description=f"SEG {algorithm_name}"[:64], omit_empty_frames=True,
         specific_character_set=None)  # highdicom refuses valid source values: set below (ctzoo.io.dicom_charset)

@@ -25,8 +25,10 @@ one measured lesion per group:
   uncalibrated confidence that the finding is a lesion, not a probability of malignancy. The centre point is not
   stored.
 * **Report**: title *Imaging Measurement Report* (DCM 126000), procedure reported *CT unspecified body region*
-  (LOINC 25045-6, CID 100), a device observer (ctzoo, the model as model name). Completion COMPLETE (the
-  algorithm reported everything it found), PRELIMINARY and UNVERIFIED: no person has reviewed it.
+  (LOINC 25045-6, CID 100), a device observer (ctzoo, the model as model name; no serial number, an optional
+  item, as the equipment's Device Serial Number: versions are no serial numbers and go in Software Versions, the
+  model's and ctzoo's). Completion COMPLETE (the algorithm reported everything it found), PRELIMINARY and
+  UNVERIFIED: no person has reviewed it.
 * **Zero lesions** still give a report that says so: TID 1500 rows 12 and 14, a *Qualitative Evaluations*
   container (UMLS C0034375) with a TEXT *Finding* (DCM 121071) "No lesion detected by <model> <version>", and no
   *Imaging Measurements* container (TID 1500 needs one of the two). highdicom's ``MeasurementReport`` refuses zero
@@ -174,7 +176,7 @@ def write_recist_sr(document: dict, volume: Volume, out_path: str | Path, model_
     ctzoo_version = _ctzoo_version()
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=derived_uid("sr-device", model_name, model_version), name="ctzoo", manufacturer_name="ctzoo",
-        model_name=model_name[:64], serial_number=ctzoo_version)
+        model_name=model_name[:64])
     observation_context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.DCM.Device, observer_identifying_attributes=device))
     if lesions:
@@ -191,8 +193,7 @@ def write_recist_sr(document: dict, volume: Volume, out_path: str | Path, model_
         evidence=headers, content=content, series_instance_uid=series_uid,
         series_number=series_number, sop_instance_uid=instance_uid, instance_number=1,
         manufacturer="ctzoo", is_complete=True, manufacturer_model_name=model_name[:64],
-        software_versions=[model_version, f"ctzoo {ctzoo_version}"], device_serial_number=ctzoo_version,
-        series_description=f"SR {model_name}"[:64],
+        software_versions=[model_version, f"ctzoo {ctzoo_version}"], series_description=f"SR {model_name}"[:64],
         specific_character_set=None)  # highdicom refuses valid source values: set below (ctzoo.io.dicom_charset)
     apply_character_set(sr, headers[0])
     out_path = Path(out_path)
