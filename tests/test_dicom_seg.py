@@ -10,7 +10,8 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from ctzoo.datasets import samples
-from ctzoo.io.dicom_seg import read_dicom_seg_labels, segment_property_type, source_headers, write_dicom_seg
+from ctzoo.io.dicom_seg import read_dicom_seg_labels, source_headers, write_dicom_seg
+from ctzoo.io.dicom_seg_codes import segment_coding
 
 CLASSES = ["liver", "spleen", "stomach", "aorta", "vertebrae"]
 
@@ -75,7 +76,7 @@ def test_segments_identity_and_uids(written, labels, sample_volume):
     assert [int(s.SegmentNumber) for s in seg.SegmentSequence] == list(range(1, len(present) + 1))
     for item in seg.SegmentSequence:
         assert item.SegmentedPropertyCategoryCodeSequence[0].CodeMeaning == "Anatomical Structure"
-        assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == segment_property_type(item.SegmentLabel).value
+        assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == segment_coding(item.SegmentLabel).type.value
         assert item.SegmentAlgorithmType == "AUTOMATIC"
         algorithm = item.SegmentationAlgorithmIdentificationSequence[0]
         assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("template-seg-abdomen", "0.1.0")
@@ -110,10 +111,77 @@ def test_another_segmentation_gets_other_uids(labels, sample_volume, tmp_path):
     assert first == again and len(found) == 3 and len({uid for pair in found for uid in pair}) == 6
 
 
-def test_property_type_codes():
-    assert segment_property_type("liver") == codes.SCT.Liver
-    assert segment_property_type("vertebrae") == codes.SCT.Vertebra
-    assert segment_property_type("urinary_bladder_wall_thing") == codes.SCT.Organ
+ANATOMICAL, ABNORMAL, TISSUE = (codes.cid7150.AnatomicalStructure, codes.cid7150.MorphologicallyAbnormalStructure,
+                                codes.cid7150.Tissue)
+
+
+@pytest.mark.parametrize(("name", "category", "type_", "modifier", "region"), [
+    ("liver", ANATOMICAL, codes.SCT.Liver, None, None),
+    ("vertebrae", ANATOMICAL, codes.SCT.Vertebra, None, None),
+    ("kidney_left", ANATOMICAL, codes.SCT.Kidney, codes.SCT.Left, None),
+    ("urinary_bladder", ANATOMICAL, codes.SCT.Bladder, None, None),
+    ("Vessel", ANATOMICAL, codes.SCT.BloodVessel, None, None),  # MSD Task08
+    ("cancer", ABNORMAL, codes.SCT.Neoplasm, None, None),  # MSD Task03, 06, 07
+    ("Tumour", ABNORMAL, codes.SCT.Neoplasm, None, None),  # MSD Task08
+    ("colon cancer primaries", ABNORMAL, codes.cid7194.NeoplasmPrimary, None, codes.SCT.Colon),  # MSD Task10
+    ("liver metastases", ABNORMAL, codes.cid7194.NeoplasmSecondary, None, codes.SCT.Liver),
+    ("lung nodules", ABNORMAL, codes.SCT.Nodule, None, codes.SCT.Lung),
+    ("subcutaneous_fat", TISSUE, codes.cid7191.AdiposeTissue, None, None),
+    ("Anterior", TISSUE, codes.SCT.Tissue, None, None),  # a qualifier, not a structure: neutral, not Organ
+])
+def test_segment_codes_match_category_and_type(name, category, type_, modifier, region):
+    coding = segment_coding(name)
+    assert (coding.category, coding.type, coding.modifier, coding.anatomic_region) == (category, type_, modifier,
+                                                                                      region)
+    assert coding.known == (name != "Anterior")
+
+
+def test_msd_class_names_are_coded_as_what_they_are_and_pass_dciodvfy(sample_volume, tmp_path, caplog):
+    """MSD label names (as configs/template_seg_msd_example.yaml trains on them) and an unknown one in a SEG: the
+    category matches the type, tumours are not organs, laterality and region are coded, the unknown one is neutral
+    Tissue with a warning, and the object conforms."""
+    import highdicom as hd
+    from dicom_validation import assert_dciodvfy_clean
+
+    names = ["liver", "cancer", "Vessel", "colon cancer primaries", "kidney_left", "blorp"]
+    labels = np.zeros(sample_volume.array.shape, np.uint8)
+    for value in range(1, len(names) + 1):
+        labels[5, 40 * value:40 * value + 20, 100:140] = value
+    with caplog.at_level("WARNING", logger="ctzoo.io.dicom_seg_codes"):
+        path = write_dicom_seg(labels, sample_volume, names, tmp_path / "msd.dcm", "template-seg-msd", "0.1.0")
+    assert [r.getMessage() for r in caplog.records if "blorp" in r.getMessage()]
+    seg = hd.seg.segread(path)
+    found = {}
+    for number in seg.segment_numbers:
+        described = seg.get_segment_description(number)
+        found[described.segment_label] = (described.segmented_property_category.value,
+                                          described.segmented_property_type.value)
+    assert found == {"liver": ("91723000", "10200004"), "cancer": ("49755003", "108369006"),
+                     "Vessel": ("91723000", "59820001"), "colon cancer primaries": ("49755003", "372087000"),
+                     "kidney_left": ("91723000", "64033007"), "blorp": ("85756007", "85756007")}
+    items = {item.SegmentLabel: item for item in pydicom.dcmread(path).SegmentSequence}
+    kidney_type = items["kidney_left"].SegmentedPropertyTypeCodeSequence[0]
+    assert kidney_type.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == "Left"
+    assert items["colon cancer primaries"].AnatomicRegionSequence[0].CodeValue == codes.SCT.Colon.value
+    assert_dciodvfy_clean(path)
+
+
+def test_series_number_and_equipment(sample_volume, tmp_path):
+    """The series number is the source's plus 1000, or a fixed valid one where that overflows IS (2**31 - 1); the
+    versions are in Software Versions, not in the Device Serial Number (type 1: the algorithm's name)."""
+    labels = synthetic_labels(sample_volume.array.shape)
+
+    def written(series_number):
+        volume = dataclasses.replace(sample_volume, dicom=dataclasses.replace(sample_volume.dicom,
+                                                                              series_number=series_number))
+        return pydicom.dcmread(write_dicom_seg(labels, volume, CLASSES, tmp_path / f"{series_number}.dcm",
+                                               "template-seg-abdomen", "0.1.0"))
+
+    assert [int(written(n).SeriesNumber) for n in (None, 7, 2**31 - 1001, 2**31 - 1000, 2147483000)] == [
+        1000, 1007, 2**31 - 1, 9101, 9101]
+    seg = written(7)
+    assert seg.DeviceSerialNumber == "template-seg-abdomen" and seg.ManufacturerModelName == "template-seg-abdomen"
+    assert seg.SoftwareVersions[0] == "0.1.0" and seg.SoftwareVersions[1].startswith("ctzoo ")
 
 
 def test_refusals(sample_volume, tmp_path):

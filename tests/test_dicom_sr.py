@@ -91,6 +91,9 @@ def test_report_structure_and_identity(written, volume):
     report = hd.sr.srread(written).content
     device = report.get_observer_contexts(observer_type=codes.DCM.Device)[0]
     assert device.observer_identifying_attributes.name == "ctzoo"
+    # versions are in Software Versions, not in serial numbers (both optional here: none written)
+    assert device.observer_identifying_attributes.serial_number is None and "DeviceSerialNumber" not in ds
+    assert ds.SoftwareVersions[0] == VERSION and ds.SoftwareVersions[1].startswith("ctzoo ")
     for group in report.get_image_measurement_groups():
         assert group.finding_type.value == "52988006"  # SCT Lesion
         assert {m.unit.value for m in group.get_measurements()} == {"mm", "%"}
@@ -169,6 +172,25 @@ def test_refusals_leave_no_file(volume, document, tmp_path):
                         MODEL, VERSION)
     with pytest.raises(ValueError, match="not on the volume's series"):
         write_recist_sr(dict(document, input={"series_instance_uid": "1.2.3"}), volume, out, MODEL, VERSION)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("how", ["beside", "parallel"])
+def test_axes_that_are_not_recist_diameters_are_refused(volume, document, tmp_path, how):
+    """The short axis of the audit's sample lesion lay 6.5 deg from the long one and did not cross it: not a
+    RECIST short axis, so no report may call it one."""
+    good = document["lesions"][0]
+    voxel = np.asarray(good["points_voxel"], dtype=float)
+    if how == "beside":  # perpendicular, but beyond the long axis's end
+        voxel[2:4, 0] = voxel[1, 0] + 5
+    else:  # crossing, but nearly parallel to the long axis
+        voxel[2:4] = voxel[[0, 1]] + [[2, -1, 0], [-2, 1, 0]]
+    mm = volume.index_to_lps(voxel)
+    bad = dict(good, points_voxel=voxel.tolist(), points_mm=mm.round(3).tolist(),
+               short_axis_mm=round(float(np.linalg.norm(mm[3] - mm[2])), 2))
+    with pytest.raises(ValueError, match="lesion 2: its long and short axes do not cross within 60 deg"):
+        write_recist_sr(detections(volume, [document["lesions"][1], bad]), volume, tmp_path / "x.dcm", MODEL,
+                        VERSION)
     assert not list(tmp_path.iterdir())
 
 

@@ -254,6 +254,47 @@ def test_a_case_that_fails_on_a_rerun_keeps_its_status_alone_and_the_other_model
     assert {name for name in detector_files | segmenter_files if not name.startswith("status-")} <= declared
 
 
+def test_a_failing_dicom_writer_keeps_the_json_and_nifti_results_and_resume_retries_it(mixed_inputs, tmp_path,
+                                                                                        monkeypatch):
+    """The SR and SEG writers refuse the series (as highdicom refused a Japanese character set): each case is ok
+    with its JSON and NIfTI results, the summary and status say why its DICOM result is missing, the run exits 0
+    with a warning; --resume runs those cases again, and with a writer that works they get their DICOM results."""
+    import ctzoo.io.dicom_seg
+    import ctzoo.io.dicom_sr
+
+    def refuse(*args, **kwargs):
+        raise ValueError("'' is not a valid SpecificCharacterSetValues")
+
+    monkeypatch.setattr(ctzoo.io.dicom_sr, "write_recist_sr", refuse)
+    monkeypatch.setattr(ctzoo.io.dicom_seg, "write_dicom_seg", refuse)
+    out = tmp_path / "out"
+    args = ["infer", str(mixed_inputs / "patientA" / "study1" / "ct"), "--out", str(out), "--workers", "0",
+            "--model", "recistnet-mini", "--model", "template-seg-abdomen"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    case = out / "ct"
+    assert {p.name for p in case.iterdir()} == {"detections.json", "labels.nii.gz", "segmentation.json",
+                                                "status-recistnet-mini.json", "status-template-seg-abdomen.json"}
+    rows = {row["model"]: row for row in _summary_rows(out)}
+    for model, name in (("recistnet-mini", "sr.dcm"), ("template-seg-abdomen", "seg.dcm")):
+        expected = f"{name} not written: '' is not a valid SpecificCharacterSetValues"
+        assert rows[model]["status"] == "ok" and rows[model]["dicom_error"] == expected
+        assert json.loads((case / f"status-{model}.json").read_text())["dicom_error"] == expected
+        assert f"warning: ct [{model}]: {expected}" in result.output
+    assert "2 ok, 0 failed; 2 ok without their DICOM result" in result.output
+
+    monkeypatch.undo()
+    result = CliRunner().invoke(main, [*args, "--resume"])
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    assert (case / "sr.dcm").is_file() and (case / "seg.dcm").is_file()
+    assert {row["dicom_error"] for row in _summary_rows(out)} == {""}
+
+
+def _summary_rows(out: Path) -> list[dict]:
+    with open(out / "summary.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def test_ctrl_c_leaves_no_partial_file_and_resume_finishes(mixed_inputs, tmp_path, monkeypatch):
     from ctzoo.inference import tasks
 

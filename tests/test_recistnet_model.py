@@ -185,6 +185,64 @@ def test_centre_candidates_find_lesions_whose_end_points_the_combinations_reject
     assert scores[0] > 0.9 and 0.3 < scores[1] < 0.4  # no end-point evidence: only the centre's 2/6
 
 
+def _recist_axes(points: torch.Tensor) -> torch.Tensor:
+    """(N, 5, 2) -> (N,) whether each lesion's axes cross on both segments within 60 deg of perpendicular."""
+    a, b, w = (p.double() for p in (points[:, 1] - points[:, 0], points[:, 3] - points[:, 2],
+                                     points[:, 2] - points[:, 0]))
+    cos = (a * b).sum(-1).abs() / (a.norm(dim=-1) * b.norm(dim=-1))
+
+    def cross(p, q):
+        return p[:, 0] * q[:, 1] - p[:, 1] * q[:, 0]
+
+    denom = cross(a, b)  # zero for parallel axes, which the |cos| test fails anyway
+    t, s = cross(w, b) / denom, cross(w, a) / denom  # points[0] + t a == points[2] + s b
+    eps = 1e-4
+    return (cos <= 0.5 + eps) & (t >= -eps) & (t <= 1 + eps) & (s >= -eps) & (s <= 1 + eps)
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    # 53 deg off perpendicular: turned perpendicular about the midpoint's projection, its 50 px kept
+    ("not_perpendicular", [[40, 100], [100, 100], [75, 75], [75, 125], [75, 100]]),
+    # perpendicular but beside the long axis: moved onto it, within 90 % of its length
+    ("axes_do_not_cross", [[40, 100], [100, 100], [94, 85], [94, 115], [130, 100]]),
+    # in line with the long axis (the audit's sample lesion: 6.5 deg, beside it): turned across it
+    ("in_line", [[40, 100], [100, 100], [75, 85], [75, 115], [75, 100]]),
+    # a short axis under a pixel: no short axis to be had, dropped (as a combination would be)
+    ("no_short_axis", None),
+])
+def test_centre_proposals_report_recist_axes_or_nothing(case, expected):
+    """The audit's sample lesion had axes 6.5 deg apart that did not cross, from a centre proposal, which no
+    geometry check saw. A reported lesion now has RECIST axes: the short axis turned perpendicular across the long
+    one where the proposal's is not, its length kept."""
+    points = {"not_perpendicular": [[40, 100], [100, 100], [60, 80], [90, 120], [75, 100]],
+              "axes_do_not_cross": [[40, 100], [100, 100], [130, 85], [130, 115], [130, 100]],
+              "in_line": [[40, 100], [100, 100], [60, 101], [90, 101], [75, 100]],
+              "no_short_axis": [[40, 100], [100, 100], [75, 100.2], [75, 100.6], [75, 100]]}[case]
+    heatmaps, offsets, targets = perfect_outputs([np.array(points, dtype=np.float64)[None]], (256, 256))
+    out = group_keypoints(heatmaps, offsets, R, displacements=targets["displacements"])
+    found = out["points"][0][out["valid"][0]]
+    if expected is None:
+        assert len(found) == 0
+        return
+    assert len(found) == 1 and _recist_axes(found).all()
+    assert torch.allclose(found[0], torch.tensor(expected, dtype=torch.float32), atol=0.05)
+    short = np.linalg.norm(np.subtract(points[3], points[2]))
+    assert (found[0, 3] - found[0, 2]).norm() == pytest.approx(short, abs=0.05)  # the measurement stays
+
+
+def test_every_reported_lesion_has_recist_axes_on_noisy_maps():
+    """Whatever the maps (random heads, as an untrained or confused network gives), every lesion reported by
+    either decoder has axes that cross within 60 deg of perpendicular."""
+    generator = torch.Generator().manual_seed(0)
+    heatmaps = torch.randn(4, 5, 32, 32, generator=generator) * 2 - 1
+    offsets = torch.rand(4, 10, 32, 32, generator=generator) - 0.5
+    displacements = torch.randn(4, 8, 32, 32, generator=generator) * 4
+    out = group_keypoints(heatmaps, offsets, R, displacements=displacements, score_threshold=0.05)
+    found = out["points"][out["valid"]]
+    assert len(found) > 20
+    assert _recist_axes(found).all()
+
+
 def test_decode_modes_split_the_candidates():
     """grouping = RECIST-Net's combinations alone (displacements ignored), centre = the centre proposals alone,
     both = their union: on the case above, grouping misses the lesion without end-point evidence and the

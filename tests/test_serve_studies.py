@@ -261,6 +261,21 @@ def test_each_score_threshold_gets_its_own_sr_and_a_rerun_the_same_one(client, d
     assert len({found[t] for t in (0.05, 0.3, 0.9)}) == 3
 
 
+def test_a_failing_dicom_writer_still_answers_json_and_says_why_there_is_no_dicom(client, dicom_zip, monkeypatch):
+    """The SR writer refuses the series (as it refused Japanese character sets): format=json still answers with the
+    detections, format=dicom says why there is no SR."""
+    import ctzoo.io.dicom_sr
+
+    def refuse(*args, **kwargs):
+        raise ValueError("'' is not a valid SpecificCharacterSetValues")
+
+    monkeypatch.setattr(ctzoo.io.dicom_sr, "write_recist_sr", refuse)
+    reply = client.post("/studies/recistnet-mini?format=json", content=dicom_zip, headers=AUTH)
+    assert reply.status_code == 200 and "lesions" in reply.json(), reply.text
+    reply = client.post("/studies/recistnet-mini?format=dicom", content=dicom_zip, headers=AUTH)
+    assert reply.status_code == 500 and "sr.dcm not written: '' is not a valid" in reply.text
+
+
 def test_bad_uploads_get_a_precise_4xx_and_the_service_keeps_serving(client, small_nifti):
     good = small_nifti.read_bytes()
     cases = [

@@ -218,7 +218,11 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
         line = f"{row['case']} [{row['model']}]: " + (f"{row['findings']} finding(s) {row['detail']}".rstrip()
                                                      if row["status"] == "ok" else f"FAILED: {row['error']}")
         click.echo(line)
-    click.echo(f"summary: {out / 'summary.csv'} ({len(rows) - len(failed)} ok, {len(failed)} failed)", err=True)
+        if row["status"] == "ok" and row.get("dicom_error"):  # its JSON/NIfTI results stand
+            click.echo(f"warning: {row['case']} [{row['model']}]: {row['dicom_error']}", err=True)
+    no_dicom = sum(1 for r in rows if r["status"] == "ok" and r.get("dicom_error"))
+    click.echo(f"summary: {out / 'summary.csv'} ({len(rows) - len(failed)} ok, {len(failed)} failed"
+               + (f"; {no_dicom} ok without their DICOM result" if no_dicom else "") + ")", err=True)
     if failed:
         raise SystemExit(1)
 

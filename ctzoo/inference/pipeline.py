@@ -20,7 +20,8 @@ and in the ``copies`` layout (the CPU's; :mod:`ctzoo.inference.schedule` says wh
   process computes each slice's input on the model's device (a GPU), where the batch stays.
 * The reader stage's functions are :mod:`ctzoo.inference.reader`.
 * A case that fails to read, preprocess, predict or write is recorded with its error in ``summary.csv``
-  and ``OUT/<case>/status-<model>.json``; the batch goes on.
+  and ``OUT/<case>/status-<model>.json``; the batch goes on. One whose DICOM result alone (SR, SEG) could not be
+  written is ok with the writer's error in ``dicom_error``: its JSON and NIfTI results stand.
 * Every file is written under a temporary name and renamed; the status file is written last, so ``--resume``
   skips exactly the cases whose outputs are complete, and only where they were made with the same settings from
   the same input (:mod:`ctzoo.inference.resume`). Ctrl-C lets the case being written finish, records it
@@ -75,8 +76,9 @@ from ctzoo.io import Volume
 from ctzoo.io.atomic import atomic_path
 
 SUMMARY_FILE = "summary.csv"
+#: ``dicom_error``: why a case that is ok lacks its DICOM result (the SR or SEG writer failed; ctzoo.inference.tasks)
 SUMMARY_FIELDS = ["case", "input", "model", "model_version", "status", "error", "slices", "findings", "detail",
-                  "read_s", "seconds", "outputs"]
+                  "read_s", "seconds", "outputs", "dicom_error"]
 #: Cases read but not yet written that the main process may hold (their volumes stay in memory).
 MAX_PENDING_WRITES = 4
 

@@ -78,6 +78,8 @@ def rerun_reason(saved: dict[str, Any] | None, model_version: str, case: CaseInp
     version, ``settings`` and its input's ``identity`` now; :data:`REUSABLE` (``""``) where it need not."""
     if saved is None or saved.get("status") != "ok":
         return "not finished before"
+    if saved.get("dicom_error"):  # the DICOM writer failed: a newer ctzoo may write it
+        return "DICOM result missing"
     if saved.get("model_version") != model_version:
         return "model version changed"
     if saved.get("input") != str(case.path):

@@ -117,15 +117,15 @@ def seg_summary(labels: np.ndarray, volume: Volume, class_names: Sequence[str], 
 def write_segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence[str], folder: Path,
                        model_name: str, model_version: str, overlay: bool = True,
                        runtime: dict[str, Any] | None = None) -> list[Path]:
-    """What ``ctzoo infer`` writes for a segmenter into ``folder``: ``labels.nii.gz`` (uint8 on the input grid),
-    ``segmentation.json`` (:func:`seg_summary`), ``seg.dcm`` (DICOM SEG referencing the source slices, for DICOM
-    input with at least one labelled voxel) and ``labels_overlay.png`` (the slice with the most foreground).
-    Every file is written under a temporary name and renamed. Returns the paths written."""
+    """What ``ctzoo infer`` writes for a segmenter into ``folder`` but its DICOM SEG (which
+    :func:`ctzoo.inference.tasks.segmenter_task` writes, a failure there costing the case none of these):
+    ``labels.nii.gz`` (uint8 on the input grid), ``segmentation.json`` (:func:`seg_summary`) and
+    ``labels_overlay.png`` (the slice with the most foreground). Every file is written under a temporary name and
+    renamed. Returns the paths written."""
     import json
 
     from ctzoo.io import write_volume
     from ctzoo.io.atomic import atomic_path
-    from ctzoo.io.dicom_seg import write_dicom_seg
 
     folder.mkdir(parents=True, exist_ok=True)
     written = [write_volume(volume.with_array(labels), folder / "labels.nii.gz", dtype=np.uint8)]
@@ -133,8 +133,6 @@ def write_segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence
         document = seg_summary(labels, volume, class_names, model_name, model_version)
         partial.write_text(json.dumps(document if runtime is None else {**document, "runtime": runtime}, indent=2))
     written.append(folder / "segmentation.json")
-    if volume.dicom is not None and labels.any():
-        written.append(write_dicom_seg(labels, volume, class_names, folder / "seg.dcm", model_name, model_version))
     if overlay:
         from ctzoo.inference.overlay import plot_seg_overlay
 

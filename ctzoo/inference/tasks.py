@@ -83,6 +83,21 @@ def _log_input_warnings(volume: Volume, folder: Path) -> None:
         log.warning("%s: %s", folder.name, warning)
 
 
+def _write_dicom_result(written: list[Path], path: Path, write: Callable[[], Path]) -> str:
+    """Write a case's DICOM result (SR, SEG) with ``write``, appending its path to ``written``; returns "" or, where
+    the DICOM writer fails, the error (the summary row's ``dicom_error``, logged as a warning): the case keeps the
+    JSON and NIfTI results already written, which do not depend on DICOM encoding."""
+    from ctzoo.inference.reader import error_message
+
+    try:
+        written.append(write())
+        return ""
+    except Exception as exc:
+        message = f"{path.name} not written: {error_message(exc)}"
+        log.warning("%s: %s", path.parent.name, message)
+        return message
+
+
 def _write_json(document: dict, path: Path) -> Path:
     import json
 
@@ -138,16 +153,18 @@ def detector_task(backend, prep, model_name: str = "", version: str = "", score_
     def write(volume: Volume, document: dict, folder: Path, overlay: bool, runtime: dict[str, Any]):
         _log_input_warnings(volume, folder)
         written = [_write_json({**document, "runtime": runtime}, folder / "detections.json")]
+        dicom_error = ""
         if volume.dicom is not None:
             from ctzoo.io.dicom_sr import write_recist_sr
 
-            written.append(write_recist_sr(document, volume, folder / "sr.dcm", model_name, version))
+            dicom_error = _write_dicom_result(written, folder / "sr.dcm", functools.partial(
+                write_recist_sr, document, volume, folder / "sr.dcm", model_name, version))
         if overlay:
             from ctzoo.inference.overlay import plot_detections
 
             written.append(plot_detections(volume, document, folder / "overlay.png"))
         lesions = document["lesions"]
-        return written, {"findings": len(lesions),
+        return written, {"findings": len(lesions), "dicom_error": dicom_error,
                          "detail": "; ".join(f"{d['long_axis_mm']:.0f}x{d['short_axis_mm']:.0f} mm at {_where(d)}"
                                              for d in lesions[:5])}
 
@@ -201,9 +218,15 @@ def segmenter_task(backend, prep, model_name: str = "", version: str = "") -> Mo
         _log_input_warnings(volume, folder)
         written = write_segmentation(volume, labels, class_names, folder, model_name, version, overlay=overlay,
                                      runtime=runtime)
+        dicom_error = ""
+        if volume.dicom is not None and labels.any():  # a SEG holds at least one segment
+            from ctzoo.io.dicom_seg import write_dicom_seg
+
+            dicom_error = _write_dicom_result(written, folder / "seg.dcm", functools.partial(
+                write_dicom_seg, labels, volume, class_names, folder / "seg.dcm", model_name, version))
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         volumes = {name: float((labels == c).sum()) * voxel_ml for c, name in enumerate(class_names, start=1)}
-        return written, {"findings": sum(v > 0 for v in volumes.values()),
+        return written, {"findings": sum(v > 0 for v in volumes.values()), "dicom_error": dicom_error,
                          "detail": "; ".join(f"{name} {ml:.0f} mL" for name, ml in volumes.items())}
 
     return ModelTask(model_name, version, "segmentation", SegmenterPreprocess(prep), predict, finish, write,

@@ -9,13 +9,18 @@ and a viewer overlays on the source series:
   (highdicom's ``omit_empty_frames``): organs span a fraction of the slices, and empty frames would only bloat
   the object.
 * **Segments.** One per class present (renumbered 1..N in class order, as SEG requires consecutive numbers),
-  labelled with the class name. Property category: *Anatomical Structure* (SCT 91723000, DICOM CID 7150);
-  property type: the SNOMED CT concept of that name where DICOM CID 7151 / pydicom's SCT dictionary has one
-  (``liver`` -> SCT 10200004 Liver, ``vertebrae`` -> SCT 51282000 Vertebra), else the generic *Organ*
-  (SCT 91772007). Algorithm type AUTOMATIC with an AlgorithmIdentificationSequence (family: Artificial
-  Intelligence, name and version of the model). A tracking ID (the class name) and a tracking UID derived
-  from the series and class let a viewer follow one organ across results.
-* **Identity.** Patient and study attributes come from the source (highdicom copies them); the SEG's series
+  labelled with the class name. Property category and type (and laterality, and a tumour's anatomic region) from
+  the name, the type always from the list DICOM gives for its category (:mod:`ctzoo.io.dicom_seg_codes`:
+  ``liver`` -> Anatomical Structure, Liver; ``Tumour`` -> Morphologically Abnormal Structure, Neoplasm; a name
+  that matches nothing -> Tissue, Tissue, with a warning). Algorithm type AUTOMATIC with an
+  AlgorithmIdentificationSequence (family: Artificial Intelligence, name and version of the model). A tracking
+  ID (the class name) and a tracking UID derived from the series and class let a viewer follow one organ across
+  results.
+* **Equipment.** Manufacturer ctzoo; Manufacturer's Model Name and Device Serial Number (type 1 in a SEG) the
+  algorithm's name, the algorithm is the device; Software Versions the algorithm's and ctzoo's versions. Series
+  number: the source's plus 1000, or 9101 where that is no valid IS.
+* **Identity.** Patient and study attributes come from the source (highdicom copies them), in the source's
+  character set made valid (:mod:`ctzoo.io.dicom_charset`); the SEG's series
   and instance UIDs are derived from the source series UID, algorithm name and version and a digest of the
   segments (their pixels and labels; :func:`~ctzoo.io.dicom_uids.result_uids`), so rerunning one model on one
   series gives the same objects and a resend replaces rather than duplicates, while a different segmentation
@@ -34,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,33 +46,47 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code
 
 from ctzoo.io.atomic import atomic_path
+from ctzoo.io.dicom_charset import apply_character_set
+from ctzoo.io.dicom_seg_codes import segment_coding
 from ctzoo.io.dicom_uids import derived_uid, result_uids
 from ctzoo.io.volume import Volume
 
 #: Read unconditionally from the first source image by highdicom; DICOM type 2 (may be empty).
 _TYPE2_FROM_SOURCE = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                       "StudyDate", "StudyTime", "ReferringPhysicianName")
-#: Class names whose SNOMED CT keyword is not their CamelCase (plural names of a structure, e.g.).
-_PROPERTY_TYPE_KEYWORDS = {"vertebrae": "Vertebra", "ribs": "Rib", "kidneys": "Kidney", "lungs": "Lung"}
 #: Display colours (RGB, tab10) by class value: distinct, and stable across results of one model.
 _PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
             (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 DEFAULT_SERIES_NUMBER_OFFSET = 1000
+#: The SEG's series number where the source's plus the offset is no valid IS (beyond 2**31 - 1).
+FALLBACK_SERIES_NUMBER = 9101
+_LARGEST_IS = 2**31 - 1
 
 
-def segment_property_type(class_name: str) -> Code:
-    """The SNOMED CT anatomical concept for ``class_name`` (``"liver"``, ``"vertebrae"``...), or generic Organ."""
-    keyword = _PROPERTY_TYPE_KEYWORDS.get(class_name.lower()) or "".join(
-        part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", class_name) if part)
-    for scheme in (codes.cid7151, codes.SCT):  # CID 7151: the types DICOM lists for anatomical structures
-        try:
-            return getattr(scheme, keyword)
-        except AttributeError:
-            continue
-    return codes.SCT.Organ
+def default_series_number(source_series_number: int | None) -> int:
+    """The SEG's series number: the source's plus :data:`DEFAULT_SERIES_NUMBER_OFFSET` (so it sorts after its
+    source in a viewer), or :data:`FALLBACK_SERIES_NUMBER` where that is no valid IS (a signed 32-bit integer)."""
+    number = DEFAULT_SERIES_NUMBER_OFFSET + (source_series_number or 0)
+    return number if -_LARGEST_IS - 1 <= number <= _LARGEST_IS else FALLBACK_SERIES_NUMBER
+
+
+def segment_description(number: int, class_name: str, algorithm: hd.AlgorithmIdentificationSequence,
+                        tracking_uid: str, rgb: tuple[int, int, int]) -> hd.seg.SegmentDescription:
+    """Segment ``number``'s description: label and tracking ID the class name, its codes from the name
+    (:func:`~ctzoo.io.dicom_seg_codes.segment_coding`), made AUTOMATIC by ``algorithm``, shown in ``rgb``."""
+    coding = segment_coding(class_name)
+    description = hd.seg.SegmentDescription(
+        segment_number=number, segment_label=class_name[:64], segmented_property_category=coding.category,
+        segmented_property_type=coding.type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm, tracking_id=class_name[:64], tracking_uid=tracking_uid,
+        anatomic_regions=None if coding.anatomic_region is None else [coding.anatomic_region],
+        display_color=hd.color.CIELabColor.from_rgb(*rgb))
+    if coding.modifier is not None:  # laterality: a Segmented Property Type Modifier, inside the type's item
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            hd.sr.CodedConcept.from_code(coding.modifier)]
+    return description
 
 
 def _check_labels(labels: np.ndarray, volume: Volume, class_names: Sequence[str]) -> np.ndarray:
@@ -121,8 +139,9 @@ def write_dicom_seg(labels: np.ndarray, volume: Volume, class_names: Sequence[st
     """Write ``labels`` ``(Z, Y, X)`` (0 = background, ``c`` = ``class_names[c - 1]``), on the grid of ``volume``
     as stored, as a BINARY DICOM SEG referencing the volume's DICOM slices; returns ``out_path``.
 
-    ``series_number`` defaults to the source's plus 1000. Raises ``ValueError`` when the volume did not come from
-    DICOM, the labels do not fit it, or no class is present (a SEG must hold at least one segment).
+    ``series_number`` defaults to the source's plus 1000 (:func:`default_series_number`). Raises ``ValueError``
+    when the volume did not come from DICOM, the labels do not fit it, or no class is present (a SEG must hold at
+    least one segment).
     """
     labels = _check_labels(labels, volume, class_names)
     headers = source_headers(volume)
@@ -134,22 +153,17 @@ def write_dicom_seg(labels: np.ndarray, volume: Volume, class_names: Sequence[st
     identity = (source.series_instance_uid, algorithm_name, algorithm_version)
     algorithm = hd.AlgorithmIdentificationSequence(name=algorithm_name, family=codes.cid7162.ArtificialIntelligence,
                                                    version=algorithm_version)
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=number, segment_label=class_names[value - 1][:64],
-            segmented_property_category=codes.cid7150.AnatomicalStructure,
-            segmented_property_type=segment_property_type(class_names[value - 1]),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
-            tracking_id=class_names[value - 1][:64], tracking_uid=derived_uid("seg-tracking", *identity, value),
-            display_color=hd.color.CIELabColor.from_rgb(*_PALETTE[(value - 1) % len(_PALETTE)]))
-        for number, value in enumerate(present, start=1)]
+    descriptions = [segment_description(number, class_names[value - 1], algorithm,
+                                        derived_uid("seg-tracking", *identity, value),
+                                        _PALETTE[(value - 1) % len(_PALETTE)])
+                    for number, value in enumerate(present, start=1)]
     renumber = np.zeros(int(labels.max()) + 1, dtype=np.uint8)  # class value -> segment number
     renumber[present] = np.arange(1, len(present) + 1)
     pixels = renumber[labels]
     series_uid, instance_uid = result_uids("seg", *identity, np.ascontiguousarray(pixels),
                                            repr((pixels.shape, [class_names[v - 1] for v in present])).encode())
     if series_number is None:
-        series_number = DEFAULT_SERIES_NUMBER_OFFSET + (source.series_number or 0)
+        series_number = default_series_number(source.series_number)
     try:
         ctzoo_version = importlib.metadata.version("ctzoo")
     except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
@@ -159,9 +173,12 @@ def write_dicom_seg(labels: np.ndarray, volume: Volume, class_names: Sequence[st
         segment_descriptions=descriptions, series_instance_uid=series_uid,
         series_number=series_number, sop_instance_uid=instance_uid, instance_number=1,
         manufacturer="ctzoo", manufacturer_model_name=algorithm_name[:64],
-        software_versions=[algorithm_version, f"ctzoo {ctzoo_version}"], device_serial_number=ctzoo_version,
+        software_versions=[algorithm_version, f"ctzoo {ctzoo_version}"],
+        device_serial_number=algorithm_name[:64],  # type 1 in SEG: the algorithm is the device; versions above
         content_description=f"{algorithm_name} {algorithm_version}"[:64],
-        series_description=f"SEG {algorithm_name}"[:64], omit_empty_frames=True)
+        series_description=f"SEG {algorithm_name}"[:64], omit_empty_frames=True,
+        specific_character_set=None)  # highdicom refuses valid source values: set below (ctzoo.io.dicom_charset)
+    apply_character_set(seg, headers[0])
     out_path = Path(out_path)
     with atomic_path(out_path) as partial:
         seg.save_as(partial, enforce_file_format=True)

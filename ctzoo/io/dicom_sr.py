@@ -18,20 +18,25 @@ one measured lesion per group:
   measurement is two line segments, and TID 1410 allows one region per group whose measurements may not carry
   their own coordinates; in TID 1501 each measurement is INFERRED FROM its own polyline.
 * **Measurements** (TID 300): *Long axis* (SCT 103339001) and *Short axis* (SCT 103340004) in UCUM ``mm``, each
-  inferred from a two-point SCOORD3D POLYLINE (the axis end points); the detector's score as *Certainty of
-  Finding* (DCM 111012, "the likelihood that the finding detected is in fact the type of finding identified")
-  in UCUM ``%`` (0-100), the unit DICOM's CAD templates give that concept. The score is the model's uncalibrated
-  confidence that the finding is a lesion, not a probability of malignancy. The centre point is not stored.
+  inferred from a two-point SCOORD3D POLYLINE (the axis end points); axes that are not RECIST diameters (not
+  crossing, or more than 60 deg from perpendicular; the detector reports none) are refused. The detector's score as
+  *Certainty of Finding* (DCM 111012, "the likelihood that the finding detected is in fact the type of finding
+  identified") in UCUM ``%`` (0-100), the unit DICOM's CAD templates give that concept. The score is the model's
+  uncalibrated confidence that the finding is a lesion, not a probability of malignancy. The centre point is not
+  stored.
 * **Report**: title *Imaging Measurement Report* (DCM 126000), procedure reported *CT unspecified body region*
-  (LOINC 25045-6, CID 100), a device observer (ctzoo, the model as model name). Completion COMPLETE (the
-  algorithm reported everything it found), PRELIMINARY and UNVERIFIED: no person has reviewed it.
+  (LOINC 25045-6, CID 100), a device observer (ctzoo, the model as model name; no serial number, an optional
+  item, as the equipment's Device Serial Number: versions are no serial numbers and go in Software Versions, the
+  model's and ctzoo's). Completion COMPLETE (the algorithm reported everything it found), PRELIMINARY and
+  UNVERIFIED: no person has reviewed it.
 * **Zero lesions** still give a report that says so: TID 1500 rows 12 and 14, a *Qualitative Evaluations*
   container (UMLS C0034375) with a TEXT *Finding* (DCM 121071) "No lesion detected by <model> <version>", and no
   *Imaging Measurements* container (TID 1500 needs one of the two). highdicom's ``MeasurementReport`` refuses zero
   groups; an *Imaging Measurements* container with an empty Content Sequence fails dciodvfy (empty type 1C), and
   one without a Content Sequence validates but makes highdicom's group getters raise on read.
 * **Identity**: patient and study modules come from the source headers (highdicom copies them from the first
-  evidence item; :func:`ctzoo.io.dicom_seg.source_headers` completes missing type-2 attributes); every source
+  evidence item; :func:`ctzoo.io.dicom_seg.source_headers` completes missing type-2 attributes), in the
+  source's character set made valid (:mod:`ctzoo.io.dicom_charset`); every source
   slice is listed as evidence. Series and instance UIDs derive from the source series, model name and version
   and a digest of the lesions encoded, as for the SEG: rerunning one model on one series gives the same objects,
   and a resend replaces the old one; other findings (another score threshold, other weights) make another object.
@@ -51,6 +56,7 @@ from highdicom.sr.templates import DEFAULT_LANGUAGE
 from pydicom.sr.codedict import codes
 
 from ctzoo.io.atomic import atomic_path
+from ctzoo.io.dicom_charset import apply_character_set
 from ctzoo.io.dicom_seg import source_headers
 from ctzoo.io.dicom_uids import derived_uid, result_uids
 from ctzoo.io.volume import Volume
@@ -86,7 +92,27 @@ def _checked_lesions(document: dict[str, Any], volume: Volume) -> list[dict[str,
         if points.shape != (5, 3) or not np.isfinite(points).all():
             raise ValueError(f"lesion {n}: points_mm must be 5 finite (x, y, z) points in mm (long-axis ends, "
                              f"short-axis ends, centre), got shape {points.shape}")
+        if not recist_axes_cross(points[:4]):
+            raise ValueError(f"lesion {n}: its long and short axes do not cross within 60 deg of perpendicular, so "
+                             "the short axis is not a RECIST short axis (SCT 103340004); a report would misstate it")
     return lesions
+
+
+def recist_axes_cross(ends: np.ndarray, slack_mm: float = 0.05, max_abs_cos: float = 0.5) -> bool:
+    """Whether the long axis ``ends[0:2]`` and the short axis ``ends[2:4]`` (mm) are RECIST diameters: each crosses
+    the other (their closest points lie on both segments, within ``slack_mm``: the points are rounded) and they are
+    within 60 deg of perpendicular (ctzoo.models.recist_grouping's geometry; |cos| within 0.01 of
+    ``max_abs_cos``, for the rounding)."""
+    long_axis, short_axis = ends[1] - ends[0], ends[3] - ends[2]
+    lengths = np.array([np.linalg.norm(long_axis), np.linalg.norm(short_axis)])
+    if lengths.min() <= 0:
+        return False
+    if abs(long_axis @ short_axis) / lengths.prod() > max_abs_cos + 0.01:
+        return False
+    (t, s), *_ = np.linalg.lstsq(np.column_stack([long_axis, -short_axis]), ends[2] - ends[0], rcond=None)
+    gap = np.linalg.norm(ends[0] + t * long_axis - (ends[2] + s * short_axis))
+    slack = slack_mm / lengths
+    return bool(gap <= slack_mm and -slack[0] <= t <= 1 + slack[0] and -slack[1] <= s <= 1 + slack[1])
 
 
 def _encoded(lesions: list[dict[str, Any]]) -> bytes:
@@ -139,8 +165,9 @@ def write_recist_sr(document: dict, volume: Volume, out_path: str | Path, model_
     """Write the detections ``document`` on ``volume`` (its DICOM source) as a Comprehensive 3D SR TID 1500
     Measurement Report at ``out_path`` (atomically); returns ``out_path``. See the module docstring for content.
 
-    Raises ``ValueError`` when the volume was not read from DICOM, the document names another series, or a
-    lesion's key slice or points do not fit the volume; nothing is written then.
+    Raises ``ValueError`` when the volume was not read from DICOM, the document names another series, a
+    lesion's key slice or points do not fit the volume, or its axes are not RECIST diameters (crossing, within
+    60 deg of perpendicular: :func:`recist_axes_cross`); nothing is written then.
     """
     lesions = _checked_lesions(document, volume)
     headers = source_headers(volume)
@@ -149,7 +176,7 @@ def write_recist_sr(document: dict, volume: Volume, out_path: str | Path, model_
     ctzoo_version = _ctzoo_version()
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=derived_uid("sr-device", model_name, model_version), name="ctzoo", manufacturer_name="ctzoo",
-        model_name=model_name[:64], serial_number=ctzoo_version)
+        model_name=model_name[:64])
     observation_context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.DCM.Device, observer_identifying_attributes=device))
     if lesions:
@@ -166,8 +193,9 @@ def write_recist_sr(document: dict, volume: Volume, out_path: str | Path, model_
         evidence=headers, content=content, series_instance_uid=series_uid,
         series_number=series_number, sop_instance_uid=instance_uid, instance_number=1,
         manufacturer="ctzoo", is_complete=True, manufacturer_model_name=model_name[:64],
-        software_versions=[model_version, f"ctzoo {ctzoo_version}"], device_serial_number=ctzoo_version,
-        series_description=f"SR {model_name}"[:64])
+        software_versions=[model_version, f"ctzoo {ctzoo_version}"], series_description=f"SR {model_name}"[:64],
+        specific_character_set=None)  # highdicom refuses valid source values: set below (ctzoo.io.dicom_charset)
+    apply_character_set(sr, headers[0])
     out_path = Path(out_path)
     with atomic_path(out_path) as partial:
         sr.save_as(partial, enforce_file_format=True)

@@ -145,7 +145,7 @@ def group_keypoints(heatmaps: torch.Tensor, offsets: torch.Tensor, down_ratio: i
             end-point combinations alone. Each of the top_k centre peaks then proposes a lesion too: its
             regressed end points, each snapped to the nearest peak of its own heatmap within ``snap_fraction``
             of the regressed long axis (at least ``cell_tolerance``). A small lesion whose four end peaks are
-            a few pixels off still gets found this way, where the combinations' geometry checks reject it.
+            a few pixels off still gets found this way, where the combinations' peak pairing rejects it.
         decode: which candidates enter NMS (:data:`DECODE_MODES`): ``"grouping"`` the end-point combinations
             alone (RECIST-Net's own decoder: extreme points + centre, geometric grouping), ``"centre"`` the
             centre-peak proposals alone (needs ``displacements``), ``"both"`` (the default) the union.
@@ -162,11 +162,12 @@ def group_keypoints(heatmaps: torch.Tensor, offsets: torch.Tensor, down_ratio: i
         pre_nms: candidates (best scores first) that enter NMS.
 
     Steps: sigmoid + 3x3 max-pool NMS, top_k peaks per end-point heatmap; the candidates of
-    :func:`endpoint_combinations` and/or :func:`centre_candidates`; greedy NMS (:func:`greedy_select`) where a
-    lesion suppresses a lower-scored one whose end-point box overlaps it by IoU > ``nms_iou`` *or that uses any
-    of its end-point peaks*: a peak belongs to one lesion, and without this rule regroupings that borrow two
-    lesions' peaks (a long axis from one lesion's end to another's) score as high as real ones while their
-    boxes overlap little.
+    :func:`endpoint_combinations` and/or :func:`centre_candidates`, their axes made RECIST axes where they are
+    not (:func:`recist_axes`: every lesion reported has axes within 60 deg of perpendicular that cross); greedy NMS
+    (:func:`greedy_select`) where a lesion suppresses a lower-scored one whose end-point box overlaps it by IoU >
+    ``nms_iou`` *or that uses any of its end-point peaks*: a peak belongs to one lesion, and without this rule
+    regroupings that borrow two lesions' peaks (a long axis from one lesion's end to another's) score as high as
+    real ones while their boxes overlap little.
 
     Points come out in the documented order (:func:`recist_order`).
 
@@ -190,7 +191,8 @@ def group_keypoints(heatmaps: torch.Tensor, offsets: torch.Tensor, down_ratio: i
         candidates.append(centre_candidates(heat, offsets, displacements, peak_xy, peak_score, down_ratio, top_k,
                                             score_threshold, tolerance, snap_fraction))
     points, peak_ids, score = (torch.cat(parts, dim=1) for parts in zip(*candidates))
-    return select_lesions(recist_order(points), peak_ids, score, max_lesions, nms_iou, pre_nms)
+    points, score = recist_axes(points, score, max_abs_cos, axis_crossing)
+    return select_lesions(points, peak_ids, score, max_lesions, nms_iou, pre_nms)
 
 
 def endpoint_combinations(heat: torch.Tensor, offsets: torch.Tensor, peak_xy: torch.Tensor, peak_score: torch.Tensor,
@@ -246,6 +248,42 @@ def recist_order(points: torch.Tensor) -> torch.Tensor:
     first, second = torch.where(swap, b, a), torch.where(swap, a, b)
     return torch.stack([first[..., 0, :], second[..., 0, :], first[..., 1, :], second[..., 1, :], points[..., 4, :]],
                        dim=-2)
+
+
+def perpendicular_short_axis(points: torch.Tensor, crossing: tuple[float, float]) -> torch.Tensor:
+    """points (..., 5, 2) in RECIST order with the short axis turned perpendicular to the long one: its length
+    (the network's short diameter) kept, centred on the long axis where the midpoint of its ends projects onto
+    it, within the ``crossing`` fraction of it. The long axis and the centre point stay."""
+    first, second = points[..., 0, :], points[..., 1, :]
+    along = second - first
+    length = along.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    unit = along / length
+    half = (points[..., 3, :] - points[..., 2, :]).norm(dim=-1, keepdim=True) / 2
+    across = torch.stack([-unit[..., 1], unit[..., 0]], dim=-1) * half
+    middle = (points[..., 2, :] + points[..., 3, :]) / 2
+    foot = first + (((middle - first) * unit).sum(-1, keepdim=True) / length).clamp(*crossing) * along
+    return torch.stack([first, second, foot - across, foot + across, points[..., 4, :]], dim=-2)
+
+
+def recist_axes(points: torch.Tensor, scores: torch.Tensor, max_abs_cos: float, crossing: tuple[float, float],
+                min_axis: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates points (B, N, 5, 2) and scores (B, N) in RECIST order and with RECIST axes: where the axes are
+    within 60 deg of perpendicular (``max_abs_cos``) and cross each other on both segments they stay; elsewhere
+    the short axis is turned perpendicular across the long one (:func:`perpendicular_short_axis`). The
+    combinations' geometry check passes pairs that cross a little beyond an end, and the centre proposals have
+    none: their regressed pairs of a small, roundish lesion often point the same way. A short axis shorter than
+    ``min_axis`` px makes the candidate invalid (-1), as it does a combination."""
+    def crossing_axes(candidate: torch.Tensor) -> torch.Tensor:
+        flat = candidate.reshape(-1, 1, NUM_POINTS, 2)
+        return axes_geometry(flat[:, :, :2], flat[:, :, 2:4], 0.0, max_abs_cos, min_axis,
+                             crossing=(0.0, 1.0))[1].reshape(scores.shape)
+
+    points = recist_order(points)
+    as_is = crossing_axes(points)
+    repaired = recist_order(perpendicular_short_axis(points, crossing))
+    short_enough = (repaired[..., 3, :] - repaired[..., 2, :]).norm(dim=-1) >= min_axis
+    points = torch.where(as_is[..., None, None], points, repaired)
+    return points, torch.where(as_is | short_enough, scores, torch.full_like(scores, -1.0))
 
 
 def centre_candidates(heat: torch.Tensor, offsets: torch.Tensor, displacements: torch.Tensor,

@@ -123,8 +123,8 @@ def run_models(folder: Path, tasks: list[ModelTask], rules: SeriesRules, out: Pa
         options = PipelineOptions(out=out, workers=0, overlay=False, progress=False, rules=rules, perf=perf)
         new = run_pipeline([case], task, options, other_rows=rows)
         for row in new:
-            if row.get("status") != "ok":
-                raise RuntimeError(f"{task.model_name}: {row.get('error', 'failed')}")
+            if row.get("status") != "ok" or row.get("dicom_error"):  # the bridge delivers DICOM results only
+                raise RuntimeError(f"{task.model_name}: {row.get('error') or row.get('dicom_error') or 'failed'}")
         rows += new
         after_each()
     return [out / CASE / name for name in RESULT_FILES if (out / CASE / name).exists()]
