@@ -21,14 +21,8 @@ import torch
 from torch.utils.data import get_worker_info
 
 from ctzoo.inference.inputs import CaseInput
-from ctzoo.inference.tasks import ModelTask
+from ctzoo.inference.tasks import ModelTask, error_message
 from ctzoo.io import Volume
-
-
-def error_message(exc: BaseException) -> str:
-    """One line for the summary: the exception type (when it adds something) and its message."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if isinstance(exc, (ValueError, FileNotFoundError)) else f"{type(exc).__name__}: {text}"
 
 
 def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: str | None = None,

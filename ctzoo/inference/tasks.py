@@ -83,12 +83,16 @@ def _log_input_warnings(volume: Volume, folder: Path) -> None:
         log.warning("%s: %s", folder.name, warning)
 
 
+def error_message(exc: BaseException) -> str:
+    """One line for the summary: the exception type (when it adds something) and its message."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, (ValueError, FileNotFoundError)) else f"{type(exc).__name__}: {text}"
+
+
 def _write_dicom_result(written: list[Path], path: Path, write: Callable[[], Path]) -> str:
     """Write a case's DICOM result (SR, SEG) with ``write``, appending its path to ``written``; returns "" or, where
     the DICOM writer fails, the error (the summary row's ``dicom_error``, logged as a warning): the case keeps the
     JSON and NIfTI results already written, which do not depend on DICOM encoding."""
-    from ctzoo.inference.reader import error_message
-
     try:
         written.append(write())
         return ""
