@@ -244,7 +244,7 @@ def run_study(task, folder: Path, suffix: str, output_format: str, limits, cance
         if row["status"] != "ok":
             message = row["error"].replace(str(upload), "the upload")
             raise ServeError(message, status=500 if message.startswith("model failed") else 400)
-        return _answer(task, out / "study", suffix, output_format, row.get("dicom_error", ""))
+        return _answer(task, out / "study", output_format, row.get("dicom_error", ""))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         if perf is not None and upload_timing is not None:  # the upload completed, whatever the run did
@@ -262,7 +262,7 @@ def check_output_format(output_format: str, task: str, suffix: str | None = None
                          "the upload is not one: ask for json" + (" or nifti" if task == "segmentation" else ""))
 
 
-def _answer(task, folder: Path, suffix: str, output_format: str, dicom_error: str = "") -> Response:
+def _answer(task, folder: Path, output_format: str, dicom_error: str = "") -> Response:
     detector = task.task == "detection"
     if output_format == "json":
         name = "detections.json" if detector else "segmentation.json"
