@@ -68,3 +68,55 @@ def test_bad_devices_and_plans_are_clear_errors(profiled, tmp_path):
     assert result.exit_code == 1 and "is not JSON" in result.output
     result = CliRunner().invoke(main, ["place", "profile", "no-such-model", "--out", str(tmp_path / "p.json")])
     assert result.exit_code == 1 and "no-such-model" in result.output and "Traceback" not in result.output
+
+
+def as_kind(profile: dict, kind: str, scale: float = 1.0) -> dict:
+    """``profile`` as if profiled on ``kind`` (``ctzoo place profile --device KIND``), times x ``scale``."""
+    profile = json.loads(json.dumps(profile))
+    for node in profile["nodes"]:
+        node["forward_s"] = {kind: scale * s for s in node["forward_s"].values()}
+        node["backward_s"] = {kind: scale * s for s in node["backward_s"].values()}
+    return profile
+
+
+def test_a_device_kind_without_timings_is_refused_and_profiles_of_two_kinds_merge(profiled):
+    folder, _ = profiled
+    profile = json.loads((folder / "profile.json").read_text())
+    cuda, cpu = folder / "cuda.json", folder / "cpu.json"
+    cuda.write_text(json.dumps(as_kind(profile, "cuda", 0.01)))
+    cpu.write_text(json.dumps(as_kind(profile, "cpu")))
+    devices = ["--devices", "cuda:0=40GiB,cpu=64GiB"]
+    refused = CliRunner().invoke(main, ["place", "plan", str(cuda), *devices, "--out", str(folder / "x.json")])
+    assert refused.exit_code == 1 and "no cpu timings" in refused.output and "--device cpu" in refused.output
+    merged = CliRunner().invoke(main, ["place", "plan", str(cuda), str(cpu), *devices, "--out",
+                                       str(folder / "merged.json")])
+    assert merged.exit_code == 0, merged.output
+    placement = list(Plan.load(folder / "merged.json").placement.values())  # the model stays on the faster kind
+    assert placement.count("cpu") <= 0.05 * len(placement), placement  # (m-SCT may park a tiny op on the idle CPU)
+    simulated = CliRunner().invoke(main, ["place", "simulate", str(cuda), str(cpu), str(folder / "merged.json")])
+    assert simulated.exit_code == 0, simulated.output
+
+
+def test_simulate_flags_a_peak_over_its_cap_and_a_plan_made_for_inference(profiled):
+    folder, _ = profiled
+    profile, plan_path = folder / "profile.json", folder / "flagged.json"
+    assert CliRunner().invoke(main, ["place", "plan", str(profile), "--devices", "cpu:0=1GiB,cpu:1=1GiB",
+                                     "--out", str(plan_path)]).exit_code == 0
+    plan = json.loads(plan_path.read_text())
+    assert plan["profiled"]["training"] is False and plan["profiled"]["batch_size"] == 1
+    assert plan["profiled"]["input_shapes"] and plan["profiled"]["parameter_bytes"] > 0
+    training = json.loads(profile.read_text())
+    training["training"] = True
+    for node in training["nodes"]:
+        node["backward_s"] = dict(node["forward_s"])
+    (folder / "training.json").write_text(json.dumps(training))
+    mismatch = CliRunner().invoke(main, ["place", "simulate", str(folder / "training.json"), str(plan_path)])
+    assert mismatch.exit_code == 1 and "profiled for inference" in mismatch.output
+    plan["devices"] = {name: 1024 for name in plan["devices"]}
+    plan_path.write_text(json.dumps(plan))
+    over = CliRunner().invoke(main, ["place", "simulate", str(profile), str(plan_path)])
+    assert over.exit_code == 1 and "OVER THE CAP" in over.output and "over its cap" in over.output
+    del plan["profiled"]
+    plan_path.write_text(json.dumps(plan))
+    old = CliRunner().invoke(main, ["place", "simulate", str(profile), str(plan_path)])
+    assert "cannot be checked" in old.output

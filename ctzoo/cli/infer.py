@@ -182,7 +182,7 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     require_folder(out)  # before the models load: a file in the way would otherwise fail the run at its end
     # every model before anything else: a typo must not cost a scan of the inputs
     bundles = resolve_bundles(model_names, backend)
-    network = _placed_network(bundles[model_names[0]], placement) if placement is not None else None
+    network = _placed_network(bundles[model_names[0]], placement, batch_size) if placement is not None else None
     try:
         cases = discover_cases(inputs) if inputs else [CaseInput("sample_ct", sample_ct_dicom())]
         rules = load_rules(rules_file)
@@ -254,17 +254,21 @@ def _check_placement_options(model_names: tuple[str, ...], backend: str, engine:
         raise click.UsageError("--placement holds the plan of one model: give exactly one --model")
 
 
-def _placed_network(bundle, plan_path: Path):
-    """The bundle's network (a copy) placed as the plan at ``plan_path`` says."""
+def _placed_network(bundle, plan_path: Path, batch_size: int):
+    """The bundle's network (a copy) placed as the plan at ``plan_path`` says; warnings where the plan was
+    profiled for training or for another batch than ``batch_size``."""
     import copy
 
-    from ctzoo.scaling.placement.execute import place_model
+    from ctzoo.scaling.placement.execute import check_plan_for_run, place_model
     from ctzoo.scaling.placement.graph import PlacementError, Plan
     from ctzoo.training.placement import bundle_example_inputs
 
     try:
         plan = Plan.load(plan_path)
-        return place_model(copy.deepcopy(bundle.network()), plan, bundle_example_inputs(bundle, 1))
+        network = copy.deepcopy(bundle.network())
+        for warning in check_plan_for_run(plan, network, False, batch_size):
+            click.echo(f"warning: {plan_path}: {warning}", err=True)
+        return place_model(network, plan, bundle_example_inputs(bundle, 1))
     except PlacementError as exc:
         raise click.ClickException(f"{plan_path}: {exc}") from exc
 

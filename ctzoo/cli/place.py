@@ -29,14 +29,22 @@ def _comm(graph):
     return CommModel.from_dict(measured) if measured else CommModel()
 
 
+def _profiles(paths: tuple[Path, ...]):
+    """The profiles at ``paths`` as one (:func:`~ctzoo.scaling.placement.graph.merge_profiles`: one per device
+    kind, of one model)."""
+    from ctzoo.scaling.placement.graph import PlacementGraph, merge_profiles
+
+    return merge_profiles([PlacementGraph.load(path) for path in paths])
+
+
 @click.group()
 def place() -> None:
     """Place a model across memory-capped devices (Baechi: m-TOPO, m-ETF, m-SCT), in seconds.
 
     \b
-    1. ctzoo place profile SOURCE --out profile.json --devices cuda:0=20GiB,cpu=64GiB
-         the model's forward graph (module level), each node's forward/backward time and memory, and a
-         measured transfer-cost model between the devices
+    1. ctzoo place profile SOURCE --out profile.json --device cuda --device cpu --devices cuda:0=20GiB,cpu=64GiB
+         the model's forward graph (module level), each node's forward/backward time on each --device kind and
+         its memory, and a measured transfer-cost model between the devices
     2. ctzoo place plan profile.json --devices cuda:0=20GiB,cpu=64GiB --out plan.json
          place it (m-sct by default), print the placement time, the predicted step time and peak memory per
          device, against one device, an expert's contiguous split and m-TOPO
@@ -52,50 +60,64 @@ def place() -> None:
               help="Batch to profile with [default: the config's, or 8 slices for a bundle].")
 @click.option("--inference", is_flag=True, help="Profile inference (eval mode, forward only, weights only) "
               "instead of a training step.")
-@click.option("--device", "device_kind", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where the compute times are measured.")
+@click.option("--device", "device_kinds", type=click.Choice(["cpu", "cuda"]), multiple=True, default=("cpu",),
+              show_default=True, help="A device kind to measure compute times on; repeat it for each kind the "
+              "plan's --devices will use (a plan refuses a kind without timings).")
 @click.option("--devices", "devices_text", default=None,
               help="Measure the transfer cost between these devices (same syntax as ctzoo place plan); "
               "without it a default model is used (10 GB/s, 10 us).")
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
               help="Timed runs per node (their median), after --warmup untimed runs.")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
-def profile(source: str, out: Path, batch_size: int | None, inference: bool, device_kind: str,
+def profile(source: str, out: Path, batch_size: int | None, inference: bool, device_kinds: tuple[str, ...],
             devices_text: str | None, rounds: int, warmup: int) -> None:
     """Profile SOURCE (a train config YAML, a model bundle folder or a zoo name) for placement.
 
     \b
     Examples:
-      ctzoo place profile configs/recistnet_resnet34_gpu.yaml --device cuda \\
+      ctzoo place profile configs/recistnet_resnet34_gpu.yaml --device cuda --device cpu \\
           --devices cuda:0=20GiB,cpu=64GiB --out r34.profile.json
       ctzoo place profile recistnet-mini --inference --out mini.profile.json
     """
-    from ctzoo.scaling.placement.graph import PlacementError
+    import torch
+
+    from ctzoo.scaling.placement.graph import PlacementError, merge_profiles
     from ctzoo.scaling.placement.profile import measure_comm, profile_model
     from ctzoo.training.placement import load_model_for_placement
 
     devices = _devices(devices_text) if devices_text else None
+    kinds = list(dict.fromkeys(device_kinds))
+    if "cuda" in kinds and not torch.cuda.is_available():
+        raise click.ClickException("--device cuda: this machine has no CUDA device; profile cuda on a GPU "
+                                   "machine (--device cuda) and give both profiles to ctzoo place plan")
     try:
         name, model, inputs = load_model_for_placement(source, batch_size, training=not inference)
-        click.echo(f"profiling {name}: inputs {' '.join(str(list(t.shape)) for t in inputs)} on {device_kind}, "
-                   f"{rounds} rounds", err=True)
-        graph = profile_model(model, inputs, device_kind, rounds, warmup, training=not inference, name=name)
+        graphs = []
+        for kind in kinds:
+            click.echo(f"profiling {name}: inputs {' '.join(str(list(t.shape)) for t in inputs)} on {kind}, "
+                       f"{rounds} rounds", err=True)
+            graphs.append(profile_model(model, inputs, kind, rounds, warmup, training=not inference, name=name))
+        graph = merge_profiles(graphs)
         if devices:
             comm = measure_comm(devices, meta=graph.meta)
             for pair, (coef, intercept) in comm.pairs.items():
                 click.echo(f"transfers {pair}: {1e-9 / coef if coef else float('inf'):.2f} GB/s + "
                            f"{1e6 * intercept:.0f} us", err=True)
+            for note in graph.meta["comm"].get("notes", []):
+                click.echo(f"warning: {note}", err=True)
     except (PlacementError, FileNotFoundError, ValueError, KeyError) as error:  # KeyError: an unknown zoo name
         raise click.ClickException(str(error).strip("'\"")) from None
     graph.save(out)
     permanent = sum(n.permanent_bytes for n in graph.nodes)
-    step = sum(n.compute_s(device_kind, graph.training) for n in graph.nodes)
+    steps = ", ".join(f"{1000 * sum(n.compute_s(kind, graph.training) for n in graph.nodes):.1f} ms on one {kind}"
+                      for kind in kinds)
     click.echo(f"{out}: {len(graph.nodes)} nodes, {len(graph.edges)} edges, {_size(permanent)} permanent, "
-               f"{1000 * step:.1f} ms of compute per step on one {device_kind}")
+               f"compute per step {steps}")
 
 
 @place.command("plan")
-@click.argument("profile_path", metavar="PROFILE", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("profile_paths", metavar="PROFILE...", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--devices", "devices_text", required=True, help=DEVICES_HELP)
 @click.option("--algorithm", type=click.Choice(["m-sct", "m-etf", "m-topo"]), default="m-sct", show_default=True,
               help="m-sct: ETF with the favourite child of an LP relaxation (HiGHS); m-etf: earliest start "
@@ -104,8 +126,12 @@ def profile(source: str, out: Path, batch_size: int | None, inference: bool, dev
               show_default=True)
 @click.option("--coplace", is_flag=True, help="Also merge single-successor chains into one group first "
               "(Baechi's co-placement; fewer, coarser nodes).")
-def plan(profile_path: Path, devices_text: str, algorithm: str, out: Path, coplace: bool) -> None:
+def plan(profile_paths: tuple[Path, ...], devices_text: str, algorithm: str, out: Path, coplace: bool) -> None:
     """Place PROFILE's forward graph on --devices and write plan.json.
+
+    Every kind of device in --devices needs timings in the profile: give one profile holding them all
+    (ctzoo place profile --device cuda --device cpu), or one profile per kind of the same model, merged here
+    (the first one's memory figures and transfer model). A kind without timings is refused.
 
     A graph that cannot fit is refused with larger caps that would (checked to fit; the message says how they
     were found); when the placer finds no placement but one device or the expert split fits, that baseline is
@@ -116,13 +142,14 @@ def plan(profile_path: Path, devices_text: str, algorithm: str, out: Path, copla
     \b
     Example:
       ctzoo place plan r34.profile.json --devices cuda:0=6GiB,cpu=64GiB --out r34.plan.json
+      ctzoo place plan r34.cuda.json r34.cpu.json --devices cuda:0=6GiB,cpu=64GiB --out r34.plan.json
     """
-    from ctzoo.scaling.placement.graph import PlacementError, PlacementGraph
+    from ctzoo.scaling.placement.graph import PlacementError
     from ctzoo.scaling.placement.planner import place as place_graph
 
     devices = _devices(devices_text)
     try:
-        graph = PlacementGraph.load(profile_path)
+        graph = _profiles(profile_paths)
         comm = _comm(graph)
         chosen = place_graph(graph, devices, algorithm, comm, coplace=coplace)
     except PlacementError as error:
@@ -166,24 +193,41 @@ def _baseline_rows(graph, devices, comm, chosen, coplace: bool):
 
 
 @place.command("simulate")
-@click.argument("profile_path", metavar="PROFILE", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("plan_path", metavar="PLAN", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def simulate_plan(profile_path: Path, plan_path: Path) -> None:
-    """Run PLAN over PROFILE in the simulator: step time, compute per device, transfers, peak memory."""
-    from ctzoo.scaling.placement.graph import PlacementError, PlacementGraph
+@click.argument("paths", metavar="PROFILE... PLAN", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def simulate_plan(paths: tuple[Path, ...]) -> None:
+    """Run PLAN over PROFILE in the simulator: step time, compute per device, transfers, peak memory.
+
+    Exits with status 1 when a device's simulated peak exceeds its cap, or when PROFILE and the profile the plan
+    was made from differ in a way that voids its memory figures (training against inference, other parameter
+    bytes); another batch or input shape, and a plan too old to say, are warnings.
+    """
+    from ctzoo.scaling.placement.graph import PlacementError, plan_mismatches
     from ctzoo.scaling.placement.graph import Plan as PlacementPlan
     from ctzoo.scaling.placement.simulate import simulate
 
+    if len(paths) < 2:
+        raise click.UsageError("give a profile (or one per device kind) and then the plan")
     try:
-        graph, chosen = PlacementGraph.load(profile_path), PlacementPlan.load(plan_path)
+        graph, chosen = _profiles(paths[:-1]), PlacementPlan.load(paths[-1])
         result = simulate(graph, chosen.placement, chosen.devices, _comm(graph))
     except PlacementError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"predicted step {1000 * result.makespan_s:.2f} ms, transfers {1000 * result.transfer_s:.2f} ms")
+    over = []
     for device in chosen.devices:
         peak = result.peak_bytes.get(device.name, 0)
+        flag = "  OVER THE CAP" if peak > device.memory_bytes else ""
+        if flag:
+            over.append(f"{device.name} peaks at {_size(peak)}, over its cap of {_size(device.memory_bytes)}")
         click.echo(f"  {device.name:<8} compute {1000 * result.compute_s.get(device.name, 0.0):9.2f} ms  peak "
-                   f"{_size(peak)} of {_size(device.memory_bytes)}")
+                   f"{_size(peak)} of {_size(device.memory_bytes)}{flag}")
+    errors, warnings = plan_mismatches(chosen, graph.summary())
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    problems = over + [f"against this profile, {error}" for error in errors]
+    if problems:
+        raise click.ClickException("; ".join(problems))
 
 
 def _size(nbytes: int) -> str:

@@ -276,13 +276,16 @@ def _placed_model(task: Task, plan: Any, batch_size: int, device: str) -> tuple[
     model = task.build_model()
     if plan is None:
         return model, None
-    from ctzoo.scaling.placement.execute import place_model
+    from ctzoo.scaling.placement.execute import check_plan_for_run, place_model
 
     if not hasattr(task, "example_inputs"):
         raise ValueError(f"task {task.name} gives no example_inputs to trace its model with: it cannot be placed")
     if device != "auto":
         log.warning("device %s ignored: the placement plan says where every part of the model runs", device)
-    return model, place_model(model, plan, task.example_inputs(batch_size))
+    inputs = task.example_inputs(batch_size)
+    for warning in check_plan_for_run(plan, model, True, batch_size, [list(t.shape) for t in inputs]):
+        log.warning("placement: %s", warning)
+    return model, place_model(model, plan, inputs)
 
 
 @contextlib.contextmanager

@@ -175,6 +175,7 @@ def _topo_fill(problem: _Problem, caps: list[int]) -> dict[str, str]:
 def check_problem(graph: PlacementGraph, devices: list[Device], comm: CommModel, coplace: bool = False) -> None:
     """PlacementError for a malformed graph (a cycle, unknown nodes) or device list, before any placer runs: such
     input is not a memory problem and must not be reported as one."""
+    graph.check_timed(devices)
     _Problem.build(graph, devices, comm, coplace)
 
 

@@ -29,10 +29,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from ctzoo.scaling.placement.graph import Device, PlacementError, Plan
+from ctzoo.scaling.placement.graph import Device, PlacementError, Plan, plan_mismatches
 from ctzoo.scaling.placement.profile import _adopt_module_tree, _cuda_present, module_state, node_names, trace_model
 
-__all__ = ["PlacedModule", "follow_devices", "move_to", "place_model"]
+__all__ = ["PlacedModule", "check_plan_for_run", "follow_devices", "move_to", "place_model"]
 
 
 def move_to(value: Any, device: str, copy: bool) -> Any:
@@ -139,6 +139,24 @@ def place_model(model: nn.Module, plan: Plan, example_inputs: tuple[torch.Tensor
     locations = _locations(traced, node_device, names)
     _insert_moves(traced.graph, node_device, home)
     return PlacedModule(model, traced.graph, locations, home.torch_device, plan)
+
+
+def check_plan_for_run(plan: Plan, model: nn.Module, training: bool, batch_size: int | None = None,
+                       input_shapes: list[list[int]] | None = None) -> list[str]:
+    """Warnings for running ``model`` as ``plan`` places it (training or inference, at ``batch_size`` with
+    ``input_shapes`` when known), after :func:`~ctzoo.scaling.placement.graph.plan_mismatches`; a mismatch that
+    voids the plan's memory figures (an inference plan for training, another model's parameter bytes) is a
+    :class:`PlacementError`."""
+    actual = {"training": training, "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    if batch_size is not None:
+        actual["batch_size"] = batch_size
+    if input_shapes is not None:
+        actual["input_shapes"] = input_shapes
+    errors, warnings = plan_mismatches(plan, actual)
+    if errors:
+        raise PlacementError(f"this plan{f' ({plan.model})' if plan.model else ''} does not fit this run: "
+                             + "; ".join(errors))
+    return warnings
 
 
 def _plan_leaves(model: nn.Module, plan: Plan) -> set[str]:

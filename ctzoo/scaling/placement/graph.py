@@ -16,7 +16,8 @@ the placers (:mod:`.algorithms`), the simulator (:mod:`.simulate`) and execution
 * :class:`CommModel` -- seconds to move ``n`` bytes between two devices: ``coef * n + intercept`` per ordered
   device-kind pair (fitted from a measured transfer benchmark), 0 on the same device.
 * :class:`Plan` -- ``plan.json``: node -> device, the algorithm, the predicted step time and peak memory per
-  device, and how long placing took.
+  device, how long placing took, and what its profile was made for (``profiled``: training or inference, batch,
+  input shapes, parameter bytes), which :func:`plan_mismatches` checks a run or another profile against.
 
 Only the forward graph is placed; a node's backward runs on its forward node's device.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +53,27 @@ class OpNode:
     temporary_bytes: int = 0
     output_bytes: int = 0
     group: str | None = None        # nodes with the same group must share a device
+    # training: the input nodes whose tensors autograd saves for this node's backward (a convolution's input;
+    # not an ``add``'s); None in profiles made before this was recorded (then every input counts as saved)
+    saved_inputs: list[str] | None = None
+    saves_output: bool = False      # training: autograd saves this node's own output (``ReLU``, ``sigmoid``)
 
     def compute_s(self, device_kind: str, training: bool = True) -> float:
-        """Forward (+ backward when ``training``) seconds on a device of ``device_kind``; the CPU's figures, or
-        failing those any device's, stand in for a kind that was not profiled."""
-        def pick(table: dict[str, float]) -> float:
-            if device_kind in table:
-                return table[device_kind]
-            return table.get("cpu", next(iter(table.values()), 0.0))
-        return pick(self.forward_s) + (pick(self.backward_s) if training else 0.0)
+        """Forward (+ backward when ``training``) seconds on a device of ``device_kind``. A kind the profile has
+        no timings for is a :class:`PlacementError`: another kind's figure would say a CPU is as fast as a GPU."""
+        return self.forward_seconds(device_kind) + (self.backward_seconds(device_kind) if training else 0.0)
+
+    def forward_seconds(self, device_kind: str) -> float:
+        return self._seconds(self.forward_s, device_kind, "forward")
+
+    def backward_seconds(self, device_kind: str) -> float:
+        return self._seconds(self.backward_s, device_kind, "backward")
+
+    def _seconds(self, table: dict[str, float], device_kind: str, what: str) -> float:
+        if device_kind not in table:
+            raise PlacementError(f"profile: node {self.name} has no {what} time on {device_kind}: profile that "
+                                 f"kind (ctzoo place profile --device {device_kind})")
+        return table[device_kind]
 
 
 @dataclass
@@ -84,6 +97,30 @@ class PlacementGraph:
             if src not in known or dst not in known:
                 raise PlacementError(f"profile: edge {src} -> {dst} names an unknown node")
         self.by_name = {n.name: n for n in self.nodes}
+
+    def timed_kinds(self) -> set[str]:
+        """The device kinds every node has timings for (forward, and backward in training)."""
+        tables = [n.forward_s for n in self.nodes] + ([n.backward_s for n in self.nodes] if self.training else [])
+        return set.intersection(*(set(t) for t in tables)) if tables else {"cpu", "cuda"}
+
+    def check_timed(self, devices: list[Device]) -> None:
+        """PlacementError naming each device kind among ``devices`` that the profile has no timings for."""
+        missing = sorted({d.kind for d in devices} - self.timed_kinds())
+        if missing:
+            kinds = " ".join(f"--device {kind}" for kind in sorted(self.timed_kinds() | set(missing)))
+            raise PlacementError(
+                f"the profile{f' of {self.model}' if self.model else ''} has no {' or '.join(missing)} timings "
+                f"(it has {', '.join(sorted(self.timed_kinds())) or 'none'}), so it cannot place on "
+                f"{', '.join(d.name for d in devices if d.kind in missing)}: profile every kind "
+                f"(ctzoo place profile SOURCE {kinds}) or give one profile per kind (ctzoo place plan A.json "
+                "B.json)")
+
+    def summary(self) -> dict[str, Any]:
+        """What the profile was made for, which a plan records and a run is checked against: training or
+        inference, the batch, the input shapes, the model's parameter bytes (None when not recorded)."""
+        return {"training": self.training, "batch_size": self.batch_size,
+                "input_shapes": self.meta.get("input_shapes", [self.input_shape]),
+                "parameter_bytes": self.meta.get("parameter_bytes")}
 
     def successors(self, name: str) -> list[str]:
         return [d for s, d, _ in self.edges if s == name]
@@ -115,6 +152,39 @@ class PlacementGraph:
     @classmethod
     def load(cls, path: str | Path) -> PlacementGraph:
         return cls.from_dict(_read_json(path, "profile"))
+
+
+def merge_profiles(graphs: list[PlacementGraph]) -> PlacementGraph:
+    """One profile with every kind's timings from profiles of one model on several device kinds (``ctzoo place
+    profile --device cpu`` and ``--device cuda``): the first profile's memory figures, its meta (with
+    ``device_kinds``), and its transfer model, else the first that has one. PlacementError when they differ in
+    graph, mode or batch."""
+    first, *others = graphs
+    if not others:
+        return first
+    for other in others:
+        if ([n.name for n in other.nodes] != [n.name for n in first.nodes]
+                or [e[:2] for e in other.edges] != [e[:2] for e in first.edges]):
+            raise PlacementError(f"profiles of {first.model!r} and {other.model!r} have different graphs: merge "
+                                 "only profiles of one model")
+        if (other.training, other.batch_size) != (first.training, first.batch_size):
+            raise PlacementError(f"profiles to merge differ in mode or batch ({first.summary()} against "
+                                 f"{other.summary()}): profile each kind with the same options")
+    nodes = []
+    for k, node in enumerate(first.nodes):
+        forward, backward = dict(node.forward_s), dict(node.backward_s)
+        for other in others:
+            forward.update({kind: s for kind, s in other.nodes[k].forward_s.items() if kind not in forward})
+            backward.update({kind: s for kind, s in other.nodes[k].backward_s.items() if kind not in backward})
+        nodes.append(replace(node, forward_s=forward, backward_s=backward))
+    meta = dict(first.meta)
+    comm = next((g.meta["comm"] for g in graphs if "comm" in g.meta), None)
+    if comm is not None:
+        meta["comm"] = comm
+    merged = PlacementGraph(nodes, list(first.edges), first.model, first.batch_size, list(first.input_shape),
+                            first.training, meta)
+    merged.meta["device_kinds"] = sorted(merged.timed_kinds())
+    return merged
 
 
 @dataclass(frozen=True)
@@ -197,12 +267,13 @@ class Plan:
     placement_s: float | None = None             # how long the placer took
     model: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    profiled: dict[str, Any] | None = None        # PlacementGraph.summary() of its profile; None in older plans
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA_VERSION, "algorithm": self.algorithm, "model": self.model,
                 "devices": {d.name: d.memory_bytes for d in self.devices}, "placement": self.placement,
                 "predicted_step_s": self.predicted_step_s, "peak_bytes": self.peak_bytes,
-                "placement_s": self.placement_s, "meta": self.meta}
+                "placement_s": self.placement_s, "profiled": self.profiled, "meta": self.meta}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
@@ -219,7 +290,7 @@ class Plan:
             raise PlacementError(f"plan places nodes on {', '.join(unknown)}, which its devices do not list")
         return cls(str(data.get("algorithm", "?")), placement, devices, data.get("predicted_step_s"),
                    {str(k): int(v) for k, v in (data.get("peak_bytes") or {}).items()}, data.get("placement_s"),
-                   str(data.get("model", "")), dict(data.get("meta") or {}))
+                   str(data.get("model", "")), dict(data.get("meta") or {}), data.get("profiled"))
 
     def save(self, path: str | Path) -> None:
         _write_json(path, self.to_dict())
@@ -227,6 +298,34 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         return cls.from_dict(_read_json(path, "plan"))
+
+
+def plan_mismatches(plan: Plan, actual: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``(errors, warnings)`` for using ``plan`` where ``actual`` (keys of :meth:`PlacementGraph.summary`; a key
+    left out is not checked) describes the run or profile. Errors: a training run on an inference plan (no room
+    for gradients and optimiser state), other parameter bytes (another, e.g. expanded, model). Warnings: an
+    inference run on a training plan, another batch or input shape (the plan's memory figures scale with them),
+    and a plan too old to say what it was profiled for."""
+    profiled = plan.profiled
+    if not profiled:
+        return [], ["the plan does not record what it was profiled for (made by an older ctzoo): its memory "
+                    "figures cannot be checked against this run; place the model again to have them checked"]
+    errors, warnings = [], []
+    if actual.get("training") and profiled.get("training") is False:
+        errors.append("the plan was profiled for inference, so its memory figures leave out gradients, "
+                      "optimiser state and activations kept for backward: profile for training and place again")
+    if actual.get("training") is False and profiled.get("training"):
+        warnings.append("the plan was profiled for training: it reserves memory inference does not use")
+    planned, got = profiled.get("parameter_bytes"), actual.get("parameter_bytes")
+    if planned is not None and got is not None and planned != got:
+        errors.append(f"the plan was profiled for a model of {planned} parameter bytes, this one has {got} "
+                      "(another or an expanded model): profile this model and place it again")
+    for key, what in (("batch_size", "batch"), ("input_shapes", "input shapes")):
+        if key in actual and profiled.get(key) is not None and actual[key] != profiled[key]:
+            warnings.append(f"the plan was profiled with {what} {profiled[key]}, this run has {actual[key]}: "
+                            "activation memory scales with it, so the caps may not hold; profile with the "
+                            "same batch to check")
+    return errors, warnings
 
 
 def _read_json(path: str | Path, what: str) -> dict[str, Any]:

@@ -128,4 +128,5 @@ def place(graph: PlacementGraph, devices: list[Device], algorithm: str, comm: Co
         placement = baseline[1]
     result = simulate(graph, placement, devices, comm)
     return Plan(algorithm, placement, list(devices), result.makespan_s, result.peak_bytes, lp_s + placer_s,
-                graph.model, {**meta, "compute_s": result.compute_s, "transfer_s": result.transfer_s})
+                graph.model, {**meta, "compute_s": result.compute_s, "transfer_s": result.transfer_s},
+                graph.summary())

@@ -15,8 +15,10 @@ Per node: forward seconds (median of ``rounds`` timed runs of the whole graph af
 (the node rerun alone on its recorded inputs, ``torch.autograd.grad`` timed), ``permanent_bytes`` (own parameters
 x4 when training: weights, gradients and AdamW's two moments; x1 for inference; buffers x1),
 ``temporary_bytes`` (when training: what autograd saves for its backward beyond its inputs and outputs,
-measured with ``saved_tensors_hooks``; the inputs and outputs are held as outputs, until the backward of their
-last consumer) and ``output_bytes``.
+measured with ``saved_tensors_hooks``), ``output_bytes``, and (training) ``saved_inputs`` -- the input nodes
+whose tensors the node's backward saves, seen by the same hooks -- and ``saves_output``: the simulator holds an
+output until the backward of a consumer that saved it, else only until that consumer's forward. The output node
+counts as saving the graph's outputs (the loss reads them until the backward starts).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +40,8 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from ctzoo.scaling.placement.graph import CommModel, Device, OpNode, PlacementError, PlacementGraph
 
-__all__ = ["DEFAULT_COMM_SIZES", "ModuleTracer", "fit_comm_model", "is_basic_block", "measure_comm",
+__all__ = ["DEFAULT_COMM_SIZES", "ModuleTracer", "fit_comm_model", "fit_transfer_line", "is_basic_block",
+           "measure_comm",
            "measure_transfers", "module_state", "node_names", "profile_model", "trace_model"]
 
 #: Transfer sizes measure_comm times: 1 KiB to 16 MiB, a factor 4 apart.
@@ -265,11 +269,20 @@ def _fresh_leaves(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], tuple,
     return leaves, fresh_args, fresh_kwargs
 
 
-def _saved_extra_bytes(call: Callable[..., Any], args: tuple, kwargs: dict, parameters: list[torch.Tensor]) -> int:
-    """Bytes autograd keeps for this node's backward beyond its inputs, outputs and parameters (a norm's
-    normalised intermediate, a dropout mask...): its ``temporary_bytes`` in training. Its inputs and outputs are
-    kept for the backward too, but they are already counted as outputs (the simulator holds a tensor until the
-    backward of its last consumer in training), so they are not counted twice."""
+@dataclass
+class _Saves:
+    """What autograd saves for one node's backward: ``extra_bytes`` beyond its inputs, outputs and parameters (a
+    norm's normalised intermediate, a dropout mask...: its ``temporary_bytes``), whether it saves each tensor of
+    its flattened ``(args, kwargs)`` (``inputs``) and whether it saves its own output."""
+
+    extra_bytes: int
+    inputs: list[bool]
+    output: bool
+
+
+def _autograd_saves(call: Callable[..., Any], args: tuple, kwargs: dict, parameters: list[torch.Tensor]) -> _Saves:
+    """Run the node once under ``saved_tensors_hooks`` and see which storages its backward keeps. Its inputs and
+    outputs are not counted in ``extra_bytes``: they are held as outputs, as long as a consumer saved them."""
     _, fresh_args, fresh_kwargs = _fresh_leaves(args, kwargs)
     saved: dict[int, int] = {}
 
@@ -280,9 +293,29 @@ def _saved_extra_bytes(call: Callable[..., Any], args: tuple, kwargs: dict, para
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         outputs = call(*fresh_args, **fresh_kwargs)
-    known = {t.untyped_storage().data_ptr() for t in tree_flatten((fresh_args, fresh_kwargs, outputs))[0] + parameters
-             if isinstance(t, torch.Tensor)}
-    return sum(nbytes for pointer, nbytes in saved.items() if pointer not in known)
+    inputs = [_storage(t) for t in tree_flatten((fresh_args, fresh_kwargs))[0]]
+    produced = {_storage(t) for t in tree_flatten(outputs)[0]} - {None}
+    known = set(inputs) | produced | {_storage(t) for t in parameters}
+    return _Saves(sum(nbytes for pointer, nbytes in saved.items() if pointer not in known),
+                  [pointer in saved for pointer in inputs], bool(produced & saved.keys()))
+
+
+def _storage(value: Any) -> int | None:
+    return value.untyped_storage().data_ptr() if isinstance(value, torch.Tensor) else None
+
+
+def _saved_sources(node: fx.Node, timer: _NodeTimer, saves: _Saves | None, names: dict[str, str]) -> list[str]:
+    """The placement names of ``node``'s input nodes some of whose tensors the node's backward saves (matched by
+    identity: a node's arguments are its input nodes' outputs). The output node saves every input (the loss
+    reads the outputs until the backward starts); a node without a call (an input) saves none."""
+    if node.op == "output":
+        return [names[source.name] for source in node.all_input_nodes]
+    if saves is None:
+        return []
+    flat = tree_flatten(timer.calls[node.name])[0]
+    saved_ids = {id(value) for value, kept in zip(flat, saves.inputs) if kept and isinstance(value, torch.Tensor)}
+    return [names[source.name] for source in node.all_input_nodes
+            if {id(t) for t in tree_flatten(timer.outputs.get(source.name))[0]} & saved_ids]
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:
@@ -334,7 +367,8 @@ def profile_model(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], de
     meta = {"device_kind": device_kind, "rounds": rounds, "warmup": warmup, "torch": torch.__version__,
             "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "input_shapes": [list(t.shape) for t in example_inputs],
-            "leaf_modules": sorted(leaf_modules)}
+            "leaf_modules": sorted(leaf_modules),
+            "parameter_bytes": sum(_bytes(p) for p in model.parameters())}
     if device.type == "cuda":
         meta["device_name"] = torch.cuda.get_device_name(device)
     return PlacementGraph(list(nodes.values()), edges, name or type(model).__name__,
@@ -372,13 +406,13 @@ def _graph_nodes(traced: fx.GraphModule, timer: _NodeTimer, names: dict[str, str
             parameters = list(call.parameters()) if isinstance(call, nn.Module) else []
             args, kwargs = timer.calls[node.name]
             backward = _backward_seconds(call, args, kwargs, parameters, rounds, warmup, sync)
-        saved = 0
-        if training and call is not None:
-            saved = _saved_extra_bytes(call, *timer.calls[node.name], parameters)
+        saves = _autograd_saves(call, *timer.calls[node.name], parameters) if training and call is not None else None
+        saved_inputs = _saved_sources(node, timer, saves, names) if training else None
         nodes[node.name] = OpNode(
             names[node.name], _KINDS[node.op], {kind: statistics.median(timer.seconds[node.name])},
             {kind: backward} if training else {}, _permanent_bytes(traced, node, seen, training),
-            saved, output_bytes, groups.get(names[node.name]))
+            saves.extra_bytes if saves else 0, output_bytes, groups.get(names[node.name]), saved_inputs,
+            bool(saves and saves.output))
     return nodes
 
 
@@ -386,10 +420,11 @@ def _graph_nodes(traced: fx.GraphModule, timer: _NodeTimer, names: dict[str, str
 
 
 def measure_transfers(devices: Sequence[Device], sizes: Sequence[int] = DEFAULT_COMM_SIZES,
-                      repeats: int = 5) -> dict[str, list[tuple[int, float]]]:
-    """Median seconds to move ``n`` bytes for each ordered device-kind pair among ``devices`` (one device pair
-    stands for its kinds): ``{"cpu->cuda": [(bytes, seconds), ...]}``. Between two devices of one torch device
-    (logical CPUs) the copy is a ``clone()``, as a placed model makes it; else ``tensor.to(device)``."""
+                      repeats: int = 10) -> dict[str, list[tuple[int, float]]]:
+    """Fastest of ``repeats`` seconds (noise only ever adds time) to move ``n`` bytes for each ordered device-kind
+    pair among ``devices`` (one device pair stands for its kinds): ``{"cpu->cuda": [(bytes, seconds), ...]}``.
+    Between two devices of one torch device (logical CPUs) the copy is a ``clone()``, as a placed model makes it;
+    else ``tensor.to(device)``."""
     pairs: dict[str, tuple[Device, Device]] = {}
     for source in devices:
         for target in devices:
@@ -409,7 +444,7 @@ def measure_transfers(devices: Sequence[Device], sizes: Sequence[int] = DEFAULT_
                 move(tensor)
                 sync()
                 timings.append(time.perf_counter() - start)
-            points[key].append((tensor.numel() * 4, statistics.median(timings[1:])))
+            points[key].append((tensor.numel() * 4, min(timings[1:])))
     return points
 
 
@@ -419,27 +454,54 @@ def _mover(source: Device, target: Device) -> Callable[[torch.Tensor], torch.Ten
     return lambda tensor: tensor.to(target.torch_device)
 
 
-def fit_comm_model(points: dict[str, list[tuple[int, float]]]) -> CommModel:
-    """Least-squares ``seconds = coef * bytes + intercept`` per pair (both held at zero or above)."""
+def fit_comm_model(points: dict[str, list[tuple[int, float]]], notes: list[str] | None = None) -> CommModel:
+    """``seconds = coef * bytes + intercept`` per pair, fitted by :func:`fit_transfer_line`; ``notes`` gets a line
+    for each pair whose intercept had to be clamped."""
     pairs = {}
     for key, measured in points.items():
         sizes, seconds = np.array(measured, dtype=np.float64).T
-        (coef, intercept), *_ = np.linalg.lstsq(np.stack([sizes, np.ones_like(sizes)], 1), seconds, rcond=None)
-        pairs[key] = (max(float(coef), 0.0), max(float(intercept), 0.0))
+        coef, intercept, clamped = fit_transfer_line(sizes, seconds)
+        pairs[key] = (coef, intercept)
+        if clamped and notes is not None:
+            notes.append(f"transfers {key}: the fitted latency was far above the smallest measured copy "
+                         f"({1e6 * seconds.min():.1f} us); it is clamped to that (noisy measurement?)")
     return CommModel(pairs)
 
 
-def measure_comm(devices: Sequence[Device], sizes: Sequence[int] = DEFAULT_COMM_SIZES, repeats: int = 5,
+def fit_transfer_line(sizes: np.ndarray, seconds: np.ndarray) -> tuple[float, float, bool]:
+    """``(coef, intercept, clamped)``: a line through (bytes, seconds) that fits every point *relatively* (weights
+    ``1 / seconds``: a 2 us copy counts as much as a 2 ms one, where plain least squares lets the large copies'
+    noise set the intercept), refitted once without the points off it by more than half (a slow outlier: a
+    page fault, another process). Both held at zero or above; the intercept, a copy's fixed cost, at most the
+    smallest measured time (``clamped`` when it had to be)."""
+    keep = np.ones(len(sizes), dtype=bool)
+    for _ in range(2):
+        weights = 1.0 / np.maximum(seconds[keep], 1e-12)
+        design = np.stack([sizes[keep], np.ones(int(keep.sum()))], 1) * weights[:, None]
+        (coef, intercept), *_ = np.linalg.lstsq(design, seconds[keep] * weights, rcond=None)
+        coef, intercept = max(float(coef), 0.0), max(float(intercept), 0.0)
+        relative = np.abs(coef * sizes + intercept - seconds) / np.maximum(seconds, 1e-12)
+        outliers = relative > 0.5
+        if not outliers.any() or (~outliers).sum() < 2 or (keep == ~outliers).all():
+            break
+        keep = ~outliers
+    smallest = float(seconds.min()) if len(seconds) else 0.0
+    return coef, min(intercept, smallest), intercept > smallest
+
+
+def measure_comm(devices: Sequence[Device], sizes: Sequence[int] = DEFAULT_COMM_SIZES, repeats: int = 10,
                  meta: dict[str, Any] | None = None) -> CommModel:
     """Time real transfers between ``devices`` and fit a :class:`CommModel`; ``meta`` (a profile's
-    :attr:`PlacementGraph.meta`) gets ``comm``: the measured points and the fitted model."""
+    :attr:`PlacementGraph.meta`) gets ``comm``: the measured points, the fitted model and ``notes`` (warnings of
+    :func:`fit_comm_model`)."""
     unavailable = [d.name for d in devices if d.kind == "cuda" and not _cuda_present(d)]
     if unavailable:
         raise PlacementError(f"cannot measure transfers: {', '.join(unavailable)} not present here")
-    points = measure_transfers(devices, sizes, repeats)
-    comm = fit_comm_model(points)
+    points, notes = measure_transfers(devices, sizes, repeats), []
+    comm = fit_comm_model(points, notes)
     if meta is not None:
-        meta["comm"] = {"points": {k: [list(p) for p in v] for k, v in points.items()}, "model": comm.to_dict()}
+        meta["comm"] = {"points": {k: [list(p) for p in v] for k, v in points.items()}, "model": comm.to_dict(),
+                        "notes": notes}
     return comm
 
 

@@ -12,11 +12,15 @@ gradient is sent back once, after all of its consumers there have run backward.
 
 Memory (Baechi's accounting, the notes section 4.2): ``permanent_bytes`` are held for the whole step;
 ``temporary_bytes`` from the forward op until its backward has run (training) or until the op ends (inference);
-``output_bytes`` from the op until its last consumer has run (graph outputs: until the forward ends), and a
-received copy from its transfer until its consumers on that device have run; in training "run" means "run
-backward": autograd keeps a consumer's inputs until its backward. Gradient buffers of activations are
-not modelled (the profile has no figure for them); they live only during the backward, when temporaries are
-being freed.
+``output_bytes`` from the op until its last consumer has run, and a received copy from its transfer until its
+consumers on that device have run. In training, autograd keeps only what a consumer saves for its backward: a
+tensor lives until the backward of each consumer that saved it (``OpNode.saved_inputs``: a convolution saves
+its input, an ``add`` or ``cat`` nothing) and otherwise only until that consumer's forward; an op that saves its
+own output (``saves_output``: ``ReLU``) keeps it until its own backward; the graph's outputs are saved by the
+output node (the loss reads them), so they live until the backward begins. A profile made before
+``saved_inputs`` was recorded (``None``) keeps the older, conservative rule: every input is saved, a tensor
+lives until its last consumer's backward. Gradient buffers of activations are not modelled (the profile has no
+figure for them); they live only during the backward, when temporaries are being freed.
 
 Caps: :func:`smallest_fitting_scale` bisects for a uniform scale of the devices' caps at which a plan fits,
 :func:`format_bytes` prints a size so that :func:`~ctzoo.scaling.placement.graph.parse_size` reads it back.
@@ -45,6 +49,9 @@ class SimResult:
     compute_s: dict[str, float]          # device name -> seconds it computes (busy, not waiting)
     transfer_s: float                    # seconds of cross-device transfers, all channels together
     timeline: list[tuple[str, str, float, float]] = field(default_factory=list)  # (node, device, start, end)
+    # device name -> activation bytes held from the forward into the backward (training): what autograd saves,
+    # outputs and received copies a consumer saved; the activation memory at the end of the forward
+    kept_for_backward: dict[str, int] = field(default_factory=dict)
 
 
 def topological_order(graph: PlacementGraph) -> list[str]:
@@ -73,13 +80,11 @@ def topological_order(graph: PlacementGraph) -> list[str]:
 
 
 def forward_seconds(node: OpNode, kind: str) -> float:
-    return node.compute_s(kind, training=False)
+    return node.forward_seconds(kind)
 
 
 def backward_seconds(node: OpNode, kind: str) -> float:
-    """``OpNode.compute_s``'s fallback rule (this kind's figure, else the CPU's, else any) on the backward table;
-    borrowing the method keeps the rule in one place."""
-    return OpNode(node.name, forward_s=node.backward_s).compute_s(kind, training=False)
+    return node.backward_seconds(kind)
 
 
 def check_placement(graph: PlacementGraph, placement: dict[str, str], devices: list[Device]) -> dict[str, Device]:
@@ -87,6 +92,7 @@ def check_placement(graph: PlacementGraph, placement: dict[str, str], devices: l
     by_name = {device.name: device for device in devices}
     if not devices or len(by_name) != len(devices):
         raise PlacementError("the device list is empty or names a device twice")
+    graph.check_timed(devices)
     missing = [node.name for node in graph.nodes if node.name not in placement]
     if missing:
         raise PlacementError(f"the placement leaves {len(missing)} node(s) unplaced: {', '.join(missing[:5])}")
@@ -270,23 +276,40 @@ def simulate(graph: PlacementGraph, placement: dict[str, str], devices: list[Dev
     forward_end = max(end.values(), default=0.0)
     backward_end = (_backward(graph, order, inputs, outputs, placement, by_name, comm, clocks, in_order,
                               forward_end) if training else {})
-    # training: autograd keeps a consumer's inputs for its backward, so a tensor lives until its last consumer's
-    # backward has run, not only its forward
-    used_until = backward_end if training else end
+    kept = dict.fromkeys(by_name, 0)  # bytes held from the forward into the backward, per device
+
+    def release(users: list[str], producer: str, own: bool) -> tuple[float, bool]:
+        """(when a tensor of ``producer`` used by ``users`` is freed, whether it is kept for the backward): after
+        the backward of a user that saved it (``own``: or of the producer, when it saved its output), else
+        after the last user's forward."""
+        times = [(end[user], False) for user in users]
+        if training:
+            times += [(backward_end[user], True) for user in users if saves_input(user, producer)]
+            times += [(backward_end[producer], True)] if own and graph.by_name[producer].saves_output else []
+        when = max((t for t, _ in times), default=forward_end)
+        return when, any(backward for _, backward in times)
+
+    def saves_input(user: str, producer: str) -> bool:  # a profile that does not record it: every input saved
+        saved = graph.by_name[user].saved_inputs
+        return saved is None or producer in saved
+
     for name in order:
         node, device = graph.by_name[name], placement[name]
-        last_use = max((used_until[consumer] for consumer, _ in outputs[name]), default=forward_end)
         clocks.hold(device, node.temporary_bytes, start[name], backward_end.get(name, end[name]))
-        clocks.hold(device, node.output_bytes, start[name], last_use)
+        freed, backward = release([consumer for consumer, _ in outputs[name]], name, own=True)
+        clocks.hold(device, node.output_bytes, start[name], freed)
+        kept[device] += node.output_bytes * backward + node.temporary_bytes * training
     for (src, device, nbytes), (sent, _) in copies.items():
         users = [dst for dst, b in outputs[src] if placement[dst] == device and b == nbytes]
-        clocks.hold(device, nbytes, sent, max(used_until[user] for user in users))
+        freed, backward = release(users, src, own=False)
+        clocks.hold(device, nbytes, sent, freed)
+        kept[device] += nbytes * backward
     peak = _peaks(graph, placement, clocks)
     compute = dict.fromkeys(by_name, 0.0)
     for _, device, began, ended in clocks.timeline:
         compute[device] += ended - began
     makespan = max((ended for *_, ended in clocks.timeline), default=0.0)
-    return SimResult(makespan, peak, compute, clocks.transfer_s, clocks.timeline)
+    return SimResult(makespan, peak, compute, clocks.transfer_s, clocks.timeline, kept)
 
 
 def _peaks(graph: PlacementGraph, placement: dict[str, str], clocks: _Clocks) -> dict[str, int]:
