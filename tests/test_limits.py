@@ -200,14 +200,16 @@ def test_implausible_dicom_pixel_spacing_is_refused_before_decoding(tmp_path):
 
 def test_nifti_without_a_voxel_size_is_refused_not_measured_at_1mm(tmp_path):
     """pixdim 0 and no qform or sform: nibabel sets the voxel size to 1 mm, which the reader used to measure with;
-    it is refused instead. The same file with its pixdim, and one with an sform (which gives the size), are read."""
+    it is refused instead. The same file with its pixdim and a qform, and one with an sform (which gives the size),
+    are read."""
     import struct
 
     good = _nifti(tmp_path / "good.nii", (0.7, 0.7, 2.5), shape=(8, 8, 2))
     raw = bytearray(good.read_bytes())
-    struct.pack_into("<hh", raw, 252, 0, 0)  # qform_code, sform_code
-    (tmp_path / "pixdim-only.nii").write_bytes(bytes(raw))
+    struct.pack_into("<hh", raw, 252, 1, 0)  # qform_code, sform_code
+    (tmp_path / "pixdim-only.nii").write_bytes(bytes(raw))  # the qform's voxel size is pixdim
     assert read_volume(tmp_path / "pixdim-only.nii").spacing == pytest.approx((0.7, 0.7, 2.5))
+    struct.pack_into("<hh", raw, 252, 0, 0)
     struct.pack_into("<3f", raw, 80, 0.0, 0.0, 0.0)  # pixdim[1:4]
     (tmp_path / "no-size.nii").write_bytes(bytes(raw))
     from ctzoo.io import ImplausibleSpacing

@@ -13,13 +13,15 @@ def mha_header(data_file: str, size: str = "512 512 512") -> bytes:
 
 
 def nifti_header(shape: tuple[int, int, int], datatype: int = 4, bitpix: int = 16) -> bytes:
-    """A NIfTI-1 single-file header (348 bytes + 4 extension bytes) declaring ``shape``, without voxels."""
+    """A NIfTI-1 single-file header (348 bytes + 4 extension bytes) declaring ``shape`` (1 mm voxels, a qform),
+    without voxels."""
     header = bytearray(348)
     struct.pack_into("<i", header, 0, 348)
     struct.pack_into("<8h", header, 40, 3, *shape, 1, 1, 1, 1)
     struct.pack_into("<hh", header, 70, datatype, bitpix)
     struct.pack_into("<8f", header, 76, 1, 1, 1, 1, 1, 1, 1, 1)
     struct.pack_into("<f", header, 108, 352.0)
+    struct.pack_into("<h", header, 252, 1)  # qform_code 1 (identity quaternion): a file with an orientation
     header[344:348] = b"n+1\x00"
     return bytes(header) + b"\x00" * 4
 

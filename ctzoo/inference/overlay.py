@@ -19,6 +19,8 @@ def plot_detections(volume: Volume, document: dict[str, Any], path: str | Path,
     Long axes red, short axes green, centres as cyan crosses, each labelled with score and size in mm.
     With no lesion, the middle slice is drawn and says so. Slices are shown as stored (array row 0 on top), each
     titled as a radiologist finds it: ``InstanceNumber 12, z -804.5 mm (index 11)`` (:meth:`Volume.slice_label`).
+    A sagittal or coronal input (``"slice_grid": "axial"``) is drawn on the axial slices the model ran on, as the
+    document numbers them (:func:`ctzoo.io.reorient_lps`).
     """
     import matplotlib
 
@@ -27,13 +29,17 @@ def plot_detections(volume: Volume, document: dict[str, Any], path: str | Path,
 
     from ctzoo.datasets.deeplesion.plots import save_figure
 
+    if document.get("slice_grid") == "axial":
+        from ctzoo.io import reorient_lps
+
+        volume = reorient_lps(volume)
     lesions = sorted(document["lesions"], key=lambda lesion: -lesion["score"])[:max_panels]
     slices = sorted({lesion["slice"] for lesion in lesions}) or [volume.array.shape[0] // 2]
     figure, axes = plt.subplots(1, len(slices), figsize=(5 * len(slices), 5.3), dpi=100, squeeze=False)
     for axis, k in zip(axes[0], slices):
         axis.imshow(volume.array[k], cmap="gray", vmin=window_hu[0], vmax=window_hu[1])
         for lesion in (lesion for lesion in lesions if lesion["slice"] == k):
-            points = np.asarray(lesion["points_voxel"])[:, :2]
+            points = _drawn_points(volume, document, lesion)
             axis.plot(points[:2, 0], points[:2, 1], "r-", linewidth=1.5)
             axis.plot(points[2:4, 0], points[2:4, 1], "g-", linewidth=1.5)
             axis.plot(*points[4], "c+", markersize=9)
@@ -44,6 +50,15 @@ def plot_detections(volume: Volume, document: dict[str, Any], path: str | Path,
     figure.suptitle(f"{document.get('model', '')} {document.get('model_version', '')}", fontsize=10)
     figure.tight_layout()
     return save_figure(figure, path)
+
+
+def _drawn_points(volume: Volume, document: dict[str, Any], lesion: dict[str, Any]) -> np.ndarray:
+    """The lesion's five points as (column, row) of the slice drawn: the input's voxels, or on the axial grid of a
+    sagittal or coronal input the points in mm mapped onto it."""
+    if document.get("slice_grid") != "axial":
+        return np.asarray(lesion["points_voxel"], dtype=float)[:, :2]
+    to_grid = np.linalg.inv(volume.affine_lps)
+    return (np.asarray(lesion["points_mm"], dtype=float) @ to_grid[:3, :3].T + to_grid[:3, 3])[:, :2]
 
 
 def plot_seg_overlay(image: np.ndarray, truth: np.ndarray, predictions: Mapping[str, np.ndarray],

@@ -9,7 +9,7 @@ Results are mapped back to the voxel indices of the input *as stored* and to pat
 
 Output schema (``detections.json``; stable, see docs/recistnet.md)::
 
-    {"model": str, "model_version": str, "input": {...geometry..., "warnings": [str]},
+    {"model": str, "model_version": str, "input": {...geometry..., "warnings": [str]}, "slice_grid": str,
      "lesions": [{"score": float, "slice": k, "slice_z_mm": float, "instance_number": int | None,
                   "slices": [k0, k1], "points_voxel": [[i, j, k] x 5], "points_mm": [[x, y, z] x 5],
                   "long_axis_mm": float, "short_axis_mm": float, "box_voxel": [i0, j0, i1, j1]}]}
@@ -20,6 +20,11 @@ the grid's median step is off beside a missing slice). ``slice`` is the key slic
 stored; ``slice_z_mm`` is that slice's patient LPS z (superior positive, its centre voxel; for DICOM from its own
 ImagePositionPatient) and ``instance_number`` its DICOM InstanceNumber (present for DICOM input only; null when the
 file has none): how a radiologist finds the slice in a viewer (:meth:`ctzoo.io.volume.Volume.slice_position`).
+``box_voxel`` is the long and short axes' bounding box in that slice's (i, j). That holds where the input stores axial
+slices (``"slice_grid": "input"``: LPS, flipped, tilted). A sagittal or coronal input's slices are no axial planes
+(``"slice_grid": "axial"``): ``slice``, ``slices`` and ``box_voxel`` then refer to the LPS-axial reoriented volume
+the model ran on (:func:`ctzoo.io.reorient_lps`), ``slice_z_mm`` is that axial plane's z and no ``instance_number``
+is given; ``points_voxel`` and ``points_mm`` stay the input's voxels and patient mm either way.
 ``input.warnings`` are the reader's (``Volume.warnings``: missing slices, uneven spacing, repaired UIDs...).
 """
 
@@ -93,7 +98,7 @@ def slice_inputs(axial: Volume, prep: SlicePreprocessing, canvas: int | None = N
     each plane kept as a NumPy array.
     """
     hu = axial.array if device is None else torch.from_numpy(np.ascontiguousarray(axial.array)).to(device)
-    offsets = neighbour_offsets(prep.num_slices, prep.slice_interval_mm, axial.spacing[2])
+    offsets = neighbour_offsets(prep.num_slices, prep.slice_interval_mm, axial.slice_step_mm)
     reach = int(np.ceil(max(abs(o) for o in offsets))) + 1
     resampled: dict[int, np.ndarray] = {}
     scale = None
@@ -173,32 +178,45 @@ def merge_across_slices(detections: list[SliceDetection], slice_spacing_mm: floa
 def detections_document(volume: Volume, axial: Volume, detections: list[SliceDetection], model_name: str,
                         model_version: str) -> dict[str, Any]:
     """Merge per-slice ``detections`` on ``axial`` (= :func:`reorient_lps` of ``volume``) into lesions and map
-    them to ``volume`` as stored: the ``detections.json`` document."""
-    lesions = merge_across_slices(detections, axial.spacing[2])
+    them to ``volume`` as stored: the ``detections.json`` document. Slices are named in the input's own slice
+    numbering where it stores axial slices (``"slice_grid": "input"``), else in ``axial``'s (``"axial"``)."""
+    lesions = merge_across_slices(detections, axial.slice_step_mm)
     to_input = np.linalg.inv(volume.affine_lps)
+    on_input = volume.stores_axial_slices
     documents = []
     for lesion in lesions:
         voxel = lesion.points_mm @ to_input[:3, :3].T + to_input[:3, 3]
-        # each slice of the lesion, through its centre, in the input's own slice numbering
+        # each slice of the lesion, through its centre
         centres = np.array([[*lesion.points_ijk[4, :2], s] for s in lesion.slices], dtype=float)
-        input_k = (axial.index_to_lps(centres) @ to_input[:3, :3].T + to_input[:3, 3])[:, 2]
-        key = int(round(voxel[4, 2]))
-        where = volume.slice_position(key)
+        if on_input:
+            numbered, key = (axial.index_to_lps(centres) @ to_input[:3, :3].T + to_input[:3, 3])[:, 2], voxel[4, 2]
+            where, in_plane = volume.slice_position(int(round(key))), voxel[:4, :2]
+        else:  # a sagittal or coronal input: its slices hold no axial plane; name the axial grid's
+            numbered, in_plane = centres[:, 2], lesion.points_ijk[:4, :2]
+            where = axial.slice_position(lesion.k)
         named = {"slice_z_mm": where["z_mm"]}
-        if volume.dicom is not None:
+        if volume.dicom is not None and on_input:
             named["instance_number"] = where["instance_number"]
         documents.append({
             "score": round(lesion.score, 5),
-            "slice": key,
+            "slice": where["index"],
             **named,
-            "slices": sorted({int(round(k)) for k in input_k}),
+            "slices": sorted({int(round(k)) for k in numbered}),
             "points_voxel": np.round(voxel, 3).tolist(),
             "points_mm": np.round(volume.index_to_lps_per_slice(voxel), 3).tolist(),
             "long_axis_mm": round(lesion.long_mm, 2),
             "short_axis_mm": round(lesion.short_mm, 2),
-            "box_voxel": np.round([*voxel[:4, :2].min(axis=0), *voxel[:4, :2].max(axis=0)], 3).tolist(),
+            "box_voxel": np.round([*in_plane.min(axis=0), *in_plane.max(axis=0)], 3).tolist(),
         })
-    return {"model": model_name, "model_version": model_version, "input": describe_input(volume), "lesions": documents}
+    return {"model": model_name, "model_version": model_version, "input": describe_input(volume),
+            "slice_grid": slice_grid(volume), "lesions": documents}
+
+
+def slice_grid(volume: Volume) -> str:
+    """Whose slices results name: ``"input"`` (``volume.array[k]``, an axial series as stored, flipped or not) or
+    ``"axial"`` (the LPS-axial reorientation the models ran on, :func:`ctzoo.io.reorient_lps`, for a sagittal or
+    coronal input, whose own slices are no axial planes)."""
+    return "input" if volume.stores_axial_slices else "axial"
 
 
 def describe_input(volume: Volume) -> dict[str, Any]:

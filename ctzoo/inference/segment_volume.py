@@ -16,12 +16,16 @@ segmenter ``(B, 1, H, W) -> (B, C + 1, H, W)`` (e.g. the MONAI UNet baseline) an
 
 Summary schema (``segmentation.json``; :func:`seg_summary`)::
 
-    {"model": str, "model_version": str, "input": {...geometry..., "warnings": [str]}, "voxel_volume_ml": float,
-     "classes": {name: {"label": c, "voxels": int, "volume_ml": float, "slices": [k, ...],
+    {"model": str, "model_version": str, "input": {...geometry..., "warnings": [str]}, "slice_grid": str,
+     "voxel_volume_ml": float, "classes": {name: {"label": c, "voxels": int, "volume_ml": float, "slices": [k, ...],
                         "slices_z_mm": [z, ...]}}}
 
 ``slices`` are indices ``k`` of ``volume.array[k]`` (the input's own slice order) that hold the class;
-``slices_z_mm`` the same slices' patient LPS z in mm (superior positive, :meth:`Volume.slice_position`).
+``slices_z_mm`` the same slices' patient LPS z in mm (superior positive, :meth:`Volume.slice_position`). That holds
+where the input stores axial slices (``"slice_grid": "input"``); a sagittal or coronal input's slices are no axial
+planes (``"slice_grid": "axial"``), so ``slices`` then index the LPS-axial reoriented volume the model ran on
+(:func:`ctzoo.io.reorient_lps`) and ``slices_z_mm`` are those axial planes' z. ``voxel_volume_ml`` is
+:attr:`Volume.voxel_volume_mm3` (``|det|`` of the affine: right on a sheared, gantry-tilted grid too).
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ctzoo.inference.recist_volume import describe_input
-from ctzoo.io import Volume
+from ctzoo.inference.recist_volume import describe_input, slice_grid
+from ctzoo.io import Volume, reorient_lps
 from ctzoo.models.template_bank import TemplateBank
 from ctzoo.models.template_seg import TemplateEncoding, TemplateSegNet
 
@@ -98,12 +102,13 @@ def seg_summary(labels: np.ndarray, volume: Volume, class_names: Sequence[str], 
     if labels.size and (labels.min() < 0 or labels.max() > len(class_names)):
         raise ValueError(f"label values must lie in 0..{len(class_names)} ({len(class_names)} class names), "
                          f"found {labels.min()}..{labels.max()}")
-    voxel_ml = float(np.prod(volume.spacing)) / 1000.0  # mm^3 -> mL
-    per_slice = np.zeros((labels.shape[0], len(class_names) + 1), dtype=np.int64)  # voxels per (slice, class)
-    for k, plane in enumerate(labels):
+    voxel_ml = volume.voxel_volume_mm3 / 1000.0  # mm^3 -> mL
+    named_labels, named_volume = axial_labels(labels, volume)  # on the slices the results name
+    per_slice = np.zeros((named_labels.shape[0], len(class_names) + 1), dtype=np.int64)  # voxels per (slice, class)
+    for k, plane in enumerate(named_labels):
         per_slice[k] = np.bincount(plane.ravel().astype(np.int64), minlength=per_slice.shape[1])
     counts = per_slice.sum(axis=0)
-    z_mm = [volume.slice_position(k)["z_mm"] for k in range(labels.shape[0])]
+    z_mm = [named_volume.slice_position(k)["z_mm"] for k in range(named_labels.shape[0])]
     classes = {}
     for value, name in enumerate(class_names, start=1):
         slices = np.flatnonzero(per_slice[:, value]).tolist()
@@ -111,7 +116,17 @@ def seg_summary(labels: np.ndarray, volume: Volume, class_names: Sequence[str], 
                          "volume_ml": round(float(counts[value]) * voxel_ml, 3),
                          "slices": slices, "slices_z_mm": [z_mm[k] for k in slices]}
     return {"model": model_name, "model_version": model_version, "input": describe_input(volume),
-            "voxel_volume_ml": round(voxel_ml, 9), "classes": classes}
+            "slice_grid": slice_grid(volume), "voxel_volume_ml": round(voxel_ml, 9), "classes": classes}
+
+
+def axial_labels(labels: np.ndarray, volume: Volume) -> tuple[np.ndarray, Volume]:
+    """``labels`` on ``volume`` and ``volume`` as their slices are named (:func:`slice_grid`): as stored for an
+    axial input, reoriented to LPS axial (axes permuted and flipped, nothing resampled) for a sagittal or coronal
+    one."""
+    if volume.stores_axial_slices:
+        return labels, volume
+    axial = reorient_lps(volume)
+    return reorient_lps(volume.with_array(labels.astype(np.float32))).array.astype(labels.dtype), axial
 
 
 def write_segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence[str], folder: Path,
@@ -120,7 +135,7 @@ def write_segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence
     """What ``ctzoo infer`` writes for a segmenter into ``folder`` but its DICOM SEG (which
     :func:`ctzoo.inference.tasks.segmenter_task` writes, a failure there costing the case none of these):
     ``labels.nii.gz`` (uint8 on the input grid), ``segmentation.json`` (:func:`seg_summary`) and
-    ``labels_overlay.png`` (the slice with the most foreground). Every file is written under a temporary name and
+    ``labels_overlay.png`` (the axial slice with the most foreground). Every file is written under a temporary name and
     renamed. Returns the paths written."""
     import json
 
@@ -136,8 +151,9 @@ def write_segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence
     if overlay:
         from ctzoo.inference.overlay import plot_seg_overlay
 
-        k = int(np.argmax((labels > 0).sum(axis=(1, 2))))
-        image = np.clip((volume.array[k] + 200.0) / 600.0, 0, 1)
-        written.append(plot_seg_overlay(image, np.zeros_like(labels[k]), {f"{model_name} {model_version}": labels[k]},
-                                        class_names, folder / "labels_overlay.png", title=volume.slice_label(k)))
+        drawn, grid = axial_labels(labels, volume)  # the axial slices a sagittal or coronal input was segmented on
+        k = int(np.argmax((drawn > 0).sum(axis=(1, 2))))
+        image = np.clip((grid.array[k] + 200.0) / 600.0, 0, 1)
+        written.append(plot_seg_overlay(image, np.zeros_like(drawn[k]), {f"{model_name} {model_version}": drawn[k]},
+                                        class_names, folder / "labels_overlay.png", title=grid.slice_label(k)))
     return written

@@ -23,6 +23,7 @@ _SUBMODULE_OF = {
     "read_dicom_series": "dicom_series",
     "derived_uid": "dicom_uids",
     "repair_uids": "dicom_uids",
+    "NoOrientation": "image_files",
     "read_itk_image": "image_files",
     "read_nifti": "image_files",
     "read_volume": "image_files",

@@ -73,6 +73,15 @@ def _ctzoo_version() -> str:
         return "unknown"
 
 
+def _on_stored_slice(lesion: dict[str, Any]) -> dict[str, Any]:
+    """A lesion found on a sagittal or coronal series, whose ``slice`` names the axial grid the model ran on, keyed
+    to the stored image through its centre instead: the one the report can reference."""
+    try:
+        return {**lesion, "slice": int(round(float(lesion["points_voxel"][4][2])))}
+    except (KeyError, IndexError, TypeError, ValueError):
+        return lesion  # refused below as it stands
+
+
 def _checked_lesions(document: dict[str, Any], volume: Volume) -> list[dict[str, Any]]:
     """The document's lesions after checking they belong to ``volume`` and can be encoded."""
     if volume.dicom is None:
@@ -82,7 +91,8 @@ def _checked_lesions(document: dict[str, Any], volume: Volume) -> list[dict[str,
     if series and series != volume.dicom.series_instance_uid:
         raise ValueError(f"the detections were made on series {series}, not on the volume's series "
                          f"{volume.dicom.series_instance_uid}")
-    lesions = list(document.get("lesions", []))
+    lesions = [_on_stored_slice(lesion) if document.get("slice_grid") == "axial" else lesion
+               for lesion in document.get("lesions", [])]
     slices = volume.array.shape[0]
     for n, lesion in enumerate(lesions, start=1):
         k = lesion.get("slice")

@@ -27,7 +27,7 @@ from ctzoo.io.dicom_scan import (
 from ctzoo.io.dicom_series import read_dicom_series
 from ctzoo.io.itk_threads import first_use_alone
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits, UnsafeInput, check_self_contained
-from ctzoo.io.orientation import geometry_from_affine, ras_to_lps_affine
+from ctzoo.io.orientation import geometry_from_affine, orientation_code, ras_to_lps_affine
 from ctzoo.io.spacing import ImplausibleSpacing, check_spacing, slice_axis
 from ctzoo.io.volume import Volume
 
@@ -64,15 +64,25 @@ def _open_nifti(path: str | Path, limits: ResourceLimits):
     return image, voxels
 
 
+class NoOrientation(ValueError):
+    """A NIfTI whose header says nothing of where its voxels lie in the patient (qform_code = sform_code = 0)."""
+
+
 def _check_nifti_spacing(image, path: str | Path) -> None:
-    """Refuse a NIfTI whose voxel size is unknown or not a CT's. Without an sform the affine is built from
-    ``pixdim``, which nibabel silently sets to 1 where the file has 0: that file's own pixdim is checked here."""
+    """Refuse a NIfTI whose voxel size or orientation is unknown, or whose voxel size is not a CT's. Without an sform
+    the affine is built from ``pixdim``, which nibabel silently sets to 1 where the file has 0: that file's own pixdim
+    is checked here. Without a qform or an sform nibabel invents an orientation (ITK another, flipped A/P): the
+    file is refused rather than read in either."""
     if int(image.header["sform_code"]) == 0:
         with ImageOpener(str(path)) as stream:
             stored = type(image.header).from_fileobj(stream, check=False)["pixdim"][1:4]
         if not (np.all(np.isfinite(stored)) and np.all(stored != 0)):
             raise ImplausibleSpacing(f"{path}: the header gives no voxel size (pixdim {stored.tolist()} and no "
                                      "sform): refusing to guess the spacing")
+        if int(image.header["qform_code"]) == 0:
+            raise NoOrientation(f"{path}: the header gives no orientation (qform_code and sform_code are 0): refusing "
+                                "to guess where the voxels lie; write the file with an affine (e.g. nibabel's "
+                                "set_sform(affine, code=1), or convert it from DICOM again)")
     try:
         spacing, _, direction = geometry_from_affine(ras_to_lps_affine(image.affine))
     except (ValueError, np.linalg.LinAlgError) as exc:
@@ -96,9 +106,30 @@ def read_nifti(path: str | Path, dtype=np.float32, limits: ResourceLimits = DEFA
     spacing, origin, direction = geometry_from_affine(ras_to_lps_affine(image.affine))
     volume = Volume(_cast(np.ascontiguousarray(data.transpose(2, 1, 0)), dtype), spacing, origin, direction,
                     source_path=str(path))
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
-        volume.warnings.append("the affine is sheared (non-orthogonal axes); geometry kept as stored")
+    volume.warnings.extend(_shear_warnings(volume) + _qform_sform_warnings(image.header))
     return volume
+
+
+def _shear_warnings(volume: Volume) -> list[str]:
+    """The warning a sheared grid (gantry tilt kept in the affine or direction matrix) gets, or none."""
+    if not volume.is_sheared:
+        return []
+    return [f"the affine is sheared (non-orthogonal axes, e.g. a gantry tilt); geometry kept as stored; slices are "
+            f"{volume.slice_step_mm:.4g} mm apart perpendicular to them ({volume.spacing[2]:.4g} mm along the k axis) "
+            f"and voxel volumes are |det| of the affine"]
+
+
+def _qform_sform_warnings(header) -> list[str]:
+    """The warning a NIfTI gets whose qform and sform (both set) point its axes different ways, or none: ctzoo
+    uses the sform, as nibabel does; ITK-based tools may use the qform, so the same file reads mirrored there."""
+    if int(header["qform_code"]) == 0 or int(header["sform_code"]) == 0:
+        return []
+    qform, sform = (orientation_code(geometry_from_affine(ras_to_lps_affine(affine))[2])
+                    for affine in (header.get_qform(), header.get_sform()))
+    if qform == sform:
+        return []
+    return [f"the qform ({qform}) and the sform ({sform}) orient the axes differently; the sform is used (as nibabel "
+            "does); ITK-based tools (SimpleITK, 3D Slicer) may use the qform and show the volume mirrored"]
 
 
 def _unreadable_nifti(path: str | Path, exc: BaseException) -> ValueError:
@@ -158,7 +189,9 @@ def read_itk_image(path: str | Path, dtype=np.float32, limits: ResourceLimits = 
         image = reader.Execute()
     except RuntimeError as exc:
         raise ValueError(f"{path}: SimpleITK cannot read it: {str(exc).strip().splitlines()[-1]}") from exc
-    return volume_from_sitk(image, dtype, str(path))
+    volume = volume_from_sitk(image, dtype, str(path))
+    volume.warnings.extend(_shear_warnings(volume))
+    return volume
 
 
 def declared_size(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS) -> tuple[int, int]:

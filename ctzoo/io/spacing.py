@@ -4,7 +4,9 @@ A header with a voxel size no scanner produces (a unit mix-up, a zero or garbage
 refused before any voxel is read: measurements in mm on such a volume would be wrong, and resampling it to a
 model's spacing would allocate in proportion to the bad number (a 32 x 32 slice at 1875 mm/pixel becomes a
 30,000 x 30,000 one at 2 mm). Every reader of :mod:`ctzoo.io` applies it (``ctzoo infer``, ``ctzoo pacs``,
-``ctzoo serve``'s study endpoints), as it applies :mod:`ctzoo.io.limits`.
+``ctzoo serve``'s study endpoints), as it applies :mod:`ctzoo.io.limits`. (A NIfTI with neither qform nor sform,
+whose 1 mm and orientation nibabel would make up, is refused by the reader:
+:class:`ctzoo.io.image_files.NoOrientation`.)
 
 "In-plane" are the two index axes across the axial plane the models see, "slice" the one nearest the patient's
 head-foot (S) axis, as :func:`ctzoo.io.reorient_lps` puts them.

@@ -12,6 +12,7 @@ from ctzoo.io.orientation import (
     lps_to_ras_affine,
     orientation_code,
 )
+from ctzoo.io.spacing import slice_axis
 
 
 @dataclass
@@ -128,6 +129,33 @@ class Volume:
         """Where the index axes point, e.g. ``'LPS'`` for standard axial CT (see :func:`orientation_code`)."""
         return orientation_code(self.direction)
 
+    @property
+    def stores_axial_slices(self) -> bool:
+        """Whether ``array[k]`` are axial slices: the k axis is the index axis nearest the patient's S axis (LPS, but
+        also a flipped or tilted axial series). A sagittal or coronal volume's slices are not; the models see it
+        reoriented (:func:`ctzoo.io.reorient_lps`) and results name the slices of that axial grid."""
+        return slice_axis(self.direction) == 2
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        """One voxel's volume, ``|det|`` of the affine's linear part: the product of the spacings, except on a
+        sheared grid (gantry tilt kept in the affine), where that product overstates it by 1/cos(tilt)."""
+        return float(abs(np.linalg.det(self.affine_lps[:3, :3])))
+
+    @property
+    def slice_step_mm(self) -> float:
+        """Distance between neighbouring slices ``array[k]``, ``array[k + 1]`` measured perpendicular to them:
+        ``spacing[2]`` unless the grid is sheared, where ``spacing[2]`` is the (longer) step along the tilted k axis.
+        What a tilted DICOM series' spacing is (the step between its ImagePositionPatient along the normal)."""
+        i_axis, j_axis, k_axis = self.affine_lps[:3, :3].T
+        normal = np.cross(i_axis, j_axis)
+        return float(abs(k_axis @ normal) / np.linalg.norm(normal))
+
+    @property
+    def is_sheared(self) -> bool:
+        """Whether the index axes are not perpendicular (a gantry tilt kept in the affine)."""
+        return not np.allclose(self.direction.T @ self.direction, np.eye(3), atol=1e-4)
+
     def index_to_lps(self, ijk: np.ndarray) -> np.ndarray:
         """Map continuous indices of shape (..., 3) in (i, j, k) order to LPS mm."""
         ijk = np.asarray(ijk, dtype=float)
@@ -199,6 +227,7 @@ class Volume:
             "direction_lps": np.round(self.direction, 6).tolist(),
             "orientation": self.orientation,
             "extent_mm": [round(s * n, 3) for s, n in zip(self.spacing, self.size)],
+            "slice_step_mm": round(self.slice_step_mm, 6),
             "dtype": str(self.array.dtype),
             "value_range": [float(finite.min()), float(finite.max())] if finite.size else None,
             "non_finite_voxels": int(self.array.size - finite.size),
