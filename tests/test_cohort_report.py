@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from ctzoo.cli import main
 from ctzoo.cohort.context import hashed
 from ctzoo.cohort.groups import lesion_found
-from ctzoo.cohort.report import report_data
+from ctzoo.cohort.report import build_figures, render_report_html, report_data
 from ctzoo.datasets.deeplesion.dataset import DeepLesionConfig, deeplesion_dataset, key_slice_items
 from ctzoo.datasets.deeplesion.info_csv import read_dl_info
 from ctzoo.datasets.keypoint_transforms import recist_eval_transforms
@@ -228,3 +228,136 @@ def test_bad_cohorts_are_clear_errors(cohort, tmp_path):
     reported = runner.invoke(main, ["cohort", "report", str(headers_only)])  # a context-only page still works
     assert reported.exit_code == 0 and (headers_only / "report.html").is_file()
     assert not list(headers_only.glob(".*partial*"))
+
+
+# --- small cohort folders written by hand: no model run, each check a few seconds at most
+
+def ct_rows(count: int, **fields) -> list[dict]:
+    """``count`` DICOM series rows as the build writes them (every column; ``fields`` set on each)."""
+    from ctzoo.cohort.context import blank_row, with_bands
+
+    return [with_bands(blank_row("dicom") | {"series": f"{k:016x}", "slices": 20, "findings": 1} | fields)
+            for k in range(count)]
+
+
+def write_cohort(folder: Path, rows: list[dict], failed: list[dict] = (), pictures: bool = False) -> Path:
+    """``cohort.json`` of ``rows`` (and, with ``pictures``, each series' findings and thumbnail)."""
+    from ctzoo.cohort.context import group_counts
+
+    folder.mkdir(parents=True, exist_ok=True)
+    document = {"schema": 1, "columns": [], "models": [], "modalities": {}, "rows": rows,
+                "groups": group_counts(rows), "failed": list(failed), "salt": "env"}
+    (folder / "cohort.json").write_text(json.dumps(document), encoding="utf-8")
+    if pictures:
+        (folder / "thumbnails").mkdir(exist_ok=True)
+        level = {"frame": 512, "picture": True, "on_picture": [{"box": [10, 10, 40, 40], "score": 0.9}]}
+        (folder / "findings.json").write_text(json.dumps({"schema": 1, "model": "recistnet-mini", "series": {
+            row["series"]: level for row in rows}}), encoding="utf-8")
+        for row in rows:
+            (folder / "thumbnails" / f"{row['series']}.png").write_bytes(b"\x89PNG-" + row["series"].encode())
+    return folder
+
+
+def test_unreadable_inputs_are_counted_on_the_page_and_hashed_in_the_table(tmp_path):
+    """A file named after its patient that cannot be read: cohort.json keeps its name only as a salted hash and
+    its message without the name or path; the page has the count and the error type, nothing else of it; and a
+    cohort of no readable series still gets its page, saying so."""
+    named = tmp_path / "in" / "DOE_JOHN_MRN-4455667.nii.gz"
+    named.parent.mkdir()
+    named.write_bytes(b"not a gzip at all")
+    out, runner = tmp_path / "cohort", CliRunner()
+    built = runner.invoke(main, ["cohort", "build", str(named), "--out", str(out), "--context-only"],
+                          env={"CTZOO_COHORT_SALT": SALT})
+    assert built.exit_code == 0, built.output
+    (failed,) = json.loads((out / "cohort.json").read_text())["failed"]
+    assert failed["input"] == hashed("DOE_JOHN_MRN-4455667", SALT) and failed["error"] == "ValueError"
+    assert failed["reason"].startswith("ValueError: ") and "<input>" in failed["reason"]
+    reported = runner.invoke(main, ["cohort", "report", str(out)])
+    assert reported.exit_code == 0 and "Traceback" not in reported.output, reported.output
+    page = (out / "report.html").read_text()
+    assert "No series could be read (1 failed)" in page and "1 inputs not read (ValueError 1)" in page
+    for text in ("DOE", "4455667", str(named.parent)):
+        assert text not in page and text not in (out / "cohort.json").read_text()
+    # a cohort.json written before the names were hashed: the page still takes only the count and the types
+    write_cohort(out, ct_rows(1), failed=[{"input": "DOE_JOHN_MRN-4455667", "reason": f"OSError: {named} gone"}])
+    data = report_data(out)
+    assert data["failed"] == {"count": 1, "errors": {"OSError": 1}}
+    assert "DOE" not in render_report_html(data)
+
+
+def test_the_distributions_figure_is_left_out_without_series(tmp_path):
+    data = report_data(write_cohort(tmp_path / "empty", [], failed=[{"input": "0" * 16, "error": "ValueError"}]))
+    assert "distributions" not in build_figures(data)
+
+
+def test_header_text_reaches_the_plots_escaped(tmp_path):
+    """plotly renders tags in its labels: a scanner model '<a href=...>' would be a live link on the page."""
+    link = '<a href="https://evil.example/phish">Click here</a>'
+    data = report_data(write_cohort(tmp_path / "c", ct_rows(2, manufacturer="<b>ACME</b> & Co", model=link)))
+    figure = json.dumps(build_figures(data)["distributions"])
+    assert "<a href" not in figure and "<b>" not in figure
+    assert json.dumps("&lt;a href=\"https://evil.example/phish\"&gt;Click here&lt;/a&gt;")[1:-1] in figure
+    assert "&lt;b&gt;ACME&lt;/b&gt; &amp; Co" in figure
+
+
+def test_the_individual_view_embeds_at_most_the_limit_of_series_pictures(tmp_path):
+    folder = write_cohort(tmp_path / "c", ct_rows(7), pictures=True)
+    data = report_data(folder, limit=3)
+    assert [item["id"] for item in data["series_items"]] == [f"series-{k:016x}" for k in range(3)]
+    assert all(item["picture"] for item in data["series_items"]) and data["ct_series"] == 7
+    page = render_report_html(data)
+    assert page.count("data:image/png;base64,iVBORy0") == 3  # the fake PNGs (plotly.js holds the prefix too)
+    assert "(4 left out: --individuals)" in page
+    assert page.count("<tr><td>0000") == 7  # the series table lists every series
+
+
+def write_lesion_level(folder: Path, lesions: list[str], fitted: list[str]) -> None:
+    """``lesions.csv`` (typed lesions, two per key slice), features, key slices, and a ``fit/`` made on
+    ``fitted``."""
+    from ctzoo.cohort.fit import rows_csv
+    from ctzoo.cohort.lesions import LESION_COLUMNS
+    from ctzoo.cohort.table import table_csv
+
+    rows = [{column: "" for column in LESION_COLUMNS} | {
+        "lesion": name, "series": "s", "patient": f"p{k}", "key_slice": f"k{k // 2}", "split": "test",
+        "type_code": 1 + k % 2, "lesion_type": ["bone", "abdomen"][k % 2], "sex": "M", "age_band": "40-59",
+        "thickness_band": "<1.5 mm", "age_years": 40 + k, "long_mm": 10 + k, "found": True, "features": True}
+            for k, name in enumerate(lesions)]
+    (folder / "lesions.csv").write_text(table_csv(rows, columns=LESION_COLUMNS), encoding="utf-8")
+    np.save(folder / "lesion_features.npy", np.random.default_rng(0).normal(size=(len(lesions), 4)).astype("f4"))
+    key_slices = [{"key_slice": f"k{s}", "lesions": lesions[2 * s:2 * s + 2], "boxes": [], "scores": [],
+                   "truth_boxes": [[10, 10, 30, 30]] * len(lesions[2 * s:2 * s + 2])}
+                  for s in range((len(lesions) + 1) // 2)]
+    (folder / "key_slices.json").write_text(json.dumps({"schema": 1, "model": "m", "score_threshold": 0.5,
+                                                        "frame": 512, "key_slices": key_slices}))
+    (folder / "fit").mkdir(exist_ok=True)
+    (folder / "fit" / "fit.json").write_text(json.dumps({"lesions": fitted, "classes": ["bone", "abdomen"]}))
+    (folder / "fit" / "predictions.csv").write_text(rows_csv([
+        {"lesion": name, "split": "test", "label": "bone", "predicted": "bone", "image_weight": 0.5,
+         "p_bone": 0.6, "p_abdomen": 0.4} for name in fitted]))
+
+
+@pytest.mark.parametrize("fitted", [["z1", "z2", "z3", "z4"], ["a0", "a1"]], ids=["other lesions", "a subset"])
+def test_a_fit_of_other_lesions_is_flagged_not_drawn(tmp_path, fitted):
+    """The lesions of a cohort built again against an old fit/: no KeyError, and no old AUCs drawn as if they
+    were the new lesions' (a subset would have been drawn silently)."""
+    folder = write_cohort(tmp_path / "c", [])
+    write_lesion_level(folder, [f"a{k}" for k in range(6)], fitted)
+    data = report_data(folder)
+    assert data["fit"] is None and data["auc"] == [] and "run ctzoo cohort fit again" in data["fit_problem"]
+    result = CliRunner().invoke(main, ["cohort", "report", str(folder)])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "warning: the stored fit is not shown" in result.output
+    assert "The stored fit is not shown: fit/ was fitted on other lesions" in (folder / "report.html").read_text()
+
+
+def test_fit_mismatch_accepts_exactly_the_fitted_lesions():
+    from ctzoo.cohort.fit import fit_mismatch
+
+    lesions = [{"lesion": f"a{k}", "type_code": 1 + (k == 3) - (k == 4), "features": k != 5} for k in range(6)]
+    fitted = ["a0", "a1", "a2", "a3"]  # a4 untyped, a5 outside the frame: never fitted
+    predictions = [{"lesion": name} for name in fitted]
+    assert fit_mismatch(lesions, ({"lesions": fitted}, predictions)) is None
+    assert "other lesions" in fit_mismatch(lesions, ({"lesions": fitted[:3]}, predictions[:3]))
+    assert "other lesions" in fit_mismatch(lesions, ({"lesions": fitted}, predictions[:3]))
+    assert "does not list its lesions" in fit_mismatch(lesions, ({}, predictions))

@@ -70,7 +70,7 @@ def test_a_table_from_dicom_a_volume_file_and_a_broken_file(named_series, sample
     # groups count every row, unknown included; the broken file is listed, not dropped
     assert document["groups"]["sex"] == {"M": 1, UNKNOWN: 1}
     assert all(sum(counts.values()) == 2 for counts in document["groups"].values())
-    assert [entry["input"] for entry in document["failed"]] == ["broken"]
+    assert [entry["input"] for entry in document["failed"]] == [patient_hash("broken", salt)[:16]]
     # identifiers never leave the headers
     written = (out / "cohort.csv").read_text() + (out / "cohort.json").read_text() + result.output
     for value in ("Roe", "Richard", PATIENT["PatientID"]):
@@ -126,3 +126,20 @@ def test_deeplesion_rows_and_a_shared_salt(small_deeplesion_mini, tmp_path, monk
 def test_nothing_to_build_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(main, ["cohort", "build", "--out", str(tmp_path / "c")])
     assert result.exit_code == 2 and "give CT inputs" in result.output
+
+
+def test_a_build_removes_what_an_earlier_build_left(small_deeplesion_mini, tmp_path, monkeypatch):
+    """Built again into a fitted folder: the old fit/ (of the old lesions) and the lesion level and findings this
+    build does not write go, at once, and the output says so; the salt stays."""
+    monkeypatch.setenv("CTZOO_COHORT_SALT", "site-salt-0123456789")
+    out = tmp_path / "cohort"
+    (out / "fit").mkdir(parents=True)
+    for name in ("fit/fit.json", "fit/predictions.csv", "lesions.csv", "lesion_features.npy", "key_slices.json",
+                 "findings.json"):
+        (out / name).write_text("from an earlier build")
+    result = CliRunner().invoke(main, ["cohort", "build", "--deeplesion", str(small_deeplesion_mini / "DL_info.csv"),
+                                       "--out", str(out), "--context-only"])
+    assert result.exit_code == 0, result.output
+    assert "removed an earlier build's fit, lesions.csv, lesion_features.npy, key_slices.json, findings.json" \
+        in result.output and "run ctzoo cohort fit again" in result.output
+    assert sorted(path.name for path in out.iterdir()) == ["cohort.csv", "cohort.json", "thumbnails"]

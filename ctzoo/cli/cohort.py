@@ -116,7 +116,8 @@ def fit(cohort_dir: Path, context_set: str, seeds: str, epochs: int) -> None:
 @click.option("--min-count", type=click.IntRange(1), default=10, show_default=True,
               help="No subgroup metric is shown for a group with fewer lesions (test lesions for AUC).")
 @click.option("--individuals", type=click.IntRange(1, 500), default=60, show_default=True,
-              help="Lesions offered in the Individual view (their key slices are embedded; test lesions first).")
+              help="Lesions offered in the Individual view (their key slices are embedded; test lesions first), and "
+              "as many CT series (their top finding's slice embedded; the series table lists them all).")
 @click.option("--clusters", type=click.IntRange(2, 20), default=4, show_default=True,
               help="k of the k-means clusters of similar lesions.")
 def report(cohort_dir: Path, out: Path | None, min_count: int, individuals: int, clusters: int) -> None:
@@ -128,12 +129,16 @@ def report(cohort_dir: Path, out: Path | None, min_count: int, individuals: int,
     Group       sensitivity at 4 FPs per key slice and the gated model's AUC by sex, age band, slice
                 thickness and lesion type, with 95 % intervals and counts (none under --min-count);
                 series counts by scanner, kernel, contrast; clusters of similar lesions
-    Individual  two lesions side by side: context, key slice with annotation and findings, gate, IG
+    Individual  two lesions side by side: context, key slice with annotation and findings, gate, IG;
+                the first --individuals CT series with their findings, and a table of them all
+    A fit of other lesions than COHORT/lesions.csv holds (the cohort built again) is not drawn: the page
+    and a warning say so. Inputs that could not be read are counted by error type, never named.
     """
     from ctzoo.cohort.report import write_report
 
     try:
-        path = write_report(cohort_dir, out, min_count=min_count, limit=individuals, k=clusters)
+        path = write_report(cohort_dir, out, say=lambda message: click.echo(f"warning: {message}", err=True),
+                            min_count=min_count, limit=individuals, k=clusters)
     except ValueError as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")

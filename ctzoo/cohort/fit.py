@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from ctzoo.cohort.gated import ModalityData, feature_importance, fit_gated, standardised
-from ctzoo.cohort.table import read_lesions
+from ctzoo.cohort.table import FIT_DIR, LESIONS_FILE, read_lesions
 from ctzoo.datasets.deeplesion.info_csv import LESION_TYPES
 from ctzoo.io.atomic import atomic_folder
 
-FIT_DIR, FIT_FILE, PREDICTIONS_FILE, WEIGHTS_FILE = "fit", "fit.json", "predictions.csv", "gated.pt"
+FIT_FILE, PREDICTIONS_FILE, WEIGHTS_FILE = "fit.json", "predictions.csv", "gated.pt"
 CONTEXT_SETS = {
     "csv": ("age_years", "sex_male", "spacing_x_mm", "spacing_z_mm", "window_low_hu", "window_high_hu",
             "location_x", "location_y", "location_z", "long_mm", "short_mm"),
@@ -74,12 +74,17 @@ def filled(matrix: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     return np.where(np.isnan(matrix), means, matrix)
 
 
+def fitted_lesions(lesions: list[dict[str, Any]]) -> list[int]:
+    """The indices of the lesions a fit is made on: typed, with image features (their box in the frame)."""
+    return [k for k, lesion in enumerate(lesions) if lesion["type_code"] >= 1 and lesion["features"]]
+
+
 def lesion_data(lesions: list[dict[str, Any]], features: np.ndarray, context_set: str) -> tuple[ModalityData, dict]:
     """The typed lesions with features as :class:`ModalityData` (standardised on train; unknown context values set
     to the train mean, i.e. 0) and what was chosen: ``{"split_rule", "classes", "lesions", "counts", "dropped"}``."""
     if context_set not in CONTEXT_SETS:
         raise ValueError(f"context must be one of {sorted(CONTEXT_SETS)}, got {context_set!r}")
-    typed = [k for k, lesion in enumerate(lesions) if lesion["type_code"] >= 1 and lesion["features"]]
+    typed = fitted_lesions(lesions)
     dropped = {"untyped": sum(lesion["type_code"] < 1 for lesion in lesions),
                "box outside the frame": sum(lesion["type_code"] >= 1 and not lesion["features"] for lesion in lesions)}
     if not typed:
@@ -173,7 +178,27 @@ def read_fit(cohort: str | Path) -> tuple[dict[str, Any], list[dict[str, str]]] 
     folder = Path(cohort) / FIT_DIR
     if not (folder / FIT_FILE).is_file():
         return None
-    document = json.loads((folder / FIT_FILE).read_text(encoding="utf-8"))
-    with open(folder / PREDICTIONS_FILE, encoding="utf-8", newline="") as handle:
-        return document, list(csv.DictReader(handle))
+    try:
+        document = json.loads((folder / FIT_FILE).read_text(encoding="utf-8"))
+        with open(folder / PREDICTIONS_FILE, encoding="utf-8", newline="") as handle:
+            return document, list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{folder} cannot be read ({type(error).__name__}): run ctzoo cohort fit again") from None
+
+
+def fit_mismatch(lesions: list[dict[str, Any]], fit: tuple[dict[str, Any], list[dict[str, str]]]) -> str | None:
+    """Why ``fit`` (:func:`read_fit`'s) is not a fit of the cohort's ``lesions`` (``lesions.csv``), or None when it
+    is: its lesion hashes and its predictions' must be exactly the lesions :func:`fitted_lesions` picks. A cohort
+    built again (other lesions, or a subset) would otherwise be drawn with the old fit's numbers."""
+    document, predictions = fit
+    cohort = {lesions[k]["lesion"] for k in fitted_lesions(lesions)}
+    fitted = document.get("lesions")
+    if not isinstance(fitted, list):
+        return f"{FIT_DIR}/{FIT_FILE} does not list its lesions: run ctzoo cohort fit again"
+    predicted = [p.get("lesion") for p in predictions]
+    if set(fitted) == cohort and sorted(predicted) == sorted(fitted):
+        return None
+    return (f"{FIT_DIR}/ was fitted on other lesions than {LESIONS_FILE} holds ({len(set(fitted) - cohort)} of its "
+            f"{len(fitted)} are not among the cohort's {len(cohort)} typed lesions, {len(cohort - set(fitted))} of "
+            "those are not in it): run ctzoo cohort fit again")
 

@@ -10,6 +10,10 @@
   and the detector's findings above its operating point (orange) drawn on it, their gate value, predicted type and
   per-feature Integrated Gradients; and the cohort's CT series with their context and image columns.
 
+The page names no input: unreadable ones are a count by error type (``cohort.json`` keeps their hashed names). Every
+string from the data that plotly draws is HTML-escaped (:func:`label`: plotly renders tags in its labels). A fit of
+other lesions than ``lesions.csv``'s (a cohort built again) is not drawn, and the page says why.
+
 :func:`report_data` gathers everything (pure, testable); :func:`render_report_html` writes the page: plotly.js
 inline once, the data as JSON (:func:`~ctzoo.perf.report.json_for_script`), so it opens offline.
 """
@@ -19,12 +23,14 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ctzoo.cohort.fit import CONTEXT_SETS, context_matrix, filled, read_fit
+from ctzoo.cohort.fit import CONTEXT_SETS, context_matrix, filled, fit_mismatch, read_fit
 from ctzoo.cohort.groups import LESION_GROUPS, MIN_COUNT, auc_by_group, clusters, detection_by_group, threshold_at_fps
 from ctzoo.cohort.table import DOCUMENT_FILE, FINDINGS_FILE, KEY_SLICES_FILE, THUMBNAILS_DIR, read_lesions
 from ctzoo.io.atomic import atomic_path
@@ -32,7 +38,8 @@ from ctzoo.perf.report import STYLE as REPORT_STYLE
 from ctzoo.perf.report import json_for_script
 
 REPORT_FILE = "report.html"
-#: Lesions offered in the Individual view (their key slices are embedded): the test lesions first.
+#: Lesions offered in the Individual view (their key slices are embedded): the test lesions first; as many CT
+#: series (their top finding's slice embedded) in the table's order. The series table lists them all.
 MAX_INDIVIDUALS = 60
 TOP_IMAGE_FEATURES = 10
 
@@ -49,6 +56,21 @@ def read_cohort(cohort: Path) -> dict[str, Any]:
     if not isinstance(document, dict) or document.get("schema") != 1 or not isinstance(document.get("rows"), list):
         raise ValueError(f"{path} is not a cohort table of schema 1")
     return document
+
+
+def label(text: Any) -> str:
+    """A string from the data as plotly may draw it: plotly renders ``<a href>``, ``<b>`` and the like in labels,
+    titles and hover text, so a header's text is escaped to show as written, never as markup (``<``, ``>`` and
+    ``&``: plotly shows ``&quot;`` as it stands, and a quote cannot open a tag)."""
+    return html.escape(str(text), quote=False)
+
+
+def failed_summary(failed: list[dict[str, str]]) -> dict[str, Any]:
+    """What the page says of the unreadable inputs: how many and of which error types, never their names or paths
+    (a ``cohort.json`` from before the names were hashed still holds them in ``input`` and ``reason``)."""
+    types = Counter(entry.get("error") or str(entry.get("reason", "")).split(":", 1)[0] or "error"
+                    for entry in failed)
+    return {"count": len(failed), "errors": dict(types.most_common())}
 
 
 def thumbnail_uri(cohort: Path, key_slice: str) -> str | None:
@@ -104,15 +126,14 @@ SERIES_CONTEXT = ("source", "age_years", "sex", "manufacturer", "model", "kvp", 
                   "slice_thickness_mm", "spacing_x_mm", "spacing_z_mm", "slices", "contrast", "body_part")
 
 
-def series_individuals(cohort: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The cohort's CT series (not DeepLesion's) for the Individual view: context, image columns, and the detector's
-    findings drawn on the slice of the highest-scoring one (``findings.json``, ``thumbnails/<series>.png``)."""
+def series_individuals(cohort: Path, rows: list[dict[str, Any]], limit: int = MAX_INDIVIDUALS) -> list[dict[str, Any]]:
+    """The cohort's first ``limit`` CT series (not DeepLesion's) for the Individual view: context, image columns,
+    and the detector's findings drawn on the slice of the highest-scoring one (``findings.json``,
+    ``thumbnails/<series>.png``). Each embeds its picture, so the page grows with them: hence the limit."""
     path = cohort / FINDINGS_FILE
     found = json.loads(path.read_text(encoding="utf-8"))["series"] if path.is_file() else {}
     items = []
-    for row in rows:
-        if row["source"] == "deeplesion":
-            continue
+    for row in [row for row in rows if row["source"] != "deeplesion"][:limit]:
         level = found.get(row["series"], {})
         image = {k: v for k, v in row.items() if k.endswith("_ml") or k.startswith("finding")}
         items.append({"id": f"series-{row['series']}", "title": f"series {row['series']} ({row['source']})",
@@ -128,16 +149,18 @@ def report_data(cohort: str | Path, min_count: int = MIN_COUNT, limit: int = MAX
     """Everything the page draws, computed from the cohort folder (module docstring)."""
     cohort = Path(cohort)
     document = read_cohort(cohort)
-    data: dict[str, Any] = {"cohort": str(cohort), "series": len(document["rows"]), "failed": document["failed"],
+    data: dict[str, Any] = {"cohort": str(cohort), "series": len(document["rows"]),
+                            "failed": failed_summary(document["failed"]), "fit_problem": None,
+                            "ct_series": sum(row["source"] != "deeplesion" for row in document["rows"]),
                             "models": document.get("models", []), "groups": document["groups"],
                             "rows": document["rows"], "min_count": min_count, "lesions": 0, "fit": None,
                             "detection": [], "auc": [], "clusters": None, "individuals": [], "correlations": None}
-    data["series_items"] = series_individuals(cohort, document["rows"])
+    data["series_items"] = series_individuals(cohort, document["rows"], limit)
     if not (cohort / KEY_SLICES_FILE).is_file():
         return data
     lesions, features = read_lesions(cohort)
     key_slices = json.loads((cohort / KEY_SLICES_FILE).read_text(encoding="utf-8"))
-    fit = read_fit(cohort)
+    fit, data["fit_problem"] = checked_fit(cohort, lesions)
     threshold = threshold_at_fps(key_slices["key_slices"])  # one operating point for every group
     data |= {"lesions": len(lesions), "typed": sum(lesion["type_code"] >= 1 for lesion in lesions),
              "key_slices": len(key_slices["key_slices"]), "lesion_model": key_slices["model"],
@@ -145,8 +168,8 @@ def report_data(cohort: str | Path, min_count: int = MIN_COUNT, limit: int = MAX
              "detection": [detection_by_group(lesions, key_slices["key_slices"], column, min_count=min_count,
                                               threshold=threshold) for column in LESION_GROUPS]}
     data["clusters"] = clusters(lesions, features, filled(context_matrix(lesions)), k=k)
-    data["clusters"]["types"] = [next(lesion["lesion_type"] for lesion in lesions if lesion["lesion"] == h)
-                                 for h in data["clusters"]["lesions"]]
+    type_of = {lesion["lesion"]: lesion["lesion_type"] for lesion in lesions}
+    data["clusters"]["types"] = [type_of[h] for h in data["clusters"]["lesions"]]
     if fit is not None:
         document_fit, predictions = fit
         data["fit"] = {key: document_fit[key] for key in ("context_set", "classes", "counts", "split_rule",
@@ -159,8 +182,20 @@ def report_data(cohort: str | Path, min_count: int = MIN_COUNT, limit: int = MAX
     return data
 
 
+def checked_fit(cohort: Path, lesions: list[dict[str, Any]]) -> tuple[tuple[dict, list[dict]] | None, str | None]:
+    """``(fit, None)`` for the cohort's fit (None when not fitted), or ``(None, why)`` when ``fit/`` cannot be read
+    or was fitted on other lesions than ``lesions`` (:func:`~ctzoo.cohort.fit.fit_mismatch`)."""
+    try:
+        fit = read_fit(cohort)
+    except ValueError as error:
+        return None, str(error)
+    problem = None if fit is None else fit_mismatch(lesions, fit)
+    return (None, problem) if problem else (fit, None)
+
+
 def _bars(go, names, values, title, colour="#4c78a8"):
-    return go.Bar(x=list(values), y=list(names), orientation="h", marker_color=colour, name=title)
+    return go.Bar(x=list(values), y=[label(name) for name in names], orientation="h", marker_color=colour,
+                  name=title)
 
 
 def build_figures(data: dict[str, Any]) -> dict[str, Any]:
@@ -170,16 +205,19 @@ def build_figures(data: dict[str, Any]) -> dict[str, Any]:
 
     figures: dict[str, Any] = {}
     columns = [c for c, counts in data["groups"].items() if counts]
-    grid = make_subplots(rows=(len(columns) + 2) // 3, cols=3, subplot_titles=columns, horizontal_spacing=0.12)
-    for index, column in enumerate(columns):
-        counts = data["groups"][column]
-        grid.add_trace(go.Bar(x=list(counts.values()), y=list(counts), orientation="h", showlegend=False,
-                              marker_color=["#bbb" if v == "unknown" else "#4c78a8" for v in counts]),
-                       row=index // 3 + 1, col=index % 3 + 1)
-    grid.update_layout(height=220 * ((len(columns) + 2) // 3), margin={"t": 30, "l": 90, "r": 10, "b": 20})
-    figures["distributions"] = grid.to_plotly_json()
+    if columns:  # none when no series could be read: the page says so instead
+        grid = make_subplots(rows=(len(columns) + 2) // 3, cols=3, subplot_titles=[label(c) for c in columns],
+                             horizontal_spacing=0.12)
+        for index, column in enumerate(columns):
+            counts = data["groups"][column]
+            grid.add_trace(go.Bar(x=list(counts.values()), y=[label(v) for v in counts], orientation="h",
+                                  showlegend=False,
+                                  marker_color=["#bbb" if v == "unknown" else "#4c78a8" for v in counts]),
+                           row=index // 3 + 1, col=index % 3 + 1)
+        grid.update_layout(height=220 * ((len(columns) + 2) // 3), margin={"t": 30, "l": 90, "r": 10, "b": 20})
+        figures["distributions"] = grid.to_plotly_json()
     if data["correlations"] and data["correlations"]["names"]:
-        names = data["correlations"]["names"]
+        names = [label(name) for name in data["correlations"]["names"]]
         figures["correlations"] = go.Figure(go.Heatmap(z=data["correlations"]["r"], x=names, y=names, zmin=-1,
                                                        zmax=1, colorscale="RdBu")).update_layout(
             height=420, margin={"t": 10}).to_plotly_json()
@@ -209,7 +247,7 @@ def build_figures(data: dict[str, Any]) -> dict[str, Any]:
         points, labels = np.array(data["clusters"]["points"]), data["clusters"]["labels"]
         traces = [go.Scatter(x=points[np.array(labels) == c, 0].tolist(), y=points[np.array(labels) == c, 1].tolist(),
                              mode="markers", name=f"cluster {c}",
-                             text=[t for t, label in zip(data["clusters"]["types"], labels) if label == c])
+                             text=[label(t) for t, c_of in zip(data["clusters"]["types"], labels) if c_of == c])
                   for c in range(data["clusters"]["k"])]
         figures["clusters"] = go.Figure(traces).update_layout(
             height=360, margin={"t": 10}, xaxis={"title": "PC 1"}, yaxis={"title": "PC 2"}).to_plotly_json()
@@ -340,14 +378,15 @@ def render_report_html(data: dict[str, Any]) -> str:
     page = dict(data, figures=build_figures(data))
     page.pop("rows")
     fit = data["fit"]
-    auc_text = ("No gated model yet: run ctzoo cohort fit." if not fit else
+    auc_text = (f"The stored fit is not shown: {data['fit_problem']}" if data["fit_problem"] else
+                "No gated model yet: run ctzoo cohort fit." if not fit else
                 " · ".join(f"{name} {fit['results'][m]['test_auc_mean']:.3f} ± {fit['results'][m]['test_auc_sd']:.3f}"
                            for name, m in (("gated", "both"), ("image only", "image"), ("context only", "context")))
                 + f" (test mean AUC over {len(fit['seeds'])} seeds; context: {fit['context_set']}; split: "
                   f"{fit['split_rule']}; mean image weight on test {fit['mean_image_weight']['test']:.3f})")
     summary = (f"{data['series']} series · {data['lesions']} lesions"
                + (f" ({data.get('typed', 0)} typed) on {data.get('key_slices', 0)} key slices" if data["lesions"]
-                  else "") + f" · {len(data['failed'])} inputs not read"
+                  else "") + f" · {_failed_text(data['failed'])}"
                + f" · models: {', '.join(data['models']) or 'none'}")
     options = "".join(f"<option value='{i['id']}'>{i['id']} · {html.escape(str(i['context']['lesion_type']))}"
                       f" · {(i['prediction'] or {}).get('split', 'not fitted')}</option>" for i in data["individuals"])
@@ -363,7 +402,7 @@ def render_report_html(data: dict[str, Any]) -> str:
 <div class="plot" id="auc"></div><h3>Image weight per test lesion</h3><div class="plot" id="gates"></div>
 <h3>Feature importance (Integrated Gradients, mean |attribution| on test lesions)</h3><div class="plot"
 id="importance"></div><h3>Context distributions (series; unknown in grey)</h3><div class="plot"
-id="distributions"></div><h3>Correlations of the lesions' context</h3>
+id="distributions">{_distributions_note(data)}</div><h3>Correlations of the lesions' context</h3>
 <div class="plot" id="correlations"></div></section>
 <section class="view" id="group"><h2>Groups</h2><p class="note">Sensitivity at the threshold giving 4 false
 positives per key slice over the whole cohort ({_threshold(data)}); groups under {data['min_count']} lesions (test
@@ -372,13 +411,33 @@ features; PCA)</h3><div class="plot" id="clusters"></div>{_cluster_table(data)}<
 <section class="view" id="individual"><h2>Individuals</h2><p><select id="pick-a">{options}</select>
 <select id="pick-b"><option value="">(none)</option>{options}</select></p>
 <div class="pair"><div class="card" id="card-a"></div><div class="card" id="card-b"></div></div>
-<h3>CT series of the cohort</h3><table id="series-table"><thead><tr><th>series</th><th>source</th><th>age</th>
-<th>sex</th><th>manufacturer</th><th>model</th><th>kernel</th><th>thickness</th><th>findings</th><th>largest mm</th>
-<th>liver ml</th></tr></thead><tbody>{series_rows}</tbody></table></section>"""
+<h3>CT series of the cohort</h3>{_series_note(data)}<table id="series-table"><thead><tr><th>series</th>
+<th>source</th><th>age</th><th>sex</th><th>manufacturer</th><th>model</th><th>kernel</th><th>thickness</th>
+<th>findings</th><th>largest mm</th><th>liver ml</th></tr></thead><tbody>{series_rows}</tbody></table></section>"""
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ctzoo cohort report</title>"
             f"<style>{STYLE}</style><script>{plotly_js}</script></head><body>{body}"
             f"<script type='application/json' id='cohort-data'>{json_for_script(page)}</script>"
             f"<script>{SCRIPT}</script></body></html>")
+
+
+def _failed_text(failed: dict[str, Any]) -> str:
+    errors = ", ".join(f"{name} {count}" for name, count in failed["errors"].items())
+    return f"{failed['count']} inputs not read" + (f" ({errors})" if errors else "")
+
+
+def _distributions_note(data: dict[str, Any]) -> str:
+    if data["series"]:
+        return ""
+    return f"<p class='note' id='no-series'>No series could be read ({data['failed']['count']} failed).</p>"
+
+
+def _series_note(data: dict[str, Any]) -> str:
+    left_out = data["ct_series"] - len(data["series_items"])
+    if left_out <= 0:
+        return ""
+    return (f"<p class='note' id='series-left-out'>The first {len(data['series_items'])} of {data['ct_series']} CT "
+            f"series are offered above with their pictures ({left_out} left out: --individuals); the table lists "
+            "them all.</p>")
 
 
 def _threshold(data: dict[str, Any]) -> str:
@@ -398,11 +457,16 @@ def _cluster_table(data: dict[str, Any]) -> str:
             "operating point</th><th>median long axis mm</th></tr></thead><tbody>" + rows + "</tbody></table>")
 
 
-def write_report(cohort: str | Path, out: str | Path | None = None, **options: Any) -> Path:
-    """Write the page (default ``COHORT/report.html``) atomically; return its path."""
+def write_report(cohort: str | Path, out: str | Path | None = None,
+                 say: Callable[[str], None] = lambda message: None, **options: Any) -> Path:
+    """Write the page (default ``COHORT/report.html``) atomically; return its path. ``say`` is told why a stored
+    fit is not drawn."""
     cohort = Path(cohort)
     target = Path(out) if out is not None else cohort / REPORT_FILE
-    text = render_report_html(report_data(cohort, **options))
+    data = report_data(cohort, **options)
+    if data["fit_problem"]:
+        say(f"the stored fit is not shown: {data['fit_problem']}")
+    text = render_report_html(data)
     with atomic_path(target) as partial:
         partial.write_text(text, encoding="utf-8")
     return target

@@ -2,12 +2,14 @@
 ``COHORT/cohort.csv`` (one row per series, :data:`~ctzoo.cohort.context.COLUMNS`) and ``COHORT/cohort.json``::
 
     {"schema": 1, "columns": [...], "modalities": {"context": [...], "image": [...]}, "models": [...],
-     "rows": [{column: value}], "groups": {column: {value: count}}, "failed": [{"input", "reason"}],
+     "rows": [{column: value}], "groups": {column: {value: count}}, "failed": [{"input", "error", "reason"}],
      "salt": "env" | "file"}
 
-An input that cannot be read is listed in ``failed`` with the reason (never silently dropped); a field its headers
-lack is :data:`~ctzoo.cohort.context.UNKNOWN` and counts as that group. The salt of the hashes comes from
-``$CTZOO_COHORT_SALT`` (share it between sites or runs whose tables must join) or ``COHORT/salt``, created once.
+An input that cannot be read is listed in ``failed`` (never silently dropped), by the salted hash of its name (a
+file may be named after its patient), with its error type and message, that name and its path cut out of the
+message (:func:`failed_input`). A field its headers lack is :data:`~ctzoo.cohort.context.UNKNOWN` and counts as
+that group. The salt of the hashes comes from ``$CTZOO_COHORT_SALT`` (share it between sites or runs whose tables
+must join) or ``COHORT/salt``, created once.
 The context modality comes from the headers (:mod:`ctzoo.cohort.context`), the image modality from running the zoo
 ``models`` on each volume (:mod:`ctzoo.cohort.image`; DeepLesion rows have none: their PNG slabs are not studies to
 run). A model that fails on a study leaves that row's image columns empty and its reason in ``image_error``.
@@ -15,7 +17,8 @@ run). A model that fails on a study leaves that row's image columns empty and it
 With a detector among the models, also: ``findings.json`` (each CT series' findings with their pooled features,
 :func:`~ctzoo.cohort.image.finding_level`) and, with DeepLesion, the lesion level (``lesions.csv``,
 ``lesion_features.npy``, ``key_slices.json``: :func:`~ctzoo.cohort.lesions.deeplesion_lesions`); ``thumbnails/``
-holds the pictures of both.
+holds the pictures of both. A build replaces what an earlier build into the same folder left: the files this one does
+not write are removed, and so is ``fit/`` (a fit of the earlier lesions), before anything new is written.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import csv
 import io
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,13 +35,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ctzoo.cohort.context import COLUMNS, deeplesion_context, group_counts, volume_context
+from ctzoo.cohort.context import COLUMNS, deeplesion_context, group_counts, hashed, volume_context
 from ctzoo.cohort.image import finding_level, image_columns
 from ctzoo.cohort.lesions import LESION_COLUMNS, deeplesion_lesions
 from ctzoo.datasets.deeplesion.info_csv import read_dl_info
-from ctzoo.inference.inputs import discover_cases
+from ctzoo.inference.inputs import CaseInput, discover_cases
 from ctzoo.inference.tasks import model_task
-from ctzoo.io.atomic import atomic_folder, atomic_path
+from ctzoo.io.atomic import atomic_folder, atomic_path, remove_atomically
 from ctzoo.io.image_files import read_volume
 from ctzoo.io.privacy import salt_from
 from ctzoo.models.bundle import load_bundle
@@ -48,6 +52,10 @@ TABLE_FILE, DOCUMENT_FILE = "cohort.csv", "cohort.json"
 LESIONS_FILE, FEATURES_FILE, KEY_SLICES_FILE, THUMBNAILS_DIR = ("lesions.csv", "lesion_features.npy",
                                                                 "key_slices.json", "thumbnails")
 FINDINGS_FILE = "findings.json"
+#: The fit of the cohort's lesions (:data:`ctzoo.cohort.fit.FIT_DIR`): stale once the cohort is built again.
+FIT_DIR = "fit"
+#: What stands for an unreadable input's name and path in its error message.
+INPUT_MARK = "<input>"
 
 
 def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: str | Path | None = None,
@@ -71,7 +79,7 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
         try:
             volume = read_volume(case.path, progress=False)
         except Exception as error:  # any reader's failure (nibabel's, SimpleITK's): recorded, the table goes on
-            failed.append({"input": case.name, "reason": f"{type(error).__name__}: {error}"})
+            failed.append(failed_input(case, error, salt))
             say(f"[{index}/{len(cases)}] {case.name}: not read ({type(error).__name__})")
             continue
         row = volume_context(volume, salt, case.name)
@@ -105,6 +113,10 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
                 "groups": group_counts(rows),
                 "failed": failed, "salt": "env" if os.environ.get(SALT_ENV) else "file"}
     out.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale(out, lesions=lesion_level is not None, findings=detector is not None)
+    if stale:
+        say(f"{out}: removed an earlier build's {', '.join(stale)}"
+            + (" (fitted on the earlier lesions: run ctzoo cohort fit again)" if FIT_DIR in stale else ""))
     if lesion_level is not None:
         document["lesion_model"] = lesion_level["model"]
         write_lesions(out, lesion_level)
@@ -121,6 +133,27 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
     with atomic_path(out / DOCUMENT_FILE) as partial:
         partial.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     return document
+
+
+def failed_input(case: CaseInput, error: Exception, salt: str) -> dict[str, str]:
+    """``failed``'s entry for an input that could not be read: its name as a salted hash, the error's type, and
+    its message with the input's path and name replaced by :data:`INPUT_MARK` (they may name the patient)."""
+    names = {str(case.path), os.path.abspath(case.path), str(case.path.resolve()), case.path.name, case.name}
+    message = str(error)
+    for name in sorted((n for n in names if n), key=len, reverse=True):  # the full path before the bare name
+        message = re.sub(rf"(?<![A-Za-z0-9]){re.escape(name)}(?![A-Za-z0-9])", INPUT_MARK, message)
+    return {"input": hashed(case.name, salt), "error": type(error).__name__,
+            "reason": f"{type(error).__name__}: {message}"}
+
+
+def remove_stale(out: Path, lesions: bool, findings: bool) -> list[str]:
+    """Remove from ``out`` what an earlier build wrote and this one will not replace: the lesion level without
+    ``lesions``, ``findings.json`` without ``findings``, and always ``fit/`` (fitted on the earlier lesions: a
+    report would otherwise pair it with the new ones). Each goes at once (:func:`remove_atomically`); returns the
+    names removed."""
+    names = [FIT_DIR] + ([] if lesions else [LESIONS_FILE, FEATURES_FILE, KEY_SLICES_FILE])
+    names += [] if findings else [FINDINGS_FILE]
+    return [name for name in names if remove_atomically(out / name)]
 
 
 def write_lesions(out: Path, level: dict[str, Any]) -> None:

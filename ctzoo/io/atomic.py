@@ -55,6 +55,21 @@ def replace_folder(staging: Path, target: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def remove_atomically(path: str | Path) -> bool:
+    """Remove a file or folder so that readers see it whole or not at all: a folder is renamed aside first, then
+    deleted. False when there was nothing to remove."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(path, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        return True
+    if path.exists() or path.is_symlink():
+        path.unlink()
+        return True
+    return False
+
+
 @contextmanager
 def atomic_folder(target: str | Path) -> Iterator[Path]:
     """Yield an empty staging folder beside ``target`` to fill; on success it replaces ``target``
