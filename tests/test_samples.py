@@ -99,3 +99,22 @@ def test_offline_says_what_to_do(tmp_path, monkeypatch):
 def test_missing_sample_says_fetch(tmp_path):
     with pytest.raises(samples.SampleError, match="ctzoo data fetch-samples"):
         samples.sample_path("example_ct.nii.gz", cache=tmp_path)
+
+
+def test_a_damaged_manifest_or_sample_means_fetch_again(tmp_path):
+    """A truncated manifest.json (an interrupted copy of the cache) or a sample changed in place (same size) is
+    treated as not fetched, so fetch-samples fetches again instead of crashing or handing out damaged data."""
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    files = {}
+    for number, name in enumerate(samples.FETCHED_SAMPLES):
+        (folder / name).write_bytes(bytes([number]) * 100)
+        files[name] = {"bytes": 100, "sha256": samples.sha256_of(folder / name)}
+    manifest = json.dumps({"files": files})
+    (folder / samples.MANIFEST_FILE).write_text(manifest)
+    assert samples._manifest_ok(folder)
+    (folder / samples.MANIFEST_FILE).write_text(manifest[:len(manifest) // 2])
+    assert not samples._manifest_ok(folder)
+    (folder / samples.MANIFEST_FILE).write_text(manifest)
+    (folder / "LICENSE").write_bytes(b"x" * 100)
+    assert not samples._manifest_ok(folder)

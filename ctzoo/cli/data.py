@@ -130,7 +130,8 @@ def make_deeplesion_mini(out: Path, cases: int, seed: int, force: bool, workers:
 @data.command("cache")
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="The store's folder [default: ROOT/slice_cache]; replaced whole when the build completes.")
+              help="The store's folder [default: ROOT/slice_cache]: a new or empty folder, or a slice store, which is "
+                   "replaced whole when the build completes. Anything else, ROOT or Images_png is refused.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Decoding processes [default: CPUs - 1, at most 8].")
 def cache(root: Path, out: Path | None, workers: int | None) -> None:
@@ -139,21 +140,30 @@ def cache(root: Path, out: Path | None, workers: int | None) -> None:
 
     ROOT holds DL_info.csv and Images_png/ (the download, or a miniature). Every slice of every series the CSV
     names is stored; samples read from the store are identical to those decoded from the PNGs, and a series whose
-    PNGs changed since is read from its PNGs again (with a warning) until the store is rebuilt.
+    PNGs changed since is read from its PNGs again (with a warning) until the store is rebuilt. A build that does
+    not fit the free disk space is refused before decoding.
     """
+    from concurrent.futures.process import BrokenProcessPool
+
     from tqdm import tqdm
 
     from ctzoo.datasets.deeplesion.info_csv import read_dl_info
-    from ctzoo.datasets.deeplesion.slice_cache import CACHE_DIR, build_slice_cache
+    from ctzoo.datasets.deeplesion.slice_cache import CACHE_DIR, build_slice_cache, check_store_target
 
     target = out or root / CACHE_DIR
     try:
+        check_store_target(root / "Images_png", target)  # before the progress bar: a refusal is one line
         folders = {row.series_folder for row in read_dl_info(root / "DL_info.csv")}
         with tqdm(total=len(folders), desc="slice store", unit="series") as bar:
             report = build_slice_cache(root / "Images_png", folders, target, workers,
                                        progress=lambda done, total: bar.update(done - bar.n))
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except BrokenProcessPool as exc:
+        raise click.ClickException(f"{target}: a decoding process died (out of memory? try fewer --workers); "
+                                   "nothing was written") from exc
+    except OSError as exc:  # a full disk, a read-only or vanished folder: the old store (if any) is kept
+        raise click.ClickException(f"{target}: building the slice store failed: {exc}") from exc
     click.echo(f"{target}: {report['series']} series, {report['slices']} slices, {report['bytes'] / 1e9:.2f} GB "
                f"in {report['seconds']:.1f} s ({report['slices'] / max(report['seconds'], 1e-9):.0f} slices/s)")
 

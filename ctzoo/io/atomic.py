@@ -7,7 +7,9 @@ old file or nothing, never a truncated one.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,12 +40,50 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname())[:64] or "host"
+
+
+def _owner_tag() -> str:
+    """``host-pid-random``: which process on which machine a staging or set-aside folder belongs to, so that a later
+    run can tell the leftovers of a killed one (``kill -9``, the OOM killer, a preempted node) from a live build."""
+    return f"{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_stale_siblings(target: str | Path) -> list[Path]:
+    """Remove ``.<name>.<host>-<pid>-<random>.partial`` and ``.old`` folders beside ``target`` that a process of
+    this host, now dead, left behind (an exception cleans its own up; a killed process cannot). Folders of live
+    processes (concurrent builds into the same target) and of other hosts (a shared file system) are left alone.
+    Returns the folders removed."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.{re.escape(_host())}-(\d+)-[0-9a-f]{{8}}\.(partial|old)")
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for sibling in target.parent.iterdir():
+        match = pattern.fullmatch(sibling.name)
+        if match and sibling.is_dir() and not sibling.is_symlink() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(sibling, ignore_errors=True)
+            removed.append(sibling)
+    return removed
+
+
 def replace_folder(staging: Path, target: Path) -> None:
     """Rename a fully written ``staging`` folder to ``target``; an existing ``target`` is moved aside first
     (and put back if the rename fails), then removed."""
     aside = None
     if target.exists():
-        aside = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+        aside = target.with_name(f".{target.name}.{_owner_tag()}.old")
         os.replace(target, aside)
     try:
         os.replace(staging, target)
@@ -73,10 +113,12 @@ def remove_atomically(path: str | Path) -> bool:
 @contextmanager
 def atomic_folder(target: str | Path) -> Iterator[Path]:
     """Yield an empty staging folder beside ``target`` to fill; on success it replaces ``target``
-    (:func:`replace_folder`), on any exception it is removed and ``target`` is untouched."""
+    (:func:`replace_folder`), on any exception it is removed and ``target`` is untouched. Staging folders that a
+    killed run left beside ``target`` are removed first (:func:`sweep_stale_siblings`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+    sweep_stale_siblings(target)
+    staging = target.with_name(f".{target.name}.{_owner_tag()}.partial")
     staging.mkdir()
     try:
         yield staging

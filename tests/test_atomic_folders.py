@@ -1,0 +1,34 @@
+""":func:`ctzoo.io.atomic.atomic_folder`: staging folders that a killed run (``kill -9``, the OOM killer) left beside
+the target are removed by the next build, those of live builds and of other hosts are not."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from ctzoo.io.atomic import _host, atomic_folder
+
+
+def dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_staging_folders_of_dead_processes_are_swept_live_ones_kept(tmp_path):
+    target = tmp_path / "slice_cache"
+    dead, host = dead_pid(), _host()
+    stale = [tmp_path / f".slice_cache.{host}-{dead}-0123abcd.partial",
+             tmp_path / f".slice_cache.{host}-{dead}-4567cdef.old"]
+    kept = [tmp_path / f".slice_cache.{host}-{os.getpid()}-89abcdef.partial",  # a live build
+            tmp_path / f".slice_cache.other-host-{dead}-0123abcd.partial",  # a build on another node
+            tmp_path / f".other.{host}-{dead}-0123abcd.partial"]  # another target's
+    for folder in stale + kept:
+        folder.mkdir()
+        (folder / "slices.int16").write_bytes(b"\0" * 64)
+    with atomic_folder(target) as partial:
+        (partial / "index.json").write_text("{}")
+        assert f".slice_cache.{host}-" in partial.name  # the owner is recorded in its own staging name
+    assert (target / "index.json").exists()
+    assert not any(folder.exists() for folder in stale)
+    assert all(folder.exists() for folder in kept)
