@@ -100,7 +100,8 @@ def remove_atomically(path: str | Path) -> bool:
     deleted. False when there was nothing to remove."""
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
-        aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+        # named like replace_folder's, so a kill between the rename and the delete is swept by the next build
+        aside = path.with_name(f".{path.name}.{_owner_tag()}.old")
         os.replace(path, aside)
         shutil.rmtree(aside, ignore_errors=True)
         return True
