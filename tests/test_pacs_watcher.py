@@ -193,10 +193,24 @@ class _FakeClient:
             raise OrthancUnavailable("down", None, "/changes")
         yield from [("ab-01", "StableSeries", 5)] if since < 5 else []
 
+    def last_change(self):
+        if self.down:
+            raise OrthancUnavailable("down", None, "/changes")
+        return 5
+
     def series(self, series_id):
         return {"MainDicomTags": {"Modality": "CT", "SeriesInstanceUID": "1.2.3"}, "Instances": ["i"] * 10}
 
-    def download_series(self, series_id, folder):
+    def series_instances(self, series_id):
+        return ["i"] * 10
+
+    def series_shared_tags(self, series_id):
+        return {"Rows": "512", "Columns": "512"}
+
+    def series_statistics(self, series_id):
+        return {"DiskSize": "5120"}
+
+    def download_series(self, series_id, folder, instances=None):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "x.dcm").write_bytes(b"not dicom")
 

@@ -53,7 +53,7 @@ def _ledger(config):
     if not config.state_dir.exists():
         click.echo(f"creating the state folder {config.state_dir} (ledger, spool, work; state_dir in the config)",
                    err=True)
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the ledger, series and results: private
     r = config.retry
     return Ledger(config.ledger_path, max_attempts=r.max_attempts, backoff_s=r.backoff_s,
                   backoff_factor=r.backoff_factor, lease_s=r.lease_s, max_wait_s=r.max_wait_s)
@@ -133,7 +133,8 @@ def watch(config: Path) -> None:
             click.echo(f"warning: {exc}; waiting for Orthanc", err=True)
         watcher = OrthancWatcher(client, ledger, tasks, settings.rules, settings.state_dir / "work",
                                  worker_name(), settings.salt(), limits=settings.limits.resource_limits(),
-                                 perf=monitor, decoder=resolve_decoder(settings.decode, settings.device))
+                                 perf=monitor, decoder=resolve_decoder(settings.decode, settings.device),
+                                 min_free_mb=settings.orthanc.min_free_mb, start_from=settings.orthanc.start_from)
         click.echo(f"watching {settings.orthanc.url} for CT series; models: {', '.join(settings.models)}; "
                    f"ledger: {settings.ledger_path}{_perf_note(settings)}", err=True)
         try:

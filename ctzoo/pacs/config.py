@@ -13,6 +13,7 @@ import socket
 import stat
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
@@ -53,6 +54,22 @@ class OrthancSettings(StrictConfig):
     password_file: Path | None = Field(None, description="or a file holding it (chmod 600)")
     poll_s: float = Field(2.0, gt=0, description="seconds between polls of /changes when idle")
     timeout_s: float = Field(60.0, gt=0, description="timeout of one HTTP request")
+    min_free_mb: float = Field(1024, ge=0, description="a series is downloaded only while this much would stay free "
+                                                       "on the work folder's file system (else its job waits)")
+    start_from: Literal["beginning", "now"] = Field(
+        "beginning", description="where a watcher with no saved position starts: 'beginning' processes the CT "
+                                 "series Orthanc already holds too, 'now' only those that arrive from then on")
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL with a host (e.g. http://127.0.0.1:8042)")
+        if "@" in parts.netloc:  # never echo it: it may hold the password
+            raise ValueError("holds a user name or password (user:password@host); set orthanc.username and give "
+                             "the password in $CTZOO_ORTHANC_PASSWORD (orthanc.password_env) or orthanc.password_file")
+        return value
 
 
 class ListenerSettings(StrictConfig):

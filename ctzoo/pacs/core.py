@@ -59,7 +59,7 @@ from ctzoo.pacs.job_events import JobEvents, instance_count
 from ctzoo.pacs.ledger import Job, JobState, LeaseLost, Ledger
 from ctzoo.pacs.work_folder import WorkFolder
 
-__all__ = ["BadSeries", "SeriesNotHere", "SeriesWorker", "check_series", "run_models", "series_tag"]
+__all__ = ["BadSeries", "SeriesNotHere", "SeriesWorker", "check_series", "ensure_room", "run_models", "series_tag"]
 
 log = logging.getLogger(__name__)
 RESULT_FILES = ("sr.dcm", "seg.dcm")
@@ -87,6 +87,20 @@ def limits_in_config_terms(text: str) -> str:
     """A limit's message as the bridge's config says it: ``--max-volume-voxels`` (the option of ``ctzoo infer``, which
     :class:`~ctzoo.io.limits.LimitExceeded` names) becomes ``limits.max_volume_voxels``."""
     return re.sub(r"--(max(?:-[a-z]+)+)", lambda found: "limits." + found.group(1).replace("-", "_"), text)
+
+
+def ensure_room(folder: Path, needed_bytes: int, keep_free_bytes: int, setting: str) -> None:
+    """Room on ``folder``'s file system for ``needed_bytes`` while keeping ``keep_free_bytes`` free (``setting``
+    names that in the config): ENOSPC (the job waits for space) when not now, :class:`BadSeries` when never."""
+    usage = shutil.disk_usage(folder)
+    mib = 2**20
+    if needed_bytes + keep_free_bytes > usage.total:
+        raise BadSeries(f"too large for this disk: the series takes {needed_bytes / mib:,.0f} MiB, the work folder's "
+                        f"file system holds {usage.total / mib:,.0f} MiB in all, {keep_free_bytes / mib:,.0f} MiB "
+                        f"of it kept free ({setting})")
+    if usage.free - needed_bytes < keep_free_bytes:
+        raise OSError(errno.ENOSPC, f"the series takes {needed_bytes / mib:,.0f} MiB, {usage.free / mib:,.0f} MiB "
+                                    f"are free and {keep_free_bytes / mib:,.0f} MiB kept free ({setting})")
 
 
 def check_series(folder: Path, rules: SeriesRules, limits: ResourceLimits = DEFAULT_LIMITS,
@@ -162,6 +176,23 @@ class _Heartbeat:
         self._thread.join()
 
 
+class _Repeated:
+    """A line the loop would say at every poll (the same error again): said when it first comes or changes, then
+    once a minute."""
+
+    def __init__(self, every_s: float = 60) -> None:
+        self.every_s, self._last, self._said = every_s, "", 0.0
+
+    def say(self, line: str) -> None:
+        now = time.monotonic()
+        if line != self._last or now - self._said >= self.every_s:
+            self._last, self._said = line, now
+            log.error("%s", line)
+
+    def clear(self) -> None:
+        self._last = ""
+
+
 class _Outage:
     """Whether the far end is down and since when. Said when it starts, then once a minute, and when the far end
     answers again (not at every poll)."""
@@ -219,6 +250,7 @@ class SeriesWorker:
         self._outage = _Outage()
         self._waits = 0  # jobs that had to wait in a row (the far end down, the disk full): their backoff grows
         self._said_not_accepted: set[str] = set()
+        self._loop_error = _Repeated()
 
     def close(self) -> None:
         """Remove this process's work folder (results still waiting for their delivery included: a restart
@@ -240,6 +272,11 @@ class SeriesWorker:
 
     def finished(self, job: Job, state: JobState) -> None:
         """Called once a job is DONE or SKIPPED (e.g. to free the received files)."""
+
+    def describe_error(self, exc: BaseException) -> str:
+        """What the loop logs of an unexpected error: its type only, since a message may hold patient data; a way in
+        whose errors name no such data (Orthanc's: the request and the HTTP status) says more."""
+        return type(exc).__name__
 
     def fetch_timed(self, job: Job, folder: Path, events: JobEvents) -> None:
         """:meth:`fetch`, timed as the stage ``download``; a way in whose series arrived before its job was
@@ -334,9 +371,11 @@ class SeriesWorker:
 
     def _keep_results(self, job: Job, paths: list[Path]) -> list[Path]:
         outbox = self._outbox(job)
-        outbox.mkdir(parents=True, exist_ok=True)
+        outbox.parent.mkdir(mode=0o700, exist_ok=True)  # results name the patient: this user's only
+        outbox.mkdir(mode=0o700, exist_ok=True)
         kept = []
         for path in paths:
+            os.chmod(path, 0o600)
             os.replace(path, outbox / path.name)
             kept.append(outbox / path.name)
         return kept
@@ -371,7 +410,7 @@ class SeriesWorker:
             self._said_not_accepted.add(sop_class)
             log.warning("the far end does not accept %s objects: those results are not delivered (the job is DONE "
                         "with the others, its reason says so)", sop_class)
-        return f"not delivered, not accepted by the far end: {', '.join(refused)}" if refused else ""
+        return f"not delivered, not accepted by the far end: {', '.join(dict.fromkeys(refused))}" if refused else ""
 
     def _make_results(self, job: Job, beat: _Heartbeat, events: JobEvents) -> list[Path]:
         """Fetch, check and run the models on the job's series; the result files, kept in its outbox."""
@@ -404,8 +443,9 @@ class SeriesWorker:
                     self._far_end_answered()
                 while not stop.is_set() and self.process_one():
                     pass
+                self._loop_error.clear()
             except self.unavailable as exc:
                 self._outage.down(exc, poll_s)
             except Exception as exc:  # never crash the loop
-                log.error("%s error: %s", type(self).__name__, type(exc).__name__)
+                self._loop_error.say(f"{type(self).__name__} error: {self.describe_error(exc)}")
             stop.wait(poll_s)

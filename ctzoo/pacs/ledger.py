@@ -272,6 +272,20 @@ class Ledger:
                            " AND state NOT IN (?, ?)", (JobState.SKIPPED.value, reason, now, series_uid,
                                                         JobState.RUNNING.value, JobState.DONE.value))
 
+    def unskip(self, series_uid: str, reason_like: str, patient_hash: str = "") -> bool:
+        """Make a SKIPPED series whose reason matches ``reason_like`` (an SQL LIKE pattern) PENDING again, with
+        ``patient_hash`` (a skip records none): what ruled it out has changed (more instances arrived). False if
+        the series is unknown, not SKIPPED or skipped for another reason."""
+        if patient_hash and not _HASH_RE.match(patient_hash):
+            raise ValueError("patient_hash must be a salted SHA-256 hex digest (see patient_hash()), never a clear id")
+        now = self.clock()
+        with self._tx() as db:
+            cur = db.execute("UPDATE jobs SET state = ?, attempts = 0, reason = '', next_attempt_at = ?,"
+                             " patient_hash = ?, updated_at = ? WHERE series_uid = ? AND state = ? AND reason LIKE ?",
+                             (JobState.PENDING.value, now, patient_hash, now, series_uid, JobState.SKIPPED.value,
+                              reason_like))
+            return cur.rowcount == 1
+
     def requeue(self, job_id: int) -> bool:
         """Make a PARKED, FAILED, WAITING or SKIPPED job PENDING again with its attempts reset (an operator's retry
         after fixing the cause); False if the job is in another state."""

@@ -9,13 +9,18 @@ DICOM SEG/SR objects (:meth:`upload`; Orthanc answers ``AlreadyStored`` to a res
 deterministic result UIDs make harmless).
 
 Errors: every failed request raises :class:`OrthancError` carrying the HTTP status and the URL path only
-(never the credentials, never patient tags from an answer). A connection failure or timeout raises
-:class:`OrthancUnavailable`, a subclass, so a watcher can tell "Orthanc is down, retry later" from
-"Orthanc refused this request".
+(never the credentials, never patient tags from an answer), and so does an answer that is not the JSON Orthanc
+gives (a proxy's HTML page, garbage). A connection failure or timeout, and HTTP 502/503/504 (a proxy in front of
+Orthanc that cannot reach it, Orthanc overloaded or starting), raise :class:`OrthancUnavailable`, a subclass, so a
+watcher can tell "Orthanc is down, retry later" from "Orthanc refused this request". HTTP 500 stays an
+:class:`OrthancError`: Orthanc answers it to requests it cannot handle (a bad file), which a retry does not mend.
+
+Instance files are streamed to disk (:meth:`download_series`), never held whole in memory.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +40,20 @@ class OrthancError(RuntimeError):
 
 
 class OrthancUnavailable(OrthancError):
-    """Orthanc could not be reached (connection refused, timeout...): retry later."""
+    """Orthanc could not be reached (connection refused, timeout, HTTP 502/503/504...): retry later."""
+
+
+#: HTTP statuses meaning "Orthanc (or the proxy before it) cannot answer now", not "this request is wrong".
+UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
+#: Orthanc's ``Status`` answers to ``POST /instances`` for an object it holds (stored now, or before).
+STORED_STATUSES = ("Success", "AlreadyStored")
+#: Orthanc's answer to an object its ``ReceivedInstanceFilter`` (a Lua script or plugin) refused.
+FILTERED_OUT = "FilteredOut"
+
+
+def _require(shape_ok: bool, method: str, path: str) -> None:
+    if not shape_ok:
+        raise OrthancError(f"Orthanc answered unexpected JSON to {method} {path}", 200, path)
 
 
 def _safe_id(orthanc_id: str) -> str:
@@ -72,13 +90,23 @@ class OrthancClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except (httpx.TransportError, OSError) as exc:
-            # TransportError covers connect errors and timeouts; the message names the path only.
-            raise OrthancUnavailable(f"Orthanc unreachable at {self.url} ({method} {path}): "
-                                     f"{type(exc).__name__}", None, path) from None
-        if response.status_code >= 400:
-            raise OrthancError(f"Orthanc answered HTTP {response.status_code} to {method} {path}"
-                               f"{self._error_detail(response)}", response.status_code, path)
+            raise self._unreachable(exc, method, path) from None
+        self._raise_for_status(response, method, path)
         return response
+
+    def _unreachable(self, exc: BaseException, method: str, path: str) -> OrthancUnavailable:
+        # TransportError covers connect errors and timeouts; the message names the path only.
+        return OrthancUnavailable(f"Orthanc unreachable at {self.url} ({method} {path}): {type(exc).__name__}",
+                                  None, path)
+
+    def _raise_for_status(self, response: httpx.Response, method: str, path: str) -> None:
+        """The :class:`OrthancError` of an HTTP error answer (read in full first if it was streamed)."""
+        if response.status_code < 400:
+            return
+        response.read()
+        kind = OrthancUnavailable if response.status_code in UNAVAILABLE_STATUSES else OrthancError
+        raise kind(f"Orthanc answered HTTP {response.status_code} to {method} {path}{self._error_detail(response)}",
+                   response.status_code, path)
 
     @staticmethod
     def _error_detail(response: httpx.Response) -> str:
@@ -104,12 +132,23 @@ class OrthancClient:
 
     def ping(self) -> dict:
         """``GET /system`` (name, version, AET...); raises if Orthanc is down or refuses the credentials."""
-        return self._json("GET", "/system")
+        return self._object("GET", "/system")
+
+    def _object(self, method: str, path: str, **kwargs: Any) -> dict:
+        """A JSON answer that must be an object (what Orthanc gives for ``/system``, ``/series/{id}``...)."""
+        body = self._json(method, path, **kwargs)
+        _require(isinstance(body, dict), method, path)
+        return body
 
     def changes(self, since: int, limit: int = 100) -> tuple[list[dict], int, bool]:
         """One page of ``GET /changes``: (changes after ``since``, the last sequence number, whether done)."""
-        body = self._json("GET", "/changes", params={"since": int(since), "limit": int(limit)})
-        return list(body.get("Changes", [])), int(body.get("Last", since)), bool(body.get("Done", True))
+        body = self._object("GET", "/changes", params={"since": int(since), "limit": int(limit)})
+        page = body.get("Changes", [])
+        _require(isinstance(page, list) and all(isinstance(change, dict) for change in page), "GET", "/changes")
+        try:
+            return page, int(body.get("Last", since)), bool(body.get("Done", True))
+        except (TypeError, ValueError):
+            raise OrthancError("Orthanc answered unexpected JSON to GET /changes", 200, "/changes") from None
 
     def series_changes(self, since: int, limit: int = 100,
                        kinds: tuple[str, ...] = ("NewSeries", "StableSeries")) -> Iterator[tuple[str, str, int]]:
@@ -120,7 +159,12 @@ class OrthancClient:
             page, last, done = self.changes(since, limit)
             for change in page:
                 if change.get("ChangeType") in kinds:
-                    yield change["ID"], change["ChangeType"], int(change["Seq"])
+                    try:
+                        series_id, seq = str(change["ID"]), int(change["Seq"])
+                    except (KeyError, TypeError, ValueError):
+                        raise OrthancError("Orthanc answered unexpected JSON to GET /changes", 200,
+                                           "/changes") from None
+                    yield series_id, change["ChangeType"], seq
             if done or last <= since:
                 return
             since = last
@@ -133,38 +177,70 @@ class OrthancClient:
 
     def last_change(self) -> int:
         """The current last sequence number (``/changes?last``): start a fresh watcher from here."""
-        return int(self._json("GET", "/changes", params={"last": ""}).get("Last", 0))
+        body = self._object("GET", "/changes", params={"last": ""})
+        try:
+            return int(body.get("Last", 0))
+        except (TypeError, ValueError):
+            raise OrthancError("Orthanc answered unexpected JSON to GET /changes?last", 200, "/changes") from None
 
     def series(self, series_id: str) -> dict:
         """``GET /series/{id}``: ``MainDicomTags`` (Modality, SeriesInstanceUID...), ``Instances``,
         ``ParentStudy``, ``IsStable``..."""
-        return self._json("GET", f"/series/{_safe_id(series_id)}")
+        return self._object("GET", f"/series/{_safe_id(series_id)}")
 
     def series_instances(self, series_id: str) -> list[str]:
         """The Orthanc ids of the series' instances."""
-        return list(self.series(series_id).get("Instances", []))
+        instances = self.series(series_id).get("Instances", [])
+        _require(isinstance(instances, list), "GET", "/series/{id}")
+        return [str(instance) for instance in instances]
+
+    def series_statistics(self, series_id: str) -> dict:
+        """``GET /series/{id}/statistics``: ``DiskSize`` (bytes Orthanc stores, what a download writes),
+        ``UncompressedSize``, ``CountInstances``..."""
+        return self._object("GET", f"/series/{_safe_id(series_id)}/statistics")
+
+    def series_shared_tags(self, series_id: str) -> dict:
+        """``GET /series/{id}/shared-tags?simplify``: the tags every instance of the series has with one value
+        (Rows, Columns...), by name."""
+        return self._object("GET", f"/series/{_safe_id(series_id)}/shared-tags", params={"simplify": ""})
+
+    def instance_tags(self, instance_id: str) -> dict:
+        """``GET /instances/{id}/simplified-tags``: one instance's tags by name (no pixel data)."""
+        return self._object("GET", f"/instances/{_safe_id(instance_id)}/simplified-tags")
 
     def instance_file(self, instance_id: str) -> bytes:
-        """The DICOM file of one instance, as stored."""
+        """The DICOM file of one instance, as stored (in memory: :meth:`save_instance` for a download)."""
         return self._request("GET", f"/instances/{_safe_id(instance_id)}/file").content
 
-    def download_series(self, series_id: str, folder: str | Path) -> list[Path]:
-        """Write each instance of the series to ``folder/<instance id>.dcm`` (atomically) and return the paths.
+    def save_instance(self, instance_id: str, target: str | Path, chunk_bytes: int = 1 << 20) -> Path:
+        """Stream the DICOM file of one instance to ``target`` (atomically, mode 0600), a chunk at a time."""
+        path = f"/instances/{_safe_id(instance_id)}/file"
+        with atomic_path(Path(target)) as temporary:
+            try:
+                with self._http.stream("GET", path) as response:
+                    self._raise_for_status(response, "GET", path)
+                    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+                        for chunk in response.iter_bytes(chunk_bytes):
+                            out.write(chunk)
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                raise self._unreachable(exc, "GET", path) from None
+        return Path(target)
+
+    def download_series(self, series_id: str, folder: str | Path, instances: list[str] | None = None) -> list[Path]:
+        """Write each instance of the series (or ``instances``, its ids) to ``folder/<instance id>.dcm``, streamed
+        and atomically, and return the paths.
 
         A file already present is rewritten, so a download interrupted half way is simply redone.
         """
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         paths = []
-        for instance_id in self.series_instances(series_id):
-            target = folder / f"{_safe_id(instance_id)}.dcm"
-            with atomic_path(target) as temporary:
-                temporary.write_bytes(self.instance_file(instance_id))
-            paths.append(target)
+        for instance_id in self.series_instances(series_id) if instances is None else instances:
+            paths.append(self.save_instance(instance_id, folder / f"{_safe_id(instance_id)}.dcm"))
         return paths
 
     def upload(self, path: str | Path) -> dict:
         """``POST /instances`` with one DICOM file; Orthanc's answer (``ID``, ``Status``: ``Success`` or
         ``AlreadyStored``, ``ParentSeries``...)."""
         data = Path(path).read_bytes()
-        return self._json("POST", "/instances", content=data, headers={"Content-Type": "application/dicom"})
+        return self._object("POST", "/instances", content=data, headers={"Content-Type": "application/dicom"})

@@ -6,7 +6,8 @@ whose Orthanc tags alone rule them out (Modality not accepted, e.g. SR/SEG such 
 too few instances) are recorded SKIPPED with the reason. The sequence number is kept in a small JSON file
 next to the ledger (``<ledger file>.orthanc-seq.json``, one entry per Orthanc URL, written atomically after
 each change), so a restarted watcher resumes where it stopped; a fresh watcher starts at sequence 0, i.e.
-everything Orthanc already holds (the ledger makes re-discovery harmless).
+everything Orthanc already holds (the ledger makes re-discovery harmless), or with ``start_from="now"`` at Orthanc's
+last change.
 
 A series Orthanc is still receiving when it stops never gets its ``StableSeries`` change: Orthanc tracks the
 series' StableAge in memory only, and after a restart reports the series ``IsStable`` without announcing it.
@@ -17,7 +18,17 @@ for at most ``MAX_SETTLING_CHECKS`` settling series a poll, oldest first); then 
 Processing is :class:`ctzoo.pacs.core.SeriesWorker`'s: a job's series is downloaded from Orthanc
 (:meth:`OrthancWatcher.fetch`), checked, run through the models, and the SR/SEG results uploaded back
 (:meth:`OrthancWatcher.deliver`). Orthanc unreachable is retried with the ledger's backoff; Orthanc answers
-``AlreadyStored`` to results re-sent after a crash.
+``AlreadyStored`` to results re-sent after a crash. Only ``Success`` and ``AlreadyStored`` count as delivered: a
+result Orthanc's ``ReceivedInstanceFilter`` refuses (``FilteredOut``) is not delivered (the job is DONE with a note
+naming it, as for a destination that does not take SEG), any other answer is a failure.
+
+Before a download, the series' size is checked from what Orthanc says of it (instances, Rows, Columns, frames:
+over ``limits``, SKIPPED with the limit named) and its ``DiskSize`` against the work folder's free space (less than
+``min_free_mb`` would be left: WAITING for space; more than that disk could ever hold: SKIPPED, saying so).
+
+A series first seen with fewer than ``rules.min_slices`` instances (a StableSeries change while it still arrives,
+StableAge too short for the sender) is SKIPPED, and enqueued again when a later StableSeries change finds enough.
+A saved sequence number beyond Orthanc's last change (Orthanc's database recreated) is reset to 0, with a warning.
 """
 
 from __future__ import annotations
@@ -25,15 +36,18 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Literal
+
+import pydicom
 
 from ctzoo.inference.tasks import ModelTask
 from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_scan import SeriesRules
-from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
+from ctzoo.io.limits import DEFAULT_LIMITS, LimitExceeded, ResourceLimits
 from ctzoo.io.privacy import patient_hash
-from ctzoo.pacs.core import BadSeries, SeriesWorker, series_tag
+from ctzoo.pacs.core import NOT_ACCEPTED, BadSeries, SeriesWorker, ensure_room, limits_in_config_terms, series_tag
 from ctzoo.pacs.ledger import Job, Ledger
-from ctzoo.pacs.orthanc import OrthancClient, OrthancError, OrthancUnavailable, _safe_id
+from ctzoo.pacs.orthanc import FILTERED_OUT, STORED_STATUSES, OrthancClient, OrthancError, OrthancUnavailable, _safe_id
 
 __all__ = ["OrthancWatcher", "series_tag"]
 
@@ -41,6 +55,23 @@ log = logging.getLogger(__name__)
 SOURCE_PREFIX = "orthanc:"
 #: The most settling series whose stability one poll asks Orthanc about (one GET each).
 MAX_SETTLING_CHECKS = 100
+#: The reason of a series skipped for too few instances (``{count}``, ``{minimum}``); such a series is reconsidered.
+TOO_FEW = "{count} instances, fewer than {minimum}"
+
+
+def _tag_int(tags: dict, name: str, default: int) -> int:
+    """An integer tag of Orthanc's simplified tags (strings such as ``"512"``); ``default`` when absent or odd."""
+    try:
+        return int(float(str(tags[name]).split("\\")[0]))
+    except (KeyError, TypeError, ValueError):
+        return default
+
+
+def declared_shape(instances: int, tags: dict) -> tuple[int, int, int]:
+    """(frames in all, Rows, Columns) of a series of ``instances`` whose instances have ``tags`` (NumberOfFrames
+    1 when absent, as in a CT series of single-frame instances)."""
+    return instances * max(_tag_int(tags, "NumberOfFrames", 1), 1), _tag_int(tags, "Rows", 0), \
+        _tag_int(tags, "Columns", 0)
 
 
 class OrthancWatcher(SeriesWorker):
@@ -51,9 +82,12 @@ class OrthancWatcher(SeriesWorker):
 
     def __init__(self, client: OrthancClient, ledger: Ledger, tasks: list[ModelTask], rules: SeriesRules,
                  work_dir: str | Path, worker: str, salt: str, limits: ResourceLimits = DEFAULT_LIMITS,
-                 perf=None, decoder: str | None = None) -> None:
+                 perf=None, decoder: str | None = None, min_free_mb: float = 0.0,
+                 start_from: Literal["beginning", "now"] = "beginning") -> None:
         super().__init__(ledger, tasks, rules, work_dir, worker, limits, perf, decoder)
         self.client, self.salt = client, salt
+        self.min_free_bytes = int(min_free_mb * 2**20)
+        self.start_from = start_from  # where a watcher with no saved sequence number starts: 0, or Orthanc's last
         self.state_path = ledger.path.with_name(ledger.path.name + ".orthanc-seq.json")
 
     # -- the last sequence number seen --------------------------------------------------------------------
@@ -85,13 +119,32 @@ class OrthancWatcher(SeriesWorker):
         study = info.get("ParentStudy")
         if not study:
             return ""
-        body = self.client._json("GET", f"/studies/{_safe_id(study)}")
+        body = self.client._object("GET", f"/studies/{_safe_id(study)}")
         return str(body.get("PatientMainDicomTags", {}).get("PatientID", ""))
+
+    def _start_seq(self) -> int:
+        """The sequence number to read changes after: the saved one; for a first start, 0 or (``start_from: now``)
+        Orthanc's last change; 0 again, with a warning, when the saved one is beyond Orthanc's last change (its
+        database was recreated: the ledger makes the re-discovery of what it had harmless)."""
+        if self.client.url not in self._state():
+            if self.start_from == "now":
+                self._save(self.client.last_change(), [])
+                log.warning("first start: changes in Orthanc from now on are watched, not the series it holds already "
+                            "(start_from: now)")
+            return self.last_seq
+        seq = self.last_seq
+        if seq > 0 and (last := self.client.last_change()) < seq:
+            log.warning("Orthanc's last change is %d, before the %d saved here: its database was recreated; reading "
+                        "its changes from 0 again", last, seq)
+            self._save(0, [])
+            return 0
+        return seq
 
     def discover(self) -> int:
         """Enqueue the series of new ``StableSeries`` changes, and the settling series Orthanc now calls stable
         (see the module docstring); returns how many new jobs were recorded."""
-        added, seq, settling = 0, self.last_seq, self.settling
+        added, seq = 0, self._start_seq()
+        settling = self.settling
         for series_id, change, seq in self.client.series_changes(seq):
             if series_id in settling:
                 settling.remove(series_id)
@@ -140,7 +193,7 @@ class OrthancWatcher(SeriesWorker):
             return 0
         count = len(info.get("Instances", []))
         if count < self.rules.min_slices:
-            reason = f"{count} instances, fewer than {self.rules.min_slices}"
+            reason = TOO_FEW.format(count=count, minimum=self.rules.min_slices)
             self.ledger.skip(uid, source, reason)
             log.info("series %s skipped: %s", series_tag(uid), reason)
             return 0
@@ -148,16 +201,57 @@ class OrthancWatcher(SeriesWorker):
         if self.ledger.enqueue(uid, source, phash):
             log.info("series %s enqueued", series_tag(uid))
             return 1
+        if self.ledger.unskip(uid, TOO_FEW.format(count="%", minimum="%"), phash):  # it was still arriving then
+            log.info("series %s: skipped with too few instances, now stable with %d: enqueued again",
+                     series_tag(uid), count)
+            return 1
         return 0
 
     # -- the way in and out -------------------------------------------------------------------------------
     def fetch(self, job: Job, folder: Path) -> None:
         if not job.source.startswith(SOURCE_PREFIX):
             raise BadSeries(f"not an Orthanc job: {job.source}")
-        self.client.download_series(_safe_id(job.source[len(SOURCE_PREFIX):]), folder)
+        series_id = _safe_id(job.source[len(SOURCE_PREFIX):])
+        instances = self.client.series_instances(series_id)
+        self._check_before_download(series_id, instances)
+        self.client.download_series(series_id, folder, instances)
+
+    def _check_before_download(self, series_id: str, instances: list[str]) -> None:
+        """What Orthanc says of the series' size, against ``limits`` (:class:`BadSeries`, as the check after
+        reading would) and the work folder's free space (:func:`~ctzoo.pacs.core.ensure_room`)."""
+        tags = self.client.series_shared_tags(series_id)
+        if instances and not {"Rows", "Columns"} <= tags.keys():  # they differ between instances: ask one
+            tags = {**self.client.instance_tags(instances[0]), **tags}
+        try:
+            self.limits.check_voxels(declared_shape(len(instances), tags), "the series")
+        except LimitExceeded as exc:
+            raise BadSeries(f"rejected before download: {limits_in_config_terms(str(exc))}") from None
+        disk_size = _tag_int(self.client.series_statistics(series_id), "DiskSize", 0)
+        ensure_room(self.work_dir, disk_size, self.min_free_bytes, "orthanc.min_free_mb")
 
     def deliver(self, paths: list[Path]) -> list[str]:
-        return [str(self.client.upload(path).get("Status", "")) for path in paths]
+        return [self._upload_status(path, self.client.upload(path)) for path in paths]
+
+    @staticmethod
+    def _upload_status(path: Path, answer: dict) -> str:
+        """``Success``/``AlreadyStored``: delivered; ``FilteredOut`` (Orthanc's ReceivedInstanceFilter refused it):
+        :data:`~ctzoo.pacs.core.NOT_ACCEPTED`; anything else raises :class:`OrthancError`."""
+        status = str(answer.get("Status", ""))
+        if status in STORED_STATUSES:
+            return status
+        if status == FILTERED_OUT:
+            sop_class = pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID.name
+            return f"{NOT_ACCEPTED}: {sop_class} (Orthanc's filter: {FILTERED_OUT})"
+        raise OrthancError(f"Orthanc answered Status {status[:40]!r} to POST /instances, not one of "
+                           f"{', '.join(STORED_STATUSES)}", 200, "/instances")
+
+    def describe_error(self, exc: BaseException) -> str:
+        """An Orthanc error names the request and the HTTP status only: said whole; refused credentials called so."""
+        if isinstance(exc, OrthancError) and exc.status in (401, 403):
+            return f"Orthanc refused the credentials ({exc})"
+        if isinstance(exc, OrthancError):
+            return str(exc)
+        return super().describe_error(exc)
 
     @property
     def last_upload_statuses(self) -> list[str]:

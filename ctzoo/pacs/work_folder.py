@@ -6,7 +6,8 @@ so each process takes ``work/worker-XXXXXXXX/`` and holds an flock on ``work/wor
 (the kernel drops the lock however the process ends). At start, a process removes every entry of ``work/`` that no
 living process holds: the folders whose lock it can take, and those without a lock file (left by a ctzoo from
 before these locks, ``job-*``). Several processes may share one ``state_dir`` (``watch`` and ``listen`` with one
-config): none removes another's living folder.
+config): none removes another's living folder. The folders are made 0700 (this user's only): they hold patient
+data.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class WorkFolder:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # series and results hold patient data
         removed = remove_abandoned(self.root)
         if removed:
             log.warning("removed %d work folder(s) that stopped bridge processes left in %s", len(removed), self.root)
@@ -76,7 +77,7 @@ class WorkFolder:
         self._lock = open(self._lock_path, "w")
         fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new name: nobody else can hold it
         self.path = self.root / name
-        self.path.mkdir()
+        self.path.mkdir(mode=0o700)
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
