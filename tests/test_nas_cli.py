@@ -65,6 +65,10 @@ def test_resuming_nothing_is_refused(tmp_path):
     config.write_text(yaml.safe_dump(TINY))
     result = CliRunner().invoke(main, ["nas", "search", str(config), "--out", str(tmp_path / "none"), "--resume"])
     assert result.exit_code == 1 and "no search to resume" in result.output
+    (tmp_path / "cut" / "supernet").mkdir(parents=True)  # a first iteration interrupted: a supernet, no candidates
+    (tmp_path / "cut" / "supernet" / "last.pt").write_bytes(b"")
+    result = CliRunner().invoke(main, ["nas", "search", str(config), "--out", str(tmp_path / "cut"), "--resume"])
+    assert result.exit_code == 1 and "first iteration was interrupted; run it again without --resume" in result.output
 
 
 def search(config, run, *options):

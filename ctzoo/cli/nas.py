@@ -65,8 +65,11 @@ def search(config: Path, run: Path, epochs: int, candidates: int, resume: bool, 
 
     Trains the supernet (its sub-networks are the candidates: width, residual units, kernel size and fusion per
     level, the gate) with one uniformly sampled architecture per step, then scores CANDIDATES architectures not
-    seen before with the shared weights: Dice on the data's other patient (not the one trained on), params,
-    FLOPs, and the latency of the extracted sub-network exported to ONNX. Appends them to RUN/candidates.json.
+    seen before with the shared weights: Dice on the data's val cases where they are patients of their own (MSD
+    folders; the test cases stay unseen), else on the other patient (the TotalSegmentator sample's test patient),
+    params, FLOPs, and the latency of the extracted sub-network exported to ONNX. Appends them to
+    RUN/candidates.json. An iteration interrupted after training is completed by running it again (without
+    retraining); --resume with another config than the run's is refused.
     """
     from ctzoo.nas.search import CANDIDATES_FILE, architecture_of, search_iteration, space_for
     from ctzoo.training.template_seg_task import load_seg_config, seg_classes
@@ -75,7 +78,10 @@ def search(config: Path, run: Path, epochs: int, candidates: int, resume: bool, 
     if started and not resume:
         raise click.ClickException(f"{run} already holds a search: --resume continues it, or choose another --out")
     if resume and not started:
-        raise click.ClickException(f"{run} holds no search to resume: start without --resume")
+        interrupted = (run / "supernet" / "last.pt").exists()
+        raise click.ClickException(f"{run} holds no search to resume" + (
+            ": its first iteration was interrupted; run it again without --resume, which completes it"
+            if interrupted else ": start without --resume"))
     pending = _pending(run)
     try:
         cfg = load_seg_config(config)
@@ -192,7 +198,7 @@ def export_command(run: Path, candidate: str, config: Path, out: Path, epochs: i
     CANDIDATE is an id of RUN/candidates.json (as ctzoo nas view shows; a unique prefix will do). Its
     sub-network is rebuilt (per-level widths, kernels, residual units, fused levels, gate), trained with
     the normal template segmenter recipe of CONFIG (no UNet baseline), starting from the supernet's
-    weights for it unless --init scratch, chosen on the val slab and tested on the other patient, then
+    weights for it unless --init scratch, chosen on the val cases and tested on the test cases, then
     written to OUT as a model bundle with its template bank. The card names the run and the candidate,
     its architecture, its one-shot Dice and latency and its standalone val and test Dice. The retraining
     stays in RUN/export/CANDIDATE (config.yaml, checkpoints, comparison.json). Then, e.g.:

@@ -117,7 +117,8 @@ def export_candidate(run: str | Path, candidate_id: str, config: str | Path, out
                                      conditions={"clean": CONDITIONS["clean"]})
     summary = comparison["training"]["template_seg"]
     cid = candidate["id"]
-    extra = {"oneshot_dice_mean": (candidate["dice"], "the search's scoring patient (supernet weights)"),
+    scored_on = scored_split(document, candidate)
+    extra = {"oneshot_dice_mean": (candidate["dice"], f"{scored_on} (the search's scoring cases, supernet weights)"),
              "oneshot_latency_ms": (candidate["latency_ms"], "CPU, ONNX Runtime, 1 thread (the search's measure)"),
              "dice_mean_val": (summary.get("best_dice_mean"), "val (standalone, best epoch)")}
     metrics = {k: Metric(value=round(float(v), 4), split=split) for k, (v, split) in extra.items()
@@ -131,9 +132,18 @@ def export_candidate(run: str | Path, candidate_id: str, config: str | Path, out
                f"{'' if epochs is None else f' --epochs {epochs}'}{'' if init == 'supernet' else ' --init scratch'}")
     description = (f"Template segmenter found by one-shot architecture search (candidate {cid} of {run}: "
                    f"{candidate['description']}), retrained standalone; segments {', '.join(classes)}.")
-    limitation = ("Chosen by a search that scored candidates on the data's non-training patient: when that is this "
-                  "model's test patient (search and retraining on the same config), the test Dice is optimistic; an "
-                  "honest figure needs a test patient the search never scored on (benchmarks/nas.py swaps them).")
+    limitation = ("Chosen by a search that scored candidates on the data's test cases (the TotalSegmentator sample "
+                  "has no validation patient of its own): when they are this model's test cases (search and "
+                  "retraining on the same config), the test Dice is optimistic; an honest figure needs a test patient "
+                  "the search never scored on (benchmarks/nas.py swaps them).")
+    caveat = [limitation] if scored_on == "test" else []
     return publish_template_seg(work, config_file, name or f"template-seg-nas-{cid}", version, command=command,
                                 target=out, description=description, notes=notes, extra_metrics=metrics,
-                                limitations=[*SEG_LIMITATIONS[:-1], limitation, SEG_LIMITATIONS[-1]])
+                                limitations=[*SEG_LIMITATIONS[:-1], *caveat, SEG_LIMITATIONS[-1]])
+
+
+def scored_split(document: dict[str, Any], candidate: dict[str, Any]) -> str:
+    """The split ``candidate`` was scored on, as its iteration of ``candidates.json`` records it (``test`` in files
+    written before iterations recorded it: the search scored on test then)."""
+    entry = next(e for e in document["iterations"] if e["iteration"] == candidate["iteration"])
+    return entry.get("scored_on", "test")

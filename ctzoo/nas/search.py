@@ -12,12 +12,19 @@ candidates with the shared weights (:func:`evaluate_candidates`) and appends the
      "candidates": [{"id", "iteration", "architecture": <Architecture JSON>, "description", "vector": [float],
                      "dice", "latency_ms", "params", "flops", "reference" (only on an included one: true)}]}
 
-Each iteration's constraints apply on top of the earlier ones; ``steps`` counts its optimiser steps. Candidates are
-scored on the data's ``test`` cases, the patient not trained on (the TotalSegmentator sample has only two
-labelled patients; the val slab belongs to the training patient): the search picks on it, so a pick's Dice there
-is optimistic and a final model wants data of its own. ``dice`` is always a number: a search whose scoring cases
-hold none of its classes is refused before training (:func:`require_scorable`), as is one with no architecture
-left to score (each candidate is scored once, and constraints only narrow the space).
+Each iteration's constraints apply on top of the earlier ones; ``steps`` and ``epochs`` count its optimiser steps and
+supernet epochs, and ``scored_on`` names the split its candidates were scored on (:func:`scoring_split`): ``val``
+where the data has validation patients of their own (MSD folders), so the test cases stay unseen by the search;
+``test`` for the TotalSegmentator sample, whose only patient not trained on is the test one (the val slab belongs
+to the training patient): the search picks on it there, so a pick's Dice on it is optimistic. ``dice`` is always a
+number: a search whose scoring cases hold none of its classes is refused before training
+(:func:`require_scorable`), as is one with no architecture left to score (each candidate is scored once, and
+constraints only narrow the space).
+
+An iteration interrupted after its training (while scoring, say) leaves the supernet ahead of what
+``candidates.json`` records; running it again scores with that training instead of training once more
+(:func:`recorded_training`). The supernet's checkpoint records the task's config, so a resumed search refuses
+another config (other data, classes or recipe) rather than mixing candidates scored under two.
 """
 
 from __future__ import annotations
@@ -51,8 +58,15 @@ from ctzoo.nas.space import (
 )
 from ctzoo.nas.supernet import TemplateSuperNet, extract
 from ctzoo.training.engine import fit, pick_device
+from ctzoo.training.resume_check import check_resume, resume_record
 from ctzoo.training.seg_evaluation import evaluate_segmenter
-from ctzoo.training.template_seg_task import SegData, TemplateSegTask, TemplateSegTrainConfig
+from ctzoo.training.template_seg_task import (
+    SegData,
+    SegDataConfig,
+    TemplateSegTask,
+    TemplateSegTrainConfig,
+    checkpoint_state,
+)
 
 
 def space_for(cfg: TemplateSegTrainConfig, num_classes: int) -> SearchSpace:
@@ -100,6 +114,23 @@ class ValidationSet:
     prep: SegPreprocessing
     templates: tuple[torch.Tensor, torch.Tensor, Sequence[str]]
     class_names: Sequence[str]
+
+
+def scoring_split(data_cfg: SegDataConfig, data: SegData) -> str:
+    """The split candidates are scored on: ``val`` when its cases are patients of their own (an MSD folder's
+    split), so that the search never looks at the test cases; ``test`` for the TotalSegmentator sample (its val
+    slab is a part of the training patient, so the other patient is the only unseen one) or an empty val split."""
+    return "val" if data_cfg.source != "totalsegmentator" and data.cases["val"] else "test"
+
+
+def recorded_training(iterations: Sequence[Mapping[str, Any]], checkpoint: Mapping[str, Any] | None) -> tuple[int, int]:
+    """``(epochs, steps)`` of supernet training that the run's recorded ``iterations`` account for: what the next
+    iteration trains on from. A checkpoint ahead of them is an interrupted iteration's training, which the next one
+    takes over instead of training again. Iterations of a file written before they recorded ``epochs``: the
+    checkpoint's own count (``(0, 0)`` without one)."""
+    if all("epochs" in entry for entry in iterations):
+        return sum(entry["epochs"] for entry in iterations), sum(entry["steps"] for entry in iterations)
+    return (checkpoint["epoch"] + 1, checkpoint["step"]) if checkpoint else (0, 0)
 
 
 def classes_in_truth(validation: ValidationSet) -> list[str]:
@@ -227,13 +258,20 @@ def search_iteration(cfg: TemplateSegTrainConfig, run: str | Path, epochs: int =
     architectures scored this iteration (those not scored before), e.g. a shipped model's (:func:`architecture_of`)
     so the explorer shows where it stands; ValueError for one outside the space's choices. Refused (ValueError)
     before any training, leaving the run as it was, when the scoring cases hold none of the classes
-    (:func:`require_scorable`) or the space has no architecture left to score. Returns the file's new content."""
+    (:func:`require_scorable`), the space has no architecture left to score, or ``cfg`` differs from the config
+    the run's supernet was trained with (or scores on another split). Returns the file's new content."""
     run = Path(run)
     document = read_candidates(run) or {"schema": SCHEMA, "space": None, "iterations": [], "candidates": []}
     stored = SearchSpace.from_json(document["space"]) if document["space"] else None
     task = SuperNetTask(cfg, stored, data, seed)
     space = task.space = task.space.constrain(drop, lock)
-    validation = ValidationSet(task.data.cases["test"], task.prep, task.templates, task.class_names)
+    split = scoring_split(cfg.data, task.data)
+    earlier = {entry.get("scored_on", "test") for entry in document["iterations"]}  # before the key: test
+    if earlier - {split}:
+        raise ValueError(f"{run}: its earlier iterations scored candidates on the {', '.join(sorted(earlier))} cases, "
+                         f"this config's data would score them on {split}: their Dice would not compare; start a new "
+                         "search elsewhere")
+    validation = ValidationSet(task.data.cases[split], task.prep, task.templates, task.class_names)
     require_scorable(validation)
     iteration = len(document["iterations"])
     archs, extra = architectures_to_score(space, document["candidates"], include, candidates,
@@ -244,10 +282,14 @@ def search_iteration(cfg: TemplateSegTrainConfig, run: str | Path, epochs: int =
                          "search elsewhere")
     last = run / "supernet" / "last.pt"
     before = torch.load(last, map_location="cpu", weights_only=False) if last.exists() else None
-    done_epochs, done_steps = (before["epoch"] + 1, before["step"]) if before else (0, 0)
+    done_epochs, done_steps = recorded_training(document["iterations"], before)
     optim = cfg.optim.model_copy(update={"epochs": done_epochs + epochs})
-    fit(task, optim, run / "supernet", resume=before is not None, device=device, progress=progress,
-        extra_state={"space": space.to_json()})
+    state = {**checkpoint_state(cfg, task.class_names), "space": space.to_json()}
+    if before is not None:  # another config is refused even when an interrupted iteration left nothing to train
+        check_resume(last, resume_record(optim.model_dump(), state))
+    if before is None or before["epoch"] + 1 < optim.epochs:
+        fit(task, optim, run / "supernet", resume=before is not None, device=device, progress=progress,
+            extra_state=state)
     after = torch.load(last, map_location="cpu", weights_only=False)
     supernet = TemplateSuperNet(space)
     supernet.load_state_dict(after["model"])
@@ -255,7 +297,8 @@ def search_iteration(cfg: TemplateSegTrainConfig, run: str | Path, epochs: int =
                                  **measure_options)
     document["space"] = space.to_json()
     document["iterations"].append({"iteration": iteration, "constraints": {"drop": list(drop), "lock": list(lock)},
-                                   "steps": after["step"] - done_steps, "candidates": [c["id"] for c in scored]})
+                                   "steps": after["step"] - done_steps, "epochs": after["epoch"] + 1 - done_epochs,
+                                   "scored_on": split, "candidates": [c["id"] for c in scored]})
     document["candidates"] += [{"id": c["id"], "iteration": iteration, **{k: v for k, v in c.items() if k != "id"},
                                 **({"reference": True} if c["id"] in extra else {})}
                                for c in scored]
