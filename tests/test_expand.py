@@ -361,3 +361,30 @@ def test_ctzoo_expand_a_unet_baseline_checkpoint(tmp_path):
                                        "--out", str(tmp_path / "grown")])
     assert result.exit_code == 0, result.output
     assert "real_ct" in result.output and "checkpoint" in result.output
+
+
+@pytest.fixture(scope="module")
+def expanded_bundle(tmp_path_factory):
+    """recistnet-mini expanded x1.5 +1 as a model bundle."""
+    from ctzoo.scaling.zoo_expand import expand_source, load_source_model, save_expanded_bundle
+
+    source = load_source_model("recistnet-mini")
+    expanded, report, _ = expand_source(source, 1.5, 1)
+    return save_expanded_bundle(tmp_path_factory.mktemp("expanded") / "bundle", "recistnet-mini", expanded, report,
+                                0, source)
+
+
+def test_an_expanded_bundle_loads_in_a_process_that_never_imported_the_expansion(expanded_bundle):
+    """serve, infer and MONAI's runner only load the bundle: the LEMON rebuilder is found by its kind."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ctzoo.models.bundle import load_bundle; "
+            "assert 'ctzoo.scaling.zoo_expand' not in sys.modules; "
+            "net = load_bundle(sys.argv[1]).network(); print(sum(p.numel() for p in net.parameters()))")
+    run = subprocess.run([sys.executable, "-c", code, str(expanded_bundle)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    from ctzoo.models import load_bundle
+
+    assert int(run.stdout.split()[-1]) == load_bundle(expanded_bundle).card.parameters

@@ -304,8 +304,6 @@ def export_model(source: str, repo: Path, name: str | None = None, fp16: bool = 
                  templates: Path | None = None, progress: Progress | None = None, monai: bool = False) -> Path:
     """``ctzoo export``: :func:`load_source` then :func:`export_bundle`; a checkpoint's bundle is named after
     its run folder unless ``name`` is given."""
-    import ctzoo.scaling.zoo_expand  # noqa: F401  (registers how bundles of LEMON-expanded networks are rebuilt)
-
     say = progress or (lambda message: logger.info("%s", message))
     if name is not None:
         valid_name(name)  # before any work

@@ -24,6 +24,7 @@ a path to a user's bundle (``ctzoo zoo publish``, ``ctzoo export``, a checkpoint
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -62,9 +63,13 @@ BUNDLE_FILE, FORMAT = "bundle.json", "ctzoo-bundle/1"
 EXPORT_INFO_FILE, GRAPH_DIR, GRAPH_FILE, EMBED_FILE = "ctzoo.json", "1", "model.onnx", "embed.onnx"
 #: The networks a bundle may name. A bundle is data: it chooses among these, it never names code to import.
 ARCHITECTURES = ("RecistNet", "TemplateSegNet", "UNet")
-#: How an expanded network's structure is rebuilt, by expansion kind (``lemon`` is registered by
-#: :mod:`ctzoo.scaling.zoo_expand`, which sits above this layer).
+#: How an expanded network's structure is rebuilt, by expansion kind: filled by the module that implements the
+#: kind when it is imported (``lemon``: :mod:`ctzoo.scaling.zoo_expand`, which sits above this layer).
 NETWORK_REBUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {}
+#: The module that registers each expansion kind's rebuilder, imported by name on first need, so that every path
+#: (serve, infer, MONAI's runner) can load an expanded bundle without importing it first. A fixed allow-list: the
+#: kind comes from the bundle file, the module never does.
+REBUILDER_MODULES = {"lemon": "ctzoo.scaling.zoo_expand"}
 
 
 class BundleError(ValueError):
@@ -111,8 +116,10 @@ def build_network(network: NetworkDef) -> nn.Module:
     if network.expansion is None:
         return network_class(network.architecture)(**network.config)
     kind = network.expansion.get("kind", "lemon")
+    if kind not in REBUILDER_MODULES:
+        raise BundleError(f"the network is {kind}-expanded; known expansions: {', '.join(REBUILDER_MODULES)}")
     if kind not in NETWORK_REBUILDERS:
-        raise BundleError(f"the network is {kind}-expanded: import ctzoo.scaling.zoo_expand to rebuild it")
+        importlib.import_module(REBUILDER_MODULES[kind])  # registers NETWORK_REBUILDERS[kind]
     return NETWORK_REBUILDERS[kind](network.expansion)
 
 
