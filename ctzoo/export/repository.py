@@ -193,7 +193,8 @@ def export_bundle(bundle: ModelBundle, repo: Path, name: str | None = None, fp16
                 "source": source or bundle.name, "parity": records[GRAPH_FILE],
                 "graphs": {file_name: {"sha256": sha256_of(staging / GRAPH_DIR / file_name), "parity": record}
                            for file_name, record in records.items()},
-                "sha256": sha256_of(model_path), "opset": opset, "precision": "fp16" if fp16 else "fp32",
+                "sha256": sha256_of(model_path), "weights_sha256": sha256_of(bundle.folder / WEIGHTS_FILE),
+                "opset": opset, "precision": "fp16" if fp16 else "fp32",
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "software": _software(fp16), "export_s": round(exported_s, 3), "format": EXPORT_FORMAT}
         if bundle.template_bank is not None:
