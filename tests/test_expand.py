@@ -388,3 +388,56 @@ def test_an_expanded_bundle_loads_in_a_process_that_never_imported_the_expansion
     from ctzoo.models import load_bundle
 
     assert int(run.stdout.split()[-1]) == load_bundle(expanded_bundle).card.parameters
+
+
+def _sgd_steps(model: nn.Module, inputs: tuple, steps: int) -> dict[str, torch.Tensor]:
+    """``steps`` SGD steps in training mode; which parameter entries never changed."""
+    model.train()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        outputs = model(*inputs)
+        loss = sum((o - 0.3).pow(2).mean() for o in (outputs.values() if isinstance(outputs, dict) else [outputs]))
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+    return {n: p.detach() == start[n] for n, p in model.named_parameters()}
+
+
+def test_the_parameters_an_expansion_adds_all_train():
+    """Extra channels are circular copies and identity blocks end in a zeroed norm without a ReLU after it, so no
+    added parameter sits behind a ReLU at exactly 0 (whose gradient is 0, for ever): after a few SGD steps only
+    what the source's own inactive ReLU units hold still (measured 3.7 % of the added count, before: 70 %)."""
+    from ctzoo.scaling.zoo_expand import load_source_model
+
+    source = load_source_model("recistnet-mini")
+    expanded, report = expand_model(source.model, source.example_inputs, 1.5, 1, seed=0)
+    unchanged = _sgd_steps(expanded, source.real_inputs, 4)  # slices of the sample CT
+    added = report.parameters_after - report.parameters_before
+    assert sum(int(u.sum()) for u in unchanged.values()) < 0.05 * added
+    identity_blocks = [n for n in unchanged if ".1.conv." in n and "stages" in n]
+    assert identity_blocks and all(not unchanged[n].all() for n in identity_blocks)
+
+
+def test_a_non_integer_ratio_keeps_the_template_segmenter_on_its_first_step():
+    """Channels that the cosine attention reads are zero-extended, but not where a norm without parameters
+    follows (norm(eps * x) would be of order 1 after one step): there the space grows by whole copies. One small
+    AdamW step moves x1.5's output about as far as the source's."""
+    import copy
+
+    from ctzoo.models import create_model
+    from ctzoo.scaling.zoo_expand import _example_inputs
+
+    source = create_model("template-seg-abdomen", pretrained=True).eval()
+    inputs = _example_inputs(source, torch.Generator().manual_seed(0))
+
+    def step_change(model: nn.Module) -> float:
+        model = copy.deepcopy(model).train()
+        with torch.no_grad():
+            before = model(*inputs)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-4)
+        F.cross_entropy(model(*inputs), before.argmax(1)).backward()
+        optimizer.step()
+        with torch.no_grad():
+            return float((model(*inputs) - before).abs().max() / before.abs().max())
+
+    expanded, _ = expand_model(source, inputs, 1.5, 0, seed=0)
+    assert step_change(expanded) < 4 * step_change(source)
