@@ -342,7 +342,9 @@ def test_template_segmenter_trains_from_an_expanded_checkpoint(fetched_samples, 
                                      conditions={"clean": CONDITIONS["clean"]})
     state = torch.load(tmp_path / "run" / "template_seg" / "last.pt", weights_only=False)
     assert state["expanded_from"]["expansion"]["width_mult"] == 1.5
-    assert state["model"]["image_encoder.stem.conv.weight"].shape[0] == 24  # 16 channels grown x1.5
+    # the stem's 16 channels feed the cosine attention and a parameter-free InstanceNorm: whole copies (x2)
+    assert state["model"]["image_encoder.stem.conv.weight"].shape[0] == 32
+    assert state["model"]["image_encoder.levels.0.conv.unit0.conv.weight"].shape[0] == 24  # x1.5 inside blocks
     assert comparison  # the test-set comparison ran on the reloaded (expanded) best checkpoint
 
 
