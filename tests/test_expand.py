@@ -342,7 +342,9 @@ def test_template_segmenter_trains_from_an_expanded_checkpoint(fetched_samples, 
                                      conditions={"clean": CONDITIONS["clean"]})
     state = torch.load(tmp_path / "run" / "template_seg" / "last.pt", weights_only=False)
     assert state["expanded_from"]["expansion"]["width_mult"] == 1.5
-    assert state["model"]["image_encoder.stem.conv.weight"].shape[0] == 24  # 16 channels grown x1.5
+    # the stem's 16 channels feed the cosine attention and a parameter-free InstanceNorm: whole copies (x2)
+    assert state["model"]["image_encoder.stem.conv.weight"].shape[0] == 32
+    assert state["model"]["image_encoder.levels.0.conv.unit0.conv.weight"].shape[0] == 24  # x1.5 inside blocks
     assert comparison  # the test-set comparison ran on the reloaded (expanded) best checkpoint
 
 
@@ -361,3 +363,83 @@ def test_ctzoo_expand_a_unet_baseline_checkpoint(tmp_path):
                                        "--out", str(tmp_path / "grown")])
     assert result.exit_code == 0, result.output
     assert "real_ct" in result.output and "checkpoint" in result.output
+
+
+@pytest.fixture(scope="module")
+def expanded_bundle(tmp_path_factory):
+    """recistnet-mini expanded x1.5 +1 as a model bundle."""
+    from ctzoo.scaling.zoo_expand import expand_source, load_source_model, save_expanded_bundle
+
+    source = load_source_model("recistnet-mini")
+    expanded, report, _ = expand_source(source, 1.5, 1)
+    return save_expanded_bundle(tmp_path_factory.mktemp("expanded") / "bundle", "recistnet-mini", expanded, report,
+                                0, source)
+
+
+def test_an_expanded_bundle_loads_in_a_process_that_never_imported_the_expansion(expanded_bundle):
+    """serve, infer and MONAI's runner only load the bundle: the LEMON rebuilder is found by its kind."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ctzoo.models.bundle import load_bundle; "
+            "assert 'ctzoo.scaling.zoo_expand' not in sys.modules; "
+            "net = load_bundle(sys.argv[1]).network(); print(sum(p.numel() for p in net.parameters()))")
+    run = subprocess.run([sys.executable, "-c", code, str(expanded_bundle)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    from ctzoo.models import load_bundle
+
+    assert int(run.stdout.split()[-1]) == load_bundle(expanded_bundle).card.parameters
+
+
+def _sgd_steps(model: nn.Module, inputs: tuple, steps: int) -> dict[str, torch.Tensor]:
+    """``steps`` SGD steps in training mode; which parameter entries never changed."""
+    model.train()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        outputs = model(*inputs)
+        loss = sum((o - 0.3).pow(2).mean() for o in (outputs.values() if isinstance(outputs, dict) else [outputs]))
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+    return {n: p.detach() == start[n] for n, p in model.named_parameters()}
+
+
+def test_the_parameters_an_expansion_adds_all_train():
+    """Extra channels are circular copies and identity blocks end in a zeroed norm without a ReLU after it, so no
+    added parameter sits behind a ReLU at exactly 0 (whose gradient is 0, for ever): after a few SGD steps only
+    what the source's own inactive ReLU units hold still (measured 3.7 % of the added count, before: 70 %)."""
+    from ctzoo.scaling.zoo_expand import load_source_model
+
+    source = load_source_model("recistnet-mini")
+    expanded, report = expand_model(source.model, source.example_inputs, 1.5, 1, seed=0)
+    unchanged = _sgd_steps(expanded, source.real_inputs, 4)  # slices of the sample CT
+    added = report.parameters_after - report.parameters_before
+    assert sum(int(u.sum()) for u in unchanged.values()) < 0.05 * added
+    identity_blocks = [n for n in unchanged if ".1.conv." in n and "stages" in n]
+    assert identity_blocks and all(not unchanged[n].all() for n in identity_blocks)
+
+
+def test_a_non_integer_ratio_keeps_the_template_segmenter_on_its_first_step():
+    """Channels that the cosine attention reads are zero-extended, but not where a norm without parameters
+    follows (norm(eps * x) would be of order 1 after one step): there the space grows by whole copies. One small
+    AdamW step moves x1.5's output about as far as the source's."""
+    import copy
+
+    from ctzoo.models import create_model
+    from ctzoo.scaling.zoo_expand import _example_inputs
+
+    source = create_model("template-seg-abdomen", pretrained=True).eval()
+    inputs = _example_inputs(source, torch.Generator().manual_seed(0))
+
+    def step_change(model: nn.Module) -> float:
+        model = copy.deepcopy(model).train()
+        with torch.no_grad():
+            before = model(*inputs)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-4)
+        F.cross_entropy(model(*inputs), before.argmax(1)).backward()
+        optimizer.step()
+        with torch.no_grad():
+            return float((model(*inputs) - before).abs().max() / before.abs().max())
+
+    expanded, _ = expand_model(source, inputs, 1.5, 0, seed=0)
+    assert step_change(expanded) < 4 * step_change(source)

@@ -1,5 +1,6 @@
 """ctzoo export: zoo models and training checkpoints into a Triton-layout model repository, checked against PyTorch."""
 
+import hashlib
 import json
 import re
 import shutil
@@ -155,6 +156,42 @@ def test_every_zoo_model_exports_with_the_repository_layout(name, repo, exported
     for value, reference in zip(got, expected):
         assert value.shape == reference.shape
         assert np.abs(value - reference.numpy()).max() <= 1e-4 * (np.abs(reference.numpy()).max() + 1e-6)
+
+
+def test_changed_graphs_and_weights_of_an_export_are_refused(tmp_path, exported):
+    """ctzoo.json records the digests of the graph and the weights; a file changed after the export is refused
+    where it is about to run (ONNX backend, ctzoo serve, the network), and replies name the digest that ran."""
+    from ctzoo.inference.backends import make_backend
+    from ctzoo.models.bundle import BundleError, load_bundle
+    from ctzoo.serve.repository import load_repository
+
+    info = json.loads((exported(DETECTOR) / "ctzoo.json").read_text())
+    intact = load_bundle(exported(DETECTOR))
+    assert intact.graphs.describe(intact.folder)["sha256"] == info["sha256"]
+    assert info["weights_sha256"] == hashlib.sha256((intact.folder / "model.safetensors").read_bytes()).hexdigest()
+    for changed in ("1/model.onnx", "model.safetensors"):
+        repo = tmp_path / changed.replace("/", "_")
+        shutil.copytree(exported(DETECTOR), repo / DETECTOR)
+        path = repo / DETECTOR / changed
+        content = bytearray(path.read_bytes())
+        content[-100] ^= 1  # one bit in the last tensor's data: still a readable file
+        path.write_bytes(bytes(content))
+        bundle = load_bundle(repo / DETECTOR)
+        if changed == "1/model.onnx":
+            with pytest.raises(BundleError, match=r"model.onnx has sha256 \w+, but .*ctzoo.json records"):
+                make_backend(bundle, "onnx", "cpu")
+            with pytest.raises(BundleError, match="was changed after it was exported"):
+                load_repository(repo, device="cpu")
+            bundle.network()  # the weights are intact
+        else:
+            with pytest.raises(BundleError, match=r"model.safetensors has sha256 \w+, but .*ctzoo.json records"):
+                bundle.network()
+            make_backend(bundle, "onnx", "cpu")  # the graph is intact
+    # exports written before the weights' digest was recorded load as before
+    repo = tmp_path / "older"
+    shutil.copytree(exported(DETECTOR), repo / DETECTOR)
+    (repo / DETECTOR / "ctzoo.json").write_text(json.dumps({k: v for k, v in info.items() if k != "weights_sha256"}))
+    load_bundle(repo / DETECTOR).network()
 
 
 def test_fp16_detector_export(repo, exported):

@@ -6,7 +6,6 @@ from collections.abc import Iterable
 
 import click
 
-import ctzoo.scaling.zoo_expand  # noqa: F401  (registers how bundles of LEMON-expanded networks are rebuilt)
 from ctzoo.models.bundle import BundleError, ModelBundle, load_bundle
 
 

@@ -193,7 +193,8 @@ def export_bundle(bundle: ModelBundle, repo: Path, name: str | None = None, fp16
                 "source": source or bundle.name, "parity": records[GRAPH_FILE],
                 "graphs": {file_name: {"sha256": sha256_of(staging / GRAPH_DIR / file_name), "parity": record}
                            for file_name, record in records.items()},
-                "sha256": sha256_of(model_path), "opset": opset, "precision": "fp16" if fp16 else "fp32",
+                "sha256": sha256_of(model_path), "weights_sha256": sha256_of(bundle.folder / WEIGHTS_FILE),
+                "opset": opset, "precision": "fp16" if fp16 else "fp32",
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "software": _software(fp16), "export_s": round(exported_s, 3), "format": EXPORT_FORMAT}
         if bundle.template_bank is not None:
@@ -304,8 +305,6 @@ def export_model(source: str, repo: Path, name: str | None = None, fp16: bool = 
                  templates: Path | None = None, progress: Progress | None = None, monai: bool = False) -> Path:
     """``ctzoo export``: :func:`load_source` then :func:`export_bundle`; a checkpoint's bundle is named after
     its run folder unless ``name`` is given."""
-    import ctzoo.scaling.zoo_expand  # noqa: F401  (registers how bundles of LEMON-expanded networks are rebuilt)
-
     say = progress or (lambda message: logger.info("%s", message))
     if name is not None:
         valid_name(name)  # before any work

@@ -128,6 +128,7 @@ def make_backend(bundle: ModelBundle, kind: Literal["torch", "onnx"] = "torch", 
     if bundle.graphs is None:
         raise NoGraphsError(f"{bundle.folder} carries no ONNX graphs: export it with 'ctzoo export' (or run "
                             "'ctzoo infer --backend onnx', which exports into the cache)")
+    bundle.graphs.verify()  # BundleError when a graph is not the one the export checked
     if bundle.task == "detection":
         return OnnxDetector(bundle.graphs.model, bundle.down_ratio, device, threads)
     return OnnxSegmenter(bundle.graphs.model, bundle.graphs.embed, bundle.template_bank, bundle.class_names,

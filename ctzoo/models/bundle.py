@@ -24,6 +24,7 @@ a path to a user's bundle (``ctzoo zoo publish``, ``ctzoo export``, a checkpoint
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -62,9 +63,13 @@ BUNDLE_FILE, FORMAT = "bundle.json", "ctzoo-bundle/1"
 EXPORT_INFO_FILE, GRAPH_DIR, GRAPH_FILE, EMBED_FILE = "ctzoo.json", "1", "model.onnx", "embed.onnx"
 #: The networks a bundle may name. A bundle is data: it chooses among these, it never names code to import.
 ARCHITECTURES = ("RecistNet", "TemplateSegNet", "UNet")
-#: How an expanded network's structure is rebuilt, by expansion kind (``lemon`` is registered by
-#: :mod:`ctzoo.scaling.zoo_expand`, which sits above this layer).
+#: How an expanded network's structure is rebuilt, by expansion kind: filled by the module that implements the
+#: kind when it is imported (``lemon``: :mod:`ctzoo.scaling.zoo_expand`, which sits above this layer).
 NETWORK_REBUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {}
+#: The module that registers each expansion kind's rebuilder, imported by name on first need, so that every path
+#: (serve, infer, MONAI's runner) can load an expanded bundle without importing it first. A fixed allow-list: the
+#: kind comes from the bundle file, the module never does.
+REBUILDER_MODULES = {"lemon": "ctzoo.scaling.zoo_expand"}
 
 
 class BundleError(ValueError):
@@ -111,8 +116,10 @@ def build_network(network: NetworkDef) -> nn.Module:
     if network.expansion is None:
         return network_class(network.architecture)(**network.config)
     kind = network.expansion.get("kind", "lemon")
+    if kind not in REBUILDER_MODULES:
+        raise BundleError(f"the network is {kind}-expanded; known expansions: {', '.join(REBUILDER_MODULES)}")
     if kind not in NETWORK_REBUILDERS:
-        raise BundleError(f"the network is {kind}-expanded: import ctzoo.scaling.zoo_expand to rebuild it")
+        importlib.import_module(REBUILDER_MODULES[kind])  # registers NETWORK_REBUILDERS[kind]
     return NETWORK_REBUILDERS[kind](network.expansion)
 
 
@@ -123,15 +130,47 @@ class ExportedGraphs:
     model: Path  # 1/model.onnx
     embed: Path | None  # 1/embed.onnx, template segmenters
     info: dict[str, Any]
+    _digests: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def precision(self) -> str:
         return str(self.info.get("precision", "fp32"))
 
+    @property
+    def weights_sha256(self) -> str | None:
+        """The digest of model.safetensors the export recorded (exports before it was recorded: None)."""
+        return self.info.get("weights_sha256")
+
+    def verify(self) -> dict[str, str]:
+        """``{file name: sha256}`` of the graphs as they are on disk, each checked against the digest ctzoo.json
+        records (:class:`BundleError` when one differs: the graph was changed after the export checked it).
+        Hashed once per bundle, when the graphs are about to run."""
+        if not self._digests:
+            recorded = self.info.get("graphs") or {}
+            for path in (self.model, self.embed):
+                if path is not None:
+                    expected = (recorded.get(path.name) or {}).get("sha256")
+                    if expected is None and path == self.model:
+                        expected = self.info.get("sha256")
+                    self._digests[path.name] = checked_digest(path, expected, path.parent.parent / EXPORT_INFO_FILE)
+        return dict(self._digests)
+
     def describe(self, root: Path) -> dict[str, Any]:
-        """What a reply says about the graph that produced it."""
+        """What a reply says about the graph that produced it: the digest of the file that ran, verified."""
         return {"file": str(self.model.relative_to(root.parent)), "precision": self.precision,
-                "sha256": self.info.get("sha256", ""), "opset": self.info.get("opset")}
+                "sha256": self.verify()[self.model.name], "opset": self.info.get("opset")}
+
+
+def checked_digest(path: Path, expected: str | None, record: Path, content: bytes | None = None) -> str:
+    """sha256 of ``path`` (of ``content``, its bytes, when already read), which must be ``expected`` (the digest
+    ``record`` holds; None: nothing recorded, nothing to check); :class:`BundleError` otherwise."""
+    from ctzoo.datasets.samples import sha256_of
+
+    digest = hashlib.sha256(content).hexdigest() if content is not None else sha256_of(path)
+    if expected is not None and digest != expected:
+        raise BundleError(f"{path} has sha256 {digest}, but {record} records {expected}: the file was changed "
+                          "after it was exported; export the model again")
+    return digest
 
 
 @dataclass(eq=False)
@@ -192,7 +231,8 @@ class ModelBundle:
         """The PyTorch network with the bundle's weights, in eval mode, on the CPU (built once)."""
         with self._lock:
             if self._network is None:
-                self._network = _load_weights(build_network(self.network_def), self.folder)
+                expected = self.graphs.weights_sha256 if self.graphs is not None else None
+                self._network = _load_weights(build_network(self.network_def), self.folder, expected)
             return self._network
 
     def weights_digest(self) -> str:
@@ -208,8 +248,16 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(str(folder / WEIGHTS_FILE), device="cpu")
 
 
-def _load_weights(model: nn.Module, folder: Path) -> nn.Module:
-    state = read_weights(folder)
+def _load_weights(model: nn.Module, folder: Path, expected_sha256: str | None = None) -> nn.Module:
+    """``model`` with the weights of ``folder``; an exported bundle's weights must have the digest its
+    ctzoo.json records (``expected_sha256``; None for bundles that record none)."""
+    path = folder / WEIGHTS_FILE
+    if expected_sha256 is None:
+        state = read_weights(folder)
+    else:  # hash the very bytes that are loaded
+        content = path.read_bytes()
+        checked_digest(path, expected_sha256, folder / EXPORT_INFO_FILE, content)
+        state = {k: v.to("cpu") for k, v in safetensors.torch.load(content).items()}
     problems = _state_mismatch(model.state_dict(), state)
     if problems:
         raise BundleError(f"{folder / WEIGHTS_FILE} does not fit the network of {folder / BUNDLE_FILE}: {problems}")

@@ -101,6 +101,11 @@ class ChannelTrace:
         #: space (root) -> names of the norm layers applied to it; and of layers whose output feeds a norm directly
         self.normalised_by: dict[int, list[str]] = {}
         self.feeds_only_norms: dict[str, bool] = {}
+        #: spaces whose channels an operation mixes (a cosine, a mean over channels, ...): copies of a channel there
+        #: must come in equal numbers, so extra channels are zero channels, not copies
+        self.mixed: set[int] = set()
+        #: spaces normalised by a norm without parameters (InstanceNorm's default): no layer records those
+        self.plainly_normalised: set[int] = set()
 
     def new_space(self, size: int) -> int:
         self.parent.append(len(self.parent))
@@ -128,6 +133,12 @@ class ChannelTrace:
 
     def roots(self) -> list[int]:
         return sorted({self.find(s) for s in range(len(self.parent))})
+
+    def is_mixed(self, space: int) -> bool:
+        return self.find(space) in {self.find(s) for s in self.mixed}
+
+    def is_plainly_normalised(self, space: int) -> bool:
+        return self.find(space) in {self.find(s) for s in self.plainly_normalised}
 
     def norms_of(self, space: int) -> list[str]:
         root = self.find(space)
@@ -235,6 +246,8 @@ class _Recorder(TorchFunctionMode):
                 for segment in layout.segments:
                     if segment.space is not None:
                         self.trace.normalised_by.setdefault(segment.space, []).append(name)
+            elif layout is not None:
+                self.trace.plainly_normalised.update(s.space for s in layout.segments if s.space is not None)
             self.set(out, layout)
             self._note_consumer(first, is_norm=True)
             return
@@ -261,7 +274,7 @@ class _Recorder(TorchFunctionMode):
             layout = self.layout(first)
             kept = (layout is not None and layout.dim == 1 and out.ndim >= 2
                     and out.shape[:2] == first.shape[:2] and _spatial_only(func, args, kwargs, first))
-            self.set(out, layout if kept else _fixed(out))
+            self.set(out, layout if kept else self._mixing(args, kwargs, out))
         elif func in _BINARY:
             self._record_binary(args, out)
         elif func in _KEEP_LAYOUT and isinstance(first, torch.Tensor) and isinstance(out, torch.Tensor):
@@ -269,9 +282,18 @@ class _Recorder(TorchFunctionMode):
             if layout is not None and out.ndim == first.ndim and out.shape[layout.dim] == first.shape[layout.dim]:
                 self.set(out, layout)
             else:
-                self.set(out, _fixed(out))
+                self.set(out, self._mixing(args, kwargs, out))
         elif isinstance(out, torch.Tensor):
-            self.set(out, _fixed(out))
+            self.set(out, self._mixing(args, kwargs, out))
+
+    def _mixing(self, args: tuple, kwargs: dict, out: torch.Tensor) -> _Layout:
+        """``out`` of an operation that may combine channels: its inputs' spaces are mixed, its channels fixed."""
+        for value in list(args) + list(kwargs.values()):
+            for t in value if isinstance(value, (list, tuple)) else (value,):
+                layout = self.layout(t) if isinstance(t, torch.Tensor) else None
+                if layout is not None:
+                    self.trace.mixed.update(s.space for s in layout.segments if s.space is not None)
+        return _fixed(out)
 
     def _note_consumer(self, t: Any, is_norm: bool = False) -> None:
         if isinstance(t, torch.Tensor) and id(t) in self.produced_by and not is_norm:
@@ -293,7 +315,7 @@ class _Recorder(TorchFunctionMode):
                         self.trace.union(a.space, b.space)
             self.set(out, layouts[0])
         else:
-            self.set(out, _fixed(out))
+            self.set(out, self._mixing(args, kwargs, out))
 
     def _record_binary(self, args, out) -> None:
         operands = [a for a in args[:2] if isinstance(a, torch.Tensor)]
@@ -307,7 +329,7 @@ class _Recorder(TorchFunctionMode):
         base = full[0][1]
         for _, other in full[1:]:
             if [s.size for s in other.segments] != [s.size for s in base.segments]:
-                self.set(out, _fixed(out))
+                self.set(out, self._mixing(tuple(operands), {}, out))
                 return
             for a, b in zip(base.segments, other.segments):
                 if a.space is not None and b.space is not None:

@@ -7,26 +7,28 @@ Width. Every expandable channel space of ``D`` channels (found by :func:`ctzoo.s
 residual adds tie spaces together, concatenations give a layer several input segments, a model's inputs,
 outputs and class-valued maps stay fixed) grows to ``D' = k D + r``:
 
-* channels ``c < k D`` are copies of channel ``c mod D`` (circular, as LEMON);
-* the ``r`` extra channels are *zero* channels: the layer writing them has zero rows, or, where its output goes
-  straight into a norm with affine parameters, random rows normalised into ``gamma = beta = 0`` (so that
-  ``gamma`` receives a gradient and the channel comes alive; a zero row before a norm would stay dead).
-  Zero channels keep cosine similarities, instance/group statistics of the copies and residual sums exact,
-  which is what lets non-integer ratios stay lossless through the template segmenter's cosine attention;
+* every channel ``c`` is a copy of channel ``c mod D`` (circular, as LEMON: channel ``i`` has ``|S_i| = k + 1``
+  copies for ``i < r``, else ``k``), with the norms' parameters and statistics copied alike, so every added
+  channel computes and trains like the channel it copies;
+* except in *mixed* spaces, whose channels an operation combines (the template segmenter's cosine attention, a
+  mean over channels): unequal copy counts would change those, so there the ``r`` extra channels are *zero*
+  channels (zero rows, or, where the output goes straight into a norm with affine parameters, random rows
+  normalised into ``gamma = beta = 0``); a mixed space normalised by a norm without parameters grows by whole
+  copies instead (``r = 0``: ``norm(eps * x)`` of a zero channel would be of order 1 after one step);
 * a layer reading copies gets LEMON's symmetry-breaking column projection: its new weights start random
   (the layer's default initialisation, seeded) and each copy ``c`` of input channel ``i`` is shifted so that
-  the copies of ``i`` sum to the old column: ``W_c = W'_c - (sum_{c' in S_i} W'_{c'} - W_i) / k``. Copies thus
-  get different fan-out weights and different gradients (Net2Net's equal split would keep them identical);
-  columns reading zero channels keep their random values;
-* norms: per-channel parameters and running statistics are copied circularly (extra: ``gamma = beta = 0``,
-  mean 0, variance 1); a GroupNorm keeps its channels per group (``r`` is rounded to whole groups, the
-  group count grows); a LayerNorm over an expanded dimension needs whole copies (``r = 0``), since its mean
-  over zero channels would change.
+  the copies of ``i`` sum to the old column: ``W_c = W'_c - (sum_{c' in S_i} W'_{c'} - W_i) / |S_i|``. Copies
+  thus get different fan-out weights and different gradients (Net2Net's equal split would keep them
+  identical); columns reading zero channels keep their random values;
+* a GroupNorm keeps its channels per group (``r`` is rounded to whole groups, the group count grows); a
+  LayerNorm over an expanded dimension needs whole copies (``r = 0``).
 
 Depth. ``depth_add`` identity blocks are inserted after every residual block (MONAI ``ResidualUnit``, MONAI
 ResNet basic blocks): a copy of the block's shape with stride 1 and an identity shortcut whose residual branch
-ends in a norm with ``gamma = beta = 0`` (or a zero convolution where that norm has no parameters), so it
-outputs exactly its input (LEMON's CNN recipe zeroes ``bn3``); its other weights are freshly initialised.
+ends in a norm with ``gamma = beta = 0`` (LEMON's CNN recipe zeroes ``bn3``), so it outputs exactly its input;
+its other weights are freshly initialised. In a ``ResidualUnit`` the activation after that last norm is left
+out (ReLU's gradient at 0 is 0: the whole branch would never train), and a last norm without parameters too,
+the branch then ending in its zeroed convolution, whose weights get a gradient from its non-zero input.
 
 Any other layer with parameters (attention, grouped convolutions, ...) raises
 :class:`~ctzoo.scaling.channel_trace.UnsupportedLayerError` naming it.
@@ -59,10 +61,12 @@ __all__ = ["ExpansionReport", "SpacePlan", "UnsupportedLayerError", "compare_out
 
 @dataclass(frozen=True)
 class SpacePlan:
-    """A channel space of ``old`` channels grown to ``new = copies * old + extra``."""
+    """A channel space of ``old`` channels grown to ``new = copies * old + extra``; the extra channels are
+    copies of channels ``0 .. extra-1`` (``circular``) or zero channels."""
 
     old: int
     new: int
+    circular: bool = True
 
     @property
     def copies(self) -> int:
@@ -72,9 +76,14 @@ class SpacePlan:
     def extra(self) -> int:
         return self.new - self.copies * self.old
 
+    @property
+    def copied(self) -> int:
+        """How many of the new channels are copies (the rest are zero channels)."""
+        return self.new if self.circular else self.copies * self.old
+
     def source_index(self) -> torch.Tensor:
-        """For each of the ``copies * old`` copy channels, the old channel it copies."""
-        return torch.arange(self.copies * self.old) % self.old
+        """For each of the :attr:`copied` channels, the old channel it copies."""
+        return torch.arange(self.copied) % self.old
 
 
 @dataclass
@@ -99,14 +108,19 @@ class ExpansionReport:
 
 
 def _quantum(trace: ChannelTrace, root: int, layers: dict[str, LayerUse]) -> int:
-    """Channels must be added in multiples of this: a GroupNorm's group size, a LayerNorm's whole width."""
+    """Channels must be added in multiples of this: a GroupNorm's group size, a LayerNorm's whole width; and the
+    whole width for a mixed space (zero channels there) normalised without parameters, since a zero channel
+    there would turn into ``norm(eps * x)``, of order 1, on the first optimiser step."""
+    mixed = trace.is_mixed(root)
+    if mixed and trace.is_plainly_normalised(root):
+        return trace.size[root]
     quantum = 1
     for name in trace.norms_of(root):
         module = layers[name].module
-        if isinstance(module, nn.GroupNorm):
-            quantum = math.lcm(quantum, module.num_channels // module.num_groups)
-        elif isinstance(module, nn.LayerNorm):
+        if isinstance(module, nn.LayerNorm) or (mixed and getattr(module, "weight", None) is None):
             quantum = math.lcm(quantum, trace.size[root])
+        elif isinstance(module, nn.GroupNorm):
+            quantum = math.lcm(quantum, module.num_channels // module.num_groups)
     return quantum
 
 
@@ -123,7 +137,7 @@ def plan_widths(trace: ChannelTrace, width_mult: float) -> dict[int, SpacePlan]:
             continue
         quantum = _quantum(trace, root, trace.layers)
         added = round((width_mult - 1) * old)
-        plans[root] = SpacePlan(old, old + math.ceil(added / quantum) * quantum)
+        plans[root] = SpacePlan(old, old + math.ceil(added / quantum) * quantum, not trace.is_mixed(root))
     return plans
 
 
@@ -137,7 +151,7 @@ def _segment_plans(trace: ChannelTrace, plans: dict[int, SpacePlan], segments: l
 def _expand_rows(old: torch.Tensor, plan: SpacePlan, fill: torch.Tensor) -> torch.Tensor:
     """Dim 0 of ``old`` grown by ``plan``: copies circular, extra rows from ``fill`` (same shape as the result)."""
     out = fill.clone()
-    out[: plan.copies * plan.old] = old[plan.source_index()]
+    out[: plan.copied] = old[plan.source_index()]
     return out
 
 
@@ -148,11 +162,13 @@ def _project_columns(rows: torch.Tensor, random: torch.Tensor, segments: list[Sp
         old_cols = rows[:, old_at: old_at + plan.old]
         if plan.new == plan.old:
             out[:, new_at: new_at + plan.new] = old_cols
-        else:
-            k, d = plan.copies, plan.old
-            copies = random[:, new_at: new_at + k * d].reshape(random.shape[0], k, d, *random.shape[2:])
-            shift = (copies.sum(dim=1, keepdim=True) - old_cols.unsqueeze(1)) / k
-            out[:, new_at: new_at + k * d] = (copies - shift).reshape(random.shape[0], k * d, *random.shape[2:])
+        else:  # copy c of channel i (one of |S_i| = k or k + 1) gets W'_c - (sum_{S_i} W' - W_i) / |S_i|
+            source = plan.source_index()
+            copies = random[:, new_at: new_at + plan.copied]
+            sums = torch.zeros_like(old_cols).index_add_(1, source, copies)
+            counts = torch.bincount(source, minlength=plan.old).to(random.dtype)
+            shift = (sums - old_cols) / counts.view(1, -1, *[1] * (random.ndim - 2))
+            out[:, new_at: new_at + plan.copied] = copies - shift[:, source]
         old_at, new_at = old_at + plan.old, new_at + plan.new
     return out
 
@@ -183,12 +199,11 @@ def _expand_weight_layer(trace: ChannelTrace, plans: dict[int, SpacePlan], use: 
     transposed = isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
     old_w = module.weight.detach().transpose(0, 1) if transposed else module.weight.detach()
     rand_w = new.weight.detach().transpose(0, 1) if transposed else new.weight.detach()
-    zero_rows = _zero_rows_needed(trace, use)
     fill = torch.zeros(out_plan.new, old_w.shape[1], *old_w.shape[2:], dtype=old_w.dtype)
     rows = _expand_rows(old_w, out_plan, fill)
     weight = _project_columns(rows, rand_w, in_plans)
-    if out_plan.extra and zero_rows:
-        weight[out_plan.copies * out_plan.old:] = 0
+    if out_plan.copied < out_plan.new and _zero_rows_needed(trace, use):
+        weight[out_plan.copied:] = 0
     with torch.no_grad():
         new.weight.copy_(weight.transpose(0, 1) if transposed else weight)
         if module.bias is not None:
@@ -254,18 +269,35 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------- depth
 
 
+def _branch_ends_in_its_norm(adn: nn.Module | None) -> nn.Module | None:
+    """The norm of the residual branch's last norm-dropout-activation (MONAI ``ADN``), made its last operation:
+    the activation after it goes (a zeroed norm before a ReLU would leave the whole branch without gradients:
+    ReLU's gradient at 0 is 0), and so does a norm without parameters (which cannot be zeroed, and turns the
+    small output of the zeroed convolution before it into one of order 1). None: the branch ends in its
+    convolution."""
+    if adn is None:
+        return None
+    for child in [n for n in ("A", "N") if hasattr(adn, n)]:
+        if child == "N" and getattr(adn.N, "weight", None) is not None:
+            return adn.N
+        delattr(adn, child)
+    return None
+
+
 def _identity_block(block: nn.Module) -> nn.Module:
     """A fresh stride-1, same-width residual block shaped like ``block`` whose output equals its input."""
     new = copy.deepcopy(block)
     if isinstance(block, ResidualUnit):
-        first = new.conv[0].conv
-        width = first.out_channels  # the expanded width (the block's out_channels attribute is the original's)
-        new.conv[0].conv = type(first)(width, width, kernel_size=first.kernel_size, stride=1, padding=first.padding,
-                                       dilation=first.dilation, bias=first.bias is not None)
+        first, last = new.conv[0].conv, new.conv[-1]
+        # the expanded widths (the block's out_channels attribute is the original's): the block's output, which the
+        # identity block reads and writes, and its first convolution's, which may have grown by another ratio
+        width = (last.conv if hasattr(last, "conv") else last).out_channels
+        new.conv[0].conv = type(first)(width, first.out_channels, kernel_size=first.kernel_size, stride=1,
+                                       padding=first.padding, dilation=first.dilation, bias=first.bias is not None)
         new.residual, new.in_channels, new.out_channels = nn.Identity(), width, width
         last = new.conv[-1]
         last_conv = last.conv if hasattr(last, "conv") else last
-        last_norm = getattr(getattr(last, "adn", None), "N", None)
+        last_norm = _branch_ends_in_its_norm(getattr(last, "adn", None))
     elif isinstance(block, ResNetBlock):
         width = block.conv2.out_channels
         new.conv1 = type(block.conv1)(width, width, kernel_size=block.conv1.kernel_size, stride=1,

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ctzoo.models.bundle import GRAPH_DIR, ExportedGraphs
 from ctzoo.perf.deep_profile import ProfiledRun
 from ctzoo.serve.batching import MicroBatcher
 from ctzoo.serve.engines import BACKENDS, OnnxEngine, Runtime, TorchEngine, choose_providers
@@ -88,6 +89,8 @@ class ServedModel:
             runtime, self.precision_reason = _torch_precision(self.bundle, runtime)
             self.engine = TorchEngine(self.bundle, graph, runtime.device, runtime.precision, runtime.threads)
         elif runtime.kind == "onnx":
+            if self.version == GRAPH_DIR:  # the version ctzoo export wrote, which ctzoo.json describes
+                ExportedGraphs(graph, None, self.config).verify()  # BundleError when it was changed since
             self.engine = OnnxEngine(graph, runtime.providers, runtime.threads)
         else:
             raise ValueError(f"unknown backend {runtime.kind!r}: use one of {', '.join(BACKENDS)}")
