@@ -3,6 +3,8 @@ errors for what cannot be expanded; ctzoo expand and init_from_expansion."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -277,6 +279,12 @@ def test_ctzoo_expand_zoo_models_checks_on_real_ct_and_reloads(tmp_path):
             slices = torch.cat([source.template_bank.images, torch.randn(4, 1, 128, 128)])
             chosen = bundle.template_bank.nearest(bundle.network(), slices)
             assert torch.equal(chosen, source.template_bank.nearest(source.network(), slices))
+        # a bundle expanded by the earlier method (no "method" recorded) names why it cannot be rebuilt
+        record = json.loads((tmp_path / name / "bundle" / "bundle.json").read_text())
+        del record["network"]["expansion"]["expansion"]["method"]
+        (tmp_path / name / "bundle" / "bundle.json").write_text(json.dumps(record))
+        with pytest.raises(ValueError, match="expanded by an earlier ctzoo .*expand the source again"):
+            load_bundle(tmp_path / name / "bundle").network()
     bad = CliRunner().invoke(main, ["expand", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "neither a zoo model" in bad.output
 

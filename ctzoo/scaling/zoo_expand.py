@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 FORMAT = "ctzoo-expanded/1"
 #: LEMON holds the relative output difference of an expanded model to float rounding; we check 1e-5.
 TOLERANCE = 1e-5
+#: The expansion method, recorded with every expansion: 2 = circular copies with the readers' columns projected
+#: and identity branches ending in their zeroed norm (method 1, before it, gave other structures and dead ReLUs).
+#: The structure is rebuilt by expanding the source again, so a record of another method cannot be rebuilt.
+EXPANSION_METHOD = 2
 
 
 class ExpansionInit(StrictConfig):
@@ -211,7 +215,8 @@ def expand_source(source: SourceModel, width_mult: float, depth_add: int, seed: 
 def save_expanded(path: Path, source: SourceModel, expanded: nn.Module, report: ExpansionReport, seed: int,
                   checks: dict[str, tuple[float, float]]) -> None:
     payload = {"format": FORMAT, "source": source.description, "architecture": source.architecture,
-               "expansion": {"width_mult": report.width_mult, "depth_add": report.depth_add, "seed": seed},
+               "expansion": {"width_mult": report.width_mult, "depth_add": report.depth_add, "seed": seed,
+                             "method": EXPANSION_METHOD},
                "example_shapes": [list(t.shape) for t in source.example_inputs],
                "model": expanded.state_dict(), "report": report.as_dict(),
                "checks": {k: {"max_abs_diff": a, "max_rel_diff": r} for k, (a, r) in checks.items()}}
@@ -238,7 +243,8 @@ def save_expanded_bundle(folder: Path, source_name: str, expanded: nn.Module, re
                                    "limitations": [how, *card.limitations]})
     record = {"kind": "lemon", "architecture": {"builder": "bundle",
                                                 "network": bundle.network_def.model_dump(mode="json")},
-              "expansion": {"width_mult": report.width_mult, "depth_add": report.depth_add, "seed": seed}}
+              "expansion": {"width_mult": report.width_mult, "depth_add": report.depth_add, "seed": seed,
+                             "method": EXPANSION_METHOD}}
     # the source's templates embedded by the expanded network: embeddings belong to the weights that computed them,
     # and a wider network embeds into more features than the source's bank holds
     bank = bundle.template_bank.embedded_by(expanded) if bundle.template_bank is not None else None
@@ -249,8 +255,12 @@ def save_expanded_bundle(folder: Path, source_name: str, expanded: nn.Module, re
 def expanded_structure(record: dict[str, Any]) -> nn.Module:
     """The expanded network ``record`` (``{"architecture": ..., "expansion": ...}``) describes, with fresh
     weights: the source architecture rebuilt and expanded again (the expansion is deterministic)."""
-    source = build_architecture(record["architecture"])
     expansion = record["expansion"]
+    if expansion.get("method") != EXPANSION_METHOD:
+        raise ValueError(f"this model was expanded by an earlier ctzoo (expansion method {expansion.get('method', 1)}"
+                         f", this ctzoo rebuilds method {EXPANSION_METHOD}): its weights do not fit the structure "
+                         "rebuilt now; expand the source again with ctzoo expand")
+    source = build_architecture(record["architecture"])
     model, _ = expand_model(source, _example_inputs(source, torch.Generator().manual_seed(0)),
                             expansion["width_mult"], expansion["depth_add"], expansion["seed"])
     return model
