@@ -9,8 +9,11 @@ from typing import Any
 
 import torch
 
-from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing, deeplesion_dataloader, deeplesion_dataset
-from ctzoo.datasets.keypoint_transforms import recist_eval_transforms
+from ctzoo.datasets.deeplesion.dataset import (
+    SlicePreprocessing,
+    deeplesion_dataloader,
+    deeplesion_dataset,
+)
 from ctzoo.models.recistnet import RecistNet
 from ctzoo.scaling.zoo_expand import checkpoint_network
 from ctzoo.training.calibration import (
@@ -21,7 +24,11 @@ from ctzoo.training.calibration import (
 )
 from ctzoo.training.engine import pick_device
 from ctzoo.training.froc import FrocResult, plot_froc
-from ctzoo.training.recistnet_task import evaluate_decodings, load_train_config
+from ctzoo.training.recistnet_task import (
+    eval_transforms,
+    evaluate_decodings,
+    load_train_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,8 @@ def evaluate_recistnet(config: Path, out: Path, split: str = "test", checkpoint:
     passes; the first one's detections are written, its reliability (ECE) and operating points (score thresholds
     at 0.125 to 2 FPs per image) go into ``froc.json`` beside every mode's FROC. Detections are given in the
     evaluated image frame (resampled to the config's spacing, padded or cropped to ``eval_size``), with the key
-    slice's File_name.
+    slice's File_name. A lesion whose centre the crop cuts off counts as missed (DeepLesion scores every lesion of
+    every key slice), so an ``eval_size`` smaller than the resampled slices lowers the sensitivity, with a warning.
     """
     cfg = load_train_config(config, data_root)
     dev = pick_device(device)
@@ -79,12 +87,15 @@ def evaluate_recistnet(config: Path, out: Path, split: str = "test", checkpoint:
     if differences := _differences(cfg.data, own):
         log.warning("scoring with the model's own preprocessing, not the config's: %s", differences)
     data = cfg.data.model_copy(update=own.model_dump())
-    dataset = deeplesion_dataset(data, split, transform=recist_eval_transforms(cfg.eval_size),
+    dataset = deeplesion_dataset(data, split, transform=eval_transforms(cfg.eval_size),
                                  lesion_free_per_series=lesion_free_per_series)
     loader = deeplesion_dataloader(dataset, batch_size=4, shuffle=False, num_workers=0)
     scored = evaluate_decodings(model, loader, dev, tuple(dict.fromkeys(decodes)), cfg.max_lesions, cfg.min_score)
     primary = decodes[0]
     result, detections, truth = scored[primary]
+    if result.num_off_image:
+        log.warning("%d of %d lesions lie off the %s x %s evaluation image (eval_size smaller than the resampled "
+                    "slice) and count as missed", result.num_off_image, result.num_lesions, *cfg.eval_size)
     scores, correct = detection_correctness(detections, truth)
     calibration = reliability(scores, correct, min_score=0.05)
     source = str(checkpoint or model_name)
