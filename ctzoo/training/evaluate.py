@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ctzoo.config import field_differences, recorded_fields
 from ctzoo.datasets.deeplesion.dataset import (
     SlicePreprocessing,
     deeplesion_dataloader,
@@ -46,20 +47,11 @@ def load_recistnet(checkpoint: Path | None, model_name: str | None, preprocessin
         return create_model(model_name, pretrained=True).to(device).eval(), own
     state = torch.load(checkpoint, map_location=device, weights_only=False)
     saved = state.get("train_config", {})
-    fields = SlicePreprocessing.model_fields
-    own = SlicePreprocessing.model_validate({**{k: getattr(preprocessing, k) for k in fields},
-                                             **{k: v for k, v in saved.get("data", {}).items() if k in fields}})
+    own = recorded_fields(SlicePreprocessing, saved.get("data", {}), preprocessing)
     model = checkpoint_network(state, lambda: RecistNet(in_channels=own.in_channels,
                                                         **saved.get("model", model_cfg)))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), own
-
-
-def _differences(config: SlicePreprocessing, own: SlicePreprocessing) -> str:
-    """What of the eval config's preprocessing the model's own overrides, as "field: own (config: value)"."""
-    mine, theirs = own.model_dump(), config.model_dump()
-    return "; ".join(f"{k}: {mine[k]} (config: {theirs[k]})" for k in SlicePreprocessing.model_fields
-                     if mine[k] != theirs[k])
 
 
 def evaluate_recistnet(config: Path, out: Path, split: str = "test", checkpoint: Path | None = None,
@@ -84,7 +76,7 @@ def evaluate_recistnet(config: Path, out: Path, split: str = "test", checkpoint:
     cfg = load_train_config(config, data_root)
     dev = pick_device(device)
     model, own = load_recistnet(checkpoint, model_name, cfg.data, cfg.model.model_dump(), dev)
-    if differences := _differences(cfg.data, own):
+    if differences := field_differences(cfg.data, own):
         log.warning("scoring with the model's own preprocessing, not the config's: %s", differences)
     data = cfg.data.model_copy(update=own.model_dump())
     dataset = deeplesion_dataset(data, split, transform=eval_transforms(cfg.eval_size),
