@@ -55,3 +55,18 @@ def load_config(path: str | Path, model: type[ConfigT]) -> ConfigT:
     except ValidationError as exc:
         problems = [f"{path}: {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()]
         raise ConfigError("invalid config\n" + "\n".join(problems)) from exc
+
+
+def recorded_fields(kind: type[ConfigT], recorded: dict[str, Any], fallback: ConfigT) -> ConfigT:
+    """A ``kind`` config from the fields of ``kind`` that ``recorded`` holds (a checkpoint's dumped config section,
+    which may hold more), each field it lacks taken from ``fallback`` (an older checkpoint recorded fewer)."""
+    fields = kind.model_fields
+    return kind.model_validate({**{k: getattr(fallback, k) for k in fields},
+                                **{k: v for k, v in recorded.items() if k in fields}})
+
+
+def field_differences(config: BaseModel, own: BaseModel) -> str:
+    """Where ``config`` differs from ``own`` (the same model type), as "field: own (config: value); ..."; "" when
+    nowhere. For the warning that a model is scored with its own preprocessing, not the config's."""
+    mine, theirs = own.model_dump(mode="json"), config.model_dump(mode="json")
+    return "; ".join(f"{k}: {mine[k]} (config: {theirs[k]})" for k in type(own).model_fields if mine[k] != theirs[k])

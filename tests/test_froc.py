@@ -216,3 +216,27 @@ def test_plot_froc_writes_a_png_atomically(tmp_path, monkeypatch):
         plot_froc(result, tmp_path / "failed.png")
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["one.png", "two.png"]
     assert isinstance(result, FrocResult)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_box_is_refused_naming_its_image(bad):
+    # a NaN IoU is neither >= nor < the threshold: such a detection would be neither hit nor FP, i.e. free
+    gts = [_gt([A]), _gt([C])]
+    detections = [_det([A], [0.5]), _det([[bad, 50, 60, 60], C], [0.9, 0.4])]
+    with pytest.raises(ValueError, match=r"detections\[1\]: box 0 has a non-finite coordinate"):
+        froc(detections, gts)
+    with pytest.raises(ValueError, match=r"detections\[1\]"):
+        froc_curve(detections, gts)
+
+
+def test_lesions_off_the_evaluated_image_count_as_missed():
+    gts = [{**_gt([A]), "off_image": 1}, {**_gt(np.zeros((0, 4))), "off_image": 2}]
+    result = froc([_det([A], [0.9]), _det(np.zeros((0, 4)), [])], gts)
+    assert result.num_lesions == 4 and result.num_off_image == 3 and result.num_lesion_free == 0
+    assert result.sensitivities == [0.25] * 6
+    assert "4 lesions (3 off the evaluated image, missed)" in result.table()
+    assert result.to_dict()["num_off_image"] == 3
+    everything_off = froc([_det([A], [0.9])], [{**_gt(np.zeros((0, 4))), "off_image": 1}])
+    assert everything_off.sensitivities == [0.0] * 6 and everything_off.num_detections == 1
+    with pytest.raises(ValueError, match=r"ground_truth\[0\]: off_image must be a count"):
+        froc([_det([A], [0.9])], [{**_gt([A]), "off_image": -1}])

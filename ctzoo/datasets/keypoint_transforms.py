@@ -69,6 +69,7 @@ __all__ = [
 WORLD_SUFFIX = "_world"  # (N, 5, 2) world coordinates while the image transforms run
 SOURCE_AFFINE_SUFFIX = "_source_affine"  # (4, 4) float64 affine of the frame the keypoints came in
 KEEP_SUFFIX = "_keep"  # (N,) bool: the lesion's centre has been on the image after every spatial transform
+OFF_IMAGE_SUFFIX = "_off_image"  # int: lesions dropped because their centre left the image (evaluation: missed)
 
 # The intensity augmentation of both training modes (here and ctzoo.datasets.batch_augment), for an image
 # normalised to about [0, 1]: x (1 + U(-0.1, 0.1)), + U(-0.05, 0.05), + N(0, U(0, 0.01)), each with its probability.
@@ -179,7 +180,10 @@ class KeypointsToImaged(MapTransform):
     Out: ``keypoints`` (M, 5, 2), M <= N lesions whose centre is on the image, in the input's type and
     dtype; ``boxes`` (M, 4) (end points' box padded by ``box_pad`` original pixels: times the sample's ``scale``,
     if it has one, and the zoom) and
-    ``diameters_px`` (M, 2) recomputed when present; other ``lesion_keys`` (first axis N) cut to the same M.
+    ``diameters_px`` (M, 2) recomputed when present; other ``lesion_keys`` (first axis N) cut to the same M;
+    ``keypoints_off_image`` the count N - M of lesions dropped (an evaluation scores them as missed).
+    Every per-lesion key of the sample other than those must be named in ``lesion_keys``, or its rows no longer
+    match the keypoints' once a lesion is dropped.
     """
 
     def __init__(
@@ -202,6 +206,7 @@ class KeypointsToImaged(MapTransform):
         world, keep = d.pop(self.keypoints_key + WORLD_SUFFIX), d.pop(self.keypoints_key + KEEP_SUFFIX)
         # A flip or rotation can swap which end is left, so the pair order is re-derived from the geometry.
         points = canonical_order(_world_to_pixels(world, affine).numpy())[keep]
+        d[self.keypoints_key + OFF_IMAGE_SUFFIX] = int((~keep).sum())
         d[self.keypoints_key] = convert_to_dst_type(points, d[self.keypoints_key])[0]
         if self.boxes_key in d:
             # box_pad is in original DeepLesion pixels; the loader's "scale" says how many loaded pixels that is
@@ -343,7 +348,9 @@ def recist_eval_transforms(
 ) -> Compose:
     """Deterministic centred pad/crop to ``spatial_size``.
 
-    In: image (C, H, W), keypoints (N, 5, 2). Out: image MetaTensor (C, *spatial_size), keypoints (M, 5, 2).
+    In: image (C, H, W), keypoints (N, 5, 2). Out: image MetaTensor (C, *spatial_size), keypoints (M, 5, 2)
+    (plus boxes, diameters_px, ``lesion_keys`` cut to M, and ``keypoints_off_image`` = N - M: lesions whose centre
+    the crop cut off, which an evaluation must count as missed).
     """
     resize = ResizeWithPadOrCropd([image_key], spatial_size=spatial_size)
     return keypoint_pipeline([resize], (), image_key, keypoints_key, lesion_keys, box_pad)

@@ -9,8 +9,12 @@ from typing import Any
 
 import torch
 
-from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing, deeplesion_dataloader, deeplesion_dataset
-from ctzoo.datasets.keypoint_transforms import recist_eval_transforms
+from ctzoo.config import field_differences, recorded_fields
+from ctzoo.datasets.deeplesion.dataset import (
+    SlicePreprocessing,
+    deeplesion_dataloader,
+    deeplesion_dataset,
+)
 from ctzoo.models.recistnet import RecistNet
 from ctzoo.scaling.zoo_expand import checkpoint_network
 from ctzoo.training.calibration import (
@@ -21,7 +25,11 @@ from ctzoo.training.calibration import (
 )
 from ctzoo.training.engine import pick_device
 from ctzoo.training.froc import FrocResult, plot_froc
-from ctzoo.training.recistnet_task import evaluate_decodings, load_train_config
+from ctzoo.training.recistnet_task import (
+    eval_transforms,
+    evaluate_decodings,
+    load_train_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +47,11 @@ def load_recistnet(checkpoint: Path | None, model_name: str | None, preprocessin
         return create_model(model_name, pretrained=True).to(device).eval(), own
     state = torch.load(checkpoint, map_location=device, weights_only=False)
     saved = state.get("train_config", {})
-    fields = SlicePreprocessing.model_fields
-    own = SlicePreprocessing.model_validate({**{k: getattr(preprocessing, k) for k in fields},
-                                             **{k: v for k, v in saved.get("data", {}).items() if k in fields}})
+    own = recorded_fields(SlicePreprocessing, saved.get("data", {}), preprocessing)
     model = checkpoint_network(state, lambda: RecistNet(in_channels=own.in_channels,
                                                         **saved.get("model", model_cfg)))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), own
-
-
-def _differences(config: SlicePreprocessing, own: SlicePreprocessing) -> str:
-    """What of the eval config's preprocessing the model's own overrides, as "field: own (config: value)"."""
-    mine, theirs = own.model_dump(), config.model_dump()
-    return "; ".join(f"{k}: {mine[k]} (config: {theirs[k]})" for k in SlicePreprocessing.model_fields
-                     if mine[k] != theirs[k])
 
 
 def evaluate_recistnet(config: Path, out: Path, split: str = "test", checkpoint: Path | None = None,
@@ -71,20 +70,24 @@ def evaluate_recistnet(config: Path, out: Path, split: str = "test", checkpoint:
     passes; the first one's detections are written, its reliability (ECE) and operating points (score thresholds
     at 0.125 to 2 FPs per image) go into ``froc.json`` beside every mode's FROC. Detections are given in the
     evaluated image frame (resampled to the config's spacing, padded or cropped to ``eval_size``), with the key
-    slice's File_name.
+    slice's File_name. A lesion whose centre the crop cuts off counts as missed (DeepLesion scores every lesion of
+    every key slice), so an ``eval_size`` smaller than the resampled slices lowers the sensitivity, with a warning.
     """
     cfg = load_train_config(config, data_root)
     dev = pick_device(device)
     model, own = load_recistnet(checkpoint, model_name, cfg.data, cfg.model.model_dump(), dev)
-    if differences := _differences(cfg.data, own):
+    if differences := field_differences(cfg.data, own):
         log.warning("scoring with the model's own preprocessing, not the config's: %s", differences)
     data = cfg.data.model_copy(update=own.model_dump())
-    dataset = deeplesion_dataset(data, split, transform=recist_eval_transforms(cfg.eval_size),
+    dataset = deeplesion_dataset(data, split, transform=eval_transforms(cfg.eval_size),
                                  lesion_free_per_series=lesion_free_per_series)
     loader = deeplesion_dataloader(dataset, batch_size=4, shuffle=False, num_workers=0)
     scored = evaluate_decodings(model, loader, dev, tuple(dict.fromkeys(decodes)), cfg.max_lesions, cfg.min_score)
     primary = decodes[0]
     result, detections, truth = scored[primary]
+    if result.num_off_image:
+        log.warning("%d of %d lesions lie off the %s x %s evaluation image (eval_size smaller than the resampled "
+                    "slice) and count as missed", result.num_off_image, result.num_lesions, *cfg.eval_size)
     scores, correct = detection_correctness(detections, truth)
     calibration = reliability(scores, correct, min_score=0.05)
     source = str(checkpoint or model_name)

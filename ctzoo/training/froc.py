@@ -9,6 +9,8 @@ Reference: ``rsummers11/CADLab`` ``lesion_detector_3DCE/rcnn/utils/evaluation.py
   with every GT of its image is below it (or whose image has no GT) is a false positive (FP); one that
   overlaps only already-hit GTs is *neither*.
 * Sensitivity = hit GTs / all GTs; FP rate = FPs / number of images (lesion-free images included).
+  A GT that was cut off the evaluated image (``off_image``) has no box and counts as missed: DeepLesion
+  scores every lesion of every key slice.
 * Sensitivity at the report points [0.5, 1, 2, 4, 8, 16] FPs/image comes from ``scipy`` ``interp1d``
   on the (FP rate, sensitivity) curve, exactly as MULAN's ``sens_at_FP`` (see :func:`sensitivity_at`);
   MULAN also reports the mean over 0.5-4.
@@ -66,6 +68,9 @@ def _pool(detections: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         s = np.asarray(det.get("scores", ()), dtype=np.float64).reshape(-1)
         if len(s) != len(b) or not np.all(np.isfinite(s)):
             raise ValueError(f"detections[{i}]: need one finite score per box ({len(b)} boxes, {len(s)} scores)")
+        if not np.all(np.isfinite(b)):  # a NaN IoU is neither >= nor < the threshold: neither hit nor FP
+            bad = int(np.flatnonzero(~np.isfinite(b).all(axis=1))[0])
+            raise ValueError(f"detections[{i}]: box {bad} has a non-finite coordinate ({b[bad].tolist()})")
         images.append(np.full(len(b), i, dtype=np.int64))
         indices.append(np.arange(len(b), dtype=np.int64))
         boxes.append(b)
@@ -91,7 +96,7 @@ def froc_curve(detections: list[dict], ground_truth: list[dict], iou_threshold: 
     if len(detections) != len(ground_truth):
         raise ValueError(f"{len(detections)} detection entries but {len(ground_truth)} ground-truth entries")
     gts = [_as_boxes(g.get("boxes", ()), f"ground_truth[{i}]") for i, g in enumerate(ground_truth)]
-    num_gt = sum(len(g) for g in gts)
+    num_gt = sum(len(g) for g in gts) + sum(_off_image(g, i) for i, g in enumerate(ground_truth))
     if num_gt == 0:
         raise ValueError("ground truth has no lesion: sensitivity is undefined")
     hit = [np.zeros(len(g), dtype=bool) for g in gts]
@@ -112,6 +117,14 @@ def froc_curve(detections: list[dict], ground_truth: list[dict], iou_threshold: 
         tps.append(n_hits)
         fps.append(n_fp)
     return np.asarray(fps, dtype=float) / len(gts), np.asarray(tps, dtype=float) / num_gt, hits
+
+
+def _off_image(truth: dict, i: int) -> int:
+    """How many lesions of image ``i`` were cut off the evaluated image (``off_image``, default 0): missed."""
+    count = truth.get("off_image", 0)
+    if int(count) != count or count < 0:
+        raise ValueError(f"ground_truth[{i}]: off_image must be a count >= 0, got {count!r}")
+    return int(count)
 
 
 def sensitivity_at(curve_fps: np.ndarray, curve_sens: np.ndarray, fps) -> np.ndarray:
@@ -174,6 +187,7 @@ class FrocResult:
     iou_threshold: float = 0.5
     num_detections: int = 0
     num_lesion_free: int = 0  # images without a lesion (DeepLesion's key-slice protocol has none)
+    num_off_image: int = 0  # lesions cut off the evaluated image: in num_lesions, counted as missed
 
     def table(self) -> str:
         """An aligned text table: sensitivity (%) at each report point, the 0.5-4 mean, axis errors."""
@@ -181,8 +195,9 @@ class FrocResult:
         cells = [f"{100 * s:.2f}" for s in self.sensitivities] + [f"{100 * self.mean_sensitivity_0p5_to_4:.2f}"]
         widths = [max(len(h), len(c)) for h, c in zip(heads, cells)]
         lesion_free = f" ({self.num_lesion_free} lesion-free)" if self.num_lesion_free else ""
+        off_image = f" ({self.num_off_image} off the evaluated image, missed)" if self.num_off_image else ""
         lines = [f"FROC, IoU >= {self.iou_threshold:g}: {self.num_images} images{lesion_free}, {self.num_lesions} "
-                 f"lesions, {self.num_detections} detections",
+                 f"lesions{off_image}, {self.num_detections} detections",
                  "FPs per image    " + "  ".join(h.rjust(w) for h, w in zip(heads, widths)),
                  "Sensitivity (%)  " + "  ".join(c.rjust(w) for c, w in zip(cells, widths))]
         ax = self.axis_errors_mm
@@ -202,7 +217,7 @@ class FrocResult:
                 "num_images": int(self.num_images), "num_lesions": int(self.num_lesions),
                 "axis_errors_mm": {k: clean(v) for k, v in self.axis_errors_mm.items()},
                 "iou_threshold": float(self.iou_threshold), "num_detections": int(self.num_detections),
-                "num_lesion_free": int(self.num_lesion_free)}
+                "num_lesion_free": int(self.num_lesion_free), "num_off_image": int(self.num_off_image)}
 
 
 def froc(detections: list[dict], ground_truth: list[dict], iou_threshold: float = 0.5, fps=REPORT_FPS,
@@ -211,8 +226,10 @@ def froc(detections: list[dict], ground_truth: list[dict], iou_threshold: float 
 
     ``detections[i]`` / ``ground_truth[i]`` describe test image i (same order, same length):
     ``{"boxes": (D, 4) x1, y1, x2, y2, "scores": (D,), "diameters_mm": (D, 2) long, short (optional)}``
-    and ``{"boxes": (G, 4), "diameters_mm": (G, 2) (optional)}``. Images without lesions (G = 0) are
-    allowed and count in the FP-rate denominator (number of images); each of their detections is a FP.
+    and ``{"boxes": (G, 4), "diameters_mm": (G, 2) (optional), "off_image": int (optional)}``, ``off_image`` the
+    image's lesions cut off the evaluated image: missed, in the sensitivity denominator. Images without lesions
+    (G = 0, none off the image) are allowed and count in the FP-rate denominator (number of images); each of
+    their detections is a FP.
     DeepLesion's official test set has none, nor do ctzoo's val and test sets unless asked for. Raises
     ValueError when there is no lesion at all. Ties in score keep image order, then detection order (a stable sort;
     NIH's ``argsort()[::-1]`` leaves tie order unspecified). ``match``: see :func:`froc_curve`.
@@ -220,7 +237,8 @@ def froc(detections: list[dict], ground_truth: list[dict], iou_threshold: float 
     """
     curve_fps, curve_sens, hits = froc_curve(detections, ground_truth, iou_threshold, match)
     report = sensitivity_at(curve_fps, curve_sens, fps)
-    lesions_per_image = [len(_as_boxes(g.get("boxes", ()), "gt")) for g in ground_truth]
+    off_image = [_off_image(g, i) for i, g in enumerate(ground_truth)]
+    lesions_per_image = [len(_as_boxes(g.get("boxes", ()), "gt")) + off for g, off in zip(ground_truth, off_image)]
     return FrocResult(
         fps_per_image=[float(f) for f in np.asarray(fps, dtype=float).reshape(-1)],
         sensitivities=[float(s) for s in report],
@@ -228,7 +246,7 @@ def froc(detections: list[dict], ground_truth: list[dict], iou_threshold: float 
         curve_fps=curve_fps, curve_sensitivity=curve_sens, num_images=len(ground_truth),
         num_lesions=sum(lesions_per_image), axis_errors_mm=_axis_errors(hits, detections, ground_truth),
         iou_threshold=float(iou_threshold), num_detections=len(curve_fps) - 1,
-        num_lesion_free=lesions_per_image.count(0))
+        num_lesion_free=lesions_per_image.count(0), num_off_image=sum(off_image))
 
 
 def plot_froc(result, path: str | Path) -> Path:

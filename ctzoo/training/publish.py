@@ -153,21 +153,23 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
     """Publish ``run_dir/template_seg/best.pt`` (``last.pt`` without one; a ``ctzoo train
     configs/template_seg_*.yaml`` run) as zoo model ``name`` with its template bank (the training slices, embedded
     by these weights) and a card holding the test metrics of ``run_dir/comparison.json``: the model's Dice per
-    class and HD95, and the same-budget UNet's and the template copy's mean Dice for comparison.
+    class and HD95, and the same-budget UNet's and the template copy's mean Dice for comparison. The template bank and
+    the card's ``input_spec`` follow the checkpoint's preprocessing (a warning names where ``config`` differs).
 
     ``description`` (default: the registered model's), ``notes`` (the training table's), ``extra_metrics`` (added
     to the measured ones) and ``limitations`` (default :data:`SEG_LIMITATIONS`) are for a model not registered
     in the zoo, e.g. a searched architecture (:func:`ctzoo.nas.handoff.export_candidate`)."""
     from ctzoo.datasets.segmentation_slices import case_to_slices, template_set
     from ctzoo.models.template_bank import TemplateBank
-    from ctzoo.training.template_seg_task import load_seg_config, load_seg_data, load_seg_model
+    from ctzoo.training.template_seg_task import load_seg_config, load_seg_data, load_seg_model, trained_preprocessing
 
     cfg = load_seg_config(config, data_root)
     data = load_seg_data(cfg.data)
-    prep, names = cfg.data.preprocessing, data.class_names
     run_dir = Path(run_dir)
     checkpoint = run_dir / "template_seg" / "best.pt"
     checkpoint = checkpoint if checkpoint.exists() else checkpoint.with_name("last.pt")
+    # the bank and the card's input_spec: the slices the weights learnt from, whatever the publish config says
+    prep, names = trained_preprocessing(cfg, checkpoint), data.class_names
     model = load_seg_model(cfg, checkpoint, len(names))
     comparison = json.loads((run_dir / "comparison.json").read_text())
     clean = {row["model"]: row for row in comparison["rows"] if row["condition"] == "clean"}

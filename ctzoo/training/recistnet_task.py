@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,7 @@ from ctzoo.datasets.deeplesion.recist import (
     diameters,
 )
 from ctzoo.datasets.keypoint_transforms import (
+    OFF_IMAGE_SUFFIX,
     recist_eval_transforms,
     recist_train_transforms,
 )
@@ -42,8 +44,11 @@ from ctzoo.training.froc import FrocResult, froc
 from ctzoo.training.hard_negatives import HardNegativeConfig, HardNegativeMiner, focus_size
 from ctzoo.training.resume_check import DATA_FILES
 
-#: Per-lesion keys the augmentation filters together with the keypoints.
-_AUGMENTED_LESION_KEYS = tuple(k for k in LESION_KEYS if k not in ("keypoints", "boxes", "diameters_px"))
+log = logging.getLogger(__name__)
+
+#: Per-lesion keys the augmentation and the evaluation crop filter together with the keypoints (the boxes and
+#: diameters_px they recompute).
+_CARRIED_LESION_KEYS = tuple(k for k in LESION_KEYS if k not in ("keypoints", "boxes", "diameters_px"))
 
 
 #: Why training never scores the test split (``eval_split``), and what does.
@@ -121,6 +126,13 @@ def example_images(cfg: RecistNetTrainConfig, batch_size: int, training: bool = 
     return (torch.randn(batch_size, cfg.data.in_channels, *size),)
 
 
+def eval_transforms(eval_size: tuple[int, int]):
+    """The evaluation's centred pad/crop to ``eval_size`` (training's validation and ``ctzoo eval``). Every
+    per-lesion key is cut with the keypoints, so each box keeps its own ``diameters_mm``; a lesion whose centre the
+    crop cuts off is counted (``keypoints_off_image``) and :func:`evaluate_decodings` scores it as missed."""
+    return recist_eval_transforms(eval_size, lesion_keys=_CARRIED_LESION_KEYS)
+
+
 def predicted_boxes(points: torch.Tensor, scale: float) -> np.ndarray:
     """Boxes as DeepLesion draws them: the end points' box padded by 5 original pixels (``scale`` px now)."""
     return box_from_points(points.detach().cpu().numpy().astype(np.float64), DEEPLESION_BOX_PAD * scale)
@@ -131,7 +143,8 @@ def evaluate_detector(model: RecistNet, loader, device: torch.device, max_lesion
     """Run ``model`` over ``loader``, group with ``decode`` and score it with DeepLesion's FROC protocol.
 
     Returns the FROC result, per image its detections (points, scores, padded boxes, diameters in mm) and
-    per image its truth (boxes, diameters in mm).
+    per image its truth (boxes, diameters in mm, and ``off_image``: the lesions a crop cut off the image, which
+    count as missed).
     """
     return evaluate_decodings(model, loader, device, (decode,), max_lesions, min_score)[decode]
 
@@ -154,7 +167,7 @@ def evaluate_decodings(model: RecistNet, loader, device: torch.device, decodes: 
                 found = model.group(outputs, max_lesions=max_lesions, score_threshold=min_score, decode=mode)
                 detections[mode] += [_image_detections(batch, k, result) for k, result in enumerate(found)]
             for k, (boxes, mm) in enumerate(zip(batch["boxes"], batch["diameters_mm"])):
-                entry = {"boxes": boxes.numpy().reshape(-1, 4), "diameters_mm": mm.numpy().reshape(-1, 2)}
+                entry = _image_truth(batch, k, boxes, mm)
                 if pool_features:
                     entry["features"] = pool_box_features(features[k].float(), boxes.reshape(-1, 4),
                                                           model.down_ratio).cpu().numpy()
@@ -162,6 +175,16 @@ def evaluate_decodings(model: RecistNet, loader, device: torch.device, decodes: 
                         entry["lesion_index"] = batch["lesion_index"][k].numpy().reshape(-1)
                 truth.append(entry)
     return {mode: (froc(found, truth), found, truth) for mode, found in detections.items()}
+
+
+def _image_truth(batch: dict[str, Any], k: int, boxes: torch.Tensor, mm: torch.Tensor) -> dict[str, Any]:
+    """Image ``k``'s truth: boxes, diameters in mm row by row, and the lesions cut off it (scored as missed)."""
+    boxes, mm = boxes.numpy().reshape(-1, 4), mm.numpy().reshape(-1, 2)
+    if len(boxes) != len(mm):  # a transform cut one per-lesion key and not the other
+        raise ValueError(f"{batch['file_name'][k]}: {len(boxes)} boxes but {len(mm)} diameters_mm rows; cut every "
+                         "per-lesion key with the keypoints (eval_transforms)")
+    off_image = batch.get("keypoints" + OFF_IMAGE_SUFFIX)
+    return {"boxes": boxes, "diameters_mm": mm, "off_image": 0 if off_image is None else int(off_image[k])}
 
 
 def _image_detections(batch: dict[str, Any], k: int, result: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -198,7 +221,7 @@ class RecistNetTask:
         on_device = augment.resample_on == "device"
         shared = dict(spatial_size=cfg.train_size, flip_prob=augment.flip_prob,
                       rotate_range_deg=augment.rotate_range_deg, scale_range=augment.scale_range,
-                      intensity=augment.intensity, lesion_keys=_AUGMENTED_LESION_KEYS)
+                      intensity=augment.intensity, lesion_keys=_CARRIED_LESION_KEYS)
         if on_device:  # the loader reads HU planes (only the window's part) and draws; the device does the rest
             focus = None if cfg.hard_negatives is None else focus_size(cfg.hard_negatives, cfg.train_size)
             self.train_transform = recist_batch_train_transforms(**shared, preprocessing=cfg.data, focus_size=focus)
@@ -212,8 +235,11 @@ class RecistNetTask:
             self.train_set = ConcatDataset([self.train_set] * cfg.repeats)
         self.miner = None if cfg.hard_negatives is None else HardNegativeMiner(
             cfg.hard_negatives, cfg.data, self.train_transform, cfg.train_size, augment.resample_on)
+        if min(cfg.eval_size) < cfg.data.max_size:
+            log.warning("eval_size %s is smaller than a resampled slice may be (max_size %d): lesions the validation "
+                        "crop cuts off count as missed", list(cfg.eval_size), cfg.data.max_size)
         self.eval_set = deeplesion_dataset(cfg.data, cfg.eval_split, cache=cfg.cache,
-                                           transform=recist_eval_transforms(cfg.eval_size))
+                                           transform=eval_transforms(cfg.eval_size))
         self.loader = KeptLoader()
 
     def build_model(self) -> nn.Module:

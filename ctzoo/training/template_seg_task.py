@@ -24,7 +24,7 @@ from monai.networks.nets import UNet
 from pydantic import Field, model_validator
 from torch import nn
 
-from ctzoo.config import StrictConfig, load_config
+from ctzoo.config import StrictConfig, field_differences, load_config, recorded_fields
 from ctzoo.datasets.seg_preprocessing import SegPreprocessing
 from ctzoo.datasets.segmentation import (
     ABDOMEN_CLASSES,
@@ -263,6 +263,19 @@ def load_seg_model(cfg: TemplateSegTrainConfig, checkpoint: str | Path, num_clas
     return model.eval()
 
 
+def trained_preprocessing(cfg: TemplateSegTrainConfig, checkpoint: str | Path) -> SegPreprocessing:
+    """The preprocessing the model of ``checkpoint`` was trained with: its recorded ``task_config``'s, each field it
+    does not record from ``cfg``. Where ``cfg`` says otherwise a warning names what differs: a model scored (or
+    published) on slices of another spacing, size or window than it learnt from would lose its Dice without a word.
+    """
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    recorded = state.get("task_config", {}).get("data", {})
+    own = recorded_fields(SegPreprocessing, recorded, cfg.data.preprocessing)
+    if differences := field_differences(cfg.data.preprocessing, own):
+        log.warning("%s: using the checkpoint's own preprocessing, not the config's: %s", checkpoint, differences)
+    return own
+
+
 def _write_json(document: dict[str, Any], path: Path) -> None:
     with atomic_path(path) as partial:  # json has no NaN: write null
         partial.write_text(json.dumps(_jsonable(document), indent=2) + "\n")
@@ -282,19 +295,23 @@ def evaluate_template_seg(cfg: TemplateSegTrainConfig, out: str | Path, split: L
                           checkpoint: str | Path | None = None, device: str = "auto",
                           data: SegData | None = None) -> dict[str, Any]:
     """Dice/HD95 per class of a checkpoint on ``split``; writes ``out/metrics.json`` and ``out/overlay.png``
-    (the middle slice of the first case: predicted contours solid, true dashed). Returns the metrics."""
+    (the middle slice of the first case: predicted contours solid, true dashed). Returns the metrics.
+
+    The slices (and the template bank) are prepared as the model was trained: the checkpoint's preprocessing
+    (:func:`trained_preprocessing`, with a warning where ``cfg`` differs), which ``metrics.json`` records; ``cfg``
+    gives the data, classes, template count and batch size."""
     if checkpoint is None:
         raise ValueError("a checkpoint is needed (e.g. RUN/template_seg/best.pt)")
     out, dev = Path(out), pick_device(device)
     data = data or load_seg_data(cfg.data)
-    prep, names = cfg.data.preprocessing, data.class_names
+    prep, names = trained_preprocessing(cfg, checkpoint), data.class_names
     templates = template_set([case_to_slices(c, prep) for c in data.cases["train"]], len(names),
                              cfg.data.max_templates)
     model = load_seg_model(cfg, checkpoint, len(names))
     metrics = evaluate_segmenter(model, data.cases[split], prep, templates, dev, names,
                                  batch_size=cfg.eval_batch_size)
     metrics = {"split": split, "checkpoint": str(checkpoint), "model": type(model).__name__,
-               "parameters": count_parameters(model), **metrics}
+               "parameters": count_parameters(model), "preprocessing": prep.model_dump(mode="json"), **metrics}
     _write_json(metrics, out / "metrics.json")
     middle_slice_overlay({type(model).__name__: (model, False)}, data.cases[split][0], prep, templates, names, dev,
                          out / "overlay.png")

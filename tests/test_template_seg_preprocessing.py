@@ -1,0 +1,103 @@
+"""A template-segmenter checkpoint is scored and published with the preprocessing it was trained with (its recorded
+task_config), whatever the eval or publish config says, with a warning naming what differs."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import ctzoo.datasets.segmentation_slices as segmentation_slices
+import ctzoo.training.seg_evaluation as seg_evaluation
+import ctzoo.training.template_seg_task as template_seg_task
+from ctzoo.datasets.segmentation import SegCase
+from ctzoo.io import Volume
+from ctzoo.models.bundle import read_card
+from ctzoo.models.seg_networks import build_seg_model
+from ctzoo.training.publish import publish_template_seg
+from ctzoo.training.template_seg_task import (
+    SegData,
+    TemplateSegTrainConfig,
+    checkpoint_state,
+    evaluate_template_seg,
+    trained_preprocessing,
+)
+
+NAMES = ["a", "b"]
+TRAINED = {"spacing_mm": 3.0, "size": [32, 32], "window_hu": [-1000.0, 1000.0]}
+#: what an eval or publish config might say instead: another spacing and window, the same size
+OTHER = {"spacing_mm": 1.5, "size": [32, 32], "window_hu": [-200.0, 400.0]}
+
+
+def small_case(name: str) -> SegCase:
+    hu = np.full((3, 48, 48), -1000, np.float32)
+    hu[:, 10:38, 10:38] = 40
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[:, 15:25, 15:25] = 1
+    labels[:, 28:35, 28:35] = 2
+    return SegCase(name, Volume(hu, (1.0, 1.0, 3.0)), labels)
+
+
+@pytest.fixture()
+def trained_checkpoint(tmp_path):
+    """An (untrained) template segmenter whose checkpoint records TRAINED as its preprocessing."""
+    trained = TemplateSegTrainConfig.model_validate({"data": TRAINED, "model": {"channels": [8, 16]}})
+    path = tmp_path / "run" / "template_seg" / "best.pt"
+    path.parent.mkdir(parents=True)
+    model = build_seg_model(trained.model, len(NAMES))
+    torch.save({"model": model.state_dict(), "epoch": 0, **checkpoint_state(trained, NAMES)}, path)
+    return path
+
+
+def other_config() -> TemplateSegTrainConfig:
+    return TemplateSegTrainConfig.model_validate({"data": OTHER, "model": {"channels": [8, 16]}})
+
+
+def small_data() -> SegData:
+    return SegData({split: [small_case(split)] for split in ("train", "val", "test")}, NAMES)
+
+
+def test_the_checkpoints_preprocessing_wins_with_a_warning(trained_checkpoint, caplog):
+    with caplog.at_level(logging.WARNING):
+        own = trained_preprocessing(other_config(), trained_checkpoint)
+    assert own.model_dump(mode="json") == TRAINED
+    assert "spacing_mm: 3.0 (config: 1.5); window_hu: [-1000.0, 1000.0] (config: [-200.0, 400.0])" in caplog.text
+    caplog.clear()
+    same = TemplateSegTrainConfig.model_validate({"data": TRAINED, "model": {"channels": [8, 16]}})
+    assert trained_preprocessing(same, trained_checkpoint) == own and not caplog.text
+
+
+def test_ctzoo_eval_scores_with_the_checkpoints_preprocessing_and_records_it(trained_checkpoint, tmp_path,
+                                                                              monkeypatch):
+    used = []
+    resample = seg_evaluation.resample_slices
+
+    def spy(volume, prep, *args, **kwargs):
+        used.append(prep.model_dump(mode="json"))
+        return resample(volume, prep, *args, **kwargs)
+
+    monkeypatch.setattr(seg_evaluation, "resample_slices", spy)
+    metrics = evaluate_template_seg(other_config(), tmp_path / "eval", "test", trained_checkpoint, "cpu",
+                                    small_data())
+    assert used and all(prep == TRAINED for prep in used)
+    assert metrics["preprocessing"] == TRAINED
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["preprocessing"] == TRAINED
+
+
+def test_publish_states_the_preprocessing_the_weights_saw(trained_checkpoint, tmp_path, monkeypatch):
+    config = tmp_path / "publish.yaml"
+    config.write_text(json.dumps({"task": "template_seg", "data": OTHER, "model": {"channels": [8, 16]}}))
+    clean = {"model": "template_seg", "condition": "clean", "dice_a": 0.5, "dice_b": 0.5, "dice_mean": 0.5,
+             "hd95_mean": 3.0}
+    (tmp_path / "run" / "comparison.json").write_text(json.dumps({"rows": [clean]}))
+    monkeypatch.setattr(template_seg_task, "load_seg_data", lambda data: small_data())
+    banked = []
+    slices_of = segmentation_slices.case_to_slices
+    monkeypatch.setattr(segmentation_slices, "case_to_slices",
+                        lambda case, prep: banked.append(prep.model_dump(mode="json")) or slices_of(case, prep))
+    folder = publish_template_seg(tmp_path / "run", config, "seg-test", "0.0.1", target=tmp_path / "bundle",
+                                  description="a test bundle")
+    spec = read_card(folder).input_spec
+    assert {k: spec[k] for k in TRAINED} == TRAINED and spec["classes"] == NAMES
+    assert banked == [TRAINED]  # the template bank: the training slices as the weights saw them
