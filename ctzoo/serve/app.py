@@ -450,10 +450,13 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
         return perf
 
     @router.get("/v2/perf/anomalies")
-    async def perf_anomalies(limit: int = 50) -> dict:
+    async def perf_anomalies(limit: int = 50, request: str | None = None) -> dict:
+        """The latest anomalies; ``request``: a request's id (v2 ``id`` or X-Request-ID), hashed here with this
+        process's key, for only the anomalies that name it or have it in their window."""
         await run_in_threadpool(monitor().drain)  # the events of requests answered before this one are judged
         store = monitor().store
-        found = await run_in_threadpool(store.anomalies, max(1, min(limit, 1000))) if store else []
+        wanted = None if request is None else request_hash(request)
+        found = await run_in_threadpool(store.anomalies, max(1, min(limit, 1000)), wanted) if store else []
         return {"anomalies": found, "reduction": await run_in_threadpool(store.reduction) if store else None}
 
     @router.get("/v2/perf/stats")
