@@ -11,7 +11,8 @@ Routes (``{m}`` a model name; every model route also answers under ``/v2/models/
 ``GET  /v2/models/{m}/config``         a Triton-style configuration (with ctzoo.json under ``parameters``)
 ``POST /v2/models/{m}/infer``          inference: JSON tensors and/or the binary tensor data extension
 ``POST /v2/repository/index``          the served models (Triton's repository extension, read-only)
-``GET  /v2/perf/anomalies``             latest latency anomalies with their provenance windows (``perf`` on)
+``GET  /v2/perf/anomalies``             latest latency anomalies with their provenance windows (``perf`` on;
+                                       ``?request=ID``: those of one request, its id hashed here)
 ``GET  /v2/perf/stats``                 per-key latency statistics of the anomaly detector (``perf`` on)
 ``POST /v2/perf/profile?count=N``       deep-profile the next N anomalous model runs (``perf`` on)
 ``GET  /v2/perf/profiles/{id}``         a deep profile's Chrome trace (gzip JSON)
