@@ -87,3 +87,19 @@ def test_first_event_per_key_is_skipped_and_warm_up_is_not_judged():
     for _ in range(5):
         assert not detector.observe(KEY, 0.01).judged
     assert detector.observe(KEY, 0.01).judged
+
+
+@pytest.mark.parametrize("algorithm", ["hbos", "sstd"])
+def test_a_lasting_shift_is_flagged_for_a_bounded_number_of_events_and_then_learned(algorithm, caplog):
+    import logging
+
+    rng = np.random.default_rng(3)
+    config = DetectorConfig(algorithm=algorithm)
+    detector, key = AnomalyDetector(config), ("pacs", "1", "upload", "-", "17-32")
+    for seconds in 0.02 * rng.lognormal(0, 0.1, 2000):
+        detector.observe(key, float(seconds))
+    with caplog.at_level(logging.WARNING, logger="ctzoo.perf"):
+        shifted = [detector.observe(key, float(s)).anomalous for s in 0.08 * rng.lognormal(0, 0.1, 1000)]
+    assert config.relearn_after <= sum(shifted) <= 3 * config.relearn_after, sum(shifted)
+    assert sum(shifted[500:]) <= 5  # the new regime is normal now
+    assert any("learning it as its new regime" in r.getMessage() for r in caplog.records)

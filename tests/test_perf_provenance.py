@@ -93,3 +93,75 @@ def test_a_normal_sample_just_before_an_anomaly_is_in_its_window(tmp_path):
     [shown] = read_report_data(tmp_path / "perf.sqlite")["anomalies"]
     assert [event["context"]["i"] for event in shown["window"]] == expected
     assert store.reduction()["stored"] == len(store.rows("SELECT id FROM events")) == 2 + 1 + 10
+
+
+def test_a_locked_store_never_fails_the_monitored_work_and_is_switched_off_after_repeated_failures(tmp_path, caplog):
+    import logging
+    import sqlite3
+
+    from ctzoo.perf import ProvenanceStore
+    from ctzoo.perf.monitor import MAX_STORE_FAILURES
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "perf.sqlite"
+    monitor = PerfMonitor(ProvenanceStore(path, busy_timeout_s=0.05), DetectorConfig(algorithm="sstd"), role="test")
+    predict = event_key("m", "1", "predict", "cpu", 1)
+    for _ in range(100):
+        monitor.record(predict, float(rng.normal(0.05, 0.002)))
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another writer (a backup, a VACUUM) holds the lock
+    try:
+        with caplog.at_level(logging.WARNING, logger="ctzoo.perf"):
+            labels = [monitor.record(predict, 1.0) for _ in range(3 * MAX_STORE_FAILURES)]
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    assert all(label.anomalous for label in labels)  # judged all the same
+    assert monitor.store_disabled is not None and monitor.overhead()["store_errors"] == MAX_STORE_FAILURES
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "failed" in said[0] and "not writing to it any more" in said[1], said
+    monitor.record(predict, 1.0)  # switched off: nothing more is tried
+    monitor.close()
+    assert monitor.overhead()["store_errors"] == MAX_STORE_FAILURES
+
+
+def test_windows_are_read_through_an_index_also_in_an_older_store(tmp_path):
+    import sqlite3
+
+    from ctzoo.perf import ProvenanceStore
+
+    path = tmp_path / "perf.sqlite"
+    ProvenanceStore(path).close()
+    with sqlite3.connect(path) as old:  # a store written before the index existed
+        old.execute("DROP INDEX events_anomaly")
+    store = ProvenanceStore(path)
+    plan = store.rows("EXPLAIN QUERY PLAN SELECT * FROM events WHERE anomaly_id IN (?, ?) ORDER BY started, id",
+                      (1, 2))
+    assert any("events_anomaly" in row["detail"] for row in plan), plan
+    store.close()
+
+
+def test_request_hashes_are_keyed_and_a_request_is_found_by_its_id(tmp_path):
+    import hashlib
+
+    from ctzoo.perf import request_hash
+
+    assert request_hash("MRN-4711023") == request_hash("MRN-4711023")
+    assert request_hash("MRN-4711023") != hashlib.sha256(b"MRN-4711023").hexdigest()[:16]
+    rng = np.random.default_rng(0)
+    monitor = PerfMonitor(tmp_path / "perf.sqlite", DetectorConfig(algorithm="sstd"), role="test", window=10)
+    predict, model = event_key("m", "1", "predict", "cpu", 1), event_key("m", "1", "model", "cpu", 2)
+    for k in range(400):
+        monitor.record(predict, 1.0 if k == 300 else float(rng.normal(0.05, 0.002)), started=1e9 + k,
+                       context={"request": request_hash(f"id-{k}")})
+        monitor.record(model, 1.0 if k == 350 else float(rng.normal(0.05, 0.002)), started=1e9 + k + 0.5,
+                       context={"requests": f"{request_hash(f'id-{k}')},{request_hash(f'other-{k}')}"})
+    monitor.close()
+    store = PerfMonitor(tmp_path / "perf.sqlite", role="reader").store
+    assert len(store.anomalies()) == 2
+    [own] = store.anomalies(request=request_hash("id-300"))
+    assert own["stage"] == "predict" and own["seconds"] == 1.0 and len(own["window"]) == 10
+    assert [a["id"] for a in store.anomalies(request=request_hash("id-302"))] == [own["id"]]  # in its window
+    [batch] = store.anomalies(request=request_hash("other-350"))  # one of the requests a batch merged
+    assert batch["stage"] == "model"
+    assert store.anomalies(request=request_hash("id-100")) == []

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from ctzoo.cli.serve import _is_loopback
-from ctzoo.perf.server import DEFAULT_PORT, TOKEN_ENV
+from ctzoo.perf.server import DEFAULT_PORT, EXPIRE_AFTER_S, TOKEN_ENV
 
 
 def read_token(token_file: Path | None) -> str:
@@ -40,7 +40,10 @@ def read_token(token_file: Path | None) -> str:
               help="Port (0: any free one; the line printed at start says which).")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help=f"The bearer token clients must send, first line of the file [default: ${TOKEN_ENV}].")
-def server(host: str, port: int, token_file: Path | None) -> None:
+@click.option("--expire-after-hours", type=click.FloatRange(min=0, min_open=True), default=EXPIRE_AFTER_S / 3600,
+              show_default=True, help="Forget the keys no process has named, and the processes not seen, for this "
+              "long (the memory follows the keys in use).")
+def server(host: str, port: int, token_file: Path | None, expire_after_hours: float) -> None:
     """Merge the latency statistics of many processes, so that every one judges against the same ones.
 
     Chimbuko's parameter server: each process started with --perf --perf-server URL (ctzoo serve
@@ -56,7 +59,8 @@ def server(host: str, port: int, token_file: Path | None) -> None:
                         per process: role, rank, syncs, last seen, contribution per key
       GET  /v1/states   the merged moments and histograms
 
-    The statistics live in memory: a restarted server starts from what the processes send next.
+    The statistics live in memory: a restarted server is reseeded by each process's next sync,
+    which sends its whole history when it sees the server changed.
     Ctrl-C or SIGTERM stops it.
 
     \b
@@ -72,7 +76,7 @@ def server(host: str, port: int, token_file: Path | None) -> None:
     if not _is_loopback(host):
         click.echo(f"warning: listening on {host}, beyond this machine, over plain HTTP", err=True)
     try:
-        parameter_server = ParameterServer(token, host, port)
+        parameter_server = ParameterServer(token, host, port, expire_after_s=expire_after_hours * 3600)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from exc
     click.echo(f"ctzoo perf server: listening on {parameter_server.url} (GET /v1/stats)", err=True)

@@ -15,12 +15,16 @@ Chimbuko judges both sides): a stage that got faster because the machine got qui
 host a stage's time jitters by tens of percent, which is not what an operator is looking for. The first event of
 each key is not judged and not learned (warm-up: session creation, CUDA JIT); a key is judged only once it has
 ``min_samples`` events; an event is judged against the statistics *before* it, and an event judged anomalous is not
-learned (``learn_anomalies``), so a run of slow calls does not teach the detector that slow is normal. State merges
+learned (``learn_anomalies``), so a run of slow calls does not teach the detector that slow is normal, until it
+lasts: after ``relearn_after`` (50) anomalies of a key in a row, with no normal event between them, the detector
+takes them for a new regime (a new model version under an old name, a PACS moved to a remote site), learns them
+and says so in one log line; a lasting shift is flagged for a bounded number of events, not for ever. State merges
 are exact (:mod:`ctzoo.perf.stats`), so a parameter server can hand every process the same global statistics.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -46,6 +50,8 @@ REBUILD_MIN_EVENTS = 16
 
 Key = tuple[str, ...]
 
+log = logging.getLogger("ctzoo.perf")
+
 
 @dataclass(frozen=True)
 class DetectorConfig:
@@ -62,6 +68,8 @@ class DetectorConfig:
     min_samples: int = 20
     skip_first: bool = True
     learn_anomalies: bool = False
+    # this many anomalies of a key in a row (no normal event between them) are a new regime: learned (0: never)
+    relearn_after: int = 50
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,7 @@ class AnomalyDetector:
         # the deltas it took before: its own statistics, apart from the other processes' in the global states
         self._delta: dict[Key, KeyState] = {}
         self._own: dict[Key, KeyState] = {}
+        self._anomalous_run: dict[Key, list[float]] = {}  # a key's anomalies since its last normal event
 
     def observe(self, key: Key, seconds: float) -> Label:
         """Judge one event of ``key`` lasting ``seconds`` against what is known so far, then learn it (unless it
@@ -188,7 +197,23 @@ class AnomalyDetector:
         label = self._judge(key, state, seconds)
         if not label.anomalous or self.config.learn_anomalies:
             self._learn(key, state, seconds)
+            self._anomalous_run.pop(key, None)
+        else:
+            self._note_anomaly(key, state, seconds)
         return label
+
+    def _note_anomaly(self, key: Key, state: KeyState, seconds: float) -> None:
+        """Keep an anomaly unlearned, unless it makes ``relearn_after`` in a row: then the run is a new regime,
+        and all of it is learned (the events that follow are judged against it)."""
+        run = self._anomalous_run.setdefault(key, [])
+        run.append(seconds)
+        if self.config.relearn_after and len(run) >= self.config.relearn_after:
+            log.warning("perf: %s was anomalous %d times in a row (median %.3g s, was %.3g s); learning it as its "
+                        "new regime", "|".join(key), len(run), sorted(run)[len(run) // 2],
+                        2.0 ** self._tables[key].median)
+            for value in run:
+                self._learn(key, state, value)
+            del self._anomalous_run[key]
 
     def _learn(self, key: Key, state: KeyState, seconds: float) -> None:
         state.push(seconds)
@@ -235,23 +260,39 @@ class AnomalyDetector:
             own[key] = own[key].merge(state) if key in own else state
         return {"|".join(key): state.to_dict() for key, state in own.items()}
 
+    def known_keys(self) -> list[str]:
+        """Every key this detector has seen (also those still in warm-up), joined with ``|``: the keys whose
+        global states it asks a parameter server for."""
+        return sorted("|".join(key) for key in self._seen.union(self.states))
+
+    def prepare_global(self, states: dict[str, dict]) -> tuple[dict[Key, KeyState], dict[str, str]]:
+        """A parameter server's global ``states`` parsed and checked (``(usable, refused with why)``): the slow
+        part of :meth:`adopt_global`, which touches nothing of this detector, so it needs no lock."""
+        usable, refused = {}, {}
+        for name, data in states.items():
+            merged = _global_state(data)
+            if isinstance(merged, str):
+                refused[name] = merged
+            else:
+                usable[tuple(name.split("|"))] = merged
+        return usable, refused
+
+    def adopt_prepared(self, usable: dict[Key, KeyState]) -> None:
+        """The quick part of :meth:`adopt_global`: each key's global state merged with this detector's delta."""
+        for key, merged in usable.items():
+            if key in self._delta:
+                merged = merged.merge(self._delta[key])
+            self.states[key] = merged
+            self._tables.pop(key, None)
+
     def adopt_global(self, states: dict[str, dict]) -> dict[str, str]:
         """Judge against the parameter server's global ``states`` from now on: each key's state becomes the global
         one merged with what this detector learned since it took its last delta (the global already holds every
         delta sent). Exact, as merges are: no event is lost or counted twice. Keys the server does not know yet
         (learned only after the delta was taken) keep their local state, and so do keys whose global state is
         impossible (:meth:`KeyState.problem`: a server that merged a bad delta), which are returned with why."""
-        refused = {}
-        for name, data in states.items():
-            key = tuple(name.split("|"))
-            merged = _global_state(data)
-            if isinstance(merged, str):
-                refused[name] = merged
-                continue
-            if key in self._delta:
-                merged = merged.merge(self._delta[key])
-            self.states[key] = merged
-            self._tables.pop(key, None)
+        usable, refused = self.prepare_global(states)
+        self.adopt_prepared(usable)
         return refused
 
     def merge_states(self, states: dict[str, dict]) -> None:

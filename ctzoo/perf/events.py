@@ -13,6 +13,7 @@ hash...). It is JSON-friendly and must never hold patient names or identifiers: 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
 import os
 import socket
@@ -39,10 +40,17 @@ def slice_bucket(slices: int | None) -> str:
     return f"{high // 2 + 1}-{high}"
 
 
+#: The key of :func:`request_hash`, random per process: without it, a request id (which a client may have made of
+#: a medical record number) cannot be recovered from its hash by trying the candidates.
+_REQUEST_KEY = os.urandom(32)
+
+
 def request_hash(request_id: str) -> str:
-    """How an event names a request: the first 16 hex digits of the SHA-256 of its id (ids are chosen by clients,
-    who may put identifiers in them; the client can compute the hash of its own id to find its request)."""
-    return hashlib.sha256(request_id.encode()).hexdigest()[:16]
+    """How an event names a request: the first 16 hex digits of the HMAC-SHA-256 of its id with a key random per
+    process (ids are chosen by clients, who may put identifiers in them: a plain hash of a short identifier is
+    undone by trying them all). Only the process that recorded an event can hash an id to find it: the service's
+    ``/v2/perf/anomalies?request=ID`` does."""
+    return hmac.new(_REQUEST_KEY, request_id.encode(), hashlib.sha256).hexdigest()[:16]
 
 
 def process_name(role: str) -> str:

@@ -12,12 +12,20 @@ says whether it currently does.
 ``profile_budget`` arms on-demand deep profiles (:mod:`ctzoo.perf.deep_profile`): an anomalous event recorded with
 ``profile=`` (a callable that reruns its inputs under a profiler) is profiled while the budget lasts;
 :meth:`PerfMonitor.profiler` ``.arm(n)`` adds to it at run time.
+
+A monitor never raises into the work it watches because of its store: a write that fails (another connection holds
+the database's lock past :data:`~ctzoo.perf.provenance.BUSY_TIMEOUT_S`, a full disk, an I/O error) is counted
+(:meth:`PerfMonitor.overhead`'s ``store_errors``) and logged (the first, then at most one line a minute), and after
+:data:`MAX_STORE_FAILURES` failures in a row the store is switched off for the rest of the process, which one
+warning says; the events are still judged.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,19 +39,25 @@ from ctzoo.perf.events import KEY_FIELDS, Event, Key, checked_context, event_key
 from ctzoo.perf.provenance import ProvenanceRecorder, ProvenanceStore
 from ctzoo.perf.server import ParameterServerClient
 
+log = logging.getLogger("ctzoo.perf")
+#: After this many failed store writes in a row the monitor stops writing to its store.
+MAX_STORE_FAILURES = 5
+#: At most one log line about failed store writes per this many seconds (the first is always logged).
+STORE_ERROR_LOG_EVERY_S = 60.0
+
 
 class PerfMonitor:
     """Detector + provenance for one process (``role``: ``serve``, ``infer``, ``pacs``, ``train``)."""
 
-    def __init__(self, store: str | Path | None, config: DetectorConfig = DetectorConfig(), role: str = "ctzoo",
-                 window: int = 10, on_event: Callable[[Event, Label], None] | None = None,
+    def __init__(self, store: str | Path | ProvenanceStore | None, config: DetectorConfig = DetectorConfig(),
+                 role: str = "ctzoo", window: int = 10, on_event: Callable[[Event, Label], None] | None = None,
                  server: str | None = None, token: str | None = None, rank: int | None = None,
                  sync_every_s: float = 2.0, profile_budget: int = 0) -> None:
         self.role, self.rank = role, rank
         self.config, self.on_event = config, on_event
         self.process = process_name(role if rank is None else f"{role}[rank{rank}]")
         self.detector = AnomalyDetector(config)
-        self.store = ProvenanceStore(store) if store is not None else None
+        self.store = store if isinstance(store, ProvenanceStore) or store is None else ProvenanceStore(store)
         self.recorder = ProvenanceRecorder(self.store, self.process, config.algorithm, window) if self.store else None
         if self.recorder is not None:  # key states are saved with every write of the totals, periodic and at close
             self.recorder.on_flush = self._save_key_states
@@ -51,6 +65,9 @@ class PerfMonitor:
         self.anomalies_by_key: dict[Key, int] = {}
         self.events_by_key: dict[Key, int] = {}
         self.seconds_spent = 0.0  # CPU in record(): judging, provenance, on_event (what detection costs the process)
+        self.store_errors = 0  # failed store writes (see the module docstring)
+        self.store_disabled: str | None = None  # why the store was switched off, once it was
+        self._failures_in_a_row, self._store_error_logged = 0, -math.inf
         self._later: queue.SimpleQueue | None = None  # record_later()'s events, for its thread
         self._later_thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -74,7 +91,7 @@ class PerfMonitor:
             self.events_by_key[key] = self.events_by_key.get(key, 0) + 1
             if label.anomalous:
                 self.anomalies_by_key[key] = self.anomalies_by_key.get(key, 0) + 1
-        anomaly_id = self.recorder.record(event, label) if self.recorder is not None else None
+        anomaly_id = self._write_store(self.recorder.record, event, label) if self._store_on() else None
         if label.anomalous and profile is not None:
             self.profiler.offer(anomaly_id, event.seconds, profile)
         if self.on_event is not None:
@@ -83,6 +100,35 @@ class PerfMonitor:
         with self._lock:
             self.seconds_spent += spent
         return label
+
+    def _store_on(self) -> bool:
+        return self.recorder is not None and self.store_disabled is None
+
+    def _write_store(self, write: Callable[..., Any], *args: Any) -> Any:
+        """``write(*args)``; on a store error (sqlite3.Error, OSError) None, counted, logged and, after
+        :data:`MAX_STORE_FAILURES` in a row, the store switched off: the monitored work never sees it."""
+        try:
+            result = write(*args)
+        except (sqlite3.Error, OSError) as exc:
+            with self._lock:
+                self.store_errors += 1
+                self._failures_in_a_row += 1
+                errors, in_a_row = self.store_errors, self._failures_in_a_row
+                now = time.monotonic()
+                say = now - self._store_error_logged >= STORE_ERROR_LOG_EVERY_S
+                if say:
+                    self._store_error_logged = now
+                if in_a_row >= MAX_STORE_FAILURES and self.store_disabled is None:
+                    self.store_disabled = f"{type(exc).__name__}: {exc}"
+                    log.warning("perf: provenance store %s failed %d times in a row (%s); not writing to it any "
+                                "more in this process (events are still judged)", self.store.path, in_a_row,
+                                self.store_disabled)
+                elif say:
+                    log.warning("perf: a write to provenance store %s failed (%s: %s; %d so far); the event is "
+                                "judged but not kept", self.store.path, type(exc).__name__, exc, errors)
+            return None
+        self._failures_in_a_row = 0
+        return result
 
     def record_later(self, key: Key, seconds: float, started: float | None = None,
                      context: dict[str, Any] | None = None,
@@ -141,7 +187,8 @@ class PerfMonitor:
         """What detection has cost this process: events recorded, seconds spent in :meth:`record`, per event."""
         with self._lock:
             events, spent = sum(self.events_by_key.values()), self.seconds_spent
-        return {"events": events, "seconds": spent, "us_per_event": 1e6 * spent / events if events else None}
+        return {"events": events, "seconds": spent, "us_per_event": 1e6 * spent / events if events else None,
+                "store_errors": self.store_errors}
 
     def _counts(self) -> dict[str, list[int]]:
         """Running ``{key: [events, anomalies]}`` of this process, for the parameter server's per-process table."""
@@ -174,7 +221,7 @@ class PerfMonitor:
         if self.client is not None:  # the last delta first, so the server holds every event of this process
             self.client.close()
         self.profiler.close()  # a profile being taken is stored before the store closes
-        if self.recorder is not None:  # its flush writes the totals and, through on_flush, the key states
-            self.recorder.flush()
+        if self._store_on():  # its flush writes the totals and, through on_flush, the key states
+            self._write_store(self.recorder.flush)
         if self.store is not None:
-            self.store.close()
+            self._write_store(self.store.close)

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS events (
     algorithm TEXT NOT NULL, score REAL NOT NULL, threshold REAL NOT NULL, judged INTEGER NOT NULL,
     context TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_kind ON events (kind, started);
+CREATE INDEX IF NOT EXISTS events_anomaly ON events (anomaly_id);
 CREATE TABLE IF NOT EXISTS totals (process TEXT PRIMARY KEY, seen INTEGER NOT NULL, stored INTEGER NOT NULL,
                                    updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS key_states (
@@ -67,6 +68,9 @@ MAX_STORED_EVENTS = 200_000
 REPRODUCED = 0.5
 #: Totals are written at most this often (seconds) while events flow, and at :meth:`ProvenanceRecorder.close`.
 TOTALS_EVERY_S = 5.0
+#: How long a write waits for another connection's lock (seconds) before it fails (the monitor then counts it and
+#: goes on: the monitored work must not wait on its provenance).
+BUSY_TIMEOUT_S = 0.5
 
 
 class ProvenanceStore:
@@ -77,7 +81,8 @@ class ProvenanceStore:
     ``totals`` tables.
     """
 
-    def __init__(self, path: str | Path, read_only: bool = False, max_events: int = MAX_STORED_EVENTS) -> None:
+    def __init__(self, path: str | Path, read_only: bool = False, max_events: int = MAX_STORED_EVENTS,
+                 busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.path, self.max_events, self._inserted = Path(path), max_events, 0
         self._lock = threading.Lock()
         if read_only:
@@ -96,11 +101,11 @@ class ProvenanceStore:
                 raise ValueError(f"{self.path} is not a ctzoo perf store (no events and totals tables)")
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=busy_timeout_s)
         self._db.execute("PRAGMA journal_mode=WAL")
         # no fsync per insert (2 ms each here): in WAL mode a crash can lose the last inserts, never corrupt the file
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        self._db.executescript(SCHEMA)  # also adds what an older store lacks (the events_anomaly index)
         self.tables = {"events", "totals", "key_states", "profiles"}
 
     def insert(self, kind: str, event: Event, label: Label, algorithm: str, anomaly_id: int | None = None) -> int:
@@ -213,15 +218,29 @@ class ProvenanceStore:
                 row["context"] = json.loads(row["context"])
         return rows
 
-    def anomalies(self, limit: int = 100) -> list[dict]:
+    def anomalies(self, limit: int = 100, request: str | None = None) -> list[dict]:
         """The latest anomalies, newest first, each with its window (``window``: the neighbours, in time order)
-        and its deep profile's summary (``profile``; None when it has none)."""
-        found = self.rows("SELECT * FROM events WHERE kind = 'anomaly' ORDER BY started DESC, id DESC LIMIT ?",
-                          (int(limit),))
+        and its deep profile's summary (``profile``; None when it has none). ``request``: only the anomalies
+        whose own event or window names that request hash (:func:`~ctzoo.perf.events.request_hash`, in a
+        context's ``request`` or ``requests``)."""
+        if request is None:
+            found = self.rows("SELECT * FROM events WHERE kind = 'anomaly' ORDER BY started DESC, id DESC LIMIT ?",
+                              (int(limit),))
+        else:  # a substring match finds the candidates, the decoded contexts decide
+            found = self.rows("SELECT * FROM events WHERE kind = 'anomaly' AND (INSTR(context, ?) > 0 OR id IN ("
+                              "SELECT anomaly_id FROM events WHERE kind = 'window' AND INSTR(context, ?) > 0)) "
+                              "ORDER BY started DESC, id DESC", (request, request))
+        windows: dict[int, list[dict]] = {anomaly["id"]: [] for anomaly in found}
+        for chunk in range(0, len(found), 500):  # one query per 500 anomalies (SQLite's parameter limit)
+            ids = [anomaly["id"] for anomaly in found[chunk:chunk + 500]]
+            for row in self.rows(f"SELECT * FROM events WHERE anomaly_id IN ({','.join('?' * len(ids))}) "
+                                 "ORDER BY started, id", tuple(ids)):
+                windows[row["anomaly_id"]].append(row)
+        if request is not None:
+            found = [a for a in found if any(_names_request(e, request) for e in [a, *windows[a["id"]]])][:limit]
         profiles = self.profiles([anomaly["id"] for anomaly in found])
         for anomaly in found:
-            anomaly["window"] = self.rows("SELECT * FROM events WHERE anomaly_id = ? ORDER BY started, id",
-                                          (anomaly["id"],))
+            anomaly["window"] = windows[anomaly["id"]]
             anomaly["profile"] = profiles.get(anomaly["id"])
         return found
 
@@ -234,6 +253,12 @@ class ProvenanceStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _names_request(event: dict, request: str) -> bool:
+    """Whether a stored event's context names the request hash ``request`` (its own, or a batch's)."""
+    context = event.get("context") or {}
+    return context.get("request") == request or request in str(context.get("requests") or "").split(",")
 
 
 def _finite(value: float) -> float:

@@ -11,7 +11,8 @@ Routes (``{m}`` a model name; every model route also answers under ``/v2/models/
 ``GET  /v2/models/{m}/config``         a Triton-style configuration (with ctzoo.json under ``parameters``)
 ``POST /v2/models/{m}/infer``          inference: JSON tensors and/or the binary tensor data extension
 ``POST /v2/repository/index``          the served models (Triton's repository extension, read-only)
-``GET  /v2/perf/anomalies``             latest latency anomalies with their provenance windows (``perf`` on)
+``GET  /v2/perf/anomalies``             latest latency anomalies with their provenance windows (``perf`` on;
+                                       ``?request=ID``: those of one request, its id hashed here)
 ``GET  /v2/perf/stats``                 per-key latency statistics of the anomaly detector (``perf`` on)
 ``POST /v2/perf/profile?count=N``       deep-profile the next N anomalous model runs (``perf`` on)
 ``GET  /v2/perf/profiles/{id}``         a deep profile's Chrome trace (gzip JSON)
@@ -450,10 +451,13 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
         return perf
 
     @router.get("/v2/perf/anomalies")
-    async def perf_anomalies(limit: int = 50) -> dict:
+    async def perf_anomalies(limit: int = 50, request: str | None = None) -> dict:
+        """The latest anomalies; ``request``: a request's id (v2 ``id`` or X-Request-ID), hashed here with this
+        process's key, for only the anomalies that name it or have it in their window."""
         await run_in_threadpool(monitor().drain)  # the events of requests answered before this one are judged
         store = monitor().store
-        found = await run_in_threadpool(store.anomalies, max(1, min(limit, 1000))) if store else []
+        wanted = None if request is None else request_hash(request)
+        found = await run_in_threadpool(store.anomalies, max(1, min(limit, 1000)), wanted) if store else []
         return {"anomalies": found, "reduction": await run_in_threadpool(store.reduction) if store else None}
 
     @router.get("/v2/perf/stats")
