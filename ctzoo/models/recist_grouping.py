@@ -4,7 +4,8 @@ or exported with the network.
 :func:`group_keypoints` turns the heatmaps, offsets and displacements of :class:`~ctzoo.models.recistnet.RecistNet`
 into lesions two ways — combinations of end-point peaks checked against the centre heatmap (``exdet``, the
 paper's decoder), and centre peaks whose regressed end points snap to nearby peaks (CenterNet-style, added here)
-— and keeps the best by NMS. ``decode=`` selects either set alone, for the ablation.
+— drops ghosts (one lesion's ends and a neighbour's, :func:`ghosts`) and keeps the best by NMS. ``decode=``
+selects either set alone, for the ablation.
 
 Coordinates: points are ``(x, y)`` in input pixels, 0-based pixel centres (see :mod:`ctzoo.datasets.deeplesion.recist`).
 Heatmap cell ``(u, v)`` covers input pixels ``[u * R, (u + 1) * R)`` (``R = down_ratio``); its centre is at
@@ -151,13 +152,17 @@ def group_keypoints(heatmaps: torch.Tensor, offsets: torch.Tensor, down_ratio: i
             centre-peak proposals alone (needs ``displacements``), ``"both"`` (the default) the union.
         down_ratio: output stride R; points come back in input pixels.
         max_lesions: lesions returned per image. top_k: peaks per end-point heatmap, and pairs kept per axis.
-        score_threshold: minimum sigmoid score of every end point and of the centre.
+        score_threshold: minimum sigmoid score of every end-point peak a candidate uses (a combination's four, the
+            peaks a centre proposal snaps to) and of the centre. A centre proposal's unsnapped end point is not
+            held to it: it scores the heatmap's value where it was regressed, however low, since finding lesions
+            without end-point peaks is what the proposals are for.
         cell_tolerance: geometric slack in heatmap cells (pair order, short <= long, segment crossing).
         max_abs_cos: the axes must be within acos(0.5) = 60 deg of perpendicular.
         axis_crossing: where along each axis (fraction from its first end) the other must cross it. RECIST's
             diameters cross inside the lesion, away from the ends; without this, the short axis of a small
             lesion plus any long pair whose line passes through it (one end of this lesion, one of another)
-            forms a valid-looking lesion.
+            forms a valid-looking lesion. It does not stop every such pair: with two neighbours whose long axes
+            are aligned, the crossing lands at ~20 % of the borrowed axis, which :func:`ghosts` catches.
         nms_iou: box IoU above which a lesion suppresses a lower-scored one.
         pre_nms: candidates (best scores first) that enter NMS.
 
@@ -167,7 +172,9 @@ def group_keypoints(heatmaps: torch.Tensor, offsets: torch.Tensor, down_ratio: i
     (:func:`greedy_select`) where a lesion suppresses a lower-scored one whose end-point box overlaps it by IoU >
     ``nms_iou`` *or that uses any of its end-point peaks*: a peak belongs to one lesion, and without this rule
     regroupings that borrow two lesions' peaks (a long axis from one lesion's end to another's) score as high as
-    real ones while their boxes overlap little.
+    real ones while their boxes overlap little. That rule alone lets such a regrouping, taken first, suppress both
+    lesions whose peaks it borrows; so before NMS, :func:`ghosts` drops every candidate whose peaks two
+    smaller, mutually compatible candidates explain with a higher total score.
 
     Points come out in the documented order (:func:`recist_order`).
 
@@ -294,7 +301,8 @@ def centre_candidates(heat: torch.Tensor, offsets: torch.Tensor, displacements: 
     heat (B, 5, h, w) probabilities, offsets (B, 5, 2, h*w), displacements (B, 8, h, w), end-point peaks
     peak_xy (B, 4, K, 2) and peak_score (B, 4, K) -> points (B, top_k, 5, 2), peak ids (B, top_k, 4) (the
     snapped peak's index, or a negative id of its own where an end point is not snapped), scores (B, top_k)
-    (same formula as the combinations, -1 = invalid). An unsnapped end point scores its heatmap's value there.
+    (same formula as the combinations, -1 = invalid). Only snapping is held to ``score_threshold``: an unsnapped
+    end point scores its heatmap's value there, below the threshold or not.
     """
     batch, _, height, width = heat.shape
     centre_score, index = heatmap_peaks(heat[:, NUM_ENDPOINTS:]).flatten(1).topk(min(top_k, height * width), dim=1)
@@ -352,16 +360,46 @@ def centre_near(heat: torch.Tensor, offsets: torch.Tensor, points: torch.Tensor,
     return score, torch.where(is_peak[..., None], refined, points)
 
 
+def ghosts(scores: torch.Tensor, shares_peak: torch.Tensor, conflict: torch.Tensor, boxes: torch.Tensor,
+           supporters: int = 8) -> torch.Tensor:
+    """Which candidates (B, N) are ghosts of two lesions: valid, and among the ``supporters`` best valid candidates
+    with a smaller box that share an end-point peak with it, two do not conflict with each other (``conflict``
+    (B, N, N), NMS's) and together score more than it.
+
+    scores (B, N) (-1 = invalid), shares_peak (B, N, N), boxes (B, N, 4). Such a candidate is one lesion's ends
+    and another's (two neighbours with aligned long axes: one's left end, the other's right end, the first's
+    short axis and centre pass every check of a combination), and greedy NMS, taking it first about half the
+    time, would suppress both lesions whose peaks it uses. Since a peak belongs to one lesion, the two explain
+    those peaks with more evidence than the one (ExtremeNet's "ghost boxes", which it halves instead). Smaller
+    boxes only: a real lesion between two neighbours is no ghost of the longer regroupings that borrow its ends.
+    """
+    valid = scores >= 0
+    area = (boxes[..., 2:] - boxes[..., :2]).clamp_min(0).prod(-1)
+    # supports[b, x, y]: y is a valid, smaller candidate sharing a peak with x (never x itself)
+    supports = shares_peak & valid[:, None, :] & (area[:, None, :] < area[:, :, None])
+    best, index = torch.where(supports, scores[:, None, :], torch.full_like(supports, -1.0, dtype=scores.dtype)).topk(
+        min(supporters, scores.shape[1]), dim=2)  # (B, x, k): each x's best supporters, -1 = none
+    batch, num, k = index.shape
+    # conflict between x's supporters i and j: conflict[b, index[x, i], index[x, j]], gathered as (B, x, k, k)
+    rows = conflict.gather(1, index.reshape(batch, num * k, 1).expand(-1, -1, num))  # (B, x*k, N)
+    apart = ~rows.gather(2, index.repeat_interleave(k, dim=1)).reshape(batch, num, k, k)
+    together = best[..., :, None] + best[..., None, :]
+    pair = apart & (best[..., :, None] >= 0) & (best[..., None, :] >= 0) & (together > scores[:, :, None, None])
+    return valid & pair.flatten(2).any(dim=-1)
+
+
 def select_lesions(points: torch.Tensor, peak_ids: torch.Tensor, scores: torch.Tensor, max_lesions: int,
                    nms_iou: float, pre_nms: int) -> dict[str, torch.Tensor]:
     """Candidates points (B, N, 5, 2), their end-point peak ids (B, N, 4) and scores (B, N) (-1 = invalid) ->
-    the :func:`group_keypoints` output after greedy NMS on box IoU and shared peaks."""
+    the :func:`group_keypoints` output after dropping :func:`ghosts` and greedy NMS on box IoU and shared peaks."""
     ranked, order = scores.topk(min(pre_nms, scores.shape[1]), dim=1)  # invalid ones, at -1, sort last
     points = points.gather(1, order[:, :, None, None].expand(-1, -1, NUM_POINTS, 2))
     peak_ids = peak_ids.gather(1, order[:, :, None].expand(-1, -1, NUM_ENDPOINTS))
     boxes = box_from_points(points)
     shares_peak = (peak_ids[:, :, None, :] == peak_ids[:, None, :, :]).any(dim=-1)
-    final, pick = greedy_select(ranked, shares_peak | (box_iou(boxes) > nms_iou), min(max_lesions, ranked.shape[1]))
+    conflict = shares_peak | (box_iou(boxes) > nms_iou)
+    ranked = torch.where(ghosts(ranked, shares_peak, conflict, boxes), torch.full_like(ranked, -1.0), ranked)
+    final, pick = greedy_select(ranked, conflict, min(max_lesions, ranked.shape[1]))
     return {"points": points.gather(1, pick[:, :, None, None].expand(-1, -1, NUM_POINTS, 2)),
             "scores": final.clamp_min(0.0), "boxes": boxes.gather(1, pick[:, :, None].expand(-1, -1, 4)),
             "valid": final >= 0}
