@@ -1,0 +1,62 @@
+"""Published figures are the committed benchmark JSONs' (benchmarks/results/): the README's placement table, the
+zoo cards' metrics, and no GPU figure presented as measured without a JSON behind it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+WEIGHTS = ROOT / "ctzoo" / "models" / "weights"
+PLACE_ROWS = {"recistnet-mini": "recistnet-mini", "RECIST-Net ResNet-34": "recistnet-resnet34",
+              "template-seg-abdomen": "template-seg-abdomen",
+              "3-D template segmenter, LEMON x2": "template-seg-3d x2 (LEMON)"}
+
+
+def _json(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def test_readme_placement_table_is_place_json():
+    rows = {row["model"]: row for row in _json("place.json")["rows"]}
+    readme = (ROOT / "README.md").read_text()
+    for label, model in PLACE_ROWS.items():
+        found = re.search(rf"^\| {re.escape(label)} \((\d+)\) \| ([\d /]+) % of (\d+) MiB \| ([\d.]+) ms \| "
+                          r"([\d.]+) / ([\d.]+) \|$", readme, flags=re.M)
+        assert found, f"README placement row {label!r} missing or reshaped"
+        row = rows[model]
+        caps = [round(100 * row["smallest_cap_fraction"][m]) for m in ("expert split", "m-topo", "m-etf", "m-sct")]
+        plans = row["plans"]
+        assert int(found.group(1)) == row["nodes"]
+        assert [int(c) for c in found.group(2).split(" / ")] == caps, label
+        assert int(found.group(3)) == round(row["one_device"]["peak_bytes"] / 2**20), label
+        assert found.group(4) == f"{1000 * plans['m-sct']['placement_s']:.1f}", label
+        assert (found.group(5), found.group(6)) == (f"{plans['m-etf']['vs_expert']:.3f}",
+                                                   f"{plans['m-sct']['vs_expert']:.3f}"), label
+
+
+def test_zoo_cards_metrics_are_the_benchmarks():
+    detector = json.loads((WEIGHTS / "recistnet-mini" / "card.json").read_text())
+    shipped = next(m for m in _json("shipped_detectors.json")["models"] if m["model"] == "recistnet-mini")
+    for fp in ("0.5", "1", "2", "4", "8", "16"):
+        assert detector["metrics"][f"sensitivity_at_{fp}_fp"]["value"] == round(
+            shipped["test"]["both"]["sensitivities"][fp], 4)
+    point, measured = detector["operating_point"], shipped["operating_point"]
+    assert (point["score_threshold"], point["sensitivity"]) == (measured["score_threshold"], measured["sensitivity"])
+    lesion_free = shipped["lesion_free"][str(measured["score_threshold"])]["findings_per_slice"]
+    assert point["lesion_free_findings_per_slice"] == lesion_free
+    assert "GPU gave the same" not in json.dumps(detector)  # no GPU measurement is committed
+    segmenter = json.loads((WEIGHTS / "template-seg-abdomen" / "card.json").read_text())
+    bundle = _json("nas.json")["shipped_bundle"]
+    assert segmenter["metrics"]["dice_mean"]["value"] == round(bundle["dice"], 4)
+    for organ, dice in bundle["dice_per_class"].items():
+        assert abs(segmenter["metrics"][f"dice_{organ}"]["value"] - dice) < 5e-5, organ
+    assert any("chosen after seeing test Dice" in item for item in segmenter["limitations"])
+
+
+def test_no_gpu_table_without_its_json():
+    """No GPU was lent to this project: benchmarks.md carries no GPU measurements whose JSON is missing."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert "JSON not in the repository" not in text and "H200" not in text
