@@ -10,7 +10,7 @@ elements (a nested list of the right shape is accepted too).
 
 Binary tensor data extension (as ``tritonclient.http`` speaks it):
 
-* request: header ``Inference-Header-Content-Length: N``; the first ``N`` bytes of the body are the JSON
+* request: header ``Inference-Header-Content-Length: N`` (N >= 1: 0 is refused); the first ``N`` bytes of the body are the JSON
   request, the rest the raw little-endian row-major bytes of every input whose ``parameters`` hold
   ``binary_data_size``, back to back in the order of ``inputs``. A body compressed with ``Content-Encoding:
   gzip`` or ``deflate`` is inflated first (see :func:`inflate`; the size limit applies to the inflated bytes);
@@ -214,6 +214,8 @@ def _header_length(value: str | None, body_size: int) -> int | None:
     if not (digits.isascii() and digits.isdigit()):
         raise ServeError(f"{HEADER_LENGTH} must be a non-negative integer, got {value!r:.40}")
     length = int(digits)
+    if length == 0:  # never a request: and zlib reads max_length 0 as "no limit" (an unbounded inflation)
+        raise ServeError(f"{HEADER_LENGTH} is 0: the inference header (the JSON request) is empty")
     if length > body_size:
         raise ServeError(f"{HEADER_LENGTH} is {length} but the body has only {body_size} bytes")
     return length

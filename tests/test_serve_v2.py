@@ -1,0 +1,45 @@
+"""``ctzoo serve``'s KServe v2 endpoints against protocol abuse: an empty inference header on a gzip body, uploads
+held open mid-body, batching overrides seen by validation and /config, malformed JSON tensors, the Triton
+ModelConfig shape of /config, readiness during shutdown. Servers run in-process (httpx's ASGI transport)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tracemalloc
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+
+from ctzoo.serve.app import create_app
+from ctzoo.serve.budget import ServeLimits
+from ctzoo.serve.v2_codec import ServeError, decode_request, request_budget
+from tests.test_serve import AUTH, DET, HEADER, TOKEN, _binary_request, _binary_outputs, repo  # noqa: F401
+
+
+def _asgi(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
+
+
+def _gzip_zeros(mib: int) -> bytes:
+    compressor = zlib.compressobj(9, wbits=31)
+    return b"".join(compressor.compress(bytes(1 << 20)) for _ in range(mib)) + compressor.flush()
+
+
+def test_an_empty_inference_header_is_refused_without_inflating_the_body():
+    """Inference-Header-Content-Length: 0 on a gzip body asked zlib to inflate it with max_length 0, which zlib
+    reads as "no limit": 64 KB of gzip became 64 MiB before any limit was checked."""
+    limits, bomb = ServeLimits(), _gzip_zeros(64)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ServeError, match="Inference-Header-Content-Length is 0: the inference header") as refused:
+            request_budget(bomb, "gzip", "0", 512 << 20, limits.check_tensor_shape, limits.max_tensor_elements)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert refused.value.status == 400 and peak < 4 << 20, f"{peak / (1 << 20):.0f} MiB inflated"
+    with pytest.raises(ServeError, match="is 0: the inference header") as refused:  # uncompressed too
+        decode_request(b'{"inputs": []}', "0")
+    assert refused.value.status == 400
