@@ -43,3 +43,35 @@ def test_an_empty_inference_header_is_refused_without_inflating_the_body():
     with pytest.raises(ServeError, match="is 0: the inference header") as refused:  # uncompressed too
         decode_request(b'{"inputs": []}', "0")
     assert refused.value.status == 400
+
+
+def test_uploads_held_open_mid_body_do_not_lock_other_clients_out_of_the_model(repo):
+    """The model's request slot was taken before the body was read: max-requests-per-model clients trickling
+    their bodies held every slot, and everyone else got 503 after --queue-wait-s."""
+    app = create_app(repo, [TOKEN], device="cpu", threads=1, batching=False,
+                     limits=ServeLimits(max_requests_per_model=2, queue_wait_s=1.0))
+    body, headers = _binary_request({"image": np.zeros((1, 9, 32, 32), np.float32)})
+    url = f"/v2/models/{DET}/infer"
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def held_open():  # a part of the body, then nothing until released
+            yield body[:10]
+            await release.wait()
+            yield body[10:]
+
+        async with _asgi(app) as http:
+            slow = [asyncio.ensure_future(http.post(url, content=held_open(),
+                                                    headers={**headers, "Content-Length": str(len(body))}))
+                    for _ in range(2)]
+            await asyncio.sleep(0.3)  # both uploads are mid-body
+            assert not any(task.done() for task in slow)
+            response = await http.post(url, content=body, headers=headers)
+            assert response.status_code == 200, response.text
+            assert _binary_outputs(response)["heatmaps"].shape[0] == 1
+            release.set()
+            assert [r.status_code for r in await asyncio.gather(*slow)] == [200, 200]
+        assert app.state.budget.reserved == 0
+
+    asyncio.run(scenario())

@@ -242,6 +242,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def body_reservation(request: Request, limit: int, inflight_limit: int) -> int:
+    """The bytes to reserve for a body while it is read: its ``Content-Length``, else (chunked) the upload
+    ``limit``, no more than the whole in-flight budget (:func:`read_body` refuses what passes ``limit``)."""
+    length = (request.headers.get("content-length") or "").strip()
+    return min(int(length) if length.isdigit() else limit, limit, inflight_limit)
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer", **(headers or {})} if status == 401 else headers
     return JSONResponse({"error": message}, status_code=status, headers=headers)
@@ -372,17 +379,21 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
                              status=504) from None
 
     async def _infer(model: ServedModel, request: Request) -> Response:
-        arrived = time.perf_counter()
-        async with budget.slot(model.name):
-            admit_s = time.perf_counter() - arrived  # waiting for one of the model's request slots
-            content_encoding(request.headers.get("content-encoding"))  # 415 before the body is read
+        # the body is read before the model's slot is taken (a client still uploading holds no slot, so slow
+        # uploads cannot lock the model), under its memory reservation and the request's deadline
+        content_encoding(request.headers.get("content-encoding"))  # 415 before the body is read
+        announced = body_reservation(request, settings.max_upload_bytes, limits.max_inflight_bytes)
+        async with budget.reserve(announced, "the request body"):
             body = await read_body(request, settings.max_upload_bytes)
             inflated, held = await run_in_threadpool(request_budget, body, request.headers.get("content-encoding"),
                                                      request.headers.get(HEADER_LENGTH),
                                                      min(settings.max_upload_bytes, limits.max_tensor_bytes),
                                                      limits.check_tensor_shape, limits.max_tensor_elements)
-            async with budget.reserve(held, "the request"):
-                return await _decode_and_run(model, request, body, inflated, admit_s)
+            arrived = time.perf_counter()
+            async with budget.slot(model.name):
+                admit_s = time.perf_counter() - arrived  # waiting for one of the model's request slots
+                async with budget.reserve(held, "the request", held=announced):
+                    return await _decode_and_run(model, request, body, inflated, admit_s)
 
     async def _decode_and_run(model: ServedModel, request: Request, body: bytes, inflated: int,
                               admit_s: float) -> Response:
