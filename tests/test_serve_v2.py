@@ -75,3 +75,41 @@ def test_uploads_held_open_mid_body_do_not_lock_other_clients_out_of_the_model(r
         assert app.state.budget.reserved == 0
 
     asyncio.run(scenario())
+
+
+def test_batching_options_reach_validation_and_config_not_only_the_batcher(repo):
+    """--max-batch-size, --max-queue-delay-ms and --no-batching went to the batcher only: requests were still
+    validated against ctzoo.json's max_batch_size and /config still showed its batching."""
+    async def config_and_batch_of(app, rows: int) -> tuple[dict, httpx.Response]:
+        async with _asgi(app) as http:
+            config = (await http.get(f"/v2/models/{DET}/config", headers=AUTH)).json()
+            body, headers = _binary_request({"image": np.zeros((rows, 9, 32, 32), np.float32)})
+            return config, await http.post(f"/v2/models/{DET}/infer", content=body, headers=headers)
+
+    merged = create_app(repo, [TOKEN], device="cpu", threads=1, max_batch_size=2, max_queue_delay_ms=7)
+    config, response = asyncio.run(config_and_batch_of(merged, 3))
+    assert config["max_batch_size"] == 2 and config["dynamic_batching"] == {"max_queue_delay_microseconds": 7000}
+    assert response.status_code == 400 and "max_batch_size 2" in response.json()["error"]
+    alone = create_app(repo, [TOKEN], device="cpu", threads=1, batching=False, max_batch_size=20,
+                       max_queue_delay_ms=50)
+    config, response = asyncio.run(config_and_batch_of(alone, 20))
+    assert config["max_batch_size"] == 20 and "dynamic_batching" not in config
+    assert response.status_code == 200 and _binary_outputs(response)["heatmaps"].shape[0] == 20
+    assert alone.state.repository[DET].batcher.enabled is False
+
+
+def test_config_parses_as_tritons_model_config(repo):
+    """/config sent ctzoo.json as a JSON object under parameters.ctzoo, where Triton's ModelConfig has a
+    ModelParameter ({"string_value": "..."}): protobuf clients could not parse it."""
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2
+
+    app = create_app(repo, [TOKEN], device="cpu", threads=1)
+
+    async def config() -> dict:
+        async with _asgi(app) as http:
+            return (await http.get(f"/v2/models/{DET}/config", headers=AUTH)).json()
+
+    parsed = json_format.ParseDict(asyncio.run(config()), model_config_pb2.ModelConfig())
+    assert parsed.name == DET and parsed.max_batch_size == 16 and parsed.input[0].name == "image"
+    assert json.loads(parsed.parameters["ctzoo"].string_value) == app.state.repository[DET].config

@@ -261,7 +261,7 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
         raise click.ClickException(str(exc)) from exc
     for model in app.state.repository.values():
         reason = f" ({model.precision_reason})" if model.precision_reason else ""
-        rows = model.batcher.max_batch_size if not no_batching else 1
+        rows = model.max_batch_size if model.batching else 1
         # the admission limit comes first: a batch can merge no more requests than are let in at once
         capped = "" if rows <= limits.max_requests_per_model else \
             f" rows, at most {limits.max_requests_per_model} requests each (--max-requests-per-model)"

@@ -8,7 +8,7 @@ Routes (``{m}`` a model name; every model route also answers under ``/v2/models/
 ``GET  /v2``                           server metadata (name, version, extensions)
 ``GET  /v2/models/{m}``                model metadata: name, versions, platform, inputs/outputs
 ``GET  /v2/models/{m}/ready``          model readiness
-``GET  /v2/models/{m}/config``         a Triton-style configuration (with ctzoo.json under ``parameters``)
+``GET  /v2/models/{m}/config``         Triton's ModelConfig as JSON (ctzoo.json as text: ``parameters.ctzoo``)
 ``POST /v2/models/{m}/infer``          inference: JSON tensors and/or the binary tensor data extension
 ``POST /v2/repository/index``          the served models (Triton's repository extension, read-only)
 ``GET  /v2/perf/anomalies``             latest latency anomalies with their provenance windows (``perf`` on)
@@ -266,7 +266,8 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
     ``backend``: ``onnx`` (each model's exported graph in ONNX Runtime) or ``torch`` (its bundle's network in
     PyTorch, in ``precision``); ``device``, ``threads``, ``tensorrt``: see :func:`load_repository`.
     ``tokens``: accepted bearer tokens; at least one is required unless ``insecure_no_auth``. ``max_batch_size``
-    and ``max_queue_delay_ms`` override each model's ctzoo.json; ``batching=False`` runs every request alone.
+    and ``max_queue_delay_ms`` override each model's ctzoo.json (for the batcher, request validation and
+    ``/config`` alike); ``batching=False`` runs every request alone.
     ``limits``: the per-request budget (:mod:`ctzoo.serve.budget`; default :class:`ServeLimits`()). ``perf``: a
     :class:`~ctzoo.perf.PerfMonitor` judging every request's stages (decode, queue, model, encode) in situ; its
     anomalies are counted in /metrics and listed by ``/v2/perf/anomalies`` and ``/v2/perf/stats``.
@@ -283,9 +284,9 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
                              precision=precision)
     metrics = ServeMetrics()
     for model in models.values():
-        model.batcher = MicroBatcher(model.name, model.run, max_batch_size or model.max_batch_size,
-                                     model.max_queue_delay_ms if max_queue_delay_ms is None else max_queue_delay_ms,
-                                     enabled=batching, observer=metrics, max_elements=limits.max_tensor_elements)
+        model.override_batching(max_batch_size, max_queue_delay_ms, batching)
+        model.batcher = MicroBatcher(model.name, model.run, model.max_batch_size, model.max_queue_delay_ms,
+                                     enabled=model.batching, observer=metrics, max_elements=limits.max_tensor_elements)
         metrics.queue_depth(model.name, 0)
     if not tokens:
         logger.warning("authentication is OFF (insecure_no_auth): anyone who reaches the port can use the models")
