@@ -98,6 +98,50 @@ def test_batching_options_reach_validation_and_config_not_only_the_batcher(repo)
     assert alone.state.repository[DET].batcher.enabled is False
 
 
+def _request(data, shape=(2, 3), datatype="FP32", **extra) -> bytes:
+    return json.dumps({"inputs": [{"name": "x", "shape": list(shape), "datatype": datatype, "data": data}],
+                       **extra}).encode()
+
+
+MALFORMED_JSON_TENSORS = [
+    ("strings", _request(["1", "2", "3", "4", "5", "6"]), "holds strings, but FP32 takes only numbers"),
+    ("booleans as numbers", _request([True, 1, 2, 3, 4, 5]), "holds booleans, but FP32 takes only numbers"),
+    ("null", _request([None, 1, 2, 3, 4, 5]), "holds null, but FP32 takes only numbers (NaN and infinity"),
+    ("numbers as booleans", _request([1, 0, 1, 0, 1, 0], datatype="BOOL"), "holds numbers, but BOOL takes only"),
+    ("fractions as integers", _request([1.5, 2, 3, 4, 5, 6], datatype="INT32"), "holds non-integer numbers"),
+    ("out of range", _request([300, 2, 3, 4, 5, 6], datatype="INT8"), "out of the range of INT8"),
+    ("nested against the shape", _request([[1, 2], [3, 4], [5, 6]]), "level 0 does not hold lists of 2"),
+    ("ragged", _request([[1, 2, 3], [4, 5]]), "level 1 does not hold lists of 3"),
+    ("nested too shallow", _request([[1, 2, 3, 4, 5, 6]], shape=(1, 2, 3)), "level 1 does not hold lists of 2"),
+    ("mixed flat and nested", _request([1, [2], 3, 4, 5, 6]), "holds arrays"),
+    ("binary_data a string", _request([0] * 6, outputs=[{"name": "y", "parameters": {"binary_data": "false"}}]),
+     "output 'y'.parameters.binary_data must be true or false, got \"false\""),
+    ("binary_data_output a number", _request([0] * 6, parameters={"binary_data_output": 1}),
+     "request.parameters.binary_data_output must be true or false, got 1"),
+]
+
+
+@pytest.mark.parametrize("body, message", [case[1:] for case in MALFORMED_JSON_TENSORS],
+                         ids=[case[0] for case in MALFORMED_JSON_TENSORS])
+def test_json_tensors_hold_json_numbers_nested_exactly_as_their_shape(body, message):
+    """The JSON decoder coerced strings, booleans and null into numbers (null: a NaN error later), reshaped nesting
+    that disagreed with the shape when the sizes matched, and took the string "false" for true."""
+    with pytest.raises(ServeError) as refused:
+        decode_request(body, None)
+    assert refused.value.status == 400 and message in str(refused.value), str(refused.value)
+
+
+def test_well_formed_json_tensors_are_decoded():
+    decoded = decode_request(_request([[1, 2.5, 3], [4, 5, 6]], outputs=[
+        {"name": "y", "parameters": {"binary_data": False}}], parameters={"binary_data_output": True}), None)
+    np.testing.assert_array_equal(decoded.inputs["x"], np.array([[1, 2.5, 3], [4, 5, 6]], np.float32))
+    assert decoded.binary == {"y": False} and decoded.binary_default is True
+    assert decode_request(_request([1, 2, 3, 4, 5, 6], datatype="INT8"), None).inputs["x"].dtype == np.int8
+    flags = decode_request(_request([True, False] * 3, datatype="BOOL"), None).inputs["x"]
+    assert flags.dtype == np.bool_ and flags.sum() == 3
+    assert decode_request(_request([], shape=(2, 0)), None).inputs["x"].shape == (2, 0)
+
+
 def test_config_parses_as_tritons_model_config(repo):
     """/config sent ctzoo.json as a JSON object under parameters.ctzoo, where Triton's ModelConfig has a
     ModelParameter ({"string_value": "..."}): protobuf clients could not parse it."""
