@@ -16,7 +16,10 @@ import pytest
 from ctzoo.serve.app import create_app
 from ctzoo.serve.budget import ServeLimits
 from ctzoo.serve.v2_codec import ServeError, decode_request, request_budget
-from tests.test_serve import AUTH, DET, HEADER, TOKEN, _binary_request, _binary_outputs, repo  # noqa: F401
+from tests import test_serve
+from tests.test_serve import AUTH, DET, TOKEN, _binary_outputs, _binary_request
+
+repo = test_serve.repo  # the exported repository (a module fixture: exported once for this module too)
 
 
 def _asgi(app) -> httpx.AsyncClient:

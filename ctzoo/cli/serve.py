@@ -184,7 +184,7 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
 
     Any KServe v2 client works, e.g. tritonclient.http (JSON and binary tensors). Every route needs
     'Authorization: Bearer <token>' except the health probes /v2/health/live and /v2/health/ready
-    (readiness answers 503 while shutting down); the service refuses to start without a token
+    (on shutdown the port closes at once, so probes fail to connect); the service refuses to start without a token
     unless --insecure-no-auth is given. Concurrent requests for a model are merged into batches
     (--max-batch-size, --max-queue-delay-ms, --no-batching). Prometheus metrics: /metrics.
 

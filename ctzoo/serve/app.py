@@ -4,7 +4,7 @@ Routes (``{m}`` a model name; every model route also answers under ``/v2/models/
 
 =====================================  ====================================================================
 ``GET  /v2/health/live``               liveness (no token needed)
-``GET  /v2/health/ready``              readiness: all models loaded; 503 while shutting down (no token needed)
+``GET  /v2/health/ready``              readiness: all models loaded (no token needed; 503 once the lifespan ends)
 ``GET  /v2``                           server metadata (name, version, extensions)
 ``GET  /v2/models/{m}``                model metadata: name, versions, platform, inputs/outputs
 ``GET  /v2/models/{m}/ready``          model readiness
@@ -295,6 +295,7 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
     async def lifespan(app: FastAPI):
         app.state.ready = True
         yield
+        # uvicorn has closed its port by now (new probes cannot connect); an in-process caller still sees 503
         app.state.ready = False
         lifecycle_logger.info("ctzoo serve: shutting down (%d requests served)", metrics.served)
         for model in models.values():

@@ -134,7 +134,8 @@ class ServedModel:
     def triton_config(self) -> dict[str, Any]:
         """The model's configuration as Triton's ``ModelConfig`` in JSON (what ``tritonclient``'s
         ``get_model_config`` gets; it parses into ``model_config_pb2.ModelConfig``): the batching the service
-        applies (no ``dynamic_batching`` when it is off), ctzoo.json as JSON text in ``parameters.ctzoo.string_value``."""
+        applies (no ``dynamic_batching`` when it is off), ctzoo.json as JSON text in
+        ``parameters.ctzoo.string_value``."""
         def dims(spec: TensorSpec) -> dict[str, Any]:
             return {"name": spec.name, "data_type": f"TYPE_{spec.datatype}",
                     "dims": list(spec.shape[1:])}

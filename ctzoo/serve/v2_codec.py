@@ -11,8 +11,8 @@ no string, boolean or null is coerced). ``binary_data`` and ``binary_data_output
 
 Binary tensor data extension (as ``tritonclient.http`` speaks it):
 
-* request: header ``Inference-Header-Content-Length: N`` (N >= 1: 0 is refused); the first ``N`` bytes of the body are the JSON
-  request, the rest the raw little-endian row-major bytes of every input whose ``parameters`` hold
+* request: header ``Inference-Header-Content-Length: N`` (N >= 1: 0 is refused); the first ``N`` bytes of the
+  body are the JSON request, the rest the raw little-endian row-major bytes of every input whose ``parameters`` hold
   ``binary_data_size``, back to back in the order of ``inputs``. A body compressed with ``Content-Encoding:
   gzip`` or ``deflate`` is inflated first (see :func:`inflate`; the size limit applies to the inflated bytes);
   any other encoding (br, zstd...) is 415 before the body is read (:func:`content_encoding`).
