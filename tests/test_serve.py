@@ -246,7 +246,7 @@ BAD_REQUESTS = [
     ("not a multiple of 32", DET, _json([_tensor(shape=(1, 9, 40, 32))]), {}, 400, "multiple of 32"),
     ("batch too big", DET, _json([_tensor(shape=(17, 9, 32, 32))]), {}, 400, "exceeds model"),
     ("data length", DET, _json([_tensor(data=[0.0] * 10)]), {}, 400, "has 10 elements but shape"),
-    ("text data", DET, _json([_tensor(shape=(1, 9, 32, 32), data=["x"] * 9216)]), {}, 400, "list of numbers"),
+    ("text data", DET, _json([_tensor(shape=(1, 9, 32, 32), data=["x"] * 9216)]), {}, 400, "holds strings"),
     ("NaN", DET, _json([_tensor(data=[float("nan")] + [0.0] * 9215)]), {}, 400, "NaN or infinite"),
     ("malformed JSON", DET, b'{"inputs": [', {}, 400, "not valid JSON"),
     ("no inputs", DET, b'{"id": "x"}', {}, 400, "inputs must be a non-empty list"),

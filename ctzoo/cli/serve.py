@@ -184,7 +184,7 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
 
     Any KServe v2 client works, e.g. tritonclient.http (JSON and binary tensors). Every route needs
     'Authorization: Bearer <token>' except the health probes /v2/health/live and /v2/health/ready
-    (readiness answers 503 while shutting down); the service refuses to start without a token
+    (on shutdown the port closes at once, so probes fail to connect); the service refuses to start without a token
     unless --insecure-no-auth is given. Concurrent requests for a model are merged into batches
     (--max-batch-size, --max-queue-delay-ms, --no-batching). Prometheus metrics: /metrics.
 
@@ -261,7 +261,7 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
         raise click.ClickException(str(exc)) from exc
     for model in app.state.repository.values():
         reason = f" ({model.precision_reason})" if model.precision_reason else ""
-        rows = model.batcher.max_batch_size if not no_batching else 1
+        rows = model.max_batch_size if model.batching else 1
         # the admission limit comes first: a batch can merge no more requests than are let in at once
         capped = "" if rows <= limits.max_requests_per_model else \
             f" rows, at most {limits.max_requests_per_model} requests each (--max-requests-per-model)"

@@ -4,11 +4,11 @@ Routes (``{m}`` a model name; every model route also answers under ``/v2/models/
 
 =====================================  ====================================================================
 ``GET  /v2/health/live``               liveness (no token needed)
-``GET  /v2/health/ready``              readiness: all models loaded; 503 while shutting down (no token needed)
+``GET  /v2/health/ready``              readiness: all models loaded (no token needed; 503 once the lifespan ends)
 ``GET  /v2``                           server metadata (name, version, extensions)
 ``GET  /v2/models/{m}``                model metadata: name, versions, platform, inputs/outputs
 ``GET  /v2/models/{m}/ready``          model readiness
-``GET  /v2/models/{m}/config``         a Triton-style configuration (with ctzoo.json under ``parameters``)
+``GET  /v2/models/{m}/config``         Triton's ModelConfig as JSON (ctzoo.json as text: ``parameters.ctzoo``)
 ``POST /v2/models/{m}/infer``          inference: JSON tensors and/or the binary tensor data extension
 ``POST /v2/repository/index``          the served models (Triton's repository extension, read-only)
 ``GET  /v2/perf/anomalies``             latest latency anomalies with their provenance windows (``perf`` on;
@@ -243,6 +243,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def body_reservation(request: Request, limit: int, inflight_limit: int) -> int:
+    """The bytes to reserve for a body while it is read: its ``Content-Length``, else (chunked) the upload
+    ``limit``, no more than the whole in-flight budget (:func:`read_body` refuses what passes ``limit``)."""
+    length = (request.headers.get("content-length") or "").strip()
+    return min(int(length) if length.isdigit() else limit, limit, inflight_limit)
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer", **(headers or {})} if status == 401 else headers
     return JSONResponse({"error": message}, status_code=status, headers=headers)
@@ -260,7 +267,8 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
     ``backend``: ``onnx`` (each model's exported graph in ONNX Runtime) or ``torch`` (its bundle's network in
     PyTorch, in ``precision``); ``device``, ``threads``, ``tensorrt``: see :func:`load_repository`.
     ``tokens``: accepted bearer tokens; at least one is required unless ``insecure_no_auth``. ``max_batch_size``
-    and ``max_queue_delay_ms`` override each model's ctzoo.json; ``batching=False`` runs every request alone.
+    and ``max_queue_delay_ms`` override each model's ctzoo.json (for the batcher, request validation and
+    ``/config`` alike); ``batching=False`` runs every request alone.
     ``limits``: the per-request budget (:mod:`ctzoo.serve.budget`; default :class:`ServeLimits`()). ``perf``: a
     :class:`~ctzoo.perf.PerfMonitor` judging every request's stages (decode, queue, model, encode) in situ; its
     anomalies are counted in /metrics and listed by ``/v2/perf/anomalies`` and ``/v2/perf/stats``.
@@ -277,9 +285,9 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
                              precision=precision)
     metrics = ServeMetrics()
     for model in models.values():
-        model.batcher = MicroBatcher(model.name, model.run, max_batch_size or model.max_batch_size,
-                                     model.max_queue_delay_ms if max_queue_delay_ms is None else max_queue_delay_ms,
-                                     enabled=batching, observer=metrics, max_elements=limits.max_tensor_elements)
+        model.override_batching(max_batch_size, max_queue_delay_ms, batching)
+        model.batcher = MicroBatcher(model.name, model.run, model.max_batch_size, model.max_queue_delay_ms,
+                                     enabled=model.batching, observer=metrics, max_elements=limits.max_tensor_elements)
         metrics.queue_depth(model.name, 0)
     if not tokens:
         logger.warning("authentication is OFF (insecure_no_auth): anyone who reaches the port can use the models")
@@ -288,6 +296,7 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
     async def lifespan(app: FastAPI):
         app.state.ready = True
         yield
+        # uvicorn has closed its port by now (new probes cannot connect); an in-process caller still sees 503
         app.state.ready = False
         lifecycle_logger.info("ctzoo serve: shutting down (%d requests served)", metrics.served)
         for model in models.values():
@@ -373,17 +382,21 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
                              status=504) from None
 
     async def _infer(model: ServedModel, request: Request) -> Response:
-        arrived = time.perf_counter()
-        async with budget.slot(model.name):
-            admit_s = time.perf_counter() - arrived  # waiting for one of the model's request slots
-            content_encoding(request.headers.get("content-encoding"))  # 415 before the body is read
+        # the body is read before the model's slot is taken (a client still uploading holds no slot, so slow
+        # uploads cannot lock the model), under its memory reservation and the request's deadline
+        content_encoding(request.headers.get("content-encoding"))  # 415 before the body is read
+        announced = body_reservation(request, settings.max_upload_bytes, limits.max_inflight_bytes)
+        async with budget.reserve(announced, "the request body"):
             body = await read_body(request, settings.max_upload_bytes)
             inflated, held = await run_in_threadpool(request_budget, body, request.headers.get("content-encoding"),
                                                      request.headers.get(HEADER_LENGTH),
                                                      min(settings.max_upload_bytes, limits.max_tensor_bytes),
                                                      limits.check_tensor_shape, limits.max_tensor_elements)
-            async with budget.reserve(held, "the request"):
-                return await _decode_and_run(model, request, body, inflated, admit_s)
+            arrived = time.perf_counter()
+            async with budget.slot(model.name):
+                admit_s = time.perf_counter() - arrived  # waiting for one of the model's request slots
+                async with budget.reserve(held, "the request", held=announced):
+                    return await _decode_and_run(model, request, body, inflated, admit_s)
 
     async def _decode_and_run(model: ServedModel, request: Request, body: bytes, inflated: int,
                               admit_s: float) -> Response:

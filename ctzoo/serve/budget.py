@@ -7,8 +7,10 @@
   any non-batch axis, checked on the declared shapes before any tensor is built (413); a compressed body may
   inflate to the bytes those limits allow, no more; its JSON may hold no more numbers than those elements
   (and some slack for shapes and parameters), counted before it is parsed (413).
-* **In flight**: at most ``max_requests_per_model`` requests per model are being worked on at once, and the
-  bytes they are expected to decode, summed over the whole server, stay under ``max_inflight_mb``. A request
+* **In flight**: at most ``max_requests_per_model`` requests per model are being worked on at once (a tensor
+  request takes its place once its body has arrived, so clients still uploading never lock a model), and the
+  bytes they are expected to decode, summed over the whole server, stay under ``max_inflight_mb`` (a tensor
+  request's body is reserved while it is read: its ``Content-Length``, else the upload limit). A request
   that does not fit waits (up to ``queue_wait_s``, inside its own deadline); then it gets 503 with
   ``Retry-After``. One that could never fit (alone over ``max_inflight_mb``) gets 413 at once.
 
@@ -116,14 +118,17 @@ class InflightBudget:
             semaphore.release()
 
     @asynccontextmanager
-    async def reserve(self, nbytes: int, what: str):
+    async def reserve(self, nbytes: int, what: str, held: int = 0):
         """``nbytes`` of the server's ``max_inflight_mb`` held while the block runs: 413 when it could never
-        fit, waits while others hold too much, 503 with Retry-After after ``queue_wait_s``."""
+        fit, waits while others hold too much, 503 with Retry-After after ``queue_wait_s``. ``held``: bytes an
+        enclosing reservation of the same request holds already (its body's, while it was read): only the rest
+        is added."""
         total = self.limits.max_inflight_bytes
         if nbytes > total:
             raise ServeError(f"{what} needs about {nbytes / (1 << 20):,.0f} MiB, over the server's "
                              f"{self.limits.max_inflight_mb:g} MiB in flight (raise it with --max-inflight-mb)",
                              status=413)
+        nbytes = max(0, nbytes - held)
         changed = self._condition()
         async with changed:
             try:

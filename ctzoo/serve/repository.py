@@ -70,7 +70,8 @@ def _config_specs(entries: list[dict], found: list[TensorSpec], kind: str, folde
 class ServedModel:
     """One model of the repository: ``name``, ``folder``, ``version``, ``config`` (ctzoo.json), ``engine`` (what
     runs it, :mod:`ctzoo.serve.engines`), ``bundle`` (the torch backend's, else None), ``inputs``/``outputs``
-    (:class:`TensorSpec`), ``max_batch_size``, ``max_queue_delay_ms`` and, once the app set it up, ``batcher``.
+    (:class:`TensorSpec`), ``max_batch_size``, ``max_queue_delay_ms``, ``batching`` (ctzoo.json's, unless
+    :meth:`override_batching` replaced them) and, once the app set it up, ``batcher``.
     ``runtime``: how it runs (:class:`~ctzoo.serve.engines.Runtime`; a torch runtime's precision resolved)."""
 
     def __init__(self, folder: Path, runtime: Runtime = Runtime()) -> None:
@@ -102,10 +103,20 @@ class ServedModel:
             if "outputs" in self.config else found_out
         self.max_batch_size = int(self.config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
         self.max_queue_delay_ms = float(self.config.get("max_queue_delay_ms", DEFAULT_QUEUE_DELAY_MS))
+        self.batching = True  # dynamic batching: off with ctzoo serve --no-batching (override_batching)
         self.size_multiple = int((self.config.get("input_spec") or {}).get("size_multiple", 1))
         self.batcher: MicroBatcher | None = None
         logger.info("model %s version %s: %s%s", self.name, self.version, self.engine.describe(),
                     f" ({self.precision_reason})" if self.precision_reason else "")
+
+    def override_batching(self, max_batch_size: int | None = None, max_queue_delay_ms: float | None = None,
+                          enabled: bool = True) -> None:
+        """The service's batching options (``--max-batch-size``, ``--max-queue-delay-ms``, ``--no-batching``) in
+        place of ctzoo.json's, where given: the one source the batcher, :meth:`validate` and
+        :meth:`triton_config` read."""
+        self.max_batch_size = max_batch_size or self.max_batch_size
+        self.max_queue_delay_ms = self.max_queue_delay_ms if max_queue_delay_ms is None else max_queue_delay_ms
+        self.batching = enabled
 
     def profile_run(self, members: list[dict[str, np.ndarray]]) -> ProfiledRun:
         """A batch's requests (``members``: their validated inputs) merged and run again under the engine's
@@ -121,16 +132,22 @@ class ServedModel:
                 "inputs": [s.metadata() for s in self.inputs], "outputs": [s.metadata() for s in self.outputs]}
 
     def triton_config(self) -> dict[str, Any]:
-        """A Triton-style model configuration (what ``tritonclient``'s ``get_model_config`` expects)."""
+        """The model's configuration as Triton's ``ModelConfig`` in JSON (what ``tritonclient``'s
+        ``get_model_config`` gets; it parses into ``model_config_pb2.ModelConfig``): the batching the service
+        applies (no ``dynamic_batching`` when it is off), ctzoo.json as JSON text in
+        ``parameters.ctzoo.string_value``."""
         def dims(spec: TensorSpec) -> dict[str, Any]:
             return {"name": spec.name, "data_type": f"TYPE_{spec.datatype}",
                     "dims": list(spec.shape[1:])}
-        return {"name": self.name, "platform": self.engine.platform,
-                "backend": "onnxruntime" if self.engine.kind == "onnx" else "pytorch",
-                "max_batch_size": self.max_batch_size, "input": [dims(s) for s in self.inputs],
-                "output": [dims(s) for s in self.outputs],
-                "dynamic_batching": {"max_queue_delay_microseconds": int(self.max_queue_delay_ms * 1000)},
-                "parameters": {"ctzoo": self.config}}
+        config = {"name": self.name, "platform": self.engine.platform,
+                  "backend": "onnxruntime" if self.engine.kind == "onnx" else "pytorch",
+                  "max_batch_size": self.max_batch_size, "input": [dims(s) for s in self.inputs],
+                  "output": [dims(s) for s in self.outputs],
+                  # Triton's ModelParameter: a string; ctzoo.json travels as JSON text
+                  "parameters": {"ctzoo": {"string_value": json.dumps(self.config, separators=(",", ":"))}}}
+        if self.batching:
+            config["dynamic_batching"] = {"max_queue_delay_microseconds": int(self.max_queue_delay_ms * 1000)}
+        return config
 
     # -------------------------------------------------------------------------------------------- checks
 

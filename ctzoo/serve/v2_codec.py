@@ -6,12 +6,13 @@ headers. Only the protocol is checked here (structure, datatypes, shapes against
 the tensors fit a model is :meth:`ctzoo.serve.repository.ServedModel.validate`'s job.
 
 JSON tensors: ``{"name", "shape", "datatype", "data", "parameters"?}`` with ``data`` the row-major flattened
-elements (a nested list of the right shape is accepted too).
+elements, or nested exactly as ``shape``; JSON numbers only (integers for an integer datatype, booleans for BOOL:
+no string, boolean or null is coerced). ``binary_data`` and ``binary_data_output`` must be true or false.
 
 Binary tensor data extension (as ``tritonclient.http`` speaks it):
 
-* request: header ``Inference-Header-Content-Length: N``; the first ``N`` bytes of the body are the JSON
-  request, the rest the raw little-endian row-major bytes of every input whose ``parameters`` hold
+* request: header ``Inference-Header-Content-Length: N`` (N >= 1: 0 is refused); the first ``N`` bytes of the
+  body are the JSON request, the rest the raw little-endian row-major bytes of every input whose ``parameters`` hold
   ``binary_data_size``, back to back in the order of ``inputs``. A body compressed with ``Content-Encoding:
   gzip`` or ``deflate`` is inflated first (see :func:`inflate`; the size limit applies to the inflated bytes);
   any other encoding (br, zstd...) is 415 before the body is read (:func:`content_encoding`).
@@ -38,6 +39,7 @@ import json
 import math
 import zlib
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -214,6 +216,8 @@ def _header_length(value: str | None, body_size: int) -> int | None:
     if not (digits.isascii() and digits.isdigit()):
         raise ServeError(f"{HEADER_LENGTH} must be a non-negative integer, got {value!r:.40}")
     length = int(digits)
+    if length == 0:  # never a request: and zlib reads max_length 0 as "no limit" (an unbounded inflation)
+        raise ServeError(f"{HEADER_LENGTH} is 0: the inference header (the JSON request) is empty")
     if length > body_size:
         raise ServeError(f"{HEADER_LENGTH} is {length} but the body has only {body_size} bytes")
     return length
@@ -244,20 +248,57 @@ def _dtype(value: Any, where: str) -> np.dtype:
     return DATATYPES[value]
 
 
-def _json_data(data: Any, shape: tuple[int, ...], dtype: np.dtype, where: str) -> np.ndarray:
+#: What JSON calls the values of each Python type a parsed value can have, for messages
+_JSON_VALUES = {str: "strings", bool: "booleans", type(None): "null", list: "arrays", dict: "objects",
+                int: "numbers", float: "numbers"}
+
+
+def _row_major_elements(data: Any, shape: tuple[int, ...], where: str) -> list:
+    """The elements of a tensor's JSON ``data``: flat (exactly as many as ``shape`` needs) or nested exactly as
+    ``shape`` (every level a list of the declared length). Walked a level at a time, in C (``map``, ``chain``),
+    never a Python step per element."""
     if not isinstance(data, list):
         raise ServeError(f"{where}.data must be a list of numbers")
     expected = math.prod(shape)
-    if data and not isinstance(data[0], list) and len(data) != expected:  # flat: refused before it is copied
-        raise ServeError(f"{where}.data has {len(data)} elements but shape {list(shape)} needs {expected}")
+    if not data or not isinstance(data[0], list):  # flat
+        if len(data) != expected:
+            raise ServeError(f"{where}.data has {len(data)} elements but shape {list(shape)} needs {expected}")
+        return data
+    level = [data]
+    for depth, size in enumerate(shape):
+        if level and (set(map(type, level)) != {list} or set(map(len, level)) != {size}):
+            raise ServeError(f"{where}.data is nested but its level {depth} does not hold lists of {size} (shape "
+                             f"{list(shape)}): send the elements flat, or nested exactly as the shape")
+        level = list(chain.from_iterable(level))
+    return level
+
+
+def _json_data(data: Any, shape: tuple[int, ...], dtype: np.dtype, where: str) -> np.ndarray:
+    """A JSON tensor's data as an array: JSON numbers only (integers for an integer datatype), booleans only for
+    BOOL; never a string, boolean or null coerced into a number."""
+    elements = _row_major_elements(data, shape, where)
+    allowed = {bool} if dtype.kind == "b" else {int} if dtype.kind in "iu" else {int, float}
+    wrong = set(map(type, elements)) - allowed
+    if wrong:
+        found = sorted({_JSON_VALUES.get(kind, kind.__name__) for kind in wrong})
+        if dtype.kind in "iu":
+            found = ["non-integer numbers" if kind == "numbers" else kind for kind in found]
+        takes = "true or false" if dtype.kind == "b" else "integers" if dtype.kind in "iu" else "numbers"
+        hint = " (NaN and infinity can only be sent as binary data)" if "null" in found else ""
+        raise ServeError(f"{where}.data holds {' and '.join(found)}, but {datatype_of(dtype)} takes only "
+                         f"{takes}{hint}")
     try:
-        array = np.asarray(data, dtype=dtype)
-    except (TypeError, ValueError, OverflowError):
-        raise ServeError(f"{where}.data must be a (possibly nested) list of numbers of type "
-                         f"{datatype_of(dtype)}") from None
-    if array.size != expected:
-        raise ServeError(f"{where}.data has {array.size} elements but shape {list(shape)} needs {expected}")
-    return array.reshape(shape)
+        return np.asarray(elements, dtype=dtype).reshape(shape)
+    except OverflowError:
+        raise ServeError(f"{where}.data holds a number out of the range of {datatype_of(dtype)}") from None
+
+
+def _flag(params: dict, name: str, where: str) -> bool:
+    """A boolean parameter (absent: False); 400 for anything but true or false (the string "false" is not)."""
+    value = params.get(name, False)
+    if not isinstance(value, bool):
+        raise ServeError(f"{where}.parameters.{name} must be true or false, got {json.dumps(value)!s:.40}")
+    return value
 
 
 def decode_request(body: bytes, header_length: str | None,
@@ -326,7 +367,7 @@ def decode_request(body: bytes, header_length: str | None,
         raise ServeError(f"the body has {len(body) - offset} bytes after the JSON and the binary tensors it "
                          "announces")
     decoded = DecodedRequest(inputs, request_id)
-    decoded.binary_default = bool(_parameters(request, "request").get("binary_data_output", False))
+    decoded.binary_default = _flag(_parameters(request, "request"), "binary_data_output", "request")
     outputs = request.get("outputs")
     if outputs is not None:
         if not isinstance(outputs, list):
@@ -335,13 +376,14 @@ def decode_request(body: bytes, header_length: str | None,
         for index, entry in enumerate(outputs):
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
                 raise ServeError(f"outputs[{index}] must be an object with a name")
-            params = _parameters(entry, f"output {entry['name']!r}")
+            where = f"output {entry['name']!r}"
+            params = _parameters(entry, where)
             if params.get("classification"):
                 raise ServeError("the classification extension is not supported")
             if entry["name"] not in decoded.outputs:
                 decoded.outputs.append(entry["name"])
             if "binary_data" in params:
-                decoded.binary[entry["name"]] = bool(params["binary_data"])
+                decoded.binary[entry["name"]] = _flag(params, "binary_data", where)
     return decoded
 
 
