@@ -555,3 +555,39 @@ def _ready(url: str) -> bool:
         return httpx.get(url + "/v2/health/ready").status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_uploads_held_open_mid_body_do_not_lock_other_studies_out(repository, small_nifti, tmp_path):
+    """The model's slot was taken before the upload was read: max-requests-per-model clients trickling their
+    uploads held every slot and everyone else got 503. Now an upload holds memory only, the slot once it is in."""
+    import asyncio
+
+    from ctzoo.serve.app import create_app
+    from ctzoo.serve.budget import ServeLimits
+    from ctzoo.serve.studies import study_router
+
+    app = create_app(repository, [TOKEN], device="cpu", extra_routers=[study_router("cpu", state_dir=tmp_path)],
+                     limits=ServeLimits(max_requests_per_model=1, queue_wait_s=1.0))
+    body = small_nifti.read_bytes()
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def held_open():  # a part of the upload, then nothing until released
+            yield body[:10]
+            await release.wait()
+            yield body[10:]
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as http:
+            slow = asyncio.ensure_future(http.post("/studies/recistnet-mini", content=held_open(),
+                                                   headers={**AUTH, "Content-Length": str(len(body))}))
+            await asyncio.sleep(0.3)
+            assert not slow.done()  # still uploading
+            response = await http.post("/studies/recistnet-mini", content=body, headers=AUTH)
+            assert response.status_code == 200, response.text
+            release.set()
+            assert (await slow).status_code == 200
+        assert app.state.budget.reserved == 0
+
+    asyncio.run(scenario())

@@ -68,7 +68,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ctzoo.perf import event_key, request_hash
-from ctzoo.serve.app import read_body
+from ctzoo.serve.app import body_reservation, read_body
 from ctzoo.serve.budget import study_bytes
 from ctzoo.serve.v2_codec import ServeError
 
@@ -325,32 +325,42 @@ def study_router(device: str = "auto", threads: int | None = None, state_dir: st
         limits = settings.limits.volume
         bundle = await run_in_threadpool(tasks.bundle, model)
         check_output_format(output_format, bundle.task)
-        async with budget.slot(model.name):
+        # the upload is read before the model's slot is taken (a client still uploading holds no slot, so slow
+        # uploads cannot lock the model out), under a memory reservation for it
+        announced = body_reservation(request, settings.max_upload_bytes, budget.limits.max_inflight_bytes)
+        async with budget.reserve(announced, "the upload"):
             started, clock = time.time(), time.perf_counter()  # the upload stage: not the wait for a slot
             body = await read_body(request, settings.max_upload_bytes)
             suffix = upload_suffix(body)
             check_output_format(output_format, bundle.task, suffix)
             size = len(body)
-            folders.remove_stale()
-            folder = folders.new()
-            handed_over = False
-            watcher = asyncio.ensure_future(_cancel_when_gone(request.receive, cancel))
-            try:
-                await run_in_threadpool((folder / f"upload{suffix}").write_bytes, body)
-                del body
-                voxels, slices = await run_in_threadpool(declared_study_size, folder / f"upload{suffix}", limits)
-                upload_timing = None if perf is None else UploadTiming(
-                    started, time.perf_counter() - clock, _upload_context(request, size, suffix, voxels))
-                async with budget.reserve(study_bytes(voxels, slices, canvas_pixels(bundle)), "the study"):
-                    task = await run_in_threadpool(tasks.get, model, bundle, score_threshold)
-                    handed_over = True  # from here the worker thread owns the folder, even if we are cancelled
-                    return await _held_until_done(asyncio.ensure_future(run_in_threadpool(
-                        run_study, task, folder, suffix, output_format, limits, cancel, perf, upload_timing,
-                        decoder)), cancel)
-            finally:
-                watcher.cancel()
-                if not handed_over:
-                    shutil.rmtree(folder, ignore_errors=True)
+            upload_s = time.perf_counter() - clock
+            async with budget.slot(model.name):
+                stored_clock = time.perf_counter()  # storing it and reading its header count as the upload too
+                folders.remove_stale()
+                folder = folders.new()
+                handed_over = False
+                watcher = asyncio.ensure_future(_cancel_when_gone(request.receive, cancel))
+                try:
+                    await run_in_threadpool((folder / f"upload{suffix}").write_bytes, body)
+                    del body
+                    voxels, slices = await run_in_threadpool(declared_study_size, folder / f"upload{suffix}",
+                                                             limits)
+                    upload_timing = None if perf is None else UploadTiming(
+                        started, upload_s + time.perf_counter() - stored_clock,
+                        _upload_context(request, size, suffix, voxels))
+                    # the upload's bytes are on disk now: the study's reservation replaces theirs
+                    async with budget.reserve(study_bytes(voxels, slices, canvas_pixels(bundle)), "the study",
+                                              held=announced):
+                        task = await run_in_threadpool(tasks.get, model, bundle, score_threshold)
+                        handed_over = True  # from here the worker thread owns the folder, even if we are cancelled
+                        return await _held_until_done(asyncio.ensure_future(run_in_threadpool(
+                            run_study, task, folder, suffix, output_format, limits, cancel, perf, upload_timing,
+                            decoder)), cancel)
+                finally:
+                    watcher.cancel()
+                    if not handed_over:
+                        shutil.rmtree(folder, ignore_errors=True)
 
     return router
 
