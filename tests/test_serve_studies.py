@@ -25,7 +25,7 @@ from fastapi.responses import Response
 from fastapi.testclient import TestClient
 from orthanc_server import free_port
 from perf_checks import assert_no_identifiers
-from upload_builders import zip_bytes
+from upload_builders import held_open, zip_bytes
 
 from ctzoo.datasets.samples import sample_ct_dicom
 from ctzoo.io import read_volume, write_volume
@@ -573,14 +573,10 @@ def test_uploads_held_open_mid_body_do_not_lock_other_studies_out(repository, sm
     async def scenario():
         release = asyncio.Event()
 
-        async def held_open():  # a part of the upload, then nothing until released
-            yield body[:10]
-            await release.wait()
-            yield body[10:]
 
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as http:
-            slow = asyncio.ensure_future(http.post("/studies/recistnet-mini", content=held_open(),
+            slow = asyncio.ensure_future(http.post("/studies/recistnet-mini", content=held_open(body, release),
                                                    headers={**AUTH, "Content-Length": str(len(body))}))
             await asyncio.sleep(0.3)
             assert not slow.done()  # still uploading

@@ -12,12 +12,13 @@ import zlib
 import httpx
 import numpy as np
 import pytest
+import test_serve
+from test_serve import AUTH, DET, TOKEN, _binary_outputs, _binary_request
+from upload_builders import held_open
 
 from ctzoo.serve.app import create_app
 from ctzoo.serve.budget import ServeLimits
 from ctzoo.serve.v2_codec import ServeError, decode_request, request_budget
-from tests import test_serve
-from tests.test_serve import AUTH, DET, TOKEN, _binary_outputs, _binary_request
 
 repo = test_serve.repo  # the exported repository (a module fixture: exported once for this module too)
 
@@ -59,13 +60,9 @@ def test_uploads_held_open_mid_body_do_not_lock_other_clients_out_of_the_model(r
     async def scenario():
         release = asyncio.Event()
 
-        async def held_open():  # a part of the body, then nothing until released
-            yield body[:10]
-            await release.wait()
-            yield body[10:]
 
         async with _asgi(app) as http:
-            slow = [asyncio.ensure_future(http.post(url, content=held_open(),
+            slow = [asyncio.ensure_future(http.post(url, content=held_open(body, release),
                                                     headers={**headers, "Content-Length": str(len(body))}))
                     for _ in range(2)]
             await asyncio.sleep(0.3)  # both uploads are mid-body

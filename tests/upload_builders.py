@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zipfile
+from collections.abc import AsyncIterator
 
 
 def mha_header(data_file: str, size: str = "512 512 512") -> bytes:
@@ -32,3 +33,10 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
         for name, data in members.items():
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+async def held_open(body: bytes, release) -> AsyncIterator[bytes]:
+    """``body`` sent in part, the rest once ``release`` (an ``asyncio.Event``) is set: a client still uploading."""
+    yield body[:10]
+    await release.wait()
+    yield body[10:]
