@@ -17,7 +17,7 @@ from ctzoo.models.recistnet import RecistNet
 from ctzoo.scaling.placement.execute import check_plan_for_run, follow_devices, move_to, place_model
 from ctzoo.scaling.placement.graph import PlacementError, Plan, parse_devices
 from ctzoo.scaling.placement.profile import is_basic_block, measure_comm, node_names, profile_model, trace_model
-from ctzoo.scaling.zoo_expand import expanded_structure
+from ctzoo.scaling.zoo_expand import EXPANSION_METHOD, expanded_structure
 from ctzoo.training.placement import bundle_example_inputs, load_model_for_placement
 
 TWO_CPUS = parse_devices("cpu:0=4GiB,cpu:1=4GiB")
@@ -41,7 +41,7 @@ def zoo_model(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
 def lemon_model() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     """A small RECIST-Net grown by LEMON (x1.5 width, one identity block after each residual block)."""
     record = {"architecture": {"builder": "recistnet", "kwargs": {"in_channels": 3, "width": 8, "head_channels": 16}},
-              "expansion": {"width_mult": 1.5, "depth_add": 1, "seed": 0}}
+              "expansion": {"width_mult": 1.5, "depth_add": 1, "seed": 0, "method": EXPANSION_METHOD}}
     model = expanded_structure(record)
     return model, detector_inputs(model)
 
