@@ -415,7 +415,10 @@ async def _concurrent(app, inputs: list[np.ndarray]) -> list[dict[str, np.ndarra
 
 @pytest.mark.parametrize("batching", [True, False], ids=["batching", "no-batching"])
 def test_micro_batching(repo, sessions, batching):
-    app = create_app(repo, [TOKEN], device="cpu", threads=1, max_queue_delay_ms=50, batching=batching)
+    # every request may be worked on at once (a merged batch holds at most --max-requests-per-model), and the
+    # queue waits long enough that a loaded machine still merges them: the count is then not a race
+    app = create_app(repo, [TOKEN], device="cpu", threads=1, max_queue_delay_ms=200, batching=batching,
+                     limits=ServeLimits(max_requests_per_model=16))
     rng = np.random.default_rng(1)
     # 8 requests of one size and 3 of another: only same-shaped requests may merge
     inputs = [rng.random((1, 9, 64, 64), np.float32) for _ in range(8)]
