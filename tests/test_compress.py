@@ -464,3 +464,38 @@ def test_logged_bytes_are_the_bytes_exchanged_at_4_workers(tmp_path):
     assert sign["down"] - 4 * n - 3 * 4 * small == 3 * (sign["up"] - 4 * n - 3 * 4 * small)  # 3 others' payloads
     assert results[0]["none"]["logged"]["up"] == results[0]["none"]["logged"]["down"] == BYTE_STEPS * 4 * n
     assert results[0]["powersgd"]["logged"]["up"] < BYTE_STEPS * 4 * n
+
+
+# ------------------------------------------------------------------------------------- one process, in this one
+
+
+@pytest.fixture
+def one_worker(tmp_path):
+    """A gloo process group of this process alone: DDP runs its hooks, collectives move nothing."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield
+    gc.collect()  # DDP's reducer must go before the process group does
+    dist.destroy_process_group()
+
+
+def test_cser_at_ratio_1_moves_plain_ddps_bytes(one_worker):
+    """At ratio 1 every step averages the whole gradient and the workers' models never differ: no resets, no final
+    average, no consensus, so the bytes are uncompressed DDP's 8 n a step (they were 25 % more here: the resets
+    and the final average)."""
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    setup = setup_compression(ddp, torch.optim.AdamW(model.parameters(), lr=1e-3),
+                              CompressionConfig(compression="cser", ratio=1.0, period=4, reset_ratio=0.5))
+    x, y = _data(0, 64)
+    for step in range(8):
+        loss = nn.functional.cross_entropy(ddp(x[8 * step: 8 * step + 8]), y[8 * step: 8 * step + 8])
+        setup.optimizer.zero_grad()
+        loss.backward()
+        setup.optimizer.step()
+    setup.optimizer.finish_training()
+    n = sum(p.numel() for p in model.parameters())
+    assert setup.stats.per_step() == setup.stats.uncompressed_per_step() == 8 * n
+    with setup.consensus() as consensus_bytes:
+        assert consensus_bytes == 0
+    del ddp, setup
+

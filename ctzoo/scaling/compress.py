@@ -199,6 +199,12 @@ class CSERState(_HookState):
     period: int = 16
     reset_ratio: float = 0.25
 
+    @property
+    def synchronous(self) -> bool:
+        """``ratio >= 1``: every step averages the whole gradient, so the workers' models never differ and the
+        resets, the final average and the per-epoch consensus would move bytes for nothing."""
+        return self.ratio >= 1
+
 
 def cser_hook(state: CSERState, bucket):  # -> Future[Tensor]; unannotated: DDP checks the annotation object
     """Average one random block (``state.ratio``) of the bucket over workers; keep the rest of it local."""
@@ -233,14 +239,17 @@ class CSERModelSync:
     def step(self, closure=None):
         loss = self.optimizer.step(closure)
         self.steps += 1
-        if self.steps % self.state.period == 0:
+        if self.steps % self.state.period == 0 and not self.state.synchronous:
             self.reset()
         return loss
 
     @torch.no_grad()
     def finish_training(self) -> None:
         """Average the whole model over the workers (counted): after the last step the local models still differ
-        by their residual errors, and the trained model is their consensus, the same on every worker."""
+        by their residual errors, and the trained model is their consensus, the same on every worker. Nothing
+        to do at ``ratio >= 1``, whose models agree already."""
+        if self.state.synchronous:
+            return
         flat = torch.nn.utils.parameters_to_vector(self.parameters)
         dist.all_reduce(flat, group=self.state.group)
         torch.nn.utils.vector_to_parameters(flat / self.state.world, self.parameters)
@@ -383,7 +392,7 @@ class Compression:
         average (every floating-point parameter and buffer), which its evaluation and checkpoints then see, and
         its own values come back after it, so training goes on exactly as before. Yields the bytes each worker
         sent worker 0 for it (one reduce of the model); 0 in the synchronous modes, whose models agree already."""
-        if not isinstance(self.hook_state, CSERState):
+        if not isinstance(self.hook_state, CSERState) or self.hook_state.synchronous:
             yield 0
             return
         tensors = [t for t in self.optimizer.model.state_dict().values() if t.is_floating_point()]
