@@ -290,25 +290,33 @@ class TwoWayState(_HookState):
             return [(bucket.index(), i) for i in range(len(views))]
         return [self.names.get(id(param), (bucket.index(), i)) for i, param in enumerate(params)]
 
-    def momentum_of(self, bucket, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each tensor's local preconditioned momentum (adaptive mode, after the warm-up)."""
+    def exchanged(self, bucket, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[bool]]:
+        """What each tensor of the bucket exchanges, and whether uncompressed. With SGD: its gradient, plain for
+        the first ``warmup_steps``. With Adam: a parameter past its own warm-up its local preconditioned momentum,
+        compressed; one that has not had ``warmup_steps`` Adam steps yet (it got no gradient during the warm-up)
+        its gradient, plain, since it has no variance to precondition with (see
+        :mod:`ctzoo.scaling.compressed_adam`; the Adam wrapper steps it as plain Adam the same way)."""
+        if self.adam is None:
+            return views, [self.step < self.warmup_steps] * len(views)
         params = bucket.parameters()
         if len(params) != len(views):
-            raise RuntimeError("two-way compression with Adam needs a bucket split per parameter")
-        return [self.adam.local_momentum(param, view) for param, view in zip(params, views)]
+            if any(self.adam.compresses(param) for param in params):
+                raise RuntimeError("two-way compression with Adam needs a bucket split per parameter")
+            return views, [True] * len(views)
+        momentum = [self.adam.compresses(param) for param in params]
+        return ([self.adam.local_momentum(param, view) if past else view
+                 for param, view, past in zip(params, views, momentum)], [not past for past in momentum])
 
 
 def twoway_hook(state: TwoWayState, bucket):  # -> Future[Tensor]
     """Worker compression with error feedback, exchange, server re-compression with its own error feedback;
-    per parameter tensor of the bucket (tensors under ``state.min_numel`` values are averaged uncompressed).
-    In adaptive mode the exchanged tensors are the workers' local Adam momenta once the warm-up is over."""
+    per parameter tensor of the bucket (tensors under ``state.min_numel`` values, and all of them during the
+    warm-up, are averaged uncompressed). In adaptive mode the exchanged tensors are the workers' local Adam
+    momenta once each parameter's warm-up is over (:meth:`TwoWayState.exchanged`)."""
     gradients = bucket.buffer()
     seed = state.bucket_seed(bucket.index())
-    views = gradients.split(_segments(bucket, gradients))
-    warming = state.step < state.warmup_steps  # uncompressed while Adam's second moment settles
-    if state.adam is not None and not warming:
-        views = state.momentum_of(bucket, list(views))
-    small = [i for i, view in enumerate(views) if view.numel() < state.min_numel or warming]
+    views, warming = state.exchanged(bucket, list(gradients.split(_segments(bucket, gradients))))
+    small = [i for i, view in enumerate(views) if view.numel() < state.min_numel or warming[i]]
     large = [i for i in range(len(views)) if i not in small]
     out = list(views)
     if small:
