@@ -4,14 +4,20 @@ two-way compressed method, each a real ``torchrun`` run of ``ctzoo train`` (gloo
 The model is the template segmenter (``configs/template_seg_abdomen.yaml``, its UNet baseline off), trained with
 ``--nproc`` processes for ``--epochs`` epochs from the same seed; accuracy is the validation Dice (mean over the
 organs) of the last and the best epoch. Bytes are what each worker sends plus receives per optimiser step, as
-``ctzoo train`` logs them (``comm_bytes_per_step`` in metrics.csv; see ``ctzoo.scaling.compress``: an all-gather
-counts the worker's payload sent and the ``--nproc - 1`` others' received, an all-reduce its size each way), so the
-two-way methods' bytes grow with ``--nproc``; "reduction" is against the uncompressed all-reduce measured in the
-same run. Time per step at 1, 10 and 25 Gbit/s is an estimate: the measured compute time per step (this machine, all
-processes) plus the bytes over the link, with no overlap of communication and computation.
+``ctzoo train`` logs them, averaged over the run: the training exchange (``comm_bytes_per_step`` in metrics.csv,
+CSER's final whole-model average included; see ``ctzoo.scaling.compress``: an all-gather counts the worker's payload
+sent and the ``--nproc - 1`` others' received, an all-reduce its size each way), so the two-way methods' bytes grow
+with ``--nproc``; plus CSER's per-epoch consensus (``consensus_bytes``: one model each worker sends worker 0 so that
+it validates and saves the workers' average), counted once per worker as logged, and shown in a column of its own.
+"reduction" is the uncompressed all-reduce's total against the method's, both measured in the same benchmark; with
+no successful uncompressed run the columns against it are left out. Time per step at 1, 10 and 25 Gbit/s is an
+estimate: the training time per step (the sum of the epochs' ``train_s``: the loader's batches, forward, backward,
+the gradient exchange as it ran on this machine, the optimiser step, and CSER's final average; not validation,
+checkpoints or the consensus), with the other runs of ``--parallel`` sharing the machine, plus the bytes over the
+link, with no overlap of communication and computation.
 
     python benchmarks/compress.py [--epochs 16] [--nproc 2] [--out benchmarks/results/compress.json]
-    python benchmarks/compress.py --device cuda --epochs 200 --eval-every 5 --parallel 10   # the README's
+    python benchmarks/compress.py --device cuda --epochs 200 --eval-every 5 --parallel 10   # docs/scaling.md's
 
 Needs the TotalSegmentator samples (``ctzoo data fetch-samples``).
 """
@@ -19,6 +25,7 @@ Needs the TotalSegmentator samples (``ctzoo data fetch-samples``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -76,22 +83,29 @@ def run(method: str, settings: dict, base: dict, folder: Path, args: argparse.Na
 def summarize(method: str, settings: dict, out: Path) -> dict:
     """One run's row, from the ``metrics.csv`` that ``ctzoo train`` wrote into ``out``."""
     rows = list(csv.DictReader((out / "template_seg" / "metrics.csv").open()))
-    curve, sent, previous = [], 0.0, 0  # (step, megabytes sent up + received down so far, val Dice)
+    curve = []  # (step, megabytes sent up + received down so far, consensus included, val Dice)
+    training = consensus = train_s = 0.0
+    previous = 0
     for row in rows:
-        sent += float(row["comm_bytes_per_step"]) * (int(row["step"]) - previous) / 1e6
+        training += float(row["comm_bytes_per_step"]) * (int(row["step"]) - previous)
+        consensus += float(row.get("consensus_bytes") or 0)  # CSER's, once per epoch; absent in the others
+        train_s += float(row["train_s"])
         previous = int(row["step"])
         if row.get("val_dice_mean"):
-            curve.append((previous, sent, float(row["val_dice_mean"])))
+            curve.append((previous, (training + consensus) / 1e6, float(row["val_dice_mean"])))
     dice = [point[2] for point in curve]
-    steps, wall = int(rows[-1]["step"]), float(rows[-1]["wall_s"])
+    if not dice:
+        raise RuntimeError(f"{method}: no validation Dice in {out / 'template_seg' / 'metrics.csv'}")
+    steps = int(rows[-1]["step"])
     return {"method": method, "settings": settings, "final_dice": dice[-1], "best_dice": max(dice),
-            "dice_curve": dice, "curve_step_mb_dice": curve, "steps": steps, "wall_s": wall,
-            "compute_s_per_step": wall / steps, "bytes_per_step": sent * 1e6 / steps,
+            "dice_curve": dice, "curve_step_mb_dice": curve, "steps": steps, "wall_s": float(rows[-1]["wall_s"]),
+            "compute_s_per_step": train_s / steps, "bytes_per_step": (training + consensus) / steps,
+            "training_bytes_per_step": training / steps, "consensus_bytes_per_step": consensus / steps,
             "reduction_reported": float(rows[-1]["comm_reduction"])}
 
 
-def plot(results: list[dict], reference: dict, path: Path) -> None:
-    """Validation Dice against optimiser steps and against the megabytes each worker moved."""
+def plot(results: list[dict], reference: dict | None, path: Path) -> None:
+    """Validation Dice against optimiser steps and against the megabytes each worker moved (consensus included)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,14 +114,15 @@ def plot(results: list[dict], reference: dict, path: Path) -> None:
     figure, (by_step, by_bytes) = plt.subplots(1, 2, figsize=(13, 5))
     for row in results:
         steps, megabytes, dice = zip(*row["curve_step_mb_dice"])
-        label = f"{row['method']} ({row['reduction']:.1f}x)"
+        label = f"{row['method']} ({row['reduction']:.1f}x)" if "reduction" in row else row["method"]
         by_step.plot(steps, dice, label=label, linewidth=2.5 if row is reference else 1.2)
         by_bytes.plot(megabytes, dice, label=label, linewidth=2.5 if row is reference else 1.2)
     low = min(min(row["dice_curve"]) for row in results)
+    top = (reference or max(results, key=lambda row: row["final_dice"]))["final_dice"]
     for axis, xlabel in ((by_step, "optimiser step"), (by_bytes, "MB sent + received per worker (log)")):
         axis.set_xlabel(xlabel)
         axis.set_ylabel("validation Dice (mean over organs)")
-        axis.set_ylim(max(low, reference["final_dice"] - 0.15), None)
+        axis.set_ylim(max(low, top - 0.15), None)
         axis.grid(alpha=0.3)
     by_bytes.set_xscale("log")
     by_step.legend(fontsize=8)
@@ -154,9 +169,11 @@ def train_all(args: argparse.Namespace) -> list[dict]:
                     return summarize(method, METHODS[method], folder / method)
                 print(f"{method}: torchrun x{args.nproc}, {args.epochs} epochs", flush=True)
                 row = run(method, METHODS[method], base, folder, args)
-            except (RuntimeError, OSError) as error:  # one failed method must not lose the others' runs
-                print(error, flush=True)
-                return {"method": method, "settings": METHODS[method], "error": str(error)[-2000:]}
+            # one failed method must not lose the others' runs (a kept run may be cut short or unreadable)
+            except (RuntimeError, OSError, KeyError, ValueError, IndexError) as error:
+                message = str(error) if isinstance(error, RuntimeError) else f"{method}: {error!r}"
+                print(message, flush=True)
+                return {"method": method, "settings": METHODS[method], "error": message[-2000:]}
             print(f"{method}: final Dice {row['final_dice']:.4f}, {row['bytes_per_step']:,.0f} bytes/step, "
                   f"{row['wall_s']:.0f} s", flush=True)
             return row
@@ -166,39 +183,66 @@ def train_all(args: argparse.Namespace) -> list[dict]:
 
 
 def report(results: list[dict], failed: list[dict], args: argparse.Namespace) -> None:
-    """Print the table against the uncompressed run, write the JSON and the plot beside it."""
-    reference = next((r for r in results if r["method"] == "none"), results[0])
-    print(f"\n{'method':<22} {'final Dice':>10} {'vs none':>8} {'best Dice':>9} {'bytes/step':>11} "
-          f"{'reduction':>9} " + " ".join(f"{f'ms/step@{g}G':>12}" for g in LINKS_GBIT))
-    for row in results:
-        row["reduction"] = reference["bytes_per_step"] / row["bytes_per_step"]
-        row["dice_vs_none"] = row["final_dice"] - reference["final_dice"]
-        row["within_1pct_of_none"] = row["final_dice"] >= 0.99 * reference["final_dice"]
-        row["ms_per_step"] = {str(g): 1000 * (row["compute_s_per_step"] + row["bytes_per_step"] * 8 / (g * 1e9))
-                              for g in LINKS_GBIT}
-        relative = 100 * row["dice_vs_none"] / reference["final_dice"]
-        print(f"{row['method']:<22} {row['final_dice']:>10.4f} {relative:>+7.1f}% {row['best_dice']:>9.4f} "
-              f"{row['bytes_per_step']:>11,.0f} {row['reduction']:>8.1f}x "
-              + " ".join(f"{row['ms_per_step'][str(g)]:>12.1f}" for g in LINKS_GBIT))
-    for row in failed:
-        print(f"{row['method']:<22} failed: {row['error'].strip().splitlines()[-1]}")
+    """Write the JSON (failures included) first, then the table against the uncompressed run and the plot; with no
+    successful uncompressed run the columns against it are left out, and with no successful run at all it stops
+    with the failures' count (after writing them)."""
     result = {"benchmark": "compress", "machine": platform.processor() or platform.machine(),
               "gpu": _gpu_name(args), "cpu_count": os.cpu_count(),
               "args": {k: str(v) for k, v in vars(args).items()},
-              "note": "final Dice: the last epoch's model (CSER: the workers' average); ms/step = measured "
-                      "compute per step (with --parallel runs sharing the machine) + bytes over the link, no "
-                      "overlap", "rows": results, "failed": failed}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+              "note": "bytes/step: training exchange (sent + received) + CSER's per-epoch consensus (sent to worker "
+                      "0), averaged over the run; final Dice: the last epoch's model (CSER: the workers' average); "
+                      "ms/step = training time per step (sum of train_s: no validation, checkpoints or consensus; "
+                      "--parallel runs sharing the machine) + bytes over the link, no overlap",
+              "baseline": None, "rows": results, "failed": failed}
+    write_json(result, args.out)
+    for row in failed:
+        print(f"{row['method']:<22} failed: {row['error'].strip().splitlines()[-1]}")
+    if not results:
+        raise SystemExit(f"every method failed ({len(failed)}): nothing to tabulate; wrote {args.out}")
+    reference = next((row for row in results if row["method"] == "none"), None)
+    if reference is None:
+        print("no successful uncompressed run ('none'): the columns against it are left out")
+    else:
+        result["baseline"] = "none"
+    print_table(results, reference)
+    write_json(result, args.out)
     plot(results, reference, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def write_json(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+
+
+def print_table(results: list[dict], reference: dict | None) -> None:
+    """Print one line per method and add the derived columns to its row: ms/step per link speed, and against the
+    uncompressed ``reference`` (when there is one) the reduction and the Dice difference."""
+    against = f"{'vs none':>8} " if reference else ""
+    print(f"\n{'method':<22} {'final Dice':>10} {against}{'best Dice':>9} {'bytes/step':>11} {'consensus':>10} "
+          + (f"{'reduction':>9} " if reference else "") + " ".join(f"{f'ms/step@{g}G':>12}" for g in LINKS_GBIT))
+    for row in results:
+        row["ms_per_step"] = {str(g): 1000 * (row["compute_s_per_step"] + row["bytes_per_step"] * 8 / (g * 1e9))
+                              for g in LINKS_GBIT}
+        relative = reduction = ""
+        if reference:
+            row["reduction"] = reference["bytes_per_step"] / row["bytes_per_step"]
+            row["dice_vs_none"] = row["final_dice"] - reference["final_dice"]
+            row["within_1pct_of_none"] = row["final_dice"] >= 0.99 * reference["final_dice"]
+            relative = f"{100 * row['dice_vs_none'] / reference['final_dice']:>+7.1f}% "
+            reduction = f"{row['reduction']:>8.1f}x "
+        print(f"{row['method']:<22} {row['final_dice']:>10.4f} {relative}{row['best_dice']:>9.4f} "
+              f"{row['bytes_per_step']:>11,.0f} {row['consensus_bytes_per_step']:>10,.0f} {reduction}"
+              + " ".join(f"{row['ms_per_step'][str(g)]:>12.1f}" for g in LINKS_GBIT))
 
 
 def _gpu_name(args: argparse.Namespace) -> str | None:
     """The GPU the runs trained on: this machine's, or (--collect) the one their summaries name."""
     if args.collect:
-        names = {json.loads(path.read_text()).get("device_name")
-                 for path in args.runs_dir.glob("*/template_seg/summary.json")}
+        names = set()
+        for path in args.runs_dir.glob("*/template_seg/summary.json"):
+            with contextlib.suppress(OSError, ValueError):  # a run cut off mid-write: its name is not needed
+                names.add(json.loads(path.read_text()).get("device_name"))
         return ", ".join(sorted(name for name in names if name)) or None
     return torch.cuda.get_device_name(0) if args.device != "cpu" and torch.cuda.is_available() else None
 

@@ -464,3 +464,89 @@ def test_logged_bytes_are_the_bytes_exchanged_at_4_workers(tmp_path):
     assert sign["down"] - 4 * n - 3 * 4 * small == 3 * (sign["up"] - 4 * n - 3 * 4 * small)  # 3 others' payloads
     assert results[0]["none"]["logged"]["up"] == results[0]["none"]["logged"]["down"] == BYTE_STEPS * 4 * n
     assert results[0]["powersgd"]["logged"]["up"] < BYTE_STEPS * 4 * n
+
+
+# ------------------------------------------------------------------------------------- one process, in this one
+
+
+@pytest.fixture
+def one_worker(tmp_path):
+    """A gloo process group of this process alone: DDP runs its hooks, collectives move nothing."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield
+    gc.collect()  # DDP's reducer must go before the process group does
+    dist.destroy_process_group()
+
+
+def test_cser_at_ratio_1_moves_plain_ddps_bytes(one_worker):
+    """At ratio 1 every step averages the whole gradient and the workers' models never differ: no resets, no final
+    average, no consensus, so the bytes are uncompressed DDP's 8 n a step (they were 25 % more here: the resets
+    and the final average)."""
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    setup = setup_compression(ddp, torch.optim.AdamW(model.parameters(), lr=1e-3),
+                              CompressionConfig(compression="cser", ratio=1.0, period=4, reset_ratio=0.5))
+    x, y = _data(0, 64)
+    for step in range(8):
+        loss = nn.functional.cross_entropy(ddp(x[8 * step: 8 * step + 8]), y[8 * step: 8 * step + 8])
+        setup.optimizer.zero_grad()
+        loss.backward()
+        setup.optimizer.step()
+    setup.optimizer.finish_training()
+    n = sum(p.numel() for p in model.parameters())
+    assert setup.stats.per_step() == setup.stats.uncompressed_per_step() == 8 * n
+    with setup.consensus() as consensus_bytes:
+        assert consensus_bytes == 0
+    del ddp, setup
+
+
+class _LateHead(nn.Module):
+    """A body and a head trained from the start, and a second head first used after the warm-up: under DDP's
+    find_unused_parameters it has no gradient, and so no Adam state, until then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head, self.late = nn.Linear(40, 64), nn.Linear(64, 1), nn.Linear(64, 1)
+
+    def forward(self, x: torch.Tensor, with_late: bool) -> torch.Tensor:
+        hidden = torch.relu(self.body(x))
+        return self.head(hidden) + (self.late(hidden) if with_late else 0)
+
+
+def test_twoway_adam_steps_a_parameter_without_adam_state_as_plain_adamw(one_worker):
+    """Two-way with AdamW, a parameter that got no gradient during the warm-up: it has no variance to precondition
+    with, so it exchanges its gradient uncompressed and takes plain AdamW steps until it has had its own warm-up
+    (this was ``KeyError: 'exp_avg'`` in the hook); then it is compressed like the others."""
+    warmup, steps = 2, 6
+    model = _LateHead()
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    setup = setup_compression(ddp, optimizer, CompressionConfig(compression="twoway", compressor="sign",
+                                                                server_compressor="sign", warmup_steps=warmup,
+                                                                min_numel=0))
+    twin = copy.deepcopy(model.late)  # the late head under plain AdamW, fed the same gradients
+    reference = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        batch = torch.randn(8, 41, generator=generator)
+        with_late = step >= warmup
+        loss = nn.functional.mse_loss(ddp(batch[:, :40], with_late).squeeze(1), batch[:, 40])
+        setup.optimizer.zero_grad()
+        loss.backward()
+        if not with_late:
+            assert model.late.weight.grad is None
+        own_warmup = with_late and step < 2 * warmup  # the late head's first `warmup` steps
+        if own_warmup:  # the averaged gradient, uncompressed (one worker: the gradient itself)
+            for mine, its in zip(twin.parameters(), model.late.parameters()):
+                mine.grad = its.grad.clone()
+        setup.optimizer.step()
+        if own_warmup:
+            reference.step()
+            for mine, its in zip(twin.parameters(), model.late.parameters()):
+                torch.testing.assert_close(its, mine, rtol=0, atol=0)
+        # compressed (with an error-feedback residual) from the step after its own warm-up on
+        assert ("late.weight" in setup.hook_state.worker.errors) == (step >= 2 * warmup), step
+        assert ("body.weight" in setup.hook_state.worker.errors) == (step >= warmup), step
+    assert setup.optimizer.compresses(model.late.weight) and setup.optimizer.compresses(model.body.weight)
+    del ddp, setup

@@ -60,3 +60,27 @@ def test_no_gpu_table_without_its_json():
     """No GPU was lent to this project: benchmarks.md carries no GPU measurements whose JSON is missing."""
     text = (ROOT / "docs" / "benchmarks.md").read_text()
     assert "JSON not in the repository" not in text and "H200" not in text
+
+
+def test_no_compression_reduction_without_its_json():
+    """No run of benchmarks/compress.py is committed: no doc or docstring calls a compression reduction measured
+    (the CSER '41x fewer bytes' was reported without a JSON, and left out the per-epoch consensus traffic)."""
+    if list(RESULTS.glob("compress*.json")):
+        return  # a committed run may be quoted (its figures then belong in a test like the ones above)
+    claim = re.compile(r"\d+(?:\.\d+)?x fewer bytes|\|\s*\**\d+(?:\.\d+)?x\**\s*\||Measured on the template|"
+                       r"compress_h200|compress_run\d")
+    texts = {"docs/scaling.md": _section(ROOT / "docs" / "scaling.md", "## Gradient compression"),
+             "docs/benchmarks.md": _section(ROOT / "docs" / "benchmarks.md", "## Expansion and compression"),
+             **{path: (ROOT / path).read_text() for path in ("ctzoo/scaling/compress.py", "benchmarks/compress.py")}}
+    for path, text in texts.items():
+        found = claim.search(text)
+        assert found is None, (path, found and found.group())
+    assert "fewer bytes" not in (ROOT / "README.md").read_text()
+
+
+def _section(path: Path, heading: str) -> str:
+    """From ``heading`` to the next heading of its level."""
+    text = path.read_text()
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return text[start:] if end < 0 else text[start:end]

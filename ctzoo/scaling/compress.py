@@ -13,9 +13,12 @@ from a shared seed, so no indices travel) and leaves the rest of the gradient lo
 ``reset_ratio`` of all parameters over the workers — the error reset. ``ratio = 1`` is plain synchronous SGD;
 ``reset_ratio = 1`` resets everything (local SGD with partial gradient sync in between). After the last step
 ``CSERModelSync.finish_training`` averages the whole model once (counted), so the trained model is the workers'
-consensus; before that, each epoch's evaluation and checkpoints see the consensus too (``Compression.consensus``).
-Measured on the template segmenter over 1,000 steps (``benchmarks/compress.py``): 1/128 per step with half the
-parameters reset every 32 steps moves 41x fewer bytes within 1 % of uncompressed DDP's Dice.
+consensus; before that, each epoch's evaluation and checkpoints see the consensus too (``Compression.consensus``,
+one model sent to worker 0 per worker and epoch, logged apart as ``consensus_bytes``). At ``ratio = 1`` the
+models never differ, so there are no resets, final average or consensus: its bytes are plain DDP's. Per step,
+the training exchange is ``ratio + reset_ratio / period`` of uncompressed DDP's by construction (tested); what
+that costs in accuracy on a zoo model is what ``benchmarks/compress.py`` measures, and no run of it is
+committed.
 
 **Two-way** (Zhong et al., arXiv 2105.07829; BytePS-Compress): workers compress their gradient with error
 feedback, the aggregate is decompressed and averaged, then compressed again by the "server" with its own error
@@ -199,6 +202,12 @@ class CSERState(_HookState):
     period: int = 16
     reset_ratio: float = 0.25
 
+    @property
+    def synchronous(self) -> bool:
+        """``ratio >= 1``: every step averages the whole gradient, so the workers' models never differ and the
+        resets, the final average and the per-epoch consensus would move bytes for nothing."""
+        return self.ratio >= 1
+
 
 def cser_hook(state: CSERState, bucket):  # -> Future[Tensor]; unannotated: DDP checks the annotation object
     """Average one random block (``state.ratio``) of the bucket over workers; keep the rest of it local."""
@@ -233,14 +242,17 @@ class CSERModelSync:
     def step(self, closure=None):
         loss = self.optimizer.step(closure)
         self.steps += 1
-        if self.steps % self.state.period == 0:
+        if self.steps % self.state.period == 0 and not self.state.synchronous:
             self.reset()
         return loss
 
     @torch.no_grad()
     def finish_training(self) -> None:
         """Average the whole model over the workers (counted): after the last step the local models still differ
-        by their residual errors, and the trained model is their consensus, the same on every worker."""
+        by their residual errors, and the trained model is their consensus, the same on every worker. Nothing
+        to do at ``ratio >= 1``, whose models agree already."""
+        if self.state.synchronous:
+            return
         flat = torch.nn.utils.parameters_to_vector(self.parameters)
         dist.all_reduce(flat, group=self.state.group)
         torch.nn.utils.vector_to_parameters(flat / self.state.world, self.parameters)
@@ -281,25 +293,33 @@ class TwoWayState(_HookState):
             return [(bucket.index(), i) for i in range(len(views))]
         return [self.names.get(id(param), (bucket.index(), i)) for i, param in enumerate(params)]
 
-    def momentum_of(self, bucket, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each tensor's local preconditioned momentum (adaptive mode, after the warm-up)."""
+    def exchanged(self, bucket, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[bool]]:
+        """What each tensor of the bucket exchanges, and whether uncompressed. With SGD: its gradient, plain for
+        the first ``warmup_steps``. With Adam: a parameter past its own warm-up its local preconditioned momentum,
+        compressed; one that has not had ``warmup_steps`` Adam steps yet (it got no gradient during the warm-up)
+        its gradient, plain, since it has no variance to precondition with (see
+        :mod:`ctzoo.scaling.compressed_adam`; the Adam wrapper steps it as plain Adam the same way)."""
+        if self.adam is None:
+            return views, [self.step < self.warmup_steps] * len(views)
         params = bucket.parameters()
         if len(params) != len(views):
-            raise RuntimeError("two-way compression with Adam needs a bucket split per parameter")
-        return [self.adam.local_momentum(param, view) for param, view in zip(params, views)]
+            if any(self.adam.compresses(param) for param in params):
+                raise RuntimeError("two-way compression with Adam needs a bucket split per parameter")
+            return views, [True] * len(views)
+        momentum = [self.adam.compresses(param) for param in params]
+        return ([self.adam.local_momentum(param, view) if past else view
+                 for param, view, past in zip(params, views, momentum)], [not past for past in momentum])
 
 
 def twoway_hook(state: TwoWayState, bucket):  # -> Future[Tensor]
     """Worker compression with error feedback, exchange, server re-compression with its own error feedback;
-    per parameter tensor of the bucket (tensors under ``state.min_numel`` values are averaged uncompressed).
-    In adaptive mode the exchanged tensors are the workers' local Adam momenta once the warm-up is over."""
+    per parameter tensor of the bucket (tensors under ``state.min_numel`` values, and all of them during the
+    warm-up, are averaged uncompressed). In adaptive mode the exchanged tensors are the workers' local Adam
+    momenta once each parameter's warm-up is over (:meth:`TwoWayState.exchanged`)."""
     gradients = bucket.buffer()
     seed = state.bucket_seed(bucket.index())
-    views = gradients.split(_segments(bucket, gradients))
-    warming = state.step < state.warmup_steps  # uncompressed while Adam's second moment settles
-    if state.adam is not None and not warming:
-        views = state.momentum_of(bucket, list(views))
-    small = [i for i, view in enumerate(views) if view.numel() < state.min_numel or warming]
+    views, warming = state.exchanged(bucket, list(gradients.split(_segments(bucket, gradients))))
+    small = [i for i, view in enumerate(views) if view.numel() < state.min_numel or warming[i]]
     large = [i for i in range(len(views)) if i not in small]
     out = list(views)
     if small:
@@ -383,7 +403,7 @@ class Compression:
         average (every floating-point parameter and buffer), which its evaluation and checkpoints then see, and
         its own values come back after it, so training goes on exactly as before. Yields the bytes each worker
         sent worker 0 for it (one reduce of the model); 0 in the synchronous modes, whose models agree already."""
-        if not isinstance(self.hook_state, CSERState):
+        if not isinstance(self.hook_state, CSERState) or self.hook_state.synchronous:
             yield 0
             return
         tensors = [t for t in self.optimizer.model.state_dict().values() if t.is_floating_point()]

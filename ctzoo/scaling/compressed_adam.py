@@ -24,6 +24,15 @@ scale, and compression errors are fed back in the units the update uses.
 
 The momentum lives in the wrapped optimiser's own ``exp_avg`` (and the step count in its ``step``), so a
 checkpoint of the optimiser holds it and a resumed run knows whether it is past the warm-up.
+
+The warm-up is counted per parameter, in its own Adam ``step``: a parameter that got no gradient during the
+first ``freeze_at`` steps (a head unused so far, under DDP's ``find_unused_parameters``) has no variance to freeze
+and no momentum to start from, so preconditioning it would divide by nothing learnt. It stays on plain Adam(W),
+its gradient exchanged uncompressed, until it has taken ``freeze_at`` steps of its own; then its variance is
+frozen like the others' (with the same bias correction, since it too was learnt over ``freeze_at`` steps). Every
+worker agrees on which parameters those are: DDP gives a parameter a gradient on every worker or on none, so the
+step counts are the same everywhere, and the hook and :meth:`CompressedMomentumAdam.step` read them before the
+step.
 """
 
 from __future__ import annotations
@@ -66,7 +75,13 @@ class CompressedMomentumAdam:
 
     @property
     def compressing(self) -> bool:
+        """Whether any parameter is past its warm-up (see :meth:`compresses`)."""
         return adam_step_count(self.optimizer) >= self.freeze_at
+
+    def compresses(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` has taken its ``freeze_at`` plain steps: its exchange is then the preconditioned
+        momentum (:meth:`local_momentum`), before that its gradient, uncompressed."""
+        return int(self.optimizer.state.get(param, {}).get("step", 0)) >= self.freeze_at
 
     @property
     def buffers_hold_updates(self) -> bool:
@@ -99,16 +114,20 @@ class CompressedMomentumAdam:
 
     @torch.no_grad()
     def step(self, closure=None):
-        if not self.compressing:
-            return self.optimizer.step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with_gradient = [param for group in self.optimizer.param_groups for param in group["params"]
+                         if param.grad is not None]
+        compressed = [param for param in with_gradient if self.compresses(param)]  # decided before any step
+        past_warmup = {id(param) for param in compressed}
+        if len(compressed) < len(with_gradient):  # parameters in their warm-up: plain Adam(W), the others hidden
+            self._plain_step_without(compressed)
         for group in self.optimizer.param_groups:
             beta1, lr, decay = group["betas"][0], group["lr"], group["weight_decay"]
             for param in group["params"]:
-                if param.grad is None:
+                if id(param) not in past_warmup:
                     continue
                 state = self.optimizer.state[param]
                 # the hook's average of preconditioned momenta; the shared momentum is it times the denominator
@@ -118,3 +137,14 @@ class CompressedMomentumAdam:
                     param.mul_(1 - lr * decay)
                 param.add_(param.grad, alpha=-lr / (1 - beta1 ** float(state["step"])))
         return loss
+
+    def _plain_step_without(self, hidden: list[torch.Tensor]) -> None:
+        """The wrapped optimiser's own step for every parameter with a gradient except ``hidden``."""
+        gradients = [param.grad for param in hidden]
+        for param in hidden:
+            param.grad = None
+        try:
+            self.optimizer.step()
+        finally:
+            for param, gradient in zip(hidden, gradients):
+                param.grad = gradient
