@@ -11,7 +11,9 @@ How, and why:
   the pixel type from the first file and truncates slices whose slope differs.)
   Compressed transfer syntaxes (JPEG 2000, JPEG lossless, JPEG-LS, RLE) go
   through SimpleITK/GDCM, which decodes them fastest and most broadly, in a
-  thread pool (GDCM releases the GIL). Uncompressed slices need no codec:
+  thread pool (GDCM releases the GIL), once the size their own stream declares
+  is Rows x Columns (:mod:`ctzoo.io.dicom_codestream`: decoders allocate what
+  the stream says). Uncompressed slices need no codec:
   pydicom hands over their bytes, about 4x faster than a GDCM call per file
   (``benchmarks/dicom_read.py``). Given an nvImageCodec decoder (on a GPU,
   :mod:`ctzoo.io.nvimgcodec_decode`), JPEG 2000 slices are decoded in
@@ -45,6 +47,7 @@ import pydicom
 import SimpleITK as sitk
 from tqdm.auto import tqdm
 
+from ctzoo.io.dicom_codestream import frame_size_problem
 from ctzoo.io.dicom_scan import (
     DicomError,
     DicomWarning,
@@ -175,6 +178,9 @@ def decode_slice_hu(header: SliceHeader) -> np.ndarray:
         full = pydicom.dcmread(header.path)
         if "PixelData" not in full:  # cut short: GDCM would allocate about 1 GB before failing on such a file
             raise DicomError("the pixel data is missing or truncated")
+        size_problem = frame_size_problem(full)  # a decoder allocates what the stream declares, not Rows x Columns
+        if size_problem:
+            raise DicomError(size_problem)
         if monochrome1 or not transfer_syntax.is_compressed:
             pixels = pydicom.pixels.apply_modality_lut(full.pixel_array, full).astype(np.float32)
         else:
