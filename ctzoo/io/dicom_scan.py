@@ -27,6 +27,7 @@ from pydicom.errors import InvalidDicomError
 from tqdm.auto import tqdm
 
 from ctzoo.config import StrictConfig
+from ctzoo.io.dicom_values import slice_value_problem
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 
 log = logging.getLogger(__name__)
@@ -236,7 +237,8 @@ def _series_key(ds: pydicom.Dataset) -> str:
 def read_header(path: str, display_name: str | None = None) -> SliceHeader | None:
     """Read one file's header without pixels; None if it is not DICOM at all.
 
-    A damaged file comes back with ``corrupt_reason`` set. pydicom stops quietly at a truncation,
+    A damaged file comes back with ``corrupt_reason`` set, as does one whose geometry or rescale values cannot be
+    used (:func:`~ctzoo.io.dicom_values.slice_value_problem`). pydicom stops quietly at a truncation,
     so an *image* SOP class (per the file meta) lacking its geometry is taken as damaged, not as a
     non-image object.
     """
@@ -244,9 +246,6 @@ def read_header(path: str, display_name: str | None = None) -> SliceHeader | Non
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         problem = _image_problem(ds)
-        if not problem:
-            # touch the geometry now: a malformed value must fail here, naming this file
-            SliceHeader(path, shown, ds, "").normal  # noqa: B018
         key = _series_key(ds)
     except InvalidDicomError:
         return None
@@ -256,6 +255,10 @@ def read_header(path: str, display_name: str | None = None) -> SliceHeader | Non
         # the series key of a damaged file is only trusted if its SeriesInstanceUID survived
         series_uid = str(ds.get("SeriesInstanceUID", "") or "")
         return SliceHeader(path, shown, ds, series_uid, corrupt_reason=f"corrupt or truncated DICOM file: {problem}")
+    if not problem:
+        problem = slice_value_problem(ds)  # a malformed value must fail here, naming this file
+        if problem:
+            return SliceHeader(path, shown, ds, key, corrupt_reason=problem)
     return SliceHeader(path, shown, ds, key, problem)
 
 
