@@ -6,9 +6,54 @@ import warnings
 
 import pydicom
 import pytest
-from dicom_factory import SeriesSpec, make_slices, write_series
+from dicom_factory import SeriesSpec, make_slices, slice_dataset, write_series
+from pydicom.uid import EnhancedCTImageStorage, SecondaryCaptureImageStorage, generate_uid
+from test_dicom_series import assert_matches_spec
 
-from ctzoo.io import DicomError, read_volume
+from ctzoo.io import DicomError, DicomWarning, read_volume, scan_folder
+
+
+def other_object(spec: SeriesSpec, sop_class: str, series_uid: str | None = None, **attributes) -> pydicom.Dataset:
+    """A copy of the spec's first slice as another SOP class, without the slice geometry, in its own series."""
+    ds = slice_dataset(spec, spec.slices[0], 99)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        delattr(ds, keyword)
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_multi_frame_and_secondary_capture_are_named_for_what_they_are(tmp_path):
+    """A valid Enhanced CT keeps its geometry in functional groups and a Secondary Capture (a dose screen) has none:
+    neither is a damaged file, and neither stops the CT series beside it from being read."""
+    spec = SeriesSpec(make_slices(3))
+    write_series(tmp_path, spec)
+    enhanced = other_object(spec, EnhancedCTImageStorage, NumberOfFrames=3)
+    enhanced.PixelData = enhanced.PixelData * 3
+    enhanced.save_as(tmp_path / "ENHANCED.dcm", enforce_file_format=True)
+    other_object(spec, SecondaryCaptureImageStorage).save_as(tmp_path / "DOSE.dcm", enforce_file_format=True)
+    scan = scan_folder(tmp_path, progress=False)
+    assert not scan.corrupt
+    reasons = {s.non_images[0].display_name.rsplit("/", 1)[-1]: s.non_images[0].not_image_reason
+               for s in scan.series if s.non_images}
+    assert reasons == {"ENHANCED.dcm": "a multi-frame object (3 frames); only single-frame slices are read",
+                       "DOSE.dcm": "not an image slice (Secondary Capture Image Storage): missing PixelSpacing, "
+                                   "ImagePositionPatient, ImageOrientationPatient"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DicomWarning)  # no "corrupt ... another series; ignored"
+        assert_matches_spec(read_volume(tmp_path, progress=False), spec)
+    (tmp_path / "alone").mkdir()
+    enhanced.save_as(tmp_path / "alone" / "ENHANCED.dcm", enforce_file_format=True)
+    with pytest.raises(DicomError, match=r"no image slices \(a multi-frame object \(3 frames\); only single-frame"):
+        read_volume(tmp_path / "alone", progress=False)
+    # a Secondary Capture cut short before its pixel data is still a damaged file
+    cut = other_object(spec, SecondaryCaptureImageStorage)
+    del cut.PixelData
+    cut.save_as(tmp_path / "CUT.dcm", enforce_file_format=True)
+    assert [h.display_name for h in scan_folder(tmp_path, progress=False).corrupt] == [str(tmp_path / "CUT.dcm")]
 
 
 @pytest.mark.parametrize("keyword, value, every_file, reason", [

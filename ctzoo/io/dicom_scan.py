@@ -42,6 +42,13 @@ NON_VOLUME_SOP_CLASSES = {
 }
 #: The geometry an image slice must carry to be placed in a volume.
 REQUIRED_SLICE_TAGS = ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient")
+#: Image SOP classes whose every instance carries that geometry (the Image Plane module is mandatory in them): one
+#: lacking it was cut short. (Other image classes, Secondary Capture, need none.)
+PLANE_GEOMETRY_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.128": "Positron Emission Tomography Image Storage",
+}
 #: Cosine of the largest angle between two slice normals still taken as "the same orientation".
 SAME_ORIENTATION_COS = float(np.cos(np.deg2rad(0.5)))
 
@@ -215,12 +222,29 @@ def _image_problem(ds: pydicom.Dataset) -> str:
     sop_class = _sop_class(ds)
     if sop_class in NON_VOLUME_SOP_CLASSES:
         return f"a {NON_VOLUME_SOP_CLASSES[sop_class]} object, not an image slice"
+    # before the geometry: a multi-frame object (Enhanced CT) keeps it in functional groups, not where slices do
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        return f"a multi-frame object ({ds.NumberOfFrames} frames); only single-frame slices are read"
     missing = [tag for tag in REQUIRED_SLICE_TAGS if ds.get(tag) in (None, "")]
     if missing:
         return f"not an image slice ({sop_class.name or 'unknown SOP class'}): missing " + ", ".join(missing)
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        return f"a multi-frame object ({ds.NumberOfFrames} frames); only single-frame slices are read"
     return ""
+
+
+def _cut_short(path: str, ds: pydicom.Dataset) -> bool:
+    """Whether a file that lacks a slice's geometry was cut short rather than made without it: its SOP class
+    requires the geometry (CT, MR, PET image), or it is an image of another class without pixel data."""
+    sop_class = _sop_class(ds)
+    return sop_class in PLANE_GEOMETRY_SOP_CLASSES or ("Image Storage" in sop_class.name and not _has_pixel_data(path))
+
+
+def _has_pixel_data(path: str) -> bool:
+    """Whether the file holds a pixel data element (its value is not read)."""
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024)
+    except Exception:  # unreadable past its header: no pixel data to speak of
+        return False
+    return any(keyword in ds for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
 
 
 def _series_key(ds: pydicom.Dataset) -> str:
@@ -239,8 +263,8 @@ def read_header(path: str, display_name: str | None = None) -> SliceHeader | Non
 
     A damaged file comes back with ``corrupt_reason`` set, as does one whose geometry or rescale values cannot be
     used (:func:`~ctzoo.io.dicom_values.slice_value_problem`). pydicom stops quietly at a truncation,
-    so an *image* SOP class (per the file meta) lacking its geometry is taken as damaged, not as a
-    non-image object.
+    so an image whose SOP class requires the geometry (or one without pixel data) lacking it is taken as damaged,
+    not as a non-image object.
     """
     shown = display_name or path
     try:
@@ -251,7 +275,7 @@ def read_header(path: str, display_name: str | None = None) -> SliceHeader | Non
         return None
     except Exception as exc:  # pydicom raises many types on damaged files; all mean the same to a user
         return SliceHeader(path, shown, None, "", corrupt_reason=f"corrupt DICOM header ({type(exc).__name__}: {exc})")
-    if problem.startswith("not an image slice") and "Image Storage" in _sop_class(ds).name:
+    if problem.startswith("not an image slice") and _cut_short(path, ds):
         # the series key of a damaged file is only trusted if its SeriesInstanceUID survived
         series_uid = str(ds.get("SeriesInstanceUID", "") or "")
         return SliceHeader(path, shown, ds, series_uid, corrupt_reason=f"corrupt or truncated DICOM file: {problem}")
