@@ -10,7 +10,7 @@ from dicom_factory import SeriesSpec, make_slices, slice_dataset, write_series
 from pydicom.uid import EnhancedCTImageStorage, SecondaryCaptureImageStorage, generate_uid
 from test_dicom_series import assert_matches_spec
 
-from ctzoo.io import DicomError, DicomWarning, read_volume, scan_folder
+from ctzoo.io import DicomError, DicomWarning, SeriesRules, read_volume, scan_folder
 
 
 def other_object(spec: SeriesSpec, sop_class: str, series_uid: str | None = None, **attributes) -> pydicom.Dataset:
@@ -89,3 +89,22 @@ def test_unusable_geometry_or_rescale_values_are_refused_naming_the_file(tmp_pat
             warnings.simplefilter("ignore", UserWarning)  # pydicom's own on reading 'abc' / 'nan' as DS
             with pytest.raises(DicomError, match=rf"{named.name}: {reason}"):
                 read_volume(tmp_path, series=series, progress=False)
+
+
+def test_localizer_sharing_the_series_uid_is_set_apart(tmp_path):
+    """Some scanners give the scout the CT's SeriesInstanceUID: left in, it made the series unreadable by any
+    route (rules skip a series holding a localizer; naming it refused the localizer)."""
+    ct = SeriesSpec(make_slices(4, seed=1))
+    coronal = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+    scout = SeriesSpec(make_slices(1, orientation=coronal, seed=2), orientation=coronal, series_uid=ct.series_uid,
+                       image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    write_series(tmp_path, ct, prefix="CT")
+    write_series(tmp_path, scout, prefix="SCOUT")
+    [series] = scan_folder(tmp_path, progress=False).series
+    assert (len(series.slices), len(series.localizers), series.is_localizer) == (4, 1, False)
+    for choice in ({}, {"series": "1"}, {"series": ct.series_uid}, {"rules": SeriesRules(exclude_localizers=False)}):
+        with pytest.warns(DicomWarning, match=r"1 localizer/scout image\(s\) \(ImageType LOCALIZER\) share the "
+                                              r"series' SeriesInstanceUID; left out of the volume"):
+            volume = read_volume(tmp_path, progress=False, **choice)
+        assert_matches_spec(volume, ct)
+        assert any("localizer" in w for w in volume.warnings)

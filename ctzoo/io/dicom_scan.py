@@ -120,6 +120,8 @@ class SeriesInfo:
     index: int
     slices: list[SliceHeader]
     non_images: list[SliceHeader] = field(default_factory=list)
+    #: Localizer/scout images that share the series' UID with its slices, set apart (:func:`set_localizers_apart`).
+    localizers: list[SliceHeader] = field(default_factory=list)
 
     @property
     def first(self) -> pydicom.Dataset:
@@ -194,6 +196,7 @@ class SeriesInfo:
             "non_image_objects": len(self.non_images),
             "orientation": self.orientation_label,
             "localizer": self.is_localizer,
+            "localizers_set_apart": len(self.localizers),
             "slice_thickness_mm": (float(first.SliceThickness) if first.get("SliceThickness") not in (None, "")
                                    else None),
         }
@@ -319,10 +322,22 @@ def scan_folder(root: str | Path, display_root: str | None = None, progress: boo
             continue
         series = groups.setdefault(header.series_key, SeriesInfo(header.series_key, 0, []))
         (series.non_images if header.not_image_reason else series.slices).append(header)
+    for series in groups.values():
+        set_localizers_apart(series)
     ordered = sorted(groups.values(), key=lambda s: (-len(s.slices), s.key))
     for number, series in enumerate(ordered, start=1):
         series.index = number
     return ScanResult(str(display_root or root), ordered, not_dicom, corrupt)
+
+
+def set_localizers_apart(series: SeriesInfo) -> None:
+    """Move the localizer/scout images (ImageType LOCALIZER) of a series that also holds other image slices into
+    ``series.localizers``: some scanners give the scout the CT's SeriesInstanceUID, and it is no slice of the
+    volume. A series of localizers only is left as it is (the rules skip it; named, it is refused)."""
+    localizers = [s for s in series.slices if s.is_localizer]
+    if localizers and len(localizers) < len(series.slices):
+        series.slices = [s for s in series.slices if not s.is_localizer]
+        series.localizers += localizers
 
 
 @contextmanager

@@ -262,6 +262,14 @@ def _transfer_syntax(header: SliceHeader) -> pydicom.uid.UID:
     return pydicom.uid.UID(str(header.dataset.file_meta.get("TransferSyntaxUID", "")))
 
 
+def _warn_about_set_apart(series: SeriesInfo, messages: list[str]) -> None:
+    """Say what beside the series' slices is not read: localizers sharing its UID (counted, not named: warnings
+    never name files)."""
+    if series.localizers:
+        _warn(messages, f"{len(series.localizers)} localizer/scout image(s) (ImageType LOCALIZER) share the series' "
+                        "SeriesInstanceUID; left out of the volume")
+
+
 def volume_from_series(series: SeriesInfo, display_root: str = "", workers: int | None = None,
                        progress: bool = True, limits: ResourceLimits = DEFAULT_LIMITS,
                        decoder: str | None = None) -> Volume:
@@ -273,6 +281,7 @@ def volume_from_series(series: SeriesInfo, display_root: str = "", workers: int 
         bad = series.non_images[0]
         raise DicomError(f"{bad.display_name}: {bad.not_image_reason} (in the series being read)")
     messages: list[str] = []
+    _warn_about_set_apart(series, messages)
     check_same_orientation(series.slices)
     _check_same_grid(series.slices)
     slices, along = sort_slices(series.slices)
