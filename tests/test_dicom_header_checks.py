@@ -108,3 +108,23 @@ def test_localizer_sharing_the_series_uid_is_set_apart(tmp_path):
             volume = read_volume(tmp_path, progress=False, **choice)
         assert_matches_spec(volume, ct)
         assert any("localizer" in w for w in volume.warnings)
+
+
+def test_empty_slice_file_is_warned_about_and_one_cut_in_its_file_meta_refused(tmp_path):
+    """An interrupted copy leaves an empty file or one cut short in its file meta; both were dropped as "not DICOM"
+    without a word, and a lost first or last slice leaves no gap in the positions to warn about."""
+    spec = SeriesSpec(make_slices(5))
+    paths = write_series(tmp_path, spec)
+    (tmp_path / "README.txt").write_text("a note that is not DICOM, and not named so: no warning for it\n" * 3)
+    paths[0].write_bytes(b"")  # the first slice, lost
+    with pytest.warns(DicomWarning, match=r"1 file\(s\) beside the series' slices are not DICOM but empty"):
+        volume = read_volume(tmp_path, progress=False)
+    assert volume.array.shape[0] == 4 and not any("missing slice" in w for w in volume.warnings)
+    assert any("not DICOM but empty" in w for w in volume.warnings)
+    assert not any("IMG" in w for w in volume.warnings)  # warnings never name files
+    for length in (132, 150):  # the preamble and "DICM", then part of the file meta
+        paths[3].write_bytes(paths[4].read_bytes()[:length])
+        with pytest.raises(DicomError, match=rf"{paths[3].name}: corrupt"):
+            read_volume(tmp_path, progress=False)
+        with pytest.raises(DicomError, match=rf"{paths[3].name}: corrupt"):  # named alone, not "not a format"
+            read_volume(paths[3], progress=False)

@@ -49,6 +49,10 @@ PLANE_GEOMETRY_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
     "1.2.840.10008.5.1.4.1.1.128": "Positron Emission Tomography Image Storage",
 }
+#: The DICOM file preamble's length; the four bytes after it read "DICM" in a DICOM file.
+PREAMBLE_BYTES = 128
+#: Suffixes that say a file is meant to be DICOM: one that is not, beside a series' slices, may be a lost slice.
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 #: Cosine of the largest angle between two slice normals still taken as "the same orientation".
 SAME_ORIENTATION_COS = float(np.cos(np.deg2rad(0.5)))
 
@@ -122,6 +126,8 @@ class SeriesInfo:
     non_images: list[SliceHeader] = field(default_factory=list)
     #: Localizer/scout images that share the series' UID with its slices, set apart (:func:`set_localizers_apart`).
     localizers: list[SliceHeader] = field(default_factory=list)
+    #: Files beside its slices that are empty or not DICOM although named so (display names): lost slices?
+    stray_files: list[str] = field(default_factory=list)
 
     @property
     def first(self) -> pydicom.Dataset:
@@ -235,10 +241,12 @@ def _image_problem(ds: pydicom.Dataset) -> str:
 
 
 def _cut_short(path: str, ds: pydicom.Dataset) -> bool:
-    """Whether a file that lacks a slice's geometry was cut short rather than made without it: its SOP class
-    requires the geometry (CT, MR, PET image), or it is an image of another class without pixel data."""
+    """Whether a file that lacks a slice's geometry was cut short rather than made without it: it names no SOP
+    class at all (every DICOM object must), its SOP class requires the geometry (CT, MR, PET image), or it is an
+    image of another class without pixel data."""
     sop_class = _sop_class(ds)
-    return sop_class in PLANE_GEOMETRY_SOP_CLASSES or ("Image Storage" in sop_class.name and not _has_pixel_data(path))
+    return (not sop_class or sop_class in PLANE_GEOMETRY_SOP_CLASSES
+            or ("Image Storage" in sop_class.name and not _has_pixel_data(path)))
 
 
 def _has_pixel_data(path: str) -> bool:
@@ -248,6 +256,12 @@ def _has_pixel_data(path: str) -> bool:
     except Exception:  # unreadable past its header: no pixel data to speak of
         return False
     return any(keyword in ds for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def _has_dicom_prefix(path: str) -> bool:
+    """Whether the file starts as a DICOM file does: a preamble, then "DICM"."""
+    with open(path, "rb") as stream:
+        return stream.read(PREAMBLE_BYTES + 4)[PREAMBLE_BYTES:] == b"DICM"
 
 
 def _series_key(ds: pydicom.Dataset) -> str:
@@ -264,17 +278,19 @@ def _series_key(ds: pydicom.Dataset) -> str:
 def read_header(path: str, display_name: str | None = None) -> SliceHeader | None:
     """Read one file's header without pixels; None if it is not DICOM at all.
 
-    A damaged file comes back with ``corrupt_reason`` set, as does one whose geometry or rescale values cannot be
-    used (:func:`~ctzoo.io.dicom_values.slice_value_problem`). pydicom stops quietly at a truncation,
-    so an image whose SOP class requires the geometry (or one without pixel data) lacking it is taken as damaged,
-    not as a non-image object.
+    A damaged file comes back with ``corrupt_reason`` set: one that starts as DICOM (preamble, "DICM") but cannot
+    be parsed, and one whose geometry or rescale values cannot be used (:func:`slice_value_problem`). pydicom stops
+    quietly at a truncation, so an image whose SOP class requires the geometry (or one without pixel data) lacking
+    it is taken as damaged, not as a non-image object.
     """
     shown = display_name or path
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         problem = _image_problem(ds)
         key = _series_key(ds)
-    except InvalidDicomError:
+    except InvalidDicomError as exc:
+        if _has_dicom_prefix(path):  # a DICOM file cut short inside its file meta, or damaged there
+            return SliceHeader(path, shown, None, "", corrupt_reason=f"corrupt DICOM file ({error_reason(exc)})")
         return None
     except Exception as exc:  # pydicom raises many types on damaged files; all mean the same to a user
         return SliceHeader(path, shown, None, "", corrupt_reason=f"corrupt DICOM header ({type(exc).__name__}: {exc})")
@@ -308,6 +324,7 @@ def scan_folder(root: str | Path, display_root: str | None = None, progress: boo
     root = Path(root)
     groups: dict[str, SeriesInfo] = {}
     not_dicom: list[str] = []
+    stray: dict[str, list[str]] = {}  # folder -> the display names of its files that may be lost slices
     corrupt: list[SliceHeader] = []
     files = list(_dicom_candidates(root, recursive))
     for path in tqdm(files, desc="scanning DICOM headers", unit="file", disable=None if progress else True,
@@ -316,6 +333,8 @@ def scan_folder(root: str | Path, display_root: str | None = None, progress: boo
         header = read_header(str(path), shown)
         if header is None:
             not_dicom.append(shown)
+            if _may_be_lost_slice(path):
+                stray.setdefault(str(path.parent), []).append(shown)
             continue
         if header.corrupt_reason:
             corrupt.append(header)
@@ -324,10 +343,18 @@ def scan_folder(root: str | Path, display_root: str | None = None, progress: boo
         (series.non_images if header.not_image_reason else series.slices).append(header)
     for series in groups.values():
         set_localizers_apart(series)
+        folders = {str(Path(s.path).parent) for s in series.slices}
+        series.stray_files = sorted(name for folder in folders for name in stray.get(folder, []))
     ordered = sorted(groups.values(), key=lambda s: (-len(s.slices), s.key))
     for number, series in enumerate(ordered, start=1):
         series.index = number
     return ScanResult(str(display_root or root), ordered, not_dicom, corrupt)
+
+
+def _may_be_lost_slice(path: Path) -> bool:
+    """Whether a file that is not DICOM may have been a slice: too short for a DICOM file's preamble (an empty
+    file, a copy cut short), or named as DICOM files are."""
+    return path.stat().st_size < PREAMBLE_BYTES + 4 or path.suffix.lower() in DICOM_SUFFIXES
 
 
 def set_localizers_apart(series: SeriesInfo) -> None:

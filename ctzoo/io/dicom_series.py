@@ -263,11 +263,15 @@ def _transfer_syntax(header: SliceHeader) -> pydicom.uid.UID:
 
 
 def _warn_about_set_apart(series: SeriesInfo, messages: list[str]) -> None:
-    """Say what beside the series' slices is not read: localizers sharing its UID (counted, not named: warnings
-    never name files)."""
+    """Say what beside the series' slices is not read: localizers sharing its UID, files that may be lost slices
+    (counted, not named: warnings never name files)."""
     if series.localizers:
         _warn(messages, f"{len(series.localizers)} localizer/scout image(s) (ImageType LOCALIZER) share the series' "
                         "SeriesInstanceUID; left out of the volume")
+    if series.stray_files:
+        _warn(messages, f"{len(series.stray_files)} file(s) beside the series' slices are not DICOM but empty, too "
+                        "short for DICOM or named as DICOM (an interrupted copy?): if they were slices, the volume "
+                        "lacks them, and a lost first or last slice leaves no gap to warn about")
 
 
 def volume_from_series(series: SeriesInfo, display_root: str = "", workers: int | None = None,
