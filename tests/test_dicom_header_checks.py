@@ -2,6 +2,7 @@
 what they are (multi-frame, Secondary Capture, a scout sharing the CT's UID), unusable values and damaged files
 refused naming the file, lost slices warned about."""
 
+import logging
 import warnings
 
 import pydicom
@@ -128,3 +129,19 @@ def test_empty_slice_file_is_warned_about_and_one_cut_in_its_file_meta_refused(t
             read_volume(tmp_path, progress=False)
         with pytest.raises(DicomError, match=rf"{paths[3].name}: corrupt"):  # named alone, not "not a format"
             read_volume(paths[3], progress=False)
+
+
+def test_unknown_character_set_is_logged_once_per_read(tmp_path, caplog):
+    """pydicom logs it for every text value it decodes: 120 identical lines for a 20-slice series."""
+    spec = SeriesSpec(make_slices(4), description="Abdomen")
+    paths = write_series(tmp_path, spec)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = "ISO_IR 999"
+        ds.save_as(path)
+    caplog.clear()  # pydicom logged it on writing too
+    with caplog.at_level(logging.WARNING, logger="pydicom"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        read_volume(tmp_path, progress=False)
+    assert [r.getMessage() for r in caplog.records if "ISO_IR 999" in r.getMessage()] == [
+        "Unknown encoding 'ISO_IR 999' - using default encoding instead"]

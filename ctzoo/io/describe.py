@@ -12,7 +12,6 @@ from ctzoo.io.dicom_scan import (
     SeriesRules,
     choose_series,
     dicom_folder,
-    pydicom_messages_once,
     scan_folder,
 )
 from ctzoo.io.dicom_series import volume_from_series
@@ -22,6 +21,7 @@ from ctzoo.io.image_files import (
     file_suffix,
     read_volume,
 )
+from ctzoo.io.pydicom_log import pydicom_messages_once
 
 
 def describe_path(path: str | Path, series: str | None = None, rules: SeriesRules | None = None,

@@ -63,6 +63,7 @@ from ctzoo.io.dicom_uids import derived_keywords, fill_empty_uids, instance_uid,
 from ctzoo.io.itk_threads import first_use_alone
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 from ctzoo.io.nvimgcodec_decode import J2K_SYNTAXES, NvImageCodecDecoder, decoder_for
+from ctzoo.io.pydicom_log import pydicom_messages_once
 from ctzoo.io.spacing import check_spacing
 from ctzoo.io.volume import DicomSource, Volume, slice_label
 
@@ -322,7 +323,7 @@ def read_dicom_series(path: str | Path, series: str | None = None, rules: Series
     :func:`volume_from_series`. ``recursive=False``: only the files directly in the folder (its subfolders are
     cases of their own in ``ctzoo infer``).
     """
-    with dicom_folder(path, limits) as (folder, display_root):
+    with pydicom_messages_once(), dicom_folder(path, limits) as (folder, display_root):
         scan = scan_folder(folder, display_root, progress=progress, recursive=recursive)
         if display_root is None:
             scan.root = str(path)
