@@ -21,6 +21,7 @@ from ctzoo.io.image_files import (
     file_suffix,
     read_volume,
 )
+from ctzoo.io.pydicom_log import pydicom_messages_once
 
 
 def describe_path(path: str | Path, series: str | None = None, rules: SeriesRules | None = None,
@@ -33,7 +34,7 @@ def describe_path(path: str | Path, series: str | None = None, rules: SeriesRule
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     rules = rules or SeriesRules()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), pydicom_messages_once():
         # the warnings are returned in the description; do not print them twice
         warnings.simplefilter("ignore", DicomWarning)
         if not (path.is_dir() or file_suffix(path) == ".zip"):

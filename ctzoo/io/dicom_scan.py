@@ -27,6 +27,7 @@ from pydicom.errors import InvalidDicomError
 from tqdm.auto import tqdm
 
 from ctzoo.config import StrictConfig
+from ctzoo.io.dicom_values import slice_value_problem
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,17 @@ NON_VOLUME_SOP_CLASSES = {
 }
 #: The geometry an image slice must carry to be placed in a volume.
 REQUIRED_SLICE_TAGS = ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient")
+#: Image SOP classes whose every instance carries that geometry (the Image Plane module is mandatory in them): one
+#: lacking it was cut short. (Other image classes, Secondary Capture, need none.)
+PLANE_GEOMETRY_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.128": "Positron Emission Tomography Image Storage",
+}
+#: The DICOM file preamble's length; the four bytes after it read "DICM" in a DICOM file.
+PREAMBLE_BYTES = 128
+#: Suffixes that say a file is meant to be DICOM: one that is not, beside a series' slices, may be a lost slice.
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 #: Cosine of the largest angle between two slice normals still taken as "the same orientation".
 SAME_ORIENTATION_COS = float(np.cos(np.deg2rad(0.5)))
 
@@ -112,6 +124,10 @@ class SeriesInfo:
     index: int
     slices: list[SliceHeader]
     non_images: list[SliceHeader] = field(default_factory=list)
+    #: Localizer/scout images that share the series' UID with its slices, set apart (:func:`set_localizers_apart`).
+    localizers: list[SliceHeader] = field(default_factory=list)
+    #: Files beside its slices that are empty or not DICOM although named so (display names): lost slices?
+    stray_files: list[str] = field(default_factory=list)
 
     @property
     def first(self) -> pydicom.Dataset:
@@ -186,6 +202,7 @@ class SeriesInfo:
             "non_image_objects": len(self.non_images),
             "orientation": self.orientation_label,
             "localizer": self.is_localizer,
+            "localizers_set_apart": len(self.localizers),
             "slice_thickness_mm": (float(first.SliceThickness) if first.get("SliceThickness") not in (None, "")
                                    else None),
         }
@@ -214,12 +231,37 @@ def _image_problem(ds: pydicom.Dataset) -> str:
     sop_class = _sop_class(ds)
     if sop_class in NON_VOLUME_SOP_CLASSES:
         return f"a {NON_VOLUME_SOP_CLASSES[sop_class]} object, not an image slice"
+    # before the geometry: a multi-frame object (Enhanced CT) keeps it in functional groups, not where slices do
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        return f"a multi-frame object ({ds.NumberOfFrames} frames); only single-frame slices are read"
     missing = [tag for tag in REQUIRED_SLICE_TAGS if ds.get(tag) in (None, "")]
     if missing:
         return f"not an image slice ({sop_class.name or 'unknown SOP class'}): missing " + ", ".join(missing)
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        return f"a multi-frame object ({ds.NumberOfFrames} frames); only single-frame slices are read"
     return ""
+
+
+def _cut_short(path: str, ds: pydicom.Dataset) -> bool:
+    """Whether a file that lacks a slice's geometry was cut short rather than made without it: it names no SOP
+    class at all (every DICOM object must), its SOP class requires the geometry (CT, MR, PET image), or it is an
+    image of another class without pixel data."""
+    sop_class = _sop_class(ds)
+    return (not sop_class or sop_class in PLANE_GEOMETRY_SOP_CLASSES
+            or ("Image Storage" in sop_class.name and not _has_pixel_data(path)))
+
+
+def _has_pixel_data(path: str) -> bool:
+    """Whether the file holds a pixel data element (its value is not read)."""
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024)
+    except Exception:  # unreadable past its header: no pixel data to speak of
+        return False
+    return any(keyword in ds for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def _has_dicom_prefix(path: str) -> bool:
+    """Whether the file starts as a DICOM file does: a preamble, then "DICM"."""
+    with open(path, "rb") as stream:
+        return stream.read(PREAMBLE_BYTES + 4)[PREAMBLE_BYTES:] == b"DICM"
 
 
 def _series_key(ds: pydicom.Dataset) -> str:
@@ -236,26 +278,30 @@ def _series_key(ds: pydicom.Dataset) -> str:
 def read_header(path: str, display_name: str | None = None) -> SliceHeader | None:
     """Read one file's header without pixels; None if it is not DICOM at all.
 
-    A damaged file comes back with ``corrupt_reason`` set. pydicom stops quietly at a truncation,
-    so an *image* SOP class (per the file meta) lacking its geometry is taken as damaged, not as a
-    non-image object.
+    A damaged file comes back with ``corrupt_reason`` set: one that starts as DICOM (preamble, "DICM") but cannot
+    be parsed, and one whose geometry or rescale values cannot be used (:func:`slice_value_problem`). pydicom stops
+    quietly at a truncation, so an image whose SOP class requires the geometry (or one without pixel data) lacking
+    it is taken as damaged, not as a non-image object.
     """
     shown = display_name or path
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         problem = _image_problem(ds)
-        if not problem:
-            # touch the geometry now: a malformed value must fail here, naming this file
-            SliceHeader(path, shown, ds, "").normal  # noqa: B018
         key = _series_key(ds)
-    except InvalidDicomError:
+    except InvalidDicomError as exc:
+        if _has_dicom_prefix(path):  # a DICOM file cut short inside its file meta, or damaged there
+            return SliceHeader(path, shown, None, "", corrupt_reason=f"corrupt DICOM file ({error_reason(exc)})")
         return None
     except Exception as exc:  # pydicom raises many types on damaged files; all mean the same to a user
         return SliceHeader(path, shown, None, "", corrupt_reason=f"corrupt DICOM header ({type(exc).__name__}: {exc})")
-    if problem.startswith("not an image slice") and "Image Storage" in _sop_class(ds).name:
+    if problem.startswith("not an image slice") and _cut_short(path, ds):
         # the series key of a damaged file is only trusted if its SeriesInstanceUID survived
         series_uid = str(ds.get("SeriesInstanceUID", "") or "")
         return SliceHeader(path, shown, ds, series_uid, corrupt_reason=f"corrupt or truncated DICOM file: {problem}")
+    if not problem:
+        problem = slice_value_problem(ds)  # a malformed value must fail here, naming this file
+        if problem:
+            return SliceHeader(path, shown, ds, key, corrupt_reason=problem)
     return SliceHeader(path, shown, ds, key, problem)
 
 
@@ -278,6 +324,7 @@ def scan_folder(root: str | Path, display_root: str | None = None, progress: boo
     root = Path(root)
     groups: dict[str, SeriesInfo] = {}
     not_dicom: list[str] = []
+    stray: dict[str, list[str]] = {}  # folder -> the display names of its files that may be lost slices
     corrupt: list[SliceHeader] = []
     files = list(_dicom_candidates(root, recursive))
     for path in tqdm(files, desc="scanning DICOM headers", unit="file", disable=None if progress else True,
@@ -286,16 +333,38 @@ def scan_folder(root: str | Path, display_root: str | None = None, progress: boo
         header = read_header(str(path), shown)
         if header is None:
             not_dicom.append(shown)
+            if _may_be_lost_slice(path):
+                stray.setdefault(str(path.parent), []).append(shown)
             continue
         if header.corrupt_reason:
             corrupt.append(header)
             continue
         series = groups.setdefault(header.series_key, SeriesInfo(header.series_key, 0, []))
         (series.non_images if header.not_image_reason else series.slices).append(header)
+    for series in groups.values():
+        set_localizers_apart(series)
+        folders = {str(Path(s.path).parent) for s in series.slices}
+        series.stray_files = sorted(name for folder in folders for name in stray.get(folder, []))
     ordered = sorted(groups.values(), key=lambda s: (-len(s.slices), s.key))
     for number, series in enumerate(ordered, start=1):
         series.index = number
     return ScanResult(str(display_root or root), ordered, not_dicom, corrupt)
+
+
+def _may_be_lost_slice(path: Path) -> bool:
+    """Whether a file that is not DICOM may have been a slice: too short for a DICOM file's preamble (an empty
+    file, a copy cut short), or named as DICOM files are."""
+    return path.stat().st_size < PREAMBLE_BYTES + 4 or path.suffix.lower() in DICOM_SUFFIXES
+
+
+def set_localizers_apart(series: SeriesInfo) -> None:
+    """Move the localizer/scout images (ImageType LOCALIZER) of a series that also holds other image slices into
+    ``series.localizers``: some scanners give the scout the CT's SeriesInstanceUID, and it is no slice of the
+    volume. A series of localizers only is left as it is (the rules skip it; named, it is refused)."""
+    localizers = [s for s in series.slices if s.is_localizer]
+    if localizers and len(localizers) < len(series.slices):
+        series.slices = [s for s in series.slices if not s.is_localizer]
+        series.localizers += localizers
 
 
 @contextmanager

@@ -11,7 +11,9 @@ How, and why:
   the pixel type from the first file and truncates slices whose slope differs.)
   Compressed transfer syntaxes (JPEG 2000, JPEG lossless, JPEG-LS, RLE) go
   through SimpleITK/GDCM, which decodes them fastest and most broadly, in a
-  thread pool (GDCM releases the GIL). Uncompressed slices need no codec:
+  thread pool (GDCM releases the GIL), once the size their own stream declares
+  is Rows x Columns (:mod:`ctzoo.io.dicom_codestream`: decoders allocate what
+  the stream says). Uncompressed slices need no codec:
   pydicom hands over their bytes, about 4x faster than a GDCM call per file
   (``benchmarks/dicom_read.py``). Given an nvImageCodec decoder (on a GPU,
   :mod:`ctzoo.io.nvimgcodec_decode`), JPEG 2000 slices are decoded in
@@ -45,6 +47,7 @@ import pydicom
 import SimpleITK as sitk
 from tqdm.auto import tqdm
 
+from ctzoo.io.dicom_codestream import frame_size_problem
 from ctzoo.io.dicom_scan import (
     DicomError,
     DicomWarning,
@@ -60,6 +63,7 @@ from ctzoo.io.dicom_uids import derived_keywords, fill_empty_uids, instance_uid,
 from ctzoo.io.itk_threads import first_use_alone
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 from ctzoo.io.nvimgcodec_decode import J2K_SYNTAXES, NvImageCodecDecoder, decoder_for
+from ctzoo.io.pydicom_log import pydicom_messages_once
 from ctzoo.io.spacing import check_spacing
 from ctzoo.io.volume import DicomSource, Volume, slice_label
 
@@ -175,6 +179,9 @@ def decode_slice_hu(header: SliceHeader) -> np.ndarray:
         full = pydicom.dcmread(header.path)
         if "PixelData" not in full:  # cut short: GDCM would allocate about 1 GB before failing on such a file
             raise DicomError("the pixel data is missing or truncated")
+        size_problem = frame_size_problem(full)  # a decoder allocates what the stream declares, not Rows x Columns
+        if size_problem:
+            raise DicomError(size_problem)
         if monochrome1 or not transfer_syntax.is_compressed:
             pixels = pydicom.pixels.apply_modality_lut(full.pixel_array, full).astype(np.float32)
         else:
@@ -256,6 +263,18 @@ def _transfer_syntax(header: SliceHeader) -> pydicom.uid.UID:
     return pydicom.uid.UID(str(header.dataset.file_meta.get("TransferSyntaxUID", "")))
 
 
+def _warn_about_set_apart(series: SeriesInfo, messages: list[str]) -> None:
+    """Say what beside the series' slices is not read: localizers sharing its UID, files that may be lost slices
+    (counted, not named: warnings never name files)."""
+    if series.localizers:
+        _warn(messages, f"{len(series.localizers)} localizer/scout image(s) (ImageType LOCALIZER) share the series' "
+                        "SeriesInstanceUID; left out of the volume")
+    if series.stray_files:
+        _warn(messages, f"{len(series.stray_files)} file(s) beside the series' slices are not DICOM but empty, too "
+                        "short for DICOM or named as DICOM (an interrupted copy?): if they were slices, the volume "
+                        "lacks them, and a lost first or last slice leaves no gap to warn about")
+
+
 def volume_from_series(series: SeriesInfo, display_root: str = "", workers: int | None = None,
                        progress: bool = True, limits: ResourceLimits = DEFAULT_LIMITS,
                        decoder: str | None = None) -> Volume:
@@ -267,6 +286,7 @@ def volume_from_series(series: SeriesInfo, display_root: str = "", workers: int 
         bad = series.non_images[0]
         raise DicomError(f"{bad.display_name}: {bad.not_image_reason} (in the series being read)")
     messages: list[str] = []
+    _warn_about_set_apart(series, messages)
     check_same_orientation(series.slices)
     _check_same_grid(series.slices)
     slices, along = sort_slices(series.slices)
@@ -303,7 +323,7 @@ def read_dicom_series(path: str | Path, series: str | None = None, rules: Series
     :func:`volume_from_series`. ``recursive=False``: only the files directly in the folder (its subfolders are
     cases of their own in ``ctzoo infer``).
     """
-    with dicom_folder(path, limits) as (folder, display_root):
+    with pydicom_messages_once(), dicom_folder(path, limits) as (folder, display_root):
         scan = scan_folder(folder, display_root, progress=progress, recursive=recursive)
         if display_root is None:
             scan.root = str(path)

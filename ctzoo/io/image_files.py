@@ -273,8 +273,8 @@ def read_volume(path: str | Path, series: str | None = None, rules: SeriesRules 
     header = read_header(str(path))
     if header is None:
         raise ValueError(f"{path}: not a format ctzoo reads (DICOM folder/zip, NIfTI, NRRD, MHA/MHD)")
-    if header.not_image_reason:
-        raise DicomError(f"{path}: {header.not_image_reason}")
+    if header.corrupt_reason or header.not_image_reason:
+        raise DicomError(f"{path}: {header.corrupt_reason or header.not_image_reason}")
     volume = read_dicom_series(path.parent, series=series or header.series_key, rules=rules, progress=progress,
                                limits=limits, decoder=decoder)
     volume.array = _cast(volume.array, dtype)

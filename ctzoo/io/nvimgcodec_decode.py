@@ -31,6 +31,7 @@ import pydicom
 from pydicom.uid import UID
 
 from ctzoo._quiet_import import PRINTED, captured_output, one_line, quiet_import
+from ctzoo.io.dicom_codestream import frame_size_problem
 
 __all__ = ["BATCH_FRAMES", "J2K_SYNTAXES", "NvImageCodecDecoder", "decoder_for", "nvimgcodec_installed"]
 
@@ -140,7 +141,7 @@ def _read_frame(path: str) -> _Frame | None:
         plain = (syntax in J2K_SYNTAXES and "PixelData" in ds and int(ds.get("NumberOfFrames", 1) or 1) == 1
                  and int(ds.get("SamplesPerPixel", 1)) == 1 and int(ds.BitsAllocated) == 16
                  and str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME2")
-        if not plain:
+        if not plain or frame_size_problem(ds):  # the reference path refuses it, naming the file
             return None
         data = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
         return _Frame(data, int(ds.Rows), int(ds.Columns), int(ds.PixelRepresentation) == 1)
