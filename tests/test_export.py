@@ -296,6 +296,7 @@ def test_checkpoint_export_through_the_cli(tmp_path):
     bundle, source = load_source(str(checkpoint), workdir=tmp_path / "work")
     assert bundle.name == "mini-run" and source == str(checkpoint.resolve())  # the default name: the run folder's
     repo = tmp_path / "repo"
+    (repo / "recistnet-mine").mkdir(parents=True)  # an empty folder of that name is taken
     result = CliRunner().invoke(main, ["export", str(checkpoint), "--out", str(repo), "--name", "recistnet-mine"])
     assert result.exit_code == 0, result.output
     assert "real_ct" in result.output and "max rel" in result.output and "wrote" in result.output
@@ -326,6 +327,48 @@ def test_checkpoint_export_through_the_cli(tmp_path):
             assert runtime["graph"]["sha256"] == info["sha256"] and runtime["graph"]["precision"] == "fp32"
         else:
             assert runtime["compiled"] is False
+
+
+def test_export_replaces_only_earlier_exports_and_never_its_source(tmp_path):
+    """OUT/<name> is replaced only when it is an earlier export (ctzoo.json) or an empty folder: a training run
+    (the default name of a checkpoint's export is its run folder's), another folder or a file of that name is
+    refused before anything is written, with what to choose instead."""
+    checkpoint, _ = recistnet_checkpoint(tmp_path / "runs" / "mini-run")
+    (checkpoint.parent / "train_log.jsonl").write_text('{"epoch": 1}\n')
+    (tmp_path / "other" / DETECTOR).mkdir(parents=True)
+    (tmp_path / "other" / DETECTOR / "notes.txt").write_text("not an export")
+    (tmp_path / "file").mkdir()
+    (tmp_path / "file" / DETECTOR).write_text("a file")
+    cases = [([str(checkpoint), "--out", str(tmp_path / "runs")], "mini-run holds .*best.pt, which is being exported"),
+             ([DETECTOR, "--out", str(tmp_path / "other")], "exists and is not an earlier export .*no ctzoo.json"),
+             ([DETECTOR, "--out", str(tmp_path / "file")], "exists and is not a folder")]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for args, message in cases:
+        result = CliRunner().invoke(main, ["export", *args])
+        errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+        assert result.exit_code == 1 and len(errors) == 1 and re.search(message, errors[0]), result.output
+        assert "choose another name with --name or another --out" in errors[0]
+        assert "exporting" not in result.output  # refused before any graph was exported
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing hidden added
+
+
+def test_an_unwritable_out_is_one_line(tmp_path, monkeypatch):
+    import tempfile
+
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    mkdtemp = tempfile.mkdtemp
+
+    def refuse_in_readonly(suffix=None, prefix=None, dir=None):  # as a read-only folder would (tests may run as root)
+        if dir is not None and Path(dir) == readonly:
+            raise PermissionError(13, "Permission denied")
+        return mkdtemp(suffix, prefix, dir)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse_in_readonly)
+    result = CliRunner().invoke(main, ["export", DETECTOR, "--out", str(readonly)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.splitlines()[-1] == f"Error: cannot write to {readonly}: Permission denied"
+    assert list(readonly.iterdir()) == []
 
 
 def test_template_segmenter_checkpoint_needs_and_reembeds_its_bank(tmp_path):

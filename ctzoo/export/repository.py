@@ -80,6 +80,11 @@ class ExportSourceError(ValueError):
     checkpoint, missing template bank); the message says what to give instead."""
 
 
+class ExportTargetError(ValueError):
+    """``OUT/<name>`` cannot take the export: replacing it would lose something that is not an earlier export, or
+    ``OUT`` cannot be written; the message says what to choose instead."""
+
+
 def valid_name(name: str) -> str:
     """``name`` if it matches :data:`NAME_PATTERN`, else ExportSourceError."""
     if re.match(NAME_PATTERN, name):
@@ -89,6 +94,23 @@ def valid_name(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ repository
+
+
+def check_target(target: Path, keep: Path | None = None) -> None:
+    """Refuse (:class:`ExportTargetError`) an export into ``target`` that would delete what is not an earlier
+    export: ``target`` must be absent, an empty folder, or a folder holding ``ctzoo.json``, and must not hold
+    ``keep`` (the checkpoint or bundle folder being exported; ``keep`` may be ``target`` itself, an export
+    exported again). A run folder, a bundle published by ``ctzoo zoo publish``, or any other folder of the same
+    name is left alone."""
+    instead = "choose another name with --name or another --out"
+    if keep is not None and target.resolve() in keep.resolve().parents:
+        raise ExportTargetError(f"{target} holds {keep}, which is being exported, and an export replaces the whole "
+                                f"folder: {instead}")
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ExportTargetError(f"{target} exists and is not a folder: {instead}")
+    if target.is_dir() and not (target / EXPORT_INFO_FILE).is_file() and any(target.iterdir()):
+        raise ExportTargetError(f"{target} exists and is not an earlier export (it has no {EXPORT_INFO_FILE}); "
+                                f"ctzoo export replaces only its own exports: {instead}")
 
 
 def graph_io(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -152,18 +174,24 @@ def _copy_bundle(bundle: ModelBundle, folder: Path, name: str) -> None:
 
 def export_bundle(bundle: ModelBundle, repo: Path, name: str | None = None, fp16: bool = False,
                   opset: int = 17, progress: Progress | None = None, source: str | None = None,
-                  monai: bool = False) -> Path:
+                  monai: bool = False, keep: Path | None = None) -> Path:
     """Export ``bundle`` into ``repo/<name>`` (``<name>-fp16`` with ``fp16``), check every graph, return the
     folder; with ``monai`` also MONAI's bundle files (:mod:`ctzoo.export.monai_bundle`). ``RuntimeError`` when a
-    graph disagrees with PyTorch; nothing new is then left in ``repo``."""
+    graph disagrees with PyTorch; nothing new is then left in ``repo``. :class:`ExportTargetError`, before any
+    work, when ``repo/<name>`` is something other than an earlier export, holds ``keep`` (see
+    :func:`check_target`), or ``repo`` cannot be written."""
     say = progress or (lambda message: logger.info("%s", message))
     folder_name = valid_name(name or bundle.name) + ("-fp16" if fp16 else "")
     tolerance = parity.FP16_RELATIVE_TOLERANCE if fp16 else parity.RELATIVE_TOLERANCE
     repo = Path(repo)
+    check_target(repo / folder_name, keep)
     created = not repo.exists()
-    repo.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(repo, folder_name, say)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder_name}{STAGING_INFIX}", dir=repo))
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(repo, folder_name, say)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder_name}{STAGING_INFIX}", dir=repo))
+    except OSError as exc:
+        raise ExportTargetError(f"cannot write to {repo}: {exc.strerror or exc}") from None
     lock = None
     try:
         lock = _lock_staging(staging)
@@ -211,6 +239,7 @@ def export_bundle(bundle: ModelBundle, repo: Path, name: str | None = None, fp16
             write_monai_files(bundle, staging)
         (staging / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         (staging / STAGING_LOCK).unlink()  # not part of the export; the open handle keeps the lock until the rename
+        check_target(repo / folder_name, keep)  # again: something may have been put there while we exported
         replace_folder(staging, repo / folder_name)
     finally:
         if lock is not None:
@@ -304,14 +333,16 @@ def load_source(source: str, templates: Path | None = None, workdir: Path | None
 def export_model(source: str, repo: Path, name: str | None = None, fp16: bool = False, opset: int = 17,
                  templates: Path | None = None, progress: Progress | None = None, monai: bool = False) -> Path:
     """``ctzoo export``: :func:`load_source` then :func:`export_bundle`; a checkpoint's bundle is named after
-    its run folder unless ``name`` is given."""
+    its run folder unless ``name`` is given. The export never replaces the source (:func:`check_target`)."""
     say = progress or (lambda message: logger.info("%s", message))
     if name is not None:
         valid_name(name)  # before any work
     say(f"loading {source}")
     with tempfile.TemporaryDirectory(prefix="ctzoo-export-") as workdir:
         bundle, description = load_source(source, templates, Path(workdir))
-        return export_bundle(bundle, repo, name or bundle.name, fp16, opset, progress, description, monai)
+        checkpoint = Path(source).expanduser()
+        keep = checkpoint if checkpoint.is_file() else bundle.folder  # a checkpoint's bundle is in workdir
+        return export_bundle(bundle, repo, name or bundle.name, fp16, opset, progress, description, monai, keep)
 
 
 def ensure_graphs(bundle: ModelBundle, cache: Path | None = None) -> ModelBundle:
