@@ -21,13 +21,15 @@ leaves its hidden folder; the next export of that name removes it (:func:`remove
 and outputs, so clients, the service and the preprocessing are identical for both variants.
 
 :func:`ensure_graphs` is what ``ctzoo infer --backend onnx`` uses: a bundle that has no graphs yet is exported
-once into ``cache_dir()/onnx/<name>-<version>-<sha256[:12]>/`` (keyed by the weights) and that exported bundle is
-returned.
+once into ``cache_dir()/onnx/<name>-<version>-<sha256[:12]>/`` (keyed by the weights, :func:`graphs_digest`), and
+the bundle is returned with that export's graphs, its own card, preprocessing and template bank.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -35,6 +37,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -345,22 +348,37 @@ def export_model(source: str, repo: Path, name: str | None = None, fp16: bool = 
         return export_bundle(bundle, repo, name or bundle.name, fp16, opset, progress, description, monai, keep)
 
 
+def graphs_digest(bundle: ModelBundle) -> str:
+    """sha256 of what ``bundle``'s graphs are made of: the network and its weights, and a template segmenter's
+    input size (fixed in its graph). Not the card, the preprocessing otherwise, or the template bank: the graphs
+    take no part of them, so a cached export serves every bundle with the same digest."""
+    parts = [bundle.weights_digest()]
+    if bundle.task == "segmentation":
+        parts.append(json.dumps(list(bundle.preprocessing.size)))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def ensure_graphs(bundle: ModelBundle, cache: Path | None = None) -> ModelBundle:
-    """``bundle`` itself when it carries checked graphs, else its export in the cache (exported on first use)."""
+    """``bundle`` itself when it carries checked graphs, else ``bundle`` with the graphs of its export in the cache
+    (exported on first use, keyed by :func:`graphs_digest`). Only the graphs come from the cache: the card (its
+    operating point), the preprocessing and the template bank stay ``bundle``'s own, which may have changed since
+    another bundle with these weights was exported there."""
     if bundle.graphs is not None:
         return bundle
     from ctzoo.datasets.samples import cache_dir
 
-    key = f"{bundle.name}-{bundle.version}-{bundle.weights_digest()[:12]}"
+    key = f"{bundle.name}-{bundle.version}-{graphs_digest(bundle)[:12]}"
     root = (cache or cache_dir()) / "onnx"
     folder = root / key / bundle.name
     try:
         cached = load_bundle(folder)
-        if cached.graphs is not None and cached.graphs.info.get("format") == EXPORT_FORMAT:
-            return cached
+        if cached.graphs is None or cached.graphs.info.get("format") != EXPORT_FORMAT:
+            cached = None
     except (BundleError, KeyError):
-        pass
-    start = time.perf_counter()
-    export_bundle(bundle, root / key, bundle.name)
-    logger.info("exported %s to ONNX in %.1f s: %s", bundle.name, time.perf_counter() - start, folder)
-    return load_bundle(folder)
+        cached = None
+    if cached is None:
+        start = time.perf_counter()
+        export_bundle(bundle, root / key, bundle.name)
+        logger.info("exported %s to ONNX in %.1f s: %s", bundle.name, time.perf_counter() - start, folder)
+        cached = load_bundle(folder)
+    return dataclasses.replace(bundle, graphs=cached.graphs, _network=None, _lock=threading.Lock())

@@ -156,8 +156,10 @@ class ExportedGraphs:
         return dict(self._digests)
 
     def describe(self, root: Path) -> dict[str, Any]:
-        """What a reply says about the graph that produced it: the digest of the file that ran, verified."""
-        return {"file": str(self.model.relative_to(root.parent)), "precision": self.precision,
+        """What a reply says about the graph that produced it: the digest of the file that ran, verified; the file
+        relative to ``root``'s parent when it is in the bundle ``root``, else its whole path (the ONNX cache's)."""
+        file = self.model.relative_to(root.parent) if self.model.parent.parent == root else self.model
+        return {"file": str(file), "precision": self.precision,
                 "sha256": self.verify()[self.model.name], "opset": self.info.get("opset")}
 
 
