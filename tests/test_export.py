@@ -194,6 +194,49 @@ def test_changed_graphs_and_weights_of_an_export_are_refused(tmp_path, exported)
     load_bundle(repo / DETECTOR).network()
 
 
+def test_a_graph_ctzoo_json_records_must_be_there(tmp_path, exported, monkeypatch):
+    """A recorded graph that is missing is an error, not a bundle without graphs exported again into the cache."""
+    from ctzoo.models.bundle import BundleError, load_bundle
+
+    folder = shutil.copytree(exported(DETECTOR), tmp_path / DETECTOR)
+    (folder / "1" / "model.onnx").unlink()
+    with pytest.raises(BundleError, match=r"ctzoo.json records 1/model.onnx but it is missing; export the model"):
+        load_bundle(folder)
+    monkeypatch.setenv("CTZOO_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(main, ["infer", "--model", str(folder), "--backend", "onnx", "--out",
+                                       str(tmp_path / "out"), "--workers", "0"])
+    assert result.exit_code == 1 and "records 1/model.onnx but it is missing" in result.output.splitlines()[-1]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_serve_reads_the_graph_ctzoo_json_describes_and_refuses_others(tmp_path, exported):
+    """ctzoo serve reads a model folder as load_bundle does: version 1, the graph the export checked and the study
+    endpoints run; another version folder is refused, and so are a ctzoo.json that cannot be read (named) and a
+    recorded graph that is missing."""
+    from ctzoo.models.bundle import BundleError, load_bundle
+    from ctzoo.serve.repository import load_repository
+
+    repo = tmp_path / "repo"
+    folder = shutil.copytree(exported(DETECTOR), repo / DETECTOR)
+    model = load_repository(repo, device="cpu")[DETECTOR]
+    assert model.version == "1" and model.config == load_bundle(folder).graphs.info
+    (folder / "2").mkdir()
+    shutil.copyfile(folder / "1" / "model.onnx", folder / "2" / "model.onnx")
+    with pytest.raises(ValueError, match=r"2/model.onnx: .*ctzoo.json describes version 1 only.* remove .*/2$"):
+        load_repository(repo, device="cpu")
+    shutil.rmtree(folder / "2")
+    (folder / "ctzoo.json").write_text('{"name": ')
+    with pytest.raises(BundleError, match=re.escape(f"{folder / 'ctzoo.json'}: ")):
+        load_repository(repo, device="cpu")
+    shutil.copyfile(exported(DETECTOR) / "ctzoo.json", folder / "ctzoo.json")
+    (folder / "1" / "model.onnx").unlink()  # no longer skipped as a folder without a graph
+    with pytest.raises(BundleError, match="records 1/model.onnx but it is missing"):
+        load_repository(repo, device="cpu")
+    (folder / "ctzoo.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no models in"):  # neither a record nor a graph: not a model
+        load_repository(repo, device="cpu")
+
+
 def test_fp16_detector_export(repo, exported):
     folder = export_model(DETECTOR, repo, fp16=True)
     assert folder == repo / f"{DETECTOR}-fp16"

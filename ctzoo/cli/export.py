@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -63,6 +62,7 @@ def export(source: str, repo: Path, name: str | None, fp16: bool, opset: int, la
     from ctzoo.cli.paths import require_folder
     from ctzoo.export.parity import parity_table
     from ctzoo.export.repository import ExportSourceError, ExportTargetError, export_model
+    from ctzoo.models.bundle import read_graphs
 
     require_folder(repo)
     try:
@@ -74,6 +74,6 @@ def export(source: str, repo: Path, name: str | None, fp16: bool, opset: int, la
         raise click.ClickException(f"export failed, nothing written: {exc}") from exc
     except (RuntimeError, ValueError) as exc:  # a failed parity check, or the exporter refusing the model
         raise click.ClickException(f"export failed, nothing written: {exc}") from exc
-    info = json.loads((folder / "ctzoo.json").read_text(encoding="utf-8"))
+    info = read_graphs(folder).info  # what the export recorded, read as every command reads it
     click.echo(parity_table(info["parity"]))
     click.echo(f"wrote {folder} ({info['task']}, {info['precision']}, version {info['version']})")
