@@ -122,6 +122,12 @@ def test_every_zoo_model_exports_with_the_repository_layout(name, repo, exported
         assert info["down_ratio"] == model.down_ratio == 4
         assert [t["name"] for t in info["inputs"]] == ["image"] and info["inputs"][0]["shape"] == [-1, 9, -1, -1]
         assert [t["name"] for t in info["outputs"]] == list(HEADS)
+        # the heads are a quarter of the image's size: their symbolic axes are their own, not the image's
+        graph = onnx.load(str(folder / "1" / "model.onnx")).graph
+        axes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in [*graph.input, *graph.output]}
+        assert axes["image"] == ["batch", 9, "height", "width"]
+        assert all(axes[head][::2] == ["batch", "out_height"] and axes[head][3] == "out_width" for head in HEADS)
         assert set(parity["checks"]) == {"random_b2", "random_b3", "random_size", "real_ct"}
         assert parity["checks"]["real_ct"]["inputs"] == {"image": [3, 9, 512, 512]}  # the inference canvas
     else:

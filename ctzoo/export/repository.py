@@ -68,7 +68,7 @@ TRITON_CONFIG, README_FILE = "config.pbtxt", "README.md"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
 _DATATYPES = {1: "FP32", 10: "FP16"}  # onnx.TensorProto.FLOAT, FLOAT16
 #: Bump when graphs' names, inputs or outputs change, so cached exports of older code are redone.
-EXPORT_FORMAT = 2
+EXPORT_FORMAT = 3  # 3: the detector's heads have axes of their own (out_height, out_width)
 Progress = Callable[[str], None]
 #: An export writes ``REPO/.<name>.partial-XXXXXXXX/`` and renames it to ``REPO/<name>`` once checked. While it
 #: runs it holds an flock on STAGING_LOCK inside; the next export of ``<name>`` removes the folders whose lock
