@@ -77,8 +77,9 @@ def test_changelog_is_a_sentence():
     bundle = load_bundle("recistnet-mini")
     training = bundle.card.training
     assert (training.epochs, training.epochs_planned, training.best_epoch) == (95, 120, 90)
-    assert metadata(bundle)["changelog"] == {bundle.version: f"ctzoo recistnet-mini {bundle.version}: 95 of 120 "
-                                                             "planned epochs; weights from epoch 90 (best on validation)"}
+    sentence = f"ctzoo recistnet-mini {bundle.version}: 95 of 120 planned epochs; weights from epoch 90 (best on " \
+        "validation)"
+    assert metadata(bundle)["changelog"] == {bundle.version: sentence}
     assert training.model_copy(update={"epochs_planned": None, "best_epoch": None}).epochs_text(" epochs") == \
         "95 epochs"
 
