@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from ctzoo.io.atomic import _host, atomic_folder
+from ctzoo.io.atomic import _host, atomic_folder, replace_folder
 
 
 def dead_pid() -> int:
@@ -32,3 +32,14 @@ def test_staging_folders_of_dead_processes_are_swept_live_ones_kept(tmp_path):
     assert (target / "index.json").exists()
     assert not any(folder.exists() for folder in stale)
     assert all(folder.exists() for folder in kept)
+
+
+def test_a_file_replaced_by_a_folder_leaves_no_hidden_copy(tmp_path):
+    """The file a folder replaces is removed like a folder would be, not left behind as a hidden ``.old`` file."""
+    target, staging = tmp_path / "model", tmp_path / "staging"
+    target.write_text("a file of the target's name")
+    staging.mkdir()
+    (staging / "ctzoo.json").write_text("{}")
+    replace_folder(staging, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (target / "ctzoo.json").is_file()

@@ -132,6 +132,41 @@ def test_export_cache_is_reused(cache, monkeypatch):
     assert info["parity"]["worst"]["heatmaps"]["max_rel"] <= 1e-4
 
 
+def test_a_cached_export_lends_its_graphs_only(cache, tmp_path, monkeypatch):
+    """The cache is keyed by what the graphs are made of (network, weights, a segmenter's input size); a bundle
+    with the same weights but another card (operating point) or template bank runs the cached graphs with its own
+    card and bank, as the PyTorch backend does, not the cached copy's."""
+    import dataclasses
+    import shutil
+
+    from ctzoo.export.repository import graphs_digest
+    from ctzoo.models.registry import model_entry
+
+    for name in (DETECTOR, SEGMENTER):
+        ensure_graphs(load_bundle(name), cache)  # the cache holds the zoo bundles' exports
+    mine = {name: shutil.copytree(model_entry(name).weights_dir, tmp_path / name) for name in (DETECTOR, SEGMENTER)}
+    card = json.loads((mine[DETECTOR] / "card.json").read_text())
+    card["operating_point"]["score_threshold"] = 0.45
+    (mine[DETECTOR] / "card.json").write_text(json.dumps(card))
+    bank = TemplateBank.load(mine[SEGMENTER])
+    smaller = TemplateBank(bank.images[:3], bank.masks[:3], bank.embeddings[:3], bank.class_names, bank.sources[:3])
+    smaller.save(mine[SEGMENTER])
+
+    monkeypatch.setattr(graphs_module.torch.onnx, "export", lambda *a, **k: pytest.fail("the cache is reused"))
+    detector = ensure_graphs(load_bundle(mine[DETECTOR]), cache)
+    assert detector.folder == mine[DETECTOR] and detector.score_threshold == 0.45
+    assert detector.graphs.model.is_relative_to(cache)
+    assert detector.graphs.describe(detector.folder)["file"] == str(detector.graphs.model)  # the cached file ran
+    segmenter = ensure_graphs(load_bundle(mine[SEGMENTER]), cache)
+    assert len(segmenter.template_bank) == 3 and segmenter.graphs.embed.is_relative_to(cache)
+    assert make_backend(segmenter, "onnx", "cpu", threads=1).bank is segmenter.template_bank
+    assert len(list((cache / "onnx").iterdir())) == 2
+    # the segmenter's graph has its input size built in: another size is another export
+    zoo = load_bundle(SEGMENTER)
+    resized = dataclasses.replace(zoo, preprocessing=zoo.preprocessing.model_copy(update={"size": (64, 64)}))
+    assert graphs_digest(resized) != graphs_digest(zoo) == graphs_digest(load_bundle(mine[SEGMENTER]))
+
+
 def test_export_writes_checked_graphs(tmp_path):
     folder = export_bundle(load_bundle(SEGMENTER), tmp_path / "repo")
     graphs = sorted(p.name for p in (folder / "1").iterdir())

@@ -122,6 +122,12 @@ def test_every_zoo_model_exports_with_the_repository_layout(name, repo, exported
         assert info["down_ratio"] == model.down_ratio == 4
         assert [t["name"] for t in info["inputs"]] == ["image"] and info["inputs"][0]["shape"] == [-1, 9, -1, -1]
         assert [t["name"] for t in info["outputs"]] == list(HEADS)
+        # the heads are a quarter of the image's size: their symbolic axes are their own, not the image's
+        graph = onnx.load(str(folder / "1" / "model.onnx")).graph
+        axes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in [*graph.input, *graph.output]}
+        assert axes["image"] == ["batch", 9, "height", "width"]
+        assert all(axes[head][::2] == ["batch", "out_height"] and axes[head][3] == "out_width" for head in HEADS)
         assert set(parity["checks"]) == {"random_b2", "random_b3", "random_size", "real_ct"}
         assert parity["checks"]["real_ct"]["inputs"] == {"image": [3, 9, 512, 512]}  # the inference canvas
     else:
@@ -192,6 +198,49 @@ def test_changed_graphs_and_weights_of_an_export_are_refused(tmp_path, exported)
     shutil.copytree(exported(DETECTOR), repo / DETECTOR)
     (repo / DETECTOR / "ctzoo.json").write_text(json.dumps({k: v for k, v in info.items() if k != "weights_sha256"}))
     load_bundle(repo / DETECTOR).network()
+
+
+def test_a_graph_ctzoo_json_records_must_be_there(tmp_path, exported, monkeypatch):
+    """A recorded graph that is missing is an error, not a bundle without graphs exported again into the cache."""
+    from ctzoo.models.bundle import BundleError, load_bundle
+
+    folder = shutil.copytree(exported(DETECTOR), tmp_path / DETECTOR)
+    (folder / "1" / "model.onnx").unlink()
+    with pytest.raises(BundleError, match=r"ctzoo.json records 1/model.onnx but it is missing; export the model"):
+        load_bundle(folder)
+    monkeypatch.setenv("CTZOO_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(main, ["infer", "--model", str(folder), "--backend", "onnx", "--out",
+                                       str(tmp_path / "out"), "--workers", "0"])
+    assert result.exit_code == 1 and "records 1/model.onnx but it is missing" in result.output.splitlines()[-1]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_serve_reads_the_graph_ctzoo_json_describes_and_refuses_others(tmp_path, exported):
+    """ctzoo serve reads a model folder as load_bundle does: version 1, the graph the export checked and the study
+    endpoints run; another version folder is refused, and so are a ctzoo.json that cannot be read (named) and a
+    recorded graph that is missing."""
+    from ctzoo.models.bundle import BundleError, load_bundle
+    from ctzoo.serve.repository import load_repository
+
+    repo = tmp_path / "repo"
+    folder = shutil.copytree(exported(DETECTOR), repo / DETECTOR)
+    model = load_repository(repo, device="cpu")[DETECTOR]
+    assert model.version == "1" and model.config == load_bundle(folder).graphs.info
+    (folder / "2").mkdir()
+    shutil.copyfile(folder / "1" / "model.onnx", folder / "2" / "model.onnx")
+    with pytest.raises(ValueError, match=r"2/model.onnx: .*ctzoo.json describes version 1 only.* remove .*/2$"):
+        load_repository(repo, device="cpu")
+    shutil.rmtree(folder / "2")
+    (folder / "ctzoo.json").write_text('{"name": ')
+    with pytest.raises(BundleError, match=re.escape(f"{folder / 'ctzoo.json'}: ")):
+        load_repository(repo, device="cpu")
+    shutil.copyfile(exported(DETECTOR) / "ctzoo.json", folder / "ctzoo.json")
+    (folder / "1" / "model.onnx").unlink()  # no longer skipped as a folder without a graph
+    with pytest.raises(BundleError, match="records 1/model.onnx but it is missing"):
+        load_repository(repo, device="cpu")
+    (folder / "ctzoo.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no models in"):  # neither a record nor a graph: not a model
+        load_repository(repo, device="cpu")
 
 
 def test_fp16_detector_export(repo, exported):
@@ -296,6 +345,7 @@ def test_checkpoint_export_through_the_cli(tmp_path):
     bundle, source = load_source(str(checkpoint), workdir=tmp_path / "work")
     assert bundle.name == "mini-run" and source == str(checkpoint.resolve())  # the default name: the run folder's
     repo = tmp_path / "repo"
+    (repo / "recistnet-mine").mkdir(parents=True)  # an empty folder of that name is taken
     result = CliRunner().invoke(main, ["export", str(checkpoint), "--out", str(repo), "--name", "recistnet-mine"])
     assert result.exit_code == 0, result.output
     assert "real_ct" in result.output and "max rel" in result.output and "wrote" in result.output
@@ -326,6 +376,48 @@ def test_checkpoint_export_through_the_cli(tmp_path):
             assert runtime["graph"]["sha256"] == info["sha256"] and runtime["graph"]["precision"] == "fp32"
         else:
             assert runtime["compiled"] is False
+
+
+def test_export_replaces_only_earlier_exports_and_never_its_source(tmp_path):
+    """OUT/<name> is replaced only when it is an earlier export (ctzoo.json) or an empty folder: a training run
+    (the default name of a checkpoint's export is its run folder's), another folder or a file of that name is
+    refused before anything is written, with what to choose instead."""
+    checkpoint, _ = recistnet_checkpoint(tmp_path / "runs" / "mini-run")
+    (checkpoint.parent / "train_log.jsonl").write_text('{"epoch": 1}\n')
+    (tmp_path / "other" / DETECTOR).mkdir(parents=True)
+    (tmp_path / "other" / DETECTOR / "notes.txt").write_text("not an export")
+    (tmp_path / "file").mkdir()
+    (tmp_path / "file" / DETECTOR).write_text("a file")
+    cases = [([str(checkpoint), "--out", str(tmp_path / "runs")], "mini-run holds .*best.pt, which is being exported"),
+             ([DETECTOR, "--out", str(tmp_path / "other")], "exists and is not an earlier export .*no ctzoo.json"),
+             ([DETECTOR, "--out", str(tmp_path / "file")], "exists and is not a folder")]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for args, message in cases:
+        result = CliRunner().invoke(main, ["export", *args])
+        errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+        assert result.exit_code == 1 and len(errors) == 1 and re.search(message, errors[0]), result.output
+        assert "choose another name with --name or another --out" in errors[0]
+        assert "exporting" not in result.output  # refused before any graph was exported
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing hidden added
+
+
+def test_an_unwritable_out_is_one_line(tmp_path, monkeypatch):
+    import tempfile
+
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    mkdtemp = tempfile.mkdtemp
+
+    def refuse_in_readonly(suffix=None, prefix=None, dir=None):  # as a read-only folder would (tests may run as root)
+        if dir is not None and Path(dir) == readonly:
+            raise PermissionError(13, "Permission denied")
+        return mkdtemp(suffix, prefix, dir)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse_in_readonly)
+    result = CliRunner().invoke(main, ["export", DETECTOR, "--out", str(readonly)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.splitlines()[-1] == f"Error: cannot write to {readonly}: Permission denied"
+    assert list(readonly.iterdir()) == []
 
 
 def test_template_segmenter_checkpoint_needs_and_reembeds_its_bank(tmp_path):

@@ -70,6 +70,20 @@ def test_monai_verifies_and_runs_an_exported_bundle(name, result, nifti, tmp_pat
     assert got["model"] == name and (got["lesions"] if name == "recistnet-mini" else got["classes"])
 
 
+def test_changelog_is_a_sentence():
+    from ctzoo.export.monai_bundle import metadata
+    from ctzoo.models import load_bundle
+
+    bundle = load_bundle("recistnet-mini")
+    training = bundle.card.training
+    assert (training.epochs, training.epochs_planned, training.best_epoch) == (95, 120, 90)
+    sentence = f"ctzoo recistnet-mini {bundle.version}: 95 of 120 planned epochs; weights from epoch 90 (best on " \
+        "validation)"
+    assert metadata(bundle)["changelog"] == {bundle.version: sentence}
+    assert training.model_copy(update={"epochs_planned": None, "best_epoch": None}).epochs_text(" epochs") == \
+        "95 epochs"
+
+
 def test_metadata_that_breaks_the_schema_is_refused(tmp_path):
     folder = export_model("recistnet-mini", tmp_path / "bundles", monai=True)
     metadata = json.loads((folder / "configs" / "metadata.json").read_text())

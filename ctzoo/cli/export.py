@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -47,7 +46,9 @@ def export(source: str, repo: Path, name: str | None, fp16: bool, opset: int, la
     Every export is checked right after it is written: ONNX Runtime against PyTorch on random
     input (two batch sizes; the detector also a second image size) and on the embedded sample CT
     preprocessed as ctzoo infer does it. A disagreement fails the export and leaves nothing
-    behind; an earlier export of the same name is replaced only by one that passed. The hidden
+    behind; an earlier export of the same name is replaced only by one that passed. OUT/<name>
+    is replaced only when it is an earlier export (ctzoo.json) or an empty folder: a training run,
+    another folder or a file of that name is refused (choose --name or another --out). The hidden
     OUT/.<name>.partial-* folder of an export that was killed (SIGKILL, out of memory) is removed
     by the next export of that name, unless that export is still running (docs/serving.md).
 
@@ -60,16 +61,19 @@ def export(source: str, repo: Path, name: str | None, fp16: bool, opset: int, la
     """
     from ctzoo.cli.paths import require_folder
     from ctzoo.export.parity import parity_table
-    from ctzoo.export.repository import ExportSourceError, export_model
+    from ctzoo.export.repository import ExportSourceError, ExportTargetError, export_model
+    from ctzoo.models.bundle import read_graphs
 
     require_folder(repo)
     try:
         folder = export_model(source, repo, name=name, fp16=fp16, opset=opset, templates=templates,
                               progress=lambda message: click.echo(message, err=True), monai=layout == "monai-bundle")
-    except (ExportSourceError, FileNotFoundError, KeyError) as exc:
+    except (ExportSourceError, ExportTargetError, FileNotFoundError, KeyError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:  # e.g. the disk filled while the graphs were written; the staging folder is removed
+        raise click.ClickException(f"export failed, nothing written: {exc}") from exc
     except (RuntimeError, ValueError) as exc:  # a failed parity check, or the exporter refusing the model
         raise click.ClickException(f"export failed, nothing written: {exc}") from exc
-    info = json.loads((folder / "ctzoo.json").read_text(encoding="utf-8"))
+    info = read_graphs(folder).info  # what the export recorded, read as every command reads it
     click.echo(parity_table(info["parity"]))
     click.echo(f"wrote {folder} ({info['task']}, {info['precision']}, version {info['version']})")

@@ -194,10 +194,12 @@ def bundle_graphs(bundle: ModelBundle) -> list[Graph]:
         checks = [("random_b2", {"image": rand(2, channels, 96, 64)}),
                   ("random_b3", {"image": rand(3, channels, 96, 64)}),
                   ("random_size", {"image": rand(1, channels, 64, 160)}), ("real_ct", real)]
-        axes = {0: "batch", 2: "height", 3: "width"}
+        # the heads are 1/down_ratio of the image: sizes of their own, not the image's (which they are not)
+        image_axes = {0: "batch", 2: "height", 3: "width"}
+        head_axes = {0: "batch", 2: "out_height", 3: "out_width"}
         graph, reference = graph_module(bundle.task, exported), graph_module(bundle.task, model)
         return [Graph(GRAPH_FILE, graph.module, reference.module, checks[0][1], list(graph.outputs),
-                      {"image": axes, **{name: axes for name in graph.outputs}}, checks)]
+                      {"image": image_axes, **{name: head_axes for name in graph.outputs}}, checks)]
     if not isinstance(model, TemplateSegNet):
         raise ValueError(f"{bundle.name}: only RECIST-Net detectors and template segmenters export to ONNX")
     height, width = bundle.preprocessing.size

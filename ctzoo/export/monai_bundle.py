@@ -110,7 +110,7 @@ def metadata(bundle: ModelBundle) -> dict[str, Any]:
             else f"CT segmentation of {', '.join(bundle.class_names)}")
     return {
         "schema": SCHEMA_URL, "version": card.version,
-        "changelog": {card.version: f"ctzoo {card.name} {card.version}: {card.training.epochs_text()} epochs"},
+        "changelog": {card.version: f"ctzoo {card.name} {card.version}: {card.training.epochs_text(' epochs')}"},
         "monai_version": _version("monai"), "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": _version("numpy"),
         "required_packages_version": {p: _version(p) for p in ("ctzoo", "safetensors", "nibabel", "SimpleITK")},

@@ -21,13 +21,15 @@ leaves its hidden folder; the next export of that name removes it (:func:`remove
 and outputs, so clients, the service and the preprocessing are identical for both variants.
 
 :func:`ensure_graphs` is what ``ctzoo infer --backend onnx`` uses: a bundle that has no graphs yet is exported
-once into ``cache_dir()/onnx/<name>-<version>-<sha256[:12]>/`` (keyed by the weights) and that exported bundle is
-returned.
+once into ``cache_dir()/onnx/<name>-<version>-<sha256[:12]>/`` (keyed by the weights, :func:`graphs_digest`), and
+the bundle is returned with that export's graphs, its own card, preprocessing and template bank.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -35,6 +37,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -65,7 +68,7 @@ TRITON_CONFIG, README_FILE = "config.pbtxt", "README.md"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
 _DATATYPES = {1: "FP32", 10: "FP16"}  # onnx.TensorProto.FLOAT, FLOAT16
 #: Bump when graphs' names, inputs or outputs change, so cached exports of older code are redone.
-EXPORT_FORMAT = 2
+EXPORT_FORMAT = 3  # 3: the detector's heads have axes of their own (out_height, out_width)
 Progress = Callable[[str], None]
 #: An export writes ``REPO/.<name>.partial-XXXXXXXX/`` and renames it to ``REPO/<name>`` once checked. While it
 #: runs it holds an flock on STAGING_LOCK inside; the next export of ``<name>`` removes the folders whose lock
@@ -80,6 +83,11 @@ class ExportSourceError(ValueError):
     checkpoint, missing template bank); the message says what to give instead."""
 
 
+class ExportTargetError(ValueError):
+    """``OUT/<name>`` cannot take the export: replacing it would lose something that is not an earlier export, or
+    ``OUT`` cannot be written; the message says what to choose instead."""
+
+
 def valid_name(name: str) -> str:
     """``name`` if it matches :data:`NAME_PATTERN`, else ExportSourceError."""
     if re.match(NAME_PATTERN, name):
@@ -89,6 +97,23 @@ def valid_name(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ repository
+
+
+def check_target(target: Path, keep: Path | None = None) -> None:
+    """Refuse (:class:`ExportTargetError`) an export into ``target`` that would delete what is not an earlier
+    export: ``target`` must be absent, an empty folder, or a folder holding ``ctzoo.json``, and must not hold
+    ``keep`` (the checkpoint or bundle folder being exported; ``keep`` may be ``target`` itself, an export
+    exported again). A run folder, a bundle published by ``ctzoo zoo publish``, or any other folder of the same
+    name is left alone."""
+    instead = "choose another name with --name or another --out"
+    if keep is not None and target.resolve() in keep.resolve().parents:
+        raise ExportTargetError(f"{target} holds {keep}, which is being exported, and an export replaces the whole "
+                                f"folder: {instead}")
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ExportTargetError(f"{target} exists and is not a folder: {instead}")
+    if target.is_dir() and not (target / EXPORT_INFO_FILE).is_file() and any(target.iterdir()):
+        raise ExportTargetError(f"{target} exists and is not an earlier export (it has no {EXPORT_INFO_FILE}); "
+                                f"ctzoo export replaces only its own exports: {instead}")
 
 
 def graph_io(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -152,18 +177,24 @@ def _copy_bundle(bundle: ModelBundle, folder: Path, name: str) -> None:
 
 def export_bundle(bundle: ModelBundle, repo: Path, name: str | None = None, fp16: bool = False,
                   opset: int = 17, progress: Progress | None = None, source: str | None = None,
-                  monai: bool = False) -> Path:
+                  monai: bool = False, keep: Path | None = None) -> Path:
     """Export ``bundle`` into ``repo/<name>`` (``<name>-fp16`` with ``fp16``), check every graph, return the
     folder; with ``monai`` also MONAI's bundle files (:mod:`ctzoo.export.monai_bundle`). ``RuntimeError`` when a
-    graph disagrees with PyTorch; nothing new is then left in ``repo``."""
+    graph disagrees with PyTorch; nothing new is then left in ``repo``. :class:`ExportTargetError`, before any
+    work, when ``repo/<name>`` is something other than an earlier export, holds ``keep`` (see
+    :func:`check_target`), or ``repo`` cannot be written."""
     say = progress or (lambda message: logger.info("%s", message))
     folder_name = valid_name(name or bundle.name) + ("-fp16" if fp16 else "")
     tolerance = parity.FP16_RELATIVE_TOLERANCE if fp16 else parity.RELATIVE_TOLERANCE
     repo = Path(repo)
+    check_target(repo / folder_name, keep)
     created = not repo.exists()
-    repo.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(repo, folder_name, say)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder_name}{STAGING_INFIX}", dir=repo))
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(repo, folder_name, say)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder_name}{STAGING_INFIX}", dir=repo))
+    except OSError as exc:
+        raise ExportTargetError(f"cannot write to {repo}: {exc.strerror or exc}") from None
     lock = None
     try:
         lock = _lock_staging(staging)
@@ -211,6 +242,7 @@ def export_bundle(bundle: ModelBundle, repo: Path, name: str | None = None, fp16
             write_monai_files(bundle, staging)
         (staging / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         (staging / STAGING_LOCK).unlink()  # not part of the export; the open handle keeps the lock until the rename
+        check_target(repo / folder_name, keep)  # again: something may have been put there while we exported
         replace_folder(staging, repo / folder_name)
     finally:
         if lock is not None:
@@ -304,32 +336,49 @@ def load_source(source: str, templates: Path | None = None, workdir: Path | None
 def export_model(source: str, repo: Path, name: str | None = None, fp16: bool = False, opset: int = 17,
                  templates: Path | None = None, progress: Progress | None = None, monai: bool = False) -> Path:
     """``ctzoo export``: :func:`load_source` then :func:`export_bundle`; a checkpoint's bundle is named after
-    its run folder unless ``name`` is given."""
+    its run folder unless ``name`` is given. The export never replaces the source (:func:`check_target`)."""
     say = progress or (lambda message: logger.info("%s", message))
     if name is not None:
         valid_name(name)  # before any work
     say(f"loading {source}")
     with tempfile.TemporaryDirectory(prefix="ctzoo-export-") as workdir:
         bundle, description = load_source(source, templates, Path(workdir))
-        return export_bundle(bundle, repo, name or bundle.name, fp16, opset, progress, description, monai)
+        checkpoint = Path(source).expanduser()
+        keep = checkpoint if checkpoint.is_file() else bundle.folder  # a checkpoint's bundle is in workdir
+        return export_bundle(bundle, repo, name or bundle.name, fp16, opset, progress, description, monai, keep)
+
+
+def graphs_digest(bundle: ModelBundle) -> str:
+    """sha256 of what ``bundle``'s graphs are made of: the network and its weights, and a template segmenter's
+    input size (fixed in its graph). Not the card, the preprocessing otherwise, or the template bank: the graphs
+    take no part of them, so a cached export serves every bundle with the same digest."""
+    parts = [bundle.weights_digest()]
+    if bundle.task == "segmentation":
+        parts.append(json.dumps(list(bundle.preprocessing.size)))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def ensure_graphs(bundle: ModelBundle, cache: Path | None = None) -> ModelBundle:
-    """``bundle`` itself when it carries checked graphs, else its export in the cache (exported on first use)."""
+    """``bundle`` itself when it carries checked graphs, else ``bundle`` with the graphs of its export in the cache
+    (exported on first use, keyed by :func:`graphs_digest`). Only the graphs come from the cache: the card (its
+    operating point), the preprocessing and the template bank stay ``bundle``'s own, which may have changed since
+    another bundle with these weights was exported there."""
     if bundle.graphs is not None:
         return bundle
     from ctzoo.datasets.samples import cache_dir
 
-    key = f"{bundle.name}-{bundle.version}-{bundle.weights_digest()[:12]}"
+    key = f"{bundle.name}-{bundle.version}-{graphs_digest(bundle)[:12]}"
     root = (cache or cache_dir()) / "onnx"
     folder = root / key / bundle.name
     try:
         cached = load_bundle(folder)
-        if cached.graphs is not None and cached.graphs.info.get("format") == EXPORT_FORMAT:
-            return cached
+        if cached.graphs is None or cached.graphs.info.get("format") != EXPORT_FORMAT:
+            cached = None
     except (BundleError, KeyError):
-        pass
-    start = time.perf_counter()
-    export_bundle(bundle, root / key, bundle.name)
-    logger.info("exported %s to ONNX in %.1f s: %s", bundle.name, time.perf_counter() - start, folder)
-    return load_bundle(folder)
+        cached = None
+    if cached is None:
+        start = time.perf_counter()
+        export_bundle(bundle, root / key, bundle.name)
+        logger.info("exported %s to ONNX in %.1f s: %s", bundle.name, time.perf_counter() - start, folder)
+        cached = load_bundle(folder)
+    return dataclasses.replace(bundle, graphs=cached.graphs, _network=None, _lock=threading.Lock())

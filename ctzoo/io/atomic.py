@@ -72,17 +72,25 @@ def sweep_stale_siblings(target: str | Path) -> list[Path]:
         return removed
     for sibling in target.parent.iterdir():
         match = pattern.fullmatch(sibling.name)
-        if match and sibling.is_dir() and not sibling.is_symlink() and not _process_alive(int(match.group(1))):
-            shutil.rmtree(sibling, ignore_errors=True)
+        if match and not sibling.is_symlink() and not _process_alive(int(match.group(1))):
+            _remove_set_aside(sibling)
             removed.append(sibling)
     return removed
 
 
+def _remove_set_aside(path: Path) -> None:
+    """Remove a folder or file that was renamed aside (rmtree alone leaves a file where it was)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def replace_folder(staging: Path, target: Path) -> None:
-    """Rename a fully written ``staging`` folder to ``target``; an existing ``target`` is moved aside first
-    (and put back if the rename fails), then removed."""
+    """Rename a fully written ``staging`` folder to ``target``; an existing ``target`` (folder, file or link) is
+    moved aside first (and put back if the rename fails), then removed."""
     aside = None
-    if target.exists():
+    if target.exists() or target.is_symlink():
         aside = target.with_name(f".{target.name}.{_owner_tag()}.old")
         os.replace(target, aside)
     try:
@@ -92,7 +100,7 @@ def replace_folder(staging: Path, target: Path) -> None:
             os.replace(aside, target)
         raise
     if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove_set_aside(aside)
 
 
 def remove_atomically(path: str | Path) -> bool:

@@ -156,8 +156,10 @@ class ExportedGraphs:
         return dict(self._digests)
 
     def describe(self, root: Path) -> dict[str, Any]:
-        """What a reply says about the graph that produced it: the digest of the file that ran, verified."""
-        return {"file": str(self.model.relative_to(root.parent)), "precision": self.precision,
+        """What a reply says about the graph that produced it: the digest of the file that ran, verified; the file
+        relative to ``root``'s parent when it is in the bundle ``root``, else its whole path (the ONNX cache's)."""
+        file = self.model.relative_to(root.parent) if self.model.parent.parent == root else self.model
+        return {"file": str(file), "precision": self.precision,
                 "sha256": self.verify()[self.model.name], "opset": self.info.get("opset")}
 
 
@@ -319,12 +321,21 @@ def _preprocessing(card: ModelCard, folder: Path) -> SlicePreprocessing | SegPre
         raise BundleError(f"{folder / CARD_JSON}: input_spec is not a {kind.__name__}: {exc}") from None
 
 
-def _graphs(folder: Path) -> ExportedGraphs | None:
-    model = folder / GRAPH_DIR / GRAPH_FILE
-    if not (model.is_file() and (folder / EXPORT_INFO_FILE).is_file()):
+def read_graphs(folder: Path) -> ExportedGraphs | None:
+    """The exported graphs in ``folder`` as its ``ctzoo.json`` records them (the one reader of ctzoo.json); None
+    when there is no ctzoo.json (not exported: a graph without it is not trusted); :class:`BundleError` when
+    ctzoo.json is unreadable or records a graph that is not there (never silently exported again)."""
+    record = folder / EXPORT_INFO_FILE
+    if not record.is_file():
         return None
+    info = _read_json(record)
+    if not isinstance(info, dict):
+        raise BundleError(f"{record}: not a JSON object")
+    for file_name in dict.fromkeys([GRAPH_FILE, *(info.get("graphs") or {})]):  # older exports record no "graphs"
+        if not (folder / GRAPH_DIR / file_name).is_file():
+            raise BundleError(f"{record} records {GRAPH_DIR}/{file_name} but it is missing; export the model again")
     embed = folder / GRAPH_DIR / EMBED_FILE
-    return ExportedGraphs(model, embed if embed.is_file() else None, _read_json(folder / EXPORT_INFO_FILE))
+    return ExportedGraphs(folder / GRAPH_DIR / GRAPH_FILE, embed if embed.is_file() else None, info)
 
 
 def load_bundle(name_or_path: str | os.PathLike[str]) -> ModelBundle:
@@ -346,7 +357,7 @@ def load_bundle(name_or_path: str | os.PathLike[str]) -> ModelBundle:
         class_names = ["lesion"]
     if network.architecture == "TemplateSegNet" and bank is None:
         raise BundleError(f"{folder} holds a template segmenter but no template bank (templates.json)")
-    return ModelBundle(folder, card, network, _preprocessing(card, folder), class_names, bank, _graphs(folder))
+    return ModelBundle(folder, card, network, _preprocessing(card, folder), class_names, bank, read_graphs(folder))
 
 
 def bundle_file_text(network: NetworkDef) -> str:

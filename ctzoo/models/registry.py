@@ -73,11 +73,13 @@ class TrainingInfo(_Strict):
     notes: str = Field("", description="what else a reader must know: a run stopped early, resumed elsewhere")
 
 
-    def epochs_text(self) -> str:
-        """"30", "95 of 120", each with "; weights from epoch N (best on validation)" when that is known."""
+    def epochs_text(self, unit: str = "") -> str:
+        """"30", "95 of 120 planned", each followed by ``unit`` (e.g. " epochs") and by "; weights from epoch N (best
+        on validation)" when that is known."""
         text = str(self.epochs)
         if self.epochs_planned is not None and self.epochs_planned != self.epochs:
             text += f" of {self.epochs_planned} planned"
+        text += unit
         if self.best_epoch is not None:
             text += f"; weights from epoch {self.best_epoch} (best on validation)"
         return text

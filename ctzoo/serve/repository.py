@@ -3,8 +3,13 @@
 Layout::
 
     REPO/<name>/ctzoo.json     name, version, task, max_batch_size, max_queue_delay_ms, inputs, outputs, ...
-    REPO/<name>/<version>/model.onnx   (the highest numeric version folder is served)
+    REPO/<name>/1/model.onnx   the graph ctzoo.json describes, the one served
     REPO/<name>/config.pbtxt, card.json, README.md, model.safetensors, ...   (the bundle: the torch backend's)
+
+A model folder is read as every command reads an exported bundle (:func:`ctzoo.models.bundle.read_graphs`), so
+``/v2`` and the study endpoints run the same checked graph. A folder holding another version folder
+(``2/model.onnx``) is refused: ctzoo.json describes and checks version 1 only, and a server that picked another
+graph than the one the export checked, or than its study endpoints run, would answer from an unchecked graph.
 
 Each model's ``model.onnx`` graph defines its tensor interface (names, datatypes, shapes) and runs in an engine
 (:mod:`ctzoo.serve.engines`): ONNX Runtime with the providers chosen explicitly (:func:`choose_providers`; the ones
@@ -29,7 +34,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ctzoo.models.bundle import GRAPH_DIR, ExportedGraphs
+from ctzoo.models.bundle import EXPORT_INFO_FILE, GRAPH_DIR, GRAPH_FILE, ExportedGraphs, read_graphs
 from ctzoo.perf.deep_profile import ProfiledRun
 from ctzoo.serve.batching import MicroBatcher
 from ctzoo.serve.engines import BACKENDS, OnnxEngine, Runtime, TorchEngine, choose_providers
@@ -37,7 +42,6 @@ from ctzoo.serve.v2_codec import DATATYPES, ServeError, datatype_of
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE, GRAPH_FILE = "ctzoo.json", "model.onnx"
 DEFAULT_MAX_BATCH_SIZE, DEFAULT_QUEUE_DELAY_MS = 16, 2.0
 
 
@@ -62,7 +66,7 @@ def _config_specs(entries: list[dict], found: list[TensorSpec], kind: str, folde
     graph = {spec.name: spec for spec in found}
     declared = [entry["name"] for entry in entries]
     if sorted(declared) != sorted(graph):
-        raise ValueError(f"{folder / CONFIG_FILE} lists {kind} {declared}, the graph has {sorted(graph)}")
+        raise ValueError(f"{folder / EXPORT_INFO_FILE} lists {kind} {declared}, the graph has {sorted(graph)}")
     return [TensorSpec(e["name"], graph[e["name"]].datatype,
                        tuple(int(s) for s in e.get("shape", graph[e["name"]].shape))) for e in entries]
 
@@ -76,22 +80,17 @@ class ServedModel:
 
     def __init__(self, folder: Path, runtime: Runtime = Runtime()) -> None:
         self.folder = folder
-        versions = sorted((int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / GRAPH_FILE).is_file()))
-        if not versions:
-            raise FileNotFoundError(f"{folder} has no <version>/{GRAPH_FILE}")
-        self.version = str(versions[-1])
-        config_path = folder / CONFIG_FILE
-        self.config: dict[str, Any] = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else {}
+        graphs = served_graphs(folder)
+        self.version, self.config = GRAPH_DIR, graphs.info
         self.name = str(self.config.get("name", folder.name))
-        graph = folder / self.version / GRAPH_FILE
+        graph = graphs.model
         self.bundle, self.precision_reason = None, None
         if runtime.kind == "torch":
             self.bundle = torch_bundle(folder, self.name)
             runtime, self.precision_reason = _torch_precision(self.bundle, runtime)
             self.engine = TorchEngine(self.bundle, graph, runtime.device, runtime.precision, runtime.threads)
         elif runtime.kind == "onnx":
-            if self.version == GRAPH_DIR:  # the version ctzoo export wrote, which ctzoo.json describes
-                ExportedGraphs(graph, None, self.config).verify()  # BundleError when it was changed since
+            graphs.verify()  # BundleError when the graph was changed since the export checked it
             self.engine = OnnxEngine(graph, runtime.providers, runtime.threads)
         else:
             raise ValueError(f"unknown backend {runtime.kind!r}: use one of {', '.join(BACKENDS)}")
@@ -228,6 +227,24 @@ class ServedModel:
         return outputs
 
 
+def served_graphs(folder: Path) -> ExportedGraphs:
+    """The graphs of the model folder ``folder`` as ctzoo.json records them (:func:`read_graphs`: BundleError for an
+    unreadable ctzoo.json or a recorded graph that is missing); ValueError for a folder without ctzoo.json, or with
+    another version folder beside ``1/`` (see the module's doc)."""
+    graphs = read_graphs(folder)
+    if graphs is None:
+        raise ValueError(f"{folder} has no {EXPORT_INFO_FILE}: ctzoo serve serves model folders as 'ctzoo export' "
+                         "writes them; export the model with it")
+    others = sorted(p.name for p in folder.iterdir() if p.name.isdigit() and p.name != GRAPH_DIR
+                    and (p / GRAPH_FILE).is_file())
+    if others:
+        raise ValueError(f"{folder / others[0] / GRAPH_FILE}: {folder / EXPORT_INFO_FILE} describes version "
+                         f"{GRAPH_DIR} only, the graph ctzoo export checked, and that is the one ctzoo serve runs; "
+                         f"export the other graph as a model of its own ('ctzoo export --name') and remove "
+                         f"{folder / others[0]}")
+    return graphs
+
+
 def torch_bundle(folder: Path, name: str):
     """The bundle of a served model's folder, for the torch backend (``ValueError`` when it is not a whole one)."""
     from ctzoo.models.bundle import BundleError, load_bundle
@@ -277,8 +294,9 @@ def load_repository(repository: Path, device: str = "auto", threads: int | None 
         trt_root = cache_dir() / "tensorrt"
     models: dict[str, ServedModel] = {}
     for folder in sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not any((v / GRAPH_FILE).is_file() for v in folder.iterdir() if v.name.isdigit()):
-            logger.info("skipping %s: no <version>/%s", folder, GRAPH_FILE)
+        if not (folder / EXPORT_INFO_FILE).is_file() and \
+                not any((v / GRAPH_FILE).is_file() for v in folder.iterdir() if v.name.isdigit()):
+            logger.info("skipping %s: no %s and no <version>/%s", folder, EXPORT_INFO_FILE, GRAPH_FILE)
             continue
         if backend == "torch":
             runtime = Runtime("torch", threads=threads, device=device, precision=precision)
