@@ -365,7 +365,7 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
 
     def record(row: dict[str, Any], case: CaseInput, index: int) -> None:
         book.record(row, case)
-        progress.case_done(index, case.name, row["status"])
+        progress.case_done(index, case.name, row["status"], row["seconds"] if row["seconds"] != "" else None)
 
     def collect(block: bool) -> None:
         while pending and (block or pending[0][0].done() or len(pending) > MAX_PENDING_WRITES):
