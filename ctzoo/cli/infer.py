@@ -106,9 +106,11 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
           rules_file: Path | None, **limit_options) -> None:
     """Run zoo models over CT volumes: detect lesions (RECIST-Net) or segment organs.
 
-    INPUTS are any mix of DICOM folders (searched recursively: every folder holding DICOM files is a
-    case, read from its own files), zipped DICOM series, NIfTI, NRRD or MHA files, and text files
-    listing such inputs one per line. Without INPUTS the embedded sample CT is used (case 'sample_ct').
+    INPUTS are any mix of DICOM folders (searched recursively: every CT series in a folder holding
+    DICOM files is a case, read from that folder's own files and named after it, or <folder>_s<N>
+    where it holds several, N as 'ctzoo info' numbers them), zipped DICOM series, NIfTI, NRRD or MHA
+    files, and text files listing such inputs one per line. Folders of ctzoo infer results (OUT, case
+    folders) are skipped. Without INPUTS the embedded sample CT is used (case 'sample_ct').
 
     \b
     Per case, in OUT/<case>/:
@@ -160,6 +162,7 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     from ctzoo.inference.inputs import CaseInput, discover_cases
     from ctzoo.inference.pipeline import PipelineOptions
     from ctzoo.inference.precision import check_request
+    from ctzoo.inference.series_cases import split_series
 
     # tqdm's monitor thread, started by the first progress bar, would outlive it: the next model's run would find a
     # thread running and start its workers from a fork server, seconds slower than forking them
@@ -184,8 +187,11 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     bundles = resolve_bundles(model_names, backend)
     network = _placed_network(bundles[model_names[0]], placement, batch_size) if placement is not None else None
     try:
-        cases = discover_cases(inputs) if inputs else [CaseInput("sample_ct", sample_ct_dicom())]
         rules = load_rules(rules_file)
+        # OUT may be inside an input folder (`ctzoo infer .`): its results are no input of the next run
+        cases = discover_cases(inputs, exclude=[out]) if inputs else [CaseInput("sample_ct", sample_ct_dicom())]
+        if series is None:  # a case per CT series of a folder holding several; --series picks one in every folder
+            cases = split_series(cases, rules)
     except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     if not cases:
