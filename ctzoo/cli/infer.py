@@ -79,9 +79,10 @@ def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
               help="CPU threads of each model copy [copies default: the cores shared out among the copies] or "
                    "of the one model [shared default: the backend's, all cores].")
 @click.option("--resume", is_flag=True,
-              help="Skip cases this model version already finished (status-<model>.json) with the same options "
-                   "(backend, precision, score threshold, --series, --rules, overlay) from an unchanged input (the "
-                   "size and modification time of each of its files); run the others again.")
+              help="Skip cases this model version and weights already finished (status-<model>.json) with the "
+                   "same options (backend, precision, score threshold, --series, --rules, overlay) from an unchanged "
+                   "input (the size and modification time of each of its files, a .mhd/.nhdr's voxel files "
+                   "included); run the others again.")
 @click.option("--overlay/--no-overlay", default=None,
               help="Draw overlay PNGs (default: only for the embedded sample, when no INPUT is given).")
 @click.option("--score-threshold", type=click.FloatRange(0, 1), default=None,

@@ -261,6 +261,9 @@ def model_task(source: str | Path | ModelBundle, backend_kind: str = "torch", de
     backend = make_backend(bundle, backend_kind, device, threads=threads, network=network, precision=precision,
                            compile=compile)
     task = bundle_task(bundle, backend, score_threshold)
+    # weights retrained or replaced under the same version give other results: --resume compares them too (hashed
+    # here, once per run, not in every model copy that bundle_task builds)
+    task.settings["weights"] = bundle.weights_digest()
     if network is not None:
         task.replicate = None  # the placed network spans this machine's devices: one of it, in this process
     return task
