@@ -24,7 +24,7 @@ LONG_MODULES = ("test_recistnet_learning", "test_smap_secure", "test_template_se
                 "test_ray_engine", "test_deeplesion_mini", "test_slice_cache", "test_cohort_report", "test_readme",
                 "test_monai_bundle", "test_perf_parameter_server", "test_serve_abuse", "test_serve_studies",
                 "test_nas_cli", "test_pacs_listener", "test_pacs_cli", "test_nvimgcodec_decode", "test_nas_export",
-                "test_serve", "test_serve_v2", "test_template_seg_cli", "test_preprocess_on_model")
+                "test_serve", "test_serve_v2", "test_template_seg_cli", "test_preprocess_on_model", "test_infer_stop")
 
 
 def pytest_collection_modifyitems(items):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -106,6 +107,40 @@ def test_resume_redoes_only_failed_cases(both, cases):
         touched = status_path(ray_out, case, MODEL).stat().st_mtime_ns != stamps[case.name]
         assert touched == (case.name == "broken")
     assert [r["case"] for r in read_summary(ray_out)] == ["earlier", *(c.name for c in cases)]
+
+
+def test_ray_runs_the_bundle_folder_it_is_given(both, cases, tmp_path):
+    """A user's bundle under the zoo model's name and version (``ctzoo infer --model ./mine --engine ray``), its
+    weights halved and its operating point lowered: the actors predict with its weights, the writers report from its
+    threshold, and the case's lesions and the settings --resume compares (weights, precision) are the local engine's
+    with that bundle, not the zoo copy's."""
+    from safetensors.torch import save_file
+
+    from ctzoo.models.bundle import load_bundle, read_weights
+
+    mine = tmp_path / "mine"
+    shutil.copytree(load_bundle(MODEL).folder, mine)
+    save_file({k: v * 0.5 if v.is_floating_point() else v for k, v in read_weights(mine).items()},
+              str(mine / "model.safetensors"))
+    card = json.loads((mine / "card.json").read_text())
+    card["operating_point"]["score_threshold"] = 0.05
+    (mine / "card.json").write_text(json.dumps(card))
+    case = [c for c in cases if c.name == "patient_ct"]
+    outs = {"local": tmp_path / "local", "ray": tmp_path / "ray"}
+    run_pipeline(case, model_task(mine, "torch", "cpu"), PipelineOptions(out=outs["local"], workers=0, progress=False))
+    ray_engine.run_ray(case, mine, PipelineOptions(out=outs["ray"], workers=1, progress=False), device="cpu", threads=1)
+    local, ray = ({name: json.loads((out / "patient_ct" / name).read_text())
+                   for name in ("detections.json", f"status-{MODEL}.json")} for out in outs.values())
+    assert ray["detections.json"]["score_threshold"] == local["detections.json"]["score_threshold"] == 0.05
+    found = {engine: (np.array([d["slice"] for d in files["detections.json"]["lesions"]]),
+                      np.array([d["score"] for d in files["detections.json"]["lesions"]]))
+             for engine, files in (("local", local), ("ray", ray))}
+    assert len(found["ray"][0]) > 0 and np.array_equal(found["ray"][0], found["local"][0])
+    assert np.allclose(found["ray"][1], found["local"][1], atol=1.5e-5)
+    zoo = json.loads((both[2] / "patient_ct" / "detections.json").read_text())["lesions"]
+    assert len(zoo) != len(found["ray"][0]) or not np.allclose([d["score"] for d in zoo], found["ray"][1], atol=1e-3)
+    assert ray[f"status-{MODEL}.json"]["settings"] == local[f"status-{MODEL}.json"]["settings"]
+    assert ray[f"status-{MODEL}.json"]["settings"]["weights"] == load_bundle(mine).weights_digest()
 
 
 def test_model_stage_failure_fails_the_batch_cases_only():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,19 +21,52 @@ from ctzoo.cli.perf_options import perf_monitor, perf_options
 
 #: The shell's convention for a process ended by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
+#: The same for SIGTERM (128 + 15).
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``systemctl stop``, ``kill``, Slurm, Kubernetes), raised where Ctrl-C raises KeyboardInterrupt, so
+    the run stops the same orderly way: the case being written finishes, the workers are shut down, summary.csv
+    lists the cases that finished, and no partial file is left."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in this (the main) thread while the block runs; elsewhere (a thread, as
+    in some test runners) signals cannot be handled and nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_status(stop: KeyboardInterrupt) -> int:
+    return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
 
 
 def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
-    """Exit 130 on Ctrl-C before the models run too (loading a model, scanning the inputs), instead of click's
-    "Aborted!" with exit 1: a script must be able to tell "stopped" from "some cases failed"."""
+    """Exit 130 on Ctrl-C (143 on SIGTERM) before the models run too (loading a model, scanning the inputs), instead
+    of click's "Aborted!" with exit 1 (or death by the signal): a script must be able to tell "stopped" from "some
+    cases failed"."""
 
     @functools.wraps(command)
     def interruptible(*args: Any, **kwargs: Any) -> None:
         try:
-            command(*args, **kwargs)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            raise SystemExit(EXIT_INTERRUPTED) from None
+            with _sigterm_as_interrupt():
+                command(*args, **kwargs)
+        except KeyboardInterrupt as stop:
+            click.echo("interrupted" + (" (SIGTERM)" if isinstance(stop, Terminated) else ""), err=True)
+            raise SystemExit(_exit_status(stop)) from None
 
     return interruptible
 
@@ -79,9 +114,10 @@ def _ctrl_c_exits_130(command: Callable[..., None]) -> Callable[..., None]:
               help="CPU threads of each model copy [copies default: the cores shared out among the copies] or "
                    "of the one model [shared default: the backend's, all cores].")
 @click.option("--resume", is_flag=True,
-              help="Skip cases this model version already finished (status-<model>.json) with the same options "
-                   "(backend, precision, score threshold, --series, --rules, overlay) from an unchanged input (the "
-                   "size and modification time of each of its files); run the others again.")
+              help="Skip cases this model version and weights already finished (status-<model>.json) with the "
+                   "same options (backend, precision, score threshold, --series, --rules, overlay) from an unchanged "
+                   "input (the size and modification time of each of its files, a .mhd/.nhdr's voxel files "
+                   "included); run the others again.")
 @click.option("--overlay/--no-overlay", default=None,
               help="Draw overlay PNGs (default: only for the embedded sample, when no INPUT is given).")
 @click.option("--score-threshold", type=click.FloatRange(0, 1), default=None,
@@ -106,9 +142,11 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
           rules_file: Path | None, **limit_options) -> None:
     """Run zoo models over CT volumes: detect lesions (RECIST-Net) or segment organs.
 
-    INPUTS are any mix of DICOM folders (searched recursively: every folder holding DICOM files is a
-    case, read from its own files), zipped DICOM series, NIfTI, NRRD or MHA files, and text files
-    listing such inputs one per line. Without INPUTS the embedded sample CT is used (case 'sample_ct').
+    INPUTS are any mix of DICOM folders (searched recursively: every CT series in a folder holding
+    DICOM files is a case, read from that folder's own files and named after it, or <folder>_s<N>
+    where it holds several, N as 'ctzoo info' numbers them), zipped DICOM series, NIfTI, NRRD or MHA
+    files, and text files listing such inputs one per line. Folders of ctzoo infer results (OUT, case
+    folders) are skipped. Without INPUTS the embedded sample CT is used (case 'sample_ct').
 
     \b
     Per case, in OUT/<case>/:
@@ -120,8 +158,8 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
       status-<model>.json, written last: what --resume trusts
     OUT/summary.csv lists every case with its status, error, read_s and seconds (the case's own wall
     time, from the start of its reading to its outputs written). A case that fails is recorded there
-    and the batch goes on. Ctrl-C lets the case being written finish, leaves no partial file and
-    keeps summary.csv listing the cases that finished (--resume runs the rest).
+    and the batch goes on. Ctrl-C (and SIGTERM) lets the case being written finish, leaves no partial
+    file and keeps summary.csv listing the cases that finished (--resume runs the rest).
     Lesions and overlays name their slice as a viewer does: InstanceNumber (DICOM) and z in mm, with
     the 0-based index beside them.
 
@@ -131,6 +169,7 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
       1    any case failed (see summary.csv), or the run could not start (unknown model, no cases)
       2    a bad command line
       130  interrupted (Ctrl-C, SIGINT)
+      143  stopped by SIGTERM (systemctl stop, kill), which stops the run as Ctrl-C does
 
     \b
     Progress: a bar on a terminal; otherwise (logs, CI, systemd) an INFO line every 10 s with cases
@@ -160,6 +199,7 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     from ctzoo.inference.inputs import CaseInput, discover_cases
     from ctzoo.inference.pipeline import PipelineOptions
     from ctzoo.inference.precision import check_request
+    from ctzoo.inference.series_cases import split_series
 
     # tqdm's monitor thread, started by the first progress bar, would outlive it: the next model's run would find a
     # thread running and start its workers from a fork server, seconds slower than forking them
@@ -184,8 +224,11 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
     bundles = resolve_bundles(model_names, backend)
     network = _placed_network(bundles[model_names[0]], placement, batch_size) if placement is not None else None
     try:
-        cases = discover_cases(inputs) if inputs else [CaseInput("sample_ct", sample_ct_dicom())]
         rules = load_rules(rules_file)
+        # OUT may be inside an input folder (`ctzoo infer .`): its results are no input of the next run
+        cases = discover_cases(inputs, exclude=[out]) if inputs else [CaseInput("sample_ct", sample_ct_dicom())]
+        if series is None:  # a case per CT series of a folder holding several; --series picks one in every folder
+            cases = split_series(cases, rules)
     except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     if not cases:
@@ -206,10 +249,10 @@ def infer(inputs: tuple[Path, ...], model_names: tuple[str, ...], backend: str, 
             for model_name in model_names:
                 rows = _run_model(bundles[model_name], cases, options, backend, device, (precision, compile_model),
                                   threads, score_threshold, engine, rows, network, preprocess_on == "model")
-    except KeyboardInterrupt:  # the pipeline has recorded the cases that finished and removed partial files
-        click.echo(f"interrupted: {out / 'summary.csv'} lists the cases that finished; --resume runs the rest",
-                   err=True)
-        raise SystemExit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt as stop:  # the pipeline has recorded the cases that finished and removed partial files
+        click.echo(f"interrupted{' (SIGTERM)' if isinstance(stop, Terminated) else ''}: {out / 'summary.csv'} lists "
+                   "the cases that finished; --resume runs the rest", err=True)
+        raise SystemExit(_exit_status(stop)) from None
     finally:
         if monitor is not None:
             monitor.close()  # the last sync with the parameter server, then the store's totals

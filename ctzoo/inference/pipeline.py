@@ -70,10 +70,10 @@ from ctzoo.inference.reader import (  # noqa: F401 (axial_slices, read_case: for
 )
 from ctzoo.inference.resume import REUSABLE, input_identity, output_settings, read_status, rerun_reason, resume_summary
 from ctzoo.inference.stage_events import case_context, record_batch, record_case_stages
-from ctzoo.inference.start_method import worker_start_method
+from ctzoo.inference.start_method import end_with_parent, worker_start_method
 from ctzoo.inference.tasks import ModelTask, preprocess_on
 from ctzoo.io import Volume
-from ctzoo.io.atomic import atomic_path
+from ctzoo.io.atomic import atomic_path, remove_partial_files
 
 SUMMARY_FILE = "summary.csv"
 #: ``dicom_error``: why a case that is ok lacks its DICOM result (the SR or SEG writer failed; ctzoo.inference.tasks)
@@ -243,10 +243,12 @@ def save_status(row: dict[str, Any], out: Path, case: CaseInput, made_with: dict
 def discard_outputs(out: Path, case: CaseInput, task: ModelTask) -> None:
     """Remove what an earlier run of ``task`` left in the case's folder, before the case is written or recorded as
     failed: its status file first (stopped part way, no status claims files that are gone), then its files
-    (``task.output_files``). Another model's files in the same folder stay."""
+    (``task.output_files``), and the half-written temporary files of a run that was killed. Another model's files
+    in the same folder stay."""
     status_path(out, case, task.model_name).unlink(missing_ok=True)
     for name in task.output_files:
         (out / case.name / name).unlink(missing_ok=True)
+    remove_partial_files(out / case.name)  # a run writes one case at a time: none of them is a live write
 
 
 def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
@@ -267,6 +269,7 @@ class RunBook:
     def __init__(self, cases: list[CaseInput], task: ModelTask, options: PipelineOptions,
                  other_rows: list[dict[str, Any]] = ()):
         options.out.mkdir(parents=True, exist_ok=True)
+        remove_partial_files(options.out)  # a summary.csv half written by a killed run
         self.cases, self.task, self.out, self.other_rows = cases, task, options.out, list(other_rows)
         self.settings = output_settings(task, options)
         # each input's files are looked at (stat) only when needed, not all before the first case: a batch of
@@ -365,7 +368,7 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
 
     def record(row: dict[str, Any], case: CaseInput, index: int) -> None:
         book.record(row, case)
-        progress.case_done(index, case.name, row["status"])
+        progress.case_done(index, case.name, row["status"], row["seconds"] if row["seconds"] != "" else None)
 
     def collect(block: bool) -> None:
         while pending and (block or pending[0][0].done() or len(pending) > MAX_PENDING_WRITES):
@@ -410,7 +413,8 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
         raise ValueError(f"unknown layout {options.layout!r}: use shared or copies")
     if copies and options.workers > 0 and task.replicate is None:
         raise ValueError("layout copies needs a model that can be copied into worker processes (task.replicate)")
-    parallel = {"prefetch_factor": 2} if options.workers > 0 else {}
+    parallel = ({"prefetch_factor": 2, "worker_init_fn": functools.partial(end_with_parent, os.getpid())}
+                if options.workers > 0 else {})
     if options.workers > 1 and "in_order" in inspect.signature(DataLoader).parameters:  # torch >= 2.6
         parallel["in_order"] = False
     if start_method is not None:  # fork, unless that is unsafe here (ctzoo.inference.start_method)

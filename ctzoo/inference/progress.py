@@ -11,7 +11,8 @@
   ``144/303 slices`` counts slices predicted against every slice known so far; while some cases have not started,
   it reads ``144 slices (of 303 known so far)`` and the ETA extrapolates the mean case. Each finished case gets
   one line (``recistnet-mini: case small ok in 3.2 s (1/2 cases done)``; WARNING for a failed case, whose error
-  is in ``summary.csv``), and :meth:`Progress.close` one last line. Lines name cases by their folder/file name
+  is in ``summary.csv``; the time is the case's ``seconds`` there, from when its reading started), and
+  :meth:`Progress.close` one last line. Lines name cases by their folder/file name
   only (as ``summary.csv`` does), never by patient name or ID.
 """
 
@@ -99,8 +100,10 @@ class Progress:
             self._refreshed = now
             self.bar.set_postfix_str(self._slices_text(), refresh=True)
 
-    def case_done(self, case: Any, name: str, status: str) -> None:
-        """The row of ``case`` (named ``name``, the case's folder or file name) was recorded with ``status``."""
+    def case_done(self, case: Any, name: str, status: str, seconds: float | None = None) -> None:
+        """The row of ``case`` (named ``name``, the case's folder or file name) was recorded with ``status``;
+        ``seconds``: the case's own wall time, as its row in ``summary.csv`` has it (None, a case failed before it
+        was read: from its first slice here)."""
         now = time.perf_counter()
         with self._lock:
             self.first_seen.setdefault(case, now)
@@ -110,7 +113,8 @@ class Progress:
             if status != "ok":
                 self.failed.add(case)
             self.done_cases += 1
-            seconds, done = now - self.first_seen[case], self.done_cases
+            seconds = now - self.first_seen[case] if seconds is None else seconds
+            done = self.done_cases
         if self.log_lines:
             log.log(logging.INFO if status == "ok" else logging.WARNING, "%s: case %s %s in %.1f s (%d/%d cases done)",
                     self.name, name, status, seconds, done, self.cases)

@@ -34,6 +34,8 @@ import functools
 import json
 import os
 import pickle
+import signal
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -74,20 +76,25 @@ def connect(address: str | None = None, workers: int = 1) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    # ray.init makes SIGTERM exit the driver at once: the caller's handler (ctzoo infer's stops the run in order,
+    # its finished cases recorded) is put back
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
-        return False
-    # CPUs for the model actor, `workers` readers and a writer even on a small machine (Ray's CPUs only schedule)
-    ray.init(num_cpus=max(os.cpu_count() or 1, workers + 2), include_dashboard=False, log_to_driver=False,
-             object_store_memory=OBJECT_STORE_BYTES, ignore_reinit_error=True)
-    return True
+    else:
+        # CPUs for the model actor, `workers` readers and a writer even on a small machine (Ray's CPUs only schedule)
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers + 2), include_dashboard=False, log_to_driver=False,
+                 object_store_memory=OBJECT_STORE_BYTES, ignore_reinit_error=True)
+    if on_sigterm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
+    return not address
 
 
 def _read_rows(row: dict[str, Any], task, chunk: int, series: str | None, rules: Any, limits: Any = None):
     """Reader stage: the messages of :func:`read_case` as rows, one per slice, then one end or error row."""
     index = int(row["case"])
     control = {"case": index, "slice": -1, "image": _NO_IMAGE, "payload": b"", "error": ""}  # one row's columns
-    case = CaseInput(row["name"], Path(row["source"]), recursive=bool(row["recursive"]))
+    case = CaseInput(row["name"], Path(row["source"]), recursive=bool(row["recursive"]), series=row["series"] or None)
     for message in read_case(index, case, task, chunk, series, rules, limits):
         if message["kind"] == "slices":
             for k, image in enumerate(message["images"].numpy()):
@@ -105,7 +112,7 @@ class _Predictor:
 
     batches = 0  # batches this actor ran: with its pid, the id of a batch (its rows carry its model time)
 
-    def __init__(self, model_name: str, backend: str, device: str, score_threshold: float | None,
+    def __init__(self, bundle_folder: str, backend: str, device: str, score_threshold: float | None,
                  threads: int | None, precision: str = "fp32", compile: bool = False):
         from ctzoo.inference.backends import resolve_device
         from ctzoo.inference.precision import choose_precision
@@ -114,7 +121,7 @@ class _Predictor:
 
         # Ray pins OMP threads to the actor's 1 CPU: on CPU, the backend's own default is every core
         threads = threads or (os.cpu_count() if device == "cpu" else None)
-        bundle, device = load_bundle(model_name), resolve_device(device)
+        bundle, device = load_bundle(bundle_folder), resolve_device(device)
         # checked on the actor's own device: bf16 numerics are the device's
         choice = choose_precision(bundle, precision, backend, device)
         self.task = model_task(bundle, backend, device, score_threshold, threads, precision=choice.precision,
@@ -145,25 +152,26 @@ class _Predictor:
 
 
 @functools.lru_cache(maxsize=4)
-def _finisher(model_name: str, score_threshold: float | None):
-    """The ModelTask of a write worker, built once per process (finish and write never touch the backend); a
+def _finisher(bundle_folder: str, weights_digest: str, score_threshold: float | None):
+    """The ModelTask of a write worker, built once per process (finish and write never touch the backend) from the
+    bundle at ``bundle_folder`` (``weights_digest``: a bundle rewritten in place between runs is loaded again); a
     detector's with the actors' ``score_threshold``, which its detections.json records."""
     from ctzoo.inference.tasks import model_task
 
-    return model_task(model_name, "torch", "cpu", score_threshold, threads=1)
+    return model_task(bundle_folder, "torch", "cpu", score_threshold, threads=1)
 
 
-def _write(model_name: str, case: CaseInput, source: str, context: Any, outputs: list[bytes], options: PipelineOptions,
-           runtime: str, score_threshold: float | None = None):
-    """Write stage (a Ray task): re-read the volume (from ``source``, absolute), then :func:`write_case`, recording
-    ``runtime`` (JSON: the model actor's, which predicted the case); returns the summary row and the finish/write
-    seconds."""
+def _write(bundle_key: tuple[str, str], case: CaseInput, source: str, context: Any, outputs: list[bytes],
+           options: PipelineOptions, runtime: str, score_threshold: float | None = None):
+    """Write stage (a Ray task): re-read the volume (from ``source``, absolute), then :func:`write_case` with the
+    stages of the bundle ``bundle_key`` names (its folder and weights digest), recording ``runtime`` (JSON: the
+    model actor's, which predicted the case); returns the summary row and the finish/write seconds."""
     from ctzoo.io import read_volume
     from ctzoo.io.limits import DEFAULT_LIMITS
 
-    task = _finisher(model_name, score_threshold)
+    task = _finisher(*bundle_key, score_threshold)
     try:
-        volume = read_volume(source, series=options.series, rules=options.rules, progress=False,
+        volume = read_volume(source, series=case.series or options.series, rules=options.rules, progress=False,
                              limits=options.limits or DEFAULT_LIMITS, recursive=case.recursive)
     except Exception as exc:  # the input changed since it was read: this case fails, the batch goes on
         return summary_row(case, task, "error", slices=len(outputs),
@@ -196,40 +204,63 @@ def _pool(ray, size: int, actors: bool) -> dict[str, Any]:
     return {"compute": (ray.data.ActorPoolStrategy if actors else ray.data.TaskPoolStrategy)(size=size)}
 
 
-def run_ray(cases: list[CaseInput], model_name: str, options: PipelineOptions, backend: str = "torch",
+def run_ray(cases: list[CaseInput], model: str | Path, options: PipelineOptions, backend: str = "torch",
             device: str = "auto", threads: int | None = None, score_threshold: float | None = None,
             other_rows: list[dict[str, Any]] = (), address: str | None = None,
             precision: str = "auto", compile: bool = False) -> list[dict[str, Any]]:
-    """:func:`ctzoo.inference.pipeline.run_pipeline` on Ray: same files, status files, summary and rows; each model
-    actor resolves ``precision`` on its own device (:func:`ctzoo.inference.precision.choose_precision`) and
-    compiles its network with ``compile``."""
+    """:func:`ctzoo.inference.pipeline.run_pipeline` on Ray for ``model`` (a zoo name or a bundle folder, whose
+    weights every actor and writer loads): same files, status files, summary and rows; each model actor resolves
+    ``precision`` on its own device (:func:`ctzoo.inference.precision.choose_precision`) and compiles its network
+    with ``compile``."""
     ray = _import_ray()
     from ctzoo.inference.backends import KINDS
     from ctzoo.inference.precision import check_request
     from ctzoo.inference.tasks import model_task
+    from ctzoo.models.bundle import load_bundle
 
     if backend not in KINDS:  # fail here, not as a dead actor once Ray has started
         raise ValueError(f"unknown backend kind {backend!r}: use one of {', '.join(KINDS)}")
     check_request(precision, backend, compile=compile)
     # on the driver (CPU): the readers' preprocess, the rows' model version; an unknown model fails here, early
-    task = model_task(model_name, "torch", "cpu", score_threshold)
-    # what --resume compares: the actors' backend, and their precision as asked (each resolves auto on its device)
-    task.settings.update(backend=backend, precision=precision)
+    bundle = load_bundle(model)
+    task = model_task(bundle, "torch", "cpu", score_threshold)
+    # what --resume compares: the actors' backend and precision, as the local engine records them
+    task.settings.update(backend=backend, precision=_recorded_precision(bundle, precision, backend, device, address))
     book = RunBook(cases, task, options, other_rows)  # resume, status files and summary as the local engine
     todo = book.todo
     if todo:
         started = connect(address, options.workers)
+        # absolute: a worker's working folder is not the driver's. The digest: a bundle rewritten in place since a
+        # writer process last built it is built again
+        bundle_key = (str(bundle.folder.absolute()), task.settings["weights"])
         try:
-            _stream(ray, todo, task, options, backend, device, threads, score_threshold, (precision, compile),
-                    book.record)
+            _stream(ray, todo, task, bundle_key, options, backend, device, threads, score_threshold,
+                    (precision, compile), book.record)
         finally:
             if started:
                 ray.shutdown()
     return book.rows()
 
 
-def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend: str, device: str,
-            threads: int | None, score_threshold: float | None, torch_options: tuple[str, bool], record) -> None:
+def _recorded_precision(bundle, precision: str, backend: str, device: str, address: str | None) -> str:
+    """The precision the model actors will predict in, as the local engine records it in the settings --resume
+    compares, where the driver can tell before they start: an ONNX graph's own; fp32 or bf16 as asked (bf16 fails
+    its check otherwise); auto's fp32 on a CPU. ``"auto"`` where a GPU's bf16 check decides, on the actors."""
+    from ctzoo.inference.backends import resolve_device
+
+    if backend != "torch":
+        return bundle.graphs.precision if bundle.graphs is not None else "fp32"
+    if precision != "auto":
+        return precision
+    joins_cluster = address or os.environ.get("RAY_ADDRESS") or _import_ray().is_initialized()
+    if device == "auto" and not joins_cluster:  # a local instance: this machine's GPUs are the actors'
+        device = resolve_device(device)
+    return "fp32" if device == "cpu" else "auto"
+
+
+def _stream(ray, todo: list[CaseInput], task, bundle_key: tuple[str, str], options: PipelineOptions, backend: str,
+            device: str, threads: int | None, score_threshold: float | None, torch_options: tuple[str, bool],
+            record) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = options.progress
     device, actors, resources = _placement(device, int(ray.cluster_resources().get("GPU", 0)))
     # readers need only preprocess (deep profiles: the local engine's)
@@ -238,14 +269,14 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
     perf = options.perf  # the driver's: events are recorded here, from the timings the stages send back
     options = dataclasses.replace(options, out=options.out.absolute(), perf=None)
     sources = [str(case.path.absolute()) for case in todo]
-    items = [{"case": i, "name": c.name, "path": str(c.path), "source": sources[i], "recursive": c.recursive}
-             for i, c in enumerate(todo)]
+    items = [{"case": i, "name": c.name, "path": str(c.path), "source": sources[i], "recursive": c.recursive,
+              "series": c.series or ""} for i, c in enumerate(todo)]
     dataset = (ray.data.from_items(items, override_num_blocks=len(items))  # a block per case: read in parallel
                .flat_map(_read_rows, fn_kwargs={"task": reader, "chunk": options.chunk, "series": options.series,
                                                 "rules": options.rules, "limits": options.limits},
                          **_pool(ray, max(1, options.workers), False))
-               .map_batches(_Predictor, fn_constructor_args=(task.model_name, backend, device, score_threshold,
-                                                             threads, *torch_options),
+               .map_batches(_Predictor, fn_constructor_args=(bundle_key[0], backend, device, score_threshold, threads,
+                                                             *torch_options),
                             batch_size=options.batch_size,
                             batch_format="numpy", **_pool(ray, actors, True), **resources))
     write = ray.remote(num_cpus=1)(_write)
@@ -294,7 +325,7 @@ def _stream(ray, todo: list[CaseInput], task, options: PipelineOptions, backend:
                     done.add(index)
                     del states[index]
                     outputs = [state["outputs"][k] for k in range(state["end"]["slices"])]
-                    ref = write.remote(task.model_name, todo[index], sources[index], state["end"]["context"], outputs,
+                    ref = write.remote(bundle_key, todo[index], sources[index], state["end"]["context"], outputs,
                                        options, state.get("runtime", json.dumps(task.runtime)), score_threshold)
                     pending[ref] = (todo[index], state)
             collect(MAX_PENDING_WRITES)

@@ -29,9 +29,11 @@ def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: 
               rules: Any = None, limits: Any = None, reuse: bool = False,
               decoder: str | None = None, preprocess: bool = True) -> Iterator[dict[str, Any]]:
     """Messages for one case: ``slices`` chunks ``(n, C, H, W)``, then ``end`` (volume and context), or
-    ``error`` as soon as anything fails. Used by the local readers and by the Ray engine. ``reuse``: every chunk
-    is stacked into the same array, valid until the next message (for a consumer in this process that is done
-    with a chunk before it asks for the next: a fresh 75 MB batch of 2.5D slices each time costs page faults).
+    ``error`` as soon as anything fails. Used by the local readers and by the Ray engine. ``series``: the run's
+    choice of series (``--series``) where the case names none of its own (:attr:`CaseInput.series`). ``reuse``:
+    every chunk is stacked into the same array, valid until the next message (for a consumer in this process that
+    is done with a chunk before it asks for the next: a fresh 75 MB batch of 2.5D slices each time costs page
+    faults).
     ``decoder``: how JPEG 2000 DICOM is decoded (:attr:`PipelineOptions.decoder`). ``preprocess=False``: one
     ``volume`` message (the volume read, its voxels as a shared tensor) instead of slices and end, for the
     process holding the model to preprocess on its device (:attr:`PipelineOptions.preprocess_device`)."""
@@ -42,8 +44,8 @@ def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: 
     clock = time.perf_counter()
     sent = 0
     try:
-        volume = case.volume if case.volume is not None else read_volume(case.path, series=series, rules=rules,
-                                                                         progress=False,
+        volume = case.volume if case.volume is not None else read_volume(case.path, series=case.series or series,
+                                                                         rules=rules, progress=False,
                                                                          limits=limits or DEFAULT_LIMITS,
                                                                          decoder=decoder, recursive=case.recursive)
         if not np.isfinite(volume.array).all():

@@ -3,11 +3,13 @@
 A case's status file (``OUT/<case>/status-<model>.json``, written last) holds its summary row and two records:
 
 * ``settings``: what, besides the model version, decides the case's files: the model's own settings
-  (:attr:`ctzoo.inference.tasks.ModelTask.settings`: backend, precision, a detector's score threshold), the
-  series selection (``--series``, ``--rules``) and whether overlays are drawn. Workers, layout, device and
-  compilation change how fast a case runs, not what it gives, and are left out;
-* ``input_identity``: the size and modification time (ns) of every file the case reads, digested: a volume file,
-  or the files of a DICOM folder (its own, or with its subfolders', as the case is read).
+  (:attr:`ctzoo.inference.tasks.ModelTask.settings`: its weights' digest, backend, precision, a detector's score
+  threshold), the series selection (``--series``, ``--rules``) and whether overlays are drawn. Workers, layout,
+  device and compilation change how fast a case runs, not what it gives, and are left out;
+* ``input_identity``: the size and modification time (ns) of every file the case reads, digested: a volume file
+  (with the voxel files a ``.mhd``/``.nhdr`` header names, :mod:`ctzoo.io.detached_data`), or the files of a
+  DICOM folder (its own, or with its subfolders', as the case is read), and the series a case of a folder holding
+  several is (:attr:`CaseInput.series`).
 
 A case is reused only where it finished ok for the same model version, input path, settings and input identity;
 any other case runs again, and :func:`resume_summary` says how many did and why (counts and option names only:
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ctzoo.inference.inputs import CaseInput, is_volume_file
+from ctzoo.io.detached_data import detached_data_files
 
 #: The reason of a case that can be reused.
 REUSABLE = ""
@@ -47,7 +50,7 @@ def _files_read(case: CaseInput) -> tuple[Path, list[Path]]:
     if not path.exists():
         raise FileNotFoundError(path)
     if path.is_file() and is_volume_file(path):
-        return path.parent, [path]
+        return path.parent, [path, *detached_data_files(path)]  # a .mhd/.nhdr's voxels are in other files
     folder, recursive = (path, case.recursive) if path.is_dir() else (path.parent, True)
     files = []
     for where, subfolders, names in os.walk(folder):
@@ -58,18 +61,20 @@ def _files_read(case: CaseInput) -> tuple[Path, list[Path]]:
 
 def input_identity(case: CaseInput) -> dict[str, Any] | None:
     """The identity of what ``case`` reads: how many files, their bytes, and a digest of each file's path (within
-    the input), size and modification time, so a file rewritten, touched, added or removed changes it. None where
-    the input cannot be looked at (gone, unreadable): such a case is never reused."""
+    the input), size and modification time, so a file rewritten, touched, added or removed changes it; and the
+    series read, for one of several in a folder. None where the input cannot be looked at (gone, unreadable): such
+    a case is never reused."""
     try:
         root, files = _files_read(case)
         digest, total = hashlib.sha256(), 0
         for file in files:
             stat = file.stat()
             total += stat.st_size
-            digest.update(f"{file.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{os.path.relpath(file, root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     except OSError:
         return None
-    return {"files": len(files), "bytes": total, "digest": digest.hexdigest()[:32]}
+    identity = {"files": len(files), "bytes": total, "digest": digest.hexdigest()[:32]}
+    return identity if case.series is None else {**identity, "series": case.series}
 
 
 def rerun_reason(saved: dict[str, Any] | None, model_version: str, case: CaseInput, settings: dict[str, Any],

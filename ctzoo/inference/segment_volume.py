@@ -131,12 +131,12 @@ def axial_labels(labels: np.ndarray, volume: Volume) -> tuple[np.ndarray, Volume
 
 def write_segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence[str], folder: Path,
                        model_name: str, model_version: str, overlay: bool = True,
-                       runtime: dict[str, Any] | None = None) -> list[Path]:
+                       runtime: dict[str, Any] | None = None) -> tuple[list[Path], dict[str, Any]]:
     """What ``ctzoo infer`` writes for a segmenter into ``folder`` but its DICOM SEG (which
     :func:`ctzoo.inference.tasks.segmenter_task` writes, a failure there costing the case none of these):
     ``labels.nii.gz`` (uint8 on the input grid), ``segmentation.json`` (:func:`seg_summary`) and
     ``labels_overlay.png`` (the axial slice with the most foreground). Every file is written under a temporary name and
-    renamed. Returns the paths written."""
+    renamed. Returns the paths written and the ``segmentation.json`` document."""
     import json
 
     from ctzoo.io import write_volume
@@ -156,4 +156,4 @@ def write_segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence
         image = np.clip((grid.array[k] + 200.0) / 600.0, 0, 1)
         written.append(plot_seg_overlay(image, np.zeros_like(drawn[k]), {f"{model_name} {model_version}": drawn[k]},
                                         class_names, folder / "labels_overlay.png", title=grid.slice_label(k)))
-    return written
+    return written, document

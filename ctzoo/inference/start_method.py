@@ -17,11 +17,17 @@ where it is safe. It is not safe when:
 The choice is made as a run starts, before its own threads (the progress ticker, the writer): ``ctzoo infer`` has
 no other thread then (it turns tqdm's monitor thread off), so on the command line the workers are forked. The
 run's own threads hold only locks that a worker never takes.
+
+However started, a worker never outlives its run (:func:`end_with_parent`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 import threading
 
 #: What a fork server imports once, before it forks the workers: the pipeline (the workers' stage) and so torch,
@@ -49,3 +55,30 @@ def worker_start_method(workers: int, copies: bool, copy_threads: int, backend: 
         return "spawn"
     multiprocessing.get_context("forkserver").set_forkserver_preload(FORK_SERVER_PRELOAD)
     return "forkserver"
+
+
+#: prctl(2)'s option that names the signal a process gets when the thread that started it ends (Linux).
+_PR_SET_PDEATHSIG = 1
+
+
+def end_with_parent(run_pid: int, worker_id: int = 0) -> None:
+    """A worker's first act (the DataLoader's ``worker_init_fn``; ``run_pid``: the process running the batch):
+
+    * SIGTERM raises KeyboardInterrupt, as SIGINT does: stopping the whole process group (``systemctl stop``,
+      ``kill -- -PGID``, Slurm, Kubernetes) stops the workers the way Ctrl-C does, quietly, while the main process
+      stops the run in order (ctzoo infer's SIGTERM handler); torch's handler would report each as a crash;
+    * on Linux the kernel kills the worker (SIGKILL) when its parent ends however it ends (``kill -9``, the OOM
+      killer): a worker left behind would wait for ever to hand its last result to a pipe nobody reads, holding
+      its memory (a model copy: about a GB)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):  # no prctl in this libc: the pipe's end still stops a waiting worker
+            pass
+    try:
+        os.kill(run_pid, 0)
+    except ProcessLookupError:  # the run ended before the kernel was told to end this worker with it
+        os._exit(1)
+    except PermissionError:
+        pass

@@ -220,16 +220,16 @@ def segmenter_task(backend, prep, model_name: str = "", version: str = "") -> Mo
 
     def write(volume: Volume, labels: np.ndarray, folder: Path, overlay: bool, runtime: dict[str, Any]):
         _log_input_warnings(volume, folder)
-        written = write_segmentation(volume, labels, class_names, folder, model_name, version, overlay=overlay,
-                                     runtime=runtime)
+        written, document = write_segmentation(volume, labels, class_names, folder, model_name, version,
+                                               overlay=overlay, runtime=runtime)
         dicom_error = ""
         if volume.dicom is not None and labels.any():  # a SEG holds at least one segment
             from ctzoo.io.dicom_seg import write_dicom_seg
 
             dicom_error = _write_dicom_result(written, folder / "seg.dcm", functools.partial(
                 write_dicom_seg, labels, volume, class_names, folder / "seg.dcm", model_name, version))
-        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-        volumes = {name: float((labels == c).sum()) * voxel_ml for c, name in enumerate(class_names, start=1)}
+        # segmentation.json's volumes (|det| of the affine per voxel: right on a sheared grid too)
+        volumes = {name: entry["volume_ml"] for name, entry in document["classes"].items()}
         return written, {"findings": sum(v > 0 for v in volumes.values()), "dicom_error": dicom_error,
                          "detail": "; ".join(f"{name} {ml:.0f} mL" for name, ml in volumes.items())}
 
@@ -261,6 +261,9 @@ def model_task(source: str | Path | ModelBundle, backend_kind: str = "torch", de
     backend = make_backend(bundle, backend_kind, device, threads=threads, network=network, precision=precision,
                            compile=compile)
     task = bundle_task(bundle, backend, score_threshold)
+    # weights retrained or replaced under the same version give other results: --resume compares them too (hashed
+    # here, once per run, not in every model copy that bundle_task builds)
+    task.settings["weights"] = bundle.weights_digest()
     if network is not None:
         task.replicate = None  # the placed network spans this machine's devices: one of it, in this process
     return task

@@ -40,6 +40,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+#: The temporary name :func:`atomic_path` writes under: ``.<stem>.<8 hex>.partial<suffix>``.
+_PARTIAL_FILE = re.compile(r"\..+\.[0-9a-f]{8}\.partial(\.[^/]*)?")
+
+
+def remove_partial_files(folder: str | Path) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_path` writes into ``folder`` that never finished: an exception
+    removes its own, a killed process (``kill -9``, the OOM killer, a power cut) cannot. Only for a folder no write
+    is in flight into (their names carry no owner to tell a live write by). Returns the files removed."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        if _PARTIAL_FILE.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname())[:64] or "host"
 
