@@ -254,10 +254,27 @@ def checkpoint_state(cfg: TemplateSegTrainConfig, class_names: list[str]) -> dic
     return state | (expansion_record(cfg.init_from_expansion) if expansion_kind(cfg) == cfg.model.kind else {})
 
 
-def load_seg_model(cfg: TemplateSegTrainConfig, checkpoint: str | Path, num_classes: int) -> nn.Module:
-    """The model of ``checkpoint`` (its recorded kind wins over ``cfg.model.kind``), weights loaded, eval mode."""
+def trained_model_config(cfg: TemplateSegTrainConfig, checkpoint: str | Path,
+                         warn: bool = True) -> TemplateSegModelConfig:
+    """The ``model`` config the network of ``checkpoint`` was trained as: its recorded ``task_config``'s (kind:
+    its ``model_kind``), each field it does not record from ``cfg``. Where ``cfg`` says otherwise (``warn``) a
+    warning names what differs: ``gate`` and ``temperature`` hold no weights, so loading the state dict into a
+    network built from another config would succeed and score another model without a word."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model_cfg = cfg.model.model_copy(update={"kind": state.get("model_kind", cfg.model.kind)})
+    recorded = state.get("task_config", {}).get("model", {})
+    own = recorded_fields(TemplateSegModelConfig, recorded, cfg.model)
+    own = own.model_copy(update={"kind": state.get("model_kind", own.kind)})
+    given = cfg.model.model_copy(update={"kind": own.kind})  # the recorded kind always won: not worth a warning
+    if warn and (differences := field_differences(given, own)):
+        log.warning("%s: building the checkpoint's own network, not the config's model: %s", checkpoint, differences)
+    return own
+
+
+def load_seg_model(cfg: TemplateSegTrainConfig, checkpoint: str | Path, num_classes: int) -> nn.Module:
+    """The model of ``checkpoint`` as it was trained (:func:`trained_model_config`: its recorded model config wins
+    over ``cfg.model``, with a warning), weights loaded, eval mode."""
+    model_cfg = trained_model_config(cfg, checkpoint)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model = checkpoint_network(state, lambda: build_seg_model(model_cfg, num_classes))
     model.load_state_dict(state["model"])
     return model.eval()
