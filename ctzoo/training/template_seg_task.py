@@ -81,8 +81,10 @@ class SegDataConfig(SegPreprocessing):
                                      "other one is the test patient")
     val_slices: int = Field(8, ge=1, description="totalsegmentator: superior slab of the training volume "
                                                  "held out for validation (never trained on)")
-    val_fraction: float = Field(0.2, ge=0, lt=1, description="msd: share of cases for validation")
-    test_fraction: float = Field(0.2, ge=0, lt=1, description="msd: share of cases for testing")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="msd: share of cases for validation (> 0: best.pt is "
+                                                              "chosen on them; at least one case)")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="msd: share of cases for testing (> 0: a run ends by "
+                                                               "testing; at least one case)")
     max_templates: int = Field(64, ge=1, description="template bank size (evenly thinned candidates)")
 
     @model_validator(mode="after")
@@ -90,6 +92,16 @@ class SegDataConfig(SegPreprocessing):
         # by value, not by the fields set: a checkpoint's dumped msd task_config carries the default and must load
         if self.source != "totalsegmentator" and self.train_patient != "example_ct_sm":
             raise ValueError("data.train_patient names a TotalSegmentator sample patient; msd splits by case order")
+        return self
+
+    @model_validator(mode="after")
+    def _every_split_has_cases(self) -> SegDataConfig:
+        # rejected here, not handled later: with no val case training never writes best.pt (val Dice nan), with no
+        # test case the run has nothing to compare the models on, after all the training
+        for split, why in (("val", "best.pt is chosen on the val cases"),
+                           ("test", "a run ends by testing its models on the test cases")):
+            if self.source == "msd" and getattr(self, f"{split}_fraction") == 0:
+                raise ValueError(f"data.{split}_fraction must be > 0 (at least one case): {why}")
         return self
 
     @property
