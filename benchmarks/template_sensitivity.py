@@ -48,18 +48,11 @@ from ctzoo.training.seg_evaluation import (
 )
 from ctzoo.training.template_seg_task import _write_json, load_seg_config, load_seg_data
 
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
+from segmenter_cv import cpu_model  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "template-seg-abdomen"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def template_variants(bank: TemplateBank) -> dict[str, TemplateBank]:

@@ -98,3 +98,12 @@ def test_template_segmenter_figures_are_template_sensitivity_json():
                      "The UNet row and the UNet's\n62 s come from the training run of the zoo model",
                      "from earlier runs whose JSON was\nnot kept, not reproduced"):
         assert unbacked in text
+
+
+def test_permute_classes_table_is_its_json():
+    text = (ROOT / "docs" / "template-segmenter.md").read_text()
+    runs = {(r["permute_classes"], r["epochs"]): r for r in _json("permute_classes.json")["runs"]}
+    for share, label in ((0.0, "0 (as shipped)"), (0.5, "0.5"), (1.0, "1")):
+        cells = [f"{r['dice_mean']:.3f} / {r['dice_mean_wrong_template']:.3f} "
+                 f"(drop {r['dice_drop_wrong_template']:+.3f})" for r in (runs[share, 12], runs[share, 30])]
+        assert _row(text, label) == cells, label

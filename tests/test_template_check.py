@@ -1,5 +1,6 @@
 """Does a template segmenter read its template? Every evaluation scores it a second time with each template's class
-masks rotated between classes (dice_mean_wrong_template, dice_drop_wrong_template)."""
+masks rotated between classes (dice_mean_wrong_template, dice_drop_wrong_template); and the training option that
+makes it read them (augment.permute_classes: template classes shuffled, target relabelled to match)."""
 
 import math
 
@@ -9,10 +10,18 @@ import torch
 
 from ctzoo.datasets.seg_preprocessing import SegPreprocessing
 from ctzoo.datasets.segmentation import SegCase
-from ctzoo.datasets.segmentation_slices import case_to_slices, template_set
+from ctzoo.datasets.segmentation_slices import (
+    RandPermuteClassesd,
+    SegAugmentConfig,
+    case_to_slices,
+    template_set,
+    template_slice_dataset,
+    template_tensor,
+)
 from ctzoo.io import Volume
 from ctzoo.models.template_bank import TemplateBank
 from ctzoo.models.template_seg import TemplateEncoding, TemplateSegNet
+from ctzoo.training.engine import seed_everything
 from ctzoo.training.seg_evaluation import (
     comparison_markdown,
     evaluate_segmenter,
@@ -97,3 +106,37 @@ def test_the_wrong_template_names_every_class_wrongly():
         assert torch.equal(wrong.masks[:, c], bank.masks[:, (c + 1) % len(NAMES)])
     single = TemplateBank(images, masks[:, :1], torch.zeros(len(images), 4), NAMES[:1], sources)
     assert wrong_template_bank(single) is None  # one class: nothing to swap
+
+
+def test_permuted_classes_relabel_the_target_as_the_template_says():
+    labels = torch.zeros(8, 8, dtype=torch.long)
+    for c in (1, 2, 3):
+        labels[c - 1] = c
+    template = template_tensor(torch.rand(1, 8, 8), labels, 3)
+    shuffle = RandPermuteClassesd(3, prob=1.0)
+    seen = set()
+    for seed in range(12):
+        shuffle.set_random_state(seed)
+        item = shuffle({"template": template, "label": labels[None]})
+        assert torch.equal(item["template"][0], template[0])
+        for k in (1, 2, 3):  # label k is where template mask k is: the organ the template calls k
+            assert torch.equal(item["label"][0] == k, item["template"][k].bool())
+        seen.add(tuple(item["label"][0, :3, 0].tolist()))
+    assert len(seen) > 1  # really shuffled
+    kept = RandPermuteClassesd(3, prob=0.0)
+    assert torch.equal(kept({"template": template, "label": labels[None]})["label"], labels[None])
+
+
+def test_permute_classes_is_off_by_default_and_joins_the_training_items():
+    assert SegAugmentConfig().permute_classes == 0.0
+    case = case_to_slices(small_case(), PREP)
+    plain = SegAugmentConfig(affine_prob=0, intensity_prob=0, noise_prob=0)
+    shuffled = template_slice_dataset([case], 3, PREP, plain.model_copy(update={"permute_classes": 1.0}))
+    default = template_slice_dataset([case], 3, PREP, plain)
+    assert not any(isinstance(t, RandPermuteClassesd) for t in default.transform.transforms)
+    seed_everything(3, shuffled)
+    items = [shuffled[i] for i in range(len(shuffled))]
+    for item in items:
+        for k in (1, 2, 3):
+            assert torch.equal(item["label"][0] == k, item["template"][k].bool())  # every slice is the same
+    assert len({tuple(item["label"][0, 5::10, 16].tolist()) for item in items}) > 1
