@@ -84,3 +84,50 @@ def _section(path: Path, heading: str) -> str:
     start = text.index(heading)
     end = text.find("\n## ", start + len(heading))
     return text[start:] if end < 0 else text[start:end]
+
+
+def _row(text: str, label: str) -> list[str]:
+    """The cells after ``label`` of the markdown table row that starts with it."""
+    found = re.search(rf"^\| {re.escape(label)} \|(.*)\|$", text, flags=re.M)
+    assert found, f"row {label!r} missing or reshaped"
+    return [cell.strip().strip("*") for cell in found.group(1).split("|")]
+
+
+def test_template_segmenter_figures_are_template_sensitivity_json():
+    """docs/template-segmenter.md: the shipped model's template check and its test table rows are the JSON's; the
+    figures no committed JSON backs say so."""
+    text = (ROOT / "docs" / "template-segmenter.md").read_text()
+    measured = _json("template_sensitivity.json")
+    names = measured["class_names"]
+    rows = {"nearest": "nearest (as `ctzoo infer` runs it)",
+            "classes_rotated": "nearest, class masks rotated between classes",
+            "template_image_blank": "nearest, template image blank",
+            "template_masks_empty": "nearest, every class mask empty"}
+    for variant, label in rows.items():
+        dice = measured["variants_dice"][variant]
+        assert _row(text, label) == [f"{dice[c]:.3f}" for c in [*names, "mean"]], label
+    check = measured["template_check"]
+    assert check["dice_drop_wrong_template"] < 0.05 and "no measurable effect" in check["verdict"]
+    assert "**The template has no measurable effect on the shipped model.**" in text
+    assert f"{100 * check['pixels_changed_by_rotated_classes']:.2f} % of the pixels change label" in text
+    for model, label in (("template_seg", "template segmenter (`template-seg-abdomen` 0.1.0)"),
+                         ("template copy", "template copy (no network)")):
+        runs = measured["evaluation"][model]
+        clean = runs["clean"]
+        expected = [f"{clean[f'dice_{c}']:.3f}" for c in names] + [f"{clean['dice_mean']:.3f}",
+                                                                  f"{clean['hd95_mean']:.1f}"]
+        expected += [f"{runs[name]['dice_mean']:.3f}" for name in ("shift_+100HU", "noise_30HU", "slices_5mm")]
+        assert _row(text, label)[1:] == expected, label
+    for unbacked in ("The ablation's Dice and HD95 come from an earlier run whose JSON was not kept",
+                     "The UNet row and the UNet's\n62 s come from the training run of the zoo model",
+                     "from earlier runs whose JSON was\nnot kept, not reproduced"):
+        assert unbacked in text
+
+
+def test_permute_classes_table_is_its_json():
+    text = (ROOT / "docs" / "template-segmenter.md").read_text()
+    runs = {(r["permute_classes"], r["epochs"]): r for r in _json("permute_classes.json")["runs"]}
+    for share, label in ((0.0, "0 (as shipped)"), (0.5, "0.5"), (1.0, "1")):
+        cells = [f"{r['dice_mean']:.3f} / {r['dice_mean_wrong_template']:.3f} "
+                 f"(drop {r['dice_drop_wrong_template']:+.3f})" for r in (runs[share, 12], runs[share, 30])]
+        assert _row(text, label) == cells, label

@@ -113,3 +113,22 @@ def test_summary_counts_volumes_and_slices(sample_volume):
     assert summary["input"]["study_instance_uid"] == sample_volume.dicom.study_instance_uid
     with pytest.raises(ValueError, match="0..5"):
         seg_summary(labels + 1, sample_volume, CLASSES)
+
+
+def test_anatomy_outside_the_field_of_view_is_reported(sample_volume):
+    """The embedded sample is 500 mm wide, its body about 330 mm: a 32 px canvas at 4 mm (128 mm) cuts the body,
+    and the labels' background there is the model not looking; the volume's warnings (segmentation.json) say so."""
+    small = SegPreprocessing(spacing_mm=4.0, size=(32, 32))
+    volume = dataclasses.replace(sample_volume, warnings=[])
+    segment_volume(ThresholdSegmenter(), None, volume, small)
+    cut = [w for w in volume.warnings if w.startswith("field of view")]
+    assert len(cut) == 1 and "the model sees 128 x 128 mm" in cut[0] and "are not segmented" in cut[0]
+    assert cut[0] in seg_summary(np.zeros(volume.array.shape, np.uint8), volume, CLASSES)["input"]["warnings"]
+    segment_volume(ThresholdSegmenter(), None, volume, small)
+    assert volume.warnings == cut  # said once per volume
+    whole = dataclasses.replace(sample_volume, warnings=[])
+    segment_volume(ThresholdSegmenter(), None, whole, PREP)  # 512 mm: the whole slice fits
+    assert whole.warnings == []
+    air = dataclasses.replace(sample_volume, array=np.full(sample_volume.array.shape, -1000, np.float32), warnings=[])
+    segment_volume(ThresholdSegmenter(), None, air, small)  # cut, but only air: nothing lost
+    assert air.warnings == []

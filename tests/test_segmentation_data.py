@@ -34,7 +34,7 @@ from ctzoo.datasets.segmentation_slices import (
     template_set,
     template_slice_dataset,
 )
-from ctzoo.io import volume_from_sitk, volume_to_sitk, write_volume
+from ctzoo.io import Volume, read_volume, volume_from_sitk, volume_to_sitk, write_volume
 from ctzoo.training.engine import seed_everything
 
 
@@ -234,6 +234,26 @@ def test_msd_reader_errors(tmp_path, sample_volume):
     (root / "dataset.json").write_text(json.dumps({**index, "labels": {"0": "background", "2": "bone"},
                                                    "training": index["training"][:1]}))
     with pytest.raises(DatasetError, match=r"case_000.nii.gz: label values \[1, 3\] are not in dataset.json"):
+        msd_cases(root, val_fraction=0, test_fraction=0)
+
+
+def test_msd_labels_are_placed_by_their_header_not_their_shape(tmp_path, sample_volume):
+    """A label file stored mirrored (its header saying so) has the image's shape: paired by shape, it would label
+    the wrong side of the patient. It is put on the image's grid; a label elsewhere in space is refused."""
+    root = write_msd(tmp_path / "Task99", sample_volume, 3)
+    path = root / "labelsTr" / "case_001.nii.gz"
+    stored = read_volume(path, dtype=None)
+    direction = stored.direction.copy()
+    direction[:, 0] *= -1  # columns run the other way...
+    mirrored = Volume(stored.array[:, :, ::-1].copy(), stored.spacing,
+                      tuple(stored.index_to_lps(np.array([stored.size[0] - 1.0, 0, 0]))), direction)
+    write_volume(mirrored, path)  # ...and the header says so: the same labels in space
+    case = msd_cases(root, val_fraction=0, test_fraction=0)["train"][1]
+    assert np.array_equal(case.labels, tissue_labels(case.image.array))
+    assert not np.array_equal(mirrored.array, case.labels)  # not the stored array
+    write_volume(Volume(mirrored.array, mirrored.spacing, (500.0, 0.0, 0.0), direction), path)
+    with pytest.raises(DatasetError, match=r"training\[1\]: label case_001.nii.gz, image case_001.nii.gz: label and "
+                                           r"image do not share physical space: 0% of the label's foreground"):
         msd_cases(root, val_fraction=0, test_fraction=0)
 
 

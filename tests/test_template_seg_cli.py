@@ -41,6 +41,12 @@ def test_train_publish_infer_writes_aligned_nifti_and_dicom_seg(fetched, tmp_pat
     result = run("train", path, "--out", tmp_path / "run", "--device", "cpu")
     assert "template copy" in result.output and "unet" in result.output  # the comparison table
     _assert_the_comparison(path, tmp_path / "run")
+    evaluated = run("eval", path, "--checkpoint", tmp_path / "run" / "template_seg" / "best.pt", "--split", "test",
+                    "--out", tmp_path / "eval", "--device", "cpu")
+    assert "template check: mean Dice" in evaluated.output  # does the model read its template? every eval says
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["dice_drop_wrong_template"] == pytest.approx(
+        metrics["dice_mean"] - metrics["dice_mean_wrong_template"])
 
     monkeypatch.setattr(model_entry("template-seg-abdomen"), "weights_dir", tmp_path / "weights")
     run("zoo", "publish", tmp_path / "run", "--config", path, "--name", "template-seg-abdomen", "--version", "0.0.1")
@@ -92,6 +98,9 @@ def _assert_the_comparison(config, out):
     assert abs(params["unet"]["parameters"] / params["template_seg"]["parameters"] - 1) < 0.1  # same budget
     table = (out / "comparison.md").read_text()
     assert "| model | condition | Dice liver |" in table and "| unet | slices_5mm |" in table
+    checked = [r for r in saved["rows"] if "dice_mean_wrong_template" in r]  # the template check: clean, template_seg
+    assert [(r["model"], r["condition"]) for r in checked] == [("template_seg", "clean")]
+    assert "* template_seg, clean: template check: mean Dice" in table
     assert (out / "overlay.png").exists()
     unet = load_seg_model(load_seg_config(config), out / "unet" / "best.pt", len(NAMES))
     assert not isinstance(unet, TemplateSegNet) and count_parameters(unet) == params["unet"]["parameters"]

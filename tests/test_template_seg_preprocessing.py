@@ -1,5 +1,5 @@
-"""A template-segmenter checkpoint is scored and published with the preprocessing it was trained with (its recorded
-task_config), whatever the eval or publish config says, with a warning naming what differs."""
+"""A template-segmenter checkpoint is scored and published with the preprocessing and the network it was trained with
+(its recorded task_config), whatever the eval or publish config says, with a warning naming what differs."""
 
 import json
 import logging
@@ -21,6 +21,7 @@ from ctzoo.training.template_seg_task import (
     TemplateSegTrainConfig,
     checkpoint_state,
     evaluate_template_seg,
+    load_seg_model,
     trained_preprocessing,
 )
 
@@ -28,6 +29,10 @@ NAMES = ["a", "b"]
 TRAINED = {"spacing_mm": 3.0, "size": [32, 32], "window_hu": [-1000.0, 1000.0]}
 #: what an eval or publish config might say instead: another spacing and window, the same size
 OTHER = {"spacing_mm": 1.5, "size": [32, 32], "window_hu": [-200.0, 400.0]}
+#: the network trained, and what an eval or publish config might say instead: the gate and its temperature hold no
+#: weights, so the state dict loads into either
+TRAINED_MODEL = {"channels": [8, 16], "gate": "none", "temperature": 5.0}
+OTHER_MODEL = {"channels": [8, 16], "gate": "sigmoid", "temperature": 10.0}
 
 
 def small_case(name: str) -> SegCase:
@@ -42,7 +47,7 @@ def small_case(name: str) -> SegCase:
 @pytest.fixture()
 def trained_checkpoint(tmp_path):
     """An (untrained) template segmenter whose checkpoint records TRAINED as its preprocessing."""
-    trained = TemplateSegTrainConfig.model_validate({"data": TRAINED, "model": {"channels": [8, 16]}})
+    trained = TemplateSegTrainConfig.model_validate({"data": TRAINED, "model": TRAINED_MODEL})
     path = tmp_path / "run" / "template_seg" / "best.pt"
     path.parent.mkdir(parents=True)
     model = build_seg_model(trained.model, len(NAMES))
@@ -51,7 +56,7 @@ def trained_checkpoint(tmp_path):
 
 
 def other_config() -> TemplateSegTrainConfig:
-    return TemplateSegTrainConfig.model_validate({"data": OTHER, "model": {"channels": [8, 16]}})
+    return TemplateSegTrainConfig.model_validate({"data": OTHER, "model": OTHER_MODEL})
 
 
 def small_data() -> SegData:
@@ -66,6 +71,17 @@ def test_the_checkpoints_preprocessing_wins_with_a_warning(trained_checkpoint, c
     caplog.clear()
     same = TemplateSegTrainConfig.model_validate({"data": TRAINED, "model": {"channels": [8, 16]}})
     assert trained_preprocessing(same, trained_checkpoint) == own and not caplog.text
+
+
+def test_the_checkpoints_network_wins_with_a_warning(trained_checkpoint, caplog):
+    with caplog.at_level(logging.WARNING):
+        model = load_seg_model(other_config(), trained_checkpoint, len(NAMES))
+    assert {(f.gate, f.temperature) for f in model.fusion.values()} == {("none", 5.0)}
+    assert "gate: none (config: sigmoid); temperature: 5.0 (config: 10.0)" in caplog.text
+    caplog.clear()
+    same = TemplateSegTrainConfig.model_validate({"data": OTHER, "model": TRAINED_MODEL})
+    load_seg_model(same, trained_checkpoint, len(NAMES))
+    assert not caplog.text
 
 
 def test_ctzoo_eval_scores_with_the_checkpoints_preprocessing_and_records_it(trained_checkpoint, tmp_path,
@@ -98,6 +114,9 @@ def test_publish_states_the_preprocessing_the_weights_saw(trained_checkpoint, tm
                         lambda case, prep: banked.append(prep.model_dump(mode="json")) or slices_of(case, prep))
     folder = publish_template_seg(tmp_path / "run", config, "seg-test", "0.0.1", target=tmp_path / "bundle",
                                   description="a test bundle")
-    spec = read_card(folder).input_spec
+    card = read_card(folder)
+    spec = card.input_spec
     assert {k: spec[k] for k in TRAINED} == TRAINED and spec["classes"] == NAMES
+    assert "gate='none'" in card.architecture and "temperature=5.0" in card.architecture  # the network trained
+    assert json.loads((folder / "config.json").read_text())["gate"] == "none"
     assert banked == [TRAINED]  # the template bank: the training slices as the weights saw them

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from ctzoo.cli import main
 from ctzoo.datasets.seg_preprocessing import SegPreprocessing
 from ctzoo.datasets.segmentation import SegCase
 from ctzoo.models.template_seg import TemplateSegNet
@@ -84,6 +86,19 @@ def test_configs_load(tmp_path):
     assert msd.data.source == "msd" and msd.data.root == tmp_path
     with pytest.raises(ValueError, match="model.kind"):
         TemplateSegTrainConfig.model_validate({"model": {"kind": "resnet"}})
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_an_msd_run_needs_val_and_test_cases(tmp_path, split):
+    """Refused before training: without val cases no best.pt is ever written, without test cases nothing is compared
+    after all the training."""
+    config = tmp_path / "msd.yaml"
+    config.write_text(json.dumps({"task": "template_seg",
+                                  "data": {"source": "msd", "root": str(tmp_path), f"{split}_fraction": 0.0}}))
+    result = CliRunner().invoke(main, ["train", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and f"data.{split}_fraction must be > 0 (at least one case)" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert not (tmp_path / "run").exists()
 
 
 def learning_config(**optim) -> TemplateSegTrainConfig:

@@ -176,7 +176,9 @@ def evaluate(config: Path, checkpoint: Path | None, model_name: str | None, spli
 
     \b
     Segmenters (task template_seg): Dice and HD95 (mm) per class on the split's volumes, with the
-    nearest training template per slice; writes metrics.json and overlay.png (needs --checkpoint).
+    nearest training template per slice, and again with that template's class masks rotated between
+    classes (dice_mean_wrong_template: does the model read its template?); writes metrics.json and
+    overlay.png (needs --checkpoint).
     """
     from ctzoo.training.evaluate import evaluate_recistnet
 
@@ -210,5 +212,9 @@ def _evaluate_template_seg(config: Path, checkpoint: Path | None, model_name: st
         metrics = evaluate_template_seg(load_seg_config(config, data_root), out, split, checkpoint, device=device)
     except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
         raise click.ClickException(str(exc)) from exc
+    from ctzoo.training.seg_evaluation import template_check_line
+
     click.echo(json.dumps({k: v for k, v in metrics.items() if k.startswith(("dice", "hd95"))}, indent=2))
+    if (line := template_check_line(metrics)) is not None:
+        click.echo(line)
     click.echo(f"wrote {out / 'metrics.json'}, {out / 'overlay.png'}")

@@ -10,6 +10,10 @@ The same for training, evaluation and inference, so all three see identical inpu
 Labels follow the same path with nearest-neighbour resampling (pixel centres aligned, ``nearest-exact``);
 :func:`slices_to_volume_labels` undoes every step to put predicted labels on the volume's own grid.
 
+The canvas is the field of view: ``size`` x ``spacing_mm`` (128 x 128 px at 3 mm: 384 mm, centred on the slice).
+Anatomy outside it is not segmented; :func:`cropped_body_warning` says so for a volume whose body (HU > -500) it
+cuts.
+
 Steps 2 and 3 never hold more than the volume or the canvas: where resampling whole slices would (a volume far
 wider than the canvas at coarse spacing, which steps 2 and 3 then mostly crop away), only the part that lands
 inside the canvas is computed, the same values (bilinear and nearest-exact as ``torch.nn.functional.interpolate``
@@ -34,6 +38,8 @@ from ctzoo.config import StrictConfig
 from ctzoo.io import Volume, reorient_lps
 
 AIR_HU = -1024.0
+#: Voxels above this are body, not air (the field-of-view check, :func:`cropped_body_warning`).
+BODY_HU = -500.0
 
 class SegPreprocessing(StrictConfig):
     """How CT volumes become 2-D network input (and how predictions go back)."""
@@ -229,6 +235,34 @@ def slices_to_volume_labels(predicted: np.ndarray | torch.Tensor, geometry: Slic
     return sitk.GetArrayFromImage(back)
 
 
+def _canvas_mask(geometry: SliceGeometry) -> torch.Tensor:
+    """``(Y, X)`` bool on the LPS grid: which of its pixels land inside the canvas (as :func:`_labels_on_lps_grid`
+    maps them back)."""
+    hw, size, offset, lps_hw = geometry.resampled_hw, geometry.size, geometry.offset, geometry.lps_shape[1:]
+    rows = _nearest_sources(hw[0], lps_hw[0], 0, lps_hw[0]) + offset[0]
+    columns = _nearest_sources(hw[1], lps_hw[1], 0, lps_hw[1]) + offset[1]
+    return ((rows >= 0) & (rows < size[0]))[:, None] & ((columns >= 0) & (columns < size[1]))[None, :]
+
+
+def cropped_body_warning(volume: Volume, geometry: SliceGeometry) -> str | None:
+    """A warning for the volume's results when the canvas of ``geometry`` (:func:`resample_slices` of ``volume``)
+    cut off body voxels (HU > :data:`BODY_HU`): how many, and the field of view, since the labels there are
+    background because the model never saw them, not because nothing is there. None when nothing was cut."""
+    hw, size, offset = geometry.resampled_hw, geometry.size, geometry.offset
+    if all(0 <= o and o + n <= m for o, n, m in zip(offset, hw, size)):
+        return None  # the whole slice fits: the common case costs nothing
+    outside = ~_canvas_mask(geometry).numpy()
+    cut = int((reorient_lps(volume).array[:, outside] > BODY_HU).sum())
+    if cut == 0:
+        return None
+    z, y, x = geometry.lps_shape
+    field = [n * s for n, s in zip(size, geometry.spacing_zyx[1:])]
+    extent = [y * geometry.lps_spacing[1], x * geometry.lps_spacing[0]]
+    return (f"field of view: the model sees {field[0]:.0f} x {field[1]:.0f} mm of each slice ({size[0]} x {size[1]} "
+            f"px, centred), the slices are {extent[0]:.0f} x {extent[1]:.0f} mm; {cut} voxels of body or table (HU > "
+            f"{BODY_HU:g}, {cut * volume.voxel_volume_mm3 / 1000:.0f} mL) outside it are not segmented (background)")
+
+
 def _labels_on_lps_grid(predicted: torch.Tensor, geometry: SliceGeometry) -> torch.Tensor:
     """Labels ``(Z, H, W)`` on the network slices -> ``(Z, Y, X)`` on the LPS grid: the crop/pad and the in-plane
     resampling undone (nearest; background where the canvas cropped the slice away)."""
@@ -238,9 +272,8 @@ def _labels_on_lps_grid(predicted: torch.Tensor, geometry: SliceGeometry) -> tor
     # each grid pixel's canvas pixel, looked up directly: the resampled slices are never built
     rows = _nearest_sources(hw[0], lps_hw[0], 0, lps_hw[0]) + offset[0]
     columns = _nearest_sources(hw[1], lps_hw[1], 0, lps_hw[1]) + offset[1]
-    inside = ((rows >= 0) & (rows < size[0]))[:, None] & ((columns >= 0) & (columns < size[1]))[None, :]
     found = predicted[:, rows.clamp(0, size[0] - 1)][:, :, columns.clamp(0, size[1] - 1)]
-    return found * inside
+    return found * _canvas_mask(geometry)
 
 
 # ----------------------------------------------------------------------------------------------- class maps

@@ -195,6 +195,46 @@ def read_msd_index(root: Path) -> tuple[dict[int, str], list[tuple[Path, Path]]]
     return names, pairs
 
 
+#: Label and image affines closer than this (mm) are one grid: the label array is taken as stored.
+SAME_GRID_MM = 1e-3
+#: The share of a label's foreground that must lie inside its image for the two to be one patient's space.
+MIN_FOREGROUND_INSIDE = 0.99
+
+
+def foreground_inside(labels: Volume, image: Volume, most: int = 200_000) -> float:
+    """The share of ``labels``' foreground voxels (non-zero; at most ``most``, evenly picked) whose centres lie
+    within ``image``'s physical extent (half a voxel beyond its outer voxel centres); 1.0 for an empty label map."""
+    zyx = np.argwhere(labels.array != 0)
+    if len(zyx) == 0:
+        return 1.0
+    zyx = zyx[np.linspace(0, len(zyx) - 1, min(most, len(zyx))).round().astype(int)]
+    lps = labels.index_to_lps(zyx[:, ::-1].astype(float))
+    ijk = (lps - image.affine_lps[:3, 3]) @ np.linalg.inv(image.affine_lps[:3, :3]).T
+    inside = np.all((ijk >= -0.5) & (ijk <= np.asarray(image.size) - 0.5), axis=1)
+    return float(inside.mean())
+
+
+def labels_on_image_grid(labels: Volume, image: Volume, where: str) -> np.ndarray:
+    """``labels`` on ``image``'s voxel grid ``(Z, Y, X)``: as stored where the two share the grid (shape and affine),
+    else moved there by nearest neighbour (:func:`resample_labels_onto`: a label file stored mirrored or on another
+    grid, its header saying so). ``DatasetError`` (message prefixed ``where``) where they do not share physical
+    space: less than :data:`MIN_FOREGROUND_INSIDE` of the label's foreground lies inside the image. Matching by
+    array shape alone would pair a mirrored label with the wrong side of the patient."""
+    if labels.array.shape == image.array.shape and np.allclose(labels.affine_lps, image.affine_lps,
+                                                              atol=SAME_GRID_MM):
+        return labels.array
+    inside = foreground_inside(labels, image)
+    if inside < MIN_FOREGROUND_INSIDE:
+        def grid(volume: Volume) -> str:
+            return (f"{volume.array.shape} voxels, origin {np.round(volume.origin, 2).tolist()} mm, spacing "
+                    f"{np.round(volume.spacing, 3).tolist()} mm, orientation {volume.orientation}")
+
+        raise DatasetError(f"{where}: label and image do not share physical space: {inside:.0%} of the label's "
+                           f"foreground lies inside the image (label {grid(labels)}; image {grid(image)}); fix the "
+                           "label file's header")
+    return resample_labels_onto(labels, image)
+
+
 def _split_sizes(count: int, val_fraction: float, test_fraction: float, where: Path) -> tuple[int, int, int]:
     def part(fraction: float) -> int:
         return max(1, round(count * fraction)) if fraction > 0 else 0
@@ -212,7 +252,8 @@ def msd_cases(root: Path, classes: Mapping[str, Sequence[str]] | None = None, va
     ``classes`` maps our class names to dataset label-name patterns as in :func:`map_labels`; ``None`` keeps every
     non-background label as its own class, in id order. The split follows the order of ``training`` in
     ``dataset.json``: the first cases train, then ``val_fraction`` validate, the last ``test_fraction`` test
-    (each at least one case when its fraction is > 0). Every volume is read into memory.
+    (each at least one case when its fraction is > 0). Every volume is read into memory. A label file is put on
+    its image's voxel grid by its header (:func:`labels_on_image_grid`), not paired by array shape.
     """
     root = Path(root)
     names, pairs = read_msd_index(root)
@@ -222,13 +263,12 @@ def msd_cases(root: Path, classes: Mapping[str, Sequence[str]] | None = None, va
     cases = []
     for i, (image_path, label_path) in enumerate(pairs):
         image = read_volume(image_path)
-        labels = read_volume(label_path, dtype=None).array
-        if labels.shape != image.array.shape:
-            raise DatasetError(f"{root / 'dataset.json'}: training[{i}]: label {label_path.name} has shape "
-                               f"{labels.shape}, image {image_path.name} {image.array.shape}")
-        unknown = sorted(set(np.unique(labels).tolist()) - set(names))
+        stored = read_volume(label_path, dtype=None)
+        unknown = sorted(set(np.unique(stored.array).tolist()) - set(names))
         if unknown:
             raise DatasetError(f"{label_path}: label values {unknown} are not in dataset.json's 'labels'")
+        labels = labels_on_image_grid(stored, image, f"{root / 'dataset.json'}: training[{i}]: label "
+                                                     f"{label_path.name}, image {image_path.name}")
         name = image_path.name.removesuffix(".gz").removesuffix(".nii")
         cases.append(SegCase(name, image, map_labels(labels, names, classes)))
     bounds = np.cumsum([0, *sizes])

@@ -10,6 +10,10 @@ mask per class), as the segmenter sees at inference, where the template is the n
   inference): rotation +-10 deg and scale +-10 % (:class:`~monai.transforms.RandAffined`; image bilinear, labels
   nearest), intensity scale and shift, Gaussian noise. Never left-right flips: liver and spleen differ by side.
 * Slices without foreground are kept at ``empty_fraction`` (evenly spaced), so they do not dominate a scan's ends.
+* Class permutation (``permute_classes``, off by default; :class:`RandPermuteClassesd`): the template's class masks
+  are shuffled and the target relabelled to match, so that output class ``k`` is whatever organ the template's mask
+  ``k`` shows. Without it every item has the classes in the same order and the network can segment from the image
+  alone, ignoring its template (the shipped model does: docs/template-segmenter.md, "Does the template matter?").
 """
 
 from __future__ import annotations
@@ -54,6 +58,10 @@ class SegAugmentConfig(StrictConfig):
     noise_prob: float = Field(0.3, ge=0, le=1)
     noise_sd_hu: float = Field(20.0, ge=0)
     empty_fraction: float = Field(0.25, ge=0, le=1, description="share of slices without foreground kept")
+    permute_classes: float = Field(0.0, ge=0, le=1, description="share of items whose template class masks are "
+                                                                "shuffled and target relabelled to match "
+                                                                "(RandPermuteClassesd): makes the network read "
+                                                                "which class is which from its template")
 
 
 @dataclass
@@ -141,6 +149,37 @@ class RandTemplated(Randomizable, MapTransform):
         return item
 
 
+class RandPermuteClassesd(Randomizable, MapTransform):
+    """With probability ``prob``, shuffle the class masks of ``"template"`` (1 + C, H, W) and relabel ``"label"``
+    to match: after it, label ``k`` marks the organ that template mask ``k`` shows. A network trained with it
+    cannot tie an output class to an organ; it must read the assignment from the template."""
+
+    def __init__(self, num_classes: int, prob: float, template_key: str = "template",
+                 label_key: str = "label") -> None:
+        MapTransform.__init__(self, [template_key, label_key])
+        self.num_classes, self.prob = num_classes, prob
+        self.template_key, self.label_key = template_key, label_key
+        self._order: np.ndarray | None = None
+
+    def randomize(self, data=None) -> None:
+        shuffle = self.num_classes > 1 and self.R.random_sample() < self.prob
+        self._order = self.R.permutation(self.num_classes) if shuffle else None
+
+    def __call__(self, data):
+        self.randomize()
+        if self._order is None:
+            return data
+        item = dict(data)
+        order = torch.as_tensor(self._order, dtype=torch.long)  # mask k shows what was mask order[k]
+        template = item[self.template_key]
+        item[self.template_key] = torch.cat([template[:1], template[1:][order]])
+        relabel = torch.zeros(self.num_classes + 1, dtype=torch.long)
+        relabel[order + 1] = torch.arange(1, self.num_classes + 1)  # old class order[k] + 1 -> new class k + 1
+        label = torch.as_tensor(item[self.label_key])
+        item[self.label_key] = relabel[label.long()].to(label.dtype)
+        return item
+
+
 def seg_train_transforms(augment: SegAugmentConfig, prep: SegPreprocessing) -> list:
     """MONAI dictionary transforms for ``{"image": (1, H, W), "label": (1, H, W)}`` (see the module docstring)."""
     width = prep.window_hu[1] - prep.window_hu[0]  # HU per unit of the [0, 1] window
@@ -175,6 +214,8 @@ def template_slice_dataset(cases: Sequence[SliceCase], num_classes: int, prep: S
     items = [{"image": images[i], "label": labels[i][None], "index": int(i)}
              for i in kept_slices(labels, augment.empty_fraction if augment else 1.0)]
     transforms = [RandTemplated(images, labels, num_classes)]
+    if augment and augment.permute_classes > 0:  # only then: the default draws the same numbers as before it existed
+        transforms.append(RandPermuteClassesd(num_classes, augment.permute_classes))
     transforms += seg_train_transforms(augment, prep) if augment else []
     transforms += [DeleteItemsd("index"), EnsureTyped(["image", "template"], dtype=torch.float32, track_meta=False),
                    EnsureTyped("label", dtype=torch.int64, track_meta=False)]

@@ -207,7 +207,7 @@ class SegmenterPreprocess:
 def segmenter_task(backend, prep, model_name: str = "", version: str = "") -> ModelTask:
     """The pipeline stages of a 2D segmenter on ``backend`` (a SegmenterBackend) with preprocessing ``prep`` (a
     SegPreprocessing); ``model_name`` and ``version`` go into the results."""
-    from ctzoo.datasets.seg_preprocessing import slices_to_volume_labels
+    from ctzoo.datasets.seg_preprocessing import cropped_body_warning, slices_to_volume_labels
     from ctzoo.inference.segment_volume import write_segmentation
 
     class_names = list(backend.class_names)
@@ -216,6 +216,10 @@ def segmenter_task(backend, prep, model_name: str = "", version: str = "") -> Mo
         return list(backend.segment(batch))
 
     def finish(volume: Volume, geometry, outputs: list[np.ndarray]) -> np.ndarray:
+        # anatomy outside the canvas is background in the labels: the volume's warnings (segmentation.json, the log)
+        # say so, where the reader's own warnings are
+        if (warning := cropped_body_warning(volume, geometry)) is not None and warning not in volume.warnings:
+            volume.warnings.append(warning)
         return slices_to_volume_labels(np.stack(outputs), geometry, volume)
 
     def write(volume: Volume, labels: np.ndarray, folder: Path, overlay: bool, runtime: dict[str, Any]):

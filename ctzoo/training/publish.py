@@ -187,7 +187,9 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
                                           cfg.data.max_templates)
     bank = TemplateBank.build(model, images, masks, names, sources)
     metrics |= extra_metrics or {}
-    model_config = template_seg_config(cfg.model, len(names))
+    from ctzoo.training.template_seg_task import trained_model_config  # the network as trained, not as cfg says
+
+    model_config = template_seg_config(trained_model_config(cfg, checkpoint, warn=False), len(names))
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     trained = comparison.get("training", {}).get("template_seg", {})
     wall = trained.get("wall_s", 0.0)

@@ -11,10 +11,18 @@ but never predicted has Dice 0 and HD95 nan (no surface to measure); every such 
 Means over classes skip nan, so the mean HD95 covers the classes found: ``hd95_missed`` counts the (case, class)
 pairs it leaves out, and belongs beside it wherever it is shown (a model that misses an organ must not look
 closer than one that finds it in the wrong place).
+
+Template check (:func:`wrong_template_bank`): a template segmenter is scored a second time with the class masks of
+every template moved one class along (the first class's mask shows the second class, ..., the last the first),
+so that each template names every organ wrongly. ``dice_mean_wrong_template`` is its mean Dice and
+``dice_drop_wrong_template`` what that costs. A model that reads which organ is which from its template loses most
+of its Dice; a drop under :data:`TEMPLATE_EFFECT_MIN_DROP` means the template has no measurable effect on it (it
+segments from the image alone, as a plain UNet would).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -97,11 +105,53 @@ def copy_nearest_template(model: TemplateSegNet, bank: TemplateBank, slices: tor
     return torch.cat(labels)
 
 
+#: The least mean-Dice drop under a wrong template (:func:`wrong_template_bank`) that says a model reads its template.
+TEMPLATE_EFFECT_MIN_DROP = 0.05
+
+
+def wrong_template_bank(bank: TemplateBank) -> TemplateBank | None:
+    """``bank`` with each template's class masks moved one class along (class ``c`` shows class ``c + 1``'s mask, the
+    last class the first's): every template names every organ wrongly. Its images, and so each slice's nearest
+    template, stay as they were. None for a bank of one class (nothing to swap)."""
+    if bank.num_classes < 2:
+        return None
+    return dataclasses.replace(bank, masks=bank.masks.roll(shifts=-1, dims=1))
+
+
+def template_check_line(metrics: Mapping[str, Any]) -> str | None:
+    """One line saying whether the template matters to the model that :func:`evaluate_segmenter` scored into
+    ``metrics``; None where it made no template check (a plain segmenter, the template copy)."""
+    wrong = metrics.get("dice_mean_wrong_template")
+    if wrong is None or math.isnan(wrong):
+        return None
+    drop = metrics["dice_drop_wrong_template"]
+    verdict = ("the model reads its template" if drop >= TEMPLATE_EFFECT_MIN_DROP else
+               "the template has no measurable effect on this model")
+    return (f"template check: mean Dice {metrics['dice_mean']:.3f} with the nearest template, {wrong:.3f} with its "
+            f"class masks rotated between classes (drop {drop:+.3f}): {verdict}")
+
+
+def _scored_slices(model: torch.nn.Module, bank: TemplateBank | None, slices: torch.Tensor, truth: torch.Tensor,
+                   class_names: Sequence[str], spacing_zyx: Sequence[float], batch_size: int, device,
+                   hd95: bool, copy_template: bool = False) -> tuple[dict[str, float], list[str]]:
+    """:func:`segmentation_metrics` of ``model``'s labels for ``slices`` (or of the nearest templates' masks)."""
+    if copy_template:
+        predicted = copy_nearest_template(model, bank, slices, batch_size)
+    else:
+        predicted = segment_slices(model, bank, slices, batch_size, device, progress=False)
+    return segmentation_metrics(predicted, truth, class_names, spacing_zyx, hd95)
+
+
+def _class_mean(per_case: Mapping[str, Mapping[str, float]], class_names: Sequence[str], prefix: str) -> float:
+    """Mean over classes of each class's mean over cases (nan skipped) of ``<prefix>_<class>``."""
+    return _nanmean([_nanmean([v[f"{prefix}_{c}"] for v in per_case.values()]) for c in class_names])
+
+
 def evaluate_segmenter(model: torch.nn.Module, cases: Sequence[SegCase], prep: SegPreprocessing,
                        templates: tuple[torch.Tensor, torch.Tensor, Sequence[str]] | None,
                        device: str | torch.device = "cpu", class_names: Sequence[str] | None = None,
                        hu_transform: HuTransform | None = None, copy_template: bool = False, hd95: bool = True,
-                       batch_size: int = 16) -> dict[str, Any]:
+                       batch_size: int = 16, template_check: bool = True) -> dict[str, Any]:
     """Segment every slice of every case and score it (see the module docstring).
 
     ``templates``: (images ``(T, 1, H, W)``, masks ``(T, C, H, W)``, sources) from the training cases, needed by a
@@ -109,31 +159,40 @@ def evaluate_segmenter(model: torch.nn.Module, cases: Sequence[SegCase], prep: S
     instead of the model's output (the no-network baseline). ``hu_transform`` perturbs the HU slices before
     windowing. Returns ``{"dice_<c>", "hd95_<c>", "dice_mean", "hd95_mean"}`` (per class: mean over cases,
     nan skipped) and ``"hd95_missed"`` (classes in a case's truth that the model never predicted), plus ``"cases"``
-    (the same per case) and ``"notes"``.
+    (the same per case) and ``"notes"``. ``template_check`` (a template segmenter of two or more classes, not the
+    copy): also ``"dice_mean_wrong_template"`` and ``"dice_drop_wrong_template"`` (the module docstring; per case
+    too), at the cost of segmenting every slice twice.
     """
     num_classes = model.num_classes if isinstance(model, TemplateSegNet) else model.out_channels - 1
     class_names = list(class_names or [f"class_{c}" for c in range(1, num_classes + 1)])
     model = model.to(device).eval()
     bank = build_bank(model, templates, class_names)
-    per_case, notes = {}, []
+    wrong = wrong_template_bank(bank) if template_check and bank is not None and not copy_template else None
+    per_case, wrong_per_case, notes = {}, {}, []
     for case in cases:
         hu, geometry = resample_slices(case.image, prep)
         slices = window_slices(hu_transform(hu) if hu_transform else hu, prep)
-        if copy_template:
-            predicted = copy_nearest_template(model, bank, slices, batch_size)
-        else:
-            predicted = segment_slices(model, bank, slices, batch_size, device, progress=False)
         truth = labels_to_slices(case.labels, case.image, geometry)
-        values, case_notes = segmentation_metrics(predicted, truth, class_names, geometry.spacing_zyx, hd95)
+        values, case_notes = _scored_slices(model, bank, slices, truth, class_names, geometry.spacing_zyx,
+                                            batch_size, device, hd95, copy_template)
         per_case[case.name] = {**values, "dice_mean": _nanmean([values[f"dice_{c}"] for c in class_names]),
                                "hd95_mean": _nanmean([values[f"hd95_{c}"] for c in class_names]),
                                "hd95_missed": len(missed_classes(values, class_names))}
+        if wrong is not None:
+            wrong_per_case[case.name], _ = _scored_slices(model, wrong, slices, truth, class_names,
+                                                          geometry.spacing_zyx, batch_size, device, hd95=False)
+            dice_wrong = _class_mean({case.name: wrong_per_case[case.name]}, class_names, "dice")
+            per_case[case.name] |= {"dice_mean_wrong_template": dice_wrong,
+                                    "dice_drop_wrong_template": per_case[case.name]["dice_mean"] - dice_wrong}
         notes += [f"{case.name}: {note}" for note in case_notes]
     keys = [f"{m}_{c}" for m in ("dice", "hd95") for c in class_names] + ["dice_mean", "hd95_mean"]
     summary: dict[str, Any] = {key: _nanmean([v[key] for v in per_case.values()]) for key in keys}
-    summary["dice_mean"] = _nanmean([summary[f"dice_{c}"] for c in class_names])
-    summary["hd95_mean"] = _nanmean([summary[f"hd95_{c}"] for c in class_names])
+    summary["dice_mean"] = _class_mean(per_case, class_names, "dice")
+    summary["hd95_mean"] = _class_mean(per_case, class_names, "hd95")
     summary["hd95_missed"] = sum(v["hd95_missed"] for v in per_case.values())
+    if wrong is not None:
+        summary["dice_mean_wrong_template"] = _class_mean(wrong_per_case, class_names, "dice")
+        summary["dice_drop_wrong_template"] = summary["dice_mean"] - summary["dice_mean_wrong_template"]
     return {**summary, "cases": per_case, "notes": notes}
 
 
@@ -194,12 +253,14 @@ CONDITIONS: dict[str, Condition] = {
 def evaluate_conditions(model: torch.nn.Module, cases: Sequence[SegCase], prep: SegPreprocessing,
                         templates, device, class_names: Sequence[str], copy_template: bool = False,
                         conditions: Mapping[str, Condition] = CONDITIONS) -> dict[str, dict[str, Any]]:
-    """:func:`evaluate_segmenter` under each of ``conditions`` -> ``{condition: metrics}``."""
+    """:func:`evaluate_segmenter` under each of ``conditions`` -> ``{condition: metrics}``; the template check
+    under ``clean`` only (it doubles the time, and the question it answers does not depend on the condition)."""
     results = {}
     for name, condition in conditions.items():
         changed = [condition.case(c) for c in cases] if condition.case else list(cases)
         results[name] = evaluate_segmenter(model, changed, prep, templates, device, class_names,
-                                           hu_transform=condition.hu, copy_template=copy_template)
+                                           hu_transform=condition.hu, copy_template=copy_template,
+                                           template_check=name == "clean")
     return results
 
 
@@ -244,5 +305,9 @@ def comparison_markdown(rows: Sequence[Mapping[str, Any]], class_names: Sequence
                  number(row["dice_mean"], 3), hd95_with_misses(row["hd95_mean"], row.get("hd95_missed", 0)),
                  f"{row['parameters']:,}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    checks = [f"* {row['model']}, {row['condition']}: {line}" for row in rows
+              if (line := template_check_line(row)) is not None]
     lines += ["", "Conditions:", *[f"* `{name}`: {c.description}" for name, c in conditions.items()]]
+    lines += ["", "Template check (the nearest template's class masks rotated between classes):", *checks] \
+        if checks else []
     return "\n".join(lines) + "\n"

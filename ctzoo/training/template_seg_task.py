@@ -81,8 +81,10 @@ class SegDataConfig(SegPreprocessing):
                                      "other one is the test patient")
     val_slices: int = Field(8, ge=1, description="totalsegmentator: superior slab of the training volume "
                                                  "held out for validation (never trained on)")
-    val_fraction: float = Field(0.2, ge=0, lt=1, description="msd: share of cases for validation")
-    test_fraction: float = Field(0.2, ge=0, lt=1, description="msd: share of cases for testing")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="msd: share of cases for validation (> 0: best.pt is "
+                                                              "chosen on them; at least one case)")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="msd: share of cases for testing (> 0: a run ends by "
+                                                               "testing; at least one case)")
     max_templates: int = Field(64, ge=1, description="template bank size (evenly thinned candidates)")
 
     @model_validator(mode="after")
@@ -90,6 +92,16 @@ class SegDataConfig(SegPreprocessing):
         # by value, not by the fields set: a checkpoint's dumped msd task_config carries the default and must load
         if self.source != "totalsegmentator" and self.train_patient != "example_ct_sm":
             raise ValueError("data.train_patient names a TotalSegmentator sample patient; msd splits by case order")
+        return self
+
+    @model_validator(mode="after")
+    def _every_split_has_cases(self) -> SegDataConfig:
+        # rejected here, not handled later: with no val case training never writes best.pt (val Dice nan), with no
+        # test case the run has nothing to compare the models on, after all the training
+        for split, why in (("val", "best.pt is chosen on the val cases"),
+                           ("test", "a run ends by testing its models on the test cases")):
+            if self.source == "msd" and getattr(self, f"{split}_fraction") == 0:
+                raise ValueError(f"data.{split}_fraction must be > 0 (at least one case): {why}")
         return self
 
     @property
@@ -243,7 +255,8 @@ class TemplateSegTask:
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         result = evaluate_segmenter(model, self.data.cases["val"], self.prep, self.templates, device,
-                                    self.class_names, hd95=False, batch_size=self.cfg.eval_batch_size)
+                                    self.class_names, hd95=False, batch_size=self.cfg.eval_batch_size,
+                                    template_check=False)  # every epoch: half the time, same best.pt
         return {k: v for k, v in result.items() if k.startswith("dice_")}
 
 
@@ -254,10 +267,27 @@ def checkpoint_state(cfg: TemplateSegTrainConfig, class_names: list[str]) -> dic
     return state | (expansion_record(cfg.init_from_expansion) if expansion_kind(cfg) == cfg.model.kind else {})
 
 
-def load_seg_model(cfg: TemplateSegTrainConfig, checkpoint: str | Path, num_classes: int) -> nn.Module:
-    """The model of ``checkpoint`` (its recorded kind wins over ``cfg.model.kind``), weights loaded, eval mode."""
+def trained_model_config(cfg: TemplateSegTrainConfig, checkpoint: str | Path,
+                         warn: bool = True) -> TemplateSegModelConfig:
+    """The ``model`` config the network of ``checkpoint`` was trained as: its recorded ``task_config``'s (kind:
+    its ``model_kind``), each field it does not record from ``cfg``. Where ``cfg`` says otherwise (``warn``) a
+    warning names what differs: ``gate`` and ``temperature`` hold no weights, so loading the state dict into a
+    network built from another config would succeed and score another model without a word."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model_cfg = cfg.model.model_copy(update={"kind": state.get("model_kind", cfg.model.kind)})
+    recorded = state.get("task_config", {}).get("model", {})
+    own = recorded_fields(TemplateSegModelConfig, recorded, cfg.model)
+    own = own.model_copy(update={"kind": state.get("model_kind", own.kind)})
+    given = cfg.model.model_copy(update={"kind": own.kind})  # the recorded kind always won: not worth a warning
+    if warn and (differences := field_differences(given, own)):
+        log.warning("%s: building the checkpoint's own network, not the config's model: %s", checkpoint, differences)
+    return own
+
+
+def load_seg_model(cfg: TemplateSegTrainConfig, checkpoint: str | Path, num_classes: int) -> nn.Module:
+    """The model of ``checkpoint`` as it was trained (:func:`trained_model_config`: its recorded model config wins
+    over ``cfg.model``, with a warning), weights loaded, eval mode."""
+    model_cfg = trained_model_config(cfg, checkpoint)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model = checkpoint_network(state, lambda: build_seg_model(model_cfg, num_classes))
     model.load_state_dict(state["model"])
     return model.eval()
