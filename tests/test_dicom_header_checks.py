@@ -145,3 +145,37 @@ def test_unknown_character_set_is_logged_once_per_read(tmp_path, caplog):
         read_volume(tmp_path, progress=False)
     assert [r.getMessage() for r in caplog.records if "ISO_IR 999" in r.getMessage()] == [
         "Unknown encoding 'ISO_IR 999' - using default encoding instead"]
+
+
+def test_deflated_slices_are_read_and_a_deflate_bomb_refused_before_inflating(tmp_path):
+    """pydicom inflates a deflated data set whole, even to stop before its pixels: a 300 KB file can take 640 MB.
+    A deflated series is read as any other; a file inflating past what a slice can hold is refused, naming it,
+    with memory bounded by the check's pieces."""
+    import tracemalloc
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from ctzoo.io.dicom_deflate import MAX_INFLATED_BYTES
+
+    spec = SeriesSpec(make_slices(3))
+    for index, slice_spec in enumerate(spec.slices):
+        ds = slice_dataset(spec, slice_spec, index)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        ds.save_as(tmp_path / f"IM{index}.dcm", enforce_file_format=True)
+    assert_matches_spec(read_volume(tmp_path, progress=False), spec)
+    bomb = slice_dataset(spec, spec.slices[0], 7)
+    bomb.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    bomb.add_new(0x00091010, "OB", bytes(MAX_INFLATED_BYTES + (1 << 20)))
+    bomb.save_as(tmp_path / "BOMB.dcm", enforce_file_format=True)
+    del bomb
+    assert (tmp_path / "BOMB.dcm").stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        corrupt = scan_folder(tmp_path, progress=False).corrupt
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [(h.display_name, h.corrupt_reason) for h in corrupt] == [
+        (str(tmp_path / "BOMB.dcm"), "its deflated data set inflates to over 64 MiB, more than a CT slice can "
+                                     "hold; not read")]
+    assert peak < 16 << 20

@@ -27,6 +27,7 @@ from pydicom.errors import InvalidDicomError
 from tqdm.auto import tqdm
 
 from ctzoo.config import StrictConfig
+from ctzoo.io.dicom_deflate import declares_deflate, deflated_problem
 from ctzoo.io.dicom_values import slice_value_problem
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 
@@ -285,6 +286,9 @@ def read_header(path: str, display_name: str | None = None) -> SliceHeader | Non
     """
     shown = display_name or path
     try:
+        unbounded = deflated_problem(path)  # before pydicom, which would inflate it whole
+        if unbounded:
+            return SliceHeader(path, shown, None, "", corrupt_reason=unbounded)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         problem = _image_problem(ds)
         key = _series_key(ds)
@@ -446,6 +450,8 @@ def zip_declared_size(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS)
         for member in members:
             try:
                 with archive.open(member) as stream:
+                    if declares_deflate(stream):
+                        continue  # counted once extracted, where read_header bounds its inflation
                     ds = pydicom.dcmread(stream, stop_before_pixels=True)
             except (InvalidDicomError, EOFError, OSError, ValueError, zipfile.BadZipFile):
                 continue  # not DICOM, or damaged: the reader reports it if it belongs to the series
