@@ -280,3 +280,34 @@ def test_a_detector_reports_at_its_cards_operating_point(sample_volume, tmp_path
     del card["operating_point"]
     (folder / "card.json").write_text(json.dumps(card))
     assert load_bundle(folder).score_threshold == DEFAULT_SCORE_THRESHOLD
+
+
+def test_cli_names_an_invalid_card_in_one_line(entry) -> None:
+    """A card that fails validation: 'zoo list' marks that model and lists the others, 'zoo show' says why in one
+    line; neither ends in a traceback."""
+    cli = click.Group("ctzoo", commands={"zoo": zoo})
+    model = trained_model()
+    folder = save_pretrained(model, NAME, CONFIG, make_card(model))
+    card = json.loads((folder / "card.json").read_text())
+    (folder / "card.json").write_text(json.dumps({**card, "parameters": str(card["parameters"])}))
+    result = CliRunner().invoke(cli, ["zoo", "list"])
+    assert result.exit_code == 0, result.output
+    assert [NAME, "segmentation", "-", "yes", "invalid", "card"] in [line.split() for line in result.output.split("\n")]
+    assert "recistnet-mini" in result.output
+    result = CliRunner().invoke(cli, ["zoo", "show", NAME])
+    assert result.exit_code == 1 and not isinstance(result.exception, ValueError)
+    assert "is not a valid model card" in result.output and "parameters" in result.output
+
+
+def test_cli_show_takes_a_bundle_folder(entry, tmp_path: Path) -> None:
+    """'zoo show' takes a bundle folder, as every command taking a model does."""
+    cli = click.Group("ctzoo", commands={"zoo": zoo})
+    model = trained_model()
+    folder = save_pretrained(model, tmp_path / "mine", CONFIG, make_card(model, "1.3.0"))
+    result = CliRunner().invoke(cli, ["zoo", "show", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"# {NAME} 1.3.0")
+    assert json.loads(CliRunner().invoke(cli, ["zoo", "show", "--json", str(folder)]).output)["version"] == "1.3.0"
+    for missing, message in ((tmp_path / "nothing", "no model bundle at"), (tmp_path, "card.json is missing")):
+        result = CliRunner().invoke(cli, ["zoo", "show", str(missing)])
+        assert result.exit_code == 1 and message in result.output and result.exception.__class__ is SystemExit

@@ -299,6 +299,8 @@ def read_card(folder: Path) -> ModelCard:
                           "there yet?)") from None
     except ValidationError as exc:
         raise BundleError(f"{folder / CARD_JSON} is not a valid model card: {exc}") from None
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8
+        raise BundleError(f"{folder / CARD_JSON}: {exc}") from None
 
 
 def _network_def(folder: Path) -> NetworkDef:
