@@ -35,9 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import safetensors
 import safetensors.torch
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
 from torch import nn
 
 from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
@@ -244,8 +246,24 @@ class ModelBundle:
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The state dict in ``folder/model.safetensors``, on the CPU (the one place weights are read)."""
-    return safetensors.torch.load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    """The state dict in ``folder/model.safetensors``, on the CPU (the one place weights are read);
+    :class:`BundleError` naming the file when it cannot be read (missing, truncated, not safetensors)."""
+    path = folder / WEIGHTS_FILE
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except (OSError, SafetensorError) as exc:
+        raise BundleError(f"{path} cannot be read: {exc}") from None
+
+
+def _check_weights_readable(folder: Path) -> None:
+    """:class:`BundleError` unless ``folder/model.safetensors`` has a whole safetensors header (its tensor table,
+    which also covers the file's length: a truncated copy fails here), read without loading a tensor."""
+    path = folder / WEIGHTS_FILE
+    try:
+        with safetensors.safe_open(str(path), "pt"):
+            pass
+    except (OSError, SafetensorError) as exc:
+        raise BundleError(f"{path} cannot be read: {exc}") from None
 
 
 def _load_weights(model: nn.Module, folder: Path, expected_sha256: str | None = None) -> nn.Module:
@@ -257,7 +275,10 @@ def _load_weights(model: nn.Module, folder: Path, expected_sha256: str | None = 
     else:  # hash the very bytes that are loaded
         content = path.read_bytes()
         checked_digest(path, expected_sha256, folder / EXPORT_INFO_FILE, content)
-        state = {k: v.to("cpu") for k, v in safetensors.torch.load(content).items()}
+        try:
+            state = {k: v.to("cpu") for k, v in safetensors.torch.load(content).items()}
+        except SafetensorError as exc:
+            raise BundleError(f"{path} cannot be read: {exc}") from None
     problems = _state_mismatch(model.state_dict(), state)
     if problems:
         raise BundleError(f"{folder / WEIGHTS_FILE} does not fit the network of {folder / BUNDLE_FILE}: {problems}")
@@ -329,6 +350,18 @@ def _graphs(folder: Path) -> ExportedGraphs | None:
     return ExportedGraphs(model, embed if embed.is_file() else None, _read_json(folder / EXPORT_INFO_FILE))
 
 
+def _template_bank(folder: Path) -> Any:
+    """The TemplateBank of the bundle in ``folder``; :class:`BundleError` saying why it cannot be read."""
+    from ctzoo.models.template_bank import TemplateBank
+
+    try:
+        return TemplateBank.load(folder)
+    except FileNotFoundError as exc:  # its message names the missing file
+        raise BundleError(str(exc)) from None
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:  # damaged, another format version
+        raise BundleError(f"{folder}: the template bank cannot be read: {exc}") from None
+
+
 def load_bundle(name_or_path: str | os.PathLike[str]) -> ModelBundle:
     """The :class:`ModelBundle` of a zoo model name or a bundle folder; :class:`BundleError` (or the registry's
     UnknownModelError for a word that is no zoo name) saying what is missing otherwise."""
@@ -337,11 +370,10 @@ def load_bundle(name_or_path: str | os.PathLike[str]) -> ModelBundle:
     network = _network_def(folder)
     if not (folder / WEIGHTS_FILE).is_file():
         raise BundleError(f"{folder} is not a model bundle: {WEIGHTS_FILE} is missing")
-    bank = None
-    from ctzoo.models.template_bank import INDEX_FILE, TemplateBank
+    _check_weights_readable(folder)  # now, not when the network is first built mid-run
+    from ctzoo.models.template_bank import INDEX_FILE
 
-    if (folder / INDEX_FILE).is_file():
-        bank = TemplateBank.load(folder)
+    bank = _template_bank(folder) if (folder / INDEX_FILE).is_file() else None
     if card.task == "segmentation":
         class_names = list(bank.class_names) if bank is not None else list(card.input_spec.get("classes", []))
     else:
