@@ -311,3 +311,20 @@ def test_cli_show_takes_a_bundle_folder(entry, tmp_path: Path) -> None:
     for missing, message in ((tmp_path / "nothing", "no model bundle at"), (tmp_path, "card.json is missing")):
         result = CliRunner().invoke(cli, ["zoo", "show", str(missing)])
         assert result.exit_code == 1 and message in result.output and result.exception.__class__ is SystemExit
+
+
+def test_card_tables_hold_every_cell_and_end_before_the_text_below() -> None:
+    """A table ends at a blank line, so the operating point's note is a paragraph, not one more row; a cell holding a
+    line break (ctzoo zoo publish --notes "$(cat notes.txt)") stays in its row."""
+    from ctzoo.models.registry import OperatingPoint
+
+    card = make_card(tiny_net(**CONFIG))
+    training = card.training.model_copy(update={"notes": "Stopped at epoch 95.\nResumed elsewhere | on a GPU."})
+    point = OperatingPoint(score_threshold=0.3, fp_per_image=0.25, split="val", note="Chosen on val.")
+    lines = card.model_copy(update={"training": training, "operating_point": point}).to_markdown().split("\n")
+    for k, line in enumerate(lines):
+        if line.startswith("|"):
+            assert line.endswith("|") and (lines[k + 1] == "" or lines[k + 1].startswith("|")), line
+    assert "| Notes | Stopped at epoch 95.<br>Resumed elsewhere \\| on a GPU. |" in lines
+    note = lines.index("Chosen on val.")
+    assert lines[note - 1] == "" and lines[note - 2].startswith("| ")

@@ -168,12 +168,21 @@ class ModelCard(_Strict):
         if point.lesion_free_findings_per_slice is not None:
             rows.append(("Findings per slice on real CT without known lesions",
                          f"{point.lesion_free_findings_per_slice:.3f}"))
-        return ["## Operating point", "", *_table(("Field", "Value"), rows), *([point.note] if point.note else []), ""]
+        # the blank line ends the table: a line right below it would be read as one more row
+        return ["## Operating point", "", *_table(("Field", "Value"), rows), *(["", point.note] if point.note else []),
+                ""]
+
+
+def _cell(value: Any) -> str:
+    """One table cell: a '|' escaped (it would end the cell and shift the rest), line breaks as <br> (a newline
+    would end the row, the rest falling out of the table)."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return "<br>".join(text.replace("|", "\\|").splitlines())
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
-    """Markdown table lines; a '|' inside a cell is escaped, since it would end the cell and shift the rest."""
-    cells = [tuple((c if isinstance(c, str) else json.dumps(c)).replace("|", "\\|") for c in r) for r in rows]
+    """Markdown table lines (cells as :func:`_cell` writes them)."""
+    cells = [tuple(_cell(c) for c in r) for r in rows]
     if not rows:
         return ["None recorded."]
     return ["| " + " | ".join(r) + " |" for r in [header, ("---",) * len(header), *cells]]
