@@ -120,7 +120,22 @@ def test_save_pretrained_round_trip(entry) -> None:
     with torch.no_grad():
         assert torch.equal(model.eval()(x), loaded.eval()(x))
     assert load_card(NAME) == card and model_version(NAME) == "1.0.0"
-    assert create_model(NAME, pretrained=True, dropout=0.5)[3].p == 0.5  # an override that keeps shapes is fine
+    assert create_model(NAME, pretrained=True, dropout=0.0)[3].p == 0.0  # the trained config's own value
+
+
+def test_an_override_that_changes_what_the_pretrained_network_computes_needs_an_opt_in(entry) -> None:
+    """Overrides that keep every weight's shape still change the network the weights were trained for: refused with
+    pretrained=True unless allow_overrides=True."""
+    model = trained_model()
+    save_pretrained(model, NAME, CONFIG, make_card(model))
+    with pytest.raises(ArchitectureOverrideError, match=r"\{'dropout': 0.5\} differ .*\{'dropout': 0.0\} in .*"
+                                                        "allow_overrides=True"):
+        create_model(NAME, pretrained=True, dropout=0.5)
+    assert create_model(NAME, pretrained=True, allow_overrides=True, dropout=0.5)[3].p == 0.5
+    with pytest.raises(ArchitectureOverrideError, match="change the architecture"):
+        create_model(NAME, pretrained=True, allow_overrides=True, width=8)  # the weights cannot load at all
+    with pytest.raises(ArchitectureOverrideError, match="'gate': 'sigmoid'"):
+        create_model("template-seg-abdomen", pretrained=True, gate="sigmoid")  # same shapes, other logits
 
 
 def test_input_spec_comes_from_the_shipped_card(entry) -> None:

@@ -391,12 +391,16 @@ def bundle_file_text(network: NetworkDef) -> str:
 # ------------------------------------------------------------------------------------- zoo models by name
 
 
-def create_model(name: str, pretrained: bool = False, **overrides: Any) -> nn.Module:
+def create_model(name: str, pretrained: bool = False, allow_overrides: bool = False, **overrides: Any) -> nn.Module:
     """Build a registered model from its default config updated by ``overrides``.
 
     With ``pretrained=True`` the model is built from the shipped ``config.json`` (the config the weights
-    were trained with) and loads ``model.safetensors`` with a strict key match; overrides that change the
-    architecture are refused. The module is returned in training mode, as torch builds it: call ``.eval()``.
+    were trained with) and loads ``model.safetensors`` with a strict key match. An override that differs from that
+    config is refused (:class:`ArchitectureOverrideError`): even one that keeps every weight's shape (a gate, a
+    temperature) makes the network compute something its weights were not trained for. ``allow_overrides=True``
+    loads the weights into the changed network anyway (fine-tuning it, say); overrides that change the
+    architecture are refused still, as the weights cannot load. The module is returned in training mode, as torch
+    builds it: call ``.eval()``.
     """
     entry = model_entry(name)
     if not pretrained:
@@ -419,6 +423,12 @@ def create_model(name: str, pretrained: bool = False, **overrides: Any) -> nn.Mo
             "pretrained=False to train the changed model.")
     if problems:
         raise WeightsMismatchError(f"{weights} does not fit {name!r} built from {config_path}: {problems}")
+    if changed and not allow_overrides:
+        shipped = {k: before.get(k) for k in changed}
+        raise ArchitectureOverrideError(
+            f"overrides {changed} differ from the config the weights of {name!r} were trained with ({shipped} in "
+            f"{config_path}): the network would compute something those weights were not trained for. Drop them, "
+            "pass allow_overrides=True to load the weights into the changed network anyway, or use pretrained=False.")
     model.load_state_dict(state, strict=True)
     return model
 

@@ -51,7 +51,8 @@ class WeightsMismatchError(RuntimeError):
 
 
 class ArchitectureOverrideError(WeightsMismatchError, ValueError):
-    """An override given with ``pretrained=True`` changes the architecture, so the weights cannot load."""
+    """An override given with ``pretrained=True`` differs from the config the weights were trained with: it changes
+    the architecture (the weights cannot load), or what the network computes (refused unless allowed)."""
 
 
 class _Strict(BaseModel):
