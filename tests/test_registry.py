@@ -112,9 +112,11 @@ def test_save_pretrained_round_trip(entry) -> None:
     card = make_card(model)
     folder = save_pretrained(model, NAME, CONFIG, card)
     assert folder == entry.weights_dir and entry.has_weights
-    assert sorted(p.name for p in folder.iterdir()) == ["MODEL_CARD.md", "card.json", "config.json",
+    assert sorted(p.name for p in folder.iterdir()) == ["MODEL_CARD.md", "bundle.json", "card.json", "config.json",
                                                         "model.safetensors"]
     assert json.loads((folder / "config.json").read_text()) == CONFIG
+    record = json.loads((folder / "bundle.json").read_text())  # built by its registered builder: no network
+    assert record["network"] is None and list(record["sha256"]) == ["model.safetensors"]
     loaded = create_model(NAME, pretrained=True)
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
@@ -170,6 +172,8 @@ def test_strict_key_mismatch_names_the_keys(entry) -> None:
     state["head.extra"] = torch.zeros(2)
     state["4.bias"] = torch.zeros(5)
     safetensors.torch.save_file(state, str(folder / "model.safetensors"))
+    record = json.loads((folder / "bundle.json").read_text())
+    (folder / "bundle.json").write_text(json.dumps({**record, "sha256": {}}))  # as saved before digests were kept
     with pytest.raises(WeightsMismatchError) as info:
         create_model(NAME, pretrained=True)
     message = str(info.value)

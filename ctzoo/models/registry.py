@@ -7,9 +7,10 @@ A model registers a builder, the constructor config it defaults to, its task and
 * ``config.json``: the exact constructor config the weights were trained with;
 * ``card.json`` and ``MODEL_CARD.md``: the model card (:class:`ModelCard`) for machines and for people.
 
-That folder is the model's bundle (:mod:`ctzoo.models.bundle`, which also holds ``create_model``, the card reader
-and ``save_pretrained``). Nothing is ever downloaded: ``create_model(name, pretrained=True)`` reads only that
-folder, so it works offline and the weights are versioned together with the code that builds their architecture.
+That folder is the model's bundle (:mod:`ctzoo.models.bundle`, which also holds the card reader; ``create_model``
+and ``save_pretrained`` are in :mod:`ctzoo.models.pretrained`). Nothing is ever downloaded:
+``create_model(name, pretrained=True)`` reads only that folder, so it works offline and the weights are versioned
+together with the code that builds their architecture.
 """
 
 from __future__ import annotations
