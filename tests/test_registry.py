@@ -347,3 +347,29 @@ def test_card_tables_hold_every_cell_and_end_before_the_text_below() -> None:
     assert "| Notes | Stopped at epoch 95.<br>Resumed elsewhere \\| on a GPU. |" in lines
     note = lines.index("Chosen on val.")
     assert lines[note - 1] == "" and lines[note - 2].startswith("| ")
+
+
+def test_shipped_cards_say_what_data_each_figure_is_on_and_what_the_model_is_for() -> None:
+    """Every metric's split names its data (synthetic lesions or real CT); the detector's real-CT figure has a table
+    of its own, apart from the synthetic val it was chosen on; the intended use is a use, not the description; and
+    MODEL_CARD.md is card.json rendered."""
+    for name in list_models():
+        card, folder = load_card(name), model_entry(name).weights_dir
+        assert (folder / "MODEL_CARD.md").read_text() == card.to_markdown(), f"{name}: MODEL_CARD.md is stale"
+        assert all(("synthetic lesions" in m.split) != ("real CT," in m.split) for m in card.metrics.values()), name
+        intended = card.to_markdown().split("## Intended use\n\n")[1].split("\n")[0]
+        assert intended == card.intended_use and "not for diagnosis" in intended and "Input:" in intended
+        assert card.description not in intended
+    point = load_card("recistnet-mini").operating_point
+    assert "synthetic lesions" in point.split
+    section = load_card("recistnet-mini").to_markdown().split("## Operating point\n\n")[1].split("\n## ")[0]
+    chosen_on, real_ct = section.split("Real CT without known lesions")
+    assert "Sensitivity there" in chosen_on and "without known lesions" not in chosen_on
+    assert f"| Findings per slice | {point.lesion_free_findings_per_slice:.3f} |" in real_ct
+    assert "Sensitivity" not in real_ct
+
+
+def test_a_card_without_an_intended_use_says_so() -> None:
+    text = make_card(tiny_net(**CONFIG)).to_markdown()
+    assert "## Intended use\n\nNot stated on this card: see its limitations.\n" in text
+    assert "A tiny test network." in text.split("## Intended use")[0]  # the description, under the title

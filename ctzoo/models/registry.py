@@ -87,11 +87,12 @@ class TrainingInfo(_Strict):
 
 class OperatingPoint(_Strict):
     """The score threshold a detector reports lesions at, chosen on validation data for a stated false-positive
-    rate, and what it gives there and on real CT without known lesions."""
+    rate, and what it gives there and on real CT without known lesions (other data: the card shows them apart)."""
 
     score_threshold: float = Field(ge=0, le=1, description="lesions scoring at least this are reported")
     fp_per_image: float = Field(ge=0, description="the false positives per image it was chosen for")
-    split: str = Field(min_length=1, description="the data it was chosen on (never the test split)")
+    split: str = Field(min_length=1, description="the data it was chosen on, and what data that is (synthetic "
+                                                 "lesions or real; never the test split)")
     sensitivity: float | None = Field(None, ge=0, le=1, description="sensitivity there on that split")
     lesion_free_findings_per_slice: float | None = Field(
         None, ge=0, description="findings per slice at this threshold on real CT without known lesions")
@@ -106,7 +107,8 @@ class Metric(_Strict):
     """One evaluation result and the split it was measured on."""
 
     value: float
-    split: str = Field(min_length=1)
+    split: str = Field(min_length=1, description="the split and what data it is, e.g. 'test: synthetic lesions in "
+                                                 "real CT', 'test: real CT, 1 patient'")
 
 
 def _software_versions() -> dict[str, str]:
@@ -125,6 +127,8 @@ class ModelCard(_Strict):
     version: str = Field(pattern=_SEMVER, description="semantic version of the weights")
     task: Literal["detection", "segmentation"]
     description: str = Field(min_length=1)
+    intended_use: str = Field("", description="who may use it for what, on which input; '' in cards published "
+                                              "before ctzoo recorded it")
     architecture: str = Field(min_length=1)
     parameters: int = Field(ge=0)
     input_spec: dict[str, Any]
@@ -142,7 +146,8 @@ class ModelCard(_Strict):
         wall = round(t.wall_time_s)
         lines = [f"# {self.name} {self.version}", "",
                  f"{self.task.capitalize()} · {self.architecture} · {self.parameters:,} parameters", "",
-                 "## Intended use", "", self.description, "",
+                 self.description, "",
+                 "## Intended use", "", self.intended_use or "Not stated on this card: see its limitations.", "",
                  "## Inputs", "", *_table(("Field", "Value"), list(self.input_spec.items())), "",
                  "## Training", "", *_table(("Field", "Value"), [
                      ("Data", t.data), ("Config", f"`{t.config_file}`"), ("Device", t.device),
@@ -167,12 +172,13 @@ class ModelCard(_Strict):
                 ("Chosen on", f"{point.split}, for {point.fp_per_image:g} false positives per image")]
         if point.sensitivity is not None:
             rows.append(("Sensitivity there", f"{point.sensitivity:.3f}"))
-        if point.lesion_free_findings_per_slice is not None:
-            rows.append(("Findings per slice on real CT without known lesions",
-                         f"{point.lesion_free_findings_per_slice:.3f}"))
-        # the blank line ends the table: a line right below it would be read as one more row
-        return ["## Operating point", "", *_table(("Field", "Value"), rows), *(["", point.note] if point.note else []),
-                ""]
+        lines = ["## Operating point", "", *_table(("Field", "Value"), rows), ""]
+        if point.lesion_free_findings_per_slice is not None:  # other data than the split above: a table of its own
+            lines += ["Real CT without known lesions, at this threshold (every finding a false positive):", "",
+                      *_table(("Field", "Value"), [("Findings per slice",
+                                                    f"{point.lesion_free_findings_per_slice:.3f}")]), ""]
+        # each table ends at a blank line: a line right below one would be read as one more row
+        return lines + ([point.note, ""] if point.note else [])
 
 
 def _cell(value: Any) -> str:
