@@ -351,6 +351,16 @@ def _read_json(path: Path) -> Any:
         raise BundleError(f"{path}: {exc}") from None
 
 
+def _problems(exc: ValidationError) -> str:
+    """A validation error on one line: ``field.path: message`` per problem, with the value found where it is short."""
+    def found(value: Any) -> str:
+        shown = repr(value)
+        return f" (got {shown})" if isinstance(value, (str, int, float, bool)) and len(shown) <= 60 else ""
+
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}{found(e.get('input'))}"
+                     for e in exc.errors())
+
+
 def read_card(folder: Path) -> ModelCard:
     """The model card of the bundle in ``folder`` (the one card reader)."""
     try:
@@ -359,7 +369,7 @@ def read_card(folder: Path) -> ModelCard:
         raise BundleError(f"{folder} is not a model bundle: {CARD_JSON} is missing (no weights published "
                           "there yet?)") from None
     except ValidationError as exc:
-        raise BundleError(f"{folder / CARD_JSON} is not a valid model card: {exc}") from None
+        raise BundleError(f"{folder / CARD_JSON} is not a valid model card: {_problems(exc)}") from None
     except (OSError, ValueError) as exc:  # unreadable, not UTF-8
         raise BundleError(f"{folder / CARD_JSON}: {exc}") from None
 
@@ -369,7 +379,7 @@ def _bundle_file(folder: Path) -> BundleFile:
         try:
             return BundleFile.model_validate(_read_json(folder / BUNDLE_FILE))
         except ValidationError as exc:
-            raise BundleError(f"{folder / BUNDLE_FILE}: {exc}") from None
+            raise BundleError(f"{folder / BUNDLE_FILE}: {_problems(exc)}") from None
     raise BundleError(f"{folder} is not a model bundle: {BUNDLE_FILE} is missing")
 
 
@@ -386,7 +396,7 @@ def _preprocessing(card: ModelCard, folder: Path) -> SlicePreprocessing | SegPre
     try:
         return kind.model_validate(fields)
     except ValidationError as exc:
-        raise BundleError(f"{folder / CARD_JSON}: input_spec is not a {kind.__name__}: {exc}") from None
+        raise BundleError(f"{folder / CARD_JSON}: input_spec is not a {kind.__name__}: {_problems(exc)}") from None
 
 
 def _graphs(folder: Path) -> ExportedGraphs | None:

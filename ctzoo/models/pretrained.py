@@ -105,9 +105,9 @@ def save_pretrained(model: nn.Module, name_or_dir: str | os.PathLike[str], confi
 
     ``name_or_dir`` is a registered name (its ``weights_dir``) or any folder (pass a Path to be explicit).
     ``bundle.json`` records the network and the sha256 of the weights and of a template bank
-    (:data:`DIGESTED_FILES`), which loading checks. The files (and whatever ``extra(folder)`` writes, e.g. a
-    template bank) are written into a temporary folder beside the target and renamed into place, so readers see
-    the old weights or the new ones, never a mixture or a half-written file.
+    (:data:`ctzoo.models.bundle.DIGESTED_FILES`), which loading checks. The files (and whatever ``extra(folder)``
+    writes, e.g. a template bank) are written into a temporary folder beside the target and renamed into place,
+    so readers see the old weights or the new ones, never a mixture or a half-written file.
     """
     entry = _REGISTRY.get(name_or_dir) if isinstance(name_or_dir, str) else None
     if entry is not None and card.name != entry.name:
@@ -148,6 +148,7 @@ def save_pretrained(model: nn.Module, name_or_dir: str | os.PathLike[str], confi
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return target
+
 
 # ------------------------------------------------------------------------------------------ reading
 
