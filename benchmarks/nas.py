@@ -56,7 +56,7 @@ from scipy import stats
 sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
 from segmenter_cv import cpu_model  # noqa: E402
 
-from ctzoo.models.bundle import create_model
+from ctzoo.models.pretrained import create_model
 from ctzoo.models.template_seg import TemplateSegNet
 from ctzoo.nas.explorer import marginal_effects, pareto_front
 from ctzoo.nas.handoff import export_candidate

@@ -165,3 +165,19 @@ def test_info_says_derived_only_for_a_series_uid_the_files_lack(tmp_path):
     assert "SOPClassUID, SOPInstanceUID empty in 20 file(s): taken from the file meta" in result.output
     dicom = json.loads(run("info", tmp_path / "dicom", "--json").output)["volume"]["dicom"]
     assert dicom["uids_repaired"] and dicom["derived_uids"] == []
+
+
+def test_the_series_uid_info_prints_is_selectable_where_the_files_have_none(sample_dir, tmp_path):
+    """The embedded sample has no SeriesInstanceUID: info prints the one a read derives, and --series takes it in
+    info and convert."""
+    described = json.loads(run("info", sample_dir, "--json").output)
+    assert described["series"][0]["series_instance_uid"] == ""
+    uid = described["volume"]["dicom"]["series_instance_uid"]
+    assert uid.startswith("2.25.") and "SeriesInstanceUID" in described["volume"]["dicom"]["derived_uids"]
+    assert f"series UID       {uid}  (derived: the files had none)" in run("info", sample_dir).output
+    result = run("info", sample_dir, "--series", uid)
+    assert result.exit_code == 0 and "<- chosen" in result.output, result.output
+    result = run("convert", sample_dir, tmp_path / "ct.nii.gz", "--series", uid)
+    assert result.exit_code == 0 and "512 x 512 x 20 voxels" in result.output, result.output
+    result = run("info", sample_dir, "--series", "2.25.1")
+    assert result.exit_code == 1 and "no series '2.25.1'" in result.output

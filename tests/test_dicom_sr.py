@@ -215,3 +215,24 @@ def test_dicom_seg_passes_dciodvfy(volume, tmp_path):
     labels[5:7, 180:230, 300:360] = 2
     path = write_dicom_seg(labels, volume, ["liver", "spleen"], tmp_path / "seg.dcm", "template-seg", "0.1.0")
     assert_dciodvfy_clean(path)
+
+
+def all_texts(dataset) -> list[str]:
+    """Every TEXT content item's value in an SR, depth first."""
+    found = []
+    for item in getattr(dataset, "ContentSequence", []):
+        if item.ValueType == "TEXT":
+            found.append(item.TextValue)
+        found += all_texts(item)
+    return found
+
+
+def test_the_weights_digest_is_in_the_report(volume, document, tmp_path):
+    """The digest of the weights that ran: every lesion's algorithm parameter, and the zero-lesion finding."""
+    digest = "ab" * 32
+    path = write_recist_sr(document, volume, tmp_path / "weights.dcm", MODEL, VERSION, weights_sha256=digest)
+    assert_dciodvfy_clean(path)
+    assert all_texts(pydicom.dcmread(path)).count(f"weights sha256 {digest}") == len(document["lesions"])
+    assert read_recist_sr(path)[0]["long_axis_mm"] == pytest.approx(document["lesions"][0]["long_axis_mm"])
+    none = write_recist_sr(detections(volume, []), volume, tmp_path / "none.dcm", MODEL, VERSION, weights_sha256=digest)
+    assert f"No lesion detected by {MODEL} {VERSION} (weights sha256 {digest})" in all_texts(pydicom.dcmread(none))

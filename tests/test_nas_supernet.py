@@ -169,7 +169,7 @@ def test_supernet_trains_with_sampled_paths():
 
 
 def test_architecture_of_a_config_is_that_network():
-    from ctzoo.models.bundle import create_model
+    from ctzoo.models.pretrained import create_model
     from ctzoo.models.seg_networks import TemplateSegModelConfig
     from ctzoo.nas.search import architecture_of, space_for
     from ctzoo.training.template_seg_task import load_seg_config

@@ -56,6 +56,22 @@ def test_zoo_cards_metrics_are_the_benchmarks():
     assert any("chosen after seeing test Dice" in item for item in segmenter["limitations"])
 
 
+def test_every_segmenter_card_figure_is_measured_from_the_shipped_weights():
+    """Each figure of template-seg-abdomen's card is in benchmarks/results/shipped_segmenter.json, measured from the
+    weights whose digests its bundle.json records; a figure with no JSON behind it (the trained UNet baseline) is not
+    on the card."""
+    segmenter = json.loads((WEIGHTS / "template-seg-abdomen" / "card.json").read_text())
+    measured = _json("shipped_segmenter.json")
+    assert measured["weights"] == json.loads((WEIGHTS / "template-seg-abdomen" / "bundle.json").read_text())["sha256"]
+    mine, copy = measured["template_seg"], measured["template_copy"]
+    expected = {**{f"dice_{c}": round(mine[f"dice_{c}"], 4) for c in ("liver", "spleen", "stomach", "aorta",
+                                                                      "vertebrae")},
+                "dice_mean": round(mine["dice_mean"], 4), "hd95_mean_mm": round(mine["hd95_mean"], 2),
+                "dice_mean_template_copy_baseline": round(copy["dice_mean"], 4)}
+    assert {k: m["value"] for k, m in segmenter["metrics"].items()} == expected
+    assert all(m["split"] == f"test: real CT, {', '.join(mine['test_cases'])}" for m in segmenter["metrics"].values())
+
+
 def test_no_gpu_table_without_its_json():
     """No GPU was lent to this project: benchmarks.md carries no GPU measurements whose JSON is missing."""
     text = (ROOT / "docs" / "benchmarks.md").read_text()

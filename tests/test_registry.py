@@ -112,15 +112,32 @@ def test_save_pretrained_round_trip(entry) -> None:
     card = make_card(model)
     folder = save_pretrained(model, NAME, CONFIG, card)
     assert folder == entry.weights_dir and entry.has_weights
-    assert sorted(p.name for p in folder.iterdir()) == ["MODEL_CARD.md", "card.json", "config.json",
+    assert sorted(p.name for p in folder.iterdir()) == ["MODEL_CARD.md", "bundle.json", "card.json", "config.json",
                                                         "model.safetensors"]
     assert json.loads((folder / "config.json").read_text()) == CONFIG
+    record = json.loads((folder / "bundle.json").read_text())  # built by its registered builder: no network
+    assert record["network"] is None and list(record["sha256"]) == ["model.safetensors"]
     loaded = create_model(NAME, pretrained=True)
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), loaded.eval()(x))
     assert load_card(NAME) == card and model_version(NAME) == "1.0.0"
-    assert create_model(NAME, pretrained=True, dropout=0.5)[3].p == 0.5  # an override that keeps shapes is fine
+    assert create_model(NAME, pretrained=True, dropout=0.0)[3].p == 0.0  # the trained config's own value
+
+
+def test_an_override_that_changes_what_the_pretrained_network_computes_needs_an_opt_in(entry) -> None:
+    """Overrides that keep every weight's shape still change the network the weights were trained for: refused with
+    pretrained=True unless allow_overrides=True."""
+    model = trained_model()
+    save_pretrained(model, NAME, CONFIG, make_card(model))
+    with pytest.raises(ArchitectureOverrideError, match=r"\{'dropout': 0.5\} differ .*\{'dropout': 0.0\} in .*"
+                                                        "allow_overrides=True"):
+        create_model(NAME, pretrained=True, dropout=0.5)
+    assert create_model(NAME, pretrained=True, allow_overrides=True, dropout=0.5)[3].p == 0.5
+    with pytest.raises(ArchitectureOverrideError, match="change the architecture"):
+        create_model(NAME, pretrained=True, allow_overrides=True, width=8)  # the weights cannot load at all
+    with pytest.raises(ArchitectureOverrideError, match="'gate': 'sigmoid'"):
+        create_model("template-seg-abdomen", pretrained=True, gate="sigmoid")  # same shapes, other logits
 
 
 def test_input_spec_comes_from_the_shipped_card(entry) -> None:
@@ -155,6 +172,8 @@ def test_strict_key_mismatch_names_the_keys(entry) -> None:
     state["head.extra"] = torch.zeros(2)
     state["4.bias"] = torch.zeros(5)
     safetensors.torch.save_file(state, str(folder / "model.safetensors"))
+    record = json.loads((folder / "bundle.json").read_text())
+    (folder / "bundle.json").write_text(json.dumps({**record, "sha256": {}}))  # as saved before digests were kept
     with pytest.raises(WeightsMismatchError) as info:
         create_model(NAME, pretrained=True)
     message = str(info.value)
@@ -280,3 +299,78 @@ def test_a_detector_reports_at_its_cards_operating_point(sample_volume, tmp_path
     del card["operating_point"]
     (folder / "card.json").write_text(json.dumps(card))
     assert load_bundle(folder).score_threshold == DEFAULT_SCORE_THRESHOLD
+
+
+def test_cli_names_an_invalid_card_in_one_line(entry) -> None:
+    """A card that fails validation: 'zoo list' marks that model and lists the others, 'zoo show' says why in one
+    line; neither ends in a traceback."""
+    cli = click.Group("ctzoo", commands={"zoo": zoo})
+    model = trained_model()
+    folder = save_pretrained(model, NAME, CONFIG, make_card(model))
+    card = json.loads((folder / "card.json").read_text())
+    (folder / "card.json").write_text(json.dumps({**card, "parameters": str(card["parameters"])}))
+    result = CliRunner().invoke(cli, ["zoo", "list"])
+    assert result.exit_code == 0, result.output
+    assert [NAME, "segmentation", "-", "yes", "invalid", "card"] in [line.split() for line in result.output.split("\n")]
+    assert "recistnet-mini" in result.output
+    result = CliRunner().invoke(cli, ["zoo", "show", NAME])
+    assert result.exit_code == 1 and not isinstance(result.exception, ValueError)
+    assert result.output.strip().count("\n") == 0, result.output  # one line, the field and what it holds
+    assert "is not a valid model card: parameters: Input should be a valid integer (got '58')" in result.output
+
+
+def test_cli_show_takes_a_bundle_folder(entry, tmp_path: Path) -> None:
+    """'zoo show' takes a bundle folder, as every command taking a model does."""
+    cli = click.Group("ctzoo", commands={"zoo": zoo})
+    model = trained_model()
+    folder = save_pretrained(model, tmp_path / "mine", CONFIG, make_card(model, "1.3.0"))
+    result = CliRunner().invoke(cli, ["zoo", "show", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"# {NAME} 1.3.0")
+    assert json.loads(CliRunner().invoke(cli, ["zoo", "show", "--json", str(folder)]).output)["version"] == "1.3.0"
+    for missing, message in ((tmp_path / "nothing", "no model bundle at"), (tmp_path, "card.json is missing")):
+        result = CliRunner().invoke(cli, ["zoo", "show", str(missing)])
+        assert result.exit_code == 1 and message in result.output and result.exception.__class__ is SystemExit
+
+
+def test_card_tables_hold_every_cell_and_end_before_the_text_below() -> None:
+    """A table ends at a blank line, so the operating point's note is a paragraph, not one more row; a cell holding a
+    line break (ctzoo zoo publish --notes "$(cat notes.txt)") stays in its row."""
+    from ctzoo.models.registry import OperatingPoint
+
+    card = make_card(tiny_net(**CONFIG))
+    training = card.training.model_copy(update={"notes": "Stopped at epoch 95.\nResumed elsewhere | on a GPU."})
+    point = OperatingPoint(score_threshold=0.3, fp_per_image=0.25, split="val", note="Chosen on val.")
+    lines = card.model_copy(update={"training": training, "operating_point": point}).to_markdown().split("\n")
+    for k, line in enumerate(lines):
+        if line.startswith("|"):
+            assert line.endswith("|") and (lines[k + 1] == "" or lines[k + 1].startswith("|")), line
+    assert "| Notes | Stopped at epoch 95.<br>Resumed elsewhere \\| on a GPU. |" in lines
+    note = lines.index("Chosen on val.")
+    assert lines[note - 1] == "" and lines[note - 2].startswith("| ")
+
+
+def test_shipped_cards_say_what_data_each_figure_is_on_and_what_the_model_is_for() -> None:
+    """Every metric's split names its data (synthetic lesions or real CT); the detector's real-CT figure has a table
+    of its own, apart from the synthetic val it was chosen on; the intended use is a use, not the description; and
+    MODEL_CARD.md is card.json rendered."""
+    for name in list_models():
+        card, folder = load_card(name), model_entry(name).weights_dir
+        assert (folder / "MODEL_CARD.md").read_text() == card.to_markdown(), f"{name}: MODEL_CARD.md is stale"
+        assert all(("synthetic lesions" in m.split) != ("real CT," in m.split) for m in card.metrics.values()), name
+        intended = card.to_markdown().split("## Intended use\n\n")[1].split("\n")[0]
+        assert intended == card.intended_use and "not for diagnosis" in intended and "Input:" in intended
+        assert card.description not in intended
+    point = load_card("recistnet-mini").operating_point
+    assert "synthetic lesions" in point.split
+    section = load_card("recistnet-mini").to_markdown().split("## Operating point\n\n")[1].split("\n## ")[0]
+    chosen_on, real_ct = section.split("Real CT without known lesions")
+    assert "Sensitivity there" in chosen_on and "without known lesions" not in chosen_on
+    assert f"| Findings per slice | {point.lesion_free_findings_per_slice:.3f} |" in real_ct
+    assert "Sensitivity" not in real_ct
+
+
+def test_a_card_without_an_intended_use_says_so() -> None:
+    text = make_card(tiny_net(**CONFIG)).to_markdown()
+    assert "## Intended use\n\nNot stated on this card: see its limitations.\n" in text
+    assert "A tiny test network." in text.split("## Intended use")[0]  # the description, under the title

@@ -54,6 +54,8 @@ def test_train_publish_infer_writes_aligned_nifti_and_dicom_seg(fetched, tmp_pat
     assert {"dice_liver", "dice_mean", "dice_mean_unet_baseline", "dice_mean_template_copy_baseline"} <= set(
         card.metrics)
     assert card.input_spec["classes"] == NAMES
+    assert all(m.split == "test: real CT, sample_ct_dicom" for m in card.metrics.values())
+    assert "not for diagnosis" in card.intended_use
     assert {"templates.safetensors", "templates.json", "model.safetensors"} <= {
         p.name for p in (tmp_path / "weights").iterdir()}
 

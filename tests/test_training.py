@@ -534,6 +534,9 @@ def test_publish_then_infer_on_the_sample(mini, tmp_path, monkeypatch):
     assert point.lesion_free_findings_per_slice >= 0 and "aorta_example_ct" in point.note
     assert "same anatomy appears in the training and test splits" in card.limitations[0]  # no scan held out here
     assert card.version == "0.0.1" and "sensitivity_at_4_fp" in card.metrics and card.training.epochs == 1
+    # every figure says it is on synthetic lesions; the intended use is one (research, not diagnosis, which input)
+    assert all(m.split == "val: synthetic lesions in real CT" for m in card.metrics.values())
+    assert point.split.endswith(": synthetic lesions in real CT") and "not for diagnosis" in card.intended_use
     assert card.training.device == "cpu" and card.training.notes == "stopped at epoch 1 of 1"
     assert "make-deeplesion-mini" in card.training.command and "--cases 4 --seed 3" in card.training.command
     assert "Metrics" in (tmp_path / "weights" / "MODEL_CARD.md").read_text()

@@ -19,8 +19,8 @@ USER_ERRORS = (DicomError, ConfigError, FileNotFoundError, ValueError)
 
 series_option = click.option(
     "--series", metavar="UID|N",
-    help="Series to read: its SeriesInstanceUID, or its number N as 'ctzoo info' lists it. "
-         "Default: chosen by the selection rules.")
+    help="Series to read: its SeriesInstanceUID as 'ctzoo info' prints it (derived where the files have none), "
+         "or its number N as 'ctzoo info' lists it. Default: chosen by the selection rules.")
 rules_option = click.option(
     "--rules", "rules_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="YAML file of series selection rules (see configs/series_selection.yaml). "

@@ -20,7 +20,7 @@ def zoo() -> None:
 
     \b
       ctzoo zoo list              every registered model, with its version if weights are shipped
-      ctzoo zoo show NAME         the model card of NAME
+      ctzoo zoo show NAME         the model card of NAME (a zoo name or a bundle folder)
 
     Weights load offline in Python: ctzoo.models.create_model(NAME, pretrained=True).
     """
@@ -35,9 +35,7 @@ def list_command(pattern: str, as_json: bool) -> None:
     Columns: name, task, parameters and version (from the model card, when weights are shipped) and
     whether weights are shipped in the package.
     """
-    from pydantic import ValidationError
-
-    from ctzoo.models import list_models, load_card, model_entry
+    from ctzoo.models import BundleError, list_models, load_card, model_entry
 
     rows = []
     for name in list_models(pattern):
@@ -47,7 +45,7 @@ def list_command(pattern: str, as_json: bool) -> None:
             try:
                 card = load_card(name)
                 row.update(parameters=card.parameters, version=card.version)
-            except ValidationError:  # a broken card is reported, not allowed to hide the other models
+            except BundleError:  # a broken card is reported, not allowed to hide the other models
                 row["version"] = "invalid card"
         rows.append(row)
     if as_json:
@@ -64,22 +62,20 @@ def list_command(pattern: str, as_json: bool) -> None:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip())
 
 
-@zoo.command("show", short_help="Print the model card of NAME.")
-@click.argument("name")
+@zoo.command("show", short_help="Print the model card of NAME (a zoo name or a bundle folder).")
+@click.argument("name", metavar="NAME|FOLDER")
 @click.option("--json", "as_json", is_flag=True, help="Print the card as JSON (card.json) instead of markdown.")
 def show(name: str, as_json: bool) -> None:
-    """Print the model card of NAME (its MODEL_CARD.md), or what is known when no weights are shipped yet."""
-    from pydantic import ValidationError
+    """Print the model card of NAME, a zoo model or a bundle folder (its MODEL_CARD.md), or what is known of a zoo
+    model whose weights are not shipped yet."""
+    from ctzoo.models import BundleError, UnknownModelError, list_models, model_entry
+    from ctzoo.models.bundle import bundle_folder, read_card
 
-    from ctzoo.models import UnknownModelError, load_card, model_entry
-
+    entry = model_entry(name) if name in list_models() else None
     try:
-        entry = model_entry(name)
-        card = load_card(name) if entry.has_weights else None
-    except UnknownModelError as exc:
+        card = None if entry is not None and not entry.has_weights else read_card(bundle_folder(name))
+    except (UnknownModelError, BundleError) as exc:
         raise click.ClickException(str(exc)) from exc
-    except ValidationError as exc:
-        raise click.ClickException(f"the model card of {name!r} is invalid: {exc}") from exc
     if card is not None:
         click.echo(card.model_dump_json(indent=2) if as_json else card.to_markdown())
         return

@@ -9,7 +9,8 @@ Results are mapped back to the voxel indices of the input *as stored* and to pat
 
 Output schema (``detections.json``; stable, see docs/recistnet.md)::
 
-    {"model": str, "model_version": str, "input": {...geometry..., "warnings": [str]}, "slice_grid": str,
+    {"model": str, "model_version": str, "weights": {"sha256": {file: str}, "checked": bool},
+     "input": {...geometry..., "warnings": [str]}, "slice_grid": str,
      "lesions": [{"score": float, "slice": k, "slice_z_mm": float, "instance_number": int | None,
                   "slices": [k0, k1], "points_voxel": [[i, j, k] x 5], "points_mm": [[x, y, z] x 5],
                   "long_axis_mm": float, "short_axis_mm": float, "box_voxel": [i0, j0, i1, j1]}]}
@@ -176,10 +177,11 @@ def merge_across_slices(detections: list[SliceDetection], slice_spacing_mm: floa
 
 
 def detections_document(volume: Volume, axial: Volume, detections: list[SliceDetection], model_name: str,
-                        model_version: str) -> dict[str, Any]:
+                        model_version: str, weights: dict[str, Any] | None = None) -> dict[str, Any]:
     """Merge per-slice ``detections`` on ``axial`` (= :func:`reorient_lps` of ``volume``) into lesions and map
     them to ``volume`` as stored: the ``detections.json`` document. Slices are named in the input's own slice
-    numbering where it stores axial slices (``"slice_grid": "input"``), else in ``axial``'s (``"axial"``)."""
+    numbering where it stores axial slices (``"slice_grid": "input"``), else in ``axial``'s (``"axial"``).
+    ``weights``: the digests of the weights that ran (:func:`ctzoo.inference.tasks.weights_record`)."""
     lesions = merge_across_slices(detections, axial.slice_step_mm)
     to_input = np.linalg.inv(volume.affine_lps)
     on_input = volume.stores_axial_slices
@@ -208,8 +210,8 @@ def detections_document(volume: Volume, axial: Volume, detections: list[SliceDet
             "short_axis_mm": round(lesion.short_mm, 2),
             "box_voxel": np.round([*in_plane.min(axis=0), *in_plane.max(axis=0)], 3).tolist(),
         })
-    return {"model": model_name, "model_version": model_version, "input": describe_input(volume),
-            "slice_grid": slice_grid(volume), "lesions": documents}
+    return {"model": model_name, "model_version": model_version, **({"weights": weights} if weights else {}),
+            "input": describe_input(volume), "slice_grid": slice_grid(volume), "lesions": documents}
 
 
 def slice_grid(volume: Volume) -> str:

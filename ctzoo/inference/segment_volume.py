@@ -16,8 +16,9 @@ segmenter ``(B, 1, H, W) -> (B, C + 1, H, W)`` (e.g. the MONAI UNet baseline) an
 
 Summary schema (``segmentation.json``; :func:`seg_summary`)::
 
-    {"model": str, "model_version": str, "input": {...geometry..., "warnings": [str]}, "slice_grid": str,
-     "voxel_volume_ml": float, "classes": {name: {"label": c, "voxels": int, "volume_ml": float, "slices": [k, ...],
+    {"model": str, "model_version": str, "weights": {"sha256": {file: str}, "checked": bool},
+     "input": {...geometry..., "warnings": [str]}, "slice_grid": str, "voxel_volume_ml": float,
+     "classes": {name: {"label": c, "voxels": int, "volume_ml": float, "slices": [k, ...],
                         "slices_z_mm": [z, ...]}}}
 
 ``slices`` are indices ``k`` of ``volume.array[k]`` (the input's own slice order) that hold the class;
@@ -91,8 +92,9 @@ def segment_slices(model: torch.nn.Module, bank: TemplateBank | None, slices: to
 
 
 def seg_summary(labels: np.ndarray, volume: Volume, class_names: Sequence[str], model_name: str = "",
-                model_version: str = "") -> dict[str, Any]:
-    """The ``segmentation.json`` document (see the module docstring) for ``labels`` ``(Z, Y, X)`` on ``volume``.
+                model_version: str = "", weights: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``segmentation.json`` document (see the module docstring) for ``labels`` ``(Z, Y, X)`` on ``volume``;
+    ``weights``: the digests of the weights that ran (:func:`ctzoo.inference.tasks.weights_record`).
 
     Every class is listed, absent ones with zero voxels, so consumers need not special-case a missed organ.
     """
@@ -115,8 +117,9 @@ def seg_summary(labels: np.ndarray, volume: Volume, class_names: Sequence[str], 
         classes[name] = {"label": value, "voxels": int(counts[value]),
                          "volume_ml": round(float(counts[value]) * voxel_ml, 3),
                          "slices": slices, "slices_z_mm": [z_mm[k] for k in slices]}
-    return {"model": model_name, "model_version": model_version, "input": describe_input(volume),
-            "slice_grid": slice_grid(volume), "voxel_volume_ml": round(voxel_ml, 9), "classes": classes}
+    return {"model": model_name, "model_version": model_version, **({"weights": weights} if weights else {}),
+            "input": describe_input(volume), "slice_grid": slice_grid(volume), "voxel_volume_ml": round(voxel_ml, 9),
+            "classes": classes}
 
 
 def axial_labels(labels: np.ndarray, volume: Volume) -> tuple[np.ndarray, Volume]:
@@ -131,7 +134,8 @@ def axial_labels(labels: np.ndarray, volume: Volume) -> tuple[np.ndarray, Volume
 
 def write_segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence[str], folder: Path,
                        model_name: str, model_version: str, overlay: bool = True,
-                       runtime: dict[str, Any] | None = None) -> tuple[list[Path], dict[str, Any]]:
+                       runtime: dict[str, Any] | None = None, weights: dict[str, Any] | None = None,
+                       ) -> tuple[list[Path], dict[str, Any]]:
     """What ``ctzoo infer`` writes for a segmenter into ``folder`` but its DICOM SEG (which
     :func:`ctzoo.inference.tasks.segmenter_task` writes, a failure there costing the case none of these):
     ``labels.nii.gz`` (uint8 on the input grid), ``segmentation.json`` (:func:`seg_summary`) and
@@ -145,7 +149,7 @@ def write_segmentation(volume: Volume, labels: np.ndarray, class_names: Sequence
     folder.mkdir(parents=True, exist_ok=True)
     written = [write_volume(volume.with_array(labels), folder / "labels.nii.gz", dtype=np.uint8)]
     with atomic_path(folder / "segmentation.json") as partial:
-        document = seg_summary(labels, volume, class_names, model_name, model_version)
+        document = seg_summary(labels, volume, class_names, model_name, model_version, weights)
         partial.write_text(json.dumps(document if runtime is None else {**document, "runtime": runtime}, indent=2))
     written.append(folder / "segmentation.json")
     if overlay:

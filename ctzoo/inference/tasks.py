@@ -31,6 +31,7 @@ import numpy as np
 from ctzoo.io import Volume
 from ctzoo.io.atomic import atomic_path
 from ctzoo.models.bundle import ModelBundle, load_bundle
+from ctzoo.models.registry import WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,9 @@ class DetectorPreprocess:
 
 
 def detector_task(backend, prep, model_name: str = "", version: str = "", score_threshold: float = 0.3,
-                  max_lesions: int = 20) -> ModelTask:
+                  max_lesions: int = 20, weights: dict[str, Any] | None = None) -> ModelTask:
     """The pipeline stages of a RECIST-Net on ``backend`` (a DetectorBackend) with preprocessing ``prep`` (a
-    SlicePreprocessing); ``model_name`` and ``version`` go into the results."""
+    SlicePreprocessing); ``model_name``, ``version`` and ``weights`` (:func:`weights_record`) go into the results."""
     from ctzoo.inference.recist_volume import decode_heads, detections_document, slice_detections
     from ctzoo.io import reorient_lps
 
@@ -152,7 +153,8 @@ def detector_task(backend, prep, model_name: str = "", version: str = "", score_
         axial = reorient_lps(volume)
         found = [d for k, ((scores, points), scale) in enumerate(zip(outputs, scales))
                  for d in slice_detections(axial, k, scores, points, scale)]
-        return {**detections_document(volume, axial, found, model_name, version), "score_threshold": score_threshold}
+        return {**detections_document(volume, axial, found, model_name, version, weights),
+                "score_threshold": score_threshold}
 
     def write(volume: Volume, document: dict, folder: Path, overlay: bool, runtime: dict[str, Any]):
         _log_input_warnings(volume, folder)
@@ -162,7 +164,8 @@ def detector_task(backend, prep, model_name: str = "", version: str = "", score_
             from ctzoo.io.dicom_sr import write_recist_sr
 
             dicom_error = _write_dicom_result(written, folder / "sr.dcm", functools.partial(
-                write_recist_sr, document, volume, folder / "sr.dcm", model_name, version))
+                write_recist_sr, document, volume, folder / "sr.dcm", model_name, version,
+                weights_sha256=(weights or {}).get("sha256", {}).get(WEIGHTS_FILE)))
         if overlay:
             from ctzoo.inference.overlay import plot_detections
 
@@ -204,9 +207,10 @@ class SegmenterPreprocess:
         return geometry, (s.numpy() if self.device is None else s for s in slices)
 
 
-def segmenter_task(backend, prep, model_name: str = "", version: str = "") -> ModelTask:
+def segmenter_task(backend, prep, model_name: str = "", version: str = "",
+                   weights: dict[str, Any] | None = None) -> ModelTask:
     """The pipeline stages of a 2D segmenter on ``backend`` (a SegmenterBackend) with preprocessing ``prep`` (a
-    SegPreprocessing); ``model_name`` and ``version`` go into the results."""
+    SegPreprocessing); ``model_name``, ``version`` and ``weights`` (:func:`weights_record`) go into the results."""
     from ctzoo.datasets.seg_preprocessing import cropped_body_warning, slices_to_volume_labels
     from ctzoo.inference.segment_volume import write_segmentation
 
@@ -225,7 +229,7 @@ def segmenter_task(backend, prep, model_name: str = "", version: str = "") -> Mo
     def write(volume: Volume, labels: np.ndarray, folder: Path, overlay: bool, runtime: dict[str, Any]):
         _log_input_warnings(volume, folder)
         written, document = write_segmentation(volume, labels, class_names, folder, model_name, version,
-                                               overlay=overlay, runtime=runtime)
+                                               overlay=overlay, runtime=runtime, weights=weights)
         dicom_error = ""
         if volume.dicom is not None and labels.any():  # a SEG holds at least one segment
             from ctzoo.io.dicom_seg import write_dicom_seg
@@ -239,6 +243,13 @@ def segmenter_task(backend, prep, model_name: str = "", version: str = "") -> Mo
 
     return ModelTask(model_name, version, "segmentation", SegmenterPreprocess(prep), predict, finish, write,
                      output_files=("labels.nii.gz", "segmentation.json", "seg.dcm", "labels_overlay.png"))
+
+
+def weights_record(bundle: ModelBundle) -> dict[str, Any]:
+    """What results record of the weights that ran: ``{"sha256": {file: sha256}, "checked": bool}``, the digests of
+    model.safetensors (and a template bank's files), checked against those bundle.json records (``checked``
+    False: a bundle saved before ctzoo recorded them; computed here, with nothing to check them against)."""
+    return {"sha256": bundle.file_digests(), "checked": bundle.digests_recorded}
 
 
 def _runtime(bundle: ModelBundle, backend) -> dict[str, Any]:
@@ -276,11 +287,12 @@ def model_task(source: str | Path | ModelBundle, backend_kind: str = "torch", de
 def bundle_task(bundle: ModelBundle, backend, score_threshold: float | None = None) -> ModelTask:
     """The stages of ``bundle`` on ``backend`` (made from it): its preprocessing, name and version; detectors report
     lesions from ``score_threshold`` up (None: the bundle's operating point, :attr:`ModelBundle.score_threshold`)."""
+    weights = weights_record(bundle)
     if bundle.task == "segmentation":
-        task = segmenter_task(backend, bundle.preprocessing, bundle.name, bundle.version)
+        task = segmenter_task(backend, bundle.preprocessing, bundle.name, bundle.version, weights)
     else:
         threshold = bundle.score_threshold if score_threshold is None else score_threshold
-        task = detector_task(backend, bundle.preprocessing, bundle.name, bundle.version, threshold)
+        task = detector_task(backend, bundle.preprocessing, bundle.name, bundle.version, threshold, weights=weights)
     task.runtime = _runtime(bundle, backend)
     task.settings.update(backend=backend.kind, precision=task.runtime["precision"])
     if backend.kind == "torch":

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ctzoo.config import StrictConfig
 from ctzoo.io.dicom_deflate import declares_deflate, deflated_problem
+from ctzoo.io.dicom_uids import series_wide_uids
 from ctzoo.io.dicom_values import slice_value_problem
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 
@@ -137,6 +138,14 @@ class SeriesInfo:
     @property
     def series_instance_uid(self) -> str:
         return str(self.first.get("SeriesInstanceUID", "") or "")
+
+    def derived_series_uids(self) -> set[str]:
+        """The SeriesInstanceUID a read derives for this series when its files have none (what ``ctzoo info``
+        prints; empty when they have one). The read derives it from its first slice in slice order, which a scan
+        does not know yet: every slice's candidate is included (slices of one series share what it is made of)."""
+        if self.series_instance_uid:
+            return set()
+        return {series_wide_uids(self.key, s.dataset)["SeriesInstanceUID"] for s in self.slices}
 
     @property
     def modality(self) -> str:
@@ -466,7 +475,8 @@ def zip_declared_size(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS)
 
 
 def choose_series(scan: ScanResult, rules: SeriesRules | None = None, series: str | None = None) -> SeriesInfo:
-    """Pick the series to read: the one named by ``series`` (UID or index N), else the best one ``rules`` accept.
+    """Pick the series to read: the one named by ``series`` (its UID, the UID a read derives where its files have
+    none, its key or its index N), else the best one ``rules`` accept.
 
     "Best" is the accepted series with the most slices (ties: thinnest slices, then lowest index).
     """
@@ -489,7 +499,8 @@ def _choose(scan: ScanResult, rules: SeriesRules, series: str | None) -> SeriesI
     if series is not None:
         wanted = str(series).lstrip("#")
         for candidate in scan.series:
-            if wanted in (candidate.series_instance_uid, candidate.key, str(candidate.index)):
+            named = {candidate.series_instance_uid, candidate.key, str(candidate.index)}
+            if wanted in named or wanted in candidate.derived_series_uids():
                 _check_explicit_choice(candidate)
                 return candidate
         known = ", ".join(f"#{s.index} {s.series_instance_uid or s.key}" for s in scan.series)

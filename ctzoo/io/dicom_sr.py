@@ -13,7 +13,8 @@ one measured lesion per group:
 * **One TID 1501 measurement group per lesion** (highdicom ``MeasurementsAndQualitativeEvaluations``): tracking
   identifier ``lesion N`` (N = 1-based order in the document) and a tracking UID derived from the source series,
   model and N; finding type SCT 52988006 *Lesion* (the detector finds lesions of any kind, as DeepLesion labels
-  them; *Neoplasm* would claim a diagnosis it does not make); algorithm identification (model name, version);
+  them; *Neoplasm* would claim a diagnosis it does not make); algorithm identification (model name, version, and
+  as its parameter ``weights sha256 <hex>``, the digest of the weights that ran, where the caller gives it);
   the key slice as the group's source image. TID 1501 rather than TID 1410 (planar ROI) because a RECIST
   measurement is two line segments, and TID 1410 allows one region per group whose measurements may not carry
   their own coordinates; in TID 1501 each measurement is INFERRED FROM its own polyline.
@@ -30,7 +31,8 @@ one measured lesion per group:
   model's and ctzoo's). Completion COMPLETE (the algorithm reported everything it found), PRELIMINARY and
   UNVERIFIED: no person has reviewed it.
 * **Zero lesions** still give a report that says so: TID 1500 rows 12 and 14, a *Qualitative Evaluations*
-  container (UMLS C0034375) with a TEXT *Finding* (DCM 121071) "No lesion detected by <model> <version>", and no
+  container (UMLS C0034375) with a TEXT *Finding* (DCM 121071) "No lesion detected by <model> <version>" (and
+  "(weights sha256 <hex>)"), and no
   *Imaging Measurements* container (TID 1500 needs one of the two). highdicom's ``MeasurementReport`` refuses zero
   groups; an *Imaging Measurements* container with an empty Content Sequence fails dciodvfy (empty type 1C), and
   one without a Content Sequence validates but makes highdicom's group getters raise on read.
@@ -171,9 +173,11 @@ def _no_lesion_report(observation_context: hd.sr.ObservationContext, statement: 
 
 
 def write_recist_sr(document: dict, volume: Volume, out_path: str | Path, model_name: str, model_version: str,
-                    series_number: int = 9102) -> Path:
+                    series_number: int = 9102, weights_sha256: str | None = None) -> Path:
     """Write the detections ``document`` on ``volume`` (its DICOM source) as a Comprehensive 3D SR TID 1500
     Measurement Report at ``out_path`` (atomically); returns ``out_path``. See the module docstring for content.
+    ``weights_sha256``: the digest of the weights that ran, stated as an algorithm parameter of every lesion and in
+    the zero-lesion finding.
 
     Raises ``ValueError`` when the volume was not read from DICOM, the document names another series, a
     lesion's key slice or points do not fit the volume, or its axes are not RECIST diameters (crossing, within
@@ -189,15 +193,17 @@ def write_recist_sr(document: dict, volume: Volume, out_path: str | Path, model_
         model_name=model_name[:64])
     observation_context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+    weights = [f"weights sha256 {weights_sha256}"] if weights_sha256 else []
     if lesions:
-        algorithm = hd.sr.AlgorithmIdentification(name=model_name, version=model_version)
+        algorithm = hd.sr.AlgorithmIdentification(name=model_name, version=model_version, parameters=weights or None)
         groups = [_lesion_group(n, lesion, headers, source.frame_of_reference_uid, algorithm, identity)
                   for n, lesion in enumerate(lesions, start=1)]
         content = hd.sr.MeasurementReport(observation_context=observation_context,
                                           procedure_reported=codes.cid100.CTUnspecifiedBodyRegion,
                                           imaging_measurements=groups)[0]
     else:
-        content = _no_lesion_report(observation_context, f"No lesion detected by {model_name} {model_version}")
+        content = _no_lesion_report(observation_context, f"No lesion detected by {model_name} {model_version}"
+                                    + "".join(f" ({w})" for w in weights))
     series_uid, instance_uid = result_uids("sr", *identity, _encoded(lesions))
     sr = hd.sr.Comprehensive3DSR(
         evidence=headers, content=content, series_instance_uid=series_uid,

@@ -84,14 +84,7 @@ def fill_empty_uids(datasets: Sequence[pydicom.Dataset], series_key: str,
     counts: dict[tuple[str, str], int] = {}
     if not repaired:
         return repaired, counts
-    first = repaired[0]
-    shared = (series_key, _value(first, "FrameOfReferenceUID"), _value(first, "StudyDate"),
-              _value(first, "StudyTime"), _value(first, "AccessionNumber"))
-    series_wide = {
-        "StudyInstanceUID": derived_uid("study", *shared),
-        "SeriesInstanceUID": derived_uid("series", *shared),
-        "FrameOfReferenceUID": derived_uid("frame-of-reference", *shared),
-    }
+    series_wide = series_wide_uids(series_key, repaired[0])
 
     def note(keyword: str, how: str) -> None:
         counts[(keyword, how)] = counts.get((keyword, how), 0) + 1
@@ -111,6 +104,15 @@ def fill_empty_uids(datasets: Sequence[pydicom.Dataset], series_key: str,
                 "instance", series_key, _value(ds, "ImagePositionPatient"), _value(ds, "InstanceNumber"))
             note("SOPInstanceUID", FROM_FILE_META if from_meta else DERIVED)
     return repaired, counts
+
+
+def series_wide_uids(series_key: str, first: pydicom.Dataset) -> dict[str, str]:
+    """The Study, Series and FrameOfReference UIDs :func:`fill_empty_uids` gives a series whose files have none:
+    derived from ``series_key`` and what its ``first`` slice (in slice order) shares with the others."""
+    shared = (series_key, _value(first, "FrameOfReferenceUID"), _value(first, "StudyDate"),
+              _value(first, "StudyTime"), _value(first, "AccessionNumber"))
+    return {"StudyInstanceUID": derived_uid("study", *shared), "SeriesInstanceUID": derived_uid("series", *shared),
+            "FrameOfReferenceUID": derived_uid("frame-of-reference", *shared)}
 
 
 def repair_notes(repairs: dict[tuple[str, str], int]) -> list[str]:

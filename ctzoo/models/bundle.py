@@ -27,39 +27,36 @@ import hashlib
 import importlib
 import json
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import safetensors
 import safetensors.torch
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
 from torch import nn
 
 from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
 from ctzoo.datasets.seg_preprocessing import SegPreprocessing
-from ctzoo.io.atomic import replace_folder
 from ctzoo.models.registry import (
     _REGISTRY,
     CARD_JSON,
-    CARD_MD,
-    CONFIG_FILE,
     DEFAULT_SCORE_THRESHOLD,
     WEIGHTS_FILE,
-    ArchitectureOverrideError,
     ModelCard,
-    ModelEntry,
-    WeightsMismatchError,
-    _as_json,
     _state_mismatch,
     model_entry,
 )
+from ctzoo.models.template_bank import INDEX_FILE, TENSORS_FILE, TemplateBank
 
 BUNDLE_FILE, FORMAT = "bundle.json", "ctzoo-bundle/1"
+#: The files whose sha256 bundle.json records (save_pretrained) and loading checks: what decides what the model
+#: computes (the weights, a template segmenter's bank). The card and configs are read, and checked, as text.
+DIGESTED_FILES = (WEIGHTS_FILE, TENSORS_FILE, INDEX_FILE)
 EXPORT_INFO_FILE, GRAPH_DIR, GRAPH_FILE, EMBED_FILE = "ctzoo.json", "1", "model.onnx", "embed.onnx"
 #: The networks a bundle may name. A bundle is data: it chooses among these, it never names code to import.
 ARCHITECTURES = ("RecistNet", "TemplateSegNet", "UNet")
@@ -91,7 +88,9 @@ class BundleFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     format: Literal["ctzoo-bundle/1"] = FORMAT
-    network: NetworkDef
+    network: NetworkDef | None = Field(description="None: a model only its registered builder builds (create_model)")
+    sha256: dict[str, str] = Field(default_factory=dict, description="{file: sha256} of DIGESTED_FILES as saved; "
+                                                                     "empty in bundles saved before ctzoo recorded it")
 
 
 def network_class(architecture: str) -> Callable[..., nn.Module]:
@@ -166,12 +165,30 @@ class ExportedGraphs:
 def checked_digest(path: Path, expected: str | None, record: Path, content: bytes | None = None) -> str:
     """sha256 of ``path`` (of ``content``, its bytes, when already read), which must be ``expected`` (the digest
     ``record`` holds; None: nothing recorded, nothing to check); :class:`BundleError` otherwise."""
+    return _checked(path, _sha256(path, content), {record: expected})
+
+
+def _sha256(path: Path, content: bytes | None = None) -> str:
+    """sha256 of ``content`` (``path``'s bytes, already read), else of the file, streamed."""
     from ctzoo.datasets.samples import sha256_of
 
-    digest = hashlib.sha256(content).hexdigest() if content is not None else sha256_of(path)
-    if expected is not None and digest != expected:
-        raise BundleError(f"{path} has sha256 {digest}, but {record} records {expected}: the file was changed "
-                          "after it was exported; export the model again")
+    if content is not None:
+        return hashlib.sha256(content).hexdigest()
+    try:
+        return sha256_of(path)
+    except OSError as exc:
+        raise BundleError(f"{path} cannot be read: {exc.strerror or exc}") from None
+
+
+def _checked(path: Path, digest: str, records: Mapping[Path, str | None]) -> str:
+    """``digest`` (of ``path``), which must be the one every record file of ``records`` holds for it (None: that
+    one records none); :class:`BundleError` naming both otherwise."""
+    for record, expected in records.items():
+        if expected is not None and digest != expected:
+            remedy = ("it was exported; export the model again" if record.name == EXPORT_INFO_FILE else
+                      "the bundle was saved; restore it from the published bundle, or publish the model again")
+            raise BundleError(f"{path} has sha256 {digest}, but {record} records {expected}: the file was changed "
+                              f"after {remedy}")
     return digest
 
 
@@ -190,7 +207,9 @@ class ModelBundle:
     class_names: list[str]
     template_bank: Any = None  # TemplateBank
     graphs: ExportedGraphs | None = None
+    recorded_sha256: dict[str, str] = field(default_factory=dict)  # bundle.json's {file: sha256}; {}: older bundle
     _network: nn.Module | None = field(default=None, repr=False)
+    _digests: dict[str, str] = field(default_factory=dict, repr=False)  # {file: sha256}, checked, hashed once
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -230,36 +249,78 @@ class ModelBundle:
         self.__dict__.update(state, _lock=threading.Lock())
 
     def network(self) -> nn.Module:
-        """The PyTorch network with the bundle's weights, in eval mode, on the CPU (built once)."""
+        """The PyTorch network with the bundle's weights, in eval mode, on the CPU (built once); the weights must
+        have the digest bundle.json (and an export's ctzoo.json) records (:class:`BundleError` otherwise)."""
         with self._lock:
             if self._network is None:
-                expected = self.graphs.weights_sha256 if self.graphs is not None else None
-                self._network = _load_weights(build_network(self.network_def), self.folder, expected)
+                state, self._digests[WEIGHTS_FILE] = _read_checked_weights(self.folder, self._weights_records())
+                self._network = _load_state(build_network(self.network_def), state, self.folder)
             return self._network
+
+    def _weights_records(self) -> dict[Path, str | None]:
+        """``{record file: the sha256 it holds for model.safetensors}``: an export's ctzoo.json (first: its error
+        says to export again), and bundle.json."""
+        records = {self.folder / EXPORT_INFO_FILE: self.graphs.weights_sha256} if self.graphs is not None else {}
+        return {**records, self.folder / BUNDLE_FILE: self.recorded_sha256.get(WEIGHTS_FILE)}
+
+    def file_digests(self) -> dict[str, str]:
+        """``{file: sha256}`` of the files that decide what the model computes (model.safetensors, a template
+        bank's files), each checked against what bundle.json records (:class:`BundleError` when one differs): what
+        results record as the weights that ran. Hashed once per bundle."""
+        with self._lock:
+            if WEIGHTS_FILE not in self._digests:
+                path = self.folder / WEIGHTS_FILE
+                self._digests[WEIGHTS_FILE] = _checked(path, _sha256(path), self._weights_records())
+            return dict(self._digests)
+
+    @property
+    def digests_recorded(self) -> bool:
+        """Whether bundle.json records the digests :meth:`file_digests` checks (False: a bundle saved before ctzoo
+        recorded them, whose digests are computed, with nothing to check them against)."""
+        return WEIGHTS_FILE in self.recorded_sha256
 
     def weights_digest(self) -> str:
         """sha256 of the weights and the network definition: what exported graphs depend on."""
-        from ctzoo.datasets.samples import sha256_of
-
-        text = self.network_def.model_dump_json() + sha256_of(self.folder / WEIGHTS_FILE)
+        text = self.network_def.model_dump_json() + self.file_digests()[WEIGHTS_FILE]
         return hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The state dict in ``folder/model.safetensors``, on the CPU (the one place weights are read)."""
-    return safetensors.torch.load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    """The state dict in ``folder/model.safetensors``, on the CPU, with the digest its bundle.json records (if it
+    has one); :class:`BundleError` naming the file when it cannot be read (missing, truncated, not safetensors) or
+    was changed after it was saved."""
+    recorded = _bundle_file(folder).sha256 if (folder / BUNDLE_FILE).is_file() else {}
+    return _read_checked_weights(folder, {folder / BUNDLE_FILE: recorded.get(WEIGHTS_FILE)})[0]
 
 
-def _load_weights(model: nn.Module, folder: Path, expected_sha256: str | None = None) -> nn.Module:
-    """``model`` with the weights of ``folder``; an exported bundle's weights must have the digest its
-    ctzoo.json records (``expected_sha256``; None for bundles that record none)."""
+def _read_checked_weights(folder: Path, records: Mapping[Path, str | None]) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict in ``folder/model.safetensors`` and its sha256, which must be what each of ``records`` holds
+    (the one place weights are read: the very bytes hashed are loaded)."""
     path = folder / WEIGHTS_FILE
-    if expected_sha256 is None:
-        state = read_weights(folder)
-    else:  # hash the very bytes that are loaded
+    try:
         content = path.read_bytes()
-        checked_digest(path, expected_sha256, folder / EXPORT_INFO_FILE, content)
-        state = {k: v.to("cpu") for k, v in safetensors.torch.load(content).items()}
+    except OSError as exc:
+        raise BundleError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    digest = _checked(path, _sha256(path, content), records)
+    try:
+        return safetensors.torch.load(content), digest
+    except SafetensorError as exc:
+        raise BundleError(f"{path} cannot be read: {exc}") from None
+
+
+def _check_weights_readable(folder: Path) -> None:
+    """:class:`BundleError` unless ``folder/model.safetensors`` has a whole safetensors header (its tensor table,
+    which also covers the file's length: a truncated copy fails here), read without loading a tensor."""
+    path = folder / WEIGHTS_FILE
+    try:
+        with safetensors.safe_open(str(path), "pt"):
+            pass
+    except (OSError, SafetensorError) as exc:
+        raise BundleError(f"{path} cannot be read: {exc}") from None
+
+
+def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], folder: Path) -> nn.Module:
+    """``model`` with ``state``, the weights of ``folder``, in eval mode; :class:`BundleError` when they do not fit."""
     problems = _state_mismatch(model.state_dict(), state)
     if problems:
         raise BundleError(f"{folder / WEIGHTS_FILE} does not fit the network of {folder / BUNDLE_FILE}: {problems}")
@@ -292,6 +353,16 @@ def _read_json(path: Path) -> Any:
         raise BundleError(f"{path}: {exc}") from None
 
 
+def _problems(exc: ValidationError) -> str:
+    """A validation error on one line: ``field.path: message`` per problem, with the value found where it is short."""
+    def found(value: Any) -> str:
+        shown = repr(value)
+        return f" (got {shown})" if isinstance(value, (str, int, float, bool)) and len(shown) <= 60 else ""
+
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}{found(e.get('input'))}"
+                     for e in exc.errors())
+
+
 def read_card(folder: Path) -> ModelCard:
     """The model card of the bundle in ``folder`` (the one card reader)."""
     try:
@@ -300,16 +371,25 @@ def read_card(folder: Path) -> ModelCard:
         raise BundleError(f"{folder} is not a model bundle: {CARD_JSON} is missing (no weights published "
                           "there yet?)") from None
     except ValidationError as exc:
-        raise BundleError(f"{folder / CARD_JSON} is not a valid model card: {exc}") from None
+        raise BundleError(f"{folder / CARD_JSON} is not a valid model card: {_problems(exc)}") from None
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8
+        raise BundleError(f"{folder / CARD_JSON}: {exc}") from None
 
 
-def _network_def(folder: Path) -> NetworkDef:
+def _bundle_file(folder: Path) -> BundleFile:
     if (folder / BUNDLE_FILE).is_file():
         try:
-            return BundleFile.model_validate(_read_json(folder / BUNDLE_FILE)).network
+            return BundleFile.model_validate(_read_json(folder / BUNDLE_FILE))
         except ValidationError as exc:
-            raise BundleError(f"{folder / BUNDLE_FILE}: {exc}") from None
+            raise BundleError(f"{folder / BUNDLE_FILE}: {_problems(exc)}") from None
     raise BundleError(f"{folder} is not a model bundle: {BUNDLE_FILE} is missing")
+
+
+def _network_def(bundle_file: BundleFile, folder: Path) -> NetworkDef:
+    if bundle_file.network is None:
+        raise BundleError(f"{folder / BUNDLE_FILE} names no network: the model is built by its registered builder "
+                          "only; load it with ctzoo.models.create_model(name, pretrained=True)")
+    return bundle_file.network
 
 
 def _preprocessing(card: ModelCard, folder: Path) -> SlicePreprocessing | SegPreprocessing:
@@ -318,7 +398,7 @@ def _preprocessing(card: ModelCard, folder: Path) -> SlicePreprocessing | SegPre
     try:
         return kind.model_validate(fields)
     except ValidationError as exc:
-        raise BundleError(f"{folder / CARD_JSON}: input_spec is not a {kind.__name__}: {exc}") from None
+        raise BundleError(f"{folder / CARD_JSON}: input_spec is not a {kind.__name__}: {_problems(exc)}") from None
 
 
 def read_graphs(folder: Path) -> ExportedGraphs | None:
@@ -338,150 +418,47 @@ def read_graphs(folder: Path) -> ExportedGraphs | None:
     return ExportedGraphs(folder / GRAPH_DIR / GRAPH_FILE, embed if embed.is_file() else None, info)
 
 
+def _template_bank(folder: Path, recorded: Mapping[str, str]) -> tuple[TemplateBank, dict[str, str]]:
+    """The TemplateBank of the bundle in ``folder`` and ``{file: sha256}`` of its files, which must be what
+    bundle.json records (``recorded``); :class:`BundleError` saying why it cannot be read otherwise."""
+    digests = {}
+    for name in (INDEX_FILE, TENSORS_FILE):
+        if (folder / name).is_file():  # a missing one: TemplateBank.load names it
+            digests[name] = _checked(folder / name, _sha256(folder / name), {folder / BUNDLE_FILE: recorded.get(name)})
+    try:
+        return TemplateBank.load(folder), digests
+    except FileNotFoundError as exc:  # its message names the missing file
+        raise BundleError(str(exc)) from None
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:  # damaged, another format version
+        raise BundleError(f"{folder}: the template bank cannot be read: {exc}") from None
+
+
 def load_bundle(name_or_path: str | os.PathLike[str]) -> ModelBundle:
     """The :class:`ModelBundle` of a zoo model name or a bundle folder; :class:`BundleError` (or the registry's
     UnknownModelError for a word that is no zoo name) saying what is missing otherwise."""
     folder = bundle_folder(name_or_path)
     card = read_card(folder)
-    network = _network_def(folder)
+    bundle_file = _bundle_file(folder)
+    network = _network_def(bundle_file, folder)
     if not (folder / WEIGHTS_FILE).is_file():
         raise BundleError(f"{folder} is not a model bundle: {WEIGHTS_FILE} is missing")
-    bank = None
-    from ctzoo.models.template_bank import INDEX_FILE, TemplateBank
-
-    if (folder / INDEX_FILE).is_file():
-        bank = TemplateBank.load(folder)
+    _check_weights_readable(folder)  # now, not when the network is first built mid-run
+    bank, digests = _template_bank(folder, bundle_file.sha256) if (folder / INDEX_FILE).is_file() else (None, {})
     if card.task == "segmentation":
         class_names = list(bank.class_names) if bank is not None else list(card.input_spec.get("classes", []))
     else:
         class_names = ["lesion"]
     if network.architecture == "TemplateSegNet" and bank is None:
         raise BundleError(f"{folder} holds a template segmenter but no template bank (templates.json)")
-    return ModelBundle(folder, card, network, _preprocessing(card, folder), class_names, bank, read_graphs(folder))
+    return ModelBundle(folder, card, network, _preprocessing(card, folder), class_names, bank, read_graphs(folder),
+                       bundle_file.sha256, _digests=digests)
 
 
-def bundle_file_text(network: NetworkDef) -> str:
-    """The text of ``bundle.json`` for ``network``."""
-    return BundleFile(network=network).model_dump_json(indent=2) + "\n"
+def bundle_file_text(network: NetworkDef | None, sha256: Mapping[str, str] | None = None) -> str:
+    """The text of ``bundle.json`` for ``network`` and the ``{file: sha256}`` it records."""
+    return BundleFile(network=network, sha256=dict(sha256 or {})).model_dump_json(indent=2) + "\n"
 
 
-# ------------------------------------------------------------------------------------- zoo models by name
-
-
-def create_model(name: str, pretrained: bool = False, **overrides: Any) -> nn.Module:
-    """Build a registered model from its default config updated by ``overrides``.
-
-    With ``pretrained=True`` the model is built from the shipped ``config.json`` (the config the weights
-    were trained with) and loads ``model.safetensors`` with a strict key match; overrides that change the
-    architecture are refused. The module is returned in training mode, as torch builds it: call ``.eval()``.
-    """
-    entry = model_entry(name)
-    if not pretrained:
-        return entry.builder(**{**entry.default_config, **overrides})
-    weights, config_path = entry.weights_dir / WEIGHTS_FILE, entry.weights_dir / CONFIG_FILE
-    if not (weights.is_file() and config_path.is_file()):
-        raise FileNotFoundError(f"no weights are shipped for {name!r} yet ({WEIGHTS_FILE} and {CONFIG_FILE} are "
-                                f"expected in {entry.weights_dir}); use pretrained=False, or publish them with "
-                                "save_pretrained()")
-    trained = json.loads(config_path.read_text(encoding="utf-8"))
-    before = {**entry.default_config, **trained}
-    changed = {k: v for k, v in overrides.items() if _as_json(v) != _as_json(before.get(k))}
-    model = entry.builder(**{**before, **overrides})
-    state = read_weights(entry.weights_dir)
-    problems = _state_mismatch(model.state_dict(), state)
-    if problems and changed:
-        raise ArchitectureOverrideError(
-            f"overrides {changed} change the architecture of {name!r} from the config its weights were trained "
-            f"with ({config_path}), so they cannot be loaded ({problems}). Drop those overrides, or use "
-            "pretrained=False to train the changed model.")
-    if problems:
-        raise WeightsMismatchError(f"{weights} does not fit {name!r} built from {config_path}: {problems}")
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-# ------------------------------------------------------------------------------------------ writing
-
-
-def _check_config_rebuilds(entry: ModelEntry, config: Mapping[str, Any], model: nn.Module) -> None:
-    """Refuse to publish weights that ``create_model(pretrained=True)`` could not load back."""
-    try:
-        with torch.device("meta"):  # shapes only: no memory and no initialisation cost
-            reference = entry.builder(**{**entry.default_config, **config})
-    except Exception:  # a builder that computes on tensor values cannot run on meta: build it for real
-        reference = entry.builder(**{**entry.default_config, **config})
-    problems = _state_mismatch(reference.state_dict(), model.state_dict())
-    if problems:
-        raise ValueError(f"config does not rebuild the model being published as {entry.name!r}: {problems}")
-
-
-def save_pretrained(model: nn.Module, name_or_dir: str | os.PathLike[str], config: Mapping[str, Any],
-                    card: ModelCard, extra: Callable[[Path], Any] | None = None,
-                    expansion: dict[str, Any] | None = None) -> Path:
-    """Publish ``model`` with its constructor ``config`` and ``card``; returns the folder written.
-
-    ``name_or_dir`` is a registered name (its ``weights_dir``) or any folder (pass a Path to be explicit).
-    The four files (and whatever ``extra(folder)`` writes, e.g. a template bank) are written into a temporary
-    folder beside the target and renamed into place, so readers see the old weights or the new ones, never a
-    mixture or a half-written file.
-    """
-    entry = _REGISTRY.get(name_or_dir) if isinstance(name_or_dir, str) else None
-    if entry is not None and card.name != entry.name:
-        raise ValueError(f"card is for {card.name!r} but the weights are being published as {entry.name!r}")
-    if card.name in _REGISTRY and card.task != _REGISTRY[card.name].task:
-        raise ValueError(f"card says task {card.task!r}; {card.name!r} is registered as {_REGISTRY[card.name].task!r}")
-    target = entry.weights_dir if entry is not None else Path(name_or_dir)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder")
-    n_params = sum(p.numel() for p in model.parameters())
-    if card.parameters != n_params:
-        raise ValueError(f"card says {card.parameters:,} parameters but the model has {n_params:,}")
-    config_text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"  # TypeError for non-JSON values
-    if card.name in _REGISTRY:
-        _check_config_rebuilds(_REGISTRY[card.name], config, model)
-    # state_dict tensors may share storage (tied weights, views), which safetensors refuses: store copies
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        os.chmod(partial, 0o755)  # mkdtemp makes it private; shipped weights must be readable by every user
-        safetensors.torch.save_file(tensors, str(partial / WEIGHTS_FILE),
-                                    metadata={"format": "pt", "name": card.name, "version": card.version})
-        (partial / CONFIG_FILE).write_text(config_text, encoding="utf-8")
-        if type(model).__name__ in ARCHITECTURES:  # else a model only its registered builder can build
-            network = NetworkDef(architecture=type(model).__name__, config=json.loads(config_text), expansion=expansion)
-            (partial / BUNDLE_FILE).write_text(bundle_file_text(network), encoding="utf-8")
-        (partial / CARD_JSON).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        (partial / CARD_MD).write_text(card.to_markdown(), encoding="utf-8")
-        if extra is not None:
-            extra(partial)
-        for written in partial.iterdir():  # safetensors writes owner-only files; shipped weights are for everyone
-            os.chmod(written, 0o644)
-        replace_folder(partial, target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return target
-
-
-
-def load_card(name: str) -> ModelCard:
-    """The model card shipped with ``name``'s weights; FileNotFoundError when none are shipped yet."""
-    folder = model_entry(name).weights_dir
-    if not (folder / CARD_JSON).is_file():
-        raise FileNotFoundError(f"no weights are shipped for {name!r} yet ({folder / CARD_JSON} does not exist)")
-    return read_card(folder)
-
-
-def model_input_spec(name: str) -> dict[str, Any]:
-    """How inputs must be prepared for ``name``: the shipped card's ``input_spec`` (what the weights were trained
-    with) when weights are shipped, else the registration's."""
-    try:
-        return dict(load_card(name).input_spec)
-    except FileNotFoundError:
-        return dict(model_entry(name).input_spec)
-
-
-def model_version(name: str) -> str:
-    """The semantic version of ``name``'s shipped weights."""
-    return load_card(name).version
+def file_digests(folder: Path) -> dict[str, str]:
+    """``{file: sha256}`` of the :data:`DIGESTED_FILES` in ``folder``: what its bundle.json records."""
+    return {name: _sha256(folder / name) for name in DIGESTED_FILES if (folder / name).is_file()}

@@ -7,9 +7,10 @@ A model registers a builder, the constructor config it defaults to, its task and
 * ``config.json``: the exact constructor config the weights were trained with;
 * ``card.json`` and ``MODEL_CARD.md``: the model card (:class:`ModelCard`) for machines and for people.
 
-That folder is the model's bundle (:mod:`ctzoo.models.bundle`, which also holds ``create_model``, the card reader
-and ``save_pretrained``). Nothing is ever downloaded: ``create_model(name, pretrained=True)`` reads only that
-folder, so it works offline and the weights are versioned together with the code that builds their architecture.
+That folder is the model's bundle (:mod:`ctzoo.models.bundle`, which also holds the card reader; ``create_model``
+and ``save_pretrained`` are in :mod:`ctzoo.models.pretrained`). Nothing is ever downloaded:
+``create_model(name, pretrained=True)`` reads only that folder, so it works offline and the weights are versioned
+together with the code that builds their architecture.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class WeightsMismatchError(RuntimeError):
 
 
 class ArchitectureOverrideError(WeightsMismatchError, ValueError):
-    """An override given with ``pretrained=True`` changes the architecture, so the weights cannot load."""
+    """An override given with ``pretrained=True`` differs from the config the weights were trained with: it changes
+    the architecture (the weights cannot load), or what the network computes (refused unless allowed)."""
 
 
 class _Strict(BaseModel):
@@ -87,11 +89,12 @@ class TrainingInfo(_Strict):
 
 class OperatingPoint(_Strict):
     """The score threshold a detector reports lesions at, chosen on validation data for a stated false-positive
-    rate, and what it gives there and on real CT without known lesions."""
+    rate, and what it gives there and on real CT without known lesions (other data: the card shows them apart)."""
 
     score_threshold: float = Field(ge=0, le=1, description="lesions scoring at least this are reported")
     fp_per_image: float = Field(ge=0, description="the false positives per image it was chosen for")
-    split: str = Field(min_length=1, description="the data it was chosen on (never the test split)")
+    split: str = Field(min_length=1, description="the data it was chosen on, and what data that is (synthetic "
+                                                 "lesions or real; never the test split)")
     sensitivity: float | None = Field(None, ge=0, le=1, description="sensitivity there on that split")
     lesion_free_findings_per_slice: float | None = Field(
         None, ge=0, description="findings per slice at this threshold on real CT without known lesions")
@@ -106,7 +109,8 @@ class Metric(_Strict):
     """One evaluation result and the split it was measured on."""
 
     value: float
-    split: str = Field(min_length=1)
+    split: str = Field(min_length=1, description="the split and what data it is, e.g. 'test: synthetic lesions in "
+                                                 "real CT', 'test: real CT, 1 patient'")
 
 
 def _software_versions() -> dict[str, str]:
@@ -125,6 +129,8 @@ class ModelCard(_Strict):
     version: str = Field(pattern=_SEMVER, description="semantic version of the weights")
     task: Literal["detection", "segmentation"]
     description: str = Field(min_length=1)
+    intended_use: str = Field("", description="who may use it for what, on which input; '' in cards published "
+                                              "before ctzoo recorded it")
     architecture: str = Field(min_length=1)
     parameters: int = Field(ge=0)
     input_spec: dict[str, Any]
@@ -142,7 +148,8 @@ class ModelCard(_Strict):
         wall = round(t.wall_time_s)
         lines = [f"# {self.name} {self.version}", "",
                  f"{self.task.capitalize()} · {self.architecture} · {self.parameters:,} parameters", "",
-                 "## Intended use", "", self.description, "",
+                 self.description, "",
+                 "## Intended use", "", self.intended_use or "Not stated on this card: see its limitations.", "",
                  "## Inputs", "", *_table(("Field", "Value"), list(self.input_spec.items())), "",
                  "## Training", "", *_table(("Field", "Value"), [
                      ("Data", t.data), ("Config", f"`{t.config_file}`"), ("Device", t.device),
@@ -167,15 +174,25 @@ class ModelCard(_Strict):
                 ("Chosen on", f"{point.split}, for {point.fp_per_image:g} false positives per image")]
         if point.sensitivity is not None:
             rows.append(("Sensitivity there", f"{point.sensitivity:.3f}"))
-        if point.lesion_free_findings_per_slice is not None:
-            rows.append(("Findings per slice on real CT without known lesions",
-                         f"{point.lesion_free_findings_per_slice:.3f}"))
-        return ["## Operating point", "", *_table(("Field", "Value"), rows), *([point.note] if point.note else []), ""]
+        lines = ["## Operating point", "", *_table(("Field", "Value"), rows), ""]
+        if point.lesion_free_findings_per_slice is not None:  # other data than the split above: a table of its own
+            lines += ["Real CT without known lesions, at this threshold (every finding a false positive):", "",
+                      *_table(("Field", "Value"), [("Findings per slice",
+                                                    f"{point.lesion_free_findings_per_slice:.3f}")]), ""]
+        # each table ends at a blank line: a line right below one would be read as one more row
+        return lines + ([point.note, ""] if point.note else [])
+
+
+def _cell(value: Any) -> str:
+    """One table cell: a '|' escaped (it would end the cell and shift the rest), line breaks as <br> (a newline
+    would end the row, the rest falling out of the table)."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return "<br>".join(text.replace("|", "\\|").splitlines())
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
-    """Markdown table lines; a '|' inside a cell is escaped, since it would end the cell and shift the rest."""
-    cells = [tuple((c if isinstance(c, str) else json.dumps(c)).replace("|", "\\|") for c in r) for r in rows]
+    """Markdown table lines (cells as :func:`_cell` writes them)."""
+    cells = [tuple(_cell(c) for c in r) for r in rows]
     if not rows:
         return ["None recorded."]
     return ["| " + " | ".join(r) + " |" for r in [header, ("---",) * len(header), *cells]]

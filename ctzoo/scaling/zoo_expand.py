@@ -231,7 +231,8 @@ def save_expanded_bundle(folder: Path, source_name: str, expanded: nn.Module, re
     """The expanded model as a model bundle in ``folder``, which every path runs (it computes what the source
     bundle ``source_name`` computes): the source's card, renamed ``<name>-expanded`` and saying so, and a
     ``bundle.json`` whose network is the source's expanded again."""
-    from ctzoo.models.bundle import load_bundle, save_pretrained
+    from ctzoo.models.bundle import load_bundle
+    from ctzoo.models.pretrained import save_pretrained
 
     bundle = load_bundle(source_name)
     card = bundle.card

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ctzoo.models.bundle import save_pretrained
+from ctzoo.models.pretrained import save_pretrained
 from ctzoo.models.registry import ModelCard
 from ctzoo.scaling.zoo_expand import checkpoint_network
 

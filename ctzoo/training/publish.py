@@ -15,6 +15,20 @@ from ctzoo.models.seg_networks import template_seg_config
 from ctzoo.training.evaluate import evaluate_recistnet, findings_on_lesion_free_ct, load_recistnet
 from ctzoo.training.recistnet_task import load_train_config
 
+#: What the miniature's splits are, for every figure measured on them (the card says it beside the split).
+MINIATURE_DATA = "synthetic lesions in real CT"
+RECIST_INTENDED_USE = (
+    "Research and software development only: not for diagnosis, treatment or any clinical decision, and not a "
+    "medical device. Input: a CT volume in Hounsfield units (a DICOM series, or NIfTI/NRRD/MHA), of the chest, "
+    "abdomen or pelvis, in any orientation (read as axial slices). Output: lesion candidates with RECIST long and "
+    "short axes and an uncalibrated score, for a person to review; its figures are on synthetic lesions (Metrics, "
+    "Limitations).")
+SEG_INTENDED_USE = (
+    "Research and software development only: not for diagnosis, treatment planning or any clinical decision, and "
+    "not a medical device. Input: an abdominal CT volume in Hounsfield units (a DICOM series, or NIfTI/NRRD/MHA), "
+    "segmented on axial slices. Output: a label map of the classes under Inputs and their volumes in mL, for a "
+    "person to check; its figures are on one test patient (Metrics, Limitations).")
+
 LESION_LIMITATION = ("Its lesions are synthetic: DeepLesion's types, shapes and sizes where three scans leave room "
                      "(median long axis ~14 mm against DeepLesion's ~20 mm; few mediastinal, pelvic and bone "
                      "lesions); see ctzoo data stats.")
@@ -57,7 +71,7 @@ def choose_operating_point(config: Path, checkpoint: Path, data_root: Path | Non
                          f"{r['slices']} slices" for r in free["scans"])
     return OperatingPoint(
         score_threshold=point["score_threshold"], fp_per_image=fp_per_image, sensitivity=point["sensitivity"],
-        split=f"val of the miniature at {root.name}" + (f" ({held} held out)" if held else ""),
+        split=f"val of the miniature at {root.name}" + (f" ({held} held out)" if held else "") + f": {MINIATURE_DATA}",
         lesion_free_findings_per_slice=free["findings_per_slice"],
         note=f"Chosen by ctzoo zoo publish --operating-fp {fp_per_image:g}. Real CT without known lesions at this "
              f"threshold, every finding a false positive: {per_scan}. Calibration on val: ECE "
@@ -106,16 +120,18 @@ def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, spli
     if not summary.get("complete", True):  # a run cut off before its last epoch says so on its card
         stopped = f"The run stopped after epoch {summary['epochs_done']} of {summary['epochs']}."
         notes = f"{stopped} {notes}".strip()
-    metrics = {f"sensitivity_at_{fp:g}_fp": Metric(value=round(s, 4), split=split)
+    measured_on = f"{split}: {MINIATURE_DATA}"
+    metrics = {f"sensitivity_at_{fp:g}_fp": Metric(value=round(s, 4), split=measured_on)
                for fp, s in zip(result.fps_per_image, result.sensitivities)}
-    metrics["froc_mean_0.5_to_4"] = Metric(value=round(result.mean_sensitivity_0p5_to_4, 4), split=split)
+    metrics["froc_mean_0.5_to_4"] = Metric(value=round(result.mean_sensitivity_0p5_to_4, 4), split=measured_on)
     entry = model_entry(name)
     card = ModelCard(
-        name=name, version=version, task=entry.task, description=entry.description,
+        name=name, version=version, task=entry.task, description=entry.description, intended_use=RECIST_INTENDED_USE,
         architecture=f"RecistNet({', '.join(f'{k}={v!r}' for k, v in model_config.items())})",
         parameters=sum(p.numel() for p in model.parameters()),
         input_spec=own.model_dump() | {"size_multiple": 32},
-        training=TrainingInfo(data=f"DeepLesion-format miniature at {as_written.data.root} (split train)",
+        training=TrainingInfo(data=f"DeepLesion-format miniature at {as_written.data.root} (split train): "
+                                   f"{MINIATURE_DATA}",
                               config_file=str(config),
                               command=command or f"ctzoo data make-deeplesion-mini {as_written.data.root}"
                                                  f"{_miniature_options(cfg.data.root)} && "
@@ -173,16 +189,16 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
     model = load_seg_model(cfg, checkpoint, len(names))
     comparison = json.loads((run_dir / "comparison.json").read_text())
     clean = {row["model"]: row for row in comparison["rows"] if row["condition"] == "clean"}
-    mine = clean["template_seg"]
-    metrics = {f"dice_{c}": Metric(value=round(mine[f"dice_{c}"], 4), split="test") for c in names}
-    metrics["dice_mean"] = Metric(value=round(mine["dice_mean"], 4), split="test")
-    metrics["hd95_mean_mm"] = Metric(value=round(mine["hd95_mean"], 2), split="test")
+    mine, test = clean["template_seg"], f"test: real CT, {', '.join(comparison['test_cases'])}"
+    metrics = {f"dice_{c}": Metric(value=round(mine[f"dice_{c}"], 4), split=test) for c in names}
+    metrics["dice_mean"] = Metric(value=round(mine["dice_mean"], 4), split=test)
+    metrics["hd95_mean_mm"] = Metric(value=round(mine["hd95_mean"], 2), split=test)
     if "hd95_missed" in mine:  # the organs that mean could not measure: the model never predicted them
-        metrics["hd95_missed_classes"] = Metric(value=mine["hd95_missed"], split="test")
+        metrics["hd95_missed_classes"] = Metric(value=mine["hd95_missed"], split=test)
     for other in ("unet", "template copy"):
         if other in clean:
             metrics[f"dice_mean_{other.replace(' ', '_')}_baseline"] = Metric(value=round(clean[other]["dice_mean"], 4),
-                                                                              split="test")
+                                                                              split=test)
     images, masks, sources = template_set([case_to_slices(c, prep) for c in data.cases["train"]], len(names),
                                           cfg.data.max_templates)
     bank = TemplateBank.build(model, images, masks, names, sources)
@@ -195,7 +211,7 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
     wall = trained.get("wall_s", 0.0)
     card = ModelCard(
         name=name, version=version, task="segmentation",
-        description=description or model_entry(name).description,
+        description=description or model_entry(name).description, intended_use=SEG_INTENDED_USE,
         architecture=f"TemplateSegNet({', '.join(f'{k}={v!r}' for k, v in model_config.items())})",
         parameters=sum(p.numel() for p in model.parameters()),
         input_spec={**prep.model_dump(mode="json"), "classes": names},
