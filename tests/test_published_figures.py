@@ -67,7 +67,10 @@ def test_every_segmenter_card_figure_is_measured_from_the_shipped_weights():
     expected = {**{f"dice_{c}": round(mine[f"dice_{c}"], 4) for c in ("liver", "spleen", "stomach", "aorta",
                                                                       "vertebrae")},
                 "dice_mean": round(mine["dice_mean"], 4), "hd95_mean_mm": round(mine["hd95_mean"], 2),
-                "dice_mean_template_copy_baseline": round(copy["dice_mean"], 4)}
+                "dice_mean_template_copy_baseline": round(copy["dice_mean"], 4),
+                # the template check: benchmarks/template_sensitivity.py, on the same weights and test patient
+                "dice_drop_wrong_template": round(_json("template_sensitivity.json")["template_check"]
+                                                  ["dice_drop_wrong_template"], 4)}
     assert {k: m["value"] for k, m in segmenter["metrics"].items()} == expected
     assert all(m["split"] == f"test: real CT, {', '.join(mine['test_cases'])}" for m in segmenter["metrics"].values())
 
@@ -147,3 +150,14 @@ def test_permute_classes_table_is_its_json():
         cells = [f"{r['dice_mean']:.3f} / {r['dice_mean_wrong_template']:.3f} "
                  f"(drop {r['dice_drop_wrong_template']:+.3f})" for r in (runs[share, 12], runs[share, 30])]
         assert _row(text, label) == cells, label
+
+
+def test_the_shipped_segmenter_card_says_its_template_has_no_effect():
+    """The zoo segmenter's card carries the template check of template_sensitivity.json, first among its
+    limitations: a reader would otherwise take the bank for what drives the result."""
+    card = json.loads((WEIGHTS / "template-seg-abdomen" / "card.json").read_text())
+    check = _json("template_sensitivity.json")["template_check"]
+    assert card["metrics"]["dice_drop_wrong_template"]["value"] == round(check["dice_drop_wrong_template"], 4)
+    first = card["limitations"][0]
+    assert first.startswith("The template has no measurable effect on this model")
+    assert f"{check['dice_mean_wrong_template']:.3f} against {check['dice_mean']:.3f}" in first

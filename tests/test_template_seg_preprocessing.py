@@ -104,9 +104,10 @@ def test_ctzoo_eval_scores_with_the_checkpoints_preprocessing_and_records_it(tra
 def test_publish_states_the_preprocessing_the_weights_saw(trained_checkpoint, tmp_path, monkeypatch):
     config = tmp_path / "publish.yaml"
     config.write_text(json.dumps({"task": "template_seg", "data": OTHER, "model": {"channels": [8, 16]}}))
+    # the run's template check found no effect (as on the zoo model): the card must say so before anything else
     clean = {"model": "template_seg", "condition": "clean", "dice_a": 0.5, "dice_b": 0.5, "dice_mean": 0.5,
-             "hd95_mean": 3.0}
-    (tmp_path / "run" / "comparison.json").write_text(json.dumps({"rows": [clean]}))
+             "hd95_mean": 3.0, "dice_mean_wrong_template": 0.49, "dice_drop_wrong_template": 0.01}
+    (tmp_path / "run" / "comparison.json").write_text(json.dumps({"rows": [clean], "test_cases": ["case_b"]}))
     monkeypatch.setattr(template_seg_task, "load_seg_data", lambda data: small_data())
     banked = []
     slices_of = segmentation_slices.case_to_slices
@@ -120,3 +121,6 @@ def test_publish_states_the_preprocessing_the_weights_saw(trained_checkpoint, tm
     assert "gate='none'" in card.architecture and "temperature=5.0" in card.architecture  # the network trained
     assert json.loads((folder / "config.json").read_text())["gate"] == "none"
     assert banked == [TRAINED]  # the template bank: the training slices as the weights saw them
+    assert card.metrics["dice_drop_wrong_template"].value == 0.01
+    assert card.limitations[0].startswith("The template has no measurable effect on this model")
+    assert "0.490 against 0.500" in card.limitations[0]

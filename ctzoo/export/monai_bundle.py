@@ -117,7 +117,7 @@ def metadata(bundle: ModelBundle) -> dict[str, Any]:
         "name": card.name, "task": task, "description": card.description,
         "authors": "ctzoo contributors", "copyright": "Copyright (c) ctzoo contributors",
         "data_source": card.training.data, "data_type": "nibabel, SimpleITK or DICOM (ctzoo.io.read_volume)",
-        "intended_use": " ".join(card.limitations[-1:]) or "Research use only.",
+        "intended_use": card.intended_use or " ".join(card.limitations[-1:]) or "Research use only.",
         "eval_metrics": {name: metric.value for name, metric in card.metrics.items()},
         "references": [], "licence": card.licence,
         "network_data_format": network_data_format(bundle),

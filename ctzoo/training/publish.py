@@ -152,6 +152,15 @@ def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, spli
                            expansion=state.get("expanded_from"))
 
 
+def template_limitation(drop: float, dice: float, dice_wrong: float, source: str) -> str:
+    """The card's limitation for a template segmenter whose template check (:func:`evaluate_segmenter`) found no
+    measurable effect: users would otherwise take the bank and its lookup for what drives the result."""
+    return (f"The template has no measurable effect on this model: with each slice's nearest template given its "
+            f"class masks rotated between organs, its test mean Dice is {dice_wrong:.3f} against {dice:.3f} with the "
+            f"right ones (drop {drop:+.3f}; {source}). It segments from the image alone, like a plain UNet, and other "
+            "templates will not adapt it.")
+
+
 SEG_LIMITATIONS = [
     "Trained on 22 axial slices of one non-contrast CT (TotalSegmentator sample example_ct_sm) and tested on one "
     "contrast-enhanced CT of another patient: its numbers show that the method learns and transfers, not how it "
@@ -177,6 +186,7 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
     in the zoo, e.g. a searched architecture (:func:`ctzoo.nas.handoff.export_candidate`)."""
     from ctzoo.datasets.segmentation_slices import case_to_slices, template_set
     from ctzoo.models.template_bank import TemplateBank
+    from ctzoo.training.seg_evaluation import TEMPLATE_EFFECT_MIN_DROP
     from ctzoo.training.template_seg_task import load_seg_config, load_seg_data, load_seg_model, trained_preprocessing
 
     cfg = load_seg_config(config, data_root)
@@ -202,6 +212,13 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
     images, masks, sources = template_set([case_to_slices(c, prep) for c in data.cases["train"]], len(names),
                                           cfg.data.max_templates)
     bank = TemplateBank.build(model, images, masks, names, sources)
+    limitations = list(SEG_LIMITATIONS if limitations is None else limitations)
+    if "dice_drop_wrong_template" in mine:  # the template check of the run's evaluation
+        drop = mine["dice_drop_wrong_template"]
+        metrics["dice_drop_wrong_template"] = Metric(value=round(drop, 4), split=test)
+        if drop < TEMPLATE_EFFECT_MIN_DROP:
+            limitations.insert(0, template_limitation(drop, mine["dice_mean"], mine["dice_mean_wrong_template"],
+                                                      "comparison.json of the training run"))
     metrics |= extra_metrics or {}
     from ctzoo.training.template_seg_task import trained_model_config  # the network as trained, not as cfg says
 
@@ -223,7 +240,7 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
                               epochs=int(trained.get("epochs", cfg.optim.epochs)), epochs_planned=cfg.optim.epochs,
                               best_epoch=int(state["epoch"]) + 1 if checkpoint.name == "best.pt" else None,
                               wall_time_s=float(wall), notes=notes),
-        metrics=metrics, limitations=SEG_LIMITATIONS if limitations is None else limitations,
+        metrics=metrics, limitations=limitations,
         licence="Apache-2.0 (weights and template slices, from TotalSegmentator's Apache-2.0 samples)",
         created=datetime.date.today())
     return save_pretrained(model, target or name, config=model_config, card=card, extra=bank.save,
