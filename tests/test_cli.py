@@ -147,6 +147,37 @@ def test_an_output_path_through_a_file_is_one_error_line(tmp_path, command):
     assert blocker.read_text() == "not a folder"
 
 
+def test_an_unwritable_output_is_one_error_line(tmp_path, monkeypatch):
+    """A read-only folder (or no write permission, a full disk) used to end in a traceback, on a read-only mount
+    the cleanup's own error in place of the write's: now one line naming the file asked for and the reason."""
+    import errno
+    import os
+    import pathlib
+
+    def read_only(source, *_):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(source))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    monkeypatch.setattr(pathlib.Path, "unlink", lambda path, missing_ok=False: read_only(path))
+    out = tmp_path / "x.nii.gz"
+    result = run("data", "sample", str(out))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output == f"Error: {out}: cannot write: Read-only file system\n"
+
+
+def test_only_an_unwritable_output_becomes_an_error_line():
+    """Other OSErrors (a file that vanished, a bug's bad path) stay tracebacks: the line would mislead."""
+    import errno
+
+    from ctzoo.cli import unwritable_output_error
+
+    assert unwritable_output_error(FileNotFoundError(errno.ENOENT, "No such file or directory", "x")) is None
+    full = unwritable_output_error(OSError(errno.ENOSPC, "No space left on device"))
+    assert full.message == "cannot write: No space left on device"
+    assert unwritable_output_error(PermissionError(errno.EACCES, "Permission denied", "/o")).message == (
+        "/o: permission denied: Permission denied")
+
+
 def test_info_says_derived_only_for_a_series_uid_the_files_lack(tmp_path):
     """Any repair (here only SOPClassUID and SOPInstanceUID, taken from the file meta) used to make ``info`` call
     the files' own series UID derived."""
