@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ctzoo.cli.device_option import device_option
+
 
 @click.group()
 def cohort() -> None:
@@ -33,7 +35,7 @@ def cohort() -> None:
               show_default=True, help="Zoo models (or bundle folders) run on every input for the image modality. "
               "Repeatable.")
 @click.option("--context-only", is_flag=True, help="Headers only: run no model.")
-@click.option("--device", default="cpu", show_default=True, help="Where the models run (PyTorch): cpu, cuda, auto.")
+@device_option("cpu", "Where the models run (PyTorch): cpu, cuda, cuda:N or auto.")
 def build(inputs: tuple[Path, ...], out: Path, deeplesion_csv: Path | None, models: tuple[str, ...],
           context_only: bool, device: str) -> None:
     """Write the cohort table of INPUTS (DICOM folders and zips, NIfTI, NRRD, MHA, lists: what ctzoo infer takes).

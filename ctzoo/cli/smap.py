@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ctzoo.cli.device_option import device_option
+
 
 @click.group()
 def smap() -> None:
@@ -32,7 +34,7 @@ def smap() -> None:
 @click.option("--deeplesion", "deeplesion_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Embed the annotated lesions of this DL_info.csv instead (labels: coarse type).")
 @click.option("--patients", default=None, help="With --deeplesion: only these Patient_index values, e.g. 1-40,52.")
-@click.option("--device", default="cpu", show_default=True, help="Where the detector runs (PyTorch).")
+@device_option("cpu", "Where the detector runs (PyTorch): cpu, cuda, cuda:N or auto.")
 def features(inputs: tuple[Path, ...], out: Path, model: str, deeplesion_csv: Path | None, patients: str | None,
              device: str) -> None:
     """Write a site's lesion embeddings: RECIST-Net's decoder features pooled over each lesion's box.

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ctzoo.cli.device_option import device_option
 from ctzoo.cli.perf_options import perf_monitor, perf_options
 from ctzoo.config import ConfigError, read_yaml
 
@@ -91,8 +92,7 @@ def _rank_store(out: Path) -> tuple[Path, int | None]:
     return out / "perf.sqlite", None
 
 
-_DEVICE = click.option("--device", default="auto", show_default=True,
-                       help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+_DEVICE = device_option("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
 
 
 @click.command()
