@@ -107,6 +107,22 @@ def test_a_train_start_that_fails_on_its_data_leaves_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command", [("expand", "{run}/best.pt", "--out", "{out}"),
+                                     ("eval", "{config}", "--checkpoint", "{run}/best.pt", "--out", "{out}"),
+                                     ("zoo", "publish", "{run}", "--config", "{config}", "--name", "recistnet-mini",
+                                      "--version", "0.1.0", "--out", "{out}")], ids=lambda c: c[0])
+def test_a_damaged_checkpoint_is_one_error_line(mini, tmp_path, command):
+    """A checkpoint cut short (an interrupted copy) used to end expand, eval and zoo publish in torch's traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"PK\x03\x04 cut short")
+    words = [w.format(run=run, out=tmp_path / "out", config=tiny_config(tmp_path, mini)) for w in command]
+    result = CliRunner().invoke(main, words)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.startswith(f"Error: {run / 'best.pt'} is not a PyTorch checkpoint (")
+    assert result.output.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
 def _same_data_elsewhere(mini, folder, edit=None):
     """``mini``'s data under another root (its images linked), its DL_info.csv rewritten by ``edit``."""
     folder.mkdir()
