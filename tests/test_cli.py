@@ -178,6 +178,17 @@ def test_only_an_unwritable_output_becomes_an_error_line():
         "/o: permission denied: Permission denied")
 
 
+@pytest.mark.parametrize("command", [("cohort", "build"), ("smap", "features")], ids=" ".join)
+def test_an_unknown_model_is_one_line_and_leaves_nothing(tmp_path, command):
+    """--model nosuch used to end cohort build (after creating OUT/salt) and smap features in a KeyError traceback."""
+    (tmp_path / "ct.nii.gz").write_bytes(b"")
+    out = tmp_path / "out"
+    result = run(*command, str(tmp_path / "ct.nii.gz"), "--out", str(out / "site.npz"), "--model", "nosuch")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.startswith("Error: no model named 'nosuch'.") and result.output.count("\n") == 1
+    assert not out.exists()
+
+
 def test_info_says_derived_only_for_a_series_uid_the_files_lack(tmp_path):
     """Any repair (here only SOPClassUID and SOPInstanceUID, taken from the file meta) used to make ``info`` call
     the files' own series UID derived."""

@@ -53,12 +53,14 @@ def build(inputs: tuple[Path, ...], out: Path, deeplesion_csv: Path | None, mode
     A field a header lacks is 'unknown' and counts as its own group; an input that cannot be read is listed
     in cohort.json's 'failed' with the reason. Patient names and IDs are never printed.
     """
+    from ctzoo.cli.bundles import resolve_bundles
     from ctzoo.cohort.table import DOCUMENT_FILE, TABLE_FILE, build_cohort
 
     if not inputs and deeplesion_csv is None:
         raise click.UsageError("give CT inputs, --deeplesion DL_info.csv, or both")
+    bundles = [] if context_only else list(resolve_bundles(models).values())  # before anything is written
     try:
-        document = build_cohort(inputs, out, deeplesion_csv, models=() if context_only else models, device=device,
+        document = build_cohort(inputs, out, deeplesion_csv, models=bundles, device=device,
                                 say=click.echo, progress=True)
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from error

@@ -44,7 +44,8 @@ def features(inputs: tuple[Path, ...], out: Path, model: str, deeplesion_csv: Pa
     From --deeplesion DL_info.csv: every annotated lesion, labelled with its coarse type where known.
     The file identifies nobody: no identifiers or hashes, no file names or positions, rows shuffled.
     """
-    from ctzoo.models.bundle import BundleError, load_bundle
+    from ctzoo.cli.bundles import resolve_bundles
+    from ctzoo.models.bundle import BundleError
     from ctzoo.smap.features import deeplesion_site, parse_patients, volumes_site
     from ctzoo.smap.site_file import write_site
 
@@ -52,8 +53,8 @@ def features(inputs: tuple[Path, ...], out: Path, model: str, deeplesion_csv: Pa
         raise click.UsageError("give CT INPUTS or --deeplesion DL_info.csv (one of them)")
     if patients is not None and deeplesion_csv is None:
         raise click.UsageError("--patients selects DeepLesion patients: it needs --deeplesion")
+    bundle = resolve_bundles([model])[model]
     try:
-        bundle = load_bundle(model)
         if bundle.task != "detection":
             raise click.ClickException(f"{bundle.name} is a {bundle.task} model: site embeddings need a detector")
         if deeplesion_csv is not None:
