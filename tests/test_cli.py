@@ -189,6 +189,18 @@ def test_an_unknown_model_is_one_line_and_leaves_nothing(tmp_path, command):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", [("zoo", "publish", "{run}", "--config", "{config}", "--name", "m"),
+                                     ("nas", "export", "{run}", "c0", "--config", "{config}", "--out", "{run}/o")],
+                         ids=lambda c: " ".join(c[:2]))
+def test_a_version_that_is_not_semantic_is_refused_up_front(tmp_path, command):
+    """zoo publish --version banana used to be refused only after a full evaluation, in pydantic's dump."""
+    (tmp_path / "c.yaml").write_text("task: recistnet\n")
+    result = run(*(w.format(run=tmp_path, config=tmp_path / "c.yaml") for w in command), "--version", "banana")
+    assert result.exit_code == 2, result.output
+    assert result.output.endswith("Error: Invalid value for '--version': 'banana' is not a semantic version "
+                                  "(MAJOR.MINOR.PATCH, e.g. 0.1.0)\n")
+
+
 def test_info_says_derived_only_for_a_series_uid_the_files_lack(tmp_path):
     """Any repair (here only SOPClassUID and SOPInstanceUID, taken from the file meta) used to make ``info`` call
     the files' own series UID derived."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ctzoo.cli.device_option import device_option
+from ctzoo.cli.version_option import version_option
 from ctzoo.io.atomic import atomic_path
 from ctzoo.nas.explorer import read_candidates, render_explorer_html  # plotly is imported on use
 
@@ -187,7 +188,7 @@ def view(run: Path, out: Path | None) -> None:
               help="The bundle folder to write (every command takes it as --model OUT).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Retraining epochs. Default: the config's.")
 @click.option("--name", default=None, help="The model's name on its card. Default: template-seg-nas-CANDIDATE.")
-@click.option("--version", "version", default="0.1.0", show_default=True, help="Semantic version of the weights.")
+@version_option(default="0.1.0", show_default=True, help="Semantic version of the weights.")
 @click.option("--init", type=click.Choice(["supernet", "scratch"]), default="supernet", show_default=True,
               help="Start from the supernet's weights for the candidate (RUN/supernet/last.pt), or from scratch.")
 @device_option("auto", "auto, cpu or cuda.")
