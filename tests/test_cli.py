@@ -201,6 +201,15 @@ def test_a_version_that_is_not_semantic_is_refused_up_front(tmp_path, command):
                                   "(MAJOR.MINOR.PATCH, e.g. 0.1.0)\n")
 
 
+@pytest.mark.parametrize("address", ["hospital-a", "h:0", "h:65536", "h:port", ":5001", "[]:5001"])
+def test_a_party_address_that_is_not_host_port_is_refused(tmp_path, address):
+    """smap party used to take any --party text and fail later, in the connection."""
+    result = run("smap", "party", "--helper", "--index", "0", "--party", "127.0.0.1:5001", "--party", address,
+                 "--party", "127.0.0.1:5003", "--no-tls", "--out", str(tmp_path / "o.npz"))
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '--party': '{address}' is not HOST:PORT (a port from 1 to 65535" in result.output
+
+
 def test_info_says_derived_only_for_a_series_uid_the_files_lack(tmp_path):
     """Any repair (here only SOPClassUID and SOPInstanceUID, taken from the file meta) used to make ``info`` call
     the files' own series UID derived."""

@@ -87,13 +87,23 @@ def keys(parties: int, out: Path, days: int) -> None:
     click.echo(f"{out}: keys for {len(folders)} parties ({', '.join(f.name for f in folders)}), valid {days} days")
 
 
+def _party_addresses(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """Each --party as given, once it is HOST:PORT with a host and a port from 1 to 65535 (an IPv6 host in [])."""
+    for address in values:
+        host, colon, port = address.rpartition(":")
+        if not colon or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise click.BadParameter(f"{address!r} is not HOST:PORT (a port from 1 to 65535, e.g. "
+                                     "hospital-a.example:5001)")
+    return values
+
+
 @smap.command("party")
 @click.argument("site", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
 @click.option("--helper", is_flag=True,
               help="Join without a SITE file: a party with no lesions (two hospitals need a third party for an "
                    "honest majority). It learns the map's extent and the joint density only.")
 @click.option("--index", type=click.IntRange(0), required=True, help="This party's place in the --party list.")
-@click.option("--party", "addresses", multiple=True, required=True, metavar="HOST:PORT",
+@click.option("--party", "addresses", multiple=True, required=True, metavar="HOST:PORT", callback=_party_addresses,
               help="Every party's address, in the same order on every party (repeat; at least 3).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="What this party learns (.npz): its own points' coordinates, the joint density, ...")
