@@ -3,11 +3,14 @@ the target are removed by the next build, those of live builds and of other host
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
 
-from ctzoo.io.atomic import _host, atomic_folder, replace_folder
+import pytest
+
+from ctzoo.io.atomic import _host, atomic_folder, atomic_path, replace_folder
 
 
 def dead_pid() -> int:
@@ -43,3 +46,12 @@ def test_a_file_replaced_by_a_folder_leaves_no_hidden_copy(tmp_path):
     replace_folder(staging, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert (target / "ctzoo.json").is_file()
+
+
+def test_a_full_disk_names_the_file_asked_for(tmp_path):
+    """A writer's stream that finds no room raises an OSError without a name: the target's is given to it, and
+    no temporary file is left."""
+    with pytest.raises(OSError) as raised, atomic_path(tmp_path / "out.json") as temporary:
+        temporary.write_text("partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert raised.value.filename == str(tmp_path / "out.json") and list(tmp_path.iterdir()) == []

@@ -230,3 +230,41 @@ def test_onnx_cuda_falls_back_to_cpu_with_a_warning(cache):
     with pytest.warns(RuntimeWarning, match="CUDAExecutionProvider"):
         onnx_backend = backend(DETECTOR, "onnx", cache, device="cuda", threads=1)
     assert onnx_backend.device == "cpu"
+
+
+def test_a_cuda_device_this_machine_lacks_is_a_value_error(monkeypatch):
+    """--device cuda without CUDA (or cuda:N past the last GPU) used to pass the check and fail later in torch with an
+    AssertionError traceback."""
+    from ctzoo.inference.backends import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^--device cuda: no CUDA device on this machine \(use auto or cpu\)$"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match="has 2 CUDA device"):
+        resolve_device("cuda:2")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("cuda:x")
+
+
+@pytest.mark.parametrize("command", [("train", "{config}", "--out", "{out}"), ("eval", "{config}", "--model",
+                                     "recistnet-mini", "--out", "{out}"), ("smap", "features", "x", "--out", "{out}"),
+                                     ("cohort", "build", "x", "--out", "{out}"), ("nas", "search", "{config}", "--out",
+                                                                                   "{out}")], ids=lambda c: c[0])
+def test_device_cuda_without_cuda_is_one_line_before_anything_is_written(tmp_path, monkeypatch, command):
+    from click.testing import CliRunner
+
+    from ctzoo.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x").write_text("")
+    (tmp_path / "c.yaml").write_text("task: recistnet\n")
+    words = [w.format(config="c.yaml", out=tmp_path / "out") for w in command]
+    result = CliRunner().invoke(main, [*words, "--device", "cuda"])
+    assert result.exit_code == 1, result.output
+    assert result.output == "Error: --device cuda: no CUDA device on this machine (use auto or cpu)\n"
+    assert not (tmp_path / "out").exists()

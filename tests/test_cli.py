@@ -147,6 +147,69 @@ def test_an_output_path_through_a_file_is_one_error_line(tmp_path, command):
     assert blocker.read_text() == "not a folder"
 
 
+def test_an_unwritable_output_is_one_error_line(tmp_path, monkeypatch):
+    """A read-only folder (or no write permission, a full disk) used to end in a traceback, on a read-only mount
+    the cleanup's own error in place of the write's: now one line naming the file asked for and the reason."""
+    import errno
+    import os
+    import pathlib
+
+    def read_only(source, *_):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(source))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    monkeypatch.setattr(pathlib.Path, "unlink", lambda path, missing_ok=False: read_only(path))
+    out = tmp_path / "x.nii.gz"
+    result = run("data", "sample", str(out))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output == f"Error: {out}: cannot write: Read-only file system\n"
+
+
+def test_only_an_unwritable_output_becomes_an_error_line():
+    """Other OSErrors (a file that vanished, a bug's bad path) stay tracebacks: the line would mislead."""
+    import errno
+
+    from ctzoo.cli import unwritable_output_error
+
+    assert unwritable_output_error(FileNotFoundError(errno.ENOENT, "No such file or directory", "x")) is None
+    full = unwritable_output_error(OSError(errno.ENOSPC, "No space left on device"))
+    assert full.message == "cannot write: No space left on device"
+    assert unwritable_output_error(PermissionError(errno.EACCES, "Permission denied", "/o")).message == (
+        "/o: permission denied: Permission denied")
+
+
+@pytest.mark.parametrize("command", [("cohort", "build"), ("smap", "features")], ids=" ".join)
+def test_an_unknown_model_is_one_line_and_leaves_nothing(tmp_path, command):
+    """--model nosuch used to end cohort build (after creating OUT/salt) and smap features in a KeyError traceback."""
+    (tmp_path / "ct.nii.gz").write_bytes(b"")
+    out = tmp_path / "out"
+    result = run(*command, str(tmp_path / "ct.nii.gz"), "--out", str(out / "site.npz"), "--model", "nosuch")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.startswith("Error: no model named 'nosuch'.") and result.output.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [("zoo", "publish", "{run}", "--config", "{config}", "--name", "m"),
+                                     ("nas", "export", "{run}", "c0", "--config", "{config}", "--out", "{run}/o")],
+                         ids=lambda c: " ".join(c[:2]))
+def test_a_version_that_is_not_semantic_is_refused_up_front(tmp_path, command):
+    """zoo publish --version banana used to be refused only after a full evaluation, in pydantic's dump."""
+    (tmp_path / "c.yaml").write_text("task: recistnet\n")
+    result = run(*(w.format(run=tmp_path, config=tmp_path / "c.yaml") for w in command), "--version", "banana")
+    assert result.exit_code == 2, result.output
+    assert result.output.endswith("Error: Invalid value for '--version': 'banana' is not a semantic version "
+                                  "(MAJOR.MINOR.PATCH, e.g. 0.1.0)\n")
+
+
+@pytest.mark.parametrize("address", ["hospital-a", "h:0", "h:65536", "h:port", ":5001", "[]:5001"])
+def test_a_party_address_that_is_not_host_port_is_refused(tmp_path, address):
+    """smap party used to take any --party text and fail later, in the connection."""
+    result = run("smap", "party", "--helper", "--index", "0", "--party", "127.0.0.1:5001", "--party", address,
+                 "--party", "127.0.0.1:5003", "--no-tls", "--out", str(tmp_path / "o.npz"))
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '--party': '{address}' is not HOST:PORT (a port from 1 to 65535" in result.output
+
+
 def test_info_says_derived_only_for_a_series_uid_the_files_lack(tmp_path):
     """Any repair (here only SOPClassUID and SOPInstanceUID, taken from the file meta) used to make ``info`` call
     the files' own series UID derived."""

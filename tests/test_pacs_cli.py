@@ -191,6 +191,11 @@ def test_status_retry_and_check(tmp_path, monkeypatch):
     runner = CliRunner()
     assert "no ledger" in runner.invoke(main, ["pacs", "status", str(config)]).output
     settings = load_pacs_config(config)
+    # retry without a ledger used to create an empty one and say "0 job(s) queued again", exit 0
+    refused = runner.invoke(main, ["pacs", "retry", str(config), "5"])
+    assert refused.exit_code == 1 and refused.output == f"Error: no ledger at {settings.ledger_path} yet (nothing " \
+        "was received)\n"
+    assert not settings.ledger_path.exists()
     settings.state_dir.mkdir(parents=True)
     with Ledger(settings.ledger_path, max_attempts=1) as ledger:
         ledger.enqueue("1.2.3", "dicom:ab")
@@ -198,6 +203,8 @@ def test_status_retry_and_check(tmp_path, monkeypatch):
         assert ledger.fail(job.id, "w", "model exploded") is JobState.PARKED
     table = runner.invoke(main, ["pacs", "status", str(config), "--state", "PARKED"])
     assert table.exit_code == 0 and "PARKED" in table.output and "model exploded" in table.output
+    unknown = runner.invoke(main, ["pacs", "retry", str(config), "1", "5", "7"])
+    assert unknown.exit_code == 1 and unknown.output.startswith("Error: no job 5, 7 in ")
     retried = runner.invoke(main, ["pacs", "retry", str(config), "--parked"])
     assert retried.exit_code == 0 and "1 job(s) queued again" in retried.output
     # a listener job whose instances are gone from the spool waits for them: retry says so

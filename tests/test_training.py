@@ -84,6 +84,45 @@ def _resume_error(config, out, *extra):
     return result.output
 
 
+@pytest.mark.parametrize("left", ["last.pt", "best.pt", "metrics.csv", "template_seg/last.pt"])
+def test_train_refuses_a_run_folder_without_resume(mini, tmp_path, left):
+    """A fresh run into a folder that holds a run would overwrite it from epoch 0: refused in one line, and the
+    earlier run is left as it was (its config.json too)."""
+    run = tmp_path / "run"
+    (run / left).parent.mkdir(parents=True)
+    (run / left).write_bytes(b"earlier run")
+    (run / "config.json").write_text("{}")
+    result = CliRunner().invoke(main, ["train", str(tiny_config(tmp_path, mini)), "--out", str(run)])
+    assert result.exit_code == 1
+    assert result.output == f"Error: {run} holds a training run: --resume continues it, or choose another --out\n"
+    assert (run / left).read_bytes() == b"earlier run" and (run / "config.json").read_text() == "{}"
+
+
+def test_a_train_start_that_fails_on_its_data_leaves_nothing(tmp_path):
+    """The data load before anything is written to OUT: a start that fails there leaves no config.json."""
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, ["train", str(tiny_config(tmp_path, tmp_path / "empty")), "--out",
+                                       str(tmp_path / "run")])
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [("expand", "{run}/best.pt", "--out", "{out}"),
+                                     ("eval", "{config}", "--checkpoint", "{run}/best.pt", "--out", "{out}"),
+                                     ("zoo", "publish", "{run}", "--config", "{config}", "--name", "recistnet-mini",
+                                      "--version", "0.1.0", "--out", "{out}")], ids=lambda c: c[0])
+def test_a_damaged_checkpoint_is_one_error_line(mini, tmp_path, command):
+    """A checkpoint cut short (an interrupted copy) used to end expand, eval and zoo publish in torch's traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"PK\x03\x04 cut short")
+    words = [w.format(run=run, out=tmp_path / "out", config=tiny_config(tmp_path, mini)) for w in command]
+    result = CliRunner().invoke(main, words)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.startswith(f"Error: {run / 'best.pt'} is not a PyTorch checkpoint (")
+    assert result.output.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
 def _same_data_elsewhere(mini, folder, edit=None):
     """``mini``'s data under another root (its images linked), its DL_info.csv rewritten by ``edit``."""
     folder.mkdir()

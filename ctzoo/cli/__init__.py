@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import warnings
@@ -48,8 +49,31 @@ COMMANDS = {
 }
 
 
+#: Errors of an output that cannot be written (a read-only or full disk, a folder without write permission).
+_UNWRITABLE = {errno.EROFS: "cannot write", errno.ENOSPC: "cannot write", errno.EDQUOT: "cannot write",
+               errno.EFBIG: "cannot write", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+def unwritable_output_error(exc: OSError) -> click.ClickException | None:
+    """One error line for an uncaught OSError of an output that cannot be written, naming the path (where the
+    OSError does) and the system's reason; None for any other OSError, which stays a traceback: a bug to show."""
+    if exc.errno not in _UNWRITABLE:
+        return None
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    return click.ClickException(f"{where}{_UNWRITABLE[exc.errno]}: {exc.strerror}")
+
+
 class LazyGroup(click.Group):
-    """A click group whose subcommands (:data:`COMMANDS`) are imported on first use."""
+    """A click group whose subcommands (:data:`COMMANDS`) are imported on first use; an output the command cannot
+    write (:func:`unwritable_output_error`) ends it with one error line, whichever command it was."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            if (error := unwritable_output_error(exc)) is None:
+                raise
+            raise error from exc
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ctzoo.cli.device_option import device_option
+
 
 @click.group()
 def cohort() -> None:
@@ -33,7 +35,7 @@ def cohort() -> None:
               show_default=True, help="Zoo models (or bundle folders) run on every input for the image modality. "
               "Repeatable.")
 @click.option("--context-only", is_flag=True, help="Headers only: run no model.")
-@click.option("--device", default="cpu", show_default=True, help="Where the models run (PyTorch): cpu, cuda, auto.")
+@device_option("cpu", "Where the models run (PyTorch): cpu, cuda, cuda:N or auto.")
 def build(inputs: tuple[Path, ...], out: Path, deeplesion_csv: Path | None, models: tuple[str, ...],
           context_only: bool, device: str) -> None:
     """Write the cohort table of INPUTS (DICOM folders and zips, NIfTI, NRRD, MHA, lists: what ctzoo infer takes).
@@ -51,12 +53,14 @@ def build(inputs: tuple[Path, ...], out: Path, deeplesion_csv: Path | None, mode
     A field a header lacks is 'unknown' and counts as its own group; an input that cannot be read is listed
     in cohort.json's 'failed' with the reason. Patient names and IDs are never printed.
     """
+    from ctzoo.cli.bundles import resolve_bundles
     from ctzoo.cohort.table import DOCUMENT_FILE, TABLE_FILE, build_cohort
 
     if not inputs and deeplesion_csv is None:
         raise click.UsageError("give CT inputs, --deeplesion DL_info.csv, or both")
+    bundles = [] if context_only else list(resolve_bundles(models).values())  # before anything is written
     try:
-        document = build_cohort(inputs, out, deeplesion_csv, models=() if context_only else models, device=device,
+        document = build_cohort(inputs, out, deeplesion_csv, models=bundles, device=device,
                                 say=click.echo, progress=True)
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from error

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from ctzoo.cli.device_option import device_option
+from ctzoo.cli.version_option import version_option
 from ctzoo.io.atomic import atomic_path
 from ctzoo.nas.explorer import read_candidates, render_explorer_html  # plotly is imported on use
 
@@ -57,8 +59,8 @@ def _pending(run: Path) -> dict[str, list[str]]:
 @click.option("--reference", is_flag=True, help="Also score the network CONFIG's model: block describes (the model "
               "you have now, e.g. the shipped one), once, so the explorer shows where it stands among the candidates.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (training; latency is "
-              "measured on the CPU with ONNX Runtime, on a GPU with PyTorch).")
+@device_option("auto", "auto, cpu or cuda (training; latency is "
+               "measured on the CPU with ONNX Runtime, on a GPU with PyTorch).")
 def search(config: Path, run: Path, epochs: int, candidates: int, resume: bool, reference: bool, seed: int,
            device: str) -> None:
     """One iteration of a one-shot search over the template segmenter of CONFIG (a template_seg train config).
@@ -186,10 +188,10 @@ def view(run: Path, out: Path | None) -> None:
               help="The bundle folder to write (every command takes it as --model OUT).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Retraining epochs. Default: the config's.")
 @click.option("--name", default=None, help="The model's name on its card. Default: template-seg-nas-CANDIDATE.")
-@click.option("--version", "version", default="0.1.0", show_default=True, help="Semantic version of the weights.")
+@version_option(default="0.1.0", show_default=True, help="Semantic version of the weights.")
 @click.option("--init", type=click.Choice(["supernet", "scratch"]), default="supernet", show_default=True,
               help="Start from the supernet's weights for the candidate (RUN/supernet/last.pt), or from scratch.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@device_option("auto", "auto, cpu or cuda.")
 def export_command(run: Path, candidate: str, config: Path, out: Path, epochs: int | None, name: str | None,
                    version: str, init: str, device: str) -> None:
     """Hand candidate CANDIDATE of search RUN over to the zoo: retrain it standalone and publish it as a bundle.

@@ -47,6 +47,14 @@ def _load(config_path: Path):
         raise click.ClickException(str(exc)) from exc
 
 
+def _existing_ledger(config):
+    """The ledger of ``config`` for a command that reads or changes its jobs: one that none was received into yet
+    is not created (an empty one would hide a wrong config behind "0 jobs")."""
+    if not config.ledger_path.exists():
+        raise click.ClickException(f"no ledger at {config.ledger_path} yet (nothing was received)")
+    return _ledger(config)
+
+
 def _ledger(config):
     from ctzoo.pacs.ledger import Ledger
 
@@ -251,9 +259,7 @@ def status(config: Path, state: str | None, as_json: bool) -> None:
     from ctzoo.pacs.core import series_tag
 
     settings = _load(config)
-    if not settings.ledger_path.exists():
-        raise click.ClickException(f"no ledger at {settings.ledger_path} yet (nothing was received)")
-    with _ledger(settings) as ledger:
+    with _existing_ledger(settings) as ledger:
         jobs, counts = ledger.jobs(state), ledger.summary()
     if as_json:
         for job in jobs:
@@ -286,12 +292,15 @@ def retry(config: Path, job_ids: tuple[int, ...], parked: bool) -> None:
     if not job_ids and not parked:
         raise click.UsageError("give JOB_IDS or --parked")
     settings = _load(config)
-    with _ledger(settings) as ledger:
+    with _existing_ledger(settings) as ledger:
+        if unknown := sorted(set(job_ids) - {job.id for job in ledger.jobs()}):
+            raise click.ClickException(f"no job {', '.join(map(str, unknown))} in {settings.ledger_path} (see "
+                                       "'ctzoo pacs status'); nothing requeued")
         ids = list(job_ids) + ([job.id for job in ledger.jobs(JobState.PARKED)] if parked else [])
         done = [i for i in ids if ledger.requeue(i)]
         resend = [job.id for job in ledger.jobs() if job.id in done and awaits_resend(settings.state_dir / "spool",
                                                                                          job)]
-    click.echo(f"{len(done)} job(s) queued again" + (f"; not requeued (not PARKED/FAILED/WAITING/SKIPPED or unknown): "
+    click.echo(f"{len(done)} job(s) queued again" + (f"; not requeued (not PARKED/FAILED/WAITING/SKIPPED): "
                                                     f"{sorted(set(ids) - set(done))}" if len(done) < len(ids) else ""))
     if resend:
         click.echo(f"{resend}: the received instances are no longer in the spool (removed when the job was skipped "

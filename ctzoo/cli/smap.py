@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ctzoo.cli.device_option import device_option
+
 
 @click.group()
 def smap() -> None:
@@ -32,7 +34,7 @@ def smap() -> None:
 @click.option("--deeplesion", "deeplesion_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Embed the annotated lesions of this DL_info.csv instead (labels: coarse type).")
 @click.option("--patients", default=None, help="With --deeplesion: only these Patient_index values, e.g. 1-40,52.")
-@click.option("--device", default="cpu", show_default=True, help="Where the detector runs (PyTorch).")
+@device_option("cpu", "Where the detector runs (PyTorch): cpu, cuda, cuda:N or auto.")
 def features(inputs: tuple[Path, ...], out: Path, model: str, deeplesion_csv: Path | None, patients: str | None,
              device: str) -> None:
     """Write a site's lesion embeddings: RECIST-Net's decoder features pooled over each lesion's box.
@@ -42,7 +44,8 @@ def features(inputs: tuple[Path, ...], out: Path, model: str, deeplesion_csv: Pa
     From --deeplesion DL_info.csv: every annotated lesion, labelled with its coarse type where known.
     The file identifies nobody: no identifiers or hashes, no file names or positions, rows shuffled.
     """
-    from ctzoo.models.bundle import BundleError, load_bundle
+    from ctzoo.cli.bundles import resolve_bundles
+    from ctzoo.models.bundle import BundleError
     from ctzoo.smap.features import deeplesion_site, parse_patients, volumes_site
     from ctzoo.smap.site_file import write_site
 
@@ -50,8 +53,8 @@ def features(inputs: tuple[Path, ...], out: Path, model: str, deeplesion_csv: Pa
         raise click.UsageError("give CT INPUTS or --deeplesion DL_info.csv (one of them)")
     if patients is not None and deeplesion_csv is None:
         raise click.UsageError("--patients selects DeepLesion patients: it needs --deeplesion")
+    bundle = resolve_bundles([model])[model]
     try:
-        bundle = load_bundle(model)
         if bundle.task != "detection":
             raise click.ClickException(f"{bundle.name} is a {bundle.task} model: site embeddings need a detector")
         if deeplesion_csv is not None:
@@ -84,13 +87,23 @@ def keys(parties: int, out: Path, days: int) -> None:
     click.echo(f"{out}: keys for {len(folders)} parties ({', '.join(f.name for f in folders)}), valid {days} days")
 
 
+def _party_addresses(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """Each --party as given, once it is HOST:PORT with a host and a port from 1 to 65535 (an IPv6 host in [])."""
+    for address in values:
+        host, colon, port = address.rpartition(":")
+        if not colon or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise click.BadParameter(f"{address!r} is not HOST:PORT (a port from 1 to 65535, e.g. "
+                                     "hospital-a.example:5001)")
+    return values
+
+
 @smap.command("party")
 @click.argument("site", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
 @click.option("--helper", is_flag=True,
               help="Join without a SITE file: a party with no lesions (two hospitals need a third party for an "
                    "honest majority). It learns the map's extent and the joint density only.")
 @click.option("--index", type=click.IntRange(0), required=True, help="This party's place in the --party list.")
-@click.option("--party", "addresses", multiple=True, required=True, metavar="HOST:PORT",
+@click.option("--party", "addresses", multiple=True, required=True, metavar="HOST:PORT", callback=_party_addresses,
               help="Every party's address, in the same order on every party (repeat; at least 3).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="What this party learns (.npz): its own points' coordinates, the joint density, ...")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ctzoo.cli.device_option import device_option
 from ctzoo.cli.perf_options import perf_monitor, perf_options
 from ctzoo.config import ConfigError, read_yaml
 
@@ -36,14 +37,33 @@ def _load_run_config(load, config: Path, epochs: int | None, data_root: Path | N
     return cfg
 
 
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv")  # what a started training run leaves in its folder
+RUN_SUBFOLDERS = ("template_seg", "unet")  # where a template_seg run trains its two models
+
+
+def refuse_earlier_run(out: Path, resume: bool) -> None:
+    """Without --resume, refuse an OUT that holds a training run (its own or a template_seg run's models): a fresh
+    run would overwrite its checkpoints, metrics and config.json from epoch 0."""
+    if resume:
+        return
+    folders = (out, *(out / name for name in RUN_SUBFOLDERS))
+    if any((folder / name).exists() for folder in folders for name in RUN_FILES):
+        raise click.ClickException(f"{out} holds a training run: --resume continues it, or choose another --out")
+
+
+def _check_resume(check_resume) -> None:
+    """Run ``check_resume()`` (a resumed run: refuse a config its checkpoints were not trained with)."""
+    try:
+        check_resume()
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 def _record_config(cfg, out: Path, check_resume=None) -> None:
-    """Run ``check_resume()`` (a resumed run: refuse a config its checkpoints were not trained with), then record
-    the config used in OUT/config.json: only then, so that a refused resume leaves the run's record as it was."""
+    """Run ``check_resume()`` if given, then record the config used in OUT/config.json: only then, so that a
+    refused resume leaves the run's record as it was."""
     if check_resume is not None:
-        try:
-            check_resume()
-        except (FileNotFoundError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from exc
+        _check_resume(check_resume)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
 
@@ -53,6 +73,7 @@ def _train_template_seg(config: Path, out: Path, resume: bool, epochs: int | Non
     from ctzoo.training.template_seg_task import check_resume, load_seg_config, train_with_baseline
 
     cfg = _load_run_config(load_seg_config, config, epochs, data_root)
+    refuse_earlier_run(out, resume)
     _record_config(cfg, out, (lambda: check_resume(cfg, out)) if resume else None)
     try:
         train_with_baseline(cfg, out, device=device, resume=resume)
@@ -71,8 +92,7 @@ def _rank_store(out: Path) -> tuple[Path, int | None]:
     return out / "perf.sqlite", None
 
 
-_DEVICE = click.option("--device", default="auto", show_default=True,
-                       help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+_DEVICE = device_option("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
 
 
 @click.command()
@@ -126,11 +146,18 @@ def train(config: Path, out: Path, resume: bool, epochs: int | None, data_root: 
     extra_state = {"train_config": json.loads(cfg.model_dump_json()), **data_record(cfg.data),
                    **expansion_record(cfg.init_from_expansion)}
     record = resume_record(optim.model_dump(), extra_state)
-    _record_config(cfg, out, (lambda: check_resume(out / "last.pt", record)) if resume else None)
+    refuse_earlier_run(out, resume)
+    if resume:
+        _check_resume(lambda: check_resume(out / "last.pt", record))
+    try:  # the data and the plan load before OUT is written to: a start that fails there leaves nothing behind
+        plan = Plan.load(cfg.placement) if cfg.placement is not None else None
+        task = RecistNetTask(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    _record_config(cfg, out)
     monitor = perf_monitor(perf, "train", *_rank_store(out))
     try:
-        plan = Plan.load(cfg.placement) if cfg.placement is not None else None
-        summary = fit(RecistNetTask(cfg), optim, out, resume=resume, device=device, extra_state=extra_state,
+        summary = fit(task, optim, out, resume=resume, device=device, extra_state=extra_state,
                       compression=cfg.distributed, monitor=monitor, placement=plan)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from ctzoo.cli.version_option import version_option
+
 # ctzoo.models is imported inside the commands: it imports torch, which would slow every other command
 
 
@@ -94,7 +96,7 @@ def show(name: str, as_json: bool) -> None:
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="The training config of the run.")
 @click.option("--name", required=True, help="Registered zoo name to publish as (ctzoo zoo list).")
-@click.option("--version", "version", required=True, help="Semantic version of these weights, e.g. 0.1.0.")
+@version_option(required=True, help="Semantic version of these weights, e.g. 0.1.0.")
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True,
               help="Split the card's metrics are measured on.")
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,

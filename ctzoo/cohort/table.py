@@ -44,7 +44,7 @@ from ctzoo.inference.tasks import model_task
 from ctzoo.io.atomic import atomic_folder, atomic_path, remove_atomically
 from ctzoo.io.image_files import read_volume
 from ctzoo.io.privacy import salt_from
-from ctzoo.models.bundle import load_bundle
+from ctzoo.models.bundle import ModelBundle, load_bundle
 
 SCHEMA = 1
 SALT_ENV = "CTZOO_COHORT_SALT"
@@ -59,14 +59,14 @@ INPUT_MARK = "<input>"
 
 
 def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: str | Path | None = None,
-                 models: Sequence[str] = (), device: str = "cpu",
+                 models: Sequence[str | ModelBundle] = (), device: str = "cpu",
                  say: Callable[[str], None] = lambda message: None, progress: bool = False) -> dict[str, Any]:
     """Read every CT input (what ``ctzoo infer`` accepts; headers and voxels within the default resource limits),
-    run ``models`` (zoo names or bundle folders, PyTorch on ``device``) on each, read DeepLesion's ``DL_info.csv``,
-    write ``out/cohort.csv`` and ``out/cohort.json``; return the document."""
+    run ``models`` (zoo names, bundle folders or loaded bundles, PyTorch on ``device``) on each, read DeepLesion's
+    ``DL_info.csv``, write ``out/cohort.csv`` and ``out/cohort.json``; return the document. The salt (``out/salt``
+    where ``$CTZOO_COHORT_SALT`` is unset) is created only once the models and inputs are found."""
     out = Path(out)
-    salt = salt_from(SALT_ENV, out)
-    bundles = [load_bundle(name) for name in models]
+    bundles = [model if isinstance(model, ModelBundle) else load_bundle(model) for model in models]
     tasks = [model_task(bundle, "torch", device) for bundle in bundles]
     class_names = {bundle.name: bundle.class_names for bundle in bundles}
     detector = next((bundle for bundle in bundles if bundle.task == "detection"), None)
@@ -75,6 +75,7 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
     findings: dict[str, Any] = {}  # per series hash: the detector's findings with their pooled features
     thumbnails: dict[str, bytes] = {}
     cases = discover_cases(inputs) if inputs else []
+    salt = salt_from(SALT_ENV, out)
     for index, case in enumerate(cases, 1):
         try:
             volume = read_volume(case.path, progress=False)

@@ -92,7 +92,8 @@ def make_backend(bundle: ModelBundle, kind: Literal["torch", "onnx"] = "torch", 
     """
     if kind not in KINDS:
         raise ValueError(f"unknown backend kind {kind!r}: use one of {', '.join(KINDS)}")
-    device = resolve_device(device)
+    # ONNX Runtime has CUDA of its own (or falls back to the CPU with a warning), whatever torch has
+    device = resolve_device(device) if kind == "torch" else _device_name(device)
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {precision!r}: a backend runs fp32 or bf16 (choose_precision resolves "
                          "auto)")
@@ -135,12 +136,27 @@ def make_backend(bundle: ModelBundle, kind: Literal["torch", "onnx"] = "torch", 
                          tuple(bundle.preprocessing.size), device, threads)
 
 
-def resolve_device(device: str) -> str:
+def _device_name(device: str) -> str:
     """``auto`` as the device it stands for (CUDA when torch sees one, else the CPU); ValueError for an unknown one."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
         raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_device(device: str) -> str:
+    """:func:`_device_name`, and ValueError for a CUDA device PyTorch does not have on this machine (torch would
+    fail later with an AssertionError)."""
+    device = _device_name(device)
+    if device == "cpu":
+        return device
+    index = device.removeprefix("cuda:") if device.startswith("cuda:") else None
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device on this machine (use auto or cpu)")
+    if index is not None and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

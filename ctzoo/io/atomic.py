@@ -6,6 +6,7 @@ old file or nothing, never a truncated one.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -18,6 +19,15 @@ from pathlib import Path
 
 def _suffix(path: Path) -> str:
     return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a write that found no room: unnamed when a library's stream wrote
+
+
+def _name_the_target(exc: OSError, temporary: Path, path: Path) -> None:
+    """Let an error of the write name the file the caller asked for, not its hidden temporary name."""
+    if exc.filename is not None and str(exc.filename) == str(temporary) or exc.filename is None and exc.errno in _FULL:
+        exc.filename = str(path)
 
 
 @contextmanager
@@ -36,8 +46,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield temporary
         os.replace(temporary, path)
+    except OSError as exc:
+        _name_the_target(exc, temporary, path)
+        raise
     finally:
-        temporary.unlink(missing_ok=True)
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:  # e.g. a read-only folder, where the write itself failed first: keep that error, not this
+            pass
 
 
 #: The temporary name :func:`atomic_path` writes under: ``.<stem>.<8 hex>.partial<suffix>``.
@@ -148,7 +164,11 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_siblings(target)
     staging = target.with_name(f".{target.name}.{_owner_tag()}.partial")
-    staging.mkdir()
+    try:
+        staging.mkdir()
+    except OSError as exc:
+        _name_the_target(exc, staging, target)
+        raise
     try:
         yield staging
         replace_folder(staging, target)

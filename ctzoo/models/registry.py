@@ -36,7 +36,7 @@ from torch import nn
 TASKS: tuple[str, ...] = ("detection", "segmentation")
 WEIGHTS_FILE, CONFIG_FILE, CARD_JSON, CARD_MD = "model.safetensors", "config.json", "card.json", "MODEL_CARD.md"
 _NAME = r"^[a-z0-9][a-z0-9_.-]*$"  # a valid folder name on every OS and one word on a command line
-_SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$"
+SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$"
 B = TypeVar("B", bound=Callable[..., nn.Module])
 
 
@@ -126,7 +126,7 @@ class ModelCard(_Strict):
     """What a published model is, how it was trained, how well it does and where it fails."""
 
     name: str = Field(pattern=_NAME)
-    version: str = Field(pattern=_SEMVER, description="semantic version of the weights")
+    version: str = Field(pattern=SEMVER, description="semantic version of the weights")
     task: Literal["detection", "segmentation"]
     description: str = Field(min_length=1)
     intended_use: str = Field("", description="who may use it for what, on which input; '' in cards published "

@@ -25,6 +25,7 @@ from torch import nn
 from ctzoo.config import StrictConfig
 from ctzoo.io.atomic import atomic_path
 from ctzoo.models.bundle import NETWORK_REBUILDERS
+from ctzoo.models.checkpoint import load_checkpoint
 from ctzoo.scaling.expand import ExpansionReport, compare_outputs, expand_model
 
 __all__ = ["ExpansionInit", "SourceModel", "checkpoint_network", "expand_source", "expanded_model",
@@ -163,9 +164,7 @@ def load_source_model(source: str) -> SourceModel:
     if not path.is_file():
         raise ValueError(f"{source}: neither a zoo model ({', '.join(list_models())}), a bundle folder nor a "
                          "checkpoint file")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise ValueError(f"{path} is not a ctzoo train checkpoint (no 'model' state dict)")
+    state = load_checkpoint(path)
     if "train_config" in state:  # the config as ctzoo train saved it (model_dump): read, not re-validated
         from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
 
@@ -269,8 +268,8 @@ def expanded_structure(record: dict[str, Any]) -> nn.Module:
 
 def load_expanded(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The expanded model of ``OUT/expanded.pt`` and its metadata (source, expansion, report)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    state = load_checkpoint(path)
+    if state.get("format") != FORMAT:
         raise ValueError(f"{path} is not an expanded checkpoint written by ctzoo expand")
     model = expanded_structure(state)
     model.load_state_dict(state["model"])
@@ -282,7 +281,7 @@ def expansion_record(init: ExpansionInit | None) -> dict[str, Any]:
     checkpoint (``fit(extra_state=...)``): ``{"expanded_from": {"architecture", "expansion"}}``, or nothing."""
     if init is None:
         return {}
-    state = torch.load(init.checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(init.checkpoint)
     return {"expanded_from": {"architecture": state["architecture"], "expansion": state["expansion"]}}
 
 

@@ -18,16 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
+from ctzoo.models.checkpoint import CheckpointError, load_checkpoint
 from ctzoo.models.pretrained import save_pretrained
 from ctzoo.models.registry import ModelCard
 from ctzoo.scaling.zoo_expand import checkpoint_network
-
-
-class CheckpointError(ValueError):
-    """A file is not a checkpoint ctzoo can turn into a bundle; the message says what to give instead."""
 
 
 @dataclass
@@ -47,18 +43,8 @@ def bundle_from_checkpoint(path: Path, out: Path, templates: Path | None = None)
                            expansion=converted.expansion)
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # pickle, zip or torch errors: all mean "not a checkpoint"
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise CheckpointError(f"{path} is not a ctzoo train checkpoint (no 'model' state dict)")
-    return state
-
-
 def _convert(path: Path, templates: Path | None) -> _Converted:
-    state = _load_checkpoint(path)
+    state = load_checkpoint(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     epochs = int(state.get("epoch", -1)) + 1
     version = f"0.0.0+epoch{epochs}.{digest[:8]}"  # semver build metadata: which weights, not a release

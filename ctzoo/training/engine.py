@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ctzoo.config import StrictConfig
+from ctzoo.inference.backends import resolve_device
 from ctzoo.io.atomic import atomic_path
 from ctzoo.training.epoch_writer import EpochWriter, cpu_snapshot
 from ctzoo.training.resume_check import config_changes, refusal, resume_record
@@ -101,9 +102,8 @@ def seed_everything(seed: int, *objects: Any) -> None:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    """The device ``requested`` names (auto: CUDA when present); ValueError for one this machine lacks."""
+    return torch.device(resolve_device(requested))
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:

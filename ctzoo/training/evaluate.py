@@ -15,6 +15,7 @@ from ctzoo.datasets.deeplesion.dataset import (
     deeplesion_dataloader,
     deeplesion_dataset,
 )
+from ctzoo.models.checkpoint import load_checkpoint
 from ctzoo.models.recistnet import RecistNet
 from ctzoo.scaling.zoo_expand import checkpoint_network
 from ctzoo.training.calibration import (
@@ -45,7 +46,7 @@ def load_recistnet(checkpoint: Path | None, model_name: str | None, preprocessin
 
         own = load_bundle(model_name).preprocessing
         return create_model(model_name, pretrained=True).to(device).eval(), own
-    state = torch.load(checkpoint, map_location=device, weights_only=False)
+    state = load_checkpoint(checkpoint, map_location=device)
     saved = state.get("train_config", {})
     own = recorded_fields(SlicePreprocessing, saved.get("data", {}), preprocessing)
     model = checkpoint_network(state, lambda: RecistNet(in_channels=own.in_channels,

@@ -10,6 +10,7 @@ import torch
 
 from ctzoo.datasets.samples import REAL_CT_SCANS, real_ct_scan
 from ctzoo.models import Metric, ModelCard, TrainingInfo, model_entry, save_pretrained
+from ctzoo.models.checkpoint import load_checkpoint
 from ctzoo.models.registry import OperatingPoint
 from ctzoo.models.seg_networks import template_seg_config
 from ctzoo.training.evaluate import evaluate_recistnet, findings_on_lesion_free_ct, load_recistnet
@@ -110,7 +111,7 @@ def publish_recistnet(run_dir: Path, config: Path, name: str, version: str, spli
     cfg = load_train_config(config, data_root)
     as_written = load_train_config(config)  # the card names the config's own data root, not a local override
     checkpoint = run_dir / "best.pt" if (run_dir / "best.pt").exists() else run_dir / "last.pt"
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     model, own = load_recistnet(checkpoint, None, cfg.data, cfg.model.model_dump(), torch.device("cpu"))
     model_config = {"in_channels": own.in_channels, **state.get("train_config", {}).get("model",
                                                                                      cfg.model.model_dump())}
@@ -223,7 +224,7 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
     from ctzoo.training.template_seg_task import trained_model_config  # the network as trained, not as cfg says
 
     model_config = template_seg_config(trained_model_config(cfg, checkpoint, warn=False), len(names))
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     trained = comparison.get("training", {}).get("template_seg", {})
     wall = trained.get("wall_s", 0.0)
     card = ModelCard(

@@ -42,6 +42,7 @@ from ctzoo.datasets.segmentation_slices import (
 )
 from ctzoo.io.atomic import atomic_path
 from ctzoo.models.bundle import read_weights
+from ctzoo.models.checkpoint import load_checkpoint
 from ctzoo.models.seg_networks import TemplateSegModelConfig, build_seg_model  # noqa: F401  (config API)
 from ctzoo.models.template_seg import TemplateSegNet, count_parameters
 from ctzoo.scaling.compress import CompressionConfig
@@ -136,7 +137,7 @@ def expansion_kind(cfg: TemplateSegTrainConfig) -> str | None:
     """The model kind (template_seg | unet) of ``cfg.init_from_expansion``'s checkpoint, or None."""
     if cfg.init_from_expansion is None:
         return None
-    meta = torch.load(cfg.init_from_expansion.checkpoint, map_location="cpu", weights_only=False)
+    meta = load_checkpoint(cfg.init_from_expansion.checkpoint)
     architecture = meta.get("architecture", {}) if isinstance(meta, dict) else {}
     if architecture.get("builder") == "segmentation":
         return architecture["model"]["kind"]
@@ -273,7 +274,7 @@ def trained_model_config(cfg: TemplateSegTrainConfig, checkpoint: str | Path,
     its ``model_kind``), each field it does not record from ``cfg``. Where ``cfg`` says otherwise (``warn``) a
     warning names what differs: ``gate`` and ``temperature`` hold no weights, so loading the state dict into a
     network built from another config would succeed and score another model without a word."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     recorded = state.get("task_config", {}).get("model", {})
     own = recorded_fields(TemplateSegModelConfig, recorded, cfg.model)
     own = own.model_copy(update={"kind": state.get("model_kind", own.kind)})
@@ -287,7 +288,7 @@ def load_seg_model(cfg: TemplateSegTrainConfig, checkpoint: str | Path, num_clas
     """The model of ``checkpoint`` as it was trained (:func:`trained_model_config`: its recorded model config wins
     over ``cfg.model``, with a warning), weights loaded, eval mode."""
     model_cfg = trained_model_config(cfg, checkpoint)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     model = checkpoint_network(state, lambda: build_seg_model(model_cfg, num_classes))
     model.load_state_dict(state["model"])
     return model.eval()
@@ -298,7 +299,7 @@ def trained_preprocessing(cfg: TemplateSegTrainConfig, checkpoint: str | Path) -
     does not record from ``cfg``. Where ``cfg`` says otherwise a warning names what differs: a model scored (or
     published) on slices of another spacing, size or window than it learnt from would lose its Dice without a word.
     """
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     recorded = state.get("task_config", {}).get("data", {})
     own = recorded_fields(SegPreprocessing, recorded, cfg.data.preprocessing)
     if differences := field_differences(cfg.data.preprocessing, own):
