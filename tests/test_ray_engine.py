@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_edits import halve_weights
 from series_variants import lowest_slices
 
 from ctzoo.datasets.samples import sample_ct_dicom
@@ -114,14 +115,11 @@ def test_ray_runs_the_bundle_folder_it_is_given(both, cases, tmp_path):
     weights halved and its operating point lowered: the actors predict with its weights, the writers report from its
     threshold, and the case's lesions and the settings --resume compares (weights, precision) are the local engine's
     with that bundle, not the zoo copy's."""
-    from safetensors.torch import save_file
-
-    from ctzoo.models.bundle import load_bundle, read_weights
+    from ctzoo.models.bundle import load_bundle
 
     mine = tmp_path / "mine"
     shutil.copytree(load_bundle(MODEL).folder, mine)
-    save_file({k: v * 0.5 if v.is_floating_point() else v for k, v in read_weights(mine).items()},
-              str(mine / "model.safetensors"))
+    halve_weights(mine)
     card = json.loads((mine / "card.json").read_text())
     card["operating_point"]["score_threshold"] = 0.05
     (mine / "card.json").write_text(json.dumps(card))
