@@ -644,3 +644,42 @@ def test_hard_negatives_are_mined_from_lesion_free_training_slices_and_trained_o
             assert sample["image"].shape[0] == 3 and min(sample["image"].shape[-2:]) >= 127 / 1.2 / 1.3
     crop = CropToFocusd((160, 160))({"image": torch.zeros(3, 300, 400), "focus": np.array([5.0, 390.0])})
     assert tuple(crop["image"].shape) == (3, 160, 160)  # clamped to the image at its corner
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_run_mining_hard_negatives_resumes_bit_for_bit(mini, tmp_path):
+    """The mined hard negatives are in every checkpoint: a run interrupted between two minings (every 2 epochs
+    from epoch 0) and resumed trains on the set the interrupted one mined, not a new one, and ends with the
+    straight run's weights."""
+    from ctzoo.training.engine import fit
+    from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
+
+    cfg = load_train_config(tiny_config(tmp_path, mini))
+    cfg = type(cfg).model_validate({**cfg.model_dump(), "train_size": [64, 64], "eval_size": [128, 128],
+                                    "model": {"width": 8, "head_channels": 8},
+                                    "optim": {**cfg.optim.model_dump(), "eval_every": 10},
+                                    "hard_negatives": {"pool_per_series": 2, "keep": 3, "every": 2, "start_epoch": 0}})
+
+    class StopsAtEpoch1(RecistNetTask):
+        def before_epoch(self, model, device, epoch):
+            if epoch == 1:
+                raise _Interrupted
+            super().before_epoch(model, device, epoch)
+
+    fit(RecistNetTask(cfg), cfg.optim, tmp_path / "straight", device="cpu", progress=False)
+    with pytest.raises(_Interrupted):
+        fit(StopsAtEpoch1(cfg), cfg.optim, tmp_path / "resumed", device="cpu", progress=False)
+    saved = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert saved["epoch"] == 0 and saved["task_state"]["hard_negatives"]["epoch"] == 0
+    assert len(saved["task_state"]["hard_negatives"]["items"]) == 3
+    resumed_task = RecistNetTask(cfg)
+    fit(resumed_task, cfg.optim, tmp_path / "resumed", resume=True, device="cpu", progress=False)
+    assert len(resumed_task.miner.history) == 1  # restored, not mined again
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert straight["task_state"] == resumed["task_state"]
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name

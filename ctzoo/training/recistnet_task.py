@@ -251,7 +251,17 @@ class RecistNetTask:
     def before_epoch(self, model: nn.Module, device: torch.device, epoch: int) -> None:
         """Mine hard negatives when they are due (``hard_negatives``)."""
         if self.miner is not None and self.miner.due(epoch):
-            self.miner.mine(model, device)
+            self.miner.mine(model, device, epoch)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the task beyond the model: the mined hard negatives (a resumed run trains on
+        the same items)."""
+        return {} if self.miner is None else {"hard_negatives": self.miner.state()}
+
+    def restore_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`checkpoint_state` (``--resume``)."""
+        if self.miner is not None and "hard_negatives" in state:
+            self.miner.restore(state["hard_negatives"])
 
     def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int, rank: int, world_size: int):
         """This epoch's batches, from one loader kept for the run (its workers start once); a new one only when
