@@ -338,6 +338,65 @@ def test_an_epoch_without_a_training_step_is_an_error(tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+class _Interrupted(Exception):
+    """A run stopped from outside (a test's stand-in for a kill)."""
+
+
+class _GrowingEpochs:
+    """A stub task whose epochs take 2, 5 and 3 steps (as hard-negative mining lengthens an epoch); it may stop
+    before epoch ``stop_at``, as an interrupted run."""
+
+    name, primary_metric = "growing", "score"
+
+    def __init__(self, stop_at=None):
+        self.stop_at = stop_at
+
+    def build_model(self):
+        return torch.nn.Linear(2, 1)
+
+    def before_epoch(self, model, device, epoch):
+        if epoch == self.stop_at:
+            raise _Interrupted
+
+    def train_batches(self, seed, batch_size, num_workers, rank, world_size):
+        from ctzoo.training.engine import epoch_seed
+
+        steps = {epoch_seed(0, epoch): length for epoch, length in enumerate((2, 5, 3))}[seed]
+        drawn = torch.Generator().manual_seed(seed)  # from the epoch's seed alone, as Task.train_batches says
+        return [torch.randn(batch_size, 2, generator=drawn) for _ in range(steps)]
+
+    def loss(self, model, batch, device):
+        loss = model(batch.to(device)).pow(2).mean()
+        return loss, {}
+
+    def evaluate(self, model, device):
+        return {"score": 0.0}
+
+
+def test_the_learning_rate_follows_the_fraction_of_epochs_done(tmp_path):
+    """Warm-up and cosine decay run on epochs done (each epoch's steps counted as fractions of it), not on a step
+    count from the current epoch's length: epochs of 2, 5 and 3 steps (mining lengthens epochs) still end the
+    one-epoch warm-up at the full rate, are half-way down the decay after epoch 2 and at lr * final_lr_ratio
+    on the last step; an interrupted and resumed run takes the same rates and ends with the same weights."""
+    import csv
+
+    from ctzoo.training.engine import OptimConfig, fit
+
+    cfg = OptimConfig(epochs=3, batch_size=2, lr=0.1, warmup_epochs=1, final_lr_ratio=0.01, num_workers=0)
+    fit(_GrowingEpochs(), cfg, tmp_path / "straight", device="cpu", progress=False)
+    rows = list(csv.DictReader((tmp_path / "straight" / "metrics.csv").open()))
+    assert [int(row["step"]) for row in rows] == [2, 7, 10]
+    assert [float(row["lr"]) for row in rows] == pytest.approx([0.1, 0.1 * (0.01 + 0.99 * 0.5), 0.1 * 0.01])
+    with pytest.raises(_Interrupted):
+        fit(_GrowingEpochs(stop_at=2), cfg, tmp_path / "resumed", device="cpu", progress=False)
+    fit(_GrowingEpochs(), cfg, tmp_path / "resumed", resume=True, device="cpu", progress=False)
+    resumed = list(csv.DictReader((tmp_path / "resumed" / "metrics.csv").open()))
+    assert [row["lr"] for row in resumed] == [row["lr"] for row in rows]
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
+    again = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(straight[name], again[name]) for name in straight)
+
+
 def _step_gradient(task, model, batch):
     """The loss (and its parts) and the flat gradient of one training step of ``task`` on ``batch``."""
     model.zero_grad()
@@ -644,10 +703,6 @@ def test_hard_negatives_are_mined_from_lesion_free_training_slices_and_trained_o
             assert sample["image"].shape[0] == 3 and min(sample["image"].shape[-2:]) >= 127 / 1.2 / 1.3
     crop = CropToFocusd((160, 160))({"image": torch.zeros(3, 300, 400), "focus": np.array([5.0, 390.0])})
     assert tuple(crop["image"].shape) == (3, 160, 160)  # clamped to the image at its corner
-
-
-class _Interrupted(Exception):
-    pass
 
 
 def test_a_run_mining_hard_negatives_resumes_bit_for_bit(mini, tmp_path):

@@ -109,13 +109,20 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def lr_factor(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
-    """Linear warm-up then cosine decay, as a factor of ``cfg.lr`` at optimiser step ``step``."""
-    total = max(1, min(cfg.decay_epochs or cfg.epochs, cfg.epochs) * steps_per_epoch)
-    warmup = cfg.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
+def epochs_done(epoch: int, step_in_epoch: int, steps_this_epoch: int) -> float:
+    """How many epochs are done once step ``step_in_epoch`` (0-based) of epoch ``epoch`` is taken: the schedule's
+    clock. Fractions of each epoch's own steps, so that epochs of different lengths (hard-negative mining adds
+    items) keep the warm-up and decay where the config puts them."""
+    return epoch + (step_in_epoch + 1) / steps_this_epoch
+
+
+def lr_factor(done: float, cfg: OptimConfig) -> float:
+    """Linear warm-up then cosine decay, as a factor of ``cfg.lr`` for the step that completes ``done`` epochs
+    (:func:`epochs_done`): the first step of the run is at 1 / (warm-up steps), the last at ``final_lr_ratio``."""
+    total = max(1e-12, min(cfg.decay_epochs or cfg.epochs, cfg.epochs))
+    if done < cfg.warmup_epochs:
+        return done / cfg.warmup_epochs
+    progress = min(1.0, (done - cfg.warmup_epochs) / max(1e-12, total - cfg.warmup_epochs))
     return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -413,7 +420,7 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
                     first_batch_s = time.perf_counter() - epoch_started
                 events.begin(step, epoch)
                 for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(step, steps_per_epoch, cfg)
+                    group["lr"] = cfg.lr * lr_factor(epochs_done(epoch, count, steps_per_epoch), cfg)
                 with events.stage("forward_backward"):
                     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                         loss, parts = task.loss(train_model, batch, dev)
