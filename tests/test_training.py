@@ -189,6 +189,19 @@ def test_training_selects_on_validation_only(tmp_path):
     assert "\n" not in str(refused.value)
 
 
+@pytest.mark.parametrize("field", ["train_size", "eval_size"])
+def test_input_sizes_must_be_multiples_of_the_network_stride(tmp_path, field):
+    """A train_size or eval_size that is not a multiple of 32 is refused with the config, in one line that names
+    the field and the nearest good size, not at the first training or validation step deep in the network."""
+    config = tiny_config(tmp_path, tmp_path)
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), field: [250, 256]}))
+    result = CliRunner().invoke(main, ["train", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit, result.output
+    said = [line for line in result.output.splitlines() if field in line]
+    assert len(said) == 1 and "multiples of 32" in said[0] and "[256, 256]" in said[0], result.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_trains_the_same_weights_with_and_without_loader_workers(mini, tmp_path):
     """Loader workers change only which process draws an item: the same epochs, augmentation and weights, bit for
     bit, with the training process on two threads (its own draws run on one, as a worker's do) and over two

@@ -34,7 +34,7 @@ from ctzoo.datasets.keypoint_transforms import (
     recist_eval_transforms,
     recist_train_transforms,
 )
-from ctzoo.models.recistnet import RecistNet, pool_box_features
+from ctzoo.models.recistnet import LEVEL_STRIDES, RecistNet, pool_box_features
 from ctzoo.models.recistnet_targets import loss_counts, make_targets, recistnet_loss
 from ctzoo.scaling.compress import CompressionConfig
 from ctzoo.scaling.zoo_expand import ExpansionInit, expanded_model
@@ -103,6 +103,17 @@ class RecistNetTrainConfig(StrictConfig):
                                            description="gradient exchange under torchrun (CSER, two-way, PowerSGD)")
     placement: Path | None = Field(None, description="plan.json of ctzoo place: train the model spread over this "
                                                      "machine's devices as the plan places it (not with torchrun)")
+
+    @field_validator("train_size", "eval_size")
+    @classmethod
+    def _network_multiple(cls, size: tuple[int, int]) -> tuple[int, int]:
+        # the network halves its input down to 1/32: another size fails at the first step, deep in the FPN
+        multiple = LEVEL_STRIDES[-1]
+        if min(size) < 1 or any(side % multiple for side in size):
+            rounded = [max(multiple, round(side / multiple) * multiple) for side in size]
+            raise ValueError(f"{list(size)}: height and width must be positive multiples of {multiple} (the "
+                             f"network's coarsest stride), e.g. {rounded}")
+        return size
 
     @field_validator("eval_split", mode="before")
     @classmethod
