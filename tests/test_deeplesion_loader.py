@@ -113,7 +113,9 @@ def test_png_hu_roundtrip_is_exact(tmp_path):
 def test_context_slices_interpolate_and_repeat_edges(tmp_path):
     row = lesion_row()
     truth = write_series(tmp_path, row)
-    assert neighbour_offsets(5, 2.0, 2.5) == [-1.6, -0.8, 0.0, 0.8, 1.6]
+    # channels superior first: DeepLesion's PNG numbers run towards the feet, an LPS volume's index to the head
+    assert neighbour_offsets(5, 2.0, 2.5, "feet") == [-1.6, -0.8, 0.0, 0.8, 1.6]
+    assert neighbour_offsets(5, 2.0, 2.5, "head") == [1.6, 0.8, 0.0, -0.8, -1.6]
     planes = load_context_slices(tmp_path / "Images_png", row, num_slices=5, slice_interval_mm=2.0)
     # slice positions 10.4, 11.2, 12, 12.8, 13.6: linear between the two slices around each
     expected = [truth[10] * 0.6 + truth[11] * 0.4, truth[11] * 0.8 + truth[12] * 0.2, truth[12],

@@ -578,6 +578,34 @@ def test_volume_detections_do_not_depend_on_storage_orientation(sample_volume):
     assert b["input"]["orientation"] == "RPI"
 
 
+def test_volume_inference_orders_context_slices_as_training(mini):
+    """slice_inputs on a miniature series read as a volume (PNG k at z = origin - k dz: stored head to feet, as
+    DeepLesion's PNG numbers are assumed to run, then reoriented to LPS as inference does) gives each key slice
+    the DeepLesion loader's input, channel by channel: the superior neighbour first in both (before, inference
+    reversed the context planes of every window)."""
+    from ctzoo.datasets.deeplesion.dataset import DeepLesionConfig, LoadDeepLesiond, key_slice_items
+    from ctzoo.datasets.deeplesion.png_slices import read_png_hu, slice_path
+    from ctzoo.inference.recist_volume import slice_inputs
+    from ctzoo.io import reorient_lps
+
+    cfg = DeepLesionConfig(root=mini, num_slices=5)
+    item = key_slice_items(read_dl_info(mini / "DL_info.csv"))[0]
+    row = item["context_row"]
+    first, last = row.slice_range
+    stored = Volume(np.stack([read_png_hu(slice_path(cfg.images_root, row.series_folder, png))
+                              for png in range(first, last + 1)]), spacing=row.spacing_mm_px,
+                    direction=np.diag([1.0, 1.0, -1.0]))  # slice index towards the feet
+    axial = reorient_lps(stored)
+    assert axial.orientation == "LPS"
+    trained = LoadDeepLesiond(cfg)(item)["image"].as_tensor()
+    channels, rows, columns = trained.shape
+    assert not torch.allclose(trained[0], trained[cfg.num_slices - 1], atol=1e-2)  # the order shows
+    key = last - row.key_slice_index  # the key slice's index in the LPS volume
+    image, _ = next(image for k, image in enumerate(slice_inputs(axial, cfg)) if k == key)
+    np.testing.assert_allclose(image[:, :rows, :columns].numpy(), trained.numpy(), atol=1e-5)
+    assert image.shape[0] == channels and not image[:, rows:].any() and not image[:, :, columns:].any()
+
+
 def test_merge_across_slices():
     def detection(score, k, x_mm, long_mm=20.0):
         mm = np.zeros((5, 3))

@@ -2,7 +2,8 @@
 
 Pipeline per sample (:class:`LoadDeepLesiond`), following 3DCE/MULAN:
 
-1. read the key slice and its neighbours (:mod:`.context`), HU = PNG value - 32768;
+1. read the key slice and its neighbours (:mod:`.context`: the superior one first, PNG numbers assumed to run
+   from head to feet), HU = PNG value - 32768;
 2. resample in-plane to ``norm_spacing_mm`` (MULAN: 0.8 mm/px), longer side capped at ``max_size``,
    with MONAI's ``Resize`` (bilinear; anti-aliased when shrinking);
 3. window ``window_hu`` (and each of ``extra_windows_hu``) onto ``output_range`` with MONAI's
@@ -140,7 +141,9 @@ def window_planes(image: torch.Tensor, cfg: SlicePreprocessing, out: torch.Tenso
 class LoadDeepLesiond(Transform):
     """Item ``{"context_row": LesionRow, "lesions": [LesionRow, ...], ...}`` -> a network-ready sample.
 
-    Output keys: ``image`` (MetaTensor, (in_channels, H, W) float32, affine = pixel spacing in mm);
+    Output keys: ``image`` (MetaTensor, (in_channels, H, W) float32, affine = pixel spacing in mm; per window
+    the context slices superior first, assuming DeepLesion's PNG numbers increase from head to feet, an
+    assumption not checked against the real dataset: :data:`~.context.DEEPLESION_INDEX_TOWARDS`);
     ``keypoints`` (N, 5, 2) x, y in pixels (see :mod:`.recist` for the order); ``boxes`` (N, 4);
     ``diameters_px`` / ``diameters_mm`` (N, 2) long, short; ``lesion_types`` (N,) int64;
     ``spacing_mm`` (2,) x, y after resampling; ``scale`` (resampled per original pixel); ``file_name`` and
