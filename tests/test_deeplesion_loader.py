@@ -216,6 +216,19 @@ def test_lesion_free_slices_keep_away_from_noisy_lesions_and_out_of_evaluation(t
     assert len(deeplesion_dataset(cfg, "test", lesion_free_per_series=1)) == 2
 
 
+def test_a_lesion_free_slice_reads_its_neighbours_in_one_chosen_range():
+    """A far slice inside the Slice_range of two lesions is read in the wider range, in every series (the choice
+    once followed Python's string hashing, which differs between processes: a resumed run read other edges)."""
+    rows = []
+    for patient in range(12):
+        folder = f"{patient + 10:06d}_01_01"
+        rows += [lesion_row(file_name=f"{folder}_012.png", patient_index=patient + 10, slice_range=(4, 20)),
+                 lesion_row(file_name=f"{folder}_012.png", patient_index=patient + 10, slice_range=(2, 22))]
+    negatives = [i for i in key_slice_items(rows, "train", negatives_per_series=20) if not i["lesions"]]
+    assert len(negatives) == 12 * 10  # slices 2..6 and 18..22 of each series
+    assert {i["context_row"].slice_range for i in negatives} == {(2, 22)}
+
+
 def test_dataset_groups_lesions_and_loads_with_workers(tmp_path):
     first = lesion_row(slice_range=(4, 20))
     second = lesion_row(slice_range=(4, 20), measurement_coordinates=(5.0, 5.0, 9.0, 5.0, 7.0, 4.0, 7.0, 6.0),
