@@ -20,6 +20,10 @@ For each zoo detector (task ``detection``):
 ``--also-test``: FROC on the test split of another miniature too (e.g. one built by a later ctzoo, whose lesions
 differ from those the detector was trained on).
 
+``--lesion-free-only``: measure the findings on lesion-free real CT again, at the thresholds ``--out`` already
+holds, and replace only them there (``lesion_free_rerun`` says when and why): for a change to the inference path,
+which they alone go through, without the miniature.
+
 ``--data`` is the miniature the detectors were trained on (``ctzoo data make-deeplesion-mini data/deeplesion-mini
 --cases 240 --seed 0``, plus ``--test-source NAME`` if it held a scan out); its val split chooses the thresholds.
 """
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -71,6 +76,22 @@ def detector(name: str, config: Path, data: Path, work: Path, fp_per_image: floa
             "lesion_free": lesion_free}
 
 
+def machine() -> dict:
+    return {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def rerun_lesion_free(out: Path, reason: str) -> dict:
+    """``out`` with each detector's findings on lesion-free real CT measured again at the thresholds it holds."""
+    result = json.loads(out.read_text())
+    scans = {scan: real_ct_scan(scan) for scan in REAL_CT_SCANS}
+    for m in result["models"]:
+        thresholds = (result["zoo_threshold"], m["operating_point"]["score_threshold"])
+        m["lesion_free"] = {f"{t:g}": findings_on_lesion_free_ct(m["model"], scans, t) for t in thresholds}
+    result["lesion_free_rerun"] = {"command": "python benchmarks/shipped_detectors.py " + shlex.join(sys.argv[1:]),
+                                   "reason": reason, "machine": machine()}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "deeplesion-mini")
@@ -79,17 +100,27 @@ def main() -> None:
                         help="the false-positive rate on val that picks the operating point")
     parser.add_argument("--also-test", type=Path, default=None, help="another miniature whose test split to score")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "shipped_detectors.json")
+    parser.add_argument("--lesion-free-only", metavar="REASON", default=None,
+                        help="measure only the findings on lesion-free real CT again, into --out, saying why")
     args = parser.parse_args()
+    if args.lesion_free_only is not None:
+        result = rerun_lesion_free(args.out, args.lesion_free_only)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        report(result["models"])
+        return
     names = [name for name in list_models() if model_entry(name).task == "detection"]
     with tempfile.TemporaryDirectory() as work:
         models = [detector(name, args.config, args.data, Path(work) / name, args.fp_per_image, args.also_test)
                   for name in names]
     result = {"benchmark": "shipped_detectors", "command": "python benchmarks/shipped_detectors.py "
               + " ".join(sys.argv[1:]), "zoo_threshold": ZOO_THRESHOLD,
-              "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
-              "models": models}
+              "machine": machine(), "models": models}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+    report(models)
+
+
+def report(models: list[dict]) -> None:
     for m in models:
         print(f"{m['model']}: val ECE {m['val_calibration']['ece']:.3f}, val sensitivity at 4 FPs "
               f"{m['val_sensitivity_4fp']:.3f}")

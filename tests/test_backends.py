@@ -10,25 +10,19 @@ import pytest
 import torch
 from bundle_edits import rerecord_digests
 
-from ctzoo.datasets.deeplesion.context import context_planes, neighbour_offsets
-from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing, resample_and_window
+from ctzoo.datasets.deeplesion.dataset import SlicePreprocessing
 from ctzoo.datasets.seg_preprocessing import SegPreprocessing, volume_to_slices
 from ctzoo.export import graphs as graphs_module
 from ctzoo.export import parity
 from ctzoo.export.repository import ensure_graphs, export_bundle
 from ctzoo.inference.backends import NoGraphsError, make_backend
+from ctzoo.inference.recist_volume import slice_inputs
 from ctzoo.inference.segment_volume import segment_slices
 from ctzoo.io import read_volume, reorient_lps
 from ctzoo.models import UnknownModelError, create_model, load_bundle, model_input_spec, model_version
 from ctzoo.models.template_bank import TemplateBank
 
 DETECTOR, SEGMENTER = "recistnet-mini", "template-seg-abdomen"
-
-
-def pad_to_multiple(image: torch.Tensor, multiple: int = 32) -> torch.Tensor:
-    """Zero-pad bottom and right to a multiple of 32, as detect_slices does (zero is air in every window)."""
-    height, width = image.shape[-2:]
-    return torch.nn.functional.pad(image, (0, -width % multiple, 0, -height % multiple))
 
 
 def backend(name: str, kind: str, cache=None, **options):
@@ -47,14 +41,10 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def detector_slices(sample_volume) -> np.ndarray:
-    """Three neighbouring slices of the embedded CT, prepared exactly as detect_slices prepares them."""
+    """Three neighbouring slices of the embedded CT, prepared as every detector path prepares them (slice_inputs)."""
     prep = SlicePreprocessing(**{k: v for k, v in model_input_spec(DETECTOR).items()
                                  if k in SlicePreprocessing.model_fields})
-    volume = reorient_lps(sample_volume)
-    hu = volume.array
-    offsets = neighbour_offsets(prep.num_slices, prep.slice_interval_mm, volume.spacing[2])
-    images = [pad_to_multiple(resample_and_window(context_planes(lambda z: hu[z], k, offsets, 0, hu.shape[0] - 1),
-                                                   volume.spacing[:2], prep)[0]) for k in (8, 9, 10)]
+    images = [image for k, (image, _) in enumerate(slice_inputs(reorient_lps(sample_volume), prep)) if k in (8, 9, 10)]
     return torch.stack(images).numpy()
 
 

@@ -113,7 +113,9 @@ def test_png_hu_roundtrip_is_exact(tmp_path):
 def test_context_slices_interpolate_and_repeat_edges(tmp_path):
     row = lesion_row()
     truth = write_series(tmp_path, row)
-    assert neighbour_offsets(5, 2.0, 2.5) == [-1.6, -0.8, 0.0, 0.8, 1.6]
+    # channels superior first: DeepLesion's PNG numbers run towards the feet, an LPS volume's index to the head
+    assert neighbour_offsets(5, 2.0, 2.5, "feet") == [-1.6, -0.8, 0.0, 0.8, 1.6]
+    assert neighbour_offsets(5, 2.0, 2.5, "head") == [1.6, 0.8, 0.0, -0.8, -1.6]
     planes = load_context_slices(tmp_path / "Images_png", row, num_slices=5, slice_interval_mm=2.0)
     # slice positions 10.4, 11.2, 12, 12.8, 13.6: linear between the two slices around each
     expected = [truth[10] * 0.6 + truth[11] * 0.4, truth[11] * 0.8 + truth[12] * 0.2, truth[12],
@@ -212,6 +214,19 @@ def test_lesion_free_slices_keep_away_from_noisy_lesions_and_out_of_evaluation(t
     cfg = DeepLesionConfig(root=tmp_path, negatives_per_series=1)
     assert [len(deeplesion_dataset(cfg, split)) for split in ("train", "test", "all")] == [2, 1, 4]
     assert len(deeplesion_dataset(cfg, "test", lesion_free_per_series=1)) == 2
+
+
+def test_a_lesion_free_slice_reads_its_neighbours_in_one_chosen_range():
+    """A far slice inside the Slice_range of two lesions is read in the wider range, in every series (the choice
+    once followed Python's string hashing, which differs between processes: a resumed run read other edges)."""
+    rows = []
+    for patient in range(12):
+        folder = f"{patient + 10:06d}_01_01"
+        rows += [lesion_row(file_name=f"{folder}_012.png", patient_index=patient + 10, slice_range=(4, 20)),
+                 lesion_row(file_name=f"{folder}_012.png", patient_index=patient + 10, slice_range=(2, 22))]
+    negatives = [i for i in key_slice_items(rows, "train", negatives_per_series=20) if not i["lesions"]]
+    assert len(negatives) == 12 * 10  # slices 2..6 and 18..22 of each series
+    assert {i["context_row"].slice_range for i in negatives} == {(2, 22)}
 
 
 def test_dataset_groups_lesions_and_loads_with_workers(tmp_path):

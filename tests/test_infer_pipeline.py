@@ -361,7 +361,7 @@ def test_volume_inputs_equal_training_preprocessing(spacing):
     volume = reorient_lps(read_volume(sample_ct_dicom(), progress=False))
     if spacing is not None:
         volume = dataclasses.replace(volume, spacing=spacing)
-    offsets = neighbour_offsets(prep.num_slices, prep.slice_interval_mm, volume.spacing[2])
+    offsets = neighbour_offsets(prep.num_slices, prep.slice_interval_mm, volume.spacing[2], "head")  # LPS
     last = volume.array.shape[0] - 1
     for k, (image, scale) in enumerate(slice_inputs(volume, prep)):
         planes = context_planes(lambda z: volume.array[z], k, offsets, 0, last)

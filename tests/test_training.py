@@ -228,6 +228,19 @@ def test_training_selects_on_validation_only(tmp_path):
     assert "\n" not in str(refused.value)
 
 
+@pytest.mark.parametrize("field", ["train_size", "eval_size"])
+def test_input_sizes_must_be_multiples_of_the_network_stride(tmp_path, field):
+    """A train_size or eval_size that is not a multiple of 32 is refused with the config, in one line that names
+    the field and the nearest good size, not at the first training or validation step deep in the network."""
+    config = tiny_config(tmp_path, tmp_path)
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), field: [250, 256]}))
+    result = CliRunner().invoke(main, ["train", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit, result.output
+    said = [line for line in result.output.splitlines() if field in line]
+    assert len(said) == 1 and "multiples of 32" in said[0] and "[256, 256]" in said[0], result.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_trains_the_same_weights_with_and_without_loader_workers(mini, tmp_path):
     """Loader workers change only which process draws an item: the same epochs, augmentation and weights, bit for
     bit, with the training process on two threads (its own draws run on one, as a worker's do) and over two
@@ -375,6 +388,65 @@ def test_an_epoch_without_a_training_step_is_an_error(tmp_path):
                                          r"than batch_size × world size \(4 × 1\)"):
         fit(Empty(), OptimConfig(epochs=1, batch_size=4, num_workers=0), tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+class _Interrupted(Exception):
+    """A run stopped from outside (a test's stand-in for a kill)."""
+
+
+class _GrowingEpochs:
+    """A stub task whose epochs take 2, 5 and 3 steps (as hard-negative mining lengthens an epoch); it may stop
+    before epoch ``stop_at``, as an interrupted run."""
+
+    name, primary_metric = "growing", "score"
+
+    def __init__(self, stop_at=None):
+        self.stop_at = stop_at
+
+    def build_model(self):
+        return torch.nn.Linear(2, 1)
+
+    def before_epoch(self, model, device, epoch):
+        if epoch == self.stop_at:
+            raise _Interrupted
+
+    def train_batches(self, seed, batch_size, num_workers, rank, world_size):
+        from ctzoo.training.engine import epoch_seed
+
+        steps = {epoch_seed(0, epoch): length for epoch, length in enumerate((2, 5, 3))}[seed]
+        drawn = torch.Generator().manual_seed(seed)  # from the epoch's seed alone, as Task.train_batches says
+        return [torch.randn(batch_size, 2, generator=drawn) for _ in range(steps)]
+
+    def loss(self, model, batch, device):
+        loss = model(batch.to(device)).pow(2).mean()
+        return loss, {}
+
+    def evaluate(self, model, device):
+        return {"score": 0.0}
+
+
+def test_the_learning_rate_follows_the_fraction_of_epochs_done(tmp_path):
+    """Warm-up and cosine decay run on epochs done (each epoch's steps counted as fractions of it), not on a step
+    count from the current epoch's length: epochs of 2, 5 and 3 steps (mining lengthens epochs) still end the
+    one-epoch warm-up at the full rate, are half-way down the decay after epoch 2 and at lr * final_lr_ratio
+    on the last step; an interrupted and resumed run takes the same rates and ends with the same weights."""
+    import csv
+
+    from ctzoo.training.engine import OptimConfig, fit
+
+    cfg = OptimConfig(epochs=3, batch_size=2, lr=0.1, warmup_epochs=1, final_lr_ratio=0.01, num_workers=0)
+    fit(_GrowingEpochs(), cfg, tmp_path / "straight", device="cpu", progress=False)
+    rows = list(csv.DictReader((tmp_path / "straight" / "metrics.csv").open()))
+    assert [int(row["step"]) for row in rows] == [2, 7, 10]
+    assert [float(row["lr"]) for row in rows] == pytest.approx([0.1, 0.1 * (0.01 + 0.99 * 0.5), 0.1 * 0.01])
+    with pytest.raises(_Interrupted):
+        fit(_GrowingEpochs(stop_at=2), cfg, tmp_path / "resumed", device="cpu", progress=False)
+    fit(_GrowingEpochs(), cfg, tmp_path / "resumed", resume=True, device="cpu", progress=False)
+    resumed = list(csv.DictReader((tmp_path / "resumed" / "metrics.csv").open()))
+    assert [row["lr"] for row in resumed] == [row["lr"] for row in rows]
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
+    again = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(straight[name], again[name]) for name in straight)
 
 
 def _step_gradient(task, model, batch):
@@ -545,6 +617,34 @@ def test_volume_detections_do_not_depend_on_storage_orientation(sample_volume):
     assert b["input"]["orientation"] == "RPI"
 
 
+def test_volume_inference_orders_context_slices_as_training(mini):
+    """slice_inputs on a miniature series read as a volume (PNG k at z = origin - k dz: stored head to feet, as
+    DeepLesion's PNG numbers are assumed to run, then reoriented to LPS as inference does) gives each key slice
+    the DeepLesion loader's input, channel by channel: the superior neighbour first in both (before, inference
+    reversed the context planes of every window)."""
+    from ctzoo.datasets.deeplesion.dataset import DeepLesionConfig, LoadDeepLesiond, key_slice_items
+    from ctzoo.datasets.deeplesion.png_slices import read_png_hu, slice_path
+    from ctzoo.inference.recist_volume import slice_inputs
+    from ctzoo.io import reorient_lps
+
+    cfg = DeepLesionConfig(root=mini, num_slices=5)
+    item = key_slice_items(read_dl_info(mini / "DL_info.csv"))[0]
+    row = item["context_row"]
+    first, last = row.slice_range
+    stored = Volume(np.stack([read_png_hu(slice_path(cfg.images_root, row.series_folder, png))
+                              for png in range(first, last + 1)]), spacing=row.spacing_mm_px,
+                    direction=np.diag([1.0, 1.0, -1.0]))  # slice index towards the feet
+    axial = reorient_lps(stored)
+    assert axial.orientation == "LPS"
+    trained = LoadDeepLesiond(cfg)(item)["image"].as_tensor()
+    channels, rows, columns = trained.shape
+    assert not torch.allclose(trained[0], trained[cfg.num_slices - 1], atol=1e-2)  # the order shows
+    key = last - row.key_slice_index  # the key slice's index in the LPS volume
+    image, _ = next(image for k, image in enumerate(slice_inputs(axial, cfg)) if k == key)
+    np.testing.assert_allclose(image[:, :rows, :columns].numpy(), trained.numpy(), atol=1e-5)
+    assert image.shape[0] == channels and not image[:, rows:].any() and not image[:, :, columns:].any()
+
+
 def test_merge_across_slices():
     def detection(score, k, x_mm, long_mm=20.0):
         mm = np.zeros((5, 3))
@@ -686,3 +786,38 @@ def test_hard_negatives_are_mined_from_lesion_free_training_slices_and_trained_o
             assert sample["image"].shape[0] == 3 and min(sample["image"].shape[-2:]) >= 127 / 1.2 / 1.3
     crop = CropToFocusd((160, 160))({"image": torch.zeros(3, 300, 400), "focus": np.array([5.0, 390.0])})
     assert tuple(crop["image"].shape) == (3, 160, 160)  # clamped to the image at its corner
+
+
+def test_a_run_mining_hard_negatives_resumes_bit_for_bit(mini, tmp_path):
+    """The mined hard negatives are in every checkpoint: a run interrupted between two minings (every 2 epochs
+    from epoch 0) and resumed trains on the set the interrupted one mined, not a new one, and ends with the
+    straight run's weights."""
+    from ctzoo.training.engine import fit
+    from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
+
+    cfg = load_train_config(tiny_config(tmp_path, mini))
+    cfg = type(cfg).model_validate({**cfg.model_dump(), "train_size": [64, 64], "eval_size": [128, 128],
+                                    "model": {"width": 8, "head_channels": 8},
+                                    "optim": {**cfg.optim.model_dump(), "eval_every": 10},
+                                    "hard_negatives": {"pool_per_series": 2, "keep": 3, "every": 2, "start_epoch": 0}})
+
+    class StopsAtEpoch1(RecistNetTask):
+        def before_epoch(self, model, device, epoch):
+            if epoch == 1:
+                raise _Interrupted
+            super().before_epoch(model, device, epoch)
+
+    fit(RecistNetTask(cfg), cfg.optim, tmp_path / "straight", device="cpu", progress=False)
+    with pytest.raises(_Interrupted):
+        fit(StopsAtEpoch1(cfg), cfg.optim, tmp_path / "resumed", device="cpu", progress=False)
+    saved = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert saved["epoch"] == 0 and saved["task_state"]["hard_negatives"]["epoch"] == 0
+    assert len(saved["task_state"]["hard_negatives"]["items"]) == 3
+    resumed_task = RecistNetTask(cfg)
+    fit(resumed_task, cfg.optim, tmp_path / "resumed", resume=True, device="cpu", progress=False)
+    assert len(resumed_task.miner.history) == 1  # restored, not mined again
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert straight["task_state"] == resumed["task_state"]
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ctzoo.datasets.deeplesion.context import neighbour_offsets
 from ctzoo.models.bundle import GRAPH_DIR, GRAPH_FILE, ModelBundle
 
 SCHEMA_URL = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
@@ -69,14 +70,20 @@ def _tensor(num_channels: int, shape: list, value_range: list, channel_def: dict
             "dtype": dtype, "value_range": value_range, "is_patch_data": False, "channel_def": channel_def}
 
 
+def _slice_name(dz: float) -> str:
+    """A context channel's slice by its distance from the key slice (``dz``: patient z, superior positive)."""
+    return "key slice" if dz == 0 else f"slice {abs(dz):g} mm {'superior' if dz > 0 else 'inferior'}"
+
+
 def network_data_format(bundle: ModelBundle) -> dict[str, Any]:
     """The tensors of the network (what ``network_def`` takes and gives) and what ctzoo writes from them."""
     prep = bundle.preprocessing
     if bundle.task == "detection":
         windows = [tuple(prep.window_hu), *map(tuple, prep.extra_windows_hu)]
-        half = prep.num_slices // 2
-        offsets = [(k - half) * prep.slice_interval_mm for k in range(prep.num_slices)]
-        channels = {str(w * prep.num_slices + k): f"slice at {dz:+g} mm, window [{lo:g}, {hi:g}] HU"
+        # each channel's patient z (LPS mm, superior positive) from the key slice, in the order inference builds
+        offsets = [k * prep.slice_interval_mm for k in neighbour_offsets(prep.num_slices, prep.slice_interval_mm,
+                                                                         prep.slice_interval_mm, "head")]
+        channels = {str(w * prep.num_slices + k): f"{_slice_name(dz)}, window [{lo:g}, {hi:g}] HU"
                     for w, (lo, hi) in enumerate(windows) for k, dz in enumerate(offsets)}
         multiple = bundle.input_spec.get("size_multiple", 32)
         out_multiple = f"{multiple // bundle.down_ratio}*n"

@@ -2,9 +2,10 @@
 
 :func:`ctzoo.inference.tasks.detector_task` assembles these into the stages every path runs (``ctzoo infer``, the
 service's ``/studies``, the PACS bridge; :func:`ctzoo.inference.tasks.run_task` for one volume in memory). Per
-slice it builds the same input as training (neighbours ``slice_interval_mm`` apart, linearly interpolated; in-plane
-resampling and window from :func:`ctzoo.datasets.deeplesion.dataset.resample_and_window`), on the
-volume reoriented to LPS axial — the orientation DeepLesion's slices are displayed and trained in.
+slice it builds the same input as training (neighbours ``slice_interval_mm`` apart, linearly interpolated, the
+superior one first; in-plane resampling and window from
+:func:`ctzoo.datasets.deeplesion.dataset.resample_and_window`), on the volume reoriented to LPS axial — the
+orientation DeepLesion's slices are displayed and trained in.
 Results are mapped back to the voxel indices of the input *as stored* and to patient LPS mm.
 
 Output schema (``detections.json``; stable, see docs/recistnet.md)::
@@ -89,7 +90,9 @@ PLANE_BLOCK = 8
 def slice_inputs(axial: Volume, prep: SlicePreprocessing, canvas: int | None = None, multiple: int = 32,
                  device: str | None = None) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
     """Network inputs for every slice of ``axial`` (LPS axial), in slice order: ``(image, scale)`` with image
-    ``(in_channels, H, W)`` float32 padded to ``canvas`` x ``canvas`` (or to a multiple of ``multiple``).
+    ``(in_channels, H, W)`` float32 padded to ``canvas`` x ``canvas`` (or to a multiple of ``multiple``), its
+    context channels superior neighbour first, as the DeepLesion loader orders them (:mod:`~ctzoo.datasets.
+    deeplesion.context`).
 
     The same input as :func:`resample_and_window` on the slice's context planes, but each stored plane is
     resampled once, not once per slice that uses it as context (3x less work with 3 context slices), in blocks of
@@ -99,7 +102,8 @@ def slice_inputs(axial: Volume, prep: SlicePreprocessing, canvas: int | None = N
     each plane kept as a NumPy array.
     """
     hu = axial.array if device is None else torch.from_numpy(np.ascontiguousarray(axial.array)).to(device)
-    offsets = neighbour_offsets(prep.num_slices, prep.slice_interval_mm, axial.slice_step_mm)
+    # LPS: the slice index increases towards the head; the channels run superior to inferior, as in training
+    offsets = neighbour_offsets(prep.num_slices, prep.slice_interval_mm, axial.slice_step_mm, "head")
     reach = int(np.ceil(max(abs(o) for o in offsets))) + 1
     resampled: dict[int, np.ndarray] = {}
     scale = None

@@ -6,7 +6,8 @@ validation metrics; this module does the rest, the same way for every model.
 Reproducibility: every epoch starts from seeds derived from ``(seed, epoch)`` alone — torch, numpy,
 Python, the data-loader shuffle and, per item, every MONAI random transform (:mod:`ctzoo.training.epoch_loader`).
 A run resumed from the checkpoint of epoch e therefore replays epoch e + 1 exactly as an uninterrupted run does
-(tested: identical weights), without storing RNG states.
+(tested: identical weights), without storing RNG states; what a task changes in training (its mined hard negatives)
+the checkpoint keeps (``Task.checkpoint_state``), and the learning rate follows the fraction of the epochs done.
 
 Per-epoch costs off the loop: the loader's workers start once per run, and each epoch's checkpoints, summary,
 metrics table and curves are written in a background thread (:mod:`ctzoo.training.epoch_writer`). Each epoch's row
@@ -83,9 +84,11 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
 
     # optional: ``before_epoch(model, device, epoch)`` runs before each epoch's batches are drawn (hard-negative
-    # mining); a task without it trains on a fixed set. ``example_inputs(batch_size)``: a random batch of the
-    # network's inputs, which ``fit(placement=...)`` traces the model with. ``close()``: release what the task's
-    # batches hold (the loader's worker processes) when training ends
+    # mining); a task without it trains on a fixed set. ``checkpoint_state()``: what else of the task every
+    # checkpoint keeps (``task_state``: the mined set), which ``restore_checkpoint_state(state)`` gets back on
+    # resume, so that a task whose items change in training resumes bit for bit too. ``example_inputs(batch_size)``:
+    # a random batch of the network's inputs, which ``fit(placement=...)`` traces the model with. ``close()``:
+    # release what the task's batches hold (the loader's worker processes) when training ends
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -106,14 +109,30 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(resolve_device(requested))
 
 
-def lr_factor(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
-    """Linear warm-up then cosine decay, as a factor of ``cfg.lr`` at optimiser step ``step``."""
-    total = max(1, min(cfg.decay_epochs or cfg.epochs, cfg.epochs) * steps_per_epoch)
-    warmup = cfg.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
+def epochs_done(epoch: int, step_in_epoch: int, steps_this_epoch: int) -> float:
+    """How many epochs are done once step ``step_in_epoch`` (0-based) of epoch ``epoch`` is taken: the schedule's
+    clock. Fractions of each epoch's own steps, so that epochs of different lengths (hard-negative mining adds
+    items) keep the warm-up and decay where the config puts them."""
+    return epoch + (step_in_epoch + 1) / steps_this_epoch
+
+
+def lr_factor(done: float, cfg: OptimConfig) -> float:
+    """Linear warm-up then cosine decay, as a factor of ``cfg.lr`` for the step that completes ``done`` epochs
+    (:func:`epochs_done`): the first step of the run is at 1 / (warm-up steps), the last at ``final_lr_ratio``."""
+    total = max(1e-12, min(cfg.decay_epochs or cfg.epochs, cfg.epochs))
+    if done < cfg.warmup_epochs:
+        return done / cfg.warmup_epochs
+    progress = min(1.0, (done - cfg.warmup_epochs) / max(1e-12, total - cfg.warmup_epochs))
     return cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+#: The checkpoint key of a task's own state (``Task.checkpoint_state``).
+TASK_STATE = "task_state"
+
+
+def _task_state(task: Task) -> dict[str, Any]:
+    """``{TASK_STATE: ...}`` for a task that keeps state of its own in checkpoints, else nothing."""
+    return {TASK_STATE: task.checkpoint_state()} if hasattr(task, "checkpoint_state") else {}
 
 
 def _atomic_save(payload: Any, path: Path) -> None:
@@ -350,6 +369,8 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
         _load_weights(model, state["model"], last)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, best, history = state["epoch"] + 1, state["step"], state["best"], state["history"]
+        if hasattr(task, "restore_checkpoint_state"):
+            task.restore_checkpoint_state(state.get(TASK_STATE, {}))
         wall_before = wall_s = state.get("wall_s", 0.0)  # training time of the earlier segments: wall_s counts all
         log.info("resuming %s at epoch %d", last, start_epoch)
     train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else (model if placed is None else placed)
@@ -399,7 +420,7 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
                     first_batch_s = time.perf_counter() - epoch_started
                 events.begin(step, epoch)
                 for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(step, steps_per_epoch, cfg)
+                    group["lr"] = cfg.lr * lr_factor(epochs_done(epoch, count, steps_per_epoch), cfg)
                 with events.stage("forward_backward"):
                     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                         loss, parts = task.loss(train_model, batch, dev)
@@ -454,7 +475,7 @@ def fit(task: Task, cfg: OptimConfig, out_dir: str | Path, resume: bool = False,
                     payload = cpu_snapshot({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                             "epoch": epoch, "step": step, "best": best, "history": history_now,
                                             "config": cfg.model_dump(), "wall_s": row["wall_s"],
-                                            **(extra_state or {})})
+                                            **_task_state(task), **(extra_state or {})})
                     # summary.json too after every epoch: a run a scheduler cuts off says what it was and how far
                     # it got
                     writer.submit(write_epoch_files, out_dir, payload, new_best, runlog, history_now,

@@ -10,6 +10,10 @@ example mining for DeepLesion, Tang et al., ISBI 2019).
 
 DeepLesion's own lesion-free slices may hold lesions nobody marked (its authors say so); on the miniature they hold
 none, by construction. Validation and test patients are never mined.
+
+The mined set is part of a run's state: :meth:`HardNegativeMiner.state` (pool positions, focus points and the
+epoch that mined them) goes into every checkpoint and :meth:`HardNegativeMiner.restore` brings it back, so a resumed
+run trains on the items the interrupted one had mined and replays its epochs bit for bit.
 """
 
 from __future__ import annotations
@@ -92,10 +96,14 @@ class HardNegativeMiner:
         self.train_pipeline = Compose([self.load, CropToFocusd(self.crop), train_transform] if resample_on == "loader"
                                       else [LoadDeepLesiond(data, resample=False, lazy=True), train_transform])
         self.mined: Dataset | None = None
+        self.mined_at: int | None = None  # the epoch that mined ``mined``
+        self.chosen: list[tuple[int, np.ndarray]] = []  # ``mined``'s items: (pool position, focus (row, col))
         self.history: list[dict[str, float]] = []
 
     def due(self, epoch: int) -> bool:
-        """Mine at ``start_epoch``, every ``every`` epochs after it, and on the first epoch of a resumed run."""
+        """Mine at ``start_epoch`` and every ``every`` epochs after it; and on the first epoch of a run resumed past
+        ``start_epoch`` from a checkpoint without a mined set (written before ctzoo kept it: mining again then is
+        the best it can do)."""
         if not self.items or epoch < self.cfg.start_epoch:
             return False
         return self.mined is None or (epoch - self.cfg.start_epoch) % self.cfg.every == 0
@@ -114,16 +122,41 @@ class HardNegativeMiner:
                 found.append((0.0, np.asarray(image.shape[-2:]) / 2))
         return found
 
-    def mine(self, model: torch.nn.Module, device: torch.device) -> Dataset:
-        """The ``keep`` highest-scoring pool slices as training items, each cropped around its false detection."""
+    def mine(self, model: torch.nn.Module, device: torch.device, epoch: int | None = None) -> Dataset:
+        """The ``keep`` highest-scoring pool slices as training items, each cropped around its false detection
+        (mined at ``epoch``)."""
         scored = self.scores(model, device)  # detect() scores in eval mode and restores the model's mode
         order = np.argsort([-score for score, _ in scored], kind="stable")[: self.cfg.keep]
-        chosen = [{**self.items[i], "focus": scored[i][1]} for i in order]
         kept = [scored[i][0] for i in order]
-        self.history.append({"pool": len(scored), "kept": len(chosen), "min_kept_score": float(min(kept)),
+        self.history.append({"pool": len(scored), "kept": len(order), "min_kept_score": float(min(kept)),
                              "mean_kept_score": float(np.mean(kept)),
                              "pool_mean_score": float(np.mean([s for s, _ in scored]))})
         log.info("hard negatives: kept %d of %d lesion-free slices, scores %.3f-%.3f (pool mean %.3f)",
-                 len(chosen), len(scored), min(kept), max(kept), self.history[-1]["pool_mean_score"])
-        self.mined = Dataset(chosen, self.train_pipeline)
+                 len(order), len(scored), min(kept), max(kept), self.history[-1]["pool_mean_score"])
+        return self._use([(int(i), scored[i][1]) for i in order], epoch)
+
+    def _use(self, chosen: list[tuple[int, np.ndarray]], epoch: int | None) -> Dataset:
+        """Train on the pool items ``chosen`` ((position, focus) pairs), mined at ``epoch``."""
+        self.chosen, self.mined_at = chosen, epoch
+        # float64 focus points: a checkpoint keeps them as Python floats, exactly
+        self.mined = Dataset([{**self.items[i], "focus": np.asarray(focus, dtype=np.float64)} for i, focus in chosen],
+                             self.train_pipeline)
         return self.mined
+
+    def state(self) -> dict[str, Any]:
+        """The mined set as a checkpoint keeps it (plain numbers): ``{"pool": pool size, "epoch": the epoch that
+        mined it, "items": [[pool position, focus row, focus col], ...], "history": ...}``; ``items`` is empty
+        before the first mining."""
+        return {"pool": len(self.items), "epoch": self.mined_at, "history": list(self.history),
+                "items": [[i, *map(float, np.asarray(focus, dtype=np.float64))] for i, focus in self.chosen]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Train on the mined set of :meth:`state` again (a resumed run). ``ValueError`` when it does not fit this
+        pool (the checkpoint's data or ``pool_per_series`` differ)."""
+        if state["pool"] != len(self.items) or any(not 0 <= i < len(self.items) for i, *_ in state["items"]):
+            raise ValueError(f"--resume: the checkpoint's hard negatives were mined from a pool of {state['pool']} "
+                             f"slices, this run's has {len(self.items)}: not the same data")
+        self.history = list(state["history"])
+        if state["items"]:
+            self._use([(int(i), np.array([row, col], dtype=np.float64)) for i, row, col in state["items"]],
+                      state["epoch"])

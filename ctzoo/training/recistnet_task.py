@@ -34,7 +34,7 @@ from ctzoo.datasets.keypoint_transforms import (
     recist_eval_transforms,
     recist_train_transforms,
 )
-from ctzoo.models.recistnet import RecistNet, pool_box_features
+from ctzoo.models.recistnet import LEVEL_STRIDES, RecistNet, pool_box_features
 from ctzoo.models.recistnet_targets import loss_counts, make_targets, recistnet_loss
 from ctzoo.scaling.compress import CompressionConfig
 from ctzoo.scaling.zoo_expand import ExpansionInit, expanded_model
@@ -103,6 +103,17 @@ class RecistNetTrainConfig(StrictConfig):
                                            description="gradient exchange under torchrun (CSER, two-way, PowerSGD)")
     placement: Path | None = Field(None, description="plan.json of ctzoo place: train the model spread over this "
                                                      "machine's devices as the plan places it (not with torchrun)")
+
+    @field_validator("train_size", "eval_size")
+    @classmethod
+    def _network_multiple(cls, size: tuple[int, int]) -> tuple[int, int]:
+        # the network halves its input down to 1/32: another size fails at the first step, deep in the FPN
+        multiple = LEVEL_STRIDES[-1]
+        if min(size) < 1 or any(side % multiple for side in size):
+            rounded = [max(multiple, round(side / multiple) * multiple) for side in size]
+            raise ValueError(f"{list(size)}: height and width must be positive multiples of {multiple} (the "
+                             f"network's coarsest stride), e.g. {rounded}")
+        return size
 
     @field_validator("eval_split", mode="before")
     @classmethod
@@ -251,7 +262,17 @@ class RecistNetTask:
     def before_epoch(self, model: nn.Module, device: torch.device, epoch: int) -> None:
         """Mine hard negatives when they are due (``hard_negatives``)."""
         if self.miner is not None and self.miner.due(epoch):
-            self.miner.mine(model, device)
+            self.miner.mine(model, device, epoch)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the task beyond the model: the mined hard negatives (a resumed run trains on
+        the same items)."""
+        return {} if self.miner is None else {"hard_negatives": self.miner.state()}
+
+    def restore_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`checkpoint_state` (``--resume``)."""
+        if self.miner is not None and "hard_negatives" in state:
+            self.miner.restore(state["hard_negatives"])
 
     def train_batches(self, epoch_seed: int, batch_size: int, num_workers: int, rank: int, world_size: int):
         """This epoch's batches, from one loader kept for the run (its workers start once); a new one only when

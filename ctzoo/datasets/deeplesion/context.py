@@ -6,6 +6,14 @@ linearly between the two slices around it. A neighbour beyond the slices
 provided (DeepLesion ships about +-30 mm around each key slice, ``Slice_range``)
 falls back to the nearest provided slice, i.e. the edge slice repeats. A series
 with an unknown or zero slice interval repeats the key slice.
+
+Channel order is by patient position, the superior neighbour first, the key slice in the middle, the inferior
+neighbour last (each window of a 9-channel input alike): :func:`neighbour_offsets` orders the offsets so in
+whichever direction a series' slice index runs. DeepLesion's slice numbers (its PNG file names) are assumed to
+increase from head to feet (:data:`DEEPLESION_INDEX_TOWARDS`), as the miniature is built
+(:mod:`.lesion_synthesis`: slice k at z = origin - k dz); volume inference runs on LPS volumes, whose slice index
+increases towards the head (:func:`ctzoo.inference.recist_volume.slice_inputs`). Both get the order the shipped
+models were trained with.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import math
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,20 +30,34 @@ import torch
 from ctzoo.datasets.deeplesion.info_csv import LesionRow
 from ctzoo.datasets.deeplesion.png_slices import read_png_hu, slice_path
 
+#: The direction in the patient that a series' slice index increases towards.
+IndexDirection = Literal["feet", "head"]
 
-def neighbour_offsets(num_slices: int, slice_interval_mm: float, series_interval_mm: float) -> list[float]:
-    """Offsets in (fractional) slice indices of the ``num_slices`` slices centred on the key slice.
+#: Where DeepLesion's slice numbers (PNG file names) increase towards: the feet, PNG 001 the most superior slice
+#: of a series. An assumption about the real dataset, not checked against it (its PNGs carry no patient
+#: position); the miniature is built so, and the shipped models were trained so.
+DEEPLESION_INDEX_TOWARDS: IndexDirection = "feet"
 
-    ``num_slices`` is odd (3 for one RGB-like triplet, 9 for MULAN's 3 x 3). Ordered inferior to
-    superior as stored (negative offsets first).
+
+def neighbour_offsets(num_slices: int, slice_interval_mm: float, series_interval_mm: float,
+                      index_towards: IndexDirection) -> list[float]:
+    """Offsets in (fractional) slice indices of the ``num_slices`` slices centred on the key slice, in channel
+    order: the most superior first, whichever way the series' slice index runs (``index_towards``: the direction
+    in the patient it increases towards; DeepLesion's PNG numbers: :data:`DEEPLESION_INDEX_TOWARDS`, an LPS
+    volume: ``"head"``).
+
+    ``num_slices`` is odd (3 for one RGB-like triplet, 9 for MULAN's 3 x 3).
     """
     if num_slices < 1 or num_slices % 2 == 0:
         raise ValueError(f"num_slices must be odd and positive, got {num_slices}")
+    if index_towards not in ("feet", "head"):
+        raise ValueError(f"index_towards must be 'feet' or 'head', got {index_towards!r}")
     half = num_slices // 2
     if not math.isfinite(series_interval_mm) or series_interval_mm < 1e-3:
         return [0.0] * num_slices
     step = slice_interval_mm / series_interval_mm
-    return [k * step for k in range(-half, half + 1)]
+    superior_first = -1 if index_towards == "feet" else 1  # the superior neighbour's offset sign
+    return [superior_first * k * step for k in range(half, -half - 1, -1)]
 
 
 class ContextPlanes:
@@ -94,7 +117,7 @@ def context_of(images_root: str | Path, row: LesionRow, num_slices: int = 3, sli
     """The key slice of ``row`` with its neighbours, to be read (:class:`ContextPlanes`): from
     ``images_root/{series}/{slice:03d}.png`` by ``reader`` (default: decode the PNG, the last 64 kept)."""
     read = reader or _cached_reader()
-    offsets = neighbour_offsets(num_slices, slice_interval_mm, row.spacing_mm_px[2])
+    offsets = neighbour_offsets(num_slices, slice_interval_mm, row.spacing_mm_px[2], DEEPLESION_INDEX_TOWARDS)
     return ContextPlanes(lambda k: read(slice_path(images_root, row.series_folder, k)), row.key_slice_index, offsets,
                          *row.slice_range, name=row.series_folder)
 

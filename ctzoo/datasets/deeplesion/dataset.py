@@ -2,7 +2,8 @@
 
 Pipeline per sample (:class:`LoadDeepLesiond`), following 3DCE/MULAN:
 
-1. read the key slice and its neighbours (:mod:`.context`), HU = PNG value - 32768;
+1. read the key slice and its neighbours (:mod:`.context`: the superior one first, PNG numbers assumed to run
+   from head to feet), HU = PNG value - 32768;
 2. resample in-plane to ``norm_spacing_mm`` (MULAN: 0.8 mm/px), longer side capped at ``max_size``,
    with MONAI's ``Resize`` (bilinear; anti-aliased when shrinking);
 3. window ``window_hu`` (and each of ``extra_windows_hu``) onto ``output_range`` with MONAI's
@@ -140,7 +141,9 @@ def window_planes(image: torch.Tensor, cfg: SlicePreprocessing, out: torch.Tenso
 class LoadDeepLesiond(Transform):
     """Item ``{"context_row": LesionRow, "lesions": [LesionRow, ...], ...}`` -> a network-ready sample.
 
-    Output keys: ``image`` (MetaTensor, (in_channels, H, W) float32, affine = pixel spacing in mm);
+    Output keys: ``image`` (MetaTensor, (in_channels, H, W) float32, affine = pixel spacing in mm; per window
+    the context slices superior first, assuming DeepLesion's PNG numbers increase from head to feet, an
+    assumption not checked against the real dataset: :data:`~.context.DEEPLESION_INDEX_TOWARDS`);
     ``keypoints`` (N, 5, 2) x, y in pixels (see :mod:`.recist` for the order); ``boxes`` (N, 4);
     ``diameters_px`` / ``diameters_mm`` (N, 2) long, short; ``lesion_types`` (N,) int64;
     ``spacing_mm`` (2,) x, y after resampling; ``scale`` (resampled per original pixel); ``file_name`` and
@@ -226,7 +229,10 @@ def negative_items(by_image: dict[str, list[LesionRow]], per_series: int) -> lis
     """Context slices far from every annotated lesion of their series, as samples with no lesion.
 
     "Far" is more than half the series' longest lesion diameter plus 10 mm along z from every key slice.
-    DeepLesion's unannotated slices can still hold lesions nobody marked, as its authors warn.
+    DeepLesion's unannotated slices can still hold lesions nobody marked, as its authors warn. A slice in the
+    Slice_range of several lesions takes its neighbours from the widest range (then the first File_name): the
+    same in every process (it once depended on Python's string hashing, so a resumed run could read another
+    range, and repeat other edge slices, than the run it continued).
     """
     by_series: dict[str, list[LesionRow]] = defaultdict(list)
     for lesions in by_image.values():
@@ -236,9 +242,12 @@ def negative_items(by_image: dict[str, list[LesionRow]], per_series: int) -> lis
         z_mm = lesions[0].spacing_mm_px[2]
         reach = max(r.lesion_diameters_px[0] * r.spacing_mm_px[0] for r in lesions) / 2 + 10.0
         keys = {r.key_slice_index for r in lesions}
-        candidates = sorted({(s, r) for r in lesions for s in range(r.slice_range[0], r.slice_range[1] + 1)
-                             if all(abs(s - k) * z_mm > reach for k in keys)}, key=lambda pair: pair[0])
-        unique = list({s: r for s, r in candidates}.items())
+        holders: dict[int, LesionRow] = {}  # per far slice, the lesion row whose Slice_range it is read in
+        for r in sorted(lesions, key=lambda r: (r.slice_range[0] - r.slice_range[1], r.file_name, r.slice_range)):
+            for s in range(r.slice_range[0], r.slice_range[1] + 1):
+                if all(abs(s - k) * z_mm > reach for k in keys):
+                    holders.setdefault(s, r)
+        unique = sorted(holders.items(), key=lambda pair: pair[0])
         for s, r in (unique[int(i)] for i in np.linspace(0, len(unique) - 1, min(per_series, len(unique)))):
             items.append({"file_name": f"{folder}_{s:03d}.png", "split": r.split,
                           "context_row": dataclasses.replace(r, key_slice_index=s), "lesions": []})
