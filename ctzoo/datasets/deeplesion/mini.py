@@ -400,7 +400,7 @@ def prepare_target(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} is not empty; pass --force (force=True) to replace it")
+        raise FileExistsError(f"{out} is not empty; pass --force to replace it")
 
 
 def _write_cases_serially(plans: list[CasePlan], sources: tuple[Source, ...], seed: int, root: Path,
