@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from infer_runs import wait_for_a_finished_case
 from series_variants import lowest_slices
 from stub_tasks import stub_task
 
@@ -532,7 +533,6 @@ def test_ctrl_c_on_a_real_process_exits_130_and_resume_finishes_with_0(mixed_inp
     import signal
     import subprocess
     import sys
-    import time
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -548,11 +548,7 @@ def test_ctrl_c_on_a_real_process_exits_130_and_resume_finishes_with_0(mixed_inp
                                start_new_session=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        deadline = time.monotonic() + 300
-        while not list(out.glob("*/status-recistnet-mini.json")):
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no case finished in 300 s"
-            time.sleep(0.05)
+        wait_for_a_finished_case(process, out)
         os.killpg(process.pid, signal.SIGINT)
         _, stderr = process.communicate(timeout=120)
     finally:

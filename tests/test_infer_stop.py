@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from infer_runs import wait_for_a_finished_case
 from stub_tasks import stub_task
 
 from ctzoo.inference.inputs import CaseInput
@@ -118,11 +119,7 @@ def test_sigterm_stops_a_real_run_as_ctrl_c_does_and_leaves_no_worker(tmp_path, 
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while not list(out.glob("*/status-recistnet-mini.json")):
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "no case finished in 300 s"
-            time.sleep(0.05)
+        wait_for_a_finished_case(process, out)
         workers = _children(process.pid)
         assert workers
         process.send_signal(signal.SIGTERM)

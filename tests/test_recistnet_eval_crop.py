@@ -23,16 +23,17 @@ from ctzoo.training.recistnet_task import (
     evaluate_decodings,
 )
 
-#: (H, W) smaller than the 48 x 40 slice: the crop keeps columns 12..27, so the first lesion's centre (x = 5) is cut off
-EVAL_SIZE = (32, 16)
+#: (H, W) smaller than the 48 x 40 slice (and multiples of the network's stride): the crop keeps rows 8..39, so the
+#: first lesion's centre (y = 3) is cut off
+EVAL_SIZE = (32, 32)
 
 
 @pytest.fixture(scope="module")
 def cropped_root(tmp_path_factory):
-    """One val key slice with two lesions: one near the left edge, one in the middle (a train row too, unwritten)."""
+    """One val key slice with two lesions: one near the top edge, one in the middle (a train row too, unwritten)."""
     root = tmp_path_factory.mktemp("dl_crop")
-    edge = lesion_row(measurement_coordinates=(2.0, 10.0, 8.0, 10.0, 5.0, 8.0, 5.0, 12.0),
-                      bounding_box=(-3, 3, 13, 17), lesion_diameters_px=(6.0, 4.0), train_val_test=2)
+    edge = lesion_row(measurement_coordinates=(17.0, 3.0, 23.0, 3.0, 20.0, 1.0, 20.0, 5.0),
+                      bounding_box=(12, -4, 28, 10), lesion_diameters_px=(6.0, 4.0), train_val_test=2)
     middle = lesion_row(measurement_coordinates=(10.0, 24.0, 30.0, 24.0, 20.0, 19.0, 20.0, 29.0),
                         bounding_box=(5, 14, 35, 34), lesion_diameters_px=(20.0, 10.0), train_val_test=2)
     train = lesion_row(file_name="000008_01_01_012.png", patient_index=8, study_index=1, train_val_test=1)
@@ -103,5 +104,5 @@ def test_ctzoo_eval_counts_the_cropped_lesion_as_missed_and_says_so(cropped_root
     assert result.sensitivities[3] == 0.5 and result.axis_errors_mm["long_mean"] == pytest.approx(0, abs=1e-5)
     written = json.loads((tmp_path / "out" / "froc.json").read_text())
     assert written["num_lesions"] == 2 and written["num_off_image"] == 1
-    assert "1 of 2 lesions lie off the 32 x 16 evaluation image" in caplog.text
+    assert "1 of 2 lesions lie off the 32 x 32 evaluation image" in caplog.text
     assert np.isclose(written["sensitivities"][3], 0.5)
