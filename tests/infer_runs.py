@@ -14,3 +14,19 @@ def wait_for_a_finished_case(process, out: Path, timeout_s: float = 300) -> None
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, f"no case finished in {timeout_s:g} s"
         time.sleep(0.05)
+
+
+def stop_after_first_case(process, out: Path, stop) -> str:
+    """Wait for the run ``process`` (its own session) to finish a case, call ``stop()`` (send the signal under
+    test), and return its stderr once it ended; killed with its process group if anything failed on the way."""
+    import os
+    import signal
+
+    try:
+        wait_for_a_finished_case(process, out)
+        stop()
+        return process.communicate(timeout=120)[1]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

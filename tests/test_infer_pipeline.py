@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from infer_runs import wait_for_a_finished_case
+from infer_runs import stop_after_first_case
 from series_variants import lowest_slices
 from stub_tasks import stub_task
 
@@ -547,14 +547,7 @@ def test_ctrl_c_on_a_real_process_exits_130_and_resume_finishes_with_0(mixed_inp
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        wait_for_a_finished_case(process, out)
-        os.killpg(process.pid, signal.SIGINT)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    stderr = stop_after_first_case(process, out, lambda: os.killpg(process.pid, signal.SIGINT))
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "--resume runs the rest" in stderr and "Traceback" not in stderr, stderr
     assert not [p for p in out.rglob("*") if ".partial" in p.name]

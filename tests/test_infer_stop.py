@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from infer_runs import wait_for_a_finished_case
+from infer_runs import stop_after_first_case
 from stub_tasks import stub_task
 
 from ctzoo.inference.inputs import CaseInput
@@ -118,16 +118,14 @@ def test_sigterm_stops_a_real_run_as_ctrl_c_does_and_leaves_no_worker(tmp_path, 
                "--layout", "copies", "--no-overlay", "--batch-size", "2"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
-    try:
-        wait_for_a_finished_case(process, out)
-        workers = _children(process.pid)
+    workers = []
+
+    def sigterm() -> None:
+        workers.extend(_children(process.pid))
         assert workers
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+
+    stderr = stop_after_first_case(process, out, sigterm)
     assert process.returncode == 143, stderr
     assert "interrupted (SIGTERM)" in stderr and "--resume runs the rest" in stderr and "Traceback" not in stderr
     assert _gone(workers, 10), "a worker outlived the run"
