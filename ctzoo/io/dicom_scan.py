@@ -295,10 +295,12 @@ def read_header(path: str, display_name: str | None = None) -> SliceHeader | Non
     """
     shown = display_name or path
     try:
-        unbounded = deflated_problem(path)  # before pydicom, which would inflate it whole
-        if unbounded:
-            return SliceHeader(path, shown, None, "", corrupt_reason=unbounded)
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        with open(path, "rb") as stream:  # one open per file: this runs for every file of every series
+            # a deflated file is bounded before pydicom, which would inflate it whole
+            unbounded = deflated_problem(path) if declares_deflate(stream) else ""
+            if unbounded:
+                return SliceHeader(path, shown, None, "", corrupt_reason=unbounded)
+            ds = pydicom.dcmread(stream, stop_before_pixels=True)
         problem = _image_problem(ds)
         key = _series_key(ds)
     except InvalidDicomError as exc:
