@@ -1,6 +1,7 @@
 """The ctzoo command line: info, convert, help everywhere, clear errors."""
 
 import json
+import struct
 import subprocess
 import sys
 
@@ -244,3 +245,54 @@ def test_the_series_uid_info_prints_is_selectable_where_the_files_have_none(samp
     assert result.exit_code == 0 and "512 x 512 x 20 voxels" in result.output, result.output
     result = run("info", sample_dir, "--series", "2.25.1")
     assert result.exit_code == 1 and "no series '2.25.1'" in result.output
+
+
+def test_convert_refuses_an_existing_target_unless_forced(tmp_path):
+    """convert used to replace TARGET silently, unlike ``data sample``; --force replaces it, SOURCE itself too."""
+    source, target = tmp_path / "ct.nii.gz", tmp_path / "ct.nrrd"
+    nib.save(nib.Nifti1Image(np.arange(64, dtype=np.int16).reshape(4, 4, 4), np.eye(4)), str(source))
+    target.write_bytes(b"keep me")
+    refused = run("convert", source, target)
+    assert refused.exit_code == 1 and refused.output == f"Error: {target} exists; pass --force to replace it\n"
+    assert target.read_bytes() == b"keep me"
+    assert run("convert", source, target, "--force").exit_code == 0
+    assert target.read_bytes().startswith(b"NRRD")
+    assert run("convert", source, source).exit_code == 1
+    in_place = run("convert", source, source, "--force", "--dtype", "float32")
+    assert in_place.exit_code == 0, in_place.output
+    assert nib.load(str(source)).get_data_dtype() == np.float32 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "ct.nii.gz", "ct.nrrd"]
+
+
+def test_convert_refuses_values_the_chosen_dtype_cannot_hold(tmp_path):
+    """--dtype uint8 of HU used to wrap 1839 to 47 and -1024 to 0, silently."""
+    source = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.array([-1024.0, 2.7, 1839.0], np.float32).reshape(3, 1, 1), np.eye(4)), str(source))
+    result = run("convert", source, tmp_path / "ct.mha", "--dtype", "uint8")
+    assert result.exit_code == 1 and result.output == (f"Error: {tmp_path / 'ct.mha'}: voxel values -1024..1839 do "
+                                                       "not fit uint8 (0..255); store a wider type (float32)\n")
+    assert not (tmp_path / "ct.mha").exists()
+
+
+def test_info_reports_the_voxel_type_the_file_stores(tmp_path, sample_dir):
+    """"dtype" was float32 for every input (the type it is read as); now the file's own, the read one beside it."""
+    grid = np.zeros((4, 4, 4))
+    files = {"labels.nii.gz": grid.astype(np.uint8), "hu.nii.gz": grid.astype(np.int16)}
+    for name, data in files.items():
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / name))
+    nib.save(nib.Nifti1Image(grid.astype(np.int16), np.eye(4)), str(tmp_path / "scaled.nii"))
+    raw = bytearray((tmp_path / "scaled.nii").read_bytes())
+    struct.pack_into("<ff", raw, 112, 0.5, -1024.0)  # scl_slope, scl_inter: value = 0.5 x stored - 1024
+    (tmp_path / "scaled.nii").write_bytes(bytes(raw))
+    assert run("convert", tmp_path / "hu.nii.gz", tmp_path / "hu.mha").exit_code == 0
+    described = {name: json.loads(run("info", tmp_path / name, "--json").output)["volume"]
+                 for name in ["labels.nii.gz", "hu.nii.gz", "scaled.nii", "hu.mha"]}
+    described["sample"] = json.loads(run("info", sample_dir, "--json").output)["volume"]
+    assert {name: (v["dtype"], v["array_dtype"]) for name, v in described.items()} == {
+        "labels.nii.gz": ("uint8", "float32"), "hu.nii.gz": ("int16", "float32"), "scaled.nii": ("int16", "float32"),
+        "hu.mha": ("int16", "float32"), "sample": ("uint16", "float32")}  # the sample: BitsAllocated 16, unsigned
+    assert "dtype_scaling" not in described["hu.nii.gz"]
+    assert described["scaled.nii"]["dtype_scaling"] == {"slope": 0.5, "intercept": -1024.0}
+    assert "voxel type       int16 (scl_slope 0.5, scl_inter -1024) in the file, read as float32" in run(
+        "info", tmp_path / "scaled.nii").output
+    assert "  voxel type       uint16 in the file, read as float32\n" in run("info").output

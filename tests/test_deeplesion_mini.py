@@ -4,6 +4,11 @@ determinism, the split by patient, measure_recist on hand-computed shapes, and t
 import hashlib
 import json
 import math
+import os
+import stat
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -45,6 +50,17 @@ def _digests(root):
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _mode(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _umask_mode():
+    """The mode a new folder gets under this process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
 def _max_feret_brute_force(mask):
     points = np.argwhere(mask)[:, ::-1].astype(float)
     best = 0.0
@@ -59,7 +75,8 @@ def test_layout_is_deeplesions(mini, rows, truth):
     assert len(rows) >= 4 and {"Images_png", "masks", "lesions.json", "NOTICE.md", "LICENSE"} <= {
         p.name for p in mini.iterdir()}
     assert "TotalSegmentator 2.18.0" in (mini / "NOTICE.md").read_text()
-    assert not list(mini.parent.glob("*.partial-*"))
+    assert [p.name for p in mini.parent.iterdir()] == [mini.name]  # no staging folder left, hidden or not
+    assert _mode(mini) == _umask_mode()  # not mkdtemp's private 0700
     images = mini / "Images_png"
     expected = set()
     slices = {s["folder"]: s["slices"] for s in truth["series"]}
@@ -206,6 +223,7 @@ def test_held_out_scan_is_the_whole_test_split_and_nothing_else(mini, tmp_path):
                                         "aorta_example_ct", "--from", str(mini)])
     assert resplit.exit_code == 0, resplit.output
     assert _digests(tmp_path / "resplit") == _digests(fresh)
+    assert _mode(tmp_path / "resplit") == _umask_mode() == _mode(fresh)
     refused = CliRunner().invoke(main, ["data", "make-deeplesion-mini", str(tmp_path / "again"), "--test-source",
                                         "sample_ct", "--from", str(fresh)])
     assert refused.exit_code != 0 and "already holds out" in refused.output
@@ -270,6 +288,24 @@ def test_cli_writes_and_refuses_a_non_empty_out(sample_folder, tmp_path):
     assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
     assert not [p for p in tmp_path.iterdir() if p.name != "cli"]  # no partial or old folders left
     assert "make-deeplesion-mini" in CliRunner().invoke(main, ["data", "--help"]).output
+
+
+def test_a_killed_build_leaves_nothing_that_the_next_build_keeps(sample_folder, tmp_path):
+    """A killed build (kill -9, the OOM killer) left its staging folder OUT.partial-XXXX, not hidden, and no later
+    build removed it. Now it is hidden, and the next build into OUT removes it."""
+    out = tmp_path / "mini"
+    build = subprocess.Popen([sys.executable, "-m", "ctzoo", "data", "make-deeplesion-mini", str(out), "--cases", "1",
+                              "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any(tmp_path.iterdir()) and build.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    build.kill()
+    build.wait()
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".mini.") and left[0].endswith(".partial"), left
+    result = CliRunner().invoke(main, ["data", "make-deeplesion-mini", str(out), "--cases", "1"])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["mini"]
 
 
 def test_stats_counts_and_draws(mini, rows, tmp_path):

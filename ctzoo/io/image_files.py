@@ -6,6 +6,9 @@ renamed, so an interrupted write never leaves a half-written volume behind.
 
 from __future__ import annotations
 
+import errno
+import itertools
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -27,6 +30,7 @@ from ctzoo.io.dicom_scan import (
 from ctzoo.io.dicom_series import read_dicom_series
 from ctzoo.io.itk_threads import first_use_alone
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits, UnsafeInput, check_self_contained
+from ctzoo.io.metaimage import check_metaimage_data
 from ctzoo.io.orientation import geometry_from_affine, orientation_code, ras_to_lps_affine
 from ctzoo.io.spacing import ImplausibleSpacing, check_spacing, slice_axis
 from ctzoo.io.volume import Volume
@@ -44,8 +48,30 @@ def file_suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
-def _cast(array: np.ndarray, dtype) -> np.ndarray:
-    return array if dtype is None else array.astype(dtype, copy=False)
+def _cast(array: np.ndarray, dtype, where: str | Path = "") -> np.ndarray:
+    """``array`` as ``dtype`` (``None``: as it is). To an integer type values are rounded to the nearest integer,
+    and values the type cannot hold are refused, naming ``where``: ``astype`` alone truncates 2.7 to 2 and wraps
+    40000 HU to -25536 in int16 (64 in uint8), silently."""
+    if dtype is None:
+        return array
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu" or array.dtype == dtype or array.dtype.kind == "b":
+        return array.astype(dtype, copy=False)
+    rounds = array.dtype.kind == "f"
+    if array.size:
+        low, high, limits = array.min(), array.max(), np.iinfo(dtype)  # NaN, if any, is the min and the max
+        if rounds and not (np.isfinite(low) and np.isfinite(high)):
+            raise ValueError(f"{where}: NaN or infinite voxel values cannot be stored as {dtype}; store float32")
+        if rounds:
+            low, high = np.rint(low), np.rint(high)
+        if low < limits.min or high > limits.max:
+            raise ValueError(f"{where}: voxel values {low:g}..{high:g} do not fit {dtype} "
+                             f"({limits.min}..{limits.max}); store a wider type (float32)")
+    if not rounds:
+        return array.astype(dtype)
+    cast = np.empty(array.shape, dtype)
+    np.rint(array, out=cast, casting="unsafe")  # rounded straight into the new type: no float copy in between
+    return cast
 
 
 def _open_nifti(path: str | Path, limits: ResourceLimits):
@@ -104,32 +130,47 @@ def read_nifti(path: str | Path, dtype=np.float32, limits: ResourceLimits = DEFA
     if data.ndim != 3:
         raise ValueError(f"{path}: a 3-D volume is needed, the file holds shape {data.shape}")
     spacing, origin, direction = geometry_from_affine(ras_to_lps_affine(image.affine))
-    volume = Volume(_cast(np.ascontiguousarray(data.transpose(2, 1, 0)), dtype), spacing, origin, direction,
+    volume = Volume(_cast(np.ascontiguousarray(data.transpose(2, 1, 0)), dtype, path), spacing, origin, direction,
                     source_path=str(path))
-    volume.warnings.extend(_shear_warnings(volume) + _qform_sform_warnings(image.header))
+    volume.warnings.extend(_shear_warnings(volume, SHEARED_NIFTI_NO_QFORM if int(image.header["qform_code"]) == 0
+                                           else "") + _qform_sform_warnings(image.header))
     return volume
 
 
-def _shear_warnings(volume: Volume) -> list[str]:
-    """The warning a sheared grid (gantry tilt kept in the affine or direction matrix) gets, or none."""
+def _shear_warnings(volume: Volume, also: str = "") -> list[str]:
+    """The warning a sheared grid (gantry tilt kept in the affine or direction matrix) gets, or none; ``also``: what
+    else the file's reader must know of it."""
     if not volume.is_sheared:
         return []
     return [f"the affine is sheared (non-orthogonal axes, e.g. a gantry tilt); geometry kept as stored; slices are "
             f"{volume.slice_step_mm:.4g} mm apart perpendicular to them ({volume.spacing[2]:.4g} mm along the k axis) "
-            f"and voxel volumes are |det| of the affine"]
+            f"and voxel volumes are |det| of the affine" + (f"; {also}" if also else "")]
+
+
+#: How far apart (mm) the qform and the sform may put a voxel before the file is warned about.
+QFORM_SFORM_TOLERANCE_MM = 0.1
 
 
 def _qform_sform_warnings(header) -> list[str]:
-    """The warning a NIfTI gets whose qform and sform (both set) point its axes different ways, or none: ctzoo
-    uses the sform, as nibabel does; ITK-based tools may use the qform, so the same file reads mirrored there."""
+    """The warning a NIfTI gets whose qform and sform (both set) put its voxels in different places, or none:
+    ctzoo uses the sform, as nibabel does; ITK-based tools may use the qform (always, where the sform is sheared),
+    so the same file reads mirrored, or shifted, there. Compared at the grid's corners: a qform cannot hold a
+    shear, and one made from a sheared affine keeps the axes' directions but not where the far slices lie."""
     if int(header["qform_code"]) == 0 or int(header["sform_code"]) == 0:
         return []
     qform, sform = (orientation_code(geometry_from_affine(ras_to_lps_affine(affine))[2])
                     for affine in (header.get_qform(), header.get_sform()))
-    if qform == sform:
+    if qform != sform:
+        return [f"the qform ({qform}) and the sform ({sform}) orient the axes differently; the sform is used (as "
+                "nibabel does); ITK-based tools (SimpleITK, 3D Slicer) may use the qform and show the volume mirrored"]
+    shape = [*header.get_data_shape()[:3], 1, 1][:3]
+    corners = np.array([[*corner, 1.0] for corner in itertools.product(*[(0, n - 1) for n in shape])])
+    apart = float(np.linalg.norm((corners @ (header.get_qform() - header.get_sform()).T)[:, :3], axis=1).max())
+    if apart <= QFORM_SFORM_TOLERANCE_MM:
         return []
-    return [f"the qform ({qform}) and the sform ({sform}) orient the axes differently; the sform is used (as nibabel "
-            "does); ITK-based tools (SimpleITK, 3D Slicer) may use the qform and show the volume mirrored"]
+    return [f"the qform and the sform put voxels up to {apart:.3g} mm apart (a qform cannot hold a shear, e.g. a "
+            "gantry tilt); the sform is used (as nibabel does); ITK-based tools (SimpleITK, 3D Slicer) may use the "
+            "qform and place the volume elsewhere"]
 
 
 def _unreadable_nifti(path: str | Path, exc: BaseException) -> ValueError:
@@ -141,8 +182,8 @@ def volume_from_sitk(image: sitk.Image, dtype=np.float32, source_path: str = "")
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(f"{source_path or 'image'}: a 3-D scalar volume is needed, got a "
                          f"{image.GetDimension()}-D image with {image.GetNumberOfComponentsPerPixel()} components")
-    return Volume(_cast(sitk.GetArrayFromImage(image), dtype), image.GetSpacing(), image.GetOrigin(),
-                  np.asarray(image.GetDirection()).reshape(3, 3), source_path=source_path)
+    return Volume(_cast(sitk.GetArrayFromImage(image), dtype, source_path or "image"), image.GetSpacing(),
+                  image.GetOrigin(), np.asarray(image.GetDirection()).reshape(3, 3), source_path=source_path)
 
 
 def volume_to_sitk(volume: Volume) -> sitk.Image:
@@ -154,8 +195,23 @@ def volume_to_sitk(volume: Volume) -> sitk.Image:
     return image
 
 
+def _itk_reason(exc: RuntimeError) -> str:
+    """The line of an ITK exception that says what went wrong: its last, unless that is the ``Reason:`` ITK adds
+    from the C library's last error, which after a failed read is stale ("No such file or directory" for a file
+    that is there but cut short)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[-1].startswith("Reason:"):
+        lines.pop()
+    return lines[-1].removeprefix("ITK ERROR: ") if lines else "no reason given"
+
+
+def itk_pixel_dtype(pixel_id: int) -> np.dtype:
+    """The numpy type of one component of SimpleITK's pixel type ``pixel_id``."""
+    return sitk.GetArrayViewFromImage(sitk.Image([1, 1], pixel_id)).dtype
+
+
 def _itk_itemsize(pixel_id: int) -> int:
-    return sitk.GetArrayViewFromImage(sitk.Image([1, 1], pixel_id)).dtype.itemsize
+    return itk_pixel_dtype(pixel_id).itemsize
 
 
 def _open_itk(path: str | Path, limits: ResourceLimits) -> tuple[sitk.ImageFileReader, int]:
@@ -173,7 +229,7 @@ def _open_itk(path: str | Path, limits: ResourceLimits) -> tuple[sitk.ImageFileR
     try:
         first_use_alone(f"itk:{Path(path).suffix.lower()}", reader.ReadImageInformation)
     except RuntimeError as exc:
-        raise ValueError(f"{path}: SimpleITK cannot read it: {str(exc).strip().splitlines()[-1]}") from exc
+        raise ValueError(f"{path}: SimpleITK cannot read it: {_itk_reason(exc)}") from exc
     voxels = limits.check_voxels((*reader.GetSize(), reader.GetNumberOfComponents()), Path(path).name)
     limits.check_decoded(voxels * _itk_itemsize(reader.GetPixelID()), received, Path(path).name)
     if reader.GetDimension() == 3:  # other dimensions are refused when the image is read
@@ -184,11 +240,13 @@ def _open_itk(path: str | Path, limits: ResourceLimits) -> tuple[sitk.ImageFileR
 def read_itk_image(path: str | Path, dtype=np.float32, limits: ResourceLimits = DEFAULT_LIMITS) -> Volume:
     """Read NRRD/MHA/MHD through SimpleITK (which converts any NRRD space to LPS); sizes checked as
     :func:`_open_itk` says before any voxel is read."""
-    reader, _ = _open_itk(path, limits)
+    reader, voxels = _open_itk(path, limits)
+    if Path(path).suffix.lower() in (".mha", ".mhd"):
+        check_metaimage_data(path, voxels * _itk_itemsize(reader.GetPixelID()))
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise ValueError(f"{path}: SimpleITK cannot read it: {str(exc).strip().splitlines()[-1]}") from exc
+        raise ValueError(f"{path}: damaged or truncated: SimpleITK cannot read its voxels: {_itk_reason(exc)}") from exc
     volume = volume_from_sitk(image, dtype, str(path))
     volume.warnings.extend(_shear_warnings(volume))
     return volume
@@ -218,28 +276,64 @@ def declared_voxels(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS) -
     return declared_size(path, limits)[0]
 
 
-def write_volume(volume: Volume, path: str | Path, dtype=None) -> Path:
-    """Write ``volume`` as NIfTI (.nii/.nii.gz, RAS affine, qform and sform set) or NRRD/MHA (LPS).
+#: What a NIfTI of a sheared volume lacks, said by :func:`written_file_warnings` and by the reader of such a file.
+SHEARED_NIFTI_NO_QFORM = ("it has no qform (a qform holds a rotation, not a shear), so ITK-based tools (SimpleITK, "
+                          "3D Slicer) refuse it; NRRD or MHA keeps the sheared geometry for every reader")
 
-    ``dtype`` casts the voxels (e.g. ``np.int16`` for HU, ``np.uint8`` for labels); default keeps them.
+
+def write_volume(volume: Volume, path: str | Path, dtype=None) -> Path:
+    """Write ``volume`` as NIfTI (.nii/.nii.gz, RAS affine, qform and sform set: a sheared one the sform only)
+    or NRRD/MHA (LPS).
+
+    ``dtype`` casts the voxels (e.g. ``np.int16`` for HU, ``np.uint8`` for labels), rounding to an integer type
+    and refusing values it cannot hold (``ValueError``); default keeps them. A sheared volume (gantry tilt kept in
+    the geometry) gets no qform, which would misplace it (:func:`written_file_warnings`). A target that cannot be
+    written is an ``OSError`` naming ``path``.
     """
     path = Path(path)
     suffix = file_suffix(path)
     if suffix not in NIFTI_SUFFIXES + ITK_WRITE_SUFFIXES:
         raise ValueError(f"{path}: cannot write {suffix or 'files without a suffix'}; "
                          f"use one of {', '.join(NIFTI_SUFFIXES + ITK_WRITE_SUFFIXES)}")
-    array = _cast(volume.array, dtype)
+    array = _cast(volume.array, dtype, path)
     with atomic_path(path) as temporary:
         if suffix in NIFTI_SUFFIXES:
             affine = volume.affine_ras
             image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine)
-            image.set_qform(affine, code=1)
+            # nibabel's set_qform turns a sheared affine into the nearest rotation, silently; ITK then reads that
+            # qform (it takes no non-orthonormal sform) and puts voxels tens of mm from where they are
+            image.set_qform(None if volume.is_sheared else affine, code=0 if volume.is_sheared else 1)
             image.set_sform(affine, code=1)
             image.header.set_xyzt_units("mm")
             nib.save(image, str(temporary))
         else:
-            sitk.WriteImage(volume_to_sitk(volume.with_array(array)), str(temporary), useCompression=True)
+            _write_itk(volume_to_sitk(volume.with_array(array)), temporary, path)
     return path
+
+
+def written_file_warnings(volume: Volume, path: str | Path) -> list[str]:
+    """What the file :func:`write_volume` writes for ``volume`` at ``path`` cannot keep, for the user to hear."""
+    if file_suffix(Path(path)) in NIFTI_SUFFIXES and volume.is_sheared:
+        return [f"the volume is sheared (e.g. a gantry tilt): the NIfTI keeps its geometry in the sform only; "
+                f"{SHEARED_NIFTI_NO_QFORM}"]
+    return []
+
+
+#: The system's reasons for a failed write, as ITK's messages quote them (it raises RuntimeError, not OSError).
+_REASONS = {os.strerror(code): code for code in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                                                 errno.EDQUOT, errno.EFBIG, errno.ENOENT, errno.ENOTDIR)}
+
+
+def _write_itk(image: sitk.Image, temporary: Path, target: Path) -> None:
+    """``sitk.WriteImage`` with ITK's RuntimeError as the ``OSError`` (errno and reason from ITK's message) that
+    :func:`~ctzoo.io.atomic.atomic_path` renames to the target, so callers catching OSError see a failed write."""
+    try:
+        sitk.WriteImage(image, str(temporary), useCompression=True)
+    except RuntimeError as exc:
+        message = str(exc)
+        code = next((code for reason, code in _REASONS.items() if reason in message), errno.EIO)
+        reason = os.strerror(code) if code != errno.EIO else f"SimpleITK cannot write it: {_itk_reason(exc)}"
+        raise OSError(code, reason.replace(str(temporary), str(target)), str(temporary)) from exc
 
 
 def read_volume(path: str | Path, series: str | None = None, rules: SeriesRules | None = None,
@@ -264,7 +358,7 @@ def read_volume(path: str | Path, series: str | None = None, rules: SeriesRules 
     if path.is_dir() or suffix == ".zip":
         volume = read_dicom_series(path, series=series, rules=rules, progress=progress, limits=limits,
                                    decoder=decoder, recursive=recursive)
-        volume.array = _cast(volume.array, dtype)
+        volume.array = _cast(volume.array, dtype, path)
         return volume
     if suffix in NIFTI_SUFFIXES:
         return read_nifti(path, dtype, limits)
@@ -277,5 +371,5 @@ def read_volume(path: str | Path, series: str | None = None, rules: SeriesRules 
         raise DicomError(f"{path}: {header.corrupt_reason or header.not_image_reason}")
     volume = read_dicom_series(path.parent, series=series or header.series_key, rules=rules, progress=progress,
                                limits=limits, decoder=decoder)
-    volume.array = _cast(volume.array, dtype)
+    volume.array = _cast(volume.array, dtype, path)
     return volume

@@ -216,8 +216,12 @@ class Volume:
             raise ValueError(f"array shape {np.shape(array)} does not match volume shape {self.array.shape}")
         return replace(self, array=np.asarray(array), warnings=list(self.warnings))
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-friendly summary: size, spacing, orientation and HU range. No patient identifiers."""
+    def describe(self, stored_dtype: str | None = None) -> dict[str, Any]:
+        """A JSON-friendly summary: size, spacing, orientation and HU range. No patient identifiers.
+
+        ``dtype`` is ``stored_dtype``, the voxel type of the file the volume was read from, where the caller knows
+        it (:func:`ctzoo.io.describe.describe_path` does); ``array_dtype`` is the type of :attr:`array` in memory
+        (float32 as read for HU)."""
         finite = self.array[np.isfinite(self.array)]
         info: dict[str, Any] = {
             "size_ijk": list(self.size),
@@ -228,7 +232,8 @@ class Volume:
             "orientation": self.orientation,
             "extent_mm": [round(s * n, 3) for s, n in zip(self.spacing, self.size)],
             "slice_step_mm": round(self.slice_step_mm, 6),
-            "dtype": str(self.array.dtype),
+            "dtype": stored_dtype or str(self.array.dtype),
+            "array_dtype": str(self.array.dtype),
             "value_range": [float(finite.min()), float(finite.max())] if finite.size else None,
             "non_finite_voxels": int(self.array.size - finite.size),
             "warnings": list(self.warnings),

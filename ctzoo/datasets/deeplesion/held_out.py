@@ -14,12 +14,11 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from ctzoo.datasets.deeplesion.info_csv import SPLITS, read_dl_info, write_dl_info
 from ctzoo.datasets.deeplesion.mini import SOURCE_BODY_Z, notice, plan_cases, prepare_target, source_index
-from ctzoo.io.atomic import replace_folder
+from ctzoo.io.atomic import atomic_folder
 
 
 def _link_tree(source: Path, target: Path) -> None:
@@ -62,16 +61,11 @@ def hold_out_source(root: Path, out: Path, test_source: str, force: bool = False
         series["split"] = SPLITS[plans[series["folder"]].split]
     summary = {"seed": summary["seed"], "cases": summary["cases"], "test_source": names[held],
                **{k: v for k, v in summary.items() if k not in ("seed", "cases", "test_source")}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out) as partial:
         for folder in ("Images_png", "masks"):
             _link_tree(root / folder, partial / folder)
         write_dl_info(split_rows, partial / "DL_info.csv")
         (partial / "lesions.json").write_text(json.dumps(summary, indent=1) + "\n")
         (partial / "NOTICE.md").write_text(notice(summary["seed"], summary["cases"], names[held]))
         shutil.copyfile(root / "LICENSE", partial / "LICENSE")
-        replace_folder(partial, out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return out

@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -51,7 +50,7 @@ from ctzoo.datasets.deeplesion.recist import (
     diameters,
 )
 from ctzoo.io import read_volume, volume_to_sitk
-from ctzoo.io.atomic import replace_folder
+from ctzoo.io.atomic import atomic_folder
 
 IMAGE_SIZE = synth.IMAGE_SIZE
 PIXEL_MM = (0.7, 0.9)  # DeepLesion's typical in-plane spacing
@@ -455,7 +454,8 @@ def make_deeplesion_mini(out: Path, cases: int = 24, seed: int = 0, force: bool 
     """Write a miniature DeepLesion of ``cases`` series to ``out`` (see the module docstring); return ``out``.
 
     Deterministic for a seed, whatever ``workers`` (processes building cases; 1 builds them here, encoding
-    PNGs in threads). Built in ``OUT.partial-XXXX`` beside ``out`` and renamed into place at the end.
+    PNGs in threads). Built in a hidden staging folder beside ``out`` and renamed into place at the end
+(:func:`~ctzoo.io.atomic.atomic_folder`, which also removes the staging folders of killed builds).
     A non-empty ``out`` is refused unless ``force``. Fetches the TotalSegmentator samples if the cache lacks them.
     ``test_source`` (see :func:`source_index`) puts every case of that real volume, and only those, in the test
     split (:func:`plan_cases`).
@@ -469,10 +469,8 @@ def make_deeplesion_mini(out: Path, cases: int = 24, seed: int = 0, force: bool 
     folder = samples.fetch_samples()
     held_out = None if test_source is None else source_index(test_source)
     plans = plan_cases(cases, seed, len(SOURCE_BODY_Z), held_out)  # one entry per source volume
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
     progress = progress and sys.stderr.isatty()
-    try:
+    with atomic_folder(out) as partial:
         workers = min(workers, cases)
         if workers == 1:
             built = _write_cases_serially(plans, load_sources(str(folder)), seed, partial, progress)
@@ -487,9 +485,6 @@ def make_deeplesion_mini(out: Path, cases: int = 24, seed: int = 0, force: bool 
         (partial / "lesions.json").write_text(json.dumps(summary, indent=1) + "\n")
         (partial / "NOTICE.md").write_text(notice(seed, cases, test_name))
         shutil.copyfile(folder / "LICENSE", partial / "LICENSE")
-        replace_folder(partial, out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return out
 
 
