@@ -165,3 +165,29 @@ def test_request_hashes_are_keyed_and_a_request_is_found_by_its_id(tmp_path):
     [batch] = store.anomalies(request=request_hash("other-350"))  # one of the requests a batch merged
     assert batch["stage"] == "model"
     assert store.anomalies(request=request_hash("id-100")) == []
+
+
+def test_a_separator_in_a_key_part_never_fails_the_work_and_its_statistics_are_kept(tmp_path, monkeypatch):
+    """A training run in folder ``exp|lr=1e-3`` is the events' version: the key's parts are joined with ``|`` in the
+    store's key states and the parameter server's JSON, so event_key puts ``¦`` in its place. A key made by hand
+    with a ``|`` is refused by the store, and that failed write is counted, not raised into the timed work."""
+    from ctzoo.perf import ProvenanceStore
+
+    monkeypatch.setattr("ctzoo.perf.provenance.TOTALS_EVERY_S", 0.0)  # every event writes the totals and states
+    key = event_key("recistnet", "exp|lr=1e-3", "optimizer_step", "cpu", 2)
+    assert key == ("recistnet", "exp¦lr=1e-3", "optimizer_step", "cpu", "2")
+    monitor = PerfMonitor(tmp_path / "perf.sqlite", role="train")
+    for _ in range(30):
+        monitor.record(key, 0.01)
+    monitor.close()
+    assert monitor.overhead()["store_errors"] == 0
+    store = ProvenanceStore(tmp_path / "perf.sqlite", read_only=True)
+    [state] = store.key_states()
+    assert state["version"] == "exp¦lr=1e-3" and state["state"]["moments"]["count"] == 29  # the first is skipped
+    store.close()
+
+    by_hand = PerfMonitor(tmp_path / "other.sqlite", role="train")
+    labels = [by_hand.record(("recistnet", "a|b", "optimizer_step", "cpu", "2"), 0.01) for _ in range(2)]
+    assert not any(label.anomalous for label in labels)
+    assert by_hand.overhead()["store_errors"] == 1  # the second event's: the first is not learned, no state to save
+    by_hand.close()
