@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS profiles (
     rerun_s REAL NOT NULL, anomaly_s REAL NOT NULL, ops TEXT NOT NULL, trace BLOB);
 CREATE INDEX IF NOT EXISTS profiles_anomaly ON profiles (anomaly_id);
 """
+#: The first bytes of every SQLite database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
 #: SQLite's largest INTEGER (a rowid never exceeds it)
 MAX_ROWID = 2**63 - 1
 #: The most anomaly and window rows a store keeps (about 0.5 kB each): beyond it the oldest go, so a service that
@@ -85,17 +87,20 @@ class ProvenanceStore:
                  busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.path, self.max_events, self._inserted = Path(path), max_events, 0
         self._lock = threading.Lock()
+        self.immutable = False  # read without locks (see below)
         if read_only:
-            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
-                                       check_same_thread=False, isolation_level=None)
+            # no -wal (or -journal) beside the file: no writer has it open (SQLite deletes the -wal when the last
+            # connection closes), and immutable=1 reads it without leaving the -wal and -shm files that a mode=ro
+            # connection to a WAL database creates and cannot delete
+            self.immutable = not any(Path(f"{self.path}{suffix}").exists() for suffix in ("-wal", "-journal"))
+            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro{'&immutable=1' * self.immutable}",
+                                       uri=True, check_same_thread=False, isolation_level=None)
             try:
                 self.tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master "
                                                                   "WHERE type = 'table'")}
             except sqlite3.DatabaseError as error:
                 self._db.close()
-                problem = ("cannot be read" if isinstance(error, sqlite3.OperationalError)
-                           else "is not a ctzoo perf store")
-                raise ValueError(f"{self.path} {problem} ({error})") from None
+                raise ValueError(read_problem(self.path, error)) from None
             if not {"events", "totals"} <= self.tables:
                 self._db.close()
                 raise ValueError(f"{self.path} is not a ctzoo perf store (no events and totals tables)")
@@ -253,6 +258,21 @@ class ProvenanceStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def read_problem(path: Path, error: sqlite3.DatabaseError) -> str:
+    """What a read of the store at ``path`` that failed with ``error`` says to the user: it cannot be read (locked,
+    no permission), it is damaged or truncated (a SQLite file whose pages are not), or it is no store at all."""
+    if isinstance(error, sqlite3.OperationalError):
+        return f"{path} cannot be read ({error})"
+    try:
+        with open(path, "rb") as file:
+            sqlite_file = file.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    except OSError:
+        sqlite_file = False
+    if sqlite_file:
+        return f"{path} is damaged or truncated ({error})"
+    return f"{path} is not a ctzoo perf store ({error})"
 
 
 def _names_request(event: dict, request: str) -> bool:
