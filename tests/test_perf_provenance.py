@@ -191,3 +191,62 @@ def test_a_separator_in_a_key_part_never_fails_the_work_and_its_statistics_are_k
     assert not any(label.anomalous for label in labels)
     assert by_hand.overhead()["store_errors"] == 1  # the second event's: the first is not learned, no state to save
     by_hand.close()
+
+
+def test_the_event_cap_holds_across_processes_that_each_insert_less_than_a_tenth_of_it(tmp_path):
+    """Thirty processes in turn, nine anomaly rows each, against a cap of 100: before, each counted its own inserts
+    from zero and never reached the tenth (10) at which it pruned, and the store kept 270 rows."""
+    from ctzoo.perf import Label, ProvenanceStore
+    from ctzoo.perf.events import Event
+
+    key = event_key("m", "1", "model", "cpu", 1)
+    for run in range(30):
+        store = ProvenanceStore(tmp_path / "bound.sqlite", max_events=100)
+        for k in range(9):
+            store.insert("anomaly", Event(key, 1.0, 1e9 + 9 * run + k, f"p{run}", {"k": 9 * run + k}),
+                         Label(True, 100, 99), "hbos")
+        store.close()
+    store = ProvenanceStore(tmp_path / "bound.sqlite", read_only=True)
+    kept = [row["context"]["k"] for row in store.rows("SELECT context FROM events ORDER BY id")]
+    assert kept == list(range(170, 270))  # the newest 100
+    store.close()
+
+
+def test_old_processes_are_folded_so_totals_and_key_states_stay_bounded_and_exact(tmp_path):
+    """Forty processes in turn (restarts), and one restart under the name of the process before it (PID 1 in a
+    container): the totals and key states of all but the newest 32 ended processes are folded into one row each,
+    summed and merged exactly, so the store stops growing and the report's totals and distributions are those of
+    every event; a process silent for a week (crashed) is folded too."""
+    import time
+
+    from ctzoo.perf import ProvenanceStore
+    from ctzoo.perf.report import read_report_data
+    from ctzoo.perf.store_upkeep import EARLIER_PROCESSES, KEEP_ENDED_PROCESSES, SILENT_PROCESS_S
+
+    path, key = tmp_path / "perf.sqlite", event_key("m", "1", "model", "cpu", 1)
+    rng = np.random.default_rng(0)
+    for role in [f"p{k}" for k in range(40)] + ["p39"]:  # the last one restarts under the same name
+        monitor = PerfMonitor(path, DetectorConfig(min_samples=5), role=role)
+        for _ in range(25):
+            monitor.record(key, float(rng.normal(0.05, 0.002)))
+        monitor.close()
+    store = ProvenanceStore(path)  # opening for writing tidies the store
+    totals = store.rows("SELECT process, seen FROM totals")
+    states = store.key_states()
+    assert len(totals) == len(states) == KEEP_ENDED_PROCESSES + 1
+    assert EARLIER_PROCESSES in {row["process"] for row in totals}
+    assert sum(row["seen"] for row in totals) == 41 * 25
+    data = read_report_data(path)
+    assert data["totals"]["overall"]["seen"] == 41 * 25
+    assert [k["count"] for k in data["keys"]] == [41 * 24]  # each process skips its key's first event
+    newest = max((row for row in totals if row["process"] != EARLIER_PROCESSES), key=lambda row: row["process"])
+    store._db.execute("UPDATE totals SET updated = ? WHERE process = ?", (time.time() - SILENT_PROCESS_S - 1,
+                                                                           newest["process"]))
+    store._db.execute("UPDATE key_states SET updated = ? WHERE process = ?", (time.time() - SILENT_PROCESS_S - 1,
+                                                                               newest["process"]))
+    store._db.execute("DELETE FROM ended WHERE process = ?", (newest["process"],))  # it crashed: never said so
+    store.close()
+    store = ProvenanceStore(path)
+    assert newest["process"] not in {row["process"] for row in store.rows("SELECT process FROM totals")}
+    assert store.reduction()["seen"] == 41 * 25
+    store.close()

@@ -222,6 +222,6 @@ class PerfMonitor:
             self.client.close()
         self.profiler.close()  # a profile being taken is stored before the store closes
         if self._store_on():  # its flush writes the totals and, through on_flush, the key states
-            self._write_store(self.recorder.flush)
+            self._write_store(self.recorder.close)
         if self.store is not None:
             self._write_store(self.store.close)

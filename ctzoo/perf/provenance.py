@@ -24,11 +24,15 @@ SQLite (one file, WAL), schema:
     ``anomaly_id`` (the ``events`` row), ``tool`` (``onnxruntime`` or ``torch``), ``created`` (Unix time),
     ``rerun_s`` (the profiled rerun), ``anomaly_s`` (the anomalous run), ``ops`` (JSON: ``[{"op", "seconds",
     "calls"}]``, slowest first), ``trace`` (the profiler's Chrome-trace JSON, gzip; NULL when too large).
+``ended``
+    ``process`` PRIMARY KEY, ``at`` (Unix time): the processes that closed their monitor, which may be folded
+    (:mod:`ctzoo.perf.store_upkeep`: the store's size stays bounded however many processes write to it).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -38,6 +42,9 @@ from pathlib import Path
 
 from ctzoo.perf.detectors import Label
 from ctzoo.perf.events import KEY_FIELDS, Event
+from ctzoo.perf.store_upkeep import fold_processes, processes_to_fold, prune_events
+
+log = logging.getLogger("ctzoo.perf")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -58,13 +65,16 @@ CREATE TABLE IF NOT EXISTS profiles (
     id INTEGER PRIMARY KEY, anomaly_id INTEGER NOT NULL, tool TEXT NOT NULL, created REAL NOT NULL,
     rerun_s REAL NOT NULL, anomaly_s REAL NOT NULL, ops TEXT NOT NULL, trace BLOB);
 CREATE INDEX IF NOT EXISTS profiles_anomaly ON profiles (anomaly_id);
+CREATE TABLE IF NOT EXISTS ended (process TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 #: The first bytes of every SQLite database file.
 SQLITE_HEADER = b"SQLite format 3\x00"
 #: SQLite's largest INTEGER (a rowid never exceeds it)
 MAX_ROWID = 2**63 - 1
 #: The most anomaly and window rows a store keeps (about 0.5 kB each): beyond it the oldest go, so a service that
-#: keeps --perf on does not fill its disk. Normal samples (one per key) are kept.
+#: keeps --perf on does not fill its disk. Normal samples (one per key) are kept. Counted in the file when a
+#: process opens it, every tenth of it that process inserts, and at its close: with several processes writing at
+#: once, each may add up to a tenth before it counts again.
 MAX_STORED_EVENTS = 200_000
 #: A deep profile's rerun this fraction of its anomaly's time or slower: the slowness reproduces.
 REPRODUCED = 0.5
@@ -87,7 +97,7 @@ class ProvenanceStore:
                  busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.path, self.max_events, self._inserted = Path(path), max_events, 0
         self._lock = threading.Lock()
-        self.immutable = False  # read without locks (see below)
+        self.read_only, self.immutable = read_only, False  # immutable: read without locks (see below)
         if read_only:
             # no -wal (or -journal) beside the file: no writer has it open (SQLite deletes the -wal when the last
             # connection closes), and immutable=1 reads it without leaving the -wal and -shm files that a mode=ro
@@ -111,7 +121,24 @@ class ProvenanceStore:
         # no fsync per insert (2 ms each here): in WAL mode a crash can lose the last inserts, never corrupt the file
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)  # also adds what an older store lacks (the events_anomaly index)
-        self.tables = {"events", "totals", "key_states", "profiles"}
+        self.tables = {"events", "totals", "key_states", "profiles", "ended"}
+        self._upkeep(self._tidy)
+
+    def _tidy(self) -> None:
+        """What opening for writing does: the events beyond the cap pruned, old processes folded."""
+        prune_events(self._db, self.max_events)
+        fold_processes(self._db, processes_to_fold(self._db))
+
+    def _upkeep(self, work: Callable[[], object]) -> None:
+        """``work`` (:mod:`ctzoo.perf.store_upkeep`) under the lock; should it fail (another connection holds the
+        store's lock past the busy timeout, a state that does not parse), it is logged and left to the next time:
+        opening a store never fails for it."""
+        try:
+            with self._lock:
+                work()
+        except (sqlite3.Error, ValueError, TypeError, KeyError) as error:
+            log.warning("perf: could not tidy provenance store %s (%s: %s); the next process to open it tries "
+                        "again", self.path, type(error).__name__, error)
 
     def insert(self, kind: str, event: Event, label: Label, algorithm: str, anomaly_id: int | None = None) -> int:
         model, version, stage, device, bucket = event.key
@@ -124,16 +151,22 @@ class ProvenanceStore:
                  json.dumps(event.context, sort_keys=True)))
             self._inserted += 1
             if self._inserted % max(1, self.max_events // 10) == 0:
-                self._prune()
+                prune_events(self._db, self.max_events)
             return int(cursor.lastrowid)
 
-    def _prune(self) -> None:
-        """Delete the oldest anomaly and window rows beyond ``max_events`` (under the lock)."""
-        (count,) = self._db.execute("SELECT COUNT(*) FROM events WHERE kind != 'normal'").fetchone()
-        if count > self.max_events:
-            self._db.execute("DELETE FROM events WHERE id IN (SELECT id FROM events WHERE kind != 'normal' "
-                             "ORDER BY id LIMIT ?)", (count - self.max_events,))
-            self._db.execute("DELETE FROM profiles WHERE anomaly_id NOT IN (SELECT id FROM events)")
+    def start_process(self, process: str) -> None:
+        """``process`` starts writing: an ended process of the same name (a restart that got the same PID) is
+        folded first, so that its totals and key states are not overwritten."""
+        def fold_namesake() -> None:
+            if self._db.execute("SELECT 1 FROM ended WHERE process = ?", (process,)).fetchone():
+                fold_processes(self._db, {process})
+        self._upkeep(fold_namesake)
+
+    def end_process(self, process: str) -> None:
+        """``process`` wrote its last totals and key states: it may be folded (:mod:`ctzoo.perf.store_upkeep`)."""
+        with self._lock:
+            self._db.execute("INSERT INTO ended VALUES (?, ?) ON CONFLICT(process) DO UPDATE SET at = excluded.at",
+                             (process, time.time()))
 
     def write_totals(self, process: str, seen: int, stored: int) -> None:
         with self._lock:
@@ -257,7 +290,11 @@ class ProvenanceStore:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            try:
+                if self._inserted and not self.read_only:  # the cap holds between processes too
+                    prune_events(self._db, self.max_events)
+            finally:
+                self._db.close()
 
 
 def read_problem(path: Path, error: sqlite3.DatabaseError) -> str:
@@ -301,6 +338,7 @@ class ProvenanceRecorder:
         self._recent: deque[tuple[Event, Label]] = deque(maxlen=self.before)
         self._after: tuple[int, int] | None = None  # (anomaly id, events still to keep after it)
         self._sampled = store.sampled_keys()
+        store.start_process(process)
         self.seen = self.stored = 0
         self._totals_written = 0.0
         self._lock = threading.Lock()
@@ -342,3 +380,8 @@ class ProvenanceRecorder:
         self._totals_written = time.monotonic()
         if self.on_flush is not None:
             self.on_flush()
+
+    def close(self) -> None:
+        """The last totals and key states, and the process marked ended (its rows may be folded later)."""
+        self.flush()
+        self.store.end_process(self.process)
