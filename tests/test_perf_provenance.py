@@ -250,3 +250,25 @@ def test_old_processes_are_folded_so_totals_and_key_states_stay_bounded_and_exac
     assert newest["process"] not in {row["process"] for row in store.rows("SELECT process FROM totals")}
     assert store.reduction()["seen"] == 41 * 25
     store.close()
+
+
+def test_anomalies_close_together_show_the_events_before_each_of_them(tmp_path):
+    """Events 150 and 152 of 300 (~10 ms each) take 1 s: 152's own rows hold only the 5 after it, as the events
+    before it are filed under 150. Its window (the store's and the report's) is the stored events of its process
+    nearest it in time, whichever anomaly they are filed under: 147-151 (150 among them) and 153-157."""
+    from ctzoo.perf.report import read_report_data
+
+    rng = np.random.default_rng(0)
+    monitor = PerfMonitor(tmp_path / "perf.sqlite", DetectorConfig(), role="t", window=10)
+    key, clock = event_key("m", "1", "predict", "cpu", 1), 1e9
+    for i in range(300):
+        seconds = 1.0 if i in (150, 152) else float(0.010 * rng.uniform(0.95, 1.05))
+        monitor.record(key, seconds, started=clock, context={"i": i})
+        clock += seconds
+    monitor.close()
+    expected = {150: [*range(145, 150), 151, 152, 153, 154, 155], 152: [*range(147, 152), *range(153, 158)]}
+    store = PerfMonitor(tmp_path / "perf.sqlite", role="reader").store
+    found = {a["context"]["i"]: [e["context"]["i"] for e in a["window"]] for a in store.anomalies()}
+    shown = {a["context"]["i"]: [e["context"]["i"] for e in a["window"]]
+             for a in read_report_data(tmp_path / "perf.sqlite")["anomalies"]}
+    assert found == shown == expected

@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS events (
     context TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_kind ON events (kind, started);
 CREATE INDEX IF NOT EXISTS events_anomaly ON events (anomaly_id);
+CREATE INDEX IF NOT EXISTS events_process ON events (process, started);
 CREATE TABLE IF NOT EXISTS totals (process TEXT PRIMARY KEY, seen INTEGER NOT NULL, stored INTEGER NOT NULL,
                                    updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS key_states (
@@ -89,8 +90,8 @@ class ProvenanceStore:
     """The SQLite file (see the module docstring); thread-safe.
 
     ``read_only=True`` opens an existing store without creating or changing anything (a report must not turn a
-    stray file into a store); ValueError if the file is not a SQLite database with ctzoo's ``events`` and
-    ``totals`` tables.
+    stray file into a store, nor leave files beside it); ValueError if the file is not a SQLite database with
+    ctzoo's ``events`` and ``totals`` tables, or is damaged (:func:`read_problem`).
     """
 
     def __init__(self, path: str | Path, read_only: bool = False, max_events: int = MAX_STORED_EVENTS,
@@ -257,10 +258,10 @@ class ProvenanceStore:
         return rows
 
     def anomalies(self, limit: int = 100, request: str | None = None) -> list[dict]:
-        """The latest anomalies, newest first, each with its window (``window``: the neighbours, in time order)
-        and its deep profile's summary (``profile``; None when it has none). ``request``: only the anomalies
-        whose own event or window names that request hash (:func:`~ctzoo.perf.events.request_hash`, in a
-        context's ``request`` or ``requests``)."""
+        """The latest anomalies, newest first, each with its window (``window``: the neighbours, in time order,
+        :meth:`windows`) and its deep profile's summary (``profile``; None when it has none). ``request``: only the
+        anomalies whose own event or filed window rows name that request hash
+        (:func:`~ctzoo.perf.events.request_hash`, in a context's ``request`` or ``requests``)."""
         if request is None:
             found = self.rows("SELECT * FROM events WHERE kind = 'anomaly' ORDER BY started DESC, id DESC LIMIT ?",
                               (int(limit),))
@@ -268,19 +269,59 @@ class ProvenanceStore:
             found = self.rows("SELECT * FROM events WHERE kind = 'anomaly' AND (INSTR(context, ?) > 0 OR id IN ("
                               "SELECT anomaly_id FROM events WHERE kind = 'window' AND INSTR(context, ?) > 0)) "
                               "ORDER BY started DESC, id DESC", (request, request))
-        windows: dict[int, list[dict]] = {anomaly["id"]: [] for anomaly in found}
-        for chunk in range(0, len(found), 500):  # one query per 500 anomalies (SQLite's parameter limit)
-            ids = [anomaly["id"] for anomaly in found[chunk:chunk + 500]]
-            for row in self.rows(f"SELECT * FROM events WHERE anomaly_id IN ({','.join('?' * len(ids))}) "
-                                 "ORDER BY started, id", tuple(ids)):
-                windows[row["anomaly_id"]].append(row)
         if request is not None:
-            found = [a for a in found if any(_names_request(e, request) for e in [a, *windows[a["id"]]])][:limit]
+            filed = self._filed_windows([anomaly["id"] for anomaly in found])
+            found = [a for a in found if any(_names_request(e, request) for e in [a, *filed[a["id"]]])][:limit]
+        windows = self.windows(found)
         profiles = self.profiles([anomaly["id"] for anomaly in found])
         for anomaly in found:
             anomaly["window"] = windows[anomaly["id"]]
             anomaly["profile"] = profiles.get(anomaly["id"])
         return found
+
+    def _filed_windows(self, ids: list[int]) -> dict[int, list[dict]]:
+        """The window rows filed under each anomaly of ``ids``, in time order."""
+        windows: dict[int, list[dict]] = {anomaly_id: [] for anomaly_id in ids}
+        for chunk in range(0, len(ids), 500):  # one query per 500 anomalies (SQLite's parameter limit)
+            part = ids[chunk:chunk + 500]
+            for row in self.rows(f"SELECT * FROM events WHERE anomaly_id IN ({','.join('?' * len(part))}) "
+                                 "ORDER BY started, id", tuple(part)):
+                windows[row["anomaly_id"]].append(row)
+        return windows
+
+    def windows(self, anomalies: list[dict]) -> dict[int, list[dict]]:
+        """Each anomaly's window, in time order: the rows filed under it, and the stored events of its process
+        nearest it in time whichever anomaly they were filed under, as many before and after it as that process
+        filed around any one anomaly (its recorder's halves, :meth:`_window_halves`). Anomalies close together
+        share their neighbours, so the later one's own rows hold none of the events just before it: they are
+        filed under the earlier one. A store without the ``events_process`` index (last written by an older
+        ctzoo, read read-only) gives the filed rows only."""
+        windows = self._filed_windows([anomaly["id"] for anomaly in anomalies])
+        if not self.rows("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'events_process'"):
+            return windows
+        halves = {process: self._window_halves(process) for process in {a["process"] for a in anomalies}}
+        for anomaly in anomalies:
+            before, after = halves[anomaly["process"]]
+            where = (anomaly["process"], anomaly["started"], anomaly["started"], anomaly["id"])
+            near = self.rows("SELECT * FROM events WHERE process = ? AND kind != 'normal' AND (started < ? OR "
+                             "started = ? AND id < ?) ORDER BY started DESC, id DESC LIMIT ?", (*where, before))
+            near += self.rows("SELECT * FROM events WHERE process = ? AND kind != 'normal' AND (started > ? OR "
+                              "started = ? AND id > ?) ORDER BY started, id LIMIT ?", (*where, after))
+            own = windows[anomaly["id"]]
+            filed = {event["id"] for event in own}
+            own.extend(event for event in near if event["id"] not in filed)
+            own.sort(key=lambda event: (event["started"], event["id"]))
+        return windows
+
+    def _window_halves(self, process: str) -> tuple[int, int]:
+        """The most window rows ``process`` filed before and after any one of its anomalies (normal samples are
+        not counted: one that is a neighbour is filed as a window row too)."""
+        [row] = self.rows(
+            "SELECT COALESCE(MAX(before), 0) AS before, COALESCE(MAX(filed - before), 0) AS after FROM ("
+            "SELECT SUM(w.started < a.started OR w.started = a.started AND w.id < a.id) AS before, COUNT(*) AS filed "
+            "FROM events a JOIN events w ON w.anomaly_id = a.id WHERE a.process = ? AND a.kind = 'anomaly' "
+            "GROUP BY a.id)", (process,))
+        return row["before"], row["after"]
 
     def reduction(self) -> dict:
         """``{"seen", "stored", "ratio"}`` over every process (ratio: events seen per event stored)."""

@@ -70,10 +70,7 @@ def _read_report_data(store_path: str | Path, since: float | None, limit: int | 
             newest, parameters = newest + " LIMIT ?", [*parameters, int(limit)]
         anomalies = sorted(store.rows(newest, tuple(parameters)), key=lambda row: (row["started"], row["id"]))
         shown = {row["id"] for row in anomalies}
-        windows: dict[int, list[dict]] = {}
-        for row in store.rows("SELECT * FROM events WHERE kind = 'window' ORDER BY started, id"):
-            if row["anomaly_id"] in shown:
-                windows.setdefault(row["anomaly_id"], []).append(row)
+        windows = store.windows(anomalies)
         fields = ", ".join(KEY_FIELDS)
         anomalies_per_key = {tuple(row[f] for f in KEY_FIELDS): row["n"] for row in store.rows(
             f"SELECT {fields}, COUNT(*) AS n FROM events WHERE kind = 'anomaly' GROUP BY {fields}")}
