@@ -493,5 +493,6 @@ def test_a_client_that_dies_or_stalls_mid_request_is_one_log_line_not_a_tracebac
             assert json.loads(_get(server, "/v1/stats"))["keys"] == []  # the server goes on
     finally:
         server.close()
-    assert len(caplog.records) == 3, [r.getMessage() for r in caplog.records]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("perf server:")]
+    assert len(lines) == 3, lines  # (other tests' clients may still log, from their own threads)
     assert "Traceback" not in capfd.readouterr().err
