@@ -46,7 +46,8 @@ EMPTY_BIN_SCORE = -math.log2(HBOS_EPSILON)
 #: Fewer bins than this many fine bins would make Scott's width meaningless; more cost time for nothing.
 MAX_SCORING_BINS = 4096
 #: The scoring histogram is rebuilt once its key has this much more data (a fraction of its count) and at least
-#: REBUILD_MIN_EVENTS more events (rebuilding costs about 0.5 ms: not after every event of a young key).
+#: REBUILD_MIN_EVENTS more events (rebuilding costs about 0.5 ms: not after every event of a young key), and before
+#: it flags an event, once it is REBUILD_MIN_EVENTS events behind (an anomaly is judged against fresh statistics).
 REBUILD_GROWTH = 0.05
 REBUILD_MIN_EVENTS = 16
 
