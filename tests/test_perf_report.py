@@ -254,14 +254,16 @@ def a_store_of(path: Path, events: int) -> Path:
 
 
 def test_a_damaged_or_truncated_store_is_a_clear_error_not_a_traceback(tmp_path):
-    """A store whose 20th page was overwritten (a bad disk block), and one cut after its second page (a copy cut
+    """A store whose events table has a page overwritten (a bad disk block: the table's root, which every read of
+    an event passes through; opening reads only the schema), and one cut after its second page (a copy cut
     short): a one-line error that says the store is damaged, not a traceback, and not "not a ctzoo perf store"."""
     damaged = a_store_of(tmp_path / "damaged.sqlite", 5000)  # about 200 pages
     truncated = tmp_path / "truncated.sqlite"
     truncated.write_bytes(damaged.read_bytes()[:8192])
     [(page_size,)] = query(damaged, "PRAGMA page_size")
+    [(root,)] = query(damaged, "SELECT rootpage FROM sqlite_master WHERE name = 'events'")
     with open(damaged, "r+b") as file:
-        file.seek(19 * page_size)
+        file.seek((root - 1) * page_size)
         file.write(b"\xff" * page_size)
     for path in (damaged, truncated):
         result = CliRunner().invoke(main, ["perf", "report", str(path), "--out", str(tmp_path / "r.html")])

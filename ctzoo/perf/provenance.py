@@ -77,6 +77,8 @@ MAX_ROWID = 2**63 - 1
 #: process opens it, every tenth of it that process inserts, and at its close: with several processes writing at
 #: once, each may add up to a tenth before it counts again.
 MAX_STORED_EVENTS = 200_000
+#: How many of a process's latest anomalies tell how many neighbours it files before and after one (its window).
+HALVES_FROM_ANOMALIES = 200
 #: A deep profile's rerun this fraction of its anomaly's time or slower: the slowness reproduces.
 REPRODUCED = 0.5
 #: Totals are written at most this often (seconds) while events flow, and at :meth:`ProvenanceRecorder.close`.
@@ -303,10 +305,11 @@ class ProvenanceStore:
         for anomaly in anomalies:
             before, after = halves[anomaly["process"]]
             where = (anomaly["process"], anomaly["started"], anomaly["started"], anomaly["id"])
-            near = self.rows("SELECT * FROM events WHERE process = ? AND kind != 'normal' AND (started < ? OR "
-                             "started = ? AND id < ?) ORDER BY started DESC, id DESC LIMIT ?", (*where, before))
-            near += self.rows("SELECT * FROM events WHERE process = ? AND kind != 'normal' AND (started > ? OR "
-                              "started = ? AND id > ?) ORDER BY started, id LIMIT ?", (*where, after))
+            # "started <= ?" (not "started < ? OR ..."): a range the (process, started, id) index can seek
+            near = self.rows("SELECT * FROM events WHERE process = ? AND kind != 'normal' AND started <= ? AND NOT "
+                             "(started = ? AND id >= ?) ORDER BY started DESC, id DESC LIMIT ?", (*where, before))
+            near += self.rows("SELECT * FROM events WHERE process = ? AND kind != 'normal' AND started >= ? AND NOT "
+                              "(started = ? AND id <= ?) ORDER BY started, id LIMIT ?", (*where, after))
             own = windows[anomaly["id"]]
             filed = {event["id"] for event in own}
             own.extend(event for event in near if event["id"] not in filed)
@@ -314,13 +317,14 @@ class ProvenanceStore:
         return windows
 
     def _window_halves(self, process: str) -> tuple[int, int]:
-        """The most window rows ``process`` filed before and after any one of its anomalies (normal samples are
-        not counted: one that is a neighbour is filed as a window row too)."""
+        """The most window rows ``process`` filed before and after any one of its latest
+        :data:`HALVES_FROM_ANOMALIES` anomalies (one process keeps one window size; normal samples are not counted:
+        one that is a neighbour is filed as a window row too)."""
         [row] = self.rows(
             "SELECT COALESCE(MAX(before), 0) AS before, COALESCE(MAX(filed - before), 0) AS after FROM ("
             "SELECT SUM(w.started < a.started OR w.started = a.started AND w.id < a.id) AS before, COUNT(*) AS filed "
-            "FROM events a JOIN events w ON w.anomaly_id = a.id WHERE a.process = ? AND a.kind = 'anomaly' "
-            "GROUP BY a.id)", (process,))
+            "FROM (SELECT id, started FROM events WHERE process = ? AND kind = 'anomaly' ORDER BY started DESC "
+            "LIMIT ?) a JOIN events w ON w.anomaly_id = a.id GROUP BY a.id)", (process, HALVES_FROM_ANOMALIES))
         return row["before"], row["after"]
 
     def reduction(self) -> dict:
