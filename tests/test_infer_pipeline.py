@@ -465,13 +465,16 @@ def test_summary_seconds_are_each_cases_own_wall_time(tmp_path):
 @pytest.mark.parametrize("layout,workers", [("shared", 0), ("shared", 1), ("copies", 2)])
 def test_every_stage_is_a_perf_event_and_reading_excludes_the_wait_for_the_model(tmp_path, layout, workers):
     """With ``perf`` on, each case gives read/preprocess/finish/write events keyed by its slice bucket and each batch
-    a predict event keyed by its rows (in the copies layout, batches run in the workers and are recorded here); the
-    reader's times are its own work, so where the reader runs between the model's batches in one process (workers=0,
-    and each copy) ``read_s`` does not take in the model's 0.05 s batches."""
+    a predict event keyed by its rows (in the copies layout, batches run in the workers and are recorded here) that
+    names its cases (their positions and the series hashes of their case events); the reader's times are its own
+    work, so where the reader runs between the model's batches in one process (workers=0, and each copy)
+    ``read_s`` does not take in the model's 0.05 s batches."""
     from ctzoo.perf import DetectorConfig, PerfMonitor
 
     cases = [CaseInput(f"c{k}", _tiny_volume(tmp_path / f"c{k}.nii.gz", 6 + 6 * k)) for k in range(3)]
-    monitor = PerfMonitor(tmp_path / "perf.sqlite", DetectorConfig(skip_first=False, min_samples=100), role="infer")
+    events = []
+    monitor = PerfMonitor(tmp_path / "perf.sqlite", DetectorConfig(skip_first=False, min_samples=100), role="infer",
+                          on_event=lambda event, label: events.append(event))
     task = stub_task(0.05)
     rows = run_pipeline(cases, task, PipelineOptions(out=tmp_path / "out", layout=layout, workers=workers,
                                                      batch_size=2, chunk=2, progress=False, perf=monitor))
@@ -481,6 +484,12 @@ def test_every_stage_is_a_perf_event_and_reading_excludes_the_wait_for_the_model
     for stage in ("read", "preprocess", "finish", "write"):  # slices 6, 12, 18: buckets 5-8, 9-16, 17-32
         assert {b: stats[(stage, b)] for b in ("5-8", "9-16", "17-32")} == {"5-8": 1, "9-16": 1, "17-32": 1}
     assert stats[("predict", "2")] == 18  # 36 slices in batches of 2
+    hashes = {e.context["case"]: e.context["series_hash"] for e in events if e.stage == "read"}
+    assert sorted(hashes) == [0, 1, 2] and len(set(hashes.values())) == 3
+    named = [(e.context["cases"], e.context["series_hashes"]) for e in events if e.stage == "predict"]
+    for members, series in named:
+        assert series == ",".join(hashes[int(case)] for case in members.split(",")), (members, series)
+    assert {case for members, _ in named for case in members.split(",")} == {"0", "1", "2"}
     assert all(row["read_s"] < 0.3 for row in rows), [row["read_s"] for row in rows]  # 3-9 batches of 0.05 s each
 
 

@@ -103,3 +103,23 @@ def test_a_lasting_shift_is_flagged_for_a_bounded_number_of_events_and_then_lear
     assert config.relearn_after <= sum(shifted) <= 3 * config.relearn_after, sum(shifted)
     assert sum(shifted[500:]) <= 5  # the new regime is normal now
     assert any("learning it as its new regime" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("history", [200, 2000, 20000])
+def test_hbos_recovers_from_a_lasting_shift_in_about_relearn_after_events_however_long_the_history(history):
+    """After ``relearn_after`` anomalies in a row the new regime is learned and judged against at once: before, the
+    cached scoring table waited for 5 % more events (1,000 after 20,000 events of history) and every one of them
+    was flagged. SSTD's recovery grows with the history (its mean and sigma are every learned event's: 50 events
+    of the new regime hardly move them), as docs/perf.md says."""
+    rng = np.random.default_rng(0)
+    key = ("m", "1", "predict", "cpu", "1")
+    flagged = {}
+    for algorithm in ("hbos", "sstd"):
+        detector = AnomalyDetector(DetectorConfig(algorithm=algorithm, relearn_after=50))
+        for seconds in 0.020 * rng.uniform(0.95, 1.05, history):
+            detector.observe(key, float(seconds))
+        shifted = 0.080 * rng.uniform(0.95, 1.05, 3000)
+        flagged[algorithm] = sum(detector.observe(key, float(seconds)).anomalous for seconds in shifted)
+    assert 50 <= flagged["hbos"] <= 60, flagged
+    if history == 20000:
+        assert flagged["sstd"] > 300, flagged

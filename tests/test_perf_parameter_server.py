@@ -458,3 +458,41 @@ def test_close_gives_up_within_its_timeout_on_a_hung_server():
         assert time.monotonic() - started < 1.5
     finally:
         hung.close()
+
+
+def test_a_client_that_dies_or_stalls_mid_request_is_one_log_line_not_a_traceback(capfd, caplog, monkeypatch):
+    """A client that declares 5000 bytes, sends 100 and closes; one that stalls past the client timeout; a request
+    the handler fails on unexpectedly: each is one warning, no traceback on stderr, and the server goes on."""
+    server = ParameterServer(TOKEN, port=0, client_timeout_s=0.5).start()
+    host, port = server.server_address[:2]
+    head = (f"POST /v1/sync HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json"
+            "\r\nContent-Length: 5000\r\n\r\n").encode() + b'{"process": "' + b"x" * 87
+
+    def said(part):
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            found = [r.getMessage() for r in caplog.records if part in r.getMessage()]
+            if found:
+                return found
+            time.sleep(0.05)
+        return []
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="ctzoo.perf"):
+            with socket.create_connection((host, port)) as died:
+                died.sendall(head)
+            assert said("sent a truncated body (100 of 5000 bytes)")
+            with socket.create_connection((host, port)) as stalled:
+                stalled.sendall(head)
+                assert said("sent no whole body (TimeoutError)")
+            monkeypatch.setattr(server.statistics, "sync", lambda payload: 1 / 0)
+            with pytest.raises((http.client.HTTPException, OSError)):  # the connection closes with no answer
+                _request(server, "/v1/sync", json.dumps({"process": "p", "seq": 0}).encode())
+            assert said("failed (ZeroDivisionError: division by zero)")
+            monkeypatch.undo()
+            assert json.loads(_get(server, "/v1/stats"))["keys"] == []  # the server goes on
+    finally:
+        server.close()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("perf server:")]
+    assert len(lines) == 3, lines  # (other tests' clients may still log, from their own threads)
+    assert "Traceback" not in capfd.readouterr().err

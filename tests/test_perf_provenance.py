@@ -165,3 +165,110 @@ def test_request_hashes_are_keyed_and_a_request_is_found_by_its_id(tmp_path):
     [batch] = store.anomalies(request=request_hash("other-350"))  # one of the requests a batch merged
     assert batch["stage"] == "model"
     assert store.anomalies(request=request_hash("id-100")) == []
+
+
+def test_a_separator_in_a_key_part_never_fails_the_work_and_its_statistics_are_kept(tmp_path, monkeypatch):
+    """A training run in folder ``exp|lr=1e-3`` is the events' version: the key's parts are joined with ``|`` in the
+    store's key states and the parameter server's JSON, so event_key puts ``¦`` in its place. A key made by hand
+    with a ``|`` is refused by the store, and that failed write is counted, not raised into the timed work."""
+    from ctzoo.perf import ProvenanceStore
+
+    monkeypatch.setattr("ctzoo.perf.provenance.TOTALS_EVERY_S", 0.0)  # every event writes the totals and states
+    key = event_key("recistnet", "exp|lr=1e-3", "optimizer_step", "cpu", 2)
+    assert key == ("recistnet", "exp¦lr=1e-3", "optimizer_step", "cpu", "2")
+    monitor = PerfMonitor(tmp_path / "perf.sqlite", role="train")
+    for _ in range(30):
+        monitor.record(key, 0.01)
+    monitor.close()
+    assert monitor.overhead()["store_errors"] == 0
+    store = ProvenanceStore(tmp_path / "perf.sqlite", read_only=True)
+    [state] = store.key_states()
+    assert state["version"] == "exp¦lr=1e-3" and state["state"]["moments"]["count"] == 29  # the first is skipped
+    store.close()
+
+    by_hand = PerfMonitor(tmp_path / "other.sqlite", role="train")
+    labels = [by_hand.record(("recistnet", "a|b", "optimizer_step", "cpu", "2"), 0.01) for _ in range(2)]
+    assert not any(label.anomalous for label in labels)
+    assert by_hand.overhead()["store_errors"] == 1  # the second event's: the first is not learned, no state to save
+    by_hand.close()
+
+
+def test_the_event_cap_holds_across_processes_that_each_insert_less_than_a_tenth_of_it(tmp_path):
+    """Thirty processes in turn, nine anomaly rows each, against a cap of 100: before, each counted its own inserts
+    from zero and never reached the tenth (10) at which it pruned, and the store kept 270 rows."""
+    from ctzoo.perf import Label, ProvenanceStore
+    from ctzoo.perf.events import Event
+
+    key = event_key("m", "1", "model", "cpu", 1)
+    for run in range(30):
+        store = ProvenanceStore(tmp_path / "bound.sqlite", max_events=100)
+        for k in range(9):
+            store.insert("anomaly", Event(key, 1.0, 1e9 + 9 * run + k, f"p{run}", {"k": 9 * run + k}),
+                         Label(True, 100, 99), "hbos")
+        store.close()
+    store = ProvenanceStore(tmp_path / "bound.sqlite", read_only=True)
+    kept = [row["context"]["k"] for row in store.rows("SELECT context FROM events ORDER BY id")]
+    assert kept == list(range(170, 270))  # the newest 100
+    store.close()
+
+
+def test_old_processes_are_folded_so_totals_and_key_states_stay_bounded_and_exact(tmp_path):
+    """Forty processes in turn (restarts), and one restart under the name of the process before it (PID 1 in a
+    container): the totals and key states of all but the newest 32 ended processes are folded into one row each,
+    summed and merged exactly, so the store stops growing and the report's totals and distributions are those of
+    every event; a process silent for a week (crashed) is folded too."""
+    import time
+
+    from ctzoo.perf import ProvenanceStore
+    from ctzoo.perf.report import read_report_data
+    from ctzoo.perf.store_upkeep import EARLIER_PROCESSES, KEEP_ENDED_PROCESSES, SILENT_PROCESS_S
+
+    path, key = tmp_path / "perf.sqlite", event_key("m", "1", "model", "cpu", 1)
+    rng = np.random.default_rng(0)
+    for role in [f"p{k}" for k in range(40)] + ["p39"]:  # the last one restarts under the same name
+        monitor = PerfMonitor(path, DetectorConfig(min_samples=5), role=role)
+        for _ in range(25):
+            monitor.record(key, float(rng.normal(0.05, 0.002)))
+        monitor.close()
+    store = ProvenanceStore(path)  # opening for writing tidies the store
+    totals = store.rows("SELECT process, seen FROM totals")
+    states = store.key_states()
+    assert len(totals) == len(states) == KEEP_ENDED_PROCESSES + 1
+    assert EARLIER_PROCESSES in {row["process"] for row in totals}
+    assert sum(row["seen"] for row in totals) == 41 * 25
+    data = read_report_data(path)
+    assert data["totals"]["overall"]["seen"] == 41 * 25
+    assert [k["count"] for k in data["keys"]] == [41 * 24]  # each process skips its key's first event
+    newest = max((row for row in totals if row["process"] != EARLIER_PROCESSES), key=lambda row: row["process"])
+    store._db.execute("UPDATE totals SET updated = ? WHERE process = ?", (time.time() - SILENT_PROCESS_S - 1,
+                                                                           newest["process"]))
+    store._db.execute("UPDATE key_states SET updated = ? WHERE process = ?", (time.time() - SILENT_PROCESS_S - 1,
+                                                                               newest["process"]))
+    store._db.execute("DELETE FROM ended WHERE process = ?", (newest["process"],))  # it crashed: never said so
+    store.close()
+    store = ProvenanceStore(path)
+    assert newest["process"] not in {row["process"] for row in store.rows("SELECT process FROM totals")}
+    assert store.reduction()["seen"] == 41 * 25
+    store.close()
+
+
+def test_anomalies_close_together_show_the_events_before_each_of_them(tmp_path):
+    """Events 150 and 152 of 300 (~10 ms each) take 1 s: 152's own rows hold only the 5 after it, as the events
+    before it are filed under 150. Its window (the store's and the report's) is the stored events of its process
+    nearest it in time, whichever anomaly they are filed under: 147-151 (150 among them) and 153-157."""
+    from ctzoo.perf.report import read_report_data
+
+    rng = np.random.default_rng(0)
+    monitor = PerfMonitor(tmp_path / "perf.sqlite", DetectorConfig(), role="t", window=10)
+    key, clock = event_key("m", "1", "predict", "cpu", 1), 1e9
+    for i in range(300):
+        seconds = 1.0 if i in (150, 152) else float(0.010 * rng.uniform(0.95, 1.05))
+        monitor.record(key, seconds, started=clock, context={"i": i})
+        clock += seconds
+    monitor.close()
+    expected = {150: [*range(145, 150), 151, 152, 153, 154, 155], 152: [*range(147, 152), *range(153, 158)]}
+    store = PerfMonitor(tmp_path / "perf.sqlite", role="reader").store
+    found = {a["context"]["i"]: [e["context"]["i"] for e in a["window"]] for a in store.anomalies()}
+    shown = {a["context"]["i"]: [e["context"]["i"] for e in a["window"]]
+             for a in read_report_data(tmp_path / "perf.sqlite")["anomalies"]}
+    assert found == shown == expected

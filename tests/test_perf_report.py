@@ -238,3 +238,44 @@ def test_the_page_in_headless_chromium_shows_the_store_and_the_provenance_of_a_c
         assert [name for name in resources if not name.startswith(("file:", "data:", "blob:"))] == []
     finally:
         driver.quit()
+
+
+def a_store_of(path: Path, events: int) -> Path:
+    """A closed store of ``events`` anomaly rows (one process, one key)."""
+    from ctzoo.perf import Label, ProvenanceStore
+    from ctzoo.perf.events import Event
+
+    store, key = ProvenanceStore(path), event_key("recistnet-mini", "0.3.0", "model", "cpu", 1)
+    for k in range(events):
+        store.insert("anomaly", Event(key, 1.0, 1e9 + k, "serve@h:1", {"request": f"r{k}"}), Label(True, 100, 99),
+                     "hbos")
+    store.close()
+    return path
+
+
+def test_a_damaged_or_truncated_store_is_a_clear_error_not_a_traceback(tmp_path):
+    """A store whose events table has a page overwritten (a bad disk block: the table's root, which every read of
+    an event passes through; opening reads only the schema), and one cut after its second page (a copy cut
+    short): a one-line error that says the store is damaged, not a traceback, and not "not a ctzoo perf store"."""
+    damaged = a_store_of(tmp_path / "damaged.sqlite", 5000)  # about 200 pages
+    truncated = tmp_path / "truncated.sqlite"
+    truncated.write_bytes(damaged.read_bytes()[:8192])
+    [(page_size,)] = query(damaged, "PRAGMA page_size")
+    [(root,)] = query(damaged, "SELECT rootpage FROM sqlite_master WHERE name = 'events'")
+    with open(damaged, "r+b") as file:
+        file.seek((root - 1) * page_size)
+        file.write(b"\xff" * page_size)
+    for path in (damaged, truncated):
+        result = CliRunner().invoke(main, ["perf", "report", str(path), "--out", str(tmp_path / "r.html")])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert f"{path} is damaged or truncated (" in result.output, result.output
+        assert "not a ctzoo perf store" not in result.output
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_report_leaves_no_wal_or_shm_files_beside_a_closed_store(tmp_path):
+    store = a_store_of(tmp_path / "perf.sqlite", 50)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["perf.sqlite"]
+    data = read_report_data(store)
+    assert data["anomalies_total"] == 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["perf.sqlite"]

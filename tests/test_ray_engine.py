@@ -156,6 +156,7 @@ def test_model_stage_failure_fails_the_batch_cases_only():
                  "payload": np.array([b"", b"", b"end"], dtype=object), "error": np.array(["", "", ""], dtype=object)})
     assert list(out["error"]) == ["model failed: RuntimeError: CUDA out of memory"] * 2 + [""]
     assert list(out["payload"]) == [b"", b"", b"end"]
+    assert list(out["batch_cases"]) == ["0,1"] * 3  # the cases of its slices: the driver's predict event names them
 
 
 def test_placement():

@@ -69,7 +69,7 @@ from ctzoo.inference.reader import (  # noqa: F401 (axial_slices, read_case: for
     read_case,
 )
 from ctzoo.inference.resume import REUSABLE, input_identity, output_settings, read_status, rerun_reason, resume_summary
-from ctzoo.inference.stage_events import case_context, record_batch, record_case_stages
+from ctzoo.inference.stage_events import batch_context, case_context, record_batch, record_case_stages
 from ctzoo.inference.start_method import end_with_parent, worker_start_method
 from ctzoo.inference.tasks import ModelTask, preprocess_on
 from ctzoo.io import Volume
@@ -311,8 +311,10 @@ class RunBook:
 class _Batcher:
     """Slices waiting for the model, grouped by shape; full batches go to ``task.predict``."""
 
-    def __init__(self, task: ModelTask, batch_size: int, perf: Any = None, log: list | None = None):
+    def __init__(self, task: ModelTask, batch_size: int, perf: Any = None, log: list | None = None,
+                 paths: list[Path] = ()):
         self.task, self.batch_size, self.perf, self.log = task, batch_size, perf, log
+        self.paths = paths  # every case's path, by position: a predict event names its cases' series hashes
         self.waiting: dict[tuple[int, ...], deque] = {}
         self.slices_done = 0
 
@@ -334,17 +336,17 @@ class _Batcher:
         rerun = None
         if self.perf is not None and self.task.profile is not None and self.perf.profiler.armed:
             rerun = functools.partial(self.task.profile, batch)
-        self.account(len(items), len({case for case, _, _ in items}), (started, time.time()), rerun)
+        self.account(len(items), [case for case, _, _ in items], (started, time.time()), rerun)
         return [(case, k, output) for (case, k, _), output in zip(items, outputs)]
 
-    def account(self, slices: int, cases: int, span: tuple[float, float], rerun: Any = None,
+    def account(self, slices: int, cases: list[int], span: tuple[float, float], rerun: Any = None,
                 pid: int | None = None) -> None:
-        """A batch of ``slices`` from ``cases`` cases ran from ``span[0]`` to ``span[1]`` (here, or in a model copy
-        ``pid``): a predict event for ``perf``, a line of the batch log."""
+        """A batch of ``slices`` from the cases at positions ``cases`` ran from ``span[0]`` to ``span[1]`` (here, or
+        in a model copy ``pid``): a predict event for ``perf``, a line of the batch log."""
         if self.perf is not None:
             runtime = self.task.runtime
             record_batch(self.perf, self.task.model_name, self.task.model_version, runtime.get("device", "-"),
-                         slices, span[1] - span[0], {"cases": cases, "backend": runtime.get("backend")}, rerun)
+                         slices, span[1] - span[0], batch_context(cases, self.paths, runtime.get("backend")), rerun)
         if self.log is not None:
             self.log.append((span[0], span[1], slices, os.getpid() if pid is None else pid))
         self.slices_done += slices
@@ -363,7 +365,7 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
     progress = Progress(task.model_name, len(todo), options.progress_interval_s, enabled=options.progress)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctzoo-writer")
     pending: deque[tuple[Future, CaseInput, int]] = deque()
-    batcher = _Batcher(task, options.batch_size, options.perf, options.batch_log)
+    batcher = _Batcher(task, options.batch_size, options.perf, options.batch_log, [case.path for case in todo])
     states = {i: CaseState(case) for i, case in enumerate(todo)}
 
     def record(row: dict[str, Any], case: CaseInput, index: int) -> None:
@@ -446,7 +448,7 @@ def run_pipeline(cases: list[CaseInput], task: ModelTask, options: PipelineOptio
             state.outputs.update(enumerate(outputs, start=message["start"]))
             progress.case_slices(index, len(outputs), message.get("expected"))
             progress.slices_done(len(outputs))
-            batcher.account(len(outputs), 1, message["batch_s"], pid=message.get("pid"))
+            batcher.account(len(outputs), [index], message["batch_s"], pid=message.get("pid"))
         elif message["kind"] == "end":
             state.end = message
             progress.case_slices(index, expected=message["slices"])

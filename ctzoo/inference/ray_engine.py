@@ -54,7 +54,7 @@ from ctzoo.inference.pipeline import (
     summary_row,
     write_case,
 )
-from ctzoo.inference.stage_events import case_context, record_batch, record_case_stages
+from ctzoo.inference.stage_events import batch_context, case_context, record_batch, record_case_stages
 
 OBJECT_STORE_BYTES = 1 << 30  # a local instance's shared memory: slices in flight, not volumes (see above)
 _NO_IMAGE = np.zeros((0, 0, 0), np.float32)  # the image of a case's end/error row
@@ -143,11 +143,14 @@ class _Predictor:
         # the batch's model time travels on its rows: the driver records one predict event per batch id
         self.batches += 1
         rows = len(batch["case"])
+        members = ",".join(str(case) for case in sorted(set(batch["case"][batch["slice"] >= 0].tolist())))
         return {"case": batch["case"], "slice": batch["slice"], "output": outputs, "payload": batch["payload"],
                 "error": errors, "batch_id": np.full(rows, f"{os.getpid()}:{self.batches}", dtype=object),
                 # what predicted the rows: the writer records it in the case's outputs
                 "runtime": np.full(rows, json.dumps(self.task.runtime), dtype=object),
                 "batch_rows": np.full(rows, int((batch["slice"] >= 0).sum())),
+                # the cases the batch's slices came from: the driver's predict event names them
+                "batch_cases": np.full(rows, members, dtype=object),
                 "predict_s": np.full(rows, time.perf_counter() - clock)}
 
 
@@ -269,6 +272,7 @@ def _stream(ray, todo: list[CaseInput], task, bundle_key: tuple[str, str], optio
     perf = options.perf  # the driver's: events are recorded here, from the timings the stages send back
     options = dataclasses.replace(options, out=options.out.absolute(), perf=None)
     sources = [str(case.path.absolute()) for case in todo]
+    paths = [case.path for case in todo]  # as the case events hash them
     items = [{"case": i, "name": c.name, "path": str(c.path), "source": sources[i], "recursive": c.recursive,
               "series": c.series or ""} for i, c in enumerate(todo)]
     dataset = (ray.data.from_items(items, override_num_blocks=len(items))  # a block per case: read in parallel
@@ -317,8 +321,9 @@ def _stream(ray, todo: list[CaseInput], task, bundle_key: tuple[str, str], optio
                     state.setdefault("runtime", row["runtime"])
                     if perf is not None and row["batch_id"] not in batches_seen:
                         batches_seen.append(row["batch_id"])
+                        members = [int(case) for case in row["batch_cases"].split(",") if case]
                         record_batch(perf, task.model_name, task.model_version, device, int(row["batch_rows"]),
-                                     float(row["predict_s"]), {"backend": backend})
+                                     float(row["predict_s"]), batch_context(members, paths, backend))
                 else:
                     state["end"] = pickle.loads(row["payload"])
                 if state["end"] is not None and len(state["outputs"]) == state["end"]["slices"]:

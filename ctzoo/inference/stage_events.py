@@ -10,7 +10,8 @@ timings measured where the stage ran.
 
 Context never names the input: ``case`` is the case's position among the cases this run processes, and
 ``series_hash`` a keyed hash of its path that groups one case's events without revealing the path (the key is
-this process's, random, so the hash cannot be reversed by guessing paths).
+this process's, random, so the hash cannot be reversed by guessing paths). A ``predict`` event names the cases
+its batch's slices came from: ``cases`` and ``series_hashes``, comma-separated (:func:`batch_context`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ def record_case_stages(perf, model: str, version: str, device: str, context: dic
         if stage in writer_s:
             perf.record(event_key(model, version, stage, device, slices), writer_s[stage], started, context)
             started += writer_s[stage]
+
+
+def batch_context(cases: list[int], paths: list[str | Path], backend: str | None) -> dict[str, Any]:
+    """What names a batch's members: the positions of the ``cases`` its slices came from and their series hashes
+    (``paths``: every case's path, by position), comma-separated as a served batch lists its ``requests``."""
+    members = sorted(set(cases))
+    return {"cases": ",".join(map(str, members)),
+            "series_hashes": ",".join(series_hash(paths[case]) for case in members), "backend": backend}
 
 
 def record_batch(perf, model: str, version: str, device: str, rows: int, seconds: float,

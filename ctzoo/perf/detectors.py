@@ -18,8 +18,10 @@ each key is not judged and not learned (warm-up: session creation, CUDA JIT); a 
 learned (``learn_anomalies``), so a run of slow calls does not teach the detector that slow is normal, until it
 lasts: after ``relearn_after`` (50) anomalies of a key in a row, with no normal event between them, the detector
 takes them for a new regime (a new model version under an old name, a PACS moved to a remote site), learns them
-and says so in one log line; a lasting shift is flagged for a bounded number of events, not for ever. State merges
-are exact (:mod:`ctzoo.perf.stats`), so a parameter server can hand every process the same global statistics.
+and says so in one log line; a lasting shift is flagged for a bounded number of events, not for ever (with HBOS
+about ``relearn_after``; with SSTD more, the longer the key's history, as the new regime must move its mean and
+sigma). State merges are exact (:mod:`ctzoo.perf.stats`), so a parameter server can hand every process the same
+global statistics.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ EMPTY_BIN_SCORE = -math.log2(HBOS_EPSILON)
 #: Fewer bins than this many fine bins would make Scott's width meaningless; more cost time for nothing.
 MAX_SCORING_BINS = 4096
 #: The scoring histogram is rebuilt once its key has this much more data (a fraction of its count) and at least
-#: REBUILD_MIN_EVENTS more events (rebuilding costs about 0.5 ms: not after every event of a young key).
+#: REBUILD_MIN_EVENTS more events (rebuilding costs about 0.5 ms: not after every event of a young key), and before
+#: it flags an event, once it is REBUILD_MIN_EVENTS events behind (an anomaly is judged against fresh statistics).
 REBUILD_GROWTH = 0.05
 REBUILD_MIN_EVENTS = 16
 
@@ -214,6 +217,9 @@ class AnomalyDetector:
             for value in run:
                 self._learn(key, state, value)
             del self._anomalous_run[key]
+            # judged against the new regime at once: a cached table would wait for 5 % more events to be rebuilt
+            # (1,000 after 20,000), flagging every one of them
+            self._tables.pop(key, None)
 
     def _learn(self, key: Key, state: KeyState, seconds: float) -> None:
         state.push(seconds)
@@ -236,6 +242,11 @@ class AnomalyDetector:
             score = abs(seconds - mean) / sigma if sigma > 0 else (0.0 if seconds == mean else math.inf)
             return Label(eligible and score > self.config.sstd_sigma, score, self.config.sstd_sigma)
         score = table.score(seconds)
+        if eligible and score > table.threshold and state.moments.count >= table.count + REBUILD_MIN_EVENTS:
+            # an anomaly is judged against fresh statistics: a table 5 % behind a long history is hundreds of
+            # events old, and a new regime's first events leave its bins sparse in the meantime
+            self._tables.pop(key)
+            return self._judge(key, state, seconds)
         return Label(eligible and score > table.threshold, score, table.threshold)
 
     def state_dict(self) -> dict[str, dict]:

@@ -27,6 +27,10 @@ IDENTIFYING_KEYS = frozenset({"PatientName", "PatientID", "patient_name", "patie
 Key = tuple[str, str, str, str, str]
 #: The names of a key's parts, in order (store columns, JSON fields).
 KEY_FIELDS = ("model", "version", "stage", "device", "bucket")
+#: How a key's parts are joined where a key travels as one string (the parameter server's JSON, the store's
+#: ``key_states`` input): no part may hold it, so :func:`event_key` replaces it with :data:`SEPARATOR_STANDIN`.
+KEY_SEPARATOR = "|"
+SEPARATOR_STANDIN = "\N{BROKEN BAR}"
 
 
 def slice_bucket(slices: int | None) -> str:
@@ -88,4 +92,9 @@ class Event:
 
 
 def event_key(model: str, version: str, stage: str, device: str, slices: int | None) -> Key:
-    return (model, version, stage, device, slice_bucket(slices))
+    """The key of an event; a ``|`` in a part (a training run's folder ``exp|lr=1e-3`` is its version) becomes
+    ``¦`` (:data:`SEPARATOR_STANDIN`), or the joined key could not be split back into its five parts."""
+    parts = (model, version, stage, device)
+    if any(KEY_SEPARATOR in part for part in parts):
+        parts = tuple(part.replace(KEY_SEPARATOR, SEPARATOR_STANDIN) for part in parts)
+    return (*parts, slice_bucket(slices))

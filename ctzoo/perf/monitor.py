@@ -14,10 +14,10 @@ says whether it currently does.
 :meth:`PerfMonitor.profiler` ``.arm(n)`` adds to it at run time.
 
 A monitor never raises into the work it watches because of its store: a write that fails (another connection holds
-the database's lock past :data:`~ctzoo.perf.provenance.BUSY_TIMEOUT_S`, a full disk, an I/O error) is counted
-(:meth:`PerfMonitor.overhead`'s ``store_errors``) and logged (the first, then at most one line a minute), and after
-:data:`MAX_STORE_FAILURES` failures in a row the store is switched off for the rest of the process, which one
-warning says; the events are still judged.
+the database's lock past :data:`~ctzoo.perf.provenance.BUSY_TIMEOUT_S`, a full disk, an I/O error, or any other
+error raised while writing) is counted (:meth:`PerfMonitor.overhead`'s ``store_errors``) and logged (the first,
+then at most one line a minute), and after :data:`MAX_STORE_FAILURES` failures in a row the store is switched off
+for the rest of the process, which one warning says; the events are still judged.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import math
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -105,11 +104,12 @@ class PerfMonitor:
         return self.recorder is not None and self.store_disabled is None
 
     def _write_store(self, write: Callable[..., Any], *args: Any) -> Any:
-        """``write(*args)``; on a store error (sqlite3.Error, OSError) None, counted, logged and, after
-        :data:`MAX_STORE_FAILURES` in a row, the store switched off: the monitored work never sees it."""
+        """``write(*args)``; on any error (sqlite3.Error, OSError, or a bug in what is written, such as a key the
+        store refuses) None, counted, logged and, after :data:`MAX_STORE_FAILURES` in a row, the store switched
+        off: the monitored work never sees it."""
         try:
             result = write(*args)
-        except (sqlite3.Error, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 (the promise: a store write never fails the work it watches)
             with self._lock:
                 self.store_errors += 1
                 self._failures_in_a_row += 1
@@ -222,6 +222,6 @@ class PerfMonitor:
             self.client.close()
         self.profiler.close()  # a profile being taken is stored before the store closes
         if self._store_on():  # its flush writes the totals and, through on_flush, the key states
-            self._write_store(self.recorder.flush)
+            self._write_store(self.recorder.close)
         if self.store is not None:
             self._write_store(self.store.close)

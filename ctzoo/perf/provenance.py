@@ -24,11 +24,15 @@ SQLite (one file, WAL), schema:
     ``anomaly_id`` (the ``events`` row), ``tool`` (``onnxruntime`` or ``torch``), ``created`` (Unix time),
     ``rerun_s`` (the profiled rerun), ``anomaly_s`` (the anomalous run), ``ops`` (JSON: ``[{"op", "seconds",
     "calls"}]``, slowest first), ``trace`` (the profiler's Chrome-trace JSON, gzip; NULL when too large).
+``ended``
+    ``process`` PRIMARY KEY, ``at`` (Unix time): the processes that closed their monitor, which may be folded
+    (:mod:`ctzoo.perf.store_upkeep`: the store's size stays bounded however many processes write to it).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -38,6 +42,9 @@ from pathlib import Path
 
 from ctzoo.perf.detectors import Label
 from ctzoo.perf.events import KEY_FIELDS, Event
+from ctzoo.perf.store_upkeep import fold_processes, processes_to_fold, prune_events
+
+log = logging.getLogger("ctzoo.perf")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -48,6 +55,7 @@ CREATE TABLE IF NOT EXISTS events (
     context TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_kind ON events (kind, started);
 CREATE INDEX IF NOT EXISTS events_anomaly ON events (anomaly_id);
+CREATE INDEX IF NOT EXISTS events_process ON events (process, started);
 CREATE TABLE IF NOT EXISTS totals (process TEXT PRIMARY KEY, seen INTEGER NOT NULL, stored INTEGER NOT NULL,
                                    updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS key_states (
@@ -58,12 +66,19 @@ CREATE TABLE IF NOT EXISTS profiles (
     id INTEGER PRIMARY KEY, anomaly_id INTEGER NOT NULL, tool TEXT NOT NULL, created REAL NOT NULL,
     rerun_s REAL NOT NULL, anomaly_s REAL NOT NULL, ops TEXT NOT NULL, trace BLOB);
 CREATE INDEX IF NOT EXISTS profiles_anomaly ON profiles (anomaly_id);
+CREATE TABLE IF NOT EXISTS ended (process TEXT PRIMARY KEY, at REAL NOT NULL);
 """
+#: The first bytes of every SQLite database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
 #: SQLite's largest INTEGER (a rowid never exceeds it)
 MAX_ROWID = 2**63 - 1
 #: The most anomaly and window rows a store keeps (about 0.5 kB each): beyond it the oldest go, so a service that
-#: keeps --perf on does not fill its disk. Normal samples (one per key) are kept.
+#: keeps --perf on does not fill its disk. Normal samples (one per key) are kept. Counted in the file when a
+#: process opens it, every tenth of it that process inserts, and at its close: with several processes writing at
+#: once, each may add up to a tenth before it counts again.
 MAX_STORED_EVENTS = 200_000
+#: How many of a process's latest anomalies tell how many neighbours it files before and after one (its window).
+HALVES_FROM_ANOMALIES = 200
 #: A deep profile's rerun this fraction of its anomaly's time or slower: the slowness reproduces.
 REPRODUCED = 0.5
 #: Totals are written at most this often (seconds) while events flow, and at :meth:`ProvenanceRecorder.close`.
@@ -77,25 +92,28 @@ class ProvenanceStore:
     """The SQLite file (see the module docstring); thread-safe.
 
     ``read_only=True`` opens an existing store without creating or changing anything (a report must not turn a
-    stray file into a store); ValueError if the file is not a SQLite database with ctzoo's ``events`` and
-    ``totals`` tables.
+    stray file into a store, nor leave files beside it); ValueError if the file is not a SQLite database with
+    ctzoo's ``events`` and ``totals`` tables, or is damaged (:func:`read_problem`).
     """
 
     def __init__(self, path: str | Path, read_only: bool = False, max_events: int = MAX_STORED_EVENTS,
                  busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.path, self.max_events, self._inserted = Path(path), max_events, 0
         self._lock = threading.Lock()
+        self.read_only, self.immutable = read_only, False  # immutable: read without locks (see below)
         if read_only:
-            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
-                                       check_same_thread=False, isolation_level=None)
+            # no -wal (or -journal) beside the file: no writer has it open (SQLite deletes the -wal when the last
+            # connection closes), and immutable=1 reads it without leaving the -wal and -shm files that a mode=ro
+            # connection to a WAL database creates and cannot delete
+            self.immutable = not any(Path(f"{self.path}{suffix}").exists() for suffix in ("-wal", "-journal"))
+            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro{'&immutable=1' * self.immutable}",
+                                       uri=True, check_same_thread=False, isolation_level=None)
             try:
                 self.tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master "
                                                                   "WHERE type = 'table'")}
             except sqlite3.DatabaseError as error:
                 self._db.close()
-                problem = ("cannot be read" if isinstance(error, sqlite3.OperationalError)
-                           else "is not a ctzoo perf store")
-                raise ValueError(f"{self.path} {problem} ({error})") from None
+                raise ValueError(read_problem(self.path, error)) from None
             if not {"events", "totals"} <= self.tables:
                 self._db.close()
                 raise ValueError(f"{self.path} is not a ctzoo perf store (no events and totals tables)")
@@ -106,7 +124,24 @@ class ProvenanceStore:
         # no fsync per insert (2 ms each here): in WAL mode a crash can lose the last inserts, never corrupt the file
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)  # also adds what an older store lacks (the events_anomaly index)
-        self.tables = {"events", "totals", "key_states", "profiles"}
+        self.tables = {"events", "totals", "key_states", "profiles", "ended"}
+        self._upkeep(self._tidy)
+
+    def _tidy(self) -> None:
+        """What opening for writing does: the events beyond the cap pruned, old processes folded."""
+        prune_events(self._db, self.max_events)
+        fold_processes(self._db, processes_to_fold(self._db))
+
+    def _upkeep(self, work: Callable[[], object]) -> None:
+        """``work`` (:mod:`ctzoo.perf.store_upkeep`) under the lock; should it fail (another connection holds the
+        store's lock past the busy timeout, a state that does not parse), it is logged and left to the next time:
+        opening a store never fails for it."""
+        try:
+            with self._lock:
+                work()
+        except (sqlite3.Error, ValueError, TypeError, KeyError) as error:
+            log.warning("perf: could not tidy provenance store %s (%s: %s); the next process to open it tries "
+                        "again", self.path, type(error).__name__, error)
 
     def insert(self, kind: str, event: Event, label: Label, algorithm: str, anomaly_id: int | None = None) -> int:
         model, version, stage, device, bucket = event.key
@@ -119,16 +154,22 @@ class ProvenanceStore:
                  json.dumps(event.context, sort_keys=True)))
             self._inserted += 1
             if self._inserted % max(1, self.max_events // 10) == 0:
-                self._prune()
+                prune_events(self._db, self.max_events)
             return int(cursor.lastrowid)
 
-    def _prune(self) -> None:
-        """Delete the oldest anomaly and window rows beyond ``max_events`` (under the lock)."""
-        (count,) = self._db.execute("SELECT COUNT(*) FROM events WHERE kind != 'normal'").fetchone()
-        if count > self.max_events:
-            self._db.execute("DELETE FROM events WHERE id IN (SELECT id FROM events WHERE kind != 'normal' "
-                             "ORDER BY id LIMIT ?)", (count - self.max_events,))
-            self._db.execute("DELETE FROM profiles WHERE anomaly_id NOT IN (SELECT id FROM events)")
+    def start_process(self, process: str) -> None:
+        """``process`` starts writing: an ended process of the same name (a restart that got the same PID) is
+        folded first, so that its totals and key states are not overwritten."""
+        def fold_namesake() -> None:
+            if self._db.execute("SELECT 1 FROM ended WHERE process = ?", (process,)).fetchone():
+                fold_processes(self._db, {process})
+        self._upkeep(fold_namesake)
+
+    def end_process(self, process: str) -> None:
+        """``process`` wrote its last totals and key states: it may be folded (:mod:`ctzoo.perf.store_upkeep`)."""
+        with self._lock:
+            self._db.execute("INSERT INTO ended VALUES (?, ?) ON CONFLICT(process) DO UPDATE SET at = excluded.at",
+                             (process, time.time()))
 
     def write_totals(self, process: str, seen: int, stored: int) -> None:
         with self._lock:
@@ -219,10 +260,10 @@ class ProvenanceStore:
         return rows
 
     def anomalies(self, limit: int = 100, request: str | None = None) -> list[dict]:
-        """The latest anomalies, newest first, each with its window (``window``: the neighbours, in time order)
-        and its deep profile's summary (``profile``; None when it has none). ``request``: only the anomalies
-        whose own event or window names that request hash (:func:`~ctzoo.perf.events.request_hash`, in a
-        context's ``request`` or ``requests``)."""
+        """The latest anomalies, newest first, each with its window (``window``: the neighbours, in time order,
+        :meth:`windows`) and its deep profile's summary (``profile``; None when it has none). ``request``: only the
+        anomalies whose own event or filed window rows name that request hash
+        (:func:`~ctzoo.perf.events.request_hash`, in a context's ``request`` or ``requests``)."""
         if request is None:
             found = self.rows("SELECT * FROM events WHERE kind = 'anomaly' ORDER BY started DESC, id DESC LIMIT ?",
                               (int(limit),))
@@ -230,19 +271,61 @@ class ProvenanceStore:
             found = self.rows("SELECT * FROM events WHERE kind = 'anomaly' AND (INSTR(context, ?) > 0 OR id IN ("
                               "SELECT anomaly_id FROM events WHERE kind = 'window' AND INSTR(context, ?) > 0)) "
                               "ORDER BY started DESC, id DESC", (request, request))
-        windows: dict[int, list[dict]] = {anomaly["id"]: [] for anomaly in found}
-        for chunk in range(0, len(found), 500):  # one query per 500 anomalies (SQLite's parameter limit)
-            ids = [anomaly["id"] for anomaly in found[chunk:chunk + 500]]
-            for row in self.rows(f"SELECT * FROM events WHERE anomaly_id IN ({','.join('?' * len(ids))}) "
-                                 "ORDER BY started, id", tuple(ids)):
-                windows[row["anomaly_id"]].append(row)
         if request is not None:
-            found = [a for a in found if any(_names_request(e, request) for e in [a, *windows[a["id"]]])][:limit]
+            filed = self._filed_windows([anomaly["id"] for anomaly in found])
+            found = [a for a in found if any(_names_request(e, request) for e in [a, *filed[a["id"]]])][:limit]
+        windows = self.windows(found)
         profiles = self.profiles([anomaly["id"] for anomaly in found])
         for anomaly in found:
             anomaly["window"] = windows[anomaly["id"]]
             anomaly["profile"] = profiles.get(anomaly["id"])
         return found
+
+    def _filed_windows(self, ids: list[int]) -> dict[int, list[dict]]:
+        """The window rows filed under each anomaly of ``ids``, in time order."""
+        windows: dict[int, list[dict]] = {anomaly_id: [] for anomaly_id in ids}
+        for chunk in range(0, len(ids), 500):  # one query per 500 anomalies (SQLite's parameter limit)
+            part = ids[chunk:chunk + 500]
+            for row in self.rows(f"SELECT * FROM events WHERE anomaly_id IN ({','.join('?' * len(part))}) "
+                                 "ORDER BY started, id", tuple(part)):
+                windows[row["anomaly_id"]].append(row)
+        return windows
+
+    def windows(self, anomalies: list[dict]) -> dict[int, list[dict]]:
+        """Each anomaly's window, in time order: the rows filed under it, and the stored events of its process
+        nearest it in time whichever anomaly they were filed under, as many before and after it as that process
+        filed around any one anomaly (its recorder's halves, :meth:`_window_halves`). Anomalies close together
+        share their neighbours, so the later one's own rows hold none of the events just before it: they are
+        filed under the earlier one. A store without the ``events_process`` index (last written by an older
+        ctzoo, read read-only) gives the filed rows only."""
+        windows = self._filed_windows([anomaly["id"] for anomaly in anomalies])
+        if not self.rows("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'events_process'"):
+            return windows
+        halves = {process: self._window_halves(process) for process in {a["process"] for a in anomalies}}
+        for anomaly in anomalies:
+            before, after = halves[anomaly["process"]]
+            where = (anomaly["process"], anomaly["started"], anomaly["started"], anomaly["id"])
+            # "started <= ?" (not "started < ? OR ..."): a range the (process, started, id) index can seek
+            near = self.rows("SELECT * FROM events WHERE process = ? AND kind != 'normal' AND started <= ? AND NOT "
+                             "(started = ? AND id >= ?) ORDER BY started DESC, id DESC LIMIT ?", (*where, before))
+            near += self.rows("SELECT * FROM events WHERE process = ? AND kind != 'normal' AND started >= ? AND NOT "
+                              "(started = ? AND id <= ?) ORDER BY started, id LIMIT ?", (*where, after))
+            own = windows[anomaly["id"]]
+            filed = {event["id"] for event in own}
+            own.extend(event for event in near if event["id"] not in filed)
+            own.sort(key=lambda event: (event["started"], event["id"]))
+        return windows
+
+    def _window_halves(self, process: str) -> tuple[int, int]:
+        """The most window rows ``process`` filed before and after any one of its latest
+        :data:`HALVES_FROM_ANOMALIES` anomalies (one process keeps one window size; normal samples are not counted:
+        one that is a neighbour is filed as a window row too)."""
+        [row] = self.rows(
+            "SELECT COALESCE(MAX(before), 0) AS before, COALESCE(MAX(filed - before), 0) AS after FROM ("
+            "SELECT SUM(w.started < a.started OR w.started = a.started AND w.id < a.id) AS before, COUNT(*) AS filed "
+            "FROM (SELECT id, started FROM events WHERE process = ? AND kind = 'anomaly' ORDER BY started DESC "
+            "LIMIT ?) a JOIN events w ON w.anomaly_id = a.id GROUP BY a.id)", (process, HALVES_FROM_ANOMALIES))
+        return row["before"], row["after"]
 
     def reduction(self) -> dict:
         """``{"seen", "stored", "ratio"}`` over every process (ratio: events seen per event stored)."""
@@ -252,7 +335,26 @@ class ProvenanceStore:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            try:
+                if self._inserted and not self.read_only:  # the cap holds between processes too
+                    prune_events(self._db, self.max_events)
+            finally:
+                self._db.close()
+
+
+def read_problem(path: Path, error: sqlite3.DatabaseError) -> str:
+    """What a read of the store at ``path`` that failed with ``error`` says to the user: it cannot be read (locked,
+    no permission), it is damaged or truncated (a SQLite file whose pages are not), or it is no store at all."""
+    if isinstance(error, sqlite3.OperationalError):
+        return f"{path} cannot be read ({error})"
+    try:
+        with open(path, "rb") as file:
+            sqlite_file = file.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    except OSError:
+        sqlite_file = False
+    if sqlite_file:
+        return f"{path} is damaged or truncated ({error})"
+    return f"{path} is not a ctzoo perf store ({error})"
 
 
 def _names_request(event: dict, request: str) -> bool:
@@ -281,6 +383,7 @@ class ProvenanceRecorder:
         self._recent: deque[tuple[Event, Label]] = deque(maxlen=self.before)
         self._after: tuple[int, int] | None = None  # (anomaly id, events still to keep after it)
         self._sampled = store.sampled_keys()
+        store.start_process(process)
         self.seen = self.stored = 0
         self._totals_written = 0.0
         self._lock = threading.Lock()
@@ -322,3 +425,8 @@ class ProvenanceRecorder:
         self._totals_written = time.monotonic()
         if self.on_flush is not None:
             self.on_flush()
+
+    def close(self) -> None:
+        """The last totals and key states, and the process marked ended (its rows may be folded later)."""
+        self.flush()
+        self.store.end_process(self.process)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import html
 import json
+import sqlite3
 import time
 from datetime import datetime, timezone
 from functools import reduce
@@ -31,7 +32,7 @@ from typing import Any
 
 from ctzoo.perf.detectors import KeyState
 from ctzoo.perf.events import KEY_FIELDS
-from ctzoo.perf.provenance import ProvenanceStore
+from ctzoo.perf.provenance import ProvenanceStore, read_problem
 from ctzoo.perf.stats import FINE_BINS_PER_OCTAVE
 
 #: The most anomalies a page shows by default (the newest); each brings its window of ~20 events.
@@ -43,10 +44,21 @@ def key_label(row: dict) -> str:
     return f"{row['model']} {row['version']} · {row['stage']} · {row['device']} · {row['bucket']}"
 
 
+class _WrittenWhileRead(Exception):
+    """A store read without locks (no writer had it open) failed, and a writer has opened it since."""
+
+
 def read_report_data(store_path: str | Path, since: float | None = None, limit: int | None = DEFAULT_LIMIT) -> dict:
     """Everything the page shows, from the store at ``store_path`` (opened read-only; ValueError if it is not a
-    ctzoo perf store). ``since`` (Unix time) and ``limit`` (the newest N) select the anomalies shown; the totals
-    and the distributions always cover the whole store."""
+    ctzoo perf store, or is damaged). ``since`` (Unix time) and ``limit`` (the newest N) select the anomalies
+    shown; the totals and the distributions always cover the whole store."""
+    try:
+        return _read_report_data(store_path, since, limit)
+    except _WrittenWhileRead:  # read again, now with locks: the writer's -wal exists
+        return _read_report_data(store_path, since, limit)
+
+
+def _read_report_data(store_path: str | Path, since: float | None, limit: int | None) -> dict:
     store = ProvenanceStore(store_path, read_only=True)
     try:
         totals = store.rows("SELECT process, seen, stored, updated FROM totals ORDER BY process")
@@ -58,15 +70,16 @@ def read_report_data(store_path: str | Path, since: float | None = None, limit: 
             newest, parameters = newest + " LIMIT ?", [*parameters, int(limit)]
         anomalies = sorted(store.rows(newest, tuple(parameters)), key=lambda row: (row["started"], row["id"]))
         shown = {row["id"] for row in anomalies}
-        windows: dict[int, list[dict]] = {}
-        for row in store.rows("SELECT * FROM events WHERE kind = 'window' ORDER BY started, id"):
-            if row["anomaly_id"] in shown:
-                windows.setdefault(row["anomaly_id"], []).append(row)
+        windows = store.windows(anomalies)
         fields = ", ".join(KEY_FIELDS)
         anomalies_per_key = {tuple(row[f] for f in KEY_FIELDS): row["n"] for row in store.rows(
             f"SELECT {fields}, COUNT(*) AS n FROM events WHERE kind = 'anomaly' GROUP BY {fields}")}
         state_rows = store.key_states()
         profiles = store.profiles(sorted(shown))
+    except sqlite3.DatabaseError as error:  # a damaged page: opening the store reads only its first
+        if store.immutable and Path(f"{store_path}-wal").exists():
+            raise _WrittenWhileRead from error
+        raise ValueError(read_problem(Path(store_path), error)) from None
     finally:
         store.close()
     for anomaly in anomalies:

@@ -44,6 +44,7 @@ import logging
 import math
 import os
 import secrets
+import sys
 import threading
 import time
 import urllib.error
@@ -66,6 +67,8 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 EXPIRE_AFTER_S = 7 * 24 * 3600.0
 #: How often (seconds) the server looks for what to forget.
 EXPIRE_CHECK_S = 60.0
+#: How long (seconds) a client may take to send a request before its connection is closed.
+CLIENT_TIMEOUT_S = 30.0
 
 
 class BadRequest(ValueError):
@@ -231,7 +234,11 @@ class GlobalStatistics:
 
 class _Handler(BaseHTTPRequestHandler):
     server: ParameterServer
-    timeout = 30  # seconds a client may take to send its request: a stalled one does not hold a thread forever
+
+    def setup(self) -> None:
+        # seconds a client may take to send its request: a stalled one does not hold a thread forever
+        self.timeout = self.server.client_timeout_s
+        super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         log.debug("perf server: %s %s", self.address_string(), format % args)
@@ -244,8 +251,12 @@ class _Handler(BaseHTTPRequestHandler):
         if status >= 400:
             self.send_header("Connection", "close")
             self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError as exc:  # the client went away before its answer (BrokenPipeError, ConnectionResetError)
+            self.close_connection = True
+            log.warning("perf server: %s went away before its answer (%s)", self.address_string(), type(exc).__name__)
 
     def _authorised(self) -> bool:
         given = self.headers.get("Authorization", "").encode()
@@ -278,7 +289,16 @@ class _Handler(BaseHTTPRequestHandler):
         if length < 0:
             return self._answer(HTTPStatus.BAD_REQUEST, {"error": "negative Content-Length"})
         try:
-            payload = json.loads(self.rfile.read(length))
+            body = self.rfile.read(length)
+            problem = None if len(body) == length else f"a truncated body ({len(body)} of {length} bytes)"
+        except OSError as exc:  # TimeoutError: stalled past client_timeout_s; ConnectionResetError
+            problem = f"no whole body ({type(exc).__name__})"
+        if problem is not None:  # the client died or stalled while sending: no answer, it would not be read
+            self.close_connection = True
+            log.warning("perf server: %s sent %s; connection closed", self.address_string(), problem)
+            return None
+        try:
+            payload = json.loads(body)
             reply = self.server.statistics.sync(payload)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError and BadRequest are ValueErrors
             return self._answer(HTTPStatus.BAD_REQUEST, {"error": str(exc)[:500]})
@@ -295,11 +315,12 @@ class ParameterServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, token: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                 max_body_bytes: int = MAX_BODY_BYTES, expire_after_s: float = EXPIRE_AFTER_S) -> None:
+                 max_body_bytes: int = MAX_BODY_BYTES, expire_after_s: float = EXPIRE_AFTER_S,
+                 client_timeout_s: float = CLIENT_TIMEOUT_S) -> None:
         if not token:
             raise ValueError(f"the parameter server needs a token (${TOKEN_ENV} or a token file)")
         self.expected_header = f"Bearer {token}".encode()
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes, self.client_timeout_s = max_body_bytes, client_timeout_s
         self.statistics = GlobalStatistics(expire_after_s)
         self._thread: threading.Thread | None = None
         super().__init__((host, port), _Handler)
@@ -308,6 +329,12 @@ class ParameterServer(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One log line where socketserver would print a traceback on stderr (with DEBUG logging, both)."""
+        error = sys.exc_info()[1]
+        log.warning("perf server: a request from %s failed (%s: %s)", client_address[0], type(error).__name__, error,
+                    exc_info=log.isEnabledFor(logging.DEBUG))
 
     def start(self) -> ParameterServer:
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
