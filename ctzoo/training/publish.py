@@ -188,13 +188,20 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
     from ctzoo.datasets.segmentation_slices import case_to_slices, template_set
     from ctzoo.models.template_bank import TemplateBank
     from ctzoo.training.seg_evaluation import TEMPLATE_EFFECT_MIN_DROP
-    from ctzoo.training.template_seg_task import load_seg_config, load_seg_data, load_seg_model, trained_preprocessing
+    from ctzoo.training.template_seg_task import (
+        check_trained_data,
+        load_seg_config,
+        load_seg_data,
+        load_seg_model,
+        trained_preprocessing,
+    )
 
     cfg = load_seg_config(config, data_root)
     data = load_seg_data(cfg.data)
     run_dir = Path(run_dir)
     checkpoint = run_dir / "template_seg" / "best.pt"
     checkpoint = checkpoint if checkpoint.exists() else checkpoint.with_name("last.pt")
+    check_trained_data(cfg, checkpoint, data.class_names)  # the bank from its training cases, its classes named
     # the bank and the card's input_spec: the slices the weights learnt from, whatever the publish config says
     prep, names = trained_preprocessing(cfg, checkpoint), data.class_names
     model = load_seg_model(cfg, checkpoint, len(names))
