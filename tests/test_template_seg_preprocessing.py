@@ -231,3 +231,30 @@ def test_the_same_msd_data_may_be_read_from_another_root(msd_run, tmp_path):
                  "--data-root", tmp_path / "moved", "--device", "cpu")
     assert result.exit_code == 1 and "data.root: " in result.output and "data_files.dataset.json: " in result.output
 
+
+def clean_row(model: str, **values) -> dict:
+    return {"model": model, "condition": "clean", "dice_organa": 0.6, "dice_organb": 0.4, "dice_mean": 0.5,
+            "hd95_mean": 4.0, "hd95_missed": 0, **values}
+
+
+def test_publish_names_what_the_test_cases_could_not_measure(msd_run, tmp_path):
+    """comparison.json stores what it could not measure as null: a class absent from every test case has no Dice, a
+    model that found nothing no HD95. The card leaves them out and says so; test cases without any labelled voxel
+    leave nothing to publish."""
+    config, run = msd_run
+    rows = [clean_row("template_seg", dice_organb=None, dice_mean=0.6, hd95_mean=None, hd95_missed=1),
+            clean_row("template copy", dice_organb=None, dice_mean=0.3)]
+    (run / "comparison.json").write_text(json.dumps({"rows": rows, "test_cases": ["case_004"]}))
+    folder = publish_template_seg(run, config, "template-seg-abdomen", "0.0.1", target=tmp_path / "bundle")
+    card = read_card(folder)
+    assert {"dice_organa", "dice_mean", "hd95_missed_classes"} <= set(card.metrics)
+    assert "dice_organb" not in card.metrics and "hd95_mean_mm" not in card.metrics
+    assert card.limitations[:2] == ["No Dice for organb: not in the test cases (case_004); the mean Dice is over the "
+                                    "other classes.", "No HD95: the model found none of the classes in the test cases."]
+    rows = [clean_row("template_seg", dice_organa=None, dice_organb=None, dice_mean=None, hd95_mean=None)]
+    (run / "comparison.json").write_text(json.dumps({"rows": rows, "test_cases": ["case_004"]}))
+    result = cli("zoo", "publish", run, "--config", config, "--name", "template-seg-abdomen", "--version", "0.0.2",
+                 "--out", tmp_path / "bundle2")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "comparison.json: the test cases ['case_004'] hold no voxel of any class ['organa', 'organb']: no Dice " \
+           "to publish" in result.output
