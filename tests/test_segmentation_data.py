@@ -179,7 +179,9 @@ def test_totalsegmentator_cases(ts_cases):
 
 
 def write_msd(root: Path, volume, count: int, labels_key: str = "msd") -> Path:
-    """A Medical Segmentation Decathlon folder of ``count`` 2-slice cases cut from ``volume``."""
+    """A Medical Segmentation Decathlon folder of ``count`` 2-slice cases cut from ``volume``, every class in every
+    case (labelled at full resolution, as organs are drawn: the thin bone would not survive the coarse grid's
+    smoothing)."""
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     entries = []
@@ -189,7 +191,8 @@ def write_msd(root: Path, volume, count: int, labels_key: str = "msd") -> Path:
         part.spacing = (volume.spacing[0] * 4, volume.spacing[1] * 4, volume.spacing[2])
         part.dicom = None
         write_volume(part, root / "imagesTr" / f"case_{i:03d}.nii.gz", dtype="int16")
-        write_volume(part.with_array(tissue_labels(part.array)), root / "labelsTr" / f"case_{i:03d}.nii.gz")
+        labels = tissue_labels(volume.array[2 * i:2 * i + 2])[:, ::4, ::4]
+        write_volume(part.with_array(labels), root / "labelsTr" / f"case_{i:03d}.nii.gz")
         entries.append({"image": f"./imagesTr/case_{i:03d}.nii.gz", "label": f"./labelsTr/case_{i:03d}.nii.gz"})
     labels = ({"0": "background", "1": "soft", "2": "bone", "3": "fat"} if labels_key == "msd"
               else {"background": 0, "soft": 1, "bone": 2, "fat": 3})
@@ -205,7 +208,8 @@ def test_msd_reader(tmp_path, sample_volume, layout):
     assert [c.name for c in cases["test"]] == ["case_004"]  # split by listed order
     case = cases["train"][1]
     assert case.image.array.shape == (2, 128, 128)
-    assert np.array_equal(case.labels, tissue_labels(case.image.array))  # every label kept, ids in order
+    stored = read_volume(root / "labelsTr" / "case_001.nii.gz", dtype=None).array
+    assert np.array_equal(case.labels, stored) and set(np.unique(stored)) == {0, 1, 2, 3}  # every label, ids kept
     bone = msd_cases(root, {"bone": ("bone",)}, val_fraction=0.0, test_fraction=0.4)
     assert [len(bone[s]) for s in ("train", "val", "test")] == [3, 0, 2]
     assert set(np.unique(bone["train"][0].labels)) <= {0, 1}
@@ -249,13 +253,68 @@ def test_msd_labels_are_placed_by_their_header_not_their_shape(tmp_path, sample_
                       tuple(stored.index_to_lps(np.array([stored.size[0] - 1.0, 0, 0]))), direction)
     write_volume(mirrored, path)  # ...and the header says so: the same labels in space
     case = msd_cases(root, val_fraction=0, test_fraction=0)["train"][1]
-    assert np.array_equal(case.labels, tissue_labels(case.image.array))
+    assert np.array_equal(case.labels, stored.array)
     assert not np.array_equal(mirrored.array, case.labels)  # not the stored array
     write_volume(Volume(mirrored.array, mirrored.spacing, (500.0, 0.0, 0.0), direction), path)
     with pytest.raises(DatasetError, match=r"training\[1\]: label case_001.nii.gz, image case_001.nii.gz: label and "
                                            r"image do not share physical space: 0% of the label's foreground"):
         msd_cases(root, val_fraction=0, test_fraction=0)
 
+
+
+def test_a_label_saved_without_its_images_header_is_refused(tmp_path, sample_volume):
+    """The image's array, saved with default geometry (1 mm voxels; here at the image's origin, so its foreground
+    lies inside the image): resampled by its header it would shrink into a corner of the image."""
+    root = write_msd(tmp_path / "Task99", sample_volume, 3)
+    path = root / "labelsTr" / "case_001.nii.gz"
+    stored = read_volume(path, dtype=None)
+    write_volume(Volume(stored.array, (1.0, 1.0, 1.0), stored.origin, stored.direction), path)
+    with pytest.raises(DatasetError, match=r"training\[1\]: label case_001.nii.gz, image case_001.nii.gz: label and "
+                                           r"image do not share physical space: the label has the image's array shape "
+                                           r"but covers another region \(label \(2, 128, 128\) voxels, .* spacing "
+                                           r"\[1.0, 1.0, 1.0\] mm.*; image \(2, 128, 128\) voxels, .* spacing \[3.906"):
+        msd_cases(root, val_fraction=0, test_fraction=0)
+
+
+def test_a_case_listed_twice_is_refused(tmp_path, sample_volume):
+    """Split by position, a case listed twice could be trained on and tested on."""
+    root = write_msd(tmp_path / "Task99", sample_volume, 5)
+    index = json.loads((root / "dataset.json").read_text())
+    index["training"][4] = {**index["training"][4], "image": index["training"][0]["image"]}
+    (root / "dataset.json").write_text(json.dumps(index))
+    with pytest.raises(DatasetError, match=r"dataset.json: training\[4\]: image file .*case_000.nii.gz is also listed "
+                                           r"in training\[0\]; list each case once"):
+        msd_cases(root)
+    index["training"][4] = index["training"][1]
+    (root / "dataset.json").write_text(json.dumps(index))
+    with pytest.raises(DatasetError, match=r"training\[4\]: image file .*case_001.nii.gz is also listed in "
+                                           r"training\[1\]"):
+        msd_cases(root)
+
+
+def _blank_labels(path: Path, value: int | None = None) -> None:
+    """Set every voxel of the label file at ``path`` (of label ``value`` only, when given) to background."""
+    stored = read_volume(path, dtype=None)
+    write_volume(stored.with_array(np.where((stored.array == value) if value else True, 0, stored.array)), path)
+
+
+@pytest.mark.parametrize("split, case", [("val", "case_003"), ("test", "case_004")])
+def test_val_or_test_cases_without_labels_are_refused(tmp_path, sample_volume, split, case):
+    """Dice is nan on them: best.pt would never be written (val), nothing compared (test)."""
+    root = write_msd(tmp_path / "Task99", sample_volume, 5)
+    _blank_labels(root / "labelsTr" / f"{case}.nii.gz")
+    with pytest.raises(DatasetError, match=rf"dataset.json: the {split} cases \['{case}'\] hold no voxel of any class"):
+        msd_cases(root)
+
+
+def test_a_class_missing_from_the_training_cases_is_refused(tmp_path, sample_volume):
+    root = write_msd(tmp_path / "Task99", sample_volume, 5)
+    for i in range(3):  # the training cases; the val and test cases keep their bone
+        _blank_labels(root / "labelsTr" / f"case_{i:03d}.nii.gz", value=2)
+    with pytest.raises(DatasetError, match=r"dataset.json: classes \['bone'\] have no voxel in the training cases "
+                                           r"\(case_000 to case_002\); drop them from data.classes"):
+        msd_cases(root)
+    assert [len(v) for v in msd_cases(root, {"soft": ("soft",), "fat": ("fat",)}).values()] == [3, 1, 1]
 
 def test_template_candidates():
     labels = torch.zeros(4, 8, 8, dtype=torch.long)

@@ -138,3 +138,34 @@ def test_slice_preprocessing_of_the_recipe_fits_the_network():
     divisor = 2 ** (len(cfg.model.channels) - 1)
     assert all(s % divisor == 0 for s in cfg.data.size)
     assert isinstance(cfg.data.preprocessing, SegPreprocessing)
+
+
+class _NanValidation:
+    """A stub task whose validation never measures anything (Dice nan, as on val cases without labels)."""
+
+    name, primary_metric = "nan_val", "dice_mean"
+
+    def build_model(self):
+        return torch.nn.Linear(2, 1)
+
+    def train_batches(self, seed, batch_size, num_workers, rank, world_size):
+        return [torch.ones(batch_size, 2)]
+
+    def loss(self, model, batch, device):
+        return model(batch.to(device)).pow(2).mean(), {}
+
+    def evaluate(self, model, device):
+        return {"dice_mean": math.nan}
+
+
+def test_a_run_whose_validation_never_improves_writes_strict_json(tmp_path):
+    """No best epoch: best_dice_mean is null, not -Infinity (which strict JSON readers refuse)."""
+    summary = fit(_NanValidation(), OptimConfig(epochs=1, batch_size=2, num_workers=0), tmp_path / "run",
+                  device="cpu", progress=False)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    written = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=refuse)
+    assert written["best_dice_mean"] is None and summary["best_dice_mean"] is None
+    assert not (tmp_path / "run" / "best.pt").exists()

@@ -10,6 +10,7 @@ the Medical Segmentation Decathlon layout (:func:`msd_cases`). Class sets map so
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
 import warnings
 from collections.abc import Mapping, Sequence
@@ -174,7 +175,8 @@ def _msd_entry_path(root: Path, entry: object, key: str, where: str) -> Path:
 
 
 def read_msd_index(root: Path) -> tuple[dict[int, str], list[tuple[Path, Path]]]:
-    """``root/dataset.json`` -> (label names id -> name, [(image, label) paths in listed order]), all checked."""
+    """``root/dataset.json`` -> (label names id -> name, [(image, label) paths in listed order]), all checked: each
+    file exists and is in one entry only."""
     path = Path(root) / "dataset.json"
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
@@ -187,11 +189,16 @@ def read_msd_index(root: Path) -> tuple[dict[int, str], list[tuple[Path, Path]]]
     names = _msd_label_names(index["labels"], path)
     if not isinstance(index["training"], list) or not index["training"]:
         raise DatasetError(f"{path}: 'training' must be a non-empty list of {{'image': ..., 'label': ...}}")
-    pairs = []
+    pairs, listed = [], {}
     for i, entry in enumerate(index["training"]):
         where = f"{path}: training[{i}]"
-        pairs.append((_msd_entry_path(path.parent, entry, "image", where),
-                      _msd_entry_path(path.parent, entry, "label", where)))
+        pair = tuple(_msd_entry_path(path.parent, entry, key, where) for key in ("image", "label"))
+        for key, file in zip(("image", "label"), pair):
+            # split by position, a case listed twice could land in training and in test
+            if (first := listed.setdefault(file, i)) != i:
+                raise DatasetError(f"{where}: {key} file {file} is also listed in training[{first}]; list each case "
+                                   "once")
+        pairs.append(pair)
     return names, pairs
 
 
@@ -214,24 +221,39 @@ def foreground_inside(labels: Volume, image: Volume, most: int = 200_000) -> flo
     return float(inside.mean())
 
 
+def _grid_words(volume: Volume) -> str:
+    return (f"{volume.array.shape} voxels, origin {np.round(volume.origin, 2).tolist()} mm, spacing "
+            f"{np.round(volume.spacing, 3).tolist()} mm, orientation {volume.orientation}")
+
+
+def _grid_box(volume: Volume) -> np.ndarray:
+    """The physical box a voxel grid covers: the lowest and highest LPS corner (mm) of its voxels' outer faces,
+    whichever way its axes run (a mirrored copy of a grid covers the same box)."""
+    corners = np.array(list(itertools.product(*[(-0.5, n - 0.5) for n in volume.size])))
+    lps = volume.index_to_lps(corners)
+    return np.stack([lps.min(axis=0), lps.max(axis=0)])
+
+
 def labels_on_image_grid(labels: Volume, image: Volume, where: str) -> np.ndarray:
     """``labels`` on ``image``'s voxel grid ``(Z, Y, X)``: as stored where the two share the grid (shape and affine),
     else moved there by nearest neighbour (:func:`resample_labels_onto`: a label file stored mirrored or on another
-    grid, its header saying so). ``DatasetError`` (message prefixed ``where``) where they do not share physical
-    space: less than :data:`MIN_FOREGROUND_INSIDE` of the label's foreground lies inside the image. Matching by
-    array shape alone would pair a mirrored label with the wrong side of the patient."""
+    grid, its header saying so). Matching by array shape alone would pair a mirrored label with the wrong side of
+    the patient. ``DatasetError`` (message prefixed ``where``, naming both grids) where they do not share physical
+    space: less than :data:`MIN_FOREGROUND_INSIDE` of the label's foreground lies inside the image, or the label has
+    the image's array shape but covers another box (by more than half an image voxel): a label saved without its
+    image's header (1 mm voxels at the origin), whose foreground may well lie inside the image, in a corner."""
     if labels.array.shape == image.array.shape and np.allclose(labels.affine_lps, image.affine_lps,
                                                               atol=SAME_GRID_MM):
         return labels.array
+    grids = f"label {_grid_words(labels)}; image {_grid_words(image)}"
     inside = foreground_inside(labels, image)
     if inside < MIN_FOREGROUND_INSIDE:
-        def grid(volume: Volume) -> str:
-            return (f"{volume.array.shape} voxels, origin {np.round(volume.origin, 2).tolist()} mm, spacing "
-                    f"{np.round(volume.spacing, 3).tolist()} mm, orientation {volume.orientation}")
-
         raise DatasetError(f"{where}: label and image do not share physical space: {inside:.0%} of the label's "
-                           f"foreground lies inside the image (label {grid(labels)}; image {grid(image)}); fix the "
-                           "label file's header")
+                           f"foreground lies inside the image ({grids}); fix the label file's header")
+    if labels.array.shape == image.array.shape and not np.allclose(_grid_box(labels), _grid_box(image),
+                                                                   atol=min(image.spacing) / 2):
+        raise DatasetError(f"{where}: label and image do not share physical space: the label has the image's array "
+                           f"shape but covers another region ({grids}); fix the label file's header")
     return resample_labels_onto(labels, image)
 
 
@@ -253,7 +275,9 @@ def msd_cases(root: Path, classes: Mapping[str, Sequence[str]] | None = None, va
     non-background label as its own class, in id order. The split follows the order of ``training`` in
     ``dataset.json``: the first cases train, then ``val_fraction`` validate, the last ``test_fraction`` test
     (each at least one case when its fraction is > 0). Every volume is read into memory. A label file is put on
-    its image's voxel grid by its header (:func:`labels_on_image_grid`), not paired by array shape.
+    its image's voxel grid by its header (:func:`labels_on_image_grid`), not paired by array shape. Refused
+    (``DatasetError``): val or test cases without any labelled voxel, a class without a voxel in the training
+    cases, a file listed in two entries.
     """
     root = Path(root)
     names, pairs = read_msd_index(root)
@@ -272,4 +296,21 @@ def msd_cases(root: Path, classes: Mapping[str, Sequence[str]] | None = None, va
         name = image_path.name.removesuffix(".gz").removesuffix(".nii")
         cases.append(SegCase(name, image, map_labels(labels, names, classes)))
     bounds = np.cumsum([0, *sizes])
-    return {split: cases[a:b] for split, a, b in zip(("train", "val", "test"), bounds[:-1], bounds[1:])}
+    splits = {split: cases[a:b] for split, a, b in zip(("train", "val", "test"), bounds[:-1], bounds[1:])}
+    _check_split_labels(splits, list(classes), root / "dataset.json")
+    return splits
+
+
+def _check_split_labels(splits: Mapping[str, list[SegCase]], class_names: Sequence[str], where: Path) -> None:
+    """``DatasetError`` for a split that cannot do its job: val or test cases without a voxel of any class (Dice is
+    nan on them: best.pt would never be written, or nothing compared), or a class without a voxel in the training
+    cases (the model could never learn it, the template bank never show it)."""
+    for split in ("val", "test"):
+        if splits[split] and not any(case.labels.any() for case in splits[split]):
+            raise DatasetError(f"{where}: the {split} cases {[c.name for c in splits[split]]} hold no voxel of any "
+                               "class; list cases with labels there (the split follows the order of 'training')")
+    trained = set().union(*(np.unique(case.labels).tolist() for case in splits["train"]))
+    if missing := [name for k, name in enumerate(class_names, start=1) if k not in trained]:
+        raise DatasetError(f"{where}: classes {missing} have no voxel in the training cases "
+                           f"({splits['train'][0].name} to {splits['train'][-1].name}); drop them from data.classes "
+                           "or list cases holding them first in 'training'")

@@ -223,8 +223,9 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 def _summary(task: Task, cfg: OptimConfig, epochs_done: int, best: float, wall_s: float, dev: torch.device,
              world: int) -> dict[str, Any]:
     summary = {"task": task.name, "epochs": cfg.epochs, "epochs_done": epochs_done,
-               "complete": epochs_done >= cfg.epochs, "best_" + task.primary_metric: best, "wall_s": wall_s,
-               "device": str(dev), "world_size": world}
+               "complete": epochs_done >= cfg.epochs,
+               "best_" + task.primary_metric: best if math.isfinite(best) else None,  # never improved: JSON null
+               "wall_s": wall_s, "device": str(dev), "world_size": world}
     if dev.type == "cuda":  # which card, for model cards and benchmarks ("cuda" alone says little)
         summary["device_name"] = torch.cuda.get_device_name(dev)
     return summary

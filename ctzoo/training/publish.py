@@ -172,6 +172,34 @@ SEG_LIMITATIONS = [
 ]
 
 
+def seg_card_metrics(clean: dict[str, dict], names: list[str], test_cases: list[str], test: str, source: Path
+                     ) -> tuple[dict[str, Metric], list[str]]:
+    """The card's metrics (measured on split ``test``) from the ``clean`` rows of a run's ``comparison.json``
+    (``source``, which stores a value it could not measure as null), and limitations naming what it could not
+    measure: a class absent from every test case has no Dice, a model that found no class of them no HD95.
+    ``ValueError`` where the test cases hold no voxel of any class: nothing to put on the card."""
+    mine = clean["template_seg"]
+    if mine["dice_mean"] is None:
+        raise ValueError(f"{source}: the test cases {test_cases} hold no voxel of any class {names}: no Dice to "
+                         "publish; test on cases with labels")
+    absent = [c for c in names if mine[f"dice_{c}"] is None]
+    metrics = {f"dice_{c}": Metric(value=round(mine[f"dice_{c}"], 4), split=test) for c in names if c not in absent}
+    metrics["dice_mean"] = Metric(value=round(mine["dice_mean"], 4), split=test)
+    if mine["hd95_mean"] is not None:
+        metrics["hd95_mean_mm"] = Metric(value=round(mine["hd95_mean"], 2), split=test)
+    if "hd95_missed" in mine:  # the organs that mean could not measure: the model never predicted them
+        metrics["hd95_missed_classes"] = Metric(value=mine["hd95_missed"], split=test)
+    for other in ("unet", "template copy"):
+        if other in clean:
+            metrics[f"dice_mean_{other.replace(' ', '_')}_baseline"] = Metric(value=round(clean[other]["dice_mean"], 4),
+                                                                              split=test)
+    unmeasured = [f"No Dice for {', '.join(absent)}: not in the test cases ({', '.join(test_cases)}); the mean Dice "
+                  "is over the other classes."] if absent else []
+    if mine["hd95_mean"] is None:
+        unmeasured.append("No HD95: the model found none of the classes in the test cases.")
+    return metrics, unmeasured
+
+
 def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, data_root: Path | None = None,
                          command: str = "", target: Path | None = None, description: str | None = None,
                          notes: str = "", extra_metrics: dict[str, Metric] | None = None,
@@ -188,32 +216,31 @@ def publish_template_seg(run_dir: Path, config: Path, name: str, version: str, d
     from ctzoo.datasets.segmentation_slices import case_to_slices, template_set
     from ctzoo.models.template_bank import TemplateBank
     from ctzoo.training.seg_evaluation import TEMPLATE_EFFECT_MIN_DROP
-    from ctzoo.training.template_seg_task import load_seg_config, load_seg_data, load_seg_model, trained_preprocessing
+    from ctzoo.training.template_seg_task import (
+        check_trained_data,
+        load_seg_config,
+        load_seg_data,
+        load_seg_model,
+        trained_preprocessing,
+    )
 
     cfg = load_seg_config(config, data_root)
     data = load_seg_data(cfg.data)
     run_dir = Path(run_dir)
     checkpoint = run_dir / "template_seg" / "best.pt"
     checkpoint = checkpoint if checkpoint.exists() else checkpoint.with_name("last.pt")
+    check_trained_data(cfg, checkpoint, data.class_names)  # the bank from its training cases, its classes named
     # the bank and the card's input_spec: the slices the weights learnt from, whatever the publish config says
     prep, names = trained_preprocessing(cfg, checkpoint), data.class_names
     model = load_seg_model(cfg, checkpoint, len(names))
     comparison = json.loads((run_dir / "comparison.json").read_text())
     clean = {row["model"]: row for row in comparison["rows"] if row["condition"] == "clean"}
     mine, test = clean["template_seg"], f"test: real CT, {', '.join(comparison['test_cases'])}"
-    metrics = {f"dice_{c}": Metric(value=round(mine[f"dice_{c}"], 4), split=test) for c in names}
-    metrics["dice_mean"] = Metric(value=round(mine["dice_mean"], 4), split=test)
-    metrics["hd95_mean_mm"] = Metric(value=round(mine["hd95_mean"], 2), split=test)
-    if "hd95_missed" in mine:  # the organs that mean could not measure: the model never predicted them
-        metrics["hd95_missed_classes"] = Metric(value=mine["hd95_missed"], split=test)
-    for other in ("unet", "template copy"):
-        if other in clean:
-            metrics[f"dice_mean_{other.replace(' ', '_')}_baseline"] = Metric(value=round(clean[other]["dice_mean"], 4),
-                                                                              split=test)
+    metrics, unmeasured = seg_card_metrics(clean, names, comparison["test_cases"], test, run_dir / "comparison.json")
     images, masks, sources = template_set([case_to_slices(c, prep) for c in data.cases["train"]], len(names),
                                           cfg.data.max_templates)
     bank = TemplateBank.build(model, images, masks, names, sources)
-    limitations = list(SEG_LIMITATIONS if limitations is None else limitations)
+    limitations = unmeasured + list(SEG_LIMITATIONS if limitations is None else limitations)
     if "dice_drop_wrong_template" in mine:  # the template check of the run's evaluation
         drop = mine["dice_drop_wrong_template"]
         metrics["dice_drop_wrong_template"] = Metric(value=round(drop, 4), split=test)

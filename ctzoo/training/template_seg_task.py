@@ -10,6 +10,7 @@ slices only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -261,11 +262,61 @@ class TemplateSegTask:
         return {k: v for k, v in result.items() if k.startswith("dice_")}
 
 
+def seg_data_record(data: SegDataConfig) -> dict[str, dict[str, str]]:
+    """What a checkpoint records of the MSD folder it trained on: a digest (SHA-256) of its ``dataset.json`` (the
+    cases and their order, which the split follows), so that the same data may be read from another ``data.root``
+    (``--data-root``, ``--resume``) but no other data (:mod:`ctzoo.training.resume_check`). Empty for the
+    TotalSegmentator samples (always the same) and where the file cannot be read (loading the data says why)."""
+    if data.source != "msd" or data.root is None:
+        return {}
+    try:
+        digest = hashlib.sha256((Path(data.root) / "dataset.json").read_bytes()).hexdigest()[:16]
+    except OSError:
+        return {}
+    return {resume_check.DATA_FILES: {"dataset.json": digest}}
+
+
 def checkpoint_state(cfg: TemplateSegTrainConfig, class_names: list[str]) -> dict[str, Any]:
     """``fit(..., extra_state=...)``: what a checkpoint needs beyond the engine's payload to be rebuilt
-    (:func:`load_seg_model` reads ``model_kind``)."""
-    state = {"model_kind": cfg.model.kind, "class_names": class_names, "task_config": cfg.model_dump(mode="json")}
+    (:func:`load_seg_model` reads ``model_kind``), and what it was trained on (:func:`check_trained_data`)."""
+    state = {"model_kind": cfg.model.kind, "class_names": class_names, "task_config": cfg.model_dump(mode="json"),
+             **seg_data_record(cfg.data)}
     return state | (expansion_record(cfg.init_from_expansion) if expansion_kind(cfg) == cfg.model.kind else {})
+
+
+#: Per source, the data fields that choose each split's cases and what each label means. A checkpoint is scored and
+#: published only with its own: its template bank is cut from its training cases, its test cases must be ones it
+#: never trained on, and its output channel ``c`` means its own ``c``-th class.
+SPLIT_FIELDS = {"totalsegmentator": ("source", "classes", "train_patient", "val_slices"),
+                "msd": ("source", "root", "classes", "val_fraction", "test_fraction")}
+
+
+def _split_record(data: Mapping[str, Any], source: str, class_names: list[str]) -> dict[str, Any]:
+    """The :data:`SPLIT_FIELDS` of ``source`` that a dumped data config holds, its ``classes`` spelt out as the
+    mapping it stands for (``null`` and ``abdomen`` are the classes they name), so that equal classes compare equal."""
+    record = {k: data[k] for k in SPLIT_FIELDS[source] if k in data}
+    if "classes" in record:
+        classes = record["classes"]
+        if classes == "abdomen" or (classes is None and source == "totalsegmentator"):
+            classes = ABDOMEN_CLASSES
+        record["classes"] = {name: [name] for name in class_names} if classes is None else classes  # msd: each label
+    return record
+
+
+def check_trained_data(cfg: TemplateSegTrainConfig, checkpoint: str | Path, class_names: list[str]) -> None:
+    """Refuse (``ValueError``, one line) to score or publish ``checkpoint`` with data or classes (``class_names``,
+    the data's) other than it was trained on: the comparison of ``--resume``
+    (:func:`ctzoo.training.resume_check.config_changes`) over :data:`SPLIT_FIELDS` and the class names. Another
+    ``data.root`` holding the same ``dataset.json`` is the same data (:func:`seg_data_record`)."""
+    state, source = load_checkpoint(checkpoint), cfg.data.source
+    recorded = state.get("task_config", {}).get("data")
+    saved = state | ({"task_config": {"data": _split_record(recorded, source, state.get("class_names", []))}}
+                     if recorded is not None else {})
+    current = {"task_config": {"data": _split_record(cfg.data.model_dump(mode="json"), source, class_names)},
+               "class_names": list(class_names), **seg_data_record(cfg.data)}
+    if changes := resume_check.config_changes(saved, current):
+        raise ValueError(f"{checkpoint} was trained on other data or classes than the config gives "
+                         f"({'; '.join(changes)}): give the run's own config (RUN/config.json)")
 
 
 def trained_model_config(cfg: TemplateSegTrainConfig, checkpoint: str | Path,
@@ -286,11 +337,19 @@ def trained_model_config(cfg: TemplateSegTrainConfig, checkpoint: str | Path,
 
 def load_seg_model(cfg: TemplateSegTrainConfig, checkpoint: str | Path, num_classes: int) -> nn.Module:
     """The model of ``checkpoint`` as it was trained (:func:`trained_model_config`: its recorded model config wins
-    over ``cfg.model``, with a warning), weights loaded, eval mode."""
+    over ``cfg.model``, with a warning), weights loaded, eval mode. ``ValueError`` where it was trained for another
+    number of classes than ``num_classes``, or its weights do not fit the network."""
     model_cfg = trained_model_config(cfg, checkpoint)
     state = load_checkpoint(checkpoint)
+    trained = state.get("class_names")
+    if trained is not None and len(trained) != num_classes:
+        raise ValueError(f"{checkpoint} was trained for {len(trained)} classes {list(trained)}, not {num_classes}")
     model = checkpoint_network(state, lambda: build_seg_model(model_cfg, num_classes))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:  # an older checkpoint without class names, or another network
+        raise ValueError(f"{checkpoint}: its weights do not fit the network it records "
+                         f"({str(error).splitlines()[0]})") from None
     return model.eval()
 
 
@@ -330,11 +389,13 @@ def evaluate_template_seg(cfg: TemplateSegTrainConfig, out: str | Path, split: L
 
     The slices (and the template bank) are prepared as the model was trained: the checkpoint's preprocessing
     (:func:`trained_preprocessing`, with a warning where ``cfg`` differs), which ``metrics.json`` records; ``cfg``
-    gives the data, classes, template count and batch size."""
+    gives the data, classes, template count and batch size: the data and classes the checkpoint was trained on
+    (:func:`check_trained_data`), or ``ValueError``."""
     if checkpoint is None:
         raise ValueError("a checkpoint is needed (e.g. RUN/template_seg/best.pt)")
     out, dev = Path(out), pick_device(device)
     data = data or load_seg_data(cfg.data)
+    check_trained_data(cfg, checkpoint, data.class_names)
     prep, names = trained_preprocessing(cfg, checkpoint), data.class_names
     templates = template_set([case_to_slices(c, prep) for c in data.cases["train"]], len(names),
                              cfg.data.max_templates)
