@@ -66,3 +66,14 @@ def test_the_page_refuses_another_site_file_with_as_many_points(tmp_path):
     assert result.exit_code == 1 and "was computed from another site file than" in result.output
     assert "give the site file this party ran with" in result.output and not (tmp_path / "map.html").exists()
     assert CliRunner().invoke(main, ["smap", "view", str(ran_with), "--site", str(site)]).exit_code == 0
+
+
+def test_the_page_says_when_the_secure_precision_search_saturated(tmp_path):
+    """The bit a secure run opens when some point's precision search ended at an end of its range; map files from
+    before it (no such array) read as not saturated."""
+    site = make_site(tmp_path / "site.npz")
+    for saturated in (True, False, None):
+        data = read_map(write_map(tmp_path / "map.npz", site, p_saturated=saturated), read_site(site))
+        page = render_map_html(data)
+        note = page[page.index("<p class='note'>"):page.index("<div id='map'>")]
+        assert ("The secure precision search saturated for some point" in note) == bool(saturated)

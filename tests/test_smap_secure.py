@@ -152,6 +152,7 @@ def test_each_site_learns_its_own_points_of_the_joint_map_and_the_density(secure
         assert party["others_density"].sum() == len(joint) - len(party["own"])
         assert not party["shared"] and "all_points" not in party.files  # the helper did not agree to share
         assert not party["plaintext"]  # the page says: on secret shares
+        assert not party["p_saturated"]  # every row's precision search ended inside its range
         assert str(party["site_digest"]) == (site_digest(secure_run["sites"][k]) if k < 2 else "")
         assert list(party["extent"]) == list(learned[0]["extent"])
     assert helper["own"].shape == (0, 2)

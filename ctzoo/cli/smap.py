@@ -148,6 +148,7 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
     """
     from ctzoo.io.atomic import atomic_path
     from ctzoo.smap.connections import AuthenticationFailed, ClosingCheckFailed, PartyDropped
+    from ctzoo.smap.page import SATURATED
     from ctzoo.smap.party import RunOptions, on_loopback, run_party
     from ctzoo.smap.site_file import site_digest
 
@@ -180,7 +181,10 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
                      plaintext=np.asarray(insecure_plaintext), site_digest=np.asarray(digest),
                      seconds=np.asarray([result["seconds"]["p"], result["seconds"]["embedding"]]),
                      bytes_phases=np.asarray([result["bytes_phases"]["p"], result["bytes_phases"]["embedding"]]),
-                     bytes_sent=np.asarray(result["bytes_sent"]), **arrays)
+                     bytes_sent=np.asarray(result["bytes_sent"]), p_saturated=np.asarray(result["p_saturated"]),
+                     **arrays)
+    if result["p_saturated"]:
+        click.echo(f"Warning: {SATURATED}", err=True)
     others = "every point shared" if result["shared"] else "the others as density"
     if insecure_plaintext:
         others += " (plaintext: every party saw every point's features)"

@@ -25,6 +25,10 @@ MAP_ARRAYS = ("index", "shared", "plaintext", "site_digest", "counts", "own", "e
 #: What map files of an older ``ctzoo smap party`` lack: they cannot say how the map was computed, nor from which
 #: site file.
 NEWER_ARRAYS = ("plaintext", "site_digest")
+#: What a party and its page say when some point's secure precision search saturated (ctzoo.smap.secure).
+SATURATED = ("the secure precision search saturated for some point (near-duplicate lesions, or distances spanning "
+             "more than about 2^23 between its near and its average neighbours): P and the map there may be "
+             "flatter or sharper than the plaintext t-SNE's")
 
 
 def read_map(map_path: str | Path, site: dict[str, Any]) -> dict[str, Any]:
@@ -43,7 +47,8 @@ def read_map(map_path: str | Path, site: dict[str, Any]) -> dict[str, Any]:
     if str(arrays["site_digest"]) != site_digest(site["path"]) or own.shape != (len(site["labels"]), 2):
         raise ValueError(f"{map_path} was computed from another site file than {site['path']} (the SHA-256 it "
                          "records differs): give the site file this party ran with")
-    return {**arrays, "labels": site["labels"], "path": str(map_path)}
+    # map files from before the saturation bit: their P was not checked
+    return {"p_saturated": np.asarray(False), **arrays, "labels": site["labels"], "path": str(map_path)}
 
 
 def label_name(code: int) -> str:
@@ -95,12 +100,14 @@ Plotly.newPlot('map', DATA.figure.data, DATA.figure.layout, {displaylogo: false,
 """
 
 
-def how_computed(plaintext: bool, shared: bool) -> str:
+def how_computed(plaintext: bool, shared: bool, saturated: bool = False) -> str:
     """The page's note on how the map was computed and what it shows, from the map file's record."""
     if plaintext:
         return ("The map was computed in the clear (--insecure-plaintext): every site opened its features and labels "
                 "to every party, and each computed the same t-SNE.")
     secure = "The map was computed on secret shares (ctzoo smap party): no site saw another's features. "
+    if saturated:
+        secure += SATURATED[0].upper() + SATURATED[1:] + ". "
     if shared:
         return secure + "Every site then agreed to share its points (--share-points): all are shown, by site and type."
     return secure + "This site's labels come from its own site file; the other sites' points are counts per cell."
@@ -122,7 +129,7 @@ def render_map_html(data: dict[str, Any]) -> str:
     summary = (f"{parties} · {counts[index]} of its lesions placed among {sum(counts)} · "
                + ("every site agreed to share its points: all are shown" if bool(data["shared"]) else
                   f"the other sites' {others} lesions are shown as density only"))
-    note = how_computed(bool(data["plaintext"]), bool(data["shared"]))
+    note = how_computed(bool(data["plaintext"]), bool(data["shared"]), bool(data["p_saturated"]))
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ctzoo joint map</title>"
             f"<style>{REPORT_STYLE}</style><script>{plotly_js}</script></head><body>"
             f"<h1>Joint t-SNE map</h1><p id='summary'>{html.escape(summary)}</p><p class='note'>{html.escape(note)}"

@@ -10,7 +10,8 @@ parties an honest majority needs; it learns what every party learns, less its ow
 
 What each party learns: every party's point count and feature dimension, whether all parties embedded with the
 same model weights (:func:`agree_on_inputs`), the power of two above the largest absolute feature of all sites
-(:func:`agree_on_scale`), its own points' coordinates in the joint map, the map's extent and the
+(:func:`agree_on_scale`), whether some point's precision search saturated (one bit,
+:func:`ctzoo.smap.secure.secure_conditional_p`), its own points' coordinates in the joint map, the map's extent and the
 counts of all points per grid cell (:func:`joint_density`; minus its own, the others' density); every point, with
 its site and label, only when every party sets ``share_points``. With ``reveal_p`` (tests and the comparison with
 the plaintext t-SNE only) the joint P is opened to every party.
@@ -276,11 +277,14 @@ async def secure_map(mpc: Any, site: dict[str, Any], options: RunOptions, counts
     n = sum(counts)
     result: dict[str, Any] = {}
     started, bytes_before = time.perf_counter(), bytes_sent(mpc)
-    joint = joint_from_conditional(mpc, secure_conditional_p(mpc, points, options.perplexity), n)
+    conditional, saturated = secure_conditional_p(mpc, points, options.perplexity)
+    joint = joint_from_conditional(mpc, conditional, n)
     if options.reveal_p:
         result["p"] = np.asarray(await mpc.output(joint), dtype=np.float64)
     else:  # P's sum is 1 whatever the points: opening it reveals nothing and times P
         await mpc.output(mpc.np_sum(joint))
+    # one bit for the whole run, not which rows: a map whose P departs from the plaintext one is reported, not hidden
+    result["p_saturated"] = bool(await mpc.output(saturated))
     p_done, bytes_p = time.perf_counter(), bytes_sent(mpc)
     y = secure_embed(mpc, joint, initial_embedding(n, options.seed), options.iterations, options.learning_rate,
                      options.early_iterations)
@@ -320,7 +324,7 @@ async def plaintext_map(mpc: Any, site: dict[str, Any], options: RunOptions, cou
     starts = np.cumsum([0, *counts])
     extent = [float(y[:, 0].min()), float(y[:, 0].max()), float(y[:, 1].min()), float(y[:, 1].max())]
     result = {"seconds": {"p": p_done - started, "embedding": time.perf_counter() - p_done},
-              "bytes_phases": {"p": 0, "embedding": 0},
+              "bytes_phases": {"p": 0, "embedding": 0}, "p_saturated": False,
               "own": y[starts[mpc.pid]:starts[mpc.pid + 1]], "extent": extent,
               "density": own_histogram(y, extent, options.grid), "shared": True, "all_points": y,
               "all_labels": await open_labels(mpc, site, counts),
