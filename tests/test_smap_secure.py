@@ -219,6 +219,17 @@ def test_insecure_plaintext_mode_computes_the_plaintext_t_sne_for_every_party(si
         assert np.array_equal(learned["own"], learned["all_points"][sum(counts[:k]):sum(counts[:k + 1])])
 
 
+def test_insecure_plaintext_parties_compute_their_t_sne_past_the_peer_timeout(keys, tmp_path):
+    """Each party computes the plaintext t-SNE alone once every point is opened, for longer than --peer-timeout:
+    no peer waits on it meanwhile (the labels used to be opened after it, and every party exited with status 3,
+    each saying another had sent nothing)."""
+    sites = synthetic_sites(tmp_path, [50, 50, 50])
+    results = finish(start_parties(sites, tmp_path, keys, "--insecure-plaintext", "--iterations", "5000",
+                                   "--peer-timeout", "2"), timeout=300)
+    assert all(code == 0 for code, _ in results), results
+    assert min(float(np.load(tmp_path / f"party{k}.npz")["seconds"][1]) for k in range(3)) > 2
+
+
 def test_one_site_among_helpers_has_no_joint_map(sites, keys, tmp_path):
     for code, output in finish(start_parties([sites[0], None, None], tmp_path, keys), timeout=120):
         assert code == 1 and "1 of the 3 parties bring lesions: a joint map needs at least 2 sites" in output

@@ -185,7 +185,10 @@ def watch_progress(mpc: Any, peer_timeout: float) -> None:
     this party's process, with a message naming it and :data:`EXIT_DROPPED`: a frozen peer (stopped, swapping, a
     debugger) or one cut off without its connection closing (a pulled cable, a dropping firewall) would otherwise
     leave every other party waiting forever, since no connection is lost. Checked by a timer of the event loop, which
-    reads what arrived before it runs, so a party busy computing does not count its own delay against a peer."""
+    reads what arrived before it runs, so a party busy computing does not count its own delay against a peer whose
+    messages arrived meanwhile; but a peer busy with the same long computation sends nothing either, so no party may
+    compute for ``peer_timeout`` between two messages while its peers wait (``--insecure-plaintext`` computes its
+    t-SNE once the connections are closed)."""
     from mpyc import asyncoro
 
     loop = mpc._loop

@@ -249,12 +249,16 @@ async def protocol(mpc: Any, site: dict[str, Any], options: RunOptions, connect_
                  for pid, count in enumerate(counts) if count]  # a helper inputs nothing
         points = mpc.np_vstack(parts)
         result: dict[str, Any] = {"counts": counts, "index": mpc.pid, "options": options}
-        run = plaintext_map if options.plaintext else secure_map
-        result.update(await run(mpc, site, options, counts, points))
-        result["others_density"] = result["density"] - own_histogram(result["own"], result["extent"], options.grid)
+        if options.plaintext:
+            opened = await open_points(mpc, site, counts, points)
+        else:
+            result.update(await secure_map(mpc, site, options, counts, points))
         result["bytes_sent"] = bytes_sent(mpc)
     finally:  # every party, also when all stop over inputs they do not agree on (never MPyC's shutdown: it pickles)
         await close_connections(mpc)
+    if options.plaintext:  # after the connections closed: no peer waits (--peer-timeout) while this party computes
+        result.update(plaintext_map(*opened, options, counts, mpc.pid))
+    result["others_density"] = result["density"] - own_histogram(result["own"], result["extent"], options.grid)
     return result
 
 
@@ -309,12 +313,18 @@ async def secure_map(mpc: Any, site: dict[str, Any], options: RunOptions, counts
     return result
 
 
-async def plaintext_map(mpc: Any, site: dict[str, Any], options: RunOptions, counts: Sequence[int],
-                        points: Any) -> dict[str, Any]:
-    """``--insecure-plaintext``: every party opens its points (and labels) to every party and each computes the
-    plaintext t-SNE (:mod:`ctzoo.smap.tsne`) with the same options: for sites that may share, and the comparison
-    with the secure run (same transport, same outputs)."""
+async def open_points(mpc: Any, site: dict[str, Any], counts: Sequence[int], points: Any) -> tuple[np.ndarray,
+                                                                                                np.ndarray]:
+    """``--insecure-plaintext``: every party's points and labels, opened to every party."""
     x = np.asarray(await mpc.output(points), dtype=np.float64)
+    return x, await open_labels(mpc, site, counts)
+
+
+def plaintext_map(x: np.ndarray, labels: np.ndarray, options: RunOptions, counts: Sequence[int],
+                  pid: int) -> dict[str, Any]:
+    """``--insecure-plaintext``: the plaintext t-SNE (:mod:`ctzoo.smap.tsne`) of every party's opened points
+    (:func:`open_points`), which every party computes alike with the same options: for sites that may share, and the
+    comparison with the secure run (same transport, same outputs)."""
     started = time.perf_counter()
     n = len(x)
     p = joint_p(conditional_p(squared_distances(x), options.perplexity)[0])
@@ -325,10 +335,9 @@ async def plaintext_map(mpc: Any, site: dict[str, Any], options: RunOptions, cou
     extent = [float(y[:, 0].min()), float(y[:, 0].max()), float(y[:, 1].min()), float(y[:, 1].max())]
     result = {"seconds": {"p": p_done - started, "embedding": time.perf_counter() - p_done},
               "bytes_phases": {"p": 0, "embedding": 0}, "p_saturated": False,
-              "own": y[starts[mpc.pid]:starts[mpc.pid + 1]], "extent": extent,
+              "own": y[starts[pid]:starts[pid + 1]], "extent": extent,
               "density": own_histogram(y, extent, options.grid), "shared": True, "all_points": y,
-              "all_labels": await open_labels(mpc, site, counts),
-              "all_sites": np.repeat(np.arange(len(counts)), counts)}
+              "all_labels": labels, "all_sites": np.repeat(np.arange(len(counts)), counts)}
     if options.reveal_p:
         result["p"] = p[np.arange(n)[:, None], off_diagonal_index(n)]
     return result
