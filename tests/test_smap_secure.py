@@ -230,6 +230,22 @@ def test_insecure_plaintext_parties_compute_their_t_sne_past_the_peer_timeout(ke
     assert min(float(np.load(tmp_path / f"party{k}.npz")["seconds"][1]) for k in range(3)) > 2
 
 
+def test_parties_on_ipv6_addresses_run(keys, tmp_path):
+    """``--party [::1]:PORT``: the host goes to MPyC and to the listening socket without its brackets (they used
+    to reach getaddrinfo: a traceback, or a wait until the connect timeout)."""
+    try:
+        ports = loopback_addresses(3, "::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    results = finish(start_parties([*synthetic_sites(tmp_path, [3, 3]), None], tmp_path, keys, "--perplexity", "2",
+                                   "--insecure-plaintext", "--connect-timeout", "60", ports=ports), timeout=120)
+    assert all(code == 0 and "Traceback" not in output for code, output in results), results
+    unbracketed = CliRunner().invoke(main, ["smap", "party", "--helper", "--index", "0", "--no-tls", "--out",
+                                            str(tmp_path / "map.npz"), *[a for port in (7001, 7002, 7003)
+                                                                         for a in ("--party", f"::1:{port}")]])
+    assert unbracketed.exit_code == 2 and "an IPv6 host goes in [], e.g. [::1]:7001" in unbracketed.output
+
+
 def test_one_site_among_helpers_has_no_joint_map(sites, keys, tmp_path):
     for code, output in finish(start_parties([sites[0], None, None], tmp_path, keys), timeout=120):
         assert code == 1 and "1 of the 3 parties bring lesions: a joint map needs at least 2 sites" in output

@@ -94,6 +94,8 @@ def _party_addresses(ctx: click.Context, param: click.Parameter, values: tuple[s
         if not colon or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise click.BadParameter(f"{address!r} is not HOST:PORT (a port from 1 to 65535, e.g. "
                                      "hospital-a.example:5001)")
+        if ":" in host and not (host.startswith("[") and host.endswith("]")):
+            raise click.BadParameter(f"{address!r}: an IPv6 host goes in [], e.g. [{host}]:{port}")
     return values
 
 

@@ -218,10 +218,16 @@ def watch_progress(mpc: Any, peer_timeout: float) -> None:
     loop.call_later(interval, check)
 
 
+def split_address(address: str) -> tuple[str, str]:
+    """``(host, port)`` of a ``HOST:PORT`` party address, an IPv6 host without its ``[]`` (what sockets take)."""
+    host, _, port = address.rpartition(":")
+    return (host[1:-1] if host.startswith("[") and host.endswith("]") else host), port
+
+
 def listen_on_own_address(mpc: Any, address: str) -> None:
     """Make MPyC listen on this party's own host (``127.0.0.1`` on loopback) rather than on every interface, its
     default."""
-    loop, host = mpc._loop, address.rsplit(":", 1)[0]
+    loop, host = mpc._loop, split_address(address)[0]
     create_server = loop.create_server
 
     async def create_server_on_host(factory, **options):

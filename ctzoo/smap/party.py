@@ -46,6 +46,7 @@ from ctzoo.smap.connections import (
     connect,
     listen_on_own_address,
     refuse_pickles,
+    split_address,
     watch_connections,
     watch_progress,
 )
@@ -66,20 +67,23 @@ NO_FEATURES = -1000
 def mpyc_arguments(index: int, addresses: Sequence[str], ssl: bool = False) -> list[str]:
     """MPyC's command-line options for party ``index`` of ``addresses`` (``host:port`` each, in party order).
     ``--mix32-64bit`` makes MPyC send arrays of shares as fixed-width integers instead of pickles, so a party never
-    unpickles what a peer sends."""
+    unpickles what a peer sends. An IPv6 host goes without its ``[]``: MPyC splits at the last colon and hands the
+    host to the socket calls as it is."""
     arguments = ["-M", str(len(addresses)), "-I", str(index), "--no-log", "--mix32-64bit"]
     for address in addresses:
-        arguments += ["-P", address]
+        arguments += ["-P", ":".join(split_address(address))]
     return arguments + (["--ssl"] if ssl else [])
 
 
-def loopback_addresses(count: int) -> list[str]:
-    """``count`` ``127.0.0.1:PORT`` addresses on free ports, to run every party on one machine (tests, trials)."""
-    sockets = [socket.socket() for _ in range(count)]
+def loopback_addresses(count: int, host: str = "127.0.0.1") -> list[str]:
+    """``count`` ``HOST:PORT`` addresses on free ports of a loopback ``host`` (``::1`` gives ``[::1]:PORT``), to run
+    every party on one machine (tests, trials)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets = [socket.socket(family) for _ in range(count)]
     try:
         for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+            s.bind((host, 0))
+        return [f"[{host}]:{s.getsockname()[1]}" if ":" in host else f"{host}:{s.getsockname()[1]}" for s in sockets]
     finally:
         for s in sockets:
             s.close()
@@ -87,7 +91,7 @@ def loopback_addresses(count: int) -> list[str]:
 
 def on_loopback(address: str) -> bool:
     """Whether a ``host:port`` party address is on this machine's loopback interface."""
-    host = address.rsplit(":", 1)[0].strip("[]")
+    host = split_address(address)[0]
     if host == "localhost":
         return True
     try:
