@@ -3,10 +3,15 @@ features by, and the dimension a party refuses before it connects."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+
 import numpy as np
 from click.testing import CliRunner
 
 from ctzoo.cli import main
+from ctzoo.smap.keys import make_party_keys
 from ctzoo.smap.party import MAX_FEATURE_DIM, NO_FEATURES, feature_shift, magnitude_exponent
 from ctzoo.smap.site_file import write_site
 from ctzoo.smap.tsne import squared_distances
@@ -37,3 +42,22 @@ def test_a_party_refuses_more_dimensions_than_the_fixed_point_numbers_resolve(tm
                                                                     for a in ("--party", f"127.0.0.1:{port}")]])
     assert result.exit_code == 1 and f"{dim} features per lesion, above the {MAX_FEATURE_DIM}" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "map.npz").exists()
+
+
+def test_a_party_that_cannot_listen_on_its_address_says_so_in_one_line(tmp_path):
+    """Party 1 listens on its own --party address: a port another process holds, or a host that is not this
+    machine's, ends it at once with exit status 1 and one line (it used to be a 30-line OSError traceback)."""
+    keys = make_party_keys(3, tmp_path / "keys")[1]  # off loopback, TLS is required
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        for own, cause in ((busy, "address already in use"), ("192.0.2.1:7002", "cannot assign requested address")):
+            party = subprocess.run([sys.executable, "-m", "ctzoo", "smap", "party", "--helper", "--index", "1",
+                                    "--keys", str(keys), "--party", "127.0.0.1:7001", "--party", own, "--party",
+                                    "127.0.0.1:7003", "--connect-timeout", "30", "--out", str(tmp_path / "map.npz")],
+                                   capture_output=True, text=True, timeout=60)
+            assert party.returncode == 1 and "Traceback" not in party.stderr, party.stderr
+            assert f"party 1 cannot listen on {own}: " in party.stderr and cause in party.stderr
+            assert "(is the port in use, is the host this machine's address?)" in party.stderr
+    assert not (tmp_path / "map.npz").exists()

@@ -149,7 +149,7 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
     with --share-points on every party, every point. Connections are TLS with the --keys of ctzoo smap keys.
     """
     from ctzoo.io.atomic import atomic_path
-    from ctzoo.smap.connections import AuthenticationFailed, ClosingCheckFailed, PartyDropped
+    from ctzoo.smap.connections import AuthenticationFailed, CannotListen, ClosingCheckFailed, PartyDropped
     from ctzoo.smap.page import SATURATED
     from ctzoo.smap.party import RunOptions, on_loopback, run_party
     from ctzoo.smap.site_file import site_digest
@@ -172,7 +172,7 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
     try:
         result = run_party(site, index, addresses, options, keys=keys_folder, connect_timeout=connect_timeout,
                            peer_timeout=peer_timeout)
-    except (ValueError, PartyDropped, AuthenticationFailed, ClosingCheckFailed) as error:
+    except (ValueError, PartyDropped, AuthenticationFailed, CannotListen, ClosingCheckFailed) as error:
         raise click.ClickException(str(error)) from error
     arrays = {name: np.asarray(result[name]) for name in ("counts", "own", "extent", "density", "others_density",
                                                            "p", "all_points", "all_labels", "all_sites")

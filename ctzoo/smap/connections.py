@@ -36,6 +36,10 @@ class AuthenticationFailed(RuntimeError):
     """A TLS handshake with a peer failed, or a peer's certificate names another party than it claims."""
 
 
+class CannotListen(RuntimeError):
+    """This party cannot listen on its own address (the port is taken, or the host is not this machine's)."""
+
+
 async def connect(mpc: Any, connect_timeout: float) -> None:
     """Connect to every peer (:meth:`mpc.start`), or raise :class:`AuthenticationFailed` at the first failed
     authentication (:func:`authenticate_peers`) or :class:`PartyDropped` after ``connect_timeout`` seconds."""
@@ -43,7 +47,13 @@ async def connect(mpc: Any, connect_timeout: float) -> None:
     done, _ = await asyncio.wait({start, mpc._ctzoo_failure}, timeout=connect_timeout,
                                  return_when=asyncio.FIRST_COMPLETED)
     if start in done:
-        start.result()
+        try:
+            start.result()
+        except OSError as error:  # only from listening: MPyC retries its own connections to peers until they answer
+            own = mpc.parties[mpc.pid]
+            host = f"[{own.host}]" if ":" in own.host else own.host
+            raise CannotListen(f"party {mpc.pid} cannot listen on {host}:{own.port}: {error.strerror or error} (is the "
+                               "port in use, is the host this machine's address?); nothing was sent") from None
         mpc._ctzoo_started = True
         getattr(mpc, "_ctzoo_after_start", lambda: None)()
         return

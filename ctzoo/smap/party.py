@@ -356,7 +356,8 @@ def run_party(site_path: str | Path | None, index: int, addresses: Sequence[str]
 
     Raises ValueError for a bad site file, key folder or inputs the parties do not agree on,
     :class:`~ctzoo.smap.connections.AuthenticationFailed` when a peer fails TLS authentication,
-    :class:`~ctzoo.smap.connections.PartyDropped` when a party does not connect within ``connect_timeout`` seconds;
+    :class:`~ctzoo.smap.connections.PartyDropped` when a party does not connect within ``connect_timeout`` seconds,
+    :class:`~ctzoo.smap.connections.CannotListen` when this party cannot listen on its own address;
     exits the process with :data:`~ctzoo.smap.connections.EXIT_DROPPED` when a connected party drops out, or sends
     nothing for ``peer_timeout`` seconds while this party waits for it."""
     site = helper_site() if site_path is None else read_site(site_path)
