@@ -61,3 +61,22 @@ def test_a_party_that_cannot_listen_on_its_address_says_so_in_one_line(tmp_path)
             assert f"party 1 cannot listen on {own}: " in party.stderr and cause in party.stderr
             assert "(is the port in use, is the host this machine's address?)" in party.stderr
     assert not (tmp_path / "map.npz").exists()
+
+
+def test_a_party_checks_its_out_path_before_it_runs(tmp_path):
+    """--out is the SITE file (the map would replace it), or lies under a file (the map was lost after the whole
+    run): refused at once, before any connection, the site file untouched."""
+    site = write_site({"features": np.ones((2, 4), np.float32), "labels": np.ones(2, np.int16),
+                       "scores": np.full(2, np.nan, np.float32),
+                       "meta": {"kind": "annotated", "model": "m", "model_version": "1", "weights": "w"}},
+                      tmp_path / "site.npz")
+    before = site.read_bytes()
+    (tmp_path / "file").write_text("not a folder\n")
+    listed = [a for port in (7001, 7002, 7003) for a in ("--party", f"127.0.0.1:{port}")]
+    for out, code, says in ((site, 2, "is the SITE file: the map would replace this site's lesions"),
+                            (tmp_path / "file" / "map.npz", 1, f"cannot write a file in {tmp_path / 'file'}")):
+        result = CliRunner().invoke(main, ["smap", "party", str(site), "--index", "0", "--no-tls", *listed,
+                                           "--connect-timeout", "1", "--out", str(out)])
+        assert result.exit_code == code and says in result.output, result.output
+        assert "Traceback" not in result.output
+    assert site.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["file", "site.npz"]

@@ -99,6 +99,25 @@ def _party_addresses(ctx: click.Context, param: click.Parameter, values: tuple[s
     return values
 
 
+def _writable_map_path(out: Path, site: Path | None) -> Path:
+    """``--out`` resolved, once it is not the SITE file and its folder exists (made if need be) and takes a new
+    file: checked before the run, which takes minutes to hours, rather than when the map is written."""
+    import tempfile
+
+    out = out.resolve()
+    if site is not None and out == site.resolve():
+        raise click.UsageError(f"--out {out} is the SITE file: the map would replace this site's lesions; give "
+                               "another path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as error:
+        raise click.ClickException(f"--out {out}: cannot write a file in {out.parent} ({error.strerror or error}); "
+                                   "nothing was run") from None
+    return out
+
+
 @smap.command("party")
 @click.argument("site", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
 @click.option("--helper", is_flag=True,
@@ -167,7 +186,7 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
         raise click.UsageError("--no-tls is allowed only when every --party is on loopback: give --keys")
     options = RunOptions(perplexity, iterations, learning_rate, early_iterations, seed, grid, share_points,
                          insecure_reveal_p, insecure_plaintext)
-    out = out.resolve()
+    out = _writable_map_path(out, site)
     digest = "" if site is None else site_digest(site)  # what ctzoo smap view checks the site file against
     try:
         result = run_party(site, index, addresses, options, keys=keys_folder, connect_timeout=connect_timeout,
