@@ -482,7 +482,7 @@ def test_each_party_sees_its_page_in_headless_chromium(sites, secure_run, tmp_pa
         driver.get(pages["own"].resolve().as_uri())
         wait_until_drawn(driver)
         summary = driver.find_element("id", "summary").text
-        assert f"Site 0 of 2 (and 1 helper) · {counts[0]} of its lesions placed among {sum(counts)}" in summary
+        assert f"Site 1 of 2 (and 1 helper) · {counts[0]} of its lesions placed among {sum(counts)}" in summary
         assert f"the other sites' {sum(counts) - counts[0]} lesions are shown as density only" in summary
         traces = driver.execute_script(
             "return document.getElementById('map').data.map(t => [t.type, t.name, "

@@ -51,6 +51,13 @@ def read_map(map_path: str | Path, site: dict[str, Any]) -> dict[str, Any]:
     return {"p_saturated": np.asarray(False), **arrays, "labels": site["labels"], "path": str(map_path)}
 
 
+def site_numbers(counts: Any) -> dict[int, int]:
+    """Each site's number on the page, from 1 in party order, by party index: parties without lesions (helpers) are
+    not sites, so party indices would skip numbers, and "Site 0 of 3" read as one of four."""
+    sites = [pid for pid, count in enumerate(counts) if int(count) > 0]
+    return {pid: number for number, pid in enumerate(sites, start=1)}
+
+
 def label_name(code: int) -> str:
     return LESION_TYPES.get(int(code), "unknown") if int(code) >= 1 else "unlabelled"
 
@@ -77,12 +84,13 @@ def build_figure(data: dict[str, Any]) -> dict[str, Any]:
                                         marker={"size": 9, "line": {"width": 1, "color": "#000"}}))
     else:
         points, sites = data["all_points"], data["all_sites"]
+        numbers = site_numbers(data["counts"])
         for site in sorted(set(int(s) for s in sites)):
             rows = sites == site
             this = site == int(data["index"])
             figure.add_trace(go.Scatter(
                 x=points[rows, 0].tolist(), y=points[rows, 1].tolist(), mode="markers",
-                name=f"site {site}{' (this site)' if this else ''} ({int(rows.sum())})",
+                name=f"site {numbers[site]}{' (this site)' if this else ''} ({int(rows.sum())})",
                 text=[label_name(c) for c in data["all_labels"][rows]],
                 marker={"size": 9 if this else 7, "line": {"width": 1 if this else 0, "color": "#000"}}))
     pad_x, pad_y = 0.05 * (x_high - x_low), 0.05 * (y_high - y_low)  # points on the extent stay whole
@@ -124,8 +132,8 @@ def render_map_html(data: dict[str, Any]) -> str:
     index = int(data["index"])
     others = sum(counts) - counts[index]
     helpers = counts.count(0)  # parties without lesions (--helper) are not sites
-    parties = f"Site {index} of {len(counts) - helpers}" + (f" (and {helpers} helper{'s' * (helpers > 1)})"
-                                                          if helpers else "")
+    parties = f"Site {site_numbers(counts)[index]} of {len(counts) - helpers}" + (
+        f" (and {helpers} helper{'s' * (helpers > 1)})" if helpers else "")
     summary = (f"{parties} · {counts[index]} of its lesions placed among {sum(counts)} · "
                + ("every site agreed to share its points: all are shown" if bool(data["shared"]) else
                   f"the other sites' {others} lesions are shown as density only"))
