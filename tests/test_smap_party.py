@@ -3,16 +3,19 @@ features by, and the dimension a party refuses before it connects."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 from click.testing import CliRunner
 
 from ctzoo.cli import main
 from ctzoo.smap.keys import make_party_keys
-from ctzoo.smap.party import MAX_FEATURE_DIM, NO_FEATURES, feature_shift, magnitude_exponent
+from ctzoo.smap.party import MAX_FEATURE_DIM, NO_FEATURES, feature_shift, loopback_addresses, magnitude_exponent
 from ctzoo.smap.site_file import write_site
 from ctzoo.smap.tsne import squared_distances
 
@@ -80,3 +83,33 @@ def test_a_party_checks_its_out_path_before_it_runs(tmp_path):
         assert result.exit_code == code and says in result.output, result.output
         assert "Traceback" not in result.output
     assert site.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["file", "site.npz"]
+
+
+def test_a_party_stopped_by_sigterm_while_it_waits_removes_its_scratch_folder(tmp_path):
+    """A party waiting for the others, stopped with SIGTERM (``kill``, ``systemctl stop``): exit status 143 and its
+    temporary folder (a link to its key folder, for MPyC) removed; Python's default used to end it at once and
+    leave the folder behind."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    keys = make_party_keys(3, tmp_path / "keys")[1]
+    own = loopback_addresses(3)
+    party = subprocess.Popen([sys.executable, "-m", "ctzoo", "smap", "party", "--helper", "--index", "1", "--keys",
+                              str(keys), *[a for address in own for a in ("--party", address)], "--out",
+                              str(tmp_path / "map.npz")], stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "TMPDIR": str(scratch)})
+    try:
+        host, port = own[1].rsplit(":", 1)
+        for _ in range(600):  # until it listens, with its scratch folder made
+            try:
+                socket.create_connection((host, int(port)), timeout=5).close()
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.1)
+        assert [p.name[:11] for p in scratch.iterdir()] == ["ctzoo-smap-"]
+        party.send_signal(signal.SIGTERM)
+        _, errors = party.communicate(timeout=60)
+    finally:
+        party.kill()
+        party.wait()
+    assert party.returncode == 143 and "Stopped (SIGTERM): nothing written" in errors, errors
+    assert "Traceback" not in errors and not list(scratch.iterdir())

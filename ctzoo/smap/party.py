@@ -24,16 +24,19 @@ connects ends the others' start after ``connect_timeout`` (:mod:`ctzoo.smap.conn
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,8 @@ from ctzoo.smap.tsne import conditional_p, embed, initial_embedding, joint_p, sq
 MAX_FEATURE_DIM = 2**16
 #: The exponent a party without features (a helper) or with all-zero features brings to :func:`agree_on_scale`.
 NO_FEATURES = -1000
+#: The exit status of a party stopped by SIGTERM (128 + 15, the shell's convention).
+EXIT_TERMINATED = 143
 
 
 def mpyc_arguments(index: int, addresses: Sequence[str], ssl: bool = False) -> list[str]:
@@ -379,18 +384,42 @@ def run_party(site_path: str | Path | None, index: int, addresses: Sequence[str]
     if keys is None:
         return mpc.run(protocol(mpc, site, options, connect_timeout, peer_timeout))
     authenticate_peers(mpc)
-    cwd, scratch = Path.cwd(), Path(tempfile.mkdtemp(prefix="ctzoo-smap-"))
+    with sigterm_exits():
+        cwd, scratch = Path.cwd(), Path(tempfile.mkdtemp(prefix="ctzoo-smap-"))
 
-    def leave_scratch() -> None:
-        os.chdir(cwd)
-        shutil.rmtree(scratch, ignore_errors=True)
+        def leave_scratch() -> None:
+            os.chdir(cwd)
+            shutil.rmtree(scratch, ignore_errors=True)
 
-    (scratch / ".config").symlink_to(keys, target_is_directory=True)
-    os.chdir(scratch)  # MPyC reads the keys from ./.config (its only way to be told where they are)
-    # Once connected MPyC has read them: the folder goes then, since a party that drops out later ends with
-    # os._exit (watch_connections), which cleans nothing up, and a killed one cannot either.
-    mpc._ctzoo_after_start = leave_scratch
+        try:
+            (scratch / ".config").symlink_to(keys, target_is_directory=True)
+            os.chdir(scratch)  # MPyC reads the keys from ./.config (its only way to be told where they are)
+            # Once connected MPyC has read them: the folder goes then, since a party that drops out later ends with
+            # os._exit (watch_connections), which cleans nothing up, and a killed one cannot either.
+            mpc._ctzoo_after_start = leave_scratch
+            return mpc.run(protocol(mpc, site, options, connect_timeout, peer_timeout))
+        finally:
+            leave_scratch()
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """While the block runs in the main thread, SIGTERM (``kill``, ``systemctl stop``) raises SystemExit with
+    :data:`EXIT_TERMINATED`, so ``finally`` clauses run (Python's default ends the process at once: a party stopped
+    while it waited for the others left its scratch folder, with a link to its key folder, behind); the previous
+    handler is restored after. ``ctzoo infer`` has the like for its run, in the CLI, which this layer cannot
+    import."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        sys.stderr.write("Stopped (SIGTERM): nothing written\n")
+        raise SystemExit(EXIT_TERMINATED)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        return mpc.run(protocol(mpc, site, options, connect_timeout, peer_timeout))
+        yield
     finally:
-        leave_scratch()
+        signal.signal(signal.SIGTERM, previous)
