@@ -169,8 +169,8 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
     """
     from ctzoo.io.atomic import atomic_path
     from ctzoo.smap.connections import AuthenticationFailed, CannotListen, ClosingCheckFailed, PartyDropped
-    from ctzoo.smap.page import SATURATED
     from ctzoo.smap.party import RunOptions, on_loopback, run_party
+    from ctzoo.smap.secure import SATURATED
     from ctzoo.smap.site_file import site_digest
 
     if (site is None) != helper:

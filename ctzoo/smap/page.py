@@ -19,16 +19,13 @@ import numpy as np
 from ctzoo.datasets.deeplesion.info_csv import LESION_TYPES
 from ctzoo.perf.report import STYLE as REPORT_STYLE
 from ctzoo.perf.report import json_for_script
+from ctzoo.smap.secure import SATURATED
 from ctzoo.smap.site_file import load_arrays, site_digest
 
 MAP_ARRAYS = ("index", "shared", "plaintext", "site_digest", "counts", "own", "extent", "density", "others_density")
 #: What map files of an older ``ctzoo smap party`` lack: they cannot say how the map was computed, nor from which
 #: site file.
 NEWER_ARRAYS = ("plaintext", "site_digest")
-#: What a party and its page say when some point's secure precision search saturated (ctzoo.smap.secure).
-SATURATED = ("the secure precision search saturated for some point (near-duplicate lesions, or distances spanning "
-             "more than about 2^23 between its near and its average neighbours): P and the map there may be "
-             "flatter or sharper than the plaintext t-SNE's")
 
 
 def read_map(map_path: str | Path, site: dict[str, Any]) -> dict[str, Any]:

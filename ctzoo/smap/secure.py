@@ -53,6 +53,10 @@ REFINE_BELOW, REFINE_TESTED, FINE_BITS = 8, range(6, 13), 16
 #: 2^-34 at every tested level, while exp's Taylor series stays exact to 2^-31 below it.
 CLIP = 0.375
 TAYLOR_TERMS = 8
+#: What a party and its page say when some point's precision search saturated (module docstring).
+SATURATED = ("the secure precision search saturated for some point (near-duplicate lesions, or distances spanning "
+             "more than about 2^23 between its near and its average neighbours): P and the map there may be "
+             "flatter or sharper than the plaintext t-SNE's")
 
 
 def exp_small(x: Any, terms: int = TAYLOR_TERMS) -> Any:
@@ -134,16 +138,16 @@ def refine_weights(mpc: Any, shifted: Any, scale: Any, flat_enough: Any) -> tupl
     weights = exp_small(-a)
     for _ in range(REFINE_TESTED.start):
         weights, a = weights * weights, a * 2
-    kept_w, kept_a = weights, a
+    kept_w, kept_a, keeps = weights, a, []
     for level in REFINE_TESTED:
-        keep = flat_enough(weights, a * weights)
-        if level == REFINE_TESTED.start:
-            too_sharp = 1 - keep  # already below the target at the lowest level: beta stays there
-        kept_w = kept_w + keep * (weights - kept_w)
-        kept_a = kept_a + keep * (a - kept_a)
+        keeps.append(flat_enough(weights, a * weights))
+        kept_w = kept_w + keeps[-1] * (weights - kept_w)
+        kept_a = kept_a + keeps[-1] * (a - kept_a)
         if level < REFINE_TESTED[-1]:
             weights, a = weights * weights, a * 2
-    too_flat = keep  # still flat enough at the highest level: every fine bit set means beta ends at the top
+    # already below the target at the lowest level (beta stays there), or still above it at the highest, where
+    # every fine bit set below means beta ends at the top
+    too_sharp, too_flat = 1 - keeps[0], keeps[-1]
     factor = exp_small(-kept_a * 2.0**-FINE_BITS)
     factors = {FINE_BITS: factor}
     for k in range(FINE_BITS - 1, 0, -1):
