@@ -4,13 +4,16 @@ requires the client's certificate) under strict X.509 verification, the default 
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
 import threading
 
 import pytest
+from click.testing import CliRunner
 
-from ctzoo.smap.keys import check_peer_certificate, make_party_keys, party_name
+from ctzoo.cli import main
+from ctzoo.smap.keys import check_key_folder, check_peer_certificate, make_party_keys, party_name
 
 STRICT = ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN
 
@@ -55,3 +58,28 @@ def test_the_keys_pass_strict_x509_verification(tmp_path):
         check_peer_certificate(seen, client)  # the common name the server checks
     with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
         handshake(folders, 0, 1, party_name(2))  # the name still binds: party 1 cannot pose as party 2
+
+
+def test_a_key_folder_is_checked_as_mpyc_loads_it(tmp_path):
+    """A key that is not the certificate's, or files that are not PEM: refused before connecting, naming the file
+    (the key mismatch used to surface only in the handshake: a traceback, or peers that seemed never to connect)."""
+    folders = make_party_keys(3, tmp_path / "keys")
+    assert check_key_folder(folders[0], 0) == folders[0]
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folders[0], mixed)
+    shutil.copy(folders[1] / "party_1.key", mixed / "party_0.key")
+    with pytest.raises(ValueError, match=r"party_0.key is not the key of .*party_0.crt \(KEY_VALUES_MISMATCH\)"):
+        check_key_folder(mixed, 0)
+    result = CliRunner().invoke(main, ["smap", "party", "--helper", "--index", "0", "--keys", str(mixed), "--out",
+                                       str(tmp_path / "map.npz"), *[a for port in (7001, 7002, 7003)
+                                                                    for a in ("--party", f"127.0.0.1:{port}")]])
+    assert result.exit_code == 1 and "party_0.key is not the key of" in result.output, result.output
+    assert "Traceback" not in result.output
+    for name, says in (("party_0.key", "is not a readable PEM private key"),
+                       ("party_0.crt", "is not a readable PEM certificate"),
+                       ("mpyc_ca.crt", "is not a readable PEM certificate")):
+        broken = tmp_path / f"broken-{name}"
+        shutil.copytree(folders[0], broken)
+        (broken / name).write_text("not PEM\n")
+        with pytest.raises(ValueError, match=f"{name} {says}"):
+            check_key_folder(broken, 0)

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from ctzoo.cli import main
-from ctzoo.smap.page import read_map, render_map_html
+from ctzoo.smap.page import build_figure, read_map, render_map_html
 from ctzoo.smap.site_file import read_site, site_digest, write_site
 
 
@@ -66,3 +66,34 @@ def test_the_page_refuses_another_site_file_with_as_many_points(tmp_path):
     assert result.exit_code == 1 and "was computed from another site file than" in result.output
     assert "give the site file this party ran with" in result.output and not (tmp_path / "map.html").exists()
     assert CliRunner().invoke(main, ["smap", "view", str(ran_with), "--site", str(site)]).exit_code == 0
+
+
+def test_the_page_says_when_the_secure_precision_search_saturated(tmp_path):
+    """The bit a secure run opens when some point's precision search ended at an end of its range; map files from
+    before it (no such array) read as not saturated."""
+    site = make_site(tmp_path / "site.npz")
+    for saturated in (True, False, None):
+        data = read_map(write_map(tmp_path / "map.npz", site, p_saturated=saturated), read_site(site))
+        page = render_map_html(data)
+        note = page[page.index("<p class='note'>"):page.index("<div id='map'>")]
+        assert ("The secure precision search saturated for some point" in note) == bool(saturated)
+
+
+def test_the_page_numbers_the_sites_from_1_skipping_helpers(tmp_path):
+    """Party 2 of a site, a helper and a site is site 2 of 2, in the summary and the legend alike (the page used
+    to say "Site 2 of 2" for party 2 but "Site 0 of 3" for party 0 without helpers, and "site 0", "site 2" in the
+    legend)."""
+    site = make_site(tmp_path / "site.npz")
+    own = np.random.default_rng(1).normal(0, 1, (3, 2))
+    for index, counts, summary in ((2, [3, 0, 3], "Site 2 of 2 (and 1 helper)"), (0, [3, 3, 3], "Site 1 of 3 ·")):
+        sites = np.repeat(np.arange(len(counts)), counts)
+        data = read_map(write_map(tmp_path / "map.npz", site, shared=True, index=index, counts=np.asarray(counts),
+                                  all_points=np.vstack([own + k for k in range(len(sites) // 3)]), all_sites=sites,
+                                  all_labels=np.ones(len(sites), np.int64)), read_site(site))
+        page = render_map_html(data)
+        assert summary in page[page.index("<p id='summary'>"):page.index("<p class='note'>")]
+        legend = [trace["name"] for trace in build_figure(data)["data"]]
+        if index == 2:
+            assert legend == ["site 1 (3)", "site 2 (this site) (3)"]
+        else:
+            assert legend == ["site 1 (this site) (3)", "site 2 (3)", "site 3 (3)"]

@@ -152,6 +152,7 @@ def test_each_site_learns_its_own_points_of_the_joint_map_and_the_density(secure
         assert party["others_density"].sum() == len(joint) - len(party["own"])
         assert not party["shared"] and "all_points" not in party.files  # the helper did not agree to share
         assert not party["plaintext"]  # the page says: on secret shares
+        assert not party["p_saturated"]  # every row's precision search ended inside its range
         assert str(party["site_digest"]) == (site_digest(secure_run["sites"][k]) if k < 2 else "")
         assert list(party["extent"]) == list(learned[0]["extent"])
     assert helper["own"].shape == (0, 2)
@@ -216,6 +217,33 @@ def test_insecure_plaintext_mode_computes_the_plaintext_t_sne_for_every_party(si
         assert list(learned["all_sites"]) == list(np.repeat(np.arange(3), counts))
         assert (learned["all_labels"] == np.concatenate([read_site(site)["labels"] for site in sites])).all()
         assert np.array_equal(learned["own"], learned["all_points"][sum(counts[:k]):sum(counts[:k + 1])])
+
+
+def test_insecure_plaintext_parties_compute_their_t_sne_past_the_peer_timeout(keys, tmp_path):
+    """Each party computes the plaintext t-SNE alone once every point is opened, for longer than --peer-timeout:
+    no peer waits on it meanwhile (the labels used to be opened after it, and every party exited with status 3,
+    each saying another had sent nothing)."""
+    sites = synthetic_sites(tmp_path, [50, 50, 50])
+    results = finish(start_parties(sites, tmp_path, keys, "--insecure-plaintext", "--iterations", "5000",
+                                   "--peer-timeout", "2"), timeout=300)
+    assert all(code == 0 for code, _ in results), results
+    assert min(float(np.load(tmp_path / f"party{k}.npz")["seconds"][1]) for k in range(3)) > 2
+
+
+def test_parties_on_ipv6_addresses_run(keys, tmp_path):
+    """``--party [::1]:PORT``: the host goes to MPyC and to the listening socket without its brackets (they used
+    to reach getaddrinfo: a traceback, or a wait until the connect timeout)."""
+    try:
+        ports = loopback_addresses(3, "::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    results = finish(start_parties([*synthetic_sites(tmp_path, [3, 3]), None], tmp_path, keys, "--perplexity", "2",
+                                   "--insecure-plaintext", "--connect-timeout", "60", ports=ports), timeout=120)
+    assert all(code == 0 and "Traceback" not in output for code, output in results), results
+    unbracketed = CliRunner().invoke(main, ["smap", "party", "--helper", "--index", "0", "--no-tls", "--out",
+                                            str(tmp_path / "map.npz"), *[a for port in (7001, 7002, 7003)
+                                                                         for a in ("--party", f"::1:{port}")]])
+    assert unbracketed.exit_code == 2 and "an IPv6 host goes in [], e.g. [::1]:7001" in unbracketed.output
 
 
 def test_one_site_among_helpers_has_no_joint_map(sites, keys, tmp_path):
@@ -454,7 +482,7 @@ def test_each_party_sees_its_page_in_headless_chromium(sites, secure_run, tmp_pa
         driver.get(pages["own"].resolve().as_uri())
         wait_until_drawn(driver)
         summary = driver.find_element("id", "summary").text
-        assert f"Site 0 of 2 (and 1 helper) · {counts[0]} of its lesions placed among {sum(counts)}" in summary
+        assert f"Site 1 of 2 (and 1 helper) · {counts[0]} of its lesions placed among {sum(counts)}" in summary
         assert f"the other sites' {sum(counts) - counts[0]} lesions are shown as density only" in summary
         traces = driver.execute_script(
             "return document.getElementById('map').data.map(t => [t.type, t.name, "

@@ -94,7 +94,28 @@ def _party_addresses(ctx: click.Context, param: click.Parameter, values: tuple[s
         if not colon or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise click.BadParameter(f"{address!r} is not HOST:PORT (a port from 1 to 65535, e.g. "
                                      "hospital-a.example:5001)")
+        if ":" in host and not (host.startswith("[") and host.endswith("]")):
+            raise click.BadParameter(f"{address!r}: an IPv6 host goes in [], e.g. [{host}]:{port}")
     return values
+
+
+def _writable_map_path(out: Path, site: Path | None) -> Path:
+    """``--out`` resolved, once it is not the SITE file and its folder exists (made if need be) and takes a new
+    file: checked before the run, which takes minutes to hours, rather than when the map is written."""
+    import tempfile
+
+    out = out.resolve()
+    if site is not None and out == site.resolve():
+        raise click.UsageError(f"--out {out} is the SITE file: the map would replace this site's lesions; give "
+                               "another path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as error:
+        raise click.ClickException(f"--out {out}: cannot write a file in {out.parent} ({error.strerror or error}); "
+                                   "nothing was run") from None
+    return out
 
 
 @smap.command("party")
@@ -147,8 +168,9 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
     with --share-points on every party, every point. Connections are TLS with the --keys of ctzoo smap keys.
     """
     from ctzoo.io.atomic import atomic_path
-    from ctzoo.smap.connections import AuthenticationFailed, ClosingCheckFailed, PartyDropped
+    from ctzoo.smap.connections import AuthenticationFailed, CannotListen, ClosingCheckFailed, PartyDropped
     from ctzoo.smap.party import RunOptions, on_loopback, run_party
+    from ctzoo.smap.secure import SATURATED
     from ctzoo.smap.site_file import site_digest
 
     if (site is None) != helper:
@@ -164,12 +186,12 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
         raise click.UsageError("--no-tls is allowed only when every --party is on loopback: give --keys")
     options = RunOptions(perplexity, iterations, learning_rate, early_iterations, seed, grid, share_points,
                          insecure_reveal_p, insecure_plaintext)
-    out = out.resolve()
+    out = _writable_map_path(out, site)
     digest = "" if site is None else site_digest(site)  # what ctzoo smap view checks the site file against
     try:
         result = run_party(site, index, addresses, options, keys=keys_folder, connect_timeout=connect_timeout,
                            peer_timeout=peer_timeout)
-    except (ValueError, PartyDropped, AuthenticationFailed, ClosingCheckFailed) as error:
+    except (ValueError, PartyDropped, AuthenticationFailed, CannotListen, ClosingCheckFailed) as error:
         raise click.ClickException(str(error)) from error
     arrays = {name: np.asarray(result[name]) for name in ("counts", "own", "extent", "density", "others_density",
                                                            "p", "all_points", "all_labels", "all_sites")
@@ -180,7 +202,10 @@ def party(site: Path | None, helper: bool, index: int, addresses: tuple[str, ...
                      plaintext=np.asarray(insecure_plaintext), site_digest=np.asarray(digest),
                      seconds=np.asarray([result["seconds"]["p"], result["seconds"]["embedding"]]),
                      bytes_phases=np.asarray([result["bytes_phases"]["p"], result["bytes_phases"]["embedding"]]),
-                     bytes_sent=np.asarray(result["bytes_sent"]), **arrays)
+                     bytes_sent=np.asarray(result["bytes_sent"]), p_saturated=np.asarray(result["p_saturated"]),
+                     **arrays)
+    if result["p_saturated"]:
+        click.echo(f"Warning: {SATURATED}", err=True)
     others = "every point shared" if result["shared"] else "the others as density"
     if insecure_plaintext:
         others += " (plaintext: every party saw every point's features)"

@@ -36,6 +36,10 @@ class AuthenticationFailed(RuntimeError):
     """A TLS handshake with a peer failed, or a peer's certificate names another party than it claims."""
 
 
+class CannotListen(RuntimeError):
+    """This party cannot listen on its own address (the port is taken, or the host is not this machine's)."""
+
+
 async def connect(mpc: Any, connect_timeout: float) -> None:
     """Connect to every peer (:meth:`mpc.start`), or raise :class:`AuthenticationFailed` at the first failed
     authentication (:func:`authenticate_peers`) or :class:`PartyDropped` after ``connect_timeout`` seconds."""
@@ -43,7 +47,13 @@ async def connect(mpc: Any, connect_timeout: float) -> None:
     done, _ = await asyncio.wait({start, mpc._ctzoo_failure}, timeout=connect_timeout,
                                  return_when=asyncio.FIRST_COMPLETED)
     if start in done:
-        start.result()
+        try:
+            start.result()
+        except OSError as error:  # only from listening: MPyC retries its own connections to peers until they answer
+            own = mpc.parties[mpc.pid]
+            host = f"[{own.host}]" if ":" in own.host else own.host
+            raise CannotListen(f"party {mpc.pid} cannot listen on {host}:{own.port}: {error.strerror or error} (is the "
+                               "port in use, is the host this machine's address?); nothing was sent") from None
         mpc._ctzoo_started = True
         getattr(mpc, "_ctzoo_after_start", lambda: None)()
         return
@@ -185,7 +195,10 @@ def watch_progress(mpc: Any, peer_timeout: float) -> None:
     this party's process, with a message naming it and :data:`EXIT_DROPPED`: a frozen peer (stopped, swapping, a
     debugger) or one cut off without its connection closing (a pulled cable, a dropping firewall) would otherwise
     leave every other party waiting forever, since no connection is lost. Checked by a timer of the event loop, which
-    reads what arrived before it runs, so a party busy computing does not count its own delay against a peer."""
+    reads what arrived before it runs, so a party busy computing does not count its own delay against a peer whose
+    messages arrived meanwhile; but a peer busy with the same long computation sends nothing either, so no party may
+    compute for ``peer_timeout`` between two messages while its peers wait (``--insecure-plaintext`` computes its
+    t-SNE once the connections are closed)."""
     from mpyc import asyncoro
 
     loop = mpc._loop
@@ -215,10 +228,16 @@ def watch_progress(mpc: Any, peer_timeout: float) -> None:
     loop.call_later(interval, check)
 
 
+def split_address(address: str) -> tuple[str, str]:
+    """``(host, port)`` of a ``HOST:PORT`` party address, an IPv6 host without its ``[]`` (what sockets take)."""
+    host, _, port = address.rpartition(":")
+    return (host[1:-1] if host.startswith("[") and host.endswith("]") else host), port
+
+
 def listen_on_own_address(mpc: Any, address: str) -> None:
     """Make MPyC listen on this party's own host (``127.0.0.1`` on loopback) rather than on every interface, its
     default."""
-    loop, host = mpc._loop, address.rsplit(":", 1)[0]
+    loop, host = mpc._loop, split_address(address)[0]
     create_server = loop.create_server
 
     async def create_server_on_host(factory, **options):

@@ -13,6 +13,7 @@ Made with the ``openssl`` command line (in every Debian: ``ca-certificates`` dep
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 import tempfile
 from pathlib import Path
@@ -89,13 +90,36 @@ def make_party_keys(parties: int, out: str | Path, days: int = VALID_DAYS) -> li
 
 
 def check_key_folder(folder: str | Path, index: int) -> Path:
-    """``folder`` if it holds what party ``index`` needs, else a ValueError naming what is missing."""
+    """``folder`` if it holds what party ``index`` needs, loadable as MPyC loads it (the CA certificate, and the
+    party's certificate with its own key), else a ValueError naming the file: a key that does not match its
+    certificate otherwise fails only in the handshake, as a traceback on a listening party or as peers that seem
+    never to connect."""
     folder = Path(folder)
     missing = [name for name in (CA_CERTIFICATE, *key_files(index)) if not (folder / name).is_file()]
     if missing:
         raise ValueError(f"{folder} lacks {', '.join(missing)}: party {index} needs the CA certificate and its own "
                          f"key and certificate (ctzoo smap keys)")
+    certificate, key = (folder / name for name in key_files(index))
+    for path in (folder / CA_CERTIFICATE, certificate):  # each alone: a certificate loads as a trusted one
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_verify_locations(cafile=path)
+        except (ssl.SSLError, OSError) as error:
+            raise ValueError(f"{path} is not a readable PEM certificate ({reason(error)}): give this party's folder "
+                             "from ctzoo smap keys") from None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certificate, key)
+    except (ssl.SSLError, OSError) as error:
+        if getattr(error, "reason", None) == "KEY_VALUES_MISMATCH":
+            raise ValueError(f"{key} is not the key of {certificate} (KEY_VALUES_MISMATCH): give party {index}'s "
+                             "own key and certificate, from one ctzoo smap keys run") from None
+        raise ValueError(f"{key} is not a readable PEM private key ({reason(error)}): give this party's folder from "
+                         "ctzoo smap keys") from None
     return folder
+
+
+def reason(error: Exception) -> str:
+    """OpenSSL's short reason for a failed load, or the error itself."""
+    return str(getattr(error, "reason", None) or getattr(error, "strerror", None) or error)
 
 
 def common_name(certificate: dict[str, Any] | None) -> str | None:

@@ -19,6 +19,7 @@ import numpy as np
 from ctzoo.datasets.deeplesion.info_csv import LESION_TYPES
 from ctzoo.perf.report import STYLE as REPORT_STYLE
 from ctzoo.perf.report import json_for_script
+from ctzoo.smap.secure import SATURATED
 from ctzoo.smap.site_file import load_arrays, site_digest
 
 MAP_ARRAYS = ("index", "shared", "plaintext", "site_digest", "counts", "own", "extent", "density", "others_density")
@@ -43,7 +44,15 @@ def read_map(map_path: str | Path, site: dict[str, Any]) -> dict[str, Any]:
     if str(arrays["site_digest"]) != site_digest(site["path"]) or own.shape != (len(site["labels"]), 2):
         raise ValueError(f"{map_path} was computed from another site file than {site['path']} (the SHA-256 it "
                          "records differs): give the site file this party ran with")
-    return {**arrays, "labels": site["labels"], "path": str(map_path)}
+    # map files from before the saturation bit: their P was not checked
+    return {"p_saturated": np.asarray(False), **arrays, "labels": site["labels"], "path": str(map_path)}
+
+
+def site_numbers(counts: Any) -> dict[int, int]:
+    """Each site's number on the page, from 1 in party order, by party index: parties without lesions (helpers) are
+    not sites, so party indices would skip numbers, and "Site 0 of 3" read as one of four."""
+    sites = [pid for pid, count in enumerate(counts) if int(count) > 0]
+    return {pid: number for number, pid in enumerate(sites, start=1)}
 
 
 def label_name(code: int) -> str:
@@ -72,12 +81,13 @@ def build_figure(data: dict[str, Any]) -> dict[str, Any]:
                                         marker={"size": 9, "line": {"width": 1, "color": "#000"}}))
     else:
         points, sites = data["all_points"], data["all_sites"]
+        numbers = site_numbers(data["counts"])
         for site in sorted(set(int(s) for s in sites)):
             rows = sites == site
             this = site == int(data["index"])
             figure.add_trace(go.Scatter(
                 x=points[rows, 0].tolist(), y=points[rows, 1].tolist(), mode="markers",
-                name=f"site {site}{' (this site)' if this else ''} ({int(rows.sum())})",
+                name=f"site {numbers[site]}{' (this site)' if this else ''} ({int(rows.sum())})",
                 text=[label_name(c) for c in data["all_labels"][rows]],
                 marker={"size": 9 if this else 7, "line": {"width": 1 if this else 0, "color": "#000"}}))
     pad_x, pad_y = 0.05 * (x_high - x_low), 0.05 * (y_high - y_low)  # points on the extent stay whole
@@ -95,12 +105,14 @@ Plotly.newPlot('map', DATA.figure.data, DATA.figure.layout, {displaylogo: false,
 """
 
 
-def how_computed(plaintext: bool, shared: bool) -> str:
+def how_computed(plaintext: bool, shared: bool, saturated: bool = False) -> str:
     """The page's note on how the map was computed and what it shows, from the map file's record."""
     if plaintext:
         return ("The map was computed in the clear (--insecure-plaintext): every site opened its features and labels "
                 "to every party, and each computed the same t-SNE.")
     secure = "The map was computed on secret shares (ctzoo smap party): no site saw another's features. "
+    if saturated:
+        secure += SATURATED[0].upper() + SATURATED[1:] + ". "
     if shared:
         return secure + "Every site then agreed to share its points (--share-points): all are shown, by site and type."
     return secure + "This site's labels come from its own site file; the other sites' points are counts per cell."
@@ -117,12 +129,12 @@ def render_map_html(data: dict[str, Any]) -> str:
     index = int(data["index"])
     others = sum(counts) - counts[index]
     helpers = counts.count(0)  # parties without lesions (--helper) are not sites
-    parties = f"Site {index} of {len(counts) - helpers}" + (f" (and {helpers} helper{'s' * (helpers > 1)})"
-                                                          if helpers else "")
+    parties = f"Site {site_numbers(counts)[index]} of {len(counts) - helpers}" + (
+        f" (and {helpers} helper{'s' * (helpers > 1)})" if helpers else "")
     summary = (f"{parties} · {counts[index]} of its lesions placed among {sum(counts)} · "
                + ("every site agreed to share its points: all are shown" if bool(data["shared"]) else
                   f"the other sites' {others} lesions are shown as density only"))
-    note = how_computed(bool(data["plaintext"]), bool(data["shared"]))
+    note = how_computed(bool(data["plaintext"]), bool(data["shared"]), bool(data["p_saturated"]))
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ctzoo joint map</title>"
             f"<style>{REPORT_STYLE}</style><script>{plotly_js}</script></head><body>"
             f"<h1>Joint t-SNE map</h1><p id='summary'>{html.escape(summary)}</p><p class='note'>{html.escape(note)}"

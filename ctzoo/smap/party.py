@@ -10,7 +10,8 @@ parties an honest majority needs; it learns what every party learns, less its ow
 
 What each party learns: every party's point count and feature dimension, whether all parties embedded with the
 same model weights (:func:`agree_on_inputs`), the power of two above the largest absolute feature of all sites
-(:func:`agree_on_scale`), its own points' coordinates in the joint map, the map's extent and the
+(:func:`agree_on_scale`), whether some point's precision search saturated (one bit,
+:func:`ctzoo.smap.secure.secure_conditional_p`), its own points' coordinates in the joint map, the map's extent and the
 counts of all points per grid cell (:func:`joint_density`; minus its own, the others' density); every point, with
 its site and label, only when every party sets ``share_points``. With ``reveal_p`` (tests and the comparison with
 the plaintext t-SNE only) the joint P is opened to every party.
@@ -23,16 +24,19 @@ connects ends the others' start after ``connect_timeout`` (:mod:`ctzoo.smap.conn
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ from ctzoo.smap.connections import (
     connect,
     listen_on_own_address,
     refuse_pickles,
+    split_address,
     watch_connections,
     watch_progress,
 )
@@ -60,25 +65,30 @@ from ctzoo.smap.tsne import conditional_p, embed, initial_embedding, joint_p, sq
 MAX_FEATURE_DIM = 2**16
 #: The exponent a party without features (a helper) or with all-zero features brings to :func:`agree_on_scale`.
 NO_FEATURES = -1000
+#: The exit status of a party stopped by SIGTERM (128 + 15, the shell's convention).
+EXIT_TERMINATED = 143
 
 
 def mpyc_arguments(index: int, addresses: Sequence[str], ssl: bool = False) -> list[str]:
     """MPyC's command-line options for party ``index`` of ``addresses`` (``host:port`` each, in party order).
     ``--mix32-64bit`` makes MPyC send arrays of shares as fixed-width integers instead of pickles, so a party never
-    unpickles what a peer sends."""
+    unpickles what a peer sends. An IPv6 host goes without its ``[]``: MPyC splits at the last colon and hands the
+    host to the socket calls as it is."""
     arguments = ["-M", str(len(addresses)), "-I", str(index), "--no-log", "--mix32-64bit"]
     for address in addresses:
-        arguments += ["-P", address]
+        arguments += ["-P", ":".join(split_address(address))]
     return arguments + (["--ssl"] if ssl else [])
 
 
-def loopback_addresses(count: int) -> list[str]:
-    """``count`` ``127.0.0.1:PORT`` addresses on free ports, to run every party on one machine (tests, trials)."""
-    sockets = [socket.socket() for _ in range(count)]
+def loopback_addresses(count: int, host: str = "127.0.0.1") -> list[str]:
+    """``count`` ``HOST:PORT`` addresses on free ports of a loopback ``host`` (``::1`` gives ``[::1]:PORT``), to run
+    every party on one machine (tests, trials)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets = [socket.socket(family) for _ in range(count)]
     try:
         for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+            s.bind((host, 0))
+        return [f"[{host}]:{s.getsockname()[1]}" if ":" in host else f"{host}:{s.getsockname()[1]}" for s in sockets]
     finally:
         for s in sockets:
             s.close()
@@ -86,7 +96,7 @@ def loopback_addresses(count: int) -> list[str]:
 
 def on_loopback(address: str) -> bool:
     """Whether a ``host:port`` party address is on this machine's loopback interface."""
-    host = address.rsplit(":", 1)[0].strip("[]")
+    host = split_address(address)[0]
     if host == "localhost":
         return True
     try:
@@ -248,12 +258,16 @@ async def protocol(mpc: Any, site: dict[str, Any], options: RunOptions, connect_
                  for pid, count in enumerate(counts) if count]  # a helper inputs nothing
         points = mpc.np_vstack(parts)
         result: dict[str, Any] = {"counts": counts, "index": mpc.pid, "options": options}
-        run = plaintext_map if options.plaintext else secure_map
-        result.update(await run(mpc, site, options, counts, points))
-        result["others_density"] = result["density"] - own_histogram(result["own"], result["extent"], options.grid)
+        if options.plaintext:
+            opened = await open_points(mpc, site, counts, points)
+        else:
+            result.update(await secure_map(mpc, site, options, counts, points))
         result["bytes_sent"] = bytes_sent(mpc)
     finally:  # every party, also when all stop over inputs they do not agree on (never MPyC's shutdown: it pickles)
         await close_connections(mpc)
+    if options.plaintext:  # after the connections closed: no peer waits (--peer-timeout) while this party computes
+        result.update(plaintext_map(*opened, options, counts, mpc.pid))
+    result["others_density"] = result["density"] - own_histogram(result["own"], result["extent"], options.grid)
     return result
 
 
@@ -276,11 +290,14 @@ async def secure_map(mpc: Any, site: dict[str, Any], options: RunOptions, counts
     n = sum(counts)
     result: dict[str, Any] = {}
     started, bytes_before = time.perf_counter(), bytes_sent(mpc)
-    joint = joint_from_conditional(mpc, secure_conditional_p(mpc, points, options.perplexity), n)
+    conditional, saturated = secure_conditional_p(mpc, points, options.perplexity)
+    joint = joint_from_conditional(mpc, conditional, n)
     if options.reveal_p:
         result["p"] = np.asarray(await mpc.output(joint), dtype=np.float64)
     else:  # P's sum is 1 whatever the points: opening it reveals nothing and times P
         await mpc.output(mpc.np_sum(joint))
+    # one bit for the whole run, not which rows: a map whose P departs from the plaintext one is reported, not hidden
+    result["p_saturated"] = bool(await mpc.output(saturated))
     p_done, bytes_p = time.perf_counter(), bytes_sent(mpc)
     y = secure_embed(mpc, joint, initial_embedding(n, options.seed), options.iterations, options.learning_rate,
                      options.early_iterations)
@@ -305,12 +322,18 @@ async def secure_map(mpc: Any, site: dict[str, Any], options: RunOptions, counts
     return result
 
 
-async def plaintext_map(mpc: Any, site: dict[str, Any], options: RunOptions, counts: Sequence[int],
-                        points: Any) -> dict[str, Any]:
-    """``--insecure-plaintext``: every party opens its points (and labels) to every party and each computes the
-    plaintext t-SNE (:mod:`ctzoo.smap.tsne`) with the same options: for sites that may share, and the comparison
-    with the secure run (same transport, same outputs)."""
+async def open_points(mpc: Any, site: dict[str, Any], counts: Sequence[int], points: Any) -> tuple[np.ndarray,
+                                                                                                np.ndarray]:
+    """``--insecure-plaintext``: every party's points and labels, opened to every party."""
     x = np.asarray(await mpc.output(points), dtype=np.float64)
+    return x, await open_labels(mpc, site, counts)
+
+
+def plaintext_map(x: np.ndarray, labels: np.ndarray, options: RunOptions, counts: Sequence[int],
+                  pid: int) -> dict[str, Any]:
+    """``--insecure-plaintext``: the plaintext t-SNE (:mod:`ctzoo.smap.tsne`) of every party's opened points
+    (:func:`open_points`), which every party computes alike with the same options: for sites that may share, and the
+    comparison with the secure run (same transport, same outputs)."""
     started = time.perf_counter()
     n = len(x)
     p = joint_p(conditional_p(squared_distances(x), options.perplexity)[0])
@@ -320,11 +343,10 @@ async def plaintext_map(mpc: Any, site: dict[str, Any], options: RunOptions, cou
     starts = np.cumsum([0, *counts])
     extent = [float(y[:, 0].min()), float(y[:, 0].max()), float(y[:, 1].min()), float(y[:, 1].max())]
     result = {"seconds": {"p": p_done - started, "embedding": time.perf_counter() - p_done},
-              "bytes_phases": {"p": 0, "embedding": 0},
-              "own": y[starts[mpc.pid]:starts[mpc.pid + 1]], "extent": extent,
+              "bytes_phases": {"p": 0, "embedding": 0}, "p_saturated": False,
+              "own": y[starts[pid]:starts[pid + 1]], "extent": extent,
               "density": own_histogram(y, extent, options.grid), "shared": True, "all_points": y,
-              "all_labels": await open_labels(mpc, site, counts),
-              "all_sites": np.repeat(np.arange(len(counts)), counts)}
+              "all_labels": labels, "all_sites": np.repeat(np.arange(len(counts)), counts)}
     if options.reveal_p:
         result["p"] = p[np.arange(n)[:, None], off_diagonal_index(n)]
     return result
@@ -339,7 +361,8 @@ def run_party(site_path: str | Path | None, index: int, addresses: Sequence[str]
 
     Raises ValueError for a bad site file, key folder or inputs the parties do not agree on,
     :class:`~ctzoo.smap.connections.AuthenticationFailed` when a peer fails TLS authentication,
-    :class:`~ctzoo.smap.connections.PartyDropped` when a party does not connect within ``connect_timeout`` seconds;
+    :class:`~ctzoo.smap.connections.PartyDropped` when a party does not connect within ``connect_timeout`` seconds,
+    :class:`~ctzoo.smap.connections.CannotListen` when this party cannot listen on its own address;
     exits the process with :data:`~ctzoo.smap.connections.EXIT_DROPPED` when a connected party drops out, or sends
     nothing for ``peer_timeout`` seconds while this party waits for it."""
     site = helper_site() if site_path is None else read_site(site_path)
@@ -361,18 +384,42 @@ def run_party(site_path: str | Path | None, index: int, addresses: Sequence[str]
     if keys is None:
         return mpc.run(protocol(mpc, site, options, connect_timeout, peer_timeout))
     authenticate_peers(mpc)
-    cwd, scratch = Path.cwd(), Path(tempfile.mkdtemp(prefix="ctzoo-smap-"))
+    with sigterm_exits():
+        cwd, scratch = Path.cwd(), Path(tempfile.mkdtemp(prefix="ctzoo-smap-"))
 
-    def leave_scratch() -> None:
-        os.chdir(cwd)
-        shutil.rmtree(scratch, ignore_errors=True)
+        def leave_scratch() -> None:
+            os.chdir(cwd)
+            shutil.rmtree(scratch, ignore_errors=True)
 
-    (scratch / ".config").symlink_to(keys, target_is_directory=True)
-    os.chdir(scratch)  # MPyC reads the keys from ./.config (its only way to be told where they are)
-    # Once connected MPyC has read them: the folder goes then, since a party that drops out later ends with
-    # os._exit (watch_connections), which cleans nothing up, and a killed one cannot either.
-    mpc._ctzoo_after_start = leave_scratch
+        try:
+            (scratch / ".config").symlink_to(keys, target_is_directory=True)
+            os.chdir(scratch)  # MPyC reads the keys from ./.config (its only way to be told where they are)
+            # Once connected MPyC has read them: the folder goes then, since a party that drops out later ends with
+            # os._exit (watch_connections), which cleans nothing up, and a killed one cannot either.
+            mpc._ctzoo_after_start = leave_scratch
+            return mpc.run(protocol(mpc, site, options, connect_timeout, peer_timeout))
+        finally:
+            leave_scratch()
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """While the block runs in the main thread, SIGTERM (``kill``, ``systemctl stop``) raises SystemExit with
+    :data:`EXIT_TERMINATED`, so ``finally`` clauses run (Python's default ends the process at once: a party stopped
+    while it waited for the others left its scratch folder, with a link to its key folder, behind); the previous
+    handler is restored after. ``ctzoo infer`` has the like for its run, in the CLI, which this layer cannot
+    import."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        sys.stderr.write("Stopped (SIGTERM): nothing written\n")
+        raise SystemExit(EXIT_TERMINATED)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        return mpc.run(protocol(mpc, site, options, connect_timeout, peer_timeout))
+        yield
     finally:
-        leave_scratch()
+        signal.signal(signal.SIGTERM, previous)
