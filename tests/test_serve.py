@@ -240,6 +240,9 @@ BAD_REQUESTS = [
     ("missing input", SEG, _json([_tensor(shape=(1, 1, 128, 128))]), {}, 400, "input 'template' is missing"),
     ("wrong datatype", DET, _json([_tensor(datatype="FP64")]), {}, 400, "must be FP32, got FP64"),
     ("unknown datatype", DET, _json([_tensor(datatype="FLOAT")]), {}, 400, "datatype must be one of"),
+    # a list or an object is unhashable: the datatype lookup raised TypeError, a 500 with two tracebacks
+    ("datatype a list", DET, _json([_tensor(datatype=["FP32"])]), {}, 400, "datatype must be one of"),
+    ("datatype an object", DET, _json([_tensor(datatype={"a": 1})]), {}, 400, "datatype must be one of"),
     ("BYTES", DET, _json([_tensor(datatype="BYTES")]), {}, 400, "BYTES is not supported"),
     ("8 channels", DET, _json([_tensor(shape=(1, 8, 32, 32))]), {}, 400, "dimension 1 must be 9, not 8"),
     ("3 dimensions", DET, _json([_tensor(shape=(9, 32, 32))]), {}, 400, "must have 4 dimensions"),
