@@ -119,6 +119,21 @@ def test_detector_study_equals_ctzoo_infer(client, repository, small_nifti, tmp_
     assert answer["graph"]["file"] == "recistnet-mini/1/model.onnx" and answer["graph"]["precision"] == "fp32"
 
 
+def test_an_uncompressed_nifti2_upload_is_read_as_ctzoo_infer_reads_it(client, small_nifti, tmp_path):
+    """Only NIfTI-1's magic (byte 344) was known: an uncompressed NIfTI-2 (magic at byte 4) got 415, though a
+    gzipped one was read."""
+    import nibabel as nib
+
+    nifti1 = nib.load(str(small_nifti))
+    nifti2 = tmp_path / "ct.nii"
+    nib.save(nib.Nifti2Image(np.asanyarray(nifti1.dataobj), nifti1.affine), str(nifti2))
+    assert nifti2.read_bytes()[4:8] == b"n+2\x00"
+    response = client.post("/studies/recistnet-mini", content=nifti2.read_bytes(), headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert response.json()["lesions"] == client.post("/studies/recistnet-mini", content=small_nifti.read_bytes(),
+                                                     headers=AUTH).json()["lesions"]
+
+
 def test_torch_backend_study_equals_ctzoo_infer_with_torch(repository, small_nifti, tmp_path):
     """ctzoo serve --backend torch runs studies on the bundle's network, as ctzoo infer --backend torch does."""
     from ctzoo.serve.app import create_app

@@ -74,9 +74,9 @@ from ctzoo.serve.v2_codec import ServeError
 
 logger = logging.getLogger(__name__)
 
-#: (leading bytes, offset) -> the suffix the readers need.
+#: (leading bytes, offset) -> the suffix the readers need: NIfTI-1 has its magic at byte 344, NIfTI-2 at byte 4.
 _SIGNATURES = [(b"\x1f\x8b", 0, ".nii.gz"), (b"PK\x03\x04", 0, ".zip"), (b"NRRD", 0, ".nrrd"),
-               (b"ObjectType", 0, ".mha"), (b"n+1\x00", 344, ".nii")]
+               (b"ObjectType", 0, ".mha"), (b"n+1\x00", 344, ".nii"), (b"n+2\x00", 4, ".nii")]
 FORMATS = ("json", "nifti", "dicom")
 #: The status of a study whose client disconnected (nginx's "client closed request"): only the access log sees it.
 CLIENT_CLOSED = 499
