@@ -678,6 +678,40 @@ def test_a_binary_token_file_is_one_error_line_showing_none_of_it(tmp_path, monk
     assert result.output == f"Error: {token_file}: not a text token file (one token per line)\n"
 
 
+def test_a_token_file_with_a_byte_order_mark_keeps_its_first_token_valid(repo, tmp_path, monkeypatch):
+    """The BOM an editor writes became part of the first token, which then never matched (401 for its holders)."""
+    from fastapi.testclient import TestClient
+
+    from ctzoo.cli.serve import read_tokens
+
+    monkeypatch.setenv("CTZOO_SERVE_TOKENS", "")
+    token_file = tmp_path / "tokens"
+    token_file.write_bytes(f"\ufeff{TOKEN}\r\nsecond-token-abcdefghijkl\r\n".encode())
+    token_file.chmod(0o600)
+    assert read_tokens(token_file) == [TOKEN, "second-token-abcdefghijkl"]
+    with TestClient(create_app(repo, read_tokens(token_file), device="cpu", threads=1)) as http:
+        assert http.get("/v2", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize("where,token", [("file", "caf\u00e9-secret-token-0123456789"),
+                                         ("file", "secret-token\x010123456789"),
+                                         ("env", "ok-token-0123456789abcdef,\u00e9-secret-token-0123456789")])
+def test_a_token_no_client_could_send_is_refused_at_start_up_without_showing_it(tmp_path, monkeypatch, where,
+                                                                                   token):
+    """HTTP headers are read as Latin-1 and tokens hashed as UTF-8: a non-ASCII or control character never matches,
+    and the service started with a token nobody could use."""
+    token_file = tmp_path / "tokens"
+    token_file.write_text("# tokens\n" + (token if where == "file" else "") + "\n", encoding="utf-8")
+    token_file.chmod(0o600)
+    monkeypatch.setenv("CTZOO_SERVE_TOKENS", token if where == "env" else "")
+    result = CliRunner().invoke(main, ["serve", "--repository", str(tmp_path), "--token-file", str(token_file),
+                                       "--state-dir", str(tmp_path / "state")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    named = f"the token on line 2 of {token_file}" if where == "file" else "token 2 of $CTZOO_SERVE_TOKENS"
+    assert result.output.startswith(f"Error: {named} holds a character other than printable ASCII"), result.output
+    assert "secret" not in result.output
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the server's RSS")
 def test_cli_server_under_load_has_no_5xx_and_stable_memory(repo, tmp_path, bank, monkeypatch):
     """Also: its access log and shutdown lines on stderr, and SIGTERM ending it gracefully with status 0."""

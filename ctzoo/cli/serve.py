@@ -24,24 +24,40 @@ logger = logging.getLogger("ctzoo.serve")
 
 def read_tokens(token_file: Path | None) -> list[str]:
     """Tokens from ``$CTZOO_SERVE_TOKENS`` (comma-separated) and ``token_file`` (one per line; blank lines and
-    lines starting with ``#`` are skipped)."""
-    tokens = [t.strip() for t in os.environ.get(TOKENS_ENV, "").split(",") if t.strip()]
+    lines starting with ``#`` are skipped; a UTF-8 byte order mark is no part of the first token). A token that no
+    client could ever send (a character other than printable ASCII) is a ClickException naming where it is."""
+    tokens = []
+    for position, token in enumerate(os.environ.get(TOKENS_ENV, "").split(","), 1):
+        if token.strip():
+            tokens.append(_sendable(token.strip(), f"token {position} of ${TOKENS_ENV}"))
     if token_file is not None:
         text = _token_file_text(token_file)  # first: a file that is no token file needs no advice on its mode
         mode = token_file.stat().st_mode
         if mode & (stat.S_IRGRP | stat.S_IROTH):
             click.echo(f"warning: {token_file} is readable by other users (chmod 600 it)", err=True)
-        for line in text.splitlines():
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip() and not line.lstrip().startswith("#"):
-                tokens.append(line.strip())
+                tokens.append(_sendable(line.strip(), f"the token on line {number} of {token_file}"))
     return tokens
+
+
+def _sendable(token: str, where: str) -> str:
+    """``token``, if a client can send it: the service reads the Authorization header as Latin-1 and hashes tokens
+    as UTF-8, so a token with a character outside printable ASCII could never match (the message never shows
+    the token, a secret)."""
+    if not all(" " <= char <= "~" for char in token):
+        raise click.ClickException(f"{where} holds a character other than printable ASCII (a control character or "
+                                   "a non-ASCII letter), so no client could ever send it; use random hex or "
+                                   "base64 tokens")
+    return token
 
 
 def _token_file_text(token_file: Path) -> str:
     """The text of ``token_file``; a binary file given by mistake is one error line that shows none of its bytes
     (a token file's contents are secrets)."""
     try:
-        text = token_file.read_text(encoding="utf-8")
+        # utf-8-sig: an editor's byte order mark would otherwise become part of the first token (which never matches)
+        text = token_file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         text = None
     if text is None or "\0" in text:  # NUL: binary that happens to decode as UTF-8
