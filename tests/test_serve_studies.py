@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -85,11 +86,16 @@ def small_nifti(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dicom_zip(sent_files) -> bytes:
     """The sample series (UIDs repaired) with a patient name and id, zipped as a client sends it."""
+    return _patient_zip(sent_files, PATIENT)
+
+
+def _patient_zip(sent_files: list[Path], attributes: dict[str, str]) -> bytes:
+    """The sample series with ``attributes`` set in every header, zipped."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for file in sent_files:
             dataset = pydicom.dcmread(file)
-            for keyword, value in PATIENT.items():
+            for keyword, value in attributes.items():
                 setattr(dataset, keyword, value)
             member = io.BytesIO()
             dataset.save_as(member, enforce_file_format=True)
@@ -276,19 +282,40 @@ def test_each_score_threshold_gets_its_own_sr_and_a_rerun_the_same_one(client, d
     assert len({found[t] for t in (0.05, 0.3, 0.9)}) == 3
 
 
-def test_a_failing_dicom_writer_still_answers_json_and_says_why_there_is_no_dicom(client, dicom_zip, monkeypatch):
+def test_a_failing_dicom_writer_still_answers_json_and_says_why_there_is_no_dicom(client, dicom_zip, monkeypatch,
+                                                                                 caplog):
     """The SR writer refuses the series (as it refused Japanese character sets): format=json still answers with the
-    detections, format=dicom says why there is no SR."""
+    detections, format=dicom says why there is no SR; the server's log names the attribute, never its value (the
+    writer's message quoted it: a birth date, a name typed into PatientSex)."""
     import ctzoo.io.dicom_sr
 
     def refuse(*args, **kwargs):
-        raise ValueError("'' is not a valid SpecificCharacterSetValues")
+        raise ValueError("'ZZTOPNAME' is not a valid PatientSexValues")
 
     monkeypatch.setattr(ctzoo.io.dicom_sr, "write_recist_sr", refuse)
+    caplog.set_level(logging.WARNING)
     reply = client.post("/studies/recistnet-mini?format=json", content=dicom_zip, headers=AUTH)
     assert reply.status_code == 200 and "lesions" in reply.json(), reply.text
     reply = client.post("/studies/recistnet-mini?format=dicom", content=dicom_zip, headers=AUTH)
-    assert reply.status_code == 500 and "sr.dcm not written: '' is not a valid" in reply.text
+    assert reply.status_code == 500 and "sr.dcm not written: 'ZZTOPNAME' is not a valid" in reply.text
+    logged = [record.getMessage() for record in caplog.records]
+    assert "study: sr.dcm not written (ValueError on PatientSex)" in logged, logged
+    assert not [line for line in logged if "ZZTOPNAME" in line], logged
+
+
+def test_a_header_value_no_dicom_writer_takes_is_left_empty_and_never_logged(client, sent_files, tmp_path, caplog):
+    """A birth date as '1970-01-31' (pydicom writes it with a warning) made highdicom refuse the SR: a 500, and the
+    value in the server's log. Now the SR is written with that type-2 attribute empty, the others as they were."""
+    body = _patient_zip(sent_files, {**PATIENT, "PatientBirthDate": "1970-01-31", "PatientSex": "ZZTOPNAME"})
+    caplog.clear()  # pydicom's warnings on writing those values here
+    caplog.set_level(logging.DEBUG)
+    reply = client.post("/studies/recistnet-mini?format=dicom", content=body, headers=AUTH)
+    assert reply.status_code == 200, reply.text
+    (tmp_path / "sr.dcm").write_bytes(reply.content)
+    sr = pydicom.dcmread(tmp_path / "sr.dcm")
+    assert (sr.PatientBirthDate, sr.PatientSex) == ("", "")
+    assert (str(sr.PatientName), sr.PatientID) == (PATIENT["PatientName"], PATIENT["PatientID"])
+    assert not [r.getMessage() for r in caplog.records if "1970-01-31" in r.getMessage() or "ZZTOP" in r.getMessage()]
 
 
 def test_bad_uploads_get_a_precise_4xx_and_the_service_keeps_serving(client, small_nifti):
