@@ -318,6 +318,20 @@ def test_a_header_value_no_dicom_writer_takes_is_left_empty_and_never_logged(cli
     assert not [r.getMessage() for r in caplog.records if "1970-01-31" in r.getMessage() or "ZZTOP" in r.getMessage()]
 
 
+def _twice_named_slice_zip() -> bytes:
+    """The 20 sample slices as s/000.dcm to s/019.dcm, then slice 1 once more as s/000.dcm."""
+    import warnings
+
+    files = sorted(Path(sample_ct_dicom()).iterdir())
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile's "Duplicate name" warning
+        for k, file in enumerate(files):
+            archive.write(file, f"s/{k:03d}.dcm")
+        archive.write(files[1], "s/000.dcm")
+    return buffer.getvalue()
+
+
 def test_bad_uploads_get_a_precise_4xx_and_the_service_keeps_serving(client, small_nifti):
     good = small_nifti.read_bytes()
     cases = [
@@ -326,6 +340,8 @@ def test_bad_uploads_get_a_precise_4xx_and_the_service_keeps_serving(client, sma
         ("recistnet-mini", zip_bytes({"notes.txt": b"hello"}), 400, "no DICOM files"),  # a zip that is not DICOM
         ("recistnet-mini", zip_bytes({"s": b"x", "s/000.dcm": b"y"}), 400,  # a member both file and folder
          "cannot extract 's/000.dcm': another member of the archive has the same path"),
+        ("recistnet-mini", _twice_named_slice_zip(), 400,  # the second 000.dcm replaced slice 0: 200, 19 slices
+         "the upload: the archive holds two members named 's/000.dcm'"),
         ("recistnet-mini", zip_bytes({"a/bomb.dcm": bytes(80 << 20)}), 413, "--max-inflate-ratio"),  # zip bomb
         ("recistnet-mini", b"just some bytes that are not a volume", 415, "unsupported upload"),
         ("no-such-model", good, 404, "unknown model"),
