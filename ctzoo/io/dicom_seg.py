@@ -52,8 +52,8 @@ from pydicom.sr.codedict import codes
 
 from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_charset import apply_character_set
-from ctzoo.io.dicom_seg_codes import segment_coding
 from ctzoo.io.dicom_scan import DicomWarning
+from ctzoo.io.dicom_seg_codes import segment_coding
 from ctzoo.io.dicom_uids import derived_uid, result_uids
 from ctzoo.io.dicom_values import unwritable
 from ctzoo.io.volume import Volume
