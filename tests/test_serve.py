@@ -8,6 +8,7 @@ subprocess (the load test, which also watches the server's RSS).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -96,19 +97,32 @@ def bank():
 def server(repo):
     """uvicorn serving the repository on a free loopback port, in a thread: ``(port, url)``."""
     app = create_app(repo, [TOKEN, "second-token-abcdefghijkl"], device="cpu", threads=1, max_upload_mb=16)
+    with serving(app) as port:
+        yield port, f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def serving(app, **connection_options):
+    """uvicorn serving ``app`` on a free loopback port in a thread, with the connection options ``ctzoo serve``
+    runs it with (:func:`ctzoo.serve.connections.uvicorn_connection_options` of ``connection_options``): the port."""
+    from ctzoo.serve.connections import uvicorn_connection_options
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        running = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        running = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                **uvicorn_connection_options(**connection_options)))
         thread = threading.Thread(target=running.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         deadline = time.monotonic() + 20
         while not running.started:
             assert time.monotonic() < deadline, "uvicorn did not start"
             time.sleep(0.02)
-        yield port, f"http://127.0.0.1:{port}"
-        running.should_exit = True
-        thread.join(10)
+        try:
+            yield port
+        finally:
+            running.should_exit = True
+            thread.join(10)
 
 
 @pytest.fixture()
