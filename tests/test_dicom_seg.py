@@ -214,6 +214,31 @@ def test_missing_header_attributes_are_supplied_without_touching_the_volume(samp
     assert "PatientID" in sample_volume.dicom.headers[0]
 
 
+def test_header_values_highdicom_refuses_are_left_empty_in_the_seg_and_named_without_their_value(sample_volume,
+                                                                                                  tmp_path):
+    """A PatientBirthDate as '1970-01-31', a PatientSex holding a name, a StudyTime as '12:00': highdicom refused
+    each, and the SEG was lost for an optional (type-2) attribute."""
+    import warnings
+
+    from ctzoo.io.dicom_scan import DicomWarning
+
+    headers = copy.deepcopy(sample_volume.dicom.headers)
+    for ds in headers:
+        ds["PatientBirthDate"].value, ds["PatientSex"].value, ds["StudyTime"].value = "1970-01-31", "ZZTOP", "12:00"
+    volume = dataclasses.replace(sample_volume, dicom=dataclasses.replace(sample_volume.dicom, headers=headers))
+    labels = synthetic_labels(sample_volume.array.shape)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = write_dicom_seg(labels, volume, CLASSES, tmp_path / "seg.dcm", "m", "1.0.0")
+    seg = pydicom.dcmread(path)
+    assert (seg.PatientBirthDate, seg.PatientSex, seg.StudyTime) == ("", "", "")
+    assert seg.PatientID == sample_volume.dicom.headers[0].PatientID and seg.StudyDate == headers[0].StudyDate
+    [said] = [str(w.message) for w in caught if issubclass(w.category, DicomWarning)]
+    assert said.startswith("PatientBirthDate, PatientSex, StudyTime: not a valid DICOM value")
+    assert "1970" not in said and "ZZTOP" not in said
+    assert headers[0].PatientSex == "ZZTOP"  # the volume's own headers are untouched
+
+
 def test_headers_are_reread_from_files_when_not_kept(sample_volume, tmp_path):
     bare = dataclasses.replace(sample_volume, dicom=dataclasses.replace(sample_volume.dicom, headers=[]))
     completed = source_headers(bare)

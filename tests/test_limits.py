@@ -138,6 +138,44 @@ def test_tensor_limits_refuse_before_building():
         decode_request(body, None, limits.check_tensor_shape)
 
 
+def _empty_members_zip(path: Path, count: int) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for k in range(count):
+            archive.writestr(f"e/{k:05d}", b"")
+    return path
+
+
+def test_a_zip_of_many_empty_members_is_refused_from_its_directory(tmp_path):
+    """Empty members declare 0 bytes, so neither --max-decoded-mb nor --max-inflate-ratio stopped 100,000 of them
+    (40 s and 100,000 files); the member count is checked first, by the header count and by the reader."""
+    many = _empty_members_zip(tmp_path / "many.zip", 60)
+    limits = ResourceLimits(max_zip_members=50)
+    with pytest.raises(LimitExceeded, match="many.zip holds 60 members, over the limit of 50 per archive "
+                                            r"\(raise it with --max-zip-members\)"):
+        declared_voxels(many, limits)
+    with pytest.raises(LimitExceeded, match="--max-zip-members"):  # not "no DICOM files found" after extracting
+        read_volume(many, limits=limits)
+    with pytest.raises(ValueError, match="no DICOM files found"):  # within the limit: read (and no series)
+        read_volume(_empty_members_zip(tmp_path / "few.zip", 50), limits=limits)
+
+
+def test_a_zip_with_two_members_of_one_name_is_refused_not_one_slice_silently_replaced(tmp_path):
+    """The second 000.dcm (slice 1's content) overwrote slice 0: a 19-slice volume and a 200."""
+    import warnings
+
+    from ctzoo.io.dicom_scan import DicomError
+
+    files = sorted(Path(sample_ct_dicom()).iterdir())
+    series = tmp_path / "series.zip"
+    with zipfile.ZipFile(series, "w") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile's "Duplicate name" warning
+        for k, file in enumerate(files):
+            archive.write(file, f"{k:03d}.dcm")
+        archive.write(files[1], "000.dcm")
+    with pytest.raises(DicomError, match="series.zip: the archive holds two members named '000.dcm'"):
+        read_volume(series)
+
+
 def test_ctzoo_infer_applies_the_limits_from_its_options(tmp_path):
     """A case over --max-volume-voxels fails in summary.csv with the option named; exit status 1."""
     import csv
@@ -154,6 +192,11 @@ def test_ctzoo_infer_applies_the_limits_from_its_options(tmp_path):
     assert result.exit_code == 1, result.output
     [row] = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))
     assert row["status"] == "error" and "--max-volume-voxels" in row["error"]
+    result = CliRunner().invoke(main, ["infer", str(_empty_members_zip(tmp_path / "many.zip", 30)), "--out",
+                                       str(tmp_path / "zip-out"), "--workers", "0", "--max-zip-members", "20"])
+    assert result.exit_code == 1, result.output
+    [row] = list(csv.DictReader((tmp_path / "zip-out" / "summary.csv").open()))
+    assert row["status"] == "error" and "holds 30 members" in row["error"] and "--max-zip-members" in row["error"]
 
 
 def _nifti(path: Path, spacing: tuple[float, float, float], shape=(32, 32, 1)) -> Path:

@@ -8,6 +8,7 @@ subprocess (the load test, which also watches the server's RSS).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -96,19 +97,32 @@ def bank():
 def server(repo):
     """uvicorn serving the repository on a free loopback port, in a thread: ``(port, url)``."""
     app = create_app(repo, [TOKEN, "second-token-abcdefghijkl"], device="cpu", threads=1, max_upload_mb=16)
+    with serving(app) as port:
+        yield port, f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def serving(app, **connection_options):
+    """uvicorn serving ``app`` on a free loopback port in a thread, with the connection options ``ctzoo serve``
+    runs it with (:func:`ctzoo.serve.connections.uvicorn_connection_options` of ``connection_options``): the port."""
+    from ctzoo.serve.connections import uvicorn_connection_options
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        running = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        running = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                **uvicorn_connection_options(**connection_options)))
         thread = threading.Thread(target=running.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         deadline = time.monotonic() + 20
         while not running.started:
             assert time.monotonic() < deadline, "uvicorn did not start"
             time.sleep(0.02)
-        yield port, f"http://127.0.0.1:{port}"
-        running.should_exit = True
-        thread.join(10)
+        try:
+            yield port
+        finally:
+            running.should_exit = True
+            thread.join(10)
 
 
 @pytest.fixture()
@@ -240,6 +254,9 @@ BAD_REQUESTS = [
     ("missing input", SEG, _json([_tensor(shape=(1, 1, 128, 128))]), {}, 400, "input 'template' is missing"),
     ("wrong datatype", DET, _json([_tensor(datatype="FP64")]), {}, 400, "must be FP32, got FP64"),
     ("unknown datatype", DET, _json([_tensor(datatype="FLOAT")]), {}, 400, "datatype must be one of"),
+    # a list or an object is unhashable: the datatype lookup raised TypeError, a 500 with two tracebacks
+    ("datatype a list", DET, _json([_tensor(datatype=["FP32"])]), {}, 400, "datatype must be one of"),
+    ("datatype an object", DET, _json([_tensor(datatype={"a": 1})]), {}, 400, "datatype must be one of"),
     ("BYTES", DET, _json([_tensor(datatype="BYTES")]), {}, 400, "BYTES is not supported"),
     ("8 channels", DET, _json([_tensor(shape=(1, 8, 32, 32))]), {}, 400, "dimension 1 must be 9, not 8"),
     ("3 dimensions", DET, _json([_tensor(shape=(9, 32, 32))]), {}, 400, "must have 4 dimensions"),
@@ -673,6 +690,40 @@ def test_a_binary_token_file_is_one_error_line_showing_none_of_it(tmp_path, monk
                                        "--state-dir", str(tmp_path / "state")])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert result.output == f"Error: {token_file}: not a text token file (one token per line)\n"
+
+
+def test_a_token_file_with_a_byte_order_mark_keeps_its_first_token_valid(repo, tmp_path, monkeypatch):
+    """The BOM an editor writes became part of the first token, which then never matched (401 for its holders)."""
+    from fastapi.testclient import TestClient
+
+    from ctzoo.cli.serve import read_tokens
+
+    monkeypatch.setenv("CTZOO_SERVE_TOKENS", "")
+    token_file = tmp_path / "tokens"
+    token_file.write_bytes(f"\ufeff{TOKEN}\r\nsecond-token-abcdefghijkl\r\n".encode())
+    token_file.chmod(0o600)
+    assert read_tokens(token_file) == [TOKEN, "second-token-abcdefghijkl"]
+    with TestClient(create_app(repo, read_tokens(token_file), device="cpu", threads=1)) as http:
+        assert http.get("/v2", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize("where,token", [("file", "caf\u00e9-secret-token-0123456789"),
+                                         ("file", "secret-token\x010123456789"),
+                                         ("env", "ok-token-0123456789abcdef,\u00e9-secret-token-0123456789")])
+def test_a_token_no_client_could_send_is_refused_at_start_up_without_showing_it(tmp_path, monkeypatch, where,
+                                                                                   token):
+    """HTTP headers are read as Latin-1 and tokens hashed as UTF-8: a non-ASCII or control character never matches,
+    and the service started with a token nobody could use."""
+    token_file = tmp_path / "tokens"
+    token_file.write_text("# tokens\n" + (token if where == "file" else "") + "\n", encoding="utf-8")
+    token_file.chmod(0o600)
+    monkeypatch.setenv("CTZOO_SERVE_TOKENS", token if where == "env" else "")
+    result = CliRunner().invoke(main, ["serve", "--repository", str(tmp_path), "--token-file", str(token_file),
+                                       "--state-dir", str(tmp_path / "state")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    named = f"the token on line 2 of {token_file}" if where == "file" else "token 2 of $CTZOO_SERVE_TOKENS"
+    assert result.output.startswith(f"Error: {named} holds a character other than printable ASCII"), result.output
+    assert "secret" not in result.output
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the server's RSS")

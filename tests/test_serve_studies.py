@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -85,11 +86,16 @@ def small_nifti(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dicom_zip(sent_files) -> bytes:
     """The sample series (UIDs repaired) with a patient name and id, zipped as a client sends it."""
+    return _patient_zip(sent_files, PATIENT)
+
+
+def _patient_zip(sent_files: list[Path], attributes: dict[str, str]) -> bytes:
+    """The sample series with ``attributes`` set in every header, zipped."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for file in sent_files:
             dataset = pydicom.dcmread(file)
-            for keyword, value in PATIENT.items():
+            for keyword, value in attributes.items():
                 setattr(dataset, keyword, value)
             member = io.BytesIO()
             dataset.save_as(member, enforce_file_format=True)
@@ -117,6 +123,21 @@ def test_detector_study_equals_ctzoo_infer(client, repository, small_nifti, tmp_
     assert {k: v for k, v in answer.items() if k != "graph"} == json.loads(reference.read_text())
     assert answer["model"] == "recistnet-mini"
     assert answer["graph"]["file"] == "recistnet-mini/1/model.onnx" and answer["graph"]["precision"] == "fp32"
+
+
+def test_an_uncompressed_nifti2_upload_is_read_as_ctzoo_infer_reads_it(client, small_nifti, tmp_path):
+    """Only NIfTI-1's magic (byte 344) was known: an uncompressed NIfTI-2 (magic at byte 4) got 415, though a
+    gzipped one was read."""
+    import nibabel as nib
+
+    nifti1 = nib.load(str(small_nifti))
+    nifti2 = tmp_path / "ct.nii"
+    nib.save(nib.Nifti2Image(np.asanyarray(nifti1.dataobj), nifti1.affine), str(nifti2))
+    assert nifti2.read_bytes()[4:8] == b"n+2\x00"
+    response = client.post("/studies/recistnet-mini", content=nifti2.read_bytes(), headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert response.json()["lesions"] == client.post("/studies/recistnet-mini", content=small_nifti.read_bytes(),
+                                                     headers=AUTH).json()["lesions"]
 
 
 def test_torch_backend_study_equals_ctzoo_infer_with_torch(repository, small_nifti, tmp_path):
@@ -261,19 +282,54 @@ def test_each_score_threshold_gets_its_own_sr_and_a_rerun_the_same_one(client, d
     assert len({found[t] for t in (0.05, 0.3, 0.9)}) == 3
 
 
-def test_a_failing_dicom_writer_still_answers_json_and_says_why_there_is_no_dicom(client, dicom_zip, monkeypatch):
+def test_a_failing_dicom_writer_still_answers_json_and_says_why_there_is_no_dicom(client, dicom_zip, monkeypatch,
+                                                                                 caplog):
     """The SR writer refuses the series (as it refused Japanese character sets): format=json still answers with the
-    detections, format=dicom says why there is no SR."""
+    detections, format=dicom says why there is no SR; the server's log names the attribute, never its value (the
+    writer's message quoted it: a birth date, a name typed into PatientSex)."""
     import ctzoo.io.dicom_sr
 
     def refuse(*args, **kwargs):
-        raise ValueError("'' is not a valid SpecificCharacterSetValues")
+        raise ValueError("'ZZTOPNAME' is not a valid PatientSexValues")
 
     monkeypatch.setattr(ctzoo.io.dicom_sr, "write_recist_sr", refuse)
+    caplog.set_level(logging.WARNING)
     reply = client.post("/studies/recistnet-mini?format=json", content=dicom_zip, headers=AUTH)
     assert reply.status_code == 200 and "lesions" in reply.json(), reply.text
     reply = client.post("/studies/recistnet-mini?format=dicom", content=dicom_zip, headers=AUTH)
-    assert reply.status_code == 500 and "sr.dcm not written: '' is not a valid" in reply.text
+    assert reply.status_code == 500 and "sr.dcm not written: 'ZZTOPNAME' is not a valid" in reply.text
+    logged = [record.getMessage() for record in caplog.records]
+    assert "study: sr.dcm not written (ValueError on PatientSex)" in logged, logged
+    assert not [line for line in logged if "ZZTOPNAME" in line], logged
+
+
+def test_a_header_value_no_dicom_writer_takes_is_left_empty_and_never_logged(client, sent_files, tmp_path, caplog):
+    """A birth date as '1970-01-31' (pydicom writes it with a warning) made highdicom refuse the SR: a 500, and the
+    value in the server's log. Now the SR is written with that type-2 attribute empty, the others as they were."""
+    body = _patient_zip(sent_files, {**PATIENT, "PatientBirthDate": "1970-01-31", "PatientSex": "ZZTOPNAME"})
+    caplog.clear()  # pydicom's warnings on writing those values here
+    caplog.set_level(logging.DEBUG)
+    reply = client.post("/studies/recistnet-mini?format=dicom", content=body, headers=AUTH)
+    assert reply.status_code == 200, reply.text
+    (tmp_path / "sr.dcm").write_bytes(reply.content)
+    sr = pydicom.dcmread(tmp_path / "sr.dcm")
+    assert (sr.PatientBirthDate, sr.PatientSex) == ("", "")
+    assert (str(sr.PatientName), sr.PatientID) == (PATIENT["PatientName"], PATIENT["PatientID"])
+    assert not [r.getMessage() for r in caplog.records if "1970-01-31" in r.getMessage() or "ZZTOP" in r.getMessage()]
+
+
+def _twice_named_slice_zip() -> bytes:
+    """The 20 sample slices as s/000.dcm to s/019.dcm, then slice 1 once more as s/000.dcm."""
+    import warnings
+
+    files = sorted(Path(sample_ct_dicom()).iterdir())
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile's "Duplicate name" warning
+        for k, file in enumerate(files):
+            archive.write(file, f"s/{k:03d}.dcm")
+        archive.write(files[1], "s/000.dcm")
+    return buffer.getvalue()
 
 
 def test_bad_uploads_get_a_precise_4xx_and_the_service_keeps_serving(client, small_nifti):
@@ -284,6 +340,8 @@ def test_bad_uploads_get_a_precise_4xx_and_the_service_keeps_serving(client, sma
         ("recistnet-mini", zip_bytes({"notes.txt": b"hello"}), 400, "no DICOM files"),  # a zip that is not DICOM
         ("recistnet-mini", zip_bytes({"s": b"x", "s/000.dcm": b"y"}), 400,  # a member both file and folder
          "cannot extract 's/000.dcm': another member of the archive has the same path"),
+        ("recistnet-mini", _twice_named_slice_zip(), 400,  # the second 000.dcm replaced slice 0: 200, 19 slices
+         "the upload: the archive holds two members named 's/000.dcm'"),
         ("recistnet-mini", zip_bytes({"a/bomb.dcm": bytes(80 << 20)}), 413, "--max-inflate-ratio"),  # zip bomb
         ("recistnet-mini", b"just some bytes that are not a volume", 415, "unsupported upload"),
         ("no-such-model", good, 404, "unknown model"),

@@ -77,6 +77,56 @@ def test_uploads_held_open_mid_body_do_not_lock_other_clients_out_of_the_model(r
     asyncio.run(scenario())
 
 
+def test_uploads_stalled_mid_body_hold_only_the_bytes_they_sent(repo):
+    """Each body reserved its Content-Length while it was read: 16 clients announcing 512 MiB and sending 1 byte
+    held the whole --max-inflight-mb, and every request on every model got 503 until their deadlines. Here two
+    stalled uploads announce what would leave no room for a third request; it is answered all the same."""
+    body, headers = _binary_request({"image": np.zeros((1, 9, 32, 32), np.float32)})
+    # room for both stalled bodies and half of another: what they announce, reserved, would lock a third out
+    app = create_app(repo, [TOKEN], device="cpu", threads=1, batching=False,
+                     limits=ServeLimits(max_inflight_mb=len(body) * 2.5 / (1 << 20), queue_wait_s=1.0))
+    url = f"/v2/models/{DET}/infer"
+
+    async def scenario():
+        release = asyncio.Event()
+        async with _asgi(app) as http:
+            stalled = [asyncio.ensure_future(http.post(url, content=held_open(body, release),
+                                                       headers={**headers, "Content-Length": str(len(body))}))
+                       for _ in range(2)]
+            await asyncio.sleep(0.3)
+            assert not any(task.done() for task in stalled)
+            assert app.state.budget.reserved == 2 * 10  # the bytes that arrived (held_open sends 10)
+            response = await http.post(url, content=body, headers=headers)
+            assert response.status_code == 200, response.text
+            release.set()
+            assert [r.status_code for r in await asyncio.gather(*stalled)] == [200, 200]
+        assert app.state.budget.reserved == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_body_announced_or_grown_past_the_whole_budget_is_413(repo):
+    """What could never fit is refused at once: from Content-Length before reading, else (chunked) once the
+    bytes that arrived pass it."""
+    app = create_app(repo, [TOKEN], device="cpu", threads=1, limits=ServeLimits(max_inflight_mb=1 / 16))
+    url = f"/v2/models/{DET}/infer"
+
+    async def chunked():
+        for _ in range(8):
+            yield bytes(16 << 10)
+
+    async def scenario():
+        async with _asgi(app) as http:
+            announced = await http.post(url, content=bytes(128 << 10), headers=AUTH)
+            streamed = await http.post(url, content=chunked(), headers=AUTH)
+        for response in (announced, streamed):
+            assert response.status_code == 413, response.text
+            assert "over the server's 0.0625 MiB in flight (raise it with --max-inflight-mb)" in response.text
+        assert app.state.budget.reserved == 0
+
+    asyncio.run(scenario())
+
+
 def test_batching_options_reach_validation_and_config_not_only_the_batcher(repo):
     """--max-batch-size, --max-queue-delay-ms and --no-batching went to the batcher only: requests were still
     validated against ctzoo.json's max_batch_size and /config still showed its batching."""

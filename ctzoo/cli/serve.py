@@ -17,6 +17,7 @@ from ctzoo.cli.decode_options import decode_option, resolve_decoder
 from ctzoo.cli.limits import volume_limit_options, volume_limits
 from ctzoo.cli.perf_options import perf_monitor, perf_options
 from ctzoo.serve.budget import ServeLimits
+from ctzoo.serve.connections import HEADER_TIMEOUT_S, MAX_CONNECTIONS
 
 TOKENS_ENV = "CTZOO_SERVE_TOKENS"
 logger = logging.getLogger("ctzoo.serve")
@@ -24,24 +25,40 @@ logger = logging.getLogger("ctzoo.serve")
 
 def read_tokens(token_file: Path | None) -> list[str]:
     """Tokens from ``$CTZOO_SERVE_TOKENS`` (comma-separated) and ``token_file`` (one per line; blank lines and
-    lines starting with ``#`` are skipped)."""
-    tokens = [t.strip() for t in os.environ.get(TOKENS_ENV, "").split(",") if t.strip()]
+    lines starting with ``#`` are skipped; a UTF-8 byte order mark is no part of the first token). A token that no
+    client could ever send (a character other than printable ASCII) is a ClickException naming where it is."""
+    tokens = []
+    for position, token in enumerate(os.environ.get(TOKENS_ENV, "").split(","), 1):
+        if token.strip():
+            tokens.append(_sendable(token.strip(), f"token {position} of ${TOKENS_ENV}"))
     if token_file is not None:
         text = _token_file_text(token_file)  # first: a file that is no token file needs no advice on its mode
         mode = token_file.stat().st_mode
         if mode & (stat.S_IRGRP | stat.S_IROTH):
             click.echo(f"warning: {token_file} is readable by other users (chmod 600 it)", err=True)
-        for line in text.splitlines():
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip() and not line.lstrip().startswith("#"):
-                tokens.append(line.strip())
+                tokens.append(_sendable(line.strip(), f"the token on line {number} of {token_file}"))
     return tokens
+
+
+def _sendable(token: str, where: str) -> str:
+    """``token``, if a client can send it: the service reads the Authorization header as Latin-1 and hashes tokens
+    as UTF-8, so a token with a character outside printable ASCII could never match (the message never shows
+    the token, a secret)."""
+    if not all(" " <= char <= "~" for char in token):
+        raise click.ClickException(f"{where} holds a character other than printable ASCII (a control character or "
+                                   "a non-ASCII letter), so no client could ever send it; use random hex or "
+                                   "base64 tokens")
+    return token
 
 
 def _token_file_text(token_file: Path) -> str:
     """The text of ``token_file``; a binary file given by mistake is one error line that shows none of its bytes
     (a token file's contents are secrets)."""
     try:
-        text = token_file.read_text(encoding="utf-8")
+        # utf-8-sig: an editor's byte order mark would otherwise become part of the first token (which never matches)
+        text = token_file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         text = None
     if text is None or "\0" in text:  # NUL: binary that happens to decode as UTF-8
@@ -174,12 +191,18 @@ def _is_loopback(host: str) -> bool:
               "(about half the service's memory); more wait (then 503), one request alone over it gets 413.")
 @click.option("--queue-wait-s", type=click.FloatRange(min=0), default=ServeLimits.queue_wait_s, show_default=True,
               help="How long a request waits for a place before 503 with Retry-After.")
+@click.option("--header-timeout-s", type=click.FloatRange(min=0, min_open=True), default=HEADER_TIMEOUT_S,
+              show_default=True, help="A connection that has not sent its whole request line and headers this long "
+              "after it opened (or after its previous response) is closed.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=MAX_CONNECTIONS, show_default=True,
+              help="Open connections or requests in progress beyond which a request gets 503 at once; keep it well "
+              "under the open-files limit (ulimit -n).")
 @perf_options(on_by_default=True, deep_profiles=True)
 def serve(repository: Path, host: str, port: int, token_file: Path | None, insecure_no_auth: bool,
           metrics_no_auth: bool, max_upload_mb: float, request_timeout_s: float, backend: str, precision: str,
           decode: str, threads: int | None, device: str, tensorrt: bool, max_batch_size: int | None,
           max_queue_delay_ms: float | None, no_batching: bool, no_access_log: bool, state_dir: Path | None,
-          **budget_options) -> None:
+          header_timeout_s: float, max_connections: int, **budget_options) -> None:
     """Serve the models of a repository over HTTP: KServe v2 / Open Inference Protocol.
 
     Any KServe v2 client works, e.g. tritonclient.http (JSON and binary tensors). Every route needs
@@ -206,7 +229,8 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
     --max-inflight-mb: they wait up to --queue-wait-s, then 503 with Retry-After). The body is read
     inside --request-timeout-s; past it the client gets 504 and the study is told to stop at its next
     check (between slice chunks and model batches, before writing), keeping its place and memory until
-    it has; then its files are removed.
+    it has; then its files are removed. A connection must send its request headers within
+    --header-timeout-s, and beyond --max-connections requests get 503.
 
     --perf (on by default; --no-perf) judges each /infer request's decode, queue and encode stages,
     each batch's formation and model run, and each study's upload, read, preprocess, predict, finish
@@ -228,6 +252,7 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
     import faulthandler
 
     from ctzoo.serve.app import create_app
+    from ctzoo.serve.connections import limit_accept_errors, uvicorn_connection_options
     from ctzoo.serve.studies import study_router
 
     try:  # a native crash (a decoder, a runtime) leaves every thread's Python stack in the log
@@ -269,11 +294,12 @@ def serve(repository: Path, host: str, port: int, token_file: Path | None, insec
                    f"{rows}{capped}", err=True)
     click.echo(f"KServe v2 on http://{host}:{port}/v2 (metrics: /metrics)", err=True)
     console_logging(access_log=not no_access_log)
+    limit_accept_errors()
     level = logging.getLogger().getEffectiveLevel()
     # uvicorn's own access log stays off: it would log query strings
     try:
         run_until_signalled(app, host=host, port=port, access_log=False, log_level=max(level, logging.INFO),
-                            timeout_keep_alive=5)
+                            **uvicorn_connection_options(header_timeout_s, max_connections))
     finally:
         if monitor is not None:
             monitor.close()  # the reduction totals, written last

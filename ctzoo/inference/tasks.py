@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,15 +93,31 @@ def error_message(exc: BaseException) -> str:
 
 def _write_dicom_result(written: list[Path], path: Path, write: Callable[[], Path]) -> str:
     """Write a case's DICOM result (SR, SEG) with ``write``, appending its path to ``written``; returns "" or, where
-    the DICOM writer fails, the error (the summary row's ``dicom_error``, logged as a warning): the case keeps the
-    JSON and NIfTI results already written, which do not depend on DICOM encoding."""
+    the DICOM writer fails, the error (the summary row's ``dicom_error``, for the user who ran the case or uploaded
+    it): the case keeps the JSON and NIfTI results already written, which do not depend on DICOM encoding. The
+    log line has the exception's type and the DICOM attributes its message names, never the message itself: the
+    writers quote header values (a birth date, a name in PatientSex)."""
     try:
         written.append(write())
         return ""
     except Exception as exc:
-        message = f"{path.name} not written: {error_message(exc)}"
-        log.warning("%s: %s", path.parent.name, message)
-        return message
+        named = dicom_keywords_named(str(exc))
+        log.warning("%s: %s not written (%s%s)", path.parent.name, path.name, type(exc).__name__,
+                    f" on {', '.join(named)}" if named else "")
+        return f"{path.name} not written: {error_message(exc)}"
+
+
+def dicom_keywords_named(text: str) -> list[str]:
+    """The DICOM attribute keywords ``text`` names (pydicom's dictionary; highdicom's enumerations too, as
+    ``PatientSexValues``), outside quotes, where the writers put the values: words safe to log."""
+    from pydicom.datadict import keyword_dict
+
+    named = []
+    for word in re.findall(r"[A-Z][A-Za-z0-9]+", re.sub(r"'[^']*'|\"[^\"]*\"", " ", text)):
+        keyword = word.removesuffix("Values") if word.endswith("Values") else word
+        if keyword in keyword_dict and keyword not in named:
+            named.append(keyword)
+    return named
 
 
 def _write_json(document: dict, path: Path) -> Path:

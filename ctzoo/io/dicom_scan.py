@@ -387,8 +387,9 @@ def dicom_folder(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS) -> I
     """Yield a folder holding the DICOM files of ``path`` (a folder, or a zip extracted to a temporary folder).
 
     The second value is the name to show for files (the zip's path), so messages name ``series.zip/IMG001``.
-    A zip may inflate to ``limits.decoded_limit(its size)`` bytes: checked on the sizes its directory declares
-    before extracting, and on the bytes written while extracting (:class:`~ctzoo.io.limits.LimitExceeded`).
+    A zip may hold ``limits.max_zip_members`` entries and inflate to ``limits.decoded_limit(its size)`` bytes:
+    checked on its directory before extracting, and on the bytes written while extracting
+    (:class:`~ctzoo.io.limits.LimitExceeded`).
     """
     path = Path(path)
     if path.is_dir():
@@ -402,21 +403,35 @@ def dicom_folder(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS) -> I
         yield target, str(path)
 
 
+def _zip_members(archive: zipfile.ZipFile, path: Path, limits: ResourceLimits) -> list[zipfile.ZipInfo]:
+    """The files of ``archive`` (folder entries left out), once its entries' number and the files' declared sizes
+    are within ``limits``: checked on its directory, before anything is extracted or read."""
+    entries = archive.infolist()
+    limits.check_members(len(entries), path.name)
+    members = [m for m in entries if not m.is_dir()]
+    limits.check_decoded(sum(m.file_size for m in members), path.stat().st_size, path.name)
+    return members
+
+
 def _extract_zip(path: Path, target: Path, limits: ResourceLimits) -> None:
     """Extract the zip at ``path`` into ``target`` within ``limits`` (see :func:`dicom_folder`); a damaged archive
-    is a :class:`DicomError` naming it and the member, not zipfile's or zlib's traceback."""
+    is a :class:`DicomError` naming it and the member, not zipfile's or zlib's traceback, and so is one with two
+    members of one name (the second would silently replace the first: a slice lost)."""
     received = path.stat().st_size
     with _open_zip(path) as archive:
-        members = [m for m in archive.infolist() if not m.is_dir()]
-        limits.check_decoded(sum(m.file_size for m in members), received, path.name)
+        members = _zip_members(archive, path, limits)
         written, allowed = 0, min(limits.decoded_limit(received), limits.max_decoded_bytes)
+        extracted: set[Path] = set()
         for member in members:
             destination = (target / member.filename).resolve()
             if target not in destination.parents:
                 raise DicomError(f"{path}: member {member.filename!r} would extract outside the archive folder")
+            if destination in extracted:
+                raise DicomError(f"{path}: the archive holds two members named {member.filename!r}")
+            extracted.add(destination)
             try:
                 destination.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(member) as src, open(destination, "wb") as dst:
+                with archive.open(member) as src, open(destination, "xb") as dst:
                     # counted while extracting: a crafted archive can declare small sizes and inflate far beyond them
                     while chunk := src.read(1 << 20):
                         written += len(chunk)
@@ -456,9 +471,7 @@ def zip_declared_size(path: str | Path, limits: ResourceLimits = DEFAULT_LIMITS)
         raise DicomError(f"{path.name}: not a zip archive")
     voxels = frames = 0
     with _open_zip(path) as archive:
-        members = [m for m in archive.infolist() if not m.is_dir()]
-        limits.check_decoded(sum(m.file_size for m in members), path.stat().st_size, path.name)
-        for member in members:
+        for member in _zip_members(archive, path, limits):
             try:
                 with archive.open(member) as stream:
                     if declares_deflate(stream):

@@ -31,14 +31,17 @@ frame-of-reference UIDs, Rows, Columns, PixelSpacing, ImageOrientationPatient an
 (always present in headers our reader kept, since it needs them itself), plus attributes it reads from the
 first image unconditionally: PatientID, PatientName, PatientBirthDate, PatientSex, AccessionNumber, StudyID,
 StudyDate, StudyTime (DICOM type 2: present, possibly empty) and SliceThickness. Headers that lack them are
-copied and completed (empty type-2 values; the volume's slice spacing for SliceThickness); the volume's own
-headers are never modified.
+copied and completed (empty type-2 values; the volume's slice spacing for SliceThickness); a type-2 value that
+highdicom would refuse (a PatientBirthDate '1970-01-31', a PatientSex that is no M, F or O:
+:func:`~ctzoo.io.dicom_values.unwritable`) is left empty in the copy, with a warning naming the attribute (never its
+value), rather than costing the whole result; the volume's own headers are never modified.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.metadata
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,8 +52,10 @@ from pydicom.sr.codedict import codes
 
 from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_charset import apply_character_set
+from ctzoo.io.dicom_scan import DicomWarning
 from ctzoo.io.dicom_seg_codes import segment_coding
 from ctzoo.io.dicom_uids import derived_uid, result_uids
+from ctzoo.io.dicom_values import unwritable
 from ctzoo.io.volume import Volume
 
 #: Read unconditionally from the first source image by highdicom; DICOM type 2 (may be empty).
@@ -120,17 +125,22 @@ def source_headers(volume: Volume) -> list[pydicom.Dataset]:
     if len(headers) != volume.array.shape[0]:
         raise ValueError(f"the volume has {volume.array.shape[0]} slices but {len(headers)} DICOM headers (and no "
                          "readable source files): a SEG needs every source slice's header")
-    completed = []
+    completed, blanked = [], set()
     for ds in headers:
         missing = [k for k in _TYPE2_FROM_SOURCE if k not in ds]
+        invalid = [k for k in _TYPE2_FROM_SOURCE if k in ds and unwritable(ds, k)]
         no_thickness = ds.get("SliceThickness") in (None, "")
-        if missing or no_thickness:
+        if missing or invalid or no_thickness:
             ds = copy.deepcopy(ds)
-            for keyword in missing:
+            for keyword in missing + invalid:
                 setattr(ds, keyword, "")
+            blanked.update(invalid)
             if no_thickness:  # the thickness a label slice represents: the grid's slice spacing
                 ds.SliceThickness = round(volume.spacing[2], 6)
         completed.append(ds)
+    if blanked:  # the attribute only: its value may identify the patient
+        warnings.warn(f"{', '.join(sorted(blanked))}: not a valid DICOM value in the source; left empty in the "
+                      "result", DicomWarning, stacklevel=2)
     return completed
 
 

@@ -14,9 +14,14 @@ import math
 import numpy as np
 import pydicom
 from pydicom.multival import MultiValue
+from pydicom.valuerep import DA, DT, TM
 
 #: How many numbers each geometry attribute holds.
 GEOMETRY_VALUE_COUNTS = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
+#: The values a DICOM writer (highdicom) accepts for PatientSex; anything else is refused there.
+PATIENT_SEX_VALUES = ("M", "F", "O")
+#: Value representations a DICOM writer converts to dates and times, refusing a value not in DICOM's format.
+_CONVERTERS = {"DA": DA, "DT": DT, "TM": TM}
 #: How far direction cosines may be from unit length, and their dot product from 0 (files round them to a few
 #: digits; a real error is far larger).
 COSINE_TOLERANCE = 1e-3
@@ -87,3 +92,26 @@ def rescale_problem(ds: pydicom.Dataset) -> str:
         if keyword == "RescaleSlope" and values[0] <= 0:
             return f"RescaleSlope is {values[0]:g}; HU need a positive slope"
     return ""
+
+
+def unwritable(ds: pydicom.Dataset, keyword: str) -> bool:
+    """Whether ``ds``'s ``keyword`` (present) holds a value a DICOM writer refuses to copy into a result: a date or
+    time not in DICOM's format (PatientBirthDate '1970-01-31'), a PatientSex other than M, F or O, or a value pydicom
+    cannot decode. An empty value is writable."""
+    try:
+        element = ds[keyword]
+        value = element.value
+    except (ValueError, TypeError):
+        return True
+    if value in (None, ""):
+        return False
+    if keyword == "PatientSex":
+        return str(value) not in PATIENT_SEX_VALUES
+    converter = _CONVERTERS.get(element.VR)
+    if converter is None:
+        return False
+    try:
+        converter(value)
+    except (ValueError, TypeError):
+        return True
+    return False

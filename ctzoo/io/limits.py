@@ -11,6 +11,8 @@ the PACS bridge and the service's study endpoints share one set of rules:
 * **inflation ratio** (``max_inflate_ratio``): decoded bytes per byte received, beyond a small allowance
   (``INFLATE_ALLOWANCE``) so small synthetic volumes pass: a 2 MB zip or a 69-byte ``.nii.gz`` cannot make the
   reader write or allocate gigabytes;
+* **members per zip** (``max_zip_members``, default 20,000): counted in the archive's directory before anything is
+  extracted or read, because empty members pass both limits above and each costs a file and a header read;
 * **self-contained files only** (``self_contained_only``, the service's setting for uploads): an MHA/NRRD header
   that names another file for its voxels (``ElementDataFile``, ``data file``) is refused before anything is
   opened, and the message never repeats the path (no file-existence oracle).
@@ -53,6 +55,7 @@ class ResourceLimits:
     max_decoded_mb: float = 2048
     max_inflate_ratio: float = 100
     self_contained_only: bool = False
+    max_zip_members: int = 20_000
 
     @property
     def max_decoded_bytes(self) -> int:
@@ -66,6 +69,12 @@ class ResourceLimits:
             raise LimitExceeded(f"{what} declares {dims} = {voxels:,} voxels, over the limit of "
                                 f"{self.max_volume_voxels:,} voxels per volume", "--max-volume-voxels")
         return voxels
+
+    def check_members(self, members: int, what: str) -> None:
+        """:class:`LimitExceeded` when an archive holds more than ``max_zip_members`` entries."""
+        if members > self.max_zip_members:
+            raise LimitExceeded(f"{what} holds {members:,} members, over the limit of {self.max_zip_members:,} per "
+                                "archive", "--max-zip-members")
 
     def decoded_limit(self, received_bytes: int) -> int:
         """How many bytes an input of ``received_bytes`` may decode to: ``max_decoded_mb``, and at most

@@ -78,7 +78,7 @@ from starlette.requests import ClientDisconnect
 from ctzoo import __version__
 from ctzoo.perf import PerfMonitor, event_key, request_hash
 from ctzoo.serve.batching import MicroBatcher, QueueFullError
-from ctzoo.serve.budget import InflightBudget, ServeLimits
+from ctzoo.serve.budget import InflightBudget, Reservation, ServeLimits
 from ctzoo.serve.repository import ServedModel, load_repository
 from ctzoo.serve.v2_codec import (
     HEADER_LENGTH,
@@ -222,32 +222,31 @@ def token_checker(tokens: Sequence[str]):
     return require_token
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, received: Reservation | None = None) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes: from
-    ``Content-Length`` before anything is read, else while counting the streamed chunks."""
+    ``Content-Length`` before anything is read, else while counting the streamed chunks. ``received``: the
+    in-flight budget's reservation for the body, grown by each chunk as it arrives (never by what
+    ``Content-Length`` announces: a client that announces much and stalls holds only what it sent)."""
     length = request.headers.get("content-length")
     if length is not None:
         if not length.strip().isdigit():
             raise ServeError(f"Content-Length must be an integer, got {length!r:.40}")
         if int(length) > limit:
             raise ServeError(f"the body of {int(length)} bytes exceeds the {limit}-byte upload limit", status=413)
+        if received is not None:
+            received.check_fits(int(length))
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise ServeError(f"the body exceeds the {limit}-byte upload limit", status=413)
+            if received is not None:
+                await received.grow(len(chunk))
             chunks.append(chunk)
     except ClientDisconnect:
         raise ServeError("the client disconnected while sending the body") from None
     return b"".join(chunks)
-
-
-def body_reservation(request: Request, limit: int, inflight_limit: int) -> int:
-    """The bytes to reserve for a body while it is read: its ``Content-Length``, else (chunked) the upload
-    ``limit``, no more than the whole in-flight budget (:func:`read_body` refuses what passes ``limit``)."""
-    length = (request.headers.get("content-length") or "").strip()
-    return min(int(length) if length.isdigit() else limit, limit, inflight_limit)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -385,9 +384,8 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
         # the body is read before the model's slot is taken (a client still uploading holds no slot, so slow
         # uploads cannot lock the model), under its memory reservation and the request's deadline
         content_encoding(request.headers.get("content-encoding"))  # 415 before the body is read
-        announced = body_reservation(request, settings.max_upload_bytes, limits.max_inflight_bytes)
-        async with budget.reserve(announced, "the request body"):
-            body = await read_body(request, settings.max_upload_bytes)
+        async with budget.growing("the request body") as received:
+            body = await read_body(request, settings.max_upload_bytes, received)
             inflated, held = await run_in_threadpool(request_budget, body, request.headers.get("content-encoding"),
                                                      request.headers.get(HEADER_LENGTH),
                                                      min(settings.max_upload_bytes, limits.max_tensor_bytes),
@@ -395,7 +393,7 @@ def create_app(repository: Path, tokens: Sequence[str] = (), *, insecure_no_auth
             arrived = time.perf_counter()
             async with budget.slot(model.name):
                 admit_s = time.perf_counter() - arrived  # waiting for one of the model's request slots
-                async with budget.reserve(held, "the request", held=announced):
+                async with budget.reserve(held, "the request", held=received.nbytes):
                     return await _decode_and_run(model, request, body, inflated, admit_s)
 
     async def _decode_and_run(model: ServedModel, request: Request, body: bytes, inflated: int,

@@ -9,8 +9,9 @@
   (and some slack for shapes and parameters), counted before it is parsed (413).
 * **In flight**: at most ``max_requests_per_model`` requests per model are being worked on at once (a tensor
   request takes its place once its body has arrived, so clients still uploading never lock a model), and the
-  bytes they are expected to decode, summed over the whole server, stay under ``max_inflight_mb`` (a tensor
-  request's body is reserved while it is read: its ``Content-Length``, else the upload limit). A request
+  bytes they are expected to decode, summed over the whole server, stay under ``max_inflight_mb`` (a body or
+  upload is reserved as its bytes arrive, not as its ``Content-Length`` announces them: a client that announces
+  512 MiB and stalls holds what it sent, so stalled uploads cannot lock the others out). A request
   that does not fit waits (up to ``queue_wait_s``, inside its own deadline); then it gets 503 with
   ``Retry-After``. One that could never fit (alone over ``max_inflight_mb``) gets 413 at once.
 
@@ -117,19 +118,40 @@ class InflightBudget:
         finally:
             semaphore.release()
 
+    def check_fits(self, nbytes: int, what: str) -> None:
+        """413 when ``nbytes`` alone could never fit in the server's ``max_inflight_mb``."""
+        if nbytes > self.limits.max_inflight_bytes:
+            raise ServeError(f"{what} needs about {nbytes / (1 << 20):,.0f} MiB, over the server's "
+                             f"{self.limits.max_inflight_mb:g} MiB in flight (raise it with --max-inflight-mb)",
+                             status=413)
+
     @asynccontextmanager
     async def reserve(self, nbytes: int, what: str, held: int = 0):
         """``nbytes`` of the server's ``max_inflight_mb`` held while the block runs: 413 when it could never
         fit, waits while others hold too much, 503 with Retry-After after ``queue_wait_s``. ``held``: bytes an
-        enclosing reservation of the same request holds already (its body's, while it was read): only the rest
-        is added."""
-        total = self.limits.max_inflight_bytes
-        if nbytes > total:
-            raise ServeError(f"{what} needs about {nbytes / (1 << 20):,.0f} MiB, over the server's "
-                             f"{self.limits.max_inflight_mb:g} MiB in flight (raise it with --max-inflight-mb)",
-                             status=413)
+        enclosing reservation of the same request holds already (its body's, once read): only the rest is
+        added."""
+        self.check_fits(nbytes, what)
         nbytes = max(0, nbytes - held)
-        changed = self._condition()
+        await self._take(nbytes)
+        try:
+            yield
+        finally:
+            self._give_back(nbytes)
+
+    @asynccontextmanager
+    async def growing(self, what: str):
+        """A :class:`Reservation` of nothing yet, grown as a body arrives (:meth:`Reservation.grow`), all of it
+        given back when the block ends."""
+        reservation = Reservation(self, what)
+        try:
+            yield reservation
+        finally:
+            self._give_back(reservation.nbytes)
+
+    async def _take(self, nbytes: int) -> None:
+        """Add ``nbytes`` to what is reserved once they fit; 503 with Retry-After after ``queue_wait_s``."""
+        total, changed = self.limits.max_inflight_bytes, self._condition()
         async with changed:
             try:
                 await asyncio.wait_for(changed.wait_for(lambda: self.reserved + nbytes <= total),
@@ -137,9 +159,9 @@ class InflightBudget:
             except asyncio.TimeoutError:
                 raise self.busy() from None
             self.reserved += nbytes
-        try:
-            yield
-        finally:
+
+    def _give_back(self, nbytes: int) -> None:
+        if nbytes:
             self.reserved -= nbytes  # at once, even when the request is being cancelled; waiters are woken apart
             asyncio.get_running_loop().create_task(self._wake())
 
@@ -147,3 +169,22 @@ class InflightBudget:
         changed = self._condition()
         async with changed:
             changed.notify_all()
+
+
+class Reservation:
+    """The bytes of the server's ``max_inflight_mb`` one body holds, as many as have arrived
+    (:meth:`InflightBudget.growing`)."""
+
+    def __init__(self, budget: InflightBudget, what: str) -> None:
+        self.budget, self.what, self.nbytes = budget, what, 0
+
+    def check_fits(self, nbytes: int) -> None:
+        """413 when a body of ``nbytes`` (as its Content-Length announces it) could never fit, before it is read."""
+        self.budget.check_fits(nbytes, self.what)
+
+    async def grow(self, nbytes: int) -> None:
+        """Hold ``nbytes`` more (a chunk that arrived): 413 once the body alone is over the budget, else waits while
+        others hold too much, and 503 after ``queue_wait_s``."""
+        self.budget.check_fits(self.nbytes + nbytes, self.what)
+        await self.budget._take(nbytes)
+        self.nbytes += nbytes

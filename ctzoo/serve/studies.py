@@ -68,15 +68,15 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ctzoo.perf import event_key, request_hash
-from ctzoo.serve.app import body_reservation, read_body
+from ctzoo.serve.app import read_body
 from ctzoo.serve.budget import study_bytes
 from ctzoo.serve.v2_codec import ServeError
 
 logger = logging.getLogger(__name__)
 
-#: (leading bytes, offset) -> the suffix the readers need.
+#: (leading bytes, offset) -> the suffix the readers need: NIfTI-1 has its magic at byte 344, NIfTI-2 at byte 4.
 _SIGNATURES = [(b"\x1f\x8b", 0, ".nii.gz"), (b"PK\x03\x04", 0, ".zip"), (b"NRRD", 0, ".nrrd"),
-               (b"ObjectType", 0, ".mha"), (b"n+1\x00", 344, ".nii")]
+               (b"ObjectType", 0, ".mha"), (b"n+1\x00", 344, ".nii"), (b"n+2\x00", 4, ".nii")]
 FORMATS = ("json", "nifti", "dicom")
 #: The status of a study whose client disconnected (nginx's "client closed request"): only the access log sees it.
 CLIENT_CLOSED = 499
@@ -326,11 +326,10 @@ def study_router(device: str = "auto", threads: int | None = None, state_dir: st
         bundle = await run_in_threadpool(tasks.bundle, model)
         check_output_format(output_format, bundle.task)
         # the upload is read before the model's slot is taken (a client still uploading holds no slot, so slow
-        # uploads cannot lock the model out), under a memory reservation for it
-        announced = body_reservation(request, settings.max_upload_bytes, budget.limits.max_inflight_bytes)
-        async with budget.reserve(announced, "the upload"):
+        # uploads cannot lock the model out), under a memory reservation of the bytes it has sent
+        async with budget.growing("the upload") as received:
             started, clock = time.time(), time.perf_counter()  # the upload stage: not the wait for a slot
-            body = await read_body(request, settings.max_upload_bytes)
+            body = await read_body(request, settings.max_upload_bytes, received)
             suffix = upload_suffix(body)
             check_output_format(output_format, bundle.task, suffix)
             size = len(body)
@@ -351,7 +350,7 @@ def study_router(device: str = "auto", threads: int | None = None, state_dir: st
                         _upload_context(request, size, suffix, voxels))
                     # the upload's bytes are on disk now: the study's reservation replaces theirs
                     async with budget.reserve(study_bytes(voxels, slices, canvas_pixels(bundle)), "the study",
-                                              held=announced):
+                                              held=received.nbytes):
                         task = await run_in_threadpool(tasks.get, model, bundle, score_threshold)
                         handed_over = True  # from here the worker thread owns the folder, even if we are cancelled
                         return await _held_until_done(asyncio.ensure_future(run_in_threadpool(

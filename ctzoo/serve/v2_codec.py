@@ -241,6 +241,8 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
 
 
 def _dtype(value: Any, where: str) -> np.dtype:
+    if not isinstance(value, str):  # a list or object would be unhashable in the lookups below (a 500)
+        raise ServeError(f"{where}.datatype must be one of {', '.join(DATATYPES)}, got {value!r:.40}")
     if value in UNSUPPORTED_DATATYPES:
         raise ServeError(f"{where}.datatype {value} is not supported by this service")
     if value not in DATATYPES:
