@@ -81,6 +81,22 @@ def test_no_gpu_table_without_its_json():
     assert "JSON not in the repository" not in text and "H200" not in text
 
 
+def test_bf16_class_agreement_is_precision_json():
+    row = next(r for r in _json("precision.json")["rows"] if r["task"] == "segmentation")
+    agreement = f"{100 * row['sample_ct_check']['class_agreement']:.2f} %"
+    assert f"map the same (measured {agreement})" in (ROOT / "docs" / "batch-inference.md").read_text()
+
+
+def test_expansion_table_wall_times_are_expand_json():
+    """docs/scaling.md's expansion table: the wall seconds benchmarks/expand.py printed from its JSON."""
+    text = (ROOT / "docs" / "scaling.md").read_text()
+    measured = _json("expand.json")
+    scratch = next(r for r in measured["rows"] if r["run"] == "scratch")
+    assert _row(text, "large from scratch (baseline)")[-1] == f"{scratch['wall_s']:.1f}"
+    small = measured["curves"]["small"][-1]
+    assert _row(text, "the small model itself (16-32-64-128 halved)")[-1] == f"{small['wall_s']:.1f}"
+
+
 def test_no_compression_reduction_without_its_json():
     """No run of benchmarks/compress.py is committed: no doc or docstring calls a compression reduction measured
     (the CSER '41x fewer bytes' was reported without a JSON, and left out the per-epoch consensus traffic)."""
