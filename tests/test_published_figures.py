@@ -97,6 +97,28 @@ def test_expansion_table_wall_times_are_expand_json():
     assert _row(text, "the small model itself (16-32-64-128 halved)")[-1] == f"{small['wall_s']:.1f}"
 
 
+def _has_load_average(value) -> bool:
+    if isinstance(value, dict):
+        return any("load_average" in key or _has_load_average(v) for key, v in value.items())
+    return isinstance(value, list) and any(_has_load_average(v) for v in value)
+
+
+def test_benchmarks_md_says_which_committed_runs_record_no_load_and_none_their_commit():
+    """docs/benchmarks.md's header lists the committed JSONs without a load average, and only those, and claims no
+    idle machine it cannot show."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    header = text[:text.index("\n## ")]
+    assert "nothing else running" not in header
+    listed = re.search(r"with none, so the load their timings ran under is unknown: (.*?)\.\n", header, re.S)
+    assert listed, "benchmarks.md: the list of runs without a load average is missing"
+    names = {name.rstrip("*") for name in re.findall(r"`([\w*]+)`", listed.group(1))}
+    without = {path.stem for path in RESULTS.glob("*.json") if not _has_load_average(json.loads(path.read_text()))}
+    assert {stem for stem in without if not any(stem.startswith(n) for n in names)} == set()
+    assert all(any(stem.startswith(name) for stem in without) for name in names), names
+    if not any("provenance" in json.loads(path.read_text()) for path in RESULTS.glob("*.json")):
+        assert "No committed JSON records the commit it ran at." in " ".join(header.split())
+
+
 def test_no_compression_reduction_without_its_json():
     """No run of benchmarks/compress.py is committed: no doc or docstring calls a compression reduction measured
     (the CSER '41x fewer bytes' was reported without a JSON, and left out the per-epoch consensus traffic)."""
