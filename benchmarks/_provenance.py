@@ -19,7 +19,7 @@
 from __future__ import annotations
 
 import datetime
-import importlib
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -53,13 +53,14 @@ def machine(**extra: Any) -> dict[str, Any]:
 
 
 def versions(*modules: str) -> dict[str, str | None]:
-    """``{module: __version__}`` of the libraries a benchmark times besides torch and numpy (None: not installed)."""
+    """``{module: version}`` of the libraries a benchmark times besides torch and numpy (None: not installed), from
+    the installed distributions' metadata: importing a module to ask could have effects (MPyC parses the command
+    line on import)."""
+    distributions = importlib.metadata.packages_distributions()
     found = {}
     for name in modules:
-        try:
-            found[name.lower()] = getattr(importlib.import_module(name), "__version__", None)
-        except ImportError:
-            found[name.lower()] = None
+        installed = distributions.get(name, [])  # onnxruntime may come as onnxruntime-gpu
+        found[name.lower()] = importlib.metadata.version(installed[0]) if installed else None
     return found
 
 

@@ -66,6 +66,17 @@ def test_a_record_holds_this_checkout_the_times_the_loads_and_the_config_text(pr
     assert machine["extra_library"] == "1.0" and machine["cpus"] >= 1 and machine["torch"] and machine["python"]
 
 
+def test_library_versions_are_read_without_importing_the_libraries():
+    """MPyC parses the command line when imported: asking its version by importing it stopped benchmarks/smap.py
+    at its end with 'ambiguous option: --out'. Versions come from the installed distributions instead."""
+    probe = ("import sys; sys.path.append(sys.argv[1]); from _provenance import versions; "
+             "found = versions('mpyc', 'onnxruntime', 'no_such_module'); "
+             "print(found['no_such_module'], bool(found['onnxruntime']), 'mpyc' in sys.modules)")
+    ran = subprocess.run([sys.executable, "-c", probe, str(BENCHMARKS), "--out", "x.json"], capture_output=True,
+                         text=True, check=True)
+    assert ran.stdout.split() == ["None", "True", "False"], ran.stdout + ran.stderr
+
+
 def _writes_a_result(source: str) -> bool:
     return re.search(r"""["']benchmark["']\s*(?::|\]\s*=)""", source) is not None
 
