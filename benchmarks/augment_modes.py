@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +25,11 @@ import torch
 from ctzoo.training.engine import fit
 from ctzoo.training.evaluate import evaluate_recistnet
 from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
+
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
+from _provenance import Provenance  # noqa: E402
+
+LESION_FREE_PER_SERIES = 0  # DeepLesion's protocol: the test split's key slices only
 
 
 def train_and_test(config: Path, root: Path, mode: str, epochs: int, eval_every: int, device: str,
@@ -36,7 +41,8 @@ def train_and_test(config: Path, root: Path, mode: str, epochs: int, eval_every:
     summary = fit(RecistNetTask(cfg), cfg.optim.model_copy(update={"epochs": epochs, "eval_every": eval_every}),
                   out, device=device, progress=False)
     wall = time.perf_counter() - start
-    test = evaluate_recistnet(config, out / "test", "test", checkpoint=out / "best.pt", data_root=root, device=device)
+    test = evaluate_recistnet(config, out / "test", "test", checkpoint=out / "best.pt", data_root=root, device=device,
+                              lesion_free_per_series=LESION_FREE_PER_SERIES)
     history = torch.load(out / "last.pt", weights_only=False)["history"]
     val = [(h["epoch"], h["val_sensitivity_4fp"]) for h in history if "val_sensitivity_4fp" in h]
     sensitivities = dict(zip(test.fps_per_image, test.sensitivities))
@@ -56,6 +62,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "augment_modes.json")
     args = parser.parse_args()
+    run = Provenance(args.config)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("loader", "device"):
@@ -64,11 +71,9 @@ def main() -> None:
             print(f"{mode}: best epoch {runs[-1]['best_epoch']}, test sensitivity at 1/4 FPs "
                   f"{runs[-1]['test_sensitivity_1fp']:.3f}/{runs[-1]['test_sensitivity_4fp']:.3f}, "
                   f"{runs[-1]['train_wall_s']:.0f} s", flush=True)
-    machine = {"platform": platform.platform(), "torch": torch.__version__, "cpus": torch.get_num_threads(),
-               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     document = {"benchmark": "augment_modes", "config": str(args.config), "data": str(args.data),
                 "epochs": args.epochs, "eval_every": args.eval_every, "synthetic_lesions": True,
-                "machine": machine, "runs": runs}
+                "lesion_free_per_series": LESION_FREE_PER_SERIES, "runs": runs, "provenance": run.record()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2))
     print(f"{'mode':8s} {'best epoch':>10s} {'test sens@1FP':>14s} {'test sens@4FP':>14s} {'train s':>8s}")

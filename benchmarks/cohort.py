@@ -20,19 +20,18 @@ the pipeline measures, not how a model does on patients.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from ctzoo.cohort.report import report_data
+
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
+from _provenance import Provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +61,7 @@ def main() -> None:
     parser.add_argument("--screenshots", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cohort.json")
     arguments = parser.parse_args()
+    provenance = Provenance()
     work = arguments.work
     env = dict(os.environ, CTZOO_COHORT_SALT=os.environ.get("CTZOO_COHORT_SALT", "ctzoo-cohort-benchmark"))
     timings = {}
@@ -85,15 +85,12 @@ def main() -> None:
     timings["report_s"] = run(["cohort", "report", str(cohort)], env)
     report = cohort / "report.html"
     if arguments.screenshots is not None:
-        sys.path.append(str(ROOT / "benchmarks"))
         from cohort_screenshots import capture_views
 
         capture_views(report, arguments.screenshots)
     groups = report_data(cohort)
     result = {
-        "benchmark": "cohort", "date": datetime.date.today().isoformat(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "benchmark": "cohort",
         "command": "OMP_NUM_THREADS=2 python benchmarks/cohort.py " + " ".join(sys.argv[1:]),
         "data": {"miniature": f"ctzoo data make-deeplesion-mini --cases {arguments.cases} --seed "
                               f"{arguments.data_seed} (synthetic lesions in 3 real CT scans)",
@@ -104,6 +101,7 @@ def main() -> None:
         "groups": {"detection": groups["detection"], "auc_csv_fit": groups["auc"],
                    "clusters": groups["clusters"]["clusters"]},
         "report_mb": round(report.stat().st_size / 1e6, 2), "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "provenance": provenance.record(),
     }
     arguments.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{'context':>8} {'gated':>14} {'image only':>14} {'context only':>14} {'gated - best':>13} {'z test':>7}")

@@ -29,7 +29,6 @@ import contextlib
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,9 @@ from pathlib import Path
 
 import torch
 import yaml
+
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
+from _provenance import Provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
@@ -150,10 +152,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.collect and not args.runs_dir:
         parser.error("--collect needs --runs-dir")
+    provenance = Provenance(args.config)
     results = train_all(args)
     failed = [row for row in results if "error" in row]
     results = [row for row in results if "error" not in row]
-    report(results, failed, args)
+    report(results, failed, args, provenance)
 
 
 def train_all(args: argparse.Namespace) -> list[dict]:
@@ -182,18 +185,18 @@ def train_all(args: argparse.Namespace) -> list[dict]:
             return list(pool.map(one, args.methods))
 
 
-def report(results: list[dict], failed: list[dict], args: argparse.Namespace) -> None:
+def report(results: list[dict], failed: list[dict], args: argparse.Namespace, provenance: Provenance) -> None:
     """Write the JSON (failures included) first, then the table against the uncompressed run and the plot; with no
     successful uncompressed run the columns against it are left out, and with no successful run at all it stops
-    with the failures' count (after writing them)."""
-    result = {"benchmark": "compress", "machine": platform.processor() or platform.machine(),
-              "gpu": _gpu_name(args), "cpu_count": os.cpu_count(),
+    with the failures' count (after writing them). ``provenance``: started before the runs (``--collect``: before
+    reading them, so its machine is the one that tabulated; ``trained_on_gpu`` names the runs' GPU)."""
+    result = {"benchmark": "compress", "trained_on_gpu": _gpu_name(args),
               "args": {k: str(v) for k, v in vars(args).items()},
               "note": "bytes/step: training exchange (sent + received) + CSER's per-epoch consensus (sent to worker "
                       "0), averaged over the run; final Dice: the last epoch's model (CSER: the workers' average); "
                       "ms/step = training time per step (sum of train_s: no validation, checkpoints or consensus; "
                       "--parallel runs sharing the machine) + bytes over the link, no overlap",
-              "baseline": None, "rows": results, "failed": failed}
+              "baseline": None, "rows": results, "failed": failed, "provenance": provenance.record()}
     write_json(result, args.out)
     for row in failed:
         print(f"{row['method']:<22} failed: {row['error'].strip().splitlines()[-1]}")

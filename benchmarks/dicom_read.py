@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import sys
 import tempfile
 import time
 import warnings
@@ -28,6 +28,9 @@ import SimpleITK as sitk
 from ctzoo.datasets.samples import sample_ct_dicom
 from ctzoo.io.dicom_scan import DicomWarning, choose_series, scan_folder
 from ctzoo.io.dicom_series import volume_from_series
+
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
+from _provenance import Provenance, versions  # noqa: E402
 
 
 def build_series(folder: Path, slices: int, decompress: bool) -> None:
@@ -87,6 +90,7 @@ def main() -> None:
                         help="devices for nvImageCodec rows, where installed and present (default cpu,cuda)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dicom_read.json")
     args = parser.parse_args()
+    provenance = Provenance()
     threads = os.cpu_count() or 1
     devices = nvimgcodec_devices(args.nvimgcodec)
     rows = []
@@ -110,19 +114,11 @@ def main() -> None:
     for row in rows:
         print(f"{row['encoding']:20s} {row['reader']:46s} {row['slices_per_s']:10.1f} "
               f"{row['ratio_vs_baseline']:11.2f}x")
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpus": threads, "python": platform.python_version(), "simpleitk": sitk.Version.VersionString(),
-               "gpu": _gpu_name()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "dicom_read", "slices": args.slices, "machine": machine,
-                                    "rows": rows}, indent=2))
+    args.out.write_text(json.dumps({"benchmark": "dicom_read", "slices": args.slices, "rows": rows,
+                                    "provenance": provenance.record(**versions("SimpleITK", "pydicom"))},
+                                   indent=2))
     print(f"wrote {args.out}")
-
-
-def _gpu_name() -> str | None:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
+import sys
 import tempfile
 import time
 import warnings
@@ -34,6 +34,9 @@ import torch
 from ctzoo.scaling.zoo_expand import ExpansionInit, expand_source, lemon_optim, save_expanded
 from ctzoo.training.engine import fit
 from ctzoo.training.template_seg_task import TemplateSegTask, load_seg_config, load_seg_data
+
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
+from _provenance import Provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +82,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "expand.json")
     args = parser.parse_args()
+    provenance = Provenance(args.config)
     warnings.simplefilter("ignore", UserWarning)  # the sample CT's repaired UIDs, said once per read
 
     cfg = load_seg_config(args.config)
@@ -133,12 +137,12 @@ def main() -> None:
               f"counting the small model too: {saving['steps_incl_small']:.1%} / {saving['wall_incl_small']:.1%}")
     else:
         print("LEMON saving: not measurable (a run never reached the target)")
-    result = {"benchmark": "expand", "machine": platform.processor() or platform.machine(),
+    result = {"benchmark": "expand",
               "device": str(torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu"
-                            else "cpu"), "torch_threads": torch.get_num_threads(), "args": vars(args) | {
-                  "out": str(args.out), "config": str(args.config)},
+                            else "cpu"), "args": vars(args) | {"out": str(args.out), "config": str(args.config)},
               "small_channels": small_channels, "expansion": report.as_dict(), "target_dice": target,
-              "rows": rows, "saving": saving, "curves": curves, "small_train_s": small_s}
+              "rows": rows, "saving": saving, "curves": curves, "small_train_s": small_s,
+              "provenance": provenance.record()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

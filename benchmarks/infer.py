@@ -48,8 +48,8 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -70,6 +70,9 @@ from ctzoo.inference.start_method import worker_start_method
 from ctzoo.inference.tasks import ModelTask, bundle_task
 from ctzoo.io import read_volume
 from ctzoo.models import load_bundle
+
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
+from _provenance import Provenance, versions  # noqa: E402
 
 SOURCE = "example_ct.nii.gz"
 
@@ -387,14 +390,11 @@ def devices_for(requested: str) -> list[str]:
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
-def machine_info() -> dict:
+def inference_libraries() -> dict:
+    """The versions of what the inference path runs on beyond torch and numpy (for the JSON's provenance)."""
     import onnxruntime as ort
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": ort.__version__, "onnxruntime_providers": ort.get_available_providers(),
-            "simpleitk": sitk.Version.VersionString(), "numpy": np.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {**versions("onnxruntime", "SimpleITK"), "onnxruntime_providers": ort.get_available_providers()}
 
 
 def main() -> None:
@@ -434,7 +434,7 @@ def main() -> None:
     if args.preprocess_on == "model" and backends != ["torch"]:
         # checked before the input is built, as ctzoo infer does: ONNX Runtime takes its inputs from the CPU
         parser.error("--preprocess-on model feeds the PyTorch model on its device: use it with --backends torch")
-    load_before = os.getloadavg()
+    provenance = Provenance()
     rows = []
     with tempfile.TemporaryDirectory(prefix="ctzoo-bench-infer-") as tmp:
         work = Path(tmp)
@@ -456,7 +456,7 @@ def main() -> None:
                 print(f"  {kind}/{row['device']}: build {row['build_s']:.1f} s"
                       f"{' (ONNX export included)' if row['onnx_exported'] else ''}; ctzoo infer's defaults: "
                       f"{row['schedule']['described']}", flush=True)
-    load_after = os.getloadavg()
+    recorded = provenance.record(**inference_libraries(), freed_memory_kept=memory_kept)  # the load as the rows end
     print(f"slices/s, medians of {args.repeats} repeats. model-only: task.predict alone on --threads threads (the "
           "baseline); 1 thread: the same on 1 thread; infer: ctzoo infer's defaults end to end; serial: ctzoo infer "
           "--workers 0 (one process: read, preprocess, predict in turn); shared: one model fed by reader processes; "
@@ -473,14 +473,11 @@ def main() -> None:
         if row["decode_alone_slices_per_s"] is not None:
             print(f"{'':15s} decode alone ({row['decoder']}) {row['decode_alone_slices_per_s']:.1f} slices/s; "
                   f"infer / min(model-only, decode alone) {row['ratio_vs_bound']:.2f}x")
-    machine = {**machine_info(), "freed_memory_kept": memory_kept}
-    machine.update(load_average_before=[round(x, 2) for x in load_before],
-                   load_average_after=[round(x, 2) for x in load_after])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "infer", "model": args.model, "slices": args.slices,
                                     "cases": args.cases, "batch_size": args.batch_size, "workers": args.workers,
-                                    "threads": args.threads, "input": described,
-                                    "machine": machine, "rows": rows}, indent=2))
+                                    "threads": args.threads, "input": described, "rows": rows,
+                                    "provenance": recorded}, indent=2))
     print(f"wrote {args.out}")
 
 

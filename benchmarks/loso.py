@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -40,10 +39,14 @@ from ctzoo.datasets.samples import REAL_CT_SCANS, real_ct_scan
 from ctzoo.training.checkpoint_bundle import bundle_from_checkpoint
 from ctzoo.training.evaluate import evaluate_recistnet, findings_on_lesion_free_ct
 
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
+from _provenance import Provenance  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DECODES = ("grouping", "centre", "both")
 ZOO_THRESHOLD = 0.3  # the score threshold ctzoo infer / serve / pacs use by default
 REPORT = (0.5, 1.0, 2.0, 4.0)
+LESION_FREE_PER_SERIES = 0  # DeepLesion's protocol: val and test score their key slices only
 
 
 def ctzoo(*args: str) -> None:
@@ -68,10 +71,11 @@ def fold(scan: str, args: argparse.Namespace) -> dict:
               "--device", args.device, *(["--resume"] if done else []))
     checkpoint = run / "best.pt"
     evaluate_recistnet(args.config, work / "eval-test", "test", checkpoint=checkpoint, data_root=data,
-                       device=args.device, decodes=("both", "grouping", "centre"))
+                       device=args.device, decodes=("both", "grouping", "centre"),
+                       lesion_free_per_series=LESION_FREE_PER_SERIES)
     tested = json.loads((work / "eval-test" / "froc.json").read_text())
     evaluate_recistnet(args.config, work / "eval-val", "val", checkpoint=checkpoint, data_root=data,
-                       device=args.device)
+                       device=args.device, lesion_free_per_series=LESION_FREE_PER_SERIES)
     val = json.loads((work / "eval-val" / "froc.json").read_text())
     val_threshold = next(p["score_threshold"] for p in val["operating_points"] if p["fp_per_image"] == 1.0)
     bundle = bundle_from_checkpoint(checkpoint, work / "bundle")
@@ -82,7 +86,7 @@ def fold(scan: str, args: argparse.Namespace) -> dict:
     if args.compare is not None:
         old = args.compare / scan / "run" / "best.pt"
         evaluate_recistnet(args.config, work / "eval-test-compare", "test", checkpoint=old, data_root=data,
-                           device=args.device, decodes=DECODES)
+                           device=args.device, decodes=DECODES, lesion_free_per_series=LESION_FREE_PER_SERIES)
         compared = json.loads((work / "eval-test-compare" / "froc.json").read_text())
         baseline = {"checkpoint": str(old),
                     "sensitivity": {mode: dict(zip([f"{f:g}" for f in compared["decodes"][mode]["fps_per_image"]],
@@ -145,6 +149,7 @@ def main() -> None:
                         help="an earlier --work folder: its fold models are scored on this run's test splits too")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "loso.json")
     args = parser.parse_args()
+    provenance = Provenance(args.config)
     if not (args.base / "lesions.json").exists():
         ctzoo("data", "make-deeplesion-mini", str(args.base), "--cases", str(args.cases), "--seed", str(args.seed))
     base = json.loads((args.base / "lesions.json").read_text())
@@ -156,16 +161,14 @@ def main() -> None:
         "benchmark": "loso", "data": "synthetic lesions in three real CT scans (DeepLesion-format miniature); "
         "each fold tests on the scan it holds out",
         "config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
-        "config_text": args.config.read_text(), "compare": None if args.compare is None else str(args.compare),
+        "compare": None if args.compare is None else str(args.compare),
         "epochs": args.epochs, "cases": args.cases, "seed": args.seed, "zoo_threshold": ZOO_THRESHOLD,
+        "lesion_free_per_series": LESION_FREE_PER_SERIES,
         "command": "python benchmarks/loso.py " + " ".join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": torch.get_num_threads(),
-                    "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available()
-                    else None},
         "folds": folds,
         "mean": {mode: {f"{r:g}": float(np.mean([f["sensitivity"][mode][f"{r:g}"] for f in folds])) for r in REPORT}
                  for mode in DECODES},
-        "table": table(folds)}
+        "table": table(folds), "provenance": provenance.record()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(result["table"])

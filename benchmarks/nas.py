@@ -35,11 +35,9 @@ Needs the TotalSegmentator samples (``ctzoo data fetch-samples``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -54,7 +52,7 @@ import yaml
 from scipy import stats
 
 sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
-from segmenter_cv import cpu_model  # noqa: E402
+from _provenance import Provenance, load_average  # noqa: E402
 
 from ctzoo.models.pretrained import create_model
 from ctzoo.models.template_seg import TemplateSegNet
@@ -130,7 +128,7 @@ def retrain(run: Path, candidate_id: str, config: Path, bundles: Path, record: P
               "dice_per_class": {c: row[f"dice_{c}"] for c in comparison["class_names"]},
               "val_dice_best": training.get("best_dice_mean"),
               "epochs": training.get("epochs"), "train_wall_s": round(training.get("wall_s", 0.0), 1),
-              "wall_s": round(time.perf_counter() - start, 1), "load_average": list(os.getloadavg())}
+              "wall_s": round(time.perf_counter() - start, 1), "load_average": load_average()}
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -260,6 +258,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="final retrainings")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "nas.json")
     args = parser.parse_args()
+    provenance = Provenance(BASE_CONFIG)  # a resumed run records its own start; earlier runs show in wall_s only
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     work = args.work
     clock_file = work / "wall_s.json"  # stage times of the runs that did the work (a resumed run reads them)
@@ -363,10 +362,7 @@ def main() -> None:
         "tables": {"ranking": ranking_table(standalone),
                    "final": final_table(summary, shipped, {"chosen": chosen["description"],
                                                            "shipped_architecture": reference.describe()})},
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version(), "platform": platform.platform(),
-                    "date": datetime.date.today().isoformat(), "device": "cpu"},
+        "provenance": provenance.record(device="cpu"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(finite(result), indent=2, allow_nan=False) + "\n")

@@ -56,8 +56,9 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import Provenance, versions  # noqa: E402
 from fault_injection import MARK  # noqa: E402
-from serve_load import HEADER, MODEL, binary_request, good_inputs, machine_info, serve_subprocess  # noqa: E402
+from serve_load import HEADER, MODEL, binary_request, good_inputs, serve_subprocess  # noqa: E402
 
 from ctzoo.perf import request_hash  # noqa: E402
 
@@ -327,12 +328,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 3 or args.rounds % 2 == 0:
         parser.error("--rounds must be odd and at least 3 (off, on, off, ...)")
-    machine = machine_info()
+    provenance = Provenance()
     started = time.perf_counter()
-    result = run(args)
-    result.update(settings=vars(args) | {"out": str(args.out), "keep_store": str(args.keep_store)}, machine=machine,
-                  machine_after={"load_average": [round(x, 2) for x in os.getloadavg()]},
-                  wall_s=time.perf_counter() - started)
+    result = {"benchmark": "perf_detection", **run(args)}
+    result.update(settings=vars(args) | {"out": str(args.out), "keep_store": str(args.keep_store)},
+                  wall_s=time.perf_counter() - started,
+                  provenance=provenance.record(**versions("onnxruntime", "httpx")))
     table = report(result)
     result["table"] = table
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,7 @@ Needs the TotalSegmentator samples (``ctzoo data fetch-samples``); 6-20 minutes 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -43,7 +40,7 @@ from ctzoo.training.template_seg_task import (
 )
 
 sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
-from segmenter_cv import cpu_model  # noqa: E402
+from _provenance import Provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,6 +72,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/permute"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "permute_classes.json")
     args = parser.parse_args()
+    provenance = Provenance()  # the recipe is in code: the JSON's recipe holds it
     torch.set_num_threads(args.threads)
     runs = []
     for epochs in args.epochs:
@@ -93,13 +91,7 @@ def main() -> None:
         "command": " ".join(["python benchmarks/permute_classes.py", *sys.argv[1:]]),
         "recipe": json.loads(recipe(0.0, 1).model_dump_json(exclude={"augment": {"permute_classes"},
                                                                       "optim": {"epochs"}})),
-        "runs": runs,
-        "note": "runs trained two at a time at one torch thread each, beside other work (load average 5-10)",
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version(), "platform": platform.platform(), "device": "cpu",
-                    "date": datetime.date.today().isoformat(),
-                    "load_average": [round(x, 2) for x in os.getloadavg()]},
+        "runs": runs, "provenance": provenance.record(device="cpu"),
     }
     _write_json(document, args.out)
     print(f"wrote {args.out}")

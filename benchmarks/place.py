@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -48,15 +47,21 @@ from ctzoo.scaling.placement.planner import place  # noqa: E402
 from ctzoo.scaling.placement.profile import measure_comm, profile_model  # noqa: E402
 from ctzoo.scaling.placement.simulate import expert_plan, simulate  # noqa: E402
 
+sys.path.append(str(ROOT / "benchmarks"))  # appended: a benchmark never shadows an installed module
+from _provenance import Provenance  # noqa: E402
+
+#: label, config, batch size (None: the config's)
+MODELS = (("recistnet-mini", ROOT / "configs" / "recistnet_mini_cpu.yaml", None),
+          ("recistnet-resnet34", ROOT / "configs" / "recistnet_resnet34_gpu.yaml", 2),
+          ("template-seg-abdomen", ROOT / "configs" / "template_seg_abdomen.yaml", None))
+
 
 def models() -> list[tuple[str, torch.nn.Module, tuple[torch.Tensor, ...]]]:
     from ctzoo.training.placement import load_model_for_placement
 
     found = []
-    for label, config, batch in (("recistnet-mini", "configs/recistnet_mini_cpu.yaml", None),
-                                 ("recistnet-resnet34", "configs/recistnet_resnet34_gpu.yaml", 2),
-                                 ("template-seg-abdomen", "configs/template_seg_abdomen.yaml", None)):
-        _, model, inputs = load_model_for_placement(ROOT / config, batch)
+    for label, config, batch in MODELS:
+        _, model, inputs = load_model_for_placement(config, batch)
         found.append((label, model, inputs))
     found.append(("template-seg-3d x2 (LEMON)", *expanded_3d_segmenter()))
     return found
@@ -176,6 +181,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "place.json")
     args = parser.parse_args()
+    provenance = Provenance(*(config for _, config, _ in MODELS))
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     started = time.perf_counter()
     args.comm = measure_comm([Device("cpu:0", 1 << 40), Device("cpu:1", 1 << 40)])
@@ -183,12 +189,10 @@ def main() -> None:
     for label, model, inputs in models():
         print(f"{label}: profiling", flush=True)
         rows.append(bench_model(label, model, inputs, args))
-    result = {"rows": rows, "comm": args.comm.to_dict(), "table": table(rows),
+    result = {"benchmark": "place", "rows": rows, "comm": args.comm.to_dict(), "table": table(rows),
               "settings": {"rounds": args.rounds, "devices": args.devices},
-              "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                          "cpus": os.cpu_count(), "torch": torch.__version__, "gpu": None,
-                          "load_average": [round(x, 2) for x in os.getloadavg()]},
-              "gpu_part": "not run: no GPU was lent to this work", "wall_s": time.perf_counter() - started}
+              "gpu_part": "not run: no GPU was lent to this work", "wall_s": time.perf_counter() - started,
+              "provenance": provenance.record()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(result["table"])

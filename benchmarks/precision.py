@@ -19,19 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from infer import batches, build_input, devices_for, machine_info, rate
 
-from ctzoo.inference.allocator import keep_freed_memory
-from ctzoo.inference.precision import bf16_parity
-from ctzoo.inference.tasks import model_task
-from ctzoo.io import read_volume
-from ctzoo.models import load_bundle
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
+from _provenance import Provenance  # noqa: E402
+from infer import batches, build_input, devices_for, inference_libraries, rate  # noqa: E402
+
+from ctzoo.inference.allocator import keep_freed_memory  # noqa: E402
+from ctzoo.inference.precision import bf16_parity  # noqa: E402
+from ctzoo.inference.tasks import model_task  # noqa: E402
+from ctzoo.io import read_volume  # noqa: E402
+from ctzoo.models import load_bundle  # noqa: E402
 
 VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "fp32 compiled": ("fp32", True),
             "bf16 compiled": ("bf16", True)}
@@ -95,6 +98,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "precision.json")
     args = parser.parse_args()
+    provenance = Provenance()
     keep_freed_memory()  # as ctzoo infer
     cpu_flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     rows = []
@@ -117,12 +121,12 @@ def main() -> None:
                         if n in row["slices_per_s"] else f" {'-':>20s}" for n in names)
         print(f"{row['model']:22s} {row['device']:6s}{cells}  {'pass' if check['passed'] else 'FAIL'} "
               f"(worst rel. error {check['worst_relative_error']:.3g})")
-    machine = {**machine_info(), "bf16_cpu_instructions": sorted({f for f in cpu_flags if "bf16" in f}),
-               "torch_threads": torch.get_num_threads()}
+    recorded = provenance.record(**inference_libraries(),
+                                 bf16_cpu_instructions=sorted({f for f in cpu_flags if "bf16" in f}))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "precision", "slices": args.slices, "batch_size": args.batch_size,
-                                    "threads": args.threads, "input": described, "machine": machine, "rows": rows},
-                                   indent=2))
+                                    "threads": args.threads, "input": described, "rows": rows,
+                                    "provenance": recorded}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -29,11 +29,9 @@ CPU that other jobs shared (load average about 4); rerunning with every ``cv.jso
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -62,20 +60,13 @@ from ctzoo.training.template_seg_task import (
     train_with_baseline,
 )
 
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
+from _provenance import Provenance, load_average  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 FOLDS = {"A": "example_ct_sm", "B": "sample_ct_dicom"}  # fold -> the patient trained on; the other is tested
 KINDS = ("template_seg", "unet")
 PROTOCOLS = ("last", "best")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def dice(metrics: dict, class_names: list[str]) -> dict[str, float]:
@@ -100,7 +91,7 @@ def compute_per_slice(model, templates, class_names, test_case, cfg: TemplateSeg
         times.append(time.perf_counter() - started)
     return {"ms_per_slice": statistics.median(times) * 1000 / len(slices), "slices": len(slices),
             "gflop_per_slice": counter.get_total_flops() / len(slices) / 1e9, "bank_ms": bank_ms,
-            "torch_threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]}
+            "torch_threads": torch.get_num_threads(), "load_average": load_average()}
 
 
 def run(cfg: TemplateSegTrainConfig, fold: str, seed: int, work: Path) -> dict:
@@ -232,6 +223,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "segcv")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "segmenter_cv.json")
     args = parser.parse_args()
+    provenance = Provenance(args.config)
     torch.set_num_threads(args.threads)
     cfg = load_seg_config(args.config)
     if not cfg.baseline_unet or cfg.data.source != "totalsegmentator":
@@ -248,17 +240,14 @@ def main() -> None:
     folds = {f: {"train": FOLDS[f], "test": next(p for p in FOLDS.values() if p != FOLDS[f])} for f in args.folds}
     result = {
         "benchmark": "segmenter_cv", "config": str(args.config.resolve().relative_to(ROOT)),
-        "config_text": args.config.read_text(), "epochs": cfg.optim.epochs, "seeds": args.seeds,
+        "epochs": cfg.optim.epochs, "seeds": args.seeds,
         "folds": folds,
         "protocol": "README figure: test Dice of the last epoch (no choice made); also reported: the checkpoint with "
                     "the best val-slab Dice (val = the training patient's superior slices, never trained on). "
                     "Noise: a paired difference is inside the noise when its 95 % t-interval holds 0.",
         "command": "python benchmarks/segmenter_cv.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "omp": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
-                    "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-                    "date": datetime.date.today().isoformat(), "device": "cpu",
-                    "note": "each run's load average when its ms/slice was timed is in runs[].models[].compute"},
+        "provenance": provenance.record(
+            device="cpu", note="each run's load average when its ms/slice was timed is in runs[].models[].compute"),
         "summary": summary, "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs],
         "table": table(summary, runs[0]["class_names"], folds)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,6 @@ import asyncio
 import itertools
 import json
 import os
-import platform
 import secrets
 import socket
 import subprocess
@@ -80,6 +79,9 @@ from ctzoo.inference.precision import BF16_RELATIVE_TOLERANCE
 from ctzoo.models import load_bundle
 from ctzoo.serve.engines import Runtime
 from ctzoo.serve.repository import GRAPH_FILE, ServedModel
+
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
+from _provenance import Provenance, versions  # noqa: E402
 
 HEADER = "Inference-Header-Content-Length"
 TOLERANCE = 1e-3  # max relative error of a served output against ORT on the slice alone
@@ -425,22 +427,6 @@ def print_model_only(rows: list[dict], threads: int) -> None:
               f"{one['eager_slices_per_s']:8.2f} {one['ort_slices_per_s']:8.2f} {one['ratio_ort_vs_eager']:8.2f}x")
 
 
-def machine_info() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": ort.__version__, "httpx": httpx.__version__, "numpy": np.__version__}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="recistnet-mini,template-seg-abdomen")
@@ -473,8 +459,8 @@ def main() -> None:
     # every client's request admitted at once, so full batches can form (the default, 4, caps a batch at 4 requests)
     backend = ["--backend", args.backend, "--device", args.device, "--max-requests-per-model", str(max(levels))]
     backend += ["--precision", args.precision] if args.backend == "torch" else []
-    load_before, uptime_before = os.getloadavg(), uptime()
-    print(f"load before: {uptime_before}")
+    provenance = Provenance()
+    print(f"load average before: {provenance.load_start}")
     from ctzoo.datasets.samples import sample_ct_dicom
     from ctzoo.export.repository import export_model
     from ctzoo.io import read_volume
@@ -546,7 +532,7 @@ def main() -> None:
         finally:
             for server in servers:
                 server.stop()
-    load_after, uptime_after = os.getloadavg(), uptime()
+    recorded = provenance.record(**versions("onnxruntime", "httpx"))  # the load as the measurements end
 
     print()
     print(f"service: requests/s and client latency (ms), {args.requests} single-slice requests per setting; "
@@ -594,12 +580,7 @@ def main() -> None:
               f"{row['ratio_ort_vs_eager']:.2f}x ({'met' if row['ratio_ort_vs_eager'] >= 1 else 'NOT met'}); "
               f"1 thread: {row['one_thread']['ratio_ort_vs_eager']:.2f}x")
     print(f"non-200 responses and wrong outputs over all settings: {failures}")
-    print(f"load after: {uptime_after}")
-
-    machine = machine_info()
-    machine.update(load_average_before=[round(x, 2) for x in load_before],
-                   load_average_after=[round(x, 2) for x in load_after],
-                   uptime_before=uptime_before, uptime_after=uptime_after)
+    print(f"load average after: {recorded['load_average']['end']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "serve", "models": names, "requests": args.requests, "concurrency": levels,
@@ -609,7 +590,7 @@ def main() -> None:
         "tolerance_max_rel": {w.name: w.tolerance for w in workloads}, "export_s": exported,
         "inputs": {w.name: w.description for w in workloads},
         "servers": [{"label": s.label, "command": s.command[2:], "memory_mb": s.memory} for s in servers],
-        "serve": serve_rows, "repeat": repeat_rows, "model_only": model_rows, "machine": machine,
+        "serve": serve_rows, "repeat": repeat_rows, "model_only": model_rows, "provenance": recorded,
         "targets": {"batching_on_vs_off_at_top_concurrency": {n: ratios.get((n, top)) for n in names},
                     "batching_target": args.target_ratio, "failures": failures,
                     **({"ort_vs_eager": {f"{r['model']}/b{r['batch']}": r["ratio_ort_vs_eager"] for r in model_rows},

@@ -64,7 +64,6 @@ import io
 import itertools
 import json
 import os
-import platform
 import re
 import secrets
 import shlex
@@ -88,6 +87,7 @@ import numpy as np
 MODEL = "recistnet-mini"
 HEADER = "Inference-Header-Content-Length"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import Provenance, versions  # noqa: E402
 from serve import free_port, memory_mb  # noqa: E402  (the service benchmark's helpers; run as a script or loaded)
 
 SHAPE = (1, 9, 256, 256)
@@ -471,19 +471,6 @@ def run_load(url: str, token: str, clients: int, requests: int, attackers: int, 
 # ------------------------------------------------------------------------------------------------ main
 
 
-def machine_info() -> dict:
-    import onnxruntime as ort
-
-    try:
-        uptime = subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        uptime = ""
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version(), "onnxruntime": ort.__version__,
-            "httpx": httpx.__version__, "numpy": np.__version__,
-            "load_average": [round(x, 2) for x in os.getloadavg()], "uptime": uptime}
-
-
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
@@ -524,8 +511,8 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 <= args.attackers < args.clients:
         parser.error("--attackers must be at least 0 and fewer than --clients")
-    machine_before = machine_info()
-    print(f"load before: {machine_before['uptime']}", flush=True)
+    provenance = Provenance()
+    print(f"load average before: {provenance.load_start}", flush=True)
     started = time.perf_counter()
     with serve_subprocess(args.repository, threads=args.threads, extra_args=shlex.split(args.server_args)) as server:
         print(f"server up in {server.startup_s:.1f} s (pid {server.pid}, RSS {server.memory()['rss_mb']:.0f} MiB): "
@@ -589,10 +576,8 @@ def main() -> None:
             for example in attack["unexpected_examples"]:
                 print(f"  attack {kind} unexpected: {example}")
     print(f"verdict: {'OK' if result['ok'] else 'FAILED'} {result['failures']}")
-    machine = machine_info()
-    machine.update(load_average_before=machine_before["load_average"], uptime_before=machine_before["uptime"])
-    result["machine"] = machine
     result["benchmark"] = "serve_load"
+    result["provenance"] = provenance.record(**versions("onnxruntime", "httpx"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

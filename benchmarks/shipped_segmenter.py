@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,9 @@ import torch
 from ctzoo.models import load_bundle
 from ctzoo.training.seg_evaluation import evaluate_segmenter
 from ctzoo.training.template_seg_task import TemplateSegTask, load_seg_config, load_seg_data
+
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
+from _provenance import Provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "template-seg-abdomen"
@@ -48,13 +50,14 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "template_seg_abdomen.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "shipped_segmenter.json")
     args = parser.parse_args()
+    provenance = Provenance(args.config)
     start, bundle = time.perf_counter(), load_bundle(NAME)
     command = " ".join(["python benchmarks/shipped_segmenter.py", *sys.argv[1:]])
     result = {"benchmark": "shipped_segmenter", "command": command, "model": NAME, "version": bundle.version,
               "weights": bundle.file_digests(), "template_seg": scores(False, args.config),
-              "template_copy": scores(True, args.config),
-              "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__}}
+              "template_copy": scores(True, args.config)}
     result["wall_s"] = round(time.perf_counter() - start, 1)
+    result["provenance"] = provenance.record()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for kind in ("template_seg", "template_copy"):

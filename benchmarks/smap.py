@@ -21,11 +21,9 @@ Writes ``benchmarks/results/smap.json``; the README's table and figure come from
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -39,6 +37,9 @@ from ctzoo.smap.party import loopback_addresses
 from ctzoo.smap.secure import full_matrix
 from ctzoo.smap.site_file import read_site, write_site
 from ctzoo.smap.tsne import conditional_p, embed, initial_embedding, joint_p, knn_agreement, squared_distances
+
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
+from _provenance import Provenance, versions  # noqa: E402
 
 PERPLEXITY, LEARNING_RATE, FULL_ITERATIONS, DIMENSION = 5.0, 10.0, 300, 64
 
@@ -170,6 +171,7 @@ def main() -> None:
     parser.add_argument("--screenshot", type=Path, default=None, help="PNG of party 0's page of the joint map")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "smap.json")
     args = parser.parse_args()
+    provenance = Provenance()
     args.work.mkdir(parents=True, exist_ok=True)
     keys = args.work / f"keys-{os.getpid()}"
     make_party_keys(3, keys)
@@ -186,9 +188,6 @@ def main() -> None:
                            * (n / largest["n"]) ** 2}
                   for n in (100, 600)}
     document = {"benchmark": "smap", "command": "python " + " ".join(sys.argv),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                            "python": platform.python_version(), "system": platform.platform()},
                 # MPyC's field arithmetic is 2-2.8x faster with gmpy2 (docs/smap.md): say which this run had
                 "gmpy2": importlib.util.find_spec("gmpy2") is not None,
                 "parties": 3, "transport": "TLS on loopback", "features": DIMENSION, "perplexity": PERPLEXITY,
@@ -197,6 +196,7 @@ def main() -> None:
     if args.map_iterations:
         document["joint_map_real_ct"] = joint_map(keys, args.work, args.map_iterations, args.map_lesions_per_site,
                                                   args.screenshot)
+    document["provenance"] = provenance.record(**versions("mpyc", "gmpy2"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps({"exponents": fits, "projection": projection}, indent=2))

@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -49,7 +46,7 @@ from ctzoo.training.seg_evaluation import (
 from ctzoo.training.template_seg_task import _write_json, load_seg_config, load_seg_data
 
 sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
-from segmenter_cv import cpu_model  # noqa: E402
+from _provenance import Provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "template-seg-abdomen"
@@ -81,6 +78,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "template_sensitivity.json")
     args = parser.parse_args()
+    provenance = Provenance(args.config)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     bundle = load_bundle(MODEL)
@@ -117,10 +115,7 @@ def main() -> None:
         "variants_dice": variants,
         "evaluation": evaluation,
         "wall_s": round(time.perf_counter() - start, 1),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version(),
-                    "platform": platform.platform(), "device": "cpu", "date": datetime.date.today().isoformat(),
-                    "load_average": [round(x, 2) for x in os.getloadavg()]},
+        "provenance": provenance.record(device="cpu"),
     }
     _write_json(document, args.out)
     width = max(map(len, variants))

@@ -33,7 +33,7 @@ import argparse
 import itertools
 import json
 import math
-import platform
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -50,6 +50,9 @@ from ctzoo.training.engine import RunLog, fit, pick_device, seed_everything, wri
 from ctzoo.training.epoch_loader import EpochLoader
 from ctzoo.training.epoch_writer import cpu_snapshot
 from ctzoo.training.recistnet_task import RecistNetTask, load_train_config
+
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: a benchmark never shadows an installed module
+from _provenance import Provenance  # noqa: E402
 
 
 def train_steps(task: RecistNetTask, model, batches, device, steps: int) -> float:
@@ -224,6 +227,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train.json")
     args = parser.parse_args()
+    provenance = Provenance(args.config)
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or make_deeplesion_mini(Path(tmp) / "mini", cases=4, seed=0, progress=False)
@@ -301,17 +305,14 @@ def main() -> None:
     print(f"{'measure':72s} {'value':>10s} {'ratio':>8s}")
     for row in rows:
         print(f"{row['measure']:72s} {row['value']:10.2f} {row['ratio']:7.2f}x")
-    machine = {"platform": platform.platform(), "device": str(device),
-               "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-               "torch": torch.__version__, "cpus": torch.get_num_threads()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     document = {"benchmark": "train", "config": str(args.config), "batch_size": cfg.optim.batch_size,
                 "repeats": cfg.repeats, "rounds": rounds,
                 "recipe": {"cache": recipe.cache, "workers": recipe.optim.num_workers,
                            "resample_on": recipe.augment.resample_on},
-                "train_size": list(cfg.train_size), "machine": machine, "rows": rows, "slice_store": store,
-                "augmentation": augmentation,
-                "epoch_costs": costs, "fit": run}
+                "train_size": list(cfg.train_size), "device": str(device), "rows": rows, "slice_store": store,
+                "augmentation": augmentation, "epoch_costs": costs, "fit": run,
+                "provenance": provenance.record()}
     args.out.write_text(json.dumps(document, indent=2))
     print(f"validation pass: {costs['evaluation_s']:.2f} s; fit, per epoch "
           + ", ".join(f"{k} " + "/".join(f"{e[k]:.2f}" for e in run["epochs"]) for k in run["epochs"][0]

@@ -74,7 +74,7 @@ def test_without_the_baseline_no_column_compares_with_another_method(bench, tmp_
     rows = [bench.summarize(m, {}, _run(tmp_path / m, _epochs(b, c, [0.5, 0.7])))
             for m, b, c in (("cser", 100.0, 4000), ("twoway_sign", 900.0, 0))]
     failed = [{"method": "none", "settings": {}, "error": "none: torchrun failed:\nboom"}]
-    bench.report(rows, failed, _args(tmp_path))
+    bench.report(rows, failed, _args(tmp_path), bench.Provenance())
     printed = capsys.readouterr().out
     assert "vs none" not in printed and "reduction" not in printed and "none                   failed: boom" in printed
     written = json.loads((tmp_path / "compress.json").read_text())
@@ -86,7 +86,7 @@ def test_without_the_baseline_no_column_compares_with_another_method(bench, tmp_
 def test_with_the_baseline_the_reduction_counts_the_consensus(bench, tmp_path, capsys):
     rows = [bench.summarize(m, {}, _run(tmp_path / m, _epochs(b, c, [0.5, 0.7])))
             for m, b, c in (("none", 8000.0, 0), ("cser", 100.0, 4000))]
-    bench.report(rows, [], _args(tmp_path))
+    bench.report(rows, [], _args(tmp_path), bench.Provenance())
     assert "vs none" in capsys.readouterr().out
     written = {row["method"]: row for row in json.loads((tmp_path / "compress.json").read_text())["rows"]}
     assert written["cser"]["reduction"] == pytest.approx(8000 / (100 + 4000 / 10))
@@ -96,7 +96,7 @@ def test_with_the_baseline_the_reduction_counts_the_consensus(bench, tmp_path, c
 def test_every_method_failed_writes_the_failures_then_stops(bench, tmp_path):
     failed = [{"method": m, "settings": {}, "error": f"{m}: torchrun failed"} for m in ("none", "cser")]
     with pytest.raises(SystemExit, match="every method failed"):
-        bench.report([], failed, _args(tmp_path))
+        bench.report([], failed, _args(tmp_path), bench.Provenance())
     written = json.loads((tmp_path / "compress.json").read_text())
     assert written["rows"] == [] and written["failed"] == failed
     assert not (tmp_path / "compress.png").exists()

@@ -183,7 +183,8 @@ def train(config: Path, out: Path, resume: bool, epochs: int | None, data_root: 
                    "forward pass (the ablation), 'both' written as detections.")
 @click.option("--lesion-free-per-series", type=click.IntRange(min=0), default=0, show_default=True,
               help="Detectors: also score this many lesion-free context slices per series (every detection on "
-                   "them is a false positive). 0 keeps DeepLesion's protocol, which published figures use.")
+                   "them is a false positive). 0 keeps DeepLesion's protocol, which published DeepLesion figures "
+                   "use; recistnet-mini's committed figures and its card's threshold were scored with 1.")
 @_DATA_ROOT
 @_DEVICE
 def evaluate(config: Path, checkpoint: Path | None, model_name: str | None, split: str, out: Path, decode: str,

@@ -71,7 +71,8 @@ class TrainingInfo(_Strict):
     epochs: int = Field(ge=0, description="epochs trained")
     epochs_planned: int | None = Field(None, ge=0, description="epochs of the schedule (more than trained: cut off)")
     best_epoch: int | None = Field(None, ge=1, description="the epoch whose weights these are (chosen on validation)")
-    wall_time_s: float = Field(ge=0, description="training wall time in seconds")
+    wall_time_s: float | None = Field(ge=0, description="training wall time in seconds; None where the card cannot "
+                                                       "vouch for it (a run recorded but not verified)")
     notes: str = Field("", description="what else a reader must know: a run stopped early, resumed elsewhere")
 
 
@@ -145,7 +146,7 @@ class ModelCard(_Strict):
     def to_markdown(self) -> str:
         """Render the card as MODEL_CARD.md."""
         t, software = self.training, ", ".join(f"{k} {v}" for k, v in self.software.items()) or "not recorded"
-        wall = round(t.wall_time_s)
+        wall = None if t.wall_time_s is None else round(t.wall_time_s)
         lines = [f"# {self.name} {self.version}", "",
                  f"{self.task.capitalize()} · {self.architecture} · {self.parameters:,} parameters", "",
                  self.description, "",
@@ -154,7 +155,8 @@ class ModelCard(_Strict):
                  "## Training", "", *_table(("Field", "Value"), [
                      ("Data", t.data), ("Config", f"`{t.config_file}`"), ("Device", t.device),
                      ("Epochs", t.epochs_text()),
-                     ("Wall time", f"{wall // 3600}:{wall // 60 % 60:02d}:{wall % 60:02d} (h:mm:ss)"),
+                     ("Wall time", "not given (see the notes)" if wall is None
+                      else f"{wall // 3600}:{wall // 60 % 60:02d}:{wall % 60:02d} (h:mm:ss)"),
                      ("Software", software), *([("Notes", t.notes)] if t.notes else [])]), "",
                  "## Metrics", "", *_table(("Metric", "Split", "Value"),
                                            [(k, m.split, f"{m.value:.4g}") for k, m in self.metrics.items()]), "",
