@@ -265,7 +265,7 @@ def test_send_files_sends_what_the_destination_accepts_and_refuses_a_destination
 
 class _FakeVolume:
     class dicom:  # noqa: N801 (the attribute a Volume has)
-        series_instance_uid = "1.2.3"
+        series_instance_uid, study_instance_uid = "1.2.3", "1.2.4"
 
 
 def test_a_skipped_series_retried_waits_for_it_to_be_sent_again_then_runs(tmp_path, sent_files, caplog):

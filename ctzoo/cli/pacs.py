@@ -142,7 +142,8 @@ def watch(config: Path) -> None:
         watcher = OrthancWatcher(client, ledger, tasks, settings.rules, settings.state_dir / "work",
                                  worker_name(), settings.salt(), limits=settings.limits.resource_limits(),
                                  perf=monitor, decoder=resolve_decoder(settings.decode, settings.device),
-                                 min_free_mb=settings.orthanc.min_free_mb, start_from=settings.orthanc.start_from)
+                                 min_free_mb=settings.orthanc.min_free_mb, start_from=settings.orthanc.start_from,
+                                 stable_age_s=settings.orthanc.stable_age_s)
         click.echo(f"watching {settings.orthanc.url} for CT series; models: {', '.join(settings.models)}; "
                    f"ledger: {settings.ledger_path}{_perf_note(settings)}", err=True)
         try:
@@ -265,7 +266,8 @@ def status(config: Path, state: str | None, as_json: bool) -> None:
         for job in jobs:
             click.echo(json.dumps({"id": job.id, "state": job.state.value, "series_uid": job.series_uid,
                                    "source": job.source, "attempts": job.attempts, "reason": job.reason,
-                                   "result_uids": job.result_uids, "patient_hash": job.patient_hash,
+                                   "result_uids": job.result_uids, "instances": job.instances,
+                                   "patient_hash": job.patient_hash,
                                    "created": _when(job.created_at), "updated": _when(job.updated_at)}))
         return
     click.echo(f"{'id':>5}  {'state':<8} {'tries':>5}  {'series':<10}  {'updated':<19}  {'results':>7}  reason")

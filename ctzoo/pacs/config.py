@@ -59,6 +59,9 @@ class OrthancSettings(StrictConfig):
     start_from: Literal["beginning", "now"] = Field(
         "beginning", description="where a watcher with no saved position starts: 'beginning' processes the CT "
                                  "series Orthanc already holds too, 'now' only those that arrive from then on")
+    stable_age_s: float = Field(60.0, ge=0, description="Orthanc's StableAge: a series Orthanc calls stable without "
+                                                        "announcing it (after a restart) is taken this long after its "
+                                                        "last instance")
 
     @field_validator("url")
     @classmethod

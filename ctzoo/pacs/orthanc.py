@@ -183,9 +183,13 @@ class OrthancClient:
         except (TypeError, ValueError):
             raise OrthancError("Orthanc answered unexpected JSON to GET /changes?last", 200, "/changes") from None
 
+    def now(self) -> str:
+        """``GET /tools/now``: Orthanc's clock (UTC, ``YYYYMMDDTHHMMSS``), the one its ``LastUpdate`` dates keep."""
+        return self._request("GET", "/tools/now").text.strip()
+
     def series(self, series_id: str) -> dict:
         """``GET /series/{id}``: ``MainDicomTags`` (Modality, SeriesInstanceUID...), ``Instances``,
-        ``ParentStudy``, ``IsStable``..."""
+        ``ParentStudy``, ``IsStable``, ``LastUpdate`` (when its last instance arrived, :meth:`now`'s clock)..."""
         return self._object("GET", f"/series/{_safe_id(series_id)}")
 
     def series_instances(self, series_id: str) -> list[str]:
