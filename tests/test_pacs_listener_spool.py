@@ -5,7 +5,9 @@ takes, retries. Seconds each; test_pacs_listener.py runs the real models against
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import stat
 import time
 
 import pytest
@@ -266,6 +268,26 @@ def test_send_files_sends_what_the_destination_accepts_and_refuses_a_destination
 class _FakeVolume:
     class dicom:  # noqa: N801 (the attribute a Volume has)
         series_instance_uid, study_instance_uid = "1.2.3", "1.2.4"
+
+
+def test_the_spool_and_what_it_holds_are_this_users_only(tmp_path, series, caplog):
+    """A state_dir made beforehand (mkdir, umask 022) used to leave the spool, its series folders and the instances
+    (patient names, ids) readable by every local user."""
+    umask = os.umask(0o022)
+    try:
+        (tmp_path / "spool").mkdir(mode=0o755)
+        listener = make_listener(tmp_path)
+        try:
+            assert store(listener.port, series[:3]) == [0] * 3
+        finally:
+            listener.stop()
+    finally:
+        os.umask(umask)
+    (folder,) = listener.spool.iterdir()
+    assert [stat.S_IMODE(path.stat().st_mode) for path in (listener.spool, folder)] == [0o700, 0o700]
+    assert {path.name.endswith(".dcm") or path.name for path in folder.iterdir()} == {True, "series.json"}
+    assert {stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()} == {0o600}
+    assert "was open to other users: made 0700" in caplog.text
 
 
 def test_a_skipped_series_retried_waits_for_it_to_be_sent_again_then_runs(tmp_path, sent_files, caplog):

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +52,13 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from ctzoo.inference.tasks import ModelTask
-from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.io.limits import DEFAULT_LIMITS, LimitExceeded, ResourceLimits
 from ctzoo.io.privacy import patient_hash
 from ctzoo.pacs.core import NOT_ACCEPTED, BadSeries, SeriesNotHere, SeriesWorker, limits_in_config_terms, series_tag
 from ctzoo.pacs.job_events import JobEvents, ReceiveTimes, instance_count
 from ctzoo.pacs.ledger import Job, JobState, Ledger
+from ctzoo.pacs.work_folder import write_private
 
 __all__ = ["AEAddress", "DestinationUnavailable", "DicomListener", "awaits_resend", "send_files"]
 
@@ -158,7 +159,7 @@ class DicomListener(SeriesWorker):
             raise ValueError("allowed_calling_aets is empty: list the AE titles that may send, or pass None "
                              "to accept any")
         self.spool = Path(spool_dir)
-        self.spool.mkdir(parents=True, exist_ok=True)
+        self._prepare_spool()
         self.salt, self.address, self.destination, self.stable_s = salt, address, destination, stable_s
         self.allowed_calling_aets = allowed_calling_aets
         self.min_free_bytes = int(min_free_mb * 2**20)
@@ -169,6 +170,16 @@ class DicomListener(SeriesWorker):
         self._refused: dict[str, set[str]] = {}
         self._said_held: set[str] = set()
         self._fetched: dict[int, list[str]] = {}  # per job, the spooled instances its last fetch took
+
+    def _prepare_spool(self) -> None:
+        """Make the spool, 0700 (it holds patient data; one made before with other modes is made so too)."""
+        self.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if stat.S_IMODE(self.spool.stat().st_mode) & 0o077:
+            try:
+                self.spool.chmod(0o700)
+                log.warning("spool %s was open to other users: made 0700 (it holds patient data)", self.spool)
+            except OSError as exc:
+                log.warning("spool %s is open to other users and cannot be made 0700: %s", self.spool, exc.strerror)
 
     # -- receiving ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -223,13 +234,12 @@ class DicomListener(SeriesWorker):
                           free / 2**20, self.min_free_bytes / 2**20)
                 self._hold(folder, instance)
                 return STATUS_OUT_OF_RESOURCES
+            folder.mkdir(mode=0o700, exist_ok=True)  # a series' instances: this user's only
             if not (folder / SERIES_FILE).exists():
                 info = {"series_uid": series_uid, "modality": modality,
                         "patient_hash": patient_hash(patient_id, self.salt) if patient_id else ""}
-                with atomic_path(folder / SERIES_FILE) as temporary:
-                    temporary.write_text(json.dumps(info))
-            with atomic_path(folder / f"{instance}.dcm") as temporary:
-                temporary.write_bytes(payload)
+                write_private(folder / SERIES_FILE, json.dumps(info).encode())
+            write_private(folder / f"{instance}.dcm", payload)
         except OSError as exc:  # a full disk: the sender keeps the instance and may retry
             log.error("C-STORE refused: cannot write the spool (%s)", type(exc).__name__)
             self._hold(folder, instance)
@@ -243,7 +253,7 @@ class DicomListener(SeriesWorker):
         """Keep the series of a refused instance from being taken as complete until that instance is stored."""
         self._refused.setdefault(folder.name, set()).add(instance)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, exist_ok=True)
             (folder / f"{instance}{REFUSED_SUFFIX}").touch()
         except OSError:  # the disk is that full: the hold in memory stands until a restart
             pass
