@@ -10,7 +10,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.sop_class import CTImageStorage, Verification
 from stub_tasks import Predict, finish, preprocess
 
 from ctzoo.inference.tasks import ModelTask
@@ -67,10 +67,14 @@ def read_all(paths: Sequence[Path]) -> list[Dataset]:
     return [pydicom.dcmread(path) for path in paths]
 
 
-def storage_scp(port: int, received: list, status: int = 0x0000, sop_classes: Sequence[str] | None = None):
-    """A destination AE that keeps what it receives and answers ``status``; ``sop_classes``: the only storage SOP
-    classes it takes (default: all)."""
+def storage_scp(port: int, received: list, status: int = 0x0000, sop_classes: Sequence[str] | None = None,
+                require_called_aet: bool = False, maximum_associations: int = 10):
+    """A destination AE (``DEST``) that keeps what it receives and answers ``status``; ``sop_classes``: the only
+    storage SOP classes it takes (default: all); ``require_called_aet``: it rejects associations calling another AE
+    title; beyond ``maximum_associations`` at once it rejects them for now."""
     ae = AE(ae_title="DEST")
+    ae.require_called_aet, ae.maximum_associations = require_called_aet, maximum_associations
+    ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         if sop_classes is None or context.abstract_syntax in sop_classes:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from orthanc_server import OrthancServer, dcmtk, free_port, storescu
+from pacs_kit import storage_scp
 from series_variants import variant_series
 
 from ctzoo.cli import main
@@ -213,7 +214,16 @@ def test_status_retry_and_check(tmp_path, monkeypatch):
     assert '"state": "PENDING"' in line and '"attempts": 0' in line and '"series_uid": "1.2.3"' in line
     # the destination AE does not answer: check says so and exits 1
     checked = runner.invoke(main, ["pacs", "check", str(config)])
-    assert checked.exit_code == 1 and f"PACS@127.0.0.1:{dead_port}: C-ECHO FAILED" in checked.output
+    assert checked.exit_code == 1 and f"PACS@127.0.0.1:{dead_port}: C-ECHO FAILED (association failed: nothing " \
+        "listens there, or it dropped the connection)" in checked.output, checked.output
+    # it answers, and rejects the AE title called: check names that one (it used to blame our own AE title)
+    server = storage_scp(dead_port, [], require_called_aet=True)
+    try:
+        checked = runner.invoke(main, ["pacs", "check", str(config)])
+    finally:
+        server.shutdown()
+    assert checked.exit_code == 1 and checked.output == f"destination PACS@127.0.0.1:{dead_port}: C-ECHO FAILED " \
+        "(association rejected for good: called AE title PACS not recognised)\n", checked.output
 
 
 def test_config_errors_are_clear(tmp_path, monkeypatch):

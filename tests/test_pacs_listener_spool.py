@@ -270,6 +270,39 @@ class _FakeVolume:
         series_instance_uid, study_instance_uid = "1.2.3", "1.2.4"
 
 
+def test_a_destination_rejecting_the_association_for_good_is_a_failure_naming_why_not_an_outage(tmp_path, series):
+    """A destination that does not know the AE title called used to be an outage forever (WAITING, "rejected"); a
+    rejection for now (its association limit) still is one."""
+    port = free_port()
+    server = storage_scp(port, [], require_called_aet=True, maximum_associations=1)  # its AE title is DEST
+    listener = make_listener(tmp_path, port, backoff_s=0, max_attempts=2)
+    listener.destination = AEAddress("WRONG", "127.0.0.1", port)
+    try:
+        assert store(listener.port, series) == [0] * 6 and listener.discover() == 1
+        assert listener.process_one() is True  # not raised: not an outage
+        (job,) = listener.ledger.jobs()
+        assert job.state is JobState.FAILED and job.reason == f"DestinationRefused: association with WRONG@127.0.0.1:" \
+            f"{port} rejected for good: called AE title WRONG not recognised", job
+        assert listener.process_one() is True and listener.ledger.jobs()[0].state is JobState.PARKED
+
+        from pynetdicom import AE
+
+        from ctzoo.pacs.listener import send_files
+
+        paths = result_task().write(_FakeVolume(), None, tmp_path / "results", False, {})[0]
+        holder = AE(ae_title="OTHER")
+        holder.add_requested_context("1.2.840.10008.1.1")
+        held = holder.associate("127.0.0.1", port, ae_title="DEST")  # its one association
+        assert held.is_established
+        with pytest.raises(DestinationUnavailable, match=f"^association with DEST@127.0.0.1:{port} rejected for "
+                                                         "now: local limit exceeded$"):
+            send_files(paths, AEAddress("DEST", "127.0.0.1", port), "CTZOO")
+        held.release()
+    finally:
+        listener.stop()
+        server.shutdown()
+
+
 def test_the_spool_and_what_it_holds_are_this_users_only(tmp_path, series, caplog):
     """A state_dir made beforehand (mkdir, umask 022) used to leave the spool, its series folders and the instances
     (patient names, ids) readable by every local user."""

@@ -215,7 +215,10 @@ def check(config: Path) -> None:
         from pynetdicom import AE
         from pynetdicom.sop_class import Verification
 
+        from ctzoo.pacs.listener import AEAddress, association_failure
+
         dest = settings.listener.destination
+        destination = AEAddress(dest.ae_title, dest.host, dest.port)
         ae = AE(ae_title=settings.listener.ae_title)
         ae.add_requested_context(Verification)
         ae.acse_timeout = ae.network_timeout = 10
@@ -224,18 +227,19 @@ def check(config: Path) -> None:
         pynetdicom_log.setLevel(logging.CRITICAL)  # its connection errors: the line below says what failed
         try:
             assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-            status = assoc.send_c_echo() if assoc.is_established else None
+            established = assoc.is_established
+            status = assoc.send_c_echo() if established else None
             if assoc.is_established:
                 assoc.release()
         finally:
             pynetdicom_log.setLevel(level)
         if status is not None and int(status.get("Status", -1)) == 0:
-            click.echo(f"destination {dest.ae_title}@{dest.host}:{dest.port}: C-ECHO ok")
+            click.echo(f"destination {destination}: C-ECHO ok")
         else:
             problems += 1
-            why = ("no association: nothing listens there, or it refused our AE title "
-                   f"{settings.listener.ae_title}" if not assoc.is_established else "the C-ECHO was not answered")
-            click.echo(f"destination {dest.ae_title}@{dest.host}:{dest.port}: C-ECHO FAILED ({why})")
+            why = "the C-ECHO was not answered" if established else \
+                f"association {association_failure(assoc, destination, settings.listener.ae_title)[0]}"
+            click.echo(f"destination {destination}: C-ECHO FAILED ({why})")
     if settings.orthanc is None and settings.listener is None:
         raise click.ClickException(f"{config}: neither an 'orthanc' nor a 'listener' section")
     if problems:

@@ -60,7 +60,8 @@ from ctzoo.pacs.job_events import JobEvents, ReceiveTimes, instance_count
 from ctzoo.pacs.ledger import Job, JobState, Ledger
 from ctzoo.pacs.work_folder import write_private
 
-__all__ = ["AEAddress", "DestinationUnavailable", "DicomListener", "awaits_resend", "send_files"]
+__all__ = ["AEAddress", "DestinationRefused", "DestinationUnavailable", "DicomListener", "association_failure",
+           "awaits_resend", "send_files"]
 
 log = logging.getLogger(__name__)
 SOURCE_PREFIX = "dicom:"
@@ -74,7 +75,12 @@ WARNING_STATUSES = {0x0001, 0xB000, 0xB006, 0xB007}
 
 
 class DestinationUnavailable(ConnectionError):
-    """The destination AE could not be reached or dropped the association: retry later."""
+    """The destination AE could not be reached, dropped the association or rejected it for now: retry later."""
+
+
+class DestinationRefused(RuntimeError):
+    """The destination AE rejected the association for good (it does not know an AE title): a failure of the job,
+    retried and then PARKED, not an outage to wait out."""
 
 
 @dataclass(frozen=True)
@@ -93,12 +99,31 @@ def _uid_hash(uid: str) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:32]
 
 
+def association_failure(assoc, destination: AEAddress, calling_ae_title: str) -> tuple[str, bool]:
+    """Why an association with ``destination`` (that we called as ``calling_ae_title``) was not established, as
+    what follows "association with X" (``failed: ...``, ``rejected for good: ...``), and whether for good. A
+    rejection says so in its A-ASSOCIATE-RJ: its result (permanent or transient) and diagnostic (the AE title it
+    does not know, named here); a connection that failed or was dropped is not for good."""
+    primitive = getattr(assoc.acceptor, "primitive", None)
+    if not assoc.is_rejected or primitive is None:
+        return "failed: nothing listens there, or it dropped the connection", False
+    permanent = primitive.result == 0x01
+    if (primitive.result_source, primitive.diagnostic) == (1, 7):
+        reason = f"called AE title {destination.ae_title} not recognised"
+    elif (primitive.result_source, primitive.diagnostic) == (1, 3):
+        reason = f"calling AE title {calling_ae_title} (ours) not recognised"
+    else:
+        reason = primitive.reason_str.lower()
+    return f"rejected {'for good' if permanent else 'for now'}: {reason}", permanent
+
+
 def send_files(paths: list[Path], destination: AEAddress, calling_ae_title: str, timeout_s: float = 30) -> list[str]:
     """C-STORE ``paths`` to ``destination`` in one association; one status string per file.
 
     A file whose SOP class the destination did not accept in the association is not sent: its status is
     ``"not accepted: <SOP class name>"`` (:data:`~ctzoo.pacs.core.NOT_ACCEPTED`). Raises
-    :class:`DestinationUnavailable` when no association can be made or it breaks, and ``RuntimeError`` naming the
+    :class:`DestinationUnavailable` when no association can be made, the destination rejects it for now or it
+    breaks; :class:`DestinationRefused` when the destination rejects it for good; ``RuntimeError`` naming the
     object when the destination refuses one (a failure status), or when it accepts none of the SOP classes."""
     datasets = [pydicom.dcmread(p) for p in paths]
     if not datasets:
@@ -117,8 +142,8 @@ def send_files(paths: list[Path], destination: AEAddress, calling_ae_title: str,
         if assoc.rejected_contexts and not assoc.accepted_contexts:  # it answered, and takes none of them
             raise RuntimeError(f"{destination} accepts none of the SOP classes of the results: "
                                f"{', '.join(sorted({ds.SOPClassUID.name for ds in datasets}))}")
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        raise DestinationUnavailable(f"association with {destination} {why}")
+        why, permanent = association_failure(assoc, destination, calling_ae_title)
+        raise (DestinationRefused if permanent else DestinationUnavailable)(f"association with {destination} {why}")
     statuses = []
     try:
         accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
