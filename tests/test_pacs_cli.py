@@ -212,6 +212,16 @@ def test_status_retry_and_check(tmp_path, monkeypatch):
     assert "[1]: the received instances are no longer in the spool" in retried.output
     (line,) = runner.invoke(main, ["pacs", "status", str(config), "--json"]).output.strip().splitlines()
     assert '"state": "PENDING"' in line and '"attempts": 0' in line and '"series_uid": "1.2.3"' in line
+    # a job queued already cannot be queued again: said, and exit 1 (it used to exit 0 whatever was requeued)
+    pending = runner.invoke(main, ["pacs", "retry", str(config), "1"])
+    assert pending.exit_code == 1 and pending.output.startswith("0 job(s) queued again; not requeued (PENDING or "
+                                                                "RUNNING already): [1]\n"), pending.output
+    # a DONE job is queued again, as the help says (it used to be refused, with exit 0)
+    with Ledger(settings.ledger_path) as ledger:
+        job = ledger.claim("w")
+        ledger.complete(job.id, "w", ["2.25.1"], instances=5)
+    done = runner.invoke(main, ["pacs", "retry", str(config), "1"])
+    assert done.exit_code == 0 and done.output.startswith("1 job(s) queued again\n"), done.output
     # the destination AE does not answer: check says so and exits 1
     checked = runner.invoke(main, ["pacs", "check", str(config)])
     assert checked.exit_code == 1 and f"PACS@127.0.0.1:{dead_port}: C-ECHO FAILED (association failed: nothing " \

@@ -189,6 +189,15 @@ def test_a_ledger_from_before_the_instance_count_gains_it_and_its_done_jobs_are_
         assert ledger.jobs()[0].instances == 0
 
 
+def test_requeue_takes_any_job_but_a_pending_or_running_one(ledger):
+    for uid in ("1.2.1", "1.2.2", "1.2.3"):
+        ledger.enqueue(uid, "orthanc:a")
+    done, running = ledger.claim("w1"), ledger.claim("w1")
+    ledger.complete(done.id, "w1", ["2.25.1"], instances=8)
+    assert ledger.requeue(done.id) and not ledger.requeue(running.id) and not ledger.requeue(3)
+    assert ledger.jobs()[0].state is JobState.PENDING and ledger.jobs()[0].result_uids == ["2.25.1"]
+
+
 def _python(code: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)

@@ -288,9 +288,10 @@ def status(config: Path, state: str | None, as_json: bool) -> None:
 def retry(config: Path, job_ids: tuple[int, ...], parked: bool) -> None:
     """Put jobs back in the queue (attempts reset): the given JOB_IDS, or with --parked every PARKED job.
 
-    Run it after fixing what made them fail (see 'ctzoo pacs status'); a running bridge picks them up. A
+    Run it after fixing what made them fail (see 'ctzoo pacs status'); a running bridge picks them up. Any job but
+    a PENDING or RUNNING one: a DONE one is processed again (results identical to those sent are stored once). A
     listener job whose instances were removed (it was skipped or done) waits for the series to be sent again: send
-    it after the retry.
+    it after the retry. Exits 1 when none of the given JOB_IDS could be queued again.
     """
     from ctzoo.pacs.ledger import JobState
     from ctzoo.pacs.listener import awaits_resend
@@ -306,8 +307,10 @@ def retry(config: Path, job_ids: tuple[int, ...], parked: bool) -> None:
         done = [i for i in ids if ledger.requeue(i)]
         resend = [job.id for job in ledger.jobs() if job.id in done and awaits_resend(settings.state_dir / "spool",
                                                                                          job)]
-    click.echo(f"{len(done)} job(s) queued again" + (f"; not requeued (not PARKED/FAILED/WAITING/SKIPPED): "
+    click.echo(f"{len(done)} job(s) queued again" + (f"; not requeued (PENDING or RUNNING already): "
                                                     f"{sorted(set(ids) - set(done))}" if len(done) < len(ids) else ""))
     if resend:
         click.echo(f"{resend}: the received instances are no longer in the spool (removed when the job was skipped "
                    "or done); the job waits for the series to be sent again to 'ctzoo pacs listen'")
+    if job_ids and not set(job_ids) & set(done):
+        raise SystemExit(1)

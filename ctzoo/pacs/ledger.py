@@ -313,15 +313,19 @@ class Ledger:
                               int(instances)))
             return cur.rowcount == 1
 
+    #: The states :meth:`requeue` takes a job from.
+    REQUEUABLE = (JobState.PARKED, JobState.FAILED, JobState.WAITING, JobState.SKIPPED, JobState.DONE)
+
     def requeue(self, job_id: int) -> bool:
-        """Make a PARKED, FAILED, WAITING or SKIPPED job PENDING again with its attempts reset (an operator's retry
-        after fixing the cause); False if the job is in another state."""
+        """Make a PARKED, FAILED, WAITING, SKIPPED or DONE job PENDING again with its attempts reset (an operator's
+        retry after fixing the cause, or to have a series processed again); False if the job is PENDING or
+        RUNNING."""
         now = self.clock()
+        states = [state.value for state in self.REQUEUABLE]
         with self._tx() as db:
             cur = db.execute("UPDATE jobs SET state = ?, attempts = 0, next_attempt_at = ?, updated_at = ?"
-                             " WHERE id = ? AND state IN (?, ?, ?, ?)",
-                             (JobState.PENDING.value, now, now, job_id, JobState.PARKED.value,
-                              JobState.FAILED.value, JobState.WAITING.value, JobState.SKIPPED.value))
+                             f" WHERE id = ? AND state IN ({', '.join('?' * len(states))})",
+                             (JobState.PENDING.value, now, now, job_id, *states))
             return cur.rowcount == 1
 
     def job(self, series_uid: str) -> Job | None:
