@@ -258,6 +258,18 @@ def test_config_errors_are_clear(tmp_path, monkeypatch):
             and oct((load_pacs_config(config).state_dir / "salt").stat().st_mode)[-3:] == "600")
 
 
+def test_listen_refuses_to_start_on_a_spool_it_cannot_write(tmp_path):
+    config = write_pacs_config(tmp_path, listener={
+        "ae_title": "CTZOO", "port": 0, "allowed_calling_aets": ["SCANNER"],
+        "destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}})
+    spool = load_pacs_config(config).state_dir / "spool"
+    spool.parent.mkdir(mode=0o700)
+    spool.symlink_to("/sys/kernel")  # a folder no process may create a file in, root included (sysfs)
+    result = CliRunner().invoke(main, ["pacs", "listen", str(config)])
+    assert result.exit_code == 1 and result.output.endswith(f"Error: cannot write the spool {spool}: Permission "
+                                                            "denied; not listening\n"), result.output
+
+
 def test_listen_command_answers_echo_from_allowed_callers_only(tmp_path):
     port = free_port()
     config = write_pacs_config(tmp_path, listener={

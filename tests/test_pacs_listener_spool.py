@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import time
+from pathlib import Path
 
 import pytest
 from orthanc_server import free_port
@@ -17,7 +18,7 @@ from series_variants import variant_series
 
 from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.pacs.ledger import JobState, Ledger
-from ctzoo.pacs.listener import GONE, AEAddress, DestinationUnavailable, DicomListener, awaits_resend
+from ctzoo.pacs.listener import GONE, AEAddress, DestinationUnavailable, DicomListener, SpoolUnwritable, awaits_resend
 
 pytestmark = pytest.mark.timeout(120)
 CALLER = "SCANNER"
@@ -25,10 +26,11 @@ OUT_OF_RESOURCES = 0xA700
 
 
 def make_listener(tmp_path, destination_port: int | None = None, runs: list | None = None, start: bool = True,
-                  **ledger_options) -> DicomListener:
-    """A listener on a free port whose every spool folder is stable at once (stable_s 0: a test says when it looks)."""
+                  spool: Path | None = None, **ledger_options) -> DicomListener:
+    """A listener on a free port whose every spool folder is stable at once (stable_s 0: a test says when it looks);
+    its spool ``tmp_path/spool`` unless given."""
     ledger = Ledger(tmp_path / "ledger.sqlite", **ledger_options)
-    listener = DicomListener(ledger, [result_task(runs)], SeriesRules(min_slices=3), tmp_path / "spool",
+    listener = DicomListener(ledger, [result_task(runs)], SeriesRules(min_slices=3), spool or tmp_path / "spool",
                              tmp_path / "work", "w1", "test-salt", AEAddress("CTZOO", "127.0.0.1", 0),
                              AEAddress("DEST", "127.0.0.1", destination_port or free_port()), [CALLER], stable_s=0.0)
     if start:
@@ -321,6 +323,28 @@ def test_the_spool_and_what_it_holds_are_this_users_only(tmp_path, series, caplo
     assert {path.name.endswith(".dcm") or path.name for path in folder.iterdir()} == {True, "series.json"}
     assert {stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()} == {0o600}
     assert "was open to other users: made 0700" in caplog.text
+
+
+#: A folder no process may create a file in, root included (sysfs takes no new files).
+UNWRITABLE = Path("/sys/kernel")
+
+
+def test_an_unwritable_spool_keeps_the_listener_from_starting_and_a_failed_store_says_why(tmp_path, series,
+                                                                                         caplog):
+    """A spool on a read-only file system used to be found only at the first C-STORE, refused as "cannot write the
+    spool (OSError)", with no reason nor folder, while the listener had said it was ready."""
+    with pytest.raises(SpoolUnwritable, match=f"^cannot write the spool {UNWRITABLE}: Permission denied$"):
+        make_listener(tmp_path, spool=UNWRITABLE)
+    listener = make_listener(tmp_path)
+    try:
+        assert store(listener.port, series[:1]) == [0]
+        (folder,) = listener.spool.iterdir()
+        shutil.rmtree(folder)
+        folder.symlink_to(UNWRITABLE)  # the series' folder, where nothing can be written any more
+        assert store(listener.port, series[1:2]) == [OUT_OF_RESOURCES]
+    finally:
+        listener.stop()
+    assert f"C-STORE refused: cannot write the spool {listener.spool}: Permission denied" in caplog.text
 
 
 def test_a_skipped_series_retried_waits_for_it_to_be_sent_again_then_runs(tmp_path, sent_files, caplog):

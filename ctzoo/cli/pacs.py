@@ -162,7 +162,7 @@ def listen(config: Path) -> None:
     """
     from ctzoo.pacs.config import worker_name
     from ctzoo.pacs.job_events import perf_monitor
-    from ctzoo.pacs.listener import AEAddress, DicomListener
+    from ctzoo.pacs.listener import AEAddress, DicomListener, SpoolUnwritable
 
     settings = _load(config)
     section = settings.listener
@@ -171,13 +171,16 @@ def listen(config: Path) -> None:
     tasks = _tasks(settings)
     dest = section.destination
     with _ledger(settings) as ledger, perf_monitor(settings) as monitor:
-        listener = DicomListener(
-            ledger, tasks, settings.rules, settings.state_dir / "spool", settings.state_dir / "work", worker_name(),
-            settings.salt(), AEAddress(section.ae_title, section.host, section.port),
-            AEAddress(dest.ae_title, dest.host, dest.port),
-            None if section.allowed_calling_aets == ["*"] else section.allowed_calling_aets, section.stable_s,
-            section.min_free_mb, settings.limits.resource_limits(), perf=monitor,
-            decoder=resolve_decoder(settings.decode, settings.device))
+        try:
+            listener = DicomListener(
+                ledger, tasks, settings.rules, settings.state_dir / "spool", settings.state_dir / "work",
+                worker_name(), settings.salt(), AEAddress(section.ae_title, section.host, section.port),
+                AEAddress(dest.ae_title, dest.host, dest.port),
+                None if section.allowed_calling_aets == ["*"] else section.allowed_calling_aets, section.stable_s,
+                section.min_free_mb, settings.limits.resource_limits(), perf=monitor,
+                decoder=resolve_decoder(settings.decode, settings.device))
+        except SpoolUnwritable as exc:
+            raise click.ClickException(f"{exc}; not listening") from exc
         try:
             listener.start()
         except OSError as exc:

@@ -60,8 +60,8 @@ from ctzoo.pacs.job_events import JobEvents, ReceiveTimes, instance_count
 from ctzoo.pacs.ledger import Job, JobState, Ledger
 from ctzoo.pacs.work_folder import write_private
 
-__all__ = ["AEAddress", "DestinationRefused", "DestinationUnavailable", "DicomListener", "association_failure",
-           "awaits_resend", "send_files"]
+__all__ = ["AEAddress", "DestinationRefused", "DestinationUnavailable", "DicomListener", "SpoolUnwritable",
+           "association_failure", "awaits_resend", "send_files"]
 
 log = logging.getLogger(__name__)
 SOURCE_PREFIX = "dicom:"
@@ -81,6 +81,10 @@ class DestinationUnavailable(ConnectionError):
 class DestinationRefused(RuntimeError):
     """The destination AE rejected the association for good (it does not know an AE title): a failure of the job,
     retried and then PARKED, not an outage to wait out."""
+
+
+class SpoolUnwritable(RuntimeError):
+    """The spool folder cannot be made or written: the listener must not start."""
 
 
 @dataclass(frozen=True)
@@ -197,8 +201,17 @@ class DicomListener(SeriesWorker):
         self._fetched: dict[int, list[str]] = {}  # per job, the spooled instances its last fetch took
 
     def _prepare_spool(self) -> None:
-        """Make the spool, 0700 (it holds patient data; one made before with other modes is made so too)."""
-        self.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Make the spool, 0700 (it holds patient data; one made before with other modes is made so too), and write
+        and remove a file in it: :class:`SpoolUnwritable` if that fails, since a listener that can store nothing
+        would refuse every instance while saying it is ready."""
+        probe = self.spool / f".probe-{os.getpid()}"
+        try:
+            self.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_private(probe, b"")
+            probe.unlink()
+        except OSError as exc:
+            raise SpoolUnwritable(f"cannot write the spool {self.spool}: {exc.strerror or type(exc).__name__}") \
+                from None
         if stat.S_IMODE(self.spool.stat().st_mode) & 0o077:
             try:
                 self.spool.chmod(0o700)
@@ -265,8 +278,9 @@ class DicomListener(SeriesWorker):
                         "patient_hash": patient_hash(patient_id, self.salt) if patient_id else ""}
                 write_private(folder / SERIES_FILE, json.dumps(info).encode())
             write_private(folder / f"{instance}.dcm", payload)
-        except OSError as exc:  # a full disk: the sender keeps the instance and may retry
-            log.error("C-STORE refused: cannot write the spool (%s)", type(exc).__name__)
+        except OSError as exc:  # a full disk, or a spool made read-only: the sender keeps the instance, may retry
+            log.error("C-STORE refused: cannot write the spool %s: %s", self.spool,
+                      exc.strerror or type(exc).__name__)
             self._hold(folder, instance)
             return STATUS_OUT_OF_RESOURCES
         self._unhold(folder, instance)
