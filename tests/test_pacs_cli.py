@@ -258,6 +258,24 @@ def test_config_errors_are_clear(tmp_path, monkeypatch):
             and oct((load_pacs_config(config).state_dir / "salt").stat().st_mode)[-3:] == "600")
 
 
+def test_credential_mistakes_are_named_and_no_password_is_echoed(tmp_path, monkeypatch, caplog):
+    """A password file without a user was dropped unsaid (Orthanc answered 401); a password in the file met "Extra
+    inputs are not permitted"."""
+    (tmp_path / "pw").write_text("s3cret")
+    path = tmp_path / "pacs.yaml"
+    for orthanc, said in (({"password_file": "pw"}, "orthanc.password_file is set but orthanc.username is not"),
+                          ({"username": "ctzoo", "password": "s3cret"}, "orthanc.password: passwords never go in this "
+                           "file: use $CTZOO_ORTHANC_PASSWORD (orthanc.password_env) or orthanc.password_file")):
+        path.write_text(yaml.safe_dump({"orthanc": orthanc}))
+        result = CliRunner().invoke(main, ["pacs", "check", str(path)])
+        assert result.exit_code == 1 and said in result.output and "s3cret" not in result.output, result.output
+    monkeypatch.setenv("CTZOO_ORTHANC_PASSWORD", "s3cret")
+    path.write_text(yaml.safe_dump({"orthanc": {}}))
+    assert load_pacs_config(path).orthanc_password() is None
+    assert "$CTZOO_ORTHANC_PASSWORD is set but orthanc.username is not: no credentials are sent to Orthanc" in \
+        caplog.text and "s3cret" not in caplog.text
+
+
 def test_listen_refuses_to_start_on_a_spool_it_cannot_write(tmp_path):
     config = write_pacs_config(tmp_path, listener={
         "ae_title": "CTZOO", "port": 0, "allowed_calling_aets": ["SCANNER"],
