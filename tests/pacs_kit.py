@@ -10,7 +10,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.sop_class import CTImageStorage, Verification
 from stub_tasks import Predict, finish, preprocess
 
 from ctzoo.inference.tasks import ModelTask
@@ -20,7 +20,7 @@ SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
 RESULTS = (("sr.dcm", COMPREHENSIVE_SR, "SR"), ("seg.dcm", SEGMENTATION, "SEG"))
 
 
-def _result(sop_class: str, modality: str, source_series: str) -> Dataset:
+def _result(sop_class: str, modality: str, source_series: str, study: str) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -29,6 +29,7 @@ def _result(sop_class: str, modality: str, source_series: str) -> Dataset:
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
         entropy_srcs=["pacs-kit", modality, source_series])
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=["pacs-kit-series", modality, source_series])
+    ds.StudyInstanceUID = study  # in the source's study, as real results are (Orthanc needs one)
     ds.Modality = modality
     return ds
 
@@ -41,9 +42,9 @@ def result_task(runs: list[int] | None = None) -> ModelTask:
         if runs is not None:
             runs.append(1)
         folder.mkdir(parents=True, exist_ok=True)
-        series = volume.dicom.series_instance_uid
+        series, study = volume.dicom.series_instance_uid, volume.dicom.study_instance_uid
         for name, sop_class, modality in RESULTS:
-            _result(sop_class, modality, series).save_as(folder / name, enforce_file_format=True)
+            _result(sop_class, modality, series, study).save_as(folder / name, enforce_file_format=True)
         return [folder / name for name, _, _ in RESULTS], {"findings": 0, "detail": ""}
 
     return ModelTask("stub-results", "0.0.1", "detection", preprocess, Predict(), finish=finish, write=write)
@@ -66,10 +67,14 @@ def read_all(paths: Sequence[Path]) -> list[Dataset]:
     return [pydicom.dcmread(path) for path in paths]
 
 
-def storage_scp(port: int, received: list, status: int = 0x0000, sop_classes: Sequence[str] | None = None):
-    """A destination AE that keeps what it receives and answers ``status``; ``sop_classes``: the only storage SOP
-    classes it takes (default: all)."""
+def storage_scp(port: int, received: list, status: int = 0x0000, sop_classes: Sequence[str] | None = None,
+                require_called_aet: bool = False, maximum_associations: int = 10):
+    """A destination AE (``DEST``) that keeps what it receives and answers ``status``; ``sop_classes``: the only
+    storage SOP classes it takes (default: all); ``require_called_aet``: it rejects associations calling another AE
+    title; beyond ``maximum_associations`` at once it rejects them for now."""
     ae = AE(ae_title="DEST")
+    ae.require_called_aet, ae.maximum_associations = require_called_aet, maximum_associations
+    ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         if sop_classes is None or context.abstract_syntax in sop_classes:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from orthanc_server import OrthancServer, dcmtk, free_port, storescu
+from pacs_kit import storage_scp
 from series_variants import variant_series
 
 from ctzoo.cli import main
@@ -211,9 +212,28 @@ def test_status_retry_and_check(tmp_path, monkeypatch):
     assert "[1]: the received instances are no longer in the spool" in retried.output
     (line,) = runner.invoke(main, ["pacs", "status", str(config), "--json"]).output.strip().splitlines()
     assert '"state": "PENDING"' in line and '"attempts": 0' in line and '"series_uid": "1.2.3"' in line
+    # a job queued already cannot be queued again: said, and exit 1 (it used to exit 0 whatever was requeued)
+    pending = runner.invoke(main, ["pacs", "retry", str(config), "1"])
+    assert pending.exit_code == 1 and pending.output.startswith("0 job(s) queued again; not requeued (PENDING or "
+                                                                "RUNNING already): [1]\n"), pending.output
+    # a DONE job is queued again, as the help says (it used to be refused, with exit 0)
+    with Ledger(settings.ledger_path) as ledger:
+        job = ledger.claim("w")
+        ledger.complete(job.id, "w", ["2.25.1"], instances=5)
+    done = runner.invoke(main, ["pacs", "retry", str(config), "1"])
+    assert done.exit_code == 0 and done.output.startswith("1 job(s) queued again\n"), done.output
     # the destination AE does not answer: check says so and exits 1
     checked = runner.invoke(main, ["pacs", "check", str(config)])
-    assert checked.exit_code == 1 and f"PACS@127.0.0.1:{dead_port}: C-ECHO FAILED" in checked.output
+    assert checked.exit_code == 1 and f"PACS@127.0.0.1:{dead_port}: C-ECHO FAILED (association failed: nothing " \
+        "listens there, or it dropped the connection)" in checked.output, checked.output
+    # it answers, and rejects the AE title called: check names that one (it used to blame our own AE title)
+    server = storage_scp(dead_port, [], require_called_aet=True)
+    try:
+        checked = runner.invoke(main, ["pacs", "check", str(config)])
+    finally:
+        server.shutdown()
+    assert checked.exit_code == 1 and checked.output == f"destination PACS@127.0.0.1:{dead_port}: C-ECHO FAILED " \
+        "(association rejected for good: called AE title PACS not recognised)\n", checked.output
 
 
 def test_config_errors_are_clear(tmp_path, monkeypatch):
@@ -236,6 +256,36 @@ def test_config_errors_are_clear(tmp_path, monkeypatch):
     assert result.exit_code != 0 and f"${PASSWORD_ENV} is empty" in result.output
     assert (load_pacs_config(config).salt() == load_pacs_config(config).salt()
             and oct((load_pacs_config(config).state_dir / "salt").stat().st_mode)[-3:] == "600")
+
+
+def test_credential_mistakes_are_named_and_no_password_is_echoed(tmp_path, monkeypatch, caplog):
+    """A password file without a user was dropped unsaid (Orthanc answered 401); a password in the file met "Extra
+    inputs are not permitted"."""
+    (tmp_path / "pw").write_text("s3cret")
+    path = tmp_path / "pacs.yaml"
+    for orthanc, said in (({"password_file": "pw"}, "orthanc.password_file is set but orthanc.username is not"),
+                          ({"username": "ctzoo", "password": "s3cret"}, "orthanc.password: passwords never go in this "
+                           "file: use $CTZOO_ORTHANC_PASSWORD (orthanc.password_env) or orthanc.password_file")):
+        path.write_text(yaml.safe_dump({"orthanc": orthanc}))
+        result = CliRunner().invoke(main, ["pacs", "check", str(path)])
+        assert result.exit_code == 1 and said in result.output and "s3cret" not in result.output, result.output
+    monkeypatch.setenv("CTZOO_ORTHANC_PASSWORD", "s3cret")
+    path.write_text(yaml.safe_dump({"orthanc": {}}))
+    assert load_pacs_config(path).orthanc_password() is None
+    assert "$CTZOO_ORTHANC_PASSWORD is set but orthanc.username is not: no credentials are sent to Orthanc" in \
+        caplog.text and "s3cret" not in caplog.text
+
+
+def test_listen_refuses_to_start_on_a_spool_it_cannot_write(tmp_path):
+    config = write_pacs_config(tmp_path, listener={
+        "ae_title": "CTZOO", "port": 0, "allowed_calling_aets": ["SCANNER"],
+        "destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}})
+    spool = load_pacs_config(config).state_dir / "spool"
+    spool.parent.mkdir(mode=0o700)
+    spool.symlink_to("/sys/kernel")  # a folder no process may create a file in, root included (sysfs)
+    result = CliRunner().invoke(main, ["pacs", "listen", str(config)])
+    assert result.exit_code == 1 and result.output.endswith(f"Error: cannot write the spool {spool}: Permission "
+                                                            "denied; not listening\n"), result.output
 
 
 def test_listen_command_answers_echo_from_allowed_callers_only(tmp_path):

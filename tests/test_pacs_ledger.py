@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -154,6 +155,47 @@ def test_skip_records_reason_and_is_never_claimed(ledger, clock):
     assert ledger.claim("w1") is None
     reasons = {j.series_uid: j.reason for j in ledger.jobs(JobState.SKIPPED)}
     assert reasons == {"1.2.3": "modality MR, not CT", "1.2.4": "only 3 slices"}
+
+
+def test_a_done_job_runs_again_once_when_its_series_grows(ledger):
+    ledger.enqueue("1.2.3", "orthanc:a")
+    job = ledger.claim("w1")
+    ledger.complete(job.id, "w1", ["2.25.1"], instances=8)
+    assert not ledger.rerun("1.2.3", 8, "no more") and not ledger.rerun("1.2.9", 20, "unknown")
+    assert ledger.rerun("1.2.3", 20, "grew") and not ledger.rerun("1.2.3", 20, "grew")  # once: it is PENDING now
+    (again,) = ledger.jobs(JobState.PENDING)
+    # what the earlier run made stays until this one completes: its results are told from those by them
+    assert (again.reason, again.attempts, again.result_uids, again.instances) == ("grew", 0, ["2.25.1"], 8)
+    job = ledger.claim("w1")
+    ledger.complete(job.id, "w1", ["2.25.9"], instances=20)
+    assert (ledger.jobs()[0].result_uids, ledger.jobs()[0].instances) == (["2.25.9"], 20)
+
+
+def test_a_ledger_from_before_the_instance_count_gains_it_and_its_done_jobs_are_not_run_again(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # the schema before the count
+        db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, series_uid TEXT NOT NULL UNIQUE, source "
+                   "TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL "
+                   "DEFAULT '', next_attempt_at REAL NOT NULL DEFAULT 0, lease_until REAL NOT NULL DEFAULT 0, worker "
+                   "TEXT NOT NULL DEFAULT '', result_uids TEXT NOT NULL DEFAULT '[]', created_at REAL NOT NULL, "
+                   "updated_at REAL NOT NULL, patient_hash TEXT NOT NULL DEFAULT '')")
+        db.execute("INSERT INTO jobs (series_uid, source, state, created_at, updated_at) VALUES "
+                   "('1.2.3', 'orthanc:a', 'DONE', 1, 1)")
+    with Ledger(path) as ledger:
+        (job,) = ledger.jobs()
+        assert (job.state, job.instances) == (JobState.DONE, 0)
+        assert not ledger.rerun("1.2.3", 20, "grew")  # what it was made from is not known
+    with Ledger(path) as ledger:  # opened again: nothing more to add
+        assert ledger.jobs()[0].instances == 0
+
+
+def test_requeue_takes_any_job_but_a_pending_or_running_one(ledger):
+    for uid in ("1.2.1", "1.2.2", "1.2.3"):
+        ledger.enqueue(uid, "orthanc:a")
+    done, running = ledger.claim("w1"), ledger.claim("w1")
+    ledger.complete(done.id, "w1", ["2.25.1"], instances=8)
+    assert ledger.requeue(done.id) and not ledger.requeue(running.id) and not ledger.requeue(3)
+    assert ledger.jobs()[0].state is JobState.PENDING and ledger.jobs()[0].result_uids == ["2.25.1"]
 
 
 def _python(code: str) -> subprocess.Popen:

@@ -5,8 +5,11 @@ takes, retries. Seconds each; test_pacs_listener.py runs the real models against
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import stat
 import time
+from pathlib import Path
 
 import pytest
 from orthanc_server import free_port
@@ -15,7 +18,7 @@ from series_variants import variant_series
 
 from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.pacs.ledger import JobState, Ledger
-from ctzoo.pacs.listener import GONE, AEAddress, DestinationUnavailable, DicomListener, awaits_resend
+from ctzoo.pacs.listener import GONE, AEAddress, DestinationUnavailable, DicomListener, SpoolUnwritable, awaits_resend
 
 pytestmark = pytest.mark.timeout(120)
 CALLER = "SCANNER"
@@ -23,10 +26,11 @@ OUT_OF_RESOURCES = 0xA700
 
 
 def make_listener(tmp_path, destination_port: int | None = None, runs: list | None = None, start: bool = True,
-                  **ledger_options) -> DicomListener:
-    """A listener on a free port whose every spool folder is stable at once (stable_s 0: a test says when it looks)."""
+                  spool: Path | None = None, **ledger_options) -> DicomListener:
+    """A listener on a free port whose every spool folder is stable at once (stable_s 0: a test says when it looks);
+    its spool ``tmp_path/spool`` unless given."""
     ledger = Ledger(tmp_path / "ledger.sqlite", **ledger_options)
-    listener = DicomListener(ledger, [result_task(runs)], SeriesRules(min_slices=3), tmp_path / "spool",
+    listener = DicomListener(ledger, [result_task(runs)], SeriesRules(min_slices=3), spool or tmp_path / "spool",
                              tmp_path / "work", "w1", "test-salt", AEAddress("CTZOO", "127.0.0.1", 0),
                              AEAddress("DEST", "127.0.0.1", destination_port or free_port()), [CALLER], stable_s=0.0)
     if start:
@@ -265,7 +269,82 @@ def test_send_files_sends_what_the_destination_accepts_and_refuses_a_destination
 
 class _FakeVolume:
     class dicom:  # noqa: N801 (the attribute a Volume has)
-        series_instance_uid = "1.2.3"
+        series_instance_uid, study_instance_uid = "1.2.3", "1.2.4"
+
+
+def test_a_destination_rejecting_the_association_for_good_is_a_failure_naming_why_not_an_outage(tmp_path, series):
+    """A destination that does not know the AE title called used to be an outage forever (WAITING, "rejected"); a
+    rejection for now (its association limit) still is one."""
+    port = free_port()
+    server = storage_scp(port, [], require_called_aet=True, maximum_associations=1)  # its AE title is DEST
+    listener = make_listener(tmp_path, port, backoff_s=0, max_attempts=2)
+    listener.destination = AEAddress("WRONG", "127.0.0.1", port)
+    try:
+        assert store(listener.port, series) == [0] * 6 and listener.discover() == 1
+        assert listener.process_one() is True  # not raised: not an outage
+        (job,) = listener.ledger.jobs()
+        assert job.state is JobState.FAILED and job.reason == f"DestinationRefused: association with WRONG@127.0.0.1:" \
+            f"{port} rejected for good: called AE title WRONG not recognised", job
+        assert listener.process_one() is True and listener.ledger.jobs()[0].state is JobState.PARKED
+
+        from pynetdicom import AE
+
+        from ctzoo.pacs.listener import send_files
+
+        paths = result_task().write(_FakeVolume(), None, tmp_path / "results", False, {})[0]
+        holder = AE(ae_title="OTHER")
+        holder.add_requested_context("1.2.840.10008.1.1")
+        held = holder.associate("127.0.0.1", port, ae_title="DEST")  # its one association
+        assert held.is_established
+        with pytest.raises(DestinationUnavailable, match=f"^association with DEST@127.0.0.1:{port} rejected for "
+                                                         "now: local limit exceeded$"):
+            send_files(paths, AEAddress("DEST", "127.0.0.1", port), "CTZOO")
+        held.release()
+    finally:
+        listener.stop()
+        server.shutdown()
+
+
+def test_the_spool_and_what_it_holds_are_this_users_only(tmp_path, series, caplog):
+    """A state_dir made beforehand (mkdir, umask 022) used to leave the spool, its series folders and the instances
+    (patient names, ids) readable by every local user."""
+    umask = os.umask(0o022)
+    try:
+        (tmp_path / "spool").mkdir(mode=0o755)
+        listener = make_listener(tmp_path)
+        try:
+            assert store(listener.port, series[:3]) == [0] * 3
+        finally:
+            listener.stop()
+    finally:
+        os.umask(umask)
+    (folder,) = listener.spool.iterdir()
+    assert [stat.S_IMODE(path.stat().st_mode) for path in (listener.spool, folder)] == [0o700, 0o700]
+    assert {path.name.endswith(".dcm") or path.name for path in folder.iterdir()} == {True, "series.json"}
+    assert {stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()} == {0o600}
+    assert "was open to other users: made 0700" in caplog.text
+
+
+#: A folder no process may create a file in, root included (sysfs takes no new files).
+UNWRITABLE = Path("/sys/kernel")
+
+
+def test_an_unwritable_spool_keeps_the_listener_from_starting_and_a_failed_store_says_why(tmp_path, series,
+                                                                                         caplog):
+    """A spool on a read-only file system used to be found only at the first C-STORE, refused as "cannot write the
+    spool (OSError)", with no reason nor folder, while the listener had said it was ready."""
+    with pytest.raises(SpoolUnwritable, match=f"^cannot write the spool {UNWRITABLE}: Permission denied$"):
+        make_listener(tmp_path, spool=UNWRITABLE)
+    listener = make_listener(tmp_path)
+    try:
+        assert store(listener.port, series[:1]) == [0]
+        (folder,) = listener.spool.iterdir()
+        shutil.rmtree(folder)
+        folder.symlink_to(UNWRITABLE)  # the series' folder, where nothing can be written any more
+        assert store(listener.port, series[1:2]) == [OUT_OF_RESOURCES]
+    finally:
+        listener.stop()
+    assert f"C-STORE refused: cannot write the spool {listener.spool}: Permission denied" in caplog.text
 
 
 def test_a_skipped_series_retried_waits_for_it_to_be_sent_again_then_runs(tmp_path, sent_files, caplog):

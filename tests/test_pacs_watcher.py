@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from dicom_validation import assert_dciodvfy_clean
 from orthanc_server import OrthancServer, running_orthanc, storescu
+from pacs_kit import result_task
 from perf_checks import assert_no_identifiers, stages_by_key
 
 from ctzoo import __version__
@@ -154,22 +155,27 @@ def _assert_job_events(events, job_id: int, files, folder) -> None:
 
 def test_a_series_settling_when_orthanc_stops_is_processed_once_after_its_restart(tmp_path, sent_files):
     """Orthanc keeps a series' StableAge in memory: stopped (SIGTERM) within it, it never announces the series
-    stable (no StableSeries change, ever) and after the restart reports it IsStable. The watcher, which saw its
-    NewSeries change before the stop, records it after the restart, once; a watcher from sequence 0 too."""
+    stable (no StableSeries change, ever) and after the restart reports it IsStable, at once. The watcher, which saw
+    its NewSeries change before the stop, records it after the restart, once, no sooner than its StableAge after its
+    last instance (the sender may go on sending once Orthanc is back); a watcher from sequence 0 too."""
     tasks = [model_task(ensure_graphs(load_bundle("recistnet-mini")), "onnx", "cpu", score_threshold=0.05)]
     server = OrthancServer(tmp_path, {"StableAge": 30})  # far longer than the store and the stop take
+    stable_age_s = 5  # what the watcher takes Orthanc's StableAge to be after a restart
     try:
         orthanc = server.start()
         storescu(orthanc, sent_files)
+        stored = time.monotonic()
         with OrthancClient(orthanc.url, orthanc.username, orthanc.password) as client, \
                 Ledger(tmp_path / "ledger.sqlite") as ledger:
-            watcher = OrthancWatcher(client, ledger, tasks, SeriesRules(min_slices=5), tmp_path / "work", "w", SALT)
+            watcher = OrthancWatcher(client, ledger, tasks, SeriesRules(min_slices=5), tmp_path / "work", "w", SALT,
+                                     stable_age_s=stable_age_s)
             assert watcher.discover() == 0 and len(watcher.settling) == 1  # new, not stable yet
             server.stop()
             server.start()
             kinds = {change["ChangeType"] for change in client.changes(0, limit=1000)[0]}
             assert "NewSeries" in kinds and "StableSeries" not in kinds  # the scenario: never announced stable
-            assert watcher.discover() == 1 and watcher.settling == [], orthanc.log_tail()
+            assert _discover_until(watcher, 1) == 1 and watcher.settling == [], orthanc.log_tail()
+            assert time.monotonic() - stored > stable_age_s - 1  # Orthanc's dates are in whole seconds
             assert watcher.process_one() is True
             (done,) = ledger.jobs(JobState.DONE)
             assert done.series_uid == pydicom.dcmread(sent_files[0]).SeriesInstanceUID
@@ -179,6 +185,37 @@ def test_a_series_settling_when_orthanc_stops_is_processed_once_after_its_restar
             assert {m: len(s) for m, s in _series_by_modality(orthanc).items()} == {"CT": 1, "SR": 1}
     finally:
         server.stop()
+
+
+def test_a_series_that_grows_after_orthanc_called_it_stable_is_processed_again(tmp_path, sent_files, caplog):
+    """The sender pauses longer than StableAge after 8 instances: Orthanc announces the series stable, the job runs
+    on those 8; the other 12 arrive and Orthanc announces it stable again. The watcher used to ignore that, unsaid:
+    now the job runs again on the whole series, with results of their own beside the first."""
+    caplog.set_level("INFO", logger="ctzoo.pacs")
+    server = OrthancServer(tmp_path, {"StableAge": 1})
+    try:
+        orthanc = server.start()
+        with OrthancClient(orthanc.url, orthanc.username, orthanc.password) as client, \
+                Ledger(tmp_path / "ledger.sqlite") as ledger:
+            watcher = OrthancWatcher(client, ledger, [result_task()], SeriesRules(min_slices=5), tmp_path / "work",
+                                     "w", SALT)
+            storescu(orthanc, sent_files[:8])
+            assert _discover_until(watcher, 1) == 1 and watcher.process_one()
+            (first,) = ledger.jobs(JobState.DONE)
+            assert first.instances == 8
+            storescu(orthanc, sent_files[8:])
+            assert _discover_until(watcher, 1) == 1, orthanc.log_tail()
+            assert ledger.job(first.series_uid).state is JobState.PENDING and watcher.process_one()
+            second = ledger.job(first.series_uid)
+            assert (second.state, second.instances) == (JobState.DONE, 20)
+            assert len(second.result_uids) == 2 and set(second.result_uids).isdisjoint(first.result_uids)
+            by_modality = _series_by_modality(orthanc)
+            assert {m: len(s) for m, s in by_modality.items()} == {"CT": 1, "SR": 2, "SEG": 2}
+            assert len(by_modality["CT"][0]["Instances"]) == 20
+    finally:
+        server.stop()
+    assert "20 instances now, its results were made from 8: processing it again" in caplog.text
+    assert first.series_uid not in caplog.text
 
 
 class _FakeClient:

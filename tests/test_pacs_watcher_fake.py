@@ -34,7 +34,8 @@ SALT = "test-salt"
 class FakeOrthanc:
     """Orthanc's REST API as the watcher uses it, over one CT series (``files``); ``answers`` overrides what a path
     answers (an httpx.Response, or a callable of the request); ``upload_status`` what POST /instances says per
-    Modality."""
+    Modality; ``uploaded`` the SOP Instance UIDs posted; ``last_update`` and ``now`` Orthanc's clock (the series'
+    last instance a minute ago)."""
 
     def __init__(self, files: list[Path], instances: int | None = None) -> None:
         self.files = files
@@ -47,6 +48,8 @@ class FakeOrthanc:
         self.disk_size = sum(path.stat().st_size for path in files)
         self.requests: list[str] = []
         self.uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        self.uploaded: list[str] = []
+        self.last_update, self.now = "20250101T120000", "20250101T120100"
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -62,7 +65,10 @@ class FakeOrthanc:
                                              "Last": self.last, "Done": True})
         if path == f"/series/{SERIES}":
             return httpx.Response(200, json={"MainDicomTags": {"Modality": "CT", "SeriesInstanceUID": self.uid},
-                                             "Instances": self.instances, "IsStable": True})
+                                             "Instances": self.instances, "IsStable": True,
+                                             "LastUpdate": self.last_update})
+        if path == "/tools/now":
+            return httpx.Response(200, text=self.now)
         if path == f"/series/{SERIES}/shared-tags":
             return httpx.Response(200, json=self.shared_tags)
         if path == f"/series/{SERIES}/statistics":
@@ -72,6 +78,7 @@ class FakeOrthanc:
             return httpx.Response(200, content=self.files[index].read_bytes())
         if path == "/instances" and request.method == "POST":
             ds = pydicom.dcmread(io.BytesIO(request.content), stop_before_pixels=True)
+            self.uploaded.append(str(ds.SOPInstanceUID))
             return httpx.Response(200, json={"ID": "0c-01", "Status": self.upload_status[ds.Modality]})
         return httpx.Response(404, json={"Message": "Unknown resource"})
 
@@ -125,6 +132,72 @@ def test_a_series_skipped_while_still_arriving_is_enqueued_once_stable_with_enou
     assert job.state is JobState.PENDING and job.attempts == 0 and job.reason == ""
     assert sum("enqueued again" in r.getMessage() for r in caplog.records) == 1
     assert watcher.process_one() and watcher.ledger.jobs()[0].state is JobState.DONE
+
+
+def _stable_again(orthanc: FakeOrthanc, instances: int | None = None) -> None:
+    """Orthanc announces the series stable again (with ``instances`` of the sent files now)."""
+    if instances is not None:
+        orthanc.instances = FakeOrthanc(orthanc.files, instances).instances
+    orthanc.last += 1
+    orthanc.changes.append({"ChangeType": "StableSeries", "ID": SERIES, "Seq": orthanc.last})
+
+
+def test_a_series_grown_after_its_job_was_done_is_processed_again_with_results_of_its_own(tmp_path, sent_files,
+                                                                                          caplog):
+    """Orthanc called the series stable after 8 of its 20 instances (the sender paused longer than StableAge), the
+    job ran on those; the rest arrived and Orthanc announced it stable again. That used to be ignored, unsaid."""
+    caplog.set_level("INFO", logger="ctzoo.pacs")
+    orthanc = FakeOrthanc(sent_files, instances=8)
+    watcher = watcher_on(orthanc, tmp_path)
+    assert watcher.discover() == 1 and watcher.process_one()
+    (first,) = watcher.ledger.jobs()
+    assert (first.state, first.instances, len(first.result_uids)) == (JobState.DONE, 8, 2), first
+    _stable_again(orthanc, 20)
+    assert watcher.discover() == 1 and watcher.discover() == 0  # once
+    (again,) = watcher.ledger.jobs()
+    assert again.state is JobState.PENDING and again.reason == "the series has 20 instances, its results were " \
+                                                                "made from 8: processed again", again
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.endswith(": 20 instances now, its results were made from 8: processing it again (the earlier "
+                            "results stay in Orthanc)"), warning
+    assert watcher.process_one()
+    (second,) = watcher.ledger.jobs()
+    assert (second.state, second.instances, len(second.result_uids)) == (JobState.DONE, 20, 2), second
+    # the stand-in model's findings do not change with the slices (as a report of no lesion would not): the results
+    # of the whole series still have UIDs of their own, not those Orthanc already holds for the 8 instances
+    assert set(second.result_uids).isdisjoint(first.result_uids)
+    assert orthanc.uploaded == first.result_uids + second.result_uids
+    _stable_again(orthanc)  # stable again, nothing more: nothing to do
+    assert watcher.discover() == 0 and watcher.ledger.jobs()[0].state is JobState.DONE
+    assert orthanc.uid not in caplog.text
+
+
+def test_a_series_announced_stable_while_its_job_is_in_hand_is_looked_at_again_once_that_job_ends(tmp_path,
+                                                                                                  sent_files):
+    """Another watcher has the job, with the 8 instances it fetched, when Orthanc announces the whole series: the
+    series is kept settling until that job is DONE, then run again on the whole."""
+    orthanc = FakeOrthanc(sent_files, instances=8)
+    watcher = watcher_on(orthanc, tmp_path)
+    assert watcher.discover() == 1
+    job = watcher.ledger.claim("another watcher")
+    _stable_again(orthanc, 20)
+    assert watcher.discover() == 0 and watcher.settling == [SERIES]
+    assert watcher.discover() == 0 and watcher.settling == [SERIES]  # still in hand
+    watcher.ledger.complete(job.id, "another watcher", ["2.25.1"], instances=8)
+    assert watcher.discover() == 1 and watcher.settling == []
+    assert watcher.process_one() and watcher.ledger.jobs()[0].instances == 20
+
+
+def test_a_series_orthanc_calls_stable_unannounced_is_recorded_a_stable_age_after_its_last_instance(tmp_path,
+                                                                                                     orthanc):
+    """After a restart Orthanc says IsStable of every series, one whose sender is still sending too: the watcher
+    waits Orthanc's StableAge after the series' last instance, by Orthanc's clock."""
+    orthanc.changes = [{"ChangeType": "NewSeries", "ID": SERIES, "Seq": 5}]  # its StableSeries never comes
+    orthanc.now = "20250101T120002"  # 2 s after its last instance
+    watcher = watcher_on(orthanc, tmp_path, stable_age_s=10)
+    assert watcher.discover() == 0 and watcher.settling == [SERIES] and not watcher.ledger.jobs()
+    orthanc.now = "20250101T120010"
+    assert watcher.discover() == 1 and watcher.settling == []
 
 
 def test_orthanc_or_a_proxy_answering_502_503_504_is_an_outage_and_500_an_error(tmp_path, orthanc):

@@ -142,7 +142,8 @@ def watch(config: Path) -> None:
         watcher = OrthancWatcher(client, ledger, tasks, settings.rules, settings.state_dir / "work",
                                  worker_name(), settings.salt(), limits=settings.limits.resource_limits(),
                                  perf=monitor, decoder=resolve_decoder(settings.decode, settings.device),
-                                 min_free_mb=settings.orthanc.min_free_mb, start_from=settings.orthanc.start_from)
+                                 min_free_mb=settings.orthanc.min_free_mb, start_from=settings.orthanc.start_from,
+                                 stable_age_s=settings.orthanc.stable_age_s)
         click.echo(f"watching {settings.orthanc.url} for CT series; models: {', '.join(settings.models)}; "
                    f"ledger: {settings.ledger_path}{_perf_note(settings)}", err=True)
         try:
@@ -161,7 +162,7 @@ def listen(config: Path) -> None:
     """
     from ctzoo.pacs.config import worker_name
     from ctzoo.pacs.job_events import perf_monitor
-    from ctzoo.pacs.listener import AEAddress, DicomListener
+    from ctzoo.pacs.listener import AEAddress, DicomListener, SpoolUnwritable
 
     settings = _load(config)
     section = settings.listener
@@ -170,13 +171,16 @@ def listen(config: Path) -> None:
     tasks = _tasks(settings)
     dest = section.destination
     with _ledger(settings) as ledger, perf_monitor(settings) as monitor:
-        listener = DicomListener(
-            ledger, tasks, settings.rules, settings.state_dir / "spool", settings.state_dir / "work", worker_name(),
-            settings.salt(), AEAddress(section.ae_title, section.host, section.port),
-            AEAddress(dest.ae_title, dest.host, dest.port),
-            None if section.allowed_calling_aets == ["*"] else section.allowed_calling_aets, section.stable_s,
-            section.min_free_mb, settings.limits.resource_limits(), perf=monitor,
-            decoder=resolve_decoder(settings.decode, settings.device))
+        try:
+            listener = DicomListener(
+                ledger, tasks, settings.rules, settings.state_dir / "spool", settings.state_dir / "work",
+                worker_name(), settings.salt(), AEAddress(section.ae_title, section.host, section.port),
+                AEAddress(dest.ae_title, dest.host, dest.port),
+                None if section.allowed_calling_aets == ["*"] else section.allowed_calling_aets, section.stable_s,
+                section.min_free_mb, settings.limits.resource_limits(), perf=monitor,
+                decoder=resolve_decoder(settings.decode, settings.device))
+        except SpoolUnwritable as exc:
+            raise click.ClickException(f"{exc}; not listening") from exc
         try:
             listener.start()
         except OSError as exc:
@@ -214,7 +218,10 @@ def check(config: Path) -> None:
         from pynetdicom import AE
         from pynetdicom.sop_class import Verification
 
+        from ctzoo.pacs.listener import AEAddress, association_failure
+
         dest = settings.listener.destination
+        destination = AEAddress(dest.ae_title, dest.host, dest.port)
         ae = AE(ae_title=settings.listener.ae_title)
         ae.add_requested_context(Verification)
         ae.acse_timeout = ae.network_timeout = 10
@@ -223,18 +230,19 @@ def check(config: Path) -> None:
         pynetdicom_log.setLevel(logging.CRITICAL)  # its connection errors: the line below says what failed
         try:
             assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-            status = assoc.send_c_echo() if assoc.is_established else None
+            established = assoc.is_established
+            status = assoc.send_c_echo() if established else None
             if assoc.is_established:
                 assoc.release()
         finally:
             pynetdicom_log.setLevel(level)
         if status is not None and int(status.get("Status", -1)) == 0:
-            click.echo(f"destination {dest.ae_title}@{dest.host}:{dest.port}: C-ECHO ok")
+            click.echo(f"destination {destination}: C-ECHO ok")
         else:
             problems += 1
-            why = ("no association: nothing listens there, or it refused our AE title "
-                   f"{settings.listener.ae_title}" if not assoc.is_established else "the C-ECHO was not answered")
-            click.echo(f"destination {dest.ae_title}@{dest.host}:{dest.port}: C-ECHO FAILED ({why})")
+            why = "the C-ECHO was not answered" if established else \
+                f"association {association_failure(assoc, destination, settings.listener.ae_title)[0]}"
+            click.echo(f"destination {destination}: C-ECHO FAILED ({why})")
     if settings.orthanc is None and settings.listener is None:
         raise click.ClickException(f"{config}: neither an 'orthanc' nor a 'listener' section")
     if problems:
@@ -265,7 +273,8 @@ def status(config: Path, state: str | None, as_json: bool) -> None:
         for job in jobs:
             click.echo(json.dumps({"id": job.id, "state": job.state.value, "series_uid": job.series_uid,
                                    "source": job.source, "attempts": job.attempts, "reason": job.reason,
-                                   "result_uids": job.result_uids, "patient_hash": job.patient_hash,
+                                   "result_uids": job.result_uids, "instances": job.instances,
+                                   "patient_hash": job.patient_hash,
                                    "created": _when(job.created_at), "updated": _when(job.updated_at)}))
         return
     click.echo(f"{'id':>5}  {'state':<8} {'tries':>5}  {'series':<10}  {'updated':<19}  {'results':>7}  reason")
@@ -282,9 +291,10 @@ def status(config: Path, state: str | None, as_json: bool) -> None:
 def retry(config: Path, job_ids: tuple[int, ...], parked: bool) -> None:
     """Put jobs back in the queue (attempts reset): the given JOB_IDS, or with --parked every PARKED job.
 
-    Run it after fixing what made them fail (see 'ctzoo pacs status'); a running bridge picks them up. A
+    Run it after fixing what made them fail (see 'ctzoo pacs status'); a running bridge picks them up. Any job but
+    a PENDING or RUNNING one: a DONE one is processed again (results identical to those sent are stored once). A
     listener job whose instances were removed (it was skipped or done) waits for the series to be sent again: send
-    it after the retry.
+    it after the retry. Exits 1 when none of the given JOB_IDS could be queued again.
     """
     from ctzoo.pacs.ledger import JobState
     from ctzoo.pacs.listener import awaits_resend
@@ -300,8 +310,10 @@ def retry(config: Path, job_ids: tuple[int, ...], parked: bool) -> None:
         done = [i for i in ids if ledger.requeue(i)]
         resend = [job.id for job in ledger.jobs() if job.id in done and awaits_resend(settings.state_dir / "spool",
                                                                                          job)]
-    click.echo(f"{len(done)} job(s) queued again" + (f"; not requeued (not PARKED/FAILED/WAITING/SKIPPED): "
+    click.echo(f"{len(done)} job(s) queued again" + (f"; not requeued (PENDING or RUNNING already): "
                                                     f"{sorted(set(ids) - set(done))}" if len(done) < len(ids) else ""))
     if resend:
         click.echo(f"{resend}: the received instances are no longer in the spool (removed when the job was skipped "
                    "or done); the job waits for the series to be sent again to 'ctzoo pacs listen'")
+    if job_ids and not set(job_ids) & set(done):
+        raise SystemExit(1)

@@ -7,15 +7,16 @@ random salt created once in ``state_dir/salt`` (mode 0600). Relative paths are r
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
 import stat
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ctzoo.config import ConfigError, StrictConfig, load_config
 from ctzoo.io.dicom_scan import SeriesRules
@@ -24,6 +25,7 @@ from ctzoo.io.privacy import salt_from
 
 __all__ = ["PacsConfig", "load_pacs_config"]
 
+log = logging.getLogger(__name__)
 SALT_ENV = "CTZOO_PACS_SALT"
 _AE_TITLE = re.compile(r"^[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]{0,15}$")  # PS3.5: 16 chars, no backslash
 
@@ -59,6 +61,24 @@ class OrthancSettings(StrictConfig):
     start_from: Literal["beginning", "now"] = Field(
         "beginning", description="where a watcher with no saved position starts: 'beginning' processes the CT "
                                  "series Orthanc already holds too, 'now' only those that arrive from then on")
+    stable_age_s: float = Field(60.0, ge=0, description="Orthanc's StableAge: a series Orthanc calls stable without "
+                                                        "announcing it (after a restart) is taken this long after its "
+                                                        "last instance")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_password_here(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "password" in data:  # never echo it
+            raise ValueError("orthanc.password: passwords never go in this file: use $CTZOO_ORTHANC_PASSWORD "
+                             "(orthanc.password_env) or orthanc.password_file")
+        return data
+
+    @model_validator(mode="after")
+    def _password_file_needs_a_user(self) -> OrthancSettings:
+        if self.password_file is not None and self.username is None:
+            raise ValueError("orthanc.password_file is set but orthanc.username is not: set the user the password "
+                             "is for")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -173,9 +193,15 @@ class PacsConfig(StrictConfig):
         return self.perf.store if self.perf.store is not None else self.state_dir / "perf.sqlite"
 
     def orthanc_password(self) -> str | None:
-        """The Orthanc password from ``password_file`` or ``$password_env``; None without a username."""
+        """The Orthanc password from ``password_file`` or ``$password_env``; None without a username (with a
+        warning when ``$password_env`` is set: the password would go unused, and Orthanc answer 401)."""
         settings = self.orthanc
-        if settings is None or settings.username is None:
+        if settings is None:
+            return None
+        if settings.username is None:
+            if os.environ.get(settings.password_env):
+                log.warning("$%s is set but orthanc.username is not: no credentials are sent to Orthanc",
+                            settings.password_env)
             return None
         if settings.password_file is not None:
             _warn_if_readable(settings.password_file)

@@ -29,9 +29,11 @@ of a job that ran its models but could not deliver them wait in its ``outbox/<jo
 in this process only sends them again (the models do not run again for each retry of an outage). They are removed
 once the job is DONE, SKIPPED or PARKED (or with the process's folder).
 
-Result UIDs are deterministic (source series + model version), so a job re-run after a crash between
-delivery and ``complete`` re-sends the same objects, which a PACS stores once. Logs name a series by a
-short hash of its SeriesInstanceUID only, never by patient data.
+Result UIDs are deterministic (source series, model version, findings and the number of instances they were made
+from: :mod:`ctzoo.pacs.result_identity`), so a job re-run after a crash between delivery and ``complete`` re-sends
+the same objects, which a PACS stores once, while one run again on a series that has more instances since
+(:meth:`~ctzoo.pacs.ledger.Ledger.rerun`) gets results of their own. A job completes with that instance count.
+Logs name a series by a short hash of its SeriesInstanceUID only, never by patient data.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from ctzoo.io.dicom_scan import DicomError, SeriesRules
 from ctzoo.io.limits import DEFAULT_LIMITS, ResourceLimits
 from ctzoo.pacs.job_events import JobEvents, instance_count
 from ctzoo.pacs.ledger import Job, JobState, LeaseLost, Ledger
+from ctzoo.pacs.result_identity import bind_to_instances
 from ctzoo.pacs.work_folder import WorkFolder
 
 __all__ = ["BadSeries", "SeriesNotHere", "SeriesWorker", "check_series", "ensure_room", "run_models", "series_tag"]
@@ -250,6 +253,7 @@ class SeriesWorker:
         self._outage = _Outage()
         self._waits = 0  # jobs that had to wait in a row (the far end down, the disk full): their backoff grows
         self._said_not_accepted: set[str] = set()
+        self._made_from: dict[int, int] = {}  # per job with results in its outbox: the instances they were made from
         self._loop_error = _Repeated()
 
     def close(self) -> None:
@@ -296,7 +300,7 @@ class SeriesWorker:
         events = JobEvents(self.perf, job, self.worker)
         try:
             with _Heartbeat(self.ledger, job, self.worker, every_s=max(self.ledger.lease_s / 3, 0.05)) as beat:
-                uids, note = self._process(job, beat, events)
+                uids, note, instances = self._process(job, beat, events)
                 beat.check()
         except self.unavailable as exc:
             self._wait(job, f"{type(exc).__name__}: {exc}"[:500])
@@ -328,7 +332,7 @@ class SeriesWorker:
             return True
         self._discard_results(job)
         try:
-            self.ledger.complete(job.id, self.worker, uids, note)
+            self.ledger.complete(job.id, self.worker, uids, note, instances)
         except LeaseLost:
             log.warning("series %s: lease lost before completion; results were sent", tag)
             return True
@@ -381,6 +385,7 @@ class SeriesWorker:
         return kept
 
     def _discard_results(self, job: Job) -> None:
+        self._made_from.pop(job.id, None)
         outbox = self._outbox(job)
         shutil.rmtree(outbox, ignore_errors=True)
         try:
@@ -389,8 +394,9 @@ class SeriesWorker:
             pass
 
     # -- one attempt --------------------------------------------------------------------------------------
-    def _process(self, job: Job, beat: _Heartbeat, events: JobEvents) -> tuple[list[str], str]:
-        """One attempt: the UIDs of the results delivered, and what was not (see :data:`NOT_ACCEPTED`)."""
+    def _process(self, job: Job, beat: _Heartbeat, events: JobEvents) -> tuple[list[str], str, int]:
+        """One attempt: the UIDs of the results delivered, what was not (see :data:`NOT_ACCEPTED`), and the
+        instances of the series they were made from."""
         paths = self._kept_results(job)
         if paths is None:
             paths = self._make_results(job, beat, events)
@@ -401,7 +407,7 @@ class SeriesWorker:
         self._far_end_answered()
         delivered = [p for p, status in zip(paths, self.last_delivery) if not status.startswith(NOT_ACCEPTED)]
         return ([str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in delivered],
-                self._not_delivered(self.last_delivery))
+                self._not_delivered(self.last_delivery), self._made_from.get(job.id, 0))
 
     def _not_delivered(self, statuses: list[str]) -> str:
         """The job's note on the results the far end does not take (logged once a kind of result, not per job)."""
@@ -419,13 +425,16 @@ class SeriesWorker:
             data, out = folder / "dicom", folder / "out"
             events.name_series(data)
             self.fetch_timed(job, data, events)
+            instances = instance_count(data)
             beat.check()
             with events.stage("check"):
                 volume = check_series(data, self.rules, self.limits, self.decoder)
             events.slices = axial_slices(volume)
             paths = run_models(data, self.tasks, self.rules, out, after_each=beat.check, volume=volume,
                                perf=self.perf)
-            return self._keep_results(job, paths)
+            kept = self._keep_results(job, bind_to_instances(paths, instances))
+            self._made_from[job.id] = instances
+            return kept
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -13,6 +13,11 @@ after ``backoff_s * backoff_factor ** waits``, at most ``max_wait_s``, however l
 makes every waiting job due at once (the far end answered again). ``SKIPPED`` records a series that must not be
 processed (non-CT, too few slices, ...) with the reason; it is never claimed.
 
+A DONE job keeps how many instances its series had when its results were made (``instances``). When the series
+later has more (Orthanc announced it stable after part of it, then the rest arrived), :meth:`Ledger.rerun` makes the
+job PENDING again, once per growth, keeping the earlier result UIDs and count until the new run completes: the new
+results are told from the earlier ones by them (:mod:`ctzoo.pacs.core`).
+
 Exactly once, and what the ledger guarantees
 --------------------------------------------
 * **No job is lost**: a series is recorded (``enqueue``) before anything is done with it, and a job
@@ -79,6 +84,7 @@ class Job:
     created_at: float = 0.0
     updated_at: float = 0.0
     patient_hash: str = ""
+    instances: int = 0  # of the series when its results were made (set by complete; 0: not known)
 
 
 _SCHEMA = """
@@ -95,19 +101,22 @@ CREATE TABLE IF NOT EXISTS jobs (
     result_uids TEXT NOT NULL DEFAULT '[]',
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    patient_hash TEXT NOT NULL DEFAULT ''
+    patient_hash TEXT NOT NULL DEFAULT '',
+    instances INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
 """
 
 _COLUMNS = ("id, series_uid, source, state, attempts, reason, next_attempt_at, lease_until, worker, "
-            "result_uids, created_at, updated_at, patient_hash")
+            "result_uids, created_at, updated_at, patient_hash, instances")
+#: Columns added after the first release, with their definitions: a ledger made before them gets them at open.
+_ADDED_COLUMNS = {"instances": "INTEGER NOT NULL DEFAULT 0"}
 
 
 def _job(row: tuple) -> Job:
-    (id_, uid, source, state, attempts, reason, nxt, lease, worker, results, created, updated, phash) = row
+    (id_, uid, source, state, attempts, reason, nxt, lease, worker, results, created, updated, phash, count) = row
     return Job(id_, uid, source, JobState(state), attempts, reason, nxt, lease, worker,
-               json.loads(results), created, updated, phash)
+               json.loads(results), created, updated, phash, count)
 
 
 class Ledger:
@@ -132,6 +141,10 @@ class Ledger:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     db.execute(stmt)
+            present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            for column, definition in _ADDED_COLUMNS.items():
+                if column not in present:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
 
     # -- plumbing -----------------------------------------------------------------------------
     class _Tx:
@@ -215,14 +228,16 @@ class Ledger:
             db.execute("UPDATE jobs SET lease_until = ?, updated_at = ? WHERE id = ?",
                        (now + self.lease_s, now, job_id))
 
-    def complete(self, job_id: int, worker: str, result_uids: list[str], note: str = "") -> None:
-        """Mark the job DONE with the UIDs of the objects sent; ``note``, kept as its reason: what the operator
-        should know of a job done (a result the destination did not accept)."""
+    def complete(self, job_id: int, worker: str, result_uids: list[str], note: str = "", instances: int = 0) -> None:
+        """Mark the job DONE with the UIDs of the objects sent and the ``instances`` of the series they were made
+        from; ``note``, kept as its reason: what the operator should know of a job done (a result the destination
+        did not accept)."""
         now = self.clock()
         with self._tx() as db:
             self._held(db, job_id, worker)
-            db.execute("UPDATE jobs SET state = ?, result_uids = ?, reason = ?, lease_until = 0, updated_at = ?"
-                       " WHERE id = ?", (JobState.DONE.value, json.dumps(list(result_uids)), note, now, job_id))
+            db.execute("UPDATE jobs SET state = ?, result_uids = ?, reason = ?, instances = ?, lease_until = 0,"
+                       " updated_at = ? WHERE id = ?",
+                       (JobState.DONE.value, json.dumps(list(result_uids)), note, int(instances), now, job_id))
 
     def fail(self, job_id: int, worker: str, reason: str) -> JobState:
         """FAILED (retried after the backoff), or PARKED once attempts >= max_attempts; the reason is kept."""
@@ -286,15 +301,31 @@ class Ledger:
                               reason_like))
             return cur.rowcount == 1
 
-    def requeue(self, job_id: int) -> bool:
-        """Make a PARKED, FAILED, WAITING or SKIPPED job PENDING again with its attempts reset (an operator's retry
-        after fixing the cause); False if the job is in another state."""
+    def rerun(self, series_uid: str, instances: int, reason: str) -> bool:
+        """Make the DONE job of a series whose results were made from fewer than ``instances`` instances PENDING
+        again, ``reason`` saying why (its earlier result UIDs and count stay until it completes again). False if
+        the series is unknown, not DONE, of an unknown count, or not larger: so a growth re-runs it once."""
         now = self.clock()
         with self._tx() as db:
+            cur = db.execute("UPDATE jobs SET state = ?, attempts = 0, reason = ?, next_attempt_at = ?, updated_at = ?"
+                             " WHERE series_uid = ? AND state = ? AND instances > 0 AND instances < ?",
+                             (JobState.PENDING.value, reason, now, now, series_uid, JobState.DONE.value,
+                              int(instances)))
+            return cur.rowcount == 1
+
+    #: The states :meth:`requeue` takes a job from.
+    REQUEUABLE = (JobState.PARKED, JobState.FAILED, JobState.WAITING, JobState.SKIPPED, JobState.DONE)
+
+    def requeue(self, job_id: int) -> bool:
+        """Make a PARKED, FAILED, WAITING, SKIPPED or DONE job PENDING again with its attempts reset (an operator's
+        retry after fixing the cause, or to have a series processed again); False if the job is PENDING or
+        RUNNING."""
+        now = self.clock()
+        states = [state.value for state in self.REQUEUABLE]
+        with self._tx() as db:
             cur = db.execute("UPDATE jobs SET state = ?, attempts = 0, next_attempt_at = ?, updated_at = ?"
-                             " WHERE id = ? AND state IN (?, ?, ?, ?)",
-                             (JobState.PENDING.value, now, now, job_id, JobState.PARKED.value,
-                              JobState.FAILED.value, JobState.WAITING.value, JobState.SKIPPED.value))
+                             f" WHERE id = ? AND state IN ({', '.join('?' * len(states))})",
+                             (JobState.PENDING.value, now, now, job_id, *states))
             return cur.rowcount == 1
 
     def job(self, series_uid: str) -> Job | None:

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,15 +52,16 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from ctzoo.inference.tasks import ModelTask
-from ctzoo.io.atomic import atomic_path
 from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.io.limits import DEFAULT_LIMITS, LimitExceeded, ResourceLimits
 from ctzoo.io.privacy import patient_hash
 from ctzoo.pacs.core import NOT_ACCEPTED, BadSeries, SeriesNotHere, SeriesWorker, limits_in_config_terms, series_tag
 from ctzoo.pacs.job_events import JobEvents, ReceiveTimes, instance_count
 from ctzoo.pacs.ledger import Job, JobState, Ledger
+from ctzoo.pacs.work_folder import write_private
 
-__all__ = ["AEAddress", "DestinationUnavailable", "DicomListener", "awaits_resend", "send_files"]
+__all__ = ["AEAddress", "DestinationRefused", "DestinationUnavailable", "DicomListener", "SpoolUnwritable",
+           "association_failure", "awaits_resend", "send_files"]
 
 log = logging.getLogger(__name__)
 SOURCE_PREFIX = "dicom:"
@@ -73,7 +75,16 @@ WARNING_STATUSES = {0x0001, 0xB000, 0xB006, 0xB007}
 
 
 class DestinationUnavailable(ConnectionError):
-    """The destination AE could not be reached or dropped the association: retry later."""
+    """The destination AE could not be reached, dropped the association or rejected it for now: retry later."""
+
+
+class DestinationRefused(RuntimeError):
+    """The destination AE rejected the association for good (it does not know an AE title): a failure of the job,
+    retried and then PARKED, not an outage to wait out."""
+
+
+class SpoolUnwritable(RuntimeError):
+    """The spool folder cannot be made or written: the listener must not start."""
 
 
 @dataclass(frozen=True)
@@ -92,12 +103,31 @@ def _uid_hash(uid: str) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:32]
 
 
+def association_failure(assoc, destination: AEAddress, calling_ae_title: str) -> tuple[str, bool]:
+    """Why an association with ``destination`` (that we called as ``calling_ae_title``) was not established, as
+    what follows "association with X" (``failed: ...``, ``rejected for good: ...``), and whether for good. A
+    rejection says so in its A-ASSOCIATE-RJ: its result (permanent or transient) and diagnostic (the AE title it
+    does not know, named here); a connection that failed or was dropped is not for good."""
+    primitive = getattr(assoc.acceptor, "primitive", None)
+    if not assoc.is_rejected or primitive is None:
+        return "failed: nothing listens there, or it dropped the connection", False
+    permanent = primitive.result == 0x01
+    if (primitive.result_source, primitive.diagnostic) == (1, 7):
+        reason = f"called AE title {destination.ae_title} not recognised"
+    elif (primitive.result_source, primitive.diagnostic) == (1, 3):
+        reason = f"calling AE title {calling_ae_title} (ours) not recognised"
+    else:
+        reason = primitive.reason_str.lower()
+    return f"rejected {'for good' if permanent else 'for now'}: {reason}", permanent
+
+
 def send_files(paths: list[Path], destination: AEAddress, calling_ae_title: str, timeout_s: float = 30) -> list[str]:
     """C-STORE ``paths`` to ``destination`` in one association; one status string per file.
 
     A file whose SOP class the destination did not accept in the association is not sent: its status is
     ``"not accepted: <SOP class name>"`` (:data:`~ctzoo.pacs.core.NOT_ACCEPTED`). Raises
-    :class:`DestinationUnavailable` when no association can be made or it breaks, and ``RuntimeError`` naming the
+    :class:`DestinationUnavailable` when no association can be made, the destination rejects it for now or it
+    breaks; :class:`DestinationRefused` when the destination rejects it for good; ``RuntimeError`` naming the
     object when the destination refuses one (a failure status), or when it accepts none of the SOP classes."""
     datasets = [pydicom.dcmread(p) for p in paths]
     if not datasets:
@@ -116,8 +146,8 @@ def send_files(paths: list[Path], destination: AEAddress, calling_ae_title: str,
         if assoc.rejected_contexts and not assoc.accepted_contexts:  # it answered, and takes none of them
             raise RuntimeError(f"{destination} accepts none of the SOP classes of the results: "
                                f"{', '.join(sorted({ds.SOPClassUID.name for ds in datasets}))}")
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        raise DestinationUnavailable(f"association with {destination} {why}")
+        why, permanent = association_failure(assoc, destination, calling_ae_title)
+        raise (DestinationRefused if permanent else DestinationUnavailable)(f"association with {destination} {why}")
     statuses = []
     try:
         accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
@@ -158,7 +188,7 @@ class DicomListener(SeriesWorker):
             raise ValueError("allowed_calling_aets is empty: list the AE titles that may send, or pass None "
                              "to accept any")
         self.spool = Path(spool_dir)
-        self.spool.mkdir(parents=True, exist_ok=True)
+        self._prepare_spool()
         self.salt, self.address, self.destination, self.stable_s = salt, address, destination, stable_s
         self.allowed_calling_aets = allowed_calling_aets
         self.min_free_bytes = int(min_free_mb * 2**20)
@@ -169,6 +199,25 @@ class DicomListener(SeriesWorker):
         self._refused: dict[str, set[str]] = {}
         self._said_held: set[str] = set()
         self._fetched: dict[int, list[str]] = {}  # per job, the spooled instances its last fetch took
+
+    def _prepare_spool(self) -> None:
+        """Make the spool, 0700 (it holds patient data; one made before with other modes is made so too), and write
+        and remove a file in it: :class:`SpoolUnwritable` if that fails, since a listener that can store nothing
+        would refuse every instance while saying it is ready."""
+        probe = self.spool / f".probe-{os.getpid()}"
+        try:
+            self.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_private(probe, b"")
+            probe.unlink()
+        except OSError as exc:
+            raise SpoolUnwritable(f"cannot write the spool {self.spool}: {exc.strerror or type(exc).__name__}") \
+                from None
+        if stat.S_IMODE(self.spool.stat().st_mode) & 0o077:
+            try:
+                self.spool.chmod(0o700)
+                log.warning("spool %s was open to other users: made 0700 (it holds patient data)", self.spool)
+            except OSError as exc:
+                log.warning("spool %s is open to other users and cannot be made 0700: %s", self.spool, exc.strerror)
 
     # -- receiving ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -223,15 +272,15 @@ class DicomListener(SeriesWorker):
                           free / 2**20, self.min_free_bytes / 2**20)
                 self._hold(folder, instance)
                 return STATUS_OUT_OF_RESOURCES
+            folder.mkdir(mode=0o700, exist_ok=True)  # a series' instances: this user's only
             if not (folder / SERIES_FILE).exists():
                 info = {"series_uid": series_uid, "modality": modality,
                         "patient_hash": patient_hash(patient_id, self.salt) if patient_id else ""}
-                with atomic_path(folder / SERIES_FILE) as temporary:
-                    temporary.write_text(json.dumps(info))
-            with atomic_path(folder / f"{instance}.dcm") as temporary:
-                temporary.write_bytes(payload)
-        except OSError as exc:  # a full disk: the sender keeps the instance and may retry
-            log.error("C-STORE refused: cannot write the spool (%s)", type(exc).__name__)
+                write_private(folder / SERIES_FILE, json.dumps(info).encode())
+            write_private(folder / f"{instance}.dcm", payload)
+        except OSError as exc:  # a full disk, or a spool made read-only: the sender keeps the instance, may retry
+            log.error("C-STORE refused: cannot write the spool %s: %s", self.spool,
+                      exc.strerror or type(exc).__name__)
             self._hold(folder, instance)
             return STATUS_OUT_OF_RESOURCES
         self._unhold(folder, instance)
@@ -243,7 +292,7 @@ class DicomListener(SeriesWorker):
         """Keep the series of a refused instance from being taken as complete until that instance is stored."""
         self._refused.setdefault(folder.name, set()).add(instance)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, exist_ok=True)
             (folder / f"{instance}{REFUSED_SUFFIX}").touch()
         except OSError:  # the disk is that full: the hold in memory stands until a restart
             pass

@@ -20,7 +20,6 @@ Instance files are streamed to disk (:meth:`download_series`), never held whole 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import httpx
 
 from ctzoo.io.atomic import atomic_path
+from ctzoo.pacs.work_folder import open_private
 
 
 class OrthancError(RuntimeError):
@@ -183,9 +183,13 @@ class OrthancClient:
         except (TypeError, ValueError):
             raise OrthancError("Orthanc answered unexpected JSON to GET /changes?last", 200, "/changes") from None
 
+    def now(self) -> str:
+        """``GET /tools/now``: Orthanc's clock (UTC, ``YYYYMMDDTHHMMSS``), the one its ``LastUpdate`` dates keep."""
+        return self._request("GET", "/tools/now").text.strip()
+
     def series(self, series_id: str) -> dict:
         """``GET /series/{id}``: ``MainDicomTags`` (Modality, SeriesInstanceUID...), ``Instances``,
-        ``ParentStudy``, ``IsStable``..."""
+        ``ParentStudy``, ``IsStable``, ``LastUpdate`` (when its last instance arrived, :meth:`now`'s clock)..."""
         return self._object("GET", f"/series/{_safe_id(series_id)}")
 
     def series_instances(self, series_id: str) -> list[str]:
@@ -219,7 +223,7 @@ class OrthancClient:
             try:
                 with self._http.stream("GET", path) as response:
                     self._raise_for_status(response, "GET", path)
-                    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+                    with open_private(temporary) as out:
                         for chunk in response.iter_bytes(chunk_bytes):
                             out.write(chunk)
             except (httpx.TransportError, httpx.StreamError) as exc:

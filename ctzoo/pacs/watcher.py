@@ -12,8 +12,19 @@ last change.
 A series Orthanc is still receiving when it stops never gets its ``StableSeries`` change: Orthanc tracks the
 series' StableAge in memory only, and after a restart reports the series ``IsStable`` without announcing it.
 So ``NewSeries`` changes are read too: each new series is kept as *settling* (in the same JSON file, under
-``"settling"``) until its ``StableSeries`` change comes, or until ``GET /series/{id}`` says ``IsStable`` (asked
-for at most ``MAX_SETTLING_CHECKS`` settling series a poll, oldest first); then it is recorded like any other.
+``"settling"``) until its ``StableSeries`` change comes, or until ``GET /series/{id}`` says ``IsStable`` and its
+``LastUpdate`` (its last instance) is ``stable_age_s`` (Orthanc's ``StableAge``) old by Orthanc's clock (asked for
+at most ``MAX_SETTLING_CHECKS`` settling series a poll, oldest first); then it is recorded like any other. Right
+after a restart Orthanc says ``IsStable`` of a series whose sender may still be sending: the wait gives it the
+StableAge Orthanc would have given it.
+
+A series Orthanc announces stable, processes, and then receives more instances of (its sender paused longer than
+StableAge, or resumed after Orthanc restarted) is announced stable again: the job, DONE with results made from the
+instances it had then (the ledger keeps that count), is run again on the whole series
+(:meth:`~ctzoo.pacs.ledger.Ledger.rerun`), with a warning; the new results have UIDs of their own
+(:mod:`ctzoo.pacs.result_identity`) and go beside the earlier ones. A series announced stable while its job is in
+hand (not DONE, SKIPPED or PARKED) is kept settling, and looked at again until that job has ended, so that
+instances that came while it ran are not missed.
 
 Processing is :class:`ctzoo.pacs.core.SeriesWorker`'s: a job's series is downloaded from Orthanc
 (:meth:`OrthancWatcher.fetch`), checked, run through the models, and the SR/SEG results uploaded back
@@ -35,6 +46,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -46,7 +58,7 @@ from ctzoo.io.dicom_scan import SeriesRules
 from ctzoo.io.limits import DEFAULT_LIMITS, LimitExceeded, ResourceLimits
 from ctzoo.io.privacy import patient_hash
 from ctzoo.pacs.core import NOT_ACCEPTED, BadSeries, SeriesWorker, ensure_room, limits_in_config_terms, series_tag
-from ctzoo.pacs.ledger import Job, Ledger
+from ctzoo.pacs.ledger import Job, JobState, Ledger
 from ctzoo.pacs.orthanc import FILTERED_OUT, STORED_STATUSES, OrthancClient, OrthancError, OrthancUnavailable, _safe_id
 
 __all__ = ["OrthancWatcher", "series_tag"]
@@ -57,6 +69,10 @@ SOURCE_PREFIX = "orthanc:"
 MAX_SETTLING_CHECKS = 100
 #: The reason of a series skipped for too few instances (``{count}``, ``{minimum}``); such a series is reconsidered.
 TOO_FEW = "{count} instances, fewer than {minimum}"
+#: The reason of a DONE job made PENDING again because its series has more instances now.
+GREW = "the series has {count} instances, its results were made from {before}: processed again"
+#: The states of a job that will not change by itself: a series announced stable again is not looked at again.
+ENDED = (JobState.DONE, JobState.SKIPPED, JobState.PARKED)
 
 
 def _tag_int(tags: dict, name: str, default: int) -> int:
@@ -83,9 +99,10 @@ class OrthancWatcher(SeriesWorker):
     def __init__(self, client: OrthancClient, ledger: Ledger, tasks: list[ModelTask], rules: SeriesRules,
                  work_dir: str | Path, worker: str, salt: str, limits: ResourceLimits = DEFAULT_LIMITS,
                  perf=None, decoder: str | None = None, min_free_mb: float = 0.0,
-                 start_from: Literal["beginning", "now"] = "beginning") -> None:
+                 start_from: Literal["beginning", "now"] = "beginning", stable_age_s: float = 60.0) -> None:
         super().__init__(ledger, tasks, rules, work_dir, worker, limits, perf, decoder)
         self.client, self.salt = client, salt
+        self.stable_age_s = stable_age_s  # Orthanc's StableAge (see _quiet_since)
         self.min_free_bytes = int(min_free_mb * 2**20)
         self.start_from = start_from  # where a watcher with no saved sequence number starts: 0, or Orthanc's last
         self.state_path = ledger.path.with_name(ledger.path.name + ".orthanc-seq.json")
@@ -142,7 +159,7 @@ class OrthancWatcher(SeriesWorker):
 
     def discover(self) -> int:
         """Enqueue the series of new ``StableSeries`` changes, and the settling series Orthanc now calls stable
-        (see the module docstring); returns how many new jobs were recorded."""
+        (see the module docstring); returns how many jobs were recorded, or made due again."""
         added, seq = 0, self._start_seq()
         settling = self.settling
         for series_id, change, seq in self.client.series_changes(seq):
@@ -151,17 +168,46 @@ class OrthancWatcher(SeriesWorker):
             if change == "NewSeries":
                 settling.append(series_id)
             else:
-                added += self._discover_one(series_id)
+                new, settled = self._discover_one(series_id)
+                added += new
+                if not settled:
+                    settling.append(series_id)
             self._save(seq, settling)
+        orthanc_now = ""  # asked once a poll, when a settling series says IsStable
         for series_id in settling[:MAX_SETTLING_CHECKS]:  # a copy: the list shrinks as series are recorded
             info = self._series_info(series_id)
-            if info is not None and not info.get("IsStable"):
-                continue  # still receiving: its StableSeries change, or a later check, will record it
             if info is not None:
-                added += self._discover_one(series_id, info)
+                if info.get("IsStable") and orthanc_now == "":
+                    orthanc_now = self._orthanc_now()
+                if not info.get("IsStable") or not self._quiet_since(info, orthanc_now):
+                    continue  # still receiving: its StableSeries change, or a later check, will record it
+                new, settled = self._discover_one(series_id, info)
+                added += new
+                if not settled:
+                    continue
             settling.remove(series_id)
             self._save(seq, settling)
         return added
+
+    def _orthanc_now(self) -> str | None:
+        """Orthanc's clock; None where it does not tell (a proxy or an authorization plugin refusing /tools/now)."""
+        try:
+            return self.client.now()
+        except OrthancUnavailable:
+            raise
+        except OrthancError as exc:
+            log.debug("no clock from Orthanc (%s): a settling series is recorded once IsStable", exc)
+            return None
+
+    def _quiet_since(self, info: dict, orthanc_now: str | None) -> bool:
+        """True once the series' last instance (``LastUpdate``) is ``stable_age_s`` old by Orthanc's clock; True
+        when either is unknown or odd (``IsStable`` alone decides then)."""
+        try:
+            quiet = datetime.strptime(orthanc_now, "%Y%m%dT%H%M%S") - \
+                datetime.strptime(str(info["LastUpdate"]), "%Y%m%dT%H%M%S")
+        except (KeyError, TypeError, ValueError):
+            return True
+        return quiet.total_seconds() >= self.stable_age_s
 
     def _series_info(self, series_id: str) -> dict | None:
         """``GET /series/{id}``; None when Orthanc no longer has it."""
@@ -175,11 +221,13 @@ class OrthancWatcher(SeriesWorker):
                 return None
             raise
 
-    def _discover_one(self, series_id: str, info: dict | None = None) -> int:
+    def _discover_one(self, series_id: str, info: dict | None = None) -> tuple[int, bool]:
+        """Record a series Orthanc calls stable: (jobs recorded or made due again, whether it is settled; not while
+        its job is in hand, see the module docstring)."""
         source = SOURCE_PREFIX + series_id
         info = info or self._series_info(series_id)
         if info is None:
-            return 0
+            return 0, True
         tags = info.get("MainDicomTags", {})
         uid = str(tags.get("SeriesInstanceUID", "")) or source
         modality = str(tags.get("Modality", "")).upper()
@@ -190,22 +238,38 @@ class OrthancWatcher(SeriesWorker):
                 reason += " (e.g. a ctzoo result)"
             self.ledger.skip(uid, source, reason)
             log.info("series %s skipped: %s", series_tag(uid), reason)
-            return 0
+            return 0, True
         count = len(info.get("Instances", []))
         if count < self.rules.min_slices:
             reason = TOO_FEW.format(count=count, minimum=self.rules.min_slices)
             self.ledger.skip(uid, source, reason)
             log.info("series %s skipped: %s", series_tag(uid), reason)
-            return 0
-        phash = patient_hash(pid, self.salt) if (pid := self._patient_id(info)) else ""
-        if self.ledger.enqueue(uid, source, phash):
-            log.info("series %s enqueued", series_tag(uid))
-            return 1
-        if self.ledger.unskip(uid, TOO_FEW.format(count="%", minimum="%"), phash):  # it was still arriving then
-            log.info("series %s: skipped with too few instances, now stable with %d: enqueued again",
-                     series_tag(uid), count)
-            return 1
-        return 0
+            return 0, True
+        known = self.ledger.job(uid)
+        if known is None:
+            phash = patient_hash(pid, self.salt) if (pid := self._patient_id(info)) else ""
+            if self.ledger.enqueue(uid, source, phash):
+                log.info("series %s enqueued", series_tag(uid))
+                return 1, True
+            return 0, True  # another watcher recorded it in between
+        return self._stable_again(known, count, info)
+
+    def _stable_again(self, job: Job, count: int, info: dict) -> tuple[int, bool]:
+        """A series the ledger knows is announced stable again, with ``count`` instances (see
+        :meth:`_discover_one`)."""
+        tag = series_tag(job.series_uid)
+        if job.state is JobState.SKIPPED:
+            phash = patient_hash(pid, self.salt) if (pid := self._patient_id(info)) else ""
+            if self.ledger.unskip(job.series_uid, TOO_FEW.format(count="%", minimum="%"), phash):  # arriving then
+                log.info("series %s: skipped with too few instances, now stable with %d: enqueued again", tag, count)
+                return 1, True
+            return 0, True
+        if job.state is JobState.DONE and 0 < job.instances < count and \
+                self.ledger.rerun(job.series_uid, count, GREW.format(count=count, before=job.instances)):
+            log.warning("series %s: %d instances now, its results were made from %d: processing it again (the "
+                        "earlier results stay in Orthanc)", tag, count, job.instances)
+            return 1, True
+        return 0, job.state in ENDED
 
     # -- the way in and out -------------------------------------------------------------------------------
     def fetch(self, job: Job, folder: Path) -> None:

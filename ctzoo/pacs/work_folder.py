@@ -18,11 +18,25 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["WorkFolder", "remove_abandoned"]
+from ctzoo.io.atomic import atomic_path
+
+__all__ = ["WorkFolder", "open_private", "remove_abandoned", "write_private"]
 
 log = logging.getLogger(__name__)
 PREFIX, LOCK_SUFFIX = "worker-", ".lock"
+
+
+def open_private(path: Path) -> BinaryIO:
+    """``path`` opened for writing, created with mode 0600 whatever the umask (patient data: this user's only)."""
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`~ctzoo.io.atomic.atomic_path`), mode 0600."""
+    with atomic_path(path) as temporary, open_private(temporary) as out:
+        out.write(data)
 
 
 def _held(lock: Path) -> bool:
