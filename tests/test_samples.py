@@ -85,11 +85,16 @@ def test_wrong_sha256_is_refused_and_nothing_written(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_offline_says_what_to_do(tmp_path, monkeypatch):
+@pytest.fixture
+def offline_pip(monkeypatch):
+    """pip pointed at a closed port: what a hospital machine without the package registry sees."""
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_FIND_LINKS", "")
     monkeypatch.setenv("PIP_RETRIES", "0")
     monkeypatch.setenv("PIP_TIMEOUT", "2")
+
+
+def test_offline_says_what_to_do(tmp_path, offline_pip):
     with pytest.raises(samples.SampleError) as caught:
         samples.fetch_samples(cache=tmp_path, timeout=120)
     message = str(caught.value)
@@ -138,16 +143,12 @@ def test_fetched_samples_are_readable_by_everyone_the_umask_allows(tmp_path, fet
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging folder left beside it
 
 
-def test_offline_with_a_damaged_cached_sdist_says_that_file_failed(tmp_path, monkeypatch):
+def test_offline_with_a_damaged_cached_sdist_says_that_file_failed(tmp_path, offline_pip):
     """The offline help said "(or put it at CACHE/downloads/...)" where a damaged copy already lay, without a word
     on why it was not used."""
     cached = tmp_path / "downloads" / samples.SDIST_NAME
     cached.parent.mkdir()
     cached.write_bytes(b"half a download")
-    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
-    monkeypatch.setenv("PIP_FIND_LINKS", "")
-    monkeypatch.setenv("PIP_RETRIES", "0")
-    monkeypatch.setenv("PIP_TIMEOUT", "2")
     with pytest.raises(samples.SampleError) as caught:
         samples.fetch_samples(cache=tmp_path, timeout=120)
     assert (f"The file at {cached} has sha256 {samples.sha256_of(cached)}, not the pinned {samples.SDIST_SHA256} "

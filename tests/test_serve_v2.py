@@ -59,8 +59,6 @@ def test_uploads_held_open_mid_body_do_not_lock_other_clients_out_of_the_model(r
 
     async def scenario():
         release = asyncio.Event()
-
-
         async with _asgi(app) as http:
             slow = [asyncio.ensure_future(http.post(url, content=held_open(body, release),
                                                     headers={**headers, "Content-Length": str(len(body))}))
