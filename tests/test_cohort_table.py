@@ -7,6 +7,7 @@ import dataclasses
 import json
 import stat
 
+import numpy as np
 import pydicom
 import pytest
 from click.testing import CliRunner
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 from ctzoo.cli import main
 from ctzoo.cohort.context import UNKNOWN, dicom_age
 from ctzoo.datasets.deeplesion.info_csv import read_dl_info
-from ctzoo.io import write_volume
+from ctzoo.io import Volume, write_volume
 from ctzoo.io.privacy import patient_hash
 
 PATIENT = {"PatientName": "Roe^Richard", "PatientID": "MRN-77120", "PatientAge": "063Y", "PatientSex": "M"}
@@ -121,6 +122,19 @@ def test_deeplesion_rows_and_a_shared_salt(small_deeplesion_mini, tmp_path, monk
                                       "--context-only"])
     assert again.exit_code == 0
     assert json.loads((tmp_path / "b" / "cohort.json").read_text())["rows"] == document["rows"]  # tables join
+
+
+def test_a_volume_of_nan_is_listed_as_failed_not_run(tmp_path, monkeypatch):
+    """As ctzoo infer refuses it: no row with made-up findings or organ volumes, its name hashed in failed."""
+    monkeypatch.setenv("CTZOO_COHORT_SALT", "site-salt-0123456789")
+    named = tmp_path / "in" / "DOE_JANE.nii.gz"
+    write_volume(Volume(np.full((4, 4, 4), np.nan, dtype=np.float32), (1.0, 1.0, 1.0)), named)
+    result = CliRunner().invoke(main, ["cohort", "build", str(named), "--out", str(tmp_path / "c"), "--context-only"])
+    assert result.exit_code == 0 and "0 series, 1 failed" in result.output, result.output
+    document = json.loads((tmp_path / "c" / "cohort.json").read_text())
+    assert document["rows"] == [] and document["failed"] == [{
+        "input": patient_hash("DOE_JANE", "site-salt-0123456789")[:16], "error": "ValueError",
+        "reason": "ValueError: <input>: 64 voxels are NaN or infinite; refusing to guess their HU"}]
 
 
 def test_nothing_to_build_is_a_usage_error(tmp_path):

@@ -40,6 +40,7 @@ from ctzoo.cohort.image import finding_level, image_columns
 from ctzoo.cohort.lesions import LESION_COLUMNS, deeplesion_lesions
 from ctzoo.datasets.deeplesion.info_csv import read_dl_info
 from ctzoo.inference.inputs import CaseInput, discover_cases
+from ctzoo.inference.reader import require_finite
 from ctzoo.inference.tasks import model_task
 from ctzoo.io.atomic import atomic_folder, atomic_path, remove_atomically
 from ctzoo.io.image_files import read_volume
@@ -79,6 +80,7 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
     for index, case in enumerate(cases, 1):
         try:
             volume = read_volume(case.path, progress=False)
+            require_finite(volume, case.path)  # as ctzoo infer: a model run on NaN would record made-up findings
         except Exception as error:  # any reader's failure (nibabel's, SimpleITK's): recorded, the table goes on
             failed.append(failed_input(case, error, salt))
             say(f"[{index}/{len(cases)}] {case.name}: not read ({type(error).__name__})")
