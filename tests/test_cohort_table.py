@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import stat
 
 import numpy as np
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 
 from ctzoo.cli import main
 from ctzoo.cohort.context import UNKNOWN, dicom_age
+from ctzoo.cohort.table import build_cohort
 from ctzoo.datasets.deeplesion.info_csv import read_dl_info
 from ctzoo.io import Volume, write_volume
 from ctzoo.io.privacy import patient_hash
@@ -135,6 +137,28 @@ def test_a_volume_of_nan_is_listed_as_failed_not_run(tmp_path, monkeypatch):
     assert document["rows"] == [] and document["failed"] == [{
         "input": patient_hash("DOE_JANE", "site-salt-0123456789")[:16], "error": "ValueError",
         "reason": "ValueError: <input>: 64 voxels are NaN or infinite; refusing to guess their HU"}]
+
+
+def test_a_failed_build_leaves_no_new_folder(small_deeplesion_mini, tmp_path, monkeypatch):
+    """Neither a CSV it cannot read (read before the salt is made) nor a failure after the salt leaves a new
+    cohort folder holding only its salt; a folder that was there stays."""
+    monkeypatch.delenv("CTZOO_COHORT_SALT", raising=False)
+    (tmp_path / "bad").mkdir()
+    lines = (small_deeplesion_mini / "DL_info.csv").read_text().splitlines()
+    (tmp_path / "bad" / "DL_info.csv").write_text(f"{lines[0]}\n{lines[1][:-1]}7\n")  # Train_Val_Test 7
+    result = CliRunner().invoke(main, ["cohort", "build", "--deeplesion", str(tmp_path / "bad" / "DL_info.csv"),
+                                       "--out", str(tmp_path / "c"), "--context-only"])
+    assert result.exit_code == 1 and "column Train_Val_Test" in result.output, result.output
+    assert not (tmp_path / "c").exists()
+    (tmp_path / "no-images").mkdir()  # the CSV without its Images_png: the detector fails after the salt is made
+    shutil.copyfile(small_deeplesion_mini / "DL_info.csv", tmp_path / "no-images" / "DL_info.csv")
+    for out in (tmp_path / "c", tmp_path / "there"):
+        if out.name == "there":
+            out.mkdir()
+        with pytest.raises(Exception, match="Images_png|LoadDeepLesion"):
+            build_cohort([], out, tmp_path / "no-images" / "DL_info.csv", models=["recistnet-mini"])
+        assert out.exists() == (out.name == "there")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bad", "no-images", "there"]
 
 
 def test_nothing_to_build_is_a_usage_error(tmp_path):

@@ -65,8 +65,21 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
     """Read every CT input (what ``ctzoo infer`` accepts; headers and voxels within the default resource limits),
     run ``models`` (zoo names, bundle folders or loaded bundles, PyTorch on ``device``) on each, read DeepLesion's
     ``DL_info.csv``, write ``out/cohort.csv`` and ``out/cohort.json``; return the document. The salt (``out/salt``
-    where ``$CTZOO_COHORT_SALT`` is unset) is created only once the models and inputs are found."""
+    where ``$CTZOO_COHORT_SALT`` is unset) is created only once the models, the inputs and the CSV are read; a
+    build that fails after that removes ``out`` when it made it (no folder holding only a salt is left)."""
     out = Path(out)
+    new_folder = not out.exists()
+    try:
+        return _build(inputs, out, deeplesion_csv, models, device, say, progress)
+    except BaseException:
+        if new_folder and out.is_dir():
+            remove_atomically(out)
+        raise
+
+
+def _build(inputs: Sequence[str | Path], out: Path, deeplesion_csv: str | Path | None,
+           models: Sequence[str | ModelBundle], device: str, say: Callable[[str], None],
+           progress: bool) -> dict[str, Any]:
     bundles = [model if isinstance(model, ModelBundle) else load_bundle(model) for model in models]
     tasks = [model_task(bundle, "torch", device) for bundle in bundles]
     class_names = {bundle.name: bundle.class_names for bundle in bundles}
@@ -76,6 +89,7 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
     findings: dict[str, Any] = {}  # per series hash: the detector's findings with their pooled features
     thumbnails: dict[str, bytes] = {}
     cases = discover_cases(inputs) if inputs else []
+    info_rows = read_dl_info(deeplesion_csv) if deeplesion_csv is not None else None
     salt = salt_from(SALT_ENV, out)
     for index, case in enumerate(cases, 1):
         try:
@@ -99,8 +113,8 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
         rows.append(row)
         say(f"[{index}/{len(cases)}] {case.name}: {rows[-1]['source']}, {rows[-1]['slices']} slices")
     lesion_level = None
-    if deeplesion_csv is not None:
-        series = deeplesion_context(read_dl_info(deeplesion_csv), salt)
+    if info_rows is not None:
+        series = deeplesion_context(info_rows, salt)
         rows += series
         say(f"{deeplesion_csv}: {len(series)} DeepLesion series")
         if detector is not None:
