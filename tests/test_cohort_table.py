@@ -124,6 +124,13 @@ def test_deeplesion_rows_and_a_shared_salt(small_deeplesion_mini, tmp_path, monk
                                       "--context-only"])
     assert again.exit_code == 0
     assert json.loads((tmp_path / "b" / "cohort.json").read_text())["rows"] == document["rows"]  # tables join
+    # the miniature's lesions are synthetic, and the table says so (the report shows it on every view)
+    assert document["synthetic"] == {"generator": "ctzoo data make-deeplesion-mini", "seed": 3, "cases": 4}
+    (tmp_path / "own").mkdir()
+    shutil.copyfile(csv_path, tmp_path / "own" / "DL_info.csv")  # the same rows, without the miniature's files
+    own = CliRunner().invoke(main, ["cohort", "build", "--deeplesion", str(tmp_path / "own" / "DL_info.csv"),
+                                    "--out", str(tmp_path / "c"), "--context-only"])
+    assert own.exit_code == 0 and json.loads((tmp_path / "c" / "cohort.json").read_text())["synthetic"] is None
 
 
 def test_a_volume_of_nan_is_listed_as_failed_not_run(tmp_path, monkeypatch):

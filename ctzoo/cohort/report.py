@@ -12,7 +12,8 @@
 
 The page names no input: unreadable ones are a count by error type (``cohort.json`` keeps their hashed names). Every
 string from the data that plotly draws is HTML-escaped (:func:`label`: plotly renders tags in its labels). A fit of
-other lesions than ``lesions.csv``'s (a cohort built again) is not drawn, and the page says why.
+other lesions than ``lesions.csv``'s (a cohort built again) is not drawn, and the page says why. A banner above
+the views says when the lesions are a miniature's, synthetic (``cohort.json``'s ``synthetic``).
 
 :func:`report_data` gathers everything (pure, testable); :func:`render_report_html` writes the page: plotly.js
 inline once, the data as JSON (:func:`~ctzoo.perf.report.json_for_script`), so it opens offline.
@@ -153,6 +154,7 @@ def report_data(cohort: str | Path, min_count: int = MIN_COUNT, limit: int = MAX
                             "failed": failed_summary(document["failed"]), "fit_problem": None,
                             "ct_series": sum(row["source"] != "deeplesion" for row in document["rows"]),
                             "models": document.get("models", []), "groups": document["groups"],
+                            "synthetic": document.get("synthetic"),
                             "rows": document["rows"], "min_count": min_count, "lesions": 0, "fit": None,
                             "detection": [], "auc": [], "clusters": None, "individuals": [], "correlations": None}
     data["series_items"] = series_individuals(cohort, document["rows"], limit)
@@ -261,6 +263,7 @@ nav button.active{background:#4c78a8;color:#fff}section.view{display:none}sectio
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:18px}.card{border:1px solid #ccc;border-radius:4px;padding:8px}
 .card svg{width:256px;height:256px;background:#000}.ig{display:flex;align-items:center;gap:4px;font-size:12px}
 .ig span.bar{display:inline-block;height:9px;background:#f58518}
+.banner{background:#fff3cd;border:1px solid #d4a017;border-radius:4px;padding:6px 10px}
 """
 
 SCRIPT = r"""
@@ -395,7 +398,8 @@ def render_report_html(data: dict[str, Any]) -> str:
     series_rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in (
         "series", "source", "age_band", "sex", "manufacturer", "model", "kernel", "thickness_band", "findings",
         "finding_long_mm", "liver_ml")) + "</tr>" for row in data["rows"] if row["source"] != "deeplesion")
-    body = f"""<h1>Cohort: {html.escape(Path(data['cohort']).name)}</h1><p id="overview">{html.escape(summary)}</p>
+    body = f"""<h1>Cohort: {html.escape(Path(data['cohort']).name)}</h1>{_synthetic_banner(data)}
+<p id="overview">{html.escape(summary)}</p>
 <nav><button data-view="summary">Summary</button><button data-view="group">Group</button>
 <button data-view="individual">Individual</button></nav>
 <section class="view" id="summary"><h2>Summary</h2><p id="auc-text">{html.escape(auc_text)}</p>
@@ -414,10 +418,23 @@ features; PCA)</h3><div class="plot" id="clusters"></div>{_cluster_table(data)}<
 <h3>CT series of the cohort</h3>{_series_note(data)}<table id="series-table"><thead><tr><th>series</th>
 <th>source</th><th>age</th><th>sex</th><th>manufacturer</th><th>model</th><th>kernel</th><th>thickness</th>
 <th>findings</th><th>largest mm</th><th>liver ml</th></tr></thead><tbody>{series_rows}</tbody></table></section>"""
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ctzoo cohort report</title>"
+    title = "ctzoo cohort report" + (" (synthetic lesions)" if data["synthetic"] else "")
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
             f"<style>{STYLE}</style><script>{plotly_js}</script></head><body>{body}"
             f"<script type='application/json' id='cohort-data'>{json_for_script(page)}</script>"
             f"<script>{SCRIPT}</script></body></html>")
+
+
+def _synthetic_banner(data: dict[str, Any]) -> str:
+    """Above the views, so every view shows it: the lesions of a miniature are synthetic (``cohort.json``'s
+    ``synthetic``, set by the build), and no figure on the page is a figure on patients."""
+    made = data["synthetic"]
+    if not made:
+        return ""
+    origin = f"{made.get('generator', 'a generator')}, seed {made.get('seed')}, {made.get('cases')} cases"
+    return ("<p id='synthetic' class='banner'><b>Synthetic lesions.</b> This cohort's DeepLesion data is a miniature ("
+            f"{html.escape(str(origin))}): real CT anatomy, every lesion synthetic. Its figures show what the pipeline "
+            "measures, not how the models do on patients.</p>")
 
 
 def _failed_text(failed: dict[str, Any]) -> str:

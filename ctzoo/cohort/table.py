@@ -3,13 +3,14 @@
 
     {"schema": 1, "columns": [...], "modalities": {"context": [...], "image": [...]}, "models": [...],
      "rows": [{column: value}], "groups": {column: {value: count}}, "failed": [{"input", "error", "reason"}],
-     "salt": "env" | "file"}
+     "salt": "env" | "file", "synthetic": null | {"generator", "seed", "cases"}}
 
 An input that cannot be read is listed in ``failed`` (never silently dropped), by the salted hash of its name (a
 file may be named after its patient), with its error type and message, that name and its path cut out of the
 message (:func:`failed_input`). A field its headers lack is :data:`~ctzoo.cohort.context.UNKNOWN` and counts as
 that group. The salt of the hashes comes from ``$CTZOO_COHORT_SALT`` (share it between sites or runs whose tables
-must join) or ``COHORT/salt``, created once.
+must join) or ``COHORT/salt``, created once. ``synthetic`` says that the DL_info.csv is a
+``make-deeplesion-mini`` miniature (:func:`miniature_origin`): the report then says so on every view.
 The context modality comes from the headers (:mod:`ctzoo.cohort.context`), the image modality from running the zoo
 ``models`` on each volume (:mod:`ctzoo.cohort.image`; DeepLesion rows have none: their PNG slabs are not studies to
 run). A model that fails on a study leaves that row's image columns empty and its reason in ``image_error``.
@@ -128,7 +129,8 @@ def _build(inputs: Sequence[str | Path], out: Path, deeplesion_csv: str | Path |
     document = {"schema": SCHEMA, "columns": [*COLUMNS, *image], "models": [b.name for b in bundles],
                 "modalities": {"context": list(COLUMNS[3:]), "image": image}, "rows": rows,
                 "groups": group_counts(rows),
-                "failed": failed, "salt": "env" if os.environ.get(SALT_ENV) else "file"}
+                "failed": failed, "salt": "env" if os.environ.get(SALT_ENV) else "file",
+                "synthetic": None if deeplesion_csv is None else miniature_origin(Path(deeplesion_csv))}
     out.mkdir(parents=True, exist_ok=True)
     stale = remove_stale(out, lesions=lesion_level is not None, findings=detector is not None)
     if stale:
@@ -150,6 +152,19 @@ def _build(inputs: Sequence[str | Path], out: Path, deeplesion_csv: str | Path |
     with atomic_path(out / DOCUMENT_FILE) as partial:
         partial.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     return document
+
+
+def miniature_origin(csv_path: Path) -> dict[str, Any] | None:
+    """``{"generator", "seed", "cases"}`` when ``csv_path`` is a ``ctzoo data make-deeplesion-mini`` miniature (its
+    ``lesions.json`` beside it, with the seed and cases it was made with, as ``zoo publish`` reads it), else None:
+    the report must not show synthetic lesions as if they were patients'."""
+    try:
+        made = json.loads((csv_path.parent / "lesions.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(made, dict) or not {"seed", "cases", "lesions"} <= set(made):
+        return None
+    return {"generator": "ctzoo data make-deeplesion-mini", "seed": made["seed"], "cases": made["cases"]}
 
 
 def failed_input(case: CaseInput, error: Exception, salt: str) -> dict[str, str]:
