@@ -323,8 +323,9 @@ def write_lesion_level(folder: Path, lesions: list[str], fitted: list[str]) -> N
 
     rows = [{column: "" for column in LESION_COLUMNS} | {
         "lesion": name, "series": "s", "patient": f"p{k}", "key_slice": f"k{k // 2}", "split": "test",
-        "type_code": 1 + k % 2, "lesion_type": ["bone", "abdomen"][k % 2], "sex": "M", "age_band": "40-59",
-        "thickness_band": "<1.5 mm", "age_years": 40 + k, "long_mm": 10 + k, "found": True, "features": True}
+        "split_bucket": k, "type_code": 1 + k % 2, "lesion_type": ["bone", "abdomen"][k % 2], "sex": "M",
+        "age_band": "40-59", "thickness_band": "<1.5 mm", "age_years": 40 + k, "long_mm": 10 + k, "found": True,
+        "features": True}
             for k, name in enumerate(lesions)]
     (folder / "lesions.csv").write_text(table_csv(rows, columns=LESION_COLUMNS), encoding="utf-8")
     np.save(folder / "lesion_features.npy", np.random.default_rng(0).normal(size=(len(lesions), 4)).astype("f4"))

@@ -177,6 +177,7 @@ def report_data(cohort: str | Path, min_count: int = MIN_COUNT, limit: int = MAX
         data["fit"] = {key: document_fit[key] for key in ("context_set", "classes", "counts", "split_rule",
                                                           "results", "mean_image_weight", "importance", "seeds",
                                                           "dropped", "context_features")}
+        data["fit"]["split_seed"] = document_fit.get("split_seed")  # None in a fit from before the seed was kept
         data["fit"]["weights"] = [float(p["image_weight"]) for p in predictions if p["split"] == "test"]
         data["auc"] = [auc_by_group(lesions, predictions, document_fit["classes"], column, min_count=min_count)
                        for column in LESION_GROUPS if column != "lesion_type"]
@@ -386,7 +387,8 @@ def render_report_html(data: dict[str, Any]) -> str:
                 " · ".join(f"{name} {fit['results'][m]['test_auc_mean']:.3f} ± {fit['results'][m]['test_auc_sd']:.3f}"
                            for name, m in (("gated", "both"), ("image only", "image"), ("context only", "context")))
                 + f" (test mean AUC over {len(fit['seeds'])} seeds; context: {fit['context_set']}; split: "
-                  f"{fit['split_rule']}; mean image weight on test {fit['mean_image_weight']['test']:.3f})")
+                  f"{fit['split_rule']}{_split_seed(fit)}; mean image weight on test "
+                  f"{fit['mean_image_weight']['test']:.3f})")
     summary = (f"{data['series']} series · {data['lesions']} lesions"
                + (f" ({data.get('typed', 0)} typed) on {data.get('key_slices', 0)} key slices" if data["lesions"]
                   else "") + f" · {_failed_text(data['failed'])}"
@@ -435,6 +437,10 @@ def _synthetic_banner(data: dict[str, Any]) -> str:
     return ("<p id='synthetic' class='banner'><b>Synthetic lesions.</b> This cohort's DeepLesion data is a miniature ("
             f"{html.escape(str(origin))}): real CT anatomy, every lesion synthetic. Its figures show what the pipeline "
             "measures, not how the models do on patients.</p>")
+
+
+def _split_seed(fit: dict[str, Any]) -> str:
+    return "" if fit["split_rule"] == "csv" or fit["split_seed"] is None else f", split seed {fit['split_seed']}"
 
 
 def _failed_text(failed: dict[str, Any]) -> str:

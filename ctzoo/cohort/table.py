@@ -203,27 +203,51 @@ def write_lesions(out: Path, level: dict[str, Any]) -> None:
         partial.write_text(json.dumps(key_slices) + "\n", encoding="utf-8")
 
 
+#: ``lesions.csv``'s number columns (empty: unknown) and its whole-number ones (never empty).
+LESION_NUMBERS = ("age_years", "spacing_x_mm", "spacing_z_mm", "window_low_hu", "window_high_hu", "location_x",
+                  "location_y", "location_z", "long_mm", "short_mm")
+LESION_INTEGERS = ("type_code", "split_bucket")
+
+
 def read_lesions(cohort: str | Path) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """``COHORT/lesions.csv`` as typed rows and ``lesion_features.npy``; ValueError when the cohort has none."""
+    """``COHORT/lesions.csv`` as typed rows and ``lesion_features.npy``; ValueError when the cohort has none, or
+    naming the file, row and column of what cannot be read."""
     cohort = Path(cohort)
-    if not (cohort / LESIONS_FILE).is_file():
+    path = cohort / LESIONS_FILE
+    if not path.is_file():
         raise ValueError(f"{cohort} has no {LESIONS_FILE}: build it with --deeplesion DL_info.csv and a detector "
                          "model (not --context-only)")
-    with open(cohort / LESIONS_FILE, encoding="utf-8", newline="") as handle:
-        lesions = [typed_lesion(row) for row in csv.DictReader(handle)]
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in LESION_COLUMNS if column not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path} lacks column {', '.join(missing)} (rebuild with ctzoo cohort build)")
+        lesions = [typed_lesion(row, f"{path}: row {reader.line_num}") for row in reader]
+    if not (cohort / FEATURES_FILE).is_file():
+        raise ValueError(f"{cohort} has no {FEATURES_FILE} beside its {LESIONS_FILE} (rebuild with ctzoo cohort build)")
     features = np.load(cohort / FEATURES_FILE)
     if len(features) != len(lesions):
         raise ValueError(f"{cohort}: {FEATURES_FILE} holds {len(features)} rows for {len(lesions)} lesions")
     return lesions, features
 
 
-def typed_lesion(row: dict[str, str]) -> dict[str, Any]:
-    """A ``lesions.csv`` row with its numbers and flags parsed back (empty cells None)."""
+def typed_lesion(row: dict[str, str], where: str = LESIONS_FILE) -> dict[str, Any]:
+    """A ``lesions.csv`` row with its numbers and flags parsed back (empty number cells None); ValueError naming
+    ``where`` (the file and row) and the column of a value that is not a finite number."""
     typed: dict[str, Any] = dict(row)
-    for column in ("age_years", "spacing_x_mm", "spacing_z_mm", "window_low_hu", "window_high_hu", "location_x",
-                   "location_y", "location_z", "long_mm", "short_mm"):
-        typed[column] = float(row[column]) if row[column] != "" else None
-    typed["type_code"] = int(row["type_code"])
+    for column in (*LESION_NUMBERS, *LESION_INTEGERS):
+        text = row[column]
+        if text == "" and column in LESION_NUMBERS:
+            typed[column] = None
+            continue
+        try:
+            value = float(text)
+            if not np.isfinite(value) or (column in LESION_INTEGERS and value != int(value)):
+                raise ValueError
+        except ValueError:
+            kind = "a whole number" if column in LESION_INTEGERS else "a finite number or empty"
+            raise ValueError(f"{where}, column {column}: expected {kind}, got {text!r}") from None
+        typed[column] = int(value) if column in LESION_INTEGERS else value
     typed["found"], typed["features"] = row["found"] == "True", row["features"] == "True"
     return typed
 
