@@ -1,5 +1,6 @@
 """``ctzoo cohort fit`` on small hand-written lesion levels (no model run; a few seconds each): the split is the
-same whatever the table's salt and holds each patient whole; a lesions.csv it cannot read is named."""
+same whatever the table's salt, holds each patient whole, a fit that cannot measure a test AUC is refused, and
+``fit.json`` is strict JSON."""
 
 from __future__ import annotations
 
@@ -104,6 +105,43 @@ def test_a_csv_split_with_a_patient_in_two_splits_is_not_used(tmp_path):
     rows = lesion_rows(10, salt, csv_split=lambda p, j: ("train", "train", "train", "val", "test")[p % 5])
     write_lesion_level(tmp_path / "whole", rows)  # each patient in one split: the CSV's is used
     assert fit_cohort(tmp_path / "whole", seeds=(0,), epochs=3)["split_rule"] == "csv"
+
+
+def test_a_fit_without_two_types_or_a_test_auc_is_refused(tmp_path):
+    runner = CliRunner()
+    write_lesion_level(tmp_path / "one", lesion_rows(10, "s", types=lambda p, j: 5))
+    result = runner.invoke(main, ["cohort", "fit", str(tmp_path / "one"), "--seeds", "0", "--epochs", "3"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "the typed lesions hold only one type (lung): at least two are needed" in result.output
+    assert not (tmp_path / "one" / "fit").exists()
+    # train and val hold both types; the test split's patients all have lung lesions only
+    splits = ("train", "train", "val", "test")
+    rows = lesion_rows(8, "s", types=lambda p, j: 5 if p % 4 == 3 else 1 + 4 * j, csv_split=lambda p, j: splits[p % 4])
+    write_lesion_level(tmp_path / "test", rows)
+    result = runner.invoke(main, ["cohort", "fit", str(tmp_path / "test"), "--seeds", "0", "--epochs", "3"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "the test split's 4 typed lesions are all of one type (lung): no test AUC can be measured" in result.output
+    assert not (tmp_path / "test" / "fit").exists()
+
+
+def test_fit_json_is_strict_json_with_null_for_a_missing_validation_auc(tmp_path):
+    """The validation lesions are all of one type: no validation AUC (null, not a bare NaN), epochs chosen by loss,
+    and the output says why without calling it 'too few'."""
+    splits = ("train", "train", "val", "test")
+    rows = lesion_rows(8, "s", types=lambda p, j: 1 if p % 4 == 2 else 1 + 4 * j, csv_split=lambda p, j: splits[p % 4])
+    write_lesion_level(tmp_path / "c", rows)
+    result = CliRunner().invoke(main, ["cohort", "fit", str(tmp_path / "c"), "--seeds", "0,1", "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert "the validation lesions are all of one type (bone 4): no validation AUC, epochs chosen by validation " \
+           "loss" in result.output and "too few" not in result.output
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    document = json.loads((tmp_path / "c" / "fit" / "fit.json").read_text(), parse_constant=refuse)
+    assert document["results"]["both"]["val_auc"] == [None, None]
+    assert document["results"]["both"]["selected_on"] == ["val_loss"]
+    assert all(0 <= value <= 1 for value in document["results"]["both"]["test_auc"])
 
 
 def test_a_lesions_csv_it_cannot_read_is_named_by_file_row_and_column(tmp_path):

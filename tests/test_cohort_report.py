@@ -355,6 +355,23 @@ def test_a_fit_of_other_lesions_is_flagged_not_drawn(tmp_path, fitted):
     assert "The stored fit is not shown: fit/ was fitted on other lesions" in (folder / "report.html").read_text()
 
 
+def test_a_fit_without_a_test_auc_is_flagged_not_drawn(tmp_path):
+    """A fit.json from before the test split was checked (a test AUC of NaN, stored as null or NaN): never drawn
+    as 'gated nan ± nan'."""
+    folder = write_cohort(tmp_path / "c", [])
+    lesions = [f"a{k}" for k in range(4)]
+    write_lesion_level(folder, lesions, lesions)
+    results = {name: {"test_auc": [None], "test_auc_mean": None, "test_auc_sd": None}
+               for name in ("both", "image", "context")}
+    (folder / "fit" / "fit.json").write_text(json.dumps({"lesions": lesions, "classes": ["bone", "abdomen"],
+                                                         "results": results}))
+    data = report_data(folder)
+    assert data["fit"] is None and "fit/fit.json holds no test AUC" in data["fit_problem"]
+    page = render_report_html(data)
+    text = page[page.index('<p id="auc-text">'):].split("</p>")[0]
+    assert "holds no test AUC" in text and "nan" not in text
+
+
 def test_the_page_of_a_miniature_says_its_lesions_are_synthetic(tmp_path):
     """cohort.json's synthetic (set by the build from the miniature's lesions.json): a banner above the views."""
     folder = write_cohort(tmp_path / "c", ct_rows(1))

@@ -91,7 +91,8 @@ def fit(cohort_dir: Path, context_set: str, seeds: str, epochs: int, split_seed:
     context; image-only and context-only models of the same size are fitted in the same run. The epoch is
     chosen on validation, the mean AUC over classes reported on test. When the CSV types no train lesion
     (DeepLesion types its val and test lesions only) or its split puts a patient in more than one split, typed
-    lesions are split again by patient, 60/20/20 (--split-seed).
+    lesions are split again by patient, 60/20/20 (--split-seed). At least two lesion types are needed, and two
+    in the test split.
     Writes COHORT/fit/: fit.json (AUCs, counts, importances), predictions.csv (per lesion: split, label,
     probabilities, gate, Integrated Gradients) and gated.pt.
     """
@@ -110,8 +111,9 @@ def fit(cohort_dir: Path, context_set: str, seeds: str, epochs: int, split_seed:
         click.echo(f"{name:>12}: test mean AUC {result['test_auc_mean']:.3f} ± {result['test_auc_sd']:.3f} "
                    f"(seeds {', '.join(f'{v:.3f}' for v in result['test_auc'])})")
     if any("val_loss" in result["selected_on"] for result in document["results"].values()):
-        click.echo("the validation lesions hold no lesion type both ways (too few): epochs chosen by validation "
-                   "loss, not AUC")
+        val = {name: count for name, count in document["counts"]["val"].items() if count}
+        click.echo(f"the validation lesions are all of one type ({', '.join(f'{n} {c}' for n, c in val.items())}): "
+                   "no validation AUC, epochs chosen by validation loss")
     counts = {part: sum(by_class.values()) for part, by_class in document["counts"].items()}
     rule = document["split_rule"] + ("" if document["split_rule"] == "csv" else f", split seed {split_seed}")
     click.echo(f"mean image weight on test {document['mean_image_weight']['test']:.3f}; lesions {counts}; "

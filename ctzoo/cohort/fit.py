@@ -8,8 +8,8 @@ The target is DeepLesion's coarse lesion type (HealthPrism reports mean AUC over
   normalised location, RECIST diameters); ``study`` only what the study's header gives (age, sex, spacing), so the
   image has to carry the type.
 
-Only typed lesions are used (DeepLesion types its val and test lesions only, and the miniature copies that). The
-CSV's split is used when its
+Only typed lesions are used (DeepLesion types its val and test lesions only, and the miniature copies that), and
+at least two types, with two in the test split (else no test AUC: ValueError). The CSV's split is used when its
 train split holds typed lesions and it keeps every patient in one split; otherwise the typed lesions are split
 again **by patient**, 60/20/20 over the patients' split buckets (:func:`patient_splits`: the same patients and
 ``split_seed`` give the same split in every build, whatever the salt); ``split_rule`` says which split was used,
@@ -17,7 +17,7 @@ and why the CSV's was not where it had one. Each modality is fitted at several s
 validation, the AUC reported on test. The first seed's gated model gives the stored per-lesion gates, probabilities
 and Integrated Gradients.
 
-Written to ``COHORT/fit/``: ``fit.json`` (:func:`fit_cohort`'s document),
+Written to ``COHORT/fit/``: ``fit.json`` (:func:`fit_cohort`'s document; strict JSON, null where a value is NaN),
 ``predictions.csv`` (one row per typed lesion) and ``gated.pt`` (the state dict and what rebuilds it).
 """
 
@@ -27,6 +27,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 from collections import Counter
 from collections.abc import Hashable, Iterable
 from pathlib import Path
@@ -101,7 +102,7 @@ def lesion_data(lesions: list[dict[str, Any]], features: np.ndarray, context_set
                 split_seed: int = 0) -> tuple[ModalityData, dict]:
     """The typed lesions with features as :class:`ModalityData` (standardised on train; unknown context values set
     to the train mean, i.e. 0) and what was chosen: ``{"split_rule", "split_seed", "classes", "lesions", "counts",
-    "dropped"}``."""
+    "dropped"}``. ValueError when they cannot give a test AUC (module docstring)."""
     if context_set not in CONTEXT_SETS:
         raise ValueError(f"context must be one of {sorted(CONTEXT_SETS)}, got {context_set!r}")
     typed = fitted_lesions(lesions)
@@ -112,6 +113,8 @@ def lesion_data(lesions: list[dict[str, Any]], features: np.ndarray, context_set
                          "detector model (DeepLesion types its val and test lesions only)")
     split, split_rule = chosen_split([lesions[k] for k in typed], split_seed)
     codes = sorted({lesions[k]["type_code"] for k in typed})
+    if len(codes) < 2:
+        raise ValueError(f"the typed lesions hold only one type ({LESION_TYPES[codes[0]]}): at least two are needed")
     labels = np.array([codes.index(lesions[k]["type_code"]) for k in typed])
     names = CONTEXT_SETS[context_set]
     context = context_matrix([lesions[k] for k in typed], context_set)
@@ -119,6 +122,11 @@ def lesion_data(lesions: list[dict[str, Any]], features: np.ndarray, context_set
     if not train.any() or not (split == "val").any() or not (split == "test").any():
         raise ValueError(f"the typed lesions' patients do not cover train, val and test ({Counter(split)}): "
                          "the cohort is too small to fit")
+    tested = Counter(LESION_TYPES[lesions[k]["type_code"]] for k, part in zip(typed, split) if part == "test")
+    if len(tested) < 2:
+        other = "" if split_rule == "csv" else "; another --split-seed splits the patients differently"
+        raise ValueError(f"the test split's {sum(tested.values())} typed lesions are all of one type "
+                         f"({', '.join(tested)}): no test AUC can be measured{other}")
     context = filled(context, train)
     image = features[typed].astype(np.float64)
     image_parts = standardised(image[train], image)
@@ -160,8 +168,8 @@ def fit_cohort(cohort: str | Path, context_set: str = "csv", seeds: tuple[int, .
     for modalities in MODALITIES:
         runs = [fit_gated(data, modalities, hidden=hidden, epochs=epochs, seed=seed) for seed in seeds]
         tests = [run.test_auc for run in runs]
-        results[modalities] = {"test_auc": tests, "test_auc_mean": float(np.nanmean(tests)),
-                               "test_auc_sd": float(np.nanstd(tests)), "val_auc": [run.val_auc for run in runs],
+        results[modalities] = {"test_auc": tests, "test_auc_mean": float(np.mean(tests)),
+                               "test_auc_sd": float(np.std(tests)), "val_auc": [run.val_auc for run in runs],
                                "best_epoch": [run.best_epoch for run in runs],
                                "selected_on": sorted({run.selected_on for run in runs})}
         if modalities == "both":
@@ -190,12 +198,25 @@ def fit_cohort(cohort: str | Path, context_set: str = "csv", seeds: tuple[int, .
                                                                 probabilities, weights))]
     out = cohort / FIT_DIR
     with atomic_folder(out) as partial:
-        (partial / FIT_FILE).write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+        (partial / FIT_FILE).write_text(json.dumps(json_nulls(document), indent=1, allow_nan=False) + "\n",
+                                        encoding="utf-8")
         (partial / PREDICTIONS_FILE).write_text(rows_csv(rows), encoding="utf-8")
         torch.save({"state_dict": model.state_dict(), "image_dim": data.image.shape[1],
                     "context_dim": data.context.shape[1], "classes": chosen["classes"], "hidden": hidden},
                    partial / WEIGHTS_FILE)
     return document
+
+
+def json_nulls(value: Any) -> Any:
+    """``value`` with every NaN or infinity as None: strict JSON has no NaN (``val_auc`` is NaN where the
+    validation lesions hold one type)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_nulls(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_nulls(item) for item in value]
+    return value
 
 
 def rows_csv(rows: list[dict[str, Any]]) -> str:
@@ -218,6 +239,17 @@ def read_fit(cohort: str | Path) -> tuple[dict[str, Any], list[dict[str, str]]] 
             return document, list(csv.DictReader(handle))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{folder} cannot be read ({type(error).__name__}): run ctzoo cohort fit again") from None
+
+
+def unmeasured_fit(document: dict[str, Any]) -> str | None:
+    """Why ``fit.json``'s ``document`` has nothing to draw, or None: every model needs a finite test mean AUC (a fit
+    from before the test split was checked may hold NaN or null)."""
+    results = document.get("results")
+    means = [(results.get(name) or {}).get("test_auc_mean") if isinstance(results, dict) else None
+             for name in MODALITIES]
+    if all(isinstance(mean, (int, float)) and math.isfinite(mean) for mean in means):
+        return None
+    return f"{FIT_DIR}/{FIT_FILE} holds no test AUC for every model: run ctzoo cohort fit again"
 
 
 def fit_mismatch(lesions: list[dict[str, Any]], fit: tuple[dict[str, Any], list[dict[str, str]]]) -> str | None:

@@ -12,8 +12,8 @@
 
 The page names no input: unreadable ones are a count by error type (``cohort.json`` keeps their hashed names). Every
 string from the data that plotly draws is HTML-escaped (:func:`label`: plotly renders tags in its labels). A fit of
-other lesions than ``lesions.csv``'s (a cohort built again) is not drawn, and the page says why. A banner above
-the views says when the lesions are a miniature's, synthetic (``cohort.json``'s ``synthetic``).
+other lesions than ``lesions.csv``'s (a cohort built again), or without a test AUC, is not drawn, and the page says
+why. A banner above the views says when the lesions are a miniature's, synthetic (``cohort.json``'s ``synthetic``).
 
 :func:`report_data` gathers everything (pure, testable); :func:`render_report_html` writes the page: plotly.js
 inline once, the data as JSON (:func:`~ctzoo.perf.report.json_for_script`), so it opens offline.
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ctzoo.cohort.fit import CONTEXT_SETS, context_matrix, filled, fit_mismatch, read_fit
+from ctzoo.cohort.fit import CONTEXT_SETS, context_matrix, filled, fit_mismatch, read_fit, unmeasured_fit
 from ctzoo.cohort.groups import LESION_GROUPS, MIN_COUNT, auc_by_group, clusters, detection_by_group, threshold_at_fps
 from ctzoo.cohort.table import DOCUMENT_FILE, FINDINGS_FILE, KEY_SLICES_FILE, THUMBNAILS_DIR, read_lesions
 from ctzoo.io.atomic import atomic_path
@@ -186,13 +186,14 @@ def report_data(cohort: str | Path, min_count: int = MIN_COUNT, limit: int = MAX
 
 
 def checked_fit(cohort: Path, lesions: list[dict[str, Any]]) -> tuple[tuple[dict, list[dict]] | None, str | None]:
-    """``(fit, None)`` for the cohort's fit (None when not fitted), or ``(None, why)`` when ``fit/`` cannot be read
-    or was fitted on other lesions than ``lesions`` (:func:`~ctzoo.cohort.fit.fit_mismatch`)."""
+    """``(fit, None)`` for the cohort's fit (None when not fitted), or ``(None, why)`` when ``fit/`` cannot be read,
+    was fitted on other lesions than ``lesions`` (:func:`~ctzoo.cohort.fit.fit_mismatch`) or holds no test AUC
+    (:func:`~ctzoo.cohort.fit.unmeasured_fit`: never drawn as "nan ± nan")."""
     try:
         fit = read_fit(cohort)
     except ValueError as error:
         return None, str(error)
-    problem = None if fit is None else fit_mismatch(lesions, fit)
+    problem = None if fit is None else fit_mismatch(lesions, fit) or unmeasured_fit(fit[0])
     return (None, problem) if problem else (fit, None)
 
 
