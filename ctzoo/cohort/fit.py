@@ -150,7 +150,7 @@ def chosen_split(typed: list[dict[str, Any]], split_seed: int) -> tuple[np.ndarr
         return np.array(csv_split), "csv"
     by_bucket = patient_splits((lesion["split_bucket"] for lesion in typed), split_seed)
     rule = "by patient hash, 60/20/20"
-    if spanning:  # the CSV's split would put a patient's lesions in train and test alike
+    if "train" in csv_split:  # the CSV's split would put a patient's lesions in train and test alike
         patients = len({lesion["patient"] for lesion in typed})
         rule += f" (the CSV's split puts {spanning} of {patients} patients in more than one split)"
     return np.array([by_bucket[lesion["split_bucket"]] for lesion in typed]), rule
@@ -249,7 +249,7 @@ def unmeasured_fit(document: dict[str, Any]) -> str | None:
              for name in MODALITIES]
     if all(isinstance(mean, (int, float)) and math.isfinite(mean) for mean in means):
         return None
-    return f"{FIT_DIR}/{FIT_FILE} holds no test AUC for every model: run ctzoo cohort fit again"
+    return f"{FIT_DIR}/{FIT_FILE} holds no test AUC (NaN): run ctzoo cohort fit again"
 
 
 def fit_mismatch(lesions: list[dict[str, Any]], fit: tuple[dict[str, Any], list[dict[str, str]]]) -> str | None:
