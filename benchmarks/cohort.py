@@ -63,6 +63,7 @@ def main() -> None:
     arguments = parser.parse_args()
     provenance = Provenance()
     work = arguments.work
+    # the same hashes in every run's files; the split and the AUCs do not depend on the salt (split_bucket)
     env = dict(os.environ, CTZOO_COHORT_SALT=os.environ.get("CTZOO_COHORT_SALT", "ctzoo-cohort-benchmark"))
     timings = {}
     mini, cohort = work / "mini", work / "cohort"

@@ -166,6 +166,7 @@ def test_the_three_views_in_headless_chromium(cohort, browser, tmp_path):
         pages.wait_until_drawn(driver)
         assert driver.execute_script("return typeof Plotly") == "object"  # inline: the page fetched nothing
         overview = driver.find_element(By.ID, "overview").text
+        assert "every lesion synthetic" in driver.find_element(By.ID, "synthetic").text  # the miniature's
         assert f"17 series · {data['lesions']} lesions ({data['typed']} typed) on {data['key_slices']} key slices" \
             in overview
         # Summary: the AUC bars, gates, importances, distributions and correlations are drawn
@@ -177,6 +178,7 @@ def test_the_three_views_in_headless_chromium(cohort, browser, tmp_path):
         views.show_view(driver, "group")
         assert driver.find_element(By.ID, "group").is_displayed() and not driver.find_element(By.ID,
                                                                                               "summary").is_displayed()
+        assert driver.find_element(By.ID, "synthetic").is_displayed()
         for entry in data["detection"]:
             table = driver.find_element(By.CSS_SELECTOR, f"table.detection[data-column='{entry['column']}']")
             rows = [r.text for r in table.find_elements(By.CSS_SELECTOR, "tbody tr")]
@@ -191,6 +193,7 @@ def test_the_three_views_in_headless_chromium(cohort, browser, tmp_path):
         assert driver.find_elements(By.CSS_SELECTOR, "#clusters .scatterlayer path.point")
         # Individual: two lesions side by side with their key slice, boxes, gate and prediction
         views.show_view(driver, "individual")
+        assert driver.find_element(By.ID, "synthetic").is_displayed()
         first, second = views.pick_pair(driver, 0, 1)
         for side, lesion in (("a", first), ("b", second)):
             card = driver.find_element(By.ID, f"card-{side}")
@@ -320,8 +323,9 @@ def write_lesion_level(folder: Path, lesions: list[str], fitted: list[str]) -> N
 
     rows = [{column: "" for column in LESION_COLUMNS} | {
         "lesion": name, "series": "s", "patient": f"p{k}", "key_slice": f"k{k // 2}", "split": "test",
-        "type_code": 1 + k % 2, "lesion_type": ["bone", "abdomen"][k % 2], "sex": "M", "age_band": "40-59",
-        "thickness_band": "<1.5 mm", "age_years": 40 + k, "long_mm": 10 + k, "found": True, "features": True}
+        "split_bucket": k, "type_code": 1 + k % 2, "lesion_type": ["bone", "abdomen"][k % 2], "sex": "M",
+        "age_band": "40-59", "thickness_band": "<1.5 mm", "age_years": 40 + k, "long_mm": 10 + k, "found": True,
+        "features": True}
             for k, name in enumerate(lesions)]
     (folder / "lesions.csv").write_text(table_csv(rows, columns=LESION_COLUMNS), encoding="utf-8")
     np.save(folder / "lesion_features.npy", np.random.default_rng(0).normal(size=(len(lesions), 4)).astype("f4"))
@@ -349,6 +353,36 @@ def test_a_fit_of_other_lesions_is_flagged_not_drawn(tmp_path, fitted):
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     assert "warning: the stored fit is not shown" in result.output
     assert "The stored fit is not shown: fit/ was fitted on other lesions" in (folder / "report.html").read_text()
+
+
+def test_a_fit_without_a_test_auc_is_flagged_not_drawn(tmp_path):
+    """A fit.json from before the test split was checked (a test AUC of NaN, stored as null or NaN): never drawn
+    as 'gated nan ± nan'."""
+    folder = write_cohort(tmp_path / "c", [])
+    lesions = [f"a{k}" for k in range(4)]
+    write_lesion_level(folder, lesions, lesions)
+    results = {name: {"test_auc": [None], "test_auc_mean": None, "test_auc_sd": None}
+               for name in ("both", "image", "context")}
+    (folder / "fit" / "fit.json").write_text(json.dumps({"lesions": lesions, "classes": ["bone", "abdomen"],
+                                                         "results": results}))
+    data = report_data(folder)
+    assert data["fit"] is None and "fit/fit.json holds no test AUC" in data["fit_problem"]
+    page = render_report_html(data)
+    text = page[page.index('<p id="auc-text">'):].split("</p>")[0]
+    assert "holds no test AUC" in text and "nan" not in text
+
+
+def test_the_page_of_a_miniature_says_its_lesions_are_synthetic(tmp_path):
+    """cohort.json's synthetic (set by the build from the miniature's lesions.json): a banner above the views."""
+    folder = write_cohort(tmp_path / "c", ct_rows(1))
+    assert "id='synthetic'" not in render_report_html(report_data(folder))
+    document = json.loads((folder / "cohort.json").read_text())
+    document["synthetic"] = {"generator": "ctzoo data make-deeplesion-mini", "seed": 5, "cases": 16}
+    (folder / "cohort.json").write_text(json.dumps(document))
+    page = render_report_html(report_data(folder))
+    banner = page[page.index("<p id='synthetic'"):page.index("<nav>")]  # above the views: on every one
+    assert "Synthetic lesions." in banner and "(ctzoo data make-deeplesion-mini, seed 5, 16 cases)" in banner
+    assert "<title>ctzoo cohort report (synthetic lesions)</title>" in page
 
 
 def test_fit_mismatch_accepts_exactly_the_fitted_lesions():

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import stat
 
+import numpy as np
 import pydicom
 import pytest
 from click.testing import CliRunner
 
 from ctzoo.cli import main
 from ctzoo.cohort.context import UNKNOWN, dicom_age
+from ctzoo.cohort.table import build_cohort
 from ctzoo.datasets.deeplesion.info_csv import read_dl_info
-from ctzoo.io import write_volume
+from ctzoo.io import Volume, write_volume
 from ctzoo.io.privacy import patient_hash
 
 PATIENT = {"PatientName": "Roe^Richard", "PatientID": "MRN-77120", "PatientAge": "063Y", "PatientSex": "M"}
@@ -121,6 +124,48 @@ def test_deeplesion_rows_and_a_shared_salt(small_deeplesion_mini, tmp_path, monk
                                       "--context-only"])
     assert again.exit_code == 0
     assert json.loads((tmp_path / "b" / "cohort.json").read_text())["rows"] == document["rows"]  # tables join
+    # the miniature's lesions are synthetic, and the table says so (the report shows it on every view)
+    assert document["synthetic"] == {"generator": "ctzoo data make-deeplesion-mini", "seed": 3, "cases": 4}
+    (tmp_path / "own").mkdir()
+    shutil.copyfile(csv_path, tmp_path / "own" / "DL_info.csv")  # the same rows, without the miniature's files
+    own = CliRunner().invoke(main, ["cohort", "build", "--deeplesion", str(tmp_path / "own" / "DL_info.csv"),
+                                    "--out", str(tmp_path / "c"), "--context-only"])
+    assert own.exit_code == 0 and json.loads((tmp_path / "c" / "cohort.json").read_text())["synthetic"] is None
+
+
+def test_a_volume_of_nan_is_listed_as_failed_not_run(tmp_path, monkeypatch):
+    """As ctzoo infer refuses it: no row with made-up findings or organ volumes, its name hashed in failed."""
+    monkeypatch.setenv("CTZOO_COHORT_SALT", "site-salt-0123456789")
+    named = tmp_path / "in" / "DOE_JANE.nii.gz"
+    write_volume(Volume(np.full((4, 4, 4), np.nan, dtype=np.float32), (1.0, 1.0, 1.0)), named)
+    result = CliRunner().invoke(main, ["cohort", "build", str(named), "--out", str(tmp_path / "c"), "--context-only"])
+    assert result.exit_code == 0 and "0 series, 1 failed" in result.output, result.output
+    document = json.loads((tmp_path / "c" / "cohort.json").read_text())
+    assert document["rows"] == [] and document["failed"] == [{
+        "input": patient_hash("DOE_JANE", "site-salt-0123456789")[:16], "error": "ValueError",
+        "reason": "ValueError: <input>: 64 voxels are NaN or infinite; refusing to guess their HU"}]
+
+
+def test_a_failed_build_leaves_no_new_folder(small_deeplesion_mini, tmp_path, monkeypatch):
+    """Neither a CSV it cannot read (read before the salt is made) nor a failure after the salt leaves a new
+    cohort folder holding only its salt; a folder that was there stays."""
+    monkeypatch.delenv("CTZOO_COHORT_SALT", raising=False)
+    (tmp_path / "bad").mkdir()
+    lines = (small_deeplesion_mini / "DL_info.csv").read_text().splitlines()
+    (tmp_path / "bad" / "DL_info.csv").write_text(f"{lines[0]}\n{lines[1][:-1]}7\n")  # Train_Val_Test 7
+    result = CliRunner().invoke(main, ["cohort", "build", "--deeplesion", str(tmp_path / "bad" / "DL_info.csv"),
+                                       "--out", str(tmp_path / "c"), "--context-only"])
+    assert result.exit_code == 1 and "column Train_Val_Test" in result.output, result.output
+    assert not (tmp_path / "c").exists()
+    (tmp_path / "no-images").mkdir()  # the CSV without its Images_png: the detector fails after the salt is made
+    shutil.copyfile(small_deeplesion_mini / "DL_info.csv", tmp_path / "no-images" / "DL_info.csv")
+    for out in (tmp_path / "c", tmp_path / "there"):
+        if out.name == "there":
+            out.mkdir()
+        with pytest.raises(Exception, match="Images_png|LoadDeepLesion"):
+            build_cohort([], out, tmp_path / "no-images" / "DL_info.csv", models=["recistnet-mini"])
+        assert out.exists() == (out.name == "there")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bad", "no-images", "there"]
 
 
 def test_nothing_to_build_is_a_usage_error(tmp_path):

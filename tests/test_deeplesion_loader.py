@@ -83,6 +83,8 @@ def test_real_row_parses(tmp_path):
     ("Spacing_mm_px_", '"0.5, 0.5, 0"', "expected positive"),
     ("File_name", "oops.png", "expected {patient}_{study}_{series}_{slice}.png"),
     ("Key_slice_index", "300", "300 outside Slice_range 103-115"),
+    ("Patient_index", "inf", "not finite"),  # int() of an infinity is an OverflowError, not a ValueError
+    ("Slice_range", '"103, 1e400"', "not finite"),
 ])
 def test_malformed_value_names_row_and_column(tmp_path, column, bad, message):
     import csv

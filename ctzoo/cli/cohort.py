@@ -79,7 +79,10 @@ def build(inputs: tuple[Path, ...], out: Path, deeplesion_csv: Path | None, mode
               "each; the AUC is reported as their mean and sd; the first seed's gated model is stored.")
 @click.option("--epochs", type=click.IntRange(1, 100000), default=300, show_default=True,
               help="Full-batch epochs; the epoch with the best validation mean AUC is kept.")
-def fit(cohort_dir: Path, context_set: str, seeds: str, epochs: int) -> None:
+@click.option("--split-seed", type=int, default=0, show_default=True,
+              help="Where the lesions are split by patient: which split (the same patients and seed give the same "
+              "split in every build, whatever the salt).")
+def fit(cohort_dir: Path, context_set: str, seeds: str, epochs: int, split_seed: int) -> None:
     """Fit the gated image + context model on COHORT's typed lesions (target: the coarse lesion type).
 
     \b
@@ -87,7 +90,9 @@ def fit(cohort_dir: Path, context_set: str, seeds: str, epochs: int) -> None:
     Context: the lesion's DL_info.csv row (--context). Per lesion a gate z in [0, 1] weighs image against
     context; image-only and context-only models of the same size are fitted in the same run. The epoch is
     chosen on validation, the mean AUC over classes reported on test. When the CSV types no train lesion
-    (DeepLesion types its val and test lesions only), typed lesions are split again by patient, 60/20/20.
+    (DeepLesion types its val and test lesions only) or its split puts a patient in more than one split, typed
+    lesions are split again by patient, 60/20/20 (--split-seed). At least two lesion types are needed, and two
+    in the test split.
     Writes COHORT/fit/: fit.json (AUCs, counts, importances), predictions.csv (per lesion: split, label,
     probabilities, gate, Integrated Gradients) and gated.pt.
     """
@@ -98,7 +103,7 @@ def fit(cohort_dir: Path, context_set: str, seeds: str, epochs: int) -> None:
     except ValueError:
         raise click.BadParameter(f"comma-separated integers, e.g. 0,1,2; got {seeds!r}", param_hint="--seeds") from None
     try:
-        document = fit_cohort(cohort_dir, context_set, chosen, epochs)
+        document = fit_cohort(cohort_dir, context_set, chosen, epochs, split_seed=split_seed)
     except ValueError as error:
         raise click.ClickException(str(error)) from error
     for name, modalities in (("gated", "both"), ("image only", "image"), ("context only", "context")):
@@ -106,11 +111,13 @@ def fit(cohort_dir: Path, context_set: str, seeds: str, epochs: int) -> None:
         click.echo(f"{name:>12}: test mean AUC {result['test_auc_mean']:.3f} ± {result['test_auc_sd']:.3f} "
                    f"(seeds {', '.join(f'{v:.3f}' for v in result['test_auc'])})")
     if any("val_loss" in result["selected_on"] for result in document["results"].values()):
-        click.echo("the validation lesions hold no lesion type both ways (too few): epochs chosen by validation "
-                   "loss, not AUC")
+        val = {name: count for name, count in document["counts"]["val"].items() if count}
+        click.echo(f"the validation lesions are all of one type ({', '.join(f'{n} {c}' for n, c in val.items())}): "
+                   "no validation AUC, epochs chosen by validation loss")
     counts = {part: sum(by_class.values()) for part, by_class in document["counts"].items()}
+    rule = document["split_rule"] + ("" if document["split_rule"] == "csv" else f", split seed {split_seed}")
     click.echo(f"mean image weight on test {document['mean_image_weight']['test']:.3f}; lesions {counts}; "
-               f"split: {document['split_rule']}; {cohort_dir / FIT_DIR}")
+               f"split: {rule}; {cohort_dir / FIT_DIR}")
 
 
 @cohort.command("report")

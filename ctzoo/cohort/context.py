@@ -41,6 +41,10 @@ GROUPING = ("source", "age_band", "sex", "manufacturer", "model", "kernel", "thi
 AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 80, "60-79"), (80, math.inf, "80+"))
 THICKNESS_BANDS = ((0, 1.5, "<1.5 mm"), (1.5, 3.0, "1.5-2.9 mm"), (3.0, 5.0, "3-4.9 mm"), (5.0, math.inf, "5+ mm"))
 HASH_DIGITS = 16
+#: The train/val/test split's key (:func:`split_bucket`): fixed and public, so the split is the same whatever the
+#: table's salt; the salt is for pseudonymisation only.
+SPLIT_KEY = "ctzoo cohort split"
+SPLIT_BUCKET_DIGITS = 2
 _AGE = re.compile(r"^(\d{1,3})([YMWD])$")
 _AGE_UNIT_YEARS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
 
@@ -48,6 +52,13 @@ _AGE_UNIT_YEARS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
 def hashed(identifier: str, salt: str) -> str:
     """An identifier as the table keeps it; :data:`UNKNOWN` for an empty one."""
     return patient_hash(identifier, salt)[:HASH_DIGITS] if identifier else UNKNOWN
+
+
+def split_bucket(identifier: str) -> int:
+    """The patient's split bucket, 0-255: 8 bits of its hash under :data:`SPLIT_KEY`. The same patient falls in the
+    same bucket in every build; 8 bits are too few to name a patient, where a whole unsalted hash could be matched
+    against every candidate ID."""
+    return int(patient_hash(identifier, SPLIT_KEY)[:SPLIT_BUCKET_DIGITS], 16)
 
 
 def dicom_age(text: str) -> float | None:

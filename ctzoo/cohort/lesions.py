@@ -5,10 +5,11 @@ image modality (RECIST-Net's pooled decoder features over its box), plus the det
 (:func:`~ctzoo.training.lesion_features.annotated_lesion_features`) and returns:
 
 * ``lesions``: one row per lesion (:data:`LESION_COLUMNS`): salted hashes (``lesion``, ``series``, ``patient``),
-  the split, the coarse type, the context of its row (age, sex, spacing, window, normalised location, RECIST
-  diameters), whether the detector found it at its operating point (``found``: IoU >= 0.5 with a finding at or above
-  the bundle's score threshold, DeepLesion's criterion), and ``features`` True when its box lies in the frame
-  (``frame`` x ``frame`` pixels, the bundle's ``max_size``);
+  the CSV's split and the patient's ``split_bucket`` (:func:`~ctzoo.cohort.context.split_bucket`), the coarse
+  type, the context of its row (age, sex, spacing, window, normalised location, RECIST diameters), whether the
+  detector found it at its operating point (``found``: IoU >= 0.5 with a finding at or above the bundle's score
+  threshold, DeepLesion's criterion), and ``features`` True when its box lies in the frame (``frame`` x ``frame``
+  pixels, the bundle's ``max_size``);
 * ``features``: ``(N, F)`` float32, aligned with ``lesions`` (zeros where ``features`` is False);
 * ``key_slices``: per key slice its series hash, split, truth boxes (in the order of its ``lesion`` hashes) and
   every finding above 0.01 (boxes, scores): what subgroup FROC needs;
@@ -25,15 +26,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ctzoo.cohort.context import AGE_BANDS, THICKNESS_BANDS, band, hashed, sex_code
+from ctzoo.cohort.context import AGE_BANDS, THICKNESS_BANDS, band, hashed, sex_code, split_bucket
 from ctzoo.cohort.groups import lesion_found
 from ctzoo.datasets.deeplesion.dataset import key_slice_items
 from ctzoo.datasets.deeplesion.info_csv import LESION_TYPES, read_dl_info
 from ctzoo.models.bundle import ModelBundle
 from ctzoo.training.lesion_features import annotated_lesion_features
 
-LESION_COLUMNS = ("lesion", "series", "patient", "key_slice", "split", "type_code", "lesion_type", "age_years",
-                  "age_band", "sex", "spacing_x_mm", "spacing_z_mm", "thickness_band", "window_low_hu",
+LESION_COLUMNS = ("lesion", "series", "patient", "key_slice", "split", "split_bucket", "type_code", "lesion_type",
+                  "age_years", "age_band", "sex", "spacing_x_mm", "spacing_z_mm", "thickness_band", "window_low_hu",
                   "window_high_hu", "location_x", "location_y", "location_z", "long_mm", "short_mm", "found",
                   "features")
 THUMBNAIL_SIZE = 256
@@ -44,7 +45,8 @@ def lesion_row(row, salt: str, index: int) -> dict[str, Any]:
     x_mm, _, z_mm = row.spacing_mm_px
     return {"lesion": hashed(f"{row.file_name}#{index}", salt), "series": hashed(row.series_folder, salt),
             "patient": hashed(str(row.patient_index), salt), "key_slice": hashed(row.file_name, salt),
-            "split": row.split, "type_code": row.coarse_lesion_type,
+            "split": row.split, "split_bucket": split_bucket(str(row.patient_index)),
+            "type_code": row.coarse_lesion_type,
             "lesion_type": LESION_TYPES[row.coarse_lesion_type], "age_years": row.patient_age,
             "age_band": band(row.patient_age, AGE_BANDS), "sex": sex_code(row.patient_gender),
             "spacing_x_mm": x_mm, "spacing_z_mm": z_mm, "thickness_band": band(z_mm, THICKNESS_BANDS),

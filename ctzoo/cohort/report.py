@@ -12,7 +12,8 @@
 
 The page names no input: unreadable ones are a count by error type (``cohort.json`` keeps their hashed names). Every
 string from the data that plotly draws is HTML-escaped (:func:`label`: plotly renders tags in its labels). A fit of
-other lesions than ``lesions.csv``'s (a cohort built again) is not drawn, and the page says why.
+other lesions than ``lesions.csv``'s (a cohort built again), or without a test AUC, is not drawn, and the page says
+why. A banner above the views says when the lesions are a miniature's, synthetic (``cohort.json``'s ``synthetic``).
 
 :func:`report_data` gathers everything (pure, testable); :func:`render_report_html` writes the page: plotly.js
 inline once, the data as JSON (:func:`~ctzoo.perf.report.json_for_script`), so it opens offline.
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ctzoo.cohort.fit import CONTEXT_SETS, context_matrix, filled, fit_mismatch, read_fit
+from ctzoo.cohort.fit import CONTEXT_SETS, context_matrix, filled, fit_mismatch, read_fit, unmeasured_fit
 from ctzoo.cohort.groups import LESION_GROUPS, MIN_COUNT, auc_by_group, clusters, detection_by_group, threshold_at_fps
 from ctzoo.cohort.table import DOCUMENT_FILE, FINDINGS_FILE, KEY_SLICES_FILE, THUMBNAILS_DIR, read_lesions
 from ctzoo.io.atomic import atomic_path
@@ -153,6 +154,7 @@ def report_data(cohort: str | Path, min_count: int = MIN_COUNT, limit: int = MAX
                             "failed": failed_summary(document["failed"]), "fit_problem": None,
                             "ct_series": sum(row["source"] != "deeplesion" for row in document["rows"]),
                             "models": document.get("models", []), "groups": document["groups"],
+                            "synthetic": document.get("synthetic"),
                             "rows": document["rows"], "min_count": min_count, "lesions": 0, "fit": None,
                             "detection": [], "auc": [], "clusters": None, "individuals": [], "correlations": None}
     data["series_items"] = series_individuals(cohort, document["rows"], limit)
@@ -175,6 +177,7 @@ def report_data(cohort: str | Path, min_count: int = MIN_COUNT, limit: int = MAX
         data["fit"] = {key: document_fit[key] for key in ("context_set", "classes", "counts", "split_rule",
                                                           "results", "mean_image_weight", "importance", "seeds",
                                                           "dropped", "context_features")}
+        data["fit"]["split_seed"] = document_fit.get("split_seed")  # None in a fit from before the seed was kept
         data["fit"]["weights"] = [float(p["image_weight"]) for p in predictions if p["split"] == "test"]
         data["auc"] = [auc_by_group(lesions, predictions, document_fit["classes"], column, min_count=min_count)
                        for column in LESION_GROUPS if column != "lesion_type"]
@@ -183,13 +186,14 @@ def report_data(cohort: str | Path, min_count: int = MIN_COUNT, limit: int = MAX
 
 
 def checked_fit(cohort: Path, lesions: list[dict[str, Any]]) -> tuple[tuple[dict, list[dict]] | None, str | None]:
-    """``(fit, None)`` for the cohort's fit (None when not fitted), or ``(None, why)`` when ``fit/`` cannot be read
-    or was fitted on other lesions than ``lesions`` (:func:`~ctzoo.cohort.fit.fit_mismatch`)."""
+    """``(fit, None)`` for the cohort's fit (None when not fitted), or ``(None, why)`` when ``fit/`` cannot be read,
+    was fitted on other lesions than ``lesions`` (:func:`~ctzoo.cohort.fit.fit_mismatch`) or holds no test AUC
+    (:func:`~ctzoo.cohort.fit.unmeasured_fit`: never drawn as "nan ± nan")."""
     try:
         fit = read_fit(cohort)
     except ValueError as error:
         return None, str(error)
-    problem = None if fit is None else fit_mismatch(lesions, fit)
+    problem = None if fit is None else fit_mismatch(lesions, fit) or unmeasured_fit(fit[0])
     return (None, problem) if problem else (fit, None)
 
 
@@ -261,6 +265,7 @@ nav button.active{background:#4c78a8;color:#fff}section.view{display:none}sectio
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:18px}.card{border:1px solid #ccc;border-radius:4px;padding:8px}
 .card svg{width:256px;height:256px;background:#000}.ig{display:flex;align-items:center;gap:4px;font-size:12px}
 .ig span.bar{display:inline-block;height:9px;background:#f58518}
+.banner{background:#fff3cd;border:1px solid #d4a017;border-radius:4px;padding:6px 10px}
 """
 
 SCRIPT = r"""
@@ -383,7 +388,8 @@ def render_report_html(data: dict[str, Any]) -> str:
                 " · ".join(f"{name} {fit['results'][m]['test_auc_mean']:.3f} ± {fit['results'][m]['test_auc_sd']:.3f}"
                            for name, m in (("gated", "both"), ("image only", "image"), ("context only", "context")))
                 + f" (test mean AUC over {len(fit['seeds'])} seeds; context: {fit['context_set']}; split: "
-                  f"{fit['split_rule']}; mean image weight on test {fit['mean_image_weight']['test']:.3f})")
+                  f"{fit['split_rule']}{_split_seed(fit)}; mean image weight on test "
+                  f"{fit['mean_image_weight']['test']:.3f})")
     summary = (f"{data['series']} series · {data['lesions']} lesions"
                + (f" ({data.get('typed', 0)} typed) on {data.get('key_slices', 0)} key slices" if data["lesions"]
                   else "") + f" · {_failed_text(data['failed'])}"
@@ -395,7 +401,8 @@ def render_report_html(data: dict[str, Any]) -> str:
     series_rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in (
         "series", "source", "age_band", "sex", "manufacturer", "model", "kernel", "thickness_band", "findings",
         "finding_long_mm", "liver_ml")) + "</tr>" for row in data["rows"] if row["source"] != "deeplesion")
-    body = f"""<h1>Cohort: {html.escape(Path(data['cohort']).name)}</h1><p id="overview">{html.escape(summary)}</p>
+    body = f"""<h1>Cohort: {html.escape(Path(data['cohort']).name)}</h1>{_synthetic_banner(data)}
+<p id="overview">{html.escape(summary)}</p>
 <nav><button data-view="summary">Summary</button><button data-view="group">Group</button>
 <button data-view="individual">Individual</button></nav>
 <section class="view" id="summary"><h2>Summary</h2><p id="auc-text">{html.escape(auc_text)}</p>
@@ -414,10 +421,27 @@ features; PCA)</h3><div class="plot" id="clusters"></div>{_cluster_table(data)}<
 <h3>CT series of the cohort</h3>{_series_note(data)}<table id="series-table"><thead><tr><th>series</th>
 <th>source</th><th>age</th><th>sex</th><th>manufacturer</th><th>model</th><th>kernel</th><th>thickness</th>
 <th>findings</th><th>largest mm</th><th>liver ml</th></tr></thead><tbody>{series_rows}</tbody></table></section>"""
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ctzoo cohort report</title>"
+    title = "ctzoo cohort report" + (" (synthetic lesions)" if data["synthetic"] else "")
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
             f"<style>{STYLE}</style><script>{plotly_js}</script></head><body>{body}"
             f"<script type='application/json' id='cohort-data'>{json_for_script(page)}</script>"
             f"<script>{SCRIPT}</script></body></html>")
+
+
+def _synthetic_banner(data: dict[str, Any]) -> str:
+    """Above the views, so every view shows it: the lesions of a miniature are synthetic (``cohort.json``'s
+    ``synthetic``, set by the build), and no figure on the page is a figure on patients."""
+    made = data["synthetic"]
+    if not made:
+        return ""
+    origin = f"{made.get('generator', 'a generator')}, seed {made.get('seed')}, {made.get('cases')} cases"
+    return ("<p id='synthetic' class='banner'><b>Synthetic lesions.</b> This cohort's DeepLesion data is a miniature ("
+            f"{html.escape(str(origin))}): real CT anatomy, every lesion synthetic. Its figures show what the pipeline "
+            "measures, not how the models do on patients.</p>")
+
+
+def _split_seed(fit: dict[str, Any]) -> str:
+    return "" if fit["split_rule"] == "csv" or fit["split_seed"] is None else f", split seed {fit['split_seed']}"
 
 
 def _failed_text(failed: dict[str, Any]) -> str:

@@ -3,13 +3,14 @@
 
     {"schema": 1, "columns": [...], "modalities": {"context": [...], "image": [...]}, "models": [...],
      "rows": [{column: value}], "groups": {column: {value: count}}, "failed": [{"input", "error", "reason"}],
-     "salt": "env" | "file"}
+     "salt": "env" | "file", "synthetic": null | {"generator", "seed", "cases"}}
 
 An input that cannot be read is listed in ``failed`` (never silently dropped), by the salted hash of its name (a
 file may be named after its patient), with its error type and message, that name and its path cut out of the
 message (:func:`failed_input`). A field its headers lack is :data:`~ctzoo.cohort.context.UNKNOWN` and counts as
 that group. The salt of the hashes comes from ``$CTZOO_COHORT_SALT`` (share it between sites or runs whose tables
-must join) or ``COHORT/salt``, created once.
+must join) or ``COHORT/salt``, created once. ``synthetic`` says that the DL_info.csv is a
+``make-deeplesion-mini`` miniature (:func:`miniature_origin`): the report then says so on every view.
 The context modality comes from the headers (:mod:`ctzoo.cohort.context`), the image modality from running the zoo
 ``models`` on each volume (:mod:`ctzoo.cohort.image`; DeepLesion rows have none: their PNG slabs are not studies to
 run). A model that fails on a study leaves that row's image columns empty and its reason in ``image_error``.
@@ -40,6 +41,7 @@ from ctzoo.cohort.image import finding_level, image_columns
 from ctzoo.cohort.lesions import LESION_COLUMNS, deeplesion_lesions
 from ctzoo.datasets.deeplesion.info_csv import read_dl_info
 from ctzoo.inference.inputs import CaseInput, discover_cases
+from ctzoo.inference.reader import require_finite
 from ctzoo.inference.tasks import model_task
 from ctzoo.io.atomic import atomic_folder, atomic_path, remove_atomically
 from ctzoo.io.image_files import read_volume
@@ -64,8 +66,21 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
     """Read every CT input (what ``ctzoo infer`` accepts; headers and voxels within the default resource limits),
     run ``models`` (zoo names, bundle folders or loaded bundles, PyTorch on ``device``) on each, read DeepLesion's
     ``DL_info.csv``, write ``out/cohort.csv`` and ``out/cohort.json``; return the document. The salt (``out/salt``
-    where ``$CTZOO_COHORT_SALT`` is unset) is created only once the models and inputs are found."""
+    where ``$CTZOO_COHORT_SALT`` is unset) is created only once the models, the inputs and the CSV are read; a
+    build that fails after that removes ``out`` when it made it (no folder holding only a salt is left)."""
     out = Path(out)
+    new_folder = not out.exists()
+    try:
+        return _build(inputs, out, deeplesion_csv, models, device, say, progress)
+    except BaseException:
+        if new_folder and out.is_dir():
+            remove_atomically(out)
+        raise
+
+
+def _build(inputs: Sequence[str | Path], out: Path, deeplesion_csv: str | Path | None,
+           models: Sequence[str | ModelBundle], device: str, say: Callable[[str], None],
+           progress: bool) -> dict[str, Any]:
     bundles = [model if isinstance(model, ModelBundle) else load_bundle(model) for model in models]
     tasks = [model_task(bundle, "torch", device) for bundle in bundles]
     class_names = {bundle.name: bundle.class_names for bundle in bundles}
@@ -75,10 +90,12 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
     findings: dict[str, Any] = {}  # per series hash: the detector's findings with their pooled features
     thumbnails: dict[str, bytes] = {}
     cases = discover_cases(inputs) if inputs else []
+    info_rows = read_dl_info(deeplesion_csv) if deeplesion_csv is not None else None
     salt = salt_from(SALT_ENV, out)
     for index, case in enumerate(cases, 1):
         try:
             volume = read_volume(case.path, progress=False)
+            require_finite(volume, case.path)  # as ctzoo infer: a model run on NaN would record made-up findings
         except Exception as error:  # any reader's failure (nibabel's, SimpleITK's): recorded, the table goes on
             failed.append(failed_input(case, error, salt))
             say(f"[{index}/{len(cases)}] {case.name}: not read ({type(error).__name__})")
@@ -97,8 +114,8 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
         rows.append(row)
         say(f"[{index}/{len(cases)}] {case.name}: {rows[-1]['source']}, {rows[-1]['slices']} slices")
     lesion_level = None
-    if deeplesion_csv is not None:
-        series = deeplesion_context(read_dl_info(deeplesion_csv), salt)
+    if info_rows is not None:
+        series = deeplesion_context(info_rows, salt)
         rows += series
         say(f"{deeplesion_csv}: {len(series)} DeepLesion series")
         if detector is not None:
@@ -112,7 +129,8 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
     document = {"schema": SCHEMA, "columns": [*COLUMNS, *image], "models": [b.name for b in bundles],
                 "modalities": {"context": list(COLUMNS[3:]), "image": image}, "rows": rows,
                 "groups": group_counts(rows),
-                "failed": failed, "salt": "env" if os.environ.get(SALT_ENV) else "file"}
+                "failed": failed, "salt": "env" if os.environ.get(SALT_ENV) else "file",
+                "synthetic": None if deeplesion_csv is None else miniature_origin(Path(deeplesion_csv))}
     out.mkdir(parents=True, exist_ok=True)
     stale = remove_stale(out, lesions=lesion_level is not None, findings=detector is not None)
     if stale:
@@ -134,6 +152,19 @@ def build_cohort(inputs: Sequence[str | Path], out: str | Path, deeplesion_csv: 
     with atomic_path(out / DOCUMENT_FILE) as partial:
         partial.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     return document
+
+
+def miniature_origin(csv_path: Path) -> dict[str, Any] | None:
+    """``{"generator", "seed", "cases"}`` when ``csv_path`` is a ``ctzoo data make-deeplesion-mini`` miniature (its
+    ``lesions.json`` beside it, with the seed and cases it was made with, as ``zoo publish`` reads it), else None:
+    the report must not show synthetic lesions as if they were patients'."""
+    try:
+        made = json.loads((csv_path.parent / "lesions.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(made, dict) or not {"seed", "cases", "lesions"} <= set(made):
+        return None
+    return {"generator": "ctzoo data make-deeplesion-mini", "seed": made["seed"], "cases": made["cases"]}
 
 
 def failed_input(case: CaseInput, error: Exception, salt: str) -> dict[str, str]:
@@ -172,27 +203,51 @@ def write_lesions(out: Path, level: dict[str, Any]) -> None:
         partial.write_text(json.dumps(key_slices) + "\n", encoding="utf-8")
 
 
+#: ``lesions.csv``'s number columns (empty: unknown) and its whole-number ones (never empty).
+LESION_NUMBERS = ("age_years", "spacing_x_mm", "spacing_z_mm", "window_low_hu", "window_high_hu", "location_x",
+                  "location_y", "location_z", "long_mm", "short_mm")
+LESION_INTEGERS = ("type_code", "split_bucket")
+
+
 def read_lesions(cohort: str | Path) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """``COHORT/lesions.csv`` as typed rows and ``lesion_features.npy``; ValueError when the cohort has none."""
+    """``COHORT/lesions.csv`` as typed rows and ``lesion_features.npy``; ValueError when the cohort has none, or
+    naming the file, row and column of what cannot be read."""
     cohort = Path(cohort)
-    if not (cohort / LESIONS_FILE).is_file():
+    path = cohort / LESIONS_FILE
+    if not path.is_file():
         raise ValueError(f"{cohort} has no {LESIONS_FILE}: build it with --deeplesion DL_info.csv and a detector "
                          "model (not --context-only)")
-    with open(cohort / LESIONS_FILE, encoding="utf-8", newline="") as handle:
-        lesions = [typed_lesion(row) for row in csv.DictReader(handle)]
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in LESION_COLUMNS if column not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path} lacks column {', '.join(missing)} (rebuild with ctzoo cohort build)")
+        lesions = [typed_lesion(row, f"{path}: row {reader.line_num}") for row in reader]
+    if not (cohort / FEATURES_FILE).is_file():
+        raise ValueError(f"{cohort} has no {FEATURES_FILE} beside its {LESIONS_FILE} (rebuild with ctzoo cohort build)")
     features = np.load(cohort / FEATURES_FILE)
     if len(features) != len(lesions):
         raise ValueError(f"{cohort}: {FEATURES_FILE} holds {len(features)} rows for {len(lesions)} lesions")
     return lesions, features
 
 
-def typed_lesion(row: dict[str, str]) -> dict[str, Any]:
-    """A ``lesions.csv`` row with its numbers and flags parsed back (empty cells None)."""
+def typed_lesion(row: dict[str, str], where: str = LESIONS_FILE) -> dict[str, Any]:
+    """A ``lesions.csv`` row with its numbers and flags parsed back (empty number cells None); ValueError naming
+    ``where`` (the file and row) and the column of a value that is not a finite number."""
     typed: dict[str, Any] = dict(row)
-    for column in ("age_years", "spacing_x_mm", "spacing_z_mm", "window_low_hu", "window_high_hu", "location_x",
-                   "location_y", "location_z", "long_mm", "short_mm"):
-        typed[column] = float(row[column]) if row[column] != "" else None
-    typed["type_code"] = int(row["type_code"])
+    for column in (*LESION_NUMBERS, *LESION_INTEGERS):
+        text = row[column]
+        if text == "" and column in LESION_NUMBERS:
+            typed[column] = None
+            continue
+        try:
+            value = float(text)
+            if not np.isfinite(value) or (column in LESION_INTEGERS and value != int(value)):
+                raise ValueError
+        except ValueError:
+            kind = "a whole number" if column in LESION_INTEGERS else "a finite number or empty"
+            raise ValueError(f"{where}, column {column}: expected {kind}, got {text!r}") from None
+        typed[column] = int(value) if column in LESION_INTEGERS else value
     typed["found"], typed["features"] = row["found"] == "True", row["features"] == "True"
     return typed
 

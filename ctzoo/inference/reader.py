@@ -25,6 +25,15 @@ from ctzoo.inference.tasks import ModelTask, error_message
 from ctzoo.io import Volume
 
 
+def require_finite(volume: Volume, source: object) -> None:
+    """ValueError naming ``source`` when any voxel of ``volume`` is NaN or infinite: no HU can be guessed for it,
+    so neither ``ctzoo infer`` nor ``ctzoo cohort build`` runs a model on it."""
+    finite = np.isfinite(volume.array)
+    if not finite.all():
+        bad = int(finite.size - np.count_nonzero(finite))
+        raise ValueError(f"{source}: {bad} voxels are NaN or infinite; refusing to guess their HU")
+
+
 def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: str | None = None,
               rules: Any = None, limits: Any = None, reuse: bool = False,
               decoder: str | None = None, preprocess: bool = True) -> Iterator[dict[str, Any]]:
@@ -48,9 +57,7 @@ def read_case(index: int, case: CaseInput, task: ModelTask, chunk: int, series: 
                                                                          rules=rules, progress=False,
                                                                          limits=limits or DEFAULT_LIMITS,
                                                                          decoder=decoder, recursive=case.recursive)
-        if not np.isfinite(volume.array).all():
-            bad = int(volume.array.size - np.isfinite(volume.array).sum())
-            raise ValueError(f"{case.path}: {bad} voxels are NaN or infinite; refusing to guess their HU")
+        require_finite(volume, case.path)
         read_s = time.perf_counter() - clock
         if not preprocess:
             yield {"kind": "volume", **_shared_volume(volume), "case": index, "read_s": read_s,

@@ -75,22 +75,24 @@ class LesionRow:
         return LESION_TYPES[self.coarse_lesion_type]
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("not finite")
+    return value
+
+
 def _numbers(count: int, kind: Callable = float) -> Callable[[str], tuple]:
     def parse(text: str) -> tuple:
         parts = [p.strip() for p in text.split(",")]
         if len(parts) != count:
             raise ValueError(f"expected {count} comma-separated numbers, got {len(parts)}")
-        values = tuple(kind(float(p)) if kind is int else float(p) for p in parts)
-        if kind is int and any(float(p) != int(float(p)) for p in parts):
-            raise ValueError("expected whole numbers")
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError("not finite")
-        return values
+        return tuple(_integer(p) if kind is int else _finite(p) for p in parts)
     return parse
 
 
 def _integer(text: str) -> int:
-    value = float(text)
+    value = _finite(text)  # int() of an infinity ('inf', '1e400') raises OverflowError, not ValueError
     if value != int(value):
         raise ValueError("expected a whole number")
     return int(value)
