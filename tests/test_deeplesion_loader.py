@@ -213,6 +213,8 @@ def test_lesion_free_slices_keep_away_from_noisy_lesions_and_out_of_evaluation(t
 
     test = lesion_row(slice_range=(4, 20), file_name="000008_01_01_012.png", patient_index=8, train_val_test=3)
     write_dl_info([kept, test], tmp_path / "DL_info.csv")
+    for row in (kept, test):  # the folders only: counting items reads no slice
+        (tmp_path / "Images_png" / row.series_folder).mkdir(parents=True, exist_ok=True)
     cfg = DeepLesionConfig(root=tmp_path, negatives_per_series=1)
     assert [len(deeplesion_dataset(cfg, split)) for split in ("train", "test", "all")] == [2, 1, 4]
     assert len(deeplesion_dataset(cfg, "test", lesion_free_per_series=1)) == 2
@@ -281,3 +283,19 @@ def test_dataset_with_augmentation_keeps_points_on_anatomy(tmp_path):
         assert sample["image"].shape == (3, 64, 64)
         if len(sample["keypoints"]):
             np.testing.assert_allclose(invert_keypoints(sample, sample["keypoints"]), original, atol=1e-3)
+
+
+def test_missing_images_or_series_folders_are_named_before_any_slice_is_read(small_deeplesion_mini, tmp_path):
+    """A DL_info.csv without its Images_png (or with part of it) ended in MONAI's RuntimeError traceback from
+    inside the transform chain, the FileNotFoundError buried in it."""
+    root = tmp_path / "dl"
+    root.mkdir()
+    (root / "DL_info.csv").write_bytes((small_deeplesion_mini / "DL_info.csv").read_bytes())
+    cfg = DeepLesionConfig(root=root)
+    with pytest.raises(FileNotFoundError, match="Images_png folder is missing"):
+        deeplesion_dataset(cfg, "all")
+    series = sorted(p.name for p in (small_deeplesion_mini / "Images_png").iterdir())
+    (root / "Images_png").mkdir()
+    (root / "Images_png" / series[0]).symlink_to(small_deeplesion_mini / "Images_png" / series[0])
+    with pytest.raises(FileNotFoundError, match=f"{len(series) - 1} of the {len(series)} series folders"):
+        deeplesion_dataset(cfg, "all")

@@ -259,6 +259,20 @@ def patient_rows(csv_path: str | Path, patients: set[int] | None = None) -> list
     return [row for row in read_dl_info(csv_path) if patients is None or row.patient_index in patients]
 
 
+def require_series_folders(cfg: DeepLesionConfig, items: list[dict[str, Any]]) -> None:
+    """Refuse, before any slice is read, a dataset whose Images_png folder or series folders are missing: read
+    later, inside MONAI's transform chain, the missing slice surfaced as a RuntimeError traceback."""
+    images = cfg.root / cfg.images_dir
+    if not images.is_dir():
+        raise FileNotFoundError(f"{images}: DeepLesion's {cfg.images_dir} folder is missing (download and unzip it "
+                                f"beside {cfg.info_csv})")
+    folders = sorted({item["context_row"].series_folder for item in items})
+    missing = [folder for folder in folders if not (images / folder).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{images}: {len(missing)} of the {len(folders)} series folders {cfg.info_csv} names "
+                                f"are missing, e.g. {missing[0]} (is the {cfg.images_dir} download complete?)")
+
+
 def deeplesion_dataset(cfg: DeepLesionConfig, split: Split = "train", transform: Transform | None = None,
                        cache: bool = False, num_workers: int = 0, copy_cache: bool = True,
                        resample: bool = True, patients: set[int] | None = None,
@@ -280,6 +294,7 @@ def deeplesion_dataset(cfg: DeepLesionConfig, split: Split = "train", transform:
     if not items:
         raise ValueError(f"{cfg.root / cfg.info_csv}: no key slices in split {split!r}"
                          + ("" if patients is None else f" of patients {sorted(patients)}"))
+    require_series_folders(cfg, items)
     pipeline = Compose([LoadDeepLesiond(cfg, resample, lazy=not cache)] + ([transform] if transform else []))
     if cache:
         return CacheDataset(items, pipeline, num_workers=num_workers or None, progress=False, copy_cache=copy_cache)
