@@ -30,7 +30,8 @@ EVAL_SIZE = (32, 32)
 
 @pytest.fixture(scope="module")
 def cropped_root(tmp_path_factory):
-    """One val key slice with two lesions: one near the top edge, one in the middle (a train row too, unwritten)."""
+    """One val key slice with two lesions: one near the top edge, one in the middle (a train row too, whose series
+    folder is there but empty: the task builds a train set, and these tests never read it)."""
     root = tmp_path_factory.mktemp("dl_crop")
     edge = lesion_row(measurement_coordinates=(17.0, 3.0, 23.0, 3.0, 20.0, 1.0, 20.0, 5.0),
                       bounding_box=(12, -4, 28, 10), lesion_diameters_px=(6.0, 4.0), train_val_test=2)
@@ -38,6 +39,7 @@ def cropped_root(tmp_path_factory):
                         bounding_box=(5, 14, 35, 34), lesion_diameters_px=(20.0, 10.0), train_val_test=2)
     train = lesion_row(file_name="000008_01_01_012.png", patient_index=8, study_index=1, train_val_test=1)
     write_series(root, edge)
+    (root / "Images_png" / train.series_folder).mkdir(parents=True)
     write_dl_info([edge, middle, train], root / "DL_info.csv")
     return root
 
